@@ -1,0 +1,1 @@
+//! The ingestion broker: a bounded, leased work queue of request events behind HTTP.

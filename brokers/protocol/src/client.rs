@@ -1,0 +1,340 @@
+//! HTTP clients of the two brokers, shared by the proxy, the engine, the control plane
+//! and the CLI. One `reqwest::Client` (with its connection pool) per client value.
+
+use std::time::Duration;
+
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::entity::EntityKey;
+use crate::error::ApiErrorBody;
+use crate::event::RequestEvent;
+use crate::ingestion::{
+    AckRequest, AckResponse, ClaimRequest, ClaimResponse, IngestRequest, IngestResponse,
+    ItemInfo, ItemList, QueueStatus,
+};
+use crate::mitigation::{
+    DeltaPage, Mitigation, MitigationList, PublishRequest, PublishResponse, RevokeRequest,
+    RevokeResponse,
+};
+
+/// Why a broker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker could not be reached, or the connection broke.
+    #[error("cannot reach {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The broker is full or paused; try again after `retry_after`.
+    #[error("broker refused the batch ({code}); retry after {retry_after:?}")]
+    Backpressure {
+        code: String,
+        retry_after: Option<Duration>,
+    },
+    /// The broker answered with an error.
+    #[error("{status}: {message} ({code})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The answer was not the JSON we expected.
+    #[error("unexpected answer from {url}: {message}")]
+    Decode { url: String, message: String },
+}
+
+impl ClientError {
+    /// True when the call may succeed later without any change on our side.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } | ClientError::Backpressure { .. } => true,
+            ClientError::Api { status, .. } => *status >= 500,
+            ClientError::Decode { .. } => false,
+        }
+    }
+}
+
+/// The base of every broker client: a base URL, an optional bearer token, a pool.
+#[derive(Clone, Debug)]
+struct Base {
+    url: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Base {
+    fn new(url: &str, token: Option<String>, timeout: Duration) -> Base {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Base {
+            url: url.trim_end_matches('/').to_string(),
+            token: token.filter(|t| !t.is_empty()),
+            http,
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        let rb = self.http.request(method, format!("{}{}", self.url, path));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, ClientError> {
+        let resp = rb.send().await.map_err(|source| ClientError::Transport {
+            url: self.url.clone(),
+            source,
+        })?;
+        decode(&self.url, resp).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.req(reqwest::Method::GET, path)).await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(self.req(reqwest::Method::POST, path).json(body))
+            .await
+    }
+}
+
+/// Turns a response into `T` or the matching [`ClientError`].
+pub async fn decode<T: DeserializeOwned>(url: &str, resp: Response) -> Result<T, ClientError> {
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let bytes = resp.bytes().await.map_err(|source| ClientError::Transport {
+        url: url.to_string(),
+        source,
+    })?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url: url.to_string(),
+            message: e.to_string(),
+        });
+    }
+    let body: Option<ApiErrorBody> = serde_json::from_slice(&bytes).ok();
+    let (code, message) = match body {
+        Some(b) => (b.error, b.message),
+        None => (
+            status.canonical_reason().unwrap_or("error").to_string(),
+            String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+        ),
+    };
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        if retry_after.is_some() {
+            return Err(ClientError::Backpressure { code, retry_after });
+        }
+    }
+    Err(ClientError::Api {
+        status: status.as_u16(),
+        code,
+        message,
+    })
+}
+
+/// Client of the ingestion broker (`BROKER_PORT` 8082 by default).
+#[derive(Clone, Debug)]
+pub struct IngestionClient {
+    base: Base,
+}
+
+impl IngestionClient {
+    /// `url` like `http://127.0.0.1:8082`; `token` is the broker's bearer token, if any.
+    pub fn new(url: &str, token: Option<String>) -> IngestionClient {
+        IngestionClient {
+            base: Base::new(url, token, Duration::from_secs(10)),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base.url
+    }
+
+    /// Enqueues a batch; `Backpressure` when the queue is full or paused.
+    pub async fn ingest(&self, events: Vec<RequestEvent>) -> Result<IngestResponse, ClientError> {
+        self.base
+            .post("/api/events", &IngestRequest { events })
+            .await
+    }
+
+    /// Leases up to `max` items for `lease`; waits up to `wait` when the queue is empty.
+    pub async fn claim(
+        &self,
+        consumer: &str,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<ClaimResponse, ClientError> {
+        let body = ClaimRequest {
+            consumer: consumer.to_string(),
+            max,
+            lease_ms: lease.as_millis() as u64,
+            wait_ms: wait.as_millis() as u64,
+        };
+        // The long-poll must not be cut short by the client's own timeout.
+        let rb = self
+            .base
+            .req(reqwest::Method::POST, "/api/queue/claim")
+            .timeout(wait + Duration::from_secs(10))
+            .json(&body);
+        self.base.send(rb).await
+    }
+
+    pub async fn ack(&self, consumer: &str, item_ids: Vec<String>) -> Result<AckResponse, ClientError> {
+        let body = AckRequest {
+            consumer: consumer.to_string(),
+            item_ids,
+        };
+        self.base.post("/api/queue/ack", &body).await
+    }
+
+    pub async fn status(&self) -> Result<QueueStatus, ClientError> {
+        self.base.get("/api/queue/status").await
+    }
+
+    pub async fn pause(&self) -> Result<QueueStatus, ClientError> {
+        self.base.post("/api/queue/pause", &serde_json::json!({})).await
+    }
+
+    pub async fn resume(&self) -> Result<QueueStatus, ClientError> {
+        self.base.post("/api/queue/resume", &serde_json::json!({})).await
+    }
+
+    pub async fn items(&self, limit: usize) -> Result<ItemList, ClientError> {
+        self.base
+            .get(&format!("/api/queue/items?limit={limit}"))
+            .await
+    }
+
+    pub async fn item(&self, item_id: &str) -> Result<ItemInfo, ClientError> {
+        self.base
+            .get(&format!("/api/queue/items/{}", encode(item_id)))
+            .await
+    }
+
+    /// `true` when `/readyz` answers 200.
+    pub async fn ready(&self) -> bool {
+        probe(&self.base, "/readyz").await
+    }
+}
+
+/// Client of the mitigation broker (8083 by default).
+#[derive(Clone, Debug)]
+pub struct MitigationClient {
+    base: Base,
+}
+
+impl MitigationClient {
+    pub fn new(url: &str, token: Option<String>) -> MitigationClient {
+        MitigationClient {
+            base: Base::new(url, token, Duration::from_secs(10)),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base.url
+    }
+
+    pub async fn publish(&self, mitigations: Vec<Mitigation>) -> Result<PublishResponse, ClientError> {
+        self.base
+            .post("/api/mitigations", &PublishRequest { mitigations })
+            .await
+    }
+
+    pub async fn active(&self, limit: Option<usize>) -> Result<MitigationList, ClientError> {
+        let path = match limit {
+            Some(l) => format!("/api/mitigations/active?limit={l}"),
+            None => "/api/mitigations/active".to_string(),
+        };
+        self.base.get(&path).await
+    }
+
+    pub async fn entity(&self, entity: &EntityKey) -> Result<MitigationList, ClientError> {
+        self.base
+            .get(&format!(
+                "/api/mitigations/entity/{}",
+                encode(&entity.to_string())
+            ))
+            .await
+    }
+
+    pub async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeResponse, ClientError> {
+        self.base.post("/api/mitigations/revoke", req).await
+    }
+
+    pub async fn clear(&self) -> Result<RevokeResponse, ClientError> {
+        self.base.post("/api/cache/clear", &serde_json::json!({})).await
+    }
+
+    /// Long-polls the delta stream: changes after `cursor` (all active ones, as a
+    /// snapshot, when `cursor` is `None` or too old), waiting up to `wait` for one.
+    pub async fn stream(&self, cursor: Option<&str>, wait: Duration) -> Result<DeltaPage, ClientError> {
+        let mut path = format!("/api/mitigations/stream?wait_ms={}", wait.as_millis());
+        if let Some(c) = cursor {
+            path.push_str("&cursor=");
+            path.push_str(&encode(c));
+        }
+        let rb = self
+            .base
+            .req(reqwest::Method::GET, &path)
+            .timeout(wait + Duration::from_secs(10));
+        self.base.send(rb).await
+    }
+
+    pub async fn ready(&self) -> bool {
+        probe(&self.base, "/readyz").await
+    }
+}
+
+async fn probe(base: &Base, path: &str) -> bool {
+    match base
+        .req(reqwest::Method::GET, path)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+    {
+        Ok(r) => r.status().is_success(),
+        Err(_) => false,
+    }
+}
+
+/// Percent-encodes a path segment (entity keys contain `:`, `/` and `=`).
+pub fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn encodes_entity_keys_as_one_segment() {
+        assert_eq!(super::encode("cidr:10.0.0.0/24"), "cidr%3A10.0.0.0%2F24");
+        assert_eq!(super::encode("ip:2001:db8::1"), "ip%3A2001%3Adb8%3A%3A1");
+    }
+}

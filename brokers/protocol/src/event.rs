@@ -1,0 +1,122 @@
+//! The request event: what a proxy (or `POST /api/v1/analyze`) reports about one request.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// What the proxy did with the request it reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnforcedAction {
+    /// Forwarded to the upstream with no mitigation in force.
+    #[default]
+    Allow,
+    Block,
+    Throttle,
+    Tarpit,
+    /// A log-only mitigation matched; the request was forwarded.
+    Log,
+}
+
+/// TLS facts, present when the proxy terminated TLS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsInfo {
+    /// For example `TLSv1.3`.
+    pub version: String,
+    /// A client-hello fingerprint, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+/// One observed request. `weight` is 1 / sample rate, so that counts over sampled
+/// traffic stay unbiased.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestEvent {
+    /// Unique id; the engine deduplicates on it.
+    pub id: String,
+    pub timestamp: DateTime<Utc>,
+    /// The protected app the request was for.
+    #[serde(default)]
+    pub app: String,
+    /// Which proxy (or `control` for the analyze API) reported it.
+    #[serde(default)]
+    pub proxy_id: String,
+    pub client_ip: IpAddr,
+    pub method: String,
+    #[serde(default)]
+    pub host: String,
+    pub path: String,
+    /// Response status; 0 when unknown (the analyze API).
+    #[serde(default)]
+    pub status: u16,
+    /// Time to the end of the response, in microseconds.
+    #[serde(default)]
+    pub latency_us: u64,
+    /// Response body bytes sent to the client.
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    /// Headers the proxy was configured to report, names lower-cased.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Named cookies, values hashed (hex SHA-256 prefix) so no secret leaves the proxy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cookies: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsInfo>,
+    #[serde(default)]
+    pub action: EnforcedAction,
+    /// 1 / sample rate.
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl RequestEvent {
+    /// A minimal event with a fresh id; tests and the analyze API fill in the rest.
+    pub fn new(client_ip: IpAddr, method: &str, path: &str) -> RequestEvent {
+        RequestEvent {
+            id: uuid::Uuid::new_v4().to_string(),
+            timestamp: Utc::now(),
+            app: String::new(),
+            proxy_id: String::new(),
+            client_ip,
+            method: method.to_string(),
+            host: String::new(),
+            path: path.to_string(),
+            status: 0,
+            latency_us: 0,
+            bytes: 0,
+            user_agent: None,
+            headers: BTreeMap::new(),
+            cookies: BTreeMap::new(),
+            tls: None,
+            action: EnforcedAction::Allow,
+            weight: 1.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_json_gets_defaults_and_unknown_fields_are_refused() {
+        let json = r#"{"id":"e1","timestamp":"2026-01-01T00:00:00Z","client_ip":"127.0.0.2","method":"POST","path":"/login"}"#;
+        let ev: RequestEvent = serde_json::from_str(json).unwrap();
+        assert_eq!(ev.weight, 1.0);
+        assert_eq!(ev.action, EnforcedAction::Allow);
+        let bad = json.replace("\"path\"", "\"nope\":1,\"path\"");
+        let err = serde_json::from_str::<RequestEvent>(&bad).unwrap_err();
+        assert!(err.to_string().contains("unknown field `nope`"), "{err}");
+    }
+}

@@ -1,0 +1,18 @@
+//! Esper's broker wire protocol: the JSON documents that cross service boundaries
+//! (request events, mitigations, queue and delta-stream messages) and the HTTP clients
+//! of both brokers. This crate knows no service: services depend on it, never the reverse.
+
+pub mod client;
+pub mod control;
+pub mod entity;
+pub mod error;
+pub mod event;
+pub mod ingestion;
+pub mod mitigation;
+
+pub use client::{ClientError, IngestionClient, MitigationClient};
+pub use control::{Decision, DecisionBatch, DecisionMode, ProxyHeartbeat, WorkerHeartbeat};
+pub use entity::{EntityKey, EntityParseError};
+pub use error::ApiErrorBody;
+pub use event::{EnforcedAction, RequestEvent, TlsInfo};
+pub use mitigation::{Action, Change, DeltaPage, Mitigation, Origin, Reason, Scope};

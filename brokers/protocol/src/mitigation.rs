@@ -1,0 +1,240 @@
+//! Mitigations (decisions in force against an entity) and the delta stream that carries
+//! them from the mitigation broker to proxies.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::entity::EntityKey;
+
+/// What to do with a request from a mitigated entity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Answer 403.
+    Block,
+    /// Allow `rate` requests per second with bursts of `burst`; answer 429 beyond that.
+    Throttle { rate: f64, burst: u32 },
+    /// Hold the request for `delay_ms` before forwarding it.
+    Tarpit { delay_ms: u64 },
+    /// Forward, but record that the mitigation matched.
+    Log,
+}
+
+impl Action {
+    /// How severe the action is, for choosing among several mitigations of one request.
+    pub fn severity(&self) -> u8 {
+        match self {
+            Action::Block => 4,
+            Action::Tarpit { .. } => 3,
+            Action::Throttle { .. } => 2,
+            Action::Log => 1,
+        }
+    }
+
+    /// The short name (`block`, `throttle`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Block => "block",
+            Action::Throttle { .. } => "throttle",
+            Action::Tarpit { .. } => "tarpit",
+            Action::Log => "log",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Block => f.write_str("block"),
+            Action::Throttle { rate, burst } => write!(f, "throttle({rate}/s, burst {burst})"),
+            Action::Tarpit { delay_ms } => write!(f, "tarpit({delay_ms}ms)"),
+            Action::Log => f.write_str("log"),
+        }
+    }
+}
+
+/// Where a mitigation applies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Every app behind every proxy.
+    #[default]
+    Global,
+    /// Only requests for this app.
+    App(String),
+}
+
+impl Scope {
+    /// Does a mitigation with this scope apply to a request for `app`?
+    pub fn applies_to(&self, app: &str) -> bool {
+        match self {
+            Scope::Global => true,
+            Scope::App(a) => a == app,
+        }
+    }
+}
+
+/// Who made the decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    Policy,
+    Manual,
+    List,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Policy => "policy",
+            Origin::Manual => "manual",
+            Origin::List => "list",
+        })
+    }
+}
+
+/// Why the decision was made.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reason {
+    /// The policy that fired, for origin `policy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_id: Option<String>,
+    /// A one-line human summary, e.g. `12 weighted events >= 10 in 60s`.
+    pub summary: String,
+}
+
+/// A decision in force against an entity until `expires_at`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mitigation {
+    pub id: String,
+    pub entity: EntityKey,
+    pub action: Action,
+    #[serde(default)]
+    pub scope: Scope,
+    pub reason: Reason,
+    pub origin: Origin,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Mitigation {
+    /// A new mitigation with a fresh id, in force from now for `ttl`.
+    pub fn new(
+        entity: EntityKey,
+        action: Action,
+        ttl: Duration,
+        origin: Origin,
+        reason: Reason,
+    ) -> Mitigation {
+        let now = Utc::now();
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        Mitigation {
+            id: uuid::Uuid::new_v4().to_string(),
+            entity,
+            action,
+            scope: Scope::Global,
+            reason,
+            origin,
+            created_at: now,
+            expires_at: now.checked_add_signed(ttl).unwrap_or(DateTime::<Utc>::MAX_UTC),
+        }
+    }
+
+    /// Is it still in force at `now`?
+    pub fn is_active(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at > now
+    }
+}
+
+/// One change in the delta stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    /// A mitigation was published (or replaced, same id).
+    Upsert { mitigation: Mitigation },
+    /// A mitigation was revoked before its expiry.
+    Remove { id: String },
+}
+
+/// An answer of `GET /api/mitigations/stream?cursor=...`.
+///
+/// When `snapshot` is true the client drops everything it holds and applies `changes`
+/// (all upserts) as the complete active set; that happens on the first call, when the
+/// cursor is too old or from another store generation (after `cache/clear`, say).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeltaPage {
+    /// Opaque; pass it back to get the changes after this page.
+    pub cursor: String,
+    pub snapshot: bool,
+    pub changes: Vec<Change>,
+}
+
+/// `POST /api/mitigations` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    pub mitigations: Vec<Mitigation>,
+}
+
+/// `POST /api/mitigations` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishResponse {
+    pub accepted: usize,
+    pub cursor: String,
+}
+
+/// `GET /api/mitigations/active` and `/entity/{entity}` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MitigationList {
+    pub mitigations: Vec<Mitigation>,
+    /// Total active (may exceed `mitigations.len()` when a limit applied).
+    pub total: usize,
+}
+
+/// `POST /api/mitigations/revoke` body: by id, or every mitigation of an entity.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<EntityKey>,
+}
+
+/// `POST /api/mitigations/revoke` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    pub revoked: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_json_is_tagged() {
+        let a = Action::Throttle { rate: 5.0, burst: 10 };
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(json, r#"{"type":"throttle","rate":5.0,"burst":10}"#);
+        assert_eq!(serde_json::from_str::<Action>(r#"{"type":"block"}"#).unwrap(), Action::Block);
+        assert_eq!(serde_json::to_string(&Scope::App("shop".into())).unwrap(), r#"{"app":"shop"}"#);
+        assert_eq!(serde_json::to_string(&Scope::Global).unwrap(), r#""global""#);
+    }
+
+    #[test]
+    fn huge_ttl_saturates() {
+        let m = Mitigation::new(
+            "ip:127.0.0.1".parse().unwrap(),
+            Action::Block,
+            Duration::from_secs(u64::MAX),
+            Origin::Manual,
+            Reason::default(),
+        );
+        assert!(m.is_active(Utc::now()));
+    }
+}

@@ -1,0 +1,320 @@
+//! Configuration layering shared by every service.
+//!
+//! Precedence, highest first: command-line flags > environment variables > config file
+//! (`--config FILE`, TOML, or `.env` with the same names as the environment) > defaults.
+//! A service's `Config` is a serde struct with defaults (the TOML form); its
+//! `apply_env(&mut self, &Vars)` reads the environment names; flags are applied by the
+//! binary last; `validate()` runs once at the end. Every error names the option and the
+//! bad value in one line.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid {option} = `{value}`: {reason}")]
+    Invalid {
+        option: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// An invalid value for `option`.
+    pub fn invalid(option: &str, value: impl ToString, reason: impl ToString) -> ConfigError {
+        ConfigError::Invalid {
+            option: option.to_string(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Where environment-style settings come from: the process, a `.env` file, a test map.
+pub trait EnvSource {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl EnvSource for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+/// Typed reads of environment-style settings. Each read takes the names to try in order
+/// (the `ESPER_*` name first, then the seed's name such as `BROKER_PORT`) and leaves the
+/// target untouched when none is set. Empty values count as unset.
+pub struct Vars<'a> {
+    source: &'a dyn EnvSource,
+}
+
+impl<'a> Vars<'a> {
+    pub fn new(source: &'a dyn EnvSource) -> Vars<'a> {
+        Vars { source }
+    }
+
+    /// The first of `names` that is set, with its value.
+    pub fn lookup(&self, names: &[&str]) -> Option<(String, String)> {
+        names.iter().find_map(|n| {
+            self.source
+                .get(n)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (n.to_string(), v.trim().to_string()))
+        })
+    }
+
+    /// Any `FromStr` value.
+    pub fn parse<T>(&self, names: &[&str], target: &mut T) -> Result<(), ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        if let Some((name, value)) = self.lookup(names) {
+            *target = value
+                .parse()
+                .map_err(|e: T::Err| ConfigError::invalid(&name, &value, e))?;
+        }
+        Ok(())
+    }
+
+    /// A value that may be set or not (`Option<T>` targets).
+    pub fn parse_opt<T>(&self, names: &[&str], target: &mut Option<T>) -> Result<(), ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        if let Some((name, value)) = self.lookup(names) {
+            *target = Some(
+                value
+                    .parse()
+                    .map_err(|e: T::Err| ConfigError::invalid(&name, &value, e))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// A string.
+    pub fn string(&self, names: &[&str], target: &mut String) {
+        if let Some((_, value)) = self.lookup(names) {
+            *target = value;
+        }
+    }
+
+    /// An optional string (a secret, a URL that may be absent).
+    pub fn string_opt(&self, names: &[&str], target: &mut Option<String>) {
+        if let Some((_, value)) = self.lookup(names) {
+            *target = Some(value);
+        }
+    }
+
+    /// A boolean: true/false, 1/0, yes/no, on/off.
+    pub fn bool(&self, names: &[&str], target: &mut bool) -> Result<(), ConfigError> {
+        if let Some((name, value)) = self.lookup(names) {
+            *target = parse_bool(&value).ok_or_else(|| {
+                ConfigError::invalid(&name, &value, "expected true or false")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A duration: a humantime string (`250ms`, `30s`, `10m`) or a bare number in `unit`
+    /// (so `BATCH_TIMEOUT_MS=100` and `CACHE_TTL_SECONDS=900` keep their seed meaning).
+    pub fn duration(
+        &self,
+        names: &[&str],
+        unit: Duration,
+        target: &mut Duration,
+    ) -> Result<(), ConfigError> {
+        if let Some((name, value)) = self.lookup(names) {
+            *target = parse_duration(&value, unit)
+                .map_err(|reason| ConfigError::invalid(&name, &value, reason))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `true/false/1/0/yes/no/on/off`.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// A humantime duration, or a bare number counted in `unit`.
+pub fn parse_duration(value: &str, unit: Duration) -> Result<Duration, String> {
+    let value = value.trim();
+    if let Ok(n) = value.parse::<u64>() {
+        return unit
+            .checked_mul(u32::try_from(n).map_err(|_| "number too large".to_string())?)
+            .ok_or_else(|| "duration too large".to_string());
+    }
+    humantime::parse_duration(value).map_err(|e| format!("{e} (write e.g. 250ms, 30s, 10m)"))
+}
+
+/// A duration value for clap flags: humantime, or bare seconds.
+pub fn parse_duration_secs(value: &str) -> Result<Duration, String> {
+    parse_duration(value, Duration::from_secs(1))
+}
+
+/// A duration value for clap flags: humantime, or bare milliseconds.
+pub fn parse_duration_ms(value: &str) -> Result<Duration, String> {
+    parse_duration(value, Duration::from_millis(1))
+}
+
+/// Parses a `.env` file: `KEY=VALUE` lines, `export ` prefixes, `#` comments, optional
+/// single or double quotes around values.
+pub fn parse_dotenv(text: &str) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| format!("line {}: expected KEY=VALUE, found `{line}`", i + 1))?;
+        let key = key.trim();
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("line {}: `{key}` is not a variable name", i + 1));
+        }
+        let mut value = value.trim();
+        if value.len() >= 2
+            && ((value.starts_with('"') && value.ends_with('"'))
+                || (value.starts_with('\'') && value.ends_with('\'')))
+        {
+            value = &value[1..value.len() - 1];
+        } else if let Some(pos) = value.find(" #") {
+            value = value[..pos].trim_end();
+        }
+        out.insert(key.to_string(), value.to_string());
+    }
+    Ok(out)
+}
+
+/// Builds a config from defaults, the optional file and the environment. The caller
+/// then applies its flags and calls `validate()`.
+///
+/// A file ending in `.env` is read as environment-style settings (below the real
+/// environment); any other file is TOML in the shape of `C`.
+pub fn load<C, F>(file: Option<&Path>, env: &dyn EnvSource, apply_env: F) -> Result<C, ConfigError>
+where
+    C: DeserializeOwned + Default,
+    F: Fn(&mut C, &Vars<'_>) -> Result<(), ConfigError>,
+{
+    let mut config = C::default();
+    if let Some(path) = file {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let is_env = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".env") || n == ".env");
+        if is_env {
+            let map = parse_dotenv(&text).map_err(|message| ConfigError::Parse {
+                path: shown.clone(),
+                message,
+            })?;
+            apply_env(&mut config, &Vars::new(&map))?;
+        } else {
+            config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: shown.clone(),
+                message: e.to_string().trim().replace('\n', " "),
+            })?;
+        }
+    }
+    apply_env(&mut config, &Vars::new(env))?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Demo {
+        port: u16,
+        name: String,
+        #[serde(with = "humantime_serde_like")]
+        timeout: Duration,
+    }
+
+    mod humantime_serde_like {
+        use std::time::Duration;
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            let s: String = serde::Deserialize::deserialize(d)?;
+            humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+        }
+    }
+
+    fn apply(c: &mut Demo, v: &Vars<'_>) -> Result<(), ConfigError> {
+        v.parse(&["ESPER_PORT", "BROKER_PORT"], &mut c.port)?;
+        v.string(&["ESPER_NAME"], &mut c.name);
+        v.duration(&["BATCH_TIMEOUT_MS"], Duration::from_millis(1), &mut c.timeout)
+    }
+
+    #[test]
+    fn env_beats_file_and_file_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("esper-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let toml_path = dir.join("c.toml");
+        std::fs::write(&toml_path, "port = 1\nname = \"file\"\ntimeout = \"2s\"\n").unwrap();
+        let env: HashMap<String, String> = [("BROKER_PORT".to_string(), "9".to_string())].into();
+        let c: Demo = load(Some(&toml_path), &env, apply).unwrap();
+        assert_eq!(c, Demo { port: 9, name: "file".into(), timeout: Duration::from_secs(2) });
+
+        let env_path = dir.join("dev.env");
+        std::fs::write(&env_path, "# c\nexport ESPER_NAME=\"dot env\"\nBATCH_TIMEOUT_MS=100\nBROKER_PORT=5\n").unwrap();
+        let c: Demo = load(Some(&env_path), &env, apply).unwrap();
+        assert_eq!(c, Demo { port: 9, name: "dot env".into(), timeout: Duration::from_millis(100) });
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_option_and_value() {
+        let env: HashMap<String, String> = [("BROKER_PORT".to_string(), "80x".to_string())].into();
+        let err = load::<Demo, _>(None, &env, apply).unwrap_err().to_string();
+        assert_eq!(err, "invalid BROKER_PORT = `80x`: invalid digit found in string");
+        let env: HashMap<String, String> = [("BATCH_TIMEOUT_MS".to_string(), "soon".to_string())].into();
+        let err = load::<Demo, _>(None, &env, apply).unwrap_err().to_string();
+        assert!(err.starts_with("invalid BATCH_TIMEOUT_MS = `soon`"), "{err}");
+        assert!(parse_dotenv("NOPE").unwrap_err().contains("line 1"));
+    }
+
+    #[test]
+    fn durations_accept_units_or_bare_numbers() {
+        assert_eq!(parse_duration("900", Duration::from_secs(1)), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("250ms", Duration::from_secs(1)), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("-1", Duration::from_secs(1)).is_err());
+    }
+}

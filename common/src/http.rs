@@ -1,0 +1,276 @@
+//! HTTP plumbing for every axum service: one error type that answers JSON, a JSON
+//! extractor whose rejections are JSON too, bearer-token auth compared in constant time,
+//! request ids, body limits, binding with a clear error, and serving with a bounded drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Router, extract::DefaultBodyLimit};
+use esper_protocol::ApiErrorBody;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::shutdown::Shutdown;
+
+/// Every error an Esper HTTP service answers with. Internal errors are logged once here
+/// and hidden from clients.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body is larger than the limit")]
+    PayloadTooLarge,
+    #[error("{message}")]
+    Unavailable {
+        code: &'static str,
+        message: String,
+        retry_after: Option<u64>,
+    },
+    #[error("{message}")]
+    BadGateway { code: &'static str, message: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 with a code and a message.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A 500 whose detail goes to the log only.
+    pub fn internal(e: impl std::fmt::Display) -> ApiError {
+        ApiError::Internal(e.to_string())
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+            ApiError::BadGateway { code, .. } => (StatusCode::BAD_GATEWAY, code),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            ApiError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                "internal error; see the service log".to_string()
+            }
+            other => other.to_string(),
+        };
+        let body = ApiErrorBody {
+            error: code.to_string(),
+            message,
+        };
+        let mut resp = (status, axum::Json(body)).into_response();
+        if let ApiError::Unauthorized = self {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::Unavailable {
+            retry_after: Some(secs),
+            ..
+        } = self
+        {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+/// `axum::Json`, but a bad body answers with our JSON error: 400 for bad syntax, unknown
+/// fields or wrong types (with serde's message, which names the field), 413 over the
+/// size limit, 415 without a JSON content type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> Response {
+    match rejection {
+        JsonRejection::JsonDataError(e) => {
+            ApiError::bad_request("invalid_body", body_text(&e.body_text())).into_response()
+        }
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::bad_request("invalid_json", body_text(&e.body_text())).into_response()
+        }
+        JsonRejection::MissingJsonContentType(_) => {
+            let body = ApiErrorBody {
+                error: "unsupported_media_type".into(),
+                message: "expected `Content-Type: application/json`".into(),
+            };
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(body)).into_response()
+        }
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge.into_response()
+        }
+        other => ApiError::bad_request("invalid_body", other.body_text()).into_response(),
+    }
+}
+
+fn body_text(s: &str) -> String {
+    // axum prefixes serde's message with a generic sentence; keep the useful part.
+    s.strip_prefix("Failed to deserialize the JSON body into the target type: ")
+        .or_else(|| s.strip_prefix("Failed to parse the request body as JSON: "))
+        .unwrap_or(s)
+        .to_string()
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// Compares a presented bearer token with the expected one in constant time.
+pub fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
+    let Some(presented) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+    else {
+        return false;
+    };
+    let presented = presented.trim().as_bytes();
+    let expected = expected.as_bytes();
+    // Length is not secret; content is compared without early exit.
+    presented.len() == expected.len() && bool::from(presented.ct_eq(expected))
+}
+
+/// Middleware: every request must carry `Authorization: Bearer <token>`. With `None`
+/// (no token configured) every request passes.
+pub async fn require_bearer(
+    State(token): State<Option<Arc<str>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match token.as_deref() {
+        Some(expected) if !token_matches(req.headers(), expected) => {
+            ApiError::Unauthorized.into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
+/// Wraps `router` with `require_bearer` for `token`.
+pub fn with_bearer<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    token: Option<String>,
+) -> Router<S> {
+    let token: Option<Arc<str>> = token.filter(|t| !t.is_empty()).map(Arc::from);
+    router.layer(axum::middleware::from_fn_with_state(token, require_bearer))
+}
+
+/// The layers every service's router gets: request ids (`X-Request-ID`, generated when
+/// absent, echoed on the answer), request tracing, a body-size limit, and a JSON 404.
+pub fn standard_layers(router: Router, body_limit: usize) -> Router {
+    router
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Why a listener could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind {what} to {addr}: {reason}")]
+pub struct BindError {
+    pub what: String,
+    pub addr: SocketAddr,
+    pub reason: String,
+}
+
+/// Binds a listener, with an error that names the listener and the address.
+pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| BindError {
+        what: what.to_string(),
+        addr,
+        reason: match e.kind() {
+            std::io::ErrorKind::AddrInUse => "address already in use".to_string(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+            _ => e.to_string(),
+        },
+    })
+}
+
+/// Serves `router` until shutdown, then drains in-flight requests for at most `drain`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: Shutdown,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let stop = shutdown.clone();
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.wait().await });
+    let mut server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        res = &mut server => res,
+        _ = async { shutdown.wait().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!(?drain, "in-flight requests still running after the drain timeout; closing");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_compare_exactly() {
+        let mut h = HeaderMap::new();
+        assert!(!token_matches(&h, "secret"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
+        assert!(token_matches(&h, "secret"));
+        assert!(!token_matches(&h, "secret2"));
+        assert!(!token_matches(&h, "secreT"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic secret"));
+        assert!(!token_matches(&h, "secret"));
+    }
+}

@@ -1,0 +1,1 @@
+//! The operator binaries: `esper` (every service, and `esper dev`) and `esperctl`.

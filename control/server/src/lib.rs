@@ -1,0 +1,1 @@
+//! Esper's control plane: policies, lists, manual mitigations, the decision log and the admin API.
