@@ -134,9 +134,8 @@ impl<'a> Vars<'a> {
     /// A boolean: true/false, 1/0, yes/no, on/off.
     pub fn bool(&self, names: &[&str], target: &mut bool) -> Result<(), ConfigError> {
         if let Some((name, value)) = self.lookup(names) {
-            *target = parse_bool(&value).ok_or_else(|| {
-                ConfigError::invalid(&name, &value, "expected true or false")
-            })?;
+            *target = parse_bool(&value)
+                .ok_or_else(|| ConfigError::invalid(&name, &value, "expected true or false"))?;
         }
         Ok(())
     }
@@ -280,7 +279,11 @@ mod tests {
     fn apply(c: &mut Demo, v: &Vars<'_>) -> Result<(), ConfigError> {
         v.parse(&["ESPER_PORT", "BROKER_PORT"], &mut c.port)?;
         v.string(&["ESPER_NAME"], &mut c.name);
-        v.duration(&["BATCH_TIMEOUT_MS"], Duration::from_millis(1), &mut c.timeout)
+        v.duration(
+            &["BATCH_TIMEOUT_MS"],
+            Duration::from_millis(1),
+            &mut c.timeout,
+        )
     }
 
     #[test]
@@ -291,12 +294,30 @@ mod tests {
         std::fs::write(&toml_path, "port = 1\nname = \"file\"\ntimeout = \"2s\"\n").unwrap();
         let env: HashMap<String, String> = [("BROKER_PORT".to_string(), "9".to_string())].into();
         let c: Demo = load(Some(&toml_path), &env, apply).unwrap();
-        assert_eq!(c, Demo { port: 9, name: "file".into(), timeout: Duration::from_secs(2) });
+        assert_eq!(
+            c,
+            Demo {
+                port: 9,
+                name: "file".into(),
+                timeout: Duration::from_secs(2)
+            }
+        );
 
         let env_path = dir.join("dev.env");
-        std::fs::write(&env_path, "# c\nexport ESPER_NAME=\"dot env\"\nBATCH_TIMEOUT_MS=100\nBROKER_PORT=5\n").unwrap();
+        std::fs::write(
+            &env_path,
+            "# c\nexport ESPER_NAME=\"dot env\"\nBATCH_TIMEOUT_MS=100\nBROKER_PORT=5\n",
+        )
+        .unwrap();
         let c: Demo = load(Some(&env_path), &env, apply).unwrap();
-        assert_eq!(c, Demo { port: 9, name: "dot env".into(), timeout: Duration::from_millis(100) });
+        assert_eq!(
+            c,
+            Demo {
+                port: 9,
+                name: "dot env".into(),
+                timeout: Duration::from_millis(100)
+            }
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -304,17 +325,30 @@ mod tests {
     fn errors_name_the_option_and_value() {
         let env: HashMap<String, String> = [("BROKER_PORT".to_string(), "80x".to_string())].into();
         let err = load::<Demo, _>(None, &env, apply).unwrap_err().to_string();
-        assert_eq!(err, "invalid BROKER_PORT = `80x`: invalid digit found in string");
-        let env: HashMap<String, String> = [("BATCH_TIMEOUT_MS".to_string(), "soon".to_string())].into();
+        assert_eq!(
+            err,
+            "invalid BROKER_PORT = `80x`: invalid digit found in string"
+        );
+        let env: HashMap<String, String> =
+            [("BATCH_TIMEOUT_MS".to_string(), "soon".to_string())].into();
         let err = load::<Demo, _>(None, &env, apply).unwrap_err().to_string();
-        assert!(err.starts_with("invalid BATCH_TIMEOUT_MS = `soon`"), "{err}");
+        assert!(
+            err.starts_with("invalid BATCH_TIMEOUT_MS = `soon`"),
+            "{err}"
+        );
         assert!(parse_dotenv("NOPE").unwrap_err().contains("line 1"));
     }
 
     #[test]
     fn durations_accept_units_or_bare_numbers() {
-        assert_eq!(parse_duration("900", Duration::from_secs(1)), Ok(Duration::from_secs(900)));
-        assert_eq!(parse_duration("250ms", Duration::from_secs(1)), Ok(Duration::from_millis(250)));
+        assert_eq!(
+            parse_duration("900", Duration::from_secs(1)),
+            Ok(Duration::from_secs(900))
+        );
+        assert_eq!(
+            parse_duration("250ms", Duration::from_secs(1)),
+            Ok(Duration::from_millis(250))
+        );
         assert!(parse_duration("-1", Duration::from_secs(1)).is_err());
     }
 }

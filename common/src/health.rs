@@ -92,9 +92,17 @@ pub fn routes(check: Arc<dyn HealthCheck>, shutdown: Shutdown) -> Router {
                 let live = live.clone();
                 async move {
                     if live.is_triggered() {
-                        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "shutting_down"}))).into_response()
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            axum::Json(serde_json::json!({"status": "shutting_down"})),
+                        )
+                            .into_response()
                     } else {
-                        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response()
+                        (
+                            StatusCode::OK,
+                            axum::Json(serde_json::json!({"status": "ok"})),
+                        )
+                            .into_response()
                     }
                 }
             }),

@@ -168,7 +168,10 @@ pub fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
     let Some(presented) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
     else {
         return false;
     };
@@ -224,15 +227,17 @@ pub struct BindError {
 
 /// Binds a listener, with an error that names the listener and the address.
 pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| BindError {
-        what: what.to_string(),
-        addr,
-        reason: match e.kind() {
-            std::io::ErrorKind::AddrInUse => "address already in use".to_string(),
-            std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
-            _ => e.to_string(),
-        },
-    })
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| BindError {
+            what: what.to_string(),
+            addr,
+            reason: match e.kind() {
+                std::io::ErrorKind::AddrInUse => "address already in use".to_string(),
+                std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+                _ => e.to_string(),
+            },
+        })
 }
 
 /// Serves `router` until shutdown, then drains in-flight requests for at most `drain`.
@@ -266,11 +271,17 @@ mod tests {
     fn bearer_tokens_compare_exactly() {
         let mut h = HeaderMap::new();
         assert!(!token_matches(&h, "secret"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer secret"),
+        );
         assert!(token_matches(&h, "secret"));
         assert!(!token_matches(&h, "secret2"));
         assert!(!token_matches(&h, "secreT"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic secret"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic secret"),
+        );
         assert!(!token_matches(&h, "secret"));
     }
 }

@@ -11,8 +11,8 @@ use crate::entity::EntityKey;
 use crate::error::ApiErrorBody;
 use crate::event::RequestEvent;
 use crate::ingestion::{
-    AckRequest, AckResponse, ClaimRequest, ClaimResponse, IngestRequest, IngestResponse,
-    ItemInfo, ItemList, QueueStatus,
+    AckRequest, AckResponse, ClaimRequest, ClaimResponse, IngestRequest, IngestResponse, ItemInfo,
+    ItemList, QueueStatus,
 };
 use crate::mitigation::{
     DeltaPage, Mitigation, MitigationList, PublishRequest, PublishResponse, RevokeRequest,
@@ -120,10 +120,13 @@ pub async fn decode<T: DeserializeOwned>(url: &str, resp: Response) -> Result<T,
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    let bytes = resp.bytes().await.map_err(|source| ClientError::Transport {
-        url: url.to_string(),
-        source,
-    })?;
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|source| ClientError::Transport {
+            url: url.to_string(),
+            source,
+        })?;
     if status.is_success() {
         return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
             url: url.to_string(),
@@ -198,7 +201,11 @@ impl IngestionClient {
         self.base.send(rb).await
     }
 
-    pub async fn ack(&self, consumer: &str, item_ids: Vec<String>) -> Result<AckResponse, ClientError> {
+    pub async fn ack(
+        &self,
+        consumer: &str,
+        item_ids: Vec<String>,
+    ) -> Result<AckResponse, ClientError> {
         let body = AckRequest {
             consumer: consumer.to_string(),
             item_ids,
@@ -211,11 +218,15 @@ impl IngestionClient {
     }
 
     pub async fn pause(&self) -> Result<QueueStatus, ClientError> {
-        self.base.post("/api/queue/pause", &serde_json::json!({})).await
+        self.base
+            .post("/api/queue/pause", &serde_json::json!({}))
+            .await
     }
 
     pub async fn resume(&self) -> Result<QueueStatus, ClientError> {
-        self.base.post("/api/queue/resume", &serde_json::json!({})).await
+        self.base
+            .post("/api/queue/resume", &serde_json::json!({}))
+            .await
     }
 
     pub async fn items(&self, limit: usize) -> Result<ItemList, ClientError> {
@@ -253,7 +264,10 @@ impl MitigationClient {
         &self.base.url
     }
 
-    pub async fn publish(&self, mitigations: Vec<Mitigation>) -> Result<PublishResponse, ClientError> {
+    pub async fn publish(
+        &self,
+        mitigations: Vec<Mitigation>,
+    ) -> Result<PublishResponse, ClientError> {
         self.base
             .post("/api/mitigations", &PublishRequest { mitigations })
             .await
@@ -281,12 +295,18 @@ impl MitigationClient {
     }
 
     pub async fn clear(&self) -> Result<RevokeResponse, ClientError> {
-        self.base.post("/api/cache/clear", &serde_json::json!({})).await
+        self.base
+            .post("/api/cache/clear", &serde_json::json!({}))
+            .await
     }
 
     /// Long-polls the delta stream: changes after `cursor` (all active ones, as a
     /// snapshot, when `cursor` is `None` or too old), waiting up to `wait` for one.
-    pub async fn stream(&self, cursor: Option<&str>, wait: Duration) -> Result<DeltaPage, ClientError> {
+    pub async fn stream(
+        &self,
+        cursor: Option<&str>,
+        wait: Duration,
+    ) -> Result<DeltaPage, ClientError> {
         let mut path = format!("/api/mitigations/stream?wait_ms={}", wait.as_millis());
         if let Some(c) = cursor {
             path.push_str("&cursor=");

@@ -27,7 +27,9 @@ pub enum EntityKey {
 /// Why a string is not an entity key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntityParseError {
-    #[error("entity key `{0}` has no kind: expected `ip:ADDR`, `cidr:NET/LEN`, `header:NAME=VALUE` or `cookie:NAME=VALUE`")]
+    #[error(
+        "entity key `{0}` has no kind: expected `ip:ADDR`, `cidr:NET/LEN`, `header:NAME=VALUE` or `cookie:NAME=VALUE`"
+    )]
     MissingKind(String),
     #[error("unknown entity kind `{0}`: expected ip, cidr, header or cookie")]
     UnknownKind(String),
@@ -160,9 +162,21 @@ mod tests {
             "1.2.3.4".parse::<EntityKey>(),
             Err(EntityParseError::MissingKind("1.2.3.4".into()))
         );
-        assert!(matches!("ip:nope".parse::<EntityKey>(), Err(EntityParseError::BadIp(_))));
-        assert!(matches!("cidr:1.2.3.4/40".parse::<EntityKey>(), Err(EntityParseError::BadCidr(_))));
-        assert!(matches!("header:=x".parse::<EntityKey>(), Err(EntityParseError::BadNamedValue(_))));
-        assert!(matches!("mac:x".parse::<EntityKey>(), Err(EntityParseError::UnknownKind(_))));
+        assert!(matches!(
+            "ip:nope".parse::<EntityKey>(),
+            Err(EntityParseError::BadIp(_))
+        ));
+        assert!(matches!(
+            "cidr:1.2.3.4/40".parse::<EntityKey>(),
+            Err(EntityParseError::BadCidr(_))
+        ));
+        assert!(matches!(
+            "header:=x".parse::<EntityKey>(),
+            Err(EntityParseError::BadNamedValue(_))
+        ));
+        assert!(matches!(
+            "mac:x".parse::<EntityKey>(),
+            Err(EntityParseError::UnknownKind(_))
+        ));
     }
 }

@@ -141,7 +141,9 @@ impl Mitigation {
             reason,
             origin,
             created_at: now,
-            expires_at: now.checked_add_signed(ttl).unwrap_or(DateTime::<Utc>::MAX_UTC),
+            expires_at: now
+                .checked_add_signed(ttl)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
         }
     }
 
@@ -218,12 +220,24 @@ mod tests {
 
     #[test]
     fn action_json_is_tagged() {
-        let a = Action::Throttle { rate: 5.0, burst: 10 };
+        let a = Action::Throttle {
+            rate: 5.0,
+            burst: 10,
+        };
         let json = serde_json::to_string(&a).unwrap();
         assert_eq!(json, r#"{"type":"throttle","rate":5.0,"burst":10}"#);
-        assert_eq!(serde_json::from_str::<Action>(r#"{"type":"block"}"#).unwrap(), Action::Block);
-        assert_eq!(serde_json::to_string(&Scope::App("shop".into())).unwrap(), r#"{"app":"shop"}"#);
-        assert_eq!(serde_json::to_string(&Scope::Global).unwrap(), r#""global""#);
+        assert_eq!(
+            serde_json::from_str::<Action>(r#"{"type":"block"}"#).unwrap(),
+            Action::Block
+        );
+        assert_eq!(
+            serde_json::to_string(&Scope::App("shop".into())).unwrap(),
+            r#"{"app":"shop"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Scope::Global).unwrap(),
+            r#""global""#
+        );
     }
 
     #[test]
