@@ -227,6 +227,22 @@ where
     C: DeserializeOwned + Default,
     F: Fn(&mut C, &Vars<'_>) -> Result<(), ConfigError>,
 {
+    load_section(file, None, env, apply_env)
+}
+
+/// Like [`load`], but a TOML file may hold every service's settings in one document
+/// (`conf/esper.toml`): when it has a top-level table named `section` (`server`,
+/// `ingestion`, `mitigation`, `worker`, `proxy`), only that table is read.
+pub fn load_section<C, F>(
+    file: Option<&Path>,
+    section: Option<&str>,
+    env: &dyn EnvSource,
+    apply_env: F,
+) -> Result<C, ConfigError>
+where
+    C: DeserializeOwned + Default,
+    F: Fn(&mut C, &Vars<'_>) -> Result<(), ConfigError>,
+{
     let mut config = C::default();
     if let Some(path) = file {
         let shown = path.display().to_string();
@@ -245,9 +261,21 @@ where
             })?;
             apply_env(&mut config, &Vars::new(&map))?;
         } else {
-            config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            let parse_err = |e: toml::de::Error| ConfigError::Parse {
                 path: shown.clone(),
                 message: e.to_string().trim().replace('\n', " "),
+            };
+            let table: toml::Table = toml::from_str(&text).map_err(parse_err)?;
+            let value = match section.and_then(|s| table.get(s)) {
+                Some(toml::Value::Table(t)) => toml::Value::Table(t.clone()),
+                _ => toml::Value::Table(table),
+            };
+            config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: shown.clone(),
+                message: match section {
+                    Some(s) => format!("[{s}]: {}", e.to_string().trim().replace('\n', " ")),
+                    None => e.to_string().trim().replace('\n', " "),
+                },
             })?;
         }
     }
@@ -318,6 +346,21 @@ mod tests {
                 timeout: Duration::from_millis(100)
             }
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_shared_file_is_read_by_section() {
+        let dir = std::env::temp_dir().join(format!("esper-cfg-s-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("esper.toml");
+        std::fs::write(&path, "[other]\nport = 7\n[demo]\nport = 3\nname = \"x\"\n").unwrap();
+        let env: HashMap<String, String> = HashMap::new();
+        let c: Demo = load_section(Some(&path), Some("demo"), &env, apply).unwrap();
+        assert_eq!((c.port, c.name.as_str()), (3, "x"));
+        std::fs::write(&path, "[demo]\nport = \"three\"\n").unwrap();
+        let err = load_section::<Demo, _>(Some(&path), Some("demo"), &env, apply).unwrap_err();
+        assert!(err.to_string().contains("[demo]"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

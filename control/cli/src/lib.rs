@@ -1,1 +1,4 @@
-//! The operator binaries: `esper` (every service, and `esper dev`) and `esperctl`.
+//! The operator binaries' shared code: the `esper dev` composition of every service in
+//! one process, and the demo app it protects.
+
+pub mod demo;

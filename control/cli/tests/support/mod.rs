@@ -1,0 +1,204 @@
+//! Helpers shared by the end-to-end tests: free ports, real processes of the `esper`
+//! binary, clients bound to distinct loopback addresses, and polling with deadlines.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The admin token every test stack is started with.
+pub const TOKEN: &str = "test-admin-token-0123456789";
+/// The broker token every test stack is started with.
+pub const BROKER_TOKEN: &str = "test-broker-token-0123456789";
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// `127.0.0.1:<free port>`.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "esper-{tag}-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process whose output is captured (for diagnostics) and which is killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub output: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `esper ARGS...` with `env` added.
+    pub fn esper(name: &str, args: &[String], env: &[(&str, String)]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_esper"));
+        cmd.args(args)
+            .env("LOG_LEVEL", "info")
+            .env("LOG_FORMAT", "text")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn esper");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let out = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    out.lock().map(|mut o| o.push(line)).ok();
+                }
+            });
+        }
+        Proc {
+            name: name.to_string(),
+            child,
+            output,
+        }
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        self.output.lock().map(|o| o.join("\n")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for exit; returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Has it exited? With which code?
+    pub fn try_exit(&mut self) -> Option<Option<i32>> {
+        self.child.try_wait().ok().flatten().map(|s| s.code())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("----- output of {} -----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// An HTTP client whose connections come from `ip` (127.0.0.2, 127.0.0.3, ...), so the
+/// proxy sees distinct clients.
+pub fn client_from(ip: &str) -> reqwest::Client {
+    let ip: IpAddr = ip.parse().expect("ip");
+    reqwest::Client::builder()
+        .local_address(ip)
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `url` answers 200.
+pub async fn wait_ready(url: &str, timeout: Duration) {
+    let http = reqwest::Client::new();
+    eventually(timeout, url, || {
+        let http = http.clone();
+        async move {
+            match http.get(url).send().await {
+                Ok(r) if r.status().is_success() => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await
+}
+
+/// A policy file for the scenario: 10 failed logins per IP in 30 s => block for `ttl`.
+pub fn write_login_policy(dir: &Path, ttl: &str) -> PathBuf {
+    let path = dir.join("login.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[[policy]]
+id = "login-brute-force"
+description = "Failed logins from one address"
+entity = "ip"
+window = "30s"
+threshold = 10
+action = "block"
+ttl = "{ttl}"
+
+[policy.match]
+methods = ["POST"]
+paths = ["/login"]
+statuses = [401]
+"#
+        ),
+    )
+    .expect("write policy");
+    path
+}
