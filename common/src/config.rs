@@ -31,9 +31,21 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    /// An option this build accepts but cannot honour (the value is not repeated: it may
+    /// hold a password, as a Redis URL can).
+    #[error("{option} is set but {reason}")]
+    Unsupported { option: String, reason: String },
 }
 
 impl ConfigError {
+    /// An option that is set although this build cannot honour it.
+    pub fn unsupported(option: &str, reason: impl ToString) -> ConfigError {
+        ConfigError::Unsupported {
+            option: option.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
     /// An invalid value for `option`.
     pub fn invalid(option: &str, value: impl ToString, reason: impl ToString) -> ConfigError {
         ConfigError::Invalid {
@@ -270,13 +282,15 @@ where
                 Some(toml::Value::Table(t)) => toml::Value::Table(t.clone()),
                 _ => toml::Value::Table(table),
             };
-            config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: shown.clone(),
-                message: match section {
-                    Some(s) => format!("[{s}]: {}", e.to_string().trim().replace('\n', " ")),
-                    None => e.to_string().trim().replace('\n', " "),
-                },
-            })?;
+            config = value
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: shown.clone(),
+                    message: match section {
+                        Some(s) => format!("[{s}]: {}", e.to_string().trim().replace('\n', " ")),
+                        None => e.to_string().trim().replace('\n', " "),
+                    },
+                })?;
         }
     }
     apply_env(&mut config, &Vars::new(env))?;

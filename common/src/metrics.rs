@@ -1,10 +1,17 @@
-//! Prometheus plumbing: rendering a registry, and the `/metrics` route.
+//! Prometheus plumbing: rendering a registry, the `/metrics` route, and per-route
+//! request counts and latency for any axum router.
+
+use std::time::Instant;
 
 use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
 
 /// The registry in Prometheus text format.
 pub fn render(registry: &Registry) -> String {
@@ -35,4 +42,58 @@ pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Reg
     if let Err(e) = registry.register(Box::new(c.clone())) {
         tracing::debug!(error = %e, "metric already registered");
     }
+}
+
+/// Request counts and latency per route: `esper_requests_total{method,route,status}` and
+/// `esper_request_duration_seconds{method,route}`. The route label is the matched route
+/// template (`/api/queue/items/{item_id}`), never the raw path, so label values stay few;
+/// requests that match no route count as `unmatched`.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl HttpMetrics {
+    /// Creates the two metrics and registers them in `registry`.
+    pub fn new(registry: &Registry) -> Result<HttpMetrics, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new("esper_requests_total", "HTTP requests answered"),
+            &["method", "route", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "esper_request_duration_seconds",
+                "Time to answer an HTTP request (long-polls included)",
+            ),
+            &["method", "route"],
+        )?;
+        register(registry, &requests);
+        register(registry, &duration);
+        Ok(HttpMetrics { requests, duration })
+    }
+
+    /// Wraps `router` so every request it answers is counted and timed.
+    pub fn layer(&self, router: Router) -> Router {
+        router.layer(axum::middleware::from_fn_with_state(self.clone(), track))
+    }
+}
+
+async fn track(State(m): State<HttpMetrics>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().as_str().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    m.requests
+        .with_label_values(&[method.as_str(), route.as_str(), status.as_str()])
+        .inc();
+    m.duration
+        .with_label_values(&[method.as_str(), route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }

@@ -1,1 +1,118 @@
 //! The ingestion broker: a bounded, leased work queue of request events behind HTTP.
+//!
+//! Proxies (and the control plane's analyze API) post batches of events; engine workers
+//! claim them with a lease, evaluate them and ack them. Items whose lease expires come
+//! back. The queue lives behind [`store::QueueStore`]; this build has the memory store.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use esper_common::config::ConfigError;
+use esper_common::shutdown::Shutdown;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use api::{AppState, router};
+pub use config::{Args, Config};
+pub use metrics::Metrics;
+pub use store::{MemoryQueue, QueueStore, StoreError};
+
+/// Why the ingestion broker could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("ingestion broker: cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("ingestion broker: {0}")]
+    Store(#[from] StoreError),
+    #[error("ingestion broker: cannot use the listener: {0}")]
+    Listener(#[source] std::io::Error),
+    #[error("ingestion broker: server failed: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("ingestion broker: server task ended abnormally: {0}")]
+    Task(String),
+}
+
+/// Opens the store the config asks for (this build: always the memory queue).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn QueueStore>, Error> {
+    config.validate()?;
+    Ok(Arc::new(MemoryQueue::new(config.max_queue_size)))
+}
+
+/// A running broker.
+pub struct Broker {
+    addr: SocketAddr,
+    store: Arc<dyn QueueStore>,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Broker {
+    /// The address the broker answers on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The queue behind the broker.
+    pub fn store(&self) -> &Arc<dyn QueueStore> {
+        &self.store
+    }
+
+    /// Waits until the broker has stopped (after the shutdown signal and the drain).
+    pub async fn wait(self) -> Result<(), Error> {
+        self.task
+            .await
+            .map_err(|e| Error::Task(e.to_string()))
+            .and_then(|r| r)
+    }
+}
+
+/// Validates `config`, opens its store and serves on `listener` until `shutdown`.
+pub async fn start(
+    config: Config,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<Broker, Error> {
+    let store = open_store(&config).await?;
+    start_with_store(config, store, listener, shutdown).await
+}
+
+/// Like [`start`], over a store the caller opened (tests run the API over any store).
+pub async fn start_with_store(
+    config: Config,
+    store: Arc<dyn QueueStore>,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<Broker, Error> {
+    config.validate()?;
+    let addr = listener.local_addr().map_err(Error::Listener)?;
+    let metrics = Metrics::new()?;
+    let state = AppState::new(&config, store.clone(), metrics, shutdown.clone());
+    let app = router(state);
+    tracing::info!(
+        %addr,
+        store = store.kind(),
+        max_queue_size = config.max_queue_size,
+        auth = config.token.is_some(),
+        "ingestion broker listening"
+    );
+    let drain = config.shutdown_timeout;
+    let task = tokio::spawn(async move {
+        esper_common::http::serve(listener, app, shutdown, drain)
+            .await
+            .map_err(Error::Serve)?;
+        tracing::info!("ingestion broker stopped");
+        Ok(())
+    });
+    Ok(Broker { addr, store, task })
+}
+
+/// Serves until `shutdown`, then drains in-flight requests and returns.
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
+    start(config, listener, shutdown).await?.wait().await
+}

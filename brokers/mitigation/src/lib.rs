@@ -1,1 +1,154 @@
-//! The mitigation broker: active mitigations, per-entity lookup and a cursor-based delta stream.
+//! The mitigation broker: active mitigations, per-entity lookup and a cursor-based delta
+//! stream.
+//!
+//! Engine workers (and the control plane, for manual bans) publish mitigations; proxies
+//! follow the delta stream to keep their caches fresh; operators list, look up, revoke
+//! and clear. State lives behind [`store::MitigationStore`]; this build has the memory
+//! store.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use esper_common::config::ConfigError;
+use esper_common::shutdown::Shutdown;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use api::{AppState, router};
+pub use config::{Args, Config};
+pub use metrics::Metrics;
+pub use store::{MemoryMitigations, MitigationStore, StoreError};
+
+/// Why the mitigation broker could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("mitigation broker: cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("mitigation broker: {0}")]
+    Store(#[from] StoreError),
+    #[error("mitigation broker: cannot use the listener: {0}")]
+    Listener(#[source] std::io::Error),
+    #[error("mitigation broker: server failed: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("mitigation broker: server task ended abnormally: {0}")]
+    Task(String),
+}
+
+/// Opens the store the config asks for (this build: always the memory store).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn MitigationStore>, Error> {
+    config.validate()?;
+    Ok(Arc::new(MemoryMitigations::new(config.stream_retention)))
+}
+
+/// A running broker.
+pub struct Broker {
+    addr: SocketAddr,
+    store: Arc<dyn MitigationStore>,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Broker {
+    /// The address the broker answers on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The store behind the broker.
+    pub fn store(&self) -> &Arc<dyn MitigationStore> {
+        &self.store
+    }
+
+    /// Waits until the broker has stopped (after the shutdown signal and the drain).
+    pub async fn wait(self) -> Result<(), Error> {
+        self.task
+            .await
+            .map_err(|e| Error::Task(e.to_string()))
+            .and_then(|r| r)
+    }
+}
+
+/// Validates `config`, opens its store and serves on `listener` until `shutdown`.
+pub async fn start(
+    config: Config,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<Broker, Error> {
+    let store = open_store(&config).await?;
+    start_with_store(config, store, listener, shutdown).await
+}
+
+/// Like [`start`], over a store the caller opened (tests run the API over any store).
+pub async fn start_with_store(
+    config: Config,
+    store: Arc<dyn MitigationStore>,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<Broker, Error> {
+    config.validate()?;
+    let addr = listener.local_addr().map_err(Error::Listener)?;
+    let metrics = Metrics::new()?;
+    let state = AppState::new(&config, store.clone(), metrics.clone(), shutdown.clone());
+    let app = router(state);
+    tracing::info!(
+        %addr,
+        store = store.kind(),
+        cache_ttl = ?config.cache_ttl,
+        auth = config.token.is_some(),
+        "mitigation broker listening"
+    );
+    let sweeper = tokio::spawn(sweep_expired(
+        store.clone(),
+        metrics,
+        shutdown.clone(),
+        config.sweep_interval,
+    ));
+    let drain = config.shutdown_timeout;
+    let task = tokio::spawn(async move {
+        let served = esper_common::http::serve(listener, app, shutdown, drain).await;
+        // The sweeper stops on the same shutdown signal; if serving failed before it,
+        // stop the sweeper ourselves. Either way nothing outlives the broker.
+        if served.is_err() {
+            sweeper.abort();
+        }
+        if let Err(e) = sweeper.await {
+            if e.is_panic() {
+                tracing::warn!(error = %e, "expiry sweeper panicked");
+            }
+        }
+        served.map_err(Error::Serve)?;
+        tracing::info!("mitigation broker stopped");
+        Ok(())
+    });
+    Ok(Broker { addr, store, task })
+}
+
+/// Serves until `shutdown`, then drains in-flight requests and returns.
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
+    start(config, listener, shutdown).await?.wait().await
+}
+
+/// Drops expired mitigations every `interval` and keeps the active gauges current.
+async fn sweep_expired(
+    store: Arc<dyn MitigationStore>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    interval: Duration,
+) {
+    while !shutdown.sleep(interval).await {
+        match store.sweep().await {
+            Ok(n) => metrics.expired.inc_by(n as u64),
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+        if let Ok(counts) = store.counts().await {
+            metrics.observe_counts(&counts);
+        }
+    }
+}

@@ -12,7 +12,7 @@ use crate::error::ApiErrorBody;
 use crate::event::RequestEvent;
 use crate::ingestion::{
     AckRequest, AckResponse, ClaimRequest, ClaimResponse, IngestRequest, IngestResponse, ItemInfo,
-    ItemList, QueueStatus,
+    ItemList, PurgeResponse, QueueStatus,
 };
 use crate::mitigation::{
     DeltaPage, Mitigation, MitigationList, PublishRequest, PublishResponse, RevokeRequest,
@@ -141,10 +141,10 @@ pub async fn decode<T: DeserializeOwned>(url: &str, resp: Response) -> Result<T,
             String::from_utf8_lossy(&bytes).chars().take(200).collect(),
         ),
     };
-    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
-        if retry_after.is_some() {
-            return Err(ClientError::Backpressure { code, retry_after });
-        }
+    if (status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS)
+        && retry_after.is_some()
+    {
+        return Err(ClientError::Backpressure { code, retry_after });
     }
     Err(ClientError::Api {
         status: status.as_u16(),
@@ -176,6 +176,19 @@ impl IngestionClient {
         self.base
             .post("/api/events", &IngestRequest { events })
             .await
+    }
+
+    /// Like [`IngestionClient::ingest`], from a borrowed batch, so a caller can retry the
+    /// same batch without cloning it first.
+    pub async fn ingest_slice(
+        &self,
+        events: &[RequestEvent],
+    ) -> Result<IngestResponse, ClientError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            events: &'a [RequestEvent],
+        }
+        self.base.post("/api/events", &Body { events }).await
     }
 
     /// Leases up to `max` items for `lease`; waits up to `wait` when the queue is empty.
@@ -238,6 +251,13 @@ impl IngestionClient {
     pub async fn item(&self, item_id: &str) -> Result<ItemInfo, ClientError> {
         self.base
             .get(&format!("/api/queue/items/{}", encode(item_id)))
+            .await
+    }
+
+    /// Drops every waiting (not leased) item: housekeeping after an incident.
+    pub async fn purge(&self) -> Result<PurgeResponse, ClientError> {
+        self.base
+            .post("/api/queue/purge", &serde_json::json!({}))
             .await
     }
 

@@ -80,6 +80,21 @@ fn one() -> f64 {
     1.0
 }
 
+/// Hex digits kept from a cookie value's SHA-256 (64 bits: unique enough to track a
+/// session, short enough to read).
+pub const COOKIE_HASH_HEX_LEN: usize = 16;
+
+/// The form in which a cookie value leaves the process that saw it: a hex SHA-256 prefix.
+/// Events carry it, and `cookie:NAME=HASH` entity keys match on it, so every reporter
+/// (the proxy, the analyze API) must hash with this one function.
+pub fn hash_cookie_value(value: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(value.as_bytes());
+    let mut out = hex::encode(&digest[..COOKIE_HASH_HEX_LEN / 2]);
+    out.truncate(COOKIE_HASH_HEX_LEN);
+    out
+}
+
 impl RequestEvent {
     /// A minimal event with a fresh id; tests and the analyze API fill in the rest.
     pub fn new(client_ip: IpAddr, method: &str, path: &str) -> RequestEvent {
@@ -108,6 +123,14 @@ impl RequestEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookie_values_hash_to_a_stable_hex_prefix() {
+        let h = hash_cookie_value("abc");
+        assert_eq!(h, "ba7816bf8f01cfea");
+        assert_eq!(h.len(), COOKIE_HASH_HEX_LEN);
+        assert_ne!(hash_cookie_value("abd"), h);
+    }
 
     #[test]
     fn minimal_json_gets_defaults_and_unknown_fields_are_refused() {

@@ -117,3 +117,9 @@ pub struct ItemInfo {
 pub struct ItemList {
     pub items: Vec<ItemInfo>,
 }
+
+/// `POST /api/queue/purge` answer: how many waiting items were dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeResponse {
+    pub purged: u64,
+}

@@ -1,0 +1,18 @@
+//! The queue-store suite against the memory queue.
+
+mod support;
+
+use std::sync::Arc;
+
+use esper_ingestion::MemoryQueue;
+use support::store_suite::{SUITE_CAPACITY, queue_store_suite};
+
+#[tokio::test]
+async fn memory_queue_passes_the_store_suite() {
+    queue_store_suite(Arc::new(MemoryQueue::new(SUITE_CAPACITY))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_queue_passes_the_store_suite_on_many_threads() {
+    queue_store_suite(Arc::new(MemoryQueue::new(SUITE_CAPACITY))).await;
+}

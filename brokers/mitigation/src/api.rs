@@ -1,0 +1,414 @@
+//! The mitigation broker's HTTP API: publish, active list, entity lookup, revoke, cache
+//! clear and the cursor-based delta stream (long-poll), plus health and metrics on the
+//! same listener.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use esper_common::health::{self, ComponentHealth, HealthCheck, HealthReport};
+use esper_common::http::{
+    ApiError, Json, Path, Query, method_not_allowed, standard_layers, with_bearer,
+};
+use esper_common::shutdown::Shutdown;
+use esper_protocol::mitigation::{
+    MitigationList, PublishRequest, PublishResponse, RevokeRequest, RevokeResponse,
+};
+use esper_protocol::{Action, DeltaPage, EntityKey, Mitigation, Origin};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::{MitigationStore, StoreError};
+
+const DEFAULT_ACTIVE_LIMIT: usize = 1_000;
+const MAX_ACTIVE_LIMIT: usize = 100_000;
+const MAX_ID_LEN: usize = 256;
+const MAX_TARPIT_MS: u64 = 600_000;
+const RETRY_AFTER_STORE_SECS: u64 = 1;
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+const KINDS: [&str; 4] = ["ip", "cidr", "header", "cookie"];
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn MitigationStore>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    token: Option<String>,
+    body_limit: usize,
+    cache_ttl: Duration,
+    page_size: usize,
+    max_stream_wait: Duration,
+}
+
+impl AppState {
+    /// The state for `router`, from a validated config.
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn MitigationStore>,
+        metrics: Metrics,
+        shutdown: Shutdown,
+    ) -> AppState {
+        AppState {
+            inner: Arc::new(Inner {
+                store,
+                metrics,
+                shutdown,
+                token: config.token.clone(),
+                body_limit: config.max_body_bytes,
+                cache_ttl: config.cache_ttl,
+                page_size: config.stream_page_size,
+                max_stream_wait: config.max_stream_wait,
+            }),
+        }
+    }
+
+    /// The store behind the API.
+    pub fn store(&self) -> &Arc<dyn MitigationStore> {
+        &self.inner.store
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+}
+
+/// The whole service: `/api/*` (behind the bearer token when one is configured), the
+/// health endpoints and `/metrics` (always open), with the standard layers.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/mitigations", post(publish))
+        .route("/api/mitigations/active", get(active))
+        .route("/api/mitigations/entity/{*entity}", get(entity))
+        .route("/api/mitigations/revoke", post(revoke))
+        .route("/api/mitigations/stream", get(stream))
+        .route("/api/cache/clear", post(clear))
+        .with_state(state.clone());
+    let api = with_bearer(api, state.inner.token.clone());
+    let ops = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state.clone());
+    let check = Arc::new(StoreHealth {
+        store: state.inner.store.clone(),
+    });
+    let app = api
+        .merge(ops)
+        .merge(health::routes(check, state.inner.shutdown.clone()))
+        .method_not_allowed_fallback(method_not_allowed);
+    let app = standard_layers(app, state.inner.body_limit);
+    state.inner.metrics.http.layer(app)
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        tracing::error!(error = %e, "mitigation store call failed");
+        ApiError::Unavailable {
+            code: "store_unavailable",
+            message: "the mitigation store is unavailable; retry later".into(),
+            retry_after: Some(RETRY_AFTER_STORE_SECS),
+        }
+    }
+}
+
+fn check_id(id: &str) -> Result<(), String> {
+    if id.trim().is_empty() || id.chars().count() > MAX_ID_LEN || id.chars().any(char::is_control) {
+        return Err(format!("id must be 1 to {MAX_ID_LEN} printable characters"));
+    }
+    Ok(())
+}
+
+fn check_mitigation(m: &Mitigation) -> Result<(), String> {
+    check_id(&m.id)?;
+    match m.action {
+        Action::Throttle { rate, burst } => {
+            if !rate.is_finite() || rate <= 0.0 {
+                return Err(format!(
+                    "throttle rate must be a positive number, got {rate}"
+                ));
+            }
+            if burst == 0 {
+                return Err("throttle burst must be at least 1".into());
+            }
+        }
+        Action::Tarpit { delay_ms } if delay_ms > MAX_TARPIT_MS => {
+            return Err(format!(
+                "tarpit delay_ms must be at most {MAX_TARPIT_MS}, got {delay_ms}"
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Brings a policy decision's expiry within `cache_ttl` of now (0: no cap).
+fn cap_expiry(mut m: Mitigation, cache_ttl: Duration) -> Mitigation {
+    if m.origin == Origin::Policy && !cache_ttl.is_zero() {
+        let ttl = chrono::Duration::from_std(cache_ttl).unwrap_or(chrono::Duration::MAX);
+        if let Some(cap) = Utc::now().checked_add_signed(ttl) {
+            m.expires_at = m.expires_at.min(cap);
+        }
+    }
+    m
+}
+
+async fn publish(
+    State(s): State<AppState>,
+    Json(req): Json<PublishRequest>,
+) -> Result<Json<PublishResponse>, ApiError> {
+    for (i, m) in req.mitigations.iter().enumerate() {
+        check_mitigation(m).map_err(|e| {
+            ApiError::bad_request("invalid_mitigation", format!("mitigations[{i}]: {e}"))
+        })?;
+    }
+    let capped = req
+        .mitigations
+        .into_iter()
+        .map(|m| cap_expiry(m, s.inner.cache_ttl))
+        .collect();
+    let published = s.inner.store.publish(capped).await?;
+    s.inner.metrics.published.inc_by(published.accepted as u64);
+    Ok(Json(PublishResponse {
+        accepted: published.accepted,
+        cursor: published.cursor,
+    }))
+}
+
+/// `GET /api/mitigations/active` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActiveQuery {
+    limit: Option<usize>,
+    kind: Option<String>,
+}
+
+async fn active(
+    State(s): State<AppState>,
+    Query(q): Query<ActiveQuery>,
+) -> Result<Json<MitigationList>, ApiError> {
+    let limit = q.limit.unwrap_or(DEFAULT_ACTIVE_LIMIT);
+    if limit == 0 || limit > MAX_ACTIVE_LIMIT {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_ACTIVE_LIMIT}, got {limit}"),
+        ));
+    }
+    let kind = q.kind.as_deref().map(str::to_ascii_lowercase);
+    if let Some(k) = &kind {
+        if !KINDS.contains(&k.as_str()) {
+            let shown: String = k.chars().take(32).collect();
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("kind must be one of ip, cidr, header, cookie; got `{shown}`"),
+            ));
+        }
+    }
+    let page = s.inner.store.active(kind.as_deref(), limit).await?;
+    Ok(Json(MitigationList {
+        mitigations: page.mitigations,
+        total: page.total,
+    }))
+}
+
+fn parse_entity(text: &str) -> Result<EntityKey, ApiError> {
+    text.parse::<EntityKey>()
+        .map_err(|e| ApiError::bad_request("invalid_entity", e.to_string()))
+}
+
+async fn entity(
+    State(s): State<AppState>,
+    Path(text): Path<String>,
+) -> Result<Json<MitigationList>, ApiError> {
+    let key = parse_entity(&text)?;
+    let mitigations = s.inner.store.for_entity(&key).await?;
+    Ok(Json(MitigationList {
+        total: mitigations.len(),
+        mitigations,
+    }))
+}
+
+async fn revoke(
+    State(s): State<AppState>,
+    Json(req): Json<RevokeRequest>,
+) -> Result<Json<RevokeResponse>, ApiError> {
+    let revoked = match (req.id, req.entity) {
+        (Some(id), None) => {
+            check_id(&id).map_err(|e| ApiError::bad_request("invalid_revoke", e))?;
+            s.inner.store.revoke_id(&id).await?
+        }
+        (None, Some(entity)) => s.inner.store.revoke_entity(&entity).await?,
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "invalid_revoke",
+                "give `id` (one mitigation) or `entity` (all of an entity's mitigations)",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_revoke",
+                "give either `id` or `entity`, not both",
+            ));
+        }
+    };
+    s.inner.metrics.revoked.inc_by(revoked as u64);
+    Ok(Json(RevokeResponse { revoked }))
+}
+
+async fn clear(State(s): State<AppState>) -> Result<Json<RevokeResponse>, ApiError> {
+    let revoked = s.inner.store.clear().await?;
+    s.inner.metrics.clears.inc();
+    tracing::warn!(
+        dropped = revoked,
+        "mitigation cache cleared; every follower gets a fresh snapshot"
+    );
+    Ok(Json(RevokeResponse { revoked }))
+}
+
+/// `GET /api/mitigations/stream` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    cursor: Option<String>,
+    wait_ms: Option<u64>,
+}
+
+async fn stream(
+    State(s): State<AppState>,
+    Query(q): Query<StreamQuery>,
+) -> Result<Json<DeltaPage>, ApiError> {
+    let inner = &s.inner;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(inner.max_stream_wait);
+    let deadline = Instant::now() + wait;
+    let cursor = q.cursor.as_deref();
+    let mut changed = inner.store.subscribe();
+    changed.borrow_and_update();
+    let mut page = inner.store.changes(cursor, inner.page_size).await?;
+    if page.snapshot || !page.changes.is_empty() || wait.is_zero() {
+        return Ok(Json(sent(inner, page)));
+    }
+    let _follower = inner.metrics.follower();
+    loop {
+        tokio::select! {
+            biased;
+            _ = inner.shutdown.wait() => break,
+            _ = tokio::time::sleep_until(deadline) => break,
+            r = changed.changed() => {
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+        changed.borrow_and_update();
+        page = inner.store.changes(cursor, inner.page_size).await?;
+        if page.snapshot || !page.changes.is_empty() {
+            break;
+        }
+    }
+    Ok(Json(sent(inner, page)))
+}
+
+fn sent(inner: &Inner, page: DeltaPage) -> DeltaPage {
+    if page.snapshot {
+        inner.metrics.snapshots.inc();
+    } else {
+        inner.metrics.changes_sent.inc_by(page.changes.len() as u64);
+    }
+    page
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    match s.inner.store.counts().await {
+        Ok(counts) => s.inner.metrics.observe_counts(&counts),
+        Err(e) => tracing::warn!(error = %e, "cannot count mitigations for metrics"),
+    }
+    let mut resp = esper_common::metrics::render(&s.inner.metrics.registry).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+/// Readiness: the store answers.
+struct StoreHealth {
+    store: Arc<dyn MitigationStore>,
+}
+
+#[async_trait::async_trait]
+impl HealthCheck for StoreHealth {
+    async fn report(&self) -> HealthReport {
+        let kind = self.store.kind();
+        let component = match tokio::time::timeout(HEALTH_TIMEOUT, self.store.ping()).await {
+            Ok(Ok(())) => {
+                ComponentHealth::new("mitigation_store", true, true, format!("{kind} store"))
+            }
+            Ok(Err(e)) => ComponentHealth::new("mitigation_store", false, true, e.to_string()),
+            Err(_) => ComponentHealth::new(
+                "mitigation_store",
+                false,
+                true,
+                format!("{kind} store did not answer within {HEALTH_TIMEOUT:?}"),
+            ),
+        };
+        HealthReport::new("mitigation-broker", vec![component])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use esper_protocol::Reason;
+
+    fn mitigation(origin: Origin, ttl: Duration) -> Mitigation {
+        Mitigation::new(
+            "ip:192.0.2.1".parse().unwrap(),
+            Action::Block,
+            ttl,
+            origin,
+            Reason::default(),
+        )
+    }
+
+    #[test]
+    fn only_policy_decisions_are_capped() {
+        let day = Duration::from_secs(86_400);
+        let cap = Duration::from_secs(900);
+        let limit = Utc::now() + chrono::Duration::seconds(901);
+        assert!(cap_expiry(mitigation(Origin::Policy, day), cap).expires_at < limit);
+        assert!(cap_expiry(mitigation(Origin::Manual, day), cap).expires_at > limit);
+        assert!(cap_expiry(mitigation(Origin::List, day), cap).expires_at > limit);
+        assert!(cap_expiry(mitigation(Origin::Policy, day), Duration::ZERO).expires_at > limit);
+        let short = mitigation(Origin::Policy, Duration::from_secs(60));
+        assert_eq!(cap_expiry(short.clone(), cap), short);
+    }
+
+    #[test]
+    fn throttle_and_tarpit_values_are_checked() {
+        let mut m = mitigation(Origin::Manual, Duration::from_secs(60));
+        m.action = Action::Throttle {
+            rate: f64::NAN,
+            burst: 1,
+        };
+        assert!(check_mitigation(&m).is_err());
+        m.action = Action::Throttle {
+            rate: 5.0,
+            burst: 0,
+        };
+        assert!(check_mitigation(&m).is_err());
+        m.action = Action::Tarpit { delay_ms: 1_000 };
+        assert!(check_mitigation(&m).is_ok());
+        m.id = " ".into();
+        assert!(check_mitigation(&m).is_err());
+    }
+}

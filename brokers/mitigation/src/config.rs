@@ -1,0 +1,413 @@
+//! The mitigation broker's configuration: defaults, environment names, flags, validation
+//! and the commented template that `config` subcommands print.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use esper_common::config::{ConfigError, Vars, parse_duration_ms, parse_duration_secs};
+use serde::{Deserialize, Serialize};
+
+/// Default listener: API, health and metrics on one port.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8083);
+/// Default cap on how long the broker keeps a policy decision (`CACHE_TTL_SECONDS`).
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(900);
+/// Default number of changes the delta stream keeps for followers.
+pub const DEFAULT_STREAM_RETENTION: usize = 100_000;
+/// Default most changes in one delta page.
+pub const DEFAULT_STREAM_PAGE_SIZE: usize = 10_000;
+/// Default cap on a stream long-poll.
+pub const DEFAULT_MAX_STREAM_WAIT: Duration = Duration::from_secs(60);
+/// Default interval of the expiry sweeper.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Default request body limit.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Default drain time for in-flight requests once shutdown begins.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+const MAX_STREAM_RETENTION: usize = 10_000_000;
+const MAX_STREAM_PAGE_SIZE: usize = 100_000;
+const MAX_STREAM_WAIT_CAP: Duration = Duration::from_secs(300);
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+const MIN_BODY_BYTES: usize = 1024;
+const MAX_BODY_BYTES: usize = 1024 * 1024 * 1024;
+const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The mitigation broker's settings (the TOML form; see [`Config::template`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the API, `/healthz`, `/readyz`, `/healthz/detailed` and `/metrics` listen on.
+    pub listen: SocketAddr,
+    /// The longest the broker keeps a mitigation decided by a policy: a later
+    /// `expires_at` is brought forward to publish time + this. Manual and list
+    /// mitigations keep their own expiry. 0 turns the cap off.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// Changes the delta stream keeps; a follower whose cursor is older gets a snapshot.
+    pub stream_retention: usize,
+    /// Most changes in one delta page (the follower asks again at once for more).
+    pub stream_page_size: usize,
+    /// The longest a stream request long-polls; a larger `wait_ms` is capped to it.
+    #[serde(with = "humantime_serde")]
+    pub max_stream_wait: Duration,
+    /// How often expired mitigations are dropped.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run once shutdown begins.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// A durable copy of the broker's state; this build keeps mitigations in memory only
+    /// (durable decisions live in the control plane's decision log), so `true` is a
+    /// configuration error.
+    pub persistence_enabled: bool,
+    /// Bearer token every `/api/*` route requires when set; health and metrics stay open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Redis URL for a Redis-backed store; this build has only the memory store, so
+    /// setting it is a configuration error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN,
+            cache_ttl: DEFAULT_CACHE_TTL,
+            stream_retention: DEFAULT_STREAM_RETENTION,
+            stream_page_size: DEFAULT_STREAM_PAGE_SIZE,
+            max_stream_wait: DEFAULT_MAX_STREAM_WAIT,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            persistence_enabled: false,
+            token: None,
+            redis_url: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the environment names (seed names first, so the `ESPER_*` names win).
+    pub fn apply_env(&mut self, vars: &Vars<'_>) -> Result<(), ConfigError> {
+        let mut port = self.listen.port();
+        vars.parse(&["BROKER_PORT"], &mut port)?;
+        self.listen.set_port(port);
+        vars.parse(&["ESPER_MITIGATION_LISTEN"], &mut self.listen)?;
+        let secs = Duration::from_secs(1);
+        vars.duration(
+            &["ESPER_MITIGATION_CACHE_TTL", "CACHE_TTL_SECONDS"],
+            secs,
+            &mut self.cache_ttl,
+        )?;
+        vars.parse(&["ESPER_STREAM_RETENTION"], &mut self.stream_retention)?;
+        vars.parse(&["ESPER_STREAM_PAGE_SIZE"], &mut self.stream_page_size)?;
+        vars.duration(
+            &["ESPER_MITIGATION_MAX_STREAM_WAIT"],
+            secs,
+            &mut self.max_stream_wait,
+        )?;
+        vars.duration(
+            &["ESPER_MITIGATION_SWEEP_INTERVAL"],
+            Duration::from_millis(1),
+            &mut self.sweep_interval,
+        )?;
+        vars.parse(&["ESPER_MAX_BODY_BYTES"], &mut self.max_body_bytes)?;
+        vars.duration(
+            &["ESPER_SHUTDOWN_TIMEOUT"],
+            secs,
+            &mut self.shutdown_timeout,
+        )?;
+        vars.bool(
+            &["ESPER_MITIGATION_PERSISTENCE", "PERSISTENCE_ENABLED"],
+            &mut self.persistence_enabled,
+        )?;
+        vars.string_opt(&["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"], &mut self.token);
+        vars.string_opt(
+            &["ESPER_MITIGATION_REDIS_URL", "REDIS_URL"],
+            &mut self.redis_url,
+        );
+        Ok(())
+    }
+
+    /// Checks every value once, before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.redis_url.is_some() {
+            return Err(ConfigError::unsupported(
+                "REDIS_URL",
+                "this build's mitigation broker only has the memory store",
+            ));
+        }
+        if self.persistence_enabled {
+            return Err(ConfigError::unsupported(
+                "PERSISTENCE_ENABLED",
+                "this build's mitigation broker keeps mitigations in memory only; durable decisions live in the control plane's decision log",
+            ));
+        }
+        check_range(
+            "stream_retention",
+            self.stream_retention,
+            1,
+            MAX_STREAM_RETENTION,
+        )?;
+        check_range(
+            "stream_page_size",
+            self.stream_page_size,
+            1,
+            MAX_STREAM_PAGE_SIZE,
+        )?;
+        check_range(
+            "max_body_bytes",
+            self.max_body_bytes,
+            MIN_BODY_BYTES,
+            MAX_BODY_BYTES,
+        )?;
+        check_duration(
+            "max_stream_wait",
+            self.max_stream_wait,
+            Duration::ZERO,
+            MAX_STREAM_WAIT_CAP,
+        )?;
+        check_duration(
+            "sweep_interval",
+            self.sweep_interval,
+            MIN_SWEEP_INTERVAL,
+            MAX_SWEEP_INTERVAL,
+        )?;
+        check_duration(
+            "shutdown_timeout",
+            self.shutdown_timeout,
+            Duration::ZERO,
+            MAX_SHUTDOWN_TIMEOUT,
+        )?;
+        if let Some(token) = &self.token {
+            if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::invalid(
+                    "token",
+                    "(hidden)",
+                    "must be non-empty, without spaces or control characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A complete, commented TOML configuration with every option at its default.
+    pub fn template() -> &'static str {
+        include_str!("template.toml")
+    }
+}
+
+fn check_range(option: &str, value: usize, min: usize, max: usize) -> Result<(), ConfigError> {
+    if !(min..=max).contains(&value) {
+        return Err(ConfigError::invalid(
+            option,
+            value,
+            format!("must be between {min} and {max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_duration(
+    option: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::invalid(
+            option,
+            humantime::format_duration(value),
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Command-line flags of `esper broker run mitigation`; they win over everything else.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq)]
+pub struct Args {
+    /// Address for the API, health and metrics [default: 0.0.0.0:8083]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Port to listen on, keeping the configured address
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Longest a policy decision is kept, 0 = no cap (bare number = seconds) [default: 15m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+    pub cache_ttl: Option<Duration>,
+    /// Changes kept for the delta stream [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub stream_retention: Option<usize>,
+    /// Most changes in one delta page [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub stream_page_size: Option<usize>,
+    /// Cap on a stream long-poll (bare number = seconds) [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+    pub max_stream_wait: Option<Duration>,
+    /// How often expired mitigations are dropped (bare number = ms) [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub sweep_interval: Option<Duration>,
+    /// Largest request body accepted, in bytes [default: 8388608]
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Drain time for in-flight requests on shutdown (bare number = seconds) [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+impl Args {
+    /// Applies the flags that were given.
+    pub fn apply(&self, cfg: &mut Config) {
+        if let Some(v) = self.listen {
+            cfg.listen = v;
+        }
+        if let Some(p) = self.port {
+            cfg.listen.set_port(p);
+        }
+        if let Some(v) = self.cache_ttl {
+            cfg.cache_ttl = v;
+        }
+        if let Some(v) = self.stream_retention {
+            cfg.stream_retention = v;
+        }
+        if let Some(v) = self.stream_page_size {
+            cfg.stream_page_size = v;
+        }
+        if let Some(v) = self.max_stream_wait {
+            cfg.max_stream_wait = v;
+        }
+        if let Some(v) = self.sweep_interval {
+            cfg.sweep_interval = v;
+        }
+        if let Some(v) = self.max_body_bytes {
+            cfg.max_body_bytes = v;
+        }
+        if let Some(v) = self.shutdown_timeout {
+            cfg.shutdown_timeout = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use esper_common::config::load;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn template_parses_to_the_defaults() {
+        let parsed: Config = toml::from_str(Config::template()).unwrap();
+        assert_eq!(parsed, Config::default());
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn seed_and_esper_names_are_read() {
+        let vars = env(&[
+            ("BROKER_PORT", "9183"),
+            ("CACHE_TTL_SECONDS", "60"),
+            ("PERSISTENCE_ENABLED", "false"),
+            ("ESPER_STREAM_RETENTION", "500"),
+            ("ADMIN_TOKEN", "admin"),
+        ]);
+        let c: Config = load(None, &vars, Config::apply_env).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:9183".parse().unwrap());
+        assert_eq!(c.cache_ttl, Duration::from_secs(60));
+        assert_eq!(c.stream_retention, 500);
+        assert_eq!(c.token.as_deref(), Some("admin"));
+        c.validate().unwrap();
+
+        let vars = env(&[
+            ("BROKER_PORT", "9183"),
+            ("ESPER_MITIGATION_LISTEN", "127.0.0.1:7001"),
+            ("CACHE_TTL_SECONDS", "60"),
+            ("ESPER_MITIGATION_CACHE_TTL", "0"),
+        ]);
+        let c: Config = load(None, &vars, Config::apply_env).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(c.cache_ttl, Duration::ZERO);
+    }
+
+    #[test]
+    fn flags_win() {
+        let mut c = Config::default();
+        Args {
+            port: Some(1),
+            cache_ttl: Some(Duration::from_secs(5)),
+            stream_retention: Some(7),
+            ..Args::default()
+        }
+        .apply(&mut c);
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.cache_ttl, Duration::from_secs(5));
+        assert_eq!(c.stream_retention, 7);
+    }
+
+    #[test]
+    fn unimplemented_backends_are_refused_clearly() {
+        let c: Config = load(
+            None,
+            &env(&[("REDIS_URL", "redis://:pw@localhost")]),
+            Config::apply_env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "REDIS_URL is set but this build's mitigation broker only has the memory store"
+        );
+        let c: Config = load(
+            None,
+            &env(&[("PERSISTENCE_ENABLED", "true")]),
+            Config::apply_env,
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("PERSISTENCE_ENABLED is set but"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_option_and_value() {
+        let err = load::<Config, _>(
+            None,
+            &env(&[("PERSISTENCE_ENABLED", "maybe")]),
+            Config::apply_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "invalid PERSISTENCE_ENABLED = `maybe`: expected true or false"
+        );
+        let c = Config {
+            stream_retention: 0,
+            ..Config::default()
+        };
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "invalid stream_retention = `0`: must be between 1 and 10000000"
+        );
+        let c = Config {
+            sweep_interval: Duration::ZERO,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

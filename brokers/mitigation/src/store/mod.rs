@@ -1,0 +1,90 @@
+//! The mitigation store behind the broker's HTTP API. One trait, so the in-memory store
+//! and a Redis store (keys with expiry plus a change stream) can serve the same
+//! endpoints; the HTTP layer only ever holds an `Arc<dyn MitigationStore>`.
+
+mod cursor;
+mod memory;
+
+use std::collections::BTreeMap;
+
+use esper_protocol::{DeltaPage, EntityKey, Mitigation};
+use tokio::sync::watch;
+
+pub use cursor::Cursor;
+pub use memory::MemoryMitigations;
+
+/// The store could not do its job (a backend down, a timeout). The HTTP layer answers
+/// 503 `store_unavailable` and logs the detail.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("mitigation store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The outcome of a publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// Mitigations that took effect (stored, replaced, or removed by an expired upsert).
+    pub accepted: usize,
+    /// The stream position after this publish.
+    pub cursor: String,
+}
+
+/// A filtered, limited view of the active mitigations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivePage {
+    /// Newest first (by `created_at`, then id).
+    pub mitigations: Vec<Mitigation>,
+    /// All active mitigations matching the filter, limit aside.
+    pub total: usize,
+}
+
+/// Active mitigations, their lookups, and the change log that feeds the delta stream.
+///
+/// Every upsert and revoke appends a change with the next sequence number; the log keeps
+/// the newest changes only. Expired mitigations are invisible to readers at once and are
+/// dropped by [`sweep`](MitigationStore::sweep) without a change (followers expire them
+/// themselves). A clear starts a new generation, which turns every earlier cursor stale.
+#[async_trait::async_trait]
+pub trait MitigationStore: Send + Sync + 'static {
+    /// A short name for health output and logs (`memory`, `redis`).
+    fn kind(&self) -> &'static str;
+
+    /// Is the backend reachable?
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Upserts each mitigation by id, in order. An identical re-publish changes nothing;
+    /// an already expired mitigation is ignored, or removes the stored one of that id.
+    async fn publish(&self, mitigations: Vec<Mitigation>) -> Result<Published, StoreError>;
+
+    /// Active mitigations, optionally only of one entity kind (`ip`, `cidr`, ...).
+    async fn active(&self, kind: Option<&str>, limit: usize) -> Result<ActivePage, StoreError>;
+
+    /// Active mitigations of `entity`; for an `ip:` key also those of networks that
+    /// cover the address.
+    async fn for_entity(&self, entity: &EntityKey) -> Result<Vec<Mitigation>, StoreError>;
+
+    /// Revokes one mitigation; returns 1 when an active one was revoked, else 0.
+    async fn revoke_id(&self, id: &str) -> Result<usize, StoreError>;
+
+    /// Revokes every mitigation of exactly this entity; returns how many were active.
+    async fn revoke_entity(&self, entity: &EntityKey) -> Result<usize, StoreError>;
+
+    /// Drops everything and starts a new generation; returns how many were active.
+    async fn clear(&self) -> Result<usize, StoreError>;
+
+    /// Up to `limit` changes after `cursor`, with the cursor of the last one. A missing,
+    /// malformed, foreign or too old cursor gets a snapshot instead: every active
+    /// mitigation as an upsert, and the current cursor.
+    async fn changes(&self, cursor: Option<&str>, limit: usize) -> Result<DeltaPage, StoreError>;
+
+    /// A receiver marked changed whenever a change is appended or the generation changes,
+    /// for long-polls. Subscribe (and mark seen) before reading, to miss nothing.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+
+    /// Drops expired mitigations; returns how many.
+    async fn sweep(&self) -> Result<usize, StoreError>;
+
+    /// Active mitigations by action name (`block`, `throttle`, `tarpit`, `log`).
+    async fn counts(&self) -> Result<BTreeMap<&'static str, u64>, StoreError>;
+}

@@ -1,0 +1,450 @@
+//! The mitigation broker over real HTTP: publish, active list, entity lookup, revoke,
+//! clear, the delta stream (snapshots, increments, long-polls), expiry, the cache cap
+//! and metrics.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use esper_mitigation::Config;
+use esper_protocol::mitigation::{MitigationList, RevokeRequest};
+use esper_protocol::{Action, Change, DeltaPage, Origin};
+use serde_json::json;
+use support::{TestBroker, block, config, expect_error, metric, mitigation};
+
+fn ids(list: &MitigationList) -> Vec<String> {
+    let mut v: Vec<String> = list.mitigations.iter().map(|m| m.id.clone()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn publish_list_lookup_and_revoke() {
+    let b = TestBroker::with_defaults().await;
+    let published = b
+        .client
+        .publish(vec![
+            block("a1", "ip:192.0.2.1"),
+            mitigation(
+                "a2",
+                "ip:192.0.2.1",
+                Action::Throttle {
+                    rate: 2.0,
+                    burst: 4,
+                },
+                Duration::from_secs(600),
+            ),
+            block("net", "cidr:198.51.100.0/24"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(published.accepted, 3);
+    assert!(!published.cursor.is_empty());
+
+    let all = b.client.active(None).await.unwrap();
+    assert_eq!(
+        (all.total, ids(&all)),
+        (3, vec!["a1".into(), "a2".into(), "net".into()])
+    );
+    let limited = b.client.active(Some(1)).await.unwrap();
+    assert_eq!((limited.total, limited.mitigations.len()), (3, 1));
+    let resp = b.get("/api/mitigations/active?kind=cidr").await;
+    let nets: MitigationList = resp.json().await.unwrap();
+    assert_eq!(ids(&nets), ["net"]);
+
+    let ip = b
+        .client
+        .entity(&"ip:192.0.2.1".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ids(&ip), ["a1", "a2"]);
+    // An address inside a mitigated network finds the network's mitigation.
+    let inside = b
+        .client
+        .entity(&"ip:198.51.100.7".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ids(&inside), ["net"]);
+    // Unencoded keys work too, slashes included.
+    let raw: MitigationList = b
+        .get("/api/mitigations/entity/cidr:198.51.100.0/24")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(&raw), ["net"]);
+    let none = b
+        .client
+        .entity(&"ip:192.0.2.99".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(none.total, 0);
+
+    let by_id = RevokeRequest {
+        id: Some("net".into()),
+        entity: None,
+    };
+    assert_eq!(b.client.revoke(&by_id).await.unwrap().revoked, 1);
+    assert_eq!(b.client.revoke(&by_id).await.unwrap().revoked, 0);
+    let by_entity = RevokeRequest {
+        id: None,
+        entity: Some("ip:192.0.2.1".parse().unwrap()),
+    };
+    assert_eq!(b.client.revoke(&by_entity).await.unwrap().revoked, 2);
+    assert_eq!(b.client.active(None).await.unwrap().total, 0);
+
+    let text = b.metrics().await;
+    assert_eq!(
+        metric(&text, "esper_mitigations_published_total"),
+        Some(3.0)
+    );
+    assert_eq!(metric(&text, "esper_mitigations_revoked_total"), Some(3.0));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn revoke_needs_exactly_one_target_and_publish_checks_values() {
+    let b = TestBroker::with_defaults().await;
+    let resp = b.post("/api/mitigations/revoke", json!({})).await;
+    expect_error(resp, 400, "invalid_revoke").await;
+    let resp = b
+        .post(
+            "/api/mitigations/revoke",
+            json!({"id": "x", "entity": "ip:192.0.2.1"}),
+        )
+        .await;
+    expect_error(resp, 400, "invalid_revoke").await;
+
+    let bad = mitigation(
+        "t",
+        "ip:192.0.2.1",
+        Action::Throttle {
+            rate: 0.0,
+            burst: 1,
+        },
+        Duration::from_secs(60),
+    );
+    let resp = b
+        .post(
+            "/api/mitigations",
+            json!({"mitigations": [block("ok", "ip:192.0.2.2"), bad]}),
+        )
+        .await;
+    let err = expect_error(resp, 400, "invalid_mitigation").await;
+    assert!(err.message.starts_with("mitigations[1]"), "{}", err.message);
+    assert_eq!(
+        b.client.active(None).await.unwrap().total,
+        0,
+        "nothing applied"
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_stream_starts_with_a_snapshot_then_sends_changes() {
+    let b = TestBroker::with_defaults().await;
+    b.client
+        .publish(vec![block("first", "ip:192.0.2.1")])
+        .await
+        .unwrap();
+    let snap = b.client.stream(None, Duration::ZERO).await.unwrap();
+    assert!(snap.snapshot);
+    assert_eq!(snap.changes.len(), 1);
+
+    b.client
+        .publish(vec![block("second", "ip:192.0.2.2")])
+        .await
+        .unwrap();
+    b.client
+        .revoke(&RevokeRequest {
+            id: Some("first".into()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    let page = b
+        .client
+        .stream(Some(&snap.cursor), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!page.snapshot);
+    match &page.changes[..] {
+        [Change::Upsert { mitigation }, Change::Remove { id }] => {
+            assert_eq!(mitigation.id, "second");
+            assert_eq!(id, "first");
+        }
+        other => panic!("unexpected changes {other:?}"),
+    }
+    let idle = b
+        .client
+        .stream(Some(&page.cursor), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!idle.snapshot && idle.changes.is_empty());
+    assert_eq!(idle.cursor, page.cursor);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiting_follower_wakes_on_publish() {
+    let b = TestBroker::with_defaults().await;
+    let cursor = b.client.stream(None, Duration::ZERO).await.unwrap().cursor;
+    let client = b.client.clone();
+    let follower = tokio::spawn(async move {
+        let page = client.stream(Some(&cursor), Duration::from_secs(20)).await;
+        (page, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = b.metrics().await;
+    assert_eq!(metric(&text, "esper_stream_followers"), Some(1.0));
+
+    let sent = Instant::now();
+    b.client
+        .publish(vec![block("now", "ip:192.0.2.1")])
+        .await
+        .unwrap();
+    let (page, answered) = follower.await.unwrap();
+    let page = page.unwrap();
+    assert_eq!(page.changes.len(), 1);
+    let lag = answered.duration_since(sent);
+    assert!(
+        lag < Duration::from_millis(300),
+        "follower woke {lag:?} after publish"
+    );
+    let text = b.metrics().await;
+    assert_eq!(metric(&text, "esper_stream_followers"), Some(0.0));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_long_poll_answers_empty_with_the_same_cursor() {
+    let b = TestBroker::with_defaults().await;
+    let cursor = b.client.stream(None, Duration::ZERO).await.unwrap().cursor;
+    let started = Instant::now();
+    let page = b
+        .client
+        .stream(Some(&cursor), Duration::from_millis(300))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(!page.snapshot && page.changes.is_empty());
+    assert_eq!(page.cursor, cursor);
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_poll_returns_early_on_shutdown() {
+    let b = TestBroker::with_defaults().await;
+    let cursor = b.client.stream(None, Duration::ZERO).await.unwrap().cursor;
+    let client = b.client.clone();
+    let follower = tokio::spawn(async move {
+        let started = Instant::now();
+        let page = client.stream(Some(&cursor), Duration::from_secs(30)).await;
+        (page, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.trigger().trigger();
+    let (page, took) = follower.await.unwrap();
+    assert!(page.unwrap().changes.is_empty());
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn stale_and_foreign_cursors_get_snapshots() {
+    let b = TestBroker::start(Config {
+        stream_retention: 3,
+        ..config()
+    })
+    .await;
+    let start = b.client.stream(None, Duration::ZERO).await.unwrap().cursor;
+    for i in 0..5 {
+        b.client
+            .publish(vec![block(&format!("m{i}"), &format!("ip:10.0.0.{i}"))])
+            .await
+            .unwrap();
+    }
+    for cursor in [start.as_str(), "nonsense", "0123456789abcdef-1"] {
+        let page = b.client.stream(Some(cursor), Duration::ZERO).await.unwrap();
+        assert!(page.snapshot, "cursor `{cursor}`");
+        assert_eq!(page.changes.len(), 5);
+    }
+    let text = b.metrics().await;
+    assert_eq!(metric(&text, "esper_stream_snapshots_total"), Some(4.0));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn clear_forces_every_follower_to_resnapshot() {
+    let b = TestBroker::start(Config {
+        token: Some("admin-token".into()),
+        ..config()
+    })
+    .await;
+    b.client
+        .publish(vec![block("a", "ip:192.0.2.1"), block("b", "ip:192.0.2.2")])
+        .await
+        .unwrap();
+    let cursor = b.client.stream(None, Duration::ZERO).await.unwrap().cursor;
+
+    // The seed's `curl -X POST .../api/cache/clear -H "Authorization: Bearer $ADMIN_TOKEN"`.
+    let resp = b
+        .http
+        .post(b.url("/api/cache/clear"))
+        .bearer_auth("admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cleared: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(cleared, json!({"revoked": 2}));
+
+    let page = b
+        .client
+        .stream(Some(&cursor), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(page.snapshot && page.changes.is_empty());
+    b.client
+        .publish(vec![block("c", "ip:192.0.2.3")])
+        .await
+        .unwrap();
+    let next = b
+        .client
+        .stream(Some(&page.cursor), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!next.snapshot);
+    assert_eq!(next.changes.len(), 1);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn expired_mitigations_are_swept() {
+    let b = TestBroker::with_defaults().await;
+    b.client
+        .publish(vec![
+            mitigation(
+                "short",
+                "ip:192.0.2.1",
+                Action::Block,
+                Duration::from_millis(200),
+            ),
+            block("long", "ip:192.0.2.2"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(b.client.active(None).await.unwrap().total, 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = b.client.active(None).await.unwrap();
+    assert_eq!(ids(&left), ["long"]);
+    let snapshot: DeltaPage = b.client.stream(None, Duration::ZERO).await.unwrap();
+    assert_eq!(snapshot.changes.len(), 1);
+    let text = b.metrics().await;
+    assert_eq!(metric(&text, "esper_mitigations_expired_total"), Some(1.0));
+    assert_eq!(
+        metric(&text, "esper_mitigations_active{action=\"block\"}"),
+        Some(1.0)
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn cache_ttl_caps_policy_decisions_only() {
+    let b = TestBroker::start(Config {
+        cache_ttl: Duration::from_secs(60),
+        ..config()
+    })
+    .await;
+    let day = Duration::from_secs(86_400);
+    let mut auto = mitigation("auto", "ip:192.0.2.1", Action::Block, day);
+    auto.origin = Origin::Policy;
+    let manual = mitigation("manual", "ip:192.0.2.2", Action::Block, day);
+    b.client.publish(vec![auto, manual]).await.unwrap();
+    let list = b.client.active(None).await.unwrap();
+    let expiry = |id: &str| {
+        list.mitigations
+            .iter()
+            .find(|m| m.id == id)
+            .map(|m| m.expires_at)
+            .unwrap()
+    };
+    assert!(expiry("auto") <= Utc::now() + chrono::Duration::seconds(61));
+    assert!(expiry("manual") > Utc::now() + chrono::Duration::hours(23));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_metrics_describe_the_broker() {
+    let b = TestBroker::with_defaults().await;
+    for path in ["/healthz", "/readyz", "/healthz/detailed"] {
+        assert_eq!(b.get(path).await.status(), 200, "{path}");
+    }
+    let detailed: serde_json::Value = b.get("/healthz/detailed").await.json().await.unwrap();
+    assert_eq!(detailed["components"][0]["name"], "mitigation_store");
+    assert!(b.client.ready().await);
+
+    b.client
+        .publish(vec![
+            block("a", "ip:192.0.2.1"),
+            mitigation(
+                "b",
+                "ip:192.0.2.2",
+                Action::Tarpit { delay_ms: 100 },
+                Duration::from_secs(60),
+            ),
+        ])
+        .await
+        .unwrap();
+    b.client.active(None).await.unwrap();
+    let text = b.metrics().await;
+    for (action, n) in [
+        ("block", 1.0),
+        ("tarpit", 1.0),
+        ("throttle", 0.0),
+        ("log", 0.0),
+    ] {
+        let series = format!("esper_mitigations_active{{action=\"{action}\"}}");
+        assert_eq!(metric(&text, &series), Some(n), "{series}");
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "esper_requests_total{method=\"GET\",route=\"/api/mitigations/active\",status=\"200\"}"
+        ),
+        Some(1.0)
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn start_refuses_backends_it_cannot_honour() {
+    for cfg in [
+        Config {
+            redis_url: Some("redis://:pw@127.0.0.1:6379".into()),
+            ..config()
+        },
+        Config {
+            persistence_enabled: true,
+            ..config()
+        },
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_trigger, shutdown) = esper_common::shutdown::Shutdown::new();
+        let err = esper_mitigation::start(cfg, listener, shutdown)
+            .await
+            .err()
+            .expect("start must fail")
+            .to_string();
+        assert!(
+            err.contains(" is set but this build's mitigation broker"),
+            "{err}"
+        );
+        assert!(!err.contains("pw"), "secrets stay out of errors: {err}");
+    }
+}
