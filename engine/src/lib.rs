@@ -1,1 +1,11 @@
 //! Esper's policy engine: policy language, evaluator, entity state and the worker loop.
+
+pub mod eval;
+pub mod policy;
+pub mod worker;
+
+pub use worker::{Args, Config, WorkerError, run};
+
+pub use policy::{
+    ActivePolicies, ListKind, NamedList, PolicyError, PolicySpec, parse_policies, policies_to_toml,
+};

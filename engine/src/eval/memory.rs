@@ -1,0 +1,447 @@
+//! The in-memory state backend: one process's windows, cooldowns and processed event
+//! ids behind one lock (so every call is atomic, as a Redis script would be).
+//!
+//! Bounds: at most `capacity` tracked (policy, entity) pairs; beyond that the least
+//! recently touched ones (those without a standing decision first) are evicted and
+//! counted. Processed event ids are remembered for `ttl`, and at most `capacity` of them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use esper_protocol::EntityKey;
+use parking_lot::Mutex;
+
+use super::state::{
+    BatchInput, BatchOutcome, CleanupReport, Crossing, Increment, PolicyKey, Receipt, StateBackend,
+    StateError, StateStats,
+};
+use super::window::Window;
+
+struct EntityState {
+    window: Window,
+    /// Wall-clock epoch ms until which a decision stands (0: none).
+    cooldown_until: i64,
+    /// The receipt that started the cooldown, so a rollback only undoes its own.
+    cooldown_by: u64,
+    last_touch: i64,
+}
+
+struct PolicyState {
+    window_ms: i64,
+    entities: HashMap<EntityKey, EntityState>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    InFlight(u64),
+    Done(i64),
+}
+
+#[derive(Default)]
+struct Inner {
+    policies: HashMap<PolicyKey, PolicyState>,
+    entities: usize,
+    marks: HashMap<Arc<str>, Mark>,
+    /// Done marks in expiry order (the TTL is the same for all, so insertion order).
+    done: VecDeque<(i64, Arc<str>)>,
+    next_receipt: u64,
+    evictions: u64,
+    id_evictions: u64,
+}
+
+/// The embedded state backend.
+pub struct MemoryState {
+    inner: Mutex<Inner>,
+    ttl_ms: i64,
+    capacity: usize,
+}
+
+impl MemoryState {
+    /// Remembers processed event ids for `ttl`; tracks at most `capacity` entities and
+    /// at most `capacity` event ids.
+    pub fn new(ttl: Duration, capacity: usize) -> MemoryState {
+        MemoryState {
+            inner: Mutex::new(Inner::default()),
+            ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn apply_now(&self, batch: &BatchInput, now_ms: i64) -> BatchOutcome {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        inner.next_receipt += 1;
+        let receipt_id = inner.next_receipt;
+        let mut out = BatchOutcome {
+            duplicate: vec![false; batch.events.len()],
+            busy: vec![false; batch.events.len()],
+            receipt: Receipt {
+                id: receipt_id,
+                ..Receipt::default()
+            },
+            ..BatchOutcome::default()
+        };
+        for (ei, event) in batch.events.iter().enumerate() {
+            // An event that matched nothing has no effect to repeat: not remembered.
+            if event.hits.is_empty() {
+                continue;
+            }
+            match inner.marks.get(event.id.as_str()) {
+                Some(Mark::InFlight(r)) if *r != receipt_id => {
+                    out.duplicate[ei] = true;
+                    out.busy[ei] = true;
+                    continue;
+                }
+                Some(_) => {
+                    out.duplicate[ei] = true;
+                    continue;
+                }
+                None => {}
+            }
+            inner
+                .marks
+                .insert(Arc::from(event.id.as_str()), Mark::InFlight(receipt_id));
+            out.receipt.event_ids.push(event.id.clone());
+            for (hi, hit) in event.hits.iter().enumerate() {
+                let Some(policy) = batch.policies.get(hit.policy) else {
+                    continue;
+                };
+                let p = &policy.params;
+                let state =
+                    inner
+                        .policies
+                        .entry(policy.key.clone())
+                        .or_insert_with(|| PolicyState {
+                            window_ms: p.window_ms(),
+                            entities: HashMap::new(),
+                        });
+                let entity = state.entities.entry(hit.entity.clone()).or_insert_with(|| {
+                    inner.entities += 1;
+                    EntityState {
+                        window: Window::default(),
+                        cooldown_until: 0,
+                        cooldown_by: 0,
+                        last_touch: now_ms,
+                    }
+                });
+                let bucket = p.bucket_of(hit.at_ms);
+                let Some(count) = entity.window.add(bucket, hit.weight, p) else {
+                    out.late += 1;
+                    continue;
+                };
+                entity.last_touch = now_ms;
+                out.receipt.increments.push(Increment {
+                    policy: policy.key.clone(),
+                    entity: hit.entity.clone(),
+                    bucket,
+                    weight: hit.weight,
+                });
+                if p.reached(count) && entity.cooldown_until <= now_ms {
+                    entity.cooldown_until = now_ms.saturating_add(p.cooldown_ms);
+                    entity.cooldown_by = receipt_id;
+                    out.receipt
+                        .cooldowns
+                        .push((policy.key.clone(), hit.entity.clone()));
+                    out.crossings.push(Crossing {
+                        event: ei,
+                        hit: hi,
+                        counted: count,
+                    });
+                }
+            }
+        }
+        if inner.entities > self.capacity {
+            evict(inner, self.capacity, now_ms);
+        }
+        out
+    }
+}
+
+/// Drops the least recently touched entities (those without a standing decision
+/// first) until 1% below `capacity`, so evictions come in occasional sweeps.
+fn evict(inner: &mut Inner, capacity: usize, now_ms: i64) {
+    let target = capacity - capacity / 100;
+    let excess = inner.entities.saturating_sub(target);
+    if excess == 0 {
+        return;
+    }
+    let mut ages: Vec<(bool, i64)> = inner
+        .policies
+        .values()
+        .flat_map(|p| p.entities.values())
+        .map(|e| (e.cooldown_until > now_ms, e.last_touch))
+        .collect();
+    let excess = excess.min(ages.len());
+    if excess == 0 {
+        return;
+    }
+    let (_, cutoff, _) = ages.select_nth_unstable(excess - 1);
+    let cutoff = *cutoff;
+    let mut removed = 0;
+    for p in inner.policies.values_mut() {
+        p.entities.retain(|_, e| {
+            let age = (e.cooldown_until > now_ms, e.last_touch);
+            if removed < excess && age <= cutoff {
+                removed += 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+    inner.policies.retain(|_, p| !p.entities.is_empty());
+    inner.entities -= removed;
+    inner.evictions += removed as u64;
+}
+
+#[async_trait::async_trait]
+impl StateBackend for MemoryState {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn apply(&self, batch: &BatchInput, now_ms: i64) -> Result<BatchOutcome, StateError> {
+        Ok(self.apply_now(batch, now_ms))
+    }
+
+    async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
+        let mut inner = self.inner.lock();
+        let expiry = now_ms.saturating_add(self.ttl_ms);
+        for id in &receipt.event_ids {
+            let ours = inner
+                .marks
+                .get_key_value(id.as_str())
+                .filter(|(_, mark)| **mark == Mark::InFlight(receipt.id))
+                .map(|(key, _)| key.clone());
+            if let Some(key) = ours {
+                inner.marks.insert(key.clone(), Mark::Done(expiry));
+                inner.done.push_back((expiry, key));
+            }
+        }
+        while inner.done.len() > self.capacity {
+            if let Some((expiry, id)) = inner.done.pop_front() {
+                if inner.marks.get(&id) == Some(&Mark::Done(expiry)) {
+                    inner.marks.remove(&id);
+                }
+                inner.id_evictions += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError> {
+        let mut inner = self.inner.lock();
+        for id in &receipt.event_ids {
+            if inner.marks.get(id.as_str()) == Some(&Mark::InFlight(receipt.id)) {
+                inner.marks.remove(id.as_str());
+            }
+        }
+        for inc in &receipt.increments {
+            if let Some(e) = inner
+                .policies
+                .get_mut(&inc.policy)
+                .and_then(|p| p.entities.get_mut(&inc.entity))
+            {
+                e.window.remove(inc.bucket, inc.weight);
+            }
+        }
+        for (policy, entity) in &receipt.cooldowns {
+            if let Some(e) = inner
+                .policies
+                .get_mut(policy)
+                .and_then(|p| p.entities.get_mut(entity))
+            {
+                if e.cooldown_by == receipt.id {
+                    e.cooldown_until = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn retain(&self, keep: &[PolicyKey]) -> Result<(), StateError> {
+        let mut inner = self.inner.lock();
+        inner.policies.retain(|k, _| keep.contains(k));
+        inner.entities = inner.policies.values().map(|p| p.entities.len()).sum();
+        Ok(())
+    }
+
+    async fn cleanup(&self, now_ms: i64) -> Result<CleanupReport, StateError> {
+        let mut inner = self.inner.lock();
+        let mut report = CleanupReport::default();
+        for p in inner.policies.values_mut() {
+            let before = p.entities.len();
+            let window_ms = p.window_ms;
+            p.entities.retain(|_, e| {
+                let idle = e.window.is_empty() || e.last_touch.saturating_add(window_ms) <= now_ms;
+                !(idle && e.cooldown_until <= now_ms)
+            });
+            report.entities += before - p.entities.len();
+        }
+        inner.policies.retain(|_, p| !p.entities.is_empty());
+        inner.entities -= report.entities;
+        while inner
+            .done
+            .front()
+            .is_some_and(|(expiry, _)| *expiry <= now_ms)
+        {
+            if let Some((expiry, id)) = inner.done.pop_front() {
+                if inner.marks.get(&id) == Some(&Mark::Done(expiry)) {
+                    inner.marks.remove(&id);
+                    report.event_ids += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn stats(&self) -> StateStats {
+        let inner = self.inner.lock();
+        StateStats {
+            entities: inner.entities as u64,
+            event_ids: inner.marks.len() as u64,
+            evictions_total: inner.evictions,
+            event_id_evictions_total: inner.id_evictions,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::state::{BatchPolicy, EventHits, Hit};
+    use crate::eval::window::WindowParams;
+
+    fn key(id: &str) -> PolicyKey {
+        PolicyKey {
+            id: Arc::from(id),
+            fingerprint: 1,
+        }
+    }
+
+    fn batch(ids: &[&str], entity: &str, at_ms: i64) -> BatchInput {
+        BatchInput {
+            policies: vec![BatchPolicy {
+                key: key("p"),
+                params: WindowParams::new(Duration::from_secs(60), 3.0, Duration::from_secs(300)),
+            }],
+            events: ids
+                .iter()
+                .map(|id| EventHits {
+                    id: id.to_string(),
+                    hits: vec![Hit {
+                        policy: 0,
+                        entity: entity.parse().unwrap(),
+                        at_ms,
+                        weight: 1.0,
+                    }],
+                })
+                .collect(),
+        }
+    }
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    #[tokio::test]
+    async fn the_same_event_counts_once_even_within_a_batch() {
+        let s = MemoryState::new(Duration::from_secs(3600), 1000);
+        let out = s
+            .apply(&batch(&["a", "b", "a"], "ip:10.0.0.1", NOW), NOW)
+            .await
+            .unwrap();
+        assert_eq!(out.duplicate, vec![false, false, true]);
+        assert_eq!(
+            out.busy,
+            vec![false; 3],
+            "a repeat within the batch is not busy"
+        );
+        s.commit(&out.receipt, NOW).await.unwrap();
+        let out = s
+            .apply(&batch(&["b", "c"], "ip:10.0.0.1", NOW), NOW)
+            .await
+            .unwrap();
+        assert_eq!(out.duplicate, vec![true, false]);
+        assert_eq!(out.busy, vec![false, false]);
+        assert_eq!(out.crossings.len(), 1, "a, c and b make 3");
+        assert_eq!(out.crossings[0].counted, 3.0);
+    }
+
+    #[tokio::test]
+    async fn rollback_undoes_counts_cooldowns_and_marks() {
+        let s = MemoryState::new(Duration::from_secs(3600), 1000);
+        let b = batch(&["a", "b", "c"], "ip:10.0.0.1", NOW);
+        let first = s.apply(&b, NOW).await.unwrap();
+        assert_eq!(first.crossings.len(), 1);
+        // While in flight, a redelivery of the same events is skipped.
+        let during = s.apply(&b, NOW).await.unwrap();
+        assert_eq!(during.duplicate, vec![true, true, true]);
+        assert_eq!(during.busy, vec![true, true, true]);
+        s.rollback(&during.receipt).await.unwrap();
+        s.rollback(&first.receipt).await.unwrap();
+        // After the rollback the same events count again, once, and fire again.
+        let again = s.apply(&b, NOW).await.unwrap();
+        assert_eq!(again.duplicate, vec![false, false, false]);
+        assert_eq!(again.crossings.len(), 1);
+        assert_eq!(again.crossings[0].counted, 3.0);
+    }
+
+    #[tokio::test]
+    async fn cleanup_forgets_idle_entities_and_old_ids() {
+        let s = MemoryState::new(Duration::from_secs(3600), 1000);
+        let out = s
+            .apply(&batch(&["a"], "ip:10.0.0.1", NOW), NOW)
+            .await
+            .unwrap();
+        s.commit(&out.receipt, NOW).await.unwrap();
+        assert_eq!(s.stats().entities, 1);
+        assert_eq!(
+            s.cleanup(NOW + 59_000).await.unwrap(),
+            CleanupReport::default()
+        );
+        let r = s.cleanup(NOW + 60_000).await.unwrap();
+        assert_eq!((r.entities, r.event_ids), (1, 0));
+        let r = s.cleanup(NOW + 3_600_000).await.unwrap();
+        assert_eq!((r.entities, r.event_ids), (0, 1));
+        assert_eq!(s.stats(), StateStats::default());
+        // An entity with a standing decision stays until the decision expires.
+        let out = s
+            .apply(&batch(&["x", "y", "z"], "ip:10.0.0.2", NOW), NOW)
+            .await
+            .unwrap();
+        assert_eq!(out.crossings.len(), 1);
+        assert_eq!(s.cleanup(NOW + 120_000).await.unwrap().entities, 0);
+        assert_eq!(s.cleanup(NOW + 300_000).await.unwrap().entities, 1);
+    }
+
+    #[tokio::test]
+    async fn full_cache_evicts_the_oldest_and_counts() {
+        let s = MemoryState::new(Duration::from_secs(3600), 100);
+        for i in 0..150 {
+            let b = batch(&[&format!("e{i}")], &format!("ip:10.0.0.{i}"), NOW);
+            let out = s.apply(&b, NOW + i).await.unwrap();
+            s.commit(&out.receipt, NOW + i).await.unwrap();
+        }
+        let stats = s.stats();
+        assert!(stats.entities <= 100, "{stats:?}");
+        assert!(stats.evictions_total >= 50, "{stats:?}");
+        assert_eq!(stats.event_ids, 100);
+        assert_eq!(stats.event_id_evictions_total, 50);
+        // The newest entity survived.
+        let inner = s.inner.lock();
+        let p = inner.policies.get(&key("p")).unwrap();
+        assert!(p.entities.contains_key(&"ip:10.0.0.149".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn retain_drops_other_policies() {
+        let s = MemoryState::new(Duration::from_secs(3600), 1000);
+        s.apply(&batch(&["a"], "ip:10.0.0.1", NOW), NOW)
+            .await
+            .unwrap();
+        s.retain(&[key("p")]).await.unwrap();
+        assert_eq!(s.stats().entities, 1);
+        s.retain(&[key("q")]).await.unwrap();
+        assert_eq!(s.stats().entities, 0);
+    }
+}

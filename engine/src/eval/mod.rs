@@ -1,0 +1,336 @@
+//! The evaluator: matches a batch of events against the compiled policies, counts them
+//! per (policy, entity) in sliding windows of event time, and turns threshold crossings
+//! into decisions.
+//!
+//! - Windows run on event time (`event.timestamp`), so a replay gives the same counts;
+//!   events stamped in the future (clock skew) count as "now", events older than an
+//!   entity's window are ignored. See [`window`] for the precision.
+//! - A policy fires for an entity when its weighted count reaches the threshold and no
+//!   decision of that policy stands for the entity; the decision then stands (cooldown)
+//!   for the policy's `ttl` in wall-clock time, as proxies enforce it.
+//! - Shadow policies decide the same way, but their decisions are never published.
+//! - Each batch is applied to the state, then committed once its effects are published,
+//!   or rolled back (see [`state`]).
+
+mod compile;
+pub mod memory;
+pub mod state;
+pub mod window;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use esper_protocol::{Decision, DecisionMode, Mitigation, Origin, Reason, RequestEvent};
+use prometheus::{CounterVec, IntCounter, IntCounterVec, Opts, Registry};
+
+pub use compile::{CompiledPolicy, PolicySet, policy_key};
+pub use memory::MemoryState;
+pub use state::{PolicyKey, Receipt, StateBackend, StateError, StateStats};
+
+use state::{BatchInput, BatchPolicy, EventHits, Hit};
+
+/// Largest weight one event may carry (a sample rate of one in a million).
+const MAX_WEIGHT: f64 = 1e6;
+
+/// The evaluator's Prometheus figures.
+#[derive(Clone)]
+struct Metrics {
+    decisions: IntCounterVec,
+    would_have: IntCounterVec,
+    events: IntCounter,
+    duplicates: IntCounter,
+    late: IntCounter,
+    weighted: CounterVec,
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("metric definitions are valid")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are valid")
+}
+
+impl Metrics {
+    fn new(registry: &Registry) -> Metrics {
+        let m = Metrics {
+            decisions: counter_vec(
+                "esper_decisions_total",
+                "Decisions made, by policy and mode",
+                &["policy", "mode"],
+            ),
+            would_have: counter_vec(
+                "esper_would_have_mitigated_total",
+                "Decisions of shadow policies, which are never enforced",
+                &["policy"],
+            ),
+            events: counter(
+                "esper_events_evaluated_total",
+                "Events evaluated (duplicates excluded)",
+            ),
+            duplicates: counter(
+                "esper_duplicate_events_total",
+                "Events skipped because their id was already processed",
+            ),
+            late: counter(
+                "esper_late_events_total",
+                "Policy hits ignored because the event is older than the window",
+            ),
+            weighted: CounterVec::new(
+                Opts::new(
+                    "esper_policy_matches_weighted_total",
+                    "Weighted events that matched each policy",
+                ),
+                &["policy"],
+            )
+            .expect("metric definitions are valid"),
+        };
+        for c in [&m.decisions, &m.would_have] {
+            esper_common::metrics::register(registry, c);
+        }
+        for c in [&m.events, &m.duplicates, &m.late] {
+            esper_common::metrics::register(registry, c);
+        }
+        esper_common::metrics::register(registry, &m.weighted);
+        m
+    }
+}
+
+/// The outcome of one batch, waiting to be committed or rolled back.
+#[derive(Debug)]
+pub struct Evaluation {
+    /// Every decision, enforce and shadow.
+    pub decisions: Vec<Decision>,
+    /// Events counted (not duplicates).
+    pub evaluated: usize,
+    /// Events skipped as already processed.
+    pub duplicates: usize,
+    /// Per event: in flight in another batch; leave its item unacknowledged so it comes
+    /// back if that batch fails.
+    pub busy: Vec<bool>,
+    /// Hits ignored as older than their window.
+    pub late: usize,
+    receipt: Receipt,
+    /// (policy id, weight) per counted hit, for metrics on commit.
+    weighted: Vec<(Arc<str>, f64)>,
+}
+
+impl Evaluation {
+    /// The mitigations to publish: those of enforce-mode decisions.
+    pub fn mitigations(&self) -> Vec<Mitigation> {
+        self.decisions
+            .iter()
+            .filter(|d| d.mode == DecisionMode::Enforce)
+            .map(|d| d.mitigation.clone())
+            .collect()
+    }
+}
+
+/// Evaluates batches against a state backend.
+#[derive(Clone)]
+pub struct Evaluator {
+    state: Arc<dyn StateBackend>,
+    decided_by: String,
+    metrics: Metrics,
+}
+
+impl Evaluator {
+    /// `decided_by` (the worker id) is recorded in every decision; metrics go to
+    /// `registry`.
+    pub fn new(state: Arc<dyn StateBackend>, decided_by: &str, registry: &Registry) -> Evaluator {
+        Evaluator {
+            state,
+            decided_by: decided_by.to_string(),
+            metrics: Metrics::new(registry),
+        }
+    }
+
+    pub fn state(&self) -> &Arc<dyn StateBackend> {
+        &self.state
+    }
+
+    /// Evaluates `events` with `policies` at wall-clock time `now`. The state is changed
+    /// provisionally: [`Evaluator::commit`] or [`Evaluator::rollback`] must follow.
+    pub async fn evaluate(
+        &self,
+        policies: &PolicySet,
+        events: &[RequestEvent],
+        now: DateTime<Utc>,
+    ) -> Result<Evaluation, StateError> {
+        let now_ms = now.timestamp_millis();
+        let input = BatchInput {
+            policies: policies
+                .policies()
+                .iter()
+                .map(|p| BatchPolicy {
+                    key: p.key.clone(),
+                    params: p.params,
+                })
+                .collect(),
+            events: events
+                .iter()
+                .map(|ev| hits_of(policies, ev, now_ms))
+                .collect(),
+        };
+        let outcome = self.state.apply(&input, now_ms).await?;
+        let mut weighted = Vec::new();
+        for (ev, dup) in input.events.iter().zip(&outcome.duplicate) {
+            if !dup {
+                for hit in &ev.hits {
+                    weighted.push((policies.policies()[hit.policy].key.id.clone(), hit.weight));
+                }
+            }
+        }
+        let decisions = outcome
+            .crossings
+            .iter()
+            .filter_map(|c| {
+                let hit = input.events.get(c.event)?.hits.get(c.hit)?;
+                let policy = policies.policies().get(hit.policy)?;
+                let event = events.get(c.event)?;
+                Some(self.decision(policy, event, hit, c.counted, now))
+            })
+            .collect();
+        let skipped = outcome.duplicate.iter().filter(|d| **d).count();
+        let busy = outcome.busy.iter().filter(|b| **b).count();
+        Ok(Evaluation {
+            decisions,
+            evaluated: events.len() - skipped,
+            duplicates: skipped - busy,
+            busy: outcome.busy,
+            late: outcome.late,
+            receipt: outcome.receipt,
+            weighted,
+        })
+    }
+
+    /// The evaluation's effects are published: make its state changes final.
+    pub async fn commit(&self, eval: &Evaluation, now: DateTime<Utc>) -> Result<(), StateError> {
+        self.state
+            .commit(&eval.receipt, now.timestamp_millis())
+            .await?;
+        let m = &self.metrics;
+        m.events.inc_by(eval.evaluated as u64);
+        m.duplicates.inc_by(eval.duplicates as u64);
+        m.late.inc_by(eval.late as u64);
+        for (policy, weight) in &eval.weighted {
+            m.weighted
+                .with_label_values(&[policy.as_ref()])
+                .inc_by(*weight);
+        }
+        for d in &eval.decisions {
+            let policy = d.policy_id.as_deref().unwrap_or("");
+            let mode = match d.mode {
+                DecisionMode::Enforce => "enforce",
+                DecisionMode::Shadow => "shadow",
+            };
+            m.decisions.with_label_values(&[policy, mode]).inc();
+            if d.mode == DecisionMode::Shadow {
+                m.would_have.with_label_values(&[policy]).inc();
+            }
+        }
+        Ok(())
+    }
+
+    /// The evaluation's effects could not be published: undo its state changes.
+    pub async fn rollback(&self, eval: &Evaluation) -> Result<(), StateError> {
+        self.state.rollback(&eval.receipt).await
+    }
+
+    /// Switches to `policies`: state of unchanged policies is kept, the rest dropped.
+    pub async fn install(&self, policies: &PolicySet) -> Result<(), StateError> {
+        self.state.retain(&policies.keys()).await
+    }
+
+    fn decision(
+        &self,
+        policy: &CompiledPolicy,
+        event: &RequestEvent,
+        hit: &Hit,
+        counted: f64,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        let spec = &policy.spec;
+        let mut summary = format!(
+            "{} weighted events >= {} in {}s ({} {}",
+            number(counted),
+            number(spec.threshold),
+            policy.window_secs(),
+            event.method,
+            event.path.split('?').next().unwrap_or(""),
+        );
+        if event.status != 0 {
+            summary.push_str(&format!(" {}", event.status));
+        }
+        summary.push(')');
+        let ttl = chrono::Duration::from_std(spec.ttl).unwrap_or(chrono::Duration::MAX);
+        let mitigation = Mitigation {
+            id: uuid::Uuid::new_v4().to_string(),
+            entity: hit.entity.clone(),
+            action: policy.action.clone(),
+            scope: policy.scope.clone(),
+            reason: Reason {
+                policy_id: Some(spec.id.clone()),
+                summary,
+            },
+            origin: Origin::Policy,
+            created_at: now,
+            expires_at: now
+                .checked_add_signed(ttl)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        };
+        Decision {
+            id: mitigation.id.clone(),
+            mitigation,
+            mode: policy.mode,
+            policy_id: Some(spec.id.clone()),
+            policy_version: policy.version,
+            counted: Some(counted),
+            threshold: Some(spec.threshold),
+            window_secs: Some(policy.window_secs()),
+            decided_by: self.decided_by.clone(),
+            decided_at: now,
+        }
+    }
+}
+
+/// The (policy, entity) hits of one event.
+fn hits_of(policies: &PolicySet, ev: &RequestEvent, now_ms: i64) -> EventHits {
+    // Future timestamps (clock skew) count as now; bad weights as one event.
+    let at_ms = ev.timestamp.timestamp_millis().min(now_ms);
+    let weight = if ev.weight.is_finite() && ev.weight > 0.0 {
+        ev.weight.min(MAX_WEIGHT)
+    } else {
+        1.0
+    };
+    let hits = policies
+        .policies()
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.matches(ev))
+        .filter_map(|(i, p)| {
+            p.entity_of(ev).map(|entity| Hit {
+                policy: i,
+                entity,
+                at_ms,
+                weight,
+            })
+        })
+        .collect();
+    EventHits {
+        id: ev.id.clone(),
+        hits,
+    }
+}
+
+/// `12`, or `12.5` for fractional weighted counts.
+fn number(v: f64) -> String {
+    if v.fract().abs() < 1e-9 {
+        format!("{}", v.round() as i64)
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+#[cfg(test)]
+mod tests;

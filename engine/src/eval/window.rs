@@ -1,0 +1,177 @@
+//! A sliding window of weighted counts in event time, kept as sparse sub-buckets.
+//!
+//! Precision: the window is cut into `buckets` sub-buckets of `bucket_ms` each (about
+//! 1/30 of the window). The count at any moment is the sum of the sub-buckets no older
+//! than `buckets - 1` before the newest one seen, so it covers between
+//! `window - bucket_ms` and `window` of event time: an event drops out of the count up to
+//! one sub-bucket (~3%) early, never late. Only non-empty sub-buckets are stored, so an
+//! entity seen once costs one entry.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// How many sub-buckets a window is cut into.
+pub const SUB_BUCKETS: u64 = 30;
+
+/// The shape of one policy's windows and what firing means.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WindowParams {
+    /// Width of one sub-bucket, milliseconds (at least 1).
+    pub bucket_ms: i64,
+    /// Sub-buckets per window.
+    pub buckets: i64,
+    /// The policy fires when the count reaches this.
+    pub threshold: f64,
+    /// How long a decision stands; no new decision for the same entity until then.
+    pub cooldown_ms: i64,
+}
+
+impl WindowParams {
+    /// Parameters for a window, a threshold and a mitigation ttl.
+    pub fn new(window: Duration, threshold: f64, ttl: Duration) -> WindowParams {
+        let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX).max(1);
+        let bucket_ms = (window_ms / SUB_BUCKETS as i64).max(1);
+        WindowParams {
+            bucket_ms,
+            buckets: (window_ms + bucket_ms - 1) / bucket_ms,
+            threshold,
+            cooldown_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// The window's length in milliseconds.
+    pub fn window_ms(&self) -> i64 {
+        self.bucket_ms.saturating_mul(self.buckets)
+    }
+
+    /// The sub-bucket an event time falls in.
+    pub fn bucket_of(&self, at_ms: i64) -> i64 {
+        at_ms.div_euclid(self.bucket_ms)
+    }
+
+    /// Has `count` reached the threshold? (Tolerates float rounding of weighted sums.)
+    pub fn reached(&self, count: f64) -> bool {
+        count >= self.threshold - 1e-9 * self.threshold.max(1.0)
+    }
+}
+
+/// One entity's window: `(sub-bucket index, weight)` pairs, oldest first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Window {
+    buckets: VecDeque<(i64, f64)>,
+}
+
+impl Window {
+    /// Adds `weight` to sub-bucket `bucket`; the count in the window after that, or
+    /// `None` when the bucket is already older than the window (a late event).
+    pub fn add(&mut self, bucket: i64, weight: f64, p: &WindowParams) -> Option<f64> {
+        let head = self.head().map_or(bucket, |h| h.max(bucket));
+        if bucket <= head - p.buckets {
+            return None;
+        }
+        match self.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
+            Ok(i) => self.buckets[i].1 += weight,
+            Err(i) => self.buckets.insert(i, (bucket, weight)),
+        }
+        while self
+            .buckets
+            .front()
+            .is_some_and(|(b, _)| *b <= head - p.buckets)
+        {
+            self.buckets.pop_front();
+        }
+        Some(self.count())
+    }
+
+    /// Takes back a weight added earlier (a batch that was rolled back). A bucket that
+    /// has since left the window is already gone, which is the same result.
+    pub fn remove(&mut self, bucket: i64, weight: f64) {
+        if let Ok(i) = self.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
+            self.buckets[i].1 -= weight;
+            if self.buckets[i].1 <= 1e-9 {
+                self.buckets.remove(i);
+            }
+        }
+    }
+
+    /// The weighted count in the window.
+    pub fn count(&self) -> f64 {
+        self.buckets.iter().map(|(_, w)| w).sum()
+    }
+
+    /// The newest sub-bucket seen.
+    pub fn head(&self) -> Option<i64> {
+        self.buckets.back().map(|(b, _)| *b)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> WindowParams {
+        WindowParams::new(Duration::from_secs(60), 10.0, Duration::from_secs(300))
+    }
+
+    fn add(w: &mut Window, p: &WindowParams, at_ms: i64, weight: f64) -> Option<f64> {
+        w.add(p.bucket_of(at_ms), weight, p)
+    }
+
+    #[test]
+    fn sixty_seconds_are_thirty_buckets_of_two() {
+        let p = params();
+        assert_eq!((p.bucket_ms, p.buckets, p.window_ms()), (2000, 30, 60_000));
+        let odd = WindowParams::new(Duration::from_millis(1001), 1.0, Duration::from_secs(1));
+        assert_eq!((odd.bucket_ms, odd.buckets), (33, 31));
+        assert!(odd.window_ms() >= 1001);
+    }
+
+    #[test]
+    fn counts_inside_the_window_and_forgets_after_it() {
+        let p = params();
+        let mut w = Window::default();
+        let t0 = 1_000_000_000;
+        for i in 0..5 {
+            assert_eq!(add(&mut w, &p, t0 + i * 10_000, 1.0), Some(i as f64 + 1.0));
+        }
+        // 59s after the first event it still counts; a minute later it has expired.
+        assert_eq!(add(&mut w, &p, t0 + 59_000, 1.0), Some(6.0));
+        assert_eq!(add(&mut w, &p, t0 + 60_000, 1.0), Some(6.0));
+        assert_eq!(add(&mut w, &p, t0 + 200_000, 1.0), Some(1.0));
+        assert_eq!(w.buckets.len(), 1);
+    }
+
+    #[test]
+    fn bucket_edges_and_late_events() {
+        let p = params();
+        let mut w = Window::default();
+        let t0 = 1_000_000_000; // a multiple of the bucket width
+        add(&mut w, &p, t0, 1.0);
+        add(&mut w, &p, t0 + 1_999, 1.0); // same sub-bucket
+        assert_eq!(w.buckets.len(), 1);
+        // 29 buckets later the first bucket is still inside, 30 later it is out.
+        assert_eq!(add(&mut w, &p, t0 + 29 * 2_000, 1.0), Some(3.0));
+        assert_eq!(add(&mut w, &p, t0 + 30 * 2_000, 1.0), Some(2.0));
+        // An event older than the window is ignored; one inside it counts.
+        assert_eq!(add(&mut w, &p, t0, 1.0), None);
+        assert_eq!(add(&mut w, &p, t0 + 10_000, 1.0), Some(3.0));
+    }
+
+    #[test]
+    fn weights_add_and_can_be_taken_back() {
+        let p = params();
+        let mut w = Window::default();
+        let b = p.bucket_of(5_000);
+        assert_eq!(w.add(b, 4.0, &p), Some(4.0));
+        assert_eq!(w.add(b, 0.5, &p), Some(4.5));
+        w.remove(b, 4.5);
+        assert!(w.is_empty());
+        assert!(p.reached(10.0) && !p.reached(9.99));
+        let tenths = (0..100).map(|_| 0.1).sum::<f64>();
+        assert!(p.reached(tenths), "{tenths}");
+    }
+}

@@ -1,0 +1,390 @@
+//! The policy types as written in TOML (and stored as JSON), and their validation.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::PolicyError;
+use super::forms::{duration, number, opt_duration, opt_number};
+
+/// Shortest and longest accepted `window`.
+pub const MIN_WINDOW: Duration = Duration::from_secs(1);
+pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Shortest and longest accepted `ttl`.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// `ttl` when a policy does not set one.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+/// Longest accepted tarpit `delay` (a held connection costs the proxy a socket).
+pub const MAX_DELAY: Duration = Duration::from_secs(60);
+/// Largest accepted `threshold`, `rate` and `burst`.
+pub const MAX_COUNT: f64 = 1e12;
+pub const MAX_BURST: u32 = 1_000_000;
+/// Longest policy and list id.
+pub const MAX_ID_LEN: usize = 64;
+
+/// One policy: which requests it counts, per which entity, over which window, and what
+/// happens to an entity whose weighted count reaches the threshold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// Unique id: 1 to 64 characters of `a-z`, `0-9`, `-` and `_`.
+    pub id: String,
+    /// What the policy is for, shown in listings and decisions.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Disabled policies are stored but not evaluated.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `enforce` publishes mitigations; `shadow` only records what it would have done.
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// What is counted and mitigated: `ip`, `ip/N`, `header:NAME` or `cookie:NAME`.
+    #[serde(default)]
+    pub entity: EntitySpec,
+    /// The sliding window the count covers, 1s to 24h.
+    #[serde(with = "duration")]
+    pub window: Duration,
+    /// The policy fires when the weighted count in the window reaches this.
+    #[serde(serialize_with = "number")]
+    pub threshold: f64,
+    /// What the mitigation does: `block`, `throttle`, `tarpit` or `log`.
+    pub action: ActionKind,
+    /// Throttle only: requests per second the entity may still make.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "opt_number"
+    )]
+    pub rate: Option<f64>,
+    /// Throttle only: burst allowance (default: `rate` rounded up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Tarpit only: how long each request is held.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub delay: Option<Duration>,
+    /// How long the mitigation stands (default 5m).
+    #[serde(default = "default_ttl", with = "duration")]
+    pub ttl: Duration,
+    /// `global`, or `app:NAME` (the policy then only counts that app's requests and the
+    /// mitigation only applies to it).
+    #[serde(default)]
+    pub scope: PolicyScope,
+    /// Which requests count; every given condition must hold.
+    #[serde(default, rename = "match", skip_serializing_if = "MatchSpec::is_empty")]
+    pub matches: MatchSpec,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_ttl() -> Duration {
+    DEFAULT_TTL
+}
+
+/// Request conditions. All given conditions must hold; an absent (empty) one holds for
+/// every request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    /// HTTP methods, case-insensitive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Exact paths (the query string is ignored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Path prefixes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_prefixes: Vec<String>,
+    /// Response statuses: codes (`401`) or classes (`"5xx"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statuses: Vec<StatusMatch>,
+    /// Hosts, case-insensitive, any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Protected apps, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<String>,
+    /// The user agent contains one of these, case-insensitive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_agent_contains: Vec<String>,
+    /// The client address is in this named IP list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_in_list: Option<String>,
+    /// The client address is not in this named IP list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_not_in_list: Option<String>,
+}
+
+impl MatchSpec {
+    /// True when no condition is given (every request matches).
+    pub fn is_empty(&self) -> bool {
+        *self == MatchSpec::default()
+    }
+}
+
+/// Whether a policy's decisions are enforced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    /// Decisions are recorded and counted, never published to proxies.
+    Shadow,
+}
+
+/// The kind of mitigation a policy decides; its parameters are the policy's `rate`,
+/// `burst` and `delay`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActionKind {
+    Block,
+    Throttle,
+    Tarpit,
+    Log,
+}
+
+/// What a policy counts per.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EntitySpec {
+    /// The client address.
+    #[default]
+    Ip,
+    /// The client's network: IPv4 clients by `/v4`, IPv6 clients by `/v6`.
+    Network { v4: u8, v6: u8 },
+    /// The value of a request header (name lower-cased).
+    Header(String),
+    /// The (hashed) value of a named cookie (name lower-cased).
+    Cookie(String),
+}
+
+/// IPv6 prefix used when `ip/N` gives only an IPv4 prefix: a /64 is what one
+/// subscriber typically gets, as one IPv4 address is.
+pub const DEFAULT_V6_PREFIX: u8 = 64;
+
+/// Where a policy applies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PolicyScope {
+    #[default]
+    Global,
+    App(String),
+}
+
+/// One entry of `match.statuses`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StatusMatch {
+    /// One status code, 100 to 599.
+    Code(u16),
+    /// A class: `4` for `4xx`.
+    Class(u8),
+}
+
+/// A validation failure: the key it concerns (`match.statuses`) and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FieldError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn field(key: &'static str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Is `s` a valid policy or list id?
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+pub(super) fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl PolicySpec {
+    /// Checks every rule a policy must follow. The error names the policy.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        self.check().map_err(|e| PolicyError {
+            line: None,
+            column: None,
+            policy: Some(self.id.clone()),
+            message: e.message,
+        })
+    }
+
+    /// The names of the lists the policy refers to.
+    pub fn list_refs(&self) -> impl Iterator<Item = &str> {
+        self.matches
+            .ip_in_list
+            .iter()
+            .chain(self.matches.ip_not_in_list.iter())
+            .map(String::as_str)
+    }
+
+    /// The throttle burst in force: `burst`, or `rate` rounded up (at least 1).
+    pub fn effective_burst(&self) -> u32 {
+        self.burst
+            .unwrap_or_else(|| self.rate.unwrap_or(1.0).ceil().clamp(1.0, MAX_BURST as f64) as u32)
+    }
+
+    pub(crate) fn check(&self) -> Result<(), FieldError> {
+        if !is_valid_id(&self.id) {
+            return Err(field(
+                "id",
+                format!(
+                    "id \"{}\" must be 1 to {MAX_ID_LEN} characters of a-z, 0-9, '-' and '_'",
+                    self.id
+                ),
+            ));
+        }
+        if self.window < MIN_WINDOW || self.window > MAX_WINDOW {
+            return Err(field(
+                "window",
+                format!(
+                    "window {} is out of range (1s to 24h)",
+                    humantime::format_duration(self.window)
+                ),
+            ));
+        }
+        if !(self.threshold.is_finite() && self.threshold > 0.0 && self.threshold <= MAX_COUNT) {
+            return Err(field(
+                "threshold",
+                format!(
+                    "threshold {} must be above 0 (and at most 1e12)",
+                    self.threshold
+                ),
+            ));
+        }
+        if self.ttl < MIN_TTL || self.ttl > MAX_TTL {
+            return Err(field(
+                "ttl",
+                format!(
+                    "ttl {} is out of range (1s to 30days)",
+                    humantime::format_duration(self.ttl)
+                ),
+            ));
+        }
+        self.check_action()?;
+        if let PolicyScope::App(app) = &self.scope {
+            if !self.matches.apps.is_empty() && !self.matches.apps.iter().any(|a| a == app) {
+                return Err(field(
+                    "match.apps",
+                    format!(
+                        "match.apps does not include \"{app}\", the app of the policy's scope, so the policy could never match"
+                    ),
+                ));
+            }
+        }
+        self.matches.check()
+    }
+
+    fn check_action(&self) -> Result<(), FieldError> {
+        let throttle = self.action == ActionKind::Throttle;
+        match (throttle, self.rate) {
+            (true, None) => {
+                return Err(field(
+                    "action",
+                    "action throttle needs `rate` (requests per second)",
+                ));
+            }
+            (true, Some(rate)) if !(rate.is_finite() && rate > 0.0 && rate <= MAX_COUNT) => {
+                return Err(field(
+                    "rate",
+                    format!("rate {rate} must be above 0 requests per second"),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(field("rate", "`rate` only applies to action throttle"));
+            }
+            _ => {}
+        }
+        match (throttle, self.burst) {
+            (true, Some(b)) if b == 0 || b > MAX_BURST => {
+                return Err(field(
+                    "burst",
+                    format!("burst {b} must be 1 to {MAX_BURST}"),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(field("burst", "`burst` only applies to action throttle"));
+            }
+            _ => {}
+        }
+        match (self.action == ActionKind::Tarpit, self.delay) {
+            (true, None) => Err(field(
+                "action",
+                "action tarpit needs `delay` (how long each request is held)",
+            )),
+            (true, Some(d)) if d < Duration::from_millis(1) || d > MAX_DELAY => Err(field(
+                "delay",
+                format!(
+                    "delay {} is out of range (1ms to 60s)",
+                    humantime::format_duration(d)
+                ),
+            )),
+            (false, Some(_)) => Err(field("delay", "`delay` only applies to action tarpit")),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl MatchSpec {
+    fn check(&self) -> Result<(), FieldError> {
+        if let Some(m) = self.methods.iter().find(|m| !is_token(m)) {
+            return Err(field(
+                "match.methods",
+                format!("\"{m}\" is not an HTTP method"),
+            ));
+        }
+        for (key, list) in [
+            ("match.paths", &self.paths),
+            ("match.path_prefixes", &self.path_prefixes),
+        ] {
+            if let Some(p) = list.iter().find(|p| !p.starts_with('/')) {
+                return Err(field(key, format!("path \"{p}\" must start with '/'")));
+            }
+        }
+        for (key, list) in [
+            ("match.hosts", &self.hosts),
+            ("match.apps", &self.apps),
+            ("match.user_agent_contains", &self.user_agent_contains),
+        ] {
+            if list.iter().any(|s| s.trim().is_empty()) {
+                return Err(field(key, format!("{key} has an empty entry")));
+            }
+        }
+        for (key, list) in [
+            ("match.ip_in_list", &self.ip_in_list),
+            ("match.ip_not_in_list", &self.ip_not_in_list),
+        ] {
+            if let Some(name) = list.as_deref().filter(|n| !is_valid_id(n)) {
+                return Err(field(
+                    key,
+                    format!(
+                        "list name \"{name}\" must be 1 to {MAX_ID_LEN} characters of a-z, 0-9, '-' and '_'"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StatusMatch {
+    /// Does `status` match?
+    pub fn matches(self, status: u16) -> bool {
+        match self {
+            StatusMatch::Code(c) => c == status,
+            StatusMatch::Class(c) => status / 100 == u16::from(c),
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The engine worker service: `concurrency` loops that claim events from the ingestion
+//! broker, evaluate them, publish mitigations to the mitigation broker and acknowledge;
+//! a policy follower; decision log and heartbeats to the control plane; state cleanup;
+//! and the ops listener (`/healthz`, `/readyz`, `/healthz/detailed`, `/metrics`).
+
+mod config;
+mod control;
+mod policies;
+mod slot;
+mod status;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use esper_common::Shutdown;
+use esper_common::config::ConfigError;
+use esper_protocol::{IngestionClient, MitigationClient, WorkerHeartbeat};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+pub use config::{
+    Args, Config, DEFAULT_BATCH_SIZE, DEFAULT_CLAIM_WAIT, DEFAULT_CONCURRENCY, DEFAULT_CONTROL_URL,
+    DEFAULT_DECISION_BUFFER, DEFAULT_EVALUATION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_INGESTION_URL, DEFAULT_LEASE, DEFAULT_LISTEN, DEFAULT_MITIGATION_URL,
+    DEFAULT_POLICY_REFRESH, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STATE_CACHE_SIZE,
+    DEFAULT_STATE_CLEANUP_INTERVAL, DEFAULT_STATE_TTL, StateBackendKind,
+};
+pub use control::ControlClient;
+pub use policies::{PolicyFileError, read_policy_file};
+
+use crate::eval::{Evaluator, MemoryState, StateBackend};
+use control::Outbox;
+use policies::{Follower, PolicyHandle, Source};
+use status::{Metrics, Status, WorkerHealth};
+
+/// Largest request body the ops listener accepts (it serves only GETs).
+const OPS_BODY_LIMIT: usize = 64 * 1024;
+/// How often utilization is computed.
+const UTILIZATION_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why the worker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Policies(#[from] PolicyFileError),
+    #[error("ops listener: {0}")]
+    Serve(std::io::Error),
+    #[error("worker task failed: {0}")]
+    Task(String),
+}
+
+/// Runs the worker until `shutdown`: stops claiming, finishes the batches in hand
+/// (publish and ack, within `shutdown_timeout`), flushes decisions, and returns.
+pub async fn run(
+    config: Config,
+    ops_listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), WorkerError> {
+    config.validate()?;
+    let worker_id = config.effective_worker_id();
+    let started_at = Utc::now();
+    let registry = Registry::new();
+    let metrics = Metrics::new(&registry);
+    let status = Arc::new(Status::default());
+    let state: Arc<dyn StateBackend> =
+        Arc::new(MemoryState::new(config.state_ttl, config.state_cache_size));
+    let evaluator = Evaluator::new(state.clone(), &worker_id, &registry);
+    let handle = Arc::new(PolicyHandle::default());
+    let control = (!config.control_url.is_empty())
+        .then(|| ControlClient::new(&config.control_url, config.control_token.clone()));
+
+    // A policy file must be usable at start-up: say so now rather than idle unready.
+    let source = match &config.policies_file {
+        Some(path) => {
+            read_policy_file(path)?;
+            Source::File {
+                path: path.clone(),
+                last: None,
+                revision: 0,
+            }
+        }
+        None => match &control {
+            Some(c) => Source::Control(c.clone()),
+            None => {
+                return Err(ConfigError::invalid(
+                    "control_url",
+                    "",
+                    "without a control plane, set policies_file (--policies FILE)",
+                )
+                .into());
+            }
+        },
+    };
+    let mut follower = Follower {
+        source,
+        handle: handle.clone(),
+        evaluator: evaluator.clone(),
+        metrics: metrics.clone(),
+        status: status.clone(),
+    };
+    follower.refresh().await;
+
+    let outbox = control
+        .as_ref()
+        .map(|_| Arc::new(Outbox::new(config.decision_buffer, metrics.clone())));
+    let shared = Arc::new(slot::Shared {
+        worker_id: worker_id.clone(),
+        batch_size: config.batch_size as usize,
+        lease: config.lease,
+        claim_wait: config.claim_wait,
+        evaluation_timeout: config.evaluation_timeout,
+        ingestion: IngestionClient::new(&config.ingestion_url, config.broker_token.clone()),
+        mitigation: MitigationClient::new(&config.mitigation_url, config.broker_token.clone()),
+        evaluator: evaluator.clone(),
+        policies: handle.clone(),
+        outbox: outbox.clone(),
+        metrics: metrics.clone(),
+        status: status.clone(),
+    });
+
+    let health = Arc::new(WorkerHealth {
+        status: status.clone(),
+        policies: handle.clone(),
+        state: state.clone(),
+        claim_fresh: (config.claim_wait * 3).max(Duration::from_secs(15)),
+        has_control: control.is_some(),
+    });
+    let router = esper_common::health::routes(health, shutdown.clone())
+        .merge(esper_common::metrics::route(registry.clone()));
+    let router = esper_common::http::standard_layers(router, OPS_BODY_LIMIT);
+    let addr = ops_listener.local_addr().ok();
+    let ops_shutdown = shutdown.clone();
+    let ops = tokio::spawn(async move {
+        esper_common::http::serve(ops_listener, router, ops_shutdown, Duration::from_secs(5)).await
+    });
+    tracing::info!(
+        worker_id = %worker_id,
+        ops = ?addr,
+        concurrency = config.concurrency,
+        batch_size = config.batch_size,
+        state_backend = state.name(),
+        ingestion = %config.ingestion_url,
+        mitigation = %config.mitigation_url,
+        "engine worker started"
+    );
+
+    let mut background = JoinSet::new();
+    background.spawn(follower.run(config.policy_refresh, shutdown.clone()));
+    background.spawn(cleanup_loop(
+        state.clone(),
+        metrics.clone(),
+        config.state_cleanup_interval,
+        shutdown.clone(),
+    ));
+    background.spawn(utilization_loop(
+        status.clone(),
+        metrics.clone(),
+        config.concurrency,
+        shutdown.clone(),
+    ));
+    if let (Some(client), Some(outbox)) = (&control, &outbox) {
+        background.spawn(outbox.clone().run(
+            client.clone(),
+            status.clone(),
+            shutdown.clone(),
+            config.shutdown_timeout.min(Duration::from_secs(10)),
+        ));
+        let beat = Heartbeat {
+            client: client.clone(),
+            worker_id: worker_id.clone(),
+            config: config.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+            policies: handle.clone(),
+            started_at,
+        };
+        background.spawn(beat.run(config.heartbeat_interval, shutdown.clone()));
+    }
+
+    let mut slots = JoinSet::new();
+    for _ in 0..config.concurrency {
+        slots.spawn(slot::run(shared.clone(), shutdown.clone()));
+    }
+    let mut failure = None;
+    let drain = async {
+        shutdown.wait().await;
+        tokio::time::sleep(config.shutdown_timeout).await;
+    };
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            joined = slots.join_next() => match joined {
+                None => break,
+                Some(Err(e)) => failure = Some(WorkerError::Task(e.to_string())),
+                Some(Ok(())) => {}
+            },
+            _ = &mut drain => {
+                tracing::warn!(timeout = ?config.shutdown_timeout, "batches still in hand after the shutdown timeout; they will be redelivered");
+                slots.abort_all();
+                break;
+            }
+        }
+    }
+    while let Some(joined) = background.join_next().await {
+        if let Err(e) = joined {
+            failure.get_or_insert(WorkerError::Task(e.to_string()));
+        }
+    }
+    match ops.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            failure.get_or_insert(WorkerError::Serve(e));
+        }
+        Err(e) => {
+            failure.get_or_insert(WorkerError::Task(e.to_string()));
+        }
+    }
+    tracing::info!(worker_id = %worker_id, "engine worker stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Removes idle entities and expired event ids every `every`.
+async fn cleanup_loop(
+    state: Arc<dyn StateBackend>,
+    metrics: Metrics,
+    every: Duration,
+    shutdown: Shutdown,
+) {
+    while !shutdown.sleep(every).await {
+        match state.cleanup(Utc::now().timestamp_millis()).await {
+            Ok(r) => {
+                metrics
+                    .state_cleaned
+                    .inc_by((r.entities + r.event_ids) as u64);
+                tracing::debug!(
+                    entities = r.entities,
+                    event_ids = r.event_ids,
+                    "state cleaned"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "state cleanup failed"),
+        }
+        metrics.observe_state(state.as_ref());
+    }
+}
+
+/// Turns the loops' busy time into `esper_worker_utilization_ratio`.
+async fn utilization_loop(
+    status: Arc<Status>,
+    metrics: Metrics,
+    concurrency: u32,
+    shutdown: Shutdown,
+) {
+    let mut last = Instant::now();
+    let mut last_busy = status.busy_ns.load(Ordering::Relaxed);
+    while !shutdown.sleep(UTILIZATION_INTERVAL).await {
+        let busy = status.busy_ns.load(Ordering::Relaxed);
+        let elapsed = last.elapsed().as_nanos() as f64 * f64::from(concurrency.max(1));
+        let ratio = (busy.saturating_sub(last_busy) as f64 / elapsed.max(1.0)).clamp(0.0, 1.0);
+        metrics.utilization.set(ratio);
+        last = Instant::now();
+        last_busy = busy;
+    }
+}
+
+/// The periodic `POST /api/v1/workers/heartbeat`, best effort.
+struct Heartbeat {
+    client: ControlClient,
+    worker_id: String,
+    config: Config,
+    status: Arc<Status>,
+    metrics: Metrics,
+    policies: Arc<PolicyHandle>,
+    started_at: chrono::DateTime<Utc>,
+}
+
+impl Heartbeat {
+    fn beat(&self, state: &str) -> WorkerHeartbeat {
+        WorkerHeartbeat {
+            worker_id: self.worker_id.clone(),
+            concurrency: self.config.concurrency,
+            batch_size: self.config.batch_size,
+            state_backend: self.config.state_backend.to_string(),
+            policies_revision: self.policies.current().map_or(0, |p| p.revision),
+            events_total: self.status.events_total.load(Ordering::Relaxed),
+            decisions_total: self.status.decisions_total.load(Ordering::Relaxed),
+            utilization: self.metrics.utilization.get(),
+            state: state.to_string(),
+            started_at: self.started_at,
+        }
+    }
+
+    async fn send(&self, state: &str) {
+        match self.client.heartbeat(&self.beat(state)).await {
+            Ok(()) => self.status.control.ok(),
+            Err(e) => {
+                self.metrics.control_errors.inc();
+                self.status.control.failed(&e);
+                tracing::debug!(error = %e, "heartbeat failed");
+            }
+        }
+    }
+
+    async fn run(self, every: Duration, shutdown: Shutdown) {
+        loop {
+            self.send("running").await;
+            if shutdown.sleep(every).await {
+                break;
+            }
+        }
+        // Tell the fleet view this worker is going away; short, best effort.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.send("draining")).await;
+    }
+}

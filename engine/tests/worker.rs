@@ -1,0 +1,249 @@
+//! The engine worker against real ingestion and mitigation brokers over HTTP.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use esper_protocol::{Action, Origin};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_the_brute_forcer_once_counts_duplicates_once_and_acks_everything() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("block");
+    let policies = dir.write("policies.toml", LOGIN_POLICY);
+    let worker = worker(worker_config(&ing.url(), &mit.url(), policies)).await;
+    let ops = worker.url();
+    let (ingest, mitigations) = clients(&ing.url(), &mit.url());
+
+    // 12 failed logins from .2 (over the threshold), 5 from .3 (under it), and 6 from
+    // .4 sent twice each: 12 queue items, but only 6 distinct events, under the threshold.
+    let mut events = logins("127.0.0.2", 12);
+    events.extend(logins("127.0.0.3", 5));
+    let fours = logins("127.0.0.4", 6);
+    events.extend(fours.clone());
+    ingest.ingest(events).await.unwrap();
+    ingest.ingest(fours).await.unwrap();
+
+    drained(&ingest, Duration::from_secs(10)).await;
+    let active = mitigations.active(None).await.unwrap();
+    assert_eq!(active.total, 1, "{active:?}");
+    let m = &active.mitigations[0];
+    assert_eq!(m.entity, "ip:127.0.0.2".parse().unwrap());
+    assert_eq!(m.action, Action::Block);
+    assert_eq!(m.origin, Origin::Policy);
+    assert_eq!(m.reason.policy_id.as_deref(), Some("login-brute-force"));
+    assert!(
+        m.reason
+            .summary
+            .starts_with("10 weighted events >= 10 in 60s (POST /login 401)"),
+        "{}",
+        m.reason.summary
+    );
+    let ttl = m.expires_at - m.created_at;
+    assert_eq!(ttl.num_seconds(), 300);
+
+    let text = metrics(&ops).await;
+    assert_eq!(
+        sample(&text, "esper_events_evaluated_total"),
+        23.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "esper_duplicate_events_total"), 6.0, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"esper_decisions_total{mode="enforce",policy="login-brute-force"}"#
+        ),
+        1.0
+    );
+    assert_eq!(sample(&text, "esper_mitigations_published_total"), 1.0);
+    assert_eq!(sample(&text, "esper_policies_loaded"), 1.0);
+    assert!(text.contains("esper_evaluation_duration_seconds_bucket"));
+    assert!(text.contains("esper_worker_utilization_ratio"));
+
+    let status = ingest.status().await.unwrap();
+    assert_eq!((status.depth, status.leased), (0, 0));
+    assert_eq!(status.acked_total, 29);
+    let ready = reqwest::get(format!("{ops}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    worker.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_publish_is_rolled_back_and_redelivered_events_decide_again() {
+    let ing = ingestion().await;
+    // The mitigation broker is down at first: its port is known but nothing listens.
+    let mit_addr = free_addr().await;
+    let mit_url = format!("http://{mit_addr}");
+    let dir = TempDir::new("redeliver");
+    let policies = dir.write("policies.toml", LOGIN_POLICY);
+    let worker = worker(worker_config(&ing.url(), &mit_url, policies)).await;
+    let (ingest, mitigations) = clients(&ing.url(), &mit_url);
+
+    ingest.ingest(logins("127.0.0.2", 10)).await.unwrap();
+    let ops = worker.url();
+    // The worker retries the publish while the lease leaves room, then rolls the batch
+    // back and leaves it unacknowledged.
+    eventually(Duration::from_secs(10), "a batch given back", || async {
+        let text = metrics(&ops).await;
+        (sample(&text, r#"esper_batches_total{outcome="retried"}"#) >= 1.0).then_some(())
+    })
+    .await;
+    // Nothing was acknowledged: the events are still in the queue (leased or back).
+    let status = ingest.status().await.unwrap();
+    assert_eq!(status.depth + status.leased, 10, "{status:?}");
+    assert_eq!(status.acked_total, 0);
+    let text = metrics(&ops).await;
+    assert_eq!(sample(&text, "esper_events_evaluated_total"), 0.0, "{text}");
+
+    // The broker comes up; after the lease the events come back, are counted once more
+    // from scratch, decide again and are acknowledged.
+    let listener = tokio::net::TcpListener::bind(mit_addr).await.unwrap();
+    let mit = mitigation_on(listener).await;
+    drained(&ingest, Duration::from_secs(15)).await;
+    let active = mitigations.active(None).await.unwrap();
+    assert_eq!(active.total, 1, "{active:?}");
+    assert_eq!(
+        active.mitigations[0].entity,
+        "ip:127.0.0.2".parse().unwrap()
+    );
+    let text = metrics(&ops).await;
+    assert_eq!(
+        sample(&text, "esper_events_evaluated_total"),
+        10.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "esper_duplicate_events_total"), 0.0, "{text}");
+    assert!(sample(&text, "esper_publish_errors_total") >= 2.0, "{text}");
+    assert!(
+        sample(&text, r#"esper_batches_total{outcome="acked"}"#) >= 1.0,
+        "{text}"
+    );
+
+    worker.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_policy_file_is_reloaded() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("reload");
+    let policies = dir.write(
+        "policies.toml",
+        &LOGIN_POLICY.replace("threshold = 10", "threshold = 100"),
+    );
+    let worker = worker(worker_config(&ing.url(), &mit.url(), policies)).await;
+    let ops = worker.url();
+    let (ingest, mitigations) = clients(&ing.url(), &mit.url());
+
+    ingest.ingest(logins("127.0.0.5", 3)).await.unwrap();
+    drained(&ingest, Duration::from_secs(10)).await;
+    assert_eq!(mitigations.active(None).await.unwrap().total, 0);
+
+    // A file that does not parse leaves the policies in force.
+    dir.write("policies.toml", "[[policy]]\nid = \"broken\"\n");
+    let text = eventually(Duration::from_secs(5), "a load error", || async {
+        let text = metrics(&ops).await;
+        (sample(&text, "esper_policy_load_errors_total") >= 1.0).then_some(text)
+    })
+    .await;
+    assert_eq!(sample(&text, "esper_policies_revision"), 1.0);
+    assert_eq!(sample(&text, "esper_policies_loaded"), 1.0);
+
+    dir.write(
+        "policies.toml",
+        &LOGIN_POLICY
+            .replace("threshold = 10", "threshold = 3")
+            .replace("action = \"block\"", "action = \"tarpit\"\ndelay = \"2s\""),
+    );
+    eventually(Duration::from_secs(5), "revision 2", || async {
+        (sample(&metrics(&ops).await, "esper_policies_revision") == 2.0).then_some(())
+    })
+    .await;
+    ingest.ingest(logins("127.0.0.6", 3)).await.unwrap();
+    drained(&ingest, Duration::from_secs(10)).await;
+    let active = mitigations.active(None).await.unwrap();
+    assert_eq!(active.total, 1, "{active:?}");
+    assert_eq!(
+        active.mitigations[0].action,
+        Action::Tarpit { delay_ms: 2000 }
+    );
+
+    worker.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_brokers_it_is_not_ready_and_still_stops_cleanly() {
+    let dir = TempDir::new("down");
+    let policies = dir.write("policies.toml", LOGIN_POLICY);
+    let down = format!("http://{}", free_addr().await);
+    let worker = worker(worker_config(&down, &down, policies)).await;
+    let ops = worker.url();
+    eventually(Duration::from_secs(5), "a failed claim", || async {
+        (sample(&metrics(&ops).await, "esper_claim_errors_total") >= 1.0).then_some(())
+    })
+    .await;
+    let ready = reqwest::get(format!("{ops}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    let ingestion = body["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "ingestion")
+        .unwrap();
+    assert_eq!(ingestion["healthy"], false);
+    assert_eq!(
+        reqwest::get(format!("{ops}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_policy_file_is_a_start_up_error() {
+    let dir = TempDir::new("bad");
+    let policies = dir.write(
+        "policies.toml",
+        "[[policy]]\nid = \"login\"\nwindow = \"1m\"\nthreshold = 5\naction = \"blok\"\n",
+    );
+    let config = worker_config("http://127.0.0.1:1", "http://127.0.0.1:1", policies.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_trigger, shutdown) = esper_common::Shutdown::new();
+    let err = esper_engine::worker::run(config.clone(), listener, shutdown)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "policies file {}: line 5, column 10: policy \"login\": unknown action \"blok\" (expected block, throttle, tarpit or log)",
+            policies.display()
+        )
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_trigger, shutdown) = esper_common::Shutdown::new();
+    let bad = esper_engine::worker::Config {
+        concurrency: 0,
+        ..config
+    };
+    let err = esper_engine::worker::run(bad, listener, shutdown)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid concurrency = `0`: must be between 1 and 1024"
+    );
+}
