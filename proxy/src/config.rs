@@ -1,0 +1,628 @@
+//! The proxy's configuration: the TOML shape with its defaults, the environment names
+//! (`ESPER_*` plus the seed's `BATCH_TIMEOUT_MS`), the command-line flags, and the one
+//! validation pass that runs before anything starts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use esper_common::config::{ConfigError, Vars, parse_duration_ms, parse_duration_secs};
+use serde::{Deserialize, Serialize};
+
+/// Default client-traffic listener.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
+/// Default ops listener (health and metrics).
+pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9095";
+/// Default app name reported in events and matched against app-scoped mitigations.
+pub const DEFAULT_APP: &str = "default";
+/// Default ingestion broker.
+pub const DEFAULT_INGESTION_URL: &str = "http://127.0.0.1:8082";
+/// Default mitigation broker.
+pub const DEFAULT_MITIGATION_URL: &str = "http://127.0.0.1:8083";
+/// Default fraction of requests reported.
+pub const DEFAULT_SAMPLE_RATE: f64 = 1.0;
+/// Default events per ingestion batch.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+/// Default longest wait before a partial batch is sent (the seed's `BATCH_TIMEOUT_MS`).
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Default capacity of the queue between request handling and the forwarder.
+pub const DEFAULT_BUFFER: usize = 10_000;
+/// Default headers copied into events: cheap, telling signals about clients and bots.
+pub const DEFAULT_REPORT_HEADERS: [&str; 4] =
+    ["referer", "accept", "accept-language", "accept-encoding"];
+/// Default upper bound on a tarpit delay, whatever the mitigation asks for.
+pub const DEFAULT_TARPIT_MAX: Duration = Duration::from_secs(10);
+/// Default number of requests held in tarpits at once; beyond it they get a 429.
+pub const DEFAULT_TARPIT_CONCURRENCY: usize = 1_000;
+/// Default bound on throttle token buckets kept in memory.
+pub const DEFAULT_THROTTLE_ENTITIES: usize = 100_000;
+/// Default long-poll wait on the mitigation broker's delta stream.
+pub const DEFAULT_STREAM_WAIT: Duration = Duration::from_secs(25);
+/// Default interval between heartbeats to the control plane.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// Default time in-flight requests get to finish at shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default timeout for connecting to the upstream.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time an idle upstream connection stays in the keep-alive pool.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn default_addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// The proxy's configuration. Precedence: flags > environment > file > defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address client traffic is accepted on (`ESPER_PROXY_LISTEN`, `--listen`).
+    pub listen: SocketAddr,
+    /// Address of the ops server: `/healthz`, `/readyz`, `/healthz/detailed`, `/metrics`
+    /// (`ESPER_PROXY_OPS_LISTEN`, `--ops-listen`).
+    pub ops_listen: SocketAddr,
+    /// The protected app, `HOST:PORT` (`ESPER_UPSTREAM`, `--upstream`). Required. A host
+    /// name is resolved once at start-up.
+    pub upstream: String,
+    /// Speak TLS to the upstream, verifying its certificate against the host name
+    /// (`ESPER_UPSTREAM_TLS`, `--upstream-tls`).
+    pub upstream_tls: bool,
+    /// Timeout for connecting to the upstream (`ESPER_UPSTREAM_CONNECT_TIMEOUT`).
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect_timeout: Duration,
+    /// How long an idle upstream connection is kept for reuse
+    /// (`ESPER_UPSTREAM_IDLE_TIMEOUT`).
+    #[serde(with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
+    /// Name of the protected app: reported in events, and app-scoped mitigations apply
+    /// only when they name it (`ESPER_APP`, `--app`).
+    pub app: String,
+    /// This proxy's id in events and heartbeats; empty means the host name
+    /// (`ESPER_PROXY_ID`, `--proxy-id`).
+    pub proxy_id: String,
+    /// Fraction of requests reported to the ingestion broker, 0 to 1; each event carries
+    /// `weight = 1 / sample_rate` (`ESPER_SAMPLE_RATE`, `--sample-rate`).
+    pub sample_rate: f64,
+    /// Ingestion broker base URL (`ESPER_INGESTION_URL`, `--ingestion-url`).
+    pub ingestion_url: String,
+    /// Mitigation broker base URL (`ESPER_MITIGATION_URL`, `--mitigation-url`).
+    pub mitigation_url: String,
+    /// Control-plane base URL for heartbeats; none means no heartbeats
+    /// (`ESPER_CONTROL_URL`, `--control-url`).
+    pub control_url: Option<String>,
+    /// Bearer token for both brokers, when they require one (`ESPER_BROKER_TOKEN`).
+    pub broker_token: Option<String>,
+    /// Bearer token for the control plane (`ESPER_TOKEN`).
+    pub control_token: Option<String>,
+    /// Events per ingestion batch (`ESPER_BATCH_SIZE`, `--batch-size`).
+    pub batch_size: usize,
+    /// Longest wait before a partial batch is sent (`ESPER_FLUSH_INTERVAL`,
+    /// `BATCH_TIMEOUT_MS` in milliseconds, `--flush-interval`).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Events waiting to be sent, at most; beyond it new events are dropped and counted
+    /// (`ESPER_PROXY_BUFFER`, `--buffer`).
+    pub buffer: usize,
+    /// Request headers copied into events, by name (`ESPER_REPORT_HEADERS`, comma
+    /// separated; `--report-header`, repeatable).
+    pub report_headers: Vec<String>,
+    /// Cookies copied into events, by name; values leave the proxy only as a SHA-256 hex
+    /// prefix (`ESPER_REPORT_COOKIES`, comma separated; `--report-cookie`, repeatable).
+    pub report_cookies: Vec<String>,
+    /// Worker threads for client traffic; 0 means one per core. On a host shared with
+    /// other busy processes (a load generator, the upstream), fewer threads than cores
+    /// serve more requests per second (`ESPER_PROXY_THREADS`, `--threads`).
+    pub threads: usize,
+    /// Upper bound on a tarpit delay, whatever the mitigation asks for
+    /// (`ESPER_TARPIT_MAX`, `--tarpit-max`).
+    #[serde(with = "humantime_serde")]
+    pub tarpit_max: Duration,
+    /// Requests held in tarpits at once, at most; beyond it they get a 429
+    /// (`ESPER_TARPIT_CONCURRENCY`, `--tarpit-concurrency`).
+    pub tarpit_concurrency: usize,
+    /// Throttle token buckets kept in memory, at most (`ESPER_THROTTLE_ENTITIES`).
+    pub throttle_entities: usize,
+    /// Long-poll wait on the mitigation broker's delta stream (`ESPER_STREAM_WAIT`,
+    /// `--stream-wait`).
+    #[serde(with = "humantime_serde")]
+    pub stream_wait: Duration,
+    /// Interval between heartbeats to the control plane (`ESPER_HEARTBEAT_INTERVAL`).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Time in-flight requests get to finish at shutdown (`ESPER_PROXY_DRAIN_TIMEOUT`,
+    /// `--drain-timeout`).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_addr(DEFAULT_LISTEN),
+            ops_listen: default_addr(DEFAULT_OPS_LISTEN),
+            upstream: String::new(),
+            upstream_tls: false,
+            upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+            upstream_idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            app: DEFAULT_APP.to_string(),
+            proxy_id: String::new(),
+            sample_rate: DEFAULT_SAMPLE_RATE,
+            ingestion_url: DEFAULT_INGESTION_URL.to_string(),
+            mitigation_url: DEFAULT_MITIGATION_URL.to_string(),
+            control_url: None,
+            broker_token: None,
+            control_token: None,
+            batch_size: DEFAULT_BATCH_SIZE,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            buffer: DEFAULT_BUFFER,
+            report_headers: DEFAULT_REPORT_HEADERS.map(String::from).to_vec(),
+            report_cookies: Vec::new(),
+            threads: 0,
+            tarpit_max: DEFAULT_TARPIT_MAX,
+            tarpit_concurrency: DEFAULT_TARPIT_CONCURRENCY,
+            throttle_entities: DEFAULT_THROTTLE_ENTITIES,
+            stream_wait: DEFAULT_STREAM_WAIT,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// A comma-separated list, trimmed, empty items dropped, names lower-cased.
+fn name_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+impl Config {
+    /// Reads the environment names (see each field's doc).
+    pub fn apply_env(&mut self, vars: &Vars<'_>) -> Result<(), ConfigError> {
+        let ms = Duration::from_millis(1);
+        let secs = Duration::from_secs(1);
+        vars.parse(&["ESPER_PROXY_LISTEN"], &mut self.listen)?;
+        vars.parse(&["ESPER_PROXY_OPS_LISTEN"], &mut self.ops_listen)?;
+        vars.string(&["ESPER_UPSTREAM"], &mut self.upstream);
+        vars.bool(&["ESPER_UPSTREAM_TLS"], &mut self.upstream_tls)?;
+        vars.duration(
+            &["ESPER_UPSTREAM_CONNECT_TIMEOUT"],
+            secs,
+            &mut self.upstream_connect_timeout,
+        )?;
+        vars.duration(
+            &["ESPER_UPSTREAM_IDLE_TIMEOUT"],
+            secs,
+            &mut self.upstream_idle_timeout,
+        )?;
+        vars.string(&["ESPER_APP"], &mut self.app);
+        vars.string(&["ESPER_PROXY_ID"], &mut self.proxy_id);
+        vars.parse(&["ESPER_SAMPLE_RATE"], &mut self.sample_rate)?;
+        vars.string(&["ESPER_INGESTION_URL"], &mut self.ingestion_url);
+        vars.string(&["ESPER_MITIGATION_URL"], &mut self.mitigation_url);
+        vars.string_opt(&["ESPER_CONTROL_URL"], &mut self.control_url);
+        vars.string_opt(&["ESPER_BROKER_TOKEN"], &mut self.broker_token);
+        vars.string_opt(&["ESPER_TOKEN"], &mut self.control_token);
+        vars.parse(&["ESPER_BATCH_SIZE"], &mut self.batch_size)?;
+        vars.duration(
+            &["ESPER_FLUSH_INTERVAL", "BATCH_TIMEOUT_MS"],
+            ms,
+            &mut self.flush_interval,
+        )?;
+        vars.parse(&["ESPER_PROXY_BUFFER"], &mut self.buffer)?;
+        if let Some((_, v)) = vars.lookup(&["ESPER_REPORT_HEADERS"]) {
+            self.report_headers = name_list(&v);
+        }
+        if let Some((_, v)) = vars.lookup(&["ESPER_REPORT_COOKIES"]) {
+            self.report_cookies = name_list(&v);
+        }
+        vars.parse(&["ESPER_PROXY_THREADS"], &mut self.threads)?;
+        vars.duration(&["ESPER_TARPIT_MAX"], secs, &mut self.tarpit_max)?;
+        vars.parse(&["ESPER_TARPIT_CONCURRENCY"], &mut self.tarpit_concurrency)?;
+        vars.parse(&["ESPER_THROTTLE_ENTITIES"], &mut self.throttle_entities)?;
+        vars.duration(&["ESPER_STREAM_WAIT"], secs, &mut self.stream_wait)?;
+        vars.duration(
+            &["ESPER_HEARTBEAT_INTERVAL"],
+            secs,
+            &mut self.heartbeat_interval,
+        )?;
+        vars.duration(
+            &["ESPER_PROXY_DRAIN_TIMEOUT"],
+            secs,
+            &mut self.drain_timeout,
+        )?;
+        Ok(())
+    }
+
+    /// Checks every option once; the error names the option and the bad value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "upstream",
+                "",
+                "required: the protected app as HOST:PORT (ESPER_UPSTREAM or --upstream)",
+            ));
+        }
+        split_host_port(&self.upstream)
+            .map_err(|reason| ConfigError::invalid("upstream", &self.upstream, reason))?;
+        if self.app.trim().is_empty() {
+            return Err(ConfigError::invalid("app", &self.app, "must not be empty"));
+        }
+        if !(self.sample_rate > 0.0 && self.sample_rate <= 1.0) {
+            return Err(ConfigError::invalid(
+                "sample_rate",
+                self.sample_rate,
+                "must be greater than 0 and at most 1",
+            ));
+        }
+        check_url("ingestion_url", &self.ingestion_url)?;
+        check_url("mitigation_url", &self.mitigation_url)?;
+        if let Some(url) = &self.control_url {
+            check_url("control_url", url)?;
+        }
+        positive("batch_size", self.batch_size)?;
+        positive("buffer", self.buffer)?;
+        positive("tarpit_concurrency", self.tarpit_concurrency)?;
+        positive("throttle_entities", self.throttle_entities)?;
+        if self.batch_size > self.buffer {
+            return Err(ConfigError::invalid(
+                "batch_size",
+                self.batch_size,
+                format!("must not exceed buffer ({})", self.buffer),
+            ));
+        }
+        nonzero("flush_interval", self.flush_interval)?;
+        nonzero("stream_wait", self.stream_wait)?;
+        nonzero("heartbeat_interval", self.heartbeat_interval)?;
+        nonzero("upstream_connect_timeout", self.upstream_connect_timeout)?;
+        for (option, names) in [
+            ("report_headers", &self.report_headers),
+            ("report_cookies", &self.report_cookies),
+        ] {
+            if let Some(bad) = names.iter().find(|n| !is_token(n)) {
+                return Err(ConfigError::invalid(
+                    option,
+                    bad,
+                    "not a valid header or cookie name",
+                ));
+            }
+        }
+        if self.threads > 1024 {
+            return Err(ConfigError::invalid(
+                "threads",
+                self.threads,
+                "at most 1024 (0 means one per core)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The number of traffic threads to run: `threads`, or one per core when 0.
+    pub fn effective_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// A complete, commented TOML configuration with every option at its default.
+    pub fn template() -> &'static str {
+        TEMPLATE
+    }
+}
+
+/// Splits `HOST:PORT` (`[v6]:PORT` for IPv6 literals) into its parts.
+pub fn split_host_port(value: &str) -> Result<(&str, u16), String> {
+    let (host, port) = value
+        .trim()
+        .rsplit_once(':')
+        .ok_or_else(|| "expected HOST:PORT, e.g. 127.0.0.1:3000".to_string())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err("the host is missing (expected HOST:PORT)".into());
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{port}` is not a port number"))?;
+    if port == 0 {
+        return Err("port 0 is not a valid upstream port".into());
+    }
+    Ok((host, port))
+}
+
+fn check_url(option: &str, url: &str) -> Result<(), ConfigError> {
+    let ok = (url.starts_with("http://") || url.starts_with("https://"))
+        && url.split("://").nth(1).is_some_and(|rest| !rest.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            option,
+            url,
+            "expected an http:// or https:// URL",
+        ))
+    }
+}
+
+fn positive(option: &str, n: usize) -> Result<(), ConfigError> {
+    if n == 0 {
+        Err(ConfigError::invalid(option, n, "must be at least 1"))
+    } else {
+        Ok(())
+    }
+}
+
+fn nonzero(option: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::invalid(
+            option,
+            humantime_serde::re::humantime::format_duration(d),
+            "must be longer than 0",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// An HTTP token (RFC 9110): what header and cookie names are made of.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The commented template (`esper proxy config`); a test checks it parses to the defaults.
+const TEMPLATE: &str = include_str!("template.toml");
+
+/// Command-line flags of `esper proxy run`; each overrides the environment and the file.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Args {
+    /// Address client traffic is accepted on [default: 0.0.0.0:8000]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Address of the ops server (health, metrics) [default: 0.0.0.0:9095]
+    #[arg(long, value_name = "ADDR")]
+    pub ops_listen: Option<SocketAddr>,
+    /// The protected app, HOST:PORT
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: Option<String>,
+    /// Speak TLS to the upstream
+    #[arg(long)]
+    pub upstream_tls: bool,
+    /// Name of the protected app [default: default]
+    #[arg(long)]
+    pub app: Option<String>,
+    /// This proxy's id [default: the host name]
+    #[arg(long)]
+    pub proxy_id: Option<String>,
+    /// Fraction of requests reported, 0 to 1 [default: 1.0]
+    #[arg(long, value_name = "RATE")]
+    pub sample_rate: Option<f64>,
+    /// Ingestion broker URL [default: http://127.0.0.1:8082]
+    #[arg(long, value_name = "URL")]
+    pub ingestion_url: Option<String>,
+    /// Mitigation broker URL [default: http://127.0.0.1:8083]
+    #[arg(long, value_name = "URL")]
+    pub mitigation_url: Option<String>,
+    /// Control-plane URL for heartbeats
+    #[arg(long, value_name = "URL")]
+    pub control_url: Option<String>,
+    /// Events per ingestion batch [default: 500]
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Longest wait before a partial batch is sent (e.g. 100ms; bare numbers are ms)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub flush_interval: Option<Duration>,
+    /// Events waiting to be sent, at most [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub buffer: Option<usize>,
+    /// A request header to copy into events (repeatable; replaces the defaults)
+    #[arg(long = "report-header", value_name = "NAME")]
+    pub report_headers: Vec<String>,
+    /// A cookie to report, hashed (repeatable)
+    #[arg(long = "report-cookie", value_name = "NAME")]
+    pub report_cookies: Vec<String>,
+    /// Worker threads for client traffic; 0 means one per core [default: 0]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Upper bound on a tarpit delay (e.g. 10s; bare numbers are seconds)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+    pub tarpit_max: Option<Duration>,
+    /// Requests held in tarpits at once, at most [default: 1000]
+    #[arg(long, value_name = "N")]
+    pub tarpit_concurrency: Option<usize>,
+    /// Long-poll wait on the delta stream (e.g. 25s; bare numbers are seconds)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+    pub stream_wait: Option<Duration>,
+    /// Time in-flight requests get to finish at shutdown (e.g. 10s)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+    pub drain_timeout: Option<Duration>,
+}
+
+impl Args {
+    /// Writes the flags that were given over `cfg`.
+    pub fn apply(&self, cfg: &mut Config) {
+        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *target = v.clone();
+            }
+        }
+        set(&mut cfg.listen, &self.listen);
+        set(&mut cfg.ops_listen, &self.ops_listen);
+        set(&mut cfg.upstream, &self.upstream);
+        if self.upstream_tls {
+            cfg.upstream_tls = true;
+        }
+        set(&mut cfg.app, &self.app);
+        set(&mut cfg.proxy_id, &self.proxy_id);
+        set(&mut cfg.sample_rate, &self.sample_rate);
+        set(&mut cfg.ingestion_url, &self.ingestion_url);
+        set(&mut cfg.mitigation_url, &self.mitigation_url);
+        if self.control_url.is_some() {
+            cfg.control_url = self.control_url.clone();
+        }
+        set(&mut cfg.batch_size, &self.batch_size);
+        set(&mut cfg.flush_interval, &self.flush_interval);
+        set(&mut cfg.buffer, &self.buffer);
+        if !self.report_headers.is_empty() {
+            cfg.report_headers = name_list(&self.report_headers.join(","));
+        }
+        if !self.report_cookies.is_empty() {
+            cfg.report_cookies = name_list(&self.report_cookies.join(","));
+        }
+        set(&mut cfg.threads, &self.threads);
+        set(&mut cfg.tarpit_max, &self.tarpit_max);
+        set(&mut cfg.tarpit_concurrency, &self.tarpit_concurrency);
+        set(&mut cfg.stream_wait, &self.stream_wait);
+        set(&mut cfg.drain_timeout, &self.drain_timeout);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use clap::Parser;
+    use esper_common::config::load;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn template_parses_to_the_defaults() {
+        let parsed: Config = toml::from_str(Config::template()).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn environment_names_apply() {
+        let vars = env(&[
+            ("ESPER_UPSTREAM", "app.internal:3000"),
+            ("ESPER_PROXY_LISTEN", "127.0.0.1:18000"),
+            ("ESPER_SAMPLE_RATE", "0.25"),
+            ("BATCH_TIMEOUT_MS", "250"),
+            ("ESPER_REPORT_HEADERS", "X-Api-Key, referer,"),
+            ("ESPER_REPORT_COOKIES", "session"),
+            ("ESPER_TOKEN", "t0k"),
+            ("ESPER_CONTROL_URL", "http://127.0.0.1:8080"),
+            ("ESPER_TARPIT_MAX", "3"),
+        ]);
+        let cfg: Config = load(None, &vars, Config::apply_env).unwrap();
+        assert_eq!(cfg.upstream, "app.internal:3000");
+        assert_eq!(cfg.listen, "127.0.0.1:18000".parse().unwrap());
+        assert_eq!(cfg.sample_rate, 0.25);
+        assert_eq!(cfg.flush_interval, Duration::from_millis(250));
+        assert_eq!(cfg.report_headers, vec!["x-api-key", "referer"]);
+        assert_eq!(cfg.report_cookies, vec!["session"]);
+        assert_eq!(cfg.control_token.as_deref(), Some("t0k"));
+        assert_eq!(cfg.tarpit_max, Duration::from_secs(3));
+        cfg.validate().unwrap();
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_win_over_environment() {
+        let vars = env(&[("ESPER_UPSTREAM", "a:1"), ("ESPER_APP", "shop")]);
+        let mut cfg: Config = load(None, &vars, Config::apply_env).unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--upstream",
+            "b:2",
+            "--report-header",
+            "X-One",
+            "--report-header",
+            "x-two",
+            "--flush-interval",
+            "50",
+        ]);
+        cli.args.apply(&mut cfg);
+        assert_eq!(cfg.upstream, "b:2");
+        assert_eq!(cfg.app, "shop");
+        assert_eq!(cfg.report_headers, vec!["x-one", "x-two"]);
+        assert_eq!(cfg.flush_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn validation_names_the_option_and_value() {
+        let base = Config {
+            upstream: "127.0.0.1:3000".into(),
+            ..Config::default()
+        };
+        base.validate().unwrap();
+        let cases: Vec<(Config, &str)> = vec![
+            (Config::default(), "invalid upstream = ``: required"),
+            (
+                Config {
+                    upstream: "nohost".into(),
+                    ..base.clone()
+                },
+                "invalid upstream = `nohost`",
+            ),
+            (
+                Config {
+                    sample_rate: 0.0,
+                    ..base.clone()
+                },
+                "invalid sample_rate = `0`",
+            ),
+            (
+                Config {
+                    sample_rate: 1.5,
+                    ..base.clone()
+                },
+                "invalid sample_rate = `1.5`",
+            ),
+            (
+                Config {
+                    ingestion_url: "127.0.0.1:8082".into(),
+                    ..base.clone()
+                },
+                "invalid ingestion_url = `127.0.0.1:8082`",
+            ),
+            (
+                Config {
+                    batch_size: 0,
+                    ..base.clone()
+                },
+                "invalid batch_size = `0`",
+            ),
+            (
+                Config {
+                    report_headers: vec!["bad header".into()],
+                    ..base.clone()
+                },
+                "invalid report_headers = `bad header`",
+            ),
+            (
+                Config {
+                    flush_interval: Duration::ZERO,
+                    ..base.clone()
+                },
+                "invalid flush_interval = `0s`",
+            ),
+        ];
+        for (cfg, expected) in cases {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{err} / {expected}");
+        }
+    }
+
+    #[test]
+    fn host_port_splits() {
+        assert_eq!(split_host_port("a.b:80"), Ok(("a.b", 80)));
+        assert_eq!(split_host_port("[::1]:8080"), Ok(("::1", 8080)));
+        assert!(split_host_port("a.b:http").is_err());
+        assert!(split_host_port(":80").is_err());
+        assert!(split_host_port("a:0").is_err());
+    }
+}

@@ -1,0 +1,179 @@
+//! The enforcement filter: looks the request's keys up in the mitigation cache and turns
+//! the strictest mitigation found into a verdict (forward, block, throttle, tarpit).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use esper_protocol::{Action, EnforcedAction, Mitigation};
+use http::HeaderMap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::cache::MitigationCache;
+use crate::metrics::Metrics;
+use crate::throttle::{Throttles, retry_after_secs};
+
+/// What to do with one request.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Send it upstream, recording this action (`Allow` or `Log`).
+    Forward(EnforcedAction),
+    /// Answer 403.
+    Block(Arc<Mitigation>),
+    /// Answer 429 with `Retry-After` (seconds).
+    Throttled { retry_after: u64 },
+    /// Hold it for `delay` (holding `permit`), then send it upstream.
+    Tarpit {
+        delay: Duration,
+        permit: OwnedSemaphorePermit,
+    },
+    /// A tarpit applies but every slot is taken: answer 429.
+    TarpitFull,
+}
+
+/// Decides the verdict of each request from the cache.
+pub struct Enforcer {
+    cache: Arc<MitigationCache>,
+    metrics: Arc<Metrics>,
+    app: String,
+    throttles: Throttles,
+    tarpit_slots: Arc<Semaphore>,
+    tarpit_max: Duration,
+}
+
+impl Enforcer {
+    /// An enforcer for `app`.
+    pub fn new(
+        cache: Arc<MitigationCache>,
+        metrics: Arc<Metrics>,
+        app: String,
+        throttle_entities: usize,
+        tarpit_concurrency: usize,
+        tarpit_max: Duration,
+    ) -> Enforcer {
+        Enforcer {
+            cache,
+            metrics,
+            app,
+            throttles: Throttles::new(throttle_entities),
+            tarpit_slots: Arc::new(Semaphore::new(tarpit_concurrency)),
+            tarpit_max,
+        }
+    }
+
+    /// The verdict for a request from `ip` with `headers`, arrived at `now`. Never waits.
+    pub fn decide(&self, ip: IpAddr, headers: &HeaderMap, now: DateTime<Utc>) -> Verdict {
+        let found = self.cache.lookup(&self.app, ip, headers, now);
+        self.metrics.lookup(found.is_some());
+        let Some(m) = found else {
+            return Verdict::Forward(EnforcedAction::Allow);
+        };
+        match m.action {
+            Action::Block => Verdict::Block(m),
+            Action::Log => Verdict::Forward(EnforcedAction::Log),
+            Action::Throttle { rate, burst } => {
+                match self.throttles.take(&m.id, rate, burst, Instant::now()) {
+                    // Within its rate the request goes through as if unmitigated.
+                    Ok(()) => Verdict::Forward(EnforcedAction::Allow),
+                    Err(wait) => Verdict::Throttled {
+                        retry_after: retry_after_secs(wait),
+                    },
+                }
+            }
+            Action::Tarpit { delay_ms } => match self.tarpit_slots.clone().try_acquire_owned() {
+                Ok(permit) => Verdict::Tarpit {
+                    delay: Duration::from_millis(delay_ms).min(self.tarpit_max),
+                    permit,
+                },
+                Err(_) => Verdict::TarpitFull,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use esper_protocol::{Origin, Reason};
+
+    use super::*;
+
+    fn enforcer(action: Action, tarpit_slots: usize) -> Enforcer {
+        let cache = Arc::new(MitigationCache::new());
+        cache.upsert(Mitigation::new(
+            "ip:192.0.2.1".parse().unwrap(),
+            action,
+            Duration::from_secs(60),
+            Origin::Manual,
+            Reason::default(),
+        ));
+        Enforcer::new(
+            cache,
+            Arc::new(Metrics::new()),
+            "default".into(),
+            100,
+            tarpit_slots,
+            Duration::from_secs(2),
+        )
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn verdicts_follow_the_action() {
+        let h = HeaderMap::new();
+        let e = enforcer(Action::Block, 1);
+        assert!(matches!(
+            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            Verdict::Block(_)
+        ));
+        assert!(matches!(
+            e.decide(ip("192.0.2.2"), &h, Utc::now()),
+            Verdict::Forward(EnforcedAction::Allow)
+        ));
+        let e = enforcer(Action::Log, 1);
+        assert!(matches!(
+            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            Verdict::Forward(EnforcedAction::Log)
+        ));
+        let e = enforcer(
+            Action::Throttle {
+                rate: 1.0,
+                burst: 2,
+            },
+            1,
+        );
+        for _ in 0..2 {
+            assert!(matches!(
+                e.decide(ip("192.0.2.1"), &h, Utc::now()),
+                Verdict::Forward(_)
+            ));
+        }
+        assert!(matches!(
+            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            Verdict::Throttled { retry_after: 1 }
+        ));
+    }
+
+    #[test]
+    fn tarpits_are_capped_and_bounded() {
+        let h = HeaderMap::new();
+        let e = enforcer(Action::Tarpit { delay_ms: 60_000 }, 1);
+        let first = e.decide(ip("192.0.2.1"), &h, Utc::now());
+        let Verdict::Tarpit { delay, .. } = &first else {
+            panic!("expected a tarpit, got {first:?}")
+        };
+        assert_eq!(*delay, Duration::from_secs(2));
+        assert!(matches!(
+            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            Verdict::TarpitFull
+        ));
+        drop(first);
+        assert!(matches!(
+            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            Verdict::Tarpit { .. }
+        ));
+    }
+}

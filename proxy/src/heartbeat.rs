@@ -1,0 +1,90 @@
+//! Best-effort heartbeats to the control plane, so the proxy shows up in
+//! `esperctl status`: `POST {control_url}/api/v1/proxies/heartbeat` every interval.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use esper_common::Shutdown;
+use esper_protocol::ProxyHeartbeat;
+
+use crate::cache::MitigationCache;
+use crate::metrics::Metrics;
+use crate::status::Status;
+
+/// Timeout of one heartbeat request.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the heartbeat reports about this proxy.
+pub struct Reporter {
+    pub proxy_id: String,
+    pub app: String,
+    pub started_at: DateTime<Utc>,
+    pub cache: Arc<MitigationCache>,
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<Status>,
+}
+
+impl Reporter {
+    fn beat(&self) -> ProxyHeartbeat {
+        ProxyHeartbeat {
+            proxy_id: self.proxy_id.clone(),
+            apps: vec![self.app.clone()],
+            cache_entries: self.cache.len() as u64,
+            requests_total: self.metrics.requests_total(),
+            events_sent_total: self.metrics.events_sent.get(),
+            events_dropped_total: self.metrics.dropped_total(),
+            stream_connected: self.status.stream_connected(),
+            started_at: self.started_at,
+        }
+    }
+}
+
+/// Sends a heartbeat every `interval` until shutdown; failures are logged, never fatal.
+pub async fn run(
+    url: String,
+    token: Option<String>,
+    interval: Duration,
+    reporter: Reporter,
+    shutdown: Shutdown,
+) {
+    let endpoint = format!("{}/api/v1/proxies/heartbeat", url.trim_end_matches('/'));
+    let http = match reqwest::Client::builder().timeout(TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the heartbeat client; no heartbeats");
+            return;
+        }
+    };
+    let mut healthy = true;
+    loop {
+        let mut req = http.post(&endpoint).json(&reporter.beat());
+        if let Some(t) = token.as_deref().filter(|t| !t.is_empty()) {
+            req = req.bearer_auth(t);
+        }
+        let result = tokio::select! {
+            r = req.send() => r,
+            _ = shutdown.wait() => break,
+        };
+        let failure = match result {
+            Ok(resp) if resp.status().is_success() => None,
+            Ok(resp) => Some(format!("control plane answered {}", resp.status())),
+            Err(e) => Some(e.to_string()),
+        };
+        match failure {
+            None if !healthy => {
+                tracing::info!(url = %endpoint, "heartbeats accepted again");
+                healthy = true;
+            }
+            None => {}
+            Some(e) if healthy => {
+                tracing::warn!(url = %endpoint, error = %e, "heartbeat failed");
+                healthy = false;
+            }
+            Some(e) => tracing::debug!(error = %e, "heartbeat still failing"),
+        }
+        if shutdown.sleep(interval).await {
+            break;
+        }
+    }
+}

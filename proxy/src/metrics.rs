@@ -1,0 +1,259 @@
+//! The proxy's Prometheus metrics, in a registry of its own so that several proxies can
+//! live in one process. Label values used on the request path are resolved once here.
+
+use esper_protocol::EnforcedAction;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Why an event was not delivered to the ingestion broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The queue to the forwarder was full.
+    BufferFull,
+    /// The broker could not be reached or kept refusing (backpressure) after retries.
+    SendFailed,
+    /// The broker refused the batch for good (a 4xx other than backpressure).
+    Rejected,
+    /// Still queued when the proxy stopped and the final flush failed.
+    Shutdown,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 4] = [
+        DropReason::BufferFull,
+        DropReason::SendFailed,
+        DropReason::Rejected,
+        DropReason::Shutdown,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::BufferFull => "buffer_full",
+            DropReason::SendFailed => "send_failed",
+            DropReason::Rejected => "rejected",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+const ACTIONS: [EnforcedAction; 5] = [
+    EnforcedAction::Allow,
+    EnforcedAction::Block,
+    EnforcedAction::Throttle,
+    EnforcedAction::Tarpit,
+    EnforcedAction::Log,
+];
+
+fn action_label(a: EnforcedAction) -> &'static str {
+    match a {
+        EnforcedAction::Allow => "allow",
+        EnforcedAction::Block => "block",
+        EnforcedAction::Throttle => "throttle",
+        EnforcedAction::Tarpit => "tarpit",
+        EnforcedAction::Log => "log",
+    }
+}
+
+fn action_index(a: EnforcedAction) -> usize {
+    match a {
+        EnforcedAction::Allow => 0,
+        EnforcedAction::Block => 1,
+        EnforcedAction::Throttle => 2,
+        EnforcedAction::Tarpit => 3,
+        EnforcedAction::Log => 4,
+    }
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Vec<IntCounter>,
+    /// Time from request start to the end of the response.
+    pub request_duration: Histogram,
+    /// Mitigations in the cache.
+    pub cache_entries: IntGauge,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    /// Events accepted by the ingestion broker.
+    pub events_sent: IntCounter,
+    dropped: Vec<IntCounter>,
+    /// 1 while the delta stream is followed.
+    pub stream_connected: IntGauge,
+    /// Delta-stream changes applied (snapshot entries included).
+    pub deltas_applied: IntCounter,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), &[label])
+        .unwrap_or_else(|e| unreachable!("metric {name} is well-formed: {e}"));
+    esper_common::metrics::register(registry, &vec);
+    vec
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
+    esper_common::metrics::register(registry, &c);
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
+    esper_common::metrics::register(registry, &g);
+    g
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests_vec = counter_vec(
+            &registry,
+            "esper_requests_total",
+            "Requests handled by the proxy, by the action taken",
+            "action",
+        );
+        let requests = ACTIONS
+            .iter()
+            .map(|a| requests_vec.with_label_values(&[action_label(*a)]))
+            .collect();
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "esper_proxy_request_duration_seconds",
+                "Time from request start to the end of the response",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+        )
+        .unwrap_or_else(|e| unreachable!("histogram is well-formed: {e}"));
+        esper_common::metrics::register(&registry, &request_duration);
+        let lookups = counter_vec(
+            &registry,
+            "esper_proxy_cache_lookups_total",
+            "Mitigation cache lookups, by result (hit or miss)",
+            "result",
+        );
+        let dropped_vec = counter_vec(
+            &registry,
+            "esper_proxy_events_dropped_total",
+            "Request events not delivered to the ingestion broker, by reason",
+            "reason",
+        );
+        let dropped = DropReason::ALL
+            .iter()
+            .map(|r| dropped_vec.with_label_values(&[r.label()]))
+            .collect();
+        Metrics {
+            requests,
+            request_duration,
+            cache_entries: gauge(
+                &registry,
+                "esper_proxy_cache_entries",
+                "Mitigations in the proxy's cache",
+            ),
+            cache_hits: lookups.with_label_values(&["hit"]),
+            cache_misses: lookups.with_label_values(&["miss"]),
+            events_sent: counter(
+                &registry,
+                "esper_proxy_events_sent_total",
+                "Request events accepted by the ingestion broker",
+            ),
+            dropped,
+            stream_connected: gauge(
+                &registry,
+                "esper_proxy_stream_connected",
+                "1 while the proxy follows the mitigation broker's delta stream",
+            ),
+            deltas_applied: counter(
+                &registry,
+                "esper_proxy_deltas_applied_total",
+                "Delta-stream changes applied to the cache, snapshot entries included",
+            ),
+            registry,
+        }
+    }
+
+    /// The registry to render on `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts a handled request.
+    pub fn request(&self, action: EnforcedAction) {
+        self.requests[action_index(action)].inc();
+    }
+
+    /// Requests handled so far, every action together.
+    pub fn requests_total(&self) -> u64 {
+        self.requests.iter().map(|c| c.get()).sum()
+    }
+
+    /// Counts a cache lookup.
+    pub fn lookup(&self, hit: bool) {
+        if hit {
+            self.cache_hits.inc()
+        } else {
+            self.cache_misses.inc()
+        }
+    }
+
+    /// Counts `n` events dropped for `reason`.
+    pub fn drop_events(&self, reason: DropReason, n: u64) {
+        if let Some(c) = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.dropped.get(i))
+        {
+            c.inc_by(n);
+        }
+    }
+
+    /// Events dropped so far, every reason together.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().map(|c| c.get()).sum()
+    }
+
+    /// Events dropped for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.dropped.get(i))
+            .map_or(0, |c| c.get())
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_named_metric_is_exported() {
+        let m = Metrics::new();
+        m.request(EnforcedAction::Block);
+        m.lookup(true);
+        m.drop_events(DropReason::BufferFull, 3);
+        let text = esper_common::metrics::render(m.registry());
+        for name in [
+            "esper_requests_total{action=\"block\"} 1",
+            "esper_proxy_request_duration_seconds",
+            "esper_proxy_cache_entries",
+            "esper_proxy_cache_lookups_total{result=\"hit\"} 1",
+            "esper_proxy_events_sent_total",
+            "esper_proxy_events_dropped_total{reason=\"buffer_full\"} 3",
+            "esper_proxy_stream_connected",
+            "esper_proxy_deltas_applied_total",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        assert_eq!(m.requests_total(), 1);
+        assert_eq!(m.dropped_total(), 3);
+    }
+}

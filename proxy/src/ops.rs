@@ -1,0 +1,123 @@
+//! The ops server: `/healthz`, `/readyz` and `/healthz/detailed` (traffic is required;
+//! the brokers are not, so their loss makes the proxy degraded but still ready) and
+//! `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use esper_common::health::{ComponentHealth, HealthCheck, HealthReport};
+use esper_common::{Shutdown, http::standard_layers};
+
+use crate::cache::MitigationCache;
+use crate::metrics::Metrics;
+use crate::proxy::InFlight;
+use crate::status::{Outcome, Status};
+
+/// Body limit of the ops server (it takes no bodies).
+const BODY_LIMIT: usize = 16 * 1024;
+
+/// Everything the health report looks at.
+pub struct Health {
+    pub traffic_addr: SocketAddr,
+    pub ingestion_url: String,
+    pub mitigation_url: String,
+    pub cache: Arc<MitigationCache>,
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<Status>,
+    pub in_flight: InFlight,
+}
+
+fn ago(t: Instant) -> String {
+    format!("{:.1}s ago", t.elapsed().as_secs_f64())
+}
+
+#[async_trait::async_trait]
+impl HealthCheck for Health {
+    async fn report(&self) -> HealthReport {
+        let serving = self.status.serving();
+        let traffic = ComponentHealth::new(
+            "traffic",
+            serving,
+            true,
+            if serving {
+                format!(
+                    "serving on {}, {} requests in flight",
+                    self.traffic_addr,
+                    self.in_flight.get()
+                )
+            } else {
+                format!("not serving on {}", self.traffic_addr)
+            },
+        );
+        let cached = self.cache.len();
+        let stream = if self.status.stream_connected() {
+            ComponentHealth::new(
+                "mitigation_stream",
+                true,
+                false,
+                format!(
+                    "following {}; {cached} mitigations cached",
+                    self.mitigation_url
+                ),
+            )
+        } else if let Outcome::Failed(at, e) = self.status.stream() {
+            ComponentHealth::new(
+                "mitigation_stream",
+                false,
+                false,
+                format!(
+                    "disconnected from {} ({}: {e}); enforcing {cached} cached mitigations",
+                    self.mitigation_url,
+                    ago(at)
+                ),
+            )
+        } else {
+            ComponentHealth::new(
+                "mitigation_stream",
+                false,
+                false,
+                format!("connecting to {}", self.mitigation_url),
+            )
+        };
+        let dropped = self.metrics.dropped_total();
+        let ingestion = match self.status.ingest() {
+            Outcome::Idle => ComponentHealth::new(
+                "ingestion",
+                true,
+                false,
+                format!("no events sent to {} yet", self.ingestion_url),
+            ),
+            Outcome::Ok(at) => ComponentHealth::new(
+                "ingestion",
+                true,
+                false,
+                format!(
+                    "last batch accepted by {} {}; {dropped} events dropped in total",
+                    self.ingestion_url,
+                    ago(at)
+                ),
+            ),
+            Outcome::Failed(at, e) => ComponentHealth::new(
+                "ingestion",
+                false,
+                false,
+                format!(
+                    "last batch to {} failed {}: {e}; {dropped} events dropped in total",
+                    self.ingestion_url,
+                    ago(at)
+                ),
+            ),
+        };
+        HealthReport::new("esper-proxy", vec![traffic, stream, ingestion])
+    }
+}
+
+/// The ops router.
+pub fn router(health: Health, shutdown: Shutdown) -> Router {
+    let registry = health.metrics.registry().clone();
+    let routes = esper_common::health::routes(Arc::new(health), shutdown)
+        .merge(esper_common::metrics::route(registry));
+    standard_layers(routes, BODY_LIMIT)
+}

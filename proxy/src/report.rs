@@ -1,0 +1,228 @@
+//! The reporting filter: after a response, samples the request and hands a
+//! `RequestEvent` to the forwarder's bounded queue without waiting; a full queue drops
+//! the event and counts it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use esper_protocol::{EnforcedAction, RequestEvent, hash_cookie_value};
+use http::{HeaderMap, HeaderName};
+use tokio::sync::mpsc;
+
+use crate::cache::cookie_pairs;
+use crate::metrics::{DropReason, Metrics};
+
+/// Longest header value, user agent or path kept in an event, in bytes.
+const MAX_FIELD_LEN: usize = 1024;
+
+/// What the proxy saw of one finished request.
+pub struct Observed<'a> {
+    pub timestamp: DateTime<Utc>,
+    pub client_ip: IpAddr,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    pub status: u16,
+    pub latency: Duration,
+    pub bytes: u64,
+    pub action: EnforcedAction,
+}
+
+/// Samples finished requests into the forwarder's queue.
+pub struct Reporter {
+    tx: mpsc::Sender<RequestEvent>,
+    metrics: Arc<Metrics>,
+    sample_rate: f64,
+    app: String,
+    proxy_id: String,
+    headers: Vec<HeaderName>,
+    cookies: Vec<String>,
+}
+
+/// The first `MAX_FIELD_LEN` bytes of `s`, cut at a character boundary.
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_FIELD_LEN {
+        return s.to_string();
+    }
+    let mut end = MAX_FIELD_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+impl Reporter {
+    /// A reporter feeding `tx`. Header names that are not valid HTTP names were refused
+    /// by config validation; any left are skipped.
+    pub fn new(
+        tx: mpsc::Sender<RequestEvent>,
+        metrics: Arc<Metrics>,
+        sample_rate: f64,
+        app: String,
+        proxy_id: String,
+        headers: &[String],
+        cookies: &[String],
+    ) -> Reporter {
+        Reporter {
+            tx,
+            metrics,
+            sample_rate,
+            app,
+            proxy_id,
+            headers: headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect(),
+            cookies: cookies.iter().map(|c| c.to_ascii_lowercase()).collect(),
+        }
+    }
+
+    fn sampled(&self) -> bool {
+        self.sample_rate >= 1.0 || rand::random::<f64>() < self.sample_rate
+    }
+
+    /// Samples `seen` and queues its event; never waits.
+    pub fn report(&self, seen: Observed<'_>) {
+        if !self.sampled() {
+            return;
+        }
+        let event = self.event(seen);
+        match self.tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.drop_events(DropReason::BufferFull, 1)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.metrics.drop_events(DropReason::Shutdown, 1)
+            }
+        }
+    }
+
+    /// The event for one request.
+    pub fn event(&self, seen: Observed<'_>) -> RequestEvent {
+        let mut headers = BTreeMap::new();
+        for name in &self.headers {
+            let mut values = seen.headers.get_all(name).iter();
+            let Some(first) = values.next() else { continue };
+            let mut joined = String::from_utf8_lossy(first.as_bytes()).into_owned();
+            for more in values {
+                joined.push_str(", ");
+                joined.push_str(&String::from_utf8_lossy(more.as_bytes()));
+            }
+            headers.insert(name.as_str().to_string(), clip(&joined));
+        }
+        let mut cookies = BTreeMap::new();
+        if !self.cookies.is_empty() {
+            for header in seen.headers.get_all(http::header::COOKIE) {
+                let Ok(text) = header.to_str() else { continue };
+                for (name, value) in cookie_pairs(text) {
+                    if let Some(wanted) = self.cookies.iter().find(|c| c.eq_ignore_ascii_case(name))
+                    {
+                        cookies.insert(wanted.clone(), hash_cookie_value(value));
+                    }
+                }
+            }
+        }
+        RequestEvent {
+            // Always fresh: a client-chosen request id must not be able to make the
+            // engine deduplicate its events away.
+            id: crate::respond::new_id(),
+            timestamp: seen.timestamp,
+            app: self.app.clone(),
+            proxy_id: self.proxy_id.clone(),
+            client_ip: seen.client_ip,
+            method: seen.method.to_string(),
+            host: clip(seen.host),
+            path: clip(seen.path),
+            status: seen.status,
+            latency_us: u64::try_from(seen.latency.as_micros()).unwrap_or(u64::MAX),
+            bytes: seen.bytes,
+            user_agent: seen
+                .headers
+                .get(http::header::USER_AGENT)
+                .map(|v| clip(&String::from_utf8_lossy(v.as_bytes()))),
+            headers,
+            cookies,
+            tls: None,
+            action: seen.action,
+            weight: 1.0 / self.sample_rate,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn observed(headers: &HeaderMap) -> Observed<'_> {
+        Observed {
+            timestamp: Utc::now(),
+            client_ip: "192.0.2.1".parse().unwrap(),
+            method: "POST",
+            host: "shop.example",
+            path: "/login",
+            headers,
+            status: 401,
+            latency: Duration::from_micros(1500),
+            bytes: 12,
+            action: EnforcedAction::Log,
+        }
+    }
+
+    #[test]
+    fn events_carry_the_request_facts() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let r = Reporter::new(
+            tx,
+            Arc::new(Metrics::new()),
+            0.5,
+            "shop".into(),
+            "p1".into(),
+            &["accept-language".into(), "x-missing".into()],
+            &["session".into()],
+        );
+        let mut h = HeaderMap::new();
+        h.insert("user-agent", HeaderValue::from_static("curl/8"));
+        h.insert("accept-language", HeaderValue::from_static("en"));
+        h.insert("cookie", HeaderValue::from_static("Session=abc; other=1"));
+        let ev = r.event(observed(&h));
+        assert_eq!(ev.app, "shop");
+        assert_eq!(ev.proxy_id, "p1");
+        assert_eq!(ev.status, 401);
+        assert_eq!(ev.latency_us, 1500);
+        assert_eq!(ev.weight, 2.0);
+        assert_eq!(ev.user_agent.as_deref(), Some("curl/8"));
+        assert_eq!(ev.headers.len(), 1);
+        assert_eq!(ev.headers["accept-language"], "en");
+        assert_eq!(ev.cookies["session"], hash_cookie_value("abc"));
+        assert_eq!(ev.action, EnforcedAction::Log);
+        // Sampling at 0.5 keeps some and skips some.
+        for _ in 0..64 {
+            r.report(observed(&h));
+        }
+        let mut kept = 0;
+        while rx.try_recv().is_ok() {
+            kept += 1;
+        }
+        assert!(kept > 0 && kept < 64, "kept {kept} of 64");
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let (tx, _rx) = mpsc::channel(1);
+        let metrics = Arc::new(Metrics::new());
+        let r = Reporter::new(tx, metrics.clone(), 1.0, "a".into(), "p".into(), &[], &[]);
+        let h = HeaderMap::new();
+        r.report(observed(&h));
+        r.report(observed(&h));
+        r.report(observed(&h));
+        assert_eq!(metrics.dropped(DropReason::BufferFull), 2);
+        assert_eq!(clip(&"é".repeat(600)).len(), MAX_FIELD_LEN);
+    }
+}

@@ -1,0 +1,258 @@
+//! Mitigations published to the real mitigation broker reach the proxy through the delta
+//! stream and are enforced per client address: block (HTML or JSON), CIDR, app scope,
+//! throttle, revoke, expiry; and the cache keeps working while the brokers are down.
+
+mod support;
+
+use std::time::Duration;
+
+use esper_protocol::mitigation::RevokeRequest;
+use esper_protocol::{Action, Scope};
+use support::{
+    client_from, config, dead_url, eventually, ingestion, mitigations, mitigations_on, start_proxy,
+    status_from, upstream, wait_for_status,
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn a_published_block_stops_one_client_and_revoke_lifts_it() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let proxy = start_proxy(config(up.addr, &dead_url(), &broker.url)).await;
+    assert_eq!(status_from("127.0.0.2", &proxy.url).await, 200);
+
+    let m = broker
+        .publish("ip:127.0.0.2", Action::Block, Duration::from_secs(600))
+        .await;
+    assert!(
+        wait_for_status("127.0.0.2", &proxy.url, 403, SECOND).await,
+        "blocked within a second of publishing"
+    );
+    assert_eq!(status_from("127.0.0.3", &proxy.url).await, 200);
+
+    // A browser gets an HTML page, an API client JSON; both carry the request id.
+    let blocked = client_from("127.0.0.2");
+    let resp = blocked.get(format!("{}/", proxy.url)).send().await.unwrap();
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let page = resp.text().await.unwrap();
+    assert!(
+        page.contains("403 Forbidden") && page.contains(&id),
+        "{page}"
+    );
+    let resp = blocked
+        .post(format!("{}/login", proxy.url))
+        .header("accept", "application/json")
+        .header("x-request-id", "api-call-7")
+        .body("user=a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "blocked");
+    assert_eq!(body["request_id"], "api-call-7");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(
+        up.seen.lock().len(),
+        2,
+        "blocked requests never reach the upstream"
+    );
+
+    let revoked = broker
+        .client
+        .revoke(&RevokeRequest {
+            id: Some(m.id.clone()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked, 1);
+    assert!(
+        wait_for_status("127.0.0.2", &proxy.url, 200, SECOND).await,
+        "revoking lifts the block"
+    );
+    assert!(proxy.metric("esper_proxy_deltas_applied_total").await >= 2.0);
+    assert_eq!(proxy.metric("esper_proxy_stream_connected").await, 1.0);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn cidr_and_scope_decide_who_is_covered() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.app = "shop".into();
+    let proxy = start_proxy(cfg).await;
+
+    broker
+        .publish("cidr:127.0.1.0/24", Action::Block, Duration::from_secs(600))
+        .await;
+    let mut elsewhere = esper_protocol::Mitigation::new(
+        "ip:127.0.3.1".parse().unwrap(),
+        Action::Block,
+        Duration::from_secs(600),
+        esper_protocol::Origin::Manual,
+        Default::default(),
+    );
+    elsewhere.scope = Scope::App("blog".into());
+    broker.publish_one(elsewhere).await;
+    let mut here = esper_protocol::Mitigation::new(
+        "ip:127.0.3.2".parse().unwrap(),
+        Action::Block,
+        Duration::from_secs(600),
+        esper_protocol::Origin::Manual,
+        Default::default(),
+    );
+    here.scope = Scope::App("shop".into());
+    broker.publish_one(here).await;
+
+    assert!(wait_for_status("127.0.3.2", &proxy.url, 403, SECOND).await);
+    assert_eq!(status_from("127.0.1.7", &proxy.url).await, 403);
+    assert_eq!(status_from("127.0.1.250", &proxy.url).await, 403);
+    assert_eq!(status_from("127.0.2.7", &proxy.url).await, 200);
+    // Scoped to another app: not enforced here.
+    assert_eq!(status_from("127.0.3.1", &proxy.url).await, 200);
+    let counted = eventually(SECOND, || async {
+        proxy.metric("esper_proxy_cache_entries").await == 3.0
+    })
+    .await;
+    assert!(counted);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_throttle_answers_429_with_retry_after() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let proxy = start_proxy(config(up.addr, &dead_url(), &broker.url)).await;
+    broker
+        .publish(
+            "ip:127.0.0.4",
+            Action::Throttle {
+                rate: 0.2,
+                burst: 3,
+            },
+            Duration::from_secs(600),
+        )
+        .await;
+    assert!(
+        wait_for_status("127.0.0.4", &proxy.url, 429, Duration::from_secs(2)).await,
+        "the burst runs out"
+    );
+    let resp = client_from("127.0.0.4")
+        .get(format!("{}/", proxy.url))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=5).contains(&retry), "Retry-After {retry}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    // Other clients are not throttled.
+    for _ in 0..5 {
+        assert_eq!(status_from("127.0.0.5", &proxy.url).await, 200);
+    }
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn enforced_actions_are_reported() {
+    let up = upstream().await;
+    let events = ingestion().await;
+    let broker = mitigations().await;
+    let proxy = start_proxy(config(up.addr, &events.url, &broker.url)).await;
+    broker
+        .publish("ip:127.0.0.2", Action::Block, Duration::from_secs(600))
+        .await;
+    broker
+        .publish("ip:127.0.0.7", Action::Log, Duration::from_secs(600))
+        .await;
+    assert!(wait_for_status("127.0.0.2", &proxy.url, 403, SECOND).await);
+    assert_eq!(status_from("127.0.0.7", &proxy.url).await, 200);
+    proxy.stop().await.unwrap();
+
+    let seen = events.claim_events(2, Duration::from_secs(2)).await;
+    let blocked = seen
+        .iter()
+        .find(|e| e.client_ip.to_string() == "127.0.0.2" && e.status == 403)
+        .expect("an event for the blocked request");
+    assert_eq!(blocked.action, esper_protocol::EnforcedAction::Block);
+    let logged = seen
+        .iter()
+        .find(|e| e.client_ip.to_string() == "127.0.0.7")
+        .expect("an event for the logged request");
+    assert_eq!(logged.action, esper_protocol::EnforcedAction::Log);
+    assert_eq!(logged.status, 200);
+}
+
+#[tokio::test]
+async fn brokers_down_keep_the_cache_enforced_and_expiring() {
+    let up = upstream().await;
+    let events = ingestion().await;
+    let broker = mitigations().await;
+    let mitigation_addr = broker.broker.local_addr();
+    let proxy = start_proxy(config(up.addr, &events.url, &broker.url)).await;
+    broker
+        .publish("ip:127.0.0.2", Action::Block, Duration::from_secs(600))
+        .await;
+    broker
+        .publish("ip:127.0.0.6", Action::Block, Duration::from_millis(1500))
+        .await;
+    assert!(wait_for_status("127.0.0.2", &proxy.url, 403, SECOND).await);
+    assert_eq!(status_from("127.0.0.6", &proxy.url).await, 403);
+
+    broker.stop().await;
+    events.stop().await;
+    let lost = eventually(Duration::from_secs(3), || async {
+        proxy.metric("esper_proxy_stream_connected").await == 0.0
+    })
+    .await;
+    assert!(lost, "the proxy notices the stream is gone");
+
+    // Still enforcing what it has, still serving everyone else.
+    assert_eq!(status_from("127.0.0.2", &proxy.url).await, 403);
+    assert_eq!(status_from("127.0.0.3", &proxy.url).await, 200);
+    // Expiry still applies without the broker.
+    assert!(wait_for_status("127.0.0.6", &proxy.url, 200, Duration::from_secs(3)).await);
+    // Events it cannot send are dropped and counted.
+    let dropped = eventually(Duration::from_secs(5), || async {
+        proxy
+            .metric("esper_proxy_events_dropped_total{reason=\"send_failed\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert!(dropped);
+    let ready = reqwest::get(format!("{}/readyz", proxy.ops_url))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let report: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(report["status"], "degraded");
+
+    // A broker back on the same address is followed again; its (new) state wins.
+    let broker = mitigations_on(mitigation_addr).await;
+    broker
+        .publish("ip:127.0.0.8", Action::Block, Duration::from_secs(600))
+        .await;
+    assert!(
+        wait_for_status("127.0.0.8", &proxy.url, 403, Duration::from_secs(8)).await,
+        "the stream resumes after the outage"
+    );
+    assert_eq!(status_from("127.0.0.2", &proxy.url).await, 200);
+    proxy.stop().await.unwrap();
+}

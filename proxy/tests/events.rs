@@ -1,0 +1,150 @@
+//! Sampled request events reach the real ingestion broker with the request's facts and
+//! the right weight; backpressure drops are counted and delivery resumes afterwards.
+
+mod support;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use esper_protocol::{EnforcedAction, hash_cookie_value};
+use support::{client_from, config, dead_url, eventually, ingestion, start_proxy, upstream};
+
+#[tokio::test]
+async fn events_reach_the_ingestion_broker_with_the_request_facts() {
+    let up = upstream().await;
+    let broker = ingestion().await;
+    let mut cfg = config(up.addr, &broker.url, &dead_url());
+    cfg.app = "shop".into();
+    cfg.report_cookies = vec!["session".into()];
+    let proxy = start_proxy(cfg).await;
+    let client = client_from("127.0.0.1");
+
+    let resp = client
+        .get(format!("{}/", proxy.url))
+        .header("user-agent", "esper-test/1")
+        .header("accept-language", "de-CH")
+        .header("cookie", "session=abc123; theme=dark")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let resp = client
+        .post(format!("{}/login", proxy.url))
+        .body("user=a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    let mut events = broker.claim_events(2, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    events.sort_by_key(|e| e.path.clone());
+    let (get, post) = (&events[0], &events[1]);
+    assert_eq!(
+        (get.method.as_str(), get.path.as_str(), get.status),
+        ("GET", "/", 200)
+    );
+    assert_eq!(
+        (post.method.as_str(), post.path.as_str(), post.status),
+        ("POST", "/login", 401)
+    );
+    for ev in &events {
+        assert_eq!(ev.app, "shop");
+        assert_eq!(ev.proxy_id, "proxy-test");
+        assert_eq!(ev.client_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(ev.host, proxy.url.trim_start_matches("http://"));
+        assert_eq!(ev.action, EnforcedAction::Allow);
+        assert_eq!(ev.weight, 1.0);
+        assert!(ev.latency_us > 0);
+        // A fresh event id, never the (client-controllable) request id.
+        assert_ne!(ev.id, request_id);
+    }
+    assert_ne!(get.id, post.id);
+    assert_eq!(get.bytes, "hello from upstream".len() as u64);
+    assert_eq!(get.user_agent.as_deref(), Some("esper-test/1"));
+    assert_eq!(get.headers["accept-language"], "de-CH");
+    assert_eq!(get.cookies.len(), 1);
+    assert_eq!(get.cookies["session"], hash_cookie_value("abc123"));
+    assert!(post.cookies.is_empty());
+
+    let sent = eventually(Duration::from_secs(2), || async {
+        proxy.metric("esper_proxy_events_sent_total").await == 2.0
+    })
+    .await;
+    assert!(sent);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sampling_at_one_half_reports_about_half_with_weight_two() {
+    let up = upstream().await;
+    let broker = ingestion().await;
+    let mut cfg = config(up.addr, &broker.url, &dead_url());
+    cfg.sample_rate = 0.5;
+    let proxy = start_proxy(cfg).await;
+    let client = client_from("127.0.0.1");
+    for _ in 0..60 {
+        let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    // Every request is reported or not by the time its response is read; the stop
+    // flushes what is still queued.
+    proxy.stop().await.unwrap();
+    let events = broker.claim_events(60, Duration::from_millis(500)).await;
+    assert!(
+        (10..=50).contains(&events.len()),
+        "{} of 60 sampled at 0.5",
+        events.len()
+    );
+    assert!(events.iter().all(|e| e.weight == 2.0));
+}
+
+#[tokio::test]
+async fn backpressure_drops_are_counted_and_delivery_resumes() {
+    let up = upstream().await;
+    let broker = ingestion().await;
+    let proxy = start_proxy(config(up.addr, &broker.url, &dead_url())).await;
+    let client = client_from("127.0.0.1");
+
+    broker.client.pause().await.unwrap();
+    for _ in 0..3 {
+        client.get(format!("{}/", proxy.url)).send().await.unwrap();
+    }
+    let dropped = eventually(Duration::from_secs(5), || async {
+        proxy
+            .metric("esper_proxy_events_dropped_total{reason=\"send_failed\"}")
+            .await
+            >= 3.0
+    })
+    .await;
+    assert!(dropped, "refused batches are dropped and counted");
+
+    broker.client.resume().await.unwrap();
+    client.get(format!("{}/", proxy.url)).send().await.unwrap();
+    let events = broker.claim_events(1, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 1);
+    let sent = eventually(Duration::from_secs(2), || async {
+        proxy.metric("esper_proxy_events_sent_total").await == 1.0
+    })
+    .await;
+    assert!(sent);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn queued_events_are_flushed_at_shutdown() {
+    let up = upstream().await;
+    let broker = ingestion().await;
+    let mut cfg = config(up.addr, &broker.url, &dead_url());
+    // Long enough that nothing is sent before the stop.
+    cfg.flush_interval = Duration::from_secs(30);
+    let proxy = start_proxy(cfg).await;
+    let client = client_from("127.0.0.1");
+    for _ in 0..5 {
+        client.get(format!("{}/", proxy.url)).send().await.unwrap();
+    }
+    proxy.stop().await.unwrap();
+    let events = broker.claim_events(5, Duration::from_secs(2)).await;
+    assert_eq!(events.len(), 5);
+}
