@@ -1,0 +1,377 @@
+//! `esperctl` as an operator runs it: the real binary against a control plane started in
+//! this process with real ingestion and mitigation brokers, on loopback ephemeral ports.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use esper_common::{Shutdown, ShutdownTrigger};
+use esper_control::{Config, Listeners};
+use tokio::net::TcpListener;
+
+const TOKEN: &str = "cli-test-token-0123456789";
+
+const POLICIES: &str = r#"[[policy]]
+id = "login-burst"
+window = "60s"
+threshold = 10
+action = "block"
+[policy.match]
+methods = ["POST"]
+paths = ["/login"]
+"#;
+
+/// Brokers and a control plane, stopped when dropped.
+struct Stack {
+    api: String,
+    dir: PathBuf,
+    _trigger: ShutdownTrigger,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let (trigger, shutdown) = Shutdown::new();
+        let loopback = || async { TcpListener::bind("127.0.0.1:0").await.unwrap() };
+        let ingestion = esper_ingestion::start(
+            esper_ingestion::Config::default(),
+            loopback().await,
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let mitigation = esper_mitigation::start(
+            esper_mitigation::Config::default(),
+            loopback().await,
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("esperctl-test-{}", uuid::Uuid::new_v4()));
+        let config = Config {
+            database_url: format!("sqlite://{}?mode=rwc", dir.join("esper.db").display()),
+            ingestion_url: format!("http://{}", ingestion.local_addr()),
+            mitigation_url: format!("http://{}", mitigation.local_addr()),
+            admin_token: Some(TOKEN.into()),
+            ..Config::default()
+        };
+        let started = esper_control::start(config, Listeners::loopback().await.unwrap(), shutdown)
+            .await
+            .unwrap();
+        Stack {
+            api: format!("http://{}", started.api_addr),
+            dir,
+            _trigger: trigger,
+        }
+    }
+
+    /// Writes `text` to a file in the stack's directory.
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    async fn ctl(&self, args: &[&str]) -> Out {
+        run(&self.api, Some(TOKEN), args).await
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Out {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {self:?}"))
+    }
+}
+
+/// Runs the binary with a clean environment for its own variables.
+async fn run(server: &str, token: Option<&str>, args: &[&str]) -> Out {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_esperctl"));
+    cmd.args(args)
+        .env("ESPER_SERVER", server)
+        .env_remove("ESPER_TOKEN");
+    if let Some(t) = token {
+        cmd.env("ESPER_TOKEN", t);
+    }
+    let out = cmd.output().await.unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn errors_are_one_line_with_the_right_exit_code() {
+    let s = Stack::start().await;
+    let out = run(&s.api, None, &["status"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.stderr, "esperctl: 401 unauthorized: set ESPER_TOKEN\n");
+    let out = run(&s.api, Some("wrong"), &["policies", "list"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("the server refused the token"),
+        "{out:?}"
+    );
+
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = run(&url, Some(TOKEN), &["status"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(
+        out.stderr,
+        format!("esperctl: cannot reach the control plane at {url}: connection refused\n")
+    );
+
+    let out = s.ctl(&["policies", "show", "nope"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.stderr, "esperctl: 404 not_found: no policy `nope`\n");
+
+    let bad = s.file("policies.toml", &POLICIES.replace("\"block\"", "\"blok\""));
+    let out = s
+        .ctl(&["policies", "validate", "-f", bad.to_str().unwrap()])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert_eq!(
+        out.stderr,
+        format!(
+            "esperctl: {} line 5, column 10: policy \"login-burst\": unknown action \"blok\" (expected block, throttle, tarpit or log)\n",
+            bad.display()
+        )
+    );
+    let out = s
+        .ctl(&["policies", "apply", "-f", bad.to_str().unwrap()])
+        .await;
+    assert_eq!(out.code, 2, "apply validates locally first: {out:?}");
+    let out = s
+        .ctl(&["policies", "apply", "-f", "/nonexistent.toml"])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("esperctl: cannot read /nonexistent.toml")
+    );
+
+    let out = s.ctl(&["mitigations", "revoke"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    let out = s.ctl(&["mitigations", "add", "1.2.3.4"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("has no kind"), "{out:?}");
+    let out = s
+        .ctl(&["mitigations", "add", "ip:1.2.3.4", "--action", "throttle"])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert_eq!(
+        out.stderr,
+        "esperctl: --action throttle needs --rate (requests per second, above 0)\n"
+    );
+    let out = s.ctl(&["frobnicate"]).await;
+    assert_eq!(out.code, 2, "clap usage errors: {out:?}");
+}
+
+#[tokio::test]
+async fn policies_from_file_to_history() {
+    let s = Stack::start().await;
+    let file = s.file("policies.toml", POLICIES);
+    let f = file.to_str().unwrap();
+    let out = s.ctl(&["policies", "validate", "-f", f]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, format!("{f}: 1 policy valid\n"));
+
+    let out = s.ctl(&["policies", "apply", "-f", f]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "ID           VERSION  RESULT");
+    assert_eq!(lines[1], "login-burst  1        changed");
+    let out = s.ctl(&["policies", "apply", "-f", f]).await;
+    assert!(
+        out.stdout.contains("login-burst  1        unchanged"),
+        "{out:?}"
+    );
+
+    let out = s.ctl(&["policies", "list"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines[0].starts_with(
+            "ID           VERSION  ENABLED  MODE     ACTION  ENTITY  THRESHOLD  WINDOW  UPDATED"
+        ),
+        "{out:?}"
+    );
+    assert!(
+        lines[1]
+            .starts_with("login-burst  1        yes      enforce  block   ip      10         1m"),
+        "{out:?}"
+    );
+
+    let out = s.ctl(&["-o", "json", "policies", "list"]).await;
+    let v = out.json();
+    assert_eq!(v["policies"][0]["id"], "login-burst");
+
+    let out = s.ctl(&["policies", "shadow", "login-burst"]).await;
+    assert!(
+        out.stdout.contains("login-burst  2        changed"),
+        "{out:?}"
+    );
+    let out = s.ctl(&["policies", "show", "login-burst"]).await;
+    assert!(
+        out.stdout
+            .starts_with("# login-burst version 2, enabled, shadow"),
+        "{out:?}"
+    );
+    let toml_start = out.stdout.find("[[policy]]").unwrap();
+    let back = esper_engine::policy::parse_policies(&out.stdout[toml_start..]).unwrap();
+    assert_eq!(back[0].mode.to_string(), "shadow");
+
+    let out = s
+        .ctl(&["policies", "history", "login-burst", "--output", "json"])
+        .await;
+    let v = out.json();
+    assert_eq!(v["versions"][1]["change"], "shadow");
+    let out = s.ctl(&["policies", "delete", "login-burst"]).await;
+    assert_eq!(out.stdout, "policy login-burst deleted\n");
+    let out = s.ctl(&["policies", "list"]).await;
+    assert_eq!(out.stdout, "no policies\n");
+}
+
+#[tokio::test]
+async fn mitigations_queue_lists_and_decisions() {
+    let s = Stack::start().await;
+    let out = s
+        .ctl(&[
+            "mitigations",
+            "add",
+            "ip:198.51.100.7",
+            "--ttl",
+            "30m",
+            "--reason",
+            "abuse",
+        ])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.starts_with("ID"), "{out:?}");
+    assert!(out.stdout.contains("ip:198.51.100.7"), "{out:?}");
+    assert!(
+        out.stdout.contains("in 29m") || out.stdout.contains("in 30m"),
+        "{out:?}"
+    );
+
+    let out = s
+        .ctl(&[
+            "mitigations",
+            "add",
+            "cidr:203.0.113.0/24",
+            "--action",
+            "tarpit",
+            "--delay",
+            "2s",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.json()["action"],
+        serde_json::json!({"type": "tarpit", "delay_ms": 2000})
+    );
+
+    let out = s.ctl(&["mitigations", "list", "-o", "json"]).await;
+    assert_eq!(out.json()["total"], 2);
+    let out = s.ctl(&["mitigations", "show", "cidr:203.0.113.0/24"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.starts_with("cidr:203.0.113.0/24\n"), "{out:?}");
+    assert!(out.stdout.contains("control:admin"), "{out:?}");
+
+    let out = s
+        .ctl(&["decisions", "list", "--entity", "ip:198.51.100.7"])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains("ip:198.51.100.7"),
+        "{out:?}"
+    );
+
+    let out = s
+        .ctl(&["mitigations", "revoke", "--entity", "ip:198.51.100.7"])
+        .await;
+    assert_eq!(out.stdout, "1 mitigation revoked\n", "{out:?}");
+
+    let out = s.ctl(&["queue", "pause"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("paused yes"), "{out:?}");
+    let out = s.ctl(&["queue", "resume", "-o", "json"]).await;
+    assert_eq!(out.json()["paused"], false);
+
+    let out = s
+        .ctl(&[
+            "lists",
+            "set",
+            "office",
+            "--item",
+            "10.0.0.0/8",
+            "--item",
+            "192.0.2.1",
+        ])
+        .await;
+    assert_eq!(
+        out.stdout, "list office stored (ip list, 2 items)\n",
+        "{out:?}"
+    );
+    let file = s.file("office.txt", "# office\n10.0.0.0/8\nnot-an-ip\n");
+    let out = s
+        .ctl(&["lists", "set", "office", "-f", file.to_str().unwrap()])
+        .await;
+    assert_eq!(out.code, 2, "validated locally: {out:?}");
+    assert!(
+        out.stderr
+            .contains("item 2: \"not-an-ip\" is not an IP address"),
+        "{out:?}"
+    );
+    let out = s.ctl(&["lists", "list"]).await;
+    assert!(
+        out.stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("office  ip    2"),
+        "{out:?}"
+    );
+    let out = s.ctl(&["lists", "delete", "office"]).await;
+    assert_eq!(out.stdout, "list office deleted\n");
+
+    let out = s.ctl(&["status"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.starts_with("COMPONENT"), "{out:?}");
+    assert!(out.stdout.contains("mitigation  reachable"), "{out:?}");
+    assert!(out.stdout.contains("workers     NONE ALIVE"), "{out:?}");
+    let out = s.ctl(&["status", "-o", "json"]).await;
+    let v = out.json();
+    assert_eq!(v["mitigation"]["active"], 1);
+    let out = s.ctl(&["workers", "list"]).await;
+    assert_eq!(out.stdout, "no workers have reported\n");
+}

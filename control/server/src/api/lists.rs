@@ -1,0 +1,121 @@
+//! Named lists (IP networks or strings) that policies refer to.
+
+use axum::Extension;
+use axum::extract::State;
+use esper_common::http::Path;
+use esper_common::{ApiError, Json};
+use esper_engine::policy::{ListKind, NamedList, PolicySpec};
+
+use super::store_error;
+use crate::auth::Caller;
+use crate::state::AppState;
+use crate::store::ListRecord;
+use crate::types::{Deleted, ListSummary, ListsResponse, PutListRequest};
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::NotFound(format!("no list `{name}`"))
+}
+
+/// The first stored policy that refers to list `name`, if any.
+async fn user_of(state: &AppState, name: &str) -> Result<Option<String>, ApiError> {
+    let policies = state
+        .store
+        .list_policies()
+        .await
+        .map_err(|e| store_error(state, e))?;
+    Ok(policies.into_iter().find_map(|p| {
+        let spec: PolicySpec = serde_json::from_value(p.spec).ok()?;
+        spec.list_refs().any(|l| l == name).then_some(p.id)
+    }))
+}
+
+/// `GET /api/v1/lists`
+pub async fn list(State(state): State<AppState>) -> Result<Json<ListsResponse>, ApiError> {
+    let lists = state
+        .store
+        .list_lists()
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    Ok(Json(ListsResponse {
+        lists: lists
+            .into_iter()
+            .map(|l| ListSummary {
+                items: l.items.len(),
+                name: l.name,
+                kind: l.kind,
+                updated_at: l.updated_at,
+            })
+            .collect(),
+    }))
+}
+
+/// `GET /api/v1/lists/{name}`
+pub async fn show(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ListRecord>, ApiError> {
+    state
+        .store
+        .get_list(&name)
+        .await
+        .map_err(|e| store_error(&state, e))?
+        .map(Json)
+        .ok_or_else(|| not_found(&name))
+}
+
+/// `PUT /api/v1/lists/{name}`: creates or replaces the list.
+pub async fn put(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Json(body): Json<PutListRequest>,
+) -> Result<Json<ListRecord>, ApiError> {
+    let kind: ListKind = body
+        .kind
+        .parse()
+        .map_err(|e: String| ApiError::bad_request("invalid_list", e))?;
+    let list = NamedList {
+        name: name.clone(),
+        kind,
+        items: body.items.iter().map(|s| s.trim().to_string()).collect(),
+    };
+    list.validate()
+        .map_err(|e| ApiError::bad_request("invalid_list", e.to_string()))?;
+    if kind != ListKind::Ip {
+        if let Some(policy) = user_of(&state, &name).await? {
+            return Err(ApiError::Conflict(format!(
+                "list `{name}` is used by policy `{policy}` as an IP list; it cannot become a {kind} list"
+            )));
+        }
+    }
+    let record = state
+        .store
+        .put_list(&name, &kind.to_string(), list.items)
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    tracing::info!(list = %name, items = record.items.len(), by = %caller.0, "list stored");
+    Ok(Json(record))
+}
+
+/// `DELETE /api/v1/lists/{name}`: refused while a policy refers to the list.
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<Deleted>, ApiError> {
+    if let Some(policy) = user_of(&state, &name).await? {
+        return Err(ApiError::Conflict(format!(
+            "list `{name}` is used by policy `{policy}`; change or delete that policy first"
+        )));
+    }
+    let deleted = state
+        .store
+        .delete_list(&name)
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    if !deleted {
+        return Err(not_found(&name));
+    }
+    tracing::info!(list = %name, by = %caller.0, "list deleted");
+    Ok(Json(Deleted { deleted }))
+}

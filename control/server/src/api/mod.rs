@@ -1,0 +1,157 @@
+//! The `/api/v1/*` router and the error mapping its handlers share.
+
+use axum::Router;
+use axum::middleware::from_fn_with_state;
+use axum::routing::{get, post};
+use esper_common::ApiError;
+use esper_common::http::{method_not_allowed, standard_layers};
+use esper_protocol::ClientError;
+
+use crate::auth;
+use crate::state::AppState;
+use crate::store::StoreError;
+
+mod admin;
+mod analyze;
+mod decisions;
+mod fleet;
+mod lists;
+mod mitigations;
+mod policies;
+mod queue;
+mod status;
+
+/// Builds the API router: every route needs the bearer token.
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    let api = Router::new()
+        .route("/api/v1/status", get(status::status))
+        .route(
+            "/api/v1/policies",
+            get(policies::list).post(policies::apply),
+        )
+        .route("/api/v1/policies/validate", post(policies::validate))
+        .route("/api/v1/policies/active", get(policies::active))
+        .route(
+            "/api/v1/policies/{id}",
+            get(policies::show).delete(policies::delete),
+        )
+        .route("/api/v1/policies/{id}/versions", get(policies::versions))
+        .route("/api/v1/policies/{id}/{op}", post(policies::toggle))
+        .route("/api/v1/lists", get(lists::list))
+        .route(
+            "/api/v1/lists/{name}",
+            get(lists::show).put(lists::put).delete(lists::delete),
+        )
+        .route(
+            "/api/v1/mitigations",
+            get(mitigations::list).post(mitigations::add),
+        )
+        .route(
+            "/api/v1/mitigations/entity/{*entity}",
+            get(mitigations::entity),
+        )
+        .route("/api/v1/mitigations/revoke", post(mitigations::revoke))
+        .route(
+            "/api/v1/decisions",
+            get(decisions::list).post(decisions::record),
+        )
+        .route("/api/v1/queue/status", get(queue::status))
+        .route("/api/v1/queue/pause", post(queue::pause))
+        .route("/api/v1/queue/resume", post(queue::resume))
+        .route("/api/v1/workers", get(fleet::workers))
+        .route("/api/v1/workers/heartbeat", post(fleet::worker_beat))
+        .route("/api/v1/proxies", get(fleet::proxies))
+        .route("/api/v1/proxies/heartbeat", post(fleet::proxy_beat))
+        .route("/api/v1/analyze", post(analyze::analyze))
+        .route("/api/v1/admin/shutdown", post(admin::shutdown))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_token))
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state.clone());
+    standard_layers(state.metrics.http.layer(api), body_limit)
+}
+
+/// A store failure as the client sees it; the detail goes to the log.
+pub(crate) fn store_error(state: &AppState, e: StoreError) -> ApiError {
+    state.metrics.store_errors.inc();
+    match e {
+        StoreError::Corrupt(_) => ApiError::internal(e),
+        other => {
+            tracing::error!(error = %other, "control store operation failed");
+            ApiError::Unavailable {
+                code: "store_unavailable",
+                message: "the control store failed; see the server log".into(),
+                retry_after: None,
+            }
+        }
+    }
+}
+
+/// A broker failure: 502 `broker_unavailable` when it cannot be reached or fails, 503
+/// when it pushes back, 400 when it refused our request.
+pub(crate) fn broker_error(state: &AppState, broker: &str, url: &str, e: ClientError) -> ApiError {
+    state
+        .metrics
+        .broker_errors
+        .with_label_values(&[broker])
+        .inc();
+    tracing::warn!(broker, url, error = %e, "broker call failed");
+    match e {
+        ClientError::Transport { source, .. } => ApiError::BadGateway {
+            code: "broker_unavailable",
+            message: format!(
+                "cannot reach the {broker} broker at {url}: {}",
+                transport_reason(&source)
+            ),
+        },
+        ClientError::Backpressure { code, retry_after } => ApiError::Unavailable {
+            code: "broker_busy",
+            message: format!("the {broker} broker refused the request ({code}); retry later"),
+            retry_after: retry_after.map(|d| d.as_secs().max(1)),
+        },
+        ClientError::Api {
+            status,
+            code,
+            message,
+        } if status < 500 => ApiError::bad_request(
+            "broker_rejected",
+            format!("the {broker} broker refused the request: {message} ({code})"),
+        ),
+        other => ApiError::BadGateway {
+            code: "broker_unavailable",
+            message: format!("the {broker} broker at {url} failed: {other}"),
+        },
+    }
+}
+
+/// A broker error in one line, with the transport's root cause rather than reqwest's
+/// generic sentence.
+pub(crate) fn describe(e: &ClientError) -> String {
+    match e {
+        ClientError::Transport { url, source } => {
+            format!("cannot reach {url}: {}", transport_reason(source))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The most specific reason in a transport error (`connection refused`, `timed out`).
+pub fn transport_reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut deepest: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = deepest.source() {
+        if let Some(io) = next.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                std::io::ErrorKind::TimedOut => "timed out".into(),
+                std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+                _ => io.to_string(),
+            };
+        }
+        deepest = next;
+    }
+    if let Some(r) = e.downcast_ref::<reqwest::Error>() {
+        if r.is_timeout() {
+            return "timed out".into();
+        }
+    }
+    deepest.to_string()
+}

@@ -1,0 +1,71 @@
+//! `GET /api/v1/status`: the whole stack at a glance, as `esperctl status` shows it.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use esper_common::{ApiError, Json};
+
+use super::describe;
+use crate::state::AppState;
+use crate::types::{IngestionStatus, MitigationStatus, PolicyCounts, ServerStatus, StatusReport};
+
+/// How long status waits for each broker.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn within<T, E>(
+    fut: impl std::future::Future<Output = Result<T, E>>,
+    show: impl Fn(&E) -> String,
+) -> Result<T, String> {
+    match tokio::time::timeout(PROBE_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(show(&e)),
+        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+    }
+}
+
+/// Gathers the report; brokers that do not answer are reported unreachable.
+pub(crate) async fn gather_status(state: &AppState) -> StatusReport {
+    let (queue, active, policies, revision) = tokio::join!(
+        within(state.ingestion.status(), describe),
+        within(state.mitigation.active(Some(1)), describe),
+        within(state.store.list_policies(), ToString::to_string),
+        within(state.store.revision(), ToString::to_string),
+    );
+    let store_reachable = policies.is_ok() && revision.is_ok();
+    let policies = policies.unwrap_or_default();
+    let counts = PolicyCounts {
+        total: policies.len() as u64,
+        enabled: policies.iter().filter(|p| p.enabled).count() as u64,
+        revision: revision.unwrap_or(0),
+    };
+    state.metrics.policies_total.set(counts.total as i64);
+    state.metrics.policies_enabled.set(counts.enabled as i64);
+    StatusReport {
+        server: ServerStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_secs: state.started.elapsed().as_secs(),
+            store: state.store.kind().to_string(),
+            store_reachable,
+        },
+        ingestion: IngestionStatus {
+            url: state.ingestion.url().to_string(),
+            reachable: queue.is_ok(),
+            error: queue.as_ref().err().cloned(),
+            queue: queue.ok(),
+        },
+        mitigation: MitigationStatus {
+            url: state.mitigation.url().to_string(),
+            reachable: active.is_ok(),
+            active: active.as_ref().map(|l| l.total as u64).unwrap_or(0),
+            error: active.err(),
+        },
+        workers: state.heartbeats.workers.list(),
+        proxies: state.heartbeats.proxies.list(),
+        policies: counts,
+    }
+}
+
+/// `GET /api/v1/status`
+pub async fn status(State(state): State<AppState>) -> Result<Json<StatusReport>, ApiError> {
+    Ok(Json(gather_status(&state).await))
+}

@@ -1,0 +1,232 @@
+//! The HTTP client of the control-plane API, shared by `esperctl` and the operator verbs
+//! of `esper` (`esper server stop`, `esper worker status`). Every answer is kept as JSON,
+//! so `--output json` can print it as the server sent it.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::transport_reason;
+use esper_protocol::ingestion::QueueStatus;
+
+use crate::types::{ShutdownRequest, ShutdownResponse, StatusReport, WorkersResponse};
+
+/// The default API address.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a command failed. [`CtlError::exit_code`] is 2 for usage and input errors and 1
+/// for everything the server (or the way to it) caused.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// Bad input on our side: a file that does not parse, an invalid entity key.
+    #[error("{0}")]
+    Input(String),
+    #[error("cannot reach the control plane at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("401 unauthorized: {hint}")]
+    Unauthorized { hint: &'static str },
+    #[error("{status} {code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected answer from the control plane at {url}: {message}")]
+    Decode { url: String, message: String },
+}
+
+impl CtlError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Input(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A client of one control plane.
+#[derive(Clone, Debug)]
+pub struct ControlClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl ControlClient {
+    /// `server` like `http://127.0.0.1:8080`; `token` is sent as a bearer token.
+    pub fn new(server: &str, token: Option<String>) -> Result<ControlClient, CtlError> {
+        let base = server.trim().trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(CtlError::Input(format!(
+                "--server `{server}` is not an http:// or https:// URL"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| CtlError::Input(format!("cannot set up the HTTP client: {e}")))?;
+        Ok(ControlClient {
+            base,
+            token: token.filter(|t| !t.trim().is_empty()),
+            http,
+        })
+    }
+
+    /// The server's base URL.
+    pub fn server(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request and returns the JSON answer, or the error it stands for.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Body>,
+    ) -> Result<serde_json::Value, CtlError> {
+        let text = self.send_text(method, path, body).await?;
+        serde_json::from_str(&text).map_err(|e| CtlError::Decode {
+            url: self.base.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Sends a request and returns the answer's body exactly as the server sent it.
+    pub async fn send_text(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Body>,
+    ) -> Result<String, CtlError> {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("x-request-id", uuid::Uuid::new_v4().to_string());
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        rb = match body {
+            Some(Body::Json(v)) => rb.json(&v),
+            Some(Body::Toml(text)) => rb
+                .header(reqwest::header::CONTENT_TYPE, "application/toml")
+                .body(text),
+            None => rb,
+        };
+        let resp = rb.send().await.map_err(|e| CtlError::Unreachable {
+            url: self.base.clone(),
+            reason: transport_reason(&e),
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| CtlError::Unreachable {
+            url: self.base.clone(),
+            reason: transport_reason(&e),
+        })?;
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(CtlError::Unauthorized {
+                hint: if self.token.is_some() {
+                    "the server refused the token; check ESPER_TOKEN or --token"
+                } else {
+                    "set ESPER_TOKEN"
+                },
+            });
+        }
+        if !status.is_success() {
+            let body: Option<esper_protocol::ApiErrorBody> = serde_json::from_slice(&bytes).ok();
+            let (code, message) = match body {
+                Some(b) => (b.error, b.message),
+                None => (
+                    status
+                        .canonical_reason()
+                        .unwrap_or("error")
+                        .to_ascii_lowercase()
+                        .replace(' ', "_"),
+                    String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                ),
+            };
+            return Err(CtlError::Api {
+                status: status.as_u16(),
+                code,
+                message,
+            });
+        }
+        String::from_utf8(bytes.to_vec()).map_err(|_| CtlError::Decode {
+            url: self.base.clone(),
+            message: "the answer is not UTF-8".into(),
+        })
+    }
+
+    /// `GET path`, the body as sent.
+    pub async fn get(&self, path: &str) -> Result<String, CtlError> {
+        self.send_text(Method::GET, path, None).await
+    }
+
+    /// `POST path` with a JSON body, the answer as sent.
+    pub async fn post<B: Serialize>(&self, path: &str, body: &B) -> Result<String, CtlError> {
+        let v = serde_json::to_value(body).map_err(|e| CtlError::Input(e.to_string()))?;
+        self.send_text(Method::POST, path, Some(Body::Json(v)))
+            .await
+    }
+
+    /// `GET /api/v1/status`.
+    pub async fn status(&self) -> Result<StatusReport, CtlError> {
+        let v = self.send(Method::GET, "/api/v1/status", None).await?;
+        decode(self, v)
+    }
+
+    /// `GET /api/v1/workers` (`esper worker status`).
+    pub async fn workers(&self) -> Result<WorkersResponse, CtlError> {
+        let v = self.send(Method::GET, "/api/v1/workers", None).await?;
+        decode(self, v)
+    }
+
+    /// `GET /api/v1/queue/status` (`esper worker autoscale`).
+    pub async fn queue_status(&self) -> Result<QueueStatus, CtlError> {
+        let v = self.send(Method::GET, "/api/v1/queue/status", None).await?;
+        decode(self, v)
+    }
+
+    /// `POST /api/v1/admin/shutdown` (`esper server stop`).
+    pub async fn shutdown(
+        &self,
+        graceful: bool,
+        timeout: Option<Duration>,
+    ) -> Result<ShutdownResponse, CtlError> {
+        let req = ShutdownRequest {
+            graceful,
+            timeout_secs: timeout.map(|d| d.as_secs()),
+        };
+        let v = serde_json::to_value(&req).map_err(|e| CtlError::Input(e.to_string()))?;
+        let v = self
+            .send(Method::POST, "/api/v1/admin/shutdown", Some(Body::Json(v)))
+            .await?;
+        decode(self, v)
+    }
+}
+
+/// A request body.
+#[derive(Clone, Debug)]
+pub enum Body {
+    Json(serde_json::Value),
+    Toml(String),
+}
+
+/// Reads a JSON answer as `T`.
+pub fn decode<T: DeserializeOwned>(
+    client: &ControlClient,
+    v: serde_json::Value,
+) -> Result<T, CtlError> {
+    serde_json::from_value(v).map_err(|e| CtlError::Decode {
+        url: client.server().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Percent-encodes one path segment.
+pub fn segment(s: &str) -> String {
+    esper_protocol::client::encode(s)
+}

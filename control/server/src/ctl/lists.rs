@@ -1,0 +1,145 @@
+//! `esperctl lists ...`
+
+use std::path::Path;
+
+use esper_engine::policy::{ListKind, NamedList};
+use reqwest::Method;
+use serde_json::json;
+
+use super::client::{Body, decode, segment};
+use super::table::{Table, rfc3339};
+use super::{CtlError, Ctx, ListCmd, read_input};
+use crate::store::ListRecord;
+use crate::types::ListsResponse;
+
+pub async fn run(ctx: &Ctx, cmd: ListCmd) -> Result<(), CtlError> {
+    match cmd {
+        ListCmd::List => list(ctx).await,
+        ListCmd::Show { name } => show(ctx, &name).await,
+        ListCmd::Set {
+            name,
+            kind,
+            file,
+            items,
+        } => set(ctx, &name, &kind, file.as_deref(), items).await,
+        ListCmd::Delete { name } => delete(ctx, &name).await,
+    }
+}
+
+fn count_items(n: usize) -> String {
+    format!("{n} item{}", if n == 1 { "" } else { "s" })
+}
+
+/// Items of a list file: one per line, blank lines and `#` comments skipped.
+fn file_items(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+async fn list(ctx: &Ctx) -> Result<(), CtlError> {
+    let v = ctx.client.get("/api/v1/lists").await?;
+    ctx.emit(v, |v| {
+        let r: ListsResponse = decode(&ctx.client, v)?;
+        if r.lists.is_empty() {
+            return Ok("no lists\n".into());
+        }
+        let mut t = Table::new(&["NAME", "KIND", "ITEMS", "UPDATED"]);
+        for l in r.lists {
+            t.row(vec![
+                l.name,
+                l.kind,
+                l.items.to_string(),
+                rfc3339(l.updated_at),
+            ]);
+        }
+        Ok(t.render())
+    })
+}
+
+async fn show(ctx: &Ctx, name: &str) -> Result<(), CtlError> {
+    let v = ctx
+        .client
+        .get(&format!("/api/v1/lists/{}", segment(name)))
+        .await?;
+    ctx.emit(v, |v| {
+        let l: ListRecord = decode(&ctx.client, v)?;
+        let mut out = format!(
+            "# {} ({} list, {}, updated {})\n",
+            l.name,
+            l.kind,
+            count_items(l.items.len()),
+            rfc3339(l.updated_at)
+        );
+        for i in l.items {
+            out.push_str(&i);
+            out.push('\n');
+        }
+        Ok(out)
+    })
+}
+
+async fn set(
+    ctx: &Ctx,
+    name: &str,
+    kind: &str,
+    file: Option<&Path>,
+    items: Vec<String>,
+) -> Result<(), CtlError> {
+    let kind: ListKind = kind
+        .parse()
+        .map_err(|e: String| CtlError::Input(format!("--kind: {e}")))?;
+    let (items, source) = match file {
+        Some(f) => (file_items(&read_input(f)?), format!("{}: ", f.display())),
+        None => (items, String::new()),
+    };
+    let list = NamedList {
+        name: name.to_string(),
+        kind,
+        items,
+    };
+    list.validate()
+        .map_err(|e| CtlError::Input(format!("{source}{e}")))?;
+    let v = ctx
+        .client
+        .send_text(
+            Method::PUT,
+            &format!("/api/v1/lists/{}", segment(name)),
+            Some(Body::Json(
+                json!({"kind": kind.to_string(), "items": list.items}),
+            )),
+        )
+        .await?;
+    ctx.emit(v, |v| {
+        let l: ListRecord = decode(&ctx.client, v)?;
+        Ok(format!(
+            "list {} stored ({} list, {})\n",
+            l.name,
+            l.kind,
+            count_items(l.items.len())
+        ))
+    })
+}
+
+async fn delete(ctx: &Ctx, name: &str) -> Result<(), CtlError> {
+    let v = ctx
+        .client
+        .send_text(
+            Method::DELETE,
+            &format!("/api/v1/lists/{}", segment(name)),
+            None,
+        )
+        .await?;
+    ctx.emit(v, |_| Ok(format!("list {name} deleted\n")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn list_files_skip_comments_and_blanks() {
+        let items = super::file_items("# office\n10.0.0.0/8\n\n 192.0.2.1  # vpn\n");
+        assert_eq!(items, ["10.0.0.0/8", "192.0.2.1"]);
+    }
+}

@@ -1,0 +1,202 @@
+//! `esperctl mitigations ...`
+
+use chrono::Utc;
+use esper_protocol::mitigation::{MitigationList, RevokeResponse};
+use esper_protocol::{EntityKey, Mitigation};
+use serde_json::json;
+
+use super::client::{decode, segment};
+use super::table::{Table, relative, rfc3339};
+use super::{ActionArg, CtlError, Ctx, MitigationCmd};
+use crate::types::EntityReport;
+
+pub async fn run(ctx: &Ctx, cmd: MitigationCmd) -> Result<(), CtlError> {
+    match cmd {
+        MitigationCmd::List { limit } => list(ctx, limit).await,
+        MitigationCmd::Show { entity } => show(ctx, &entity).await,
+        MitigationCmd::Add {
+            entity,
+            action,
+            rate,
+            burst,
+            delay,
+            ttl,
+            reason,
+            app,
+        } => {
+            let action = action_json(action, rate, burst, delay.as_deref())?;
+            add(ctx, &entity, action, &ttl, reason, app).await
+        }
+        MitigationCmd::Revoke { id, entity } => revoke(ctx, id, entity).await,
+    }
+}
+
+fn entity_key(s: &str) -> Result<EntityKey, CtlError> {
+    s.parse()
+        .map_err(|e: esper_protocol::EntityParseError| CtlError::Input(e.to_string()))
+}
+
+/// The action as the API takes it, with the flags each kind needs.
+fn action_json(
+    action: ActionArg,
+    rate: Option<f64>,
+    burst: Option<u32>,
+    delay: Option<&str>,
+) -> Result<serde_json::Value, CtlError> {
+    let input = |m: &str| Err(CtlError::Input(m.to_string()));
+    if action != ActionArg::Throttle && (rate.is_some() || burst.is_some()) {
+        return input("--rate and --burst only apply to --action throttle");
+    }
+    if action != ActionArg::Tarpit && delay.is_some() {
+        return input("--delay only applies to --action tarpit");
+    }
+    Ok(match action {
+        ActionArg::Block => json!("block"),
+        ActionArg::Log => json!("log"),
+        ActionArg::Throttle => {
+            let Some(rate) = rate.filter(|r| r.is_finite() && *r > 0.0) else {
+                return input("--action throttle needs --rate (requests per second, above 0)");
+            };
+            let burst = burst.unwrap_or(rate.ceil().max(1.0) as u32);
+            json!({"type": "throttle", "rate": rate, "burst": burst})
+        }
+        ActionArg::Tarpit => {
+            let Some(delay) = delay else {
+                return input("--action tarpit needs --delay (e.g. 2s)");
+            };
+            let d = humantime::parse_duration(delay.trim()).map_err(|e| {
+                CtlError::Input(format!("--delay `{delay}`: {e} (write e.g. 500ms, 2s)"))
+            })?;
+            json!({"type": "tarpit", "delay_ms": d.as_millis() as u64})
+        }
+    })
+}
+
+fn mitigation_table(ms: &[Mitigation]) -> String {
+    let now = Utc::now();
+    let mut t = Table::new(&[
+        "ID", "ENTITY", "ACTION", "ORIGIN", "SCOPE", "EXPIRES", "REASON",
+    ]);
+    for m in ms {
+        t.row(vec![
+            m.id.clone(),
+            m.entity.to_string(),
+            m.action.to_string(),
+            m.origin.to_string(),
+            match &m.scope {
+                esper_protocol::Scope::Global => "global".to_string(),
+                esper_protocol::Scope::App(a) => format!("app:{a}"),
+            },
+            relative(m.expires_at, now),
+            m.reason.summary.clone(),
+        ]);
+    }
+    t.render()
+}
+
+async fn list(ctx: &Ctx, limit: usize) -> Result<(), CtlError> {
+    let v = ctx
+        .client
+        .get(&format!("/api/v1/mitigations?limit={limit}"))
+        .await?;
+    ctx.emit(v, |v| {
+        let l: MitigationList = decode(&ctx.client, v)?;
+        if l.mitigations.is_empty() {
+            return Ok("no active mitigations\n".to_string());
+        }
+        let mut out = mitigation_table(&l.mitigations);
+        if l.total > l.mitigations.len() {
+            out.push_str(&format!(
+                "({} of {} shown; use --limit)\n",
+                l.mitigations.len(),
+                l.total
+            ));
+        }
+        Ok(out)
+    })
+}
+
+async fn show(ctx: &Ctx, entity: &str) -> Result<(), CtlError> {
+    let key = entity_key(entity)?;
+    let v = ctx
+        .client
+        .get(&format!(
+            "/api/v1/mitigations/entity/{}",
+            segment(&key.to_string())
+        ))
+        .await?;
+    ctx.emit(v, |v| {
+        let r: EntityReport = decode(&ctx.client, v)?;
+        let mut out = format!("{}\n\n", r.entity);
+        if r.mitigations.is_empty() {
+            out.push_str("no active mitigations\n");
+        } else {
+            out.push_str(&mitigation_table(&r.mitigations));
+        }
+        out.push('\n');
+        if r.decisions.is_empty() {
+            out.push_str("no logged decisions\n");
+        } else {
+            let mut t = Table::new(&["DECIDED", "POLICY", "MODE", "ACTION", "BY", "REVOKED"]);
+            for d in r.decisions {
+                let dec = d.decision;
+                t.row(vec![
+                    rfc3339(dec.decided_at),
+                    dec.policy_id.unwrap_or_else(|| "-".into()),
+                    super::ops::mode_name(dec.mode).into(),
+                    dec.mitigation.action.to_string(),
+                    dec.decided_by,
+                    d.revoked_at.map(rfc3339).unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            out.push_str(&t.render());
+        }
+        Ok(out)
+    })
+}
+
+async fn add(
+    ctx: &Ctx,
+    entity: &str,
+    action: serde_json::Value,
+    ttl: &str,
+    reason: Option<String>,
+    app: Option<String>,
+) -> Result<(), CtlError> {
+    let key = entity_key(entity)?;
+    humantime::parse_duration(ttl.trim())
+        .map_err(|e| CtlError::Input(format!("--ttl `{ttl}`: {e} (write e.g. 30m, 1h, 7d)")))?;
+    let mut body = json!({"entity": key.to_string(), "action": action, "ttl": ttl});
+    if let Some(r) = reason {
+        body["reason"] = json!(r);
+    }
+    if let Some(a) = app {
+        body["scope"] = json!({"app": a});
+    }
+    let v = ctx.client.post("/api/v1/mitigations", &body).await?;
+    ctx.emit(v, |v| {
+        let m: Mitigation = decode(&ctx.client, v)?;
+        Ok(mitigation_table(std::slice::from_ref(&m)))
+    })
+}
+
+async fn revoke(ctx: &Ctx, id: Option<String>, entity: Option<String>) -> Result<(), CtlError> {
+    let body = match (id, entity) {
+        (Some(id), None) => json!({"id": id}),
+        (None, Some(e)) => json!({"entity": entity_key(&e)?.to_string()}),
+        _ => {
+            return Err(CtlError::Input(
+                "give a mitigation ID or --entity ENTITY (not both)".into(),
+            ));
+        }
+    };
+    let v = ctx.client.post("/api/v1/mitigations/revoke", &body).await?;
+    ctx.emit(v, |v| {
+        let r: RevokeResponse = decode(&ctx.client, v)?;
+        Ok(format!(
+            "{} mitigation{} revoked\n",
+            r.revoked,
+            if r.revoked == 1 { "" } else { "s" }
+        ))
+    })
+}

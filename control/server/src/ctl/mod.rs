@@ -1,0 +1,322 @@
+//! `esperctl`, the admin client of the control-plane API: status, policies, mitigations,
+//! the queue, workers, proxies, lists and the decision log. Tables for people,
+//! `--output json` for scripts (the API's JSON as sent). Errors are one line on stderr;
+//! the exit code is 2 for usage and input errors and 1 for server errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub mod client;
+mod lists;
+mod mitigations;
+pub mod ops;
+mod policies;
+pub mod table;
+
+pub use client::{Body, ControlClient, CtlError, DEFAULT_SERVER};
+
+/// Output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// The API's JSON, for scripts.
+    Json,
+}
+
+/// `esperctl` command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "esperctl",
+    version,
+    about = "Admin client of the Esper control plane",
+    propagate_version = true
+)]
+pub struct CtlArgs {
+    /// Control-plane API URL.
+    #[arg(long, global = true, env = "ESPER_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// API bearer token.
+    #[arg(long, global = true, env = "ESPER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The command groups.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The whole stack at a glance: server, brokers, workers, proxies, policies.
+    Status,
+    /// Policies: list, show, apply, validate, enable, disable, shadow, enforce, delete.
+    #[command(subcommand, visible_alias = "policy")]
+    Policies(PolicyCmd),
+    /// Mitigations in force: list, show an entity, add a manual one, revoke.
+    #[command(subcommand, visible_alias = "mitigation")]
+    Mitigations(MitigationCmd),
+    /// The ingestion queue: status, pause, resume.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// Engine workers, as heard through their heartbeats.
+    #[command(subcommand, visible_alias = "worker")]
+    Workers(FleetCmd),
+    /// Proxies, as heard through their heartbeats.
+    #[command(subcommand, visible_alias = "proxy")]
+    Proxies(FleetCmd),
+    /// Named IP and string lists that policies refer to.
+    #[command(subcommand, visible_alias = "list")]
+    Lists(ListCmd),
+    /// The durable decision log.
+    #[command(subcommand, visible_alias = "decision")]
+    Decisions(DecisionCmd),
+}
+
+/// `esperctl policies ...`
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Every policy with its version and state.
+    List,
+    /// One policy as TOML (ready to edit and apply).
+    Show { id: String },
+    /// Validates a policy file locally, then applies every policy in it.
+    Apply {
+        /// A TOML file of [[policy]] tables (`-` for stdin).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Validates a policy file locally (works offline).
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Starts evaluating a policy.
+    Enable { id: String },
+    /// Stops evaluating a policy (it stays stored).
+    Disable { id: String },
+    /// Records what a policy decides without enforcing it.
+    Shadow { id: String },
+    /// Enforces what a policy decides.
+    Enforce { id: String },
+    /// Deletes a policy (its history stays).
+    Delete { id: String },
+    /// Every version of a policy.
+    History { id: String },
+}
+
+/// Actions of a manual mitigation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ActionArg {
+    Block,
+    Throttle,
+    Tarpit,
+    Log,
+}
+
+/// `esperctl mitigations ...`
+#[derive(Subcommand, Debug)]
+pub enum MitigationCmd {
+    /// Active mitigations.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// An entity's active mitigations and its recent decisions.
+    Show {
+        /// `ip:203.0.113.7`, `cidr:203.0.113.0/24`, `header:NAME=VALUE`, ...
+        entity: String,
+    },
+    /// Publishes a manual mitigation.
+    Add {
+        entity: String,
+        #[arg(long, value_enum, default_value_t = ActionArg::Block)]
+        action: ActionArg,
+        /// Throttle: requests per second still allowed.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Throttle: burst allowance (default: rate rounded up).
+        #[arg(long)]
+        burst: Option<u32>,
+        /// Tarpit: how long each request is held (e.g. 2s).
+        #[arg(long)]
+        delay: Option<String>,
+        /// How long it stands (e.g. 30m, 1h, 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Restrict it to one app (default: every app).
+        #[arg(long)]
+        app: Option<String>,
+    },
+    /// Revokes a mitigation by id, or every mitigation of an entity.
+    Revoke {
+        id: Option<String>,
+        #[arg(long)]
+        entity: Option<String>,
+    },
+}
+
+/// `esperctl queue ...`
+#[derive(Subcommand, Debug)]
+pub enum QueueCmd {
+    /// Depth, leases, consumers.
+    Status,
+    /// Refuses new events (the proxies drop and count them) until resumed.
+    Pause,
+    /// Accepts events again.
+    Resume,
+}
+
+/// `esperctl workers list`, `esperctl proxies list`
+#[derive(Subcommand, Debug)]
+pub enum FleetCmd {
+    /// Every member heard from in the last hour.
+    List,
+}
+
+/// `esperctl lists ...`
+#[derive(Subcommand, Debug)]
+pub enum ListCmd {
+    /// Every list with its size.
+    List,
+    /// One list's items.
+    Show { name: String },
+    /// Creates or replaces a list.
+    Set {
+        name: String,
+        /// `ip` (addresses and CIDR networks) or `string`.
+        #[arg(long, default_value = "ip")]
+        kind: String,
+        /// One item per line; blank lines and `#` comments are skipped (`-` for stdin).
+        #[arg(short = 'f', long = "file", conflicts_with = "items")]
+        file: Option<PathBuf>,
+        /// An item (repeat for several).
+        #[arg(long = "item", value_name = "ITEM")]
+        items: Vec<String>,
+    },
+    /// Deletes a list no policy refers to.
+    Delete { name: String },
+}
+
+/// `esperctl decisions ...`
+#[derive(Subcommand, Debug)]
+pub enum DecisionCmd {
+    /// Recent decisions, newest first.
+    List {
+        #[arg(long)]
+        entity: Option<String>,
+        #[arg(long)]
+        policy: Option<String>,
+        /// enforce or shadow.
+        #[arg(long)]
+        mode: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+/// What every command needs: the client and the output format.
+pub struct Ctx {
+    pub client: ControlClient,
+    pub json: bool,
+}
+
+impl Ctx {
+    /// Prints the answer as the server sent it (`--output json`), or the table `human`
+    /// renders from it.
+    fn emit(
+        &self,
+        text: String,
+        human: impl FnOnce(serde_json::Value) -> Result<String, CtlError>,
+    ) -> Result<(), CtlError> {
+        if self.json {
+            println!("{}", text.trim_end());
+            return Ok(());
+        }
+        let v = serde_json::from_str(&text).map_err(|e| CtlError::Decode {
+            url: self.client.server().to_string(),
+            message: e.to_string(),
+        })?;
+        print!("{}", human(v)?);
+        Ok(())
+    }
+}
+
+/// Runs one `esperctl` invocation and returns the process exit code.
+pub async fn esperctl_main(args: CtlArgs) -> ExitCode {
+    match dispatch(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("esperctl: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn dispatch(args: CtlArgs) -> Result<(), CtlError> {
+    let ctx = Ctx {
+        client: ControlClient::new(&args.server, args.token)?,
+        json: args.output == OutputFormat::Json,
+    };
+    match args.command {
+        Command::Status => ops::status(&ctx).await,
+        Command::Policies(c) => policies::run(&ctx, c).await,
+        Command::Mitigations(c) => mitigations::run(&ctx, c).await,
+        Command::Queue(c) => ops::queue(&ctx, c).await,
+        Command::Workers(FleetCmd::List) => ops::workers(&ctx).await,
+        Command::Proxies(FleetCmd::List) => ops::proxies(&ctx).await,
+        Command::Lists(c) => lists::run(&ctx, c).await,
+        Command::Decisions(c) => ops::decisions(&ctx, c).await,
+    }
+}
+
+/// Reads a file named on the command line (`-` is stdin); errors are input errors.
+fn read_input(path: &std::path::Path) -> Result<String, CtlError> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| CtlError::Input(format!("cannot read stdin: {e}")))?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| CtlError::Input(format!("cannot read {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        CtlArgs::command().debug_assert();
+        let a = CtlArgs::try_parse_from([
+            "esperctl",
+            "mitigations",
+            "add",
+            "ip:192.0.2.1",
+            "--action",
+            "throttle",
+            "--rate",
+            "5",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(a.output, OutputFormat::Json);
+        assert!(matches!(
+            a.command,
+            Command::Mitigations(MitigationCmd::Add {
+                action: ActionArg::Throttle,
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,111 @@
+//! Workers and proxies as last heard from: their heartbeats, kept in memory with the time
+//! they arrived. A member not heard from within the timeout is listed as not alive, and
+//! forgotten after an hour.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use esper_protocol::control::Seen;
+use esper_protocol::{ProxyHeartbeat, WorkerHeartbeat};
+use parking_lot::RwLock;
+
+/// Members silent for this long are dropped from listings.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// One kind of member (workers or proxies), by id.
+#[derive(Debug)]
+pub struct Roster<T> {
+    timeout: chrono::Duration,
+    members: RwLock<HashMap<String, (T, DateTime<Utc>)>>,
+}
+
+impl<T: Clone> Roster<T> {
+    fn new(timeout: Duration) -> Roster<T> {
+        Roster {
+            timeout: chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX),
+            members: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Records a heartbeat from `id`.
+    pub fn beat(&self, id: &str, beat: T) {
+        let now = Utc::now();
+        let forget = chrono::Duration::from_std(FORGET_AFTER).unwrap_or(chrono::Duration::MAX);
+        let mut members = self.members.write();
+        members.retain(|_, (_, seen)| now - *seen < forget);
+        members.insert(id.to_string(), (beat, now));
+    }
+
+    /// Every member, by id, with whether it is alive.
+    pub fn list(&self) -> Vec<Seen<T>> {
+        let now = Utc::now();
+        let mut out: Vec<(String, Seen<T>)> = self
+            .members
+            .read()
+            .iter()
+            .map(|(id, (beat, seen))| {
+                (
+                    id.clone(),
+                    Seen {
+                        beat: beat.clone(),
+                        last_seen: *seen,
+                        alive: now - *seen <= self.timeout,
+                    },
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// How many are alive.
+    pub fn alive(&self) -> usize {
+        let now = Utc::now();
+        self.members
+            .read()
+            .values()
+            .filter(|(_, seen)| now - *seen <= self.timeout)
+            .count()
+    }
+}
+
+/// Workers and proxies.
+#[derive(Debug)]
+pub struct Heartbeats {
+    pub workers: Roster<WorkerHeartbeat>,
+    pub proxies: Roster<ProxyHeartbeat>,
+}
+
+impl Heartbeats {
+    /// Members are alive when heard from within `timeout`.
+    pub fn new(timeout: Duration) -> Heartbeats {
+        Heartbeats {
+            workers: Roster::new(timeout),
+            proxies: Roster::new(timeout),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_go_stale_after_the_timeout() {
+        let r: Roster<u32> = Roster::new(Duration::from_secs(15));
+        r.beat("b", 2);
+        r.beat("a", 1);
+        r.beat("a", 3);
+        let list = r.list();
+        assert_eq!(list.iter().map(|s| s.beat).collect::<Vec<_>>(), [3, 2]);
+        assert!(list.iter().all(|s| s.alive));
+        assert_eq!(r.alive(), 2);
+        r.members.write().get_mut("a").unwrap().1 = Utc::now() - chrono::Duration::seconds(16);
+        assert_eq!(r.alive(), 1);
+        assert!(!r.list()[0].alive);
+        r.members.write().get_mut("a").unwrap().1 = Utc::now() - chrono::Duration::hours(2);
+        r.beat("c", 4);
+        assert_eq!(r.list().len(), 2, "long-silent members are forgotten");
+    }
+}

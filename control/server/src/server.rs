@@ -1,0 +1,251 @@
+//! Starting and stopping the control plane: open and migrate the store, make sure a token
+//! exists, serve the API, health and metrics listeners, follow the mitigation broker,
+//! and shut down on the caller's signal or on `POST /api/v1/admin/shutdown`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use esper_common::Shutdown;
+use esper_common::http::{bind, serve, standard_layers};
+use esper_protocol::{IngestionClient, MitigationClient};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::health::ControlHealth;
+use crate::heartbeats::Heartbeats;
+use crate::metrics::Metrics;
+use crate::mirror::{self, Mirror};
+use crate::state::{AppState, Inner, Stopper};
+use crate::store::{self, ControlStore};
+use crate::{Error, api, auth};
+
+/// How often the fleet and policy gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// Upper bound handed to the shared server loop; the real drain is the stopper's.
+const SERVE_DRAIN_CAP: Duration = Duration::from_secs(24 * 3600);
+
+/// The three listeners of the control plane, bound by the caller (the binary binds the
+/// configured addresses; tests and `esper dev` bind 127.0.0.1:0).
+#[derive(Debug)]
+pub struct Listeners {
+    pub api: TcpListener,
+    pub health: TcpListener,
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses, with one clear error per failure.
+    pub async fn bind(config: &Config) -> Result<Listeners, Error> {
+        Ok(Listeners {
+            api: bind("API", config.listen).await?,
+            health: bind("health", config.health_listen).await?,
+            metrics: bind("metrics", config.metrics_listen).await?,
+        })
+    }
+
+    /// Three ephemeral loopback listeners.
+    pub async fn loopback() -> Result<Listeners, Error> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Ok(Listeners {
+            api: bind("API", any).await?,
+            health: bind("health", any).await?,
+            metrics: bind("metrics", any).await?,
+        })
+    }
+}
+
+fn local(what: &'static str, l: &TcpListener) -> Result<SocketAddr, Error> {
+    l.local_addr()
+        .map_err(|source| Error::Serve { what, source })
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct Started {
+    /// The API token generated at this start (first start with no token configured or
+    /// stored); show it to the operator once.
+    pub generated_token: Option<String>,
+    pub api_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Started {
+    /// Waits until the server has shut down and drained.
+    pub async fn wait(self) -> Result<(), Error> {
+        self.task.await.map_err(|e| Error::Task(e.to_string()))?
+    }
+}
+
+/// Opens the store named in `config` and applies pending migrations (`esper server
+/// migrate`); returns the migrations applied now.
+pub async fn migrate(config: &Config) -> Result<Vec<String>, Error> {
+    config.validate()?;
+    let store = store::open(&config.database_url, 1).await?;
+    let applied = store.migrate().await;
+    store.close().await;
+    Ok(applied?)
+}
+
+async fn prepare_store(config: &Config) -> Result<Arc<dyn ControlStore>, Error> {
+    let store = store::open(&config.database_url, config.database_max_connections).await?;
+    if config.migrate {
+        for m in store.migrate().await? {
+            tracing::info!(migration = %m, "applied a control store migration");
+        }
+    } else {
+        let pending = store.pending_migrations().await?;
+        if !pending.is_empty() {
+            store.close().await;
+            return Err(Error::PendingMigrations(pending.join(", ")));
+        }
+    }
+    Ok(store)
+}
+
+/// Starts the control plane on `listeners`; it runs until `shutdown` fires or the API
+/// asks it to stop. Store, migration and token errors are returned before anything is
+/// served.
+pub async fn start(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<Started, Error> {
+    config.validate()?;
+    let store = prepare_store(&config).await?;
+    let generated_token = auth::ensure_token(&*store, config.admin_token.as_deref()).await?;
+    let metrics = Metrics::new()?;
+
+    // Our own trigger, fired by the caller's signal or by the shutdown endpoint.
+    let (trigger, stop) = Shutdown::new();
+    let stopper = Arc::new(Stopper::new(trigger, config.shutdown_timeout));
+    {
+        let (stopper, stop) = (stopper.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.wait() => stopper.stop_default(),
+                _ = stop.wait() => {}
+            }
+        });
+    }
+
+    let broker_token = config.broker_token.clone();
+    let state = AppState(Arc::new(Inner {
+        store: store.clone(),
+        ingestion: IngestionClient::new(&config.ingestion_url, broker_token.clone()),
+        mitigation: MitigationClient::new(&config.mitigation_url, broker_token),
+        heartbeats: Heartbeats::new(config.heartbeat_timeout),
+        mirror: Arc::new(Mirror::new()),
+        metrics: metrics.clone(),
+        admin_token: config.admin_token.clone(),
+        started: Instant::now(),
+        shutdown_timeout: config.shutdown_timeout,
+        stopper: stopper.clone(),
+        active_cache: Mutex::new(None),
+    }));
+
+    let api_addr = local("API", &listeners.api)?;
+    let health_addr = local("health", &listeners.health)?;
+    let metrics_addr = local("metrics", &listeners.metrics)?;
+    let api_router = api::router(state.clone(), config.body_limit);
+    let health_router = standard_layers(
+        esper_common::health::routes(
+            Arc::new(ControlHealth {
+                state: state.clone(),
+            }),
+            stop.clone(),
+        ),
+        config.body_limit,
+    );
+    let metrics_router = standard_layers(
+        esper_common::metrics::route(metrics.registry.clone()),
+        config.body_limit,
+    );
+
+    let follower = tokio::spawn(mirror::follow(
+        state.mirror.clone(),
+        state.mitigation.clone(),
+        stop.clone(),
+    ));
+    let gauges = tokio::spawn(refresh_gauges(state.clone(), stop.clone()));
+    tracing::info!(%api_addr, %health_addr, %metrics_addr, store = store.kind(), "control plane serving");
+
+    let task = tokio::spawn(async move {
+        let (a, h, m) = tokio::join!(
+            serve_until(listeners.api, api_router, &stop, &stopper),
+            serve_until(listeners.health, health_router, &stop, &stopper),
+            serve_until(listeners.metrics, metrics_router, &stop, &stopper),
+        );
+        let _ = tokio::join!(follower, gauges);
+        drop(state);
+        store.close().await;
+        tracing::info!("control plane stopped");
+        a.map_err(|source| Error::Serve {
+            what: "API",
+            source,
+        })?;
+        h.map_err(|source| Error::Serve {
+            what: "health",
+            source,
+        })?;
+        m.map_err(|source| Error::Serve {
+            what: "metrics",
+            source,
+        })?;
+        Ok(())
+    });
+    Ok(Started {
+        generated_token,
+        api_addr,
+        health_addr,
+        metrics_addr,
+        task,
+    })
+}
+
+/// Starts the control plane and runs it until shutdown.
+pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
+    start(config, listeners, shutdown).await?.wait().await
+}
+
+/// Serves until `stop`, then lets in-flight requests run for the stopper's drain.
+async fn serve_until(
+    listener: TcpListener,
+    router: Router,
+    stop: &Shutdown,
+    stopper: &Stopper,
+) -> std::io::Result<()> {
+    let served = serve(listener, router, stop.clone(), SERVE_DRAIN_CAP);
+    tokio::select! {
+        r = served => r,
+        _ = async { stop.wait().await; tokio::time::sleep(stopper.drain()).await } => {
+            tracing::warn!(drain = ?stopper.drain(), "requests still running after the drain timeout; closing");
+            Ok(())
+        }
+    }
+}
+
+async fn refresh_gauges(state: AppState, stop: Shutdown) {
+    loop {
+        let m = &state.metrics;
+        m.workers_alive.set(state.heartbeats.workers.alive() as i64);
+        m.proxies_alive.set(state.heartbeats.proxies.alive() as i64);
+        m.mirrored_mitigations.set(state.mirror.len() as i64);
+        if let Ok(policies) = state.store.list_policies().await {
+            m.policies_total.set(policies.len() as i64);
+            m.policies_enabled
+                .set(policies.iter().filter(|p| p.enabled).count() as i64);
+        }
+        if let Ok(rev) = state.store.revision().await {
+            m.policy_revision.set(rev);
+        }
+        if stop.sleep(GAUGE_INTERVAL).await {
+            return;
+        }
+    }
+}

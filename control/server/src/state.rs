@@ -1,0 +1,74 @@
+//! What every handler shares: the store, the broker clients, heartbeats, the mitigation
+//! mirror, metrics, and the switch through which the API can stop its own server.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use esper_common::ShutdownTrigger;
+use esper_engine::policy::ActivePolicies;
+use esper_protocol::{IngestionClient, MitigationClient};
+use parking_lot::Mutex;
+
+use crate::heartbeats::Heartbeats;
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
+use crate::store::ControlStore;
+
+/// Begins this server's shutdown, and holds how long in-flight requests may then run.
+#[derive(Debug)]
+pub struct Stopper {
+    trigger: ShutdownTrigger,
+    drain: Mutex<Duration>,
+}
+
+impl Stopper {
+    pub fn new(trigger: ShutdownTrigger, drain: Duration) -> Stopper {
+        Stopper {
+            trigger,
+            drain: Mutex::new(drain),
+        }
+    }
+
+    /// Begins shutdown with `drain` as the limit for in-flight requests.
+    pub fn stop(&self, drain: Duration) {
+        *self.drain.lock() = drain;
+        self.trigger.trigger();
+    }
+
+    /// Begins shutdown with the configured drain.
+    pub fn stop_default(&self) {
+        self.trigger.trigger();
+    }
+
+    pub fn drain(&self) -> Duration {
+        *self.drain.lock()
+    }
+}
+
+/// The shared state itself.
+pub struct Inner {
+    pub store: Arc<dyn ControlStore>,
+    pub ingestion: IngestionClient,
+    pub mitigation: MitigationClient,
+    pub heartbeats: Heartbeats,
+    pub mirror: Arc<Mirror>,
+    pub metrics: Metrics,
+    pub admin_token: Option<String>,
+    pub started: Instant,
+    pub shutdown_timeout: Duration,
+    pub stopper: Arc<Stopper>,
+    /// The last `ActivePolicies` built, reused while the revision stays the same.
+    pub active_cache: Mutex<Option<Arc<ActivePolicies>>>,
+}
+
+/// Cheap to clone; handlers take it as `State<AppState>`.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}

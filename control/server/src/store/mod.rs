@@ -1,0 +1,243 @@
+//! The control store: policies and their history, named lists, the revision counter,
+//! the decision log and API tokens, behind one trait so that a PostgreSQL implementation
+//! can sit beside the SQLite one and pass the same [`suite`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use esper_protocol::{Decision, DecisionMode, EntityKey};
+use serde::{Deserialize, Serialize};
+
+mod sqlite;
+pub mod suite;
+
+pub use sqlite::SqliteStore;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened.
+    #[error("cannot open the control store at {url}: {reason}")]
+    Open { url: String, reason: String },
+    /// Applying the schema migrations failed.
+    #[error("cannot migrate the control store: {0}")]
+    Migrate(String),
+    /// A query failed.
+    #[error("control store query failed: {0}")]
+    Query(String),
+    /// A row could not be read back (bad JSON or timestamp).
+    #[error("control store holds an unreadable row: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        StoreError::Query(e.to_string())
+    }
+}
+
+/// A policy as stored: its current version and spec. The spec is kept as JSON so the
+/// store does not depend on the policy language's types.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub id: String,
+    pub version: i64,
+    pub enabled: bool,
+    /// `enforce` or `shadow`.
+    pub mode: String,
+    pub spec: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One entry of a policy's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyVersionRecord {
+    pub id: String,
+    pub version: i64,
+    /// What made this version: `apply`, `enable`, `disable`, `shadow`, `enforce`, `delete`.
+    pub change: String,
+    pub spec: serde_json::Value,
+    /// The token name of whoever made the change.
+    pub changed_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A policy to write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyWrite {
+    pub id: String,
+    pub enabled: bool,
+    pub mode: String,
+    pub spec: serde_json::Value,
+    pub change: String,
+    pub changed_by: String,
+}
+
+/// The result of writing one policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutOutcome {
+    pub id: String,
+    pub version: i64,
+    /// False when the spec equalled the current one (no new version).
+    pub changed: bool,
+}
+
+/// A named list of IPs/networks or strings that policies refer to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListRecord {
+    pub name: String,
+    /// `ip` or `string`.
+    pub kind: String,
+    pub items: Vec<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What the workers evaluate, read in one consistent snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActiveSnapshot {
+    pub revision: i64,
+    /// Enabled policies only.
+    pub policies: Vec<PolicyRecord>,
+    pub lists: Vec<ListRecord>,
+}
+
+/// A decision as the log holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoggedDecision {
+    pub decision: Decision,
+    pub recorded_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by: Option<String>,
+}
+
+/// Filters of the decision log, newest first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DecisionQuery {
+    pub entity: Option<EntityKey>,
+    pub policy: Option<String>,
+    pub mode: Option<DecisionMode>,
+    pub limit: usize,
+}
+
+/// Which logged decisions a revocation marks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RevokeTarget {
+    Id(String),
+    Entity(EntityKey),
+}
+
+/// The control plane's durable state. Every method is one transaction.
+#[async_trait]
+pub trait ControlStore: Send + Sync {
+    /// A short name for status output, e.g. `sqlite`.
+    fn kind(&self) -> &'static str;
+
+    /// Applies pending schema migrations; returns the descriptions of those applied now.
+    async fn migrate(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Migrations not yet applied (a server started with `--no-migrations` refuses to run
+    /// while any are pending).
+    async fn pending_migrations(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Is the store reachable?
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Closes the connections (after the servers drained).
+    async fn close(&self);
+
+    /// Every policy, by id.
+    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
+
+    async fn get_policy(&self, id: &str) -> Result<Option<PolicyRecord>, StoreError>;
+
+    /// Writes policies all or nothing. A policy whose spec equals the stored one keeps
+    /// its version; any change makes a new version, kept in the history, and bumps the
+    /// revision once.
+    async fn put_policies(&self, writes: Vec<PolicyWrite>) -> Result<Vec<PutOutcome>, StoreError>;
+
+    /// Deletes a policy (its history stays); `false` when there was none.
+    async fn delete_policy(&self, id: &str, by: &str) -> Result<bool, StoreError>;
+
+    /// A policy's history, oldest first (also after it was deleted).
+    async fn policy_versions(&self, id: &str) -> Result<Vec<PolicyVersionRecord>, StoreError>;
+
+    async fn list_lists(&self) -> Result<Vec<ListRecord>, StoreError>;
+
+    async fn get_list(&self, name: &str) -> Result<Option<ListRecord>, StoreError>;
+
+    /// Creates or replaces a list; bumps the revision when anything changed.
+    async fn put_list(
+        &self,
+        name: &str,
+        kind: &str,
+        items: Vec<String>,
+    ) -> Result<ListRecord, StoreError>;
+
+    /// `false` when there was no such list.
+    async fn delete_list(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// The counter bumped on every policy or list change.
+    async fn revision(&self) -> Result<i64, StoreError>;
+
+    /// Enabled policies, all lists and the revision, consistently.
+    async fn active_snapshot(&self) -> Result<ActiveSnapshot, StoreError>;
+
+    /// Appends decisions, ignoring ids already logged; returns how many were new.
+    async fn record_decisions(&self, decisions: &[Decision]) -> Result<usize, StoreError>;
+
+    async fn query_decisions(&self, q: &DecisionQuery) -> Result<Vec<LoggedDecision>, StoreError>;
+
+    /// Marks logged decisions as revoked; returns how many were marked.
+    async fn mark_revoked(
+        &self,
+        target: &RevokeTarget,
+        by: &str,
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
+
+    async fn token_count(&self) -> Result<u64, StoreError>;
+
+    /// Stores a token's SHA-256 hash (hex) under `name`.
+    async fn add_token(&self, name: &str, hash: &str) -> Result<(), StoreError>;
+
+    /// The name of the token with this hash, if any.
+    async fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError>;
+}
+
+/// Opens the store named by `url`. Only `sqlite:` URLs are supported in this build.
+pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn ControlStore>, StoreError> {
+    Ok(Arc::new(SqliteStore::connect(url, max_connections).await?))
+}
+
+/// Timestamps as stored: RFC 3339, UTC, microseconds, fixed width, so text order is time
+/// order in every database.
+pub(crate) fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+pub(crate) fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Corrupt(format!("timestamp `{s}`: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_timestamps_sort_as_text() {
+        let a = DateTime::parse_from_rfc3339("2026-01-01T00:00:09Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let b = a + chrono::Duration::milliseconds(1500);
+        assert!(ts(a) < ts(b));
+        assert_eq!(ts(a).len(), ts(b).len());
+        assert_eq!(parse_ts(&ts(b)).unwrap(), b);
+        assert!(parse_ts("yesterday").is_err());
+    }
+}

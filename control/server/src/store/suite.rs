@@ -1,0 +1,223 @@
+//! The conformance suite every [`ControlStore`] implementation must pass. It panics on
+//! the first failed expectation, as a test does; call it from a `#[tokio::test]` with a
+//! freshly migrated, empty store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use esper_protocol::{Action, Decision, DecisionMode, EntityKey, Mitigation, Origin, Reason};
+use serde_json::json;
+
+use super::{ControlStore, DecisionQuery, PolicyWrite, RevokeTarget};
+
+fn write(id: &str, spec: serde_json::Value, change: &str) -> PolicyWrite {
+    PolicyWrite {
+        id: id.to_string(),
+        enabled: spec["enabled"].as_bool().unwrap_or(true),
+        mode: spec["mode"].as_str().unwrap_or("enforce").to_string(),
+        spec,
+        change: change.to_string(),
+        changed_by: "suite".to_string(),
+    }
+}
+
+fn decision(id: &str, entity: &str, mode: DecisionMode, secs_ago: i64) -> Decision {
+    let entity: EntityKey = entity.parse().expect("suite entity keys are valid");
+    let mut m = Mitigation::new(
+        entity,
+        Action::Block,
+        Duration::from_secs(3600),
+        Origin::Policy,
+        Reason {
+            policy_id: Some("login-burst".into()),
+            summary: "suite".into(),
+        },
+    );
+    m.id = id.to_string();
+    Decision {
+        id: id.to_string(),
+        mitigation: m,
+        mode,
+        policy_id: Some("login-burst".into()),
+        policy_version: Some(1),
+        counted: Some(12.0),
+        threshold: Some(10.0),
+        window_secs: Some(60),
+        decided_by: "worker-1".into(),
+        decided_at: Utc::now() - chrono::Duration::seconds(secs_ago),
+    }
+}
+
+/// Runs every expectation against `store`.
+pub async fn run(store: Arc<dyn ControlStore>) {
+    migrations_are_idempotent(&*store).await;
+    policies_version_only_on_change(&*store).await;
+    lists_bump_the_revision(&*store).await;
+    decision_log_is_idempotent_and_filtered(&*store).await;
+    tokens_are_found_by_hash(&*store).await;
+}
+
+async fn migrations_are_idempotent(store: &dyn ControlStore) {
+    store.migrate().await.expect("migrate");
+    assert!(store.migrate().await.expect("migrate again").is_empty());
+    store.ping().await.expect("ping");
+}
+
+async fn policies_version_only_on_change(store: &dyn ControlStore) {
+    let r0 = store.revision().await.expect("revision");
+    let a = json!({"id": "a", "threshold": 10, "enabled": true, "mode": "enforce"});
+    let b = json!({"id": "b", "threshold": 5, "enabled": false, "mode": "shadow"});
+    let out = store
+        .put_policies(vec![write("a", a.clone(), "apply"), write("b", b, "apply")])
+        .await
+        .expect("put");
+    assert!(out.iter().all(|o| o.changed && o.version == 1), "{out:?}");
+    let r1 = store.revision().await.expect("revision");
+    assert_eq!(r1, r0 + 1, "one bump per write");
+
+    let out = store
+        .put_policies(vec![write("a", a.clone(), "apply")])
+        .await
+        .expect("put same");
+    assert_eq!((out[0].version, out[0].changed), (1, false));
+    assert_eq!(store.revision().await.expect("revision"), r1);
+
+    let a2 = json!({"id": "a", "threshold": 20, "enabled": true, "mode": "enforce"});
+    let out = store
+        .put_policies(vec![write("a", a2.clone(), "apply")])
+        .await
+        .expect("put changed");
+    assert_eq!((out[0].version, out[0].changed), (2, true));
+    let got = store.get_policy("a").await.expect("get").expect("exists");
+    assert_eq!((got.version, got.spec), (2, a2));
+
+    let snap = store.active_snapshot().await.expect("snapshot");
+    let ids: Vec<_> = snap.policies.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["a"], "only enabled policies are active");
+
+    assert!(store.delete_policy("a", "suite").await.expect("delete"));
+    assert!(
+        !store
+            .delete_policy("a", "suite")
+            .await
+            .expect("delete again")
+    );
+    assert!(store.get_policy("a").await.expect("get").is_none());
+    let history = store.policy_versions("a").await.expect("versions");
+    let changes: Vec<_> = history
+        .iter()
+        .map(|v| (v.version, v.change.as_str()))
+        .collect();
+    assert_eq!(changes, [(1, "apply"), (2, "apply"), (3, "delete")]);
+    assert_eq!(history[0].spec, a);
+
+    let out = store
+        .put_policies(vec![write("a", a, "apply")])
+        .await
+        .expect("re-apply");
+    assert_eq!(out[0].version, 4, "versions keep counting after a delete");
+    let all: Vec<_> = store
+        .list_policies()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(all, ["a", "b"]);
+}
+
+async fn lists_bump_the_revision(store: &dyn ControlStore) {
+    let r0 = store.revision().await.expect("revision");
+    let items = vec!["10.0.0.0/8".to_string(), "192.0.2.1".to_string()];
+    let l = store
+        .put_list("office", "ip", items.clone())
+        .await
+        .expect("put list");
+    assert_eq!(l.items, items);
+    assert_eq!(store.revision().await.expect("revision"), r0 + 1);
+    store
+        .put_list("office", "ip", items.clone())
+        .await
+        .expect("same list");
+    assert_eq!(store.revision().await.expect("revision"), r0 + 1);
+    let got = store
+        .get_list("office")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(got, l);
+    assert_eq!(store.list_lists().await.expect("lists").len(), 1);
+    assert!(store.delete_list("office").await.expect("delete"));
+    assert!(!store.delete_list("office").await.expect("delete again"));
+    assert_eq!(store.revision().await.expect("revision"), r0 + 2);
+}
+
+async fn decision_log_is_idempotent_and_filtered(store: &dyn ControlStore) {
+    let batch = vec![
+        decision("d1", "ip:192.0.2.1", DecisionMode::Enforce, 30),
+        decision("d2", "ip:192.0.2.1", DecisionMode::Shadow, 20),
+        decision("d3", "ip:192.0.2.9", DecisionMode::Enforce, 10),
+    ];
+    assert_eq!(store.record_decisions(&batch).await.expect("record"), 3);
+    assert_eq!(store.record_decisions(&batch).await.expect("again"), 0);
+
+    let all = store
+        .query_decisions(&DecisionQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("query");
+    let ids: Vec<_> = all.iter().map(|d| d.decision.id.as_str()).collect();
+    assert_eq!(ids, ["d3", "d2", "d1"], "newest first");
+    assert_eq!(all[2].decision, batch[0], "stored as sent");
+
+    let q = DecisionQuery {
+        entity: Some("ip:192.0.2.1".parse().expect("key")),
+        mode: Some(DecisionMode::Enforce),
+        policy: Some("login-burst".into()),
+        limit: 10,
+    };
+    let got = store.query_decisions(&q).await.expect("filtered");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].decision.id, "d1");
+    let one = store
+        .query_decisions(&DecisionQuery {
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("limit");
+    assert_eq!(one.len(), 1);
+
+    let entity: EntityKey = "ip:192.0.2.1".parse().expect("key");
+    let n = store
+        .mark_revoked(&RevokeTarget::Entity(entity), "suite", Utc::now())
+        .await
+        .expect("revoke");
+    assert_eq!(n, 1, "shadow decisions were never in force");
+    let n = store
+        .mark_revoked(&RevokeTarget::Id("d1".into()), "suite", Utc::now())
+        .await
+        .expect("revoke again");
+    assert_eq!(n, 0, "already revoked");
+    let got = store.query_decisions(&q).await.expect("filtered");
+    assert_eq!(got[0].revoked_by.as_deref(), Some("suite"));
+    assert!(got[0].revoked_at.is_some());
+}
+
+async fn tokens_are_found_by_hash(store: &dyn ControlStore) {
+    assert_eq!(store.token_count().await.expect("count"), 0);
+    store.add_token("ops", "abc123").await.expect("add");
+    assert!(
+        store.add_token("ops", "other").await.is_err(),
+        "names are unique"
+    );
+    assert_eq!(store.token_count().await.expect("count"), 1);
+    assert_eq!(
+        store.token_name("abc123").await.expect("find").as_deref(),
+        Some("ops")
+    );
+    assert_eq!(store.token_name("nope").await.expect("find"), None);
+}

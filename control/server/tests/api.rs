@@ -1,0 +1,786 @@
+//! The control-plane API over real HTTP: auth, policies, lists, mitigations through a
+//! real mitigation broker, the decision log, analyze through a real ingestion broker,
+//! status, heartbeats, health, metrics and bad input.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use chrono::Utc;
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{POLICIES, Stack, TOKEN, call, eventually};
+
+#[tokio::test]
+async fn every_api_route_needs_a_valid_token() {
+    let s = Stack::without_brokers().await;
+    let url = format!("{}/api/v1/policies", s.api);
+    let (status, body) = call(s.http.get(&url)).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"], "unauthorized");
+    let (status, body) = call(s.http.get(&url).bearer_auth("wrong")).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["message"], "missing or invalid bearer token");
+    let (status, _) = call(
+        s.http
+            .post(format!("{}/api/v1/admin/shutdown", s.api))
+            .json(&json!({})),
+    )
+    .await;
+    assert_eq!(status, 401, "shutdown is protected too");
+    let (status, body) = call(s.http.get(&url).bearer_auth(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["policies"], json!([]));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn policies_apply_version_and_toggle() {
+    let s = Stack::without_brokers().await;
+    let (status, body) = s.apply_toml(POLICIES).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["applied"],
+        json!([
+            {"id": "login-burst", "version": 1, "changed": true},
+            {"id": "api-scrapers", "version": 1, "changed": true}
+        ])
+    );
+    let rev1 = body["revision"].as_i64().unwrap();
+
+    let (_, body) = s.apply_toml(POLICIES).await;
+    assert_eq!(
+        body["applied"][0],
+        json!({"id": "login-burst", "version": 1, "changed": false})
+    );
+    assert_eq!(
+        body["revision"].as_i64().unwrap(),
+        rev1,
+        "no change, same revision"
+    );
+
+    let changed = POLICIES.replace("threshold = 10", "threshold = 20");
+    let (_, body) = s.apply_toml(&changed).await;
+    assert_eq!(
+        body["applied"][0],
+        json!({"id": "login-burst", "version": 2, "changed": true})
+    );
+    assert_eq!(body["applied"][1]["changed"], false);
+
+    let (status, list) = s.get("/api/v1/policies").await;
+    assert_eq!(status, 200);
+    let login = &list["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "login-burst")
+        .unwrap()
+        .clone();
+    assert_eq!(login["version"], 2);
+    assert_eq!(login["threshold"], 20.0);
+    assert_eq!(login["window"], "1m");
+    assert_eq!(login["action"], "block");
+    assert_eq!(login["entity"], "ip");
+    assert_eq!(login["mode"], "enforce");
+
+    let (status, detail) = s.get("/api/v1/policies/login-burst").await;
+    assert_eq!(status, 200);
+    assert_eq!(detail["spec"]["threshold"], 20);
+    let back = esper_engine::policy::parse_policies(detail["toml"].as_str().unwrap()).unwrap();
+    assert_eq!(back[0].id, "login-burst");
+    assert_eq!(back[0].threshold, 20.0);
+
+    let (status, body) = s
+        .post("/api/v1/policies/login-burst/disable", json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["applied"][0]["version"], 3);
+    let (_, body) = s
+        .post("/api/v1/policies/login-burst/disable", json!({}))
+        .await;
+    assert_eq!(body["applied"][0]["changed"], false, "already disabled");
+    let (_, body) = s
+        .post("/api/v1/policies/api-scrapers/shadow", json!({}))
+        .await;
+    assert_eq!(body["applied"][0]["version"], 2);
+
+    let (status, active) = s.get("/api/v1/policies/active").await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = active["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["api-scrapers"], "disabled policies are not active");
+    assert_eq!(active["policies"][0]["mode"], "shadow");
+    assert_eq!(active["versions"]["api-scrapers"], 2);
+    let rev = active["revision"].as_i64().unwrap();
+    assert!(rev > rev1);
+
+    let (_, body) = s
+        .post("/api/v1/policies/login-burst/enable", json!({}))
+        .await;
+    assert_eq!(body["applied"][0]["version"], 4);
+    let (_, active) = s.get("/api/v1/policies/active").await;
+    assert_eq!(active["policies"].as_array().unwrap().len(), 2);
+    assert!(active["revision"].as_i64().unwrap() > rev);
+
+    let (status, hist) = s.get("/api/v1/policies/login-burst/versions").await;
+    assert_eq!(status, 200);
+    let changes: Vec<(i64, &str, &str)> = hist["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_i64().unwrap(),
+                v["change"].as_str().unwrap(),
+                v["changed_by"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            (1, "apply", "admin"),
+            (2, "apply", "admin"),
+            (3, "disable", "admin"),
+            (4, "enable", "admin")
+        ]
+    );
+    assert_eq!(hist["versions"][0]["spec"]["threshold"], 10);
+
+    let (status, _) = s.delete("/api/v1/policies/login-burst").await;
+    assert_eq!(status, 200);
+    let (status, body) = s.get("/api/v1/policies/login-burst").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["message"], "no policy `login-burst`");
+    let (status, hist) = s.get("/api/v1/policies/login-burst/versions").await;
+    assert_eq!(status, 200, "history outlives the policy");
+    assert_eq!(
+        hist["versions"].as_array().unwrap().last().unwrap()["change"],
+        "delete"
+    );
+    let (status, _) = s.post("/api/v1/policies/nope/enable", json!({})).await;
+    assert_eq!(status, 404);
+    let (status, _) = s
+        .post("/api/v1/policies/api-scrapers/explode", json!({}))
+        .await;
+    assert_eq!(status, 404);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn policy_errors_are_precise() {
+    let s = Stack::without_brokers().await;
+    let (status, body) = s
+        .apply_toml("[[policy]]\nid = \"x\"\nwindow = \"1m\"\nthreshold = 5\naction = \"blok\"\n")
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_policy");
+    assert_eq!(
+        body["message"],
+        "line 5, column 10: policy \"x\": unknown action \"blok\" (expected block, throttle, tarpit or log)"
+    );
+    let (status, body) = s.apply_toml("[[policy]\nid = 1").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 1, column"),
+        "{body}"
+    );
+    let (status, body) = s
+        .apply_toml(
+            "[[policy]]\nid = \"t\"\nwindow = \"1m\"\nthreshold = 5\naction = \"throttle\"\n",
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("action throttle needs `rate`"),
+        "{body}"
+    );
+    let (status, body) = s
+        .apply_toml("[[policy]]\nid = \"l\"\nwindow = \"1m\"\nthreshold = 5\naction = \"block\"\n[policy.match]\nip_not_in_list = \"office\"\n")
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["message"],
+        "policy \"l\": refers to list \"office\", which does not exist"
+    );
+    let (status, body) = s.apply_toml("# nothing here\n").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no [[policy]] tables")
+    );
+
+    // JSON bodies take the same shape and get the same checks.
+    let (status, body) = s
+        .post(
+            "/api/v1/policies",
+            json!({"policies": [{"id": "j", "window": "1m", "threshold": 0, "action": "log"}]}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["message"],
+        "policy \"j\": threshold 0 must be above 0 (and at most 1e12)"
+    );
+    let (status, body) = s
+        .post("/api/v1/policies", json!({"policies": [{"id": "j", "window": "1m", "threshold": 3, "action": "log", "colour": "red"}]}))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `colour`"),
+        "{body}"
+    );
+    let (status, body) = s
+        .post(
+            "/api/v1/policies",
+            json!({"policies": [{"id": "j", "window": "1m", "threshold": 3, "action": "log"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = call(
+        s.req(Method::POST, "/api/v1/policies")
+            .header("content-type", "text/plain")
+            .body("x"),
+    )
+    .await;
+    assert_eq!(status, 415);
+    assert_eq!(body["error"], "unsupported_media_type");
+
+    let (status, body) = call(
+        s.req(Method::POST, "/api/v1/policies/validate")
+            .header("content-type", "application/toml")
+            .body(POLICIES),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"valid": true, "policies": 2}));
+    let (status, body) = call(
+        s.req(Method::POST, "/api/v1/policies/validate")
+            .header("content-type", "application/toml")
+            .body(POLICIES.replace("60s", "2d")),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("window 2days is out of range"),
+        "{body}"
+    );
+    let (_, list) = s.get("/api/v1/policies").await;
+    assert_eq!(
+        list["policies"].as_array().unwrap().len(),
+        1,
+        "validate stores nothing"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn lists_are_validated_and_guarded_by_their_users() {
+    let s = Stack::without_brokers().await;
+    let (status, body) = s
+        .put(
+            "/api/v1/lists/office",
+            json!({"kind": "ip", "items": ["10.0.0.0/8", "192.0.2.1"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["items"], json!(["10.0.0.0/8", "192.0.2.1"]));
+    let (_, rev) = s.get("/api/v1/policies/active").await;
+    assert_eq!(rev["lists"][0]["name"], "office");
+
+    let (status, body) = s
+        .put(
+            "/api/v1/lists/office",
+            json!({"kind": "ip", "items": ["10.0.0.1", "nope"]}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_list");
+    assert_eq!(
+        body["message"],
+        "list \"office\" item 2: \"nope\" is not an IP address or CIDR network"
+    );
+    let (status, body) = s
+        .put("/api/v1/lists/office", json!({"kind": "mac", "items": []}))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown list kind")
+    );
+    let (status, _) = s
+        .put(
+            "/api/v1/lists/Bad%20Name",
+            json!({"kind": "ip", "items": []}),
+        )
+        .await;
+    assert_eq!(status, 400);
+
+    let policy = "[[policy]]\nid = \"outsiders\"\nwindow = \"1m\"\nthreshold = 5\naction = \"block\"\n[policy.match]\nip_not_in_list = \"office\"\n";
+    let (status, body) = s.apply_toml(policy).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s.delete("/api/v1/lists/office").await;
+    assert_eq!(status, 409);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("used by policy `outsiders`")
+    );
+    let (status, _) = s
+        .put(
+            "/api/v1/lists/office",
+            json!({"kind": "string", "items": ["x"]}),
+        )
+        .await;
+    assert_eq!(status, 409, "an IP list in use cannot become a string list");
+
+    let (status, body) = s.get("/api/v1/lists").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["lists"][0]["items"], 2);
+    s.delete("/api/v1/policies/outsiders").await;
+    let (status, _) = s.delete("/api/v1/lists/office").await;
+    assert_eq!(status, 200);
+    let (status, _) = s.get("/api/v1/lists/office").await;
+    assert_eq!(status, 404);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn manual_ban_lookup_analyze_and_revoke() {
+    let s = Stack::start().await;
+    let (status, m) = s
+        .post("/api/v1/mitigations", json!({"entity": "ip:198.51.100.7", "action": "block", "ttl": "1h", "reason": "credential stuffing"}))
+        .await;
+    assert_eq!(status, 201, "{m}");
+    assert_eq!(m["origin"], "manual");
+    assert_eq!(m["action"], json!({"type": "block"}));
+    assert_eq!(m["reason"]["summary"], "credential stuffing");
+    let id = m["id"].as_str().unwrap().to_string();
+
+    let (status, list) = s.get("/api/v1/mitigations?limit=10").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["total"], 1);
+
+    let (status, e) = s.get("/api/v1/mitigations/entity/ip:198.51.100.7").await;
+    assert_eq!(status, 200, "{e}");
+    assert_eq!(e["mitigations"][0]["id"], id);
+    assert_eq!(e["decisions"][0]["decision"]["decided_by"], "control:admin");
+    assert_eq!(
+        e["decisions"][0]["decision"]["mitigation"]["origin"],
+        "manual"
+    );
+
+    let (status, a) = s
+        .post(
+            "/api/v1/analyze",
+            json!({"client_ip": "198.51.100.7", "method": "POST", "path": "/login"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["action"], "block");
+    assert_eq!(a["mitigation"]["id"], id);
+    assert_eq!(a["enqueued"], true);
+
+    let (status, r) = s
+        .post(
+            "/api/v1/mitigations/revoke",
+            json!({"entity": "ip:198.51.100.7"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["revoked"], 1);
+    let (_, e) = s.get("/api/v1/mitigations/entity/ip:198.51.100.7").await;
+    assert_eq!(e["mitigations"], json!([]));
+    assert_eq!(e["decisions"][0]["revoked_by"], "control:admin");
+    let (_, a) = s
+        .post(
+            "/api/v1/analyze",
+            json!({"client_ip": "198.51.100.7", "method": "GET", "path": "/"}),
+        )
+        .await;
+    assert_eq!(a["action"], "allow");
+    assert_eq!(a["mitigation"], Value::Null);
+
+    let (status, body) = s.post("/api/v1/mitigations/revoke", json!({})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["message"], "give exactly one of `id` or `entity`");
+    let (status, body) = s
+        .post(
+            "/api/v1/mitigations",
+            json!({"entity": "198.51.100.7", "action": "block"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_entity");
+    let (status, body) = s
+        .post(
+            "/api/v1/mitigations",
+            json!({"entity": "ip:198.51.100.7", "action": "throttle"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_action");
+    let (status, body) = s
+        .post(
+            "/api/v1/mitigations",
+            json!({"entity": "ip:198.51.100.7", "action": "block", "ttl": "forever"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_ttl");
+    let (status, _) = s.get("/api/v1/mitigations/entity/nonsense").await;
+    assert_eq!(status, 400);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn analyze_sees_network_mitigations_published_by_others_and_enqueues() {
+    let s = Stack::start().await;
+    let brokers = s.brokers.as_ref().unwrap();
+    // An engine publishes straight to the broker; the control plane learns of it
+    // through the delta stream.
+    let mitigation = esper_protocol::MitigationClient::new(&brokers.mitigation_url, None);
+    let m = esper_protocol::Mitigation::new(
+        "cidr:203.0.113.0/24".parse().unwrap(),
+        esper_protocol::Action::Tarpit { delay_ms: 1500 },
+        std::time::Duration::from_secs(600),
+        esper_protocol::Origin::Policy,
+        esper_protocol::Reason {
+            policy_id: Some("scanners".into()),
+            summary: "scan".into(),
+        },
+    );
+    mitigation.publish(vec![m.clone()]).await.unwrap();
+    let probe = json!({"client_ip": "203.0.113.9", "method": "GET", "path": "/wp-admin", "app": "shop",
+                       "headers": {"User-Agent": "x"}, "cookies": {"sid": "secret"}});
+    eventually("the mirror to pick up the network mitigation", || async {
+        let (_, a) = s.post("/api/v1/analyze", probe.clone()).await;
+        a["action"] == "tarpit"
+    })
+    .await;
+    let (_, a) = s.post("/api/v1/analyze", probe.clone()).await;
+    assert_eq!(a["mitigation"]["id"], m.id.as_str());
+
+    let (status, q) = s.get("/api/v1/queue/status").await;
+    assert_eq!(status, 200, "{q}");
+    assert!(q["depth"].as_u64().unwrap() >= 2, "{q}");
+    let ingestion = esper_protocol::IngestionClient::new(&brokers.ingestion_url, None);
+    let claimed = ingestion
+        .claim(
+            "test",
+            1,
+            std::time::Duration::from_secs(30),
+            std::time::Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let ev = &claimed.items[0].event;
+    assert_eq!(ev.proxy_id, "control");
+    assert_eq!(ev.app, "shop");
+    assert_eq!(ev.path, "/wp-admin");
+    assert_eq!(ev.headers["user-agent"], "x");
+    assert_eq!(
+        ev.cookies["sid"],
+        esper_protocol::hash_cookie_value("secret"),
+        "cookie values leave hashed"
+    );
+
+    let (status, q) = s.post("/api/v1/queue/pause", json!({})).await;
+    assert_eq!(status, 200, "{q}");
+    assert_eq!(q["paused"], true);
+    let (_, a) = s.post("/api/v1/analyze", probe.clone()).await;
+    assert_eq!(a["enqueued"], false, "a paused queue still gets an answer");
+    assert_eq!(a["action"], "tarpit");
+    let (_, q) = s.post("/api/v1/queue/resume", json!({})).await;
+    assert_eq!(q["paused"], false);
+
+    let (status, body) = s
+        .post(
+            "/api/v1/analyze",
+            json!({"client_ip": "nope", "method": "GET", "path": "/"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = s
+        .post(
+            "/api/v1/analyze",
+            json!({"client_ip": "192.0.2.1", "method": "G T", "path": "/"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn broker_failures_are_502_with_a_clear_message() {
+    let s = Stack::without_brokers().await;
+    let (status, body) = s
+        .post(
+            "/api/v1/mitigations",
+            json!({"entity": "ip:192.0.2.1", "action": "block"}),
+        )
+        .await;
+    assert_eq!(status, 502);
+    assert_eq!(body["error"], "broker_unavailable");
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("cannot reach the mitigation broker at http://127.0.0.1:"),
+        "{msg}"
+    );
+    assert!(msg.ends_with("connection refused"), "{msg}");
+    let (status, body) = s.get("/api/v1/queue/status").await;
+    assert_eq!(status, 502);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot reach the ingestion broker")
+    );
+    let (status, a) = s
+        .post(
+            "/api/v1/analyze",
+            json!({"client_ip": "192.0.2.1", "method": "GET", "path": "/"}),
+        )
+        .await;
+    assert_eq!(status, 200, "analyze answers even with both brokers down");
+    assert_eq!(
+        a,
+        json!({"action": "allow", "mitigation": null, "enqueued": false})
+    );
+    s.stop().await;
+}
+
+fn decision(id: &str, entity: &str, mode: &str, secs_ago: i64) -> Value {
+    let at = Utc::now() - chrono::Duration::seconds(secs_ago);
+    json!({
+        "id": id,
+        "mitigation": {
+            "id": id, "entity": entity, "action": {"type": "block"},
+            "reason": {"policy_id": "login-burst", "summary": "12 >= 10 in 60s"},
+            "origin": "policy", "created_at": at, "expires_at": at + chrono::Duration::minutes(10)
+        },
+        "mode": mode, "policy_id": "login-burst", "policy_version": 2,
+        "counted": 12.0, "threshold": 10.0, "window_secs": 60,
+        "decided_by": "worker-1", "decided_at": at
+    })
+}
+
+#[tokio::test]
+async fn the_decision_log_is_idempotent_and_filtered() {
+    let s = Stack::without_brokers().await;
+    let batch = json!({"decisions": [
+        decision("d1", "ip:192.0.2.1", "enforce", 30),
+        decision("d2", "ip:192.0.2.1", "shadow", 20),
+        decision("d3", "ip:192.0.2.2", "enforce", 10),
+    ]});
+    let (status, r) = s.post("/api/v1/decisions", batch.clone()).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r, json!({"received": 3, "recorded": 3}));
+    let (_, r) = s.post("/api/v1/decisions", batch).await;
+    assert_eq!(
+        r,
+        json!({"received": 3, "recorded": 0}),
+        "a retried batch is not logged twice"
+    );
+
+    let ids = |v: &Value| -> Vec<String> {
+        v["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["decision"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, all) = s.get("/api/v1/decisions").await;
+    assert_eq!(ids(&all), ["d3", "d2", "d1"]);
+    let (_, some) = s
+        .get("/api/v1/decisions?entity=ip:192.0.2.1&mode=shadow")
+        .await;
+    assert_eq!(ids(&some), ["d2"]);
+    let (_, some) = s.get("/api/v1/decisions?policy=login-burst&limit=1").await;
+    assert_eq!(ids(&some), ["d3"]);
+    let (status, body) = s.get("/api/v1/decisions?mode=loud").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["message"], "mode `loud` is not enforce or shadow");
+    let (status, body) = s.get("/api/v1/decisions?limit=many").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_query");
+
+    let text = s
+        .http
+        .get(format!("{}/metrics", s.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("esper_decisions_logged_total 3"), "{text}");
+    assert!(
+        text.contains(
+            "esper_requests_total{method=\"POST\",route=\"/api/v1/decisions\",status=\"200\"} 2"
+        ),
+        "{text}"
+    );
+    s.stop().await;
+}
+
+fn worker_beat(id: &str) -> Value {
+    json!({"worker_id": id, "concurrency": 4, "batch_size": 100, "state_backend": "memory",
+           "policies_revision": 0, "events_total": 10, "decisions_total": 1, "utilization": 0.25,
+           "state": "running", "started_at": Utc::now()})
+}
+
+#[tokio::test]
+async fn heartbeats_status_and_health() {
+    let s = Stack::start().await;
+    let (_, ready) = call(s.http.get(format!("{}/healthz/detailed", s.health))).await;
+    assert_eq!(ready["status"], "degraded", "no worker yet: {ready}");
+
+    let (status, ack) = s
+        .post("/api/v1/workers/heartbeat", worker_beat("worker-1"))
+        .await;
+    assert_eq!(status, 200, "{ack}");
+    assert_eq!(ack["ok"], true);
+    let proxy = json!({"proxy_id": "edge-1", "apps": ["shop"], "cache_entries": 0, "requests_total": 5,
+                       "events_sent_total": 5, "events_dropped_total": 0, "stream_connected": true,
+                       "started_at": Utc::now()});
+    let (status, _) = s.post("/api/v1/proxies/heartbeat", proxy).await;
+    assert_eq!(status, 200);
+    let (status, body) = s.post("/api/v1/workers/heartbeat", worker_beat("")).await;
+    assert_eq!(status, 400, "{body}");
+
+    let (_, w) = s.get("/api/v1/workers").await;
+    assert_eq!(w["workers"][0]["worker_id"], "worker-1");
+    assert_eq!(w["workers"][0]["alive"], true);
+    let (_, p) = s.get("/api/v1/proxies").await;
+    assert_eq!(p["proxies"][0]["proxy_id"], "edge-1");
+
+    s.apply_toml(POLICIES).await;
+    s.post("/api/v1/policies/api-scrapers/disable", json!({}))
+        .await;
+    let (status, st) = s.get("/api/v1/status").await;
+    assert_eq!(status, 200, "{st}");
+    assert_eq!(st["server"]["store"], "sqlite");
+    assert_eq!(st["server"]["store_reachable"], true);
+    assert_eq!(st["ingestion"]["reachable"], true);
+    assert_eq!(st["ingestion"]["queue"]["depth"], 0);
+    assert_eq!(st["mitigation"]["reachable"], true);
+    assert_eq!(st["mitigation"]["active"], 0);
+    assert_eq!(st["policies"]["total"], 2);
+    assert_eq!(st["policies"]["enabled"], 1);
+    assert_eq!(st["workers"].as_array().unwrap().len(), 1);
+    assert_eq!(st["proxies"].as_array().unwrap().len(), 1);
+    let report: esper_control::StatusReport = serde_json::from_value(st).unwrap();
+    assert!(report.policies.revision >= 2);
+
+    let (status, h) = call(s.http.get(format!("{}/healthz/detailed", s.health))).await;
+    assert_eq!(status, 200);
+    assert_eq!(h["status"], "ok", "{h}");
+    let (status, _) = call(s.http.get(format!("{}/readyz", s.health))).await;
+    assert_eq!(status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn brokers_down_is_degraded_not_unready() {
+    let s = Stack::without_brokers().await;
+    let (status, h) = call(s.http.get(format!("{}/readyz", s.health))).await;
+    assert_eq!(status, 200, "{h}");
+    assert_eq!(h["status"], "degraded");
+    let broker = h["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "mitigation_broker")
+        .unwrap()
+        .clone();
+    assert_eq!(broker["healthy"], false);
+    let (status, _) = call(s.http.get(format!("{}/healthz", s.health))).await;
+    assert_eq!(status, 200);
+    let (_, st) = s.get("/api/v1/status").await;
+    assert_eq!(st["ingestion"]["reachable"], false);
+    assert!(
+        st["ingestion"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach")
+    );
+    assert_eq!(st["mitigation"]["reachable"], false);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_4xx_json() {
+    let s = Stack::without_brokers().await;
+    let raw = |body: &'static str| {
+        s.req(Method::POST, "/api/v1/decisions")
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let (status, body) = call(raw("{\"decisions\": [")).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_json");
+    let (status, body) = call(raw("{\"decisions\": [], \"extra\": 1}")).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_body");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `extra`"),
+        "{body}"
+    );
+    let (status, body) = call(s.req(Method::POST, "/api/v1/decisions").body("{}")).await;
+    assert_eq!(status, 415, "{body}");
+    let big = "x".repeat(2 * 1024 * 1024);
+    let (status, body) = call(
+        s.req(Method::POST, "/api/v1/policies")
+            .header("content-type", "application/toml")
+            .body(big.clone()),
+    )
+    .await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"], "payload_too_large");
+    let (status, body) = call(
+        s.req(Method::POST, "/api/v1/analyze")
+            .header("content-type", "application/json")
+            .body(big),
+    )
+    .await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"], "payload_too_large");
+    let (status, body) = s.get("/api/v1/nothing-here").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "not_found");
+    let (status, body) = call(s.req(Method::PATCH, "/api/v1/policies")).await;
+    assert_eq!(status, 405);
+    assert_eq!(body["error"], "method_not_allowed");
+    let (status, _) = s
+        .post("/api/v1/admin/shutdown", json!({"timeout_secs": 99999}))
+        .await;
+    assert_eq!(status, 400);
+    s.stop().await;
+}
