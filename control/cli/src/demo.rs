@@ -55,7 +55,11 @@ async fn login(Form(form): Form<LoginForm>) -> Response {
     if form.username == DEMO_USER && form.password == DEMO_PASSWORD {
         (StatusCode::OK, Html("<h1>Welcome back</h1>")).into_response()
     } else {
-        (StatusCode::UNAUTHORIZED, Html("<h1>Wrong username or password</h1>")).into_response()
+        (
+            StatusCode::UNAUTHORIZED,
+            Html("<h1>Wrong username or password</h1>"),
+        )
+            .into_response()
     }
 }
 

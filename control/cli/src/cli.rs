@@ -1,0 +1,404 @@
+//! The `esper` command tree: parses flags, loads each service's configuration with the
+//! documented precedence (flags > environment > `--config` file > defaults), sets up
+//! logging, runs the service until SIGTERM/SIGINT, and maps errors to one line and a
+//! non-zero exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use esper_common::config::{self, ConfigError, ProcessEnv, Vars};
+use esper_common::telemetry::{self, LogFormat};
+use esper_common::{Shutdown, shutdown};
+use serde::de::DeserializeOwned;
+
+use crate::{autoscale, dev, ops};
+
+/// Esper: self-hosted bot and abuse mitigation.
+#[derive(Debug, Parser)]
+#[command(name = "esper", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file: TOML (one file may hold `[server]`, `[ingestion]`,
+    /// `[mitigation]`, `[worker]`, `[proxy]` sections) or `.env` style.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `esper_engine=debug,info` (env LOG_LEVEL).
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// `text` or `json` (env LOG_FORMAT).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The whole stack in one process on the embedded defaults (loopback only).
+    Dev(dev::DevArgs),
+    /// The control-plane server.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Engine workers.
+    #[command(subcommand)]
+    Worker(WorkerCommand),
+    /// The ingestion and mitigation brokers.
+    #[command(subcommand)]
+    Broker(BrokerCommand),
+    /// The proxy (data plane).
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Runs the control plane.
+    Run(esper_control::Args),
+    /// Prints a complete, commented configuration template.
+    Config,
+    /// Applies pending database migrations and exits.
+    Migrate(esper_control::Args),
+    /// Asks a running server to shut down.
+    Stop(ops::StopArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// Runs a worker of the given kind.
+    #[command(subcommand)]
+    Run(WorkerKind),
+    /// Prints a complete, commented configuration template.
+    Config,
+    /// Lists the workers the control plane hears from.
+    Status(ops::ApiArgs),
+    /// Keeps between --min and --max local engine workers running, by queue depth.
+    Autoscale(autoscale::AutoscaleArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerKind {
+    /// The policy-engine worker: claims events, evaluates policies, publishes decisions.
+    Engine(esper_engine::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BrokerCommand {
+    /// Runs a broker.
+    #[command(subcommand)]
+    Run(BrokerKind),
+    /// Prints a complete, commented configuration template for a broker.
+    Config {
+        /// `ingestion` or `mitigation`.
+        #[arg(value_parser = ["ingestion", "mitigation"])]
+        kind: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BrokerKind {
+    /// The ingestion broker: a bounded, leased queue of request events.
+    Ingestion(esper_ingestion::Args),
+    /// The mitigation broker: active mitigations and their delta stream.
+    Mitigation(esper_mitigation::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProxyCommand {
+    /// Runs the proxy.
+    Run(esper_proxy::Args),
+    /// Prints a complete, commented configuration template.
+    Config,
+}
+
+/// Logging options after env and flags.
+#[derive(Debug, Clone, PartialEq)]
+struct LogOptions {
+    level: String,
+    format: LogFormat,
+}
+
+fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
+    let mut level = "info".to_string();
+    let mut format = LogFormat::Text;
+    let env = ProcessEnv;
+    let vars = Vars::new(&env);
+    vars.string(&["LOG_LEVEL", "ESPER_LOG_LEVEL"], &mut level);
+    vars.parse(&["LOG_FORMAT", "ESPER_LOG_FORMAT"], &mut format)?;
+    if let Some(l) = &cli.log_level {
+        level = l.clone();
+    }
+    if let Some(f) = &cli.log_format {
+        format = f
+            .parse()
+            .map_err(|e: String| ConfigError::invalid("--log-format", f, e))?;
+    }
+    Ok(LogOptions { level, format })
+}
+
+/// Loads `C` from the `--config` file's `section`, the environment, then `flags`, and
+/// validates it.
+pub fn load<C>(
+    file: Option<&Path>,
+    section: &str,
+    apply_env: impl Fn(&mut C, &Vars<'_>) -> Result<(), ConfigError>,
+    apply_flags: impl FnOnce(&mut C),
+    validate: impl Fn(&C) -> Result<(), ConfigError>,
+) -> Result<C, ConfigError>
+where
+    C: DeserializeOwned + Default,
+{
+    let mut cfg: C = config::load_section(file, Some(section), &ProcessEnv, apply_env)?;
+    apply_flags(&mut cfg);
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// Entry point of the `esper` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log = match log_options(&cli) {
+        Ok(l) => l,
+        Err(e) => return fail(&e.into()),
+    };
+    if let Err(e) = telemetry::init(&log.level, log.format) {
+        eprintln!("esper: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("esper")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("esper: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli));
+    // Background tasks that ignore shutdown must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(code) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    // One line: the chain of causes, outermost first.
+    let msg = e
+        .chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ");
+    eprintln!("esper: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Runs `f` with a shutdown handle fired by SIGTERM/SIGINT.
+async fn with_signals<F, Fut>(f: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (trigger, handle) = Shutdown::new();
+    tokio::spawn(async move {
+        shutdown::wait_for_signal().await;
+        trigger.trigger();
+        // Keep the trigger alive (dropping it also fires, which is fine here).
+        std::future::pending::<()>().await;
+    });
+    f(handle).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let file = cli.config.as_deref();
+    match cli.command {
+        Command::Dev(args) => with_signals(|s| dev::run(args, file, s)).await,
+        Command::Server(cmd) => server(cmd, file).await,
+        Command::Worker(cmd) => worker(cmd, file).await,
+        Command::Broker(cmd) => broker(cmd, file).await,
+        Command::Proxy(cmd) => proxy(cmd, file).await,
+    }
+}
+
+fn server_config(
+    args: &esper_control::Args,
+    file: Option<&Path>,
+) -> anyhow::Result<esper_control::Config> {
+    Ok(load(
+        file,
+        "server",
+        esper_control::Config::apply_env,
+        |c| args.apply(c),
+        esper_control::Config::validate,
+    )?)
+}
+
+async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ServerCommand::Config => {
+            print!("{}", esper_control::Config::template());
+            Ok(ExitCode::SUCCESS)
+        }
+        ServerCommand::Migrate(args) => {
+            let cfg = server_config(&args, file)?;
+            let applied = esper_control::migrate(&cfg).await?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            }
+            for m in applied {
+                println!("applied {m}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ServerCommand::Run(args) => {
+            let cfg = server_config(&args, file)?;
+            with_signals(|shutdown| async move {
+                let listeners = esper_control::Listeners::bind(&cfg).await?;
+                let started = esper_control::start(cfg, listeners, shutdown).await?;
+                if let Some(token) = &started.generated_token {
+                    println!("admin API token (shown once, store it): {token}");
+                }
+                started.wait().await?;
+                Ok(())
+            })
+            .await
+        }
+        ServerCommand::Stop(args) => ops::stop(args).await,
+    }
+}
+
+async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    match cmd {
+        WorkerCommand::Config => {
+            print!("{}", esper_engine::Config::template());
+            Ok(ExitCode::SUCCESS)
+        }
+        WorkerCommand::Status(args) => ops::worker_status(args).await,
+        WorkerCommand::Autoscale(args) => {
+            with_signals(|s| autoscale::run(args, file.map(Path::to_path_buf), s)).await
+        }
+        WorkerCommand::Run(WorkerKind::Engine(args)) => {
+            let cfg = load(
+                file,
+                "worker",
+                esper_engine::Config::apply_env,
+                |c| args.apply(c),
+                esper_engine::Config::validate,
+            )?;
+            with_signals(|shutdown| async move {
+                let ops = esper_common::http::bind("worker ops listener", cfg.listen).await?;
+                esper_engine::run(cfg, ops, shutdown).await?;
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+async fn broker(cmd: BrokerCommand, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BrokerCommand::Config { kind } => {
+            if kind == "ingestion" {
+                print!("{}", esper_ingestion::Config::template());
+            } else {
+                print!("{}", esper_mitigation::Config::template());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BrokerCommand::Run(BrokerKind::Ingestion(args)) => {
+            let cfg = load(
+                file,
+                "ingestion",
+                esper_ingestion::Config::apply_env,
+                |c| args.apply(c),
+                esper_ingestion::Config::validate,
+            )?;
+            with_signals(|shutdown| async move {
+                let l = esper_common::http::bind("ingestion broker", cfg.listen).await?;
+                esper_ingestion::run(cfg, l, shutdown).await?;
+                Ok(())
+            })
+            .await
+        }
+        BrokerCommand::Run(BrokerKind::Mitigation(args)) => {
+            let cfg = load(
+                file,
+                "mitigation",
+                esper_mitigation::Config::apply_env,
+                |c| args.apply(c),
+                esper_mitigation::Config::validate,
+            )?;
+            with_signals(|shutdown| async move {
+                let l = esper_common::http::bind("mitigation broker", cfg.listen).await?;
+                esper_mitigation::run(cfg, l, shutdown).await?;
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+async fn proxy(cmd: ProxyCommand, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ProxyCommand::Config => {
+            print!("{}", esper_proxy::Config::template());
+            Ok(ExitCode::SUCCESS)
+        }
+        ProxyCommand::Run(args) => {
+            let cfg = load(
+                file,
+                "proxy",
+                esper_proxy::Config::apply_env,
+                |c| args.apply(c),
+                esper_proxy::Config::validate,
+            )?;
+            with_signals(|shutdown| async move {
+                let handle = esper_proxy::start(cfg, esper_proxy::Listeners::default(), shutdown)
+                    .await
+                    .context("proxy")?;
+                handle.wait().await?;
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seed_commands_parse() {
+        for argv in [
+            "esper server run --config ./configs/dev.env",
+            "esper server run --port 8443",
+            "esper server stop --graceful --timeout 30s",
+            "esper worker run engine --concurrency 16 --batch-size 100",
+            "esper worker run engine --worker-id worker-1 --state-backend memory --state-ttl 3600 --state-cleanup-interval 300",
+            "esper worker run engine --evaluation-timeout 100ms",
+            "esper worker status",
+            "esper worker autoscale --min 2 --max 10 --target-queue-depth 1000",
+            "esper broker run ingestion",
+            "esper broker run mitigation",
+            "esper proxy run --upstream 127.0.0.1:3000",
+            "esper dev --upstream 127.0.0.1:3000",
+        ] {
+            let args: Vec<&str> = argv.split_whitespace().collect();
+            if let Err(e) = Cli::try_parse_from(&args) {
+                panic!("`{argv}` does not parse: {e}");
+            }
+        }
+    }
+}

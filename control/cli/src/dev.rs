@@ -1,0 +1,485 @@
+//! `esper dev`: the whole stack in one process on the embedded defaults: in-memory
+//! brokers, memory engine state, a SQLite control store under `--data-dir`, loopback
+//! listeners, and the demo app (or `--upstream`) behind the proxy. Each part is the same
+//! `start`/`run` function its own command uses, so what runs here is what runs in
+//! production, composed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use esper_common::Shutdown;
+use esper_common::http::bind;
+use tokio::task::JoinHandle;
+
+use crate::cli::load;
+
+/// The example policies `esper dev` applies to an empty store.
+pub const EXAMPLE_POLICIES: &[(&str, &str)] = &[
+    (
+        "login-brute-force.toml",
+        include_str!("../../../conf/policies/login-brute-force.toml"),
+    ),
+    (
+        "scraping.toml",
+        include_str!("../../../conf/policies/scraping.toml"),
+    ),
+];
+
+/// Flags of `esper dev`. Every listener is on loopback by default.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevArgs {
+    /// Protect this app (HOST:PORT) instead of the built-in demo shop.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: Option<String>,
+    /// Where the SQLite control store and the dev admin token are kept.
+    #[arg(long, value_name = "DIR", default_value = "./.esper")]
+    pub data_dir: PathBuf,
+    /// Policy file (or directory of `*.toml`) applied at start; repeatable. Without it,
+    /// the example policies are applied when the store has none.
+    #[arg(long = "policies", value_name = "PATH")]
+    pub policies: Vec<PathBuf>,
+    /// Fraction of requests the proxy reports to the engine (0..1].
+    #[arg(long, value_name = "RATE")]
+    pub sample_rate: Option<f64>,
+    /// Proxy traffic listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
+    pub proxy_listen: SocketAddr,
+    /// Proxy ops listener (health, metrics).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9095")]
+    pub proxy_ops_listen: SocketAddr,
+    /// Control-plane API listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub api_listen: SocketAddr,
+    /// Control-plane health listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
+    pub health_listen: SocketAddr,
+    /// Control-plane metrics listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    pub metrics_listen: SocketAddr,
+    /// Ingestion broker listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8082")]
+    pub ingestion_listen: SocketAddr,
+    /// Mitigation broker listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8083")]
+    pub mitigation_listen: SocketAddr,
+    /// Engine worker ops listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9091")]
+    pub worker_ops_listen: SocketAddr,
+    /// Demo app listener (port 0: any free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub demo_listen: SocketAddr,
+}
+
+/// A random hex token.
+fn random_token() -> String {
+    let a = uuid::Uuid::new_v4().simple().to_string();
+    let b = uuid::Uuid::new_v4().simple().to_string();
+    format!("esp_{a}{b}")
+}
+
+/// The dev admin token: `ESPER_ADMIN_TOKEN` when set, else the one kept in
+/// `data_dir/admin-token` (created on first start), so it stays the same across restarts.
+fn dev_admin_token(data_dir: &Path, configured: Option<String>) -> anyhow::Result<String> {
+    if let Some(t) = configured.filter(|t| !t.is_empty()) {
+        return Ok(t);
+    }
+    let path = data_dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        _ => {}
+    }
+    let token = random_token();
+    std::fs::write(&path, format!("{token}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(token)
+}
+
+fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+/// The policy documents to apply: the given files and directories, in name order.
+fn policy_documents(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut docs = Vec::new();
+    for p in paths {
+        let mut files = Vec::new();
+        if p.is_dir() {
+            for entry in
+                std::fs::read_dir(p).with_context(|| format!("cannot read {}", p.display()))?
+            {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    files.push(path);
+                }
+            }
+            files.sort();
+        } else {
+            files.push(p.clone());
+        }
+        for f in files {
+            let text = std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read policy file {}", f.display()))?;
+            docs.push((f.display().to_string(), text));
+        }
+    }
+    Ok(docs)
+}
+
+/// Applies policy documents through the control-plane API (the path `esperctl` uses).
+async fn apply_policies(
+    api: &str,
+    token: &str,
+    docs: &[(String, String)],
+    only_if_empty: bool,
+) -> anyhow::Result<Vec<String>> {
+    let http = reqwest::Client::new();
+    if only_if_empty {
+        let list: serde_json::Value = http
+            .get(format!("{api}/api/v1/policies"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let has_any = list
+            .get("policies")
+            .and_then(|p| p.as_array())
+            .map(|a| !a.is_empty())
+            .unwrap_or_else(|| list.as_array().is_some_and(|a| !a.is_empty()));
+        if has_any {
+            return Ok(Vec::new());
+        }
+    }
+    let mut applied = Vec::new();
+    for (name, text) in docs {
+        let resp = http
+            .post(format!("{api}/api/v1/policies"))
+            .bearer_auth(token)
+            .header(reqwest::header::CONTENT_TYPE, "application/toml")
+            .body(text.clone())
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        if !status.is_success() {
+            let msg = body
+                .get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or("rejected");
+            bail!("{name}: {msg}");
+        }
+        if let Some(list) = body.get("applied").and_then(|a| a.as_array()) {
+            applied.extend(
+                list.iter()
+                    .filter_map(|p| p.get("id").and_then(|i| i.as_str()).map(String::from)),
+            );
+        }
+    }
+    Ok(applied)
+}
+
+/// Runs the whole stack until `shutdown`.
+pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| args.data_dir.clone());
+
+    // Read every part's configuration first (file sections and environment), so a bad
+    // value fails before anything listens; then pin what `dev` owns: addresses,
+    // brokers, tokens and the embedded stores.
+    let mut ingestion: esper_ingestion::Config = load(
+        file,
+        "ingestion",
+        esper_ingestion::Config::apply_env,
+        |_| {},
+        |_| Ok(()),
+    )?;
+    let mut mitigation: esper_mitigation::Config = load(
+        file,
+        "mitigation",
+        esper_mitigation::Config::apply_env,
+        |_| {},
+        |_| Ok(()),
+    )?;
+    let mut server: esper_control::Config = load(
+        file,
+        "server",
+        esper_control::Config::apply_env,
+        |_| {},
+        |_| Ok(()),
+    )?;
+    let mut worker: esper_engine::Config = load(
+        file,
+        "worker",
+        esper_engine::Config::apply_env,
+        |_| {},
+        |_| Ok(()),
+    )?;
+    let mut proxy: esper_proxy::Config = load(
+        file,
+        "proxy",
+        esper_proxy::Config::apply_env,
+        |_| {},
+        |_| Ok(()),
+    )?;
+
+    let broker_token = ingestion
+        .token
+        .clone()
+        .or_else(|| mitigation.token.clone())
+        .unwrap_or_else(random_token);
+    let admin_token = dev_admin_token(&data_dir, server.admin_token.clone())?;
+
+    // Bind everything up front: a port in use is one clear error before anything starts.
+    let ingestion_l = bind("ingestion broker", args.ingestion_listen).await?;
+    let mitigation_l = bind("mitigation broker", args.mitigation_listen).await?;
+    let control_l = esper_control::Listeners {
+        api: bind("control-plane API", args.api_listen).await?,
+        health: bind("control-plane health", args.health_listen).await?,
+        metrics: bind("control-plane metrics", args.metrics_listen).await?,
+    };
+    let worker_l = bind("engine worker ops", args.worker_ops_listen).await?;
+    let proxy_ops_l = bind("proxy ops", args.proxy_ops_listen).await?;
+    let proxy_l = std::net::TcpListener::bind(args.proxy_listen).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot bind proxy traffic listener to {}: {}",
+            args.proxy_listen,
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                "address already in use".to_string()
+            } else {
+                e.to_string()
+            }
+        )
+    })?;
+    let ingestion_url = url(ingestion_l.local_addr()?);
+    let mitigation_url = url(mitigation_l.local_addr()?);
+    let api_url = url(control_l.api.local_addr()?);
+
+    ingestion.listen = ingestion_l.local_addr()?;
+    ingestion.token = Some(broker_token.clone());
+    ingestion.redis_url = None;
+    mitigation.listen = mitigation_l.local_addr()?;
+    mitigation.token = Some(broker_token.clone());
+    mitigation.redis_url = None;
+    server.listen = control_l.api.local_addr()?;
+    server.health_listen = control_l.health.local_addr()?;
+    server.metrics_listen = control_l.metrics.local_addr()?;
+    server.database_url = format!("sqlite://{}?mode=rwc", data_dir.join("esper.db").display());
+    server.ingestion_url = ingestion_url.clone();
+    server.mitigation_url = mitigation_url.clone();
+    server.broker_token = Some(broker_token.clone());
+    server.admin_token = Some(admin_token.clone());
+
+    let mut tasks: Vec<(&str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+
+    let ib = esper_ingestion::start(ingestion, ingestion_l, shutdown.clone())
+        .await
+        .context("ingestion broker")?;
+    tasks.push((
+        "ingestion broker",
+        tokio::spawn(async move { Ok(ib.wait().await?) }),
+    ));
+    let mb = esper_mitigation::start(mitigation, mitigation_l, shutdown.clone())
+        .await
+        .context("mitigation broker")?;
+    tasks.push((
+        "mitigation broker",
+        tokio::spawn(async move { Ok(mb.wait().await?) }),
+    ));
+    let control = esper_control::start(server.clone(), control_l, shutdown.clone())
+        .await
+        .context("control plane")?;
+    let (health_addr, metrics_addr) = (control.health_addr, control.metrics_addr);
+    tasks.push((
+        "control plane",
+        tokio::spawn(async move { Ok(control.wait().await?) }),
+    ));
+
+    let (explicit, docs) = if args.policies.is_empty() {
+        let docs = EXAMPLE_POLICIES
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        (false, docs)
+    } else {
+        (true, policy_documents(&args.policies)?)
+    };
+    let applied = apply_policies(&api_url, &admin_token, &docs, !explicit)
+        .await
+        .context("applying policies")?;
+
+    let upstream = match &args.upstream {
+        Some(u) => u.clone(),
+        None => {
+            let demo_l = bind("demo app", args.demo_listen).await?;
+            let addr = demo_l.local_addr()?;
+            let s = shutdown.clone();
+            tasks.push((
+                "demo app",
+                tokio::spawn(async move { Ok(crate::demo::serve(demo_l, s).await?) }),
+            ));
+            addr.to_string()
+        }
+    };
+
+    worker.listen = worker_l.local_addr()?;
+    worker.ingestion_url = ingestion_url.clone();
+    worker.mitigation_url = mitigation_url.clone();
+    worker.control_url = api_url.clone();
+    worker.control_token = Some(admin_token.clone());
+    worker.broker_token = Some(broker_token.clone());
+    worker.state_backend = esper_engine::worker::StateBackendKind::Memory;
+    if worker.worker_id.is_empty() {
+        worker.worker_id = "dev-worker".to_string();
+    }
+    worker.validate()?;
+    let worker_shutdown = shutdown.clone();
+    tasks.push((
+        "engine worker",
+        tokio::spawn(
+            async move { Ok(esper_engine::run(worker, worker_l, worker_shutdown).await?) },
+        ),
+    ));
+
+    proxy.listen = proxy_l.local_addr()?;
+    proxy.ops_listen = proxy_ops_l.local_addr()?;
+    proxy.upstream = upstream.clone();
+    proxy.ingestion_url = ingestion_url.clone();
+    proxy.mitigation_url = mitigation_url.clone();
+    proxy.control_url = Some(api_url.clone());
+    proxy.control_token = Some(admin_token.clone());
+    proxy.broker_token = Some(broker_token.clone());
+    if let Some(rate) = args.sample_rate {
+        proxy.sample_rate = rate;
+    }
+    if proxy.proxy_id.is_empty() {
+        proxy.proxy_id = "dev-proxy".to_string();
+    }
+    proxy.validate()?;
+    let handle = esper_proxy::start(
+        proxy.clone(),
+        esper_proxy::Listeners {
+            traffic: Some(proxy_l),
+            ops: Some(proxy_ops_l),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .context("proxy")?;
+    let proxy_addr = handle.traffic_addr();
+    let proxy_ops = handle.ops_addr();
+    tasks.push((
+        "proxy",
+        tokio::spawn(async move { Ok(handle.wait().await?) }),
+    ));
+
+    let target = if args.upstream.is_some() {
+        upstream.clone()
+    } else {
+        format!("{upstream} (demo shop)")
+    };
+    println!("Esper dev stack is up. Ctrl-C stops it.");
+    println!("  proxy              http://{proxy_addr}  ->  {target}");
+    println!("  proxy ops          http://{proxy_ops}  (/readyz, /metrics)");
+    println!(
+        "  control plane API  {api_url}  (health http://{health_addr}, metrics http://{metrics_addr})"
+    );
+    println!("  ingestion broker   {ingestion_url}");
+    println!("  mitigation broker  {mitigation_url}");
+    println!(
+        "  engine worker      http://{}  (/readyz, /metrics)",
+        worker_ops_addr(&tasks, args.worker_ops_listen)
+    );
+    println!("  control store      {}", server.database_url);
+    println!("  admin API token    {admin_token}");
+    println!(
+        "  try:               export ESPER_TOKEN={admin_token} ESPER_SERVER={api_url}; esperctl status"
+    );
+    if !applied.is_empty() {
+        println!("  policies applied   {}", applied.join(", "));
+    }
+
+    // Run until shutdown, or until a part stops on its own (which stops the rest).
+    let mut first_error: Option<anyhow::Error> = None;
+    let (names, handles): (Vec<&str>, Vec<_>) = tasks.into_iter().unzip();
+    let mut pending: Vec<_> = handles.into_iter().enumerate().collect();
+    while !pending.is_empty() {
+        let (res, idx, rest) = futures_select(pending).await;
+        let name = names[idx];
+        match res {
+            Ok(Ok(())) if shutdown.is_triggered() => {}
+            Ok(Ok(())) => {
+                first_error.get_or_insert_with(|| anyhow::anyhow!("{name} stopped unexpectedly"));
+            }
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e.context(name));
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| anyhow::anyhow!("{name} crashed: {e}"));
+            }
+        }
+        if !shutdown.is_triggered() {
+            tracing::error!("{name} stopped; shutting the dev stack down");
+            return match first_error {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+        }
+        pending = rest;
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => {
+            println!("Esper dev stack stopped.");
+            Ok(())
+        }
+    }
+}
+
+fn worker_ops_addr<T>(_tasks: &[T], configured: SocketAddr) -> SocketAddr {
+    configured
+}
+
+type Indexed = (usize, JoinHandle<anyhow::Result<()>>);
+
+/// Waits for the first of `pending` to finish; returns its result, index and the rest.
+async fn futures_select(
+    pending: Vec<Indexed>,
+) -> (
+    Result<anyhow::Result<()>, tokio::task::JoinError>,
+    usize,
+    Vec<Indexed>,
+) {
+    let (idxs, handles): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
+    let (res, pos, rest) = futures_util::future::select_all(handles).await;
+    let idx = idxs[pos];
+    let rest_idx: Vec<usize> = idxs
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != pos)
+        .map(|(_, v)| v)
+        .collect();
+    (res, idx, rest_idx.into_iter().zip(rest).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn example_policies_are_valid() {
+        for (name, text) in super::EXAMPLE_POLICIES {
+            if let Err(e) = esper_engine::policy::parse_policies(text) {
+                panic!("{name}: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! End to end: the whole stack, real processes, a real upstream, real HTTP clients on
+//! distinct loopback addresses. 127.0.0.2 attacks the login, 127.0.0.3 browses.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Addresses of one running stack.
+struct Stack {
+    proxy: String,
+    api: String,
+}
+
+/// What the browsing client saw while the scenario ran.
+#[derive(Default)]
+struct Browsing {
+    requests: u64,
+    refused: Vec<u16>,
+}
+
+/// Browses (GET pages) from 127.0.0.3 until told to stop.
+fn browse(
+    proxy: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Browsing> {
+    tokio::spawn(async move {
+        let client = client_from("127.0.0.3");
+        let mut seen = Browsing::default();
+        let mut n = 0u32;
+        while !*stop.borrow() {
+            n += 1;
+            let path = if n % 3 == 0 {
+                "/".to_string()
+            } else {
+                format!("/products/{}", n % 50 + 1)
+            };
+            if let Ok(resp) = client.get(format!("{proxy}{path}")).send().await {
+                seen.requests += 1;
+                let s = resp.status().as_u16();
+                if s == 403 || s == 429 {
+                    seen.refused.push(s);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        seen
+    })
+}
+
+/// Hammers POST /login with wrong credentials from 127.0.0.2 until the proxy answers
+/// 403; returns the time from the first request to the first 403, and the request count.
+async fn attack_until_blocked(proxy: &str) -> (Duration, u32) {
+    let client = client_from("127.0.0.2");
+    let start = Instant::now();
+    let mut sent = 0u32;
+    loop {
+        sent += 1;
+        let resp = client
+            .post(format!("{proxy}/login"))
+            .form(&[("username", "admin"), ("password", &format!("guess{sent}"))])
+            .send()
+            .await
+            .expect("attacker request");
+        match resp.status().as_u16() {
+            403 => return (start.elapsed(), sent),
+            401 => {}
+            other => panic!("attacker got {other} before being blocked"),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "attacker never blocked after {sent} requests"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn status_from(ip: &str, url: &str) -> u16 {
+    client_from(ip)
+        .get(url)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// The shared scenario: attack is blocked, browsing is not, the block expires.
+async fn attack_scenario(stack: &Stack, ttl: Duration) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let browser = browse(stack.proxy.clone(), stop_rx);
+
+    // A normal client passes, and the demo login answers 401 to wrong credentials.
+    assert_eq!(
+        status_from("127.0.0.2", &format!("{}/", stack.proxy)).await,
+        200
+    );
+    let (elapsed, sent) = attack_until_blocked(&stack.proxy).await;
+    println!(
+        "time to mitigate: {elapsed:?} from the attack's first request to its first 403 ({sent} requests; threshold 10)"
+    );
+    assert!(
+        sent > 10,
+        "blocked before crossing the threshold ({sent} requests)"
+    );
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "blocking took {elapsed:?}"
+    );
+    let blocked_at = Instant::now();
+
+    // The block is against the address: every path, JSON answer for API clients.
+    let resp = client_from("127.0.0.2")
+        .get(format!("{}/products/1", stack.proxy))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .expect("blocked request");
+    assert_eq!(resp.status().as_u16(), 403);
+    let body: serde_json::Value = resp.json().await.expect("json block body");
+    assert_eq!(body["error"], "blocked", "{body}");
+
+    // The decision is visible through the control plane, with its reason.
+    let http = reqwest::Client::new();
+    let entity: serde_json::Value = http
+        .get(format!(
+            "{}/api/v1/mitigations/entity/ip%3A127.0.0.2",
+            stack.api
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("entity lookup")
+        .json()
+        .await
+        .expect("entity json");
+    let text = entity.to_string();
+    assert!(
+        text.contains("login-brute-force"),
+        "no policy reason in {text}"
+    );
+
+    // The block expires after its TTL (and not much before).
+    eventually(
+        ttl + Duration::from_secs(15),
+        "the block to expire",
+        || async {
+            (status_from("127.0.0.2", &format!("{}/", stack.proxy)).await == 200).then_some(())
+        },
+    )
+    .await;
+    let lasted = blocked_at.elapsed();
+    assert!(
+        lasted + Duration::from_secs(2) >= ttl,
+        "block lifted after {lasted:?}, TTL {ttl:?}"
+    );
+
+    stop_tx.send(true).ok();
+    let seen = browser.await.expect("browser task");
+    assert!(
+        seen.requests > 10,
+        "browser made only {} requests",
+        seen.requests
+    );
+    assert!(
+        seen.refused.is_empty(),
+        "the browsing client was refused: {:?}",
+        seen.refused
+    );
+}
+
+/// A manual ban through the API takes effect at the proxy; revoking lifts it.
+async fn manual_ban_and_revoke(stack: &Stack) {
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/api/v1/mitigations", stack.api))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"entity": "ip:127.0.0.4", "action": "block", "ttl": "1h", "reason": "e2e manual ban"}))
+        .send()
+        .await
+        .expect("manual ban");
+    assert!(
+        resp.status().is_success(),
+        "manual ban: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the manual ban at the proxy",
+        || async {
+            (status_from("127.0.0.4", &format!("{}/", stack.proxy)).await == 403).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        status_from("127.0.0.3", &format!("{}/", stack.proxy)).await,
+        200
+    );
+
+    let resp = http
+        .post(format!("{}/api/v1/mitigations/revoke", stack.api))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"entity": "ip:127.0.0.4"}))
+        .send()
+        .await
+        .expect("revoke");
+    assert!(
+        resp.status().is_success(),
+        "revoke: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the revoke at the proxy",
+        || async {
+            (status_from("127.0.0.4", &format!("{}/", stack.proxy)).await == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn esper_dev_runs_the_whole_scenario() {
+    let dir = TempDir::new("dev");
+    let policy = write_login_policy(dir.path(), "4s");
+    let (proxy, proxy_ops, api, health) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let args: Vec<String> = [
+        "dev".to_string(),
+        "--data-dir".into(),
+        dir.path().join("data").display().to_string(),
+        "--policies".into(),
+        policy.display().to_string(),
+        "--proxy-listen".into(),
+        proxy.to_string(),
+        "--proxy-ops-listen".into(),
+        proxy_ops.to_string(),
+        "--api-listen".into(),
+        api.to_string(),
+        "--health-listen".into(),
+        health.to_string(),
+        "--metrics-listen".into(),
+        free_addr().to_string(),
+        "--ingestion-listen".into(),
+        free_addr().to_string(),
+        "--mitigation-listen".into(),
+        free_addr().to_string(),
+        "--worker-ops-listen".into(),
+        free_addr().to_string(),
+    ]
+    .into();
+    let mut dev = Proc::esper(
+        "esper dev",
+        &args,
+        &[("ESPER_ADMIN_TOKEN", TOKEN.to_string())],
+    );
+    wait_ready(
+        &format!("http://{proxy_ops}/readyz"),
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_ready(&format!("http://{health}/readyz"), Duration::from_secs(30)).await;
+    assert!(dev.log().contains("Esper dev stack is up"), "{}", dev.log());
+
+    let stack = Stack {
+        proxy: format!("http://{proxy}"),
+        api: format!("http://{api}"),
+    };
+    attack_scenario(&stack, Duration::from_secs(4)).await;
+    manual_ban_and_revoke(&stack).await;
+
+    assert_eq!(
+        dev.terminate(Duration::from_secs(30)),
+        Some(0),
+        "esper dev did not exit cleanly:\n{}",
+        dev.log()
+    );
+}
+
+/// Runs `esperctl ARGS` against the stack and returns its stdout; panics on failure.
+fn esperctl(api: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esperctl"))
+        .args(args)
+        .env("ESPER_SERVER", api)
+        .env("ESPER_TOKEN", TOKEN)
+        .output()
+        .expect("run esperctl");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "esperctl {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_processes_run_the_scenario_and_survive_a_broker_outage() {
+    let dir = TempDir::new("five");
+    let policy = write_login_policy(dir.path(), "4s");
+
+    // The protected app: the demo shop, served by this test.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("upstream");
+    let upstream_addr = upstream.local_addr().expect("upstream addr");
+    let (_trigger, app_shutdown) = esper_common::Shutdown::new();
+    tokio::spawn(esper::demo::serve(upstream, app_shutdown));
+
+    let (ingestion, mitigation) = (free_addr(), free_addr());
+    let (api, health, metrics) = (free_addr(), free_addr(), free_addr());
+    let (worker_ops, proxy, proxy_ops) = (free_addr(), free_addr(), free_addr());
+    let env = |extra: &[(&'static str, String)]| {
+        let mut v = vec![("ESPER_BROKER_TOKEN", BROKER_TOKEN.to_string())];
+        v.extend_from_slice(extra);
+        v
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+
+    let mut ingestion_p = Proc::esper(
+        "ingestion broker",
+        &s(&[
+            "broker",
+            "run",
+            "ingestion",
+            "--listen",
+            &ingestion.to_string(),
+        ]),
+        &env(&[]),
+    );
+    let mut mitigation_p = Proc::esper(
+        "mitigation broker",
+        &s(&[
+            "broker",
+            "run",
+            "mitigation",
+            "--listen",
+            &mitigation.to_string(),
+        ]),
+        &env(&[]),
+    );
+    let db = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("control.db").display()
+    );
+    let server_p = Proc::esper(
+        "server",
+        &s(&[
+            "server",
+            "run",
+            "--listen",
+            &api.to_string(),
+            "--health-listen",
+            &health.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+            "--database-url",
+            &db,
+            "--ingestion-url",
+            &format!("http://{ingestion}"),
+            "--mitigation-url",
+            &format!("http://{mitigation}"),
+        ]),
+        &env(&[("ESPER_ADMIN_TOKEN", TOKEN.to_string())]),
+    );
+    wait_ready(&format!("http://{health}/readyz"), Duration::from_secs(30)).await;
+    let api_url = format!("http://{api}");
+
+    // Policies go in through esperctl, as an operator would apply them.
+    let policy_path = policy.display().to_string();
+    let out = esperctl(&api_url, &["policies", "validate", "-f", &policy_path]);
+    assert!(!out.trim().is_empty());
+    esperctl(&api_url, &["policies", "apply", "-f", &policy_path]);
+    let listed = esperctl(&api_url, &["policies", "list"]);
+    assert!(listed.contains("login-brute-force"), "{listed}");
+
+    let worker_p = Proc::esper(
+        "worker",
+        &s(&[
+            "worker",
+            "run",
+            "engine",
+            "--worker-id",
+            "e2e-worker",
+            "--listen",
+            &worker_ops.to_string(),
+            "--ingestion-url",
+            &format!("http://{ingestion}"),
+            "--mitigation-url",
+            &format!("http://{mitigation}"),
+            "--control-url",
+            &api_url,
+        ]),
+        &env(&[("ESPER_TOKEN", TOKEN.to_string())]),
+    );
+    let proxy_p = Proc::esper(
+        "proxy",
+        &s(&[
+            "proxy",
+            "run",
+            "--listen",
+            &proxy.to_string(),
+            "--ops-listen",
+            &proxy_ops.to_string(),
+            "--upstream",
+            &upstream_addr.to_string(),
+            "--ingestion-url",
+            &format!("http://{ingestion}"),
+            "--mitigation-url",
+            &format!("http://{mitigation}"),
+            "--control-url",
+            &api_url,
+        ]),
+        &env(&[("ESPER_TOKEN", TOKEN.to_string())]),
+    );
+    wait_ready(
+        &format!("http://{worker_ops}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_ready(
+        &format!("http://{proxy_ops}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let stack = Stack {
+        proxy: format!("http://{proxy}"),
+        api: api_url.clone(),
+    };
+    attack_scenario(&stack, Duration::from_secs(4)).await;
+    manual_ban_and_revoke(&stack).await;
+
+    // esperctl sees every part.
+    let status = esperctl(&api_url, &["--output", "json", "status"]);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    assert!(status.to_string().contains("e2e-worker"), "{status}");
+    let table = esperctl(&api_url, &["status"]);
+    assert!(!table.trim().is_empty());
+
+    // A ban in force, then both brokers go away: the proxy keeps serving and enforcing.
+    esperctl(
+        &api_url,
+        &[
+            "mitigations",
+            "add",
+            "ip:127.0.0.5",
+            "--action",
+            "block",
+            "--ttl",
+            "1h",
+            "--reason",
+            "outage test",
+        ],
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the ban before the outage",
+        || async {
+            (status_from("127.0.0.5", &format!("{}/", stack.proxy)).await == 403).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        ingestion_p.terminate(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        ingestion_p.log()
+    );
+    assert_eq!(
+        mitigation_p.terminate(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        mitigation_p.log()
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            status_from("127.0.0.3", &format!("{}/", stack.proxy)).await,
+            200
+        );
+        assert_eq!(
+            status_from("127.0.0.5", &format!("{}/", stack.proxy)).await,
+            403
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = reqwest::get(format!("http://{proxy_ops}/readyz"))
+        .await
+        .expect("proxy readyz");
+    assert_eq!(
+        ready.status().as_u16(),
+        200,
+        "the proxy must stay ready without its brokers"
+    );
+    drop((worker_p, proxy_p, server_p));
+}
