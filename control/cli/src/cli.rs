@@ -107,7 +107,7 @@ pub enum BrokerKind {
 #[derive(Debug, Subcommand)]
 pub enum ProxyCommand {
     /// Runs the proxy.
-    Run(esper_proxy::Args),
+    Run(Box<esper_proxy::Args>),
     /// Prints a complete, commented configuration template.
     Config,
 }

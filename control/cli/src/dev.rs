@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use esper_common::Shutdown;
 use esper_common::http::bind;
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 
 use crate::cli::load;
 
@@ -23,6 +23,10 @@ pub const EXAMPLE_POLICIES: &[(&str, &str)] = &[
     (
         "scraping.toml",
         include_str!("../../../conf/policies/scraping.toml"),
+    ),
+    (
+        "not-found-scanning.toml",
+        include_str!("../../../conf/policies/not-found-scanning.toml"),
     ),
 ];
 
@@ -280,29 +284,29 @@ pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyh
     server.broker_token = Some(broker_token.clone());
     server.admin_token = Some(admin_token.clone());
 
-    let mut tasks: Vec<(&str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    let mut tasks: JoinSet<(&str, anyhow::Result<()>)> = JoinSet::new();
 
     let ib = esper_ingestion::start(ingestion, ingestion_l, shutdown.clone())
         .await
         .context("ingestion broker")?;
-    tasks.push((
+    tasks.spawn(named(
         "ingestion broker",
-        tokio::spawn(async move { Ok(ib.wait().await?) }),
+        async move { Ok(ib.wait().await?) },
     ));
     let mb = esper_mitigation::start(mitigation, mitigation_l, shutdown.clone())
         .await
         .context("mitigation broker")?;
-    tasks.push((
+    tasks.spawn(named(
         "mitigation broker",
-        tokio::spawn(async move { Ok(mb.wait().await?) }),
+        async move { Ok(mb.wait().await?) },
     ));
     let control = esper_control::start(server.clone(), control_l, shutdown.clone())
         .await
         .context("control plane")?;
     let (health_addr, metrics_addr) = (control.health_addr, control.metrics_addr);
-    tasks.push((
+    tasks.spawn(named(
         "control plane",
-        tokio::spawn(async move { Ok(control.wait().await?) }),
+        async move { Ok(control.wait().await?) },
     ));
 
     let (explicit, docs) = if args.policies.is_empty() {
@@ -324,10 +328,9 @@ pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyh
             let demo_l = bind("demo app", args.demo_listen).await?;
             let addr = demo_l.local_addr()?;
             let s = shutdown.clone();
-            tasks.push((
-                "demo app",
-                tokio::spawn(async move { Ok(crate::demo::serve(demo_l, s).await?) }),
-            ));
+            tasks.spawn(named("demo app", async move {
+                Ok(crate::demo::serve(demo_l, s).await?)
+            }));
             addr.to_string()
         }
     };
@@ -343,13 +346,11 @@ pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyh
         worker.worker_id = "dev-worker".to_string();
     }
     worker.validate()?;
+    let worker_ops = worker.listen;
     let worker_shutdown = shutdown.clone();
-    tasks.push((
-        "engine worker",
-        tokio::spawn(
-            async move { Ok(esper_engine::run(worker, worker_l, worker_shutdown).await?) },
-        ),
-    ));
+    tasks.spawn(named("engine worker", async move {
+        Ok(esper_engine::run(worker, worker_l, worker_shutdown).await?)
+    }));
 
     proxy.listen = proxy_l.local_addr()?;
     proxy.ops_listen = proxy_ops_l.local_addr()?;
@@ -378,10 +379,7 @@ pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyh
     .context("proxy")?;
     let proxy_addr = handle.traffic_addr();
     let proxy_ops = handle.ops_addr();
-    tasks.push((
-        "proxy",
-        tokio::spawn(async move { Ok(handle.wait().await?) }),
-    ));
+    tasks.spawn(named("proxy", async move { Ok(handle.wait().await?) }));
 
     let target = if args.upstream.is_some() {
         upstream.clone()
@@ -396,10 +394,7 @@ pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyh
     );
     println!("  ingestion broker   {ingestion_url}");
     println!("  mitigation broker  {mitigation_url}");
-    println!(
-        "  engine worker      http://{}  (/readyz, /metrics)",
-        worker_ops_addr(&tasks, args.worker_ops_listen)
-    );
+    println!("  engine worker      http://{worker_ops}  (/readyz, /metrics)");
     println!("  control store      {}", server.database_url);
     println!("  admin API token    {admin_token}");
     println!(
@@ -409,33 +404,25 @@ pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyh
         println!("  policies applied   {}", applied.join(", "));
     }
 
-    // Run until shutdown, or until a part stops on its own (which stops the rest).
+    // Run until shutdown. A part that stops on its own before that ends the dev stack
+    // with its error (dropping the set aborts the others).
     let mut first_error: Option<anyhow::Error> = None;
-    let (names, handles): (Vec<&str>, Vec<_>) = tasks.into_iter().unzip();
-    let mut pending: Vec<_> = handles.into_iter().enumerate().collect();
-    while !pending.is_empty() {
-        let (res, idx, rest) = futures_select(pending).await;
-        let name = names[idx];
-        match res {
-            Ok(Ok(())) if shutdown.is_triggered() => {}
-            Ok(Ok(())) => {
+    while let Some(joined) = tasks.join_next().await {
+        let (name, result) =
+            joined.unwrap_or_else(|e| ("a task", Err(anyhow::anyhow!("crashed: {e}"))));
+        match result {
+            Ok(()) if shutdown.is_triggered() => {}
+            Ok(()) => {
                 first_error.get_or_insert_with(|| anyhow::anyhow!("{name} stopped unexpectedly"));
             }
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e.context(name));
-            }
             Err(e) => {
-                first_error.get_or_insert_with(|| anyhow::anyhow!("{name} crashed: {e}"));
+                first_error.get_or_insert(e.context(name));
             }
         }
         if !shutdown.is_triggered() {
             tracing::error!("{name} stopped; shutting the dev stack down");
-            return match first_error {
-                Some(e) => Err(e),
-                None => Ok(()),
-            };
+            break;
         }
-        pending = rest;
     }
     match first_error {
         Some(e) => Err(e),
@@ -446,30 +433,12 @@ pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyh
     }
 }
 
-fn worker_ops_addr<T>(_tasks: &[T], configured: SocketAddr) -> SocketAddr {
-    configured
-}
-
-type Indexed = (usize, JoinHandle<anyhow::Result<()>>);
-
-/// Waits for the first of `pending` to finish; returns its result, index and the rest.
-async fn futures_select(
-    pending: Vec<Indexed>,
-) -> (
-    Result<anyhow::Result<()>, tokio::task::JoinError>,
-    usize,
-    Vec<Indexed>,
-) {
-    let (idxs, handles): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
-    let (res, pos, rest) = futures_util::future::select_all(handles).await;
-    let idx = idxs[pos];
-    let rest_idx: Vec<usize> = idxs
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| *i != pos)
-        .map(|(_, v)| v)
-        .collect();
-    (res, idx, rest_idx.into_iter().zip(rest).collect())
+/// Tags a part's future with its name, for the error that says which part stopped.
+async fn named<F>(name: &'static str, fut: F) -> (&'static str, anyhow::Result<()>)
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    (name, fut.await)
 }
 
 #[cfg(test)]
