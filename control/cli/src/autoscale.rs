@@ -728,11 +728,12 @@ mod tests {
     }
 
     /// Children that run `sh -c SCRIPT` instead of a worker.
-    fn shell(script: &'static str) -> Launcher {
+    fn shell(script: &str) -> Launcher {
+        let script = OsString::from(script);
         Launcher {
             program: "sh".into(),
             prefix: "test".into(),
-            argv: Arc::new(move |_| vec!["-c".into(), script.into()]),
+            argv: Arc::new(move |_| vec!["-c".into(), script.clone()]),
         }
     }
 
@@ -796,12 +797,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_that_ignores_sigterm_is_killed_after_the_timeout() {
-        let mut pool = Pool::new(
-            shell("trap '' TERM; exec sleep 30"),
-            Duration::from_millis(300),
-        );
+        let marker = std::env::temp_dir().join(format!("esper-trap-{}", uuid::Uuid::new_v4()));
+        let script = format!("trap '' TERM; : > '{}'; exec sleep 30", marker.display());
+        let mut pool = Pool::new(shell(&script), Duration::from_millis(300));
         pool.resize(1).await;
         let pid = pids(&pool)[0].1;
+        // SIGTERM before the trap is set would end the shell at once.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !marker.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = std::fs::remove_file(&marker);
         let t = Instant::now();
         pool.stop_all().await;
         assert!(t.elapsed() >= Duration::from_millis(300));

@@ -170,9 +170,11 @@ async fn wait_until_silent(api: &ApiArgs, deadline: Instant) -> bool {
             let client = api.client()?;
             client.get(PROBE_PATH).await.map(|_| ())
         };
-        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
-            Ok(Err(CtlError::Unreachable { .. })) => return true,
-            Ok(_) | Err(_) => {}
+        // Any answer, even an error, and a probe that hangs both mean "not gone yet".
+        if let Ok(Err(CtlError::Unreachable { .. })) =
+            tokio::time::timeout(PROBE_TIMEOUT, probe).await
+        {
+            return true;
         }
         if Instant::now() >= deadline {
             return false;
