@@ -92,7 +92,7 @@ pub struct Config {
     pub broker_token: Option<String>,
     /// Bearer token for the control plane (`ESPER_TOKEN`).
     pub control_token: Option<String>,
-    /// Events per ingestion batch (`ESPER_BATCH_SIZE`, `--batch-size`).
+    /// Events per ingestion batch (`ESPER_PROXY_BATCH_SIZE`, `--batch-size`).
     pub batch_size: usize,
     /// Longest wait before a partial batch is sent (`ESPER_FLUSH_INTERVAL`,
     /// `BATCH_TIMEOUT_MS` in milliseconds, `--flush-interval`).
@@ -202,7 +202,7 @@ impl Config {
         vars.string_opt(&["ESPER_CONTROL_URL"], &mut self.control_url);
         vars.string_opt(&["ESPER_BROKER_TOKEN"], &mut self.broker_token);
         vars.string_opt(&["ESPER_TOKEN"], &mut self.control_token);
-        vars.parse(&["ESPER_BATCH_SIZE"], &mut self.batch_size)?;
+        vars.parse(&["ESPER_PROXY_BATCH_SIZE"], &mut self.batch_size)?;
         vars.duration(
             &["ESPER_FLUSH_INTERVAL", "BATCH_TIMEOUT_MS"],
             ms,

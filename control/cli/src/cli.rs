@@ -119,13 +119,26 @@ struct LogOptions {
     format: LogFormat,
 }
 
+/// The `[log]` section of a TOML config file, or `LOG_LEVEL` / `LOG_FORMAT` in a `.env` one.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct LogSettings {
+    level: Option<String>,
+    format: Option<LogFormat>,
+}
+
 fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
-    let mut level = "info".to_string();
-    let mut format = LogFormat::Text;
-    let env = ProcessEnv;
-    let vars = Vars::new(&env);
-    vars.string(&["LOG_LEVEL", "ESPER_LOG_LEVEL"], &mut level);
-    vars.parse(&["LOG_FORMAT", "ESPER_LOG_FORMAT"], &mut format)?;
+    let file: LogSettings = config::load_section(
+        cli.config.as_deref(),
+        Some("log"),
+        &ProcessEnv,
+        |s: &mut LogSettings, vars| {
+            vars.string_opt(&["LOG_LEVEL", "ESPER_LOG_LEVEL"], &mut s.level);
+            vars.parse_opt(&["LOG_FORMAT", "ESPER_LOG_FORMAT"], &mut s.format)
+        },
+    )?;
+    let mut level = file.level.unwrap_or_else(|| "info".to_string());
+    let mut format = file.format.unwrap_or_default();
     if let Some(l) = &cli.log_level {
         level = l.clone();
     }

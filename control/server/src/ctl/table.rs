@@ -72,10 +72,11 @@ fn span(secs: i64) -> String {
     }
 }
 
-/// `in 4m` for a future time, `12s ago` for a past one.
+/// `in 4m` for a future time, `12s ago` for a past one (and `0s ago` for a time within
+/// the second, which is how heartbeats just received look).
 pub fn relative(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let secs = (t - now).num_seconds();
-    if secs >= 0 {
+    if secs > 0 {
         format!("in {}", span(secs))
     } else {
         format!("{} ago", span(secs))
