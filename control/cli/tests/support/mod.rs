@@ -183,27 +183,21 @@ pub async fn wait_ready(url: &str, timeout: Duration) {
     .await
 }
 
-/// A policy file for the scenario: 10 failed logins per IP in 30 s => block for `ttl`.
+/// The shipped example policy `conf/policies/login-brute-force.toml` (10 failed logins
+/// per address in a minute => block), with its TTL shortened to `ttl` so a test can watch
+/// the block expire.
 pub fn write_login_policy(dir: &Path, ttl: &str) -> PathBuf {
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conf/policies/login-brute-force.toml");
+    let text = std::fs::read_to_string(&example).expect("read the example policy");
+    assert!(
+        text.contains("ttl = \"10m\""),
+        "the example policy changed; update this helper"
+    );
     let path = dir.join("login.toml");
     std::fs::write(
         &path,
-        format!(
-            r#"[[policy]]
-id = "login-brute-force"
-description = "Failed logins from one address"
-entity = "ip"
-window = "30s"
-threshold = 10
-action = "block"
-ttl = "{ttl}"
-
-[policy.match]
-methods = ["POST"]
-paths = ["/login"]
-statuses = [401]
-"#
-        ),
+        text.replace("ttl = \"10m\"", &format!("ttl = \"{ttl}\"")),
     )
     .expect("write policy");
     path
