@@ -190,7 +190,12 @@ async fn apply_policies(
 }
 
 /// Runs the whole stack until `shutdown`.
-pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow::Result<()> {
+    // The stack has its own shutdown, fired by the process's signal or by any part that
+    // stops on its own (`esper server stop`, a crash), so the others still drain cleanly.
+    let (stop_all, shutdown) = Shutdown::new();
+    let outer_wait = outer.clone();
+    let stop_on_signal = tokio::spawn(async move { outer_wait.wait().await });
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let data_dir = args
@@ -404,24 +409,27 @@ pub async fn run(args: DevArgs, file: Option<&Path>, shutdown: Shutdown) -> anyh
         println!("  policies applied   {}", applied.join(", "));
     }
 
-    // Run until shutdown. A part that stops on its own before that ends the dev stack
-    // with its error (dropping the set aborts the others).
     let mut first_error: Option<anyhow::Error> = None;
-    while let Some(joined) = tasks.join_next().await {
+    let mut signalled = Some(stop_on_signal);
+    loop {
+        let joined = tokio::select! {
+            joined = tasks.join_next() => joined,
+            _ = async { if let Some(s) = signalled.as_mut() { let _ = s.await; } }, if signalled.is_some() => {
+                signalled = None;
+                stop_all.trigger();
+                continue;
+            }
+        };
+        let Some(joined) = joined else { break };
         let (name, result) =
             joined.unwrap_or_else(|e| ("a task", Err(anyhow::anyhow!("crashed: {e}"))));
-        match result {
-            Ok(()) if shutdown.is_triggered() => {}
-            Ok(()) => {
-                first_error.get_or_insert_with(|| anyhow::anyhow!("{name} stopped unexpectedly"));
-            }
-            Err(e) => {
-                first_error.get_or_insert(e.context(name));
-            }
+        if let Err(e) = result {
+            tracing::error!(error = %e, "{name} failed");
+            first_error.get_or_insert(e.context(name));
         }
         if !shutdown.is_triggered() {
-            tracing::error!("{name} stopped; shutting the dev stack down");
-            break;
+            tracing::warn!("{name} stopped; stopping the rest of the dev stack");
+            stop_all.trigger();
         }
     }
     match first_error {
