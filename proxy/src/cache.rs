@@ -65,6 +65,7 @@ fn outranks(a: &Mitigation, b: &Mitigation) -> bool {
         std::cmp::Ordering::Equal => match (&a.action, &b.action) {
             (Action::Throttle { rate: ra, .. }, Action::Throttle { rate: rb, .. }) => ra < rb,
             (Action::Tarpit { delay_ms: da }, Action::Tarpit { delay_ms: db }) => da > db,
+            (Action::Challenge { difficulty: da }, Action::Challenge { difficulty: db }) => da > db,
             _ => false,
         },
     }

@@ -3,9 +3,11 @@
 //! validation pass that runs before anything starts.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use esper_common::config::{ConfigError, Vars, parse_duration_ms, parse_duration_secs};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Default client-traffic listener.
@@ -45,6 +47,13 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time an idle upstream connection stays in the keep-alive pool.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default lifetime of a clearance cookie earned by solving a challenge.
+pub const DEFAULT_CHALLENGE_TTL: Duration = Duration::from_secs(3600);
+/// Default wait of the no-JavaScript challenge before its link clears the client.
+pub const DEFAULT_CHALLENGE_FALLBACK_DELAY: Duration = Duration::from_secs(5);
+/// Shortest `challenge_secret` accepted, in bytes.
+pub const MIN_CHALLENGE_SECRET_LEN: usize = 16;
 
 fn default_addr(s: &str) -> SocketAddr {
     s.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
@@ -131,6 +140,35 @@ pub struct Config {
     /// `--drain-timeout`).
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Networks of proxies and load balancers in front whose `Forwarded` /
+    /// `X-Forwarded-For` are believed: the client is the rightmost address that is not
+    /// one of them. Empty: the connection's address is the client
+    /// (`ESPER_TRUSTED_PROXIES`, comma separated; `--trusted-proxy`, repeatable).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Every connection on `listen` starts with a PROXY protocol header (v1 or v2) from a
+    /// load balancer, which names the client. Connections without one are closed; with
+    /// `trusted_proxies` set, so are headers from peers outside it
+    /// (`ESPER_PROXY_PROTOCOL`, `--proxy-protocol`).
+    pub proxy_protocol: bool,
+    /// Client networks that bypass every mitigation (`ESPER_ALLOW_IPS`, comma separated).
+    pub allow_ips: Vec<IpNet>,
+    /// Paths that bypass every mitigation: exact, or a prefix with a trailing `*`, such
+    /// as `/healthz` or `/.well-known/*` (`ESPER_ALLOW_PATHS`, comma separated).
+    pub allow_paths: Vec<String>,
+    /// Directory of answer templates overriding the built-ins: `block`, `throttle`,
+    /// `busy`, `challenge`, each `.html` and/or `.json` (`ESPER_TEMPLATES_DIR`).
+    pub templates_dir: Option<PathBuf>,
+    /// Key signing challenge tokens and clearance cookies (HMAC-SHA256), at least 16
+    /// bytes; share it between instances so a cookie from one is honoured by all. When
+    /// unset, each process makes a random one (`ESPER_CHALLENGE_SECRET`).
+    pub challenge_secret: Option<String>,
+    /// Lifetime of a clearance cookie (`ESPER_CHALLENGE_TTL`).
+    #[serde(with = "humantime_serde")]
+    pub challenge_ttl: Duration,
+    /// How long a client without JavaScript waits on the challenge page before its
+    /// link clears it (`ESPER_CHALLENGE_FALLBACK_DELAY`).
+    #[serde(with = "humantime_serde")]
+    pub challenge_fallback_delay: Duration,
 }
 
 impl Default for Config {
@@ -162,8 +200,33 @@ impl Default for Config {
             stream_wait: DEFAULT_STREAM_WAIT,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            allow_ips: Vec::new(),
+            allow_paths: Vec::new(),
+            templates_dir: None,
+            challenge_secret: None,
+            challenge_ttl: DEFAULT_CHALLENGE_TTL,
+            challenge_fallback_delay: DEFAULT_CHALLENGE_FALLBACK_DELAY,
         }
     }
+}
+
+/// A comma-separated list of networks; a bare address is a /32 or /128.
+fn net_list(name: &str, value: &str) -> Result<Vec<IpNet>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| parse_net(s).map_err(|reason| ConfigError::invalid(name, s, reason)))
+        .collect()
+}
+
+/// A network (`10.0.0.0/8`) or one address (`192.0.2.1`).
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| "expected an address or a CIDR network such as 10.0.0.0/8".to_string())
 }
 
 /// A comma-separated list, trimmed, empty items dropped, names lower-cased.
@@ -230,6 +293,30 @@ impl Config {
             secs,
             &mut self.drain_timeout,
         )?;
+        if let Some((name, v)) = vars.lookup(&["ESPER_TRUSTED_PROXIES"]) {
+            self.trusted_proxies = net_list(&name, &v)?;
+        }
+        vars.bool(&["ESPER_PROXY_PROTOCOL"], &mut self.proxy_protocol)?;
+        if let Some((name, v)) = vars.lookup(&["ESPER_ALLOW_IPS"]) {
+            self.allow_ips = net_list(&name, &v)?;
+        }
+        if let Some((_, v)) = vars.lookup(&["ESPER_ALLOW_PATHS"]) {
+            self.allow_paths = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some((_, v)) = vars.lookup(&["ESPER_TEMPLATES_DIR"]) {
+            self.templates_dir = Some(PathBuf::from(v));
+        }
+        vars.string_opt(&["ESPER_CHALLENGE_SECRET"], &mut self.challenge_secret);
+        vars.duration(&["ESPER_CHALLENGE_TTL"], secs, &mut self.challenge_ttl)?;
+        vars.duration(
+            &["ESPER_CHALLENGE_FALLBACK_DELAY"],
+            secs,
+            &mut self.challenge_fallback_delay,
+        )?;
         Ok(())
     }
 
@@ -286,6 +373,23 @@ impl Config {
                 ));
             }
         }
+        if let Some(bad) = self.allow_paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(ConfigError::invalid(
+                "allow_paths",
+                bad,
+                "a path starts with `/` (a trailing `*` makes it a prefix)",
+            ));
+        }
+        if let Some(secret) = &self.challenge_secret
+            && secret.len() < MIN_CHALLENGE_SECRET_LEN
+        {
+            return Err(ConfigError::invalid(
+                "challenge_secret",
+                "(hidden)",
+                format!("must be at least {MIN_CHALLENGE_SECRET_LEN} bytes"),
+            ));
+        }
+        nonzero("challenge_ttl", self.challenge_ttl)?;
         if self.threads > 1024 {
             return Err(ConfigError::invalid(
                 "threads",
@@ -436,6 +540,12 @@ pub struct Args {
     /// Time in-flight requests get to finish at shutdown (e.g. 10s)
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
     pub drain_timeout: Option<Duration>,
+    /// A trusted proxy network whose forwarding headers are believed (repeatable)
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = parse_net)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Expect a PROXY protocol header on every client connection
+    #[arg(long)]
+    pub proxy_protocol: bool,
 }
 
 impl Args {
@@ -474,6 +584,12 @@ impl Args {
         set(&mut cfg.tarpit_concurrency, &self.tarpit_concurrency);
         set(&mut cfg.stream_wait, &self.stream_wait);
         set(&mut cfg.drain_timeout, &self.drain_timeout);
+        if !self.trusted_proxies.is_empty() {
+            cfg.trusted_proxies = self.trusted_proxies.clone();
+        }
+        if self.proxy_protocol {
+            cfg.proxy_protocol = true;
+        }
     }
 }
 
@@ -511,6 +627,9 @@ mod tests {
             ("ESPER_TOKEN", "t0k"),
             ("ESPER_CONTROL_URL", "http://127.0.0.1:8080"),
             ("ESPER_TARPIT_MAX", "3"),
+            ("ESPER_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.1"),
+            ("ESPER_ALLOW_PATHS", "/healthz,/static/*"),
+            ("ESPER_CHALLENGE_SECRET", "0123456789abcdef"),
         ]);
         let cfg: Config = load(None, &vars, Config::apply_env).unwrap();
         assert_eq!(cfg.upstream, "app.internal:3000");
@@ -521,7 +640,18 @@ mod tests {
         assert_eq!(cfg.report_cookies, vec!["session"]);
         assert_eq!(cfg.control_token.as_deref(), Some("t0k"));
         assert_eq!(cfg.tarpit_max, Duration::from_secs(3));
+        assert_eq!(
+            cfg.trusted_proxies,
+            vec![
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "192.0.2.1/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(cfg.allow_paths, vec!["/healthz", "/static/*"]);
         cfg.validate().unwrap();
+        let bad = env(&[("ESPER_TRUSTED_PROXIES", "10.0.0.0/8,nope")]);
+        let err = load::<Config, _>(None, &bad, Config::apply_env).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
     }
 
     #[derive(clap::Parser)]

@@ -30,6 +30,8 @@ pub enum Verdict {
     },
     /// A tarpit applies but every slot is taken: answer 429.
     TarpitFull,
+    /// Let it through only with a valid clearance cookie; otherwise answer the puzzle.
+    Challenge { difficulty: u8 },
 }
 
 /// Decides the verdict of each request from the cache.
@@ -71,6 +73,7 @@ impl Enforcer {
         };
         match m.action {
             Action::Block => Verdict::Block(m),
+            Action::Challenge { difficulty } => Verdict::Challenge { difficulty },
             Action::Log => Verdict::Forward(EnforcedAction::Log),
             Action::Throttle { rate, burst } => {
                 match self.throttles.take(&m.id, rate, burst, Instant::now()) {

@@ -5,6 +5,8 @@
 //! current tokio runtime, and returns a [`ProxyHandle`]; [`run`] is `start` then `wait`.
 
 pub mod cache;
+mod challenge;
+mod clientip;
 pub mod config;
 mod enforce;
 mod follower;
@@ -13,6 +15,7 @@ mod heartbeat;
 pub mod metrics;
 mod ops;
 mod proxy;
+pub mod proxyproto;
 mod report;
 mod respond;
 mod status;
@@ -36,10 +39,13 @@ pub use cache::MitigationCache;
 pub use config::{Args, Config};
 pub use metrics::{DropReason, Metrics};
 
+use crate::challenge::Challenger;
+use crate::clientip::{Networks, Paths};
 use crate::enforce::Enforcer;
 use crate::forwarder::Forwarder;
-use crate::proxy::{EsperProxy, InFlight, Upstream};
+use crate::proxy::{EdgePolicy, EsperProxy, InFlight, Upstream};
 use crate::report::Reporter;
+use crate::respond::Templates;
 use crate::status::Status;
 
 /// Time the ops server gets to finish its own requests at shutdown.
@@ -209,7 +215,40 @@ pub async fn start(
     let in_flight = InFlight::default();
     let (events_tx, events_rx) = mpsc::channel(config.buffer);
 
+    let templates = Templates::load(config.templates_dir.as_deref()).map_err(|reason| {
+        ConfigError::invalid(
+            "templates_dir",
+            config
+                .templates_dir
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string()),
+            reason,
+        )
+    })?;
+    let secret = match &config.challenge_secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None => {
+            tracing::warn!(
+                "no challenge_secret (ESPER_CHALLENGE_SECRET): using a random key, so \
+                 clearance cookies are honoured by this process only"
+            );
+            rand::random::<[u8; 32]>().to_vec()
+        }
+    };
+    let trusted = Networks::new(&config.trusted_proxies);
+    let edge = EdgePolicy {
+        trusted: trusted.clone(),
+        allow_ips: Networks::new(&config.allow_ips),
+        allow_paths: Paths::new(&config.allow_paths),
+        templates,
+        challenger: Challenger::new(
+            &secret,
+            config.challenge_ttl,
+            config.challenge_fallback_delay,
+        ),
+    };
     let app = EsperProxy::new(
+        edge,
         Enforcer::new(
             cache.clone(),
             metrics.clone(),
@@ -240,7 +279,11 @@ pub async fn start(
     let threads = config.effective_threads();
     let traffic = traffic::spawn(
         app,
-        traffic_listener,
+        vec![traffic::Endpoint {
+            listener: traffic_listener,
+            proxy_protocol: config.proxy_protocol,
+        }],
+        trusted,
         threads,
         config.drain_timeout,
         in_flight.clone(),

@@ -36,12 +36,13 @@ impl DropReason {
     }
 }
 
-const ACTIONS: [EnforcedAction; 5] = [
+const ACTIONS: [EnforcedAction; 6] = [
     EnforcedAction::Allow,
     EnforcedAction::Block,
     EnforcedAction::Throttle,
     EnforcedAction::Tarpit,
     EnforcedAction::Log,
+    EnforcedAction::Challenge,
 ];
 
 fn action_label(a: EnforcedAction) -> &'static str {
@@ -51,6 +52,7 @@ fn action_label(a: EnforcedAction) -> &'static str {
         EnforcedAction::Throttle => "throttle",
         EnforcedAction::Tarpit => "tarpit",
         EnforcedAction::Log => "log",
+        EnforcedAction::Challenge => "challenge",
     }
 }
 
@@ -61,6 +63,7 @@ fn action_index(a: EnforcedAction) -> usize {
         EnforcedAction::Throttle => 2,
         EnforcedAction::Tarpit => 3,
         EnforcedAction::Log => 4,
+        EnforcedAction::Challenge => 5,
     }
 }
 

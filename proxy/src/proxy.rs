@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use esper_protocol::EnforcedAction;
 use http::header;
@@ -15,14 +16,28 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, Result};
 
+use crate::challenge::{self, CHALLENGE_PATH, COOKIE_NAME, Challenger, Clearance};
+use crate::clientip::{self, Networks, Paths};
 use crate::enforce::{Enforcer, Verdict};
 use crate::metrics::Metrics;
 use crate::report::{Observed, Reporter};
-use crate::respond::{LocalAnswer, acceptable_request_id, new_id, prefers_json};
+use crate::respond::{LocalAnswer, Templates, Var, acceptable_request_id, new_id, prefers_json};
 
 const X_REQUEST_ID: &str = "x-request-id";
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_REAL_IP: &str = "x-real-ip";
+/// Largest challenge form accepted.
+const MAX_CHALLENGE_BODY: usize = 4096;
+
+/// Who is trusted, who bypasses mitigations, how answers look, how challenges sign.
+pub struct EdgePolicy {
+    pub trusted: Networks,
+    pub allow_ips: Networks,
+    pub allow_paths: Paths,
+    pub templates: Templates,
+    pub challenger: Challenger,
+}
 
 /// Counts requests between their start and the end of their logging phase, so shutdown
 /// can wait for exactly those.
@@ -55,6 +70,8 @@ pub struct RequestCtx {
     started: Instant,
     timestamp: DateTime<Utc>,
     client_ip: Option<IpAddr>,
+    /// The connection's peer is a trusted proxy (its forwarding headers are kept).
+    peer_trusted: bool,
     request_id: String,
     /// The client sent a usable `X-Request-ID`, which is passed on unchanged.
     client_request_id: bool,
@@ -86,6 +103,7 @@ impl Upstream {
 
 /// The proxy application Pingora runs.
 pub struct EsperProxy {
+    edge: EdgePolicy,
     enforcer: Enforcer,
     reporter: Reporter,
     metrics: Arc<Metrics>,
@@ -96,6 +114,7 @@ pub struct EsperProxy {
 impl EsperProxy {
     /// Assembles the filters.
     pub fn new(
+        edge: EdgePolicy,
         enforcer: Enforcer,
         reporter: Reporter,
         metrics: Arc<Metrics>,
@@ -103,6 +122,7 @@ impl EsperProxy {
         in_flight: InFlight,
     ) -> EsperProxy {
         EsperProxy {
+            edge,
             enforcer,
             reporter,
             metrics,
@@ -118,13 +138,25 @@ impl EsperProxy {
         ctx: &RequestCtx,
         answer: LocalAnswer,
     ) -> Result<()> {
-        let accept = session
-            .req_header()
-            .headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok());
-        let (content_type, body) = answer.render(&ctx.request_id, prefers_json(accept));
-        let mut resp = ResponseHeader::build(answer.status, Some(6))?;
+        let json = wants_json(session);
+        let (content_type, body) = self
+            .edge
+            .templates
+            .render(&answer, &ctx.request_id, json, &[]);
+        self.write_answer(session, ctx, &answer, content_type, body, None)
+            .await
+    }
+
+    async fn write_answer(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        answer: &LocalAnswer,
+        content_type: &str,
+        body: Bytes,
+        cookie: Option<String>,
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(answer.status, Some(7))?;
         resp.insert_header(header::CONTENT_TYPE, content_type)?;
         resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
@@ -132,13 +164,282 @@ impl EsperProxy {
         if let Some(secs) = answer.retry_after {
             resp.insert_header(header::RETRY_AFTER, secs.to_string())?;
         }
+        if let Some(cookie) = cookie {
+            resp.insert_header(header::SET_COOKIE, cookie)?;
+        }
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await?;
         Ok(())
     }
+
+    /// The challenge interstitial (HTML) or its JSON form, with a fresh puzzle.
+    async fn challenge(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        ip: IpAddr,
+        difficulty: u8,
+        answer: LocalAnswer,
+        return_to: &str,
+    ) -> Result<()> {
+        let ua = user_agent(session);
+        let puzzle = self.edge.challenger.issue(ip, &ua, difficulty, unix_now());
+        let json = wants_json(session);
+        let difficulty = puzzle.difficulty.to_string();
+        let delay = self.edge.challenger.fallback_delay().as_secs();
+        let return_to = challenge::safe_return(return_to);
+        let fallback_url = format!(
+            "{CHALLENGE_PATH}?fallback={}&return={}",
+            challenge::percent_encode(&puzzle.fallback),
+            challenge::percent_encode(return_to)
+        );
+        let head = format!(
+            "\n<noscript><meta http-equiv=\"refresh\" content=\"{delay};url={}\"></noscript>",
+            escape_attr(&fallback_url)
+        );
+        let markup = challenge_markup(&puzzle.token, &difficulty, return_to, &fallback_url, delay);
+        let (content_type, body) = self.edge.templates.render(
+            &answer,
+            &ctx.request_id,
+            json,
+            &[
+                ("token", Var::Text(&puzzle.token)),
+                ("difficulty", Var::Text(&difficulty)),
+                ("submit", Var::Text(CHALLENGE_PATH)),
+                ("challenge_head", Var::Raw(&head)),
+                ("challenge", Var::Raw(&markup)),
+            ],
+        );
+        self.write_answer(session, ctx, &answer, content_type, body, None)
+            .await
+    }
+
+    /// `/.esper/challenge`: a posted solution, or a fallback link after its wait. Success
+    /// sets the clearance cookie and sends the client back where it was going.
+    async fn challenge_endpoint(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        ip: IpAddr,
+    ) -> Result<()> {
+        let ua = user_agent(session);
+        let now = unix_now();
+        let mut token = String::new();
+        let mut nonce = String::new();
+        let mut fallback = String::new();
+        let mut return_to = String::from("/");
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
+        let mut fields: Vec<(String, String)> = challenge::form_pairs(&query).collect();
+        if session.req_header().method == http::Method::POST {
+            let body = read_body(session, MAX_CHALLENGE_BODY).await?;
+            fields.extend(challenge::form_pairs(&String::from_utf8_lossy(&body)));
+        }
+        for (k, v) in fields {
+            match k.as_str() {
+                "token" => token = v,
+                "nonce" => nonce = v,
+                "fallback" => fallback = v,
+                "return" => return_to = v,
+                _ => {}
+            }
+        }
+        let return_to = challenge::safe_return(&return_to).to_string();
+        let result = if !fallback.is_empty() {
+            self.edge
+                .challenger
+                .redeem_fallback(&fallback, ip, &ua, now)
+        } else {
+            self.edge
+                .challenger
+                .redeem_solution(&token, &nonce, ip, &ua, now)
+        };
+        match result {
+            Ok(clearance) => {
+                let cookie = set_cookie(&clearance, is_tls(session));
+                if wants_json(session) {
+                    let body = serde_json::json!({
+                        "cleared": true,
+                        "cookie": COOKIE_NAME,
+                        "expires_in": clearance.max_age.as_secs(),
+                        "request_id": ctx.request_id,
+                    });
+                    let answer = LocalAnswer {
+                        status: 200,
+                        ..LocalAnswer::challenge()
+                    };
+                    let body = Bytes::from(body.to_string());
+                    self.write_answer(
+                        session,
+                        ctx,
+                        &answer,
+                        "application/json",
+                        body,
+                        Some(cookie),
+                    )
+                    .await
+                } else {
+                    let mut resp = ResponseHeader::build(303, Some(5))?;
+                    resp.insert_header(header::LOCATION, return_to.as_str())?;
+                    resp.insert_header(header::SET_COOKIE, cookie)?;
+                    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+                    resp.insert_header(header::CONTENT_LENGTH, "0")?;
+                    resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+                    session.write_response_header(Box::new(resp), true).await?;
+                    Ok(())
+                }
+            }
+            Err(refusal) => {
+                tracing::debug!(client = %ip, %refusal, "challenge refused");
+                // A new puzzle; its difficulty is that of the refused token when readable.
+                let difficulty = token
+                    .split('.')
+                    .nth(2)
+                    .and_then(|d| d.parse().ok())
+                    .unwrap_or(challenge::MAX_DIFFICULTY / 2);
+                self.challenge(
+                    session,
+                    ctx,
+                    ip,
+                    difficulty,
+                    LocalAnswer::challenge_failed(),
+                    &return_to,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Does the client hold a valid clearance?
+    fn cleared(&self, session: &Session, ip: IpAddr) -> bool {
+        let headers = &session.req_header().headers;
+        let Some(cookie) = challenge::find_cookie(headers) else {
+            return false;
+        };
+        let ua = headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        self.edge
+            .challenger
+            .check_cookie(cookie, ip, ua, unix_now())
+            .is_ok()
+    }
 }
 
-fn client_ip(session: &Session) -> Option<IpAddr> {
+fn wants_json(session: &Session) -> bool {
+    prefers_json(
+        session
+            .req_header()
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+fn user_agent(session: &Session) -> String {
+    session
+        .req_header()
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn set_cookie(c: &Clearance, secure: bool) -> String {
+    format!(
+        "{COOKIE_NAME}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+        c.value,
+        c.max_age.as_secs(),
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+fn escape_attr(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The puzzle form and the script that solves it with WebCrypto and submits it. Without
+/// JavaScript, the page's meta refresh follows the fallback link after its wait; with
+/// JavaScript but no WebCrypto (plain HTTP off localhost), the script does the same.
+fn challenge_markup(
+    token: &str,
+    difficulty: &str,
+    return_to: &str,
+    fallback_url: &str,
+    delay_secs: u64,
+) -> String {
+    format!(
+        r#"<form id="esper-challenge" method="POST" action="{CHALLENGE_PATH}">
+<input type="hidden" name="token" value="{token}">
+<input type="hidden" name="nonce" value="">
+<input type="hidden" name="return" value="{ret}">
+</form>
+<noscript><p>JavaScript is off: this page continues by itself in {delay_secs} seconds.</p></noscript>
+<script>
+(async function () {{
+  var form = document.getElementById("esper-challenge");
+  var token = form.elements.token.value, bits = {difficulty};
+  if (!(window.crypto && window.crypto.subtle && window.TextEncoder)) {{
+    setTimeout(function () {{ location.replace("{fallback_js}"); }}, {delay_ms});
+    return;
+  }}
+  var enc = new TextEncoder();
+  function zeroBits(buf) {{
+    var bytes = new Uint8Array(buf), n = 0;
+    for (var i = 0; i < bytes.length; i++) {{
+      if (bytes[i] === 0) {{ n += 8; continue; }}
+      return n + Math.clz32(bytes[i]) - 24;
+    }}
+    return n;
+  }}
+  for (var nonce = 0; ; nonce++) {{
+    var digest = await crypto.subtle.digest("SHA-256", enc.encode(token + ":" + nonce));
+    if (zeroBits(digest) >= bits) {{
+      form.elements.nonce.value = String(nonce);
+      form.submit();
+      return;
+    }}
+  }}
+}})();
+</script>"#,
+        token = escape_attr(token),
+        ret = escape_attr(return_to),
+        fallback_js = fallback_url.replace('\\', "").replace('"', "%22"),
+        delay_ms = delay_secs * 1000,
+    )
+}
+
+/// Reads a request body of at most `limit` bytes (more is refused).
+async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > limit {
+            return Error::e_explain(
+                pingora::ErrorType::InvalidHTTPHeader,
+                "challenge form too large",
+            );
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The connection's peer: the TCP peer, or the client a PROXY header named.
+fn peer_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
         .and_then(|a| a.as_inet())
@@ -154,6 +455,7 @@ impl ProxyHttp for EsperProxy {
             started: Instant::now(),
             timestamp: Utc::now(),
             client_ip: None,
+            peer_trusted: false,
             request_id: String::new(),
             client_request_id: false,
             action: EnforcedAction::Allow,
@@ -174,14 +476,22 @@ impl ProxyHttp for EsperProxy {
             }
             None => ctx.request_id = new_id(),
         }
-        let Some(ip) = client_ip(session) else {
+        let Some(peer) = peer_ip(session) else {
             return Ok(false);
         };
+        let req = session.req_header();
+        ctx.peer_trusted = self.edge.trusted.contains(peer);
+        let ip = clientip::resolve(peer, &req.headers, &self.edge.trusted);
         ctx.client_ip = Some(ip);
-        match self
-            .enforcer
-            .decide(ip, &session.req_header().headers, ctx.timestamp)
-        {
+        let path = req.uri.path();
+        if path == CHALLENGE_PATH {
+            self.challenge_endpoint(session, ctx, ip).await?;
+            return Ok(true);
+        }
+        if self.edge.allow_ips.contains(ip) || self.edge.allow_paths.contains(path) {
+            return Ok(false);
+        }
+        match self.enforcer.decide(ip, &req.headers, ctx.timestamp) {
             Verdict::Forward(action) => {
                 ctx.action = action;
                 Ok(false)
@@ -209,6 +519,28 @@ impl ProxyHttp for EsperProxy {
                 self.answer(session, ctx, LocalAnswer::busy()).await?;
                 Ok(true)
             }
+            Verdict::Challenge { difficulty } => {
+                if self.cleared(session, ip) {
+                    return Ok(false);
+                }
+                ctx.action = EnforcedAction::Challenge;
+                let return_to = session
+                    .req_header()
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                self.challenge(
+                    session,
+                    ctx,
+                    ip,
+                    difficulty,
+                    LocalAnswer::challenge(),
+                    &return_to,
+                )
+                .await?;
+                Ok(true)
+            }
         }
     }
 
@@ -222,26 +554,33 @@ impl ProxyHttp for EsperProxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if !ctx.client_request_id {
             upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
         }
-        if let Some(ip) = ctx.client_ip {
-            // Appended as nginx's `$proxy_add_x_forwarded_for` does: earlier hops are the
-            // client's claim, the last one is what this proxy saw.
-            let forwarded = match upstream_request
+        if let (Some(ip), Some(peer)) = (ctx.client_ip, peer_ip(session)) {
+            // From a trusted proxy, the chain so far is kept and the peer appended (as
+            // nginx's `$proxy_add_x_forwarded_for`); from anyone else, whatever the
+            // client wrote is dropped and only what this proxy saw remains.
+            let earlier = upstream_request
                 .headers
                 .get(X_FORWARDED_FOR)
                 .and_then(|v| v.to_str().ok())
-            {
-                Some(earlier) => format!("{earlier}, {ip}"),
-                None => ip.to_string(),
+                .filter(|_| ctx.peer_trusted);
+            let forwarded = match earlier {
+                Some(earlier) => format!("{earlier}, {peer}"),
+                None => peer.to_string(),
             };
             upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
-            upstream_request.insert_header(X_FORWARDED_PROTO, "http")?;
+            upstream_request.insert_header(X_REAL_IP, ip.to_string())?;
+            if !ctx.peer_trusted {
+                upstream_request.remove_header("forwarded");
+            }
+            let proto = if is_tls(session) { "https" } else { "http" };
+            upstream_request.insert_header(X_FORWARDED_PROTO, proto)?;
         }
         Ok(())
     }

@@ -2,7 +2,6 @@
 //! tarpit), as an HTML page or as JSON when the client prefers it, and request ids.
 
 use bytes::Bytes;
-use serde::Serialize;
 
 /// Longest client-supplied `X-Request-ID` the proxy keeps; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -16,6 +15,35 @@ pub struct LocalAnswer {
     pub message: &'static str,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
+    /// The template it is rendered with.
+    pub kind: Kind,
+}
+
+/// The templates, one pair (HTML, JSON) per kind of answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Block,
+    Throttle,
+    Busy,
+    Challenge,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [Kind::Block, Kind::Throttle, Kind::Busy, Kind::Challenge];
+
+    /// The file stem in a templates directory (`block.html`, `block.json`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Block => "block",
+            Kind::Throttle => "throttle",
+            Kind::Busy => "busy",
+            Kind::Challenge => "challenge",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl LocalAnswer {
@@ -26,6 +54,7 @@ impl LocalAnswer {
             code: "blocked",
             message: "This request was blocked by the site's abuse protection.",
             retry_after: None,
+            kind: Kind::Block,
         }
     }
 
@@ -36,6 +65,7 @@ impl LocalAnswer {
             code: "rate_limited",
             message: "Too many requests; slow down and retry later.",
             retry_after: Some(retry_after),
+            kind: Kind::Throttle,
         }
     }
 
@@ -46,43 +76,179 @@ impl LocalAnswer {
             code: "too_many_requests",
             message: "Too many requests; retry later.",
             retry_after: Some(1),
+            kind: Kind::Busy,
+        }
+    }
+
+    /// 403 with a proof-of-work puzzle.
+    pub fn challenge() -> LocalAnswer {
+        LocalAnswer {
+            status: 403,
+            code: "challenge_required",
+            message: "A browser check is required: solve the proof-of-work challenge to continue.",
+            retry_after: None,
+            kind: Kind::Challenge,
+        }
+    }
+
+    /// 403 when a posted solution or fallback link was refused (a new puzzle follows).
+    pub fn challenge_failed() -> LocalAnswer {
+        LocalAnswer {
+            code: "challenge_failed",
+            message: "The browser check failed or expired; a new one follows.",
+            ..LocalAnswer::challenge()
         }
     }
 
     fn title(&self) -> &'static str {
-        match self.status {
-            403 => "403 Forbidden",
+        match (self.status, self.kind) {
+            (_, Kind::Challenge) => "Checking your browser",
+            (403, _) => "403 Forbidden",
             _ => "429 Too Many Requests",
         }
     }
+}
 
-    /// The body and its content type, for a client that prefers JSON or not.
-    pub fn render(&self, request_id: &str, json: bool) -> (&'static str, Bytes) {
-        if json {
-            #[derive(Serialize)]
-            struct Body<'a> {
-                error: &'a str,
-                message: &'a str,
-                request_id: &'a str,
+/// A value substituted into a template.
+pub enum Var<'a> {
+    /// Escaped for the template's format.
+    Text(&'a str),
+    /// Inserted as it is (markup the proxy built itself).
+    Raw(&'a str),
+}
+
+/// Answer templates: built-in, optionally overridden per kind and format by files
+/// `KIND.html` / `KIND.json` in a directory. Placeholders: `{{status}}`, `{{code}}`,
+/// `{{title}}`, `{{message}}`, `{{request_id}}`, `{{retry_after}}`, and for challenges
+/// `{{token}}`, `{{difficulty}}`, `{{submit}}`, `{{challenge}}` (the puzzle's markup and
+/// script, HTML only). JSON values are inserted string-escaped, without quotes.
+#[derive(Clone, Debug)]
+pub struct Templates {
+    html: [String; 4],
+    json: [String; 4],
+}
+
+const BUILTIN_HTML: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{{title}}</title></head>\n\
+<body><h1>{{title}}</h1>\n<p>{{message}}</p>\n<p>Request ID: <code>{{request_id}}</code></p>\n</body></html>\n";
+const BUILTIN_JSON: &str =
+    "{\"error\":\"{{code}}\",\"message\":\"{{message}}\",\"request_id\":\"{{request_id}}\"}";
+const BUILTIN_CHALLENGE_HTML: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{{title}}</title>\n\
+<meta name=\"robots\" content=\"noindex\">{{challenge_head}}</head>\n<body><h1>{{title}}</h1>\n<p>{{message}}</p>\n\
+{{challenge}}\n<p>Request ID: <code>{{request_id}}</code></p>\n</body></html>\n";
+const BUILTIN_CHALLENGE_JSON: &str = "{\"error\":\"{{code}}\",\"message\":\"{{message}}\",\"request_id\":\"{{request_id}}\",\
+\"challenge\":{\"token\":\"{{token}}\",\"difficulty\":{{difficulty}},\"submit\":\"{{submit}}\",\
+\"algorithm\":\"find a decimal nonce such that sha256(token + ':' + nonce) has difficulty leading zero bits; POST token and nonce as a form\"}}";
+
+impl Default for Templates {
+    fn default() -> Self {
+        let pick = |k: Kind, generic: &str, challenge: &str| {
+            if k == Kind::Challenge {
+                challenge.to_string()
+            } else {
+                generic.to_string()
             }
-            let body = serde_json::to_vec(&Body {
-                error: self.code,
-                message: self.message,
-                request_id,
-            })
-            .unwrap_or_default();
-            ("application/json", Bytes::from(body))
-        } else {
-            let title = self.title();
-            let id = escape_html(request_id);
-            let page = format!(
-                "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n\
-                 <body><h1>{title}</h1>\n<p>{}</p>\n<p>Request ID: <code>{id}</code></p>\n</body></html>\n",
-                self.message
-            );
-            ("text/html; charset=utf-8", Bytes::from(page))
+        };
+        Templates {
+            html: Kind::ALL.map(|k| pick(k, BUILTIN_HTML, BUILTIN_CHALLENGE_HTML)),
+            json: Kind::ALL.map(|k| pick(k, BUILTIN_JSON, BUILTIN_CHALLENGE_JSON)),
         }
     }
+}
+
+impl Templates {
+    /// The built-ins with every `KIND.html` / `KIND.json` found in `dir` in their place.
+    pub fn load(dir: Option<&std::path::Path>) -> Result<Templates, String> {
+        let mut t = Templates::default();
+        let Some(dir) = dir else { return Ok(t) };
+        if !dir.is_dir() {
+            return Err(format!("`{}` is not a directory", dir.display()));
+        }
+        for kind in Kind::ALL {
+            for (ext, slot) in [("html", &mut t.html), ("json", &mut t.json)] {
+                let path = dir.join(format!("{}.{ext}", kind.name()));
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => slot[kind.index()] = text,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("cannot read `{}`: {e}", path.display())),
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// Renders `answer` (plus `extra` variables) as JSON or HTML; returns the content
+    /// type and the body.
+    pub fn render(
+        &self,
+        answer: &LocalAnswer,
+        request_id: &str,
+        json: bool,
+        extra: &[(&str, Var<'_>)],
+    ) -> (&'static str, Bytes) {
+        let status = answer.status.to_string();
+        let retry = answer
+            .retry_after
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let vars: Vec<(&str, Var<'_>)> = [
+            ("status", Var::Text(&status)),
+            ("code", Var::Text(answer.code)),
+            ("title", Var::Text(answer.title())),
+            ("message", Var::Text(answer.message)),
+            ("request_id", Var::Text(request_id)),
+            ("retry_after", Var::Text(&retry)),
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|(k, v)| {
+            (
+                *k,
+                match v {
+                    Var::Text(s) => Var::Text(s),
+                    Var::Raw(s) => Var::Raw(s),
+                },
+            )
+        }))
+        .collect();
+        let (template, content_type) = if json {
+            (&self.json[answer.kind.index()], "application/json")
+        } else {
+            (&self.html[answer.kind.index()], "text/html; charset=utf-8")
+        };
+        (content_type, Bytes::from(substitute(template, &vars, json)))
+    }
+}
+
+/// Replaces `{{name}}` placeholders; unknown ones become empty.
+fn substitute(template: &str, vars: &[(&str, Var<'_>)], json: bool) -> String {
+    let mut out = String::with_capacity(template.len() + 128);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let name = after[..end].trim();
+        match vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v) {
+            Some(Var::Raw(v)) => out.push_str(v),
+            Some(Var::Text(v)) if json => out.push_str(&escape_json(v)),
+            Some(Var::Text(v)) => out.push_str(&escape_html(v)),
+            None => {}
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn escape_json(s: &str) -> String {
+    let quoted = serde_json::to_string(s).unwrap_or_default();
+    quoted
+        .strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .unwrap_or("")
+        .to_string()
 }
 
 fn escape_html(s: &str) -> String {
@@ -165,17 +331,61 @@ mod tests {
 
     #[test]
     fn bodies_carry_the_request_id() {
-        let (ct, body) = LocalAnswer::blocked().render("abc-1", true);
+        let t = Templates::default();
+        let (ct, body) = t.render(&LocalAnswer::blocked(), "abc-1", true, &[]);
         assert_eq!(ct, "application/json");
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"], "blocked");
         assert_eq!(v["request_id"], "abc-1");
         assert!(v["message"].as_str().unwrap().contains("blocked"));
-        let (ct, body) = LocalAnswer::rate_limited(2).render("<x>", false);
+        let (ct, body) = t.render(&LocalAnswer::rate_limited(2), "<x>", false, &[]);
         assert!(ct.starts_with("text/html"));
         let page = String::from_utf8(body.to_vec()).unwrap();
         assert!(page.contains("429 Too Many Requests"));
         assert!(page.contains("&lt;x&gt;") && !page.contains("<x>"));
+    }
+
+    #[test]
+    fn template_files_override_per_kind_and_format() {
+        let dir = std::env::temp_dir().join(format!("esper-templates-{}", new_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("block.json"),
+            r#"{"denied":true,"id":"{{request_id}}","why":"{{message}}"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("block.html"), "<p>No. {{request_id}}</p>").unwrap();
+        let t = Templates::load(Some(&dir)).unwrap();
+        let (_, body) = t.render(&LocalAnswer::blocked(), "a\"b", true, &[]);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["denied"], true);
+        assert_eq!(v["id"], "a\"b");
+        let (_, body) = t.render(&LocalAnswer::blocked(), "<i>", false, &[]);
+        assert_eq!(&body[..], b"<p>No. &lt;i&gt;</p>");
+        // Kinds without a file keep the built-in.
+        let (_, body) = t.render(&LocalAnswer::rate_limited(3), "r", true, &[]);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "rate_limited");
+        assert!(Templates::load(Some(&dir.join("missing"))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_challenge_json_says_how_to_solve() {
+        let (_, body) = Templates::default().render(
+            &LocalAnswer::challenge(),
+            "r1",
+            true,
+            &[
+                ("token", Var::Text("p.1.8.ab.cd")),
+                ("difficulty", Var::Text("8")),
+                ("submit", Var::Text("/.esper/challenge")),
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "challenge_required");
+        assert_eq!(v["challenge"]["difficulty"], 8);
+        assert_eq!(v["challenge"]["token"], "p.1.8.ab.cd");
     }
 
     #[test]

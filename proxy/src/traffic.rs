@@ -2,63 +2,196 @@
 //! runtimes, so it must not run inside ours), stopped by our `Shutdown` rather than by
 //! signals of its own.
 //!
-//! The listening socket is bound by us and handed to Pingora through its inherited-fd
-//! table, so a bad address fails start-up with one clear line instead of Pingora's
-//! retry-then-panic, and tests can bind port 0. At shutdown the listener stops accepting,
-//! in-flight requests get up to the drain timeout, and only then are Pingora's runtimes
-//! dropped: an idle proxy stops at once, a busy one stops when its last request ends.
+//! The listening sockets are bound by us and accepted by our own loop in front of
+//! Pingora's HTTP application: a bad address fails start-up with one clear line instead
+//! of Pingora's retry-then-panic, tests can bind port 0, and each connection can first
+//! yield a PROXY protocol header (Pingora reads such headers only before TLS, never on
+//! plain listeners) whose client address then stands as the connection's peer. At
+//! shutdown the loop stops accepting, in-flight requests get up to the drain timeout,
+//! and only then are Pingora's runtimes dropped.
 
-use std::os::fd::IntoRawFd;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use esper_common::Shutdown;
+use pingora::apps::ServerApp;
+use pingora::protocols::GetSocketDigest;
+use pingora::protocols::SocketDigest;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
-    Fds, ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+    ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
 };
-use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
+use pingora::services::Service;
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
+use crate::clientip::Networks;
 use crate::proxy::{EsperProxy, InFlight};
+use crate::proxyproto::{self, Header};
 
 /// How often the drain checks for remaining requests.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// Time a load balancer gets to send its PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after an accept error (out of file descriptors, say) before accepting again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The Pingora proxy service, fed our listener and our stop signal instead of Pingora's.
-struct Owned<S> {
-    inner: S,
-    fds: Option<ListenFds>,
+/// One listening socket and what each of its connections starts with.
+pub struct Endpoint {
+    pub listener: std::net::TcpListener,
+    /// Expect a PROXY protocol header first.
+    pub proxy_protocol: bool,
+}
+
+/// Accepts connections on our endpoints and hands them to Pingora's HTTP application.
+struct Edge {
+    app: Option<HttpProxy<EsperProxy>>,
+    endpoints: Vec<Endpoint>,
+    trusted: Networks,
     stop: watch::Receiver<bool>,
 }
 
 #[async_trait]
-impl<S: ServiceWithDependents> ServiceWithDependents for Owned<S> {
+impl Service for Edge {
     async fn start_service(
         &mut self,
-        fds: Option<ListenFds>,
+        _fds: Option<ListenFds>,
         _shutdown: ShutdownWatch,
-        listeners_per_fd: usize,
-        ready_notifier: ServiceReadyNotifier,
+        _listeners_per_fd: usize,
     ) {
-        let fds = self.fds.take().or(fds);
-        self.inner
-            .start_service(fds, self.stop.clone(), listeners_per_fd, ready_notifier)
-            .await
+        let Some(app) = self.app.take() else { return };
+        let app = Arc::new(app);
+        let mut loops = Vec::new();
+        for ep in self.endpoints.drain(..) {
+            let listener = match tokio::net::TcpListener::from_std(ep.listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot use the traffic listener");
+                    continue;
+                }
+            };
+            loops.push(tokio::spawn(accept_loop(
+                listener,
+                ep.proxy_protocol,
+                self.trusted.clone(),
+                app.clone(),
+                self.stop.clone(),
+            )));
+        }
+        for l in loops {
+            let _ = l.await;
+        }
+        app.cleanup().await;
     }
 
     fn name(&self) -> &str {
-        self.inner.name()
+        "esper-proxy"
     }
 
     fn threads(&self) -> Option<usize> {
-        self.inner.threads()
+        None
     }
+}
 
-    fn listen_addresses(&self) -> Option<Vec<String>> {
-        self.inner.listen_addresses()
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    proxy_protocol: bool,
+    trusted: Networks,
+    app: Arc<HttpProxy<EsperProxy>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let app = app.clone();
+                let stop = stop.clone();
+                let trusted = trusted.clone();
+                tokio::spawn(async move {
+                    serve_connection(tcp, peer, proxy_protocol, &trusted, app, stop).await
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Reads a PROXY header off `tcp`: the client it names (or `peer` for a LOCAL one) and
+/// the bytes read past the header.
+async fn read_proxy_header(
+    tcp: &mut tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<(SocketAddr, Vec<u8>), String> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    let read = async {
+        loop {
+            let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed before the PROXY header".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            match proxyproto::parse(&buf).map_err(|e| e.to_string())? {
+                Some((Header::Proxied { source }, used)) => return Ok((source, used)),
+                Some((Header::Local, used)) => return Ok((peer, used)),
+                None if buf.len() > 8192 => return Err("PROXY header too long".into()),
+                None => {}
+            }
+        }
+    };
+    let (source, used) = tokio::time::timeout(PROXY_HEADER_TIMEOUT, read)
+        .await
+        .map_err(|_| "no PROXY header within 5s".to_string())??;
+    Ok((source, buf.split_off(used)))
+}
+
+async fn serve_connection(
+    mut tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    proxy_protocol: bool,
+    trusted: &Networks,
+    app: Arc<HttpProxy<EsperProxy>>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut client = peer;
+    let mut early = Vec::new();
+    if proxy_protocol {
+        if !trusted.is_empty() && !trusted.contains(peer.ip()) {
+            tracing::debug!(%peer, "PROXY header from an untrusted peer; closing");
+            return;
+        }
+        match read_proxy_header(&mut tcp, peer).await {
+            Ok((source, rest)) => {
+                client = source;
+                early = rest;
+            }
+            Err(reason) => {
+                tracing::debug!(%peer, %reason, "refused connection");
+                return;
+            }
+        }
+    }
+    let _ = tcp.set_nodelay(true);
+    let digest = SocketDigest::from_raw_fd(tcp.as_raw_fd());
+    let _ = digest.peer_addr.set(Some(client.into()));
+    let mut stream = L4Stream::from(tcp);
+    stream.set_socket_digest(digest);
+    stream.rewind(&early);
+    let mut next = app.process_new(Box::new(stream), &stop).await;
+    while let Some(stream) = next {
+        next = app.process_new(stream, &stop).await;
     }
 }
 
@@ -93,23 +226,21 @@ impl ShutdownSignalWatch for Drain {
     }
 }
 
-/// Starts Pingora on `listener` with `threads` worker threads; the thread ends after
+/// Starts Pingora on `endpoints` with `threads` worker threads; the thread ends after
 /// `shutdown` fires and the drain completes.
 pub fn spawn(
     app: EsperProxy,
-    listener: std::net::TcpListener,
+    endpoints: Vec<Endpoint>,
+    trusted: Networks,
     threads: usize,
     drain_timeout: Duration,
     in_flight: InFlight,
     shutdown: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
-    let addr = listener.local_addr()?.to_string();
-    // Pingora's accept loop is asynchronous; the inherited socket must not block.
-    listener.set_nonblocking(true)?;
-    let mut fds = Fds::new();
-    fds.add(addr.clone(), listener.into_raw_fd());
-    let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
-
+    for ep in &endpoints {
+        // The accept loop is asynchronous; the socket must not block.
+        ep.listener.set_nonblocking(true)?;
+    }
     std::thread::Builder::new()
         .name("esper-proxy".into())
         .spawn(move || {
@@ -121,13 +252,11 @@ pub fn spawn(
             };
             let mut server = Server::new_with_opt_and_conf(None, conf);
             let conf = server.configuration.clone();
-            let mut service =
-                pingora::proxy::http_proxy_service_with_name(&conf, app, "esper-proxy");
-            service.add_tcp(&addr);
             let (stop_tx, stop_rx) = watch::channel(false);
-            server.add_service(Owned {
-                inner: service,
-                fds: Some(fds),
+            server.add_service(Edge {
+                app: Some(pingora::proxy::http_proxy(&conf, app)),
+                endpoints,
+                trusted,
                 stop: stop_rx,
             });
             server.run(RunArgs {

@@ -16,6 +16,8 @@ pub enum EnforcedAction {
     Block,
     Throttle,
     Tarpit,
+    /// A challenge applied and the client had no valid clearance: it got the puzzle.
+    Challenge,
     /// A log-only mitigation matched; the request was forwarded.
     Log,
 }

@@ -19,15 +19,24 @@ pub enum Action {
     Throttle { rate: f64, burst: u32 },
     /// Hold the request for `delay_ms` before forwarding it.
     Tarpit { delay_ms: u64 },
+    /// Answer with a proof-of-work interstitial: the client must find a nonce whose
+    /// SHA-256 has `difficulty` leading zero bits, then gets a signed clearance cookie
+    /// that lets its requests through until it expires. Clients that pass cost the
+    /// app nothing more; clients that cannot run the puzzle are effectively blocked.
+    Challenge { difficulty: u8 },
     /// Forward, but record that the mitigation matched.
     Log,
 }
 
 impl Action {
     /// How severe the action is, for choosing among several mitigations of one request.
+    ///
+    /// A challenge ranks above a tarpit and below a block: it stops every request until
+    /// the client proves work (a tarpit only delays), yet a real browser gets through.
     pub fn severity(&self) -> u8 {
         match self {
-            Action::Block => 4,
+            Action::Block => 5,
+            Action::Challenge { .. } => 4,
             Action::Tarpit { .. } => 3,
             Action::Throttle { .. } => 2,
             Action::Log => 1,
@@ -40,6 +49,7 @@ impl Action {
             Action::Block => "block",
             Action::Throttle { .. } => "throttle",
             Action::Tarpit { .. } => "tarpit",
+            Action::Challenge { .. } => "challenge",
             Action::Log => "log",
         }
     }
@@ -51,6 +61,7 @@ impl fmt::Display for Action {
             Action::Block => f.write_str("block"),
             Action::Throttle { rate, burst } => write!(f, "throttle({rate}/s, burst {burst})"),
             Action::Tarpit { delay_ms } => write!(f, "tarpit({delay_ms}ms)"),
+            Action::Challenge { difficulty } => write!(f, "challenge({difficulty} bits)"),
             Action::Log => f.write_str("log"),
         }
     }
@@ -238,6 +249,19 @@ mod tests {
             serde_json::to_string(&Scope::Global).unwrap(),
             r#""global""#
         );
+    }
+
+    #[test]
+    fn challenge_is_tagged_and_ranks_between_tarpit_and_block() {
+        let a: Action = serde_json::from_str(r#"{"type":"challenge","difficulty":12}"#).unwrap();
+        assert_eq!(a, Action::Challenge { difficulty: 12 });
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"type":"challenge","difficulty":12}"#
+        );
+        assert_eq!(a.name(), "challenge");
+        assert!(a.severity() > Action::Tarpit { delay_ms: 1 }.severity());
+        assert!(a.severity() < Action::Block.severity());
     }
 
     #[test]

@@ -317,3 +317,32 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Sends `prefix` (a PROXY header, say) then a `GET path` over a fresh connection from
+/// `from` to `proxy`, and returns everything the proxy answered ("" when it closed the
+/// connection without a word).
+pub async fn raw_get(from: &str, proxy: SocketAddr, prefix: &[u8], path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(from.parse().unwrap(), 0))
+        .unwrap();
+    let mut stream = socket.connect(proxy).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let mut bytes = prefix.to_vec();
+    bytes.extend_from_slice(request.as_bytes());
+    // The proxy may close early on a bad header; a failed write is then expected.
+    let _ = stream.write_all(&bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw HTTP/1.1 answer (0 when there was none).
+pub fn raw_status(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,590 @@
+//! Proof-of-work challenges and clearance cookies, all stateless and signed with one
+//! shared HMAC-SHA256 key, so any proxy instance holding the key accepts what another
+//! issued.
+//!
+//! - A puzzle token `p.EXP.DIFFICULTY.SALT.MAC` asks for a nonce such that
+//!   `SHA-256("TOKEN:NONCE")` starts with DIFFICULTY zero bits.
+//! - A fallback token `f.NOT_BEFORE.EXP.SALT.MAC` (for clients without JavaScript) is
+//!   redeemed by simply waiting until NOT_BEFORE.
+//! - A clearance cookie `EXP.SALT.MAC` lets requests through a challenge until EXP.
+//!
+//! Every MAC covers the client's address (its /64 for IPv6, so privacy addresses inside
+//! one network keep the cookie) and its User-Agent; neither travels in the token. Each
+//! token is redeemable once per proxy instance (its salt is remembered until the token
+//! expires, in a bounded set); several tabs each get their own token and every cookie
+//! they earn is valid, so they never send each other back to the puzzle.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+
+/// The reserved path solutions are posted to (and fallback links point at).
+pub const CHALLENGE_PATH: &str = "/.esper/challenge";
+/// The clearance cookie's name.
+pub const COOKIE_NAME: &str = "esper_clearance";
+/// Difficulty is capped here whatever the mitigation asks: 2^24 hashes already take a
+/// browser minutes.
+pub const MAX_DIFFICULTY: u8 = 24;
+/// How long a puzzle stays solvable.
+pub const TOKEN_TTL: Duration = Duration::from_secs(300);
+/// Redeemed tokens remembered at most; beyond it (after forgetting expired ones) new
+/// solutions are refused until room frees up, rather than letting replays through.
+pub const REPLAY_CAPACITY: usize = 100_000;
+/// MAC bytes kept in tokens and cookies (128 bits).
+const MAC_LEN: usize = 16;
+/// Longest nonce accepted (decimal digits).
+const MAX_NONCE_LEN: usize = 20;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a token, solution or cookie was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("malformed")]
+    Malformed,
+    #[error("bad signature (forged, or for another address or browser)")]
+    BadSignature,
+    #[error("expired")]
+    Expired,
+    #[error("too early")]
+    TooEarly,
+    #[error("the proof of work is wrong")]
+    WrongWork,
+    #[error("already redeemed")]
+    Replayed,
+    #[error("too many recent solutions; retry shortly")]
+    Busy,
+}
+
+/// A freshly issued puzzle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Puzzle {
+    pub token: String,
+    pub difficulty: u8,
+    /// Token for the no-JavaScript path, redeemable after `fallback_delay`.
+    pub fallback: String,
+}
+
+/// A cookie earned by a solution.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Clearance {
+    pub value: String,
+    pub max_age: Duration,
+}
+
+/// Issues and checks puzzles and cookies with one key.
+pub struct Challenger {
+    key: Vec<u8>,
+    clearance_ttl: Duration,
+    fallback_delay: Duration,
+    /// salt -> expiry (unix seconds) of redeemed tokens.
+    used: Mutex<HashMap<u64, u64>>,
+}
+
+/// The part of the address a cookie is bound to: all of IPv4, the /64 of IPv6.
+fn binding(ip: IpAddr) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            out[0] = 4;
+            out[1..5].copy_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            out[0] = 6;
+            out[1..9].copy_from_slice(&v6.octets()[..8]);
+        }
+    }
+    out
+}
+
+/// Leading zero bits of a digest.
+pub fn leading_zero_bits(digest: &[u8]) -> u32 {
+    let mut bits = 0;
+    for b in digest {
+        if *b == 0 {
+            bits += 8;
+        } else {
+            return bits + b.leading_zeros();
+        }
+    }
+    bits
+}
+
+/// Does `nonce` solve `token` at `difficulty`?
+pub fn solves(token: &str, nonce: &str, difficulty: u8) -> bool {
+    let mut h = Sha256::new();
+    h.update(token.as_bytes());
+    h.update(b":");
+    h.update(nonce.as_bytes());
+    leading_zero_bits(&h.finalize()) >= u32::from(difficulty)
+}
+
+impl Challenger {
+    /// A challenger signing with `key`; cookies last `clearance_ttl`, the no-script path
+    /// waits `fallback_delay`.
+    pub fn new(key: &[u8], clearance_ttl: Duration, fallback_delay: Duration) -> Challenger {
+        Challenger {
+            key: key.to_vec(),
+            clearance_ttl,
+            fallback_delay,
+            used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How long the no-script path waits.
+    pub fn fallback_delay(&self) -> Duration {
+        self.fallback_delay
+    }
+
+    fn mac(&self, kind: &[u8], fields: &[&[u8]], ip: IpAddr, ua: &str) -> [u8; MAC_LEN] {
+        // Hmac accepts keys of any length; the error arm cannot happen.
+        let mut mac = match HmacSha256::new_from_slice(&self.key) {
+            Ok(m) => m,
+            Err(_) => return [0; MAC_LEN],
+        };
+        // Length-prefixed fields, so no two field lists hash alike.
+        let bind = binding(ip);
+        for field in [kind]
+            .iter()
+            .chain(fields)
+            .chain([&&bind[..], &ua.as_bytes()])
+        {
+            mac.update(&(field.len() as u32).to_be_bytes());
+            mac.update(field);
+        }
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; MAC_LEN];
+        out.copy_from_slice(&full[..MAC_LEN]);
+        out
+    }
+
+    fn check_mac(
+        &self,
+        kind: &[u8],
+        fields: &[&[u8]],
+        ip: IpAddr,
+        ua: &str,
+        given: &str,
+    ) -> Result<(), Refusal> {
+        let given = hex::decode(given).map_err(|_| Refusal::Malformed)?;
+        if given.len() != MAC_LEN {
+            return Err(Refusal::Malformed);
+        }
+        let expected = self.mac(kind, fields, ip, ua);
+        // Constant-time comparison.
+        let diff = expected
+            .iter()
+            .zip(&given)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff == 0 {
+            Ok(())
+        } else {
+            Err(Refusal::BadSignature)
+        }
+    }
+
+    /// A new puzzle for a client at `ip` with `ua`, at unix time `now`.
+    pub fn issue(&self, ip: IpAddr, ua: &str, difficulty: u8, now: u64) -> Puzzle {
+        let difficulty = difficulty.min(MAX_DIFFICULTY);
+        let exp = (now + TOKEN_TTL.as_secs()).to_string();
+        let d = difficulty.to_string();
+        let salt = format!("{:016x}", rand::random::<u64>());
+        let mac = hex::encode(self.mac(
+            b"p",
+            &[exp.as_bytes(), d.as_bytes(), salt.as_bytes()],
+            ip,
+            ua,
+        ));
+        let token = format!("p.{exp}.{d}.{salt}.{mac}");
+        let not_before = (now + self.fallback_delay.as_secs()).to_string();
+        let fsalt = format!("{:016x}", rand::random::<u64>());
+        let fmac = hex::encode(self.mac(
+            b"f",
+            &[not_before.as_bytes(), exp.as_bytes(), fsalt.as_bytes()],
+            ip,
+            ua,
+        ));
+        Puzzle {
+            token,
+            difficulty,
+            fallback: format!("f.{not_before}.{exp}.{fsalt}.{fmac}"),
+        }
+    }
+
+    /// Checks a posted solution; on success the token is spent and a cookie issued.
+    pub fn redeem_solution(
+        &self,
+        token: &str,
+        nonce: &str,
+        ip: IpAddr,
+        ua: &str,
+        now: u64,
+    ) -> Result<Clearance, Refusal> {
+        let parts: Vec<&str> = token.split('.').collect();
+        let ["p", exp, d, salt, mac] = parts[..] else {
+            return Err(Refusal::Malformed);
+        };
+        self.check_mac(
+            b"p",
+            &[exp.as_bytes(), d.as_bytes(), salt.as_bytes()],
+            ip,
+            ua,
+            mac,
+        )?;
+        let exp: u64 = exp.parse().map_err(|_| Refusal::Malformed)?;
+        let difficulty: u8 = d.parse().map_err(|_| Refusal::Malformed)?;
+        if now >= exp {
+            return Err(Refusal::Expired);
+        }
+        if nonce.is_empty()
+            || nonce.len() > MAX_NONCE_LEN
+            || !nonce.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(Refusal::Malformed);
+        }
+        if !solves(token, nonce, difficulty) {
+            return Err(Refusal::WrongWork);
+        }
+        self.spend(salt, exp, now)?;
+        Ok(self.clearance(salt, ip, ua, now))
+    }
+
+    /// Checks a fallback token (no JavaScript); on success it is spent and a cookie issued.
+    pub fn redeem_fallback(
+        &self,
+        token: &str,
+        ip: IpAddr,
+        ua: &str,
+        now: u64,
+    ) -> Result<Clearance, Refusal> {
+        let parts: Vec<&str> = token.split('.').collect();
+        let ["f", not_before, exp, salt, mac] = parts[..] else {
+            return Err(Refusal::Malformed);
+        };
+        self.check_mac(
+            b"f",
+            &[not_before.as_bytes(), exp.as_bytes(), salt.as_bytes()],
+            ip,
+            ua,
+            mac,
+        )?;
+        let not_before: u64 = not_before.parse().map_err(|_| Refusal::Malformed)?;
+        let exp: u64 = exp.parse().map_err(|_| Refusal::Malformed)?;
+        if now >= exp {
+            return Err(Refusal::Expired);
+        }
+        if now < not_before {
+            return Err(Refusal::TooEarly);
+        }
+        self.spend(salt, exp, now)?;
+        Ok(self.clearance(salt, ip, ua, now))
+    }
+
+    /// Remembers a redeemed salt until its token's expiry.
+    fn spend(&self, salt: &str, exp: u64, now: u64) -> Result<(), Refusal> {
+        let salt = u64::from_str_radix(salt, 16).map_err(|_| Refusal::Malformed)?;
+        let mut used = self.used.lock();
+        if used.contains_key(&salt) {
+            return Err(Refusal::Replayed);
+        }
+        if used.len() >= REPLAY_CAPACITY {
+            used.retain(|_, e| *e > now);
+            if used.len() >= REPLAY_CAPACITY {
+                return Err(Refusal::Busy);
+            }
+        }
+        used.insert(salt, exp);
+        Ok(())
+    }
+
+    fn clearance(&self, salt: &str, ip: IpAddr, ua: &str, now: u64) -> Clearance {
+        let exp = (now + self.clearance_ttl.as_secs()).to_string();
+        let mac = hex::encode(self.mac(b"c", &[exp.as_bytes(), salt.as_bytes()], ip, ua));
+        Clearance {
+            value: format!("{exp}.{salt}.{mac}"),
+            max_age: self.clearance_ttl,
+        }
+    }
+
+    /// Is `cookie` a valid clearance for this client at `now`?
+    pub fn check_cookie(
+        &self,
+        cookie: &str,
+        ip: IpAddr,
+        ua: &str,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let mut parts = cookie.split('.');
+        let (Some(exp), Some(salt), Some(mac), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Refusal::Malformed);
+        };
+        self.check_mac(b"c", &[exp.as_bytes(), salt.as_bytes()], ip, ua, mac)?;
+        let exp: u64 = exp.parse().map_err(|_| Refusal::Malformed)?;
+        if now >= exp {
+            return Err(Refusal::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// The clearance cookie's value among a request's `Cookie` headers.
+pub fn find_cookie(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == COOKIE_NAME).then_some(v.trim_matches('"'))
+        })
+}
+
+/// A path the challenge may send the client back to: local only (no `//host`), printable.
+pub fn safe_return(path: &str) -> &str {
+    let ok = path.starts_with('/')
+        && !path.starts_with("//")
+        && !path.starts_with("/\\")
+        && path.len() <= 2048
+        && path.bytes().all(|b| b.is_ascii_graphic());
+    if ok { path } else { "/" }
+}
+
+/// Decodes `application/x-www-form-urlencoded` pairs (also query strings).
+pub fn form_pairs(body: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    body.split('&').filter(|s| !s.is_empty()).map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k), percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|b| char::from(*b).to_digit(16));
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (hex(i + 1), hex(i + 2)) {
+                (Some(hi), Some(lo)) => {
+                    // Two hex digits always fit a byte.
+                    out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Percent-encodes everything but unreserved characters and `/`.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UA: &str = "Mozilla/5.0 test";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn challenger() -> Challenger {
+        Challenger::new(
+            b"0123456789abcdef0123456789abcdef",
+            Duration::from_secs(3600),
+            Duration::from_secs(5),
+        )
+    }
+
+    fn solve(token: &str, difficulty: u8) -> String {
+        (0u64..)
+            .map(|n| n.to_string())
+            .find(|n| solves(token, n, difficulty))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_solved_puzzle_earns_a_cookie_once() {
+        let c = challenger();
+        let now = 1_700_000_000;
+        let p = c.issue(ip("192.0.2.1"), UA, 8, now);
+        let nonce = solve(&p.token, 8);
+        let wrong = (0u64..)
+            .map(|n| n.to_string())
+            .find(|n| !solves(&p.token, n, 8))
+            .unwrap();
+        assert_eq!(
+            c.redeem_solution(&p.token, &wrong, ip("192.0.2.1"), UA, now),
+            Err(Refusal::WrongWork)
+        );
+        let cookie = c
+            .redeem_solution(&p.token, &nonce, ip("192.0.2.1"), UA, now + 1)
+            .unwrap();
+        assert_eq!(
+            c.redeem_solution(&p.token, &nonce, ip("192.0.2.1"), UA, now + 2),
+            Err(Refusal::Replayed)
+        );
+        c.check_cookie(&cookie.value, ip("192.0.2.1"), UA, now + 10)
+            .unwrap();
+        // Another instance with the same key honours it.
+        challenger()
+            .check_cookie(&cookie.value, ip("192.0.2.1"), UA, now + 10)
+            .unwrap();
+    }
+
+    #[test]
+    fn cookies_are_bound_to_address_browser_and_time() {
+        let c = challenger();
+        let now = 1_700_000_000;
+        let p = c.issue(ip("2001:db8:1:2:aaaa::1"), UA, 1, now);
+        let nonce = solve(&p.token, 1);
+        let cookie = c
+            .redeem_solution(&p.token, &nonce, ip("2001:db8:1:2:aaaa::1"), UA, now)
+            .unwrap()
+            .value;
+        let check = |addr: &str, ua: &str, t: u64| c.check_cookie(&cookie, ip(addr), ua, t);
+        // The same /64 keeps it; another /64, another browser, or later than its expiry
+        // does not.
+        assert_eq!(check("2001:db8:1:2:bbbb::9", UA, now + 1), Ok(()));
+        assert_eq!(
+            check("2001:db8:1:3::1", UA, now + 1),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            check("2001:db8:1:2:aaaa::1", "curl/8", now + 1),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            check("2001:db8:1:2:aaaa::1", UA, now + 3600),
+            Err(Refusal::Expired)
+        );
+        // IPv4 is bound to the full address.
+        let p = c.issue(ip("192.0.2.1"), UA, 1, now);
+        let v4 = c
+            .redeem_solution(&p.token, &solve(&p.token, 1), ip("192.0.2.1"), UA, now)
+            .unwrap()
+            .value;
+        assert_eq!(
+            c.check_cookie(&v4, ip("192.0.2.2"), UA, now),
+            Err(Refusal::BadSignature)
+        );
+    }
+
+    #[test]
+    fn forged_cookies_and_tokens_are_refused() {
+        let c = challenger();
+        let now = 1_700_000_000;
+        let p = c.issue(ip("192.0.2.1"), UA, 4, now);
+        let cookie = c
+            .redeem_solution(&p.token, &solve(&p.token, 4), ip("192.0.2.1"), UA, now)
+            .unwrap()
+            .value;
+        // Extending the expiry breaks the signature.
+        let (exp, rest) = cookie.split_once('.').unwrap();
+        let later = format!("{}.{rest}", exp.parse::<u64>().unwrap() + 86_400);
+        assert_eq!(
+            c.check_cookie(&later, ip("192.0.2.1"), UA, now),
+            Err(Refusal::BadSignature)
+        );
+        // A cookie signed with another key.
+        let other = Challenger::new(b"another key", Duration::from_secs(3600), Duration::ZERO);
+        let p2 = other.issue(ip("192.0.2.1"), UA, 0, now);
+        let foreign = other
+            .redeem_solution(&p2.token, "0", ip("192.0.2.1"), UA, now)
+            .unwrap()
+            .value;
+        assert_eq!(
+            c.check_cookie(&foreign, ip("192.0.2.1"), UA, now),
+            Err(Refusal::BadSignature)
+        );
+        for junk in ["", "a.b", "1.2.3.4", "99999999999.00.zz"] {
+            assert!(c.check_cookie(junk, ip("192.0.2.1"), UA, now).is_err());
+        }
+        // Lowering a token's difficulty breaks its signature.
+        let easier = p.token.replacen(".4.", ".0.", 1);
+        assert_eq!(
+            c.redeem_solution(&easier, "0", ip("192.0.2.1"), UA, now),
+            Err(Refusal::BadSignature)
+        );
+        // Expired puzzles cannot be redeemed.
+        let p = c.issue(ip("192.0.2.1"), UA, 1, now);
+        assert_eq!(
+            c.redeem_solution(
+                &p.token,
+                &solve(&p.token, 1),
+                ip("192.0.2.1"),
+                UA,
+                now + TOKEN_TTL.as_secs()
+            ),
+            Err(Refusal::Expired)
+        );
+    }
+
+    #[test]
+    fn the_fallback_waits_then_clears_once() {
+        let c = challenger();
+        let now = 1_700_000_000;
+        let p = c.issue(ip("192.0.2.1"), UA, 16, now);
+        assert_eq!(
+            c.redeem_fallback(&p.fallback, ip("192.0.2.1"), UA, now + 1),
+            Err(Refusal::TooEarly)
+        );
+        let cookie = c
+            .redeem_fallback(&p.fallback, ip("192.0.2.1"), UA, now + 5)
+            .unwrap();
+        c.check_cookie(&cookie.value, ip("192.0.2.1"), UA, now + 6)
+            .unwrap();
+        assert_eq!(
+            c.redeem_fallback(&p.fallback, ip("192.0.2.1"), UA, now + 6),
+            Err(Refusal::Replayed)
+        );
+        // A puzzle token is not a fallback token.
+        assert_eq!(
+            c.redeem_fallback(&p.token, ip("192.0.2.1"), UA, now + 6),
+            Err(Refusal::Malformed)
+        );
+    }
+
+    #[test]
+    fn difficulty_is_capped() {
+        let p = challenger().issue(ip("192.0.2.1"), UA, 200, 0);
+        assert_eq!(p.difficulty, MAX_DIFFICULTY);
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(leading_zero_bits(&[0, 0x1f, 0xff]), 11);
+        assert_eq!(safe_return("/a?b=1"), "/a?b=1");
+        assert_eq!(safe_return("//evil.example/"), "/");
+        assert_eq!(safe_return("https://evil.example/"), "/");
+        let pairs: Vec<_> = form_pairs("token=p.1&nonce=42&return=%2Fa%3Fb%3D1+2&x").collect();
+        assert_eq!(pairs[2], ("return".into(), "/a?b=1 2".into()));
+        assert_eq!(pairs[3], ("x".into(), String::new()));
+        assert_eq!(percent_encode("/a?b=1"), "/a%3Fb%3D1");
+        let mut h = http::HeaderMap::new();
+        h.insert("cookie", "a=1; esper_clearance=v.1.2; b=2".parse().unwrap());
+        assert_eq!(find_cookie(&h), Some("v.1.2"));
+    }
+}

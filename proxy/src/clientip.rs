@@ -1,0 +1,215 @@
+//! Who the client really is: the connection's address, unless it belongs to a trusted
+//! proxy, in which case `Forwarded` / `X-Forwarded-For` are walked from the right and the
+//! first address that is not a trusted proxy wins (what a client writes on the left of
+//! those headers is its own claim and never trusted). Also the allowlists that bypass
+//! every mitigation.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use ipnet::IpNet;
+
+const FORWARDED: &str = "forwarded";
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+
+/// A list of networks, checked linearly (such lists are short).
+#[derive(Clone, Debug, Default)]
+pub struct Networks(Vec<IpNet>);
+
+impl Networks {
+    /// The networks of `nets`; IPv4-mapped IPv6 addresses match their IPv4 networks.
+    pub fn new(nets: &[IpNet]) -> Networks {
+        Networks(nets.to_vec())
+    }
+
+    /// Is the list empty?
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Does one of the networks hold `ip`?
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// The client address of a request that arrived from `peer` with `headers`.
+pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &Networks) -> IpAddr {
+    let peer = peer.to_canonical();
+    if trusted.is_empty() || !trusted.contains(peer) {
+        return peer;
+    }
+    if headers.contains_key(FORWARDED) {
+        walk(peer, trusted, forwarded_hops(headers))
+    } else {
+        walk(peer, trusted, x_forwarded_for_hops(headers))
+    }
+}
+
+/// Walks hops from the nearest (right) to the farthest; an address that cannot be
+/// read ends the walk at the last one known.
+fn walk(peer: IpAddr, trusted: &Networks, hops: impl Iterator<Item = Option<IpAddr>>) -> IpAddr {
+    let mut client = peer;
+    for hop in hops {
+        let Some(ip) = hop else { return client };
+        client = ip.to_canonical();
+        if !trusted.contains(client) {
+            return client;
+        }
+    }
+    client
+}
+
+/// `X-Forwarded-For` addresses, nearest first, across every header line.
+fn x_forwarded_for_hops(headers: &HeaderMap) -> impl Iterator<Item = Option<IpAddr>> + '_ {
+    headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .rev()
+        .flat_map(|v| v.to_str().unwrap_or("").rsplit(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(parse_node)
+}
+
+/// `Forwarded: for=...` addresses (RFC 7239), nearest first.
+fn forwarded_hops(headers: &HeaderMap) -> impl Iterator<Item = Option<IpAddr>> + '_ {
+    headers
+        .get_all(FORWARDED)
+        .iter()
+        .rev()
+        .flat_map(|v| v.to_str().unwrap_or("").rsplit(','))
+        .filter_map(|element| {
+            element.split(';').find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                k.trim().eq_ignore_ascii_case("for").then_some(v.trim())
+            })
+        })
+        .map(|v| parse_node(v.trim_matches('"')))
+}
+
+/// An address as it appears in those headers: `192.0.2.1`, `192.0.2.1:80`,
+/// `2001:db8::1`, `[2001:db8::1]:80`; `unknown` or an obfuscated name is `None`.
+fn parse_node(s: &str) -> Option<IpAddr> {
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    let (host, _port) = s.rsplit_once(':')?;
+    host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// Paths that bypass mitigations: exact, or a prefix when written with a trailing `*`.
+#[derive(Clone, Debug, Default)]
+pub struct Paths {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl Paths {
+    /// The list from config entries (`/healthz`, `/static/*`).
+    pub fn new(entries: &[String]) -> Paths {
+        let mut paths = Paths::default();
+        for e in entries {
+            match e.strip_suffix('*') {
+                Some(prefix) => paths.prefixes.push(prefix.to_string()),
+                None => paths.exact.push(e.clone()),
+            }
+        }
+        paths
+    }
+
+    /// Does `path` match an entry?
+    pub fn contains(&self, path: &str) -> bool {
+        self.exact.iter().any(|p| p == path) || self.prefixes.iter().any(|p| path.starts_with(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn nets(list: &[&str]) -> Networks {
+        Networks::new(&list.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>())
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn untrusted_peers_are_the_client_whatever_they_claim() {
+        let h = headers(&[("x-forwarded-for", "1.2.3.4")]);
+        assert_eq!(resolve(ip("192.0.2.1"), &h, &nets(&[])), ip("192.0.2.1"));
+        assert_eq!(
+            resolve(ip("192.0.2.1"), &h, &nets(&["10.0.0.0/8"])),
+            ip("192.0.2.1")
+        );
+    }
+
+    #[test]
+    fn the_rightmost_untrusted_address_wins() {
+        let trusted = nets(&["10.0.0.0/8", "127.0.0.1/32"]);
+        // The client claims 6.6.6.6; the edge balancer 10.0.0.5 saw 198.51.100.7.
+        let h = headers(&[
+            ("x-forwarded-for", "6.6.6.6, 198.51.100.7"),
+            ("x-forwarded-for", "10.0.0.5"),
+        ]);
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted), ip("198.51.100.7"));
+        // Every hop trusted: the farthest one.
+        let h = headers(&[("x-forwarded-for", "10.1.1.1, 10.0.0.5")]);
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted), ip("10.1.1.1"));
+        // No header: the peer itself.
+        assert_eq!(
+            resolve(ip("127.0.0.1"), &HeaderMap::new(), &trusted),
+            ip("127.0.0.1")
+        );
+        // Garbage stops the walk at the last address known.
+        let h = headers(&[("x-forwarded-for", "198.51.100.7, junk, 10.0.0.5")]);
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted), ip("10.0.0.5"));
+    }
+
+    #[test]
+    fn forwarded_is_read_when_present() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let h = headers(&[
+            (
+                "forwarded",
+                "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https, For=10.0.0.9:80",
+            ),
+            ("x-forwarded-for", "192.0.2.200"),
+        ]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("2001:db8::7"));
+        let h = headers(&[("forwarded", "for=unknown, for=10.0.0.3")]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.3"));
+    }
+
+    #[test]
+    fn mapped_addresses_match_ipv4_networks() {
+        let trusted = nets(&["127.0.0.0/8"]);
+        assert!(trusted.contains(ip("::ffff:127.0.0.1")));
+        assert!(!trusted.contains(ip("::1")));
+    }
+
+    #[test]
+    fn path_lists_match_exactly_or_by_prefix() {
+        let p = Paths::new(&["/healthz".into(), "/static/*".into()]);
+        assert!(p.contains("/healthz"));
+        assert!(!p.contains("/healthz/x"));
+        assert!(p.contains("/static/app.js"));
+        assert!(!p.contains("/"));
+    }
+}

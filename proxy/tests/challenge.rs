@@ -1,0 +1,283 @@
+//! Challenge mitigations end to end: the JSON form for API clients, a solution posted
+//! over HTTP, the clearance cookie and what it is bound to, replays and forgeries, the
+//! no-JavaScript fallback, and a real headless Chromium solving the puzzle.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use esper_protocol::Action;
+use sha2::{Digest, Sha256};
+use support::{TestProxy, client_from, config, dead_url, mitigations, start_proxy, upstream};
+
+const TTL: Duration = Duration::from_secs(600);
+const SECRET: &str = "a shared secret of enough bytes";
+const UA: &str = "challenge-tests/1";
+
+/// A nonce such that sha256(token:nonce) has `bits` leading zero bits.
+fn solve(token: &str, bits: u32) -> String {
+    (0u64..)
+        .find(|n| {
+            let d = Sha256::digest(format!("{token}:{n}").as_bytes());
+            let mut zeros = 0;
+            for b in d {
+                if b == 0 {
+                    zeros += 8;
+                } else {
+                    zeros += b.leading_zeros();
+                    break;
+                }
+            }
+            zeros >= bits
+        })
+        .map(|n| n.to_string())
+        .expect("a nonce exists")
+}
+
+async fn challenged_proxy(
+    entity: &str,
+    difficulty: u8,
+) -> (TestProxy, support::Upstream, support::Mitigations) {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.challenge_secret = Some(SECRET.into());
+    cfg.challenge_fallback_delay = Duration::from_secs(1);
+    let proxy = start_proxy(cfg).await;
+    broker
+        .publish(entity, Action::Challenge { difficulty }, TTL)
+        .await;
+    (proxy, up, broker)
+}
+
+/// The JSON challenge a client from `ip` gets, once the mitigation has arrived.
+async fn json_challenge(proxy: &TestProxy, ip: &str) -> serde_json::Value {
+    let client = client_from(ip);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let resp = client
+            .get(format!("{}/", proxy.url))
+            .header("accept", "application/json")
+            .header("user-agent", UA)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 403 {
+            return resp.json().await.unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the challenge mitigation arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Posts a solution from `ip` and returns the clearance cookie (`name=value`).
+async fn post_solution(proxy: &TestProxy, ip: &str, token: &str, nonce: &str) -> reqwest::Response {
+    client_from(ip)
+        .post(format!("{}/.esper/challenge", proxy.url))
+        .header("accept", "application/json")
+        .header("user-agent", UA)
+        .form(&[("token", token), ("nonce", nonce)])
+        .send()
+        .await
+        .unwrap()
+}
+
+fn cookie_of(resp: &reqwest::Response) -> String {
+    let set = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        set.contains("HttpOnly") && set.contains("Max-Age=3600"),
+        "{set}"
+    );
+    set.split(';').next().unwrap().to_string()
+}
+
+async fn get_with(proxy: &TestProxy, ip: &str, cookie: &str, ua: &str) -> u16 {
+    client_from(ip)
+        .get(format!("{}/", proxy.url))
+        .header("cookie", cookie)
+        .header("user-agent", ua)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn api_clients_get_json_and_a_solution_earns_a_bound_cookie() {
+    let (proxy, up, _broker) = challenged_proxy("cidr:127.0.0.0/24", 8).await;
+    let body = json_challenge(&proxy, "127.0.0.50").await;
+    assert_eq!(body["error"], "challenge_required");
+    assert!(body["request_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert_eq!(body["challenge"]["difficulty"], 8);
+    assert_eq!(body["challenge"]["submit"], "/.esper/challenge");
+    let token = body["challenge"]["token"].as_str().unwrap().to_string();
+    let seen_before = up.seen.lock().len();
+
+    // A wrong nonce earns nothing.
+    let wrong = post_solution(&proxy, "127.0.0.50", &token, "x").await;
+    assert_eq!(wrong.status(), 403);
+    let nonce = solve(&token, 8);
+    let ok = post_solution(&proxy, "127.0.0.50", &token, &nonce).await;
+    assert_eq!(ok.status(), 200);
+    let cookie = cookie_of(&ok);
+    let cleared: serde_json::Value = ok.json().await.unwrap();
+    assert_eq!(cleared["cleared"], true);
+
+    // The cookie lets this client through, and only this client with this browser.
+    assert_eq!(get_with(&proxy, "127.0.0.50", &cookie, UA).await, 200);
+    assert_eq!(up.seen.lock().len(), seen_before + 1);
+    assert_eq!(get_with(&proxy, "127.0.0.51", &cookie, UA).await, 403);
+    assert_eq!(
+        get_with(&proxy, "127.0.0.50", &cookie, "other-agent/2").await,
+        403
+    );
+    // A forged cookie (expiry pushed out) is refused.
+    let (name, value) = cookie.split_once('=').unwrap();
+    let (exp, rest) = value.split_once('.').unwrap();
+    let forged = format!("{name}={}.{rest}", exp.parse::<u64>().unwrap() + 86_400);
+    assert_eq!(get_with(&proxy, "127.0.0.50", &forged, UA).await, 403);
+    // The same solution cannot be redeemed twice.
+    let replay = post_solution(&proxy, "127.0.0.50", &token, &nonce).await;
+    assert_eq!(replay.status(), 403);
+    let replay: serde_json::Value = replay.json().await.unwrap();
+    assert_eq!(replay["error"], "challenge_failed");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cookie_from_one_instance_is_honoured_by_another_with_the_key() {
+    let (proxy, up, broker) = challenged_proxy("ip:127.0.0.52", 4).await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.challenge_secret = Some(SECRET.into());
+    let second = start_proxy(cfg).await;
+    let body = json_challenge(&proxy, "127.0.0.52").await;
+    let token = body["challenge"]["token"].as_str().unwrap();
+    let ok = post_solution(&proxy, "127.0.0.52", token, &solve(token, 4)).await;
+    let cookie = cookie_of(&ok);
+    json_challenge(&second, "127.0.0.52").await;
+    assert_eq!(get_with(&second, "127.0.0.52", &cookie, UA).await, 200);
+    // Several tabs: each solves its own puzzle, and every cookie earned stays valid.
+    let other = json_challenge(&second, "127.0.0.52").await;
+    let token2 = other["challenge"]["token"].as_str().unwrap();
+    let ok2 = post_solution(&second, "127.0.0.52", token2, &solve(token2, 4)).await;
+    let cookie2 = cookie_of(&ok2);
+    assert_eq!(get_with(&proxy, "127.0.0.52", &cookie, UA).await, 200);
+    assert_eq!(get_with(&proxy, "127.0.0.52", &cookie2, UA).await, 200);
+    second.stop().await.unwrap();
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_javascript_the_fallback_link_clears_after_its_wait() {
+    let (proxy, _up, _broker) = challenged_proxy("ip:127.0.0.53", 20).await;
+    json_challenge(&proxy, "127.0.0.53").await;
+    let client = reqwest::Client::builder()
+        .local_address("127.0.0.53".parse::<std::net::IpAddr>().unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = client
+        .get(format!("{}/some/page?q=1", proxy.url))
+        .header("user-agent", UA)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 403);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = page.text().await.unwrap();
+    assert!(html.contains("crypto.subtle.digest"), "{html}");
+    let refresh = html
+        .split("http-equiv=\"refresh\" content=\"1;url=")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("a meta refresh")
+        .replace("&amp;", "&");
+    let follow = || {
+        client
+            .get(format!("{}{refresh}", proxy.url))
+            .header("user-agent", UA)
+            .send()
+    };
+    // Too early: a new challenge page.
+    assert_eq!(follow().await.unwrap().status(), 403);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let done = follow().await.unwrap();
+    assert_eq!(done.status(), 303);
+    assert_eq!(done.headers()["location"], "/some/page?q=1");
+    let cookie = cookie_of(&done);
+    assert_eq!(get_with(&proxy, "127.0.0.53", &cookie, UA).await, 200);
+    proxy.stop().await.unwrap();
+}
+
+/// Debian's Chromium, when installed.
+fn chromium() -> Option<&'static str> {
+    ["chromium", "chromium-browser"].into_iter().find(|c| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+#[tokio::test]
+async fn headless_chromium_solves_the_challenge_and_reaches_the_app() {
+    let Some(browser) = chromium() else {
+        eprintln!("SKIPPED: chromium is not installed (apt-get install -y chromium)");
+        return;
+    };
+    // Chromium connects from 127.0.0.1.
+    let (proxy, up, _broker) = challenged_proxy("ip:127.0.0.1", 10).await;
+    json_challenge(&proxy, "127.0.0.1").await;
+    let profile = std::env::temp_dir().join(format!("esper-chromium-{}", std::process::id()));
+    let output = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--virtual-time-budget=30000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("{}/", proxy.url))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium finished within 90s")
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&profile);
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        dom.contains("hello from upstream"),
+        "the browser reached the app; DOM:\n{dom}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = up.seen.lock().last().cloned().unwrap();
+    assert!(
+        last.get("cookie")
+            .and_then(|c| c.to_str().ok())
+            .is_some_and(|c| c.contains("esper_clearance=")),
+        "the app was reached with the clearance cookie"
+    );
+    proxy.stop().await.unwrap();
+}

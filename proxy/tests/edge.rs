@@ -1,0 +1,199 @@
+//! The proxy as an edge: the real client address from trusted forwarding headers and
+//! from PROXY protocol headers, allowlists that bypass mitigations, and answer templates
+//! from files. Clients connect from distinct loopback addresses.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use esper_protocol::Action;
+use esper_proxy::proxyproto::{encode_v1, encode_v2};
+use support::{
+    client_from, config, dead_url, mitigations, raw_get, raw_status, start_proxy, upstream,
+    wait_for_status,
+};
+
+const TTL: Duration = Duration::from_secs(600);
+
+fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+    list.iter().map(|s| s.parse().expect("a network")).collect()
+}
+
+#[tokio::test]
+async fn forwarded_headers_count_only_from_trusted_proxies() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.trusted_proxies = nets(&["127.0.0.10/32"]);
+    let proxy = start_proxy(cfg).await;
+    broker.publish("ip:198.51.100.7", Action::Block, TTL).await;
+    // A marker mitigation to know the cache is loaded.
+    broker.publish("ip:127.0.0.19", Action::Block, TTL).await;
+    assert!(wait_for_status("127.0.0.19", &proxy.url, 403, Duration::from_secs(2)).await);
+
+    let get = |from: &'static str, xff: &'static str, fwd: Option<&'static str>| {
+        let url = format!("{}/", proxy.url);
+        async move {
+            let mut req = client_from(from).get(url).header("x-forwarded-for", xff);
+            if let Some(f) = fwd {
+                req = req.header("forwarded", f);
+            }
+            req.send().await.unwrap().status().as_u16()
+        }
+    };
+    // Through the trusted balancer: the rightmost untrusted address is the client.
+    assert_eq!(get("127.0.0.10", "6.6.6.6, 198.51.100.7", None).await, 403);
+    assert_eq!(
+        get("127.0.0.10", "198.51.100.7, 203.0.113.5", None).await,
+        200
+    );
+    assert_eq!(up.last_header("x-real-ip"), "203.0.113.5");
+    assert_eq!(
+        up.last_header("x-forwarded-for"),
+        "198.51.100.7, 203.0.113.5, 127.0.0.10"
+    );
+    // `Forwarded` wins over X-Forwarded-For when both are present.
+    assert_eq!(
+        get(
+            "127.0.0.10",
+            "203.0.113.5",
+            Some("for=\"198.51.100.7:5000\"")
+        )
+        .await,
+        403
+    );
+    // A direct client cannot pose as someone else, nor escape its own block.
+    assert_eq!(get("127.0.0.11", "198.51.100.7", None).await, 200);
+    assert_eq!(up.last_header("x-real-ip"), "127.0.0.11");
+    assert_eq!(up.last_header("x-forwarded-for"), "127.0.0.11");
+    assert_eq!(up.last_header("forwarded"), "");
+    assert_eq!(get("127.0.0.19", "203.0.113.5", None).await, 403);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn proxy_protocol_headers_name_the_client() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.proxy_protocol = true;
+    cfg.trusted_proxies = nets(&["127.0.0.20/32"]);
+    let proxy = start_proxy(cfg).await;
+    let addr = proxy.handle().traffic_addr();
+    broker.publish("ip:198.51.100.7", Action::Block, TTL).await;
+    broker.publish("ip:2001:db8::7", Action::Block, TTL).await;
+    let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
+    let dst6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+    let blocked = || encode_v1("198.51.100.7:40000".parse().unwrap(), dst);
+    let loaded = support::eventually(Duration::from_secs(2), || async {
+        raw_status(&raw_get("127.0.0.20", addr, &blocked(), "/").await) == 403
+    })
+    .await;
+    assert!(loaded, "version 1 header from the balancer is believed");
+
+    let v2 = encode_v2("198.51.100.7:40000".parse().unwrap(), dst);
+    assert_eq!(
+        raw_status(&raw_get("127.0.0.20", addr, &v2, "/").await),
+        403
+    );
+    let v2_6 = encode_v2("[2001:db8::7]:1".parse().unwrap(), dst6);
+    assert_eq!(
+        raw_status(&raw_get("127.0.0.20", addr, &v2_6, "/").await),
+        403
+    );
+    let other = encode_v2("198.51.100.9:40000".parse().unwrap(), dst);
+    let answer = raw_get("127.0.0.20", addr, &other, "/").await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    assert_eq!(up.last_header("x-real-ip"), "198.51.100.9");
+    let other_v1 = encode_v1("198.51.100.10:1".parse().unwrap(), dst);
+    assert_eq!(
+        raw_status(&raw_get("127.0.0.20", addr, &other_v1, "/").await),
+        200
+    );
+    assert_eq!(up.last_header("x-real-ip"), "198.51.100.10");
+
+    // No header, or a header from a peer that is not a trusted balancer: closed unanswered.
+    assert_eq!(raw_get("127.0.0.20", addr, b"", "/").await, "");
+    assert_eq!(raw_get("127.0.0.21", addr, &other, "/").await, "");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn allowlists_bypass_every_mitigation() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.allow_ips = nets(&["127.0.0.30/32"]);
+    cfg.allow_paths = vec!["/slow".into(), "/.well-known/*".into()];
+    let proxy = start_proxy(cfg).await;
+    broker
+        .publish("cidr:127.0.0.0/24", Action::Block, TTL)
+        .await;
+    assert!(wait_for_status("127.0.0.31", &proxy.url, 403, Duration::from_secs(2)).await);
+    assert_eq!(support::status_from("127.0.0.30", &proxy.url).await, 200);
+    let slow = client_from("127.0.0.31")
+        .get(format!("{}/slow", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 200);
+    let prefixed = client_from("127.0.0.31")
+        .get(format!("{}/.well-known/x", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        prefixed.status(),
+        404,
+        "reached the upstream, which has no such path"
+    );
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn answers_use_template_files_with_the_request_id() {
+    let dir = std::env::temp_dir().join(format!("esper-edge-templates-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("block.json"),
+        r#"{"blocked_by":"acme","ref":"{{request_id}}","status":{{status}}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("block.html"),
+        "<h1>ACME says no</h1><p>{{request_id}}</p>",
+    )
+    .unwrap();
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.templates_dir = Some(dir.clone());
+    let proxy = start_proxy(cfg).await;
+    broker.publish("ip:127.0.0.40", Action::Block, TTL).await;
+    assert!(wait_for_status("127.0.0.40", &proxy.url, 403, Duration::from_secs(2)).await);
+    let client = client_from("127.0.0.40");
+    let resp = client
+        .get(format!("{}/", proxy.url))
+        .header("accept", "application/json")
+        .header("x-request-id", "req-77")
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["blocked_by"], "acme");
+    assert_eq!(body["ref"], "req-77");
+    assert_eq!(body["status"], 403);
+    let page = client
+        .get(format!("{}/", proxy.url))
+        .header("x-request-id", "req-78")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(page, "<h1>ACME says no</h1><p>req-78</p>");
+    proxy.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
