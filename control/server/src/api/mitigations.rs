@@ -37,13 +37,22 @@ fn parse_entity(s: &str) -> Result<EntityKey, ApiError> {
     })
 }
 
-/// `"block"`, `"log"`, or a full action object, with its parameters checked.
+/// Proof-of-work bits for `"challenge"` without parameters: well under a second in a
+/// browser, thousands of requests' worth of CPU for a bot at scale.
+const DEFAULT_CHALLENGE_DIFFICULTY: u8 = 16;
+/// The proxy caps difficulty here too.
+const MAX_DIFFICULTY: u8 = 24;
+
+/// `"block"`, `"log"`, `"challenge"`, or a full action object, with its parameters checked.
 fn parse_action(v: &serde_json::Value) -> Result<Action, ApiError> {
     let bad = |m: String| ApiError::bad_request("invalid_action", m);
     let action = match v {
         serde_json::Value::String(name) => match name.as_str() {
             "block" => Action::Block,
             "log" => Action::Log,
+            "challenge" => Action::Challenge {
+                difficulty: DEFAULT_CHALLENGE_DIFFICULTY,
+            },
             "throttle" => {
                 return Err(bad(
                     "action throttle needs parameters: {\"type\": \"throttle\", \"rate\": 5, \"burst\": 10}".into(),
@@ -57,7 +66,7 @@ fn parse_action(v: &serde_json::Value) -> Result<Action, ApiError> {
             }
             other => {
                 return Err(bad(format!(
-                    "unknown action `{other}` (expected block, throttle, tarpit or log)"
+                    "unknown action `{other}` (expected block, throttle, tarpit, challenge or log)"
                 )));
             }
         },
@@ -80,6 +89,11 @@ fn parse_action(v: &serde_json::Value) -> Result<Action, ApiError> {
         Action::Tarpit { delay_ms } if delay_ms == 0 || delay_ms > MAX_DELAY_MS => Err(bad(
             format!("tarpit delay_ms {delay_ms} is out of range (1 to {MAX_DELAY_MS})"),
         )),
+        Action::Challenge { difficulty } if difficulty == 0 || difficulty > MAX_DIFFICULTY => {
+            Err(bad(format!(
+                "challenge difficulty {difficulty} is out of range (1 to {MAX_DIFFICULTY})"
+            )))
+        }
         a => Ok(a),
     }
 }
@@ -257,6 +271,11 @@ mod tests {
     #[test]
     fn actions_by_name_or_object() {
         assert_eq!(parse_action(&json!("block")).unwrap(), Action::Block);
+        assert_eq!(
+            parse_action(&json!("challenge")).unwrap(),
+            Action::Challenge { difficulty: 16 }
+        );
+        assert!(parse_action(&json!({"type": "challenge", "difficulty": 30})).is_err());
         let t = parse_action(&json!({"type": "throttle", "rate": 5, "burst": 10})).unwrap();
         assert_eq!(
             t,

@@ -20,16 +20,20 @@ pub async fn run(ctx: &Ctx, cmd: MitigationCmd) -> Result<(), CtlError> {
             rate,
             burst,
             delay,
+            difficulty,
             ttl,
             reason,
             app,
         } => {
-            let action = action_json(action, rate, burst, delay.as_deref())?;
+            let action = action_json(action, rate, burst, delay.as_deref(), difficulty)?;
             add(ctx, &entity, action, &ttl, reason, app).await
         }
         MitigationCmd::Revoke { id, entity } => revoke(ctx, id, entity).await,
     }
 }
+
+/// Above this a browser needs minutes to solve the proof of work.
+const MAX_CHALLENGE_DIFFICULTY: u8 = 24;
 
 fn entity_key(s: &str) -> Result<EntityKey, CtlError> {
     s.parse()
@@ -42,6 +46,7 @@ fn action_json(
     rate: Option<f64>,
     burst: Option<u32>,
     delay: Option<&str>,
+    difficulty: Option<u8>,
 ) -> Result<serde_json::Value, CtlError> {
     let input = |m: &str| Err(CtlError::Input(m.to_string()));
     if action != ActionArg::Throttle && (rate.is_some() || burst.is_some()) {
@@ -50,9 +55,23 @@ fn action_json(
     if action != ActionArg::Tarpit && delay.is_some() {
         return input("--delay only applies to --action tarpit");
     }
+    if action != ActionArg::Challenge && difficulty.is_some() {
+        return input("--difficulty only applies to --action challenge");
+    }
     Ok(match action {
         ActionArg::Block => json!("block"),
         ActionArg::Log => json!("log"),
+        ActionArg::Challenge => match difficulty {
+            None => json!("challenge"),
+            Some(d) if (1..=MAX_CHALLENGE_DIFFICULTY).contains(&d) => {
+                json!({"type": "challenge", "difficulty": d})
+            }
+            Some(d) => {
+                return input(&format!(
+                    "--difficulty {d} is out of range (1 to {MAX_CHALLENGE_DIFFICULTY})"
+                ));
+            }
+        },
         ActionArg::Throttle => {
             let Some(rate) = rate.filter(|r| r.is_finite() && *r > 0.0) else {
                 return input("--action throttle needs --rate (requests per second, above 0)");

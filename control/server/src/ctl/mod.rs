@@ -115,6 +115,7 @@ pub enum ActionArg {
     Block,
     Throttle,
     Tarpit,
+    Challenge,
     Log,
 }
 
@@ -145,6 +146,9 @@ pub enum MitigationCmd {
         /// Tarpit: how long each request is held (e.g. 2s).
         #[arg(long)]
         delay: Option<String>,
+        /// Challenge: proof-of-work difficulty in bits (1 to 24; default 16).
+        #[arg(long)]
+        difficulty: Option<u8>,
         /// How long it stands (e.g. 30m, 1h, 7d).
         #[arg(long, default_value = "1h")]
         ttl: String,
