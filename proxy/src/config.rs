@@ -55,6 +55,75 @@ pub const DEFAULT_CHALLENGE_FALLBACK_DELAY: Duration = Duration::from_secs(5);
 /// Shortest `challenge_secret` accepted, in bytes.
 pub const MIN_CHALLENGE_SECRET_LEN: usize = 16;
 
+/// Default TLS listener, used when certificates are configured.
+pub const DEFAULT_TLS_LISTEN: &str = "0.0.0.0:8443";
+/// Default interval between checks of the certificate files for changes.
+pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// Default answer for a request whose Host no app serves: 421 Misdirected Request.
+pub const DEFAULT_UNKNOWN_HOST_STATUS: u16 = 421;
+/// Default active health check of an app's upstreams.
+pub const DEFAULT_HEALTH_CHECK: &str = "tcp";
+/// Default interval between health checks of an app's upstreams.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// One protected app among several, chosen by Host and path prefix (`[[apps]]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// The app's name: reported in events, and app-scoped mitigations apply only when
+    /// they name it.
+    pub name: String,
+    /// Host names served by this app: exact (`shop.example`) or a wildcard for
+    /// subdomains (`*.shop.example`). Empty: any host.
+    pub hosts: Vec<String>,
+    /// Path prefix served by this app (`/api` serves `/api` and `/api/...`); the
+    /// longest matching prefix wins among apps of the same host.
+    pub path_prefix: String,
+    /// The app's upstreams, `HOST:PORT` each, balanced round robin.
+    pub upstreams: Vec<String>,
+    /// Speak TLS to the upstreams, verifying their certificates against their host names.
+    pub upstream_tls: bool,
+    /// Active health check of the upstreams: `tcp` (connect), an HTTP path such as
+    /// `/healthz` (GET must answer 200), or `none`.
+    pub health_check: String,
+    /// Interval between health checks.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+    /// Fraction of this app's requests reported; unset means the top-level `sample_rate`.
+    pub sample_rate: Option<f64>,
+    /// This app's answer templates; unset means the top-level `templates_dir`.
+    pub templates_dir: Option<PathBuf>,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            name: String::new(),
+            hosts: Vec::new(),
+            path_prefix: "/".into(),
+            upstreams: Vec::new(),
+            upstream_tls: false,
+            health_check: DEFAULT_HEALTH_CHECK.into(),
+            health_check_interval: DEFAULT_HEALTH_CHECK_INTERVAL,
+            sample_rate: None,
+            templates_dir: None,
+        }
+    }
+}
+
+/// A certificate and its key, PEM files, for the TLS listener (`[[tls_certificates]]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CertConfig {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Server names (SNI) it serves: exact or `*.domain`. Empty: the default
+    /// certificate, for clients without SNI or with a name no other certificate has.
+    pub hosts: Vec<String>,
+}
+
 fn default_addr(s: &str) -> SocketAddr {
     s.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
 }
@@ -169,6 +238,28 @@ pub struct Config {
     /// link clears it (`ESPER_CHALLENGE_FALLBACK_DELAY`).
     #[serde(with = "humantime_serde")]
     pub challenge_fallback_delay: Duration,
+    /// Several apps by Host and path prefix, each with its upstreams. Empty: sidecar
+    /// mode, one app (`app`) for every request, sent to `upstream`.
+    pub apps: Vec<AppConfig>,
+    /// The app (by name) serving requests whose Host no app claims; unset means such
+    /// requests get `unknown_host_status` (`ESPER_DEFAULT_APP`).
+    pub default_app: Option<String>,
+    /// Status answered when no app serves the request's Host: 421 or 404
+    /// (`ESPER_UNKNOWN_HOST_STATUS`).
+    pub unknown_host_status: u16,
+    /// Address of the TLS listener, opened when `tls_certificates` is not empty
+    /// (`ESPER_PROXY_TLS_LISTEN`, `--tls-listen`).
+    pub tls_listen: SocketAddr,
+    /// Certificates, chosen by SNI (`ESPER_TLS_CERT` and `ESPER_TLS_KEY` add one default
+    /// certificate; `--tls-cert`, `--tls-key`).
+    pub tls_certificates: Vec<CertConfig>,
+    /// Interval between checks of the certificate files; changed files are loaded, and
+    /// invalid new files leave the previous certificate in service
+    /// (`ESPER_TLS_RELOAD_INTERVAL`).
+    #[serde(with = "humantime_serde")]
+    pub tls_reload_interval: Duration,
+    /// Offer HTTP/2 to TLS clients (ALPN) (`ESPER_TLS_HTTP2`).
+    pub tls_http2: bool,
 }
 
 impl Default for Config {
@@ -208,6 +299,13 @@ impl Default for Config {
             challenge_secret: None,
             challenge_ttl: DEFAULT_CHALLENGE_TTL,
             challenge_fallback_delay: DEFAULT_CHALLENGE_FALLBACK_DELAY,
+            apps: Vec::new(),
+            default_app: None,
+            unknown_host_status: DEFAULT_UNKNOWN_HOST_STATUS,
+            tls_listen: default_addr(DEFAULT_TLS_LISTEN),
+            tls_certificates: Vec::new(),
+            tls_reload_interval: DEFAULT_TLS_RELOAD_INTERVAL,
+            tls_http2: true,
         }
     }
 }
@@ -317,20 +415,47 @@ impl Config {
             secs,
             &mut self.challenge_fallback_delay,
         )?;
+        vars.string_opt(&["ESPER_DEFAULT_APP"], &mut self.default_app);
+        vars.parse(
+            &["ESPER_UNKNOWN_HOST_STATUS"],
+            &mut self.unknown_host_status,
+        )?;
+        vars.parse(&["ESPER_PROXY_TLS_LISTEN"], &mut self.tls_listen)?;
+        let (mut cert, mut key) = (None, None);
+        vars.string_opt(&["ESPER_TLS_CERT"], &mut cert);
+        vars.string_opt(&["ESPER_TLS_KEY"], &mut key);
+        self.add_default_cert(cert, key);
+        vars.duration(
+            &["ESPER_TLS_RELOAD_INTERVAL"],
+            secs,
+            &mut self.tls_reload_interval,
+        )?;
+        vars.bool(&["ESPER_TLS_HTTP2"], &mut self.tls_http2)?;
         Ok(())
     }
 
     /// Checks every option once; the error names the option and the bad value.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.upstream.trim().is_empty() {
+        if self.apps.is_empty() {
+            if self.upstream.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    "upstream",
+                    "",
+                    "required: the protected app as HOST:PORT (ESPER_UPSTREAM or --upstream), \
+                     or [[apps]] tables",
+                ));
+            }
+            split_host_port(&self.upstream)
+                .map_err(|reason| ConfigError::invalid("upstream", &self.upstream, reason))?;
+        } else if !self.upstream.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "upstream",
-                "",
-                "required: the protected app as HOST:PORT (ESPER_UPSTREAM or --upstream)",
+                &self.upstream,
+                "not used with [[apps]]: give each app its `upstreams`",
             ));
         }
-        split_host_port(&self.upstream)
-            .map_err(|reason| ConfigError::invalid("upstream", &self.upstream, reason))?;
+        self.validate_apps()?;
+        self.validate_tls()?;
         if self.app.trim().is_empty() {
             return Err(ConfigError::invalid("app", &self.app, "must not be empty"));
         }
@@ -400,6 +525,134 @@ impl Config {
         Ok(())
     }
 
+    /// Adds a default certificate from a cert and key path (environment or flags).
+    fn add_default_cert(&mut self, cert: Option<String>, key: Option<String>) {
+        if let (Some(cert), Some(key)) = (cert, key) {
+            self.tls_certificates.retain(|c| !c.hosts.is_empty());
+            self.tls_certificates.push(CertConfig {
+                cert: cert.into(),
+                key: key.into(),
+                hosts: Vec::new(),
+            });
+        }
+    }
+
+    /// The apps to serve: the `[[apps]]` tables, or in sidecar mode one app named `app`
+    /// for every host, sent to `upstream` (no health check: with one upstream there is
+    /// nowhere else to go).
+    pub fn effective_apps(&self) -> Vec<AppConfig> {
+        if !self.apps.is_empty() {
+            return self.apps.clone();
+        }
+        vec![AppConfig {
+            name: self.app.clone(),
+            upstreams: vec![self.upstream.clone()],
+            upstream_tls: self.upstream_tls,
+            health_check: "none".into(),
+            templates_dir: self.templates_dir.clone(),
+            ..AppConfig::default()
+        }]
+    }
+
+    fn validate_apps(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            let at = |field: &str| format!("apps[{i}].{field}");
+            if app.name.trim().is_empty() {
+                return Err(ConfigError::invalid(&at("name"), "", "must not be empty"));
+            }
+            if !names.insert(app.name.as_str()) {
+                return Err(ConfigError::invalid(&at("name"), &app.name, "used twice"));
+            }
+            if app.upstreams.is_empty() {
+                return Err(ConfigError::invalid(
+                    &at("upstreams"),
+                    "[]",
+                    "at least one HOST:PORT",
+                ));
+            }
+            for u in &app.upstreams {
+                split_host_port(u).map_err(|r| ConfigError::invalid(&at("upstreams"), u, r))?;
+            }
+            if let Some(bad) = app.hosts.iter().find(|h| !valid_host_pattern(h)) {
+                return Err(ConfigError::invalid(
+                    &at("hosts"),
+                    bad,
+                    "a host name, or `*.` and a domain",
+                ));
+            }
+            if !app.path_prefix.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    &at("path_prefix"),
+                    &app.path_prefix,
+                    "must start with `/`",
+                ));
+            }
+            let hc = app.health_check.as_str();
+            if !(hc == "tcp" || hc == "none" || hc.starts_with('/')) {
+                return Err(ConfigError::invalid(
+                    &at("health_check"),
+                    hc,
+                    "`tcp`, `none`, or an HTTP path such as `/healthz`",
+                ));
+            }
+            nonzero(&at("health_check_interval"), app.health_check_interval)?;
+            if let Some(rate) = app.sample_rate
+                && !(rate > 0.0 && rate <= 1.0)
+            {
+                return Err(ConfigError::invalid(
+                    &at("sample_rate"),
+                    rate,
+                    "must be greater than 0 and at most 1",
+                ));
+            }
+        }
+        if let Some(name) = &self.default_app
+            && !self.effective_apps().iter().any(|a| &a.name == name)
+        {
+            return Err(ConfigError::invalid(
+                "default_app",
+                name,
+                "names no app in [[apps]]",
+            ));
+        }
+        if !matches!(self.unknown_host_status, 404 | 421) {
+            return Err(ConfigError::invalid(
+                "unknown_host_status",
+                self.unknown_host_status,
+                "404 or 421",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        for (i, c) in self.tls_certificates.iter().enumerate() {
+            if c.cert.as_os_str().is_empty() || c.key.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(
+                    &format!("tls_certificates[{i}]"),
+                    c.cert.display(),
+                    "both `cert` and `key` are required",
+                ));
+            }
+            if let Some(bad) = c.hosts.iter().find(|h| !valid_host_pattern(h)) {
+                return Err(ConfigError::invalid(
+                    &format!("tls_certificates[{i}].hosts"),
+                    bad,
+                    "a host name, or `*.` and a domain",
+                ));
+            }
+        }
+        if !self.tls_certificates.is_empty() && self.tls_listen == self.listen {
+            return Err(ConfigError::invalid(
+                "tls_listen",
+                self.tls_listen,
+                "must differ from `listen`",
+            ));
+        }
+        nonzero("tls_reload_interval", self.tls_reload_interval)
+    }
+
     /// The number of traffic threads to run: `threads`, or one per core when 0.
     pub fn effective_threads(&self) -> usize {
         if self.threads > 0 {
@@ -465,6 +718,16 @@ fn nonzero(option: &str, d: Duration) -> Result<(), ConfigError> {
     } else {
         Ok(())
     }
+}
+
+/// A host name (letters, digits, `-`, `.`), optionally behind `*.`.
+fn valid_host_pattern(h: &str) -> bool {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// An HTTP token (RFC 9110): what header and cookie names are made of.
@@ -546,6 +809,15 @@ pub struct Args {
     /// Expect a PROXY protocol header on every client connection
     #[arg(long)]
     pub proxy_protocol: bool,
+    /// Address of the TLS listener [default: 0.0.0.0:8443]
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<SocketAddr>,
+    /// A default TLS certificate chain (PEM); needs --tls-key
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<String>,
 }
 
 impl Args {
@@ -590,6 +862,8 @@ impl Args {
         if self.proxy_protocol {
             cfg.proxy_protocol = true;
         }
+        set(&mut cfg.tls_listen, &self.tls_listen);
+        cfg.add_default_cert(self.tls_cert.clone(), self.tls_key.clone());
     }
 }
 

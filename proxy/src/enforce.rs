@@ -38,18 +38,16 @@ pub enum Verdict {
 pub struct Enforcer {
     cache: Arc<MitigationCache>,
     metrics: Arc<Metrics>,
-    app: String,
     throttles: Throttles,
     tarpit_slots: Arc<Semaphore>,
     tarpit_max: Duration,
 }
 
 impl Enforcer {
-    /// An enforcer for `app`.
+    /// An enforcer reading `cache`.
     pub fn new(
         cache: Arc<MitigationCache>,
         metrics: Arc<Metrics>,
-        app: String,
         throttle_entities: usize,
         tarpit_concurrency: usize,
         tarpit_max: Duration,
@@ -57,16 +55,22 @@ impl Enforcer {
         Enforcer {
             cache,
             metrics,
-            app,
             throttles: Throttles::new(throttle_entities),
             tarpit_slots: Arc::new(Semaphore::new(tarpit_concurrency)),
             tarpit_max,
         }
     }
 
-    /// The verdict for a request from `ip` with `headers`, arrived at `now`. Never waits.
-    pub fn decide(&self, ip: IpAddr, headers: &HeaderMap, now: DateTime<Utc>) -> Verdict {
-        let found = self.cache.lookup(&self.app, ip, headers, now);
+    /// The verdict for a request for `app` from `ip` with `headers`, arrived at `now`.
+    /// Never waits.
+    pub fn decide(
+        &self,
+        app: &str,
+        ip: IpAddr,
+        headers: &HeaderMap,
+        now: DateTime<Utc>,
+    ) -> Verdict {
+        let found = self.cache.lookup(app, ip, headers, now);
         self.metrics.lookup(found.is_some());
         let Some(m) = found else {
             return Verdict::Forward(EnforcedAction::Allow);
@@ -113,7 +117,6 @@ mod tests {
         Enforcer::new(
             cache,
             Arc::new(Metrics::new()),
-            "default".into(),
             100,
             tarpit_slots,
             Duration::from_secs(2),
@@ -129,16 +132,16 @@ mod tests {
         let h = HeaderMap::new();
         let e = enforcer(Action::Block, 1);
         assert!(matches!(
-            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            e.decide("default", ip("192.0.2.1"), &h, Utc::now()),
             Verdict::Block(_)
         ));
         assert!(matches!(
-            e.decide(ip("192.0.2.2"), &h, Utc::now()),
+            e.decide("default", ip("192.0.2.2"), &h, Utc::now()),
             Verdict::Forward(EnforcedAction::Allow)
         ));
         let e = enforcer(Action::Log, 1);
         assert!(matches!(
-            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            e.decide("default", ip("192.0.2.1"), &h, Utc::now()),
             Verdict::Forward(EnforcedAction::Log)
         ));
         let e = enforcer(
@@ -150,12 +153,12 @@ mod tests {
         );
         for _ in 0..2 {
             assert!(matches!(
-                e.decide(ip("192.0.2.1"), &h, Utc::now()),
+                e.decide("default", ip("192.0.2.1"), &h, Utc::now()),
                 Verdict::Forward(_)
             ));
         }
         assert!(matches!(
-            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            e.decide("default", ip("192.0.2.1"), &h, Utc::now()),
             Verdict::Throttled { retry_after: 1 }
         ));
     }
@@ -164,18 +167,18 @@ mod tests {
     fn tarpits_are_capped_and_bounded() {
         let h = HeaderMap::new();
         let e = enforcer(Action::Tarpit { delay_ms: 60_000 }, 1);
-        let first = e.decide(ip("192.0.2.1"), &h, Utc::now());
+        let first = e.decide("default", ip("192.0.2.1"), &h, Utc::now());
         let Verdict::Tarpit { delay, .. } = &first else {
             panic!("expected a tarpit, got {first:?}")
         };
         assert_eq!(*delay, Duration::from_secs(2));
         assert!(matches!(
-            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            e.decide("default", ip("192.0.2.1"), &h, Utc::now()),
             Verdict::TarpitFull
         ));
         drop(first);
         assert!(matches!(
-            e.decide(ip("192.0.2.1"), &h, Utc::now()),
+            e.decide("default", ip("192.0.2.1"), &h, Utc::now()),
             Verdict::Tarpit { .. }
         ));
     }

@@ -18,7 +18,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// What the heartbeat reports about this proxy.
 pub struct Reporter {
     pub proxy_id: String,
-    pub app: String,
+    /// The names of the apps served (they may change on a reload).
+    pub apps: crate::live::LiveState,
     pub started_at: DateTime<Utc>,
     pub cache: Arc<MitigationCache>,
     pub metrics: Arc<Metrics>,
@@ -29,7 +30,14 @@ impl Reporter {
     fn beat(&self) -> ProxyHeartbeat {
         ProxyHeartbeat {
             proxy_id: self.proxy_id.clone(),
-            apps: vec![self.app.clone()],
+            apps: self
+                .apps
+                .load()
+                .router
+                .apps()
+                .iter()
+                .map(|a| a.name.clone())
+                .collect(),
             cache_entries: self.cache.len() as u64,
             requests_total: self.metrics.requests_total(),
             events_sent_total: self.metrics.events_sent.get(),

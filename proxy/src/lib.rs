@@ -3,7 +3,10 @@
 //!
 //! [`start`] binds, spawns Pingora on its own thread and the background loops on the
 //! current tokio runtime, and returns a [`ProxyHandle`]; [`run`] is `start` then `wait`.
+//! [`ProxyHandle::reload`] swaps apps, allowlists, templates, trusted proxies and
+//! certificates while serving; listeners stay as they are.
 
+mod apps;
 pub mod cache;
 mod challenge;
 mod clientip;
@@ -12,6 +15,8 @@ mod enforce;
 mod follower;
 mod forwarder;
 mod heartbeat;
+mod ja4;
+mod live;
 pub mod metrics;
 mod ops;
 mod proxy;
@@ -20,6 +25,7 @@ mod report;
 mod respond;
 mod status;
 mod throttle;
+mod tls;
 mod traffic;
 
 use std::net::SocketAddr;
@@ -27,6 +33,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle as ThreadHandle;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use chrono::Utc;
 use esper_common::Shutdown;
 use esper_common::config::ConfigError;
@@ -36,17 +43,17 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use cache::MitigationCache;
-pub use config::{Args, Config};
+pub use config::{AppConfig, Args, CertConfig, Config};
 pub use metrics::{DropReason, Metrics};
 
 use crate::challenge::Challenger;
-use crate::clientip::{Networks, Paths};
 use crate::enforce::Enforcer;
 use crate::forwarder::Forwarder;
-use crate::proxy::{EdgePolicy, EsperProxy, InFlight, Upstream};
+use crate::live::{Live, LiveState};
+use crate::proxy::{EsperProxy, InFlight};
 use crate::report::Reporter;
-use crate::respond::Templates;
 use crate::status::Status;
+use crate::tls::Certs;
 
 /// Time the ops server gets to finish its own requests at shutdown.
 const OPS_DRAIN: Duration = Duration::from_secs(2);
@@ -60,8 +67,8 @@ pub enum ProxyError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error("cannot resolve upstream `{upstream}`: {reason}")]
-    Upstream { upstream: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot start the traffic thread: {0}")]
     Spawn(std::io::Error),
     #[error("the traffic thread stopped unexpectedly (panic)")]
@@ -76,6 +83,9 @@ pub enum ProxyError {
 pub struct Listeners {
     /// Client traffic (`config.listen` when `None`).
     pub traffic: Option<std::net::TcpListener>,
+    /// TLS client traffic, used when certificates are configured (`config.tls_listen`
+    /// when `None`).
+    pub tls: Option<std::net::TcpListener>,
     /// Ops server (`config.ops_listen` when `None`).
     pub ops: Option<tokio::net::TcpListener>,
 }
@@ -83,6 +93,8 @@ pub struct Listeners {
 /// A running proxy.
 pub struct ProxyHandle {
     traffic_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    reloader: Reloader,
     ops_addr: SocketAddr,
     traffic: ThreadHandle<()>,
     forwarder: JoinHandle<()>,
@@ -99,6 +111,22 @@ impl ProxyHandle {
     /// Where client traffic is accepted.
     pub fn traffic_addr(&self) -> SocketAddr {
         self.traffic_addr
+    }
+
+    /// Where TLS client traffic is accepted, when certificates are configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// Applies a new configuration while serving (see [`Reloader::reload`]).
+    pub async fn reload(&self, config: Config) -> Result<(), ProxyError> {
+        self.reloader.reload(config).await
+    }
+
+    /// A handle that reloads the configuration, usable after `wait` took the proxy
+    /// handle (for a signal handler).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// Where the ops server listens.
@@ -148,6 +176,62 @@ impl ProxyHandle {
     }
 }
 
+/// Applies new configurations to a running proxy.
+#[derive(Clone)]
+pub struct Reloader {
+    live: LiveState,
+    certs: Option<Arc<Certs>>,
+    started: Arc<Config>,
+}
+
+impl Reloader {
+    /// Validates `config` and swaps in its apps (upstream pools, sampling, templates),
+    /// default app, trusted proxies, allowlists and certificates. Requests in flight
+    /// finish with the state they started with; no connection is dropped. Listeners,
+    /// brokers, the challenge key and the other process-wide settings keep their start-up
+    /// values (a warning names any that changed). On error nothing changes.
+    pub async fn reload(&self, config: Config) -> Result<(), ProxyError> {
+        config.validate()?;
+        let s = &self.started;
+        let restart_only = [
+            ("listen", s.listen != config.listen),
+            ("ops_listen", s.ops_listen != config.ops_listen),
+            ("tls_listen", s.tls_listen != config.tls_listen),
+            ("proxy_protocol", s.proxy_protocol != config.proxy_protocol),
+            ("ingestion_url", s.ingestion_url != config.ingestion_url),
+            ("mitigation_url", s.mitigation_url != config.mitigation_url),
+            (
+                "challenge_secret",
+                s.challenge_secret != config.challenge_secret,
+            ),
+            ("threads", s.threads != config.threads),
+            ("report_headers", s.report_headers != config.report_headers),
+            ("report_cookies", s.report_cookies != config.report_cookies),
+            (
+                "tls_certificates (TLS listener)",
+                s.tls_certificates.is_empty() != config.tls_certificates.is_empty(),
+            ),
+        ];
+        for (option, changed) in restart_only {
+            if changed {
+                tracing::warn!(option, "changed option takes effect only after a restart");
+            }
+        }
+        let live = Live::build(&config).await?;
+        if let Some(certs) = &self.certs
+            && !config.tls_certificates.is_empty()
+        {
+            certs
+                .replace(&config.tls_certificates)
+                .map_err(ProxyError::Tls)?;
+        }
+        let apps: Vec<String> = live.router.apps().iter().map(|a| a.name.clone()).collect();
+        self.live.store(Arc::new(live));
+        tracing::info!(?apps, "configuration reloaded");
+        Ok(())
+    }
+}
+
 /// The host name, for the default proxy id.
 fn host_name() -> Option<String> {
     ["/proc/sys/kernel/hostname", "/etc/hostname"]
@@ -158,21 +242,9 @@ fn host_name() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-async fn resolve_upstream(upstream: &str) -> Result<SocketAddr, ProxyError> {
-    let err = |reason: String| ProxyError::Upstream {
-        upstream: upstream.to_string(),
-        reason,
-    };
-    tokio::net::lookup_host(upstream)
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .next()
-        .ok_or_else(|| err("no address found".into()))
-}
-
-fn bind_traffic(addr: SocketAddr) -> Result<std::net::TcpListener, BindError> {
+fn bind_traffic(what: &str, addr: SocketAddr) -> Result<std::net::TcpListener, BindError> {
     std::net::TcpListener::bind(addr).map_err(|e| BindError {
-        what: "proxy traffic listener".into(),
+        what: what.into(),
         addr,
         reason: match e.kind() {
             std::io::ErrorKind::AddrInUse => "address already in use".into(),
@@ -190,14 +262,40 @@ pub async fn start(
     shutdown: Shutdown,
 ) -> Result<ProxyHandle, ProxyError> {
     config.validate()?;
-    let upstream_addr = resolve_upstream(&config.upstream).await?;
-    let (upstream_host, _) = config::split_host_port(&config.upstream)
-        .map_err(|reason| ConfigError::invalid("upstream", &config.upstream, reason))?;
+    let live: LiveState = Arc::new(ArcSwap::from_pointee(Live::build(&config).await?));
+    // Certificates before listeners: a bad file is the error reported, not a busy port.
+    let tls_parts = if config.tls_certificates.is_empty() {
+        None
+    } else {
+        let loaded = Arc::new(Certs::load(&config.tls_certificates).map_err(ProxyError::Tls)?);
+        let acceptor = tls::acceptor(loaded.clone(), config.tls_http2).map_err(ProxyError::Tls)?;
+        Some((loaded, acceptor))
+    };
     let traffic_listener = match listeners.traffic {
         Some(l) => l,
-        None => bind_traffic(config.listen)?,
+        None => bind_traffic("proxy traffic listener", config.listen)?,
     };
     let traffic_addr = traffic_listener.local_addr().map_err(ProxyError::Spawn)?;
+    let mut endpoints = vec![traffic::Endpoint {
+        listener: traffic_listener,
+        proxy_protocol: config.proxy_protocol,
+        tls: None,
+    }];
+    let mut certs = None;
+    let mut tls_addr = None;
+    if let Some((loaded, acceptor)) = tls_parts {
+        let listener = match listeners.tls {
+            Some(l) => l,
+            None => bind_traffic("proxy TLS listener", config.tls_listen)?,
+        };
+        tls_addr = Some(listener.local_addr().map_err(ProxyError::Spawn)?);
+        endpoints.push(traffic::Endpoint {
+            listener,
+            proxy_protocol: config.proxy_protocol,
+            tls: Some(Arc::new(acceptor)),
+        });
+        certs = Some(loaded);
+    }
     let ops_listener = match listeners.ops {
         Some(l) => l,
         None => esper_common::http::bind("proxy ops listener", config.ops_listen).await?,
@@ -215,16 +313,6 @@ pub async fn start(
     let in_flight = InFlight::default();
     let (events_tx, events_rx) = mpsc::channel(config.buffer);
 
-    let templates = Templates::load(config.templates_dir.as_deref()).map_err(|reason| {
-        ConfigError::invalid(
-            "templates_dir",
-            config
-                .templates_dir
-                .as_ref()
-                .map_or(String::new(), |p| p.display().to_string()),
-            reason,
-        )
-    })?;
     let secret = match &config.challenge_secret {
         Some(s) => s.as_bytes().to_vec(),
         None => {
@@ -235,24 +323,16 @@ pub async fn start(
             rand::random::<[u8; 32]>().to_vec()
         }
     };
-    let trusted = Networks::new(&config.trusted_proxies);
-    let edge = EdgePolicy {
-        trusted: trusted.clone(),
-        allow_ips: Networks::new(&config.allow_ips),
-        allow_paths: Paths::new(&config.allow_paths),
-        templates,
-        challenger: Challenger::new(
+    let app = EsperProxy::new(
+        live.clone(),
+        Challenger::new(
             &secret,
             config.challenge_ttl,
             config.challenge_fallback_delay,
         ),
-    };
-    let app = EsperProxy::new(
-        edge,
         Enforcer::new(
             cache.clone(),
             metrics.clone(),
-            config.app.clone(),
             config.throttle_entities,
             config.tarpit_concurrency,
             config.tarpit_max,
@@ -260,30 +340,18 @@ pub async fn start(
         Reporter::new(
             events_tx,
             metrics.clone(),
-            config.sample_rate,
-            config.app.clone(),
             proxy_id.clone(),
             &config.report_headers,
             &config.report_cookies,
         ),
         metrics.clone(),
-        Upstream::new(
-            upstream_addr,
-            config.upstream_tls,
-            upstream_host,
-            config.upstream_connect_timeout,
-            config.upstream_idle_timeout,
-        ),
         in_flight.clone(),
     );
     let threads = config.effective_threads();
     let traffic = traffic::spawn(
         app,
-        vec![traffic::Endpoint {
-            listener: traffic_listener,
-            proxy_protocol: config.proxy_protocol,
-        }],
-        trusted,
+        endpoints,
+        live.clone(),
         threads,
         config.drain_timeout,
         in_flight.clone(),
@@ -291,12 +359,18 @@ pub async fn start(
     )
     .map_err(ProxyError::Spawn)?;
     status.set_serving(true);
+    let apps: Vec<String> = live
+        .load()
+        .router
+        .apps()
+        .iter()
+        .map(|a| a.name.clone())
+        .collect();
     tracing::info!(
         listen = %traffic_addr,
+        tls = ?tls_addr,
         ops = %ops_addr,
-        upstream = %config.upstream,
-        resolved = %upstream_addr,
-        app = %config.app,
+        ?apps,
         proxy_id = %proxy_id,
         threads,
         "esper-proxy serving"
@@ -336,7 +410,7 @@ pub async fn start(
             config.heartbeat_interval,
             heartbeat::Reporter {
                 proxy_id,
-                app: config.app.clone(),
+                apps: live.clone(),
                 started_at: Utc::now(),
                 cache: cache.clone(),
                 metrics: metrics.clone(),
@@ -364,8 +438,21 @@ pub async fn start(
         OPS_DRAIN,
     ));
 
+    if let Some(certs) = &certs {
+        tasks.push(tokio::spawn(tls::watch(
+            certs.clone(),
+            config.tls_reload_interval,
+            shutdown.clone(),
+        )));
+    }
     Ok(ProxyHandle {
         traffic_addr,
+        tls_addr,
+        reloader: Reloader {
+            live,
+            certs,
+            started: Arc::new(config),
+        },
         ops_addr,
         traffic,
         forwarder,

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -16,12 +16,15 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, Result};
 
+use crate::apps::App;
 use crate::challenge::{self, CHALLENGE_PATH, COOKIE_NAME, Challenger, Clearance};
-use crate::clientip::{self, Networks, Paths};
+use crate::clientip;
 use crate::enforce::{Enforcer, Verdict};
+use crate::live::LiveState;
 use crate::metrics::Metrics;
 use crate::report::{Observed, Reporter};
 use crate::respond::{LocalAnswer, Templates, Var, acceptable_request_id, new_id, prefers_json};
+use crate::tls::TlsFacts;
 
 const X_REQUEST_ID: &str = "x-request-id";
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
@@ -29,15 +32,6 @@ const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const X_REAL_IP: &str = "x-real-ip";
 /// Largest challenge form accepted.
 const MAX_CHALLENGE_BODY: usize = 4096;
-
-/// Who is trusted, who bypasses mitigations, how answers look, how challenges sign.
-pub struct EdgePolicy {
-    pub trusted: Networks,
-    pub allow_ips: Networks,
-    pub allow_paths: Paths,
-    pub templates: Templates,
-    pub challenger: Challenger,
-}
 
 /// Counts requests between their start and the end of their logging phase, so shutdown
 /// can wait for exactly those.
@@ -76,73 +70,55 @@ pub struct RequestCtx {
     /// The client sent a usable `X-Request-ID`, which is passed on unchanged.
     client_request_id: bool,
     action: EnforcedAction,
+    /// The app the request is for (none: no app serves its host).
+    app: Option<Arc<App>>,
+    /// Upstream connection attempts so far.
+    tries: usize,
+    /// The upstream whose connection failed last, avoided on the retry.
+    failed: Option<SocketAddr>,
     _in_flight: InFlightGuard,
-}
-
-/// Where requests go: one upstream for now, resolved at start-up.
-#[derive(Clone)]
-pub struct Upstream {
-    peer: HttpPeer,
-}
-
-impl Upstream {
-    /// The upstream at `addr`; with `tls`, verified against `host`.
-    pub fn new(
-        addr: SocketAddr,
-        tls: bool,
-        host: &str,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-    ) -> Upstream {
-        let mut peer = HttpPeer::new(addr, tls, host.to_string());
-        peer.options.connection_timeout = Some(connect_timeout);
-        peer.options.idle_timeout = Some(idle_timeout);
-        Upstream { peer }
-    }
 }
 
 /// The proxy application Pingora runs.
 pub struct EsperProxy {
-    edge: EdgePolicy,
+    live: LiveState,
+    challenger: Challenger,
     enforcer: Enforcer,
     reporter: Reporter,
     metrics: Arc<Metrics>,
-    upstream: Upstream,
     in_flight: InFlight,
 }
 
 impl EsperProxy {
     /// Assembles the filters.
     pub fn new(
-        edge: EdgePolicy,
+        live: LiveState,
+        challenger: Challenger,
         enforcer: Enforcer,
         reporter: Reporter,
         metrics: Arc<Metrics>,
-        upstream: Upstream,
         in_flight: InFlight,
     ) -> EsperProxy {
         EsperProxy {
-            edge,
+            live,
+            challenger,
             enforcer,
             reporter,
             metrics,
-            upstream,
             in_flight,
         }
     }
 
-    /// Writes a local answer (403 or 429) in the format the client prefers.
+    /// Writes a local answer (403, 429, 421...) in the format the client prefers.
     async fn answer(
         &self,
         session: &mut Session,
         ctx: &RequestCtx,
+        templates: &Templates,
         answer: LocalAnswer,
     ) -> Result<()> {
         let json = wants_json(session);
-        let (content_type, body) = self
-            .edge
-            .templates
-            .render(&answer, &ctx.request_id, json, &[]);
+        let (content_type, body) = templates.render(&answer, &ctx.request_id, json, &[]);
         self.write_answer(session, ctx, &answer, content_type, body, None)
             .await
     }
@@ -173,20 +149,22 @@ impl EsperProxy {
     }
 
     /// The challenge interstitial (HTML) or its JSON form, with a fresh puzzle.
+    #[allow(clippy::too_many_arguments)]
     async fn challenge(
         &self,
         session: &mut Session,
         ctx: &RequestCtx,
+        templates: &Templates,
         ip: IpAddr,
         difficulty: u8,
         answer: LocalAnswer,
         return_to: &str,
     ) -> Result<()> {
         let ua = user_agent(session);
-        let puzzle = self.edge.challenger.issue(ip, &ua, difficulty, unix_now());
+        let puzzle = self.challenger.issue(ip, &ua, difficulty, unix_now());
         let json = wants_json(session);
         let difficulty = puzzle.difficulty.to_string();
-        let delay = self.edge.challenger.fallback_delay().as_secs();
+        let delay = self.challenger.fallback_delay().as_secs();
         let return_to = challenge::safe_return(return_to);
         let fallback_url = format!(
             "{CHALLENGE_PATH}?fallback={}&return={}",
@@ -198,7 +176,7 @@ impl EsperProxy {
             escape_attr(&fallback_url)
         );
         let markup = challenge_markup(&puzzle.token, &difficulty, return_to, &fallback_url, delay);
-        let (content_type, body) = self.edge.templates.render(
+        let (content_type, body) = templates.render(
             &answer,
             &ctx.request_id,
             json,
@@ -220,6 +198,7 @@ impl EsperProxy {
         &self,
         session: &mut Session,
         ctx: &RequestCtx,
+        templates: &Templates,
         ip: IpAddr,
     ) -> Result<()> {
         let ua = user_agent(session);
@@ -245,12 +224,9 @@ impl EsperProxy {
         }
         let return_to = challenge::safe_return(&return_to).to_string();
         let result = if !fallback.is_empty() {
-            self.edge
-                .challenger
-                .redeem_fallback(&fallback, ip, &ua, now)
+            self.challenger.redeem_fallback(&fallback, ip, &ua, now)
         } else {
-            self.edge
-                .challenger
+            self.challenger
                 .redeem_solution(&token, &nonce, ip, &ua, now)
         };
         match result {
@@ -299,6 +275,7 @@ impl EsperProxy {
                 self.challenge(
                     session,
                     ctx,
+                    templates,
                     ip,
                     difficulty,
                     LocalAnswer::challenge_failed(),
@@ -319,11 +296,19 @@ impl EsperProxy {
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        self.edge
-            .challenger
+        self.challenger
             .check_cookie(cookie, ip, ua, unix_now())
             .is_ok()
     }
+}
+
+/// The Host header, or the URI's authority (HTTP/2), "" when neither.
+fn request_host(req: &pingora::http::RequestHeader) -> &str {
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.host())
+        .unwrap_or("")
 }
 
 fn wants_json(session: &Session) -> bool {
@@ -459,6 +444,9 @@ impl ProxyHttp for EsperProxy {
             request_id: String::new(),
             client_request_id: false,
             action: EnforcedAction::Allow,
+            app: None,
+            tries: 0,
+            failed: None,
             _in_flight: self.in_flight.enter(),
         }
     }
@@ -479,19 +467,35 @@ impl ProxyHttp for EsperProxy {
         let Some(peer) = peer_ip(session) else {
             return Ok(false);
         };
+        let live = self.live.load_full();
         let req = session.req_header();
-        ctx.peer_trusted = self.edge.trusted.contains(peer);
-        let ip = clientip::resolve(peer, &req.headers, &self.edge.trusted);
+        ctx.peer_trusted = live.trusted.contains(peer);
+        let ip = clientip::resolve(peer, &req.headers, &live.trusted);
         ctx.client_ip = Some(ip);
         let path = req.uri.path();
+        let Some(app) = live.router.route(request_host(req), path).cloned() else {
+            self.answer(
+                session,
+                ctx,
+                &live.templates,
+                LocalAnswer::unknown_host(live.unknown_host_status),
+            )
+            .await?;
+            return Ok(true);
+        };
+        ctx.app = Some(app.clone());
+        let templates = &app.templates;
         if path == CHALLENGE_PATH {
-            self.challenge_endpoint(session, ctx, ip).await?;
+            self.challenge_endpoint(session, ctx, templates, ip).await?;
             return Ok(true);
         }
-        if self.edge.allow_ips.contains(ip) || self.edge.allow_paths.contains(path) {
+        if live.allow_ips.contains(ip) || live.allow_paths.contains(path) {
             return Ok(false);
         }
-        match self.enforcer.decide(ip, &req.headers, ctx.timestamp) {
+        match self
+            .enforcer
+            .decide(&app.name, ip, &req.headers, ctx.timestamp)
+        {
             Verdict::Forward(action) => {
                 ctx.action = action;
                 Ok(false)
@@ -499,13 +503,19 @@ impl ProxyHttp for EsperProxy {
             Verdict::Block(m) => {
                 tracing::debug!(client = %ip, mitigation = %m.id, entity = %m.entity, "blocked");
                 ctx.action = EnforcedAction::Block;
-                self.answer(session, ctx, LocalAnswer::blocked()).await?;
+                self.answer(session, ctx, templates, LocalAnswer::blocked())
+                    .await?;
                 Ok(true)
             }
             Verdict::Throttled { retry_after } => {
                 ctx.action = EnforcedAction::Throttle;
-                self.answer(session, ctx, LocalAnswer::rate_limited(retry_after))
-                    .await?;
+                self.answer(
+                    session,
+                    ctx,
+                    templates,
+                    LocalAnswer::rate_limited(retry_after),
+                )
+                .await?;
                 Ok(true)
             }
             Verdict::Tarpit { delay, permit } => {
@@ -516,7 +526,8 @@ impl ProxyHttp for EsperProxy {
             }
             Verdict::TarpitFull => {
                 ctx.action = EnforcedAction::Tarpit;
-                self.answer(session, ctx, LocalAnswer::busy()).await?;
+                self.answer(session, ctx, templates, LocalAnswer::busy())
+                    .await?;
                 Ok(true)
             }
             Verdict::Challenge { difficulty } => {
@@ -533,6 +544,7 @@ impl ProxyHttp for EsperProxy {
                 self.challenge(
                     session,
                     ctx,
+                    templates,
                     ip,
                     difficulty,
                     LocalAnswer::challenge(),
@@ -547,9 +559,30 @@ impl ProxyHttp for EsperProxy {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(self.upstream.peer.clone()))
+        let peer = ctx.app.as_ref().and_then(|app| app.peer(ctx.failed));
+        let Some(peer) = peer else {
+            return Error::e_explain(pingora::ErrorType::ConnectNoRoute, "no upstream available");
+        };
+        ctx.tries += 1;
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        use pingora::upstreams::peer::Peer;
+        // Nothing was sent yet: another upstream of the app may take the request.
+        ctx.failed = peer.address().as_inet().copied();
+        if ctx.app.as_ref().is_some_and(|a| ctx.tries < a.upstreams()) {
+            e.set_retry(true);
+        }
+        e
     }
 
     async fn upstream_request_filter(
@@ -604,14 +637,22 @@ impl ProxyHttp for EsperProxy {
         let Some(client_ip) = ctx.client_ip else {
             return;
         };
+        let Some(app) = ctx.app.as_ref() else {
+            return;
+        };
+        if !self.reporter.sampled(app.sample_rate) {
+            return;
+        }
+        let tls = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .map(|d| TlsFacts::event_info(d));
         let req = session.req_header();
-        let host = req
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri.host())
-            .unwrap_or("");
+        let host = request_host(req);
         self.reporter.report(Observed {
+            app: &app.name,
+            sample_rate: app.sample_rate,
+            tls,
             timestamp: ctx.timestamp,
             client_ip,
             method: req.method.as_str(),

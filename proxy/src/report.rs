@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use esper_protocol::{EnforcedAction, RequestEvent, hash_cookie_value};
+use esper_protocol::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};
 use http::{HeaderMap, HeaderName};
 use tokio::sync::mpsc;
 
@@ -20,6 +20,12 @@ const MAX_FIELD_LEN: usize = 1024;
 
 /// What the proxy saw of one finished request.
 pub struct Observed<'a> {
+    /// The app the request was for.
+    pub app: &'a str,
+    /// The app's sampling rate (each event weighs its inverse).
+    pub sample_rate: f64,
+    /// The TLS connection's facts, for requests over TLS.
+    pub tls: Option<TlsInfo>,
     pub timestamp: DateTime<Utc>,
     pub client_ip: IpAddr,
     pub method: &'a str,
@@ -36,8 +42,6 @@ pub struct Observed<'a> {
 pub struct Reporter {
     tx: mpsc::Sender<RequestEvent>,
     metrics: Arc<Metrics>,
-    sample_rate: f64,
-    app: String,
     proxy_id: String,
     headers: Vec<HeaderName>,
     cookies: Vec<String>,
@@ -61,8 +65,6 @@ impl Reporter {
     pub fn new(
         tx: mpsc::Sender<RequestEvent>,
         metrics: Arc<Metrics>,
-        sample_rate: f64,
-        app: String,
         proxy_id: String,
         headers: &[String],
         cookies: &[String],
@@ -70,8 +72,6 @@ impl Reporter {
         Reporter {
             tx,
             metrics,
-            sample_rate,
-            app,
             proxy_id,
             headers: headers
                 .iter()
@@ -81,15 +81,14 @@ impl Reporter {
         }
     }
 
-    fn sampled(&self) -> bool {
-        self.sample_rate >= 1.0 || rand::random::<f64>() < self.sample_rate
+    /// Is this request among those reported at `sample_rate`? Asked before the event
+    /// is assembled, so unsampled requests cost nothing more.
+    pub fn sampled(&self, sample_rate: f64) -> bool {
+        sample_rate >= 1.0 || rand::random::<f64>() < sample_rate
     }
 
-    /// Samples `seen` and queues its event; never waits.
+    /// Queues the event of a sampled request; never waits.
     pub fn report(&self, seen: Observed<'_>) {
-        if !self.sampled() {
-            return;
-        }
         let event = self.event(seen);
         match self.tx.try_send(event) {
             Ok(()) => {}
@@ -132,7 +131,7 @@ impl Reporter {
             // engine deduplicate its events away.
             id: crate::respond::new_id(),
             timestamp: seen.timestamp,
-            app: self.app.clone(),
+            app: seen.app.to_string(),
             proxy_id: self.proxy_id.clone(),
             client_ip: seen.client_ip,
             method: seen.method.to_string(),
@@ -147,9 +146,9 @@ impl Reporter {
                 .map(|v| clip(&String::from_utf8_lossy(v.as_bytes()))),
             headers,
             cookies,
-            tls: None,
+            tls: seen.tls,
             action: seen.action,
-            weight: 1.0 / self.sample_rate,
+            weight: 1.0 / seen.sample_rate,
         }
     }
 }
@@ -162,6 +161,9 @@ mod tests {
 
     fn observed(headers: &HeaderMap) -> Observed<'_> {
         Observed {
+            app: "shop",
+            sample_rate: 0.5,
+            tls: None,
             timestamp: Utc::now(),
             client_ip: "192.0.2.1".parse().unwrap(),
             method: "POST",
@@ -181,8 +183,6 @@ mod tests {
         let r = Reporter::new(
             tx,
             Arc::new(Metrics::new()),
-            0.5,
-            "shop".into(),
             "p1".into(),
             &["accept-language".into(), "x-missing".into()],
             &["session".into()],
@@ -204,7 +204,9 @@ mod tests {
         assert_eq!(ev.action, EnforcedAction::Log);
         // Sampling at 0.5 keeps some and skips some.
         for _ in 0..64 {
-            r.report(observed(&h));
+            if r.sampled(0.5) {
+                r.report(observed(&h));
+            }
         }
         let mut kept = 0;
         while rx.try_recv().is_ok() {
@@ -217,7 +219,7 @@ mod tests {
     fn a_full_queue_drops_and_counts() {
         let (tx, _rx) = mpsc::channel(1);
         let metrics = Arc::new(Metrics::new());
-        let r = Reporter::new(tx, metrics.clone(), 1.0, "a".into(), "p".into(), &[], &[]);
+        let r = Reporter::new(tx, metrics.clone(), "p".into(), &[], &[]);
         let h = HeaderMap::new();
         r.report(observed(&h));
         r.report(observed(&h));

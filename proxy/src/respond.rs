@@ -26,10 +26,17 @@ pub enum Kind {
     Throttle,
     Busy,
     Challenge,
+    UnknownHost,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Block, Kind::Throttle, Kind::Busy, Kind::Challenge];
+    const ALL: [Kind; 5] = [
+        Kind::Block,
+        Kind::Throttle,
+        Kind::Busy,
+        Kind::Challenge,
+        Kind::UnknownHost,
+    ];
 
     /// The file stem in a templates directory (`block.html`, `block.json`, ...).
     pub fn name(self) -> &'static str {
@@ -38,6 +45,7 @@ impl Kind {
             Kind::Throttle => "throttle",
             Kind::Busy => "busy",
             Kind::Challenge => "challenge",
+            Kind::UnknownHost => "unknown_host",
         }
     }
 
@@ -100,9 +108,22 @@ impl LocalAnswer {
         }
     }
 
+    /// 421 (or 404) for a host no app serves.
+    pub fn unknown_host(status: u16) -> LocalAnswer {
+        LocalAnswer {
+            status,
+            code: "unknown_host",
+            message: "No site is served here under this host name.",
+            retry_after: None,
+            kind: Kind::UnknownHost,
+        }
+    }
+
     fn title(&self) -> &'static str {
         match (self.status, self.kind) {
             (_, Kind::Challenge) => "Checking your browser",
+            (404, _) => "404 Not Found",
+            (421, _) => "421 Misdirected Request",
             (403, _) => "403 Forbidden",
             _ => "429 Too Many Requests",
         }
@@ -118,14 +139,15 @@ pub enum Var<'a> {
 }
 
 /// Answer templates: built-in, optionally overridden per kind and format by files
-/// `KIND.html` / `KIND.json` in a directory. Placeholders: `{{status}}`, `{{code}}`,
+/// `KIND.html` / `KIND.json` in a directory (kinds: `block`, `throttle`, `busy`,
+/// `challenge`, `unknown_host`). Placeholders: `{{status}}`, `{{code}}`,
 /// `{{title}}`, `{{message}}`, `{{request_id}}`, `{{retry_after}}`, and for challenges
 /// `{{token}}`, `{{difficulty}}`, `{{submit}}`, `{{challenge}}` (the puzzle's markup and
 /// script, HTML only). JSON values are inserted string-escaped, without quotes.
 #[derive(Clone, Debug)]
 pub struct Templates {
-    html: [String; 4],
-    json: [String; 4],
+    html: [String; 5],
+    json: [String; 5],
 }
 
 const BUILTIN_HTML: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{{title}}</title></head>\n\

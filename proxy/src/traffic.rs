@@ -7,7 +7,9 @@
 //! of Pingora's retry-then-panic, tests can bind port 0, and each connection can first
 //! yield a PROXY protocol header (Pingora reads such headers only before TLS, never on
 //! plain listeners) whose client address then stands as the connection's peer. At
-//! shutdown the loop stops accepting, in-flight requests get up to the drain timeout,
+//! TLS endpoints read the ClientHello record first (for its JA4 fingerprint), put it
+//! back, and hand the connection to the rustls handshake. At shutdown the loop stops
+//! accepting, in-flight requests get up to the drain timeout,
 //! and only then are Pingora's runtimes dropped.
 
 use std::net::SocketAddr;
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use esper_common::Shutdown;
 use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
 use pingora::protocols::GetSocketDigest;
 use pingora::protocols::SocketDigest;
 use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -31,14 +34,20 @@ use pingora::services::Service;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::clientip::Networks;
+use crate::ja4;
+use crate::live::LiveState;
 use crate::proxy::{EsperProxy, InFlight};
 use crate::proxyproto::{self, Header};
+use crate::tls::CLIENT_HELLO_JA4;
 
 /// How often the drain checks for remaining requests.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// Time a load balancer gets to send its PROXY header.
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client gets to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest TLS record (2^14 plus the most a record may grow, plus its header).
+const MAX_TLS_RECORD: usize = 16384 + 2048 + 5;
 /// Pause after an accept error (out of file descriptors, say) before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -47,13 +56,15 @@ pub struct Endpoint {
     pub listener: std::net::TcpListener,
     /// Expect a PROXY protocol header first.
     pub proxy_protocol: bool,
+    /// Terminate TLS with this acceptor.
+    pub tls: Option<Arc<Acceptor>>,
 }
 
 /// Accepts connections on our endpoints and hands them to Pingora's HTTP application.
 struct Edge {
     app: Option<HttpProxy<EsperProxy>>,
     endpoints: Vec<Endpoint>,
-    trusted: Networks,
+    live: LiveState,
     stop: watch::Receiver<bool>,
 }
 
@@ -79,7 +90,8 @@ impl Service for Edge {
             loops.push(tokio::spawn(accept_loop(
                 listener,
                 ep.proxy_protocol,
-                self.trusted.clone(),
+                ep.tls,
+                self.live.clone(),
                 app.clone(),
                 self.stop.clone(),
             )));
@@ -102,7 +114,8 @@ impl Service for Edge {
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     proxy_protocol: bool,
-    trusted: Networks,
+    tls: Option<Arc<Acceptor>>,
+    live: LiveState,
     app: Arc<HttpProxy<EsperProxy>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -115,9 +128,10 @@ async fn accept_loop(
             Ok((tcp, peer)) => {
                 let app = app.clone();
                 let stop = stop.clone();
-                let trusted = trusted.clone();
+                let live = live.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    serve_connection(tcp, peer, proxy_protocol, &trusted, app, stop).await
+                    serve_connection(tcp, peer, proxy_protocol, tls, &live, app, stop).await
                 });
             }
             Err(e) => {
@@ -157,17 +171,44 @@ async fn read_proxy_header(
     Ok((source, buf.split_off(used)))
 }
 
+/// Reads until `buf` holds the whole first TLS record, and fingerprints it. `None`
+/// when it is no ClientHello (the handshake will then fail on its own).
+async fn read_client_hello(
+    tcp: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<String>> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(need) = ja4::record_len(buf) else {
+            return Ok(None);
+        };
+        if need != usize::MAX && buf.len() >= need {
+            return Ok(ja4::fingerprint(&buf[..need]));
+        }
+        if buf.len() >= MAX_TLS_RECORD {
+            return Ok(None);
+        }
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 async fn serve_connection(
     mut tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     proxy_protocol: bool,
-    trusted: &Networks,
+    tls: Option<Arc<Acceptor>>,
+    live: &LiveState,
     app: Arc<HttpProxy<EsperProxy>>,
     stop: watch::Receiver<bool>,
 ) {
     let mut client = peer;
     let mut early = Vec::new();
     if proxy_protocol {
+        let trusted = live.load().trusted.clone();
         if !trusted.is_empty() && !trusted.contains(peer.ip()) {
             tracing::debug!(%peer, "PROXY header from an untrusted peer; closing");
             return;
@@ -184,12 +225,34 @@ async fn serve_connection(
         }
     }
     let _ = tcp.set_nodelay(true);
+    let mut ja4 = None;
+    if tls.is_some() {
+        let read = read_client_hello(&mut tcp, &mut early);
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, read).await {
+            Ok(Ok(fp)) => ja4 = fp,
+            _ => return,
+        }
+    }
     let digest = SocketDigest::from_raw_fd(tcp.as_raw_fd());
     let _ = digest.peer_addr.set(Some(client.into()));
     let mut stream = L4Stream::from(tcp);
     stream.set_socket_digest(digest);
     stream.rewind(&early);
-    let mut next = app.process_new(Box::new(stream), &stop).await;
+    let stream: pingora::protocols::Stream = match tls {
+        None => Box::new(stream),
+        Some(acceptor) => {
+            let handshake = CLIENT_HELLO_JA4.scope(ja4, acceptor.tls_handshake(stream));
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => {
+                    tracing::debug!(%client, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    let mut next = app.process_new(stream, &stop).await;
     while let Some(stream) = next {
         next = app.process_new(stream, &stop).await;
     }
@@ -231,7 +294,7 @@ impl ShutdownSignalWatch for Drain {
 pub fn spawn(
     app: EsperProxy,
     endpoints: Vec<Endpoint>,
-    trusted: Networks,
+    live: LiveState,
     threads: usize,
     drain_timeout: Duration,
     in_flight: InFlight,
@@ -256,7 +319,7 @@ pub fn spawn(
             server.add_service(Edge {
                 app: Some(pingora::proxy::http_proxy(&conf, app)),
                 endpoints,
-                trusted,
+                live,
                 stop: stop_rx,
             });
             server.run(RunArgs {

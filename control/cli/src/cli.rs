@@ -370,14 +370,53 @@ async fn proxy(cmd: ProxyCommand, file: Option<&Path>) -> anyhow::Result<ExitCod
                 |c| args.apply(c),
                 esper_proxy::Config::validate,
             )?;
+            let file = file.map(Path::to_path_buf);
             with_signals(|shutdown| async move {
                 let handle = esper_proxy::start(cfg, esper_proxy::Listeners::default(), shutdown)
                     .await
                     .context("proxy")?;
-                handle.wait().await?;
+                let reloads = tokio::spawn(reload_on_sighup(handle.reloader(), args, file));
+                let result = handle.wait().await;
+                reloads.abort();
+                result?;
                 Ok(())
             })
             .await
+        }
+    }
+}
+
+/// Reads the configuration again (file, environment, the flags given at start) on each
+/// SIGHUP and applies it to the running proxy; a bad configuration is logged and the
+/// proxy keeps the one it has.
+async fn reload_on_sighup(
+    reloader: esper_proxy::Reloader,
+    args: Box<esper_proxy::Args>,
+    file: Option<PathBuf>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloads are off");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the proxy configuration");
+        let loaded = load(
+            file.as_deref(),
+            "proxy",
+            esper_proxy::Config::apply_env,
+            |c| args.apply(c),
+            esper_proxy::Config::validate,
+        );
+        let result = match loaded {
+            Ok(cfg) => reloader.reload(cfg).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(reason) = result {
+            tracing::error!(%reason, "configuration not reloaded; the previous one stays");
         }
     }
 }

@@ -377,6 +377,7 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
         esper_proxy::Listeners {
             traffic: Some(proxy_l),
             ops: Some(proxy_ops_l),
+            tls: None,
         },
         shutdown.clone(),
     )

@@ -267,8 +267,13 @@ impl TestProxy {
     }
 }
 
-/// Starts a proxy on ephemeral loopback listeners.
+fn tls_listener(on: &bool) -> Option<std::net::TcpListener> {
+    on.then(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+}
+
+/// Starts a proxy on ephemeral loopback listeners (TLS too when certificates are set).
 pub async fn start_proxy(config: Config) -> TestProxy {
+    let config_tls = !config.tls_certificates.is_empty();
     let traffic = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (trigger, shutdown) = Shutdown::new();
@@ -277,6 +282,7 @@ pub async fn start_proxy(config: Config) -> TestProxy {
         Listeners {
             traffic: Some(traffic),
             ops: Some(ops),
+            tls: tls_listener(&config_tls),
         },
         shutdown,
     )
@@ -288,6 +294,89 @@ pub async fn start_proxy(config: Config) -> TestProxy {
         handle: Some(handle),
         trigger,
     }
+}
+
+/// An upstream that names itself: every path answers 200 with body `NAME PATH` and an
+/// `x-upstream: NAME` header, except `/healthz` (200 or 503 as `healthy` says) and
+/// `/slow` (after 500 ms). It counts the requests it served.
+pub struct NamedUpstream {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    pub hits: Arc<std::sync::atomic::AtomicUsize>,
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
+    trigger: Option<ShutdownTrigger>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl NamedUpstream {
+    /// Requests served so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops it: the port is closed and open connections end.
+    pub async fn kill(&mut self) {
+        if let Some(t) = self.trigger.take() {
+            t.trigger();
+        }
+        if let Some(s) = self.server.take() {
+            let _ = s.await;
+        }
+    }
+}
+
+pub async fn named_upstream(name: &'static str) -> NamedUpstream {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let healthy = Arc::new(AtomicBool::new(true));
+    let (h, ok) = (hits.clone(), healthy.clone());
+    let router = Router::new()
+        .route(
+            "/healthz",
+            get(move || async move {
+                if ok.load(Ordering::SeqCst) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            }),
+        )
+        .fallback(move |uri: axum::http::Uri| async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            if uri.path() == "/slow" {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            ([("x-upstream", name)], format!("{name} {}", uri.path()))
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (trigger, shutdown) = Shutdown::new();
+    let server = tokio::spawn(esper_common::http::serve(
+        listener,
+        router,
+        shutdown,
+        Duration::from_secs(1),
+    ));
+    NamedUpstream {
+        name,
+        addr,
+        hits,
+        healthy,
+        trigger: Some(trigger),
+        server: Some(server),
+    }
+}
+
+/// `GET url` with a `Host` header: the status and the body.
+pub async fn get_host(url: &str, host: &str) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .get(url)
+        .header("host", host)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
 }
 
 /// A client whose connections come from `ip` (any 127.0.0.0/8 address works on Linux).

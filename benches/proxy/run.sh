@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# Proxy benchmark: the same small file through each target, side by side, interleaved.
+#
+#   bash benches/proxy/run.sh [DURATION_SECS] [REPETITIONS]   # throughput, latency, CPU
+#   bash benches/proxy/run.sh ttm [TRIALS]                    # time to mitigate (esper dev)
+#
+# Targets: the upstream directly (nginx serving the file), a bare Pingora pass-through
+# (bare-pingora), esper-proxy with an empty cache, esper-proxy with 1,000,000 address
+# mitigations and 100,000 network mitigations while new ones stream in (1,000/s), nginx
+# as a reverse proxy, HAProxy. Every proxy gets one worker thread (on 2 cores shared with
+# wrk, one beats two); all bind loopback. Load: wrk, 2 threads, 50 keep-alive
+# connections. CPU per request is the proxy process's (all its threads') utime+stime
+# from /proc over the run, divided by the requests wrk completed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$CARGO_TARGET_DIR/release
+WORK=$(mktemp -d /tmp/esper-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() {
+    local missing=()
+    for pkg in "$@"; do
+        command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+UP=127.0.0.1:18080
+wait_port() {
+    for _ in $(seq 1 200); do
+        curl -s -o /dev/null "http://$1/" && return 0
+        sleep 0.1
+    done
+    echo "nothing answers on $1" >&2
+    exit 1
+}
+
+start_upstream() {
+    mkdir -p "$WORK/up/www" "$WORK/up/logs"
+    head -c 601 /dev/zero | tr '\0' 'x' >"$WORK/up/www/index.html"
+    cat >"$WORK/up/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/up/nginx.pid;
+error_log $WORK/up/logs/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server { listen $UP; root $WORK/up/www; }
+}
+CONF
+    nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" &
+    PIDS+=($!)
+    wait_port "$UP"
+}
+
+start_nginx_proxy() {
+    mkdir -p "$WORK/np/logs"
+    cat >"$WORK/np/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/np/nginx.pid;
+error_log $WORK/np/logs/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream app { server $UP; keepalive 128; }
+    server {
+        listen 127.0.0.1:18081;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+CONF
+    nginx -p "$WORK/np" -c "$WORK/np/nginx.conf" &
+    PIDS+=($!)
+    NGINX_PROXY=$!
+    wait_port 127.0.0.1:18081
+}
+
+start_haproxy() {
+    cat >"$WORK/haproxy.cfg" <<CONF
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend f
+    bind 127.0.0.1:18082
+    default_backend b
+backend b
+    http-reuse always
+    server s1 $UP
+CONF
+    haproxy -f "$WORK/haproxy.cfg" -db &
+    PIDS+=($!)
+    HAPROXY=$!
+    wait_port 127.0.0.1:18082
+}
+
+esper_proxy() { # PORT OPS_PORT MITIGATION_URL
+    ESPER_UPSTREAM=$UP ESPER_PROXY_THREADS=1 ESPER_PROXY_ID=bench RUST_LOG=warn \
+        ESPER_INGESTION_URL=http://127.0.0.1:18090 ESPER_MITIGATION_URL=$3 \
+        "$BIN/esper" proxy run --listen "127.0.0.1:$1" --ops-listen "127.0.0.1:$2" &
+    PIDS+=($!)
+}
+
+start_brokers() {
+    "$BIN/esper" broker run ingestion --listen 127.0.0.1:18090 >/dev/null 2>&1 &
+    PIDS+=($!)
+    "$BIN/esper" broker run mitigation --listen 127.0.0.1:18091 >/dev/null 2>&1 &
+    PIDS+=($!)
+    "$BIN/esper" broker run mitigation --listen 127.0.0.1:18092 >/dev/null 2>&1 &
+    PIDS+=($!)
+    sleep 1
+}
+
+# All of a process's CPU ticks (utime + stime), children's processes included for nginx.
+ticks() {
+    local total=0 p
+    for p in "$@"; do
+        [ -r "/proc/$p/stat" ] || continue
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$total"
+}
+
+measure() { # NAME PORT PIDS...
+    local name=$1 port=$2
+    shift 2
+    local before after out
+    before=$(ticks "$@")
+    out=$(wrk -t2 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$port/index.html")
+    after=$(ticks "$@")
+    local reqs rps p50 p99
+    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
+    p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+    local hz
+    hz=$(getconf CLK_TCK)
+    local cpu_us
+    cpu_us=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    echo "$name,$rps,$p50,$p99,$cpu_us" | tee -a "$WORK/results.csv"
+}
+
+throughput() {
+    DURATION=${1:-10}
+    local reps=${2:-3}
+    need nginx haproxy wrk curl
+    (cd "$ROOT" && cargo build --release -q -p esper -p esper-bench-proxy)
+    start_upstream
+    start_nginx_proxy
+    start_haproxy
+    "$BIN/bare-pingora" 127.0.0.1:18083 "$UP" 1 >/dev/null 2>&1 &
+    PIDS+=($!)
+    local bare=$!
+    start_brokers
+    esper_proxy 18084 18094 http://127.0.0.1:18091
+    local empty=$!
+    echo "loading 1,000,000 + 100,000 mitigations..."
+    "$BIN/load-mitigations" http://127.0.0.1:18092 1000000 100000 1000 >"$WORK/loader.log" 2>&1 &
+    PIDS+=($!)
+    until grep -q loaded "$WORK/loader.log"; do sleep 1; done
+    esper_proxy 18085 18095 http://127.0.0.1:18092
+    local loaded=$!
+    wait_port 127.0.0.1:18083
+    wait_port 127.0.0.1:18084
+    wait_port 127.0.0.1:18085
+    # Wait until the loaded proxy holds the whole set.
+    until curl -s http://127.0.0.1:18095/metrics | awk '/^esper_proxy_cache_entries / {exit !($2 >= 1100000)}'; do
+        sleep 1
+    done
+    local up_workers np_workers
+    up_workers=$(pgrep -f "nginx: worker" | tr '\n' ' ')
+    echo "target,req_per_s,p50,p99,cpu_us_per_req" | tee "$WORK/results.csv"
+    np_workers=$(pgrep -P "$NGINX_PROXY" | tr '\n' ' ')
+    for _ in $(seq 1 "$reps"); do
+        # shellcheck disable=SC2086
+        measure direct 18080 $(pgrep -P "$(cat "$WORK/up/nginx.pid")")
+        measure bare-pingora 18083 "$bare"
+        measure esper-empty 18084 "$empty"
+        measure esper-loaded 18085 "$loaded"
+        # shellcheck disable=SC2086
+        measure nginx 18081 $np_workers
+        measure haproxy 18082 "$HAPROXY"
+    done
+    : "$up_workers"
+    echo
+    echo "medians:"
+    python3 - "$WORK/results.csv" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+def us(v):
+    v = v.strip()
+    for suf, f in (("us", 1), ("ms", 1000), ("s", 1e6)):
+        if v.endswith(suf):
+            return float(v[: -len(suf)]) * f
+    return float(v)
+by = {}
+for r in rows:
+    by.setdefault(r["target"], []).append(r)
+med = {}
+for t, rs in by.items():
+    med[t] = {
+        "rps": statistics.median(float(r["req_per_s"]) for r in rs),
+        "p50": statistics.median(us(r["p50"]) for r in rs),
+        "p99": statistics.median(us(r["p99"]) for r in rs),
+        "cpu": statistics.median(float(r["cpu_us_per_req"]) for r in rs),
+    }
+base = med["bare-pingora"]
+print("| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs bare Pingora | CPU vs bare Pingora | CPU vs nginx |")
+print("|---|---|---|---|---|---|---|---|")
+for t, m in med.items():
+    print(f"| {t} | {m['rps']:.0f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['cpu']:.1f} | "
+          f"{m['rps'] / base['rps']:.2f} | {m['cpu'] / base['cpu']:.2f} | {m['cpu'] / med['nginx']['cpu']:.2f} |")
+PY
+}
+
+# Time to mitigate: through `esper dev` with its default settings, a fresh client address
+# per trial fails POST /login until answered 403. The example policy's threshold is 10
+# failed logins a minute; the time runs from the 10th request to the first 403.
+ttm() {
+    local trials=${1:-20}
+    need curl
+    (cd "$ROOT" && cargo build --release -q -p esper)
+    "$BIN/esper" dev --proxy-listen 127.0.0.1:18100 >"$WORK/dev.log" 2>&1 &
+    PIDS+=($!)
+    until curl -s -o /dev/null http://127.0.0.1:18100/; do sleep 0.2; done
+    for t in $(seq 1 "$trials"); do
+        local ip="127.0.1.$t" n=0 mark="" code
+        while :; do
+            n=$((n + 1))
+            code=$(curl -s -o /dev/null -w '%{http_code}' --interface "$ip" \
+                -X POST -d "username=admin&password=guess$n" http://127.0.0.1:18100/login)
+            [ "$n" -eq 10 ] && mark=$(date +%s%N)
+            if [ "$code" = 403 ]; then
+                echo $(( ($(date +%s%N) - mark) / 1000000 )) >>"$WORK/ttm.txt"
+                break
+            fi
+            [ "$n" -gt 2000 ] && { echo "trial $t: never blocked" >&2; exit 1; }
+            sleep 0.01
+        done
+    done
+    python3 - "$WORK/ttm.txt" <<'PY'
+import statistics, sys
+ms = sorted(int(l) for l in open(sys.argv[1]))
+p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+print(f"time to mitigate over {len(ms)} trials: p50 {statistics.median(ms):.0f} ms, p99 {p99} ms, max {ms[-1]} ms")
+PY
+}
+
+case "${1:-}" in
+ttm) shift; ttm "$@" ;;
+*) throughput "$@" ;;
+esac

@@ -1,0 +1,334 @@
+//! The apps behind the proxy: which app a request is for (by Host, then the longest
+//! path prefix), and each app's upstream pool, balanced round robin by Pingora's load
+//! balancer and kept honest by an active health check running on our runtime.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::lb::discovery::Static;
+use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::{Backend, Backends, LoadBalancer};
+use pingora::prelude::HttpPeer;
+use tokio::sync::watch;
+
+use crate::config::{AppConfig, split_host_port};
+use crate::respond::Templates;
+
+/// Timeout of one health check probe (connect, and read for HTTP checks).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The host name an upstream was configured with, kept on its backend for TLS.
+#[derive(Clone, Debug)]
+struct UpstreamHost(String);
+
+/// One app, ready to serve.
+pub struct App {
+    pub name: String,
+    pub sample_rate: f64,
+    pub templates: Templates,
+    tls: bool,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    pool: Arc<LoadBalancer<RoundRobin>>,
+    upstreams: usize,
+    /// Dropping the app (after a reload, once its last request is done) ends its
+    /// health check loop.
+    _stop: watch::Sender<()>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("name", &self.name).finish()
+    }
+}
+
+/// Settings every app shares.
+pub struct Shared {
+    pub sample_rate: f64,
+    pub templates_dir: Option<std::path::PathBuf>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl App {
+    /// Resolves the upstreams and starts the health check loop on the current runtime.
+    pub async fn build(cfg: &AppConfig, shared: &Shared) -> Result<App, String> {
+        let mut backends = BTreeSet::new();
+        for u in &cfg.upstreams {
+            let (host, _) = split_host_port(u)?;
+            let addr = tokio::net::lookup_host(u.as_str())
+                .await
+                .map_err(|e| format!("cannot resolve upstream `{u}`: {e}"))?
+                .next()
+                .ok_or_else(|| format!("cannot resolve upstream `{u}`: no address found"))?;
+            let mut b = Backend::new(&addr.to_string()).map_err(|e| e.to_string())?;
+            b.ext.insert(UpstreamHost(host.to_string()));
+            backends.insert(b);
+        }
+        let upstreams = backends.len();
+        let mut pool =
+            LoadBalancer::<RoundRobin>::from_backends(Backends::new(Static::new(backends)));
+        pool.update().await.map_err(|e| e.to_string())?;
+        let checked = cfg.health_check != "none";
+        if checked {
+            let host = cfg
+                .upstreams
+                .first()
+                .and_then(|u| split_host_port(u).ok())
+                .map_or("localhost", |(h, _)| h);
+            pool.set_health_check(health_check(&cfg.health_check, host, cfg.upstream_tls));
+        }
+        let templates_dir = cfg.templates_dir.as_ref().or(shared.templates_dir.as_ref());
+        let templates = Templates::load(templates_dir.map(|p| p.as_path()))?;
+        let pool = Arc::new(pool);
+        let (stop, stopped) = watch::channel(());
+        if checked {
+            tokio::spawn(health_loop(
+                cfg.name.clone(),
+                pool.clone(),
+                cfg.health_check_interval,
+                stopped,
+            ));
+        }
+        Ok(App {
+            name: cfg.name.clone(),
+            sample_rate: cfg.sample_rate.unwrap_or(shared.sample_rate),
+            templates,
+            tls: cfg.upstream_tls,
+            connect_timeout: shared.connect_timeout,
+            idle_timeout: shared.idle_timeout,
+            pool,
+            upstreams,
+            _stop: stop,
+        })
+    }
+
+    /// How many upstreams the app has (the most connect attempts one request makes).
+    pub fn upstreams(&self) -> usize {
+        self.upstreams
+    }
+
+    /// The next healthy upstream, round robin, other than `avoid` when there is another.
+    pub fn peer(&self, avoid: Option<SocketAddr>) -> Option<HttpPeer> {
+        let b = self
+            .pool
+            .select_with(b"", self.upstreams.max(1) * 2, |b, healthy| {
+                healthy && (avoid.is_none() || b.addr.as_inet().copied() != avoid)
+            })
+            // With none healthy, trying one beats refusing outright.
+            .or_else(|| {
+                self.pool
+                    .select_with(b"", self.upstreams.max(1), |_, _| true)
+            })?;
+        let sni = if self.tls {
+            b.ext
+                .get::<UpstreamHost>()
+                .map(|h| h.0.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(*b.addr.as_inet()?, self.tls, sni);
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.idle_timeout = Some(self.idle_timeout);
+        Some(peer)
+    }
+}
+
+fn health_check(
+    kind: &str,
+    host: &str,
+    tls: bool,
+) -> Box<dyn pingora::lb::health_check::HealthCheck + Send + Sync> {
+    if kind == "tcp" {
+        let mut hc = if tls {
+            TcpHealthCheck::new_tls(host)
+        } else {
+            TcpHealthCheck::new()
+        };
+        hc.peer_template.options.connection_timeout = Some(PROBE_TIMEOUT);
+        return hc;
+    }
+    let mut hc = HttpHealthCheck::new(host, tls);
+    if let Ok(req) = pingora::http::RequestHeader::build("GET", kind.as_bytes(), None) {
+        let mut req = req;
+        if req.insert_header("Host", host).is_ok() {
+            hc.req = req;
+        }
+    }
+    hc.peer_template.options.connection_timeout = Some(PROBE_TIMEOUT);
+    hc.peer_template.options.read_timeout = Some(PROBE_TIMEOUT);
+    Box::new(hc)
+}
+
+async fn health_loop(
+    app: String,
+    pool: Arc<LoadBalancer<RoundRobin>>,
+    interval: Duration,
+    mut stop: watch::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = pool.backends().run_health_check(true) => {}
+            _ = stop.changed() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => {
+                tracing::debug!(app, "health checks stopped");
+                return;
+            }
+        }
+    }
+}
+
+/// Which hosts a route matches.
+#[derive(Debug)]
+enum HostPattern {
+    Exact(String),
+    /// `*.example.com`, kept as `.example.com`.
+    Suffix(String),
+    Any,
+}
+
+impl HostPattern {
+    fn parse(p: &str) -> HostPattern {
+        let p = p.to_ascii_lowercase();
+        match p.strip_prefix('*') {
+            Some(suffix) => HostPattern::Suffix(suffix.to_string()),
+            None => HostPattern::Exact(p),
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostPattern::Suffix(s) => {
+                host.len() > s.len()
+                    && host.is_char_boundary(host.len() - s.len())
+                    && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+            HostPattern::Any => true,
+        }
+    }
+
+    /// Exact names before wildcards (longer first) before catch-alls.
+    fn rank(&self) -> (u8, usize) {
+        match self {
+            HostPattern::Exact(h) => (2, h.len()),
+            HostPattern::Suffix(s) => (1, s.len()),
+            HostPattern::Any => (0, 0),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Route {
+    host: HostPattern,
+    prefix: String,
+    app: Arc<App>,
+}
+
+/// Finds the app of a request.
+#[derive(Debug, Default)]
+pub struct Router {
+    routes: Vec<Route>,
+    default: Option<Arc<App>>,
+    apps: Vec<Arc<App>>,
+}
+
+impl Router {
+    /// Routes for `apps` (with their configs, same order); `default` names the app for
+    /// unclaimed hosts.
+    pub fn new(apps: Vec<(AppConfig, App)>, default: Option<&str>) -> Router {
+        let mut routes = Vec::new();
+        let mut all = Vec::new();
+        for (cfg, app) in apps {
+            let app = Arc::new(app);
+            let prefix = cfg.path_prefix.trim_end_matches('/').to_string();
+            if cfg.hosts.is_empty() {
+                routes.push(Route {
+                    host: HostPattern::Any,
+                    prefix: prefix.clone(),
+                    app: app.clone(),
+                });
+            }
+            for h in &cfg.hosts {
+                routes.push(Route {
+                    host: HostPattern::parse(h),
+                    prefix: prefix.clone(),
+                    app: app.clone(),
+                });
+            }
+            all.push(app);
+        }
+        routes.sort_by(|a, b| {
+            b.host
+                .rank()
+                .cmp(&a.host.rank())
+                .then(b.prefix.len().cmp(&a.prefix.len()))
+        });
+        let default = default.and_then(|name| all.iter().find(|a| a.name == name).cloned());
+        Router {
+            routes,
+            default,
+            apps: all,
+        }
+    }
+
+    /// The app for a request to `host` (the Host header or URI authority, port and
+    /// case ignored) and `path`.
+    pub fn route(&self, host: &str, path: &str) -> Option<&Arc<App>> {
+        let host = strip_port(host).trim_end_matches('.');
+        self.routes
+            .iter()
+            .find(|r| r.host.matches(host) && prefix_matches(&r.prefix, path))
+            .map(|r| &r.app)
+            .or(self.default.as_ref())
+    }
+
+    /// Every app, in configuration order.
+    pub fn apps(&self) -> &[Arc<App>] {
+        &self.apps
+    }
+}
+
+/// `host:port` or `[v6]:port` without the port.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// `/api` matches `/api` and `/api/...`, not `/apiary`; the empty prefix matches all.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (path.len() == prefix.len() || path.as_bytes().get(prefix.len()) == Some(&b'/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_prefixes() {
+        assert_eq!(strip_port("a.example:8080"), "a.example");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert!(prefix_matches("", "/x"));
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/v1"));
+        assert!(!prefix_matches("/api", "/apiary"));
+        let w = HostPattern::parse("*.Shop.example");
+        assert!(w.matches("a.shop.example"));
+        assert!(!w.matches("shop.example"));
+        assert!(HostPattern::parse("shop.example").matches("SHOP.example"));
+    }
+}

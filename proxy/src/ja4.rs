@@ -1,0 +1,253 @@
+//! A JA4 fingerprint of a TLS ClientHello, computed from the raw first TLS record the
+//! accept loop reads (and puts back) before the handshake: `t`, TLS version, SNI or
+//! not, cipher and extension counts, first ALPN; then truncated SHA-256 of the sorted
+//! cipher suites, and of the sorted extensions with the signature algorithms. GREASE
+//! values are ignored, as the JA4 specification says.
+
+use sha2::{Digest, Sha256};
+
+const HANDSHAKE: u8 = 0x16;
+const CLIENT_HELLO: u8 = 0x01;
+const EXT_SNI: u16 = 0x0000;
+const EXT_ALPN: u16 = 0x0010;
+const EXT_SIGNATURE_ALGORITHMS: u16 = 0x000d;
+const EXT_SUPPORTED_VERSIONS: u16 = 0x002b;
+
+/// Length of a whole TLS record whose first bytes are `buf` (header included), when
+/// `buf` starts like a handshake record; `None` when it does not.
+pub fn record_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < 5 {
+        return (buf.is_empty() || buf[0] == HANDSHAKE).then_some(usize::MAX);
+    }
+    (buf[0] == HANDSHAKE).then(|| 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]])))
+}
+
+fn is_grease(v: u16) -> bool {
+    v & 0x0f0f == 0x0a0a && (v >> 8) == (v & 0xff)
+}
+
+/// A byte reader that fails softly at the end of its input.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u24(&mut self) -> Option<usize> {
+        self.take(3)
+            .map(|b| usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))
+    }
+    fn vec8(&mut self) -> Option<Reader<'a>> {
+        let n = self.u8()?;
+        self.take(n.into()).map(Reader)
+    }
+    fn vec16(&mut self) -> Option<Reader<'a>> {
+        let n = self.u16()?;
+        self.take(n.into()).map(Reader)
+    }
+    fn u16s(mut self) -> Vec<u16> {
+        let mut out = Vec::new();
+        while let Some(v) = self.u16() {
+            out.push(v);
+        }
+        out
+    }
+}
+
+/// The JA4 fingerprint of the ClientHello in `record` (one whole TLS record), or `None`
+/// when it is not a complete ClientHello.
+pub fn fingerprint(record: &[u8]) -> Option<String> {
+    let mut r = Reader(record);
+    if r.u8()? != HANDSHAKE {
+        return None;
+    }
+    r.take(2)?;
+    let mut r = r.vec16()?;
+    if r.u8()? != CLIENT_HELLO {
+        return None;
+    }
+    let len = r.u24()?;
+    let mut hello = Reader(r.take(len)?);
+    let legacy_version = hello.u16()?;
+    hello.take(32)?;
+    hello.vec8()?;
+    let ciphers: Vec<u16> = hello
+        .vec16()?
+        .u16s()
+        .into_iter()
+        .filter(|c| !is_grease(*c))
+        .collect();
+    hello.vec8()?;
+    let mut exts = hello.vec16().unwrap_or(Reader(&[]));
+    let (mut ext_types, mut sig_algs) = (Vec::new(), Vec::new());
+    let (mut sni, mut alpn, mut version) = (false, None, legacy_version);
+    while let Some(ty) = exts.u16() {
+        let mut body = exts.vec16()?;
+        if is_grease(ty) {
+            continue;
+        }
+        ext_types.push(ty);
+        match ty {
+            EXT_SNI => sni = true,
+            EXT_ALPN => {
+                alpn = body
+                    .vec16()
+                    .and_then(|mut l| l.vec8())
+                    .map(|p| p.0.to_vec());
+            }
+            EXT_SIGNATURE_ALGORITHMS => sig_algs = body.vec16()?.u16s(),
+            EXT_SUPPORTED_VERSIONS => {
+                if let Some(v) = body
+                    .vec8()?
+                    .u16s()
+                    .into_iter()
+                    .filter(|v| !is_grease(*v))
+                    .max()
+                {
+                    version = v;
+                }
+            }
+            _ => {}
+        }
+    }
+    let version = match version {
+        0x0304 => "13",
+        0x0303 => "12",
+        0x0302 => "11",
+        0x0301 => "10",
+        0x0300 => "s3",
+        _ => "00",
+    };
+    let a = format!(
+        "t{version}{}{:02}{:02}{}",
+        if sni { 'd' } else { 'i' },
+        ciphers.len().min(99),
+        ext_types.len().min(99),
+        alpn_chars(alpn.as_deref())
+    );
+    let mut sorted_ciphers = ciphers;
+    sorted_ciphers.sort_unstable();
+    let b = hash12(&hex_list(&sorted_ciphers));
+    let mut sorted_exts: Vec<u16> = ext_types
+        .into_iter()
+        .filter(|t| *t != EXT_SNI && *t != EXT_ALPN)
+        .collect();
+    sorted_exts.sort_unstable();
+    let c = if sorted_exts.is_empty() {
+        "000000000000".to_string()
+    } else if sig_algs.is_empty() {
+        hash12(&hex_list(&sorted_exts))
+    } else {
+        hash12(&format!(
+            "{}_{}",
+            hex_list(&sorted_exts),
+            hex_list(&sig_algs)
+        ))
+    };
+    Some(format!("{a}_{b}_{c}"))
+}
+
+/// First and last character of the first ALPN value; hex digits when not alphanumeric.
+fn alpn_chars(alpn: Option<&[u8]>) -> String {
+    match alpn {
+        None | Some([]) => "00".into(),
+        Some(p) => {
+            let (first, last) = (p[0], p[p.len() - 1]);
+            if first.is_ascii_alphanumeric() && last.is_ascii_alphanumeric() {
+                format!("{}{}", first as char, last as char)
+            } else {
+                let h = hex::encode(p);
+                let first = h.chars().next().unwrap_or('0');
+                let last = h.chars().last().unwrap_or('0');
+                format!("{first}{last}")
+            }
+        }
+    }
+}
+
+fn hex_list(values: &[u16]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:04x}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn hash12(s: &str) -> String {
+    if s.is_empty() {
+        return "000000000000".into();
+    }
+    let mut h = hex::encode(Sha256::digest(s.as_bytes()));
+    h.truncate(12);
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ClientHello with the given ciphers and (type, body) extensions.
+    fn hello(ciphers: &[u16], exts: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut body = vec![0x03, 0x03];
+        body.extend([7u8; 32]);
+        body.push(0);
+        body.extend(u16::try_from(ciphers.len() * 2).unwrap().to_be_bytes());
+        for c in ciphers {
+            body.extend(c.to_be_bytes());
+        }
+        body.extend([1, 0]);
+        let mut ext_bytes = Vec::new();
+        for (t, b) in exts {
+            ext_bytes.extend(t.to_be_bytes());
+            ext_bytes.extend(u16::try_from(b.len()).unwrap().to_be_bytes());
+            ext_bytes.extend(b);
+        }
+        body.extend(u16::try_from(ext_bytes.len()).unwrap().to_be_bytes());
+        body.extend(ext_bytes);
+        let mut hs = vec![CLIENT_HELLO, 0];
+        hs.extend(u16::try_from(body.len()).unwrap().to_be_bytes());
+        hs.extend(body);
+        let mut rec = vec![HANDSHAKE, 3, 1];
+        rec.extend(u16::try_from(hs.len()).unwrap().to_be_bytes());
+        rec.extend(hs);
+        rec
+    }
+
+    #[test]
+    fn fingerprints_follow_the_spec() {
+        let sni = (EXT_SNI, vec![0, 6, 0, 0, 3, b'a', b'.', b'b']);
+        let alpn = (EXT_ALPN, vec![0, 3, 2, b'h', b'2']);
+        let versions = (EXT_SUPPORTED_VERSIONS, vec![4, 0x0a, 0x0a, 0x03, 0x04]);
+        let sigs = (EXT_SIGNATURE_ALGORITHMS, vec![0, 4, 0x04, 0x03, 0x08, 0x04]);
+        let grease = (0x1a1a, vec![]);
+        let groups = (0x000a, vec![0, 2, 0, 0x1d]);
+        let rec = hello(
+            &[0x2a2a, 0x1302, 0x1301],
+            &[grease, sni, alpn, versions, sigs, groups],
+        );
+        assert_eq!(record_len(&rec), Some(rec.len()));
+        let fp = fingerprint(&rec).unwrap();
+        let parts: Vec<&str> = fp.split('_').collect();
+        // 2 ciphers and 5 extensions once GREASE is dropped; TLS 1.3 from
+        // supported_versions; SNI present; ALPN h2.
+        assert_eq!(parts[0], "t13d0205h2");
+        assert_eq!(parts[1], hash12("1301,1302"));
+        assert_eq!(parts[2], hash12("000a,000d,002b_0403,0804"));
+        // Without SNI, ALPN or extensions.
+        let bare = fingerprint(&hello(&[0x002f], &[])).unwrap();
+        assert_eq!(bare, format!("t12i010000_{}_000000000000", hash12("002f")));
+        assert_eq!(fingerprint(&rec[..rec.len() - 3]), None);
+        assert_eq!(record_len(b"GET / HTTP/1.1"), None);
+    }
+}

@@ -1,0 +1,72 @@
+//! The part of the proxy's state a configuration reload replaces as a whole: apps and
+//! their upstream pools, trusted proxies, allowlists, answer templates. Requests read it
+//! through one `ArcSwap`, so a reload never pauses them and a request started before it
+//! finishes with what it began with.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use esper_common::config::ConfigError;
+
+use crate::apps::{App, Router, Shared};
+use crate::clientip::{Networks, Paths};
+use crate::config::Config;
+use crate::respond::Templates;
+
+/// What a reload swaps.
+#[derive(Debug)]
+pub struct Live {
+    pub router: Router,
+    pub trusted: Networks,
+    pub allow_ips: Networks,
+    pub allow_paths: Paths,
+    /// Templates of answers given outside any app (unknown host).
+    pub templates: Templates,
+    pub unknown_host_status: u16,
+}
+
+/// The live state, shared by every request and the accept loops.
+pub type LiveState = Arc<ArcSwap<Live>>;
+
+impl Live {
+    /// Builds the state of `config` (already validated): resolves every upstream, loads
+    /// templates, starts health checks on the current runtime.
+    pub async fn build(config: &Config) -> Result<Live, ConfigError> {
+        let shared = Shared {
+            sample_rate: config.sample_rate,
+            templates_dir: config.templates_dir.clone(),
+            connect_timeout: config.upstream_connect_timeout,
+            idle_timeout: config.upstream_idle_timeout,
+        };
+        let mut apps = Vec::new();
+        for (i, cfg) in config.effective_apps().into_iter().enumerate() {
+            let option = if config.apps.is_empty() {
+                "upstream".to_string()
+            } else {
+                format!("apps[{i}]")
+            };
+            let app = App::build(&cfg, &shared)
+                .await
+                .map_err(|reason| ConfigError::invalid(&option, &cfg.name, reason))?;
+            apps.push((cfg, app));
+        }
+        let templates = Templates::load(config.templates_dir.as_deref()).map_err(|reason| {
+            ConfigError::invalid(
+                "templates_dir",
+                config
+                    .templates_dir
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string()),
+                reason,
+            )
+        })?;
+        Ok(Live {
+            router: Router::new(apps, config.default_app.as_deref()),
+            trusted: Networks::new(&config.trusted_proxies),
+            allow_ips: Networks::new(&config.allow_ips),
+            allow_paths: Paths::new(&config.allow_paths),
+            templates,
+            unknown_host_status: config.unknown_host_status,
+        })
+    }
+}

@@ -1,0 +1,260 @@
+//! Several apps behind one proxy: routing by Host and path prefix, unknown hosts,
+//! round-robin pools with failover and active health checks, mitigations scoped per app,
+//! and a configuration reload through the handle while requests are in flight.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use esper_protocol::{Action, Mitigation, Origin, Reason, Scope};
+use esper_proxy::{AppConfig, Config};
+use support::{
+    config, dead_url, eventually, get_host, ingestion, mitigations, named_upstream, start_proxy,
+};
+
+fn app(name: &str, hosts: &[&str], prefix: &str, upstreams: &[std::net::SocketAddr]) -> AppConfig {
+    AppConfig {
+        name: name.into(),
+        hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        path_prefix: prefix.into(),
+        upstreams: upstreams.iter().map(|a| a.to_string()).collect(),
+        health_check_interval: Duration::from_millis(100),
+        ..AppConfig::default()
+    }
+}
+
+/// A test config with `apps` instead of a single upstream.
+fn multi(apps: Vec<AppConfig>, ingestion_url: &str, mitigation_url: &str) -> Config {
+    let mut cfg = config(
+        "127.0.0.1:9".parse().expect("an address"),
+        ingestion_url,
+        mitigation_url,
+    );
+    cfg.upstream = String::new();
+    cfg.apps = apps;
+    cfg
+}
+
+#[tokio::test]
+async fn requests_go_to_the_app_of_their_host_and_path() {
+    let (shop, api, blog) = (
+        named_upstream("shop").await,
+        named_upstream("api").await,
+        named_upstream("blog").await,
+    );
+    let cfg = multi(
+        vec![
+            app("shop", &["shop.example"], "/", &[shop.addr]),
+            app("api", &["shop.example"], "/api", &[api.addr]),
+            app("blog", &["*.blog.example"], "/", &[blog.addr]),
+        ],
+        &dead_url(),
+        &dead_url(),
+    );
+    let proxy = start_proxy(cfg).await;
+    let url = |p: &str| format!("{}{p}", proxy.url);
+    assert_eq!(
+        get_host(&url("/"), "shop.example").await,
+        (200, "shop /".into())
+    );
+    assert_eq!(get_host(&url("/"), "SHOP.example:80").await.1, "shop /");
+    assert_eq!(get_host(&url("/api"), "shop.example").await.1, "api /api");
+    assert_eq!(
+        get_host(&url("/api/v1"), "shop.example").await.1,
+        "api /api/v1"
+    );
+    assert_eq!(
+        get_host(&url("/apiary"), "shop.example").await.1,
+        "shop /apiary"
+    );
+    assert_eq!(get_host(&url("/x"), "en.blog.example").await.1, "blog /x");
+    // No app for the host: 421 with a JSON body for API clients.
+    let resp = reqwest::Client::new()
+        .get(url("/"))
+        .header("host", "blog.example")
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 421);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "unknown_host");
+    assert!(!body["request_id"].as_str().unwrap().is_empty());
+    let (status, page) = get_host(&url("/"), "nobody.example").await;
+    assert_eq!(status, 421);
+    assert!(page.contains("421 Misdirected Request"), "{page}");
+    assert_eq!(shop.hits() + api.hits() + blog.hits(), 6);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_upstream_is_skipped_and_checked_out_of_the_pool() {
+    let mut a = named_upstream("a").await;
+    let b = named_upstream("b").await;
+    let cfg = multi(
+        vec![app("web", &[], "/", &[a.addr, b.addr])],
+        &dead_url(),
+        &dead_url(),
+    );
+    let proxy = start_proxy(cfg).await;
+    let url = format!("{}/", proxy.url);
+    for _ in 0..4 {
+        assert_eq!(get_host(&url, "any").await.0, 200);
+    }
+    assert_eq!((a.hits(), b.hits()), (2, 2), "round robin");
+    a.kill().await;
+    // Right away a failed connect is retried on the other upstream; once the health
+    // check has marked `a` down, it is not even tried.
+    for _ in 0..4 {
+        assert_eq!(get_host(&url, "any").await, (200, "b /".into()));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..10 {
+        assert_eq!(get_host(&url, "any").await, (200, "b /".into()));
+    }
+    assert_eq!(b.hits(), 16);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_http_health_check_takes_a_failing_upstream_out_and_back() {
+    let (a, b) = (named_upstream("a").await, named_upstream("b").await);
+    let mut web = app("web", &[], "/", &[a.addr, b.addr]);
+    web.health_check = "/healthz".into();
+    let proxy = start_proxy(multi(vec![web], &dead_url(), &dead_url())).await;
+    let url = format!("{}/", proxy.url);
+    a.healthy.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let before = a.hits();
+    for _ in 0..6 {
+        assert_eq!(get_host(&url, "any").await, (200, "b /".into()));
+    }
+    assert_eq!(a.hits(), before, "an unhealthy upstream gets no traffic");
+    a.healthy.store(true, Ordering::SeqCst);
+    let back = eventually(Duration::from_secs(3), || async {
+        get_host(&url, "any").await.1 == "a /"
+    })
+    .await;
+    assert!(back, "a healthy upstream comes back");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn mitigations_scoped_to_an_app_apply_to_that_app_only() {
+    let (shop, api) = (named_upstream("shop").await, named_upstream("api").await);
+    let broker = mitigations().await;
+    let events = ingestion().await;
+    let mut api_app = app("api", &["api.example"], "/", &[api.addr]);
+    api_app.sample_rate = Some(0.5);
+    let cfg = multi(
+        vec![app("shop", &["shop.example"], "/", &[shop.addr]), api_app],
+        &events.url,
+        &broker.url,
+    );
+    let proxy = start_proxy(cfg).await;
+    let mut m = Mitigation::new(
+        "ip:127.0.0.1".parse().unwrap(),
+        Action::Block,
+        Duration::from_secs(600),
+        Origin::Manual,
+        Reason::default(),
+    );
+    m.scope = Scope::App("shop".into());
+    broker.publish_one(m).await;
+    let url = format!("{}/", proxy.url);
+    let blocked = eventually(Duration::from_secs(3), || async {
+        get_host(&url, "shop.example").await.0 == 403
+    })
+    .await;
+    assert!(blocked, "the shop app enforces its mitigation");
+    for _ in 0..8 {
+        assert_eq!(get_host(&url, "api.example").await.0, 200);
+    }
+    // Events name their app, and carry their app's sampling weight.
+    let seen = events.claim_events(2, Duration::from_secs(3)).await;
+    let shop_ev = seen.iter().find(|e| e.app == "shop").expect("a shop event");
+    assert_eq!(shop_ev.status, 403);
+    assert_eq!(shop_ev.weight, 1.0);
+    let api_ev = seen.iter().find(|e| e.app == "api").expect("an api event");
+    assert_eq!(api_ev.weight, 2.0);
+    assert_eq!(api_ev.host, "api.example");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reload_swaps_apps_without_dropping_requests() {
+    let (one, two) = (named_upstream("one").await, named_upstream("two").await);
+    let cfg = multi(
+        vec![app("one", &["one.example"], "/", &[one.addr])],
+        &dead_url(),
+        &dead_url(),
+    );
+    let proxy = start_proxy(cfg.clone()).await;
+    let url = format!("{}/", proxy.url);
+    assert_eq!(get_host(&url, "two.example").await.0, 421);
+    // A slow request is in flight while the configuration changes under it.
+    let slow = tokio::spawn(get_host_owned(format!("{}/slow", proxy.url), "one.example"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut next = cfg.clone();
+    next.apps
+        .push(app("two", &["two.example"], "/", &[two.addr]));
+    next.default_app = Some("one".into());
+    proxy.handle().reload(next).await.unwrap();
+    assert_eq!(get_host(&url, "two.example").await, (200, "two /".into()));
+    assert_eq!(get_host(&url, "other.example").await, (200, "one /".into()));
+    assert_eq!(slow.await.unwrap(), (200, "one /slow".into()));
+    // An invalid configuration is refused and changes nothing.
+    let mut bad = cfg.clone();
+    bad.apps[0].upstreams = vec!["nohost".into()];
+    let err = proxy.handle().reload(bad).await.unwrap_err();
+    assert!(err.to_string().contains("apps[0].upstreams"), "{err}");
+    assert_eq!(get_host(&url, "two.example").await.0, 200);
+    proxy.stop().await.unwrap();
+}
+
+async fn get_host_owned(url: String, host: &'static str) -> (u16, String) {
+    get_host(&url, host).await
+}
+
+#[test]
+fn app_options_are_validated() {
+    let base = multi(
+        vec![app("a", &[], "/", &["127.0.0.1:1".parse().unwrap()])],
+        "http://x",
+        "http://y",
+    );
+    base.validate().unwrap();
+    let mut c = base.clone();
+    c.upstream = "127.0.0.1:2".into();
+    assert!(c.validate().unwrap_err().to_string().contains("upstream"));
+    let mut c = base.clone();
+    c.apps.push(c.apps[0].clone());
+    assert!(c.validate().unwrap_err().to_string().contains("used twice"));
+    let mut c = base.clone();
+    c.apps[0].health_check = "udp".into();
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("apps[0].health_check")
+    );
+    let mut c = base.clone();
+    c.default_app = Some("zzz".into());
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("default_app")
+    );
+    let mut c = base;
+    c.apps[0].hosts = vec!["bad host".into()];
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("apps[0].hosts")
+    );
+}
