@@ -393,11 +393,17 @@ async fn health_and_metrics_describe_the_broker() {
 }
 
 #[tokio::test]
-async fn start_refuses_a_redis_url_it_cannot_honour() {
+async fn start_fails_clearly_when_redis_is_unreachable() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (_trigger, shutdown) = esper_common::shutdown::Shutdown::new();
     let cfg = Config {
-        redis_url: Some("redis://:pw@127.0.0.1:6379".into()),
+        redis_url: Some(format!("redis://:pw@127.0.0.1:{port}")),
         ..config()
     };
     let err = esper_ingestion::start(cfg, listener, shutdown)
@@ -405,8 +411,9 @@ async fn start_refuses_a_redis_url_it_cannot_honour() {
         .err()
         .expect("start must fail")
         .to_string();
-    assert_eq!(
-        err,
-        "REDIS_URL is set but this build's ingestion broker only has the memory store"
+    assert!(
+        err.starts_with("ingestion broker: queue store unavailable: cannot reach Redis"),
+        "{err}"
     );
+    assert!(!err.contains("pw@"), "{err}");
 }
