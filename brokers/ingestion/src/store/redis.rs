@@ -338,8 +338,9 @@ pub async fn connect(url: &str) -> Result<ConnectionManager, StoreError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(CONNECT_TIMEOUT)
         .set_response_timeout(RESPONSE_TIMEOUT)
-        .set_number_of_retries(2)
-        .set_max_delay(500);
+        // Fail fast while Redis is down (callers answer 503 and ask again); the next
+        // call reconnects.
+        .set_number_of_retries(0);
     ConnectionManager::new_with_config(client, config)
         .await
         .map_err(|e| StoreError::Unavailable(format!("cannot reach Redis: {e}")))
