@@ -144,6 +144,8 @@ for _, id in ipairs(expired) do
     out[#out + 1] = {id = id, attempts = attempts, e = field(r[1][2], 'e')}
     reclaimed = reclaimed + 1
   else
+    -- The entry is gone (purged by hand): drop what is left of its lease.
+    redis.call('XACK', S, G, id)
     forget(id)
   end
 end
