@@ -19,6 +19,10 @@ pub const DEFAULT_MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(3600);
 /// Default request body limit.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Default claims an item may have before it goes to the dead-letter list.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Default key prefix in Redis.
+pub const DEFAULT_REDIS_PREFIX: &str = "esper";
 /// Default drain time for in-flight requests once shutdown begins.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -29,6 +33,7 @@ const MAX_LEASE_CAP: Duration = Duration::from_secs(24 * 3600);
 const MIN_BODY_BYTES: usize = 1024;
 const MAX_BODY_BYTES: usize = 1024 * 1024 * 1024;
 const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
+const MAX_MAX_ATTEMPTS: u32 = 1000;
 
 /// The ingestion broker's settings (the TOML form; see [`Config::template`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,6 +54,9 @@ pub struct Config {
     /// The longest lease a claim may ask for; longer requests get 400.
     #[serde(with = "humantime_serde")]
     pub max_lease: Duration,
+    /// Claims an item may have: an item whose lease expires after its last allowed claim
+    /// goes to the dead-letter list instead of back to the queue.
+    pub max_attempts: u32,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
     /// How long in-flight requests may run once shutdown begins.
@@ -57,8 +65,11 @@ pub struct Config {
     /// Bearer token every `/api/*` route requires when set; health and metrics stay open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
-    /// Redis URL for a Redis-backed queue; this build has only the memory store, so
-    /// setting it is a configuration error.
+    /// Key prefix in Redis (`{prefix}:ingest:*`); instances with the same Redis and
+    /// prefix share one queue.
+    pub redis_prefix: String,
+    /// Redis URL for a queue on Redis Streams shared by every instance; unset keeps the
+    /// queue in memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
 }
@@ -71,9 +82,11 @@ impl Default for Config {
             batch_timeout: DEFAULT_BATCH_TIMEOUT,
             max_claim_wait: DEFAULT_MAX_CLAIM_WAIT,
             max_lease: DEFAULT_MAX_LEASE,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             token: None,
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
             redis_url: None,
         }
     }
@@ -104,6 +117,7 @@ impl Config {
             &mut self.max_claim_wait,
         )?;
         vars.duration(&["ESPER_INGESTION_MAX_LEASE"], secs, &mut self.max_lease)?;
+        vars.parse(&["ESPER_INGESTION_MAX_ATTEMPTS"], &mut self.max_attempts)?;
         vars.parse(&["ESPER_MAX_BODY_BYTES"], &mut self.max_body_bytes)?;
         vars.duration(
             &["ESPER_SHUTDOWN_TIMEOUT"],
@@ -115,15 +129,21 @@ impl Config {
             &["ESPER_INGESTION_REDIS_URL", "REDIS_URL"],
             &mut self.redis_url,
         );
+        vars.string(&["ESPER_REDIS_PREFIX"], &mut self.redis_prefix);
         Ok(())
     }
 
     /// Checks every value once, before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.redis_url.is_some() {
-            return Err(ConfigError::unsupported(
-                "REDIS_URL",
-                "this build's ingestion broker only has the memory store",
+        if let Some(url) = &self.redis_url {
+            check_redis_url(url)?;
+        }
+        check_redis_prefix(&self.redis_prefix)?;
+        if self.max_attempts == 0 || self.max_attempts > MAX_MAX_ATTEMPTS {
+            return Err(ConfigError::invalid(
+                "max_attempts",
+                self.max_attempts,
+                format!("must be between 1 and {MAX_MAX_ATTEMPTS}"),
             ));
         }
         if self.max_queue_size == 0 {
@@ -172,6 +192,36 @@ impl Config {
     }
 }
 
+/// A `redis://` or `rediss://` URL; the message never shows the URL (it may hold a
+/// password).
+fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+    if !scheme_ok || redis::Client::open(url).is_err() {
+        return Err(ConfigError::invalid(
+            "redis_url",
+            "(hidden)",
+            "must be a redis:// or rediss:// URL such as redis://localhost:6379/0",
+        ));
+    }
+    Ok(())
+}
+
+fn check_redis_prefix(prefix: &str) -> Result<(), ConfigError> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if !ok {
+        return Err(ConfigError::invalid(
+            "redis_prefix",
+            prefix,
+            "must be 1 to 64 characters of letters, digits, `-`, `_`, `.` or `:`",
+        ));
+    }
+    Ok(())
+}
+
 fn check_at_most(option: &str, value: Duration, max: Duration) -> Result<(), ConfigError> {
     if value > max {
         return Err(ConfigError::invalid(
@@ -204,12 +254,21 @@ pub struct Args {
     /// Longest lease a claim may ask for (bare number = seconds) [default: 1h]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
     pub max_lease: Option<Duration>,
+    /// Claims an item may have before it goes to the dead-letter list [default: 5]
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
     /// Largest request body accepted, in bytes [default: 8388608]
     #[arg(long, value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
     /// Drain time for in-flight requests on shutdown (bare number = seconds) [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
     pub shutdown_timeout: Option<Duration>,
+    /// Redis URL: keep the queue in Redis Streams, shared by every instance [default: memory]
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Key prefix in Redis [default: esper]
+    #[arg(long, value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
 }
 
 impl Args {
@@ -232,6 +291,15 @@ impl Args {
         }
         if let Some(v) = self.max_lease {
             cfg.max_lease = v;
+        }
+        if let Some(v) = self.max_attempts {
+            cfg.max_attempts = v;
+        }
+        if let Some(v) = &self.redis_url {
+            cfg.redis_url = Some(v.clone());
+        }
+        if let Some(v) = &self.redis_prefix {
+            cfg.redis_prefix = v.clone();
         }
         if let Some(v) = self.max_body_bytes {
             cfg.max_body_bytes = v;
@@ -311,14 +379,37 @@ mod tests {
     }
 
     #[test]
-    fn redis_url_is_refused_without_showing_it() {
-        let vars = env(&[("REDIS_URL", "redis://:secret@localhost:6379")]);
+    fn redis_settings_are_read_and_checked_without_showing_the_url() {
+        let vars = env(&[
+            ("REDIS_URL", "redis://:secret@localhost:6379"),
+            ("ESPER_REDIS_PREFIX", "tenant-a"),
+            ("ESPER_INGESTION_MAX_ATTEMPTS", "3"),
+        ]);
+        let c: Config = load(None, &vars, Config::apply_env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.redis_url.as_deref(),
+            Some("redis://:secret@localhost:6379")
+        );
+        assert_eq!((c.redis_prefix.as_str(), c.max_attempts), ("tenant-a", 3));
+
+        let vars = env(&[("REDIS_URL", "http://:secret@localhost:6379")]);
         let c: Config = load(None, &vars, Config::apply_env).unwrap();
         let err = c.validate().unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "REDIS_URL is set but this build's ingestion broker only has the memory store"
-        );
+        assert!(err.starts_with("invalid redis_url = `(hidden)`"), "{err}");
+        assert!(!err.contains("secret"));
+        for bad in [
+            Config {
+                redis_prefix: "a b".into(),
+                ..Config::default()
+            },
+            Config {
+                max_attempts: 0,
+                ..Config::default()
+            },
+        ] {
+            assert!(bad.validate().is_err());
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Proxies (and the control plane's analyze API) post batches of events; engine workers
 //! claim them with a lease, evaluate them and ack them. Items whose lease expires come
-//! back. The queue lives behind [`store::QueueStore`]; this build has the memory store.
+//! back. The queue lives behind [`store::QueueStore`]: in memory, or on Redis Streams shared
+//! by every broker instance (`REDIS_URL`).
 
 pub mod api;
 pub mod config;
@@ -20,7 +21,7 @@ use tokio::task::JoinHandle;
 pub use api::{AppState, router};
 pub use config::{Args, Config};
 pub use metrics::Metrics;
-pub use store::{MemoryQueue, QueueStore, StoreError};
+pub use store::{MemoryQueue, QueueStore, RedisQueue, StoreError};
 
 /// Why the ingestion broker could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +40,25 @@ pub enum Error {
     Task(String),
 }
 
-/// Opens the store the config asks for (this build: always the memory queue).
+/// Opens the store the config asks for: Redis Streams when `redis_url` is set (Redis
+/// must answer now), else the memory queue.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn QueueStore>, Error> {
     config.validate()?;
-    Ok(Arc::new(MemoryQueue::new(config.max_queue_size)))
+    match &config.redis_url {
+        Some(url) => Ok(Arc::new(
+            RedisQueue::open(
+                url,
+                &config.redis_prefix,
+                config.max_queue_size,
+                config.max_attempts,
+            )
+            .await?,
+        )),
+        None => Ok(Arc::new(MemoryQueue::with_max_attempts(
+            config.max_queue_size,
+            config.max_attempts,
+        ))),
+    }
 }
 
 /// A running broker.

@@ -15,6 +15,7 @@ pub struct Metrics {
     capacity: IntGauge,
     paused: IntGauge,
     consumers: IntGauge,
+    dead_letter: IntGauge,
     pub ingested: IntCounter,
     pub claimed: IntCounter,
     pub acked: IntCounter,
@@ -55,6 +56,10 @@ impl Metrics {
             capacity: gauge("esper_queue_capacity", "Items the queue holds at most")?,
             paused: gauge("esper_queue_paused", "1 while ingest is paused")?,
             consumers: gauge("esper_queue_consumers", "Consumers seen recently")?,
+            dead_letter: gauge(
+                "esper_queue_dead_letter",
+                "Items in the dead-letter list (claimed max_attempts times without an ack)",
+            )?,
             ingested: counter("esper_ingested_events_total", "Events accepted")?,
             claimed: counter("esper_claimed_events_total", "Items handed out by claims")?,
             acked: counter("esper_acked_events_total", "Items acked")?,
@@ -74,6 +79,7 @@ impl Metrics {
         self.capacity.set(clamp(status.max_size));
         self.paused.set(i64::from(status.paused));
         self.consumers.set(clamp(status.consumers.len() as u64));
+        self.dead_letter.set(clamp(status.dead_letter));
         // Reclaims happen inside the store; the counter follows the store's total.
         let seen = self.reclaimed.get();
         if status.reclaimed_total > seen {

@@ -220,6 +220,58 @@ async fn items_can_be_inspected_and_purged() {
 }
 
 #[tokio::test]
+async fn events_claimed_too_often_are_dead_lettered_and_shown() {
+    let b = TestBroker::start(Config {
+        max_attempts: 1,
+        ..config()
+    })
+    .await;
+    b.client.ingest(events("poison", 1)).await.unwrap();
+    let lease = Duration::from_millis(50);
+    let first = b
+        .client
+        .claim("w1", 5, lease, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(first.items.len(), 1);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let again = b
+        .client
+        .claim("w2", 5, lease, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        again.items.is_empty(),
+        "a dead letter is never handed out again"
+    );
+
+    let resp = b.get("/api/queue/items?state=dead_letter").await;
+    assert_eq!(resp.status(), 200);
+    let dead = resp.json::<ItemList>().await.unwrap().items;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].state, dead[0].attempts),
+        (ItemState::DeadLetter, 1)
+    );
+    assert_eq!(dead[0].item_id, first.items[0].item_id);
+    let s = b.client.status().await.unwrap();
+    assert_eq!(
+        (s.depth, s.leased, s.dead_letter, s.dead_lettered_total),
+        (0, 0, 1, 1)
+    );
+    assert_eq!(
+        metric(
+            &b.metrics().await,
+            "esper_queue_dead_letter{queue=\"ingestion\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(b.client.purge().await.unwrap().purged, 1);
+    assert_eq!(b.client.status().await.unwrap().dead_letter, 0);
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_long_poll_wakes_as_soon_as_events_arrive() {
     let b = TestBroker::with_defaults().await;
     let client = b.client.clone();
@@ -393,11 +445,17 @@ async fn health_and_metrics_describe_the_broker() {
 }
 
 #[tokio::test]
-async fn start_refuses_a_redis_url_it_cannot_honour() {
+async fn start_fails_clearly_when_redis_is_unreachable() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (_trigger, shutdown) = esper_common::shutdown::Shutdown::new();
     let cfg = Config {
-        redis_url: Some("redis://:pw@127.0.0.1:6379".into()),
+        redis_url: Some(format!("redis://:pw@127.0.0.1:{port}")),
         ..config()
     };
     let err = esper_ingestion::start(cfg, listener, shutdown)
@@ -405,8 +463,9 @@ async fn start_refuses_a_redis_url_it_cannot_honour() {
         .err()
         .expect("start must fail")
         .to_string();
-    assert_eq!(
-        err,
-        "REDIS_URL is set but this build's ingestion broker only has the memory store"
+    assert!(
+        err.starts_with("ingestion broker: queue store unavailable: cannot reach Redis"),
+        "{err}"
     );
+    assert!(!err.contains("pw@"), "{err}");
 }

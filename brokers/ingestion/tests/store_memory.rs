@@ -5,14 +5,22 @@ mod support;
 use std::sync::Arc;
 
 use esper_ingestion::MemoryQueue;
-use support::store_suite::{SUITE_CAPACITY, queue_store_suite};
+use support::store_suite::{SUITE_CAPACITY, SUITE_MAX_ATTEMPTS, queue_store_suite};
 
 #[tokio::test]
 async fn memory_queue_passes_the_store_suite() {
-    queue_store_suite(Arc::new(MemoryQueue::new(SUITE_CAPACITY))).await;
+    queue_store_suite(Arc::new(MemoryQueue::with_max_attempts(
+        SUITE_CAPACITY,
+        SUITE_MAX_ATTEMPTS,
+    )))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_queue_passes_the_store_suite_on_many_threads() {
-    queue_store_suite(Arc::new(MemoryQueue::new(SUITE_CAPACITY))).await;
+    queue_store_suite(Arc::new(MemoryQueue::with_max_attempts(
+        SUITE_CAPACITY,
+        SUITE_MAX_ATTEMPTS,
+    )))
+    .await;
 }

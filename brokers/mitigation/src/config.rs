@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_STREAM_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Default request body limit.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Default key prefix in Redis.
+pub const DEFAULT_REDIS_PREFIX: &str = "esper";
 /// Default drain time for in-flight requests once shutdown begins.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -66,8 +68,10 @@ pub struct Config {
     /// Bearer token every `/api/*` route requires when set; health and metrics stay open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
-    /// Redis URL for a Redis-backed store; this build has only the memory store, so
-    /// setting it is a configuration error.
+    /// Key prefix in Redis (`{prefix}:mit:*`); instances with the same Redis and prefix
+    /// share one store and one delta stream.
+    pub redis_prefix: String,
+    /// Redis URL for a store shared by every instance; unset keeps mitigations in memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
 }
@@ -85,6 +89,7 @@ impl Default for Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             persistence_enabled: false,
             token: None,
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
             redis_url: None,
         }
     }
@@ -130,17 +135,16 @@ impl Config {
             &["ESPER_MITIGATION_REDIS_URL", "REDIS_URL"],
             &mut self.redis_url,
         );
+        vars.string(&["ESPER_REDIS_PREFIX"], &mut self.redis_prefix);
         Ok(())
     }
 
     /// Checks every value once, before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.redis_url.is_some() {
-            return Err(ConfigError::unsupported(
-                "REDIS_URL",
-                "this build's mitigation broker only has the memory store",
-            ));
+        if let Some(url) = &self.redis_url {
+            check_redis_url(url)?;
         }
+        check_redis_prefix(&self.redis_prefix)?;
         if self.persistence_enabled {
             return Err(ConfigError::unsupported(
                 "PERSISTENCE_ENABLED",
@@ -199,6 +203,36 @@ impl Config {
     pub fn template() -> &'static str {
         include_str!("template.toml")
     }
+}
+
+/// A `redis://` or `rediss://` URL; the message never shows the URL (it may hold a
+/// password).
+fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+    if !scheme_ok || redis::Client::open(url).is_err() {
+        return Err(ConfigError::invalid(
+            "redis_url",
+            "(hidden)",
+            "must be a redis:// or rediss:// URL such as redis://localhost:6379/0",
+        ));
+    }
+    Ok(())
+}
+
+fn check_redis_prefix(prefix: &str) -> Result<(), ConfigError> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if !ok {
+        return Err(ConfigError::invalid(
+            "redis_prefix",
+            prefix,
+            "must be 1 to 64 characters of letters, digits, `-`, `_`, `.` or `:`",
+        ));
+    }
+    Ok(())
 }
 
 fn check_range(option: &str, value: usize, min: usize, max: usize) -> Result<(), ConfigError> {
@@ -262,6 +296,12 @@ pub struct Args {
     /// Drain time for in-flight requests on shutdown (bare number = seconds) [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
     pub shutdown_timeout: Option<Duration>,
+    /// Redis URL: keep mitigations in Redis, shared by every instance [default: memory]
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Key prefix in Redis [default: esper]
+    #[arg(long, value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
 }
 
 impl Args {
@@ -293,6 +333,12 @@ impl Args {
         }
         if let Some(v) = self.shutdown_timeout {
             cfg.shutdown_timeout = v;
+        }
+        if let Some(v) = &self.redis_url {
+            cfg.redis_url = Some(v.clone());
+        }
+        if let Some(v) = &self.redis_prefix {
+            cfg.redis_prefix = v.clone();
         }
     }
 }
@@ -362,17 +408,26 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_backends_are_refused_clearly() {
+    fn redis_settings_are_checked_and_persistence_is_refused_clearly() {
         let c: Config = load(
             None,
-            &env(&[("REDIS_URL", "redis://:pw@localhost")]),
+            &env(&[
+                ("REDIS_URL", "redis://:pw@localhost"),
+                ("ESPER_REDIS_PREFIX", "tenant-b"),
+            ]),
             Config::apply_env,
         )
         .unwrap();
-        assert_eq!(
-            c.validate().unwrap_err().to_string(),
-            "REDIS_URL is set but this build's mitigation broker only has the memory store"
-        );
+        c.validate().unwrap();
+        assert_eq!(c.redis_prefix, "tenant-b");
+        let c: Config = load(
+            None,
+            &env(&[("REDIS_URL", "postgres://:pw@localhost")]),
+            Config::apply_env,
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid redis_url = `(hidden)`"), "{err}");
         let c: Config = load(
             None,
             &env(&[("PERSISTENCE_ENABLED", "true")]),

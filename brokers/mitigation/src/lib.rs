@@ -3,8 +3,8 @@
 //!
 //! Engine workers (and the control plane, for manual bans) publish mitigations; proxies
 //! follow the delta stream to keep their caches fresh; operators list, look up, revoke
-//! and clear. State lives behind [`store::MitigationStore`]; this build has the memory
-//! store.
+//! and clear. State lives behind [`store::MitigationStore`]: in memory, or in Redis
+//! shared by every broker instance (`REDIS_URL`).
 
 pub mod api;
 pub mod config;
@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 pub use api::{AppState, router};
 pub use config::{Args, Config};
 pub use metrics::Metrics;
-pub use store::{MemoryMitigations, MitigationStore, StoreError};
+pub use store::{MemoryMitigations, MitigationStore, RedisMitigations, StoreError};
 
 /// Why the mitigation broker could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -42,10 +42,16 @@ pub enum Error {
     Task(String),
 }
 
-/// Opens the store the config asks for (this build: always the memory store).
+/// Opens the store the config asks for: Redis when `redis_url` is set (Redis must
+/// answer now), else memory.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn MitigationStore>, Error> {
     config.validate()?;
-    Ok(Arc::new(MemoryMitigations::new(config.stream_retention)))
+    match &config.redis_url {
+        Some(url) => Ok(Arc::new(
+            RedisMitigations::open(url, &config.redis_prefix, config.stream_retention).await?,
+        )),
+        None => Ok(Arc::new(MemoryMitigations::new(config.stream_retention))),
+    }
 }
 
 /// A running broker.

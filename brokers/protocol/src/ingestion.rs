@@ -87,6 +87,12 @@ pub struct QueueStatus {
     pub reclaimed_total: u64,
     /// Events refused because the queue was full or paused.
     pub rejected_total: u64,
+    /// Items in the dead-letter list: their lease expired after `max_attempts` claims.
+    #[serde(default)]
+    pub dead_letter: u64,
+    /// Items moved to the dead-letter list since the store was created.
+    #[serde(default)]
+    pub dead_lettered_total: u64,
     pub consumers: Vec<ConsumerStatus>,
 }
 
@@ -96,6 +102,8 @@ pub struct QueueStatus {
 pub enum ItemState {
     Pending,
     Leased,
+    /// Claimed `max_attempts` times without an ack; kept for inspection, never handed out.
+    DeadLetter,
 }
 
 /// `GET /api/queue/items` and `/api/queue/items/{id}` entries.

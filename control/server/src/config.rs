@@ -42,8 +42,9 @@ pub struct Config {
     pub health_listen: SocketAddr,
     /// Metrics listener (`ESPER_METRICS_LISTEN`, `ESPER_METRICS_PORT`, `--metrics-listen`).
     pub metrics_listen: SocketAddr,
-    /// Control store URL (`ESPER_DATABASE_URL`, `DATABASE_URL`, `--database-url`). Only
-    /// `sqlite:` URLs in this build; the directory of the file is created when missing.
+    /// Control store URL (`ESPER_DATABASE_URL`, `DATABASE_URL`, `--database-url`):
+    /// `sqlite:` (the directory of the file is created when missing) or
+    /// `postgres://user:password@host:port/db` for several instances over one database.
     pub database_url: String,
     /// Connections in the control store's pool (`ESPER_DATABASE_MAX_CONNECTIONS`).
     pub database_max_connections: u32,
@@ -179,18 +180,19 @@ impl Config {
     /// Checks the whole configuration once; the error names the option and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let url = self.database_url.trim();
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if crate::store::is_postgres_url(url) {
+            if url.parse::<sqlx::postgres::PgConnectOptions>().is_err() {
+                return Err(ConfigError::invalid(
+                    "database_url",
+                    crate::store::redact_url(url),
+                    "not a valid PostgreSQL URL, e.g. postgres://esper:PASSWORD@db:5432/esper",
+                ));
+            }
+        } else if !url.starts_with("sqlite:") {
             return Err(ConfigError::invalid(
                 "database_url",
-                url,
-                "PostgreSQL support is not in this build yet; use a sqlite:// URL",
-            ));
-        }
-        if !url.starts_with("sqlite:") {
-            return Err(ConfigError::invalid(
-                "database_url",
-                url,
-                "expected a sqlite:// URL, e.g. sqlite://./.esper/esper.db?mode=rwc",
+                crate::store::redact_url(url),
+                "expected a sqlite:// or postgres:// URL, e.g. sqlite://./.esper/esper.db?mode=rwc",
             ));
         }
         if self.database_max_connections == 0 {
@@ -254,7 +256,7 @@ pub struct Args {
     /// Metrics listener address.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Control store URL (sqlite://PATH?mode=rwc).
+    /// Control store URL (sqlite://PATH?mode=rwc or postgres://USER:PASSWORD@HOST/DB).
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
     /// Do not apply schema migrations at start.
@@ -366,11 +368,13 @@ mod tests {
             err.to_string().starts_with("invalid ESPER_LISTEN = `here`"),
             "{err}"
         );
-        let c = with_env(&[("DATABASE_URL", "postgresql://u@db/esper")]).unwrap();
-        assert_eq!(
-            c.validate().unwrap_err().to_string(),
-            "invalid database_url = `postgresql://u@db/esper`: PostgreSQL support is not in \
-             this build yet; use a sqlite:// URL"
+        let c = with_env(&[("DATABASE_URL", "postgresql://u:pw@db/esper")]).unwrap();
+        c.validate().unwrap();
+        let c = with_env(&[("DATABASE_URL", "mysql://u:pw@db/esper")]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid database_url = `mysql://u:***@db/esper`: expected"),
+            "{err}"
         );
         let c = with_env(&[("ESPER_INGESTION_URL", "127.0.0.1:8082")]).unwrap();
         assert!(

@@ -118,7 +118,7 @@ async fn no_migrations_refuses_an_unmigrated_store() {
 #[tokio::test]
 async fn invalid_config_is_one_clear_error() {
     let cfg = Config {
-        database_url: "postgres://esper@db/esper".into(),
+        database_url: "mysql://esper:pw@db/esper".into(),
         ..Config::default()
     };
     let (_trigger, shutdown) = Shutdown::new();
@@ -127,7 +127,7 @@ async fn invalid_config_is_one_clear_error() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "invalid database_url = `postgres://esper@db/esper`: PostgreSQL support is not in this build yet; use a sqlite:// URL"
+        "invalid database_url = `mysql://esper:***@db/esper`: expected a sqlite:// or postgres:// URL, e.g. sqlite://./.esper/esper.db?mode=rwc"
     );
     assert!(esper_control::migrate(&cfg).await.is_err());
 }

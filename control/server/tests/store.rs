@@ -1,4 +1,5 @@
-//! The control store conformance suite, run against every implementation in this build.
+//! The control store conformance suite against SQLite (file and memory); the same suite
+//! runs against PostgreSQL in `postgres.rs`, beside that store's own promises.
 
 #![allow(clippy::unwrap_used)]
 

@@ -16,10 +16,13 @@ use super::{ClaimSpec, Enqueued, QueueStore, Refusal, StoreError};
 
 /// Consumers with nothing leased are forgotten after this long without a claim or ack.
 const CONSUMER_FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Most dead letters kept; the oldest go first.
+const DEAD_LETTER_CAP: usize = 10_000;
 
 /// A bounded FIFO work queue with leases, held in memory.
 pub struct MemoryQueue {
     capacity: usize,
+    max_attempts: u32,
     state: Mutex<State>,
     /// Woken on every enqueue, so long-polling claims see new items at once.
     arrivals: Notify,
@@ -39,6 +42,11 @@ struct Lease {
     expires_at: DateTime<Utc>,
 }
 
+struct DeadLetter {
+    entry: Entry,
+    consumer: String,
+}
+
 struct Consumer {
     leased: u64,
     last_seen: DateTime<Utc>,
@@ -51,6 +59,8 @@ struct State {
     /// Waiting items by sequence number: the first key is the oldest.
     pending: BTreeMap<u64, Entry>,
     leased: BTreeMap<u64, Lease>,
+    /// Items whose lease expired after their last allowed attempt, oldest id first.
+    dead: BTreeMap<u64, DeadLetter>,
     /// Lease expiry index, earliest first.
     expiries: BTreeSet<(Instant, u64)>,
     consumers: HashMap<String, Consumer>,
@@ -59,13 +69,22 @@ struct State {
     acked_total: u64,
     reclaimed_total: u64,
     rejected_total: u64,
+    dead_lettered_total: u64,
 }
 
 impl MemoryQueue {
-    /// An empty queue holding at most `capacity` items (waiting and leased).
+    /// An empty queue holding at most `capacity` items (waiting and leased), moving
+    /// items to the dead-letter list after [`DEFAULT_MAX_ATTEMPTS`](crate::config::DEFAULT_MAX_ATTEMPTS) claims.
     pub fn new(capacity: usize) -> MemoryQueue {
+        MemoryQueue::with_max_attempts(capacity, crate::config::DEFAULT_MAX_ATTEMPTS)
+    }
+
+    /// Like [`new`](MemoryQueue::new): an item whose lease expires after its
+    /// `max_attempts`-th claim goes to the dead-letter list instead of back to the queue.
+    pub fn with_max_attempts(capacity: usize, max_attempts: u32) -> MemoryQueue {
         MemoryQueue {
             capacity,
+            max_attempts: max_attempts.max(1),
             state: Mutex::new(State::default()),
             arrivals: Notify::new(),
         }
@@ -89,8 +108,9 @@ impl State {
         self.pending.len() + self.leased.len()
     }
 
-    /// Puts every expired lease back in its original place in the queue.
-    fn reclaim_expired(&mut self, now: Instant) {
+    /// Puts every expired lease back in its original place in the queue, or in the
+    /// dead-letter list once it has had `max_attempts` claims.
+    fn reclaim_expired(&mut self, now: Instant, max_attempts: u32) {
         while let Some(&(expires, seq)) = self.expiries.first() {
             if expires > now {
                 break;
@@ -98,8 +118,22 @@ impl State {
             self.expiries.pop_first();
             if let Some(lease) = self.leased.remove(&seq) {
                 self.release(&lease.consumer);
-                self.pending.insert(seq, lease.entry);
-                self.reclaimed_total += 1;
+                if lease.entry.attempts >= max_attempts {
+                    self.dead.insert(
+                        seq,
+                        DeadLetter {
+                            entry: lease.entry,
+                            consumer: lease.consumer,
+                        },
+                    );
+                    self.dead_lettered_total += 1;
+                    while self.dead.len() > DEAD_LETTER_CAP {
+                        self.dead.pop_first();
+                    }
+                } else {
+                    self.pending.insert(seq, lease.entry);
+                    self.reclaimed_total += 1;
+                }
             }
         }
     }
@@ -173,6 +207,18 @@ impl State {
             consumer: None,
             lease_expires_at: None,
             event: entry.event.clone(),
+        }
+    }
+
+    fn dead_info(dead: &DeadLetter) -> ItemInfo {
+        ItemInfo {
+            item_id: item_id(dead.entry.seq),
+            state: ItemState::DeadLetter,
+            attempts: dead.entry.attempts,
+            enqueued_at: dead.entry.enqueued_at,
+            consumer: Some(dead.consumer.clone()),
+            lease_expires_at: None,
+            event: dead.entry.event.clone(),
         }
     }
 
@@ -261,7 +307,7 @@ impl QueueStore for MemoryQueue {
             let wake = {
                 let mut st = self.state.lock();
                 let now = Instant::now();
-                st.reclaim_expired(now);
+                st.reclaim_expired(now, self.max_attempts);
                 st.touch(&spec.consumer, now);
                 let available = st.pending.len();
                 if available > 0 && linger_until.is_none() {
@@ -321,6 +367,8 @@ impl QueueStore for MemoryQueue {
             acked_total: st.acked_total,
             reclaimed_total: st.reclaimed_total,
             rejected_total: st.rejected_total,
+            dead_letter: st.dead.len() as u64,
+            dead_lettered_total: st.dead_lettered_total,
             consumers,
         })
     }
@@ -341,12 +389,18 @@ impl QueueStore for MemoryQueue {
             .leased
             .values()
             .map(|l| (l.entry.seq, State::leased_info(l)));
+        let dead = st.dead.values().map(|d| (d.entry.seq, State::dead_info(d)));
         let items: Vec<(u64, ItemInfo)> = match state {
             Some(ItemState::Pending) => pending.take(limit).collect(),
             Some(ItemState::Leased) => leased.take(limit).collect(),
+            Some(ItemState::DeadLetter) => dead.take(limit).collect(),
             None => {
-                // Both maps are in sequence order, so the first `limit` of each suffice.
-                let mut all: Vec<_> = pending.take(limit).chain(leased.take(limit)).collect();
+                // Every map is in sequence order, so the first `limit` of each suffice.
+                let mut all: Vec<_> = pending
+                    .take(limit)
+                    .chain(leased.take(limit))
+                    .chain(dead.take(limit))
+                    .collect();
                 all.sort_by_key(|(seq, _)| *seq);
                 all.truncate(limit);
                 all
@@ -363,13 +417,17 @@ impl QueueStore for MemoryQueue {
         if let Some(e) = st.pending.get(&seq) {
             return Ok(Some(State::pending_info(e)));
         }
-        Ok(st.leased.get(&seq).map(State::leased_info))
+        if let Some(l) = st.leased.get(&seq) {
+            return Ok(Some(State::leased_info(l)));
+        }
+        Ok(st.dead.get(&seq).map(State::dead_info))
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {
         let mut st = self.state.lock();
-        let n = st.pending.len() as u64;
+        let n = (st.pending.len() + st.dead.len()) as u64;
         st.pending.clear();
+        st.dead.clear();
         Ok(n)
     }
 }

@@ -3,6 +3,7 @@
 //! serve the same endpoints; the HTTP layer only ever holds an `Arc<dyn QueueStore>`.
 
 mod memory;
+mod redis;
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use esper_protocol::RequestEvent;
 use esper_protocol::ingestion::{ClaimedItem, ItemInfo, ItemState, QueueStatus};
 
 pub use memory::MemoryQueue;
+pub use redis::RedisQueue;
 
 /// The store could not do its job (a backend down, a timeout). The HTTP layer answers
 /// 503 `store_unavailable` and logs the detail.
@@ -76,7 +78,9 @@ pub enum Enqueued {
 /// Leases: a claimed item belongs to its consumer until acked or until its lease expires;
 /// an expired lease stays the consumer's (so a late ack still counts) until a claim takes
 /// the item back, which puts it in its original place at the head of the queue, counts it
-/// in `reclaimed_total` and hands it out with `attempts + 1`.
+/// in `reclaimed_total` and hands it out with `attempts + 1`. An item whose lease expires
+/// after its `max_attempts`-th claim goes to the dead-letter list instead (counted in
+/// `dead_lettered_total`), where inspection shows it and purge drops it.
 #[async_trait::async_trait]
 pub trait QueueStore: Send + Sync + 'static {
     /// A short name for health output and logs (`memory`, `redis`).
@@ -118,6 +122,7 @@ pub trait QueueStore: Send + Sync + 'static {
     /// One item, waiting or leased; `None` once acked, purged or never queued.
     async fn item(&self, item_id: &str) -> Result<Option<ItemInfo>, StoreError>;
 
-    /// Drops every waiting item (leased ones stay with their consumers); returns how many.
+    /// Drops every waiting and dead-lettered item (leased ones stay with their
+    /// consumers); returns how many.
     async fn purge(&self) -> Result<u64, StoreError>;
 }

@@ -1,6 +1,6 @@
 //! The behaviour every `QueueStore` implementation must have, as one reusable suite:
 //! `queue_store_suite(store).await` with a fresh, empty store of capacity
-//! [`SUITE_CAPACITY`]. Each case leaves the store empty for the next, and reads the
+//! [`SUITE_CAPACITY`] and [`SUITE_MAX_ATTEMPTS`]. Each case leaves the store empty for the next, and reads the
 //! store-wide totals as differences, so the suite also runs on a shared backend.
 
 use std::collections::HashSet;
@@ -14,6 +14,8 @@ use super::{event, events, tag};
 
 /// The capacity the store under test must have.
 pub const SUITE_CAPACITY: usize = 10;
+/// The claims an item may have in the store under test.
+pub const SUITE_MAX_ATTEMPTS: u32 = 2;
 
 /// Runs every case in turn.
 pub async fn queue_store_suite(store: Arc<dyn QueueStore>) {
@@ -31,6 +33,7 @@ pub async fn queue_store_suite(store: Arc<dyn QueueStore>) {
     concurrent_claims_never_share_items(&store).await;
     purge_drops_only_waiting_items(&store).await;
     inspection_lists_items_by_state(&store).await;
+    items_claimed_too_often_are_dead_lettered(&store).await;
 }
 
 fn spec(consumer: &str, max: usize) -> ClaimSpec {
@@ -376,5 +379,51 @@ async fn inspection_lists_items_by_state(store: &Arc<dyn QueueStore>) {
 
     store.ack("w1", &ids(&leased)).await.unwrap();
     store.purge().await.unwrap();
+    assert_empty(store).await;
+}
+
+async fn items_claimed_too_often_are_dead_lettered(store: &Arc<dyn QueueStore>) {
+    let before = status(store).await;
+    accepted(store, &["poison", "fine"]).await;
+    let short = ClaimSpec {
+        lease: Duration::from_millis(50),
+        ..spec("w1", 1)
+    };
+    let mut last = Vec::new();
+    for attempt in 1..=SUITE_MAX_ATTEMPTS {
+        last = store.claim(&short).await.unwrap();
+        assert_eq!(tags(&last), ["poison"]);
+        assert_eq!(last[0].attempts, attempt);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    // The next claim buries it instead of handing it out again.
+    let next = store.claim(&spec("w2", 5)).await.unwrap();
+    assert_eq!(tags(&next), ["fine"]);
+    assert_eq!(store.ack("w1", &ids(&last)).await.unwrap(), 0);
+    assert_eq!(store.ack("w2", &ids(&next)).await.unwrap(), 1);
+
+    let s = status(store).await;
+    assert_eq!((s.depth, s.leased, s.dead_letter), (0, 0, 1));
+    assert_eq!(s.dead_lettered_total - before.dead_lettered_total, 1);
+    let dead = store.items(Some(ItemState::DeadLetter), 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(tag(&dead[0].event), "poison");
+    assert_eq!(dead[0].item_id, last[0].item_id);
+    assert_eq!(dead[0].attempts, SUITE_MAX_ATTEMPTS);
+    assert_eq!(dead[0].consumer.as_deref(), Some("w1"));
+    let one = store.item(&last[0].item_id).await.unwrap().unwrap();
+    assert_eq!(one.state, ItemState::DeadLetter);
+    assert_eq!(store.items(None, 10).await.unwrap().len(), 1);
+    assert!(
+        store
+            .items(Some(ItemState::Pending), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    assert_eq!(store.purge().await.unwrap(), 1);
+    assert_eq!(status(store).await.dead_letter, 0);
+    assert!(store.item(&last[0].item_id).await.unwrap().is_none());
     assert_empty(store).await;
 }

@@ -4,6 +4,7 @@
 
 mod cursor;
 mod memory;
+mod redis;
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,7 @@ use tokio::sync::watch;
 
 pub use cursor::Cursor;
 pub use memory::MemoryMitigations;
+pub use redis::RedisMitigations;
 
 /// The store could not do its job (a backend down, a timeout). The HTTP layer answers
 /// 503 `store_unavailable` and logs the detail.

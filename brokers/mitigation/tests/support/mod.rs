@@ -2,6 +2,8 @@
 //! loopback port, mitigations, raw HTTP calls and checks of the JSON error body.
 #![allow(dead_code, clippy::unwrap_used)]
 
+#[path = "../../../testing/redis_server.rs"]
+pub mod redis_server;
 pub mod store_suite;
 
 use std::sync::Arc;

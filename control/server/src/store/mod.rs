@@ -1,6 +1,6 @@
 //! The control store: policies and their history, named lists, the revision counter,
-//! the decision log and API tokens, behind one trait so that a PostgreSQL implementation
-//! can sit beside the SQLite one and pass the same [`suite`].
+//! the decision log and API tokens, behind one trait with two implementations, SQLite
+//! (embedded) and PostgreSQL (several instances), that pass the same [`suite`].
 
 use std::sync::Arc;
 
@@ -9,9 +9,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use esper_protocol::{Decision, DecisionMode, EntityKey};
 use serde::{Deserialize, Serialize};
 
+mod postgres;
 mod sqlite;
 pub mod suite;
 
+pub use postgres::{PostgresStore, REVISION_CHANNEL};
 pub use sqlite::SqliteStore;
 
 /// Why a store operation failed.
@@ -208,9 +210,42 @@ pub trait ControlStore: Send + Sync {
     async fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError>;
 }
 
-/// Opens the store named by `url`. Only `sqlite:` URLs are supported in this build.
+/// Is `url` a PostgreSQL URL (`postgres://` or `postgresql://`)?
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Opens the store named by `url`: `postgres://` / `postgresql://` or `sqlite:`.
 pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn ControlStore>, StoreError> {
+    if is_postgres_url(url) {
+        return Ok(Arc::new(
+            PostgresStore::connect(url, max_connections).await?,
+        ));
+    }
     Ok(Arc::new(SqliteStore::connect(url, max_connections).await?))
+}
+
+/// `url` with any password replaced by `***`, for errors and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split_once(':').map_or(user_info, |(u, _)| u);
+            let shown = if user_info.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            format!("{scheme}://{shown}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
 }
 
 /// Timestamps as stored: RFC 3339, UTC, microseconds, fixed width, so text order is time
@@ -228,6 +263,23 @@ pub(crate) fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_show_in_urls() {
+        assert_eq!(
+            redact_url("postgres://esper:s3cret@db:5432/esper?sslmode=require"),
+            "postgres://esper:***@db:5432/esper?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgresql://esper@db/esper"),
+            "postgresql://esper@db/esper"
+        );
+        assert_eq!(
+            redact_url("sqlite://./.esper/esper.db?mode=rwc"),
+            "sqlite://./.esper/esper.db?mode=rwc"
+        );
+        assert_eq!(redact_url("sqlite::memory:"), "sqlite::memory:");
+    }
 
     #[test]
     fn stored_timestamps_sort_as_text() {

@@ -1,0 +1,209 @@
+//! The queue-store suite against Redis, and the Redis-only promises: brokers over one
+//! Redis share one queue (and its pause switch), and a broker rides out a Redis restart.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use esper_ingestion::{Config, RedisQueue};
+use esper_protocol::ClientError;
+use support::redis_server::{RedisServer, shared, unique_prefix};
+use support::store_suite::{SUITE_CAPACITY, SUITE_MAX_ATTEMPTS, queue_store_suite};
+use support::{TestBroker, config, events, expect_error, tag};
+
+async fn open(url: &str, prefix: &str) -> RedisQueue {
+    RedisQueue::open(url, prefix, SUITE_CAPACITY, SUITE_MAX_ATTEMPTS)
+        .await
+        .unwrap()
+}
+
+fn redis_config(url: &str, prefix: &str) -> Config {
+    Config {
+        redis_url: Some(url.to_string()),
+        redis_prefix: prefix.to_string(),
+        ..config()
+    }
+}
+
+#[tokio::test]
+async fn redis_queue_passes_the_store_suite() {
+    let prefix = unique_prefix("suite");
+    queue_store_suite(Arc::new(open(&shared().url(), &prefix).await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_queue_passes_the_store_suite_split_over_two_connections() {
+    // Two stores on one prefix are one queue: the suite holds through either.
+    let prefix = unique_prefix("split");
+    let url = shared().url();
+    let _other = open(&url, &prefix).await;
+    queue_store_suite(Arc::new(open(&url, &prefix).await)).await;
+}
+
+#[tokio::test]
+async fn two_brokers_over_one_redis_share_the_queue_and_its_pause() {
+    let prefix = unique_prefix("two");
+    let url = shared().url();
+    let a = TestBroker::start(redis_config(&url, &prefix)).await;
+    let b = TestBroker::start(redis_config(&url, &prefix)).await;
+
+    a.client.ingest(events("a", 3)).await.unwrap();
+    b.client.ingest(events("b", 2)).await.unwrap();
+    assert_eq!(a.client.status().await.unwrap().depth, 5);
+    let claimed = b
+        .client
+        .claim("w1", 10, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    let tags: Vec<String> = claimed.items.iter().map(|i| tag(&i.event)).collect();
+    assert_eq!(tags, ["a0", "a1", "a2", "b0", "b1"]);
+    let one = a.client.item(&claimed.items[0].item_id).await.unwrap();
+    assert_eq!(one.consumer.as_deref(), Some("w1"));
+    let ids: Vec<String> = claimed.items.iter().map(|i| i.item_id.clone()).collect();
+    assert_eq!(a.client.ack("w1", ids).await.unwrap().acked, 5);
+    let s = b.client.status().await.unwrap();
+    assert_eq!((s.depth, s.leased, s.acked_total), (0, 0, 5));
+
+    a.client.pause().await.unwrap();
+    assert!(b.client.status().await.unwrap().paused);
+    let resp = b
+        .post(
+            "/api/events",
+            serde_json::json!({ "events": events("c", 1) }),
+        )
+        .await;
+    assert_eq!(resp.headers()["retry-after"], "5");
+    expect_error(resp, 503, "queue_paused").await;
+    b.client.resume().await.unwrap();
+    a.client.ingest(events("c", 1)).await.unwrap();
+
+    // A long-poll on one broker wakes for an enqueue through the other.
+    let waiter = {
+        let client = b.client.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            client
+                .claim("w2", 5, Duration::from_secs(30), Duration::from_secs(5))
+                .await
+                .map(|r| (r.items.len(), started.elapsed()))
+        })
+    };
+    let got = b
+        .client
+        .claim("w2", 5, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(got.items.len(), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.client.ingest(events("d", 1)).await.unwrap();
+    let (n, took) = waiter.await.unwrap().unwrap();
+    assert_eq!(n, 1);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn max_queue_size_holds_across_brokers() {
+    let prefix = unique_prefix("full");
+    let url = shared().url();
+    let cfg = Config {
+        max_queue_size: 4,
+        ..redis_config(&url, &prefix)
+    };
+    let a = TestBroker::start(cfg.clone()).await;
+    let b = TestBroker::start(cfg).await;
+    a.client.ingest(events("a", 3)).await.unwrap();
+    match b.client.ingest(events("b", 2)).await {
+        Err(ClientError::Backpressure { code, retry_after }) => {
+            assert_eq!(code, "queue_full");
+            assert_eq!(retry_after, Some(Duration::from_secs(1)));
+        }
+        other => panic!("expected backpressure, got {other:?}"),
+    }
+    assert_eq!(a.client.status().await.unwrap().rejected_total, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn wait_until(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+#[tokio::test]
+async fn a_broker_answers_503_while_redis_is_down_and_recovers_on_its_own() {
+    let mut server = RedisServer::start();
+    let b = TestBroker::start(Config {
+        max_queue_size: 10_000,
+        ..redis_config(&server.url(), "restart")
+    })
+    .await;
+    b.client.ingest(events("a", 2)).await.unwrap();
+    assert!(b.client.ready().await);
+
+    // Load from a producer that keeps sending throughout.
+    let producer = {
+        let client = b.client.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut refused) = (0u32, 0u32);
+            for _ in 0..60 {
+                match client.ingest(events("load", 5)).await {
+                    Ok(_) => ok += 1,
+                    Err(ClientError::Backpressure { code, .. }) => {
+                        assert_eq!(code, "store_unavailable");
+                        refused += 1;
+                    }
+                    Err(e) => panic!("unexpected error while Redis restarts: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (ok, refused)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.stop();
+    wait_until(
+        "readyz 503 while Redis is down",
+        Duration::from_secs(5),
+        async || !b.client.ready().await,
+    )
+    .await;
+    let resp = b
+        .post(
+            "/api/events",
+            serde_json::json!({ "events": events("x", 1) }),
+        )
+        .await;
+    assert_eq!(resp.headers()["retry-after"], "1");
+    expect_error(resp, 503, "store_unavailable").await;
+    let resp = b.get("/api/queue/status").await;
+    expect_error(resp, 503, "store_unavailable").await;
+
+    server.restart();
+    wait_until(
+        "readyz 200 after Redis is back",
+        Duration::from_secs(10),
+        async || b.client.ready().await,
+    )
+    .await;
+    // The restarted Redis kept nothing (no persistence); the queue is usable again.
+    b.client.ingest(events("after", 1)).await.unwrap();
+    let got = b
+        .client
+        .claim("w1", 100, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(got.items.iter().any(|i| tag(&i.event) == "after0"));
+    let (ok, refused) = producer.await.unwrap();
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+    b.stop().await;
+}

@@ -1,0 +1,624 @@
+//! The Redis mitigation store, shared by every broker instance that points at the same
+//! Redis and key prefix.
+//!
+//! Mitigations live in hashes (id → JSON, entity, action) with their expiries in a
+//! sorted set and one set of ids per entity. Every upsert and revoke appends to a Redis
+//! Stream (`XADD ... MAXLEN ~ retention`) carrying a per-generation sequence number, so
+//! the delta cursor is `GENERATION-STREAMID` and means the same on every instance: a
+//! proxy can resume from any of them. A cursor is served while its entry is still in the
+//! stream and no more than `retention` changes old; else its holder gets a snapshot.
+//! `clear` sets a new random generation, so every earlier cursor turns stale. Each
+//! operation is one Lua script, atomic across instances.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use chrono::Utc;
+use esper_protocol::{Action, Change, DeltaPage, EntityKey, Mitigation};
+use parking_lot::Mutex;
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::watch;
+
+use super::{ActivePage, Cursor, MitigationStore, Published, StoreError};
+
+/// How often an instance looks for changes written through other instances, to wake
+/// its stream long-polls (changes through this instance wake them at once).
+const WATCH_INTERVAL: Duration = Duration::from_millis(25);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Declarations every script starts with. ARGV[1] is a fresh generation (used only
+/// when none exists yet), ARGV[2] the change retention, ARGV[3] now in milliseconds.
+const PRELUDE: &str = r#"
+local M, EXP, ENT, ACT, CH, GEN, SEQ, EIDX =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local retention, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local function origin(g)
+  redis.call('SET', GEN, g)
+  redis.call('SET', SEQ, 0)
+  redis.call('DEL', CH)
+  redis.call('XADD', CH, '*', 'n', 0, 'op', 'o')
+  return g
+end
+local function ensure()
+  local g = redis.call('GET', GEN)
+  if not g then return origin(ARGV[1]) end
+  if redis.call('EXISTS', CH) == 0 then
+    redis.call('XADD', CH, '*', 'n', redis.call('GET', SEQ) or 0, 'op', 'o')
+  end
+  return g
+end
+local function field(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return nil
+end
+local function head_id()
+  return redis.call('XREVRANGE', CH, '+', '-', 'COUNT', 1)[1][1]
+end
+local function state(g)
+  return g .. ':' .. (redis.call('GET', SEQ) or '0')
+end
+local function append(op, d)
+  local n = redis.call('INCR', SEQ)
+  return redis.call('XADD', CH, 'MAXLEN', '~', retention, '*', 'n', n, 'op', op, 'd', d)
+end
+-- Forgets a mitigation; returns its expiry (ms), or nil when it was not stored.
+local function remove(id)
+  local ent = redis.call('HGET', ENT, id)
+  if not ent then return nil end
+  local exp = tonumber(redis.call('ZSCORE', EXP, id) or '0')
+  redis.call('SREM', EIDX .. ent, id)
+  redis.call('HDEL', M, id)
+  redis.call('HDEL', ENT, id)
+  redis.call('HDEL', ACT, id)
+  redis.call('ZREM', EXP, id)
+  return exp
+end
+"#;
+
+/// ARGV[4..]: groups of id, JSON, entity, expiry ms, active flag, action name.
+const PUBLISH: &str = r#"
+local g = ensure()
+local accepted = 0
+for i = 4, #ARGV, 6 do
+  local id, json, ent, exp, active, act = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]
+  if active == '0' then
+    if remove(id) then
+      append('r', id)
+      accepted = accepted + 1
+    end
+  else
+    accepted = accepted + 1
+    if redis.call('HGET', M, id) ~= json then
+      remove(id)
+      redis.call('HSET', M, id, json)
+      redis.call('HSET', ENT, id, ent)
+      redis.call('HSET', ACT, id, act)
+      redis.call('ZADD', EXP, exp, id)
+      redis.call('SADD', EIDX .. ent, id)
+      append('u', json)
+    end
+  end
+end
+return {tostring(accepted), g .. '-' .. head_id(), state(g)}
+"#;
+
+const ACTIVE: &str = r#"
+ensure()
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '(' .. now, '+inf')) do
+  local json = redis.call('HGET', M, id)
+  if json then out[#out + 1] = json end
+end
+return out
+"#;
+
+/// ARGV[4..]: entity keys.
+const FOR_ENTITY: &str = r#"
+ensure()
+local out = {}
+for i = 4, #ARGV do
+  for _, id in ipairs(redis.call('SMEMBERS', EIDX .. ARGV[i])) do
+    local json = redis.call('HGET', M, id)
+    if json then out[#out + 1] = json end
+  end
+end
+return out
+"#;
+
+/// ARGV[4] = 'id' or 'entity', ARGV[5] the id or entity key.
+const REVOKE: &str = r#"
+local g = ensure()
+local ids
+if ARGV[4] == 'id' then ids = {ARGV[5]} else ids = redis.call('SMEMBERS', EIDX .. ARGV[5]) end
+local revoked = 0
+for _, id in ipairs(ids) do
+  local exp = remove(id)
+  if exp and exp > now then
+    append('r', id)
+    revoked = revoked + 1
+  end
+end
+return {tostring(revoked), state(g)}
+"#;
+
+const CLEAR: &str = r#"
+ensure()
+local active = redis.call('ZCOUNT', EXP, '(' .. now, '+inf')
+for _, ent in ipairs(redis.call('HVALS', ENT)) do redis.call('DEL', EIDX .. ent) end
+redis.call('DEL', M, EXP, ENT, ACT)
+local g = origin(ARGV[1])
+return {tostring(active), state(g)}
+"#;
+
+/// ARGV[4] the cursor's generation, ARGV[5] its stream id ('' when unusable),
+/// ARGV[6] the page size. Answers `d` (deltas) or `s` (snapshot), the cursor, then each
+/// change as `u<json>` or `r<id>`.
+const CHANGES: &str = r#"
+local g = ensure()
+local cg, cid, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
+if cg == g and cid ~= '' then
+  local at = redis.call('XRANGE', CH, cid, cid)
+  if #at > 0 then
+    local n0 = tonumber(field(at[1][2], 'n'))
+    local head = tonumber(redis.call('GET', SEQ) or '0')
+    if head - n0 <= retention then
+      local out = {'d', ''}
+      local last = cid
+      for _, e in ipairs(redis.call('XRANGE', CH, '(' .. cid, '+', 'COUNT', limit)) do
+        last = e[1]
+        local op = field(e[2], 'op')
+        if op == 'u' or op == 'r' then out[#out + 1] = op .. field(e[2], 'd') end
+      end
+      out[2] = g .. '-' .. last
+      return out
+    end
+  end
+end
+local out = {'s', g .. '-' .. head_id()}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '(' .. now, '+inf')) do
+  local json = redis.call('HGET', M, id)
+  if json then out[#out + 1] = 'u' .. json end
+end
+return out
+"#;
+
+const SWEEP: &str = r#"
+ensure()
+local n = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, 10000)) do
+  remove(id)
+  n = n + 1
+end
+return n
+"#;
+
+const COUNTS: &str = r#"
+ensure()
+local counts = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '(' .. now, '+inf')) do
+  local act = redis.call('HGET', ACT, id)
+  if act then counts[act] = (counts[act] or 0) + 1 end
+end
+local out = {}
+for act, n in pairs(counts) do
+  out[#out + 1] = act
+  out[#out + 1] = tostring(n)
+end
+return out
+"#;
+
+struct Scripts {
+    publish: Script,
+    active: Script,
+    for_entity: Script,
+    revoke: Script,
+    clear: Script,
+    changes: Script,
+    sweep: Script,
+    counts: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let s = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        Scripts {
+            publish: s(PUBLISH),
+            active: s(ACTIVE),
+            for_entity: s(FOR_ENTITY),
+            revoke: s(REVOKE),
+            clear: s(CLEAR),
+            changes: s(CHANGES),
+            sweep: s(SWEEP),
+            counts: s(COUNTS),
+        }
+    }
+}
+
+/// What the watcher last saw (`GENERATION:SEQ`), and how many local writes have
+/// reported since, so a slow look at Redis never overwrites a newer local report.
+struct Seen {
+    epoch: u64,
+    state: String,
+}
+
+struct Shared {
+    conn: ConnectionManager,
+    keys: [String; 8],
+    retention: usize,
+    scripts: Scripts,
+    seen: Mutex<Seen>,
+    changed: watch::Sender<u64>,
+}
+
+/// Active mitigations and their change stream in Redis.
+pub struct RedisMitigations {
+    shared: Arc<Shared>,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("Redis: {e}"))
+}
+
+fn garbled(what: &str) -> StoreError {
+    StoreError::Unavailable(format!("unexpected answer from Redis: {what}"))
+}
+
+fn decode(json: &str) -> Result<Mitigation, StoreError> {
+    serde_json::from_str(json).map_err(|e| garbled(&format!("a stored mitigation: {e}")))
+}
+
+fn millis(t: chrono::DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn newest_first(a: &Mitigation, b: &Mitigation) -> std::cmp::Ordering {
+    b.created_at
+        .cmp(&a.created_at)
+        .then_with(|| a.id.cmp(&b.id))
+}
+
+/// The static name of an action as stored (`block`, `throttle`, ...).
+fn action_name(stored: &str) -> Option<&'static str> {
+    [
+        Action::Block,
+        Action::Throttle {
+            rate: 0.0,
+            burst: 0,
+        },
+        Action::Tarpit { delay_ms: 0 },
+        Action::Log,
+    ]
+    .iter()
+    .map(Action::name)
+    .find(|n| *n == stored)
+}
+
+/// Splits a cursor into its generation and stream id; `None` for anything else.
+fn split_cursor(text: &str) -> Option<(&str, &str)> {
+    let (generation, id) = text.split_once('-')?;
+    Cursor::parse(&format!("{generation}-0"))?;
+    let (ms, seq) = id.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(ms) && digits(seq)).then_some((generation, id))
+}
+
+/// Connects to `url` with bounded connect and response timeouts; the connection
+/// reconnects on its own after Redis comes back.
+async fn connect(url: &str) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(url)
+        .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(RESPONSE_TIMEOUT)
+        // Fail fast while Redis is down (callers answer 503 and ask again); the next
+        // call reconnects.
+        .set_number_of_retries(0);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("cannot reach Redis: {e}")))
+}
+
+impl Shared {
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        extra: &[String],
+    ) -> Result<T, StoreError> {
+        let mut inv = script.prepare_invoke();
+        for k in &self.keys {
+            inv.key(k);
+        }
+        inv.arg(Cursor::new_generation())
+            .arg(self.retention)
+            .arg(millis(Utc::now()));
+        for a in extra {
+            inv.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        inv.invoke_async(&mut conn).await.map_err(unavailable)
+    }
+
+    /// A write through this instance reported the store's state.
+    fn report(&self, state: String) {
+        let mut seen = self.seen.lock();
+        seen.epoch += 1;
+        if seen.state != state {
+            seen.state = state;
+            drop(seen);
+            self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    async fn look(&self) -> Result<String, StoreError> {
+        let mut conn = self.conn.clone();
+        let (generation, seq): (Option<String>, Option<String>) = redis::cmd("MGET")
+            .arg(&self.keys[5])
+            .arg(&self.keys[6])
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(format!(
+            "{}:{}",
+            generation.unwrap_or_default(),
+            seq.unwrap_or_else(|| "0".into())
+        ))
+    }
+}
+
+/// Wakes local followers for changes written through other instances; ends when the
+/// store is dropped.
+async fn watch_changes(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let Some(s) = shared.upgrade() else {
+            return;
+        };
+        let epoch = s.seen.lock().epoch;
+        let Ok(state) = s.look().await else {
+            continue;
+        };
+        let mut seen = s.seen.lock();
+        if seen.epoch == epoch && seen.state != state {
+            seen.state = state;
+            drop(seen);
+            s.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+}
+
+impl RedisMitigations {
+    /// Connects to Redis at `url`; the store's keys all start with `{prefix}:mit:` (the
+    /// braces keep them in one cluster slot). Keeps at least `retention` changes.
+    pub async fn open(
+        url: &str,
+        prefix: &str,
+        retention: usize,
+    ) -> Result<RedisMitigations, StoreError> {
+        let conn = connect(url).await?;
+        let key = |name: &str| format!("{{{prefix}}}:mit:{name}");
+        let shared = Arc::new(Shared {
+            conn,
+            keys: [
+                key("by_id"),
+                key("expiry"),
+                key("entity_of"),
+                key("action_of"),
+                key("changes"),
+                key("generation"),
+                key("seq"),
+                key("entity:"),
+            ],
+            retention: retention.max(1),
+            scripts: Scripts::new(),
+            seen: Mutex::new(Seen {
+                epoch: 0,
+                state: String::new(),
+            }),
+            changed: watch::channel(0).0,
+        });
+        let state = shared.look().await?;
+        shared.seen.lock().state = state;
+        tokio::spawn(watch_changes(Arc::downgrade(&shared)));
+        Ok(RedisMitigations { shared })
+    }
+
+    async fn jsons(
+        &self,
+        script: &Script,
+        extra: &[String],
+    ) -> Result<Vec<Mitigation>, StoreError> {
+        let now = Utc::now();
+        let raw: Vec<String> = self.shared.run(script, extra).await?;
+        let mut out = Vec::with_capacity(raw.len());
+        for json in raw {
+            let m = decode(&json)?;
+            if m.is_active(now) {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn counted_write(&self, script: &Script, extra: &[String]) -> Result<usize, StoreError> {
+        let (n, state): (String, String) = self.shared.run(script, extra).await?;
+        self.shared.report(state);
+        n.parse().map_err(|_| garbled("a count"))
+    }
+}
+
+#[async_trait::async_trait]
+impl MitigationStore for RedisMitigations {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.shared.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn publish(&self, mitigations: Vec<Mitigation>) -> Result<Published, StoreError> {
+        let now = Utc::now();
+        let mut args = Vec::with_capacity(mitigations.len() * 6);
+        for m in &mitigations {
+            let json = serde_json::to_string(m)
+                .map_err(|e| garbled(&format!("cannot encode a mitigation: {e}")))?;
+            args.push(m.id.clone());
+            args.push(json);
+            args.push(m.entity.to_string());
+            args.push(millis(m.expires_at).to_string());
+            args.push(if m.is_active(now) { "1" } else { "0" }.to_string());
+            args.push(m.action.name().to_string());
+        }
+        let (accepted, cursor, state): (String, String, String) =
+            self.shared.run(&self.shared.scripts.publish, &args).await?;
+        self.shared.report(state);
+        Ok(Published {
+            accepted: accepted.parse().map_err(|_| garbled("a count"))?,
+            cursor,
+        })
+    }
+
+    async fn active(&self, kind: Option<&str>, limit: usize) -> Result<ActivePage, StoreError> {
+        let mut matching = self.jsons(&self.shared.scripts.active, &[]).await?;
+        matching.retain(|m| kind.is_none_or(|k| m.entity.kind() == k));
+        let total = matching.len();
+        matching.sort_by(newest_first);
+        matching.truncate(limit);
+        Ok(ActivePage {
+            mitigations: matching,
+            total,
+        })
+    }
+
+    async fn for_entity(&self, entity: &EntityKey) -> Result<Vec<Mitigation>, StoreError> {
+        let mut keys = vec![entity.to_string()];
+        if let EntityKey::Ip(ip) = entity {
+            let bits = match ip {
+                IpAddr::V4(_) => 32,
+                IpAddr::V6(_) => 128,
+            };
+            keys.extend(
+                (0..=bits).filter_map(|len| EntityKey::network(*ip, len).map(|n| n.to_string())),
+            );
+        }
+        let mut found = self.jsons(&self.shared.scripts.for_entity, &keys).await?;
+        found.sort_by(newest_first);
+        Ok(found)
+    }
+
+    async fn revoke_id(&self, id: &str) -> Result<usize, StoreError> {
+        self.counted_write(&self.shared.scripts.revoke, &["id".into(), id.into()])
+            .await
+    }
+
+    async fn revoke_entity(&self, entity: &EntityKey) -> Result<usize, StoreError> {
+        self.counted_write(
+            &self.shared.scripts.revoke,
+            &["entity".into(), entity.to_string()],
+        )
+        .await
+    }
+
+    async fn clear(&self) -> Result<usize, StoreError> {
+        self.counted_write(&self.shared.scripts.clear, &[]).await
+    }
+
+    async fn changes(&self, cursor: Option<&str>, limit: usize) -> Result<DeltaPage, StoreError> {
+        let (generation, id) = cursor.and_then(split_cursor).unwrap_or(("", ""));
+        let raw: Vec<String> = self
+            .shared
+            .run(
+                &self.shared.scripts.changes,
+                &[generation.into(), id.into(), limit.max(1).to_string()],
+            )
+            .await?;
+        let mut parts = raw.into_iter();
+        let (Some(kind), Some(cursor)) = (parts.next(), parts.next()) else {
+            return Err(garbled("a delta page without a cursor"));
+        };
+        let snapshot = kind == "s";
+        let now = Utc::now();
+        let mut changes = Vec::new();
+        for part in parts {
+            if let Some(json) = part.strip_prefix('u') {
+                let m = decode(json)?;
+                // A snapshot holds what is active now; a delta replays what happened.
+                if !snapshot || m.is_active(now) {
+                    changes.push(Change::Upsert { mitigation: m });
+                }
+            } else if let Some(id) = part.strip_prefix('r') {
+                changes.push(Change::Remove { id: id.to_string() });
+            }
+        }
+        if snapshot {
+            changes.sort_by(|a, b| match (a, b) {
+                (Change::Upsert { mitigation: a }, Change::Upsert { mitigation: b }) => a
+                    .created_at
+                    .cmp(&b.created_at)
+                    .then_with(|| a.id.cmp(&b.id)),
+                _ => std::cmp::Ordering::Equal,
+            });
+        }
+        Ok(DeltaPage {
+            cursor,
+            snapshot,
+            changes,
+        })
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.changed.subscribe()
+    }
+
+    async fn sweep(&self) -> Result<usize, StoreError> {
+        self.shared.run(&self.shared.scripts.sweep, &[]).await
+    }
+
+    async fn counts(&self) -> Result<BTreeMap<&'static str, u64>, StoreError> {
+        let raw: Vec<String> = self.shared.run(&self.shared.scripts.counts, &[]).await?;
+        let mut counts = BTreeMap::new();
+        for pair in raw.chunks(2) {
+            if let [name, n] = pair {
+                if let (Some(name), Ok(n)) = (action_name(name), n.parse::<u64>()) {
+                    counts.insert(name, n);
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_split_into_generation_and_stream_id() {
+        assert_eq!(
+            split_cursor("0123abcd-1712-3"),
+            Some(("0123abcd", "1712-3"))
+        );
+        for bad in [
+            "", "abc", "abc-1", "abc-1-", "abc-1-x", "a b-1-2", "-1-2", "abc-+1-2",
+        ] {
+            assert_eq!(split_cursor(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn stored_action_names_map_to_static_ones() {
+        assert_eq!(action_name("throttle"), Some("throttle"));
+        assert_eq!(action_name("nonsense"), None);
+    }
+}

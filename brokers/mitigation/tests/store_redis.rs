@@ -1,0 +1,293 @@
+//! The mitigation-store suite against Redis, and the Redis-only promises: brokers over
+//! one Redis share mitigations and the delta stream (a follower resumes on another
+//! instance with its cursor), and a broker rides out a Redis restart.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use esper_mitigation::{Config, RedisMitigations};
+use esper_protocol::{Change, ClientError, DeltaPage, EntityKey, Mitigation, MitigationClient};
+use support::redis_server::{RedisServer, shared, unique_prefix};
+use support::store_suite::{SUITE_RETENTION, mitigation_store_suite};
+use support::{TestBroker, block, config, expect_error};
+
+fn redis_config(url: &str, prefix: &str) -> Config {
+    Config {
+        redis_url: Some(url.to_string()),
+        redis_prefix: prefix.to_string(),
+        ..config()
+    }
+}
+
+#[tokio::test]
+async fn redis_store_passes_the_store_suite() {
+    let prefix = unique_prefix("suite");
+    let store = RedisMitigations::open(&shared().url(), &prefix, SUITE_RETENTION)
+        .await
+        .unwrap();
+    mitigation_store_suite(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn two_brokers_over_one_redis_see_each_others_writes() {
+    let prefix = unique_prefix("two");
+    let url = shared().url();
+    let a = TestBroker::start(redis_config(&url, &prefix)).await;
+    let b = TestBroker::start(redis_config(&url, &prefix)).await;
+
+    a.client
+        .publish(vec![block("a", "ip:192.0.2.1")])
+        .await
+        .unwrap();
+    b.client
+        .publish(vec![block("b", "cidr:192.0.2.0/24")])
+        .await
+        .unwrap();
+    for broker in [&a, &b] {
+        assert_eq!(broker.client.active(None).await.unwrap().total, 2);
+        let key: EntityKey = "ip:192.0.2.1".parse().unwrap();
+        let found = broker.client.entity(&key).await.unwrap();
+        let mut ids: Vec<&str> = found.mitigations.iter().map(|m| m.id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+    }
+    let revoked = b
+        .client
+        .revoke(&esper_protocol::mitigation::RevokeRequest {
+            id: Some("a".into()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked, 1);
+    assert_eq!(a.client.active(None).await.unwrap().total, 1);
+
+    // A follower long-polling one broker wakes for a write through the other.
+    let head = a.client.stream(None, Duration::ZERO).await.unwrap().cursor;
+    let waiter = {
+        let client = a.client.clone();
+        let head = head.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let page = client
+                .stream(Some(&head), Duration::from_secs(10))
+                .await
+                .unwrap();
+            (page, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.client
+        .publish(vec![block("c", "ip:192.0.2.3")])
+        .await
+        .unwrap();
+    let (page, took) = waiter.await.unwrap();
+    assert!(!page.snapshot);
+    assert_eq!(ids_of(&page), ["+c"]);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    // A clear through one starts a new generation for both.
+    b.client.clear().await.unwrap();
+    let page = a
+        .client
+        .stream(Some(&page.cursor), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(page.snapshot && page.changes.is_empty());
+    a.stop().await;
+    b.stop().await;
+}
+
+fn ids_of(page: &DeltaPage) -> Vec<String> {
+    page.changes
+        .iter()
+        .map(|c| match c {
+            Change::Upsert { mitigation } => format!("+{}", mitigation.id),
+            Change::Remove { id } => format!("-{id}"),
+        })
+        .collect()
+}
+
+/// A follower as a proxy runs one: a cache of active mitigations kept from the delta
+/// stream, counting the snapshots it had to load.
+struct Follower {
+    cursor: Option<String>,
+    cache: BTreeMap<String, Mitigation>,
+    snapshots: usize,
+}
+
+impl Follower {
+    async fn poll(&mut self, client: &MitigationClient) {
+        let page = client
+            .stream(self.cursor.as_deref(), Duration::ZERO)
+            .await
+            .unwrap();
+        if page.snapshot {
+            self.snapshots += 1;
+            self.cache.clear();
+        }
+        for change in page.changes {
+            match change {
+                Change::Upsert { mitigation } => {
+                    self.cache.insert(mitigation.id.clone(), mitigation);
+                }
+                Change::Remove { id } => {
+                    self.cache.remove(&id);
+                }
+            }
+        }
+        self.cursor = Some(page.cursor);
+    }
+}
+
+#[tokio::test]
+async fn a_follower_switched_to_another_broker_resumes_without_a_reload_or_a_gap() {
+    let prefix = unique_prefix("switch");
+    let url = shared().url();
+    let a = TestBroker::start(redis_config(&url, &prefix)).await;
+    let b = TestBroker::start(redis_config(&url, &prefix)).await;
+    let mut follower = Follower {
+        cursor: None,
+        cache: BTreeMap::new(),
+        snapshots: 0,
+    };
+    a.client
+        .publish(vec![block("m0", "ip:10.0.0.0")])
+        .await
+        .unwrap();
+    follower.poll(&a.client).await;
+    assert_eq!(follower.snapshots, 1);
+
+    // Writes land through both brokers while the follower is on `a`, then more while it
+    // moves to `b`; it must see every one, in order, with no second snapshot.
+    for i in 1..20 {
+        let through = if i % 2 == 0 { &a } else { &b };
+        through
+            .client
+            .publish(vec![block(&format!("m{i}"), &format!("ip:10.0.0.{i}"))])
+            .await
+            .unwrap();
+        if i == 10 {
+            follower.poll(&a.client).await;
+        }
+    }
+    b.client
+        .revoke(&esper_protocol::mitigation::RevokeRequest {
+            id: Some("m3".into()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    follower.poll(&b.client).await;
+    follower.poll(&b.client).await;
+    assert_eq!(follower.snapshots, 1, "switching brokers forced a reload");
+    let expected: Vec<String> = (0..20)
+        .filter(|i| *i != 3)
+        .map(|i| format!("m{i}"))
+        .collect();
+    let mut seen: Vec<String> = follower.cache.keys().cloned().collect();
+    seen.sort_by_key(|id| id[1..].parse::<u32>().unwrap());
+    assert_eq!(seen, expected);
+    // Both brokers hand out the same cursor for the same position.
+    let at_a = a
+        .client
+        .stream(follower.cursor.as_deref(), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!at_a.snapshot && at_a.changes.is_empty());
+    assert_eq!(Some(at_a.cursor), follower.cursor);
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn wait_until(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+#[tokio::test]
+async fn a_broker_answers_503_while_redis_is_down_and_recovers_on_its_own() {
+    let mut server = RedisServer::start();
+    let b = TestBroker::start(redis_config(&server.url(), "restart")).await;
+    b.client
+        .publish(vec![block("before", "ip:192.0.2.1")])
+        .await
+        .unwrap();
+    let cursor = b.client.stream(None, Duration::ZERO).await.unwrap().cursor;
+
+    // Load throughout: a publisher and a follower that only ever see answers or 503s.
+    let load = {
+        let client = b.client.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut unavailable) = (0u32, 0u32);
+            let mut cursor: Option<String> = None;
+            for i in 0..40 {
+                let published = client
+                    .publish(vec![block(&format!("load{i}"), &format!("ip:10.1.0.{i}"))])
+                    .await;
+                let followed = client.stream(cursor.as_deref(), Duration::ZERO).await;
+                for outcome in [
+                    published.map(|_| ()),
+                    followed.map(|p| cursor = Some(p.cursor)),
+                ] {
+                    match outcome {
+                        Ok(()) => ok += 1,
+                        Err(ClientError::Backpressure { code, .. }) => {
+                            assert_eq!(code, "store_unavailable");
+                            unavailable += 1;
+                        }
+                        Err(e) => panic!("unexpected error while Redis restarts: {e}"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            (ok, unavailable)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.stop();
+    wait_until(
+        "readyz 503 while Redis is down",
+        Duration::from_secs(5),
+        async || !b.client.ready().await,
+    )
+    .await;
+    let resp = b.get("/api/mitigations/active").await;
+    expect_error(resp, 503, "store_unavailable").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    server.restart();
+    wait_until(
+        "readyz 200 after Redis is back",
+        Duration::from_secs(10),
+        async || b.client.ready().await,
+    )
+    .await;
+    let (ok, unavailable) = load.await.unwrap();
+    assert!(ok > 0 && unavailable > 0, "ok {ok}, 503 {unavailable}");
+    b.client
+        .publish(vec![block("after", "ip:192.0.2.3")])
+        .await
+        .unwrap();
+    // The restarted Redis kept nothing (no persistence): the old cursor is stale, so
+    // its holder gets a snapshot of what was published since.
+    let page = b
+        .client
+        .stream(Some(&cursor), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(page.snapshot);
+    assert!(ids_of(&page).contains(&"+after".to_string()));
+    assert!(!ids_of(&page).contains(&"+before".to_string()));
+    b.stop().await;
+}
