@@ -6,6 +6,8 @@
 //! counted. Processed event ids are remembered for `ttl`, and at most `capacity` of them.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+#[cfg(test)]
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,13 +126,34 @@ enum Mark {
     Done(i64),
 }
 
+/// A hasher for keys that are already uniformly distributed 64-bit fingerprints.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = bytes
+            .iter()
+            .fold(self.0, |h, b| h.rotate_left(8) ^ u64::from(*b));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     policies: HashMap<PolicyKey, PolicyState>,
     entities: usize,
-    marks: HashMap<Arc<str>, Mark>,
+    /// Event ids by a keyed 64-bit fingerprint (SipHash with a per-process key): no
+    /// copy of the id is kept. Two ids sharing a fingerprint (about one chance in 10^5
+    /// over ten million remembered ids) would count the later one as a duplicate.
+    marks: HashMap<u64, Mark, BuildHasherDefault<Prehashed>>,
     /// Done marks in expiry order (the TTL is the same for all, so insertion order).
-    done: VecDeque<(i64, Arc<str>)>,
+    done: VecDeque<(i64, u64)>,
     next_receipt: u64,
     evictions: u64,
     id_evictions: u64,
@@ -141,6 +164,7 @@ pub struct MemoryState {
     inner: Mutex<Inner>,
     ttl_ms: i64,
     capacity: usize,
+    ids: RandomState,
 }
 
 impl MemoryState {
@@ -151,7 +175,12 @@ impl MemoryState {
             inner: Mutex::new(Inner::default()),
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
             capacity: capacity.max(1),
+            ids: RandomState::new(),
         }
+    }
+
+    fn fingerprint(&self, id: &str) -> u64 {
+        self.ids.hash_one(id)
     }
 
     fn apply_now(&self, batch: &BatchInput, now_ms: i64) -> BatchOutcome {
@@ -159,6 +188,21 @@ impl MemoryState {
         let inner = &mut *inner;
         inner.next_receipt += 1;
         let receipt_id = inner.next_receipt;
+        // Each policy's state is taken out of the map once per batch rather than looked
+        // up per hit (policy keys are unique within a batch).
+        let mut states: Vec<PolicyState> = batch
+            .policies
+            .iter()
+            .map(|bp| {
+                inner
+                    .policies
+                    .remove(&bp.key)
+                    .unwrap_or_else(|| PolicyState {
+                        window_ms: bp.params.window_ms(),
+                        entities: HashMap::new(),
+                    })
+            })
+            .collect();
         let mut undo = Vec::new();
         let mut out = BatchOutcome {
             duplicate: vec![false; batch.events.len()],
@@ -174,7 +218,8 @@ impl MemoryState {
             if event.hits.is_empty() {
                 continue;
             }
-            match inner.marks.get(event.id.as_str()) {
+            let key = self.fingerprint(&event.id);
+            match inner.marks.get(&key) {
                 Some(Mark::InFlight(r)) if *r != receipt_id => {
                     out.duplicate[ei] = true;
                     out.busy[ei] = true;
@@ -186,23 +231,15 @@ impl MemoryState {
                 }
                 None => {}
             }
-            inner
-                .marks
-                .insert(Arc::from(event.id.as_str()), Mark::InFlight(receipt_id));
+            inner.marks.insert(key, Mark::InFlight(receipt_id));
             out.receipt.event_ids.push(event.id.clone());
             for (hi, hit) in event.hits.iter().enumerate() {
-                let Some(policy) = batch.policies.get(hit.policy) else {
+                let (Some(policy), Some(state)) =
+                    (batch.policies.get(hit.policy), states.get_mut(hit.policy))
+                else {
                     continue;
                 };
                 let p = &policy.params;
-                let state =
-                    inner
-                        .policies
-                        .entry(policy.key.clone())
-                        .or_insert_with(|| PolicyState {
-                            window_ms: p.window_ms(),
-                            entities: HashMap::new(),
-                        });
                 let counts = hit.weight > 0.0 || hit.distinct.is_some() || hit.steps != 0;
                 let entity = if counts {
                     state.entities.entry(hit.entity.clone()).or_insert_with(|| {
@@ -282,6 +319,11 @@ impl MemoryState {
                 }
             }
         }
+        for (policy, state) in batch.policies.iter().zip(states) {
+            if !state.entities.is_empty() {
+                inner.policies.insert(policy.key.clone(), state);
+            }
+        }
         if inner.entities > self.capacity {
             evict(inner, self.capacity, now_ms);
         }
@@ -340,13 +382,9 @@ impl StateBackend for MemoryState {
         let mut inner = self.inner.lock();
         let expiry = now_ms.saturating_add(self.ttl_ms);
         for id in &receipt.event_ids {
-            let ours = inner
-                .marks
-                .get_key_value(id.as_str())
-                .filter(|(_, mark)| **mark == Mark::InFlight(receipt.id))
-                .map(|(key, _)| key.clone());
-            if let Some(key) = ours {
-                inner.marks.insert(key.clone(), Mark::Done(expiry));
+            let key = self.fingerprint(id);
+            if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
+                inner.marks.insert(key, Mark::Done(expiry));
                 inner.done.push_back((expiry, key));
             }
         }
@@ -364,8 +402,9 @@ impl StateBackend for MemoryState {
     async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
         for id in &receipt.event_ids {
-            if inner.marks.get(id.as_str()) == Some(&Mark::InFlight(receipt.id)) {
-                inner.marks.remove(id.as_str());
+            let key = self.fingerprint(id);
+            if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
+                inner.marks.remove(&key);
             }
         }
         for inc in receipt.increments.iter().rev() {

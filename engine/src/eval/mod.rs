@@ -113,7 +113,7 @@ pub struct Evaluation {
     /// Hits ignored as older than their window.
     pub late: usize,
     receipt: Receipt,
-    /// (policy id, weight) per counted hit, for metrics on commit.
+    /// (policy id, weight) per policy with counted hits, for metrics on commit.
     weighted: Vec<(Arc<str>, f64)>,
 }
 
@@ -176,14 +176,23 @@ impl Evaluator {
                 .collect(),
         };
         let outcome = self.state.apply(&input, now_ms).await?;
-        let mut weighted = Vec::new();
+        // Summed per policy here, so that commit touches each metric once per batch.
+        let mut sums = vec![0.0; policies.len()];
         for (ev, dup) in input.events.iter().zip(&outcome.duplicate) {
             if !dup {
                 for hit in ev.hits.iter().filter(|h| h.weight > 0.0) {
-                    weighted.push((policies.policies()[hit.policy].key.id.clone(), hit.weight));
+                    if let Some(sum) = sums.get_mut(hit.policy) {
+                        *sum += hit.weight;
+                    }
                 }
             }
         }
+        let weighted = sums
+            .iter()
+            .zip(policies.policies())
+            .filter(|(sum, _)| **sum > 0.0)
+            .map(|(sum, p)| (p.key.id.clone(), *sum))
+            .collect();
         let decisions = outcome
             .crossings
             .iter()

@@ -284,12 +284,12 @@ fn method(recv: &Node, name: &str, args: &[Node], at: usize) -> Result<Cond, Exp
             let re = regex::RegexBuilder::new(pattern)
                 .case_insensitive(fold)
                 .size_limit(1 << 20)
-                .build()
-                .map_err(|e| {
-                    let msg = e.to_string();
-                    let last = msg.lines().last().unwrap_or("invalid").trim().to_string();
-                    ExprError::new(args[0].at, format!("invalid regex: {last}"))
-                })?;
+                .build();
+            let re = re.map_err(|e| {
+                let msg = e.to_string();
+                let last = msg.lines().last().unwrap_or("invalid").trim().to_string();
+                ExprError::new(args[0].at, format!("invalid regex: {last}"))
+            })?;
             StrTest::Matches(re)
         }
         other => {

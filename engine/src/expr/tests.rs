@@ -132,6 +132,15 @@ fn string_functions() {
         (r#"path.matches("^/log(in|out)$")"#, true),
         (r#"path.matches('\d')"#, false),
         (r#"user_agent.lowerAscii().matches("^python")"#, true),
+        (
+            r#"user_agent.lowerAscii().matches("sqlmap|REQUESTS")"#,
+            true,
+        ),
+        (
+            r#"user_agent.lowerAscii().matches("python.requests/\d")"#,
+            true,
+        ),
+        (r#"user_agent.matches("python.requests")"#, false),
         ("headers['x-api-key'].startsWith('k')", true),
     ] {
         assert_eq!(check(src), want, "{src}");

@@ -249,3 +249,40 @@ fn number(v: f64) -> String {
         format!("{v:.2}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn replay_tables_show_when_what_and_why() {
+        let specs = parse_policies(
+            "[[policy]]\nid = \"login\"\nwindow = \"1m\"\nthreshold = 2\naction = \"block\"\nfilter = 'status == 401'\n",
+        )
+        .unwrap();
+        let line = |s: u32| {
+            format!(
+                r#"{{"timestamp":"2026-01-01T12:00:0{s}Z","client_ip":"192.0.2.1","method":"POST","path":"/login","status":401}}"#
+            )
+        };
+        let events = read_events(&format!("{}\n{}\n", line(1), line(2))).unwrap();
+        let report = replay_specs(specs.clone(), &events).await.unwrap();
+        let text = replay_table(&report);
+        let row = text.lines().nth(1).unwrap();
+        for part in [
+            "2026-01-01T12:00:02Z",
+            "login",
+            "ip:192.0.2.1",
+            "block",
+            "5m",
+            "enforce",
+            "2 >= 2 in 60s",
+            "status == 401",
+        ] {
+            assert!(row.contains(part), "{part} in {text}");
+        }
+        assert!(text.ends_with("2 events, 1 decision\n"), "{text}");
+        let none = replay_specs(specs, &events[..1]).await.unwrap();
+        assert_eq!(replay_table(&none), "1 events, no decisions\n");
+    }
+}
