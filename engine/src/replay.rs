@@ -84,41 +84,6 @@ pub fn read_events(text: &str) -> Result<Vec<RequestEvent>, ReplayError> {
     Ok(out)
 }
 
-/// A policy's condition as written: its `match` table, filter, counting filter or
-/// sequence.
-pub fn condition_of(spec: &PolicySpec) -> String {
-    let mut parts = Vec::new();
-    if !spec.matches.is_empty() {
-        let m = serde_json::to_string(&spec.matches).unwrap_or_default();
-        parts.push(format!("match {m}"));
-    }
-    if let Some(f) = &spec.filter {
-        parts.push(f.trim().to_string());
-    }
-    if let Some(c) = &spec.count_if {
-        parts.push(format!("counting {}", c.trim()));
-    }
-    if !spec.sequence.is_empty() {
-        let steps: Vec<String> = spec
-            .sequence
-            .iter()
-            .map(|s| {
-                if s.min > 1 {
-                    format!("({}){{{},}}", s.when.trim(), s.min)
-                } else {
-                    format!("({})", s.when.trim())
-                }
-            })
-            .collect();
-        parts.push(steps.join(" then "));
-    }
-    if parts.is_empty() {
-        "every request".to_string()
-    } else {
-        parts.join("; ")
-    }
-}
-
 /// Replays `events`, in order, through the enabled policies of `active`.
 pub async fn replay(
     active: &ActivePolicies,
@@ -159,7 +124,10 @@ pub async fn replay(
                 counted: d.counted.unwrap_or_default(),
                 threshold: d.threshold.unwrap_or_default(),
                 window_secs: d.window_secs.unwrap_or_default(),
-                condition: spec.as_deref().map(condition_of).unwrap_or_default(),
+                condition: spec
+                    .as_deref()
+                    .map(PolicySpec::condition)
+                    .unwrap_or_default(),
                 summary: d.mitigation.reason.summary.clone(),
             });
         }

@@ -71,6 +71,10 @@ count_if = 'status == 401'
     let d = feed(&e, &set, &[ev("10.0.0.1", "/login", 401, 9.0)]).await;
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].counted, Some(3.0));
+    assert_eq!(
+        d[0].mitigation.reason.summary,
+        "3 weighted events >= 3 in 60s (POST /login 401); when path == \"/login\"; counting status == 401"
+    );
     // Once the decision has expired, a matched but uncounted request finds the count
     // still at the threshold and decides again.
     let d = feed(&e, &set, &[ev("10.0.0.1", "/login", 200, 20.0)]).await;

@@ -119,6 +119,10 @@ pub struct CompiledPolicy {
     pub rules: Arc<Rules>,
     /// The action at each escalation level (0: the policy's own).
     pub actions: Vec<Action>,
+    /// For policies with expressions, their condition as written (shortened), recorded
+    /// in decision summaries; empty for `match`-table policies, whose summary says
+    /// enough.
+    pub condition: String,
     matcher: Matcher,
     filter: Option<Cond>,
     count_if: Option<Cond>,
@@ -383,12 +387,33 @@ pub fn compile(
         },
         rules: Arc::new(rules),
         actions,
+        condition: summary_condition(spec),
         matcher,
         filter,
         count_if,
         value,
         steps,
     }
+}
+
+/// Longest condition recorded in a decision summary, in characters.
+const MAX_SUMMARY_CONDITION: usize = 200;
+
+fn summary_condition(spec: &PolicySpec) -> String {
+    if spec.expressions().next().is_none() {
+        return String::new();
+    }
+    let text = spec
+        .condition()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if text.chars().count() <= MAX_SUMMARY_CONDITION {
+        return text;
+    }
+    let mut short: String = text.chars().take(MAX_SUMMARY_CONDITION - 3).collect();
+    short.push_str("...");
+    short
 }
 
 /// The wire action of a policy's (or an escalation step's) action and parameters.

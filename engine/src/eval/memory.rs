@@ -232,7 +232,7 @@ impl MemoryState {
                 None => {}
             }
             inner.marks.insert(key, Mark::InFlight(receipt_id));
-            out.receipt.event_ids.push(event.id.clone());
+            out.receipt.event_ids.push(key);
             for (hi, hit) in event.hits.iter().enumerate() {
                 let (Some(policy), Some(state)) =
                     (batch.policies.get(hit.policy), states.get_mut(hit.policy))
@@ -381,8 +381,7 @@ impl StateBackend for MemoryState {
     async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
         let expiry = now_ms.saturating_add(self.ttl_ms);
-        for id in &receipt.event_ids {
-            let key = self.fingerprint(id);
+        for &key in &receipt.event_ids {
             if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
                 inner.marks.insert(key, Mark::Done(expiry));
                 inner.done.push_back((expiry, key));
@@ -401,8 +400,7 @@ impl StateBackend for MemoryState {
 
     async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
-        for id in &receipt.event_ids {
-            let key = self.fingerprint(id);
+        for &key in &receipt.event_ids {
             if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
                 inner.marks.remove(&key);
             }

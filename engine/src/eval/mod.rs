@@ -297,6 +297,10 @@ impl Evaluator {
                 crossing.level, crossing.offense
             ));
         }
+        if !policy.condition.is_empty() {
+            summary.push_str("; when ");
+            summary.push_str(&policy.condition);
+        }
         let ttl = chrono::Duration::milliseconds(crossing.ttl_ms);
         let action = policy
             .actions
@@ -375,10 +379,13 @@ fn hits_of(policies: &PolicySet, ev: &RequestEvent, now_ms: i64) -> EventHits {
             steps,
         });
     }
-    EventHits {
-        id: ev.id.clone(),
-        hits,
-    }
+    // Only events with hits are deduplicated, so only they need their id.
+    let id = if hits.is_empty() {
+        String::new()
+    } else {
+        ev.id.clone()
+    };
+    EventHits { id, hits }
 }
 
 /// `12`, or `12.5` for fractional weighted counts.

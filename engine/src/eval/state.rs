@@ -239,8 +239,9 @@ pub struct DecisionState {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Receipt {
     pub id: u64,
-    /// The events marked in flight.
-    pub event_ids: Vec<String>,
+    /// The events marked in flight, as the backend's keys for them (the memory backend
+    /// uses keyed fingerprints of the ids).
+    pub event_ids: Vec<u64>,
     pub increments: Vec<Increment>,
     /// Decisions made by this batch, with the state they replaced.
     pub cooldowns: Vec<(PolicyKey, EntityKey, DecisionState)>,

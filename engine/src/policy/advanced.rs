@@ -291,6 +291,12 @@ impl PolicySpec {
                 "a sequence policy counts completed sequences; it takes no aggregate",
             ));
         }
+        if self.count_if.is_some() {
+            return Err(field(
+                "count_if",
+                "count_if does not apply to a sequence policy (its steps say what counts)",
+            ));
+        }
         for (i, step) in self.sequence.iter().enumerate() {
             compile_filter(&step.when, &mut Lists::new(None))
                 .map_err(|e| expr_error(format!("sequence.{i}.when"), e))?;
@@ -302,6 +308,41 @@ impl PolicySpec {
             }
         }
         Ok(())
+    }
+
+    /// The policy's condition as written: its `match` table, filter, counting filter or
+    /// sequence (`(a){5,} then (b)`).
+    pub fn condition(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.matches.is_empty() {
+            let m = serde_json::to_string(&self.matches).unwrap_or_default();
+            parts.push(format!("match {m}"));
+        }
+        if let Some(f) = &self.filter {
+            parts.push(f.trim().to_string());
+        }
+        if let Some(c) = &self.count_if {
+            parts.push(format!("counting {}", c.trim()));
+        }
+        if !self.sequence.is_empty() {
+            let steps: Vec<String> = self
+                .sequence
+                .iter()
+                .map(|s| {
+                    if s.min > 1 {
+                        format!("({}){{{},}}", s.when.trim(), s.min)
+                    } else {
+                        format!("({})", s.when.trim())
+                    }
+                })
+                .collect();
+            parts.push(steps.join(" then "));
+        }
+        if parts.is_empty() {
+            "every request".to_string()
+        } else {
+            parts.join("; ")
+        }
     }
 
     /// The ttl of a decision at escalation `level` (0 = the policy's own action) for

@@ -375,6 +375,10 @@ fn advanced_fields_are_checked() {
             "needs `rate`",
         ),
         ("sequence = [{ when = 'true', min = 0 }]", "min 0 must be 1"),
+        (
+            "count_if = 'true'\nsequence = [{ when = 'true' }]",
+            "does not apply to a sequence",
+        ),
         ("entity = [\"ip\"]", "2 to 4 parts"),
         ("entity = [\"ip\", \"ip\"]", "repeated"),
         ("entity = [\"ip\", \"mac\"]", "unknown entity"),
