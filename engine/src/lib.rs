@@ -1,7 +1,9 @@
 //! Esper's policy engine: policy language, evaluator, entity state and the worker loop.
 
 pub mod eval;
+pub mod expr;
 pub mod policy;
+pub mod replay;
 pub mod worker;
 
 pub use worker::{Args, Config, WorkerError, run};

@@ -39,6 +39,53 @@ struct Index {
     headers: HashMap<String, HashMap<String, Slot>>,
     /// cookie name -> hashed value -> mitigations.
     cookies: HashMap<String, HashMap<String, Slot>>,
+    /// Tuple mitigations with an address part, by that address; the others.
+    tuples_by_ip: HashMap<IpAddr, Slot>,
+    tuples: Slot,
+}
+
+/// The address part of a tuple, by which it is indexed.
+fn tuple_ip(parts: &[EntityKey]) -> Option<IpAddr> {
+    parts.iter().find_map(|p| match p {
+        EntityKey::Ip(ip) => Some(ip.to_canonical()),
+        _ => None,
+    })
+}
+
+/// Does a request match one part of a tuple?
+fn part_matches(part: &EntityKey, ip: IpAddr, headers: &HeaderMap) -> bool {
+    match part {
+        EntityKey::Ip(_) | EntityKey::Cidr(_) => part.covers_ip(ip),
+        EntityKey::Header { name, value } => headers
+            .get_all(name.as_str())
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v == value)),
+        EntityKey::Cookie { name, value } => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|h| h.to_str().ok())
+            .flat_map(cookie_pairs)
+            .any(|(n, v)| n.eq_ignore_ascii_case(name) && hash_cookie_value(v) == *value),
+        EntityKey::Tuple(_) => false,
+    }
+}
+
+/// Keeps the strictest tuple mitigation of `slot` whose every part the request matches.
+fn consider_tuples<'a>(
+    best: &mut Option<&'a Arc<Mitigation>>,
+    slot: &'a Slot,
+    request: (&str, IpAddr, &HeaderMap),
+    now: DateTime<Utc>,
+) {
+    let (app, ip, headers) = request;
+    for m in slot {
+        let EntityKey::Tuple(parts) = &m.entity else {
+            continue;
+        };
+        if parts.iter().all(|p| part_matches(p, ip, headers)) {
+            consider(best, std::slice::from_ref(m), app, now);
+        }
+    }
 }
 
 fn mask_v4(addr: u32, len: u8) -> u32 {
@@ -74,7 +121,7 @@ fn outranks(a: &Mitigation, b: &Mitigation) -> bool {
 /// Keeps the strictest mitigation of `slot` that is in force for `app` at `now`.
 fn consider<'a>(
     best: &mut Option<&'a Arc<Mitigation>>,
-    slot: &'a Slot,
+    slot: &'a [Arc<Mitigation>],
     app: &str,
     now: DateTime<Utc>,
 ) {
@@ -128,6 +175,10 @@ impl Index {
                 .entry(value)
                 .or_default()
                 .push(m),
+            EntityKey::Tuple(parts) => match tuple_ip(&parts) {
+                Some(ip) => self.tuples_by_ip.entry(ip).or_default().push(m),
+                None => self.tuples.push(m),
+            },
         }
     }
 
@@ -155,6 +206,17 @@ impl Index {
             }
             EntityKey::Header { name, value } => remove_named(&mut self.headers, &name, &value, id),
             EntityKey::Cookie { name, value } => remove_named(&mut self.cookies, &name, &value, id),
+            EntityKey::Tuple(parts) => match tuple_ip(&parts) {
+                Some(ip) => {
+                    if let Some(slot) = self.tuples_by_ip.get_mut(&ip) {
+                        remove_from(slot, id);
+                        if slot.is_empty() {
+                            self.tuples_by_ip.remove(&ip);
+                        }
+                    }
+                }
+                None => remove_from(&mut self.tuples, id),
+            },
         }
         true
     }
@@ -214,6 +276,10 @@ impl Index {
                 }
             }
         }
+        if let Some(slot) = self.tuples_by_ip.get(&ip) {
+            consider_tuples(&mut best, slot, (app, ip, headers), now);
+        }
+        consider_tuples(&mut best, &self.tuples, (app, ip, headers), now);
         best.cloned()
     }
 
@@ -243,6 +309,8 @@ impl Index {
             .values()
             .flat_map(|m| m.values())
             .for_each(&mut collect);
+        self.tuples_by_ip.values().for_each(&mut collect);
+        collect(&self.tuples);
         out
     }
 }
@@ -495,6 +563,39 @@ mod tests {
             HeaderValue::from_static("session=other"),
         );
         assert_eq!(find(&cache, "a", "192.0.2.1", &h), None);
+    }
+
+    #[test]
+    fn tuple_keys_need_every_part() {
+        let cache = MitigationCache::new();
+        cache.upsert(mitigation(
+            "tuple:ip:192.0.2.1+header:user-agent=curl/8",
+            Action::Block,
+        ));
+        let hashed = hash_cookie_value("s3cret");
+        let net_cookie = mitigation(
+            &format!("tuple:cidr:10.0.0.0/8+cookie:session={hashed}"),
+            Action::Log,
+        );
+        let net_cookie_id = net_cookie.id.clone();
+        cache.upsert(net_cookie);
+        let mut curl = HeaderMap::new();
+        curl.insert("User-Agent", HeaderValue::from_static("curl/8"));
+        assert_eq!(find(&cache, "a", "192.0.2.1", &curl), Some(Action::Block));
+        assert_eq!(find(&cache, "a", "192.0.2.2", &curl), None, "other address");
+        assert_eq!(find(&cache, "a", "192.0.2.1", &none()), None, "no agent");
+        let mut c = HeaderMap::new();
+        c.insert(
+            http::header::COOKIE,
+            HeaderValue::from_static("session=s3cret"),
+        );
+        assert_eq!(find(&cache, "a", "10.2.3.4", &c), Some(Action::Log));
+        assert_eq!(find(&cache, "a", "11.2.3.4", &c), None);
+        assert!(cache.remove(&net_cookie_id));
+        assert_eq!(find(&cache, "a", "10.2.3.4", &c), None);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.sweep(Utc::now() + chrono::Duration::hours(1)), 1);
+        assert!(cache.is_empty());
     }
 
     #[test]

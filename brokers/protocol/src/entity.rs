@@ -1,7 +1,9 @@
 //! Entity keys: what a mitigation or a policy tracks (an IP, a network, a header value...).
 //!
 //! On the wire and in URLs a key is one string, `kind:value`: `ip:203.0.113.7`,
-//! `cidr:203.0.113.0/24`, `header:x-api-key=abc`, `cookie:session=9f2c...`.
+//! `cidr:203.0.113.0/24`, `header:x-api-key=abc`, `cookie:session=9f2c...`, and a
+//! combination of these, `tuple:ip:203.0.113.7+header:user-agent=curl/8.5` (in each
+//! part, `%` and `+` are written `%25` and `%2B`).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -22,17 +24,22 @@ pub enum EntityKey {
     Header { name: String, value: String },
     /// The (hashed) value of a named cookie.
     Cookie { name: String, value: String },
+    /// A combination: a request matches when it matches every part. Parts are not
+    /// tuples themselves.
+    Tuple(Vec<EntityKey>),
 }
 
 /// Why a string is not an entity key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntityParseError {
     #[error(
-        "entity key `{0}` has no kind: expected `ip:ADDR`, `cidr:NET/LEN`, `header:NAME=VALUE` or `cookie:NAME=VALUE`"
+        "entity key `{0}` has no kind: expected `ip:ADDR`, `cidr:NET/LEN`, `header:NAME=VALUE`, `cookie:NAME=VALUE` or `tuple:KEY+KEY`"
     )]
     MissingKind(String),
-    #[error("unknown entity kind `{0}`: expected ip, cidr, header or cookie")]
+    #[error("unknown entity kind `{0}`: expected ip, cidr, header, cookie or tuple")]
     UnknownKind(String),
+    #[error("`{0}` is not a tuple of 2 or more entity keys joined by `+` (tuples do not nest)")]
+    BadTuple(String),
     #[error("`{0}` is not an IP address")]
     BadIp(String),
     #[error("`{0}` is not a network in CIDR form (e.g. 203.0.113.0/24)")]
@@ -49,6 +56,7 @@ impl EntityKey {
             EntityKey::Cidr(_) => "cidr",
             EntityKey::Header { .. } => "header",
             EntityKey::Cookie { .. } => "cookie",
+            EntityKey::Tuple(_) => "tuple",
         }
     }
 
@@ -76,8 +84,39 @@ impl fmt::Display for EntityKey {
             EntityKey::Cidr(net) => write!(f, "cidr:{net}"),
             EntityKey::Header { name, value } => write!(f, "header:{name}={value}"),
             EntityKey::Cookie { name, value } => write!(f, "cookie:{name}={value}"),
+            EntityKey::Tuple(parts) => {
+                f.write_str("tuple:")?;
+                for (i, part) in parts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("+")?;
+                    }
+                    let text = part.to_string();
+                    f.write_str(&text.replace('%', "%25").replace('+', "%2B"))?;
+                }
+                Ok(())
+            }
         }
     }
+}
+
+fn tuple(rest: &str) -> Result<EntityKey, EntityParseError> {
+    let bad = || EntityParseError::BadTuple(rest.to_string());
+    let mut parts = Vec::new();
+    for text in rest.split('+') {
+        let text = text
+            .replace("%2B", "+")
+            .replace("%2b", "+")
+            .replace("%25", "%");
+        let part: EntityKey = text.parse()?;
+        if matches!(part, EntityKey::Tuple(_)) {
+            return Err(bad());
+        }
+        parts.push(part);
+    }
+    if parts.len() < 2 {
+        return Err(bad());
+    }
+    Ok(EntityKey::Tuple(parts))
 }
 
 fn named_value(rest: &str) -> Result<(String, String), EntityParseError> {
@@ -107,6 +146,7 @@ impl FromStr for EntityKey {
                 .map_err(|_| EntityParseError::BadCidr(rest.to_string())),
             "header" => named_value(rest).map(|(name, value)| EntityKey::Header { name, value }),
             "cookie" => named_value(rest).map(|(name, value)| EntityKey::Cookie { name, value }),
+            "tuple" => tuple(rest),
             other => Err(EntityParseError::UnknownKind(other.to_string())),
         }
     }
@@ -138,6 +178,8 @@ mod tests {
             "cidr:2001:db8::/64",
             "header:x-api-key=abc=def",
             "cookie:session=9f2c",
+            "tuple:ip:203.0.113.7+header:user-agent=Mozilla/5.0 (%2Bhttp://x/) 100%25",
+            "tuple:cidr:10.0.0.0/8+cookie:sid=ab",
         ] {
             let key: EntityKey = s.parse().unwrap();
             assert_eq!(key.to_string(), s);
@@ -174,6 +216,21 @@ mod tests {
             "header:=x".parse::<EntityKey>(),
             Err(EntityParseError::BadNamedValue(_))
         ));
+        assert!(matches!(
+            "tuple:ip:10.0.0.1".parse::<EntityKey>(),
+            Err(EntityParseError::BadTuple(_))
+        ));
+        let t: EntityKey = "tuple:ip:10.0.0.1+header:ua=a%2Bb".parse().unwrap();
+        assert_eq!(
+            t,
+            EntityKey::Tuple(vec![
+                EntityKey::Ip("10.0.0.1".parse().unwrap()),
+                EntityKey::Header {
+                    name: "ua".into(),
+                    value: "a+b".into()
+                }
+            ])
+        );
         assert!(matches!(
             "mac:x".parse::<EntityKey>(),
             Err(EntityParseError::UnknownKind(_))

@@ -25,6 +25,8 @@ struct State {
     exact: HashMap<EntityKey, HashSet<String>>,
     /// Networks by id: checked by containment.
     nets: HashMap<String, IpNet>,
+    /// Tuples (combinations) by id: every part must match.
+    tuples: HashMap<String, Vec<EntityKey>>,
     synced: bool,
 }
 
@@ -34,6 +36,9 @@ impl State {
         match &m.entity {
             EntityKey::Cidr(net) => {
                 self.nets.insert(m.id.clone(), *net);
+            }
+            EntityKey::Tuple(parts) => {
+                self.tuples.insert(m.id.clone(), parts.clone());
             }
             key => {
                 self.exact
@@ -54,6 +59,7 @@ impl State {
                 }
             }
             self.nets.remove(id);
+            self.tuples.remove(id);
         }
     }
 
@@ -155,8 +161,19 @@ impl Mirror {
             .iter()
             .filter(|(_, net)| net.contains(&ip))
             .map(|(id, _)| id);
+        let tuples = st
+            .tuples
+            .iter()
+            .filter(|(_, parts)| {
+                parts.iter().all(|p| match p {
+                    EntityKey::Ip(_) | EntityKey::Cidr(_) => p.covers_ip(ip),
+                    other => others.contains(other),
+                })
+            })
+            .map(|(id, _)| id);
         direct
             .chain(covering)
+            .chain(tuples)
             .filter_map(|id| st.by_id.get(id))
             .filter(|m| m.is_active(now) && m.scope.applies_to(app))
             .max_by(|a, b| {
@@ -269,6 +286,37 @@ mod tests {
         assert_eq!(mirror.best_for_ip(ip, "shop").unwrap().id, "a");
         assert_eq!(mirror.best_for_ip(ip, "blog").unwrap().id, "c");
         mirror.revoke(None, Some(&"ip:192.0.2.7".parse().unwrap()));
+        assert!(mirror.is_empty());
+    }
+
+    #[test]
+    fn tuples_apply_when_every_part_matches() {
+        let mirror = Mirror::new();
+        mirror.upsert(m(
+            "t",
+            "tuple:ip:192.0.2.7+header:user-agent=curl/8",
+            Action::Block,
+        ));
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let curl: EntityKey = "header:user-agent=curl/8".parse().unwrap();
+        assert_eq!(
+            mirror
+                .best_for(ip, std::slice::from_ref(&curl), "")
+                .unwrap()
+                .id,
+            "t"
+        );
+        assert!(mirror.best_for(ip, &[], "").is_none());
+        assert!(
+            mirror
+                .best_for("192.0.2.8".parse().unwrap(), &[curl], "")
+                .is_none()
+        );
+        mirror.apply(DeltaPage {
+            cursor: "2".into(),
+            snapshot: false,
+            changes: vec![Change::Remove { id: "t".into() }],
+        });
         assert!(mirror.is_empty());
     }
 

@@ -1,5 +1,6 @@
-//! Policies compiled once into matchers: upper/lower-cased strings, parsed networks and
-//! status bitsets, so matching an event allocates nothing.
+//! Policies compiled once into matchers: upper/lower-cased strings, parsed networks,
+//! status bitsets and compiled filter expressions, so matching an event allocates
+//! nothing.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,11 +9,12 @@ use std::time::Duration;
 use esper_protocol::{Action, DecisionMode, EntityKey, RequestEvent, Scope};
 use ipnet::IpNet;
 
-use super::state::PolicyKey;
+use super::state::{PolicyKey, Rules, Rung};
 use super::window::WindowParams;
+use crate::expr::{Cond, IpSet, Lists, ValueField, compile_filter, contains_fold, host_only};
 use crate::policy::{
-    ActionKind, ActivePolicies, EntitySpec, ListKind, NamedList, PolicyMode, PolicyScope,
-    PolicySpec, StatusMatch,
+    ActionKind, ActivePolicies, AggregateSpec, EntitySpec, ListKind, NamedList, PolicyMode,
+    PolicyScope, PolicySpec, StatusMatch,
 };
 
 /// Statuses 0..640 as a bitset.
@@ -45,23 +47,6 @@ struct Matcher {
     user_agents: Vec<String>,
     ip_in: Option<Vec<IpNet>>,
     ip_not_in: Option<Vec<IpNet>>,
-}
-
-/// Case-insensitive substring test; `needle` is lower-case and not empty.
-fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
-    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
-    h.len() >= n.len() && h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
-}
-
-/// The host without its port (`shop.example:8000`, `[::1]:8000`).
-fn host_only(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    }
 }
 
 fn in_nets(nets: &[IpNet], ip: IpAddr) -> bool {
@@ -102,7 +87,7 @@ impl Matcher {
         }
         if !self.user_agents.is_empty() {
             let ua = ev.user_agent.as_deref().unwrap_or("");
-            if !self.user_agents.iter().any(|n| contains_ignore_case(ua, n)) {
+            if !self.user_agents.iter().any(|n| contains_fold(ua, n)) {
                 return false;
             }
         }
@@ -130,43 +115,75 @@ pub struct CompiledPolicy {
     pub action: Action,
     pub scope: Scope,
     pub mode: DecisionMode,
+    /// The decision state's view of the policy (aggregate, ladder, sequence).
+    pub rules: Arc<Rules>,
+    /// The action at each escalation level (0: the policy's own).
+    pub actions: Vec<Action>,
+    /// For policies with expressions, their condition as written (shortened), recorded
+    /// in decision summaries; empty for `match`-table policies, whose summary says
+    /// enough.
+    pub condition: String,
     matcher: Matcher,
+    filter: Option<Cond>,
+    count_if: Option<Cond>,
+    value: Option<ValueField>,
+    steps: Vec<Cond>,
 }
 
 impl CompiledPolicy {
-    /// Does the event count for this policy?
+    /// Does the event match this policy (its `match` table and its `filter`)?
     pub fn matches(&self, ev: &RequestEvent) -> bool {
-        self.matcher.matches(ev, ev.client_ip.to_canonical())
+        self.matches_ip(ev, ev.client_ip.to_canonical())
+    }
+
+    /// [`matches`](Self::matches) with the canonical client address already computed.
+    #[inline]
+    pub fn matches_ip(&self, ev: &RequestEvent, ip: IpAddr) -> bool {
+        self.matcher.matches(ev, ip) && self.filter.as_ref().is_none_or(|f| f.eval(ev, ip))
+    }
+
+    /// Does a matching event count (`count_if`)?
+    #[inline]
+    pub fn counts(&self, ev: &RequestEvent, ip: IpAddr) -> bool {
+        self.count_if.as_ref().is_none_or(|f| f.eval(ev, ip))
+    }
+
+    /// The amount a counted event adds: its weight, times the summed field for sums.
+    #[inline]
+    pub fn amount(&self, ev: &RequestEvent, weight: f64) -> f64 {
+        match (&self.spec.aggregate, &self.value) {
+            (AggregateSpec::Sum(_), Some(v)) => weight * v.number(ev).max(0.0),
+            _ => weight,
+        }
+    }
+
+    /// For distinct aggregates, the fingerprint of the event's value.
+    #[inline]
+    pub fn distinct_value(&self, ev: &RequestEvent) -> Option<u64> {
+        match (&self.spec.aggregate, &self.value) {
+            (AggregateSpec::Distinct(_), Some(v)) => v.fingerprint(ev),
+            _ => None,
+        }
+    }
+
+    /// For sequences, the steps whose condition the event meets, as a bit mask.
+    #[inline]
+    pub fn step_mask(&self, ev: &RequestEvent, ip: IpAddr) -> u32 {
+        self.steps
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.eval(ev, ip))
+            .fold(0, |m, (i, _)| m | (1 << i))
+    }
+
+    pub fn is_sequence(&self) -> bool {
+        !self.steps.is_empty()
     }
 
     /// The entity the event counts for; `None` when the event lacks the header or
     /// cookie the policy counts by.
     pub fn entity_of(&self, ev: &RequestEvent) -> Option<EntityKey> {
-        let ip = ev.client_ip.to_canonical();
-        match &self.spec.entity {
-            EntitySpec::Ip => Some(EntityKey::Ip(ip)),
-            EntitySpec::Network { v4, v6 } => {
-                EntityKey::network(ip, if ip.is_ipv4() { *v4 } else { *v6 })
-            }
-            EntitySpec::Header(name) => {
-                ev.headers
-                    .get(name)
-                    .filter(|v| !v.is_empty())
-                    .map(|value| EntityKey::Header {
-                        name: name.clone(),
-                        value: value.clone(),
-                    })
-            }
-            EntitySpec::Cookie(name) => {
-                ev.cookies
-                    .get(name)
-                    .filter(|v| !v.is_empty())
-                    .map(|value| EntityKey::Cookie {
-                        name: name.clone(),
-                        value: value.clone(),
-                    })
-            }
-        }
+        entity_key(&self.spec.entity, ev, ev.client_ip.to_canonical())
     }
 
     /// The window length in whole seconds (for decisions).
@@ -175,13 +192,37 @@ impl CompiledPolicy {
     }
 }
 
+/// The entity an event counts for under `spec`.
+fn entity_key(spec: &EntitySpec, ev: &RequestEvent, ip: IpAddr) -> Option<EntityKey> {
+    let named = |name: &str, value: Option<&String>| {
+        value
+            .filter(|v| !v.is_empty())
+            .map(|value| (name.to_string(), value.clone()))
+    };
+    match spec {
+        EntitySpec::Ip => Some(EntityKey::Ip(ip)),
+        EntitySpec::Network { v4, v6 } => {
+            EntityKey::network(ip, if ip.is_ipv4() { *v4 } else { *v6 })
+        }
+        EntitySpec::Header(name) => {
+            named(name, ev.headers.get(name)).map(|(name, value)| EntityKey::Header { name, value })
+        }
+        EntitySpec::Cookie(name) => {
+            named(name, ev.cookies.get(name)).map(|(name, value)| EntityKey::Cookie { name, value })
+        }
+        EntitySpec::UserAgent => named("user-agent", ev.user_agent.as_ref())
+            .map(|(name, value)| EntityKey::Header { name, value }),
+        EntitySpec::Tuple(parts) => parts
+            .iter()
+            .map(|p| entity_key(p, ev, ip))
+            .collect::<Option<Vec<_>>>()
+            .map(EntityKey::Tuple),
+    }
+}
+
 /// FNV-1a: a fingerprint that is the same in every process (unlike `DefaultHasher`),
 /// so workers sharing a state backend agree on keys.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
+use crate::expr::fnv1a;
 
 /// The state key of a policy: its id and a fingerprint of its spec and version.
 pub fn policy_key(spec: &PolicySpec, version: Option<i64>) -> PolicyKey {
@@ -216,6 +257,10 @@ fn list_nets(
             Vec::new()
         }
     }
+}
+
+fn lists_of(active: &ActivePolicies) -> &[NamedList] {
+    &active.lists
 }
 
 /// Compiles one policy; a missing or non-IP list is an empty list (with a warning).
@@ -271,28 +316,67 @@ pub fn compile(
             .as_deref()
             .map(|n| list_nets(lists, n, &spec.id, warnings)),
     };
-    let action = match spec.action {
-        ActionKind::Block => Action::Block,
-        ActionKind::Throttle => Action::Throttle {
-            rate: spec.rate.unwrap_or(1.0),
-            burst: spec.effective_burst(),
-        },
-        ActionKind::Tarpit => Action::Tarpit {
-            delay_ms: spec
-                .delay
-                .unwrap_or(Duration::from_secs(1))
-                .as_millis()
-                .try_into()
-                .unwrap_or(u64::MAX),
-        },
-        ActionKind::Log => Action::Log,
+    let mut expr_lists = Lists::new(Some(lists));
+    let mut compile_expr = |src: &str| match compile_filter(src, &mut expr_lists) {
+        Ok(c) => c,
+        Err(e) => {
+            // Validation refuses these; a worker must still keep running.
+            warnings.push(format!(
+                "policy \"{}\": expression {e}; it matches nothing",
+                spec.id
+            ));
+            Cond::Const(false)
+        }
     };
+    let filter = spec.filter.as_deref().map(&mut compile_expr);
+    let count_if = spec.count_if.as_deref().map(&mut compile_expr);
+    let steps: Vec<Cond> = spec
+        .sequence
+        .iter()
+        .map(|s| compile_expr(&s.when))
+        .collect();
+    for (name, kind) in &expr_lists.refs {
+        if !lists.iter().any(|l| l.name == *name && l.kind == *kind) {
+            warnings.push(format!(
+                "policy \"{}\": {kind} list \"{name}\" does not exist; it is empty",
+                spec.id
+            ));
+        }
+    }
+    let value = spec.aggregate.value_field().and_then(Result::ok);
+    let params = WindowParams::new(spec.window, spec.threshold, spec.ttl);
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let rules = Rules {
+        distinct: matches!(spec.aggregate, AggregateSpec::Distinct(_)),
+        scale: match spec.aggregate {
+            AggregateSpec::Rate => 1.0 / spec.window.as_secs_f64().max(1e-3),
+            _ => 1.0,
+        },
+        sequence: spec.sequence.iter().map(|s| s.min).collect(),
+        ladder: spec
+            .escalation
+            .iter()
+            .map(|r| Rung {
+                repeat: r.repeat.unwrap_or(1),
+                threshold: r.threshold.unwrap_or(0.0),
+                ttl_ms: ms(r.ttl.unwrap_or(spec.ttl)),
+            })
+            .collect(),
+        growth: spec.ttl_growth.unwrap_or(1.0),
+        ttl_max_ms: ms(spec.ttl_max.unwrap_or(crate::policy::MAX_TTL)),
+    };
+    let mut actions = vec![action_of(spec.action, spec.rate, spec.burst, spec.delay)];
+    actions.extend(
+        spec.escalation
+            .iter()
+            .map(|r| action_of(r.action, r.rate, r.burst, r.delay)),
+    );
     CompiledPolicy {
         key: policy_key(spec, version),
         spec: Arc::new(spec.clone()),
         version,
-        params: WindowParams::new(spec.window, spec.threshold, spec.ttl),
-        action,
+        params,
+        action: actions[0].clone(),
         scope: match &spec.scope {
             PolicyScope::Global => Scope::Global,
             PolicyScope::App(app) => Scope::App(app.clone()),
@@ -301,7 +385,63 @@ pub fn compile(
             PolicyMode::Enforce => DecisionMode::Enforce,
             PolicyMode::Shadow => DecisionMode::Shadow,
         },
+        rules: Arc::new(rules),
+        actions,
+        condition: summary_condition(spec),
         matcher,
+        filter,
+        count_if,
+        value,
+        steps,
+    }
+}
+
+/// Longest condition recorded in a decision summary, in characters.
+const MAX_SUMMARY_CONDITION: usize = 200;
+
+fn summary_condition(spec: &PolicySpec) -> String {
+    if spec.expressions().next().is_none() {
+        return String::new();
+    }
+    let text = spec
+        .condition()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if text.chars().count() <= MAX_SUMMARY_CONDITION {
+        return text;
+    }
+    let mut short: String = text.chars().take(MAX_SUMMARY_CONDITION - 3).collect();
+    short.push_str("...");
+    short
+}
+
+/// The wire action of a policy's (or an escalation step's) action and parameters.
+fn action_of(
+    kind: ActionKind,
+    rate: Option<f64>,
+    burst: Option<u32>,
+    delay: Option<Duration>,
+) -> Action {
+    match kind {
+        ActionKind::Block => Action::Block,
+        ActionKind::Throttle => {
+            let rate = rate.unwrap_or(1.0);
+            Action::Throttle {
+                rate,
+                burst: burst.unwrap_or_else(|| {
+                    rate.ceil().clamp(1.0, f64::from(crate::policy::MAX_BURST)) as u32
+                }),
+            }
+        }
+        ActionKind::Tarpit => Action::Tarpit {
+            delay_ms: delay
+                .unwrap_or(Duration::from_secs(1))
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+        },
+        ActionKind::Log => Action::Log,
     }
 }
 
@@ -311,6 +451,8 @@ pub struct PolicySet {
     pub revision: i64,
     policies: Vec<CompiledPolicy>,
     warnings: Vec<String>,
+    /// Addresses no policy decides against.
+    allowlist: Option<IpSet>,
 }
 
 impl PolicySet {
@@ -334,10 +476,21 @@ impl PolicySet {
             let version = active.versions.get(&spec.id).copied();
             policies.push(compile(spec, version, &active.lists, &mut warnings));
         }
+        // Higher priorities first; equal priorities keep their order.
+        policies.sort_by_key(|p| std::cmp::Reverse(p.spec.priority));
+        let allowlist = active.allowlist.as_deref().map(|name| {
+            IpSet::new(list_nets(
+                lists_of(active),
+                name,
+                "allowlist",
+                &mut warnings,
+            ))
+        });
         PolicySet {
             revision: active.revision,
             policies,
             warnings,
+            allowlist,
         }
     }
 
@@ -348,6 +501,12 @@ impl PolicySet {
             policies: specs,
             ..ActivePolicies::default()
         })
+    }
+
+    /// Is `ip` (canonical) on the allowlist?
+    #[inline]
+    pub fn allowed(&self, ip: IpAddr) -> bool {
+        self.allowlist.as_ref().is_some_and(|l| l.contains(ip))
     }
 
     pub fn policies(&self) -> &[CompiledPolicy] {
@@ -387,11 +546,8 @@ mod tests {
 
     #[test]
     fn substrings_ignore_case() {
-        assert!(contains_ignore_case(
-            "Python-Requests/2.31",
-            "python-requests"
-        ));
-        assert!(!contains_ignore_case("curl", "curl/8"));
+        assert!(contains_fold("Python-Requests/2.31", "python-requests"));
+        assert!(!contains_fold("curl", "curl/8"));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! counted. Processed event ids are remembered for `ttl`, and at most `capacity` of them.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+#[cfg(test)]
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,18 +15,104 @@ use esper_protocol::EntityKey;
 use parking_lot::Mutex;
 
 use super::state::{
-    BatchInput, BatchOutcome, CleanupReport, Crossing, Increment, PolicyKey, Receipt, StateBackend,
-    StateError, StateStats,
+    BatchInput, BatchOutcome, BatchPolicy, CleanupReport, Crossing, DecisionState, Hit, Increment,
+    PolicyKey, Receipt, SeqProgress, StateBackend, StateError, StateStats, Undo, advance,
 };
-use super::window::Window;
+use super::window::{DistinctWindow, Window};
 
-struct EntityState {
+/// One (policy, entity) pair's state.
+#[derive(Default)]
+pub(crate) struct EntityState {
     window: Window,
-    /// Wall-clock epoch ms until which a decision stands (0: none).
-    cooldown_until: i64,
-    /// The receipt that started the cooldown, so a rollback only undoes its own.
-    cooldown_by: u64,
+    /// Distinct aggregates only.
+    distinct: Option<Box<DistinctWindow>>,
+    /// Sequences only.
+    seq: Option<SeqProgress>,
+    /// The standing decision (cooldown in wall-clock epoch ms, with the receipt that
+    /// started it, so a rollback only undoes its own) and the offense history.
+    decision: DecisionState,
     last_touch: i64,
+}
+
+/// What one hit did to its entity.
+enum Measured {
+    /// The measured value after the hit: check it against the thresholds.
+    Value(f64),
+    /// Nothing to check (a sequence still in progress).
+    Nothing,
+    /// The event is older than the window.
+    Late,
+}
+
+impl EntityState {
+    /// Applies a hit's change to the aggregate; undo records go to `undo`.
+    fn measure(&mut self, policy: &BatchPolicy, hit: &Hit, undo: &mut Vec<Undo>) -> Measured {
+        let p = &policy.params;
+        let rules = &policy.rules;
+        let bucket = p.bucket_of(hit.at_ms);
+        let count = if !rules.sequence.is_empty() {
+            let prev = self.seq;
+            let done = advance(
+                &mut self.seq,
+                &rules.sequence,
+                hit.steps,
+                hit.at_ms,
+                p.window_ms(),
+            );
+            if self.seq != prev || done {
+                undo.push(Undo::Sequence { prev });
+            }
+            if !done {
+                return Measured::Nothing;
+            }
+            match self.window.add(bucket, 1.0, p) {
+                Some(c) => {
+                    undo.push(Undo::Weight {
+                        bucket,
+                        weight: 1.0,
+                    });
+                    c
+                }
+                None => return Measured::Late,
+            }
+        } else if rules.distinct {
+            let d = self.distinct.get_or_insert_with(Box::default);
+            match hit.distinct {
+                Some(value) => match d.add(value, bucket, p) {
+                    Some((c, prev)) => {
+                        undo.push(Undo::Distinct { value, prev });
+                        c
+                    }
+                    None => return Measured::Late,
+                },
+                None => d.count_at(bucket, p),
+            }
+        } else if hit.weight > 0.0 {
+            match self.window.add(bucket, hit.weight, p) {
+                Some(c) => {
+                    undo.push(Undo::Weight {
+                        bucket,
+                        weight: hit.weight,
+                    });
+                    c
+                }
+                None => return Measured::Late,
+            }
+        } else {
+            self.window.count_at(bucket, p)
+        };
+        Measured::Value(count * rules.scale)
+    }
+
+    fn is_idle(&self, now_ms: i64, window_ms: i64, history_ms: i64) -> bool {
+        let empty = self.window.is_empty()
+            && self.distinct.as_ref().is_none_or(|d| d.is_empty())
+            && self.seq.is_none();
+        let d = &self.decision;
+        (empty || self.last_touch.saturating_add(window_ms) <= now_ms)
+            && d.cooldown_until <= now_ms
+            && (d.offenses == 0 || d.last_offense_ms.saturating_add(history_ms) <= now_ms)
+    }
 }
 
 struct PolicyState {
@@ -38,13 +126,34 @@ enum Mark {
     Done(i64),
 }
 
+/// A hasher for keys that are already uniformly distributed 64-bit fingerprints.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = bytes
+            .iter()
+            .fold(self.0, |h, b| h.rotate_left(8) ^ u64::from(*b));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     policies: HashMap<PolicyKey, PolicyState>,
     entities: usize,
-    marks: HashMap<Arc<str>, Mark>,
+    /// Event ids by a keyed 64-bit fingerprint (SipHash with a per-process key): no
+    /// copy of the id is kept. Two ids sharing a fingerprint (about one chance in 10^5
+    /// over ten million remembered ids) would count the later one as a duplicate.
+    marks: HashMap<u64, Mark, BuildHasherDefault<Prehashed>>,
     /// Done marks in expiry order (the TTL is the same for all, so insertion order).
-    done: VecDeque<(i64, Arc<str>)>,
+    done: VecDeque<(i64, u64)>,
     next_receipt: u64,
     evictions: u64,
     id_evictions: u64,
@@ -55,6 +164,7 @@ pub struct MemoryState {
     inner: Mutex<Inner>,
     ttl_ms: i64,
     capacity: usize,
+    ids: RandomState,
 }
 
 impl MemoryState {
@@ -65,7 +175,12 @@ impl MemoryState {
             inner: Mutex::new(Inner::default()),
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
             capacity: capacity.max(1),
+            ids: RandomState::new(),
         }
+    }
+
+    fn fingerprint(&self, id: &str) -> u64 {
+        self.ids.hash_one(id)
     }
 
     fn apply_now(&self, batch: &BatchInput, now_ms: i64) -> BatchOutcome {
@@ -73,6 +188,22 @@ impl MemoryState {
         let inner = &mut *inner;
         inner.next_receipt += 1;
         let receipt_id = inner.next_receipt;
+        // Each policy's state is taken out of the map once per batch rather than looked
+        // up per hit (policy keys are unique within a batch).
+        let mut states: Vec<PolicyState> = batch
+            .policies
+            .iter()
+            .map(|bp| {
+                inner
+                    .policies
+                    .remove(&bp.key)
+                    .unwrap_or_else(|| PolicyState {
+                        window_ms: bp.params.window_ms(),
+                        entities: HashMap::new(),
+                    })
+            })
+            .collect();
+        let mut undo = Vec::new();
         let mut out = BatchOutcome {
             duplicate: vec![false; batch.events.len()],
             busy: vec![false; batch.events.len()],
@@ -87,7 +218,8 @@ impl MemoryState {
             if event.hits.is_empty() {
                 continue;
             }
-            match inner.marks.get(event.id.as_str()) {
+            let key = self.fingerprint(&event.id);
+            match inner.marks.get(&key) {
                 Some(Mark::InFlight(r)) if *r != receipt_id => {
                     out.duplicate[ei] = true;
                     out.busy[ei] = true;
@@ -99,56 +231,97 @@ impl MemoryState {
                 }
                 None => {}
             }
-            inner
-                .marks
-                .insert(Arc::from(event.id.as_str()), Mark::InFlight(receipt_id));
-            out.receipt.event_ids.push(event.id.clone());
+            inner.marks.insert(key, Mark::InFlight(receipt_id));
+            out.receipt.event_ids.push(key);
             for (hi, hit) in event.hits.iter().enumerate() {
-                let Some(policy) = batch.policies.get(hit.policy) else {
+                let (Some(policy), Some(state)) =
+                    (batch.policies.get(hit.policy), states.get_mut(hit.policy))
+                else {
                     continue;
                 };
                 let p = &policy.params;
-                let state =
-                    inner
-                        .policies
-                        .entry(policy.key.clone())
-                        .or_insert_with(|| PolicyState {
-                            window_ms: p.window_ms(),
-                            entities: HashMap::new(),
-                        });
-                let entity = state.entities.entry(hit.entity.clone()).or_insert_with(|| {
-                    inner.entities += 1;
-                    EntityState {
-                        window: Window::default(),
-                        cooldown_until: 0,
-                        cooldown_by: 0,
-                        last_touch: now_ms,
+                let counts = hit.weight > 0.0 || hit.distinct.is_some() || hit.steps != 0;
+                let entity = if counts {
+                    state.entities.entry(hit.entity.clone()).or_insert_with(|| {
+                        inner.entities += 1;
+                        EntityState {
+                            last_touch: now_ms,
+                            ..EntityState::default()
+                        }
+                    })
+                } else {
+                    // A hit that counts nothing only checks an entity already tracked.
+                    match state.entities.get_mut(&hit.entity) {
+                        Some(e) => e,
+                        None => continue,
                     }
-                });
-                let bucket = p.bucket_of(hit.at_ms);
-                let Some(count) = entity.window.add(bucket, hit.weight, p) else {
-                    out.late += 1;
-                    continue;
                 };
-                entity.last_touch = now_ms;
-                out.receipt.increments.push(Increment {
-                    policy: policy.key.clone(),
-                    entity: hit.entity.clone(),
-                    bucket,
-                    weight: hit.weight,
-                });
-                if p.reached(count) && entity.cooldown_until <= now_ms {
-                    entity.cooldown_until = now_ms.saturating_add(p.cooldown_ms);
-                    entity.cooldown_by = receipt_id;
+                undo.clear();
+                let measured = match entity.measure(policy, hit, &mut undo) {
+                    Measured::Value(v) => Some(v),
+                    Measured::Nothing => None,
+                    Measured::Late => {
+                        out.late += 1;
+                        None
+                    }
+                };
+                if counts {
+                    entity.last_touch = now_ms;
+                }
+                out.receipt
+                    .increments
+                    .extend(undo.drain(..).map(|u| Increment {
+                        policy: policy.key.clone(),
+                        entity: hit.entity.clone(),
+                        undo: u,
+                    }));
+                let Some(measured) = measured else { continue };
+                let rules = &policy.rules;
+                let d = &mut entity.decision;
+                let decided = if d.cooldown_until <= now_ms {
+                    p.reached(measured).then(|| {
+                        let repeat = d.offenses > 0
+                            && now_ms.saturating_sub(d.last_offense_ms) <= self.ttl_ms;
+                        let offense = if repeat {
+                            d.offenses.saturating_add(1)
+                        } else {
+                            1
+                        };
+                        (rules.level_for(measured, offense), offense)
+                    })
+                } else if !rules.ladder.is_empty() {
+                    let level = rules.level_for(measured, d.offenses);
+                    (level > d.level).then_some((level, d.offenses))
+                } else {
+                    None
+                };
+                if let Some((level, offense)) = decided {
+                    let prev = *d;
+                    let ttl_ms = rules.ttl_ms(level, offense, p.cooldown_ms);
+                    *d = DecisionState {
+                        cooldown_until: now_ms.saturating_add(ttl_ms),
+                        cooldown_by: receipt_id,
+                        level,
+                        offenses: offense,
+                        last_offense_ms: now_ms,
+                    };
                     out.receipt
                         .cooldowns
-                        .push((policy.key.clone(), hit.entity.clone()));
+                        .push((policy.key.clone(), hit.entity.clone(), prev));
                     out.crossings.push(Crossing {
                         event: ei,
                         hit: hi,
-                        counted: count,
+                        counted: measured,
+                        level,
+                        offense,
+                        ttl_ms,
                     });
                 }
+            }
+        }
+        for (policy, state) in batch.policies.iter().zip(states) {
+            if !state.entities.is_empty() {
+                inner.policies.insert(policy.key.clone(), state);
             }
         }
         if inner.entities > self.capacity {
@@ -170,7 +343,7 @@ fn evict(inner: &mut Inner, capacity: usize, now_ms: i64) {
         .policies
         .values()
         .flat_map(|p| p.entities.values())
-        .map(|e| (e.cooldown_until > now_ms, e.last_touch))
+        .map(|e| (e.decision.cooldown_until > now_ms, e.last_touch))
         .collect();
     let excess = excess.min(ages.len());
     if excess == 0 {
@@ -181,7 +354,7 @@ fn evict(inner: &mut Inner, capacity: usize, now_ms: i64) {
     let mut removed = 0;
     for p in inner.policies.values_mut() {
         p.entities.retain(|_, e| {
-            let age = (e.cooldown_until > now_ms, e.last_touch);
+            let age = (e.decision.cooldown_until > now_ms, e.last_touch);
             if removed < excess && age <= cutoff {
                 removed += 1;
                 false
@@ -208,14 +381,9 @@ impl StateBackend for MemoryState {
     async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
         let expiry = now_ms.saturating_add(self.ttl_ms);
-        for id in &receipt.event_ids {
-            let ours = inner
-                .marks
-                .get_key_value(id.as_str())
-                .filter(|(_, mark)| **mark == Mark::InFlight(receipt.id))
-                .map(|(key, _)| key.clone());
-            if let Some(key) = ours {
-                inner.marks.insert(key.clone(), Mark::Done(expiry));
+        for &key in &receipt.event_ids {
+            if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
+                inner.marks.insert(key, Mark::Done(expiry));
                 inner.done.push_back((expiry, key));
             }
         }
@@ -232,28 +400,36 @@ impl StateBackend for MemoryState {
 
     async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
-        for id in &receipt.event_ids {
-            if inner.marks.get(id.as_str()) == Some(&Mark::InFlight(receipt.id)) {
-                inner.marks.remove(id.as_str());
+        for &key in &receipt.event_ids {
+            if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
+                inner.marks.remove(&key);
             }
         }
-        for inc in &receipt.increments {
+        for inc in receipt.increments.iter().rev() {
             if let Some(e) = inner
                 .policies
                 .get_mut(&inc.policy)
                 .and_then(|p| p.entities.get_mut(&inc.entity))
             {
-                e.window.remove(inc.bucket, inc.weight);
+                match &inc.undo {
+                    Undo::Weight { bucket, weight } => e.window.remove(*bucket, *weight),
+                    Undo::Distinct { value, prev } => {
+                        if let Some(d) = e.distinct.as_mut() {
+                            d.undo(*value, *prev);
+                        }
+                    }
+                    Undo::Sequence { prev } => e.seq = *prev,
+                }
             }
         }
-        for (policy, entity) in &receipt.cooldowns {
+        for (policy, entity, prev) in receipt.cooldowns.iter().rev() {
             if let Some(e) = inner
                 .policies
                 .get_mut(policy)
                 .and_then(|p| p.entities.get_mut(entity))
             {
-                if e.cooldown_by == receipt.id {
-                    e.cooldown_until = 0;
+                if e.decision.cooldown_by == receipt.id {
+                    e.decision = *prev;
                 }
             }
         }
@@ -270,13 +446,12 @@ impl StateBackend for MemoryState {
     async fn cleanup(&self, now_ms: i64) -> Result<CleanupReport, StateError> {
         let mut inner = self.inner.lock();
         let mut report = CleanupReport::default();
+        let history_ms = self.ttl_ms;
         for p in inner.policies.values_mut() {
             let before = p.entities.len();
             let window_ms = p.window_ms;
-            p.entities.retain(|_, e| {
-                let idle = e.window.is_empty() || e.last_touch.saturating_add(window_ms) <= now_ms;
-                !(idle && e.cooldown_until <= now_ms)
-            });
+            p.entities
+                .retain(|_, e| !e.is_idle(now_ms, window_ms, history_ms));
             report.entities += before - p.entities.len();
         }
         inner.policies.retain(|_, p| !p.entities.is_empty());
@@ -310,7 +485,7 @@ impl StateBackend for MemoryState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::state::{BatchPolicy, EventHits, Hit};
+    use crate::eval::state::{EventHits, Rules};
     use crate::eval::window::WindowParams;
 
     fn key(id: &str) -> PolicyKey {
@@ -325,6 +500,10 @@ mod tests {
             policies: vec![BatchPolicy {
                 key: key("p"),
                 params: WindowParams::new(Duration::from_secs(60), 3.0, Duration::from_secs(300)),
+                rules: Arc::new(Rules {
+                    scale: 1.0,
+                    ..Rules::default()
+                }),
             }],
             events: ids
                 .iter()
@@ -335,6 +514,8 @@ mod tests {
                         entity: entity.parse().unwrap(),
                         at_ms,
                         weight: 1.0,
+                        distinct: None,
+                        steps: 0,
                     }],
                 })
                 .collect(),
@@ -411,7 +592,9 @@ mod tests {
             .unwrap();
         assert_eq!(out.crossings.len(), 1);
         assert_eq!(s.cleanup(NOW + 120_000).await.unwrap().entities, 0);
-        assert_eq!(s.cleanup(NOW + 300_000).await.unwrap().entities, 1);
+        // Its offense history (for repeat offenders) stays for the state TTL.
+        assert_eq!(s.cleanup(NOW + 300_000).await.unwrap().entities, 0);
+        assert_eq!(s.cleanup(NOW + 3_600_000).await.unwrap().entities, 1);
     }
 
     #[tokio::test]

@@ -24,6 +24,8 @@ use esper_protocol::{Decision, DecisionMode, Mitigation, Origin, Reason, Request
 use prometheus::{CounterVec, IntCounter, IntCounterVec, Opts, Registry};
 
 pub use compile::{CompiledPolicy, PolicySet, policy_key};
+
+use crate::policy::AggregateSpec;
 pub use memory::MemoryState;
 pub use state::{PolicyKey, Receipt, StateBackend, StateError, StateStats};
 
@@ -111,7 +113,7 @@ pub struct Evaluation {
     /// Hits ignored as older than their window.
     pub late: usize,
     receipt: Receipt,
-    /// (policy id, weight) per counted hit, for metrics on commit.
+    /// (policy id, weight) per policy with counted hits, for metrics on commit.
     weighted: Vec<(Arc<str>, f64)>,
 }
 
@@ -165,6 +167,7 @@ impl Evaluator {
                 .map(|p| BatchPolicy {
                     key: p.key.clone(),
                     params: p.params,
+                    rules: p.rules.clone(),
                 })
                 .collect(),
             events: events
@@ -173,14 +176,23 @@ impl Evaluator {
                 .collect(),
         };
         let outcome = self.state.apply(&input, now_ms).await?;
-        let mut weighted = Vec::new();
+        // Summed per policy here, so that commit touches each metric once per batch.
+        let mut sums = vec![0.0; policies.len()];
         for (ev, dup) in input.events.iter().zip(&outcome.duplicate) {
             if !dup {
-                for hit in &ev.hits {
-                    weighted.push((policies.policies()[hit.policy].key.id.clone(), hit.weight));
+                for hit in ev.hits.iter().filter(|h| h.weight > 0.0) {
+                    if let Some(sum) = sums.get_mut(hit.policy) {
+                        *sum += hit.weight;
+                    }
                 }
             }
         }
+        let weighted = sums
+            .iter()
+            .zip(policies.policies())
+            .filter(|(sum, _)| **sum > 0.0)
+            .map(|(sum, p)| (p.key.id.clone(), *sum))
+            .collect();
         let decisions = outcome
             .crossings
             .iter()
@@ -188,7 +200,7 @@ impl Evaluator {
                 let hit = input.events.get(c.event)?.hits.get(c.hit)?;
                 let policy = policies.policies().get(hit.policy)?;
                 let event = events.get(c.event)?;
-                Some(self.decision(policy, event, hit, c.counted, now))
+                Some(self.decision(policy, event, hit, c, now))
             })
             .collect();
         let skipped = outcome.duplicate.iter().filter(|d| **d).count();
@@ -247,14 +259,30 @@ impl Evaluator {
         policy: &CompiledPolicy,
         event: &RequestEvent,
         hit: &Hit,
-        counted: f64,
+        crossing: &state::Crossing,
         now: DateTime<Utc>,
     ) -> Decision {
         let spec = &policy.spec;
+        let threshold = crossing
+            .level
+            .checked_sub(1)
+            .and_then(|i| spec.escalation.get(i))
+            .and_then(|s| s.threshold)
+            .unwrap_or(spec.threshold);
+        let counted = crossing.counted;
+        let measure = if policy.is_sequence() {
+            "completed sequences".to_string()
+        } else {
+            match &spec.aggregate {
+                AggregateSpec::Count => "weighted events".to_string(),
+                AggregateSpec::Rate => "requests/s".to_string(),
+                other => other.to_string(),
+            }
+        };
         let mut summary = format!(
-            "{} weighted events >= {} in {}s ({} {}",
+            "{} {measure} >= {} in {}s ({} {}",
             number(counted),
-            number(spec.threshold),
+            number(threshold),
             policy.window_secs(),
             event.method,
             event.path.split('?').next().unwrap_or(""),
@@ -263,11 +291,26 @@ impl Evaluator {
             summary.push_str(&format!(" {}", event.status));
         }
         summary.push(')');
-        let ttl = chrono::Duration::from_std(spec.ttl).unwrap_or(chrono::Duration::MAX);
+        if crossing.level > 0 || crossing.offense > 1 {
+            summary.push_str(&format!(
+                " escalation step {}, offense {}",
+                crossing.level, crossing.offense
+            ));
+        }
+        if !policy.condition.is_empty() {
+            summary.push_str("; when ");
+            summary.push_str(&policy.condition);
+        }
+        let ttl = chrono::Duration::milliseconds(crossing.ttl_ms);
+        let action = policy
+            .actions
+            .get(crossing.level)
+            .unwrap_or(&policy.action)
+            .clone();
         let mitigation = Mitigation {
             id: uuid::Uuid::new_v4().to_string(),
             entity: hit.entity.clone(),
-            action: policy.action.clone(),
+            action,
             scope: policy.scope.clone(),
             reason: Reason {
                 policy_id: Some(spec.id.clone()),
@@ -286,7 +329,7 @@ impl Evaluator {
             policy_id: Some(spec.id.clone()),
             policy_version: policy.version,
             counted: Some(counted),
-            threshold: Some(spec.threshold),
+            threshold: Some(threshold),
             window_secs: Some(policy.window_secs()),
             decided_by: self.decided_by.clone(),
             decided_at: now,
@@ -303,24 +346,46 @@ fn hits_of(policies: &PolicySet, ev: &RequestEvent, now_ms: i64) -> EventHits {
     } else {
         1.0
     };
-    let hits = policies
-        .policies()
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.matches(ev))
-        .filter_map(|(i, p)| {
-            p.entity_of(ev).map(|entity| Hit {
-                policy: i,
-                entity,
-                at_ms,
-                weight,
-            })
-        })
-        .collect();
-    EventHits {
-        id: ev.id.clone(),
-        hits,
+    let ip = ev.client_ip.to_canonical();
+    let mut hits = Vec::new();
+    if policies.allowed(ip) {
+        return EventHits {
+            id: ev.id.clone(),
+            hits,
+        };
     }
+    for (i, p) in policies.policies().iter().enumerate() {
+        if !p.matches_ip(ev, ip) {
+            continue;
+        }
+        let steps = if p.is_sequence() {
+            p.step_mask(ev, ip)
+        } else {
+            0
+        };
+        if p.is_sequence() && steps == 0 {
+            continue;
+        }
+        let Some(entity) = p.entity_of(ev) else {
+            continue;
+        };
+        let counts = p.counts(ev, ip);
+        hits.push(Hit {
+            policy: i,
+            entity,
+            at_ms,
+            weight: if counts { p.amount(ev, weight) } else { 0.0 },
+            distinct: if counts { p.distinct_value(ev) } else { None },
+            steps,
+        });
+    }
+    // Only events with hits are deduplicated, so only they need their id.
+    let id = if hits.is_empty() {
+        String::new()
+    } else {
+        ev.id.clone()
+    };
+    EventHits { id, hits }
 }
 
 /// `12`, or `12.5` for fractional weighted counts.
@@ -334,3 +399,9 @@ fn number(v: f64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod advanced_tests;
+
+#[cfg(test)]
+mod window_props;

@@ -37,6 +37,69 @@ pub struct PolicyKey {
 pub struct BatchPolicy {
     pub key: PolicyKey,
     pub params: WindowParams,
+    pub rules: Arc<Rules>,
+}
+
+/// One rung of an escalation ladder, as the state applies it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rung {
+    /// Applies from this offense number on (1: always).
+    pub repeat: u32,
+    /// Applies when the measured value reaches this (0: always).
+    pub threshold: f64,
+    /// How long a decision at this rung stands before growth, milliseconds.
+    pub ttl_ms: i64,
+}
+
+/// What a policy does beyond a weighted count against one threshold.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rules {
+    /// Hits carry value fingerprints and the aggregate is a distinct count.
+    pub distinct: bool,
+    /// The measured value is the window's count times this (1 / window seconds for
+    /// rates).
+    pub scale: f64,
+    /// Sequence: the `min` of each step; empty for other policies.
+    pub sequence: Vec<u32>,
+    /// Escalation rungs above the policy's own action (level 0).
+    pub ladder: Vec<Rung>,
+    /// ttl growth per repeat offense (1: none) and its cap, milliseconds.
+    pub growth: f64,
+    pub ttl_max_ms: i64,
+}
+
+impl Rules {
+    /// The escalation level for a measured value and an offense number.
+    pub fn level_for(&self, measured: f64, offense: u32) -> usize {
+        self.ladder
+            .iter()
+            .rposition(|r| {
+                offense >= r.repeat
+                    && (r.threshold <= 0.0 || super::window::reached(measured, r.threshold))
+            })
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The cooldown (= mitigation ttl) of a decision at `level` for offense `offense`.
+    pub fn ttl_ms(&self, level: usize, offense: u32, base_ms: i64) -> i64 {
+        let base = level
+            .checked_sub(1)
+            .and_then(|i| self.ladder.get(i))
+            .map_or(base_ms, |r| r.ttl_ms);
+        if self.growth <= 1.0 {
+            return base;
+        }
+        let factor = self
+            .growth
+            .powi(i32::try_from(offense.saturating_sub(1)).unwrap_or(i32::MAX));
+        let grown = base as f64 * factor;
+        let cap = self.ttl_max_ms.max(base);
+        if grown.is_finite() && grown < cap as f64 {
+            grown as i64
+        } else {
+            cap
+        }
+    }
 }
 
 /// One matching (policy, entity) pair of an event.
@@ -47,7 +110,12 @@ pub struct Hit {
     pub entity: EntityKey,
     /// Event time, epoch milliseconds (already clamped to "now" for clock skew).
     pub at_ms: i64,
+    /// What the hit adds to a count or sum window; 0 when `count_if` does not hold.
     pub weight: f64,
+    /// Distinct aggregates: the fingerprint of the counted value (`None`: not counted).
+    pub distinct: Option<u64>,
+    /// Sequences: bit `i` is set when the event meets step `i`'s condition.
+    pub steps: u32,
 }
 
 /// One event of a batch: its id (for dedup) and its hits, in policy order.
@@ -71,28 +139,112 @@ pub struct Crossing {
     pub event: usize,
     /// Index into that event's hits.
     pub hit: usize,
-    /// The count in the window after this hit.
+    /// The measured value in the window after this hit.
     pub counted: f64,
+    /// The escalation level decided (0: the policy's own action).
+    pub level: usize,
+    /// The offense number for this entity (1: first).
+    pub offense: u32,
+    /// How long the decision stands, milliseconds.
+    pub ttl_ms: i64,
 }
 
-/// One weight added to a window, kept so that a rollback can take it back.
+/// One change to an entity's window, kept so that a rollback can take it back.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Increment {
     pub policy: PolicyKey,
     pub entity: EntityKey,
-    pub bucket: i64,
-    pub weight: f64,
+    pub undo: Undo,
+}
+
+/// How to take back one change.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Undo {
+    /// Subtract a weight from a sub-bucket.
+    Weight { bucket: i64, weight: f64 },
+    /// Restore a distinct value's previous sub-bucket (`None`: it was not there).
+    Distinct { value: u64, prev: Option<i64> },
+    /// Restore a sequence's progress.
+    Sequence { prev: Option<SeqProgress> },
+}
+
+/// How far an entity has come through a sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqProgress {
+    /// The current step.
+    pub step: u8,
+    /// Matches of the current step so far.
+    pub matched: u32,
+    /// Event time of the sequence's first match, epoch ms.
+    pub started_ms: i64,
+}
+
+/// Advances a sequence with an event meeting the steps in `mask` at `at_ms`. Returns
+/// true when the sequence completes (it then starts over). Events that meet no step
+/// the sequence can use are ignored (other requests may come in between); a sequence
+/// older than `within_ms` starts over.
+pub fn advance(
+    progress: &mut Option<SeqProgress>,
+    mins: &[u32],
+    mask: u32,
+    at_ms: i64,
+    within_ms: i64,
+) -> bool {
+    if progress.is_some_and(|p| at_ms.saturating_sub(p.started_ms) > within_ms) {
+        *progress = None;
+    }
+    let Some(last) = mins.len().checked_sub(1) else {
+        return false;
+    };
+    match progress {
+        None if mask & 1 != 0 => {
+            *progress = Some(SeqProgress {
+                step: 0,
+                matched: 1,
+                started_ms: at_ms,
+            })
+        }
+        None => return false,
+        Some(p) => {
+            let step = usize::from(p.step);
+            let next = step + 1;
+            if p.matched >= mins[step] && next <= last && mask & (1 << next) != 0 {
+                p.step = next as u8;
+                p.matched = 1;
+            } else if mask & (1 << step) != 0 {
+                p.matched = p.matched.saturating_add(1);
+            } else {
+                return false;
+            }
+        }
+    }
+    if progress.is_some_and(|p| usize::from(p.step) == last && p.matched >= mins[last]) {
+        *progress = None;
+        return true;
+    }
+    false
+}
+
+/// An entity's decision state before a batch changed it, to restore on rollback.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecisionState {
+    pub cooldown_until: i64,
+    pub cooldown_by: u64,
+    pub level: usize,
+    pub offenses: u32,
+    pub last_offense_ms: i64,
 }
 
 /// What one `apply` changed, to be committed or rolled back.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Receipt {
     pub id: u64,
-    /// The events marked in flight.
-    pub event_ids: Vec<String>,
+    /// The events marked in flight, as the backend's keys for them (the memory backend
+    /// uses keyed fingerprints of the ids).
+    pub event_ids: Vec<u64>,
     pub increments: Vec<Increment>,
-    /// Cooldowns started by this batch.
-    pub cooldowns: Vec<(PolicyKey, EntityKey)>,
+    /// Decisions made by this batch, with the state they replaced.
+    pub cooldowns: Vec<(PolicyKey, EntityKey, DecisionState)>,
 }
 
 /// The answer of [`StateBackend::apply`].

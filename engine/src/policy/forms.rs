@@ -59,7 +59,11 @@ impl fmt::Display for ActionKind {
     }
 }
 
-const ENTITY_HELP: &str = "expected ip, ip/N, ip/V4,V6, header:NAME or cookie:NAME";
+const ENTITY_HELP: &str =
+    "expected ip, ip/N, ip/V4,V6, header:NAME, cookie:NAME, user_agent or a list of these";
+
+/// Most parts of a tuple entity.
+pub const MAX_TUPLE: usize = 4;
 
 fn prefix(s: &str, max: u8, min: u8, family: &str) -> Result<u8, String> {
     match s.trim().parse::<u8>() {
@@ -75,6 +79,12 @@ impl FromStr for EntitySpec {
     fn from_str(s: &str) -> Result<Self, String> {
         if s == "ip" {
             return Ok(EntitySpec::Ip);
+        }
+        if s == "user_agent" || s == "user-agent" {
+            return Ok(EntitySpec::UserAgent);
+        }
+        if s.contains('+') {
+            return tuple(s.split('+').map(str::trim).map(str::to_string).collect());
         }
         if let Some(rest) = s.strip_prefix("ip/") {
             return match rest.split_once(',') {
@@ -122,6 +132,16 @@ impl fmt::Display for EntitySpec {
             EntitySpec::Network { v4, v6 } => write!(f, "ip/{v4},{v6}"),
             EntitySpec::Header(name) => write!(f, "header:{name}"),
             EntitySpec::Cookie(name) => write!(f, "cookie:{name}"),
+            EntitySpec::UserAgent => f.write_str("user_agent"),
+            EntitySpec::Tuple(parts) => {
+                for (i, p) in parts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("+")?;
+                    }
+                    write!(f, "{p}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -194,7 +214,62 @@ macro_rules! string_serde {
     )*};
 }
 
-string_serde!(PolicyMode, ActionKind, EntitySpec, PolicyScope);
+string_serde!(PolicyMode, ActionKind, PolicyScope);
+
+/// A tuple entity from its parts' written forms.
+fn tuple(parts: Vec<String>) -> Result<EntitySpec, String> {
+    if !(2..=MAX_TUPLE).contains(&parts.len()) {
+        return Err(format!("a tuple entity has 2 to {MAX_TUPLE} parts"));
+    }
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        if p.contains('+') {
+            return Err(format!("tuple part \"{p}\" cannot itself be a tuple"));
+        }
+        let spec: EntitySpec = p.parse()?;
+        if out.contains(&spec) {
+            return Err(format!("tuple part \"{p}\" is repeated"));
+        }
+        out.push(spec);
+    }
+    Ok(EntitySpec::Tuple(out))
+}
+
+/// An entity is a string, or a list of strings for a tuple.
+impl Serialize for EntitySpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            EntitySpec::Tuple(parts) => s.collect_seq(parts.iter().map(|p| p.to_string())),
+            other => s.collect_str(other),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EntitySpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EntitySpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an entity (\"ip\", \"header:NAME\", ...) or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EntitySpec, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<EntitySpec, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(p) = seq.next_element::<String>()? {
+                    parts.push(p);
+                }
+                tuple(parts).map_err(serde::de::Error::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 impl Serialize for StatusMatch {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

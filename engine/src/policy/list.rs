@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::PolicyError;
 use super::spec::{MAX_ID_LEN, PolicySpec, is_valid_id};
 
+/// The name of the IP list the control plane serves as the global allowlist.
+pub const ALLOWLIST: &str = "allowlist";
+
 /// Most items one list may hold.
 pub const MAX_LIST_ITEMS: usize = 1_000_000;
 
@@ -134,20 +137,25 @@ pub struct ActivePolicies {
     /// absent here has no version (policies loaded from a file).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub versions: BTreeMap<String, i64>,
+    /// The name of an IP list whose addresses no policy ever decides against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowlist: Option<String>,
 }
 
-/// Checks that every list a policy refers to exists and holds IP addresses.
+/// Checks that every list a policy refers to exists and is of the kind its use needs.
 pub fn validate_references(
     policies: &[PolicySpec],
     lists: &[NamedList],
 ) -> Result<(), PolicyError> {
     for p in policies {
-        for name in p.list_refs() {
+        for (name, kind) in p.typed_list_refs() {
             let message = match lists.iter().find(|l| l.name == name) {
                 None => format!("refers to list \"{name}\", which does not exist"),
-                Some(l) if l.kind != ListKind::Ip => {
-                    format!("refers to list \"{name}\" for an IP match, but it is a string list")
-                }
+                Some(l) if l.kind != kind => format!(
+                    "refers to list \"{name}\" as {} list, but it is {} list",
+                    article(kind),
+                    article(l.kind)
+                ),
                 Some(_) => continue,
             };
             return Err(PolicyError {
@@ -159,6 +167,13 @@ pub fn validate_references(
         }
     }
     Ok(())
+}
+
+fn article(kind: ListKind) -> &'static str {
+    match kind {
+        ListKind::Ip => "an IP",
+        ListKind::String => "a string",
+    }
 }
 
 #[cfg(test)]

@@ -160,6 +160,66 @@ pub(super) fn syntax_error(text: &str, e: &toml::de::Error) -> PolicyError {
     }
 }
 
+/// The position of byte `offset` of a string value whose literal starts at `start`.
+/// Exact for literal strings ('...', '''...''') and for basic strings without
+/// escapes; escapes before the offset shift it by a few columns.
+fn inside_string(text: &str, start: usize, offset: usize) -> usize {
+    let rest = text.get(start..).unwrap_or("");
+    let mut skip = if rest.starts_with("'''") || rest.starts_with("\"\"\"") {
+        3
+    } else if rest.starts_with('\'') || rest.starts_with('"') {
+        1
+    } else {
+        return start;
+    };
+    // A newline right after a multi-line string's opening quotes is not part of it.
+    if skip == 3 {
+        if rest[3..].starts_with('\n') {
+            skip += 1;
+        } else if rest[3..].starts_with("\r\n") {
+            skip += 2;
+        }
+    }
+    let body = &rest[skip..];
+    let raw = if rest.starts_with('"') {
+        raw_offset(body, offset)
+    } else {
+        offset
+    };
+    (start + skip + raw).min(text.len())
+}
+
+/// The raw offset in a basic string's source of byte `decoded` of its value: each
+/// escape (`\"`, `\u00e9`) is longer in the source than in the value.
+fn raw_offset(raw: &str, decoded: usize) -> usize {
+    let bytes = raw.as_bytes();
+    let (mut i, mut d) = (0, 0);
+    while i < bytes.len() && d < decoded {
+        if bytes[i] != b'\\' {
+            i += 1;
+            d += 1;
+            continue;
+        }
+        let hex = match bytes.get(i + 1) {
+            Some(b'u') => 4,
+            Some(b'U') => 8,
+            _ => 0,
+        };
+        if hex == 0 {
+            i += 2;
+            d += 1;
+        } else {
+            let value = raw
+                .get(i + 2..i + 2 + hex)
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .and_then(char::from_u32);
+            i += 2 + hex;
+            d += value.map_or(1, char::len_utf8);
+        }
+    }
+    i
+}
+
 /// A validation error of policy number `index`, placed at the value of its key.
 pub(super) fn field_error(text: &str, index: usize, id: &str, e: FieldError) -> PolicyError {
     let position = policy_nodes(text)
@@ -168,15 +228,23 @@ pub(super) fn field_error(text: &str, index: usize, id: &str, e: FieldError) -> 
             let table_start = node.0.span().start;
             let mut current = node;
             for part in e.key.split('.') {
-                let Inner::Table(mut table) = current.0.into_inner() else {
-                    return table_start;
-                };
-                match table.remove(part) {
-                    Some(child) => current = child,
-                    None => return table_start,
+                match current.0.into_inner() {
+                    Inner::Table(mut table) => match table.remove(part) {
+                        Some(child) => current = child,
+                        None => return table_start,
+                    },
+                    Inner::Array(mut items) => match part.parse::<usize>() {
+                        Ok(i) if i < items.len() => current = items.swap_remove(i),
+                        _ => return table_start,
+                    },
+                    Inner::Other => return table_start,
                 }
             }
-            current.0.span().start
+            let start = current.0.span().start;
+            match e.offset {
+                Some(offset) => inside_string(text, start, offset),
+                None => start,
+            }
         })
         .or_else(|| headers(text).get(index).copied());
     let (line, column) = match position {

@@ -66,14 +66,65 @@
 //! - `cookie:NAME`: the (hashed) value of a named cookie. Requests without it are not
 //!   counted.
 //!
+//! - `user_agent`: the user agent (mitigated as `header:user-agent=VALUE`).
+//! - a list of these, `["ip", "user_agent"]`: counted and mitigated per combination
+//!   (`tuple:ip:203.0.113.7+header:user-agent=curl/8.5`); the proxy applies it to
+//!   requests that match every part.
+//!
+//! Expressions, aggregates, escalation and sequences:
+//!
+//! ```toml
+//! [[policy]]
+//! id = "credential-stuffing"
+//! priority = 10                   # higher first; default 0
+//! window = "10m"
+//! threshold = 20
+//! filter = 'method == "POST" && path == "/login"'     # see crate::expr; with `match`, both hold
+//! count_if = 'status == 401'      # of the matched requests, which count (default: all)
+//! aggregate = 'distinct(headers["x-login-user"])'      # count | rate | sum(FIELD) | distinct(FIELD)
+//! action = "throttle"
+//! rate = 1
+//! ttl = "10m"
+//! ttl_growth = 2.0                # repeat offenders: each decision's ttl doubles...
+//! ttl_max = "24h"                 # ...up to this
+//!
+//! [[policy.escalation]]           # rungs above the policy's own action; the last that applies wins
+//! threshold = 50                  # reached while a decision stands: escalate at once
+//! action = "block"
+//! ttl = "1h"
+//!
+//! [[policy.escalation]]
+//! repeat = 3                      # from the third decision against the same entity on
+//! action = "block"
+//! ttl = "6h"
+//!
+//! [[policy]]
+//! id = "login-after-failures"
+//! within = "10m"                  # = window: the whole sequence must fit in it
+//! threshold = 1                   # completed sequences in the window
+//! action = "log"
+//! sequence = [
+//!   { when = 'path == "/login" && status == 401', min = 5 },
+//!   { when = 'path == "/login" && status == 200' },
+//! ]
+//! ```
+//!
+//! `rate` is the weighted count per second over the window; `sum(bytes)` adds a field
+//! times the weight; `distinct(path)` counts different values (exactly, up to 4096 per
+//! entity; weights do not apply). Requests that match `filter` but not `count_if` add
+//! nothing, yet once a decision has expired they let the policy decide again if the
+//! count is still at the threshold. Offenses are remembered for the state TTL.
+//!
 //! `scope = "app:NAME"` also restricts the policy to that app's requests. Durations
 //! are humantime strings (`"500ms"`, `"90s"`, `"5m"`, `"1h"`) or bare numbers of
 //! seconds. The same shape, as JSON, is how the control plane stores policies and sends
 //! them to workers (see [`ActivePolicies`]).
 //!
-//! Errors name the line, the column and the policy:
+//! Errors name the line, the column and the policy (inside an expression, the column
+//! of the offending token):
 //! `line 7, column 10: policy "login": unknown action "blok" (expected block, throttle, tarpit or log)`.
 
+mod advanced;
 mod forms;
 mod list;
 mod locate;
@@ -84,12 +135,13 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use advanced::{AggregateSpec, EscalationStep, MAX_DISTINCT, SequenceStep};
 pub use list::{
-    ActivePolicies, ListKind, MAX_LIST_ITEMS, NamedList, parse_net, validate_references,
+    ALLOWLIST, ActivePolicies, ListKind, MAX_LIST_ITEMS, NamedList, parse_net, validate_references,
 };
 pub use spec::{
-    ActionKind, DEFAULT_TTL, DEFAULT_V6_PREFIX, EntitySpec, MatchSpec, PolicyMode, PolicyScope,
-    PolicySpec, StatusMatch, is_valid_id,
+    ActionKind, DEFAULT_TTL, DEFAULT_V6_PREFIX, EntitySpec, MAX_BURST, MAX_TTL, MatchSpec,
+    PolicyMode, PolicyScope, PolicySpec, StatusMatch, is_valid_id,
 };
 
 /// Why a policy document or a policy is not valid. Line and column (1-based) are given
@@ -139,10 +191,7 @@ pub fn parse_policies(toml_text: &str) -> Result<Vec<PolicySpec>, PolicyError> {
             return Err(locate::field_error(toml_text, index, &policy.id, e));
         }
         if !seen.insert(policy.id.as_str()) {
-            let e = spec::FieldError {
-                key: "id",
-                message: "another policy already has this id".to_string(),
-            };
+            let e = spec::field("id", "another policy already has this id");
             return Err(locate::field_error(toml_text, index, &policy.id, e));
         }
     }

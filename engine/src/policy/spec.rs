@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::PolicyError;
+use super::advanced::{AggregateSpec, EscalationStep, SequenceStep};
 use super::forms::{duration, number, opt_duration, opt_number};
 
 /// Shortest and longest accepted `window`.
@@ -42,8 +43,9 @@ pub struct PolicySpec {
     /// What is counted and mitigated: `ip`, `ip/N`, `header:NAME` or `cookie:NAME`.
     #[serde(default)]
     pub entity: EntitySpec,
-    /// The sliding window the count covers, 1s to 24h.
-    #[serde(with = "duration")]
+    /// The sliding window the count covers, 1s to 24h. For a sequence (`within`), the
+    /// time the whole sequence must fit in.
+    #[serde(with = "duration", alias = "within")]
     pub window: Duration,
     /// The policy fires when the weighted count in the window reaches this.
     #[serde(serialize_with = "number")]
@@ -74,9 +76,47 @@ pub struct PolicySpec {
     /// mitigation only applies to it).
     #[serde(default)]
     pub scope: PolicyScope,
+    /// Higher priorities are evaluated first, and their decisions come first when
+    /// several policies decide on one event.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+    /// A filter expression (see [`crate::expr`]); with `match`, both must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Of the requests the policy matches, the ones that are counted (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count_if: Option<String>,
+    /// What is measured over the window: `count` (default), `rate` (per second),
+    /// `sum(FIELD)`, `distinct(FIELD)`.
+    #[serde(default, skip_serializing_if = "AggregateSpec::is_count")]
+    pub aggregate: AggregateSpec,
+    /// Repeat offenders: each decision's ttl is the previous one's times this (>= 1).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "opt_number"
+    )]
+    pub ttl_growth: Option<f64>,
+    /// The longest a grown ttl gets (default 30 days).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub ttl_max: Option<Duration>,
     /// Which requests count; every given condition must hold.
     #[serde(default, rename = "match", skip_serializing_if = "MatchSpec::is_empty")]
     pub matches: MatchSpec,
+    /// Stronger actions for higher counts or repeat offenders.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escalation: Vec<EscalationStep>,
+    /// An ordered pattern of conditions per entity; a completed pattern counts as one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sequence: Vec<SequenceStep>,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
 }
 
 fn yes() -> bool {
@@ -159,6 +199,11 @@ pub enum EntitySpec {
     Header(String),
     /// The (hashed) value of a named cookie (name lower-cased).
     Cookie(String),
+    /// The user agent (mitigated as `header:user-agent=VALUE`).
+    UserAgent,
+    /// A combination: counted and mitigated per tuple of values (`["ip",
+    /// "user_agent"]`); events lacking one of them are not counted.
+    Tuple(Vec<EntitySpec>),
 }
 
 /// IPv6 prefix used when `ip/N` gives only an IPv4 prefix: a /64 is what one
@@ -185,14 +230,18 @@ pub enum StatusMatch {
 /// A validation failure: the key it concerns (`match.statuses`) and the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FieldError {
-    pub key: &'static str,
+    /// Dotted path of the key; array items by index (`sequence.1.when`).
+    pub key: String,
     pub message: String,
+    /// For an expression, the byte offset of the error in it.
+    pub offset: Option<usize>,
 }
 
-fn field(key: &'static str, message: impl Into<String>) -> FieldError {
+pub(super) fn field(key: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
-        key,
+        key: key.into(),
         message: message.into(),
+        offset: None,
     }
 }
 
@@ -222,12 +271,41 @@ impl PolicySpec {
     }
 
     /// The names of the lists the policy refers to.
-    pub fn list_refs(&self) -> impl Iterator<Item = &str> {
-        self.matches
+    pub fn list_refs(&self) -> impl Iterator<Item = String> + use<> {
+        let mut names: Vec<String> = self.typed_list_refs().into_iter().map(|(n, _)| n).collect();
+        names.dedup();
+        names.into_iter()
+    }
+
+    /// The lists the policy refers to, with the kind each use needs.
+    pub fn typed_list_refs(&self) -> Vec<(String, super::ListKind)> {
+        let mut out: Vec<(String, super::ListKind)> = self
+            .matches
             .ip_in_list
             .iter()
             .chain(self.matches.ip_not_in_list.iter())
+            .map(|n| (n.clone(), super::ListKind::Ip))
+            .collect();
+        let mut lists = crate::expr::Lists::new(None);
+        for src in self.expressions() {
+            // Invalid expressions are reported by validation; they refer to nothing.
+            let _ = crate::expr::compile_filter(src, &mut lists);
+        }
+        for r in lists.refs {
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// Every expression of the policy: filter, count_if, sequence steps.
+    pub fn expressions(&self) -> impl Iterator<Item = &str> {
+        self.filter
+            .iter()
+            .chain(self.count_if.iter())
             .map(String::as_str)
+            .chain(self.sequence.iter().map(|s| s.when.as_str()))
     }
 
     /// The throttle burst in force: `burst`, or `rate` rounded up (at least 1).
@@ -273,7 +351,8 @@ impl PolicySpec {
                 ),
             ));
         }
-        self.check_action()?;
+        check_action(self.action, self.rate, self.burst, self.delay, "")?;
+        self.check_advanced()?;
         if let PolicyScope::App(app) = &self.scope {
             if !self.matches.apps.is_empty() && !self.matches.apps.iter().any(|a| a == app) {
                 return Err(field(
@@ -286,10 +365,21 @@ impl PolicySpec {
         }
         self.matches.check()
     }
+}
 
-    fn check_action(&self) -> Result<(), FieldError> {
-        let throttle = self.action == ActionKind::Throttle;
-        match (throttle, self.rate) {
+/// Checks an action and its parameters; `prefix` is prepended to keys
+/// (`escalation.0.`).
+pub(super) fn check_action(
+    action: ActionKind,
+    rate: Option<f64>,
+    burst: Option<u32>,
+    delay: Option<Duration>,
+    prefix: &str,
+) -> Result<(), FieldError> {
+    let field = |key: &str, message: &str| field(format!("{prefix}{key}"), message);
+    {
+        let throttle = action == ActionKind::Throttle;
+        match (throttle, rate) {
             (true, None) => {
                 return Err(field(
                     "action",
@@ -299,7 +389,7 @@ impl PolicySpec {
             (true, Some(rate)) if !(rate.is_finite() && rate > 0.0 && rate <= MAX_COUNT) => {
                 return Err(field(
                     "rate",
-                    format!("rate {rate} must be above 0 requests per second"),
+                    &format!("rate {rate} must be above 0 requests per second"),
                 ));
             }
             (false, Some(_)) => {
@@ -307,11 +397,11 @@ impl PolicySpec {
             }
             _ => {}
         }
-        match (throttle, self.burst) {
+        match (throttle, burst) {
             (true, Some(b)) if b == 0 || b > MAX_BURST => {
                 return Err(field(
                     "burst",
-                    format!("burst {b} must be 1 to {MAX_BURST}"),
+                    &format!("burst {b} must be 1 to {MAX_BURST}"),
                 ));
             }
             (false, Some(_)) => {
@@ -319,14 +409,14 @@ impl PolicySpec {
             }
             _ => {}
         }
-        match (self.action == ActionKind::Tarpit, self.delay) {
+        match (action == ActionKind::Tarpit, delay) {
             (true, None) => Err(field(
                 "action",
                 "action tarpit needs `delay` (how long each request is held)",
             )),
             (true, Some(d)) if d < Duration::from_millis(1) || d > MAX_DELAY => Err(field(
                 "delay",
-                format!(
+                &format!(
                     "delay {} is out of range (1ms to 60s)",
                     humantime::format_duration(d)
                 ),

@@ -135,7 +135,7 @@ fn semantic_errors_point_at_the_key() {
         (
             "entity = \"header:\"",
             6,
-            "entity \"header:\" needs a header name (expected ip, ip/N, ip/V4,V6, header:NAME or cookie:NAME)",
+            "entity \"header:\" needs a header name (expected ip, ip/N, ip/V4,V6, header:NAME, cookie:NAME, user_agent or a list of these)",
         ),
         (
             "scope = \"shop\"",
@@ -270,4 +270,156 @@ fn json_refuses_unknown_fields_and_accepts_null_options() {
     )
     .unwrap();
     assert_eq!(p.delay, None);
+}
+
+#[test]
+fn expressions_aggregates_ladders_and_sequences_parse() {
+    let text = r#"
+[[policy]]
+id = "stuffing"
+priority = 10
+window = "10m"
+threshold = 20
+action = "throttle"
+rate = 1
+filter = 'method == "POST" && path == "/login"'
+count_if = 'status == 401'
+aggregate = 'distinct(headers["x-username"])'
+entity = ["ip", "user_agent"]
+ttl_growth = 2.0
+ttl_max = "24h"
+
+[[policy.escalation]]
+threshold = 50
+action = "block"
+ttl = "1h"
+
+[[policy.escalation]]
+repeat = 3
+threshold = 50
+action = "block"
+ttl = "6h"
+
+[[policy]]
+id = "takeover"
+within = "10m"
+threshold = 1
+action = "block"
+sequence = [
+  { when = 'path == "/login" && status == 401', min = 5 },
+  { when = 'path == "/login" && status == 200' },
+]
+"#;
+    let p = parse_policies(text).unwrap();
+    assert_eq!(p[0].priority, 10);
+    assert_eq!(
+        p[0].aggregate,
+        AggregateSpec::Distinct("headers[\"x-username\"]".into())
+    );
+    assert_eq!(
+        p[0].entity,
+        EntitySpec::Tuple(vec![EntitySpec::Ip, EntitySpec::UserAgent])
+    );
+    assert_eq!(p[0].escalation.len(), 2);
+    assert_eq!(p[0].escalation[1].repeat, Some(3));
+    assert_eq!(p[1].window, std::time::Duration::from_secs(600));
+    assert_eq!(p[1].sequence[0].min, 5);
+    assert_eq!(p[1].sequence[1].min, 1);
+    let back = parse_policies(&policies_to_toml(&p)).unwrap();
+    assert_eq!(back, p, "{}", policies_to_toml(&p));
+    let json = serde_json::to_string(&p).unwrap();
+    assert_eq!(serde_json::from_str::<Vec<PolicySpec>>(&json).unwrap(), p);
+    // Older JSON (without the new fields) still reads.
+    let old: PolicySpec =
+        serde_json::from_str(r#"{"id":"p","window":"1m","threshold":5,"action":"block"}"#).unwrap();
+    assert!(old.filter.is_none() && old.escalation.is_empty() && old.aggregate.is_count());
+}
+
+#[test]
+fn expression_errors_point_into_the_file() {
+    let err = parse_policies(&base("filter = 'path == \"/a\" && stauts == 401'")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "line 6, column 27: policy \"p\": unknown field `stauts` (fields: method, path, query, host, app, user_agent, proxy_id, tls_version, tls_fingerprint, headers[\"name\"], cookies[\"name\"], status, latency_us, bytes, weight, client_ip)"
+    );
+    let err =
+        parse_policies(&base("count_if = '''\nstatus == 401 &&\n  path ==\n'''")).unwrap_err();
+    assert_eq!((err.line, err.column), (Some(9), Some(1)), "{err}");
+    assert!(err.message.contains("expected a value"), "{err}");
+    let err = parse_policies(&base("filter = \"path == \\\"/a\\\" &&& true\"")).unwrap_err();
+    assert_eq!((err.line, err.column), (Some(6), Some(28)), "{err}");
+    let text = base("sequence = [\n  { when = 'status == 401' },\n  { when = 'status = 200' },\n]");
+    let err = parse_policies(&text).unwrap_err();
+    assert_eq!((err.line, err.column), (Some(8), Some(20)), "{err}");
+    assert!(err.message.contains("write =="), "{err}");
+}
+
+#[test]
+fn advanced_fields_are_checked() {
+    let cases: &[(&str, &str)] = &[
+        ("aggregate = \"median(bytes)\"", "unknown aggregate"),
+        ("aggregate = \"sum(path)\"", "sum needs a number field"),
+        ("aggregate = \"distinct(nope)\"", "unknown field `nope`"),
+        ("ttl_growth = 0.5", "ttl_growth 0.5 must be 1 to 100"),
+        ("ttl_max = \"1s\"", "must be at least ttl"),
+        (
+            "[[policy.escalation]]\naction = \"block\"",
+            "needs `repeat`",
+        ),
+        (
+            "[[policy.escalation]]\nthreshold = 2\naction = \"block\"",
+            "must be at least 5",
+        ),
+        (
+            "[[policy.escalation]]\nrepeat = 2\naction = \"throttle\"",
+            "needs `rate`",
+        ),
+        ("sequence = [{ when = 'true', min = 0 }]", "min 0 must be 1"),
+        (
+            "count_if = 'true'\nsequence = [{ when = 'true' }]",
+            "does not apply to a sequence",
+        ),
+        ("entity = [\"ip\"]", "2 to 4 parts"),
+        ("entity = [\"ip\", \"ip\"]", "repeated"),
+        ("entity = [\"ip\", \"mac\"]", "unknown entity"),
+    ];
+    for (extra, message) in cases {
+        let err = parse_policies(&base(extra)).unwrap_err();
+        assert!(err.message.contains(message), "{extra}: {err}");
+    }
+    let err = parse_policies(
+        &base("aggregate = \"distinct(path)\"").replace("threshold = 5", "threshold = 5000"),
+    )
+    .unwrap_err();
+    assert!(err.message.contains("exact up to 4096"), "{err}");
+    let ok = parse_policies(&base("aggregate = \"rate\"\nentity = \"user_agent\"")).unwrap();
+    assert_eq!(ok[0].entity.to_string(), "user_agent");
+}
+
+#[test]
+fn ttls_grow_for_repeat_offenders_up_to_the_cap() {
+    let p = &parse_policies(&base("ttl = \"10m\"\nttl_growth = 3\nttl_max = \"1h\"")).unwrap()[0];
+    let mins = |level, offense| p.ttl_for(level, offense).as_secs() / 60;
+    assert_eq!(
+        (mins(0, 1), mins(0, 2), mins(0, 3), mins(0, 9)),
+        (10, 30, 60, 60)
+    );
+    let flat = &parse_policies(&base("ttl = \"10m\"")).unwrap()[0];
+    assert_eq!(flat.ttl_for(0, 5).as_secs(), 600);
+}
+
+#[test]
+fn list_references_include_expressions() {
+    let p = &parse_policies(&base(
+        "filter = 'client_ip in list(\"office\") && user_agent in list(\"agents\")'\n[policy.match]\nip_not_in_list = \"office\"",
+    ))
+    .unwrap()[0];
+    assert_eq!(
+        p.typed_list_refs(),
+        vec![
+            ("office".to_string(), ListKind::Ip),
+            ("agents".to_string(), ListKind::String)
+        ]
+    );
+    assert_eq!(p.list_refs().collect::<Vec<_>>(), vec!["office", "agents"]);
 }

@@ -383,10 +383,17 @@ async fn build_active(state: &AppState) -> Result<ActivePolicies, ApiError> {
         }
     }
     state.metrics.policy_revision.set(snap.revision);
+    let lists: Vec<_> = snap.lists.iter().map(named_list).collect();
+    // The IP list named `allowlist`, when there is one, is the global allowlist.
+    let allowlist = lists
+        .iter()
+        .any(|l| l.name == esper_engine::policy::ALLOWLIST && l.kind == ListKind::Ip)
+        .then(|| esper_engine::policy::ALLOWLIST.to_string());
     Ok(ActivePolicies {
         revision: snap.revision,
         policies,
-        lists: snap.lists.iter().map(named_list).collect(),
+        lists,
         versions,
+        allowlist,
     })
 }

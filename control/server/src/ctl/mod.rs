@@ -95,6 +95,15 @@ pub enum PolicyCmd {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+    /// Replays recorded events (JSON lines) through a policy file offline and prints
+    /// the decisions it would have made; nothing is published.
+    Test {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Events as JSON lines, one request event a line (`-` for stdin).
+        #[arg(long = "events")]
+        events: PathBuf,
+    },
     /// Starts evaluating a policy.
     Enable { id: String },
     /// Stops evaluating a policy (it stays stored).

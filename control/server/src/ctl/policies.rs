@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use esper_engine::policy::parse_policies;
+use esper_engine::policy::{PolicySpec, parse_policies};
+use esper_engine::replay::{ReplayReport, read_events, replay_specs};
 use reqwest::Method;
 
 use super::client::{Body, decode, segment};
@@ -16,6 +17,7 @@ pub async fn run(ctx: &Ctx, cmd: PolicyCmd) -> Result<(), CtlError> {
         PolicyCmd::Show { id } => show(ctx, &id).await,
         PolicyCmd::Apply { file } => apply(ctx, &file).await,
         PolicyCmd::Validate { file } => validate(ctx, &file),
+        PolicyCmd::Test { file, events } => test(ctx, &file, &events).await,
         PolicyCmd::Enable { id } => toggle(ctx, &id, "enable").await,
         PolicyCmd::Disable { id } => toggle(ctx, &id, "disable").await,
         PolicyCmd::Shadow { id } => toggle(ctx, &id, "shadow").await,
@@ -27,10 +29,15 @@ pub async fn run(ctx: &Ctx, cmd: PolicyCmd) -> Result<(), CtlError> {
 
 /// Reads and validates a policy file; errors name the file, line and column.
 fn load(file: &Path) -> Result<(String, usize), CtlError> {
+    let (text, policies) = load_specs(file)?;
+    Ok((text, policies.len()))
+}
+
+fn load_specs(file: &Path) -> Result<(String, Vec<PolicySpec>), CtlError> {
     let text = read_input(file)?;
     let shown = file.display();
     match parse_policies(&text) {
-        Ok(policies) => Ok((text, policies.len())),
+        Ok(policies) => Ok((text, policies)),
         Err(e) if e.line.is_some() => Err(CtlError::Input(format!("{shown} {e}"))),
         Err(e) => Err(CtlError::Input(format!("{shown}: {e}"))),
     }
@@ -165,4 +172,117 @@ async fn history(ctx: &Ctx, id: &str) -> Result<(), CtlError> {
         }
         Ok(t.render())
     })
+}
+
+/// `esperctl policies test -f FILE --events EVENTS.jsonl`
+async fn test(ctx: &Ctx, file: &Path, events: &Path) -> Result<(), CtlError> {
+    let (_, specs) = load_specs(file)?;
+    let text = read_input(events)?;
+    let events =
+        read_events(&text).map_err(|e| CtlError::Input(format!("{}: {e}", events.display())))?;
+    let report = replay_specs(specs, &events)
+        .await
+        .map_err(|e| CtlError::Input(e.to_string()))?;
+    let v = serde_json::to_string(&report)
+        .map_err(|e| CtlError::Input(format!("cannot render the report: {e}")))?;
+    ctx.emit(v, |_| Ok(replay_table(&report)))
+}
+
+/// The decisions of a replay, one a row, then a count.
+pub fn replay_table(report: &ReplayReport) -> String {
+    let mut out = String::new();
+    for w in &report.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    if report.decisions.is_empty() {
+        out.push_str(&format!("{} events, no decisions\n", report.events));
+        return out;
+    }
+    let mut t = Table::new(&[
+        "TIME",
+        "POLICY",
+        "ENTITY",
+        "ACTION",
+        "TTL",
+        "MODE",
+        "VALUE",
+        "CONDITION",
+    ]);
+    for d in &report.decisions {
+        t.row(vec![
+            rfc3339(d.time),
+            d.policy.clone(),
+            d.entity.to_string(),
+            d.action.to_string(),
+            humantime::format_duration(std::time::Duration::from_secs(d.ttl_secs)).to_string(),
+            match d.mode {
+                esper_protocol::DecisionMode::Enforce => "enforce".into(),
+                esper_protocol::DecisionMode::Shadow => "shadow".into(),
+            },
+            format!(
+                "{} >= {} in {}s",
+                number(d.counted),
+                number(d.threshold),
+                d.window_secs
+            ),
+            d.condition.clone(),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push_str(&format!(
+        "{} events, {} {}\n",
+        report.events,
+        report.decisions.len(),
+        if report.decisions.len() == 1 {
+            "decision"
+        } else {
+            "decisions"
+        }
+    ));
+    out
+}
+
+fn number(v: f64) -> String {
+    if v.fract().abs() < 1e-9 {
+        format!("{}", v.round() as i64)
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn replay_tables_show_when_what_and_why() {
+        let specs = parse_policies(
+            "[[policy]]\nid = \"login\"\nwindow = \"1m\"\nthreshold = 2\naction = \"block\"\nfilter = 'status == 401'\n",
+        )
+        .unwrap();
+        let line = |s: u32| {
+            format!(
+                r#"{{"timestamp":"2026-01-01T12:00:0{s}Z","client_ip":"192.0.2.1","method":"POST","path":"/login","status":401}}"#
+            )
+        };
+        let events = read_events(&format!("{}\n{}\n", line(1), line(2))).unwrap();
+        let report = replay_specs(specs.clone(), &events).await.unwrap();
+        let text = replay_table(&report);
+        let row = text.lines().nth(1).unwrap();
+        for part in [
+            "2026-01-01T12:00:02Z",
+            "login",
+            "ip:192.0.2.1",
+            "block",
+            "5m",
+            "enforce",
+            "2 >= 2 in 60s",
+            "status == 401",
+        ] {
+            assert!(row.contains(part), "{part} in {text}");
+        }
+        assert!(text.ends_with("2 events, 1 decision\n"), "{text}");
+        let none = replay_specs(specs, &events[..1]).await.unwrap();
+        assert_eq!(replay_table(&none), "1 events, no decisions\n");
+    }
 }
