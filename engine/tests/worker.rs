@@ -229,7 +229,7 @@ async fn a_bad_policy_file_is_a_start_up_error() {
     assert_eq!(
         err.to_string(),
         format!(
-            "policies file {}: line 5, column 10: policy \"login\": unknown action \"blok\" (expected block, throttle, tarpit or log)",
+            "policies file {}: line 5, column 10: policy \"login\": unknown action \"blok\" (expected block, throttle, tarpit, challenge or log)",
             policies.display()
         )
     );

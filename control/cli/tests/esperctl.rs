@@ -156,7 +156,7 @@ async fn errors_are_one_line_with_the_right_exit_code() {
     assert_eq!(
         out.stderr,
         format!(
-            "esperctl: {} line 5, column 10: policy \"login-burst\": unknown action \"blok\" (expected block, throttle, tarpit or log)\n",
+            "esperctl: {} line 5, column 10: policy \"login-burst\": unknown action \"blok\" (expected block, throttle, tarpit, challenge or log)\n",
             bad.display()
         )
     );

@@ -181,7 +181,7 @@ async fn policy_errors_are_precise() {
     assert_eq!(body["error"], "invalid_policy");
     assert_eq!(
         body["message"],
-        "line 5, column 10: policy \"x\": unknown action \"blok\" (expected block, throttle, tarpit or log)"
+        "line 5, column 10: policy \"x\": unknown action \"blok\" (expected block, throttle, tarpit, challenge or log)"
     );
     let (status, body) = s.apply_toml("[[policy]\nid = 1").await;
     assert_eq!(status, 400);

@@ -365,11 +365,17 @@ pub fn compile(
         growth: spec.ttl_growth.unwrap_or(1.0),
         ttl_max_ms: ms(spec.ttl_max.unwrap_or(crate::policy::MAX_TTL)),
     };
-    let mut actions = vec![action_of(spec.action, spec.rate, spec.burst, spec.delay)];
+    let mut actions = vec![action_of(
+        spec.action,
+        spec.rate,
+        spec.burst,
+        spec.delay,
+        spec.difficulty,
+    )];
     actions.extend(
         spec.escalation
             .iter()
-            .map(|r| action_of(r.action, r.rate, r.burst, r.delay)),
+            .map(|r| action_of(r.action, r.rate, r.burst, r.delay, r.difficulty)),
     );
     CompiledPolicy {
         key: policy_key(spec, version),
@@ -422,6 +428,7 @@ fn action_of(
     rate: Option<f64>,
     burst: Option<u32>,
     delay: Option<Duration>,
+    difficulty: Option<u8>,
 ) -> Action {
     match kind {
         ActionKind::Block => Action::Block,
@@ -440,6 +447,9 @@ fn action_of(
                 .as_millis()
                 .try_into()
                 .unwrap_or(u64::MAX),
+        },
+        ActionKind::Challenge => Action::Challenge {
+            difficulty: difficulty.unwrap_or(crate::policy::DEFAULT_DIFFICULTY),
         },
         ActionKind::Log => Action::Log,
     }

@@ -436,3 +436,19 @@ fn numbers_in_summaries() {
     assert_eq!(number(12.0), "12");
     assert_eq!(number(12.25), "12.2");
 }
+
+#[tokio::test]
+async fn challenge_policies_decide_challenges_with_their_difficulty() {
+    let with = LOGIN.replace(
+        "action = \"block\"",
+        "action = \"challenge\"\ndifficulty = 12",
+    );
+    let without = LOGIN.replace("action = \"block\"", "action = \"challenge\"");
+    for (text, difficulty) in [(with, 12), (without, crate::policy::DEFAULT_DIFFICULTY)] {
+        let (ev, set, _) = setup(&text);
+        let events: Vec<_> = (0..10).map(|i| login("127.0.0.2", f64::from(i))).collect();
+        let d = run(&ev, &set, &events, at(10.0)).await;
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].mitigation.action, Action::Challenge { difficulty });
+    }
+}

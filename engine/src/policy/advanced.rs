@@ -144,6 +144,8 @@ pub struct EscalationStep {
         with = "opt_duration"
     )]
     pub delay: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub difficulty: Option<u8>,
     /// Default: the policy's ttl.
     #[serde(
         default,
@@ -264,6 +266,7 @@ impl PolicySpec {
                 step.rate,
                 step.burst,
                 step.delay,
+                step.difficulty,
                 &format!("escalation.{i}."),
             )?;
             if let Some(ttl) = step.ttl {

@@ -40,9 +40,10 @@ impl FromStr for ActionKind {
             "block" => Ok(ActionKind::Block),
             "throttle" => Ok(ActionKind::Throttle),
             "tarpit" => Ok(ActionKind::Tarpit),
+            "challenge" => Ok(ActionKind::Challenge),
             "log" => Ok(ActionKind::Log),
             other => Err(format!(
-                "unknown action \"{other}\" (expected block, throttle, tarpit or log)"
+                "unknown action \"{other}\" (expected block, throttle, tarpit, challenge or log)"
             )),
         }
     }
@@ -54,6 +55,7 @@ impl fmt::Display for ActionKind {
             ActionKind::Block => "block",
             ActionKind::Throttle => "throttle",
             ActionKind::Tarpit => "tarpit",
+            ActionKind::Challenge => "challenge",
             ActionKind::Log => "log",
         })
     }

@@ -16,7 +16,7 @@
 //! entity = "ip"                   # default "ip"; see "Entities" below
 //! window = "60s"                  # required; sliding window, 1s to 24h
 //! threshold = 10                  # required; fires when the weighted count reaches it
-//! action = "block"                # required; block | throttle | tarpit | log
+//! action = "block"                # required; block | throttle | tarpit | challenge | log
 //! ttl = "5m"                      # default 5m; how long the mitigation stands, 1s to 30days
 //! scope = "global"                # global (default) | app:NAME
 //!
@@ -50,6 +50,7 @@
 //! threshold = 50
 //! action = "tarpit"
 //! delay = "2s"                    # tarpit only: how long each request is held, 1ms to 60s
+//! # difficulty = 16               # challenge only: proof-of-work bits, 1 to 24 (default 16)
 //! [policy.match]
 //! statuses = [404]
 //! ```
@@ -122,7 +123,7 @@
 //!
 //! Errors name the line, the column and the policy (inside an expression, the column
 //! of the offending token):
-//! `line 7, column 10: policy "login": unknown action "blok" (expected block, throttle, tarpit or log)`.
+//! `line 7, column 10: policy "login": unknown action "blok" (expected block, throttle, tarpit, challenge or log)`.
 
 mod advanced;
 mod forms;
@@ -140,8 +141,9 @@ pub use list::{
     ALLOWLIST, ActivePolicies, ListKind, MAX_LIST_ITEMS, NamedList, parse_net, validate_references,
 };
 pub use spec::{
-    ActionKind, DEFAULT_TTL, DEFAULT_V6_PREFIX, EntitySpec, MAX_BURST, MAX_TTL, MatchSpec,
-    PolicyMode, PolicyScope, PolicySpec, StatusMatch, is_valid_id,
+    ActionKind, DEFAULT_DIFFICULTY, DEFAULT_TTL, DEFAULT_V6_PREFIX, EntitySpec, MAX_BURST,
+    MAX_DIFFICULTY, MAX_TTL, MatchSpec, PolicyMode, PolicyScope, PolicySpec, StatusMatch,
+    is_valid_id,
 };
 
 /// Why a policy document or a policy is not valid. Line and column (1-based) are given

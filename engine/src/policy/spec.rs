@@ -69,6 +69,9 @@ pub struct PolicySpec {
         with = "opt_duration"
     )]
     pub delay: Option<Duration>,
+    /// Challenge only: proof-of-work difficulty in bits, 1 to 24 (default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub difficulty: Option<u8>,
     /// How long the mitigation stands (default 5m).
     #[serde(default = "default_ttl", with = "duration")]
     pub ttl: Duration,
@@ -184,6 +187,8 @@ pub enum ActionKind {
     Block,
     Throttle,
     Tarpit,
+    /// Answer with a proof-of-work page; a solved one earns a clearance cookie.
+    Challenge,
     Log,
 }
 
@@ -351,7 +356,14 @@ impl PolicySpec {
                 ),
             ));
         }
-        check_action(self.action, self.rate, self.burst, self.delay, "")?;
+        check_action(
+            self.action,
+            self.rate,
+            self.burst,
+            self.delay,
+            self.difficulty,
+            "",
+        )?;
         self.check_advanced()?;
         if let PolicyScope::App(app) = &self.scope {
             if !self.matches.apps.is_empty() && !self.matches.apps.iter().any(|a| a == app) {
@@ -367,6 +379,11 @@ impl PolicySpec {
     }
 }
 
+/// Highest challenge difficulty: beyond it a browser needs minutes (the proxy caps it too).
+pub const MAX_DIFFICULTY: u8 = 24;
+/// Difficulty of a challenge policy that names none: well under a second in a browser.
+pub const DEFAULT_DIFFICULTY: u8 = 16;
+
 /// Checks an action and its parameters; `prefix` is prepended to keys
 /// (`escalation.0.`).
 pub(super) fn check_action(
@@ -374,9 +391,25 @@ pub(super) fn check_action(
     rate: Option<f64>,
     burst: Option<u32>,
     delay: Option<Duration>,
+    difficulty: Option<u8>,
     prefix: &str,
 ) -> Result<(), FieldError> {
     let field = |key: &str, message: &str| field(format!("{prefix}{key}"), message);
+    match (action == ActionKind::Challenge, difficulty) {
+        (true, Some(d)) if d == 0 || d > MAX_DIFFICULTY => {
+            return Err(field(
+                "difficulty",
+                &format!("difficulty {d} is out of range (1 to {MAX_DIFFICULTY})"),
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(field(
+                "difficulty",
+                "`difficulty` only applies to action challenge",
+            ));
+        }
+        _ => {}
+    }
     {
         let throttle = action == ActionKind::Throttle;
         match (throttle, rate) {

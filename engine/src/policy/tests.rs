@@ -94,7 +94,7 @@ fn unknown_action_names_line_column_and_policy() {
     let err = parse_policies(text).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "line 6, column 10: policy \"login\": unknown action \"blok\" (expected block, throttle, tarpit or log)"
+        "line 6, column 10: policy \"login\": unknown action \"blok\" (expected block, throttle, tarpit, challenge or log)"
     );
     assert_eq!((err.line, err.column), (Some(6), Some(10)));
 }
@@ -211,6 +211,33 @@ fn actions_need_their_parameters() {
     );
     assert!(parse_policies(&format!("{t}delay = \"2m\"\n")).is_err());
     parse_policies(&format!("{t}delay = \"250ms\"\n")).unwrap();
+}
+
+#[test]
+fn challenges_take_an_optional_difficulty() {
+    let t = base("").replace("\"block\"", "\"challenge\"");
+    let p = parse_policies(&t).unwrap();
+    assert_eq!(
+        (p[0].action, p[0].difficulty),
+        (ActionKind::Challenge, None)
+    );
+    let p = parse_policies(&format!("{t}difficulty = 20\n")).unwrap();
+    assert_eq!(p[0].difficulty, Some(20));
+    let err = parse_policies(&format!("{t}difficulty = 30\n")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "line 6, column 14: policy \"p\": difficulty 30 is out of range (1 to 24)"
+    );
+    let err = parse_policies(&base("difficulty = 8\n")).unwrap_err();
+    assert!(
+        err.message.contains("only applies to action challenge"),
+        "{err}"
+    );
+    let round = parse_policies(&policies_to_toml(
+        &parse_policies(&format!("{t}difficulty = 12\n")).unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(round[0].difficulty, Some(12));
 }
 
 #[test]
