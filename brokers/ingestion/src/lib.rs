@@ -14,9 +14,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use esper_common::config::ConfigError;
+use esper_common::service::Served;
 use esper_common::shutdown::Shutdown;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 pub use api::{AppState, router};
 pub use config::{Args, Config};
@@ -61,17 +61,16 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn QueueStore>, Error> {
     }
 }
 
-/// A running broker.
+/// A running broker: its serving task and the store behind it.
 pub struct Broker {
-    addr: SocketAddr,
+    served: Served<Error>,
     store: Arc<dyn QueueStore>,
-    task: JoinHandle<Result<(), Error>>,
 }
 
 impl Broker {
     /// The address the broker answers on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.served.local_addr()
     }
 
     /// The queue behind the broker.
@@ -81,10 +80,7 @@ impl Broker {
 
     /// Waits until the broker has stopped (after the shutdown signal and the drain).
     pub async fn wait(self) -> Result<(), Error> {
-        self.task
-            .await
-            .map_err(|e| Error::Task(e.to_string()))
-            .and_then(|r| r)
+        self.served.wait(Error::Task).await
     }
 }
 
@@ -118,14 +114,14 @@ pub async fn start_with_store(
         "ingestion broker listening"
     );
     let drain = config.shutdown_timeout;
-    let task = tokio::spawn(async move {
+    let served = Served::spawn(addr, async move {
         esper_common::http::serve(listener, app, shutdown, drain)
             .await
             .map_err(Error::Serve)?;
         tracing::info!("ingestion broker stopped");
         Ok(())
     });
-    Ok(Broker { addr, store, task })
+    Ok(Broker { served, store })
 }
 
 /// Serves until `shutdown`, then drains in-flight requests and returns.

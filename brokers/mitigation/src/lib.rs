@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use esper_common::config::ConfigError;
+use esper_common::service::Served;
 use esper_common::shutdown::Shutdown;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 pub use api::{AppState, router};
 pub use config::{Args, Config};
@@ -54,17 +54,16 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn MitigationStore>, Err
     }
 }
 
-/// A running broker.
+/// A running broker: its serving task and the store behind it.
 pub struct Broker {
-    addr: SocketAddr,
+    served: Served<Error>,
     store: Arc<dyn MitigationStore>,
-    task: JoinHandle<Result<(), Error>>,
 }
 
 impl Broker {
     /// The address the broker answers on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.served.local_addr()
     }
 
     /// The store behind the broker.
@@ -74,10 +73,7 @@ impl Broker {
 
     /// Waits until the broker has stopped (after the shutdown signal and the drain).
     pub async fn wait(self) -> Result<(), Error> {
-        self.task
-            .await
-            .map_err(|e| Error::Task(e.to_string()))
-            .and_then(|r| r)
+        self.served.wait(Error::Task).await
     }
 }
 
@@ -117,11 +113,11 @@ pub async fn start_with_store(
         config.sweep_interval,
     ));
     let drain = config.shutdown_timeout;
-    let task = tokio::spawn(async move {
-        let served = esper_common::http::serve(listener, app, shutdown, drain).await;
+    let served = Served::spawn(addr, async move {
+        let outcome = esper_common::http::serve(listener, app, shutdown, drain).await;
         // The sweeper stops on the same shutdown signal; if serving failed before it,
         // stop the sweeper ourselves. Either way nothing outlives the broker.
-        if served.is_err() {
+        if outcome.is_err() {
             sweeper.abort();
         }
         if let Err(e) = sweeper.await {
@@ -129,11 +125,11 @@ pub async fn start_with_store(
                 tracing::warn!(error = %e, "expiry sweeper panicked");
             }
         }
-        served.map_err(Error::Serve)?;
+        outcome.map_err(Error::Serve)?;
         tracing::info!("mitigation broker stopped");
         Ok(())
     });
-    Ok(Broker { addr, store, task })
+    Ok(Broker { served, store })
 }
 
 /// Serves until `shutdown`, then drains in-flight requests and returns.
