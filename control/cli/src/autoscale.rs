@@ -31,6 +31,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// Most workers one supervisor runs.
 const MAX_WORKERS: usize = 256;
+/// The other parts' default ports (DESIGN.md), which worker ops ports step over.
+const RESERVED_PORTS: [u16; 8] = [8000, 8080, 8081, 8082, 8083, 8443, 9090, 9095];
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Flags of `esper worker autoscale`.
@@ -59,8 +61,9 @@ pub struct AutoscaleArgs {
     /// Worker N runs as `--worker-id PREFIX-N`; use a distinct prefix per host.
     #[arg(long, default_value = "autoscale", value_name = "PREFIX")]
     pub worker_id_prefix: String,
-    /// Worker N serves health and metrics on 127.0.0.1:(PORT + N - 1). Mind the proxy's
-    /// ops port (9095) when both run on one host with more than four workers.
+    /// Worker N serves health and metrics on the Nth free port from PORT on 127.0.0.1,
+    /// skipping the other parts' default ports (so a fifth worker does not take the
+    /// proxy's ops port 9095).
     #[arg(long, default_value_t = 9091, value_name = "PORT")]
     pub base_port: u16,
     #[command(flatten)]
@@ -102,20 +105,27 @@ impl AutoscaleArgs {
                 "must be at least 100ms",
             ));
         }
-        let last = usize::from(self.base_port) + self.max - 1;
-        if self.base_port == 0 || last > usize::from(u16::MAX) {
+        if self.base_port == 0 || self.worker_port(self.max).is_none() {
             return Err(ConfigError::invalid(
                 "--base-port",
                 self.base_port,
-                format!("ports {}..={last} do not fit", self.base_port),
+                format!("{} worker ports from here do not fit", self.max),
             ));
         }
         Ok(())
     }
 
+    /// The ops port of worker `n` (from 1): the nth port from `--base-port` that is not
+    /// another part's default port.
+    fn worker_port(&self, n: usize) -> Option<u16> {
+        (self.base_port..=u16::MAX)
+            .filter(|p| !RESERVED_PORTS.contains(p))
+            .nth(n.checked_sub(1)?)
+    }
+
     /// The command line of worker `n` after the program name.
     fn worker_argv(&self, config: Option<&Path>, n: usize) -> Vec<OsString> {
-        let port = usize::from(self.base_port) + n - 1;
+        let port = self.worker_port(n).unwrap_or(self.base_port);
         let mut argv: Vec<OsString> = vec![
             "worker".into(),
             "run".into(),
@@ -700,6 +710,12 @@ mod tests {
                 "8"
             ]
             .map(OsString::from)
+        );
+        let ports: Vec<_> = (1..=6).filter_map(|n| a.worker_port(n)).collect();
+        assert_eq!(
+            ports,
+            [9091, 9092, 9093, 9094, 9096, 9097],
+            "9095 is the proxy's"
         );
         for (argv, message) in [
             (vec!["--min", "5", "--max", "4"], "invalid --min = `5`"),
