@@ -243,15 +243,22 @@ pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListene
 }
 
 /// Serves `router` until shutdown, then drains in-flight requests for at most `drain`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// `listener` is a TCP listener or a [`crate::tls::TlsListener`].
+pub async fn serve<L>(
+    listener: L,
     router: Router,
     shutdown: Shutdown,
     drain: Duration,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    use axum::serve::ListenerExt;
+
     let stop = shutdown.clone();
+    // `tap_io` gives every listener type the same `ConnectInfo<SocketAddr>`.
     let server = axum::serve(
-        listener,
+        listener.tap_io(|_| {}),
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move { stop.wait().await });

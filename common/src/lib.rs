@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::{ConfigError, EnvSource};
 pub use health::{ComponentHealth, HealthReport};

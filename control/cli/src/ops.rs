@@ -34,6 +34,9 @@ pub struct ApiArgs {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+    /// Also trust this PEM CA certificate (a control plane with a private CA).
+    #[arg(long, env = "ESPER_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -45,6 +48,7 @@ impl std::fmt::Debug for ApiArgs {
         f.debug_struct("ApiArgs")
             .field("server", &self.server)
             .field("token", &self.token.as_ref().map(|_| "(hidden)"))
+            .field("ca_cert", &self.ca_cert)
             .field("output", &self.output)
             .finish()
     }
@@ -53,7 +57,7 @@ impl std::fmt::Debug for ApiArgs {
 impl ApiArgs {
     /// A client of the configured server.
     pub fn client(&self) -> Result<ControlClient, CtlError> {
-        ControlClient::new(&self.server, self.token.clone())
+        esper_control::ctl::client(&self.server, self.token.clone(), self.ca_cert.as_deref())
     }
 
     /// Is `--output json` asked for?
@@ -357,12 +361,14 @@ pub(crate) mod tests {
         let ok = ApiArgs {
             server: stack.api.clone(),
             token: Some(TOKEN.into()),
+            ca_cert: None,
             output: OutputFormat::Json,
         };
         assert_eq!(worker_status(ok).await.unwrap(), ExitCode::SUCCESS);
         let refused = ApiArgs {
             server: stack.api.clone(),
             token: None,
+            ca_cert: None,
             output: OutputFormat::Table,
         };
         assert_eq!(worker_status(refused).await.unwrap(), ExitCode::FAILURE);

@@ -2,6 +2,7 @@
 //! names (`ESPER_*`, `DATABASE_URL`), the command-line flags, and one validation pass.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use esper_common::config::{ConfigError, Vars, parse_duration_secs};
@@ -38,6 +39,13 @@ const fn any_addr(port: u16) -> SocketAddr {
 pub struct Config {
     /// API listener (`ESPER_LISTEN`, `ESPER_PORT`, `--listen`, `--port`).
     pub listen: SocketAddr,
+    /// Serve the API over TLS (`ESPER_TLS`, `--tls`) with `tls_cert` and `tls_key`.
+    /// Health and metrics stay plain HTTP: they are for the local orchestrator.
+    pub tls: bool,
+    /// PEM certificate chain, leaf first (`ESPER_TLS_CERT`, `--tls-cert`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate (`ESPER_TLS_KEY`, `--tls-key`).
+    pub tls_key: Option<PathBuf>,
     /// Health listener (`ESPER_HEALTH_LISTEN`, `ESPER_HEALTH_PORT`, `--health-listen`).
     pub health_listen: SocketAddr,
     /// Metrics listener (`ESPER_METRICS_LISTEN`, `ESPER_METRICS_PORT`, `--metrics-listen`).
@@ -77,6 +85,9 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             listen: DEFAULT_LISTEN,
+            tls: false,
+            tls_cert: None,
+            tls_key: None,
             health_listen: DEFAULT_HEALTH_LISTEN,
             metrics_listen: DEFAULT_METRICS_LISTEN,
             database_url: DEFAULT_DATABASE_URL.to_string(),
@@ -138,6 +149,15 @@ impl Config {
     /// Reads the environment names over the current values.
     pub fn apply_env(&mut self, vars: &Vars<'_>) -> Result<(), ConfigError> {
         apply_listen(vars, &["ESPER_LISTEN"], &["ESPER_PORT"], &mut self.listen)?;
+        vars.bool(&["ESPER_TLS"], &mut self.tls)?;
+        for (name, target) in [
+            ("ESPER_TLS_CERT", &mut self.tls_cert),
+            ("ESPER_TLS_KEY", &mut self.tls_key),
+        ] {
+            if let Some((_, v)) = vars.lookup(&[name]) {
+                *target = Some(PathBuf::from(v));
+            }
+        }
         apply_listen(
             vars,
             &["ESPER_HEALTH_LISTEN"],
@@ -202,6 +222,17 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.tls {
+            for (option, path) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
+                if path.is_none() {
+                    return Err(ConfigError::invalid(
+                        "tls",
+                        "true",
+                        format!("serving the API over TLS needs {option} (a PEM file)"),
+                    ));
+                }
+            }
+        }
         check_http_url("ingestion_url", &self.ingestion_url)?;
         check_http_url("mitigation_url", &self.mitigation_url)?;
         if self.body_limit < 1024 {
@@ -250,6 +281,15 @@ pub struct Args {
     /// API listener port (keeps the listen host).
     #[arg(long)]
     pub port: Option<u16>,
+    /// Serve the API over TLS (needs --tls-cert and --tls-key, or their settings).
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM certificate chain for the API, leaf first.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the API certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Health listener address.
     #[arg(long, value_name = "ADDR")]
     pub health_listen: Option<SocketAddr>,
@@ -281,6 +321,15 @@ impl Args {
         }
         if let Some(p) = self.port {
             cfg.listen.set_port(p);
+        }
+        if self.tls {
+            cfg.tls = true;
+        }
+        if let Some(p) = &self.tls_cert {
+            cfg.tls_cert = Some(p.clone());
+        }
+        if let Some(p) = &self.tls_key {
+            cfg.tls_key = Some(p.clone());
         }
         if let Some(a) = self.health_listen {
             cfg.health_listen = a;

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use esper_common::Shutdown;
+use esper_common::config::ConfigError;
 use esper_common::http::{bind, serve, standard_layers};
+use esper_common::tls::TlsListener;
 use esper_protocol::{IngestionClient, MitigationClient};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
@@ -149,6 +151,14 @@ pub async fn start(
         active_cache: Mutex::new(None),
     }));
 
+    // Certificate problems are start-up errors, before anything is served.
+    let tls = match (&config.tls, &config.tls_cert, &config.tls_key) {
+        (true, Some(cert), Some(key)) => Some(
+            esper_common::tls::server_config(cert, key)
+                .map_err(|e| ConfigError::invalid("tls_cert", cert.display(), e.to_string()))?,
+        ),
+        _ => None,
+    };
     let api_addr = local("API", &listeners.api)?;
     let health_addr = local("health", &listeners.health)?;
     let metrics_addr = local("metrics", &listeners.metrics)?;
@@ -173,11 +183,19 @@ pub async fn start(
         stop.clone(),
     ));
     let gauges = tokio::spawn(refresh_gauges(state.clone(), stop.clone()));
-    tracing::info!(%api_addr, %health_addr, %metrics_addr, store = store.kind(), "control plane serving");
+    tracing::info!(%api_addr, %health_addr, %metrics_addr, tls = tls.is_some(), store = store.kind(), "control plane serving");
 
     let task = tokio::spawn(async move {
         let (a, h, m) = tokio::join!(
-            serve_until(listeners.api, api_router, &stop, &stopper),
+            async {
+                match tls {
+                    Some(tls) => {
+                        let api = TlsListener::new(listeners.api, tls)?;
+                        serve_until(api, api_router, &stop, &stopper).await
+                    }
+                    None => serve_until(listeners.api, api_router, &stop, &stopper).await,
+                }
+            },
             serve_until(listeners.health, health_router, &stop, &stopper),
             serve_until(listeners.metrics, metrics_router, &stop, &stopper),
         );
@@ -214,8 +232,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Re
 }
 
 /// Serves until `stop`, then lets in-flight requests run for the stopper's drain.
-async fn serve_until(
-    listener: TcpListener,
+async fn serve_until<L: axum::serve::Listener<Addr = SocketAddr>>(
+    listener: L,
     router: Router,
     stop: &Shutdown,
     stopper: &Stopper,

@@ -42,6 +42,9 @@ pub struct CtlArgs {
     /// API bearer token.
     #[arg(long, global = true, env = "ESPER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Also trust this PEM CA certificate (a control plane with a private CA).
+    #[arg(long, global = true, env = "ESPER_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -272,9 +275,22 @@ pub async fn esperctl_main(args: CtlArgs) -> ExitCode {
     }
 }
 
+/// A client of `server`, trusting `ca_cert` besides the usual roots when given.
+pub fn client(
+    server: &str,
+    token: Option<String>,
+    ca_cert: Option<&std::path::Path>,
+) -> Result<ControlClient, CtlError> {
+    let client = ControlClient::new(server, token)?;
+    match ca_cert {
+        Some(path) => client.with_ca_cert(path),
+        None => Ok(client),
+    }
+}
+
 async fn dispatch(args: CtlArgs) -> Result<(), CtlError> {
     let ctx = Ctx {
-        client: ControlClient::new(&args.server, args.token)?,
+        client: client(&args.server, args.token, args.ca_cert.as_deref())?,
         json: args.output == OutputFormat::Json,
     };
     match args.command {
