@@ -152,6 +152,17 @@ impl<'a> Vars<'a> {
         Ok(())
     }
 
+    /// A boolean that may be set or not.
+    pub fn bool_opt(&self, names: &[&str], target: &mut Option<bool>) -> Result<(), ConfigError> {
+        if let Some((name, value)) = self.lookup(names) {
+            *target =
+                Some(parse_bool(&value).ok_or_else(|| {
+                    ConfigError::invalid(&name, &value, "expected true or false")
+                })?);
+        }
+        Ok(())
+    }
+
     /// A duration: a humantime string (`250ms`, `30s`, `10m`) or a bare number in `unit`
     /// (so `BATCH_TIMEOUT_MS=100` and `CACHE_TTL_SECONDS=900` keep their seed meaning).
     pub fn duration(

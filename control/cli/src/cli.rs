@@ -117,6 +117,7 @@ pub enum ProxyCommand {
 struct LogOptions {
     level: String,
     format: LogFormat,
+    include_caller: bool,
 }
 
 /// The `[log]` section of a TOML config file, or `LOG_LEVEL` / `LOG_FORMAT` in a `.env` one.
@@ -125,6 +126,12 @@ struct LogOptions {
 struct LogSettings {
     level: Option<String>,
     format: Option<LogFormat>,
+    /// Source file and line on every log line (`LOG_INCLUDE_CALLER`).
+    include_caller: Option<bool>,
+    /// Debug mode: default level `debug`, and callers shown (`ESPER_DEBUG`).
+    debug: Option<bool>,
+    /// Comma-separated subsystems logged at debug (`ESPER_DEBUG_SUBSYSTEM`).
+    debug_subsystem: Option<String>,
 }
 
 fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
@@ -134,20 +141,32 @@ fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
         &ProcessEnv,
         |s: &mut LogSettings, vars| {
             vars.string_opt(&["LOG_LEVEL", "ESPER_LOG_LEVEL"], &mut s.level);
+            vars.bool_opt(&["LOG_INCLUDE_CALLER"], &mut s.include_caller)?;
+            vars.bool_opt(&["ESPER_DEBUG"], &mut s.debug)?;
+            vars.string_opt(&["ESPER_DEBUG_SUBSYSTEM"], &mut s.debug_subsystem);
             vars.parse_opt(&["LOG_FORMAT", "ESPER_LOG_FORMAT"], &mut s.format)
         },
     )?;
-    let mut level = file.level.unwrap_or_else(|| "info".to_string());
+    let debug = file.debug.unwrap_or(false);
+    let subsystems = file.debug_subsystem.as_deref().unwrap_or("");
+    let level = telemetry::filter(
+        cli.log_level.as_deref().or(file.level.as_deref()),
+        debug,
+        subsystems,
+    )
+    .map_err(|e| ConfigError::invalid("ESPER_DEBUG_SUBSYSTEM", subsystems, e))?;
+    let include_caller = file.include_caller.unwrap_or(debug);
     let mut format = file.format.unwrap_or_default();
-    if let Some(l) = &cli.log_level {
-        level = l.clone();
-    }
     if let Some(f) = &cli.log_format {
         format = f
             .parse()
             .map_err(|e: String| ConfigError::invalid("--log-format", f, e))?;
     }
-    Ok(LogOptions { level, format })
+    Ok(LogOptions {
+        level,
+        format,
+        include_caller,
+    })
 }
 
 /// Loads `C` from the `--config` file's `section`, the environment, then `flags`, and
@@ -175,7 +194,7 @@ pub fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(&e.into()),
     };
-    if let Err(e) = telemetry::init(&log.level, log.format) {
+    if let Err(e) = telemetry::init(&log.level, log.format, log.include_caller) {
         eprintln!("esper: {e}");
         return ExitCode::from(2);
     }

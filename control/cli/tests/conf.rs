@@ -15,9 +15,12 @@ use serde::de::DeserializeOwned;
 /// The sections of `esper.toml`, one per service.
 const SECTIONS: [&str; 5] = ["server", "ingestion", "mitigation", "worker", "proxy"];
 /// Names the `esper` and `esperctl` binaries read themselves (logging, API client).
-const BINARY_NAMES: [&str; 5] = [
+const BINARY_NAMES: [&str; 8] = [
     "LOG_LEVEL",
     "LOG_FORMAT",
+    "LOG_INCLUDE_CALLER",
+    "ESPER_DEBUG",
+    "ESPER_DEBUG_SUBSYSTEM",
     "ESPER_LOG_LEVEL",
     "ESPER_LOG_FORMAT",
     "ESPER_SERVER",
