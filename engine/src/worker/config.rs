@@ -42,7 +42,7 @@ pub enum StateBackendKind {
     Memory,
     /// In Redis, shared by every worker that uses the same Redis and key prefix.
     Redis,
-    /// In PostgreSQL: shared and durable, slower.
+    /// In PostgreSQL (not in this build yet).
     Postgres,
 }
 
@@ -122,10 +122,8 @@ pub struct Config {
     pub state_cache_size: usize,
     /// The Redis of the `redis` state backend.
     pub state_redis_url: String,
-    /// The PostgreSQL database of the `postgres` state backend (`postgres://...`).
-    pub state_database_url: String,
-    /// Prefix of the shared state's keys (Redis) or tables (PostgreSQL); workers that
-    /// share state use the same one.
+    /// Prefix of the shared state's Redis keys; workers that share state use the same
+    /// one.
     pub state_key_prefix: String,
     /// Longest one batch's evaluation against the state may take.
     #[serde(with = "humantime_serde")]
@@ -159,7 +157,6 @@ impl Default for Config {
             state_cleanup_interval: DEFAULT_STATE_CLEANUP_INTERVAL,
             state_cache_size: DEFAULT_STATE_CACHE_SIZE,
             state_redis_url: DEFAULT_STATE_REDIS_URL.to_string(),
-            state_database_url: String::new(),
             state_key_prefix: DEFAULT_STATE_KEY_PREFIX.to_string(),
             evaluation_timeout: DEFAULT_EVALUATION_TIMEOUT,
             decision_buffer: DEFAULT_DECISION_BUFFER,
@@ -208,10 +205,6 @@ impl Config {
         )?;
         vars.parse(&["ESPER_STATE_CACHE_SIZE"], &mut self.state_cache_size)?;
         vars.string(&["ESPER_REDIS_URL", "REDIS_URL"], &mut self.state_redis_url);
-        vars.string(
-            &["ESPER_DATABASE_URL", "DATABASE_URL"],
-            &mut self.state_database_url,
-        );
         vars.string(&["ESPER_STATE_KEY_PREFIX"], &mut self.state_key_prefix);
         vars.duration(
             &["ESPER_EVALUATION_TIMEOUT"],
@@ -244,16 +237,11 @@ impl Config {
                 }
             }
             StateBackendKind::Postgres => {
-                let u = &self.state_database_url;
-                if !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
-                    || u.chars().any(char::is_whitespace)
-                {
-                    return Err(ConfigError::invalid(
-                        "state_database_url",
-                        "(hidden)",
-                        "the postgres state backend needs a postgres:// URL",
-                    ));
-                }
+                return Err(ConfigError::invalid(
+                    "state_backend",
+                    self.state_backend,
+                    "state backend `postgres` is not available in this build yet (use memory or redis)",
+                ));
             }
         }
         if self.state_key_prefix.is_empty()
@@ -468,9 +456,6 @@ pub struct Args {
     /// Redis of the redis state backend [default: redis://127.0.0.1:6379]
     #[arg(long, value_name = "URL")]
     pub state_redis_url: Option<String>,
-    /// PostgreSQL database of the postgres state backend
-    #[arg(long, value_name = "URL")]
-    pub state_database_url: Option<String>,
     /// Longest one batch's evaluation may take (bare number = ms) [default: 100ms]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
     pub evaluation_timeout: Option<Duration>,
@@ -520,9 +505,6 @@ impl Args {
         }
         if let Some(v) = &self.state_redis_url {
             cfg.state_redis_url = v.clone();
-        }
-        if let Some(v) = &self.state_database_url {
-            cfg.state_database_url = v.clone();
         }
         if let Some(v) = self.evaluation_timeout {
             cfg.evaluation_timeout = v;
@@ -627,14 +609,11 @@ mod tests {
         cfg.state_redis_url = DEFAULT_STATE_REDIS_URL.into();
         cfg.validate().unwrap();
         cfg.state_backend = StateBackendKind::Postgres;
-        assert!(
-            cfg.validate()
-                .unwrap_err()
-                .to_string()
-                .starts_with("invalid state_database_url")
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "invalid state_backend = `postgres`: state backend `postgres` is not available in this build yet (use memory or redis)"
         );
-        cfg.state_database_url = "postgres://esper@db/esper".into();
-        cfg.validate().unwrap();
+        cfg.state_backend = StateBackendKind::Redis;
         cfg.state_key_prefix = "a b".into();
         assert!(
             cfg.validate()

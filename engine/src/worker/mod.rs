@@ -75,10 +75,12 @@ pub async fn open_state(config: &Config) -> Result<Arc<dyn StateBackend>, Worker
             .await?,
         ),
         StateBackendKind::Postgres => {
+            // Refused by `Config::validate`; kept here so a caller that skips it gets
+            // the same answer.
             return Err(ConfigError::invalid(
                 "state_backend",
                 config.state_backend,
-                "not available in this build yet",
+                "state backend `postgres` is not available in this build yet (use memory or redis)",
             )
             .into());
         }
