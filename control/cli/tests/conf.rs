@@ -355,7 +355,8 @@ fn what_prod_env_shows_commented_out_is_accepted_or_refused_as_it_says() {
             panic!("{name}: {err}");
         }
     }
-    for (name, refused_by) in [("PERSISTENCE_ENABLED", "mitigation")] {
+    {
+        let (name, refused_by) = ("PERSISTENCE_ENABLED", "mitigation");
         // The line appended last overrides the file's own value of the same name.
         let enabled = dir.join(format!("{name}.env"));
         std::fs::write(&enabled, format!("{text}\n{}\n", commented(name))).unwrap();
