@@ -14,6 +14,7 @@
 
 mod compile;
 pub mod memory;
+pub mod redis;
 pub mod state;
 pub mod window;
 
@@ -27,6 +28,7 @@ pub use compile::{CompiledPolicy, PolicySet, policy_key};
 
 use crate::policy::AggregateSpec;
 pub use memory::MemoryState;
+pub use redis::{RedisState, RedisStateConfig};
 pub use state::{PolicyKey, Receipt, StateBackend, StateError, StateStats};
 
 use state::{BatchInput, BatchPolicy, EventHits, Hit};

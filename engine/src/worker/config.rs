@@ -24,6 +24,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_STATE_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_STATE_CLEANUP_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_STATE_CACHE_SIZE: usize = 1_000_000;
+pub const DEFAULT_STATE_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_STATE_KEY_PREFIX: &str = "esper:state";
 pub const DEFAULT_EVALUATION_TIMEOUT: Duration = Duration::from_millis(100);
 pub const DEFAULT_DECISION_BUFFER: usize = 10_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,9 +40,9 @@ pub enum StateBackendKind {
     /// In this process: fast, lost on restart, not shared between workers.
     #[default]
     Memory,
-    /// Shared by every worker (not in this build yet).
+    /// In Redis, shared by every worker that uses the same Redis and key prefix.
     Redis,
-    /// Durable (not in this build yet).
+    /// In PostgreSQL (not in this build yet).
     Postgres,
 }
 
@@ -118,6 +120,11 @@ pub struct Config {
     pub state_cleanup_interval: Duration,
     /// Most (policy, entity) pairs tracked, and most event ids remembered.
     pub state_cache_size: usize,
+    /// The Redis of the `redis` state backend.
+    pub state_redis_url: String,
+    /// Prefix of the shared state's Redis keys; workers that share state use the same
+    /// one.
+    pub state_key_prefix: String,
     /// Longest one batch's evaluation against the state may take.
     #[serde(with = "humantime_serde")]
     pub evaluation_timeout: Duration,
@@ -149,6 +156,8 @@ impl Default for Config {
             state_ttl: DEFAULT_STATE_TTL,
             state_cleanup_interval: DEFAULT_STATE_CLEANUP_INTERVAL,
             state_cache_size: DEFAULT_STATE_CACHE_SIZE,
+            state_redis_url: DEFAULT_STATE_REDIS_URL.to_string(),
+            state_key_prefix: DEFAULT_STATE_KEY_PREFIX.to_string(),
             evaluation_timeout: DEFAULT_EVALUATION_TIMEOUT,
             decision_buffer: DEFAULT_DECISION_BUFFER,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -195,6 +204,8 @@ impl Config {
             &mut self.state_cleanup_interval,
         )?;
         vars.parse(&["ESPER_STATE_CACHE_SIZE"], &mut self.state_cache_size)?;
+        vars.string(&["ESPER_REDIS_URL", "REDIS_URL"], &mut self.state_redis_url);
+        vars.string(&["ESPER_STATE_KEY_PREFIX"], &mut self.state_key_prefix);
         vars.duration(
             &["ESPER_EVALUATION_TIMEOUT"],
             ms,
@@ -211,14 +222,39 @@ impl Config {
 
     /// Checks every value once, before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.state_backend != StateBackendKind::Memory {
+        match self.state_backend {
+            StateBackendKind::Memory => {}
+            StateBackendKind::Redis => {
+                let u = &self.state_redis_url;
+                if !(u.starts_with("redis://") || u.starts_with("rediss://"))
+                    || u.chars().any(char::is_whitespace)
+                {
+                    return Err(ConfigError::invalid(
+                        "state_redis_url",
+                        u,
+                        "the redis state backend needs a redis:// or rediss:// URL",
+                    ));
+                }
+            }
+            StateBackendKind::Postgres => {
+                return Err(ConfigError::invalid(
+                    "state_backend",
+                    self.state_backend,
+                    "state backend `postgres` is not available in this build yet (use memory or redis)",
+                ));
+            }
+        }
+        if self.state_key_prefix.is_empty()
+            || self.state_key_prefix.len() > 64
+            || !self
+                .state_key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_:".contains(c))
+        {
             return Err(ConfigError::invalid(
-                "state_backend",
-                self.state_backend,
-                format!(
-                    "state backend `{}` is not available in this build yet (use memory)",
-                    self.state_backend
-                ),
+                "state_key_prefix",
+                &self.state_key_prefix,
+                "use up to 64 of a-z, A-Z, 0-9, '_' and ':'",
             ));
         }
         if !self.worker_id.is_empty()
@@ -417,6 +453,9 @@ pub struct Args {
     /// Most tracked entities and remembered event ids [default: 1000000]
     #[arg(long, value_name = "N")]
     pub state_cache_size: Option<usize>,
+    /// Redis of the redis state backend [default: redis://127.0.0.1:6379]
+    #[arg(long, value_name = "URL")]
+    pub state_redis_url: Option<String>,
     /// Longest one batch's evaluation may take (bare number = ms) [default: 100ms]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
     pub evaluation_timeout: Option<Duration>,
@@ -463,6 +502,9 @@ impl Args {
         }
         if let Some(v) = self.state_cache_size {
             cfg.state_cache_size = v;
+        }
+        if let Some(v) = &self.state_redis_url {
+            cfg.state_redis_url = v.clone();
         }
         if let Some(v) = self.evaluation_timeout {
             cfg.evaluation_timeout = v;
@@ -515,6 +557,8 @@ mod tests {
             ("ESPER_EVALUATION_TIMEOUT", "250"),
             ("ESPER_TOKEN", "ctl"),
             ("ESPER_WORKER_ID", "env-worker"),
+            ("REDIS_URL", "redis://shared:6379"),
+            ("ESPER_STATE_BACKEND", "redis"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -538,8 +582,11 @@ mod tests {
             "p.toml",
         ])
         .unwrap();
+        assert_eq!(cfg.state_redis_url, "redis://shared:6379");
+        assert_eq!(cfg.state_backend, StateBackendKind::Redis);
         cli.args.apply(&mut cfg);
         assert_eq!(cfg.worker_id, "worker-3");
+        assert_eq!(cfg.state_backend, StateBackendKind::Memory);
         assert_eq!(cfg.concurrency, 16);
         assert_eq!(cfg.batch_size, 50);
         assert_eq!(cfg.state_ttl, Duration::from_secs(7200));
@@ -552,12 +599,29 @@ mod tests {
     fn invalid_values_name_the_option() {
         let mut cfg = Config {
             state_backend: StateBackendKind::Redis,
+            state_redis_url: "localhost:6379".into(),
             ..Config::default()
         };
         assert_eq!(
             cfg.validate().unwrap_err().to_string(),
-            "invalid state_backend = `redis`: state backend `redis` is not available in this build yet (use memory)"
+            "invalid state_redis_url = `localhost:6379`: the redis state backend needs a redis:// or rediss:// URL"
         );
+        cfg.state_redis_url = DEFAULT_STATE_REDIS_URL.into();
+        cfg.validate().unwrap();
+        cfg.state_backend = StateBackendKind::Postgres;
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "invalid state_backend = `postgres`: state backend `postgres` is not available in this build yet (use memory or redis)"
+        );
+        cfg.state_backend = StateBackendKind::Redis;
+        cfg.state_key_prefix = "a b".into();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("state_key_prefix")
+        );
+        cfg.state_key_prefix = DEFAULT_STATE_KEY_PREFIX.into();
         cfg.state_backend = StateBackendKind::Memory;
         cfg.concurrency = 0;
         assert!(

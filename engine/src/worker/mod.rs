@@ -26,12 +26,13 @@ pub use config::{
     DEFAULT_DECISION_BUFFER, DEFAULT_EVALUATION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_INGESTION_URL, DEFAULT_LEASE, DEFAULT_LISTEN, DEFAULT_MITIGATION_URL,
     DEFAULT_POLICY_REFRESH, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STATE_CACHE_SIZE,
-    DEFAULT_STATE_CLEANUP_INTERVAL, DEFAULT_STATE_TTL, StateBackendKind,
+    DEFAULT_STATE_CLEANUP_INTERVAL, DEFAULT_STATE_KEY_PREFIX, DEFAULT_STATE_REDIS_URL,
+    DEFAULT_STATE_TTL, StateBackendKind,
 };
 pub use control::ControlClient;
 pub use policies::{PolicyFileError, read_policy_file};
 
-use crate::eval::{Evaluator, MemoryState, StateBackend};
+use crate::eval::{Evaluator, MemoryState, RedisState, RedisStateConfig, StateBackend, StateError};
 use control::Outbox;
 use policies::{Follower, PolicyHandle, Source};
 use status::{Metrics, Status, WorkerHealth};
@@ -52,6 +53,38 @@ pub enum WorkerError {
     Serve(std::io::Error),
     #[error("worker task failed: {0}")]
     Task(String),
+    #[error("state backend: {0}")]
+    State(#[from] StateError),
+}
+
+/// Opens the configured state backend (shared backends are reached now, so a wrong URL
+/// is a start-up error).
+pub async fn open_state(config: &Config) -> Result<Arc<dyn StateBackend>, WorkerError> {
+    Ok(match config.state_backend {
+        StateBackendKind::Memory => {
+            Arc::new(MemoryState::new(config.state_ttl, config.state_cache_size))
+        }
+        StateBackendKind::Redis => Arc::new(
+            RedisState::connect(RedisStateConfig {
+                url: config.state_redis_url.clone(),
+                prefix: config.state_key_prefix.clone(),
+                ttl: config.state_ttl,
+                lease: config.lease,
+                capacity: config.state_cache_size,
+            })
+            .await?,
+        ),
+        StateBackendKind::Postgres => {
+            // Refused by `Config::validate`; kept here so a caller that skips it gets
+            // the same answer.
+            return Err(ConfigError::invalid(
+                "state_backend",
+                config.state_backend,
+                "state backend `postgres` is not available in this build yet (use memory or redis)",
+            )
+            .into());
+        }
+    })
 }
 
 /// Runs the worker until `shutdown`: stops claiming, finishes the batches in hand
@@ -67,8 +100,7 @@ pub async fn run(
     let registry = Registry::new();
     let metrics = Metrics::new(&registry);
     let status = Arc::new(Status::default());
-    let state: Arc<dyn StateBackend> =
-        Arc::new(MemoryState::new(config.state_ttl, config.state_cache_size));
+    let state = open_state(&config).await?;
     let evaluator = Evaluator::new(state.clone(), &worker_id, &registry);
     let handle = Arc::new(PolicyHandle::default());
     let control = (!config.control_url.is_empty())

@@ -271,3 +271,7 @@ pub fn control_request(method: reqwest::Method, url: String) -> reqwest::Request
         .request(method, url)
         .bearer_auth(CONTROL_TOKEN)
 }
+
+/// The throwaway `redis-server` shared with the broker tests.
+#[path = "../../../brokers/testing/redis_server.rs"]
+pub mod redis_server;

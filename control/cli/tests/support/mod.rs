@@ -122,6 +122,11 @@ impl Proc {
         None
     }
 
+    /// The process id (to signal it).
+    pub fn child_id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Has it exited? With which code?
     pub fn try_exit(&mut self) -> Option<Option<i32>> {
         self.child.try_wait().ok().flatten().map(|s| s.code())

@@ -1,0 +1,261 @@
+//! No event is lost when a worker dies: `esper worker run engine` (the real binary,
+//! Redis state) is killed with SIGKILL while its batch is applied to the state and its
+//! publish is stuck; after the lease a second worker gets the items back, the dead
+//! batch's counts are undone, and the decisions carry exactly the counts of one pass.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+#[path = "../../../brokers/testing/redis_server.rs"]
+mod redis_server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use esper_common::shutdown::Shutdown;
+use esper_protocol::{IngestionClient, MitigationClient, RequestEvent};
+use support::*;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+
+const POLICY: &str = r#"
+[[policy]]
+id = "login-brute-force"
+entity = "ip"
+window = "5m"
+threshold = 10
+action = "block"
+ttl = "10m"
+[policy.match]
+methods = ["POST"]
+paths = ["/login"]
+statuses = [401]
+[[policy.escalation]]
+threshold = 20
+action = "block"
+ttl = "30m"
+"#;
+
+/// A TCP relay in front of `target` that, while `stall` is set, accepts connections and
+/// reads what is sent but forwards nothing and answers nothing. `seen` is set once a
+/// stalled connection has received bytes (a request is stuck in it).
+fn relay(listener: TcpListener, target: SocketAddr, stall: Arc<AtomicBool>, seen: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let (stall, seen) = (stall.clone(), seen.clone());
+            tokio::spawn(async move {
+                if stall.load(Ordering::SeqCst) {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = inbound.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        seen.store(true, Ordering::SeqCst);
+                    }
+                    return;
+                }
+                if let Ok(mut outbound) = TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+}
+
+fn failed_logins(ip: &str, n: usize, tag: &str) -> Vec<RequestEvent> {
+    (0..n)
+        .map(|i| {
+            let mut e = RequestEvent::new(ip.parse().unwrap(), "POST", "/login");
+            e.status = 401;
+            e.id = format!("{tag}-{ip}-{i}");
+            e
+        })
+        .collect()
+}
+
+fn worker_args(
+    id: &str,
+    ingestion: &str,
+    mitigation: &str,
+    policies: &str,
+    redis: &str,
+) -> Vec<String> {
+    [
+        "worker",
+        "run",
+        "engine",
+        "--worker-id",
+        id,
+        "--concurrency",
+        "1",
+        "--batch-size",
+        "100",
+        "--lease",
+        "2s",
+        "--state-backend",
+        "redis",
+        "--state-redis-url",
+        redis,
+        "--policies",
+        policies,
+        "--ingestion-url",
+        ingestion,
+        "--mitigation-url",
+        mitigation,
+        "--control-url",
+        "",
+        "--evaluation-timeout",
+        "1s",
+        "--listen",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([free_addr().to_string()])
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
+    let redis = redis_server::shared();
+    let prefix = redis_server::unique_prefix("kill").replace('-', "_");
+    let env = [("ESPER_STATE_KEY_PREFIX", prefix)];
+
+    // Real brokers in this process, each on its own loopback port.
+    let (_trigger, shutdown) = Shutdown::new();
+    let ing_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ing_url = format!("http://{}", ing_l.local_addr().unwrap());
+    let ing_cfg = esper_ingestion::Config {
+        listen: ing_l.local_addr().unwrap(),
+        batch_timeout: Duration::ZERO,
+        ..esper_ingestion::Config::default()
+    };
+    tokio::spawn(esper_ingestion::run(ing_cfg, ing_l, shutdown.clone()));
+    let mit_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mit_addr = mit_l.local_addr().unwrap();
+    let mit_cfg = esper_mitigation::Config {
+        listen: mit_addr,
+        ..esper_mitigation::Config::default()
+    };
+    tokio::spawn(esper_mitigation::run(mit_cfg, mit_l, shutdown.clone()));
+    let relay_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("http://{}", relay_l.local_addr().unwrap());
+    let (stall, seen) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    relay(relay_l, mit_addr, stall.clone(), seen.clone());
+
+    let dir = TempDir::new("kill");
+    let policies = dir.path().join("policies.toml");
+    std::fs::write(&policies, POLICY).unwrap();
+    let policies = policies.to_string_lossy().to_string();
+
+    // 25 failed logins from .2 (over both rungs), 9 from .3 (under the threshold).
+    let ingest = IngestionClient::new(&ing_url, None);
+    let mut events = failed_logins("10.0.0.2", 25, "a");
+    events.extend(failed_logins("10.0.0.3", 9, "b"));
+    ingest.ingest(events).await.unwrap();
+
+    // The first worker publishes through the stalled relay: its batch is applied to
+    // the Redis state, its publish hangs, and it is killed right then.
+    let mut first = Proc::esper(
+        "worker-a",
+        &worker_args("worker-a", &ing_url, &relay_url, &policies, &redis.url()),
+        &env.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>(),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "a publish stuck in the relay",
+        || async { seen.load(Ordering::SeqCst).then_some(()) },
+    )
+    .await;
+    let status = ingest.status().await.unwrap();
+    assert_eq!((status.leased, status.acked_total), (34, 0), "{status:?}");
+    std::process::Command::new("kill")
+        .args(["-KILL", &first.child_id().to_string()])
+        .status()
+        .unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if first.try_exit().is_some() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the first worker is gone after SIGKILL");
+    assert!(
+        first.log().contains("engine worker started"),
+        "{}",
+        first.log()
+    );
+
+    // A second worker, straight to the broker, gets the items back after the lease.
+    let ops = free_addr();
+    let mut args = worker_args(
+        "worker-b",
+        &ing_url,
+        &format!("http://{mit_addr}"),
+        &policies,
+        &redis.url(),
+    );
+    args.pop();
+    args.push(ops.to_string());
+    let _second = Proc::esper(
+        "worker-b",
+        &args,
+        &env.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>(),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "every item acknowledged",
+        || async {
+            let s = ingest.status().await.ok()?;
+            (s.depth == 0 && s.leased == 0 && s.acked_total == 34).then_some(())
+        },
+    )
+    .await;
+
+    // Exactly the decisions of one pass over the 25 events: at 10 and at 20, not at
+    // 35 and 45 (counted twice), and none missing (lost with the dead worker).
+    let active = MitigationClient::new(&format!("http://{mit_addr}"), None)
+        .active(None)
+        .await
+        .unwrap();
+    let mut decided: Vec<(String, String)> = active
+        .mitigations
+        .iter()
+        .map(|m| {
+            let counted = m.reason.summary.split(' ').next().unwrap_or("").to_string();
+            (m.entity.to_string(), counted)
+        })
+        .collect();
+    decided.sort();
+    assert_eq!(
+        decided,
+        vec![
+            ("ip:10.0.0.2".to_string(), "10".to_string()),
+            ("ip:10.0.0.2".to_string(), "20".to_string())
+        ],
+        "{active:?}"
+    );
+    let metrics = reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(sample("esper_events_evaluated_total"), 34.0, "{metrics}");
+    assert_eq!(sample("esper_duplicate_events_total"), 0.0, "{metrics}");
+    stall.store(false, Ordering::SeqCst);
+}

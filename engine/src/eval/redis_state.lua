@@ -1,0 +1,477 @@
+-- Engine state on Redis: the memory backend's algorithm (eval/memory.rs, window.rs,
+-- state.rs) run inside Redis, so that every worker shares one state and each batch
+-- step is atomic. ARGV[1] is the key prefix, ARGV[2] the call's JSON arguments.
+--
+-- Keys (all with a TTL):
+--   P:e:{pk}:{entity}  hash: w (window "bucket=weight;..."), dh (distinct head), lt
+--                      (last touch), cu/cb/lv/of/lo (decision), ss/sm/st (sequence)
+--   P:d:{pk}:{entity}  zset: distinct value -> newest sub-bucket
+--   P:ix:{pk}          zset: entity -> the time it becomes idle (for cleanup, eviction)
+--   P:pols             set of policy keys with state
+--   P:fl               hash: event id -> receipt in flight
+--   P:ids              zset: processed event id -> when it is forgotten
+--   P:rc               zset: receipt -> lease deadline (past it, the receipt is undone)
+--   P:u:{rid}          the receipt's undo log (JSON)
+--   P:seq, P:st        receipt counter; eviction counters
+local P = ARGV[1]
+local A = cjson.decode(ARGV[2])
+local now = tonumber(A.now)
+local RC, FL, IDS, POLS, SEQ, ST = P .. ':rc', P .. ':fl', P .. ':ids', P .. ':pols', P .. ':seq', P .. ':st'
+
+local function fmt(x) return string.format('%.17g', x) end
+
+-- Sets a key's expiry to at least `ms` from now.
+local function extend(key, ms)
+  ms = math.max(math.floor(ms), 1000)
+  local t = redis.call('PTTL', key)
+  if t == -1 or (t >= 0 and t < ms) then redis.call('PEXPIRE', key, ms) end
+end
+
+local function reached(v, th) return v >= th - 1e-9 * math.max(th, 1) end
+
+-- Rust's f64::powi (compiler-rt's __powidf2), so grown ttls match the memory backend.
+local function powi(a, b)
+  local r = 1.0
+  while true do
+    if b % 2 == 1 then r = r * a end
+    b = math.floor(b / 2)
+    if b == 0 then break end
+    a = a * a
+  end
+  return r
+end
+
+-- Entity cache for one script call: loaded once, written back once.
+local cache = {}
+local function ekey(pk, ent) return P .. ':e:' .. pk .. ':' .. ent end
+local function dkey(pk, ent) return P .. ':d:' .. pk .. ':' .. ent end
+
+local function load(pk, ent, create, meta)
+  local id = pk .. '\n' .. ent
+  local e = cache[id]
+  if e then return e end
+  local raw = redis.call('HGETALL', ekey(pk, ent))
+  if #raw == 0 and not create then return nil end
+  local h = {}
+  for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
+  e = { pk = pk, ent = ent, w = {}, lt = tonumber(h.lt) or now,
+        cu = tonumber(h.cu) or 0, cb = tonumber(h.cb) or 0, lv = tonumber(h.lv) or 0,
+        of = tonumber(h.of) or 0, lo = tonumber(h.lo) or 0, dh = tonumber(h.dh),
+        win = meta and meta.win or tonumber(h.win) or 0, fresh = (#raw == 0) }
+  if h.w and h.w ~= '' then
+    for b, w in string.gmatch(h.w, '([^=;]+)=([^;]+)') do
+      e.w[#e.w + 1] = { tonumber(b), tonumber(w) }
+    end
+  end
+  if h.ss then e.seq = { step = tonumber(h.ss), matched = tonumber(h.sm), started = tonumber(h.st) } end
+  cache[id] = e
+  return e
+end
+
+local function idle_at(e, hist)
+  -- As the memory backend's is_idle: an entity holding nothing is idle at once.
+  local empty = #e.w == 0 and e.seq == nil and redis.call('ZCARD', dkey(e.pk, e.ent)) == 0
+  local t = empty and 0 or e.lt + e.win
+  if e.cu > t then t = e.cu end
+  if e.of > 0 and e.lo + hist > t then t = e.lo + hist end
+  return t
+end
+
+local function save_all(hist)
+  for _, e in pairs(cache) do
+    local k = ekey(e.pk, e.ent)
+    local parts = {}
+    for i, bw in ipairs(e.w) do parts[i] = fmt(bw[1]) .. '=' .. fmt(bw[2]) end
+    redis.call('DEL', k)
+    local f = { 'w', table.concat(parts, ';'), 'lt', fmt(e.lt), 'cu', fmt(e.cu), 'cb', fmt(e.cb),
+                'lv', fmt(e.lv), 'of', fmt(e.of), 'lo', fmt(e.lo), 'win', fmt(e.win) }
+    if e.dh then f[#f + 1] = 'dh'; f[#f + 1] = fmt(e.dh) end
+    if e.seq then
+      f[#f + 1] = 'ss'; f[#f + 1] = fmt(e.seq.step)
+      f[#f + 1] = 'sm'; f[#f + 1] = fmt(e.seq.matched)
+      f[#f + 1] = 'st'; f[#f + 1] = fmt(e.seq.started)
+    end
+    redis.call('HSET', k, unpack(f))
+    local idle = idle_at(e, hist)
+    local ttl = math.max(idle - now, 0) + hist
+    extend(k, ttl)
+    local d = dkey(e.pk, e.ent)
+    if redis.call('EXISTS', d) == 1 then extend(d, ttl) end
+    local ix = P .. ':ix:' .. e.pk
+    redis.call('ZADD', ix, idle, e.ent)
+    extend(ix, ttl)
+    redis.call('SADD', POLS, e.pk)
+    extend(POLS, ttl)
+  end
+end
+
+-- Sliding window (window.rs's Window): sorted {bucket, weight} pairs.
+local function w_head(e) local n = #e.w; if n == 0 then return nil end; return e.w[n][1] end
+
+local function w_sum(e, from)
+  local s = 0.0
+  for _, bw in ipairs(e.w) do if bw[1] > from then s = s + bw[2] end end
+  return s
+end
+
+local function w_add(e, b, weight, nb)
+  local head = w_head(e); head = head and math.max(head, b) or b
+  if b <= head - nb then return nil end
+  local placed = false
+  for i, bw in ipairs(e.w) do
+    if bw[1] == b then bw[2] = bw[2] + weight; placed = true; break end
+    if bw[1] > b then table.insert(e.w, i, { b, weight }); placed = true; break end
+  end
+  if not placed then e.w[#e.w + 1] = { b, weight } end
+  while #e.w > 0 and e.w[1][1] <= head - nb do table.remove(e.w, 1) end
+  return w_sum(e, -math.huge)
+end
+
+local function w_count_at(e, b, nb)
+  local head = w_head(e); head = head and math.max(head, b) or b
+  return w_sum(e, head - nb)
+end
+
+local function w_remove(e, b, weight)
+  for i, bw in ipairs(e.w) do
+    if bw[1] == b then
+      bw[2] = bw[2] - weight
+      if bw[2] <= 1e-9 then table.remove(e.w, i) end
+      return
+    end
+  end
+end
+
+-- Distinct values (window.rs's DistinctWindow) in a sorted set.
+local function d_add(e, value, b, nb, cap)
+  local head = e.dh and math.max(e.dh, b) or b
+  if b <= head - nb then return nil end
+  local d = dkey(e.pk, e.ent)
+  if e.dh and e.dh < head then redis.call('ZREMRANGEBYSCORE', d, '-inf', head - nb) end
+  e.dh = head
+  local prev = tonumber(redis.call('ZSCORE', d, value))
+  redis.call('ZADD', d, prev and math.max(prev, b) or b, value)
+  if redis.call('ZCARD', d) > cap then
+    local oldest = redis.call('ZRANGE', d, 0, 1)
+    for _, v in ipairs(oldest) do
+      if v ~= value then redis.call('ZREM', d, v); break end
+    end
+  end
+  return redis.call('ZCARD', d), prev
+end
+
+local function d_count_at(e, b, nb)
+  local head = e.dh and math.max(e.dh, b) or b
+  return redis.call('ZCOUNT', dkey(e.pk, e.ent), '(' .. fmt(head - nb), '+inf')
+end
+
+-- Sequences (state.rs's advance). Returns true when the sequence completes.
+local function advance(e, mins, mask, at, within)
+  if e.seq and at - e.seq.started > within then e.seq = nil end
+  local last = #mins - 1
+  if last < 0 then return false end
+  local p = e.seq
+  if not p then
+    if bit.band(mask, 1) ~= 0 then
+      e.seq = { step = 0, matched = 1, started = at }
+    else
+      return false
+    end
+  else
+    local nxt = p.step + 1
+    if p.matched >= mins[p.step + 1] and nxt <= last and bit.band(mask, bit.lshift(1, nxt)) ~= 0 then
+      p.step = nxt; p.matched = 1
+    elseif bit.band(mask, bit.lshift(1, p.step)) ~= 0 then
+      p.matched = p.matched + 1
+    else
+      return false
+    end
+  end
+  if e.seq and e.seq.step == last and e.seq.matched >= mins[last + 1] then
+    e.seq = nil
+    return true
+  end
+  return false
+end
+
+local function seq_copy(s)
+  if not s then return false end
+  return { fmt(s.step), fmt(s.matched), fmt(s.started) }
+end
+
+-- Takes back everything receipt `rid` did (a failed publish, or a lease that ran out).
+local function rollback(rid)
+  local uk = P .. ':u:' .. rid
+  local raw = redis.call('GET', uk)
+  redis.call('DEL', uk)
+  redis.call('ZREM', RC, rid)
+  if not raw then return false end
+  local u = cjson.decode(raw)
+  for _, id in ipairs(u.ids) do
+    if redis.call('HGET', FL, id) == rid then redis.call('HDEL', FL, id) end
+  end
+  for i = #u.inc, 1, -1 do
+    local x = u.inc[i]
+    local e = load(x[1], x[2], false)
+    if e then
+      if x[3] == 'w' then
+        w_remove(e, tonumber(x[4]), tonumber(x[5]))
+      elseif x[3] == 'd' then
+        local d = dkey(e.pk, e.ent)
+        if x[5] ~= '' then redis.call('ZADD', d, tonumber(x[5]), x[4])
+        else redis.call('ZREM', d, x[4]) end
+      else
+        local s = x[4]
+        if s and s ~= cjson.null and type(s) == 'table' then
+          e.seq = { step = tonumber(s[1]), matched = tonumber(s[2]), started = tonumber(s[3]) }
+        else
+          e.seq = nil
+        end
+      end
+    end
+  end
+  for i = #u.cd, 1, -1 do
+    local x = u.cd[i]
+    local e = load(x[1], x[2], false)
+    if e and tostring(e.cb) == rid then
+      e.cu, e.cb, e.lv, e.of, e.lo = tonumber(x[3]), tonumber(x[4]), tonumber(x[5]), tonumber(x[6]), tonumber(x[7])
+    end
+  end
+  return true
+end
+
+-- Receipts whose lease ran out belong to a worker that died or stalled: undo them
+-- before anything reads the state.
+local function sweep()
+  local expired = redis.call('ZRANGEBYSCORE', RC, '-inf', now, 'LIMIT', 0, 100)
+  for _, rid in ipairs(expired) do rollback(rid) end
+  return #expired
+end
+
+local function total_entities()
+  local n = 0
+  for _, pk in ipairs(redis.call('SMEMBERS', POLS)) do n = n + redis.call('ZCARD', P .. ':ix:' .. pk) end
+  return n
+end
+
+local function drop_entity(pk, ent)
+  redis.call('DEL', ekey(pk, ent), dkey(pk, ent))
+  redis.call('ZREM', P .. ':ix:' .. pk, ent)
+end
+
+local function stats()
+  return { ents = total_entities(), ids = redis.call('ZCARD', IDS) + redis.call('HLEN', FL),
+           ev = tonumber(redis.call('HGET', ST, 'ev')) or 0,
+           iev = tonumber(redis.call('HGET', ST, 'iev')) or 0 }
+end
+
+local op = A.op
+local hist = tonumber(A.ttl)
+
+if op == 'apply' then
+  sweep()
+  local rid = tostring(redis.call('INCR', SEQ))
+  extend(SEQ, hist)
+  local pol = A.policies
+  local dup, busy, crossings = {}, {}, {}
+  local late = 0
+  local undo = { ids = {}, inc = {}, cd = {} }
+  for ei, ev in ipairs(A.events) do
+    dup[ei], busy[ei] = '0', '0'
+    if #ev.h > 0 then
+      local id = ev.id
+      local mark = redis.call('HGET', FL, id)
+      local skip = false
+      if mark == rid then
+        dup[ei] = '1'; skip = true
+      elseif mark and redis.call('ZSCORE', RC, mark) then
+        dup[ei] = '1'; busy[ei] = '1'; skip = true
+      else
+        local done = tonumber(redis.call('ZSCORE', IDS, id))
+        if done and done > now then dup[ei] = '1'; skip = true end
+      end
+      if not skip then
+        redis.call('HSET', FL, id, rid)
+        undo.ids[#undo.ids + 1] = id
+        for hi, h in ipairs(ev.h) do
+          local p = pol[h[1] + 1]
+          local ent, at, b, weight, dv, steps = h[2], tonumber(h[3]), tonumber(h[4]), tonumber(h[5]), h[6], tonumber(h[7])
+          local counts = weight > 0 or dv ~= '' or steps ~= 0
+          local e = load(p.k, ent, counts, p)
+          if e then
+            e.win = p.win
+            local nb = p.nb
+            local measured -- nil: nothing to check
+            local is_late = false
+            if #p.seq > 0 then
+              local prev = seq_copy(e.seq)
+              local before = e.seq and (e.seq.step .. ':' .. e.seq.matched .. ':' .. e.seq.started) or ''
+              local done = advance(e, p.seq, steps, at, p.win)
+              local after = e.seq and (e.seq.step .. ':' .. e.seq.matched .. ':' .. e.seq.started) or ''
+              if before ~= after or done then undo.inc[#undo.inc + 1] = { p.k, ent, 's', prev } end
+              if done then
+                local c = w_add(e, b, 1.0, nb)
+                if c then
+                  undo.inc[#undo.inc + 1] = { p.k, ent, 'w', fmt(b), fmt(1.0) }
+                  measured = c
+                else
+                  is_late = true
+                end
+              end
+            elseif p.dist then
+              if dv ~= '' then
+                local c, prev = d_add(e, dv, b, nb, A.cap_distinct)
+                if c then
+                  undo.inc[#undo.inc + 1] = { p.k, ent, 'd', dv, prev and fmt(prev) or '' }
+                  measured = c
+                else
+                  is_late = true
+                end
+              else
+                measured = d_count_at(e, b, nb)
+              end
+            elseif weight > 0 then
+              local c = w_add(e, b, weight, nb)
+              if c then
+                undo.inc[#undo.inc + 1] = { p.k, ent, 'w', fmt(b), fmt(weight) }
+                measured = c
+              else
+                is_late = true
+              end
+            else
+              measured = w_count_at(e, b, nb)
+            end
+            if is_late then late = late + 1 end
+            if counts then e.lt = now end
+            if measured then
+              measured = measured * p.sc
+              local level, offense
+              local function level_for(m, off)
+                for i = #p.lad, 1, -1 do
+                  local r = p.lad[i]
+                  if off >= r[1] and (r[2] <= 0 or reached(m, r[2])) then return i end
+                end
+                return 0
+              end
+              if e.cu <= now then
+                if reached(measured, p.th) then
+                  local repeat_ = e.of > 0 and now - e.lo <= hist
+                  offense = repeat_ and e.of + 1 or 1
+                  level = level_for(measured, offense)
+                end
+              elseif #p.lad > 0 then
+                local l = level_for(measured, e.of)
+                if l > e.lv then level, offense = l, e.of end
+              end
+              if level then
+                local base = level > 0 and p.lad[level][3] or p.cd
+                local ttl = base
+                if p.gr > 1 then
+                  local grown = base * powi(p.gr, math.max(offense - 1, 0))
+                  local cap = math.max(p.tm, base)
+                  if grown == grown and grown < cap then ttl = math.floor(grown) else ttl = cap end
+                end
+                undo.cd[#undo.cd + 1] = { p.k, ent, fmt(e.cu), fmt(e.cb), fmt(e.lv), fmt(e.of), fmt(e.lo) }
+                e.cu, e.cb, e.lv, e.of, e.lo = now + ttl, tonumber(rid), level, offense, now
+                crossings[#crossings + 1] = table.concat({ ei - 1, hi - 1, fmt(measured), level, offense, fmt(ttl) }, ',')
+              end
+            end
+          end
+        end
+      end
+    end
+  end
+  save_all(hist)
+  -- Over capacity: drop the entities idle soonest (those without a standing decision
+  -- and least recently touched), down to 1% below, as the memory backend does.
+  local total = total_entities()
+  if total > A.cap then
+    local excess = total - (A.cap - math.floor(A.cap / 100))
+    local removed = 0
+    while removed < excess do
+      local best, best_pk, best_ent = nil, nil, nil
+      for _, pk in ipairs(redis.call('SMEMBERS', POLS)) do
+        local first = redis.call('ZRANGE', P .. ':ix:' .. pk, 0, 0, 'WITHSCORES')
+        if #first == 2 and (not best or tonumber(first[2]) < best) then
+          best, best_pk, best_ent = tonumber(first[2]), pk, first[1]
+        end
+      end
+      if not best then break end
+      drop_entity(best_pk, best_ent)
+      removed = removed + 1
+    end
+    redis.call('HINCRBY', ST, 'ev', removed)
+    extend(ST, hist)
+  end
+  local out_rid = '0'
+  if #undo.ids > 0 then
+    out_rid = rid
+    redis.call('SET', P .. ':u:' .. rid, cjson.encode(undo), 'PX', math.floor(A.lease + hist))
+    redis.call('ZADD', RC, now + A.lease, rid)
+    extend(RC, A.lease + hist)
+    extend(FL, A.lease + hist)
+  end
+  return cjson.encode({ rid = out_rid, dup = table.concat(dup), busy = table.concat(busy), late = late,
+                        x = table.concat(crossings, ';'), st = stats() })
+elseif op == 'commit' then
+  sweep()
+  local rid = A.rid
+  if not redis.call('ZSCORE', RC, rid) then return cjson.encode({ expired = true, st = stats() }) end
+  local raw = redis.call('GET', P .. ':u:' .. rid)
+  if raw then
+    local u = cjson.decode(raw)
+    local expiry = now + hist
+    for _, id in ipairs(u.ids) do
+      if redis.call('HGET', FL, id) == rid then
+        redis.call('HDEL', FL, id)
+        redis.call('ZADD', IDS, expiry, id)
+      end
+    end
+  end
+  redis.call('DEL', P .. ':u:' .. rid)
+  redis.call('ZREM', RC, rid)
+  local n = redis.call('ZCARD', IDS)
+  if n > A.cap then
+    redis.call('ZPOPMIN', IDS, n - A.cap)
+    redis.call('HINCRBY', ST, 'iev', n - A.cap)
+    extend(ST, hist)
+  end
+  extend(IDS, hist)
+  return cjson.encode({ expired = false, st = stats() })
+elseif op == 'rollback' then
+  rollback(A.rid)
+  save_all(hist)
+  return cjson.encode({ st = stats() })
+elseif op == 'retain' then
+  local keep = {}
+  for _, pk in ipairs(A.keep) do keep[pk] = true end
+  for _, pk in ipairs(redis.call('SMEMBERS', POLS)) do
+    if not keep[pk] then
+      local ix = P .. ':ix:' .. pk
+      for _, ent in ipairs(redis.call('ZRANGE', ix, 0, -1)) do
+        redis.call('DEL', ekey(pk, ent), dkey(pk, ent))
+      end
+      redis.call('DEL', ix)
+      redis.call('SREM', POLS, pk)
+    end
+  end
+  return cjson.encode({ st = stats() })
+elseif op == 'cleanup' then
+  local swept = sweep()
+  save_all(hist)
+  local ents = 0
+  for _, pk in ipairs(redis.call('SMEMBERS', POLS)) do
+    local ix = P .. ':ix:' .. pk
+    for _, ent in ipairs(redis.call('ZRANGEBYSCORE', ix, '-inf', now)) do
+      redis.call('DEL', ekey(pk, ent), dkey(pk, ent))
+      ents = ents + 1
+    end
+    redis.call('ZREMRANGEBYSCORE', ix, '-inf', now)
+    if redis.call('ZCARD', ix) == 0 then redis.call('SREM', POLS, pk) end
+  end
+  local ids = redis.call('ZREMRANGEBYSCORE', IDS, '-inf', now)
+  return cjson.encode({ ents = ents, ids = ids, swept = swept, st = stats() })
+elseif op == 'stats' then
+  return cjson.encode({ st = stats() })
+end
+return redis.error_reply('unknown state operation')

@@ -1,0 +1,581 @@
+//! One test suite for every engine state backend (memory, Redis): the same batches give
+//! the same outcomes. Redis runs as a real `redis-server` on a free loopback port.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use esper_engine::eval::state::{
+    BatchInput, BatchOutcome, BatchPolicy, EventHits, Hit, PolicyKey, Rules, Rung, StateBackend,
+    StateStats,
+};
+use esper_engine::eval::window::WindowParams;
+use esper_engine::eval::{MemoryState, RedisState, RedisStateConfig};
+use support::redis_server;
+
+const TTL: Duration = Duration::from_secs(3600);
+const LEASE: Duration = Duration::from_secs(120);
+
+/// The backends under test.
+#[allow(non_camel_case_types)]
+enum Backend {
+    memory,
+    redis,
+}
+
+impl Backend {
+    async fn make(&self, capacity: usize, lease: Duration) -> Arc<dyn StateBackend> {
+        match self {
+            Backend::memory => Arc::new(MemoryState::new(TTL, capacity)),
+            Backend::redis => Arc::new(
+                RedisState::connect(RedisStateConfig {
+                    url: redis_server::shared().url(),
+                    prefix: redis_server::unique_prefix("state"),
+                    ttl: TTL,
+                    lease,
+                    capacity,
+                })
+                .await
+                .unwrap(),
+            ),
+        }
+    }
+
+    async fn state(&self) -> Arc<dyn StateBackend> {
+        self.make(1000, LEASE).await
+    }
+}
+
+/// Runs each named test against each named backend.
+macro_rules! suite {
+    ($backend:ident: $($test:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&super::Backend::$backend).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(memory: counts_each_event_once_even_within_a_batch, rollback_undoes_counts_cooldowns_and_marks,
+    cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
+    retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
+    escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
+    a_long_mixed_log_gives_the_memory_backends_outcomes);
+suite!(redis: counts_each_event_once_even_within_a_batch, rollback_undoes_counts_cooldowns_and_marks,
+    cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
+    retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
+    escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
+    a_long_mixed_log_gives_the_memory_backends_outcomes,
+    a_batch_past_its_lease_is_undone_and_cannot_commit);
+
+/// "Now" for a test: the current time rounded down to 10s, so that receipts'
+/// leases (which shared backends check against the real clock) are in the future and
+/// sub-buckets start on a round number.
+fn now() -> i64 {
+    let ms = chrono::Utc::now().timestamp_millis();
+    ms - ms % 10_000
+}
+
+fn key(id: &str) -> PolicyKey {
+    PolicyKey {
+        id: Arc::from(id),
+        fingerprint: 1,
+    }
+}
+
+fn count_policy(id: &str, threshold: f64) -> BatchPolicy {
+    BatchPolicy {
+        key: key(id),
+        params: WindowParams::new(Duration::from_secs(60), threshold, Duration::from_secs(300)),
+        rules: Arc::new(Rules {
+            scale: 1.0,
+            ..Rules::default()
+        }),
+    }
+}
+
+fn hit(policy: usize, entity: &str, at_ms: i64) -> Hit {
+    Hit {
+        policy,
+        entity: entity.parse().unwrap(),
+        at_ms,
+        weight: 1.0,
+        distinct: None,
+        steps: 0,
+    }
+}
+
+/// Events `ids`, each one hit of policy 0 (count, threshold 3) on `entity` at `at_ms`.
+fn batch(ids: &[&str], entity: &str, at_ms: i64) -> BatchInput {
+    BatchInput {
+        policies: vec![count_policy("p", 3.0)],
+        events: ids
+            .iter()
+            .map(|id| EventHits {
+                id: id.to_string(),
+                hits: vec![hit(0, entity, at_ms)],
+            })
+            .collect(),
+    }
+}
+
+async fn apply_commit(s: &dyn StateBackend, b: &BatchInput, now: i64) -> BatchOutcome {
+    let out = s.apply(b, now).await.unwrap();
+    s.commit(&out.receipt, now).await.unwrap();
+    out
+}
+
+async fn counts_each_event_once_even_within_a_batch(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    let out = apply_commit(&*s, &batch(&["a", "b", "a"], "ip:10.0.0.1", now), now).await;
+    assert_eq!(out.duplicate, vec![false, false, true]);
+    assert_eq!(
+        out.busy,
+        vec![false; 3],
+        "a repeat within the batch is not busy"
+    );
+    let out = apply_commit(&*s, &batch(&["b", "c"], "ip:10.0.0.1", now), now).await;
+    assert_eq!(out.duplicate, vec![true, false]);
+    assert_eq!(out.busy, vec![false, false]);
+    assert_eq!(out.crossings.len(), 1, "a, c and b make 3");
+    assert_eq!(out.crossings[0].counted, 3.0);
+    assert_eq!((out.crossings[0].event, out.crossings[0].hit), (1, 0));
+    // Events without hits are not remembered: they have nothing to repeat.
+    let empty = BatchInput {
+        policies: vec![count_policy("p", 3.0)],
+        events: vec![EventHits {
+            id: "z".into(),
+            hits: vec![],
+        }],
+    };
+    assert_eq!(apply_commit(&*s, &empty, now).await.duplicate, vec![false]);
+    assert_eq!(apply_commit(&*s, &empty, now).await.duplicate, vec![false]);
+}
+
+async fn rollback_undoes_counts_cooldowns_and_marks(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    let bt = batch(&["a", "b", "c"], "ip:10.0.0.1", now);
+    let first = s.apply(&bt, now).await.unwrap();
+    assert_eq!(first.crossings.len(), 1);
+    // While in flight, a redelivery of the same events is skipped and reported busy.
+    let during = s.apply(&bt, now).await.unwrap();
+    assert_eq!(during.duplicate, vec![true, true, true]);
+    assert_eq!(during.busy, vec![true, true, true]);
+    s.rollback(&during.receipt).await.unwrap();
+    s.rollback(&first.receipt).await.unwrap();
+    // After the rollback the same events count again, once, and fire again: the
+    // cooldown the first batch started is gone too.
+    let again = s.apply(&bt, now).await.unwrap();
+    assert_eq!(again.duplicate, vec![false, false, false]);
+    assert_eq!(again.crossings.len(), 1);
+    assert_eq!(again.crossings[0].counted, 3.0);
+    s.commit(&again.receipt, now).await.unwrap();
+    let later = apply_commit(&*s, &batch(&["d"], "ip:10.0.0.1", now), now).await;
+    assert!(later.crossings.is_empty(), "the decision stands: {later:?}");
+}
+
+async fn cleanup_forgets_idle_entities_and_old_ids(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    apply_commit(&*s, &batch(&["a"], "ip:10.0.0.1", now), now).await;
+    assert_eq!(s.stats().entities, 1);
+    let r = s.cleanup(now + 59_000).await.unwrap();
+    assert_eq!((r.entities, r.event_ids), (0, 0));
+    let r = s.cleanup(now + 60_000).await.unwrap();
+    assert_eq!((r.entities, r.event_ids), (1, 0));
+    let r = s.cleanup(now + 3_600_000).await.unwrap();
+    assert_eq!((r.entities, r.event_ids), (0, 1));
+    assert_eq!(s.stats(), StateStats::default());
+    // A forgotten id counts again.
+    let out = apply_commit(&*s, &batch(&["a"], "ip:10.0.0.1", now), now + 3_600_000).await;
+    assert_eq!(out.duplicate, vec![false]);
+    // An entity with a standing decision stays until the decision expires, and its
+    // offense history (for repeat offenders) for the state TTL.
+    let out = apply_commit(&*s, &batch(&["x", "y", "z"], "ip:10.0.0.2", now), now).await;
+    assert_eq!(out.crossings.len(), 1);
+    assert_eq!(s.cleanup(now + 120_000).await.unwrap().entities, 0);
+    assert_eq!(s.cleanup(now + 300_000).await.unwrap().entities, 0);
+    let r = s.cleanup(now + 3_600_000).await.unwrap();
+    assert_eq!(
+        r.entities, 1,
+        "ip:10.0.0.1, touched at +1h, is not idle yet"
+    );
+    assert_eq!(s.cleanup(now + 3_660_000).await.unwrap().entities, 1);
+    assert_eq!(s.stats().entities, 0);
+}
+
+async fn a_full_cache_evicts_the_oldest_and_counts(b: &Backend) {
+    let s = b.make(100, LEASE).await;
+    let now = now();
+    for i in 0..150 {
+        let bt = batch(&[&format!("e{i}")], &format!("ip:10.0.0.{i}"), now);
+        apply_commit(&*s, &bt, now + i).await;
+    }
+    let stats = s.stats();
+    assert!(stats.entities <= 100, "{stats:?}");
+    assert!(stats.evictions_total >= 50, "{stats:?}");
+    assert_eq!(stats.event_ids, 100);
+    assert_eq!(stats.event_id_evictions_total, 50);
+    // The newest entity survived (two more events reach the threshold of 3); the
+    // oldest did not (two more are only 2).
+    let newest = apply_commit(&*s, &batch(&["n1", "n2"], "ip:10.0.0.149", now), now + 200).await;
+    assert_eq!(newest.crossings.len(), 1);
+    let oldest = apply_commit(&*s, &batch(&["o1", "o2"], "ip:10.0.0.0", now), now + 200).await;
+    assert!(oldest.crossings.is_empty());
+}
+
+async fn retain_drops_other_policies(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    apply_commit(&*s, &batch(&["a", "b"], "ip:10.0.0.1", now), now).await;
+    s.retain(&[key("p")]).await.unwrap();
+    assert_eq!(s.stats().entities, 1);
+    s.retain(&[key("q")]).await.unwrap();
+    assert_eq!(s.stats().entities, 0);
+    // Counting starts over.
+    let out = apply_commit(&*s, &batch(&["c", "d"], "ip:10.0.0.1", now), now).await;
+    assert!(out.crossings.is_empty());
+}
+
+fn distinct_hit(entity: &str, at_ms: i64, value: Option<u64>) -> Hit {
+    Hit {
+        weight: 0.0,
+        distinct: value,
+        ..hit(0, entity, at_ms)
+    }
+}
+
+async fn distinct_values_count_once_per_window(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    let policies = vec![BatchPolicy {
+        rules: Arc::new(Rules {
+            distinct: true,
+            scale: 1.0,
+            ..Rules::default()
+        }),
+        ..count_policy("paths", 3.0)
+    }];
+    let ev = |id: &str, at: i64, v: Option<u64>| EventHits {
+        id: id.into(),
+        hits: vec![distinct_hit("ip:10.0.0.9", at, v)],
+    };
+    let bt = BatchInput {
+        policies: policies.clone(),
+        events: vec![
+            ev("1", now, Some(u64::MAX)),
+            ev("2", now + 1000, Some(7)),
+            ev("3", now + 2000, Some(7)),
+            ev("4", now + 3000, None),
+        ],
+    };
+    let out = apply_commit(&*s, &bt, now + 5000).await;
+    assert!(out.crossings.is_empty(), "{out:?}");
+    // A third value a minute after the first: the first has left the window.
+    let bt = BatchInput {
+        policies: policies.clone(),
+        events: vec![ev("5", now + 60_000, Some(9))],
+    };
+    assert!(
+        apply_commit(&*s, &bt, now + 60_000)
+            .await
+            .crossings
+            .is_empty()
+    );
+    let bt = BatchInput {
+        policies,
+        events: vec![ev("6", now + 61_000, Some(u64::MAX - 1))],
+    };
+    let out = apply_commit(&*s, &bt, now + 61_000).await;
+    assert_eq!(out.crossings.len(), 1);
+    assert_eq!(out.crossings[0].counted, 3.0);
+}
+
+fn sequence_batch(events: &[(&str, u32)], at_ms: i64) -> BatchInput {
+    BatchInput {
+        policies: vec![BatchPolicy {
+            rules: Arc::new(Rules {
+                sequence: vec![2, 1],
+                scale: 1.0,
+                ..Rules::default()
+            }),
+            ..count_policy("seq", 1.0)
+        }],
+        events: events
+            .iter()
+            .map(|(id, steps)| EventHits {
+                id: id.to_string(),
+                hits: vec![Hit {
+                    weight: 0.0,
+                    steps: *steps,
+                    ..hit(0, "ip:10.0.0.5", at_ms)
+                }],
+            })
+            .collect(),
+    }
+}
+
+async fn sequences_complete_in_order(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    // Step 1 needs two matches before step 2 counts.
+    let out = apply_commit(&*s, &sequence_batch(&[("1", 1), ("2", 2)], now), now).await;
+    assert!(out.crossings.is_empty());
+    apply_commit(&*s, &sequence_batch(&[("3", 1)], now), now).await;
+    let bt = sequence_batch(&[("4", 2)], now + 1000);
+    let out = s.apply(&bt, now + 1000).await.unwrap();
+    assert_eq!(out.crossings.len(), 1);
+    assert_eq!(out.crossings[0].counted, 1.0);
+    // A rollback restores the progress, so the redelivered event completes it again.
+    s.rollback(&out.receipt).await.unwrap();
+    let out = apply_commit(&*s, &bt, now + 1000).await;
+    assert_eq!(out.crossings.len(), 1);
+}
+
+async fn escalation_and_repeat_offenses_grow_the_ttl(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    let policy = BatchPolicy {
+        rules: Arc::new(Rules {
+            scale: 1.0,
+            ladder: vec![Rung {
+                repeat: 1,
+                threshold: 5.0,
+                ttl_ms: 600_000,
+            }],
+            growth: 2.0,
+            ttl_max_ms: 1_000_000,
+            ..Rules::default()
+        }),
+        ..count_policy("esc", 3.0)
+    };
+    let run = |ids: Vec<String>, at: i64| BatchInput {
+        policies: vec![policy.clone()],
+        events: ids
+            .into_iter()
+            .map(|id| EventHits {
+                id,
+                hits: vec![hit(0, "ip:10.0.0.7", at)],
+            })
+            .collect(),
+    };
+    let ids = |from: usize, n: usize| (from..from + n).map(|i| format!("e{i}")).collect();
+    let out = apply_commit(&*s, &run(ids(0, 5), now), now).await;
+    let seen: Vec<_> = out
+        .crossings
+        .iter()
+        .map(|c| (c.counted, c.level, c.offense, c.ttl_ms))
+        .collect();
+    assert_eq!(seen, vec![(3.0, 0, 1, 300_000), (5.0, 1, 1, 600_000)]);
+    // After the decision expires, the next crossing is a repeat offense: ttl doubled,
+    // then capped.
+    let later = now + 700_000;
+    let out = apply_commit(&*s, &run(ids(10, 3), later), later).await;
+    let seen: Vec<_> = out
+        .crossings
+        .iter()
+        .map(|c| (c.counted, c.level, c.offense, c.ttl_ms))
+        .collect();
+    assert_eq!(seen, vec![(3.0, 0, 2, 600_000)]);
+    let later = later + 700_000;
+    let out = apply_commit(&*s, &run(ids(20, 5), later), later).await;
+    let seen: Vec<_> = out
+        .crossings
+        .iter()
+        .map(|c| (c.counted, c.level, c.offense, c.ttl_ms))
+        .collect();
+    assert_eq!(seen, vec![(3.0, 0, 3, 1_000_000), (5.0, 1, 3, 1_000_000)]);
+}
+
+async fn late_events_are_ignored_and_counted(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    apply_commit(&*s, &batch(&["a"], "ip:10.0.0.3", now), now).await;
+    let out = apply_commit(&*s, &batch(&["b"], "ip:10.0.0.3", now - 61_000), now).await;
+    assert_eq!(out.late, 1);
+    let out = apply_commit(&*s, &batch(&["c", "d"], "ip:10.0.0.3", now), now).await;
+    assert_eq!(out.crossings[0].counted, 3.0, "a, c and d");
+}
+
+/// A small deterministic generator (xorshift), so the log is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Four policies of every kind: weighted counts, a distinct count, a sequence and an
+/// escalation ladder with growing ttls.
+fn mixed_policies() -> Vec<BatchPolicy> {
+    let rules = |r: Rules| Arc::new(Rules { scale: 1.0, ..r });
+    vec![
+        BatchPolicy {
+            params: WindowParams::new(Duration::from_secs(10), 6.5, Duration::from_secs(20)),
+            ..count_policy("weighted", 0.0)
+        },
+        BatchPolicy {
+            params: WindowParams::new(Duration::from_secs(30), 4.0, Duration::from_secs(15)),
+            rules: rules(Rules {
+                distinct: true,
+                ..Rules::default()
+            }),
+            ..count_policy("distinct", 0.0)
+        },
+        BatchPolicy {
+            params: WindowParams::new(Duration::from_secs(20), 2.0, Duration::from_secs(10)),
+            rules: rules(Rules {
+                sequence: vec![2, 1, 1],
+                ..Rules::default()
+            }),
+            ..count_policy("sequence", 0.0)
+        },
+        BatchPolicy {
+            params: WindowParams::new(Duration::from_secs(5), 3.0, Duration::from_secs(4)),
+            rules: rules(Rules {
+                ladder: vec![
+                    Rung {
+                        repeat: 1,
+                        threshold: 6.0,
+                        ttl_ms: 8_000,
+                    },
+                    Rung {
+                        repeat: 3,
+                        threshold: 0.0,
+                        ttl_ms: 12_000,
+                    },
+                ],
+                growth: 1.5,
+                ttl_max_ms: 30_000,
+                ..Rules::default()
+            }),
+            ..count_policy("ladder", 0.0)
+        },
+    ]
+}
+
+/// A deterministic log of batches over the mixed policies: time moves on (with late and
+/// future events), ids repeat, some batches are rolled back, cleanups run now and then.
+fn mixed_log(seed: u64, batches: usize) -> Vec<(BatchInput, i64, bool)> {
+    let mut rng = Rng(seed);
+    let policies = mixed_policies();
+    let start = now();
+    let mut t = start;
+    let mut out = Vec::new();
+    for bi in 0..batches {
+        t += rng.below(1500) as i64;
+        let n = 1 + rng.below(40) as usize;
+        let events = (0..n)
+            .map(|i| {
+                let id = if rng.below(10) == 0 && bi > 0 {
+                    format!("ev-{}-{}", rng.below(bi as u64), rng.below(40))
+                } else {
+                    format!("ev-{bi}-{i}")
+                };
+                let at = t - rng.below(12_000) as i64;
+                let entity = format!("ip:10.1.0.{}", rng.below(6));
+                let chosen: Vec<usize> =
+                    (0..policies.len()).filter(|_| rng.below(3) != 0).collect();
+                let hits = chosen
+                    .into_iter()
+                    .map(|p| Hit {
+                        policy: p,
+                        entity: entity.parse().unwrap(),
+                        at_ms: at,
+                        weight: match p {
+                            0 => [0.0, 0.5, 1.0, 1.25, 0.1][rng.below(5) as usize],
+                            3 => 1.0,
+                            _ => 0.0,
+                        },
+                        distinct: (p == 1 && rng.below(5) != 0)
+                            .then(|| rng.next() % 9 + (u64::MAX - 9)),
+                        steps: if p == 2 {
+                            1u32 << rng.below(3) | u32::from(rng.below(4) == 0)
+                        } else {
+                            0
+                        },
+                    })
+                    .collect();
+                EventHits { id, hits }
+            })
+            .collect();
+        let commit = rng.below(6) != 0;
+        out.push((
+            BatchInput {
+                policies: policies.clone(),
+                events,
+            },
+            t,
+            commit,
+        ));
+    }
+    out
+}
+
+async fn a_long_mixed_log_gives_the_memory_backends_outcomes(b: &Backend) {
+    let reference = Backend::memory.state().await;
+    let s = b.state().await;
+    let mut crossings = 0;
+    for (i, (bt, t, commit)) in mixed_log(0x5eed_1234_abcd_0001, 300)
+        .into_iter()
+        .enumerate()
+    {
+        let want = reference.apply(&bt, t).await.unwrap();
+        let got = s.apply(&bt, t).await.unwrap();
+        assert_eq!(got.duplicate, want.duplicate, "batch {i}");
+        assert_eq!(got.busy, want.busy, "batch {i}");
+        assert_eq!(got.late, want.late, "batch {i}");
+        assert_eq!(got.crossings, want.crossings, "batch {i}");
+        crossings += want.crossings.len();
+        if commit {
+            reference.commit(&want.receipt, t).await.unwrap();
+            s.commit(&got.receipt, t).await.unwrap();
+        } else {
+            reference.rollback(&want.receipt).await.unwrap();
+            s.rollback(&got.receipt).await.unwrap();
+        }
+        if i % 50 == 49 {
+            let (a, b) = (
+                reference.cleanup(t).await.unwrap(),
+                s.cleanup(t).await.unwrap(),
+            );
+            assert_eq!(a.entities, b.entities, "cleanup after batch {i}");
+        }
+    }
+    assert!(crossings > 50, "the log exercises decisions: {crossings}");
+}
+
+async fn a_batch_past_its_lease_is_undone_and_cannot_commit(b: &Backend) {
+    let s = b.make(1000, Duration::from_secs(1)).await;
+    let now = now();
+    let bt = batch(&["a", "b", "c"], "ip:10.0.0.1", now);
+    let dead = s.apply(&bt, now).await.unwrap();
+    assert_eq!(dead.crossings.len(), 1);
+    // Within the lease the events are busy; after it, the batch is undone and they
+    // count (once) for whoever gets them next.
+    let busy = s.apply(&bt, now + 500).await.unwrap();
+    assert_eq!(busy.busy, vec![true; 3]);
+    s.rollback(&busy.receipt).await.unwrap();
+    let next = apply_commit(&*s, &bt, now + 1001).await;
+    assert_eq!(next.duplicate, vec![false; 3]);
+    assert_eq!(next.crossings.len(), 1);
+    assert_eq!(next.crossings[0].counted, 3.0);
+    assert!(s.commit(&dead.receipt, now + 1002).await.is_err());
+    let again = apply_commit(&*s, &bt, now + 1003).await;
+    assert_eq!(again.duplicate, vec![true; 3]);
+}
