@@ -178,3 +178,67 @@ async fn policies_from_the_control_plane_decisions_into_its_log() {
     ing.stop().await.unwrap();
     mit.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_follows_a_control_plane_over_tls_with_a_private_ca() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("control-tls");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (crt, key) = (dir.0.join("api.crt"), dir.0.join("api.key"));
+    std::fs::write(&crt, cert.cert.pem()).unwrap();
+    std::fs::write(&key, cert.key_pair.serialize_pem()).unwrap();
+    let ctl = control_with(esper_control::Config {
+        tls: true,
+        tls_cert: Some(crt.clone()),
+        tls_key: Some(key),
+        ..control_config(&dir, &ing.url(), &mit.url())
+    })
+    .await;
+    let api = format!("https://{}", ctl.addr);
+    let ca = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
+    let resp = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap()
+        .post(format!("{api}/api/v1/policies"))
+        .bearer_auth(CONTROL_TOKEN)
+        .header("content-type", "application/toml")
+        .body(LOGIN_POLICY)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+
+    let worker = worker(Config {
+        ca_cert: Some(crt),
+        ..config(&api, &ing.url(), &mit.url())
+    })
+    .await;
+    let ops = worker.url();
+    eventually(
+        Duration::from_secs(10),
+        "policies loaded over TLS",
+        || async { (sample(&metrics(&ops).await, "esper_policies_loaded") == 1.0).then_some(()) },
+    )
+    .await;
+
+    // A CA file that is not there stops the start with an error naming it.
+    let missing = dir.0.join("missing.pem");
+    let (_trigger, shutdown) = esper_common::Shutdown::new();
+    let err = esper_engine::worker::run(
+        Config {
+            ca_cert: Some(missing),
+            ..config(&api, &ing.url(), &mit.url())
+        },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        shutdown,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("ca_cert") && err.contains("missing.pem"),
+        "{err}"
+    );
+}

@@ -100,6 +100,10 @@ pub struct Config {
     /// Bearer token for both brokers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_token: Option<String>,
+    /// PEM CA certificates trusted, besides the public roots, for an `https://` control
+    /// plane whose certificate comes from a private CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
     /// Read policies from this TOML file (re-read when it changes) instead of the
     /// control plane.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -149,6 +153,7 @@ impl Default for Config {
             control_url: DEFAULT_CONTROL_URL.to_string(),
             control_token: None,
             broker_token: None,
+            ca_cert: None,
             policies_file: None,
             policy_refresh: DEFAULT_POLICY_REFRESH,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
@@ -187,6 +192,9 @@ impl Config {
             &["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"],
             &mut self.broker_token,
         );
+        if let Some((_, path)) = vars.lookup(&["ESPER_CA_CERT"]) {
+            self.ca_cert = Some(PathBuf::from(path));
+        }
         if let Some((_, path)) = vars.lookup(&["ESPER_POLICIES_FILE", "ESPER_POLICIES"]) {
             self.policies_file = Some(PathBuf::from(path));
         }
@@ -471,6 +479,9 @@ pub struct Args {
     /// Control plane URL; empty for none [default: http://127.0.0.1:8080]
     #[arg(long, value_name = "URL")]
     pub control_url: Option<String>,
+    /// Also trust this PEM CA certificate for an https:// control plane
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
     /// Address of /healthz, /readyz and /metrics [default: 0.0.0.0:9091]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
@@ -517,6 +528,9 @@ impl Args {
         }
         if let Some(v) = &self.mitigation_url {
             cfg.mitigation_url = v.clone();
+        }
+        if let Some(v) = &self.ca_cert {
+            cfg.ca_cert = Some(v.clone());
         }
         if let Some(v) = &self.control_url {
             cfg.control_url = v.clone();

@@ -30,9 +30,7 @@ pub struct ControlClient {
 impl ControlClient {
     /// `url` like `http://127.0.0.1:8080`; `token` is the control plane's bearer token.
     pub fn new(url: &str, token: Option<String>) -> ControlClient {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(2))
+        let http = Self::builder()
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         ControlClient {
@@ -40,6 +38,35 @@ impl ControlClient {
             token: token.filter(|t| !t.is_empty()),
             http,
         }
+    }
+
+    /// Like [`ControlClient::new`], also trusting the CA certificates in PEM file `ca`.
+    pub fn with_ca_cert(
+        url: &str,
+        token: Option<String>,
+        ca: &std::path::Path,
+    ) -> Result<ControlClient, String> {
+        let bad = |e: &dyn std::fmt::Display| format!("`{}`: {e}", ca.display());
+        let pem = std::fs::read(ca).map_err(|e| bad(&e))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&e))?;
+        if certs.is_empty() {
+            return Err(bad(&"holds no PEM certificate"));
+        }
+        let http = certs
+            .into_iter()
+            .fold(Self::builder(), |b, c| b.add_root_certificate(c))
+            .build()
+            .map_err(|e| bad(&e))?;
+        Ok(ControlClient {
+            http,
+            ..ControlClient::new(url, token)
+        })
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(2))
     }
 
     async fn send<T: DeserializeOwned>(

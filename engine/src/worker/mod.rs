@@ -103,8 +103,14 @@ pub async fn run(
     let state = open_state(&config).await?;
     let evaluator = Evaluator::new(state.clone(), &worker_id, &registry);
     let handle = Arc::new(PolicyHandle::default());
-    let control = (!config.control_url.is_empty())
-        .then(|| ControlClient::new(&config.control_url, config.control_token.clone()));
+    let control = match (&config.control_url, &config.ca_cert) {
+        (url, _) if url.is_empty() => None,
+        (url, None) => Some(ControlClient::new(url, config.control_token.clone())),
+        (url, Some(ca)) => Some(
+            ControlClient::with_ca_cert(url, config.control_token.clone(), ca)
+                .map_err(|e| ConfigError::invalid("ca_cert", ca.display(), e))?,
+        ),
+    };
 
     // A policy file must be usable at start-up: say so now rather than idle unready.
     let source = match &config.policies_file {

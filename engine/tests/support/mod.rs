@@ -239,14 +239,23 @@ pub async fn control(
     ingestion: &str,
     mitigation: &str,
 ) -> Running<esper_control::Error> {
-    let config = esper_control::Config {
+    control_with(control_config(dir, ingestion, mitigation)).await
+}
+
+/// The configuration [`control`] starts with.
+pub fn control_config(dir: &TempDir, ingestion: &str, mitigation: &str) -> esper_control::Config {
+    esper_control::Config {
         database_url: format!("sqlite://{}?mode=rwc", dir.0.join("esper.db").display()),
         ingestion_url: ingestion.to_string(),
         mitigation_url: mitigation.to_string(),
         admin_token: Some(CONTROL_TOKEN.to_string()),
         shutdown_timeout: Duration::from_secs(2),
         ..esper_control::Config::default()
-    };
+    }
+}
+
+/// A control plane with `config` on loopback ephemeral ports.
+pub async fn control_with(config: esper_control::Config) -> Running<esper_control::Error> {
     let listeners = esper_control::Listeners {
         api: loopback().await,
         health: loopback().await,
