@@ -1,5 +1,6 @@
-//! One test suite for every engine state backend (memory, Redis): the same batches give
-//! the same outcomes. Redis runs as a real `redis-server` on a free loopback port.
+//! One test suite for every engine state backend (memory, Redis, PostgreSQL): the same
+//! batches give the same outcomes. Redis runs as a real `redis-server` and PostgreSQL as
+//! a real cluster, each on a free loopback port.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -12,7 +13,10 @@ use esper_engine::eval::state::{
     StateStats,
 };
 use esper_engine::eval::window::WindowParams;
-use esper_engine::eval::{MemoryState, RedisState, RedisStateConfig};
+use esper_engine::eval::{
+    MemoryState, PostgresState, PostgresStateConfig, RedisState, RedisStateConfig,
+};
+use support::postgres as pg;
 use support::redis_server;
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -23,6 +27,7 @@ const LEASE: Duration = Duration::from_secs(120);
 enum Backend {
     memory,
     redis,
+    postgres,
 }
 
 impl Backend {
@@ -33,6 +38,17 @@ impl Backend {
                 RedisState::connect(RedisStateConfig {
                     url: redis_server::shared().url(),
                     prefix: redis_server::unique_prefix("state"),
+                    ttl: TTL,
+                    lease,
+                    capacity,
+                })
+                .await
+                .unwrap(),
+            ),
+            Backend::postgres => Arc::new(
+                PostgresState::connect(PostgresStateConfig {
+                    url: pg::shared().fresh_database().await,
+                    pool_size: 4,
                     ttl: TTL,
                     lease,
                     capacity,
@@ -73,6 +89,12 @@ suite!(redis: counts_each_event_once_even_within_a_batch, rollback_undoes_counts
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit);
+suite!(postgres: counts_each_event_once_even_within_a_batch, rollback_undoes_counts_cooldowns_and_marks,
+    cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
+    retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
+    escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
+    a_long_mixed_log_gives_the_memory_backends_outcomes,
+    a_batch_past_its_lease_is_undone_and_cannot_commit, restarted_state_keeps_counts);
 
 /// "Now" for a test: the current time rounded down to 10s, so that receipts'
 /// leases (which shared backends check against the real clock) are in the future and
@@ -578,4 +600,27 @@ async fn a_batch_past_its_lease_is_undone_and_cannot_commit(b: &Backend) {
     assert!(s.commit(&dead.receipt, now + 1002).await.is_err());
     let again = apply_commit(&*s, &bt, now + 1003).await;
     assert_eq!(again.duplicate, vec![true; 3]);
+}
+
+/// Durable state: a new connection to the same database finds the windows, decisions
+/// and processed ids of the old one.
+async fn restarted_state_keeps_counts(_: &Backend) {
+    let url = pg::shared().fresh_database().await;
+    let config = PostgresStateConfig {
+        url,
+        pool_size: 2,
+        ttl: TTL,
+        lease: LEASE,
+        capacity: 1000,
+    };
+    let now = now();
+    let first = PostgresState::connect(config.clone()).await.unwrap();
+    apply_commit(&first, &batch(&["a", "b"], "ip:10.0.0.1", now), now).await;
+    drop(first);
+    let second = PostgresState::connect(config).await.unwrap();
+    assert_eq!(second.stats().entities, 1);
+    assert_eq!(second.stats().event_ids, 2);
+    let out = apply_commit(&second, &batch(&["b", "c"], "ip:10.0.0.1", now), now).await;
+    assert_eq!(out.duplicate, vec![true, false]);
+    assert_eq!(out.crossings.len(), 1, "a, b and c make 3");
 }

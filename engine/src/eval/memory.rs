@@ -628,3 +628,194 @@ mod tests {
         assert_eq!(s.stats().entities, 0);
     }
 }
+
+/// Scratch states for a shared store (PostgreSQL) that keeps each (policy, entity)
+/// state serialized: a step loads the entities it touches into a scratch
+/// [`MemoryState`], runs this module's algorithm on it, and writes them back, so every
+/// backend decides alike.
+pub(crate) mod scratch {
+    use super::{EntityState, HashMap, Mark, MemoryState, PolicyState};
+    use crate::eval::state::{BatchInput, BatchOutcome, DecisionState, PolicyKey, SeqProgress};
+    use crate::eval::window::{DistinctWindow, Window};
+    use esper_protocol::EntityKey;
+    use serde::{Deserialize, Serialize};
+
+    /// The serialized form of one entity's state.
+    #[derive(Serialize, Deserialize)]
+    struct Stored {
+        w: Window,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        d: Option<Box<DistinctWindow>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        s: Option<(u8, u32, i64)>,
+        /// cooldown until, cooldown by, level, offenses, last offense.
+        c: (i64, u64, usize, u32, i64),
+        t: i64,
+    }
+
+    /// One entity's state to write back.
+    pub(crate) struct Saved {
+        pub policy: PolicyKey,
+        pub entity: EntityKey,
+        pub window_ms: i64,
+        pub state: Vec<u8>,
+        /// When the entity becomes idle (cleanup removes it from then on).
+        pub expires_at: i64,
+        pub cooldown_until: i64,
+        pub last_touch: i64,
+    }
+
+    impl MemoryState {
+        /// An empty scratch state whose next receipt has id `receipt_id`; it never
+        /// evicts (the store bounds itself).
+        pub(crate) fn scratch(ttl_ms: i64, receipt_id: u64) -> MemoryState {
+            let s = MemoryState {
+                ttl_ms,
+                ..MemoryState::new(std::time::Duration::ZERO, usize::MAX)
+            };
+            s.inner.lock().next_receipt = receipt_id.saturating_sub(1);
+            s
+        }
+
+        /// Loads one stored entity.
+        pub(crate) fn load_entity(
+            &self,
+            policy: &PolicyKey,
+            window_ms: i64,
+            entity: EntityKey,
+            bytes: &[u8],
+        ) -> Result<(), serde_json::Error> {
+            let st: Stored = serde_json::from_slice(bytes)?;
+            let (cooldown_until, cooldown_by, level, offenses, last_offense_ms) = st.c;
+            let state = EntityState {
+                window: st.w,
+                distinct: st.d,
+                seq: st.s.map(|(step, matched, started_ms)| SeqProgress {
+                    step,
+                    matched,
+                    started_ms,
+                }),
+                decision: DecisionState {
+                    cooldown_until,
+                    cooldown_by,
+                    level,
+                    offenses,
+                    last_offense_ms,
+                },
+                last_touch: st.t,
+            };
+            let mut inner = self.inner.lock();
+            inner
+                .policies
+                .entry(policy.clone())
+                .or_insert_with(|| PolicyState {
+                    window_ms,
+                    entities: HashMap::new(),
+                })
+                .entities
+                .insert(entity, state);
+            inner.entities += 1;
+            Ok(())
+        }
+
+        /// Records an event id the store already knows: processed, or in flight in
+        /// another batch (`busy`).
+        pub(crate) fn mark_seen(&self, id: &str, busy: bool) {
+            let key = self.fingerprint(id);
+            let mark = if busy {
+                Mark::InFlight(0)
+            } else {
+                Mark::Done(0)
+            };
+            self.inner.lock().marks.insert(key, mark);
+        }
+
+        /// Applies a batch to the loaded entities.
+        pub(crate) fn apply_scratch(&self, batch: &BatchInput, now_ms: i64) -> BatchOutcome {
+            self.apply_now(batch, now_ms)
+        }
+
+        /// Every entity the scratch state holds now, serialized.
+        pub(crate) fn saved(&self) -> Result<Vec<Saved>, serde_json::Error> {
+            let inner = self.inner.lock();
+            let mut out = Vec::with_capacity(inner.entities);
+            for (policy, p) in &inner.policies {
+                for (entity, e) in &p.entities {
+                    let d = &e.decision;
+                    let stored = Stored {
+                        w: e.window.clone(),
+                        d: e.distinct.clone(),
+                        s: e.seq.map(|s| (s.step, s.matched, s.started_ms)),
+                        c: (
+                            d.cooldown_until,
+                            d.cooldown_by,
+                            d.level,
+                            d.offenses,
+                            d.last_offense_ms,
+                        ),
+                        t: e.last_touch,
+                    };
+                    out.push(Saved {
+                        policy: policy.clone(),
+                        entity: entity.clone(),
+                        window_ms: p.window_ms,
+                        state: serde_json::to_vec(&stored)?,
+                        expires_at: e.idle_from(p.window_ms, self.ttl_ms),
+                        cooldown_until: d.cooldown_until,
+                        last_touch: e.last_touch,
+                    });
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    impl EntityState {
+        /// The first time at which [`EntityState::is_idle`] holds (it holds from then on
+        /// while the entity is not touched).
+        fn idle_from(&self, window_ms: i64, history_ms: i64) -> i64 {
+            let empty = self.window.is_empty()
+                && self.distinct.as_ref().is_none_or(|d| d.is_empty())
+                && self.seq.is_none();
+            let d = &self.decision;
+            let touch = if empty {
+                i64::MIN
+            } else {
+                self.last_touch.saturating_add(window_ms)
+            };
+            let history = if d.offenses == 0 {
+                i64::MIN
+            } else {
+                d.last_offense_ms.saturating_add(history_ms)
+            };
+            touch.max(d.cooldown_until).max(history)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn idle_from_agrees_with_is_idle() {
+            let mut e = EntityState {
+                last_touch: 1_000,
+                ..EntityState::default()
+            };
+            let p = crate::eval::window::WindowParams::new(
+                std::time::Duration::from_secs(60),
+                1.0,
+                std::time::Duration::from_secs(1),
+            );
+            e.window.add(0, 1.0, &p);
+            e.decision.offenses = 1;
+            e.decision.last_offense_ms = 5_000;
+            e.decision.cooldown_until = 9_000;
+            for (window_ms, history_ms) in [(60_000, 3_600_000), (1_000, 100), (10, 20_000)] {
+                let from = e.idle_from(window_ms, history_ms);
+                assert!(e.is_idle(from, window_ms, history_ms));
+                assert!(!e.is_idle(from - 1, window_ms, history_ms));
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@
 
 mod compile;
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 pub mod state;
 pub mod window;
@@ -28,6 +29,7 @@ pub use compile::{CompiledPolicy, PolicySet, policy_key};
 
 use crate::policy::AggregateSpec;
 pub use memory::MemoryState;
+pub use postgres::{PostgresState, PostgresStateConfig};
 pub use redis::{RedisState, RedisStateConfig};
 pub use state::{PolicyKey, Receipt, StateBackend, StateError, StateStats};
 

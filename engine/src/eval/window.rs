@@ -70,7 +70,7 @@ pub const DISTINCT_CAP: usize = crate::policy::MAX_DISTINCT;
 /// to [`DISTINCT_CAP`] values, with the same sub-bucket edge as [`Window`]. Beyond the
 /// cap the oldest value is forgotten, so the count stays at the cap; thresholds above
 /// the cap are refused, so a policy still fires. Memory: about 24 bytes per value.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DistinctWindow {
     seen: HashMap<u64, i64>,
     head: Option<i64>,
@@ -136,7 +136,7 @@ impl DistinctWindow {
 }
 
 /// One entity's window: `(sub-bucket index, weight)` pairs, oldest first.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Window {
     buckets: VecDeque<(i64, f64)>,
 }

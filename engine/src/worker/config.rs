@@ -25,6 +25,11 @@ pub const DEFAULT_STATE_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_STATE_CLEANUP_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_STATE_CACHE_SIZE: usize = 1_000_000;
 pub const DEFAULT_STATE_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// The postgres state backend's database: local, as the control plane's would be.
+pub const DEFAULT_STATE_DATABASE_URL: &str = "postgres://esper@127.0.0.1:5432/esper";
+/// Connections per worker to the postgres state backend: one per concurrent batch step
+/// of the default concurrency, and some room.
+pub const DEFAULT_STATE_DATABASE_POOL: u32 = 8;
 pub const DEFAULT_STATE_KEY_PREFIX: &str = "esper:state";
 pub const DEFAULT_EVALUATION_TIMEOUT: Duration = Duration::from_millis(100);
 pub const DEFAULT_DECISION_BUFFER: usize = 10_000;
@@ -42,7 +47,7 @@ pub enum StateBackendKind {
     Memory,
     /// In Redis, shared by every worker that uses the same Redis and key prefix.
     Redis,
-    /// In PostgreSQL (not in this build yet).
+    /// In PostgreSQL: shared like Redis, and durable.
     Postgres,
 }
 
@@ -129,6 +134,10 @@ pub struct Config {
     /// Prefix of the shared state's Redis keys; workers that share state use the same
     /// one.
     pub state_key_prefix: String,
+    /// The database of the `postgres` state backend (`postgres://...`).
+    pub state_database_url: String,
+    /// Connections to it per worker.
+    pub state_database_pool: u32,
     /// Longest one batch's evaluation against the state may take.
     #[serde(with = "humantime_serde")]
     pub evaluation_timeout: Duration,
@@ -163,6 +172,8 @@ impl Default for Config {
             state_cache_size: DEFAULT_STATE_CACHE_SIZE,
             state_redis_url: DEFAULT_STATE_REDIS_URL.to_string(),
             state_key_prefix: DEFAULT_STATE_KEY_PREFIX.to_string(),
+            state_database_url: DEFAULT_STATE_DATABASE_URL.to_string(),
+            state_database_pool: DEFAULT_STATE_DATABASE_POOL,
             evaluation_timeout: DEFAULT_EVALUATION_TIMEOUT,
             decision_buffer: DEFAULT_DECISION_BUFFER,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -214,6 +225,18 @@ impl Config {
         vars.parse(&["ESPER_STATE_CACHE_SIZE"], &mut self.state_cache_size)?;
         vars.string(&["ESPER_REDIS_URL", "REDIS_URL"], &mut self.state_redis_url);
         vars.string(&["ESPER_STATE_KEY_PREFIX"], &mut self.state_key_prefix);
+        vars.string(
+            &[
+                "ESPER_STATE_DATABASE_URL",
+                "ESPER_DATABASE_URL",
+                "DATABASE_URL",
+            ],
+            &mut self.state_database_url,
+        );
+        vars.parse(
+            &["ESPER_STATE_DATABASE_POOL"],
+            &mut self.state_database_pool,
+        )?;
         vars.duration(
             &["ESPER_EVALUATION_TIMEOUT"],
             ms,
@@ -245,11 +268,23 @@ impl Config {
                 }
             }
             StateBackendKind::Postgres => {
-                return Err(ConfigError::invalid(
-                    "state_backend",
-                    self.state_backend,
-                    "state backend `postgres` is not available in this build yet (use memory or redis)",
-                ));
+                let u = &self.state_database_url;
+                if !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
+                    || u.chars().any(char::is_whitespace)
+                {
+                    return Err(ConfigError::invalid(
+                        "state_database_url",
+                        u,
+                        "the postgres state backend needs a postgres:// or postgresql:// URL",
+                    ));
+                }
+                if self.state_database_pool == 0 || self.state_database_pool > 1000 {
+                    return Err(ConfigError::invalid(
+                        "state_database_pool",
+                        self.state_database_pool,
+                        "must be between 1 and 1000",
+                    ));
+                }
             }
         }
         if self.state_key_prefix.is_empty()
@@ -464,6 +499,9 @@ pub struct Args {
     /// Redis of the redis state backend [default: redis://127.0.0.1:6379]
     #[arg(long, value_name = "URL")]
     pub state_redis_url: Option<String>,
+    /// Database of the postgres state backend (postgres://USER:PASSWORD@HOST/DB)
+    #[arg(long, value_name = "URL")]
+    pub state_database_url: Option<String>,
     /// Longest one batch's evaluation may take (bare number = ms) [default: 100ms]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
     pub evaluation_timeout: Option<Duration>,
@@ -516,6 +554,9 @@ impl Args {
         }
         if let Some(v) = &self.state_redis_url {
             cfg.state_redis_url = v.clone();
+        }
+        if let Some(v) = &self.state_database_url {
+            cfg.state_database_url = v.clone();
         }
         if let Some(v) = self.evaluation_timeout {
             cfg.evaluation_timeout = v;
@@ -623,10 +664,21 @@ mod tests {
         cfg.state_redis_url = DEFAULT_STATE_REDIS_URL.into();
         cfg.validate().unwrap();
         cfg.state_backend = StateBackendKind::Postgres;
+        cfg.state_database_url = "sqlite://./esper.db".into();
         assert_eq!(
             cfg.validate().unwrap_err().to_string(),
-            "invalid state_backend = `postgres`: state backend `postgres` is not available in this build yet (use memory or redis)"
+            "invalid state_database_url = `sqlite://./esper.db`: the postgres state backend needs a postgres:// or postgresql:// URL"
         );
+        cfg.state_database_url = "postgres://esper@db/esper".into();
+        cfg.validate().unwrap();
+        cfg.state_database_pool = 0;
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("state_database_pool")
+        );
+        cfg.state_database_pool = DEFAULT_STATE_DATABASE_POOL;
         cfg.state_backend = StateBackendKind::Redis;
         cfg.state_key_prefix = "a b".into();
         assert!(

@@ -26,13 +26,16 @@ pub use config::{
     DEFAULT_DECISION_BUFFER, DEFAULT_EVALUATION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_INGESTION_URL, DEFAULT_LEASE, DEFAULT_LISTEN, DEFAULT_MITIGATION_URL,
     DEFAULT_POLICY_REFRESH, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STATE_CACHE_SIZE,
-    DEFAULT_STATE_CLEANUP_INTERVAL, DEFAULT_STATE_KEY_PREFIX, DEFAULT_STATE_REDIS_URL,
-    DEFAULT_STATE_TTL, StateBackendKind,
+    DEFAULT_STATE_CLEANUP_INTERVAL, DEFAULT_STATE_DATABASE_POOL, DEFAULT_STATE_DATABASE_URL,
+    DEFAULT_STATE_KEY_PREFIX, DEFAULT_STATE_REDIS_URL, DEFAULT_STATE_TTL, StateBackendKind,
 };
 pub use control::ControlClient;
 pub use policies::{PolicyFileError, read_policy_file};
 
-use crate::eval::{Evaluator, MemoryState, RedisState, RedisStateConfig, StateBackend, StateError};
+use crate::eval::{
+    Evaluator, MemoryState, PostgresState, PostgresStateConfig, RedisState, RedisStateConfig,
+    StateBackend, StateError,
+};
 use control::Outbox;
 use policies::{Follower, PolicyHandle, Source};
 use status::{Metrics, Status, WorkerHealth};
@@ -74,16 +77,16 @@ pub async fn open_state(config: &Config) -> Result<Arc<dyn StateBackend>, Worker
             })
             .await?,
         ),
-        StateBackendKind::Postgres => {
-            // Refused by `Config::validate`; kept here so a caller that skips it gets
-            // the same answer.
-            return Err(ConfigError::invalid(
-                "state_backend",
-                config.state_backend,
-                "state backend `postgres` is not available in this build yet (use memory or redis)",
-            )
-            .into());
-        }
+        StateBackendKind::Postgres => Arc::new(
+            PostgresState::connect(PostgresStateConfig {
+                url: config.state_database_url.clone(),
+                pool_size: config.state_database_pool,
+                ttl: config.state_ttl,
+                lease: config.lease,
+                capacity: config.state_cache_size,
+            })
+            .await?,
+        ),
     })
 }
 

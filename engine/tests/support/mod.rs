@@ -284,3 +284,6 @@ pub fn control_request(method: reqwest::Method, url: String) -> reqwest::Request
 /// The throwaway `redis-server` shared with the broker tests.
 #[path = "../../../brokers/testing/redis_server.rs"]
 pub mod redis_server;
+
+#[path = "../../../control/server/tests/support/postgres.rs"]
+pub mod postgres;

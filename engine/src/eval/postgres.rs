@@ -1,0 +1,891 @@
+//! The PostgreSQL state backend: windows, cooldowns and processed event ids shared by
+//! every worker that uses the same database, and durable across restarts.
+//!
+//! Each (policy, entity) state is one row holding the memory backend's state for it,
+//! serialized. Each step (`apply`, `commit`, `rollback`, `retain`, `cleanup`) is one
+//! transaction: it locks the rows it touches (claiming event ids, then entities, each
+//! in key order, so that workers over one database do not deadlock; a deadlock or
+//! serialization failure that still happens is retried), loads the entities into a
+//! scratch memory state, runs the memory backend's algorithm on them and writes them
+//! back. `tests/state.rs` holds this backend to the same results as the others.
+//!
+//! A worker that dies between `apply` and `commit` leaves a receipt row behind: its
+//! undo log, with its event ids marked in flight. The receipt expires with the
+//! ingestion lease; the next `apply`, `commit` or `cleanup` after that undoes it, so
+//! the redelivered events count once. A `commit` after its receipt expired fails.
+//!
+//! Entity rows carry the time they become idle and event ids the time they are
+//! forgotten; `cleanup` deletes what has expired. A counters row keeps the figures for
+//! [`StateBackend::stats`] and the capacity checks without counting rows.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use esper_protocol::EntityKey;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::memory::MemoryState;
+use super::redis::policy_key;
+use super::state::{
+    BatchInput, BatchOutcome, CleanupReport, DecisionState, Increment, PolicyKey, Receipt,
+    SeqProgress, StateBackend, StateError, StateStats, Undo,
+};
+
+/// The layout version of this backend's tables.
+pub const SCHEMA_VERSION: i64 = 1;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a step is retried after a deadlock or serialization failure.
+const RETRIES: usize = 8;
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS esper_state_meta (
+        name text PRIMARY KEY, value bigint NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS esper_state_entity (
+        policy text COLLATE \"C\" NOT NULL,
+        entity text COLLATE \"C\" NOT NULL,
+        window_ms bigint NOT NULL,
+        state bytea,
+        expires_at bigint NOT NULL,
+        cooldown_until bigint NOT NULL,
+        last_touch bigint NOT NULL,
+        PRIMARY KEY (policy, entity))",
+    "CREATE INDEX IF NOT EXISTS esper_state_entity_expiry ON esper_state_entity (expires_at)",
+    "CREATE TABLE IF NOT EXISTS esper_state_event (
+        id text COLLATE \"C\" PRIMARY KEY,
+        receipt bigint,
+        expires_at bigint NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS esper_state_event_receipt ON esper_state_event (receipt)
+        WHERE receipt IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS esper_state_event_expiry ON esper_state_event (expires_at)
+        WHERE receipt IS NULL",
+    "CREATE TABLE IF NOT EXISTS esper_state_receipt (
+        id bigint PRIMARY KEY, expires_at bigint NOT NULL, undo bytea NOT NULL)",
+    "CREATE SEQUENCE IF NOT EXISTS esper_state_receipt_id",
+    "CREATE TABLE IF NOT EXISTS esper_state_counters (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        entities bigint NOT NULL DEFAULT 0,
+        ids bigint NOT NULL DEFAULT 0,
+        done bigint NOT NULL DEFAULT 0,
+        evictions bigint NOT NULL DEFAULT 0,
+        id_evictions bigint NOT NULL DEFAULT 0)",
+    "INSERT INTO esper_state_counters (one) VALUES (true) ON CONFLICT DO NOTHING",
+];
+
+/// Where and how the PostgreSQL backend keeps its state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostgresStateConfig {
+    /// `postgres://[user[:password]@]host[:port]/database`.
+    pub url: String,
+    /// Connections in the pool (one per batch step in progress).
+    pub pool_size: u32,
+    /// How long processed event ids and offense histories are remembered.
+    pub ttl: Duration,
+    /// The ingestion lease: a batch not committed by then is undone.
+    pub lease: Duration,
+    /// Most tracked (policy, entity) pairs, and most remembered event ids.
+    pub capacity: usize,
+}
+
+/// The durable shared state backend.
+pub struct PostgresState {
+    pool: PgPool,
+    ttl_ms: i64,
+    lease_ms: i64,
+    capacity: i64,
+    stats: Mutex<StateStats>,
+}
+
+fn db(e: sqlx::Error) -> StateError {
+    StateError::Unavailable(format!("PostgreSQL: {e}"))
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StateError {
+    StateError::Unavailable(format!("unreadable PostgreSQL state row: {what}"))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Is this a failure that running the step again resolves?
+fn retryable(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
+}
+
+/// The inverse of [`policy_key`].
+fn parse_policy(text: &str) -> Result<PolicyKey, StateError> {
+    let (id, fp) = text.rsplit_once('#').ok_or_else(|| corrupt(text))?;
+    Ok(PolicyKey {
+        id: Arc::from(id),
+        fingerprint: u64::from_str_radix(fp, 16).map_err(|_| corrupt(text))?,
+    })
+}
+
+fn parse_entity(text: &str) -> Result<EntityKey, StateError> {
+    text.parse().map_err(|_| corrupt(text))
+}
+
+/// A receipt's undo log as stored.
+#[derive(Serialize, Deserialize, Default)]
+struct UndoLog {
+    /// (policy, entity, change) in the order they were made.
+    inc: Vec<(String, String, UndoRec)>,
+    /// (policy, entity, decision state replaced).
+    cd: Vec<(String, String, StoredDecision)>,
+}
+
+/// cooldown until, cooldown by, level, offenses, last offense.
+type StoredDecision = (i64, u64, usize, u32, i64);
+
+#[derive(Serialize, Deserialize)]
+enum UndoRec {
+    W(i64, f64),
+    D(u64, Option<i64>),
+    S(Option<(u8, u32, i64)>),
+}
+
+impl UndoLog {
+    fn of(receipt: &Receipt) -> UndoLog {
+        UndoLog {
+            inc: receipt
+                .increments
+                .iter()
+                .map(|i| {
+                    let undo = match &i.undo {
+                        Undo::Weight { bucket, weight } => UndoRec::W(*bucket, *weight),
+                        Undo::Distinct { value, prev } => UndoRec::D(*value, *prev),
+                        Undo::Sequence { prev } => {
+                            UndoRec::S(prev.map(|p| (p.step, p.matched, p.started_ms)))
+                        }
+                    };
+                    (policy_key(&i.policy), i.entity.to_string(), undo)
+                })
+                .collect(),
+            cd: receipt
+                .cooldowns
+                .iter()
+                .map(|(p, e, d)| {
+                    let c = (
+                        d.cooldown_until,
+                        d.cooldown_by,
+                        d.level,
+                        d.offenses,
+                        d.last_offense_ms,
+                    );
+                    (policy_key(p), e.to_string(), c)
+                })
+                .collect(),
+        }
+    }
+
+    /// The entities the log touches.
+    fn keys(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.inc
+            .iter()
+            .map(|(p, e, _)| (p, e))
+            .chain(self.cd.iter().map(|(p, e, _)| (p, e)))
+    }
+
+    /// The receipt that [`MemoryState`]'s rollback takes back.
+    fn receipt(&self, id: u64) -> Result<Receipt, StateError> {
+        let mut r = Receipt {
+            id,
+            ..Receipt::default()
+        };
+        for (p, e, u) in &self.inc {
+            r.increments.push(Increment {
+                policy: parse_policy(p)?,
+                entity: parse_entity(e)?,
+                undo: match *u {
+                    UndoRec::W(bucket, weight) => Undo::Weight { bucket, weight },
+                    UndoRec::D(value, prev) => Undo::Distinct { value, prev },
+                    UndoRec::S(prev) => Undo::Sequence {
+                        prev: prev.map(|(step, matched, started_ms)| SeqProgress {
+                            step,
+                            matched,
+                            started_ms,
+                        }),
+                    },
+                },
+            });
+        }
+        for (p, e, c) in &self.cd {
+            let (cooldown_until, cooldown_by, level, offenses, last_offense_ms) = *c;
+            r.cooldowns.push((
+                parse_policy(p)?,
+                parse_entity(e)?,
+                DecisionState {
+                    cooldown_until,
+                    cooldown_by,
+                    level,
+                    offenses,
+                    last_offense_ms,
+                },
+            ));
+        }
+        Ok(r)
+    }
+}
+
+/// Changes to the counters row made by one step.
+#[derive(Default)]
+struct Deltas {
+    entities: i64,
+    ids: i64,
+    done: i64,
+    evictions: i64,
+    id_evictions: i64,
+}
+
+/// Receipts past their lease, taken out of the tables, with their logs.
+type Expired = Vec<(u64, UndoLog)>;
+
+type Tx = Transaction<'static, Postgres>;
+
+impl PostgresState {
+    /// Connects (bounded by a 5s timeout) and creates the tables when missing.
+    pub async fn connect(config: PostgresStateConfig) -> Result<PostgresState, StateError> {
+        let options: PgConnectOptions = config
+            .url
+            .parse()
+            .map_err(|e| StateError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.pool_size.max(1))
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| StateError::Unavailable(format!("cannot reach PostgreSQL: {e}")))?;
+        let state = PostgresState {
+            pool,
+            ttl_ms: millis(config.ttl).max(1),
+            lease_ms: millis(config.lease).max(1),
+            capacity: i64::try_from(config.capacity.max(1)).unwrap_or(i64::MAX),
+            stats: Mutex::new(StateStats::default()),
+        };
+        state.migrate().await?;
+        state.refresh_stats().await?;
+        Ok(state)
+    }
+
+    /// Creates the tables under an advisory lock (workers may start together) and
+    /// records the schema version; refuses a database of a newer layout.
+    async fn migrate(&self) -> Result<(), StateError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(7402555431)")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        for stmt in SCHEMA {
+            sqlx::query(stmt).execute(&mut *tx).await.map_err(db)?;
+        }
+        let found: i64 = sqlx::query_scalar(
+            "INSERT INTO esper_state_meta (name, value) VALUES ('schema_version', $1)
+             ON CONFLICT (name) DO UPDATE SET value = esper_state_meta.value
+             RETURNING value",
+        )
+        .bind(SCHEMA_VERSION)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        if found > SCHEMA_VERSION {
+            return Err(StateError::Unavailable(format!(
+                "the PostgreSQL state has schema version {found}; this build knows {SCHEMA_VERSION}"
+            )));
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    /// Reads the figures for [`StateBackend::stats`] now.
+    pub async fn refresh_stats(&self) -> Result<StateStats, StateError> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let row =
+            sqlx::query("SELECT entities, ids, evictions, id_evictions FROM esper_state_counters")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db)?;
+        self.note(&row)?;
+        Ok(self.stats())
+    }
+
+    fn note(&self, row: &sqlx::postgres::PgRow) -> Result<(), StateError> {
+        let get = |c: &str| -> Result<u64, StateError> {
+            let v: i64 = row.try_get(c).map_err(db)?;
+            Ok(u64::try_from(v).unwrap_or(0))
+        };
+        *self.stats.lock() = StateStats {
+            entities: get("entities")?,
+            event_ids: get("ids")?,
+            evictions_total: get("evictions")?,
+            event_id_evictions_total: get("id_evictions")?,
+        };
+        Ok(())
+    }
+
+    /// Ends a step's transaction: `None` when it should run again (a deadlock or
+    /// serialization failure, at most [`RETRIES`] times).
+    async fn finish<T>(
+        &self,
+        tx: Tx,
+        result: Result<T, StepError>,
+        attempt: &mut usize,
+    ) -> Option<Result<T, StateError>> {
+        let result = match result {
+            Ok(v) => tx.commit().await.map(|()| v).map_err(StepError::Db),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(v) => Some(Ok(v)),
+            Err(StepError::Db(e)) if retryable(&e) && *attempt < RETRIES => {
+                *attempt += 1;
+                tokio::time::sleep(Duration::from_millis(2 << (*attempt).min(6))).await;
+                None
+            }
+            Err(StepError::Db(e)) => Some(Err(db(e))),
+            Err(StepError::State(e)) => Some(Err(e)),
+        }
+    }
+
+    async fn begin(&self) -> Result<Tx, StateError> {
+        self.pool.begin().await.map_err(db)
+    }
+
+    /// Takes the receipts whose lease ran out at `now_ms` (those no other step holds)
+    /// and their in-flight marks out of the tables; their logs are undone by the caller.
+    async fn take_expired(
+        &self,
+        tx: &mut Tx,
+        now_ms: i64,
+        d: &mut Deltas,
+    ) -> Result<Expired, StepError> {
+        let rows = sqlx::query(
+            "DELETE FROM esper_state_receipt WHERE id IN (
+                SELECT id FROM esper_state_receipt WHERE expires_at <= $1
+                ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED)
+             RETURNING id, undo",
+        )
+        .bind(now_ms)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.try_get("id")?;
+            let undo: Vec<u8> = row.try_get("undo")?;
+            let log: UndoLog = serde_json::from_slice(&undo).map_err(corrupt)?;
+            out.push((u64::try_from(id).unwrap_or(0), log));
+        }
+        if !out.is_empty() {
+            let ids: Vec<i64> = out.iter().map(|(id, _)| *id as i64).collect();
+            d.ids -= self.drop_marks(tx, &ids).await?;
+        }
+        Ok(out)
+    }
+
+    /// Forgets the in-flight marks of receipts `ids`.
+    async fn drop_marks(&self, tx: &mut Tx, ids: &[i64]) -> Result<i64, StepError> {
+        let n = sqlx::query("DELETE FROM esper_state_event WHERE receipt = ANY($1)")
+            .bind(ids)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        Ok(n as i64)
+    }
+
+    /// Locks the rows of `keys` (policy, entity, window for a new row), in key order,
+    /// creating missing ones, and loads the existing states into `scratch`. Returns the
+    /// keys that held a state.
+    async fn lock_entities(
+        &self,
+        tx: &mut Tx,
+        keys: &BTreeSet<(String, String, i64)>,
+        scratch: &MemoryState,
+    ) -> Result<BTreeSet<(String, String)>, StepError> {
+        let mut existed = BTreeSet::new();
+        if keys.is_empty() {
+            return Ok(existed);
+        }
+        let (mut ps, mut es, mut ws) = (Vec::new(), Vec::new(), Vec::new());
+        for (p, e, w) in keys {
+            ps.push(p.as_str());
+            es.push(e.as_str());
+            ws.push(*w);
+        }
+        let rows = sqlx::query(
+            "INSERT INTO esper_state_entity
+                (policy, entity, window_ms, state, expires_at, cooldown_until, last_touch)
+             SELECT p, e, w, NULL, 0, 0, 0
+             FROM unnest($1::text[], $2::text[], $3::bigint[]) AS t(p, e, w)
+             ORDER BY p COLLATE \"C\", e COLLATE \"C\"
+             ON CONFLICT (policy, entity) DO UPDATE SET last_touch = esper_state_entity.last_touch
+             RETURNING policy, entity, window_ms, state",
+        )
+        .bind(&ps)
+        .bind(&es)
+        .bind(&ws)
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in rows {
+            let state: Option<Vec<u8>> = row.try_get("state")?;
+            let Some(state) = state else { continue };
+            let policy: String = row.try_get("policy")?;
+            let entity: String = row.try_get("entity")?;
+            let window_ms: i64 = row.try_get("window_ms")?;
+            scratch
+                .load_entity(
+                    &parse_policy(&policy)?,
+                    window_ms,
+                    parse_entity(&entity)?,
+                    &state,
+                )
+                .map_err(corrupt)?;
+            existed.insert((policy, entity));
+        }
+        Ok(existed)
+    }
+
+    /// Writes back every entity `scratch` holds and removes the locked rows it does not
+    /// (placeholders for hits that tracked nothing).
+    async fn save_entities(
+        &self,
+        tx: &mut Tx,
+        scratch: &MemoryState,
+        keys: &BTreeSet<(String, String, i64)>,
+        existed: &BTreeSet<(String, String)>,
+        d: &mut Deltas,
+    ) -> Result<(), StepError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let saved = scratch.saved().map_err(corrupt)?;
+        let mut kept = BTreeSet::new();
+        let (mut ps, mut es, mut ss, mut xs, mut cs, mut ls, mut ws) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for s in saved {
+            let key = (policy_key(&s.policy), s.entity.to_string());
+            if !existed.contains(&key) {
+                d.entities += 1;
+            }
+            ps.push(key.0.clone());
+            es.push(key.1.clone());
+            kept.insert(key);
+            ss.push(s.state);
+            xs.push(s.expires_at);
+            cs.push(s.cooldown_until);
+            ls.push(s.last_touch);
+            ws.push(s.window_ms);
+        }
+        if !ps.is_empty() {
+            sqlx::query(
+                "UPDATE esper_state_entity AS t
+                 SET state = u.s, expires_at = u.x, cooldown_until = u.c, last_touch = u.l,
+                     window_ms = u.w
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bigint[], $5::bigint[],
+                             $6::bigint[], $7::bigint[]) AS u(p, e, s, x, c, l, w)
+                 WHERE t.policy = u.p AND t.entity = u.e",
+            )
+            .bind(&ps)
+            .bind(&es)
+            .bind(&ss)
+            .bind(&xs)
+            .bind(&cs)
+            .bind(&ls)
+            .bind(&ws)
+            .execute(&mut **tx)
+            .await?;
+        }
+        let (mut dp, mut de) = (vec![], vec![]);
+        for (p, e, _) in keys {
+            let key = (p.clone(), e.clone());
+            if !kept.contains(&key) {
+                if existed.contains(&key) {
+                    d.entities -= 1;
+                }
+                dp.push(key.0);
+                de.push(key.1);
+            }
+        }
+        if !dp.is_empty() {
+            sqlx::query(
+                "DELETE FROM esper_state_entity AS t
+                 USING unnest($1::text[], $2::text[]) AS u(p, e)
+                 WHERE t.policy = u.p AND t.entity = u.e",
+            )
+            .bind(&dp)
+            .bind(&de)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Undoes `expired` receipts' logs (and locks `extra` entities too, for the caller).
+    async fn undo_in(
+        &self,
+        tx: &mut Tx,
+        expired: &Expired,
+        keys: &mut BTreeSet<(String, String, i64)>,
+        scratch: &MemoryState,
+    ) -> Result<BTreeSet<(String, String)>, StepError> {
+        for (_, log) in expired {
+            for (p, e) in log.keys() {
+                keys.insert((p.clone(), e.clone(), 0));
+            }
+        }
+        // A key both in the batch (with its window) and in a log (with 0) is locked once.
+        let mut seen = BTreeSet::new();
+        keys.retain(|(p, e, _)| seen.insert((p.clone(), e.clone())));
+        let existed = self.lock_entities(tx, keys, scratch).await?;
+        for (id, log) in expired {
+            let receipt = log.receipt(*id)?;
+            scratch.rollback(&receipt).await?;
+        }
+        Ok(existed)
+    }
+
+    /// Applies deltas to the counters row and notes the figures.
+    async fn count(&self, tx: &mut Tx, d: &Deltas) -> Result<(i64, i64), StepError> {
+        let row = sqlx::query(
+            "UPDATE esper_state_counters SET entities = entities + $1, ids = ids + $2,
+                done = done + $3, evictions = evictions + $4, id_evictions = id_evictions + $5
+             RETURNING entities, ids, done, evictions, id_evictions",
+        )
+        .bind(d.entities)
+        .bind(d.ids)
+        .bind(d.done)
+        .bind(d.evictions)
+        .bind(d.id_evictions)
+        .fetch_one(&mut **tx)
+        .await?;
+        self.note(&row)?;
+        Ok((row.try_get("entities")?, row.try_get("done")?))
+    }
+
+    async fn apply_tx(
+        &self,
+        tx: &mut Tx,
+        batch: &BatchInput,
+        now_ms: i64,
+    ) -> Result<BatchOutcome, StepError> {
+        let mut d = Deltas::default();
+        let rid: i64 = sqlx::query_scalar("SELECT nextval('esper_state_receipt_id')")
+            .fetch_one(&mut **tx)
+            .await?;
+        let expired = self.take_expired(tx, now_ms, &mut d).await?;
+        let scratch = MemoryState::scratch(self.ttl_ms, u64::try_from(rid).unwrap_or(0));
+        // Claim the batch's event ids, in id order.
+        let ids: Vec<&str> = batch
+            .events
+            .iter()
+            .filter(|e| !e.hits.is_empty())
+            .map(|e| e.id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let lease_end = now_ms.saturating_add(self.lease_ms);
+        if !ids.is_empty() {
+            let rows = sqlx::query(
+                "INSERT INTO esper_state_event (id, receipt, expires_at)
+                 SELECT id, $2, $3 FROM unnest($1::text[]) AS t(id) ORDER BY id COLLATE \"C\"
+                 ON CONFLICT (id) DO UPDATE SET
+                   receipt = CASE WHEN esper_state_event.receipt IS NULL
+                       AND esper_state_event.expires_at <= $4
+                     THEN EXCLUDED.receipt ELSE esper_state_event.receipt END,
+                   expires_at = CASE WHEN esper_state_event.receipt IS NULL
+                       AND esper_state_event.expires_at <= $4
+                     THEN EXCLUDED.expires_at ELSE esper_state_event.expires_at END
+                 RETURNING id, receipt, (xmax = 0) AS inserted",
+            )
+            .bind(&ids)
+            .bind(rid)
+            .bind(lease_end)
+            .bind(now_ms)
+            .fetch_all(&mut **tx)
+            .await?;
+            for row in rows {
+                let receipt: Option<i64> = row.try_get("receipt")?;
+                let inserted: bool = row.try_get("inserted")?;
+                match receipt {
+                    Some(r) if r == rid && inserted => d.ids += 1,
+                    // A processed id past its ttl that cleanup has not removed yet.
+                    Some(r) if r == rid => d.done -= 1,
+                    Some(_) => scratch.mark_seen(row.try_get("id")?, true),
+                    None => scratch.mark_seen(row.try_get("id")?, false),
+                }
+            }
+        }
+        let mut keys = BTreeSet::new();
+        for e in batch.events.iter().filter(|e| !e.hits.is_empty()) {
+            for h in &e.hits {
+                if let Some(p) = batch.policies.get(h.policy) {
+                    keys.insert((
+                        policy_key(&p.key),
+                        h.entity.to_string(),
+                        p.params.window_ms(),
+                    ));
+                }
+            }
+        }
+        let existed = self.undo_in(tx, &expired, &mut keys, &scratch).await?;
+        let mut out = scratch.apply_scratch(batch, now_ms);
+        self.save_entities(tx, &scratch, &keys, &existed, &mut d)
+            .await?;
+        let receipt = &out.receipt;
+        if receipt.event_ids.is_empty()
+            && receipt.increments.is_empty()
+            && receipt.cooldowns.is_empty()
+        {
+            out.receipt = Receipt::default();
+        } else {
+            let undo = serde_json::to_vec(&UndoLog::of(receipt)).map_err(corrupt)?;
+            sqlx::query(
+                "INSERT INTO esper_state_receipt (id, expires_at, undo) VALUES ($1, $2, $3)",
+            )
+            .bind(rid)
+            .bind(lease_end)
+            .bind(undo)
+            .execute(&mut **tx)
+            .await?;
+            out.receipt = Receipt {
+                id: u64::try_from(rid).unwrap_or(0),
+                ..Receipt::default()
+            };
+        }
+        let (entities, _) = self.count(tx, &d).await?;
+        if entities > self.capacity {
+            // Down to 1% below capacity, so that evictions come in occasional sweeps;
+            // those without a standing decision and touched longest ago go first.
+            let excess = entities - (self.capacity - self.capacity / 100);
+            let n = sqlx::query(
+                "DELETE FROM esper_state_entity WHERE (policy, entity) IN (
+                    SELECT policy, entity FROM esper_state_entity WHERE state IS NOT NULL
+                    ORDER BY cooldown_until > $1, last_touch
+                    LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(now_ms)
+            .bind(excess)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected() as i64;
+            self.count(
+                tx,
+                &Deltas {
+                    entities: -n,
+                    evictions: n,
+                    ..Deltas::default()
+                },
+            )
+            .await?;
+        }
+        Ok(out)
+    }
+
+    /// Undoes the receipts whose lease ran out at `now_ms`.
+    async fn sweep(&self, tx: &mut Tx, now_ms: i64, d: &mut Deltas) -> Result<usize, StepError> {
+        let expired = self.take_expired(tx, now_ms, d).await?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let scratch = MemoryState::scratch(self.ttl_ms, 0);
+        let mut keys = BTreeSet::new();
+        let existed = self.undo_in(tx, &expired, &mut keys, &scratch).await?;
+        self.save_entities(tx, &scratch, &keys, &existed, d).await?;
+        Ok(expired.len())
+    }
+
+    async fn commit_tx(&self, tx: &mut Tx, rid: i64, now_ms: i64) -> Result<bool, StepError> {
+        let mut d = Deltas::default();
+        self.sweep(tx, now_ms, &mut d).await?;
+        let found = sqlx::query("DELETE FROM esper_state_receipt WHERE id = $1")
+            .bind(rid)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        if found == 0 {
+            self.count(tx, &d).await?;
+            return Ok(false);
+        }
+        d.done += sqlx::query(
+            "UPDATE esper_state_event SET receipt = NULL, expires_at = $2 WHERE receipt = $1",
+        )
+        .bind(rid)
+        .bind(now_ms.saturating_add(self.ttl_ms))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected() as i64;
+        let (_, done) = self.count(tx, &d).await?;
+        if done > self.capacity {
+            let n = sqlx::query(
+                "DELETE FROM esper_state_event WHERE id IN (
+                    SELECT id FROM esper_state_event WHERE receipt IS NULL
+                    ORDER BY expires_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(done - self.capacity)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected() as i64;
+            self.count(
+                tx,
+                &Deltas {
+                    ids: -n,
+                    done: -n,
+                    id_evictions: n,
+                    ..Deltas::default()
+                },
+            )
+            .await?;
+        }
+        Ok(true)
+    }
+
+    async fn rollback_tx(&self, tx: &mut Tx, rid: i64) -> Result<(), StepError> {
+        let mut d = Deltas::default();
+        let undo: Option<Vec<u8>> =
+            sqlx::query_scalar("DELETE FROM esper_state_receipt WHERE id = $1 RETURNING undo")
+                .bind(rid)
+                .fetch_optional(&mut **tx)
+                .await?;
+        let Some(undo) = undo else {
+            // Already undone (its lease ran out) or committed.
+            return Ok(());
+        };
+        let log: UndoLog = serde_json::from_slice(&undo).map_err(corrupt)?;
+        d.ids -= self.drop_marks(tx, &[rid]).await?;
+        let expired = vec![(u64::try_from(rid).unwrap_or(0), log)];
+        let scratch = MemoryState::scratch(self.ttl_ms, 0);
+        let mut keys = BTreeSet::new();
+        let existed = self.undo_in(tx, &expired, &mut keys, &scratch).await?;
+        self.save_entities(tx, &scratch, &keys, &existed, &mut d)
+            .await?;
+        self.count(tx, &d).await?;
+        Ok(())
+    }
+
+    async fn retain_tx(&self, tx: &mut Tx, keep: &[String]) -> Result<(), StepError> {
+        let n = sqlx::query(
+            "DELETE FROM esper_state_entity WHERE state IS NOT NULL AND NOT (policy = ANY($1))",
+        )
+        .bind(keep)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected() as i64;
+        self.count(
+            tx,
+            &Deltas {
+                entities: -n,
+                ..Deltas::default()
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn cleanup_tx(&self, tx: &mut Tx, now_ms: i64) -> Result<CleanupReport, StepError> {
+        let mut d = Deltas::default();
+        self.sweep(tx, now_ms, &mut d).await?;
+        let entities = sqlx::query(
+            "DELETE FROM esper_state_entity WHERE expires_at <= $1 AND state IS NOT NULL",
+        )
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        let event_ids =
+            sqlx::query("DELETE FROM esper_state_event WHERE receipt IS NULL AND expires_at <= $1")
+                .bind(now_ms)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+        d.entities -= entities as i64;
+        d.ids -= event_ids as i64;
+        d.done -= event_ids as i64;
+        self.count(tx, &d).await?;
+        Ok(CleanupReport {
+            entities: entities as usize,
+            event_ids: event_ids as usize,
+        })
+    }
+}
+
+/// Why a step's transaction failed.
+enum StepError {
+    Db(sqlx::Error),
+    State(StateError),
+}
+
+impl From<sqlx::Error> for StepError {
+    fn from(e: sqlx::Error) -> StepError {
+        StepError::Db(e)
+    }
+}
+
+impl From<StateError> for StepError {
+    fn from(e: StateError) -> StepError {
+        StepError::State(e)
+    }
+}
+
+/// Runs `$step` (an expression using `tx`) in a transaction until it commits or fails
+/// for good.
+macro_rules! transact {
+    ($self:ident, |$tx:ident| $step:expr) => {{
+        let mut attempt = 0;
+        loop {
+            let mut $tx = $self.begin().await?;
+            let result = $step;
+            if let Some(done) = $self.finish($tx, result, &mut attempt).await {
+                break done;
+            }
+        }
+    }};
+}
+
+#[async_trait::async_trait]
+impl StateBackend for PostgresState {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn apply(&self, batch: &BatchInput, now_ms: i64) -> Result<BatchOutcome, StateError> {
+        transact!(self, |tx| self.apply_tx(&mut tx, batch, now_ms).await)
+    }
+
+    async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
+        if receipt.id == 0 {
+            return Ok(());
+        }
+        let rid = i64::try_from(receipt.id).map_err(corrupt)?;
+        let committed = transact!(self, |tx| self.commit_tx(&mut tx, rid, now_ms).await)?;
+        if !committed {
+            return Err(StateError::Unavailable(
+                "the batch outlived its lease and was undone; it will be redelivered".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError> {
+        if receipt.id == 0 {
+            return Ok(());
+        }
+        let rid = i64::try_from(receipt.id).map_err(corrupt)?;
+        transact!(self, |tx| self.rollback_tx(&mut tx, rid).await)
+    }
+
+    async fn retain(&self, keep: &[PolicyKey]) -> Result<(), StateError> {
+        let keep: Vec<String> = keep.iter().map(policy_key).collect();
+        transact!(self, |tx| self.retain_tx(&mut tx, &keep).await)
+    }
+
+    async fn cleanup(&self, now_ms: i64) -> Result<CleanupReport, StateError> {
+        transact!(self, |tx| self.cleanup_tx(&mut tx, now_ms).await)
+    }
+
+    fn stats(&self) -> StateStats {
+        *self.stats.lock()
+    }
+}
