@@ -120,6 +120,11 @@ impl Mirror {
         st.synced = true;
     }
 
+    /// Every mitigation held.
+    pub fn all(&self) -> Vec<Mitigation> {
+        self.state.read().by_id.values().cloned().collect()
+    }
+
     /// Records a mitigation this control plane just published (read-your-writes; the
     /// stream brings the same one again shortly).
     pub fn upsert(&self, m: Mitigation) {

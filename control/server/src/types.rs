@@ -139,6 +139,16 @@ pub struct ListsResponse {
 }
 
 /// `PUT /api/v1/lists/{name}` body.
+/// The answer to `PUT /api/v1/lists/{name}`: the stored list and, for the `allowlist`,
+/// the ids of the mitigations in force that it now covers and that were revoked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PutListResponse {
+    #[serde(flatten)]
+    pub record: crate::store::ListRecord,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutListRequest {

@@ -784,3 +784,67 @@ async fn bad_input_gets_clear_4xx_json() {
     assert_eq!(status, 400);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_allowlist_wins_over_manual_mitigations() {
+    let s = Stack::start().await;
+    let ban = |entity: &str| json!({"entity": entity, "action": "block", "ttl": "1h"});
+    let (status, other) = s.post("/api/v1/mitigations", ban("ip:198.51.100.7")).await;
+    assert_eq!(status, 201, "{other}");
+    let (status, office) = s.post("/api/v1/mitigations", ban("ip:192.0.2.5")).await;
+    assert_eq!(status, 201, "{office}");
+
+    // Allowlisting the office network takes back the ban on it, and only that one.
+    let (status, body) = s
+        .put(
+            "/api/v1/lists/allowlist",
+            json!({"kind": "ip", "items": ["192.0.2.0/24"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revoked"], json!([office["id"]]));
+    let (_, active) = s.get("/api/v1/mitigations").await;
+    let ids: Vec<_> = active["mitigations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(ids, [other["id"].clone()], "{active}");
+    let (_, log) = s.get("/api/v1/decisions?entity=ip:192.0.2.5").await;
+    assert!(
+        log["decisions"][0]["revoked_by"]
+            .as_str()
+            .is_some_and(|b| b.contains("allowlist")),
+        "{log}"
+    );
+
+    // New bans on covered addresses, networks or tuples are refused with a reason.
+    for entity in [
+        "ip:192.0.2.9",
+        "cidr:192.0.0.0/16",
+        "tuple:ip:192.0.2.9+header:user-agent=curl",
+    ] {
+        let (status, body) = s.post("/api/v1/mitigations", ban(entity)).await;
+        assert_eq!(status, 409, "{entity}: {body}");
+        assert_eq!(body["error"], "conflict");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("covered by allowlist entry 192.0.2.0/24"),
+            "{body}"
+        );
+    }
+    let (status, _) = s.post("/api/v1/mitigations", ban("ip:203.0.113.1")).await;
+    assert_eq!(status, 201);
+    // An unchanged re-put revokes nothing more.
+    let (_, body) = s
+        .put(
+            "/api/v1/lists/allowlist",
+            json!({"kind": "ip", "items": ["192.0.2.0/24"]}),
+        )
+        .await;
+    assert!(body.get("revoked").is_none(), "{body}");
+    s.stop().await;
+}

@@ -4,13 +4,13 @@ use axum::Extension;
 use axum::extract::State;
 use esper_common::http::Path;
 use esper_common::{ApiError, Json};
-use esper_engine::policy::{ListKind, NamedList, PolicySpec};
+use esper_engine::policy::{ALLOWLIST, ListKind, NamedList, PolicySpec, parse_net};
 
 use super::store_error;
 use crate::auth::Caller;
 use crate::state::AppState;
 use crate::store::ListRecord;
-use crate::types::{Deleted, ListSummary, ListsResponse, PutListRequest};
+use crate::types::{Deleted, ListSummary, ListsResponse, PutListRequest, PutListResponse};
 
 fn not_found(name: &str) -> ApiError {
     ApiError::NotFound(format!("no list `{name}`"))
@@ -69,7 +69,7 @@ pub async fn put(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Json(body): Json<PutListRequest>,
-) -> Result<Json<ListRecord>, ApiError> {
+) -> Result<Json<PutListResponse>, ApiError> {
     let kind: ListKind = body
         .kind
         .parse()
@@ -94,7 +94,14 @@ pub async fn put(
         .await
         .map_err(|e| store_error(&state, e))?;
     tracing::info!(list = %name, items = record.items.len(), by = %caller.0, "list stored");
-    Ok(Json(record))
+    let revoked = if name == ALLOWLIST && kind == ListKind::Ip {
+        let allow: Vec<_> = record.items.iter().filter_map(|i| parse_net(i)).collect();
+        let by = format!("control:{} (allowlist)", caller.0);
+        super::allowlist::revoke_covered(&state, &allow, &by).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Json(PutListResponse { record, revoked }))
 }
 
 /// `DELETE /api/v1/lists/{name}`: refused while a policy refers to the list.

@@ -172,6 +172,7 @@ pub async fn add(
 ) -> Result<(StatusCode, Json<Mitigation>), ApiError> {
     let entity = parse_entity(&req.entity)?;
     let action = parse_action(&req.action)?;
+    super::allowlist::check_manual(&state, &entity).await?;
     let ttl = parse_ttl(req.ttl.as_deref())?;
     let summary = match req.reason.as_deref().map(str::trim) {
         Some(r) if r.len() > MAX_REASON_LEN => {

@@ -12,6 +12,7 @@ use crate::state::AppState;
 use crate::store::StoreError;
 
 mod admin;
+mod allowlist;
 mod analyze;
 mod decisions;
 mod fleet;

@@ -11,6 +11,7 @@ use super::table::{Table, rfc3339};
 use super::{CtlError, Ctx, ListCmd, read_input};
 use crate::store::ListRecord;
 use crate::types::ListsResponse;
+use crate::types::PutListResponse;
 
 pub async fn run(ctx: &Ctx, cmd: ListCmd) -> Result<(), CtlError> {
     match cmd {
@@ -113,13 +114,20 @@ async fn set(
         )
         .await?;
     ctx.emit(v, |v| {
-        let l: ListRecord = decode(&ctx.client, v)?;
-        Ok(format!(
+        let r: PutListResponse = decode(&ctx.client, v)?;
+        let l = r.record;
+        let mut out = format!(
             "list {} stored ({} list, {})\n",
             l.name,
             l.kind,
             count_items(l.items.len())
-        ))
+        );
+        for id in &r.revoked {
+            out.push_str(&format!(
+                "revoked mitigation {id}: its entity is now allowlisted\n"
+            ));
+        }
+        Ok(out)
     })
 }
 
