@@ -179,6 +179,10 @@ pub struct Config {
     /// Events waiting to be sent, at most; beyond it new events are dropped and counted
     /// (`ESPER_PROXY_BUFFER`, `--buffer`).
     pub buffer: usize,
+    /// A file every forwarded event is also appended to, one JSON object a line, the
+    /// format `esperctl policies test --events FILE` replays; none records nothing
+    /// (`ESPER_PROXY_RECORD_EVENTS`, `--record-events`).
+    pub record_events: Option<std::path::PathBuf>,
     /// Request headers copied into events, by name (`ESPER_REPORT_HEADERS`, comma
     /// separated; `--report-header`, repeatable).
     pub report_headers: Vec<String>,
@@ -282,6 +286,7 @@ impl Default for Config {
             batch_size: DEFAULT_BATCH_SIZE,
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             buffer: DEFAULT_BUFFER,
+            record_events: None,
             report_headers: DEFAULT_REPORT_HEADERS.map(String::from).to_vec(),
             report_cookies: Vec::new(),
             threads: 0,
@@ -370,6 +375,9 @@ impl Config {
             &mut self.flush_interval,
         )?;
         vars.parse(&["ESPER_PROXY_BUFFER"], &mut self.buffer)?;
+        if let Some((_, v)) = vars.lookup(&["ESPER_PROXY_RECORD_EVENTS"]) {
+            self.record_events = (!v.is_empty()).then(|| v.into());
+        }
         if let Some((_, v)) = vars.lookup(&["ESPER_REPORT_HEADERS"]) {
             self.report_headers = name_list(&v);
         }
@@ -782,6 +790,10 @@ pub struct Args {
     /// Events waiting to be sent, at most [default: 10000]
     #[arg(long, value_name = "N")]
     pub buffer: Option<usize>,
+    /// Also append every forwarded event to FILE as JSON lines (replayable with
+    /// `esperctl policies test --events FILE`)
+    #[arg(long, value_name = "FILE")]
+    pub record_events: Option<std::path::PathBuf>,
     /// A request header to copy into events (repeatable; replaces the defaults)
     #[arg(long = "report-header", value_name = "NAME")]
     pub report_headers: Vec<String>,
@@ -845,6 +857,9 @@ impl Args {
         set(&mut cfg.batch_size, &self.batch_size);
         set(&mut cfg.flush_interval, &self.flush_interval);
         set(&mut cfg.buffer, &self.buffer);
+        if self.record_events.is_some() {
+            cfg.record_events = self.record_events.clone();
+        }
         if !self.report_headers.is_empty() {
             cfg.report_headers = name_list(&self.report_headers.join(","));
         }
