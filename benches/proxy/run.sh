@@ -3,6 +3,7 @@
 #
 #   bash benches/proxy/run.sh [DURATION_SECS] [REPETITIONS]   # throughput, latency, CPU
 #   bash benches/proxy/run.sh ttm [TRIALS]                    # time to mitigate (esper dev)
+#   bash benches/proxy/run.sh memory                          # bytes per cache entry
 #
 # Targets: the upstream directly (nginx serving the file), a bare Pingora pass-through
 # (bare-pingora), esper-proxy with an empty cache, esper-proxy with 1,000,000 address
@@ -268,7 +269,45 @@ print(f"time to mitigate over {len(ms)} trials: p50 {statistics.median(ms):.0f} 
 PY
 }
 
+# Memory: resident memory of three proxies, one with an empty cache, one following a
+# broker holding 1,000,000 address mitigations, one following a broker holding 100,000
+# /24 network mitigations; bytes per entry = (RSS - empty RSS) / entries. (The loaders
+# also publish one new address mitigation every 100 ms, a few hundred in all.)
+memory() {
+    need curl
+    (cd "$ROOT" && cargo build --release -q -p esper -p esper-bench-proxy)
+    start_brokers
+    "$BIN/esper" broker run mitigation --listen 127.0.0.1:18093 >/dev/null 2>&1 &
+    PIDS+=($!)
+    sleep 1
+    "$BIN/load-mitigations" http://127.0.0.1:18092 1000000 0 0 >"$WORK/exact.log" 2>&1 &
+    PIDS+=($!)
+    "$BIN/load-mitigations" http://127.0.0.1:18093 0 100000 0 >"$WORK/ranges.log" 2>&1 &
+    PIDS+=($!)
+    until grep -q loaded "$WORK/exact.log" && grep -q loaded "$WORK/ranges.log"; do sleep 1; done
+    esper_proxy 18084 18094 http://127.0.0.1:18091
+    local empty=$!
+    esper_proxy 18085 18095 http://127.0.0.1:18092
+    local exact=$!
+    esper_proxy 18086 18096 http://127.0.0.1:18093
+    local ranges=$!
+    entries() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^esper_proxy_cache_entries / {print $2}'; }
+    until [ "$(entries 18095 | cut -d. -f1)" -ge 1000000 ] 2>/dev/null; do sleep 1; done
+    until [ "$(entries 18096 | cut -d. -f1)" -ge 100000 ] 2>/dev/null; do sleep 1; done
+    sleep 5
+    rss() { awk '/^VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
+    python3 - "$(rss $empty)" "$(rss $exact)" "$(entries 18095)" "$(rss $ranges)" "$(entries 18096)" <<'PY'
+import sys
+empty, exact, n_exact, ranges, n_ranges = (float(v) for v in sys.argv[1:])
+mib = lambda b: b / 2**20
+print(f"empty cache: RSS {mib(empty):.1f} MiB")
+print(f"{n_exact:.0f} address mitigations: RSS {mib(exact):.1f} MiB, {(exact - empty) / n_exact:.0f} bytes per entry")
+print(f"{n_ranges:.0f} entries with 100,000 /24 networks: RSS {mib(ranges):.1f} MiB, {(ranges - empty) / n_ranges:.0f} bytes per entry")
+PY
+}
+
 case "${1:-}" in
 ttm) shift; ttm "$@" ;;
+memory) shift; memory "$@" ;;
 *) throughput "$@" ;;
 esac

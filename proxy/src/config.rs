@@ -166,6 +166,10 @@ pub struct Config {
     /// Control-plane base URL for heartbeats; none means no heartbeats
     /// (`ESPER_CONTROL_URL`, `--control-url`).
     pub control_url: Option<String>,
+    /// With a control URL, follow the proxy configuration the control plane holds
+    /// (`PUT /api/v1/proxies/config`), laid over this one and applied without dropping
+    /// connections (`ESPER_PROXY_FOLLOW_CONFIG`).
+    pub follow_control_config: bool,
     /// Bearer token for both brokers, when they require one (`ESPER_BROKER_TOKEN`).
     pub broker_token: Option<String>,
     /// Bearer token for the control plane (`ESPER_TOKEN`).
@@ -281,6 +285,7 @@ impl Default for Config {
             ingestion_url: DEFAULT_INGESTION_URL.to_string(),
             mitigation_url: DEFAULT_MITIGATION_URL.to_string(),
             control_url: None,
+            follow_control_config: true,
             broker_token: None,
             control_token: None,
             batch_size: DEFAULT_BATCH_SIZE,
@@ -366,6 +371,10 @@ impl Config {
         vars.string(&["ESPER_INGESTION_URL"], &mut self.ingestion_url);
         vars.string(&["ESPER_MITIGATION_URL"], &mut self.mitigation_url);
         vars.string_opt(&["ESPER_CONTROL_URL"], &mut self.control_url);
+        vars.bool(
+            &["ESPER_PROXY_FOLLOW_CONFIG"],
+            &mut self.follow_control_config,
+        )?;
         vars.string_opt(&["ESPER_BROKER_TOKEN"], &mut self.broker_token);
         vars.string_opt(&["ESPER_TOKEN"], &mut self.control_token);
         vars.parse(&["ESPER_PROXY_BATCH_SIZE"], &mut self.batch_size)?;

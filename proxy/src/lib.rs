@@ -22,6 +22,7 @@ mod ops;
 mod proxy;
 pub mod proxyproto;
 mod queue;
+mod remote;
 mod report;
 mod respond;
 mod status;
@@ -437,6 +438,26 @@ pub async fn start(
             shutdown.clone(),
         )));
     }
+    let reloader = Reloader {
+        live,
+        certs: certs.clone(),
+        started: Arc::new(config.clone()),
+    };
+    if let Some(url) = config.control_url.clone()
+        && config.follow_control_config
+    {
+        tasks.push(tokio::spawn(remote::follow(
+            remote::Follow {
+                control_url: url,
+                token: config.control_token.clone(),
+                base: config.clone(),
+                reloader: reloader.clone(),
+                metrics: metrics.clone(),
+                wait: config.stream_wait,
+            },
+            shutdown.clone(),
+        )));
+    }
     let router = ops::router(
         ops::Health {
             traffic_addr,
@@ -466,11 +487,7 @@ pub async fn start(
     Ok(ProxyHandle {
         traffic_addr,
         tls_addr,
-        reloader: Reloader {
-            live,
-            certs,
-            started: Arc::new(config),
-        },
+        reloader,
         ops_addr,
         traffic,
         forwarder,

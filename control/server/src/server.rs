@@ -147,6 +147,7 @@ pub async fn start(
         shutdown_timeout: config.shutdown_timeout,
         stopper: stopper.clone(),
         active_cache: Mutex::new(None),
+        proxy_config_changed: tokio::sync::Notify::new(),
     }));
 
     let api_addr = local("API", &listeners.api)?;
