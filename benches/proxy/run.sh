@@ -6,9 +6,10 @@
 #   bash benches/proxy/run.sh memory                          # bytes per cache entry
 #
 # Targets: the upstream directly (nginx serving the file), a bare Pingora pass-through
-# (bare-pingora), esper-proxy with an empty cache, esper-proxy with 1,000,000 address
-# mitigations and 100,000 network mitigations while new ones stream in (1,000/s), nginx
-# as a reverse proxy, HAProxy. Every proxy gets one worker thread (on 2 cores shared with
+# (bare-pingora; bare-pingora-mimalloc is the same with the esper binary's allocator),
+# esper-proxy with an empty cache, esper-proxy with 1,000,000 address mitigations and
+# 100,000 network mitigations while new ones stream in (1,000/s), nginx as a reverse
+# proxy, HAProxy. Every proxy gets one worker thread (on 2 cores shared with
 # wrk, one beats two); all bind loopback. Load: wrk, 2 threads, 50 keep-alive
 # connections. CPU per request is the proxy process's (all its threads') utime+stime
 # from /proc over the run, divided by the requests wrk completed.
@@ -174,6 +175,9 @@ throughput() {
     "$BIN/bare-pingora" 127.0.0.1:18083 "$UP" 1 >/dev/null 2>&1 &
     PIDS+=($!)
     local bare=$!
+    "$BIN/bare-pingora-mimalloc" 127.0.0.1:18086 "$UP" 1 >/dev/null 2>&1 &
+    PIDS+=($!)
+    local bare_mi=$!
     start_brokers
     esper_proxy 18084 18094 http://127.0.0.1:18091
     local empty=$!
@@ -184,6 +188,7 @@ throughput() {
     esper_proxy 18085 18095 http://127.0.0.1:18092
     local loaded=$!
     wait_port 127.0.0.1:18083
+    wait_port 127.0.0.1:18086
     wait_port 127.0.0.1:18084
     wait_port 127.0.0.1:18085
     # Wait until the loaded proxy holds the whole set.
@@ -198,6 +203,7 @@ throughput() {
         # shellcheck disable=SC2086
         measure direct 18080 $(pgrep -P "$(cat "$WORK/up/nginx.pid")")
         measure bare-pingora 18083 "$bare"
+        measure bare-pingora-mimalloc 18086 "$bare_mi"
         measure esper-empty 18084 "$empty"
         measure esper-loaded 18085 "$loaded"
         # shellcheck disable=SC2086
@@ -228,11 +234,13 @@ for t, rs in by.items():
         "cpu": statistics.median(float(r["cpu_us_per_req"]) for r in rs),
     }
 base = med["bare-pingora"]
-print("| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs bare Pingora | CPU vs bare Pingora | CPU vs nginx |")
-print("|---|---|---|---|---|---|---|---|")
+mi = med["bare-pingora-mimalloc"]
+print("| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs bare Pingora | CPU vs bare Pingora | CPU vs bare Pingora (mimalloc) | CPU vs nginx |")
+print("|---|---|---|---|---|---|---|---|---|")
 for t, m in med.items():
     print(f"| {t} | {m['rps']:.0f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['cpu']:.1f} | "
-          f"{m['rps'] / base['rps']:.2f} | {m['cpu'] / base['cpu']:.2f} | {m['cpu'] / med['nginx']['cpu']:.2f} |")
+          f"{m['rps'] / base['rps']:.2f} | {m['cpu'] / base['cpu']:.2f} | {m['cpu'] / mi['cpu']:.2f} | "
+          f"{m['cpu'] / med['nginx']['cpu']:.2f} |")
 PY
 }
 
