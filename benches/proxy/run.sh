@@ -3,11 +3,13 @@
 #
 #   bash benches/proxy/run.sh [DURATION_SECS] [REPETITIONS]   # throughput, latency, CPU
 #   bash benches/proxy/run.sh ttm [TRIALS]                    # time to mitigate (esper dev)
+#   bash benches/proxy/run.sh memory                          # bytes per cache entry
 #
 # Targets: the upstream directly (nginx serving the file), a bare Pingora pass-through
-# (bare-pingora), esper-proxy with an empty cache, esper-proxy with 1,000,000 address
-# mitigations and 100,000 network mitigations while new ones stream in (1,000/s), nginx
-# as a reverse proxy, HAProxy. Every proxy gets one worker thread (on 2 cores shared with
+# (bare-pingora; bare-pingora-mimalloc is the same with the esper binary's allocator),
+# esper-proxy with an empty cache, esper-proxy with 1,000,000 address mitigations and
+# 100,000 network mitigations while new ones stream in (1,000/s), nginx as a reverse
+# proxy, HAProxy. Every proxy gets one worker thread (on 2 cores shared with
 # wrk, one beats two); all bind loopback. Load: wrk, 2 threads, 50 keep-alive
 # connections. CPU per request is the proxy process's (all its threads') utime+stime
 # from /proc over the run, divided by the requests wrk completed.
@@ -173,6 +175,9 @@ throughput() {
     "$BIN/bare-pingora" 127.0.0.1:18083 "$UP" 1 >/dev/null 2>&1 &
     PIDS+=($!)
     local bare=$!
+    "$BIN/bare-pingora-mimalloc" 127.0.0.1:18086 "$UP" 1 >/dev/null 2>&1 &
+    PIDS+=($!)
+    local bare_mi=$!
     start_brokers
     esper_proxy 18084 18094 http://127.0.0.1:18091
     local empty=$!
@@ -183,6 +188,7 @@ throughput() {
     esper_proxy 18085 18095 http://127.0.0.1:18092
     local loaded=$!
     wait_port 127.0.0.1:18083
+    wait_port 127.0.0.1:18086
     wait_port 127.0.0.1:18084
     wait_port 127.0.0.1:18085
     # Wait until the loaded proxy holds the whole set.
@@ -197,6 +203,7 @@ throughput() {
         # shellcheck disable=SC2086
         measure direct 18080 $(pgrep -P "$(cat "$WORK/up/nginx.pid")")
         measure bare-pingora 18083 "$bare"
+        measure bare-pingora-mimalloc 18086 "$bare_mi"
         measure esper-empty 18084 "$empty"
         measure esper-loaded 18085 "$loaded"
         # shellcheck disable=SC2086
@@ -227,11 +234,13 @@ for t, rs in by.items():
         "cpu": statistics.median(float(r["cpu_us_per_req"]) for r in rs),
     }
 base = med["bare-pingora"]
-print("| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs bare Pingora | CPU vs bare Pingora | CPU vs nginx |")
-print("|---|---|---|---|---|---|---|---|")
+mi = med["bare-pingora-mimalloc"]
+print("| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs bare Pingora | CPU vs bare Pingora | CPU vs bare Pingora (mimalloc) | CPU vs nginx |")
+print("|---|---|---|---|---|---|---|---|---|")
 for t, m in med.items():
     print(f"| {t} | {m['rps']:.0f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['cpu']:.1f} | "
-          f"{m['rps'] / base['rps']:.2f} | {m['cpu'] / base['cpu']:.2f} | {m['cpu'] / med['nginx']['cpu']:.2f} |")
+          f"{m['rps'] / base['rps']:.2f} | {m['cpu'] / base['cpu']:.2f} | {m['cpu'] / mi['cpu']:.2f} | "
+          f"{m['cpu'] / med['nginx']['cpu']:.2f} |")
 PY
 }
 
@@ -268,7 +277,45 @@ print(f"time to mitigate over {len(ms)} trials: p50 {statistics.median(ms):.0f} 
 PY
 }
 
+# Memory: resident memory of three proxies, one with an empty cache, one following a
+# broker holding 1,000,000 address mitigations, one following a broker holding 100,000
+# /24 network mitigations; bytes per entry = (RSS - empty RSS) / entries. (The loaders
+# also publish one new address mitigation every 100 ms, a few hundred in all.)
+memory() {
+    need curl
+    (cd "$ROOT" && cargo build --release -q -p esper -p esper-bench-proxy)
+    start_brokers
+    "$BIN/esper" broker run mitigation --listen 127.0.0.1:18093 >/dev/null 2>&1 &
+    PIDS+=($!)
+    sleep 1
+    "$BIN/load-mitigations" http://127.0.0.1:18092 1000000 0 0 >"$WORK/exact.log" 2>&1 &
+    PIDS+=($!)
+    "$BIN/load-mitigations" http://127.0.0.1:18093 0 100000 0 >"$WORK/ranges.log" 2>&1 &
+    PIDS+=($!)
+    until grep -q loaded "$WORK/exact.log" && grep -q loaded "$WORK/ranges.log"; do sleep 1; done
+    esper_proxy 18084 18094 http://127.0.0.1:18091
+    local empty=$!
+    esper_proxy 18085 18095 http://127.0.0.1:18092
+    local exact=$!
+    esper_proxy 18086 18096 http://127.0.0.1:18093
+    local ranges=$!
+    entries() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^esper_proxy_cache_entries / {print $2}'; }
+    until [ "$(entries 18095 | cut -d. -f1)" -ge 1000000 ] 2>/dev/null; do sleep 1; done
+    until [ "$(entries 18096 | cut -d. -f1)" -ge 100000 ] 2>/dev/null; do sleep 1; done
+    sleep 5
+    rss() { awk '/^VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
+    python3 - "$(rss $empty)" "$(rss $exact)" "$(entries 18095)" "$(rss $ranges)" "$(entries 18096)" <<'PY'
+import sys
+empty, exact, n_exact, ranges, n_ranges = (float(v) for v in sys.argv[1:])
+mib = lambda b: b / 2**20
+print(f"empty cache: RSS {mib(empty):.1f} MiB")
+print(f"{n_exact:.0f} address mitigations: RSS {mib(exact):.1f} MiB, {(exact - empty) / n_exact:.0f} bytes per entry")
+print(f"{n_ranges:.0f} entries with 100,000 /24 networks: RSS {mib(ranges):.1f} MiB, {(ranges - empty) / n_ranges:.0f} bytes per entry")
+PY
+}
+
 case "${1:-}" in
 ttm) shift; ttm "$@" ;;
+memory) shift; memory "$@" ;;
 *) throughput "$@" ;;
 esac

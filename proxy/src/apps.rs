@@ -65,7 +65,11 @@ impl App {
                 .next()
                 .ok_or_else(|| format!("cannot resolve upstream `{u}`: no address found"))?;
             let mut b = Backend::new(&addr.to_string()).map_err(|e| e.to_string())?;
-            b.ext.insert(UpstreamHost(host.to_string()));
+            // Only TLS upstreams need their name (SNI); without it a backend clones
+            // without allocating, once per request.
+            if cfg.upstream_tls {
+                b.ext.insert(UpstreamHost(host.to_string()));
+            }
             backends.insert(b);
         }
         let upstreams = backends.len();

@@ -166,6 +166,10 @@ pub struct Config {
     /// Control-plane base URL for heartbeats; none means no heartbeats
     /// (`ESPER_CONTROL_URL`, `--control-url`).
     pub control_url: Option<String>,
+    /// With a control URL, follow the proxy configuration the control plane holds
+    /// (`PUT /api/v1/proxies/config`), laid over this one and applied without dropping
+    /// connections (`ESPER_PROXY_FOLLOW_CONFIG`).
+    pub follow_control_config: bool,
     /// Bearer token for both brokers, when they require one (`ESPER_BROKER_TOKEN`).
     pub broker_token: Option<String>,
     /// Bearer token for the control plane (`ESPER_TOKEN`).
@@ -179,6 +183,10 @@ pub struct Config {
     /// Events waiting to be sent, at most; beyond it new events are dropped and counted
     /// (`ESPER_PROXY_BUFFER`, `--buffer`).
     pub buffer: usize,
+    /// A file every forwarded event is also appended to, one JSON object a line, the
+    /// format `esperctl policies test --events FILE` replays; none records nothing
+    /// (`ESPER_PROXY_RECORD_EVENTS`, `--record-events`).
+    pub record_events: Option<std::path::PathBuf>,
     /// Request headers copied into events, by name (`ESPER_REPORT_HEADERS`, comma
     /// separated; `--report-header`, repeatable).
     pub report_headers: Vec<String>,
@@ -277,11 +285,13 @@ impl Default for Config {
             ingestion_url: DEFAULT_INGESTION_URL.to_string(),
             mitigation_url: DEFAULT_MITIGATION_URL.to_string(),
             control_url: None,
+            follow_control_config: true,
             broker_token: None,
             control_token: None,
             batch_size: DEFAULT_BATCH_SIZE,
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             buffer: DEFAULT_BUFFER,
+            record_events: None,
             report_headers: DEFAULT_REPORT_HEADERS.map(String::from).to_vec(),
             report_cookies: Vec::new(),
             threads: 0,
@@ -361,6 +371,10 @@ impl Config {
         vars.string(&["ESPER_INGESTION_URL"], &mut self.ingestion_url);
         vars.string(&["ESPER_MITIGATION_URL"], &mut self.mitigation_url);
         vars.string_opt(&["ESPER_CONTROL_URL"], &mut self.control_url);
+        vars.bool(
+            &["ESPER_PROXY_FOLLOW_CONFIG"],
+            &mut self.follow_control_config,
+        )?;
         vars.string_opt(&["ESPER_BROKER_TOKEN"], &mut self.broker_token);
         vars.string_opt(&["ESPER_TOKEN"], &mut self.control_token);
         vars.parse(&["ESPER_PROXY_BATCH_SIZE"], &mut self.batch_size)?;
@@ -370,6 +384,9 @@ impl Config {
             &mut self.flush_interval,
         )?;
         vars.parse(&["ESPER_PROXY_BUFFER"], &mut self.buffer)?;
+        if let Some((_, v)) = vars.lookup(&["ESPER_PROXY_RECORD_EVENTS"]) {
+            self.record_events = (!v.is_empty()).then(|| v.into());
+        }
         if let Some((_, v)) = vars.lookup(&["ESPER_REPORT_HEADERS"]) {
             self.report_headers = name_list(&v);
         }
@@ -782,6 +799,10 @@ pub struct Args {
     /// Events waiting to be sent, at most [default: 10000]
     #[arg(long, value_name = "N")]
     pub buffer: Option<usize>,
+    /// Also append every forwarded event to FILE as JSON lines (replayable with
+    /// `esperctl policies test --events FILE`)
+    #[arg(long, value_name = "FILE")]
+    pub record_events: Option<std::path::PathBuf>,
     /// A request header to copy into events (repeatable; replaces the defaults)
     #[arg(long = "report-header", value_name = "NAME")]
     pub report_headers: Vec<String>,
@@ -845,6 +866,9 @@ impl Args {
         set(&mut cfg.batch_size, &self.batch_size);
         set(&mut cfg.flush_interval, &self.flush_interval);
         set(&mut cfg.buffer, &self.buffer);
+        if self.record_events.is_some() {
+            cfg.record_events = self.record_events.clone();
+        }
         if !self.report_headers.is_empty() {
             cfg.report_headers = name_list(&self.report_headers.join(","));
         }

@@ -1,19 +1,22 @@
-//! The event forwarder: drains the bounded queue into batches (`batch_size` events or
-//! `flush_interval`, whichever comes first) and posts them to the ingestion broker.
+//! The event forwarder: takes events from the request threads' buffers (woken when one
+//! holds a batch, or every `flush_interval`), records them to a JSON-lines file when
+//! asked, and posts them to the ingestion broker in batches of `batch_size`.
 //!
-//! One batch is in flight at a time, so memory is bounded by the queue plus one batch. A
-//! failed batch is retried briefly with backoff; when the broker stays unreachable the
-//! batch is dropped and counted, and later batches get a single attempt each until one
-//! succeeds, so an outage never stalls the queue for long.
+//! One batch is in flight at a time, so memory is bounded by the queue plus what one
+//! drain took. A failed batch is retried briefly with backoff; when the broker stays
+//! unreachable the batch is dropped and counted, and later batches get a single attempt
+//! each until one succeeds, so an outage never stalls the queue for long.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use esper_protocol::{ClientError, IngestionClient, RequestEvent};
-use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
 
 use crate::metrics::{DropReason, Metrics};
+use crate::queue::EventQueue;
 use crate::status::Status;
 
 /// Attempts per batch while the broker is healthy.
@@ -25,12 +28,59 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Time allowed for sending what is still queued once traffic has stopped.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
+/// Appends every forwarded event to a file, one JSON object a line: the format
+/// `esperctl policies test --events FILE` replays.
+pub struct Recorder {
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+    line: Vec<u8>,
+}
+
+impl Recorder {
+    /// Opens (creating, appending to) `path`.
+    pub async fn open(path: PathBuf) -> std::io::Result<Recorder> {
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await?;
+        Ok(Recorder {
+            path,
+            file: Some(file),
+            line: Vec::new(),
+        })
+    }
+
+    /// Writes `events`. After a write error (disk full, say) it logs once and stops
+    /// recording: traffic and forwarding never wait on the recording.
+    async fn write(&mut self, events: &[RequestEvent]) {
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        self.line.clear();
+        for ev in events {
+            if serde_json::to_writer(&mut self.line, ev).is_ok() {
+                self.line.push(b'\n');
+            }
+        }
+        let written = async {
+            file.write_all(&self.line).await?;
+            file.flush().await
+        };
+        if let Err(e) = written.await {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot record events; recording stopped");
+            self.file = None;
+        }
+    }
+}
+
 /// Sends queued events to the ingestion broker.
 pub struct Forwarder {
-    rx: mpsc::Receiver<RequestEvent>,
+    queue: Arc<EventQueue>,
     client: IngestionClient,
     batch_size: usize,
     flush_interval: Duration,
+    recorder: Option<Recorder>,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
     /// The last batch was dropped after retries: the broker is presumed down.
@@ -38,9 +88,9 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder draining `rx` into `client`.
+    /// A forwarder draining `queue` into `client`.
     pub fn new(
-        rx: mpsc::Receiver<RequestEvent>,
+        queue: Arc<EventQueue>,
         client: IngestionClient,
         batch_size: usize,
         flush_interval: Duration,
@@ -48,63 +98,73 @@ impl Forwarder {
         status: Arc<Status>,
     ) -> Forwarder {
         Forwarder {
-            rx,
+            queue,
             client,
             batch_size: batch_size.max(1),
             flush_interval,
+            recorder: None,
             metrics,
             status,
             failing: false,
         }
     }
 
-    /// Runs until `finish` turns true (traffic has stopped, so nothing more is coming)
-    /// or every sender is gone; then sends what is left, for at most `FINAL_FLUSH`.
+    /// Also records every event it takes to `recorder`.
+    pub fn record(mut self, recorder: Recorder) -> Forwarder {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    /// Runs until `finish` turns true (traffic has stopped, so nothing more is coming);
+    /// then sends what is left, for at most `FINAL_FLUSH`.
     pub async fn run(mut self, mut finish: watch::Receiver<bool>) {
-        let mut batch = Vec::with_capacity(self.batch_size);
+        let mut pending = Vec::new();
+        let mut tick = tokio::time::interval(self.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
-                n = self.rx.recv_many(&mut batch, self.batch_size) => if n == 0 { break },
                 _ = finish.wait_for(|f| *f) => break,
+                _ = self.queue.ready() => {}
+                _ = tick.tick() => {}
             }
-            let deadline = Instant::now() + self.flush_interval;
-            while batch.len() < self.batch_size {
-                let room = self.batch_size - batch.len();
-                tokio::select! {
-                    n = self.rx.recv_many(&mut batch, room) => if n == 0 { break },
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    _ = finish.wait_for(|f| *f) => break,
-                }
-            }
-            self.deliver(&mut batch).await;
+            self.queue.drain_into(&mut pending);
+            self.send_all(&mut pending).await;
         }
-        self.final_flush(batch).await;
+        self.final_flush(pending).await;
     }
 
-    async fn final_flush(mut self, mut batch: Vec<RequestEvent>) {
-        self.rx.close();
+    /// Records and delivers `pending` (emptying it), `batch_size` events at a time.
+    async fn send_all(&mut self, pending: &mut Vec<RequestEvent>) {
+        if pending.is_empty() {
+            return;
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.write(pending).await;
+        }
+        for batch in pending.chunks(self.batch_size) {
+            self.deliver(batch).await;
+        }
+        pending.clear();
+    }
+
+    async fn final_flush(mut self, mut pending: Vec<RequestEvent>) {
+        self.queue.close();
         // Once stopping, one attempt per batch: nobody should wait on a dead broker.
         self.failing = true;
+        self.queue.drain_into(&mut pending);
+        let mut done = 0;
         let flush = async {
-            loop {
-                while batch.len() < self.batch_size {
-                    match self.rx.try_recv() {
-                        Ok(ev) => batch.push(ev),
-                        Err(_) => break,
-                    }
-                }
-                if batch.is_empty() {
-                    break;
-                }
-                self.deliver(&mut batch).await;
+            if let Some(r) = self.recorder.as_mut() {
+                r.write(&pending).await;
+            }
+            for batch in pending.chunks(self.batch_size) {
+                self.deliver(batch).await;
+                done += batch.len();
             }
         };
         if tokio::time::timeout(FINAL_FLUSH, flush).await.is_err() {
-            let mut left = batch.len() as u64;
-            while self.rx.try_recv().is_ok() {
-                left += 1;
-            }
+            let left = (pending.len() - done) as u64;
             self.metrics.drop_events(DropReason::Shutdown, left);
             tracing::warn!(
                 dropped = left,
@@ -113,8 +173,8 @@ impl Forwarder {
         }
     }
 
-    /// Sends `batch` (emptying it) with retries, counting what is sent or dropped.
-    async fn deliver(&mut self, batch: &mut Vec<RequestEvent>) {
+    /// Sends `batch` with retries, counting what is sent or dropped.
+    async fn deliver(&mut self, batch: &[RequestEvent]) {
         let n = batch.len() as u64;
         let attempts = if self.failing { 1 } else { MAX_ATTEMPTS };
         let mut backoff = FIRST_BACKOFF;
@@ -137,7 +197,6 @@ impl Forwarder {
                 }
             }
         };
-        batch.clear();
         match outcome {
             Ok(()) => {
                 self.metrics.events_sent.inc_by(n);

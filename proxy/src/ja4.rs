@@ -250,4 +250,48 @@ mod tests {
         assert_eq!(fingerprint(&rec[..rec.len() - 3]), None);
         assert_eq!(record_len(b"GET / HTTP/1.1"), None);
     }
+
+    /// The examples of the specification's ALPN section.
+    #[test]
+    fn alpn_edge_cases_follow_the_spec() {
+        let cases: [(&[u8], &str); 9] = [
+            (b"h2", "h2"),
+            (b"http/1.1", "h1"),
+            (b"z", "zz"),
+            (&[0xab], "ab"),
+            (&[0x20], "20"),
+            (&[0xab, 0xcd], "ad"),
+            (&[0x20, 0x61], "21"),
+            (&[0x30, 0xab], "3b"),
+            (&[0x30, 0x31, 0xab, 0xcd], "3d"),
+        ];
+        for (alpn, want) in cases {
+            assert_eq!(alpn_chars(Some(alpn)), want, "{alpn:02x?}");
+        }
+        assert_eq!(alpn_chars(Some(&[0x61, 0x20])), "60");
+        assert_eq!(alpn_chars(Some(&[])), "00");
+        assert_eq!(alpn_chars(None), "00");
+    }
+
+    /// Real ClientHellos captured in FoxIO-LLC/ja4's test pcaps, with the fingerprint
+    /// their reference implementation gives (browsers with GREASE, TLS 1.2 and 1.3, a
+    /// non-alphanumeric ALPN value, where the specification is followed).
+    #[test]
+    fn reference_vectors_match() {
+        let vectors = include_str!("ja4_vectors.txt");
+        let mut checked = 0;
+        for line in vectors.lines().filter(|l| !l.starts_with('#')) {
+            let mut parts = line.split(' ');
+            let (Some(source), Some(expected), Some(record)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                panic!("bad vector line: {line}");
+            };
+            let record = hex::decode(record).unwrap();
+            assert_eq!(record_len(&record), Some(record.len()), "{source}");
+            assert_eq!(fingerprint(&record).as_deref(), Some(expected), "{source}");
+            checked += 1;
+        }
+        assert_eq!(checked, 4);
+    }
 }

@@ -21,6 +21,8 @@ pub mod metrics;
 mod ops;
 mod proxy;
 pub mod proxyproto;
+mod queue;
+mod remote;
 mod report;
 mod respond;
 mod status;
@@ -39,7 +41,7 @@ use esper_common::Shutdown;
 use esper_common::config::ConfigError;
 use esper_common::http::BindError;
 use esper_protocol::{IngestionClient, MitigationClient};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use cache::MitigationCache;
@@ -73,6 +75,8 @@ pub enum ProxyError {
     Spawn(std::io::Error),
     #[error("the traffic thread stopped unexpectedly (panic)")]
     TrafficPanicked,
+    #[error("cannot open the events recording {0}: {1}")]
+    Record(String, std::io::Error),
     #[error("ops server failed: {0}")]
     Ops(std::io::Error),
 }
@@ -207,6 +211,7 @@ impl Reloader {
             ("threads", s.threads != config.threads),
             ("report_headers", s.report_headers != config.report_headers),
             ("report_cookies", s.report_cookies != config.report_cookies),
+            ("record_events", s.record_events != config.record_events),
             (
                 "tls_certificates (TLS listener)",
                 s.tls_certificates.is_empty() != config.tls_certificates.is_empty(),
@@ -311,7 +316,21 @@ pub async fn start(
     let metrics = Arc::new(Metrics::new());
     let status = Arc::new(Status::default());
     let in_flight = InFlight::default();
-    let (events_tx, events_rx) = mpsc::channel(config.buffer);
+    let threads = config.effective_threads();
+    // One buffer per traffic thread; the forwarder wakes when one holds a batch.
+    let queue = Arc::new(queue::EventQueue::new(
+        config.buffer,
+        threads,
+        config.batch_size,
+    ));
+    let recorder = match &config.record_events {
+        Some(path) => Some(
+            forwarder::Recorder::open(path.clone())
+                .await
+                .map_err(|e| ProxyError::Record(path.display().to_string(), e))?,
+        ),
+        None => None,
+    };
 
     let secret = match &config.challenge_secret {
         Some(s) => s.as_bytes().to_vec(),
@@ -338,7 +357,7 @@ pub async fn start(
             config.tarpit_max,
         ),
         Reporter::new(
-            events_tx,
+            queue.clone(),
             metrics.clone(),
             proxy_id.clone(),
             &config.report_headers,
@@ -347,7 +366,6 @@ pub async fn start(
         metrics.clone(),
         in_flight.clone(),
     );
-    let threads = config.effective_threads();
     let traffic = traffic::spawn(
         app,
         endpoints,
@@ -377,17 +395,18 @@ pub async fn start(
     );
 
     let (finish, finish_rx) = watch::channel(false);
-    let forwarder = tokio::spawn(
-        Forwarder::new(
-            events_rx,
-            IngestionClient::new(&config.ingestion_url, config.broker_token.clone()),
-            config.batch_size,
-            config.flush_interval,
-            metrics.clone(),
-            status.clone(),
-        )
-        .run(finish_rx),
+    let mut forwarder = Forwarder::new(
+        queue,
+        IngestionClient::new(&config.ingestion_url, config.broker_token.clone()),
+        config.batch_size,
+        config.flush_interval,
+        metrics.clone(),
+        status.clone(),
     );
+    if let Some(recorder) = recorder {
+        forwarder = forwarder.record(recorder);
+    }
+    let forwarder = tokio::spawn(forwarder.run(finish_rx));
     let mut tasks = vec![
         tokio::spawn(follower::follow(
             MitigationClient::new(&config.mitigation_url, config.broker_token.clone()),
@@ -415,6 +434,26 @@ pub async fn start(
                 cache: cache.clone(),
                 metrics: metrics.clone(),
                 status: status.clone(),
+            },
+            shutdown.clone(),
+        )));
+    }
+    let reloader = Reloader {
+        live,
+        certs: certs.clone(),
+        started: Arc::new(config.clone()),
+    };
+    if let Some(url) = config.control_url.clone()
+        && config.follow_control_config
+    {
+        tasks.push(tokio::spawn(remote::follow(
+            remote::Follow {
+                control_url: url,
+                token: config.control_token.clone(),
+                base: config.clone(),
+                reloader: reloader.clone(),
+                metrics: metrics.clone(),
+                wait: config.stream_wait,
             },
             shutdown.clone(),
         )));
@@ -448,11 +487,7 @@ pub async fn start(
     Ok(ProxyHandle {
         traffic_addr,
         tls_addr,
-        reloader: Reloader {
-            live,
-            certs,
-            started: Arc::new(config),
-        },
+        reloader,
         ops_addr,
         traffic,
         forwarder,

@@ -84,6 +84,12 @@ pub struct Metrics {
     pub stream_connected: IntGauge,
     /// Delta-stream changes applied (snapshot entries included).
     pub deltas_applied: IntCounter,
+    /// Configurations from the control plane applied.
+    pub remote_config_applied: IntCounter,
+    /// Configurations from the control plane refused (the previous one kept).
+    pub remote_config_refused: IntCounter,
+    /// Revision of the control plane's configuration in force (0: none).
+    pub remote_config_revision: IntGauge,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -147,7 +153,20 @@ impl Metrics {
             .iter()
             .map(|r| dropped_vec.with_label_values(&[r.label()]))
             .collect();
+        let remote = counter_vec(
+            &registry,
+            "esper_proxy_remote_config_total",
+            "Configurations from the control plane, by result (applied or refused)",
+            "result",
+        );
         Metrics {
+            remote_config_applied: remote.with_label_values(&["applied"]),
+            remote_config_refused: remote.with_label_values(&["refused"]),
+            remote_config_revision: gauge(
+                &registry,
+                "esper_proxy_remote_config_revision",
+                "Revision of the control plane's proxy configuration in force (0: none)",
+            ),
             requests,
             request_duration,
             cache_entries: gauge(

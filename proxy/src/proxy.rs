@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use esper_protocol::EnforcedAction;
-use http::header;
+use http::{HeaderValue, header};
 use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
@@ -30,6 +30,8 @@ const X_REQUEST_ID: &str = "x-request-id";
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const X_REAL_IP: &str = "x-real-ip";
+const HTTPS: &str = "https";
+const HTTP: &str = "http";
 /// Largest challenge form accepted.
 const MAX_CHALLENGE_BODY: usize = 4096;
 
@@ -67,6 +69,9 @@ pub struct RequestCtx {
     /// The connection's peer is a trusted proxy (its forwarding headers are kept).
     peer_trusted: bool,
     request_id: String,
+    /// `request_id` as a header value, made once and shared by the upstream request and
+    /// the response (empty until the request filter ran).
+    request_id_header: Option<HeaderValue>,
     /// The client sent a usable `X-Request-ID`, which is passed on unchanged.
     client_request_id: bool,
     action: EnforcedAction,
@@ -311,6 +316,17 @@ fn request_host(req: &pingora::http::RequestHeader) -> &str {
         .unwrap_or("")
 }
 
+/// An address as a header value, formatted without a temporary `String`.
+fn ip_header(ip: IpAddr) -> HeaderValue {
+    use std::io::Write;
+    // The longest IPv6 text form is 45 bytes.
+    let mut buf = [0u8; 48];
+    let mut w = &mut buf[..];
+    let _ = write!(w, "{ip}");
+    let len = 48 - w.len();
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static(""))
+}
+
 fn wants_json(session: &Session) -> bool {
     prefers_json(
         session
@@ -442,6 +458,7 @@ impl ProxyHttp for EsperProxy {
             client_ip: None,
             peer_trusted: false,
             request_id: String::new(),
+            request_id_header: None,
             client_request_id: false,
             action: EnforcedAction::Allow,
             app: None,
@@ -464,6 +481,7 @@ impl ProxyHttp for EsperProxy {
             }
             None => ctx.request_id = new_id(),
         }
+        ctx.request_id_header = HeaderValue::from_str(&ctx.request_id).ok();
         let Some(peer) = peer_ip(session) else {
             return Ok(false);
         };
@@ -591,8 +609,10 @@ impl ProxyHttp for EsperProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if !ctx.client_request_id {
-            upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        if !ctx.client_request_id
+            && let Some(id) = ctx.request_id_header.clone()
+        {
+            upstream_request.insert_header(X_REQUEST_ID, id)?;
         }
         if let (Some(ip), Some(peer)) = (ctx.client_ip, peer_ip(session)) {
             // From a trusted proxy, the chain so far is kept and the peer appended (as
@@ -603,17 +623,25 @@ impl ProxyHttp for EsperProxy {
                 .get(X_FORWARDED_FOR)
                 .and_then(|v| v.to_str().ok())
                 .filter(|_| ctx.peer_trusted);
+            let peer_value = ip_header(peer);
+            let real_ip = if ip == peer {
+                peer_value.clone()
+            } else {
+                ip_header(ip)
+            };
             let forwarded = match earlier {
-                Some(earlier) => format!("{earlier}, {peer}"),
-                None => peer.to_string(),
+                Some(earlier) => {
+                    HeaderValue::try_from(format!("{earlier}, {peer}")).unwrap_or(peer_value)
+                }
+                None => peer_value,
             };
             upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
-            upstream_request.insert_header(X_REAL_IP, ip.to_string())?;
+            upstream_request.insert_header(X_REAL_IP, real_ip)?;
             if !ctx.peer_trusted {
                 upstream_request.remove_header("forwarded");
             }
-            let proto = if is_tls(session) { "https" } else { "http" };
-            upstream_request.insert_header(X_FORWARDED_PROTO, proto)?;
+            let proto = if is_tls(session) { HTTPS } else { HTTP };
+            upstream_request.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
         }
         Ok(())
     }
@@ -624,8 +652,10 @@ impl ProxyHttp for EsperProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if !ctx.request_id.is_empty() && !upstream_response.headers.contains_key(X_REQUEST_ID) {
-            upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        if let Some(id) = ctx.request_id_header.clone()
+            && !upstream_response.headers.contains_key(X_REQUEST_ID)
+        {
+            upstream_response.insert_header(X_REQUEST_ID, id)?;
         }
         Ok(())
     }
@@ -663,6 +693,8 @@ impl ProxyHttp for EsperProxy {
             latency,
             bytes: u64::try_from(session.body_bytes_sent()).unwrap_or(u64::MAX),
             action: ctx.action,
+            own_id: (!ctx.client_request_id && !ctx.request_id.is_empty())
+                .then(|| std::mem::take(&mut ctx.request_id)),
         });
     }
 }

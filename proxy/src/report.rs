@@ -10,10 +10,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use esper_protocol::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};
 use http::{HeaderMap, HeaderName};
-use tokio::sync::mpsc;
 
 use crate::cache::cookie_pairs;
 use crate::metrics::{DropReason, Metrics};
+use crate::queue::{EventQueue, Refused};
 
 /// Longest header value, user agent or path kept in an event, in bytes.
 const MAX_FIELD_LEN: usize = 1024;
@@ -36,11 +36,14 @@ pub struct Observed<'a> {
     pub latency: Duration,
     pub bytes: u64,
     pub action: EnforcedAction,
+    /// A request id this proxy generated for the request, reused as the event id; `None`
+    /// when the client chose the request id (then the event gets a fresh one).
+    pub own_id: Option<String>,
 }
 
 /// Samples finished requests into the forwarder's queue.
 pub struct Reporter {
-    tx: mpsc::Sender<RequestEvent>,
+    queue: Arc<EventQueue>,
     metrics: Arc<Metrics>,
     proxy_id: String,
     headers: Vec<HeaderName>,
@@ -60,17 +63,17 @@ fn clip(s: &str) -> String {
 }
 
 impl Reporter {
-    /// A reporter feeding `tx`. Header names that are not valid HTTP names were refused
+    /// A reporter feeding `queue`. Header names that are not valid HTTP names were refused
     /// by config validation; any left are skipped.
     pub fn new(
-        tx: mpsc::Sender<RequestEvent>,
+        queue: Arc<EventQueue>,
         metrics: Arc<Metrics>,
         proxy_id: String,
         headers: &[String],
         cookies: &[String],
     ) -> Reporter {
         Reporter {
-            tx,
+            queue,
             metrics,
             proxy_id,
             headers: headers
@@ -90,14 +93,10 @@ impl Reporter {
     /// Queues the event of a sampled request; never waits.
     pub fn report(&self, seen: Observed<'_>) {
         let event = self.event(seen);
-        match self.tx.try_send(event) {
+        match self.queue.push(event) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics.drop_events(DropReason::BufferFull, 1)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics.drop_events(DropReason::Shutdown, 1)
-            }
+            Err(Refused::Full) => self.metrics.drop_events(DropReason::BufferFull, 1),
+            Err(Refused::Closed) => self.metrics.drop_events(DropReason::Shutdown, 1),
         }
     }
 
@@ -127,9 +126,9 @@ impl Reporter {
             }
         }
         RequestEvent {
-            // Always fresh: a client-chosen request id must not be able to make the
-            // engine deduplicate its events away.
-            id: crate::respond::new_id(),
+            // Always one this proxy made: a client-chosen request id must not be able
+            // to make the engine deduplicate its events away.
+            id: seen.own_id.unwrap_or_else(crate::respond::new_id),
             timestamp: seen.timestamp,
             app: seen.app.to_string(),
             proxy_id: self.proxy_id.clone(),
@@ -174,14 +173,15 @@ mod tests {
             latency: Duration::from_micros(1500),
             bytes: 12,
             action: EnforcedAction::Log,
+            own_id: None,
         }
     }
 
     #[test]
     fn events_carry_the_request_facts() {
-        let (tx, mut rx) = mpsc::channel(4);
+        let queue = Arc::new(EventQueue::new(100, 1, 10));
         let r = Reporter::new(
-            tx,
+            queue.clone(),
             Arc::new(Metrics::new()),
             "p1".into(),
             &["accept-language".into(), "x-missing".into()],
@@ -208,23 +208,23 @@ mod tests {
                 r.report(observed(&h));
             }
         }
-        let mut kept = 0;
-        while rx.try_recv().is_ok() {
-            kept += 1;
-        }
+        let kept = queue.len();
         assert!(kept > 0 && kept < 64, "kept {kept} of 64");
     }
 
     #[test]
     fn a_full_queue_drops_and_counts() {
-        let (tx, _rx) = mpsc::channel(1);
+        let queue = Arc::new(EventQueue::new(1, 1, 1));
         let metrics = Arc::new(Metrics::new());
-        let r = Reporter::new(tx, metrics.clone(), "p".into(), &[], &[]);
+        let r = Reporter::new(queue.clone(), metrics.clone(), "p".into(), &[], &[]);
         let h = HeaderMap::new();
         r.report(observed(&h));
         r.report(observed(&h));
         r.report(observed(&h));
         assert_eq!(metrics.dropped(DropReason::BufferFull), 2);
+        queue.close();
+        r.report(observed(&h));
+        assert_eq!(metrics.dropped(DropReason::Shutdown), 1);
         assert_eq!(clip(&"é".repeat(600)).len(), MAX_FIELD_LEN);
     }
 }

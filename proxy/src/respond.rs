@@ -329,8 +329,12 @@ pub fn acceptable_request_id(value: &[u8]) -> Option<&str> {
 /// per request).
 pub fn new_id() -> String {
     let bytes: [u8; 16] = rand::random();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    // Encoded on the stack: one allocation, no formatting machinery, once per request.
     uuid::Builder::from_random_bytes(bytes)
         .into_uuid()
+        .hyphenated()
+        .encode_lower(&mut text)
         .to_string()
 }
 

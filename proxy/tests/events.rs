@@ -31,6 +31,7 @@ async fn events_reach_the_ingestion_broker_with_the_request_facts() {
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     let resp = client
         .post(format!("{}/login", proxy.url))
+        .header("x-request-id", "client-chosen-1")
         .body("user=a")
         .send()
         .await
@@ -57,9 +58,13 @@ async fn events_reach_the_ingestion_broker_with_the_request_facts() {
         assert_eq!(ev.action, EnforcedAction::Allow);
         assert_eq!(ev.weight, 1.0);
         assert!(ev.latency_us > 0);
-        // A fresh event id, never the (client-controllable) request id.
-        assert_ne!(ev.id, request_id);
     }
+    // The event id is the request id this proxy made (so a block page's id finds its
+    // event), but never one the client chose: that could make the engine deduplicate
+    // its events away.
+    assert_eq!(get.id, request_id);
+    assert_ne!(post.id, "client-chosen-1");
+    assert!(!post.id.is_empty());
     assert_ne!(get.id, post.id);
     assert_eq!(get.bytes, "hello from upstream".len() as u64);
     assert_eq!(get.user_agent.as_deref(), Some("esper-test/1"));
@@ -147,4 +152,72 @@ async fn queued_events_are_flushed_at_shutdown() {
     proxy.stop().await.unwrap();
     let events = broker.claim_events(5, Duration::from_secs(2)).await;
     assert_eq!(events.len(), 5);
+}
+
+/// Events recorded with `record_events` replay through the policies-test code
+/// (`esperctl policies test --events FILE`) to the decision the live engine would make.
+#[tokio::test]
+async fn recorded_events_replay_to_the_expected_decision() {
+    let up = upstream().await;
+    let broker = ingestion().await;
+    let path = std::env::temp_dir().join(format!(
+        "esper-record-{}-{:?}.jsonl",
+        std::process::id(),
+        std::time::SystemTime::now()
+    ));
+    let mut cfg = config(up.addr, &broker.url, &dead_url());
+    cfg.app = "shop".into();
+    cfg.record_events = Some(path.clone());
+    let proxy = start_proxy(cfg).await;
+    let attacker = client_from("127.0.0.1");
+    for _ in 0..12 {
+        let resp = attacker
+            .post(format!("{}/login", proxy.url))
+            .body("user=a&password=guess")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+    let resp = attacker
+        .get(format!("{}/", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Recorded by the forwarder as it sends them, within a flush interval.
+    let recorded = eventually(Duration::from_secs(5), || async {
+        std::fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 13)
+    })
+    .await;
+    assert!(recorded, "13 lines expected in {}", path.display());
+    proxy.stop().await.unwrap();
+    // Every event reached the broker too: recording is beside sending, not instead.
+    assert_eq!(
+        broker.claim_events(13, Duration::from_secs(5)).await.len(),
+        13
+    );
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let events = esper_engine::replay::read_events(&text).unwrap();
+    assert_eq!(events.len(), 13);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.app == "shop" && e.proxy_id == "proxy-test")
+    );
+    let policy = include_str!("../../conf/policies/login-brute-force.toml");
+    let specs = esper_engine::parse_policies(policy).unwrap();
+    let report = esper_engine::replay::replay_specs(specs, &events)
+        .await
+        .unwrap();
+    assert_eq!(report.events, 13);
+    assert_eq!(report.decisions.len(), 1, "{report:?}");
+    let d = &report.decisions[0];
+    assert_eq!(d.policy, "login-brute-force");
+    assert_eq!(d.entity.to_string(), "ip:127.0.0.1");
+    assert_eq!(d.action, esper_protocol::Action::Block);
+    // The tenth failure crosses the threshold of 10.
+    assert_eq!(d.event_id, events[9].id);
 }

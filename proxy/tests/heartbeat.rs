@@ -5,31 +5,15 @@ mod support;
 
 use std::time::Duration;
 
-use esper_common::Shutdown;
-use support::{client_from, config, dead_url, eventually, start_proxy, upstream};
-
-const TOKEN: &str = "test-admin-token";
+use support::{
+    CONTROL_TOKEN as TOKEN, client_from, config, control_plane, dead_url, eventually, start_proxy,
+    upstream,
+};
 
 #[tokio::test]
 async fn heartbeats_reach_the_control_plane() {
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    let listeners = esper_control::Listeners {
-        api: bind().await.unwrap(),
-        health: bind().await.unwrap(),
-        metrics: bind().await.unwrap(),
-    };
-    let control_config = esper_control::Config {
-        database_url: "sqlite::memory:".into(),
-        admin_token: Some(TOKEN.into()),
-        ingestion_url: dead_url(),
-        mitigation_url: dead_url(),
-        ..esper_control::Config::default()
-    };
-    let (control_trigger, control_shutdown) = Shutdown::new();
-    let control = esper_control::start(control_config, listeners, control_shutdown)
-        .await
-        .unwrap();
-    let control_url = format!("http://{}", control.api_addr);
+    let control = control_plane().await;
+    let control_url = control.url.clone();
 
     let up = upstream().await;
     let mut cfg = config(up.addr, &dead_url(), &dead_url());
@@ -69,6 +53,5 @@ async fn heartbeats_reach_the_control_plane() {
     assert!(listed, "the proxy appears in /api/v1/proxies");
 
     proxy.stop().await.unwrap();
-    control_trigger.trigger();
-    control.wait().await.unwrap();
+    control.stop().await;
 }

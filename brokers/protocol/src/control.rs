@@ -84,6 +84,26 @@ pub struct ProxyHeartbeat {
     pub started_at: DateTime<Utc>,
 }
 
+/// The proxy configuration the control plane holds: TOML in the proxy's config format
+/// (the keys of its `[proxy]` section), laid over each proxy's own configuration.
+/// `GET /api/v1/proxies/config` answers it; `PUT` replaces it with a [`PutProxyConfig`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProxyConfigDoc {
+    /// Grows by one with every change; proxies long-poll with `after=REVISION`.
+    pub revision: i64,
+    pub config: String,
+    pub updated_at: DateTime<Utc>,
+    pub updated_by: String,
+}
+
+/// `PUT /api/v1/proxies/config` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutProxyConfig {
+    /// TOML text: the proxy options to set (`[[apps]]`, `allow_ips`, ...).
+    pub config: String,
+}
+
 /// A heartbeat as the control plane reports it, with when it was last heard.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Seen<T> {

@@ -11,7 +11,10 @@ pub mod ingestion;
 pub mod mitigation;
 
 pub use client::{ClientError, IngestionClient, MitigationClient};
-pub use control::{Decision, DecisionBatch, DecisionMode, ProxyHeartbeat, WorkerHeartbeat};
+pub use control::{
+    Decision, DecisionBatch, DecisionMode, ProxyConfigDoc, ProxyHeartbeat, PutProxyConfig,
+    WorkerHeartbeat,
+};
 pub use entity::{EntityKey, EntityParseError};
 pub use error::ApiErrorBody;
 pub use event::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};

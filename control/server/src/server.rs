@@ -149,6 +149,7 @@ pub async fn start(
         shutdown_timeout: config.shutdown_timeout,
         stopper: stopper.clone(),
         active_cache: Mutex::new(None),
+        proxy_config_changed: tokio::sync::Notify::new(),
     }));
 
     // Certificate problems are start-up errors, before anything is served.

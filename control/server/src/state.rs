@@ -60,6 +60,8 @@ pub struct Inner {
     pub stopper: Arc<Stopper>,
     /// The last `ActivePolicies` built, reused while the revision stays the same.
     pub active_cache: Mutex<Option<Arc<ActivePolicies>>>,
+    /// Wakes proxies' long-polls when the proxy configuration is replaced.
+    pub proxy_config_changed: tokio::sync::Notify,
 }
 
 /// Cheap to clone; handlers take it as `State<AppState>`.

@@ -71,7 +71,10 @@ async fn no_migrations_refuses_a_stale_schema_until_migrate_runs() {
     let err = err.to_string();
     assert!(err.contains("20260101000001 init"), "{err}");
     let applied = esper_control::migrate(&cfg).await.unwrap();
-    assert_eq!(applied, ["20260101000001 init"]);
+    assert_eq!(
+        applied,
+        ["20260101000001 init", "20260101000002 proxy config"]
+    );
     assert!(esper_control::migrate(&cfg).await.unwrap().is_empty());
 }
 

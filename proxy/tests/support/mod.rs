@@ -435,3 +435,47 @@ pub fn raw_status(answer: &str) -> u16 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
 }
+
+/// The admin token of [`control_plane`].
+pub const CONTROL_TOKEN: &str = "test-admin-token";
+
+/// A real control plane (SQLite in memory, brokers unreachable) on ephemeral ports.
+pub struct ControlPlane {
+    /// `http://127.0.0.1:PORT` of its API.
+    pub url: String,
+    trigger: ShutdownTrigger,
+    handle: esper_control::Started,
+}
+
+impl ControlPlane {
+    /// Stops it and waits for it to end.
+    pub async fn stop(self) {
+        self.trigger.trigger();
+        self.handle.wait().await.unwrap();
+    }
+}
+
+pub async fn control_plane() -> ControlPlane {
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let listeners = esper_control::Listeners {
+        api: bind().await.unwrap(),
+        health: bind().await.unwrap(),
+        metrics: bind().await.unwrap(),
+    };
+    let config = esper_control::Config {
+        database_url: "sqlite::memory:".into(),
+        admin_token: Some(CONTROL_TOKEN.into()),
+        ingestion_url: dead_url(),
+        mitigation_url: dead_url(),
+        ..esper_control::Config::default()
+    };
+    let (trigger, shutdown) = Shutdown::new();
+    let handle = esper_control::start(config, listeners, shutdown)
+        .await
+        .unwrap();
+    ControlPlane {
+        url: format!("http://{}", handle.api_addr),
+        trigger,
+        handle,
+    }
+}

@@ -19,6 +19,7 @@ mod fleet;
 mod lists;
 mod mitigations;
 mod policies;
+mod proxy_config;
 mod queue;
 mod status;
 
@@ -63,6 +64,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/v1/workers/heartbeat", post(fleet::worker_beat))
         .route("/api/v1/proxies", get(fleet::proxies))
         .route("/api/v1/proxies/heartbeat", post(fleet::proxy_beat))
+        .route(
+            "/api/v1/proxies/config",
+            get(proxy_config::get).put(proxy_config::put),
+        )
         .route("/api/v1/analyze", post(analyze::analyze))
         .route("/api/v1/admin/shutdown", post(admin::shutdown))
         .route_layer(from_fn_with_state(state.clone(), auth::require_token))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use esper_protocol::{Decision, DecisionMode, EntityKey};
+use esper_protocol::{Decision, DecisionMode, EntityKey, ProxyConfigDoc};
 use serde::{Deserialize, Serialize};
 
 mod postgres;
@@ -208,6 +208,46 @@ pub trait ControlStore: Send + Sync {
 
     /// The name of the token with this hash, if any.
     async fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError>;
+
+    /// The proxy configuration, if one was stored.
+    async fn proxy_config(&self) -> Result<Option<ProxyConfigDoc>, StoreError>;
+
+    /// Stores `config` as the proxy configuration; its revision grows by one when the
+    /// text changed, and stays when it is the same.
+    async fn put_proxy_config(&self, config: &str, by: &str) -> Result<ProxyConfigDoc, StoreError>;
+}
+
+/// The one proxy configuration document's name in `proxy_configs`.
+pub(crate) const PROXY_CONFIG_NAME: &str = "default";
+
+/// Inserts or replaces the proxy configuration in one statement (the same SQL for
+/// SQLite and PostgreSQL); no row comes back when the text is unchanged.
+pub(crate) const PUT_PROXY_CONFIG_SQL: &str = "INSERT INTO proxy_configs \
+     (name, revision, config, updated_by, updated_at) VALUES ($1, 1, $2, $3, $4) \
+     ON CONFLICT (name) DO UPDATE SET revision = proxy_configs.revision + 1, \
+     config = excluded.config, updated_by = excluded.updated_by, \
+     updated_at = excluded.updated_at WHERE proxy_configs.config <> excluded.config \
+     RETURNING revision, config, updated_by, updated_at";
+
+/// Reads the proxy configuration.
+pub(crate) const GET_PROXY_CONFIG_SQL: &str =
+    "SELECT revision, config, updated_by, updated_at FROM proxy_configs WHERE name = $1";
+
+/// A `proxy_configs` row.
+pub(crate) fn proxy_config_row<R>(row: &R) -> Result<ProxyConfigDoc, StoreError>
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let updated_at: String = row.try_get("updated_at")?;
+    Ok(ProxyConfigDoc {
+        revision: row.try_get("revision")?,
+        config: row.try_get("config")?,
+        updated_by: row.try_get("updated_by")?,
+        updated_at: parse_ts(&updated_at)?,
+    })
 }
 
 /// Is `url` a PostgreSQL URL (`postgres://` or `postgresql://`)?

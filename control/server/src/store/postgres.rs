@@ -15,15 +15,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use esper_protocol::{Decision, DecisionMode};
+use esper_protocol::{Decision, DecisionMode, ProxyConfigDoc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use tokio::task::AbortHandle;
 
 use super::{
-    ActiveSnapshot, ControlStore, DecisionQuery, ListRecord, LoggedDecision, PolicyRecord,
-    PolicyVersionRecord, PolicyWrite, PutOutcome, RevokeTarget, StoreError, parse_ts, redact_url,
-    ts,
+    ActiveSnapshot, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL, ListRecord, LoggedDecision,
+    PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL, PolicyRecord, PolicyVersionRecord, PolicyWrite,
+    PutOutcome, RevokeTarget, StoreError, parse_ts, proxy_config_row, redact_url, ts,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
@@ -720,5 +720,31 @@ impl ControlStore for PostgresStore {
             .await?
             .map(|r| r.try_get("name"))
             .transpose()?)
+    }
+    async fn proxy_config(&self) -> Result<Option<ProxyConfigDoc>, StoreError> {
+        sqlx::query(GET_PROXY_CONFIG_SQL)
+            .bind(PROXY_CONFIG_NAME)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(proxy_config_row)
+            .transpose()
+    }
+
+    async fn put_proxy_config(&self, config: &str, by: &str) -> Result<ProxyConfigDoc, StoreError> {
+        let changed = sqlx::query(PUT_PROXY_CONFIG_SQL)
+            .bind(PROXY_CONFIG_NAME)
+            .bind(config)
+            .bind(by)
+            .bind(ts(Utc::now()))
+            .fetch_optional(&self.pool)
+            .await?;
+        match changed {
+            Some(row) => proxy_config_row(&row),
+            None => self
+                .proxy_config()
+                .await?
+                .ok_or_else(|| StoreError::Query("proxy configuration vanished".into())),
+        }
     }
 }

@@ -56,6 +56,7 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     lists_bump_the_revision(&*store).await;
     decision_log_is_idempotent_and_filtered(&*store).await;
     tokens_are_found_by_hash(&*store).await;
+    proxy_config_revisions_grow_on_change(&*store).await;
 }
 
 async fn migrations_are_idempotent(store: &dyn ControlStore) {
@@ -220,4 +221,29 @@ async fn tokens_are_found_by_hash(store: &dyn ControlStore) {
         Some("ops")
     );
     assert_eq!(store.token_name("nope").await.expect("find"), None);
+}
+
+async fn proxy_config_revisions_grow_on_change(store: &dyn ControlStore) {
+    assert_eq!(store.proxy_config().await.expect("read proxy config"), None);
+    let first = store
+        .put_proxy_config("allow_paths = [\"/health\"]", "admin")
+        .await
+        .expect("store proxy config");
+    assert_eq!(first.revision, 1);
+    assert_eq!(first.updated_by, "admin");
+    let same = store
+        .put_proxy_config("allow_paths = [\"/health\"]", "other")
+        .await
+        .expect("store proxy config");
+    assert_eq!(same, first, "unchanged text keeps its revision");
+    let second = store
+        .put_proxy_config("threads = 2", "ops")
+        .await
+        .expect("store proxy config");
+    assert_eq!(second.revision, 2);
+    assert_eq!(second.config, "threads = 2");
+    assert_eq!(
+        store.proxy_config().await.expect("read proxy config"),
+        Some(second)
+    );
 }

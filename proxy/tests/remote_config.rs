@@ -1,0 +1,133 @@
+//! Configuration from the control plane: a change stored there reaches a running proxy
+//! without dropping an open keep-alive connection, and a bad one is refused while the
+//! configuration in force stays.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use esper_protocol::ProxyConfigDoc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::{
+    CONTROL_TOKEN, config, control_plane, dead_url, eventually, get_host, named_upstream,
+    start_proxy,
+};
+
+/// Sends `GET path` on a kept-alive connection and reads one answer: status and body.
+async fn keep_alive_get(conn: &mut TcpStream, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "the proxy closed the kept-alive connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let head = text[..end].to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        if buf.len() >= end + 4 + len {
+            let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+            return (status, text[end + 4..end + 4 + len].to_string());
+        }
+    }
+}
+
+async fn put_config(control: &str, toml: &str) -> ProxyConfigDoc {
+    let resp = reqwest::Client::new()
+        .put(format!("{control}/api/v1/proxies/config"))
+        .bearer_auth(CONTROL_TOKEN)
+        .json(&serde_json::json!({ "config": toml }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn control_plane_config_applies_without_dropping_connections() {
+    let control = control_plane().await;
+    let a = named_upstream("a").await;
+    let b = named_upstream("b").await;
+    let mut cfg = config(a.addr, &dead_url(), &dead_url());
+    cfg.control_url = Some(control.url.clone());
+    cfg.control_token = Some(CONTROL_TOKEN.into());
+    let proxy = start_proxy(cfg).await;
+    let mut conn = TcpStream::connect(proxy.handle().traffic_addr())
+        .await
+        .unwrap();
+    assert_eq!(
+        keep_alive_get(&mut conn, "/one").await,
+        (200, "a /one".into())
+    );
+
+    // The control plane switches the upstream and allowlists a path.
+    let doc = put_config(
+        &control.url,
+        &format!("upstream = \"{}\"\nallow_paths = [\"/health\"]\n", b.addr),
+    )
+    .await;
+    assert_eq!(doc.revision, 1);
+    let switched = eventually(Duration::from_secs(5), || async {
+        get_host(&format!("{}/", proxy.url), "test").await.1 == "b /"
+    })
+    .await;
+    assert!(switched, "new connections reach the new upstream");
+    assert_eq!(
+        proxy.metric("esper_proxy_remote_config_revision").await,
+        1.0
+    );
+    // The connection opened before the change is still served.
+    assert_eq!(
+        keep_alive_get(&mut conn, "/two").await,
+        (200, "b /two".into())
+    );
+
+    // A configuration the proxy cannot apply is refused; the one in force stays.
+    put_config(&control.url, "sample_rate = 7.0").await;
+    let refused = eventually(Duration::from_secs(5), || async {
+        proxy
+            .metric("esper_proxy_remote_config_total{result=\"refused\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    assert!(refused, "the bad configuration is refused");
+    assert_eq!(
+        proxy.metric("esper_proxy_remote_config_revision").await,
+        1.0
+    );
+    assert_eq!(get_host(&format!("{}/", proxy.url), "test").await.1, "b /");
+    assert_eq!(
+        keep_alive_get(&mut conn, "/three").await,
+        (200, "b /three".into())
+    );
+
+    // Not TOML at all: the control plane itself says no.
+    let resp = reqwest::Client::new()
+        .put(format!("{}/api/v1/proxies/config", control.url))
+        .bearer_auth(CONTROL_TOKEN)
+        .json(&serde_json::json!({ "config": "upstream = " }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    drop(conn);
+    proxy.stop().await.unwrap();
+    control.stop().await;
+}
