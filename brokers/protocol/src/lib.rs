@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod control;
+pub mod decision_log;
 pub mod entity;
 pub mod error;
 pub mod event;
@@ -12,6 +13,7 @@ pub mod mitigation;
 
 pub use client::{ClientError, IngestionClient, MitigationClient};
 pub use control::{Decision, DecisionBatch, DecisionMode, ProxyHeartbeat, WorkerHeartbeat};
+pub use decision_log::{DecisionLogClient, DecisionRevoke, PageMark};
 pub use entity::{EntityKey, EntityParseError};
 pub use error::ApiErrorBody;
 pub use event::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};
