@@ -38,7 +38,7 @@ use chrono::Utc;
 use esper_common::Shutdown;
 use esper_common::config::ConfigError;
 use esper_common::http::BindError;
-use esper_protocol::{IngestionClient, MitigationClient};
+use esper_protocol::IngestionClient;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -390,7 +390,7 @@ pub async fn start(
     );
     let mut tasks = vec![
         tokio::spawn(follower::follow(
-            MitigationClient::new(&config.mitigation_url, config.broker_token.clone()),
+            follower::clients(&config.mitigation_url, config.broker_token.clone()),
             cache.clone(),
             metrics.clone(),
             status.clone(),
