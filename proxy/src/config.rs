@@ -161,7 +161,9 @@ pub struct Config {
     pub sample_rate: f64,
     /// Ingestion broker base URL (`ESPER_INGESTION_URL`, `--ingestion-url`).
     pub ingestion_url: String,
-    /// Mitigation broker base URL (`ESPER_MITIGATION_URL`, `--mitigation-url`).
+    /// Mitigation broker base URL, or several instances over one Redis, comma-separated:
+    /// the proxy follows one and moves to the next when it fails, keeping its cursor
+    /// (`ESPER_MITIGATION_URL`, `--mitigation-url`).
     pub mitigation_url: String,
     /// Control-plane base URL for heartbeats; none means no heartbeats
     /// (`ESPER_CONTROL_URL`, `--control-url`).
@@ -484,7 +486,15 @@ impl Config {
             ));
         }
         check_url("ingestion_url", &self.ingestion_url)?;
-        check_url("mitigation_url", &self.mitigation_url)?;
+        if crate::follower::broker_urls(&self.mitigation_url)
+            .next()
+            .is_none()
+        {
+            check_url("mitigation_url", &self.mitigation_url)?;
+        }
+        for url in crate::follower::broker_urls(&self.mitigation_url) {
+            check_url("mitigation_url", url)?;
+        }
         if let Some(url) = &self.control_url {
             check_url("control_url", url)?;
         }
@@ -784,7 +794,7 @@ pub struct Args {
     /// Ingestion broker URL [default: http://127.0.0.1:8082]
     #[arg(long, value_name = "URL")]
     pub ingestion_url: Option<String>,
-    /// Mitigation broker URL [default: http://127.0.0.1:8083]
+    /// Mitigation broker URL, or several comma-separated [default: http://127.0.0.1:8083]
     #[arg(long, value_name = "URL")]
     pub mitigation_url: Option<String>,
     /// Control-plane URL for heartbeats

@@ -1,6 +1,13 @@
 //! Keeps the mitigation cache fresh: long-polls the mitigation broker's delta stream,
 //! applies snapshots and deltas, and resumes from its cursor after an outage (the cache
 //! is kept meanwhile; expiry still applies). Also the periodic expiry sweep.
+//!
+//! The proxy may know several broker instances (`mitigation_url` as a comma-separated
+//! list). It follows one; when that one fails it moves on to the next at once, with the
+//! same cursor: instances over one Redis share the change stream, so the cursor is valid
+//! on each and the proxy resumes without a snapshot. (An instance that does not know the
+//! cursor answers with a snapshot, so a cursor is never trusted where it means nothing.)
+//! Only when every instance has failed in a row does it back off.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,19 +26,37 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often expired mitigations are freed (lookups ignore them already).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Follows the delta stream into `cache` until shutdown.
+/// One client per broker URL in `urls` (comma-separated; blanks ignored).
+pub fn clients(urls: &str, token: Option<String>) -> Vec<MitigationClient> {
+    broker_urls(urls)
+        .map(|u| MitigationClient::new(u, token.clone()))
+        .collect()
+}
+
+/// The broker URLs of a `mitigation_url` setting.
+pub fn broker_urls(urls: &str) -> impl Iterator<Item = &str> {
+    urls.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
+/// Follows the delta stream of one of `clients` into `cache` until shutdown.
 pub async fn follow(
-    client: MitigationClient,
+    clients: Vec<MitigationClient>,
     cache: Arc<MitigationCache>,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
     wait: Duration,
     shutdown: Shutdown,
 ) {
+    if clients.is_empty() {
+        tracing::error!("no mitigation broker to follow");
+        return;
+    }
+    let mut current = 0;
     let mut cursor: Option<String> = None;
     let mut backoff = MIN_BACKOFF;
     let mut failures: u32 = 0;
     loop {
+        let client = &clients[current];
         let polled = tokio::select! {
             r = client.stream(cursor.as_deref(), wait) => r,
             _ = shutdown.wait() => break,
@@ -40,6 +65,7 @@ pub async fn follow(
             Ok(page) => {
                 let n = page.changes.len() as u64;
                 if page.snapshot {
+                    metrics.stream_snapshots.inc();
                     cache.replace(page.changes, Utc::now());
                 } else {
                     cache.apply(page.changes, Utc::now());
@@ -59,19 +85,30 @@ pub async fn follow(
                 metrics.stream_connected.set(0);
                 status.stream_result(Err(e.to_string()));
                 if failures == 0 {
-                    tracing::warn!(error = %e, cached = cache.len(), "mitigation stream lost; enforcing the cached mitigations");
+                    tracing::warn!(error = %e, url = client.url(), cached = cache.len(), "mitigation stream lost; enforcing the cached mitigations");
                 } else {
-                    tracing::debug!(error = %e, "mitigation stream still unavailable");
+                    tracing::debug!(error = %e, url = client.url(), "mitigation stream still unavailable");
                 }
                 failures = failures.saturating_add(1);
                 // A refused cursor (a 4xx) will not get better: start over from a snapshot.
                 if matches!(e, ClientError::Api { status, .. } if (400..500).contains(&status)) {
                     cursor = None;
                 }
-                if shutdown.sleep(backoff).await {
-                    break;
+                if clients.len() > 1 {
+                    current = (current + 1) % clients.len();
+                    metrics.stream_failovers.inc();
+                    tracing::info!(
+                        url = clients[current].url(),
+                        "following the next mitigation broker"
+                    );
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                // Back off only once every instance has failed in a row.
+                if failures as usize % clients.len() == 0 {
+                    if shutdown.sleep(backoff).await {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
             }
         }
     }
@@ -86,5 +123,38 @@ pub async fn sweep(cache: Arc<MitigationCache>, metrics: Arc<Metrics>, shutdown:
             tracing::debug!(freed, "expired mitigations freed");
         }
         metrics.cache_entries.set(cache.len() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn one_url_or_a_comma_separated_list() {
+        let urls: Vec<_> = broker_urls("http://a:8083").collect();
+        assert_eq!(urls, ["http://a:8083"]);
+        let list = " http://a:8083 , http://b:8083/,, ";
+        let urls: Vec<_> = clients(list, None)
+            .iter()
+            .map(|c| c.url().to_string())
+            .collect();
+        assert_eq!(urls, ["http://a:8083", "http://b:8083"]);
+    }
+
+    #[test]
+    fn every_listed_url_is_checked() {
+        let mut cfg = Config {
+            mitigation_url: "http://a:8083,http://b:8083".into(),
+            upstream: "127.0.0.1:3000".into(),
+            ..Config::default()
+        };
+        cfg.validate().unwrap();
+        cfg.mitigation_url = "http://a:8083,b:8083".into();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("invalid mitigation_url = `b:8083`"), "{err}");
+        cfg.mitigation_url = " , ".into();
+        assert!(cfg.validate().is_err());
     }
 }

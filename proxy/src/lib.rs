@@ -40,7 +40,7 @@ use chrono::Utc;
 use esper_common::Shutdown;
 use esper_common::config::ConfigError;
 use esper_common::http::BindError;
-use esper_protocol::{IngestionClient, MitigationClient};
+use esper_protocol::IngestionClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -409,7 +409,7 @@ pub async fn start(
     let forwarder = tokio::spawn(forwarder.run(finish_rx));
     let mut tasks = vec![
         tokio::spawn(follower::follow(
-            MitigationClient::new(&config.mitigation_url, config.broker_token.clone()),
+            follower::clients(&config.mitigation_url, config.broker_token.clone()),
             cache.clone(),
             metrics.clone(),
             status.clone(),

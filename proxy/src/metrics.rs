@@ -90,6 +90,10 @@ pub struct Metrics {
     pub remote_config_refused: IntCounter,
     /// Revision of the control plane's configuration in force (0: none).
     pub remote_config_revision: IntGauge,
+    /// Delta-stream answers that were full snapshots (cache replaced).
+    pub stream_snapshots: IntCounter,
+    /// Moves from a failed mitigation broker to the next in the list.
+    pub stream_failovers: IntCounter,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -191,6 +195,16 @@ impl Metrics {
                 &registry,
                 "esper_proxy_deltas_applied_total",
                 "Delta-stream changes applied to the cache, snapshot entries included",
+            ),
+            stream_snapshots: counter(
+                &registry,
+                "esper_proxy_stream_snapshots_total",
+                "Delta-stream answers that were full snapshots (the cache was replaced)",
+            ),
+            stream_failovers: counter(
+                &registry,
+                "esper_proxy_stream_failovers_total",
+                "Moves from a failed mitigation broker to the next one in mitigation_url",
             ),
             registry,
         }

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::persist::{Full, Persistence};
 use crate::store::{MitigationStore, StoreError};
 
 const DEFAULT_ACTIVE_LIMIT: usize = 1_000;
@@ -50,15 +51,18 @@ struct Inner {
     cache_ttl: Duration,
     page_size: usize,
     max_stream_wait: Duration,
+    persistence: Option<Arc<Persistence>>,
 }
 
 impl AppState {
-    /// The state for `router`, from a validated config.
+    /// The state for `router`, from a validated config; `persistence` is the durable
+    /// copy's outbox when `persistence_enabled`.
     pub fn new(
         config: &Config,
         store: Arc<dyn MitigationStore>,
         metrics: Metrics,
         shutdown: Shutdown,
+        persistence: Option<Arc<Persistence>>,
     ) -> AppState {
         AppState {
             inner: Arc::new(Inner {
@@ -70,6 +74,7 @@ impl AppState {
                 cache_ttl: config.cache_ttl,
                 page_size: config.stream_page_size,
                 max_stream_wait: config.max_stream_wait,
+                persistence,
             }),
         }
     }
@@ -102,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state.clone());
     let check = Arc::new(StoreHealth {
         store: state.inner.store.clone(),
+        persistence: state.inner.persistence.clone(),
     });
     let app = api
         .merge(ops)
@@ -119,6 +125,26 @@ impl From<StoreError> for ApiError {
             message: "the mitigation store is unavailable; retry later".into(),
             retry_after: Some(RETRY_AFTER_STORE_SECS),
         }
+    }
+}
+
+impl From<Full> for ApiError {
+    fn from(_: Full) -> ApiError {
+        ApiError::Unavailable {
+            code: "persistence_backlog",
+            message:
+                "the durable copy's outbox is full while the control plane catches up; retry later"
+                    .into(),
+            retry_after: Some(RETRY_AFTER_STORE_SECS),
+        }
+    }
+}
+
+/// Refuses a write the durable copy could not take (policy `reject`).
+fn admit(s: &AppState, n: usize) -> Result<(), ApiError> {
+    match &s.inner.persistence {
+        Some(p) => Ok(p.admit(n)?),
+        None => Ok(()),
     }
 }
 
@@ -172,12 +198,17 @@ async fn publish(
             ApiError::bad_request("invalid_mitigation", format!("mitigations[{i}]: {e}"))
         })?;
     }
-    let capped = req
+    admit(&s, req.mitigations.len())?;
+    let capped: Vec<Mitigation> = req
         .mitigations
         .into_iter()
         .map(|m| cap_expiry(m, s.inner.cache_ttl))
         .collect();
+    let logged = s.inner.persistence.as_ref().map(|_| capped.clone());
     let published = s.inner.store.publish(capped).await?;
+    if let (Some(p), Some(m)) = (&s.inner.persistence, logged) {
+        p.published(&m);
+    }
     s.inner.metrics.published.inc_by(published.accepted as u64);
     Ok(Json(PublishResponse {
         accepted: published.accepted,
@@ -242,12 +273,16 @@ async fn revoke(
     State(s): State<AppState>,
     Json(req): Json<RevokeRequest>,
 ) -> Result<Json<RevokeResponse>, ApiError> {
-    let revoked = match (req.id, req.entity) {
+    let revoked = match (&req.id, &req.entity) {
         (Some(id), None) => {
-            check_id(&id).map_err(|e| ApiError::bad_request("invalid_revoke", e))?;
-            s.inner.store.revoke_id(&id).await?
+            check_id(id).map_err(|e| ApiError::bad_request("invalid_revoke", e))?;
+            admit(&s, 1)?;
+            s.inner.store.revoke_id(id).await?
         }
-        (None, Some(entity)) => s.inner.store.revoke_entity(&entity).await?,
+        (None, Some(entity)) => {
+            admit(&s, 1)?;
+            s.inner.store.revoke_entity(entity).await?
+        }
         (None, None) => {
             return Err(ApiError::bad_request(
                 "invalid_revoke",
@@ -261,12 +296,19 @@ async fn revoke(
             ));
         }
     };
+    if let Some(p) = &s.inner.persistence {
+        p.revoked(req.id.as_deref(), req.entity.as_ref());
+    }
     s.inner.metrics.revoked.inc_by(revoked as u64);
     Ok(Json(RevokeResponse { revoked }))
 }
 
 async fn clear(State(s): State<AppState>) -> Result<Json<RevokeResponse>, ApiError> {
+    admit(&s, 1)?;
     let revoked = s.inner.store.clear().await?;
+    if let Some(p) = &s.inner.persistence {
+        p.cleared();
+    }
     s.inner.metrics.clears.inc();
     tracing::warn!(
         dropped = revoked,
@@ -340,9 +382,11 @@ async fn metrics(State(s): State<AppState>) -> Response {
     resp
 }
 
-/// Readiness: the store answers.
+/// Readiness: the store answers. The decision log, when persistence is on, is shown but
+/// not required: the broker serves while the control plane is away.
 struct StoreHealth {
     store: Arc<dyn MitigationStore>,
+    persistence: Option<Arc<Persistence>>,
 }
 
 #[async_trait::async_trait]
@@ -361,7 +405,11 @@ impl HealthCheck for StoreHealth {
                 format!("{kind} store did not answer within {HEALTH_TIMEOUT:?}"),
             ),
         };
-        HealthReport::new("mitigation-broker", vec![component])
+        let mut components = vec![component];
+        if let Some(p) = &self.persistence {
+            components.push(p.health());
+        }
+        HealthReport::new("mitigation-broker", components)
     }
 }
 

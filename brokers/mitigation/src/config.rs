@@ -25,6 +25,10 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_REDIS_PREFIX: &str = "esper";
 /// Default drain time for in-flight requests once shutdown begins.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default control plane, whose decision log keeps the durable copy.
+pub const DEFAULT_CONTROL_URL: &str = "http://127.0.0.1:8080";
+/// Default most decisions and revocations waiting for the control plane.
+pub const DEFAULT_PERSISTENCE_OUTBOX: usize = 100_000;
 
 const MAX_STREAM_RETENTION: usize = 10_000_000;
 const MAX_STREAM_PAGE_SIZE: usize = 100_000;
@@ -34,6 +38,32 @@ const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 const MIN_BODY_BYTES: usize = 1024;
 const MAX_BODY_BYTES: usize = 1024 * 1024 * 1024;
 const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
+const MAX_PERSISTENCE_OUTBOX: usize = 10_000_000;
+
+/// What a broker with persistence does when its outbox to the decision log is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Refuse the publish (or revoke) with 503 and `Retry-After`, so nothing is lost:
+    /// the publisher retries once the control plane has caught up.
+    #[default]
+    Reject,
+    /// Accept it and drop the oldest waiting entries from the durable copy: enforcement
+    /// goes on, the log misses what was dropped.
+    DropOldest,
+}
+
+impl std::str::FromStr for WhenFull {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<WhenFull, String> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "reject" => Ok(WhenFull::Reject),
+            "drop_oldest" => Ok(WhenFull::DropOldest),
+            _ => Err("expected reject or drop_oldest".into()),
+        }
+    }
+}
 
 /// The mitigation broker's settings (the TOML form; see [`Config::template`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,10 +91,19 @@ pub struct Config {
     /// How long in-flight requests may run once shutdown begins.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// A durable copy of the broker's state; this build keeps mitigations in memory only
-    /// (durable decisions live in the control plane's decision log), so `true` is a
-    /// configuration error.
+    /// Keep a durable copy of every publish, revoke and clear in the control plane's
+    /// decision log (through a bounded outbox with retry), and restore the mitigations
+    /// still in force from it when the broker starts on an empty store.
     pub persistence_enabled: bool,
+    /// The control plane whose decision log keeps the durable copy.
+    pub control_url: String,
+    /// Bearer token for the control plane's API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_token: Option<String>,
+    /// Most decisions and revocations waiting for the control plane.
+    pub persistence_outbox: usize,
+    /// What happens when that outbox is full: `reject` or `drop_oldest`.
+    pub persistence_when_full: WhenFull,
     /// Bearer token every `/api/*` route requires when set; health and metrics stay open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -88,6 +127,10 @@ impl Default for Config {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             persistence_enabled: false,
+            control_url: DEFAULT_CONTROL_URL.to_string(),
+            control_token: None,
+            persistence_outbox: DEFAULT_PERSISTENCE_OUTBOX,
+            persistence_when_full: WhenFull::default(),
             token: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
             redis_url: None,
@@ -130,6 +173,16 @@ impl Config {
             &["ESPER_MITIGATION_PERSISTENCE", "PERSISTENCE_ENABLED"],
             &mut self.persistence_enabled,
         )?;
+        vars.string(&["ESPER_CONTROL_URL"], &mut self.control_url);
+        vars.string_opt(
+            &["ESPER_CONTROL_TOKEN", "ESPER_TOKEN"],
+            &mut self.control_token,
+        );
+        vars.parse(&["ESPER_PERSISTENCE_OUTBOX"], &mut self.persistence_outbox)?;
+        vars.parse(
+            &["ESPER_PERSISTENCE_WHEN_FULL"],
+            &mut self.persistence_when_full,
+        )?;
         vars.string_opt(&["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"], &mut self.token);
         vars.string_opt(
             &["ESPER_MITIGATION_REDIS_URL", "REDIS_URL"],
@@ -145,12 +198,13 @@ impl Config {
             check_redis_url(url)?;
         }
         check_redis_prefix(&self.redis_prefix)?;
-        if self.persistence_enabled {
-            return Err(ConfigError::unsupported(
-                "PERSISTENCE_ENABLED",
-                "this build's mitigation broker keeps mitigations in memory only; durable decisions live in the control plane's decision log",
-            ));
-        }
+        check_control_url(&self.control_url)?;
+        check_range(
+            "persistence_outbox",
+            self.persistence_outbox,
+            1,
+            MAX_PERSISTENCE_OUTBOX,
+        )?;
         check_range(
             "stream_retention",
             self.stream_retention,
@@ -203,6 +257,22 @@ impl Config {
     pub fn template() -> &'static str {
         include_str!("template.toml")
     }
+}
+
+fn check_control_url(url: &str) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    if !rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/')) {
+        // A URL with user info may hold a password: keep it out of the message.
+        let shown = if url.contains('@') { "(hidden)" } else { url };
+        return Err(ConfigError::invalid(
+            "control_url",
+            shown,
+            "expected an http:// or https:// URL such as http://127.0.0.1:8080",
+        ));
+    }
+    Ok(())
 }
 
 /// A `redis://` or `rediss://` URL; the message never shows the URL (it may hold a
@@ -302,6 +372,12 @@ pub struct Args {
     /// Key prefix in Redis [default: esper]
     #[arg(long, value_name = "PREFIX")]
     pub redis_prefix: Option<String>,
+    /// Keep a durable copy in the control plane's decision log, and restore from it
+    #[arg(long)]
+    pub persistence: bool,
+    /// Control plane whose decision log keeps the durable copy [default: http://127.0.0.1:8080]
+    #[arg(long, value_name = "URL")]
+    pub control_url: Option<String>,
 }
 
 impl Args {
@@ -339,6 +415,12 @@ impl Args {
         }
         if let Some(v) = &self.redis_prefix {
             cfg.redis_prefix = v.clone();
+        }
+        if self.persistence {
+            cfg.persistence_enabled = true;
+        }
+        if let Some(v) = &self.control_url {
+            cfg.control_url = v.clone();
         }
     }
 }
@@ -408,7 +490,7 @@ mod tests {
     }
 
     #[test]
-    fn redis_settings_are_checked_and_persistence_is_refused_clearly() {
+    fn redis_and_persistence_settings_are_read_and_checked() {
         let c: Config = load(
             None,
             &env(&[
@@ -430,12 +512,43 @@ mod tests {
         assert!(err.starts_with("invalid redis_url = `(hidden)`"), "{err}");
         let c: Config = load(
             None,
-            &env(&[("PERSISTENCE_ENABLED", "true")]),
+            &env(&[
+                ("PERSISTENCE_ENABLED", "true"),
+                ("ESPER_CONTROL_URL", "http://10.0.0.5:8080"),
+                ("ESPER_TOKEN", "ctl"),
+                ("ESPER_PERSISTENCE_OUTBOX", "50"),
+                ("ESPER_PERSISTENCE_WHEN_FULL", "drop-oldest"),
+            ]),
             Config::apply_env,
         )
         .unwrap();
-        let err = c.validate().unwrap_err().to_string();
-        assert!(err.starts_with("PERSISTENCE_ENABLED is set but"), "{err}");
+        c.validate().unwrap();
+        assert!(c.persistence_enabled);
+        assert_eq!(c.control_url, "http://10.0.0.5:8080");
+        assert_eq!(c.control_token.as_deref(), Some("ctl"));
+        assert_eq!(c.persistence_outbox, 50);
+        assert_eq!(c.persistence_when_full, WhenFull::DropOldest);
+        let err = load::<Config, _>(
+            None,
+            &env(&[("ESPER_PERSISTENCE_WHEN_FULL", "block")]),
+            Config::apply_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "invalid ESPER_PERSISTENCE_WHEN_FULL = `block`: expected reject or drop_oldest"
+        );
+        let c = Config {
+            control_url: "127.0.0.1:8080".into(),
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("invalid control_url = `127.0.0.1:8080`")
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod metrics;
+pub mod persist;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 pub use api::{AppState, router};
 pub use config::{Args, Config};
 pub use metrics::Metrics;
+pub use persist::Persistence;
 pub use store::{MemoryMitigations, MitigationStore, RedisMitigations, StoreError};
 
 /// Why the mitigation broker could not start or stopped abnormally.
@@ -97,15 +99,41 @@ pub async fn start_with_store(
     config.validate()?;
     let addr = listener.local_addr().map_err(Error::Listener)?;
     let metrics = Metrics::new()?;
-    let state = AppState::new(&config, store.clone(), metrics.clone(), shutdown.clone());
+    let persistence = if config.persistence_enabled {
+        let restore = persist::store_is_empty(&*store).await?;
+        let p = Arc::new(Persistence::new(&config, metrics.clone()));
+        Some((p, restore))
+    } else {
+        None
+    };
+    let state = AppState::new(
+        &config,
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        persistence.as_ref().map(|(p, _)| p.clone()),
+    );
     let app = router(state);
     tracing::info!(
         %addr,
         store = store.kind(),
         cache_ttl = ?config.cache_ttl,
         auth = config.token.is_some(),
+        persistence = config.persistence_enabled,
         "mitigation broker listening"
     );
+    // The outbox is delivered until the API has drained, so the last flush holds every
+    // write the broker accepted: its own stop signal fires after serving ends.
+    let (persist_stop, persist_shutdown) = Shutdown::new();
+    let persister = persistence.map(|(p, restore)| {
+        tokio::spawn(persist::run(
+            p,
+            store.clone(),
+            config.cache_ttl,
+            restore,
+            persist_shutdown,
+        ))
+    });
     let sweeper = tokio::spawn(sweep_expired(
         store.clone(),
         metrics,
@@ -119,10 +147,21 @@ pub async fn start_with_store(
         // stop the sweeper ourselves. Either way nothing outlives the broker.
         if outcome.is_err() {
             sweeper.abort();
+            if let Some(p) = &persister {
+                p.abort();
+            }
         }
         if let Err(e) = sweeper.await {
             if e.is_panic() {
                 tracing::warn!(error = %e, "expiry sweeper panicked");
+            }
+        }
+        persist_stop.trigger();
+        if let Some(p) = persister {
+            if let Err(e) = p.await {
+                if e.is_panic() {
+                    tracing::warn!(error = %e, "persistence task panicked");
+                }
             }
         }
         outcome.map_err(Error::Serve)?;

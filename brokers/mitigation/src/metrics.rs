@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use esper_common::metrics::{HttpMetrics, register};
-use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Action names, so every `esper_mitigations_active{action}` series exists from the start.
 const ACTIONS: [&str; 4] = ["block", "throttle", "tarpit", "log"];
@@ -22,6 +22,15 @@ pub struct Metrics {
     pub followers: IntGauge,
     pub snapshots: IntCounter,
     pub changes_sent: IntCounter,
+    /// Decisions and revocations waiting for the control plane's decision log.
+    pub persistence_pending: IntGauge,
+    pub persistence_sent: IntCounter,
+    /// Publishes and revokes refused with 503 because the outbox was full.
+    pub persistence_rejected: IntCounter,
+    /// Entries left out of the durable copy, by reason (`full`, `refused`).
+    pub persistence_dropped: IntCounterVec,
+    pub persistence_errors: IntCounter,
+    pub persistence_restored: IntCounter,
 }
 
 impl Metrics {
@@ -49,6 +58,22 @@ impl Metrics {
             "Delta-stream requests waiting for a change right now",
         )?;
         register(&registry, &followers);
+        let persistence_pending = IntGauge::new(
+            "esper_persistence_pending",
+            "Decisions and revocations waiting for the control plane's decision log",
+        )?;
+        register(&registry, &persistence_pending);
+        let persistence_dropped = IntCounterVec::new(
+            Opts::new(
+                "esper_persistence_dropped_total",
+                "Entries left out of the durable copy: outbox full (drop_oldest) or refused by the control plane",
+            ),
+            &["reason"],
+        )?;
+        register(&registry, &persistence_dropped);
+        for reason in ["full", "refused"] {
+            persistence_dropped.with_label_values(&[reason]).reset();
+        }
         Ok(Metrics {
             http: HttpMetrics::new(&registry)?,
             active,
@@ -73,6 +98,24 @@ impl Metrics {
             changes_sent: counter(
                 "esper_stream_changes_sent_total",
                 "Changes sent to followers in incremental pages",
+            )?,
+            persistence_pending,
+            persistence_sent: counter(
+                "esper_persistence_sent_total",
+                "Decisions and revocations delivered to the control plane's decision log",
+            )?,
+            persistence_rejected: counter(
+                "esper_persistence_rejected_total",
+                "Publishes and revokes refused with 503 because the persistence outbox was full",
+            )?,
+            persistence_dropped,
+            persistence_errors: counter(
+                "esper_persistence_errors_total",
+                "Failed deliveries to or restores from the decision log (retried)",
+            )?,
+            persistence_restored: counter(
+                "esper_persistence_restored_total",
+                "Mitigations published again from the decision log at start-up",
             )?,
             registry,
         })

@@ -423,7 +423,7 @@ async fn health_and_metrics_describe_the_broker() {
 }
 
 #[tokio::test]
-async fn start_refuses_unreachable_redis_and_persistence_clearly() {
+async fn start_refuses_unreachable_redis_and_a_bad_control_url_clearly() {
     // A port nothing listens on: bound, then released.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -441,9 +441,10 @@ async fn start_refuses_unreachable_redis_and_persistence_clearly() {
         (
             Config {
                 persistence_enabled: true,
+                control_url: "ftp://user:pw@127.0.0.1".into(),
                 ..config()
             },
-            "PERSISTENCE_ENABLED is set but this build's mitigation broker",
+            "invalid control_url",
         ),
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

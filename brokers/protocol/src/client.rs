@@ -60,14 +60,14 @@ impl ClientError {
 
 /// The base of every broker client: a base URL, an optional bearer token, a pool.
 #[derive(Clone, Debug)]
-struct Base {
-    url: String,
+pub(crate) struct Base {
+    pub(crate) url: String,
     token: Option<String>,
     http: reqwest::Client,
 }
 
 impl Base {
-    fn new(url: &str, token: Option<String>, timeout: Duration) -> Base {
+    pub(crate) fn new(url: &str, token: Option<String>, timeout: Duration) -> Base {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
@@ -81,7 +81,7 @@ impl Base {
         }
     }
 
-    fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+    pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
         let rb = self.http.request(method, format!("{}{}", self.url, path));
         match &self.token {
             Some(t) => rb.bearer_auth(t),
@@ -89,7 +89,10 @@ impl Base {
         }
     }
 
-    async fn send<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, ClientError> {
+    pub(crate) async fn send<T: DeserializeOwned>(
+        &self,
+        rb: RequestBuilder,
+    ) -> Result<T, ClientError> {
         let resp = rb.send().await.map_err(|source| ClientError::Transport {
             url: self.url.clone(),
             source,
@@ -97,11 +100,11 @@ impl Base {
         decode(&self.url, resp).await
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(self.req(reqwest::Method::GET, path)).await
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(
+    pub(crate) async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod control;
+pub mod decision_log;
 pub mod entity;
 pub mod error;
 pub mod event;
@@ -15,6 +16,7 @@ pub use control::{
     Decision, DecisionBatch, DecisionMode, ProxyConfigDoc, ProxyHeartbeat, PutProxyConfig,
     WorkerHeartbeat,
 };
+pub use decision_log::{DecisionLogClient, DecisionRevoke, PageMark};
 pub use entity::{EntityKey, EntityParseError};
 pub use error::ApiErrorBody;
 pub use event::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};

@@ -280,6 +280,9 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
     mitigation.listen = mitigation_l.local_addr()?;
     mitigation.token = Some(broker_token.clone());
     mitigation.redis_url = None;
+    // With PERSISTENCE_ENABLED the durable copy goes to this stack's own control plane.
+    mitigation.control_url = api_url.clone();
+    mitigation.control_token = Some(admin_token.clone());
     server.listen = control_l.api.local_addr()?;
     server.health_listen = control_l.health.local_addr()?;
     server.metrics_listen = control_l.metrics.local_addr()?;

@@ -18,6 +18,8 @@ struct Stack {
 struct Browsing {
     requests: u64,
     refused: Vec<u16>,
+    /// Requests that got no answer, or an answer other than 200/403/429.
+    failed: u64,
 }
 
 /// Browses (GET pages) from 127.0.0.3 until told to stop.
@@ -36,12 +38,16 @@ fn browse(
             } else {
                 format!("/products/{}", n % 50 + 1)
             };
-            if let Ok(resp) = client.get(format!("{proxy}{path}")).send().await {
-                seen.requests += 1;
-                let s = resp.status().as_u16();
-                if s == 403 || s == 429 {
-                    seen.refused.push(s);
+            match client.get(format!("{proxy}{path}")).send().await {
+                Ok(resp) => {
+                    seen.requests += 1;
+                    match resp.status().as_u16() {
+                        200 => {}
+                        s @ (403 | 429) => seen.refused.push(s),
+                        _ => seen.failed += 1,
+                    }
                 }
+                Err(_) => seen.failed += 1,
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -296,6 +302,19 @@ fn esperctl(api: &str, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_processes_run_the_scenario_and_survive_a_broker_outage() {
+    five_processes(Stores::embedded()).await;
+}
+
+/// The same scenario with every store in production form: both brokers on one real
+/// redis-server, the control plane on a real PostgreSQL (the worker's state backend is
+/// `support::WORKER_STATE_BACKEND`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_processes_on_redis_and_postgres_run_the_scenario() {
+    five_processes(Stores::production("e2e-five").await).await;
+}
+
+/// Five processes (both brokers, control plane, worker, proxy) over `stores`.
+async fn five_processes(stores: Stores) {
     let dir = TempDir::new("five");
     let policy = write_login_policy(dir.path(), "4s");
 
@@ -315,6 +334,7 @@ async fn five_processes_run_the_scenario_and_survive_a_broker_outage() {
         v.extend_from_slice(extra);
         v
     };
+    let broker_env = env(&stores.broker_env());
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
 
     let mut ingestion_p = Proc::esper(
@@ -326,7 +346,7 @@ async fn five_processes_run_the_scenario_and_survive_a_broker_outage() {
             "--listen",
             &ingestion.to_string(),
         ]),
-        &env(&[]),
+        &broker_env,
     );
     let mut mitigation_p = Proc::esper(
         "mitigation broker",
@@ -337,12 +357,9 @@ async fn five_processes_run_the_scenario_and_survive_a_broker_outage() {
             "--listen",
             &mitigation.to_string(),
         ]),
-        &env(&[]),
+        &broker_env,
     );
-    let db = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("control.db").display()
-    );
+    let db = stores.database_url(dir.path());
     let server_p = Proc::esper(
         "server",
         &s(&[
@@ -365,6 +382,18 @@ async fn five_processes_run_the_scenario_and_survive_a_broker_outage() {
     );
     wait_ready(&format!("http://{health}/readyz"), Duration::from_secs(30)).await;
     let api_url = format!("http://{api}");
+    if stores.redis.is_some() {
+        for addr in [ingestion, mitigation] {
+            wait_ready(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await;
+            let detail = reqwest::get(format!("http://{addr}/healthz/detailed"))
+                .await
+                .expect("broker health")
+                .text()
+                .await
+                .expect("broker health body");
+            assert!(detail.contains("redis"), "{addr} is not on Redis: {detail}");
+        }
+    }
 
     // Policies go in through esperctl, as an operator would apply them.
     let policy_path = policy.display().to_string();
@@ -391,7 +420,11 @@ async fn five_processes_run_the_scenario_and_survive_a_broker_outage() {
             "--control-url",
             &api_url,
         ]),
-        &env(&[("ESPER_TOKEN", TOKEN.to_string())]),
+        &env(&[
+            vec![("ESPER_TOKEN", TOKEN.to_string())],
+            stores.worker_env(),
+        ]
+        .concat()),
     );
     let proxy_p = Proc::esper(
         "proxy",
@@ -493,4 +526,146 @@ async fn five_processes_run_the_scenario_and_survive_a_broker_outage() {
         "the proxy must stay ready without its brokers"
     );
     drop((worker_p, proxy_p, server_p));
+}
+
+/// Both brokers on a real redis-server, a proxy in front of the demo shop, a client
+/// browsing throughout: Redis stops and comes back (empty). The brokers answer not ready
+/// while it is down and recover on their own; the proxy answers every request all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_ride_out_a_redis_restart_while_the_proxy_keeps_serving() {
+    let mut redis = redis_server::RedisServer::start();
+    let stores = Stores {
+        redis: Some((redis.url(), redis_server::unique_prefix("e2e-restart"))),
+        database_url: None,
+    };
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("upstream");
+    let upstream_addr = upstream.local_addr().expect("upstream addr");
+    let (_trigger, app_shutdown) = esper_common::Shutdown::new();
+    tokio::spawn(esper::demo::serve(upstream, app_shutdown));
+
+    let (ingestion, mitigation, proxy, proxy_ops) =
+        (free_addr(), free_addr(), free_addr(), free_addr());
+    let mut env = stores.broker_env();
+    env.push(("ESPER_BROKER_TOKEN", BROKER_TOKEN.to_string()));
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let brokers = [("ingestion", ingestion), ("mitigation", mitigation)].map(|(kind, addr)| {
+        Proc::esper(
+            kind,
+            &s(&["broker", "run", kind, "--listen", &addr.to_string()]),
+            &env,
+        )
+    });
+    let _proxy_p = Proc::esper(
+        "proxy",
+        &s(&[
+            "proxy",
+            "run",
+            "--listen",
+            &proxy.to_string(),
+            "--ops-listen",
+            &proxy_ops.to_string(),
+            "--upstream",
+            &upstream_addr.to_string(),
+            "--ingestion-url",
+            &format!("http://{ingestion}"),
+            "--mitigation-url",
+            &format!("http://{mitigation}"),
+        ]),
+        &[("ESPER_BROKER_TOKEN", BROKER_TOKEN.to_string())],
+    );
+    let readyz = |addr: std::net::SocketAddr| format!("http://{addr}/readyz");
+    for addr in [ingestion, mitigation, proxy_ops] {
+        wait_ready(&readyz(addr), Duration::from_secs(30)).await;
+    }
+    let publisher = esper_protocol::MitigationClient::new(
+        &format!("http://{mitigation}"),
+        Some(BROKER_TOKEN.to_string()),
+    );
+    let ban = |ip: &str| {
+        esper_protocol::Mitigation::new(
+            format!("ip:{ip}").parse().expect("entity"),
+            esper_protocol::Action::Block,
+            Duration::from_secs(3600),
+            esper_protocol::Origin::Manual,
+            esper_protocol::Reason::default(),
+        )
+    };
+    let proxy_url = format!("http://{proxy}/");
+    publisher
+        .publish(vec![ban("127.0.0.5")])
+        .await
+        .expect("publish");
+    eventually(Duration::from_secs(5), "the ban at the proxy", || async {
+        (status_from("127.0.0.5", &proxy_url).await == 403).then_some(())
+    })
+    .await;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let browser = browse(format!("http://{proxy}"), stop_rx);
+    let status_of = |url: String| async move {
+        reqwest::get(url)
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+
+    tokio::task::block_in_place(|| redis.stop());
+    for addr in [ingestion, mitigation] {
+        eventually(Duration::from_secs(10), "a broker to say not ready", || {
+            let url = readyz(addr);
+            async move { (status_of(url).await == 503).then_some(()) }
+        })
+        .await;
+    }
+    // The proxy serves and enforces what it holds while the brokers cannot.
+    for _ in 0..10 {
+        assert_eq!(status_from("127.0.0.5", &proxy_url).await, 403);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status_of(readyz(proxy_ops)).await, 200);
+
+    tokio::task::block_in_place(|| redis.restart());
+    for addr in [ingestion, mitigation] {
+        eventually(Duration::from_secs(15), "a broker to recover", || {
+            let url = readyz(addr);
+            async move { (status_of(url).await == 200).then_some(()) }
+        })
+        .await;
+    }
+    // The stream flows again: a new ban reaches the proxy.
+    eventually(
+        Duration::from_secs(10),
+        "a publish after the restart",
+        || {
+            let publisher = publisher.clone();
+            async move { publisher.publish(vec![ban("127.0.0.6")]).await.ok() }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the new ban at the proxy",
+        || async { (status_from("127.0.0.6", &proxy_url).await == 403).then_some(()) },
+    )
+    .await;
+
+    stop_tx.send(true).ok();
+    let seen = browser.await.expect("browser task");
+    assert!(
+        seen.requests > 10,
+        "browser made only {} requests",
+        seen.requests
+    );
+    assert!(
+        seen.refused.is_empty(),
+        "the browsing client was refused: {:?}",
+        seen.refused
+    );
+    assert_eq!(
+        seen.failed, 0,
+        "requests through the proxy failed during the Redis restart"
+    );
+    drop(brokers);
 }

@@ -7,8 +7,6 @@
 
 mod support;
 
-#[path = "../../../brokers/testing/redis_server.rs"]
-mod redis_server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +15,7 @@ use std::time::Duration;
 
 use esper_common::shutdown::Shutdown;
 use esper_protocol::{IngestionClient, MitigationClient, RequestEvent};
+use support::redis_server;
 use support::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};

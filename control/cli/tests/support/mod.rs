@@ -3,6 +3,11 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../server/tests/support/postgres.rs"]
+pub mod postgres;
+#[path = "../../../../brokers/testing/redis_server.rs"]
+pub mod redis_server;
+
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -206,4 +211,66 @@ pub fn write_login_policy(dir: &Path, ttl: &str) -> PathBuf {
     )
     .expect("write policy");
     path
+}
+
+/// The engine worker's state backend in the production-stores scenario. The one switch
+/// for it: `"redis"` puts the worker's state on the scenario's Redis too (the worker
+/// then also gets `REDIS_URL`).
+pub const WORKER_STATE_BACKEND: &str = "memory";
+
+/// Where a scenario's processes keep their state: embedded (memory brokers, SQLite) or
+/// production (both brokers on one real redis-server, the control plane on a real
+/// PostgreSQL).
+pub struct Stores {
+    /// `REDIS_URL` of both brokers, with a key prefix only this scenario uses.
+    pub redis: Option<(String, String)>,
+    /// `DATABASE_URL` of the control plane; SQLite in `dir` when `None`.
+    pub database_url: Option<String>,
+}
+
+impl Stores {
+    /// Memory brokers, memory engine state, SQLite.
+    pub fn embedded() -> Stores {
+        Stores {
+            redis: None,
+            database_url: None,
+        }
+    }
+
+    /// The shared test redis-server (a fresh key prefix) and a fresh PostgreSQL database.
+    pub async fn production(tag: &str) -> Stores {
+        let redis = redis_server::shared();
+        Stores {
+            redis: Some((redis.url(), redis_server::unique_prefix(tag))),
+            database_url: Some(postgres::shared().fresh_database().await),
+        }
+    }
+
+    /// Environment of either broker.
+    pub fn broker_env(&self) -> Vec<(&'static str, String)> {
+        match &self.redis {
+            Some((url, prefix)) => vec![
+                ("REDIS_URL", url.clone()),
+                ("ESPER_REDIS_PREFIX", prefix.clone()),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// Environment of the engine worker: its state backend (see [`WORKER_STATE_BACKEND`]).
+    pub fn worker_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("ESPER_STATE_BACKEND", WORKER_STATE_BACKEND.to_string())];
+        if let (Some((url, prefix)), "redis") = (&self.redis, WORKER_STATE_BACKEND) {
+            env.push(("REDIS_URL", url.clone()));
+            env.push(("ESPER_REDIS_PREFIX", prefix.clone()));
+        }
+        env
+    }
+
+    /// The control plane's `--database-url`: PostgreSQL, or SQLite in `dir`.
+    pub fn database_url(&self, dir: &Path) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.join("control.db").display()))
+    }
 }

@@ -1,15 +1,18 @@
-//! The durable decision log: workers append batches (idempotent on the decision id);
-//! operators query it newest first.
+//! The durable decision log: workers (and mitigation brokers with persistence) append
+//! batches, idempotent on the decision id; operators query it newest first; a broker
+//! marks its revocations and reads back what is still in force to restore itself.
 
 use axum::extract::State;
+use chrono::Utc;
 use esper_common::http::Query;
 use esper_common::{ApiError, Json};
-use esper_protocol::{DecisionBatch, DecisionMode, EntityKey};
+use esper_protocol::mitigation::RevokeResponse;
+use esper_protocol::{DecisionBatch, DecisionMode, DecisionRevoke, EntityKey, PageMark};
 use serde::Deserialize;
 
 use super::store_error;
 use crate::state::AppState;
-use crate::store::DecisionQuery;
+use crate::store::{DecisionQuery, RevokeTarget};
 use crate::types::{DecisionsResponse, RecordResponse};
 
 /// Default and largest `limit`.
@@ -17,6 +20,8 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 /// Most decisions in one batch.
 const MAX_BATCH: usize = 5000;
+/// Longest `revoked_by` name.
+const MAX_REVOKED_BY: usize = 128;
 
 /// `POST /api/v1/decisions`
 pub async fn record(
@@ -51,10 +56,13 @@ pub struct DecisionParams {
     entity: Option<String>,
     policy: Option<String>,
     mode: Option<String>,
+    active: Option<bool>,
+    before: Option<String>,
     limit: Option<usize>,
 }
 
-/// `GET /api/v1/decisions?entity=&policy=&mode=&limit=`
+/// `GET /api/v1/decisions?entity=&policy=&mode=&active=&before=&limit=`; `active=true`
+/// keeps the decisions still in force, `before=<decided_at>,<id>` starts after that one.
 pub async fn list(
     State(state): State<AppState>,
     Query(p): Query<DecisionParams>,
@@ -77,10 +85,21 @@ pub async fn list(
         }
         None => None,
     };
+    let before = match p.before.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(PageMark::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                "before must be `<RFC 3339 time>,<decision id>`",
+            )
+        })?),
+        None => None,
+    };
     let q = DecisionQuery {
         entity,
         policy: p.policy.filter(|s| !s.is_empty()),
         mode,
+        active: p.active.unwrap_or(false),
+        before,
         limit: p.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT),
     };
     let decisions = state
@@ -89,4 +108,41 @@ pub async fn list(
         .await
         .map_err(|e| store_error(&state, e))?;
     Ok(Json(DecisionsResponse { decisions }))
+}
+
+/// `POST /api/v1/decisions/revoke`: marks logged decisions revoked (by id, entity, or
+/// all in force) as of `revoked_at`, without calling any broker: the broker that sends
+/// it has already revoked.
+pub async fn revoke(
+    State(state): State<AppState>,
+    Json(req): Json<DecisionRevoke>,
+) -> Result<Json<RevokeResponse>, ApiError> {
+    let target = match (&req.id, &req.entity, req.all) {
+        (Some(id), None, false) if !id.trim().is_empty() => RevokeTarget::Id(id.clone()),
+        (None, Some(e), false) => RevokeTarget::Entity(e.clone()),
+        (None, None, true) => RevokeTarget::All,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "give exactly one of `id`, `entity` or `all: true`",
+            ));
+        }
+    };
+    let by = req.revoked_by.trim();
+    if by.is_empty() || by.chars().count() > MAX_REVOKED_BY {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("revoked_by must be 1 to {MAX_REVOKED_BY} characters"),
+        ));
+    }
+    // A revocation cannot be dated in the future: it would mark decisions made later.
+    let at = req.revoked_at.min(Utc::now());
+    let marked = state
+        .store
+        .mark_revoked(&target, by, at)
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    Ok(Json(RevokeResponse {
+        revoked: usize::try_from(marked).unwrap_or(usize::MAX),
+    }))
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use esper_protocol::{Decision, DecisionMode, EntityKey, ProxyConfigDoc};
+use esper_protocol::{Decision, DecisionMode, EntityKey, PageMark, ProxyConfigDoc};
 use serde::{Deserialize, Serialize};
 
 mod postgres;
@@ -122,14 +122,25 @@ pub struct DecisionQuery {
     pub entity: Option<EntityKey>,
     pub policy: Option<String>,
     pub mode: Option<DecisionMode>,
+    /// Only decisions still in force: enforced, not revoked, not expired.
+    pub active: bool,
+    /// Only decisions after this one in the log's order (the next page).
+    pub before: Option<PageMark>,
     pub limit: usize,
 }
+
+/// `decided_by` of the copies a mitigation broker with persistence logs. A broker's copy
+/// knows only the mitigation; the worker's own record of the same decision (counts,
+/// threshold, policy version) replaces it when it arrives later.
+pub const BROKER_COPY: &str = "mitigation-broker";
 
 /// Which logged decisions a revocation marks.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RevokeTarget {
     Id(String),
     Entity(EntityKey),
+    /// Every decision in force (a cleared mitigation cache).
+    All,
 }
 
 /// The control plane's durable state. Every method is one transaction.
@@ -188,7 +199,9 @@ pub trait ControlStore: Send + Sync {
     /// Enabled policies, all lists and the revision, consistently.
     async fn active_snapshot(&self) -> Result<ActiveSnapshot, StoreError>;
 
-    /// Appends decisions, ignoring ids already logged; returns how many were new.
+    /// Appends decisions, ignoring ids already logged, except that a broker's copy
+    /// ([`BROKER_COPY`]) is replaced by any other record of the same id; returns how many
+    /// were new or replaced.
     async fn record_decisions(&self, decisions: &[Decision]) -> Result<usize, StoreError>;
 
     async fn query_decisions(&self, q: &DecisionQuery) -> Result<Vec<LoggedDecision>, StoreError>;

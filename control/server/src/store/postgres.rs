@@ -21,9 +21,9 @@ use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use tokio::task::AbortHandle;
 
 use super::{
-    ActiveSnapshot, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL, ListRecord, LoggedDecision,
-    PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL, PolicyRecord, PolicyVersionRecord, PolicyWrite,
-    PutOutcome, RevokeTarget, StoreError, parse_ts, proxy_config_row, redact_url, ts,
+    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL, ListRecord,
+    LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL, PolicyRecord, PolicyVersionRecord,
+    PolicyWrite, PutOutcome, RevokeTarget, StoreError, parse_ts, proxy_config_row, redact_url, ts,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
@@ -617,7 +617,9 @@ impl ControlStore for PostgresStore {
                 "INSERT INTO decisions (id, entity, policy_id, mode, action, origin, decided_by, \
                  decided_at, expires_at, body, recorded_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-                 ON CONFLICT (id) DO NOTHING",
+                 ON CONFLICT (id) DO UPDATE SET policy_id = excluded.policy_id, \
+                 decided_by = excluded.decided_by, body = excluded.body \
+                 WHERE decisions.decided_by = $12 AND excluded.decided_by <> $12",
             )
             .bind(&d.id)
             .bind(d.mitigation.entity.to_string())
@@ -630,6 +632,7 @@ impl ControlStore for PostgresStore {
             .bind(ts(d.mitigation.expires_at))
             .bind(body)
             .bind(&now)
+            .bind(BROKER_COPY)
             .execute(&mut *tx)
             .await?
             .rows_affected() as usize;
@@ -654,6 +657,21 @@ impl ControlStore for PostgresStore {
         if let Some(m) = q.mode {
             args.push(mode_name(m).to_string());
             sql.push_str(&format!(" AND mode = ${}", args.len()));
+        }
+        if q.active {
+            args.push(ts(Utc::now()));
+            sql.push_str(&format!(
+                " AND mode = 'enforce' AND revoked_at IS NULL AND expires_at > ${}",
+                args.len()
+            ));
+        }
+        if let Some(mark) = &q.before {
+            args.push(ts(mark.decided_at));
+            args.push(mark.id.clone());
+            let (at, id) = (args.len() - 1, args.len());
+            sql.push_str(&format!(
+                " AND (decided_at < ${at} OR (decided_at = ${at} AND id < ${id}))"
+            ));
         }
         sql.push_str(&format!(
             " ORDER BY decided_at DESC, id DESC LIMIT {}",
@@ -680,6 +698,8 @@ impl ControlStore for PostgresStore {
         let (col, value) = match target {
             RevokeTarget::Id(id) => ("id", id.clone()),
             RevokeTarget::Entity(e) => ("entity", e.to_string()),
+            // `$3 = $3` keeps one statement shape for every target.
+            RevokeTarget::All => ("$3", String::new()),
         };
         // Only decisions that were in force can be revoked.
         let sql = format!(

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use esper_protocol::{Action, Decision, DecisionMode, EntityKey, Mitigation, Origin, Reason};
+use esper_protocol::{
+    Action, Decision, DecisionMode, EntityKey, Mitigation, Origin, PageMark, Reason,
+};
 use serde_json::json;
 
-use super::{ControlStore, DecisionQuery, PolicyWrite, RevokeTarget};
+use super::{BROKER_COPY, ControlStore, DecisionQuery, PolicyWrite, RevokeTarget};
 
 fn write(id: &str, spec: serde_json::Value, change: &str) -> PolicyWrite {
     PolicyWrite {
@@ -55,6 +57,7 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     policies_version_only_on_change(&*store).await;
     lists_bump_the_revision(&*store).await;
     decision_log_is_idempotent_and_filtered(&*store).await;
+    decisions_in_force_page_and_broker_copies_upgrade(&*store).await;
     tokens_are_found_by_hash(&*store).await;
     proxy_config_revisions_grow_on_change(&*store).await;
 }
@@ -179,6 +182,7 @@ async fn decision_log_is_idempotent_and_filtered(store: &dyn ControlStore) {
         mode: Some(DecisionMode::Enforce),
         policy: Some("login-burst".into()),
         limit: 10,
+        ..Default::default()
     };
     let got = store.query_decisions(&q).await.expect("filtered");
     assert_eq!(got.len(), 1);
@@ -206,6 +210,79 @@ async fn decision_log_is_idempotent_and_filtered(store: &dyn ControlStore) {
     let got = store.query_decisions(&q).await.expect("filtered");
     assert_eq!(got[0].revoked_by.as_deref(), Some("suite"));
     assert!(got[0].revoked_at.is_some());
+}
+
+async fn decisions_in_force_page_and_broker_copies_upgrade(store: &dyn ControlStore) {
+    let in_force = |q: Option<PageMark>| DecisionQuery {
+        active: true,
+        before: q,
+        limit: 2,
+        ..Default::default()
+    };
+    // Earlier expectations leave every decision revoked, shadowed or about other
+    // entities; start from what is in force now.
+    let before: Vec<String> = store
+        .query_decisions(&DecisionQuery {
+            active: true,
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("in force")
+        .into_iter()
+        .map(|d| d.decision.id)
+        .collect();
+    let mut expired = decision("p-expired", "ip:198.51.100.1", DecisionMode::Enforce, 5);
+    expired.mitigation.expires_at = Utc::now() - chrono::Duration::seconds(1);
+    let mut copy = decision("p2", "ip:198.51.100.2", DecisionMode::Enforce, 3);
+    copy.decided_by = BROKER_COPY.into();
+    copy.counted = None;
+    let batch = vec![
+        decision("p1", "ip:198.51.100.1", DecisionMode::Enforce, 4),
+        copy,
+        decision("p3", "ip:198.51.100.3", DecisionMode::Enforce, 2),
+        decision("p-shadow", "ip:198.51.100.4", DecisionMode::Shadow, 1),
+        expired,
+    ];
+    assert_eq!(store.record_decisions(&batch).await.expect("record"), 5);
+
+    let mut seen = Vec::new();
+    let mut mark = None;
+    loop {
+        let page = store.query_decisions(&in_force(mark)).await.expect("page");
+        seen.extend(page.iter().map(|d| d.decision.id.clone()));
+        if page.len() < 2 {
+            break;
+        }
+        mark = page.last().map(|d| PageMark::after(&d.decision));
+    }
+    seen.retain(|id| !before.contains(id));
+    assert_eq!(seen, ["p3", "p2", "p1"], "in force, newest first, paged");
+
+    // The worker's own record replaces the broker's copy, never the other way round.
+    let worker = decision("p2", "ip:198.51.100.2", DecisionMode::Enforce, 3);
+    assert_eq!(store.record_decisions(&[worker]).await.expect("upgrade"), 1);
+    let mut late_copy = decision("p3", "ip:198.51.100.3", DecisionMode::Enforce, 2);
+    late_copy.decided_by = BROKER_COPY.into();
+    assert_eq!(store.record_decisions(&[late_copy]).await.expect("copy"), 0);
+    let p2 = store
+        .query_decisions(&DecisionQuery {
+            entity: Some("ip:198.51.100.2".parse().expect("key")),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("p2");
+    assert_eq!(p2[0].decision.decided_by, "worker-1");
+    assert_eq!(p2[0].decision.counted, Some(12.0));
+
+    let n = store
+        .mark_revoked(&RevokeTarget::All, "suite", Utc::now())
+        .await
+        .expect("revoke all");
+    assert_eq!(n as usize, 3 + before.len());
+    let left = store.query_decisions(&in_force(None)).await.expect("none");
+    assert!(left.is_empty(), "{left:?}");
 }
 
 async fn tokens_are_found_by_hash(store: &dyn ControlStore) {

@@ -1,0 +1,171 @@
+//! The control plane's durable decision log as a service outside the control plane
+//! sees it: append decisions, mark them revoked, and read back the ones still in force
+//! (a mitigation broker with `PERSISTENCE_ENABLED` keeps its durable copy there).
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Base, ClientError, encode};
+use crate::control::{Decision, DecisionBatch};
+use crate::entity::EntityKey;
+use crate::mitigation::RevokeResponse;
+
+/// Most decisions one page of [`DecisionLogClient::active_page`] may ask for.
+pub const MAX_DECISION_PAGE: usize = 1000;
+
+/// `POST /api/v1/decisions/revoke` body: marks logged decisions revoked, without touching
+/// any broker. Exactly one of `id`, `entity` or `all` selects what is marked.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRevoke {
+    /// One decision (the mitigation id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Every decision about this exact entity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<EntityKey>,
+    /// Every decision in force (a cleared mitigation cache).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+    /// When the revocation happened (it may reach the log later); only decisions still
+    /// in force at that time are marked.
+    pub revoked_at: DateTime<Utc>,
+    /// Who revoked, e.g. `mitigation-broker`.
+    pub revoked_by: String,
+}
+
+/// One entry of `GET /api/v1/decisions`, as far as a client needs it.
+#[derive(Clone, Debug, Deserialize)]
+struct LoggedEntry {
+    decision: Decision,
+}
+
+/// `GET /api/v1/decisions` answer.
+#[derive(Clone, Debug, Deserialize)]
+struct LoggedPage {
+    decisions: Vec<LoggedEntry>,
+}
+
+/// Where the next page of decisions in force starts: after this decision, in the log's
+/// order (newest first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageMark {
+    pub decided_at: DateTime<Utc>,
+    pub id: String,
+}
+
+impl PageMark {
+    /// The mark just after `d`.
+    pub fn after(d: &Decision) -> PageMark {
+        PageMark {
+            decided_at: d.decided_at,
+            id: d.id.clone(),
+        }
+    }
+
+    /// The `before` query value: `<RFC 3339 time>,<id>`.
+    pub fn to_query(&self) -> String {
+        format!(
+            "{},{}",
+            self.decided_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            self.id
+        )
+    }
+
+    /// Parses a `before` query value.
+    pub fn parse(text: &str) -> Option<PageMark> {
+        let (at, id) = text.split_once(',')?;
+        let decided_at = DateTime::parse_from_rfc3339(at).ok()?.with_timezone(&Utc);
+        (!id.is_empty()).then(|| PageMark {
+            decided_at,
+            id: id.to_string(),
+        })
+    }
+}
+
+/// Client of the control plane's decision log (API port 8080 by default).
+#[derive(Clone, Debug)]
+pub struct DecisionLogClient {
+    base: Base,
+}
+
+impl DecisionLogClient {
+    /// A client of the control plane at `url` with its API token.
+    pub fn new(url: &str, token: Option<String>) -> DecisionLogClient {
+        DecisionLogClient {
+            base: Base::new(url, token, Duration::from_secs(10)),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base.url
+    }
+
+    /// `POST /api/v1/decisions`: appends, ignoring ids already logged.
+    pub async fn record(&self, decisions: Vec<Decision>) -> Result<(), ClientError> {
+        self.base
+            .post::<_, serde::de::IgnoredAny>("/api/v1/decisions", &DecisionBatch { decisions })
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST /api/v1/decisions/revoke`: returns how many logged decisions were marked.
+    pub async fn revoke(&self, req: &DecisionRevoke) -> Result<usize, ClientError> {
+        self.base
+            .post::<_, RevokeResponse>("/api/v1/decisions/revoke", req)
+            .await
+            .map(|r| r.revoked)
+    }
+
+    /// One page (newest first) of the enforced decisions neither revoked nor expired,
+    /// starting after `before`; a page shorter than `limit` is the last.
+    pub async fn active_page(
+        &self,
+        before: Option<&PageMark>,
+        limit: usize,
+    ) -> Result<Vec<Decision>, ClientError> {
+        let mut path = format!(
+            "/api/v1/decisions?active=true&limit={}",
+            limit.clamp(1, MAX_DECISION_PAGE)
+        );
+        if let Some(mark) = before {
+            path.push_str("&before=");
+            path.push_str(&encode(&mark.to_query()));
+        }
+        let page: LoggedPage = self.base.get(&path).await?;
+        Ok(page.decisions.into_iter().map(|e| e.decision).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_marks_round_trip_and_ids_may_hold_commas() {
+        let mark = PageMark {
+            decided_at: "2026-01-02T03:04:05.123456Z".parse().unwrap(),
+            id: "a,b".into(),
+        };
+        assert_eq!(PageMark::parse(&mark.to_query()), Some(mark));
+        assert_eq!(PageMark::parse("yesterday,x"), None);
+        assert_eq!(PageMark::parse("2026-01-02T03:04:05Z,"), None);
+    }
+
+    #[test]
+    fn a_revocation_names_its_target_only() {
+        let r = DecisionRevoke {
+            all: true,
+            revoked_at: "2026-01-02T03:04:05Z".parse().unwrap(),
+            revoked_by: "mitigation-broker".into(),
+            ..DecisionRevoke::default()
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["all"], true);
+        assert!(json.get("id").is_none());
+        let back: DecisionRevoke = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,278 @@
+//! A mitigation broker with `PERSISTENCE_ENABLED` against a real control plane: its
+//! durable copy survives the control plane being down (bounded outbox, retried, full
+//! outbox refused with 503), and a broker started on an empty store restores the
+//! mitigations still in force, including when the control plane comes up after it.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use esper_common::{Shutdown, ShutdownTrigger};
+use esper_control::{Listeners, Started};
+use esper_protocol::mitigation::RevokeRequest;
+use esper_protocol::{Action, ClientError, Mitigation, MitigationClient, Origin, Reason};
+use serde_json::Value;
+use support::{TOKEN, TempDir, call, closed_addr, eventually};
+use tokio::net::TcpListener;
+
+/// A control plane on a chosen API address (so it can stop and come back there).
+struct Control {
+    trigger: ShutdownTrigger,
+    started: Started,
+}
+
+impl Control {
+    async fn start(dir: &TempDir, api: SocketAddr) -> Control {
+        let (i, m) = support::Brokers::down().await;
+        let cfg = support::config(dir, &i, &m);
+        let any = "127.0.0.1:0";
+        let listeners = Listeners {
+            api: TcpListener::bind(api).await.unwrap(),
+            health: TcpListener::bind(any).await.unwrap(),
+            metrics: TcpListener::bind(any).await.unwrap(),
+        };
+        let (trigger, shutdown) = Shutdown::new();
+        let started = esper_control::start(cfg, listeners, shutdown)
+            .await
+            .unwrap();
+        Control { trigger, started }
+    }
+
+    async fn stop(self) {
+        self.trigger.trigger();
+        self.started.wait().await.unwrap();
+    }
+}
+
+/// A mitigation broker (memory store) keeping its durable copy at `control`.
+struct Broker {
+    client: MitigationClient,
+    base: String,
+    trigger: ShutdownTrigger,
+    broker: esper_mitigation::Broker,
+}
+
+impl Broker {
+    async fn start(control: SocketAddr, outbox: usize) -> Broker {
+        let config = esper_mitigation::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            persistence_enabled: true,
+            control_url: format!("http://{control}"),
+            control_token: Some(TOKEN.into()),
+            persistence_outbox: outbox,
+            shutdown_timeout: Duration::from_secs(2),
+            ..esper_mitigation::Config::default()
+        };
+        let (trigger, shutdown) = Shutdown::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let broker = esper_mitigation::start(config, listener, shutdown)
+            .await
+            .unwrap();
+        let base = format!("http://{}", broker.local_addr());
+        Broker {
+            client: MitigationClient::new(&base, None),
+            base,
+            trigger,
+            broker,
+        }
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    async fn active_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .client
+            .active(None)
+            .await
+            .unwrap()
+            .mitigations
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn stop(self) {
+        self.trigger.trigger();
+        self.broker.wait().await.unwrap();
+    }
+}
+
+fn ban(ip: &str) -> Mitigation {
+    Mitigation::new(
+        format!("ip:{ip}").parse().unwrap(),
+        Action::Block,
+        Duration::from_secs(600),
+        Origin::Manual,
+        Reason {
+            policy_id: None,
+            summary: "persistence test".into(),
+        },
+    )
+}
+
+/// The ids in force in the control plane's decision log, sorted.
+async fn logged_in_force(api: SocketAddr) -> Vec<String> {
+    let (status, body) = call(
+        reqwest::Client::new()
+            .get(format!("http://{api}/api/v1/decisions?active=true"))
+            .bearer_auth(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut ids: Vec<String> = body["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["decision"]["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn health_detail(b: &Broker) -> Value {
+    let (_, body) = call(reqwest::Client::new().get(format!("{}/healthz/detailed", b.base))).await;
+    body
+}
+
+fn sorted(ids: &[&Mitigation]) -> Vec<String> {
+    let mut v: Vec<String> = ids.iter().map(|m| m.id.clone()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn the_durable_copy_survives_a_control_plane_outage_and_restores_a_fresh_broker() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    // The control plane is down while the broker takes writes.
+    let a = Broker::start(api, 3).await;
+    let (m1, m2, m3, m4) = (
+        ban("192.0.2.1"),
+        ban("192.0.2.2"),
+        ban("192.0.2.3"),
+        ban("192.0.2.4"),
+    );
+    a.client
+        .publish(vec![m1.clone(), m2.clone()])
+        .await
+        .unwrap();
+    a.client
+        .revoke(&RevokeRequest {
+            id: Some(m1.id.clone()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    // Full: the write is refused before it changes anything, and counted.
+    match a.client.publish(vec![m3.clone(), m4.clone()]).await {
+        Err(ClientError::Backpressure { code, retry_after }) => {
+            assert_eq!(code, "persistence_backlog");
+            assert!(retry_after.is_some());
+        }
+        other => panic!("expected 503 persistence_backlog, got {other:?}"),
+    }
+    assert_eq!(a.active_ids().await, sorted(&[&m2]));
+    assert_eq!(a.metric("esper_persistence_rejected_total").await, 1.0);
+    assert_eq!(a.metric("esper_persistence_pending").await, 3.0);
+    eventually("the outage to show in health", || async {
+        let h = health_detail(&a).await;
+        h["status"] == "degraded"
+            && h["components"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == "decision_log" && c["healthy"] == false)
+    })
+    .await;
+    assert!(
+        a.client.ready().await,
+        "the broker stays ready without the log"
+    );
+
+    // The control plane comes back: the outbox drains in order, the publisher's retry
+    // goes through.
+    let control = Control::start(&dir, api).await;
+    eventually("the outbox to drain", || async {
+        a.metric("esper_persistence_pending").await == 0.0
+    })
+    .await;
+    a.client
+        .publish(vec![m3.clone(), m4.clone()])
+        .await
+        .unwrap();
+    eventually("every write in the log", || async {
+        logged_in_force(api).await == sorted(&[&m2, &m3, &m4])
+    })
+    .await;
+    let (_, body) = call(
+        reqwest::Client::new()
+            .get(format!("http://{api}/api/v1/decisions?entity=ip:192.0.2.1"))
+            .bearer_auth(TOKEN),
+    )
+    .await;
+    assert_eq!(body["decisions"][0]["revoked_by"], "mitigation-broker");
+    assert!(a.metric("esper_persistence_sent_total").await >= 5.0);
+    a.stop().await;
+
+    // A fresh broker on an empty memory store restores what is in force.
+    let b = Broker::start(api, 100).await;
+    eventually("the restore", || async {
+        b.active_ids().await == sorted(&[&m2, &m3, &m4])
+    })
+    .await;
+    assert_eq!(b.metric("esper_persistence_restored_total").await, 3.0);
+    // A clear reaches the log too: nothing is in force any more.
+    b.client.clear().await.unwrap();
+    eventually("the clear in the log", || async {
+        logged_in_force(api).await.is_empty()
+    })
+    .await;
+    b.stop().await;
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn a_broker_started_before_the_control_plane_restores_once_it_answers() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let a = Broker::start(api, 100).await;
+    let kept = ban("198.51.100.7");
+    a.client.publish(vec![kept.clone()]).await.unwrap();
+    eventually("the decision in the log", || async {
+        logged_in_force(api).await == sorted(&[&kept])
+    })
+    .await;
+    a.stop().await;
+    control.stop().await;
+
+    // Control plane down when the new broker starts: it serves, and says restore pending.
+    let b = Broker::start(api, 100).await;
+    assert!(b.client.ready().await);
+    let h = health_detail(&b).await;
+    let detail = h["components"][1]["detail"].as_str().unwrap().to_string();
+    assert!(detail.contains("restore pending"), "{detail}");
+    assert!(b.active_ids().await.is_empty());
+    let control = Control::start(&dir, api).await;
+    eventually("the late restore", || async {
+        b.active_ids().await == sorted(&[&kept])
+    })
+    .await;
+    b.stop().await;
+    control.stop().await;
+}
