@@ -295,6 +295,23 @@ async fn mitigations_queue_lists_and_decisions() {
         out.json()["action"],
         serde_json::json!({"type": "tarpit", "delay_ms": 2000})
     );
+    // A decision's reference (what block pages print) leads to its record.
+    let reference = out.json()["id"].as_str().unwrap().to_string();
+    let out = s.ctl(&["mitigations", "show", &reference]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    for line in [
+        format!("reference  {reference}"),
+        "entity     cidr:203.0.113.0/24".to_string(),
+        "policy     - (manual)".to_string(),
+    ] {
+        assert!(out.stdout.contains(&line), "{line}: {out:?}");
+    }
+    let out = s.ctl(&["mitigations", "show", "no-such-reference"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("no decision with reference `no-such-reference`"),
+        "{out:?}"
+    );
 
     let out = s.ctl(&["mitigations", "list", "-o", "json"]).await;
     assert_eq!(out.json()["total"], 2);

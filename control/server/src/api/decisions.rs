@@ -53,6 +53,7 @@ pub async fn record(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionParams {
+    id: Option<String>,
     entity: Option<String>,
     policy: Option<String>,
     mode: Option<String>,
@@ -61,7 +62,7 @@ pub struct DecisionParams {
     limit: Option<usize>,
 }
 
-/// `GET /api/v1/decisions?entity=&policy=&mode=&active=&before=&limit=`; `active=true`
+/// `GET /api/v1/decisions?id=&entity=&policy=&mode=&active=&before=&limit=`; `active=true`
 /// keeps the decisions still in force, `before=<decided_at>,<id>` starts after that one.
 pub async fn list(
     State(state): State<AppState>,
@@ -95,6 +96,7 @@ pub async fn list(
         None => None,
     };
     let q = DecisionQuery {
+        id: p.id.filter(|s| !s.is_empty()),
         entity,
         policy: p.policy.filter(|s| !s.is_empty()),
         mode,

@@ -135,8 +135,85 @@ async fn list(ctx: &Ctx, limit: usize) -> Result<(), CtlError> {
     })
 }
 
+/// `counted/threshold in window`, or `-` for decisions without counts (manual ones).
+fn measured(d: &esper_protocol::Decision) -> String {
+    match (d.counted, d.threshold) {
+        (Some(c), Some(t)) => {
+            let window = d.window_secs.map_or(String::new(), |w| format!(" in {w}s"));
+            format!("{c}/{t}{window}")
+        }
+        _ => "-".into(),
+    }
+}
+
+/// One decision in full: what a block page's reference leads to.
+async fn show_reference(ctx: &Ctx, reference: &str) -> Result<(), CtlError> {
+    let v = ctx
+        .client
+        .get(&format!("/api/v1/decisions?id={}&limit=1", segment(reference)))
+        .await?;
+    ctx.emit(v, |v| {
+        let r: crate::types::DecisionsResponse = decode(&ctx.client, v)?;
+        let Some(logged) = r.decisions.into_iter().next() else {
+            return Err(CtlError::Api {
+                status: 404,
+                code: "not_found".into(),
+                message: format!(
+                    "no decision with reference `{reference}` (an entity is written kind:value, e.g. ip:203.0.113.7)"
+                ),
+            });
+        };
+        let d = logged.decision;
+        let m = &d.mitigation;
+        let policy = match (&d.policy_id, d.policy_version) {
+            (Some(p), Some(v)) => format!("{p} (version {v})"),
+            (Some(p), None) => p.clone(),
+            _ => "- (manual)".into(),
+        };
+        let counted = match (d.counted, d.threshold) {
+            (Some(c), Some(t)) => format!(
+                "{c} against a threshold of {t}{}",
+                d.window_secs
+                    .map_or(String::new(), |w| format!(" over a {w}s window"))
+            ),
+            _ => "-".into(),
+        };
+        let revoked = match (logged.revoked_at, logged.revoked_by) {
+            (Some(at), by) => format!("{} by {}", rfc3339(at), by.unwrap_or_default()),
+            _ => "-".into(),
+        };
+        let mut t = Table::new(&["FIELD", "VALUE"]);
+        for (k, v) in [
+            ("reference", d.id.clone()),
+            ("entity", m.entity.to_string()),
+            ("action", m.action.to_string()),
+            ("mode", super::ops::mode_name(d.mode).to_string()),
+            ("policy", policy),
+            ("why", m.reason.summary.clone()),
+            ("counted", counted),
+            ("decided", format!("{} by {}", rfc3339(d.decided_at), d.decided_by)),
+            ("expires", rfc3339(m.expires_at)),
+            ("revoked", revoked),
+        ] {
+            t.row(vec![k.to_string(), v]);
+        }
+        Ok(format!(
+            "{}\nThe entity's history: esperctl mitigations show {}\n",
+            t.render(),
+            m.entity
+        ))
+    })
+}
+
+/// `ENTITY` (`kind:value`) or a decision's reference (its id, as block pages print it).
 async fn show(ctx: &Ctx, entity: &str) -> Result<(), CtlError> {
-    let key = entity_key(entity)?;
+    let key = match entity.parse::<EntityKey>() {
+        Ok(key) => key,
+        Err(esper_protocol::EntityParseError::MissingKind(_)) => {
+            return show_reference(ctx, entity.trim()).await;
+        }
+        Err(e) => return Err(CtlError::Input(e.to_string())),
+    };
     let v = ctx
         .client
         .get(&format!(
@@ -156,14 +233,25 @@ async fn show(ctx: &Ctx, entity: &str) -> Result<(), CtlError> {
         if r.decisions.is_empty() {
             out.push_str("no logged decisions\n");
         } else {
-            let mut t = Table::new(&["DECIDED", "POLICY", "MODE", "ACTION", "BY", "REVOKED"]);
+            let mut t = Table::new(&[
+                "DECIDED",
+                "REFERENCE",
+                "POLICY",
+                "MODE",
+                "ACTION",
+                "COUNTED",
+                "BY",
+                "REVOKED",
+            ]);
             for d in r.decisions {
                 let dec = d.decision;
                 t.row(vec![
                     rfc3339(dec.decided_at),
-                    dec.policy_id.unwrap_or_else(|| "-".into()),
+                    dec.id.clone(),
+                    dec.policy_id.clone().unwrap_or_else(|| "-".into()),
                     super::ops::mode_name(dec.mode).into(),
                     dec.mitigation.action.to_string(),
+                    measured(&dec),
                     dec.decided_by,
                     d.revoked_at.map(rfc3339).unwrap_or_else(|| "-".into()),
                 ]);

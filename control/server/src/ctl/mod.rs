@@ -139,9 +139,11 @@ pub enum MitigationCmd {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// An entity's active mitigations and its recent decisions.
+    /// An entity's active mitigations and its recent decisions, or one decision in full
+    /// by its reference (as printed on block, challenge and rate-limit pages).
     Show {
-        /// `ip:203.0.113.7`, `cidr:203.0.113.0/24`, `header:NAME=VALUE`, ...
+        /// `ip:203.0.113.7`, `cidr:203.0.113.0/24`, `header:NAME=VALUE`, ..., or a reference
+        #[arg(value_name = "ENTITY|REFERENCE")]
         entity: String,
     },
     /// Publishes a manual mitigation.

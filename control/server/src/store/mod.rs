@@ -119,6 +119,8 @@ pub struct LoggedDecision {
 /// Filters of the decision log, newest first.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DecisionQuery {
+    /// One decision by its id (= the mitigation's id, the reference on block pages).
+    pub id: Option<String>,
     pub entity: Option<EntityKey>,
     pub policy: Option<String>,
     pub mode: Option<DecisionMode>,

@@ -504,6 +504,10 @@ impl ControlStore for SqliteStore {
             "SELECT body, recorded_at, revoked_at, revoked_by FROM decisions WHERE 1 = 1",
         );
         let mut args: Vec<String> = Vec::new();
+        if let Some(id) = &q.id {
+            args.push(id.clone());
+            sql.push_str(&format!(" AND id = ${}", args.len()));
+        }
         if let Some(e) = &q.entity {
             args.push(e.to_string());
             sql.push_str(&format!(" AND entity = ${}", args.len()));
