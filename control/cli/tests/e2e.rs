@@ -306,8 +306,8 @@ async fn five_processes_run_the_scenario_and_survive_a_broker_outage() {
 }
 
 /// The same scenario with every store in production form: both brokers on one real
-/// redis-server, the control plane on a real PostgreSQL (the worker's state backend is
-/// `support::WORKER_STATE_BACKEND`).
+/// redis-server, the engine worker's state on it too, the control plane on a real
+/// PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_processes_on_redis_and_postgres_run_the_scenario() {
     five_processes(Stores::production("e2e-five").await).await;

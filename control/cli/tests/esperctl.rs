@@ -309,7 +309,8 @@ async fn mitigations_queue_lists_and_decisions() {
     let out = s.ctl(&["mitigations", "show", "no-such-reference"]).await;
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
-        out.stderr.contains("no decision with reference `no-such-reference`"),
+        out.stderr
+            .contains("no decision with reference `no-such-reference`"),
         "{out:?}"
     );
 

@@ -7,7 +7,6 @@
 
 mod support;
 
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

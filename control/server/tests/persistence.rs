@@ -276,3 +276,51 @@ async fn a_broker_started_before_the_control_plane_restores_once_it_answers() {
     b.stop().await;
     control.stop().await;
 }
+
+#[tokio::test]
+async fn the_decision_log_endpoints_refuse_bad_input_clearly() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let http = reqwest::Client::new();
+    let post = |body: Value| {
+        http.post(format!("http://{api}/api/v1/decisions/revoke"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+    };
+    let at = "2026-01-01T00:00:00Z";
+    for body in [
+        serde_json::json!({"revoked_at": at, "revoked_by": "x"}),
+        serde_json::json!({"id": "a", "all": true, "revoked_at": at, "revoked_by": "x"}),
+        serde_json::json!({"id": "a", "revoked_at": at, "revoked_by": " "}),
+    ] {
+        let (status, answer) = call(post(body.clone())).await;
+        assert_eq!(status, 400, "{body} -> {answer}");
+        assert_eq!(answer["error"], "invalid_body", "{answer}");
+    }
+    let (status, answer) = call(post(
+        serde_json::json!({"all": true, "revoked_at": at, "revoked_by": "x"}),
+    ))
+    .await;
+    assert_eq!(
+        (status, &answer["revoked"]),
+        (200, &Value::from(0)),
+        "{answer}"
+    );
+    let (status, answer) = call(
+        http.get(format!(
+            "http://{api}/api/v1/decisions?active=true&before=yesterday"
+        ))
+        .bearer_auth(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"], "invalid_query");
+    let (status, _) = call(
+        http.post(format!("http://{api}/api/v1/decisions/revoke"))
+            .json(&serde_json::json!({"all": true, "revoked_at": at, "revoked_by": "x"})),
+    )
+    .await;
+    assert_eq!(status, 401, "the log is behind the API token");
+    control.stop().await;
+}

@@ -213,11 +213,6 @@ pub fn write_login_policy(dir: &Path, ttl: &str) -> PathBuf {
     path
 }
 
-/// The engine worker's state backend in the production-stores scenario. The one switch
-/// for it: `"redis"` puts the worker's state on the scenario's Redis too (the worker
-/// then also gets `REDIS_URL`).
-pub const WORKER_STATE_BACKEND: &str = "memory";
-
 /// Where a scenario's processes keep their state: embedded (memory brokers, SQLite) or
 /// production (both brokers on one real redis-server, the control plane on a real
 /// PostgreSQL).
@@ -257,14 +252,20 @@ impl Stores {
         }
     }
 
-    /// Environment of the engine worker: its state backend (see [`WORKER_STATE_BACKEND`]).
+    /// Environment of the engine worker: its state in memory, or on the scenario's Redis
+    /// under the scenario's own key prefix.
     pub fn worker_env(&self) -> Vec<(&'static str, String)> {
-        let mut env = vec![("ESPER_STATE_BACKEND", WORKER_STATE_BACKEND.to_string())];
-        if let (Some((url, prefix)), "redis") = (&self.redis, WORKER_STATE_BACKEND) {
-            env.push(("REDIS_URL", url.clone()));
-            env.push(("ESPER_REDIS_PREFIX", prefix.clone()));
+        match &self.redis {
+            Some((url, prefix)) => vec![
+                ("ESPER_STATE_BACKEND", "redis".to_string()),
+                ("REDIS_URL", url.clone()),
+                (
+                    "ESPER_STATE_KEY_PREFIX",
+                    format!("{}:state", prefix.replace('-', "_")),
+                ),
+            ],
+            None => vec![("ESPER_STATE_BACKEND", "memory".to_string())],
         }
-        env
     }
 
     /// The control plane's `--database-url`: PostgreSQL, or SQLite in `dir`.

@@ -150,7 +150,10 @@ fn measured(d: &esper_protocol::Decision) -> String {
 async fn show_reference(ctx: &Ctx, reference: &str) -> Result<(), CtlError> {
     let v = ctx
         .client
-        .get(&format!("/api/v1/decisions?id={}&limit=1", segment(reference)))
+        .get(&format!(
+            "/api/v1/decisions?id={}&limit=1",
+            segment(reference)
+        ))
         .await?;
     ctx.emit(v, |v| {
         let r: crate::types::DecisionsResponse = decode(&ctx.client, v)?;
