@@ -1,10 +1,16 @@
 //! Engine state backends side by side (`cargo bench -p esper-engine --bench state`):
-//! events/s through evaluate + commit for one worker loop, with the memory state and
-//! with the Redis state (a `redis-server` started on a free loopback port), on the same
-//! traffic and the shipped policy library, in one run. Figures in benches/README.md.
+//! events/s through evaluate + commit for one worker loop, with the memory state, the
+//! Redis state (a `redis-server` started on a free loopback port) and the PostgreSQL
+//! state (a throwaway cluster from `initdb`, also on a free loopback port), on the same
+//! traffic and the shipped policy library, in one run. Every backend must make the
+//! same decisions as memory; the program exits non-zero when one does not. Figures in
+//! benches/README.md.
 
 #[path = "../../brokers/testing/redis_server.rs"]
 mod redis_server;
+
+#[path = "../../control/server/tests/support/postgres.rs"]
+mod postgres;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -12,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use esper_engine::eval::{
-    Evaluator, MemoryState, PolicySet, RedisState, RedisStateConfig, StateBackend,
+    Evaluator, MemoryState, PolicySet, PostgresState, PostgresStateConfig, RedisState,
+    RedisStateConfig, StateBackend,
 };
 use esper_engine::parse_policies;
 use esper_protocol::RequestEvent;
@@ -84,32 +91,81 @@ fn library() -> PolicySet {
     PolicySet::from_specs(1, specs)
 }
 
-/// Events per second through evaluate + commit in batches of `batch`, one loop.
+/// What a run decided: (policy, entity, counted value), sorted.
+type Decisions = Vec<(String, String, String)>;
+
+/// Events per second through evaluate + commit in batches of `batch`, one loop, and
+/// the decisions made; `None` when a step failed.
 async fn throughput(
     state: Arc<dyn StateBackend>,
     set: &PolicySet,
     events: &[RequestEvent],
     batch: usize,
-) -> (f64, usize) {
+) -> Option<(f64, Decisions)> {
     let eval = Evaluator::new(state, "bench", &Registry::new());
-    let mut decisions = 0;
+    let mut decisions = Vec::new();
     let t = Instant::now();
     for chunk in events.chunks(batch) {
         let now: DateTime<Utc> = chunk.last().map_or_else(Utc::now, |e| e.timestamp);
-        match eval.evaluate(set, chunk, now).await {
-            Ok(out) => {
-                decisions += out.decisions.len();
-                if let Err(e) = eval.commit(&out, now).await {
-                    eprintln!("commit failed: {e}");
-                }
+        let out = match eval.evaluate(set, chunk, now).await {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("evaluate failed: {e}");
+                return None;
             }
-            Err(e) => eprintln!("evaluate failed: {e}"),
+        };
+        if let Err(e) = eval.commit(&out, now).await {
+            eprintln!("commit failed: {e}");
+            return None;
         }
+        decisions.extend(out.decisions.iter().map(|d| {
+            (
+                d.policy_id.clone().unwrap_or_default(),
+                d.mitigation.entity.to_string(),
+                d.counted.map_or_else(String::new, |c| c.to_string()),
+            )
+        }));
     }
-    (events.len() as f64 / t.elapsed().as_secs_f64(), decisions)
+    let rate = events.len() as f64 / t.elapsed().as_secs_f64();
+    decisions.sort();
+    Some((rate, decisions))
 }
 
-fn main() {
+/// A backend for one measured run; `None` (after saying why) when it cannot start.
+async fn backend(
+    name: &str,
+    batch: usize,
+    redis: &redis_server::RedisServer,
+    pg: &postgres::PgServer,
+) -> Option<Arc<dyn StateBackend>> {
+    let ttl = Duration::from_secs(3600);
+    let lease = Duration::from_secs(30);
+    let capacity = 10_000_000;
+    let state: Result<Arc<dyn StateBackend>, _> = match name {
+        "memory" => Ok(Arc::new(MemoryState::new(ttl, capacity))),
+        "redis" => RedisState::connect(RedisStateConfig {
+            url: redis.url(),
+            prefix: format!("bench{batch}"),
+            ttl,
+            lease,
+            capacity,
+        })
+        .await
+        .map(|s| Arc::new(s) as Arc<dyn StateBackend>),
+        _ => PostgresState::connect(PostgresStateConfig {
+            url: pg.fresh_database().await,
+            pool_size: 4,
+            ttl,
+            lease,
+            capacity,
+        })
+        .await
+        .map(|s| Arc::new(s) as Arc<dyn StateBackend>),
+    };
+    state.map_err(|e| eprintln!("{name}: {e}")).ok()
+}
+
+fn main() -> std::process::ExitCode {
     let n: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
@@ -118,37 +174,48 @@ fn main() {
         .enable_all()
         .build()
     else {
-        return;
+        return std::process::ExitCode::FAILURE;
     };
-    let server = redis_server::RedisServer::start();
+    let redis = redis_server::RedisServer::start();
+    let pg = postgres::shared();
     let set = library();
     let events = traffic(n);
     println!("{n} events, {} policies, one loop (one core)", set.len());
-    println!("| backend | batch | events/s | decisions |");
-    println!("|---|---:|---:|---:|");
-    rt.block_on(async {
+    println!("| backend | batch | events/s | x slower than memory | decisions |");
+    println!("|---|---:|---:|---:|---:|");
+    let ok = rt.block_on(async {
+        let mut ok = true;
         for batch in [100, 500] {
-            let memory: Arc<dyn StateBackend> =
-                Arc::new(MemoryState::new(Duration::from_secs(3600), 10_000_000));
-            let redis: Arc<dyn StateBackend> = match RedisState::connect(RedisStateConfig {
-                url: server.url(),
-                prefix: format!("bench{batch}"),
-                ttl: Duration::from_secs(3600),
-                lease: Duration::from_secs(30),
-                capacity: 10_000_000,
-            })
-            .await
-            {
-                Ok(s) => Arc::new(s),
-                Err(e) => {
-                    eprintln!("{e}");
-                    return;
+            let mut memory: Option<(f64, Decisions)> = None;
+            for name in ["memory", "redis", "postgres"] {
+                let Some(state) = backend(name, batch, &redis, pg).await else {
+                    ok = false;
+                    continue;
+                };
+                let Some((rate, decisions)) = throughput(state, &set, &events, batch).await else {
+                    ok = false;
+                    continue;
+                };
+                let slower = memory.as_ref().map_or(1.0, |(m, _)| m / rate);
+                println!(
+                    "| {name} | {batch} | {rate:.0} | {slower:.1} | {} |",
+                    decisions.len()
+                );
+                match &memory {
+                    None => memory = Some((rate, decisions)),
+                    Some((_, want)) if *want != decisions => {
+                        eprintln!("{name} (batch {batch}) decides differently from memory");
+                        ok = false;
+                    }
+                    Some(_) => {}
                 }
-            };
-            for (name, state) in [("memory", memory), ("redis", redis)] {
-                let (rate, decisions) = throughput(state, &set, &events, batch).await;
-                println!("| {name} | {batch} | {rate:.0} | {decisions} |");
             }
         }
+        ok
     });
+    if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
 }

@@ -1,7 +1,8 @@
 //! Scaling out changes nothing: one recorded event log, evaluated by one worker and by
-//! four concurrent workers sharing Redis state, gives the same decisions (same
-//! entities, same policies, same counted values), each event counted exactly once.
-//! Real ingestion and mitigation brokers over HTTP, real workers, a real `redis-server`.
+//! four concurrent workers sharing Redis state, or sharing PostgreSQL state, gives the
+//! same decisions (same entities, same policies, same counted values), each event
+//! counted exactly once. Real ingestion and mitigation brokers over HTTP, real workers,
+//! a real `redis-server` and a real PostgreSQL cluster.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -136,25 +137,39 @@ fn expected() -> BTreeSet<(String, String, String)> {
     want
 }
 
-/// Runs the log through `workers` workers sharing one Redis state; returns the
-/// decisions and the events the workers counted in all.
+/// Runs the log through `workers` workers sharing one fresh Redis (key prefix) or
+/// PostgreSQL (database) state; returns the decisions and the events the workers
+/// counted in all.
 async fn evaluate(
     log: &[RequestEvent],
     workers: usize,
+    backend: StateBackendKind,
 ) -> (BTreeSet<(String, String, String)>, f64) {
     let ing = ingestion().await;
     let mit = mitigation().await;
     let dir = TempDir::new("scale");
     let policies = dir.write("policies.toml", POLICIES);
     let prefix = redis_server::unique_prefix("scale").replace('-', "_");
+    let database = match backend {
+        StateBackendKind::Postgres => postgres::shared().fresh_database().await,
+        _ => String::new(),
+    };
     let mut running = Vec::new();
     for w in 0..workers {
         let mut config = worker_config(&ing.url(), &mit.url(), policies.clone());
         config.worker_id = format!("worker-{w}");
         config.batch_size = 16;
-        config.state_backend = StateBackendKind::Redis;
-        config.state_redis_url = redis_server::shared().url();
-        config.state_key_prefix = prefix.clone();
+        config.state_backend = backend;
+        match backend {
+            StateBackendKind::Postgres => {
+                config.state_database_url = database.clone();
+                config.state_database_pool = 2;
+            }
+            _ => {
+                config.state_redis_url = redis_server::shared().url();
+                config.state_key_prefix = prefix.clone();
+            }
+        }
         config.evaluation_timeout = Duration::from_secs(1);
         running.push(worker(config).await);
     }
@@ -187,8 +202,9 @@ async fn evaluate(
     (decisions, counted)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_worker_and_four_workers_decide_the_same() {
+/// One worker, then four, over fresh `backend` state: the decisions the log must make,
+/// the same both times, each event counted once.
+async fn one_and_four_decide_the_same(backend: StateBackendKind) {
     let log = recorded_log();
     let distinct = log
         .iter()
@@ -197,13 +213,23 @@ async fn one_worker_and_four_workers_decide_the_same() {
         .len();
     assert!(log.len() > distinct, "the log repeats some events");
     let want = expected();
-    let (one, counted_one) = evaluate(&log, 1).await;
+    let (one, counted_one) = evaluate(&log, 1, backend).await;
     assert_eq!(one, want);
-    let (four, counted_four) = evaluate(&log, 4).await;
+    let (four, counted_four) = evaluate(&log, 4, backend).await;
     assert_eq!(four, one, "four workers decide what one worker decides");
     assert_eq!(counted_one, distinct as f64, "each event counted once");
     assert_eq!(
         counted_four, distinct as f64,
         "each event counted once, in all"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_and_four_workers_decide_the_same_over_redis() {
+    one_and_four_decide_the_same(StateBackendKind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_and_four_workers_decide_the_same_over_postgres() {
+    one_and_four_decide_the_same(StateBackendKind::Postgres).await;
 }

@@ -274,13 +274,31 @@ impl PostgresState {
     }
 
     /// Creates the tables under an advisory lock (workers may start together) and
-    /// records the schema version; refuses a database of a newer layout.
+    /// records the schema version; refuses a database of a newer layout. A database
+    /// already at this version gets no DDL: `CREATE INDEX IF NOT EXISTS` still locks
+    /// its table, and against workers already running steps (event rows, then entity
+    /// rows) that deadlocks.
     async fn migrate(&self) -> Result<(), StateError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         sqlx::query("SELECT pg_advisory_xact_lock(7402555431)")
             .execute(&mut *tx)
             .await
             .map_err(db)?;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('esper_state_meta') IS NOT NULL")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        if exists {
+            let current: Option<i64> = sqlx::query_scalar(
+                "SELECT value FROM esper_state_meta WHERE name = 'schema_version'",
+            )
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+            if current == Some(SCHEMA_VERSION) {
+                return tx.commit().await.map_err(db);
+            }
+        }
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&mut *tx).await.map_err(db)?;
         }
