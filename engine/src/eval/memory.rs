@@ -5,8 +5,8 @@
 //! recently touched ones (those without a standing decision first) are evicted and
 //! counted. Processed event ids are remembered for `ttl`, and at most `capacity` of them.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, RandomState};
 #[cfg(test)]
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +14,10 @@ use std::time::Duration;
 use esper_protocol::EntityKey;
 use parking_lot::Mutex;
 
+use super::marks::{Change, Marks, Prehashed, Seen};
 use super::state::{
-    BatchInput, BatchOutcome, BatchPolicy, CleanupReport, Crossing, DecisionState, Hit, Increment,
-    PolicyKey, Receipt, SeqProgress, StateBackend, StateError, StateStats, Undo, advance,
+    BatchInput, BatchOutcome, BatchPolicy, CleanupReport, Crossing, DecisionState, Hit, PolicyKey,
+    Receipt, SeqProgress, StateBackend, StateError, StateStats, Undo, advance,
 };
 use super::window::{DistinctWindow, Window};
 
@@ -115,33 +116,16 @@ impl EntityState {
     }
 }
 
+/// A policy's entities by a keyed 64-bit fingerprint of their key (foldhash with a
+/// per-process random seed): an 8-byte key is compared without touching another cache
+/// line and never copied, which matters more than anything else on this path. Two
+/// entities sharing a fingerprint (about one chance in 10^9 with a million tracked)
+/// would share a window.
+type EntityMap = HashMap<u64, EntityState, BuildHasherDefault<Prehashed>>;
+
 struct PolicyState {
     window_ms: i64,
-    entities: HashMap<EntityKey, EntityState>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mark {
-    InFlight(u64),
-    Done(i64),
-}
-
-/// A hasher for keys that are already uniformly distributed 64-bit fingerprints.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = bytes
-            .iter()
-            .fold(self.0, |h, b| h.rotate_left(8) ^ u64::from(*b));
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
+    entities: EntityMap,
 }
 
 #[derive(Default)]
@@ -151,12 +135,11 @@ struct Inner {
     /// Event ids by a keyed 64-bit fingerprint (SipHash with a per-process key): no
     /// copy of the id is kept. Two ids sharing a fingerprint (about one chance in 10^5
     /// over ten million remembered ids) would count the later one as a duplicate.
-    marks: HashMap<u64, Mark, BuildHasherDefault<Prehashed>>,
-    /// Done marks in expiry order (the TTL is the same for all, so insertion order).
-    done: VecDeque<(i64, u64)>,
+    /// The undo logs of batches in flight are kept here too, so that a receipt carries
+    /// only the ids and decisions (no per-hit copies).
+    marks: Marks,
     next_receipt: u64,
     evictions: u64,
-    id_evictions: u64,
 }
 
 /// The embedded state backend.
@@ -165,6 +148,7 @@ pub struct MemoryState {
     ttl_ms: i64,
     capacity: usize,
     ids: RandomState,
+    entity_seed: foldhash::quality::RandomState,
 }
 
 impl MemoryState {
@@ -176,11 +160,16 @@ impl MemoryState {
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
             capacity: capacity.max(1),
             ids: RandomState::new(),
+            entity_seed: foldhash::quality::RandomState::default(),
         }
     }
 
     fn fingerprint(&self, id: &str) -> u64 {
         self.ids.hash_one(id)
+    }
+
+    fn entity_fingerprint(&self, entity: &EntityKey) -> u64 {
+        self.entity_seed.hash_one(entity)
     }
 
     fn apply_now(&self, batch: &BatchInput, now_ms: i64) -> BatchOutcome {
@@ -199,17 +188,23 @@ impl MemoryState {
                     .remove(&bp.key)
                     .unwrap_or_else(|| PolicyState {
                         window_ms: bp.params.window_ms(),
-                        entities: HashMap::new(),
+                        entities: EntityMap::default(),
                     })
             })
             .collect();
         let mut undo = Vec::new();
+        inner.marks.begin(receipt_id);
+        let mut log = inner.marks.new_log(receipt_id);
+        log.policies
+            .extend(batch.policies.iter().map(|p| p.key.clone()));
         let mut out = BatchOutcome {
             duplicate: vec![false; batch.events.len()],
             busy: vec![false; batch.events.len()],
             receipt: Receipt {
                 id: receipt_id,
-                ..Receipt::default()
+                event_ids: Vec::with_capacity(batch.events.len()),
+                increments: Vec::new(),
+                cooldowns: Vec::new(),
             },
             ..BatchOutcome::default()
         };
@@ -219,19 +214,18 @@ impl MemoryState {
                 continue;
             }
             let key = self.fingerprint(&event.id);
-            match inner.marks.get(&key) {
-                Some(Mark::InFlight(r)) if *r != receipt_id => {
+            match inner.marks.check(key, receipt_id) {
+                Seen::New => {}
+                Seen::Done => {
+                    out.duplicate[ei] = true;
+                    continue;
+                }
+                Seen::Busy => {
                     out.duplicate[ei] = true;
                     out.busy[ei] = true;
                     continue;
                 }
-                Some(_) => {
-                    out.duplicate[ei] = true;
-                    continue;
-                }
-                None => {}
             }
-            inner.marks.insert(key, Mark::InFlight(receipt_id));
             out.receipt.event_ids.push(key);
             for (hi, hit) in event.hits.iter().enumerate() {
                 let (Some(policy), Some(state)) =
@@ -241,8 +235,9 @@ impl MemoryState {
                 };
                 let p = &policy.params;
                 let counts = hit.weight > 0.0 || hit.distinct.is_some() || hit.steps != 0;
+                let fp = self.entity_fingerprint(&hit.entity);
                 let entity = if counts {
-                    state.entities.entry(hit.entity.clone()).or_insert_with(|| {
+                    state.entities.entry(fp).or_insert_with(|| {
                         inner.entities += 1;
                         EntityState {
                             last_touch: now_ms,
@@ -251,7 +246,7 @@ impl MemoryState {
                     })
                 } else {
                     // A hit that counts nothing only checks an entity already tracked.
-                    match state.entities.get_mut(&hit.entity) {
+                    match state.entities.get_mut(&fp) {
                         Some(e) => e,
                         None => continue,
                     }
@@ -268,13 +263,12 @@ impl MemoryState {
                 if counts {
                     entity.last_touch = now_ms;
                 }
-                out.receipt
-                    .increments
-                    .extend(undo.drain(..).map(|u| Increment {
-                        policy: policy.key.clone(),
-                        entity: hit.entity.clone(),
-                        undo: u,
-                    }));
+                let policy_index = u32::try_from(hit.policy).unwrap_or(u32::MAX);
+                log.changes.extend(undo.drain(..).map(|u| Change {
+                    policy: policy_index,
+                    entity: fp,
+                    undo: u,
+                }));
                 let Some(measured) = measured else { continue };
                 let rules = &policy.rules;
                 let d = &mut entity.decision;
@@ -324,6 +318,7 @@ impl MemoryState {
                 inner.policies.insert(policy.key.clone(), state);
             }
         }
+        inner.marks.keep_log(log);
         if inner.entities > self.capacity {
             evict(inner, self.capacity, now_ms);
         }
@@ -381,37 +376,28 @@ impl StateBackend for MemoryState {
     async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
         let expiry = now_ms.saturating_add(self.ttl_ms);
-        for &key in &receipt.event_ids {
-            if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
-                inner.marks.insert(key, Mark::Done(expiry));
-                inner.done.push_back((expiry, key));
-            }
-        }
-        while inner.done.len() > self.capacity {
-            if let Some((expiry, id)) = inner.done.pop_front() {
-                if inner.marks.get(&id) == Some(&Mark::Done(expiry)) {
-                    inner.marks.remove(&id);
-                }
-                inner.id_evictions += 1;
-            }
-        }
+        inner
+            .marks
+            .commit(receipt.id, &receipt.event_ids, expiry, self.capacity);
         Ok(())
     }
 
     async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
-        for &key in &receipt.event_ids {
-            if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
-                inner.marks.remove(&key);
-            }
-        }
-        for inc in receipt.increments.iter().rev() {
-            if let Some(e) = inner
-                .policies
-                .get_mut(&inc.policy)
-                .and_then(|p| p.entities.get_mut(&inc.entity))
-            {
-                match &inc.undo {
+        let inner = &mut *inner;
+        if let Some(log) = inner.marks.rollback(receipt.id, &receipt.event_ids) {
+            for change in log.changes.iter().rev() {
+                let Some(policy) = log.policies.get(change.policy as usize) else {
+                    continue;
+                };
+                let Some(e) = inner
+                    .policies
+                    .get_mut(policy)
+                    .and_then(|p| p.entities.get_mut(&change.entity))
+                else {
+                    continue;
+                };
+                match &change.undo {
                     Undo::Weight { bucket, weight } => e.window.remove(*bucket, *weight),
                     Undo::Distinct { value, prev } => {
                         if let Some(d) = e.distinct.as_mut() {
@@ -421,12 +407,14 @@ impl StateBackend for MemoryState {
                     Undo::Sequence { prev } => e.seq = *prev,
                 }
             }
+            inner.marks.done_with(log);
         }
         for (policy, entity, prev) in receipt.cooldowns.iter().rev() {
+            let fp = self.entity_fingerprint(entity);
             if let Some(e) = inner
                 .policies
                 .get_mut(policy)
-                .and_then(|p| p.entities.get_mut(entity))
+                .and_then(|p| p.entities.get_mut(&fp))
             {
                 if e.decision.cooldown_by == receipt.id {
                     e.decision = *prev;
@@ -456,18 +444,7 @@ impl StateBackend for MemoryState {
         }
         inner.policies.retain(|_, p| !p.entities.is_empty());
         inner.entities -= report.entities;
-        while inner
-            .done
-            .front()
-            .is_some_and(|(expiry, _)| *expiry <= now_ms)
-        {
-            if let Some((expiry, id)) = inner.done.pop_front() {
-                if inner.marks.get(&id) == Some(&Mark::Done(expiry)) {
-                    inner.marks.remove(&id);
-                    report.event_ids += 1;
-                }
-            }
-        }
+        report.event_ids = inner.marks.expire(now_ms);
         Ok(report)
     }
 
@@ -477,7 +454,7 @@ impl StateBackend for MemoryState {
             entities: inner.entities as u64,
             event_ids: inner.marks.len() as u64,
             evictions_total: inner.evictions,
-            event_id_evictions_total: inner.id_evictions,
+            event_id_evictions_total: inner.marks.evictions,
         }
     }
 }
@@ -613,7 +590,8 @@ mod tests {
         // The newest entity survived.
         let inner = s.inner.lock();
         let p = inner.policies.get(&key("p")).unwrap();
-        assert!(p.entities.contains_key(&"ip:10.0.0.149".parse().unwrap()));
+        let newest = s.entity_fingerprint(&"ip:10.0.0.149".parse().unwrap());
+        assert!(p.entities.contains_key(&newest));
     }
 
     #[tokio::test]
