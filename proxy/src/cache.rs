@@ -301,7 +301,11 @@ impl Index {
                 consider(&mut best, slot, app, now);
             }
         }
-        if let Some(slot) = req.ja4.and_then(|fp| self.ja4s.get(fp)) {
+        if let Some(slot) = req
+            .ja4
+            .filter(|_| !self.ja4s.is_empty())
+            .and_then(|fp| self.ja4s.get(fp))
+        {
             consider(&mut best, slot, app, now);
         }
         if let Some(slot) = self.tuples_by_ip.get(&ip) {
