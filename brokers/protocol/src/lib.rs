@@ -12,7 +12,7 @@ pub mod mitigation;
 
 pub use client::{ClientError, IngestionClient, MitigationClient};
 pub use control::{Decision, DecisionBatch, DecisionMode, ProxyHeartbeat, WorkerHeartbeat};
-pub use entity::{EntityKey, EntityParseError};
+pub use entity::{EntityKey, EntityParseError, path_template};
 pub use error::ApiErrorBody;
 pub use event::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};
 pub use mitigation::{Action, Change, DeltaPage, Mitigation, Origin, Reason, Scope};
