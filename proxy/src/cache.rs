@@ -1,6 +1,8 @@
 //! The in-memory mitigation cache the request path reads: exact-key maps for IPs,
 //! header values and cookie hashes, and one map per CIDR prefix length present, so a
 //! lookup masks the client address once per length (O(lengths), no allocation on a miss).
+//! Path templates and TLS fingerprints are looked up only while the cache holds entries
+//! of that kind, so they cost nothing otherwise.
 //!
 //! Readers take a `parking_lot` read lock for the length of a few hash lookups; writers
 //! (the delta stream, the expiry sweep) hold the write lock only for bounded chunks of
@@ -11,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use esper_protocol::{Action, Change, EntityKey, Mitigation, hash_cookie_value};
+use esper_protocol::{Action, Change, EntityKey, Mitigation, hash_cookie_value, path_template};
 use http::HeaderMap;
 use ipnet::IpNet;
 use parking_lot::RwLock;
@@ -39,9 +41,25 @@ struct Index {
     headers: HashMap<String, HashMap<String, Slot>>,
     /// cookie name -> hashed value -> mitigations.
     cookies: HashMap<String, HashMap<String, Slot>>,
+    /// Path template -> mitigations.
+    paths: HashMap<String, Slot>,
+    /// JA4 fingerprint -> mitigations.
+    ja4s: HashMap<String, Slot>,
     /// Tuple mitigations with an address part, by that address; the others.
     tuples_by_ip: HashMap<IpAddr, Slot>,
     tuples: Slot,
+}
+
+/// What a request is looked up by.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestKeys<'a> {
+    pub app: &'a str,
+    pub ip: IpAddr,
+    pub headers: &'a HeaderMap,
+    /// The request path (the template is computed only when needed).
+    pub path: &'a str,
+    /// The JA4 fingerprint of the TLS connection, if any.
+    pub ja4: Option<&'a str>,
 }
 
 /// The address part of a tuple, by which it is indexed.
@@ -53,9 +71,12 @@ fn tuple_ip(parts: &[EntityKey]) -> Option<IpAddr> {
 }
 
 /// Does a request match one part of a tuple?
-fn part_matches(part: &EntityKey, ip: IpAddr, headers: &HeaderMap) -> bool {
+fn part_matches(part: &EntityKey, req: &RequestKeys<'_>) -> bool {
+    let (ip, headers) = (req.ip, req.headers);
     match part {
         EntityKey::Ip(_) | EntityKey::Cidr(_) => part.covers_ip(ip),
+        EntityKey::Path(template) => !req.path.is_empty() && path_template(req.path) == *template,
+        EntityKey::Ja4(fp) => req.ja4 == Some(fp.as_str()),
         EntityKey::Header { name, value } => headers
             .get_all(name.as_str())
             .iter()
@@ -74,16 +95,15 @@ fn part_matches(part: &EntityKey, ip: IpAddr, headers: &HeaderMap) -> bool {
 fn consider_tuples<'a>(
     best: &mut Option<&'a Arc<Mitigation>>,
     slot: &'a Slot,
-    request: (&str, IpAddr, &HeaderMap),
+    req: &RequestKeys<'_>,
     now: DateTime<Utc>,
 ) {
-    let (app, ip, headers) = request;
     for m in slot {
         let EntityKey::Tuple(parts) = &m.entity else {
             continue;
         };
-        if parts.iter().all(|p| part_matches(p, ip, headers)) {
-            consider(best, std::slice::from_ref(m), app, now);
+        if parts.iter().all(|p| part_matches(p, req)) {
+            consider(best, std::slice::from_ref(m), req.app, now);
         }
     }
 }
@@ -175,6 +195,8 @@ impl Index {
                 .entry(value)
                 .or_default()
                 .push(m),
+            EntityKey::Path(template) => self.paths.entry(template).or_default().push(m),
+            EntityKey::Ja4(fp) => self.ja4s.entry(fp).or_default().push(m),
             EntityKey::Tuple(parts) => match tuple_ip(&parts) {
                 Some(ip) => self.tuples_by_ip.entry(ip).or_default().push(m),
                 None => self.tuples.push(m),
@@ -206,6 +228,8 @@ impl Index {
             }
             EntityKey::Header { name, value } => remove_named(&mut self.headers, &name, &value, id),
             EntityKey::Cookie { name, value } => remove_named(&mut self.cookies, &name, &value, id),
+            EntityKey::Path(template) => remove_keyed(&mut self.paths, &template, id),
+            EntityKey::Ja4(fp) => remove_keyed(&mut self.ja4s, &fp, id),
             EntityKey::Tuple(parts) => match tuple_ip(&parts) {
                 Some(ip) => {
                     if let Some(slot) = self.tuples_by_ip.get_mut(&ip) {
@@ -221,14 +245,10 @@ impl Index {
         true
     }
 
-    fn lookup(
-        &self,
-        app: &str,
-        ip: IpAddr,
-        headers: &HeaderMap,
-        now: DateTime<Utc>,
-    ) -> Option<Arc<Mitigation>> {
-        let ip = ip.to_canonical();
+    fn lookup(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Option<Arc<Mitigation>> {
+        let ip = req.ip.to_canonical();
+        let req = &RequestKeys { ip, ..*req };
+        let (app, headers) = (req.app, req.headers);
         let mut best: Option<&Arc<Mitigation>> = None;
         if let Some(slot) = self.ips.get(&ip) {
             consider(&mut best, slot, app, now);
@@ -276,10 +296,22 @@ impl Index {
                 }
             }
         }
-        if let Some(slot) = self.tuples_by_ip.get(&ip) {
-            consider_tuples(&mut best, slot, (app, ip, headers), now);
+        if !self.paths.is_empty() && !req.path.is_empty() {
+            if let Some(slot) = self.paths.get(&path_template(req.path)) {
+                consider(&mut best, slot, app, now);
+            }
         }
-        consider_tuples(&mut best, &self.tuples, (app, ip, headers), now);
+        if let Some(slot) = req
+            .ja4
+            .filter(|_| !self.ja4s.is_empty())
+            .and_then(|fp| self.ja4s.get(fp))
+        {
+            consider(&mut best, slot, app, now);
+        }
+        if let Some(slot) = self.tuples_by_ip.get(&ip) {
+            consider_tuples(&mut best, slot, req, now);
+        }
+        consider_tuples(&mut best, &self.tuples, req, now);
         best.cloned()
     }
 
@@ -309,6 +341,8 @@ impl Index {
             .values()
             .flat_map(|m| m.values())
             .for_each(&mut collect);
+        self.paths.values().for_each(&mut collect);
+        self.ja4s.values().for_each(&mut collect);
         self.tuples_by_ip.values().for_each(&mut collect);
         collect(&self.tuples);
         out
@@ -344,6 +378,15 @@ fn remove_net<K: std::hash::Hash + Eq>(
     }
     if map.is_empty() {
         maps.remove(pos);
+    }
+}
+
+fn remove_keyed(map: &mut HashMap<String, Slot>, key: &str, id: &str) {
+    if let Some(slot) = map.get_mut(key) {
+        remove_from(slot, id);
+        if slot.is_empty() {
+            map.remove(key);
+        }
     }
 }
 
@@ -395,7 +438,26 @@ impl MitigationCache {
         headers: &HeaderMap,
         now: DateTime<Utc>,
     ) -> Option<Arc<Mitigation>> {
-        self.index.read().lookup(app, ip, headers, now)
+        self.lookup_request(
+            &RequestKeys {
+                app,
+                ip,
+                headers,
+                path: "",
+                ja4: None,
+            },
+            now,
+        )
+    }
+
+    /// [`lookup`](Self::lookup) by every key of a request, path template and TLS
+    /// fingerprint included.
+    pub fn lookup_request(
+        &self,
+        req: &RequestKeys<'_>,
+        now: DateTime<Utc>,
+    ) -> Option<Arc<Mitigation>> {
+        self.index.read().lookup(req, now)
     }
 
     /// Adds or replaces (same id) one mitigation.
@@ -499,6 +561,53 @@ mod tests {
 
     fn none() -> HeaderMap {
         HeaderMap::new()
+    }
+
+    #[test]
+    fn path_templates_and_fingerprints_match_their_requests() {
+        let cache = MitigationCache::new();
+        let h = none();
+        let keys = |path: &'static str, ja4: Option<&'static str>| RequestKeys {
+            app: "a",
+            ip: ip("10.0.0.1"),
+            headers: &h,
+            path,
+            ja4,
+        };
+        let find = |k: RequestKeys<'_>| {
+            cache
+                .lookup_request(&k, Utc::now())
+                .map(|m| m.action.clone())
+        };
+        let orders = mitigation("path:/users/{id}/orders", Action::Block);
+        let fp = mitigation("ja4:t13d1516h2_8daaf6152771_b0da82dd1658", Action::Log);
+        let both = mitigation(
+            "tuple:ip:10.0.0.1+path:/cart+ja4:t13d1516h2_8daaf6152771_b0da82dd1658",
+            Action::Challenge { difficulty: 4 },
+        );
+        cache.upsert(orders.clone());
+        cache.upsert(fp.clone());
+        cache.upsert(both);
+        assert_eq!(find(keys("/users/9/orders?x=1", None)), Some(Action::Block));
+        assert_eq!(find(keys("/users/9/profile", None)), None);
+        assert_eq!(
+            find(keys("/", Some("t13d1516h2_8daaf6152771_b0da82dd1658"))),
+            Some(Action::Log)
+        );
+        assert_eq!(
+            find(keys("/cart", Some("t13d1516h2_8daaf6152771_b0da82dd1658"))),
+            Some(Action::Challenge { difficulty: 4 })
+        );
+        assert_eq!(
+            find(keys("/cart", None)),
+            None,
+            "every part of a tuple must match"
+        );
+        // A lookup without a path does not match templates.
+        assert_eq!(cache.lookup("a", ip("10.0.0.1"), &h, Utc::now()), None);
+        assert!(cache.remove(&orders.id) && cache.remove(&fp.id));
+        assert_eq!(find(keys("/users/9/orders", None)), None);
+        assert!(cache.index.read().paths.is_empty() && cache.index.read().ja4s.is_empty());
     }
 
     #[test]

@@ -1,16 +1,14 @@
 //! The enforcement filter: looks the request's keys up in the mitigation cache and turns
 //! the strictest mitigation found into a verdict (forward, block, throttle, tarpit).
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use esper_protocol::{Action, EnforcedAction, Mitigation};
-use http::HeaderMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::cache::MitigationCache;
+use crate::cache::{MitigationCache, RequestKeys};
 use crate::metrics::Metrics;
 use crate::throttle::{Throttles, retry_after_secs};
 
@@ -61,16 +59,32 @@ impl Enforcer {
         }
     }
 
-    /// The verdict for a request for `app` from `ip` with `headers`, arrived at `now`.
-    /// Never waits.
+    /// The verdict for a request for `app` from `ip` with `headers` (no path or TLS
+    /// keys), arrived at `now`.
+    #[cfg(test)]
     pub fn decide(
         &self,
         app: &str,
-        ip: IpAddr,
-        headers: &HeaderMap,
+        ip: std::net::IpAddr,
+        headers: &http::HeaderMap,
         now: DateTime<Utc>,
     ) -> Verdict {
-        let found = self.cache.lookup(app, ip, headers, now);
+        self.decide_request(
+            &RequestKeys {
+                app,
+                ip,
+                headers,
+                path: "",
+                ja4: None,
+            },
+            now,
+        )
+    }
+
+    /// The verdict for a request by all its keys (path template and TLS fingerprint
+    /// included), arrived at `now`. Never waits.
+    pub fn decide_request(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Verdict {
+        let found = self.cache.lookup_request(req, now);
         self.metrics.lookup(found.is_some());
         let Some(m) = found else {
             return Verdict::Forward(EnforcedAction::Allow);
@@ -101,7 +115,10 @@ impl Enforcer {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use esper_protocol::{Origin, Reason};
+    use http::HeaderMap;
 
     use super::*;
 

@@ -17,6 +17,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, Result};
 
 use crate::apps::App;
+use crate::cache::RequestKeys;
 use crate::challenge::{self, CHALLENGE_PATH, COOKIE_NAME, Challenger, Clearance};
 use crate::clientip;
 use crate::enforce::{Enforcer, Verdict};
@@ -510,10 +511,18 @@ impl ProxyHttp for EsperProxy {
         if live.allow_ips.contains(ip) || live.allow_paths.contains(path) {
             return Ok(false);
         }
-        match self
-            .enforcer
-            .decide(&app.name, ip, &req.headers, ctx.timestamp)
-        {
+        let ja4 = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_deref())
+            .and_then(crate::tls::ja4_of);
+        let keys = RequestKeys {
+            app: &app.name,
+            ip,
+            headers: &req.headers,
+            path: req.uri.path(),
+            ja4,
+        };
+        match self.enforcer.decide_request(&keys, ctx.timestamp) {
             Verdict::Forward(action) => {
                 ctx.action = action;
                 Ok(false)

@@ -50,6 +50,11 @@ impl TlsFacts {
     }
 }
 
+/// The JA4 fingerprint of a connection with digest `d`, when known.
+pub fn ja4_of(d: &SslDigest) -> Option<&str> {
+    d.extension.get::<TlsFacts>().and_then(|f| f.ja4.as_deref())
+}
+
 struct Callbacks;
 
 #[async_trait]

@@ -1,6 +1,7 @@
 //! TLS termination with certificates made here: the certificate follows SNI, files that
 //! change are reloaded, invalid new files leave the previous certificate in service,
-//! HTTP/2 is negotiated, and events carry the TLS version and a JA4 fingerprint.
+//! HTTP/2 is negotiated, events carry the TLS version and a JA4 fingerprint, and
+//! mitigations on a JA4 fingerprint or a path template are enforced.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,8 +11,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use esper_protocol::Action;
 use esper_proxy::CertConfig;
-use support::{config, dead_url, eventually, ingestion, start_proxy, upstream};
+use support::{
+    client_from, config, dead_url, eventually, ingestion, mitigations, start_proxy, upstream,
+};
 
 /// A self-signed certificate for `name`: (cert PEM, key PEM, cert DER).
 fn cert_for(name: &str) -> (String, String, Vec<u8>) {
@@ -169,6 +173,91 @@ async fn events_carry_the_tls_version_and_fingerprint() {
         .find(|e| e.path == "/plain")
         .expect("the plain event");
     assert!(plain.tls.is_none());
+    proxy.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Polls until `GET url` with `client` answers `status`.
+async fn answers(client: &reqwest::Client, url: &str, status: u16) -> bool {
+    eventually(Duration::from_secs(2), || async {
+        client
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == status)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn fingerprint_and_path_template_mitigations_are_enforced() {
+    let up = upstream().await;
+    let events = ingestion().await;
+    let broker = mitigations().await;
+    let dir = temp_dir();
+    let mut cfg = config(up.addr, &events.url, &broker.url);
+    cfg.tls_certificates = vec![write_cert(&dir, "s", &cert_for("s.test"), &[])];
+    let proxy = start_proxy(cfg).await;
+    let addr = proxy.handle().tls_addr().unwrap();
+    let tls = client("s.test", addr);
+    let tls_url = format!("https://s.test:{}/", addr.port());
+    assert_eq!(tls.get(&tls_url).send().await.unwrap().status(), 200);
+    let seen = events.claim_events(1, Duration::from_secs(3)).await;
+    let fp = seen[0]
+        .tls
+        .as_ref()
+        .and_then(|t| t.fingerprint.clone())
+        .expect("a JA4 fingerprint");
+
+    broker
+        .publish(
+            &format!("ja4:{fp}"),
+            Action::Block,
+            Duration::from_secs(600),
+        )
+        .await;
+    assert!(
+        answers(&tls, &tls_url, 403).await,
+        "the fingerprint is blocked"
+    );
+    let plain = client_from("127.0.0.2");
+    assert_eq!(
+        plain
+            .get(format!("{}/", proxy.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "a plain-HTTP client has no fingerprint"
+    );
+
+    broker
+        .publish(
+            "path:/users/{id}/orders",
+            Action::Block,
+            Duration::from_secs(600),
+        )
+        .await;
+    let orders = format!("{}/users/77/orders?page=2", proxy.url);
+    assert!(
+        answers(&plain, &orders, 403).await,
+        "the template is blocked"
+    );
+    for other in ["/users/77/profile", "/users/me/orders", "/"] {
+        let resp = plain
+            .get(format!("{}{other}", proxy.url))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(resp.status(), 403, "{other}");
+    }
+    let resp = plain
+        .get(format!("{}/users/8/orders", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "every path with the template");
     proxy.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -3,7 +3,9 @@
 //! On the wire and in URLs a key is one string, `kind:value`: `ip:203.0.113.7`,
 //! `cidr:203.0.113.0/24`, `header:x-api-key=abc`, `cookie:session=9f2c...`, and a
 //! combination of these, `tuple:ip:203.0.113.7+header:user-agent=curl/8.5` (in each
-//! part, `%` and `+` are written `%25` and `%2B`).
+//! part, `%` and `+` are written `%25` and `%2B`), a path template,
+//! `path:/users/{id}/orders` (see [`path_template`]), and a TLS client fingerprint,
+//! `ja4:t13d1516h2_8daaf6152771_b0da82dd1658`.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -27,16 +29,21 @@ pub enum EntityKey {
     /// A combination: a request matches when it matches every part. Parts are not
     /// tuples themselves.
     Tuple(Vec<EntityKey>),
+    /// A normalised request path ([`path_template`]): ids and tokens replaced by
+    /// placeholders, no query.
+    Path(String),
+    /// The JA4 fingerprint of the client's TLS ClientHello.
+    Ja4(String),
 }
 
 /// Why a string is not an entity key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntityParseError {
     #[error(
-        "entity key `{0}` has no kind: expected `ip:ADDR`, `cidr:NET/LEN`, `header:NAME=VALUE`, `cookie:NAME=VALUE` or `tuple:KEY+KEY`"
+        "entity key `{0}` has no kind: expected `ip:ADDR`, `cidr:NET/LEN`, `header:NAME=VALUE`, `cookie:NAME=VALUE`, `path:/TEMPLATE`, `ja4:FINGERPRINT` or `tuple:KEY+KEY`"
     )]
     MissingKind(String),
-    #[error("unknown entity kind `{0}`: expected ip, cidr, header, cookie or tuple")]
+    #[error("unknown entity kind `{0}`: expected ip, cidr, header, cookie, path, ja4 or tuple")]
     UnknownKind(String),
     #[error("`{0}` is not a tuple of 2 or more entity keys joined by `+` (tuples do not nest)")]
     BadTuple(String),
@@ -46,6 +53,10 @@ pub enum EntityParseError {
     BadCidr(String),
     #[error("`{0}` must be NAME=VALUE with a non-empty name")]
     BadNamedValue(String),
+    #[error("`{0}` is not a path template: it must start with `/` and have no query")]
+    BadPath(String),
+    #[error("`{0}` is not a JA4 fingerprint (letters, digits and `_`)")]
+    BadJa4(String),
 }
 
 impl EntityKey {
@@ -57,6 +68,8 @@ impl EntityKey {
             EntityKey::Header { .. } => "header",
             EntityKey::Cookie { .. } => "cookie",
             EntityKey::Tuple(_) => "tuple",
+            EntityKey::Path(_) => "path",
+            EntityKey::Ja4(_) => "ja4",
         }
     }
 
@@ -84,6 +97,8 @@ impl fmt::Display for EntityKey {
             EntityKey::Cidr(net) => write!(f, "cidr:{net}"),
             EntityKey::Header { name, value } => write!(f, "header:{name}={value}"),
             EntityKey::Cookie { name, value } => write!(f, "cookie:{name}={value}"),
+            EntityKey::Path(template) => write!(f, "path:{template}"),
+            EntityKey::Ja4(fp) => write!(f, "ja4:{fp}"),
             EntityKey::Tuple(parts) => {
                 f.write_str("tuple:")?;
                 for (i, part) in parts.iter().enumerate() {
@@ -147,9 +162,72 @@ impl FromStr for EntityKey {
             "header" => named_value(rest).map(|(name, value)| EntityKey::Header { name, value }),
             "cookie" => named_value(rest).map(|(name, value)| EntityKey::Cookie { name, value }),
             "tuple" => tuple(rest),
+            "path" if rest.starts_with('/') && !rest.contains(['?', '#']) => {
+                Ok(EntityKey::Path(rest.to_string()))
+            }
+            "path" => Err(EntityParseError::BadPath(rest.to_string())),
+            "ja4"
+                if !rest.is_empty()
+                    && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+            {
+                Ok(EntityKey::Ja4(rest.to_string()))
+            }
+            "ja4" => Err(EntityParseError::BadJa4(rest.to_string())),
             other => Err(EntityParseError::UnknownKind(other.to_string())),
         }
     }
+}
+
+/// The template of a request path: the query is dropped and each segment that looks
+/// like an identifier is replaced by a placeholder, so that `/users/42/orders?page=2`
+/// and `/users/7/orders` are both `/users/{id}/orders`:
+///
+/// - digits only: `{id}`;
+/// - a UUID (8-4-4-4-12 hex digits): `{uuid}`;
+/// - 16 or more hex digits: `{hex}`;
+/// - 20 or more characters of base64 or base64url containing a digit: `{token}`.
+///
+/// The proxy and the engine use this same function, so a mitigation a policy decides on
+/// a template is enforced on every path with that template.
+pub fn path_template(path: &str) -> String {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment_template(segment).unwrap_or(segment));
+    }
+    if !out.starts_with('/') {
+        out.insert(0, '/');
+    }
+    out
+}
+
+/// The placeholder for a path segment that looks like an identifier.
+fn segment_template(segment: &str) -> Option<&'static str> {
+    let b = segment.as_bytes();
+    if b.is_empty() {
+        return None;
+    }
+    if b.iter().all(u8::is_ascii_digit) {
+        return Some("{id}");
+    }
+    let hex = |s: &[u8]| s.iter().all(u8::is_ascii_hexdigit);
+    if b.len() == 36
+        && [8, 13, 18, 23].iter().all(|&i| b[i] == b'-')
+        && b.split(|c| *c == b'-').all(hex)
+    {
+        return Some("{uuid}");
+    }
+    if b.len() >= 16 && hex(b) {
+        return Some("{hex}");
+    }
+    let base64 = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'+' | b'=');
+    if b.len() >= 20 && b.iter().all(base64) && b.iter().any(u8::is_ascii_digit) {
+        return Some("{token}");
+    }
+    None
 }
 
 impl Serialize for EntityKey {
@@ -180,11 +258,41 @@ mod tests {
             "cookie:session=9f2c",
             "tuple:ip:203.0.113.7+header:user-agent=Mozilla/5.0 (%2Bhttp://x/) 100%25",
             "tuple:cidr:10.0.0.0/8+cookie:sid=ab",
+            "path:/users/{id}/orders",
+            "ja4:t13d1516h2_8daaf6152771_b0da82dd1658",
+            "tuple:ip:10.0.0.1+path:/api/{token}%2Bx+ja4:t13d1516h2_8daaf6152771_b0da82dd1658",
         ] {
             let key: EntityKey = s.parse().unwrap();
             assert_eq!(key.to_string(), s);
             let json = serde_json::to_string(&key).unwrap();
             assert_eq!(serde_json::from_str::<EntityKey>(&json).unwrap(), key);
+        }
+    }
+
+    #[test]
+    fn path_templates_replace_identifiers() {
+        for (path, template) in [
+            ("/users/42/orders?page=2", "/users/{id}/orders"),
+            ("/", "/"),
+            ("", "/"),
+            ("/static/app.css", "/static/app.css"),
+            ("/o/123e4567-e89b-12d3-a456-426614174000/x", "/o/{uuid}/x"),
+            ("/blob/9f86d081884c7d659a2feaa0c55ad015", "/blob/{hex}"),
+            ("/reset/eyJhbGciOiJIUzI1NiJ9abc", "/reset/{token}"),
+            (
+                "/products/running-shoes-for-winter",
+                "/products/running-shoes-for-winter",
+            ),
+            ("/a//b/", "/a//b/"),
+        ] {
+            assert_eq!(path_template(path), template, "{path}");
+        }
+    }
+
+    #[test]
+    fn bad_paths_and_fingerprints_are_refused() {
+        for s in ["path:users", "path:/a?b=1", "ja4:", "ja4:a b"] {
+            assert!(s.parse::<EntityKey>().is_err(), "{s}");
         }
     }
 

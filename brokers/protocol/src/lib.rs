@@ -17,7 +17,7 @@ pub use control::{
     WorkerHeartbeat,
 };
 pub use decision_log::{DecisionLogClient, DecisionRevoke, PageMark};
-pub use entity::{EntityKey, EntityParseError};
+pub use entity::{EntityKey, EntityParseError, path_template};
 pub use error::ApiErrorBody;
 pub use event::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};
 pub use mitigation::{Action, Change, DeltaPage, Mitigation, Origin, Reason, Scope};

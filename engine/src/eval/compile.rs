@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use esper_protocol::{Action, DecisionMode, EntityKey, RequestEvent, Scope};
+use esper_protocol::{Action, DecisionMode, EntityKey, RequestEvent, Scope, path_template};
 use ipnet::IpNet;
 
 use super::state::{PolicyKey, Rules, Rung};
@@ -212,6 +212,13 @@ fn entity_key(spec: &EntitySpec, ev: &RequestEvent, ip: IpAddr) -> Option<Entity
         }
         EntitySpec::UserAgent => named("user-agent", ev.user_agent.as_ref())
             .map(|(name, value)| EntityKey::Header { name, value }),
+        EntitySpec::PathTemplate => Some(EntityKey::Path(path_template(&ev.path))),
+        EntitySpec::Ja4 => ev
+            .tls
+            .as_ref()
+            .and_then(|t| t.fingerprint.as_ref())
+            .filter(|fp| !fp.is_empty())
+            .map(|fp| EntityKey::Ja4(fp.clone())),
         EntitySpec::Tuple(parts) => parts
             .iter()
             .map(|p| entity_key(p, ev, ip))

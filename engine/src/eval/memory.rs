@@ -5,8 +5,8 @@
 //! recently touched ones (those without a standing decision first) are evicted and
 //! counted. Processed event ids are remembered for `ttl`, and at most `capacity` of them.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, RandomState};
 #[cfg(test)]
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +14,10 @@ use std::time::Duration;
 use esper_protocol::EntityKey;
 use parking_lot::Mutex;
 
+use super::marks::{Change, Marks, Prehashed, Seen};
 use super::state::{
-    BatchInput, BatchOutcome, BatchPolicy, CleanupReport, Crossing, DecisionState, Hit, Increment,
-    PolicyKey, Receipt, SeqProgress, StateBackend, StateError, StateStats, Undo, advance,
+    BatchInput, BatchOutcome, BatchPolicy, CleanupReport, Crossing, DecisionState, Hit, PolicyKey,
+    Receipt, SeqProgress, StateBackend, StateError, StateStats, Undo, advance,
 };
 use super::window::{DistinctWindow, Window};
 
@@ -115,33 +116,16 @@ impl EntityState {
     }
 }
 
+/// A policy's entities by a keyed 64-bit fingerprint of their key (foldhash with a
+/// per-process random seed): an 8-byte key is compared without touching another cache
+/// line and never copied, which matters more than anything else on this path. Two
+/// entities sharing a fingerprint (about one chance in 10^9 with a million tracked)
+/// would share a window.
+type EntityMap = HashMap<u64, EntityState, BuildHasherDefault<Prehashed>>;
+
 struct PolicyState {
     window_ms: i64,
-    entities: HashMap<EntityKey, EntityState>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mark {
-    InFlight(u64),
-    Done(i64),
-}
-
-/// A hasher for keys that are already uniformly distributed 64-bit fingerprints.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = bytes
-            .iter()
-            .fold(self.0, |h, b| h.rotate_left(8) ^ u64::from(*b));
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
+    entities: EntityMap,
 }
 
 #[derive(Default)]
@@ -151,12 +135,11 @@ struct Inner {
     /// Event ids by a keyed 64-bit fingerprint (SipHash with a per-process key): no
     /// copy of the id is kept. Two ids sharing a fingerprint (about one chance in 10^5
     /// over ten million remembered ids) would count the later one as a duplicate.
-    marks: HashMap<u64, Mark, BuildHasherDefault<Prehashed>>,
-    /// Done marks in expiry order (the TTL is the same for all, so insertion order).
-    done: VecDeque<(i64, u64)>,
+    /// The undo logs of batches in flight are kept here too, so that a receipt carries
+    /// only the ids and decisions (no per-hit copies).
+    marks: Marks,
     next_receipt: u64,
     evictions: u64,
-    id_evictions: u64,
 }
 
 /// The embedded state backend.
@@ -165,6 +148,7 @@ pub struct MemoryState {
     ttl_ms: i64,
     capacity: usize,
     ids: RandomState,
+    entity_seed: foldhash::quality::RandomState,
 }
 
 impl MemoryState {
@@ -176,11 +160,16 @@ impl MemoryState {
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
             capacity: capacity.max(1),
             ids: RandomState::new(),
+            entity_seed: foldhash::quality::RandomState::default(),
         }
     }
 
     fn fingerprint(&self, id: &str) -> u64 {
         self.ids.hash_one(id)
+    }
+
+    fn entity_fingerprint(&self, entity: &EntityKey) -> u64 {
+        self.entity_seed.hash_one(entity)
     }
 
     fn apply_now(&self, batch: &BatchInput, now_ms: i64) -> BatchOutcome {
@@ -199,17 +188,23 @@ impl MemoryState {
                     .remove(&bp.key)
                     .unwrap_or_else(|| PolicyState {
                         window_ms: bp.params.window_ms(),
-                        entities: HashMap::new(),
+                        entities: EntityMap::default(),
                     })
             })
             .collect();
         let mut undo = Vec::new();
+        inner.marks.begin(receipt_id);
+        let mut log = inner.marks.new_log(receipt_id);
+        log.policies
+            .extend(batch.policies.iter().map(|p| p.key.clone()));
         let mut out = BatchOutcome {
             duplicate: vec![false; batch.events.len()],
             busy: vec![false; batch.events.len()],
             receipt: Receipt {
                 id: receipt_id,
-                ..Receipt::default()
+                event_ids: Vec::with_capacity(batch.events.len()),
+                increments: Vec::new(),
+                cooldowns: Vec::new(),
             },
             ..BatchOutcome::default()
         };
@@ -219,19 +214,18 @@ impl MemoryState {
                 continue;
             }
             let key = self.fingerprint(&event.id);
-            match inner.marks.get(&key) {
-                Some(Mark::InFlight(r)) if *r != receipt_id => {
+            match inner.marks.check(key, receipt_id) {
+                Seen::New => {}
+                Seen::Done => {
+                    out.duplicate[ei] = true;
+                    continue;
+                }
+                Seen::Busy => {
                     out.duplicate[ei] = true;
                     out.busy[ei] = true;
                     continue;
                 }
-                Some(_) => {
-                    out.duplicate[ei] = true;
-                    continue;
-                }
-                None => {}
             }
-            inner.marks.insert(key, Mark::InFlight(receipt_id));
             out.receipt.event_ids.push(key);
             for (hi, hit) in event.hits.iter().enumerate() {
                 let (Some(policy), Some(state)) =
@@ -241,8 +235,9 @@ impl MemoryState {
                 };
                 let p = &policy.params;
                 let counts = hit.weight > 0.0 || hit.distinct.is_some() || hit.steps != 0;
+                let fp = self.entity_fingerprint(&hit.entity);
                 let entity = if counts {
-                    state.entities.entry(hit.entity.clone()).or_insert_with(|| {
+                    state.entities.entry(fp).or_insert_with(|| {
                         inner.entities += 1;
                         EntityState {
                             last_touch: now_ms,
@@ -251,7 +246,7 @@ impl MemoryState {
                     })
                 } else {
                     // A hit that counts nothing only checks an entity already tracked.
-                    match state.entities.get_mut(&hit.entity) {
+                    match state.entities.get_mut(&fp) {
                         Some(e) => e,
                         None => continue,
                     }
@@ -268,13 +263,12 @@ impl MemoryState {
                 if counts {
                     entity.last_touch = now_ms;
                 }
-                out.receipt
-                    .increments
-                    .extend(undo.drain(..).map(|u| Increment {
-                        policy: policy.key.clone(),
-                        entity: hit.entity.clone(),
-                        undo: u,
-                    }));
+                let policy_index = u32::try_from(hit.policy).unwrap_or(u32::MAX);
+                log.changes.extend(undo.drain(..).map(|u| Change {
+                    policy: policy_index,
+                    entity: fp,
+                    undo: u,
+                }));
                 let Some(measured) = measured else { continue };
                 let rules = &policy.rules;
                 let d = &mut entity.decision;
@@ -324,6 +318,7 @@ impl MemoryState {
                 inner.policies.insert(policy.key.clone(), state);
             }
         }
+        inner.marks.keep_log(log);
         if inner.entities > self.capacity {
             evict(inner, self.capacity, now_ms);
         }
@@ -381,37 +376,28 @@ impl StateBackend for MemoryState {
     async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
         let expiry = now_ms.saturating_add(self.ttl_ms);
-        for &key in &receipt.event_ids {
-            if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
-                inner.marks.insert(key, Mark::Done(expiry));
-                inner.done.push_back((expiry, key));
-            }
-        }
-        while inner.done.len() > self.capacity {
-            if let Some((expiry, id)) = inner.done.pop_front() {
-                if inner.marks.get(&id) == Some(&Mark::Done(expiry)) {
-                    inner.marks.remove(&id);
-                }
-                inner.id_evictions += 1;
-            }
-        }
+        inner
+            .marks
+            .commit(receipt.id, &receipt.event_ids, expiry, self.capacity);
         Ok(())
     }
 
     async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
-        for &key in &receipt.event_ids {
-            if inner.marks.get(&key) == Some(&Mark::InFlight(receipt.id)) {
-                inner.marks.remove(&key);
-            }
-        }
-        for inc in receipt.increments.iter().rev() {
-            if let Some(e) = inner
-                .policies
-                .get_mut(&inc.policy)
-                .and_then(|p| p.entities.get_mut(&inc.entity))
-            {
-                match &inc.undo {
+        let inner = &mut *inner;
+        if let Some(log) = inner.marks.rollback(receipt.id, &receipt.event_ids) {
+            for change in log.changes.iter().rev() {
+                let Some(policy) = log.policies.get(change.policy as usize) else {
+                    continue;
+                };
+                let Some(e) = inner
+                    .policies
+                    .get_mut(policy)
+                    .and_then(|p| p.entities.get_mut(&change.entity))
+                else {
+                    continue;
+                };
+                match &change.undo {
                     Undo::Weight { bucket, weight } => e.window.remove(*bucket, *weight),
                     Undo::Distinct { value, prev } => {
                         if let Some(d) = e.distinct.as_mut() {
@@ -421,12 +407,14 @@ impl StateBackend for MemoryState {
                     Undo::Sequence { prev } => e.seq = *prev,
                 }
             }
+            inner.marks.done_with(log);
         }
         for (policy, entity, prev) in receipt.cooldowns.iter().rev() {
+            let fp = self.entity_fingerprint(entity);
             if let Some(e) = inner
                 .policies
                 .get_mut(policy)
-                .and_then(|p| p.entities.get_mut(entity))
+                .and_then(|p| p.entities.get_mut(&fp))
             {
                 if e.decision.cooldown_by == receipt.id {
                     e.decision = *prev;
@@ -456,18 +444,7 @@ impl StateBackend for MemoryState {
         }
         inner.policies.retain(|_, p| !p.entities.is_empty());
         inner.entities -= report.entities;
-        while inner
-            .done
-            .front()
-            .is_some_and(|(expiry, _)| *expiry <= now_ms)
-        {
-            if let Some((expiry, id)) = inner.done.pop_front() {
-                if inner.marks.get(&id) == Some(&Mark::Done(expiry)) {
-                    inner.marks.remove(&id);
-                    report.event_ids += 1;
-                }
-            }
-        }
+        report.event_ids = inner.marks.expire(now_ms);
         Ok(report)
     }
 
@@ -477,7 +454,7 @@ impl StateBackend for MemoryState {
             entities: inner.entities as u64,
             event_ids: inner.marks.len() as u64,
             evictions_total: inner.evictions,
-            event_id_evictions_total: inner.id_evictions,
+            event_id_evictions_total: inner.marks.evictions,
         }
     }
 }
@@ -613,7 +590,8 @@ mod tests {
         // The newest entity survived.
         let inner = s.inner.lock();
         let p = inner.policies.get(&key("p")).unwrap();
-        assert!(p.entities.contains_key(&"ip:10.0.0.149".parse().unwrap()));
+        let newest = s.entity_fingerprint(&"ip:10.0.0.149".parse().unwrap());
+        assert!(p.entities.contains_key(&newest));
     }
 
     #[tokio::test]
@@ -630,15 +608,27 @@ mod tests {
 }
 
 /// Scratch states for a shared store (PostgreSQL) that keeps each (policy, entity)
-/// state serialized: a step loads the entities it touches into a scratch
-/// [`MemoryState`], runs this module's algorithm on it, and writes them back, so every
-/// backend decides alike.
+/// state serialized: a step loads the entities it touches into a [`Scratch`], runs this
+/// module's algorithm on it, and writes them back, so every backend decides alike.
+///
+/// The memory backend knows entities only by fingerprint and keeps undo logs in its
+/// marks; a scratch state also keeps the key of every entity it holds, so that it can
+/// name them to the store, and reads and restores undo logs as (policy, entity, undo)
+/// records. None of this touches the memory backend's own path.
 pub(crate) mod scratch {
-    use super::{EntityState, HashMap, Mark, MemoryState, PolicyState};
-    use crate::eval::state::{BatchInput, BatchOutcome, DecisionState, PolicyKey, SeqProgress};
-    use crate::eval::window::{DistinctWindow, Window};
+    use std::collections::HashMap;
+
     use esper_protocol::EntityKey;
+    use parking_lot::Mutex;
     use serde::{Deserialize, Serialize};
+
+    use super::{EntityMap, EntityState, MemoryState, PolicyState};
+    use crate::eval::marks::Change;
+    use crate::eval::state::{
+        BatchInput, BatchOutcome, DecisionState, PolicyKey, Receipt, SeqProgress, StateBackend,
+        StateError, Undo,
+    };
+    use crate::eval::window::{DistinctWindow, Window};
 
     /// The serialized form of one entity's state.
     #[derive(Serialize, Deserialize)]
@@ -665,16 +655,38 @@ pub(crate) mod scratch {
         pub last_touch: i64,
     }
 
-    impl MemoryState {
+    /// One change of a batch to take back, by name.
+    pub(crate) type UndoRecord = (PolicyKey, EntityKey, Undo);
+
+    /// A memory state over the entities one step of a shared store touches.
+    pub(crate) struct Scratch {
+        state: MemoryState,
+        /// Entity fingerprint -> key, for every entity the state may hold.
+        names: Mutex<HashMap<u64, EntityKey>>,
+    }
+
+    impl Scratch {
         /// An empty scratch state whose next receipt has id `receipt_id`; it never
         /// evicts (the store bounds itself).
-        pub(crate) fn scratch(ttl_ms: i64, receipt_id: u64) -> MemoryState {
-            let s = MemoryState {
+        pub(crate) fn new(ttl_ms: i64, receipt_id: u64) -> Scratch {
+            let state = MemoryState {
                 ttl_ms,
                 ..MemoryState::new(std::time::Duration::ZERO, usize::MAX)
             };
-            s.inner.lock().next_receipt = receipt_id.saturating_sub(1);
-            s
+            state.inner.lock().next_receipt = receipt_id.saturating_sub(1);
+            Scratch {
+                state,
+                names: Mutex::new(HashMap::new()),
+            }
+        }
+
+        fn name(&self, entity: &EntityKey) -> u64 {
+            let fp = self.state.entity_fingerprint(entity);
+            self.names
+                .lock()
+                .entry(fp)
+                .or_insert_with(|| entity.clone());
+            fp
         }
 
         /// Loads one stored entity.
@@ -704,43 +716,99 @@ pub(crate) mod scratch {
                 },
                 last_touch: st.t,
             };
-            let mut inner = self.inner.lock();
-            inner
+            let fp = self.name(&entity);
+            let mut inner = self.state.inner.lock();
+            let previous = inner
                 .policies
                 .entry(policy.clone())
                 .or_insert_with(|| PolicyState {
                     window_ms,
-                    entities: HashMap::new(),
+                    entities: EntityMap::default(),
                 })
                 .entities
-                .insert(entity, state);
-            inner.entities += 1;
+                .insert(fp, state);
+            if previous.is_none() {
+                inner.entities += 1;
+            }
             Ok(())
         }
 
         /// Records an event id the store already knows: processed, or in flight in
         /// another batch (`busy`).
         pub(crate) fn mark_seen(&self, id: &str, busy: bool) {
-            let key = self.fingerprint(id);
-            let mark = if busy {
-                Mark::InFlight(0)
-            } else {
-                Mark::Done(0)
-            };
-            self.inner.lock().marks.insert(key, mark);
+            let key = self.state.fingerprint(id);
+            self.state.inner.lock().marks.mark_known(key, busy);
         }
 
         /// Applies a batch to the loaded entities.
-        pub(crate) fn apply_scratch(&self, batch: &BatchInput, now_ms: i64) -> BatchOutcome {
-            self.apply_now(batch, now_ms)
+        pub(crate) fn apply(&self, batch: &BatchInput, now_ms: i64) -> BatchOutcome {
+            for event in &batch.events {
+                for hit in &event.hits {
+                    self.name(&hit.entity);
+                }
+            }
+            self.state.apply_now(batch, now_ms)
+        }
+
+        /// The changes the batch `receipt` made, in the order made, by name.
+        pub(crate) fn undo_log(&self, receipt: u64) -> Result<Vec<UndoRecord>, StateError> {
+            let inner = self.state.inner.lock();
+            let Some(log) = inner.marks.log(receipt) else {
+                return Ok(Vec::new());
+            };
+            let names = self.names.lock();
+            log.changes
+                .iter()
+                .map(|c| {
+                    let policy = log.policies.get(c.policy as usize);
+                    match (policy, names.get(&c.entity)) {
+                        (Some(p), Some(e)) => Ok((p.clone(), e.clone(), c.undo.clone())),
+                        _ => Err(unnamed()),
+                    }
+                })
+                .collect()
+        }
+
+        /// Takes back a batch from its stored undo log and the decisions in `receipt`.
+        pub(crate) async fn rollback(
+            &self,
+            receipt: &Receipt,
+            log: Vec<UndoRecord>,
+        ) -> Result<(), StateError> {
+            let changes: Vec<(PolicyKey, u64, Undo)> = log
+                .into_iter()
+                .map(|(p, e, u)| (p, self.name(&e), u))
+                .collect();
+            {
+                let mut inner = self.state.inner.lock();
+                let mut undo = inner.marks.new_log(receipt.id);
+                for (policy, entity, u) in changes {
+                    let index = match undo.policies.iter().position(|k| *k == policy) {
+                        Some(i) => i,
+                        None => {
+                            undo.policies.push(policy);
+                            undo.policies.len() - 1
+                        }
+                    };
+                    undo.changes.push(Change {
+                        policy: u32::try_from(index).unwrap_or(u32::MAX),
+                        entity,
+                        undo: u,
+                    });
+                }
+                inner.marks.keep_log(undo);
+            }
+            self.state.rollback(receipt).await
         }
 
         /// Every entity the scratch state holds now, serialized.
-        pub(crate) fn saved(&self) -> Result<Vec<Saved>, serde_json::Error> {
-            let inner = self.inner.lock();
+        pub(crate) fn saved(&self) -> Result<Vec<Saved>, StateError> {
+            let inner = self.state.inner.lock();
+            let names = self.names.lock();
             let mut out = Vec::with_capacity(inner.entities);
             for (policy, p) in &inner.policies {
-                for (entity, e) in &p.entities {
+                for (fp, e) in &p.entities {
+                    let entity = names.get(fp).ok_or_else(unnamed)?;
                     let d = &e.decision;
                     let stored = Stored {
                         w: e.window.clone(),
@@ -755,12 +823,15 @@ pub(crate) mod scratch {
                         ),
                         t: e.last_touch,
                     };
+                    let state = serde_json::to_vec(&stored).map_err(|e| {
+                        StateError::Unavailable(format!("cannot serialize entity state: {e}"))
+                    })?;
                     out.push(Saved {
                         policy: policy.clone(),
                         entity: entity.clone(),
                         window_ms: p.window_ms,
-                        state: serde_json::to_vec(&stored)?,
-                        expires_at: e.idle_from(p.window_ms, self.ttl_ms),
+                        state,
+                        expires_at: e.idle_from(p.window_ms, self.state.ttl_ms),
                         cooldown_until: d.cooldown_until,
                         last_touch: e.last_touch,
                     });
@@ -768,6 +839,12 @@ pub(crate) mod scratch {
             }
             Ok(out)
         }
+    }
+
+    /// Every entity a scratch state holds came from a stored row or a hit, both named;
+    /// this is a bug, reported rather than written back under a wrong name.
+    fn unnamed() -> StateError {
+        StateError::Unavailable("scratch state holds an entity it cannot name".into())
     }
 
     impl EntityState {
@@ -795,6 +872,98 @@ pub(crate) mod scratch {
     #[cfg(test)]
     mod tests {
         use super::*;
+        use crate::eval::state::{BatchPolicy, EventHits, Hit, Rules};
+        use std::sync::Arc;
+
+        fn batch() -> BatchInput {
+            let policy = BatchPolicy {
+                key: PolicyKey {
+                    id: Arc::from("p"),
+                    fingerprint: 1,
+                },
+                params: crate::eval::window::WindowParams::new(
+                    std::time::Duration::from_secs(60),
+                    2.0,
+                    std::time::Duration::from_secs(300),
+                ),
+                rules: Arc::new(Rules {
+                    scale: 1.0,
+                    ..Rules::default()
+                }),
+            };
+            let hit = |entity: &str, weight| Hit {
+                policy: 0,
+                entity: entity.parse().unwrap(),
+                at_ms: 1_000_000,
+                weight,
+                distinct: None,
+                steps: 0,
+            };
+            BatchInput {
+                policies: vec![policy],
+                events: vec![
+                    EventHits {
+                        id: "a".into(),
+                        hits: vec![hit("ip:10.0.0.1", 1.5)],
+                    },
+                    EventHits {
+                        id: "b".into(),
+                        hits: vec![hit("ip:10.0.0.1", 0.7), hit("ip:10.0.0.2", 1.0)],
+                    },
+                    EventHits {
+                        id: "c".into(),
+                        hits: vec![hit("ip:10.0.0.3", 0.0)],
+                    },
+                ],
+            }
+        }
+
+        #[tokio::test]
+        async fn a_stored_state_and_undo_log_take_a_batch_back() {
+            let first = Scratch::new(3_600_000, 7);
+            first.mark_seen("c", false);
+            let out = first.apply(&batch(), 1_000_000);
+            assert_eq!(out.receipt.id, 7);
+            assert_eq!(out.duplicate, vec![false, false, true]);
+            assert_eq!(out.crossings.len(), 1);
+            let log = first.undo_log(7).unwrap();
+            let named: Vec<String> = log.iter().map(|(_, e, _)| e.to_string()).collect();
+            assert_eq!(named, ["ip:10.0.0.1", "ip:10.0.0.1", "ip:10.0.0.2"]);
+            let saved = first.saved().unwrap();
+            assert_eq!(saved.len(), 2, "a hit that counts nothing tracks nothing");
+
+            // Another step loads the stored rows and takes the batch back from its log.
+            let second = Scratch::new(3_600_000, 7);
+            for s in &saved {
+                second
+                    .load_entity(&s.policy, s.window_ms, s.entity.clone(), &s.state)
+                    .unwrap();
+            }
+            let receipt = Receipt {
+                id: 7,
+                cooldowns: out.receipt.cooldowns.clone(),
+                ..Receipt::default()
+            };
+            second.rollback(&receipt, log).await.unwrap();
+            assert!(
+                second.undo_log(7).unwrap().is_empty(),
+                "the log was used up"
+            );
+            let again = second.apply(&batch(), 1_000_000);
+            assert_eq!(
+                again.crossings, out.crossings,
+                "the batch counts again alike"
+            );
+        }
+
+        #[test]
+        fn busy_ids_are_reported_busy() {
+            let s = Scratch::new(3_600_000, 3);
+            s.mark_seen("a", true);
+            let out = s.apply(&batch(), 1_000_000);
+            assert_eq!(out.duplicate, vec![true, false, false]);
+            assert_eq!(out.busy, vec![true, false, false]);
+        }
 
         #[test]
         fn idle_from_agrees_with_is_idle() {

@@ -13,6 +13,7 @@
 //!   or rolled back (see [`state`]).
 
 mod compile;
+mod marks;
 pub mod memory;
 pub mod postgres;
 pub mod redis;

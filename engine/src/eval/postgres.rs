@@ -28,11 +28,11 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
-use super::memory::MemoryState;
+use super::memory::scratch::{Scratch, UndoRecord};
 use super::redis::policy_key;
 use super::state::{
-    BatchInput, BatchOutcome, CleanupReport, DecisionState, Increment, PolicyKey, Receipt,
-    SeqProgress, StateBackend, StateError, StateStats, Undo,
+    BatchInput, BatchOutcome, CleanupReport, DecisionState, PolicyKey, Receipt, SeqProgress,
+    StateBackend, StateError, StateStats, Undo,
 };
 
 /// The layout version of this backend's tables.
@@ -145,26 +145,28 @@ type StoredDecision = (i64, u64, usize, u32, i64);
 
 #[derive(Serialize, Deserialize)]
 enum UndoRec {
-    W(i64, f64),
+    /// Sub-bucket and the bits of the weight (read back exactly).
+    W(i64, u64),
     D(u64, Option<i64>),
     S(Option<(u8, u32, i64)>),
 }
 
 impl UndoLog {
-    fn of(receipt: &Receipt) -> UndoLog {
+    /// A receipt's log from its changes (as the scratch state recorded them) and the
+    /// decisions it replaced.
+    fn of(changes: &[UndoRecord], receipt: &Receipt) -> UndoLog {
         UndoLog {
-            inc: receipt
-                .increments
+            inc: changes
                 .iter()
-                .map(|i| {
-                    let undo = match &i.undo {
-                        Undo::Weight { bucket, weight } => UndoRec::W(*bucket, *weight),
+                .map(|(policy, entity, undo)| {
+                    let undo = match undo {
+                        Undo::Weight { bucket, weight } => UndoRec::W(*bucket, weight.to_bits()),
                         Undo::Distinct { value, prev } => UndoRec::D(*value, *prev),
                         Undo::Sequence { prev } => {
                             UndoRec::S(prev.map(|p| (p.step, p.matched, p.started_ms)))
                         }
                     };
-                    (policy_key(&i.policy), i.entity.to_string(), undo)
+                    (policy_key(policy), entity.to_string(), undo)
                 })
                 .collect(),
             cd: receipt
@@ -192,18 +194,22 @@ impl UndoLog {
             .chain(self.cd.iter().map(|(p, e, _)| (p, e)))
     }
 
-    /// The receipt that [`MemoryState`]'s rollback takes back.
-    fn receipt(&self, id: u64) -> Result<Receipt, StateError> {
+    /// The receipt (its decisions) and changes that [`Scratch::rollback`] takes back.
+    fn receipt(&self, id: u64) -> Result<(Receipt, Vec<UndoRecord>), StateError> {
         let mut r = Receipt {
             id,
             ..Receipt::default()
         };
+        let mut changes = Vec::with_capacity(self.inc.len());
         for (p, e, u) in &self.inc {
-            r.increments.push(Increment {
-                policy: parse_policy(p)?,
-                entity: parse_entity(e)?,
-                undo: match *u {
-                    UndoRec::W(bucket, weight) => Undo::Weight { bucket, weight },
+            changes.push((
+                parse_policy(p)?,
+                parse_entity(e)?,
+                match *u {
+                    UndoRec::W(bucket, weight) => Undo::Weight {
+                        bucket,
+                        weight: f64::from_bits(weight),
+                    },
                     UndoRec::D(value, prev) => Undo::Distinct { value, prev },
                     UndoRec::S(prev) => Undo::Sequence {
                         prev: prev.map(|(step, matched, started_ms)| SeqProgress {
@@ -213,7 +219,7 @@ impl UndoLog {
                         }),
                     },
                 },
-            });
+            ));
         }
         for (p, e, c) in &self.cd {
             let (cooldown_until, cooldown_by, level, offenses, last_offense_ms) = *c;
@@ -229,7 +235,7 @@ impl UndoLog {
                 },
             ));
         }
-        Ok(r)
+        Ok((r, changes))
     }
 }
 
@@ -421,7 +427,7 @@ impl PostgresState {
         &self,
         tx: &mut Tx,
         keys: &BTreeSet<(String, String, i64)>,
-        scratch: &MemoryState,
+        scratch: &Scratch,
     ) -> Result<BTreeSet<(String, String)>, StepError> {
         let mut existed = BTreeSet::new();
         if keys.is_empty() {
@@ -471,7 +477,7 @@ impl PostgresState {
     async fn save_entities(
         &self,
         tx: &mut Tx,
-        scratch: &MemoryState,
+        scratch: &Scratch,
         keys: &BTreeSet<(String, String, i64)>,
         existed: &BTreeSet<(String, String)>,
         d: &mut Deltas,
@@ -479,7 +485,7 @@ impl PostgresState {
         if keys.is_empty() {
             return Ok(());
         }
-        let saved = scratch.saved().map_err(corrupt)?;
+        let saved = scratch.saved()?;
         let mut kept = BTreeSet::new();
         let (mut ps, mut es, mut ss, mut xs, mut cs, mut ls, mut ws) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -547,7 +553,7 @@ impl PostgresState {
         tx: &mut Tx,
         expired: &Expired,
         keys: &mut BTreeSet<(String, String, i64)>,
-        scratch: &MemoryState,
+        scratch: &Scratch,
     ) -> Result<BTreeSet<(String, String)>, StepError> {
         for (_, log) in expired {
             for (p, e) in log.keys() {
@@ -559,8 +565,8 @@ impl PostgresState {
         keys.retain(|(p, e, _)| seen.insert((p.clone(), e.clone())));
         let existed = self.lock_entities(tx, keys, scratch).await?;
         for (id, log) in expired {
-            let receipt = log.receipt(*id)?;
-            scratch.rollback(&receipt).await?;
+            let (receipt, changes) = log.receipt(*id)?;
+            scratch.rollback(&receipt, changes).await?;
         }
         Ok(existed)
     }
@@ -594,7 +600,7 @@ impl PostgresState {
             .fetch_one(&mut **tx)
             .await?;
         let expired = self.take_expired(tx, now_ms, &mut d).await?;
-        let scratch = MemoryState::scratch(self.ttl_ms, u64::try_from(rid).unwrap_or(0));
+        let scratch = Scratch::new(self.ttl_ms, u64::try_from(rid).unwrap_or(0));
         // Claim the batch's event ids, in id order.
         let ids: Vec<&str> = batch
             .events
@@ -649,17 +655,15 @@ impl PostgresState {
             }
         }
         let existed = self.undo_in(tx, &expired, &mut keys, &scratch).await?;
-        let mut out = scratch.apply_scratch(batch, now_ms);
+        let mut out = scratch.apply(batch, now_ms);
         self.save_entities(tx, &scratch, &keys, &existed, &mut d)
             .await?;
         let receipt = &out.receipt;
-        if receipt.event_ids.is_empty()
-            && receipt.increments.is_empty()
-            && receipt.cooldowns.is_empty()
-        {
+        let changes = scratch.undo_log(receipt.id)?;
+        if receipt.event_ids.is_empty() && changes.is_empty() && receipt.cooldowns.is_empty() {
             out.receipt = Receipt::default();
         } else {
-            let undo = serde_json::to_vec(&UndoLog::of(receipt)).map_err(corrupt)?;
+            let undo = serde_json::to_vec(&UndoLog::of(&changes, receipt)).map_err(corrupt)?;
             sqlx::query(
                 "INSERT INTO esper_state_receipt (id, expires_at, undo) VALUES ($1, $2, $3)",
             )
@@ -708,7 +712,7 @@ impl PostgresState {
         if expired.is_empty() {
             return Ok(0);
         }
-        let scratch = MemoryState::scratch(self.ttl_ms, 0);
+        let scratch = Scratch::new(self.ttl_ms, 0);
         let mut keys = BTreeSet::new();
         let existed = self.undo_in(tx, &expired, &mut keys, &scratch).await?;
         self.save_entities(tx, &scratch, &keys, &existed, d).await?;
@@ -774,7 +778,7 @@ impl PostgresState {
         let log: UndoLog = serde_json::from_slice(&undo).map_err(corrupt)?;
         d.ids -= self.drop_marks(tx, &[rid]).await?;
         let expired = vec![(u64::try_from(rid).unwrap_or(0), log)];
-        let scratch = MemoryState::scratch(self.ttl_ms, 0);
+        let scratch = Scratch::new(self.ttl_ms, 0);
         let mut keys = BTreeSet::new();
         let existed = self.undo_in(tx, &expired, &mut keys, &scratch).await?;
         self.save_entities(tx, &scratch, &keys, &existed, &mut d)

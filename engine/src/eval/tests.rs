@@ -285,6 +285,75 @@ delay = "1500ms"
 }
 
 #[tokio::test]
+async fn path_template_and_tls_fingerprint_entities() {
+    let policies = r#"
+[[policy]]
+id = "template"
+entity = "path"
+window = "1m"
+threshold = 3
+action = "block"
+[[policy]]
+id = "fingerprint"
+entity = "ja4"
+window = "1m"
+threshold = 2
+action = "challenge"
+[[policy]]
+id = "pair"
+entity = ["ip", "path", "ja4"]
+window = "1m"
+threshold = 2
+action = "log"
+"#;
+    let (ev, set, _) = setup(policies);
+    let ja4 = "t13d1516h2_8daaf6152771_b0da82dd1658";
+    let mut events = vec![
+        event("10.0.0.1", "GET", "/users/1/orders", 200, 0.0),
+        event("10.0.0.2", "GET", "/users/22/orders?page=2", 200, 0.1),
+        event("10.0.0.3", "GET", "/users/333/profile", 200, 0.2),
+        event("10.0.0.1", "GET", "/users/4444/orders", 200, 0.3),
+    ];
+    for e in &mut events[..2] {
+        e.tls = Some(esper_protocol::TlsInfo {
+            version: "TLSv1.3".into(),
+            fingerprint: Some(ja4.into()),
+        });
+    }
+    events[3].tls = events[0].tls.clone();
+    let mut d = run(&ev, &set, &events, at(1.0)).await;
+    d.sort_by(|a, b| a.policy_id.cmp(&b.policy_id));
+    let got: Vec<_> = d
+        .iter()
+        .map(|d| {
+            (
+                d.policy_id.clone().unwrap(),
+                d.mitigation.entity.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("fingerprint".to_string(), format!("ja4:{ja4}")),
+            (
+                "pair".to_string(),
+                format!("tuple:ip:10.0.0.1+path:/users/{{id}}/orders+ja4:{ja4}")
+            ),
+            (
+                "template".to_string(),
+                "path:/users/{id}/orders".to_string()
+            ),
+        ]
+    );
+    // Decided keys read back as the same keys.
+    for d in &d {
+        let text = d.mitigation.entity.to_string();
+        assert_eq!(text.parse::<EntityKey>().unwrap(), d.mitigation.entity);
+    }
+}
+
+#[tokio::test]
 async fn match_conditions() {
     let policies = r#"
 [[policy]]

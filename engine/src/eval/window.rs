@@ -63,16 +63,108 @@ pub fn reached(value: f64, threshold: f64) -> bool {
 /// Most distinct values one entity's [`DistinctWindow`] holds.
 pub const DISTINCT_CAP: usize = crate::policy::MAX_DISTINCT;
 
+/// Up to this many values a [`DistinctWindow`] is a plain list searched in order
+/// (faster than hashing at that size, and half the memory); beyond, a hash map.
+const SMALL_DISTINCT: usize = 32;
+
+/// Value fingerprint -> newest sub-bucket it was seen in.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+enum Seen {
+    Small(Vec<(u64, i64)>),
+    Large(HashMap<u64, i64, foldhash::fast::RandomState>),
+}
+
+impl Default for Seen {
+    fn default() -> Seen {
+        Seen::Small(Vec::new())
+    }
+}
+
+impl Seen {
+    fn get(&self, value: u64) -> Option<i64> {
+        match self {
+            Seen::Small(v) => v.iter().find(|(x, _)| *x == value).map(|(_, b)| *b),
+            Seen::Large(m) => m.get(&value).copied(),
+        }
+    }
+
+    fn insert(&mut self, value: u64, bucket: i64) {
+        match self {
+            Seen::Small(v) => match v.iter().position(|(x, _)| *x == value) {
+                Some(i) => v[i].1 = bucket,
+                None if v.len() < SMALL_DISTINCT => v.push((value, bucket)),
+                None => {
+                    let mut m: HashMap<u64, i64, _> = v.drain(..).collect();
+                    m.insert(value, bucket);
+                    *self = Seen::Large(m);
+                }
+            },
+            Seen::Large(m) => {
+                m.insert(value, bucket);
+            }
+        }
+    }
+
+    fn remove(&mut self, value: u64) {
+        match self {
+            Seen::Small(v) => {
+                if let Some(i) = v.iter().position(|(x, _)| *x == value) {
+                    v.swap_remove(i);
+                }
+            }
+            Seen::Large(m) => {
+                m.remove(&value);
+            }
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(i64) -> bool) {
+        match self {
+            Seen::Small(v) => v.retain(|(_, b)| keep(*b)),
+            Seen::Large(m) => m.retain(|_, b| keep(*b)),
+        }
+    }
+
+    /// How many values were seen after sub-bucket `after`.
+    fn count_after(&self, after: i64) -> usize {
+        match self {
+            Seen::Small(v) => v.iter().filter(|(_, b)| *b > after).count(),
+            Seen::Large(m) => m.values().filter(|b| **b > after).count(),
+        }
+    }
+
+    /// The value seen longest ago, other than `except`.
+    fn oldest_except(&self, except: u64) -> Option<u64> {
+        let pick = |it: &mut dyn Iterator<Item = (u64, i64)>| {
+            it.filter(|(v, _)| *v != except)
+                .min_by_key(|(_, b)| *b)
+                .map(|(v, _)| v)
+        };
+        match self {
+            Seen::Small(v) => pick(&mut v.iter().copied()),
+            Seen::Large(m) => pick(&mut m.iter().map(|(v, b)| (*v, *b))),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Seen::Small(v) => v.len(),
+            Seen::Large(m) => m.len(),
+        }
+    }
+}
+
 /// The distinct values of a field seen in one entity's window: value fingerprint ->
 /// newest sub-bucket it was seen in.
 ///
 /// Precision: exact (up to 64-bit fingerprint collisions, about one in 10^15 pairs) up
 /// to [`DISTINCT_CAP`] values, with the same sub-bucket edge as [`Window`]. Beyond the
 /// cap the oldest value is forgotten, so the count stays at the cap; thresholds above
-/// the cap are refused, so a policy still fires. Memory: about 24 bytes per value.
+/// the cap are refused, so a policy still fires. Memory: 16 bytes per value up to 32
+/// values, about 24 beyond.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DistinctWindow {
-    seen: HashMap<u64, i64>,
+    seen: Seen,
     head: Option<i64>,
 }
 
@@ -85,21 +177,16 @@ impl DistinctWindow {
             return None;
         }
         if self.head.is_some_and(|h| h < head) {
-            self.seen.retain(|_, b| *b > head - p.buckets);
+            self.seen.retain(|b| b > head - p.buckets);
         }
         self.head = Some(head);
-        let prev = self.seen.get(&value).copied();
+        let prev = self.seen.get(value);
         self.seen
             .insert(value, prev.map_or(bucket, |b| b.max(bucket)));
         if self.seen.len() > DISTINCT_CAP {
-            let oldest = self
-                .seen
-                .iter()
-                .filter(|(v, _)| **v != value)
-                .min_by_key(|(_, b)| **b)
-                .map(|(v, _)| *v);
-            if let Some(v) = oldest {
-                self.seen.remove(&v);
+            // Only reached with a large map: at most once per added value.
+            if let Some(v) = self.seen.oldest_except(value) {
+                self.seen.remove(v);
             }
         }
         Some((self.count(), prev))
@@ -108,12 +195,8 @@ impl DistinctWindow {
     /// Takes back an [`add`](Self::add): restores the value's previous bucket.
     pub fn undo(&mut self, value: u64, prev: Option<i64>) {
         match prev {
-            Some(b) => {
-                self.seen.insert(value, b);
-            }
-            None => {
-                self.seen.remove(&value);
-            }
+            Some(b) => self.seen.insert(value, b),
+            None => self.seen.remove(value),
         }
     }
 
@@ -124,21 +207,36 @@ impl DistinctWindow {
     /// The distinct count as of sub-bucket `bucket` (or the newest seen, if later).
     pub fn count_at(&self, bucket: i64, p: &WindowParams) -> f64 {
         let head = self.head.map_or(bucket, |h| h.max(bucket));
-        self.seen
-            .values()
-            .filter(|b| **b > head - p.buckets)
-            .count() as f64
+        self.seen.count_after(head - p.buckets) as f64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        self.seen.len() == 0
     }
 }
 
 /// One entity's window: `(sub-bucket index, weight)` pairs, oldest first.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Window {
+    /// Stored with each weight's bits, so that a stored window reads back exactly (a
+    /// decimal form can come back one unit in the last place off).
+    #[serde(with = "exact_weights")]
     buckets: VecDeque<(i64, f64)>,
+}
+
+mod exact_weights {
+    use std::collections::VecDeque;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &VecDeque<(i64, f64)>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(b.iter().map(|(k, w)| (*k, w.to_bits())))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VecDeque<(i64, f64)>, D::Error> {
+        let v = Vec::<(i64, u64)>::deserialize(d)?;
+        Ok(v.into_iter().map(|(k, w)| (k, f64::from_bits(w))).collect())
+    }
 }
 
 impl Window {

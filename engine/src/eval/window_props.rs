@@ -56,7 +56,7 @@ proptest! {
 
     #[test]
     fn distinct_counts_match_the_naive_reference(
-        evs in prop::collection::vec((0i64..300_000, 0u64..40), 1..200),
+        evs in prop::collection::vec((0i64..300_000, 0u64..80), 1..200),
     ) {
         let p = params();
         let mut d = DistinctWindow::default();

@@ -61,8 +61,7 @@ impl fmt::Display for ActionKind {
     }
 }
 
-const ENTITY_HELP: &str =
-    "expected ip, ip/N, ip/V4,V6, header:NAME, cookie:NAME, user_agent or a list of these";
+const ENTITY_HELP: &str = "expected ip, ip/N, ip/V4,V6, header:NAME, cookie:NAME, user_agent, path, ja4 or a list of these";
 
 /// Most parts of a tuple entity.
 pub const MAX_TUPLE: usize = 4;
@@ -84,6 +83,12 @@ impl FromStr for EntitySpec {
         }
         if s == "user_agent" || s == "user-agent" {
             return Ok(EntitySpec::UserAgent);
+        }
+        if s == "path" || s == "path_template" {
+            return Ok(EntitySpec::PathTemplate);
+        }
+        if s == "ja4" || s == "tls_fingerprint" {
+            return Ok(EntitySpec::Ja4);
         }
         if s.contains('+') {
             return tuple(s.split('+').map(str::trim).map(str::to_string).collect());
@@ -135,6 +140,8 @@ impl fmt::Display for EntitySpec {
             EntitySpec::Header(name) => write!(f, "header:{name}"),
             EntitySpec::Cookie(name) => write!(f, "cookie:{name}"),
             EntitySpec::UserAgent => f.write_str("user_agent"),
+            EntitySpec::PathTemplate => f.write_str("path"),
+            EntitySpec::Ja4 => f.write_str("ja4"),
             EntitySpec::Tuple(parts) => {
                 for (i, p) in parts.iter().enumerate() {
                     if i > 0 {

@@ -206,6 +206,12 @@ pub enum EntitySpec {
     Cookie(String),
     /// The user agent (mitigated as `header:user-agent=VALUE`).
     UserAgent,
+    /// The request path's template (`/users/{id}`: ids and tokens replaced, see
+    /// `esper_protocol::path_template`), mitigated as `path:TEMPLATE`.
+    PathTemplate,
+    /// The JA4 fingerprint of the client's TLS ClientHello (`ja4:FINGERPRINT`); events
+    /// without TLS are not counted.
+    Ja4,
     /// A combination: counted and mitigated per tuple of values (`["ip",
     /// "user_agent"]`); events lacking one of them are not counted.
     Tuple(Vec<EntitySpec>),

@@ -135,7 +135,7 @@ fn semantic_errors_point_at_the_key() {
         (
             "entity = \"header:\"",
             6,
-            "entity \"header:\" needs a header name (expected ip, ip/N, ip/V4,V6, header:NAME, cookie:NAME, user_agent or a list of these)",
+            "entity \"header:\" needs a header name (expected ip, ip/N, ip/V4,V6, header:NAME, cookie:NAME, user_agent, path, ja4 or a list of these)",
         ),
         (
             "scope = \"shop\"",
@@ -449,4 +449,30 @@ fn list_references_include_expressions() {
         ]
     );
     assert_eq!(p.list_refs().collect::<Vec<_>>(), vec!["office", "agents"]);
+}
+
+#[test]
+fn path_and_fingerprint_entities_parse_alone_and_in_tuples() {
+    for (text, entity) in [
+        ("\"path\"", EntitySpec::PathTemplate),
+        ("\"path_template\"", EntitySpec::PathTemplate),
+        ("\"ja4\"", EntitySpec::Ja4),
+        ("\"tls_fingerprint\"", EntitySpec::Ja4),
+        (
+            "[\"ip\", \"path\", \"ja4\"]",
+            EntitySpec::Tuple(vec![
+                EntitySpec::Ip,
+                EntitySpec::PathTemplate,
+                EntitySpec::Ja4,
+            ]),
+        ),
+    ] {
+        let toml = format!(
+            "[[policy]]\nid = \"p\"\nentity = {text}\nwindow = \"1m\"\nthreshold = 5\naction = \"block\"\n"
+        );
+        let p = parse_policies(&toml).unwrap();
+        assert_eq!(p[0].entity, entity, "{text}");
+        let back = parse_policies(&policies_to_toml(&p)).unwrap();
+        assert_eq!(back, p);
+    }
 }
