@@ -20,7 +20,10 @@ pub enum Verdict {
     /// Answer 403.
     Block(Arc<Mitigation>),
     /// Answer 429 with `Retry-After` (seconds).
-    Throttled { retry_after: u64 },
+    Throttled {
+        retry_after: u64,
+        mitigation: Arc<Mitigation>,
+    },
     /// Hold it for `delay` (holding `permit`), then send it upstream.
     Tarpit {
         delay: Duration,
@@ -29,7 +32,10 @@ pub enum Verdict {
     /// A tarpit applies but every slot is taken: answer 429.
     TarpitFull,
     /// Let it through only with a valid clearance cookie; otherwise answer the puzzle.
-    Challenge { difficulty: u8 },
+    Challenge {
+        difficulty: u8,
+        mitigation: Arc<Mitigation>,
+    },
 }
 
 /// Decides the verdict of each request from the cache.
@@ -91,7 +97,10 @@ impl Enforcer {
         };
         match m.action {
             Action::Block => Verdict::Block(m),
-            Action::Challenge { difficulty } => Verdict::Challenge { difficulty },
+            Action::Challenge { difficulty } => Verdict::Challenge {
+                difficulty,
+                mitigation: m,
+            },
             Action::Log => Verdict::Forward(EnforcedAction::Log),
             Action::Throttle { rate, burst } => {
                 match self.throttles.take(&m.id, rate, burst, Instant::now()) {
@@ -99,6 +108,7 @@ impl Enforcer {
                     Ok(()) => Verdict::Forward(EnforcedAction::Allow),
                     Err(wait) => Verdict::Throttled {
                         retry_after: retry_after_secs(wait),
+                        mitigation: m,
                     },
                 }
             }
@@ -176,7 +186,7 @@ mod tests {
         }
         assert!(matches!(
             e.decide("default", ip("192.0.2.1"), &h, Utc::now()),
-            Verdict::Throttled { retry_after: 1 }
+            Verdict::Throttled { retry_after: 1, .. }
         ));
     }
 

@@ -24,7 +24,9 @@ use crate::enforce::{Enforcer, Verdict};
 use crate::live::LiveState;
 use crate::metrics::Metrics;
 use crate::report::{Observed, Reporter};
-use crate::respond::{LocalAnswer, Templates, Var, acceptable_request_id, new_id, prefers_json};
+use crate::respond::{
+    LocalAnswer, Templates, Var, acceptable_request_id, new_id, prefers_json, reference_vars,
+};
 use crate::tls::TlsFacts;
 
 const X_REQUEST_ID: &str = "x-request-id";
@@ -115,16 +117,25 @@ impl EsperProxy {
         }
     }
 
-    /// Writes a local answer (403, 429, 421...) in the format the client prefers.
+    /// Writes a local answer (403, 429, 421...) in the format the client prefers;
+    /// `reference` is the mitigation behind it, printed for the operator's lookup.
     async fn answer(
         &self,
         session: &mut Session,
         ctx: &RequestCtx,
         templates: &Templates,
         answer: LocalAnswer,
+        reference: Option<&str>,
     ) -> Result<()> {
         let json = wants_json(session);
-        let (content_type, body) = templates.render(&answer, &ctx.request_id, json, &[]);
+        let mut html = String::new();
+        let vars = reference.map(|id| reference_vars(id, &mut html));
+        let (content_type, body) = templates.render(
+            &answer,
+            &ctx.request_id,
+            json,
+            vars.as_ref().map_or(&[][..], |v| &v[..]),
+        );
         self.write_answer(session, ctx, &answer, content_type, body, None)
             .await
     }
@@ -165,6 +176,7 @@ impl EsperProxy {
         difficulty: u8,
         answer: LocalAnswer,
         return_to: &str,
+        reference: Option<&str>,
     ) -> Result<()> {
         let ua = user_agent(session);
         let puzzle = self.challenger.issue(ip, &ua, difficulty, unix_now());
@@ -182,18 +194,17 @@ impl EsperProxy {
             escape_attr(&fallback_url)
         );
         let markup = challenge_markup(&puzzle.token, &difficulty, return_to, &fallback_url, delay);
-        let (content_type, body) = templates.render(
-            &answer,
-            &ctx.request_id,
-            json,
-            &[
-                ("token", Var::Text(&puzzle.token)),
-                ("difficulty", Var::Text(&difficulty)),
-                ("submit", Var::Text(CHALLENGE_PATH)),
-                ("challenge_head", Var::Raw(&head)),
-                ("challenge", Var::Raw(&markup)),
-            ],
-        );
+        let mut reference_html = String::new();
+        let reference = reference.map(|id| reference_vars(id, &mut reference_html));
+        let mut vars = vec![
+            ("token", Var::Text(&puzzle.token)),
+            ("difficulty", Var::Text(&difficulty)),
+            ("submit", Var::Text(CHALLENGE_PATH)),
+            ("challenge_head", Var::Raw(&head)),
+            ("challenge", Var::Raw(&markup)),
+        ];
+        vars.extend(reference.into_iter().flatten());
+        let (content_type, body) = templates.render(&answer, &ctx.request_id, json, &vars);
         self.write_answer(session, ctx, &answer, content_type, body, None)
             .await
     }
@@ -286,6 +297,7 @@ impl EsperProxy {
                     difficulty,
                     LocalAnswer::challenge_failed(),
                     &return_to,
+                    None,
                 )
                 .await
             }
@@ -498,6 +510,7 @@ impl ProxyHttp for EsperProxy {
                 ctx,
                 &live.templates,
                 LocalAnswer::unknown_host(live.unknown_host_status),
+                None,
             )
             .await?;
             return Ok(true);
@@ -530,17 +543,21 @@ impl ProxyHttp for EsperProxy {
             Verdict::Block(m) => {
                 tracing::debug!(client = %ip, mitigation = %m.id, entity = %m.entity, "blocked");
                 ctx.action = EnforcedAction::Block;
-                self.answer(session, ctx, templates, LocalAnswer::blocked())
+                self.answer(session, ctx, templates, LocalAnswer::blocked(), Some(&m.id))
                     .await?;
                 Ok(true)
             }
-            Verdict::Throttled { retry_after } => {
+            Verdict::Throttled {
+                retry_after,
+                mitigation,
+            } => {
                 ctx.action = EnforcedAction::Throttle;
                 self.answer(
                     session,
                     ctx,
                     templates,
                     LocalAnswer::rate_limited(retry_after),
+                    Some(&mitigation.id),
                 )
                 .await?;
                 Ok(true)
@@ -553,11 +570,14 @@ impl ProxyHttp for EsperProxy {
             }
             Verdict::TarpitFull => {
                 ctx.action = EnforcedAction::Tarpit;
-                self.answer(session, ctx, templates, LocalAnswer::busy())
+                self.answer(session, ctx, templates, LocalAnswer::busy(), None)
                     .await?;
                 Ok(true)
             }
-            Verdict::Challenge { difficulty } => {
+            Verdict::Challenge {
+                difficulty,
+                mitigation,
+            } => {
                 if self.cleared(session, ip) {
                     return Ok(false);
                 }
@@ -576,6 +596,7 @@ impl ProxyHttp for EsperProxy {
                     difficulty,
                     LocalAnswer::challenge(),
                     &return_to,
+                    Some(&mitigation.id),
                 )
                 .await?;
                 Ok(true)

@@ -141,7 +141,10 @@ pub enum Var<'a> {
 /// Answer templates: built-in, optionally overridden per kind and format by files
 /// `KIND.html` / `KIND.json` in a directory (kinds: `block`, `throttle`, `busy`,
 /// `challenge`, `unknown_host`). Placeholders: `{{status}}`, `{{code}}`,
-/// `{{title}}`, `{{message}}`, `{{request_id}}`, `{{retry_after}}`, and for challenges
+/// `{{title}}`, `{{message}}`, `{{request_id}}`, `{{retry_after}}`, `{{reference}}` (the
+/// id of the mitigation that answered, which `esperctl mitigations show REFERENCE` turns
+/// into its decision record; empty for other answers) and `{{reference_html}}` (a
+/// paragraph saying it, or nothing), and for challenges
 /// `{{token}}`, `{{difficulty}}`, `{{submit}}`, `{{challenge}}` (the puzzle's markup and
 /// script, HTML only). JSON values are inserted string-escaped, without quotes.
 #[derive(Clone, Debug)]
@@ -151,13 +154,14 @@ pub struct Templates {
 }
 
 const BUILTIN_HTML: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{{title}}</title></head>\n\
-<body><h1>{{title}}</h1>\n<p>{{message}}</p>\n<p>Request ID: <code>{{request_id}}</code></p>\n</body></html>\n";
-const BUILTIN_JSON: &str =
-    "{\"error\":\"{{code}}\",\"message\":\"{{message}}\",\"request_id\":\"{{request_id}}\"}";
+<body><h1>{{title}}</h1>\n<p>{{message}}</p>\n<p>Request ID: <code>{{request_id}}</code></p>\n{{reference_html}}</body></html>\n";
+const BUILTIN_JSON: &str = "{\"error\":\"{{code}}\",\"message\":\"{{message}}\",\"request_id\":\"{{request_id}}\",\
+\"reference\":\"{{reference}}\"}";
 const BUILTIN_CHALLENGE_HTML: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{{title}}</title>\n\
 <meta name=\"robots\" content=\"noindex\">{{challenge_head}}</head>\n<body><h1>{{title}}</h1>\n<p>{{message}}</p>\n\
-{{challenge}}\n<p>Request ID: <code>{{request_id}}</code></p>\n</body></html>\n";
+{{challenge}}\n<p>Request ID: <code>{{request_id}}</code></p>\n{{reference_html}}</body></html>\n";
 const BUILTIN_CHALLENGE_JSON: &str = "{\"error\":\"{{code}}\",\"message\":\"{{message}}\",\"request_id\":\"{{request_id}}\",\
+\"reference\":\"{{reference}}\",\
 \"challenge\":{\"token\":\"{{token}}\",\"difficulty\":{{difficulty}},\"submit\":\"{{submit}}\",\
 \"algorithm\":\"find a decimal nonce such that sha256(token + ':' + nonce) has difficulty leading zero bits; POST token and nonce as a form\"}}";
 
@@ -238,6 +242,16 @@ impl Templates {
         };
         (content_type, Bytes::from(substitute(template, &vars, json)))
     }
+}
+
+/// The `reference` and `reference_html` variables for an answer given because of
+/// mitigation `id` (`html` holds the paragraph's markup).
+pub fn reference_vars<'a>(id: &'a str, html: &'a mut String) -> [(&'static str, Var<'a>); 2] {
+    *html = format!("<p>Reference: <code>{}</code></p>\n", escape_html(id));
+    [
+        ("reference", Var::Text(id)),
+        ("reference_html", Var::Raw(html)),
+    ]
 }
 
 /// Replaces `{{name}}` placeholders; unknown ones become empty.

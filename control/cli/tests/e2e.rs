@@ -127,6 +127,42 @@ async fn attack_scenario(stack: &Stack, ttl: Duration) {
     let body: serde_json::Value = resp.json().await.expect("json block body");
     assert_eq!(body["error"], "blocked", "{body}");
 
+    // The reference on the block page leads to the decision record in one step.
+    let reference = body["reference"].as_str().expect("a reference").to_string();
+    let page = client_from("127.0.0.2")
+        .get(format!("{}/", stack.proxy))
+        .send()
+        .await
+        .expect("blocked page")
+        .text()
+        .await
+        .expect("page text");
+    assert!(
+        page.contains(&format!("Reference: <code>{reference}</code>")),
+        "{page}"
+    );
+    eventually(Duration::from_secs(10), "the decision logged", || async {
+        let log: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/decisions?id={reference}", stack.api))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (log["decisions"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let record = esperctl(&stack.api, &["mitigations", "show", &reference]);
+    for line in [
+        "entity     ip:127.0.0.2",
+        "policy     login-brute-force",
+        "against a threshold of 10 over a 60s window",
+    ] {
+        assert!(record.contains(line), "{line}: {record}");
+    }
+
     // The decision is visible through the control plane, with its reason.
     let http = reqwest::Client::new();
     let entity: serde_json::Value = http
