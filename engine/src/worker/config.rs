@@ -141,6 +141,10 @@ pub struct Config {
     /// Longest one batch's evaluation against the state may take.
     #[serde(with = "humantime_serde")]
     pub evaluation_timeout: Duration,
+    /// Above this resident memory no new batch is claimed until it is below again
+    /// (`4G`, `512M`, bytes); none by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<super::memory::ByteSize>,
     /// Decisions held for the control plane while it is unreachable.
     pub decision_buffer: usize,
     /// How long the batches in hand may take to finish once shutdown begins.
@@ -170,6 +174,7 @@ impl Default for Config {
             state_ttl: DEFAULT_STATE_TTL,
             state_cleanup_interval: DEFAULT_STATE_CLEANUP_INTERVAL,
             state_cache_size: DEFAULT_STATE_CACHE_SIZE,
+            memory_limit: None,
             state_redis_url: DEFAULT_STATE_REDIS_URL.to_string(),
             state_key_prefix: DEFAULT_STATE_KEY_PREFIX.to_string(),
             state_database_url: DEFAULT_STATE_DATABASE_URL.to_string(),
@@ -223,6 +228,7 @@ impl Config {
             &mut self.state_cleanup_interval,
         )?;
         vars.parse(&["ESPER_STATE_CACHE_SIZE"], &mut self.state_cache_size)?;
+        vars.parse_opt(&["ESPER_MEMORY_LIMIT"], &mut self.memory_limit)?;
         vars.string(&["ESPER_REDIS_URL", "REDIS_URL"], &mut self.state_redis_url);
         vars.string(&["ESPER_STATE_KEY_PREFIX"], &mut self.state_key_prefix);
         vars.string(
@@ -384,6 +390,15 @@ impl Config {
             Duration::from_secs(24 * 3600),
         )?;
         range("state_cache_size", self.state_cache_size, 1, 1 << 32)?;
+        if let Some(limit) = self.memory_limit {
+            if limit.0 < 16 << 20 {
+                return Err(ConfigError::invalid(
+                    "memory_limit",
+                    limit,
+                    "must be at least 16M (the worker itself needs that much)",
+                ));
+            }
+        }
         duration_range(
             "evaluation_timeout",
             self.evaluation_timeout,
@@ -496,6 +511,9 @@ pub struct Args {
     /// Most tracked entities and remembered event ids [default: 1000000]
     #[arg(long, value_name = "N")]
     pub state_cache_size: Option<usize>,
+    /// Stop claiming while resident memory is above this (4G, 512M, bytes)
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<super::memory::ByteSize>,
     /// Redis of the redis state backend [default: redis://127.0.0.1:6379]
     #[arg(long, value_name = "URL")]
     pub state_redis_url: Option<String>,
@@ -548,6 +566,9 @@ impl Args {
         }
         if let Some(v) = self.state_cleanup_interval {
             cfg.state_cleanup_interval = v;
+        }
+        if let Some(v) = self.memory_limit {
+            cfg.memory_limit = Some(v);
         }
         if let Some(v) = self.state_cache_size {
             cfg.state_cache_size = v;

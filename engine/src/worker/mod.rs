@@ -5,6 +5,7 @@
 
 mod config;
 mod control;
+mod memory;
 mod policies;
 mod slot;
 mod status;
@@ -30,6 +31,7 @@ pub use config::{
     DEFAULT_STATE_KEY_PREFIX, DEFAULT_STATE_REDIS_URL, DEFAULT_STATE_TTL, StateBackendKind,
 };
 pub use control::ControlClient;
+pub use memory::{ByteSize, resident_bytes};
 pub use policies::{PolicyFileError, read_policy_file};
 
 use crate::eval::{
@@ -149,6 +151,13 @@ pub async fn run(
     let outbox = control
         .as_ref()
         .map(|_| Arc::new(Outbox::new(config.decision_buffer, metrics.clone())));
+    let memory = match config.memory_limit {
+        Some(limit) => Some(
+            memory::MemoryGuard::new(limit, &registry)
+                .map_err(|e| WorkerError::Task(format!("metrics: {e}")))?,
+        ),
+        None => None,
+    };
     let shared = Arc::new(slot::Shared {
         worker_id: worker_id.clone(),
         batch_size: config.batch_size as usize,
@@ -162,6 +171,7 @@ pub async fn run(
         outbox: outbox.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
+        memory: memory.clone(),
     });
 
     let health = Arc::new(WorkerHealth {
@@ -170,6 +180,7 @@ pub async fn run(
         state: state.clone(),
         claim_fresh: (config.claim_wait * 3).max(Duration::from_secs(15)),
         has_control: control.is_some(),
+        memory: memory.clone(),
     });
     let router = esper_common::health::routes(health, shutdown.clone())
         .merge(esper_common::metrics::route(registry.clone()));
@@ -198,6 +209,9 @@ pub async fn run(
         config.state_cleanup_interval,
         shutdown.clone(),
     ));
+    if let Some(guard) = &memory {
+        background.spawn(guard.clone().watch(shutdown.clone()));
+    }
     background.spawn(utilization_loop(
         status.clone(),
         metrics.clone(),

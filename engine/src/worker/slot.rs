@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub outbox: Option<Arc<Outbox>>,
     pub metrics: Metrics,
     pub status: Arc<Status>,
+    /// `--memory-limit`: no new claims while it is exceeded.
+    pub memory: Option<Arc<super::memory::MemoryGuard>>,
 }
 
 /// Exponential backoff between failed broker calls.
@@ -69,6 +71,10 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
             shutdown.sleep(Duration::from_millis(100)).await;
             continue;
         };
+        if shared.memory.as_ref().is_some_and(|m| m.over()) {
+            shutdown.sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         // The claim is not cut short by shutdown: items it leases are processed below.
         let claimed = shared
             .ingestion

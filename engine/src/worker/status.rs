@@ -233,6 +233,7 @@ pub(crate) struct WorkerHealth {
     pub state: Arc<dyn StateBackend>,
     pub claim_fresh: Duration,
     pub has_control: bool,
+    pub memory: Option<Arc<super::memory::MemoryGuard>>,
 }
 
 #[async_trait::async_trait]
@@ -268,6 +269,16 @@ impl esper_common::health::HealthCheck for WorkerHealth {
         ];
         if self.has_control {
             components.push(self.status.control.health("control", false, None));
+        }
+        if let Some(m) = &self.memory {
+            // Paused intake is load shedding, not a fault: it does not make the worker
+            // unready.
+            components.push(ComponentHealth::new(
+                "memory",
+                !m.over(),
+                false,
+                m.describe(),
+            ));
         }
         HealthReport::new("engine-worker", components)
     }
