@@ -359,6 +359,23 @@ async fn probe(base: &Base, path: &str) -> bool {
     }
 }
 
+/// Adds the CA certificates of PEM file `ca` to the roots `builder` trusts (a service
+/// whose certificate comes from a private CA); the error names the file.
+pub fn trust_ca(
+    builder: reqwest::ClientBuilder,
+    ca: &std::path::Path,
+) -> Result<reqwest::ClientBuilder, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("`{}`: {e}", ca.display());
+    let pem = std::fs::read(ca).map_err(|e| bad(&e))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&e))?;
+    if certs.is_empty() {
+        return Err(bad(&"holds no PEM certificate"));
+    }
+    Ok(certs
+        .into_iter()
+        .fold(builder, |b, c| b.add_root_certificate(c)))
+}
+
 /// Percent-encodes a path segment (entity keys contain `:`, `/` and `=`).
 pub fn encode(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());

@@ -11,7 +11,7 @@ pub mod event;
 pub mod ingestion;
 pub mod mitigation;
 
-pub use client::{ClientError, IngestionClient, MitigationClient};
+pub use client::{ClientError, IngestionClient, MitigationClient, trust_ca};
 pub use control::{
     Decision, DecisionBatch, DecisionMode, ProxyConfigDoc, ProxyHeartbeat, PutProxyConfig,
     WorkerHeartbeat,

@@ -46,17 +46,9 @@ impl ControlClient {
         token: Option<String>,
         ca: &std::path::Path,
     ) -> Result<ControlClient, String> {
-        let bad = |e: &dyn std::fmt::Display| format!("`{}`: {e}", ca.display());
-        let pem = std::fs::read(ca).map_err(|e| bad(&e))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&e))?;
-        if certs.is_empty() {
-            return Err(bad(&"holds no PEM certificate"));
-        }
-        let http = certs
-            .into_iter()
-            .fold(Self::builder(), |b, c| b.add_root_certificate(c))
+        let http = esper_protocol::trust_ca(Self::builder(), ca)?
             .build()
-            .map_err(|e| bad(&e))?;
+            .map_err(|e| format!("`{}`: {e}", ca.display()))?;
         Ok(ControlClient {
             http,
             ..ControlClient::new(url, token)

@@ -80,23 +80,12 @@ impl ControlClient {
     /// Also trusts the CA certificates in PEM file `path` (for a control plane serving a
     /// certificate from a private CA).
     pub fn with_ca_cert(mut self, path: &std::path::Path) -> Result<ControlClient, CtlError> {
-        let bad = |e: &dyn std::fmt::Display| {
-            CtlError::Input(format!("--ca-cert `{}`: {e}", path.display()))
-        };
-        let pem = std::fs::read(path).map_err(|e| bad(&e))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&e))?;
-        if certs.is_empty() {
-            return Err(bad(&"holds no PEM certificate"));
-        }
-        let mut builder = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .timeout(TIMEOUT)
             .connect_timeout(Duration::from_secs(5));
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-        self.http = builder
-            .build()
-            .map_err(|e| CtlError::Input(format!("cannot set up the HTTP client: {e}")))?;
+        self.http = esper_protocol::trust_ca(builder, path)
+            .and_then(|b| b.build().map_err(|e| e.to_string()))
+            .map_err(|e| CtlError::Input(format!("--ca-cert {e}")))?;
         Ok(self)
     }
 
