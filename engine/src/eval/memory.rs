@@ -203,7 +203,6 @@ impl MemoryState {
             receipt: Receipt {
                 id: receipt_id,
                 event_ids: Vec::with_capacity(batch.events.len()),
-                increments: Vec::new(),
                 cooldowns: Vec::new(),
             },
             ..BatchOutcome::default()

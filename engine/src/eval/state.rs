@@ -149,14 +149,6 @@ pub struct Crossing {
     pub ttl_ms: i64,
 }
 
-/// One change to an entity's window, kept so that a rollback can take it back.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Increment {
-    pub policy: PolicyKey,
-    pub entity: EntityKey,
-    pub undo: Undo,
-}
-
 /// How to take back one change.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Undo {
@@ -242,7 +234,6 @@ pub struct Receipt {
     /// The events marked in flight, as the backend's keys for them (the memory backend
     /// uses keyed fingerprints of the ids).
     pub event_ids: Vec<u64>,
-    pub increments: Vec<Increment>,
     /// Decisions made by this batch, with the state they replaced.
     pub cooldowns: Vec<(PolicyKey, EntityKey, DecisionState)>,
 }
