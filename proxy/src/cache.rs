@@ -1222,6 +1222,16 @@ mod tests {
         assert!(cache.index.read().apps.is_empty());
     }
 
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn entries_stay_small() {
+        // What a million address mitigations cost is mostly these, per hash bucket.
+        assert_eq!(std::mem::size_of::<Entry>(), 64);
+        assert_eq!(std::mem::size_of::<Slot>(), 64, "`Many` fits beside `One`");
+        assert_eq!(std::mem::size_of::<Loc>(), 24);
+        assert_eq!(std::mem::size_of::<MitigationId>(), 24);
+    }
+
     #[test]
     fn cookie_pairs_parse_loosely() {
         let pairs: Vec<_> = cookie_pairs(" a=1;b = \"2\" ;broken; c=").collect();
