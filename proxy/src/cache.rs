@@ -1,19 +1,26 @@
 //! The in-memory mitigation cache the request path reads: exact-key maps for IPs,
 //! header values and cookie hashes, and one map per CIDR prefix length present, so a
-//! lookup masks the client address once per length (O(lengths), no allocation on a miss).
+//! lookup masks the client address once per length (O(lengths), no allocation).
 //! Path templates and TLS fingerprints are looked up only while the cache holds entries
 //! of that kind, so they cost nothing otherwise.
+//!
+//! An entry keeps only what enforcement reads (id, action, scope, expiry), inline in its
+//! map's value: the entity is where the entry sits, the reason and origin stay with the
+//! brokers. Ids as the brokers make them (uuids) take 16 bytes, no allocation.
 //!
 //! Readers take a `parking_lot` read lock for the length of a few hash lookups; writers
 //! (the delta stream, the expiry sweep) hold the write lock only for bounded chunks of
 //! work, and a snapshot is built outside the lock and swapped in.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use esper_protocol::{Action, Change, EntityKey, Mitigation, hash_cookie_value, path_template};
+use esper_protocol::{
+    Action, Change, EntityKey, Mitigation, Scope, hash_cookie_value, path_template,
+};
 use http::HeaderMap;
 use ipnet::IpNet;
 use parking_lot::RwLock;
@@ -22,7 +29,186 @@ use parking_lot::RwLock;
 /// request handling.
 const WRITE_CHUNK: usize = 256;
 
-type Slot = Vec<Arc<Mitigation>>;
+/// A mitigation's id: the 16 bytes of a uuid in its canonical text form (lower case,
+/// hyphenated: what the brokers make), any other id as its text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum MitigationId {
+    Uuid([u8; 16]),
+    Text(Arc<str>),
+}
+
+impl MitigationId {
+    /// The id of text `id`; the same text always gives the same id.
+    pub fn new(id: &str) -> MitigationId {
+        if let Ok(u) = uuid::Uuid::try_parse(id) {
+            // Only the canonical form, so that `text` gives back exactly `id`.
+            if *u.hyphenated().encode_lower(&mut [0; 36]) == *id {
+                return MitigationId::Uuid(u.into_bytes());
+            }
+        }
+        MitigationId::Text(id.into())
+    }
+
+    /// The id as text (the block page's reference), without allocating.
+    pub fn text(&self) -> IdText {
+        match self {
+            MitigationId::Uuid(bytes) => {
+                let mut buf = [0; 36];
+                uuid::Uuid::from_bytes(*bytes)
+                    .hyphenated()
+                    .encode_lower(&mut buf);
+                IdText::Uuid(buf)
+            }
+            MitigationId::Text(text) => IdText::Text(text.clone()),
+        }
+    }
+}
+
+impl fmt::Display for MitigationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+/// A mitigation id's text, on the stack for a uuid.
+#[derive(Clone, Debug)]
+pub enum IdText {
+    Uuid([u8; 36]),
+    Text(Arc<str>),
+}
+
+impl std::ops::Deref for IdText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            // Always ASCII hex and hyphens, as encoded by `MitigationId::text`.
+            IdText::Uuid(buf) => std::str::from_utf8(buf).unwrap_or_default(),
+            IdText::Text(text) => text,
+        }
+    }
+}
+
+/// The strictest mitigation a request matched: what enforcement and the answer need.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hit {
+    pub id: MitigationId,
+    pub action: Action,
+}
+
+/// One cached mitigation, as the request path reads it.
+#[derive(Debug)]
+struct Entry {
+    id: MitigationId,
+    /// Expiry in nanoseconds since the Unix epoch (saturated outside 1677..2262), so a
+    /// lookup compares one integer and the comparison is exact.
+    expires: i64,
+    action: Action,
+    /// `None` for global; the app's name, shared by its entries, otherwise.
+    scope: Option<Arc<str>>,
+}
+
+/// A timestamp as `Entry::expires` holds it.
+fn nanos(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
+}
+
+/// A lookup's `now`, converted to `Entry::expires`'s unit on first use: a lookup that
+/// finds no candidate (most requests) never pays for the conversion.
+struct Now {
+    at: DateTime<Utc>,
+    nanos: std::cell::OnceCell<i64>,
+}
+
+impl Now {
+    fn new(at: DateTime<Utc>) -> Now {
+        Now {
+            at,
+            nanos: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn nanos(&self) -> i64 {
+        *self.nanos.get_or_init(|| nanos(self.at))
+    }
+}
+
+/// The mitigations of one key; nearly always exactly one, held inline.
+#[derive(Debug)]
+enum Slot {
+    One(Entry),
+    Many(Vec<Entry>),
+}
+
+impl Slot {
+    fn entries(&self) -> &[Entry] {
+        match self {
+            Slot::One(e) => std::slice::from_ref(e),
+            Slot::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, entry: Entry) {
+        match self {
+            Slot::Many(v) => v.push(entry),
+            Slot::One(_) => {
+                if let Slot::One(first) = std::mem::replace(self, Slot::Many(Vec::new())) {
+                    *self = Slot::Many(vec![first, entry]);
+                }
+            }
+        }
+    }
+
+    /// Takes out the entry `id`; the slot is left empty (`Many` of none) when it was the
+    /// last, and goes back to `One` when one remains.
+    fn take(&mut self, id: &MitigationId) -> Option<Entry> {
+        match self {
+            Slot::One(e) if e.id == *id => match std::mem::replace(self, Slot::Many(Vec::new())) {
+                Slot::One(e) => Some(e),
+                Slot::Many(_) => None,
+            },
+            Slot::One(_) => None,
+            Slot::Many(v) => {
+                let pos = v.iter().position(|e| e.id == *id)?;
+                // `remove`, not `swap_remove`: among equally strict entries the first
+                // inserted is the one reported, as before the removal.
+                let taken = v.remove(pos);
+                if v.len() == 1 {
+                    if let Some(last) = v.pop() {
+                        *self = Slot::One(last);
+                    }
+                }
+                Some(taken)
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Slot::Many(v) if v.is_empty())
+    }
+}
+
+/// A tuple mitigation: its parts, all of which a request must match.
+#[derive(Debug)]
+struct TupleEntry {
+    parts: Box<[EntityKey]>,
+    entry: Entry,
+}
+
+/// Where the entry of an id lives, for removal by id.
+#[derive(Debug)]
+enum Loc {
+    Ip4(Ipv4Addr),
+    Ip6(Ipv6Addr),
+    Net4(u8, Ipv4Addr),
+    Net6(u8, Ipv6Addr),
+    /// Keys other than addresses and networks are rare enough to keep whole.
+    Other(Box<EntityKey>),
+}
 
 /// Active mitigations indexed for lookup by request.
 #[derive(Default)]
@@ -32,8 +218,11 @@ pub struct MitigationCache {
 
 #[derive(Default)]
 struct Index {
-    by_id: HashMap<String, EntityKey>,
-    ips: HashMap<IpAddr, Slot>,
+    by_id: HashMap<MitigationId, Loc>,
+    /// App names of app-scoped entries, each allocated once.
+    apps: HashSet<Arc<str>>,
+    ips4: HashMap<u32, Slot>,
+    ips6: HashMap<u128, Slot>,
     /// (prefix length, masked network -> mitigations), only for lengths present.
     v4: Vec<(u8, HashMap<u32, Slot>)>,
     v6: Vec<(u8, HashMap<u128, Slot>)>,
@@ -46,8 +235,8 @@ struct Index {
     /// JA4 fingerprint -> mitigations.
     ja4s: HashMap<String, Slot>,
     /// Tuple mitigations with an address part, by that address; the others.
-    tuples_by_ip: HashMap<IpAddr, Slot>,
-    tuples: Slot,
+    tuples_by_ip: HashMap<IpAddr, Vec<TupleEntry>>,
+    tuples: Vec<TupleEntry>,
 }
 
 /// What a request is looked up by.
@@ -91,19 +280,16 @@ fn part_matches(part: &EntityKey, req: &RequestKeys<'_>) -> bool {
     }
 }
 
-/// Keeps the strictest tuple mitigation of `slot` whose every part the request matches.
+/// Keeps the strictest tuple mitigation of `tuples` whose every part the request matches.
 fn consider_tuples<'a>(
-    best: &mut Option<&'a Arc<Mitigation>>,
-    slot: &'a Slot,
+    best: &mut Option<&'a Entry>,
+    tuples: &'a [TupleEntry],
     req: &RequestKeys<'_>,
-    now: DateTime<Utc>,
+    now: &Now,
 ) {
-    for m in slot {
-        let EntityKey::Tuple(parts) = &m.entity else {
-            continue;
-        };
-        if parts.iter().all(|p| part_matches(p, req)) {
-            consider(best, std::slice::from_ref(m), req.app, now);
+    for t in tuples {
+        if t.parts.iter().all(|p| part_matches(p, req)) {
+            consider(best, std::slice::from_ref(&t.entry), req.app, now);
         }
     }
 }
@@ -125,11 +311,11 @@ fn mask_v6(addr: u128, len: u8) -> u128 {
 }
 
 /// Is `a` a stricter choice than `b` for the same request?
-fn outranks(a: &Mitigation, b: &Mitigation) -> bool {
-    match a.action.severity().cmp(&b.action.severity()) {
+fn outranks(a: &Action, b: &Action) -> bool {
+    match a.severity().cmp(&b.severity()) {
         std::cmp::Ordering::Greater => true,
         std::cmp::Ordering::Less => false,
-        std::cmp::Ordering::Equal => match (&a.action, &b.action) {
+        std::cmp::Ordering::Equal => match (a, b) {
             (Action::Throttle { rate: ra, .. }, Action::Throttle { rate: rb, .. }) => ra < rb,
             (Action::Tarpit { delay_ms: da }, Action::Tarpit { delay_ms: db }) => da > db,
             (Action::Challenge { difficulty: da }, Action::Challenge { difficulty: db }) => da > db,
@@ -138,135 +324,197 @@ fn outranks(a: &Mitigation, b: &Mitigation) -> bool {
     }
 }
 
-/// Keeps the strictest mitigation of `slot` that is in force for `app` at `now`.
-fn consider<'a>(
-    best: &mut Option<&'a Arc<Mitigation>>,
-    slot: &'a [Arc<Mitigation>],
-    app: &str,
-    now: DateTime<Utc>,
-) {
-    for m in slot {
-        if m.expires_at > now && m.scope.applies_to(app) && best.is_none_or(|b| outranks(m, b)) {
-            *best = Some(m);
+/// Keeps the strictest entry of `entries` that is in force for `app` at `now`.
+fn consider<'a>(best: &mut Option<&'a Entry>, entries: &'a [Entry], app: &str, now: &Now) {
+    for e in entries {
+        if e.expires > now.nanos()
+            && e.scope.as_deref().is_none_or(|a| a == app)
+            && best.is_none_or(|b| outranks(&e.action, &b.action))
+        {
+            *best = Some(e);
         }
     }
 }
 
-fn remove_from(slot: &mut Slot, id: &str) {
-    slot.retain(|m| m.id != id);
+/// Adds `entry` under `key` of `map`.
+fn put<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slot>, key: K, entry: Entry) {
+    match map.entry(key) {
+        std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().push(entry),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(Slot::One(entry));
+        }
+    }
+}
+
+/// Takes entry `id` out of `key`'s slot of `map`, dropping the slot when it empties.
+fn take<K, Q>(map: &mut HashMap<K, Slot>, key: &Q, id: &MitigationId) -> Option<Entry>
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    let slot = map.get_mut(key)?;
+    let taken = slot.take(id);
+    if slot.is_empty() {
+        map.remove(key);
+    }
+    taken
+}
+
+fn take_tuple(tuples: &mut Vec<TupleEntry>, id: &MitigationId) -> Option<Entry> {
+    let pos = tuples.iter().position(|t| t.entry.id == *id)?;
+    Some(tuples.remove(pos).entry)
 }
 
 impl Index {
-    fn insert(&mut self, m: Mitigation) {
-        if self.by_id.contains_key(&m.id) {
-            let id = m.id.clone();
-            self.remove(&id);
+    /// The shared name of `app`.
+    fn intern(&mut self, app: String) -> Arc<str> {
+        if let Some(shared) = self.apps.get(app.as_str()) {
+            return shared.clone();
         }
-        let key = m.entity.clone();
-        let m = Arc::new(m);
-        self.by_id.insert(m.id.clone(), key.clone());
-        match key {
-            EntityKey::Ip(ip) => self.ips.entry(ip.to_canonical()).or_default().push(m),
-            EntityKey::Cidr(IpNet::V4(net)) => {
-                let len = net.prefix_len();
-                let map = length_map(&mut self.v4, len);
-                map.entry(mask_v4(u32::from(net.addr()), len))
-                    .or_default()
-                    .push(m);
-            }
-            EntityKey::Cidr(IpNet::V6(net)) => {
-                let len = net.prefix_len();
-                let map = length_map(&mut self.v6, len);
-                map.entry(mask_v6(u128::from(net.addr()), len))
-                    .or_default()
-                    .push(m);
-            }
-            EntityKey::Header { name, value } => self
-                .headers
-                .entry(name)
-                .or_default()
-                .entry(value)
-                .or_default()
-                .push(m),
-            EntityKey::Cookie { name, value } => self
-                .cookies
-                .entry(name)
-                .or_default()
-                .entry(value)
-                .or_default()
-                .push(m),
-            EntityKey::Path(template) => self.paths.entry(template).or_default().push(m),
-            EntityKey::Ja4(fp) => self.ja4s.entry(fp).or_default().push(m),
-            EntityKey::Tuple(parts) => match tuple_ip(&parts) {
-                Some(ip) => self.tuples_by_ip.entry(ip).or_default().push(m),
-                None => self.tuples.push(m),
-            },
-        }
+        let shared: Arc<str> = app.into();
+        self.apps.insert(shared.clone());
+        shared
     }
 
-    fn remove(&mut self, id: &str) -> bool {
-        let Some(key) = self.by_id.remove(id) else {
-            return false;
+    fn insert(&mut self, m: Mitigation) {
+        let id = MitigationId::new(&m.id);
+        if self.by_id.contains_key(&id) {
+            self.remove(&id);
+        }
+        let scope = match m.scope {
+            Scope::Global => None,
+            Scope::App(app) => Some(self.intern(app)),
         };
-        match key {
-            EntityKey::Ip(ip) => {
-                let ip = ip.to_canonical();
-                if let Some(slot) = self.ips.get_mut(&ip) {
-                    remove_from(slot, id);
-                    if slot.is_empty() {
-                        self.ips.remove(&ip);
-                    }
+        let entry = Entry {
+            id: id.clone(),
+            expires: nanos(m.expires_at),
+            action: m.action,
+            scope,
+        };
+        let loc = match m.entity {
+            EntityKey::Ip(ip) => match ip.to_canonical() {
+                IpAddr::V4(a) => {
+                    put(&mut self.ips4, u32::from(a), entry);
+                    Loc::Ip4(a)
                 }
-            }
+                IpAddr::V6(a) => {
+                    put(&mut self.ips6, u128::from(a), entry);
+                    Loc::Ip6(a)
+                }
+            },
             EntityKey::Cidr(IpNet::V4(net)) => {
                 let len = net.prefix_len();
-                remove_net(&mut self.v4, len, mask_v4(u32::from(net.addr()), len), id);
+                let masked = mask_v4(u32::from(net.addr()), len);
+                put(length_map(&mut self.v4, len), masked, entry);
+                Loc::Net4(len, Ipv4Addr::from(masked))
             }
             EntityKey::Cidr(IpNet::V6(net)) => {
                 let len = net.prefix_len();
-                remove_net(&mut self.v6, len, mask_v6(u128::from(net.addr()), len), id);
+                let masked = mask_v6(u128::from(net.addr()), len);
+                put(length_map(&mut self.v6, len), masked, entry);
+                Loc::Net6(len, Ipv6Addr::from(masked))
             }
-            EntityKey::Header { name, value } => remove_named(&mut self.headers, &name, &value, id),
-            EntityKey::Cookie { name, value } => remove_named(&mut self.cookies, &name, &value, id),
-            EntityKey::Path(template) => remove_keyed(&mut self.paths, &template, id),
-            EntityKey::Ja4(fp) => remove_keyed(&mut self.ja4s, &fp, id),
-            EntityKey::Tuple(parts) => match tuple_ip(&parts) {
-                Some(ip) => {
-                    if let Some(slot) = self.tuples_by_ip.get_mut(&ip) {
-                        remove_from(slot, id);
-                        if slot.is_empty() {
+            EntityKey::Header { name, value } => {
+                let values = self.headers.entry(name.clone()).or_default();
+                put(values, value.clone(), entry);
+                Loc::Other(Box::new(EntityKey::Header { name, value }))
+            }
+            EntityKey::Cookie { name, value } => {
+                let values = self.cookies.entry(name.clone()).or_default();
+                put(values, value.clone(), entry);
+                Loc::Other(Box::new(EntityKey::Cookie { name, value }))
+            }
+            EntityKey::Path(template) => {
+                put(&mut self.paths, template.clone(), entry);
+                Loc::Other(Box::new(EntityKey::Path(template)))
+            }
+            EntityKey::Ja4(fp) => {
+                put(&mut self.ja4s, fp.clone(), entry);
+                Loc::Other(Box::new(EntityKey::Ja4(fp)))
+            }
+            EntityKey::Tuple(parts) => {
+                let ip = tuple_ip(&parts);
+                let tuple = TupleEntry {
+                    parts: parts.clone().into_boxed_slice(),
+                    entry,
+                };
+                match ip {
+                    Some(ip) => self.tuples_by_ip.entry(ip).or_default().push(tuple),
+                    None => self.tuples.push(tuple),
+                }
+                Loc::Other(Box::new(EntityKey::Tuple(parts)))
+            }
+        };
+        self.by_id.insert(id, loc);
+    }
+
+    fn remove(&mut self, id: &MitigationId) -> bool {
+        let Some(loc) = self.by_id.remove(id) else {
+            return false;
+        };
+        let taken = match loc {
+            Loc::Ip4(a) => take(&mut self.ips4, &u32::from(a), id),
+            Loc::Ip6(a) => take(&mut self.ips6, &u128::from(a), id),
+            Loc::Net4(len, net) => take_net(&mut self.v4, len, u32::from(net), id),
+            Loc::Net6(len, net) => take_net(&mut self.v6, len, u128::from(net), id),
+            Loc::Other(key) => match *key {
+                EntityKey::Header { name, value } => {
+                    take_named(&mut self.headers, &name, &value, id)
+                }
+                EntityKey::Cookie { name, value } => {
+                    take_named(&mut self.cookies, &name, &value, id)
+                }
+                EntityKey::Path(template) => take(&mut self.paths, template.as_str(), id),
+                EntityKey::Ja4(fp) => take(&mut self.ja4s, fp.as_str(), id),
+                EntityKey::Tuple(parts) => match tuple_ip(&parts) {
+                    Some(ip) => {
+                        let tuples = self.tuples_by_ip.get_mut(&ip);
+                        let taken = tuples.and_then(|t| take_tuple(t, id));
+                        if self.tuples_by_ip.get(&ip).is_some_and(Vec::is_empty) {
                             self.tuples_by_ip.remove(&ip);
                         }
+                        taken
                     }
-                }
-                None => remove_from(&mut self.tuples, id),
+                    None => take_tuple(&mut self.tuples, id),
+                },
+                EntityKey::Ip(_) | EntityKey::Cidr(_) => None,
             },
+        };
+        if let Some(app) = taken.and_then(|e| e.scope) {
+            // This entry and the set held the last two references: forget the name.
+            if Arc::strong_count(&app) == 2 {
+                self.apps.remove(&app);
+            }
         }
         true
     }
 
-    fn lookup(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Option<Arc<Mitigation>> {
+    fn lookup(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Option<Hit> {
+        let now = &Now::new(now);
         let ip = req.ip.to_canonical();
         let req = &RequestKeys { ip, ..*req };
         let (app, headers) = (req.app, req.headers);
-        let mut best: Option<&Arc<Mitigation>> = None;
-        if let Some(slot) = self.ips.get(&ip) {
-            consider(&mut best, slot, app, now);
-        }
+        let mut best: Option<&Entry> = None;
         match ip {
             IpAddr::V4(v4) => {
                 let addr = u32::from(v4);
+                if let Some(slot) = self.ips4.get(&addr) {
+                    consider(&mut best, slot.entries(), app, now);
+                }
                 for (len, map) in &self.v4 {
                     if let Some(slot) = map.get(&mask_v4(addr, *len)) {
-                        consider(&mut best, slot, app, now);
+                        consider(&mut best, slot.entries(), app, now);
                     }
                 }
             }
             IpAddr::V6(v6) => {
                 let addr = u128::from(v6);
+                if let Some(slot) = self.ips6.get(&addr) {
+                    consider(&mut best, slot.entries(), app, now);
+                }
                 for (len, map) in &self.v6 {
                     if let Some(slot) = map.get(&mask_v6(addr, *len)) {
-                        consider(&mut best, slot, app, now);
+                        consider(&mut best, slot.entries(), app, now);
                     }
                 }
             }
@@ -274,7 +522,7 @@ impl Index {
         for (name, values) in &self.headers {
             for value in headers.get_all(name.as_str()) {
                 if let Some(slot) = value.to_str().ok().and_then(|v| values.get(v)) {
-                    consider(&mut best, slot, app, now);
+                    consider(&mut best, slot.entries(), app, now);
                 }
             }
         }
@@ -290,7 +538,7 @@ impl Index {
                     };
                     if let Some(values) = values {
                         if let Some(slot) = values.get(&hash_cookie_value(value)) {
-                            consider(&mut best, slot, app, now);
+                            consider(&mut best, slot.entries(), app, now);
                         }
                     }
                 }
@@ -298,7 +546,7 @@ impl Index {
         }
         if !self.paths.is_empty() && !req.path.is_empty() {
             if let Some(slot) = self.paths.get(&path_template(req.path)) {
-                consider(&mut best, slot, app, now);
+                consider(&mut best, slot.entries(), app, now);
             }
         }
         if let Some(slot) = req
@@ -306,45 +554,45 @@ impl Index {
             .filter(|_| !self.ja4s.is_empty())
             .and_then(|fp| self.ja4s.get(fp))
         {
-            consider(&mut best, slot, app, now);
+            consider(&mut best, slot.entries(), app, now);
         }
-        if let Some(slot) = self.tuples_by_ip.get(&ip) {
-            consider_tuples(&mut best, slot, req, now);
+        if let Some(tuples) = self.tuples_by_ip.get(&ip) {
+            consider_tuples(&mut best, tuples, req, now);
         }
         consider_tuples(&mut best, &self.tuples, req, now);
-        best.cloned()
+        best.map(|e| Hit {
+            id: e.id.clone(),
+            action: e.action.clone(),
+        })
     }
 
-    fn expired(&self, now: DateTime<Utc>) -> Vec<String> {
+    fn expired(&self, now: DateTime<Utc>) -> Vec<MitigationId> {
+        let now = nanos(now);
         let mut out = Vec::new();
-        let mut collect = |slot: &Slot| {
+        let mut collect = |entries: &[Entry]| {
             out.extend(
-                slot.iter()
-                    .filter(|m| m.expires_at <= now)
-                    .map(|m| m.id.clone()),
+                entries
+                    .iter()
+                    .filter(|e| e.expires <= now)
+                    .map(|e| e.id.clone()),
             );
         };
-        self.ips.values().for_each(&mut collect);
-        self.v4
-            .iter()
-            .flat_map(|(_, m)| m.values())
-            .for_each(&mut collect);
-        self.v6
-            .iter()
-            .flat_map(|(_, m)| m.values())
-            .for_each(&mut collect);
-        self.headers
+        let slots = self
+            .ips4
             .values()
-            .flat_map(|m| m.values())
-            .for_each(&mut collect);
-        self.cookies
-            .values()
-            .flat_map(|m| m.values())
-            .for_each(&mut collect);
-        self.paths.values().for_each(&mut collect);
-        self.ja4s.values().for_each(&mut collect);
-        self.tuples_by_ip.values().for_each(&mut collect);
-        collect(&self.tuples);
+            .chain(self.ips6.values())
+            .chain(self.v4.iter().flat_map(|(_, m)| m.values()))
+            .chain(self.v6.iter().flat_map(|(_, m)| m.values()))
+            .chain(self.headers.values().flat_map(|m| m.values()))
+            .chain(self.cookies.values().flat_map(|m| m.values()))
+            .chain(self.paths.values())
+            .chain(self.ja4s.values());
+        for slot in slots {
+            collect(slot.entries());
+        }
+        for t in self.tuples_by_ip.values().flatten().chain(&self.tuples) {
+            collect(std::slice::from_ref(&t.entry));
+        }
         out
     }
 }
@@ -360,54 +608,33 @@ fn length_map<K>(maps: &mut Vec<(u8, HashMap<K, Slot>)>, len: u8) -> &mut HashMa
     &mut maps[pos].1
 }
 
-fn remove_net<K: std::hash::Hash + Eq>(
+fn take_net<K: std::hash::Hash + Eq>(
     maps: &mut Vec<(u8, HashMap<K, Slot>)>,
     len: u8,
     key: K,
-    id: &str,
-) {
-    let Ok(pos) = maps.binary_search_by_key(&len, |(l, _)| *l) else {
-        return;
-    };
+    id: &MitigationId,
+) -> Option<Entry> {
+    let pos = maps.binary_search_by_key(&len, |(l, _)| *l).ok()?;
     let map = &mut maps[pos].1;
-    if let Some(slot) = map.get_mut(&key) {
-        remove_from(slot, id);
-        if slot.is_empty() {
-            map.remove(&key);
-        }
-    }
+    let taken = take(map, &key, id);
     if map.is_empty() {
         maps.remove(pos);
     }
+    taken
 }
 
-fn remove_keyed(map: &mut HashMap<String, Slot>, key: &str, id: &str) {
-    if let Some(slot) = map.get_mut(key) {
-        remove_from(slot, id);
-        if slot.is_empty() {
-            map.remove(key);
-        }
-    }
-}
-
-fn remove_named(
+fn take_named(
     maps: &mut HashMap<String, HashMap<String, Slot>>,
     name: &str,
     value: &str,
-    id: &str,
-) {
-    let Some(values) = maps.get_mut(name) else {
-        return;
-    };
-    if let Some(slot) = values.get_mut(value) {
-        remove_from(slot, id);
-        if slot.is_empty() {
-            values.remove(value);
-        }
-    }
+    id: &MitigationId,
+) -> Option<Entry> {
+    let values = maps.get_mut(name)?;
+    let taken = take(values, value, id);
     if values.is_empty() {
         maps.remove(name);
     }
+    taken
 }
 
 /// The `name=value` pairs of a `Cookie` header, names as written.
@@ -437,7 +664,7 @@ impl MitigationCache {
         ip: IpAddr,
         headers: &HeaderMap,
         now: DateTime<Utc>,
-    ) -> Option<Arc<Mitigation>> {
+    ) -> Option<Hit> {
         self.lookup_request(
             &RequestKeys {
                 app,
@@ -452,11 +679,7 @@ impl MitigationCache {
 
     /// [`lookup`](Self::lookup) by every key of a request, path template and TLS
     /// fingerprint included.
-    pub fn lookup_request(
-        &self,
-        req: &RequestKeys<'_>,
-        now: DateTime<Utc>,
-    ) -> Option<Arc<Mitigation>> {
+    pub fn lookup_request(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Option<Hit> {
         self.index.read().lookup(req, now)
     }
 
@@ -467,7 +690,8 @@ impl MitigationCache {
 
     /// Removes a mitigation by id; `true` when it was present.
     pub fn remove(&self, id: &str) -> bool {
-        self.index.write().remove(id)
+        let id = MitigationId::new(id);
+        self.index.write().remove(&id)
     }
 
     /// Applies a page of deltas, a bounded chunk per write lock. Mitigations that have
@@ -482,10 +706,10 @@ impl MitigationCache {
                         index.insert(mitigation)
                     }
                     Change::Upsert { mitigation } => {
-                        index.remove(&mitigation.id);
+                        index.remove(&MitigationId::new(&mitigation.id));
                     }
                     Change::Remove { id } => {
-                        index.remove(&id);
+                        index.remove(&MitigationId::new(&id));
                     }
                 }
             }
@@ -817,6 +1041,195 @@ mod tests {
         cache.apply(vec![Change::Remove { id: kept_id }], Utc::now());
         assert!(cache.is_empty());
         assert_eq!(find(&cache, "a", "198.51.100.7", &none()), None);
+    }
+
+    #[test]
+    fn a_slot_grows_from_one_to_many_and_back() {
+        let cache = MitigationCache::new();
+        let log = mitigation("ip:192.0.2.1", Action::Log);
+        let block = mitigation("ip:192.0.2.1", Action::Block);
+        let tarpit = mitigation("ip:192.0.2.1", Action::Tarpit { delay_ms: 5 });
+        let (log_id, block_id, tarpit_id) = (log.id.clone(), block.id.clone(), tarpit.id.clone());
+        let slot_len = |cache: &MitigationCache| {
+            let index = cache.index.read();
+            let slot = index.ips4.get(&u32::from(Ipv4Addr::new(192, 0, 2, 1)));
+            slot.map(|s| (matches!(s, Slot::One(_)), s.entries().len()))
+        };
+        cache.upsert(log);
+        assert_eq!(slot_len(&cache), Some((true, 1)));
+        cache.upsert(block);
+        cache.upsert(tarpit);
+        assert_eq!(slot_len(&cache), Some((false, 3)));
+        assert_eq!(find(&cache, "a", "192.0.2.1", &none()), Some(Action::Block));
+        assert!(cache.remove(&block_id));
+        assert_eq!(slot_len(&cache), Some((false, 2)));
+        assert_eq!(
+            find(&cache, "a", "192.0.2.1", &none()),
+            Some(Action::Tarpit { delay_ms: 5 })
+        );
+        assert!(cache.remove(&tarpit_id));
+        assert_eq!(slot_len(&cache), Some((true, 1)), "back to one, inline");
+        assert_eq!(find(&cache, "a", "192.0.2.1", &none()), Some(Action::Log));
+        assert!(cache.remove(&log_id));
+        assert_eq!(slot_len(&cache), None, "an empty slot is dropped");
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn the_same_id_under_another_key_moves_the_entry() {
+        let cache = MitigationCache::new();
+        let first = mitigation("ip:192.0.2.1", Action::Block);
+        let id = first.id.clone();
+        cache.upsert(first);
+        let mut moved = mitigation("cidr:198.51.100.0/24", Action::Tarpit { delay_ms: 9 });
+        moved.id = id.clone();
+        cache.upsert(moved);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(
+            find(&cache, "a", "192.0.2.1", &none()),
+            None,
+            "old key freed"
+        );
+        let hit = cache.lookup("a", ip("198.51.100.3"), &none(), Utc::now());
+        assert_eq!(
+            hit,
+            Some(Hit {
+                id: MitigationId::new(&id),
+                action: Action::Tarpit { delay_ms: 9 }
+            })
+        );
+        // And to a header, then back to an address: every kind of key is left clean.
+        let mut header = mitigation("header:x-api-key=k1", Action::Log);
+        header.id = id.clone();
+        cache.upsert(header);
+        assert!(cache.index.read().v4.is_empty());
+        let mut back = mitigation("ip:2001:db8::1", Action::Block);
+        back.id = id.clone();
+        cache.apply(vec![Change::Upsert { mitigation: back }], Utc::now());
+        assert!(cache.index.read().headers.is_empty());
+        assert_eq!(cache.len(), 1);
+        assert_eq!(
+            find(&cache, "a", "2001:db8::1", &none()),
+            Some(Action::Block)
+        );
+        assert!(cache.remove(&id));
+        assert!(cache.index.read().ips6.is_empty() && cache.is_empty());
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_addresses_are_the_ipv4_client() {
+        let cache = MitigationCache::new();
+        // Published in the mapped form, found by the plain address and the other way.
+        let mapped = mitigation("ip:::ffff:192.0.2.7", Action::Block);
+        let mapped_id = mapped.id.clone();
+        cache.upsert(mapped);
+        cache.upsert(mitigation("ip:192.0.2.8", Action::Log));
+        cache.upsert(mitigation("cidr:198.51.100.0/24", Action::Block));
+        assert_eq!(find(&cache, "a", "192.0.2.7", &none()), Some(Action::Block));
+        assert_eq!(
+            find(&cache, "a", "::ffff:192.0.2.8", &none()),
+            Some(Action::Log)
+        );
+        assert_eq!(
+            find(&cache, "a", "::ffff:198.51.100.9", &none()),
+            Some(Action::Block)
+        );
+        assert!(cache.index.read().ips6.is_empty(), "kept as IPv4");
+        assert!(cache.remove(&mapped_id));
+        assert_eq!(find(&cache, "a", "192.0.2.7", &none()), None);
+    }
+
+    #[test]
+    fn expiry_is_exact_at_the_boundary() {
+        let cache = MitigationCache::new();
+        let at = Utc::now() + chrono::Duration::seconds(30);
+        let mut m = mitigation("cidr:192.0.2.0/24", Action::Block);
+        m.expires_at = at;
+        cache.upsert(m);
+        let found = |now| cache.lookup("a", ip("192.0.2.1"), &none(), now).is_some();
+        assert!(found(at - chrono::Duration::nanoseconds(1)));
+        assert!(!found(at), "not in force at its expiry");
+        assert!(!found(at + chrono::Duration::nanoseconds(1)));
+        assert_eq!(cache.sweep(at - chrono::Duration::nanoseconds(1)), 0);
+        assert_eq!(cache.sweep(at), 1);
+        // Beyond the nanosecond range: saturated, so still compared the right way.
+        let mut far = mitigation("ip:192.0.2.2", Action::Block);
+        far.expires_at = DateTime::<Utc>::MAX_UTC;
+        cache.upsert(far);
+        assert!(
+            cache
+                .lookup("a", ip("192.0.2.2"), &none(), Utc::now())
+                .is_some()
+        );
+        assert_eq!(cache.sweep(Utc::now()), 0);
+    }
+
+    #[test]
+    fn ids_keep_their_text() {
+        let uuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+        let id = MitigationId::new(uuid);
+        assert!(matches!(id, MitigationId::Uuid(_)));
+        assert_eq!(&*id.text(), uuid);
+        assert_eq!(id.to_string(), uuid);
+        // Any other form stays text, so the reference printed is the id as published.
+        for other in [
+            "7C9E6679-7425-40DE-944B-E07FC1F90AE7",
+            "7c9e6679742540de944be07fc1f90ae7",
+            "manual-1",
+            "",
+        ] {
+            let id = MitigationId::new(other);
+            assert!(matches!(id, MitigationId::Text(_)), "{other}");
+            assert_eq!(&*id.text(), other);
+        }
+        assert_ne!(
+            MitigationId::new(uuid),
+            MitigationId::new(&uuid.to_uppercase())
+        );
+
+        let cache = MitigationCache::new();
+        let mut m = mitigation("ip:192.0.2.1", Action::Block);
+        m.id = "list:tor-exits:1".into();
+        cache.upsert(m);
+        let hit = cache.lookup("a", ip("192.0.2.1"), &none(), Utc::now());
+        assert_eq!(
+            hit.map(|h| h.id.to_string()).as_deref(),
+            Some("list:tor-exits:1")
+        );
+        assert!(cache.remove("list:tor-exits:1") && cache.is_empty());
+    }
+
+    #[test]
+    fn app_names_are_shared_and_forgotten_with_their_last_entry() {
+        let cache = MitigationCache::new();
+        let scoped = |key: &str| {
+            let mut m = mitigation(key, Action::Block);
+            m.scope = Scope::App("shop".into());
+            m
+        };
+        let (a, b) = (scoped("ip:192.0.2.1"), scoped("ip:192.0.2.2"));
+        let (a_id, b_id) = (a.id.clone(), b.id.clone());
+        cache.upsert(a);
+        cache.upsert(b);
+        assert_eq!(cache.index.read().apps.len(), 1);
+        assert!(cache.remove(&a_id));
+        assert_eq!(cache.index.read().apps.len(), 1, "still used by the other");
+        assert_eq!(
+            find(&cache, "shop", "192.0.2.2", &none()),
+            Some(Action::Block)
+        );
+        assert!(cache.remove(&b_id));
+        assert!(cache.index.read().apps.is_empty());
+    }
+
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn entries_stay_small() {
+        // What a million address mitigations cost is mostly these, per hash bucket.
+        assert_eq!(std::mem::size_of::<Entry>(), 64);
+        assert_eq!(std::mem::size_of::<Slot>(), 64, "`Many` fits beside `One`");
+        assert_eq!(std::mem::size_of::<Loc>(), 24);
+        assert_eq!(std::mem::size_of::<MitigationId>(), 24);
     }
 
     #[test]

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use esper_protocol::{Action, EnforcedAction, Mitigation};
+use esper_protocol::{Action, EnforcedAction};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::cache::{MitigationCache, RequestKeys};
+use crate::cache::{Hit, MitigationCache, RequestKeys};
 use crate::metrics::Metrics;
 use crate::throttle::{Throttles, retry_after_secs};
 
@@ -18,12 +18,9 @@ pub enum Verdict {
     /// Send it upstream, recording this action (`Allow` or `Log`).
     Forward(EnforcedAction),
     /// Answer 403.
-    Block(Arc<Mitigation>),
+    Block(Hit),
     /// Answer 429 with `Retry-After` (seconds).
-    Throttled {
-        retry_after: u64,
-        mitigation: Arc<Mitigation>,
-    },
+    Throttled { retry_after: u64, mitigation: Hit },
     /// Hold it for `delay` (holding `permit`), then send it upstream.
     Tarpit {
         delay: Duration,
@@ -32,10 +29,7 @@ pub enum Verdict {
     /// A tarpit applies but every slot is taken: answer 429.
     TarpitFull,
     /// Let it through only with a valid clearance cookie; otherwise answer the puzzle.
-    Challenge {
-        difficulty: u8,
-        mitigation: Arc<Mitigation>,
-    },
+    Challenge { difficulty: u8, mitigation: Hit },
 }
 
 /// Decides the verdict of each request from the cache.
@@ -103,7 +97,10 @@ impl Enforcer {
             },
             Action::Log => Verdict::Forward(EnforcedAction::Log),
             Action::Throttle { rate, burst } => {
-                match self.throttles.take(&m.id, rate, burst, Instant::now()) {
+                match self
+                    .throttles
+                    .take(&m.id.text(), rate, burst, Instant::now())
+                {
                     // Within its rate the request goes through as if unmitigated.
                     Ok(()) => Verdict::Forward(EnforcedAction::Allow),
                     Err(wait) => Verdict::Throttled {
@@ -127,7 +124,7 @@ impl Enforcer {
 mod tests {
     use std::net::IpAddr;
 
-    use esper_protocol::{Origin, Reason};
+    use esper_protocol::{Mitigation, Origin, Reason};
     use http::HeaderMap;
 
     use super::*;

@@ -541,10 +541,16 @@ impl ProxyHttp for EsperProxy {
                 Ok(false)
             }
             Verdict::Block(m) => {
-                tracing::debug!(client = %ip, mitigation = %m.id, entity = %m.entity, "blocked");
+                tracing::debug!(client = %ip, mitigation = %m.id, "blocked");
                 ctx.action = EnforcedAction::Block;
-                self.answer(session, ctx, templates, LocalAnswer::blocked(), Some(&m.id))
-                    .await?;
+                self.answer(
+                    session,
+                    ctx,
+                    templates,
+                    LocalAnswer::blocked(),
+                    Some(&m.id.text()),
+                )
+                .await?;
                 Ok(true)
             }
             Verdict::Throttled {
@@ -557,7 +563,7 @@ impl ProxyHttp for EsperProxy {
                     ctx,
                     templates,
                     LocalAnswer::rate_limited(retry_after),
-                    Some(&mitigation.id),
+                    Some(&mitigation.id.text()),
                 )
                 .await?;
                 Ok(true)
@@ -596,7 +602,7 @@ impl ProxyHttp for EsperProxy {
                     difficulty,
                     LocalAnswer::challenge(),
                     &return_to,
-                    Some(&mitigation.id),
+                    Some(&mitigation.id.text()),
                 )
                 .await?;
                 Ok(true)
