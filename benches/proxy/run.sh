@@ -4,6 +4,7 @@
 #   bash benches/proxy/run.sh [DURATION_SECS] [REPETITIONS]   # throughput, latency, CPU
 #   bash benches/proxy/run.sh ttm [TRIALS]                    # time to mitigate (esper dev)
 #   bash benches/proxy/run.sh memory                          # bytes per cache entry
+#   bash benches/proxy/run.sh latency [RATE] [SECS] [REPS]     # percentiles at a fixed rate
 #
 # Targets: the upstream directly (nginx serving the file), a bare Pingora pass-through
 # (bare-pingora; bare-pingora-mimalloc is the same with the esper binary's allocator),
@@ -17,7 +18,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$CARGO_TARGET_DIR/release
+# PROFILE=profiling measures the build that perf and callgrind read (same code, line tables).
+PROFILE=${PROFILE:-release}
+BIN=$CARGO_TARGET_DIR/$PROFILE
 WORK=$(mktemp -d /tmp/esper-bench.XXXXXX)
 PIDS=()
 cleanup() {
@@ -168,7 +171,7 @@ throughput() {
     DURATION=${1:-10}
     local reps=${2:-3}
     need nginx haproxy wrk curl
-    (cd "$ROOT" && cargo build --release -q -p esper -p esper-bench-proxy)
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
     start_upstream
     start_nginx_proxy
     start_haproxy
@@ -250,7 +253,7 @@ PY
 ttm() {
     local trials=${1:-20}
     need curl
-    (cd "$ROOT" && cargo build --release -q -p esper)
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper)
     "$BIN/esper" dev --proxy-listen 127.0.0.1:18100 >"$WORK/dev.log" 2>&1 &
     PIDS+=($!)
     until curl -s -o /dev/null http://127.0.0.1:18100/; do sleep 0.2; done
@@ -283,7 +286,7 @@ PY
 # also publish one new address mitigation every 100 ms, a few hundred in all.)
 memory() {
     need curl
-    (cd "$ROOT" && cargo build --release -q -p esper -p esper-bench-proxy)
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
     start_brokers
     "$BIN/esper" broker run mitigation --listen 127.0.0.1:18093 >/dev/null 2>&1 &
     PIDS+=($!)
@@ -314,8 +317,57 @@ print(f"{n_ranges:.0f} entries with 100,000 /24 networks: RSS {mib(ranges):.1f} 
 PY
 }
 
+# Latency below saturation: the same fixed schedule of requests (RATE a second over 20
+# keep-alive connections, open loop) through each target in turn, so the percentiles
+# are each proxy's own latency rather than queueing in a saturated closed-loop run.
+latency() {
+    local rate=${1:-5000} secs=${2:-10} reps=${3:-3}
+    need nginx haproxy curl
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
+    start_upstream
+    start_nginx_proxy
+    start_haproxy
+    "$BIN/bare-pingora" 127.0.0.1:18083 "$UP" 1 >/dev/null 2>&1 &
+    PIDS+=($!)
+    "$BIN/bare-pingora-mimalloc" 127.0.0.1:18086 "$UP" 1 >/dev/null 2>&1 &
+    PIDS+=($!)
+    start_brokers
+    esper_proxy 18084 18094 http://127.0.0.1:18091
+    wait_port 127.0.0.1:18083
+    wait_port 127.0.0.1:18086
+    wait_port 127.0.0.1:18084
+    echo "target,sent,errors,p50_us,p90_us,p99_us,p999_us,max_us" | tee "$WORK/latency.csv"
+    local target port
+    for _ in $(seq 1 "$reps"); do
+        for target in direct:18080 bare-pingora:18083 bare-pingora-mimalloc:18086 \
+            esper-empty:18084 nginx:18081 haproxy:18082; do
+            port=${target#*:}
+            echo "${target%%:*},$("$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" "$secs" 20)" |
+                tee -a "$WORK/latency.csv"
+        done
+    done
+    echo
+    echo "medians at $rate requests/s:"
+    python3 - "$WORK/latency.csv" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+by = {}
+for r in rows:
+    by.setdefault(r["target"], []).append(r)
+med = {t: {k: statistics.median(float(r[k]) for r in rs) for k in ("p50_us", "p90_us", "p99_us", "p999_us")}
+       for t, rs in by.items()}
+base = med["bare-pingora"]
+print("| target | p50 µs | p90 µs | p99 µs | p99.9 µs | p99 − bare Pingora's, µs |")
+print("|---|---|---|---|---|---|")
+for t, m in med.items():
+    print(f"| {t} | {m['p50_us']:.0f} | {m['p90_us']:.0f} | {m['p99_us']:.0f} | {m['p999_us']:.0f} | "
+          f"{m['p99_us'] - base['p99_us']:+.0f} |")
+PY
+}
+
 case "${1:-}" in
 ttm) shift; ttm "$@" ;;
+latency) shift; latency "$@" ;;
 memory) shift; memory "$@" ;;
 *) throughput "$@" ;;
 esac

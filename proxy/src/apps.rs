@@ -34,6 +34,8 @@ pub struct App {
     idle_timeout: Duration,
     pool: Arc<LoadBalancer<RoundRobin>>,
     upstreams: usize,
+    /// The peer of an app with a single upstream, which needs no balancing.
+    only: Option<HttpPeer>,
     /// Dropping the app (after a reload, once its last request is done) ends its
     /// health check loop.
     _stop: watch::Sender<()>,
@@ -73,6 +75,15 @@ impl App {
             backends.insert(b);
         }
         let upstreams = backends.len();
+        let only = match backends.first() {
+            Some(b) if upstreams == 1 => peer_of(
+                b,
+                cfg.upstream_tls,
+                shared.connect_timeout,
+                shared.idle_timeout,
+            ),
+            _ => None,
+        };
         let mut pool =
             LoadBalancer::<RoundRobin>::from_backends(Backends::new(Static::new(backends)));
         pool.update().await.map_err(|e| e.to_string())?;
@@ -106,6 +117,7 @@ impl App {
             idle_timeout: shared.idle_timeout,
             pool,
             upstreams,
+            only,
             _stop: stop,
         })
     }
@@ -117,6 +129,10 @@ impl App {
 
     /// The next healthy upstream, round robin, other than `avoid` when there is another.
     pub fn peer(&self, avoid: Option<SocketAddr>) -> Option<HttpPeer> {
+        if let Some(only) = &self.only {
+            // One upstream: whatever its health, it is the one to try.
+            return Some(only.clone());
+        }
         let b = self
             .pool
             .select_with(b"", self.upstreams.max(1) * 2, |b, healthy| {
@@ -127,19 +143,29 @@ impl App {
                 self.pool
                     .select_with(b"", self.upstreams.max(1), |_, _| true)
             })?;
-        let sni = if self.tls {
-            b.ext
-                .get::<UpstreamHost>()
-                .map(|h| h.0.clone())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        let mut peer = HttpPeer::new(*b.addr.as_inet()?, self.tls, sni);
-        peer.options.connection_timeout = Some(self.connect_timeout);
-        peer.options.idle_timeout = Some(self.idle_timeout);
-        Some(peer)
+        peer_of(&b, self.tls, self.connect_timeout, self.idle_timeout)
     }
+}
+
+/// The peer Pingora connects to for backend `b`.
+fn peer_of(
+    b: &Backend,
+    tls: bool,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+) -> Option<HttpPeer> {
+    let sni = if tls {
+        b.ext
+            .get::<UpstreamHost>()
+            .map(|h| h.0.clone())
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let mut peer = HttpPeer::new(*b.addr.as_inet()?, tls, sni);
+    peer.options.connection_timeout = Some(connect_timeout);
+    peer.options.idle_timeout = Some(idle_timeout);
+    Some(peer)
 }
 
 fn health_check(

@@ -7,6 +7,7 @@
 //! certificates while serving; listeners stay as they are.
 
 mod apps;
+mod buffered;
 pub mod cache;
 mod challenge;
 mod clientip;

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use esper_protocol::EnforcedAction;
-use http::{HeaderValue, header};
+use http::{HeaderName, HeaderValue, header};
 use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
@@ -30,6 +30,10 @@ use crate::respond::{
 use crate::tls::TlsFacts;
 
 const X_REQUEST_ID: &str = "x-request-id";
+/// The same names for lookups: a `&str` is parsed into a name on every lookup.
+static X_REQUEST_ID_NAME: HeaderName = HeaderName::from_static(X_REQUEST_ID);
+static X_FORWARDED_FOR_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const X_REAL_IP: &str = "x-real-ip";
@@ -329,14 +333,39 @@ fn request_host(req: &pingora::http::RequestHeader) -> &str {
         .unwrap_or("")
 }
 
-/// An address as a header value, formatted without a temporary `String`.
+/// An address as a header value, formatted without a temporary `String` (IPv4, the
+/// common case, without the formatting machinery either).
 fn ip_header(ip: IpAddr) -> HeaderValue {
     use std::io::Write;
     // The longest IPv6 text form is 45 bytes.
     let mut buf = [0u8; 48];
-    let mut w = &mut buf[..];
-    let _ = write!(w, "{ip}");
-    let len = 48 - w.len();
+    let len = match ip {
+        IpAddr::V4(v4) => {
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    buf[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    buf[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                buf[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            len
+        }
+        IpAddr::V6(_) => {
+            let mut w = &mut buf[..];
+            let _ = write!(w, "{ip}");
+            48 - w.len()
+        }
+    };
     HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static(""))
 }
 
@@ -485,7 +514,7 @@ impl ProxyHttp for EsperProxy {
         let given = session
             .req_header()
             .headers
-            .get(X_REQUEST_ID)
+            .get(&X_REQUEST_ID_NAME)
             .and_then(|v| acceptable_request_id(v.as_bytes()));
         match given {
             Some(id) => {
@@ -656,7 +685,7 @@ impl ProxyHttp for EsperProxy {
             // client wrote is dropped and only what this proxy saw remains.
             let earlier = upstream_request
                 .headers
-                .get(X_FORWARDED_FOR)
+                .get(&X_FORWARDED_FOR_NAME)
                 .and_then(|v| v.to_str().ok())
                 .filter(|_| ctx.peer_trusted);
             let peer_value = ip_header(peer);
@@ -674,7 +703,7 @@ impl ProxyHttp for EsperProxy {
             upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
             upstream_request.insert_header(X_REAL_IP, real_ip)?;
             if !ctx.peer_trusted {
-                upstream_request.remove_header("forwarded");
+                upstream_request.remove_header(&FORWARDED);
             }
             let proto = if is_tls(session) { HTTPS } else { HTTP };
             upstream_request.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
@@ -689,7 +718,7 @@ impl ProxyHttp for EsperProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(id) = ctx.request_id_header.clone()
-            && !upstream_response.headers.contains_key(X_REQUEST_ID)
+            && !upstream_response.headers.contains_key(&X_REQUEST_ID_NAME)
         {
             upstream_response.insert_header(X_REQUEST_ID, id)?;
         }
@@ -732,5 +761,28 @@ impl ProxyHttp for EsperProxy {
             own_id: (!ctx.client_request_id && !ctx.request_id.is_empty())
                 .then(|| std::mem::take(&mut ctx.request_id)),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_as_header_values_read_as_displayed() {
+        for text in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.100.9",
+            "192.0.2.1",
+            "1.20.3.45",
+            "::1",
+            "2001:db8::1",
+            "::ffff:192.0.2.1",
+            "2001:db8:1234:5678:9abc:def0:1234:5678",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(ip_header(ip).to_str().unwrap(), ip.to_string(), "{text}");
+        }
     }
 }

@@ -34,6 +34,7 @@ use pingora::services::Service;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
+use crate::buffered::Buffered;
 use crate::ja4;
 use crate::live::LiveState;
 use crate::proxy::{EsperProxy, InFlight};
@@ -252,6 +253,7 @@ async fn serve_connection(
             }
         }
     };
+    let stream: pingora::protocols::Stream = Box::new(Buffered::new(stream));
     let mut next = app.process_new(stream, &stop).await;
     while let Some(stream) = next {
         next = app.process_new(stream, &stop).await;

@@ -1,0 +1,178 @@
+//! An open-loop load generator for latency: requests leave on a fixed schedule (RATE per
+//! second spread over CONNECTIONS keep-alive connections), whatever the answers do, and
+//! each latency runs from the request's scheduled time, so a stalled proxy shows up in
+//! the tail instead of slowing the load (no coordinated omission). Below saturation the
+//! percentiles compare proxies' own latency rather than queueing in a saturated run.
+//!
+//! Usage: `fixed-rate ADDR PATH RATE SECONDS [CONNECTIONS]`, e.g.
+//! `fixed-rate 127.0.0.1:18083 /index.html 5000 10 20`. Prints one CSV line:
+//! `sent,errors,p50_us,p90_us,p99_us,p999_us,max_us`.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends `count` requests on one connection, the i-th at `start + offset + i * every`;
+/// returns each latency in microseconds, or why the connection failed.
+async fn run_connection(
+    addr: String,
+    request: Vec<u8>,
+    start: Instant,
+    offset: Duration,
+    every: Duration,
+    count: u64,
+) -> Result<Vec<u64>, String> {
+    let mut tcp = TcpStream::connect(&addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let mut buf = vec![0u8; 64 * 1024];
+    for i in 0..count {
+        let due = start + offset + every.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        tcp.write_all(&request)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        read_response(&mut tcp, &mut buf).await?;
+        latencies.push(u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX));
+    }
+    Ok(latencies)
+}
+
+/// Reads one response with a `Content-Length` body; anything but 200 is an error.
+async fn read_response(tcp: &mut TcpStream, buf: &mut [u8]) -> Result<(), String> {
+    let mut filled = 0;
+    loop {
+        let n = tcp
+            .read(&mut buf[filled..])
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        filled += n;
+        let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") else {
+            if filled == buf.len() {
+                return Err("response head too large".into());
+            }
+            continue;
+        };
+        let head = std::str::from_utf8(&buf[..end]).map_err(|_| "response head not UTF-8")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!(
+                "answer: {}",
+                head.lines().next().unwrap_or_default()
+            ));
+        }
+        let length = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())
+                    .flatten()
+            })
+            .ok_or("no Content-Length")?;
+        let mut have = filled - (end + 4);
+        while have < length {
+            let n = tcp
+                .read(buf)
+                .await
+                .map_err(|e| format!("read body: {e}"))?;
+            if n == 0 {
+                return Err("connection closed in the body".into());
+            }
+            have += n;
+        }
+        return Ok(());
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let parsed = (|| {
+        let addr = args.get(1)?.clone();
+        let path = args.get(2)?.clone();
+        let rate: f64 = args.get(3)?.parse().ok()?;
+        let secs: f64 = args.get(4)?.parse().ok()?;
+        let conns: u64 = match args.get(5) {
+            Some(c) => c.parse().ok()?,
+            None => 20,
+        };
+        (rate > 0.0 && secs > 0.0 && conns > 0).then_some((addr, path, rate, secs, conns))
+    })();
+    let Some((addr, path, rate, secs, conns)) = parsed else {
+        eprintln!("usage: fixed-rate ADDR PATH RATE SECONDS [CONNECTIONS]");
+        std::process::exit(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start a runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes();
+    let per_conn = rate / conns as f64;
+    let every = Duration::from_secs_f64(1.0 / per_conn);
+    let count = (per_conn * secs).round() as u64;
+    let result = runtime.block_on(async move {
+        // Start a little later so every connection is open when the schedule begins.
+        let start = Instant::now() + Duration::from_millis(200);
+        let tasks: Vec<_> = (0..conns)
+            .map(|c| {
+                // Connections take turns: the schedule is even across the whole rate.
+                let offset = every.mul_f64(c as f64 / conns as f64);
+                tokio::spawn(run_connection(
+                    addr.clone(),
+                    request.clone(),
+                    start,
+                    offset,
+                    every,
+                    count,
+                ))
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut errors = 0u64;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(l)) => all.extend(l),
+                Ok(Err(e)) => {
+                    eprintln!("{e}");
+                    errors += 1;
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    errors += 1;
+                }
+            }
+        }
+        (all, errors)
+    });
+    let (mut all, errors) = result;
+    all.sort_unstable();
+    println!(
+        "{},{},{},{},{},{},{}",
+        all.len(),
+        errors,
+        percentile(&all, 50.0),
+        percentile(&all, 90.0),
+        percentile(&all, 99.0),
+        percentile(&all, 99.9),
+        all.last().copied().unwrap_or(0)
+    );
+}
