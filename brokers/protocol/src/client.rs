@@ -10,9 +10,10 @@ use serde::de::DeserializeOwned;
 use crate::entity::EntityKey;
 use crate::error::ApiErrorBody;
 use crate::event::RequestEvent;
+use crate::event_json::ingest_body;
 use crate::ingestion::{
-    AckRequest, AckResponse, ClaimRequest, ClaimResponse, IngestRequest, IngestResponse, ItemInfo,
-    ItemList, PurgeResponse, QueueStatus,
+    AckRequest, AckResponse, ClaimRequest, ClaimResponse, IngestResponse, ItemInfo, ItemList,
+    PurgeResponse, QueueStatus,
 };
 use crate::mitigation::{
     DeltaPage, Mitigation, MitigationList, PublishRequest, PublishResponse, RevokeRequest,
@@ -176,22 +177,25 @@ impl IngestionClient {
 
     /// Enqueues a batch; `Backpressure` when the queue is full or paused.
     pub async fn ingest(&self, events: Vec<RequestEvent>) -> Result<IngestResponse, ClientError> {
-        self.base
-            .post("/api/events", &IngestRequest { events })
-            .await
+        self.ingest_slice(&events).await
     }
 
     /// Like [`IngestionClient::ingest`], from a borrowed batch, so a caller can retry the
-    /// same batch without cloning it first.
+    /// same batch without cloning it first. The body is [`ingest_body`]'s: the JSON of an
+    /// [`IngestRequest`](crate::ingestion::IngestRequest), written directly.
     pub async fn ingest_slice(
         &self,
         events: &[RequestEvent],
     ) -> Result<IngestResponse, ClientError> {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            events: &'a [RequestEvent],
-        }
-        self.base.post("/api/events", &Body { events }).await
+        let rb = self
+            .base
+            .req(reqwest::Method::POST, "/api/events")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                reqwest::header::HeaderValue::from_static("application/json"),
+            )
+            .body(ingest_body(events));
+        self.base.send(rb).await
     }
 
     /// Leases up to `max` items for `lease`; waits up to `wait` when the queue is empty.

@@ -34,12 +34,15 @@ pub struct TlsInfo {
 }
 
 /// One observed request. `weight` is 1 / sample rate, so that counts over sampled
-/// traffic stay unbiased.
+/// traffic stay unbiased. [`RequestEvent::write_json`] writes the same JSON as
+/// `Serialize` with serde_json, faster; a field added here must be added there too.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestEvent {
     /// Unique id; the engine deduplicates on it.
     pub id: String,
+    /// Serialised as chrono does, in one string rather than piece by piece.
+    #[serde(serialize_with = "crate::event_json::serialize_timestamp")]
     pub timestamp: DateTime<Utc>,
     /// The protected app the request was for.
     #[serde(default)]
@@ -47,6 +50,7 @@ pub struct RequestEvent {
     /// Which proxy (or `control` for the analyze API) reported it.
     #[serde(default)]
     pub proxy_id: String,
+    #[serde(serialize_with = "crate::event_json::serialize_ip")]
     pub client_ip: IpAddr,
     pub method: String,
     #[serde(default)]
