@@ -21,6 +21,8 @@ OUT=${OUT:-/tmp/esper-profile}
 TARGETS=${TARGETS:-"bare-pingora bare-pingora-mimalloc esper-proxy"}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/esper-prof.XXXXXX)
+# nginx workers run as an unprivileged user: they must be able to read the file served.
+chmod 755 "$WORK"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done

@@ -22,6 +22,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 PROFILE=${PROFILE:-release}
 BIN=$CARGO_TARGET_DIR/$PROFILE
 WORK=$(mktemp -d /tmp/esper-bench.XXXXXX)
+# nginx workers run as an unprivileged user: they must be able to read the file served.
+chmod 755 "$WORK"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -154,6 +156,8 @@ measure() { # NAME PORT PIDS...
     local before after out
     before=$(ticks "$@")
     out=$(wrk -t2 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$port/index.html")
+    # A figure measured on error answers would be meaningless.
+    if echo "$out" | grep -q "Non-2xx"; then echo "$out" >&2; echo "error answers from port ${port:-$2}" >&2; exit 1; fi
     after=$(ticks "$@")
     local reqs rps p50 p99
     reqs=$(echo "$out" | awk '/requests in/ {print $1}')
@@ -336,7 +340,7 @@ latency() {
     wait_port 127.0.0.1:18083
     wait_port 127.0.0.1:18086
     wait_port 127.0.0.1:18084
-    echo "target,sent,errors,p50_us,p90_us,p99_us,p999_us,max_us" | tee "$WORK/latency.csv"
+    echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us" | tee "$WORK/latency.csv"
     local target port
     for _ in $(seq 1 "$reps"); do
         for target in direct:18080 bare-pingora:18083 bare-pingora-mimalloc:18086 \

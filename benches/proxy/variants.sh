@@ -15,6 +15,8 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 OUT=${OUT:-/tmp/esper-variants}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/esper-pb.XXXXXX)
+# nginx workers run as an unprivileged user: they must be able to read the file served.
+chmod 755 "$WORK"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
@@ -53,6 +55,8 @@ measure() { # NAME PORT PID
   local b a out reqs rps p50 p99
   b=$(ticks $3)
   out=$(wrk -t2 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$2/index.html")
+  # A figure measured on error answers would be meaningless.
+  if echo "$out" | grep -q "Non-2xx"; then echo "$out" >&2; echo "error answers from port ${port:-$2}" >&2; exit 1; fi
   a=$(ticks $3)
   reqs=$(echo "$out" | awk '/requests in/ {print $1}'); rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1 == "50%" {print $2}'); p99=$(echo "$out" | awk '$1 == "99%" {print $2}')

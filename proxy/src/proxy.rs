@@ -333,40 +333,10 @@ fn request_host(req: &pingora::http::RequestHeader) -> &str {
         .unwrap_or("")
 }
 
-/// An address as a header value, formatted without a temporary `String` (IPv4, the
-/// common case, without the formatting machinery either).
+/// An address as a header value, formatted on the stack.
 fn ip_header(ip: IpAddr) -> HeaderValue {
-    use std::io::Write;
-    // The longest IPv6 text form is 45 bytes.
-    let mut buf = [0u8; 48];
-    let len = match ip {
-        IpAddr::V4(v4) => {
-            let mut len = 0;
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    buf[len] = b'.';
-                    len += 1;
-                }
-                if octet >= 100 {
-                    buf[len] = b'0' + octet / 100;
-                    len += 1;
-                }
-                if octet >= 10 {
-                    buf[len] = b'0' + octet / 10 % 10;
-                    len += 1;
-                }
-                buf[len] = b'0' + octet % 10;
-                len += 1;
-            }
-            len
-        }
-        IpAddr::V6(_) => {
-            let mut w = &mut buf[..];
-            let _ = write!(w, "{ip}");
-            48 - w.len()
-        }
-    };
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static(""))
+    HeaderValue::from_bytes(esper_protocol::format_ip(&ip).as_bytes())
+        .unwrap_or(HeaderValue::from_static(""))
 }
 
 fn wants_json(session: &Session) -> bool {

@@ -142,6 +142,23 @@ pub(crate) fn ip_text(ip: &IpAddr) -> Result<Ascii<48>, fmt::Error> {
     Ok(a)
 }
 
+/// An address's text, on the stack.
+pub struct IpText(Ascii<48>);
+
+impl IpText {
+    /// The address as `Display` writes it.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+/// The text of `ip` without a heap allocation (IPv4, the common case, without the
+/// formatting machinery either): for hot paths such as a proxy's forwarding headers.
+pub fn format_ip(ip: &IpAddr) -> IpText {
+    // 48 bytes hold every address's text, so the write cannot fail.
+    IpText(ip_text(ip).unwrap_or_else(|_| Ascii::new()))
+}
+
 /// `serialize_with` for `RequestEvent::timestamp`: one string, the text chrono writes.
 pub(crate) fn serialize_timestamp<S: Serializer>(
     ts: &DateTime<Utc>,

@@ -1,12 +1,14 @@
-//! An open-loop load generator for latency: requests leave on a fixed schedule (RATE per
-//! second spread over CONNECTIONS keep-alive connections), whatever the answers do, and
-//! each latency runs from the request's scheduled time, so a stalled proxy shows up in
-//! the tail instead of slowing the load (no coordinated omission). Below saturation the
-//! percentiles compare proxies' own latency rather than queueing in a saturated run.
+//! A fixed-rate load generator for latency: requests leave on a fixed schedule (RATE per
+//! second spread over CONNECTIONS keep-alive connections), each latency runs from the
+//! moment its request is written to the moment its response is read. Below saturation
+//! the percentiles compare proxies' own latency rather than queueing in a saturated
+//! closed-loop run. (Latency is not counted from the scheduled time: the runtime's timer
+//! wakes up to a millisecond late, which would swamp microsecond differences; a request
+//! that is late because the previous answer was slow is reported in `late`.)
 //!
 //! Usage: `fixed-rate ADDR PATH RATE SECONDS [CONNECTIONS]`, e.g.
 //! `fixed-rate 127.0.0.1:18083 /index.html 5000 10 20`. Prints one CSV line:
-//! `sent,errors,p50_us,p90_us,p99_us,p999_us,max_us`.
+//! `sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us`.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Sends `count` requests on one connection, the i-th at `start + offset + i * every`;
-/// returns each latency in microseconds, or why the connection failed.
+/// returns each latency in microseconds and how many requests left a whole interval
+/// late, or why the connection failed.
 async fn run_connection(
     addr: String,
     request: Vec<u8>,
@@ -22,23 +25,28 @@ async fn run_connection(
     offset: Duration,
     every: Duration,
     count: u64,
-) -> Result<Vec<u64>, String> {
+) -> Result<(Vec<u64>, u64), String> {
     let mut tcp = TcpStream::connect(&addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     let mut buf = vec![0u8; 64 * 1024];
+    let mut late = 0;
     for i in 0..count {
         let due = start + offset + every.mul_f64(i as f64);
+        if Instant::now() >= due + every {
+            late += 1;
+        }
         tokio::time::sleep_until(due.into()).await;
+        let sent = Instant::now();
         tcp.write_all(&request)
             .await
             .map_err(|e| format!("write: {e}"))?;
         read_response(&mut tcp, &mut buf).await?;
-        latencies.push(u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX));
+        latencies.push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
     }
-    Ok(latencies)
+    Ok((latencies, late))
 }
 
 /// Reads one response with a `Content-Length` body; anything but 200 is an error.
@@ -148,9 +156,13 @@ fn main() {
             .collect();
         let mut all = Vec::new();
         let mut errors = 0u64;
+        let mut late = 0u64;
         for t in tasks {
             match t.await {
-                Ok(Ok(l)) => all.extend(l),
+                Ok(Ok((l, n))) => {
+                    all.extend(l);
+                    late += n;
+                }
                 Ok(Err(e)) => {
                     eprintln!("{e}");
                     errors += 1;
@@ -161,14 +173,15 @@ fn main() {
                 }
             }
         }
-        (all, errors)
+        (all, errors, late)
     });
-    let (mut all, errors) = result;
+    let (mut all, errors, late) = result;
     all.sort_unstable();
     println!(
-        "{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{},{}",
         all.len(),
         errors,
+        late,
         percentile(&all, 50.0),
         percentile(&all, 90.0),
         percentile(&all, 99.0),
