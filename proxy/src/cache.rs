@@ -12,7 +12,6 @@
 //! (the delta stream, the expiry sweep) hold the write lock only for bounded chunks of
 //! work, and a snapshot is built outside the lock and swapped in.
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -28,6 +27,11 @@ use parking_lot::RwLock;
 /// Changes applied per write-lock acquisition, so a long page of deltas cannot stall
 /// request handling.
 const WRITE_CHUNK: usize = 256;
+
+// Maps hashed with foldhash (seeded per process): a lookup hashes the client address once
+// per map, on every request, and SipHash would cost several times more.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// A mitigation's id: the 16 bytes of a uuid in its canonical text form (lower case,
 /// hyphenated: what the brokers make), any other id as its text.
@@ -601,7 +605,7 @@ fn length_map<K>(maps: &mut Vec<(u8, HashMap<K, Slot>)>, len: u8) -> &mut HashMa
     let pos = match maps.binary_search_by_key(&len, |(l, _)| *l) {
         Ok(pos) => pos,
         Err(pos) => {
-            maps.insert(pos, (len, HashMap::new()));
+            maps.insert(pos, (len, HashMap::default()));
             pos
         }
     };
