@@ -85,10 +85,7 @@ async fn read_response(tcp: &mut TcpStream, buf: &mut [u8]) -> Result<(), String
             .ok_or("no Content-Length")?;
         let mut have = filled - (end + 4);
         while have < length {
-            let n = tcp
-                .read(buf)
-                .await
-                .map_err(|e| format!("read body: {e}"))?;
+            let n = tcp.read(buf).await.map_err(|e| format!("read body: {e}"))?;
             if n == 0 {
                 return Err("connection closed in the body".into());
             }
