@@ -309,15 +309,32 @@ memory() {
     entries() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^esper_proxy_cache_entries / {print $2}'; }
     until [ "$(entries 18095 | cut -d. -f1)" -ge 1000000 ] 2>/dev/null; do sleep 1; done
     until [ "$(entries 18096 | cut -d. -f1)" -ge 100000 ] 2>/dev/null; do sleep 1; done
-    sleep 5
     rss() { awk '/^VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
-    python3 - "$(rss $empty)" "$(rss $exact)" "$(entries 18095)" "$(rss $ranges)" "$(entries 18096)" <<'PY'
+    peak() { awk '/^VmHWM/ {print $2 * 1024}' "/proc/$1/status"; }
+    # The allocator returns what the snapshot's parsing used a little after it is freed:
+    # wait until the resident sizes hold still (5 s unchanged within 1%, at most 60 s).
+    local last="" now stable=0
+    for _ in $(seq 1 60); do
+        now="$(rss $exact) $(rss $ranges)"
+        if [ -n "$last" ] && python3 -c "import sys; a=[float(x) for x in sys.argv[1].split()]; b=[float(x) for x in sys.argv[2].split()]; sys.exit(0 if all(abs(x-y) <= 0.01*y for x,y in zip(a,b)) else 1)" "$now" "$last"; then
+            stable=$((stable + 1))
+            [ "$stable" -ge 5 ] && break
+        else
+            stable=0
+        fi
+        last=$now
+        sleep 1
+    done
+    python3 - "$(rss $empty)" "$(rss $exact)" "$(entries 18095)" "$(rss $ranges)" "$(entries 18096)" \
+        "$(peak $exact)" "$(peak $ranges)" <<'PY'
 import sys
-empty, exact, n_exact, ranges, n_ranges = (float(v) for v in sys.argv[1:])
+empty, exact, n_exact, ranges, n_ranges, exact_peak, ranges_peak = (float(v) for v in sys.argv[1:])
 mib = lambda b: b / 2**20
 print(f"empty cache: RSS {mib(empty):.1f} MiB")
-print(f"{n_exact:.0f} address mitigations: RSS {mib(exact):.1f} MiB, {(exact - empty) / n_exact:.0f} bytes per entry")
-print(f"{n_ranges:.0f} entries with 100,000 /24 networks: RSS {mib(ranges):.1f} MiB, {(ranges - empty) / n_ranges:.0f} bytes per entry")
+print(f"{n_exact:.0f} address mitigations: RSS {mib(exact):.1f} MiB, {(exact - empty) / n_exact:.0f} bytes per entry; "
+      f"peak RSS while loading {mib(exact_peak):.1f} MiB")
+print(f"{n_ranges:.0f} entries with 100,000 /24 networks: RSS {mib(ranges):.1f} MiB, {(ranges - empty) / n_ranges:.0f} bytes per entry; "
+      f"peak RSS while loading {mib(ranges_peak):.1f} MiB")
 PY
 }
 
