@@ -21,16 +21,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 # PROFILE=profiling measures the build that perf and callgrind read (same code, line tables).
 PROFILE=${PROFILE:-release}
 BIN=$CARGO_TARGET_DIR/$PROFILE
-WORK=$(mktemp -d /tmp/esper-bench.XXXXXX)
-# nginx workers run as an unprivileged user: they must be able to read the file served.
-chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/proxy/common.sh
+source "$ROOT/benches/proxy/common.sh"
 
 need() {
     local missing=()
@@ -40,36 +32,6 @@ need() {
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
-}
-
-UP=127.0.0.1:18080
-wait_port() {
-    for _ in $(seq 1 200); do
-        curl -s -o /dev/null "http://$1/" && return 0
-        sleep 0.1
-    done
-    echo "nothing answers on $1" >&2
-    exit 1
-}
-
-start_upstream() {
-    mkdir -p "$WORK/up/www" "$WORK/up/logs"
-    head -c 601 /dev/zero | tr '\0' 'x' >"$WORK/up/www/index.html"
-    cat >"$WORK/up/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/up/nginx.pid;
-error_log $WORK/up/logs/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server { listen $UP; root $WORK/up/www; }
-}
-CONF
-    nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" &
-    PIDS+=($!)
-    wait_port "$UP"
 }
 
 start_nginx_proxy() {

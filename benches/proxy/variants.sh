@@ -14,26 +14,9 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 OUT=${OUT:-/tmp/esper-variants}
 mkdir -p "$OUT"
-WORK=$(mktemp -d /tmp/esper-pb.XXXXXX)
-# nginx workers run as an unprivileged user: they must be able to read the file served.
-chmod 755 "$WORK"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-UP=127.0.0.1:18080
-wait_port() { for _ in $(seq 1 200); do curl -s -o /dev/null "http://$1/" && return 0; sleep 0.1; done; echo "nothing on $1" >&2; exit 1; }
-mkdir -p "$WORK/up/www" "$WORK/up/logs"
-head -c 601 /dev/zero | tr '\0' 'x' >"$WORK/up/www/index.html"
-cat >"$WORK/up/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/up/nginx.pid;
-error_log $WORK/up/logs/error.log;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; server { listen $UP; root $WORK/up/www; } }
-CONF
-nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" & PIDS+=($!)
-wait_port $UP
+# shellcheck source=benches/proxy/common.sh
+source "$ROOT/benches/proxy/common.sh"
+start_upstream
 "$BIN/bare-pingora" 127.0.0.1:18083 "$UP" 1 >/dev/null 2>&1 & PIDS+=($!); BARE=$!
 "$BIN/esper" broker run ingestion --listen 127.0.0.1:18090 >/dev/null 2>&1 & PIDS+=($!)
 "$BIN/esper" broker run mitigation --listen 127.0.0.1:18091 >/dev/null 2>&1 & PIDS+=($!)

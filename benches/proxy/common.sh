@@ -1,0 +1,45 @@
+# Shared by run.sh, variants.sh and profile.sh (sourced, not run): a work directory
+# cleaned up at exit with every process started, waiting for a port to answer, and the
+# upstream (nginx, one worker, serving one 601-byte file on $UP).
+
+UP=127.0.0.1:18080
+WORK=$(mktemp -d /tmp/esper-bench.XXXXXX)
+# nginx workers run as an unprivileged user: they must be able to read the file served.
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Waits up to 60 s (a process under valgrind starts slowly) for HTTP answers on $1.
+wait_port() {
+    for _ in $(seq 1 600); do
+        curl -s -o /dev/null "http://$1/" && return 0
+        sleep 0.1
+    done
+    echo "nothing answers on $1" >&2
+    exit 1
+}
+
+start_upstream() {
+    mkdir -p "$WORK/up/www" "$WORK/up/logs"
+    head -c 601 /dev/zero | tr '\0' 'x' >"$WORK/up/www/index.html"
+    cat >"$WORK/up/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/up/nginx.pid;
+error_log $WORK/up/logs/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server { listen $UP; root $WORK/up/www; }
+}
+CONF
+    nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" &
+    PIDS+=($!)
+    wait_port "$UP"
+}
