@@ -1,6 +1,7 @@
 //! The event forwarder: takes events from the request threads' buffers (woken when one
 //! holds a batch, or every `flush_interval`), records them to a JSON-lines file when
-//! asked, and posts them to the ingestion broker in batches of `batch_size`.
+//! asked, and posts them to the ingestion broker. The batches (at most `batch_size`
+//! events) come from the queue already written as request bodies.
 //!
 //! One batch is in flight at a time, so memory is bounded by the queue plus what one
 //! drain took. A failed batch is retried briefly with backoff; when the broker stays
@@ -11,12 +12,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use esper_protocol::{ClientError, IngestionClient, RequestEvent};
+use esper_protocol::{ClientError, IngestionClient};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::metrics::{DropReason, Metrics};
-use crate::queue::EventQueue;
+use crate::queue::{Batch, EventQueue};
 use crate::status::Status;
 
 /// Attempts per batch while the broker is healthy.
@@ -53,15 +54,14 @@ impl Recorder {
 
     /// Writes `events`. After a write error (disk full, say) it logs once and stops
     /// recording: traffic and forwarding never wait on the recording.
-    async fn write(&mut self, events: &[RequestEvent]) {
+    async fn write(&mut self, batches: &[Batch]) {
         let Some(file) = self.file.as_mut() else {
             return;
         };
         self.line.clear();
-        for ev in events {
-            if serde_json::to_writer(&mut self.line, ev).is_ok() {
-                self.line.push(b'\n');
-            }
+        for ev in batches.iter().flat_map(Batch::events) {
+            self.line.extend_from_slice(ev);
+            self.line.push(b'\n');
         }
         let written = async {
             file.write_all(&self.line).await?;
@@ -78,7 +78,6 @@ impl Recorder {
 pub struct Forwarder {
     queue: Arc<EventQueue>,
     client: IngestionClient,
-    batch_size: usize,
     flush_interval: Duration,
     recorder: Option<Recorder>,
     metrics: Arc<Metrics>,
@@ -92,7 +91,6 @@ impl Forwarder {
     pub fn new(
         queue: Arc<EventQueue>,
         client: IngestionClient,
-        batch_size: usize,
         flush_interval: Duration,
         metrics: Arc<Metrics>,
         status: Arc<Status>,
@@ -100,7 +98,6 @@ impl Forwarder {
         Forwarder {
             queue,
             client,
-            batch_size: batch_size.max(1),
             flush_interval,
             recorder: None,
             metrics,
@@ -134,37 +131,36 @@ impl Forwarder {
         self.final_flush(pending).await;
     }
 
-    /// Records and delivers `pending` (emptying it), `batch_size` events at a time.
-    async fn send_all(&mut self, pending: &mut Vec<RequestEvent>) {
+    /// Records and delivers `pending` (emptying it).
+    async fn send_all(&mut self, pending: &mut Vec<Batch>) {
         if pending.is_empty() {
             return;
         }
         if let Some(r) = self.recorder.as_mut() {
             r.write(pending).await;
         }
-        for batch in pending.chunks(self.batch_size) {
+        for batch in pending.drain(..) {
             self.deliver(batch).await;
         }
-        pending.clear();
     }
 
-    async fn final_flush(mut self, mut pending: Vec<RequestEvent>) {
+    async fn final_flush(mut self, mut pending: Vec<Batch>) {
         self.queue.close();
         // Once stopping, one attempt per batch: nobody should wait on a dead broker.
         self.failing = true;
         self.queue.drain_into(&mut pending);
-        let mut done = 0;
+        let mut left: u64 = pending.iter().map(|b| b.len() as u64).sum();
         let flush = async {
             if let Some(r) = self.recorder.as_mut() {
                 r.write(&pending).await;
             }
-            for batch in pending.chunks(self.batch_size) {
+            for batch in pending {
+                let n = batch.len() as u64;
                 self.deliver(batch).await;
-                done += batch.len();
+                left -= n;
             }
         };
         if tokio::time::timeout(FINAL_FLUSH, flush).await.is_err() {
-            let left = (pending.len() - done) as u64;
             self.metrics.drop_events(DropReason::Shutdown, left);
             tracing::warn!(
                 dropped = left,
@@ -174,14 +170,15 @@ impl Forwarder {
     }
 
     /// Sends `batch` with retries, counting what is sent or dropped.
-    async fn deliver(&mut self, batch: &[RequestEvent]) {
+    async fn deliver(&mut self, batch: Batch) {
         let n = batch.len() as u64;
+        let body = batch.into_body();
         let attempts = if self.failing { 1 } else { MAX_ATTEMPTS };
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 0;
         let outcome = loop {
             attempt += 1;
-            match self.client.ingest_slice(batch).await {
+            match self.client.ingest_body(body.clone()).await {
                 Ok(_) => break Ok(()),
                 Err(e) if !e.is_transient() || attempt >= attempts => break Err(e),
                 Err(e) => {

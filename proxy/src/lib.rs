@@ -399,7 +399,6 @@ pub async fn start(
     let mut forwarder = Forwarder::new(
         queue,
         IngestionClient::new(&config.ingestion_url, config.broker_token.clone()),
-        config.batch_size,
         config.flush_interval,
         metrics.clone(),
         status.clone(),

@@ -729,7 +729,7 @@ impl ProxyHttp for EsperProxy {
             bytes: u64::try_from(session.body_bytes_sent()).unwrap_or(u64::MAX),
             action: ctx.action,
             own_id: (!ctx.client_request_id && !ctx.request_id.is_empty())
-                .then(|| std::mem::take(&mut ctx.request_id)),
+                .then_some(ctx.request_id.as_str()),
         });
     }
 }

@@ -1,14 +1,18 @@
-//! The handoff between request threads and the forwarder: each request thread appends
-//! its events to its own buffer, and the forwarder takes them a batch at a time. The
-//! forwarder is woken once a buffer holds a batch's worth (or by its flush timer), never
-//! once per event: waking another thread per request cost more than building the event.
+//! The handoff between request threads and the forwarder: each request thread writes
+//! its events, as JSON, straight into the body of the batch its own buffer is filling,
+//! and the forwarder takes finished bodies. No event is held as a struct of owned
+//! strings on its way out: the request's fields are borrowed while they are written, and
+//! a batch's body is what the forwarder posts.
 //!
-//! The buffers together hold at most the configured capacity; an event that finds its
-//! thread's buffer full is refused, and the caller counts it as dropped.
+//! The forwarder is woken once a buffer holds a batch's worth (or by its flush timer),
+//! never once per event: waking another thread per request cost more than building the
+//! event. The buffers together hold at most the configured capacity; an event that
+//! finds its thread's buffer full is refused, and the caller counts it as dropped.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use esper_protocol::RequestEvent;
+use bytes::Bytes;
+use esper_protocol::{EventView, INGEST_BODY_END, INGEST_BODY_START};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -21,9 +25,74 @@ pub enum Refused {
     Closed,
 }
 
+/// Events written as the body of one `POST /api/events`.
+#[derive(Debug, Default)]
+pub struct Batch {
+    body: Vec<u8>,
+    /// Where each event's JSON ends in `body`.
+    ends: Vec<u32>,
+}
+
+impl Batch {
+    fn with_room(bytes: usize, events: usize) -> Batch {
+        let mut body = Vec::with_capacity(bytes.max(INGEST_BODY_START.len() + 1));
+        body.extend_from_slice(INGEST_BODY_START);
+        Batch {
+            body,
+            ends: Vec::with_capacity(events),
+        }
+    }
+
+    fn push(&mut self, event: &EventView<'_>) {
+        if !self.ends.is_empty() {
+            self.body.push(b',');
+        }
+        event.write_json(&mut self.body);
+        // A batch is a few hundred kilobytes; an end beyond u32 would need 4 GiB.
+        self.ends
+            .push(u32::try_from(self.body.len()).unwrap_or(u32::MAX));
+    }
+
+    /// Events in the batch.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Each event's JSON text, in order (for the event recorder).
+    pub fn events(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(INGEST_BODY_START.len())
+            .chain(self.ends.iter().map(|&e| e as usize + 1));
+        starts
+            .zip(self.ends.iter())
+            .map(|(start, &end)| &self.body[start..end as usize])
+    }
+
+    /// The finished request body, `{"events":[...]}`.
+    pub fn into_body(mut self) -> Bytes {
+        self.body.extend_from_slice(INGEST_BODY_END);
+        Bytes::from(self.body)
+    }
+}
+
+/// One thread's buffer: the batch being filled and those filled since the forwarder's
+/// last visit.
+#[derive(Default)]
+struct Buffer {
+    open: Batch,
+    full: Vec<Batch>,
+    queued: usize,
+    /// The last full batch's size in bytes: room for the next, so its body is rarely
+    /// copied while it grows.
+    room: usize,
+}
+
 /// One thread's buffer, on its own cache line so threads do not contend.
 #[repr(align(64))]
-struct Shard(Mutex<Vec<RequestEvent>>);
+struct Shard(Mutex<Buffer>);
 
 /// Events on their way to the forwarder.
 pub struct EventQueue {
@@ -43,12 +112,15 @@ thread_local! {
 
 impl EventQueue {
     /// A queue holding at most `capacity` events in `shards` buffers (one per request
-    /// thread), waking the forwarder when a buffer reaches `handoff` events.
+    /// thread), in batches of at most `handoff` events; the forwarder is woken when a
+    /// batch is full.
     pub fn new(capacity: usize, shards: usize, handoff: usize) -> EventQueue {
         let shards = shards.max(1);
         let per_shard = capacity.div_ceil(shards).max(1);
         EventQueue {
-            shards: (0..shards).map(|_| Shard(Mutex::new(Vec::new()))).collect(),
+            shards: (0..shards)
+                .map(|_| Shard(Mutex::new(Buffer::default())))
+                .collect(),
             per_shard,
             handoff: handoff.clamp(1, per_shard),
             ready: Notify::new(),
@@ -56,21 +128,27 @@ impl EventQueue {
         }
     }
 
-    /// Appends `event` to the calling thread's buffer; never waits for the forwarder.
-    pub fn push(&self, event: RequestEvent) -> Result<(), Refused> {
+    /// Writes `event` into the calling thread's buffer; never waits for the forwarder.
+    pub fn push(&self, event: &EventView<'_>) -> Result<(), Refused> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Refused::Closed);
         }
         let shard = &self.shards[SHARD.with(|s| *s) % self.shards.len()];
         let mut buf = shard.0.lock();
-        if buf.len() >= self.per_shard {
+        if buf.queued >= self.per_shard {
             return Err(Refused::Full);
         }
-        if buf.capacity() == 0 {
-            buf.reserve(self.handoff);
+        if buf.open.body.capacity() == 0 {
+            buf.open = Batch::with_room(buf.room, self.handoff);
         }
-        buf.push(event);
-        let wake = buf.len() == self.handoff;
+        buf.open.push(event);
+        buf.queued += 1;
+        let wake = buf.open.len() >= self.handoff;
+        if wake {
+            let full = std::mem::take(&mut buf.open);
+            buf.room = full.body.len() + full.body.len() / 8;
+            buf.full.push(full);
+        }
         drop(buf);
         if wake {
             // A stored permit if the forwarder is busy: the handoff is not lost.
@@ -79,18 +157,22 @@ impl EventQueue {
         Ok(())
     }
 
-    /// Moves every queued event into `out`, oldest buffer contents first.
-    pub fn drain_into(&self, out: &mut Vec<RequestEvent>) {
+    /// Moves every queued batch into `out`, each buffer's in the order written.
+    pub fn drain_into(&self, out: &mut Vec<Batch>) {
         for shard in self.shards.iter() {
             let mut buf = shard.0.lock();
-            out.append(&mut buf);
+            out.append(&mut buf.full);
+            if !buf.open.is_empty() {
+                out.push(std::mem::take(&mut buf.open));
+            }
+            buf.queued = 0;
         }
     }
 
     /// Events queued now.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.lock().len()).sum()
+        self.shards.iter().map(|s| s.0.lock().queued).sum()
     }
 
     /// Waits until some buffer holds a batch's worth of events.
@@ -109,49 +191,103 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use chrono::{DateTime, Utc};
+    use esper_protocol::{EnforcedAction, RequestEvent};
+
     use super::*;
 
-    fn event(n: u32) -> RequestEvent {
-        serde_json::from_value(serde_json::json!({
-            "id": format!("e{n}"),
-            "timestamp": "2026-01-01T00:00:00Z",
-            "client_ip": "192.0.2.1",
-            "method": "GET",
-            "path": "/",
-            "status": 200,
-        }))
-        .unwrap()
+    fn view<'a>(id: &'a str, at: &'a DateTime<Utc>) -> EventView<'a> {
+        EventView {
+            id,
+            timestamp: at,
+            app: "shop",
+            proxy_id: "p1",
+            client_ip: "192.0.2.1".parse().unwrap(),
+            method: "GET",
+            host: "shop.example",
+            path: "/",
+            status: 200,
+            latency_us: 10,
+            bytes: 5,
+            user_agent: None,
+            headers: &[("accept", std::borrow::Cow::Borrowed("*/*"))],
+            cookies: &[],
+            tls: None,
+            action: EnforcedAction::Allow,
+            weight: 1.0,
+        }
+    }
+
+    fn push(q: &EventQueue, n: u32) -> Result<(), Refused> {
+        let at = Utc::now();
+        q.push(&view(&format!("e{n}"), &at))
+    }
+
+    fn ids(batches: Vec<Batch>) -> Vec<String> {
+        let mut ids = Vec::new();
+        for b in batches {
+            let body: esper_protocol::ingestion::IngestRequest =
+                serde_json::from_slice(&b.into_body()).unwrap();
+            ids.extend(body.events.into_iter().map(|e| e.id));
+        }
+        ids
     }
 
     #[test]
-    fn bounded_and_drained_in_order() {
-        let q = EventQueue::new(4, 1, 2);
+    fn bounded_and_drained_in_order_as_ingest_bodies() {
+        let q = EventQueue::new(4, 1, 3);
         for n in 0..4 {
-            q.push(event(n)).unwrap();
+            push(&q, n).unwrap();
         }
-        assert_eq!(q.push(event(9)), Err(Refused::Full));
+        assert_eq!(push(&q, 9), Err(Refused::Full));
         assert_eq!(q.len(), 4);
         let mut out = Vec::new();
         q.drain_into(&mut out);
-        let ids: Vec<_> = out.iter().map(|e| e.id.as_str()).collect();
-        assert_eq!(ids, ["e0", "e1", "e2", "e3"]);
+        assert_eq!(out.iter().map(Batch::len).collect::<Vec<_>>(), [3, 1]);
+        assert_eq!(ids(out), ["e0", "e1", "e2", "e3"]);
         assert_eq!(q.len(), 0);
-        q.push(event(5)).unwrap();
+        push(&q, 5).unwrap();
         q.close();
-        assert_eq!(q.push(event(6)), Err(Refused::Closed));
-        out.clear();
+        assert_eq!(push(&q, 6), Err(Refused::Closed));
+        let mut out = Vec::new();
         q.drain_into(&mut out);
-        assert_eq!(out.len(), 1, "what was queued before closing is kept");
+        assert_eq!(ids(out), ["e5"], "what was queued before closing is kept");
+    }
+
+    #[test]
+    fn each_event_reads_back_as_written() {
+        let q = EventQueue::new(10, 1, 10);
+        let at = Utc::now();
+        let mut events = Vec::new();
+        for id in ["a", "b\"quoted\"", "c"] {
+            q.push(&view(id, &at)).unwrap();
+            events.push(id);
+        }
+        let mut out = Vec::new();
+        q.drain_into(&mut out);
+        let [batch] = <[Batch; 1]>::try_from(out).unwrap();
+        let read: Vec<RequestEvent> = batch
+            .events()
+            .map(|text| serde_json::from_slice(text).unwrap())
+            .collect();
+        assert_eq!(read.len(), 3);
+        for (ev, id) in read.iter().zip(events) {
+            assert_eq!(ev.id, id);
+            assert_eq!(ev.headers["accept"], "*/*");
+            assert_eq!(ev.timestamp, at);
+        }
+        let whole = batch.events().count();
+        assert_eq!(whole, 3);
     }
 
     #[tokio::test]
     async fn wakes_once_a_batch_is_buffered_not_per_event() {
         let q = Arc::new(EventQueue::new(100, 2, 3));
-        q.push(event(0)).unwrap();
-        q.push(event(1)).unwrap();
+        push(&q, 0).unwrap();
+        push(&q, 1).unwrap();
         let early = tokio::time::timeout(Duration::from_millis(50), q.ready()).await;
         assert!(early.is_err(), "woken before a batch was buffered");
-        q.push(event(2)).unwrap();
+        push(&q, 2).unwrap();
         tokio::time::timeout(Duration::from_secs(1), q.ready())
             .await
             .expect("woken when the batch is complete");
@@ -165,7 +301,7 @@ mod tests {
                 let q = q.clone();
                 std::thread::spawn(move || {
                     for n in 0..100 {
-                        q.push(event(t * 1000 + n)).unwrap();
+                        push(&q, t * 1000 + n).unwrap();
                     }
                 })
             })
@@ -175,6 +311,7 @@ mod tests {
         }
         let mut out = Vec::new();
         q.drain_into(&mut out);
-        assert_eq!(out.len(), 400);
+        assert!(out.iter().all(|b| b.len() <= 10));
+        assert_eq!(ids(out).len(), 400);
     }
 }

@@ -1,14 +1,15 @@
-//! The reporting filter: after a response, samples the request and hands a
-//! `RequestEvent` to the forwarder's bounded queue without waiting; a full queue drops
-//! the event and counts it.
+//! The reporting filter: after a response, samples the request and writes its event,
+//! as JSON, into the forwarder's bounded queue without waiting; a full queue drops the
+//! event and counts it. The event's fields are borrowed from the request while it is
+//! written: nothing per event is copied into owned strings first.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use esper_protocol::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};
+use esper_protocol::{EnforcedAction, EventView, TlsInfo, hash_cookie_value};
 use http::{HeaderMap, HeaderName};
 
 use crate::cache::cookie_pairs;
@@ -38,7 +39,7 @@ pub struct Observed<'a> {
     pub action: EnforcedAction,
     /// A request id this proxy generated for the request, reused as the event id; `None`
     /// when the client chose the request id (then the event gets a fresh one).
-    pub own_id: Option<String>,
+    pub own_id: Option<&'a str>,
 }
 
 /// Samples finished requests into the forwarder's queue.
@@ -51,15 +52,23 @@ pub struct Reporter {
 }
 
 /// The first `MAX_FIELD_LEN` bytes of `s`, cut at a character boundary.
-fn clip(s: &str) -> String {
+fn clip(s: &str) -> &str {
     if s.len() <= MAX_FIELD_LEN {
-        return s.to_string();
+        return s;
     }
     let mut end = MAX_FIELD_LEN;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    s[..end].to_string()
+    &s[..end]
+}
+
+/// A header value as text (invalid UTF-8 replaced), clipped.
+fn header_text(bytes: &[u8]) -> Cow<'_, str> {
+    match String::from_utf8_lossy(bytes) {
+        Cow::Borrowed(s) => Cow::Borrowed(clip(s)),
+        Cow::Owned(s) => Cow::Owned(clip(&s).to_string()),
+    }
 }
 
 impl Reporter {
@@ -76,10 +85,16 @@ impl Reporter {
             queue,
             metrics,
             proxy_id,
-            headers: headers
-                .iter()
-                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
-                .collect(),
+            headers: {
+                let mut names: Vec<HeaderName> = headers
+                    .iter()
+                    .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                    .collect();
+                // Each name once: an event's headers are one JSON object.
+                names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                names.dedup();
+                names
+            },
             cookies: cookies.iter().map(|c| c.to_ascii_lowercase()).collect(),
         }
     }
@@ -92,68 +107,81 @@ impl Reporter {
 
     /// Queues the event of a sampled request; never waits.
     pub fn report(&self, seen: Observed<'_>) {
-        let event = self.event(seen);
-        match self.queue.push(event) {
-            Ok(()) => {}
-            Err(Refused::Full) => self.metrics.drop_events(DropReason::BufferFull, 1),
-            Err(Refused::Closed) => self.metrics.drop_events(DropReason::Shutdown, 1),
-        }
-    }
-
-    /// The event for one request.
-    pub fn event(&self, seen: Observed<'_>) -> RequestEvent {
-        let mut headers = BTreeMap::new();
+        let mut headers: Vec<(&str, Cow<'_, str>)> = Vec::new();
         for name in &self.headers {
             let mut values = seen.headers.get_all(name).iter();
             let Some(first) = values.next() else { continue };
-            let mut joined = String::from_utf8_lossy(first.as_bytes()).into_owned();
+            let mut value = header_text(first.as_bytes());
             for more in values {
+                let joined = value.to_mut();
                 joined.push_str(", ");
                 joined.push_str(&String::from_utf8_lossy(more.as_bytes()));
             }
-            headers.insert(name.as_str().to_string(), clip(&joined));
+            if let Cow::Owned(joined) = &mut value {
+                let keep = clip(joined).len();
+                joined.truncate(keep);
+            }
+            headers.push((name.as_str(), value));
         }
-        let mut cookies = BTreeMap::new();
+        let mut cookies: Vec<(&str, Cow<'_, str>)> = Vec::new();
         if !self.cookies.is_empty() {
             for header in seen.headers.get_all(http::header::COOKIE) {
                 let Ok(text) = header.to_str() else { continue };
                 for (name, value) in cookie_pairs(text) {
                     if let Some(wanted) = self.cookies.iter().find(|c| c.eq_ignore_ascii_case(name))
                     {
-                        cookies.insert(wanted.clone(), hash_cookie_value(value));
+                        // The last of a repeated cookie wins, as it would in a map.
+                        cookies.retain(|(n, _)| n != wanted);
+                        cookies.push((wanted, Cow::Owned(hash_cookie_value(value))));
                     }
                 }
             }
         }
-        RequestEvent {
+        let fresh_id;
+        let id = match seen.own_id {
+            Some(id) => id,
             // Always one this proxy made: a client-chosen request id must not be able
             // to make the engine deduplicate its events away.
-            id: seen.own_id.unwrap_or_else(crate::respond::new_id),
-            timestamp: seen.timestamp,
-            app: seen.app.to_string(),
-            proxy_id: self.proxy_id.clone(),
+            None => {
+                fresh_id = crate::respond::new_id();
+                fresh_id.as_str()
+            }
+        };
+        let user_agent = seen
+            .headers
+            .get(http::header::USER_AGENT)
+            .map(|v| header_text(v.as_bytes()));
+        let event = EventView {
+            id,
+            timestamp: &seen.timestamp,
+            app: seen.app,
+            proxy_id: &self.proxy_id,
             client_ip: seen.client_ip,
-            method: seen.method.to_string(),
+            method: seen.method,
             host: clip(seen.host),
             path: clip(seen.path),
             status: seen.status,
             latency_us: u64::try_from(seen.latency.as_micros()).unwrap_or(u64::MAX),
             bytes: seen.bytes,
-            user_agent: seen
-                .headers
-                .get(http::header::USER_AGENT)
-                .map(|v| clip(&String::from_utf8_lossy(v.as_bytes()))),
-            headers,
-            cookies,
-            tls: seen.tls,
+            user_agent: user_agent.as_deref(),
+            headers: &headers,
+            cookies: &cookies,
+            tls: seen.tls.as_ref(),
             action: seen.action,
             weight: 1.0 / seen.sample_rate,
+        };
+        match self.queue.push(&event) {
+            Ok(()) => {}
+            Err(Refused::Full) => self.metrics.drop_events(DropReason::BufferFull, 1),
+            Err(Refused::Closed) => self.metrics.drop_events(DropReason::Shutdown, 1),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use esper_protocol::RequestEvent;
+    use esper_protocol::ingestion::IngestRequest;
     use http::HeaderValue;
 
     use super::*;
@@ -177,6 +205,17 @@ mod tests {
         }
     }
 
+    fn drained(queue: &EventQueue) -> Vec<RequestEvent> {
+        let mut batches = Vec::new();
+        queue.drain_into(&mut batches);
+        let mut events = Vec::new();
+        for b in batches {
+            let body: IngestRequest = serde_json::from_slice(&b.into_body()).unwrap();
+            events.extend(body.events);
+        }
+        events
+    }
+
     #[test]
     fn events_carry_the_request_facts() {
         let queue = Arc::new(EventQueue::new(100, 1, 10));
@@ -184,24 +223,47 @@ mod tests {
             queue.clone(),
             Arc::new(Metrics::new()),
             "p1".into(),
-            &["accept-language".into(), "x-missing".into()],
+            &[
+                "accept-language".into(),
+                "x-missing".into(),
+                "accept".into(),
+            ],
             &["session".into()],
         );
         let mut h = HeaderMap::new();
         h.insert("user-agent", HeaderValue::from_static("curl/8"));
         h.insert("accept-language", HeaderValue::from_static("en"));
+        h.append("accept", HeaderValue::from_static("text/html"));
+        h.append("accept", HeaderValue::from_static("*/*"));
         h.insert("cookie", HeaderValue::from_static("Session=abc; other=1"));
-        let ev = r.event(observed(&h));
+        let mut seen = observed(&h);
+        seen.own_id = Some("req-1");
+        r.report(seen);
+        let [ev] = <[RequestEvent; 1]>::try_from(drained(&queue)).unwrap();
+        assert_eq!(ev.id, "req-1");
         assert_eq!(ev.app, "shop");
         assert_eq!(ev.proxy_id, "p1");
+        assert_eq!(ev.method, "POST");
+        assert_eq!(ev.host, "shop.example");
+        assert_eq!(ev.path, "/login");
         assert_eq!(ev.status, 401);
         assert_eq!(ev.latency_us, 1500);
+        assert_eq!(ev.bytes, 12);
         assert_eq!(ev.weight, 2.0);
         assert_eq!(ev.user_agent.as_deref(), Some("curl/8"));
-        assert_eq!(ev.headers.len(), 1);
+        assert_eq!(ev.headers.len(), 2);
         assert_eq!(ev.headers["accept-language"], "en");
+        assert_eq!(ev.headers["accept"], "text/html, */*");
+        assert_eq!(ev.cookies.len(), 1);
         assert_eq!(ev.cookies["session"], hash_cookie_value("abc"));
         assert_eq!(ev.action, EnforcedAction::Log);
+        // Without a request id of the proxy's own, the event gets a fresh id.
+        r.report(observed(&h));
+        r.report(observed(&h));
+        let ids: Vec<_> = drained(&queue).into_iter().map(|e| e.id).collect();
+        assert_eq!(ids.len(), 2);
+        assert_ne!(ids[0], ids[1]);
+        assert!(ids.iter().all(|id| id.len() == 36), "{ids:?}");
         // Sampling at 0.5 keeps some and skips some.
         for _ in 0..64 {
             if r.sampled(0.5) {
@@ -210,6 +272,35 @@ mod tests {
         }
         let kept = queue.len();
         assert!(kept > 0 && kept < 64, "kept {kept} of 64");
+    }
+
+    #[test]
+    fn long_and_odd_fields_are_clipped_and_kept_readable() {
+        let queue = Arc::new(EventQueue::new(10, 1, 10));
+        let r = Reporter::new(
+            queue.clone(),
+            Arc::new(Metrics::new()),
+            "p".into(),
+            &["referer".into()],
+            &[],
+        );
+        let mut h = HeaderMap::new();
+        let long = "é".repeat(600);
+        h.insert(
+            "user-agent",
+            HeaderValue::from_bytes(b"bad \xff agent").unwrap(),
+        );
+        h.append("referer", HeaderValue::from_str(&long).unwrap());
+        h.append("referer", HeaderValue::from_static("https://b.example/"));
+        let path = format!("/{}", "p".repeat(2000));
+        let mut seen = observed(&h);
+        seen.path = &path;
+        r.report(seen);
+        let [ev] = <[RequestEvent; 1]>::try_from(drained(&queue)).unwrap();
+        assert_eq!(ev.user_agent.as_deref(), Some("bad \u{fffd} agent"));
+        assert_eq!(ev.path.len(), MAX_FIELD_LEN);
+        assert_eq!(ev.headers["referer"].len(), MAX_FIELD_LEN);
+        assert!(ev.headers["referer"].starts_with("éé"));
     }
 
     #[test]

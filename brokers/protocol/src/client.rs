@@ -187,6 +187,18 @@ impl IngestionClient {
         &self,
         events: &[RequestEvent],
     ) -> Result<IngestResponse, ClientError> {
+        self.ingest_body(ingest_body(events)).await
+    }
+
+    /// Sends a batch already written as the JSON of an
+    /// [`IngestRequest`](crate::ingestion::IngestRequest) (see
+    /// [`EventView::write_json`](crate::EventView::write_json) and
+    /// [`INGEST_BODY_START`](crate::INGEST_BODY_START)); a retry passes a clone of the
+    /// same bytes, which copies nothing.
+    pub async fn ingest_body(
+        &self,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<IngestResponse, ClientError> {
         let rb = self
             .base
             .req(reqwest::Method::POST, "/api/events")
@@ -194,7 +206,7 @@ impl IngestionClient {
                 reqwest::header::CONTENT_TYPE,
                 reqwest::header::HeaderValue::from_static("application/json"),
             )
-            .body(ingest_body(events));
+            .body(body);
         self.base.send(rb).await
     }
 

@@ -4,6 +4,8 @@
 //! the stack). The text is byte for byte what serde's derived serialisation of
 //! `RequestEvent` writes with serde_json (tests in `tests/event_json.rs` hold it to that).
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
@@ -11,7 +13,7 @@ use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Serializer;
 use serde::ser::Error as _;
 
-use crate::event::{EnforcedAction, RequestEvent};
+use crate::event::{EnforcedAction, RequestEvent, TlsInfo};
 
 /// A short ASCII text built on the stack.
 pub(crate) struct Ascii<const N: usize> {
@@ -275,9 +277,9 @@ fn push_f64(out: &mut Vec<u8>, w: f64) {
     }
 }
 
-fn push_map<'a>(out: &mut Vec<u8>, map: impl IntoIterator<Item = (&'a String, &'a String)>) {
+fn push_map(out: &mut Vec<u8>, map: &[(&str, Cow<'_, str>)]) {
     out.push(b'{');
-    for (i, (k, v)) in map.into_iter().enumerate() {
+    for (i, (k, v)) in map.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -299,18 +301,44 @@ fn action_name(action: EnforcedAction) -> &'static str {
     }
 }
 
-impl RequestEvent {
-    /// Appends this event's JSON to `out`: the same text as `serde_json::to_vec(self)`,
-    /// for about a third of the instructions (the proxy reports every request).
+/// A request event's fields, borrowed from wherever they are kept: a [`RequestEvent`], or
+/// a request still in the proxy's hands, whose event is written into its batch without
+/// an owned copy of any field.
+#[derive(Clone, Copy, Debug)]
+pub struct EventView<'a> {
+    pub id: &'a str,
+    pub timestamp: &'a DateTime<Utc>,
+    pub app: &'a str,
+    pub proxy_id: &'a str,
+    pub client_ip: IpAddr,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub latency_us: u64,
+    pub bytes: u64,
+    pub user_agent: Option<&'a str>,
+    /// Reported headers, name and value; written as one JSON object in this order.
+    pub headers: &'a [(&'a str, Cow<'a, str>)],
+    /// Reported cookies, name and hashed value.
+    pub cookies: &'a [(&'a str, Cow<'a, str>)],
+    pub tls: Option<&'a TlsInfo>,
+    pub action: EnforcedAction,
+    pub weight: f64,
+}
+
+impl EventView<'_> {
+    /// Appends the event's JSON to `out`: for a view of a [`RequestEvent`], the same text
+    /// as `serde_json::to_vec` of it, for about a third of the instructions.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"id\":");
-        push_str(out, &self.id);
+        push_str(out, self.id);
         out.extend_from_slice(b",\"timestamp\":\"");
-        out.extend_from_slice(rfc3339(&self.timestamp).bytes());
+        out.extend_from_slice(rfc3339(self.timestamp).bytes());
         out.extend_from_slice(b"\",\"app\":");
-        push_str(out, &self.app);
+        push_str(out, self.app);
         out.extend_from_slice(b",\"proxy_id\":");
-        push_str(out, &self.proxy_id);
+        push_str(out, self.proxy_id);
         out.extend_from_slice(b",\"client_ip\":\"");
         match ip_text(&self.client_ip) {
             Ok(text) => out.extend_from_slice(text.bytes()),
@@ -318,30 +346,30 @@ impl RequestEvent {
             Err(_) => out.extend_from_slice(self.client_ip.to_string().as_bytes()),
         }
         out.extend_from_slice(b"\",\"method\":");
-        push_str(out, &self.method);
+        push_str(out, self.method);
         out.extend_from_slice(b",\"host\":");
-        push_str(out, &self.host);
+        push_str(out, self.host);
         out.extend_from_slice(b",\"path\":");
-        push_str(out, &self.path);
+        push_str(out, self.path);
         out.extend_from_slice(b",\"status\":");
         push_u64(out, u64::from(self.status));
         out.extend_from_slice(b",\"latency_us\":");
         push_u64(out, self.latency_us);
         out.extend_from_slice(b",\"bytes\":");
         push_u64(out, self.bytes);
-        if let Some(agent) = &self.user_agent {
+        if let Some(agent) = self.user_agent {
             out.extend_from_slice(b",\"user_agent\":");
             push_str(out, agent);
         }
         if !self.headers.is_empty() {
             out.extend_from_slice(b",\"headers\":");
-            push_map(out, &self.headers);
+            push_map(out, self.headers);
         }
         if !self.cookies.is_empty() {
             out.extend_from_slice(b",\"cookies\":");
-            push_map(out, &self.cookies);
+            push_map(out, self.cookies);
         }
-        if let Some(tls) = &self.tls {
+        if let Some(tls) = self.tls {
             out.extend_from_slice(b",\"tls\":{\"version\":");
             push_str(out, &tls.version);
             if let Some(fingerprint) = &tls.fingerprint {
@@ -358,6 +386,40 @@ impl RequestEvent {
     }
 }
 
+impl RequestEvent {
+    /// Appends this event's JSON to `out`: the same text as `serde_json::to_vec(self)`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let headers = pairs(&self.headers);
+        let cookies = pairs(&self.cookies);
+        EventView {
+            id: &self.id,
+            timestamp: &self.timestamp,
+            app: &self.app,
+            proxy_id: &self.proxy_id,
+            client_ip: self.client_ip,
+            method: &self.method,
+            host: &self.host,
+            path: &self.path,
+            status: self.status,
+            latency_us: self.latency_us,
+            bytes: self.bytes,
+            user_agent: self.user_agent.as_deref(),
+            headers: &headers,
+            cookies: &cookies,
+            tls: self.tls.as_ref(),
+            action: self.action,
+            weight: self.weight,
+        }
+        .write_json(out);
+    }
+}
+
+fn pairs(map: &BTreeMap<String, String>) -> Vec<(&str, Cow<'_, str>)> {
+    map.iter()
+        .map(|(k, v)| (k.as_str(), Cow::Borrowed(v.as_str())))
+        .collect()
+}
+
 /// Room for the body's brackets and a small event, until the batch's first event gives
 /// the real size.
 const FIRST_EVENT_ROOM: usize = 384;
@@ -367,7 +429,7 @@ const FIRST_EVENT_ROOM: usize = 384;
 /// `IngestRequest`.
 pub fn ingest_body(events: &[RequestEvent]) -> Vec<u8> {
     let mut out = Vec::with_capacity(FIRST_EVENT_ROOM);
-    out.extend_from_slice(b"{\"events\":[");
+    out.extend_from_slice(INGEST_BODY_START);
     for (i, ev) in events.iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -382,9 +444,14 @@ pub fn ingest_body(events: &[RequestEvent]) -> Vec<u8> {
             let _ = out.try_reserve(rest);
         }
     }
-    out.extend_from_slice(b"]}");
+    out.extend_from_slice(INGEST_BODY_END);
     out
 }
+
+/// What an ingest body starts with, before its events (comma separated).
+pub const INGEST_BODY_START: &[u8] = b"{\"events\":[";
+/// What an ingest body ends with, after its events.
+pub const INGEST_BODY_END: &[u8] = b"]}";
 
 #[cfg(test)]
 mod tests {

@@ -21,5 +21,7 @@ pub use decision_log::{DecisionLogClient, DecisionRevoke, PageMark};
 pub use entity::{EntityKey, EntityParseError, path_template};
 pub use error::ApiErrorBody;
 pub use event::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};
-pub use event_json::{IpText, format_ip, ingest_body};
+pub use event_json::{
+    EventView, INGEST_BODY_END, INGEST_BODY_START, IpText, format_ip, ingest_body,
+};
 pub use mitigation::{Action, Change, DeltaPage, Mitigation, Origin, Reason, Scope};
