@@ -264,6 +264,31 @@ mod tests {
         m
     }
 
+    #[tokio::test]
+    async fn a_snapshot_in_pages_is_gathered_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (trigger, shutdown) = esper_common::Shutdown::new();
+        let config = esper_mitigation::Config {
+            stream_page_size: 2,
+            ..esper_mitigation::Config::default()
+        };
+        let broker = esper_mitigation::start(config, listener, shutdown)
+            .await
+            .unwrap();
+        let client = MitigationClient::new(&format!("http://{}", broker.local_addr()), None);
+        let all: Vec<Mitigation> = (0..7)
+            .map(|i| m(&format!("m{i}"), &format!("ip:192.0.2.{i}"), Action::Block))
+            .collect();
+        client.publish(all).await.unwrap();
+        let page = poll(&client, None).await.unwrap();
+        assert!(page.snapshot && page.more.is_none());
+        let mirror = Mirror::new();
+        mirror.apply(page);
+        assert_eq!(mirror.len(), 7);
+        trigger.trigger();
+        broker.wait().await.unwrap();
+    }
+
     #[test]
     fn picks_the_most_severe_covering_mitigation() {
         let mirror = Mirror::new();
