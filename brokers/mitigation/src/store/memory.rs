@@ -151,7 +151,8 @@ impl State {
         }
     }
 
-    /// Is `cursor` a position whose following changes are all retained?
+    /// The sequence number of `cursor` when it is of this generation and the changes
+    /// after it are all retained (deltas can follow a snapshot taken there).
     fn resumable(&self, cursor: &str) -> Option<u64> {
         let c = Cursor::parse(cursor).filter(|c| c.generation == self.generation)?;
         self.after(c.seq, 0).map(|_| c.seq)
