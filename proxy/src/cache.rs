@@ -10,7 +10,8 @@
 //!
 //! Readers take a `parking_lot` read lock for the length of a few hash lookups; writers
 //! (the delta stream, the expiry sweep) hold the write lock only for bounded chunks of
-//! work, and a snapshot is built outside the lock and swapped in.
+//! work, and a snapshot is built outside the lock (page by page, in a
+//! [`SnapshotBuilder`], while the old content keeps being enforced) and swapped in.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -218,6 +219,32 @@ enum Loc {
 #[derive(Default)]
 pub struct MitigationCache {
     index: RwLock<Index>,
+}
+
+/// A snapshot being assembled from its pages, not yet visible to lookups: from
+/// [`MitigationCache::begin_snapshot`], into [`MitigationCache::install`]. Dropping it
+/// (a page failed) leaves the cache as it was.
+pub struct SnapshotBuilder {
+    index: Index,
+}
+
+impl SnapshotBuilder {
+    /// Adds a page of the snapshot (upserts; mitigations already expired are skipped).
+    pub fn add(&mut self, changes: Vec<Change>, now: DateTime<Utc>) {
+        for change in changes {
+            self.index.apply(change, now);
+        }
+    }
+
+    /// Mitigations assembled so far.
+    pub fn len(&self) -> usize {
+        self.index.by_id.len()
+    }
+
+    /// True when nothing has been assembled yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Default)]
@@ -450,6 +477,19 @@ impl Index {
             }
         };
         self.by_id.insert(id, loc);
+    }
+
+    /// One change of a delta page or snapshot page; an expired upsert removes.
+    fn apply(&mut self, change: Change, now: DateTime<Utc>) {
+        match change {
+            Change::Upsert { mitigation } if mitigation.is_active(now) => self.insert(mitigation),
+            Change::Upsert { mitigation } => {
+                self.remove(&MitigationId::new(&mitigation.id));
+            }
+            Change::Remove { id } => {
+                self.remove(&MitigationId::new(&id));
+            }
+        }
     }
 
     fn remove(&mut self, id: &MitigationId) -> bool {
@@ -705,34 +745,32 @@ impl MitigationCache {
         while changes.peek().is_some() {
             let mut index = self.index.write();
             for change in changes.by_ref().take(WRITE_CHUNK) {
-                match change {
-                    Change::Upsert { mitigation } if mitigation.is_active(now) => {
-                        index.insert(mitigation)
-                    }
-                    Change::Upsert { mitigation } => {
-                        index.remove(&MitigationId::new(&mitigation.id));
-                    }
-                    Change::Remove { id } => {
-                        index.remove(&MitigationId::new(&id));
-                    }
-                }
+                index.apply(change, now);
             }
         }
     }
 
-    /// Replaces the whole content with a snapshot; the new index is built before the
-    /// lock is taken, and the old one is freed after it is released.
-    pub fn replace(&self, changes: Vec<Change>, now: DateTime<Utc>) {
-        let mut fresh = Index::default();
-        for change in changes {
-            if let Change::Upsert { mitigation } = change {
-                if mitigation.is_active(now) {
-                    fresh.insert(mitigation);
-                }
-            }
+    /// An empty index to assemble a snapshot in, page by page, apart from this cache
+    /// (which keeps serving lookups); [`install`](Self::install) swaps it in.
+    pub fn begin_snapshot(&self) -> SnapshotBuilder {
+        SnapshotBuilder {
+            index: Index::default(),
         }
-        let old = std::mem::replace(&mut *self.index.write(), fresh);
+    }
+
+    /// Replaces the whole content with an assembled snapshot at once; the old index is
+    /// freed after the lock is released.
+    pub fn install(&self, snapshot: SnapshotBuilder) {
+        let old = std::mem::replace(&mut *self.index.write(), snapshot.index);
         drop(old);
+    }
+
+    /// Replaces the whole content with a snapshot that came in one piece; the new index
+    /// is built before the lock is taken.
+    pub fn replace(&self, changes: Vec<Change>, now: DateTime<Utc>) {
+        let mut snapshot = self.begin_snapshot();
+        snapshot.add(changes, now);
+        self.install(snapshot);
     }
 
     /// Frees expired entries (lookups already ignore them); returns how many.
@@ -1045,6 +1083,52 @@ mod tests {
         cache.apply(vec![Change::Remove { id: kept_id }], Utc::now());
         assert!(cache.is_empty());
         assert_eq!(find(&cache, "a", "198.51.100.7", &none()), None);
+    }
+
+    #[test]
+    fn a_snapshot_is_assembled_apart_and_installed_at_once() {
+        let cache = MitigationCache::new();
+        cache.upsert(mitigation("ip:192.0.2.1", Action::Block));
+        let mut snapshot = cache.begin_snapshot();
+        let pages = [
+            vec![mitigation("ip:198.51.100.1", Action::Block)],
+            vec![mitigation("cidr:203.0.113.0/24", Action::Block)],
+        ];
+        for page in pages {
+            let changes = page
+                .into_iter()
+                .map(|m| Change::Upsert { mitigation: m })
+                .collect();
+            snapshot.add(changes, Utc::now());
+            // The live content is untouched while pages arrive.
+            assert_eq!(find(&cache, "a", "192.0.2.1", &none()), Some(Action::Block));
+            assert_eq!(find(&cache, "a", "198.51.100.1", &none()), None);
+            assert_eq!(cache.len(), 1);
+        }
+        assert_eq!(snapshot.len(), 2);
+        cache.install(snapshot);
+        assert_eq!(find(&cache, "a", "192.0.2.1", &none()), None);
+        assert_eq!(
+            find(&cache, "a", "198.51.100.1", &none()),
+            Some(Action::Block)
+        );
+        assert_eq!(
+            find(&cache, "a", "203.0.113.7", &none()),
+            Some(Action::Block)
+        );
+        assert_eq!(cache.len(), 2);
+
+        // An abandoned snapshot leaves the cache as it was.
+        let mut abandoned = cache.begin_snapshot();
+        abandoned.add(
+            vec![Change::Upsert {
+                mitigation: mitigation("ip:192.0.2.50", Action::Block),
+            }],
+            Utc::now(),
+        );
+        drop(abandoned);
+        assert_eq!(cache.len(), 2);
+        assert_eq!(find(&cache, "a", "192.0.2.50", &none()), None);
     }
 
     #[test]

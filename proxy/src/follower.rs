@@ -2,6 +2,11 @@
 //! applies snapshots and deltas, and resumes from its cursor after an outage (the cache
 //! is kept meanwhile; expiry still applies). Also the periodic expiry sweep.
 //!
+//! A snapshot arrives in pages. They are assembled into a fresh index while the cache
+//! keeps enforcing what it holds, and the whole is swapped in once the last page is in;
+//! then the deltas after the snapshot's cursor bring it up to date. When a page fails,
+//! the partial snapshot is dropped and the next attempt starts it over.
+//!
 //! The proxy may know several broker instances (`mitigation_url` as a comma-separated
 //! list). It follows one; when that one fails it moves on to the next at once, with the
 //! same cursor: instances over one Redis share the change stream, so the cursor is valid
@@ -16,7 +21,7 @@ use chrono::Utc;
 use esper_common::Shutdown;
 use esper_protocol::{ClientError, MitigationClient};
 
-use crate::cache::MitigationCache;
+use crate::cache::{MitigationCache, SnapshotBuilder};
 use crate::metrics::Metrics;
 use crate::status::Status;
 
@@ -25,6 +30,15 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often expired mitigations are freed (lookups ignore them already).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A snapshot whose pages are arriving.
+struct Pending {
+    /// The cursor every page of this snapshot carries.
+    cursor: String,
+    /// The last page's continuation.
+    more: String,
+    snapshot: SnapshotBuilder,
+}
 
 /// One client per broker URL in `urls` (comma-separated; blanks ignored).
 pub fn clients(urls: &str, token: Option<String>) -> Vec<MitigationClient> {
@@ -55,22 +69,59 @@ pub async fn follow(
     let mut cursor: Option<String> = None;
     let mut backoff = MIN_BACKOFF;
     let mut failures: u32 = 0;
+    let mut pending: Option<Pending> = None;
     loop {
         let client = &clients[current];
+        let request = async {
+            match &pending {
+                Some(p) => client.snapshot_next(&p.cursor, &p.more).await,
+                None => client.stream(cursor.as_deref(), wait).await,
+            }
+        };
         let polled = tokio::select! {
-            r = client.stream(cursor.as_deref(), wait) => r,
+            r = request => r,
             _ = shutdown.wait() => break,
         };
         match polled {
             Ok(page) => {
                 let n = page.changes.len() as u64;
                 if page.snapshot {
-                    metrics.stream_snapshots.inc();
-                    cache.replace(page.changes, Utc::now());
+                    let mut snapshot = match pending.take() {
+                        Some(p) if p.cursor == page.cursor => p.snapshot,
+                        Some(_) => {
+                            tracing::info!(
+                                "the mitigation snapshot could not be continued; starting it over"
+                            );
+                            cache.begin_snapshot()
+                        }
+                        None => cache.begin_snapshot(),
+                    };
+                    snapshot.add(page.changes, Utc::now());
+                    match page.more {
+                        Some(more) => {
+                            pending = Some(Pending {
+                                cursor: page.cursor,
+                                more,
+                                snapshot,
+                            });
+                        }
+                        None => {
+                            metrics.stream_snapshots.inc();
+                            cache.install(snapshot);
+                            cursor = Some(page.cursor);
+                        }
+                    }
+                } else if pending.take().is_some() {
+                    // Deltas cannot answer a snapshot page request; ask afresh.
+                    tracing::warn!(
+                        url = client.url(),
+                        "the mitigation broker answered a snapshot page with deltas; starting over"
+                    );
+                    cursor = None;
                 } else {
                     cache.apply(page.changes, Utc::now());
+                    cursor = Some(page.cursor);
                 }
-                cursor = Some(page.cursor);
                 metrics.deltas_applied.inc_by(n);
                 metrics.cache_entries.set(cache.len() as i64);
                 metrics.stream_connected.set(1);
@@ -82,6 +133,8 @@ pub async fn follow(
                 backoff = MIN_BACKOFF;
             }
             Err(e) => {
+                // A partial snapshot is dropped: the next attempt starts it over.
+                pending = None;
                 metrics.stream_connected.set(0);
                 status.stream_result(Err(e.to_string()));
                 if failures == 0 {

@@ -199,7 +199,7 @@ impl Metrics {
             stream_snapshots: counter(
                 &registry,
                 "esper_proxy_stream_snapshots_total",
-                "Delta-stream answers that were full snapshots (the cache was replaced)",
+                "Snapshots installed (all their pages in, the cache was replaced at once)",
             ),
             stream_failovers: counter(
                 &registry,

@@ -323,6 +323,8 @@ async fn clear(State(s): State<AppState>) -> Result<Json<RevokeResponse>, ApiErr
 struct StreamQuery {
     cursor: Option<String>,
     wait_ms: Option<u64>,
+    /// A snapshot page's `more`: the next page of the snapshot at `cursor`.
+    snapshot_after: Option<String>,
 }
 
 async fn stream(
@@ -333,6 +335,29 @@ async fn stream(
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(inner.max_stream_wait);
     let deadline = Instant::now() + wait;
     let cursor = q.cursor.as_deref();
+    if let Some(after) = q.snapshot_after.as_deref() {
+        let Some(cursor) = cursor else {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "snapshot_after needs the snapshot's cursor",
+            ));
+        };
+        if after.is_empty() || after.len() > MAX_ID_LEN {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "snapshot_after must be a snapshot page's `more`",
+            ));
+        }
+        let page = inner
+            .store
+            .snapshot_page(cursor, after, inner.page_size)
+            .await?;
+        // Another cursor: the snapshot could not be continued and starts over.
+        if page.cursor != cursor {
+            inner.metrics.snapshots.inc();
+        }
+        return Ok(Json(page));
+    }
     let mut changed = inner.store.subscribe();
     changed.borrow_and_update();
     let mut page = inner.store.changes(cursor, inner.page_size).await?;
@@ -360,6 +385,8 @@ async fn stream(
     Ok(Json(sent(inner, page)))
 }
 
+/// Counts an answer to a request for the changes after a cursor (a snapshot's first
+/// page counts as one snapshot).
 fn sent(inner: &Inner, page: DeltaPage) -> DeltaPage {
     if page.snapshot {
         inner.metrics.snapshots.inc();

@@ -78,7 +78,8 @@ pub struct Config {
     pub cache_ttl: Duration,
     /// Changes the delta stream keeps; a follower whose cursor is older gets a snapshot.
     pub stream_retention: usize,
-    /// Most changes in one delta page (the follower asks again at once for more).
+    /// Most changes in one delta page (the follower asks again at once for more), and
+    /// most mitigations in one page of a snapshot.
     pub stream_page_size: usize,
     /// The longest a stream request long-polls; a larger `wait_ms` is capped to it.
     #[serde(with = "humantime_serde")]

@@ -93,7 +93,7 @@ impl Metrics {
             followers,
             snapshots: counter(
                 "esper_stream_snapshots_total",
-                "Delta-stream answers that were full snapshots",
+                "Delta-stream snapshots begun (first pages; a snapshot arrives in pages)",
             )?,
             changes_sent: counter(
                 "esper_stream_changes_sent_total",

@@ -187,6 +187,65 @@ async fn the_stream_starts_with_a_snapshot_then_sends_changes() {
 }
 
 #[tokio::test]
+async fn a_large_snapshot_arrives_in_pages() {
+    let b = TestBroker::start(Config {
+        stream_page_size: 500,
+        ..config()
+    })
+    .await;
+    let total = 3_000;
+    for batch in 0..total / 500 {
+        let ms = (batch * 500..(batch + 1) * 500)
+            .map(|i| {
+                block(
+                    &format!("m{i:05}"),
+                    &format!("ip:10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                )
+            })
+            .collect();
+        b.client.publish(ms).await.unwrap();
+    }
+    let mut page = b.client.stream(None, Duration::ZERO).await.unwrap();
+    let cursor = page.cursor.clone();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        assert!(page.snapshot);
+        assert_eq!(page.cursor, cursor);
+        assert!(page.changes.len() <= 500);
+        pages += 1;
+        seen.extend(page.changes.iter().map(|c| match c {
+            Change::Upsert { mitigation } => mitigation.id.clone(),
+            Change::Remove { id } => panic!("a snapshot holds upserts only, found -{id}"),
+        }));
+        let Some(more) = page.more.take() else { break };
+        // A change while the pages are fetched reaches the follower as a delta.
+        if pages == 2 {
+            b.client
+                .publish(vec![block("late", "ip:192.0.2.99")])
+                .await
+                .unwrap();
+        }
+        page = b.client.snapshot_next(&cursor, &more).await.unwrap();
+    }
+    assert_eq!(pages, 6);
+    let want: Vec<String> = (0..total).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(seen, want, "every mitigation exactly once, by id");
+    let deltas = b
+        .client
+        .stream(Some(&cursor), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!deltas.snapshot);
+    assert!(
+        matches!(&deltas.changes[..], [Change::Upsert { mitigation }] if mitigation.id == "late")
+    );
+    let text = b.metrics().await;
+    assert_eq!(metric(&text, "esper_stream_snapshots_total"), Some(1.0));
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_waiting_follower_wakes_on_publish() {
     let b = TestBroker::with_defaults().await;
     let cursor = b.client.stream(None, Duration::ZERO).await.unwrap().cursor;

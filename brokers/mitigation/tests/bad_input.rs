@@ -103,6 +103,8 @@ async fn bad_entity_keys_queries_and_methods_are_4xx() {
         "stream?wait_ms=-1",
         "stream?wait_ms=soon",
         "stream?since=1",
+        "stream?snapshot_after=m1",
+        "stream?cursor=abc-1&snapshot_after=",
     ] {
         let resp = b.get(&format!("/api/mitigations/{q}")).await;
         expect_error(resp, 400, "invalid_query").await;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use esper_mitigation::{Config, RedisMitigations};
+use esper_mitigation::{Config, MitigationStore, RedisMitigations};
 use esper_protocol::{Change, ClientError, DeltaPage, EntityKey, Mitigation, MitigationClient};
 use support::redis_server::{RedisServer, shared, unique_prefix};
 use support::store_suite::{SUITE_RETENTION, mitigation_store_suite};
@@ -290,4 +290,40 @@ async fn a_broker_answers_503_while_redis_is_down_and_recovers_on_its_own() {
     assert!(ids_of(&page).contains(&"+after".to_string()));
     assert!(!ids_of(&page).contains(&"+before".to_string()));
     b.stop().await;
+}
+
+#[tokio::test]
+async fn mitigations_stored_before_the_id_index_are_paged_too() {
+    let prefix = unique_prefix("ids");
+    let url = shared().url();
+    let store = RedisMitigations::open(&url, &prefix, SUITE_RETENTION)
+        .await
+        .unwrap();
+    let all: Vec<Mitigation> = (0..5)
+        .map(|i| block(&format!("m{i}"), &format!("ip:192.0.2.{i}")))
+        .collect();
+    store.publish(all.clone()).await.unwrap();
+    // As a store written by a version without the index would hold them.
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{{{prefix}}}:mit:ids"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let mut page = store.changes(None, 2).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        got.extend(page.changes.iter().map(|c| match c {
+            Change::Upsert { mitigation } => mitigation.clone(),
+            Change::Remove { id } => panic!("a snapshot holds upserts only, found -{id}"),
+        }));
+        let Some(more) = page.more.take() else { break };
+        page = store.snapshot_page(&page.cursor, &more, 2).await.unwrap();
+    }
+    assert_eq!(got, all);
 }

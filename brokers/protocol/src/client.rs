@@ -341,6 +341,7 @@ impl MitigationClient {
 
     /// Long-polls the delta stream: changes after `cursor` (all active ones, as a
     /// snapshot, when `cursor` is `None` or too old), waiting up to `wait` for one.
+    /// A snapshot page with `more` continues with [`snapshot_next`](Self::snapshot_next).
     pub async fn stream(
         &self,
         cursor: Option<&str>,
@@ -356,6 +357,17 @@ impl MitigationClient {
             .req(reqwest::Method::GET, &path)
             .timeout(wait + Duration::from_secs(10));
         self.base.send(rb).await
+    }
+
+    /// The next page of the snapshot whose pages carry `cursor`: `more` is the previous
+    /// page's [`DeltaPage::more`]. An answer with another cursor starts a new snapshot.
+    pub async fn snapshot_next(&self, cursor: &str, more: &str) -> Result<DeltaPage, ClientError> {
+        let path = format!(
+            "/api/mitigations/stream?cursor={}&snapshot_after={}",
+            encode(cursor),
+            encode(more)
+        );
+        self.base.get(&path).await
     }
 
     pub async fn ready(&self) -> bool {

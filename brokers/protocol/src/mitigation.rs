@@ -176,15 +176,28 @@ pub enum Change {
 
 /// An answer of `GET /api/mitigations/stream?cursor=...`.
 ///
-/// When `snapshot` is true the client drops everything it holds and applies `changes`
-/// (all upserts) as the complete active set; that happens on the first call, when the
-/// cursor is too old or from another store generation (after `cache/clear`, say).
+/// When `snapshot` is true `changes` (all upserts) is the complete active set, or a page
+/// of it: that happens on the first call, when the cursor is too old or from another
+/// store generation (after `cache/clear`, say). A snapshot arrives in pages of at most
+/// the broker's page size; a client MUST follow `more` until it is absent (a client
+/// that ignores it sees only the first page, which is the whole set only when it fits
+/// one page). Every page of one snapshot carries the same `cursor`: the change-stream
+/// position taken before its first page was read. Once the last page is in, the client
+/// replaces what it holds with the pages' union and asks for the changes after that
+/// cursor; replaying them (idempotent upserts and removes) makes the set exact even when
+/// mitigations changed while the pages were fetched.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeltaPage {
     /// Opaque; pass it back to get the changes after this page.
     pub cursor: String,
     pub snapshot: bool,
     pub changes: Vec<Change>,
+    /// On a snapshot page, present when the snapshot continues: pass it back as
+    /// `snapshot_after`, with this page's `cursor`, for the next page. An answer to such
+    /// a request that carries another cursor is the first page of a new snapshot (the
+    /// old one could not be continued: its cursor went stale); start over with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub more: Option<String>,
 }
 
 /// `POST /api/mitigations` body.
@@ -228,6 +241,21 @@ pub struct RevokeResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delta_pages_without_more_read_and_write_as_before() {
+        let old = r#"{"cursor":"g-1","snapshot":true,"changes":[]}"#;
+        let page: DeltaPage = serde_json::from_str(old).unwrap();
+        assert_eq!(page.more, None);
+        assert_eq!(serde_json::to_string(&page).unwrap(), old);
+        let paged = DeltaPage {
+            more: Some("id-9".into()),
+            ..page
+        };
+        let text = serde_json::to_string(&paged).unwrap();
+        assert!(text.ends_with(r#","more":"id-9"}"#), "{text}");
+        assert_eq!(serde_json::from_str::<DeltaPage>(&text).unwrap(), paged);
+    }
 
     #[test]
     fn action_json_is_tagged() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use esper_common::Shutdown;
-use esper_protocol::{Change, DeltaPage, EntityKey, Mitigation, MitigationClient};
+use esper_protocol::{Change, ClientError, DeltaPage, EntityKey, Mitigation, MitigationClient};
 use ipnet::IpNet;
 use parking_lot::RwLock;
 
@@ -195,6 +195,22 @@ impl Mirror {
     }
 }
 
+/// The stream's next answer; a snapshot arriving in pages is gathered into one.
+async fn poll(client: &MitigationClient, cursor: Option<&str>) -> Result<DeltaPage, ClientError> {
+    let mut page = client.stream(cursor, POLL_WAIT).await?;
+    while let (true, Some(more)) = (page.snapshot, page.more.take()) {
+        let next = client.snapshot_next(&page.cursor, &more).await?;
+        if next.cursor == page.cursor {
+            page.changes.extend(next.changes);
+            page.more = next.more;
+        } else {
+            // The snapshot could not be continued: this page starts a new one.
+            page = next;
+        }
+    }
+    Ok(page)
+}
+
 /// Follows the broker's stream into `mirror` until shutdown.
 pub async fn follow(mirror: std::sync::Arc<Mirror>, client: MitigationClient, shutdown: Shutdown) {
     let mut cursor: Option<String> = None;
@@ -202,7 +218,7 @@ pub async fn follow(mirror: std::sync::Arc<Mirror>, client: MitigationClient, sh
     let mut warned = false;
     loop {
         let poll = tokio::select! {
-            r = client.stream(cursor.as_deref(), POLL_WAIT) => r,
+            r = poll(&client, cursor.as_deref()) => r,
             _ = shutdown.wait() => return,
         };
         match poll {
@@ -248,6 +264,31 @@ mod tests {
         m
     }
 
+    #[tokio::test]
+    async fn a_snapshot_in_pages_is_gathered_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (trigger, shutdown) = esper_common::Shutdown::new();
+        let config = esper_mitigation::Config {
+            stream_page_size: 2,
+            ..esper_mitigation::Config::default()
+        };
+        let broker = esper_mitigation::start(config, listener, shutdown)
+            .await
+            .unwrap();
+        let client = MitigationClient::new(&format!("http://{}", broker.local_addr()), None);
+        let all: Vec<Mitigation> = (0..7)
+            .map(|i| m(&format!("m{i}"), &format!("ip:192.0.2.{i}"), Action::Block))
+            .collect();
+        client.publish(all).await.unwrap();
+        let page = poll(&client, None).await.unwrap();
+        assert!(page.snapshot && page.more.is_none());
+        let mirror = Mirror::new();
+        mirror.apply(page);
+        assert_eq!(mirror.len(), 7);
+        trigger.trigger();
+        broker.wait().await.unwrap();
+    }
+
     #[test]
     fn picks_the_most_severe_covering_mitigation() {
         let mirror = Mirror::new();
@@ -262,6 +303,7 @@ mod tests {
                     mitigation: m("b", "cidr:192.0.2.0/24", Action::Block),
                 },
             ],
+            more: None,
         });
         assert!(mirror.synced());
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
@@ -282,6 +324,7 @@ mod tests {
             cursor: "2".into(),
             snapshot: false,
             changes: vec![Change::Remove { id: "b".into() }],
+            more: None,
         });
         assert_eq!(mirror.best_for_ip(ip, "").unwrap().id, "a");
 
@@ -321,6 +364,7 @@ mod tests {
             cursor: "2".into(),
             snapshot: false,
             changes: vec![Change::Remove { id: "t".into() }],
+            more: None,
         });
         assert!(mirror.is_empty());
     }
@@ -333,6 +377,7 @@ mod tests {
             cursor: "9".into(),
             snapshot: true,
             changes: vec![],
+            more: None,
         });
         assert!(mirror.is_empty());
     }

@@ -149,9 +149,14 @@ pub async fn mitigations() -> Mitigations {
 }
 
 pub async fn mitigations_on(addr: SocketAddr) -> Mitigations {
+    mitigations_with(addr, esper_mitigation::Config::default()).await
+}
+
+/// A mitigation broker on `addr` with `config` (its listen address aside).
+pub async fn mitigations_with(addr: SocketAddr, config: esper_mitigation::Config) -> Mitigations {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (trigger, shutdown) = Shutdown::new();
-    let broker = esper_mitigation::start(esper_mitigation::Config::default(), listener, shutdown)
+    let broker = esper_mitigation::start(config, listener, shutdown)
         .await
         .unwrap();
     let url = format!("http://{}", broker.local_addr());

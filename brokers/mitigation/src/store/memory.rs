@@ -1,9 +1,11 @@
 //! The in-memory mitigation store: the embedded default (`esper dev`, single-node
-//! deployments). Mitigations are indexed by id, by entity and by expiry; the change log
-//! is a bounded ring of the newest changes.
+//! deployments). Mitigations are indexed by id (ordered, so snapshot pages resume after
+//! an id), by entity and by expiry; the change log is a bounded ring of the newest
+//! changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
+use std::ops::Bound;
 
 use chrono::{DateTime, Utc};
 use esper_protocol::{Change, DeltaPage, EntityKey, Mitigation};
@@ -26,7 +28,7 @@ struct State {
     head: u64,
     /// The newest changes, consecutive sequence numbers, oldest first.
     log: VecDeque<(u64, Change)>,
-    by_id: HashMap<String, Mitigation>,
+    by_id: BTreeMap<String, Mitigation>,
     by_entity: HashMap<EntityKey, BTreeSet<String>>,
     expiries: BTreeSet<(DateTime<Utc>, String)>,
 }
@@ -58,7 +60,7 @@ impl State {
             generation: Cursor::new_generation(),
             head: 0,
             log: VecDeque::new(),
-            by_id: HashMap::new(),
+            by_id: BTreeMap::new(),
             by_entity: HashMap::new(),
             expiries: BTreeSet::new(),
         }
@@ -115,20 +117,45 @@ impl State {
             .filter(move |m| m.is_active(now))
     }
 
-    fn snapshot(&self, now: DateTime<Utc>) -> DeltaPage {
-        let mut active: Vec<&Mitigation> =
-            self.by_id.values().filter(|m| m.is_active(now)).collect();
-        active.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+    /// Up to `limit` active mitigations with ids after `after`, by id, as a page of the
+    /// snapshot at `cursor`.
+    fn snapshot_page(
+        &self,
+        cursor: String,
+        after: Option<&str>,
+        limit: usize,
+        now: DateTime<Utc>,
+    ) -> DeltaPage {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut active = self
+            .by_id
+            .range::<str, _>((lower, Bound::Unbounded))
+            .map(|(_, m)| m)
+            .filter(|m| m.is_active(now));
+        let changes: Vec<Change> = active
+            .by_ref()
+            .take(limit.max(1))
+            .map(|m| Change::Upsert {
+                mitigation: m.clone(),
+            })
+            .collect();
+        let more = match (active.next(), changes.last()) {
+            (Some(_), Some(Change::Upsert { mitigation })) => Some(mitigation.id.clone()),
+            _ => None,
+        };
         DeltaPage {
-            cursor: self.cursor_at(self.head),
+            cursor,
             snapshot: true,
-            changes: active
-                .into_iter()
-                .map(|m| Change::Upsert {
-                    mitigation: m.clone(),
-                })
-                .collect(),
+            changes,
+            more,
         }
+    }
+
+    /// The sequence number of `cursor` when it is of this generation and the changes
+    /// after it are all retained (deltas can follow a snapshot taken there).
+    fn resumable(&self, cursor: &str) -> Option<u64> {
+        let c = Cursor::parse(cursor).filter(|c| c.generation == self.generation)?;
+        self.after(c.seq, 0).map(|_| c.seq)
     }
 
     /// The changes after `seq`, or `None` when they are no longer all retained.
@@ -141,6 +168,7 @@ impl State {
                 cursor: self.cursor_at(seq),
                 snapshot: false,
                 changes: Vec::new(),
+                more: None,
             });
         }
         let first = self.log.front().map(|(s, _)| *s)?;
@@ -160,6 +188,7 @@ impl State {
             cursor: self.cursor_at(last),
             snapshot: false,
             changes,
+            more: None,
         })
     }
 }
@@ -295,7 +324,25 @@ impl MitigationStore for MemoryMitigations {
             .and_then(Cursor::parse)
             .filter(|c| c.generation == st.generation)
             .and_then(|c| st.after(c.seq, limit));
-        Ok(page.unwrap_or_else(|| st.snapshot(Utc::now())))
+        Ok(
+            page.unwrap_or_else(|| {
+                st.snapshot_page(st.cursor_at(st.head), None, limit, Utc::now())
+            }),
+        )
+    }
+
+    async fn snapshot_page(
+        &self,
+        cursor: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<DeltaPage, StoreError> {
+        let st = self.state.read();
+        let now = Utc::now();
+        Ok(match st.resumable(cursor) {
+            Some(seq) => st.snapshot_page(st.cursor_at(seq), Some(after), limit, now),
+            None => st.snapshot_page(st.cursor_at(st.head), None, limit, now),
+        })
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {

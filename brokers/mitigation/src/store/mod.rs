@@ -76,9 +76,24 @@ pub trait MitigationStore: Send + Sync + 'static {
     async fn clear(&self) -> Result<usize, StoreError>;
 
     /// Up to `limit` changes after `cursor`, with the cursor of the last one. A missing,
-    /// malformed, foreign or too old cursor gets a snapshot instead: every active
-    /// mitigation as an upsert, and the current cursor.
+    /// malformed, foreign or too old cursor gets the first page of a snapshot instead:
+    /// up to `limit` active mitigations as upserts, by id, with the current cursor and,
+    /// when more follow, `more` (the last id) for [`snapshot_page`](Self::snapshot_page).
     async fn changes(&self, cursor: Option<&str>, limit: usize) -> Result<DeltaPage, StoreError>;
+
+    /// The next page of the snapshot whose pages carry `cursor`: up to `limit` active
+    /// mitigations whose ids sort (bytewise) after `after`, with `cursor` and `more` as
+    /// in [`changes`](Self::changes). Ids are unique and ordered, so an entry present
+    /// through the whole snapshot is on exactly one page; one added, changed or removed
+    /// meanwhile is also in the changes after `cursor`. When the changes after `cursor`
+    /// are no longer all retained (or it is from another generation), the answer is the
+    /// first page of a new snapshot, with the current cursor.
+    async fn snapshot_page(
+        &self,
+        cursor: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<DeltaPage, StoreError>;
 
     /// A receiver marked changed whenever a change is appended or the generation changes,
     /// for long-polls. Subscribe (and mark seen) before reading, to miss nothing.

@@ -2,7 +2,8 @@
 //! Redis and key prefix.
 //!
 //! Mitigations live in hashes (id → JSON, entity, action) with their expiries in a
-//! sorted set and one set of ids per entity. Every upsert and revoke appends to a Redis
+//! sorted set, their ids in a lexically ordered set (snapshot pages resume after an id)
+//! and one set of ids per entity. Every upsert and revoke appends to a Redis
 //! Stream (`XADD ... MAXLEN ~ retention`) carrying a per-generation sequence number, so
 //! the delta cursor is `GENERATION-STREAMID` and means the same on every instance: a
 //! proxy can resume from any of them. A cursor is served while its entry is still in the
@@ -33,8 +34,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Declarations every script starts with. ARGV[1] is a fresh generation (used only
 /// when none exists yet), ARGV[2] the change retention, ARGV[3] now in milliseconds.
 const PRELUDE: &str = r#"
-local M, EXP, ENT, ACT, CH, GEN, SEQ, EIDX =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local M, EXP, ENT, ACT, CH, GEN, SEQ, EIDX, IDS =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local retention, now = tonumber(ARGV[2]), tonumber(ARGV[3])
 local function origin(g)
   redis.call('SET', GEN, g)
@@ -73,6 +74,7 @@ local function remove(id)
   if not ent then return nil end
   local exp = tonumber(redis.call('ZSCORE', EXP, id) or '0')
   redis.call('SREM', EIDX .. ent, id)
+  redis.call('ZREM', IDS, id)
   redis.call('HDEL', M, id)
   redis.call('HDEL', ENT, id)
   redis.call('HDEL', ACT, id)
@@ -101,6 +103,7 @@ for i = 4, #ARGV, 6 do
       redis.call('HSET', ACT, id, act)
       redis.call('ZADD', EXP, exp, id)
       redis.call('SADD', EIDX .. ent, id)
+      redis.call('ZADD', IDS, 0, id)
       append('u', json)
     end
   end
@@ -151,41 +154,79 @@ const CLEAR: &str = r#"
 ensure()
 local active = redis.call('ZCOUNT', EXP, '(' .. now, '+inf')
 for _, ent in ipairs(redis.call('HVALS', ENT)) do redis.call('DEL', EIDX .. ent) end
-redis.call('DEL', M, EXP, ENT, ACT)
+redis.call('DEL', M, EXP, ENT, ACT, IDS)
 local g = origin(ARGV[1])
 return {tostring(active), state(g)}
 "#;
 
 /// ARGV[4] the cursor's generation, ARGV[5] its stream id ('' when unusable),
-/// ARGV[6] the page size. Answers `d` (deltas) or `s` (snapshot), the cursor, then each
-/// change as `u<json>` or `r<id>`.
+/// ARGV[6] the page size, ARGV[7] `>` and the id a snapshot page continues after ('' for
+/// the changes after the cursor). Answers `d` (deltas) or `s` (a snapshot page), the cursor,
+/// the snapshot's continuation ('' when none), then each change as `u<json>` or `r<id>`.
 const CHANGES: &str = r#"
 local g = ensure()
-local cg, cid, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local cg, cid, limit, paging = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7] ~= ''
+local after = string.sub(ARGV[7], 2)
+local resumable = false
 if cg == g and cid ~= '' then
   local at = redis.call('XRANGE', CH, cid, cid)
   if #at > 0 then
     local n0 = tonumber(field(at[1][2], 'n'))
     local head = tonumber(redis.call('GET', SEQ) or '0')
-    if head - n0 <= retention then
-      local out = {'d', ''}
-      local last = cid
-      for _, e in ipairs(redis.call('XRANGE', CH, '(' .. cid, '+', 'COUNT', limit)) do
-        last = e[1]
-        local op = field(e[2], 'op')
-        if op == 'u' or op == 'r' then out[#out + 1] = op .. field(e[2], 'd') end
-      end
-      out[2] = g .. '-' .. last
-      return out
-    end
+    resumable = head - n0 <= retention
   end
 end
-local out = {'s', g .. '-' .. head_id()}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '(' .. now, '+inf')) do
-  local json = redis.call('HGET', M, id)
-  if json then out[#out + 1] = 'u' .. json end
+if resumable and not paging then
+  local out = {'d', '', ''}
+  local last = cid
+  for _, e in ipairs(redis.call('XRANGE', CH, '(' .. cid, '+', 'COUNT', limit)) do
+    last = e[1]
+    local op = field(e[2], 'op')
+    if op == 'u' or op == 'r' then out[#out + 1] = op .. field(e[2], 'd') end
+  end
+  out[2] = g .. '-' .. last
+  return out
 end
-return out
+local min = '-'
+if resumable then
+  min = '(' .. after
+else
+  -- Ids stored before the id index existed are indexed on the first snapshot.
+  if redis.call('ZCARD', IDS) ~= redis.call('HLEN', M) then
+    redis.call('DEL', IDS)
+    local ids = redis.call('HKEYS', M)
+    for i = 1, #ids, 1000 do
+      local batch = {}
+      for j = i, math.min(i + 999, #ids) do
+        batch[#batch + 1] = 0
+        batch[#batch + 1] = ids[j]
+      end
+      redis.call('ZADD', IDS, unpack(batch))
+    end
+  end
+  cid = head_id()
+end
+local out = {'s', g .. '-' .. cid, ''}
+local n, last = 0, ''
+while true do
+  local ids = redis.call('ZRANGEBYLEX', IDS, min, '+', 'LIMIT', 0, limit + 1)
+  for _, id in ipairs(ids) do
+    if tonumber(redis.call('ZSCORE', EXP, id) or '0') > now then
+      if n == limit then
+        out[3] = last
+        return out
+      end
+      local json = redis.call('HGET', M, id)
+      if json then
+        out[#out + 1] = 'u' .. json
+        n = n + 1
+        last = id
+      end
+    end
+  end
+  if #ids <= limit then return out end
+  min = '(' .. ids[#ids]
+end
 "#;
 
 const SWEEP: &str = r#"
@@ -249,7 +290,7 @@ struct Seen {
 
 struct Shared {
     conn: ConnectionManager,
-    keys: [String; 8],
+    keys: [String; 9],
     retention: usize,
     scripts: Scripts,
     seen: Mutex<Seen>,
@@ -413,6 +454,7 @@ impl RedisMitigations {
                 key("generation"),
                 key("seq"),
                 key("entity:"),
+                key("ids"),
             ],
             retention: retention.max(1),
             scripts: Scripts::new(),
@@ -443,6 +485,54 @@ impl RedisMitigations {
             }
         }
         Ok(out)
+    }
+
+    /// Runs the changes script: deltas after the cursor (`after` is `None`), the
+    /// snapshot page after id `after`, or the first page of a new snapshot.
+    async fn page(
+        &self,
+        generation: &str,
+        id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<DeltaPage, StoreError> {
+        let raw: Vec<String> = self
+            .shared
+            .run(
+                &self.shared.scripts.changes,
+                &[
+                    generation.into(),
+                    id.into(),
+                    limit.max(1).to_string(),
+                    after.map(|a| format!(">{a}")).unwrap_or_default(),
+                ],
+            )
+            .await?;
+        let mut parts = raw.into_iter();
+        let (Some(kind), Some(cursor), Some(more)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(garbled("a delta page without a cursor"));
+        };
+        let snapshot = kind == "s";
+        let now = Utc::now();
+        let mut changes = Vec::new();
+        for part in parts {
+            if let Some(json) = part.strip_prefix('u') {
+                let m = decode(json)?;
+                // A snapshot holds what is active now; a delta replays what happened.
+                if !snapshot || m.is_active(now) {
+                    changes.push(Change::Upsert { mitigation: m });
+                }
+            } else if let Some(id) = part.strip_prefix('r') {
+                changes.push(Change::Remove { id: id.to_string() });
+            }
+        }
+        Ok(DeltaPage {
+            cursor,
+            snapshot,
+            changes,
+            more: (!more.is_empty()).then_some(more),
+        })
     }
 
     async fn counted_write(&self, script: &Script, extra: &[String]) -> Result<usize, StoreError> {
@@ -536,45 +626,17 @@ impl MitigationStore for RedisMitigations {
 
     async fn changes(&self, cursor: Option<&str>, limit: usize) -> Result<DeltaPage, StoreError> {
         let (generation, id) = cursor.and_then(split_cursor).unwrap_or(("", ""));
-        let raw: Vec<String> = self
-            .shared
-            .run(
-                &self.shared.scripts.changes,
-                &[generation.into(), id.into(), limit.max(1).to_string()],
-            )
-            .await?;
-        let mut parts = raw.into_iter();
-        let (Some(kind), Some(cursor)) = (parts.next(), parts.next()) else {
-            return Err(garbled("a delta page without a cursor"));
-        };
-        let snapshot = kind == "s";
-        let now = Utc::now();
-        let mut changes = Vec::new();
-        for part in parts {
-            if let Some(json) = part.strip_prefix('u') {
-                let m = decode(json)?;
-                // A snapshot holds what is active now; a delta replays what happened.
-                if !snapshot || m.is_active(now) {
-                    changes.push(Change::Upsert { mitigation: m });
-                }
-            } else if let Some(id) = part.strip_prefix('r') {
-                changes.push(Change::Remove { id: id.to_string() });
-            }
-        }
-        if snapshot {
-            changes.sort_by(|a, b| match (a, b) {
-                (Change::Upsert { mitigation: a }, Change::Upsert { mitigation: b }) => a
-                    .created_at
-                    .cmp(&b.created_at)
-                    .then_with(|| a.id.cmp(&b.id)),
-                _ => std::cmp::Ordering::Equal,
-            });
-        }
-        Ok(DeltaPage {
-            cursor,
-            snapshot,
-            changes,
-        })
+        self.page(generation, id, None, limit).await
+    }
+
+    async fn snapshot_page(
+        &self,
+        cursor: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<DeltaPage, StoreError> {
+        let (generation, id) = split_cursor(cursor).unwrap_or(("", ""));
+        self.page(generation, id, Some(after), limit).await
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {

@@ -2,6 +2,7 @@
 //! suite: `mitigation_store_suite(store).await` with a fresh store that keeps
 //! [`SUITE_RETENTION`] changes. Each case starts with a clear, so cases are independent.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,9 @@ pub async fn mitigation_store_suite(store: Arc<dyn MitigationStore>) {
     expired_mitigations_vanish(&store).await;
     active_filters_and_limits(&store).await;
     subscribers_see_every_change(&store).await;
+    snapshots_arrive_in_pages(&store).await;
+    changes_between_pages_are_in_the_deltas(&store).await;
+    a_stale_snapshot_starts_over(&store).await;
 }
 
 fn key(s: &str) -> EntityKey {
@@ -380,4 +384,168 @@ async fn subscribers_see_every_change(store: &Arc<dyn MitigationStore>) {
     rx.borrow_and_update();
     store.clear().await.unwrap();
     assert!(rx.has_changed().unwrap());
+}
+
+/// The ids of every page of the snapshot `first` starts, in order, checking that each
+/// page carries the first one's cursor.
+async fn page_through(
+    store: &Arc<dyn MitigationStore>,
+    first: DeltaPage,
+    limit: usize,
+) -> Vec<Mitigation> {
+    assert!(first.snapshot);
+    let mut got = upserts(&first);
+    let mut page = first;
+    while let Some(more) = page.more.clone() {
+        let next = store
+            .snapshot_page(&page.cursor, &more, limit)
+            .await
+            .unwrap();
+        assert!(next.snapshot);
+        assert_eq!(
+            next.cursor, page.cursor,
+            "every page carries the snapshot's cursor"
+        );
+        assert!(next.changes.len() <= limit);
+        got.extend(upserts(&next));
+        page = next;
+    }
+    got
+}
+
+async fn snapshots_arrive_in_pages(store: &Arc<dyn MitigationStore>) {
+    fresh(store).await;
+    let all: Vec<Mitigation> = (0..25)
+        .map(|i| block(&format!("p{i:02}"), &format!("ip:192.0.2.{i}")))
+        .collect();
+    store.publish(all.clone()).await.unwrap();
+    let first = store.changes(None, 10).await.unwrap();
+    assert_eq!(first.changes.len(), 10);
+    assert_eq!(first.more.as_deref(), Some("p09"));
+    let got = page_through(store, first, 10).await;
+    let got_ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
+    let want: Vec<String> = (0..25).map(|i| format!("p{i:02}")).collect();
+    assert_eq!(got_ids, want, "each entry exactly once, by id");
+    assert_eq!(got, all);
+
+    // A set that fits one page has no continuation; nor has an exactly full last page.
+    let whole = store.changes(None, 25).await.unwrap();
+    assert_eq!((whole.changes.len(), whole.more), (25, None));
+    assert_eq!(
+        page_through(store, store.changes(None, 5).await.unwrap(), 5).await,
+        all
+    );
+}
+
+async fn changes_between_pages_are_in_the_deltas(store: &Arc<dyn MitigationStore>) {
+    fresh(store).await;
+    let all: Vec<Mitigation> = (0..20)
+        .map(|i| block(&format!("q{i:02}"), &format!("ip:198.51.100.{i}")))
+        .collect();
+    store.publish(all).await.unwrap();
+    let first = store.changes(None, 5).await.unwrap();
+    let cursor = first.cursor.clone();
+    assert_eq!(first.more.as_deref(), Some("q04"));
+    let mut assembled: BTreeMap<String, Mitigation> = upserts(&first)
+        .into_iter()
+        .map(|m| (m.id.clone(), m))
+        .collect();
+
+    // Between pages: removals behind and ahead of the boundary, an addition behind it
+    // (never on a page) and one ahead, a change ahead.
+    store.revoke_id("q02").await.unwrap();
+    store.revoke_id("q10").await.unwrap();
+    let behind = block("q03a", "ip:198.51.100.200");
+    let ahead = block("q99", "ip:198.51.100.201");
+    let changed = Mitigation {
+        action: Action::Log,
+        ..block("q12", "ip:198.51.100.12")
+    };
+    store
+        .publish(vec![behind, ahead, changed.clone()])
+        .await
+        .unwrap();
+
+    let rest = store
+        .snapshot_page(&cursor, first.more.as_deref().unwrap(), 5)
+        .await
+        .unwrap();
+    let rest = page_through(store, rest, 5).await;
+    let rest_ids: Vec<&str> = rest.iter().map(|m| m.id.as_str()).collect();
+    let mut unchanged: Vec<String> = (5..20)
+        .filter(|i| *i != 10)
+        .map(|i| format!("q{i:02}"))
+        .collect();
+    unchanged.push("q99".into());
+    assert_eq!(
+        rest_ids, unchanged,
+        "each id after the boundary exactly once"
+    );
+    assert_eq!(rest.iter().find(|m| m.id == "q12"), Some(&changed));
+    assembled.extend(rest.into_iter().map(|m| (m.id.clone(), m)));
+
+    // Replaying the deltas after the snapshot's cursor makes the set exact.
+    let mut at = cursor;
+    loop {
+        let page = store.changes(Some(&at), 2).await.unwrap();
+        assert!(!page.snapshot, "the snapshot's cursor is still served");
+        if page.changes.is_empty() {
+            break;
+        }
+        for change in page.changes {
+            match change {
+                Change::Upsert { mitigation } => {
+                    assembled.insert(mitigation.id.clone(), mitigation);
+                }
+                Change::Remove { id } => {
+                    assembled.remove(&id);
+                }
+            }
+        }
+        at = page.cursor;
+    }
+    let mut active = store.active(None, 100).await.unwrap().mitigations;
+    active.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(assembled.into_values().collect::<Vec<_>>(), active);
+}
+
+async fn a_stale_snapshot_starts_over(store: &Arc<dyn MitigationStore>) {
+    fresh(store).await;
+    let all: Vec<Mitigation> = (0..6)
+        .map(|i| block(&format!("s{i}"), &format!("ip:203.0.113.{i}")))
+        .collect();
+    store.publish(all).await.unwrap();
+    let first = store.changes(None, 2).await.unwrap();
+    let more = first.more.clone().unwrap();
+
+    // More changes than the log keeps: the snapshot's cursor can no longer be followed
+    // by deltas, so its next page is the first page of a new snapshot.
+    for i in 0..SUITE_RETENTION + 2 {
+        let m = block(&format!("t{i}"), &format!("ip:203.0.113.{}", 100 + i));
+        store.publish(vec![m]).await.unwrap();
+    }
+    let restarted = store.snapshot_page(&first.cursor, &more, 2).await.unwrap();
+    assert!(restarted.snapshot);
+    assert_ne!(restarted.cursor, first.cursor);
+    assert_eq!(ids(&upserts(&restarted)), ["s0", "s1"]);
+    let whole = page_through(store, restarted, 2).await;
+    assert_eq!(whole.len(), 6 + SUITE_RETENTION + 2);
+
+    // So is the next page of a snapshot from before a clear.
+    let before = store.changes(None, 2).await.unwrap();
+    store.clear().await.unwrap();
+    store
+        .publish(vec![block("u", "ip:203.0.113.250")])
+        .await
+        .unwrap();
+    let after = store
+        .snapshot_page(&before.cursor, &before.more.unwrap(), 2)
+        .await
+        .unwrap();
+    assert!(after.snapshot);
+    assert_ne!(after.cursor, before.cursor);
+    assert_eq!(
+        (ids(&upserts(&after)), after.more),
+        (vec!["u".to_string()], None)
+    );
 }
