@@ -194,6 +194,11 @@ impl Forwarder {
                 }
             }
         };
+        // The client is done with its copy once the answer is in: the buffer is ours
+        // again, for the request threads' next batch.
+        if let Ok(unique) = body.try_into_mut() {
+            self.queue.recycle(Vec::from(unique));
+        }
         match outcome {
             Ok(()) => {
                 self.metrics.events_sent.inc_by(n);

@@ -34,8 +34,11 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn with_room(bytes: usize, events: usize) -> Batch {
-        let mut body = Vec::with_capacity(bytes.max(INGEST_BODY_START.len() + 1));
+    /// A batch written into `body` (a recycled buffer, or a new one), with room for
+    /// `bytes` and `events`.
+    fn with_room(mut body: Vec<u8>, bytes: usize, events: usize) -> Batch {
+        body.clear();
+        body.reserve(bytes.max(INGEST_BODY_START.len() + 1));
         body.extend_from_slice(INGEST_BODY_START);
         Batch {
             body,
@@ -94,9 +97,16 @@ struct Buffer {
 #[repr(align(64))]
 struct Shard(Mutex<Buffer>);
 
+/// Batch buffers the forwarder has sent, kept for new batches: a buffer the size of a
+/// batch (a few hundred kilobytes) freed and allocated anew every batch would be
+/// returned to the system in between and page-faulted back in by the request thread
+/// writing the next batch.
+const SPARE_BUFFERS_PER_SHARD: usize = 2;
+
 /// Events on their way to the forwarder.
 pub struct EventQueue {
     shards: Box<[Shard]>,
+    spare: Mutex<Vec<Vec<u8>>>,
     per_shard: usize,
     handoff: usize,
     ready: Notify,
@@ -121,6 +131,7 @@ impl EventQueue {
             shards: (0..shards)
                 .map(|_| Shard(Mutex::new(Buffer::default())))
                 .collect(),
+            spare: Mutex::new(Vec::new()),
             per_shard,
             handoff: handoff.clamp(1, per_shard),
             ready: Notify::new(),
@@ -139,7 +150,8 @@ impl EventQueue {
             return Err(Refused::Full);
         }
         if buf.open.body.capacity() == 0 {
-            buf.open = Batch::with_room(buf.room, self.handoff);
+            let body = self.spare.lock().pop().unwrap_or_default();
+            buf.open = Batch::with_room(body, buf.room, self.handoff);
         }
         buf.open.push(event);
         buf.queued += 1;
@@ -166,6 +178,15 @@ impl EventQueue {
                 out.push(std::mem::take(&mut buf.open));
             }
             buf.queued = 0;
+        }
+    }
+
+    /// Takes back a sent batch's buffer for a later batch (beyond a few per thread it is
+    /// simply freed).
+    pub fn recycle(&self, body: Vec<u8>) {
+        let mut spare = self.spare.lock();
+        if spare.len() < self.shards.len() * SPARE_BUFFERS_PER_SHARD {
+            spare.push(body);
         }
     }
 
@@ -278,6 +299,38 @@ mod tests {
         }
         let whole = batch.events().count();
         assert_eq!(whole, 3);
+    }
+
+    #[test]
+    fn sent_buffers_are_reused_for_new_batches() {
+        let q = EventQueue::new(10, 1, 2);
+        push(&q, 0).unwrap();
+        push(&q, 1).unwrap();
+        let mut out = Vec::new();
+        q.drain_into(&mut out);
+        let body = out.pop().unwrap().into_body();
+        let mut sent = Vec::from(body.try_into_mut().unwrap());
+        sent.reserve(64 * 1024);
+        let room = sent.capacity();
+        q.recycle(sent);
+        push(&q, 2).unwrap();
+        push(&q, 3).unwrap();
+        q.drain_into(&mut out);
+        let reused = out.pop().unwrap();
+        assert_eq!(
+            reused.body.capacity(),
+            room,
+            "the sent buffer was taken again"
+        );
+        assert_eq!(
+            ids(vec![reused]),
+            ["e2", "e3"],
+            "and holds only the new batch"
+        );
+        for _ in 0..5 {
+            q.recycle(Vec::with_capacity(16));
+        }
+        assert_eq!(q.spare.lock().len(), SPARE_BUFFERS_PER_SHARD);
     }
 
     #[tokio::test]
