@@ -43,3 +43,27 @@ CONF
     PIDS+=($!)
     wait_port "$UP"
 }
+
+# An endpoint on 127.0.0.1:18098 that answers every event batch 202 without reading it
+# as JSON (nginx), standing in for an ingestion broker on another host.
+start_event_sink() {
+    mkdir -p "$WORK/sink/logs"
+    cat >"$WORK/sink/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/sink/nginx.pid;
+error_log $WORK/sink/logs/error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_max_body_size 64m;
+    client_body_buffer_size 1m;
+    server {
+        listen 127.0.0.1:18098;
+        location / { default_type application/json; return 202 '{"accepted":0,"depth":0}'; }
+    }
+}
+CONF
+    nginx -p "$WORK/sink" -c "$WORK/sink/nginx.conf" &
+    PIDS+=($!)
+}

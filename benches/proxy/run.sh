@@ -85,9 +85,9 @@ CONF
     wait_port 127.0.0.1:18082
 }
 
-esper_proxy() { # PORT OPS_PORT MITIGATION_URL
+esper_proxy() { # PORT OPS_PORT MITIGATION_URL [INGESTION_URL]
     ESPER_UPSTREAM=$UP ESPER_PROXY_THREADS=1 ESPER_PROXY_ID=bench RUST_LOG=warn \
-        ESPER_INGESTION_URL=http://127.0.0.1:18090 ESPER_MITIGATION_URL=$3 \
+        ESPER_INGESTION_URL=${4:-http://127.0.0.1:18090} ESPER_MITIGATION_URL=$3 \
         "$BIN/esper" proxy run --listen "127.0.0.1:$1" --ops-listen "127.0.0.1:$2" &
     PIDS+=($!)
 }
@@ -316,14 +316,20 @@ latency() {
     PIDS+=($!)
     start_brokers
     esper_proxy 18084 18094 http://127.0.0.1:18091
+    # The same proxy posting its events to a sink that takes them without parsing: the
+    # ingestion broker shares this machine's two cores, and parsing every batch is load
+    # that a broker elsewhere would not put on the proxy's host.
+    start_event_sink
+    esper_proxy 18087 18097 http://127.0.0.1:18091 http://127.0.0.1:18098
     wait_port 127.0.0.1:18083
     wait_port 127.0.0.1:18086
     wait_port 127.0.0.1:18084
+    wait_port 127.0.0.1:18087
     echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us" | tee "$WORK/latency.csv"
     local target port
     for _ in $(seq 1 "$reps"); do
         for target in direct:18080 bare-pingora:18083 bare-pingora-mimalloc:18086 \
-            esper-empty:18084 nginx:18081 haproxy:18082; do
+            esper-empty:18084 esper-event-sink:18087 nginx:18081 haproxy:18082; do
             port=${target#*:}
             echo "${target%%:*},$("$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" "$secs" 20)" |
                 tee -a "$WORK/latency.csv"
