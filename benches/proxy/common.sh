@@ -24,36 +24,43 @@ wait_port() {
     exit 1
 }
 
-start_upstream() {
-    mkdir -p "$WORK/up/www" "$WORK/up/logs"
-    head -c 601 /dev/zero | tr '\0' 'x' >"$WORK/up/www/index.html"
-    cat >"$WORK/up/nginx.conf" <<CONF
+# Starts one nginx worker with its files in $WORK/$1 and the `http { }` block read from
+# standard input; its pid is left in NGINX_PID.
+start_nginx() {
+    local dir="$WORK/$1"
+    mkdir -p "$dir/logs"
+    {
+        cat <<CONF
 worker_processes 1;
 daemon off;
-pid $WORK/up/nginx.pid;
-error_log $WORK/up/logs/error.log;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log;
 events { worker_connections 4096; }
+CONF
+        cat
+    } >"$dir/nginx.conf"
+    nginx -p "$dir" -c "$dir/nginx.conf" &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+}
+
+start_upstream() {
+    mkdir -p "$WORK/up/www"
+    head -c 601 /dev/zero | tr '\0' 'x' >"$WORK/up/www/index.html"
+    start_nginx up <<CONF
 http {
     access_log off;
     keepalive_requests 1000000;
     server { listen $UP; root $WORK/up/www; }
 }
 CONF
-    nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" &
-    PIDS+=($!)
     wait_port "$UP"
 }
 
 # An endpoint on 127.0.0.1:18098 that answers every event batch 202 without reading it
 # as JSON (nginx), standing in for an ingestion broker on another host.
 start_event_sink() {
-    mkdir -p "$WORK/sink/logs"
-    cat >"$WORK/sink/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/sink/nginx.pid;
-error_log $WORK/sink/logs/error.log;
-events { worker_connections 1024; }
+    start_nginx sink <<'CONF'
 http {
     access_log off;
     client_max_body_size 64m;
@@ -64,6 +71,4 @@ http {
     }
 }
 CONF
-    nginx -p "$WORK/sink" -c "$WORK/sink/nginx.conf" &
-    PIDS+=($!)
 }

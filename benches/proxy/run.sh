@@ -35,13 +35,7 @@ need() {
 }
 
 start_nginx_proxy() {
-    mkdir -p "$WORK/np/logs"
-    cat >"$WORK/np/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/np/nginx.pid;
-error_log $WORK/np/logs/error.log;
-events { worker_connections 4096; }
+    start_nginx np <<CONF
 http {
     access_log off;
     keepalive_requests 1000000;
@@ -56,9 +50,7 @@ http {
     }
 }
 CONF
-    nginx -p "$WORK/np" -c "$WORK/np/nginx.conf" &
-    PIDS+=($!)
-    NGINX_PROXY=$!
+    NGINX_PROXY=$NGINX_PID
     wait_port 127.0.0.1:18081
 }
 
