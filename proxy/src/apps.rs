@@ -164,7 +164,7 @@ fn peer_of(
     };
     let mut peer = HttpPeer::new(*b.addr.as_inet()?, tls, sni);
     peer.options.connection_timeout = Some(connect_timeout);
-    peer.options.idle_timeout = Some(idle_timeout);
+    peer.options.idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
     Some(peer)
 }
 

@@ -45,8 +45,9 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default timeout for connecting to the upstream.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default time an idle upstream connection stays in the keep-alive pool.
-pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time an idle upstream connection stays in the keep-alive pool: none of its
+/// own (see `upstream_idle_timeout`).
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::ZERO;
 
 /// Default lifetime of a clearance cookie earned by solving a challenge.
 pub const DEFAULT_CHALLENGE_TTL: Duration = Duration::from_secs(3600);
@@ -147,7 +148,11 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
     /// How long an idle upstream connection is kept for reuse
-    /// (`ESPER_UPSTREAM_IDLE_TIMEOUT`).
+    /// (`ESPER_UPSTREAM_IDLE_TIMEOUT`). 0, the default, sets no timer: an idle
+    /// connection stays pooled until the upstream closes it (the pool watches for that)
+    /// or the pool's bound evicts it, and a request that meets a connection closing at
+    /// that moment is retried on a fresh one. A timer costs every request a timer
+    /// registration; set one for upstreams that never close idle connections.
     #[serde(with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
     /// Name of the protected app: reported in events, and app-scoped mitigations apply

@@ -25,7 +25,7 @@ use crate::live::LiveState;
 use crate::metrics::Metrics;
 use crate::report::{Observed, Reporter};
 use crate::respond::{
-    LocalAnswer, Templates, Var, acceptable_request_id, new_id, prefers_json, reference_vars,
+    LocalAnswer, Templates, Var, acceptable_request_id, new_id_header, prefers_json, reference_vars,
 };
 use crate::tls::TlsFacts;
 
@@ -75,10 +75,10 @@ pub struct RequestCtx {
     client_ip: Option<IpAddr>,
     /// The connection's peer is a trusted proxy (its forwarding headers are kept).
     peer_trusted: bool,
-    request_id: String,
-    /// `request_id` as a header value, made once and shared by the upstream request and
-    /// the response (empty until the request filter ran).
-    request_id_header: Option<HeaderValue>,
+    /// The client's usable `X-Request-ID` or a fresh id (empty until the request filter
+    /// ran). A header value, so the upstream request, the response and local answers
+    /// share its one buffer.
+    request_id: HeaderValue,
     /// The client sent a usable `X-Request-ID`, which is passed on unchanged.
     client_request_id: bool,
     action: EnforcedAction,
@@ -89,6 +89,13 @@ pub struct RequestCtx {
     /// The upstream whose connection failed last, avoided on the retry.
     failed: Option<SocketAddr>,
     _in_flight: InFlightGuard,
+}
+
+impl RequestCtx {
+    /// The request id as text (both sources are checked ASCII, so this never falls back).
+    fn request_id_text(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
 }
 
 /// The proxy application Pingora runs.
@@ -136,7 +143,7 @@ impl EsperProxy {
         let vars = reference.map(|id| reference_vars(id, &mut html));
         let (content_type, body) = templates.render(
             &answer,
-            &ctx.request_id,
+            ctx.request_id_text(),
             json,
             vars.as_ref().map_or(&[][..], |v| &v[..]),
         );
@@ -157,7 +164,7 @@ impl EsperProxy {
         resp.insert_header(header::CONTENT_TYPE, content_type)?;
         resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-        resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        resp.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         if let Some(secs) = answer.retry_after {
             resp.insert_header(header::RETRY_AFTER, secs.to_string())?;
         }
@@ -208,7 +215,7 @@ impl EsperProxy {
             ("challenge", Var::Raw(&markup)),
         ];
         vars.extend(reference.into_iter().flatten());
-        let (content_type, body) = templates.render(&answer, &ctx.request_id, json, &vars);
+        let (content_type, body) = templates.render(&answer, ctx.request_id_text(), json, &vars);
         self.write_answer(session, ctx, &answer, content_type, body, None)
             .await
     }
@@ -258,7 +265,7 @@ impl EsperProxy {
                         "cleared": true,
                         "cookie": COOKIE_NAME,
                         "expires_in": clearance.max_age.as_secs(),
-                        "request_id": ctx.request_id,
+                        "request_id": ctx.request_id_text(),
                     });
                     let answer = LocalAnswer {
                         status: 200,
@@ -280,7 +287,7 @@ impl EsperProxy {
                     resp.insert_header(header::SET_COOKIE, cookie)?;
                     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
                     resp.insert_header(header::CONTENT_LENGTH, "0")?;
-                    resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+                    resp.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
                     session.write_response_header(Box::new(resp), true).await?;
                     Ok(())
                 }
@@ -474,8 +481,7 @@ impl ProxyHttp for EsperProxy {
             timestamp: Utc::now(),
             client_ip: None,
             peer_trusted: false,
-            request_id: String::new(),
-            request_id_header: None,
+            request_id: HeaderValue::from_static(""),
             client_request_id: false,
             action: EnforcedAction::Allow,
             app: None,
@@ -490,15 +496,14 @@ impl ProxyHttp for EsperProxy {
             .req_header()
             .headers
             .get(&X_REQUEST_ID_NAME)
-            .and_then(|v| acceptable_request_id(v.as_bytes()));
+            .filter(|v| acceptable_request_id(v.as_bytes()).is_some());
         match given {
             Some(id) => {
-                ctx.request_id = id.to_string();
+                ctx.request_id = id.clone();
                 ctx.client_request_id = true;
             }
-            None => ctx.request_id = new_id(),
+            None => ctx.request_id = new_id_header(),
         }
-        ctx.request_id_header = HeaderValue::from_str(&ctx.request_id).ok();
         let Some(peer) = peer_ip(session) else {
             return Ok(false);
         };
@@ -649,10 +654,8 @@ impl ProxyHttp for EsperProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if !ctx.client_request_id
-            && let Some(id) = ctx.request_id_header.clone()
-        {
-            upstream_request.insert_header(X_REQUEST_ID, id)?;
+        if !ctx.client_request_id && !ctx.request_id.is_empty() {
+            upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         }
         if let (Some(ip), Some(peer)) = (ctx.client_ip, peer_ip(session)) {
             // From a trusted proxy, the chain so far is kept and the peer appended (as
@@ -694,10 +697,9 @@ impl ProxyHttp for EsperProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(id) = ctx.request_id_header.clone()
-            && !upstream_response.headers.contains_key(&X_REQUEST_ID_NAME)
+        if !ctx.request_id.is_empty() && !upstream_response.headers.contains_key(&X_REQUEST_ID_NAME)
         {
-            upstream_response.insert_header(X_REQUEST_ID, id)?;
+            upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         }
         Ok(())
     }
@@ -736,7 +738,7 @@ impl ProxyHttp for EsperProxy {
             bytes: u64::try_from(session.body_bytes_sent()).unwrap_or(u64::MAX),
             action: ctx.action,
             own_id: (!ctx.client_request_id && !ctx.request_id.is_empty())
-                .then_some(ctx.request_id.as_str()),
+                .then(|| ctx.request_id_text()),
         });
     }
 }

@@ -137,15 +137,12 @@ impl Reporter {
                 }
             }
         }
-        let fresh_id;
+        let mut fresh = [0; crate::respond::ID_LEN];
         let id = match seen.own_id {
             Some(id) => id,
             // Always one this proxy made: a client-chosen request id must not be able
             // to make the engine deduplicate its events away.
-            None => {
-                fresh_id = crate::respond::new_id();
-                fresh_id.as_str()
-            }
+            None => crate::respond::fresh_id(&mut fresh),
         };
         let user_agent = seen
             .headers

@@ -2,6 +2,8 @@
 //! tarpit), as an HTML page or as JSON when the client prefers it, and request ids.
 
 use bytes::Bytes;
+use http::HeaderValue;
+use rand::RngCore;
 
 /// Longest client-supplied `X-Request-ID` the proxy keeps; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -339,17 +341,27 @@ pub fn acceptable_request_id(value: &[u8]) -> Option<&str> {
     std::str::from_utf8(value).ok()
 }
 
-/// A fresh random id in UUID v4 form, from the thread-local generator (no system call
-/// per request).
-pub fn new_id() -> String {
-    let bytes: [u8; 16] = rand::random();
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    // Encoded on the stack: one allocation, no formatting machinery, once per request.
+/// The length of an id [`fresh_id`] writes.
+pub const ID_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
+
+/// Writes a fresh random id in UUID v4 form into `buf` and returns it.
+///
+/// The 16 bytes come from the thread-local generator as one fill: sampling them as an
+/// array draws a word per byte, and this runs once per request.
+pub fn fresh_id(buf: &mut [u8; ID_LEN]) -> &str {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
     uuid::Builder::from_random_bytes(bytes)
         .into_uuid()
         .hyphenated()
-        .encode_lower(&mut text)
-        .to_string()
+        .encode_lower(buf)
+}
+
+/// A fresh random id in UUID v4 form as a header value: the one copy the upstream
+/// request, the response and the event all share.
+pub fn new_id_header() -> HeaderValue {
+    let mut buf = [0; ID_LEN];
+    HeaderValue::from_str(fresh_id(&mut buf)).unwrap_or(HeaderValue::from_static(""))
 }
 
 #[cfg(test)]
@@ -387,7 +399,8 @@ mod tests {
 
     #[test]
     fn template_files_override_per_kind_and_format() {
-        let dir = std::env::temp_dir().join(format!("esper-templates-{}", new_id()));
+        let dir =
+            std::env::temp_dir().join(format!("esper-templates-{}", fresh_id(&mut [0; ID_LEN])));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("block.json"),
@@ -434,9 +447,14 @@ mod tests {
         assert_eq!(acceptable_request_id(b""), None);
         assert_eq!(acceptable_request_id(b"<script>"), None);
         assert_eq!(acceptable_request_id(&[b'a'; 129]), None);
-        let id = new_id();
+        let id = new_id_header();
+        let id = id.to_str().unwrap();
         assert_eq!(id.len(), 36);
-        assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 4);
-        assert_ne!(new_id(), id);
+        assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
+        assert_ne!(new_id_header(), id);
+        let mut buf = [0; ID_LEN];
+        let other = fresh_id(&mut buf);
+        assert_eq!(uuid::Uuid::parse_str(other).unwrap().get_version_num(), 4);
+        assert_ne!(other, id);
     }
 }

@@ -1,6 +1,7 @@
 //! Traffic passes through the proxy to a real upstream: status, body, headers and
 //! request ids; the brokers being down changes nothing for clients; shutdown drains
-//! in-flight requests and frees the port.
+//! in-flight requests and frees the port; pooled upstream connections are reused, an
+//! upstream closing them is not an error, and the optional idle timeout closes them.
 
 mod support;
 
@@ -194,4 +195,127 @@ async fn a_busy_listen_address_is_one_clear_error() {
         "{err}"
     );
     assert!(err.ends_with("address already in use"), "{err}");
+}
+
+/// A keep-alive upstream speaking raw HTTP/1.1 that counts its connections, and closes
+/// each one `close_after` after its last answer when set (as app servers close idle
+/// keep-alive connections), or keeps it until the proxy closes it.
+struct CountingUpstream {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections the proxy closed (EOF read by the upstream).
+    closed_by_proxy: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn counting_upstream(close_after: Option<Duration>) -> CountingUpstream {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the upstream");
+    let addr = listener.local_addr().expect("the upstream's address");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let closed_by_proxy = Arc::new(AtomicUsize::new(0));
+    let (a, c) = (accepted.clone(), closed_by_proxy.clone());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let read = match close_after {
+                        Some(after) => {
+                            match tokio::time::timeout(after, conn.read(&mut chunk)).await {
+                                Ok(r) => r,
+                                // Idle for `after`: the upstream closes, as servers do.
+                                Err(_) => return,
+                            }
+                        }
+                        None => conn.read(&mut chunk).await,
+                    };
+                    match read {
+                        Ok(0) | Err(_) => {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if conn.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    CountingUpstream {
+        addr,
+        accepted,
+        closed_by_proxy,
+    }
+}
+
+#[tokio::test]
+async fn pooled_upstream_connections_have_no_timer_by_default() {
+    use std::sync::atomic::Ordering;
+    let up = counting_upstream(None).await;
+    let proxy = start_proxy(config(up.addr, &dead_url(), &dead_url())).await;
+    let client = client_from("127.0.0.1");
+    for _ in 0..3 {
+        let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // One upstream connection served all three, and the proxy never closed it.
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(up.closed_by_proxy.load(Ordering::SeqCst), 0);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_is_not_an_error() {
+    use std::sync::atomic::Ordering;
+    let up = counting_upstream(Some(Duration::from_millis(100))).await;
+    let proxy = start_proxy(config(up.addr, &dead_url(), &dead_url())).await;
+    let client = client_from("127.0.0.1");
+    for _ in 0..3 {
+        let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "ok");
+        // Longer than the upstream keeps an idle connection.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Each request found its pooled connection closed and used a new one.
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 3);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_timeout_closes_pooled_connections() {
+    use std::sync::atomic::Ordering;
+    let up = counting_upstream(None).await;
+    let mut cfg = config(up.addr, &dead_url(), &dead_url());
+    cfg.upstream_idle_timeout = Duration::from_millis(150);
+    let proxy = start_proxy(cfg).await;
+    let client = client_from("127.0.0.1");
+    let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let closed = support::eventually(Duration::from_secs(5), || async {
+        up.closed_by_proxy.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(
+        closed,
+        "the proxy did not close its idle upstream connection"
+    );
+    let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    proxy.stop().await.unwrap();
 }
