@@ -29,6 +29,14 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Default capacity of the queue between request handling and the forwarder.
 pub const DEFAULT_BUFFER: usize = 10_000;
 /// Default headers copied into events: cheap, telling signals about clients and bots.
+/// Headers the proxy can add to the requests it forwards (`forward_headers`), all of
+/// them by default.
+pub const FORWARD_HEADERS: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-request-id",
+];
 pub const DEFAULT_REPORT_HEADERS: [&str; 4] =
     ["referer", "accept", "accept-language", "accept-encoding"];
 /// Default upper bound on a tarpit delay, whatever the mitigation asks for.
@@ -229,6 +237,14 @@ pub struct Config {
     /// one of them. Empty: the connection's address is the client
     /// (`ESPER_TRUSTED_PROXIES`, comma separated; `--trusted-proxy`, repeatable).
     pub trusted_proxies: Vec<IpNet>,
+    /// Headers added to what is forwarded: `x-forwarded-for` (the client chain, kept
+    /// only from trusted hops), `x-forwarded-proto`, `x-real-ip` (the client),
+    /// `x-request-id` (to the upstream request when the client sent no usable one, and
+    /// to the response). All four by default. One left out is not added, and a client's
+    /// own copy from an untrusted peer is still removed, so the app never reads an
+    /// address a client made up. Each costs every request a header insertion
+    /// (`ESPER_FORWARD_HEADERS`, comma separated, `none` for none).
+    pub forward_headers: Vec<String>,
     /// Every connection on `listen` starts with a PROXY protocol header (v1 or v2) from a
     /// load balancer, which names the client. Connections without one are closed; with
     /// `trusted_proxies` set, so are headers from peers outside it
@@ -309,6 +325,7 @@ impl Default for Config {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             trusted_proxies: Vec::new(),
+            forward_headers: FORWARD_HEADERS.map(String::from).to_vec(),
             proxy_protocol: false,
             allow_ips: Vec::new(),
             allow_paths: Vec::new(),
@@ -417,6 +434,14 @@ impl Config {
         )?;
         if let Some((name, v)) = vars.lookup(&["ESPER_TRUSTED_PROXIES"]) {
             self.trusted_proxies = net_list(&name, &v)?;
+        }
+        if let Some((_, v)) = vars.lookup(&["ESPER_FORWARD_HEADERS"]) {
+            // An empty variable counts as unset, as everywhere else.
+            self.forward_headers = if v.eq_ignore_ascii_case("none") {
+                Vec::new()
+            } else {
+                name_list(&v)
+            };
         }
         vars.bool(&["ESPER_PROXY_PROTOCOL"], &mut self.proxy_protocol)?;
         if let Some((name, v)) = vars.lookup(&["ESPER_ALLOW_IPS"]) {
@@ -529,6 +554,17 @@ impl Config {
                     "not a valid header or cookie name",
                 ));
             }
+        }
+        if let Some(bad) = self
+            .forward_headers
+            .iter()
+            .find(|h| !FORWARD_HEADERS.iter().any(|f| f.eq_ignore_ascii_case(h)))
+        {
+            return Err(ConfigError::invalid(
+                "forward_headers",
+                bad,
+                format!("one of {}", FORWARD_HEADERS.join(", ")),
+            ));
         }
         if let Some(bad) = self.allow_paths.iter().find(|p| !p.starts_with('/')) {
             return Err(ConfigError::invalid(
@@ -961,7 +997,31 @@ mod tests {
             ]
         );
         assert_eq!(cfg.allow_paths, vec!["/healthz", "/static/*"]);
+        assert_eq!(cfg.forward_headers, FORWARD_HEADERS.to_vec());
         cfg.validate().unwrap();
+        let some = env(&[
+            ("ESPER_UPSTREAM", "app.internal:3000"),
+            ("ESPER_FORWARD_HEADERS", "X-Forwarded-For, x-request-id"),
+        ]);
+        let cfg = load::<Config, _>(None, &some, Config::apply_env).unwrap();
+        assert_eq!(cfg.forward_headers, vec!["x-forwarded-for", "x-request-id"]);
+        cfg.validate().unwrap();
+        let none = env(&[("ESPER_FORWARD_HEADERS", "none")]);
+        let cfg = load::<Config, _>(None, &none, Config::apply_env).unwrap();
+        assert!(cfg.forward_headers.is_empty());
+        let typo = env(&[
+            ("ESPER_UPSTREAM", "app.internal:3000"),
+            ("ESPER_FORWARD_HEADERS", "x-forwarded-host"),
+        ]);
+        let err = load::<Config, _>(None, &typo, Config::apply_env)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("forward_headers") && err.contains("x-forwarded-host"),
+            "{err}"
+        );
         let bad = env(&[("ESPER_TRUSTED_PROXIES", "10.0.0.0/8,nope")]);
         let err = load::<Config, _>(None, &bad, Config::apply_env).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");

@@ -23,6 +23,29 @@ pub struct Live {
     /// Templates of answers given outside any app (unknown host).
     pub templates: Templates,
     pub unknown_host_status: u16,
+    pub forward: Forward,
+}
+
+/// Which headers the proxy adds to what it forwards (`forward_headers`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forward {
+    pub forwarded_for: bool,
+    pub proto: bool,
+    pub real_ip: bool,
+    pub request_id: bool,
+}
+
+impl Forward {
+    /// From the configured names (already validated).
+    pub fn new(names: &[String]) -> Forward {
+        let has = |name: &str| names.iter().any(|n| n.eq_ignore_ascii_case(name));
+        Forward {
+            forwarded_for: has("x-forwarded-for"),
+            proto: has("x-forwarded-proto"),
+            real_ip: has("x-real-ip"),
+            request_id: has("x-request-id"),
+        }
+    }
 }
 
 /// The live state, shared by every request and the accept loops.
@@ -67,6 +90,7 @@ impl Live {
             allow_paths: Paths::new(&config.allow_paths),
             templates,
             unknown_host_status: config.unknown_host_status,
+            forward: Forward::new(&config.forward_headers),
         })
     }
 }

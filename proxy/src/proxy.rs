@@ -21,7 +21,7 @@ use crate::cache::RequestKeys;
 use crate::challenge::{self, CHALLENGE_PATH, COOKIE_NAME, Challenger, Clearance};
 use crate::clientip;
 use crate::enforce::{Enforcer, Verdict};
-use crate::live::LiveState;
+use crate::live::{Forward, LiveState};
 use crate::metrics::Metrics;
 use crate::report::{Observed, Reporter};
 use crate::respond::{
@@ -34,6 +34,8 @@ const X_REQUEST_ID: &str = "x-request-id";
 static X_REQUEST_ID_NAME: HeaderName = HeaderName::from_static(X_REQUEST_ID);
 static X_FORWARDED_FOR_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_REAL_IP_NAME: HeaderName = HeaderName::from_static(X_REAL_IP);
+static X_FORWARDED_PROTO_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO);
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const X_REAL_IP: &str = "x-real-ip";
@@ -81,6 +83,8 @@ pub struct RequestCtx {
     request_id: HeaderValue,
     /// The client sent a usable `X-Request-ID`, which is passed on unchanged.
     client_request_id: bool,
+    /// The headers to add, as configured when the request began.
+    forward: Forward,
     action: EnforcedAction,
     /// The app the request is for (none: no app serves its host).
     app: Option<Arc<App>>,
@@ -340,6 +344,15 @@ fn request_host(req: &pingora::http::RequestHeader) -> &str {
         .unwrap_or("")
 }
 
+/// Removes a forwarding header a client wrote, unless its peer is a trusted proxy.
+/// Looked up first: removing an absent header still costs both of Pingora's header maps
+/// a probe.
+fn drop_untrusted(request: &mut pingora::http::RequestHeader, name: &HeaderName, trusted: bool) {
+    if !trusted && request.headers.contains_key(name) {
+        request.remove_header(name);
+    }
+}
+
 /// An address as a header value, formatted on the stack.
 fn ip_header(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(esper_protocol::format_ip(&ip).as_bytes())
@@ -483,6 +496,7 @@ impl ProxyHttp for EsperProxy {
             peer_trusted: false,
             request_id: HeaderValue::from_static(""),
             client_request_id: false,
+            forward: Forward::default(),
             action: EnforcedAction::Allow,
             app: None,
             tries: 0,
@@ -510,6 +524,7 @@ impl ProxyHttp for EsperProxy {
         let live = self.live.load_full();
         let req = session.req_header();
         ctx.peer_trusted = live.trusted.contains(peer);
+        ctx.forward = live.forward;
         let ip = clientip::resolve(peer, &req.headers, &live.trusted);
         ctx.client_ip = Some(ip);
         let path = req.uri.path();
@@ -654,10 +669,22 @@ impl ProxyHttp for EsperProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if !ctx.client_request_id && !ctx.request_id.is_empty() {
+        let forward = ctx.forward;
+        if forward.request_id && !ctx.client_request_id && !ctx.request_id.is_empty() {
             upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         }
-        if let (Some(ip), Some(peer)) = (ctx.client_ip, peer_ip(session)) {
+        let (Some(ip), Some(peer)) = (ctx.client_ip, peer_ip(session)) else {
+            return Ok(());
+        };
+        let trusted = ctx.peer_trusted;
+        // Formatted once when the client is the peer (always, unless a trusted proxy
+        // named another client) and both headers carry it.
+        let client = forward.real_ip.then(|| ip_header(ip));
+        let peer_value = || match &client {
+            Some(v) if ip == peer => v.clone(),
+            _ => ip_header(peer),
+        };
+        if forward.forwarded_for {
             // From a trusted proxy, the chain so far is kept and the peer appended (as
             // nginx's `$proxy_add_x_forwarded_for`); from anyone else, whatever the
             // client wrote is dropped and only what this proxy saw remains.
@@ -665,28 +692,27 @@ impl ProxyHttp for EsperProxy {
                 .headers
                 .get(&X_FORWARDED_FOR_NAME)
                 .and_then(|v| v.to_str().ok())
-                .filter(|_| ctx.peer_trusted);
-            let peer_value = ip_header(peer);
-            let real_ip = if ip == peer {
-                peer_value.clone()
-            } else {
-                ip_header(ip)
-            };
+                .filter(|_| trusted);
             let forwarded = match earlier {
-                Some(earlier) => {
-                    HeaderValue::try_from(format!("{earlier}, {peer}")).unwrap_or(peer_value)
-                }
-                None => peer_value,
+                Some(earlier) => HeaderValue::try_from(format!("{earlier}, {peer}"))
+                    .unwrap_or_else(|_| peer_value()),
+                None => peer_value(),
             };
             upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
-            upstream_request.insert_header(X_REAL_IP, real_ip)?;
-            // Looked up first: removing an absent header still costs both of Pingora's
-            // header maps a probe.
-            if !ctx.peer_trusted && upstream_request.headers.contains_key(&FORWARDED) {
-                upstream_request.remove_header(&FORWARDED);
-            }
+        } else {
+            drop_untrusted(upstream_request, &X_FORWARDED_FOR_NAME, trusted);
+        }
+        if let Some(client) = client {
+            upstream_request.insert_header(X_REAL_IP, client)?;
+        } else {
+            drop_untrusted(upstream_request, &X_REAL_IP_NAME, trusted);
+        }
+        drop_untrusted(upstream_request, &FORWARDED, trusted);
+        if forward.proto {
             let proto = if is_tls(session) { HTTPS } else { HTTP };
             upstream_request.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
+        } else {
+            drop_untrusted(upstream_request, &X_FORWARDED_PROTO_NAME, trusted);
         }
         Ok(())
     }
@@ -697,7 +723,9 @@ impl ProxyHttp for EsperProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if !ctx.request_id.is_empty() && !upstream_response.headers.contains_key(&X_REQUEST_ID_NAME)
+        if ctx.forward.request_id
+            && !ctx.request_id.is_empty()
+            && !upstream_response.headers.contains_key(&X_REQUEST_ID_NAME)
         {
             upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         }

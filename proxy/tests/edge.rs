@@ -1,5 +1,5 @@
 //! The proxy as an edge: the real client address from trusted forwarding headers and
-//! from PROXY protocol headers, allowlists that bypass mitigations, and answer templates
+//! from PROXY protocol headers, the forwarding headers it adds, allowlists that bypass mitigations, and answer templates
 //! from files. Clients connect from distinct loopback addresses.
 
 mod support;
@@ -69,6 +69,49 @@ async fn forwarded_headers_count_only_from_trusted_proxies() {
     assert_eq!(up.last_header("x-forwarded-for"), "127.0.0.11");
     assert_eq!(up.last_header("forwarded"), "");
     assert_eq!(get("127.0.0.19", "203.0.113.5", None).await, 403);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn forward_headers_left_out_are_not_added_and_not_spoofable() {
+    let up = upstream().await;
+    let mut cfg = config(up.addr, &dead_url(), &dead_url());
+    cfg.trusted_proxies = nets(&["127.0.0.10/32"]);
+    cfg.forward_headers = vec!["x-forwarded-proto".into()];
+    let proxy = start_proxy(cfg).await;
+    let get = |from: &'static str, spoof: bool| {
+        let url = format!("{}/", proxy.url);
+        async move {
+            let mut req = client_from(from).get(url);
+            if spoof {
+                req = req
+                    .header("x-forwarded-for", "198.51.100.7")
+                    .header("x-real-ip", "198.51.100.7")
+                    .header("forwarded", "for=198.51.100.7");
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.headers()
+                .get("x-request-id")
+                .map(|v| v.to_str().unwrap().to_string())
+        }
+    };
+    // Left out: not added, and no request id on the response either.
+    assert_eq!(get("127.0.0.11", false).await, None);
+    for name in ["x-forwarded-for", "x-real-ip", "x-request-id", "forwarded"] {
+        assert_eq!(up.last_header(name), "", "{name}");
+    }
+    assert_eq!(up.last_header("x-forwarded-proto"), "http");
+    // A direct client's own copies are removed all the same.
+    get("127.0.0.11", true).await;
+    for name in ["x-forwarded-for", "x-real-ip", "forwarded"] {
+        assert_eq!(up.last_header(name), "", "{name}");
+    }
+    // A trusted proxy's pass through untouched.
+    get("127.0.0.10", true).await;
+    assert_eq!(up.last_header("x-forwarded-for"), "198.51.100.7");
+    assert_eq!(up.last_header("x-real-ip"), "198.51.100.7");
+    assert_eq!(up.last_header("forwarded"), "for=198.51.100.7");
     proxy.stop().await.unwrap();
 }
 
