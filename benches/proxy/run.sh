@@ -9,8 +9,9 @@
 # Targets: the upstream directly (nginx serving the file), a bare Pingora pass-through
 # (bare-pingora; bare-pingora-mimalloc is the same with the esper binary's allocator),
 # esper-proxy with an empty cache, esper-proxy with 1,000,000 address mitigations and
-# 100,000 network mitigations while new ones stream in (1,000/s), nginx as a reverse
-# proxy, HAProxy. Every proxy gets one worker thread (on 2 cores shared with
+# 100,000 network mitigations while new ones stream in (1,000/s), esper-proxy adding no
+# forwarding headers (esper-no-headers: the work the pass-throughs do), nginx as a
+# reverse proxy, HAProxy. Every proxy gets one worker thread (on 2 cores shared with
 # wrk, one beats two); all bind loopback. Load: wrk, 2 threads, 50 keep-alive
 # connections. CPU per request is the proxy process's (all its threads') utime+stime
 # from /proc over the run, divided by the requests wrk completed.
@@ -148,10 +149,14 @@ throughput() {
     until grep -q loaded "$WORK/loader.log"; do sleep 1; done
     esper_proxy 18085 18095 http://127.0.0.1:18092
     local loaded=$!
+    # The same work as the pass-through baselines, which add no headers.
+    ESPER_FORWARD_HEADERS=none esper_proxy 18088 18089 http://127.0.0.1:18091
+    local no_headers=$!
     wait_port 127.0.0.1:18083
     wait_port 127.0.0.1:18086
     wait_port 127.0.0.1:18084
     wait_port 127.0.0.1:18085
+    wait_port 127.0.0.1:18088
     # Wait until the loaded proxy holds the whole set.
     until curl -s http://127.0.0.1:18095/metrics | awk '/^esper_proxy_cache_entries / {exit !($2 >= 1100000)}'; do
         sleep 1
@@ -167,6 +172,7 @@ throughput() {
         measure bare-pingora-mimalloc 18086 "$bare_mi"
         measure esper-empty 18084 "$empty"
         measure esper-loaded 18085 "$loaded"
+        measure esper-no-headers 18088 "$no_headers"
         # shellcheck disable=SC2086
         measure nginx 18081 $np_workers
         measure haproxy 18082 "$HAPROXY"
@@ -313,6 +319,8 @@ latency() {
     # that a broker elsewhere would not put on the proxy's host.
     start_event_sink
     esper_proxy 18087 18097 http://127.0.0.1:18091 http://127.0.0.1:18098
+    ESPER_FORWARD_HEADERS=none esper_proxy 18088 18089 http://127.0.0.1:18091
+    wait_port 127.0.0.1:18088
     wait_port 127.0.0.1:18083
     wait_port 127.0.0.1:18086
     wait_port 127.0.0.1:18084
@@ -321,7 +329,8 @@ latency() {
     local target port
     for _ in $(seq 1 "$reps"); do
         for target in direct:18080 bare-pingora:18083 bare-pingora-mimalloc:18086 \
-            esper-empty:18084 esper-event-sink:18087 nginx:18081 haproxy:18082; do
+            esper-empty:18084 esper-event-sink:18087 esper-no-headers:18088 nginx:18081 \
+            haproxy:18082; do
             port=${target#*:}
             echo "${target%%:*},$("$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" "$secs" 20)" |
                 tee -a "$WORK/latency.csv"

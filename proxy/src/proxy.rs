@@ -344,6 +344,16 @@ fn request_host(req: &pingora::http::RequestHeader) -> &str {
         .unwrap_or("")
 }
 
+/// The error is the downstream connection ending under the request.
+fn client_went_away(error: &Error) -> bool {
+    use pingora::{ErrorSource, ErrorType};
+    matches!(error.esource(), ErrorSource::Downstream)
+        && matches!(
+            error.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        )
+}
+
 /// Removes a forwarding header a client wrote, unless its peer is a trusted proxy.
 /// Looked up first: removing an absent header still costs both of Pingora's header maps
 /// a probe.
@@ -518,13 +528,13 @@ impl ProxyHttp for EsperProxy {
             }
             None => ctx.request_id = new_id_header(),
         }
+        let live = self.live.load_full();
+        ctx.forward = live.forward;
         let Some(peer) = peer_ip(session) else {
             return Ok(false);
         };
-        let live = self.live.load_full();
         let req = session.req_header();
         ctx.peer_trusted = live.trusted.contains(peer);
-        ctx.forward = live.forward;
         let ip = clientip::resolve(peer, &req.headers, &live.trusted);
         ctx.client_ip = Some(ip);
         let path = req.uri.path();
@@ -645,6 +655,17 @@ impl ProxyHttp for EsperProxy {
         };
         ctx.tries += 1;
         Ok(Box::new(peer))
+    }
+
+    /// A client hanging up before its answer is the client's doing, not a failure of
+    /// the proxy: Pingora would log it as an error, a line per connection whenever a
+    /// load balancer or a load generator closes its idle keep-alives.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        let quiet = client_went_away(error);
+        if quiet {
+            tracing::debug!(%error, "client closed the connection before its answer");
+        }
+        quiet
     }
 
     fn fail_to_connect(
@@ -774,6 +795,23 @@ impl ProxyHttp for EsperProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_client_leaving_stays_out_of_the_error_log() {
+        use pingora::ErrorType;
+        for t in [
+            ErrorType::ConnectionClosed,
+            ErrorType::ReadError,
+            ErrorType::WriteError,
+        ] {
+            assert!(client_went_away(&Error::new_down(t.clone())), "{t:?}");
+            assert!(!client_went_away(&Error::new_up(t.clone())), "{t:?}");
+        }
+        assert!(!client_went_away(&Error::new_down(
+            ErrorType::InvalidHTTPHeader
+        )));
+        assert!(!client_went_away(&Error::new_in(ErrorType::ConnectNoRoute)));
+    }
 
     #[test]
     fn addresses_as_header_values_read_as_displayed() {
