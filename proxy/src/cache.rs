@@ -34,6 +34,9 @@ const WRITE_CHUNK: usize = 256;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// Largest snapshot size hint [`SnapshotBuilder::expect`] sizes the index for.
+pub const MAX_SNAPSHOT_HINT: usize = 20_000_000;
+
 /// A mitigation's id: the 16 bytes of a uuid in its canonical text form (lower case,
 /// hyphenated: what the brokers make), any other id as its text.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -233,6 +236,40 @@ impl SnapshotBuilder {
     pub fn add(&mut self, changes: Vec<Change>, now: DateTime<Utc>) {
         for change in changes {
             self.index.apply(change, now);
+        }
+    }
+
+    /// Sizes the index for a snapshot of `total` mitigations (the first page's hint),
+    /// in the proportions of the kinds added so far: pages come ordered by id, and ids
+    /// are random, so the first page is a fair sample. Without it the maps double as the
+    /// pages arrive, each time holding the old and the new table at once, and that
+    /// doubling is most of a start-up's peak memory. A hint beyond
+    /// [`MAX_SNAPSHOT_HINT`] is not trusted for sizing.
+    pub fn expect(&mut self, total: u64) {
+        let held = self.index.by_id.len();
+        let Ok(total) = usize::try_from(total) else {
+            return;
+        };
+        if held == 0 || total <= held || total > MAX_SNAPSHOT_HINT {
+            return;
+        }
+        /// Room for `map`'s share of `total`, a little over the estimate so sampling
+        /// error does not cost a last doubling. A failed reservation only means the
+        /// map grows as it would have.
+        fn grow<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, total: usize, held: usize) {
+            let expected = map.len() * total / held;
+            let want = expected + expected / 32;
+            let _ = map.try_reserve(want.saturating_sub(map.len()));
+        }
+        let index = &mut self.index;
+        grow(&mut index.by_id, total, held);
+        grow(&mut index.ips4, total, held);
+        grow(&mut index.ips6, total, held);
+        for (_, map) in &mut index.v4 {
+            grow(map, total, held);
+        }
+        for (_, map) in &mut index.v6 {
+            grow(map, total, held);
         }
     }
 
@@ -1129,6 +1166,72 @@ mod tests {
         drop(abandoned);
         assert_eq!(cache.len(), 2);
         assert_eq!(find(&cache, "a", "192.0.2.50", &none()), None);
+    }
+
+    /// 60% IPv4 addresses, 30% IPv6 addresses, 10% /24 networks, as a snapshot's pages.
+    fn mixed_page(from: usize, to: usize) -> Vec<Change> {
+        (from..to)
+            .map(|i| {
+                let key = match i % 10 {
+                    0..=5 => format!("ip:10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255),
+                    6..=8 => format!("ip:2001:db8::{:x}", i),
+                    _ => format!("cidr:172.{}.{}.0/24", i >> 8 & 255, i & 255),
+                };
+                Change::Upsert {
+                    mitigation: mitigation(&key, Action::Block),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_snapshot_is_sized_from_its_first_page() {
+        let cache = MitigationCache::new();
+        let mut snapshot = cache.begin_snapshot();
+        snapshot.add(mixed_page(0, 500), Utc::now());
+        snapshot.expect(20_000);
+        let index = &snapshot.index;
+        assert!(
+            index.by_id.capacity() >= 20_000,
+            "{}",
+            index.by_id.capacity()
+        );
+        assert!(index.ips4.capacity() >= 12_000, "{}", index.ips4.capacity());
+        assert!(index.ips6.capacity() >= 6_000, "{}", index.ips6.capacity());
+        let before = (
+            index.by_id.capacity(),
+            index.ips4.capacity(),
+            index.ips6.capacity(),
+        );
+        // The rest arrives without any map growing again.
+        for from in (500..20_000).step_by(500) {
+            snapshot.add(mixed_page(from, from + 500), Utc::now());
+        }
+        let index = &snapshot.index;
+        assert_eq!(index.by_id.len(), 20_000);
+        assert_eq!(
+            (
+                index.by_id.capacity(),
+                index.ips4.capacity(),
+                index.ips6.capacity()
+            ),
+            before
+        );
+        cache.install(snapshot);
+        assert_eq!(find(&cache, "a", "10.0.5.0", &none()), Some(Action::Block));
+        assert_eq!(
+            find(&cache, "a", "172.0.9.77", &none()),
+            Some(Action::Block)
+        );
+
+        // A hint that is no larger than what came, or absurd, sizes nothing.
+        for hint in [0, 10, MAX_SNAPSHOT_HINT as u64 + 1, u64::MAX] {
+            let mut snapshot = cache.begin_snapshot();
+            snapshot.add(mixed_page(0, 100), Utc::now());
+            let capacity = snapshot.index.by_id.capacity();
+            snapshot.expect(hint);
+            assert_eq!(snapshot.index.by_id.capacity(), capacity, "{hint}");
+        }
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub async fn follow(
                         None => cache.begin_snapshot(),
                     };
                     snapshot.add(page.changes, Utc::now());
+                    if let Some(total) = page.total {
+                        snapshot.expect(total);
+                    }
                     match page.more {
                         Some(more) => {
                             pending = Some(Pending {

@@ -198,6 +198,11 @@ pub struct DeltaPage {
     /// old one could not be continued: its cursor went stale); start over with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub more: Option<String>,
+    /// On the first page of a snapshot, how many mitigations were active when it began:
+    /// a hint for sizing what the pages are assembled into (the pages' union can differ
+    /// when mitigations change meanwhile). Absent elsewhere, and from older brokers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
 }
 
 /// `POST /api/mitigations` body.
@@ -248,12 +253,14 @@ mod tests {
         let page: DeltaPage = serde_json::from_str(old).unwrap();
         assert_eq!(page.more, None);
         assert_eq!(serde_json::to_string(&page).unwrap(), old);
+        assert_eq!(page.total, None);
         let paged = DeltaPage {
             more: Some("id-9".into()),
+            total: Some(25_000),
             ..page
         };
         let text = serde_json::to_string(&paged).unwrap();
-        assert!(text.ends_with(r#","more":"id-9"}"#), "{text}");
+        assert!(text.ends_with(r#","more":"id-9","total":25000}"#), "{text}");
         assert_eq!(serde_json::from_str::<DeltaPage>(&text).unwrap(), paged);
     }
 

@@ -304,6 +304,7 @@ mod tests {
                 },
             ],
             more: None,
+            total: None,
         });
         assert!(mirror.synced());
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
@@ -325,6 +326,7 @@ mod tests {
             snapshot: false,
             changes: vec![Change::Remove { id: "b".into() }],
             more: None,
+            total: None,
         });
         assert_eq!(mirror.best_for_ip(ip, "").unwrap().id, "a");
 
@@ -365,6 +367,7 @@ mod tests {
             snapshot: false,
             changes: vec![Change::Remove { id: "t".into() }],
             more: None,
+            total: None,
         });
         assert!(mirror.is_empty());
     }
@@ -378,6 +381,7 @@ mod tests {
             snapshot: true,
             changes: vec![],
             more: None,
+            total: None,
         });
         assert!(mirror.is_empty());
     }

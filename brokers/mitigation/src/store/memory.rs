@@ -118,7 +118,7 @@ impl State {
     }
 
     /// Up to `limit` active mitigations with ids after `after`, by id, as a page of the
-    /// snapshot at `cursor`.
+    /// snapshot at `cursor`; the first page (no `after`) counts them all.
     fn snapshot_page(
         &self,
         cursor: String,
@@ -143,11 +143,14 @@ impl State {
             (Some(_), Some(Change::Upsert { mitigation })) => Some(mitigation.id.clone()),
             _ => None,
         };
+        // A hint: entries that expired since the last sweep are counted too.
+        let total = after.is_none().then_some(self.by_id.len() as u64);
         DeltaPage {
             cursor,
             snapshot: true,
             changes,
             more,
+            total,
         }
     }
 
@@ -169,6 +172,7 @@ impl State {
                 snapshot: false,
                 changes: Vec::new(),
                 more: None,
+                total: None,
             });
         }
         let first = self.log.front().map(|(s, _)| *s)?;
@@ -189,6 +193,7 @@ impl State {
             snapshot: false,
             changes,
             more: None,
+            total: None,
         })
     }
 }

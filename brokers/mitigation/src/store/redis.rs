@@ -162,7 +162,8 @@ return {tostring(active), state(g)}
 /// ARGV[4] the cursor's generation, ARGV[5] its stream id ('' when unusable),
 /// ARGV[6] the page size, ARGV[7] `>` and the id a snapshot page continues after ('' for
 /// the changes after the cursor). Answers `d` (deltas) or `s` (a snapshot page), the cursor,
-/// the snapshot's continuation ('' when none), then each change as `u<json>` or `r<id>`.
+/// the snapshot's continuation ('' when none), on a snapshot's first page the count of
+/// active mitigations ('' elsewhere), then each change as `u<json>` or `r<id>`.
 const CHANGES: &str = r#"
 local g = ensure()
 local cg, cid, limit, paging = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7] ~= ''
@@ -177,7 +178,7 @@ if cg == g and cid ~= '' then
   end
 end
 if resumable and not paging then
-  local out = {'d', '', ''}
+  local out = {'d', '', '', ''}
   local last = cid
   for _, e in ipairs(redis.call('XRANGE', CH, '(' .. cid, '+', 'COUNT', limit)) do
     last = e[1]
@@ -206,7 +207,10 @@ else
   end
   cid = head_id()
 end
-local out = {'s', g .. '-' .. cid, ''}
+local out = {'s', g .. '-' .. cid, '', ''}
+if not resumable then
+  out[4] = tostring(redis.call('ZCOUNT', EXP, '(' .. now, '+inf'))
+end
 local n, last = 0, ''
 while true do
   local ids = redis.call('ZRANGEBYLEX', IDS, min, '+', 'LIMIT', 0, limit + 1)
@@ -509,7 +513,8 @@ impl RedisMitigations {
             )
             .await?;
         let mut parts = raw.into_iter();
-        let (Some(kind), Some(cursor), Some(more)) = (parts.next(), parts.next(), parts.next())
+        let (Some(kind), Some(cursor), Some(more), Some(total)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(garbled("a delta page without a cursor"));
         };
@@ -532,6 +537,7 @@ impl RedisMitigations {
             snapshot,
             changes,
             more: (!more.is_empty()).then_some(more),
+            total: total.parse().ok(),
         })
     }
 

@@ -407,6 +407,7 @@ async fn page_through(
             "every page carries the snapshot's cursor"
         );
         assert!(next.changes.len() <= limit);
+        assert_eq!(next.total, None, "only a snapshot's first page counts it");
         got.extend(upserts(&next));
         page = next;
     }
@@ -422,6 +423,7 @@ async fn snapshots_arrive_in_pages(store: &Arc<dyn MitigationStore>) {
     let first = store.changes(None, 10).await.unwrap();
     assert_eq!(first.changes.len(), 10);
     assert_eq!(first.more.as_deref(), Some("p09"));
+    assert_eq!(first.total, Some(25), "the first page counts the whole snapshot");
     let got = page_through(store, first, 10).await;
     let got_ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
     let want: Vec<String> = (0..25).map(|i| format!("p{i:02}")).collect();
@@ -431,6 +433,9 @@ async fn snapshots_arrive_in_pages(store: &Arc<dyn MitigationStore>) {
     // A set that fits one page has no continuation; nor has an exactly full last page.
     let whole = store.changes(None, 25).await.unwrap();
     assert_eq!((whole.changes.len(), whole.more), (25, None));
+    assert_eq!(whole.total, Some(25));
+    let deltas = store.changes(Some(&whole.cursor), 10).await.unwrap();
+    assert_eq!((deltas.snapshot, deltas.total), (false, None));
     assert_eq!(
         page_through(store, store.changes(None, 5).await.unwrap(), 5).await,
         all
@@ -528,6 +533,11 @@ async fn a_stale_snapshot_starts_over(store: &Arc<dyn MitigationStore>) {
     assert!(restarted.snapshot);
     assert_ne!(restarted.cursor, first.cursor);
     assert_eq!(ids(&upserts(&restarted)), ["s0", "s1"]);
+    assert_eq!(
+        restarted.total,
+        Some(6 + SUITE_RETENTION as u64 + 2),
+        "a snapshot started over is counted again"
+    );
     let whole = page_through(store, restarted, 2).await;
     assert_eq!(whole.len(), 6 + SUITE_RETENTION + 2);
 
