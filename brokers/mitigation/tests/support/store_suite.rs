@@ -423,7 +423,11 @@ async fn snapshots_arrive_in_pages(store: &Arc<dyn MitigationStore>) {
     let first = store.changes(None, 10).await.unwrap();
     assert_eq!(first.changes.len(), 10);
     assert_eq!(first.more.as_deref(), Some("p09"));
-    assert_eq!(first.total, Some(25), "the first page counts the whole snapshot");
+    assert_eq!(
+        first.total,
+        Some(25),
+        "the first page counts the whole snapshot"
+    );
     let got = page_through(store, first, 10).await;
     let got_ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
     let want: Vec<String> = (0..25).map(|i| format!("p{i:02}")).collect();
