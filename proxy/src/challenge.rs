@@ -587,4 +587,39 @@ mod tests {
         h.insert("cookie", "a=1; esper_clearance=v.1.2; b=2".parse().unwrap());
         assert_eq!(find_cookie(&h), Some("v.1.2"));
     }
+
+    proptest::proptest! {
+        // Tokens, nonces, cookies, forms and return paths all come from the client.
+        #[test]
+        fn made_up_tokens_and_cookies_are_refused_without_panicking(
+            token in "[pfc0-9a-zA-Z._\\-]{0,120}",
+            nonce in "\\PC{0,40}",
+            cookie in "[0-9a-zA-Z._\\-]{0,120}",
+            now in 0u64..u64::MAX,
+        ) {
+            let c = challenger();
+            let client = ip("192.0.2.1");
+            proptest::prop_assert!(c.redeem_solution(&token, &nonce, client, UA, now).is_err());
+            proptest::prop_assert!(c.redeem_fallback(&token, client, UA, now).is_err());
+            proptest::prop_assert!(c.check_cookie(&cookie, client, UA, now).is_err());
+        }
+
+        #[test]
+        fn return_paths_stay_on_this_site(path in "\\PC{0,60}") {
+            let back = safe_return(&path);
+            proptest::prop_assert!(back == path || back == "/");
+            proptest::prop_assert!(back.starts_with('/'));
+            proptest::prop_assert!(!back.starts_with("//") && !back.starts_with("/\\"));
+            proptest::prop_assert!(back.bytes().all(|b| b.is_ascii_graphic()));
+        }
+
+        #[test]
+        fn form_values_survive_encoding(key in "[a-z]{1,8}", value in "\\PC{0,40}", junk in "\\PC{0,40}") {
+            let body = format!("{key}={}", percent_encode(&value));
+            let pairs: Vec<_> = form_pairs(&body).collect();
+            proptest::prop_assert_eq!(pairs, vec![(key, value)]);
+            // Anything else decodes to something, never a panic.
+            let _ = form_pairs(&junk).count();
+        }
+    }
 }

@@ -212,4 +212,41 @@ mod tests {
         assert!(p.contains("/static/app.js"));
         assert!(!p.contains("/"));
     }
+
+    proptest::proptest! {
+        // Forwarding headers are written by clients; only trusted hops may name one.
+        #[test]
+        fn any_forwarding_headers_resolve_to_the_peer_or_an_address_they_name(
+            xff in "[0-9a-fA-F:., \\[\\]a-z=;\"]{0,80}",
+            fwd in proptest::option::of("[0-9a-fA-F:., \\[\\]a-z=;\"]{0,80}"),
+            trusted_peer in proptest::bool::ANY,
+        ) {
+            let trusted = nets(&["10.0.0.0/8"]);
+            let peer = if trusted_peer { ip("10.0.0.1") } else { ip("192.0.2.1") };
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                h.append("x-forwarded-for", v);
+            }
+            if let Some(Ok(v)) = fwd.as_deref().map(HeaderValue::from_str) {
+                h.append("forwarded", v);
+            }
+            let client = resolve(peer, &h, &trusted);
+            if !trusted_peer {
+                proptest::prop_assert_eq!(client, peer);
+            } else if client != peer {
+                // Whatever was picked, it was written in one of the headers.
+                let text = format!("{xff} {}", fwd.unwrap_or_default());
+                let written: Vec<IpAddr> = text
+                    .split([' ', ',', ';', '=', '"', '[', ']'])
+                    .filter_map(|t| {
+                        t.parse::<IpAddr>()
+                            .ok()
+                            .or_else(|| t.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+                    })
+                    .map(|a| a.to_canonical())
+                    .collect();
+                proptest::prop_assert!(written.contains(&client), "{} not in {}", client, text);
+            }
+        }
+    }
 }

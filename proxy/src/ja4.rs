@@ -294,4 +294,41 @@ mod tests {
         }
         assert_eq!(checked, 4);
     }
+
+    fn reference_records() -> Vec<Vec<u8>> {
+        include_str!("ja4_vectors.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(' ').nth(2))
+            .map(|h| hex::decode(h).unwrap())
+            .collect()
+    }
+
+    proptest::proptest! {
+        // The first bytes of every TLS connection come from whoever connects.
+        #[test]
+        fn any_bytes_are_read_without_panicking(bytes in proptest::collection::vec(0u8.., 0..600)) {
+            let _ = record_len(&bytes);
+            if let Some(fp) = fingerprint(&bytes) {
+                proptest::prop_assert!(fp.is_ascii());
+            }
+        }
+
+        #[test]
+        fn damaged_client_hellos_are_read_without_panicking(
+            which in 0usize..4,
+            cut in 0usize..2000,
+            flips in proptest::collection::vec((0usize..2000, 0u8..), 0..8),
+        ) {
+            let records = reference_records();
+            let mut record = records[which % records.len()].clone();
+            for (at, byte) in flips {
+                let n = record.len();
+                record[at % n] = byte;
+            }
+            record.truncate(cut.min(record.len()));
+            let _ = record_len(&record);
+            let _ = fingerprint(&record);
+        }
+    }
 }

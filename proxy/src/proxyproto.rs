@@ -283,4 +283,49 @@ mod tests {
             )
         );
     }
+
+    fn socket() -> impl proptest::strategy::Strategy<Value = SocketAddr> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(a, p)| SocketAddr::from((a, p))),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(a, p)| SocketAddr::from((a, p))),
+        ]
+    }
+
+    proptest::proptest! {
+        // A connection's first bytes: hostile when the balancer in front is bypassed.
+        #[test]
+        fn any_bytes_are_parsed_without_panicking(bytes in proptest::collection::vec(0u8.., 0..300)) {
+            if let Ok(Some((_, used))) = parse(&bytes) {
+                proptest::prop_assert!(used <= bytes.len());
+            }
+        }
+
+        #[test]
+        fn encoded_headers_round_trip_and_their_prefixes_ask_for_more(
+            source in socket(),
+            v2 in proptest::bool::ANY,
+            rest in proptest::collection::vec(0u8.., 0..40),
+            cut in 0usize..120,
+        ) {
+            // Both addresses of one family, as a balancer sends them.
+            let destination = if source.is_ipv4() {
+                SocketAddr::from(([127, 0, 0, 1], 443))
+            } else {
+                SocketAddr::from(([0u16, 0, 0, 0, 0, 0, 0, 1], 443))
+            };
+            let header = if v2 {
+                encode_v2(source, destination)
+            } else {
+                encode_v1(source, destination)
+            };
+            let mut buf = header.clone();
+            buf.extend(&rest);
+            let (parsed, used) = parse(&buf).unwrap().unwrap();
+            proptest::prop_assert_eq!(parsed, Header::Proxied { source });
+            proptest::prop_assert_eq!(used, header.len());
+            let cut = cut % header.len();
+            proptest::prop_assert_eq!(parse(&header[..cut]), Ok(None));
+        }
+    }
 }
