@@ -69,12 +69,24 @@ pub(crate) struct Base {
 
 impl Base {
     pub(crate) fn new(url: &str, token: Option<String>, timeout: Duration) -> Base {
-        let http = reqwest::Client::builder()
+        Base::with_pool(url, token, timeout, None)
+    }
+
+    /// `max_idle`: idle connections kept to the broker (unbounded when `None`).
+    pub(crate) fn with_pool(
+        url: &str,
+        token: Option<String>,
+        timeout: Duration,
+        max_idle: Option<usize>,
+    ) -> Base {
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(n) = max_idle {
+            builder = builder.pool_max_idle_per_host(n);
+        }
+        let http = builder.build().unwrap_or_else(|_| reqwest::Client::new());
         Base {
             url: url.trim_end_matches('/').to_string(),
             token: token.filter(|t| !t.is_empty()),
@@ -166,8 +178,18 @@ pub struct IngestionClient {
 impl IngestionClient {
     /// `url` like `http://127.0.0.1:8082`; `token` is the broker's bearer token, if any.
     pub fn new(url: &str, token: Option<String>) -> IngestionClient {
+        IngestionClient::with_pool_size(url, token, None)
+    }
+
+    /// Like [`new`](Self::new), keeping at most `max_idle` idle connections to the
+    /// broker (unbounded when `None`).
+    pub fn with_pool_size(
+        url: &str,
+        token: Option<String>,
+        max_idle: Option<usize>,
+    ) -> IngestionClient {
         IngestionClient {
-            base: Base::new(url, token, Duration::from_secs(10)),
+            base: Base::with_pool(url, token, Duration::from_secs(10), max_idle),
         }
     }
 
@@ -294,8 +316,18 @@ pub struct MitigationClient {
 
 impl MitigationClient {
     pub fn new(url: &str, token: Option<String>) -> MitigationClient {
+        MitigationClient::with_pool_size(url, token, None)
+    }
+
+    /// Like [`new`](Self::new), keeping at most `max_idle` idle connections to the
+    /// broker (unbounded when `None`).
+    pub fn with_pool_size(
+        url: &str,
+        token: Option<String>,
+        max_idle: Option<usize>,
+    ) -> MitigationClient {
         MitigationClient {
-            base: Base::new(url, token, Duration::from_secs(10)),
+            base: Base::with_pool(url, token, Duration::from_secs(10), max_idle),
         }
     }
 

@@ -198,11 +198,22 @@ pub fn main() -> ExitCode {
         eprintln!("esper: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("esper")
-        .build()
-    {
+    // The engine worker's runtime is sized by its `io_threads`; everything else gets
+    // one thread per core.
+    let threads = match &cli.command {
+        Command::Worker(WorkerCommand::Run(WorkerKind::Engine(args))) => {
+            match worker_config(args, cli.config.as_deref()) {
+                Ok(cfg) => cfg.io_threads,
+                Err(e) => return fail(&e),
+            }
+        }
+        _ => 0,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads as usize);
+    }
+    let runtime = match builder.enable_all().thread_name("esper").build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("esper: cannot start the async runtime: {e}");
@@ -255,6 +266,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Broker(cmd) => broker(cmd, file).await,
         Command::Proxy(cmd) => proxy(cmd, file).await,
     }
+}
+
+fn worker_config(
+    args: &esper_engine::Args,
+    file: Option<&Path>,
+) -> anyhow::Result<esper_engine::Config> {
+    Ok(load(
+        file,
+        "worker",
+        esper_engine::Config::apply_env,
+        |c| args.apply(c),
+        esper_engine::Config::validate,
+    )?)
 }
 
 fn server_config(
@@ -315,13 +339,7 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             with_signals(|s| autoscale::run(args, file.map(Path::to_path_buf), s)).await
         }
         WorkerCommand::Run(WorkerKind::Engine(args)) => {
-            let cfg = load(
-                file,
-                "worker",
-                esper_engine::Config::apply_env,
-                |c| args.apply(c),
-                esper_engine::Config::validate,
-            )?;
+            let cfg = worker_config(&args, file)?;
             with_signals(|shutdown| async move {
                 let ops = esper_common::http::bind("worker ops listener", cfg.listen).await?;
                 esper_engine::run(cfg, ops, shutdown).await?;

@@ -35,7 +35,12 @@ pub const DEFAULT_EVALUATION_TIMEOUT: Duration = Duration::from_millis(100);
 pub const DEFAULT_DECISION_BUFFER: usize = 10_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Idle connections kept to each broker and to the control plane.
+pub const DEFAULT_CONNECTION_POOL_SIZE: u32 = 32;
+
 const MAX_CONCURRENCY: u32 = 1024;
+const MAX_IO_THREADS: u32 = 1024;
+const MAX_CONNECTION_POOL_SIZE: u32 = 10_000;
 const MAX_BATCH_SIZE: u32 = 10_000;
 
 /// Where the engine's hot state lives.
@@ -85,6 +90,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Claim-evaluate-publish loops running in parallel.
     pub concurrency: u32,
+    /// Threads of the async runtime that runs the loops and all their I/O; 0 means one
+    /// per core.
+    pub io_threads: u32,
+    /// Idle HTTP connections kept to each broker and to the control plane, so loops
+    /// that claim and publish at once do not open new ones.
+    pub connection_pool_size: u32,
     /// Events claimed per batch.
     pub batch_size: u32,
     /// How long claimed events stay leased; unacknowledged ones come back after it.
@@ -158,6 +169,8 @@ impl Default for Config {
             worker_id: String::new(),
             listen: DEFAULT_LISTEN,
             concurrency: DEFAULT_CONCURRENCY,
+            io_threads: 0,
+            connection_pool_size: DEFAULT_CONNECTION_POOL_SIZE,
             batch_size: DEFAULT_BATCH_SIZE,
             lease: DEFAULT_LEASE,
             claim_wait: DEFAULT_CLAIM_WAIT,
@@ -194,6 +207,11 @@ impl Config {
         vars.string(&["ESPER_WORKER_ID"], &mut self.worker_id);
         vars.parse(&["ESPER_WORKER_LISTEN"], &mut self.listen)?;
         vars.parse(&["ESPER_CONCURRENCY"], &mut self.concurrency)?;
+        vars.parse(&["ESPER_IO_THREADS"], &mut self.io_threads)?;
+        vars.parse(
+            &["ESPER_CONNECTION_POOL_SIZE"],
+            &mut self.connection_pool_size,
+        )?;
         vars.parse(&["ESPER_BATCH_SIZE"], &mut self.batch_size)?;
         vars.duration(&["ESPER_LEASE"], secs, &mut self.lease)?;
         vars.duration(&["ESPER_CLAIM_WAIT"], ms, &mut self.claim_wait)?;
@@ -320,6 +338,13 @@ impl Config {
             ));
         }
         range("concurrency", self.concurrency, 1, MAX_CONCURRENCY)?;
+        range("io_threads", self.io_threads, 0, MAX_IO_THREADS)?;
+        range(
+            "connection_pool_size",
+            self.connection_pool_size,
+            1,
+            MAX_CONNECTION_POOL_SIZE,
+        )?;
         range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)?;
         duration_range(
             "lease",
@@ -493,6 +518,13 @@ pub struct Args {
     /// Parallel claim-evaluate-publish loops [default: 4]
     #[arg(long, value_name = "N")]
     pub concurrency: Option<u32>,
+    /// Threads of the async runtime; 0 means one per core (`ESPER_IO_THREADS`).
+    #[arg(long, value_name = "N")]
+    pub io_threads: Option<u32>,
+    /// Idle connections kept to each broker and to the control plane
+    /// (`ESPER_CONNECTION_POOL_SIZE`).
+    #[arg(long, value_name = "N")]
+    pub connection_pool_size: Option<u32>,
     /// Events per batch [default: 100]
     #[arg(long, value_name = "N")]
     pub batch_size: Option<u32>,
@@ -551,6 +583,12 @@ impl Args {
         }
         if let Some(v) = self.concurrency {
             cfg.concurrency = v;
+        }
+        if let Some(v) = self.io_threads {
+            cfg.io_threads = v;
+        }
+        if let Some(v) = self.connection_pool_size {
+            cfg.connection_pool_size = v;
         }
         if let Some(v) = self.batch_size {
             cfg.batch_size = v;
@@ -628,6 +666,8 @@ mod tests {
         }
         let env: HashMap<String, String> = [
             ("ESPER_CONCURRENCY", "8"),
+            ("ESPER_IO_THREADS", "2"),
+            ("ESPER_CONNECTION_POOL_SIZE", "64"),
             ("ESPER_BATCH_SIZE", "50"),
             ("ESPER_STATE_TTL", "600"),
             ("ESPER_EVALUATION_TIMEOUT", "250"),
@@ -641,6 +681,7 @@ mod tests {
         .collect();
         let mut cfg: Config = load(None, &env, Config::apply_env).unwrap();
         assert_eq!(cfg.concurrency, 8);
+        assert_eq!((cfg.io_threads, cfg.connection_pool_size), (2, 64));
         assert_eq!(cfg.state_ttl, Duration::from_secs(600));
         assert_eq!(cfg.evaluation_timeout, Duration::from_millis(250));
         assert_eq!(cfg.control_token.as_deref(), Some("ctl"));
@@ -650,6 +691,10 @@ mod tests {
             "worker-3",
             "--concurrency",
             "16",
+            "--io-threads",
+            "16",
+            "--connection-pool-size",
+            "100",
             "--state-ttl",
             "2h",
             "--state-backend",
@@ -664,6 +709,7 @@ mod tests {
         assert_eq!(cfg.worker_id, "worker-3");
         assert_eq!(cfg.state_backend, StateBackendKind::Memory);
         assert_eq!(cfg.concurrency, 16);
+        assert_eq!((cfg.io_threads, cfg.connection_pool_size), (16, 100));
         assert_eq!(cfg.batch_size, 50);
         assert_eq!(cfg.state_ttl, Duration::from_secs(7200));
         assert_eq!(cfg.policies_file, Some(PathBuf::from("p.toml")));
@@ -718,6 +764,14 @@ mod tests {
                 .contains("concurrency")
         );
         cfg.concurrency = 1;
+        for (io_threads, pool, bad) in [(2000, 32, "io_threads"), (0, 0, "connection_pool_size")] {
+            cfg.io_threads = io_threads;
+            cfg.connection_pool_size = pool;
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(bad), "{err}");
+        }
+        cfg.io_threads = 0;
+        cfg.connection_pool_size = DEFAULT_CONNECTION_POOL_SIZE;
         cfg.control_url = String::new();
         assert!(
             cfg.validate()

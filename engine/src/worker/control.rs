@@ -40,15 +40,22 @@ impl ControlClient {
         }
     }
 
-    /// Like [`ControlClient::new`], also trusting the CA certificates in PEM file `ca`.
-    pub fn with_ca_cert(
+    /// The worker's client: at most `max_idle` idle connections, trusting the CA
+    /// certificates in PEM file `ca` when given.
+    pub fn for_worker(
         url: &str,
         token: Option<String>,
-        ca: &std::path::Path,
+        ca: Option<&std::path::Path>,
+        max_idle: usize,
     ) -> Result<ControlClient, String> {
-        let http = esper_protocol::trust_ca(Self::builder(), ca)?
+        let builder = Self::builder().pool_max_idle_per_host(max_idle);
+        let builder = match ca {
+            Some(ca) => esper_protocol::trust_ca(builder, ca)?,
+            None => builder,
+        };
+        let http = builder
             .build()
-            .map_err(|e| format!("`{}`: {e}", ca.display()))?;
+            .map_err(|e| format!("cannot build the control plane client: {e}"))?;
         Ok(ControlClient {
             http,
             ..ControlClient::new(url, token)

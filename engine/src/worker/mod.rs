@@ -108,12 +108,17 @@ pub async fn run(
     let state = open_state(&config).await?;
     let evaluator = Evaluator::new(state.clone(), &worker_id, &registry);
     let handle = Arc::new(PolicyHandle::default());
+    let pool = config.connection_pool_size as usize;
     let control = match (&config.control_url, &config.ca_cert) {
         (url, _) if url.is_empty() => None,
-        (url, None) => Some(ControlClient::new(url, config.control_token.clone())),
-        (url, Some(ca)) => Some(
-            ControlClient::with_ca_cert(url, config.control_token.clone(), ca)
-                .map_err(|e| ConfigError::invalid("ca_cert", ca.display(), e))?,
+        (url, ca) => Some(
+            ControlClient::for_worker(url, config.control_token.clone(), ca.as_deref(), pool)
+                .map_err(|e| {
+                    let shown = ca
+                        .as_ref()
+                        .map_or(String::new(), |c| c.display().to_string());
+                    ConfigError::invalid("ca_cert", shown, e)
+                })?,
         ),
     };
 
@@ -164,8 +169,16 @@ pub async fn run(
         lease: config.lease,
         claim_wait: config.claim_wait,
         evaluation_timeout: config.evaluation_timeout,
-        ingestion: IngestionClient::new(&config.ingestion_url, config.broker_token.clone()),
-        mitigation: MitigationClient::new(&config.mitigation_url, config.broker_token.clone()),
+        ingestion: IngestionClient::with_pool_size(
+            &config.ingestion_url,
+            config.broker_token.clone(),
+            Some(pool),
+        ),
+        mitigation: MitigationClient::with_pool_size(
+            &config.mitigation_url,
+            config.broker_token.clone(),
+            Some(pool),
+        ),
         evaluator: evaluator.clone(),
         policies: handle.clone(),
         outbox: outbox.clone(),
@@ -190,10 +203,13 @@ pub async fn run(
     let ops = tokio::spawn(async move {
         esper_common::http::serve(ops_listener, router, ops_shutdown, Duration::from_secs(5)).await
     });
+    let io_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    metrics.io_threads.set(io_threads as i64);
     tracing::info!(
         worker_id = %worker_id,
         ops = ?addr,
         concurrency = config.concurrency,
+        io_threads,
         batch_size = config.batch_size,
         state_backend = state.name(),
         ingestion = %config.ingestion_url,

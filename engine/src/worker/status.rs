@@ -44,6 +44,7 @@ pub(crate) struct Metrics {
     pub state_event_ids: IntGauge,
     pub state_evictions: IntCounter,
     pub state_cleaned: IntCounter,
+    pub io_threads: IntGauge,
 }
 
 impl Metrics {
@@ -125,6 +126,10 @@ impl Metrics {
                 "esper_state_cleaned_total",
                 "Idle entities and expired event ids removed by cleanup",
             ),
+            io_threads: gauge(
+                "esper_worker_io_threads",
+                "Threads of the async runtime running the evaluation loops (io_threads)",
+            ),
         };
         use esper_common::metrics::register;
         register(registry, &m.evaluation_duration);
@@ -150,6 +155,7 @@ impl Metrics {
             &m.decisions_pending,
             &m.state_entities,
             &m.state_event_ids,
+            &m.io_threads,
         ] {
             register(registry, g);
         }
