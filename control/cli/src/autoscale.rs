@@ -535,7 +535,7 @@ fn preflight(args: &AutoscaleArgs, config: Option<&Path>) -> anyhow::Result<()> 
             parsed.config.as_deref(),
             "worker",
             esper_engine::Config::apply_env,
-            |c| engine.apply(c),
+            |c| engine.args.apply(c),
             esper_engine::Config::validate,
         )
         .context("worker configuration")?;

@@ -80,7 +80,18 @@ pub enum WorkerCommand {
 #[derive(Debug, Subcommand)]
 pub enum WorkerKind {
     /// The policy-engine worker: claims events, evaluates policies, publishes decisions.
-    Engine(esper_engine::Args),
+    Engine(EngineRun),
+}
+
+/// `esper worker run engine`: the worker's options, and profiling.
+#[derive(Debug, clap::Args)]
+pub struct EngineRun {
+    #[command(flatten)]
+    pub args: esper_engine::Args,
+    /// Samples the worker's CPU use while it runs and writes a pprof profile to FILE
+    /// when it stops (`go tool pprof FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub cpuprofile: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,8 +212,8 @@ pub fn main() -> ExitCode {
     // The engine worker's runtime is sized by its `io_threads`; everything else gets
     // one thread per core.
     let threads = match &cli.command {
-        Command::Worker(WorkerCommand::Run(WorkerKind::Engine(args))) => {
-            match worker_config(args, cli.config.as_deref()) {
+        Command::Worker(WorkerCommand::Run(WorkerKind::Engine(run))) => {
+            match worker_config(&run.args, cli.config.as_deref()) {
                 Ok(cfg) => cfg.io_threads,
                 Err(e) => return fail(&e),
             }
@@ -338,14 +349,28 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
         WorkerCommand::Autoscale(args) => {
             with_signals(|s| autoscale::run(args, file.map(Path::to_path_buf), s)).await
         }
-        WorkerCommand::Run(WorkerKind::Engine(args)) => {
-            let cfg = worker_config(&args, file)?;
-            with_signals(|shutdown| async move {
+        WorkerCommand::Run(WorkerKind::Engine(run)) => {
+            let cfg = worker_config(&run.args, file)?;
+            let profile = run
+                .cpuprofile
+                .as_deref()
+                .map(crate::profile::CpuProfile::start)
+                .transpose()?;
+            let result = with_signals(|shutdown| async move {
                 let ops = esper_common::http::bind("worker ops listener", cfg.listen).await?;
                 esper_engine::run(cfg, ops, shutdown).await?;
                 Ok(())
             })
-            .await
+            .await;
+            // Written however the worker ended: a failure is what one profiles.
+            match (profile.map(crate::profile::CpuProfile::write), result) {
+                (Some(Err(e)), Ok(_)) => Err(e),
+                (Some(Err(e)), Err(run)) => {
+                    tracing::error!(error = %e, "the CPU profile was not written");
+                    Err(run)
+                }
+                (_, result) => result,
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The engine worker's tuning flags from the operator documentation
 //! (`--concurrency 32 --io-threads 16 --connection-pool-size 100`) start a worker sized
-//! as asked, and a bad value is one clear line and a non-zero exit.
+//! as asked, and a bad value is one clear line and a non-zero exit; `--cpuprofile FILE`
+//! writes a pprof profile when the worker stops.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -106,4 +107,63 @@ async fn a_bad_tuning_value_is_one_clear_line() {
             "{log}"
         );
     }
+}
+
+#[tokio::test]
+async fn cpuprofile_writes_a_pprof_profile_when_the_worker_stops() {
+    use pprof::protos::Message;
+    let dir = TempDir::new("worker-cpuprofile");
+    let policies = write_login_policy(dir.path(), "60s");
+    let file = dir.path().join("cpu.prof");
+    let listen = free_addr().to_string();
+    let mut worker = Proc::esper(
+        "worker",
+        &worker_args(
+            &listen,
+            &policies,
+            &["--cpuprofile", &file.display().to_string()],
+        ),
+        &[],
+    );
+    let url = format!("http://{listen}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&url, "esper_worker_io_threads").await.is_none() {
+        assert!(Instant::now() < deadline, "no worker:\n{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(worker.terminate(Duration::from_secs(10)), Some(0));
+    let body = std::fs::read(&file).unwrap();
+    let profile = pprof::protos::Profile::decode(body.as_slice()).unwrap();
+    let types: Vec<&str> = profile
+        .sample_type
+        .iter()
+        .map(|t| profile.string_table[t.ty as usize].as_str())
+        .collect();
+    assert!(types.contains(&"cpu"), "{types:?}");
+
+    // A path that cannot be written is refused before the worker starts.
+    let listen = free_addr().to_string();
+    let mut refused = Proc::esper(
+        "worker",
+        &worker_args(
+            &listen,
+            &policies,
+            &["--cpuprofile", "/nonexistent-dir/cpu.prof"],
+        ),
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(code) = refused.try_exit() {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "the worker kept running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, Some(1));
+    assert!(
+        refused.log().contains("cannot write the CPU profile"),
+        "{}",
+        refused.log()
+    );
 }
