@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::persist::{Full, Persistence};
+use crate::persist::{Full, Persistence, WritePermit};
 use crate::store::{MitigationStore, StoreError};
 
 const DEFAULT_ACTIVE_LIMIT: usize = 1_000;
@@ -140,11 +140,12 @@ impl From<Full> for ApiError {
     }
 }
 
-/// Refuses a write the durable copy could not take (policy `reject`).
-fn admit(s: &AppState, n: usize) -> Result<(), ApiError> {
+/// Refuses a write the durable copy could not take (policy `reject`); the permit is
+/// held until the write is queued for the durable copy.
+async fn admit(s: &AppState, n: usize) -> Result<Option<WritePermit>, ApiError> {
     match &s.inner.persistence {
-        Some(p) => Ok(p.admit(n)?),
-        None => Ok(()),
+        Some(p) => Ok(Some(p.admit(n).await?)),
+        None => Ok(None),
     }
 }
 
@@ -198,7 +199,7 @@ async fn publish(
             ApiError::bad_request("invalid_mitigation", format!("mitigations[{i}]: {e}"))
         })?;
     }
-    admit(&s, req.mitigations.len())?;
+    let _permit = admit(&s, req.mitigations.len()).await?;
     let capped: Vec<Mitigation> = req
         .mitigations
         .into_iter()
@@ -273,15 +274,15 @@ async fn revoke(
     State(s): State<AppState>,
     Json(req): Json<RevokeRequest>,
 ) -> Result<Json<RevokeResponse>, ApiError> {
-    let revoked = match (&req.id, &req.entity) {
+    let (revoked, _permit) = match (&req.id, &req.entity) {
         (Some(id), None) => {
             check_id(id).map_err(|e| ApiError::bad_request("invalid_revoke", e))?;
-            admit(&s, 1)?;
-            s.inner.store.revoke_id(id).await?
+            let permit = admit(&s, 1).await?;
+            (s.inner.store.revoke_id(id).await?, permit)
         }
         (None, Some(entity)) => {
-            admit(&s, 1)?;
-            s.inner.store.revoke_entity(entity).await?
+            let permit = admit(&s, 1).await?;
+            (s.inner.store.revoke_entity(entity).await?, permit)
         }
         (None, None) => {
             return Err(ApiError::bad_request(
@@ -304,7 +305,7 @@ async fn revoke(
 }
 
 async fn clear(State(s): State<AppState>) -> Result<Json<RevokeResponse>, ApiError> {
-    admit(&s, 1)?;
+    let _permit = admit(&s, 1).await?;
     let revoked = s.inner.store.clear().await?;
     if let Some(p) = &s.inner.persistence {
         p.cleared();

@@ -7,7 +7,7 @@
 //! A broker that starts on an empty store restores the mitigations still in force from
 //! the log, retrying until the control plane answers.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use esper_protocol::{
     Origin, PageMark,
 };
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedRwLockReadGuard, RwLock};
 
 use crate::config::{Config, WhenFull};
 use crate::metrics::Metrics;
@@ -63,16 +63,43 @@ enum Restore {
     Done(usize),
 }
 
+/// What the API changed while a restore was pending. The log may not know it yet when
+/// a page is read (the outbox is flushed before the restore begins, not during it), so
+/// the restore must not bring back what was revoked meanwhile, nor overwrite what was
+/// published meanwhile with the log's older copy.
+#[derive(Default)]
+struct Touched {
+    ids: HashSet<String>,
+    entities: Vec<EntityKey>,
+    cleared: bool,
+}
+
+impl Touched {
+    fn allows(&self, m: &Mitigation) -> bool {
+        !self.cleared && !self.ids.contains(&m.id) && !self.entities.contains(&m.entity)
+    }
+}
+
 struct State {
     queue: VecDeque<Entry>,
     restore: Restore,
+    /// Writes made while the restore is pending.
+    touched: Touched,
     /// The last delivery or restore error, cleared by the next success.
     last_error: Option<String>,
+}
+
+/// Held by an API write from before its store change until it is queued: a restore
+/// publishes a page only while no such write is between the two.
+pub struct WritePermit {
+    _held: OwnedRwLockReadGuard<()>,
 }
 
 /// The outbox and its delivery state, shared by the API and the delivery task.
 pub struct Persistence {
     state: Mutex<State>,
+    /// API writes share it; a restore page takes it alone (see [`Touched`]).
+    writes: Arc<RwLock<()>>,
     capacity: usize,
     when_full: WhenFull,
     notify: Notify,
@@ -87,8 +114,10 @@ impl Persistence {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 restore: Restore::NotNeeded,
+                touched: Touched::default(),
                 last_error: None,
             }),
+            writes: Arc::new(RwLock::new(())),
             capacity: config.persistence_outbox.max(1),
             when_full: config.persistence_when_full,
             notify: Notify::new(),
@@ -99,19 +128,23 @@ impl Persistence {
 
     /// Refuses a write of `n` entries up front when the outbox cannot take them and the
     /// policy is to reject (so the store is not changed for a write the log would miss).
-    /// Concurrent writes may push the outbox past its capacity by what they carry.
-    pub fn admit(&self, n: usize) -> Result<(), Full> {
+    /// Concurrent writes may push the outbox past its capacity by what they carry. The
+    /// permit is held until the write is queued.
+    pub async fn admit(&self, n: usize) -> Result<WritePermit, Full> {
         if self.when_full == WhenFull::Reject
             && self.state.lock().queue.len().saturating_add(n) > self.capacity
         {
             self.metrics.persistence_rejected.inc();
             return Err(Full);
         }
-        Ok(())
+        Ok(WritePermit {
+            _held: self.writes.clone().read_owned().await,
+        })
     }
 
     /// Queues the decisions of published mitigations (expired ones are left out).
     pub fn published(&self, mitigations: &[Mitigation]) {
+        self.touch(|t| t.ids.extend(mitigations.iter().map(|m| m.id.clone())));
         let now = Utc::now();
         let entries = mitigations
             .iter()
@@ -122,6 +155,10 @@ impl Persistence {
 
     /// Queues a revocation by id or entity.
     pub fn revoked(&self, id: Option<&str>, entity: Option<&EntityKey>) {
+        self.touch(|t| {
+            t.ids.extend(id.map(str::to_string));
+            t.entities.extend(entity.cloned());
+        });
         self.push(std::iter::once(Entry::Revoke(DecisionRevoke {
             id: id.map(str::to_string),
             entity: entity.cloned(),
@@ -133,12 +170,21 @@ impl Persistence {
 
     /// Queues a clear: every decision in force is revoked.
     pub fn cleared(&self) {
+        self.touch(|t| t.cleared = true);
         self.push(std::iter::once(Entry::Revoke(DecisionRevoke {
             all: true,
             revoked_at: Utc::now(),
             revoked_by: LOGGED_BY.into(),
             ..DecisionRevoke::default()
         })));
+    }
+
+    /// Notes a write for a pending restore (nothing once it is done).
+    fn touch(&self, note: impl FnOnce(&mut Touched)) {
+        let mut st = self.state.lock();
+        if st.restore == Restore::Pending {
+            note(&mut st.touched);
+        }
     }
 
     fn push(&self, entries: impl Iterator<Item = Entry>) {
@@ -302,12 +348,21 @@ impl Persistence {
             let last = page.last().map(PageMark::after);
             let full = page.len() >= RESTORE_PAGE;
             let now = Utc::now();
-            let mitigations: Vec<Mitigation> = page
-                .into_iter()
-                .filter(|d| d.mode == DecisionMode::Enforce)
-                .map(|d| cap_from_creation(d.mitigation, cache_ttl))
-                .filter(|m| m.expires_at > now)
-                .collect();
+            // No API write between its store change and its note while this page is
+            // filtered and published.
+            let _alone = self.writes.write().await;
+            let mitigations: Vec<Mitigation> = {
+                let st = self.state.lock();
+                if st.touched.cleared {
+                    // Cleared meanwhile: what is left to restore was cleared too.
+                    return Ok(restored);
+                }
+                page.into_iter()
+                    .filter(|d| d.mode == DecisionMode::Enforce)
+                    .map(|d| cap_from_creation(d.mitigation, cache_ttl))
+                    .filter(|m| m.expires_at > now && st.touched.allows(m))
+                    .collect()
+            };
             restored += store
                 .publish(mitigations)
                 .await
@@ -370,7 +425,10 @@ pub async fn run(
             match p.restore(&*store, cache_ttl).await {
                 Ok(n) => {
                     p.metrics.persistence_restored.inc_by(n as u64);
-                    p.state.lock().restore = Restore::Done(n);
+                    let mut st = p.state.lock();
+                    st.restore = Restore::Done(n);
+                    st.touched = Touched::default();
+                    drop(st);
                     p.succeeded();
                     tracing::info!(
                         restored = n,
@@ -447,20 +505,45 @@ mod tests {
     }
 
     #[test]
-    fn reject_refuses_what_does_not_fit_and_counts_it() {
+    fn writes_during_a_pending_restore_are_remembered_and_kept_from_it() {
+        let p = outbox(100, WhenFull::Reject);
+        let (a, b, c) = (
+            mitigation("192.0.2.1"),
+            mitigation("192.0.2.2"),
+            mitigation("192.0.2.3"),
+        );
+        // Nothing is noted while no restore is pending.
+        p.revoked(Some(&a.id), None);
+        assert!(p.state.lock().touched.allows(&a));
+        p.state.lock().restore = Restore::Pending;
+        p.revoked(Some(&a.id), None);
+        p.revoked(None, Some(&b.entity));
+        {
+            let st = p.state.lock();
+            assert!(!st.touched.allows(&a) && !st.touched.allows(&b));
+            assert!(st.touched.allows(&c));
+        }
+        p.published(std::slice::from_ref(&c));
+        assert!(!p.state.lock().touched.allows(&c));
+        p.cleared();
+        assert!(p.state.lock().touched.cleared);
+    }
+
+    #[tokio::test]
+    async fn reject_refuses_what_does_not_fit_and_counts_it() {
         let p = outbox(3, WhenFull::Reject);
-        assert_eq!(p.admit(3), Ok(()));
+        assert!(p.admit(3).await.is_ok());
         p.published(&[mitigation("192.0.2.1"), mitigation("192.0.2.2")]);
-        assert_eq!(p.admit(1), Ok(()));
-        assert_eq!(p.admit(2), Err(Full));
+        assert!(p.admit(1).await.is_ok());
+        assert!(matches!(p.admit(2).await, Err(Full)));
         assert_eq!(p.metrics.persistence_rejected.get(), 1);
         assert_eq!(p.metrics.persistence_pending.get(), 2);
     }
 
-    #[test]
-    fn drop_oldest_keeps_the_newest_and_counts_the_rest() {
+    #[tokio::test]
+    async fn drop_oldest_keeps_the_newest_and_counts_the_rest() {
         let p = outbox(2, WhenFull::DropOldest);
-        assert_eq!(p.admit(10), Ok(()));
+        assert!(p.admit(10).await.is_ok());
         let ms: Vec<_> = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
             .iter()
             .map(|ip| mitigation(ip))

@@ -8,6 +8,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use esper_common::{Shutdown, ShutdownTrigger};
@@ -273,6 +274,114 @@ async fn a_broker_started_before_the_control_plane_restores_once_it_answers() {
         b.active_ids().await == sorted(&[&kept])
     })
     .await;
+    b.stop().await;
+    control.stop().await;
+}
+
+/// An HTTP relay to `upstream` that holds every request for a second page of the
+/// decision log (`before=` in the query) until `release` is notified.
+async fn holding_relay(upstream: SocketAddr, release: Arc<tokio::sync::Notify>) -> SocketAddr {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, Uri};
+    let client = reqwest::Client::new();
+    let relay = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let (client, release) = (client.clone(), release.clone());
+        async move {
+            if uri.query().is_some_and(|q| q.contains("before=")) {
+                release.notified().await;
+            }
+            let mut req = client.request(method, format!("http://{upstream}{uri}"));
+            for (name, value) in &headers {
+                if name != "host" {
+                    req = req.header(name, value);
+                }
+            }
+            let resp = req.body(body).send().await.unwrap();
+            let status = resp.status();
+            let content_type = resp.headers().get("content-type").cloned();
+            let body = resp.bytes().await.unwrap();
+            let mut answer = axum::response::Response::new(axum::body::Body::from(body));
+            *answer.status_mut() = status;
+            if let Some(ct) = content_type {
+                answer.headers_mut().insert("content-type", ct);
+            }
+            answer
+        }
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().fallback(relay))
+            .await
+            .unwrap()
+    });
+    addr
+}
+
+#[tokio::test]
+async fn writes_made_while_a_restore_is_under_way_are_not_undone_by_it() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let a = Broker::start(api, 5000).await;
+    // More than one restore page (1,000).
+    let all: Vec<Mitigation> = (0..1500)
+        .map(|i| ban(&format!("10.7.{}.{}", i / 250, i % 250)))
+        .collect();
+    for chunk in all.chunks(500) {
+        a.client.publish(chunk.to_vec()).await.unwrap();
+    }
+    eventually("every decision in the log", || async {
+        a.metric("esper_persistence_pending").await == 0.0
+    })
+    .await;
+    a.stop().await;
+
+    // A fresh broker restores through a relay that holds the second page back.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let relay = holding_relay(api, release.clone()).await;
+    let b = Broker::start(relay, 5000).await;
+    let active = || async { b.client.active(Some(10_000)).await.unwrap().mitigations };
+    eventually("the first restore page", || async {
+        active().await.len() == 1000
+    })
+    .await;
+    let first_page: Vec<String> = active().await.into_iter().map(|m| m.id).collect();
+    let mut later = all.iter().filter(|m| !first_page.contains(&m.id));
+    let (revoked, changed) = (later.next().unwrap(), later.next().unwrap());
+    // Meanwhile an operator revokes one mitigation of the second page and changes
+    // another; the log hears of neither before the page is read.
+    let n = b
+        .client
+        .revoke(&RevokeRequest {
+            id: Some(revoked.id.clone()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(n.revoked, 0, "not restored yet");
+    let newer = Mitigation {
+        action: Action::Log,
+        ..changed.clone()
+    };
+    b.client.publish(vec![newer.clone()]).await.unwrap();
+    release.notify_one();
+
+    eventually("the rest of the restore", || async {
+        active().await.len() == 1499
+    })
+    .await;
+    let active = active().await;
+    assert!(
+        active.iter().all(|m| m.id != revoked.id),
+        "a revoked mitigation came back"
+    );
+    let now = active.iter().find(|m| m.id == changed.id).unwrap();
+    assert_eq!(
+        now.action,
+        Action::Log,
+        "the restore overwrote a newer write"
+    );
     b.stop().await;
     control.stop().await;
 }
