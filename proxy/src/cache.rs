@@ -257,7 +257,8 @@ impl SnapshotBuilder {
         /// error does not cost a last doubling. A failed reservation only means the
         /// map grows as it would have.
         fn grow<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, total: usize, held: usize) {
-            let expected = map.len() * total / held;
+            // In u64: a page's length times the hint overflows a 32-bit usize.
+            let expected = (map.len() as u64 * total as u64 / held as u64) as usize;
             let want = expected + expected / 32;
             let _ = map.try_reserve(want.saturating_sub(map.len()));
         }

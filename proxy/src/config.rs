@@ -28,7 +28,6 @@ pub const DEFAULT_BATCH_SIZE: usize = 500;
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Default capacity of the queue between request handling and the forwarder.
 pub const DEFAULT_BUFFER: usize = 10_000;
-/// Default headers copied into events: cheap, telling signals about clients and bots.
 /// Headers the proxy can add to the requests it forwards (`forward_headers`), all of
 /// them by default.
 pub const FORWARD_HEADERS: [&str; 4] = [
@@ -37,6 +36,7 @@ pub const FORWARD_HEADERS: [&str; 4] = [
     "x-real-ip",
     "x-request-id",
 ];
+/// Default headers copied into events: cheap, telling signals about clients and bots.
 pub const DEFAULT_REPORT_HEADERS: [&str; 4] =
     ["referer", "accept", "accept-language", "accept-encoding"];
 /// Default upper bound on a tarpit delay, whatever the mitigation asks for.
@@ -53,9 +53,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default timeout for connecting to the upstream.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default time an idle upstream connection stays in the keep-alive pool: none of its
-/// own (see `upstream_idle_timeout`).
-pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::ZERO;
+/// Default time an idle upstream connection stays in the keep-alive pool.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default lifetime of a clearance cookie earned by solving a challenge.
 pub const DEFAULT_CHALLENGE_TTL: Duration = Duration::from_secs(3600);
@@ -156,11 +155,13 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
     /// How long an idle upstream connection is kept for reuse
-    /// (`ESPER_UPSTREAM_IDLE_TIMEOUT`). 0, the default, sets no timer: an idle
-    /// connection stays pooled until the upstream closes it (the pool watches for that)
-    /// or the pool's bound evicts it, and a request that meets a connection closing at
-    /// that moment is retried on a fresh one. A timer costs every request a timer
-    /// registration; set one for upstreams that never close idle connections.
+    /// (`ESPER_UPSTREAM_IDLE_TIMEOUT`). Shorter than the upstream's own keep-alive
+    /// timeout, it keeps requests off connections the upstream is closing (a request
+    /// that is not safe to retry, such as a POST, would get a 502), and it drops
+    /// connections that a NAT or firewall forgets silently. 0 sets no timer: a
+    /// connection stays pooled until the upstream closes it or the pool evicts it,
+    /// which saves every request a timer registration (about 1% of its CPU) and suits
+    /// upstreams on the same host that keep connections longer than the proxy does.
     #[serde(with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
     /// Name of the protected app: reported in events, and app-scoped mitigations apply
@@ -240,9 +241,11 @@ pub struct Config {
     /// Headers added to what is forwarded: `x-forwarded-for` (the client chain, kept
     /// only from trusted hops), `x-forwarded-proto`, `x-real-ip` (the client),
     /// `x-request-id` (to the upstream request when the client sent no usable one, and
-    /// to the response). All four by default. One left out is not added, and a client's
-    /// own copy from an untrusted peer is still removed, so the app never reads an
-    /// address a client made up. Each costs every request a header insertion
+    /// to the response). All four by default. An address header left out is not added,
+    /// and a client's own copy from an untrusted peer is still removed, so the app never
+    /// reads an address a client made up; with `x-request-id` left out, a client's usable
+    /// id still passes on and an unusable one is removed. Each costs every request a
+    /// header insertion
     /// (`ESPER_FORWARD_HEADERS`, comma separated, `none` for none).
     pub forward_headers: Vec<String>,
     /// Every connection on `listen` starts with a PROXY protocol header (v1 or v2) from a

@@ -97,7 +97,9 @@ pub async fn follow(
                         None => cache.begin_snapshot(),
                     };
                     snapshot.add(page.changes, Utc::now());
-                    if let Some(total) = page.total {
+                    // Sized only when more pages follow: a snapshot that fit one page
+                    // is already whole.
+                    if let (Some(total), Some(_)) = (page.total, &page.more) {
                         snapshot.expect(total);
                     }
                     match page.more {

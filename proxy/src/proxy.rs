@@ -691,8 +691,13 @@ impl ProxyHttp for EsperProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let forward = ctx.forward;
-        if forward.request_id && !ctx.client_request_id && !ctx.request_id.is_empty() {
-            upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        if !ctx.client_request_id {
+            if forward.request_id && !ctx.request_id.is_empty() {
+                upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+            } else if upstream_request.headers.contains_key(&X_REQUEST_ID_NAME) {
+                // Not one this proxy would pass on (too long, or odd characters).
+                upstream_request.remove_header(&X_REQUEST_ID_NAME);
+            }
         }
         let (Some(ip), Some(peer)) = (ctx.client_ip, peer_ip(session)) else {
             return Ok(());

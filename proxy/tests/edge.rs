@@ -107,6 +107,17 @@ async fn forward_headers_left_out_are_not_added_and_not_spoofable() {
     for name in ["x-forwarded-for", "x-real-ip", "forwarded"] {
         assert_eq!(up.last_header(name), "", "{name}");
     }
+    // A client's usable request id passes on; one this proxy would not keep does not.
+    for (sent, seen) in [("req-42", "req-42"), ("<script>", "")] {
+        let resp = client_from("127.0.0.11")
+            .get(format!("{}/", proxy.url))
+            .header("x-request-id", sent)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(up.last_header("x-request-id"), seen, "{sent}");
+    }
     // A trusted proxy's pass through untouched.
     get("127.0.0.10", true).await;
     assert_eq!(up.last_header("x-forwarded-for"), "198.51.100.7");

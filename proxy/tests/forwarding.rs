@@ -262,20 +262,27 @@ async fn counting_upstream(close_after: Option<Duration>) -> CountingUpstream {
 }
 
 #[tokio::test]
-async fn pooled_upstream_connections_have_no_timer_by_default() {
+async fn pooled_upstream_connections_are_reused() {
     use std::sync::atomic::Ordering;
-    let up = counting_upstream(None).await;
-    let proxy = start_proxy(config(up.addr, &dead_url(), &dead_url())).await;
-    let client = client_from("127.0.0.1");
-    for _ in 0..3 {
-        let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
-        assert_eq!(resp.status(), 200);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+    // The default timeout, and none at all.
+    for idle in [None, Some(Duration::ZERO)] {
+        let up = counting_upstream(None).await;
+        let mut cfg = config(up.addr, &dead_url(), &dead_url());
+        if let Some(idle) = idle {
+            cfg.upstream_idle_timeout = idle;
+        }
+        let proxy = start_proxy(cfg).await;
+        let client = client_from("127.0.0.1");
+        for _ in 0..3 {
+            let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        // One upstream connection served all three, and the proxy never closed it.
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "{idle:?}");
+        assert_eq!(up.closed_by_proxy.load(Ordering::SeqCst), 0, "{idle:?}");
+        proxy.stop().await.unwrap();
     }
-    // One upstream connection served all three, and the proxy never closed it.
-    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
-    assert_eq!(up.closed_by_proxy.load(Ordering::SeqCst), 0);
-    proxy.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -140,6 +140,16 @@ impl From<Full> for ApiError {
     }
 }
 
+/// Runs a store write and its note for the durable copy to the end even when the client
+/// goes away meanwhile (axum drops a handler whose connection closed): a write applied
+/// but never noted would be missing from the decision log, and a restore under way
+/// could undo it.
+async fn whole<T: Send + 'static>(
+    write: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(write).await.map_err(ApiError::internal)?
+}
+
 /// Refuses a write the durable copy could not take (policy `reject`); the permit is
 /// held until the write is queued for the durable copy.
 async fn admit(s: &AppState, n: usize) -> Result<Option<WritePermit>, ApiError> {
@@ -199,17 +209,23 @@ async fn publish(
             ApiError::bad_request("invalid_mitigation", format!("mitigations[{i}]: {e}"))
         })?;
     }
-    let _permit = admit(&s, req.mitigations.len()).await?;
+    let permit = admit(&s, req.mitigations.len()).await?;
     let capped: Vec<Mitigation> = req
         .mitigations
         .into_iter()
         .map(|m| cap_expiry(m, s.inner.cache_ttl))
         .collect();
     let logged = s.inner.persistence.as_ref().map(|_| capped.clone());
-    let published = s.inner.store.publish(capped).await?;
-    if let (Some(p), Some(m)) = (&s.inner.persistence, logged) {
-        p.published(&m);
-    }
+    let inner = s.inner.clone();
+    let published = whole(async move {
+        let _permit = permit;
+        let published = inner.store.publish(capped).await?;
+        if let (Some(p), Some(m)) = (&inner.persistence, logged) {
+            p.published(&m);
+        }
+        Ok(published)
+    })
+    .await?;
     s.inner.metrics.published.inc_by(published.accepted as u64);
     Ok(Json(PublishResponse {
         accepted: published.accepted,
@@ -274,16 +290,11 @@ async fn revoke(
     State(s): State<AppState>,
     Json(req): Json<RevokeRequest>,
 ) -> Result<Json<RevokeResponse>, ApiError> {
-    let (revoked, _permit) = match (&req.id, &req.entity) {
+    match (&req.id, &req.entity) {
         (Some(id), None) => {
             check_id(id).map_err(|e| ApiError::bad_request("invalid_revoke", e))?;
-            let permit = admit(&s, 1).await?;
-            (s.inner.store.revoke_id(id).await?, permit)
         }
-        (None, Some(entity)) => {
-            let permit = admit(&s, 1).await?;
-            (s.inner.store.revoke_entity(entity).await?, permit)
-        }
+        (None, Some(_)) => {}
         (None, None) => {
             return Err(ApiError::bad_request(
                 "invalid_revoke",
@@ -296,20 +307,38 @@ async fn revoke(
                 "give either `id` or `entity`, not both",
             ));
         }
-    };
-    if let Some(p) = &s.inner.persistence {
-        p.revoked(req.id.as_deref(), req.entity.as_ref());
     }
+    let permit = admit(&s, 1).await?;
+    let inner = s.inner.clone();
+    let revoked = whole(async move {
+        let _permit = permit;
+        let revoked = match (&req.id, &req.entity) {
+            (Some(id), _) => inner.store.revoke_id(id).await?,
+            (None, Some(entity)) => inner.store.revoke_entity(entity).await?,
+            (None, None) => 0,
+        };
+        if let Some(p) = &inner.persistence {
+            p.revoked(req.id.as_deref(), req.entity.as_ref());
+        }
+        Ok(revoked)
+    })
+    .await?;
     s.inner.metrics.revoked.inc_by(revoked as u64);
     Ok(Json(RevokeResponse { revoked }))
 }
 
 async fn clear(State(s): State<AppState>) -> Result<Json<RevokeResponse>, ApiError> {
-    let _permit = admit(&s, 1).await?;
-    let revoked = s.inner.store.clear().await?;
-    if let Some(p) = &s.inner.persistence {
-        p.cleared();
-    }
+    let permit = admit(&s, 1).await?;
+    let inner = s.inner.clone();
+    let revoked = whole(async move {
+        let _permit = permit;
+        let revoked = inner.store.clear().await?;
+        if let Some(p) = &inner.persistence {
+            p.cleared();
+        }
+        Ok(revoked)
+    })
+    .await?;
     s.inner.metrics.clears.inc();
     tracing::warn!(
         dropped = revoked,

@@ -70,7 +70,7 @@ enum Restore {
 #[derive(Default)]
 struct Touched {
     ids: HashSet<String>,
-    entities: Vec<EntityKey>,
+    entities: HashSet<EntityKey>,
     cleared: bool,
 }
 
