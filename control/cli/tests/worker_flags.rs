@@ -33,6 +33,18 @@ fn worker_args(listen: &str, policies: &std::path::Path, extra: &[&str]) -> Vec<
     args
 }
 
+/// The exit code of a worker expected to stop on its own within 10 s.
+async fn exit_code(worker: &mut Proc) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(code) = worker.try_exit() {
+            return code;
+        }
+        assert!(Instant::now() < deadline, "the worker kept running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn metric(url: &str, name: &str) -> Option<f64> {
     let text = reqwest::get(url).await.ok()?.text().await.ok()?;
     text.lines()
@@ -91,15 +103,7 @@ async fn a_bad_tuning_value_is_one_clear_line() {
             &worker_args(&listen, &policies, &[flag, value]),
             &[],
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let code = loop {
-            if let Some(code) = worker.try_exit() {
-                break code;
-            }
-            assert!(Instant::now() < deadline, "the worker kept running");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        assert_eq!(code, Some(1));
+        assert_eq!(exit_code(&mut worker).await, Some(1));
         let log = worker.log();
         assert!(
             log.lines()
@@ -152,15 +156,7 @@ async fn cpuprofile_writes_a_pprof_profile_when_the_worker_stops() {
         ),
         &[],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(code) = refused.try_exit() {
-            break code;
-        }
-        assert!(Instant::now() < deadline, "the worker kept running");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(code, Some(1));
+    assert_eq!(exit_code(&mut refused).await, Some(1));
     assert!(
         refused.log().contains("cannot write the CPU profile"),
         "{}",
