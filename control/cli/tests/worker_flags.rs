@@ -45,6 +45,23 @@ async fn exit_code(worker: &mut Proc) -> Option<i32> {
     }
 }
 
+/// The worker's `esper_worker_io_threads`, once its ops listener answers (within 20 s).
+async fn io_threads(worker: &Proc, listen: &str) -> f64 {
+    let url = format!("http://{listen}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(n) = metric(&url, "esper_worker_io_threads").await {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metrics from the worker:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn metric(url: &str, name: &str) -> Option<f64> {
     let text = reqwest::get(url).await.ok()?.text().await.ok()?;
     text.lines()
@@ -72,20 +89,7 @@ async fn io_threads_size_the_workers_runtime() {
         ),
         &[],
     );
-    let url = format!("http://{listen}/metrics");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let threads = loop {
-        if let Some(n) = metric(&url, "esper_worker_io_threads").await {
-            break n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics from the worker:\n{}",
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(threads, 3.0);
+    assert_eq!(io_threads(&worker, &listen).await, 3.0);
     assert_eq!(worker.terminate(Duration::from_secs(10)), Some(0));
 }
 
@@ -129,12 +133,7 @@ async fn cpuprofile_writes_a_pprof_profile_when_the_worker_stops() {
         ),
         &[],
     );
-    let url = format!("http://{listen}/metrics");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&url, "esper_worker_io_threads").await.is_none() {
-        assert!(Instant::now() < deadline, "no worker:\n{}", worker.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    io_threads(&worker, &listen).await;
     assert_eq!(worker.terminate(Duration::from_secs(10)), Some(0));
     let body = std::fs::read(&file).unwrap();
     let profile = pprof::protos::Profile::decode(body.as_slice()).unwrap();
