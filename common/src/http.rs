@@ -208,14 +208,63 @@ pub fn with_bearer<S: Clone + Send + Sync + 'static>(
 }
 
 /// The layers every service's router gets: request ids (`X-Request-ID`, generated when
-/// absent, echoed on the answer), request tracing, a body-size limit, and a JSON 404.
+/// absent, echoed on the answer), a span per request, a body-size limit, and a JSON 404.
 pub fn standard_layers(router: Router, body_limit: usize) -> Router {
     router
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(record_status),
+        )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// `GET /api/v1/policies/{id}`: a server span's name is the method and the route
+/// template, never the raw path, so names stay few whatever the ids.
+struct SpanName<'a>(&'a axum::http::Method, Option<&'a str>);
+
+impl std::fmt::Display for SpanName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.1 {
+            Some(route) => write!(f, "{} {route}", self.0),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+/// The request's span, with OpenTelemetry's HTTP server attributes, continuing the
+/// caller's trace when it sent a `traceparent`.
+fn request_span(req: &Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(axum::extract::MatchedPath::as_str);
+    let method = req.method();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %SpanName(method, route),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = route,
+        url.path = req.uri().path(),
+        request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()),
+        http.response.status_code = tracing::field::Empty,
+    );
+    esper_protocol::trace_context::continue_from(&span, req.headers());
+    span
+}
+
+fn record_status(res: &Response, latency: Duration, span: &tracing::Span) {
+    let status = res.status().as_u16();
+    span.record("http.response.status_code", status);
+    if res.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    tracing::debug!(status, latency_ms = latency.as_millis() as u64, "answered");
 }
 
 /// Why a listener could not be opened.

@@ -1,10 +1,19 @@
 //! Logging set-up shared by every binary: `LOG_LEVEL` (an `EnvFilter` directive),
 //! `LOG_FORMAT` (`text` or `json`), `LOG_INCLUDE_CALLER`, and the debug switches
-//! `ESPER_DEBUG` / `ESPER_DEBUG_SUBSYSTEM`.
+//! `ESPER_DEBUG` / `ESPER_DEBUG_SUBSYSTEM`; and, with `--tracing`, OpenTelemetry traces
+//! sent over OTLP/gRPC, configured by the standard `OTEL_*` variables.
 
 use std::str::FromStr;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -72,20 +81,99 @@ pub fn filter(level: Option<&str>, debug: bool, subsystems: &str) -> Result<Stri
 
 /// Installs the global subscriber. `level` is an `EnvFilter` directive such as `info` or
 /// `esper_engine=debug,info`; `include_caller` adds the source file and line to every
-/// line. Calling it twice is harmless (the second call is ignored).
-pub fn init(level: &str, format: LogFormat, include_caller: bool) -> Result<(), String> {
+/// line. With `tracing`, spans are also exported over OTLP ([`Tracing`]), as the service
+/// `service` unless `OTEL_SERVICE_NAME` names another; that needs a Tokio runtime to be
+/// current, for the exporter's connection. Calling it twice is harmless (the second
+/// call installs nothing).
+pub fn init(
+    level: &str,
+    format: LogFormat,
+    include_caller: bool,
+    tracing: Option<&str>,
+) -> Result<Option<Tracing>, String> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| format!("LOG_LEVEL `{level}` is not a valid filter: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_file(include_caller)
         .with_line_number(include_caller)
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
-    Ok(())
+    let Some(service) = tracing else {
+        let _ = tracing_subscriber::registry().with(fmt).try_init();
+        return Ok(None);
+    };
+    let provider = tracer_provider(service)?;
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("esper"))
+        .with_filter(exported_spans());
+    if tracing_subscriber::registry()
+        .with(fmt)
+        .with(spans)
+        .try_init()
+        .is_err()
+    {
+        // Another subscriber was installed first: nothing would reach this exporter.
+        let _ = provider.shutdown();
+        return Ok(None);
+    }
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    Ok(Some(Tracing { provider }))
+}
+
+/// Which spans become OpenTelemetry spans: Esper's own at `info` and above, whatever
+/// the log level. The HTTP/2 and gRPC crates are left out: the exporter itself runs on
+/// them, and tracing its own sends would feed it spans without end.
+fn exported_spans() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target("h2", LevelFilter::OFF)
+        .with_target("hyper", LevelFilter::OFF)
+        .with_target("hyper_util", LevelFilter::OFF)
+        .with_target("tonic", LevelFilter::OFF)
+        .with_target("tower", LevelFilter::OFF)
+        .with_target("opentelemetry", LevelFilter::OFF)
+        .with_target("opentelemetry_sdk", LevelFilter::OFF)
+        .with_target("opentelemetry_otlp", LevelFilter::OFF)
+}
+
+/// The OTLP/gRPC exporter and the provider batching spans into it. The SDK reads the
+/// standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (default `http://localhost:4317`),
+/// `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and
+/// `OTEL_TRACES_SAMPLER_ARG` (default: every trace), `OTEL_BSP_*` for batching.
+fn tracer_provider(service: &str) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+        .map_err(|e| format!("cannot set up the OTLP trace exporter: {e}"))?;
+    let mut resource = Resource::builder();
+    // When set, the builder's detectors have already taken it.
+    if !std::env::var("OTEL_SERVICE_NAME").is_ok_and(|s| !s.trim().is_empty()) {
+        resource = resource.with_service_name(service.to_string());
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// Traces being exported. [`Tracing::shutdown`] sends what is still buffered; the
+/// runtime that was current at [`init`] must still be running then.
+pub struct Tracing {
+    provider: SdkTracerProvider,
+}
+
+impl Tracing {
+    /// Exports the spans still buffered (bounded by `OTEL_EXPORTER_OTLP_TIMEOUT`, 10 s by
+    /// default) and stops the exporter.
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("esper: traces not all exported at exit: {e}");
+        }
+    }
 }
 
 #[cfg(test)]

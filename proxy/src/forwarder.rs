@@ -170,6 +170,7 @@ impl Forwarder {
     }
 
     /// Sends `batch` with retries, counting what is sent or dropped.
+    #[tracing::instrument(name = "proxy.ship_events", skip_all, fields(events = batch.len()))]
     async fn deliver(&mut self, batch: Batch) {
         let n = batch.len() as u64;
         let body = batch.into_body();

@@ -95,7 +95,9 @@ impl Base {
     }
 
     pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
-        let rb = self.http.request(method, format!("{}{}", self.url, path));
+        let rb = crate::trace_context::traced(
+            self.http.request(method, format!("{}{}", self.url, path)),
+        );
         match &self.token {
             Some(t) => rb.bearer_auth(t),
             None => rb,

@@ -30,6 +30,11 @@ pub struct Cli {
     /// `text` or `json` (env LOG_FORMAT).
     #[arg(long, global = true, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Exports OpenTelemetry traces over OTLP/gRPC, configured by the standard OTEL_*
+    /// variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER...)
+    /// (env ESPER_TRACING).
+    #[arg(long, global = true)]
+    pub tracing: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -129,6 +134,7 @@ struct LogOptions {
     level: String,
     format: LogFormat,
     include_caller: bool,
+    tracing: bool,
 }
 
 /// The `[log]` section of a TOML config file, or `LOG_LEVEL` / `LOG_FORMAT` in a `.env` one.
@@ -143,6 +149,8 @@ struct LogSettings {
     debug: Option<bool>,
     /// Comma-separated subsystems logged at debug (`ESPER_DEBUG_SUBSYSTEM`).
     debug_subsystem: Option<String>,
+    /// OpenTelemetry traces over OTLP (`ESPER_TRACING`, `--tracing`).
+    tracing: Option<bool>,
 }
 
 fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
@@ -155,6 +163,7 @@ fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
             vars.bool_opt(&["LOG_INCLUDE_CALLER"], &mut s.include_caller)?;
             vars.bool_opt(&["ESPER_DEBUG"], &mut s.debug)?;
             vars.string_opt(&["ESPER_DEBUG_SUBSYSTEM"], &mut s.debug_subsystem);
+            vars.bool_opt(&["ESPER_TRACING"], &mut s.tracing)?;
             vars.parse_opt(&["LOG_FORMAT", "ESPER_LOG_FORMAT"], &mut s.format)
         },
     )?;
@@ -177,7 +186,21 @@ fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
         level,
         format,
         include_caller,
+        tracing: cli.tracing || file.tracing.unwrap_or(false),
     })
+}
+
+/// The service name traces carry when `OTEL_SERVICE_NAME` is not set.
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Dev(_) => "esper-dev",
+        Command::Server(_) => "esper-server",
+        Command::Worker(_) => "esper-worker",
+        Command::Broker(BrokerCommand::Run(BrokerKind::Ingestion(_))) => "esper-ingestion",
+        Command::Broker(BrokerCommand::Run(BrokerKind::Mitigation(_))) => "esper-mitigation",
+        Command::Broker(_) => "esper-broker",
+        Command::Proxy(_) => "esper-proxy",
+    }
 }
 
 /// Loads `C` from the `--config` file's `section`, the environment, then `flags`, and
@@ -205,10 +228,6 @@ pub fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(&e.into()),
     };
-    if let Err(e) = telemetry::init(&log.level, log.format, log.include_caller) {
-        eprintln!("esper: {e}");
-        return ExitCode::from(2);
-    }
     // The engine worker's runtime is sized by its `io_threads`; everything else gets
     // one thread per core.
     let threads = match &cli.command {
@@ -231,7 +250,21 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The trace exporter's connection lives on this runtime.
+    let traced = log.tracing.then(|| service_name(&cli.command));
+    let tracing = match runtime
+        .block_on(async { telemetry::init(&log.level, log.format, log.include_caller, traced) })
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("esper: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = runtime.block_on(dispatch(cli));
+    if let Some(tracing) = tracing {
+        tracing.shutdown();
+    }
     // Background tasks that ignore shutdown must not keep the process alive.
     runtime.shutdown_timeout(Duration::from_secs(2));
     match result {

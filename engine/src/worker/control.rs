@@ -72,6 +72,7 @@ impl ControlClient {
         &self,
         rb: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
+        let rb = esper_protocol::trace_context::traced(rb);
         let rb = match &self.token {
             Some(t) => rb.bearer_auth(t),
             None => rb,

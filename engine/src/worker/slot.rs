@@ -117,6 +117,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
 }
 
 /// Processes one claimed batch; `false` when it was left for redelivery.
+#[tracing::instrument(name = "engine.batch", skip_all, fields(events = items.len()))]
 async fn process(
     shared: &Shared,
     policies: &PolicySet,

@@ -1,0 +1,66 @@
+//! W3C trace context on the HTTP calls between Esper's parts, so one trace follows a
+//! batch from the proxy through the brokers and the engine to the control plane.
+//!
+//! Both directions go through OpenTelemetry's global propagator. Until a binary turns
+//! tracing on (`--tracing`) that propagator is a no-op: nothing is read or written.
+
+use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, Injector};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+struct Inject<'a>(&'a mut HeaderMap);
+
+impl Injector for Inject<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+struct Extract<'a>(&'a HeaderMap);
+
+impl Extractor for Extract<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+/// Writes the current span's trace context (`traceparent`, `tracestate`) into `headers`.
+pub fn inject(headers: &mut HeaderMap) {
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut Inject(headers)));
+}
+
+/// Adds the current span's trace context to an outgoing request.
+pub fn traced(rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    let mut headers = HeaderMap::new();
+    inject(&mut headers);
+    if headers.is_empty() {
+        rb
+    } else {
+        rb.headers(headers)
+    }
+}
+
+/// The trace context a caller sent in `headers` (an empty context when there is none
+/// or it cannot be read).
+pub fn extract(headers: &HeaderMap) -> Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extract(headers)))
+}
+
+/// Makes `span` a child of the trace the caller sent in `headers`, if any.
+pub fn continue_from(span: &tracing::Span, headers: &HeaderMap) {
+    let parent = extract(headers);
+    // Fails only when no OpenTelemetry layer is installed, that is with tracing off.
+    let _ = span.set_parent(parent);
+}
