@@ -235,9 +235,18 @@ impl std::fmt::Display for SpanName<'_> {
     }
 }
 
-/// The request's span, with OpenTelemetry's HTTP server attributes, continuing the
-/// caller's trace when it sent a `traceparent`.
+/// The request's span. With traces exported: at `info`, with OpenTelemetry's HTTP server
+/// attributes, continuing the caller's trace when it sent a `traceparent`. Otherwise the
+/// plain `debug` span log lines carry at `LOG_LEVEL=debug`, which costs nothing at `info`.
 fn request_span(req: &Request) -> tracing::Span {
+    if !esper_protocol::trace_context::exporting() {
+        return tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            uri = %req.uri(),
+            version = ?req.version(),
+        );
+    }
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()

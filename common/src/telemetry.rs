@@ -119,6 +119,7 @@ pub fn init(
         let _ = provider.shutdown();
         return Ok(None);
     }
+    esper_protocol::trace_context::set_exporting();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
     Ok(Some(Tracing { provider }))

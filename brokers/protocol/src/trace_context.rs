@@ -4,11 +4,25 @@
 //! Both directions go through OpenTelemetry's global propagator. Until a binary turns
 //! tracing on (`--tracing`) that propagator is a no-op: nothing is read or written.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Records that spans are exported from now on (set once, by the telemetry set-up).
+pub fn set_exporting() {
+    EXPORTING.store(true, Ordering::Relaxed);
+}
+
+/// Are spans exported? Services make their richer, `info`-level spans only then.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 struct Inject<'a>(&'a mut HeaderMap);
 
