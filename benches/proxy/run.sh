@@ -326,11 +326,15 @@ latency() {
     wait_port 127.0.0.1:18084
     wait_port 127.0.0.1:18087
     echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us" | tee "$WORK/latency.csv"
-    local target port
-    for _ in $(seq 1 "$reps"); do
-        for target in direct:18080 bare-pingora:18083 bare-pingora-mimalloc:18086 \
-            esper-empty:18084 esper-event-sink:18087 esper-no-headers:18088 nginx:18081 \
-            haproxy:18082; do
+    local target port rep
+    local targets=(direct:18080 bare-pingora:18083 bare-pingora-mimalloc:18086
+        esper-empty:18084 esper-event-sink:18087 esper-no-headers:18088 nginx:18081
+        haproxy:18082)
+    for rep in $(seq 1 "$reps"); do
+        # A different order in each repetition (the same on every rerun), so no target
+        # always follows the same neighbour or comes at the same point of a repetition.
+        for target in $(python3 -c 'import random, sys
+t = sys.argv[2:]; random.Random(int(sys.argv[1])).shuffle(t); print(*t)' "$rep" "${targets[@]}"); do
             port=${target#*:}
             echo "${target%%:*},$("$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" "$secs" 20)" |
                 tee -a "$WORK/latency.csv"
@@ -358,7 +362,9 @@ def paired(t):
 print("| target | p50 µs | p90 µs | p99 µs | p99.9 µs | p99 − bare Pingora's, µs (medians) "
       "| paired p99 difference, µs: median [90% interval] |")
 print("|---|---|---|---|---|---|---|")
-for t, m in med.items():
+canonical = ["direct", "bare-pingora", "bare-pingora-mimalloc", "esper-empty",
+             "esper-event-sink", "esper-no-headers", "nginx", "haproxy"]
+for t, m in sorted(med.items(), key=lambda kv: canonical.index(kv[0]) if kv[0] in canonical else 99):
     mid, lo, hi = paired(t)
     print(f"| {t} | {m['p50_us']:.0f} | {m['p90_us']:.0f} | {m['p99_us']:.0f} | {m['p999_us']:.0f} | "
           f"{m['p99_us'] - base['p99_us']:+.0f} | {mid:+.0f} [{lo:+.0f}, {hi:+.0f}] |")

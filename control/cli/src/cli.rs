@@ -541,11 +541,40 @@ mod tests {
             "esper broker run mitigation",
             "esper proxy run --upstream 127.0.0.1:3000",
             "esper dev --upstream 127.0.0.1:3000",
+            "esper server run --tracing",
+            "esper worker run engine --cpuprofile cpu.prof",
         ] {
             let args: Vec<&str> = argv.split_whitespace().collect();
             if let Err(e) = Cli::try_parse_from(&args) {
                 panic!("`{argv}` does not parse: {e}");
             }
         }
+    }
+
+    #[test]
+    fn tracing_is_switched_on_by_the_flag_or_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("esper-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let on = dir.join("on.toml");
+        std::fs::write(&on, "[log]\ntracing = true\n").unwrap();
+        let off = dir.join("off.toml");
+        std::fs::write(&off, "[log]\nlevel = \"warn\"\n").unwrap();
+        let tracing = |argv: &[&str]| {
+            log_options(&Cli::try_parse_from(argv).unwrap())
+                .unwrap()
+                .tracing
+        };
+        let (on, off) = (on.display().to_string(), off.display().to_string());
+        assert!(tracing(&["esper", "--config", &on, "server", "run"]));
+        assert!(tracing(&[
+            "esper",
+            "--config",
+            &off,
+            "server",
+            "run",
+            "--tracing"
+        ]));
+        assert!(!tracing(&["esper", "--config", &off, "server", "run"]));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
