@@ -179,11 +179,29 @@ impl Persistence {
         })));
     }
 
-    /// Notes a write for a pending restore (nothing once it is done).
+    /// Notes a write for a pending restore (nothing once it is done). The notes are
+    /// bounded by the outbox's capacity: past it (a control plane down for long while
+    /// the broker keeps taking writes) the rest of the restore is given up, as after a
+    /// clear, rather than risk bringing back something revoked meanwhile; the engine
+    /// publishes again what is still going on.
     fn touch(&self, note: impl FnOnce(&mut Touched)) {
         let mut st = self.state.lock();
-        if st.restore == Restore::Pending {
-            note(&mut st.touched);
+        if st.restore != Restore::Pending || st.touched.cleared {
+            return;
+        }
+        note(&mut st.touched);
+        let noted = st.touched.ids.len() + st.touched.entities.len();
+        if noted > self.capacity {
+            st.touched = Touched {
+                cleared: true,
+                ..Touched::default()
+            };
+            tracing::warn!(
+                noted,
+                limit = self.capacity,
+                "more writes during the pending restore than persistence_outbox; \
+                 the rest of the restore is given up"
+            );
         }
     }
 
@@ -527,6 +545,28 @@ mod tests {
         assert!(!p.state.lock().touched.allows(&c));
         p.cleared();
         assert!(p.state.lock().touched.cleared);
+    }
+
+    #[test]
+    fn the_notes_of_a_pending_restore_are_bounded_by_the_outbox() {
+        let p = outbox(3, WhenFull::DropOldest);
+        p.state.lock().restore = Restore::Pending;
+        let ms: Vec<_> = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+            .iter()
+            .map(|ip| mitigation(ip))
+            .collect();
+        p.published(&ms);
+        {
+            let st = p.state.lock();
+            assert!(!st.touched.cleared);
+            assert_eq!(st.touched.ids.len(), 3);
+        }
+        // One more than the outbox holds: the restore is given up and the notes freed.
+        p.revoked(None, Some(&mitigation("192.0.2.4").entity));
+        let st = p.state.lock();
+        assert!(st.touched.cleared);
+        assert!(st.touched.ids.is_empty() && st.touched.entities.is_empty());
+        assert!(!st.touched.allows(&mitigation("192.0.2.9")));
     }
 
     #[tokio::test]
