@@ -3,10 +3,13 @@
 //! in-flight requests and frees the port; pooled upstream connections are reused, an
 //! upstream closing them is not an error, and the optional idle timeout closes them.
 
+#[path = "../../brokers/testing/counting_http.rs"]
+mod counting_http;
 mod support;
 
 use std::time::{Duration, Instant};
 
+use counting_http::{Behaviour, CountingServer};
 use support::{client_from, config, dead_url, start_proxy, upstream};
 
 #[tokio::test]
@@ -197,73 +200,18 @@ async fn a_busy_listen_address_is_one_clear_error() {
     assert!(err.ends_with("address already in use"), "{err}");
 }
 
-/// A keep-alive upstream speaking raw HTTP/1.1 that counts its connections, and closes
-/// each one `close_after` after its last answer when set (as app servers close idle
-/// keep-alive connections), or keeps it until the proxy closes it.
-struct CountingUpstream {
-    addr: std::net::SocketAddr,
-    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    /// Connections the proxy closed (EOF read by the upstream).
-    closed_by_proxy: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-async fn counting_upstream(close_after: Option<Duration>) -> CountingUpstream {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the upstream");
-    let addr = listener.local_addr().expect("the upstream's address");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let closed_by_proxy = Arc::new(AtomicUsize::new(0));
-    let (a, c) = (accepted.clone(), closed_by_proxy.clone());
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            a.fetch_add(1, Ordering::SeqCst);
-            let c = c.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let read = match close_after {
-                        Some(after) => {
-                            match tokio::time::timeout(after, conn.read(&mut chunk)).await {
-                                Ok(r) => r,
-                                // Idle for `after`: the upstream closes, as servers do.
-                                Err(_) => return,
-                            }
-                        }
-                        None => conn.read(&mut chunk).await,
-                    };
-                    match read {
-                        Ok(0) | Err(_) => {
-                            c.fetch_add(1, Ordering::SeqCst);
-                            return;
-                        }
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if conn.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    CountingUpstream {
-        addr,
-        accepted,
-        closed_by_proxy,
-    }
+/// The upstream: counts its connections, and closes each one `close_after` after its
+/// last answer when set (as app servers close idle keep-alive connections).
+async fn counting_upstream(close_after: Option<Duration>) -> CountingServer {
+    CountingServer::start(Behaviour {
+        delay: Duration::ZERO,
+        close_after,
+    })
+    .await
 }
 
 #[tokio::test]
 async fn pooled_upstream_connections_are_reused() {
-    use std::sync::atomic::Ordering;
     // The default timeout, and none at all.
     for idle in [None, Some(Duration::ZERO)] {
         let up = counting_upstream(None).await;
@@ -279,15 +227,14 @@ async fn pooled_upstream_connections_are_reused() {
             tokio::time::sleep(Duration::from_millis(400)).await;
         }
         // One upstream connection served all three, and the proxy never closed it.
-        assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "{idle:?}");
-        assert_eq!(up.closed_by_proxy.load(Ordering::SeqCst), 0, "{idle:?}");
+        assert_eq!(up.opened(), 1, "{idle:?}");
+        assert_eq!(up.closed_by_client(), 0, "{idle:?}");
         proxy.stop().await.unwrap();
     }
 }
 
 #[tokio::test]
 async fn an_upstream_closing_idle_connections_is_not_an_error() {
-    use std::sync::atomic::Ordering;
     let up = counting_upstream(Some(Duration::from_millis(100))).await;
     let proxy = start_proxy(config(up.addr, &dead_url(), &dead_url())).await;
     let client = client_from("127.0.0.1");
@@ -299,13 +246,12 @@ async fn an_upstream_closing_idle_connections_is_not_an_error() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Each request found its pooled connection closed and used a new one.
-    assert_eq!(up.accepted.load(Ordering::SeqCst), 3);
+    assert_eq!(up.opened(), 3);
     proxy.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn an_idle_timeout_closes_pooled_connections() {
-    use std::sync::atomic::Ordering;
     let up = counting_upstream(None).await;
     let mut cfg = config(up.addr, &dead_url(), &dead_url());
     cfg.upstream_idle_timeout = Duration::from_millis(150);
@@ -314,7 +260,7 @@ async fn an_idle_timeout_closes_pooled_connections() {
     let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let closed = support::eventually(Duration::from_secs(5), || async {
-        up.closed_by_proxy.load(Ordering::SeqCst) == 1
+        up.closed_by_client() == 1
     })
     .await;
     assert!(
@@ -323,6 +269,6 @@ async fn an_idle_timeout_closes_pooled_connections() {
     );
     let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(up.opened(), 2);
     proxy.stop().await.unwrap();
 }

@@ -1,0 +1,94 @@
+//! A keep-alive HTTP/1.1 server speaking raw bytes that counts the connections a client
+//! opens and closes: it shows what a connection pool keeps, reuses and drops. Included
+//! by path from the tests that need it (`brokers/protocol`, `proxy`).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How the server answers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Behaviour {
+    /// Wait before each answer (so concurrent calls need connections of their own).
+    pub delay: Duration,
+    /// Close a connection this long after its last answer, as app servers close idle
+    /// keep-alive connections; `None` keeps it until the client closes it.
+    pub close_after: Option<Duration>,
+}
+
+pub struct CountingServer {
+    pub addr: SocketAddr,
+    /// Connections accepted.
+    pub opened: Arc<AtomicUsize>,
+    /// Connections the client closed (end of stream read by the server).
+    pub closed_by_client: Arc<AtomicUsize>,
+}
+
+impl CountingServer {
+    /// Starts the server on a free loopback port; it answers `200 ok` to every request.
+    pub async fn start(behaviour: Behaviour) -> CountingServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opened = Arc::new(AtomicUsize::new(0));
+        let closed_by_client = Arc::new(AtomicUsize::new(0));
+        let (o, c) = (opened.clone(), closed_by_client.clone());
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                o.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(conn, behaviour, c.clone()));
+            }
+        });
+        CountingServer {
+            addr,
+            opened,
+            closed_by_client,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn opened(&self) -> usize {
+        self.opened.load(Ordering::SeqCst)
+    }
+
+    pub fn closed_by_client(&self) -> usize {
+        self.closed_by_client.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve(mut conn: tokio::net::TcpStream, b: Behaviour, closed: Arc<AtomicUsize>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = match b.close_after {
+            Some(after) => match tokio::time::timeout(after, conn.read(&mut chunk)).await {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+            None => conn.read(&mut chunk).await,
+        };
+        match read {
+            Ok(0) | Err(_) => {
+                closed.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            if !b.delay.is_zero() {
+                tokio::time::sleep(b.delay).await;
+            }
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if conn.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    }
+}
