@@ -236,10 +236,16 @@ impl std::fmt::Display for SpanName<'_> {
 }
 
 /// The request's span. With traces exported: at `info`, with OpenTelemetry's HTTP server
-/// attributes, continuing the caller's trace when it sent a `traceparent`. Otherwise the
-/// plain `debug` span log lines carry at `LOG_LEVEL=debug`, which costs nothing at `info`.
+/// attributes, continuing the caller's trace when it sent a `traceparent`. Otherwise, and
+/// for health probes and metric scrapes, the plain `debug` span log lines carry at
+/// `LOG_LEVEL=debug`, which costs nothing at `info`.
 fn request_span(req: &Request) -> tracing::Span {
-    if !esper_protocol::trace_context::exporting() {
+    // Probes and scrapes every few seconds would each be a trace of their own.
+    let probe = matches!(
+        req.uri().path(),
+        "/healthz" | "/readyz" | "/healthz/detailed" | "/metrics"
+    );
+    if probe || !esper_protocol::trace_context::exporting() {
         return tracing::debug_span!(
             "request",
             method = %req.method(),
@@ -273,7 +279,11 @@ fn record_status(res: &Response, latency: Duration, span: &tracing::Span) {
     if res.status().is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    tracing::debug!(status, latency_ms = latency.as_millis() as u64, "answered");
+    tracing::debug!(
+        status,
+        latency_ms = latency.as_millis() as u64,
+        "finished processing request"
+    );
 }
 
 /// Why a listener could not be opened.

@@ -4,11 +4,14 @@
 //! sent over OTLP/gRPC, configured by the standard `OTEL_*` variables.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -82,9 +85,8 @@ pub fn filter(level: Option<&str>, debug: bool, subsystems: &str) -> Result<Stri
 /// Installs the global subscriber. `level` is an `EnvFilter` directive such as `info` or
 /// `esper_engine=debug,info`; `include_caller` adds the source file and line to every
 /// line. With `tracing`, spans are also exported over OTLP ([`Tracing`]), as the service
-/// `service` unless `OTEL_SERVICE_NAME` names another; that needs a Tokio runtime to be
-/// current, for the exporter's connection. Calling it twice is harmless (the second
-/// call installs nothing).
+/// `service` unless `OTEL_SERVICE_NAME` names another. Calling it twice is harmless (the
+/// second call installs nothing).
 pub fn init(
     level: &str,
     format: LogFormat,
@@ -105,7 +107,7 @@ pub fn init(
         let _ = tracing_subscriber::registry().with(fmt).try_init();
         return Ok(None);
     };
-    let provider = tracer_provider(service)?;
+    let (provider, runtime) = tracer_provider(service)?;
     let spans = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("esper"))
         .with_filter(exported_spans());
@@ -116,13 +118,14 @@ pub fn init(
         .is_err()
     {
         // Another subscriber was installed first: nothing would reach this exporter.
-        let _ = provider.shutdown();
+        let _ = provider.shutdown_with_timeout(Duration::from_secs(1));
+        runtime.shutdown_background();
         return Ok(None);
     }
     esper_protocol::trace_context::set_exporting();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
-    Ok(Some(Tracing { provider }))
+    Ok(Some(Tracing { provider, runtime }))
 }
 
 /// Which spans become OpenTelemetry spans: Esper's own at `info` and above, whatever
@@ -141,39 +144,137 @@ fn exported_spans() -> Targets {
         .with_target("opentelemetry_otlp", LevelFilter::OFF)
 }
 
-/// The OTLP/gRPC exporter and the provider batching spans into it. The SDK reads the
-/// standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (default `http://localhost:4317`),
-/// `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and
-/// `OTEL_TRACES_SAMPLER_ARG` (default: every trace), `OTEL_BSP_*` for batching.
-fn tracer_provider(service: &str) -> Result<SdkTracerProvider, String> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()
-        .map_err(|e| format!("cannot set up the OTLP trace exporter: {e}"))?;
-    let mut resource = Resource::builder();
-    // When set, the builder's detectors have already taken it.
-    if !std::env::var("OTEL_SERVICE_NAME").is_ok_and(|s| !s.trim().is_empty()) {
-        resource = resource.with_service_name(service.to_string());
+const SAMPLERS: [&str; 6] = [
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
+
+/// Refuses a sampler the SDK would not know (it would fall back to sampling every trace
+/// and say so only in its own logs), and a ratio that is not one.
+fn check_sampler() -> Result<(), String> {
+    let Ok(sampler) = std::env::var("OTEL_TRACES_SAMPLER") else {
+        return Ok(());
+    };
+    if !SAMPLERS.contains(&sampler.as_str()) {
+        return Err(format!(
+            "OTEL_TRACES_SAMPLER `{sampler}` is not a sampler (one of: {})",
+            SAMPLERS.join(", ")
+        ));
     }
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource.build())
-        .build())
+    if sampler.ends_with("traceidratio")
+        && let Ok(arg) = std::env::var("OTEL_TRACES_SAMPLER_ARG")
+        && !arg
+            .trim()
+            .parse::<f64>()
+            .is_ok_and(|r| (0.0..=1.0).contains(&r))
+    {
+        return Err(format!(
+            "OTEL_TRACES_SAMPLER_ARG `{arg}` is not a ratio between 0 and 1"
+        ));
+    }
+    Ok(())
 }
 
-/// Traces being exported. [`Tracing::shutdown`] sends what is still buffered; the
-/// runtime that was current at [`init`] must still be running then.
+/// The OTLP/gRPC exporter, on a runtime of its own (so spans that end while the
+/// service's runtime shuts down are still exported), and the provider batching spans
+/// into it. The SDK reads the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (default
+/// `http://localhost:4317`), `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+/// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` (default: every trace), `OTEL_BSP_*`.
+fn tracer_provider(service: &str) -> Result<(SdkTracerProvider, tokio::runtime::Runtime), String> {
+    check_sampler()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("esper-otlp")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the trace exporter's runtime: {e}"))?;
+    let exporter = {
+        let _on = runtime.enter();
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| format!("cannot set up the OTLP trace exporter: {e}"))?
+    };
+    // The detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; only when
+    // neither names the service does it get the command's name.
+    let detected = Resource::builder().build();
+    let unnamed = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_none_or(|v| v.as_str().starts_with("unknown_service"));
+    let resource = if unnamed {
+        Resource::builder()
+            .with_service_name(service.to_string())
+            .build()
+    } else {
+        detected
+    };
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(Reporting {
+            inner: exporter,
+            failing: AtomicBool::new(false),
+        })
+        .with_resource(resource)
+        .build();
+    Ok((provider, runtime))
+}
+
+/// The exporter, saying once that the collector cannot be reached and once that it can
+/// again, instead of one error per batch for as long as it is down.
+#[derive(Debug)]
+struct Reporting<E> {
+    inner: E,
+    failing: AtomicBool,
+}
+
+impl<E: SpanExporter> SpanExporter for Reporting<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        match &result {
+            Err(e) if !self.failing.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(error = %e, "cannot export traces; spans are dropped until the collector answers");
+            }
+            Ok(()) if self.failing.swap(false, Ordering::Relaxed) => {
+                tracing::info!("exporting traces again");
+            }
+            _ => {}
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// How long exit waits for the last spans to reach the collector.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(5);
+
+/// Traces being exported. Call [`Tracing::shutdown`] once the service has stopped.
 pub struct Tracing {
     provider: SdkTracerProvider,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Tracing {
-    /// Exports the spans still buffered (bounded by `OTEL_EXPORTER_OTLP_TIMEOUT`, 10 s by
-    /// default) and stops the exporter.
+    /// Exports the spans still buffered, waiting at most 5 s for the collector, and
+    /// stops the exporter.
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Err(e) = self.provider.shutdown_with_timeout(FLUSH_AT_EXIT) {
             eprintln!("esper: traces not all exported at exit: {e}");
         }
+        self.runtime.shutdown_timeout(Duration::from_secs(1));
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 use esper_protocol::{ClientError, IngestionClient};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::metrics::{DropReason, Metrics};
 use crate::queue::{Batch, EventQueue};
@@ -170,8 +171,17 @@ impl Forwarder {
     }
 
     /// Sends `batch` with retries, counting what is sent or dropped.
-    #[tracing::instrument(name = "proxy.ship_events", skip_all, fields(events = batch.len()))]
     async fn deliver(&mut self, batch: Batch) {
+        // A span only for trace export: in logs it would prefix every line about it.
+        let span = if esper_protocol::trace_context::exporting() {
+            tracing::info_span!("proxy.ship_events", events = batch.len())
+        } else {
+            tracing::Span::none()
+        };
+        self.ship(batch).instrument(span).await;
+    }
+
+    async fn ship(&mut self, batch: Batch) {
         let n = batch.len() as u64;
         let body = batch.into_body();
         let attempts = if self.failing { 1 } else { MAX_ATTEMPTS };

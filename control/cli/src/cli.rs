@@ -228,6 +228,14 @@ pub fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(&e.into()),
     };
+    let traced = log.tracing.then(|| service_name(&cli.command));
+    let tracing = match telemetry::init(&log.level, log.format, log.include_caller, traced) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("esper: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // The engine worker's runtime is sized by its `io_threads`; everything else gets
     // one thread per core.
     let threads = match &cli.command {
@@ -250,23 +258,13 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The trace exporter's connection lives on this runtime.
-    let traced = log.tracing.then(|| service_name(&cli.command));
-    let tracing = match runtime
-        .block_on(async { telemetry::init(&log.level, log.format, log.include_caller, traced) })
-    {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("esper: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let result = runtime.block_on(dispatch(cli));
+    // Background tasks that ignore shutdown must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    // Last, so the spans of tasks stopped just above are exported too.
     if let Some(tracing) = tracing {
         tracing.shutdown();
     }
-    // Background tasks that ignore shutdown must not keep the process alive.
-    runtime.shutdown_timeout(Duration::from_secs(2));
     match result {
         Ok(code) => code,
         Err(e) => fail(&e),

@@ -2,8 +2,10 @@
 //! trace service, served by tonic on a loopback port), configured by the standard
 //! `OTEL_*` variables; a caller's `traceparent` is continued; one trace follows a batch
 //! of events from the proxy into the ingestion broker and from the engine back to it;
-//! a collector address that is not a URL is one clear line at start (`ESPER_TRACING`
-//! switches tracing on as the flag does).
+//! spans buffered at SIGTERM are sent before exit, and health probes make none; a
+//! collector that is down is one warning and does not hold up exit; a collector address
+//! that is not a URL, or a sampler the SDK does not know, is one clear line at start
+//! (`ESPER_TRACING` switches tracing on as the flag does).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -132,20 +134,15 @@ fn otel_env(endpoint: &str, extra: &[(&'static str, &str)]) -> Vec<(&'static str
     env
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_spans_reach_the_collector_and_continue_the_callers_trace() {
-    let collector = Collector::default();
-    let endpoint = collector.start().await;
-    let dir = TempDir::new("tracing-server");
-    let (api, health) = (free_addr(), free_addr());
-    let args: Vec<String> = [
+fn server_args(api: &str, health: &str, dir: &TempDir) -> Vec<String> {
+    [
         "server",
         "run",
         "--tracing",
         "--listen",
-        &api.to_string(),
+        api,
         "--health-listen",
-        &health.to_string(),
+        health,
         "--metrics-listen",
         &free_addr().to_string(),
         "--database-url",
@@ -155,15 +152,52 @@ async fn server_spans_reach_the_collector_and_continue_the_callers_trace() {
         ),
     ]
     .map(String::from)
-    .to_vec();
+    .to_vec()
+}
+
+/// `GET /api/v1/policies` on the server at `api`, which must answer 200.
+async fn list_policies(api: &str) {
+    let listed = reqwest::Client::new()
+        .get(format!("http://{api}/api/v1/policies"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+}
+
+/// Waits (up to 20 s) for a process expected to stop on its own; its exit code.
+async fn exit_code(p: &mut Proc) -> Option<i32> {
+    eventually(Duration::from_secs(20), "the process to exit", || {
+        let code = p.try_exit();
+        async move { code }
+    })
+    .await
+}
+
+/// The process's output lines, blank ones left out.
+fn lines(p: &Proc) -> Vec<String> {
+    p.log()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_spans_reach_the_collector_and_continue_the_callers_trace() {
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let dir = TempDir::new("tracing-server");
+    let (api, health) = (free_addr().to_string(), free_addr().to_string());
     // The seed's settings, with a ratio of 0: only traces a caller sampled are kept.
     let mut server = Proc::esper(
         "server",
-        &args,
+        &server_args(&api, &health, &dir),
         &otel_env(
             &endpoint,
             &[
-                ("OTEL_SERVICE_NAME", "esper-server"),
+                ("OTEL_SERVICE_NAME", "edge-control-plane"),
                 ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
                 ("OTEL_TRACES_SAMPLER_ARG", "0"),
             ],
@@ -172,24 +206,29 @@ async fn server_spans_reach_the_collector_and_continue_the_callers_trace() {
     wait_ready(&format!("http://{health}/healthz"), Duration::from_secs(30)).await;
 
     let http = reqwest::Client::new();
+    let call = |path: &str, traceparent: Option<String>| {
+        let mut rb = http.get(format!("http://{api}{path}")).bearer_auth(TOKEN);
+        if let Some(tp) = traceparent {
+            rb = rb.header("traceparent", tp);
+        }
+        rb.send()
+    };
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
-    let listed = http
-        .get(format!("http://{api}/api/v1/policies"))
-        .bearer_auth(TOKEN)
-        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(listed.status(), 200);
+    let traced = call(
+        "/api/v1/policies",
+        Some(format!("00-{trace_id}-{caller_span}-01")),
+    );
+    assert_eq!(traced.await.unwrap().status(), 200);
     // The same call without a sampled caller is not kept (ratio 0).
-    let unsampled = http
-        .get(format!("http://{api}/api/v1/policies"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(unsampled.status(), 200);
+    assert_eq!(call("/api/v1/policies", None).await.unwrap().status(), 200);
+    // A path no route matches.
+    let unrouted_trace = "0af7651916cd43dd8448eb211c80319c";
+    let unrouted = call(
+        "/api/v1/nope",
+        Some(format!("00-{unrouted_trace}-b7ad6b7169203331-01")),
+    );
+    assert_eq!(unrouted.await.unwrap().status(), 404);
 
     let span = collector
         .wait_for("the server span of the traced call", |s| {
@@ -199,67 +238,120 @@ async fn server_spans_reach_the_collector_and_continue_the_callers_trace() {
     assert_eq!(span.name, "GET /api/v1/policies", "{span:?}");
     assert_eq!(span.kind, SERVER, "{span:?}");
     assert_eq!(span.parent_span_id, caller_span, "{span:?}");
-    assert_eq!(span.service, "esper-server", "{span:?}");
+    assert_eq!(span.service, "edge-control-plane", "{span:?}");
+    let attr = |s: &Received, k: &str| s.attributes.get(k).cloned();
+    assert_eq!(attr(&span, "http.request.method").as_deref(), Some("GET"));
     assert_eq!(
-        span.attributes
-            .get("http.request.method")
-            .map(String::as_str),
-        Some("GET")
-    );
-    assert_eq!(
-        span.attributes.get("http.route").map(String::as_str),
+        attr(&span, "http.route").as_deref(),
         Some("/api/v1/policies")
     );
     assert_eq!(
-        span.attributes
-            .get("http.response.status_code")
-            .map(String::as_str),
-        Some("200"),
-        "{span:?}"
+        attr(&span, "http.response.status_code").as_deref(),
+        Some("200")
     );
     assert!(span.attributes.contains_key("request_id"), "{span:?}");
 
-    // Spans still buffered at SIGTERM are sent before the process exits.
-    let late_trace = "0af7651916cd43dd8448eb211c80319c";
-    let missing = http
-        .get(format!("http://{api}/api/v1/nope"))
-        .bearer_auth(TOKEN)
-        .header(
-            "traceparent",
-            format!("00-{late_trace}-b7ad6b7169203331-01"),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status(), 404);
+    // No route matched: the name is the method alone, never the raw path.
+    let span = collector
+        .wait_for("the span of the call to no route", |s| {
+            s.trace_id == unrouted_trace
+        })
+        .await;
+    assert_eq!(span.name, "GET", "{span:?}");
+    assert_eq!(
+        attr(&span, "http.response.status_code").as_deref(),
+        Some("404")
+    );
+
     assert_eq!(
         server.terminate(Duration::from_secs(20)),
         Some(0),
         "{}",
         server.log()
     );
-    let late = collector
-        .wait_for("the span of the call made just before SIGTERM", |s| {
-            s.trace_id == late_trace
-        })
-        .await;
-    // No route matched: the name is the method alone, never the raw path.
-    assert_eq!(late.name, "GET", "{late:?}");
-    assert_eq!(
-        late.attributes
-            .get("http.response.status_code")
-            .map(String::as_str),
-        Some("404")
-    );
     let others: Vec<_> = collector
         .spans()
         .into_iter()
-        .filter(|s| s.trace_id != trace_id && s.trace_id != late_trace)
+        .filter(|s| s.trace_id != trace_id && s.trace_id != unrouted_trace)
         .collect();
     assert!(
         others.is_empty(),
         "unsampled traces were exported: {others:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_still_buffered_at_sigterm_are_sent_before_exit() {
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let dir = TempDir::new("tracing-exit");
+    let (api, health) = (free_addr().to_string(), free_addr().to_string());
+    let mut env = otel_env(&endpoint, &[]);
+    // Batches would leave only after ten minutes: what arrives was sent at exit.
+    env.retain(|(k, _)| *k != "OTEL_BSP_SCHEDULE_DELAY");
+    env.push(("OTEL_BSP_SCHEDULE_DELAY", "600000".to_string()));
+    let mut server = Proc::esper("server", &server_args(&api, &health, &dir), &env);
+    wait_ready(&format!("http://{health}/healthz"), Duration::from_secs(30)).await;
+    list_policies(&api).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(collector.spans().is_empty(), "{:?}", collector.spans());
+    assert_eq!(
+        server.terminate(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    let span = collector
+        .wait_for("the span sent at exit", |s| {
+            s.name == "GET /api/v1/policies"
+        })
+        .await;
+    // Without OTEL_SERVICE_NAME, the command's name.
+    assert_eq!(span.service, "esper-server", "{span:?}");
+    // Health probes (the wait above polled /healthz) make no traces.
+    let probes: Vec<_> = collector
+        .spans()
+        .into_iter()
+        .filter(|s| {
+            s.attributes
+                .get("url.path")
+                .is_none_or(|p| p.starts_with("/healthz"))
+        })
+        .collect();
+    assert!(probes.is_empty(), "{probes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_is_one_warning_and_does_not_hold_up_exit() {
+    let dir = TempDir::new("tracing-down");
+    let (api, health) = (free_addr().to_string(), free_addr().to_string());
+    // A port nothing listens on.
+    let endpoint = format!("http://{}", free_addr());
+    let mut server = Proc::esper(
+        "server",
+        &server_args(&api, &health, &dir),
+        &otel_env(&endpoint, &[]),
+    );
+    wait_ready(&format!("http://{health}/healthz"), Duration::from_secs(30)).await;
+    for _ in 0..3 {
+        list_policies(&api).await;
+        // Past a batch's 100 ms: each call is a failed export of its own.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let stopping = std::time::Instant::now();
+    assert_eq!(
+        server.terminate(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let log = server.log();
+    assert_eq!(log.matches("cannot export traces").count(), 1, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,19 +393,24 @@ async fn one_trace_follows_events_from_the_proxy_through_the_brokers() {
             .unwrap();
     }
 
-    // The proxy's shipment of those events, and the broker's answer to it, in one trace.
-    let ship = collector
-        .wait_for("the proxy shipping events", |s| {
-            s.name == "proxy.ship_events"
-        })
-        .await;
-    assert_eq!(ship.service, "esper-dev", "{ship:?}");
+    // Spans named `name`, as (span id, trace id).
+    let spans_named = |name: &str| -> Vec<(String, String)> {
+        collector
+            .spans()
+            .into_iter()
+            .filter(|s| s.name == name)
+            .map(|s| (s.span_id, s.trace_id))
+            .collect()
+    };
+    // A shipment of those events by the proxy, and the broker's answer to it, in one
+    // trace (any shipment: one may have been retried).
     let ingest = collector
-        .wait_for("the ingestion broker taking them", |s| {
-            s.name == "POST /api/events" && s.parent_span_id == ship.span_id
+        .wait_for("the ingestion broker taking a shipment", |s| {
+            s.name == "POST /api/events"
+                && spans_named("proxy.ship_events")
+                    .contains(&(s.parent_span_id.clone(), s.trace_id.clone()))
         })
         .await;
-    assert_eq!(ingest.trace_id, ship.trace_id);
     assert_eq!(ingest.kind, SERVER);
     assert_eq!(
         ingest
@@ -323,58 +420,61 @@ async fn one_trace_follows_events_from_the_proxy_through_the_brokers() {
         Some("202"),
         "{ingest:?}"
     );
+    let ship = collector
+        .spans()
+        .into_iter()
+        .find(|s| s.span_id == ingest.parent_span_id)
+        .unwrap();
+    // Without OTEL_SERVICE_NAME, the command's name.
+    assert_eq!(ship.service, "esper-dev", "{ship:?}");
 
-    // The engine's batch, and its acknowledgement to the broker, in another.
-    let batch = collector
-        .wait_for("the engine evaluating a batch", |s| {
-            s.name == "engine.batch"
+    // An engine batch, and its acknowledgement to the broker, in another.
+    collector
+        .wait_for("a batch's acknowledgement", |s| {
+            s.name == "POST /api/queue/ack"
+                && spans_named("engine.batch")
+                    .contains(&(s.parent_span_id.clone(), s.trace_id.clone()))
         })
         .await;
-    let ack = collector
-        .wait_for("the batch's acknowledgement", |s| {
-            s.name == "POST /api/queue/ack" && s.parent_span_id == batch.span_id
-        })
-        .await;
-    assert_eq!(ack.trace_id, batch.trace_id);
 }
 
 #[tokio::test]
-async fn a_collector_address_that_is_not_a_url_is_one_clear_line() {
+async fn bad_tracing_settings_are_one_clear_line() {
     let dir = TempDir::new("tracing-bad");
     // Switched on from the environment this time.
-    let args: Vec<String> = [
-        "server",
-        "run",
-        "--listen",
-        &free_addr().to_string(),
-        "--health-listen",
-        &free_addr().to_string(),
-        "--metrics-listen",
-        &free_addr().to_string(),
-        "--database-url",
-        &format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("esper.db").display()
+    let mut args = server_args(&free_addr().to_string(), &free_addr().to_string(), &dir);
+    args.retain(|a| a != "--tracing");
+    for (endpoint, sampler, arg, expected) in [
+        ("not a url", None, None, "OTLP"),
+        (
+            "http://127.0.0.1:4317",
+            Some("parentbased_traceidration"),
+            Some("0.1"),
+            "is not a sampler",
         ),
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut server = Proc::esper(
-        "server",
-        &args,
-        &otel_env("not a url", &[("ESPER_TRACING", "true")]),
-    );
-    let code = eventually(Duration::from_secs(20), "the server to exit", || {
-        let code = server.try_exit();
-        async move { code }
-    })
-    .await;
-    assert_eq!(code, Some(2), "{}", server.log());
-    let log = server.log();
-    let lines: Vec<_> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{log}");
-    assert!(
-        lines[0].starts_with("esper: ") && lines[0].contains("OTLP"),
-        "{log}"
-    );
+        (
+            "http://127.0.0.1:4317",
+            Some("traceidratio"),
+            Some("ten percent"),
+            "is not a ratio",
+        ),
+        (
+            "http://127.0.0.1:4317",
+            Some("traceidratio"),
+            Some("1.5"),
+            "is not a ratio",
+        ),
+    ] {
+        let mut extra = vec![("ESPER_TRACING", "true")];
+        extra.extend(sampler.map(|s| ("OTEL_TRACES_SAMPLER", s)));
+        extra.extend(arg.map(|a| ("OTEL_TRACES_SAMPLER_ARG", a)));
+        let mut server = Proc::esper("server", &args, &otel_env(endpoint, &extra));
+        assert_eq!(exit_code(&mut server).await, Some(2), "{}", server.log());
+        let lines = lines(&server);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with("esper: ") && lines[0].contains(expected),
+            "{lines:?}"
+        );
+    }
 }

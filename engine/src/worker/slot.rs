@@ -14,6 +14,7 @@ use chrono::Utc;
 use esper_common::Shutdown;
 use esper_protocol::ingestion::ClaimedItem;
 use esper_protocol::{IngestionClient, MitigationClient, RequestEvent};
+use tracing::Instrument;
 
 use super::control::Outbox;
 use super::policies::PolicyHandle;
@@ -103,7 +104,15 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
             continue;
         }
         let started = Instant::now();
-        let done = process(&shared, &policies, items, &shutdown).await;
+        // A span only for trace export: in logs it would prefix every line of the batch.
+        let span = if esper_protocol::trace_context::exporting() {
+            tracing::info_span!("engine.batch", events = items.len())
+        } else {
+            tracing::Span::none()
+        };
+        let done = process(&shared, &policies, items, &shutdown)
+            .instrument(span)
+            .await;
         shared
             .status
             .busy_ns
@@ -117,7 +126,6 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
 }
 
 /// Processes one claimed batch; `false` when it was left for redelivery.
-#[tracing::instrument(name = "engine.batch", skip_all, fields(events = items.len()))]
 async fn process(
     shared: &Shared,
     policies: &PolicySet,
