@@ -222,6 +222,18 @@ pub fn standard_layers(router: Router, body_limit: usize) -> Router {
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
+/// The calls the parts make on a timer or as long polls (claims, the mitigation stream,
+/// heartbeats, config and policy refreshes): traced, they would bury the traces of
+/// actual work.
+const POLLED: [(axum::http::Method, &str); 6] = [
+    (axum::http::Method::POST, "/api/queue/claim"),
+    (axum::http::Method::GET, "/api/mitigations/stream"),
+    (axum::http::Method::POST, "/api/v1/workers/heartbeat"),
+    (axum::http::Method::POST, "/api/v1/proxies/heartbeat"),
+    (axum::http::Method::GET, "/api/v1/proxies/config"),
+    (axum::http::Method::GET, "/api/v1/policies/active"),
+];
+
 /// `GET /api/v1/policies/{id}`: a server span's name is the method and the route
 /// template, never the raw path, so names stay few whatever the ids.
 struct SpanName<'a>(&'a axum::http::Method, Option<&'a str>);
@@ -240,12 +252,21 @@ impl std::fmt::Display for SpanName<'_> {
 /// for health probes and metric scrapes, the plain `debug` span log lines carry at
 /// `LOG_LEVEL=debug`, which costs nothing at `info`.
 fn request_span(req: &Request) -> tracing::Span {
-    // Probes and scrapes every few seconds would each be a trace of their own.
+    // Probes, scrapes and the parts' background polling would each be a trace of their
+    // own, every few seconds, with nothing in them.
     let probe = matches!(
         req.uri().path(),
         "/healthz" | "/readyz" | "/healthz/detailed" | "/metrics"
     );
-    if probe || !esper_protocol::trace_context::exporting() {
+    let polled = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .is_some_and(|m| {
+            POLLED
+                .iter()
+                .any(|(method, route)| req.method() == method && m.as_str() == *route)
+        });
+    if probe || polled || !esper_protocol::trace_context::exporting() {
         return tracing::debug_span!(
             "request",
             method = %req.method(),

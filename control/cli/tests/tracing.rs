@@ -436,6 +436,23 @@ async fn one_trace_follows_events_from_the_proxy_through_the_brokers() {
                     .contains(&(s.parent_span_id.clone(), s.trace_id.clone()))
         })
         .await;
+    // The parts poll each other all along (claims, the mitigation stream, heartbeats,
+    // refreshes): none of that is traced.
+    let polled: Vec<_> = collector
+        .spans()
+        .into_iter()
+        .filter(|s| {
+            [
+                "/api/queue/claim",
+                "/api/mitigations/stream",
+                "heartbeat",
+                "/active",
+            ]
+            .iter()
+            .any(|p| s.name.contains(p))
+        })
+        .collect();
+    assert!(polled.is_empty(), "{polled:?}");
 }
 
 #[tokio::test]
