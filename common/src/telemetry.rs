@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithTonicConfig;
+use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -196,6 +198,7 @@ fn tracer_provider(service: &str) -> Result<(SdkTracerProvider, tokio::runtime::
         let _on = runtime.enter();
         opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
+            .with_tls_config(collector_tls()?)
             .build()
             .map_err(|e| format!("cannot set up the OTLP trace exporter: {e}"))?
     };
@@ -220,6 +223,18 @@ fn tracer_provider(service: &str) -> Result<(SdkTracerProvider, tokio::runtime::
         .with_resource(resource)
         .build();
     Ok((provider, runtime))
+}
+
+/// How an `https://` collector is trusted: the public roots, and the CA in the PEM file
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` names, if any (a plain `http://` endpoint ignores it).
+fn collector_tls() -> Result<ClientTlsConfig, String> {
+    let tls = ClientTlsConfig::new().with_enabled_roots();
+    let Ok(path) = std::env::var("OTEL_EXPORTER_OTLP_CERTIFICATE") else {
+        return Ok(tls);
+    };
+    let pem = std::fs::read(&path)
+        .map_err(|e| format!("cannot read OTEL_EXPORTER_OTLP_CERTIFICATE `{path}`: {e}"))?;
+    Ok(tls.ca_certificate(Certificate::from_pem(pem)))
 }
 
 /// The exporter, saying once that the collector cannot be reached and once that it can

@@ -97,16 +97,34 @@ fn hex(bytes: &[u8]) -> String {
 impl Collector {
     /// Serves the OTLP trace service on a free loopback port; returns its endpoint.
     async fn start(&self) -> String {
+        self.serve(None).await
+    }
+
+    /// The same over TLS with `identity` (certificate and key, PEM).
+    async fn start_tls(&self, identity: tonic::transport::Identity) -> String {
+        self.serve(Some(identity)).await
+    }
+
+    async fn serve(&self, identity: Option<tonic::transport::Identity>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let service = TraceServiceServer::new(self.clone());
+        let mut server = tonic::transport::Server::builder();
+        let scheme = match identity {
+            Some(identity) => {
+                let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+                server = server.tls_config(tls).unwrap();
+                "https"
+            }
+            None => "http",
+        };
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(service)
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
                 .await
         });
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     }
 
     fn spans(&self) -> Vec<Received> {
@@ -461,30 +479,45 @@ async fn bad_tracing_settings_are_one_clear_line() {
     // Switched on from the environment this time.
     let mut args = server_args(&free_addr().to_string(), &free_addr().to_string(), &dir);
     args.retain(|a| a != "--tracing");
-    for (endpoint, sampler, arg, expected) in [
-        ("not a url", None, None, "OTLP"),
+    let no_file = dir.path().join("no-such-ca.pem").display().to_string();
+    let local = "http://127.0.0.1:4317";
+    // (endpoint, variables, what the one line says)
+    type Case<'a> = (&'a str, Vec<(&'static str, &'a str)>, &'a str);
+    let cases: [Case<'_>; 5] = [
+        ("not a url", vec![], "OTLP"),
         (
-            "http://127.0.0.1:4317",
-            Some("parentbased_traceidration"),
-            Some("0.1"),
+            "https://127.0.0.1:4317",
+            vec![("OTEL_EXPORTER_OTLP_CERTIFICATE", no_file.as_str())],
+            "cannot read OTEL_EXPORTER_OTLP_CERTIFICATE",
+        ),
+        (
+            local,
+            vec![
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidration"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+            ],
             "is not a sampler",
         ),
         (
-            "http://127.0.0.1:4317",
-            Some("traceidratio"),
-            Some("ten percent"),
+            local,
+            vec![
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "ten percent"),
+            ],
             "is not a ratio",
         ),
         (
-            "http://127.0.0.1:4317",
-            Some("traceidratio"),
-            Some("1.5"),
+            local,
+            vec![
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+            ],
             "is not a ratio",
         ),
-    ] {
+    ];
+    for (endpoint, vars, expected) in cases {
         let mut extra = vec![("ESPER_TRACING", "true")];
-        extra.extend(sampler.map(|s| ("OTEL_TRACES_SAMPLER", s)));
-        extra.extend(arg.map(|a| ("OTEL_TRACES_SAMPLER_ARG", a)));
+        extra.extend(vars);
         let mut server = Proc::esper("server", &args, &otel_env(endpoint, &extra));
         assert_eq!(exit_code(&mut server).await, Some(2), "{}", server.log());
         let lines = lines(&server);
@@ -494,4 +527,57 @@ async fn bad_tracing_settings_are_one_clear_line() {
             "{lines:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_collector_is_trusted_through_otel_exporter_otlp_certificate() {
+    let dir = TempDir::new("tracing-tls");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let ca = dir.path().join("collector-ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let collector = Collector::default();
+    let endpoint = collector
+        .start_tls(tonic::transport::Identity::from_pem(
+            cert.cert.pem(),
+            cert.key_pair.serialize_pem(),
+        ))
+        .await;
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+
+    // Without the collector's CA: the handshake fails, one warning, no spans.
+    let (api, health) = (free_addr().to_string(), free_addr().to_string());
+    let mut untrusting = Proc::esper(
+        "server",
+        &server_args(&api, &health, &dir),
+        &otel_env(&endpoint, &[]),
+    );
+    wait_ready(&format!("http://{health}/healthz"), Duration::from_secs(30)).await;
+    list_policies(&api).await;
+    let log = eventually(Duration::from_secs(20), "the failed export", || {
+        let log = untrusting.log();
+        async move { log.contains("cannot export traces").then_some(log) }
+    })
+    .await;
+    assert_eq!(
+        untrusting.terminate(Duration::from_secs(20)),
+        Some(0),
+        "{log}"
+    );
+    assert!(collector.spans().is_empty(), "{:?}", collector.spans());
+
+    // With it, over TLS.
+    let (api, health) = (free_addr().to_string(), free_addr().to_string());
+    let ca = ca.display().to_string();
+    let _trusting = Proc::esper(
+        "server",
+        &server_args(&api, &health, &dir),
+        &otel_env(&endpoint, &[("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca)]),
+    );
+    wait_ready(&format!("http://{health}/healthz"), Duration::from_secs(30)).await;
+    list_policies(&api).await;
+    collector
+        .wait_for("the span sent over TLS", |s| {
+            s.name == "GET /api/v1/policies"
+        })
+        .await;
 }
