@@ -33,6 +33,16 @@ fn worker_args(listen: &str, policies: &std::path::Path, extra: &[&str]) -> Vec<
     args
 }
 
+/// A worker started with `extra` flags (no brokers behind it), in a fresh directory
+/// with the example policy; the directory, its ops address and the process.
+fn start_worker(extra: &[&str]) -> (TempDir, String, Proc) {
+    let dir = TempDir::new("worker-flags");
+    let policies = write_login_policy(dir.path(), "60s");
+    let listen = free_addr().to_string();
+    let worker = Proc::esper("worker", &worker_args(&listen, &policies, extra), &[]);
+    (dir, listen, worker)
+}
+
 /// The exit code of a worker expected to stop on its own within 10 s.
 async fn exit_code(worker: &mut Proc) -> Option<i32> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -70,25 +80,14 @@ async fn metric(url: &str, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn io_threads_size_the_workers_runtime() {
-    let dir = TempDir::new("worker-flags");
-    let policies = write_login_policy(dir.path(), "60s");
-    let listen = free_addr().to_string();
-    let mut worker = Proc::esper(
-        "worker",
-        &worker_args(
-            &listen,
-            &policies,
-            &[
-                "--concurrency",
-                "32",
-                "--io-threads",
-                "3",
-                "--connection-pool-size",
-                "100",
-            ],
-        ),
-        &[],
-    );
+    let (_dir, listen, mut worker) = start_worker(&[
+        "--concurrency",
+        "32",
+        "--io-threads",
+        "3",
+        "--connection-pool-size",
+        "100",
+    ]);
     assert_eq!(io_threads(&worker, &listen).await, 3.0);
     assert_eq!(worker.terminate(Duration::from_secs(10)), Some(0));
 }
@@ -99,14 +98,7 @@ async fn a_bad_tuning_value_is_one_clear_line() {
         ("--io-threads", "5000", "io_threads"),
         ("--connection-pool-size", "0", "connection_pool_size"),
     ] {
-        let dir = TempDir::new("worker-flags");
-        let policies = write_login_policy(dir.path(), "60s");
-        let listen = free_addr().to_string();
-        let mut worker = Proc::esper(
-            "worker",
-            &worker_args(&listen, &policies, &[flag, value]),
-            &[],
-        );
+        let (_dir, _listen, mut worker) = start_worker(&[flag, value]);
         assert_eq!(exit_code(&mut worker).await, Some(1));
         let log = worker.log();
         assert!(
