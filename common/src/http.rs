@@ -252,21 +252,11 @@ impl std::fmt::Display for SpanName<'_> {
 /// for health probes and metric scrapes, the plain `debug` span log lines carry at
 /// `LOG_LEVEL=debug`, which costs nothing at `info`.
 fn request_span(req: &Request) -> tracing::Span {
-    // Probes, scrapes and the parts' background polling would each be a trace of their
-    // own, every few seconds, with nothing in them.
-    let probe = matches!(
-        req.uri().path(),
-        "/healthz" | "/readyz" | "/healthz/detailed" | "/metrics"
-    );
-    let polled = req
+    let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .is_some_and(|m| {
-            POLLED
-                .iter()
-                .any(|(method, route)| req.method() == method && m.as_str() == *route)
-        });
-    if probe || polled || !esper_protocol::trace_context::exporting() {
+        .map(axum::extract::MatchedPath::as_str);
+    if !esper_protocol::trace_context::exporting() || untraced(req, route) {
         return tracing::debug_span!(
             "request",
             method = %req.method(),
@@ -274,10 +264,6 @@ fn request_span(req: &Request) -> tracing::Span {
             version = ?req.version(),
         );
     }
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(axum::extract::MatchedPath::as_str);
     let method = req.method();
     let span = tracing::info_span!(
         "request",
@@ -292,6 +278,15 @@ fn request_span(req: &Request) -> tracing::Span {
     );
     esper_protocol::trace_context::continue_from(&span, req.headers());
     span
+}
+
+/// Probes, scrapes and the parts' background polling would each be a trace of their own,
+/// every few seconds, with nothing in them.
+fn untraced(req: &Request, route: Option<&str>) -> bool {
+    matches!(
+        req.uri().path(),
+        "/healthz" | "/readyz" | "/healthz/detailed" | "/metrics"
+    ) || route.is_some_and(|r| POLLED.iter().any(|(m, p)| req.method() == m && r == *p))
 }
 
 fn record_status(res: &Response, latency: Duration, span: &tracing::Span) {
