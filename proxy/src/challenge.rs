@@ -4,15 +4,23 @@
 //!
 //! - A puzzle token `p.EXP.DIFFICULTY.SALT.MAC` asks for a nonce such that
 //!   `SHA-256("TOKEN:NONCE")` starts with DIFFICULTY zero bits.
-//! - A fallback token `f.NOT_BEFORE.EXP.SALT.MAC` (for clients without JavaScript) is
-//!   redeemed by simply waiting until NOT_BEFORE.
-//! - A clearance cookie `EXP.SALT.MAC` lets requests through a challenge until EXP.
+//! - A fallback token `f.NOT_BEFORE.EXP.DIFFICULTY.SALT.MAC` (for clients without
+//!   JavaScript) is redeemed by waiting until NOT_BEFORE; the wait doubles with every bit
+//!   of difficulty above [`FALLBACK_BASE_DIFFICULTY`], as the work of the puzzle does, so
+//!   the no-script path is never the cheap way past a hard challenge.
+//! - A clearance cookie `EXP.DIFFICULTY.SALT.MAC` lets requests through a challenge of
+//!   at most DIFFICULTY until EXP: a cookie earned on an easy puzzle (before the client
+//!   was flagged, or on one it asked for itself) does not clear a harder challenge.
 //!
 //! Every MAC covers the client's address (its /64 for IPv6, so privacy addresses inside
 //! one network keep the cookie) and its User-Agent; neither travels in the token. Each
-//! token is redeemable once per proxy instance (its salt is remembered until the token
-//! expires, in a bounded set); several tabs each get their own token and every cookie
-//! they earn is valid, so they never send each other back to the puzzle.
+//! token is redeemable once per proxy instance: its salt is remembered until the token
+//! expires, in a bounded set. When the set is full of unexpired salts, those expiring
+//! soonest are forgotten rather than refusing every solution (which would let anyone who
+//! fills it lock every browser out); a token replayed after that only earns another
+//! cookie for the same address and browser, which its first cookie already cleared.
+//! Several tabs each get their own token and every cookie they earn is valid, so they
+//! never send each other back to the puzzle.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -31,9 +39,17 @@ pub const COOKIE_NAME: &str = "esper_clearance";
 pub const MAX_DIFFICULTY: u8 = 24;
 /// How long a puzzle stays solvable.
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
-/// Redeemed tokens remembered at most; beyond it (after forgetting expired ones) new
-/// solutions are refused until room frees up, rather than letting replays through.
+/// Redeemed tokens remembered at most (see the module documentation for what happens
+/// when more are unexpired).
 pub const REPLAY_CAPACITY: usize = 100_000;
+/// The difficulty a new puzzle gets when nothing says otherwise (a refused solution
+/// whose token cannot be trusted); the policies' default.
+pub const DEFAULT_DIFFICULTY: u8 = 16;
+/// Up to this difficulty the no-script path waits the configured delay; each bit above
+/// doubles it.
+pub const FALLBACK_BASE_DIFFICULTY: u8 = 16;
+/// The no-script wait never exceeds this.
+pub const MAX_FALLBACK_WAIT: Duration = Duration::from_secs(3600);
 /// MAC bytes kept in tokens and cookies (128 bits).
 const MAC_LEN: usize = 16;
 /// Longest nonce accepted (decimal digits).
@@ -56,8 +72,6 @@ pub enum Refusal {
     WrongWork,
     #[error("already redeemed")]
     Replayed,
-    #[error("too many recent solutions; retry shortly")]
-    Busy,
 }
 
 /// A freshly issued puzzle.
@@ -65,8 +79,10 @@ pub enum Refusal {
 pub struct Puzzle {
     pub token: String,
     pub difficulty: u8,
-    /// Token for the no-JavaScript path, redeemable after `fallback_delay`.
+    /// Token for the no-JavaScript path, redeemable after `fallback_wait`.
     pub fallback: String,
+    /// How long the no-JavaScript path waits at this difficulty.
+    pub fallback_wait: Duration,
 }
 
 /// A cookie earned by a solution.
@@ -135,9 +151,14 @@ impl Challenger {
         }
     }
 
-    /// How long the no-script path waits.
-    pub fn fallback_delay(&self) -> Duration {
+    /// How long the no-script path waits at `difficulty`: the configured delay up to
+    /// [`FALLBACK_BASE_DIFFICULTY`], doubled for every bit above it.
+    pub fn fallback_wait(&self, difficulty: u8) -> Duration {
+        let doublings = u32::from(difficulty.min(MAX_DIFFICULTY))
+            .saturating_sub(u32::from(FALLBACK_BASE_DIFFICULTY));
         self.fallback_delay
+            .saturating_mul(1 << doublings)
+            .min(MAX_FALLBACK_WAIT)
     }
 
     fn mac(&self, kind: &[u8], fields: &[&[u8]], ip: IpAddr, ua: &str) -> [u8; MAC_LEN] {
@@ -200,19 +221,58 @@ impl Challenger {
             ua,
         ));
         let token = format!("p.{exp}.{d}.{salt}.{mac}");
-        let not_before = (now + self.fallback_delay.as_secs()).to_string();
+        // The fallback stays redeemable for a whole token lifetime after its wait.
+        let fallback_wait = self.fallback_wait(difficulty);
+        let not_before = now.saturating_add(fallback_wait.as_secs());
+        let fexp = not_before.saturating_add(TOKEN_TTL.as_secs()).to_string();
+        let not_before = not_before.to_string();
         let fsalt = format!("{:016x}", rand::random::<u64>());
         let fmac = hex::encode(self.mac(
             b"f",
-            &[not_before.as_bytes(), exp.as_bytes(), fsalt.as_bytes()],
+            &[
+                not_before.as_bytes(),
+                fexp.as_bytes(),
+                d.as_bytes(),
+                fsalt.as_bytes(),
+            ],
             ip,
             ua,
         ));
         Puzzle {
             token,
             difficulty,
-            fallback: format!("f.{not_before}.{exp}.{fsalt}.{fmac}"),
+            fallback: format!("f.{not_before}.{fexp}.{d}.{fsalt}.{fmac}"),
+            fallback_wait,
         }
+    }
+
+    /// The difficulty a puzzle or fallback token was issued at, if its signature holds
+    /// for this client (expired or spent tokens included): what a refused client is asked
+    /// again, without trusting a number it made up.
+    pub fn token_difficulty(&self, token: &str, ip: IpAddr, ua: &str) -> Option<u8> {
+        let parts: Vec<&str> = token.split('.').collect();
+        let (kind, fields, d, mac): (&[u8], Vec<&[u8]>, &str, &str) = match parts[..] {
+            ["p", exp, d, salt, mac] => (
+                b"p",
+                vec![exp.as_bytes(), d.as_bytes(), salt.as_bytes()],
+                d,
+                mac,
+            ),
+            ["f", not_before, exp, d, salt, mac] => (
+                b"f",
+                vec![
+                    not_before.as_bytes(),
+                    exp.as_bytes(),
+                    d.as_bytes(),
+                    salt.as_bytes(),
+                ],
+                d,
+                mac,
+            ),
+            _ => return None,
+        };
+        self.check_mac(kind, &fields, ip, ua, mac).ok()?;
+        d.parse().ok()
     }
 
     /// Checks a posted solution; on success the token is spent and a cookie issued.
@@ -250,7 +310,7 @@ impl Challenger {
             return Err(Refusal::WrongWork);
         }
         self.spend(salt, exp, now)?;
-        Ok(self.clearance(salt, ip, ua, now))
+        Ok(self.clearance(difficulty, salt, ip, ua, now))
     }
 
     /// Checks a fallback token (no JavaScript); on success it is spent and a cookie issued.
@@ -262,18 +322,24 @@ impl Challenger {
         now: u64,
     ) -> Result<Clearance, Refusal> {
         let parts: Vec<&str> = token.split('.').collect();
-        let ["f", not_before, exp, salt, mac] = parts[..] else {
+        let ["f", not_before, exp, d, salt, mac] = parts[..] else {
             return Err(Refusal::Malformed);
         };
         self.check_mac(
             b"f",
-            &[not_before.as_bytes(), exp.as_bytes(), salt.as_bytes()],
+            &[
+                not_before.as_bytes(),
+                exp.as_bytes(),
+                d.as_bytes(),
+                salt.as_bytes(),
+            ],
             ip,
             ua,
             mac,
         )?;
         let not_before: u64 = not_before.parse().map_err(|_| Refusal::Malformed)?;
         let exp: u64 = exp.parse().map_err(|_| Refusal::Malformed)?;
+        let difficulty: u8 = d.parse().map_err(|_| Refusal::Malformed)?;
         if now >= exp {
             return Err(Refusal::Expired);
         }
@@ -281,7 +347,7 @@ impl Challenger {
             return Err(Refusal::TooEarly);
         }
         self.spend(salt, exp, now)?;
-        Ok(self.clearance(salt, ip, ua, now))
+        Ok(self.clearance(difficulty, salt, ip, ua, now))
     }
 
     /// Remembers a redeemed salt until its token's expiry.
@@ -294,43 +360,85 @@ impl Challenger {
         if used.len() >= REPLAY_CAPACITY {
             used.retain(|_, e| *e > now);
             if used.len() >= REPLAY_CAPACITY {
-                return Err(Refusal::Busy);
+                forget_soonest(&mut used, REPLAY_CAPACITY / 2);
+                tracing::warn!(
+                    capacity = REPLAY_CAPACITY,
+                    "more unexpired challenge solutions than remembered; the half expiring \
+                     soonest were forgotten (a replay of one earns only another cookie for \
+                     the same client)"
+                );
             }
         }
         used.insert(salt, exp);
         Ok(())
     }
 
-    fn clearance(&self, salt: &str, ip: IpAddr, ua: &str, now: u64) -> Clearance {
-        let exp = (now + self.clearance_ttl.as_secs()).to_string();
-        let mac = hex::encode(self.mac(b"c", &[exp.as_bytes(), salt.as_bytes()], ip, ua));
+    fn clearance(&self, difficulty: u8, salt: &str, ip: IpAddr, ua: &str, now: u64) -> Clearance {
+        let exp = now.saturating_add(self.clearance_ttl.as_secs()).to_string();
+        let d = difficulty.to_string();
+        let mac = hex::encode(self.mac(
+            b"c",
+            &[exp.as_bytes(), d.as_bytes(), salt.as_bytes()],
+            ip,
+            ua,
+        ));
         Clearance {
-            value: format!("{exp}.{salt}.{mac}"),
+            value: format!("{exp}.{d}.{salt}.{mac}"),
             max_age: self.clearance_ttl,
         }
     }
 
-    /// Is `cookie` a valid clearance for this client at `now`?
+    /// The difficulty `cookie` was earned at, if it is a valid clearance for this client
+    /// at `now`.
     pub fn check_cookie(
         &self,
         cookie: &str,
         ip: IpAddr,
         ua: &str,
         now: u64,
-    ) -> Result<(), Refusal> {
+    ) -> Result<u8, Refusal> {
         let mut parts = cookie.split('.');
-        let (Some(exp), Some(salt), Some(mac), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(exp), Some(d), Some(salt), Some(mac), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(Refusal::Malformed);
         };
-        self.check_mac(b"c", &[exp.as_bytes(), salt.as_bytes()], ip, ua, mac)?;
+        self.check_mac(
+            b"c",
+            &[exp.as_bytes(), d.as_bytes(), salt.as_bytes()],
+            ip,
+            ua,
+            mac,
+        )?;
         let exp: u64 = exp.parse().map_err(|_| Refusal::Malformed)?;
+        let difficulty: u8 = d.parse().map_err(|_| Refusal::Malformed)?;
         if now >= exp {
             return Err(Refusal::Expired);
         }
-        Ok(())
+        Ok(difficulty)
     }
+
+    /// Does `cookie` clear a challenge of `difficulty` for this client at `now`?
+    pub fn clears(&self, cookie: &str, ip: IpAddr, ua: &str, difficulty: u8, now: u64) -> bool {
+        self.check_cookie(cookie, ip, ua, now)
+            .is_ok_and(|earned| earned >= difficulty.min(MAX_DIFFICULTY))
+    }
+}
+
+/// Keeps the `keep` entries of `used` that expire last.
+fn forget_soonest(used: &mut HashMap<u64, u64>, keep: usize) {
+    let mut expiries: Vec<u64> = used.values().copied().collect();
+    let cut = expiries.len().saturating_sub(keep);
+    if cut == 0 {
+        return;
+    }
+    let (_, threshold, _) = expiries.select_nth_unstable(cut - 1);
+    let threshold = *threshold;
+    used.retain(|_, e| *e > threshold);
 }
 
 /// The clearance cookie's value among a request's `Cookie` headers.
@@ -467,7 +575,7 @@ mod tests {
         let check = |addr: &str, ua: &str, t: u64| c.check_cookie(&cookie, ip(addr), ua, t);
         // The same /64 keeps it; another /64, another browser, or later than its expiry
         // does not.
-        assert_eq!(check("2001:db8:1:2:bbbb::9", UA, now + 1), Ok(()));
+        assert_eq!(check("2001:db8:1:2:bbbb::9", UA, now + 1), Ok(1));
         assert_eq!(
             check("2001:db8:1:3::1", UA, now + 1),
             Err(Refusal::BadSignature)
@@ -508,6 +616,14 @@ mod tests {
             c.check_cookie(&later, ip("192.0.2.1"), UA, now),
             Err(Refusal::BadSignature)
         );
+        // So does raising the difficulty it was earned at.
+        let (d, rest) = rest.split_once('.').unwrap();
+        assert_eq!(d, "4");
+        let harder = format!("{exp}.24.{rest}");
+        assert_eq!(
+            c.check_cookie(&harder, ip("192.0.2.1"), UA, now),
+            Err(Refusal::BadSignature)
+        );
         // A cookie signed with another key.
         let other = Challenger::new(b"another key", Duration::from_secs(3600), Duration::ZERO);
         let p2 = other.issue(ip("192.0.2.1"), UA, 0, now);
@@ -519,7 +635,7 @@ mod tests {
             c.check_cookie(&foreign, ip("192.0.2.1"), UA, now),
             Err(Refusal::BadSignature)
         );
-        for junk in ["", "a.b", "1.2.3.4", "99999999999.00.zz"] {
+        for junk in ["", "a.b", "1.2.3.4", "99999999999.00.zz", "1.2.3.4.5"] {
             assert!(c.check_cookie(junk, ip("192.0.2.1"), UA, now).is_err());
         }
         // Lowering a token's difficulty breaks its signature.
@@ -539,6 +655,97 @@ mod tests {
                 now + TOKEN_TTL.as_secs()
             ),
             Err(Refusal::Expired)
+        );
+    }
+
+    #[test]
+    fn a_cookie_clears_challenges_up_to_the_difficulty_it_was_earned_at() {
+        let c = challenger();
+        let now = 1_700_000_000;
+        let client = ip("192.0.2.1");
+        let p = c.issue(client, UA, 6, now);
+        let cookie = c
+            .redeem_solution(&p.token, &solve(&p.token, 6), client, UA, now)
+            .unwrap()
+            .value;
+        assert!(c.clears(&cookie, client, UA, 6, now));
+        assert!(c.clears(&cookie, client, UA, 2, now));
+        assert!(!c.clears(&cookie, client, UA, 7, now));
+        assert!(!c.clears(&cookie, ip("192.0.2.2"), UA, 1, now));
+        // The fallback earns its puzzle's difficulty.
+        let f = c
+            .redeem_fallback(&p.fallback, client, UA, now + 5)
+            .unwrap()
+            .value;
+        assert_eq!(c.check_cookie(&f, client, UA, now + 5), Ok(6));
+    }
+
+    #[test]
+    fn a_refused_client_is_asked_again_at_a_difficulty_it_cannot_lower() {
+        let c = challenger();
+        let client = ip("192.0.2.1");
+        let p = c.issue(client, UA, 20, 1_700_000_000);
+        assert_eq!(c.token_difficulty(&p.token, client, UA), Some(20));
+        assert_eq!(c.token_difficulty(&p.fallback, client, UA), Some(20));
+        // A token with its difficulty edited, made up, or issued to someone else.
+        let easier = p.token.replacen(".20.", ".0.", 1);
+        assert_eq!(c.token_difficulty(&easier, client, UA), None);
+        assert_eq!(c.token_difficulty("p.1.0.x.y", client, UA), None);
+        assert_eq!(c.token_difficulty(&p.token, ip("192.0.2.9"), UA), None);
+        assert_eq!(c.token_difficulty("", client, UA), None);
+    }
+
+    #[test]
+    fn the_fallback_waits_longer_the_harder_the_puzzle() {
+        let c = challenger();
+        assert_eq!(c.fallback_wait(1), Duration::from_secs(5));
+        assert_eq!(
+            c.fallback_wait(FALLBACK_BASE_DIFFICULTY),
+            Duration::from_secs(5)
+        );
+        assert_eq!(c.fallback_wait(18), Duration::from_secs(20));
+        assert_eq!(c.fallback_wait(24), Duration::from_secs(5 * 256));
+        assert_eq!(c.fallback_wait(200), c.fallback_wait(MAX_DIFFICULTY));
+        let slow = Challenger::new(b"k", Duration::from_secs(3600), Duration::from_secs(60));
+        assert_eq!(slow.fallback_wait(24), MAX_FALLBACK_WAIT);
+        let now = 1_700_000_000;
+        let client = ip("192.0.2.1");
+        let p = c.issue(client, UA, 18, now);
+        assert_eq!(p.fallback_wait, Duration::from_secs(20));
+        assert_eq!(
+            c.redeem_fallback(&p.fallback, client, UA, now + 19),
+            Err(Refusal::TooEarly)
+        );
+        // Still redeemable after the puzzle's own lifetime, as the wait may exceed it.
+        let late = now + 20 + TOKEN_TTL.as_secs() - 1;
+        assert_eq!(
+            c.redeem_fallback(&p.fallback, client, UA, late).map(|_| ()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_full_replay_set_forgets_the_soonest_expiring_instead_of_refusing() {
+        let c = challenger();
+        let now = 1_700_000_000;
+        {
+            let mut used = c.used.lock();
+            for i in 0..REPLAY_CAPACITY as u64 {
+                used.insert(i, now + 10 + i % 100);
+            }
+        }
+        let client = ip("192.0.2.1");
+        let p = c.issue(client, UA, 1, now);
+        let nonce = solve(&p.token, 1);
+        assert!(c.redeem_solution(&p.token, &nonce, client, UA, now).is_ok());
+        let used = c.used.lock();
+        assert!(used.len() <= REPLAY_CAPACITY / 2 + 1, "{}", used.len());
+        // The ones kept are those expiring last, and the new one is remembered.
+        assert!(used.values().all(|e| *e >= now + 59));
+        drop(used);
+        assert_eq!(
+            c.redeem_solution(&p.token, &nonce, client, UA, now),
+            Err(Refusal::Replayed)
         );
     }
 

@@ -269,7 +269,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub challenge_ttl: Duration,
     /// How long a client without JavaScript waits on the challenge page before its
-    /// link clears it (`ESPER_CHALLENGE_FALLBACK_DELAY`).
+    /// link clears it, up to difficulty 16; each bit above doubles it, up to an hour
+    /// (`ESPER_CHALLENGE_FALLBACK_DELAY`).
     #[serde(with = "humantime_serde")]
     pub challenge_fallback_delay: Duration,
     /// Several apps by Host and path prefix, each with its upstreams. Empty: sidecar

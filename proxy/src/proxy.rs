@@ -197,7 +197,7 @@ impl EsperProxy {
         let puzzle = self.challenger.issue(ip, &ua, difficulty, unix_now());
         let json = wants_json(session);
         let difficulty = puzzle.difficulty.to_string();
-        let delay = self.challenger.fallback_delay().as_secs();
+        let delay = puzzle.fallback_wait.as_secs();
         let return_to = challenge::safe_return(return_to);
         let fallback_url = format!(
             "{CHALLENGE_PATH}?fallback={}&return={}",
@@ -298,12 +298,17 @@ impl EsperProxy {
             }
             Err(refusal) => {
                 tracing::debug!(client = %ip, %refusal, "challenge refused");
-                // A new puzzle; its difficulty is that of the refused token when readable.
-                let difficulty = token
-                    .split('.')
-                    .nth(2)
-                    .and_then(|d| d.parse().ok())
-                    .unwrap_or(challenge::MAX_DIFFICULTY / 2);
+                // A new puzzle, as hard as the refused one when its signature shows what
+                // that was: a difficulty the client wrote itself is never taken.
+                let refused = if fallback.is_empty() {
+                    &token
+                } else {
+                    &fallback
+                };
+                let difficulty = self
+                    .challenger
+                    .token_difficulty(refused, ip, &ua)
+                    .unwrap_or(challenge::DEFAULT_DIFFICULTY);
                 self.challenge(
                     session,
                     ctx,
@@ -319,8 +324,8 @@ impl EsperProxy {
         }
     }
 
-    /// Does the client hold a valid clearance?
-    fn cleared(&self, session: &Session, ip: IpAddr) -> bool {
+    /// Does the client hold a valid clearance for a challenge of `difficulty`?
+    fn cleared(&self, session: &Session, ip: IpAddr, difficulty: u8) -> bool {
         let headers = &session.req_header().headers;
         let Some(cookie) = challenge::find_cookie(headers) else {
             return false;
@@ -330,8 +335,7 @@ impl EsperProxy {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         self.challenger
-            .check_cookie(cookie, ip, ua, unix_now())
-            .is_ok()
+            .clears(cookie, ip, ua, difficulty, unix_now())
     }
 }
 
@@ -618,7 +622,7 @@ impl ProxyHttp for EsperProxy {
                 difficulty,
                 mitigation,
             } => {
-                if self.cleared(session, ip) {
+                if self.cleared(session, ip, difficulty) {
                     return Ok(false);
                 }
                 ctx.action = EnforcedAction::Challenge;

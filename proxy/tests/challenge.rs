@@ -176,7 +176,8 @@ async fn a_cookie_from_one_instance_is_honoured_by_another_with_the_key() {
 
 #[tokio::test]
 async fn without_javascript_the_fallback_link_clears_after_its_wait() {
-    let (proxy, _up, _broker) = challenged_proxy("ip:127.0.0.53", 20).await;
+    // One bit above the base difficulty: the configured second, doubled.
+    let (proxy, _up, _broker) = challenged_proxy("ip:127.0.0.53", 17).await;
     json_challenge(&proxy, "127.0.0.53").await;
     let client = reqwest::Client::builder()
         .local_address("127.0.0.53".parse::<std::net::IpAddr>().unwrap())
@@ -199,7 +200,7 @@ async fn without_javascript_the_fallback_link_clears_after_its_wait() {
     let html = page.text().await.unwrap();
     assert!(html.contains("crypto.subtle.digest"), "{html}");
     let refresh = html
-        .split("http-equiv=\"refresh\" content=\"1;url=")
+        .split("http-equiv=\"refresh\" content=\"2;url=")
         .nth(1)
         .and_then(|s| s.split('"').next())
         .expect("a meta refresh")
@@ -212,12 +213,51 @@ async fn without_javascript_the_fallback_link_clears_after_its_wait() {
     };
     // Too early: a new challenge page.
     assert_eq!(follow().await.unwrap().status(), 403);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let done = follow().await.unwrap();
     assert_eq!(done.status(), 303);
     assert_eq!(done.headers()["location"], "/some/page?q=1");
     let cookie = cookie_of(&done);
     assert_eq!(get_with(&proxy, "127.0.0.53", &cookie, UA).await, 200);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cookie_earned_on_an_easy_puzzle_does_not_clear_a_harder_challenge() {
+    let (proxy, _up, broker) = challenged_proxy("ip:127.0.0.54", 4).await;
+    let body = json_challenge(&proxy, "127.0.0.54").await;
+    let token = body["challenge"]["token"].as_str().unwrap();
+    let cookie = cookie_of(&post_solution(&proxy, "127.0.0.54", token, &solve(token, 4)).await);
+    assert_eq!(get_with(&proxy, "127.0.0.54", &cookie, UA).await, 200);
+
+    // A refused solution is asked again at its token's signed difficulty; a made-up
+    // token with difficulty 0 gets the default, not 0.
+    let wrong = post_solution(&proxy, "127.0.0.54", token, "x").await;
+    let wrong: serde_json::Value = wrong.json().await.unwrap();
+    assert_eq!(wrong["challenge"]["difficulty"], 4);
+    let forged = post_solution(&proxy, "127.0.0.54", "p.99999999999.0.0.00", "0").await;
+    assert_eq!(forged.status(), 403);
+    let forged: serde_json::Value = forged.json().await.unwrap();
+    assert_eq!(forged["error"], "challenge_failed");
+    assert_eq!(forged["challenge"]["difficulty"], 16);
+
+    // The client is now asked for more work: the easy cookie no longer clears it.
+    broker
+        .publish("ip:127.0.0.54", Action::Challenge { difficulty: 12 }, TTL)
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while get_with(&proxy, "127.0.0.54", &cookie, UA).await == 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the harder challenge applies to the easy cookie"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let harder = json_challenge(&proxy, "127.0.0.54").await;
+    assert_eq!(harder["challenge"]["difficulty"], 12);
+    let token = harder["challenge"]["token"].as_str().unwrap();
+    let cookie = cookie_of(&post_solution(&proxy, "127.0.0.54", token, &solve(token, 12)).await);
+    assert_eq!(get_with(&proxy, "127.0.0.54", &cookie, UA).await, 200);
     proxy.stop().await.unwrap();
 }
 
@@ -233,8 +273,13 @@ fn chromium() -> Option<&'static str> {
 
 #[tokio::test]
 async fn headless_chromium_solves_the_challenge_and_reaches_the_app() {
+    // CI installs Chromium, so its absence is a failure unless skipping was asked for.
     let Some(browser) = chromium() else {
-        eprintln!("SKIPPED: chromium is not installed (apt-get install -y chromium)");
+        assert!(
+            std::env::var_os("ESPER_SKIP_BROWSER").is_some(),
+            "chromium is not installed (apt-get install -y chromium), and ESPER_SKIP_BROWSER is not set"
+        );
+        eprintln!("SKIPPED: chromium is not installed and ESPER_SKIP_BROWSER is set");
         return;
     };
     // Chromium connects from 127.0.0.1.
