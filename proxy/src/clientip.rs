@@ -1,13 +1,16 @@
 //! Who the client really is: the connection's address, unless it belongs to a trusted
-//! proxy, in which case `Forwarded` / `X-Forwarded-For` are walked from the right and the
-//! first address that is not a trusted proxy wins (what a client writes on the left of
-//! those headers is its own claim and never trusted). Also the allowlists that bypass
-//! every mitigation.
+//! proxy, in which case the header those proxies set (`X-Forwarded-For`, or `Forwarded`
+//! when configured) is walked from the right and the first address that is not a trusted
+//! proxy wins. What a client writes on the left of that header is its own claim and never
+//! trusted, and the other header is not read at all: a proxy in front passes it on as the
+//! client wrote it. Also the allowlists that bypass every mitigation.
 
 use std::net::IpAddr;
 
 use http::HeaderMap;
 use ipnet::IpNet;
+
+use crate::config::RealIpHeader;
 
 const FORWARDED: &str = "forwarded";
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
@@ -34,16 +37,21 @@ impl Networks {
     }
 }
 
-/// The client address of a request that arrived from `peer` with `headers`.
-pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &Networks) -> IpAddr {
+/// The client address of a request that arrived from `peer` with `headers`, the trusted
+/// proxies naming the client in `header`.
+pub fn resolve(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &Networks,
+    header: RealIpHeader,
+) -> IpAddr {
     let peer = peer.to_canonical();
     if trusted.is_empty() || !trusted.contains(peer) {
         return peer;
     }
-    if headers.contains_key(FORWARDED) {
-        walk(peer, trusted, forwarded_hops(headers))
-    } else {
-        walk(peer, trusted, x_forwarded_for_hops(headers))
+    match header {
+        RealIpHeader::XForwardedFor => walk(peer, trusted, x_forwarded_for_hops(headers)),
+        RealIpHeader::Forwarded => walk(peer, trusted, forwarded_hops(headers)),
     }
 }
 
@@ -134,6 +142,9 @@ mod tests {
 
     use super::*;
 
+    const XFF: RealIpHeader = RealIpHeader::XForwardedFor;
+    const FWD: RealIpHeader = RealIpHeader::Forwarded;
+
     fn nets(list: &[&str]) -> Networks {
         Networks::new(&list.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>())
     }
@@ -153,9 +164,12 @@ mod tests {
     #[test]
     fn untrusted_peers_are_the_client_whatever_they_claim() {
         let h = headers(&[("x-forwarded-for", "1.2.3.4")]);
-        assert_eq!(resolve(ip("192.0.2.1"), &h, &nets(&[])), ip("192.0.2.1"));
         assert_eq!(
-            resolve(ip("192.0.2.1"), &h, &nets(&["10.0.0.0/8"])),
+            resolve(ip("192.0.2.1"), &h, &nets(&[]), XFF),
+            ip("192.0.2.1")
+        );
+        assert_eq!(
+            resolve(ip("192.0.2.1"), &h, &nets(&["10.0.0.0/8"]), XFF),
             ip("192.0.2.1")
         );
     }
@@ -168,22 +182,25 @@ mod tests {
             ("x-forwarded-for", "6.6.6.6, 198.51.100.7"),
             ("x-forwarded-for", "10.0.0.5"),
         ]);
-        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted), ip("198.51.100.7"));
+        assert_eq!(
+            resolve(ip("127.0.0.1"), &h, &trusted, XFF),
+            ip("198.51.100.7")
+        );
         // Every hop trusted: the farthest one.
         let h = headers(&[("x-forwarded-for", "10.1.1.1, 10.0.0.5")]);
-        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted), ip("10.1.1.1"));
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted, XFF), ip("10.1.1.1"));
         // No header: the peer itself.
         assert_eq!(
-            resolve(ip("127.0.0.1"), &HeaderMap::new(), &trusted),
+            resolve(ip("127.0.0.1"), &HeaderMap::new(), &trusted, XFF),
             ip("127.0.0.1")
         );
         // Garbage stops the walk at the last address known.
         let h = headers(&[("x-forwarded-for", "198.51.100.7, junk, 10.0.0.5")]);
-        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted), ip("10.0.0.5"));
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted, XFF), ip("10.0.0.5"));
     }
 
     #[test]
-    fn forwarded_is_read_when_present() {
+    fn only_the_configured_header_is_read() {
         let trusted = nets(&["10.0.0.0/8"]);
         let h = headers(&[
             (
@@ -192,9 +209,28 @@ mod tests {
             ),
             ("x-forwarded-for", "192.0.2.200"),
         ]);
-        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("2001:db8::7"));
+        assert_eq!(
+            resolve(ip("10.0.0.2"), &h, &trusted, FWD),
+            ip("2001:db8::7")
+        );
+        // A balancer that sets X-Forwarded-For passes a client's own `Forwarded` on: it
+        // is not read, whatever it claims.
+        assert_eq!(
+            resolve(ip("10.0.0.2"), &h, &trusted, XFF),
+            ip("192.0.2.200")
+        );
+        let claim = headers(&[("forwarded", "for=192.0.2.99")]);
+        assert_eq!(
+            resolve(ip("10.0.0.2"), &claim, &trusted, XFF),
+            ip("10.0.0.2")
+        );
+        let claim = headers(&[("x-forwarded-for", "192.0.2.99")]);
+        assert_eq!(
+            resolve(ip("10.0.0.2"), &claim, &trusted, FWD),
+            ip("10.0.0.2")
+        );
         let h = headers(&[("forwarded", "for=unknown, for=10.0.0.3")]);
-        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.3"));
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted, FWD), ip("10.0.0.3"));
     }
 
     #[test]
@@ -220,6 +256,7 @@ mod tests {
             xff in "[0-9a-fA-F:., \\[\\]a-z=;\"]{0,80}",
             fwd in proptest::option::of("[0-9a-fA-F:., \\[\\]a-z=;\"]{0,80}"),
             trusted_peer in proptest::bool::ANY,
+            read_forwarded in proptest::bool::ANY,
         ) {
             let trusted = nets(&["10.0.0.0/8"]);
             let peer = if trusted_peer { ip("10.0.0.1") } else { ip("192.0.2.1") };
@@ -230,12 +267,13 @@ mod tests {
             if let Some(Ok(v)) = fwd.as_deref().map(HeaderValue::from_str) {
                 h.append("forwarded", v);
             }
-            let client = resolve(peer, &h, &trusted);
+            let header = if read_forwarded { FWD } else { XFF };
+            let client = resolve(peer, &h, &trusted, header);
             if !trusted_peer {
                 proptest::prop_assert_eq!(client, peer);
             } else if client != peer {
-                // Whatever was picked, it was written in one of the headers.
-                let text = format!("{xff} {}", fwd.unwrap_or_default());
+                // Whatever was picked, it was written in the header that is read.
+                let text = if read_forwarded { fwd.unwrap_or_default() } else { xff };
                 let written: Vec<IpAddr> = text
                     .split([' ', ',', ';', '=', '"', '[', ']'])
                     .filter_map(|t| {

@@ -10,6 +10,32 @@ use esper_common::config::{ConfigError, Vars, parse_duration_ms, parse_duration_
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+/// The header a trusted proxy in front names the client in (`real_ip_header`): the one
+/// it sets. Only that one is read, since a proxy passes the other on as the client wrote
+/// it, and reading that would let a client choose its own address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RealIpHeader {
+    /// `X-Forwarded-For`, what load balancers set (the default).
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// `Forwarded: for=...` (RFC 7239).
+    #[serde(rename = "forwarded")]
+    Forwarded,
+}
+
+impl std::str::FromStr for RealIpHeader {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(RealIpHeader::XForwardedFor),
+            "forwarded" => Ok(RealIpHeader::Forwarded),
+            _ => Err("expected x-forwarded-for or forwarded".to_string()),
+        }
+    }
+}
+
 /// Default client-traffic listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 /// Default ops listener (health and metrics).
@@ -233,11 +259,13 @@ pub struct Config {
     /// `--drain-timeout`).
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Networks of proxies and load balancers in front whose `Forwarded` /
-    /// `X-Forwarded-For` are believed: the client is the rightmost address that is not
-    /// one of them. Empty: the connection's address is the client
+    /// Networks of proxies and load balancers in front whose `real_ip_header` is
+    /// believed: the client is the rightmost address in it that is not one of them. Empty: the connection's address is the client
     /// (`ESPER_TRUSTED_PROXIES`, comma separated; `--trusted-proxy`, repeatable).
     pub trusted_proxies: Vec<IpNet>,
+    /// Which header the trusted proxies name the client in: `x-forwarded-for` (default)
+    /// or `forwarded`; the other is not read (`ESPER_REAL_IP_HEADER`, `--real-ip-header`).
+    pub real_ip_header: RealIpHeader,
     /// Headers added to what is forwarded: `x-forwarded-for` (the client chain, kept
     /// only from trusted hops), `x-forwarded-proto`, `x-real-ip` (the client),
     /// `x-request-id` (to the upstream request when the client sent no usable one, and
@@ -329,6 +357,7 @@ impl Default for Config {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             trusted_proxies: Vec::new(),
+            real_ip_header: RealIpHeader::default(),
             forward_headers: FORWARD_HEADERS.map(String::from).to_vec(),
             proxy_protocol: false,
             allow_ips: Vec::new(),
@@ -439,6 +468,7 @@ impl Config {
         if let Some((name, v)) = vars.lookup(&["ESPER_TRUSTED_PROXIES"]) {
             self.trusted_proxies = net_list(&name, &v)?;
         }
+        vars.parse(&["ESPER_REAL_IP_HEADER"], &mut self.real_ip_header)?;
         if let Some((_, v)) = vars.lookup(&["ESPER_FORWARD_HEADERS"]) {
             // An empty variable counts as unset, as everywhere else.
             self.forward_headers = if v.eq_ignore_ascii_case("none") {
@@ -882,6 +912,10 @@ pub struct Args {
     /// A trusted proxy network whose forwarding headers are believed (repeatable)
     #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
+    /// The header trusted proxies name the client in: x-forwarded-for or forwarded
+    /// [default: x-forwarded-for]
+    #[arg(long, value_name = "HEADER")]
+    pub real_ip_header: Option<RealIpHeader>,
     /// Expect a PROXY protocol header on every client connection
     #[arg(long)]
     pub proxy_protocol: bool,
@@ -938,6 +972,7 @@ impl Args {
         if !self.trusted_proxies.is_empty() {
             cfg.trusted_proxies = self.trusted_proxies.clone();
         }
+        set(&mut cfg.real_ip_header, &self.real_ip_header);
         if self.proxy_protocol {
             cfg.proxy_protocol = true;
         }
@@ -1029,6 +1064,27 @@ mod tests {
         let bad = env(&[("ESPER_TRUSTED_PROXIES", "10.0.0.0/8,nope")]);
         let err = load::<Config, _>(None, &bad, Config::apply_env).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn the_real_ip_header_is_x_forwarded_for_unless_set() {
+        assert_eq!(
+            Config::default().real_ip_header,
+            RealIpHeader::XForwardedFor
+        );
+        let fwd = env(&[("ESPER_REAL_IP_HEADER", "Forwarded")]);
+        let cfg = load::<Config, _>(None, &fwd, Config::apply_env).unwrap();
+        assert_eq!(cfg.real_ip_header, RealIpHeader::Forwarded);
+        let toml: Config = toml::from_str("real_ip_header = \"forwarded\"").unwrap();
+        assert_eq!(toml.real_ip_header, RealIpHeader::Forwarded);
+        let typo = env(&[("ESPER_REAL_IP_HEADER", "x-real-ip")]);
+        let err = load::<Config, _>(None, &typo, Config::apply_env).unwrap_err();
+        assert!(
+            err.to_string().contains("ESPER_REAL_IP_HEADER")
+                && err.to_string().contains("x-forwarded-for or forwarded"),
+            "{err}"
+        );
+        assert!(toml::from_str::<Config>("real_ip_header = \"x-real-ip\"").is_err());
     }
 
     #[derive(clap::Parser)]

@@ -18,6 +18,8 @@ use crate::respond::Templates;
 pub struct Live {
     pub router: Router,
     pub trusted: Networks,
+    /// The header `trusted` proxies name the client in.
+    pub real_ip_header: crate::config::RealIpHeader,
     pub allow_ips: Networks,
     pub allow_paths: Paths,
     /// Templates of answers given outside any app (unknown host).
@@ -86,6 +88,7 @@ impl Live {
         Ok(Live {
             router: Router::new(apps, config.default_app.as_deref()),
             trusted: Networks::new(&config.trusted_proxies),
+            real_ip_header: config.real_ip_header,
             allow_ips: Networks::new(&config.allow_ips),
             allow_paths: Paths::new(&config.allow_paths),
             templates,

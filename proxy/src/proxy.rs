@@ -20,6 +20,7 @@ use crate::apps::App;
 use crate::cache::RequestKeys;
 use crate::challenge::{self, CHALLENGE_PATH, COOKIE_NAME, Challenger, Clearance};
 use crate::clientip;
+use crate::config::RealIpHeader;
 use crate::enforce::{Enforcer, Verdict};
 use crate::live::{Forward, LiveState};
 use crate::metrics::Metrics;
@@ -77,6 +78,9 @@ pub struct RequestCtx {
     client_ip: Option<IpAddr>,
     /// The connection's peer is a trusted proxy (its forwarding headers are kept).
     peer_trusted: bool,
+    /// ... and names the client in `Forwarded`, which is therefore passed on; otherwise
+    /// a `Forwarded` header is the client's own and is removed.
+    keep_forwarded: bool,
     /// The client's usable `X-Request-ID` or a fresh id (empty until the request filter
     /// ran). A header value, so the upstream request, the response and local answers
     /// share its one buffer.
@@ -508,6 +512,7 @@ impl ProxyHttp for EsperProxy {
             timestamp: Utc::now(),
             client_ip: None,
             peer_trusted: false,
+            keep_forwarded: false,
             request_id: HeaderValue::from_static(""),
             client_request_id: false,
             forward: Forward::default(),
@@ -539,7 +544,8 @@ impl ProxyHttp for EsperProxy {
         };
         let req = session.req_header();
         ctx.peer_trusted = live.trusted.contains(peer);
-        let ip = clientip::resolve(peer, &req.headers, &live.trusted);
+        ctx.keep_forwarded = ctx.peer_trusted && live.real_ip_header == RealIpHeader::Forwarded;
+        let ip = clientip::resolve(peer, &req.headers, &live.trusted, live.real_ip_header);
         ctx.client_ip = Some(ip);
         let path = req.uri.path();
         let Some(app) = live.router.route(request_host(req), path).cloned() else {
@@ -737,7 +743,7 @@ impl ProxyHttp for EsperProxy {
         } else {
             drop_untrusted(upstream_request, &X_REAL_IP_NAME, trusted);
         }
-        drop_untrusted(upstream_request, &FORWARDED, trusted);
+        drop_untrusted(upstream_request, &FORWARDED, ctx.keep_forwarded);
         if forward.proto {
             let proto = if is_tls(session) { HTTPS } else { HTTP };
             upstream_request.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;

@@ -53,7 +53,8 @@ async fn forwarded_headers_count_only_from_trusted_proxies() {
         up.last_header("x-forwarded-for"),
         "198.51.100.7, 203.0.113.5, 127.0.0.10"
     );
-    // `Forwarded` wins over X-Forwarded-For when both are present.
+    // The balancer sets X-Forwarded-For and passes on a `Forwarded` the client wrote:
+    // that one is neither read nor forwarded.
     assert_eq!(
         get(
             "127.0.0.10",
@@ -61,14 +62,43 @@ async fn forwarded_headers_count_only_from_trusted_proxies() {
             Some("for=\"198.51.100.7:5000\"")
         )
         .await,
-        403
+        200
     );
+    assert_eq!(up.last_header("x-real-ip"), "203.0.113.5");
+    assert_eq!(up.last_header("forwarded"), "");
     // A direct client cannot pose as someone else, nor escape its own block.
     assert_eq!(get("127.0.0.11", "198.51.100.7", None).await, 200);
     assert_eq!(up.last_header("x-real-ip"), "127.0.0.11");
     assert_eq!(up.last_header("x-forwarded-for"), "127.0.0.11");
     assert_eq!(up.last_header("forwarded"), "");
     assert_eq!(get("127.0.0.19", "203.0.113.5", None).await, 403);
+    proxy.stop().await.unwrap();
+
+    // Balancers that name the client in `Forwarded`: that header is read and passed
+    // on, and an X-Forwarded-For the client wrote is not believed.
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.trusted_proxies = nets(&["127.0.0.10/32"]);
+    cfg.real_ip_header = esper_proxy::config::RealIpHeader::Forwarded;
+    let proxy = start_proxy(cfg).await;
+    assert!(wait_for_status("127.0.0.19", &proxy.url, 403, Duration::from_secs(2)).await);
+    let get = |xff: &'static str, fwd: &'static str| {
+        let url = format!("{}/", proxy.url);
+        async move {
+            client_from("127.0.0.10")
+                .get(url)
+                .header("x-forwarded-for", xff)
+                .header("forwarded", fwd)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(get("203.0.113.5", "for=\"198.51.100.7:5000\"").await, 403);
+    assert_eq!(get("198.51.100.7", "for=203.0.113.5").await, 200);
+    assert_eq!(up.last_header("x-real-ip"), "203.0.113.5");
+    assert_eq!(up.last_header("forwarded"), "for=203.0.113.5");
     proxy.stop().await.unwrap();
 }
 
@@ -118,11 +148,12 @@ async fn forward_headers_left_out_are_not_added_and_not_spoofable() {
         assert_eq!(resp.status(), 200);
         assert_eq!(up.last_header("x-request-id"), seen, "{sent}");
     }
-    // A trusted proxy's pass through untouched.
+    // A trusted proxy's pass through untouched, except a `Forwarded` header when the
+    // proxies name the client in X-Forwarded-For (then it is a client's own claim).
     get("127.0.0.10", true).await;
     assert_eq!(up.last_header("x-forwarded-for"), "198.51.100.7");
     assert_eq!(up.last_header("x-real-ip"), "198.51.100.7");
-    assert_eq!(up.last_header("forwarded"), "for=198.51.100.7");
+    assert_eq!(up.last_header("forwarded"), "");
     proxy.stop().await.unwrap();
 }
 
