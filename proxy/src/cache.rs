@@ -13,6 +13,7 @@
 //! work, and a snapshot is built outside the lock (page by page, in a
 //! [`SnapshotBuilder`], while the old content keeps being enforced) and swapped in.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use esper_protocol::{
     Action, Change, EntityKey, Mitigation, Scope, hash_cookie_value, path_template,
+    write_path_template,
 };
 use http::HeaderMap;
 use ipnet::IpNet;
@@ -328,12 +330,31 @@ fn tuple_ip(parts: &[EntityKey]) -> Option<IpAddr> {
     })
 }
 
+thread_local! {
+    /// The buffer request paths are templated into, so a lookup does not allocate.
+    static TEMPLATE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Calls `f` with the template of `path` ([`path_template`]).
+fn with_template<R>(path: &str, f: impl FnOnce(&str) -> R) -> R {
+    TEMPLATE.with(|buf| match buf.try_borrow_mut() {
+        Ok(mut buf) => {
+            write_path_template(path, &mut buf);
+            f(&buf)
+        }
+        // Only if `f` itself templated a path; then a buffer of its own.
+        Err(_) => f(&path_template(path)),
+    })
+}
+
 /// Does a request match one part of a tuple?
 fn part_matches(part: &EntityKey, req: &RequestKeys<'_>) -> bool {
     let (ip, headers) = (req.ip, req.headers);
     match part {
         EntityKey::Ip(_) | EntityKey::Cidr(_) => part.covers_ip(ip),
-        EntityKey::Path(template) => !req.path.is_empty() && path_template(req.path) == *template,
+        EntityKey::Path(template) => {
+            !req.path.is_empty() && with_template(req.path, |t| t == template.as_str())
+        }
         EntityKey::Ja4(fp) => req.ja4 == Some(fp.as_str()),
         EntityKey::Header { name, value } => headers
             .get_all(name.as_str())
@@ -627,7 +648,7 @@ impl Index {
             }
         }
         if !self.paths.is_empty() && !req.path.is_empty() {
-            if let Some(slot) = self.paths.get(&path_template(req.path)) {
+            if let Some(slot) = with_template(req.path, |t| self.paths.get(t)) {
                 consider(&mut best, slot.entries(), app, now);
             }
         }

@@ -5,6 +5,7 @@
 //! trusted, and the other header is not read at all: a proxy in front passes it on as the
 //! client wrote it. Also the allowlists that bypass every mitigation.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::HeaderMap;
@@ -130,9 +131,16 @@ impl Paths {
         paths
     }
 
-    /// Does `path` match an entry?
+    /// Does the request path `path` match an entry? Only a path already in normal form
+    /// can: one with escapes, `.` or `..` segments, repeated slashes or backslashes may
+    /// resolve at the upstream to somewhere the list does not cover (`/static/../admin`),
+    /// and which way depends on the upstream, so it gets no bypass.
     pub fn contains(&self, path: &str) -> bool {
-        self.exact.iter().any(|p| p == path) || self.prefixes.iter().any(|p| path.starts_with(p))
+        let normal = matches!(esper_protocol::normalize_path(path), Cow::Borrowed(_))
+            && !path.contains('\\');
+        normal
+            && (self.exact.iter().any(|p| p == path)
+                || self.prefixes.iter().any(|p| path.starts_with(p)))
     }
 }
 
@@ -247,6 +255,19 @@ mod tests {
         assert!(!p.contains("/healthz/x"));
         assert!(p.contains("/static/app.js"));
         assert!(!p.contains("/"));
+        // Paths an upstream may resolve outside the list get no bypass.
+        for sneaky in [
+            "/static/../admin",
+            "/static/%2e%2e/admin",
+            "/static/..%2fadmin",
+            "/static//x",
+            "/static/./x",
+            "/static\\..\\admin",
+            "/static/%61pp.js",
+            "/healthz/..",
+        ] {
+            assert!(!p.contains(sneaky), "{sneaky}");
+        }
     }
 
     proptest::proptest! {

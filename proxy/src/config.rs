@@ -607,6 +607,20 @@ impl Config {
                 "a path starts with `/` (a trailing `*` makes it a prefix)",
             ));
         }
+        // Only normal request paths can match, so an entry that is not one never would.
+        if let Some(bad) = self.allow_paths.iter().find(|p| {
+            let p = p.strip_suffix('*').unwrap_or(p);
+            !matches!(
+                esper_protocol::normalize_path(p),
+                std::borrow::Cow::Borrowed(_)
+            ) || p.contains('\\')
+        }) {
+            return Err(ConfigError::invalid(
+                "allow_paths",
+                bad,
+                "a normal path: no escapes, `.` or `..` segments, `//` or backslashes",
+            ));
+        }
         if let Some(secret) = &self.challenge_secret
             && secret.len() < MIN_CHALLENGE_SECRET_LEN
         {
@@ -1064,6 +1078,24 @@ mod tests {
         let bad = env(&[("ESPER_TRUSTED_PROXIES", "10.0.0.0/8,nope")]);
         let err = load::<Config, _>(None, &bad, Config::apply_env).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn allow_paths_must_be_normal_paths() {
+        let ok = Config {
+            upstream: "127.0.0.1:3000".into(),
+            allow_paths: vec!["/healthz".into(), "/.well-known/*".into(), "/static/*".into()],
+            ..Config::default()
+        };
+        ok.validate().unwrap();
+        for bad in ["/a/../b", "/a//b", "/%61", "/a\\b/*"] {
+            let cfg = Config {
+                allow_paths: vec![bad.into()],
+                ..ok.clone()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("allow_paths") && err.contains("normal path"), "{bad}: {err}");
+        }
     }
 
     #[test]

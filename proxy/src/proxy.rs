@@ -548,7 +548,9 @@ impl ProxyHttp for EsperProxy {
         let ip = clientip::resolve(peer, &req.headers, &live.trusted, live.real_ip_header);
         ctx.client_ip = Some(ip);
         let path = req.uri.path();
-        let Some(app) = live.router.route(request_host(req), path).cloned() else {
+        // Routed as the upstream will resolve the path: `/api/../admin` is `/admin`'s.
+        let routed = esper_protocol::normalize_path(path);
+        let Some(app) = live.router.route(request_host(req), &routed).cloned() else {
             self.answer(
                 session,
                 ctx,

@@ -86,8 +86,33 @@ async fn requests_go_to_the_app_of_their_host_and_path() {
     let (status, page) = get_host(&url("/"), "nobody.example").await;
     assert_eq!(status, 421);
     assert!(page.contains("421 Misdirected Request"), "{page}");
-    assert_eq!(shop.hits() + api.hits() + blog.hits(), 6);
+    // Routed by the path the upstream will resolve, dot segments and all (sent raw:
+    // HTTP clients resolve them before sending).
+    for (path, routed) in [
+        ("/api/../admin", "shop /api/../admin"),
+        ("/x/%2e%2e/api/v1", "api /x/%2e%2e/api/v1"),
+        ("//api", "api //api"),
+    ] {
+        let answer = raw_request(proxy.handle().traffic_addr(), path, "shop.example").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        assert!(answer.ends_with(routed), "{path}: {answer}");
+    }
+    assert_eq!(shop.hits() + api.hits() + blog.hits(), 9);
     proxy.stop().await.unwrap();
+}
+
+/// A raw GET of `path` with `host`, and the whole answer.
+async fn raw_request(proxy: std::net::SocketAddr, path: &str, host: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tokio::test]

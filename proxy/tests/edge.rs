@@ -233,6 +233,24 @@ async fn allowlists_bypass_every_mitigation() {
         404,
         "reached the upstream, which has no such path"
     );
+    // A path that may resolve outside the list at the upstream gets no bypass.
+    for sneaky in [
+        "/.well-known/../admin",
+        "/.well-known/%2e%2e/admin",
+        "/.well-known/..%2fadmin",
+        "/.well-known//x",
+        "/slow/..",
+    ] {
+        let answer =
+            support::raw_get("127.0.0.31", proxy.handle().traffic_addr(), b"", sneaky).await;
+        assert_eq!(support::raw_status(&answer), 403, "{sneaky}");
+    }
+    assert_eq!(
+        support::raw_status(
+            &support::raw_get("127.0.0.31", proxy.handle().traffic_addr(), b"", "/slow").await
+        ),
+        200
+    );
     proxy.stop().await.unwrap();
 }
 

@@ -7,6 +7,7 @@
 //! `path:/users/{id}/orders` (see [`path_template`]), and a TLS client fingerprint,
 //! `ja4:t13d1516h2_8daaf6152771_b0da82dd1658`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -162,8 +163,9 @@ impl FromStr for EntityKey {
             "header" => named_value(rest).map(|(name, value)| EntityKey::Header { name, value }),
             "cookie" => named_value(rest).map(|(name, value)| EntityKey::Cookie { name, value }),
             "tuple" => tuple(rest),
+            // Normalised as request paths are, so `path:/a//b` matches `/a/b`.
             "path" if rest.starts_with('/') && !rest.contains(['?', '#']) => {
-                Ok(EntityKey::Path(rest.to_string()))
+                Ok(EntityKey::Path(normalize_path(rest).into_owned()))
             }
             "path" => Err(EntityParseError::BadPath(rest.to_string())),
             "ja4"
@@ -178,9 +180,10 @@ impl FromStr for EntityKey {
     }
 }
 
-/// The template of a request path: the query is dropped and each segment that looks
-/// like an identifier is replaced by a placeholder, so that `/users/42/orders?page=2`
-/// and `/users/7/orders` are both `/users/{id}/orders`:
+/// The template of a request path: the query is dropped, the path normalised
+/// ([`normalize_path`]), and each segment that looks like an identifier is replaced by a
+/// placeholder, so that `/users/42/orders?page=2`, `/users/7/orders` and
+/// `/users//7/./orders` are all `/users/{id}/orders`:
 ///
 /// - digits only: `{id}`;
 /// - a UUID (8-4-4-4-12 hex digits): `{uuid}`;
@@ -190,8 +193,16 @@ impl FromStr for EntityKey {
 /// The proxy and the engine use this same function, so a mitigation a policy decides on
 /// a template is enforced on every path with that template.
 pub fn path_template(path: &str) -> String {
+    let mut out = String::with_capacity(path.len() + 1);
+    write_path_template(path, &mut out);
+    out
+}
+
+/// [`path_template`] written into `out` (cleared first), so a caller can reuse one buffer.
+pub fn write_path_template(path: &str, out: &mut String) {
+    out.clear();
     let path = path.split(['?', '#']).next().unwrap_or("");
-    let mut out = String::with_capacity(path.len());
+    let path = normalize_path(path);
     for (i, segment) in path.split('/').enumerate() {
         if i > 0 {
             out.push('/');
@@ -201,7 +212,101 @@ pub fn path_template(path: &str) -> String {
     if !out.starts_with('/') {
         out.insert(0, '/');
     }
-    out
+}
+
+/// A request path in the form servers resolve it to, for matching routes, allowlists
+/// and path mitigations: percent-escapes of unreserved characters decoded (`%61` is `a`,
+/// `%2E` is `.`) and the others' hex digits upper-cased, runs of `/` merged, and `.` and
+/// `..` segments removed (RFC 3986, section 5.2.4; `..` never climbs above the root).
+/// `%2F` stays encoded: servers disagree on whether it separates segments. A path
+/// already in that form is returned as it is, without allocating.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    if is_normal_path(path) {
+        return Cow::Borrowed(path);
+    }
+    let decoded = decode_unreserved(path);
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    // Whether the result ends with a separator: after a trailing `/`, `.` or `..`.
+    let mut trailing = false;
+    for (i, segment) in segments.iter().enumerate() {
+        trailing = false;
+        match *segment {
+            "" if i == 0 => {}
+            "" => trailing = i == last,
+            "." => trailing = true,
+            ".." => {
+                out.pop();
+                trailing = true;
+            }
+            s => out.push(s),
+        }
+    }
+    let mut normal = String::with_capacity(decoded.len() + 1);
+    for s in &out {
+        normal.push('/');
+        normal.push_str(s);
+    }
+    if trailing || out.is_empty() {
+        normal.push('/');
+    }
+    Cow::Owned(normal)
+}
+
+/// No escapes, no empty segment but a trailing one, no `.` or `..` segment, and rooted.
+fn is_normal_path(path: &str) -> bool {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') || b.contains(&b'%') {
+        return false;
+    }
+    let last = b.len() - 1;
+    let mut start = 1;
+    for (i, &c) in b.iter().enumerate().skip(1) {
+        if c == b'/' || i == last {
+            let end = if c == b'/' { i } else { i + 1 };
+            let segment = &b[start..end];
+            if (segment.is_empty() && c == b'/') || segment == b"." || segment == b".." {
+                return false;
+            }
+            start = i + 1;
+        }
+    }
+    true
+}
+
+/// Decodes `%XX` where XX is an unreserved character; upper-cases the hex of the others.
+fn decode_unreserved(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len() + 1);
+    if b.first() != Some(&b'/') {
+        out.push(b'/');
+    }
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if let (Some(hi), Some(lo)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                let byte = (hi * 16 + lo) as u8;
+                if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                    out.push(byte);
+                } else {
+                    out.push(b'%');
+                    out.push(b[i + 1].to_ascii_uppercase());
+                    out.push(b[i + 2].to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    // Only ASCII was put in place of ASCII escapes, so this is the input's UTF-8.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// The placeholder for a path segment that looks like an identifier.
@@ -283,10 +388,62 @@ mod tests {
                 "/products/running-shoes-for-winter",
                 "/products/running-shoes-for-winter",
             ),
-            ("/a//b/", "/a//b/"),
+            ("/a//b/", "/a/b/"),
+            ("/users//7/./orders", "/users/{id}/orders"),
+            ("/users/7/x/../orders", "/users/{id}/orders"),
+            ("/%6cogin", "/login"),
+            ("login", "/login"),
         ] {
             assert_eq!(path_template(path), template, "{path}");
         }
+    }
+
+    #[test]
+    fn paths_normalise_as_servers_resolve_them() {
+        for (path, normal) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/b/", "/a/b/"),
+            ("/.well-known/x", "/.well-known/x"),
+            ("/a..b/c.", "/a..b/c."),
+            ("//", "/"),
+            ("/a//b", "/a/b"),
+            ("/static/../admin", "/admin"),
+            ("/static/%2e%2e/admin", "/admin"),
+            ("/static/.%2E/admin", "/admin"),
+            ("/a/./b/.", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/../../etc", "/etc"),
+            ("/..", "/"),
+            ("/%7euser/%41", "/~user/A"),
+            ("/a%2fb/%2F..", "/a%2Fb/%2F.."),
+            ("/a%2Fb/%2e%2e", "/"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/bad%zz%4", "/bad%zz%4"),
+            ("", "/"),
+            ("rel/x", "/rel/x"),
+        ] {
+            assert_eq!(normalize_path(path), normal, "{path}");
+        }
+        assert!(matches!(normalize_path("/static/app.js"), Cow::Borrowed(_)));
+        assert!(matches!(normalize_path("/a/b/"), Cow::Borrowed(_)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn normal_paths_are_a_fixed_point(path in "(/|[a-z.~]|%[0-9A-Fa-f]{2}){0,20}") {
+            let once = normalize_path(&path).into_owned();
+            proptest::prop_assert!(once.starts_with('/'));
+            proptest::prop_assert!(!once.contains("//"));
+            proptest::prop_assert!(!once.split('/').any(|s| s == "." || s == ".."));
+            proptest::prop_assert_eq!(normalize_path(&once), once.as_str());
+        }
+    }
+
+    #[test]
+    fn path_keys_are_normalised() {
+        let key: EntityKey = "path:/a//b/./{id}".parse().unwrap();
+        assert_eq!(key, EntityKey::Path("/a/b/{id}".into()));
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub use control::{
     WorkerHeartbeat,
 };
 pub use decision_log::{DecisionLogClient, DecisionRevoke, PageMark};
-pub use entity::{EntityKey, EntityParseError, path_template};
+pub use entity::{EntityKey, EntityParseError, normalize_path, path_template, write_path_template};
 pub use error::ApiErrorBody;
 pub use event::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};
 pub use event_json::{
