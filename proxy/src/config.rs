@@ -1084,7 +1084,11 @@ mod tests {
     fn allow_paths_must_be_normal_paths() {
         let ok = Config {
             upstream: "127.0.0.1:3000".into(),
-            allow_paths: vec!["/healthz".into(), "/.well-known/*".into(), "/static/*".into()],
+            allow_paths: vec![
+                "/healthz".into(),
+                "/.well-known/*".into(),
+                "/static/*".into(),
+            ],
             ..Config::default()
         };
         ok.validate().unwrap();
@@ -1094,7 +1098,10 @@ mod tests {
                 ..ok.clone()
             };
             let err = cfg.validate().unwrap_err().to_string();
-            assert!(err.contains("allow_paths") && err.contains("normal path"), "{bad}: {err}");
+            assert!(
+                err.contains("allow_paths") && err.contains("normal path"),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -70,6 +70,8 @@ pub enum ProxyError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error("the control plane's configuration: {0}")]
+    Remote(String),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("cannot start the traffic thread: {0}")]
@@ -187,41 +189,52 @@ pub struct Reloader {
     live: LiveState,
     certs: Option<Arc<Certs>>,
     started: Arc<Config>,
+    /// The two sources of the configuration in force; held through a reload, so reloads
+    /// apply one at a time.
+    layers: Arc<tokio::sync::Mutex<Layers>>,
+}
+
+/// The local configuration (file, environment and flags, as last read at start or on
+/// SIGHUP) and the control plane's latest document laid over it.
+struct Layers {
+    local: Config,
+    remote: Option<String>,
 }
 
 impl Reloader {
-    /// Validates `config` and swaps in its apps (upstream pools, sampling, templates),
-    /// default app, trusted proxies, allowlists and certificates. Requests in flight
-    /// finish with the state they started with; no connection is dropped. Listeners,
-    /// brokers, the challenge key and the other process-wide settings keep their start-up
-    /// values (a warning names any that changed). On error nothing changes.
+    /// A new local configuration (a SIGHUP, or a caller of the handle): validated and
+    /// applied with the control plane's latest document, if any, still laid over it, so
+    /// neither source undoes the other. It swaps in apps (upstream pools, sampling,
+    /// templates), default app, trusted proxies, allowlists and certificates. Requests in
+    /// flight finish with the state they started with; no connection is dropped.
+    /// Listeners, brokers, the challenge key and the other process-wide settings keep
+    /// their start-up values (a warning names any that changed). On error nothing
+    /// changes.
     pub async fn reload(&self, config: Config) -> Result<(), ProxyError> {
+        let mut layers = self.layers.lock().await;
+        let merged = match &layers.remote {
+            Some(doc) => remote::overlay(&config, doc).map_err(ProxyError::Remote)?,
+            None => config.clone(),
+        };
+        self.apply(merged).await?;
+        layers.local = config;
+        Ok(())
+    }
+
+    /// A new document from the control plane, laid over the local configuration and
+    /// applied as [`Reloader::reload`] does. On error nothing changes.
+    pub async fn reload_remote(&self, doc: &str) -> Result<(), ProxyError> {
+        let mut layers = self.layers.lock().await;
+        let merged = remote::overlay(&layers.local, doc).map_err(ProxyError::Remote)?;
+        self.apply(merged).await?;
+        layers.remote = Some(doc.to_string());
+        Ok(())
+    }
+
+    async fn apply(&self, config: Config) -> Result<(), ProxyError> {
         config.validate()?;
-        let s = &self.started;
-        let restart_only = [
-            ("listen", s.listen != config.listen),
-            ("ops_listen", s.ops_listen != config.ops_listen),
-            ("tls_listen", s.tls_listen != config.tls_listen),
-            ("proxy_protocol", s.proxy_protocol != config.proxy_protocol),
-            ("ingestion_url", s.ingestion_url != config.ingestion_url),
-            ("mitigation_url", s.mitigation_url != config.mitigation_url),
-            (
-                "challenge_secret",
-                s.challenge_secret != config.challenge_secret,
-            ),
-            ("threads", s.threads != config.threads),
-            ("report_headers", s.report_headers != config.report_headers),
-            ("report_cookies", s.report_cookies != config.report_cookies),
-            ("record_events", s.record_events != config.record_events),
-            (
-                "tls_certificates (TLS listener)",
-                s.tls_certificates.is_empty() != config.tls_certificates.is_empty(),
-            ),
-        ];
-        for (option, changed) in restart_only {
-            if changed {
-                tracing::warn!(option, "changed option takes effect only after a restart");
-            }
+        for option in restart_only_changes(&self.started, &config) {
+            tracing::warn!(option, "changed option takes effect only after a restart");
         }
         let live = Live::build(&config).await?;
         if let Some(certs) = &self.certs
@@ -236,6 +249,47 @@ impl Reloader {
         tracing::info!(?apps, "configuration reloaded");
         Ok(())
     }
+}
+
+/// The options a reload applies: what [`Live::build`] reads, and the certificates.
+const RELOADED: &[&str] = &[
+    "upstream",
+    "upstream_tls",
+    "upstream_connect_timeout",
+    "upstream_idle_timeout",
+    "app",
+    "sample_rate",
+    "trusted_proxies",
+    "real_ip_header",
+    "forward_headers",
+    "allow_ips",
+    "allow_paths",
+    "templates_dir",
+    "apps",
+    "default_app",
+    "unknown_host_status",
+    "tls_certificates",
+];
+
+/// The options that differ between `started` and `next` but keep their start-up values
+/// until a restart. Compared field by field through their serialised form, so an option
+/// added later is reported until it is made reloadable, never silently ignored.
+fn restart_only_changes(started: &Config, next: &Config) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(started), serde_json::to_value(next))
+    else {
+        return Vec::new();
+    };
+    let mut changed: Vec<String> = a
+        .iter()
+        .filter(|(k, v)| !RELOADED.contains(&k.as_str()) && b.get(k.as_str()) != Some(v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    // Certificates reload, but the TLS listener is opened or not at start.
+    if started.tls_certificates.is_empty() != next.tls_certificates.is_empty() {
+        changed.push("tls_certificates (TLS listener)".into());
+    }
+    changed
 }
 
 /// The host name, for the default proxy id.
@@ -442,6 +496,10 @@ pub async fn start(
         live,
         certs: certs.clone(),
         started: Arc::new(config.clone()),
+        layers: Arc::new(tokio::sync::Mutex::new(Layers {
+            local: config.clone(),
+            remote: None,
+        })),
     };
     if let Some(url) = config.control_url.clone()
         && config.follow_control_config
@@ -450,7 +508,6 @@ pub async fn start(
             remote::Follow {
                 control_url: url,
                 token: config.control_token.clone(),
-                base: config.clone(),
                 reloader: reloader.clone(),
                 metrics: metrics.clone(),
                 wait: config.stream_wait,
@@ -508,4 +565,50 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), ProxyError> {
     start(config, listeners, shutdown).await?.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_names_every_changed_option_it_does_not_apply() {
+        let started = Config {
+            upstream: "127.0.0.1:3000".into(),
+            ..Config::default()
+        };
+        let mut next = started.clone();
+        next.sample_rate = 0.5;
+        next.allow_paths = vec!["/healthz".into()];
+        assert!(restart_only_changes(&started, &next).is_empty());
+        next.tarpit_max = Duration::from_secs(1);
+        next.challenge_ttl = Duration::from_secs(1);
+        next.listen = "127.0.0.1:1".parse().unwrap();
+        next.tls_certificates = vec![CertConfig {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            hosts: Vec::new(),
+        }];
+        let mut changed = restart_only_changes(&started, &next);
+        changed.sort();
+        assert_eq!(
+            changed,
+            [
+                "challenge_ttl",
+                "listen",
+                "tarpit_max",
+                "tls_certificates (TLS listener)"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_reloaded_options_are_options() {
+        let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(Config::default()) else {
+            panic!("a config serialises to an object");
+        };
+        for name in RELOADED {
+            assert!(fields.contains_key(*name), "{name}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Configuration from the control plane: long-polls `GET /api/v1/proxies/config` for a
 //! newer revision, lays its TOML over the proxy's own configuration (file, environment
-//! and flags; the control plane's keys win) and applies the result through the same
-//! reload path as SIGHUP, so no connection is dropped. A configuration that does not
+//! and flags, as last read at start or on SIGHUP; the control plane's keys win) and
+//! applies the result through the same reload path as SIGHUP, so no connection is
+//! dropped. A SIGHUP keeps the latest document laid over the configuration it reads. A configuration that does not
 //! parse or validate is refused with an error line, and the one in force stays.
 
 use std::sync::Arc;
@@ -41,8 +42,6 @@ pub fn overlay(base: &Config, overlay: &str) -> Result<Config, String> {
 pub struct Follow {
     pub control_url: String,
     pub token: Option<String>,
-    /// The proxy's own configuration, which every control-plane document overlays.
-    pub base: Config,
     pub reloader: Reloader,
     pub metrics: Arc<Metrics>,
     /// Long-poll wait per request.
@@ -108,10 +107,7 @@ async fn poll(req: reqwest::RequestBuilder) -> Result<Option<ProxyConfigDoc>, St
 }
 
 async fn apply(f: &Follow, doc: &ProxyConfigDoc) {
-    let outcome = match overlay(&f.base, &doc.config) {
-        Ok(config) => f.reloader.reload(config).await.map_err(|e| e.to_string()),
-        Err(e) => Err(e),
-    };
+    let outcome = f.reloader.reload_remote(&doc.config).await;
     match outcome {
         Ok(()) => {
             f.metrics.remote_config_applied.inc();

@@ -145,9 +145,12 @@ impl Certs {
     /// when one fails to load.
     pub fn replace(&self, configs: &[CertConfig]) -> Result<(), String> {
         let fresh = Certs::load(configs)?;
-        let sources = fresh.sources.into_inner();
-        self.table.store(Arc::new(table(&sources)));
-        *self.sources.lock() = sources;
+        let fresh = fresh.sources.into_inner();
+        // Held while the table is stored, so a file poll cannot store a table built from
+        // the sources this replaces after it.
+        let mut sources = self.sources.lock();
+        self.table.store(Arc::new(table(&fresh)));
+        *sources = fresh;
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use support::{
     CONTROL_TOKEN, config, control_plane, dead_url, eventually, get_host, named_upstream,
-    start_proxy,
+    start_proxy, upstream,
 };
 
 /// Sends `GET path` on a kept-alive connection and reads one answer: status and body.
@@ -128,6 +128,51 @@ async fn control_plane_config_applies_without_dropping_connections() {
     assert_eq!(resp.status(), 400);
 
     drop(conn);
+    proxy.stop().await.unwrap();
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn a_local_reload_keeps_the_control_plane_document_and_the_next_document_keeps_it() {
+    let control = control_plane().await;
+    let a = named_upstream("a").await;
+    let b = upstream().await;
+    let mut cfg = config(a.addr, &dead_url(), &dead_url());
+    cfg.control_url = Some(control.url.clone());
+    cfg.control_token = Some(CONTROL_TOKEN.into());
+    let proxy = start_proxy(cfg.clone()).await;
+    let body_now = || async { get_host(&format!("{}/", proxy.url), "test").await.1 };
+    let revision = |n: f64| {
+        let proxy = &proxy;
+        async move {
+            eventually(Duration::from_secs(5), || async {
+                proxy.metric("esper_proxy_remote_config_revision").await == n
+            })
+            .await
+        }
+    };
+
+    // The control plane moves the traffic to `b`.
+    let to_b = format!("upstream = \"{}\"\n", b.addr);
+    put_config(&control.url, &to_b).await;
+    assert!(revision(1.0).await);
+    assert_eq!(body_now().await, "hello from upstream");
+    assert_eq!(b.last_header("x-real-ip"), "127.0.0.1");
+
+    // A local reload (what SIGHUP does) that stops adding X-Real-IP: the control
+    // plane's upstream stays in force.
+    let mut local = cfg.clone();
+    local.forward_headers = vec!["x-forwarded-proto".into()];
+    proxy.handle().reload(local).await.unwrap();
+    assert_eq!(body_now().await, "hello from upstream");
+    assert_eq!(b.last_header("x-real-ip"), "");
+
+    // The next document is laid over the reloaded local configuration, not the one
+    // from start-up: still no X-Real-IP.
+    put_config(&control.url, &format!("{to_b}sample_rate = 0.5\n")).await;
+    assert!(revision(2.0).await);
+    assert_eq!(body_now().await, "hello from upstream");
+    assert_eq!(b.last_header("x-real-ip"), "");
     proxy.stop().await.unwrap();
     control.stop().await;
 }
