@@ -25,7 +25,7 @@ use esper_protocol::{
 };
 use http::HeaderMap;
 use ipnet::IpNet;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 /// Changes applied per write-lock acquisition, so a long page of deltas cannot stall
 /// request handling.
@@ -224,6 +224,12 @@ enum Loc {
 #[derive(Default)]
 pub struct MitigationCache {
     index: RwLock<Index>,
+    /// Taken by every writer before the index's write lock, and by the sweep for the
+    /// whole of its scan (which holds a read lock for as long as a million entries take
+    /// to read). A writer therefore waits here, not on the index: parking_lot's fair
+    /// lock queues new readers behind a writer waiting on it, so a delta arriving during
+    /// a scan would otherwise hold up every request until the scan ended.
+    writers: Mutex<()>,
 }
 
 /// A snapshot being assembled from its pages, not yet visible to lookups: from
@@ -788,12 +794,14 @@ impl MitigationCache {
 
     /// Adds or replaces (same id) one mitigation.
     pub fn upsert(&self, m: Mitigation) {
+        let _writer = self.writers.lock();
         self.index.write().insert(m);
     }
 
     /// Removes a mitigation by id; `true` when it was present.
     pub fn remove(&self, id: &str) -> bool {
         let id = MitigationId::new(id);
+        let _writer = self.writers.lock();
         self.index.write().remove(&id)
     }
 
@@ -801,6 +809,7 @@ impl MitigationCache {
     /// already expired are not added.
     pub fn apply(&self, changes: Vec<Change>, now: DateTime<Utc>) {
         let mut changes = changes.into_iter().peekable();
+        let _writer = self.writers.lock();
         while changes.peek().is_some() {
             let mut index = self.index.write();
             for change in changes.by_ref().take(WRITE_CHUNK) {
@@ -820,7 +829,10 @@ impl MitigationCache {
     /// Replaces the whole content with an assembled snapshot at once; the old index is
     /// freed after the lock is released.
     pub fn install(&self, snapshot: SnapshotBuilder) {
-        let old = std::mem::replace(&mut *self.index.write(), snapshot.index);
+        let old = {
+            let _writer = self.writers.lock();
+            std::mem::replace(&mut *self.index.write(), snapshot.index)
+        };
         drop(old);
     }
 
@@ -834,6 +846,7 @@ impl MitigationCache {
 
     /// Frees expired entries (lookups already ignore them); returns how many.
     pub fn sweep(&self, now: DateTime<Utc>) -> usize {
+        let _writer = self.writers.lock();
         let expired = self.index.read().expired(now);
         for chunk in expired.chunks(WRITE_CHUNK) {
             let mut index = self.index.write();
@@ -1030,6 +1043,30 @@ mod tests {
         assert_eq!(cache.len(), 1);
         assert_eq!(cache.sweep(Utc::now() + chrono::Duration::hours(1)), 1);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_writer_during_a_sweep_does_not_hold_up_lookups() {
+        let cache = Arc::new(MitigationCache::new());
+        cache.upsert(mitigation("ip:192.0.2.1", Action::Block));
+        // What a sweep holds while it scans: the writers' turn and a read lock.
+        let turn = cache.writers.lock();
+        let scan = cache.index.read();
+        let writer = {
+            let cache = cache.clone();
+            std::thread::spawn(move || cache.upsert(mitigation("ip:192.0.2.2", Action::Block)))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        // A writer waiting on the index itself would make this fail until the scan ends.
+        assert!(
+            cache.index.try_read().is_some(),
+            "a lookup is not queued behind the waiting writer"
+        );
+        assert!(!writer.is_finished());
+        drop(scan);
+        drop(turn);
+        writer.join().unwrap();
+        assert_eq!(cache.len(), 2);
     }
 
     #[test]
