@@ -128,17 +128,20 @@ fn nanos(t: DateTime<Utc>) -> i64 {
 }
 
 /// A lookup's `now`, converted to `Entry::expires`'s unit on first use: a lookup that
-/// finds no candidate (most requests) never pays for the conversion.
+/// finds no candidate (most requests) never pays for the conversion. And whether
+/// challenges are passed over (the client cleared them).
 struct Now {
     at: DateTime<Utc>,
     nanos: std::cell::OnceCell<i64>,
+    skip_challenges: bool,
 }
 
 impl Now {
-    fn new(at: DateTime<Utc>) -> Now {
+    fn new(at: DateTime<Utc>, skip_challenges: bool) -> Now {
         Now {
             at,
             nanos: std::cell::OnceCell::new(),
+            skip_challenges,
         }
     }
 
@@ -425,6 +428,7 @@ fn consider<'a>(best: &mut Option<&'a Entry>, entries: &'a [Entry], app: &str, n
     for e in entries {
         if e.expires > now.nanos()
             && e.scope.as_deref().is_none_or(|a| a == app)
+            && !(now.skip_challenges && matches!(e.action, Action::Challenge { .. }))
             && best.is_none_or(|b| outranks(&e.action, &b.action))
         {
             *best = Some(e);
@@ -598,8 +602,13 @@ impl Index {
         true
     }
 
-    fn lookup(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Option<Hit> {
-        let now = &Now::new(now);
+    fn lookup(
+        &self,
+        req: &RequestKeys<'_>,
+        now: DateTime<Utc>,
+        skip_challenges: bool,
+    ) -> Option<Hit> {
+        let now = &Now::new(now, skip_challenges);
         let ip = req.ip.to_canonical();
         let req = &RequestKeys { ip, ..*req };
         let (app, headers) = (req.app, req.headers);
@@ -789,7 +798,13 @@ impl MitigationCache {
     /// [`lookup`](Self::lookup) by every key of a request, path template and TLS
     /// fingerprint included.
     pub fn lookup_request(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Option<Hit> {
-        self.index.read().lookup(req, now)
+        self.index.read().lookup(req, now, false)
+    }
+
+    /// [`lookup_request`](Self::lookup_request) for a client holding a clearance: the
+    /// strictest mitigation other than a challenge.
+    pub fn lookup_cleared(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Option<Hit> {
+        self.index.read().lookup(req, now, true)
     }
 
     /// Adds or replaces (same id) one mitigation.
@@ -1067,6 +1082,47 @@ mod tests {
         drop(turn);
         writer.join().unwrap();
         assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn a_cleared_client_is_looked_up_past_its_challenges() {
+        let cache = MitigationCache::new();
+        let h = none();
+        let keys = RequestKeys {
+            app: "a",
+            ip: ip("192.0.2.1"),
+            headers: &h,
+            path: "/",
+            ja4: None,
+        };
+        cache.upsert(mitigation(
+            "ip:192.0.2.1",
+            Action::Challenge { difficulty: 8 },
+        ));
+        cache.upsert(mitigation(
+            "cidr:192.0.2.0/24",
+            Action::Tarpit { delay_ms: 10 },
+        ));
+        let now = Utc::now();
+        let action = |hit: Option<Hit>| hit.map(|h| h.action);
+        assert_eq!(
+            action(cache.lookup_request(&keys, now)),
+            Some(Action::Challenge { difficulty: 8 })
+        );
+        assert_eq!(
+            action(cache.lookup_cleared(&keys, now)),
+            Some(Action::Tarpit { delay_ms: 10 })
+        );
+        cache.upsert(mitigation("cidr:192.0.2.0/25", Action::Block));
+        assert_eq!(
+            action(cache.lookup_cleared(&keys, now)),
+            Some(Action::Block)
+        );
+        let other = RequestKeys {
+            ip: ip("198.51.100.1"),
+            ..keys
+        };
+        assert_eq!(action(cache.lookup_cleared(&other, now)), None);
     }
 
     #[test]

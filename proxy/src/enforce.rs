@@ -86,6 +86,16 @@ impl Enforcer {
     pub fn decide_request(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Verdict {
         let found = self.cache.lookup_request(req, now);
         self.metrics.lookup(found.is_some());
+        self.verdict(found)
+    }
+
+    /// The verdict for a client whose clearance cookie passes the challenge it met: what
+    /// else is in force for it (a tarpit, a throttle, a log) still applies.
+    pub fn decide_cleared(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Verdict {
+        self.verdict(self.cache.lookup_cleared(req, now))
+    }
+
+    fn verdict(&self, found: Option<Hit>) -> Verdict {
         let Some(m) = found else {
             return Verdict::Forward(EnforcedAction::Allow);
         };

@@ -581,7 +581,13 @@ impl ProxyHttp for EsperProxy {
             path: req.uri.path(),
             ja4,
         };
-        match self.enforcer.decide_request(&keys, ctx.timestamp) {
+        let mut verdict = self.enforcer.decide_request(&keys, ctx.timestamp);
+        if let Verdict::Challenge { difficulty, .. } = verdict
+            && self.cleared(session, ip, difficulty)
+        {
+            verdict = self.enforcer.decide_cleared(&keys, ctx.timestamp);
+        }
+        match verdict {
             Verdict::Forward(action) => {
                 ctx.action = action;
                 Ok(false)
@@ -630,9 +636,6 @@ impl ProxyHttp for EsperProxy {
                 difficulty,
                 mitigation,
             } => {
-                if self.cleared(session, ip, difficulty) {
-                    return Ok(false);
-                }
                 ctx.action = EnforcedAction::Challenge;
                 let return_to = session
                     .req_header()

@@ -261,6 +261,35 @@ async fn a_cookie_earned_on_an_easy_puzzle_does_not_clear_a_harder_challenge() {
     proxy.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_cleared_client_still_meets_its_other_mitigations() {
+    let (proxy, _up, broker) = challenged_proxy("ip:127.0.0.55", 4).await;
+    let body = json_challenge(&proxy, "127.0.0.55").await;
+    let token = body["challenge"]["token"].as_str().unwrap();
+    let cookie = cookie_of(&post_solution(&proxy, "127.0.0.55", token, &solve(token, 4)).await);
+    assert_eq!(get_with(&proxy, "127.0.0.55", &cookie, UA).await, 200);
+    // Its network is throttled as well: the cookie passes the challenge, not that.
+    broker
+        .publish(
+            "cidr:127.0.0.0/24",
+            Action::Throttle {
+                rate: 0.01,
+                burst: 1,
+            },
+            TTL,
+        )
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while get_with(&proxy, "127.0.0.55", &cookie, UA).await != 429 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the throttle applies to the cleared client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.stop().await.unwrap();
+}
+
 /// Debian's Chromium, when installed.
 fn chromium() -> Option<&'static str> {
     ["chromium", "chromium-browser"].into_iter().find(|c| {
