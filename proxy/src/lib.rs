@@ -336,6 +336,13 @@ pub async fn start(
         None => bind_traffic("proxy traffic listener", config.listen)?,
     };
     let traffic_addr = traffic_listener.local_addr().map_err(ProxyError::Spawn)?;
+    if config.proxy_protocol && config.trusted_proxies.is_empty() {
+        tracing::warn!(
+            "proxy_protocol is on and trusted_proxies is empty: any peer that reaches the \
+             listener can name any client address; list the load balancers' networks, or \
+             make sure only they can connect"
+        );
+    }
     let mut endpoints = vec![traffic::Endpoint {
         listener: traffic_listener,
         proxy_protocol: config.proxy_protocol,

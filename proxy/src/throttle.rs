@@ -49,15 +49,24 @@ impl Throttles {
         };
         let burst = f64::from(burst.max(1));
         let mut buckets = self.buckets.lock();
-        if !buckets.contains_key(key) && buckets.len() >= self.capacity {
-            evict(&mut buckets, self.capacity, now);
+        // Looked up by `&str` first, so only a new bucket allocates its key.
+        if !buckets.contains_key(key) {
+            if buckets.len() >= self.capacity {
+                evict(&mut buckets, self.capacity, now);
+            }
+            buckets.insert(
+                key.to_string(),
+                Bucket {
+                    tokens: burst,
+                    last: now,
+                    rate,
+                    burst,
+                },
+            );
         }
-        let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-            rate,
-            burst,
-        });
+        let Some(bucket) = buckets.get_mut(key) else {
+            return Ok(());
+        };
         // The mitigation may have been republished with other parameters.
         bucket.rate = rate;
         bucket.burst = burst;
