@@ -201,6 +201,48 @@ async fn proxy_protocol_headers_name_the_client() {
     // No header, or a header from a peer that is not a trusted balancer: closed unanswered.
     assert_eq!(raw_get("127.0.0.20", addr, b"", "/").await, "");
     assert_eq!(raw_get("127.0.0.21", addr, &other, "/").await, "");
+    // Malformed headers: closed unanswered, and the proxy goes on serving.
+    let mut v3 = v2.clone();
+    v3[12] = 0x31;
+    let mut huge_v2 = v2.clone();
+    huge_v2[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+    for bad in [
+        &b"PROXY TCP4 not-an-address 10.0.0.1 1 80\r\n"[..],
+        b"PROXY TCP4 198.51.100.7 10.0.0.1 99999 80\r\n",
+        b"PROXY SCTP 198.51.100.7 10.0.0.1 1 80\r\n",
+        b"GET / HTTP/1.1\r\n",
+        &v3,
+        &huge_v2,
+    ] {
+        assert_eq!(
+            raw_get("127.0.0.20", addr, bad, "/").await,
+            "",
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert_eq!(
+        raw_status(&raw_get("127.0.0.20", addr, &other_v1, "/").await),
+        200
+    );
+    // A balancer that opens a connection and stays silent is dropped after 5 s.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.20:0".parse().unwrap()).unwrap();
+    let mut silent = socket.connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    silent.write_all(b"PROX").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed without an answer: {read:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(15),
+        "closed at the header timeout: {waited:?}"
+    );
     proxy.stop().await.unwrap();
 }
 

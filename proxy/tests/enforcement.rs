@@ -1,6 +1,6 @@
 //! Mitigations published to the real mitigation broker reach the proxy through the delta
 //! stream and are enforced per client address: block (HTML or JSON), CIDR, app scope,
-//! throttle, revoke, expiry; and the cache keeps working while the brokers are down.
+//! throttle, tarpit, revoke, expiry; and the cache keeps working while the brokers are down.
 
 mod support;
 
@@ -166,6 +166,56 @@ async fn a_throttle_answers_429_with_retry_after() {
     for _ in 0..5 {
         assert_eq!(status_from("127.0.0.5", &proxy.url).await, 200);
     }
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tarpit_delays_the_answer_within_its_bounds() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.tarpit_max = Duration::from_millis(600);
+    cfg.tarpit_concurrency = 1;
+    let proxy = start_proxy(cfg).await;
+    // Asks for a minute: held for tarpit_max, then forwarded.
+    broker
+        .publish(
+            "ip:127.0.0.6",
+            Action::Tarpit { delay_ms: 60_000 },
+            Duration::from_secs(600),
+        )
+        .await;
+    let timed = |from: &'static str| {
+        let url = format!("{}/", proxy.url);
+        async move {
+            let started = std::time::Instant::now();
+            let resp = client_from(from).get(url).send().await.unwrap();
+            (resp.status().as_u16(), started.elapsed())
+        }
+    };
+    let held = eventually(2 * SECOND, || async {
+        timed("127.0.0.6").await.1 >= Duration::from_millis(500)
+    })
+    .await;
+    assert!(held, "the tarpit holds the request");
+    let (status, took) = timed("127.0.0.6").await;
+    assert_eq!(status, 200, "then the request is answered by the app");
+    assert!(
+        took >= Duration::from_millis(590) && took < Duration::from_secs(10),
+        "held for tarpit_max, not the minute asked: {took:?}"
+    );
+    // One request held at a time: a second one at once is refused, not queued.
+    let (first, second) = tokio::join!(timed("127.0.0.6"), async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        timed("127.0.0.6").await
+    });
+    assert_eq!(first.0, 200);
+    assert_eq!(second.0, 429, "the tarpit is full");
+    assert!(second.1 < Duration::from_millis(500), "{:?}", second.1);
+    // Other clients are not delayed.
+    let (status, took) = timed("127.0.0.7").await;
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_millis(500), "{took:?}");
     proxy.stop().await.unwrap();
 }
 
