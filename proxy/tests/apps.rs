@@ -283,3 +283,59 @@ fn app_options_are_validated() {
             .contains("apps[0].hosts")
     );
 }
+
+#[tokio::test]
+async fn each_app_answers_with_its_own_templates() {
+    let dir = std::env::temp_dir().join(format!("esper-app-templates-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("block.html"),
+        "<h1>Shop says no</h1><p>{{request_id}}</p>",
+    )
+    .unwrap();
+    let (shop, blog) = (named_upstream("shop").await, named_upstream("blog").await);
+    let broker = mitigations().await;
+    let mut shop_app = app("shop", &["shop.example"], "/", &[shop.addr]);
+    shop_app.templates_dir = Some(dir.clone());
+    let cfg = multi(
+        vec![shop_app, app("blog", &["blog.example"], "/", &[blog.addr])],
+        &dead_url(),
+        &broker.url,
+    );
+    let proxy = start_proxy(cfg).await;
+    broker
+        .publish("ip:127.0.0.1", Action::Block, Duration::from_secs(600))
+        .await;
+    let url = format!("{}/", proxy.url);
+    let blocked = eventually(Duration::from_secs(2), || async {
+        get_host(&url, "blog.example").await.0 == 403
+    })
+    .await;
+    assert!(blocked);
+    let page = |host: &'static str, id: &'static str| {
+        let url = url.clone();
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .header("host", host)
+                .header("x-request-id", id)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        page("shop.example", "req-1").await,
+        "<h1>Shop says no</h1><p>req-1</p>"
+    );
+    let built_in = page("blog.example", "req-2").await;
+    assert!(
+        !built_in.contains("Shop says no") && built_in.contains("req-2"),
+        "{built_in}"
+    );
+    proxy.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,120 @@
+//! `esper proxy run` reloads its configuration file on SIGHUP: a new upstream takes over
+//! without a restart, a connection opened before keeps being served, and a file that
+//! does not validate is refused with the running configuration kept.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::{Proc, TempDir, free_addr};
+
+/// An app that answers every request with its name.
+async fn named_app(name: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || async move { name });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+fn write_config(path: &std::path::Path, upstream: &str, listen: SocketAddr, ops: SocketAddr) {
+    std::fs::write(
+        path,
+        format!(
+            "[proxy]\nupstream = \"{upstream}\"\nlisten = \"{listen}\"\nops_listen = \"{ops}\"\n\
+             ingestion_url = \"http://127.0.0.1:9\"\nmitigation_url = \"http://127.0.0.1:9\"\n"
+        ),
+    )
+    .unwrap();
+}
+
+fn hangup(proc: &Proc) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &proc.child_id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Polls `GET url` on `client` until the body is `want`.
+async fn answers(client: &reqwest::Client, url: &str, want: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(resp) = client.get(url).send().await
+            && resp.text().await.is_ok_and(|body| body == want)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_proxy_configuration_file() {
+    let (a, b) = (named_app("a").await, named_app("b").await);
+    let dir = TempDir::new("sighup");
+    let file = dir.path().join("esper.toml");
+    let (listen, ops) = (free_addr(), free_addr());
+    write_config(&file, &a.to_string(), listen, ops);
+    let mut proxy = Proc::esper(
+        "proxy",
+        &[
+            "proxy".into(),
+            "run".into(),
+            "--config".into(),
+            file.display().to_string(),
+        ],
+        &[],
+    );
+    let url = format!("http://{listen}/");
+    // One client, so its kept-alive connection outlives the reload.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    assert!(
+        answers(&client, &url, "a", Duration::from_secs(20)).await,
+        "the proxy serves `a`: {}",
+        proxy.log()
+    );
+
+    write_config(&file, &b.to_string(), listen, ops);
+    hangup(&proxy);
+    assert!(
+        answers(&client, &url, "b", Duration::from_secs(10)).await,
+        "after SIGHUP the proxy serves `b`: {}",
+        proxy.log()
+    );
+    assert!(
+        proxy.log().contains("configuration reloaded"),
+        "{}",
+        proxy.log()
+    );
+
+    // A file that does not validate: refused, and `b` stays.
+    write_config(&file, "", listen, ops);
+    hangup(&proxy);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("configuration not reloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "the refusal is logged: {}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        client.get(&url).send().await.unwrap().text().await.unwrap(),
+        "b"
+    );
+    assert_eq!(
+        proxy.terminate(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        proxy.log()
+    );
+}
