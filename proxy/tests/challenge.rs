@@ -1,6 +1,8 @@
 //! Challenge mitigations end to end: the JSON form for API clients, a solution posted
 //! over HTTP, the clearance cookie and what it is bound to, replays and forgeries, the
-//! no-JavaScript fallback, and a real headless Chromium solving the puzzle.
+//! no-JavaScript fallback, IPv6 /64 binding and expiry through a balancer, difficulty
+//! binding, other mitigations behind a cleared challenge, and a real headless Chromium
+//! solving the puzzle.
 
 #![allow(clippy::unwrap_used)]
 
@@ -287,6 +289,84 @@ async fn a_cleared_client_still_meets_its_other_mitigations() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cookie_follows_its_client_inside_an_ipv6_64_until_it_expires() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.challenge_secret = Some(SECRET.into());
+    cfg.challenge_ttl = Duration::from_secs(2);
+    // The clients' IPv6 addresses come through a trusted balancer on loopback.
+    cfg.trusted_proxies = vec!["127.0.0.60/32".parse().unwrap()];
+    let proxy = start_proxy(cfg).await;
+    broker
+        .publish(
+            "cidr:2001:db8:1::/48",
+            Action::Challenge { difficulty: 4 },
+            TTL,
+        )
+        .await;
+    let send = |client_ip: &'static str, cookie: Option<String>| {
+        let url = format!("{}/", proxy.url);
+        async move {
+            let mut req = client_from("127.0.0.60")
+                .get(url)
+                .header("x-forwarded-for", client_ip)
+                .header("accept", "application/json")
+                .header("user-agent", UA);
+            if let Some(c) = cookie {
+                req = req.header("cookie", c);
+            }
+            req.send().await.unwrap()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let body: serde_json::Value = loop {
+        let resp = send("2001:db8:1:2::5", None).await;
+        if resp.status() == 403 {
+            break resp.json().await.unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the challenge arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let token = body["challenge"]["token"].as_str().unwrap();
+    let solved = client_from("127.0.0.60")
+        .post(format!("{}/.esper/challenge", proxy.url))
+        .header("x-forwarded-for", "2001:db8:1:2::5")
+        .header("accept", "application/json")
+        .header("user-agent", UA)
+        .form(&[("token", token), ("nonce", solve(token, 4).as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(solved.status(), 200);
+    let set = solved.headers()["set-cookie"].to_str().unwrap();
+    assert!(set.contains("Max-Age=2"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    // Another address of the same /64 (a privacy address) keeps it; another /64 does not.
+    assert_eq!(
+        send("2001:db8:1:2::5", Some(cookie.clone())).await.status(),
+        200
+    );
+    assert_eq!(
+        send("2001:db8:1:2:aaaa::99", Some(cookie.clone()))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        send("2001:db8:1:3::5", Some(cookie.clone())).await.status(),
+        403
+    );
+    // And not after its expiry.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(send("2001:db8:1:2::5", Some(cookie)).await.status(), 403);
     proxy.stop().await.unwrap();
 }
 
