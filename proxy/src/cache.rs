@@ -224,7 +224,6 @@ enum Loc {
 }
 
 /// Active mitigations indexed for lookup by request.
-#[derive(Default)]
 pub struct MitigationCache {
     index: RwLock<Index>,
     /// Taken by every writer before the index's write lock, and by the sweep for the
@@ -233,6 +232,25 @@ pub struct MitigationCache {
     /// lock queues new readers behind a writer waiting on it, so a delta arriving during
     /// a scan would otherwise hold up every request until the scan ended.
     writers: Mutex<()>,
+    /// Most mitigations held.
+    limit: usize,
+}
+
+impl Default for MitigationCache {
+    fn default() -> Self {
+        MitigationCache::new()
+    }
+}
+
+/// The most mitigations an index holds; further new ones are refused, so a runaway
+/// policy cannot take the proxy's memory. Unlimited unless set.
+#[derive(Clone, Copy, Debug)]
+struct Limit(usize);
+
+impl Default for Limit {
+    fn default() -> Self {
+        Limit(usize::MAX)
+    }
 }
 
 /// A snapshot being assembled from its pages, not yet visible to lookups: from
@@ -244,10 +262,15 @@ pub struct SnapshotBuilder {
 
 impl SnapshotBuilder {
     /// Adds a page of the snapshot (upserts; mitigations already expired are skipped).
-    pub fn add(&mut self, changes: Vec<Change>, now: DateTime<Utc>) {
+    /// Returns how many new mitigations were refused for the cache's limit.
+    pub fn add(&mut self, changes: Vec<Change>, now: DateTime<Utc>) -> u64 {
+        let mut refused = 0;
         for change in changes {
-            self.index.apply(change, now);
+            if !self.index.apply(change, now) {
+                refused += 1;
+            }
         }
+        refused
     }
 
     /// Sizes the index for a snapshot of `total` mitigations (the first page's hint),
@@ -312,6 +335,7 @@ struct Index {
     cookies: HashMap<String, HashMap<String, Slot>>,
     /// Path template -> mitigations.
     paths: HashMap<String, Slot>,
+    limit: Limit,
     /// JA4 fingerprint -> mitigations.
     ja4s: HashMap<String, Slot>,
     /// Tuple mitigations with an address part, by that address; the others.
@@ -476,10 +500,13 @@ impl Index {
         shared
     }
 
-    fn insert(&mut self, m: Mitigation) {
+    /// Adds or replaces `m`; `false` when it is new and the index is full.
+    fn insert(&mut self, m: Mitigation) -> bool {
         let id = MitigationId::new(&m.id);
         if self.by_id.contains_key(&id) {
             self.remove(&id);
+        } else if self.by_id.len() >= self.limit.0 {
+            return false;
         }
         let scope = match m.scope {
             Scope::Global => None,
@@ -546,12 +573,16 @@ impl Index {
             }
         };
         self.by_id.insert(id, loc);
+        true
     }
 
-    /// One change of a delta page or snapshot page; an expired upsert removes.
-    fn apply(&mut self, change: Change, now: DateTime<Utc>) {
+    /// One change of a delta page or snapshot page; an expired upsert removes. `false`
+    /// when an upsert was refused for the limit.
+    fn apply(&mut self, change: Change, now: DateTime<Utc>) -> bool {
         match change {
-            Change::Upsert { mitigation } if mitigation.is_active(now) => self.insert(mitigation),
+            Change::Upsert { mitigation } if mitigation.is_active(now) => {
+                return self.insert(mitigation);
+            }
             Change::Upsert { mitigation } => {
                 self.remove(&MitigationId::new(&mitigation.id));
             }
@@ -559,6 +590,7 @@ impl Index {
                 self.remove(&MitigationId::new(&id));
             }
         }
+        true
     }
 
     fn remove(&mut self, id: &MitigationId) -> bool {
@@ -769,9 +801,28 @@ pub fn cookie_pairs(header: &str) -> impl Iterator<Item = (&str, &str)> {
 }
 
 impl MitigationCache {
-    /// An empty cache.
+    /// An empty cache without a limit.
     pub fn new() -> MitigationCache {
-        MitigationCache::default()
+        MitigationCache::with_limit(usize::MAX)
+    }
+
+    /// An empty cache holding at most `limit` mitigations: past it, new ones are refused
+    /// (and counted by [`apply`](Self::apply) and [`SnapshotBuilder::add`]) while those
+    /// held are still updated and removed.
+    pub fn with_limit(limit: usize) -> MitigationCache {
+        MitigationCache {
+            index: RwLock::new(Index {
+                limit: Limit(limit),
+                ..Index::default()
+            }),
+            writers: Mutex::new(()),
+            limit,
+        }
+    }
+
+    /// The most mitigations this cache holds.
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     /// The strictest mitigation in force for a request for `app` from `ip` with `headers`
@@ -808,9 +859,10 @@ impl MitigationCache {
     }
 
     /// Adds or replaces (same id) one mitigation.
-    pub fn upsert(&self, m: Mitigation) {
+    /// `false` when it is new and the cache is full.
+    pub fn upsert(&self, m: Mitigation) -> bool {
         let _writer = self.writers.lock();
-        self.index.write().insert(m);
+        self.index.write().insert(m)
     }
 
     /// Removes a mitigation by id; `true` when it was present.
@@ -821,23 +873,31 @@ impl MitigationCache {
     }
 
     /// Applies a page of deltas, a bounded chunk per write lock. Mitigations that have
-    /// already expired are not added.
-    pub fn apply(&self, changes: Vec<Change>, now: DateTime<Utc>) {
+    /// already expired are not added. Returns how many new mitigations were refused
+    /// for the limit.
+    pub fn apply(&self, changes: Vec<Change>, now: DateTime<Utc>) -> u64 {
         let mut changes = changes.into_iter().peekable();
+        let mut refused = 0;
         let _writer = self.writers.lock();
         while changes.peek().is_some() {
             let mut index = self.index.write();
             for change in changes.by_ref().take(WRITE_CHUNK) {
-                index.apply(change, now);
+                if !index.apply(change, now) {
+                    refused += 1;
+                }
             }
         }
+        refused
     }
 
     /// An empty index to assemble a snapshot in, page by page, apart from this cache
     /// (which keeps serving lookups); [`install`](Self::install) swaps it in.
     pub fn begin_snapshot(&self) -> SnapshotBuilder {
         SnapshotBuilder {
-            index: Index::default(),
+            index: Index {
+                limit: Limit(self.limit),
+                ..Index::default()
+            },
         }
     }
 
@@ -853,10 +913,11 @@ impl MitigationCache {
 
     /// Replaces the whole content with a snapshot that came in one piece; the new index
     /// is built before the lock is taken.
-    pub fn replace(&self, changes: Vec<Change>, now: DateTime<Utc>) {
+    pub fn replace(&self, changes: Vec<Change>, now: DateTime<Utc>) -> u64 {
         let mut snapshot = self.begin_snapshot();
-        snapshot.add(changes, now);
+        let refused = snapshot.add(changes, now);
         self.install(snapshot);
+        refused
     }
 
     /// Frees expired entries (lookups already ignore them); returns how many.
@@ -1123,6 +1184,44 @@ mod tests {
             ..keys
         };
         assert_eq!(action(cache.lookup_cleared(&other, now)), None);
+    }
+
+    #[test]
+    fn a_full_cache_refuses_new_mitigations_and_keeps_updating_the_rest() {
+        let cache = MitigationCache::with_limit(2);
+        assert!(cache.upsert(mitigation("ip:192.0.2.1", Action::Log)));
+        let mut second = mitigation("ip:192.0.2.2", Action::Log);
+        assert!(cache.upsert(second.clone()));
+        assert!(!cache.upsert(mitigation("ip:192.0.2.3", Action::Block)));
+        assert_eq!(cache.len(), 2);
+        // One held is replaced in place; deltas count what they could not add.
+        second.action = Action::Block;
+        let changes = vec![
+            Change::Upsert {
+                mitigation: second.clone(),
+            },
+            Change::Upsert {
+                mitigation: mitigation("ip:192.0.2.4", Action::Block),
+            },
+        ];
+        assert_eq!(cache.apply(changes, Utc::now()), 1);
+        let h = none();
+        assert_eq!(
+            cache
+                .lookup("a", ip("192.0.2.2"), &h, Utc::now())
+                .map(|m| m.action),
+            Some(Action::Block)
+        );
+        // Room made by a removal is used again; snapshots keep the limit too.
+        assert!(cache.remove(&second.id));
+        assert!(cache.upsert(mitigation("ip:192.0.2.5", Action::Log)));
+        let snapshot: Vec<Change> = (1..=4)
+            .map(|i| Change::Upsert {
+                mitigation: mitigation(&format!("ip:198.51.100.{i}"), Action::Log),
+            })
+            .collect();
+        assert_eq!(cache.replace(snapshot, Utc::now()), 2);
+        assert_eq!(cache.len(), 2);
     }
 
     #[test]

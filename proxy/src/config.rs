@@ -36,6 +36,9 @@ impl std::str::FromStr for RealIpHeader {
     }
 }
 
+/// Default most mitigations a proxy's cache holds (about 300 bytes each).
+pub const DEFAULT_CACHE_MAX_ENTRIES: usize = 2_000_000;
+
 /// Default client-traffic listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 /// Default ops listener (health and metrics).
@@ -248,6 +251,11 @@ pub struct Config {
     pub tarpit_concurrency: usize,
     /// Throttle token buckets kept in memory, at most (`ESPER_THROTTLE_ENTITIES`).
     pub throttle_entities: usize,
+    /// Most mitigations the cache holds; past it new ones are refused (counted in
+    /// `esper_proxy_cache_refused_total`, with a warning) while those held are still
+    /// updated and removed, so a runaway policy cannot take the proxy's memory
+    /// (`ESPER_CACHE_MAX_ENTRIES`).
+    pub cache_max_entries: usize,
     /// Long-poll wait on the mitigation broker's delta stream (`ESPER_STREAM_WAIT`,
     /// `--stream-wait`).
     #[serde(with = "humantime_serde")]
@@ -353,6 +361,7 @@ impl Default for Config {
             tarpit_max: DEFAULT_TARPIT_MAX,
             tarpit_concurrency: DEFAULT_TARPIT_CONCURRENCY,
             throttle_entities: DEFAULT_THROTTLE_ENTITIES,
+            cache_max_entries: DEFAULT_CACHE_MAX_ENTRIES,
             stream_wait: DEFAULT_STREAM_WAIT,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
@@ -454,6 +463,7 @@ impl Config {
         vars.duration(&["ESPER_TARPIT_MAX"], secs, &mut self.tarpit_max)?;
         vars.parse(&["ESPER_TARPIT_CONCURRENCY"], &mut self.tarpit_concurrency)?;
         vars.parse(&["ESPER_THROTTLE_ENTITIES"], &mut self.throttle_entities)?;
+        vars.parse(&["ESPER_CACHE_MAX_ENTRIES"], &mut self.cache_max_entries)?;
         vars.duration(&["ESPER_STREAM_WAIT"], secs, &mut self.stream_wait)?;
         vars.duration(
             &["ESPER_HEARTBEAT_INTERVAL"],
@@ -565,6 +575,7 @@ impl Config {
         positive("batch_size", self.batch_size)?;
         positive("buffer", self.buffer)?;
         positive("tarpit_concurrency", self.tarpit_concurrency)?;
+        positive("cache_max_entries", self.cache_max_entries)?;
         positive("throttle_entities", self.throttle_entities)?;
         if self.batch_size > self.buffer {
             return Err(ConfigError::invalid(

@@ -70,6 +70,8 @@ pub async fn follow(
     let mut backoff = MIN_BACKOFF;
     let mut failures: u32 = 0;
     let mut pending: Option<Pending> = None;
+    // New mitigations are being refused for the cache's limit (warned once per episode).
+    let mut full = false;
     loop {
         let client = &clients[current];
         let request = async {
@@ -85,6 +87,7 @@ pub async fn follow(
         match polled {
             Ok(page) => {
                 let n = page.changes.len() as u64;
+                let mut refused = 0;
                 if page.snapshot {
                     let mut snapshot = match pending.take() {
                         Some(p) if p.cursor == page.cursor => p.snapshot,
@@ -96,7 +99,7 @@ pub async fn follow(
                         }
                         None => cache.begin_snapshot(),
                     };
-                    snapshot.add(page.changes, Utc::now());
+                    refused += snapshot.add(page.changes, Utc::now());
                     // Sized only when more pages follow: a snapshot that fit one page
                     // is already whole.
                     if let (Some(total), Some(_)) = (page.total, &page.more) {
@@ -124,8 +127,23 @@ pub async fn follow(
                     );
                     cursor = None;
                 } else {
-                    cache.apply(page.changes, Utc::now());
+                    refused += cache.apply(page.changes, Utc::now());
                     cursor = Some(page.cursor);
+                }
+                if refused > 0 {
+                    metrics.cache_refused.inc_by(refused);
+                    if !full {
+                        tracing::warn!(
+                            limit = cache.limit(),
+                            refused,
+                            "the mitigation cache is full (cache_max_entries): new mitigations \
+                             are not enforced until others expire or are revoked"
+                        );
+                    }
+                    full = true;
+                } else if full && cache.len() < cache.limit() {
+                    tracing::info!("the mitigation cache has room again");
+                    full = false;
                 }
                 metrics.deltas_applied.inc_by(n);
                 metrics.cache_entries.set(cache.len() as i64);

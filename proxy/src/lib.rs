@@ -374,7 +374,7 @@ pub async fn start(
         config.proxy_id.clone()
     };
 
-    let cache = Arc::new(MitigationCache::new());
+    let cache = Arc::new(MitigationCache::with_limit(config.cache_max_entries));
     let metrics = Arc::new(Metrics::new());
     let status = Arc::new(Status::default());
     let in_flight = InFlight::default();

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub remote_config_revision: IntGauge,
     /// Delta-stream answers that were full snapshots (cache replaced).
     pub stream_snapshots: IntCounter,
+    /// New mitigations not cached because the cache was full (`cache_max_entries`).
+    pub cache_refused: IntCounter,
     /// Moves from a failed mitigation broker to the next in the list.
     pub stream_failovers: IntCounter,
 }
@@ -200,6 +202,11 @@ impl Metrics {
                 &registry,
                 "esper_proxy_stream_snapshots_total",
                 "Snapshots installed (all their pages in, the cache was replaced at once)",
+            ),
+            cache_refused: counter(
+                &registry,
+                "esper_proxy_cache_refused_total",
+                "New mitigations not cached because the cache held cache_max_entries",
             ),
             stream_failovers: counter(
                 &registry,

@@ -306,3 +306,40 @@ async fn brokers_down_keep_the_cache_enforced_and_expiring() {
     assert_eq!(status_from("127.0.0.2", &proxy.url).await, 200);
     proxy.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_full_cache_refuses_new_mitigations_and_says_so() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.cache_max_entries = 3;
+    let proxy = start_proxy(cfg).await;
+    for i in 1..=5 {
+        broker
+            .publish(
+                &format!("ip:127.0.1.{i}"),
+                Action::Block,
+                Duration::from_secs(600),
+            )
+            .await;
+    }
+    let counted = eventually(2 * SECOND, || async {
+        proxy.metric("esper_proxy_cache_refused_total").await == 2.0
+    })
+    .await;
+    assert!(counted, "two of five refused");
+    assert_eq!(proxy.metric("esper_proxy_cache_entries").await, 3.0);
+    let blocked = [
+        status_from("127.0.1.1", &proxy.url).await,
+        status_from("127.0.1.2", &proxy.url).await,
+        status_from("127.0.1.3", &proxy.url).await,
+        status_from("127.0.1.4", &proxy.url).await,
+        status_from("127.0.1.5", &proxy.url).await,
+    ];
+    assert_eq!(
+        blocked.iter().filter(|s| **s == 403).count(),
+        3,
+        "{blocked:?}"
+    );
+    proxy.stop().await.unwrap();
+}
