@@ -2,7 +2,11 @@
 //! header values and cookie hashes, and one map per CIDR prefix length present, so a
 //! lookup masks the client address once per length (O(lengths), no allocation).
 //! Path templates and TLS fingerprints are looked up only while the cache holds entries
-//! of that kind, so they cost nothing otherwise.
+//! of that kind, so they cost nothing otherwise; a path is templated into a per-thread
+//! buffer and a cookie value hashed on the stack, so those lookups do not allocate
+//! either (a cookie name with upper-case letters is lower-cased into a new string, and
+//! a path that needs normalising is normalised into one). Tuples without an address part
+//! are checked one by one on every request; policies make few of them.
 //!
 //! An entry keeps only what enforcement reads (id, action, scope, expiry), inline in its
 //! map's value: the entity is where the entry sits, the reason and origin stay with the
@@ -20,8 +24,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use esper_protocol::{
-    Action, Change, EntityKey, Mitigation, Scope, hash_cookie_value, path_template,
-    write_path_template,
+    Action, Change, EntityKey, Mitigation, Scope, cookie_hash, path_template, write_path_template,
 };
 use http::HeaderMap;
 use ipnet::IpNet;
@@ -398,7 +401,7 @@ fn part_matches(part: &EntityKey, req: &RequestKeys<'_>) -> bool {
             .iter()
             .filter_map(|h| h.to_str().ok())
             .flat_map(cookie_pairs)
-            .any(|(n, v)| n.eq_ignore_ascii_case(name) && hash_cookie_value(v) == *value),
+            .any(|(n, v)| n.eq_ignore_ascii_case(name) && cookie_hash(v).as_str() == value),
         EntityKey::Tuple(_) => false,
     }
 }
@@ -687,7 +690,7 @@ impl Index {
                         self.cookies.get(name)
                     };
                     if let Some(values) = values {
-                        if let Some(slot) = values.get(&hash_cookie_value(value)) {
+                        if let Some(slot) = values.get(cookie_hash(value).as_str()) {
                             consider(&mut best, slot.entries(), app, now);
                         }
                     }
@@ -948,7 +951,7 @@ impl MitigationCache {
 mod tests {
     use std::time::Duration;
 
-    use esper_protocol::{Origin, Reason, Scope};
+    use esper_protocol::{Origin, Reason, Scope, hash_cookie_value};
     use http::HeaderValue;
 
     use super::*;

@@ -94,11 +94,28 @@ pub const COOKIE_HASH_HEX_LEN: usize = 16;
 /// Events carry it, and `cookie:NAME=HASH` entity keys match on it, so every reporter
 /// (the proxy, the analyze API) must hash with this one function.
 pub fn hash_cookie_value(value: &str) -> String {
+    cookie_hash(value).as_str().to_string()
+}
+
+/// [`hash_cookie_value`] on the stack, for lookups that must not allocate.
+pub fn cookie_hash(value: &str) -> CookieHash {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(value.as_bytes());
-    let mut out = hex::encode(&digest[..COOKIE_HASH_HEX_LEN / 2]);
-    out.truncate(COOKIE_HASH_HEX_LEN);
-    out
+    let mut out = [0u8; COOKIE_HASH_HEX_LEN];
+    // Two hex digits per byte always fit: the buffer is exactly that long.
+    let _ = hex::encode_to_slice(&digest[..COOKIE_HASH_HEX_LEN / 2], &mut out);
+    CookieHash(out)
+}
+
+/// A cookie value's hash as lower-case hex.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CookieHash([u8; COOKIE_HASH_HEX_LEN]);
+
+impl CookieHash {
+    pub fn as_str(&self) -> &str {
+        // Always ASCII hex digits.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 impl RequestEvent {
@@ -133,6 +150,7 @@ mod tests {
     #[test]
     fn cookie_values_hash_to_a_stable_hex_prefix() {
         let h = hash_cookie_value("abc");
+        assert_eq!(cookie_hash("abc").as_str(), h);
         assert_eq!(h, "ba7816bf8f01cfea");
         assert_eq!(h.len(), COOKIE_HASH_HEX_LEN);
         assert_ne!(hash_cookie_value("abd"), h);

@@ -21,7 +21,9 @@ pub use control::{
 pub use decision_log::{DecisionLogClient, DecisionRevoke, PageMark};
 pub use entity::{EntityKey, EntityParseError, normalize_path, path_template, write_path_template};
 pub use error::ApiErrorBody;
-pub use event::{EnforcedAction, RequestEvent, TlsInfo, hash_cookie_value};
+pub use event::{
+    CookieHash, EnforcedAction, RequestEvent, TlsInfo, cookie_hash, hash_cookie_value,
+};
 pub use event_json::{
     EventView, INGEST_BODY_END, INGEST_BODY_START, IpText, format_ip, ingest_body,
 };
