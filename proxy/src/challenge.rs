@@ -211,7 +211,7 @@ impl Challenger {
     /// A new puzzle for a client at `ip` with `ua`, at unix time `now`.
     pub fn issue(&self, ip: IpAddr, ua: &str, difficulty: u8, now: u64) -> Puzzle {
         let difficulty = difficulty.min(MAX_DIFFICULTY);
-        let exp = (now + TOKEN_TTL.as_secs()).to_string();
+        let exp = now.saturating_add(TOKEN_TTL.as_secs()).to_string();
         let d = difficulty.to_string();
         let salt = format!("{:016x}", rand::random::<u64>());
         let mac = hex::encode(self.mac(
