@@ -47,6 +47,9 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// Longest wait for an upstream's name to resolve.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Settings every app shares.
 pub struct Shared {
     pub sample_rate: f64,
@@ -61,8 +64,11 @@ impl App {
         let mut backends = BTreeSet::new();
         for u in &cfg.upstreams {
             let (host, _) = split_host_port(u)?;
-            let addr = tokio::net::lookup_host(u.as_str())
+            // Bounded: a reload waits on this, and a stuck resolver must not hold up
+            // every later reload behind it.
+            let addr = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(u.as_str()))
                 .await
+                .map_err(|_| format!("cannot resolve upstream `{u}`: timed out"))?
                 .map_err(|e| format!("cannot resolve upstream `{u}`: {e}"))?
                 .next()
                 .ok_or_else(|| format!("cannot resolve upstream `{u}`: no address found"))?;

@@ -131,21 +131,26 @@ fn nanos(t: DateTime<Utc>) -> i64 {
 }
 
 /// A lookup's `now`, converted to `Entry::expires`'s unit on first use: a lookup that
-/// finds no candidate (most requests) never pays for the conversion. And whether
-/// challenges are passed over (the client cleared them).
+/// finds no candidate (most requests) never pays for the conversion. And the difficulty
+/// up to which challenges are passed over (the client cleared them).
 struct Now {
     at: DateTime<Utc>,
     nanos: std::cell::OnceCell<i64>,
-    skip_challenges: bool,
+    cleared: Option<u8>,
 }
 
 impl Now {
-    fn new(at: DateTime<Utc>, skip_challenges: bool) -> Now {
+    fn new(at: DateTime<Utc>, cleared: Option<u8>) -> Now {
         Now {
             at,
             nanos: std::cell::OnceCell::new(),
-            skip_challenges,
+            cleared,
         }
+    }
+
+    /// Is `action` a challenge the client has cleared?
+    fn passes(&self, action: &Action) -> bool {
+        matches!((action, self.cleared), (Action::Challenge { difficulty }, Some(earned)) if *difficulty <= earned)
     }
 
     fn nanos(&self) -> i64 {
@@ -287,6 +292,8 @@ impl SnapshotBuilder {
         let Ok(total) = usize::try_from(total) else {
             return;
         };
+        // No room beyond what the cache may hold.
+        let total = total.min(self.index.limit.0);
         if held == 0 || total <= held || total > MAX_SNAPSHOT_HINT {
             return;
         }
@@ -455,7 +462,7 @@ fn consider<'a>(best: &mut Option<&'a Entry>, entries: &'a [Entry], app: &str, n
     for e in entries {
         if e.expires > now.nanos()
             && e.scope.as_deref().is_none_or(|a| a == app)
-            && !(now.skip_challenges && matches!(e.action, Action::Challenge { .. }))
+            && !now.passes(&e.action)
             && best.is_none_or(|b| outranks(&e.action, &b.action))
         {
             *best = Some(e);
@@ -641,9 +648,9 @@ impl Index {
         &self,
         req: &RequestKeys<'_>,
         now: DateTime<Utc>,
-        skip_challenges: bool,
+        cleared: Option<u8>,
     ) -> Option<Hit> {
-        let now = &Now::new(now, skip_challenges);
+        let now = &Now::new(now, cleared);
         let ip = req.ip.to_canonical();
         let req = &RequestKeys { ip, ..*req };
         let (app, headers) = (req.app, req.headers);
@@ -852,13 +859,18 @@ impl MitigationCache {
     /// [`lookup`](Self::lookup) by every key of a request, path template and TLS
     /// fingerprint included.
     pub fn lookup_request(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Option<Hit> {
-        self.index.read().lookup(req, now, false)
+        self.index.read().lookup(req, now, None)
     }
 
-    /// [`lookup_request`](Self::lookup_request) for a client holding a clearance: the
-    /// strictest mitigation other than a challenge.
-    pub fn lookup_cleared(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Option<Hit> {
-        self.index.read().lookup(req, now, true)
+    /// [`lookup_request`](Self::lookup_request) for a client holding a clearance up to
+    /// difficulty `earned`: the strictest mitigation other than a challenge it cleared.
+    pub fn lookup_cleared(
+        &self,
+        req: &RequestKeys<'_>,
+        now: DateTime<Utc>,
+        earned: u8,
+    ) -> Option<Hit> {
+        self.index.read().lookup(req, now, Some(earned))
     }
 
     /// Adds or replaces (same id) one mitigation.
@@ -1174,19 +1186,24 @@ mod tests {
             Some(Action::Challenge { difficulty: 8 })
         );
         assert_eq!(
-            action(cache.lookup_cleared(&keys, now)),
+            action(cache.lookup_cleared(&keys, now, 8)),
             Some(Action::Tarpit { delay_ms: 10 })
+        );
+        // A harder challenge is not cleared by an easier cookie.
+        assert_eq!(
+            action(cache.lookup_cleared(&keys, now, 7)),
+            Some(Action::Challenge { difficulty: 8 })
         );
         cache.upsert(mitigation("cidr:192.0.2.0/25", Action::Block));
         assert_eq!(
-            action(cache.lookup_cleared(&keys, now)),
+            action(cache.lookup_cleared(&keys, now, 8)),
             Some(Action::Block)
         );
         let other = RequestKeys {
             ip: ip("198.51.100.1"),
             ..keys
         };
-        assert_eq!(action(cache.lookup_cleared(&other, now)), None);
+        assert_eq!(action(cache.lookup_cleared(&other, now, 8)), None);
     }
 
     #[test]

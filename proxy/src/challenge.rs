@@ -310,7 +310,7 @@ impl Challenger {
             return Err(Refusal::WrongWork);
         }
         self.spend(salt, exp, now)?;
-        Ok(self.clearance(difficulty, salt, ip, ua, now))
+        Ok(self.mint_cookie(difficulty, salt, ip, ua, now))
     }
 
     /// Checks a fallback token (no JavaScript); on success it is spent and a cookie issued.
@@ -347,7 +347,7 @@ impl Challenger {
             return Err(Refusal::TooEarly);
         }
         self.spend(salt, exp, now)?;
-        Ok(self.clearance(difficulty, salt, ip, ua, now))
+        Ok(self.mint_cookie(difficulty, salt, ip, ua, now))
     }
 
     /// Remembers a redeemed salt until its token's expiry.
@@ -373,7 +373,7 @@ impl Challenger {
         Ok(())
     }
 
-    fn clearance(&self, difficulty: u8, salt: &str, ip: IpAddr, ua: &str, now: u64) -> Clearance {
+    fn mint_cookie(&self, difficulty: u8, salt: &str, ip: IpAddr, ua: &str, now: u64) -> Clearance {
         let exp = now.saturating_add(self.clearance_ttl.as_secs()).to_string();
         let d = difficulty.to_string();
         let mac = hex::encode(self.mac(
@@ -422,23 +422,31 @@ impl Challenger {
         Ok(difficulty)
     }
 
-    /// Does `cookie` clear a challenge of `difficulty` for this client at `now`?
-    pub fn clears(&self, cookie: &str, ip: IpAddr, ua: &str, difficulty: u8, now: u64) -> bool {
-        self.check_cookie(cookie, ip, ua, now)
-            .is_ok_and(|earned| earned >= difficulty.min(MAX_DIFFICULTY))
+    /// The difficulty up to which `cookie` clears challenges for this client at `now`,
+    /// if it is valid: every difficulty for one earned at the cap, since harder
+    /// challenges are issued at the cap.
+    pub fn clearance(&self, cookie: &str, ip: IpAddr, ua: &str, now: u64) -> Option<u8> {
+        let earned = self.check_cookie(cookie, ip, ua, now).ok()?;
+        Some(if earned >= MAX_DIFFICULTY {
+            u8::MAX
+        } else {
+            earned
+        })
     }
 }
 
-/// Keeps the `keep` entries of `used` that expire last.
+/// Keeps the `keep` entries of `used` that expire last (ties broken by salt, so exactly
+/// `keep` stay even when many share a second).
 fn forget_soonest(used: &mut HashMap<u64, u64>, keep: usize) {
-    let mut expiries: Vec<u64> = used.values().copied().collect();
-    let cut = expiries.len().saturating_sub(keep);
+    let mut entries: Vec<(u64, u64)> = used.iter().map(|(salt, exp)| (*exp, *salt)).collect();
+    let cut = entries.len().saturating_sub(keep);
     if cut == 0 {
         return;
     }
-    let (_, threshold, _) = expiries.select_nth_unstable(cut - 1);
-    let threshold = *threshold;
-    used.retain(|_, e| *e > threshold);
+    entries.select_nth_unstable(cut - 1);
+    for (_, salt) in &entries[..cut] {
+        used.remove(salt);
+    }
 }
 
 /// The clearance cookie's value among a request's `Cookie` headers.
@@ -668,10 +676,13 @@ mod tests {
             .redeem_solution(&p.token, &solve(&p.token, 6), client, UA, now)
             .unwrap()
             .value;
-        assert!(c.clears(&cookie, client, UA, 6, now));
-        assert!(c.clears(&cookie, client, UA, 2, now));
-        assert!(!c.clears(&cookie, client, UA, 7, now));
-        assert!(!c.clears(&cookie, ip("192.0.2.2"), UA, 1, now));
+        assert_eq!(c.clearance(&cookie, client, UA, now), Some(6));
+        assert_eq!(c.clearance(&cookie, ip("192.0.2.2"), UA, now), None);
+        // One earned at the cap clears any difficulty (harder ones are issued at the cap).
+        let hardest = c
+            .mint_cookie(MAX_DIFFICULTY, "0123456789abcdef", client, UA, now)
+            .value;
+        assert_eq!(c.clearance(&hardest, client, UA, now), Some(u8::MAX));
         // The fallback earns its puzzle's difficulty.
         let f = c
             .redeem_fallback(&p.fallback, client, UA, now + 5)
@@ -739,7 +750,7 @@ mod tests {
         let nonce = solve(&p.token, 1);
         assert!(c.redeem_solution(&p.token, &nonce, client, UA, now).is_ok());
         let used = c.used.lock();
-        assert!(used.len() <= REPLAY_CAPACITY / 2 + 1, "{}", used.len());
+        assert_eq!(used.len(), REPLAY_CAPACITY / 2 + 1);
         // The ones kept are those expiring last, and the new one is remembered.
         assert!(used.values().all(|e| *e >= now + 59));
         drop(used);
@@ -747,6 +758,13 @@ mod tests {
             c.redeem_solution(&p.token, &nonce, client, UA, now),
             Err(Refusal::Replayed)
         );
+    }
+
+    #[test]
+    fn forgetting_keeps_exactly_as_many_when_expiries_tie() {
+        let mut used: HashMap<u64, u64> = (0..1000).map(|salt| (salt, 42)).collect();
+        forget_soonest(&mut used, 300);
+        assert_eq!(used.len(), 300);
     }
 
     #[test]

@@ -132,7 +132,8 @@ impl Paths {
     }
 
     /// Does the request path `path` match an entry? Only a path already in normal form
-    /// can: one with escapes, `.` or `..` segments, repeated slashes or backslashes may
+    /// can: one with escapes, `;` parameters, `.` or `..` segments, repeated slashes or
+    /// backslashes may
     /// resolve at the upstream to somewhere the list does not cover (`/static/../admin`),
     /// and which way depends on the upstream, so it gets no bypass.
     pub fn contains(&self, path: &str) -> bool {
@@ -265,6 +266,8 @@ mod tests {
             "/static\\..\\admin",
             "/static/%61pp.js",
             "/healthz/..",
+            "/static/..;/admin",
+            "/static/x;y",
         ] {
             assert!(!p.contains(sneaky), "{sneaky}");
         }

@@ -629,7 +629,7 @@ impl Config {
             return Err(ConfigError::invalid(
                 "allow_paths",
                 bad,
-                "a normal path: no escapes, `.` or `..` segments, `//` or backslashes",
+                "a normal path: no escapes, `;`, `.` or `..` segments, `//` or backslashes",
             ));
         }
         if let Some(secret) = &self.challenge_secret

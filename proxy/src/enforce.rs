@@ -89,10 +89,11 @@ impl Enforcer {
         self.verdict(found)
     }
 
-    /// The verdict for a client whose clearance cookie passes the challenge it met: what
-    /// else is in force for it (a tarpit, a throttle, a log) still applies.
-    pub fn decide_cleared(&self, req: &RequestKeys<'_>, now: DateTime<Utc>) -> Verdict {
-        self.verdict(self.cache.lookup_cleared(req, now))
+    /// The verdict for a client whose clearance cookie clears challenges up to difficulty
+    /// `earned`: what else is in force for it (a tarpit, a throttle, a log, a harder
+    /// challenge published since) still applies.
+    pub fn decide_cleared(&self, req: &RequestKeys<'_>, now: DateTime<Utc>, earned: u8) -> Verdict {
+        self.verdict(self.cache.lookup_cleared(req, now, earned))
     }
 
     fn verdict(&self, found: Option<Hit>) -> Verdict {

@@ -137,13 +137,16 @@ pub async fn follow(
                             limit = cache.limit(),
                             refused,
                             "the mitigation cache is full (cache_max_entries): new mitigations \
-                             are not enforced until others expire or are revoked"
+                             are not enforced until others expire or are revoked and a fresh \
+                             snapshot brings them in"
                         );
                     }
                     full = true;
                 } else if full && cache.len() < cache.limit() {
-                    tracing::info!("the mitigation cache has room again");
+                    // What was refused went past with the cursor: a snapshot brings it in.
+                    tracing::info!("the mitigation cache has room again; reloading the snapshot");
                     full = false;
+                    cursor = None;
                 }
                 metrics.deltas_applied.inc_by(n);
                 metrics.cache_entries.set(cache.len() as i64);

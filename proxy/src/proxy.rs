@@ -81,6 +81,9 @@ pub struct RequestCtx {
     /// ... and names the client in `Forwarded`, which is therefore passed on; otherwise
     /// a `Forwarded` header is the client's own and is removed.
     keep_forwarded: bool,
+    /// ... and names the client in `X-Forwarded-For`, whose chain is therefore kept;
+    /// otherwise that header is the client's own and is replaced or removed.
+    keep_xff: bool,
     /// The client's usable `X-Request-ID` or a fresh id (empty until the request filter
     /// ran). A header value, so the upstream request, the response and local answers
     /// share its one buffer.
@@ -328,18 +331,16 @@ impl EsperProxy {
         }
     }
 
-    /// Does the client hold a valid clearance for a challenge of `difficulty`?
-    fn cleared(&self, session: &Session, ip: IpAddr, difficulty: u8) -> bool {
+    /// The difficulty up to which the client's clearance cookie clears challenges, if it
+    /// holds a valid one.
+    fn clearance(&self, session: &Session, ip: IpAddr) -> Option<u8> {
         let headers = &session.req_header().headers;
-        let Some(cookie) = challenge::find_cookie(headers) else {
-            return false;
-        };
+        let cookie = challenge::find_cookie(headers)?;
         let ua = headers
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        self.challenger
-            .clears(cookie, ip, ua, difficulty, unix_now())
+        self.challenger.clearance(cookie, ip, ua, unix_now())
     }
 }
 
@@ -513,6 +514,7 @@ impl ProxyHttp for EsperProxy {
             client_ip: None,
             peer_trusted: false,
             keep_forwarded: false,
+            keep_xff: false,
             request_id: HeaderValue::from_static(""),
             client_request_id: false,
             forward: Forward::default(),
@@ -545,6 +547,7 @@ impl ProxyHttp for EsperProxy {
         let req = session.req_header();
         ctx.peer_trusted = live.trusted.contains(peer);
         ctx.keep_forwarded = ctx.peer_trusted && live.real_ip_header == RealIpHeader::Forwarded;
+        ctx.keep_xff = ctx.peer_trusted && live.real_ip_header == RealIpHeader::XForwardedFor;
         let ip = clientip::resolve(peer, &req.headers, &live.trusted, live.real_ip_header);
         ctx.client_ip = Some(ip);
         let path = req.uri.path();
@@ -583,9 +586,10 @@ impl ProxyHttp for EsperProxy {
         };
         let mut verdict = self.enforcer.decide_request(&keys, ctx.timestamp);
         if let Verdict::Challenge { difficulty, .. } = verdict
-            && self.cleared(session, ip, difficulty)
+            && let Some(earned) = self.clearance(session, ip)
+            && earned >= difficulty
         {
-            verdict = self.enforcer.decide_cleared(&keys, ctx.timestamp);
+            verdict = self.enforcer.decide_cleared(&keys, ctx.timestamp, earned);
         }
         match verdict {
             Verdict::Forward(action) => {
@@ -726,22 +730,26 @@ impl ProxyHttp for EsperProxy {
             _ => ip_header(peer),
         };
         if forward.forwarded_for {
-            // From a trusted proxy, the chain so far is kept and the peer appended (as
-            // nginx's `$proxy_add_x_forwarded_for`); from anyone else, whatever the
-            // client wrote is dropped and only what this proxy saw remains.
+            // From a trusted proxy that names the client in this header, the chain so far
+            // is kept and the peer appended (as nginx's `$proxy_add_x_forwarded_for`);
+            // otherwise whatever the client wrote is dropped and only what this proxy
+            // knows remains: the client a trusted `Forwarded` named, then the peer.
             let earlier = upstream_request
                 .headers
                 .get(&X_FORWARDED_FOR_NAME)
                 .and_then(|v| v.to_str().ok())
-                .filter(|_| trusted);
+                .filter(|_| ctx.keep_xff);
             let forwarded = match earlier {
                 Some(earlier) => HeaderValue::try_from(format!("{earlier}, {peer}"))
                     .unwrap_or_else(|_| peer_value()),
+                None if ip != peer => {
+                    HeaderValue::try_from(format!("{ip}, {peer}")).unwrap_or_else(|_| peer_value())
+                }
                 None => peer_value(),
             };
             upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
         } else {
-            drop_untrusted(upstream_request, &X_FORWARDED_FOR_NAME, trusted);
+            drop_untrusted(upstream_request, &X_FORWARDED_FOR_NAME, ctx.keep_xff);
         }
         if let Some(client) = client {
             upstream_request.insert_header(X_REAL_IP, client)?;

@@ -99,6 +99,9 @@ async fn forwarded_headers_count_only_from_trusted_proxies() {
     assert_eq!(get("198.51.100.7", "for=203.0.113.5").await, 200);
     assert_eq!(up.last_header("x-real-ip"), "203.0.113.5");
     assert_eq!(up.last_header("forwarded"), "for=203.0.113.5");
+    // The X-Forwarded-For the client wrote is replaced by what is known: the client the
+    // balancer named, then the balancer.
+    assert_eq!(up.last_header("x-forwarded-for"), "203.0.113.5, 127.0.0.10");
     proxy.stop().await.unwrap();
 }
 
@@ -280,6 +283,7 @@ async fn allowlists_bypass_every_mitigation() {
         "/.well-known/../admin",
         "/.well-known/%2e%2e/admin",
         "/.well-known/..%2fadmin",
+        "/.well-known/..;/admin",
         "/.well-known//x",
         "/slow/..",
     ] {

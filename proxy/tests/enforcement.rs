@@ -314,14 +314,16 @@ async fn a_full_cache_refuses_new_mitigations_and_says_so() {
     let mut cfg = config(up.addr, &dead_url(), &broker.url);
     cfg.cache_max_entries = 3;
     let proxy = start_proxy(cfg).await;
+    let mut published = Vec::new();
     for i in 1..=5 {
-        broker
+        let m = broker
             .publish(
                 &format!("ip:127.0.1.{i}"),
                 Action::Block,
                 Duration::from_secs(600),
             )
             .await;
+        published.push(m);
     }
     let counted = eventually(2 * SECOND, || async {
         proxy.metric("esper_proxy_cache_refused_total").await == 2.0
@@ -341,5 +343,28 @@ async fn a_full_cache_refuses_new_mitigations_and_says_so() {
         3,
         "{blocked:?}"
     );
+
+    // Room again (one revoked): a fresh snapshot brings in one of those refused.
+    let held = blocked.iter().position(|s| *s == 403).unwrap();
+    broker
+        .client
+        .revoke(&RevokeRequest {
+            id: Some(published[held].id.clone()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    let refilled = eventually(2 * SECOND, || async {
+        let mut n = 0;
+        for i in 1..=5 {
+            if i != held + 1 && status_from(&format!("127.0.1.{i}"), &proxy.url).await == 403 {
+                n += 1;
+            }
+        }
+        n == 3
+    })
+    .await;
+    assert!(refilled, "three of the four left are enforced");
+    assert_eq!(proxy.metric("esper_proxy_cache_entries").await, 3.0);
     proxy.stop().await.unwrap();
 }

@@ -216,8 +216,10 @@ pub fn write_path_template(path: &str, out: &mut String) {
 
 /// A request path in the form servers resolve it to, for matching routes, allowlists
 /// and path mitigations: percent-escapes of unreserved characters decoded (`%61` is `a`,
-/// `%2E` is `.`) and the others' hex digits upper-cased, runs of `/` merged, and `.` and
-/// `..` segments removed (RFC 3986, section 5.2.4; `..` never climbs above the root).
+/// `%2E` is `.`) and the others' hex digits upper-cased, `;` parameters dropped from each
+/// segment (as Java servers do, so `/static/..;/admin` is `/admin` and
+/// `/cart;jsessionid=1` is `/cart`), runs of `/` merged, and `.` and `..` segments removed
+/// (RFC 3986, section 5.2.4; `..` never climbs above the root).
 /// `%2F` stays encoded: servers disagree on whether it separates segments. A path
 /// already in that form is returned as it is, without allocating.
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
@@ -232,7 +234,8 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     let mut trailing = false;
     for (i, segment) in segments.iter().enumerate() {
         trailing = false;
-        match *segment {
+        let segment = segment.split(';').next().unwrap_or("");
+        match segment {
             "" if i == 0 => {}
             "" => trailing = i == last,
             "." => trailing = true,
@@ -254,10 +257,11 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     Cow::Owned(normal)
 }
 
-/// No escapes, no empty segment but a trailing one, no `.` or `..` segment, and rooted.
+/// No escapes or parameters, no empty segment but a trailing one, no `.` or `..`
+/// segment, and rooted.
 fn is_normal_path(path: &str) -> bool {
     let b = path.as_bytes();
-    if b.first() != Some(&b'/') || b.contains(&b'%') {
+    if b.first() != Some(&b'/') || b.iter().any(|c| matches!(c, b'%' | b';')) {
         return false;
     }
     let last = b.len() - 1;
@@ -393,6 +397,7 @@ mod tests {
             ("/users/7/x/../orders", "/users/{id}/orders"),
             ("/%6cogin", "/login"),
             ("login", "/login"),
+            ("/users/7;jsessionid=abc/orders", "/users/{id}/orders"),
         ] {
             assert_eq!(path_template(path), template, "{path}");
         }
@@ -420,6 +425,10 @@ mod tests {
             ("/a%2Fb/%2e%2e", "/"),
             ("/caf%c3%a9", "/caf%C3%A9"),
             ("/bad%zz%4", "/bad%zz%4"),
+            ("/static/..;/admin", "/admin"),
+            ("/cart;jsessionid=1/x;a=b", "/cart/x"),
+            ("/a/;x/b", "/a/b"),
+            ("/a%3Bb", "/a%3Bb"),
             ("", "/"),
             ("rel/x", "/rel/x"),
         ] {
