@@ -68,10 +68,10 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
     let mut backoff = Backoff::new();
     while !shutdown.is_triggered() {
         // Claiming before policies are loaded would acknowledge unevaluated events.
-        let Some(policies) = shared.policies.current() else {
+        if shared.policies.current().is_none() {
             shutdown.sleep(Duration::from_millis(100)).await;
             continue;
-        };
+        }
         if shared.memory.as_ref().is_some_and(|m| m.over()) {
             shutdown.sleep(Duration::from_millis(200)).await;
             continue;
@@ -103,6 +103,11 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
         if items.is_empty() {
             continue;
         }
+        // Read after the claim, which may have waited through a reload: events that
+        // arrived after a new policy file took effect are judged by it.
+        let Some(policies) = shared.policies.current() else {
+            continue;
+        };
         let started = Instant::now();
         // A span only for trace export: in logs it would prefix every line of the batch.
         let span = if esper_protocol::trace_context::exporting() {
