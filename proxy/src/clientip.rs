@@ -137,6 +137,9 @@ impl Paths {
     /// resolve at the upstream to somewhere the list does not cover (`/static/../admin`),
     /// and which way depends on the upstream, so it gets no bypass.
     pub fn contains(&self, path: &str) -> bool {
+        if self.exact.is_empty() && self.prefixes.is_empty() {
+            return false;
+        }
         let normal = matches!(esper_protocol::normalize_path(path), Cow::Borrowed(_))
             && !path.contains('\\');
         normal
