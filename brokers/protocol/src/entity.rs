@@ -275,13 +275,11 @@ fn is_normal_path(path: &str) -> bool {
             b'%' | b';' => return false,
             b'/' => {
                 let rest = &b[i + 1..];
-                let dot_segment = match rest {
-                    [b'/', ..] => true,
-                    [b'.'] | [b'.', b'/', ..] => true,
-                    [b'.', b'.'] | [b'.', b'.', b'/', ..] => true,
-                    _ => false,
-                };
-                if dot_segment {
+                // `//`, or a `.` or `..` segment.
+                if matches!(
+                    rest,
+                    [b'/', ..] | [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..]
+                ) {
                     return false;
                 }
             }
