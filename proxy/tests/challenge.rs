@@ -98,6 +98,14 @@ fn cookie_of(resp: &reqwest::Response) -> String {
     set.split(';').next().unwrap().to_string()
 }
 
+/// A clearance cookie (`name=value`) earned by a client from `ip` solving its challenge
+/// of `bits`.
+async fn earn_cookie(proxy: &TestProxy, ip: &str, bits: u32) -> String {
+    let body = json_challenge(proxy, ip).await;
+    let token = body["challenge"]["token"].as_str().unwrap();
+    cookie_of(&post_solution(proxy, ip, token, &solve(token, bits)).await)
+}
+
 async fn get_with(proxy: &TestProxy, ip: &str, cookie: &str, ua: &str) -> u16 {
     client_from(ip)
         .get(format!("{}/", proxy.url))
@@ -227,13 +235,13 @@ async fn without_javascript_the_fallback_link_clears_after_its_wait() {
 #[tokio::test]
 async fn a_cookie_earned_on_an_easy_puzzle_does_not_clear_a_harder_challenge() {
     let (proxy, _up, broker) = challenged_proxy("ip:127.0.0.54", 4).await;
-    let body = json_challenge(&proxy, "127.0.0.54").await;
-    let token = body["challenge"]["token"].as_str().unwrap();
-    let cookie = cookie_of(&post_solution(&proxy, "127.0.0.54", token, &solve(token, 4)).await);
+    let cookie = earn_cookie(&proxy, "127.0.0.54", 4).await;
     assert_eq!(get_with(&proxy, "127.0.0.54", &cookie, UA).await, 200);
 
     // A refused solution is asked again at its token's signed difficulty; a made-up
     // token with difficulty 0 gets the default, not 0.
+    let body = json_challenge(&proxy, "127.0.0.54").await;
+    let token = body["challenge"]["token"].as_str().unwrap();
     let wrong = post_solution(&proxy, "127.0.0.54", token, "x").await;
     let wrong: serde_json::Value = wrong.json().await.unwrap();
     assert_eq!(wrong["challenge"]["difficulty"], 4);
@@ -266,9 +274,7 @@ async fn a_cookie_earned_on_an_easy_puzzle_does_not_clear_a_harder_challenge() {
 #[tokio::test]
 async fn a_cleared_client_still_meets_its_other_mitigations() {
     let (proxy, _up, broker) = challenged_proxy("ip:127.0.0.55", 4).await;
-    let body = json_challenge(&proxy, "127.0.0.55").await;
-    let token = body["challenge"]["token"].as_str().unwrap();
-    let cookie = cookie_of(&post_solution(&proxy, "127.0.0.55", token, &solve(token, 4)).await);
+    let cookie = earn_cookie(&proxy, "127.0.0.55", 4).await;
     assert_eq!(get_with(&proxy, "127.0.0.55", &cookie, UA).await, 200);
     // Its network is throttled as well: the cookie passes the challenge, not that.
     broker
