@@ -36,6 +36,8 @@ pub struct App {
     upstreams: usize,
     /// The peer of an app with a single upstream, which needs no balancing.
     only: Option<HttpPeer>,
+    /// Upstreams given by host name, with the address each resolved to.
+    resolved: Vec<(String, SocketAddr)>,
     /// Dropping the app (after a reload, once its last request is done) ends its
     /// health check loop.
     _stop: watch::Sender<()>,
@@ -50,6 +52,17 @@ impl std::fmt::Debug for App {
 /// Longest wait for an upstream's name to resolve.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The first address `upstream` (`host:port`) resolves to. Bounded: a reload waits on
+/// this, and a stuck resolver must not hold up every later reload behind it.
+async fn resolve(upstream: &str) -> Result<SocketAddr, String> {
+    tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(upstream))
+        .await
+        .map_err(|_| format!("cannot resolve upstream `{upstream}`: timed out"))?
+        .map_err(|e| format!("cannot resolve upstream `{upstream}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve upstream `{upstream}`: no address found"))
+}
+
 /// Settings every app shares.
 pub struct Shared {
     pub sample_rate: f64,
@@ -62,16 +75,13 @@ impl App {
     /// Resolves the upstreams and starts the health check loop on the current runtime.
     pub async fn build(cfg: &AppConfig, shared: &Shared) -> Result<App, String> {
         let mut backends = BTreeSet::new();
+        let mut resolved = Vec::new();
         for u in &cfg.upstreams {
             let (host, _) = split_host_port(u)?;
-            // Bounded: a reload waits on this, and a stuck resolver must not hold up
-            // every later reload behind it.
-            let addr = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(u.as_str()))
-                .await
-                .map_err(|_| format!("cannot resolve upstream `{u}`: timed out"))?
-                .map_err(|e| format!("cannot resolve upstream `{u}`: {e}"))?
-                .next()
-                .ok_or_else(|| format!("cannot resolve upstream `{u}`: no address found"))?;
+            let addr = resolve(u).await?;
+            if u.parse::<SocketAddr>().is_err() {
+                resolved.push((u.clone(), addr));
+            }
             let mut b = Backend::new(&addr.to_string()).map_err(|e| e.to_string())?;
             // Only TLS upstreams need their name (SNI); without it a backend clones
             // without allocating, once per request.
@@ -124,8 +134,27 @@ impl App {
             pool,
             upstreams,
             only,
+            resolved,
             _stop: stop,
         })
+    }
+
+    /// Does one of this app's upstream names resolve to another address than the one
+    /// in use? A name that fails to resolve now keeps its address.
+    pub async fn resolves_elsewhere(&self) -> bool {
+        for (name, addr) in &self.resolved {
+            match resolve(name).await {
+                Ok(now) if now != *addr => {
+                    tracing::info!(app = %self.name, upstream = %name, was = %addr, now = %now, "upstream resolves to a new address");
+                    return true;
+                }
+                Ok(_) => {}
+                Err(reason) => {
+                    tracing::debug!(app = %self.name, %reason, "upstream not resolved; keeping its address")
+                }
+            }
+        }
+        false
     }
 
     /// How many upstreams the app has (the most connect attempts one request makes).

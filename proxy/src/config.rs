@@ -84,6 +84,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time an idle upstream connection stays in the keep-alive pool.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default interval between resolutions of upstream host names.
+pub const DEFAULT_UPSTREAM_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Default lifetime of a clearance cookie earned by solving a challenge.
 pub const DEFAULT_CHALLENGE_TTL: Duration = Duration::from_secs(3600);
@@ -193,6 +195,13 @@ pub struct Config {
     /// upstreams on the same host that keep connections longer than the proxy does.
     #[serde(with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
+    /// How often upstream host names are resolved again; when one resolves to another
+    /// address, the apps are rebuilt with it, as a reload does, without dropping
+    /// connections. Load balancers' names (a cloud balancer, a DNS-discovered service)
+    /// change address over time. 0: resolved only at start and on reloads
+    /// (`ESPER_UPSTREAM_RESOLVE_INTERVAL`).
+    #[serde(with = "humantime_serde")]
+    pub upstream_resolve_interval: Duration,
     /// Name of the protected app: reported in events, and app-scoped mitigations apply
     /// only when they name it (`ESPER_APP`, `--app`).
     pub app: String,
@@ -342,6 +351,7 @@ impl Default for Config {
             upstream_tls: false,
             upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
             upstream_idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            upstream_resolve_interval: DEFAULT_UPSTREAM_RESOLVE_INTERVAL,
             app: DEFAULT_APP.to_string(),
             proxy_id: String::new(),
             sample_rate: DEFAULT_SAMPLE_RATE,
@@ -425,6 +435,11 @@ impl Config {
             &["ESPER_UPSTREAM_CONNECT_TIMEOUT"],
             secs,
             &mut self.upstream_connect_timeout,
+        )?;
+        vars.duration(
+            &["ESPER_UPSTREAM_RESOLVE_INTERVAL"],
+            secs,
+            &mut self.upstream_resolve_interval,
         )?;
         vars.duration(
             &["ESPER_UPSTREAM_IDLE_TIMEOUT"],

@@ -216,7 +216,7 @@ impl Reloader {
             Some(doc) => remote::overlay(&config, doc).map_err(ProxyError::Remote)?,
             None => config.clone(),
         };
-        self.apply(merged).await?;
+        self.apply(merged, true).await?;
         layers.local = config;
         Ok(())
     }
@@ -226,15 +226,42 @@ impl Reloader {
     pub async fn reload_remote(&self, doc: &str) -> Result<(), ProxyError> {
         let mut layers = self.layers.lock().await;
         let merged = remote::overlay(&layers.local, doc).map_err(ProxyError::Remote)?;
-        self.apply(merged).await?;
+        self.apply(merged, true).await?;
         layers.remote = Some(doc.to_string());
         Ok(())
     }
 
-    async fn apply(&self, config: Config) -> Result<(), ProxyError> {
+    /// Rebuilds the apps with the configuration in force when an upstream host name
+    /// resolves to another address than the one in use; `true` when it did.
+    pub async fn refresh_resolved(&self) -> Result<bool, ProxyError> {
+        let layers = self.layers.lock().await;
+        let live = self.live.load_full();
+        let mut moved = false;
+        for app in live.router.apps() {
+            if app.resolves_elsewhere().await {
+                moved = true;
+                break;
+            }
+        }
+        if !moved {
+            return Ok(false);
+        }
+        let merged = match &layers.remote {
+            Some(doc) => remote::overlay(&layers.local, doc).map_err(ProxyError::Remote)?,
+            None => layers.local.clone(),
+        };
+        self.apply(merged, false).await?;
+        Ok(true)
+    }
+
+    /// `warn`: name the options that changed but apply only after a restart (not again
+    /// when the configuration itself did not change).
+    async fn apply(&self, config: Config, warn: bool) -> Result<(), ProxyError> {
         config.validate()?;
-        for option in restart_only_changes(&self.started, &config) {
-            tracing::warn!(option, "changed option takes effect only after a restart");
+        if warn {
+            for option in restart_only_changes(&self.started, &config) {
+                tracing::warn!(option, "changed option takes effect only after a restart");
+            }
         }
         let live = Live::build(&config).await?;
         if let Some(certs) = &self.certs
@@ -248,6 +275,16 @@ impl Reloader {
         self.live.store(Arc::new(live));
         tracing::info!(?apps, "configuration reloaded");
         Ok(())
+    }
+}
+
+/// Resolves the upstreams' host names every `interval` and rebuilds the apps when one
+/// moved, until shutdown.
+async fn resolve_again(reloader: Reloader, interval: Duration, shutdown: Shutdown) {
+    while !shutdown.sleep(interval).await {
+        if let Err(e) = reloader.refresh_resolved().await {
+            tracing::warn!(error = %e, "upstreams resolved to new addresses but the apps could not be rebuilt; the current ones stay");
+        }
     }
 }
 
@@ -541,6 +578,13 @@ pub async fn start(
         OPS_DRAIN,
     ));
 
+    if !config.upstream_resolve_interval.is_zero() {
+        tasks.push(tokio::spawn(resolve_again(
+            reloader.clone(),
+            config.upstream_resolve_interval,
+            shutdown.clone(),
+        )));
+    }
     if let Some(certs) = &certs {
         tasks.push(tokio::spawn(tls::watch(
             certs.clone(),

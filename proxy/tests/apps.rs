@@ -12,7 +12,8 @@ use std::time::Duration;
 use esper_protocol::{Action, Mitigation, Origin, Reason, Scope};
 use esper_proxy::{AppConfig, Config};
 use support::{
-    config, dead_url, eventually, get_host, ingestion, mitigations, named_upstream, start_proxy,
+    config, dead_url, eventually, get_host, ingestion, mitigations, named_upstream,
+    named_upstream_on, start_proxy,
 };
 
 fn app(name: &str, hosts: &[&str], prefix: &str, upstreams: &[std::net::SocketAddr]) -> AppConfig {
@@ -338,4 +339,87 @@ async fn each_app_answers_with_its_own_templates() {
     );
     proxy.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A line of /etc/hosts naming a test host, taken out again on drop. Written so that
+/// other tests reading the file at the same time never see it half-written: one append,
+/// one single-byte change, one truncation back to the original length.
+struct HostsEntry {
+    file: std::fs::File,
+    original_len: u64,
+    /// Offset of the last digit of the address (127.0.0.N).
+    digit_at: u64,
+}
+
+impl HostsEntry {
+    const PATH: &'static str = "/etc/hosts";
+
+    /// `127.0.0.{last} name`; `None` when /etc/hosts cannot be written.
+    fn add(name: &str, last: u8) -> Option<HostsEntry> {
+        use std::io::Write;
+        assert!((1..=9).contains(&last));
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(Self::PATH)
+            .ok()?;
+        let original_len = file.metadata().ok()?.len();
+        // Starting on a fresh line whatever the file ends with.
+        let line = format!("\n127.0.0.{last} {name}\n");
+        file.write_all(line.as_bytes()).ok()?;
+        Some(HostsEntry {
+            file,
+            original_len,
+            digit_at: original_len + "\n127.0.0.".len() as u64,
+        })
+    }
+
+    /// Points the name at 127.0.0.{last}.
+    fn point_to(&self, last: u8) {
+        use std::os::unix::fs::FileExt;
+        assert!((1..=9).contains(&last));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(Self::PATH)
+            .unwrap();
+        file.write_all_at(&[b'0' + last], self.digit_at).unwrap();
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        let _ = self.file.set_len(self.original_len);
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_name_that_moves_is_followed() {
+    let name = format!("esper-upstream-{}.test", std::process::id());
+    let Some(hosts) = HostsEntry::add(&name, 2) else {
+        // Root (as in CI) can write the hosts file; elsewhere skipping must be asked for.
+        assert!(
+            std::env::var_os("ESPER_SKIP_HOSTS_FILE").is_some(),
+            "/etc/hosts is not writable (run as root), and ESPER_SKIP_HOSTS_FILE is not set"
+        );
+        eprintln!("SKIPPED: /etc/hosts is not writable and ESPER_SKIP_HOSTS_FILE is set");
+        return;
+    };
+    // Two apps on one port of two loopback addresses: the name decides which answers.
+    let a = named_upstream_on("a", "127.0.0.2:0".parse().unwrap()).await;
+    let b = named_upstream_on("b", format!("127.0.0.3:{}", a.addr.port()).parse().unwrap()).await;
+    let mut cfg = config(a.addr, &dead_url(), &dead_url());
+    cfg.upstream = format!("{name}:{}", a.addr.port());
+    cfg.upstream_resolve_interval = Duration::from_millis(200);
+    let proxy = start_proxy(cfg).await;
+    let url = format!("{}/", proxy.url);
+    assert_eq!(get_host(&url, "test").await.1, "a /");
+
+    hosts.point_to(3);
+    let moved = eventually(Duration::from_secs(5), || async {
+        get_host(&url, "test").await.1 == "b /"
+    })
+    .await;
+    assert!(moved, "the proxy follows the name to its new address");
+    assert!(b.hits() >= 1);
+    proxy.stop().await.unwrap();
+    drop(hosts);
 }

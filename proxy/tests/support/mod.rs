@@ -331,6 +331,11 @@ impl NamedUpstream {
 }
 
 pub async fn named_upstream(name: &'static str) -> NamedUpstream {
+    named_upstream_on(name, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// [`named_upstream`] listening on `addr`.
+pub async fn named_upstream_on(name: &'static str, addr: SocketAddr) -> NamedUpstream {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let hits = Arc::new(AtomicUsize::new(0));
     let healthy = Arc::new(AtomicBool::new(true));
@@ -353,7 +358,7 @@ pub async fn named_upstream(name: &'static str) -> NamedUpstream {
             }
             ([("x-upstream", name)], format!("{name} {}", uri.path()))
         });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (trigger, shutdown) = Shutdown::new();
     let server = tokio::spawn(esper_common::http::serve(
