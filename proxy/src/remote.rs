@@ -12,9 +12,9 @@ use esper_common::Shutdown;
 use esper_protocol::ProxyConfigDoc;
 use reqwest::StatusCode;
 
-use crate::Reloader;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::{ProxyError, Reloader};
 
 /// Slack over the long-poll wait before the request itself times out.
 const REQUEST_SLACK: Duration = Duration::from_secs(10);
@@ -58,6 +58,10 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
     let mut after = 0i64;
     let mut backoff = FIRST_BACKOFF;
     let mut failing = false;
+    // The latest document, while it could not be built for a reason that may pass (an
+    // upstream that does not resolve yet, a templates directory not yet in place): it is
+    // tried again after each wait that brings no newer one.
+    let mut retry: Option<ProxyConfigDoc> = None;
     loop {
         let mut req = client
             .get(&url)
@@ -73,9 +77,13 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
         match polled {
             Ok(Some(doc)) => {
                 after = doc.revision;
-                apply(&f, &doc).await;
+                retry = apply(&f, &doc).await.then_some(doc);
             }
-            Ok(None) => {}
+            Ok(None) => {
+                if let Some(doc) = retry.take() {
+                    retry = apply(&f, &doc).await.then_some(doc);
+                }
+            }
             Err(e) => {
                 if !failing {
                     tracing::warn!(url, error = %e, "cannot read the proxy configuration from the control plane; retrying");
@@ -106,17 +114,22 @@ async fn poll(req: reqwest::RequestBuilder) -> Result<Option<ProxyConfigDoc>, St
     }
 }
 
-async fn apply(f: &Follow, doc: &ProxyConfigDoc) {
+/// Applies `doc`; `true` when it failed for a reason that may pass, so it is worth
+/// trying again. A document that does not parse or validate never will be.
+async fn apply(f: &Follow, doc: &ProxyConfigDoc) -> bool {
     let outcome = f.reloader.reload_remote(&doc.config).await;
     match outcome {
         Ok(()) => {
             f.metrics.remote_config_applied.inc();
             f.metrics.remote_config_revision.set(doc.revision);
             tracing::info!(revision = doc.revision, by = %doc.updated_by, "configuration from the control plane applied");
+            false
         }
         Err(e) => {
             f.metrics.remote_config_refused.inc();
-            tracing::error!(revision = doc.revision, by = %doc.updated_by, error = %e, "configuration from the control plane refused; the current one stays");
+            let again = !matches!(e, ProxyError::Remote(_));
+            tracing::error!(revision = doc.revision, by = %doc.updated_by, error = %e, retried = again, "configuration from the control plane refused; the current one stays");
+            again
         }
     }
 }

@@ -176,3 +176,43 @@ async fn a_local_reload_keeps_the_control_plane_document_and_the_next_document_k
     proxy.stop().await.unwrap();
     control.stop().await;
 }
+
+#[tokio::test]
+async fn a_document_refused_for_a_passing_reason_is_tried_again() {
+    let control = control_plane().await;
+    let a = named_upstream("a").await;
+    let mut cfg = config(a.addr, &dead_url(), &dead_url());
+    cfg.control_url = Some(control.url.clone());
+    cfg.control_token = Some(CONTROL_TOKEN.into());
+    let proxy = start_proxy(cfg).await;
+    // A templates directory that is not there yet: the document cannot be built.
+    let dir = std::env::temp_dir().join(format!("esper-remote-templates-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    put_config(
+        &control.url,
+        &format!("templates_dir = \"{}\"\n", dir.display()),
+    )
+    .await;
+    let refused = eventually(Duration::from_secs(5), || async {
+        proxy
+            .metric("esper_proxy_remote_config_total{result=\"refused\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert!(refused);
+    assert_eq!(
+        proxy.metric("esper_proxy_remote_config_revision").await,
+        0.0
+    );
+    // Once it is in place, the same revision is applied without a new one.
+    std::fs::create_dir_all(&dir).unwrap();
+    let applied = eventually(Duration::from_secs(10), || async {
+        proxy.metric("esper_proxy_remote_config_revision").await == 1.0
+    })
+    .await;
+    assert!(applied, "the document is applied on a later try");
+    proxy.stop().await.unwrap();
+    control.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
