@@ -201,6 +201,16 @@ struct Layers {
     remote: Option<String>,
 }
 
+impl Layers {
+    /// `local` with the control plane's latest document, if any, laid over it.
+    fn over(&self, local: &Config) -> Result<Config, ProxyError> {
+        match &self.remote {
+            Some(doc) => remote::overlay(local, doc).map_err(ProxyError::Remote),
+            None => Ok(local.clone()),
+        }
+    }
+}
+
 impl Reloader {
     /// A new local configuration (a SIGHUP, or a caller of the handle): validated and
     /// applied with the control plane's latest document, if any, still laid over it, so
@@ -212,10 +222,7 @@ impl Reloader {
     /// changes.
     pub async fn reload(&self, config: Config) -> Result<(), ProxyError> {
         let mut layers = self.layers.lock().await;
-        let merged = match &layers.remote {
-            Some(doc) => remote::overlay(&config, doc).map_err(ProxyError::Remote)?,
-            None => config.clone(),
-        };
+        let merged = layers.over(&config)?;
         self.apply(merged, true).await?;
         layers.local = config;
         Ok(())
@@ -246,10 +253,7 @@ impl Reloader {
         if !moved {
             return Ok(false);
         }
-        let merged = match &layers.remote {
-            Some(doc) => remote::overlay(&layers.local, doc).map_err(ProxyError::Remote)?,
-            None => layers.local.clone(),
-        };
+        let merged = layers.over(&layers.local)?;
         self.apply(merged, false).await?;
         Ok(true)
     }

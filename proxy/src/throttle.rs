@@ -22,6 +22,25 @@ impl Bucket {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens + elapsed * self.rate >= self.burst
     }
+
+    /// Refills for the time since it was last used and takes a token: `Ok` when there
+    /// was one, otherwise `Err(retry_after)`.
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
+        // The mitigation may have been republished with other parameters.
+        self.rate = rate;
+        self.burst = burst;
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        if rate == 0.0 {
+            return Err(NO_REFILL_RETRY);
+        }
+        Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+    }
 }
 
 /// Per-entity token buckets, at most `capacity` of them.
@@ -49,38 +68,22 @@ impl Throttles {
         };
         let burst = f64::from(burst.max(1));
         let mut buckets = self.buckets.lock();
-        // Looked up by `&str` first, so only a new bucket allocates its key.
-        if !buckets.contains_key(key) {
-            if buckets.len() >= self.capacity {
-                evict(&mut buckets, self.capacity, now);
-            }
-            buckets.insert(
-                key.to_string(),
-                Bucket {
-                    tokens: burst,
-                    last: now,
-                    rate,
-                    burst,
-                },
-            );
+        // Looked up by `&str`, so only a new bucket allocates its key.
+        if let Some(bucket) = buckets.get_mut(key) {
+            return bucket.take(rate, burst, now);
         }
-        let Some(bucket) = buckets.get_mut(key) else {
-            return Ok(());
+        if buckets.len() >= self.capacity {
+            evict(&mut buckets, self.capacity, now);
+        }
+        let mut bucket = Bucket {
+            tokens: burst,
+            last: now,
+            rate,
+            burst,
         };
-        // The mitigation may have been republished with other parameters.
-        bucket.rate = rate;
-        bucket.burst = burst;
-        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
-        bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            return Ok(());
-        }
-        if rate == 0.0 {
-            return Err(NO_REFILL_RETRY);
-        }
-        Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
+        let taken = bucket.take(rate, burst, now);
+        buckets.insert(key.to_string(), bucket);
+        taken
     }
 
     /// Buckets held.
