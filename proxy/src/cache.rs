@@ -39,6 +39,50 @@ const WRITE_CHUNK: usize = 256;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// Action severities (`Action::severity`, 1 to 5) index arrays of this length.
+const SEVERITIES: usize = 6;
+
+/// What a full cache did with new mitigations: refused them (nothing less severe was
+/// held), or admitted them by evicting a less severe one each. Both are lost from
+/// enforcement until a snapshot brings them in again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Overflow {
+    pub refused: u64,
+    pub evicted: u64,
+}
+
+impl std::ops::AddAssign for Overflow {
+    fn add_assign(&mut self, other: Overflow) {
+        self.refused += other.refused;
+        self.evicted += other.evicted;
+    }
+}
+
+impl Overflow {
+    /// Nothing was refused or evicted.
+    pub fn is_empty(&self) -> bool {
+        self.refused == 0 && self.evicted == 0
+    }
+
+    fn count(&mut self, admitted: Admitted) {
+        match admitted {
+            Admitted::Held => {}
+            Admitted::Evicted => self.evicted += 1,
+            Admitted::Refused => self.refused += 1,
+        }
+    }
+}
+
+/// What became of one change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admitted {
+    Held,
+    /// Held in place of a less severe mitigation, evicted for it.
+    Evicted,
+    /// New, and refused: the cache is full of mitigations at least as severe.
+    Refused,
+}
+
 /// Largest snapshot size hint [`SnapshotBuilder::expect`] sizes the index for.
 pub const MAX_SNAPSHOT_HINT: usize = 20_000_000;
 
@@ -270,15 +314,13 @@ pub struct SnapshotBuilder {
 
 impl SnapshotBuilder {
     /// Adds a page of the snapshot (upserts; mitigations already expired are skipped).
-    /// Returns how many new mitigations were refused for the cache's limit.
-    pub fn add(&mut self, changes: Vec<Change>, now: DateTime<Utc>) -> u64 {
-        let mut refused = 0;
+    /// Returns what the cache's limit cost.
+    pub fn add(&mut self, changes: Vec<Change>, now: DateTime<Utc>) -> Overflow {
+        let mut overflow = Overflow::default();
         for change in changes {
-            if !self.index.apply(change, now) {
-                refused += 1;
-            }
+            overflow.count(self.index.apply(change, now));
         }
-        refused
+        overflow
     }
 
     /// Sizes the index for a snapshot of `total` mitigations (the first page's hint),
@@ -351,6 +393,41 @@ struct Index {
     /// Tuple mitigations with an address part, by that address; the others.
     tuples_by_ip: HashMap<IpAddr, Vec<TupleEntry>>,
     tuples: Vec<TupleEntry>,
+    /// Entries held, by their action's severity: whether a full index holds something
+    /// less severe than a newcomer, without a scan.
+    held: [usize; SEVERITIES],
+    /// Ids a full index evicts next, all of severity `victims_of` when gathered, the
+    /// soonest to expire last (taken first). Checked again when taken: an entry may have
+    /// gone or changed since.
+    victims: Vec<MitigationId>,
+    victims_of: u8,
+}
+
+/// An eviction candidate, ordered by expiry alone.
+struct ByExpiry(i64, MitigationId);
+
+impl PartialEq for ByExpiry {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for ByExpiry {}
+
+impl PartialOrd for ByExpiry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByExpiry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+fn severity(action: &Action) -> usize {
+    usize::from(action.severity()).min(SEVERITIES - 1)
 }
 
 /// What a request is looked up by.
@@ -510,14 +587,21 @@ impl Index {
         shared
     }
 
-    /// Adds or replaces `m`; `false` when it is new and the index is full.
-    fn insert(&mut self, m: Mitigation) -> bool {
+    /// Adds or replaces `m`. When it is new and the index full, a less severe entry
+    /// (the one expiring soonest of the least severe kind held) makes room for it;
+    /// without one it is refused.
+    fn insert(&mut self, m: Mitigation) -> Admitted {
         let id = MitigationId::new(&m.id);
+        let mut admitted = Admitted::Held;
         if self.by_id.contains_key(&id) {
             self.remove(&id);
         } else if self.by_id.len() >= self.limit.0 {
-            return false;
+            if !self.evict_below(severity(&m.action)) {
+                return Admitted::Refused;
+            }
+            admitted = Admitted::Evicted;
         }
+        self.held[severity(&m.action)] += 1;
         let scope = match m.scope {
             Scope::Global => None,
             Scope::App(app) => Some(self.intern(app)),
@@ -583,12 +667,130 @@ impl Index {
             }
         };
         self.by_id.insert(id, loc);
-        true
+        admitted
     }
 
-    /// One change of a delta page or snapshot page; an expired upsert removes. `false`
-    /// when an upsert was refused for the limit.
-    fn apply(&mut self, change: Change, now: DateTime<Utc>) -> bool {
+    /// Evicts one entry less severe than `severity`; `false` when none is held.
+    fn evict_below(&mut self, severity: usize) -> bool {
+        let Some(low) = (0..severity).find(|&s| self.held[s] > 0) else {
+            return false;
+        };
+        // `low` < SEVERITIES.
+        let low = low as u8;
+        if self.victims_of != low {
+            self.victims.clear();
+            self.victims_of = low;
+        }
+        let mut fresh = false;
+        loop {
+            while let Some(id) = self.victims.pop() {
+                if self.severity_of(&id) == Some(usize::from(low)) {
+                    self.remove(&id);
+                    return true;
+                }
+            }
+            // Candidates just gathered all fail only if the counts are wrong: refuse
+            // rather than scan forever.
+            if fresh {
+                return false;
+            }
+            self.victims = self.candidates(usize::from(low));
+            fresh = true;
+        }
+    }
+
+    /// Up to a batch of the entries of `severity` that expire soonest, the soonest
+    /// last. A batch is a small share of the limit, so a flood of stricter mitigations
+    /// into a full cache costs one scan per batch, not one per mitigation.
+    fn candidates(&self, severity: usize) -> Vec<MitigationId> {
+        let batch = (self.limit.0 / 64).clamp(256, 65_536);
+        // A max-heap by expiry of the `batch` soonest seen so far.
+        let mut soonest = std::collections::BinaryHeap::with_capacity(batch + 1);
+        self.for_each_entry(|e| {
+            if self::severity(&e.action) != severity {
+                return;
+            }
+            if soonest.len() < batch {
+                soonest.push(ByExpiry(e.expires, e.id.clone()));
+            } else if soonest.peek().is_some_and(|top| e.expires < top.0) {
+                soonest.pop();
+                soonest.push(ByExpiry(e.expires, e.id.clone()));
+            }
+        });
+        // Ascending by expiry; taken from the end, so reversed.
+        let mut ids: Vec<MitigationId> =
+            soonest.into_sorted_vec().into_iter().map(|c| c.1).collect();
+        ids.reverse();
+        ids
+    }
+
+    /// Victims gathered outside the write lock (see [`MitigationCache::apply`]).
+    fn offer_victims(&mut self, severity: u8, ids: Vec<MitigationId>) {
+        self.victims = ids;
+        self.victims_of = severity;
+    }
+
+    /// Would `changes` evict, and of which severity, with no victims gathered for it?
+    fn victims_wanted(&self, changes: &[Change]) -> Option<usize> {
+        let upserts = changes
+            .iter()
+            .filter(|c| matches!(c, Change::Upsert { .. }))
+            .count();
+        if self.by_id.len().saturating_add(upserts) < self.limit.0 {
+            return None;
+        }
+        let strictest = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Upsert { mitigation } => Some(severity(&mitigation.action)),
+                Change::Remove { .. } => None,
+            })
+            .max()?;
+        let low = (0..strictest).find(|&s| self.held[s] > 0)?;
+        let ready = usize::from(self.victims_of) == low && !self.victims.is_empty();
+        (!ready).then_some(low)
+    }
+
+    /// The severity of entry `id`'s action, when held.
+    fn severity_of(&self, id: &MitigationId) -> Option<usize> {
+        self.entry(id).map(|e| severity(&e.action))
+    }
+
+    /// Entry `id`, found where `by_id` says it is.
+    fn entry(&self, id: &MitigationId) -> Option<&Entry> {
+        fn net<'a, K: std::hash::Hash + Eq>(
+            maps: &'a [(u8, HashMap<K, Slot>)],
+            len: u8,
+            key: &K,
+        ) -> Option<&'a Slot> {
+            let pos = maps.binary_search_by_key(&len, |(l, _)| *l).ok()?;
+            maps[pos].1.get(key)
+        }
+        let slot = match self.by_id.get(id)? {
+            Loc::Ip4(a) => self.ips4.get(&u32::from(*a))?,
+            Loc::Ip6(a) => self.ips6.get(&u128::from(*a))?,
+            Loc::Net4(len, a) => net(&self.v4, *len, &u32::from(*a))?,
+            Loc::Net6(len, a) => net(&self.v6, *len, &u128::from(*a))?,
+            Loc::Other(key) => match &**key {
+                EntityKey::Header { name, value } => self.headers.get(name)?.get(value)?,
+                EntityKey::Cookie { name, value } => self.cookies.get(name)?.get(value)?,
+                EntityKey::Path(template) => self.paths.get(template)?,
+                EntityKey::Ja4(fp) => self.ja4s.get(fp)?,
+                EntityKey::Tuple(parts) => {
+                    let tuples = match tuple_ip(parts) {
+                        Some(ip) => self.tuples_by_ip.get(&ip)?,
+                        None => &self.tuples,
+                    };
+                    return tuples.iter().map(|t| &t.entry).find(|e| e.id == *id);
+                }
+                EntityKey::Ip(_) | EntityKey::Cidr(_) => return None,
+            },
+        };
+        slot.entries().iter().find(|e| e.id == *id)
+    }
+
+    /// One change of a delta page or snapshot page; an expired upsert removes.
+    fn apply(&mut self, change: Change, now: DateTime<Utc>) -> Admitted {
         match change {
             Change::Upsert { mitigation } if mitigation.is_active(now) => {
                 return self.insert(mitigation);
@@ -600,7 +802,7 @@ impl Index {
                 self.remove(&MitigationId::new(&id));
             }
         }
-        true
+        Admitted::Held
     }
 
     fn remove(&mut self, id: &MitigationId) -> bool {
@@ -635,6 +837,10 @@ impl Index {
                 EntityKey::Ip(_) | EntityKey::Cidr(_) => None,
             },
         };
+        if let Some(e) = &taken {
+            let held = &mut self.held[severity(&e.action)];
+            *held = held.saturating_sub(1);
+        }
         if let Some(app) = taken.and_then(|e| e.scope) {
             // This entry and the set held the last two references: forget the name.
             if Arc::strong_count(&app) == 2 {
@@ -729,14 +935,16 @@ impl Index {
     fn expired(&self, now: DateTime<Utc>) -> Vec<MitigationId> {
         let now = nanos(now);
         let mut out = Vec::new();
-        let mut collect = |entries: &[Entry]| {
-            out.extend(
-                entries
-                    .iter()
-                    .filter(|e| e.expires <= now)
-                    .map(|e| e.id.clone()),
-            );
-        };
+        self.for_each_entry(|e| {
+            if e.expires <= now {
+                out.push(e.id.clone());
+            }
+        });
+        out
+    }
+
+    /// Visits every entry held.
+    fn for_each_entry<'a>(&'a self, mut f: impl FnMut(&'a Entry)) {
         let slots = self
             .ips4
             .values()
@@ -748,12 +956,11 @@ impl Index {
             .chain(self.paths.values())
             .chain(self.ja4s.values());
         for slot in slots {
-            collect(slot.entries());
+            slot.entries().iter().for_each(&mut f);
         }
         for t in self.tuples_by_ip.values().flatten().chain(&self.tuples) {
-            collect(std::slice::from_ref(&t.entry));
+            f(&t.entry);
         }
-        out
     }
 }
 
@@ -816,9 +1023,10 @@ impl MitigationCache {
         MitigationCache::with_limit(usize::MAX)
     }
 
-    /// An empty cache holding at most `limit` mitigations: past it, new ones are refused
-    /// (and counted by [`apply`](Self::apply) and [`SnapshotBuilder::add`]) while those
-    /// held are still updated and removed.
+    /// An empty cache holding at most `limit` mitigations: past it, a new one takes the
+    /// place of a less severe one (the least severe kind held, expiring soonest first)
+    /// or, when none is held, is refused; [`apply`](Self::apply) and
+    /// [`SnapshotBuilder::add`] count both. Those held are still updated and removed.
     pub fn with_limit(limit: usize) -> MitigationCache {
         MitigationCache {
             index: RwLock::new(Index {
@@ -873,11 +1081,12 @@ impl MitigationCache {
         self.index.read().lookup(req, now, Some(earned))
     }
 
-    /// Adds or replaces (same id) one mitigation.
-    /// `false` when it is new and the cache is full.
+    /// Adds or replaces (same id) one mitigation. `false` when it is new and the cache
+    /// is full of mitigations at least as severe; a less severe one is evicted for it
+    /// otherwise.
     pub fn upsert(&self, m: Mitigation) -> bool {
         let _writer = self.writers.lock();
-        self.index.write().insert(m)
+        self.index.write().insert(m) != Admitted::Refused
     }
 
     /// Removes a mitigation by id; `true` when it was present.
@@ -888,21 +1097,29 @@ impl MitigationCache {
     }
 
     /// Applies a page of deltas, a bounded chunk per write lock. Mitigations that have
-    /// already expired are not added. Returns how many new mitigations were refused
-    /// for the limit.
-    pub fn apply(&self, changes: Vec<Change>, now: DateTime<Utc>) -> u64 {
-        let mut changes = changes.into_iter().peekable();
-        let mut refused = 0;
+    /// already expired are not added. Returns what the cache's limit cost.
+    pub fn apply(&self, changes: Vec<Change>, now: DateTime<Utc>) -> Overflow {
+        let mut overflow = Overflow::default();
         let _writer = self.writers.lock();
+        // A full cache finds what to evict by a scan of every entry: done under the read
+        // lock, with lookups going on, rather than inside a chunk under the write lock.
+        let gathered = {
+            let index = self.index.read();
+            let wanted = index.victims_wanted(&changes);
+            wanted.map(|low| (low, index.candidates(low)))
+        };
+        if let Some((low, ids)) = gathered {
+            // `low` < SEVERITIES.
+            self.index.write().offer_victims(low as u8, ids);
+        }
+        let mut changes = changes.into_iter().peekable();
         while changes.peek().is_some() {
             let mut index = self.index.write();
             for change in changes.by_ref().take(WRITE_CHUNK) {
-                if !index.apply(change, now) {
-                    refused += 1;
-                }
+                overflow.count(index.apply(change, now));
             }
         }
-        refused
+        overflow
     }
 
     /// An empty index to assemble a snapshot in, page by page, apart from this cache
@@ -928,11 +1145,11 @@ impl MitigationCache {
 
     /// Replaces the whole content with a snapshot that came in one piece; the new index
     /// is built before the lock is taken.
-    pub fn replace(&self, changes: Vec<Change>, now: DateTime<Utc>) -> u64 {
+    pub fn replace(&self, changes: Vec<Change>, now: DateTime<Utc>) -> Overflow {
         let mut snapshot = self.begin_snapshot();
-        let refused = snapshot.add(changes, now);
+        let overflow = snapshot.add(changes, now);
         self.install(snapshot);
-        refused
+        overflow
     }
 
     /// Frees expired entries (lookups already ignore them); returns how many.
@@ -1209,13 +1426,17 @@ mod tests {
     #[test]
     fn a_full_cache_refuses_new_mitigations_and_keeps_updating_the_rest() {
         let cache = MitigationCache::with_limit(2);
-        assert!(cache.upsert(mitigation("ip:192.0.2.1", Action::Log)));
+        assert!(cache.upsert(mitigation("ip:192.0.2.1", Action::Block)));
         let mut second = mitigation("ip:192.0.2.2", Action::Log);
         assert!(cache.upsert(second.clone()));
+        second.action = Action::Block;
+        assert!(
+            cache.upsert(second.clone()),
+            "one held is replaced in place"
+        );
+        // Nothing less severe than a block is held: a new one is refused.
         assert!(!cache.upsert(mitigation("ip:192.0.2.3", Action::Block)));
         assert_eq!(cache.len(), 2);
-        // One held is replaced in place; deltas count what they could not add.
-        second.action = Action::Block;
         let changes = vec![
             Change::Upsert {
                 mitigation: second.clone(),
@@ -1224,14 +1445,13 @@ mod tests {
                 mitigation: mitigation("ip:192.0.2.4", Action::Block),
             },
         ];
-        assert_eq!(cache.apply(changes, Utc::now()), 1);
-        let h = none();
-        assert_eq!(
-            cache
-                .lookup("a", ip("192.0.2.2"), &h, Utc::now())
-                .map(|m| m.action),
-            Some(Action::Block)
-        );
+        let refused = Overflow {
+            refused: 1,
+            evicted: 0,
+        };
+        assert_eq!(cache.apply(changes, Utc::now()), refused);
+        assert_eq!(action(find_ip(&cache, "192.0.2.2")), Some(Action::Block));
+        assert_eq!(action(find_ip(&cache, "192.0.2.4")), None);
         // Room made by a removal is used again; snapshots keep the limit too.
         assert!(cache.remove(&second.id));
         assert!(cache.upsert(mitigation("ip:192.0.2.5", Action::Log)));
@@ -1240,8 +1460,164 @@ mod tests {
                 mitigation: mitigation(&format!("ip:198.51.100.{i}"), Action::Log),
             })
             .collect();
-        assert_eq!(cache.replace(snapshot, Utc::now()), 2);
+        let refused = Overflow {
+            refused: 2,
+            evicted: 0,
+        };
+        assert_eq!(cache.replace(snapshot, Utc::now()), refused);
         assert_eq!(cache.len(), 2);
+    }
+
+    fn find_ip(cache: &MitigationCache, addr: &str) -> Option<Hit> {
+        cache.lookup("a", ip(addr), &none(), Utc::now())
+    }
+
+    fn action(hit: Option<Hit>) -> Option<Action> {
+        hit.map(|h| h.action)
+    }
+
+    fn expiring(key: &str, action: Action, secs: u64) -> Mitigation {
+        let mut m = mitigation(key, action);
+        m.expires_at = Utc::now() + Duration::from_secs(secs);
+        m
+    }
+
+    #[test]
+    fn a_full_cache_evicts_the_least_severe_for_a_stricter_newcomer() {
+        let cache = MitigationCache::with_limit(4);
+        // Held: two logs (one expiring sooner), a throttle, a block.
+        let throttle = Action::Throttle {
+            rate: 1.0,
+            burst: 1,
+        };
+        for m in [
+            expiring("ip:192.0.2.1", Action::Log, 600),
+            expiring("ip:192.0.2.2", Action::Log, 60),
+            expiring("ip:192.0.2.3", throttle.clone(), 30),
+            expiring("ip:192.0.2.4", Action::Block, 600),
+        ] {
+            assert!(cache.upsert(m));
+        }
+        // A log finds nothing less severe than itself.
+        assert!(!cache.upsert(mitigation("ip:192.0.2.9", Action::Log)));
+        // A block takes the place of the log that expires first, then of the other.
+        let changes = vec![
+            Change::Upsert {
+                mitigation: mitigation("ip:192.0.2.10", Action::Block),
+            },
+            Change::Upsert {
+                mitigation: mitigation("ip:192.0.2.11", Action::Tarpit { delay_ms: 5 }),
+            },
+        ];
+        let evicted = Overflow {
+            refused: 0,
+            evicted: 2,
+        };
+        assert_eq!(cache.apply(changes, Utc::now()), evicted);
+        assert_eq!(action(find_ip(&cache, "192.0.2.2")), None);
+        assert_eq!(action(find_ip(&cache, "192.0.2.1")), None);
+        assert_eq!(action(find_ip(&cache, "192.0.2.10")), Some(Action::Block));
+        // Then the throttle, although it expires sooner than anything else held.
+        assert!(cache.upsert(mitigation(
+            "ip:192.0.2.12",
+            Action::Challenge { difficulty: 16 }
+        )));
+        assert_eq!(action(find_ip(&cache, "192.0.2.3")), None);
+        // A tarpit now finds nothing less severe: refused.
+        assert!(!cache.upsert(mitigation("ip:192.0.2.13", Action::Tarpit { delay_ms: 5 })));
+        assert_eq!(cache.len(), 4);
+        for kept in ["192.0.2.4", "192.0.2.10", "192.0.2.11", "192.0.2.12"] {
+            assert!(find_ip(&cache, kept).is_some(), "{kept}");
+        }
+    }
+
+    #[test]
+    fn an_eviction_candidate_that_changed_is_passed_over() {
+        let cache = MitigationCache::with_limit(3);
+        let mut logs: Vec<Mitigation> = (1..=3)
+            .map(|i| expiring(&format!("ip:192.0.2.{i}"), Action::Log, 60 * i))
+            .collect();
+        for m in &logs {
+            assert!(cache.upsert(m.clone()));
+        }
+        // The first eviction gathers every log as a candidate, the soonest first.
+        assert!(cache.upsert(mitigation("ip:198.51.100.1", Action::Block)));
+        assert_eq!(action(find_ip(&cache, "192.0.2.1")), None);
+        // The next candidate becomes a block before its turn, the one after is revoked
+        // and published again with the same id as a log: it is the one evicted.
+        logs[1].action = Action::Block;
+        assert!(cache.upsert(logs[1].clone()));
+        assert!(cache.remove(&logs[2].id));
+        assert!(cache.upsert(logs[2].clone()));
+        assert!(cache.upsert(mitigation("ip:198.51.100.2", Action::Block)));
+        assert_eq!(action(find_ip(&cache, "192.0.2.2")), Some(Action::Block));
+        assert_eq!(action(find_ip(&cache, "192.0.2.3")), None);
+        // Only blocks are left.
+        assert!(!cache.upsert(mitigation("ip:198.51.100.3", Action::Block)));
+    }
+
+    #[test]
+    fn entries_of_every_kind_can_be_evicted() {
+        let keys = [
+            "ip:192.0.2.1",
+            "ip:2001:db8::1",
+            "cidr:10.0.0.0/8",
+            "cidr:2001:db8:1::/48",
+            "header:x-api-key=k1",
+            "cookie:session=0123456789abcdef",
+            "path:/users/{id}/orders",
+            "ja4:t13d1516h2_8daaf6152771_b0da82dd1658",
+            "tuple:ip:10.0.0.1+path:/cart",
+            "tuple:header:user-agent=curl/8+path:/cart",
+        ];
+        let cache = MitigationCache::with_limit(keys.len());
+        let logs: Vec<Mitigation> = keys.iter().map(|k| mitigation(k, Action::Log)).collect();
+        for m in &logs {
+            assert!(cache.upsert(m.clone()), "{}", m.id);
+        }
+        let blocks: Vec<Change> = (1..=keys.len())
+            .map(|i| Change::Upsert {
+                mitigation: mitigation(&format!("ip:198.51.100.{i}"), Action::Block),
+            })
+            .collect();
+        let all = Overflow {
+            refused: 0,
+            evicted: keys.len() as u64,
+        };
+        assert_eq!(cache.apply(blocks, Utc::now()), all);
+        assert_eq!(cache.len(), keys.len());
+        for m in &logs {
+            assert!(!cache.remove(&m.id), "{} was evicted", m.id);
+        }
+        assert!(!cache.upsert(mitigation("ip:198.51.100.200", Action::Block)));
+    }
+
+    #[test]
+    fn a_snapshot_larger_than_the_limit_keeps_the_most_severe() {
+        let cache = MitigationCache::with_limit(100);
+        let page: Vec<Change> = (0..400u32)
+            .map(|i| {
+                let action = if i % 4 == 0 {
+                    Action::Block
+                } else {
+                    Action::Log
+                };
+                Change::Upsert {
+                    mitigation: mitigation(&format!("ip:10.0.{}.{}", i / 256, i % 256), action),
+                }
+            })
+            .collect();
+        let overflow = cache.replace(page, Utc::now());
+        assert_eq!(overflow.refused + overflow.evicted, 300);
+        assert_eq!(cache.len(), 100);
+        for i in (0..400u32).step_by(4) {
+            let addr = format!("10.0.{}.{}", i / 256, i % 256);
+            assert_eq!(
+                action(find_ip(&cache, &addr)),
+                Some(Action::Block),
+                "{addr}"
+            );
+        }
     }
 
     #[test]

@@ -260,8 +260,9 @@ pub struct Config {
     pub tarpit_concurrency: usize,
     /// Throttle token buckets kept in memory, at most (`ESPER_THROTTLE_ENTITIES`).
     pub throttle_entities: usize,
-    /// Most mitigations the cache holds; past it new ones are refused (counted in
-    /// `esper_proxy_cache_refused_total`, with a warning) while those held are still
+    /// Most mitigations the cache holds; past it a new one takes the place of a less
+    /// severe one (`esper_proxy_cache_evicted_total`) or, with none held, is refused
+    /// (`esper_proxy_cache_refused_total`), with a warning, while those held are still
     /// updated and removed, so a runaway policy cannot take the proxy's memory
     /// (`ESPER_CACHE_MAX_ENTRIES`).
     pub cache_max_entries: usize,

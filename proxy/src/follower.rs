@@ -21,7 +21,7 @@ use chrono::Utc;
 use esper_common::Shutdown;
 use esper_protocol::{ClientError, MitigationClient};
 
-use crate::cache::{MitigationCache, SnapshotBuilder};
+use crate::cache::{MitigationCache, Overflow, SnapshotBuilder};
 use crate::metrics::Metrics;
 use crate::status::Status;
 
@@ -87,7 +87,7 @@ pub async fn follow(
         match polled {
             Ok(page) => {
                 let n = page.changes.len() as u64;
-                let mut refused = 0;
+                let mut overflow = Overflow::default();
                 if page.snapshot {
                     let mut snapshot = match pending.take() {
                         Some(p) if p.cursor == page.cursor => p.snapshot,
@@ -99,7 +99,7 @@ pub async fn follow(
                         }
                         None => cache.begin_snapshot(),
                     };
-                    refused += snapshot.add(page.changes, Utc::now());
+                    overflow += snapshot.add(page.changes, Utc::now());
                     // Sized only when more pages follow: a snapshot that fit one page
                     // is already whole.
                     if let (Some(total), Some(_)) = (page.total, &page.more) {
@@ -127,18 +127,21 @@ pub async fn follow(
                     );
                     cursor = None;
                 } else {
-                    refused += cache.apply(page.changes, Utc::now());
+                    overflow += cache.apply(page.changes, Utc::now());
                     cursor = Some(page.cursor);
                 }
-                if refused > 0 {
-                    metrics.cache_refused.inc_by(refused);
+                if !overflow.is_empty() {
+                    metrics.cache_refused.inc_by(overflow.refused);
+                    metrics.cache_evicted.inc_by(overflow.evicted);
                     if !full {
                         tracing::warn!(
                             limit = cache.limit(),
-                            refused,
+                            refused = overflow.refused,
+                            evicted = overflow.evicted,
                             "the mitigation cache is full (cache_max_entries): new mitigations \
-                             are not enforced until others expire or are revoked and a fresh \
-                             snapshot brings them in"
+                             take the place of less severe ones, or are refused when none is \
+                             held; what is left out is not enforced until others expire or \
+                             are revoked and a fresh snapshot brings it in"
                         );
                     }
                     full = true;

@@ -92,8 +92,11 @@ pub struct Metrics {
     pub remote_config_revision: IntGauge,
     /// Delta-stream answers that were full snapshots (cache replaced).
     pub stream_snapshots: IntCounter,
-    /// New mitigations not cached because the cache was full (`cache_max_entries`).
+    /// New mitigations not cached because the cache was full (`cache_max_entries`) of
+    /// mitigations at least as severe.
     pub cache_refused: IntCounter,
+    /// Mitigations dropped from a full cache for a more severe new one.
+    pub cache_evicted: IntCounter,
     /// Moves from a failed mitigation broker to the next in the list.
     pub stream_failovers: IntCounter,
 }
@@ -206,7 +209,12 @@ impl Metrics {
             cache_refused: counter(
                 &registry,
                 "esper_proxy_cache_refused_total",
-                "New mitigations not cached because the cache held cache_max_entries",
+                "New mitigations not cached because the cache held cache_max_entries at least as severe",
+            ),
+            cache_evicted: counter(
+                &registry,
+                "esper_proxy_cache_evicted_total",
+                "Mitigations dropped from a full cache (cache_max_entries) for a more severe new one",
             ),
             stream_failovers: counter(
                 &registry,

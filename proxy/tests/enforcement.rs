@@ -308,6 +308,58 @@ async fn brokers_down_keep_the_cache_enforced_and_expiring() {
 }
 
 #[tokio::test]
+async fn a_full_cache_makes_room_for_a_block_by_evicting_a_log() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.cache_max_entries = 3;
+    let proxy = start_proxy(cfg).await;
+    for i in 1..=3 {
+        broker
+            .publish(
+                &format!("ip:127.0.3.{i}"),
+                Action::Log,
+                Duration::from_secs(600),
+            )
+            .await;
+    }
+    let full = eventually(2 * SECOND, || async {
+        proxy.metric("esper_proxy_cache_entries").await == 3.0
+    })
+    .await;
+    assert!(full, "three logs held");
+    let block = broker
+        .publish("ip:127.0.3.9", Action::Block, Duration::from_secs(600))
+        .await;
+    assert!(
+        wait_for_status("127.0.3.9", &proxy.url, 403, Duration::from_secs(2)).await,
+        "the block is enforced in a cache full of logs"
+    );
+    assert_eq!(proxy.metric("esper_proxy_cache_evicted_total").await, 1.0);
+    assert_eq!(proxy.metric("esper_proxy_cache_refused_total").await, 0.0);
+    assert_eq!(proxy.metric("esper_proxy_cache_entries").await, 3.0);
+
+    // The block revoked, the snapshot reloaded brings the evicted log back.
+    let snapshots = proxy.metric("esper_proxy_stream_snapshots_total").await;
+    broker
+        .client
+        .revoke(&RevokeRequest {
+            id: Some(block.id.clone()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    let reloaded = eventually(2 * SECOND, || async {
+        proxy.metric("esper_proxy_stream_snapshots_total").await > snapshots
+            && proxy.metric("esper_proxy_cache_entries").await == 3.0
+    })
+    .await;
+    assert!(reloaded, "a snapshot restores the three logs");
+    assert_eq!(status_from("127.0.3.9", &proxy.url).await, 200);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_full_cache_refuses_new_mitigations_and_says_so() {
     let up = upstream().await;
     let broker = mitigations().await;
