@@ -36,8 +36,8 @@ pub struct App {
     upstreams: usize,
     /// The peer of an app with a single upstream, which needs no balancing.
     only: Option<HttpPeer>,
-    /// Upstreams given by host name, with the address each resolved to.
-    resolved: Vec<(String, SocketAddr)>,
+    /// Upstreams given by host name, with the addresses each resolved to.
+    resolved: Vec<(String, Vec<SocketAddr>)>,
     /// Dropping the app (after a reload, once its last request is done) ends its
     /// health check loop.
     _stop: watch::Sender<()>,
@@ -52,15 +52,26 @@ impl std::fmt::Debug for App {
 /// Longest wait for an upstream's name to resolve.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The first address `upstream` (`host:port`) resolves to. Bounded: a reload waits on
-/// this, and a stuck resolver must not hold up every later reload behind it.
-async fn resolve(upstream: &str) -> Result<SocketAddr, String> {
-    tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(upstream))
+/// The addresses `upstream` (`host:port`) resolves to, sorted: every one of the address
+/// family the resolver ranks first (its order follows the system's preference, RFC
+/// 6724), so a service scaled out behind one name gets a backend per instance while
+/// `localhost` stays on the one family instead of also trying `::1` where the app
+/// listens only on 127.0.0.1. Bounded: a reload waits on this, and a stuck resolver
+/// must not hold up every later reload behind it.
+async fn resolve(upstream: &str) -> Result<Vec<SocketAddr>, String> {
+    let mut found = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(upstream))
         .await
         .map_err(|_| format!("cannot resolve upstream `{upstream}`: timed out"))?
         .map_err(|e| format!("cannot resolve upstream `{upstream}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve upstream `{upstream}`: no address found"))
+        .peekable();
+    let ipv4 = found
+        .peek()
+        .ok_or_else(|| format!("cannot resolve upstream `{upstream}`: no address found"))?
+        .is_ipv4();
+    let mut addrs: Vec<SocketAddr> = found.filter(|a| a.is_ipv4() == ipv4).collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    Ok(addrs)
 }
 
 /// Settings every app shares.
@@ -78,17 +89,19 @@ impl App {
         let mut resolved = Vec::new();
         for u in &cfg.upstreams {
             let (host, _) = split_host_port(u)?;
-            let addr = resolve(u).await?;
+            let addrs = resolve(u).await?;
+            for addr in &addrs {
+                let mut b = Backend::new(&addr.to_string()).map_err(|e| e.to_string())?;
+                // Only TLS upstreams need their name (SNI); without it a backend clones
+                // without allocating, once per request.
+                if cfg.upstream_tls {
+                    b.ext.insert(UpstreamHost(host.to_string()));
+                }
+                backends.insert(b);
+            }
             if u.parse::<SocketAddr>().is_err() {
-                resolved.push((u.clone(), addr));
+                resolved.push((u.clone(), addrs));
             }
-            let mut b = Backend::new(&addr.to_string()).map_err(|e| e.to_string())?;
-            // Only TLS upstreams need their name (SNI); without it a backend clones
-            // without allocating, once per request.
-            if cfg.upstream_tls {
-                b.ext.insert(UpstreamHost(host.to_string()));
-            }
-            backends.insert(b);
         }
         let upstreams = backends.len();
         let only = match backends.first() {
@@ -139,18 +152,19 @@ impl App {
         })
     }
 
-    /// Does one of this app's upstream names resolve to another address than the one
-    /// in use? A name that fails to resolve now keeps its address.
+    /// Does one of this app's upstream names resolve to other addresses than those in
+    /// use (moved, or instances added or gone)? A name that fails to resolve now keeps
+    /// its addresses.
     pub async fn resolves_elsewhere(&self) -> bool {
-        for (name, addr) in &self.resolved {
+        for (name, addrs) in &self.resolved {
             match resolve(name).await {
-                Ok(now) if now != *addr => {
-                    tracing::info!(app = %self.name, upstream = %name, was = %addr, now = %now, "upstream resolves to a new address");
+                Ok(now) if now != *addrs => {
+                    tracing::info!(app = %self.name, upstream = %name, was = ?addrs, now = ?now, "upstream resolves to other addresses");
                     return true;
                 }
                 Ok(_) => {}
                 Err(reason) => {
-                    tracing::debug!(app = %self.name, %reason, "upstream not resolved; keeping its address")
+                    tracing::debug!(app = %self.name, %reason, "upstream not resolved; keeping its addresses")
                 }
             }
         }

@@ -195,9 +195,9 @@ pub struct Config {
     /// upstreams on the same host that keep connections longer than the proxy does.
     #[serde(with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
-    /// How often upstream host names are resolved again; when one resolves to another
-    /// address, the apps are rebuilt with it, as a reload does, without dropping
-    /// connections. Load balancers' names (a cloud balancer, a DNS-discovered service)
+    /// How often upstream host names are resolved again (each name is a backend per
+    /// address); when one resolves to other addresses, the apps are rebuilt with them,
+    /// as a reload does, without dropping connections. Load balancers' names (a cloud balancer, a DNS-discovered service)
     /// change address over time. 0: resolved only at start and on reloads
     /// (`ESPER_UPSTREAM_RESOLVE_INTERVAL`).
     #[serde(with = "humantime_serde")]

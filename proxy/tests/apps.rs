@@ -341,66 +341,95 @@ async fn each_app_answers_with_its_own_templates() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A line of /etc/hosts naming a test host, taken out again on drop. Written so that
+/// Lines of /etc/hosts naming a test host, taken out again on drop. Written so that
 /// other tests reading the file at the same time never see it half-written: one append,
-/// one single-byte change, one truncation back to the original length.
+/// single-byte changes, truncations.
 struct HostsEntry {
     file: std::fs::File,
+    /// Held while the lines are in the file: tests that edit it take turns (each
+    /// truncates the file back to the length it found).
+    _turn: std::fs::File,
     original_len: u64,
-    /// Offset of the last digit of the address (127.0.0.N).
-    digit_at: u64,
+    /// Length of each line (`127.0.0.N name\n`).
+    line_len: u64,
 }
 
 impl HostsEntry {
     const PATH: &'static str = "/etc/hosts";
 
-    /// `127.0.0.{last} name`; `None` when /etc/hosts cannot be written.
-    fn add(name: &str, last: u8) -> Option<HostsEntry> {
+    /// A line `127.0.0.{last} name` for each of `lasts`; `None` when /etc/hosts cannot
+    /// be written.
+    fn add(name: &str, lasts: &[u8]) -> Option<HostsEntry> {
         use std::io::Write;
-        assert!((1..=9).contains(&last));
+        assert!(lasts.iter().all(|last| (1..=9).contains(last)));
+        let turn =
+            std::fs::File::create(std::env::temp_dir().join("esper-test-etc-hosts.lock")).ok()?;
+        turn.lock().ok()?;
         let mut file = std::fs::OpenOptions::new()
             .append(true)
             .open(Self::PATH)
             .ok()?;
         let original_len = file.metadata().ok()?.len();
         // Starting on a fresh line whatever the file ends with.
-        let line = format!("\n127.0.0.{last} {name}\n");
-        file.write_all(line.as_bytes()).ok()?;
+        let lines: String = lasts
+            .iter()
+            .map(|last| format!("127.0.0.{last} {name}\n"))
+            .collect();
+        file.write_all(format!("\n{lines}").as_bytes()).ok()?;
         Some(HostsEntry {
             file,
+            _turn: turn,
             original_len,
-            digit_at: original_len + "\n127.0.0.".len() as u64,
+            line_len: format!("127.0.0.1 {name}\n").len() as u64,
         })
     }
 
-    /// Points the name at 127.0.0.{last}.
-    fn point_to(&self, last: u8) {
+    /// Points line `line` (from 0) at 127.0.0.{last}.
+    fn point_to(&self, line: u64, last: u8) {
         use std::os::unix::fs::FileExt;
         assert!((1..=9).contains(&last));
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(Self::PATH)
             .unwrap();
-        file.write_all_at(&[b'0' + last], self.digit_at).unwrap();
+        let digit_at = self.original_len + 1 + line * self.line_len + "127.0.0.".len() as u64;
+        file.write_all_at(&[b'0' + last], digit_at).unwrap();
+    }
+
+    /// Keeps only the first `lines` lines.
+    fn keep(&self, lines: u64) {
+        self.file
+            .set_len(self.original_len + 1 + lines * self.line_len)
+            .unwrap();
     }
 }
 
 impl Drop for HostsEntry {
     fn drop(&mut self) {
+        // Before the turn is released (a field, dropped after this).
         let _ = self.file.set_len(self.original_len);
     }
 }
 
-#[tokio::test]
-async fn an_upstream_name_that_moves_is_followed() {
-    let name = format!("esper-upstream-{}.test", std::process::id());
-    let Some(hosts) = HostsEntry::add(&name, 2) else {
+/// Lines in /etc/hosts for `name`, or `None` (the test is skipped) where the file
+/// cannot be written and skipping was asked for.
+fn hosts_entry(name: &str, lasts: &[u8]) -> Option<HostsEntry> {
+    let entry = HostsEntry::add(name, lasts);
+    if entry.is_none() {
         // Root (as in CI) can write the hosts file; elsewhere skipping must be asked for.
         assert!(
             std::env::var_os("ESPER_SKIP_HOSTS_FILE").is_some(),
             "/etc/hosts is not writable (run as root), and ESPER_SKIP_HOSTS_FILE is not set"
         );
         eprintln!("SKIPPED: /etc/hosts is not writable and ESPER_SKIP_HOSTS_FILE is set");
+    }
+    entry
+}
+
+#[tokio::test]
+async fn an_upstream_name_that_moves_is_followed() {
+    let name = format!("esper-upstream-{}.test", std::process::id());
+    let Some(hosts) = hosts_entry(&name, &[2]) else {
         return;
     };
     // Two apps on one port of two loopback addresses: the name decides which answers.
@@ -413,13 +442,54 @@ async fn an_upstream_name_that_moves_is_followed() {
     let url = format!("{}/", proxy.url);
     assert_eq!(get_host(&url, "test").await.1, "a /");
 
-    hosts.point_to(3);
+    hosts.point_to(0, 3);
     let moved = eventually(Duration::from_secs(5), || async {
         get_host(&url, "test").await.1 == "b /"
     })
     .await;
     assert!(moved, "the proxy follows the name to its new address");
     assert!(b.hits() >= 1);
+    proxy.stop().await.unwrap();
+    drop(hosts);
+}
+
+#[tokio::test]
+async fn an_upstream_name_with_several_addresses_is_balanced_across_them() {
+    let name = format!("esper-scaled-{}.test", std::process::id());
+    let Some(hosts) = hosts_entry(&name, &[4, 5]) else {
+        return;
+    };
+    // Two instances of one service, one port, two addresses behind one name.
+    let a = named_upstream_on("a", "127.0.0.4:0".parse().unwrap()).await;
+    let b = named_upstream_on("b", format!("127.0.0.5:{}", a.addr.port()).parse().unwrap()).await;
+    let mut cfg = config(a.addr, &dead_url(), &dead_url());
+    cfg.upstream = format!("{name}:{}", a.addr.port());
+    cfg.upstream_resolve_interval = Duration::from_millis(200);
+    let proxy = start_proxy(cfg).await;
+    let url = format!("{}/", proxy.url);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        seen.insert(get_host(&url, "test").await.1);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["a /", "b /"],
+        "both addresses serve"
+    );
+
+    // Scaled in to one instance: once the name is resolved again, only it is used.
+    hosts.keep(1);
+    let settled = eventually(Duration::from_secs(5), || async {
+        let before = b.hits();
+        for _ in 0..6 {
+            if get_host(&url, "test").await.1 != "a /" {
+                return false;
+            }
+        }
+        b.hits() == before
+    })
+    .await;
+    assert!(settled, "the address gone from the name is no longer used");
     proxy.stop().await.unwrap();
     drop(hosts);
 }
