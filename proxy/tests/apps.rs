@@ -343,12 +343,10 @@ async fn each_app_answers_with_its_own_templates() {
 
 /// Lines of /etc/hosts naming a test host, taken out again on drop. Written so that
 /// other tests reading the file at the same time never see it half-written: one append,
-/// single-byte changes, truncations.
+/// single-byte changes, truncations. Only one test edits the file: each truncates it
+/// back to the length it found, which would cut another's lines.
 struct HostsEntry {
     file: std::fs::File,
-    /// Held while the lines are in the file: tests that edit it take turns (each
-    /// truncates the file back to the length it found).
-    _turn: std::fs::File,
     original_len: u64,
     /// Length of each line (`127.0.0.N name\n`).
     line_len: u64,
@@ -362,9 +360,6 @@ impl HostsEntry {
     fn add(name: &str, lasts: &[u8]) -> Option<HostsEntry> {
         use std::io::Write;
         assert!(lasts.iter().all(|last| (1..=9).contains(last)));
-        let turn =
-            std::fs::File::create(std::env::temp_dir().join("esper-test-etc-hosts.lock")).ok()?;
-        turn.lock().ok()?;
         let mut file = std::fs::OpenOptions::new()
             .append(true)
             .open(Self::PATH)
@@ -378,7 +373,6 @@ impl HostsEntry {
         file.write_all(format!("\n{lines}").as_bytes()).ok()?;
         Some(HostsEntry {
             file,
-            _turn: turn,
             original_len,
             line_len: format!("127.0.0.1 {name}\n").len() as u64,
         })
@@ -406,7 +400,6 @@ impl HostsEntry {
 
 impl Drop for HostsEntry {
     fn drop(&mut self) {
-        // Before the turn is released (a field, dropped after this).
         let _ = self.file.set_len(self.original_len);
     }
 }
@@ -427,12 +420,13 @@ fn hosts_entry(name: &str, lasts: &[u8]) -> Option<HostsEntry> {
 }
 
 #[tokio::test]
-async fn an_upstream_name_that_moves_is_followed() {
+async fn an_upstream_name_is_followed_as_it_moves_and_scales() {
     let name = format!("esper-upstream-{}.test", std::process::id());
-    let Some(hosts) = hosts_entry(&name, &[2]) else {
+    // Two lines for the name, both at first on one address.
+    let Some(hosts) = hosts_entry(&name, &[2, 2]) else {
         return;
     };
-    // Two apps on one port of two loopback addresses: the name decides which answers.
+    // Two instances on one port of two loopback addresses: the name decides which answer.
     let a = named_upstream_on("a", "127.0.0.2:0".parse().unwrap()).await;
     let b = named_upstream_on("b", format!("127.0.0.3:{}", a.addr.port()).parse().unwrap()).await;
     let mut cfg = config(a.addr, &dead_url(), &dead_url());
@@ -440,55 +434,48 @@ async fn an_upstream_name_that_moves_is_followed() {
     cfg.upstream_resolve_interval = Duration::from_millis(200);
     let proxy = start_proxy(cfg).await;
     let url = format!("{}/", proxy.url);
+    // Only `answer` answers, six requests in a row, and the other counts no hit.
+    let only = |answer: &'static str, other: &support::NamedUpstream| {
+        let url = url.clone();
+        let other = other.hits.clone();
+        async move {
+            let before = other.load(Ordering::SeqCst);
+            for _ in 0..6 {
+                if get_host(&url, "test").await.1 != answer {
+                    return false;
+                }
+            }
+            other.load(Ordering::SeqCst) == before
+        }
+    };
     assert_eq!(get_host(&url, "test").await.1, "a /");
 
+    // Moved: the name now names the other address only.
     hosts.point_to(0, 3);
-    let moved = eventually(Duration::from_secs(5), || async {
-        get_host(&url, "test").await.1 == "b /"
+    hosts.point_to(1, 3);
+    let moved = eventually(Duration::from_secs(5), || only("b /", &a)).await;
+    assert!(moved, "the proxy follows the name to its new address");
+
+    // Scaled out: both addresses, both instances serve, turn about.
+    hosts.point_to(0, 2);
+    let back = eventually(Duration::from_secs(5), || async {
+        get_host(&url, "test").await.1 == "a /"
     })
     .await;
-    assert!(moved, "the proxy follows the name to its new address");
-    assert!(b.hits() >= 1);
-    proxy.stop().await.unwrap();
-    drop(hosts);
-}
-
-#[tokio::test]
-async fn an_upstream_name_with_several_addresses_is_balanced_across_them() {
-    let name = format!("esper-scaled-{}.test", std::process::id());
-    let Some(hosts) = hosts_entry(&name, &[4, 5]) else {
-        return;
-    };
-    // Two instances of one service, one port, two addresses behind one name.
-    let a = named_upstream_on("a", "127.0.0.4:0".parse().unwrap()).await;
-    let b = named_upstream_on("b", format!("127.0.0.5:{}", a.addr.port()).parse().unwrap()).await;
-    let mut cfg = config(a.addr, &dead_url(), &dead_url());
-    cfg.upstream = format!("{name}:{}", a.addr.port());
-    cfg.upstream_resolve_interval = Duration::from_millis(200);
-    let proxy = start_proxy(cfg).await;
-    let url = format!("{}/", proxy.url);
+    assert!(back, "the first address is used again");
     let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..10 {
+    for _ in 0..4 {
         seen.insert(get_host(&url, "test").await.1);
     }
     assert_eq!(
         seen.into_iter().collect::<Vec<_>>(),
         ["a /", "b /"],
-        "both addresses serve"
+        "every address of the name is a backend"
     );
 
-    // Scaled in to one instance: once the name is resolved again, only it is used.
+    // Scaled in to the first line's instance: the address gone is no longer used.
     hosts.keep(1);
-    let settled = eventually(Duration::from_secs(5), || async {
-        let before = b.hits();
-        for _ in 0..6 {
-            if get_host(&url, "test").await.1 != "a /" {
-                return false;
-            }
-        }
-        b.hits() == before
-    })
-    .await;
+    let settled = eventually(Duration::from_secs(5), || only("a /", &b)).await;
     assert!(settled, "the address gone from the name is no longer used");
     proxy.stop().await.unwrap();
     drop(hosts);
