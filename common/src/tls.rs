@@ -188,6 +188,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("do not make a usable certificate"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
@@ -219,5 +220,6 @@ mod tests {
         // Plain HTTP to the TLS port gets no HTTP answer.
         let plain = reqwest::get(format!("http://127.0.0.1:{port}/")).await;
         assert!(plain.is_err(), "{plain:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
