@@ -99,10 +99,9 @@ impl IntoResponse for ApiError {
             retry_after: Some(secs),
             ..
         } = self
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
     }

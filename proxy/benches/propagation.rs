@@ -84,10 +84,10 @@ async fn first_block(ip: IpAddr, url: String) -> Instant {
     let client = client_from(ip);
     let started = Instant::now();
     loop {
-        if let Ok(r) = client.get(&url).send().await {
-            if r.status().as_u16() == 403 {
-                return Instant::now();
-            }
+        if let Ok(r) = client.get(&url).send().await
+            && r.status().as_u16() == 403
+        {
+            return Instant::now();
         }
         assert!(
             started.elapsed() < GIVE_UP,

@@ -253,14 +253,14 @@ async fn active(
         ));
     }
     let kind = q.kind.as_deref().map(str::to_ascii_lowercase);
-    if let Some(k) = &kind {
-        if !KINDS.contains(&k.as_str()) {
-            let shown: String = k.chars().take(32).collect();
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("kind must be one of ip, cidr, header, cookie; got `{shown}`"),
-            ));
-        }
+    if let Some(k) = &kind
+        && !KINDS.contains(&k.as_str())
+    {
+        let shown: String = k.chars().take(32).collect();
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("kind must be one of ip, cidr, header, cookie; got `{shown}`"),
+        ));
     }
     let page = s.inner.store.active(kind.as_deref(), limit).await?;
     Ok(Json(MitigationList {

@@ -242,14 +242,14 @@ impl Config {
             Duration::ZERO,
             MAX_SHUTDOWN_TIMEOUT,
         )?;
-        if let Some(token) = &self.token {
-            if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(ConfigError::invalid(
-                    "token",
-                    "(hidden)",
-                    "must be non-empty, without spaces or control characters",
-                ));
-            }
+        if let Some(token) = &self.token
+            && (token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(ConfigError::invalid(
+                "token",
+                "(hidden)",
+                "must be non-empty, without spaces or control characters",
+            ));
         }
         Ok(())
     }

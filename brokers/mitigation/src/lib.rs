@@ -151,18 +151,17 @@ pub async fn start_with_store(
                 p.abort();
             }
         }
-        if let Err(e) = sweeper.await {
-            if e.is_panic() {
-                tracing::warn!(error = %e, "expiry sweeper panicked");
-            }
+        if let Err(e) = sweeper.await
+            && e.is_panic()
+        {
+            tracing::warn!(error = %e, "expiry sweeper panicked");
         }
         persist_stop.trigger();
-        if let Some(p) = persister {
-            if let Err(e) = p.await {
-                if e.is_panic() {
-                    tracing::warn!(error = %e, "persistence task panicked");
-                }
-            }
+        if let Some(p) = persister
+            && let Err(e) = p.await
+            && e.is_panic()
+        {
+            tracing::warn!(error = %e, "persistence task panicked");
         }
         outcome.map_err(Error::Serve)?;
         tracing::info!("mitigation broker stopped");

@@ -299,22 +299,22 @@ fn decode_unreserved(path: &str) -> String {
     let hex = |c: u8| char::from(c).to_digit(16);
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' {
-            if let (Some(hi), Some(lo)) = (
+        if b[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
                 b.get(i + 1).copied().and_then(hex),
                 b.get(i + 2).copied().and_then(hex),
-            ) {
-                let byte = (hi * 16 + lo) as u8;
-                if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-                    out.push(byte);
-                } else {
-                    out.push(b'%');
-                    out.push(b[i + 1].to_ascii_uppercase());
-                    out.push(b[i + 2].to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
+            )
+        {
+            let byte = (hi * 16 + lo) as u8;
+            if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                out.push(byte);
+            } else {
+                out.push(b'%');
+                out.push(b[i + 1].to_ascii_uppercase());
+                out.push(b[i + 2].to_ascii_uppercase());
             }
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;

@@ -111,9 +111,9 @@ pub(crate) fn rfc3339(ts: &DateTime<Utc>) -> Ascii<40> {
     a.fixed(sec, 2);
     if nano != 0 {
         a.push(b'.');
-        if nano % 1_000_000 == 0 {
+        if nano.is_multiple_of(1_000_000) {
             a.fixed(nano / 1_000_000, 3);
-        } else if nano % 1_000 == 0 {
+        } else if nano.is_multiple_of(1_000) {
             a.fixed(nano / 1_000, 6);
         } else {
             a.fixed(nano, 9);

@@ -33,7 +33,7 @@ fn browse(
         let mut n = 0u32;
         while !*stop.borrow() {
             n += 1;
-            let path = if n % 3 == 0 {
+            let path = if n.is_multiple_of(3) {
                 "/".to_string()
             } else {
                 format!("/products/{}", n % 50 + 1)

@@ -253,14 +253,14 @@ impl Config {
             ("admin_token", &self.admin_token),
             ("broker_token", &self.broker_token),
         ] {
-            if let Some(t) = token {
-                if t.is_empty() || t.chars().any(char::is_whitespace) {
-                    return Err(ConfigError::invalid(
-                        option,
-                        "(hidden)",
-                        "must be non-empty and without whitespace",
-                    ));
-                }
+            if let Some(t) = token
+                && (t.is_empty() || t.chars().any(char::is_whitespace))
+            {
+                return Err(ConfigError::invalid(
+                    option,
+                    "(hidden)",
+                    "must be non-empty and without whitespace",
+                ));
             }
         }
         Ok(())

@@ -66,10 +66,10 @@ impl Matcher {
         if !self.apps.is_empty() && !self.apps.contains(&ev.app) {
             return false;
         }
-        if let Some(statuses) = &self.statuses {
-            if !statuses.contains(ev.status) {
-                return false;
-            }
+        if let Some(statuses) = &self.statuses
+            && !statuses.contains(ev.status)
+        {
+            return false;
         }
         let path = ev.path.split('?').next().unwrap_or("");
         if !self.paths.is_empty() && !self.paths.iter().any(|p| p == path) {
@@ -91,15 +91,15 @@ impl Matcher {
                 return false;
             }
         }
-        if let Some(nets) = &self.ip_in {
-            if !in_nets(nets, ip) {
-                return false;
-            }
+        if let Some(nets) = &self.ip_in
+            && !in_nets(nets, ip)
+        {
+            return false;
         }
-        if let Some(nets) = &self.ip_not_in {
-            if in_nets(nets, ip) {
-                return false;
-            }
+        if let Some(nets) = &self.ip_not_in
+            && in_nets(nets, ip)
+        {
+            return false;
         }
         true
     }
@@ -292,10 +292,10 @@ pub fn compile(
         statuses = Some(set);
     }
     let mut apps = m.apps.clone();
-    if let PolicyScope::App(app) = &spec.scope {
-        if apps.is_empty() {
-            apps.push(app.clone());
-        }
+    if let PolicyScope::App(app) = &spec.scope
+        && apps.is_empty()
+    {
+        apps.push(app.clone());
     }
     let matcher = Matcher {
         methods: m.methods.iter().map(|s| s.to_ascii_uppercase()).collect(),

@@ -168,10 +168,10 @@ impl Marks {
                     self.evictions += 1;
                 }
             }
-            if oldest.from == oldest.keys.len() {
-                if let Some(done) = self.committed.pop_front() {
-                    self.forget(done);
-                }
+            if oldest.from == oldest.keys.len()
+                && let Some(done) = self.committed.pop_front()
+            {
+                self.forget(done);
             }
         }
     }

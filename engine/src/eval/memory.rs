@@ -414,10 +414,9 @@ impl StateBackend for MemoryState {
                 .policies
                 .get_mut(policy)
                 .and_then(|p| p.entities.get_mut(&fp))
+                && e.decision.cooldown_by == receipt.id
             {
-                if e.decision.cooldown_by == receipt.id {
-                    e.decision = *prev;
-                }
+                e.decision = *prev;
             }
         }
         Ok(())

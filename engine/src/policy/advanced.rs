@@ -189,35 +189,35 @@ impl PolicySpec {
                     .map_err(|e| expr_error(key.to_string(), e))?;
             }
         }
-        if let AggregateSpec::Distinct(_) = self.aggregate {
-            if self.threshold > MAX_DISTINCT as f64 {
-                return Err(field(
-                    "threshold",
-                    format!(
-                        "a distinct count is exact up to {MAX_DISTINCT} values; threshold {} is above it",
-                        self.threshold
-                    ),
-                ));
-            }
+        if let AggregateSpec::Distinct(_) = self.aggregate
+            && self.threshold > MAX_DISTINCT as f64
+        {
+            return Err(field(
+                "threshold",
+                format!(
+                    "a distinct count is exact up to {MAX_DISTINCT} values; threshold {} is above it",
+                    self.threshold
+                ),
+            ));
         }
-        if let Some(g) = self.ttl_growth {
-            if !(g.is_finite() && (1.0..=100.0).contains(&g)) {
-                return Err(field(
-                    "ttl_growth",
-                    format!("ttl_growth {g} must be 1 to 100"),
-                ));
-            }
+        if let Some(g) = self.ttl_growth
+            && !(g.is_finite() && (1.0..=100.0).contains(&g))
+        {
+            return Err(field(
+                "ttl_growth",
+                format!("ttl_growth {g} must be 1 to 100"),
+            ));
         }
-        if let Some(max) = self.ttl_max {
-            if max < self.ttl || max > MAX_TTL {
-                return Err(field(
-                    "ttl_max",
-                    format!(
-                        "ttl_max {} must be at least ttl and at most 30days",
-                        humantime::format_duration(max)
-                    ),
-                ));
-            }
+        if let Some(max) = self.ttl_max
+            && (max < self.ttl || max > MAX_TTL)
+        {
+            return Err(field(
+                "ttl_max",
+                format!(
+                    "ttl_max {} must be at least ttl and at most 30days",
+                    humantime::format_duration(max)
+                ),
+            ));
         }
         self.check_escalation()?;
         self.check_sequence()
@@ -269,10 +269,10 @@ impl PolicySpec {
                 step.difficulty,
                 &format!("escalation.{i}."),
             )?;
-            if let Some(ttl) = step.ttl {
-                if ttl < MIN_TTL || ttl > MAX_TTL {
-                    return Err(field(key("ttl"), "ttl is out of range (1s to 30days)"));
-                }
+            if let Some(ttl) = step.ttl
+                && (ttl < MIN_TTL || ttl > MAX_TTL)
+            {
+                return Err(field(key("ttl"), "ttl is out of range (1s to 30days)"));
             }
         }
         Ok(())

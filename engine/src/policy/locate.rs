@@ -104,13 +104,14 @@ fn headers(text: &str) -> Vec<usize> {
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
         let t = line.trim_start();
-        if let Some(rest) = t.strip_prefix("[[") {
-            if rest.trim_start().starts_with("policy") && {
+        if let Some(rest) = t.strip_prefix("[[")
+            && rest.trim_start().starts_with("policy")
+            && {
                 let name = rest.trim_start().trim_start_matches("policy").trim_start();
                 name.starts_with("]]")
-            } {
-                out.push(offset + (line.len() - t.len()));
             }
+        {
+            out.push(offset + (line.len() - t.len()));
         }
         offset += line.len();
     }

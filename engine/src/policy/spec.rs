@@ -371,15 +371,16 @@ impl PolicySpec {
             "",
         )?;
         self.check_advanced()?;
-        if let PolicyScope::App(app) = &self.scope {
-            if !self.matches.apps.is_empty() && !self.matches.apps.iter().any(|a| a == app) {
-                return Err(field(
-                    "match.apps",
-                    format!(
-                        "match.apps does not include \"{app}\", the app of the policy's scope, so the policy could never match"
-                    ),
-                ));
-            }
+        if let PolicyScope::App(app) = &self.scope
+            && !self.matches.apps.is_empty()
+            && !self.matches.apps.iter().any(|a| a == app)
+        {
+            return Err(field(
+                "match.apps",
+                format!(
+                    "match.apps does not include \"{app}\", the app of the policy's scope, so the policy could never match"
+                ),
+            ));
         }
         self.matches.check()
     }

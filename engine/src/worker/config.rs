@@ -380,14 +380,14 @@ impl Config {
             ("control_token", &self.control_token),
             ("broker_token", &self.broker_token),
         ] {
-            if let Some(t) = token {
-                if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(ConfigError::invalid(
-                        option,
-                        "(hidden)",
-                        "must be non-empty, without spaces or control characters",
-                    ));
-                }
+            if let Some(t) = token
+                && (t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return Err(ConfigError::invalid(
+                    option,
+                    "(hidden)",
+                    "must be non-empty, without spaces or control characters",
+                ));
             }
         }
         duration_range(
@@ -415,14 +415,14 @@ impl Config {
             Duration::from_secs(24 * 3600),
         )?;
         range("state_cache_size", self.state_cache_size, 1, 1 << 32)?;
-        if let Some(limit) = self.memory_limit {
-            if limit.0 < 16 << 20 {
-                return Err(ConfigError::invalid(
-                    "memory_limit",
-                    limit,
-                    "must be at least 16M (the worker itself needs that much)",
-                ));
-            }
+        if let Some(limit) = self.memory_limit
+            && limit.0 < 16 << 20
+        {
+            return Err(ConfigError::invalid(
+                "memory_limit",
+                limit,
+                "must be at least 16M (the worker itself needs that much)",
+            ));
         }
         duration_range(
             "evaluation_timeout",

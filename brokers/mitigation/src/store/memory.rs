@@ -299,11 +299,11 @@ impl MitigationStore for MemoryMitigations {
             .unwrap_or_default();
         let mut revoked = 0;
         for id in ids {
-            if let Some(m) = st.remove(&id) {
-                if m.is_active(now) {
-                    st.append(Change::Remove { id }, self.retention);
-                    revoked += 1;
-                }
+            if let Some(m) = st.remove(&id)
+                && m.is_active(now)
+            {
+                st.append(Change::Remove { id }, self.retention);
+                revoked += 1;
             }
         }
         drop(st);

@@ -657,10 +657,10 @@ impl MitigationStore for RedisMitigations {
         let raw: Vec<String> = self.shared.run(&self.shared.scripts.counts, &[]).await?;
         let mut counts = BTreeMap::new();
         for pair in raw.chunks(2) {
-            if let [name, n] = pair {
-                if let (Some(name), Ok(n)) = (action_name(name), n.parse::<u64>()) {
-                    counts.insert(name, n);
-                }
+            if let [name, n] = pair
+                && let (Some(name), Ok(n)) = (action_name(name), n.parse::<u64>())
+            {
+                counts.insert(name, n);
             }
         }
         Ok(counts)

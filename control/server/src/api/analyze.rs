@@ -28,10 +28,10 @@ fn check(req: &AnalyzeRequest) -> Result<(), ApiError> {
     if req.path.is_empty() || req.path.len() > MAX_FIELD_LEN {
         return bad("path must be 1 to 8192 characters");
     }
-    if let Some(s) = req.status {
-        if !(100..=599).contains(&s) {
-            return bad("status must be 100 to 599");
-        }
+    if let Some(s) = req.status
+        && !(100..=599).contains(&s)
+    {
+        return bad("status must be 100 to 599");
     }
     Ok(())
 }

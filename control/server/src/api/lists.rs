@@ -81,12 +81,12 @@ pub async fn put(
     };
     list.validate()
         .map_err(|e| ApiError::bad_request("invalid_list", e.to_string()))?;
-    if kind != ListKind::Ip {
-        if let Some(policy) = user_of(&state, &name).await? {
-            return Err(ApiError::Conflict(format!(
-                "list `{name}` is used by policy `{policy}` as an IP list; it cannot become a {kind} list"
-            )));
-        }
+    if kind != ListKind::Ip
+        && let Some(policy) = user_of(&state, &name).await?
+    {
+        return Err(ApiError::Conflict(format!(
+            "list `{name}` is used by policy `{policy}` as an IP list; it cannot become a {kind} list"
+        )));
     }
     let record = state
         .store

@@ -155,10 +155,10 @@ pub fn transport_reason(e: &(dyn std::error::Error + 'static)) -> String {
         }
         deepest = next;
     }
-    if let Some(r) = e.downcast_ref::<reqwest::Error>() {
-        if r.is_timeout() {
-            return "timed out".into();
-        }
+    if let Some(r) = e.downcast_ref::<reqwest::Error>()
+        && r.is_timeout()
+    {
+        return "timed out".into();
     }
     deepest.to_string()
 }

@@ -169,11 +169,10 @@ async fn follow_revisions(pool: PgPool, listen_pool: PgPool, cache: Arc<Revision
                         sqlx::query("SELECT value FROM counters WHERE name = 'revision'")
                             .fetch_one(&pool)
                             .await
+                        && let Ok(rev) = row.try_get::<i64, _>("value")
                     {
-                        if let Ok(rev) = row.try_get::<i64, _>("value") {
-                            cache.raise(rev);
-                            cache.live.store(true, Ordering::SeqCst);
-                        }
+                        cache.raise(rev);
+                        cache.live.store(true, Ordering::SeqCst);
                     }
                     // `try_recv` answers `None` when the connection dropped; start over
                     // (and catch up) rather than trusting what follows.
@@ -374,15 +373,15 @@ impl ControlStore for PostgresStore {
                 .as_ref()
                 .map(policy_row)
                 .transpose()?;
-            if let Some(cur) = &current {
-                if cur.spec == w.spec {
-                    outcomes.push(PutOutcome {
-                        id: w.id,
-                        version: cur.version,
-                        changed: false,
-                    });
-                    continue;
-                }
+            if let Some(cur) = &current
+                && cur.spec == w.spec
+            {
+                outcomes.push(PutOutcome {
+                    id: w.id,
+                    version: cur.version,
+                    changed: false,
+                });
+                continue;
             }
             let version = next_version(&mut tx, &w.id).await?;
             let spec = w.spec.to_string();
@@ -508,10 +507,11 @@ impl ControlStore for PostgresStore {
                 .as_ref()
                 .map(list_row)
                 .transpose()?;
-        if let Some(cur) = current {
-            if cur.kind == kind && cur.items == items {
-                return Ok(cur);
-            }
+        if let Some(cur) = current
+            && cur.kind == kind
+            && cur.items == items
+        {
+            return Ok(cur);
         }
         let now = Utc::now();
         let items_json =

@@ -51,12 +51,12 @@ impl SqliteStore {
                 .idle_timeout(None)
                 .max_lifetime(None);
         } else {
-            if let Some(dir) = opts.get_filename().parent() {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir).map_err(|e| {
-                        open_err(format!("cannot create directory {}: {e}", dir.display()))
-                    })?;
-                }
+            if let Some(dir) = opts.get_filename().parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    open_err(format!("cannot create directory {}: {e}", dir.display()))
+                })?;
             }
             opts = opts
                 .journal_mode(SqliteJournalMode::Wal)
@@ -246,15 +246,15 @@ impl ControlStore for SqliteStore {
                 .as_ref()
                 .map(policy_row)
                 .transpose()?;
-            if let Some(cur) = &current {
-                if cur.spec == w.spec {
-                    outcomes.push(PutOutcome {
-                        id: w.id,
-                        version: cur.version,
-                        changed: false,
-                    });
-                    continue;
-                }
+            if let Some(cur) = &current
+                && cur.spec == w.spec
+            {
+                outcomes.push(PutOutcome {
+                    id: w.id,
+                    version: cur.version,
+                    changed: false,
+                });
+                continue;
             }
             let version = next_version(&mut tx, &w.id).await?;
             let spec = w.spec.to_string();
@@ -376,10 +376,11 @@ impl ControlStore for SqliteStore {
                 .as_ref()
                 .map(list_row)
                 .transpose()?;
-        if let Some(cur) = current {
-            if cur.kind == kind && cur.items == items {
-                return Ok(cur);
-            }
+        if let Some(cur) = current
+            && cur.kind == kind
+            && cur.items == items
+        {
+            return Ok(cur);
         }
         let now = Utc::now();
         let items_json =
