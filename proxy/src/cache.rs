@@ -242,10 +242,10 @@ impl Slot {
                 // `remove`, not `swap_remove`: among equally strict entries the first
                 // inserted is the one reported, as before the removal.
                 let taken = v.remove(pos);
-                if v.len() == 1 {
-                    if let Some(last) = v.pop() {
-                        *self = Slot::One(last);
-                    }
+                if v.len() == 1
+                    && let Some(last) = v.pop()
+                {
+                    *self = Slot::One(last);
                 }
                 Some(taken)
             }
@@ -318,7 +318,7 @@ impl SnapshotBuilder {
     pub fn add(&mut self, changes: Vec<Change>, now: DateTime<Utc>) -> Overflow {
         let mut overflow = Overflow::default();
         for change in changes {
-            overflow.count(self.index.apply(change, now));
+            overflow.count(self.index.apply_gathering(change, now));
         }
         overflow
     }
@@ -396,11 +396,30 @@ struct Index {
     /// Entries held, by their action's severity: whether a full index holds something
     /// less severe than a newcomer, without a scan.
     held: [usize; SEVERITIES],
-    /// Ids a full index evicts next, all of severity `victims_of` when gathered, the
-    /// soonest to expire last (taken first). Checked again when taken: an entry may have
-    /// gone or changed since.
-    victims: Vec<MitigationId>,
-    victims_of: u8,
+    /// What a full index makes room with next.
+    victims: Victims,
+}
+
+/// Ids a full index makes room with, gathered by one scan ([`Index::gather`]): entries
+/// already expired but not swept yet, and, per severity, those expiring soonest, the
+/// soonest last (taken first). Each is checked again when taken, as it may have gone,
+/// changed or been renewed since.
+#[derive(Default)]
+struct Victims {
+    expired: Vec<MitigationId>,
+    by_severity: [Vec<(i64, MitigationId)>; SEVERITIES],
+}
+
+/// How a full index made room for a newcomer.
+enum Room {
+    /// An expired entry, not swept yet, was dropped: nothing in force was lost.
+    Freed,
+    /// A less severe entry was evicted.
+    Evicted,
+    /// Nothing less severe is held.
+    None,
+    /// The victims gathered are used up: gather again for severities below this one.
+    Gather(usize),
 }
 
 /// An eviction candidate, ordered by expiry alone.
@@ -587,19 +606,22 @@ impl Index {
         shared
     }
 
-    /// Adds or replaces `m`. When it is new and the index full, a less severe entry
-    /// (the one expiring soonest of the least severe kind held) makes room for it;
-    /// without one it is refused.
-    fn insert(&mut self, m: Mitigation) -> Admitted {
+    /// Adds or replaces `m`. When it is new and the index full, an expired entry not
+    /// swept yet, or else a less severe one (of the least severe kind held, one of
+    /// those expiring soonest), makes room for it; without one it is refused. Gives
+    /// `m` back when the victims must be gathered first ([`Index::gather`]).
+    fn insert(&mut self, m: Mitigation, now: i64) -> Result<Admitted, Box<(Mitigation, usize)>> {
         let id = MitigationId::new(&m.id);
         let mut admitted = Admitted::Held;
         if self.by_id.contains_key(&id) {
             self.remove(&id);
         } else if self.by_id.len() >= self.limit.0 {
-            if !self.evict_below(severity(&m.action)) {
-                return Admitted::Refused;
+            match self.make_room(severity(&m.action), now) {
+                Room::Freed => {}
+                Room::Evicted => admitted = Admitted::Evicted,
+                Room::None => return Ok(Admitted::Refused),
+                Room::Gather(below) => return Err(Box::new((m, below))),
             }
-            admitted = Admitted::Evicted;
         }
         self.held[severity(&m.action)] += 1;
         let scope = match m.scope {
@@ -667,93 +689,72 @@ impl Index {
             }
         };
         self.by_id.insert(id, loc);
-        admitted
+        Ok(admitted)
     }
 
-    /// Evicts one entry less severe than `severity`; `false` when none is held.
-    fn evict_below(&mut self, severity: usize) -> bool {
+    /// Drops an expired entry, or evicts one less severe than `severity`, from the
+    /// victims gathered.
+    fn make_room(&mut self, severity: usize, now: i64) -> Room {
+        while let Some(id) = self.victims.expired.pop() {
+            if self.entry(&id).is_some_and(|e| e.expires <= now) {
+                self.remove(&id);
+                return Room::Freed;
+            }
+        }
         let Some(low) = (0..severity).find(|&s| self.held[s] > 0) else {
-            return false;
+            return Room::None;
         };
-        // `low` < SEVERITIES.
-        let low = low as u8;
-        if self.victims_of != low {
-            self.victims.clear();
-            self.victims_of = low;
-        }
-        let mut fresh = false;
-        loop {
-            while let Some(id) = self.victims.pop() {
-                if self.severity_of(&id) == Some(usize::from(low)) {
-                    self.remove(&id);
-                    return true;
-                }
+        while let Some((expires, id)) = self.victims.by_severity[low].pop() {
+            let unchanged = self
+                .entry(&id)
+                .is_some_and(|e| e.expires == expires && self::severity(&e.action) == low);
+            if unchanged {
+                self.remove(&id);
+                return Room::Evicted;
             }
-            // Candidates just gathered all fail only if the counts are wrong: refuse
-            // rather than scan forever.
-            if fresh {
-                return false;
-            }
-            self.victims = self.candidates(usize::from(low));
-            fresh = true;
         }
+        Room::Gather(severity)
     }
 
-    /// Up to a batch of the entries of `severity` that expire soonest, the soonest
-    /// last. A batch is a small share of the limit, so a flood of stricter mitigations
-    /// into a full cache costs one scan per batch, not one per mitigation.
-    fn candidates(&self, severity: usize) -> Vec<MitigationId> {
-        let batch = (self.limit.0 / 64).clamp(256, 65_536);
-        // A max-heap by expiry of the `batch` soonest seen so far.
-        let mut soonest = std::collections::BinaryHeap::with_capacity(batch + 1);
+    /// Scans every entry for victims: up to a batch of those already expired and, for
+    /// each severity below `below`, of those expiring soonest. A batch is a small share
+    /// of the limit, so a flood of stricter mitigations into a full cache costs a scan
+    /// per batch, not one per mitigation. Read-only: a live cache gathers under the read
+    /// lock, with lookups going on.
+    fn gather(&self, below: usize, now: i64) -> Victims {
+        let batch = (self.limit.0 / 64).clamp(256, 16_384);
+        let mut victims = Victims::default();
+        // Max-heaps by expiry of the `batch` soonest seen so far, per severity.
+        let mut soonest: [std::collections::BinaryHeap<ByExpiry>; SEVERITIES] = Default::default();
         self.for_each_entry(|e| {
-            if self::severity(&e.action) != severity {
+            if e.expires <= now {
+                if victims.expired.len() < batch {
+                    victims.expired.push(e.id.clone());
+                }
                 return;
             }
-            if soonest.len() < batch {
-                soonest.push(ByExpiry(e.expires, e.id.clone()));
-            } else if soonest.peek().is_some_and(|top| e.expires < top.0) {
-                soonest.pop();
-                soonest.push(ByExpiry(e.expires, e.id.clone()));
+            let s = severity(&e.action);
+            if s >= below {
+                return;
+            }
+            let heap = &mut soonest[s];
+            if heap.len() < batch {
+                heap.push(ByExpiry(e.expires, e.id.clone()));
+            } else if heap.peek().is_some_and(|top| e.expires < top.0) {
+                heap.pop();
+                heap.push(ByExpiry(e.expires, e.id.clone()));
             }
         });
-        // Ascending by expiry; taken from the end, so reversed.
-        let mut ids: Vec<MitigationId> =
-            soonest.into_sorted_vec().into_iter().map(|c| c.1).collect();
-        ids.reverse();
-        ids
-    }
-
-    /// Victims gathered outside the write lock (see [`MitigationCache::apply`]).
-    fn offer_victims(&mut self, severity: u8, ids: Vec<MitigationId>) {
-        self.victims = ids;
-        self.victims_of = severity;
-    }
-
-    /// Would `changes` evict, and of which severity, with no victims gathered for it?
-    fn victims_wanted(&self, changes: &[Change]) -> Option<usize> {
-        let upserts = changes
-            .iter()
-            .filter(|c| matches!(c, Change::Upsert { .. }))
-            .count();
-        if self.by_id.len().saturating_add(upserts) < self.limit.0 {
-            return None;
+        for (heap, out) in soonest.into_iter().zip(&mut victims.by_severity) {
+            // Ascending by expiry; taken from the end, so reversed.
+            *out = heap
+                .into_sorted_vec()
+                .into_iter()
+                .rev()
+                .map(|c| (c.0, c.1))
+                .collect();
         }
-        let strictest = changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Upsert { mitigation } => Some(severity(&mitigation.action)),
-                Change::Remove { .. } => None,
-            })
-            .max()?;
-        let low = (0..strictest).find(|&s| self.held[s] > 0)?;
-        let ready = usize::from(self.victims_of) == low && !self.victims.is_empty();
-        (!ready).then_some(low)
-    }
-
-    /// The severity of entry `id`'s action, when held.
-    fn severity_of(&self, id: &MitigationId) -> Option<usize> {
-        self.entry(id).map(|e| severity(&e.action))
+        victims
     }
 
     /// Entry `id`, found where `by_id` says it is.
@@ -789,11 +790,20 @@ impl Index {
         slot.entries().iter().find(|e| e.id == *id)
     }
 
-    /// One change of a delta page or snapshot page; an expired upsert removes.
-    fn apply(&mut self, change: Change, now: DateTime<Utc>) -> Admitted {
+    /// One change of a delta page or snapshot page; an expired upsert removes. Gives
+    /// the change back when victims must be gathered first, for severities below the
+    /// one returned.
+    fn apply(
+        &mut self,
+        change: Change,
+        now: DateTime<Utc>,
+    ) -> Result<Admitted, Box<(Change, usize)>> {
         match change {
             Change::Upsert { mitigation } if mitigation.is_active(now) => {
-                return self.insert(mitigation);
+                return self.insert(mitigation, nanos(now)).map_err(|back| {
+                    let (mitigation, below) = *back;
+                    Box::new((Change::Upsert { mitigation }, below))
+                });
             }
             Change::Upsert { mitigation } => {
                 self.remove(&MitigationId::new(&mitigation.id));
@@ -802,7 +812,22 @@ impl Index {
                 self.remove(&MitigationId::new(&id));
             }
         }
-        Admitted::Held
+        Ok(Admitted::Held)
+    }
+
+    /// [`apply`](Self::apply), gathering victims in place when needed: for an index
+    /// no lookup sees yet (a snapshot being assembled).
+    fn apply_gathering(&mut self, change: Change, now: DateTime<Utc>) -> Admitted {
+        match self.apply(change, now) {
+            Ok(admitted) => admitted,
+            Err(back) => {
+                let (change, below) = *back;
+                self.victims = self.gather(below, nanos(now));
+                // Victims just gathered all fail only if the counts are wrong: refuse
+                // rather than gather forever.
+                self.apply(change, now).unwrap_or(Admitted::Refused)
+            }
+        }
     }
 
     fn remove(&mut self, id: &MitigationId) -> bool {
@@ -902,18 +927,19 @@ impl Index {
                     } else {
                         self.cookies.get(name)
                     };
-                    if let Some(values) = values {
-                        if let Some(slot) = values.get(cookie_hash(value).as_str()) {
-                            consider(&mut best, slot.entries(), app, now);
-                        }
+                    if let Some(values) = values
+                        && let Some(slot) = values.get(cookie_hash(value).as_str())
+                    {
+                        consider(&mut best, slot.entries(), app, now);
                     }
                 }
             }
         }
-        if !self.paths.is_empty() && !req.path.is_empty() {
-            if let Some(slot) = with_template(req.path, |t| self.paths.get(t)) {
-                consider(&mut best, slot.entries(), app, now);
-            }
+        if !self.paths.is_empty()
+            && !req.path.is_empty()
+            && let Some(slot) = with_template(req.path, |t| self.paths.get(t))
+        {
+            consider(&mut best, slot.entries(), app, now);
         }
         if let Some(slot) = req
             .ja4
@@ -1024,8 +1050,9 @@ impl MitigationCache {
     }
 
     /// An empty cache holding at most `limit` mitigations: past it, a new one takes the
-    /// place of a less severe one (the least severe kind held, expiring soonest first)
-    /// or, when none is held, is refused; [`apply`](Self::apply) and
+    /// place of one expired but not swept yet, or of a less severe one (of the least
+    /// severe kind held, one of those expiring soonest), or, when none is held, is
+    /// refused; [`apply`](Self::apply) and
     /// [`SnapshotBuilder::add`] count both. Those held are still updated and removed.
     pub fn with_limit(limit: usize) -> MitigationCache {
         MitigationCache {
@@ -1085,8 +1112,8 @@ impl MitigationCache {
     /// is full of mitigations at least as severe; a less severe one is evicted for it
     /// otherwise.
     pub fn upsert(&self, m: Mitigation) -> bool {
-        let _writer = self.writers.lock();
-        self.index.write().insert(m) != Admitted::Refused
+        let change = Change::Upsert { mitigation: m };
+        self.apply(vec![change], Utc::now()).refused == 0
     }
 
     /// Removes a mitigation by id; `true` when it was present.
@@ -1101,22 +1128,44 @@ impl MitigationCache {
     pub fn apply(&self, changes: Vec<Change>, now: DateTime<Utc>) -> Overflow {
         let mut overflow = Overflow::default();
         let _writer = self.writers.lock();
-        // A full cache finds what to evict by a scan of every entry: done under the read
-        // lock, with lookups going on, rather than inside a chunk under the write lock.
-        let gathered = {
-            let index = self.index.read();
-            let wanted = index.victims_wanted(&changes);
-            wanted.map(|low| (low, index.candidates(low)))
-        };
-        if let Some((low, ids)) = gathered {
-            // `low` < SEVERITIES.
-            self.index.write().offer_victims(low as u8, ids);
-        }
-        let mut changes = changes.into_iter().peekable();
-        while changes.peek().is_some() {
-            let mut index = self.index.write();
-            for change in changes.by_ref().take(WRITE_CHUNK) {
-                overflow.count(index.apply(change, now));
+        let mut changes = changes.into_iter();
+        // A change given back until victims are gathered, and whether they just were.
+        let mut held_back: Option<(Change, bool)> = None;
+        loop {
+            let mut gather = None;
+            {
+                let mut index = self.index.write();
+                for _ in 0..WRITE_CHUNK {
+                    let (change, gathered) = match held_back.take() {
+                        Some(back) => back,
+                        None => match changes.next() {
+                            Some(change) => (change, false),
+                            None => break,
+                        },
+                    };
+                    match index.apply(change, now) {
+                        Ok(admitted) => overflow.count(admitted),
+                        // Victims just gathered all fail only if the counts are wrong:
+                        // refuse rather than gather forever.
+                        Err(_) if gathered => overflow.count(Admitted::Refused),
+                        Err(back) => {
+                            let (change, below) = *back;
+                            held_back = Some((change, true));
+                            gather = Some(below);
+                            break;
+                        }
+                    }
+                }
+            }
+            match gather {
+                // The scan of every entry runs under the read lock, with lookups going
+                // on, not under the write lock; no other writer runs meanwhile.
+                Some(below) => {
+                    let victims = self.index.read().gather(below, nanos(now));
+                    self.index.write().victims = victims;
+                }
+                None if held_back.is_none() && changes.len() == 0 => break,
+                None => {}
             }
         }
         overflow
@@ -1161,6 +1210,10 @@ impl MitigationCache {
             for id in chunk {
                 index.remove(id);
             }
+        }
+        if !expired.is_empty() {
+            // The victims gathered expire soonest: most are gone now.
+            self.index.write().victims = Victims::default();
         }
         expired.len()
     }
@@ -1554,6 +1607,55 @@ mod tests {
         assert_eq!(action(find_ip(&cache, "192.0.2.3")), None);
         // Only blocks are left.
         assert!(!cache.upsert(mitigation("ip:198.51.100.3", Action::Block)));
+    }
+
+    #[test]
+    fn a_renewed_candidate_is_passed_over_and_an_expired_one_goes_first() {
+        let cache = MitigationCache::with_limit(4);
+        let mut logs: Vec<Mitigation> = (1..=3)
+            .map(|i| expiring(&format!("ip:192.0.2.{i}"), Action::Log, 60 * i))
+            .collect();
+        for m in &logs {
+            assert!(cache.upsert(m.clone()));
+        }
+        let mut blocks = [expiring("ip:192.0.2.9", Action::Block, 600)];
+        assert!(cache.upsert(blocks[0].clone()));
+        // The first eviction gathers the three logs and takes the soonest to expire.
+        assert!(cache.upsert(mitigation("ip:198.51.100.1", Action::Block)));
+        assert_eq!(action(find_ip(&cache, "192.0.2.1")), None);
+        // The next candidate is renewed for an hour before its turn: passed over, the
+        // one after it (now the sooner to expire) goes instead.
+        logs[1].expires_at = Utc::now() + Duration::from_secs(3600);
+        assert!(cache.upsert(logs[1].clone()));
+        let evicted = Overflow {
+            refused: 0,
+            evicted: 1,
+        };
+        let next = Change::Upsert {
+            mitigation: mitigation("ip:198.51.100.2", Action::Block),
+        };
+        assert_eq!(cache.apply(vec![next], Utc::now()), evicted);
+        assert_eq!(action(find_ip(&cache, "192.0.2.2")), Some(Action::Log));
+        assert_eq!(action(find_ip(&cache, "192.0.2.3")), None);
+        let renewed = find_ip(&cache, "192.0.2.2").unwrap().id;
+        assert!(cache.remove(&renewed.text()));
+        // A log and three blocks, one of them expired but not swept: a new block takes
+        // the expired one's place, the log stays, and nothing in force was lost.
+        assert!(cache.upsert(mitigation("ip:192.0.2.5", Action::Log)));
+        blocks[0].expires_at = Utc::now() + Duration::from_millis(50);
+        assert!(cache.upsert(blocks[0].clone()));
+        std::thread::sleep(Duration::from_millis(60));
+        let late = Change::Upsert {
+            mitigation: mitigation("ip:198.51.100.3", Action::Block),
+        };
+        assert_eq!(cache.apply(vec![late], Utc::now()), Overflow::default());
+        assert_eq!(cache.len(), 4);
+        assert_eq!(action(find_ip(&cache, "198.51.100.3")), Some(Action::Block));
+        assert_eq!(action(find_ip(&cache, "192.0.2.5")), Some(Action::Log));
+        assert!(
+            !cache.remove(&blocks[0].id),
+            "the expired block was dropped"
+        );
     }
 
     #[test]

@@ -185,7 +185,7 @@ pub async fn follow(
                     );
                 }
                 // Back off only once every instance has failed in a row.
-                if failures as usize % clients.len() == 0 {
+                if (failures as usize).is_multiple_of(clients.len()) {
                     if shutdown.sleep(backoff).await {
                         break;
                     }

@@ -30,6 +30,10 @@ use crate::respond::{
 };
 use crate::tls::TlsFacts;
 
+/// Upstreams one request tries at most: the first and three more when connecting fails
+/// (HAProxy's `retries 3`), so a name with many addresses, all unreachable, cannot hold
+/// a request for a connect timeout per address.
+const MAX_UPSTREAM_TRIES: usize = 4;
 const X_REQUEST_ID: &str = "x-request-id";
 /// The same names for lookups: a `&str` is parsed into a name on every lookup.
 static X_REQUEST_ID_NAME: HeaderName = HeaderName::from_static(X_REQUEST_ID);
@@ -697,7 +701,11 @@ impl ProxyHttp for EsperProxy {
         use pingora::upstreams::peer::Peer;
         // Nothing was sent yet: another upstream of the app may take the request.
         ctx.failed = peer.address().as_inet().copied();
-        if ctx.app.as_ref().is_some_and(|a| ctx.tries < a.upstreams()) {
+        if ctx
+            .app
+            .as_ref()
+            .is_some_and(|a| ctx.tries < a.upstreams().min(MAX_UPSTREAM_TRIES))
+        {
             e.set_retry(true);
         }
         e

@@ -343,10 +343,13 @@ async fn each_app_answers_with_its_own_templates() {
 
 /// Lines of /etc/hosts naming a test host, taken out again on drop. Written so that
 /// other tests reading the file at the same time never see it half-written: one append,
-/// single-byte changes, truncations. Only one test edits the file: each truncates it
-/// back to the length it found, which would cut another's lines.
+/// single-byte changes, truncations.
 struct HostsEntry {
     file: std::fs::File,
+    /// Held while the lines are in the file, so that test runs editing it (two
+    /// checkouts, or a local run beside CI) take turns: each truncates the file back to
+    /// the length it found, which would cut another's lines.
+    _turn: std::fs::File,
     original_len: u64,
     /// Length of each line (`127.0.0.N name\n`).
     line_len: u64,
@@ -360,6 +363,8 @@ impl HostsEntry {
     fn add(name: &str, lasts: &[u8]) -> Option<HostsEntry> {
         use std::io::Write;
         assert!(lasts.iter().all(|last| (1..=9).contains(last)));
+        let turn = std::fs::File::create(std::env::temp_dir().join("esper-etc-hosts.lock")).ok()?;
+        turn.lock().ok()?;
         let mut file = std::fs::OpenOptions::new()
             .append(true)
             .open(Self::PATH)
@@ -373,6 +378,7 @@ impl HostsEntry {
         file.write_all(format!("\n{lines}").as_bytes()).ok()?;
         Some(HostsEntry {
             file,
+            _turn: turn,
             original_len,
             line_len: format!("127.0.0.1 {name}\n").len() as u64,
         })
@@ -400,6 +406,7 @@ impl HostsEntry {
 
 impl Drop for HostsEntry {
     fn drop(&mut self) {
+        // Before the turn is passed on (the field is dropped after this).
         let _ = self.file.set_len(self.original_len);
     }
 }
