@@ -99,6 +99,9 @@ pub struct Metrics {
     pub cache_evicted: IntCounter,
     /// Moves from a failed mitigation broker to the next in the list.
     pub stream_failovers: IntCounter,
+    /// Connections to an upstream that failed (refused, timed out), by app; the request
+    /// goes on to another upstream when it has tries left.
+    pub upstream_connect_errors: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -215,6 +218,12 @@ impl Metrics {
                 &registry,
                 "esper_proxy_cache_evicted_total",
                 "Mitigations dropped from a full cache (cache_max_entries) for a more severe new one",
+            ),
+            upstream_connect_errors: counter_vec(
+                &registry,
+                "esper_proxy_upstream_connect_errors_total",
+                "Connections to an upstream that failed, by app (the request is tried on another while it has tries left)",
+                "app",
             ),
             stream_failovers: counter(
                 &registry,

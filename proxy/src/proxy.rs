@@ -701,6 +701,12 @@ impl ProxyHttp for EsperProxy {
         use pingora::upstreams::peer::Peer;
         // Nothing was sent yet: another upstream of the app may take the request.
         ctx.failed = peer.address().as_inet().copied();
+        if let Some(app) = &ctx.app {
+            self.metrics
+                .upstream_connect_errors
+                .with_label_values(&[app.name.as_str()])
+                .inc();
+        }
         if ctx
             .app
             .as_ref()

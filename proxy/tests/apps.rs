@@ -146,6 +146,27 @@ async fn a_dead_upstream_is_skipped_and_checked_out_of_the_pool() {
 }
 
 #[tokio::test]
+async fn a_request_tries_at_most_four_upstreams() {
+    // Six upstreams that refuse connections: ports bound, then closed.
+    let closed: Vec<std::net::SocketAddr> = (0..6)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        })
+        .collect();
+    let mut web = app("web", &[], "/", &closed);
+    web.health_check = "none".into();
+    let proxy = start_proxy(multi(vec![web], &dead_url(), &dead_url())).await;
+    let (status, _) = get_host(&format!("{}/", proxy.url), "any").await;
+    assert_eq!(status, 502);
+    let tried = proxy
+        .metric(r#"esper_proxy_upstream_connect_errors_total{app="web"}"#)
+        .await;
+    assert_eq!(tried, 4.0, "the first upstream and three more");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_http_health_check_takes_a_failing_upstream_out_and_back() {
     let (a, b) = (named_upstream("a").await, named_upstream("b").await);
     let mut web = app("web", &[], "/", &[a.addr, b.addr]);
