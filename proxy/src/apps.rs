@@ -322,11 +322,10 @@ pub struct Router {
 impl Router {
     /// Routes for `apps` (with their configs, same order); `default` names the app for
     /// unclaimed hosts.
-    pub fn new(apps: Vec<(AppConfig, App)>, default: Option<&str>) -> Router {
+    pub fn new(apps: Vec<(AppConfig, Arc<App>)>, default: Option<&str>) -> Router {
         let mut routes = Vec::new();
         let mut all = Vec::new();
         for (cfg, app) in apps {
-            let app = Arc::new(app);
             let prefix = cfg.path_prefix.trim_end_matches('/').to_string();
             if cfg.hosts.is_empty() {
                 routes.push(Route {

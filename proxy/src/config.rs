@@ -196,8 +196,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
     /// How often upstream host names are resolved again (each name is a backend per
-    /// address); when one resolves to other addresses, the apps are rebuilt with them,
-    /// as a reload does, without dropping connections. Load balancers' names (a cloud
+    /// address); when one resolves to other addresses, its app is rebuilt with them, as
+    /// a reload does, without dropping connections (the other apps are kept). Load balancers' names (a cloud
     /// balancer, a DNS-discovered service) change address over time. 0: resolved only
     /// at start and on reloads (`ESPER_UPSTREAM_RESOLVE_INTERVAL`).
     #[serde(with = "humantime_serde")]

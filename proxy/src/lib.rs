@@ -49,6 +49,7 @@ pub use cache::MitigationCache;
 pub use config::{AppConfig, Args, CertConfig, Config};
 pub use metrics::{DropReason, Metrics};
 
+use crate::apps::App;
 use crate::challenge::Challenger;
 use crate::enforce::Enforcer;
 use crate::forwarder::Forwarder;
@@ -223,7 +224,7 @@ impl Reloader {
     pub async fn reload(&self, config: Config) -> Result<(), ProxyError> {
         let mut layers = self.layers.lock().await;
         let merged = layers.over(&config)?;
-        self.apply(merged, true).await?;
+        self.apply(merged, true, &[]).await?;
         layers.local = config;
         Ok(())
     }
@@ -233,41 +234,43 @@ impl Reloader {
     pub async fn reload_remote(&self, doc: &str) -> Result<(), ProxyError> {
         let mut layers = self.layers.lock().await;
         let merged = remote::overlay(&layers.local, doc).map_err(ProxyError::Remote)?;
-        self.apply(merged, true).await?;
+        self.apply(merged, true, &[]).await?;
         layers.remote = Some(doc.to_string());
         Ok(())
     }
 
-    /// Rebuilds the apps with the configuration in force when an upstream host name
-    /// resolves to another address than the one in use; `true` when it did.
+    /// Rebuilds, with the configuration in force, the apps with an upstream host name
+    /// that resolves to other addresses than those in use; `true` when there was one.
+    /// The other apps are kept as they are, with their pools' health.
     pub async fn refresh_resolved(&self) -> Result<bool, ProxyError> {
         let layers = self.layers.lock().await;
         let live = self.live.load_full();
-        let mut moved = false;
+        let mut unmoved = Vec::new();
         for app in live.router.apps() {
-            if app.resolves_elsewhere().await {
-                moved = true;
-                break;
+            if !app.resolves_elsewhere().await {
+                unmoved.push(app.clone());
             }
         }
-        if !moved {
+        if unmoved.len() == live.router.apps().len() {
             return Ok(false);
         }
+        // The layers change only with the live state, so this is the configuration the
+        // apps kept were built from.
         let merged = layers.over(&layers.local)?;
-        self.apply(merged, false).await?;
+        self.apply(merged, false, &unmoved).await?;
         Ok(true)
     }
 
     /// `warn`: name the options that changed but apply only after a restart (not again
-    /// when the configuration itself did not change).
-    async fn apply(&self, config: Config, warn: bool) -> Result<(), ProxyError> {
+    /// when the configuration itself did not change). `keep`: apps taken as they are.
+    async fn apply(&self, config: Config, warn: bool, keep: &[Arc<App>]) -> Result<(), ProxyError> {
         config.validate()?;
         if warn {
             for option in restart_only_changes(&self.started, &config) {
                 tracing::warn!(option, "changed option takes effect only after a restart");
             }
         }
-        let live = Live::build(&config).await?;
+        let live = Live::build_keeping(&config, keep).await?;
         if let Some(certs) = &self.certs
             && !config.tls_certificates.is_empty()
         {

@@ -57,6 +57,13 @@ impl Live {
     /// Builds the state of `config` (already validated): resolves every upstream, loads
     /// templates, starts health checks on the current runtime.
     pub async fn build(config: &Config) -> Result<Live, ConfigError> {
+        Live::build_keeping(config, &[]).await
+    }
+
+    /// [`build`](Self::build), taking the apps of `keep` as they are (by name) instead
+    /// of building them again: built from this same configuration, they keep their
+    /// pools' health and balancing state.
+    pub async fn build_keeping(config: &Config, keep: &[Arc<App>]) -> Result<Live, ConfigError> {
         let shared = Shared {
             sample_rate: config.sample_rate,
             templates_dir: config.templates_dir.clone(),
@@ -70,9 +77,14 @@ impl Live {
             } else {
                 format!("apps[{i}]")
             };
-            let app = App::build(&cfg, &shared)
-                .await
-                .map_err(|reason| ConfigError::invalid(&option, &cfg.name, reason))?;
+            let app = match keep.iter().find(|a| a.name == cfg.name) {
+                Some(kept) => kept.clone(),
+                None => Arc::new(
+                    App::build(&cfg, &shared)
+                        .await
+                        .map_err(|reason| ConfigError::invalid(&option, &cfg.name, reason))?,
+                ),
+            };
             apps.push((cfg, app));
         }
         let templates = Templates::load(config.templates_dir.as_deref()).map_err(|reason| {

@@ -508,3 +508,53 @@ async fn an_upstream_name_is_followed_as_it_moves_and_scales() {
     proxy.stop().await.unwrap();
     drop(hosts);
 }
+
+#[tokio::test]
+async fn a_name_that_moves_rebuilds_its_app_only() {
+    let name = format!("esper-moving-{}.test", std::process::id());
+    let Some(hosts) = hosts_entry(&name, &[6]) else {
+        return;
+    };
+    let a = named_upstream_on("a", "127.0.0.6:0".parse().unwrap()).await;
+    let b = named_upstream_on("b", format!("127.0.0.7:{}", a.addr.port()).parse().unwrap()).await;
+    let mut web = app("web", &["web.example"], "/", &[]);
+    web.upstreams = vec![format!("{name}:{}", a.addr.port())];
+    // Another app, whose health check runs once an hour: its first check finds `down`
+    // failing, and the pool keeps it out until the next check, though it recovers.
+    let (up, down) = (named_upstream("up").await, named_upstream("down").await);
+    down.healthy.store(false, Ordering::SeqCst);
+    let mut other = app("other", &["other.example"], "/", &[up.addr, down.addr]);
+    other.health_check = "/healthz".into();
+    other.health_check_interval = Duration::from_secs(3600);
+    let mut cfg = multi(vec![web, other], &dead_url(), &dead_url());
+    cfg.upstream_resolve_interval = Duration::from_millis(200);
+    let proxy = start_proxy(cfg).await;
+    let url = format!("{}/", proxy.url);
+    let checked = eventually(Duration::from_secs(3), || async {
+        let before = down.hits();
+        for _ in 0..4 {
+            get_host(&url, "other.example").await;
+        }
+        down.hits() == before
+    })
+    .await;
+    assert!(checked, "the first check took `down` out");
+    down.healthy.store(true, Ordering::SeqCst);
+    assert_eq!(get_host(&url, "web.example").await.1, "a /");
+
+    hosts.point_to(0, 7);
+    let moved = eventually(Duration::from_secs(5), || async {
+        get_host(&url, "web.example").await.1 == "b /"
+    })
+    .await;
+    assert!(moved, "web follows its name");
+    // Rebuilt, `other` would check again at once and take `down` back in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = down.hits();
+    for _ in 0..6 {
+        assert_eq!(get_host(&url, "other.example").await, (200, "up /".into()));
+    }
+    assert_eq!(down.hits(), before, "the other app kept its pool as it was");
+    proxy.stop().await.unwrap();
+    drop(hosts);
+}
