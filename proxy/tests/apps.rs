@@ -516,7 +516,7 @@ async fn a_name_that_moves_rebuilds_its_app_only() {
         return;
     };
     let a = named_upstream_on("a", "127.0.0.6:0".parse().unwrap()).await;
-    let b = named_upstream_on("b", format!("127.0.0.7:{}", a.addr.port()).parse().unwrap()).await;
+    let _b = named_upstream_on("b", format!("127.0.0.7:{}", a.addr.port()).parse().unwrap()).await;
     let mut web = app("web", &["web.example"], "/", &[]);
     web.upstreams = vec![format!("{name}:{}", a.addr.port())];
     // Another app, whose health check runs once an hour: its first check finds `down`
