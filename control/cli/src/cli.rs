@@ -97,6 +97,11 @@ pub struct EngineRun {
     /// when it stops (`go tool pprof FILE`).
     #[arg(long, value_name = "FILE")]
     pub cpuprofile: Option<PathBuf>,
+    /// Samples the worker's allocations while it runs and writes a pprof heap profile to
+    /// FILE when it stops (`go tool pprof FILE`: memory in use by call stack, or
+    /// allocated with `-sample_index=alloc_space`).
+    #[arg(long, value_name = "FILE")]
+    pub memprofile: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -387,6 +392,11 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
                 .as_deref()
                 .map(crate::profile::CpuProfile::start)
                 .transpose()?;
+            let heap = run
+                .memprofile
+                .as_deref()
+                .map(crate::memprofile::MemProfile::start)
+                .transpose()?;
             let result = with_signals(|shutdown| async move {
                 let ops = esper_common::http::bind("worker ops listener", cfg.listen).await?;
                 esper_engine::run(cfg, ops, shutdown).await?;
@@ -394,14 +404,20 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             })
             .await;
             // Written however the worker ended: a failure is what one profiles.
-            match (profile.map(crate::profile::CpuProfile::write), result) {
-                (Some(Err(e)), Ok(_)) => Err(e),
-                (Some(Err(e)), Err(run)) => {
-                    tracing::error!(error = %e, "the CPU profile was not written");
-                    Err(run)
+            let written = [
+                ("CPU", profile.map(crate::profile::CpuProfile::write)),
+                ("heap", heap.map(crate::memprofile::MemProfile::write)),
+            ];
+            let mut result = result;
+            for (kind, outcome) in written {
+                if let Some(Err(e)) = outcome {
+                    match result {
+                        Ok(_) => result = Err(e),
+                        Err(_) => tracing::error!(error = %e, "the {kind} profile was not written"),
+                    }
                 }
-                (_, result) => result,
             }
+            result
         }
     }
 }
@@ -541,6 +557,7 @@ mod tests {
             "esper dev --upstream 127.0.0.1:3000",
             "esper server run --tracing",
             "esper worker run engine --cpuprofile cpu.prof",
+            "esper worker run engine --memprofile mem.prof",
         ] {
             let args: Vec<&str> = argv.split_whitespace().collect();
             if let Err(e) = Cli::try_parse_from(&args) {

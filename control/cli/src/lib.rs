@@ -6,5 +6,6 @@ pub mod autoscale;
 pub mod cli;
 pub mod demo;
 pub mod dev;
+pub mod memprofile;
 pub mod ops;
 pub mod profile;

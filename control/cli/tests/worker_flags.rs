@@ -1,7 +1,7 @@
 //! The engine worker's tuning flags from the operator documentation
 //! (`--concurrency 32 --io-threads 16 --connection-pool-size 100`) start a worker sized
 //! as asked, and a bad value is one clear line and a non-zero exit; `--cpuprofile FILE`
-//! writes a pprof profile when the worker stops.
+//! and `--memprofile FILE` write pprof profiles when the worker stops.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -150,6 +150,86 @@ async fn cpuprofile_writes_a_pprof_profile_when_the_worker_stops() {
     assert_eq!(exit_code(&mut refused).await, Some(1));
     assert!(
         refused.log().contains("cannot write the CPU profile"),
+        "{}",
+        refused.log()
+    );
+}
+
+#[tokio::test]
+async fn memprofile_writes_a_pprof_heap_profile_when_the_worker_stops() {
+    use pprof::protos::Message;
+    let dir = TempDir::new("worker-memprofile");
+    let policies = write_login_policy(dir.path(), "60s");
+    let file = dir.path().join("mem.prof");
+    let listen = free_addr().to_string();
+    let mut worker = Proc::esper(
+        "worker",
+        &worker_args(
+            &listen,
+            &policies,
+            &["--memprofile", &file.display().to_string()],
+        ),
+        &[],
+    );
+    io_threads(&worker, &listen).await;
+    assert_eq!(worker.terminate(Duration::from_secs(10)), Some(0));
+    let body = std::fs::read(&file).unwrap();
+    let profile = pprof::protos::Profile::decode(body.as_slice()).unwrap();
+    let text = |i: i64| profile.string_table[i as usize].as_str();
+    let types: Vec<&str> = profile.sample_type.iter().map(|t| text(t.ty)).collect();
+    assert_eq!(
+        types,
+        [
+            "alloc_objects",
+            "alloc_space",
+            "inuse_objects",
+            "inuse_space"
+        ]
+    );
+    assert_eq!(text(profile.default_sample_type), "inuse_space");
+    assert_eq!(profile.period, 512 * 1024);
+    // A worker starting allocates megabytes: sampled, with named callers, and none of
+    // the stacks starts inside the recording itself.
+    let allocated: i64 = profile.sample.iter().map(|s| s.value[1]).sum();
+    assert!(allocated > 0, "{} samples", profile.sample.len());
+    let function = |location: u64| {
+        let loc = &profile.location[location as usize - 1];
+        loc.line
+            .iter()
+            .map(|l| text(profile.function[l.function_id as usize - 1].name))
+            .collect::<Vec<_>>()
+    };
+    let names: Vec<&str> = profile
+        .sample
+        .iter()
+        .flat_map(|s| s.location_id.iter().flat_map(|id| function(*id)))
+        .collect();
+    assert!(names.iter().any(|n| n.contains("esper")), "{names:?}");
+    for sample in &profile.sample {
+        let top = sample
+            .location_id
+            .first()
+            .map_or(Vec::new(), |id| function(*id));
+        assert!(
+            !top.iter().any(|n| n.contains("memprofile::record")),
+            "{top:?}"
+        );
+    }
+
+    // A path that cannot be written is refused before the worker starts.
+    let listen = free_addr().to_string();
+    let mut refused = Proc::esper(
+        "worker",
+        &worker_args(
+            &listen,
+            &policies,
+            &["--memprofile", "/nonexistent-dir/mem.prof"],
+        ),
+        &[],
+    );
+    assert_eq!(exit_code(&mut refused).await, Some(1));
+    assert!(
+        refused.log().contains("cannot write the heap profile"),
         "{}",
         refused.log()
     );

@@ -4,8 +4,10 @@
 
 /// The proxy allocates dozens of small objects per request; mimalloc serves them with
 /// less CPU than the system allocator (figures in benches/README.md, `## Proxy`).
+/// Wrapped for `--memprofile`, which costs nothing else while no profile runs.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: esper::memprofile::Sampling<mimalloc::MiMalloc> =
+    esper::memprofile::Sampling(mimalloc::MiMalloc);
 
 fn main() -> std::process::ExitCode {
     esper::cli::main()
