@@ -102,6 +102,11 @@ pub struct EngineRun {
     /// allocated with `-sample_index=alloc_space`).
     #[arg(long, value_name = "FILE")]
     pub memprofile: Option<PathBuf>,
+    /// Mean bytes allocated between two samples of --memprofile: lower records more
+    /// (and costs more).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::memprofile::DEFAULT_RATE,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub memprofile_rate: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -395,7 +400,7 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             let heap = run
                 .memprofile
                 .as_deref()
-                .map(crate::memprofile::MemProfile::start)
+                .map(|path| crate::memprofile::MemProfile::start(path, run.memprofile_rate))
                 .transpose()?;
             let result = with_signals(|shutdown| async move {
                 let ops = esper_common::http::bind("worker ops listener", cfg.listen).await?;
@@ -403,7 +408,11 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
                 Ok(())
             })
             .await;
-            // Written however the worker ended: a failure is what one profiles.
+            // Written however the worker ended: a failure is what one profiles. Heap
+            // sampling stops first, so the CPU profile's report is not recorded in it.
+            if let Some(heap) = &heap {
+                heap.stop();
+            }
             let written = [
                 ("CPU", profile.map(crate::profile::CpuProfile::write)),
                 ("heap", heap.map(crate::memprofile::MemProfile::write)),

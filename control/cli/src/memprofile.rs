@@ -1,7 +1,8 @@
 //! `--memprofile FILE`: a sampling heap profile of a service, written as a pprof profile
 //! when it stops, for `go tool pprof FILE` (or any pprof viewer), as Go's `-memprofile`.
 //!
-//! On average one allocation in every [`RATE`] bytes allocated is recorded with its call
+//! On average one allocation in every [`DEFAULT_RATE`] bytes allocated (or the rate given)
+//! is recorded with its call
 //! stack (the gaps between samples are drawn from an exponential distribution, so every
 //! byte is as likely to be sampled); the profile estimates from those, per call stack,
 //! what was allocated (`alloc_objects`, `alloc_space`) and what is still held when the
@@ -17,13 +18,14 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use anyhow::Context;
 use pprof::protos::{self, Message};
 
-/// Mean bytes allocated between two samples (Go's default `MemProfileRate`).
-pub const RATE: u64 = 512 * 1024;
+/// Mean bytes allocated between two samples unless told otherwise (Go's default
+/// `MemProfileRate`).
+pub const DEFAULT_RATE: u64 = 512 * 1024;
 /// Deepest call stack recorded.
 const MAX_FRAMES: usize = 64;
 /// Address buckets counting live sampled allocations.
@@ -31,6 +33,8 @@ const BUCKETS: usize = 1 << 16;
 
 /// True while a profile runs.
 static ON: AtomicBool = AtomicBool::new(false);
+/// Mean bytes between samples of the profile running.
+static RATE: AtomicU64 = AtomicU64::new(DEFAULT_RATE);
 /// Live sampled allocations per address bucket.
 static LIVE: [AtomicU32; BUCKETS] = [const { AtomicU32::new(0) }; BUCKETS];
 /// What is recorded; `None` while no profile runs.
@@ -39,7 +43,7 @@ static STATE: Mutex<Option<State>> = Mutex::new(None);
 thread_local! {
     // Const-initialised and without destructors, so the allocator can use them at any
     // point of a thread's life.
-    /// Bytes this thread allocates before its next sample.
+    /// Bytes this thread allocates before its next sample; 0 until first drawn.
     static UNTIL: Cell<i64> = const { Cell::new(0) };
     /// Set while this thread records: its own allocations then are not sampled.
     static BUSY: Cell<bool> = const { Cell::new(false) };
@@ -89,7 +93,9 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Sampling<A> {
             // SAFETY: the caller's contract, passed on.
             return unsafe { self.0.realloc(p, layout, new_size) };
         }
-        // Recorded as a free of the old block and an allocation of the new one.
+        // Recorded as a free of the old block and an allocation of the new one (before
+        // the call: once it returns, another thread may be given the old address). A
+        // failed call leaves the old block allocated but unrecorded.
         freed(p);
         // SAFETY: the caller's contract, passed on.
         let q = unsafe { self.0.realloc(p, layout, new_size) };
@@ -112,7 +118,13 @@ fn allocated(p: *mut u8, size: usize) {
     let size = i64::try_from(size).unwrap_or(i64::MAX);
     let sample = UNTIL
         .try_with(|until| {
-            let left = until.get().saturating_sub(size);
+            // A thread's first gap is drawn like every other: sampling its first
+            // allocation always would weigh it as if it had been drawn by chance.
+            let gap = match until.get() {
+                0 => next_gap(),
+                gap => gap,
+            };
+            let left = gap.saturating_sub(size);
             if left > 0 {
                 until.set(left);
                 false
@@ -148,7 +160,10 @@ fn record(addr: usize, size: i64) {
     busy(|| {
         let mut frames = [0usize; MAX_FRAMES];
         let mut n = 0;
-        backtrace::trace(|frame| {
+        // Unsynchronised, as std's backtraces and the CPU profiler's signal handler
+        // unwind: `trace` would take a global lock (held while anything symbolises) from
+        // inside the allocator, and a poisoned one panics there.
+        unwind(|frame| {
             let ip = frame.ip() as usize;
             // The outermost frame of a thread may come as address 0.
             if ip == 0 {
@@ -158,11 +173,21 @@ fn record(addr: usize, size: i64) {
             n += 1;
             n < MAX_FRAMES
         });
-        if let Some(state) = lock().as_mut() {
-            state.add(addr, size, &frames[..n]);
+        if let Some(state) = lock().as_mut()
+            && state.add(addr, size, &frames[..n])
+        {
             LIVE[bucket(addr)].fetch_add(1, Relaxed);
         }
     });
+}
+
+/// Walks the current thread's stack, innermost frame first.
+#[allow(unsafe_code)]
+fn unwind(f: impl FnMut(&backtrace::Frame) -> bool) {
+    // SAFETY: `trace_unsynchronized` is unsafe only because several threads unwinding
+    // at once is not safe on every platform; libgcc's unwinder, the one used on Linux,
+    // is thread-safe.
+    unsafe { backtrace::trace_unsynchronized(f) }
 }
 
 /// Runs `f` unless this thread is already recording (then its allocations, those of the
@@ -181,7 +206,7 @@ fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Bytes until the next sample: exponentially distributed with mean [`RATE`].
+/// Bytes until the next sample: exponentially distributed with mean `RATE`.
 fn next_gap() -> i64 {
     let x = SEED
         .try_with(|seed| {
@@ -199,7 +224,7 @@ fn next_gap() -> i64 {
         .unwrap_or(1);
     // Uniform in (0, 1].
     let u = ((x >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-    (-u.ln() * RATE as f64) as i64 + 1
+    (-u.ln() * RATE.load(Relaxed) as f64) as i64 + 1
 }
 
 /// Sampled allocations, raw: scaled to estimates when the profile is written.
@@ -223,7 +248,8 @@ struct Totals {
 }
 
 impl State {
-    fn add(&mut self, addr: usize, size: i64, frames: &[usize]) {
+    /// `true` when `addr` was not live already.
+    fn add(&mut self, addr: usize, size: i64, frames: &[usize]) -> bool {
         let stack = match self.stacks.get(frames) {
             Some(&i) => i,
             None => {
@@ -242,10 +268,14 @@ impl State {
         t.inuse += 1;
         t.inuse_bytes = t.inuse_bytes.saturating_add(size);
         // A block freed without being seen (while this thread recorded) may come back.
-        if let Some((old, old_size)) = self.live.insert(addr, (stack, size)) {
-            let t = &mut self.totals[old];
-            t.inuse -= 1;
-            t.inuse_bytes -= old_size;
+        match self.live.insert(addr, (stack, size)) {
+            Some((old, old_size)) => {
+                let t = &mut self.totals[old];
+                t.inuse -= 1;
+                t.inuse_bytes -= old_size;
+                false
+            }
+            None => true,
         }
     }
 
@@ -263,13 +293,13 @@ impl State {
 
 /// Estimates of objects and bytes from `count` samples holding `bytes`, as Go's
 /// `scaleHeapSample`: a block of `size` bytes is sampled with probability
-/// 1 - exp(-size / RATE).
-fn scale(count: i64, bytes: i64) -> (i64, i64) {
+/// 1 - exp(-size / rate).
+fn scale(count: i64, bytes: i64, rate: u64) -> (i64, i64) {
     if count <= 0 || bytes <= 0 {
         return (0, 0);
     }
     let average = bytes as f64 / count as f64;
-    let factor = 1.0 / (1.0 - (-average / RATE as f64).exp());
+    let factor = 1.0 / (1.0 - (-average / rate as f64).exp());
     (
         (count as f64 * factor) as i64,
         (bytes as f64 * factor) as i64,
@@ -283,25 +313,54 @@ pub struct MemProfile {
 }
 
 impl MemProfile {
-    /// Starts sampling. The file is created now, so a path that cannot be written is an
-    /// error at start rather than after hours of running.
-    pub fn start(path: &Path) -> anyhow::Result<MemProfile> {
+    /// Starts sampling, one allocation per `rate` bytes on average. The file is created
+    /// now, so a path that cannot be written is an error at start rather than after
+    /// hours of running. One profile runs at a time.
+    pub fn start(path: &Path, rate: u64) -> anyhow::Result<MemProfile> {
+        anyhow::ensure!(rate > 0, "the heap profile's sampling rate must be above 0");
         std::fs::File::create(path)
             .with_context(|| format!("cannot write the heap profile to {}", path.display()))?;
-        *lock() = Some(State::default());
-        ON.store(true, Relaxed);
-        tracing::info!(file = %path.display(), rate = RATE, "heap profile started");
+        // Nothing allocates while the lock is held here: an allocation sampled now would
+        // wait on this same lock.
+        let running = {
+            let mut state = lock();
+            let running = state.is_some();
+            if !running {
+                RATE.store(rate, Relaxed);
+                *state = Some(State::default());
+                ON.store(true, Relaxed);
+            }
+            running
+        };
+        anyhow::ensure!(!running, "a heap profile is already running");
+        tracing::info!(file = %path.display(), rate, "heap profile started");
         Ok(MemProfile {
             path: path.to_path_buf(),
             started: std::time::SystemTime::now(),
         })
     }
 
+    /// Stops sampling; [`write`](Self::write) does too. Recording nothing more, before
+    /// anything else is written (a CPU profile's report allocates as it is built).
+    pub fn stop(&self) {
+        ON.store(false, Relaxed);
+    }
+
     /// Stops sampling and writes the profile (pprof's protobuf format).
     pub fn write(self) -> anyhow::Result<()> {
-        ON.store(false, Relaxed);
-        let state = lock().take().unwrap_or_default();
-        let profile = encode(&state, self.started);
+        self.stop();
+        // As in `start`, nothing allocates under the lock.
+        let state = {
+            let mut held = lock();
+            // Frees no longer look anything up; the next profile starts from zero.
+            for live in &LIVE {
+                live.store(0, Relaxed);
+            }
+            held.take()
+        };
+        // Dropped outside the lock: its frees, with sampling off, look nothing up.
+        let state = state.unwrap_or_default();
+        let profile = encode(&state, self.started, RATE.load(Relaxed));
         std::fs::write(&self.path, profile.encode_to_vec())
             .with_context(|| format!("cannot write the heap profile to {}", self.path.display()))?;
         tracing::info!(file = %self.path.display(), "heap profile written");
@@ -310,7 +369,7 @@ impl MemProfile {
 }
 
 /// Builds the pprof profile of what `state` recorded, symbolising each address.
-fn encode(state: &State, started: std::time::SystemTime) -> protos::Profile {
+fn encode(state: &State, started: std::time::SystemTime, rate: u64) -> protos::Profile {
     let mut b = Builder::default();
     b.string("");
     let value_type = |b: &mut Builder, ty: &str, unit: &str| protos::ValueType {
@@ -326,21 +385,25 @@ fn encode(state: &State, started: std::time::SystemTime) -> protos::Profile {
     let period_type = Some(value_type(&mut b, "space", "bytes"));
     let mut samples = Vec::new();
     for t in &state.totals {
-        let locations: Vec<u64> = t
-            .frames
+        let locations: Vec<u64> = t.frames.iter().map(|&ip| b.location(ip)).collect();
+        // Every stack starts in the recording and the allocator; the profile starts at
+        // the code that asked for memory: past the global allocator's entry point, and
+        // past the collections' allocation helpers that called it.
+        let mut first = locations
             .iter()
-            .enumerate()
-            // A return address points past its call: look up the call itself.
-            .map(|(i, &ip)| b.location(if i == 0 { ip } else { ip.saturating_sub(1) }))
-            .collect();
-        // The allocator's own frames (this module, `__rust_alloc`, `alloc::`) lead every
-        // stack; the profile starts at the code that asked for memory.
-        let first = locations
-            .iter()
-            .position(|id| !b.is_allocator(*id))
-            .unwrap_or(0);
-        let (allocs, alloc_bytes) = scale(t.allocs, t.alloc_bytes);
-        let (inuse, inuse_bytes) = scale(t.inuse, t.inuse_bytes);
+            .rposition(|id| b.kind(*id) == Frame::Entry)
+            .map_or(0, |i| i + 1);
+        while locations
+            .get(first)
+            .is_some_and(|id| b.kind(*id) == Frame::Helper)
+        {
+            first += 1;
+        }
+        if first >= locations.len() {
+            first = 0;
+        }
+        let (allocs, alloc_bytes) = scale(t.allocs, t.alloc_bytes, rate);
+        let (inuse, inuse_bytes) = scale(t.inuse, t.inuse_bytes, rate);
         samples.push(protos::Sample {
             location_id: locations[first..].to_vec(),
             value: vec![allocs, alloc_bytes, inuse, inuse_bytes],
@@ -363,7 +426,7 @@ fn encode(state: &State, started: std::time::SystemTime) -> protos::Profile {
         time_nanos: started_nanos,
         duration_nanos,
         period_type,
-        period: RATE as i64,
+        period: i64::try_from(rate).unwrap_or(i64::MAX),
         default_sample_type,
         ..protos::Profile::default()
     }
@@ -378,8 +441,8 @@ struct Builder {
     function_ids: HashMap<(String, String), u64>,
     locations: Vec<protos::Location>,
     location_ids: HashMap<usize, u64>,
-    /// Locations inside the allocator.
-    allocator: std::collections::HashSet<u64>,
+    /// What each location's outermost function is, by location id - 1.
+    kinds: Vec<Frame>,
 }
 
 impl Builder {
@@ -429,7 +492,11 @@ impl Builder {
         if symbols.is_empty() {
             symbols.push((format!("{ip:#x}"), String::new(), 0));
         }
-        let inside = symbols.iter().any(|(name, _, _)| is_allocator(name));
+        // The outermost function of the location decides: allocator code inlined into a
+        // caller leaves the caller's location the caller's.
+        let kind = symbols
+            .last()
+            .map_or(Frame::Caller, |(name, _, _)| Frame::of(name));
         let line = symbols
             .into_iter()
             .map(|(name, file, line)| protos::Line {
@@ -445,33 +512,52 @@ impl Builder {
             is_folded: false,
         });
         self.location_ids.insert(ip, id);
-        if inside {
-            self.allocator.insert(id);
-        }
+        self.kinds.push(kind);
         id
     }
 
-    fn is_allocator(&self, location: u64) -> bool {
-        self.allocator.contains(&location)
+    fn kind(&self, location: u64) -> Frame {
+        self.kinds
+            .get(location as usize - 1)
+            .copied()
+            .unwrap_or(Frame::Caller)
     }
 }
 
-/// Is `function` part of the allocation machinery rather than a caller asking for memory?
-fn is_allocator(function: &str) -> bool {
-    const RECORDING: [&str; 4] = [
-        "memprofile::record",
-        "memprofile::allocated",
-        "memprofile::busy",
-        "memprofile::Sampling",
-    ];
-    RECORDING.iter().any(|f| function.contains(f))
-        || function.starts_with("backtrace::")
-        || function.starts_with("__rust")
-        || function.starts_with("alloc::alloc::")
-        || function.starts_with("<alloc::alloc::Global")
-        || function.starts_with("alloc::raw_vec::")
-        || function.starts_with("<alloc::raw_vec::")
-        || function.starts_with("alloc::boxed::box_new")
+/// The part a function plays in a sampled allocation's stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frame {
+    /// The global allocator's entry point (the recording runs inside it).
+    Entry,
+    /// A collection's allocation helper, between its caller and the entry point.
+    Helper,
+    /// Code that asked for memory, and its callers.
+    Caller,
+}
+
+impl Frame {
+    fn of(function: &str) -> Frame {
+        const ENTRY: [&str; 4] = [
+            "__rust_alloc",
+            "__rust_alloc_zeroed",
+            "__rust_realloc",
+            "as core::alloc::global::GlobalAlloc>::",
+        ];
+        const HELPERS: [&str; 5] = [
+            "alloc::alloc::",
+            "<alloc::alloc::Global",
+            "alloc::raw_vec::",
+            "<alloc::raw_vec::",
+            "alloc::boxed::box_new",
+        ];
+        if ENTRY.iter().any(|e| function.contains(e)) {
+            Frame::Entry
+        } else if HELPERS.iter().any(|h| function.starts_with(h)) {
+            Frame::Helper
+        } else {
+            Frame::Caller
+        }
+    }
 }
 
 #[cfg(test)]
@@ -480,14 +566,16 @@ mod tests {
 
     #[test]
     fn estimates_undo_the_sampling_probability() {
-        // A block of RATE bytes is sampled with probability 1 - 1/e.
-        let (n, bytes) = scale(1, RATE as i64);
+        let rate = DEFAULT_RATE;
+        // A block of `rate` bytes is sampled with probability 1 - 1/e.
+        let (n, bytes) = scale(1, rate as i64, rate);
         let factor = 1.0 / (1.0 - (-1.0f64).exp());
         assert_eq!(n, factor as i64);
-        assert_eq!(bytes, (RATE as f64 * factor) as i64);
+        assert_eq!(bytes, (rate as f64 * factor) as i64);
         // Large blocks are nearly always sampled: counted about once.
-        assert_eq!(scale(2, 2 * 64 * RATE as i64), (2, 2 * 64 * RATE as i64));
-        assert_eq!(scale(0, 0), (0, 0));
+        let large = 2 * 64 * rate as i64;
+        assert_eq!(scale(2, large, rate), (2, large));
+        assert_eq!(scale(0, 0, rate), (0, 0));
     }
 
     #[test]
@@ -496,7 +584,7 @@ mod tests {
         let total: i64 = (0..n).map(|_| next_gap()).sum();
         let mean = total as f64 / n as f64;
         assert!(
-            (mean - RATE as f64).abs() < RATE as f64 * 0.05,
+            (mean - DEFAULT_RATE as f64).abs() < DEFAULT_RATE as f64 * 0.05,
             "mean gap {mean}"
         );
     }
@@ -504,9 +592,9 @@ mod tests {
     #[test]
     fn live_blocks_are_counted_until_freed() {
         let mut state = State::default();
-        state.add(0x1000, 100, &[1, 2, 3]);
-        state.add(0x2000, 50, &[1, 2, 3]);
-        state.add(0x3000, 10, &[4]);
+        assert!(state.add(0x1000, 100, &[1, 2, 3]));
+        assert!(state.add(0x2000, 50, &[1, 2, 3]));
+        assert!(state.add(0x3000, 10, &[4]));
         assert!(state.forget(0x2000));
         assert!(!state.forget(0x2000), "forgotten once");
         assert!(!state.forget(0x9000), "never sampled");
@@ -518,7 +606,7 @@ mod tests {
         let t = &state.totals[1];
         assert_eq!((t.allocs, t.inuse_bytes), (1, 10));
         // An address reused before its free was seen replaces the old block.
-        state.add(0x3000, 20, &[1, 2, 3]);
+        assert!(!state.add(0x3000, 20, &[1, 2, 3]));
         assert_eq!(state.totals[1].inuse, 0);
         assert_eq!(state.totals[0].inuse_bytes, 120);
     }
@@ -532,7 +620,7 @@ mod tests {
         });
         let mut state = State::default();
         state.add(0x1000, 4096, &frames);
-        let profile = encode(&state, std::time::SystemTime::now());
+        let profile = encode(&state, std::time::SystemTime::now(), DEFAULT_RATE);
         let names: Vec<&str> = profile
             .sample_type
             .iter()

@@ -167,7 +167,14 @@ async fn memprofile_writes_a_pprof_heap_profile_when_the_worker_stops() {
         &worker_args(
             &listen,
             &policies,
-            &["--memprofile", &file.display().to_string()],
+            &[
+                "--memprofile",
+                &file.display().to_string(),
+                // Finer than the default, so a worker that only starts is sure to be
+                // sampled.
+                "--memprofile-rate",
+                "4096",
+            ],
         ),
         &[],
     );
@@ -187,7 +194,7 @@ async fn memprofile_writes_a_pprof_heap_profile_when_the_worker_stops() {
         ]
     );
     assert_eq!(text(profile.default_sample_type), "inuse_space");
-    assert_eq!(profile.period, 512 * 1024);
+    assert_eq!(profile.period, 4096);
     // A worker starting allocates megabytes: sampled, with named callers, and none of
     // the stacks starts inside the recording itself.
     let allocated: i64 = profile.sample.iter().map(|s| s.value[1]).sum();
@@ -230,6 +237,60 @@ async fn memprofile_writes_a_pprof_heap_profile_when_the_worker_stops() {
     assert_eq!(exit_code(&mut refused).await, Some(1));
     assert!(
         refused.log().contains("cannot write the heap profile"),
+        "{}",
+        refused.log()
+    );
+}
+
+#[tokio::test]
+async fn cpu_and_heap_profiles_are_written_together() {
+    use pprof::protos::Message;
+    let dir = TempDir::new("worker-profiles");
+    let policies = write_login_policy(dir.path(), "60s");
+    let (cpu, heap) = (dir.path().join("cpu.prof"), dir.path().join("mem.prof"));
+    let listen = free_addr().to_string();
+    let mut worker = Proc::esper(
+        "worker",
+        &worker_args(
+            &listen,
+            &policies,
+            &[
+                "--cpuprofile",
+                &cpu.display().to_string(),
+                "--memprofile",
+                &heap.display().to_string(),
+                "--memprofile-rate",
+                "4096",
+            ],
+        ),
+        &[],
+    );
+    io_threads(&worker, &listen).await;
+    assert_eq!(worker.terminate(Duration::from_secs(10)), Some(0));
+    for file in [&cpu, &heap] {
+        let body = std::fs::read(file).unwrap();
+        let profile = pprof::protos::Profile::decode(body.as_slice()).unwrap();
+        assert!(!profile.sample_type.is_empty(), "{}", file.display());
+    }
+    // A rate of 0 is one clear line.
+    let listen = free_addr().to_string();
+    let mut refused = Proc::esper(
+        "worker",
+        &worker_args(
+            &listen,
+            &policies,
+            &[
+                "--memprofile",
+                &heap.display().to_string(),
+                "--memprofile-rate",
+                "0",
+            ],
+        ),
+        &[],
+    );
+    assert_eq!(exit_code(&mut refused).await, Some(2));
+    assert!(
+        refused.log().contains("--memprofile-rate"),
         "{}",
         refused.log()
     );
