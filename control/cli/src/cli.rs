@@ -69,6 +69,8 @@ pub enum ServerCommand {
     Stop(ops::StopArgs),
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum WorkerCommand {
     /// Runs a worker of the given kind.
