@@ -109,83 +109,67 @@ async fn a_bad_tuning_value_is_one_clear_line() {
     }
 }
 
-#[tokio::test]
-async fn cpuprofile_writes_a_pprof_profile_when_the_worker_stops() {
-    use pprof::protos::Message;
-    let dir = TempDir::new("worker-cpuprofile");
-    let policies = write_login_policy(dir.path(), "60s");
-    let file = dir.path().join("cpu.prof");
+/// Runs a worker with `flags` until it serves, then stops it: it must exit cleanly.
+async fn run_and_stop(policies: &std::path::Path, flags: &[&str]) {
     let listen = free_addr().to_string();
-    let mut worker = Proc::esper(
-        "worker",
-        &worker_args(
-            &listen,
-            &policies,
-            &["--cpuprofile", &file.display().to_string()],
-        ),
-        &[],
-    );
+    let mut worker = Proc::esper("worker", &worker_args(&listen, policies, flags), &[]);
     io_threads(&worker, &listen).await;
     assert_eq!(worker.terminate(Duration::from_secs(10)), Some(0));
-    let body = std::fs::read(&file).unwrap();
-    let profile = pprof::protos::Profile::decode(body.as_slice()).unwrap();
-    let types: Vec<&str> = profile
+}
+
+/// A worker given `flags` stops before it runs with exit code `code`, its log saying
+/// `says`.
+async fn refused(policies: &std::path::Path, flags: &[&str], code: i32, says: &str) {
+    let listen = free_addr().to_string();
+    let mut worker = Proc::esper("worker", &worker_args(&listen, policies, flags), &[]);
+    assert_eq!(exit_code(&mut worker).await, Some(code));
+    assert!(worker.log().contains(says), "{}", worker.log());
+}
+
+fn read_profile(file: &std::path::Path) -> pprof::protos::Profile {
+    use pprof::protos::Message;
+    let body = std::fs::read(file).unwrap();
+    pprof::protos::Profile::decode(body.as_slice()).unwrap()
+}
+
+fn sample_types(profile: &pprof::protos::Profile) -> Vec<&str> {
+    profile
         .sample_type
         .iter()
         .map(|t| profile.string_table[t.ty as usize].as_str())
-        .collect();
-    assert!(types.contains(&"cpu"), "{types:?}");
+        .collect()
+}
 
+#[tokio::test]
+async fn cpuprofile_writes_a_pprof_profile_when_the_worker_stops() {
+    let dir = TempDir::new("worker-cpuprofile");
+    let policies = write_login_policy(dir.path(), "60s");
+    let file = dir.path().join("cpu.prof");
+    run_and_stop(&policies, &["--cpuprofile", &file.display().to_string()]).await;
+    let profile = read_profile(&file);
+    assert!(sample_types(&profile).contains(&"cpu"));
     // A path that cannot be written is refused before the worker starts.
-    let listen = free_addr().to_string();
-    let mut refused = Proc::esper(
-        "worker",
-        &worker_args(
-            &listen,
-            &policies,
-            &["--cpuprofile", "/nonexistent-dir/cpu.prof"],
-        ),
-        &[],
-    );
-    assert_eq!(exit_code(&mut refused).await, Some(1));
-    assert!(
-        refused.log().contains("cannot write the CPU profile"),
-        "{}",
-        refused.log()
-    );
+    let flags = ["--cpuprofile", "/nonexistent-dir/cpu.prof"];
+    refused(&policies, &flags, 1, "cannot write the CPU profile").await;
 }
 
 #[tokio::test]
 async fn memprofile_writes_a_pprof_heap_profile_when_the_worker_stops() {
-    use pprof::protos::Message;
     let dir = TempDir::new("worker-memprofile");
     let policies = write_login_policy(dir.path(), "60s");
     let file = dir.path().join("mem.prof");
-    let listen = free_addr().to_string();
-    let mut worker = Proc::esper(
-        "worker",
-        &worker_args(
-            &listen,
-            &policies,
-            &[
-                "--memprofile",
-                &file.display().to_string(),
-                // Finer than the default, so a worker that only starts is sure to be
-                // sampled.
-                "--memprofile-rate",
-                "4096",
-            ],
-        ),
-        &[],
-    );
-    io_threads(&worker, &listen).await;
-    assert_eq!(worker.terminate(Duration::from_secs(10)), Some(0));
-    let body = std::fs::read(&file).unwrap();
-    let profile = pprof::protos::Profile::decode(body.as_slice()).unwrap();
+    // Finer than the default rate, so a worker that only starts is sure to be sampled.
+    let flags = [
+        "--memprofile",
+        &file.display().to_string(),
+        "--memprofile-rate",
+        "4096",
+    ];
+    run_and_stop(&policies, &flags).await;
+    let profile = read_profile(&file);
     let text = |i: i64| profile.string_table[i as usize].as_str();
-    let types: Vec<&str> = profile.sample_type.iter().map(|t| text(t.ty)).collect();
     assert_eq!(
-        types,
+        sample_types(&profile),
         [
             "alloc_objects",
             "alloc_space",
@@ -213,85 +197,36 @@ async fn memprofile_writes_a_pprof_heap_profile_when_the_worker_stops() {
         .collect();
     assert!(names.iter().any(|n| n.contains("esper")), "{names:?}");
     for sample in &profile.sample {
-        let top = sample
+        let leaf = sample
             .location_id
             .first()
             .map_or(Vec::new(), |id| function(*id));
-        assert!(
-            !top.iter().any(|n| n.contains("memprofile::record")),
-            "{top:?}"
-        );
+        let owner = leaf.last().copied().unwrap_or_default();
+        assert!(!owner.contains("memprofile::"), "{leaf:?}");
     }
-
     // A path that cannot be written is refused before the worker starts.
-    let listen = free_addr().to_string();
-    let mut refused = Proc::esper(
-        "worker",
-        &worker_args(
-            &listen,
-            &policies,
-            &["--memprofile", "/nonexistent-dir/mem.prof"],
-        ),
-        &[],
-    );
-    assert_eq!(exit_code(&mut refused).await, Some(1));
-    assert!(
-        refused.log().contains("cannot write the heap profile"),
-        "{}",
-        refused.log()
-    );
+    let flags = ["--memprofile", "/nonexistent-dir/mem.prof"];
+    refused(&policies, &flags, 1, "cannot write the heap profile").await;
 }
 
 #[tokio::test]
 async fn cpu_and_heap_profiles_are_written_together() {
-    use pprof::protos::Message;
     let dir = TempDir::new("worker-profiles");
     let policies = write_login_policy(dir.path(), "60s");
     let (cpu, heap) = (dir.path().join("cpu.prof"), dir.path().join("mem.prof"));
-    let listen = free_addr().to_string();
-    let mut worker = Proc::esper(
-        "worker",
-        &worker_args(
-            &listen,
-            &policies,
-            &[
-                "--cpuprofile",
-                &cpu.display().to_string(),
-                "--memprofile",
-                &heap.display().to_string(),
-                "--memprofile-rate",
-                "4096",
-            ],
-        ),
-        &[],
-    );
-    io_threads(&worker, &listen).await;
-    assert_eq!(worker.terminate(Duration::from_secs(10)), Some(0));
-    for file in [&cpu, &heap] {
-        let body = std::fs::read(file).unwrap();
-        let profile = pprof::protos::Profile::decode(body.as_slice()).unwrap();
-        assert!(!profile.sample_type.is_empty(), "{}", file.display());
-    }
+    let (cpu_path, heap_path) = (cpu.display().to_string(), heap.display().to_string());
+    let flags = [
+        "--cpuprofile",
+        &cpu_path,
+        "--memprofile",
+        &heap_path,
+        "--memprofile-rate",
+        "4096",
+    ];
+    run_and_stop(&policies, &flags).await;
+    assert!(sample_types(&read_profile(&cpu)).contains(&"cpu"));
+    assert!(sample_types(&read_profile(&heap)).contains(&"inuse_space"));
     // A rate of 0 is one clear line.
-    let listen = free_addr().to_string();
-    let mut refused = Proc::esper(
-        "worker",
-        &worker_args(
-            &listen,
-            &policies,
-            &[
-                "--memprofile",
-                &heap.display().to_string(),
-                "--memprofile-rate",
-                "0",
-            ],
-        ),
-        &[],
-    );
-    assert_eq!(exit_code(&mut refused).await, Some(2));
-    assert!(
-        refused.log().contains("--memprofile-rate"),
-        "{}",
-        refused.log()
-    );
+    let flags = ["--memprofile", &heap_path, "--memprofile-rate", "0"];
+    refused(&policies, &flags, 2, "--memprofile-rate").await;
 }
