@@ -56,25 +56,32 @@ pub struct Sampling<A>(pub A);
 
 // SAFETY: every call goes to `A` unchanged; the recording around it neither touches the
 // memory handed out nor changes what `A` returns.
+//
+// Each method checks `ON` before calling `A`, so with no profile running the call is
+// the method's last act (a tail call): the wrapper then costs the check alone.
 #[allow(unsafe_code)]
 unsafe impl<A: GlobalAlloc> GlobalAlloc for Sampling<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !ON.load(Relaxed) {
+            // SAFETY: the caller's contract, passed on.
+            return unsafe { self.0.alloc(layout) };
+        }
         // SAFETY: the caller's contract, passed on.
         let p = unsafe { self.0.alloc(layout) };
-        if ON.load(Relaxed) {
-            allocated(p, layout.size());
-        }
+        allocated(p, layout.size());
         p
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if !ON.load(Relaxed) {
+            // SAFETY: the caller's contract, passed on.
+            return unsafe { self.0.alloc_zeroed(layout) };
+        }
         // SAFETY: the caller's contract, passed on.
         let p = unsafe { self.0.alloc_zeroed(layout) };
-        if ON.load(Relaxed) {
-            allocated(p, layout.size());
-        }
+        allocated(p, layout.size());
         p
     }
 
@@ -110,7 +117,7 @@ fn bucket(addr: usize) -> usize {
 }
 
 /// Counts `size` bytes allocated at `p` against this thread's sampling gap.
-#[inline]
+#[inline(never)]
 fn allocated(p: *mut u8, size: usize) {
     if p.is_null() {
         return;
@@ -140,7 +147,7 @@ fn allocated(p: *mut u8, size: usize) {
 }
 
 /// Forgets the block at `p` if it was sampled.
-#[inline]
+#[inline(never)]
 fn freed(p: *mut u8) {
     let addr = p as usize;
     if LIVE[bucket(addr)].load(Relaxed) == 0 {
