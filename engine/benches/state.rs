@@ -6,6 +6,9 @@
 //! same decisions as memory; the program exits non-zero when one does not. Figures in
 //! benches/README.md.
 
+// Both helpers load `ports.rs` (a few copies of one function).
+#![allow(clippy::duplicate_mod)]
+
 #[path = "../../brokers/testing/redis_server.rs"]
 mod redis_server;
 

@@ -1,7 +1,8 @@
 //! Helpers shared by the engine's integration tests: real ingestion and mitigation
 //! brokers and an engine worker, each on an ephemeral loopback port, plus events and
 //! polling helpers.
-#![allow(dead_code, clippy::unwrap_used)]
+// `duplicate_mod`: the Redis and PostgreSQL helpers both load `ports.rs`.
+#![allow(dead_code, clippy::unwrap_used, clippy::duplicate_mod)]
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};

@@ -2,6 +2,9 @@
 //! binary, clients bound to distinct loopback addresses, and polling with deadlines.
 
 #![allow(dead_code)]
+// `ports.rs` is loaded by each of the helpers that start servers (they are shared with
+// other crates, which load one of them at most), and here: a few copies of one function.
+#![allow(clippy::duplicate_mod)]
 
 #[path = "../../../server/tests/support/postgres.rs"]
 pub mod postgres;
@@ -9,7 +12,7 @@ pub mod postgres;
 pub mod redis_server;
 
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -20,13 +23,10 @@ pub const TOKEN: &str = "test-admin-token-0123456789";
 /// The broker token every test stack is started with.
 pub const BROKER_TOKEN: &str = "test-broker-token-0123456789";
 
-/// A free TCP port on 127.0.0.1 (bound, read, released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
-}
+#[path = "../../../../brokers/testing/ports.rs"]
+mod ports;
+/// A free TCP port on 127.0.0.1, below the ephemeral range (see `ports.rs`).
+pub use ports::free_port;
 
 /// `127.0.0.1:<free port>`.
 pub fn free_addr() -> SocketAddr {

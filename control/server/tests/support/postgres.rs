@@ -6,7 +6,6 @@
 //! test gets its own database.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -61,13 +60,9 @@ fn command(program: &Path, as_postgres: bool) -> Command {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../../../brokers/testing/ports.rs"]
+mod ports;
+use ports::free_port;
 
 /// The cluster shared by every test of this binary.
 pub fn shared() -> &'static PgServer {
