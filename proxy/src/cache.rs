@@ -88,7 +88,7 @@ pub const MAX_SNAPSHOT_HINT: usize = 20_000_000;
 
 /// A mitigation's id: the 16 bytes of a uuid in its canonical text form (lower case,
 /// hyphenated: what the brokers make), any other id as its text.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum MitigationId {
     Uuid([u8; 16]),
     Text(Arc<str>),
@@ -422,29 +422,6 @@ enum Room {
     Gather(usize),
 }
 
-/// An eviction candidate, ordered by expiry alone.
-struct ByExpiry(i64, MitigationId);
-
-impl PartialEq for ByExpiry {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
-    }
-}
-
-impl Eq for ByExpiry {}
-
-impl PartialOrd for ByExpiry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByExpiry {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.cmp(&other.0)
-    }
-}
-
 fn severity(action: &Action) -> usize {
     usize::from(action.severity()).min(SEVERITIES - 1)
 }
@@ -724,8 +701,9 @@ impl Index {
     fn gather(&self, below: usize, now: i64) -> Victims {
         let batch = (self.limit.0 / 64).clamp(256, 16_384);
         let mut victims = Victims::default();
-        // Max-heaps by expiry of the `batch` soonest seen so far, per severity.
-        let mut soonest: [std::collections::BinaryHeap<ByExpiry>; SEVERITIES] = Default::default();
+        // Max-heaps by expiry (then id) of the `batch` soonest seen so far, per severity.
+        let mut soonest: [std::collections::BinaryHeap<(i64, MitigationId)>; SEVERITIES] =
+            Default::default();
         self.for_each_entry(|e| {
             if e.expires <= now {
                 if victims.expired.len() < batch {
@@ -739,20 +717,15 @@ impl Index {
             }
             let heap = &mut soonest[s];
             if heap.len() < batch {
-                heap.push(ByExpiry(e.expires, e.id.clone()));
+                heap.push((e.expires, e.id.clone()));
             } else if heap.peek().is_some_and(|top| e.expires < top.0) {
                 heap.pop();
-                heap.push(ByExpiry(e.expires, e.id.clone()));
+                heap.push((e.expires, e.id.clone()));
             }
         });
         for (heap, out) in soonest.into_iter().zip(&mut victims.by_severity) {
             // Ascending by expiry; taken from the end, so reversed.
-            *out = heap
-                .into_sorted_vec()
-                .into_iter()
-                .rev()
-                .map(|c| (c.0, c.1))
-                .collect();
+            *out = heap.into_sorted_vec().into_iter().rev().collect();
         }
         victims
     }
@@ -1164,7 +1137,7 @@ impl MitigationCache {
                     let victims = self.index.read().gather(below, nanos(now));
                     self.index.write().victims = victims;
                 }
-                None if held_back.is_none() && changes.len() == 0 => break,
+                None if changes.len() == 0 => break,
                 None => {}
             }
         }
