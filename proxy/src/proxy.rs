@@ -274,7 +274,7 @@ impl EsperProxy {
         };
         match result {
             Ok(clearance) => {
-                let cookie = set_cookie(&clearance, is_tls(session));
+                let cookie = set_cookie(&clearance, client_https(session, ctx.peer_trusted));
                 if wants_json(session) {
                     let body = serde_json::json!({
                         "cleared": true,
@@ -376,6 +376,11 @@ fn drop_untrusted(request: &mut pingora::http::RequestHeader, name: &HeaderName,
     }
 }
 
+/// Whether a forwarded scheme is one this proxy would pass on: `http` or `https`, alone.
+fn scheme_token(v: &[u8]) -> bool {
+    v.eq_ignore_ascii_case(b"https") || v.eq_ignore_ascii_case(b"http")
+}
+
 /// An address as a header value, formatted on the stack.
 fn ip_header(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(esper_protocol::format_ip(&ip).as_bytes())
@@ -404,6 +409,18 @@ fn user_agent(session: &Session) -> String {
 
 fn is_tls(session: &Session) -> bool {
     session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// Whether the client speaks HTTPS: to this proxy, or to a trusted balancer in front that
+/// says so in `X-Forwarded-Proto`.
+fn client_https(session: &Session, trusted: bool) -> bool {
+    is_tls(session)
+        || (trusted
+            && session
+                .req_header()
+                .headers
+                .get(&X_FORWARDED_PROTO_NAME)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(HTTPS.as_bytes())))
 }
 
 fn unix_now() -> u64 {
@@ -772,8 +789,19 @@ impl ProxyHttp for EsperProxy {
         }
         drop_untrusted(upstream_request, &FORWARDED, ctx.keep_forwarded);
         if forward.proto {
-            let proto = if is_tls(session) { HTTPS } else { HTTP };
-            upstream_request.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
+            // Behind a trusted balancer that terminates TLS, the client's scheme is the
+            // balancer's to tell: replacing its `https` with this hop's `http` would send
+            // the app into redirect loops and insecure cookies.
+            let told = trusted
+                && upstream_request
+                    .headers
+                    .get(&X_FORWARDED_PROTO_NAME)
+                    .is_some_and(|v| scheme_token(v.as_bytes()));
+            if !told {
+                let proto = if is_tls(session) { HTTPS } else { HTTP };
+                upstream_request
+                    .insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
+            }
         } else {
             drop_untrusted(upstream_request, &X_FORWARDED_PROTO_NAME, trusted);
         }

@@ -441,3 +441,38 @@ async fn headless_chromium_solves_the_challenge_and_reaches_the_app() {
     );
     proxy.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn behind_a_trusted_tls_balancer_the_clearance_cookie_is_secure() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.challenge_secret = Some(SECRET.into());
+    cfg.trusted_proxies = vec!["127.0.0.70/32".parse().unwrap()];
+    let proxy = start_proxy(cfg).await;
+    broker
+        .publish(
+            "cidr:127.0.0.0/24",
+            Action::Challenge { difficulty: 4 },
+            TTL,
+        )
+        .await;
+    // The balancer terminated TLS and says so; a client's own claim counts for nothing.
+    for (from, secure) in [("127.0.0.70", true), ("127.0.0.71", false)] {
+        let body = json_challenge(&proxy, from).await;
+        let token = body["challenge"]["token"].as_str().unwrap();
+        let resp = client_from(from)
+            .post(format!("{}/.esper/challenge", proxy.url))
+            .header("accept", "application/json")
+            .header("user-agent", UA)
+            .header("x-forwarded-proto", "https")
+            .form(&[("token", token), ("nonce", solve(token, 4).as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{from}");
+        let set = resp.headers()["set-cookie"].to_str().unwrap();
+        assert_eq!(set.contains("; Secure"), secure, "{from}: {set}");
+    }
+    proxy.stop().await.unwrap();
+}

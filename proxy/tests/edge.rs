@@ -106,6 +106,36 @@ async fn forwarded_headers_count_only_from_trusted_proxies() {
 }
 
 #[tokio::test]
+async fn a_trusted_balancer_tells_the_client_scheme() {
+    let up = upstream().await;
+    let mut cfg = config(up.addr, &dead_url(), &dead_url());
+    cfg.trusted_proxies = nets(&["127.0.0.10/32"]);
+    let proxy = start_proxy(cfg).await;
+    let proto_seen = |from: &'static str, sent: Option<&'static str>| {
+        let url = format!("{}/", proxy.url);
+        let up = &up;
+        async move {
+            let mut req = client_from(from).get(url);
+            if let Some(p) = sent {
+                req = req.header("x-forwarded-proto", p);
+            }
+            assert_eq!(req.send().await.unwrap().status(), 200);
+            up.last_header("x-forwarded-proto")
+        }
+    };
+    // A balancer that terminated TLS says `https`, and the app must hear it.
+    assert_eq!(proto_seen("127.0.0.10", Some("https")).await, "https");
+    assert_eq!(proto_seen("127.0.0.10", Some("HTTP")).await, "HTTP");
+    // Nothing said, or something that is not one scheme: this hop's.
+    assert_eq!(proto_seen("127.0.0.10", None).await, "http");
+    assert_eq!(proto_seen("127.0.0.10", Some("https, http")).await, "http");
+    assert_eq!(proto_seen("127.0.0.10", Some("gopher")).await, "http");
+    // A client's own claim is replaced.
+    assert_eq!(proto_seen("127.0.0.11", Some("https")).await, "http");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn forward_headers_left_out_are_not_added_and_not_spoofable() {
     let up = upstream().await;
     let mut cfg = config(up.addr, &dead_url(), &dead_url());
