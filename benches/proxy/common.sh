@@ -71,4 +71,13 @@ http {
     }
 }
 CONF
+    wait_port 127.0.0.1:18098
+}
+
+# The arguments after the first in an order shuffled by the seed $1: a different order
+# in each repetition (the same on every rerun), so no target always follows the same
+# neighbour or comes at the same point of a repetition.
+shuffled() {
+    python3 -c 'import random, sys
+t = sys.argv[2:]; random.Random(int(sys.argv[1])).shuffle(t); print(*t)' "$@"
 }

@@ -105,6 +105,13 @@ ticks() {
     echo "$total"
 }
 
+# CPU time of processes in nanoseconds (every thread's run time from schedstat): exact
+# where utime and stime are counted in clock ticks, so short runs at a low rate can use it.
+cpu_ns() {
+    local p
+    for p in "$@"; do cat "/proc/$p/task/"*/schedstat 2>/dev/null || true; done | awk '{n += $1} END {print n + 0}'
+}
+
 measure() { # NAME PORT PIDS...
     local name=$1 port=$2
     shift 2
@@ -126,6 +133,12 @@ measure() { # NAME PORT PIDS...
     echo "$name,$rps,$p50,$p99,$cpu_us" | tee -a "$WORK/results.csv"
 }
 
+# Events dropped by the esper-proxy whose ops port is $1 (a proxy that drops events does
+# less work than one that delivers them, so a run where one dropped any is refused).
+dropped() {
+    curl -s "http://127.0.0.1:$1/metrics" | awk '/^esper_proxy_events_dropped_total/ {n += $2} END {print n + 0}'
+}
+
 throughput() {
     DURATION=${1:-10}
     local reps=${2:-3}
@@ -141,16 +154,24 @@ throughput() {
     PIDS+=($!)
     local bare_mi=$!
     start_brokers
-    esper_proxy 18084 18094 http://127.0.0.1:18091
+    # The esper targets post their events to a sink that answers 202 without reading them
+    # (as the broker answers), not to the ingestion broker: with nothing claiming, the
+    # broker's queue (1,000,000 items) fills within one repetition and then refuses
+    # batches, which the proxy drops, doing less work than one whose events are taken;
+    # and the broker's parsing of every batch would be load on these two shared cores
+    # that a broker on its own host does not put on the proxy's.
+    start_event_sink
+    local sink=http://127.0.0.1:18098
+    esper_proxy 18084 18094 http://127.0.0.1:18091 $sink
     local empty=$!
     echo "loading 1,000,000 + 100,000 mitigations..."
     "$BIN/load-mitigations" http://127.0.0.1:18092 1000000 100000 1000 >"$WORK/loader.log" 2>&1 &
     PIDS+=($!)
     until grep -q loaded "$WORK/loader.log"; do sleep 1; done
-    esper_proxy 18085 18095 http://127.0.0.1:18092
+    esper_proxy 18085 18095 http://127.0.0.1:18092 $sink
     local loaded=$!
     # The same work as the pass-through baselines, which add no headers.
-    ESPER_FORWARD_HEADERS=none esper_proxy 18088 18089 http://127.0.0.1:18091
+    ESPER_FORWARD_HEADERS=none esper_proxy 18088 18089 http://127.0.0.1:18091 $sink
     local no_headers=$!
     wait_port 127.0.0.1:18083
     wait_port 127.0.0.1:18086
@@ -162,53 +183,38 @@ throughput() {
         sleep 1
     done
     local up_workers np_workers
-    up_workers=$(pgrep -f "nginx: worker" | tr '\n' ' ')
-    echo "target,req_per_s,p50,p99,cpu_us_per_req" | tee "$WORK/results.csv"
+    up_workers=$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | tr '\n' ' ')
     np_workers=$(pgrep -P "$NGINX_PROXY" | tr '\n' ' ')
-    for _ in $(seq 1 "$reps"); do
-        # shellcheck disable=SC2086
-        measure direct 18080 $(pgrep -P "$(cat "$WORK/up/nginx.pid")")
-        measure bare-pingora 18083 "$bare"
-        measure bare-pingora-mimalloc 18086 "$bare_mi"
-        measure esper-empty 18084 "$empty"
-        measure esper-loaded 18085 "$loaded"
-        measure esper-no-headers 18088 "$no_headers"
-        # shellcheck disable=SC2086
-        measure nginx 18081 $np_workers
-        measure haproxy 18082 "$HAPROXY"
+    echo "target,req_per_s,p50,p99,cpu_us_per_req" | tee "$WORK/results.csv"
+    local rep target
+    for rep in $(seq 1 "$reps"); do
+        # shellcheck disable=SC2046
+        for target in $(shuffled "$rep" direct bare-pingora bare-pingora-mimalloc esper-empty \
+            esper-loaded esper-no-headers nginx haproxy); do
+            case $target in
+            # shellcheck disable=SC2086
+            direct) measure direct 18080 $up_workers ;;
+            bare-pingora) measure bare-pingora 18083 "$bare" ;;
+            bare-pingora-mimalloc) measure bare-pingora-mimalloc 18086 "$bare_mi" ;;
+            esper-empty) measure esper-empty 18084 "$empty" ;;
+            esper-loaded) measure esper-loaded 18085 "$loaded" ;;
+            esper-no-headers) measure esper-no-headers 18088 "$no_headers" ;;
+            # shellcheck disable=SC2086
+            nginx) measure nginx 18081 $np_workers ;;
+            haproxy) measure haproxy 18082 "$HAPROXY" ;;
+            esac
+        done
     done
-    : "$up_workers"
+    local ops
+    for ops in 18094 18095 18089; do
+        if [ "$(dropped $ops)" != 0 ]; then
+            echo "the esper-proxy with ops port $ops dropped events: its figures are not comparable" >&2
+            exit 1
+        fi
+    done
     echo
-    echo "medians:"
-    python3 - "$WORK/results.csv" <<'PY'
-import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-def us(v):
-    v = v.strip()
-    for suf, f in (("us", 1), ("ms", 1000), ("s", 1e6)):
-        if v.endswith(suf):
-            return float(v[: -len(suf)]) * f
-    return float(v)
-by = {}
-for r in rows:
-    by.setdefault(r["target"], []).append(r)
-med = {}
-for t, rs in by.items():
-    med[t] = {
-        "rps": statistics.median(float(r["req_per_s"]) for r in rs),
-        "p50": statistics.median(us(r["p50"]) for r in rs),
-        "p99": statistics.median(us(r["p99"]) for r in rs),
-        "cpu": statistics.median(float(r["cpu_us_per_req"]) for r in rs),
-    }
-base = med["bare-pingora"]
-mi = med["bare-pingora-mimalloc"]
-print("| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs bare Pingora | CPU vs bare Pingora | CPU vs bare Pingora (mimalloc) | CPU vs nginx |")
-print("|---|---|---|---|---|---|---|---|---|")
-for t, m in med.items():
-    print(f"| {t} | {m['rps']:.0f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['cpu']:.1f} | "
-          f"{m['rps'] / base['rps']:.2f} | {m['cpu'] / base['cpu']:.2f} | {m['cpu'] / mi['cpu']:.2f} | "
-          f"{m['cpu'] / med['nginx']['cpu']:.2f} |")
-PY
+    echo "medians, and CPU per request paired with bare Pingora's by repetition:"
+    python3 "$ROOT/benches/proxy/summary.py" throughput "$WORK/results.csv"
 }
 
 # Time to mitigate: through `esper dev` with its default settings, a fresh client address
@@ -310,65 +316,48 @@ latency() {
     start_haproxy
     "$BIN/bare-pingora" 127.0.0.1:18083 "$UP" 1 >/dev/null 2>&1 &
     PIDS+=($!)
+    local bare=$!
     "$BIN/bare-pingora-mimalloc" 127.0.0.1:18086 "$UP" 1 >/dev/null 2>&1 &
     PIDS+=($!)
+    local bare_mi=$!
     start_brokers
     esper_proxy 18084 18094 http://127.0.0.1:18091
+    local empty=$!
     # The same proxy posting its events to a sink that takes them without parsing: the
     # ingestion broker shares this machine's two cores, and parsing every batch is load
     # that a broker elsewhere would not put on the proxy's host.
     start_event_sink
     esper_proxy 18087 18097 http://127.0.0.1:18091 http://127.0.0.1:18098
-    ESPER_FORWARD_HEADERS=none esper_proxy 18088 18089 http://127.0.0.1:18091
+    local sink=$!
+    ESPER_FORWARD_HEADERS=none esper_proxy 18088 18089 http://127.0.0.1:18091 http://127.0.0.1:18098
+    local no_headers=$!
     wait_port 127.0.0.1:18088
     wait_port 127.0.0.1:18083
     wait_port 127.0.0.1:18086
     wait_port 127.0.0.1:18084
     wait_port 127.0.0.1:18087
-    echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us" | tee "$WORK/latency.csv"
-    local target port rep
-    local targets=(direct:18080 bare-pingora:18083 bare-pingora-mimalloc:18086
-        esper-empty:18084 esper-event-sink:18087 esper-no-headers:18088 nginx:18081
-        haproxy:18082)
+    echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us,cpu_us_per_req" | tee "$WORK/latency.csv"
+    local target port rep pids before out
+    # name:port:pids (comma-separated: the processes whose CPU time is the target's)
+    local targets=(
+        "direct:18080:$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | paste -sd,)"
+        "bare-pingora:18083:$bare" "bare-pingora-mimalloc:18086:$bare_mi"
+        "esper-empty:18084:$empty" "esper-event-sink:18087:$sink" "esper-no-headers:18088:$no_headers"
+        "nginx:18081:$(pgrep -P "$NGINX_PROXY" | paste -sd,)" "haproxy:18082:$HAPROXY")
     for rep in $(seq 1 "$reps"); do
-        # A different order in each repetition (the same on every rerun), so no target
-        # always follows the same neighbour or comes at the same point of a repetition.
-        for target in $(python3 -c 'import random, sys
-t = sys.argv[2:]; random.Random(int(sys.argv[1])).shuffle(t); print(*t)' "$rep" "${targets[@]}"); do
-            port=${target#*:}
-            echo "${target%%:*},$("$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" "$secs" 20)" |
-                tee -a "$WORK/latency.csv"
+        for target in $(shuffled "$rep" "${targets[@]}"); do
+            IFS=: read -r name port pids <<<"$target"
+            # shellcheck disable=SC2086
+            before=$(cpu_ns ${pids//,/ })
+            out=$("$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" "$secs" 20)
+            # shellcheck disable=SC2086
+            echo "$name,$out,$(awk -v t=$(($(cpu_ns ${pids//,/ }) - before)) -v n="${out%%,*}" \
+                'BEGIN { printf "%.2f", t / 1000 / n }')" | tee -a "$WORK/latency.csv"
         done
     done
     echo
     echo "medians at $rate requests/s:"
-    python3 - "$WORK/latency.csv" <<'PY'
-import csv, random, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-by = {}
-for r in rows:
-    by.setdefault(r["target"], []).append(r)
-med = {t: {k: statistics.median(float(r[k]) for r in rs) for k in ("p50_us", "p90_us", "p99_us", "p999_us")}
-       for t, rs in by.items()}
-base = med["bare-pingora"]
-# Paired by repetition: the i-th run of a target against the i-th run of bare Pingora,
-# moments apart, so the machine's slow drifts cancel out. The interval is a bootstrap
-# of the median difference (fixed seed, so a rerun on the same data prints the same).
-rng = random.Random(1)
-def paired(t):
-    d = [float(a["p99_us"]) - float(b["p99_us"]) for a, b in zip(by[t], by["bare-pingora"])]
-    boots = sorted(statistics.median(rng.choices(d, k=len(d))) for _ in range(2000))
-    return statistics.median(d), boots[100], boots[1899]
-print("| target | p50 µs | p90 µs | p99 µs | p99.9 µs | p99 − bare Pingora's, µs (medians) "
-      "| paired p99 difference, µs: median [90% interval] |")
-print("|---|---|---|---|---|---|---|")
-canonical = ["direct", "bare-pingora", "bare-pingora-mimalloc", "esper-empty",
-             "esper-event-sink", "esper-no-headers", "nginx", "haproxy"]
-for t, m in sorted(med.items(), key=lambda kv: canonical.index(kv[0]) if kv[0] in canonical else 99):
-    mid, lo, hi = paired(t)
-    print(f"| {t} | {m['p50_us']:.0f} | {m['p90_us']:.0f} | {m['p99_us']:.0f} | {m['p999_us']:.0f} | "
-          f"{m['p99_us'] - base['p99_us']:+.0f} | {mid:+.0f} [{lo:+.0f}, {hi:+.0f}] |")
-PY
+    python3 "$ROOT/benches/proxy/summary.py" latency "$WORK/latency.csv"
 }
 
 case "${1:-}" in
