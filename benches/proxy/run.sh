@@ -109,7 +109,7 @@ ticks() {
 # where utime and stime are counted in clock ticks, so short runs at a low rate can use it.
 cpu_ns() {
     local p
-    for p in "$@"; do cat "/proc/$p/task/"*/schedstat 2>/dev/null || true; done | awk '{n += $1} END {print n + 0}'
+    for p in "$@"; do cat "/proc/$p/task/"*/schedstat 2>/dev/null || true; done | awk '{n += $1} END {printf "%.0f\n", n}'
 }
 
 measure() { # NAME PORT PIDS...
