@@ -285,7 +285,8 @@ pub struct Config {
     /// or `forwarded`; the other is not read (`ESPER_REAL_IP_HEADER`, `--real-ip-header`).
     pub real_ip_header: RealIpHeader,
     /// Headers added to what is forwarded: `x-forwarded-for` (the client chain, kept
-    /// only from trusted hops), `x-forwarded-proto`, `x-real-ip` (the client),
+    /// only from trusted hops), `x-forwarded-proto` (a trusted hop's `http`/`https`
+    /// kept, so a balancer that terminated TLS is heard), `x-real-ip` (the client),
     /// `x-request-id` (to the upstream request when the client sent no usable one, and
     /// to the response). All four by default. An address header left out is not added,
     /// and a client's own copy from an untrusted peer is still removed, so the app never
