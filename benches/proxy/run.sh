@@ -182,27 +182,19 @@ throughput() {
     until curl -s http://127.0.0.1:18095/metrics | awk '/^esper_proxy_cache_entries / {exit !($2 >= 1100000)}'; do
         sleep 1
     done
-    local up_workers np_workers
-    up_workers=$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | tr '\n' ' ')
-    np_workers=$(pgrep -P "$NGINX_PROXY" | tr '\n' ' ')
     echo "target,req_per_s,p50,p99,cpu_us_per_req" | tee "$WORK/results.csv"
-    local rep target
+    local target name port pids rep
+    # name:port:pids (comma-separated: the processes whose CPU time is the target's)
+    local targets=(
+        "direct:18080:$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | paste -sd,)"
+        "bare-pingora:18083:$bare" "bare-pingora-mimalloc:18086:$bare_mi"
+        "esper-empty:18084:$empty" "esper-loaded:18085:$loaded" "esper-no-headers:18088:$no_headers"
+        "nginx:18081:$(pgrep -P "$NGINX_PROXY" | paste -sd,)" "haproxy:18082:$HAPROXY")
     for rep in $(seq 1 "$reps"); do
-        # shellcheck disable=SC2046
-        for target in $(shuffled "$rep" direct bare-pingora bare-pingora-mimalloc esper-empty \
-            esper-loaded esper-no-headers nginx haproxy); do
-            case $target in
+        for target in $(shuffled "$rep" "${targets[@]}"); do
+            IFS=: read -r name port pids <<<"$target"
             # shellcheck disable=SC2086
-            direct) measure direct 18080 $up_workers ;;
-            bare-pingora) measure bare-pingora 18083 "$bare" ;;
-            bare-pingora-mimalloc) measure bare-pingora-mimalloc 18086 "$bare_mi" ;;
-            esper-empty) measure esper-empty 18084 "$empty" ;;
-            esper-loaded) measure esper-loaded 18085 "$loaded" ;;
-            esper-no-headers) measure esper-no-headers 18088 "$no_headers" ;;
-            # shellcheck disable=SC2086
-            nginx) measure nginx 18081 $np_workers ;;
-            haproxy) measure haproxy 18082 "$HAPROXY" ;;
-            esac
+            measure "$name" "$port" ${pids//,/ }
         done
     done
     local ops
@@ -337,7 +329,7 @@ latency() {
     wait_port 127.0.0.1:18084
     wait_port 127.0.0.1:18087
     echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us,cpu_us_per_req" | tee "$WORK/latency.csv"
-    local target port rep pids before out
+    local target name port rep pids before out
     # name:port:pids (comma-separated: the processes whose CPU time is the target's)
     local targets=(
         "direct:18080:$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | paste -sd,)"
