@@ -139,21 +139,39 @@ dropped() {
     curl -s "http://127.0.0.1:$1/metrics" | awk '/^esper_proxy_events_dropped_total/ {n += $2} END {print n + 0}'
 }
 
-throughput() {
-    DURATION=${1:-10}
-    local reps=${2:-3}
-    need nginx haproxy wrk curl
-    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
+# The targets that are not esper-proxy (the upstream, both bare Pingoras, nginx, HAProxy)
+# and the brokers; the bare Pingoras' pids are left in BARE and BARE_MI.
+start_baselines() {
     start_upstream
     start_nginx_proxy
     start_haproxy
     "$BIN/bare-pingora" 127.0.0.1:18083 "$UP" 1 >/dev/null 2>&1 &
     PIDS+=($!)
-    local bare=$!
+    BARE=$!
     "$BIN/bare-pingora-mimalloc" 127.0.0.1:18086 "$UP" 1 >/dev/null 2>&1 &
     PIDS+=($!)
-    local bare_mi=$!
+    BARE_MI=$!
     start_brokers
+    wait_port 127.0.0.1:18083
+    wait_port 127.0.0.1:18086
+}
+
+# Those targets as name:port:pids (pids comma-separated: the processes whose CPU time is
+# the target's), one per line.
+baseline_targets() {
+    echo "direct:18080:$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | paste -sd,)"
+    echo "bare-pingora:18083:$BARE"
+    echo "bare-pingora-mimalloc:18086:$BARE_MI"
+    echo "nginx:18081:$(pgrep -P "$NGINX_PROXY" | paste -sd,)"
+    echo "haproxy:18082:$HAPROXY"
+}
+
+throughput() {
+    DURATION=${1:-10}
+    local reps=${2:-3}
+    need nginx haproxy wrk curl
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
+    start_baselines
     # The esper targets post their events to a sink that answers 202 without reading them
     # (as the broker answers), not to the ingestion broker: with nothing claiming, the
     # broker's queue (1,000,000 items) fills within one repetition and then refuses
@@ -173,8 +191,6 @@ throughput() {
     # The same work as the pass-through baselines, which add no headers.
     ESPER_FORWARD_HEADERS=none esper_proxy 18088 18089 http://127.0.0.1:18091 $sink
     local no_headers=$!
-    wait_port 127.0.0.1:18083
-    wait_port 127.0.0.1:18086
     wait_port 127.0.0.1:18084
     wait_port 127.0.0.1:18085
     wait_port 127.0.0.1:18088
@@ -184,12 +200,9 @@ throughput() {
     done
     echo "target,req_per_s,p50,p99,cpu_us_per_req" | tee "$WORK/results.csv"
     local target name port pids rep
-    # name:port:pids (comma-separated: the processes whose CPU time is the target's)
-    local targets=(
-        "direct:18080:$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | paste -sd,)"
-        "bare-pingora:18083:$bare" "bare-pingora-mimalloc:18086:$bare_mi"
-        "esper-empty:18084:$empty" "esper-loaded:18085:$loaded" "esper-no-headers:18088:$no_headers"
-        "nginx:18081:$(pgrep -P "$NGINX_PROXY" | paste -sd,)" "haproxy:18082:$HAPROXY")
+    local targets
+    mapfile -t targets < <(baseline_targets)
+    targets+=("esper-empty:18084:$empty" "esper-loaded:18085:$loaded" "esper-no-headers:18088:$no_headers")
     for rep in $(seq 1 "$reps"); do
         for target in $(shuffled "$rep" "${targets[@]}"); do
             IFS=: read -r name port pids <<<"$target"
@@ -303,16 +316,7 @@ latency() {
     local rate=${1:-5000} secs=${2:-10} reps=${3:-3}
     need nginx haproxy curl
     (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
-    start_upstream
-    start_nginx_proxy
-    start_haproxy
-    "$BIN/bare-pingora" 127.0.0.1:18083 "$UP" 1 >/dev/null 2>&1 &
-    PIDS+=($!)
-    local bare=$!
-    "$BIN/bare-pingora-mimalloc" 127.0.0.1:18086 "$UP" 1 >/dev/null 2>&1 &
-    PIDS+=($!)
-    local bare_mi=$!
-    start_brokers
+    start_baselines
     esper_proxy 18084 18094 http://127.0.0.1:18091
     local empty=$!
     # The same proxy posting its events to a sink that takes them without parsing: the
@@ -324,18 +328,13 @@ latency() {
     ESPER_FORWARD_HEADERS=none esper_proxy 18088 18089 http://127.0.0.1:18091 http://127.0.0.1:18098
     local no_headers=$!
     wait_port 127.0.0.1:18088
-    wait_port 127.0.0.1:18083
-    wait_port 127.0.0.1:18086
     wait_port 127.0.0.1:18084
     wait_port 127.0.0.1:18087
     echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us,cpu_us_per_req" | tee "$WORK/latency.csv"
     local target name port rep pids before out
-    # name:port:pids (comma-separated: the processes whose CPU time is the target's)
-    local targets=(
-        "direct:18080:$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | paste -sd,)"
-        "bare-pingora:18083:$bare" "bare-pingora-mimalloc:18086:$bare_mi"
-        "esper-empty:18084:$empty" "esper-event-sink:18087:$sink" "esper-no-headers:18088:$no_headers"
-        "nginx:18081:$(pgrep -P "$NGINX_PROXY" | paste -sd,)" "haproxy:18082:$HAPROXY")
+    local targets
+    mapfile -t targets < <(baseline_targets)
+    targets+=("esper-empty:18084:$empty" "esper-event-sink:18087:$sink" "esper-no-headers:18088:$no_headers")
     for rep in $(seq 1 "$reps"); do
         for target in $(shuffled "$rep" "${targets[@]}"); do
             IFS=: read -r name port pids <<<"$target"
