@@ -1,18 +1,24 @@
 //! The apps behind the proxy: which app a request is for (by Host, then the longest
 //! path prefix), and each app's upstream pool, balanced round robin by Pingora's load
 //! balancer and kept honest by an active health check running on our runtime.
+//!
+//! What the health checks found outlives the pool: an app rebuilt by a reload, or
+//! because its upstream names now resolve to other addresses, joins the health registry
+//! of the app it replaces (same name and same checks), so an upstream found down stays
+//! out of the new pool instead of taking traffic until the next check.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use pingora::lb::discovery::Static;
 use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
 use pingora::lb::selection::RoundRobin;
-use pingora::lb::{Backend, Backends, LoadBalancer};
+use pingora::lb::{Backend, Backends, HealthRegistry, LoadBalancer};
 use pingora::prelude::HttpPeer;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::config::{AppConfig, split_host_port};
 use crate::respond::Templates;
@@ -32,15 +38,15 @@ pub struct App {
     tls: bool,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    pool: Arc<LoadBalancer<RoundRobin>>,
+    pool: LoadBalancer<RoundRobin>,
     upstreams: usize,
     /// The peer of an app with a single upstream, which needs no balancing.
     only: Option<HttpPeer>,
     /// Upstreams given by host name, with the addresses each resolved to.
     resolved: Vec<(String, Vec<SocketAddr>)>,
-    /// Dropping the app (after a reload, once its last request is done) ends its
-    /// health check loop.
-    _stop: watch::Sender<()>,
+    /// The health checks this app shares with the generations of it before and after
+    /// (`None` with `health_check = "none"`).
+    _checked: Option<Arc<Checked>>,
 }
 
 impl std::fmt::Debug for App {
@@ -74,6 +80,83 @@ async fn resolve(upstream: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(addrs)
 }
 
+/// What makes two generations of an app share their health checks: the same app with
+/// the same checks.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CheckKey {
+    app: String,
+    check: String,
+    host: String,
+    tls: bool,
+    interval: Duration,
+}
+
+/// One app's health checks: the registry every generation of its pool joins, and the
+/// loop probing it, which ends when the last generation holding this is dropped (after
+/// a reload, once its last request is done).
+struct Checked {
+    registry: Arc<HealthRegistry>,
+    /// Backends a probe pass has been asked for, to know when a new generation brings
+    /// one that was never checked.
+    known: Mutex<BTreeSet<Backend>>,
+    /// Asks the loop for a pass now rather than after its interval.
+    now: Arc<Notify>,
+    _stop: watch::Sender<()>,
+}
+
+/// The health checks of the apps in force, by app, so a rebuilt app keeps what they
+/// found.
+#[derive(Default)]
+pub struct HealthKeeper {
+    apps: Mutex<HashMap<CheckKey, Weak<Checked>>>,
+}
+
+impl HealthKeeper {
+    /// The checks for `key`: those in force if some generation of the app still holds
+    /// them, else new ones with their loop started on the current runtime.
+    fn checks(&self, key: CheckKey) -> Arc<Checked> {
+        let mut apps = self.apps.lock();
+        apps.retain(|_, checked| checked.strong_count() > 0);
+        if let Some(checked) = apps.get(&key).and_then(Weak::upgrade) {
+            return checked;
+        }
+        let registry = Arc::new(HealthRegistry::new());
+        registry.set_health_check(health_check(&key.check, &key.host, key.tls));
+        let now = Arc::new(Notify::new());
+        let (stop, stopped) = watch::channel(());
+        tokio::spawn(health_loop(
+            key.app.clone(),
+            registry.clone(),
+            key.interval,
+            now.clone(),
+            stopped,
+        ));
+        let checked = Arc::new(Checked {
+            registry,
+            known: Mutex::new(BTreeSet::new()),
+            now,
+            _stop: stop,
+        });
+        apps.insert(key, Arc::downgrade(&checked));
+        checked
+    }
+}
+
+impl Checked {
+    /// Notes the backends of a new generation; one never checked gets a pass now.
+    fn joined_by(&self, backends: &BTreeSet<Backend>) {
+        let mut known = self.known.lock();
+        let unchecked = !backends.is_subset(&known);
+        // Only the latest membership: addresses come and go with DNS answers.
+        known.clone_from(backends);
+        drop(known);
+        if unchecked {
+            // A stored permit: the loop takes it when it next waits.
+            self.now.notify_one();
+        }
+    }
+}
+
 /// Settings every app shares.
 pub struct Shared {
     pub sample_rate: f64,
@@ -83,8 +166,13 @@ pub struct Shared {
 }
 
 impl App {
-    /// Resolves the upstreams and starts the health check loop on the current runtime.
-    pub async fn build(cfg: &AppConfig, shared: &Shared) -> Result<App, String> {
+    /// Resolves the upstreams and joins the app's health checks in `health` (starting
+    /// them on the current runtime if no earlier generation of the app left any).
+    pub async fn build(
+        cfg: &AppConfig,
+        shared: &Shared,
+        health: &HealthKeeper,
+    ) -> Result<App, String> {
         let mut backends = BTreeSet::new();
         let mut resolved = Vec::new();
         for u in &cfg.upstreams {
@@ -113,30 +201,36 @@ impl App {
             ),
             _ => None,
         };
-        let mut pool =
-            LoadBalancer::<RoundRobin>::from_backends(Backends::new(Static::new(backends)));
-        pool.update().await.map_err(|e| e.to_string())?;
-        let checked = cfg.health_check != "none";
-        if checked {
+        let checked = (cfg.health_check != "none").then(|| {
             let host = cfg
                 .upstreams
                 .first()
                 .and_then(|u| split_host_port(u).ok())
                 .map_or("localhost", |(h, _)| h);
-            pool.set_health_check(health_check(&cfg.health_check, host, cfg.upstream_tls));
+            health.checks(CheckKey {
+                app: cfg.name.clone(),
+                check: cfg.health_check.clone(),
+                host: host.to_string(),
+                tls: cfg.upstream_tls,
+                interval: cfg.health_check_interval,
+            })
+        });
+        let members = checked.as_ref().map(|_| backends.clone());
+        let discovery = Static::new(backends);
+        let backends = match &checked {
+            Some(checked) => {
+                Backends::new_with_health_registry(discovery, checked.registry.clone())
+            }
+            None => Backends::new(discovery),
+        };
+        let pool = LoadBalancer::<RoundRobin>::from_backends(backends);
+        pool.update().await.map_err(|e| e.to_string())?;
+        // After the update, so a pass asked for now sees the new members.
+        if let (Some(checked), Some(members)) = (&checked, &members) {
+            checked.joined_by(members);
         }
         let templates_dir = cfg.templates_dir.as_ref().or(shared.templates_dir.as_ref());
         let templates = Templates::load(templates_dir.map(|p| p.as_path()))?;
-        let pool = Arc::new(pool);
-        let (stop, stopped) = watch::channel(());
-        if checked {
-            tokio::spawn(health_loop(
-                cfg.name.clone(),
-                pool.clone(),
-                cfg.health_check_interval,
-                stopped,
-            ));
-        }
         Ok(App {
             name: cfg.name.clone(),
             sample_rate: cfg.sample_rate.unwrap_or(shared.sample_rate),
@@ -148,7 +242,7 @@ impl App {
             upstreams,
             only,
             resolved,
-            _stop: stop,
+            _checked: checked,
         })
     }
 
@@ -245,23 +339,23 @@ fn health_check(
 
 async fn health_loop(
     app: String,
-    pool: Arc<LoadBalancer<RoundRobin>>,
+    registry: Arc<HealthRegistry>,
     interval: Duration,
+    now: Arc<Notify>,
     mut stop: watch::Receiver<()>,
 ) {
     loop {
         tokio::select! {
-            _ = pool.backends().run_health_check(true) => {}
-            _ = stop.changed() => return,
+            _ = registry.run_health_check(true) => {}
+            _ = stop.changed() => break,
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            _ = stop.changed() => {
-                tracing::debug!(app, "health checks stopped");
-                return;
-            }
+            _ = now.notified() => {}
+            _ = stop.changed() => break,
         }
     }
+    tracing::debug!(app, "health checks stopped");
 }
 
 /// Which hosts a route matches.

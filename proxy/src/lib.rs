@@ -49,7 +49,7 @@ pub use cache::MitigationCache;
 pub use config::{AppConfig, Args, CertConfig, Config};
 pub use metrics::{DropReason, Metrics};
 
-use crate::apps::App;
+use crate::apps::{App, HealthKeeper};
 use crate::challenge::Challenger;
 use crate::enforce::Enforcer;
 use crate::forwarder::Forwarder;
@@ -193,6 +193,8 @@ pub struct Reloader {
     /// The two sources of the configuration in force; held through a reload, so reloads
     /// apply one at a time.
     layers: Arc<tokio::sync::Mutex<Layers>>,
+    /// The apps' health checks, joined by each app's next generation.
+    health: Arc<HealthKeeper>,
 }
 
 /// The local configuration (file, environment and flags, as last read at start or on
@@ -270,7 +272,7 @@ impl Reloader {
                 tracing::warn!(option, "changed option takes effect only after a restart");
             }
         }
-        let live = Live::build_keeping(&config, keep).await?;
+        let live = Live::build_keeping(&config, keep, &self.health).await?;
         if let Some(certs) = &self.certs
             && !config.tls_certificates.is_empty()
         {
@@ -366,7 +368,8 @@ pub async fn start(
     shutdown: Shutdown,
 ) -> Result<ProxyHandle, ProxyError> {
     config.validate()?;
-    let live: LiveState = Arc::new(ArcSwap::from_pointee(Live::build(&config).await?));
+    let health = Arc::new(HealthKeeper::default());
+    let live: LiveState = Arc::new(ArcSwap::from_pointee(Live::build(&config, &health).await?));
     // Certificates before listeners: a bad file is the error reported, not a busy port.
     let tls_parts = if config.tls_certificates.is_empty() {
         None
@@ -551,6 +554,7 @@ pub async fn start(
             local: config.clone(),
             remote: None,
         })),
+        health,
     };
     if let Some(url) = config.control_url.clone()
         && config.follow_control_config

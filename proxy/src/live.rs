@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use esper_common::config::ConfigError;
 
-use crate::apps::{App, Router, Shared};
+use crate::apps::{App, HealthKeeper, Router, Shared};
 use crate::clientip::{Networks, Paths};
 use crate::config::Config;
 use crate::respond::Templates;
@@ -56,14 +56,18 @@ pub type LiveState = Arc<ArcSwap<Live>>;
 impl Live {
     /// Builds the state of `config` (already validated): resolves every upstream, loads
     /// templates, starts health checks on the current runtime.
-    pub async fn build(config: &Config) -> Result<Live, ConfigError> {
-        Live::build_keeping(config, &[]).await
+    pub async fn build(config: &Config, health: &HealthKeeper) -> Result<Live, ConfigError> {
+        Live::build_keeping(config, &[], health).await
     }
 
     /// [`build`](Self::build), taking the apps of `keep` as they are (by name) instead
     /// of building them again: built from this same configuration, they keep their
-    /// pools' health and balancing state.
-    pub async fn build_keeping(config: &Config, keep: &[Arc<App>]) -> Result<Live, ConfigError> {
+    /// balancing state. The apps built join the health checks `health` keeps for them.
+    pub async fn build_keeping(
+        config: &Config,
+        keep: &[Arc<App>],
+        health: &HealthKeeper,
+    ) -> Result<Live, ConfigError> {
         let shared = Shared {
             sample_rate: config.sample_rate,
             templates_dir: config.templates_dir.clone(),
@@ -80,7 +84,7 @@ impl Live {
             let app = match keep.iter().find(|a| a.name == cfg.name) {
                 Some(kept) => kept.clone(),
                 None => Arc::new(
-                    App::build(&cfg, &shared)
+                    App::build(&cfg, &shared, health)
                         .await
                         .map_err(|reason| ConfigError::invalid(&option, &cfg.name, reason))?,
                 ),

@@ -558,3 +558,102 @@ async fn a_name_that_moves_rebuilds_its_app_only() {
     proxy.stop().await.unwrap();
     drop(hosts);
 }
+
+/// Sends `n` requests for `host`; `true` when `kept_out` served none of them.
+async fn none_reach(
+    url: &str,
+    host: &'static str,
+    kept_out: &support::NamedUpstream,
+    n: usize,
+) -> bool {
+    let before = kept_out.hits();
+    for _ in 0..n {
+        assert_eq!(get_host(url, host).await.0, 200);
+    }
+    kept_out.hits() == before
+}
+
+#[tokio::test]
+async fn a_reload_keeps_what_the_health_checks_found() {
+    let (up, down) = (named_upstream("up").await, named_upstream("down").await);
+    down.healthy.store(false, Ordering::SeqCst);
+    // Checks once an hour: only the first, at start, can take `down` out, and a check
+    // after that would take it back in (it recovers below).
+    let mut web = app("web", &[], "/", &[up.addr, down.addr]);
+    web.health_check = "/healthz".into();
+    web.health_check_interval = Duration::from_secs(3600);
+    let cfg = multi(vec![web], &dead_url(), &dead_url());
+    let proxy = start_proxy(cfg.clone()).await;
+    let url = format!("{}/", proxy.url);
+    let checked = eventually(Duration::from_secs(3), || none_reach(&url, "any", &down, 4)).await;
+    assert!(checked, "the first check took `down` out");
+    down.healthy.store(true, Ordering::SeqCst);
+
+    // The app is rebuilt (its sampling changed), with the same upstreams and checks.
+    let mut next = cfg.clone();
+    next.apps[0].sample_rate = Some(0.5);
+    proxy.handle().reload(next.clone()).await.unwrap();
+    assert!(
+        none_reach(&url, "any", &down, 6).await,
+        "the rebuilt pool keeps `down` out, as the checks found it"
+    );
+
+    // Other checks are other checks: a new path is probed at once, and finds `down` up.
+    next.apps[0].health_check = "/healthz?v=2".into();
+    proxy.handle().reload(next).await.unwrap();
+    let back = eventually(Duration::from_secs(3), || async {
+        get_host(&url, "any").await.1 == "down /"
+    })
+    .await;
+    assert!(back, "new checks start from scratch");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_name_whose_answers_change_keeps_the_health_of_the_addresses_that_stay() {
+    let name = format!("esper-health-{}.test", std::process::id());
+    let Some(hosts) = hosts_entry(&name, &[4, 5, 8]) else {
+        return;
+    };
+    let a = named_upstream_on("a", "127.0.0.4:0".parse().unwrap()).await;
+    let port = a.addr.port();
+    let b = named_upstream_on("b", format!("127.0.0.5:{port}").parse().unwrap()).await;
+    let _c = named_upstream_on("c", format!("127.0.0.8:{port}").parse().unwrap()).await;
+    let d = named_upstream_on("d", format!("127.0.0.9:{port}").parse().unwrap()).await;
+    b.healthy.store(false, Ordering::SeqCst);
+    d.healthy.store(false, Ordering::SeqCst);
+    let mut web = app("web", &[], "/", &[]);
+    web.upstreams = vec![format!("{name}:{port}")];
+    web.health_check = "/healthz".into();
+    web.health_check_interval = Duration::from_secs(3600);
+    let mut cfg = multi(vec![web], &dead_url(), &dead_url());
+    cfg.upstream_resolve_interval = Duration::from_millis(200);
+    let proxy = start_proxy(cfg).await;
+    let url = format!("{}/", proxy.url);
+    let checked = eventually(Duration::from_secs(3), || none_reach(&url, "any", &b, 6)).await;
+    assert!(checked, "the first check took `b` out");
+    b.healthy.store(true, Ordering::SeqCst);
+
+    // The name drops `c`: the app is rebuilt on `a` and `b`, and `b` stays out.
+    hosts.keep(2);
+    let rebuilt = eventually(Duration::from_secs(5), || async {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            seen.insert(get_host(&url, "any").await.1);
+        }
+        seen.into_iter().collect::<Vec<_>>() == ["a /"]
+    })
+    .await;
+    assert!(rebuilt, "only `a` serves once `c` is gone from the name");
+    assert!(none_reach(&url, "any", &b, 6).await, "`b` is still out");
+
+    // An address the name gains is checked at once, not an hour later.
+    hosts.point_to(0, 9);
+    let d_out = eventually(Duration::from_secs(5), || async {
+        get_host(&url, "any").await.1 != "a /" && none_reach(&url, "any", &d, 6).await
+    })
+    .await;
+    assert!(d_out, "the new address `d` was checked and kept out");
+    proxy.stop().await.unwrap();
+    drop(hosts);
+}
