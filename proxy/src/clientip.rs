@@ -15,6 +15,7 @@ use crate::config::RealIpHeader;
 
 const FORWARDED: &str = "forwarded";
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 
 /// A list of networks, checked linearly (such lists are short).
 #[derive(Clone, Debug, Default)]
@@ -84,18 +85,83 @@ fn x_forwarded_for_hops(headers: &HeaderMap) -> impl Iterator<Item = Option<IpAd
 
 /// `Forwarded: for=...` addresses (RFC 7239), nearest first.
 fn forwarded_hops(headers: &HeaderMap) -> impl Iterator<Item = Option<IpAddr>> + '_ {
+    forwarded_elements(headers).map(|(hop, _)| hop)
+}
+
+/// The `Forwarded` elements that name a hop, nearest first: its address (`for=`) and
+/// the scheme it was reached by (`proto=`), if given.
+fn forwarded_elements(
+    headers: &HeaderMap,
+) -> impl Iterator<Item = (Option<IpAddr>, Option<&str>)> + '_ {
     headers
         .get_all(FORWARDED)
         .iter()
         .rev()
         .flat_map(|v| v.to_str().unwrap_or("").rsplit(','))
         .filter_map(|element| {
-            element.split(';').find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                k.trim().eq_ignore_ascii_case("for").then_some(v.trim())
-            })
+            let (mut hop, mut proto) = (None, None);
+            for pair in element.split(';') {
+                let Some((k, v)) = pair.trim().split_once('=') else {
+                    continue;
+                };
+                let v = v.trim().trim_matches('"');
+                match k.trim() {
+                    k if k.eq_ignore_ascii_case("for") => hop = hop.or(Some(v)),
+                    k if k.eq_ignore_ascii_case("proto") => proto = proto.or(Some(v)),
+                    _ => {}
+                }
+            }
+            Some((parse_node(hop?), proto))
         })
-        .map(|v| parse_node(v.trim_matches('"')))
+}
+
+/// The scheme the client used, as the trusted proxies in front tell it in the header
+/// they name the client in: a lone `http` or `https` in `X-Forwarded-Proto`, or the
+/// `proto=` of the `Forwarded` element that names the client (the one added by the
+/// proxy the client connected to). `None` when the peer is not trusted or nothing
+/// usable was told; the other header is then the client's own claim, never read.
+pub fn told_scheme(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &Networks,
+    header: RealIpHeader,
+) -> Option<&'static str> {
+    let peer = peer.to_canonical();
+    if trusted.is_empty() || !trusted.contains(peer) {
+        return None;
+    }
+    let scheme = |v: &[u8]| {
+        if v.eq_ignore_ascii_case(b"https") {
+            Some("https")
+        } else if v.eq_ignore_ascii_case(b"http") {
+            Some("http")
+        } else {
+            None
+        }
+    };
+    match header {
+        RealIpHeader::XForwardedFor => {
+            let mut values = headers.get_all(X_FORWARDED_PROTO).iter();
+            let only = values.next()?;
+            if values.next().is_some() {
+                return None;
+            }
+            scheme(only.as_bytes())
+        }
+        RealIpHeader::Forwarded => {
+            // The same walk as for the address: the first element naming a hop that is
+            // not a trusted proxy is the client's.
+            let mut last = None;
+            for (hop, proto) in forwarded_elements(headers) {
+                let hop = hop?;
+                last = proto;
+                if !trusted.contains(hop.to_canonical()) {
+                    break;
+                }
+            }
+            scheme(last?.as_bytes())
+        }
+    }
 }
 
 /// An address as it appears in those headers: `192.0.2.1`, `192.0.2.1:80`,
@@ -171,6 +237,63 @@ mod tests {
             h.append(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn the_scheme_is_told_by_trusted_proxies_in_their_header() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let peer = ip("10.0.0.1");
+        let told = |h: &HeaderMap, header| told_scheme(peer, h, &trusted, header);
+        let xfp = headers(&[("x-forwarded-proto", "HTTPS")]);
+        assert_eq!(told(&xfp, XFF), Some("https"));
+        assert_eq!(told(&xfp, FWD), None, "not the header the proxies speak");
+        assert_eq!(
+            told_scheme(ip("192.0.2.1"), &xfp, &trusted, XFF),
+            None,
+            "a client's claim"
+        );
+        for odd in ["https, http", "gopher", ""] {
+            assert_eq!(
+                told(&headers(&[("x-forwarded-proto", odd)]), XFF),
+                None,
+                "{odd}"
+            );
+        }
+        let two = headers(&[
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-proto", "http"),
+        ]);
+        assert_eq!(told(&two, XFF), None);
+
+        let fwd = |v: &str| headers(&[("forwarded", v)]);
+        assert_eq!(told(&fwd("for=192.0.2.7;proto=https"), FWD), Some("https"));
+        assert_eq!(
+            told(&fwd("Proto=\"HTTP\"; For=192.0.2.7"), FWD),
+            Some("http")
+        );
+        assert_eq!(told(&fwd("for=192.0.2.7"), FWD), None);
+        assert_eq!(
+            told(
+                &fwd("for=192.0.2.7;proto=https, for=10.0.0.9;proto=http"),
+                FWD
+            ),
+            Some("https"),
+            "the element naming the client"
+        );
+        assert_eq!(
+            told(&fwd("for=6.6.6.6;proto=https, for=192.0.2.7"), FWD),
+            None,
+            "a client's element says nothing"
+        );
+        assert_eq!(
+            told(
+                &fwd("for=192.0.2.7;proto=https, for=unknown;proto=https"),
+                FWD
+            ),
+            None,
+            "the walk stops at an unreadable hop"
+        );
+        assert_eq!(told(&fwd("for=10.0.0.9;proto=https"), FWD), Some("https"));
     }
 
     #[test]

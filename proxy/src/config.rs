@@ -285,8 +285,9 @@ pub struct Config {
     /// or `forwarded`; the other is not read (`ESPER_REAL_IP_HEADER`, `--real-ip-header`).
     pub real_ip_header: RealIpHeader,
     /// Headers added to what is forwarded: `x-forwarded-for` (the client chain, kept
-    /// only from trusted hops), `x-forwarded-proto` (a trusted hop's `http`/`https`
-    /// kept, so a balancer that terminated TLS is heard), `x-real-ip` (the client),
+    /// only from trusted hops), `x-forwarded-proto` (the client's scheme: as the
+    /// trusted hops tell it in the `real_ip_header` they speak, so a balancer that
+    /// terminated TLS is heard; else this hop's), `x-real-ip` (the client),
     /// `x-request-id` (to the upstream request when the client sent no usable one, and
     /// to the response). All four by default. An address header left out is not added,
     /// and a client's own copy from an untrusted peer is still removed, so the app never

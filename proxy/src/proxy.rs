@@ -88,6 +88,9 @@ pub struct RequestCtx {
     /// ... and names the client in `X-Forwarded-For`, whose chain is therefore kept;
     /// otherwise that header is the client's own and is replaced or removed.
     keep_xff: bool,
+    /// The scheme the client used, as a trusted proxy in front told it (`None`: this
+    /// hop's own scheme is the client's).
+    told_scheme: Option<&'static str>,
     /// The client's usable `X-Request-ID` or a fresh id (empty until the request filter
     /// ran). A header value, so the upstream request, the response and local answers
     /// share its one buffer.
@@ -274,7 +277,7 @@ impl EsperProxy {
         };
         match result {
             Ok(clearance) => {
-                let cookie = set_cookie(&clearance, client_https(session, ctx.peer_trusted));
+                let cookie = set_cookie(&clearance, client_https(session, ctx.told_scheme));
                 if wants_json(session) {
                     let body = serde_json::json!({
                         "cleared": true,
@@ -376,11 +379,6 @@ fn drop_untrusted(request: &mut pingora::http::RequestHeader, name: &HeaderName,
     }
 }
 
-/// Whether a forwarded scheme is one this proxy would pass on: `http` or `https`, alone.
-fn scheme_token(v: &[u8]) -> bool {
-    v.eq_ignore_ascii_case(b"https") || v.eq_ignore_ascii_case(b"http")
-}
-
 /// An address as a header value, formatted on the stack.
 fn ip_header(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(esper_protocol::format_ip(&ip).as_bytes())
@@ -411,16 +409,10 @@ fn is_tls(session: &Session) -> bool {
     session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
-/// Whether the client speaks HTTPS: to this proxy, or to a trusted balancer in front that
-/// says so in `X-Forwarded-Proto`.
-fn client_https(session: &Session, trusted: bool) -> bool {
-    is_tls(session)
-        || (trusted
-            && session
-                .req_header()
-                .headers
-                .get(&X_FORWARDED_PROTO_NAME)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(HTTPS.as_bytes())))
+/// Whether the client speaks HTTPS: to this proxy, or to a trusted proxy in front that
+/// says so.
+fn client_https(session: &Session, told: Option<&str>) -> bool {
+    told.map_or_else(|| is_tls(session), |scheme| scheme == HTTPS)
 }
 
 fn unix_now() -> u64 {
@@ -536,6 +528,7 @@ impl ProxyHttp for EsperProxy {
             peer_trusted: false,
             keep_forwarded: false,
             keep_xff: false,
+            told_scheme: None,
             request_id: HeaderValue::from_static(""),
             client_request_id: false,
             forward: Forward::default(),
@@ -571,6 +564,8 @@ impl ProxyHttp for EsperProxy {
         ctx.keep_xff = ctx.peer_trusted && live.real_ip_header == RealIpHeader::XForwardedFor;
         let ip = clientip::resolve(peer, &req.headers, &live.trusted, live.real_ip_header);
         ctx.client_ip = Some(ip);
+        ctx.told_scheme =
+            clientip::told_scheme(peer, &req.headers, &live.trusted, live.real_ip_header);
         let path = req.uri.path();
         // Routed as the upstream will resolve the path: `/api/../admin` is `/admin`'s.
         let routed = esper_protocol::normalize_path(path);
@@ -792,18 +787,22 @@ impl ProxyHttp for EsperProxy {
             // Behind a trusted balancer that terminates TLS, the client's scheme is the
             // balancer's to tell: replacing its `https` with this hop's `http` would send
             // the app into redirect loops and insecure cookies.
-            let told = trusted
+            let proto = ctx
+                .told_scheme
+                .unwrap_or(if is_tls(session) { HTTPS } else { HTTP });
+            let kept = ctx.keep_xff
                 && upstream_request
                     .headers
                     .get(&X_FORWARDED_PROTO_NAME)
-                    .is_some_and(|v| scheme_token(v.as_bytes()));
-            if !told {
-                let proto = if is_tls(session) { HTTPS } else { HTTP };
+                    .is_some_and(|v| v.as_bytes() == proto.as_bytes());
+            if !kept {
                 upstream_request
                     .insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
             }
         } else {
-            drop_untrusted(upstream_request, &X_FORWARDED_PROTO_NAME, trusted);
+            // Only a proxy that names the client in `X-Forwarded-For` speaks for it here;
+            // one speaking `Forwarded` passes this header on as the client wrote it.
+            drop_untrusted(upstream_request, &X_FORWARDED_PROTO_NAME, ctx.keep_xff);
         }
         Ok(())
     }

@@ -125,13 +125,73 @@ async fn a_trusted_balancer_tells_the_client_scheme() {
     };
     // A balancer that terminated TLS says `https`, and the app must hear it.
     assert_eq!(proto_seen("127.0.0.10", Some("https")).await, "https");
-    assert_eq!(proto_seen("127.0.0.10", Some("HTTP")).await, "HTTP");
+    assert_eq!(proto_seen("127.0.0.10", Some("HTTP")).await, "http");
     // Nothing said, or something that is not one scheme: this hop's.
     assert_eq!(proto_seen("127.0.0.10", None).await, "http");
     assert_eq!(proto_seen("127.0.0.10", Some("https, http")).await, "http");
     assert_eq!(proto_seen("127.0.0.10", Some("gopher")).await, "http");
     // A client's own claim is replaced.
     assert_eq!(proto_seen("127.0.0.11", Some("https")).await, "http");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_balancer_speaking_forwarded_tells_the_scheme_there() {
+    let up = upstream().await;
+    let mut cfg = config(up.addr, &dead_url(), &dead_url());
+    cfg.trusted_proxies = nets(&["127.0.0.10/32", "10.0.0.0/8"]);
+    cfg.real_ip_header = esper_proxy::config::RealIpHeader::Forwarded;
+    let proxy = start_proxy(cfg).await;
+    let proto_seen = |from: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let url = format!("{}/", proxy.url);
+        let up = &up;
+        async move {
+            let mut req = client_from(from).get(url);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            assert_eq!(req.send().await.unwrap().status(), 200);
+            up.last_header("x-forwarded-proto")
+        }
+    };
+    const FWD: &str = "forwarded";
+    assert_eq!(
+        proto_seen("127.0.0.10", &[(FWD, "for=198.51.100.7;proto=https")]).await,
+        "https"
+    );
+    // Through two balancers: the scheme is the one the client used, at the first.
+    assert_eq!(
+        proto_seen(
+            "127.0.0.10",
+            &[(FWD, "for=198.51.100.7;proto=https, for=10.0.0.5;proto=http")]
+        )
+        .await,
+        "https"
+    );
+    // A client's own element on the left says nothing about the scheme.
+    assert_eq!(
+        proto_seen(
+            "127.0.0.10",
+            &[(FWD, "for=6.6.6.6;proto=https, for=198.51.100.7")]
+        )
+        .await,
+        "http"
+    );
+    // X-Forwarded-Proto is not this balancer's header: passed on by it, it is the
+    // client's claim, replaced.
+    assert_eq!(
+        proto_seen(
+            "127.0.0.10",
+            &[(FWD, "for=198.51.100.7"), ("x-forwarded-proto", "https")]
+        )
+        .await,
+        "http"
+    );
+    // And from a client, `Forwarded` is its own claim.
+    assert_eq!(
+        proto_seen("127.0.0.11", &[(FWD, "for=198.51.100.7;proto=https")]).await,
+        "http"
+    );
     proxy.stop().await.unwrap();
 }
 
