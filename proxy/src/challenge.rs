@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -92,9 +93,18 @@ pub struct Clearance {
     pub max_age: Duration,
 }
 
-/// Issues and checks puzzles and cookies with one key.
+/// The signing keys: new tokens and cookies are signed with `current`; those signed
+/// with the key before it are still honoured, so a change of key (a new
+/// `challenge_secret`, or the control plane's key replacing a start-up one) does not send
+/// every cleared browser back to the puzzle.
+struct Keys {
+    current: Vec<u8>,
+    previous: Option<Vec<u8>>,
+}
+
+/// Issues and checks puzzles and cookies with one key (and the one before it).
 pub struct Challenger {
-    key: Vec<u8>,
+    keys: ArcSwap<Keys>,
     clearance_ttl: Duration,
     fallback_delay: Duration,
     /// salt -> expiry (unix seconds) of redeemed tokens.
@@ -139,12 +149,39 @@ pub fn solves(token: &str, nonce: &str, difficulty: u8) -> bool {
     leading_zero_bits(&h.finalize()) >= u32::from(difficulty)
 }
 
+/// The MAC of a token or cookie's fields under `key`, bound to the client's address and
+/// User-Agent.
+fn mac_with(key: &[u8], kind: &[u8], fields: &[&[u8]], ip: IpAddr, ua: &str) -> [u8; MAC_LEN] {
+    // Hmac accepts keys of any length; the error arm cannot happen.
+    let mut mac = match HmacSha256::new_from_slice(key) {
+        Ok(m) => m,
+        Err(_) => return [0; MAC_LEN],
+    };
+    // Length-prefixed fields, so no two field lists hash alike.
+    let bind = binding(ip);
+    for field in [kind]
+        .iter()
+        .chain(fields)
+        .chain([&&bind[..], &ua.as_bytes()])
+    {
+        mac.update(&(field.len() as u32).to_be_bytes());
+        mac.update(field);
+    }
+    let full = mac.finalize().into_bytes();
+    let mut out = [0u8; MAC_LEN];
+    out.copy_from_slice(&full[..MAC_LEN]);
+    out
+}
+
 impl Challenger {
     /// A challenger signing with `key`; cookies last `clearance_ttl`, the no-script path
     /// waits `fallback_delay`.
     pub fn new(key: &[u8], clearance_ttl: Duration, fallback_delay: Duration) -> Challenger {
         Challenger {
-            key: key.to_vec(),
+            keys: ArcSwap::from_pointee(Keys {
+                current: key.to_vec(),
+                previous: None,
+            }),
             clearance_ttl,
             fallback_delay,
             used: Mutex::new(HashMap::new()),
@@ -161,26 +198,22 @@ impl Challenger {
             .min(MAX_FALLBACK_WAIT)
     }
 
-    fn mac(&self, kind: &[u8], fields: &[&[u8]], ip: IpAddr, ua: &str) -> [u8; MAC_LEN] {
-        // Hmac accepts keys of any length; the error arm cannot happen.
-        let mut mac = match HmacSha256::new_from_slice(&self.key) {
-            Ok(m) => m,
-            Err(_) => return [0; MAC_LEN],
-        };
-        // Length-prefixed fields, so no two field lists hash alike.
-        let bind = binding(ip);
-        for field in [kind]
-            .iter()
-            .chain(fields)
-            .chain([&&bind[..], &ua.as_bytes()])
-        {
-            mac.update(&(field.len() as u32).to_be_bytes());
-            mac.update(field);
+    /// Signs with `key` from now on; the key in use until now is still honoured (the
+    /// one before it no longer is). `false` when `key` is already the one in use.
+    pub fn set_key(&self, key: &[u8]) -> bool {
+        let keys = self.keys.load();
+        if keys.current == key {
+            return false;
         }
-        let full = mac.finalize().into_bytes();
-        let mut out = [0u8; MAC_LEN];
-        out.copy_from_slice(&full[..MAC_LEN]);
-        out
+        self.keys.store(std::sync::Arc::new(Keys {
+            current: key.to_vec(),
+            previous: Some(keys.current.clone()),
+        }));
+        true
+    }
+
+    fn mac(&self, kind: &[u8], fields: &[&[u8]], ip: IpAddr, ua: &str) -> [u8; MAC_LEN] {
+        mac_with(&self.keys.load().current, kind, fields, ip, ua)
     }
 
     fn check_mac(
@@ -195,13 +228,17 @@ impl Challenger {
         if given.len() != MAC_LEN {
             return Err(Refusal::Malformed);
         }
-        let expected = self.mac(kind, fields, ip, ua);
-        // Constant-time comparison.
-        let diff = expected
-            .iter()
-            .zip(&given)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff == 0 {
+        let keys = self.keys.load();
+        let matches = |key: &[u8]| {
+            let expected = mac_with(key, kind, fields, ip, ua);
+            // Constant-time comparison.
+            expected
+                .iter()
+                .zip(&given)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+        };
+        if matches(&keys.current) || keys.previous.as_deref().is_some_and(matches) {
             Ok(())
         } else {
             Err(Refusal::BadSignature)
@@ -526,12 +563,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
     fn challenger() -> Challenger {
-        Challenger::new(
-            b"0123456789abcdef0123456789abcdef",
-            Duration::from_secs(3600),
-            Duration::from_secs(5),
-        )
+        Challenger::new(KEY, Duration::from_secs(3600), Duration::from_secs(5))
     }
 
     fn solve(token: &str, difficulty: u8) -> String {
@@ -568,6 +603,50 @@ mod tests {
         challenger()
             .check_cookie(&cookie.value, ip("192.0.2.1"), UA, now + 10)
             .unwrap();
+    }
+
+    #[test]
+    fn a_new_key_signs_and_the_one_before_is_still_honoured() {
+        let c = challenger();
+        let now = 1_700_000_000;
+        let client = ip("192.0.2.1");
+        let p = c.issue(client, UA, 4, now);
+        let cookie = c
+            .redeem_solution(&p.token, &solve(&p.token, 4), client, UA, now)
+            .unwrap();
+        let pending = c.issue(client, UA, 4, now);
+        assert!(!c.set_key(KEY), "the same key changes nothing");
+        assert!(c.set_key(b"the deployment's key, from now on"));
+        // Signed before the change: still good here.
+        c.check_cookie(&cookie.value, client, UA, now + 1).unwrap();
+        let fresh = c
+            .redeem_solution(
+                &pending.token,
+                &solve(&pending.token, 4),
+                client,
+                UA,
+                now + 1,
+            )
+            .unwrap();
+        // Signed after: with the new key only.
+        assert_eq!(
+            challenger().check_cookie(&fresh.value, client, UA, now + 2),
+            Err(Refusal::BadSignature)
+        );
+        let peer = Challenger::new(
+            b"the deployment's key, from now on",
+            Duration::from_secs(3600),
+            Duration::ZERO,
+        );
+        peer.check_cookie(&fresh.value, client, UA, now + 2)
+            .unwrap();
+        // Two changes on, the first key is forgotten.
+        assert!(c.set_key(b"and then another"));
+        assert_eq!(
+            c.check_cookie(&cookie.value, client, UA, now + 3),
+            Err(Refusal::BadSignature)
+        );
+        c.check_cookie(&fresh.value, client, UA, now + 3).unwrap();
     }
 
     #[test]

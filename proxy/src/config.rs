@@ -311,7 +311,9 @@ pub struct Config {
     pub templates_dir: Option<PathBuf>,
     /// Key signing challenge tokens and clearance cookies (HMAC-SHA256), at least 16
     /// bytes; share it between instances so a cookie from one is honoured by all. When
-    /// unset, each process makes a random one (`ESPER_CHALLENGE_SECRET`).
+    /// unset, the control plane's key for the whole deployment (with `control_url`),
+    /// else a random one per process. Reloadable: cookies signed with the key before
+    /// are still honoured (`ESPER_CHALLENGE_SECRET`).
     pub challenge_secret: Option<String>,
     /// Lifetime of a clearance cookie (`ESPER_CHALLENGE_TTL`).
     #[serde(with = "humantime_serde")]

@@ -195,6 +195,8 @@ pub struct Reloader {
     layers: Arc<tokio::sync::Mutex<Layers>>,
     /// The apps' health checks, joined by each app's next generation.
     health: Arc<HealthKeeper>,
+    /// Signs challenges; a reload brings a new `challenge_secret` to it.
+    challenger: Arc<Challenger>,
 }
 
 /// The local configuration (file, environment and flags, as last read at start or on
@@ -219,8 +221,9 @@ impl Reloader {
     /// applied with the control plane's latest document, if any, still laid over it, so
     /// neither source undoes the other. It swaps in apps (upstream pools, sampling,
     /// templates), default app, trusted proxies, allowlists and certificates. Requests in
-    /// flight finish with the state they started with; no connection is dropped.
-    /// Listeners, brokers, the challenge key and the other process-wide settings keep
+    /// flight finish with the state they started with; no connection is dropped. A new
+    /// `challenge_secret` signs from then on, the one before still honoured. Listeners,
+    /// brokers and the other process-wide settings keep
     /// their start-up values (a warning names any that changed). On error nothing
     /// changes.
     pub async fn reload(&self, config: Config) -> Result<(), ProxyError> {
@@ -239,6 +242,16 @@ impl Reloader {
         self.apply(merged, true, &[]).await?;
         layers.remote = Some(doc.to_string());
         Ok(())
+    }
+
+    /// The control plane's challenge key, used unless the configuration in force sets
+    /// its own `challenge_secret` (which always wins). `true` when it now signs.
+    pub async fn use_deployment_key(&self, key: &str) -> bool {
+        let layers = self.layers.lock().await;
+        let configured = layers
+            .over(&layers.local)
+            .map_or(true, |c| c.challenge_secret.is_some());
+        !configured && self.challenger.set_key(key.as_bytes())
     }
 
     /// Rebuilds, with the configuration in force, the apps with an upstream host name
@@ -282,6 +295,13 @@ impl Reloader {
         }
         let apps: Vec<String> = live.router.apps().iter().map(|a| a.name.clone()).collect();
         self.live.store(Arc::new(live));
+        if let Some(secret) = &config.challenge_secret
+            && self.challenger.set_key(secret.as_bytes())
+        {
+            tracing::info!(
+                "challenge_secret changed: new challenges and cookies are signed with it"
+            );
+        }
         tracing::info!(?apps, "configuration reloaded");
         Ok(())
     }
@@ -315,6 +335,7 @@ const RELOADED: &[&str] = &[
     "default_app",
     "unknown_host_status",
     "tls_certificates",
+    "challenge_secret",
 ];
 
 /// The options that differ between `started` and `next` but keep their start-up values
@@ -444,20 +465,28 @@ pub async fn start(
     let secret = match &config.challenge_secret {
         Some(s) => s.as_bytes().to_vec(),
         None => {
-            tracing::warn!(
-                "no challenge_secret (ESPER_CHALLENGE_SECRET): using a random key, so \
-                 clearance cookies are honoured by this process only"
-            );
+            if config.control_url.is_some() {
+                tracing::info!(
+                    "no challenge_secret (ESPER_CHALLENGE_SECRET): signing challenges with the \
+                     control plane's key, shared by every proxy, once it answers"
+                );
+            } else {
+                tracing::warn!(
+                    "no challenge_secret (ESPER_CHALLENGE_SECRET) and no control plane: using a \
+                     random key, so clearance cookies are honoured by this process only"
+                );
+            }
             rand::random::<[u8; 32]>().to_vec()
         }
     };
+    let challenger = Arc::new(Challenger::new(
+        &secret,
+        config.challenge_ttl,
+        config.challenge_fallback_delay,
+    ));
     let app = EsperProxy::new(
         live.clone(),
-        Challenger::new(
-            &secret,
-            config.challenge_ttl,
-            config.challenge_fallback_delay,
-        ),
+        challenger.clone(),
         Enforcer::new(
             cache.clone(),
             metrics.clone(),
@@ -555,7 +584,18 @@ pub async fn start(
             remote: None,
         })),
         health,
+        challenger,
     };
+    if let Some(url) = config.control_url.clone()
+        && config.challenge_secret.is_none()
+    {
+        tasks.push(tokio::spawn(remote::challenge_key(
+            url.clone(),
+            config.control_token.clone(),
+            reloader.clone(),
+            shutdown.clone(),
+        )));
+    }
     if let Some(url) = config.control_url.clone()
         && config.follow_control_config
     {

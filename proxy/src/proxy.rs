@@ -119,7 +119,7 @@ impl RequestCtx {
 /// The proxy application Pingora runs.
 pub struct EsperProxy {
     live: LiveState,
-    challenger: Challenger,
+    challenger: Arc<Challenger>,
     enforcer: Enforcer,
     reporter: Reporter,
     metrics: Arc<Metrics>,
@@ -130,7 +130,7 @@ impl EsperProxy {
     /// Assembles the filters.
     pub fn new(
         live: LiveState,
-        challenger: Challenger,
+        challenger: Arc<Challenger>,
         enforcer: Enforcer,
         reporter: Reporter,
         metrics: Arc<Metrics>,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use esper_common::Shutdown;
-use esper_protocol::ProxyConfigDoc;
+use esper_protocol::{ChallengeKey, ProxyConfigDoc};
 use reqwest::StatusCode;
 
 use crate::config::Config;
@@ -131,6 +131,60 @@ async fn apply(f: &Follow, doc: &ProxyConfigDoc) -> bool {
             tracing::error!(revision = doc.revision, by = %doc.updated_by, error = %e, retried = again, "configuration from the control plane refused; the current one stays");
             again
         }
+    }
+}
+
+/// Asks the control plane for the deployment's challenge key until it answers, and signs
+/// with it (unless the configuration sets its own `challenge_secret`). Until then the
+/// proxy signs with its start-up key, whose cookies it keeps honouring after the switch.
+pub async fn challenge_key(
+    control_url: String,
+    token: Option<String>,
+    reloader: Reloader,
+    shutdown: Shutdown,
+) {
+    let client = reqwest::Client::new();
+    let url = format!(
+        "{}/api/v1/proxies/challenge-key",
+        control_url.trim_end_matches('/')
+    );
+    let mut backoff = FIRST_BACKOFF;
+    let mut warned = false;
+    loop {
+        let mut req = client.get(&url).timeout(REQUEST_SLACK);
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let answer = tokio::select! {
+            _ = shutdown.wait() => return,
+            r = fetch_key(req) => r,
+        };
+        match answer {
+            Ok(key) => {
+                if reloader.use_deployment_key(&key.key).await {
+                    tracing::info!(url, "signing challenges with the control plane's key");
+                }
+                return;
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(url, error = %e, "cannot read the challenge key from the control plane; retrying (clearance cookies are honoured by this process only until then)");
+                    warned = true;
+                }
+                if shutdown.sleep(backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn fetch_key(req: reqwest::RequestBuilder) -> Result<ChallengeKey, String> {
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    match resp.status() {
+        StatusCode::OK => resp.json().await.map_err(|e| e.to_string()),
+        s => Err(format!("answered {s}")),
     }
 }
 

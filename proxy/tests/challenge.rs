@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use esper_protocol::Action;
 use sha2::{Digest, Sha256};
-use support::{TestProxy, client_from, config, dead_url, mitigations, start_proxy, upstream};
+use support::{
+    CONTROL_TOKEN, TestProxy, client_from, config, control_plane, dead_url, eventually,
+    mitigations, start_proxy, upstream,
+};
 
 const TTL: Duration = Duration::from_secs(600);
 const SECRET: &str = "a shared secret of enough bytes";
@@ -182,6 +185,63 @@ async fn a_cookie_from_one_instance_is_honoured_by_another_with_the_key() {
     assert_eq!(get_with(&proxy, "127.0.0.52", &cookie2, UA).await, 200);
     second.stop().await.unwrap();
     proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_a_secret_proxies_share_the_control_planes_key_and_a_reload_brings_a_new_one() {
+    let control = control_plane().await;
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let cfg = {
+        let mut cfg = config(up.addr, &dead_url(), &broker.url);
+        cfg.control_url = Some(control.url.clone());
+        cfg.control_token = Some(CONTROL_TOKEN.into());
+        cfg
+    };
+    let (a, b) = (
+        start_proxy(cfg.clone()).await,
+        start_proxy(cfg.clone()).await,
+    );
+    broker
+        .publish("ip:127.0.0.53", Action::Challenge { difficulty: 4 }, TTL)
+        .await;
+    json_challenge(&b, "127.0.0.53").await;
+    // Each signs with a key of its own until the control plane's arrives.
+    let shared = eventually(Duration::from_secs(5), || async {
+        let from_a = earn_cookie(&a, "127.0.0.53", 4).await;
+        get_with(&b, "127.0.0.53", &from_a, UA).await == 200
+    })
+    .await;
+    assert!(
+        shared,
+        "a cookie earned through one proxy is honoured by the other"
+    );
+    let from_b = earn_cookie(&b, "127.0.0.53", 4).await;
+    assert_eq!(get_with(&a, "127.0.0.53", &from_b, UA).await, 200);
+
+    // A reload with a secret of its own: new cookies are signed with it, and those
+    // signed with the control plane's key are still honoured.
+    let mut own = cfg.clone();
+    own.challenge_secret = Some(SECRET.into());
+    a.handle().reload(own.clone()).await.unwrap();
+    let after = earn_cookie(&a, "127.0.0.53", 4).await;
+    assert_eq!(
+        get_with(&b, "127.0.0.53", &after, UA).await,
+        403,
+        "b has the old key"
+    );
+    assert_eq!(get_with(&a, "127.0.0.53", &from_b, UA).await, 200);
+    let c = start_proxy(own).await;
+    json_challenge(&c, "127.0.0.53").await;
+    assert_eq!(
+        get_with(&c, "127.0.0.53", &after, UA).await,
+        200,
+        "the new key signed it"
+    );
+    for p in [a, b, c] {
+        p.stop().await.unwrap();
+    }
+    control.stop().await;
 }
 
 #[tokio::test]

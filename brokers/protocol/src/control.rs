@@ -96,6 +96,16 @@ pub struct ProxyConfigDoc {
     pub updated_by: String,
 }
 
+/// `GET /api/v1/proxies/challenge-key`: the key every proxy of the deployment signs
+/// challenges and clearance cookies with when it has no `challenge_secret` of its own,
+/// generated once by the control plane, so a cookie earned through one proxy is
+/// honoured by every other.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeKey {
+    /// Used as a `challenge_secret` would be (its UTF-8 bytes are the HMAC key).
+    pub key: String,
+}
+
 /// `PUT /api/v1/proxies/config` body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

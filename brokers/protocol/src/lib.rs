@@ -15,8 +15,8 @@ pub mod trace_context;
 
 pub use client::{ClientError, IngestionClient, MitigationClient, trust_ca};
 pub use control::{
-    Decision, DecisionBatch, DecisionMode, ProxyConfigDoc, ProxyHeartbeat, PutProxyConfig,
-    WorkerHeartbeat,
+    ChallengeKey, Decision, DecisionBatch, DecisionMode, ProxyConfigDoc, ProxyHeartbeat,
+    PutProxyConfig, WorkerHeartbeat,
 };
 pub use decision_log::{DecisionLogClient, DecisionRevoke, PageMark};
 pub use entity::{EntityKey, EntityParseError, normalize_path, path_template, write_path_template};

@@ -848,3 +848,19 @@ async fn the_allowlist_wins_over_manual_mitigations() {
     assert!(body.get("revoked").is_none(), "{body}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_proxies_challenge_key_is_made_once_and_needs_a_token() {
+    let s = Stack::without_brokers().await;
+    let url = format!("{}/api/v1/proxies/challenge-key", s.api);
+    let (status, _) = call(s.http.get(&url)).await;
+    assert_eq!(status, 401);
+    let (status, first) = s.get("/api/v1/proxies/challenge-key").await;
+    assert_eq!(status, 200, "{first}");
+    let key = first["key"].as_str().unwrap();
+    assert_eq!(key.len(), 64, "256 bits in hex");
+    assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+    let (_, again) = s.get("/api/v1/proxies/challenge-key").await;
+    assert_eq!(again, first, "the same key every time");
+    s.stop().await;
+}

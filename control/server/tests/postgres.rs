@@ -73,7 +73,11 @@ async fn no_migrations_refuses_a_stale_schema_until_migrate_runs() {
     let applied = esper_control::migrate(&cfg).await.unwrap();
     assert_eq!(
         applied,
-        ["20260101000001 init", "20260101000002 proxy config"]
+        [
+            "20260101000001 init",
+            "20260101000002 proxy config",
+            "20260101000003 secrets"
+        ]
     );
     assert!(esper_control::migrate(&cfg).await.unwrap().is_empty());
 }

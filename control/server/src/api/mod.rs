@@ -69,6 +69,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/api/v1/proxies/config",
             get(proxy_config::get).put(proxy_config::put),
         )
+        .route(
+            "/api/v1/proxies/challenge-key",
+            get(proxy_config::challenge_key),
+        )
         .route("/api/v1/analyze", post(analyze::analyze))
         .route("/api/v1/admin/shutdown", post(admin::shutdown))
         .route_layer(from_fn_with_state(state.clone(), auth::require_token))

@@ -1,6 +1,7 @@
 //! The proxy configuration proxies follow: `PUT` stores a TOML document (checked to be a
 //! TOML table; each proxy validates the options and refuses what it cannot apply), `GET`
 //! answers it, long-polling with `after=REVISION&wait=SECS` until a newer one exists.
+//! Also the challenge key the proxies share.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use esper_common::http::Query;
 use esper_common::{ApiError, Json};
-use esper_protocol::{ProxyConfigDoc, PutProxyConfig};
+use esper_protocol::{ChallengeKey, ProxyConfigDoc, PutProxyConfig};
 use serde::Deserialize;
 
 use super::store_error;
@@ -85,4 +86,19 @@ pub async fn put(
     state.proxy_config_changed.notify_waiters();
     tracing::info!(revision = doc.revision, by = %caller.0, "proxy configuration stored");
     Ok(Json(doc))
+}
+
+/// The name of the proxies' shared challenge key among the stored secrets.
+const CHALLENGE_KEY: &str = "challenge_key";
+
+/// `GET /api/v1/proxies/challenge-key`: the deployment's challenge key, made (256
+/// random bits, hex) the first time it is asked for.
+pub async fn challenge_key(State(state): State<AppState>) -> Result<Json<ChallengeKey>, ApiError> {
+    let fresh = hex::encode(rand::random::<[u8; 32]>());
+    let key = state
+        .store
+        .secret(CHALLENGE_KEY, &fresh)
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    Ok(Json(ChallengeKey { key }))
 }

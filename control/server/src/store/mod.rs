@@ -230,7 +230,17 @@ pub trait ControlStore: Send + Sync {
     /// Stores `config` as the proxy configuration; its revision grows by one when the
     /// text changed, and stays when it is the same.
     async fn put_proxy_config(&self, config: &str, by: &str) -> Result<ProxyConfigDoc, StoreError>;
+
+    /// The deployment-wide secret named `name`, storing `fresh` first when there is
+    /// none: every control-plane instance on one store answers the same value.
+    async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError>;
 }
+
+/// Stores a secret unless one of that name exists (the same SQL for SQLite and
+/// PostgreSQL); [`GET_SECRET_SQL`] then reads whichever won.
+pub(crate) const ADD_SECRET_SQL: &str = "INSERT INTO secrets (name, value, created_at) \
+     VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING";
+pub(crate) const GET_SECRET_SQL: &str = "SELECT value FROM secrets WHERE name = $1";
 
 /// The one proxy configuration document's name in `proxy_configs`.
 pub(crate) const PROXY_CONFIG_NAME: &str = "default";

@@ -21,9 +21,10 @@ use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use tokio::task::AbortHandle;
 
 use super::{
-    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL, ListRecord,
-    LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL, PolicyRecord, PolicyVersionRecord,
-    PolicyWrite, PutOutcome, RevokeTarget, StoreError, parse_ts, proxy_config_row, redact_url, ts,
+    ADD_SECRET_SQL, ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL,
+    GET_SECRET_SQL, ListRecord, LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL,
+    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, RevokeTarget, StoreError, parse_ts,
+    proxy_config_row, redact_url, ts,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
@@ -770,5 +771,19 @@ impl ControlStore for PostgresStore {
                 .await?
                 .ok_or_else(|| StoreError::Query("proxy configuration vanished".into())),
         }
+    }
+
+    async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
+        sqlx::query(ADD_SECRET_SQL)
+            .bind(name)
+            .bind(fresh)
+            .bind(ts(Utc::now()))
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query(GET_SECRET_SQL)
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("value")?)
     }
 }

@@ -14,9 +14,10 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL, ListRecord,
-    LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL, PolicyRecord, PolicyVersionRecord,
-    PolicyWrite, PutOutcome, RevokeTarget, StoreError, parse_ts, proxy_config_row, ts,
+    ADD_SECRET_SQL, ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL,
+    GET_SECRET_SQL, ListRecord, LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL,
+    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, RevokeTarget, StoreError, parse_ts,
+    proxy_config_row, ts,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -632,6 +633,21 @@ impl ControlStore for SqliteStore {
                 .await?
                 .ok_or_else(|| StoreError::Query("proxy configuration vanished".into())),
         }
+    }
+
+    async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
+        let _w = self.write.lock().await;
+        sqlx::query(ADD_SECRET_SQL)
+            .bind(name)
+            .bind(fresh)
+            .bind(ts(Utc::now()))
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query(GET_SECRET_SQL)
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("value")?)
     }
 }
 

@@ -60,6 +60,7 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     decisions_in_force_page_and_broker_copies_upgrade(&*store).await;
     tokens_are_found_by_hash(&*store).await;
     proxy_config_revisions_grow_on_change(&*store).await;
+    secrets_are_made_once(&*store).await;
 }
 
 async fn migrations_are_idempotent(store: &dyn ControlStore) {
@@ -323,4 +324,22 @@ async fn proxy_config_revisions_grow_on_change(store: &dyn ControlStore) {
         store.proxy_config().await.expect("read proxy config"),
         Some(second)
     );
+}
+
+async fn secrets_are_made_once(store: &dyn ControlStore) {
+    let first = store
+        .secret("challenge", "one")
+        .await
+        .expect("store a secret");
+    assert_eq!(first, "one");
+    let again = store
+        .secret("challenge", "two")
+        .await
+        .expect("read a secret");
+    assert_eq!(again, "one", "the first value stays");
+    let other = store
+        .secret("other", "three")
+        .await
+        .expect("store a secret");
+    assert_eq!(other, "three", "each name has its own");
 }
