@@ -564,8 +564,10 @@ impl ProxyHttp for EsperProxy {
         ctx.keep_xff = ctx.peer_trusted && live.real_ip_header == RealIpHeader::XForwardedFor;
         let ip = clientip::resolve(peer, &req.headers, &live.trusted, live.real_ip_header);
         ctx.client_ip = Some(ip);
-        ctx.told_scheme =
-            clientip::told_scheme(peer, &req.headers, &live.trusted, live.real_ip_header);
+        if ctx.peer_trusted {
+            ctx.told_scheme =
+                clientip::told_scheme(peer, &req.headers, &live.trusted, live.real_ip_header);
+        }
         let path = req.uri.path();
         // Routed as the upstream will resolve the path: `/api/../admin` is `/admin`'s.
         let routed = esper_protocol::normalize_path(path);
