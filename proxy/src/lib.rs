@@ -197,6 +197,9 @@ pub struct Reloader {
     health: Arc<HealthKeeper>,
     /// Signs challenges; a reload brings a new `challenge_secret` to it.
     challenger: Arc<Challenger>,
+    /// The control plane's challenge key, once it answered: what signs whenever the
+    /// configuration sets no `challenge_secret`.
+    deployment_key: Arc<parking_lot::Mutex<Option<String>>>,
 }
 
 /// The local configuration (file, environment and flags, as last read at start or on
@@ -248,6 +251,7 @@ impl Reloader {
     /// its own `challenge_secret` (which always wins). `true` when it now signs.
     pub async fn use_deployment_key(&self, key: &str) -> bool {
         let layers = self.layers.lock().await;
+        *self.deployment_key.lock() = Some(key.to_string());
         let configured = layers
             .over(&layers.local)
             .map_or(true, |c| c.challenge_secret.is_some());
@@ -295,11 +299,17 @@ impl Reloader {
         }
         let apps: Vec<String> = live.router.apps().iter().map(|a| a.name.clone()).collect();
         self.live.store(Arc::new(live));
-        if let Some(secret) = &config.challenge_secret
-            && self.challenger.set_key(secret.as_bytes())
+        // A secret set (again) signs; one taken away leaves the control plane's key, if
+        // it answered, else the key in use.
+        let key = config
+            .challenge_secret
+            .clone()
+            .or_else(|| self.deployment_key.lock().clone());
+        if let Some(key) = key
+            && self.challenger.set_key(key.as_bytes())
         {
             tracing::info!(
-                "challenge_secret changed: new challenges and cookies are signed with it"
+                "the challenge key changed: new challenges and cookies are signed with it"
             );
         }
         tracing::info!(?apps, "configuration reloaded");
@@ -585,10 +595,10 @@ pub async fn start(
         })),
         health,
         challenger,
+        deployment_key: Arc::default(),
     };
-    if let Some(url) = config.control_url.clone()
-        && config.challenge_secret.is_none()
-    {
+    // Asked even with a secret set: a reload may take the secret away.
+    if let Some(url) = config.control_url.clone() {
         tasks.push(tokio::spawn(remote::challenge_key(
             url.clone(),
             config.control_token.clone(),

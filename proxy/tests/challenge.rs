@@ -238,6 +238,10 @@ async fn without_a_secret_proxies_share_the_control_planes_key_and_a_reload_brin
         200,
         "the new key signed it"
     );
+    // The secret taken away again: the control plane's key signs once more.
+    a.handle().reload(cfg.clone()).await.unwrap();
+    let back = earn_cookie(&a, "127.0.0.53", 4).await;
+    assert_eq!(get_with(&b, "127.0.0.53", &back, UA).await, 200);
     for p in [a, b, c] {
         p.stop().await.unwrap();
     }
