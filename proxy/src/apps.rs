@@ -265,6 +265,17 @@ impl App {
         false
     }
 
+    /// Each upstream's address and whether the pool would pick it now (healthy, or not
+    /// checked).
+    pub fn upstream_health(&self) -> Vec<(String, bool)> {
+        let backends = self.pool.backends();
+        backends
+            .get_backend()
+            .iter()
+            .map(|b| (b.addr.to_string(), backends.ready(b)))
+            .collect()
+    }
+
     /// How many upstreams the app has (the most connect attempts one request makes).
     pub fn upstreams(&self) -> usize {
         self.upstreams

@@ -585,6 +585,14 @@ pub async fn start(
             shutdown.clone(),
         )));
     }
+    match live::UpstreamHealth::new(live.clone()) {
+        Ok(collector) => {
+            if let Err(e) = metrics.registry().register(Box::new(collector)) {
+                tracing::warn!(error = %e, "upstream health is not exported as a metric");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "upstream health is not exported as a metric"),
+    }
     let reloader = Reloader {
         live,
         certs: certs.clone(),

@@ -113,3 +113,49 @@ impl Live {
         })
     }
 }
+
+/// `esper_proxy_upstream_healthy{app,upstream}`, read from the pools in force when
+/// scraped, so apps and upstreams gone since are never reported.
+pub struct UpstreamHealth {
+    live: LiveState,
+    desc: prometheus::core::Desc,
+}
+
+const UPSTREAM_HEALTHY: &str = "esper_proxy_upstream_healthy";
+const UPSTREAM_HEALTHY_HELP: &str = "1 when the app's pool picks the upstream (healthy, or not checked), 0 when its health checks took it out";
+
+impl UpstreamHealth {
+    pub fn new(live: LiveState) -> Result<UpstreamHealth, prometheus::Error> {
+        let desc = prometheus::core::Desc::new(
+            UPSTREAM_HEALTHY.into(),
+            UPSTREAM_HEALTHY_HELP.into(),
+            vec!["app".into(), "upstream".into()],
+            std::collections::HashMap::new(),
+        )?;
+        Ok(UpstreamHealth { live, desc })
+    }
+}
+
+impl prometheus::core::Collector for UpstreamHealth {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Ok(gauges) = prometheus::GaugeVec::new(
+            prometheus::Opts::new(UPSTREAM_HEALTHY, UPSTREAM_HEALTHY_HELP),
+            &["app", "upstream"],
+        ) else {
+            return Vec::new();
+        };
+        let live = self.live.load();
+        for app in live.router.apps() {
+            for (upstream, ready) in app.upstream_health() {
+                gauges
+                    .with_label_values(&[app.name.as_str(), upstream.as_str()])
+                    .set(if ready { 1.0 } else { 0.0 });
+            }
+        }
+        gauges.collect()
+    }
+}

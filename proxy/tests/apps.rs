@@ -180,12 +180,21 @@ async fn an_http_health_check_takes_a_failing_upstream_out_and_back() {
         assert_eq!(get_host(&url, "any").await, (200, "b /".into()));
     }
     assert_eq!(a.hits(), before, "an unhealthy upstream gets no traffic");
+    let healthy = |up: &support::NamedUpstream| {
+        format!(
+            r#"esper_proxy_upstream_healthy{{app="web",upstream="{}"}}"#,
+            up.addr
+        )
+    };
+    assert_eq!(proxy.metric(&healthy(&a)).await, 0.0);
+    assert_eq!(proxy.metric(&healthy(&b)).await, 1.0);
     a.healthy.store(true, Ordering::SeqCst);
     let back = eventually(Duration::from_secs(3), || async {
         get_host(&url, "any").await.1 == "a /"
     })
     .await;
     assert!(back, "a healthy upstream comes back");
+    assert_eq!(proxy.metric(&healthy(&a)).await, 1.0);
     proxy.stop().await.unwrap();
 }
 
@@ -597,6 +606,13 @@ async fn a_reload_keeps_what_the_health_checks_found() {
         none_reach(&url, "any", &down, 6).await,
         "the rebuilt pool keeps `down` out, as the checks found it"
     );
+    let series = format!(
+        r#"esper_proxy_upstream_healthy{{app="web",upstream="{}"}}"#,
+        down.addr
+    );
+    let up_series = series.replace(&down.addr.to_string(), &up.addr.to_string());
+    assert_eq!(proxy.metric(&up_series).await, 1.0);
+    assert_eq!(proxy.metric(&series).await, 0.0, "and says so");
 
     // Other checks are other checks: a new path is probed at once, and finds `down` up.
     next.apps[0].health_check = "/healthz?v=2".into();
