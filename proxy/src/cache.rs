@@ -404,10 +404,42 @@ struct Index {
 /// already expired but not swept yet, and, per severity, those expiring soonest, the
 /// soonest last (taken first). Each is checked again when taken, as it may have gone,
 /// changed or been renewed since.
-#[derive(Default)]
 struct Victims {
     expired: Vec<MitigationId>,
     by_severity: [Vec<(i64, MitigationId)>; SEVERITIES],
+    /// When the scan ran, and the soonest expiry of what it found in force: once that
+    /// has passed, entries expired since wait unswept and the victims are stale.
+    gathered_at: i64,
+    next_expiry: i64,
+    /// More had expired than a batch holds: the next scan is worth it at once.
+    more_expired: bool,
+}
+
+impl Default for Victims {
+    /// None gathered yet: stale at once.
+    fn default() -> Victims {
+        Victims {
+            expired: Vec::new(),
+            by_severity: Default::default(),
+            gathered_at: i64::MIN,
+            next_expiry: i64::MIN,
+            more_expired: false,
+        }
+    }
+}
+
+/// Shortest time between two scans for entries expired since the last one: a flood
+/// into a full cache costs at most a few scans a second, each catching every entry
+/// expired meanwhile.
+const REGATHER_AFTER: i64 = 250_000_000;
+
+impl Victims {
+    /// Has an entry expired since the scan, which a new scan would drop before
+    /// evicting anything in force or refusing?
+    fn stale(&self, now: i64) -> bool {
+        self.more_expired
+            || (now >= self.next_expiry && now.saturating_sub(self.gathered_at) >= REGATHER_AFTER)
+    }
 }
 
 /// How a full index made room for a newcomer.
@@ -678,6 +710,11 @@ impl Index {
                 return Room::Freed;
             }
         }
+        // Entries that expired after the scan wait for the sweep: one more scan finds
+        // them, rather than evicting a mitigation in force or refusing the newcomer.
+        if self.victims.stale(now) {
+            return Room::Gather(severity);
+        }
         let Some(low) = (0..severity).find(|&s| self.held[s] > 0) else {
             return Room::None;
         };
@@ -700,7 +737,11 @@ impl Index {
     /// lock, with lookups going on.
     fn gather(&self, below: usize, now: i64) -> Victims {
         let batch = (self.limit.0 / 64).clamp(256, 16_384);
-        let mut victims = Victims::default();
+        let mut victims = Victims {
+            gathered_at: now,
+            next_expiry: i64::MAX,
+            ..Victims::default()
+        };
         // Max-heaps by expiry (then id) of the `batch` soonest seen so far, per severity.
         let mut soonest: [std::collections::BinaryHeap<(i64, MitigationId)>; SEVERITIES] =
             Default::default();
@@ -708,9 +749,12 @@ impl Index {
             if e.expires <= now {
                 if victims.expired.len() < batch {
                     victims.expired.push(e.id.clone());
+                } else {
+                    victims.more_expired = true;
                 }
                 return;
             }
+            victims.next_expiry = victims.next_expiry.min(e.expires);
             let s = severity(&e.action);
             if s >= below {
                 return;
@@ -1492,6 +1536,67 @@ mod tests {
         };
         assert_eq!(cache.replace(snapshot, Utc::now()), refused);
         assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn a_full_cache_drops_what_expired_since_its_last_scan_before_evicting_or_refusing() {
+        let cache = MitigationCache::with_limit(3);
+        let t0 = Utc::now();
+        let later = t0 + chrono::Duration::seconds(5);
+        let block = |key: &str, secs| Change::Upsert {
+            mitigation: expiring(key, Action::Block, secs),
+        };
+        let changes = vec![
+            Change::Upsert {
+                mitigation: expiring("ip:192.0.2.1", Action::Log, 3600),
+            },
+            Change::Upsert {
+                mitigation: expiring("ip:192.0.2.2", Action::Log, 3600),
+            },
+            block("ip:192.0.2.3", 1),
+        ];
+        assert_eq!(cache.apply(changes, t0), Overflow::default());
+        // Full: a block evicts a log, from a scan in which nothing had expired yet.
+        let evicted = Overflow {
+            refused: 0,
+            evicted: 1,
+        };
+        assert_eq!(cache.apply(vec![block("ip:192.0.2.4", 3600)], t0), evicted);
+        // Once the short block has expired (no sweep yet), the next block takes its
+        // place: the log left in force stays.
+        assert_eq!(
+            cache.apply(vec![block("ip:192.0.2.5", 3600)], later),
+            Overflow::default()
+        );
+        let at = |addr: &str| action(cache.lookup("a", ip(addr), &none(), later));
+        assert_eq!(
+            [at("192.0.2.1"), at("192.0.2.2")]
+                .iter()
+                .filter(|a| **a == Some(Action::Log))
+                .count(),
+            1,
+            "the log not evicted before is still held"
+        );
+        assert_eq!(at("192.0.2.5"), Some(Action::Block));
+
+        // Full of blocks only: one that expired since the last scan makes room too,
+        // where the newcomer used to be refused until the sweep.
+        let blocks = MitigationCache::with_limit(2);
+        let changes = vec![block("ip:198.51.100.1", 1), block("ip:198.51.100.2", 3600)];
+        assert_eq!(blocks.apply(changes, t0), Overflow::default());
+        let refused = Overflow {
+            refused: 1,
+            evicted: 0,
+        };
+        assert_eq!(
+            blocks.apply(vec![block("ip:198.51.100.3", 3600)], t0),
+            refused
+        );
+        assert_eq!(
+            blocks.apply(vec![block("ip:198.51.100.4", 3600)], later),
+            Overflow::default()
+        );
+        assert_eq!(blocks.len(), 2);
     }
 
     fn find_ip(cache: &MitigationCache, addr: &str) -> Option<Hit> {
