@@ -235,7 +235,13 @@ async fn enforced_actions_are_reported() {
     assert_eq!(status_from("127.0.0.7", &proxy.url).await, 200);
     proxy.stop().await.unwrap();
 
-    let seen = events.claim_events(2, Duration::from_secs(2)).await;
+    let seen = events
+        .claim_until(Duration::from_secs(3), |seen| {
+            ["127.0.0.2", "127.0.0.7"]
+                .iter()
+                .all(|ip| seen.iter().any(|e| e.client_ip.to_string() == *ip))
+        })
+        .await;
     let blocked = seen
         .iter()
         .find(|e| e.client_ip.to_string() == "127.0.0.2" && e.status == 403)

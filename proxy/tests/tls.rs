@@ -158,7 +158,13 @@ async fn events_carry_the_tls_version_and_fingerprint() {
     let (_, version, _) = served("s.test", addr).await;
     assert_eq!(version, reqwest::Version::HTTP_11, "h2 off: HTTP/1.1 only");
     reqwest::get(format!("{}/plain", proxy.url)).await.unwrap();
-    let seen = events.claim_events(2, Duration::from_secs(3)).await;
+    let seen = events
+        .claim_until(Duration::from_secs(3), |seen| {
+            ["/", "/plain"]
+                .iter()
+                .all(|path| seen.iter().any(|e| e.path == *path))
+        })
+        .await;
     let tls = seen
         .iter()
         .find(|e| e.path == "/")

@@ -134,6 +134,21 @@ impl Ingestion {
         }
         events
     }
+
+    /// Claims events until those claimed so far satisfy `enough` or `within` passes:
+    /// events come in batches, and the ones a test looks for may not share the first.
+    pub async fn claim_until(
+        &self,
+        within: Duration,
+        enough: impl Fn(&[esper_protocol::RequestEvent]) -> bool,
+    ) -> Vec<esper_protocol::RequestEvent> {
+        let mut events = Vec::new();
+        let deadline = tokio::time::Instant::now() + within;
+        while !enough(&events) && tokio::time::Instant::now() < deadline {
+            events.extend(self.claim_events(1, Duration::from_millis(500)).await);
+        }
+        events
+    }
 }
 
 /// An in-process mitigation broker on an ephemeral (or given) port.
