@@ -18,7 +18,7 @@ CONNS=${2:-4}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/profiling}
 OUT=${OUT:-/tmp/esper-profile}
-TARGETS=${TARGETS:-"bare-pingora bare-pingora-mimalloc esper-proxy esper-no-headers"}
+TARGETS=${TARGETS:-"bare-pingora bare-pingora-mimalloc esper-proxy esper-no-headers esper-preserve-case"}
 mkdir -p "$OUT"
 # shellcheck source=benches/proxy/common.sh
 source "$ROOT/benches/proxy/common.sh"
@@ -66,11 +66,13 @@ start_target() { # NAME [WRAPPER...]
     bare-pingora | bare-pingora-mimalloc)
         "$@" "$BIN/$name" 127.0.0.1:$PORT "$UP" 1 >"$WORK/$name.log" 2>&1 &
         ;;
-    esper-proxy | esper-no-headers)
-        # esper-no-headers adds no forwarding headers, as the pass-throughs (empty: all).
-        local headers=""
+    esper-proxy | esper-no-headers | esper-preserve-case)
+        # esper-no-headers adds no forwarding headers, as the pass-throughs (empty: all);
+        # esper-preserve-case adds them through Pingora's case-keeping header API.
+        local headers="" case=""
         if [ "$name" = esper-no-headers ]; then headers=none; fi
-        ESPER_FORWARD_HEADERS=$headers \
+        if [ "$name" = esper-preserve-case ]; then case=true; fi
+        ESPER_FORWARD_HEADERS=$headers ESPER_PRESERVE_HEADER_CASE=$case \
             ESPER_UPSTREAM=$UP ESPER_PROXY_THREADS=1 ESPER_PROXY_ID=bench RUST_LOG=warn \
             ESPER_INGESTION_URL=http://127.0.0.1:18090 ESPER_MITIGATION_URL=http://127.0.0.1:18091 \
             "$@" "$BIN/esper" proxy run --listen 127.0.0.1:$PORT --ops-listen 127.0.0.1:18094 \

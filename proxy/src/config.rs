@@ -296,6 +296,14 @@ pub struct Config {
     /// header insertion
     /// (`ESPER_FORWARD_HEADERS`, comma separated, `none` for none).
     pub forward_headers: Vec<String>,
+    /// Keep the letter case of every header name as the client and the upstream wrote
+    /// it. Off by default: the requests and answers the proxy adds headers to are sent
+    /// with lowercase names, except a dozen common ones written in their usual case
+    /// (`Host`, `Content-Type`, `Content-Length`, ...), as HAProxy and Envoy do. Names
+    /// are case-insensitive in HTTP (and lowercase in HTTP/2); keeping the case costs
+    /// every request a second header map to copy and update. Turn it on for an app that
+    /// wrongly depends on it (`ESPER_PRESERVE_HEADER_CASE`).
+    pub preserve_header_case: bool,
     /// Every connection on `listen` starts with a PROXY protocol header (v1 or v2) from a
     /// load balancer, which names the client. Connections without one are closed; with
     /// `trusted_proxies` set, so are headers from peers outside it
@@ -383,6 +391,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             real_ip_header: RealIpHeader::default(),
             forward_headers: FORWARD_HEADERS.map(String::from).to_vec(),
+            preserve_header_case: false,
             proxy_protocol: false,
             allow_ips: Vec::new(),
             allow_paths: Vec::new(),
@@ -507,6 +516,10 @@ impl Config {
                 name_list(&v)
             };
         }
+        vars.bool(
+            &["ESPER_PRESERVE_HEADER_CASE"],
+            &mut self.preserve_header_case,
+        )?;
         vars.bool(&["ESPER_PROXY_PROTOCOL"], &mut self.proxy_protocol)?;
         if let Some((name, v)) = vars.lookup(&["ESPER_ALLOW_IPS"]) {
             self.allow_ips = net_list(&name, &v)?;
@@ -1093,6 +1106,16 @@ mod tests {
         let none = env(&[("ESPER_FORWARD_HEADERS", "none")]);
         let cfg = load::<Config, _>(None, &none, Config::apply_env).unwrap();
         assert!(cfg.forward_headers.is_empty());
+        assert!(!cfg.preserve_header_case);
+        let kept = env(&[("ESPER_PRESERVE_HEADER_CASE", "true")]);
+        let cfg = load::<Config, _>(None, &kept, Config::apply_env).unwrap();
+        assert!(cfg.preserve_header_case);
+        let bad = env(&[("ESPER_PRESERVE_HEADER_CASE", "maybe")]);
+        let err = load::<Config, _>(None, &bad, Config::apply_env).unwrap_err();
+        assert!(
+            err.to_string().contains("ESPER_PRESERVE_HEADER_CASE"),
+            "{err}"
+        );
         let typo = env(&[
             ("ESPER_UPSTREAM", "app.internal:3000"),
             ("ESPER_FORWARD_HEADERS", "x-forwarded-host"),

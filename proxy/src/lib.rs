@@ -338,6 +338,7 @@ const RELOADED: &[&str] = &[
     "trusted_proxies",
     "real_ip_header",
     "forward_headers",
+    "preserve_header_case",
     "allow_ips",
     "allow_paths",
     "templates_dir",

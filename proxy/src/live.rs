@@ -28,25 +28,41 @@ pub struct Live {
     pub forward: Forward,
 }
 
-/// Which headers the proxy adds to what it forwards (`forward_headers`).
+/// Which headers the proxy adds to what it forwards (`forward_headers`), and how.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Forward {
     pub forwarded_for: bool,
     pub proto: bool,
     pub real_ip: bool,
     pub request_id: bool,
+    /// `preserve_header_case`.
+    pub preserve_case: bool,
 }
 
 impl Forward {
     /// From the configured names (already validated).
-    pub fn new(names: &[String]) -> Forward {
+    pub fn new(names: &[String], preserve_case: bool) -> Forward {
         let has = |name: &str| names.iter().any(|n| n.eq_ignore_ascii_case(name));
         Forward {
             forwarded_for: has("x-forwarded-for"),
             proto: has("x-forwarded-proto"),
             real_ip: has("x-real-ip"),
             request_id: has("x-request-id"),
+            preserve_case,
         }
+    }
+
+    /// How many headers a request may gain.
+    pub fn added(&self) -> usize {
+        [
+            self.forwarded_for,
+            self.proto,
+            self.real_ip,
+            self.request_id,
+        ]
+        .into_iter()
+        .filter(|on| *on)
+        .count()
     }
 }
 
@@ -109,7 +125,7 @@ impl Live {
             allow_paths: Paths::new(&config.allow_paths),
             templates,
             unknown_host_status: config.unknown_host_status,
-            forward: Forward::new(&config.forward_headers),
+            forward: Forward::new(&config.forward_headers, config.preserve_header_case),
         })
     }
 }

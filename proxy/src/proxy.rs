@@ -11,10 +11,10 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use esper_protocol::EnforcedAction;
 use http::{HeaderName, HeaderValue, header};
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
-use pingora::{Error, Result};
+use pingora::{Error, ErrorType, OrErr, Result};
 
 use crate::apps::App;
 use crate::cache::RequestKeys;
@@ -373,10 +373,166 @@ fn client_went_away(error: &Error) -> bool {
 /// Removes a forwarding header a client wrote, unless its peer is a trusted proxy.
 /// Looked up first: removing an absent header still costs both of Pingora's header maps
 /// a probe.
-fn drop_untrusted(request: &mut pingora::http::RequestHeader, name: &HeaderName, trusted: bool) {
-    if !trusted && request.headers.contains_key(name) {
-        request.remove_header(name);
+/// What this hop knows of the connection, for the forwarding headers.
+#[derive(Clone, Copy)]
+struct Hop {
+    peer: Option<IpAddr>,
+    /// The client's scheme.
+    scheme: &'static str,
+}
+
+/// Adds the configured forwarding headers to an upstream request, and removes a client's
+/// own copies of them.
+fn add_forwarding(request: &mut impl Headers, ctx: &RequestCtx, hop: Hop) -> Result<()> {
+    let forward = ctx.forward;
+    if !ctx.client_request_id {
+        if forward.request_id && !ctx.request_id.is_empty() {
+            request.set(&X_REQUEST_ID_NAME, ctx.request_id.clone())?;
+        } else {
+            // Not one this proxy would pass on (too long, or odd characters).
+            request.drop_header(&X_REQUEST_ID_NAME);
+        }
     }
+    let (Some(ip), Some(peer)) = (ctx.client_ip, hop.peer) else {
+        return Ok(());
+    };
+    let trusted = ctx.peer_trusted;
+    // Formatted once when the client is the peer (always, unless a trusted proxy
+    // named another client) and both headers carry it.
+    let client = forward.real_ip.then(|| ip_header(ip));
+    let peer_value = || match &client {
+        Some(v) if ip == peer => v.clone(),
+        _ => ip_header(peer),
+    };
+    if forward.forwarded_for {
+        // From a trusted proxy that names the client in this header, the chain so far
+        // is kept and the peer appended (as nginx's `$proxy_add_x_forwarded_for`);
+        // otherwise whatever the client wrote is dropped and only what this proxy
+        // knows remains: the client a trusted `Forwarded` named, then the peer.
+        let earlier = request
+            .value(&X_FORWARDED_FOR_NAME)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| ctx.keep_xff);
+        let forwarded = match earlier {
+            Some(earlier) => {
+                HeaderValue::try_from(format!("{earlier}, {peer}")).unwrap_or_else(|_| peer_value())
+            }
+            None if ip != peer => {
+                HeaderValue::try_from(format!("{ip}, {peer}")).unwrap_or_else(|_| peer_value())
+            }
+            None => peer_value(),
+        };
+        request.set(&X_FORWARDED_FOR_NAME, forwarded)?;
+    } else {
+        drop_untrusted(request, &X_FORWARDED_FOR_NAME, ctx.keep_xff);
+    }
+    if let Some(client) = client {
+        request.set(&X_REAL_IP_NAME, client)?;
+    } else {
+        drop_untrusted(request, &X_REAL_IP_NAME, trusted);
+    }
+    drop_untrusted(request, &FORWARDED, ctx.keep_forwarded);
+    if forward.proto {
+        let kept = ctx.keep_xff
+            && request
+                .value(&X_FORWARDED_PROTO_NAME)
+                .is_some_and(|v| v.as_bytes() == hop.scheme.as_bytes());
+        if !kept {
+            request.set(
+                &X_FORWARDED_PROTO_NAME,
+                HeaderValue::from_static(hop.scheme),
+            )?;
+        }
+    } else {
+        // Only a proxy that names the client in `X-Forwarded-For` speaks for it here;
+        // one speaking `Forwarded` passes this header on as the client wrote it.
+        drop_untrusted(request, &X_FORWARDED_PROTO_NAME, ctx.keep_xff);
+    }
+    Ok(())
+}
+
+fn drop_untrusted(request: &mut impl Headers, name: &HeaderName, trusted: bool) {
+    if !trusted {
+        request.drop_header(name);
+    }
+}
+
+/// The headers of a request or an answer, edited either through Pingora, which keeps
+/// how each name was written in a second map (`preserve_header_case`), or as the header
+/// map alone, which the request or answer is then rebuilt around.
+trait Headers {
+    fn value(&self, name: &HeaderName) -> Option<&HeaderValue>;
+    /// Replaces every value of `name` with `value`.
+    fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<()>;
+    fn drop_header(&mut self, name: &HeaderName);
+}
+
+impl Headers for RequestHeader {
+    fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.headers.get(name)
+    }
+
+    fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<()> {
+        // As a `&'static str`, the name goes into the case map without a copy.
+        self.insert_header(name.as_str(), value)
+    }
+
+    fn drop_header(&mut self, name: &HeaderName) {
+        // Looked up first: removing an absent header still probes both maps.
+        if self.headers.contains_key(name) {
+            self.remove_header(name);
+        }
+    }
+}
+
+impl Headers for ResponseHeader {
+    fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.headers.get(name)
+    }
+
+    fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<()> {
+        self.insert_header(name.as_str(), value)
+    }
+
+    fn drop_header(&mut self, name: &HeaderName) {
+        if self.headers.contains_key(name) {
+            self.remove_header(name);
+        }
+    }
+}
+
+impl Headers for http::HeaderMap {
+    fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.get(name)
+    }
+
+    fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<()> {
+        self.try_insert(name.clone(), value)
+            .map(drop)
+            .or_err(ErrorType::InvalidHTTPHeader, "too many headers")
+    }
+
+    fn drop_header(&mut self, name: &HeaderName) {
+        self.remove(name);
+    }
+}
+
+/// The request's target is written from its URI (origin form, as nearly every request
+/// to a reverse proxy is), so a request rebuilt from its parts writes the same target.
+/// An absolute-form or non-UTF-8 target is kept as received only by Pingora's own
+/// request, which is then edited as it is.
+fn origin_form(request: &RequestHeader) -> bool {
+    request
+        .uri
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().as_bytes() == request.raw_path())
+}
+
+/// Takes `request`'s method, target, version and headers, leaving a placeholder to be
+/// replaced; Pingora's record of how each header name was written is dropped.
+fn take_request(request: &mut RequestHeader) -> http::request::Parts {
+    let placeholder = RequestHeader::from(http::Request::new(()).into_parts().0);
+    std::mem::replace(request, placeholder).into()
 }
 
 /// An address as a header value, formatted on the stack.
@@ -734,79 +890,33 @@ impl ProxyHttp for EsperProxy {
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
-        upstream_request: &mut pingora::http::RequestHeader,
+        upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let forward = ctx.forward;
-        if !ctx.client_request_id {
-            if forward.request_id && !ctx.request_id.is_empty() {
-                upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
-            } else if upstream_request.headers.contains_key(&X_REQUEST_ID_NAME) {
-                // Not one this proxy would pass on (too long, or odd characters).
-                upstream_request.remove_header(&X_REQUEST_ID_NAME);
-            }
-        }
-        let (Some(ip), Some(peer)) = (ctx.client_ip, peer_ip(session)) else {
-            return Ok(());
-        };
-        let trusted = ctx.peer_trusted;
-        // Formatted once when the client is the peer (always, unless a trusted proxy
-        // named another client) and both headers carry it.
-        let client = forward.real_ip.then(|| ip_header(ip));
-        let peer_value = || match &client {
-            Some(v) if ip == peer => v.clone(),
-            _ => ip_header(peer),
-        };
-        if forward.forwarded_for {
-            // From a trusted proxy that names the client in this header, the chain so far
-            // is kept and the peer appended (as nginx's `$proxy_add_x_forwarded_for`);
-            // otherwise whatever the client wrote is dropped and only what this proxy
-            // knows remains: the client a trusted `Forwarded` named, then the peer.
-            let earlier = upstream_request
-                .headers
-                .get(&X_FORWARDED_FOR_NAME)
-                .and_then(|v| v.to_str().ok())
-                .filter(|_| ctx.keep_xff);
-            let forwarded = match earlier {
-                Some(earlier) => HeaderValue::try_from(format!("{earlier}, {peer}"))
-                    .unwrap_or_else(|_| peer_value()),
-                None if ip != peer => {
-                    HeaderValue::try_from(format!("{ip}, {peer}")).unwrap_or_else(|_| peer_value())
-                }
-                None => peer_value(),
-            };
-            upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
-        } else {
-            drop_untrusted(upstream_request, &X_FORWARDED_FOR_NAME, ctx.keep_xff);
-        }
-        if let Some(client) = client {
-            upstream_request.insert_header(X_REAL_IP, client)?;
-        } else {
-            drop_untrusted(upstream_request, &X_REAL_IP_NAME, trusted);
-        }
-        drop_untrusted(upstream_request, &FORWARDED, ctx.keep_forwarded);
-        if forward.proto {
+        let hop = Hop {
+            peer: peer_ip(session),
             // Behind a trusted balancer that terminates TLS, the client's scheme is the
             // balancer's to tell: replacing its `https` with this hop's `http` would send
             // the app into redirect loops and insecure cookies.
-            let proto = ctx
+            scheme: ctx
                 .told_scheme
-                .unwrap_or(if is_tls(session) { HTTPS } else { HTTP });
-            let kept = ctx.keep_xff
-                && upstream_request
-                    .headers
-                    .get(&X_FORWARDED_PROTO_NAME)
-                    .is_some_and(|v| v.as_bytes() == proto.as_bytes());
-            if !kept {
-                upstream_request
-                    .insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
-            }
-        } else {
-            // Only a proxy that names the client in `X-Forwarded-For` speaks for it here;
-            // one speaking `Forwarded` passes this header on as the client wrote it.
-            drop_untrusted(upstream_request, &X_FORWARDED_PROTO_NAME, ctx.keep_xff);
+                .unwrap_or_else(|| if is_tls(session) { HTTPS } else { HTTP }),
+        };
+        let added = ctx.forward.added();
+        if ctx.forward.preserve_case || added == 0 || !origin_form(upstream_request) {
+            return add_forwarding(upstream_request, ctx, hop);
         }
-        Ok(())
+        let end_stream = upstream_request.send_end_stream();
+        let mut parts = take_request(upstream_request);
+        // Room for what is added, made once: the request is a clone holding exactly
+        // its own headers, so each insertion would grow the map again.
+        let _ = parts.headers.try_reserve(added);
+        let outcome = add_forwarding(&mut parts.headers, ctx, hop);
+        *upstream_request = RequestHeader::from(parts);
+        if let Some(end_stream) = end_stream {
+            upstream_request.set_send_end_stream(end_stream);
+        }
+        outcome
     }
 
     async fn response_filter(
@@ -815,13 +925,31 @@ impl ProxyHttp for EsperProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.forward.request_id
-            && !ctx.request_id.is_empty()
-            && !upstream_response.headers.contains_key(&X_REQUEST_ID_NAME)
+        if !ctx.forward.request_id
+            || ctx.request_id.is_empty()
+            || upstream_response.headers.contains_key(&X_REQUEST_ID_NAME)
         {
-            upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+            return Ok(());
         }
-        Ok(())
+        if ctx.forward.preserve_case {
+            return upstream_response.set(&X_REQUEST_ID_NAME, ctx.request_id.clone());
+        }
+        let status = upstream_response.status;
+        let reason = upstream_response
+            .get_reason_phrase()
+            .filter(|r| Some(*r) != status.canonical_reason())
+            .map(str::to_string);
+        let placeholder = ResponseHeader::from(http::Response::new(()).into_parts().0);
+        let mut parts =
+            http::response::Parts::from(std::mem::replace(upstream_response, placeholder));
+        let outcome = parts
+            .headers
+            .set(&X_REQUEST_ID_NAME, ctx.request_id.clone());
+        *upstream_response = ResponseHeader::from(parts);
+        if reason.is_some() {
+            upstream_response.set_reason_phrase(reason.as_deref())?;
+        }
+        outcome
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -1,7 +1,10 @@
 //! Traffic passes through the proxy to a real upstream: status, body, headers and
 //! request ids; the brokers being down changes nothing for clients; shutdown drains
 //! in-flight requests and frees the port; pooled upstream connections are reused, an
-//! upstream closing them is not an error, and the optional idle timeout closes them.
+//! upstream closing them is not an error, and the optional idle timeout closes them;
+//! header names go out lowercase unless their case is kept.
+
+#![allow(clippy::unwrap_used)]
 
 #[path = "../../brokers/testing/counting_http.rs"]
 mod counting_http;
@@ -270,5 +273,124 @@ async fn an_idle_timeout_closes_pooled_connections() {
     let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(up.opened(), 2);
+    proxy.stop().await.unwrap();
+}
+
+/// An upstream that records each request head as it arrived and answers with header
+/// names in mixed case and a reason phrase of its own.
+async fn recording_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        let answer = b"HTTP/1.1 200 All Good\r\nContent-Length: 2\r\nX-App-Thing: two\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Sends `request` over a fresh connection and returns the whole answer.
+async fn exchange(proxy: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn header_names_go_out_lowercase_unless_their_case_is_kept() {
+    let (up, heads) = recording_upstream().await;
+    let last_head = || heads.lock().unwrap().last().cloned().unwrap();
+    let origin =
+        "GET /case?q=1 HTTP/1.1\r\nHost: test\r\nX-Client-Thing: one\r\nConnection: close\r\n\r\n";
+    let absolute = "GET http://test/abs?x=1 HTTP/1.1\r\nHost: test\r\nX-Client-Thing: one\r\nConnection: close\r\n\r\n";
+
+    // By default, names as HAProxy and Envoy send them: lowercase but for a few common
+    // ones; the target, the values and the upstream's reason phrase are untouched.
+    let proxy = start_proxy(config(up, &dead_url(), &dead_url())).await;
+    let answer = exchange(&proxy.url, origin).await;
+    let head = last_head();
+    assert!(head.starts_with("GET /case?q=1 HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nHost: test\r\n"), "{head}");
+    assert!(head.contains("\r\nx-client-thing: one\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nx-real-ip: 127.0.0.1\r\n"), "{head}");
+    assert!(head.contains("\r\nx-forwarded-proto: http\r\n"), "{head}");
+    assert!(head.contains("\r\nx-request-id: "), "{head}");
+    assert!(answer.starts_with("HTTP/1.1 200 All Good\r\n"), "{answer}");
+    assert!(answer.contains("\r\nx-app-thing: two\r\n"), "{answer}");
+    assert!(answer.contains("\r\nContent-Length: 2\r\n"), "{answer}");
+    assert!(answer.contains("\r\nx-request-id: "), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+
+    // An absolute-form target is passed on as Pingora keeps it, names and all.
+    exchange(&proxy.url, absolute).await;
+    let absolute_default = last_head();
+    assert!(
+        absolute_default.contains("\r\nX-Client-Thing: one\r\n"),
+        "{absolute_default}"
+    );
+    assert!(
+        absolute_default.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"),
+        "{absolute_default}"
+    );
+
+    // Kept (a reload turns it on), every name goes out as it came in.
+    let mut cfg = config(up, &dead_url(), &dead_url());
+    cfg.preserve_header_case = true;
+    proxy.handle().reload(cfg).await.unwrap();
+    let answer = exchange(&proxy.url, origin).await;
+    let head = last_head();
+    assert!(head.starts_with("GET /case?q=1 HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nX-Client-Thing: one\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"),
+        "{head}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 200 All Good\r\n"), "{answer}");
+    assert!(answer.contains("\r\nX-App-Thing: two\r\n"), "{answer}");
+    assert!(answer.contains("\r\nx-request-id: "), "{answer}");
+    exchange(&proxy.url, absolute).await;
+    assert_eq!(
+        last_head().lines().next(),
+        absolute_default.lines().next(),
+        "the same target either way"
+    );
     proxy.stop().await.unwrap();
 }
