@@ -485,22 +485,6 @@ impl Headers for RequestHeader {
     }
 }
 
-impl Headers for ResponseHeader {
-    fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        self.headers.get(name)
-    }
-
-    fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<()> {
-        self.insert_header(name.as_str(), value)
-    }
-
-    fn drop_header(&mut self, name: &HeaderName) {
-        if self.headers.contains_key(name) {
-            self.remove_header(name);
-        }
-    }
-}
-
 impl Headers for http::HeaderMap {
     fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
         self.get(name)
@@ -932,7 +916,7 @@ impl ProxyHttp for EsperProxy {
             return Ok(());
         }
         if ctx.forward.preserve_case {
-            return upstream_response.set(&X_REQUEST_ID_NAME, ctx.request_id.clone());
+            return upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone());
         }
         let status = upstream_response.status;
         let reason = upstream_response

@@ -104,16 +104,8 @@ async fn requests_go_to_the_app_of_their_host_and_path() {
 
 /// A raw GET of `path` with `host`, and the whole answer.
 async fn raw_request(proxy: std::net::SocketAddr, path: &str, host: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
+    support::exchange(proxy, &request).await
 }
 
 #[tokio::test]

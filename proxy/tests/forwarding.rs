@@ -315,21 +315,6 @@ async fn recording_upstream() -> (
     (addr, heads)
 }
 
-/// Sends `request` over a fresh connection and returns the whole answer.
-async fn exchange(proxy: &str, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(proxy.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn header_names_go_out_lowercase_unless_their_case_is_kept() {
     let (up, heads) = recording_upstream().await;
@@ -341,7 +326,8 @@ async fn header_names_go_out_lowercase_unless_their_case_is_kept() {
     // By default, names as HAProxy and Envoy send them: lowercase but for a few common
     // ones; the target, the values and the upstream's reason phrase are untouched.
     let proxy = start_proxy(config(up, &dead_url(), &dead_url())).await;
-    let answer = exchange(&proxy.url, origin).await;
+    let addr = proxy.handle().traffic_addr();
+    let answer = support::exchange(addr, origin).await;
     let head = last_head();
     assert!(head.starts_with("GET /case?q=1 HTTP/1.1\r\n"), "{head}");
     assert!(head.contains("\r\nHost: test\r\n"), "{head}");
@@ -360,7 +346,7 @@ async fn header_names_go_out_lowercase_unless_their_case_is_kept() {
     assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
 
     // An absolute-form target is passed on as Pingora keeps it, names and all.
-    exchange(&proxy.url, absolute).await;
+    support::exchange(addr, absolute).await;
     let absolute_default = last_head();
     assert!(
         absolute_default.contains("\r\nX-Client-Thing: one\r\n"),
@@ -375,7 +361,7 @@ async fn header_names_go_out_lowercase_unless_their_case_is_kept() {
     let mut cfg = config(up, &dead_url(), &dead_url());
     cfg.preserve_header_case = true;
     proxy.handle().reload(cfg).await.unwrap();
-    let answer = exchange(&proxy.url, origin).await;
+    let answer = support::exchange(addr, origin).await;
     let head = last_head();
     assert!(head.starts_with("GET /case?q=1 HTTP/1.1\r\n"), "{head}");
     assert!(head.contains("\r\nX-Client-Thing: one\r\n"), "{head}");
@@ -386,7 +372,7 @@ async fn header_names_go_out_lowercase_unless_their_case_is_kept() {
     assert!(answer.starts_with("HTTP/1.1 200 All Good\r\n"), "{answer}");
     assert!(answer.contains("\r\nX-App-Thing: two\r\n"), "{answer}");
     assert!(answer.contains("\r\nx-request-id: "), "{answer}");
-    exchange(&proxy.url, absolute).await;
+    support::exchange(addr, absolute).await;
     assert_eq!(
         last_head().lines().next(),
         absolute_default.lines().next(),

@@ -452,6 +452,20 @@ pub async fn raw_get(from: &str, proxy: SocketAddr, prefix: &[u8], path: &str) -
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `request` as it is over a fresh connection to `proxy`, and returns the whole
+/// answer (the request should ask to close the connection).
+pub async fn exchange(proxy: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The status code of a raw HTTP/1.1 answer (0 when there was none).
 pub fn raw_status(answer: &str) -> u16 {
     answer
