@@ -370,9 +370,6 @@ fn client_went_away(error: &Error) -> bool {
         )
 }
 
-/// Removes a forwarding header a client wrote, unless its peer is a trusted proxy.
-/// Looked up first: removing an absent header still costs both of Pingora's header maps
-/// a probe.
 /// What this hop knows of the connection, for the forwarding headers.
 #[derive(Clone, Copy)]
 struct Hop {
@@ -451,6 +448,7 @@ fn add_forwarding(request: &mut impl Headers, ctx: &RequestCtx, hop: Hop) -> Res
     Ok(())
 }
 
+/// Removes a forwarding header a client wrote, unless its peer is a trusted proxy.
 fn drop_untrusted(request: &mut impl Headers, name: &HeaderName, trusted: bool) {
     if !trusted {
         request.drop_header(name);
