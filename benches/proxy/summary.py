@@ -1,6 +1,6 @@
 """Tables of the proxy benchmarks' results (run.sh and variants.sh).
 
-    python3 summary.py throughput results.csv   # target,req_per_s,p50,p99,cpu_us_per_req
+    python3 summary.py throughput results.csv   # target,req_per_s,p50,p99,cpu_us_per_req[,user_us_per_req,sys_us_per_req]
     python3 summary.py latency latency.csv      # target,sent,errors,late,p50_us,...,max_us
 
 Rows are in the order they were measured; a target's i-th row is its i-th repetition.
@@ -74,6 +74,21 @@ def throughput(path):
     print("CPU µs per request, run by run:")
     for t, runs in cpu.items():
         print(f"  {t}: {', '.join(f'{c:.1f}' for c in runs)}")
+    if all(r.get("user_us_per_req") for rs in by.values() for r in rs):
+        split(by)
+
+
+def split(by):
+    """User and kernel time apart (variants.sh): user-space work without the kernel's noise."""
+    user = {t: [float(r["user_us_per_req"]) for r in rs] for t, rs in by.items()}
+    kernel = {t: [float(r["sys_us_per_req"]) for r in rs] for t, rs in by.items()}
+    print()
+    print("| target | user µs/req | kernel µs/req | user / bare Pingora's, paired: median [90% interval] |")
+    print("|---|---|---|---|")
+    for t in by:
+        mid, lo, hi = paired(user[t], user["bare-pingora"], lambda x, y: x / y)
+        print(f"| {t} | {statistics.median(user[t]):.2f} | {statistics.median(kernel[t]):.2f} "
+              f"| {mid:.3f} [{lo:.3f}, {hi:.3f}] |")
 
 
 def latency(path):

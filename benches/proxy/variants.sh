@@ -6,6 +6,14 @@
 #
 #   VARIANTS="old:/tmp/esper-old:1.0 new:$T/esper:1.0" bash benches/proxy/variants.sh 5 8
 #
+# or one build with a setting changed, as a fourth field NAME=VALUE:
+#
+#   VARIANTS="case:$T/esper:1.0:ESPER_PRESERVE_HEADER_CASE=true defaults:$T/esper:1.0" \
+#     bash benches/proxy/variants.sh 4 14
+#
+# Besides the totals, CPU is split into user and kernel time (a change in user-space
+# work shows in the first without the kernel's wake-up costs blurring it).
+#
 # HOLD=SECS starts everything, writes the proxies' pids to $OUT/pids, prints "ready" and
 # waits (to attach perf). Figures as in run.sh (targets in a shuffled order per
 # repetition, CPU per request paired with bare Pingora's by repetition).
@@ -28,8 +36,8 @@ sleep 1
 declare -A VPID VPORT
 port=18100
 for v in $VARIANTS; do
-  IFS=: read -r name bin rate <<<"$v"
-  ESPER_UPSTREAM=$UP ESPER_PROXY_THREADS=1 ESPER_PROXY_ID=bench RUST_LOG=warn ESPER_SAMPLE_RATE=$rate \
+  IFS=: read -r name bin rate setting <<<"$v"
+  env ${setting:+"$setting"} ESPER_UPSTREAM=$UP ESPER_PROXY_THREADS=1 ESPER_PROXY_ID=bench RUST_LOG=warn ESPER_SAMPLE_RATE=$rate \
     ESPER_INGESTION_URL=http://127.0.0.1:18098 ESPER_MITIGATION_URL=http://127.0.0.1:18091 \
     "$bin" proxy run --listen "127.0.0.1:$port" --ops-listen "127.0.0.1:$((port+20))" 2>"$WORK/$name.log" & PIDS+=($!)
   VPID[$name]=$!; VPORT[$name]=$port; port=$((port+1))
@@ -38,7 +46,7 @@ VPID[bare-pingora]=$BARE; VPORT[bare-pingora]=18083
 VPID[bare-pingora-mimalloc]=$BARE_MI; VPORT[bare-pingora-mimalloc]=18086
 for name in "${!VPORT[@]}"; do wait_port "127.0.0.1:${VPORT[$name]}"; done
 echo "${VPID[@]}" >"$OUT/pids"
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 measure() { # NAME PORT PID
   local b a out reqs rps p50 p99
   b=$(ticks "$3")
@@ -48,10 +56,12 @@ measure() { # NAME PORT PID
   a=$(ticks "$3")
   reqs=$(echo "$out" | awk '/requests in/ {print $1}'); rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1 == "50%" {print $2}'); p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
-  echo "$1,$rps,$p50,$p99,$(awk -v t=$((a-b)) -v hz="$(getconf CLK_TCK)" -v n="$reqs" 'BEGIN{printf "%.1f", t/hz*1e6/n}')" | tee -a "$OUT/results.csv"
+  echo "$1,$rps,$p50,$p99,$(awk -v b="$b" -v a="$a" -v hz="$(getconf CLK_TCK)" -v n="$reqs" 'BEGIN{
+    split(b, x, " "); split(a, y, " "); u = (y[1] - x[1]) / hz * 1e6 / n; s = (y[2] - x[2]) / hz * 1e6 / n
+    printf "%.1f,%.2f,%.2f", u + s, u, s}')" | tee -a "$OUT/results.csv"
 }
 [ -n "${HOLD:-}" ] && { echo ready; sleep "$HOLD"; exit 0; }
-echo "target,req_per_s,p50,p99,cpu_us_per_req" >"$OUT/results.csv"
+echo "target,req_per_s,p50,p99,cpu_us_per_req,user_us_per_req,sys_us_per_req" >"$OUT/results.csv"
 for rep in $(seq 1 "$REPS"); do
   for name in $(shuffled "$rep" "${!VPORT[@]}"); do measure "$name" "${VPORT[$name]}" "${VPID[$name]}"; done
 done
