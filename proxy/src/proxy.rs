@@ -374,7 +374,7 @@ fn client_went_away(error: &Error) -> bool {
 #[derive(Clone, Copy)]
 struct Hop {
     peer: Option<IpAddr>,
-    /// The client's scheme.
+    /// The client's scheme (when `X-Forwarded-Proto` is added).
     scheme: &'static str,
 }
 
@@ -880,9 +880,12 @@ impl ProxyHttp for EsperProxy {
             // Behind a trusted balancer that terminates TLS, the client's scheme is the
             // balancer's to tell: replacing its `https` with this hop's `http` would send
             // the app into redirect loops and insecure cookies.
-            scheme: ctx
-                .told_scheme
-                .unwrap_or_else(|| if is_tls(session) { HTTPS } else { HTTP }),
+            // Read only when `X-Forwarded-Proto` is added.
+            scheme: match ctx.told_scheme {
+                Some(told) => told,
+                None if ctx.forward.proto && is_tls(session) => HTTPS,
+                None => HTTP,
+            },
         };
         let added = ctx.forward.added();
         if ctx.forward.preserve_case || added == 0 || !origin_form(upstream_request) {
