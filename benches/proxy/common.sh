@@ -1,6 +1,7 @@
 # Shared by run.sh, variants.sh and profile.sh (sourced, not run): a work directory
-# cleaned up at exit with every process started, waiting for a port to answer, and the
-# upstream (nginx, one worker, serving one 601-byte file on $UP).
+# cleaned up at exit with every process started, waiting for a port to answer, the
+# upstream (nginx, one worker, serving one 601-byte file on $UP), and the measurement of
+# every target at once at a fixed rate.
 
 UP=127.0.0.1:18080
 WORK=$(mktemp -d /tmp/esper-bench.XXXXXX)
@@ -80,4 +81,44 @@ CONF
 shuffled() {
     python3 -c 'import random, sys
 t = sys.argv[2:]; random.Random(int(sys.argv[1])).shuffle(t); print(*t)' "$@"
+}
+
+# CPU time of processes in nanoseconds (every thread's run time from schedstat): exact
+# where utime and stime are counted in clock ticks, so short runs at a low rate can use it.
+cpu_ns() {
+    local p
+    for p in "$@"; do cat "/proc/$p/task/"*/schedstat 2>/dev/null || true; done | awk '{n += $1} END {printf "%.0f\n", n}'
+}
+
+# Every target at once, each at RATE requests/s from its own fixed-rate generator, for
+# SECS, REPS times; a line per target and repetition appended to CSV (the latency
+# columns, then CPU µs per request). Loaded together, the targets share each moment of
+# the host: on a VM whose speed drifts from one second to the next, the ratio of two
+# targets measured at the same time is far steadier than one of targets measured in
+# turn. The price is that each is measured beside the others' load, which at a fixed
+# rate below saturation is the same for all of them.
+#   measure_together CSV RATE SECS REPS name:port:pid[,pid...] ...
+measure_together() {
+    local csv=$1 rate=$2 secs=$3 reps=$4
+    shift 4
+    local rep target name port pids gens out
+    local -A before
+    for rep in $(seq 1 "$reps"); do
+        gens=()
+        for target in "$@"; do
+            IFS=: read -r name port pids <<<"$target"
+            # shellcheck disable=SC2086
+            before[$name]=$(cpu_ns ${pids//,/ })
+            "$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" "$secs" 20 >"$WORK/together.$name" &
+            gens+=($!)
+        done
+        wait "${gens[@]}"
+        for target in "$@"; do
+            IFS=: read -r name port pids <<<"$target"
+            out=$(cat "$WORK/together.$name")
+            # shellcheck disable=SC2086
+            echo "$name,$out,$(awk -v t=$(($(cpu_ns ${pids//,/ }) - before[$name])) -v n="${out%%,*}" \
+                'BEGIN { printf "%.2f", t / 1000 / n }')" | tee -a "$csv"
+        done
+    done
 }

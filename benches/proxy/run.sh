@@ -5,9 +5,11 @@
 #   bash benches/proxy/run.sh ttm [TRIALS]                    # time to mitigate (esper dev)
 #   bash benches/proxy/run.sh memory                          # bytes per cache entry
 #   bash benches/proxy/run.sh latency [RATE] [SECS] [REPS]     # percentiles at a fixed rate
+#   bash benches/proxy/run.sh together [RATE] [SECS] [REPS]    # CPU, every target at once
 #
 # Targets: the upstream directly (nginx serving the file), a bare Pingora pass-through
-# (bare-pingora; bare-pingora-mimalloc is the same with the esper binary's allocator),
+# (bare-pingora; bare-pingora-mimalloc is the same with the esper binary's allocator;
+# bare-pingora-idle-timer gives its pooled connections esper-proxy's default idle timeout),
 # esper-proxy with an empty cache, esper-proxy with 1,000,000 address mitigations and
 # 100,000 network mitigations while new ones stream in (1,000/s), esper-proxy adding no
 # forwarding headers (esper-no-headers: the work the pass-throughs do), nginx as a
@@ -105,13 +107,6 @@ ticks() {
     echo "$total"
 }
 
-# CPU time of processes in nanoseconds (every thread's run time from schedstat): exact
-# where utime and stime are counted in clock ticks, so short runs at a low rate can use it.
-cpu_ns() {
-    local p
-    for p in "$@"; do cat "/proc/$p/task/"*/schedstat 2>/dev/null || true; done | awk '{n += $1} END {printf "%.0f\n", n}'
-}
-
 measure() { # NAME PORT PIDS...
     local name=$1 port=$2
     shift 2
@@ -140,7 +135,7 @@ dropped() {
 }
 
 # The targets that are not esper-proxy (the upstream, both bare Pingoras, nginx, HAProxy)
-# and the brokers; the bare Pingoras' pids are left in BARE and BARE_MI.
+# and the brokers; the bare Pingoras' pids are left in BARE, BARE_MI and BARE_TIMER.
 start_baselines() {
     start_upstream
     start_nginx_proxy
@@ -151,9 +146,14 @@ start_baselines() {
     "$BIN/bare-pingora-mimalloc" 127.0.0.1:18086 "$UP" 1 >/dev/null 2>&1 &
     PIDS+=($!)
     BARE_MI=$!
+    # Its pooled connections idle out as esper-proxy's do by default (1 minute).
+    "$BIN/bare-pingora" 127.0.0.1:18093 "$UP" 1 60 >/dev/null 2>&1 &
+    PIDS+=($!)
+    BARE_TIMER=$!
     start_brokers
     wait_port 127.0.0.1:18083
     wait_port 127.0.0.1:18086
+    wait_port 127.0.0.1:18093
 }
 
 # Those targets as name:port:pids (pids comma-separated: the processes whose CPU time is
@@ -162,6 +162,7 @@ baseline_targets() {
     echo "direct:18080:$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | paste -sd,)"
     echo "bare-pingora:18083:$BARE"
     echo "bare-pingora-mimalloc:18086:$BARE_MI"
+    echo "bare-pingora-idle-timer:18093:$BARE_TIMER"
     echo "nginx:18081:$(pgrep -P "$NGINX_PROXY" | paste -sd,)"
     echo "haproxy:18082:$HAPROXY"
 }
@@ -351,9 +352,43 @@ latency() {
     python3 "$ROOT/benches/proxy/summary.py" latency "$WORK/latency.csv"
 }
 
+# CPU per request with every target loaded at once, each at RATE requests/s (see
+# measure_together in common.sh): the steadiest ratio this machine gives.
+together() {
+    local rate=${1:-1500} secs=${2:-10} reps=${3:-10}
+    need nginx haproxy curl
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
+    start_baselines
+    start_event_sink
+    local sink=http://127.0.0.1:18098
+    esper_proxy 18087 18097 http://127.0.0.1:18091 $sink
+    local defaults=$!
+    ESPER_FORWARD_HEADERS=none esper_proxy 18088 18089 http://127.0.0.1:18091 $sink
+    local no_headers=$!
+    wait_port 127.0.0.1:18087
+    wait_port 127.0.0.1:18088
+    local targets
+    # Not the upstream itself: its CPU here is that of serving every other target too.
+    mapfile -t targets < <(baseline_targets | grep -v '^direct:')
+    targets+=("esper-event-sink:18087:$defaults" "esper-no-headers:18088:$no_headers")
+    echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us,cpu_us_per_req" | tee "$WORK/together.csv"
+    measure_together "$WORK/together.csv" "$rate" "$secs" "$reps" "${targets[@]}"
+    local ops
+    for ops in 18097 18089; do
+        if [ "$(dropped $ops)" != 0 ]; then
+            echo "the esper-proxy with ops port $ops dropped events: its figures are not comparable" >&2
+            exit 1
+        fi
+    done
+    echo
+    echo "medians, every target at $rate requests/s at once:"
+    python3 "$ROOT/benches/proxy/summary.py" latency "$WORK/together.csv"
+}
+
 case "${1:-}" in
 ttm) shift; ttm "$@" ;;
 latency) shift; latency "$@" ;;
+together) shift; together "$@" ;;
 memory) shift; memory "$@" ;;
 *) throughput "$@" ;;
 esac

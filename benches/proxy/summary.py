@@ -16,8 +16,10 @@ import random
 import statistics
 import sys
 
-ORDER = ["direct", "bare-pingora", "bare-pingora-mimalloc", "esper-empty", "esper-loaded",
-         "esper-event-sink", "esper-no-headers", "nginx", "haproxy"]
+ORDER = ["direct", "bare-pingora", "bare-pingora-mimalloc", "bare-pingora-idle-timer",
+         "esper-empty", "esper-loaded", "esper-event-sink", "esper-no-headers", "nginx", "haproxy"]
+NAMES = {"bare-pingora": "bare Pingora", "bare-pingora-mimalloc": "bare Pingora (mimalloc)",
+         "bare-pingora-idle-timer": "bare Pingora with the idle timer", "nginx": "nginx"}
 
 
 def by_target(path):
@@ -52,12 +54,11 @@ def throughput(path):
                "p50": statistics.median(micros(r["p50"]) for r in rs),
                "p99": statistics.median(micros(r["p99"]) for r in rs),
                "cpu": statistics.median(cpu[t])} for t, rs in by.items()}
-    bases = [b for b in ("bare-pingora", "bare-pingora-mimalloc", "nginx") if b in med]
-    names = {"bare-pingora": "bare Pingora", "bare-pingora-mimalloc": "bare Pingora (mimalloc)",
-             "nginx": "nginx"}
+    bases = [b for b in ("bare-pingora", "bare-pingora-mimalloc", "bare-pingora-idle-timer", "nginx")
+             if b in med]
     head = "| target | req/s | p50 µs | p99 µs | CPU µs/req |"
-    head += "".join(f" CPU vs {names[b]} (medians) |" for b in bases)
-    head += "".join(f" CPU / {names[b]}'s, paired: median [90% interval] |"
+    head += "".join(f" CPU vs {NAMES[b]} (medians) |" for b in bases)
+    head += "".join(f" CPU / {NAMES[b]}'s, paired: median [90% interval] |"
                     for b in bases if b != "nginx")
     print(head)
     print("|---" * head.count(" |") + "|")
@@ -98,19 +99,23 @@ def latency(path):
     base = med["bare-pingora"]
     p99 = {t: [float(r["p99_us"]) for r in rs] for t, rs in by.items()}
     cpu = {t: [float(r["cpu_us_per_req"]) for r in rs if r.get("cpu_us_per_req")] for t, rs in by.items()}
+    # CPU is paired with each bare Pingora run with the system allocator.
+    cpu_bases = [b for b in ("bare-pingora", "bare-pingora-idle-timer") if cpu.get(b)]
     head = ("| target | p50 µs | p90 µs | p99 µs | p99.9 µs | p99 − bare Pingora's, µs (medians) "
             "| paired p99 difference, µs: median [90% interval] |")
-    if cpu["bare-pingora"]:
-        head += " CPU µs/req | CPU / bare Pingora's, paired: median [90% interval] |"
+    if cpu_bases:
+        head += " CPU µs/req |"
+        head += "".join(f" CPU / {NAMES[b]}'s, paired: median [90% interval] |" for b in cpu_bases)
     print(head)
     print("|---" * head.count(" |") + "|")
     for t, m in med.items():
         mid, lo, hi = paired(p99[t], p99["bare-pingora"], lambda x, y: x - y)
         line = (f"| {t} | {m['p50_us']:.0f} | {m['p90_us']:.0f} | {m['p99_us']:.0f} | {m['p999_us']:.0f} | "
                 f"{m['p99_us'] - base['p99_us']:+.0f} | {mid:+.0f} [{lo:+.0f}, {hi:+.0f}] |")
-        if cpu["bare-pingora"]:
-            c = paired(cpu[t], cpu["bare-pingora"], lambda x, y: x / y)
+        if cpu_bases:
             line += (f" {statistics.median(cpu[t]):.1f} |" if cpu[t] else " |")
+        for b in cpu_bases:
+            c = paired(cpu[t], cpu[b], lambda x, y: x / y)
             line += (f" {c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}] |" if c else " |")
         print(line)
 

@@ -14,6 +14,15 @@
 # Besides the totals, CPU is split into user and kernel time (a change in user-space
 # work shows in the first without the kernel's wake-up costs blurring it).
 #
+# RATE=N loads every target at once at N requests/s each instead (measure_together in
+# common.sh: ratios steadier than in turn), e.g. to weigh each feature's cost:
+#
+#   E=$T/esper
+#   VARIANTS="defaults:$E:1.0 no-timer:$E:1.0:ESPER_UPSTREAM_IDLE_TIMEOUT=0s" \
+#     RATE=1500 bash benches/proxy/variants.sh 10 10
+#
+# (a setting may be several, comma-separated, as in NAME=VALUE,NAME=VALUE).
+#
 # HOLD=SECS starts everything, writes the proxies' pids to $OUT/pids, prints "ready" and
 # waits (to attach perf). Figures as in run.sh (targets in a shuffled order per
 # repetition, CPU per request paired with bare Pingora's by repetition).
@@ -31,19 +40,23 @@ start_upstream
 start_event_sink
 "$BIN/bare-pingora" 127.0.0.1:18083 "$UP" 1 >/dev/null 2>&1 & PIDS+=($!); BARE=$!
 "$BIN/bare-pingora-mimalloc" 127.0.0.1:18086 "$UP" 1 >/dev/null 2>&1 & PIDS+=($!); BARE_MI=$!
+# BARE_IDLE=SECS adds bare Pingora with that idle timeout on its pooled connections.
+[ -n "${BARE_IDLE:-}" ] && { "$BIN/bare-pingora" 127.0.0.1:18087 "$UP" 1 "$BARE_IDLE" >/dev/null 2>&1 & PIDS+=($!); BARE_IDLE_PID=$!; }
 "$BIN/esper" broker run mitigation --listen 127.0.0.1:18091 >/dev/null 2>&1 & PIDS+=($!)
 sleep 1
 declare -A VPID VPORT
 port=18100
 for v in $VARIANTS; do
   IFS=: read -r name bin rate setting <<<"$v"
-  env ${setting:+"$setting"} ESPER_UPSTREAM=$UP ESPER_PROXY_THREADS=1 ESPER_PROXY_ID=bench RUST_LOG=warn ESPER_SAMPLE_RATE=$rate \
+  # shellcheck disable=SC2086
+  env ${setting//,/ } ESPER_UPSTREAM=$UP ESPER_PROXY_THREADS=1 ESPER_PROXY_ID=bench RUST_LOG=warn ESPER_SAMPLE_RATE=$rate \
     ESPER_INGESTION_URL=http://127.0.0.1:18098 ESPER_MITIGATION_URL=http://127.0.0.1:18091 \
     "$bin" proxy run --listen "127.0.0.1:$port" --ops-listen "127.0.0.1:$((port+20))" 2>"$WORK/$name.log" & PIDS+=($!)
   VPID[$name]=$!; VPORT[$name]=$port; port=$((port+1))
 done
 VPID[bare-pingora]=$BARE; VPORT[bare-pingora]=18083
 VPID[bare-pingora-mimalloc]=$BARE_MI; VPORT[bare-pingora-mimalloc]=18086
+[ -n "${BARE_IDLE:-}" ] && { VPID[bare-pingora-idle-timer]=$BARE_IDLE_PID; VPORT[bare-pingora-idle-timer]=18087; }
 for name in "${!VPORT[@]}"; do wait_port "127.0.0.1:${VPORT[$name]}"; done
 echo "${VPID[@]}" >"$OUT/pids"
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
@@ -61,6 +74,14 @@ measure() { # NAME PORT PID
     printf "%.1f,%.2f,%.2f", u + s, u, s}')" | tee -a "$OUT/results.csv"
 }
 [ -n "${HOLD:-}" ] && { echo ready; sleep "$HOLD"; exit 0; }
+if [ -n "${RATE:-}" ]; then
+  targets=()
+  for name in "${!VPORT[@]}"; do targets+=("$name:${VPORT[$name]}:${VPID[$name]}"); done
+  echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us,cpu_us_per_req" >"$OUT/together.csv"
+  measure_together "$OUT/together.csv" "$RATE" "$DURATION" "$REPS" "${targets[@]}"
+  python3 "$ROOT/benches/proxy/summary.py" latency "$OUT/together.csv"
+  exit 0
+fi
 echo "target,req_per_s,p50,p99,cpu_us_per_req,user_us_per_req,sys_us_per_req" >"$OUT/results.csv"
 for rep in $(seq 1 "$REPS"); do
   for name in $(shuffled "$rep" "${!VPORT[@]}"); do measure "$name" "${VPORT[$name]}" "${VPID[$name]}"; done

@@ -3,7 +3,9 @@
 //! count). Two binaries run it: `bare-pingora` with the system allocator and
 //! `bare-pingora-mimalloc` with the allocator the `esper` binary uses.
 //!
-//! Usage: `bare-pingora[-mimalloc] LISTEN UPSTREAM THREADS`.
+//! Usage: `bare-pingora[-mimalloc] LISTEN UPSTREAM THREADS [IDLE_SECS]`. IDLE_SECS gives
+//! pooled upstream connections an idle timeout, as esper-proxy's `upstream_idle_timeout`
+//! does (by default they have none): the cost of Pingora's pool timer, measured alone.
 
 use async_trait::async_trait;
 use pingora::prelude::HttpPeer;
@@ -30,7 +32,7 @@ impl ProxyHttp for Pass {
 pub fn bare_pingora() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(listen), Some(upstream)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: bare-pingora LISTEN UPSTREAM [THREADS]");
+        eprintln!("usage: bare-pingora LISTEN UPSTREAM [THREADS] [IDLE_SECS]");
         std::process::exit(2);
     };
     let threads = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1);
@@ -38,6 +40,14 @@ pub fn bare_pingora() {
         eprintln!("UPSTREAM must be IP:PORT");
         std::process::exit(2);
     };
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    if let Some(idle) = args.get(4) {
+        let Ok(secs) = idle.parse() else {
+            eprintln!("IDLE_SECS must be a number of seconds");
+            std::process::exit(2);
+        };
+        peer.options.idle_timeout = Some(std::time::Duration::from_secs(secs));
+    }
     let conf = ServerConf {
         threads,
         grace_period_seconds: Some(0),
@@ -46,12 +56,7 @@ pub fn bare_pingora() {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut svc = http_proxy_service(
-        &server.configuration,
-        Pass {
-            peer: HttpPeer::new(addr, false, String::new()),
-        },
-    );
+    let mut svc = http_proxy_service(&server.configuration, Pass { peer });
     svc.add_tcp(listen);
     server.add_service(svc);
     server.run_forever();
