@@ -134,6 +134,18 @@ dropped() {
     curl -s "http://127.0.0.1:$1/metrics" | awk '/^esper_proxy_events_dropped_total/ {n += $2} END {print n + 0}'
 }
 
+# Stops the run when an esper-proxy (by ops port) dropped events: its figures would not
+# be comparable.
+refuse_dropped() {
+    local ops
+    for ops in "$@"; do
+        if [ "$(dropped "$ops")" != 0 ]; then
+            echo "the esper-proxy with ops port $ops dropped events: its figures are not comparable" >&2
+            exit 1
+        fi
+    done
+}
+
 # The targets that are not esper-proxy (the upstream, both bare Pingoras, nginx, HAProxy)
 # and the brokers; the bare Pingoras' pids are left in BARE, BARE_MI and BARE_TIMER.
 start_baselines() {
@@ -211,13 +223,7 @@ throughput() {
             measure "$name" "$port" ${pids//,/ }
         done
     done
-    local ops
-    for ops in 18094 18095 18089; do
-        if [ "$(dropped $ops)" != 0 ]; then
-            echo "the esper-proxy with ops port $ops dropped events: its figures are not comparable" >&2
-            exit 1
-        fi
-    done
+    refuse_dropped 18094 18095 18089
     echo
     echo "medians, and CPU per request paired with bare Pingora's by repetition:"
     python3 "$ROOT/benches/proxy/summary.py" throughput "$WORK/results.csv"
@@ -373,13 +379,7 @@ together() {
     targets+=("esper-event-sink:18087:$defaults" "esper-no-headers:18088:$no_headers")
     echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us,cpu_us_per_req" | tee "$WORK/together.csv"
     measure_together "$WORK/together.csv" "$rate" "$secs" "$reps" "${targets[@]}"
-    local ops
-    for ops in 18097 18089; do
-        if [ "$(dropped $ops)" != 0 ]; then
-            echo "the esper-proxy with ops port $ops dropped events: its figures are not comparable" >&2
-            exit 1
-        fi
-    done
+    refuse_dropped 18097 18089
     echo
     echo "medians, every target at $rate requests/s at once:"
     python3 "$ROOT/benches/proxy/summary.py" latency "$WORK/together.csv"
