@@ -101,7 +101,7 @@ cpu_ns() {
 measure_together() {
     local csv=$1 rate=$2 secs=$3 reps=$4
     shift 4
-    local rep target name port pids gens out
+    local rep target name port pids gens out errors
     local -A before
     for rep in $(seq 1 "$reps"); do
         gens=()
@@ -116,6 +116,9 @@ measure_together() {
         for target in "$@"; do
             IFS=: read -r name port pids <<<"$target"
             out=$(cat "$WORK/together.$name")
+            # A figure measured on failed requests would be meaningless.
+            IFS=, read -r _ errors _ <<<"$out"
+            if [ "$errors" != 0 ]; then echo "$name: $errors failed requests ($out)" >&2; exit 1; fi
             # shellcheck disable=SC2086
             echo "$name,$out,$(awk -v t=$(($(cpu_ns ${pids//,/ }) - before[$name])) -v n="${out%%,*}" \
                 'BEGIN { printf "%.2f", t / 1000 / n }')" | tee -a "$csv"
