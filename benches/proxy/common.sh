@@ -103,6 +103,15 @@ measure_together() {
     shift 4
     local rep target name port pids gens out errors
     local -A before
+    # A warm-up, not counted: each target's first requests open connections and fill
+    # caches and buffers that the measured ones then reuse.
+    gens=()
+    for target in "$@"; do
+        IFS=: read -r name port pids <<<"$target"
+        "$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" 2 20 >/dev/null &
+        gens+=($!)
+    done
+    wait "${gens[@]}"
     for rep in $(seq 1 "$reps"); do
         gens=()
         for target in "$@"; do
