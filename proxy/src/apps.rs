@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pingora::lb::discovery::Static;
@@ -37,7 +37,7 @@ pub struct App {
     pub templates: Templates,
     tls: bool,
     connect_timeout: Duration,
-    idle_timeout: Duration,
+    windows: ReuseWindows,
     pool: LoadBalancer<RoundRobin>,
     upstreams: usize,
     /// The peer of an app with a single upstream, which needs no balancing.
@@ -52,6 +52,62 @@ pub struct App {
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App").field("name", &self.name).finish()
+    }
+}
+
+/// Which pooled upstream connections a request may take: only those that went back to
+/// the pool during the same window of `upstream_idle_timeout`, counted from when the app
+/// was built. So no request goes out on a connection idle for longer than the timeout,
+/// which is what the timeout is for (the upstream may be closing it, and a NAT may have
+/// forgotten it), without Pingora's idle timer: that timer is armed and disarmed every
+/// time a connection goes back to the pool, once per request. The windows cost a new
+/// connection per window for each connection in use, a handful a minute.
+///
+/// A connection returned too late in its window to be taken again is closed by Pingora's
+/// timer: only requests started in the last eighth of a window arm it, with an eighth of
+/// the window. Others left behind (a quiet app whose connection was not needed again
+/// before the window ended) are closed when the upstream closes them or when the pool
+/// needs their room.
+#[derive(Clone, Copy, Debug)]
+struct ReuseWindows {
+    /// The window's width in microseconds; 0: one window for ever, and no timer.
+    width: u64,
+    start: Instant,
+    /// Keeps this app's windows apart from those of another app with the same upstream,
+    /// which start at another moment: connections are pooled by peer and group key.
+    salt: u64,
+    /// The timer of connections returned in a window's last eighth.
+    closing: Duration,
+}
+
+impl ReuseWindows {
+    fn new(idle_timeout: Duration) -> ReuseWindows {
+        let width = u64::try_from(idle_timeout.as_micros()).unwrap_or(u64::MAX);
+        // A nonzero timeout below a microsecond is still a timeout.
+        let width = if idle_timeout.is_zero() {
+            0
+        } else {
+            width.max(1)
+        };
+        ReuseWindows {
+            width,
+            start: Instant::now(),
+            salt: rand::random(),
+            closing: (idle_timeout / 8).max(Duration::from_millis(1)),
+        }
+    }
+
+    /// Puts `peer` in the pool of the window `started` falls in.
+    fn apply(&self, peer: &mut HttpPeer, started: Instant) {
+        if self.width == 0 {
+            return;
+        }
+        let since = started.saturating_duration_since(self.start);
+        let at = since.as_secs() * 1_000_000 + u64::from(since.subsec_micros());
+        peer.group_key = self.salt.wrapping_add(at / self.width);
+        if at % self.width >= self.width - self.width / 8 {
+            peer.options.idle_timeout = Some(self.closing);
+        }
     }
 }
 
@@ -193,12 +249,7 @@ impl App {
         }
         let upstreams = backends.len();
         let only = match backends.first() {
-            Some(b) if upstreams == 1 => peer_of(
-                b,
-                cfg.upstream_tls,
-                shared.connect_timeout,
-                shared.idle_timeout,
-            ),
+            Some(b) if upstreams == 1 => peer_of(b, cfg.upstream_tls, shared.connect_timeout),
             _ => None,
         };
         let checked = (cfg.health_check != "none").then(|| {
@@ -237,7 +288,7 @@ impl App {
             templates,
             tls: cfg.upstream_tls,
             connect_timeout: shared.connect_timeout,
-            idle_timeout: shared.idle_timeout,
+            windows: ReuseWindows::new(shared.idle_timeout),
             pool,
             upstreams,
             only,
@@ -281,8 +332,15 @@ impl App {
         self.upstreams
     }
 
-    /// The next healthy upstream, round robin, other than `avoid` when there is another.
-    pub fn peer(&self, avoid: Option<SocketAddr>) -> Option<HttpPeer> {
+    /// The next healthy upstream, round robin, other than `avoid` when there is another,
+    /// for a request `started` then.
+    pub fn peer(&self, avoid: Option<SocketAddr>, started: Instant) -> Option<HttpPeer> {
+        let mut peer = self.pick(avoid)?;
+        self.windows.apply(&mut peer, started);
+        Some(peer)
+    }
+
+    fn pick(&self, avoid: Option<SocketAddr>) -> Option<HttpPeer> {
         if let Some(only) = &self.only {
             // One upstream: whatever its health, it is the one to try.
             return Some(only.clone());
@@ -297,17 +355,12 @@ impl App {
                 self.pool
                     .select_with(b"", self.upstreams.max(1), |_, _| true)
             })?;
-        peer_of(&b, self.tls, self.connect_timeout, self.idle_timeout)
+        peer_of(&b, self.tls, self.connect_timeout)
     }
 }
 
 /// The peer Pingora connects to for backend `b`.
-fn peer_of(
-    b: &Backend,
-    tls: bool,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-) -> Option<HttpPeer> {
+fn peer_of(b: &Backend, tls: bool, connect_timeout: Duration) -> Option<HttpPeer> {
     let sni = if tls {
         b.ext
             .get::<UpstreamHost>()
@@ -318,7 +371,6 @@ fn peer_of(
     };
     let mut peer = HttpPeer::new(*b.addr.as_inet()?, tls, sni);
     peer.options.connection_timeout = Some(connect_timeout);
-    peer.options.idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
     Some(peer)
 }
 
@@ -498,6 +550,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use pingora::upstreams::peer::Peer;
+
     use super::*;
 
     #[test]
@@ -513,5 +567,43 @@ mod tests {
         assert!(w.matches("a.shop.example"));
         assert!(!w.matches("shop.example"));
         assert!(HostPattern::parse("shop.example").matches("SHOP.example"));
+    }
+
+    fn placed(windows: &ReuseWindows, after_ms: u64) -> HttpPeer {
+        let mut peer = HttpPeer::new(("127.0.0.1", 8080), false, String::new());
+        windows.apply(&mut peer, windows.start + Duration::from_millis(after_ms));
+        peer
+    }
+
+    #[test]
+    fn reuse_windows() {
+        let w = ReuseWindows::new(Duration::from_secs(60));
+        let (early, late) = (placed(&w, 1_000), placed(&w, 52_000));
+        // One window, one pool: a connection returned early is taken again late.
+        assert_eq!(early.reuse_hash(), late.reuse_hash());
+        assert_eq!(early.options.idle_timeout, None);
+        // In the window's last eighth, what goes back to the pool gets a timer.
+        let last = placed(&w, 53_000);
+        assert_eq!(last.reuse_hash(), early.reuse_hash());
+        assert_eq!(
+            last.options.idle_timeout,
+            Some(Duration::from_millis(7_500))
+        );
+        // The next window is another pool.
+        let next = placed(&w, 60_000);
+        assert_ne!(next.reuse_hash(), early.reuse_hash());
+        assert_eq!(next.options.idle_timeout, None);
+        // Another app's windows are apart from these.
+        let other = ReuseWindows {
+            salt: w.salt ^ 1,
+            ..w
+        };
+        assert_ne!(placed(&other, 1_000).reuse_hash(), early.reuse_hash());
+
+        // No timeout: one pool for ever, no timer.
+        let never = ReuseWindows::new(Duration::ZERO);
+        let (first, much_later) = (placed(&never, 0), placed(&never, 86_400_000));
+        assert_eq!(first.reuse_hash(), much_later.reuse_hash());
+        assert_eq!(much_later.options.idle_timeout, None);
     }
 }

@@ -185,14 +185,14 @@ pub struct Config {
     /// Timeout for connecting to the upstream (`ESPER_UPSTREAM_CONNECT_TIMEOUT`).
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
-    /// How long an idle upstream connection is kept for reuse
+    /// Longest time an upstream connection sits idle and is still reused
     /// (`ESPER_UPSTREAM_IDLE_TIMEOUT`). Shorter than the upstream's own keep-alive
     /// timeout, it keeps requests off connections the upstream is closing (a request
-    /// that is not safe to retry, such as a POST, would get a 502), and it drops
-    /// connections that a NAT or firewall forgets silently. 0 sets no timer: a
-    /// connection stays pooled until the upstream closes it or the pool evicts it,
-    /// which saves every request a timer registration (about 1% of its CPU) and suits
-    /// upstreams on the same host that keep connections longer than the proxy does.
+    /// that is not safe to retry, such as a POST, would get a 502), and off connections
+    /// that a NAT or firewall forgot silently. The pool is split into windows of this
+    /// length, each reused only within its window (see `apps::ReuseWindows`). 0: one
+    /// window for ever, so a connection stays pooled until the upstream closes it or
+    /// the pool evicts it, which suits upstreams on the same host.
     #[serde(with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
     /// How often upstream host names are resolved again (each name is a backend per

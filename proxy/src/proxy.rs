@@ -824,7 +824,10 @@ impl ProxyHttp for EsperProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let peer = ctx.app.as_ref().and_then(|app| app.peer(ctx.failed));
+        let peer = ctx
+            .app
+            .as_ref()
+            .and_then(|app| app.peer(ctx.failed, ctx.started));
         let Some(peer) = peer else {
             return Error::e_explain(pingora::ErrorType::ConnectNoRoute, "no upstream available");
         };
