@@ -824,10 +824,14 @@ impl ProxyHttp for EsperProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let peer = ctx
-            .app
-            .as_ref()
-            .and_then(|app| app.peer(ctx.failed, ctx.started));
+        // A retry may come long after the request started (connect timeouts): its
+        // window of the pool is the one it goes out in.
+        let at = if ctx.tries == 0 {
+            ctx.started
+        } else {
+            Instant::now()
+        };
+        let peer = ctx.app.as_ref().and_then(|app| app.peer(ctx.failed, at));
         let Some(peer) = peer else {
             return Error::e_explain(pingora::ErrorType::ConnectNoRoute, "no upstream available");
         };
