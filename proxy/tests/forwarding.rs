@@ -254,12 +254,19 @@ async fn an_upstream_closing_idle_connections_is_not_an_error() {
     proxy.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_connection_idle_past_the_timeout_is_not_reused() {
+/// A proxy with `upstream_idle_timeout` of `idle`, in front of an upstream that keeps
+/// its connections open.
+async fn with_idle_timeout(idle: Duration) -> (CountingServer, support::TestProxy) {
     let up = counting_upstream(None).await;
     let mut cfg = config(up.addr, &dead_url(), &dead_url());
-    cfg.upstream_idle_timeout = Duration::from_millis(300);
+    cfg.upstream_idle_timeout = idle;
     let proxy = start_proxy(cfg).await;
+    (up, proxy)
+}
+
+#[tokio::test]
+async fn a_connection_idle_past_the_timeout_is_not_reused() {
+    let (up, proxy) = with_idle_timeout(Duration::from_millis(300)).await;
     let client = client_from("127.0.0.1");
     for _ in 0..2 {
         let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
@@ -272,10 +279,7 @@ async fn a_connection_idle_past_the_timeout_is_not_reused() {
 
 #[tokio::test]
 async fn connections_no_longer_reused_are_closed() {
-    let up = counting_upstream(None).await;
-    let mut cfg = config(up.addr, &dead_url(), &dead_url());
-    cfg.upstream_idle_timeout = Duration::from_millis(800);
-    let proxy = start_proxy(cfg).await;
+    let (up, proxy) = with_idle_timeout(Duration::from_millis(800)).await;
     let client = client_from("127.0.0.1");
     // Steady traffic over more than three windows: each window's requests share one
     // connection, and the last of them arm the timer on it.
