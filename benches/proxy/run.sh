@@ -179,11 +179,16 @@ baseline_targets() {
     echo "haproxy:18082:$HAPROXY"
 }
 
+# The esper binary and the bare pass-throughs, in the chosen profile.
+build_targets() {
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
+}
+
 throughput() {
     DURATION=${1:-10}
     local reps=${2:-3}
     need nginx haproxy wrk curl
-    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
+    build_targets
     start_baselines
     # The esper targets post their events to a sink that answers 202 without reading them
     # (as the broker answers), not to the ingestion broker: with nothing claiming, the
@@ -268,7 +273,7 @@ PY
 # also publish one new address mitigation every 100 ms, a few hundred in all.)
 memory() {
     need curl
-    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
+    build_targets
     start_brokers
     "$BIN/esper" broker run mitigation --listen 127.0.0.1:18093 >/dev/null 2>&1 &
     PIDS+=($!)
@@ -322,7 +327,7 @@ PY
 latency() {
     local rate=${1:-5000} secs=${2:-10} reps=${3:-3}
     need nginx haproxy curl
-    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
+    build_targets
     start_baselines
     esper_proxy 18084 18094 http://127.0.0.1:18091
     local empty=$!
@@ -363,7 +368,7 @@ latency() {
 together() {
     local rate=${1:-1500} secs=${2:-10} reps=${3:-10}
     need nginx haproxy curl
-    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p esper -p esper-bench-proxy)
+    build_targets
     start_baselines
     start_event_sink
     local sink=http://127.0.0.1:18098
