@@ -23,6 +23,12 @@
 #
 # (a setting may be several, comma-separated, as in NAME=VALUE,NAME=VALUE).
 #
+# THREADS=SECS prints, per thread of every target, CPU time and wake-ups a second: first
+# over SECS with no traffic, then over SECS at RATE (default 1000) requests/s each (what
+# background work costs, beside the requests):
+#
+#   VARIANTS="old:/tmp/esper-old:1.0 new:$T/esper:1.0" THREADS=10 bash benches/proxy/variants.sh
+#
 # HOLD=SECS starts everything, writes the proxies' pids to $OUT/pids, prints "ready" and
 # waits (to attach perf). Figures as in run.sh (targets in a shuffled order per
 # repetition, CPU per request paired with bare Pingora's by repetition).
@@ -74,6 +80,33 @@ measure() { # NAME PORT PID
     printf "%.1f,%.2f,%.2f", u + s, u, s}')" | tee -a "$OUT/results.csv"
 }
 [ -n "${HOLD:-}" ] && { echo ready; sleep "$HOLD"; exit 0; }
+if [ -n "${THREADS:-}" ]; then
+  # Each thread's CPU (schedstat) and voluntary context switches (its wake-ups).
+  per_thread() {
+    local name t
+    for name in "${!VPID[@]}"; do
+      for t in /proc/"${VPID[$name]}"/task/*; do
+        echo "$name/$(tr ' ' _ <"$t/comm")/${t##*/} $(awk '{print $1}' "$t/schedstat") $(awk '/^voluntary_ctxt/ {print $2}' "$t/status")"
+      done
+    done | sort
+  }
+  report() { # BEFORE AFTER
+    join "$1" "$2" | awk -v s="$THREADS" '$4 > $2 {printf "%-44s %8.3f ms/s %7.1f wake-ups/s\n", $1, ($4 - $2) / 1e6 / s, ($5 - $3) / s}'
+  }
+  load() { # SECS
+    local gens=() name
+    for name in "${!VPORT[@]}"; do
+      "$BIN/fixed-rate" "127.0.0.1:${VPORT[$name]}" /index.html "${RATE:-1000}" "$1" 20 >/dev/null & gens+=($!)
+    done
+    wait "${gens[@]}"
+  }
+  per_thread >"$WORK/t0"; sleep "$THREADS"; per_thread >"$WORK/t1"
+  echo "no traffic, $THREADS s:"; report "$WORK/t0" "$WORK/t1"
+  load 2
+  per_thread >"$WORK/t2"; load "$THREADS"; per_thread >"$WORK/t3"
+  echo "${RATE:-1000} requests/s each, $THREADS s:"; report "$WORK/t2" "$WORK/t3"
+  exit 0
+fi
 if [ -n "${RATE:-}" ]; then
   targets=()
   for name in "${!VPORT[@]}"; do targets+=("$name:${VPORT[$name]}:${VPID[$name]}"); done

@@ -6,8 +6,11 @@
 //!
 //! The forwarder is woken once a buffer holds a batch's worth (or by its flush timer),
 //! never once per event: waking another thread per request cost more than building the
-//! event. The buffers together hold at most the configured capacity; an event that
-//! finds its thread's buffer full is refused, and the caller counts it as dropped.
+//! event. The one exception is the first event after a quiet spell: a forwarder that
+//! found nothing to send waits with no timer at all (an idle proxy spends nothing on
+//! reporting), so that event wakes it. The buffers together hold at most the configured
+//! capacity; an event that finds its thread's buffer full is refused, and the caller
+//! counts it as dropped.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -111,6 +114,8 @@ pub struct EventQueue {
     handoff: usize,
     ready: Notify,
     closed: AtomicBool,
+    /// The forwarder waits for the next event with no timer armed (see `park`).
+    parked: AtomicBool,
 }
 
 /// Hands out buffer numbers to threads as they first report.
@@ -136,6 +141,7 @@ impl EventQueue {
             handoff: handoff.clamp(1, per_shard),
             ready: Notify::new(),
             closed: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
         }
     }
 
@@ -162,7 +168,10 @@ impl EventQueue {
             buf.full.push(full);
         }
         drop(buf);
-        if wake {
+        // The load first: every request reads the flag, only the first after a quiet
+        // spell writes it.
+        if wake || (self.parked.load(Ordering::SeqCst) && self.parked.swap(false, Ordering::SeqCst))
+        {
             // A stored permit if the forwarder is busy: the handoff is not lost.
             self.ready.notify_one();
         }
@@ -196,7 +205,21 @@ impl EventQueue {
         self.shards.iter().map(|s| s.0.lock().queued).sum()
     }
 
-    /// Waits until some buffer holds a batch's worth of events.
+    /// Makes the next event wake the forwarder (by `ready`), unless events are queued
+    /// already: then it returns false and the forwarder should drain them instead.
+    pub fn park(&self) -> bool {
+        self.parked.store(true, Ordering::SeqCst);
+        // Checked after the flag is up, under each buffer's lock: an event pushed before
+        // this look is seen here, one pushed after it sees the flag.
+        let queued = self.shards.iter().any(|s| s.0.lock().queued > 0);
+        if queued {
+            self.parked.store(false, Ordering::SeqCst);
+        }
+        !queued
+    }
+
+    /// Waits until some buffer holds a batch's worth of events, or, once `park`ed, until
+    /// the next event.
     pub async fn ready(&self) {
         self.ready.notified().await;
     }
@@ -344,6 +367,49 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), q.ready())
             .await
             .expect("woken when the batch is complete");
+    }
+
+    #[tokio::test]
+    async fn a_parked_forwarder_is_woken_by_the_next_event_only() {
+        let q = EventQueue::new(100, 1, 50);
+        assert!(q.park(), "nothing queued: parks");
+        push(&q, 0).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), q.ready())
+            .await
+            .expect("the first event wakes it");
+        push(&q, 1).unwrap();
+        let again = tokio::time::timeout(Duration::from_millis(50), q.ready()).await;
+        assert!(again.is_err(), "later events leave it to its timer");
+
+        assert!(!q.park(), "events queued: no parking");
+        push(&q, 2).unwrap();
+        let woken = tokio::time::timeout(Duration::from_millis(50), q.ready()).await;
+        assert!(woken.is_err(), "a refused park leaves no wake-up behind");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_pushed_while_parking_is_never_stranded() {
+        let q = Arc::new(EventQueue::new(100, 2, 50));
+        let mut out = Vec::new();
+        for n in 0..2000 {
+            let pusher = {
+                let q = q.clone();
+                std::thread::spawn(move || push(&q, n).unwrap())
+            };
+            loop {
+                q.drain_into(&mut out);
+                if !out.is_empty() {
+                    break;
+                }
+                if q.park() {
+                    tokio::time::timeout(Duration::from_secs(5), q.ready())
+                        .await
+                        .unwrap_or_else(|_| panic!("event {n} queued with nobody woken"));
+                }
+            }
+            assert_eq!(ids(std::mem::take(&mut out)), [format!("e{n}")]);
+            pusher.join().unwrap();
+        }
     }
 
     #[test]

@@ -154,6 +154,53 @@ async fn queued_events_are_flushed_at_shutdown() {
     assert_eq!(events.len(), 5);
 }
 
+/// The flush timer runs only while events come in: the first event after a quiet spell
+/// is sent at once, and one that follows it within the interval waits for the interval,
+/// however quiet the proxy is after it.
+#[tokio::test]
+async fn events_after_a_quiet_spell_go_at_once_and_the_rest_within_the_interval() {
+    let up = upstream().await;
+    let broker = ingestion().await;
+    let mut cfg = config(up.addr, &broker.url, &dead_url());
+    let interval = Duration::from_secs(4);
+    cfg.flush_interval = interval;
+    let proxy = start_proxy(cfg).await;
+    let client = client_from("127.0.0.1");
+    let get = |path: &'static str| {
+        let client = client.clone();
+        let url = format!("{}{path}", proxy.url);
+        // A 404 from the upstream: reported like any answer.
+        async move {
+            client.get(url).send().await.unwrap();
+        }
+    };
+
+    // Past the first interval, which brought nothing: the forwarder waits untimed.
+    tokio::time::sleep(interval + Duration::from_millis(500)).await;
+    let first_sent = tokio::time::Instant::now();
+    get("/first").await;
+    let events = broker.claim_events(1, Duration::from_secs(1)).await;
+    assert_eq!(events.len(), 1, "the first event did not wait for a timer");
+    assert_eq!(events[0].path, "/first");
+
+    get("/second").await;
+    assert!(
+        broker
+            .claim_events(1, Duration::from_secs(1))
+            .await
+            .is_empty(),
+        "an event within the interval is batched, not sent at once"
+    );
+    let events = broker.claim_events(1, interval * 2).await;
+    assert_eq!(events.len(), 1, "sent by the timer with no further traffic");
+    assert_eq!(events[0].path, "/second");
+    assert!(
+        first_sent.elapsed() >= interval - Duration::from_millis(100),
+        "not before the interval ran out"
+    );
+    proxy.stop().await.unwrap();
+}
+
 /// Events recorded with `record_events` replay through the policies-test code
 /// (`esperctl policies test --events FILE`) to the decision the live engine would make.
 #[tokio::test]
