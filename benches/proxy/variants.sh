@@ -23,6 +23,8 @@
 #
 # (a setting may be several, comma-separated, as in NAME=VALUE,NAME=VALUE).
 #
+# EXTRA_BARE="name:binary ..." adds bare Pingora pass-throughs of other builds (pgo.sh's).
+#
 # THREADS=SECS prints, per thread of every target, CPU time and wake-ups a second: first
 # over SECS with no traffic, then over SECS at RATE (default 1000) requests/s each (what
 # background work costs, beside the requests):
@@ -63,6 +65,13 @@ done
 VPID[bare-pingora]=$BARE; VPORT[bare-pingora]=18083
 VPID[bare-pingora-mimalloc]=$BARE_MI; VPORT[bare-pingora-mimalloc]=18086
 [ -n "${BARE_IDLE:-}" ] && { VPID[bare-pingora-idle-timer]=$BARE_IDLE_PID; VPORT[bare-pingora-idle-timer]=18087; }
+# EXTRA_BARE="name:binary ..." adds more bare Pingora pass-throughs (another build of it).
+port=18140
+for b in ${EXTRA_BARE:-}; do
+  IFS=: read -r name bin <<<"$b"
+  "$bin" "127.0.0.1:$port" "$UP" 1 >/dev/null 2>&1 & PIDS+=($!)
+  VPID[$name]=$!; VPORT[$name]=$port; port=$((port+1))
+done
 for name in "${!VPORT[@]}"; do wait_port "127.0.0.1:${VPORT[$name]}"; done
 echo "${VPID[@]}" >"$OUT/pids"
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
