@@ -9,6 +9,7 @@
 # Prints, per target, instructions and system calls per request, and leaves the callgrind
 # files in $OUT (default /tmp/esper-profile) for `callgrind_annotate`, e.g.
 #   callgrind_annotate --inclusive=yes $OUT/esper-proxy.callgrind | head -80
+# CALLGRIND_ARGS adds options, e.g. "--cache-sim=yes" for cache misses by function.
 # Each target gets its steady state only: collection is switched on after a warm-up on
 # the same connections. esper-proxy runs with its defaults (every request reported to a
 # real ingestion broker, which runs outside the measurement).
@@ -107,7 +108,7 @@ echo "target,instructions_per_request,syscalls_per_request" >"$OUT/summary.csv"
 for t in $TARGETS; do
     # Instructions: callgrind, collection switched on for the measured requests only.
     start_target "$t" valgrind --tool=callgrind --instr-atstart=no --trace-children=no \
-        --callgrind-out-file="$OUT/$t.callgrind"
+        --callgrind-out-file="$OUT/$t.callgrind" ${CALLGRIND_ARGS:-}
     vpid=$TPID
     drive "callgrind_control -i on $vpid >/dev/null" "callgrind_control -i off $vpid >/dev/null"
     stop_target "$vpid"
