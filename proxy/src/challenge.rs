@@ -212,6 +212,21 @@ impl Challenger {
         true
     }
 
+    /// Signs with `current` from now on and honours, besides it, `previous` only: as the
+    /// control plane tells after a rotation, which may refuse every key before.
+    /// `false` when nothing changed.
+    pub fn set_keys(&self, current: &[u8], previous: Option<&[u8]>) -> bool {
+        let keys = self.keys.load();
+        if keys.current == current && keys.previous.as_deref() == previous {
+            return false;
+        }
+        self.keys.store(std::sync::Arc::new(Keys {
+            current: current.to_vec(),
+            previous: previous.map(<[u8]>::to_vec),
+        }));
+        true
+    }
+
     fn mac(&self, kind: &[u8], fields: &[&[u8]], ip: IpAddr, ua: &str) -> [u8; MAC_LEN] {
         mac_with(&self.keys.load().current, kind, fields, ip, ua)
     }

@@ -41,7 +41,7 @@ use chrono::Utc;
 use esper_common::Shutdown;
 use esper_common::config::ConfigError;
 use esper_common::http::BindError;
-use esper_protocol::IngestionClient;
+use esper_protocol::{ChallengeKey, IngestionClient};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -197,9 +197,9 @@ pub struct Reloader {
     health: Arc<HealthKeeper>,
     /// Signs challenges; a reload brings a new `challenge_secret` to it.
     challenger: Arc<Challenger>,
-    /// The control plane's challenge key, once it answered: what signs whenever the
-    /// configuration sets no `challenge_secret`.
-    deployment_key: Arc<parking_lot::Mutex<Option<String>>>,
+    /// The control plane's challenge key (and the one it replaced), once it answered:
+    /// what signs whenever the configuration sets no `challenge_secret`.
+    deployment_key: Arc<parking_lot::Mutex<Option<ChallengeKey>>>,
 }
 
 /// The local configuration (file, environment and flags, as last read at start or on
@@ -249,13 +249,29 @@ impl Reloader {
 
     /// The control plane's challenge key, used unless the configuration in force sets
     /// its own `challenge_secret` (which always wins). `true` when it now signs.
-    pub async fn use_deployment_key(&self, key: &str) -> bool {
+    ///
+    /// Besides it, the proxy honours the key the control plane says it replaced, and no
+    /// other: a rotation that drops the key before refuses its cookies here too. On the
+    /// first answer of a control plane that never rotated, the proxy's own start-up key
+    /// stays honoured instead, for the cookies it signed before the control plane
+    /// answered.
+    pub async fn use_deployment_key(&self, key: &ChallengeKey) -> bool {
         let layers = self.layers.lock().await;
-        *self.deployment_key.lock() = Some(key.to_string());
+        let first = self.deployment_key.lock().replace(key.clone()).is_none();
         let configured = layers
             .over(&layers.local)
             .map_or(true, |c| c.challenge_secret.is_some());
-        !configured && self.challenger.set_key(key.as_bytes())
+        if configured {
+            return false;
+        }
+        if first && key.previous.is_none() && key.revision <= 1 {
+            self.challenger.set_key(key.key.as_bytes())
+        } else {
+            self.challenger.set_keys(
+                key.key.as_bytes(),
+                key.previous.as_deref().map(str::as_bytes),
+            )
+        }
     }
 
     /// Rebuilds, with the configuration in force, the apps with an upstream host name
@@ -304,7 +320,7 @@ impl Reloader {
         let key = config
             .challenge_secret
             .clone()
-            .or_else(|| self.deployment_key.lock().clone());
+            .or_else(|| self.deployment_key.lock().as_ref().map(|k| k.key.clone()));
         if let Some(key) = key
             && self.challenger.set_key(key.as_bytes())
         {
@@ -608,10 +624,14 @@ pub async fn start(
     };
     // Asked even with a secret set: a reload may take the secret away.
     if let Some(url) = config.control_url.clone() {
-        tasks.push(tokio::spawn(remote::challenge_key(
-            url.clone(),
-            config.control_token.clone(),
-            reloader.clone(),
+        tasks.push(tokio::spawn(remote::follow_challenge_key(
+            remote::Follow {
+                control_url: url.clone(),
+                token: config.control_token.clone(),
+                reloader: reloader.clone(),
+                metrics: metrics.clone(),
+                wait: config.stream_wait,
+            },
             shutdown.clone(),
         )));
     }

@@ -4,6 +4,7 @@
 //! applies the result through the same reload path as SIGHUP, so no connection is
 //! dropped. A SIGHUP keeps the latest document laid over the configuration it reads. A configuration that does not
 //! parse or validate is refused with an error line, and the one in force stays.
+//! The challenge key the proxies share is followed the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,23 +57,15 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
         f.control_url.trim_end_matches('/')
     );
     let mut after = 0i64;
-    let mut backoff = FIRST_BACKOFF;
-    let mut failing = false;
+    let mut backoff = Backoff::default();
     // The latest document, while it could not be built for a reason that may pass (an
     // upstream that does not resolve yet, a templates directory not yet in place): it is
     // tried again after each wait that brings no newer one.
     let mut retry: Option<ProxyConfigDoc> = None;
     loop {
-        let mut req = client
-            .get(&url)
-            .query(&[("after", after), ("wait", f.wait.as_secs() as i64)])
-            .timeout(f.wait + REQUEST_SLACK);
-        if let Some(t) = &f.token {
-            req = req.bearer_auth(t);
-        }
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
-            r = poll(req) => r,
+            r = poll::<ProxyConfigDoc>(f.long_poll(&client, &url, after)) => r,
         };
         match polled {
             Ok(Some(doc)) => {
@@ -85,27 +78,77 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
                 }
             }
             Err(e) => {
-                if !failing {
-                    tracing::warn!(url, error = %e, "cannot read the proxy configuration from the control plane; retrying");
-                }
-                failing = true;
-                if shutdown.sleep(backoff).await {
+                if backoff.failed(&shutdown, || tracing::warn!(url, error = %e, "cannot read the proxy configuration from the control plane; retrying")).await {
                     return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         }
-        if failing {
-            tracing::info!(url, "control plane reachable again");
-        }
-        failing = false;
-        backoff = FIRST_BACKOFF;
+        backoff.reached(&url);
     }
 }
 
-/// One long-poll: a newer document, or none within the wait.
-async fn poll(req: reqwest::RequestBuilder) -> Result<Option<ProxyConfigDoc>, String> {
+impl Follow {
+    /// `GET url?after=AFTER&wait=SECS`, with the token, timed out a little after the wait.
+    fn long_poll(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        after: i64,
+    ) -> reqwest::RequestBuilder {
+        let req = client
+            .get(url)
+            .query(&[("after", after), ("wait", self.wait.as_secs() as i64)])
+            .timeout(self.wait + REQUEST_SLACK);
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+}
+
+/// Pauses between failed polls: from [`FIRST_BACKOFF`], doubling up to [`MAX_BACKOFF`];
+/// a failure is logged once until the control plane answers again.
+struct Backoff {
+    next: Duration,
+    failing: bool,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: FIRST_BACKOFF,
+            failing: false,
+        }
+    }
+}
+
+impl Backoff {
+    /// After a failed poll: `warn` on the first failure of a run, then the pause. `true`
+    /// when shutdown came first.
+    async fn failed(&mut self, shutdown: &Shutdown, warn: impl FnOnce()) -> bool {
+        if !self.failing {
+            warn();
+        }
+        self.failing = true;
+        let stop = shutdown.sleep(self.next).await;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        stop
+    }
+
+    /// After an answer.
+    fn reached(&mut self, url: &str) {
+        if self.failing {
+            tracing::info!(url, "control plane reachable again");
+        }
+        *self = Backoff::default();
+    }
+}
+
+/// One long-poll: something newer, or nothing within the wait.
+async fn poll<T: serde::de::DeserializeOwned>(
+    req: reqwest::RequestBuilder,
+) -> Result<Option<T>, String> {
     let resp = req.send().await.map_err(|e| e.to_string())?;
     match resp.status() {
         StatusCode::OK => resp.json().await.map(Some).map_err(|e| e.to_string()),
@@ -134,57 +177,64 @@ async fn apply(f: &Follow, doc: &ProxyConfigDoc) -> bool {
     }
 }
 
-/// Asks the control plane for the deployment's challenge key until it answers, and signs
-/// with it (unless the configuration sets its own `challenge_secret`). Until then the
-/// proxy signs with its start-up key, whose cookies it keeps honouring after the switch.
-pub async fn challenge_key(
-    control_url: String,
-    token: Option<String>,
-    reloader: Reloader,
-    shutdown: Shutdown,
-) {
+/// Follows the deployment's challenge key on the control plane until `shutdown`: the
+/// first answer, then each rotation as its long-poll returns it. The key signs unless the
+/// configuration sets its own `challenge_secret`. Until the first answer the proxy signs
+/// with its start-up key, whose cookies it keeps honouring after the switch.
+pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
     let client = reqwest::Client::new();
     let url = format!(
         "{}/api/v1/proxies/challenge-key",
-        control_url.trim_end_matches('/')
+        f.control_url.trim_end_matches('/')
     );
-    let mut backoff = FIRST_BACKOFF;
-    let mut warned = false;
+    let mut after = 0i64;
+    let mut backoff = Backoff::default();
     loop {
-        let mut req = client.get(&url).timeout(REQUEST_SLACK);
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
-        }
-        let answer = tokio::select! {
+        let polled = tokio::select! {
             _ = shutdown.wait() => return,
-            r = fetch_key(req) => r,
+            r = poll::<ChallengeKey>(f.long_poll(&client, &url, after)) => r,
         };
-        match answer {
-            Ok(key) => {
-                if reloader.use_deployment_key(&key.key).await {
-                    tracing::info!(url, "signing challenges with the control plane's key");
+        match polled {
+            Ok(Some(key)) => {
+                let first = after == 0;
+                after = key.revision;
+                if f.reloader.use_deployment_key(&key).await {
+                    if first {
+                        tracing::info!(
+                            url,
+                            revision = key.revision,
+                            "signing challenges with the control plane's key"
+                        );
+                    } else {
+                        tracing::info!(
+                            url,
+                            revision = key.revision,
+                            previous_honoured = key.previous.is_some(),
+                            "the control plane rotated the challenge key: new challenges and cookies are signed with it"
+                        );
+                    }
                 }
-                return;
-            }
-            Err(e) => {
-                if !warned {
-                    tracing::warn!(url, error = %e, "cannot read the challenge key from the control plane; retrying (clearance cookies are honoured by this process only until then)");
-                    warned = true;
-                }
-                if shutdown.sleep(backoff).await {
+                // A control plane that keeps no revisions cannot rotate: nothing to follow.
+                if key.revision == 0 {
                     return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let warn = || {
+                    if after == 0 {
+                        tracing::warn!(url, error = %e, "cannot read the challenge key from the control plane; retrying (clearance cookies are honoured by this process only until then)");
+                    } else {
+                        tracing::warn!(url, error = %e, "cannot follow the challenge key on the control plane; retrying (the key in use still signs)");
+                    }
+                };
+                if backoff.failed(&shutdown, warn).await {
+                    return;
+                }
+                continue;
             }
         }
-    }
-}
-
-async fn fetch_key(req: reqwest::RequestBuilder) -> Result<ChallengeKey, String> {
-    let resp = req.send().await.map_err(|e| e.to_string())?;
-    match resp.status() {
-        StatusCode::OK => resp.json().await.map_err(|e| e.to_string()),
-        s => Err(format!("answered {s}")),
+        backoff.reached(&url);
     }
 }
 

@@ -248,6 +248,119 @@ async fn without_a_secret_proxies_share_the_control_planes_key_and_a_reload_brin
     control.stop().await;
 }
 
+/// Rotates the control plane's challenge key (`keep_previous` as asked).
+async fn rotate(control: &support::ControlPlane, keep_previous: bool) {
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/proxies/challenge-key/rotate",
+            control.url
+        ))
+        .bearer_auth(CONTROL_TOKEN)
+        .json(&serde_json::json!({ "keep_previous": keep_previous }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_rotated_control_plane_key_signs_at_once_and_the_one_before_stays_honoured_unless_dropped()
+ {
+    let control = control_plane().await;
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let cfg = {
+        let mut cfg = config(up.addr, &dead_url(), &broker.url);
+        cfg.control_url = Some(control.url.clone());
+        cfg.control_token = Some(CONTROL_TOKEN.into());
+        // Long-polls far longer than the test waits: a rotation must wake them.
+        cfg.stream_wait = Duration::from_secs(30);
+        cfg
+    };
+    let ip = "127.0.0.54";
+    let (a, b) = (
+        start_proxy(cfg.clone()).await,
+        start_proxy(cfg.clone()).await,
+    );
+    broker
+        .publish(
+            &format!("ip:{ip}"),
+            Action::Challenge { difficulty: 4 },
+            TTL,
+        )
+        .await;
+    json_challenge(&b, ip).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let before = loop {
+        let cookie = earn_cookie(&a, ip, 4).await;
+        if get_with(&b, ip, &cookie, UA).await == 200 {
+            break cookie;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both sign with the control plane's key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    rotate(&control, true).await;
+    let rotated = std::time::Instant::now();
+    // A proxy started after the rotation learns only the new key and the one before,
+    // so a cookie it honours from a or b was signed with the new key.
+    let c = start_proxy(cfg.clone()).await;
+    json_challenge(&c, ip).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let from_b = earn_cookie(&b, ip, 4).await;
+        let from_a = earn_cookie(&a, ip, 4).await;
+        if get_with(&c, ip, &from_b, UA).await == 200 && get_with(&c, ip, &from_a, UA).await == 200
+        {
+            break from_a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a and b sign with the rotated key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        rotated.elapsed() < Duration::from_secs(10),
+        "heard of at once, not at the end of a 30 s long-poll"
+    );
+    for p in [&a, &b, &c] {
+        assert_eq!(
+            get_with(p, ip, &before, UA).await,
+            200,
+            "a cookie signed with the key before stays honoured"
+        );
+        assert_eq!(get_with(p, ip, &after, UA).await, 200);
+    }
+
+    // After a leak: every cookie signed before is refused everywhere.
+    rotate(&control, false).await;
+    let dropped = eventually(Duration::from_secs(5), || {
+        let (a, b, c, before, after) = (&a, &b, &c, &before, &after);
+        async move {
+            let mut refused = true;
+            for p in [a, b, c] {
+                refused &= get_with(p, ip, before, UA).await == 403;
+                refused &= get_with(p, ip, after, UA).await == 403;
+            }
+            refused
+        }
+    })
+    .await;
+    assert!(dropped, "cookies signed with the keys before are refused");
+    let fresh = earn_cookie(&a, ip, 4).await;
+    for p in [&b, &c] {
+        assert_eq!(get_with(p, ip, &fresh, UA).await, 200);
+    }
+    for p in [a, b, c] {
+        p.stop().await.unwrap();
+    }
+    control.stop().await;
+}
+
 #[tokio::test]
 async fn without_javascript_the_fallback_link_clears_after_its_wait() {
     // One bit above the base difficulty: the configured second, doubled.

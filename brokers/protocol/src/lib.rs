@@ -16,7 +16,7 @@ pub mod trace_context;
 pub use client::{ClientError, IngestionClient, MitigationClient, trust_ca};
 pub use control::{
     ChallengeKey, Decision, DecisionBatch, DecisionMode, ProxyConfigDoc, ProxyHeartbeat,
-    PutProxyConfig, WorkerHeartbeat,
+    PutProxyConfig, RotateChallengeKey, RotatedChallengeKey, WorkerHeartbeat,
 };
 pub use decision_log::{DecisionLogClient, DecisionRevoke, PageMark};
 pub use entity::{EntityKey, EntityParseError, normalize_path, path_template, write_path_template};

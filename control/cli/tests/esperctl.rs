@@ -345,6 +345,30 @@ async fn mitigations_queue_lists_and_decisions() {
     let out = s.ctl(&["queue", "resume", "-o", "json"]).await;
     assert_eq!(out.json()["paused"], false);
 
+    let out = s.ctl(&["proxies", "rotate-challenge-key"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout, "challenge key made (revision 1); proxies sign with it as they hear of it\n",
+        "no proxy had asked for one: {out:?}"
+    );
+    let out = s.ctl(&["proxies", "rotate-challenge-key"]).await;
+    assert_eq!(
+        out.stdout,
+        "challenge key rotated (revision 2); proxies sign with it as they hear of it; cookies signed with the key before stay valid until they expire\n",
+        "{out:?}"
+    );
+    let out = s
+        .ctl(&[
+            "proxy",
+            "rotate-challenge-key",
+            "--drop-previous",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(out.json()["revision"], 3, "{out:?}");
+    assert_eq!(out.json()["previous_honoured"], false, "{out:?}");
+
     let out = s
         .ctl(&[
             "lists",

@@ -150,6 +150,7 @@ pub async fn start(
         stopper: stopper.clone(),
         active_cache: Mutex::new(None),
         proxy_config_changed: tokio::sync::Notify::new(),
+        challenge_key_changed: tokio::sync::Notify::new(),
     }));
 
     // Certificate problems are start-up errors, before anything is served.

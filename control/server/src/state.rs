@@ -62,6 +62,8 @@ pub struct Inner {
     pub active_cache: Mutex<Option<Arc<ActivePolicies>>>,
     /// Wakes proxies' long-polls when the proxy configuration is replaced.
     pub proxy_config_changed: tokio::sync::Notify,
+    /// Wakes proxies' long-polls when the challenge key is rotated.
+    pub challenge_key_changed: tokio::sync::Notify,
 }
 
 /// Cheap to clone; handlers take it as `State<AppState>`.

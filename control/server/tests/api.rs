@@ -860,7 +860,86 @@ async fn the_proxies_challenge_key_is_made_once_and_needs_a_token() {
     let key = first["key"].as_str().unwrap();
     assert_eq!(key.len(), 64, "256 bits in hex");
     assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(first["revision"], 1);
+    assert!(first.get("previous").is_none(), "{first}");
     let (_, again) = s.get("/api/v1/proxies/challenge-key").await;
     assert_eq!(again, first, "the same key every time");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_challenge_key_reaches_a_waiting_long_poll_and_keeps_the_one_before() {
+    let s = Stack::without_brokers().await;
+    let (_, first) = s.get("/api/v1/proxies/challenge-key").await;
+    let (status, _) = call(
+        s.http
+            .post(format!("{}/api/v1/proxies/challenge-key/rotate", s.api)),
+    )
+    .await;
+    assert_eq!(status, 401, "rotating needs a token");
+
+    // Nothing newer than revision 1 within a short wait: 204.
+    let started = std::time::Instant::now();
+    let (status, _) = s.get("/api/v1/proxies/challenge-key?after=1&wait=1").await;
+    assert_eq!(status, 204);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+
+    // A long-poll waiting when the key rotates answers the new key at once.
+    let poll = s
+        .req(Method::GET, "/api/v1/proxies/challenge-key?after=1&wait=30")
+        .send();
+    let waiting = tokio::spawn(async move {
+        let resp = poll.await.unwrap();
+        let status = resp.status().as_u16();
+        (
+            status,
+            resp.json::<Value>().await.unwrap(),
+            std::time::Instant::now(),
+        )
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // No body: the key replaced stays honoured.
+    let (status, rotated) = call(s.req(Method::POST, "/api/v1/proxies/challenge-key/rotate")).await;
+    let rotated_at = std::time::Instant::now();
+    assert_eq!(status, 200, "{rotated}");
+    assert_eq!(rotated["revision"], 2);
+    assert_eq!(rotated["previous_honoured"], true);
+    assert!(
+        rotated.get("key").is_none(),
+        "no key material in the answer: {rotated}"
+    );
+    let (status, second, answered) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{second}");
+    assert!(
+        answered.duration_since(rotated_at) < std::time::Duration::from_secs(1),
+        "the waiting poll answered when the key changed, not at the end of its wait"
+    );
+    assert_eq!(second["revision"], 2);
+    assert_ne!(second["key"], first["key"]);
+    assert_eq!(second["previous"], first["key"]);
+    let (_, read) = s.get("/api/v1/proxies/challenge-key").await;
+    assert_eq!(read, second);
+
+    // After a leak: the key replaced is no longer honoured.
+    let (status, dropped) = s
+        .post(
+            "/api/v1/proxies/challenge-key/rotate",
+            json!({"keep_previous": false}),
+        )
+        .await;
+    assert_eq!(status, 200, "{dropped}");
+    assert_eq!(dropped["revision"], 3);
+    assert_eq!(dropped["previous_honoured"], false);
+    let (_, third) = s.get("/api/v1/proxies/challenge-key?after=2").await;
+    assert_eq!(third["revision"], 3);
+    assert!(third.get("previous").is_none(), "{third}");
+
+    let (status, body) = s
+        .post("/api/v1/proxies/challenge-key/rotate", json!({"keep": 1}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "invalid_body");
+    let (status, body) = s.get("/api/v1/proxies/challenge-key?after=x").await;
+    assert_eq!(status, 400, "{body}");
     s.stop().await;
 }

@@ -73,6 +73,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/api/v1/proxies/challenge-key",
             get(proxy_config::challenge_key),
         )
+        .route(
+            "/api/v1/proxies/challenge-key/rotate",
+            post(proxy_config::rotate_challenge_key),
+        )
         .route("/api/v1/analyze", post(analyze::analyze))
         .route("/api/v1/admin/shutdown", post(admin::shutdown))
         .route_layer(from_fn_with_state(state.clone(), auth::require_token))

@@ -6,12 +6,15 @@
 use std::time::Duration;
 
 use axum::Extension;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use esper_common::http::Query;
 use esper_common::{ApiError, Json};
-use esper_protocol::{ChallengeKey, ProxyConfigDoc, PutProxyConfig};
+use esper_protocol::{
+    ChallengeKey, ProxyConfigDoc, PutProxyConfig, RotateChallengeKey, RotatedChallengeKey,
+};
 use serde::Deserialize;
 
 use super::store_error;
@@ -41,28 +44,52 @@ pub async fn get(
     Query(p): Query<ConfigParams>,
 ) -> Result<Response, ApiError> {
     let after = p.after.unwrap_or(i64::MIN);
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(p.wait.unwrap_or(0)).min(MAX_WAIT);
-    loop {
-        // Registered before reading, so a change between the read and the wait wakes us.
-        let changed = state.proxy_config_changed.notified();
+    let newer = long_poll(&state.proxy_config_changed, p.wait, || async {
         let doc = state
             .store
             .proxy_config()
             .await
             .map_err(|e| store_error(&state, e))?;
         match doc {
-            Some(doc) if doc.revision > after => return Ok(Json(doc).into_response()),
+            Some(doc) if doc.revision > after => Ok(Some(doc)),
             None if p.wait.is_none() => {
-                return Err(ApiError::NotFound("no proxy configuration stored".into()));
+                Err(ApiError::NotFound("no proxy configuration stored".into()))
             }
-            _ => {}
+            _ => Ok(None),
+        }
+    })
+    .await?;
+    Ok(match newer {
+        Some(doc) => Json(doc).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+/// What `read` finds, reading again whenever `changed` is notified (and every
+/// [`RECHECK`], for changes written through another control-plane instance) until it
+/// finds something or `wait` seconds (at most [`MAX_WAIT`]) have passed.
+async fn long_poll<T, F, Fut>(
+    changed: &tokio::sync::Notify,
+    wait: Option<u64>,
+    mut read: F,
+) -> Result<Option<T>, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, ApiError>>,
+{
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(wait.unwrap_or(0)).min(MAX_WAIT);
+    loop {
+        // Registered before reading, so a change between the read and the wait wakes us.
+        let notified = changed.notified();
+        if let Some(found) = read().await? {
+            return Ok(Some(found));
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
-            return Ok(StatusCode::NO_CONTENT.into_response());
+            return Ok(None);
         }
-        let _ = tokio::time::timeout((deadline - now).min(RECHECK), changed).await;
+        let _ = tokio::time::timeout((deadline - now).min(RECHECK), notified).await;
     }
 }
 
@@ -91,14 +118,69 @@ pub async fn put(
 /// The name of the proxies' shared challenge key among the stored secrets.
 const CHALLENGE_KEY: &str = "challenge_key";
 
-/// `GET /api/v1/proxies/challenge-key`: the deployment's challenge key, made (256
-/// random bits, hex) the first time it is asked for.
-pub async fn challenge_key(State(state): State<AppState>) -> Result<Json<ChallengeKey>, ApiError> {
-    let fresh = hex::encode(rand::random::<[u8; 32]>());
-    let key = state
+/// A fresh challenge key: 256 random bits, hex.
+fn fresh_key() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// `GET /api/v1/proxies/challenge-key[?after=N&wait=SECS]`: the deployment's challenge
+/// key, made the first time it is asked for, with the key it replaced while that is
+/// still honoured; with `after`, only a key of a newer revision (204 when none came
+/// within `wait`), so proxies follow rotations as they happen.
+pub async fn challenge_key(
+    State(state): State<AppState>,
+    Query(p): Query<ConfigParams>,
+) -> Result<Response, ApiError> {
+    let after = p.after.unwrap_or(i64::MIN);
+    let newer = long_poll(&state.challenge_key_changed, p.wait, || async {
+        let secret = state
+            .store
+            .secret(CHALLENGE_KEY, &fresh_key())
+            .await
+            .map_err(|e| store_error(&state, e))?;
+        Ok((secret.revision > after).then_some(ChallengeKey {
+            key: secret.value,
+            previous: secret.previous,
+            revision: secret.revision,
+        }))
+    })
+    .await?;
+    Ok(match newer {
+        Some(key) => Json(key).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+/// `POST /api/v1/proxies/challenge-key/rotate` (body optional: `{"keep_previous":
+/// false}` to stop honouring what the replaced key signed): a new key, which every
+/// proxy following the control plane signs with as soon as its long-poll answers.
+pub async fn rotate_challenge_key(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Json<RotatedChallengeKey>, ApiError> {
+    let asked: RotateChallengeKey = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateChallengeKey::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?
+    };
+    let secret = state
         .store
-        .secret(CHALLENGE_KEY, &fresh)
+        .rotate_secret(CHALLENGE_KEY, &fresh_key(), asked.keep_previous)
         .await
         .map_err(|e| store_error(&state, e))?;
-    Ok(Json(ChallengeKey { key }))
+    state.challenge_key_changed.notify_waiters();
+    let previous_honoured = secret.previous.is_some();
+    tracing::info!(
+        revision = secret.revision,
+        by = %caller.0,
+        previous_honoured,
+        "challenge key rotated"
+    );
+    Ok(Json(RotatedChallengeKey {
+        revision: secret.revision,
+        rotated_at: secret.rotated_at.unwrap_or_else(chrono::Utc::now),
+        previous_honoured,
+    }))
 }

@@ -69,9 +69,9 @@ pub enum Command {
     /// Engine workers, as heard through their heartbeats.
     #[command(subcommand, visible_alias = "worker")]
     Workers(FleetCmd),
-    /// Proxies, as heard through their heartbeats.
+    /// Proxies, as heard through their heartbeats; their shared challenge key.
     #[command(subcommand, visible_alias = "proxy")]
-    Proxies(FleetCmd),
+    Proxies(ProxyCmd),
     /// Named IP and string lists that policies refer to.
     #[command(subcommand, visible_alias = "list")]
     Lists(ListCmd),
@@ -198,6 +198,23 @@ pub enum FleetCmd {
     List,
 }
 
+/// `esperctl proxies ...`
+#[derive(Subcommand, Debug)]
+pub enum ProxyCmd {
+    /// Every proxy heard from in the last hour.
+    List,
+    /// Replaces the challenge key the proxies share (those without a `challenge_secret`
+    /// of their own). Each proxy signs with the new key as soon as it hears of it;
+    /// clearance cookies signed with the key replaced stay valid until they expire,
+    /// unless `--drop-previous`.
+    RotateChallengeKey {
+        /// Refuse every cookie signed with the key replaced (after a leak): every cleared
+        /// client solves a challenge again.
+        #[arg(long)]
+        drop_previous: bool,
+    },
+}
+
 /// `esperctl lists ...`
 #[derive(Subcommand, Debug)]
 pub enum ListCmd {
@@ -301,7 +318,10 @@ async fn dispatch(args: CtlArgs) -> Result<(), CtlError> {
         Command::Mitigations(c) => mitigations::run(&ctx, c).await,
         Command::Queue(c) => ops::queue(&ctx, c).await,
         Command::Workers(FleetCmd::List) => ops::workers(&ctx).await,
-        Command::Proxies(FleetCmd::List) => ops::proxies(&ctx).await,
+        Command::Proxies(ProxyCmd::List) => ops::proxies(&ctx).await,
+        Command::Proxies(ProxyCmd::RotateChallengeKey { drop_previous }) => {
+            ops::rotate_challenge_key(&ctx, drop_previous).await
+        }
         Command::Lists(c) => lists::run(&ctx, c).await,
         Command::Decisions(c) => ops::decisions(&ctx, c).await,
     }

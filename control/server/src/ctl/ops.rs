@@ -1,8 +1,8 @@
 //! `esperctl status`, `queue ...`, `workers list`, `proxies list`, `decisions list`.
 
 use chrono::Utc;
-use esper_protocol::DecisionMode;
 use esper_protocol::ingestion::QueueStatus;
+use esper_protocol::{DecisionMode, RotateChallengeKey, RotatedChallengeKey};
 
 use super::client::{decode, segment};
 use super::table::{Table, relative, rfc3339, uptime};
@@ -202,6 +202,34 @@ pub async fn queue(ctx: &Ctx, cmd: QueueCmd) -> Result<(), CtlError> {
             out.push_str(&t.render());
         }
         Ok(out)
+    })
+}
+
+pub async fn rotate_challenge_key(ctx: &Ctx, drop_previous: bool) -> Result<(), CtlError> {
+    let v = ctx
+        .client
+        .post(
+            "/api/v1/proxies/challenge-key/rotate",
+            &RotateChallengeKey {
+                keep_previous: !drop_previous,
+            },
+        )
+        .await?;
+    ctx.emit(v, |v| {
+        let r: RotatedChallengeKey = decode(&ctx.client, v)?;
+        if r.revision == 1 {
+            // No proxy had asked for a key yet: this one is the first.
+            return Ok("challenge key made (revision 1); proxies sign with it as they hear of it\n".into());
+        }
+        let cookies = if r.previous_honoured {
+            "cookies signed with the key before stay valid until they expire"
+        } else {
+            "cookies signed with any key before are refused"
+        };
+        Ok(format!(
+            "challenge key rotated (revision {}); proxies sign with it as they hear of it; {cookies}\n",
+            r.revision
+        ))
     })
 }
 

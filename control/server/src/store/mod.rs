@@ -233,14 +233,61 @@ pub trait ControlStore: Send + Sync {
 
     /// The deployment-wide secret named `name`, storing `fresh` first when there is
     /// none: every control-plane instance on one store answers the same value.
-    async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError>;
+    async fn secret(&self, name: &str, fresh: &str) -> Result<Secret, StoreError>;
+
+    /// Replaces the secret named `name` with `fresh` (stores it when there is none) and
+    /// grows its revision. The value replaced is kept as `previous` when
+    /// `keep_previous`, else forgotten along with the one kept before it.
+    async fn rotate_secret(
+        &self,
+        name: &str,
+        fresh: &str,
+        keep_previous: bool,
+    ) -> Result<Secret, StoreError>;
+}
+
+/// A deployment-wide secret, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Secret {
+    pub value: String,
+    /// The value it replaced, while that is still honoured.
+    pub previous: Option<String>,
+    /// 1 when made, one more with each rotation.
+    pub revision: i64,
+    pub rotated_at: Option<DateTime<Utc>>,
 }
 
 /// Stores a secret unless one of that name exists (the same SQL for SQLite and
 /// PostgreSQL); [`GET_SECRET_SQL`] then reads whichever won.
 pub(crate) const ADD_SECRET_SQL: &str = "INSERT INTO secrets (name, value, created_at) \
      VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING";
-pub(crate) const GET_SECRET_SQL: &str = "SELECT value FROM secrets WHERE name = $1";
+pub(crate) const GET_SECRET_SQL: &str =
+    "SELECT value, previous, revision, rotated_at FROM secrets WHERE name = $1";
+/// Replaces a secret, or stores it when there is none (the same SQL for SQLite and
+/// PostgreSQL): $4 says whether the value replaced is kept.
+pub(crate) const ROTATE_SECRET_SQL: &str = "INSERT INTO secrets (name, value, created_at) \
+     VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET \
+     previous = CASE WHEN $4 THEN secrets.value ELSE NULL END, value = excluded.value, \
+     revision = secrets.revision + 1, rotated_at = excluded.created_at \
+     RETURNING value, previous, revision, rotated_at";
+
+/// A row of [`GET_SECRET_SQL`] or [`ROTATE_SECRET_SQL`], in either database.
+pub(crate) fn secret_row<R>(row: &R) -> Result<Secret, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let rotated_at: Option<String> = row.try_get("rotated_at")?;
+    Ok(Secret {
+        value: row.try_get("value")?,
+        previous: row.try_get("previous")?,
+        revision: row.try_get("revision")?,
+        rotated_at: rotated_at.as_deref().map(parse_ts).transpose()?,
+    })
+}
 
 /// The one proxy configuration document's name in `proxy_configs`.
 pub(crate) const PROXY_CONFIG_NAME: &str = "default";

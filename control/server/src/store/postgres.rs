@@ -23,8 +23,8 @@ use tokio::task::AbortHandle;
 use super::{
     ADD_SECRET_SQL, ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL,
     GET_SECRET_SQL, ListRecord, LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL,
-    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, RevokeTarget, StoreError, parse_ts,
-    proxy_config_row, redact_url, ts,
+    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, ROTATE_SECRET_SQL, RevokeTarget,
+    Secret, StoreError, parse_ts, proxy_config_row, redact_url, secret_row, ts,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
@@ -773,17 +773,35 @@ impl ControlStore for PostgresStore {
         }
     }
 
-    async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
+    async fn secret(&self, name: &str, fresh: &str) -> Result<Secret, StoreError> {
         sqlx::query(ADD_SECRET_SQL)
             .bind(name)
             .bind(fresh)
             .bind(ts(Utc::now()))
             .execute(&self.pool)
             .await?;
-        Ok(sqlx::query(GET_SECRET_SQL)
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("value")?)
+        secret_row(
+            &sqlx::query(GET_SECRET_SQL)
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn rotate_secret(
+        &self,
+        name: &str,
+        fresh: &str,
+        keep_previous: bool,
+    ) -> Result<Secret, StoreError> {
+        secret_row(
+            &sqlx::query(ROTATE_SECRET_SQL)
+                .bind(name)
+                .bind(fresh)
+                .bind(ts(Utc::now()))
+                .bind(keep_previous)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 }

@@ -16,8 +16,8 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{
     ADD_SECRET_SQL, ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL,
     GET_SECRET_SQL, ListRecord, LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL,
-    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, RevokeTarget, StoreError, parse_ts,
-    proxy_config_row, ts,
+    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, ROTATE_SECRET_SQL, RevokeTarget,
+    Secret, StoreError, parse_ts, proxy_config_row, secret_row, ts,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -635,7 +635,7 @@ impl ControlStore for SqliteStore {
         }
     }
 
-    async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
+    async fn secret(&self, name: &str, fresh: &str) -> Result<Secret, StoreError> {
         let _w = self.write.lock().await;
         sqlx::query(ADD_SECRET_SQL)
             .bind(name)
@@ -643,11 +643,30 @@ impl ControlStore for SqliteStore {
             .bind(ts(Utc::now()))
             .execute(&self.pool)
             .await?;
-        Ok(sqlx::query(GET_SECRET_SQL)
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("value")?)
+        secret_row(
+            &sqlx::query(GET_SECRET_SQL)
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn rotate_secret(
+        &self,
+        name: &str,
+        fresh: &str,
+        keep_previous: bool,
+    ) -> Result<Secret, StoreError> {
+        let _w = self.write.lock().await;
+        secret_row(
+            &sqlx::query(ROTATE_SECRET_SQL)
+                .bind(name)
+                .bind(fresh)
+                .bind(ts(Utc::now()))
+                .bind(keep_previous)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 }
 

@@ -61,6 +61,7 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     tokens_are_found_by_hash(&*store).await;
     proxy_config_revisions_grow_on_change(&*store).await;
     secrets_are_made_once(&*store).await;
+    secrets_rotate_keeping_or_dropping_the_one_before(&*store).await;
 }
 
 async fn migrations_are_idempotent(store: &dyn ControlStore) {
@@ -331,15 +332,71 @@ async fn secrets_are_made_once(store: &dyn ControlStore) {
         .secret("challenge", "one")
         .await
         .expect("store a secret");
-    assert_eq!(first, "one");
+    assert_eq!(first.value, "one");
+    assert_eq!(
+        (first.previous, first.revision, first.rotated_at),
+        (None, 1, None)
+    );
     let again = store
         .secret("challenge", "two")
         .await
         .expect("read a secret");
-    assert_eq!(again, "one", "the first value stays");
+    assert_eq!(again.value, "one", "the first value stays");
     let other = store
         .secret("other", "three")
         .await
         .expect("store a secret");
-    assert_eq!(other, "three", "each name has its own");
+    assert_eq!(other.value, "three", "each name has its own");
+}
+
+async fn secrets_rotate_keeping_or_dropping_the_one_before(store: &dyn ControlStore) {
+    store.secret("key", "one").await.expect("store a secret");
+    let before = Utc::now();
+    let second = store
+        .rotate_secret("key", "two", true)
+        .await
+        .expect("rotate a secret");
+    assert_eq!(second.value, "two");
+    assert_eq!(second.previous.as_deref(), Some("one"));
+    assert_eq!(second.revision, 2);
+    assert!(
+        second
+            .rotated_at
+            .is_some_and(|t| t >= before - chrono::Duration::seconds(1))
+    );
+    assert_eq!(
+        store.secret("key", "unused").await.expect("read a secret"),
+        second,
+        "a rotated secret is what every later read answers"
+    );
+    let third = store
+        .rotate_secret("key", "three", true)
+        .await
+        .expect("rotate again");
+    assert_eq!(
+        (
+            third.value.as_str(),
+            third.previous.as_deref(),
+            third.revision
+        ),
+        ("three", Some("two"), 3),
+        "only the value just replaced is kept"
+    );
+    let fourth = store
+        .rotate_secret("key", "four", false)
+        .await
+        .expect("rotate dropping the one before");
+    assert_eq!(
+        (fourth.value.as_str(), fourth.previous, fourth.revision),
+        ("four", None, 4)
+    );
+    let made = store
+        .rotate_secret("never-made", "first", true)
+        .await
+        .expect("rotate a secret never made");
+    assert_eq!(
+        (made.value.as_str(), made.previous, made.revision),
+        ("first", None, 1),
+        "rotating a secret that does not exist yet makes it"
+    );
 }
