@@ -97,7 +97,8 @@ cpu_ns() {
 # targets measured at the same time is far steadier than one of targets measured in
 # turn. The price is that each is measured beside the others' load, which at a fixed
 # rate below saturation is the same for all of them.
-#   measure_together CSV RATE SECS REPS name:port:pid[,pid...] ...
+#   measure_together CSV RATE SECS REPS name:port:pid[,pid...][:status] ...
+# (status: the answer every request must get, 200 unless given).
 measure_together() {
     local csv=$1 rate=$2 secs=$3 reps=$4
     shift 4
@@ -107,23 +108,23 @@ measure_together() {
     # caches and buffers that the measured ones then reuse.
     gens=()
     for target in "$@"; do
-        IFS=: read -r name port pids <<<"$target"
-        "$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" 2 20 >/dev/null &
+        IFS=: read -r name port pids status <<<"$target"
+        "$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" 2 20 "${status:-200}" >/dev/null &
         gens+=($!)
     done
     wait "${gens[@]}"
     for rep in $(seq 1 "$reps"); do
         gens=()
         for target in "$@"; do
-            IFS=: read -r name port pids <<<"$target"
+            IFS=: read -r name port pids status <<<"$target"
             # shellcheck disable=SC2086
             before[$name]=$(cpu_ns ${pids//,/ })
-            "$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" "$secs" 20 >"$WORK/together.$name" &
+            "$BIN/fixed-rate" "127.0.0.1:$port" /index.html "$rate" "$secs" 20 "${status:-200}" >"$WORK/together.$name" &
             gens+=($!)
         done
         wait "${gens[@]}"
         for target in "$@"; do
-            IFS=: read -r name port pids <<<"$target"
+            IFS=: read -r name port pids _ <<<"$target"
             out=$(cat "$WORK/together.$name")
             # A figure measured on failed requests would be meaningless.
             IFS=, read -r _ errors _ <<<"$out"

@@ -31,6 +31,13 @@
 #
 #   VARIANTS="old:/tmp/esper-old:1.0 new:$T/esper:1.0" THREADS=10 bash benches/proxy/variants.sh
 #
+# BLOCK=ENTITY (with RATE) publishes a block of ENTITY, e.g. ip:127.0.0.1, before the
+# measurement: every esper target then answers its local 403 (the cost of refusing a
+# flagged client), while the bare pass-throughs still proxy:
+#
+#   VARIANTS="plain:$T/esper:1.0 pgo:$P/esper:1.0" BLOCK=ip:127.0.0.1 RATE=1000 \
+#     bash benches/proxy/variants.sh 10 10
+#
 # HOLD=SECS starts everything, writes the proxies' pids to $OUT/pids, prints "ready" and
 # waits (to attach perf). Figures as in run.sh (targets in a shuffled order per
 # repetition, CPU per request paired with bare Pingora's by repetition).
@@ -116,9 +123,22 @@ if [ -n "${THREADS:-}" ]; then
   echo "${RATE:-1000} requests/s each, $THREADS s:"; report "$WORK/t2" "$WORK/t3"
   exit 0
 fi
+declare -A VSTATUS
+if [ -n "${BLOCK:-}" ]; then
+  now=$(date -u +%Y-%m-%dT%H:%M:%SZ); until=$(date -u -d '+1 day' +%Y-%m-%dT%H:%M:%SZ)
+  curl -fsS -o /dev/null -H 'content-type: application/json' http://127.0.0.1:18091/api/mitigations -d "{\"mitigations\": [{
+    \"id\": \"bench-block\", \"entity\": \"$BLOCK\", \"action\": {\"type\": \"block\"},
+    \"reason\": {\"summary\": \"benchmark\"}, \"origin\": \"manual\",
+    \"created_at\": \"$now\", \"expires_at\": \"$until\"}]}"
+  for v in $VARIANTS; do
+    IFS=: read -r name _ <<<"$v"
+    VSTATUS[$name]=403
+    until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${VPORT[$name]}/index.html")" = 403 ]; do sleep 0.2; done
+  done
+fi
 if [ -n "${RATE:-}" ]; then
   targets=()
-  for name in "${!VPORT[@]}"; do targets+=("$name:${VPORT[$name]}:${VPID[$name]}"); done
+  for name in "${!VPORT[@]}"; do targets+=("$name:${VPORT[$name]}:${VPID[$name]}:${VSTATUS[$name]:-200}"); done
   echo "target,sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us,cpu_us_per_req" >"$OUT/together.csv"
   measure_together "$OUT/together.csv" "$RATE" "$DURATION" "$REPS" "${targets[@]}"
   python3 "$ROOT/benches/proxy/summary.py" latency "$OUT/together.csv"

@@ -6,9 +6,10 @@
 //! wakes up to a millisecond late, which would swamp microsecond differences; a request
 //! that is late because the previous answer was slow is reported in `late`.)
 //!
-//! Usage: `fixed-rate ADDR PATH RATE SECONDS [CONNECTIONS]`, e.g.
+//! Usage: `fixed-rate ADDR PATH RATE SECONDS [CONNECTIONS [STATUS]]`, e.g.
 //! `fixed-rate 127.0.0.1:18083 /index.html 5000 10 20`. Prints one CSV line:
-//! `sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us`.
+//! `sent,errors,late,p50_us,p90_us,p99_us,p999_us,max_us`. Any answer but STATUS (200 by
+//! default; 403 to measure a proxy's blocked answers) fails its connection.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ async fn run_connection(
     offset: Duration,
     every: Duration,
     count: u64,
+    status: u16,
 ) -> Result<(Vec<u64>, u64), String> {
     let mut tcp = TcpStream::connect(&addr)
         .await
@@ -43,14 +45,15 @@ async fn run_connection(
         tcp.write_all(&request)
             .await
             .map_err(|e| format!("write: {e}"))?;
-        read_response(&mut tcp, &mut buf).await?;
+        read_response(&mut tcp, &mut buf, status).await?;
         latencies.push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
     }
     Ok((latencies, late))
 }
 
-/// Reads one response with a `Content-Length` body; anything but 200 is an error.
-async fn read_response(tcp: &mut TcpStream, buf: &mut [u8]) -> Result<(), String> {
+/// Reads one response with a `Content-Length` body; any status but `status` is an error.
+async fn read_response(tcp: &mut TcpStream, buf: &mut [u8], status: u16) -> Result<(), String> {
+    let expected = format!("HTTP/1.1 {status} ");
     let mut filled = 0;
     loop {
         let n = tcp
@@ -68,7 +71,7 @@ async fn read_response(tcp: &mut TcpStream, buf: &mut [u8]) -> Result<(), String
             continue;
         };
         let head = std::str::from_utf8(&buf[..end]).map_err(|_| "response head not UTF-8")?;
-        if !head.starts_with("HTTP/1.1 200") {
+        if !head.starts_with(&expected) {
             return Err(format!(
                 "answer: {}",
                 head.lines().next().unwrap_or_default()
@@ -114,10 +117,14 @@ fn main() {
             Some(c) => c.parse().ok()?,
             None => 20,
         };
-        (rate > 0.0 && secs > 0.0 && conns > 0).then_some((addr, path, rate, secs, conns))
+        let status: u16 = match args.get(6) {
+            Some(s) => s.parse().ok()?,
+            None => 200,
+        };
+        (rate > 0.0 && secs > 0.0 && conns > 0).then_some((addr, path, rate, secs, conns, status))
     })();
-    let Some((addr, path, rate, secs, conns)) = parsed else {
-        eprintln!("usage: fixed-rate ADDR PATH RATE SECONDS [CONNECTIONS]");
+    let Some((addr, path, rate, secs, conns, status)) = parsed else {
+        eprintln!("usage: fixed-rate ADDR PATH RATE SECONDS [CONNECTIONS [STATUS]]");
         std::process::exit(2);
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -148,6 +155,7 @@ fn main() {
                     offset,
                     every,
                     count,
+                    status,
                 ))
             })
             .collect();
