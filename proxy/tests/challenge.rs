@@ -187,17 +187,26 @@ async fn a_cookie_from_one_instance_is_honoured_by_another_with_the_key() {
     proxy.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn without_a_secret_proxies_share_the_control_planes_key_and_a_reload_brings_a_new_one() {
+/// A control plane, an upstream, a mitigation broker, and the configuration of a proxy
+/// that follows the control plane (no `challenge_secret` of its own).
+async fn with_control_plane() -> (
+    support::ControlPlane,
+    support::Upstream,
+    support::Mitigations,
+    esper_proxy::Config,
+) {
     let control = control_plane().await;
     let up = upstream().await;
     let broker = mitigations().await;
-    let cfg = {
-        let mut cfg = config(up.addr, &dead_url(), &broker.url);
-        cfg.control_url = Some(control.url.clone());
-        cfg.control_token = Some(CONTROL_TOKEN.into());
-        cfg
-    };
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.control_url = Some(control.url.clone());
+    cfg.control_token = Some(CONTROL_TOKEN.into());
+    (control, up, broker, cfg)
+}
+
+#[tokio::test]
+async fn without_a_secret_proxies_share_the_control_planes_key_and_a_reload_brings_a_new_one() {
+    let (control, _up, broker, cfg) = with_control_plane().await;
     let (a, b) = (
         start_proxy(cfg.clone()).await,
         start_proxy(cfg.clone()).await,
@@ -266,17 +275,9 @@ async fn rotate(control: &support::ControlPlane, keep_previous: bool) {
 #[tokio::test]
 async fn a_rotated_control_plane_key_signs_at_once_and_the_one_before_stays_honoured_unless_dropped()
  {
-    let control = control_plane().await;
-    let up = upstream().await;
-    let broker = mitigations().await;
-    let cfg = {
-        let mut cfg = config(up.addr, &dead_url(), &broker.url);
-        cfg.control_url = Some(control.url.clone());
-        cfg.control_token = Some(CONTROL_TOKEN.into());
-        // Long-polls far longer than the test waits: a rotation must wake them.
-        cfg.stream_wait = Duration::from_secs(30);
-        cfg
-    };
+    let (control, _up, broker, mut cfg) = with_control_plane().await;
+    // Long-polls far longer than the test waits: a rotation must wake them.
+    cfg.stream_wait = Duration::from_secs(30);
     let ip = "127.0.0.54";
     let (a, b) = (
         start_proxy(cfg.clone()).await,
