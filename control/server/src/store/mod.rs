@@ -271,8 +271,54 @@ pub(crate) const ROTATE_SECRET_SQL: &str = "INSERT INTO secrets (name, value, cr
      revision = secrets.revision + 1, rotated_at = excluded.created_at \
      RETURNING value, previous, revision, rotated_at";
 
+/// On either database's pool: [`ControlStore::secret`] when `rotate` is `None`, else
+/// [`ControlStore::rotate_secret`] keeping the value replaced as asked.
+pub(crate) async fn write_secret<DB>(
+    pool: &sqlx::Pool<DB>,
+    name: &str,
+    fresh: &str,
+    rotate: Option<bool>,
+) -> Result<Secret, StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c str: sqlx::ColumnIndex<DB::Row>,
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'r> Option<String>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> i64: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+{
+    let now = ts(Utc::now());
+    let row = match rotate {
+        Some(keep_previous) => {
+            sqlx::query(ROTATE_SECRET_SQL)
+                .bind(name)
+                .bind(fresh)
+                .bind(now)
+                .bind(keep_previous)
+                .fetch_one(pool)
+                .await?
+        }
+        None => {
+            sqlx::query(ADD_SECRET_SQL)
+                .bind(name)
+                .bind(fresh)
+                .bind(now)
+                .execute(pool)
+                .await?;
+            sqlx::query(GET_SECRET_SQL)
+                .bind(name)
+                .fetch_one(pool)
+                .await?
+        }
+    };
+    secret_row(&row)
+}
+
 /// A row of [`GET_SECRET_SQL`] or [`ROTATE_SECRET_SQL`], in either database.
-pub(crate) fn secret_row<R>(row: &R) -> Result<Secret, StoreError>
+fn secret_row<R>(row: &R) -> Result<Secret, StoreError>
 where
     R: sqlx::Row,
     for<'a> &'a str: sqlx::ColumnIndex<R>,

@@ -21,10 +21,10 @@ use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use tokio::task::AbortHandle;
 
 use super::{
-    ADD_SECRET_SQL, ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL,
-    GET_SECRET_SQL, ListRecord, LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL,
-    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, ROTATE_SECRET_SQL, RevokeTarget,
-    Secret, StoreError, parse_ts, proxy_config_row, redact_url, secret_row, ts,
+    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL, ListRecord,
+    LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL, PolicyRecord, PolicyVersionRecord,
+    PolicyWrite, PutOutcome, RevokeTarget, Secret, StoreError, parse_ts, proxy_config_row,
+    redact_url, ts, write_secret,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
@@ -774,18 +774,7 @@ impl ControlStore for PostgresStore {
     }
 
     async fn secret(&self, name: &str, fresh: &str) -> Result<Secret, StoreError> {
-        sqlx::query(ADD_SECRET_SQL)
-            .bind(name)
-            .bind(fresh)
-            .bind(ts(Utc::now()))
-            .execute(&self.pool)
-            .await?;
-        secret_row(
-            &sqlx::query(GET_SECRET_SQL)
-                .bind(name)
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        write_secret(&self.pool, name, fresh, None).await
     }
 
     async fn rotate_secret(
@@ -794,14 +783,6 @@ impl ControlStore for PostgresStore {
         fresh: &str,
         keep_previous: bool,
     ) -> Result<Secret, StoreError> {
-        secret_row(
-            &sqlx::query(ROTATE_SECRET_SQL)
-                .bind(name)
-                .bind(fresh)
-                .bind(ts(Utc::now()))
-                .bind(keep_previous)
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        write_secret(&self.pool, name, fresh, Some(keep_previous)).await
     }
 }

@@ -14,10 +14,10 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    ADD_SECRET_SQL, ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL,
-    GET_SECRET_SQL, ListRecord, LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL,
-    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, ROTATE_SECRET_SQL, RevokeTarget,
-    Secret, StoreError, parse_ts, proxy_config_row, secret_row, ts,
+    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, GET_PROXY_CONFIG_SQL, ListRecord,
+    LoggedDecision, PROXY_CONFIG_NAME, PUT_PROXY_CONFIG_SQL, PolicyRecord, PolicyVersionRecord,
+    PolicyWrite, PutOutcome, RevokeTarget, Secret, StoreError, parse_ts, proxy_config_row, ts,
+    write_secret,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -637,18 +637,7 @@ impl ControlStore for SqliteStore {
 
     async fn secret(&self, name: &str, fresh: &str) -> Result<Secret, StoreError> {
         let _w = self.write.lock().await;
-        sqlx::query(ADD_SECRET_SQL)
-            .bind(name)
-            .bind(fresh)
-            .bind(ts(Utc::now()))
-            .execute(&self.pool)
-            .await?;
-        secret_row(
-            &sqlx::query(GET_SECRET_SQL)
-                .bind(name)
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        write_secret(&self.pool, name, fresh, None).await
     }
 
     async fn rotate_secret(
@@ -658,15 +647,7 @@ impl ControlStore for SqliteStore {
         keep_previous: bool,
     ) -> Result<Secret, StoreError> {
         let _w = self.write.lock().await;
-        secret_row(
-            &sqlx::query(ROTATE_SECRET_SQL)
-                .bind(name)
-                .bind(fresh)
-                .bind(ts(Utc::now()))
-                .bind(keep_previous)
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        write_secret(&self.pool, name, fresh, Some(keep_previous)).await
     }
 }
 
