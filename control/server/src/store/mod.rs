@@ -302,6 +302,15 @@ where
                 .await?
         }
         None => {
+            // Read first: proxies' long-polls read the key every second, and a write
+            // (even one that changes nothing) is a transaction SQLite serialises.
+            if let Some(row) = sqlx::query(GET_SECRET_SQL)
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+            {
+                return secret_row(&row);
+            }
             sqlx::query(ADD_SECRET_SQL)
                 .bind(name)
                 .bind(fresh)
