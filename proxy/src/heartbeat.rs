@@ -44,6 +44,8 @@ impl Reporter {
             events_dropped_total: self.metrics.dropped_total(),
             stream_connected: self.status.stream_connected(),
             started_at: self.started_at,
+            config_revision: self.metrics.remote_config_revision.get(),
+            challenge_key_revision: self.metrics.challenge_key_revision.get(),
         }
     }
 }

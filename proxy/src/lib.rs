@@ -200,6 +200,8 @@ pub struct Reloader {
     /// The control plane's challenge key (and the one it replaced), once it answered:
     /// what signs whenever the configuration sets no `challenge_secret`.
     deployment_key: Arc<parking_lot::Mutex<Option<ChallengeKey>>>,
+    /// Shows which key signs (`esper_proxy_challenge_key_revision`).
+    metrics: Arc<Metrics>,
 }
 
 /// The local configuration (file, environment and flags, as last read at start or on
@@ -264,6 +266,7 @@ impl Reloader {
         if configured {
             return false;
         }
+        self.metrics.challenge_key_revision.set(key.revision);
         if first && key.previous.is_none() && key.revision <= 1 {
             self.challenger.set_key(key.key.as_bytes())
         } else {
@@ -317,10 +320,15 @@ impl Reloader {
         self.live.store(Arc::new(live));
         // A secret set (again) signs; one taken away leaves the control plane's key, if
         // it answered, else the key in use.
+        let deployment = self.deployment_key.lock().clone();
+        self.metrics.challenge_key_revision.set(match &deployment {
+            Some(k) if config.challenge_secret.is_none() => k.revision,
+            _ => 0,
+        });
         let key = config
             .challenge_secret
             .clone()
-            .or_else(|| self.deployment_key.lock().as_ref().map(|k| k.key.clone()));
+            .or_else(|| deployment.map(|k| k.key));
         if let Some(key) = key
             && self.challenger.set_key(key.as_bytes())
         {
@@ -621,6 +629,7 @@ pub async fn start(
         health,
         challenger,
         deployment_key: Arc::default(),
+        metrics: metrics.clone(),
     };
     // Asked even with a secret set: a reload may take the secret away.
     if let Some(url) = config.control_url.clone() {

@@ -90,6 +90,9 @@ pub struct Metrics {
     pub remote_config_refused: IntCounter,
     /// Revision of the control plane's configuration in force (0: none).
     pub remote_config_revision: IntGauge,
+    /// Revision of the control plane's challenge key this proxy signs with (0: a key of
+    /// its own).
+    pub challenge_key_revision: IntGauge,
     /// Delta-stream answers that were full snapshots (cache replaced).
     pub stream_snapshots: IntCounter,
     /// New mitigations not cached because the cache was full (`cache_max_entries`) of
@@ -178,6 +181,11 @@ impl Metrics {
                 &registry,
                 "esper_proxy_remote_config_revision",
                 "Revision of the control plane's proxy configuration in force (0: none)",
+            ),
+            challenge_key_revision: gauge(
+                &registry,
+                "esper_proxy_challenge_key_revision",
+                "Revision of the control plane's challenge key this proxy signs with (0: a key of its own, challenge_secret or the start-up key)",
             ),
             requests,
             request_duration,

@@ -232,7 +232,13 @@ async fn without_a_secret_proxies_share_the_control_planes_key_and_a_reload_brin
     // signed with the control plane's key are still honoured.
     let mut own = cfg.clone();
     own.challenge_secret = Some(SECRET.into());
+    assert_eq!(a.metric("esper_proxy_challenge_key_revision").await, 1.0);
     a.handle().reload(own.clone()).await.unwrap();
+    assert_eq!(
+        a.metric("esper_proxy_challenge_key_revision").await,
+        0.0,
+        "a key of its own signs"
+    );
     let after = earn_cookie(&a, "127.0.0.53", 4).await;
     assert_eq!(
         get_with(&b, "127.0.0.53", &after, UA).await,
@@ -249,6 +255,7 @@ async fn without_a_secret_proxies_share_the_control_planes_key_and_a_reload_brin
     );
     // The secret taken away again: the control plane's key signs once more.
     a.handle().reload(cfg.clone()).await.unwrap();
+    assert_eq!(a.metric("esper_proxy_challenge_key_revision").await, 1.0);
     let back = earn_cookie(&a, "127.0.0.53", 4).await;
     assert_eq!(get_with(&b, "127.0.0.53", &back, UA).await, 200);
     for p in [a, b, c] {

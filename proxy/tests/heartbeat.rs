@@ -52,6 +52,42 @@ async fn heartbeats_reach_the_control_plane() {
     .await;
     assert!(listed, "the proxy appears in /api/v1/proxies");
 
+    // Which of the control plane's challenge keys it signs with, before and after a
+    // rotation.
+    let key_revision = || async {
+        let list: serde_json::Value = admin
+            .get(format!("{control_url}/api/v1/proxies"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["proxies"][0]["challenge_key_revision"].as_i64()
+    };
+    let first = eventually(Duration::from_secs(3), || async {
+        key_revision().await == Some(1)
+    })
+    .await;
+    assert!(first, "the control plane's first key signs");
+    let rotated = admin
+        .post(format!("{control_url}/api/v1/proxies/challenge-key/rotate"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), 200);
+    let second = eventually(Duration::from_secs(3), || async {
+        key_revision().await == Some(2)
+    })
+    .await;
+    assert!(second, "the rotated key signs, as the heartbeat shows");
+    assert_eq!(
+        proxy.metric("esper_proxy_challenge_key_revision").await,
+        2.0
+    );
+
     proxy.stop().await.unwrap();
     control.stop().await;
 }

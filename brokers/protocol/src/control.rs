@@ -82,6 +82,13 @@ pub struct ProxyHeartbeat {
     /// Is the proxy following the mitigation broker's delta stream right now?
     pub stream_connected: bool,
     pub started_at: DateTime<Utc>,
+    /// Revision of the control plane's proxy configuration in force (0: none).
+    #[serde(default)]
+    pub config_revision: i64,
+    /// Revision of the control plane's challenge key the proxy signs with (0: a key of
+    /// its own), so an operator can see a rotation reach every proxy.
+    #[serde(default)]
+    pub challenge_key_revision: i64,
 }
 
 /// The proxy configuration the control plane holds: TOML in the proxy's config format

@@ -368,6 +368,30 @@ async fn mitigations_queue_lists_and_decisions() {
         .await;
     assert_eq!(out.json()["revision"], 3, "{out:?}");
     assert_eq!(out.json()["previous_honoured"], false, "{out:?}");
+    // Which key each proxy signs with, as its heartbeat says.
+    let beat = serde_json::json!({"proxy_id": "edge-1", "apps": ["shop"], "cache_entries": 0,
+        "requests_total": 0, "events_sent_total": 0, "events_dropped_total": 0,
+        "stream_connected": true, "started_at": chrono::Utc::now(), "challenge_key_revision": 3});
+    let status = reqwest::Client::new()
+        .post(format!("{}/api/v1/proxies/heartbeat", s.api))
+        .bearer_auth(TOKEN)
+        .json(&beat)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let out = s.ctl(&["proxies", "list"]).await;
+    let mut lines = out.stdout.lines();
+    let head: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let at = |name: &str| head.iter().position(|h| *h == name).unwrap();
+    assert_eq!(
+        row[at("CONFIG")],
+        "-",
+        "no configuration from the control plane: {out:?}"
+    );
+    assert_eq!(row[at("KEY")], "3", "{out:?}");
 
     let out = s
         .ctl(&[

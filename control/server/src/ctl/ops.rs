@@ -62,8 +62,12 @@ fn proxies_table(p: &[esper_protocol::control::Seen<esper_protocol::ProxyHeartbe
         "SENT",
         "DROPPED",
         "STREAM",
+        "CONFIG",
+        "KEY",
         "LAST SEEN",
     ]);
+    // Revisions of what the control plane handed out; "-" for none of its own.
+    let revision = |r: i64| if r > 0 { r.to_string() } else { "-".into() };
     for s in p {
         let b = &s.beat;
         t.row(vec![
@@ -80,6 +84,8 @@ fn proxies_table(p: &[esper_protocol::control::Seen<esper_protocol::ProxyHeartbe
                 "disconnected"
             }
             .into(),
+            revision(b.config_revision),
+            revision(b.challenge_key_revision),
             relative(s.last_seen, now),
         ]);
     }
