@@ -30,7 +30,8 @@ async fn heartbeats_reach_the_control_plane() {
     assert_eq!(resp.status(), 200);
 
     let admin = reqwest::Client::new();
-    let listed = eventually(Duration::from_secs(3), || async {
+    // The control plane's list of proxies.
+    let proxies = || async {
         let list: serde_json::Value = admin
             .get(format!("{control_url}/api/v1/proxies"))
             .bearer_auth(TOKEN)
@@ -40,7 +41,11 @@ async fn heartbeats_reach_the_control_plane() {
             .json()
             .await
             .unwrap();
-        list["proxies"].as_array().is_some_and(|ps| {
+        list["proxies"].clone()
+    };
+    let listed = eventually(Duration::from_secs(3), || async {
+        let list = proxies().await;
+        list.as_array().is_some_and(|ps| {
             ps.iter().any(|p| {
                 p["proxy_id"] == "proxy-test"
                     && p["apps"] == serde_json::json!(["shop"])
@@ -54,18 +59,7 @@ async fn heartbeats_reach_the_control_plane() {
 
     // Which of the control plane's challenge keys it signs with, before and after a
     // rotation.
-    let key_revision = || async {
-        let list: serde_json::Value = admin
-            .get(format!("{control_url}/api/v1/proxies"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list["proxies"][0]["challenge_key_revision"].as_i64()
-    };
+    let key_revision = || async { proxies().await[0]["challenge_key_revision"].as_i64() };
     let first = eventually(Duration::from_secs(3), || async {
         key_revision().await == Some(1)
     })
@@ -86,6 +80,24 @@ async fn heartbeats_reach_the_control_plane() {
     assert_eq!(
         proxy.metric("esper_proxy_challenge_key_revision").await,
         2.0
+    );
+
+    // And the revision of the control plane's configuration it runs.
+    let put = admin
+        .put(format!("{control_url}/api/v1/proxies/config"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"config": "allow_paths = [\"/health\"]"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let configured = eventually(Duration::from_secs(3), || async {
+        proxies().await[0]["config_revision"] == 1
+    })
+    .await;
+    assert!(
+        configured,
+        "the heartbeat carries the configuration's revision"
     );
 
     proxy.stop().await.unwrap();
