@@ -44,7 +44,7 @@ pub async fn get(
     Query(p): Query<ConfigParams>,
 ) -> Result<Response, ApiError> {
     let after = p.after.unwrap_or(i64::MIN);
-    let newer = long_poll(&state.proxy_config_changed, p.wait, || async {
+    long_poll(&state.proxy_config_changed, p.wait, || async {
         let doc = state
             .store
             .proxy_config()
@@ -58,22 +58,19 @@ pub async fn get(
             _ => Ok(None),
         }
     })
-    .await?;
-    Ok(match newer {
-        Some(doc) => Json(doc).into_response(),
-        None => StatusCode::NO_CONTENT.into_response(),
-    })
+    .await
 }
 
-/// What `read` finds, reading again whenever `changed` is notified (and every
-/// [`RECHECK`], for changes written through another control-plane instance) until it
-/// finds something or `wait` seconds (at most [`MAX_WAIT`]) have passed.
+/// What `read` finds (200, as JSON), reading again whenever `changed` is notified (and
+/// every [`RECHECK`], for changes written through another control-plane instance) until
+/// it finds something, or 204 once `wait` seconds (at most [`MAX_WAIT`]) have passed.
 async fn long_poll<T, F, Fut>(
     changed: &tokio::sync::Notify,
     wait: Option<u64>,
     mut read: F,
-) -> Result<Option<T>, ApiError>
+) -> Result<Response, ApiError>
 where
+    T: serde::Serialize,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, ApiError>>,
 {
@@ -83,11 +80,11 @@ where
         // Registered before reading, so a change between the read and the wait wakes us.
         let notified = changed.notified();
         if let Some(found) = read().await? {
-            return Ok(Some(found));
+            return Ok(Json(found).into_response());
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
-            return Ok(None);
+            return Ok(StatusCode::NO_CONTENT.into_response());
         }
         let _ = tokio::time::timeout((deadline - now).min(RECHECK), notified).await;
     }
@@ -132,7 +129,7 @@ pub async fn challenge_key(
     Query(p): Query<ConfigParams>,
 ) -> Result<Response, ApiError> {
     let after = p.after.unwrap_or(i64::MIN);
-    let newer = long_poll(&state.challenge_key_changed, p.wait, || async {
+    long_poll(&state.challenge_key_changed, p.wait, || async {
         let secret = state
             .store
             .secret(CHALLENGE_KEY, &fresh_key())
@@ -144,11 +141,7 @@ pub async fn challenge_key(
             revision: secret.revision,
         }))
     })
-    .await?;
-    Ok(match newer {
-        Some(key) => Json(key).into_response(),
-        None => StatusCode::NO_CONTENT.into_response(),
-    })
+    .await
 }
 
 /// `POST /api/v1/proxies/challenge-key/rotate` (body optional: `{"keep_previous":
