@@ -1,6 +1,8 @@
 //! The control store: policies and their history, named lists, the revision counter,
-//! the decision log and API tokens, behind one trait with two implementations, SQLite
-//! (embedded) and PostgreSQL (several instances), that pass the same [`suite`].
+//! the decision log and API tokens, behind one trait. Its statements are written once
+//! (`sql`) and run on two databases, SQLite (embedded) and PostgreSQL (several
+//! instances), which differ only in how they open, migrate, take turns writing and
+//! announce a new revision; both pass the same [`suite`].
 
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use esper_protocol::{Decision, DecisionMode, EntityKey, PageMark, ProxyConfigDoc
 use serde::{Deserialize, Serialize};
 
 mod postgres;
+mod sql;
 mod sqlite;
 pub mod suite;
 
@@ -255,126 +258,6 @@ pub struct Secret {
     /// 1 when made, one more with each rotation.
     pub revision: i64,
     pub rotated_at: Option<DateTime<Utc>>,
-}
-
-/// Stores a secret unless one of that name exists (the same SQL for SQLite and
-/// PostgreSQL); [`GET_SECRET_SQL`] then reads whichever won.
-pub(crate) const ADD_SECRET_SQL: &str = "INSERT INTO secrets (name, value, created_at) \
-     VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING";
-pub(crate) const GET_SECRET_SQL: &str =
-    "SELECT value, previous, revision, rotated_at FROM secrets WHERE name = $1";
-/// Replaces a secret, or stores it when there is none (the same SQL for SQLite and
-/// PostgreSQL): $4 says whether the value replaced is kept.
-pub(crate) const ROTATE_SECRET_SQL: &str = "INSERT INTO secrets (name, value, created_at) \
-     VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET \
-     previous = CASE WHEN $4 THEN secrets.value ELSE NULL END, value = excluded.value, \
-     revision = secrets.revision + 1, rotated_at = excluded.created_at \
-     RETURNING value, previous, revision, rotated_at";
-
-/// On either database's pool: [`ControlStore::secret`] when `rotate` is `None`, else
-/// [`ControlStore::rotate_secret`] keeping the value replaced as asked.
-pub(crate) async fn write_secret<DB>(
-    pool: &sqlx::Pool<DB>,
-    name: &str,
-    fresh: &str,
-    rotate: Option<bool>,
-) -> Result<Secret, StoreError>
-where
-    DB: sqlx::Database,
-    for<'c> &'c str: sqlx::ColumnIndex<DB::Row>,
-    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
-    for<'r> Option<String>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-    for<'r> i64: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-{
-    let now = ts(Utc::now());
-    let row = match rotate {
-        Some(keep_previous) => {
-            sqlx::query(ROTATE_SECRET_SQL)
-                .bind(name)
-                .bind(fresh)
-                .bind(now)
-                .bind(keep_previous)
-                .fetch_one(pool)
-                .await?
-        }
-        None => {
-            // Read first: proxies' long-polls read the key every second, and a write
-            // (even one that changes nothing) is a transaction SQLite serialises.
-            if let Some(row) = sqlx::query(GET_SECRET_SQL)
-                .bind(name)
-                .fetch_optional(pool)
-                .await?
-            {
-                return secret_row(&row);
-            }
-            sqlx::query(ADD_SECRET_SQL)
-                .bind(name)
-                .bind(fresh)
-                .bind(now)
-                .execute(pool)
-                .await?;
-            sqlx::query(GET_SECRET_SQL)
-                .bind(name)
-                .fetch_one(pool)
-                .await?
-        }
-    };
-    secret_row(&row)
-}
-
-/// A row of [`GET_SECRET_SQL`] or [`ROTATE_SECRET_SQL`], in either database.
-fn secret_row<R>(row: &R) -> Result<Secret, StoreError>
-where
-    R: sqlx::Row,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let rotated_at: Option<String> = row.try_get("rotated_at")?;
-    Ok(Secret {
-        value: row.try_get("value")?,
-        previous: row.try_get("previous")?,
-        revision: row.try_get("revision")?,
-        rotated_at: rotated_at.as_deref().map(parse_ts).transpose()?,
-    })
-}
-
-/// The one proxy configuration document's name in `proxy_configs`.
-pub(crate) const PROXY_CONFIG_NAME: &str = "default";
-
-/// Inserts or replaces the proxy configuration in one statement (the same SQL for
-/// SQLite and PostgreSQL); no row comes back when the text is unchanged.
-pub(crate) const PUT_PROXY_CONFIG_SQL: &str = "INSERT INTO proxy_configs \
-     (name, revision, config, updated_by, updated_at) VALUES ($1, 1, $2, $3, $4) \
-     ON CONFLICT (name) DO UPDATE SET revision = proxy_configs.revision + 1, \
-     config = excluded.config, updated_by = excluded.updated_by, \
-     updated_at = excluded.updated_at WHERE proxy_configs.config <> excluded.config \
-     RETURNING revision, config, updated_by, updated_at";
-
-/// Reads the proxy configuration.
-pub(crate) const GET_PROXY_CONFIG_SQL: &str =
-    "SELECT revision, config, updated_by, updated_at FROM proxy_configs WHERE name = $1";
-
-/// A `proxy_configs` row.
-pub(crate) fn proxy_config_row<R>(row: &R) -> Result<ProxyConfigDoc, StoreError>
-where
-    R: sqlx::Row,
-    for<'c> &'c str: sqlx::ColumnIndex<R>,
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let updated_at: String = row.try_get("updated_at")?;
-    Ok(ProxyConfigDoc {
-        revision: row.try_get("revision")?,
-        config: row.try_get("config")?,
-        updated_by: row.try_get("updated_by")?,
-        updated_at: parse_ts(&updated_at)?,
-    })
 }
 
 /// Is `url` a PostgreSQL URL (`postgres://` or `postgresql://`)?

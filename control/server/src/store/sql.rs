@@ -1,0 +1,755 @@
+//! The control store's statements, written once for both databases. The schema keeps to
+//! what SQLite and PostgreSQL share (`$N` placeholders, `ON CONFLICT`, `RETURNING`, TEXT
+//! timestamps and JSON), so every query below runs unchanged on either; what differs
+//! (opening, migrating, how writers take turns, how a new revision is announced) is the
+//! [`Backend`] each store implements.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use esper_protocol::{Decision, DecisionMode, ProxyConfigDoc};
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
+use tokio::sync::MutexGuard;
+
+use super::{
+    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, ListRecord, LoggedDecision,
+    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, RevokeTarget, Secret, StoreError,
+    parse_ts, ts,
+};
+
+/// A database's connection: the parts of a control store that are not the same SQL.
+#[async_trait]
+pub(crate) trait Backend: Send + Sync + 'static {
+    type Db: Database;
+
+    /// A short name for status output.
+    const KIND: &'static str;
+
+    fn pool(&self) -> &Pool<Self::Db>;
+
+    async fn migrate(&self) -> Result<Vec<String>, StoreError>;
+
+    async fn pending_migrations(&self) -> Result<Vec<String>, StoreError>;
+
+    async fn close(&self);
+
+    /// Held around every write: SQLite's writers take turns in this process (a read
+    /// transaction that has to upgrade to a write would otherwise fail with
+    /// `database is locked`); PostgreSQL needs none for a single statement.
+    async fn turn(&self) -> Option<MutexGuard<'_, ()>>;
+
+    /// A transaction that writes versions or the revision, which must stay consecutive
+    /// whichever control-plane instance writes.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, StoreError>;
+
+    /// A read-only transaction in which every statement sees the same snapshot.
+    async fn begin_snapshot(&self) -> Result<sqlx::Transaction<'static, Self::Db>, StoreError>;
+
+    /// Tells other instances about `revision`, inside the transaction that made it.
+    async fn announce(
+        &self,
+        tx: &mut <Self::Db as Database>::Connection,
+        revision: i64,
+    ) -> Result<(), StoreError>;
+
+    /// `revision` was committed by this instance.
+    fn committed(&self, revision: i64);
+
+    /// The revision counter (PostgreSQL answers it from what it heard announced).
+    async fn revision(&self) -> Result<i64, StoreError>;
+
+    fn rows_affected(result: &<Self::Db as Database>::QueryResult) -> u64;
+}
+
+/// Reads a row's columns by name, in either database.
+pub(crate) trait Cols {
+    fn text(&self, col: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, col: &str) -> Result<i64, StoreError>;
+}
+
+impl<R> Cols for R
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn text(&self, col: &str) -> Result<String, StoreError> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(col)?)
+    }
+    fn int(&self, col: &str) -> Result<i64, StoreError> {
+        Ok(self.try_get(col)?)
+    }
+}
+
+fn json_col(row: &impl Cols, col: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(&row.text(col)?).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn ts_col(row: &impl Cols, col: &str) -> Result<DateTime<Utc>, StoreError> {
+    parse_ts(&row.text(col)?)
+}
+
+fn opt_ts_col(row: &impl Cols, col: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    row.opt_text(col)?.as_deref().map(parse_ts).transpose()
+}
+
+const POLICY_COLS: &str = "id, version, enabled, mode, spec, created_at, updated_at";
+const LIST_COLS: &str = "name, kind, items, updated_at";
+
+fn policy_row(row: &impl Cols) -> Result<PolicyRecord, StoreError> {
+    Ok(PolicyRecord {
+        id: row.text("id")?,
+        version: row.int("version")?,
+        enabled: row.int("enabled")? != 0,
+        mode: row.text("mode")?,
+        spec: json_col(row, "spec")?,
+        created_at: ts_col(row, "created_at")?,
+        updated_at: ts_col(row, "updated_at")?,
+    })
+}
+
+fn list_row(row: &impl Cols) -> Result<ListRecord, StoreError> {
+    Ok(ListRecord {
+        name: row.text("name")?,
+        kind: row.text("kind")?,
+        items: serde_json::from_str(&row.text("items")?)
+            .map_err(|e| StoreError::Corrupt(format!("list items: {e}")))?,
+        updated_at: ts_col(row, "updated_at")?,
+    })
+}
+
+fn decision_row(row: &impl Cols) -> Result<LoggedDecision, StoreError> {
+    Ok(LoggedDecision {
+        decision: serde_json::from_str(&row.text("body")?)
+            .map_err(|e| StoreError::Corrupt(format!("decision body: {e}")))?,
+        recorded_at: ts_col(row, "recorded_at")?,
+        revoked_at: opt_ts_col(row, "revoked_at")?,
+        revoked_by: row.opt_text("revoked_by")?,
+    })
+}
+
+fn version_row(row: &impl Cols) -> Result<PolicyVersionRecord, StoreError> {
+    Ok(PolicyVersionRecord {
+        id: row.text("policy_id")?,
+        version: row.int("version")?,
+        change: row.text("change")?,
+        spec: json_col(row, "spec")?,
+        changed_by: row.text("changed_by")?,
+        created_at: ts_col(row, "created_at")?,
+    })
+}
+
+fn secret_row(row: &impl Cols) -> Result<Secret, StoreError> {
+    Ok(Secret {
+        value: row.text("value")?,
+        previous: row.opt_text("previous")?,
+        revision: row.int("revision")?,
+        rotated_at: opt_ts_col(row, "rotated_at")?,
+    })
+}
+
+fn proxy_config_row(row: &impl Cols) -> Result<ProxyConfigDoc, StoreError> {
+    Ok(ProxyConfigDoc {
+        revision: row.int("revision")?,
+        config: row.text("config")?,
+        updated_by: row.text("updated_by")?,
+        updated_at: ts_col(row, "updated_at")?,
+    })
+}
+
+fn mode_name(mode: DecisionMode) -> &'static str {
+    match mode {
+        DecisionMode::Enforce => "enforce",
+        DecisionMode::Shadow => "shadow",
+    }
+}
+
+pub(crate) const READ_REVISION_SQL: &str = "SELECT value FROM counters WHERE name = 'revision'";
+
+/// The one proxy configuration document's name in `proxy_configs`.
+const PROXY_CONFIG_NAME: &str = "default";
+
+/// Inserts or replaces the proxy configuration in one statement; no row comes back when
+/// the text is unchanged.
+const PUT_PROXY_CONFIG_SQL: &str = "INSERT INTO proxy_configs \
+     (name, revision, config, updated_by, updated_at) VALUES ($1, 1, $2, $3, $4) \
+     ON CONFLICT (name) DO UPDATE SET revision = proxy_configs.revision + 1, \
+     config = excluded.config, updated_by = excluded.updated_by, \
+     updated_at = excluded.updated_at WHERE proxy_configs.config <> excluded.config \
+     RETURNING revision, config, updated_by, updated_at";
+
+const GET_PROXY_CONFIG_SQL: &str =
+    "SELECT revision, config, updated_by, updated_at FROM proxy_configs WHERE name = $1";
+
+/// Stores a secret unless one of that name exists; [`GET_SECRET_SQL`] then reads
+/// whichever won.
+const ADD_SECRET_SQL: &str = "INSERT INTO secrets (name, value, created_at) \
+     VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING";
+const GET_SECRET_SQL: &str =
+    "SELECT value, previous, revision, rotated_at FROM secrets WHERE name = $1";
+/// Replaces a secret, or stores it when there is none: $4 says whether the value
+/// replaced is kept.
+const ROTATE_SECRET_SQL: &str = "INSERT INTO secrets (name, value, created_at) \
+     VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET \
+     previous = CASE WHEN $4 THEN secrets.value ELSE NULL END, value = excluded.value, \
+     revision = secrets.revision + 1, rotated_at = excluded.created_at \
+     RETURNING value, previous, revision, rotated_at";
+
+/// The statements that run inside a write transaction, shared by several writes.
+struct Tx;
+
+impl Tx {
+    /// Grows the revision and has the backend announce it; returns the new revision.
+    async fn bump_revision<B>(
+        db: &B,
+        conn: &mut <B::Db as Database>::Connection,
+    ) -> Result<i64, StoreError>
+    where
+        B: Backend,
+        for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+        for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+        for<'r> i64: Decode<'r, B::Db> + Type<B::Db>,
+        for<'a> &'a str: ColumnIndex<<B::Db as Database>::Row>,
+    {
+        let revision: i64 = sqlx::query(
+            "UPDATE counters SET value = value + 1 WHERE name = 'revision' RETURNING value",
+        )
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("value")?;
+        db.announce(conn, revision).await?;
+        Ok(revision)
+    }
+
+    /// Records the next version of policy `id` in its history (counted from the history,
+    /// so a policy deleted and applied again keeps counting up); returns its number.
+    async fn add_version<DB>(
+        conn: &mut DB::Connection,
+        id: &str,
+        change: &str,
+        spec: &str,
+        by: &str,
+        now: &str,
+    ) -> Result<i64, StoreError>
+    where
+        DB: Database,
+        for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+        for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+        for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+        for<'a> &'a str: ColumnIndex<DB::Row>,
+    {
+        let max: Option<i64> =
+            sqlx::query("SELECT MAX(version) AS v FROM policy_versions WHERE policy_id = $1")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get("v")?;
+        let version = max.unwrap_or(0) + 1;
+        sqlx::query(
+            "INSERT INTO policy_versions (policy_id, version, change, spec, changed_by, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(change)
+        .bind(spec)
+        .bind(by)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        Ok(version)
+    }
+}
+
+#[async_trait]
+impl<B> ControlStore for B
+where
+    B: Backend,
+    for<'c> &'c Pool<B::Db>: Executor<'c, Database = B::Db>,
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> String: Encode<'q, B::Db> + Decode<'q, B::Db> + Type<B::Db>,
+    for<'q> Option<String>: Encode<'q, B::Db>,
+    for<'q> i64: Encode<'q, B::Db> + Decode<'q, B::Db> + Type<B::Db>,
+    for<'q> bool: Encode<'q, B::Db> + Type<B::Db>,
+    for<'a> &'a str: ColumnIndex<<B::Db as Database>::Row>,
+{
+    fn kind(&self) -> &'static str {
+        B::KIND
+    }
+
+    async fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        Backend::migrate(self).await
+    }
+
+    async fn pending_migrations(&self) -> Result<Vec<String>, StoreError> {
+        Backend::pending_migrations(self).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(self.pool()).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        Backend::close(self).await
+    }
+
+    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        sqlx::query(&format!("SELECT {POLICY_COLS} FROM policies ORDER BY id"))
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(policy_row)
+            .collect()
+    }
+
+    async fn get_policy(&self, id: &str) -> Result<Option<PolicyRecord>, StoreError> {
+        sqlx::query(&format!("SELECT {POLICY_COLS} FROM policies WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?
+            .as_ref()
+            .map(policy_row)
+            .transpose()
+    }
+
+    async fn put_policies(&self, writes: Vec<PolicyWrite>) -> Result<Vec<PutOutcome>, StoreError> {
+        let _turn = self.turn().await;
+        let mut tx = self.begin_write().await?;
+        let now = ts(Utc::now());
+        let mut outcomes = Vec::with_capacity(writes.len());
+        let mut changed_any = false;
+        for w in writes {
+            let current = sqlx::query(&format!("SELECT {POLICY_COLS} FROM policies WHERE id = $1"))
+                .bind(w.id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(policy_row)
+                .transpose()?;
+            if let Some(cur) = &current
+                && cur.spec == w.spec
+            {
+                outcomes.push(PutOutcome {
+                    id: w.id,
+                    version: cur.version,
+                    changed: false,
+                });
+                continue;
+            }
+            let spec = w.spec.to_string();
+            let version =
+                Tx::add_version::<B::Db>(&mut tx, &w.id, &w.change, &spec, &w.changed_by, &now)
+                    .await?;
+            sqlx::query(
+                "INSERT INTO policies (id, version, enabled, mode, spec, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $6) \
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version, \
+                 enabled = excluded.enabled, mode = excluded.mode, spec = excluded.spec, \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(w.id.as_str())
+            .bind(version)
+            .bind(i64::from(w.enabled))
+            .bind(w.mode.as_str())
+            .bind(spec.as_str())
+            .bind(now.as_str())
+            .execute(&mut *tx)
+            .await?;
+            changed_any = true;
+            outcomes.push(PutOutcome {
+                id: w.id,
+                version,
+                changed: true,
+            });
+        }
+        let bumped = if changed_any {
+            Some(Tx::bump_revision(self, &mut tx).await?)
+        } else {
+            None
+        };
+        tx.commit().await?;
+        if let Some(revision) = bumped {
+            self.committed(revision);
+        }
+        Ok(outcomes)
+    }
+
+    async fn delete_policy(&self, id: &str, by: &str) -> Result<bool, StoreError> {
+        let _turn = self.turn().await;
+        let mut tx = self.begin_write().await?;
+        let Some(row) = sqlx::query("SELECT spec FROM policies WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let spec = row.text("spec")?;
+        sqlx::query("DELETE FROM policies WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        Tx::add_version::<B::Db>(&mut tx, id, "delete", &spec, by, &ts(Utc::now())).await?;
+        let revision = Tx::bump_revision(self, &mut tx).await?;
+        tx.commit().await?;
+        self.committed(revision);
+        Ok(true)
+    }
+
+    async fn policy_versions(&self, id: &str) -> Result<Vec<PolicyVersionRecord>, StoreError> {
+        sqlx::query(
+            "SELECT policy_id, version, change, spec, changed_by, created_at \
+             FROM policy_versions WHERE policy_id = $1 ORDER BY version",
+        )
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(version_row)
+        .collect()
+    }
+
+    async fn list_lists(&self) -> Result<Vec<ListRecord>, StoreError> {
+        sqlx::query(&format!("SELECT {LIST_COLS} FROM lists ORDER BY name"))
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(list_row)
+            .collect()
+    }
+
+    async fn get_list(&self, name: &str) -> Result<Option<ListRecord>, StoreError> {
+        sqlx::query(&format!("SELECT {LIST_COLS} FROM lists WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?
+            .as_ref()
+            .map(list_row)
+            .transpose()
+    }
+
+    async fn put_list(
+        &self,
+        name: &str,
+        kind: &str,
+        items: Vec<String>,
+    ) -> Result<ListRecord, StoreError> {
+        let _turn = self.turn().await;
+        let mut tx = self.begin_write().await?;
+        let current = sqlx::query(&format!("SELECT {LIST_COLS} FROM lists WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(list_row)
+            .transpose()?;
+        if let Some(cur) = current
+            && cur.kind == kind
+            && cur.items == items
+        {
+            return Ok(cur);
+        }
+        let now = Utc::now();
+        let items_json =
+            serde_json::to_string(&items).map_err(|e| StoreError::Query(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO lists (name, kind, items, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, items = excluded.items, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(kind)
+        .bind(items_json)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        let revision = Tx::bump_revision(self, &mut tx).await?;
+        tx.commit().await?;
+        self.committed(revision);
+        Ok(ListRecord {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            items,
+            // Read back at the stored precision.
+            updated_at: parse_ts(&ts(now))?,
+        })
+    }
+
+    async fn delete_list(&self, name: &str) -> Result<bool, StoreError> {
+        let _turn = self.turn().await;
+        let mut tx = self.begin_write().await?;
+        let result = sqlx::query("DELETE FROM lists WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let done = B::rows_affected(&result) > 0;
+        let bumped = if done {
+            Some(Tx::bump_revision(self, &mut tx).await?)
+        } else {
+            None
+        };
+        tx.commit().await?;
+        if let Some(revision) = bumped {
+            self.committed(revision);
+        }
+        Ok(done)
+    }
+
+    async fn revision(&self) -> Result<i64, StoreError> {
+        Backend::revision(self).await
+    }
+
+    async fn active_snapshot(&self) -> Result<ActiveSnapshot, StoreError> {
+        let mut tx = self.begin_snapshot().await?;
+        let revision = sqlx::query(READ_REVISION_SQL)
+            .fetch_one(&mut *tx)
+            .await?
+            .int("value")?;
+        let policies = sqlx::query(&format!(
+            "SELECT {POLICY_COLS} FROM policies WHERE enabled = 1 ORDER BY id"
+        ))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(policy_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        let lists = sqlx::query(&format!("SELECT {LIST_COLS} FROM lists ORDER BY name"))
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(list_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await?;
+        Ok(ActiveSnapshot {
+            revision,
+            policies,
+            lists,
+        })
+    }
+
+    async fn record_decisions(&self, decisions: &[Decision]) -> Result<usize, StoreError> {
+        if decisions.is_empty() {
+            return Ok(0);
+        }
+        let _turn = self.turn().await;
+        let mut tx = self.begin_write().await?;
+        let now = ts(Utc::now());
+        let mut inserted = 0;
+        for d in decisions {
+            let body = serde_json::to_string(d).map_err(|e| StoreError::Query(e.to_string()))?;
+            let policy = d
+                .policy_id
+                .clone()
+                .or_else(|| d.mitigation.reason.policy_id.clone());
+            let result = sqlx::query(
+                "INSERT INTO decisions (id, entity, policy_id, mode, action, origin, decided_by, \
+                 decided_at, expires_at, body, recorded_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                 ON CONFLICT (id) DO UPDATE SET policy_id = excluded.policy_id, \
+                 decided_by = excluded.decided_by, body = excluded.body \
+                 WHERE decisions.decided_by = $12 AND excluded.decided_by <> $12",
+            )
+            .bind(d.id.as_str())
+            .bind(d.mitigation.entity.to_string())
+            .bind(policy)
+            .bind(mode_name(d.mode))
+            .bind(d.mitigation.action.name())
+            .bind(d.mitigation.origin.to_string())
+            .bind(d.decided_by.as_str())
+            .bind(ts(d.decided_at))
+            .bind(ts(d.mitigation.expires_at))
+            .bind(body)
+            .bind(now.as_str())
+            .bind(BROKER_COPY)
+            .execute(&mut *tx)
+            .await?;
+            inserted += B::rows_affected(&result) as usize;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn query_decisions(&self, q: &DecisionQuery) -> Result<Vec<LoggedDecision>, StoreError> {
+        let mut sql = String::from(
+            "SELECT body, recorded_at, revoked_at, revoked_by FROM decisions WHERE 1 = 1",
+        );
+        let mut args: Vec<String> = Vec::new();
+        if let Some(id) = &q.id {
+            args.push(id.clone());
+            sql.push_str(&format!(" AND id = ${}", args.len()));
+        }
+        if let Some(e) = &q.entity {
+            args.push(e.to_string());
+            sql.push_str(&format!(" AND entity = ${}", args.len()));
+        }
+        if let Some(p) = &q.policy {
+            args.push(p.clone());
+            sql.push_str(&format!(" AND policy_id = ${}", args.len()));
+        }
+        if let Some(m) = q.mode {
+            args.push(mode_name(m).to_string());
+            sql.push_str(&format!(" AND mode = ${}", args.len()));
+        }
+        if q.active {
+            args.push(ts(Utc::now()));
+            sql.push_str(&format!(
+                " AND mode = 'enforce' AND revoked_at IS NULL AND expires_at > ${}",
+                args.len()
+            ));
+        }
+        if let Some(mark) = &q.before {
+            args.push(ts(mark.decided_at));
+            args.push(mark.id.clone());
+            let (at, id) = (args.len() - 1, args.len());
+            sql.push_str(&format!(
+                " AND (decided_at < ${at} OR (decided_at = ${at} AND id < ${id}))"
+            ));
+        }
+        sql.push_str(&format!(
+            " ORDER BY decided_at DESC, id DESC LIMIT {}",
+            q.limit.max(1)
+        ));
+        let mut query = sqlx::query(&sql);
+        for a in &args {
+            query = query.bind(a.as_str());
+        }
+        query
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(decision_row)
+            .collect()
+    }
+
+    async fn mark_revoked(
+        &self,
+        target: &RevokeTarget,
+        by: &str,
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let _turn = self.turn().await;
+        let (col, value) = match target {
+            RevokeTarget::Id(id) => ("id", id.clone()),
+            RevokeTarget::Entity(e) => ("entity", e.to_string()),
+            // `$3 = $3` keeps one statement shape for every target.
+            RevokeTarget::All => ("$3", String::new()),
+        };
+        // Only decisions that were in force can be revoked.
+        let sql = format!(
+            "UPDATE decisions SET revoked_at = $1, revoked_by = $2 \
+             WHERE {col} = $3 AND revoked_at IS NULL AND mode = 'enforce' AND expires_at > $1"
+        );
+        let result = sqlx::query(&sql)
+            .bind(ts(at))
+            .bind(by)
+            .bind(value)
+            .execute(self.pool())
+            .await?;
+        Ok(B::rows_affected(&result))
+    }
+
+    async fn token_count(&self) -> Result<u64, StoreError> {
+        let n = sqlx::query("SELECT COUNT(*) AS n FROM tokens")
+            .fetch_one(self.pool())
+            .await?
+            .int("n")?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn add_token(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+        let _turn = self.turn().await;
+        sqlx::query("INSERT INTO tokens (name, hash, created_at) VALUES ($1, $2, $3)")
+            .bind(name)
+            .bind(hash)
+            .bind(ts(Utc::now()))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query("SELECT name FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(self.pool())
+            .await?
+            .map(|r| r.text("name"))
+            .transpose()
+    }
+
+    async fn proxy_config(&self) -> Result<Option<ProxyConfigDoc>, StoreError> {
+        sqlx::query(GET_PROXY_CONFIG_SQL)
+            .bind(PROXY_CONFIG_NAME)
+            .fetch_optional(self.pool())
+            .await?
+            .as_ref()
+            .map(proxy_config_row)
+            .transpose()
+    }
+
+    async fn put_proxy_config(&self, config: &str, by: &str) -> Result<ProxyConfigDoc, StoreError> {
+        let _turn = self.turn().await;
+        let changed = sqlx::query(PUT_PROXY_CONFIG_SQL)
+            .bind(PROXY_CONFIG_NAME)
+            .bind(config)
+            .bind(by)
+            .bind(ts(Utc::now()))
+            .fetch_optional(self.pool())
+            .await?;
+        match changed {
+            Some(row) => proxy_config_row(&row),
+            None => self
+                .proxy_config()
+                .await?
+                .ok_or_else(|| StoreError::Query("proxy configuration vanished".into())),
+        }
+    }
+
+    async fn secret(&self, name: &str, fresh: &str) -> Result<Secret, StoreError> {
+        // Read first: proxies' long-polls read the key every second, and a write (even
+        // one that changes nothing) is a transaction SQLite serialises.
+        if let Some(row) = sqlx::query(GET_SECRET_SQL)
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?
+        {
+            return secret_row(&row);
+        }
+        let _turn = self.turn().await;
+        sqlx::query(ADD_SECRET_SQL)
+            .bind(name)
+            .bind(fresh)
+            .bind(ts(Utc::now()))
+            .execute(self.pool())
+            .await?;
+        let row = sqlx::query(GET_SECRET_SQL)
+            .bind(name)
+            .fetch_one(self.pool())
+            .await?;
+        secret_row(&row)
+    }
+
+    async fn rotate_secret(
+        &self,
+        name: &str,
+        fresh: &str,
+        keep_previous: bool,
+    ) -> Result<Secret, StoreError> {
+        let _turn = self.turn().await;
+        let row = sqlx::query(ROTATE_SECRET_SQL)
+            .bind(name)
+            .bind(fresh)
+            .bind(ts(Utc::now()))
+            .bind(keep_previous)
+            .fetch_one(self.pool())
+            .await?;
+        secret_row(&row)
+    }
+}
