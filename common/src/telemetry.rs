@@ -3,6 +3,7 @@
 //! `ESPER_DEBUG` / `ESPER_DEBUG_SUBSYSTEM`; and, with `--tracing`, OpenTelemetry traces
 //! sent over OTLP/gRPC, configured by the standard `OTEL_*` variables.
 
+use std::io::IsTerminal;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -97,7 +98,11 @@ pub fn init(
 ) -> Result<Option<Tracing>, String> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| format!("LOG_LEVEL `{level}` is not a valid filter: {e}"))?;
+    // Colours only on a terminal: a log file or collector would keep the escape codes.
+    let colours = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(colours)
         .with_file(include_caller)
         .with_line_number(include_caller)
         .with_writer(std::io::stderr);

@@ -303,6 +303,9 @@ async fn esper_dev_runs_the_whole_scenario() {
     .await;
     wait_ready(&format!("http://{health}/readyz"), Duration::from_secs(30)).await;
     assert!(dev.log().contains("Esper dev stack is up"), "{}", dev.log());
+    // Logs written to a pipe (a file, a collector) carry no terminal colour codes.
+    assert!(!dev.log().contains('\u{1b}'), "{}", dev.log());
+    assert!(dev.log().contains(" INFO "), "{}", dev.log());
 
     let stack = Stack {
         proxy: format!("http://{proxy}"),
