@@ -284,14 +284,25 @@ pub fn main() -> ExitCode {
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {
-    // One line: the chain of causes, outermost first.
-    let msg = e
-        .chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ");
-    eprintln!("esper: {msg}");
+    eprintln!("esper: {}", one_line(e));
     ExitCode::FAILURE
+}
+
+/// The chain of causes on one line, outermost first. A cause that an outer error
+/// already printed as part of its own message is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 /// Runs `f` with a shutdown handle fired by SIGTERM/SIGINT.
@@ -545,6 +556,20 @@ async fn reload_on_sighup(
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn a_cause_printed_by_its_outer_error_is_not_repeated() {
+        let missing = esper_common::config::ConfigError::Read {
+            path: "/etc/esper.toml".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(
+            one_line(&anyhow::Error::new(missing)),
+            "cannot read config file /etc/esper.toml: entity not found"
+        );
+        let wrapped = anyhow::anyhow!("disk on fire").context("cannot start the worker");
+        assert_eq!(one_line(&wrapped), "cannot start the worker: disk on fire");
+    }
 
     #[test]
     fn the_command_tree_is_consistent() {

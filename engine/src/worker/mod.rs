@@ -58,7 +58,7 @@ pub enum WorkerError {
     Serve(std::io::Error),
     #[error("worker task failed: {0}")]
     Task(String),
-    #[error("state backend: {0}")]
+    #[error(transparent)]
     State(#[from] StateError),
 }
 
