@@ -199,71 +199,66 @@ const ROTATE_SECRET_SQL: &str = "INSERT INTO secrets (name, value, created_at) \
      revision = secrets.revision + 1, rotated_at = excluded.created_at \
      RETURNING value, previous, revision, rotated_at";
 
-/// The statements that run inside a write transaction, shared by several writes.
-struct Tx;
+/// Grows the revision and has the backend announce it; returns the new revision.
+async fn bump_revision<B>(
+    db: &B,
+    conn: &mut <B::Db as Database>::Connection,
+) -> Result<i64, StoreError>
+where
+    B: Backend,
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'r> i64: Decode<'r, B::Db> + Type<B::Db>,
+    for<'a> &'a str: ColumnIndex<<B::Db as Database>::Row>,
+{
+    let revision: i64 = sqlx::query(
+        "UPDATE counters SET value = value + 1 WHERE name = 'revision' RETURNING value",
+    )
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get("value")?;
+    db.announce(conn, revision).await?;
+    Ok(revision)
+}
 
-impl Tx {
-    /// Grows the revision and has the backend announce it; returns the new revision.
-    async fn bump_revision<B>(
-        db: &B,
-        conn: &mut <B::Db as Database>::Connection,
-    ) -> Result<i64, StoreError>
-    where
-        B: Backend,
-        for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
-        for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
-        for<'r> i64: Decode<'r, B::Db> + Type<B::Db>,
-        for<'a> &'a str: ColumnIndex<<B::Db as Database>::Row>,
-    {
-        let revision: i64 = sqlx::query(
-            "UPDATE counters SET value = value + 1 WHERE name = 'revision' RETURNING value",
-        )
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get("value")?;
-        db.announce(conn, revision).await?;
-        Ok(revision)
-    }
-
-    /// Records the next version of policy `id` in its history (counted from the history,
-    /// so a policy deleted and applied again keeps counting up); returns its number.
-    async fn add_version<DB>(
-        conn: &mut DB::Connection,
-        id: &str,
-        change: &str,
-        spec: &str,
-        by: &str,
-        now: &str,
-    ) -> Result<i64, StoreError>
-    where
-        DB: Database,
-        for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-        for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-        for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-        for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
-        for<'a> &'a str: ColumnIndex<DB::Row>,
-    {
-        let max: Option<i64> =
-            sqlx::query("SELECT MAX(version) AS v FROM policy_versions WHERE policy_id = $1")
-                .bind(id)
-                .fetch_one(&mut *conn)
-                .await?
-                .try_get("v")?;
-        let version = max.unwrap_or(0) + 1;
-        sqlx::query(
-            "INSERT INTO policy_versions (policy_id, version, change, spec, changed_by, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(id)
-        .bind(version)
-        .bind(change)
-        .bind(spec)
-        .bind(by)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        Ok(version)
-    }
+/// Records the next version of policy `id` in its history (counted from the history,
+/// so a policy deleted and applied again keeps counting up); returns its number.
+async fn add_version<DB>(
+    conn: &mut DB::Connection,
+    id: &str,
+    change: &str,
+    spec: &str,
+    by: &str,
+    now: &str,
+) -> Result<i64, StoreError>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row>,
+{
+    let max: Option<i64> =
+        sqlx::query("SELECT MAX(version) AS v FROM policy_versions WHERE policy_id = $1")
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get("v")?;
+    let version = max.unwrap_or(0) + 1;
+    sqlx::query(
+        "INSERT INTO policy_versions (policy_id, version, change, spec, changed_by, \
+         created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(version)
+    .bind(change)
+    .bind(spec)
+    .bind(by)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(version)
 }
 
 #[async_trait]
@@ -346,8 +341,7 @@ where
             }
             let spec = w.spec.to_string();
             let version =
-                Tx::add_version::<B::Db>(&mut tx, &w.id, &w.change, &spec, &w.changed_by, &now)
-                    .await?;
+                add_version::<B::Db>(&mut tx, &w.id, &w.change, &spec, &w.changed_by, &now).await?;
             sqlx::query(
                 "INSERT INTO policies (id, version, enabled, mode, spec, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $6) \
@@ -371,7 +365,7 @@ where
             });
         }
         let bumped = if changed_any {
-            Some(Tx::bump_revision(self, &mut tx).await?)
+            Some(bump_revision(self, &mut tx).await?)
         } else {
             None
         };
@@ -397,8 +391,8 @@ where
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        Tx::add_version::<B::Db>(&mut tx, id, "delete", &spec, by, &ts(Utc::now())).await?;
-        let revision = Tx::bump_revision(self, &mut tx).await?;
+        add_version::<B::Db>(&mut tx, id, "delete", &spec, by, &ts(Utc::now())).await?;
+        let revision = bump_revision(self, &mut tx).await?;
         tx.commit().await?;
         self.committed(revision);
         Ok(true)
@@ -471,7 +465,7 @@ where
         .bind(ts(now))
         .execute(&mut *tx)
         .await?;
-        let revision = Tx::bump_revision(self, &mut tx).await?;
+        let revision = bump_revision(self, &mut tx).await?;
         tx.commit().await?;
         self.committed(revision);
         Ok(ListRecord {
@@ -492,7 +486,7 @@ where
             .await?;
         let done = B::rows_affected(&result) > 0;
         let bumped = if done {
-            Some(Tx::bump_revision(self, &mut tx).await?)
+            Some(bump_revision(self, &mut tx).await?)
         } else {
             None
         };
