@@ -408,6 +408,26 @@ async fn mitigations_queue_lists_and_decisions() {
         out.stdout, "list office stored (ip list, 2 items)\n",
         "{out:?}"
     );
+    // Items may also follow the name, as they do on `ipset add`.
+    let out = s
+        .ctl(&[
+            "lists",
+            "set",
+            "office",
+            "10.0.0.0/8",
+            "192.0.2.1",
+            "--item",
+            "2001:db8::/32",
+        ])
+        .await;
+    assert_eq!(
+        out.stdout, "list office stored (ip list, 3 items)\n",
+        "{out:?}"
+    );
+    let out = s
+        .ctl(&["lists", "set", "office", "10.0.0.0/8", "-f", "-"])
+        .await;
+    assert_eq!(out.code, 2, "items and a file at once: {out:?}");
     let file = s.file("office.txt", "# office\n10.0.0.0/8\nnot-an-ip\n");
     let out = s
         .ctl(&["lists", "set", "office", "-f", file.to_str().unwrap()])
@@ -424,7 +444,7 @@ async fn mitigations_queue_lists_and_decisions() {
             .lines()
             .nth(1)
             .unwrap()
-            .starts_with("office  ip    2"),
+            .starts_with("office  ip    3"),
         "{out:?}"
     );
     let out = s.ctl(&["lists", "delete", "office"]).await;

@@ -20,9 +20,13 @@ pub async fn run(ctx: &Ctx, cmd: ListCmd) -> Result<(), CtlError> {
         ListCmd::Set {
             name,
             kind,
+            listed,
             file,
-            items,
-        } => set(ctx, &name, &kind, file.as_deref(), items).await,
+            mut items,
+        } => {
+            items.extend(listed);
+            set(ctx, &name, &kind, file.as_deref(), items).await
+        }
         ListCmd::Delete { name } => delete(ctx, &name).await,
     }
 }

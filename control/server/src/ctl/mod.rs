@@ -228,10 +228,13 @@ pub enum ListCmd {
         /// `ip` (addresses and CIDR networks) or `string`.
         #[arg(long, default_value = "ip")]
         kind: String,
+        /// The items: addresses and networks, or strings.
+        #[arg(value_name = "ITEM", conflicts_with = "file")]
+        listed: Vec<String>,
         /// One item per line; blank lines and `#` comments are skipped (`-` for stdin).
         #[arg(short = 'f', long = "file", conflicts_with = "items")]
         file: Option<PathBuf>,
-        /// An item (repeat for several).
+        /// An item (repeat for several; the same as listing it after NAME).
         #[arg(long = "item", value_name = "ITEM")]
         items: Vec<String>,
     },
