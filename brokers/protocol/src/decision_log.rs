@@ -36,6 +36,64 @@ pub struct DecisionRevoke {
     pub revoked_by: String,
 }
 
+/// Most revocations one page of `GET /api/v1/decisions/revocations` may hold.
+pub const MAX_REVOCATION_PAGE: usize = 5000;
+
+/// A policy's decision revoked while in force, and not yet past its expiry: what workers
+/// need to re-arm the policy for the entity (`GET /api/v1/decisions/revocations`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RevokedDecision {
+    /// The log's revocation number: it grows with each revocation written (decisions
+    /// revoked together share it), in the order the writes commit, so a reader that
+    /// pages by it misses none, even one that reached the log late.
+    pub seq: i64,
+    /// The decision (mitigation) id.
+    pub id: String,
+    pub policy_id: String,
+    pub entity: EntityKey,
+    pub decided_at: DateTime<Utc>,
+    pub revoked_at: DateTime<Utc>,
+}
+
+/// Where the next page of revocations starts: after this one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevocationMark {
+    pub seq: i64,
+    pub id: String,
+}
+
+impl RevocationMark {
+    /// The mark just after `r`.
+    pub fn after(r: &RevokedDecision) -> RevocationMark {
+        RevocationMark {
+            seq: r.seq,
+            id: r.id.clone(),
+        }
+    }
+
+    /// The `after` query value: `<seq>,<id>`.
+    pub fn to_query(&self) -> String {
+        format!("{},{}", self.seq, self.id)
+    }
+
+    /// Parses an `after` query value.
+    pub fn parse(text: &str) -> Option<RevocationMark> {
+        let (seq, id) = text.split_once(',')?;
+        let seq = seq.parse().ok()?;
+        (!id.is_empty()).then(|| RevocationMark {
+            seq,
+            id: id.to_string(),
+        })
+    }
+}
+
+/// `GET /api/v1/decisions/revocations` answer, in the order revoked; a page shorter than
+/// the `limit` asked for is the last.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RevokedDecisions {
+    pub revocations: Vec<RevokedDecision>,
+}
+
 /// One entry of `GET /api/v1/decisions`, as far as a client needs it.
 #[derive(Clone, Debug, Deserialize)]
 struct LoggedEntry {
@@ -152,6 +210,13 @@ mod tests {
         assert_eq!(PageMark::parse(&mark.to_query()), Some(mark));
         assert_eq!(PageMark::parse("yesterday,x"), None);
         assert_eq!(PageMark::parse("2026-01-02T03:04:05Z,"), None);
+        let mark = RevocationMark {
+            seq: 42,
+            id: "a,b".into(),
+        };
+        assert_eq!(RevocationMark::parse(&mark.to_query()), Some(mark));
+        assert_eq!(RevocationMark::parse("x,y"), None);
+        assert_eq!(RevocationMark::parse("1,"), None);
     }
 
     #[test]

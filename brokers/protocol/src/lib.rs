@@ -18,7 +18,9 @@ pub use control::{
     ChallengeKey, Decision, DecisionBatch, DecisionMode, ProxyConfigDoc, ProxyHeartbeat,
     PutProxyConfig, RotateChallengeKey, RotatedChallengeKey, WorkerHeartbeat,
 };
-pub use decision_log::{DecisionLogClient, DecisionRevoke, PageMark};
+pub use decision_log::{
+    DecisionLogClient, DecisionRevoke, PageMark, RevocationMark, RevokedDecision, RevokedDecisions,
+};
 pub use entity::{EntityKey, EntityParseError, normalize_path, path_template, write_path_template};
 pub use error::ApiErrorBody;
 pub use event::{

@@ -6,8 +6,12 @@ use axum::extract::State;
 use chrono::Utc;
 use esper_common::http::Query;
 use esper_common::{ApiError, Json};
+use esper_protocol::decision_log::MAX_REVOCATION_PAGE;
 use esper_protocol::mitigation::RevokeResponse;
-use esper_protocol::{DecisionBatch, DecisionMode, DecisionRevoke, EntityKey, PageMark};
+use esper_protocol::{
+    DecisionBatch, DecisionMode, DecisionRevoke, EntityKey, PageMark, RevocationMark,
+    RevokedDecisions,
+};
 use serde::Deserialize;
 
 use super::store_error;
@@ -110,6 +114,41 @@ pub async fn list(
         .await
         .map_err(|e| store_error(&state, e))?;
     Ok(Json(DecisionsResponse { decisions }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationParams {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/decisions/revocations?after=<seq>,<id>&limit=`: the policy decisions
+/// revoked while in force and not yet past their expiry, in the order revoked. Workers
+/// follow it to re-arm those policies for those entities.
+pub async fn revocations(
+    State(state): State<AppState>,
+    Query(p): Query<RevocationParams>,
+) -> Result<Json<RevokedDecisions>, ApiError> {
+    let after = match p.after.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(RevocationMark::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                "after must be `<revocation seq>,<decision id>`",
+            )
+        })?),
+        None => None,
+    };
+    let limit = p
+        .limit
+        .unwrap_or(DEFAULT_LIMIT)
+        .clamp(1, MAX_REVOCATION_PAGE);
+    let revocations = state
+        .store
+        .revocations(after.as_ref(), Utc::now(), limit)
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    Ok(Json(RevokedDecisions { revocations }))
 }
 
 /// `POST /api/v1/decisions/revoke`: marks logged decisions revoked (by id, entity, or

@@ -58,6 +58,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             get(decisions::list).post(decisions::record),
         )
         .route("/api/v1/decisions/revoke", post(decisions::revoke))
+        .route("/api/v1/decisions/revocations", get(decisions::revocations))
         .route("/api/v1/queue/status", get(queue::status))
         .route("/api/v1/queue/pause", post(queue::pause))
         .route("/api/v1/queue/resume", post(queue::resume))

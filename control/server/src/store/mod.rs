@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use esper_protocol::{Decision, DecisionMode, EntityKey, PageMark, ProxyConfigDoc};
+use esper_protocol::{
+    Decision, DecisionMode, EntityKey, PageMark, ProxyConfigDoc, RevocationMark, RevokedDecision,
+};
 use serde::{Deserialize, Serialize};
 
 mod postgres;
@@ -210,6 +212,15 @@ pub trait ControlStore: Send + Sync {
     async fn record_decisions(&self, decisions: &[Decision]) -> Result<usize, StoreError>;
 
     async fn query_decisions(&self, q: &DecisionQuery) -> Result<Vec<LoggedDecision>, StoreError>;
+
+    /// Policy decisions revoked while in force and not yet expired at `now`, in the
+    /// order revoked, after `after`, at most `limit`.
+    async fn revocations(
+        &self,
+        after: Option<&RevocationMark>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<RevokedDecision>, StoreError>;
 
     /// Marks logged decisions as revoked; returns how many were marked.
     async fn mark_revoked(

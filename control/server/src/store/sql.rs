@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use esper_protocol::{Decision, DecisionMode, ProxyConfigDoc};
+use esper_protocol::{Decision, DecisionMode, ProxyConfigDoc, RevocationMark, RevokedDecision};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 use tokio::sync::MutexGuard;
 
@@ -623,6 +623,43 @@ where
             .collect()
     }
 
+    async fn revocations(
+        &self,
+        after: Option<&RevocationMark>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<RevokedDecision>, StoreError> {
+        // Without a mark, `(-1, '')` comes before every numbered revocation.
+        let (seq, id) = after.map_or((-1, String::new()), |m| (m.seq, m.id.clone()));
+        let rows = sqlx::query(&format!(
+            "SELECT revoked_seq, id, policy_id, entity, decided_at, revoked_at FROM decisions \
+             WHERE revoked_seq IS NOT NULL AND origin = 'policy' AND policy_id IS NOT NULL \
+             AND expires_at > $1 AND (revoked_seq > $2 OR (revoked_seq = $2 AND id > $3)) \
+             ORDER BY revoked_seq, id LIMIT {}",
+            limit.max(1)
+        ))
+        .bind(ts(now))
+        .bind(seq)
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RevokedDecision {
+                    seq: row.int("revoked_seq")?,
+                    id: row.text("id")?,
+                    policy_id: row.text("policy_id")?,
+                    entity: row
+                        .text("entity")?
+                        .parse()
+                        .map_err(|e| StoreError::Corrupt(format!("decision entity: {e}")))?,
+                    decided_at: ts_col(row, "decided_at")?,
+                    revoked_at: ts_col(row, "revoked_at")?,
+                })
+            })
+            .collect()
+    }
+
     async fn mark_revoked(
         &self,
         target: &RevokeTarget,
@@ -636,17 +673,27 @@ where
             // `$3 = $3` keeps one statement shape for every target.
             RevokeTarget::All => ("$3", String::new()),
         };
+        // Writers take turns (`begin_write`), so revocation numbers commit in order.
+        let mut tx = self.begin_write().await?;
+        let seq: i64 = sqlx::query(
+            "UPDATE counters SET value = value + 1 WHERE name = 'revocations' RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("value")?;
         // Only decisions that were in force can be revoked.
         let sql = format!(
-            "UPDATE decisions SET revoked_at = $1, revoked_by = $2 \
+            "UPDATE decisions SET revoked_at = $1, revoked_by = $2, revoked_seq = $4 \
              WHERE {col} = $3 AND revoked_at IS NULL AND mode = 'enforce' AND expires_at > $1"
         );
         let result = sqlx::query(&sql)
             .bind(ts(at))
             .bind(by)
             .bind(value)
-            .execute(self.pool())
+            .bind(seq)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(B::rows_affected(&result))
     }
 
