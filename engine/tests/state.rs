@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use esper_engine::eval::state::{
-    BatchInput, BatchOutcome, BatchPolicy, EventHits, Hit, PolicyKey, Rules, Rung, StateBackend,
-    StateStats,
+    BatchInput, BatchOutcome, BatchPolicy, EventHits, Hit, PolicyKey, Revoked, Rules, Rung,
+    StateBackend, StateStats,
 };
 use esper_engine::eval::window::WindowParams;
 use esper_engine::eval::{
@@ -78,18 +78,21 @@ macro_rules! suite {
     };
 }
 
-suite!(memory: counts_each_event_once_even_within_a_batch, rollback_undoes_counts_cooldowns_and_marks,
+suite!(memory: counts_each_event_once_even_within_a_batch, a_revoked_decision_rearms_its_policy,
+    a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes);
-suite!(redis: counts_each_event_once_even_within_a_batch, rollback_undoes_counts_cooldowns_and_marks,
+suite!(redis: counts_each_event_once_even_within_a_batch, a_revoked_decision_rearms_its_policy,
+    a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit);
-suite!(postgres: counts_each_event_once_even_within_a_batch, rollback_undoes_counts_cooldowns_and_marks,
+suite!(postgres: counts_each_event_once_even_within_a_batch, a_revoked_decision_rearms_its_policy,
+    a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
@@ -273,6 +276,97 @@ fn distinct_hit(entity: &str, at_ms: i64, value: Option<u64>) -> Hit {
         distinct: value,
         ..hit(0, entity, at_ms)
     }
+}
+
+async fn a_revoked_decision_rearms_its_policy(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    let ip = "ip:10.0.0.1";
+    let out = apply_commit(&*s, &batch(&["a", "b", "c"], ip, now), now).await;
+    assert_eq!(out.crossings.len(), 1);
+    assert_eq!(out.crossings[0].offense, 1);
+    // Under the standing decision more events decide nothing.
+    let out = apply_commit(&*s, &batch(&["d"], ip, now), now).await;
+    assert!(out.crossings.is_empty());
+    let revoked = |entity: &str, policy: &str, at: i64| Revoked {
+        policy: key(policy),
+        entity: entity.parse().unwrap(),
+        decided_at_ms: at,
+    };
+    // The revocation of a decision older than the standing one, or of another pair,
+    // changes nothing.
+    let others = [
+        revoked(ip, "p", now - 1),
+        revoked("ip:10.0.0.9", "p", now),
+        revoked(ip, "q", now),
+    ];
+    assert_eq!(s.forgive(&others, now + 1).await.unwrap(), 0);
+    assert_eq!(
+        s.forgive(&[revoked(ip, "p", now)], now + 1).await.unwrap(),
+        1
+    );
+    // Applied again, as another worker sharing the state would: nothing more.
+    assert_eq!(
+        s.forgive(&[revoked(ip, "p", now)], now + 2).await.unwrap(),
+        0
+    );
+    // The window starts afresh: two events do not cross, the third does, as a first
+    // offense again (the revoked decision's offense was taken back).
+    let t = now + 1000;
+    let out = apply_commit(&*s, &batch(&["e", "f"], ip, t), t).await;
+    assert!(out.crossings.is_empty(), "{out:?}");
+    let out = apply_commit(&*s, &batch(&["g"], ip, t), t).await;
+    assert_eq!(out.crossings.len(), 1);
+    assert_eq!(out.crossings[0].counted, 3.0);
+    assert_eq!(out.crossings[0].offense, 1);
+    // The old revocation does not forgive the new decision; nor does any once the
+    // decision has run out (ttl 300 s).
+    assert_eq!(s.forgive(&[revoked(ip, "p", now)], t + 1).await.unwrap(), 0);
+    assert_eq!(
+        s.forgive(&[revoked(ip, "p", t)], t + 300_000)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(s.forgive(&[revoked(ip, "p", t)], t + 1).await.unwrap(), 1);
+}
+
+async fn a_revocation_empties_distinct_windows_too(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    let policies = vec![BatchPolicy {
+        rules: Arc::new(Rules {
+            distinct: true,
+            scale: 1.0,
+            ..Rules::default()
+        }),
+        ..count_policy("paths", 2.0)
+    }];
+    let bt = |ids: &[(&str, u64)], at: i64| BatchInput {
+        policies: policies.clone(),
+        events: ids
+            .iter()
+            .map(|(id, v)| EventHits {
+                id: id.to_string(),
+                hits: vec![distinct_hit("ip:10.0.0.9", at, Some(*v))],
+            })
+            .collect(),
+    };
+    let out = apply_commit(&*s, &bt(&[("1", 1), ("2", 2)], now), now).await;
+    assert_eq!(out.crossings.len(), 1);
+    let revoked = Revoked {
+        policy: key("paths"),
+        entity: "ip:10.0.0.9".parse().unwrap(),
+        decided_at_ms: now,
+    };
+    assert_eq!(s.forgive(&[revoked], now + 1).await.unwrap(), 1);
+    // Values seen before the revocation count anew: 1 and 2 again make two.
+    let t = now + 1000;
+    let out = apply_commit(&*s, &bt(&[("3", 1)], t), t).await;
+    assert!(out.crossings.is_empty(), "{out:?}");
+    let out = apply_commit(&*s, &bt(&[("4", 2)], t), t).await;
+    assert_eq!(out.crossings.len(), 1);
+    assert_eq!(out.crossings[0].counted, 2.0);
 }
 
 async fn distinct_values_count_once_per_window(b: &Backend) {

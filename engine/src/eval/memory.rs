@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use super::marks::{Change, Marks, Prehashed, Seen};
 use super::state::{
     BatchInput, BatchOutcome, BatchPolicy, CleanupReport, Crossing, DecisionState, Hit, PolicyKey,
-    Receipt, SeqProgress, StateBackend, StateError, StateStats, Undo, advance,
+    Receipt, Revoked, SeqProgress, StateBackend, StateError, StateStats, Undo, advance,
 };
 use super::window::{DistinctWindow, Window};
 
@@ -103,6 +103,21 @@ impl EntityState {
             self.window.count_at(bucket, p)
         };
         Measured::Value(count * rules.scale)
+    }
+
+    /// See [`StateBackend::forgive`].
+    fn forgive(&mut self, decided_at_ms: i64, now_ms: i64) -> bool {
+        let d = &mut self.decision;
+        if d.cooldown_until <= now_ms || d.last_offense_ms > decided_at_ms {
+            return false;
+        }
+        d.cooldown_until = now_ms;
+        d.level = 0;
+        d.offenses = d.offenses.saturating_sub(1);
+        self.window = Window::default();
+        self.distinct = None;
+        self.seq = None;
+        true
     }
 
     fn is_idle(&self, now_ms: i64, window_ms: i64, history_ms: i64) -> bool {
@@ -422,6 +437,23 @@ impl StateBackend for MemoryState {
         Ok(())
     }
 
+    async fn forgive(&self, revoked: &[Revoked], now_ms: i64) -> Result<usize, StateError> {
+        let mut inner = self.inner.lock();
+        let mut forgiven = 0;
+        for r in revoked {
+            let fp = self.entity_fingerprint(&r.entity);
+            if let Some(e) = inner
+                .policies
+                .get_mut(&r.policy)
+                .and_then(|p| p.entities.get_mut(&fp))
+                && e.forgive(r.decided_at_ms, now_ms)
+            {
+                forgiven += 1;
+            }
+        }
+        Ok(forgiven)
+    }
+
     async fn retain(&self, keep: &[PolicyKey]) -> Result<(), StateError> {
         let mut inner = self.inner.lock();
         inner.policies.retain(|k, _| keep.contains(k));
@@ -623,8 +655,8 @@ pub(crate) mod scratch {
     use super::{EntityMap, EntityState, MemoryState, PolicyState};
     use crate::eval::marks::Change;
     use crate::eval::state::{
-        BatchInput, BatchOutcome, DecisionState, PolicyKey, Receipt, SeqProgress, StateBackend,
-        StateError, Undo,
+        BatchInput, BatchOutcome, DecisionState, PolicyKey, Receipt, Revoked, SeqProgress,
+        StateBackend, StateError, Undo,
     };
     use crate::eval::window::{DistinctWindow, Window};
 
@@ -746,6 +778,15 @@ pub(crate) mod scratch {
                 }
             }
             self.state.apply_now(batch, now_ms)
+        }
+
+        /// Forgives revoked decisions of the loaded entities.
+        pub(crate) async fn forgive(
+            &self,
+            revoked: &[Revoked],
+            now_ms: i64,
+        ) -> Result<usize, StateError> {
+            self.state.forgive(revoked, now_ms).await
         }
 
         /// The changes the batch `receipt` made, in the order made, by name.

@@ -31,8 +31,8 @@ use sqlx::{Postgres, Row, Transaction};
 use super::memory::scratch::{Scratch, UndoRecord};
 use super::redis::policy_key;
 use super::state::{
-    BatchInput, BatchOutcome, CleanupReport, DecisionState, PolicyKey, Receipt, SeqProgress,
-    StateBackend, StateError, StateStats, Undo,
+    BatchInput, BatchOutcome, CleanupReport, DecisionState, PolicyKey, Receipt, Revoked,
+    SeqProgress, StateBackend, StateError, StateStats, Undo,
 };
 
 /// The layout version of this backend's tables.
@@ -129,6 +129,28 @@ fn parse_policy(text: &str) -> Result<PolicyKey, StateError> {
 
 fn parse_entity(text: &str) -> Result<EntityKey, StateError> {
     text.parse().map_err(|_| corrupt(text))
+}
+
+/// Loads an entity row (policy, entity, window_ms, state) into `scratch`; returns its
+/// key, or nothing for a placeholder row without a state.
+fn load_row(
+    row: &sqlx::postgres::PgRow,
+    scratch: &Scratch,
+) -> Result<Option<(String, String, i64)>, StepError> {
+    let state: Option<Vec<u8>> = row.try_get("state")?;
+    let Some(state) = state else { return Ok(None) };
+    let policy: String = row.try_get("policy")?;
+    let entity: String = row.try_get("entity")?;
+    let window_ms: i64 = row.try_get("window_ms")?;
+    scratch
+        .load_entity(
+            &parse_policy(&policy)?,
+            window_ms,
+            parse_entity(&entity)?,
+            &state,
+        )
+        .map_err(corrupt)?;
+    Ok(Some((policy, entity, window_ms)))
 }
 
 /// A receipt's undo log as stored.
@@ -454,20 +476,9 @@ impl PostgresState {
         .fetch_all(&mut **tx)
         .await?;
         for row in rows {
-            let state: Option<Vec<u8>> = row.try_get("state")?;
-            let Some(state) = state else { continue };
-            let policy: String = row.try_get("policy")?;
-            let entity: String = row.try_get("entity")?;
-            let window_ms: i64 = row.try_get("window_ms")?;
-            scratch
-                .load_entity(
-                    &parse_policy(&policy)?,
-                    window_ms,
-                    parse_entity(&entity)?,
-                    &state,
-                )
-                .map_err(corrupt)?;
-            existed.insert((policy, entity));
+            if let Some((policy, entity, _)) = load_row(&row, scratch)? {
+                existed.insert((policy, entity));
+            }
         }
         Ok(existed)
     }
@@ -787,6 +798,49 @@ impl PostgresState {
         Ok(())
     }
 
+    async fn forgive_tx(
+        &self,
+        tx: &mut Tx,
+        revoked: &[Revoked],
+        now_ms: i64,
+    ) -> Result<usize, StepError> {
+        let (mut ps, mut es) = (Vec::new(), Vec::new());
+        for r in revoked {
+            ps.push(policy_key(&r.policy));
+            es.push(r.entity.to_string());
+        }
+        // Only entities under a standing decision can be forgiven; locked in key order,
+        // as every other step locks them.
+        let rows = sqlx::query(
+            "SELECT t.policy, t.entity, t.window_ms, t.state FROM esper_state_entity AS t
+             JOIN unnest($1::text[], $2::text[]) AS u(p, e) ON t.policy = u.p AND t.entity = u.e
+             WHERE t.state IS NOT NULL AND t.cooldown_until > $3
+             ORDER BY t.policy COLLATE \"C\", t.entity COLLATE \"C\"
+             FOR UPDATE OF t",
+        )
+        .bind(&ps)
+        .bind(&es)
+        .bind(now_ms)
+        .fetch_all(&mut **tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let scratch = Scratch::new(self.ttl_ms, 0);
+        let mut keys = BTreeSet::new();
+        for row in rows {
+            keys.extend(load_row(&row, &scratch)?);
+        }
+        let forgiven = scratch.forgive(revoked, now_ms).await?;
+        let existed = keys
+            .iter()
+            .map(|(p, e, _)| (p.clone(), e.clone()))
+            .collect();
+        self.save_entities(tx, &scratch, &keys, &existed, &mut Deltas::default())
+            .await?;
+        Ok(forgiven)
+    }
+
     async fn retain_tx(&self, tx: &mut Tx, keep: &[String]) -> Result<(), StepError> {
         let n = sqlx::query(
             "DELETE FROM esper_state_entity WHERE state IS NOT NULL AND NOT (policy = ANY($1))",
@@ -896,6 +950,13 @@ impl StateBackend for PostgresState {
         }
         let rid = i64::try_from(receipt.id).map_err(corrupt)?;
         transact!(self, |tx| self.rollback_tx(&mut tx, rid).await)
+    }
+
+    async fn forgive(&self, revoked: &[Revoked], now_ms: i64) -> Result<usize, StateError> {
+        if revoked.is_empty() {
+            return Ok(0);
+        }
+        transact!(self, |tx| self.forgive_tx(&mut tx, revoked, now_ms).await)
     }
 
     async fn retain(&self, keep: &[PolicyKey]) -> Result<(), StateError> {

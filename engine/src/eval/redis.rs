@@ -21,7 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use super::state::{
-    BatchInput, BatchOutcome, CleanupReport, Crossing, PolicyKey, Receipt, StateBackend,
+    BatchInput, BatchOutcome, CleanupReport, Crossing, PolicyKey, Receipt, Revoked, StateBackend,
     StateError, StateStats,
 };
 use super::window::DISTINCT_CAP;
@@ -113,6 +113,9 @@ struct StepArg {
     cap: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     keep: Option<Vec<String>>,
+    /// (policy, entity, decided at) of revoked decisions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rev: Option<Vec<(String, String, i64)>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -145,6 +148,8 @@ struct StepReply {
     ents: usize,
     #[serde(default)]
     ids: usize,
+    #[serde(default)]
+    forgiven: usize,
     #[serde(default)]
     st: StatsReply,
 }
@@ -233,6 +238,7 @@ impl RedisState {
             rid: None,
             cap: None,
             keep: None,
+            rev: None,
         }
     }
 
@@ -354,6 +360,23 @@ impl StateBackend for RedisState {
         })
         .await?;
         Ok(())
+    }
+
+    async fn forgive(&self, revoked: &[Revoked], now_ms: i64) -> Result<usize, StateError> {
+        if revoked.is_empty() {
+            return Ok(0);
+        }
+        let rev = revoked
+            .iter()
+            .map(|r| (policy_key(&r.policy), r.entity.to_string(), r.decided_at_ms))
+            .collect();
+        let reply = self
+            .step(StepArg {
+                rev: Some(rev),
+                ..self.step_arg("forgive", now_ms)
+            })
+            .await?;
+        Ok(reply.forgiven)
     }
 
     async fn retain(&self, keep: &[PolicyKey]) -> Result<(), StateError> {

@@ -253,6 +253,15 @@ pub struct BatchOutcome {
     pub receipt: Receipt,
 }
 
+/// A revoked decision of a policy, for [`StateBackend::forgive`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Revoked {
+    pub policy: PolicyKey,
+    pub entity: EntityKey,
+    /// When the revoked decision was made (its `decided_at`), epoch ms.
+    pub decided_at_ms: i64,
+}
+
 /// What a cleanup pass removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CleanupReport {
@@ -294,6 +303,14 @@ pub trait StateBackend: Send + Sync + 'static {
 
     /// The batch's effects could not be published: undo what `apply` did.
     async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError>;
+
+    /// Decisions were revoked: for each whose decision still stands at `now_ms` (made at
+    /// or before its `decided_at_ms`), ends the cooldown, empties the window and takes
+    /// back the offense, so the policy decides again once the entity crosses the
+    /// threshold anew. A revocation already forgiven, or overtaken by a later decision
+    /// of the policy, changes nothing, so workers sharing a state may all apply it.
+    /// Returns how many were forgiven.
+    async fn forgive(&self, revoked: &[Revoked], now_ms: i64) -> Result<usize, StateError>;
 
     /// Drops the state of every policy not in `keep` (removed or changed policies).
     async fn retain(&self, keep: &[PolicyKey]) -> Result<(), StateError>;
