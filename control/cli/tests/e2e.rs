@@ -11,6 +11,8 @@ use support::*;
 struct Stack {
     proxy: String,
     api: String,
+    /// The worker's ops listener (`/metrics`).
+    worker_ops: String,
 }
 
 /// What the browsing client saw while the scenario ran.
@@ -262,11 +264,77 @@ async fn manual_ban_and_revoke(stack: &Stack) {
     .await;
 }
 
+/// The worker's figure `name` (0 when it has none yet).
+async fn worker_metric(stack: &Stack, name: &str) -> i64 {
+    let text = match reqwest::get(format!("{}/metrics", stack.worker_ops)).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A revoked policy decision re-arms its policy: under a policy whose blocks last an
+/// hour, the attacker is blocked, an operator revokes the block, and the attacker, going
+/// on, is blocked again by the same policy after crossing its threshold anew.
+async fn a_revoked_block_rearms_its_policy(stack: &Stack, dir: &std::path::Path) {
+    let policy = write_login_policy(dir, "1h");
+    esperctl(
+        &stack.api,
+        &["policies", "apply", "-f", &policy.display().to_string()],
+    );
+    let active: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/policies/active", stack.api))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("active policies")
+        .json()
+        .await
+        .expect("active policies json");
+    let revision = active["revision"].as_i64().expect("a revision");
+    eventually(
+        Duration::from_secs(15),
+        "the worker on the hour-long policy",
+        || async {
+            (worker_metric(stack, "esper_policies_revision").await == revision).then_some(())
+        },
+    )
+    .await;
+    let rearmed = worker_metric(stack, "esper_policies_rearmed_total").await;
+    attack_until_blocked(&stack.proxy).await;
+    let out = esperctl(
+        &stack.api,
+        &["mitigations", "revoke", "--entity", "ip:127.0.0.2"],
+    );
+    assert!(out.contains("revoked"), "{out}");
+    eventually(
+        Duration::from_secs(5),
+        "the revoke at the proxy",
+        || async {
+            (status_from("127.0.0.2", &format!("{}/", stack.proxy)).await == 200).then_some(())
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(15), "the policy re-armed", || async {
+        (worker_metric(stack, "esper_policies_rearmed_total").await == rearmed + 1).then_some(())
+    })
+    .await;
+    let (elapsed, sent) = attack_until_blocked(&stack.proxy).await;
+    println!("blocked again {elapsed:?} after the revocation ({sent} requests)");
+    assert!(
+        sent > 10,
+        "the count starts afresh after a revocation; blocked after {sent} requests"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn esper_dev_runs_the_whole_scenario() {
     let dir = TempDir::new("dev");
     let policy = write_login_policy(dir.path(), "4s");
     let (proxy, proxy_ops, api, health) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let worker_ops = free_addr();
     let args: Vec<String> = [
         "dev".to_string(),
         "--data-dir".into(),
@@ -288,7 +356,7 @@ async fn esper_dev_runs_the_whole_scenario() {
         "--mitigation-listen".into(),
         free_addr().to_string(),
         "--worker-ops-listen".into(),
-        free_addr().to_string(),
+        worker_ops.to_string(),
     ]
     .into();
     let mut dev = Proc::esper(
@@ -310,9 +378,11 @@ async fn esper_dev_runs_the_whole_scenario() {
     let stack = Stack {
         proxy: format!("http://{proxy}"),
         api: format!("http://{api}"),
+        worker_ops: format!("http://{worker_ops}"),
     };
     attack_scenario(&stack, Duration::from_secs(4)).await;
     manual_ban_and_revoke(&stack).await;
+    a_revoked_block_rearms_its_policy(&stack, dir.path()).await;
 
     assert_eq!(
         dev.terminate(Duration::from_secs(30)),
@@ -499,9 +569,11 @@ async fn five_processes(stores: Stores) {
     let stack = Stack {
         proxy: format!("http://{proxy}"),
         api: api_url.clone(),
+        worker_ops: format!("http://{worker_ops}"),
     };
     attack_scenario(&stack, Duration::from_secs(4)).await;
     manual_ban_and_revoke(&stack).await;
+    a_revoked_block_rearms_its_policy(&stack, dir.path()).await;
 
     // esperctl sees every part.
     let status = esperctl(&api_url, &["--output", "json", "status"]);

@@ -23,7 +23,9 @@ pub mod window;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use esper_protocol::{Decision, DecisionMode, Mitigation, Origin, Reason, RequestEvent};
+use esper_protocol::{
+    Decision, DecisionMode, Mitigation, Origin, Reason, RequestEvent, RevokedDecision,
+};
 use prometheus::{CounterVec, IntCounter, IntCounterVec, Opts, Registry};
 
 pub use compile::{CompiledPolicy, PolicySet, policy_key};
@@ -34,7 +36,7 @@ pub use postgres::{PostgresState, PostgresStateConfig};
 pub use redis::{RedisState, RedisStateConfig};
 pub use state::{PolicyKey, Receipt, StateBackend, StateError, StateStats};
 
-use state::{BatchInput, BatchPolicy, EventHits, Hit};
+use state::{BatchInput, BatchPolicy, EventHits, Hit, Revoked};
 
 /// Largest weight one event may carry (a sample rate of one in a million).
 const MAX_WEIGHT: f64 = 1e6;
@@ -47,6 +49,7 @@ struct Metrics {
     events: IntCounter,
     duplicates: IntCounter,
     late: IntCounter,
+    rearmed: IntCounter,
     weighted: CounterVec,
 }
 
@@ -83,6 +86,11 @@ impl Metrics {
                 "esper_late_events_total",
                 "Policy hits ignored because the event is older than the window",
             ),
+            rearmed: counter(
+                "esper_policies_rearmed_total",
+                "(policy, entity) pairs whose standing decision was revoked and which \
+                 decide again on the next threshold crossing",
+            ),
             weighted: CounterVec::new(
                 Opts::new(
                     "esper_policy_matches_weighted_total",
@@ -95,7 +103,7 @@ impl Metrics {
         for c in [&m.decisions, &m.would_have] {
             esper_common::metrics::register(registry, c);
         }
-        for c in [&m.events, &m.duplicates, &m.late] {
+        for c in [&m.events, &m.duplicates, &m.late, &m.rearmed] {
             esper_common::metrics::register(registry, c);
         }
         esper_common::metrics::register(registry, &m.weighted);
@@ -252,6 +260,37 @@ impl Evaluator {
     /// The evaluation's effects could not be published: undo its state changes.
     pub async fn rollback(&self, eval: &Evaluation) -> Result<(), StateError> {
         self.state.rollback(&eval.receipt).await
+    }
+
+    /// Re-arms the policies of revoked decisions for their entities (see
+    /// [`StateBackend::forgive`]); revocations of policies not in `policies` are skipped.
+    /// Returns how many (policy, entity) pairs were re-armed.
+    pub async fn forgive(
+        &self,
+        policies: &PolicySet,
+        revoked: &[RevokedDecision],
+        now: DateTime<Utc>,
+    ) -> Result<usize, StateError> {
+        let list: Vec<Revoked> = revoked
+            .iter()
+            .filter_map(|r| {
+                let p = policies
+                    .policies()
+                    .iter()
+                    .find(|p| *p.key.id == *r.policy_id)?;
+                Some(Revoked {
+                    policy: p.key.clone(),
+                    entity: r.entity.clone(),
+                    decided_at_ms: r.decided_at.timestamp_millis(),
+                })
+            })
+            .collect();
+        if list.is_empty() {
+            return Ok(0);
+        }
+        let n = self.state.forgive(&list, now.timestamp_millis()).await?;
+        self.metrics.rearmed.inc_by(n as u64);
+        Ok(n)
     }
 
     /// Switches to `policies`: state of unchanged policies is kept, the rest dropped.

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use esper_common::Shutdown;
 use esper_protocol::client::decode;
-use esper_protocol::{ClientError, Decision, DecisionBatch, WorkerHeartbeat};
+use esper_protocol::{
+    ClientError, Decision, DecisionBatch, RevocationMark, RevokedDecision, RevokedDecisions,
+    WorkerHeartbeat,
+};
 use parking_lot::Mutex;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use tokio::sync::Notify;
@@ -91,6 +94,26 @@ impl ControlClient {
                 .get(format!("{}/api/v1/policies/active", self.url)),
         )
         .await
+    }
+
+    /// `GET /api/v1/decisions/revocations`: a page of the policy decisions revoked after
+    /// `after`, oldest first; a page shorter than `limit` is the last.
+    pub async fn revocations(
+        &self,
+        after: Option<&RevocationMark>,
+        limit: usize,
+    ) -> Result<Vec<RevokedDecision>, ClientError> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(mark) = after {
+            query.push(("after", mark.to_query()));
+        }
+        self.send::<RevokedDecisions>(
+            self.http
+                .get(format!("{}/api/v1/decisions/revocations", self.url))
+                .query(&query),
+        )
+        .await
+        .map(|r| r.revocations)
     }
 
     /// `POST /api/v1/decisions`.

@@ -146,6 +146,7 @@ pub async fn run(
     };
     let mut follower = Follower {
         source,
+        revoked_after: None,
         handle: handle.clone(),
         evaluator: evaluator.clone(),
         metrics: metrics.clone(),

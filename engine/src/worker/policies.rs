@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::Utc;
 use esper_common::Shutdown;
+use esper_protocol::RevocationMark;
 use parking_lot::RwLock;
 
 use super::control::ControlClient;
@@ -67,8 +69,13 @@ pub fn read_policy_file(path: &Path) -> Result<(String, PolicySet), PolicyFileEr
     Ok((text, PolicySet::from_specs(0, specs)))
 }
 
+/// Revocations per `GET /api/v1/decisions/revocations`.
+const REVOCATION_PAGE: usize = 1000;
+
 pub(crate) struct Follower {
     pub source: Source,
+    /// Where the revocations not yet read start (none read yet: every one that matters).
+    pub revoked_after: Option<RevocationMark>,
     pub handle: Arc<PolicyHandle>,
     pub evaluator: Evaluator,
     pub metrics: Metrics,
@@ -132,6 +139,48 @@ impl Follower {
         };
         if let Some(set) = next {
             self.install(set).await;
+        }
+        self.follow_revocations().await;
+    }
+
+    /// Re-arms the policies whose decisions were revoked since the last look, so that
+    /// an entity that goes on abusing is decided against again.
+    async fn follow_revocations(&mut self) {
+        let Source::Control(client) = &self.source else {
+            return;
+        };
+        let Some(set) = self.handle.current() else {
+            return;
+        };
+        loop {
+            let page = match client
+                .revocations(self.revoked_after.as_ref(), REVOCATION_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    self.metrics.control_errors.inc();
+                    tracing::warn!(error = %e, "cannot read revoked decisions from the control plane; will retry");
+                    return;
+                }
+            };
+            let Some(last) = page.last() else { return };
+            match self.evaluator.forgive(&set, &page, Utc::now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    rearmed = n,
+                    "policies re-armed for entities whose decisions were revoked"
+                ),
+                Err(e) => {
+                    // The mark stays: the page is read and applied again next time.
+                    tracing::warn!(error = %e, "cannot re-arm policies of revoked decisions; will retry");
+                    return;
+                }
+            }
+            self.revoked_after = Some(RevocationMark::after(last));
+            if page.len() < REVOCATION_PAGE {
+                return;
+            }
         }
     }
 
