@@ -55,11 +55,12 @@ pub struct RevokedDecision {
     pub revoked_at: DateTime<Utc>,
 }
 
-/// Where the next page of revocations starts: after this one.
+/// Where the next page of revocations starts: after revocation number `seq` (all of it),
+/// or after decision `id` within it. Written `<seq>` or `<seq>,<id>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RevocationMark {
     pub seq: i64,
-    pub id: String,
+    pub id: Option<String>,
 }
 
 impl RevocationMark {
@@ -67,31 +68,54 @@ impl RevocationMark {
     pub fn after(r: &RevokedDecision) -> RevocationMark {
         RevocationMark {
             seq: r.seq,
-            id: r.id.clone(),
+            id: Some(r.id.clone()),
         }
     }
 
-    /// The `after` query value: `<seq>,<id>`.
+    /// The `after` query value.
     pub fn to_query(&self) -> String {
-        format!("{},{}", self.seq, self.id)
+        match &self.id {
+            Some(id) => format!("{},{id}", self.seq),
+            None => self.seq.to_string(),
+        }
     }
 
     /// Parses an `after` query value.
     pub fn parse(text: &str) -> Option<RevocationMark> {
-        let (seq, id) = text.split_once(',')?;
-        let seq = seq.parse().ok()?;
-        (!id.is_empty()).then(|| RevocationMark {
-            seq,
-            id: id.to_string(),
+        let (seq, id) = match text.split_once(',') {
+            Some((seq, id)) if !id.is_empty() => (seq, Some(id.to_string())),
+            Some(_) => return None,
+            None => (text, None),
+        };
+        Some(RevocationMark {
+            seq: seq.parse().ok()?,
+            id,
         })
     }
 }
 
-/// `GET /api/v1/decisions/revocations` answer, in the order revoked; a page shorter than
-/// the `limit` asked for is the last.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+impl Serialize for RevocationMark {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_query())
+    }
+}
+
+impl<'de> Deserialize<'de> for RevocationMark {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RevocationMark, D::Error> {
+        let text = String::deserialize(d)?;
+        RevocationMark::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom("expected `<seq>` or `<seq>,<id>`"))
+    }
+}
+
+/// `GET /api/v1/decisions/revocations` answer, in the order revoked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RevokedDecisions {
     pub revocations: Vec<RevokedDecision>,
+    /// Pass it back as `after` for what follows. It moves past revocations that no
+    /// longer matter too (their decisions expired), so a reader does not scan them
+    /// again; a page as long as the `limit` asked for may have more behind it.
+    pub next: RevocationMark,
 }
 
 /// One entry of `GET /api/v1/decisions`, as far as a client needs it.
@@ -210,13 +234,20 @@ mod tests {
         assert_eq!(PageMark::parse(&mark.to_query()), Some(mark));
         assert_eq!(PageMark::parse("yesterday,x"), None);
         assert_eq!(PageMark::parse("2026-01-02T03:04:05Z,"), None);
-        let mark = RevocationMark {
-            seq: 42,
-            id: "a,b".into(),
-        };
-        assert_eq!(RevocationMark::parse(&mark.to_query()), Some(mark));
+        for mark in [
+            RevocationMark {
+                seq: 42,
+                id: Some("a,b".into()),
+            },
+            RevocationMark { seq: 7, id: None },
+        ] {
+            assert_eq!(RevocationMark::parse(&mark.to_query()), Some(mark.clone()));
+            let json = serde_json::to_string(&mark).unwrap();
+            assert_eq!(serde_json::from_str::<RevocationMark>(&json).unwrap(), mark);
+        }
         assert_eq!(RevocationMark::parse("x,y"), None);
         assert_eq!(RevocationMark::parse("1,"), None);
+        assert!(serde_json::from_str::<RevocationMark>("\"soon\"").is_err());
     }
 
     #[test]

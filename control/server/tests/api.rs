@@ -630,7 +630,7 @@ async fn the_decision_log_is_idempotent_and_filtered() {
 
     // Workers read the revoked policy decisions, to re-arm those policies.
     let (_, none) = s.get("/api/v1/decisions/revocations").await;
-    assert_eq!(none, json!({"revocations": []}));
+    assert_eq!(none, json!({"revocations": [], "next": "0"}));
     let revoke = json!({"id": "d1", "revoked_at": chrono::Utc::now(), "revoked_by": "ops"});
     let (status, r) = s.post("/api/v1/decisions/revoke", revoke).await;
     assert_eq!((status, &r["revoked"]), (200, &json!(1)), "{r}");
@@ -639,17 +639,18 @@ async fn the_decision_log_is_idempotent_and_filtered() {
     let revoked = &r["revocations"];
     assert_eq!(revoked.as_array().map(Vec::len), Some(1), "{r}");
     assert_eq!(revoked[0]["id"], "d1");
+    assert_eq!(revoked[0]["seq"], 1);
     assert_eq!(revoked[0]["policy_id"], "login-burst");
     assert_eq!(revoked[0]["entity"], "ip:192.0.2.1");
-    let after = format!(
-        "{},{}",
-        revoked[0]["seq"],
-        revoked[0]["id"].as_str().unwrap()
+    assert_eq!(r["next"], "1");
+    let (_, r) = s.get("/api/v1/decisions/revocations?limit=1").await;
+    assert_eq!(r["next"], "1,d1", "a full page goes on from its last");
+    let (_, r) = s.get("/api/v1/decisions/revocations?after=1,d1").await;
+    assert_eq!(
+        r,
+        json!({"revocations": [], "next": "1"}),
+        "nothing after the last"
     );
-    let (_, r) = s
-        .get(&format!("/api/v1/decisions/revocations?after={after}"))
-        .await;
-    assert_eq!(r, json!({"revocations": []}), "nothing after the last");
     let (status, body) = s.get("/api/v1/decisions/revocations?after=yesterday").await;
     assert_eq!(status, 400);
     assert_eq!(body["error"], "invalid_query");

@@ -134,7 +134,7 @@ pub async fn revocations(
         Some(s) => Some(RevocationMark::parse(s).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_query",
-                "after must be `<revocation seq>,<decision id>`",
+                "after must be `<revocation seq>` or `<revocation seq>,<decision id>`",
             )
         })?),
         None => None,
@@ -143,12 +143,12 @@ pub async fn revocations(
         .limit
         .unwrap_or(DEFAULT_LIMIT)
         .clamp(1, MAX_REVOCATION_PAGE);
-    let revocations = state
+    let page = state
         .store
         .revocations(after.as_ref(), Utc::now(), limit)
         .await
         .map_err(|e| store_error(&state, e))?;
-    Ok(Json(RevokedDecisions { revocations }))
+    Ok(Json(page))
 }
 
 /// `POST /api/v1/decisions/revoke`: marks logged decisions revoked (by id, entity, or

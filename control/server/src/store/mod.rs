@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use esper_protocol::{
-    Decision, DecisionMode, EntityKey, PageMark, ProxyConfigDoc, RevocationMark, RevokedDecision,
+    Decision, DecisionMode, EntityKey, PageMark, ProxyConfigDoc, RevocationMark, RevokedDecisions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -214,13 +214,13 @@ pub trait ControlStore: Send + Sync {
     async fn query_decisions(&self, q: &DecisionQuery) -> Result<Vec<LoggedDecision>, StoreError>;
 
     /// Policy decisions revoked while in force and not yet expired at `now`, in the
-    /// order revoked, after `after`, at most `limit`.
+    /// order revoked, after `after`, at most `limit`, with the mark to read on from.
     async fn revocations(
         &self,
         after: Option<&RevocationMark>,
         now: DateTime<Utc>,
         limit: usize,
-    ) -> Result<Vec<RevokedDecision>, StoreError>;
+    ) -> Result<RevokedDecisions, StoreError>;
 
     /// Marks logged decisions as revoked; returns how many were marked.
     async fn mark_revoked(

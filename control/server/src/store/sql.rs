@@ -6,7 +6,9 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use esper_protocol::{Decision, DecisionMode, ProxyConfigDoc, RevocationMark, RevokedDecision};
+use esper_protocol::{
+    Decision, DecisionMode, ProxyConfigDoc, RevocationMark, RevokedDecision, RevokedDecisions,
+};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 use tokio::sync::MutexGuard;
 
@@ -628,36 +630,64 @@ where
         after: Option<&RevocationMark>,
         now: DateTime<Utc>,
         limit: usize,
-    ) -> Result<Vec<RevokedDecision>, StoreError> {
-        // Without a mark, `(-1, '')` comes before every numbered revocation.
-        let (seq, id) = after.map_or((-1, String::new()), |m| (m.seq, m.id.clone()));
+    ) -> Result<RevokedDecisions, StoreError> {
+        // Writers number revocations in turn, so once the counter reads `last` every
+        // revocation up to it is committed and readable.
+        let last: i64 = sqlx::query("SELECT value FROM counters WHERE name = 'revocations'")
+            .fetch_one(self.pool())
+            .await?
+            .try_get("value")?;
+        let after = after
+            .cloned()
+            .unwrap_or(RevocationMark { seq: 0, id: None });
+        let from = if after.id.is_some() {
+            "(revoked_seq > $2 OR (revoked_seq = $2 AND id > $3))"
+        } else {
+            "revoked_seq > $2 AND $3 = $3"
+        };
         let rows = sqlx::query(&format!(
             "SELECT revoked_seq, id, policy_id, entity, decided_at, revoked_at FROM decisions \
-             WHERE revoked_seq IS NOT NULL AND origin = 'policy' AND policy_id IS NOT NULL \
-             AND expires_at > $1 AND (revoked_seq > $2 OR (revoked_seq = $2 AND id > $3)) \
+             WHERE revoked_seq IS NOT NULL AND {from} AND revoked_seq <= $4 \
+             AND origin = 'policy' AND policy_id IS NOT NULL AND expires_at > $1 \
              ORDER BY revoked_seq, id LIMIT {}",
             limit.max(1)
         ))
         .bind(ts(now))
-        .bind(seq)
-        .bind(id)
+        .bind(after.seq)
+        .bind(after.id.clone().unwrap_or_default())
+        .bind(last)
         .fetch_all(self.pool())
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RevokedDecision {
-                    seq: row.int("revoked_seq")?,
-                    id: row.text("id")?,
-                    policy_id: row.text("policy_id")?,
-                    entity: row
-                        .text("entity")?
-                        .parse()
-                        .map_err(|e| StoreError::Corrupt(format!("decision entity: {e}")))?,
-                    decided_at: ts_col(row, "decided_at")?,
-                    revoked_at: ts_col(row, "revoked_at")?,
-                })
-            })
-            .collect()
+        let full = rows.len() >= limit.max(1);
+        let mut revocations = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let entity = row.text("entity")?;
+            // Written from a parsed key, so this does not happen; were it to, the rest
+            // must still be served.
+            let Ok(entity) = entity.parse() else {
+                tracing::warn!(%entity, "a revoked decision's entity does not parse; skipped");
+                continue;
+            };
+            revocations.push(RevokedDecision {
+                seq: row.int("revoked_seq")?,
+                id: row.text("id")?,
+                policy_id: row.text("policy_id")?,
+                entity,
+                decided_at: ts_col(row, "decided_at")?,
+                revoked_at: ts_col(row, "revoked_at")?,
+            });
+        }
+        let next = match rows.last() {
+            Some(row) if full => RevocationMark {
+                seq: row.int("revoked_seq")?,
+                id: Some(row.text("id")?),
+            },
+            _ => RevocationMark {
+                seq: last.max(after.seq),
+                id: None,
+            },
+        };
+        Ok(RevokedDecisions { revocations, next })
     }
 
     async fn mark_revoked(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
 use esper_protocol::{
-    Action, Decision, DecisionMode, EntityKey, Mitigation, Origin, PageMark, Reason, RevocationMark,
+    Action, Decision, DecisionMode, EntityKey, Mitigation, Origin, PageMark, Reason,
 };
 use serde_json::json;
 
@@ -329,16 +329,17 @@ async fn policy_revocations_page_in_the_order_revoked(store: &dyn ControlStore) 
                 .revocations(mark.as_ref(), now, 2)
                 .await
                 .expect("revocations");
-            seen.extend(page.iter().cloned());
-            match page.last() {
-                Some(last) if page.len() == 2 => mark = Some(RevocationMark::after(last)),
-                _ => break,
+            let more = page.revocations.len() == 2;
+            seen.extend(page.revocations);
+            mark = Some(page.next);
+            if !more {
+                break;
             }
         }
         seen.retain(|r| r.id.starts_with('r'));
-        seen
+        (seen, mark)
     };
-    let seen = page_through(sec(3)).await;
+    let (seen, _) = page_through(sec(3)).await;
     let ids: Vec<&str> = seen.iter().map(|r| r.id.as_str()).collect();
     // r2's revocation carries an earlier time than r1's but was written after it (a
     // broker delivering late): it comes after, where a reader that has seen r1 finds it.
@@ -354,12 +355,18 @@ async fn policy_revocations_page_in_the_order_revoked(store: &dyn ControlStore) 
     assert!(seen[0].seq < seen[1].seq && seen[1].seq < seen[2].seq);
     assert_eq!(seen[2].seq, seen[3].seq, "revoked together");
     // Once a decision is past its expiry its revocation no longer matters.
-    let later: Vec<String> = page_through(sec(120))
-        .await
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
+    let (later, end) = page_through(sec(120)).await;
+    let later: Vec<&str> = later.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(later, ["r1", "r2", "r4", "r5"]);
+    // The last mark is past every revocation read or skipped, r6 included.
+    let end = end.expect("a mark");
+    assert_eq!(end.id, None);
+    let rest = store
+        .revocations(Some(&end), sec(3), 2)
+        .await
+        .expect("after the end");
+    assert!(rest.revocations.is_empty(), "{rest:?}");
+    assert_eq!(rest.next, end, "nothing new: the mark stays");
 }
 
 async fn tokens_are_found_by_hash(store: &dyn ControlStore) {
