@@ -105,17 +105,22 @@ impl EntityState {
         Measured::Value(count * rules.scale)
     }
 
-    /// See [`StateBackend::forgive`].
+    /// See [`StateBackend::forgive`]. The standing decision is the revoked one when it
+    /// was made at the same instant: both times are the same `now` of one evaluation.
     fn forgive(&mut self, decided_at_ms: i64, now_ms: i64) -> bool {
         let d = &mut self.decision;
-        if d.cooldown_until <= now_ms || d.last_offense_ms > decided_at_ms {
+        if d.cooldown_until <= now_ms || d.last_offense_ms != decided_at_ms {
             return false;
         }
         d.cooldown_until = now_ms;
         d.level = 0;
         d.offenses = d.offenses.saturating_sub(1);
         self.window = Window::default();
-        self.distinct = None;
+        // Emptied rather than dropped, as Redis keeps a distinct set: a batch in flight
+        // that is rolled back afterwards then undoes its values alike in both.
+        if let Some(distinct) = self.distinct.as_mut() {
+            **distinct = DistinctWindow::default();
+        }
         self.seq = None;
         true
     }

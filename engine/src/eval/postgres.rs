@@ -829,7 +829,14 @@ impl PostgresState {
         let scratch = Scratch::new(self.ttl_ms, 0);
         let mut keys = BTreeSet::new();
         for row in rows {
-            keys.extend(load_row(&row, &scratch)?);
+            match load_row(&row, &scratch) {
+                Ok(key) => keys.extend(key),
+                // One unreadable row must not hold up every revocation after it.
+                Err(StepError::State(e)) => {
+                    tracing::warn!(error = %e, "a revocation skips an unreadable state row");
+                }
+                Err(e) => return Err(e),
+            }
         }
         let forgiven = scratch.forgive(revoked, now_ms).await?;
         let existed = keys

@@ -443,12 +443,12 @@ elseif op == 'rollback' then
   save_all(hist)
   return cjson.encode({ st = stats() })
 elseif op == 'forgive' then
-  -- The memory backend's EntityState::forgive: a standing decision made at or before
-  -- the revoked one's time ends, with its window and its offense.
+  -- The memory backend's EntityState::forgive: the standing decision, when it is the
+  -- revoked one (made at the same instant), ends, with its window and its offense.
   local n = 0
   for _, r in ipairs(A.rev) do
     local e = load(r[1], r[2], false)
-    if e and e.cu > now and e.lo <= r[3] then
+    if e and e.cu > now and e.lo == r[3] then
       e.cu, e.lv, e.of = now, 0, math.max(e.of - 1, 0)
       e.w, e.seq, e.dh = {}, nil, nil
       redis.call('DEL', dkey(e.pk, e.ent))

@@ -304,8 +304,8 @@ pub trait StateBackend: Send + Sync + 'static {
     /// The batch's effects could not be published: undo what `apply` did.
     async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError>;
 
-    /// Decisions were revoked: for each whose decision still stands at `now_ms` (made at
-    /// or before its `decided_at_ms`), ends the cooldown, empties the window and takes
+    /// Decisions were revoked: for each whose decision still stands at `now_ms` (the one
+    /// made at its `decided_at_ms`), ends the cooldown, empties the window and takes
     /// back the offense, so the policy decides again once the entity crosses the
     /// threshold anew. A revocation already forgiven, or overtaken by a later decision
     /// of the policy, changes nothing, so workers sharing a state may all apply it.
