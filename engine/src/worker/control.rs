@@ -9,8 +9,7 @@ use std::time::Duration;
 use esper_common::Shutdown;
 use esper_protocol::client::decode;
 use esper_protocol::{
-    ClientError, Decision, DecisionBatch, RevocationMark, RevokedDecision, RevokedDecisions,
-    WorkerHeartbeat,
+    ClientError, Decision, DecisionBatch, RevocationMark, RevokedDecisions, WorkerHeartbeat,
 };
 use parking_lot::Mutex;
 use serde::de::{DeserializeOwned, IgnoredAny};
@@ -97,23 +96,22 @@ impl ControlClient {
     }
 
     /// `GET /api/v1/decisions/revocations`: a page of the policy decisions revoked after
-    /// `after`, oldest first; a page shorter than `limit` is the last.
+    /// `after`, in the order revoked, and the mark to go on from.
     pub async fn revocations(
         &self,
         after: Option<&RevocationMark>,
         limit: usize,
-    ) -> Result<Vec<RevokedDecision>, ClientError> {
+    ) -> Result<RevokedDecisions, ClientError> {
         let mut query = vec![("limit", limit.to_string())];
         if let Some(mark) = after {
             query.push(("after", mark.to_query()));
         }
-        self.send::<RevokedDecisions>(
+        self.send(
             self.http
                 .get(format!("{}/api/v1/decisions/revocations", self.url))
                 .query(&query),
         )
         .await
-        .map(|r| r.revocations)
     }
 
     /// `POST /api/v1/decisions`.

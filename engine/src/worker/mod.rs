@@ -147,6 +147,7 @@ pub async fn run(
     let mut follower = Follower {
         source,
         revoked_after: None,
+        revocations_failing: false,
         handle: handle.clone(),
         evaluator: evaluator.clone(),
         metrics: metrics.clone(),

@@ -76,6 +76,8 @@ pub(crate) struct Follower {
     pub source: Source,
     /// Where the revocations not yet read start (none read yet: every one that matters).
     pub revoked_after: Option<RevocationMark>,
+    /// Following revocations failed last time (logged once per run of failures).
+    pub revocations_failing: bool,
     pub handle: Arc<PolicyHandle>,
     pub evaluator: Evaluator,
     pub metrics: Metrics,
@@ -86,6 +88,7 @@ impl Follower {
     /// Checks once for new policies; installs them when they changed.
     pub async fn refresh(&mut self) {
         let current = self.handle.current().map(|s| s.revision);
+        let mut reachable = true;
         let next = match &mut self.source {
             Source::Control(client) => match client.active_policies().await {
                 Ok(active) => {
@@ -93,6 +96,7 @@ impl Follower {
                     (current != Some(active.revision)).then(|| PolicySet::compile(&active))
                 }
                 Err(e) => {
+                    reachable = false;
                     self.metrics.policy_errors.inc();
                     self.metrics.control_errors.inc();
                     self.status.control.failed(&e);
@@ -140,7 +144,9 @@ impl Follower {
         if let Some(set) = next {
             self.install(set).await;
         }
-        self.follow_revocations().await;
+        if reachable {
+            self.follow_revocations().await;
+        }
     }
 
     /// Re-arms the policies whose decisions were revoked since the last look, so that
@@ -149,6 +155,7 @@ impl Follower {
         let Source::Control(client) = &self.source else {
             return;
         };
+        let client = client.clone();
         let Some(set) = self.handle.current() else {
             return;
         };
@@ -160,27 +167,46 @@ impl Follower {
                 Ok(page) => page,
                 Err(e) => {
                     self.metrics.control_errors.inc();
-                    tracing::warn!(error = %e, "cannot read revoked decisions from the control plane; will retry");
+                    self.revocations_failed(
+                        "cannot read revoked decisions from the control plane",
+                        &e,
+                    );
                     return;
                 }
             };
-            let Some(last) = page.last() else { return };
-            match self.evaluator.forgive(&set, &page, Utc::now()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    rearmed = n,
-                    "policies re-armed for entities whose decisions were revoked"
-                ),
-                Err(e) => {
-                    // The mark stays: the page is read and applied again next time.
-                    tracing::warn!(error = %e, "cannot re-arm policies of revoked decisions; will retry");
-                    return;
+            let more = page.revocations.len() >= REVOCATION_PAGE;
+            if !page.revocations.is_empty() {
+                match self
+                    .evaluator
+                    .forgive(&set, &page.revocations, Utc::now())
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        rearmed = n,
+                        "policies re-armed for entities whose decisions were revoked"
+                    ),
+                    Err(e) => {
+                        // The mark stays: the page is read and applied again next time.
+                        self.revocations_failed("cannot re-arm policies of revoked decisions", &e);
+                        return;
+                    }
                 }
             }
-            self.revoked_after = Some(RevocationMark::after(last));
-            if page.len() < REVOCATION_PAGE {
+            self.revoked_after = Some(page.next);
+            if std::mem::take(&mut self.revocations_failing) {
+                tracing::info!("revoked decisions followed again");
+            }
+            if !more {
                 return;
             }
+        }
+    }
+
+    /// Logs the first failure of a run of them (each is retried at the next refresh).
+    fn revocations_failed(&mut self, what: &str, error: &dyn std::fmt::Display) {
+        if !std::mem::replace(&mut self.revocations_failing, true) {
+            tracing::warn!(%error, "{what}; will retry");
         }
     }
 
