@@ -125,6 +125,17 @@ fn count_policy(id: &str, threshold: f64) -> BatchPolicy {
     }
 }
 
+fn distinct_policy(id: &str, threshold: f64) -> BatchPolicy {
+    BatchPolicy {
+        rules: Arc::new(Rules {
+            distinct: true,
+            scale: 1.0,
+            ..Rules::default()
+        }),
+        ..count_policy(id, threshold)
+    }
+}
+
 fn hit(policy: usize, entity: &str, at_ms: i64) -> Hit {
     Hit {
         policy,
@@ -334,14 +345,7 @@ async fn a_revoked_decision_rearms_its_policy(b: &Backend) {
 async fn a_revocation_empties_distinct_windows_too(b: &Backend) {
     let s = b.state().await;
     let now = now();
-    let policies = vec![BatchPolicy {
-        rules: Arc::new(Rules {
-            distinct: true,
-            scale: 1.0,
-            ..Rules::default()
-        }),
-        ..count_policy("paths", 2.0)
-    }];
+    let policies = vec![distinct_policy("paths", 2.0)];
     let bt = |ids: &[(&str, u64)], at: i64| BatchInput {
         policies: policies.clone(),
         events: ids
@@ -372,14 +376,7 @@ async fn a_revocation_empties_distinct_windows_too(b: &Backend) {
 async fn distinct_values_count_once_per_window(b: &Backend) {
     let s = b.state().await;
     let now = now();
-    let policies = vec![BatchPolicy {
-        rules: Arc::new(Rules {
-            distinct: true,
-            scale: 1.0,
-            ..Rules::default()
-        }),
-        ..count_policy("paths", 3.0)
-    }];
+    let policies = vec![distinct_policy("paths", 3.0)];
     let ev = |id: &str, at: i64, v: Option<u64>| EventHits {
         id: id.into(),
         hits: vec![distinct_hit("ip:10.0.0.9", at, v)],
