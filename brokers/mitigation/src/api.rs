@@ -25,8 +25,8 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::persist::{Full, Persistence, WritePermit};
-use crate::store::{MitigationStore, StoreError};
+use crate::persist::{Full, Persistence, WriteError, WritePermit};
+use crate::store::{MitigationStore, Published, StoreError, Write, apply};
 
 const DEFAULT_ACTIVE_LIMIT: usize = 1_000;
 const MAX_ACTIVE_LIMIT: usize = 100_000;
@@ -128,6 +128,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> ApiError {
+        match e {
+            WriteError::Full => Full.into(),
+            WriteError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<Full> for ApiError {
     fn from(_: Full) -> ApiError {
         ApiError::Unavailable {
@@ -148,6 +157,15 @@ async fn whole<T: Send + 'static>(
     write: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::spawn(write).await.map_err(ApiError::internal)?
+}
+
+/// Applies a write, through the durable copy when there is one: what it changed, and a
+/// publish's stream position.
+async fn written(inner: &Inner, write: Write<'_>) -> Result<(usize, Option<String>), ApiError> {
+    match &inner.persistence {
+        Some(p) => Ok(p.write(&*inner.store, write).await?),
+        None => Ok(apply(&*inner.store, write).await?),
+    }
 }
 
 /// Refuses a write the durable copy could not take (policy `reject`); the permit is
@@ -215,15 +233,14 @@ async fn publish(
         .into_iter()
         .map(|m| cap_expiry(m, s.inner.cache_ttl))
         .collect();
-    let logged = s.inner.persistence.as_ref().map(|_| capped.clone());
     let inner = s.inner.clone();
     let published = whole(async move {
         let _permit = permit;
-        let published = inner.store.publish(capped).await?;
-        if let (Some(p), Some(m)) = (&inner.persistence, logged) {
-            p.published(&m);
-        }
-        Ok(published)
+        let (accepted, cursor) = written(&inner, Write::Publish(&capped)).await?;
+        Ok(Published {
+            accepted,
+            cursor: cursor.unwrap_or_default(),
+        })
     })
     .await?;
     s.inner.metrics.published.inc_by(published.accepted as u64);
@@ -312,15 +329,12 @@ async fn revoke(
     let inner = s.inner.clone();
     let revoked = whole(async move {
         let _permit = permit;
-        let revoked = match (&req.id, &req.entity) {
-            (Some(id), _) => inner.store.revoke_id(id).await?,
-            (None, Some(entity)) => inner.store.revoke_entity(entity).await?,
-            (None, None) => 0,
+        let write = match (&req.id, &req.entity) {
+            (Some(id), _) => Write::RevokeId(id),
+            (None, Some(entity)) => Write::RevokeEntity(entity),
+            (None, None) => return Ok(0),
         };
-        if let Some(p) = &inner.persistence {
-            p.revoked(req.id.as_deref(), req.entity.as_ref());
-        }
-        Ok(revoked)
+        Ok(written(&inner, write).await?.0)
     })
     .await?;
     s.inner.metrics.revoked.inc_by(revoked as u64);
@@ -332,11 +346,7 @@ async fn clear(State(s): State<AppState>) -> Result<Json<RevokeResponse>, ApiErr
     let inner = s.inner.clone();
     let revoked = whole(async move {
         let _permit = permit;
-        let revoked = inner.store.clear().await?;
-        if let Some(p) = &inner.persistence {
-            p.cleared();
-        }
-        Ok(revoked)
+        Ok(written(&inner, Write::Clear).await?.0)
     })
     .await?;
     s.inner.metrics.clears.inc();

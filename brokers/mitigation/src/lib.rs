@@ -25,7 +25,10 @@ pub use api::{AppState, router};
 pub use config::{Args, Config};
 pub use metrics::Metrics;
 pub use persist::Persistence;
-pub use store::{MemoryMitigations, MitigationStore, RedisMitigations, StoreError};
+pub use store::{
+    Claim, Journal, LogAppend, Logged, MemoryMitigations, MitigationStore, RedisMitigations,
+    StoreError, Write,
+};
 
 /// Why the mitigation broker could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +104,8 @@ pub async fn start_with_store(
     let metrics = Metrics::new()?;
     let persistence = if config.persistence_enabled {
         let restore = persist::store_is_empty(&*store).await?;
-        let p = Arc::new(Persistence::new(&config, metrics.clone()));
+        let journal = store.clone().journal();
+        let p = Arc::new(Persistence::new(&config, metrics.clone(), journal));
         Some((p, restore))
     } else {
         None

@@ -66,12 +66,12 @@ impl Metrics {
         let persistence_dropped = IntCounterVec::new(
             Opts::new(
                 "esper_persistence_dropped_total",
-                "Entries left out of the durable copy: outbox full (drop_oldest) or refused by the control plane",
+                "Entries left out of the durable copy: outbox full (drop_oldest), refused by the control plane, or unreadable",
             ),
             &["reason"],
         )?;
         register(&registry, &persistence_dropped);
-        for reason in ["full", "refused"] {
+        for reason in ["full", "refused", "unreadable"] {
             persistence_dropped.with_label_values(&[reason]).reset();
         }
         Ok(Metrics {

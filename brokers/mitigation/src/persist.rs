@@ -2,10 +2,14 @@
 //!
 //! Every publish, revoke and clear is queued in a bounded outbox, in order, and a
 //! background task delivers it, retrying with backoff while the control plane is down.
-//! What a full outbox does is the operator's choice ([`WhenFull`]): refuse the write
-//! with 503 so publishers retry (nothing lost), or drop the oldest entries (counted).
-//! A broker that starts on an empty store restores the mitigations still in force from
-//! the log, retrying until the control plane answers.
+//! Over a Redis store the outbox is a list in Redis, appended in the same script as the
+//! write it records ([`Journal`]): it survives a broker crash or restart, and one broker
+//! instance at a time (the holder of a lease in Redis) delivers it for all of them. Over
+//! the memory store it is in memory, like the store. What a full outbox does is the
+//! operator's choice ([`WhenFull`]): refuse the write with 503 so publishers retry
+//! (nothing lost), or drop the oldest entries (counted). A broker that starts on an
+//! empty store restores the mitigations still in force from the log, retrying until the
+//! control plane answers.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -19,11 +23,14 @@ use esper_protocol::{
     Origin, PageMark,
 };
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, OwnedRwLockReadGuard, RwLock};
 
 use crate::config::{Config, WhenFull};
 use crate::metrics::Metrics;
-use crate::store::MitigationStore;
+use crate::store::{
+    Claim, Cursor, Journal, LogAppend, Logged, MitigationStore, StoreError, Write, apply,
+};
 
 /// `decided_by` / `revoked_by` of what this broker logs (the control plane lets a
 /// worker's own record of the same decision replace it).
@@ -36,9 +43,16 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the outbox to drain.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
+/// How long a delivery lease on a shared outbox lasts unless renewed: how soon another
+/// instance takes over from one that died. Renewed at every delivery, so it only has to
+/// outlast one call to the control plane (10 s at most).
+const LEASE: Duration = Duration::from_secs(15);
+/// How often an instance looks at a shared outbox that other instances also append to.
+const SHARED_POLL: Duration = Duration::from_secs(1);
 
-/// One write waiting for the decision log.
-#[derive(Clone, Debug, PartialEq)]
+/// One write waiting for the decision log (as stored in a shared outbox, JSON).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Entry {
     Record(Box<Decision>),
     Revoke(DecisionRevoke),
@@ -50,9 +64,37 @@ enum Delivery {
     Revoke(DecisionRevoke),
 }
 
+/// How one delivery went.
+enum Sent {
+    /// In the log, or refused for good (counted): either way done with.
+    Done,
+    /// The control plane is unavailable: try again later.
+    Retry,
+}
+
+/// How far a flush got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flushed {
+    /// The outbox is empty.
+    Drained,
+    /// Another instance delivers the shared outbox; this many entries wait in it.
+    Standby(usize),
+    /// The control plane (or the store holding the outbox) is unavailable.
+    Failed,
+}
+
 /// The outbox would overflow and the policy is [`WhenFull::Reject`].
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
+
+/// Why a write through [`Persistence::write`] did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("the durable copy's outbox is full")]
+    Full,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Where restoring stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +123,12 @@ impl Touched {
 }
 
 struct State {
+    /// The outbox when the store keeps none.
     queue: VecDeque<Entry>,
+    /// The store's outbox: its length when last seen, and who delivers it when that is
+    /// another instance.
+    shared_pending: usize,
+    delivered_by: Option<String>,
     restore: Restore,
     /// Writes made while the restore is pending.
     touched: Touched,
@@ -98,6 +145,10 @@ pub struct WritePermit {
 /// The outbox and its delivery state, shared by the API and the delivery task.
 pub struct Persistence {
     state: Mutex<State>,
+    /// The store's own outbox (Redis); `None` keeps it in `state.queue`.
+    journal: Option<Arc<dyn Journal>>,
+    /// This instance's name on the shared outbox's lease.
+    owner: String,
     /// API writes share it; a restore page takes it alone (see [`Touched`]).
     writes: Arc<RwLock<()>>,
     capacity: usize,
@@ -108,15 +159,24 @@ pub struct Persistence {
 }
 
 impl Persistence {
-    /// An empty outbox for `config` (persistence enabled).
-    pub fn new(config: &Config, metrics: Metrics) -> Persistence {
+    /// An empty outbox for `config` (persistence enabled), kept in `journal` when the
+    /// store offers one.
+    pub fn new(
+        config: &Config,
+        metrics: Metrics,
+        journal: Option<Arc<dyn Journal>>,
+    ) -> Persistence {
         Persistence {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
+                shared_pending: 0,
+                delivered_by: None,
                 restore: Restore::NotNeeded,
                 touched: Touched::default(),
                 last_error: None,
             }),
+            journal,
+            owner: format!("{}-{}", std::process::id(), Cursor::new_generation()),
             writes: Arc::new(RwLock::new(())),
             capacity: config.persistence_outbox.max(1),
             when_full: config.persistence_when_full,
@@ -126,12 +186,14 @@ impl Persistence {
         }
     }
 
-    /// Refuses a write of `n` entries up front when the outbox cannot take them and the
-    /// policy is to reject (so the store is not changed for a write the log would miss).
-    /// Concurrent writes may push the outbox past its capacity by what they carry. The
-    /// permit is held until the write is queued.
+    /// Refuses a write of `n` entries up front when an outbox in memory cannot take them
+    /// and the policy is to reject (so the store is not changed for a write the log would
+    /// miss; the store's own outbox checks in the write itself). Concurrent writes may
+    /// push a memory outbox past its capacity by what they carry. The permit is held
+    /// until the write is queued.
     pub async fn admit(&self, n: usize) -> Result<WritePermit, Full> {
-        if self.when_full == WhenFull::Reject
+        if self.journal.is_none()
+            && self.when_full == WhenFull::Reject
             && self.state.lock().queue.len().saturating_add(n) > self.capacity
         {
             self.metrics.persistence_rejected.inc();
@@ -142,41 +204,56 @@ impl Persistence {
         })
     }
 
-    /// Queues the decisions of published mitigations (expired ones are left out).
-    pub fn published(&self, mitigations: &[Mitigation]) {
-        self.touch(|t| t.ids.extend(mitigations.iter().map(|m| m.id.clone())));
-        let now = Utc::now();
-        let entries = mitigations
-            .iter()
-            .filter(|m| m.expires_at > now)
-            .map(|m| Entry::Record(Box::new(decision_of(m))));
-        self.push(entries);
+    /// Applies `write` to `store` and queues its entries for the log: in the same step
+    /// when the store keeps the outbox, else right after. Returns what the write changed
+    /// and, for a publish, the stream position after it.
+    pub async fn write(
+        &self,
+        store: &dyn MitigationStore,
+        write: Write<'_>,
+    ) -> Result<(usize, Option<String>), WriteError> {
+        let Some(journal) = &self.journal else {
+            let outcome = apply(store, write).await?;
+            self.queue(write);
+            return Ok(outcome);
+        };
+        let mut entries = Vec::new();
+        for entry in entries_of(write) {
+            entries.push(serde_json::to_string(&entry).map_err(|e| {
+                StoreError::Unavailable(format!("cannot encode an outbox entry: {e}"))
+            })?);
+        }
+        let log = LogAppend {
+            entries,
+            capacity: self.capacity,
+            drop_oldest: self.when_full == WhenFull::DropOldest,
+        };
+        match journal.write(write, &log).await? {
+            Logged::Full => {
+                self.metrics.persistence_rejected.inc();
+                Err(WriteError::Full)
+            }
+            Logged::Done {
+                changed,
+                cursor,
+                dropped,
+                pending,
+            } => {
+                self.note(write);
+                if dropped > 0 {
+                    self.dropped_for_room(dropped);
+                }
+                self.seen_shared(pending, None);
+                self.notify.notify_one();
+                Ok((changed, cursor))
+            }
+        }
     }
 
-    /// Queues a revocation by id or entity.
-    pub fn revoked(&self, id: Option<&str>, entity: Option<&EntityKey>) {
-        self.touch(|t| {
-            t.ids.extend(id.map(str::to_string));
-            t.entities.extend(entity.cloned());
-        });
-        self.push(std::iter::once(Entry::Revoke(DecisionRevoke {
-            id: id.map(str::to_string),
-            entity: entity.cloned(),
-            all: false,
-            revoked_at: Utc::now(),
-            revoked_by: LOGGED_BY.into(),
-        })));
-    }
-
-    /// Queues a clear: every decision in force is revoked.
-    pub fn cleared(&self) {
-        self.touch(|t| t.cleared = true);
-        self.push(std::iter::once(Entry::Revoke(DecisionRevoke {
-            all: true,
-            revoked_at: Utc::now(),
-            revoked_by: LOGGED_BY.into(),
-            ..DecisionRevoke::default()
-        })));
+    /// Notes and queues in memory what `write` logs.
+    fn queue(&self, write: Write<'_>) {
+        self.note(write);
+        self.push(entries_of(write));
     }
 
     /// Notes a write for a pending restore (nothing once it is done). The notes are
@@ -184,13 +261,23 @@ impl Persistence {
     /// the broker keeps taking writes) the rest of the restore is given up, as after a
     /// clear, rather than risk bringing back something revoked meanwhile; the engine
     /// publishes again what is still going on.
-    fn touch(&self, note: impl FnOnce(&mut Touched)) {
+    fn note(&self, write: Write<'_>) {
         let mut st = self.state.lock();
         if st.restore != Restore::Pending || st.touched.cleared {
             return;
         }
-        note(&mut st.touched);
-        let noted = st.touched.ids.len() + st.touched.entities.len();
+        let t = &mut st.touched;
+        match write {
+            Write::Publish(ms) => t.ids.extend(ms.iter().map(|m| m.id.clone())),
+            Write::RevokeId(id) => {
+                t.ids.insert(id.to_string());
+            }
+            Write::RevokeEntity(entity) => {
+                t.entities.insert(entity.clone());
+            }
+            Write::Clear => t.cleared = true,
+        }
+        let noted = t.ids.len() + t.entities.len();
         if noted > self.capacity {
             st.touched = Touched {
                 cleared: true,
@@ -205,7 +292,7 @@ impl Persistence {
         }
     }
 
-    fn push(&self, entries: impl Iterator<Item = Entry>) {
+    fn push(&self, entries: impl IntoIterator<Item = Entry>) {
         let mut st = self.state.lock();
         let before = st.queue.len();
         st.queue.extend(entries);
@@ -216,14 +303,7 @@ impl Persistence {
             let over = st.queue.len().saturating_sub(self.capacity);
             if over > 0 {
                 st.queue.drain(..over);
-                self.metrics
-                    .persistence_dropped
-                    .with_label_values(&["full"])
-                    .inc_by(over as u64);
-                tracing::warn!(
-                    dropped = over,
-                    "persistence outbox full; oldest entries dropped from the durable copy"
-                );
+                self.dropped_for_room(over);
             }
         }
         self.metrics.persistence_pending.set(st.queue.len() as i64);
@@ -231,22 +311,53 @@ impl Persistence {
         self.notify.notify_one();
     }
 
-    /// Entries waiting for the control plane.
+    fn dropped_for_room(&self, n: usize) {
+        self.metrics
+            .persistence_dropped
+            .with_label_values(&["full"])
+            .inc_by(n as u64);
+        tracing::warn!(
+            dropped = n,
+            "persistence outbox full; oldest entries dropped from the durable copy"
+        );
+    }
+
+    /// What the store's outbox held when last seen, and who delivers it.
+    fn seen_shared(&self, pending: usize, delivered_by: Option<String>) {
+        let mut st = self.state.lock();
+        st.shared_pending = pending;
+        if delivered_by.is_some() {
+            st.delivered_by = delivered_by;
+        }
+        self.metrics.persistence_pending.set(pending as i64);
+    }
+
+    /// Entries waiting for the control plane (in a shared outbox: written through any
+    /// instance, as last seen).
     pub fn pending(&self) -> usize {
-        self.state.lock().queue.len()
+        let st = self.state.lock();
+        match self.journal {
+            Some(_) => st.shared_pending,
+            None => st.queue.len(),
+        }
     }
 
     /// The health component `decision_log` (never required: the broker serves without).
     pub fn health(&self) -> ComponentHealth {
+        let pending = self.pending();
         let st = self.state.lock();
         let restore = match st.restore {
             Restore::NotNeeded => "nothing to restore".to_string(),
             Restore::Pending => "restore pending".to_string(),
             Restore::Done(n) => format!("{n} mitigations restored"),
         };
+        let kept = match (&self.journal, &st.delivered_by) {
+            (None, _) => "",
+            (Some(_), None) => " in the store's outbox",
+            (Some(_), Some(_)) => " in the store's outbox (delivered by another instance)",
+        };
         let mut detail = format!(
-            "{} entries waiting for {}; {restore}",
-            st.queue.len(),
+            "{pending} entries waiting{kept} for {}; {restore}",
             self.client.url()
         );
         if let Some(e) = &st.last_error {
@@ -257,7 +368,8 @@ impl Persistence {
         ComponentHealth::new("decision_log", healthy, false, detail)
     }
 
-    /// Takes the next delivery: a run of decisions, or one revocation.
+    /// Takes the next delivery from the memory outbox: a run of decisions, or one
+    /// revocation.
     fn take(&self) -> Option<Delivery> {
         let mut st = self.state.lock();
         if let Entry::Revoke(_) = st.queue.front()? {
@@ -275,26 +387,27 @@ impl Persistence {
         Some(Delivery::Records(run))
     }
 
-    fn failed(&self, what: &str, e: &ClientError) {
+    fn failed(&self, what: &str, e: &dyn std::fmt::Display) {
         self.metrics.persistence_errors.inc();
+        let pending = self.pending();
         let mut st = self.state.lock();
         if st.last_error.is_none() {
-            tracing::warn!(error = %e, pending = st.queue.len(), "{what}; will retry");
+            tracing::warn!(error = %e, pending, "{what}; will retry");
         }
         st.last_error = Some(e.to_string());
     }
 
     fn succeeded(&self) {
+        let pending = self.pending();
         let mut st = self.state.lock();
         if st.last_error.take().is_some() {
-            tracing::info!(pending = st.queue.len(), "decision log reachable again");
+            tracing::info!(pending, "durable copy delivering again");
         }
     }
 
-    /// Delivers one entry (a batch of decisions counts as its decisions); `false` when
-    /// the control plane is unavailable (the entry is back at the front).
-    async fn deliver(&self, entry: Delivery) -> bool {
-        let (result, n) = match &entry {
+    /// Sends one delivery (a batch of decisions counts as its decisions).
+    async fn send(&self, delivery: &Delivery) -> Sent {
+        let (result, n) = match delivery {
             Delivery::Records(decisions) => {
                 (self.client.record(decisions.clone()).await, decisions.len())
             }
@@ -304,26 +417,30 @@ impl Persistence {
             Ok(()) => {
                 self.metrics.persistence_sent.inc_by(n as u64);
                 self.succeeded();
-                true
+                Sent::Done
             }
             Err(e) if e.is_transient() => {
                 self.failed("cannot reach the decision log", &e);
-                self.requeue(entry);
-                false
+                Sent::Retry
             }
             Err(e) => {
-                self.metrics
-                    .persistence_dropped
-                    .with_label_values(&["refused"])
-                    .inc_by(n as u64);
-                tracing::error!(error = %e, dropped = n, "the control plane refused a write to the decision log; dropped");
-                true
+                self.refused(n, &e);
+                Sent::Done
             }
         }
     }
 
-    /// Puts an undelivered entry back at the front, ahead of newer ones (a requeued
-    /// entry is never dropped for being over capacity: it was admitted already).
+    fn refused(&self, n: usize, e: &ClientError) {
+        self.metrics
+            .persistence_dropped
+            .with_label_values(&["refused"])
+            .inc_by(n as u64);
+        tracing::error!(error = %e, dropped = n, "the control plane refused a write to the decision log; dropped");
+    }
+
+    /// Puts an undelivered entry back at the front of the memory outbox, ahead of newer
+    /// ones (a requeued entry is never dropped for being over capacity: it was admitted
+    /// already).
     fn requeue(&self, entry: Delivery) {
         let mut st = self.state.lock();
         match entry {
@@ -337,16 +454,75 @@ impl Persistence {
         self.metrics.persistence_pending.set(st.queue.len() as i64);
     }
 
-    /// Sends everything queued; `false` when the control plane is unavailable.
-    async fn flush(&self) -> bool {
-        while let Some(entry) = self.take() {
-            let ok = self.deliver(entry).await;
+    /// Sends everything queued, or stands by while another instance does.
+    async fn flush(&self) -> Flushed {
+        match &self.journal {
+            Some(journal) => self.flush_shared(&**journal).await,
+            None => self.flush_memory().await,
+        }
+    }
+
+    async fn flush_memory(&self) -> Flushed {
+        while let Some(delivery) = self.take() {
+            let sent = self.send(&delivery).await;
+            if let Sent::Retry = sent {
+                self.requeue(delivery);
+                return Flushed::Failed;
+            }
             self.metrics.persistence_pending.set(self.pending() as i64);
-            if !ok {
-                return false;
+        }
+        Flushed::Drained
+    }
+
+    /// Delivers the store's outbox while this instance holds its lease, removing each
+    /// delivery's entries once the log has them (a crash in between sends them again,
+    /// which the log takes as the same decisions and revocations).
+    async fn flush_shared(&self, journal: &dyn Journal) -> Flushed {
+        loop {
+            let entries = match journal.claim(&self.owner, LEASE, SEND_BATCH).await {
+                Ok(Claim::Held { by, pending }) => {
+                    // Another instance's deliveries are its own to report.
+                    self.seen_shared(pending, Some(by));
+                    self.succeeded();
+                    return Flushed::Standby(pending);
+                }
+                Ok(Claim::Mine { pending, entries }) => {
+                    self.state.lock().delivered_by = None;
+                    self.seen_shared(pending, None);
+                    entries
+                }
+                Err(e) => {
+                    self.failed("cannot read the outbox in the store", &e);
+                    return Flushed::Failed;
+                }
+            };
+            if entries.is_empty() {
+                // Nothing failing: an error reading the outbox is over.
+                self.succeeded();
+                return Flushed::Drained;
+            }
+            for (upto, delivery) in deliveries(entries, &self.metrics) {
+                if let Some(d) = &delivery
+                    && let Sent::Retry = self.send(d).await
+                {
+                    return Flushed::Failed;
+                }
+                match journal.ack(&self.owner, upto, LEASE).await {
+                    Ok((true, pending)) => self.seen_shared(pending, None),
+                    Ok((false, pending)) => {
+                        tracing::warn!(
+                            "lost the outbox's delivery lease; another instance goes on"
+                        );
+                        self.seen_shared(pending, None);
+                        return Flushed::Standby(pending);
+                    }
+                    Err(e) => {
+                        self.failed("cannot update the outbox in the store", &e);
+                        return Flushed::Failed;
+                    }
+                }
             }
         }
-        true
     }
 
     /// Publishes again every decision still in force in the log; returns how many.
@@ -422,6 +598,61 @@ fn cap_from_creation(mut m: Mitigation, cache_ttl: Duration) -> Mitigation {
     m
 }
 
+/// What `write` logs: the decisions of the mitigations it publishes (expired ones are
+/// left out), or one revocation.
+fn entries_of(write: Write<'_>) -> Vec<Entry> {
+    let revoke = |id: Option<&str>, entity: Option<&EntityKey>, all: bool| {
+        vec![Entry::Revoke(DecisionRevoke {
+            id: id.map(str::to_string),
+            entity: entity.cloned(),
+            all,
+            revoked_at: Utc::now(),
+            revoked_by: LOGGED_BY.into(),
+        })]
+    };
+    match write {
+        Write::Publish(ms) => {
+            let now = Utc::now();
+            ms.iter()
+                .filter(|m| m.expires_at > now)
+                .map(|m| Entry::Record(Box::new(decision_of(m))))
+                .collect()
+        }
+        Write::RevokeId(id) => revoke(Some(id), None, false),
+        Write::RevokeEntity(entity) => revoke(None, Some(entity), false),
+        Write::Clear => revoke(None, None, true),
+    }
+}
+
+/// Groups numbered entries of the store's outbox into deliveries, each with the number
+/// of its last entry: runs of decisions, single revocations. An unreadable entry (none
+/// is ever written) is counted and passed over; when nothing follows it, it comes out as
+/// a `None` delivery so it is still removed.
+fn deliveries(entries: Vec<(u64, String)>, metrics: &Metrics) -> Vec<(u64, Option<Delivery>)> {
+    let mut out: Vec<(u64, Option<Delivery>)> = Vec::new();
+    for (n, body) in entries {
+        match serde_json::from_str::<Entry>(&body) {
+            Ok(Entry::Record(d)) => match out.last_mut() {
+                Some((upto, Some(Delivery::Records(run)))) if run.len() < SEND_BATCH => {
+                    run.push(*d);
+                    *upto = n;
+                }
+                _ => out.push((n, Some(Delivery::Records(vec![*d])))),
+            },
+            Ok(Entry::Revoke(r)) => out.push((n, Some(Delivery::Revoke(r)))),
+            Err(e) => {
+                metrics
+                    .persistence_dropped
+                    .with_label_values(&["unreadable"])
+                    .inc();
+                tracing::error!(error = %e, entry = n, "unreadable entry in the outbox; dropped");
+                out.push((n, None));
+            }
+        }
+    }
+    out
+}
+
 /// Restores (when `restore_needed`) and then delivers the outbox until `shutdown`;
 /// on shutdown, one bounded last flush.
 pub async fn run(
@@ -434,12 +665,16 @@ pub async fn run(
     if restore_needed {
         p.state.lock().restore = Restore::Pending;
     }
+    // Other instances append to a shared outbox without waking this one.
+    let poll = p.journal.as_ref().map(|_| SHARED_POLL);
     let mut backoff = MIN_BACKOFF;
     loop {
         // The outbox goes first, so revocations made since start-up are in the log
         // before the log is read back.
-        let mut ok = p.flush().await;
-        if ok && p.state.lock().restore == Restore::Pending {
+        let flushed = p.flush().await;
+        let mut ok = flushed != Flushed::Failed;
+        let drained = matches!(flushed, Flushed::Drained | Flushed::Standby(0));
+        if drained && p.state.lock().restore == Restore::Pending {
             match p.restore(&*store, cache_ttl).await {
                 Ok(n) => {
                     p.metrics.persistence_restored.inc_by(n as u64);
@@ -466,8 +701,15 @@ pub async fn run(
         }
         if ok {
             backoff = MIN_BACKOFF;
+            let polled = async {
+                match poll {
+                    Some(every) => tokio::time::sleep(every).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = p.notify.notified() => {}
+                _ = polled => {}
                 _ = shutdown.wait() => break,
             }
         } else {
@@ -477,11 +719,24 @@ pub async fn run(
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
-    match tokio::time::timeout(FINAL_FLUSH, p.flush()).await {
-        Ok(true) => {}
-        _ => {
+    let last = tokio::time::timeout(FINAL_FLUSH, p.flush()).await;
+    match &p.journal {
+        Some(journal) => {
+            // Another instance (or this one's successor) goes on at once.
+            if let Err(e) = journal.release(&p.owner).await {
+                tracing::warn!(error = %e, "cannot give up the outbox's delivery lease; it runs out by itself");
+            }
             let left = p.pending();
-            if left > 0 {
+            if last != Ok(Flushed::Drained) && left > 0 {
+                tracing::info!(
+                    pending = left,
+                    "entries stay in the store's outbox for the next delivery"
+                );
+            }
+        }
+        None => {
+            let left = p.pending();
+            if last != Ok(Flushed::Drained) && left > 0 {
                 tracing::error!(
                     lost = left,
                     "decision log unreachable at shutdown; these writes are not in the durable copy"
@@ -519,7 +774,7 @@ mod tests {
             persistence_when_full: when_full,
             ..Config::default()
         };
-        Persistence::new(&config, Metrics::new().unwrap())
+        Persistence::new(&config, Metrics::new().unwrap(), None)
     }
 
     #[test]
@@ -531,19 +786,19 @@ mod tests {
             mitigation("192.0.2.3"),
         );
         // Nothing is noted while no restore is pending.
-        p.revoked(Some(&a.id), None);
+        p.queue(Write::RevokeId(&a.id));
         assert!(p.state.lock().touched.allows(&a));
         p.state.lock().restore = Restore::Pending;
-        p.revoked(Some(&a.id), None);
-        p.revoked(None, Some(&b.entity));
+        p.queue(Write::RevokeId(&a.id));
+        p.queue(Write::RevokeEntity(&b.entity));
         {
             let st = p.state.lock();
             assert!(!st.touched.allows(&a) && !st.touched.allows(&b));
             assert!(st.touched.allows(&c));
         }
-        p.published(std::slice::from_ref(&c));
+        p.queue(Write::Publish(std::slice::from_ref(&c)));
         assert!(!p.state.lock().touched.allows(&c));
-        p.cleared();
+        p.queue(Write::Clear);
         assert!(p.state.lock().touched.cleared);
     }
 
@@ -555,14 +810,14 @@ mod tests {
             .iter()
             .map(|ip| mitigation(ip))
             .collect();
-        p.published(&ms);
+        p.queue(Write::Publish(&ms));
         {
             let st = p.state.lock();
             assert!(!st.touched.cleared);
             assert_eq!(st.touched.ids.len(), 3);
         }
         // One more than the outbox holds: the restore is given up and the notes freed.
-        p.revoked(None, Some(&mitigation("192.0.2.4").entity));
+        p.queue(Write::RevokeEntity(&mitigation("192.0.2.4").entity));
         let st = p.state.lock();
         assert!(st.touched.cleared);
         assert!(st.touched.ids.is_empty() && st.touched.entities.is_empty());
@@ -573,7 +828,10 @@ mod tests {
     async fn reject_refuses_what_does_not_fit_and_counts_it() {
         let p = outbox(3, WhenFull::Reject);
         assert!(p.admit(3).await.is_ok());
-        p.published(&[mitigation("192.0.2.1"), mitigation("192.0.2.2")]);
+        p.queue(Write::Publish(&[
+            mitigation("192.0.2.1"),
+            mitigation("192.0.2.2"),
+        ]));
         assert!(p.admit(1).await.is_ok());
         assert!(matches!(p.admit(2).await, Err(Full)));
         assert_eq!(p.metrics.persistence_rejected.get(), 1);
@@ -588,8 +846,8 @@ mod tests {
             .iter()
             .map(|ip| mitigation(ip))
             .collect();
-        p.published(&ms);
-        p.cleared();
+        p.queue(Write::Publish(&ms));
+        p.queue(Write::Clear);
         assert_eq!(p.pending(), 2);
         let dropped = p.metrics.persistence_dropped.with_label_values(&["full"]);
         assert_eq!(dropped.get(), 2);
@@ -610,9 +868,9 @@ mod tests {
         );
         let mut expired = mitigation("192.0.2.9");
         expired.expires_at = Utc::now() - chrono::Duration::seconds(1);
-        p.published(&[a.clone(), b.clone(), expired]);
-        p.revoked(Some(&a.id), None);
-        p.published(std::slice::from_ref(&c));
+        p.queue(Write::Publish(&[a.clone(), b.clone(), expired]));
+        p.queue(Write::RevokeId(&a.id));
+        p.queue(Write::Publish(std::slice::from_ref(&c)));
         assert_eq!(p.pending(), 4, "expired mitigations are not logged");
 
         let first = p.take().unwrap();
@@ -631,6 +889,57 @@ mod tests {
         );
         assert!(matches!(p.take(), Some(Delivery::Records(r)) if r[0].id == c.id));
         assert!(p.take().is_none());
+    }
+
+    #[test]
+    fn a_shared_outbox_is_delivered_in_runs_and_unreadable_entries_are_passed_over() {
+        let metrics = Metrics::new().unwrap();
+        let (a, b, c) = (
+            mitigation("192.0.2.1"),
+            mitigation("192.0.2.2"),
+            mitigation("192.0.2.3"),
+        );
+        let encode = |e: &Entry| serde_json::to_string(e).unwrap();
+        let mut bodies: Vec<String> = entries_of(Write::Publish(&[a.clone(), b.clone()]))
+            .iter()
+            .chain(&entries_of(Write::RevokeId(&a.id)))
+            .chain(&entries_of(Write::Publish(std::slice::from_ref(&c))))
+            .map(encode)
+            .collect();
+        bodies.insert(3, "{not an entry".into());
+        bodies.push("garbage".into());
+        let numbered: Vec<(u64, String)> = (1..).zip(bodies).collect();
+        let out = deliveries(numbered, &metrics);
+        let shape: Vec<(u64, String)> = out
+            .iter()
+            .map(|(n, d)| {
+                let what = match d {
+                    Some(Delivery::Records(run)) => run
+                        .iter()
+                        .map(|d| d.id.clone())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    Some(Delivery::Revoke(r)) => format!("revoke {}", r.id.clone().unwrap()),
+                    None => "unreadable".into(),
+                };
+                (*n, what)
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (2, format!("{},{}", a.id, b.id)),
+                (3, format!("revoke {}", a.id)),
+                (4, "unreadable".into()),
+                (5, c.id.clone()),
+                (6, "unreadable".into()),
+            ]
+        );
+        let unreadable = metrics
+            .persistence_dropped
+            .with_label_values(&["unreadable"])
+            .get();
+        assert_eq!(unreadable, 2);
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use esper_mitigation::{Config, MitigationStore, RedisMitigations};
+use esper_mitigation::{
+    Claim, Config, Journal, LogAppend, Logged, MitigationStore, RedisMitigations, Write,
+};
 use esper_protocol::{Change, ClientError, DeltaPage, EntityKey, Mitigation, MitigationClient};
 use support::redis_server::{RedisServer, shared, unique_prefix};
 use support::store_suite::{SUITE_RETENTION, mitigation_store_suite};
@@ -326,4 +328,152 @@ async fn mitigations_stored_before_the_id_index_are_paged_too() {
         page = store.snapshot_page(&page.cursor, &more, 2).await.unwrap();
     }
     assert_eq!(got, all);
+}
+
+fn log(entries: &[&str], capacity: usize, drop_oldest: bool) -> LogAppend {
+    LogAppend {
+        entries: entries.iter().map(|e| e.to_string()).collect(),
+        capacity,
+        drop_oldest,
+    }
+}
+
+async fn claimed(journal: &dyn Journal, owner: &str, lease: Duration) -> Claim {
+    journal.claim(owner, lease, 100).await.unwrap()
+}
+
+fn numbered(entries: &[(u64, &str)]) -> Vec<(u64, String)> {
+    entries.iter().map(|(n, e)| (*n, e.to_string())).collect()
+}
+
+#[tokio::test]
+async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_lease() {
+    let prefix = unique_prefix("journal");
+    let store = Arc::new(
+        RedisMitigations::open(&shared().url(), &prefix, SUITE_RETENTION)
+            .await
+            .unwrap(),
+    );
+    let journal = store.clone().journal().expect("Redis keeps the outbox");
+    let long = Duration::from_secs(60);
+
+    // A write and its entries land together.
+    let m = block("m1", "ip:192.0.2.1");
+    let done = journal
+        .write(
+            Write::Publish(std::slice::from_ref(&m)),
+            &log(&["a", "b"], 3, false),
+        )
+        .await
+        .unwrap();
+    let Logged::Done {
+        changed: 1,
+        cursor: Some(_),
+        dropped: 0,
+        pending: 2,
+    } = done
+    else {
+        panic!("unexpected outcome {done:?}");
+    };
+    // A write the outbox cannot take (`reject`) changes nothing at all.
+    let full = journal
+        .write(Write::RevokeId("m1"), &log(&["c", "d"], 3, false))
+        .await
+        .unwrap();
+    assert_eq!(full, Logged::Full);
+    assert_eq!(store.active(None, 10).await.unwrap().total, 1);
+    // Writes without entries (a restore) leave the outbox alone.
+    store
+        .publish(vec![block("m2", "ip:192.0.2.2")])
+        .await
+        .unwrap();
+
+    // One owner at a time reads the oldest entries, numbered.
+    assert_eq!(
+        claimed(&*journal, "x", long).await,
+        Claim::Mine {
+            pending: 2,
+            entries: numbered(&[(1, "a"), (2, "b")])
+        }
+    );
+    assert_eq!(
+        claimed(&*journal, "y", long).await,
+        Claim::Held {
+            by: "x".into(),
+            pending: 2
+        }
+    );
+    assert_eq!(journal.ack("x", 1, long).await.unwrap(), (true, 1));
+
+    // `drop_oldest` makes room by dropping the oldest; an ack counts by number, so one
+    // for entries dropped meanwhile removes nothing newer.
+    let done = journal
+        .write(Write::RevokeId("m1"), &log(&["c", "d", "e"], 2, true))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            done,
+            Logged::Done {
+                changed: 1,
+                dropped: 2,
+                pending: 2,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+    assert_eq!(journal.ack("x", 2, long).await.unwrap(), (true, 2));
+    assert_eq!(
+        claimed(&*journal, "x", long).await,
+        Claim::Mine {
+            pending: 2,
+            entries: numbered(&[(4, "d"), (5, "e")])
+        }
+    );
+
+    // Only the holder can give the lease up; then another owner takes over at once.
+    journal.release("y").await.unwrap();
+    assert!(matches!(
+        claimed(&*journal, "y", long).await,
+        Claim::Held { .. }
+    ));
+    journal.release("x").await.unwrap();
+    assert!(matches!(
+        claimed(&*journal, "y", Duration::from_millis(100)).await,
+        Claim::Mine { .. }
+    ));
+    // A lease that runs out passes to the next owner; the old holder learns it on its
+    // ack, which still removes what it delivered.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(matches!(
+        claimed(&*journal, "x", long).await,
+        Claim::Mine { .. }
+    ));
+    assert_eq!(journal.ack("y", 4, long).await.unwrap(), (false, 1));
+
+    // A clear is journaled like any write.
+    let done = journal
+        .write(Write::Clear, &log(&["f"], 10, false))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            done,
+            Logged::Done {
+                changed: 1,
+                pending: 2,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+    assert_eq!(store.active(None, 10).await.unwrap().total, 0);
+    assert_eq!(
+        claimed(&*journal, "x", long).await,
+        Claim::Mine {
+            pending: 2,
+            entries: numbered(&[(5, "e"), (6, "f")])
+        }
+    );
 }

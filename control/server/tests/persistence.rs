@@ -2,6 +2,8 @@
 //! durable copy survives the control plane being down (bounded outbox, retried, full
 //! outbox refused with 503), and a broker started on an empty store restores the
 //! mitigations still in force, including when the control plane comes up after it.
+//! Over a real Redis the outbox outlives the broker, and brokers sharing it deliver it
+//! once, in order, handing over when one stops.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,6 +18,7 @@ use esper_control::{Listeners, Started};
 use esper_protocol::mitigation::RevokeRequest;
 use esper_protocol::{Action, ClientError, Mitigation, MitigationClient, Origin, Reason};
 use serde_json::Value;
+use support::redis_server::{shared, unique_prefix};
 use support::{TOKEN, TempDir, call, closed_addr, eventually};
 use tokio::net::TcpListener;
 
@@ -48,7 +51,7 @@ impl Control {
     }
 }
 
-/// A mitigation broker (memory store) keeping its durable copy at `control`.
+/// A mitigation broker keeping its durable copy at `control`.
 struct Broker {
     client: MitigationClient,
     base: String,
@@ -57,8 +60,14 @@ struct Broker {
 }
 
 impl Broker {
+    /// Over a memory store (the outbox in memory).
     async fn start(control: SocketAddr, outbox: usize) -> Broker {
-        let config = esper_mitigation::Config {
+        Broker::start_on(control, outbox, None).await
+    }
+
+    /// Over the Redis store at `redis` = (URL, key prefix), which keeps the outbox.
+    async fn start_on(control: SocketAddr, outbox: usize, redis: Option<(&str, &str)>) -> Broker {
+        let mut config = esper_mitigation::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             persistence_enabled: true,
             control_url: format!("http://{control}"),
@@ -67,6 +76,10 @@ impl Broker {
             shutdown_timeout: Duration::from_secs(2),
             ..esper_mitigation::Config::default()
         };
+        if let Some((url, prefix)) = redis {
+            config.redis_url = Some(url.into());
+            config.redis_prefix = prefix.into();
+        }
         let (trigger, shutdown) = Shutdown::new();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let broker = esper_mitigation::start(config, listener, shutdown)
@@ -143,6 +156,37 @@ async fn logged_in_force(api: SocketAddr) -> Vec<String> {
         .collect();
     ids.sort();
     ids
+}
+
+/// The decision log's record of `m`.
+async fn logged(api: SocketAddr, m: &Mitigation) -> Value {
+    let (status, body) = call(
+        reqwest::Client::new()
+            .get(format!("http://{api}/api/v1/decisions?entity={}", m.entity))
+            .bearer_auth(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["decision"]["id"] == m.id.as_str())
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The `decision_log` health component's detail.
+async fn log_detail(b: &Broker) -> String {
+    let h = health_detail(b).await;
+    h["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "decision_log")
+        .and_then(|c| c["detail"].as_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
 async fn health_detail(b: &Broker) -> Value {
@@ -431,5 +475,131 @@ async fn the_decision_log_endpoints_refuse_bad_input_clearly() {
     )
     .await;
     assert_eq!(status, 401, "the log is behind the API token");
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn the_outbox_in_redis_outlives_its_broker_and_is_delivered_by_the_next() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let (url, prefix) = (shared().url(), unique_prefix("outbox"));
+    let redis = Some((url.as_str(), prefix.as_str()));
+    // The control plane is down while the broker takes writes.
+    let a = Broker::start_on(api, 3, redis).await;
+    let (m1, m2, m3) = (ban("192.0.2.1"), ban("192.0.2.2"), ban("192.0.2.3"));
+    a.client
+        .publish(vec![m1.clone(), m2.clone()])
+        .await
+        .unwrap();
+    a.client
+        .revoke(&RevokeRequest {
+            id: Some(m1.id.clone()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    // Full: refused in the same step as the write, so nothing changed.
+    match a.client.publish(vec![m3.clone()]).await {
+        Err(ClientError::Backpressure { code, .. }) => assert_eq!(code, "persistence_backlog"),
+        other => panic!("expected 503 persistence_backlog, got {other:?}"),
+    }
+    assert_eq!(a.active_ids().await, sorted(&[&m2]));
+    assert_eq!(a.metric("esper_persistence_rejected_total").await, 1.0);
+    assert_eq!(a.metric("esper_persistence_pending").await, 3.0);
+    let detail = log_detail(&a).await;
+    assert!(
+        detail.contains("3 entries waiting in the store's outbox"),
+        "{detail}"
+    );
+    // It stops with the control plane still down: a memory outbox would be lost here.
+    a.stop().await;
+
+    // The next broker over the same Redis delivers what the first one left.
+    let control = Control::start(&dir, api).await;
+    let b = Broker::start_on(api, 3, redis).await;
+    eventually("the left outbox in the log", || async {
+        logged_in_force(api).await == sorted(&[&m2])
+    })
+    .await;
+    let record = logged(api, &m1).await;
+    assert_eq!(record["revoked_by"], "mitigation-broker", "{record}");
+    eventually("the outbox to drain", || async {
+        b.metric("esper_persistence_pending").await == 0.0
+    })
+    .await;
+    assert_eq!(b.metric("esper_persistence_sent_total").await, 3.0);
+    // The publisher's retry goes through now.
+    b.client.publish(vec![m3.clone()]).await.unwrap();
+    eventually("the retried write in the log", || async {
+        logged_in_force(api).await == sorted(&[&m2, &m3])
+    })
+    .await;
+    b.stop().await;
+    control.stop().await;
+}
+
+/// Which of two brokers sharing an outbox stands by: `Some(true)` for `a`, `Some(false)`
+/// for `b`, `None` until exactly one does.
+async fn standing_by(a: &Broker, b: &Broker) -> Option<bool> {
+    let by_other = |d: String| d.contains("delivered by another instance");
+    match (by_other(log_detail(a).await), by_other(log_detail(b).await)) {
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn brokers_sharing_a_redis_outbox_deliver_it_once_in_order_and_hand_over_on_stop() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let (url, prefix) = (shared().url(), unique_prefix("shared-outbox"));
+    let redis = Some((url.as_str(), prefix.as_str()));
+    let a = Broker::start_on(api, 100, redis).await;
+    let b = Broker::start_on(api, 100, redis).await;
+
+    // A ban through one broker, its revocation through the other, then a new ban of
+    // the same address through the first: the log must get them in that order, or the
+    // revocation would also mark the new ban.
+    let first = ban("192.0.2.10");
+    let again = ban("192.0.2.10");
+    a.client.publish(vec![first.clone()]).await.unwrap();
+    b.client
+        .revoke(&RevokeRequest {
+            id: None,
+            entity: Some(first.entity.clone()),
+        })
+        .await
+        .unwrap();
+    a.client.publish(vec![again.clone()]).await.unwrap();
+    eventually("the three writes in the log", || async {
+        logged_in_force(api).await == sorted(&[&again]) && !logged(api, &first).await.is_null()
+    })
+    .await;
+    assert_eq!(logged(api, &first).await["revoked_by"], "mitigation-broker");
+    let sent = a.metric("esper_persistence_sent_total").await
+        + b.metric("esper_persistence_sent_total").await;
+    assert_eq!(sent, 3.0, "each write delivered once, by one broker");
+
+    // One delivers, the other stands by; stopping the one that delivers hands over at
+    // once (well before its lease would run out).
+    eventually("one broker to stand by", || async {
+        standing_by(&a, &b).await.is_some()
+    })
+    .await;
+    let (stays, goes) = if standing_by(&a, &b).await == Some(true) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    goes.stop().await;
+    let later = ban("192.0.2.11");
+    stays.client.publish(vec![later.clone()]).await.unwrap();
+    eventually("the remaining broker to deliver", || async {
+        logged_in_force(api).await == sorted(&[&again, &later])
+    })
+    .await;
+    stays.stop().await;
     control.stop().await;
 }

@@ -7,6 +7,8 @@ mod memory;
 mod redis;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use esper_protocol::{DeltaPage, EntityKey, Mitigation};
 use tokio::sync::watch;
@@ -104,4 +106,103 @@ pub trait MitigationStore: Send + Sync + 'static {
 
     /// Active mitigations by action name (`block`, `throttle`, `tarpit`, `log`).
     async fn counts(&self) -> Result<BTreeMap<&'static str, u64>, StoreError>;
+
+    /// The store's own outbox for the decision log, when it keeps one as durable as
+    /// itself (Redis); `None` leaves the outbox to the broker's memory.
+    fn journal(self: Arc<Self>) -> Option<Arc<dyn Journal>> {
+        None
+    }
+}
+
+/// A write to the store, for [`Journal::write`].
+#[derive(Clone, Copy, Debug)]
+pub enum Write<'a> {
+    Publish(&'a [Mitigation]),
+    RevokeId(&'a str),
+    RevokeEntity(&'a EntityKey),
+    Clear,
+}
+
+/// Applies `write` to `store`: what it changed (accepted or revoked mitigations), and a
+/// publish's stream position.
+pub async fn apply(
+    store: &dyn MitigationStore,
+    write: Write<'_>,
+) -> Result<(usize, Option<String>), StoreError> {
+    Ok(match write {
+        Write::Publish(ms) => {
+            let p = store.publish(ms.to_vec()).await?;
+            (p.accepted, Some(p.cursor))
+        }
+        Write::RevokeId(id) => (store.revoke_id(id).await?, None),
+        Write::RevokeEntity(entity) => (store.revoke_entity(entity).await?, None),
+        Write::Clear => (store.clear().await?, None),
+    })
+}
+
+/// What a write appends to the outbox, in the same atomic step.
+#[derive(Clone, Debug)]
+pub struct LogAppend {
+    /// Encoded entries, in order (opaque to the store).
+    pub entries: Vec<String>,
+    /// Most entries the outbox holds.
+    pub capacity: usize,
+    /// Past `capacity`, drop the oldest entries (else refuse the whole write).
+    pub drop_oldest: bool,
+}
+
+/// The outcome of a journaled write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Logged {
+    /// The write took effect and its entries are in the outbox.
+    Done {
+        /// What the write changed: accepted mitigations, or revoked ones.
+        changed: usize,
+        /// A publish's stream position after it.
+        cursor: Option<String>,
+        /// Oldest entries dropped to make room.
+        dropped: usize,
+        /// Entries in the outbox after the write.
+        pending: usize,
+    },
+    /// Nothing was changed: the outbox could not take the entries.
+    Full,
+}
+
+/// What [`Journal::claim`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Another instance delivers the outbox (its owner name).
+    Held { by: String, pending: usize },
+    /// This owner holds the delivery lease: the oldest entries with their numbers.
+    Mine {
+        pending: usize,
+        entries: Vec<(u64, String)>,
+    },
+}
+
+/// An outbox for the decision log kept in the store itself, appended in the same atomic
+/// step as the write it records (so a crash loses neither or both), shared by every
+/// broker instance over the store. One instance at a time delivers it, in order, under
+/// a lease it renews as it goes; another takes over when the lease runs out.
+#[async_trait::async_trait]
+pub trait Journal: Send + Sync + 'static {
+    /// Applies `write` and appends `log`, or neither.
+    async fn write(&self, write: Write<'_>, log: &LogAppend) -> Result<Logged, StoreError>;
+
+    /// Takes or renews the delivery lease for `owner` and reads up to `limit` of the
+    /// oldest entries.
+    async fn claim(&self, owner: &str, lease: Duration, limit: usize) -> Result<Claim, StoreError>;
+
+    /// Removes the entries numbered up to `upto` (delivered) and renews the lease;
+    /// returns whether `owner` still held it, and the entries left.
+    async fn ack(
+        &self,
+        owner: &str,
+        upto: u64,
+        lease: Duration,
+    ) -> Result<(bool, usize), StoreError>;
+
+    /// Gives up the lease (another instance may deliver at once).
+    async fn release(&self, owner: &str) -> Result<(), StoreError>;
 }

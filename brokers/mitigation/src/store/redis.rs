@@ -10,6 +10,10 @@
 //! stream and no more than `retention` changes old; else its holder gets a snapshot.
 //! `clear` sets a new random generation, so every earlier cursor turns stale. Each
 //! operation is one Lua script, atomic across instances.
+//!
+//! With persistence, the decision log's outbox is a list beside them: each write appends
+//! its numbered entries in the same script ([`Journal`]), and the instance holding the
+//! delivery lease (a key with an expiry) reads the oldest and removes what it delivered.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -23,7 +27,10 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::watch;
 
-use super::{ActivePage, Cursor, MitigationStore, Published, StoreError};
+use super::{
+    ActivePage, Claim, Cursor, Journal, LogAppend, Logged, MitigationStore, Published, StoreError,
+    Write,
+};
 
 /// How often an instance looks for changes written through other instances, to wake
 /// its stream long-polls (changes through this instance wake them at once).
@@ -34,8 +41,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Declarations every script starts with. ARGV[1] is a fresh generation (used only
 /// when none exists yet), ARGV[2] the change retention, ARGV[3] now in milliseconds.
 const PRELUDE: &str = r#"
-local M, EXP, ENT, ACT, CH, GEN, SEQ, EIDX, IDS =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local M, EXP, ENT, ACT, CH, GEN, SEQ, EIDX, IDS, OUT, OSEQ, LEASE =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
+  KEYS[10], KEYS[11], KEYS[12]
 local retention, now = tonumber(ARGV[2]), tonumber(ARGV[3])
 local function origin(g)
   redis.call('SET', GEN, g)
@@ -81,13 +89,39 @@ local function remove(id)
   redis.call('ZREM', EXP, id)
   return exp
 end
+-- Write scripts: ARGV[4] the outbox mode ('' none, 'reject' or 'drop' when full),
+-- ARGV[5] its capacity, ARGV[6] the count n of entries, ARGV[7 .. 6+n] the entries; the
+-- write's own arguments start at ARGV[7+n] (the second value returned).
+local function outbox()
+  local n = tonumber(ARGV[6])
+  return {mode = ARGV[4], cap = tonumber(ARGV[5]), first = 7, last = 6 + n}, 7 + n
+end
+local function full(log)
+  return log.mode == 'reject' and redis.call('LLEN', OUT) + (log.last - log.first + 1) > log.cap
+end
+-- Appends the entries, numbered; returns how many of the oldest were dropped for room,
+-- and the outbox's length.
+local function journal(log)
+  if log.mode == '' then return 0, 0 end
+  for i = log.first, log.last do
+    redis.call('RPUSH', OUT, redis.call('INCR', OSEQ) .. ' ' .. ARGV[i])
+  end
+  local dropped = 0
+  if log.mode == 'drop' then
+    dropped = math.max(0, redis.call('LLEN', OUT) - log.cap)
+    if dropped > 0 then redis.call('LTRIM', OUT, dropped, -1) end
+  end
+  return dropped, redis.call('LLEN', OUT)
+end
 "#;
 
-/// ARGV[4..]: groups of id, JSON, entity, expiry ms, active flag, action name.
+/// The write's arguments: groups of id, JSON, entity, expiry ms, active flag, action name.
 const PUBLISH: &str = r#"
+local log, at = outbox()
+if full(log) then return {'full'} end
 local g = ensure()
 local accepted = 0
-for i = 4, #ARGV, 6 do
+for i = at, #ARGV, 6 do
   local id, json, ent, exp, active, act = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]
   if active == '0' then
     if remove(id) then
@@ -108,7 +142,9 @@ for i = 4, #ARGV, 6 do
     end
   end
 end
-return {tostring(accepted), g .. '-' .. head_id(), state(g)}
+local dropped, pending = journal(log)
+return {'ok', tostring(accepted), g .. '-' .. head_id(), state(g), tostring(dropped),
+  tostring(pending)}
 "#;
 
 const ACTIVE: &str = r#"
@@ -134,11 +170,17 @@ end
 return out
 "#;
 
-/// ARGV[4] = 'id' or 'entity', ARGV[5] the id or entity key.
+/// The write's arguments: 'id' or 'entity', then the id or entity key.
 const REVOKE: &str = r#"
+local log, at = outbox()
+if full(log) then return {'full'} end
 local g = ensure()
 local ids
-if ARGV[4] == 'id' then ids = {ARGV[5]} else ids = redis.call('SMEMBERS', EIDX .. ARGV[5]) end
+if ARGV[at] == 'id' then
+  ids = {ARGV[at + 1]}
+else
+  ids = redis.call('SMEMBERS', EIDX .. ARGV[at + 1])
+end
 local revoked = 0
 for _, id in ipairs(ids) do
   local exp = remove(id)
@@ -147,16 +189,57 @@ for _, id in ipairs(ids) do
     revoked = revoked + 1
   end
 end
-return {tostring(revoked), state(g)}
+local dropped, pending = journal(log)
+return {'ok', tostring(revoked), state(g), tostring(dropped), tostring(pending)}
 "#;
 
 const CLEAR: &str = r#"
+local log = outbox()
+if full(log) then return {'full'} end
 ensure()
 local active = redis.call('ZCOUNT', EXP, '(' .. now, '+inf')
 for _, ent in ipairs(redis.call('HVALS', ENT)) do redis.call('DEL', EIDX .. ent) end
 redis.call('DEL', M, EXP, ENT, ACT, IDS)
 local g = origin(ARGV[1])
-return {tostring(active), state(g)}
+local dropped, pending = journal(log)
+return {'ok', tostring(active), state(g), tostring(dropped), tostring(pending)}
+"#;
+
+/// ARGV[4] the owner, ARGV[5] the lease in ms, ARGV[6] most entries to read.
+const CLAIM: &str = r#"
+local owner = ARGV[4]
+local holder = redis.call('GET', LEASE)
+local pending = tostring(redis.call('LLEN', OUT))
+if holder and holder ~= owner then return {'held', holder, pending} end
+redis.call('SET', LEASE, owner, 'PX', ARGV[5])
+local out = {'mine', owner, pending}
+for _, e in ipairs(redis.call('LRANGE', OUT, 0, tonumber(ARGV[6]) - 1)) do
+  out[#out + 1] = e
+end
+return out
+"#;
+
+/// ARGV[4] the owner, ARGV[5] the last number delivered, ARGV[6] the lease in ms.
+/// Removes by number, not by count: entries dropped for room meanwhile are not counted
+/// twice.
+const ACK: &str = r#"
+local upto = tonumber(ARGV[5])
+while true do
+  local e = redis.call('LINDEX', OUT, 0)
+  if not e then break end
+  local n = tonumber(string.match(e, '^(%d+) '))
+  if n and n > upto then break end
+  redis.call('LPOP', OUT)
+end
+local mine = redis.call('GET', LEASE) == ARGV[4]
+if mine then redis.call('PEXPIRE', LEASE, ARGV[6]) end
+return {mine and '1' or '0', tostring(redis.call('LLEN', OUT))}
+"#;
+
+/// ARGV[4] the owner.
+const RELEASE: &str = r#"
+if redis.call('GET', LEASE) == ARGV[4] then redis.call('DEL', LEASE) end
+return 1
 "#;
 
 /// ARGV[4] the cursor's generation, ARGV[5] its stream id ('' when unusable),
@@ -267,6 +350,9 @@ struct Scripts {
     changes: Script,
     sweep: Script,
     counts: Script,
+    claim: Script,
+    ack: Script,
+    release: Script,
 }
 
 impl Scripts {
@@ -281,6 +367,9 @@ impl Scripts {
             changes: s(CHANGES),
             sweep: s(SWEEP),
             counts: s(COUNTS),
+            claim: s(CLAIM),
+            ack: s(ACK),
+            release: s(RELEASE),
         }
     }
 }
@@ -294,7 +383,7 @@ struct Seen {
 
 struct Shared {
     conn: ConnectionManager,
-    keys: [String; 9],
+    keys: [String; 12],
     retention: usize,
     scripts: Scripts,
     seen: Mutex<Seen>,
@@ -316,6 +405,11 @@ fn garbled(what: &str) -> StoreError {
 
 fn decode(json: &str) -> Result<Mitigation, StoreError> {
     serde_json::from_str(json).map_err(|e| garbled(&format!("a stored mitigation: {e}")))
+}
+
+fn count(part: Option<String>, what: &str) -> Result<usize, StoreError> {
+    part.and_then(|n| n.parse().ok())
+        .ok_or_else(|| garbled(what))
 }
 
 fn millis(t: chrono::DateTime<Utc>) -> i64 {
@@ -459,6 +553,9 @@ impl RedisMitigations {
                 key("seq"),
                 key("entity:"),
                 key("ids"),
+                key("outbox"),
+                key("outbox_seq"),
+                key("outbox_lease"),
             ],
             retention: retention.max(1),
             scripts: Scripts::new(),
@@ -541,10 +638,151 @@ impl RedisMitigations {
         })
     }
 
-    async fn counted_write(&self, script: &Script, extra: &[String]) -> Result<usize, StoreError> {
-        let (n, state): (String, String) = self.shared.run(script, extra).await?;
+    /// Applies `write`, appending `log`'s entries to the outbox in the same script.
+    async fn apply(&self, write: Write<'_>, log: Option<&LogAppend>) -> Result<Logged, StoreError> {
+        let mut args = match log {
+            None => vec![String::new(), "0".into(), "0".into()],
+            Some(log) => {
+                let mode = if log.drop_oldest { "drop" } else { "reject" };
+                let mut args = vec![
+                    mode.into(),
+                    log.capacity.to_string(),
+                    log.entries.len().to_string(),
+                ];
+                args.extend(log.entries.iter().cloned());
+                args
+            }
+        };
+        let scripts = &self.shared.scripts;
+        let script = match write {
+            Write::Publish(mitigations) => {
+                let now = Utc::now();
+                args.reserve(mitigations.len() * 6);
+                for m in mitigations {
+                    let json = serde_json::to_string(m)
+                        .map_err(|e| garbled(&format!("cannot encode a mitigation: {e}")))?;
+                    args.push(m.id.clone());
+                    args.push(json);
+                    args.push(m.entity.to_string());
+                    args.push(millis(m.expires_at).to_string());
+                    args.push(if m.is_active(now) { "1" } else { "0" }.to_string());
+                    args.push(m.action.name().to_string());
+                }
+                &scripts.publish
+            }
+            Write::RevokeId(id) => {
+                args.extend(["id".into(), id.into()]);
+                &scripts.revoke
+            }
+            Write::RevokeEntity(entity) => {
+                args.extend(["entity".into(), entity.to_string()]);
+                &scripts.revoke
+            }
+            Write::Clear => &scripts.clear,
+        };
+        let raw: Vec<String> = self.shared.run(script, &args).await?;
+        let mut parts = raw.into_iter();
+        match parts.next().as_deref() {
+            Some("ok") => {}
+            Some("full") => return Ok(Logged::Full),
+            _ => return Err(garbled("a write's outcome")),
+        }
+        let changed = count(parts.next(), "a count")?;
+        let cursor = match write {
+            Write::Publish(_) => Some(parts.next().ok_or_else(|| garbled("a cursor"))?),
+            _ => None,
+        };
+        let state = parts.next().ok_or_else(|| garbled("the store's state"))?;
         self.shared.report(state);
-        n.parse().map_err(|_| garbled("a count"))
+        Ok(Logged::Done {
+            changed,
+            cursor,
+            dropped: count(parts.next(), "a count of dropped entries")?,
+            pending: count(parts.next(), "the outbox's length")?,
+        })
+    }
+
+    /// A write without an outbox entry: how many it changed, and a publish's cursor.
+    async fn unlogged(&self, write: Write<'_>) -> Result<(usize, Option<String>), StoreError> {
+        match self.apply(write, None).await? {
+            Logged::Done {
+                changed, cursor, ..
+            } => Ok((changed, cursor)),
+            Logged::Full => Err(garbled("a full outbox for a write without entries")),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Journal for RedisMitigations {
+    async fn write(&self, write: Write<'_>, log: &LogAppend) -> Result<Logged, StoreError> {
+        self.apply(write, Some(log)).await
+    }
+
+    async fn claim(&self, owner: &str, lease: Duration, limit: usize) -> Result<Claim, StoreError> {
+        let raw: Vec<String> = self
+            .shared
+            .run(
+                &self.shared.scripts.claim,
+                &[
+                    owner.into(),
+                    lease.as_millis().max(1).to_string(),
+                    limit.max(1).to_string(),
+                ],
+            )
+            .await?;
+        let mut parts = raw.into_iter();
+        let (Some(kind), Some(holder), Some(pending)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(garbled("a claim on the outbox"));
+        };
+        let pending = count(Some(pending), "the outbox's length")?;
+        if kind == "held" {
+            return Ok(Claim::Held {
+                by: holder,
+                pending,
+            });
+        }
+        let mut entries = Vec::new();
+        for e in parts {
+            match e
+                .split_once(' ')
+                .and_then(|(n, body)| Some((n.parse().ok()?, body)))
+            {
+                Some((n, body)) => entries.push((n, body.to_string())),
+                None => return Err(garbled("an outbox entry without its number")),
+            }
+        }
+        Ok(Claim::Mine { pending, entries })
+    }
+
+    async fn ack(
+        &self,
+        owner: &str,
+        upto: u64,
+        lease: Duration,
+    ) -> Result<(bool, usize), StoreError> {
+        let (mine, pending): (String, String) = self
+            .shared
+            .run(
+                &self.shared.scripts.ack,
+                &[
+                    owner.into(),
+                    upto.to_string(),
+                    lease.as_millis().max(1).to_string(),
+                ],
+            )
+            .await?;
+        let pending = count(Some(pending), "the outbox's length")?;
+        Ok((mine == "1", pending))
+    }
+
+    async fn release(&self, owner: &str) -> Result<(), StoreError> {
+        let _: i64 = self
+            .shared
+            .run(&self.shared.scripts.release, &[owner.into()])
+            .await?;
+        Ok(())
     }
 }
 
@@ -564,24 +802,10 @@ impl MitigationStore for RedisMitigations {
     }
 
     async fn publish(&self, mitigations: Vec<Mitigation>) -> Result<Published, StoreError> {
-        let now = Utc::now();
-        let mut args = Vec::with_capacity(mitigations.len() * 6);
-        for m in &mitigations {
-            let json = serde_json::to_string(m)
-                .map_err(|e| garbled(&format!("cannot encode a mitigation: {e}")))?;
-            args.push(m.id.clone());
-            args.push(json);
-            args.push(m.entity.to_string());
-            args.push(millis(m.expires_at).to_string());
-            args.push(if m.is_active(now) { "1" } else { "0" }.to_string());
-            args.push(m.action.name().to_string());
-        }
-        let (accepted, cursor, state): (String, String, String) =
-            self.shared.run(&self.shared.scripts.publish, &args).await?;
-        self.shared.report(state);
+        let (accepted, cursor) = self.unlogged(Write::Publish(&mitigations)).await?;
         Ok(Published {
-            accepted: accepted.parse().map_err(|_| garbled("a count"))?,
-            cursor,
+            accepted,
+            cursor: cursor.unwrap_or_default(),
         })
     }
 
@@ -614,20 +838,15 @@ impl MitigationStore for RedisMitigations {
     }
 
     async fn revoke_id(&self, id: &str) -> Result<usize, StoreError> {
-        self.counted_write(&self.shared.scripts.revoke, &["id".into(), id.into()])
-            .await
+        Ok(self.unlogged(Write::RevokeId(id)).await?.0)
     }
 
     async fn revoke_entity(&self, entity: &EntityKey) -> Result<usize, StoreError> {
-        self.counted_write(
-            &self.shared.scripts.revoke,
-            &["entity".into(), entity.to_string()],
-        )
-        .await
+        Ok(self.unlogged(Write::RevokeEntity(entity)).await?.0)
     }
 
     async fn clear(&self) -> Result<usize, StoreError> {
-        self.counted_write(&self.shared.scripts.clear, &[]).await
+        Ok(self.unlogged(Write::Clear).await?.0)
     }
 
     async fn changes(&self, cursor: Option<&str>, limit: usize) -> Result<DeltaPage, StoreError> {
@@ -664,6 +883,10 @@ impl MitigationStore for RedisMitigations {
             }
         }
         Ok(counts)
+    }
+
+    fn journal(self: Arc<Self>) -> Option<Arc<dyn Journal>> {
+        Some(self)
     }
 }
 

@@ -2,9 +2,12 @@
 //! complete in-process stack (real ingestion and mitigation brokers, a control plane on
 //! a SQLite file) on loopback ephemeral ports.
 
-#![allow(dead_code)]
+// `duplicate_mod`: the Redis and PostgreSQL helpers both load `ports.rs`.
+#![allow(dead_code, clippy::duplicate_mod)]
 
 pub mod postgres;
+#[path = "../../../../brokers/testing/redis_server.rs"]
+pub mod redis_server;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
