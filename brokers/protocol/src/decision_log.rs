@@ -30,7 +30,8 @@ pub struct DecisionRevoke {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub all: bool,
     /// When the revocation happened (it may reach the log later); only decisions still
-    /// in force at that time are marked.
+    /// in force at that time are marked, and for `entity` or `all` only those made by
+    /// then.
     pub revoked_at: DateTime<Utc>,
     /// Who revoked, e.g. `mitigation-broker`.
     pub revoked_by: String,

@@ -222,7 +222,8 @@ pub trait ControlStore: Send + Sync {
         limit: usize,
     ) -> Result<RevokedDecisions, StoreError>;
 
-    /// Marks logged decisions as revoked; returns how many were marked.
+    /// Marks logged decisions in force at `at` as revoked (by entity or all: only those
+    /// decided by `at`); returns how many were marked.
     async fn mark_revoked(
         &self,
         target: &RevokeTarget,

@@ -703,6 +703,13 @@ where
             // `$3 = $3` keeps one statement shape for every target.
             RevokeTarget::All => ("$3", String::new()),
         };
+        // An entity's or everything's revocation may reach the log after decisions made
+        // since (a broker's outbox delivering late, or again after a crash): it marks only
+        // what was decided by then. An id names one decision, whatever the clocks say.
+        let decided_by_then = match target {
+            RevokeTarget::Id(_) => "",
+            RevokeTarget::Entity(_) | RevokeTarget::All => " AND decided_at <= $1",
+        };
         // Writers take turns (`begin_write`), so revocation numbers commit in order.
         let mut tx = self.begin_write().await?;
         let seq: i64 = sqlx::query(
@@ -714,7 +721,8 @@ where
         // Only decisions that were in force can be revoked.
         let sql = format!(
             "UPDATE decisions SET revoked_at = $1, revoked_by = $2, revoked_seq = $4 \
-             WHERE {col} = $3 AND revoked_at IS NULL AND mode = 'enforce' AND expires_at > $1"
+             WHERE {col} = $3 AND revoked_at IS NULL AND mode = 'enforce' AND expires_at > $1\
+             {decided_by_then}"
         );
         let result = sqlx::query(&sql)
             .bind(ts(at))

@@ -59,6 +59,7 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     decision_log_is_idempotent_and_filtered(&*store).await;
     decisions_in_force_page_and_broker_copies_upgrade(&*store).await;
     policy_revocations_page_in_the_order_revoked(&*store).await;
+    a_late_revocation_leaves_decisions_made_since_alone(&*store).await;
     tokens_are_found_by_hash(&*store).await;
     proxy_config_revisions_grow_on_change(&*store).await;
     secrets_are_made_once(&*store).await;
@@ -367,6 +368,51 @@ async fn policy_revocations_page_in_the_order_revoked(store: &dyn ControlStore) 
         .expect("after the end");
     assert!(rest.revocations.is_empty(), "{rest:?}");
     assert_eq!(rest.next, end, "nothing new: the mark stays");
+}
+
+async fn a_late_revocation_leaves_decisions_made_since_alone(store: &dyn ControlStore) {
+    let entity = "ip:203.0.113.50";
+    let batch = vec![
+        decision("late-old", entity, DecisionMode::Enforce, 30),
+        decision("late-new", entity, DecisionMode::Enforce, 5),
+        decision("late-other", "ip:203.0.113.51", DecisionMode::Enforce, 5),
+    ];
+    assert_eq!(store.record_decisions(&batch).await.expect("record"), 3);
+    // Revocations dated between the two decisions, arriving after both.
+    let at = Utc::now() - chrono::Duration::seconds(20);
+    let by_entity = RevokeTarget::Entity(entity.parse().expect("key"));
+    let n = store
+        .mark_revoked(&by_entity, "suite", at)
+        .await
+        .expect("revoke entity");
+    assert_eq!(n, 1, "only the decision made by then");
+    let n = store
+        .mark_revoked(&RevokeTarget::All, "suite", at)
+        .await
+        .expect("revoke all");
+    assert_eq!(n, 0, "both other decisions were made later");
+    // An id names its decision whatever the times say.
+    let n = store
+        .mark_revoked(&RevokeTarget::Id("late-new".into()), "suite", at)
+        .await
+        .expect("revoke id");
+    assert_eq!(n, 1);
+    let revoked = |id: &'static str| async move {
+        store
+            .query_decisions(&DecisionQuery {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("query")
+            .into_iter()
+            .find(|d| d.decision.id == id)
+            .expect("logged")
+            .revoked_at
+            .is_some()
+    };
+    assert!(revoked("late-old").await && revoked("late-new").await);
+    assert!(!revoked("late-other").await);
 }
 
 async fn tokens_are_found_by_hash(store: &dyn ControlStore) {
