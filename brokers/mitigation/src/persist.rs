@@ -44,9 +44,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the outbox to drain.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 /// How long a delivery lease on a shared outbox lasts unless renewed: how soon another
-/// instance takes over from one that died. Renewed at every delivery, so it only has to
-/// outlast one call to the control plane (10 s at most).
-const LEASE: Duration = Duration::from_secs(15);
+/// instance takes over from one that died. Renewed at every delivery, it outlasts one
+/// call to the control plane (10 s at most) with room to spare, so a holder never sends
+/// after another has taken over.
+const LEASE: Duration = Duration::from_secs(30);
 /// How often an instance looks at a shared outbox that other instances also append to.
 const SHARED_POLL: Duration = Duration::from_secs(1);
 
@@ -132,8 +133,11 @@ struct State {
     restore: Restore,
     /// Writes made while the restore is pending.
     touched: Touched,
-    /// The last delivery or restore error, cleared by the next success.
+    /// The last delivery error, cleared by the next success (or once another instance
+    /// delivers).
     last_error: Option<String>,
+    /// The last restore error, cleared when the restore is done.
+    restore_error: Option<String>,
 }
 
 /// Held by an API write from before its store change until it is queued: a restore
@@ -174,6 +178,7 @@ impl Persistence {
                 restore: Restore::NotNeeded,
                 touched: Touched::default(),
                 last_error: None,
+                restore_error: None,
             }),
             journal,
             owner: format!("{}-{}", std::process::id(), Cursor::new_generation()),
@@ -228,6 +233,9 @@ impl Persistence {
             capacity: self.capacity,
             drop_oldest: self.when_full == WhenFull::DropOldest,
         };
+        // Noted first: a write whose answer is lost (a Redis timeout) may have happened,
+        // and a note only keeps a restore away from what it names.
+        self.note(write);
         match journal.write(write, &log).await? {
             Logged::Full => {
                 self.metrics.persistence_rejected.inc();
@@ -239,7 +247,6 @@ impl Persistence {
                 dropped,
                 pending,
             } => {
-                self.note(write);
                 if dropped > 0 {
                     self.dropped_for_room(dropped);
                 }
@@ -352,19 +359,28 @@ impl Persistence {
             Restore::Done(n) => format!("{n} mitigations restored"),
         };
         let kept = match (&self.journal, &st.delivered_by) {
-            (None, _) => "",
-            (Some(_), None) => " in the store's outbox",
-            (Some(_), Some(_)) => " in the store's outbox (delivered by another instance)",
+            (None, _) => String::new(),
+            (Some(_), None) => format!(" in the store's outbox (delivered by {})", self.owner),
+            (Some(_), Some(by)) => {
+                format!(" in the store's outbox (delivered by another instance, {by})")
+            }
         };
         let mut detail = format!(
             "{pending} entries waiting{kept} for {}; {restore}",
             self.client.url()
         );
-        if let Some(e) = &st.last_error {
+        let full = pending >= self.capacity;
+        if full {
+            detail.push_str("; the outbox is full");
+        }
+        for e in [&st.last_error, &st.restore_error].into_iter().flatten() {
             detail.push_str("; last error: ");
             detail.push_str(e);
         }
-        let healthy = st.last_error.is_none() && st.restore != Restore::Pending;
+        let healthy = st.last_error.is_none()
+            && st.restore_error.is_none()
+            && st.restore != Restore::Pending
+            && !full;
         ComponentHealth::new("decision_log", healthy, false, detail)
     }
 
@@ -419,8 +435,19 @@ impl Persistence {
                 self.succeeded();
                 Sent::Done
             }
-            Err(e) if e.is_transient() => {
-                self.failed("cannot reach the decision log", &e);
+            // Refused for this broker's own setup (its token, its URL), not for what it
+            // sends: kept for when that is fixed, or for an instance set up right.
+            Err(e)
+                if e.is_transient()
+                    || matches!(
+                        e,
+                        ClientError::Api {
+                            status: 401 | 403 | 404,
+                            ..
+                        }
+                    ) =>
+            {
+                self.failed("cannot deliver to the decision log", &e);
                 Sent::Retry
             }
             Err(e) => {
@@ -483,7 +510,7 @@ impl Persistence {
                 Ok(Claim::Held { by, pending }) => {
                     // Another instance's deliveries are its own to report.
                     self.seen_shared(pending, Some(by));
-                    self.succeeded();
+                    self.state.lock().last_error = None;
                     return Flushed::Standby(pending);
                 }
                 Ok(Claim::Mine { pending, entries }) => {
@@ -505,6 +532,11 @@ impl Persistence {
                 if let Some(d) = &delivery
                     && let Sent::Retry = self.send(d).await
                 {
+                    // Another instance may fare better (its own network path, its own
+                    // token); the entries stay first in line for whoever claims next.
+                    if let Err(e) = journal.release(&self.owner).await {
+                        tracing::debug!(error = %e, "cannot give up the outbox's lease");
+                    }
                     return Flushed::Failed;
                 }
                 match journal.ack(&self.owner, upto, LEASE).await {
@@ -513,7 +545,7 @@ impl Persistence {
                         tracing::warn!(
                             "lost the outbox's delivery lease; another instance goes on"
                         );
-                        self.seen_shared(pending, None);
+                        self.seen_shared(pending, Some("unknown".into()));
                         return Flushed::Standby(pending);
                     }
                     Err(e) => {
@@ -626,8 +658,8 @@ fn entries_of(write: Write<'_>) -> Vec<Entry> {
 
 /// Groups numbered entries of the store's outbox into deliveries, each with the number
 /// of its last entry: runs of decisions, single revocations. An unreadable entry (none
-/// is ever written) is counted and passed over; when nothing follows it, it comes out as
-/// a `None` delivery so it is still removed.
+/// is ever written) is counted and comes out as a `None` delivery: nothing to send, but
+/// removed all the same.
 fn deliveries(entries: Vec<(u64, String)>, metrics: &Metrics) -> Vec<(u64, Option<Delivery>)> {
     let mut out: Vec<(u64, Option<Delivery>)> = Vec::new();
     for (n, body) in entries {
@@ -681,8 +713,8 @@ pub async fn run(
                     let mut st = p.state.lock();
                     st.restore = Restore::Done(n);
                     st.touched = Touched::default();
+                    st.restore_error = None;
                     drop(st);
-                    p.succeeded();
                     tracing::info!(
                         restored = n,
                         "mitigations in force restored from the decision log"
@@ -692,10 +724,10 @@ pub async fn run(
                     ok = false;
                     p.metrics.persistence_errors.inc();
                     let mut st = p.state.lock();
-                    if st.last_error.is_none() {
+                    if st.restore_error.is_none() {
                         tracing::warn!(error = %e, "cannot restore from the decision log yet; will retry");
                     }
-                    st.last_error = Some(e);
+                    st.restore_error = Some(e);
                 }
             }
         }

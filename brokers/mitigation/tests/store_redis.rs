@@ -444,13 +444,14 @@ async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_l
         Claim::Mine { .. }
     ));
     // A lease that runs out passes to the next owner; the old holder learns it on its
-    // ack, which still removes what it delivered.
+    // ack, which removes nothing (the new holder delivers those entries again).
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert!(matches!(
         claimed(&*journal, "x", long).await,
         Claim::Mine { .. }
     ));
-    assert_eq!(journal.ack("y", 4, long).await.unwrap(), (false, 1));
+    assert_eq!(journal.ack("y", 4, long).await.unwrap(), (false, 2));
+    assert_eq!(journal.ack("x", 4, long).await.unwrap(), (true, 1));
 
     // A clear is journaled like any write.
     let done = journal
@@ -475,5 +476,90 @@ async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_l
             pending: 2,
             entries: numbered(&[(5, "e"), (6, "f")])
         }
+    );
+}
+
+#[tokio::test]
+async fn an_ack_after_redis_lost_its_data_removes_nothing_written_since() {
+    let prefix = unique_prefix("journal-lost");
+    let url = shared().url();
+    let store = Arc::new(
+        RedisMitigations::open(&url, &prefix, SUITE_RETENTION)
+            .await
+            .unwrap(),
+    );
+    let journal = store.clone().journal().unwrap();
+    let long = Duration::from_secs(60);
+    let entries = ["a", "b", "c", "d", "e"];
+    journal
+        .write(Write::Clear, &log(&entries, 100, false))
+        .await
+        .unwrap();
+    assert!(matches!(
+        claimed(&*journal, "x", long).await,
+        Claim::Mine { .. }
+    ));
+    // Redis loses the outbox, its numbering and the lease (a restart without
+    // persistence, a failover to a replica behind) while "x" delivers.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}}}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    journal
+        .write(Write::Clear, &log(&["f", "g"], 100, false))
+        .await
+        .unwrap();
+    // The late ack for "a".."e" must not take the new, undelivered entries.
+    assert_eq!(journal.ack("x", 5, long).await.unwrap(), (false, 2));
+    assert_eq!(
+        claimed(&*journal, "x", long).await,
+        Claim::Mine {
+            pending: 2,
+            entries: numbered(&[(1, "f"), (2, "g")])
+        }
+    );
+}
+
+#[tokio::test]
+async fn outbox_numbers_stay_whole_past_the_float_digits_of_lua() {
+    let prefix = unique_prefix("journal-big");
+    let url = shared().url();
+    let store = Arc::new(
+        RedisMitigations::open(&url, &prefix, SUITE_RETENTION)
+            .await
+            .unwrap(),
+    );
+    let journal = store.clone().journal().unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{{{prefix}}}:mit:outbox_seq"))
+        .arg(100_000_000_000_000_u64)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    journal
+        .write(Write::Clear, &log(&["a"], 10, false))
+        .await
+        .unwrap();
+    let long = Duration::from_secs(60);
+    assert_eq!(
+        claimed(&*journal, "x", long).await,
+        Claim::Mine {
+            pending: 1,
+            entries: numbered(&[(100_000_000_000_001, "a")])
+        }
+    );
+    assert_eq!(
+        journal.ack("x", 100_000_000_000_001, long).await.unwrap(),
+        (true, 0)
     );
 }

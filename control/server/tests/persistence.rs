@@ -62,16 +62,22 @@ struct Broker {
 impl Broker {
     /// Over a memory store (the outbox in memory).
     async fn start(control: SocketAddr, outbox: usize) -> Broker {
-        Broker::start_on(control, outbox, None).await
+        Broker::start_on(control, outbox, None, TOKEN).await
     }
 
-    /// Over the Redis store at `redis` = (URL, key prefix), which keeps the outbox.
-    async fn start_on(control: SocketAddr, outbox: usize, redis: Option<(&str, &str)>) -> Broker {
+    /// Over the Redis store at `redis` = (URL, key prefix), which keeps the outbox, with
+    /// `token` for the control plane.
+    async fn start_on(
+        control: SocketAddr,
+        outbox: usize,
+        redis: Option<(&str, &str)>,
+        token: &str,
+    ) -> Broker {
         let mut config = esper_mitigation::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             persistence_enabled: true,
             control_url: format!("http://{control}"),
-            control_token: Some(TOKEN.into()),
+            control_token: Some(token.into()),
             persistence_outbox: outbox,
             shutdown_timeout: Duration::from_secs(2),
             ..esper_mitigation::Config::default()
@@ -485,7 +491,7 @@ async fn the_outbox_in_redis_outlives_its_broker_and_is_delivered_by_the_next() 
     let (url, prefix) = (shared().url(), unique_prefix("outbox"));
     let redis = Some((url.as_str(), prefix.as_str()));
     // The control plane is down while the broker takes writes.
-    let a = Broker::start_on(api, 3, redis).await;
+    let a = Broker::start_on(api, 3, redis, TOKEN).await;
     let (m1, m2, m3) = (ban("192.0.2.1"), ban("192.0.2.2"), ban("192.0.2.3"));
     a.client
         .publish(vec![m1.clone(), m2.clone()])
@@ -516,7 +522,7 @@ async fn the_outbox_in_redis_outlives_its_broker_and_is_delivered_by_the_next() 
 
     // The next broker over the same Redis delivers what the first one left.
     let control = Control::start(&dir, api).await;
-    let b = Broker::start_on(api, 3, redis).await;
+    let b = Broker::start_on(api, 3, redis, TOKEN).await;
     eventually("the left outbox in the log", || async {
         logged_in_force(api).await == sorted(&[&m2])
     })
@@ -556,8 +562,8 @@ async fn brokers_sharing_a_redis_outbox_deliver_it_once_in_order_and_hand_over_o
     let control = Control::start(&dir, api).await;
     let (url, prefix) = (shared().url(), unique_prefix("shared-outbox"));
     let redis = Some((url.as_str(), prefix.as_str()));
-    let a = Broker::start_on(api, 100, redis).await;
-    let b = Broker::start_on(api, 100, redis).await;
+    let a = Broker::start_on(api, 100, redis, TOKEN).await;
+    let b = Broker::start_on(api, 100, redis, TOKEN).await;
 
     // A ban through one broker, its revocation through the other, then a new ban of
     // the same address through the first: the log must get them in that order, or the
@@ -601,5 +607,40 @@ async fn brokers_sharing_a_redis_outbox_deliver_it_once_in_order_and_hand_over_o
     })
     .await;
     stays.stop().await;
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn a_broker_that_cannot_deliver_leaves_the_shared_outbox_to_one_that_can() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let (url, prefix) = (shared().url(), unique_prefix("bad-token"));
+    let redis = Some((url.as_str(), prefix.as_str()));
+    // Its token is wrong: the control plane answers 401 to everything it sends.
+    let bad = Broker::start_on(api, 100, redis, "not-the-token").await;
+    let m = ban("192.0.2.20");
+    bad.client.publish(vec![m.clone()]).await.unwrap();
+    eventually("the refusal to show in health", || async {
+        log_detail(&bad).await.contains("401")
+    })
+    .await;
+    assert!(logged_in_force(api).await.is_empty());
+
+    // A broker set up right, over the same Redis, delivers what the other could not.
+    let good = Broker::start_on(api, 100, redis, TOKEN).await;
+    eventually("the write in the log", || async {
+        logged_in_force(api).await == sorted(&[&m])
+    })
+    .await;
+    let refused = "esper_persistence_dropped_total{reason=\"refused\"}";
+    assert_eq!(
+        bad.metric(refused).await,
+        0.0,
+        "nothing dropped for a bad token"
+    );
+    assert_eq!(good.metric(refused).await, 0.0);
+    bad.stop().await;
+    good.stop().await;
     control.stop().await;
 }

@@ -194,8 +194,9 @@ pub trait Journal: Send + Sync + 'static {
     /// oldest entries.
     async fn claim(&self, owner: &str, lease: Duration, limit: usize) -> Result<Claim, StoreError>;
 
-    /// Removes the entries numbered up to `upto` (delivered) and renews the lease;
-    /// returns whether `owner` still held it, and the entries left.
+    /// While `owner` holds the lease: removes the entries numbered up to `upto`
+    /// (delivered) and renews it. Returns whether `owner` held it (else nothing is
+    /// removed), and the entries left.
     async fn ack(
         &self,
         owner: &str,

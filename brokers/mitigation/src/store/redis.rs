@@ -104,7 +104,7 @@ end
 local function journal(log)
   if log.mode == '' then return 0, 0 end
   for i = log.first, log.last do
-    redis.call('RPUSH', OUT, redis.call('INCR', OSEQ) .. ' ' .. ARGV[i])
+    redis.call('RPUSH', OUT, string.format('%d', redis.call('INCR', OSEQ)) .. ' ' .. ARGV[i])
   end
   local dropped = 0
   if log.mode == 'drop' then
@@ -220,9 +220,14 @@ return out
 "#;
 
 /// ARGV[4] the owner, ARGV[5] the last number delivered, ARGV[6] the lease in ms.
-/// Removes by number, not by count: entries dropped for room meanwhile are not counted
-/// twice.
+/// Only the lease's holder removes anything (an owner whose lease ran out, or whose
+/// Redis lost its data meanwhile, must not remove entries it never read), and by
+/// number, not by count: entries dropped for room meanwhile are not counted twice.
 const ACK: &str = r#"
+if redis.call('GET', LEASE) ~= ARGV[4] then
+  return {'0', tostring(redis.call('LLEN', OUT))}
+end
+redis.call('PEXPIRE', LEASE, ARGV[6])
 local upto = tonumber(ARGV[5])
 while true do
   local e = redis.call('LINDEX', OUT, 0)
@@ -231,9 +236,7 @@ while true do
   if n and n > upto then break end
   redis.call('LPOP', OUT)
 end
-local mine = redis.call('GET', LEASE) == ARGV[4]
-if mine then redis.call('PEXPIRE', LEASE, ARGV[6]) end
-return {mine and '1' or '0', tostring(redis.call('LLEN', OUT))}
+return {'1', tostring(redis.call('LLEN', OUT))}
 "#;
 
 /// ARGV[4] the owner.

@@ -5,6 +5,8 @@
 // `duplicate_mod`: the Redis and PostgreSQL helpers both load `ports.rs`.
 #![allow(dead_code, clippy::duplicate_mod)]
 
+#[path = "../../../../brokers/testing/ports.rs"]
+mod ports;
 pub mod postgres;
 #[path = "../../../../brokers/testing/redis_server.rs"]
 pub mod redis_server;
@@ -52,10 +54,10 @@ async fn loopback() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
 
-/// An address nothing listens on (bound, then released).
+/// An address nothing listens on, below the ephemeral range so that no other test's
+/// `127.0.0.1:0` takes it before a test binds it (a control plane that comes back).
 pub async fn closed_addr() -> SocketAddr {
-    let l = loopback().await;
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], ports::free_port()))
 }
 
 /// A control-plane config for tests: the store in `dir`, brokers at the given URLs.
