@@ -330,6 +330,29 @@ async fn mitigations_stored_before_the_id_index_are_paged_too() {
     assert_eq!(got, all);
 }
 
+/// A Redis store under a prefix of its own, its outbox, the prefix, and a plain
+/// connection to the same Redis.
+async fn own_journal(
+    name: &str,
+) -> (
+    Arc<RedisMitigations>,
+    Arc<dyn Journal>,
+    String,
+    redis::aio::MultiplexedConnection,
+) {
+    let prefix = unique_prefix(name);
+    let url = shared().url();
+    let store = Arc::new(
+        RedisMitigations::open(&url, &prefix, SUITE_RETENTION)
+            .await
+            .unwrap(),
+    );
+    let journal = store.clone().journal().expect("Redis keeps the outbox");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    (store, journal, prefix, conn)
+}
+
 fn log(entries: &[&str], capacity: usize, drop_oldest: bool) -> LogAppend {
     LogAppend {
         entries: entries.iter().map(|e| e.to_string()).collect(),
@@ -348,13 +371,7 @@ fn numbered(entries: &[(u64, &str)]) -> Vec<(u64, String)> {
 
 #[tokio::test]
 async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_lease() {
-    let prefix = unique_prefix("journal");
-    let store = Arc::new(
-        RedisMitigations::open(&shared().url(), &prefix, SUITE_RETENTION)
-            .await
-            .unwrap(),
-    );
-    let journal = store.clone().journal().expect("Redis keeps the outbox");
+    let (store, journal, _, _) = own_journal("journal").await;
     let long = Duration::from_secs(60);
 
     // A write and its entries land together.
@@ -481,14 +498,7 @@ async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_l
 
 #[tokio::test]
 async fn an_ack_after_redis_lost_its_data_removes_nothing_written_since() {
-    let prefix = unique_prefix("journal-lost");
-    let url = shared().url();
-    let store = Arc::new(
-        RedisMitigations::open(&url, &prefix, SUITE_RETENTION)
-            .await
-            .unwrap(),
-    );
-    let journal = store.clone().journal().unwrap();
+    let (_store, journal, prefix, mut conn) = own_journal("journal-lost").await;
     let long = Duration::from_secs(60);
     let entries = ["a", "b", "c", "d", "e"];
     journal
@@ -501,8 +511,6 @@ async fn an_ack_after_redis_lost_its_data_removes_nothing_written_since() {
     ));
     // Redis loses the outbox, its numbering and the lease (a restart without
     // persistence, a failover to a replica behind) while "x" delivers.
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{{{prefix}}}:*"))
         .query_async(&mut conn)
@@ -530,16 +538,7 @@ async fn an_ack_after_redis_lost_its_data_removes_nothing_written_since() {
 
 #[tokio::test]
 async fn outbox_numbers_stay_whole_past_the_float_digits_of_lua() {
-    let prefix = unique_prefix("journal-big");
-    let url = shared().url();
-    let store = Arc::new(
-        RedisMitigations::open(&url, &prefix, SUITE_RETENTION)
-            .await
-            .unwrap(),
-    );
-    let journal = store.clone().journal().unwrap();
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (_store, journal, prefix, mut conn) = own_journal("journal-big").await;
     let _: () = redis::cmd("SET")
         .arg(format!("{{{prefix}}}:mit:outbox_seq"))
         .arg(100_000_000_000_000_u64)

@@ -164,6 +164,21 @@ async fn logged_in_force(api: SocketAddr) -> Vec<String> {
     ids
 }
 
+/// Three entries for the outbox: `m1` and `m2` published, then `m1` revoked.
+async fn publish_two_revoke_the_first(b: &Broker, m1: &Mitigation, m2: &Mitigation) {
+    b.client
+        .publish(vec![m1.clone(), m2.clone()])
+        .await
+        .unwrap();
+    b.client
+        .revoke(&RevokeRequest {
+            id: Some(m1.id.clone()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+}
+
 /// The decision log's record of `m`.
 async fn logged(api: SocketAddr, m: &Mitigation) -> Value {
     let (status, body) = call(
@@ -218,17 +233,7 @@ async fn the_durable_copy_survives_a_control_plane_outage_and_restores_a_fresh_b
         ban("192.0.2.3"),
         ban("192.0.2.4"),
     );
-    a.client
-        .publish(vec![m1.clone(), m2.clone()])
-        .await
-        .unwrap();
-    a.client
-        .revoke(&RevokeRequest {
-            id: Some(m1.id.clone()),
-            entity: None,
-        })
-        .await
-        .unwrap();
+    publish_two_revoke_the_first(&a, &m1, &m2).await;
     // Full: the write is refused before it changes anything, and counted.
     match a.client.publish(vec![m3.clone(), m4.clone()]).await {
         Err(ClientError::Backpressure { code, retry_after }) => {
@@ -493,17 +498,7 @@ async fn the_outbox_in_redis_outlives_its_broker_and_is_delivered_by_the_next() 
     // The control plane is down while the broker takes writes.
     let a = Broker::start_on(api, 3, redis, TOKEN).await;
     let (m1, m2, m3) = (ban("192.0.2.1"), ban("192.0.2.2"), ban("192.0.2.3"));
-    a.client
-        .publish(vec![m1.clone(), m2.clone()])
-        .await
-        .unwrap();
-    a.client
-        .revoke(&RevokeRequest {
-            id: Some(m1.id.clone()),
-            entity: None,
-        })
-        .await
-        .unwrap();
+    publish_two_revoke_the_first(&a, &m1, &m2).await;
     // Full: refused in the same step as the write, so nothing changed.
     match a.client.publish(vec![m3.clone()]).await {
         Err(ClientError::Backpressure { code, .. }) => assert_eq!(code, "persistence_backlog"),
