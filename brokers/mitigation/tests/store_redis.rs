@@ -365,8 +365,13 @@ async fn claimed(journal: &dyn Journal, owner: &str, lease: Duration) -> Claim {
     journal.claim(owner, lease, 100).await.unwrap()
 }
 
-fn numbered(entries: &[(u64, &str)]) -> Vec<(u64, String)> {
-    entries.iter().map(|(n, e)| (*n, e.to_string())).collect()
+/// Owner "x" claims the outbox and reads `entries`, with `pending` in all.
+async fn x_reads(journal: &dyn Journal, pending: usize, entries: &[(u64, &str)]) {
+    let entries = entries.iter().map(|(n, e)| (*n, e.to_string())).collect();
+    assert_eq!(
+        claimed(journal, "x", Duration::from_secs(60)).await,
+        Claim::Mine { pending, entries }
+    );
 }
 
 #[tokio::test]
@@ -406,13 +411,7 @@ async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_l
         .unwrap();
 
     // One owner at a time reads the oldest entries, numbered.
-    assert_eq!(
-        claimed(&*journal, "x", long).await,
-        Claim::Mine {
-            pending: 2,
-            entries: numbered(&[(1, "a"), (2, "b")])
-        }
-    );
+    x_reads(&*journal, 2, &[(1, "a"), (2, "b")]).await;
     assert_eq!(
         claimed(&*journal, "y", long).await,
         Claim::Held {
@@ -441,13 +440,7 @@ async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_l
         "{done:?}"
     );
     assert_eq!(journal.ack("x", 2, long).await.unwrap(), (true, 2));
-    assert_eq!(
-        claimed(&*journal, "x", long).await,
-        Claim::Mine {
-            pending: 2,
-            entries: numbered(&[(4, "d"), (5, "e")])
-        }
-    );
+    x_reads(&*journal, 2, &[(4, "d"), (5, "e")]).await;
 
     // Only the holder can give the lease up; then another owner takes over at once.
     journal.release("y").await.unwrap();
@@ -487,13 +480,7 @@ async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_l
         "{done:?}"
     );
     assert_eq!(store.active(None, 10).await.unwrap().total, 0);
-    assert_eq!(
-        claimed(&*journal, "x", long).await,
-        Claim::Mine {
-            pending: 2,
-            entries: numbered(&[(5, "e"), (6, "f")])
-        }
-    );
+    x_reads(&*journal, 2, &[(5, "e"), (6, "f")]).await;
 }
 
 #[tokio::test]
@@ -527,13 +514,7 @@ async fn an_ack_after_redis_lost_its_data_removes_nothing_written_since() {
         .unwrap();
     // The late ack for "a".."e" must not take the new, undelivered entries.
     assert_eq!(journal.ack("x", 5, long).await.unwrap(), (false, 2));
-    assert_eq!(
-        claimed(&*journal, "x", long).await,
-        Claim::Mine {
-            pending: 2,
-            entries: numbered(&[(1, "f"), (2, "g")])
-        }
-    );
+    x_reads(&*journal, 2, &[(1, "f"), (2, "g")]).await;
 }
 
 #[tokio::test]
@@ -550,13 +531,7 @@ async fn outbox_numbers_stay_whole_past_the_float_digits_of_lua() {
         .await
         .unwrap();
     let long = Duration::from_secs(60);
-    assert_eq!(
-        claimed(&*journal, "x", long).await,
-        Claim::Mine {
-            pending: 1,
-            entries: numbered(&[(100_000_000_000_001, "a")])
-        }
-    );
+    x_reads(&*journal, 1, &[(100_000_000_000_001, "a")]).await;
     assert_eq!(
         journal.ack("x", 100_000_000_000_001, long).await.unwrap(),
         (true, 0)
