@@ -18,7 +18,7 @@ use esper_control::{Listeners, Started};
 use esper_protocol::mitigation::RevokeRequest;
 use esper_protocol::{Action, ClientError, Mitigation, MitigationClient, Origin, Reason};
 use serde_json::Value;
-use support::redis_server::{shared, unique_prefix};
+use support::redis_server::{RedisServer, shared, unique_prefix};
 use support::{TOKEN, TempDir, call, closed_addr, eventually};
 use tokio::net::TcpListener;
 
@@ -637,5 +637,50 @@ async fn a_broker_that_cannot_deliver_leaves_the_shared_outbox_to_one_that_can()
     assert_eq!(good.metric(refused).await, 0.0);
     bad.stop().await;
     good.stop().await;
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn delivery_of_the_redis_outbox_recovers_after_redis_comes_back() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let b = Broker::start_on(api, 100, Some((url.as_str(), "comeback")), TOKEN).await;
+    let (m1, m2, m3) = (ban("192.0.2.31"), ban("192.0.2.32"), ban("192.0.2.33"));
+    b.client.publish(vec![m1.clone()]).await.unwrap();
+    eventually("the first write in the log", || async {
+        logged_in_force(api).await == sorted(&[&m1])
+    })
+    .await;
+
+    // Redis down: writes are refused whole (nothing changed, nothing queued) and the
+    // delivery loop says why.
+    server.stop();
+    match b.client.publish(vec![m2.clone()]).await {
+        Err(ClientError::Backpressure { code, .. }) => assert_eq!(code, "store_unavailable"),
+        other => panic!("expected 503 store_unavailable, got {other:?}"),
+    }
+    eventually("the outbox's error in health", || async {
+        log_detail(&b).await.contains("last error")
+    })
+    .await;
+
+    // Redis back (empty: this test server keeps nothing): delivery goes on by itself.
+    server.restart();
+    eventually("writes to be taken again", || async {
+        b.client.publish(vec![m3.clone()]).await.is_ok()
+    })
+    .await;
+    eventually("the write in the log", || async {
+        logged_in_force(api).await == sorted(&[&m1, &m3])
+    })
+    .await;
+    eventually("the error to clear", || async {
+        !log_detail(&b).await.contains("last error")
+    })
+    .await;
+    b.stop().await;
     control.stop().await;
 }
