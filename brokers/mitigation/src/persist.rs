@@ -250,7 +250,7 @@ impl Persistence {
                 if dropped > 0 {
                     self.dropped_for_room(dropped);
                 }
-                self.seen_shared(pending, None);
+                self.seen_shared(pending);
                 self.notify.notify_one();
                 Ok((changed, cursor))
             }
@@ -329,13 +329,9 @@ impl Persistence {
         );
     }
 
-    /// What the store's outbox held when last seen, and who delivers it.
-    fn seen_shared(&self, pending: usize, delivered_by: Option<String>) {
-        let mut st = self.state.lock();
-        st.shared_pending = pending;
-        if delivered_by.is_some() {
-            st.delivered_by = delivered_by;
-        }
+    /// What the store's outbox held when last seen.
+    fn seen_shared(&self, pending: usize) {
+        self.state.lock().shared_pending = pending;
         self.metrics.persistence_pending.set(pending as i64);
     }
 
@@ -508,14 +504,16 @@ impl Persistence {
         loop {
             let entries = match journal.claim(&self.owner, LEASE, SEND_BATCH).await {
                 Ok(Claim::Held { by, pending }) => {
+                    self.seen_shared(pending);
+                    let mut st = self.state.lock();
+                    st.delivered_by = Some(by);
                     // Another instance's deliveries are its own to report.
-                    self.seen_shared(pending, Some(by));
-                    self.state.lock().last_error = None;
+                    st.last_error = None;
                     return Flushed::Standby(pending);
                 }
                 Ok(Claim::Mine { pending, entries }) => {
+                    self.seen_shared(pending);
                     self.state.lock().delivered_by = None;
-                    self.seen_shared(pending, None);
                     entries
                 }
                 Err(e) => {
@@ -540,12 +538,14 @@ impl Persistence {
                     return Flushed::Failed;
                 }
                 match journal.ack(&self.owner, upto, LEASE).await {
-                    Ok((true, pending)) => self.seen_shared(pending, None),
+                    Ok((true, pending)) => self.seen_shared(pending),
                     Ok((false, pending)) => {
                         tracing::warn!(
                             "lost the outbox's delivery lease; another instance goes on"
                         );
-                        self.seen_shared(pending, Some("unknown".into()));
+                        self.seen_shared(pending);
+                        // Named by the next claim.
+                        self.state.lock().delivered_by = Some("unknown".into());
                         return Flushed::Standby(pending);
                     }
                     Err(e) => {
