@@ -433,16 +433,7 @@ impl Persistence {
             }
             // Refused for this broker's own setup (its token, its URL), not for what it
             // sends: kept for when that is fixed, or for an instance set up right.
-            Err(e)
-                if e.is_transient()
-                    || matches!(
-                        e,
-                        ClientError::Api {
-                            status: 401 | 403 | 404,
-                            ..
-                        }
-                    ) =>
-            {
+            Err(e) if e.is_transient() || e.is_setup_refusal() => {
                 self.failed("cannot deliver to the decision log", &e);
                 Sent::Retry
             }

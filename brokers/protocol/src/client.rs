@@ -57,6 +57,19 @@ impl ClientError {
             ClientError::Decode { .. } => false,
         }
     }
+
+    /// Refused for the caller's own setup (its token, its URL), not for what it sent:
+    /// an outbox keeps what it could not deliver for when that is fixed, or for another
+    /// instance that is set up right.
+    pub fn is_setup_refusal(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Api {
+                status: 401 | 403 | 404,
+                ..
+            }
+        )
+    }
 }
 
 /// The base of every broker client: a base URL, an optional bearer token, a pool.

@@ -11,6 +11,7 @@ pub mod event;
 mod event_json;
 pub mod ingestion;
 pub mod mitigation;
+pub mod outbox;
 pub mod trace_context;
 
 pub use client::{ClientError, IngestionClient, MitigationClient, trust_ca};

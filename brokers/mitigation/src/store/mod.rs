@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use esper_protocol::outbox::Claim;
 use esper_protocol::{DeltaPage, EntityKey, Mitigation};
 use tokio::sync::watch;
 
@@ -167,18 +168,6 @@ pub enum Logged {
     },
     /// Nothing was changed: the outbox could not take the entries.
     Full,
-}
-
-/// What [`Journal::claim`] found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Claim {
-    /// Another instance delivers the outbox (its owner name).
-    Held { by: String, pending: usize },
-    /// This owner holds the delivery lease: the oldest entries with their numbers.
-    Mine {
-        pending: usize,
-        entries: Vec<(u64, String)>,
-    },
 }
 
 /// An outbox for the decision log kept in the store itself, appended in the same atomic

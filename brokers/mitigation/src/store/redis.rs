@@ -21,6 +21,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use chrono::Utc;
+use esper_protocol::outbox;
 use esper_protocol::{Action, Change, DeltaPage, EntityKey, Mitigation};
 use parking_lot::Mutex;
 use redis::Script;
@@ -99,19 +100,13 @@ end
 local function full(log)
   return log.mode == 'reject' and redis.call('LLEN', OUT) + (log.last - log.first + 1) > log.cap
 end
--- Appends the entries, numbered; returns how many of the oldest were dropped for room,
--- and the outbox's length.
+-- Appends the write's entries, numbered; returns how many of the oldest were dropped
+-- for room, and the outbox's length.
 local function journal(log)
   if log.mode == '' then return 0, 0 end
-  for i = log.first, log.last do
-    redis.call('RPUSH', OUT, string.format('%d', redis.call('INCR', OSEQ)) .. ' ' .. ARGV[i])
-  end
-  local dropped = 0
-  if log.mode == 'drop' then
-    dropped = math.max(0, redis.call('LLEN', OUT) - log.cap)
-    if dropped > 0 then redis.call('LTRIM', OUT, dropped, -1) end
-  end
-  return dropped, redis.call('LLEN', OUT)
+  local entries = {}
+  for i = log.first, log.last do entries[#entries + 1] = ARGV[i] end
+  return outbox_append(OUT, OSEQ, entries, log.mode == 'drop' and log.cap or nil)
 end
 "#;
 
@@ -206,44 +201,13 @@ return {'ok', tostring(active), state(g), tostring(dropped), tostring(pending)}
 "#;
 
 /// ARGV[4] the owner, ARGV[5] the lease in ms, ARGV[6] most entries to read.
-const CLAIM: &str = r#"
-local owner = ARGV[4]
-local holder = redis.call('GET', LEASE)
-local pending = tostring(redis.call('LLEN', OUT))
-if holder and holder ~= owner then return {'held', holder, pending} end
-redis.call('SET', LEASE, owner, 'PX', ARGV[5])
-local out = {'mine', owner, pending}
-for _, e in ipairs(redis.call('LRANGE', OUT, 0, tonumber(ARGV[6]) - 1)) do
-  out[#out + 1] = e
-end
-return out
-"#;
+const CLAIM: &str = "return outbox_claim(OUT, LEASE, ARGV[4], ARGV[5], tonumber(ARGV[6]))";
 
 /// ARGV[4] the owner, ARGV[5] the last number delivered, ARGV[6] the lease in ms.
-/// Only the lease's holder removes anything (an owner whose lease ran out, or whose
-/// Redis lost its data meanwhile, must not remove entries it never read), and by
-/// number, not by count: entries dropped for room meanwhile are not counted twice.
-const ACK: &str = r#"
-if redis.call('GET', LEASE) ~= ARGV[4] then
-  return {'0', tostring(redis.call('LLEN', OUT))}
-end
-redis.call('PEXPIRE', LEASE, ARGV[6])
-local upto = tonumber(ARGV[5])
-while true do
-  local e = redis.call('LINDEX', OUT, 0)
-  if not e then break end
-  local n = tonumber(string.match(e, '^(%d+) '))
-  if n and n > upto then break end
-  redis.call('LPOP', OUT)
-end
-return {'1', tostring(redis.call('LLEN', OUT))}
-"#;
+const ACK: &str = "return outbox_ack(OUT, LEASE, ARGV[4], tonumber(ARGV[5]), ARGV[6])";
 
 /// ARGV[4] the owner.
-const RELEASE: &str = r#"
-if redis.call('GET', LEASE) == ARGV[4] then redis.call('DEL', LEASE) end
-return 1
-"#;
+const RELEASE: &str = "return outbox_release(LEASE, ARGV[4])";
 
 /// ARGV[4] the cursor's generation, ARGV[5] its stream id ('' when unusable),
 /// ARGV[6] the page size, ARGV[7] `>` and the id a snapshot page continues after ('' for
@@ -360,7 +324,7 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Scripts {
-        let s = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let s = |body: &str| Script::new(&format!("{}{PRELUDE}{body}", outbox::LUA));
         Scripts {
             publish: s(PUBLISH),
             active: s(ACTIVE),
@@ -404,6 +368,10 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 
 fn garbled(what: &str) -> StoreError {
     StoreError::Unavailable(format!("unexpected answer from Redis: {what}"))
+}
+
+fn garbled_outbox(what: String) -> StoreError {
+    garbled(&what)
 }
 
 fn decode(json: &str) -> Result<Mitigation, StoreError> {
@@ -734,29 +702,7 @@ impl Journal for RedisMitigations {
                 ],
             )
             .await?;
-        let mut parts = raw.into_iter();
-        let (Some(kind), Some(holder), Some(pending)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(garbled("a claim on the outbox"));
-        };
-        let pending = count(Some(pending), "the outbox's length")?;
-        if kind == "held" {
-            return Ok(Claim::Held {
-                by: holder,
-                pending,
-            });
-        }
-        let mut entries = Vec::new();
-        for e in parts {
-            match e
-                .split_once(' ')
-                .and_then(|(n, body)| Some((n.parse().ok()?, body)))
-            {
-                Some((n, body)) => entries.push((n, body.to_string())),
-                None => return Err(garbled("an outbox entry without its number")),
-            }
-        }
-        Ok(Claim::Mine { pending, entries })
+        outbox::parse_claim(raw).map_err(garbled_outbox)
     }
 
     async fn ack(
@@ -765,7 +711,7 @@ impl Journal for RedisMitigations {
         upto: u64,
         lease: Duration,
     ) -> Result<(bool, usize), StoreError> {
-        let (mine, pending): (String, String) = self
+        let answer: (String, String) = self
             .shared
             .run(
                 &self.shared.scripts.ack,
@@ -776,8 +722,7 @@ impl Journal for RedisMitigations {
                 ],
             )
             .await?;
-        let pending = count(Some(pending), "the outbox's length")?;
-        Ok((mine == "1", pending))
+        outbox::parse_ack(answer).map_err(garbled_outbox)
     }
 
     async fn release(&self, owner: &str) -> Result<(), StoreError> {
