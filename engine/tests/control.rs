@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use esper_control::{DecisionsResponse, WorkersResponse};
-use esper_engine::worker::Config;
+use esper_engine::worker::{Config, StateBackendKind};
 use esper_protocol::{DecisionMode, RequestEvent};
 use reqwest::Method;
 use support::*;
@@ -53,14 +53,8 @@ fn config(control: &str, ingestion: &str, mitigation: &str) -> Config {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policies_from_the_control_plane_decisions_into_its_log() {
-    let ing = ingestion().await;
-    let mit = mitigation().await;
-    let dir = TempDir::new("control");
-    let ctl = control(&dir, &ing.url(), &mit.url()).await;
-    let api = ctl.url();
-
+/// The office list and [`POLICIES`], through the control plane's API at `api`.
+async fn set_up_policies(api: &str) {
     let resp = control_request(Method::PUT, format!("{api}/api/v1/lists/office"))
         .json(&serde_json::json!({"kind": "ip", "items": ["192.0.2.0/24"]}))
         .send()
@@ -74,6 +68,17 @@ async fn policies_from_the_control_plane_decisions_into_its_log() {
         .await
         .unwrap();
     assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_from_the_control_plane_decisions_into_its_log() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("control");
+    let ctl = control(&dir, &ing.url(), &mit.url()).await;
+    let api = ctl.url();
+
+    set_up_policies(&api).await;
 
     let worker = worker(config(&api, &ing.url(), &mit.url())).await;
     let ops = worker.url();
@@ -241,4 +246,122 @@ async fn a_worker_follows_a_control_plane_over_tls_with_a_private_ca() {
         err.contains("ca_cert") && err.contains("missing.pem"),
         "{err}"
     );
+}
+
+/// The decision log's outbox lives in the shared state: decisions made while the
+/// control plane is away outlive the worker that made them, and the next worker over the
+/// same Redis delivers them once a control plane is back. A worker the control plane
+/// refuses keeps them and gives up its turn (else the lease would stay with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_made_while_the_control_plane_is_away_outlive_their_worker() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("control-outbox");
+    let ctl = control(&dir, &ing.url(), &mit.url()).await;
+    set_up_policies(&ctl.url()).await;
+
+    let prefix = redis_server::unique_prefix("outbox").replace('-', "_");
+    let over_redis = |id: &str, control: &str| Config {
+        worker_id: id.into(),
+        state_backend: StateBackendKind::Redis,
+        state_redis_url: redis_server::shared().url(),
+        state_key_prefix: prefix.clone(),
+        ..config(control, &ing.url(), &mit.url())
+    };
+    let first = worker(over_redis("worker-gone", &ctl.url())).await;
+    let ops = first.url();
+    eventually(Duration::from_secs(10), "policies loaded", || async {
+        (sample(&metrics(&ops).await, "esper_policies_loaded") == 2.0).then_some(())
+    })
+    .await;
+    ctl.stop().await.unwrap();
+
+    // Enforcement goes on without the control plane; the records wait in Redis.
+    let (ingest, mitigations) = clients(&ing.url(), &mit.url());
+    ingest.ingest(logins("127.0.0.2", 10)).await.unwrap();
+    drained(&ingest, Duration::from_secs(10)).await;
+    assert_eq!(mitigations.active(None).await.unwrap().total, 1);
+    eventually(Duration::from_secs(10), "2 decisions pending", || async {
+        (sample(&metrics(&ops).await, "esper_decisions_pending") == 2.0).then_some(())
+    })
+    .await;
+    first.stop().await.unwrap();
+
+    // The store is the same file: a control plane back on it. A worker it refuses (a
+    // wrong token) finds the records first; it keeps them, and leaves them to the next.
+    let back = control(&dir, &ing.url(), &mit.url()).await;
+    let api = back.url();
+    let refused = worker(Config {
+        control_token: Some("not-the-token".into()),
+        ..over_redis("worker-refused", &api)
+    })
+    .await;
+    let ops = refused.url();
+    eventually(Duration::from_secs(10), "a refused delivery", || async {
+        let text = metrics(&ops).await;
+        (sample(&text, "esper_control_errors_total") > 0.0
+            && sample(&text, "esper_decisions_pending") == 2.0)
+            .then_some(())
+    })
+    .await;
+    let second = worker(over_redis("worker-next", &api)).await;
+    let log: DecisionsResponse =
+        eventually(Duration::from_secs(15), "2 logged decisions", || async {
+            let log: DecisionsResponse =
+                control_request(Method::GET, format!("{api}/api/v1/decisions"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+            (log.decisions.len() == 2).then_some(log)
+        })
+        .await;
+    let mut seen: Vec<(String, String, DecisionMode)> = log
+        .decisions
+        .iter()
+        .map(|l| {
+            let d = &l.decision;
+            (
+                d.decided_by.clone(),
+                d.mitigation.entity.to_string(),
+                d.mode,
+            )
+        })
+        .collect();
+    seen.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        seen,
+        [
+            (
+                "worker-gone".to_string(),
+                "cidr:127.0.0.0/24".to_string(),
+                DecisionMode::Shadow
+            ),
+            (
+                "worker-gone".to_string(),
+                "ip:127.0.0.2".to_string(),
+                DecisionMode::Enforce
+            ),
+        ]
+    );
+    assert_eq!(
+        sample(
+            &metrics(&refused.url()).await,
+            "esper_decisions_dropped_total"
+        ),
+        0.0
+    );
+    let ops = second.url();
+    eventually(Duration::from_secs(5), "the outbox emptied", || async {
+        (sample(&metrics(&ops).await, "esper_decisions_pending") == 0.0).then_some(())
+    })
+    .await;
+
+    refused.stop().await.unwrap();
+    second.stop().await.unwrap();
+    back.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use esper_engine::eval::state::{
-    BatchInput, BatchOutcome, BatchPolicy, EventHits, Hit, PolicyKey, Revoked, Rules, Rung,
-    StateBackend, StateStats,
+    BatchInput, BatchOutcome, BatchPolicy, Claim, EventHits, Hit, LogAppend, Logged, PolicyKey,
+    Revoked, Rules, Rung, StateBackend, StateStats,
 };
 use esper_engine::eval::window::WindowParams;
 use esper_engine::eval::{
@@ -78,26 +78,33 @@ macro_rules! suite {
     };
 }
 
-suite!(memory: counts_each_event_once_even_within_a_batch, a_revoked_decision_rearms_its_policy,
+suite!(memory: counts_each_event_once_even_within_a_batch,
+    commits_fill_the_outbox_one_owner_delivers_it,
+    a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes);
-suite!(redis: counts_each_event_once_even_within_a_batch, a_revoked_decision_rearms_its_policy,
+suite!(redis: counts_each_event_once_even_within_a_batch,
+    commits_fill_the_outbox_one_owner_delivers_it,
+    a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit);
-suite!(postgres: counts_each_event_once_even_within_a_batch, a_revoked_decision_rearms_its_policy,
+suite!(postgres: counts_each_event_once_even_within_a_batch,
+    commits_fill_the_outbox_one_owner_delivers_it,
+    a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
-    a_batch_past_its_lease_is_undone_and_cannot_commit, restarted_state_keeps_counts);
+    a_batch_past_its_lease_is_undone_and_cannot_commit, restarted_state_keeps_counts,
+    a_database_of_the_first_layout_gains_the_outbox);
 
 /// "Now" for a test: the current time rounded down to 10s, so that receipts'
 /// leases (which shared backends check against the real clock) are in the future and
@@ -688,7 +695,20 @@ async fn a_batch_past_its_lease_is_undone_and_cannot_commit(b: &Backend) {
     assert_eq!(next.duplicate, vec![false; 3]);
     assert_eq!(next.crossings.len(), 1);
     assert_eq!(next.crossings[0].counted, 3.0);
-    assert!(s.commit(&dead.receipt, now + 1002).await.is_err());
+    // Its decisions' records are not logged either: the batch is decided again.
+    let records = vec!["{}".to_string()];
+    let log = LogAppend {
+        entries: &records,
+        capacity: 10,
+    };
+    assert!(s.commit_with(&dead.receipt, log, now + 1002).await.is_err());
+    assert_eq!(
+        s.claim_log("w", LEASE, 10).await.unwrap(),
+        Claim::Mine {
+            pending: 0,
+            entries: vec![]
+        }
+    );
     let again = apply_commit(&*s, &bt, now + 1003).await;
     assert_eq!(again.duplicate, vec![true; 3]);
 }
@@ -705,6 +725,7 @@ async fn restarted_state_keeps_counts(_: &Backend) {
         capacity: 1000,
     };
     let now = now();
+    let config_url = config.url.clone();
     let first = PostgresState::connect(config.clone()).await.unwrap();
     apply_commit(&first, &batch(&["a", "b"], "ip:10.0.0.1", now), now).await;
     drop(first);
@@ -714,4 +735,175 @@ async fn restarted_state_keeps_counts(_: &Backend) {
     let out = apply_commit(&second, &batch(&["b", "c"], "ip:10.0.0.1", now), now).await;
     assert_eq!(out.duplicate, vec![true, false]);
     assert_eq!(out.crossings.len(), 1, "a, b and c make 3");
+    // The outbox too: records committed before a restart are there after it.
+    let records = vec!["{\"n\":1}".to_string()];
+    let out = second
+        .apply(&batch(&["d"], "ip:10.0.0.1", now), now)
+        .await
+        .unwrap();
+    second
+        .commit_with(&out.receipt, log(&records, 10), now)
+        .await
+        .unwrap();
+    drop(second);
+    let third = PostgresState::connect(PostgresStateConfig {
+        url: config_url,
+        pool_size: 2,
+        ttl: TTL,
+        lease: LEASE,
+        capacity: 1000,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        texts(&third.claim_log("w", LEASE, 10).await.unwrap()),
+        records
+    );
+}
+
+fn log(entries: &[String], capacity: usize) -> LogAppend<'_> {
+    LogAppend { entries, capacity }
+}
+
+/// The records of a claim this owner holds.
+fn texts(claim: &Claim) -> Vec<String> {
+    match claim {
+        Claim::Mine { entries, .. } => entries.iter().map(|(_, e)| e.clone()).collect(),
+        Claim::Held { by, .. } => panic!("the outbox is held by {by}"),
+    }
+}
+
+/// The numbers of a claim's records.
+fn numbers(claim: &Claim) -> Vec<u64> {
+    match claim {
+        Claim::Mine { entries, .. } => entries.iter().map(|(n, _)| *n).collect(),
+        Claim::Held { by, .. } => panic!("the outbox is held by {by}"),
+    }
+}
+
+/// Commits a batch of one new event with `records`.
+async fn commit_records(
+    s: &dyn StateBackend,
+    event: &str,
+    records: &[String],
+    cap: usize,
+) -> Logged {
+    let now = now();
+    let out = s
+        .apply(&batch(&[event], "ip:10.0.0.9", now), now)
+        .await
+        .unwrap();
+    s.commit_with(&out.receipt, log(records, cap), now)
+        .await
+        .unwrap()
+}
+
+fn records(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| format!("{{\"n\":\"{n}\"}}")).collect()
+}
+
+async fn commits_fill_the_outbox_one_owner_delivers_it(b: &Backend) {
+    let s = b.state().await;
+    let lease = Duration::from_secs(30);
+    let first = records(&["a", "b"]);
+    assert_eq!(
+        commit_records(&*s, "e1", &first, 10).await,
+        Logged {
+            dropped: 0,
+            pending: 2
+        }
+    );
+    // A commit without records leaves the outbox alone.
+    apply_commit(&*s, &batch(&["e2"], "ip:10.0.0.9", now()), now()).await;
+    let claim = s.claim_log("w1", lease, 10).await.unwrap();
+    assert_eq!(texts(&claim), first);
+    let n = numbers(&claim);
+    assert!(n[0] < n[1], "numbered in order: {n:?}");
+    // One owner at a time; another's acknowledgement removes nothing.
+    assert_eq!(
+        s.claim_log("w2", lease, 10).await.unwrap(),
+        Claim::Held {
+            by: "w1".into(),
+            pending: 2
+        }
+    );
+    assert_eq!(s.ack_log("w2", n[1], lease).await.unwrap(), (false, 2));
+    // The holder removes what it delivered, and nothing committed since.
+    commit_records(&*s, "e3", &records(&["c"]), 10).await;
+    assert_eq!(s.ack_log("w1", n[1], lease).await.unwrap(), (true, 1));
+    // A claim reads at most `limit`, oldest first.
+    commit_records(&*s, "e4", &records(&["d"]), 10).await;
+    assert_eq!(
+        texts(&s.claim_log("w1", lease, 1).await.unwrap()),
+        records(&["c"])
+    );
+    // Only the holder gives the lease up; then the next owner takes over at once.
+    s.release_log("w2").await.unwrap();
+    assert!(matches!(
+        s.claim_log("w2", lease, 10).await.unwrap(),
+        Claim::Held { .. }
+    ));
+    s.release_log("w1").await.unwrap();
+    assert_eq!(
+        texts(&s.claim_log("w2", lease, 10).await.unwrap()),
+        records(&["c", "d"])
+    );
+}
+
+async fn a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on(b: &Backend) {
+    let s = b.state().await;
+    assert_eq!(
+        commit_records(&*s, "e1", &records(&["a", "b", "c"]), 2).await,
+        Logged {
+            dropped: 1,
+            pending: 2
+        }
+    );
+    let short = Duration::from_millis(300);
+    let claim = s.claim_log("w1", short, 10).await.unwrap();
+    assert_eq!(texts(&claim), records(&["b", "c"]));
+    let n = numbers(&claim);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let taken = s.claim_log("w2", short, 10).await.unwrap();
+    assert_eq!(numbers(&taken), n, "the next owner reads the same records");
+    // The old holder's late acknowledgement removes nothing.
+    assert_eq!(s.ack_log("w1", n[1], short).await.unwrap(), (false, 2));
+    assert_eq!(s.ack_log("w2", n[0], short).await.unwrap(), (true, 1));
+}
+
+/// A database a worker of schema version 1 set up (before the outbox) is brought up to
+/// date by the next worker that connects, while it keeps its state.
+async fn a_database_of_the_first_layout_gains_the_outbox(_: &Backend) {
+    let url = pg::shared().fresh_database().await;
+    let config = PostgresStateConfig {
+        url: url.clone(),
+        pool_size: 2,
+        ttl: TTL,
+        lease: LEASE,
+        capacity: 1000,
+    };
+    let now = now();
+    let first = PostgresState::connect(config.clone()).await.unwrap();
+    apply_commit(&first, &batch(&["a"], "ip:10.0.0.1", now), now).await;
+    drop(first);
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    for stmt in [
+        "DROP TABLE esper_state_outbox, esper_state_outbox_lease",
+        "UPDATE esper_state_meta SET value = 1 WHERE name = 'schema_version'",
+    ] {
+        sqlx::query(stmt).execute(&db).await.unwrap();
+    }
+    let second = PostgresState::connect(config).await.unwrap();
+    assert_eq!(second.stats().event_ids, 1);
+    let version: i64 =
+        sqlx::query_scalar("SELECT value FROM esper_state_meta WHERE name = 'schema_version'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(version, esper_engine::eval::postgres::SCHEMA_VERSION);
+    commit_records(&second, "b", &records(&["x"]), 10).await;
+    assert_eq!(
+        texts(&second.claim_log("w", LEASE, 10).await.unwrap()),
+        records(&["x"])
+    );
 }

@@ -15,9 +15,11 @@ use esper_protocol::EntityKey;
 use parking_lot::Mutex;
 
 use super::marks::{Change, Marks, Prehashed, Seen};
+use super::outbox::MemoryOutbox;
 use super::state::{
-    BatchInput, BatchOutcome, BatchPolicy, CleanupReport, Crossing, DecisionState, Hit, PolicyKey,
-    Receipt, Revoked, SeqProgress, StateBackend, StateError, StateStats, Undo, advance,
+    BatchInput, BatchOutcome, BatchPolicy, Claim, CleanupReport, Crossing, DecisionState, Hit,
+    LogAppend, Logged, PolicyKey, Receipt, Revoked, SeqProgress, StateBackend, StateError,
+    StateStats, Undo, advance,
 };
 use super::window::{DistinctWindow, Window};
 
@@ -160,6 +162,8 @@ struct Inner {
     marks: Marks,
     next_receipt: u64,
     evictions: u64,
+    /// The decision log's outbox, beside the marks its records are committed with.
+    outbox: MemoryOutbox,
 }
 
 /// The embedded state backend.
@@ -392,12 +396,40 @@ impl StateBackend for MemoryState {
         Ok(self.apply_now(batch, now_ms))
     }
 
-    async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
+    async fn commit_with(
+        &self,
+        receipt: &Receipt,
+        log: LogAppend<'_>,
+        now_ms: i64,
+    ) -> Result<Logged, StateError> {
         let mut inner = self.inner.lock();
         let expiry = now_ms.saturating_add(self.ttl_ms);
         inner
             .marks
             .commit(receipt.id, &receipt.event_ids, expiry, self.capacity);
+        Ok(inner.outbox.append(log))
+    }
+
+    async fn claim_log(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Claim, StateError> {
+        Ok(self.inner.lock().outbox.claim(owner, lease, limit))
+    }
+
+    async fn ack_log(
+        &self,
+        owner: &str,
+        upto: u64,
+        lease: Duration,
+    ) -> Result<(bool, usize), StateError> {
+        Ok(self.inner.lock().outbox.ack(owner, upto, lease))
+    }
+
+    async fn release_log(&self, owner: &str) -> Result<(), StateError> {
+        self.inner.lock().outbox.release(owner);
         Ok(())
     }
 

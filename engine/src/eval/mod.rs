@@ -15,6 +15,7 @@
 mod compile;
 mod marks;
 pub mod memory;
+mod outbox;
 pub mod postgres;
 pub mod redis;
 pub mod state;
@@ -34,7 +35,9 @@ use crate::policy::AggregateSpec;
 pub use memory::MemoryState;
 pub use postgres::{PostgresState, PostgresStateConfig};
 pub use redis::{RedisState, RedisStateConfig};
-pub use state::{PolicyKey, Receipt, StateBackend, StateError, StateStats};
+pub use state::{
+    Claim, LogAppend, Logged, PolicyKey, Receipt, StateBackend, StateError, StateStats,
+};
 
 use state::{BatchInput, BatchPolicy, EventHits, Hit, Revoked};
 
@@ -231,8 +234,22 @@ impl Evaluator {
 
     /// The evaluation's effects are published: make its state changes final.
     pub async fn commit(&self, eval: &Evaluation, now: DateTime<Utc>) -> Result<(), StateError> {
-        self.state
-            .commit(&eval.receipt, now.timestamp_millis())
+        self.commit_with(eval, LogAppend::default(), now)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Evaluator::commit`], appending `log`'s records to the state's outbox in the
+    /// same step.
+    pub async fn commit_with(
+        &self,
+        eval: &Evaluation,
+        log: LogAppend<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Logged, StateError> {
+        let logged = self
+            .state
+            .commit_with(&eval.receipt, log, now.timestamp_millis())
             .await?;
         let m = &self.metrics;
         m.events.inc_by(eval.evaluated as u64);
@@ -254,7 +271,7 @@ impl Evaluator {
                 m.would_have.with_label_values(&[policy]).inc();
             }
         }
-        Ok(())
+        Ok(logged)
     }
 
     /// The evaluation's effects could not be published: undo its state changes.

@@ -31,12 +31,12 @@ use sqlx::{Postgres, Row, Transaction};
 use super::memory::scratch::{Scratch, UndoRecord};
 use super::redis::policy_key;
 use super::state::{
-    BatchInput, BatchOutcome, CleanupReport, DecisionState, PolicyKey, Receipt, Revoked,
-    SeqProgress, StateBackend, StateError, StateStats, Undo,
+    BatchInput, BatchOutcome, Claim, CleanupReport, DecisionState, LogAppend, Logged, PolicyKey,
+    Receipt, Revoked, SeqProgress, StateBackend, StateError, StateStats, Undo,
 };
 
 /// The layout version of this backend's tables.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a step is retried after a deadlock or serialization failure.
 const RETRIES: usize = 8;
@@ -73,7 +73,18 @@ const SCHEMA: &[&str] = &[
         evictions bigint NOT NULL DEFAULT 0,
         id_evictions bigint NOT NULL DEFAULT 0)",
     "INSERT INTO esper_state_counters (one) VALUES (true) ON CONFLICT DO NOTHING",
+    // Version 2: the decision log's outbox, appended by commits, and who delivers it.
+    "CREATE TABLE IF NOT EXISTS esper_state_outbox (
+        seq bigserial PRIMARY KEY, entry text NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS esper_state_outbox_lease (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        holder text NOT NULL,
+        until_ms bigint NOT NULL)",
 ];
+
+/// The database's clock in epoch milliseconds: leases are judged by one clock for
+/// every worker.
+const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 /// Where and how the PostgreSQL backend keeps its state.
 #[derive(Clone, Debug, PartialEq)]
@@ -332,7 +343,8 @@ impl PostgresState {
         }
         let found: i64 = sqlx::query_scalar(
             "INSERT INTO esper_state_meta (name, value) VALUES ('schema_version', $1)
-             ON CONFLICT (name) DO UPDATE SET value = esper_state_meta.value
+             ON CONFLICT (name) DO UPDATE
+                SET value = GREATEST(esper_state_meta.value, EXCLUDED.value)
              RETURNING value",
         )
         .bind(SCHEMA_VERSION)
@@ -730,9 +742,21 @@ impl PostgresState {
         Ok(expired.len())
     }
 
-    async fn commit_tx(&self, tx: &mut Tx, rid: i64, now_ms: i64) -> Result<bool, StepError> {
+    /// `None` when the receipt outlived its lease and was undone.
+    async fn commit_tx(
+        &self,
+        tx: &mut Tx,
+        rid: i64,
+        log: LogAppend<'_>,
+        now_ms: i64,
+    ) -> Result<Option<Logged>, StepError> {
         let mut d = Deltas::default();
         self.sweep(tx, now_ms, &mut d).await?;
+        if rid == 0 {
+            // Nothing was marked in flight: only the records are committed.
+            self.count(tx, &d).await?;
+            return self.append_log(tx, log).await.map(Some);
+        }
         let found = sqlx::query("DELETE FROM esper_state_receipt WHERE id = $1")
             .bind(rid)
             .execute(&mut **tx)
@@ -740,7 +764,7 @@ impl PostgresState {
             .rows_affected();
         if found == 0 {
             self.count(tx, &d).await?;
-            return Ok(false);
+            return Ok(None);
         }
         d.done += sqlx::query(
             "UPDATE esper_state_event SET receipt = NULL, expires_at = $2 WHERE receipt = $1",
@@ -772,7 +796,117 @@ impl PostgresState {
             )
             .await?;
         }
-        Ok(true)
+        self.append_log(tx, log).await.map(Some)
+    }
+
+    async fn append_log(&self, tx: &mut Tx, log: LogAppend<'_>) -> Result<Logged, StepError> {
+        if log.entries.is_empty() {
+            return Ok(Logged::default());
+        }
+        sqlx::query(
+            "INSERT INTO esper_state_outbox (entry)
+             SELECT e FROM UNNEST($1::text[]) WITH ORDINALITY AS t(e, n) ORDER BY n",
+        )
+        .bind(log.entries)
+        .execute(&mut **tx)
+        .await?;
+        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM esper_state_outbox")
+            .fetch_one(&mut **tx)
+            .await?;
+        let cap = i64::try_from(log.capacity.max(1)).unwrap_or(i64::MAX);
+        let mut dropped = 0;
+        if held > cap {
+            dropped = sqlx::query(
+                "DELETE FROM esper_state_outbox WHERE seq IN (
+                    SELECT seq FROM esper_state_outbox ORDER BY seq LIMIT $1)",
+            )
+            .bind(held - cap)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected() as usize;
+        }
+        Ok(Logged {
+            dropped,
+            pending: usize::try_from(held).unwrap_or(0).saturating_sub(dropped),
+        })
+    }
+
+    async fn claim_log_tx(
+        &self,
+        tx: &mut Tx,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Claim, StepError> {
+        // Every worker looks once a second: an empty outbox costs them no write.
+        let pending = self.log_len(tx).await?;
+        if pending == 0 {
+            return Ok(Claim::Mine {
+                pending,
+                entries: Vec::new(),
+            });
+        }
+        let took: Option<String> = sqlx::query_scalar(&format!(
+            "INSERT INTO esper_state_outbox_lease (one, holder, until_ms)
+             VALUES (true, $1, {NOW_MS} + $2)
+             ON CONFLICT (one) DO UPDATE SET holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms
+             WHERE esper_state_outbox_lease.holder = EXCLUDED.holder
+                OR esper_state_outbox_lease.until_ms <= {NOW_MS}
+             RETURNING holder"
+        ))
+        .bind(owner)
+        .bind(millis(lease).max(1))
+        .fetch_optional(&mut **tx)
+        .await?;
+        if took.is_none() {
+            let by: String = sqlx::query_scalar("SELECT holder FROM esper_state_outbox_lease")
+                .fetch_one(&mut **tx)
+                .await?;
+            return Ok(Claim::Held { by, pending });
+        }
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT seq, entry FROM esper_state_outbox ORDER BY seq LIMIT $1")
+                .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
+                .fetch_all(&mut **tx)
+                .await?;
+        let entries = rows
+            .into_iter()
+            .map(|(n, e)| Ok((u64::try_from(n).map_err(corrupt)?, e)))
+            .collect::<Result<_, StateError>>()?;
+        Ok(Claim::Mine { pending, entries })
+    }
+
+    async fn ack_log_tx(
+        &self,
+        tx: &mut Tx,
+        owner: &str,
+        upto: u64,
+        lease: Duration,
+    ) -> Result<(bool, usize), StepError> {
+        let mine = sqlx::query(&format!(
+            "UPDATE esper_state_outbox_lease SET until_ms = {NOW_MS} + $2
+             WHERE holder = $1 AND until_ms > {NOW_MS}"
+        ))
+        .bind(owner)
+        .bind(millis(lease).max(1))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if mine {
+            sqlx::query("DELETE FROM esper_state_outbox WHERE seq <= $1")
+                .bind(i64::try_from(upto).unwrap_or(i64::MAX))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok((mine, self.log_len(tx).await?))
+    }
+
+    async fn log_len(&self, tx: &mut Tx) -> Result<usize, StepError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM esper_state_outbox")
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
     async fn rollback_tx(&self, tx: &mut Tx, rid: i64) -> Result<(), StepError> {
@@ -937,17 +1071,52 @@ impl StateBackend for PostgresState {
         transact!(self, |tx| self.apply_tx(&mut tx, batch, now_ms).await)
     }
 
-    async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
-        if receipt.id == 0 {
-            return Ok(());
+    async fn commit_with(
+        &self,
+        receipt: &Receipt,
+        log: LogAppend<'_>,
+        now_ms: i64,
+    ) -> Result<Logged, StateError> {
+        if receipt.id == 0 && log.entries.is_empty() {
+            return Ok(Logged::default());
         }
         let rid = i64::try_from(receipt.id).map_err(corrupt)?;
-        let committed = transact!(self, |tx| self.commit_tx(&mut tx, rid, now_ms).await)?;
-        if !committed {
-            return Err(StateError::Unavailable(
+        let committed = transact!(self, |tx| self.commit_tx(&mut tx, rid, log, now_ms).await)?;
+        committed.ok_or_else(|| {
+            StateError::Unavailable(
                 "the batch outlived its lease and was undone; it will be redelivered".into(),
-            ));
-        }
+            )
+        })
+    }
+
+    async fn claim_log(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Claim, StateError> {
+        transact!(self, |tx| self
+            .claim_log_tx(&mut tx, owner, lease, limit)
+            .await)
+    }
+
+    async fn ack_log(
+        &self,
+        owner: &str,
+        upto: u64,
+        lease: Duration,
+    ) -> Result<(bool, usize), StateError> {
+        transact!(self, |tx| self
+            .ack_log_tx(&mut tx, owner, upto, lease)
+            .await)
+    }
+
+    async fn release_log(&self, owner: &str) -> Result<(), StateError> {
+        sqlx::query("DELETE FROM esper_state_outbox_lease WHERE holder = $1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
         Ok(())
     }
 

@@ -21,8 +21,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use super::state::{
-    BatchInput, BatchOutcome, CleanupReport, Crossing, PolicyKey, Receipt, Revoked, StateBackend,
-    StateError, StateStats,
+    BatchInput, BatchOutcome, Claim, CleanupReport, Crossing, LogAppend, Logged, PolicyKey,
+    Receipt, Revoked, StateBackend, StateError, StateStats,
 };
 use super::window::DISTINCT_CAP;
 
@@ -103,7 +103,7 @@ struct ApplyArg<'a> {
 }
 
 #[derive(Serialize)]
-struct StepArg {
+struct StepArg<'a> {
     op: &'static str,
     now: i64,
     ttl: i64,
@@ -116,6 +116,25 @@ struct StepArg {
     /// (policy, entity, decided at) of revoked decisions.
     #[serde(skip_serializing_if = "Option::is_none")]
     rev: Option<Vec<(String, String, i64)>>,
+    /// Records a commit appends to the outbox, and the outbox's capacity.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    log: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logcap: Option<usize>,
+}
+
+/// The arguments of the outbox's steps.
+#[derive(Serialize)]
+struct LogArg<'a> {
+    op: &'static str,
+    now: i64,
+    owner: &'a str,
+    lease: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<usize>,
+    /// The last record delivered, as text: Lua's numbers would round it past 2^53.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upto: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -150,6 +169,10 @@ struct StepReply {
     ids: usize,
     #[serde(default)]
     forgiven: usize,
+    #[serde(default)]
+    dropped: usize,
+    #[serde(default)]
+    pending: usize,
     #[serde(default)]
     st: StatsReply,
 }
@@ -195,7 +218,10 @@ impl RedisState {
             .map_err(|e| StateError::Unavailable(format!("cannot reach Redis: {e}")))?;
         Ok(RedisState {
             conn,
-            script: Arc::new(Script::new(SCRIPT)),
+            script: Arc::new(Script::new(&format!(
+                "{}{SCRIPT}",
+                esper_protocol::outbox::LUA
+            ))),
             ttl_ms: millis(config.ttl).max(1),
             lease_ms: millis(config.lease).max(1),
             config,
@@ -204,6 +230,13 @@ impl RedisState {
     }
 
     async fn call<A: Serialize>(&self, arg: &A) -> Result<String, StateError> {
+        self.invoke(arg).await
+    }
+
+    async fn invoke<A: Serialize, T: redis::FromRedisValue>(
+        &self,
+        arg: &A,
+    ) -> Result<T, StateError> {
         let json = serde_json::to_string(arg).map_err(|e| bad_reply(e.to_string()))?;
         let mut conn = self.conn.clone();
         self.script
@@ -223,14 +256,14 @@ impl RedisState {
         };
     }
 
-    async fn step(&self, arg: StepArg) -> Result<StepReply, StateError> {
+    async fn step(&self, arg: StepArg<'_>) -> Result<StepReply, StateError> {
         let text = self.call(&arg).await?;
         let reply: StepReply = serde_json::from_str(&text).map_err(bad_reply)?;
         self.note(&reply.st);
         Ok(reply)
     }
 
-    fn step_arg(&self, op: &'static str, now_ms: i64) -> StepArg {
+    fn step_arg(&self, op: &'static str, now_ms: i64) -> StepArg<'static> {
         StepArg {
             op,
             now: now_ms,
@@ -239,6 +272,19 @@ impl RedisState {
             cap: None,
             keep: None,
             rev: None,
+            log: &[],
+            logcap: None,
+        }
+    }
+
+    fn log_arg<'a>(&self, op: &'static str, owner: &'a str, lease: Duration) -> LogArg<'a> {
+        LogArg {
+            op,
+            now: chrono::Utc::now().timestamp_millis(),
+            owner,
+            lease: millis(lease).max(1),
+            limit: None,
+            upto: None,
         }
     }
 
@@ -330,14 +376,21 @@ impl StateBackend for RedisState {
         })
     }
 
-    async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
-        if receipt.id == 0 {
-            return Ok(());
+    async fn commit_with(
+        &self,
+        receipt: &Receipt,
+        log: LogAppend<'_>,
+        now_ms: i64,
+    ) -> Result<Logged, StateError> {
+        if receipt.id == 0 && log.entries.is_empty() {
+            return Ok(Logged::default());
         }
         let reply = self
             .step(StepArg {
                 rid: Some(receipt.id.to_string()),
                 cap: Some(self.config.capacity.max(1)),
+                log: log.entries,
+                logcap: Some(log.capacity.max(1)),
                 ..self.step_arg("commit", now_ms)
             })
             .await?;
@@ -346,6 +399,46 @@ impl StateBackend for RedisState {
                 "the batch outlived its lease and was undone; it will be redelivered".into(),
             ));
         }
+        Ok(Logged {
+            dropped: reply.dropped,
+            pending: reply.pending,
+        })
+    }
+
+    async fn claim_log(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Claim, StateError> {
+        let answer: Vec<String> = self
+            .invoke(&LogArg {
+                limit: Some(limit.max(1)),
+                ..self.log_arg("log_claim", owner, lease)
+            })
+            .await?;
+        esper_protocol::outbox::parse_claim(answer).map_err(bad_reply)
+    }
+
+    async fn ack_log(
+        &self,
+        owner: &str,
+        upto: u64,
+        lease: Duration,
+    ) -> Result<(bool, usize), StateError> {
+        let answer: (String, String) = self
+            .invoke(&LogArg {
+                upto: Some(upto.to_string()),
+                ..self.log_arg("log_ack", owner, lease)
+            })
+            .await?;
+        esper_protocol::outbox::parse_ack(answer).map_err(bad_reply)
+    }
+
+    async fn release_log(&self, owner: &str) -> Result<(), StateError> {
+        let _: i64 = self
+            .invoke(&self.log_arg("log_release", owner, Duration::ZERO))
+            .await?;
         Ok(())
     }
 

@@ -1,8 +1,9 @@
 -- Engine state on Redis: the memory backend's algorithm (eval/memory.rs, window.rs,
 -- state.rs) run inside Redis, so that every worker shares one state and each batch
--- step is atomic. ARGV[1] is the key prefix, ARGV[2] the call's JSON arguments.
+-- step is atomic. ARGV[1] is the key prefix, ARGV[2] the call's JSON arguments. The
+-- outbox functions (outbox_append, ...) come before this text, from esper_protocol.
 --
--- Keys (all with a TTL):
+-- Keys (all with a TTL but the outbox's, which holds records until they are delivered):
 --   P:e:{pk}:{entity}  hash: w (window "bucket=weight;..."), dh (distinct head), lt
 --                      (last touch), cu/cb/lv/of/lo (decision), ss/sm/st (sequence)
 --   P:d:{pk}:{entity}  zset: distinct value -> newest sub-bucket
@@ -13,10 +14,13 @@
 --   P:rc               zset: receipt -> lease deadline (past it, the receipt is undone)
 --   P:u:{rid}          the receipt's undo log (JSON)
 --   P:seq, P:st        receipt counter; eviction counters
+--   P:log, P:log_seq   the decision log's outbox ("N record"), its record counter
+--   P:log_lease        who delivers the outbox (expires with the lease)
 local P = ARGV[1]
 local A = cjson.decode(ARGV[2])
 local now = tonumber(A.now)
 local RC, FL, IDS, POLS, SEQ, ST = P .. ':rc', P .. ':fl', P .. ':ids', P .. ':pols', P .. ':seq', P .. ':st'
+local LOG, LOGSEQ, LOGLEASE = P .. ':log', P .. ':log_seq', P .. ':log_lease'
 
 local function fmt(x) return string.format('%.17g', x) end
 
@@ -416,7 +420,10 @@ if op == 'apply' then
 elseif op == 'commit' then
   sweep()
   local rid = A.rid
-  if not redis.call('ZSCORE', RC, rid) then return cjson.encode({ expired = true, st = stats() }) end
+  -- Receipt 0 marked nothing in flight: only its records are committed.
+  if rid ~= '0' and not redis.call('ZSCORE', RC, rid) then
+    return cjson.encode({ expired = true, st = stats() })
+  end
   local raw = redis.call('GET', P .. ':u:' .. rid)
   if raw then
     local u = cjson.decode(raw)
@@ -437,7 +444,11 @@ elseif op == 'commit' then
     extend(ST, hist)
   end
   extend(IDS, hist)
-  return cjson.encode({ expired = false, st = stats() })
+  local dropped, pending = 0, 0
+  if A.log and #A.log > 0 then
+    dropped, pending = outbox_append(LOG, LOGSEQ, A.log, A.logcap)
+  end
+  return cjson.encode({ expired = false, dropped = dropped, pending = pending, st = stats() })
 elseif op == 'rollback' then
   rollback(A.rid)
   save_all(hist)
@@ -488,5 +499,11 @@ elseif op == 'cleanup' then
   return cjson.encode({ ents = ents, ids = ids, swept = swept, st = stats() })
 elseif op == 'stats' then
   return cjson.encode({ st = stats() })
+elseif op == 'log_claim' then
+  return outbox_claim(LOG, LOGLEASE, A.owner, A.lease, A.limit)
+elseif op == 'log_ack' then
+  return outbox_ack(LOG, LOGLEASE, A.owner, tonumber(A.upto), A.lease)
+elseif op == 'log_release' then
+  return outbox_release(LOGLEASE, A.owner)
 end
 return redis.error_reply('unknown state operation')

@@ -19,8 +19,10 @@
 //! `rollback` as one atomic script each, with in-flight marks that expire with the lease.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use esper_protocol::EntityKey;
+pub use esper_protocol::outbox::Claim;
 
 use super::window::WindowParams;
 
@@ -282,6 +284,26 @@ pub struct StateStats {
     pub event_id_evictions_total: u64,
 }
 
+/// Records for the control plane's decision log that a commit appends to the state's
+/// outbox in the same atomic step: a worker that dies once its batch is committed loses
+/// none of them, and one that dies before leaves the batch to be decided again.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogAppend<'a> {
+    /// Each record's text (a decision as JSON).
+    pub entries: &'a [String],
+    /// Most records the outbox holds: the oldest beyond are dropped.
+    pub capacity: usize,
+}
+
+/// What a commit did to the outbox (all zero when it appended nothing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Logged {
+    /// Oldest records dropped for room.
+    pub dropped: usize,
+    /// Records in the outbox after the commit.
+    pub pending: usize,
+}
+
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -298,8 +320,21 @@ pub trait StateBackend: Send + Sync + 'static {
     /// Applies a batch at wall-clock time `now_ms` (cooldowns run in wall time).
     async fn apply(&self, batch: &BatchInput, now_ms: i64) -> Result<BatchOutcome, StateError>;
 
-    /// The batch's effects are published: its events count as processed.
-    async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError>;
+    /// The batch's effects are published: its events count as processed, and `log`'s
+    /// records join the outbox, both or neither.
+    async fn commit_with(
+        &self,
+        receipt: &Receipt,
+        log: LogAppend<'_>,
+        now_ms: i64,
+    ) -> Result<Logged, StateError>;
+
+    /// [`StateBackend::commit_with`] with no records.
+    async fn commit(&self, receipt: &Receipt, now_ms: i64) -> Result<(), StateError> {
+        self.commit_with(receipt, LogAppend::default(), now_ms)
+            .await
+            .map(|_| ())
+    }
 
     /// The batch's effects could not be published: undo what `apply` did.
     async fn rollback(&self, receipt: &Receipt) -> Result<(), StateError>;
@@ -319,4 +354,26 @@ pub trait StateBackend: Send + Sync + 'static {
     async fn cleanup(&self, now_ms: i64) -> Result<CleanupReport, StateError>;
 
     fn stats(&self) -> StateStats;
+
+    /// Takes or renews the outbox's delivery lease for `owner` and reads its oldest
+    /// `limit` records, numbered; or names the holder when it is another owner (workers
+    /// sharing a state share its outbox, delivered by one at a time, in order).
+    async fn claim_log(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Claim, StateError>;
+
+    /// Removes the records numbered up to `upto`, delivered, if `owner` still holds the
+    /// lease (renewed for `lease`). Returns whether it did, and the records left.
+    async fn ack_log(
+        &self,
+        owner: &str,
+        upto: u64,
+        lease: Duration,
+    ) -> Result<(bool, usize), StateError>;
+
+    /// Gives up the lease, if `owner` holds it, so another owner delivers at once.
+    async fn release_log(&self, owner: &str) -> Result<(), StateError>;
 }

@@ -1,8 +1,7 @@
 //! The worker's side of the control plane: fetching the active policies, sending
-//! decisions to the durable log (through a bounded outbox, so enforcement never waits
-//! for the control plane), and heartbeats.
+//! decisions to the durable log (through the state's outbox, so enforcement never waits
+//! for the control plane and a worker's crash loses none), and heartbeats.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +10,11 @@ use esper_protocol::client::decode;
 use esper_protocol::{
     ClientError, Decision, DecisionBatch, RevocationMark, RevokedDecisions, WorkerHeartbeat,
 };
-use parking_lot::Mutex;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use tokio::sync::Notify;
 
 use super::status::{Metrics, Status};
+use crate::eval::{Claim, LogAppend, Logged, StateBackend};
 use crate::policy::ActivePolicies;
 
 /// Decisions per `POST /api/v1/decisions`.
@@ -140,98 +139,140 @@ impl ControlClient {
     }
 }
 
-/// Decisions on their way to the control plane's log: bounded, oldest dropped first.
-pub(crate) struct Outbox {
-    queue: Mutex<VecDeque<Decision>>,
+/// How long a worker may deliver the decision outbox without renewing its claim; each
+/// claim and acknowledgement renews it. Well above a delivery's client timeout.
+const LEASE: Duration = Duration::from_secs(30);
+/// How often the outbox is looked at besides this worker's own commits: workers over a
+/// shared state share its outbox, and one of them delivers what the others wrote.
+const POLL: Duration = Duration::from_secs(1);
+
+/// Delivers the decision records the state's commits appended to its outbox (so a
+/// worker that dies, or a control plane that is away, loses none that the state kept)
+/// to the control plane's log. Enforcement never waits for it: records are committed
+/// with the batch and sent after, in the order committed; a full outbox drops its
+/// oldest. Workers over one shared state take turns under a lease, one delivering at a
+/// time; the log takes a record sent twice (after a crash between sending and removing
+/// it) as the same decision.
+pub(crate) struct DecisionLog {
+    state: Arc<dyn StateBackend>,
+    owner: String,
     capacity: usize,
     notify: Notify,
     metrics: Metrics,
 }
 
-impl Outbox {
-    pub fn new(capacity: usize, metrics: Metrics) -> Outbox {
-        Outbox {
-            queue: Mutex::new(VecDeque::new()),
+impl DecisionLog {
+    /// The outbox of `state`, delivered as `owner` (the worker id), holding at most
+    /// `capacity` records.
+    pub fn new(
+        state: Arc<dyn StateBackend>,
+        owner: String,
+        capacity: usize,
+        metrics: Metrics,
+    ) -> DecisionLog {
+        DecisionLog {
+            state,
+            owner,
             capacity: capacity.max(1),
             notify: Notify::new(),
             metrics,
         }
     }
 
-    /// Queues decisions; never waits.
-    pub fn push(&self, decisions: Vec<Decision>) {
-        if decisions.is_empty() {
-            return;
+    /// A batch's decisions as the records its commit appends.
+    pub fn records<'a>(&self, entries: &'a [String]) -> LogAppend<'a> {
+        LogAppend {
+            entries,
+            capacity: self.capacity,
         }
-        let mut q = self.queue.lock();
-        q.extend(decisions);
-        self.trim(&mut q);
-        drop(q);
-        self.notify.notify_one();
     }
 
-    fn trim(&self, q: &mut VecDeque<Decision>) {
-        let over = q.len().saturating_sub(self.capacity);
-        if over > 0 {
-            q.drain(..over);
-            self.metrics.decisions_dropped.inc_by(over as u64);
+    /// Notes what a commit appended, and wakes the delivery.
+    pub fn committed(&self, logged: Logged) {
+        if logged.dropped > 0 {
+            self.metrics.decisions_dropped.inc_by(logged.dropped as u64);
             tracing::warn!(
-                dropped = over,
+                dropped = logged.dropped,
                 "decision outbox is full; oldest decisions dropped from the log"
             );
         }
-        self.metrics.decisions_pending.set(q.len() as i64);
+        self.metrics.decisions_pending.set(logged.pending as i64);
+        self.notify.notify_one();
     }
 
-    fn take(&self) -> Vec<Decision> {
-        let mut q = self.queue.lock();
-        let n = q.len().min(SEND_BATCH);
-        let out = q.drain(..n).collect();
-        self.metrics.decisions_pending.set(q.len() as i64);
-        out
-    }
-
-    /// Puts back a batch that could not be sent, ahead of newer decisions.
-    fn requeue(&self, batch: Vec<Decision>) {
-        let mut q = self.queue.lock();
-        for d in batch.into_iter().rev() {
-            q.push_front(d);
-        }
-        self.trim(&mut q);
-    }
-
-    pub fn len(&self) -> usize {
-        self.queue.lock().len()
-    }
-
-    /// Sends what is queued; `false` when the control plane could not take it.
+    /// Sends what the outbox holds; `false` when it must be tried again later.
     async fn flush(&self, client: &ControlClient, status: &Status) -> bool {
         loop {
-            let batch = self.take();
-            if batch.is_empty() {
-                return true;
-            }
-            match client.record_decisions(&batch).await {
-                Ok(()) => status.control.ok(),
-                Err(e) if e.is_transient() => {
-                    self.metrics.control_errors.inc();
-                    status.control.failed(&e);
-                    tracing::warn!(error = %e, pending = batch.len(), "cannot send decisions to the control plane; will retry");
-                    self.requeue(batch);
-                    return false;
+            let entries = match self.state.claim_log(&self.owner, LEASE, SEND_BATCH).await {
+                Ok(Claim::Held { pending, .. }) => {
+                    self.metrics.decisions_pending.set(pending as i64);
+                    return true;
+                }
+                Ok(Claim::Mine { pending, entries }) => {
+                    self.metrics.decisions_pending.set(pending as i64);
+                    entries
                 }
                 Err(e) => {
-                    self.metrics.control_errors.inc();
-                    self.metrics.decisions_dropped.inc_by(batch.len() as u64);
-                    status.control.failed(&e);
-                    tracing::error!(error = %e, dropped = batch.len(), "control plane refused decisions; dropped");
+                    tracing::warn!(error = %e, "cannot read the decision outbox; will retry");
+                    return false;
+                }
+            };
+            let Some(&(upto, _)) = entries.last() else {
+                return true;
+            };
+            let decisions: Vec<Decision> = entries
+                .iter()
+                .filter_map(|(_, text)| match serde_json::from_str(text) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        self.metrics.decisions_dropped.inc();
+                        tracing::error!(error = %e, "an unreadable record in the decision outbox; dropped");
+                        None
+                    }
+                })
+                .collect();
+            if !decisions.is_empty() {
+                match client.record_decisions(&decisions).await {
+                    Ok(()) => status.control.ok(),
+                    Err(e) if e.is_transient() || e.is_setup_refusal() => {
+                        self.metrics.control_errors.inc();
+                        status.control.failed(&e);
+                        tracing::warn!(error = %e, pending = entries.len(), "cannot send decisions to the control plane; will retry");
+                        // Another worker may reach the control plane: it delivers now.
+                        if let Err(e) = self.state.release_log(&self.owner).await {
+                            tracing::warn!(error = %e, "cannot give up the decision outbox's lease");
+                        }
+                        return false;
+                    }
+                    Err(e) => {
+                        self.metrics.control_errors.inc();
+                        self.metrics
+                            .decisions_dropped
+                            .inc_by(decisions.len() as u64);
+                        status.control.failed(&e);
+                        tracing::error!(error = %e, dropped = decisions.len(), "control plane refused decisions; dropped");
+                    }
+                }
+            }
+            match self.state.ack_log(&self.owner, upto, LEASE).await {
+                Ok((mine, pending)) => {
+                    self.metrics.decisions_pending.set(pending as i64);
+                    // A lease that ran out meanwhile: the next holder delivers the rest.
+                    if !mine {
+                        return true;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot remove delivered decisions from the outbox; will retry");
+                    return false;
                 }
             }
         }
     }
 
-    /// Sends decisions as they come, backing off while the control plane is away.
-    /// After shutdown, one last flush gets at most `final_flush`.
+    /// Delivers as records are committed and as other workers' appear, backing off
+    /// while the control plane or the state is away. After shutdown, one last flush
+    /// gets at most `final_flush`, and the lease is given up for the workers that stay.
     pub async fn run(
         self: Arc<Self>,
         client: ControlClient,
@@ -240,81 +281,31 @@ impl Outbox {
         final_flush: Duration,
     ) {
         let mut backoff = Duration::from_millis(500);
-        loop {
+        'deliver: loop {
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
                 _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
             }
             while !self.flush(&client, &status).await {
                 if shutdown.sleep(backoff).await {
-                    break;
+                    break 'deliver;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             backoff = Duration::from_millis(500);
         }
-        if self.len() > 0
-            && tokio::time::timeout(final_flush, self.flush(&client, &status))
-                .await
-                .is_err()
+        if tokio::time::timeout(final_flush, self.flush(&client, &status))
+            .await
+            .is_err()
         {
             tracing::warn!(
-                pending = self.len(),
-                "decisions not sent to the control plane before shutdown"
+                "decisions not sent to the control plane before shutdown; they stay in the outbox"
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use esper_protocol::{Action, DecisionMode, Mitigation, Origin, Reason};
-    use prometheus::Registry;
-
-    use super::*;
-
-    fn decision(n: u32) -> Decision {
-        let m = Mitigation::new(
-            format!("ip:10.0.0.{n}").parse().unwrap(),
-            Action::Block,
-            Duration::from_secs(60),
-            Origin::Policy,
-            Reason::default(),
-        );
-        Decision {
-            id: m.id.clone(),
-            decided_at: m.created_at,
-            mitigation: m,
-            mode: DecisionMode::Enforce,
-            policy_id: None,
-            policy_version: None,
-            counted: None,
-            threshold: None,
-            window_secs: None,
-            decided_by: "w".into(),
+        if let Err(e) = self.state.release_log(&self.owner).await {
+            tracing::warn!(error = %e, "cannot give up the decision outbox's lease");
         }
-    }
-
-    #[test]
-    fn a_full_outbox_drops_the_oldest_and_counts() {
-        let metrics = Metrics::new(&Registry::new());
-        let outbox = Outbox::new(3, metrics.clone());
-        outbox.push((1..=4).map(decision).collect());
-        assert_eq!(outbox.len(), 3);
-        assert_eq!(metrics.decisions_dropped.get(), 1);
-        let batch = outbox.take();
-        assert_eq!(batch[0].mitigation.entity.to_string(), "ip:10.0.0.2");
-        outbox.push(vec![decision(5), decision(6)]);
-        // A batch that could not be sent goes back ahead of newer ones, within the bound.
-        outbox.requeue(batch);
-        assert_eq!(metrics.decisions_dropped.get(), 3);
-        let kept: Vec<String> = outbox
-            .take()
-            .iter()
-            .map(|d| d.mitigation.entity.to_string())
-            .collect();
-        assert_eq!(kept, ["ip:10.0.0.4", "ip:10.0.0.5", "ip:10.0.0.6"]);
-        assert_eq!(metrics.decisions_pending.get(), 0);
     }
 }

@@ -38,7 +38,7 @@ use crate::eval::{
     Evaluator, MemoryState, PostgresState, PostgresStateConfig, RedisState, RedisStateConfig,
     StateBackend, StateError,
 };
-use control::Outbox;
+use control::DecisionLog;
 use policies::{Follower, PolicyHandle, Source};
 use status::{Metrics, Status, WorkerHealth};
 
@@ -155,9 +155,14 @@ pub async fn run(
     };
     follower.refresh().await;
 
-    let outbox = control
-        .as_ref()
-        .map(|_| Arc::new(Outbox::new(config.decision_buffer, metrics.clone())));
+    let log = control.as_ref().map(|_| {
+        Arc::new(DecisionLog::new(
+            evaluator.state().clone(),
+            worker_id.clone(),
+            config.decision_buffer,
+            metrics.clone(),
+        ))
+    });
     let memory = match config.memory_limit {
         Some(limit) => Some(
             memory::MemoryGuard::new(limit, &registry)
@@ -183,7 +188,7 @@ pub async fn run(
         ),
         evaluator: evaluator.clone(),
         policies: handle.clone(),
-        outbox: outbox.clone(),
+        log: log.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
         memory: memory.clone(),
@@ -236,8 +241,8 @@ pub async fn run(
         config.concurrency,
         shutdown.clone(),
     ));
-    if let (Some(client), Some(outbox)) = (&control, &outbox) {
-        background.spawn(outbox.clone().run(
+    if let (Some(client), Some(log)) = (&control, &log) {
+        background.spawn(log.clone().run(
             client.clone(),
             status.clone(),
             shutdown.clone(),

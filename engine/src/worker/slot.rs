@@ -1,5 +1,5 @@
 //! One evaluation loop: claim a batch, evaluate it, publish its enforced mitigations,
-//! commit the state, queue the decisions for the control plane, acknowledge.
+//! commit the state with the decisions' records for the control plane, acknowledge.
 //!
 //! Ordering is what makes the work at-least-once and idempotent: events are only marked
 //! processed (committed) after their mitigations are published, and only acknowledged
@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use esper_common::Shutdown;
 use esper_protocol::ingestion::ClaimedItem;
-use esper_protocol::{IngestionClient, MitigationClient, RequestEvent};
+use esper_protocol::{Decision, IngestionClient, MitigationClient, RequestEvent};
 use tracing::Instrument;
 
-use super::control::Outbox;
+use super::control::DecisionLog;
 use super::policies::PolicyHandle;
 use super::status::{Metrics, Status};
-use crate::eval::{Evaluator, PolicySet};
+use crate::eval::{Evaluator, LogAppend, PolicySet};
 
 /// Everything the loops share.
 pub(crate) struct Shared {
@@ -32,7 +32,8 @@ pub(crate) struct Shared {
     pub mitigation: MitigationClient,
     pub evaluator: Evaluator,
     pub policies: Arc<PolicyHandle>,
-    pub outbox: Option<Arc<Outbox>>,
+    /// The decision log's outbox, with a control plane to deliver it to.
+    pub log: Option<Arc<DecisionLog>>,
     pub metrics: Metrics,
     pub status: Arc<Status>,
     /// `--memory-limit`: no new claims while it is exceeded.
@@ -151,7 +152,7 @@ async fn process(
         .metrics
         .evaluation_duration
         .observe(timer.elapsed().as_secs_f64());
-    let mut eval = match evaluated {
+    let eval = match evaluated {
         Ok(Ok(eval)) => eval,
         Ok(Err(e)) => {
             shared
@@ -204,10 +205,28 @@ async fn process(
         }
     }
 
-    if let Err(e) = shared.evaluator.commit(&eval, now).await {
-        // Mitigations are out; redelivery may decide them again, which is harmless.
-        tracing::error!(error = %e, "cannot commit the batch's state; the batch will be redelivered");
-        return false;
+    // The decisions' records are committed with the batch: none is lost once its
+    // events count as processed, and none is logged for a batch that will be decided
+    // again.
+    let records = match &shared.log {
+        Some(_) => records_of(&eval.decisions),
+        None => Vec::new(),
+    };
+    let append = match &shared.log {
+        Some(log) => log.records(&records),
+        None => LogAppend::default(),
+    };
+    match shared.evaluator.commit_with(&eval, append, now).await {
+        Ok(logged) => {
+            if let (Some(log), false) = (&shared.log, records.is_empty()) {
+                log.committed(logged);
+            }
+        }
+        Err(e) => {
+            // Mitigations are out; redelivery may decide them again, which is harmless.
+            tracing::error!(error = %e, "cannot commit the batch's state; the batch will be redelivered");
+            return false;
+        }
     }
     shared
         .status
@@ -227,9 +246,6 @@ async fn process(
             "decision"
         );
     }
-    if let Some(outbox) = &shared.outbox {
-        outbox.push(std::mem::take(&mut eval.decisions));
-    }
     shared
         .metrics
         .observe_state(shared.evaluator.state().as_ref());
@@ -244,6 +260,20 @@ async fn process(
         ack(shared, item_ids).await;
     }
     true
+}
+
+/// Decisions as the outbox's records (JSON).
+fn records_of(decisions: &[Decision]) -> Vec<String> {
+    decisions
+        .iter()
+        .filter_map(|d| match serde_json::to_string(d) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                tracing::error!(error = %e, id = %d.id, "cannot write a decision for the log");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Acknowledges, with a few quick retries. Items whose ack is lost come back after the

@@ -107,7 +107,7 @@ impl Metrics {
             ),
             decisions_pending: gauge(
                 "esper_decisions_pending",
-                "Decisions waiting to be sent to the control plane",
+                "Decisions in the state's outbox, waiting to be sent to the control plane (workers over one state share it)",
             ),
             control_errors: counter(
                 "esper_control_errors_total",
