@@ -104,7 +104,8 @@ suite!(postgres: counts_each_event_once_even_within_a_batch,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, restarted_state_keeps_counts,
-    a_database_of_the_first_layout_gains_the_outbox);
+    a_database_of_the_first_layout_gains_the_outbox,
+    a_record_numbered_lower_but_committed_later_is_not_lost);
 
 /// "Now" for a test: the current time rounded down to 10s, so that receipts'
 /// leases (which shared backends check against the real clock) are in the future and
@@ -827,10 +828,10 @@ async fn commits_fill_the_outbox_one_owner_delivers_it(b: &Backend) {
             pending: 2
         }
     );
-    assert_eq!(s.ack_log("w2", n[1], lease).await.unwrap(), (false, 2));
+    assert_eq!(s.ack_log("w2", &n, lease).await.unwrap(), (false, 2));
     // The holder removes what it delivered, and nothing committed since.
     commit_records(&*s, "e3", &records(&["c"]), 10).await;
-    assert_eq!(s.ack_log("w1", n[1], lease).await.unwrap(), (true, 1));
+    assert_eq!(s.ack_log("w1", &n, lease).await.unwrap(), (true, 1));
     // A claim reads at most `limit`, oldest first.
     commit_records(&*s, "e4", &records(&["d"]), 10).await;
     assert_eq!(
@@ -867,8 +868,8 @@ async fn a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on(b: &Backend
     let taken = s.claim_log("w2", short, 10).await.unwrap();
     assert_eq!(numbers(&taken), n, "the next owner reads the same records");
     // The old holder's late acknowledgement removes nothing.
-    assert_eq!(s.ack_log("w1", n[1], short).await.unwrap(), (false, 2));
-    assert_eq!(s.ack_log("w2", n[0], short).await.unwrap(), (true, 1));
+    assert_eq!(s.ack_log("w1", &n, short).await.unwrap(), (false, 2));
+    assert_eq!(s.ack_log("w2", &n[..1], short).await.unwrap(), (true, 1));
 }
 
 /// A database a worker of schema version 1 set up (before the outbox) is brought up to
@@ -893,7 +894,7 @@ async fn a_database_of_the_first_layout_gains_the_outbox(_: &Backend) {
     ] {
         sqlx::query(stmt).execute(&db).await.unwrap();
     }
-    let second = PostgresState::connect(config).await.unwrap();
+    let second = PostgresState::connect(config.clone()).await.unwrap();
     assert_eq!(second.stats().event_ids, 1);
     let version: i64 =
         sqlx::query_scalar("SELECT value FROM esper_state_meta WHERE name = 'schema_version'")
@@ -905,5 +906,56 @@ async fn a_database_of_the_first_layout_gains_the_outbox(_: &Backend) {
     assert_eq!(
         texts(&second.claim_log("w", LEASE, 10).await.unwrap()),
         records(&["x"])
+    );
+    // A database a newer build set up is refused, not altered.
+    sqlx::query("UPDATE esper_state_meta SET value = 99 WHERE name = 'schema_version'")
+        .execute(&db)
+        .await
+        .unwrap();
+    let refused = PostgresState::connect(PostgresStateConfig {
+        url,
+        pool_size: 2,
+        ttl: TTL,
+        lease: LEASE,
+        capacity: 1000,
+    })
+    .await;
+    let Err(e) = refused else {
+        panic!("a newer schema is refused")
+    };
+    assert!(e.to_string().contains("schema version 99"), "{e}");
+}
+
+/// PostgreSQL draws a record's number when its commit inserts it, not when the commit
+/// ends: a record numbered below those delivered can appear after the claim that read
+/// them. The acknowledgement must leave it for the next claim.
+async fn a_record_numbered_lower_but_committed_later_is_not_lost(_: &Backend) {
+    let url = pg::shared().fresh_database().await;
+    let s = PostgresState::connect(PostgresStateConfig {
+        url: url.clone(),
+        pool_size: 2,
+        ttl: TTL,
+        lease: LEASE,
+        capacity: 1000,
+    })
+    .await
+    .unwrap();
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut slow = db.begin().await.unwrap();
+    sqlx::query("INSERT INTO esper_state_outbox (entry) VALUES ('{\"n\":\"slow\"}')")
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    commit_records(&s, "e1", &records(&["quick"]), 10).await;
+    let claim = s.claim_log("w", LEASE, 10).await.unwrap();
+    assert_eq!(texts(&claim), records(&["quick"]));
+    slow.commit().await.unwrap();
+    assert_eq!(
+        s.ack_log("w", &numbers(&claim), LEASE).await.unwrap(),
+        (true, 1)
+    );
+    assert_eq!(
+        texts(&s.claim_log("w", LEASE, 10).await.unwrap()),
+        records(&["slow"])
     );
 }

@@ -422,9 +422,10 @@ impl StateBackend for MemoryState {
     async fn ack_log(
         &self,
         owner: &str,
-        upto: u64,
+        delivered: &[u64],
         lease: Duration,
     ) -> Result<(bool, usize), StateError> {
+        let upto = delivered.iter().max().copied().unwrap_or(0);
         Ok(self.inner.lock().outbox.ack(owner, upto, lease))
     }
 

@@ -73,7 +73,11 @@ const SCHEMA: &[&str] = &[
         evictions bigint NOT NULL DEFAULT 0,
         id_evictions bigint NOT NULL DEFAULT 0)",
     "INSERT INTO esper_state_counters (one) VALUES (true) ON CONFLICT DO NOTHING",
-    // Version 2: the decision log's outbox, appended by commits, and who delivers it.
+];
+
+/// Version 2: the decision log's outbox, appended by commits, and who delivers it. New
+/// tables only, so a version-1 database takes them while version-1 workers run.
+const SCHEMA_2: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS esper_state_outbox (
         seq bigserial PRIMARY KEY, entry text NOT NULL)",
     "CREATE TABLE IF NOT EXISTS esper_state_outbox_lease (
@@ -116,6 +120,12 @@ fn db(e: sqlx::Error) -> StateError {
 
 fn corrupt(what: impl std::fmt::Display) -> StateError {
     StateError::Unavailable(format!("unreadable PostgreSQL state row: {what}"))
+}
+
+fn newer_schema(found: i64) -> StateError {
+    StateError::Unavailable(format!(
+        "the PostgreSQL state has schema version {found}; this build knows {SCHEMA_VERSION}"
+    ))
 }
 
 fn millis(d: Duration) -> i64 {
@@ -327,18 +337,23 @@ impl PostgresState {
             .fetch_one(&mut *tx)
             .await
             .map_err(db)?;
-        if exists {
-            let current: Option<i64> = sqlx::query_scalar(
-                "SELECT value FROM esper_state_meta WHERE name = 'schema_version'",
-            )
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-            if current == Some(SCHEMA_VERSION) {
-                return tx.commit().await.map_err(db);
-            }
-        }
-        for stmt in SCHEMA {
+        let current: Option<i64> = if exists {
+            sqlx::query_scalar("SELECT value FROM esper_state_meta WHERE name = 'schema_version'")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?
+        } else {
+            None
+        };
+        let steps: Vec<&str> = match current {
+            Some(SCHEMA_VERSION) => return tx.commit().await.map_err(db),
+            Some(newer) if newer > SCHEMA_VERSION => return Err(newer_schema(newer)),
+            // Only what version 1 lacks: the whole schema would lock the tables that
+            // running workers lock in the other order (see above).
+            Some(1) => SCHEMA_2.to_vec(),
+            _ => SCHEMA.iter().chain(SCHEMA_2).copied().collect(),
+        };
+        for stmt in steps {
             sqlx::query(stmt).execute(&mut *tx).await.map_err(db)?;
         }
         let found: i64 = sqlx::query_scalar(
@@ -352,9 +367,7 @@ impl PostgresState {
         .await
         .map_err(db)?;
         if found > SCHEMA_VERSION {
-            return Err(StateError::Unavailable(format!(
-                "the PostgreSQL state has schema version {found}; this build knows {SCHEMA_VERSION}"
-            )));
+            return Err(newer_schema(found));
         }
         tx.commit().await.map_err(db)
     }
@@ -810,24 +823,19 @@ impl PostgresState {
         .bind(log.entries)
         .execute(&mut **tx)
         .await?;
-        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM esper_state_outbox")
-            .fetch_one(&mut **tx)
-            .await?;
-        let cap = i64::try_from(log.capacity.max(1)).unwrap_or(i64::MAX);
-        let mut dropped = 0;
-        if held > cap {
-            dropped = sqlx::query(
-                "DELETE FROM esper_state_outbox WHERE seq IN (
-                    SELECT seq FROM esper_state_outbox ORDER BY seq LIMIT $1)",
-            )
-            .bind(held - cap)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected() as usize;
-        }
+        // One statement: counted apart, a delivery acknowledged in between would leave
+        // the count stale and the trim would take undelivered records.
+        let dropped = sqlx::query(
+            "DELETE FROM esper_state_outbox WHERE seq <= (
+                SELECT seq FROM esper_state_outbox ORDER BY seq DESC OFFSET $1 LIMIT 1)",
+        )
+        .bind(i64::try_from(log.capacity.max(1)).unwrap_or(i64::MAX))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected() as usize;
         Ok(Logged {
             dropped,
-            pending: usize::try_from(held).unwrap_or(0).saturating_sub(dropped),
+            pending: self.log_len(tx).await?,
         })
     }
 
@@ -880,7 +888,7 @@ impl PostgresState {
         &self,
         tx: &mut Tx,
         owner: &str,
-        upto: u64,
+        delivered: &[u64],
         lease: Duration,
     ) -> Result<(bool, usize), StepError> {
         let mine = sqlx::query(&format!(
@@ -894,8 +902,14 @@ impl PostgresState {
         .rows_affected()
             == 1;
         if mine {
-            sqlx::query("DELETE FROM esper_state_outbox WHERE seq <= $1")
-                .bind(i64::try_from(upto).unwrap_or(i64::MAX))
+            // Exactly these: numbers are drawn when a commit inserts, not when it ends, so
+            // a lower one may have become visible since the claim, undelivered.
+            let numbers: Vec<i64> = delivered
+                .iter()
+                .filter_map(|n| i64::try_from(*n).ok())
+                .collect();
+            sqlx::query("DELETE FROM esper_state_outbox WHERE seq = ANY($1)")
+                .bind(numbers)
                 .execute(&mut **tx)
                 .await?;
         }
@@ -1103,11 +1117,11 @@ impl StateBackend for PostgresState {
     async fn ack_log(
         &self,
         owner: &str,
-        upto: u64,
+        delivered: &[u64],
         lease: Duration,
     ) -> Result<(bool, usize), StateError> {
         transact!(self, |tx| self
-            .ack_log_tx(&mut tx, owner, upto, lease)
+            .ack_log_tx(&mut tx, owner, delivered, lease)
             .await)
     }
 

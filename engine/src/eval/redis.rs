@@ -132,7 +132,7 @@ struct LogArg<'a> {
     lease: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     limit: Option<usize>,
-    /// The last record delivered, as text: Lua's numbers would round it past 2^53.
+    /// The last record delivered.
     #[serde(skip_serializing_if = "Option::is_none")]
     upto: Option<String>,
 }
@@ -423,12 +423,13 @@ impl StateBackend for RedisState {
     async fn ack_log(
         &self,
         owner: &str,
-        upto: u64,
+        delivered: &[u64],
         lease: Duration,
     ) -> Result<(bool, usize), StateError> {
         let answer: (String, String) = self
             .invoke(&LogArg {
-                upto: Some(upto.to_string()),
+                // Appended in number order by atomic scripts: none below is unread.
+                upto: Some(delivered.iter().max().copied().unwrap_or(0).to_string()),
                 ..self.log_arg("log_ack", owner, lease)
             })
             .await?;

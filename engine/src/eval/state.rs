@@ -365,12 +365,14 @@ pub trait StateBackend: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Claim, StateError>;
 
-    /// Removes the records numbered up to `upto`, delivered, if `owner` still holds the
-    /// lease (renewed for `lease`). Returns whether it did, and the records left.
+    /// Removes the records numbered `delivered` (as claimed), if `owner` still holds the
+    /// lease (renewed for `lease`). Returns whether it did, and the records left. By
+    /// number rather than "up to": a PostgreSQL record numbered below them may have been
+    /// committed since the claim, unread.
     async fn ack_log(
         &self,
         owner: &str,
-        upto: u64,
+        delivered: &[u64],
         lease: Duration,
     ) -> Result<(bool, usize), StateError>;
 

@@ -200,9 +200,20 @@ impl DecisionLog {
         self.notify.notify_one();
     }
 
-    /// Sends what the outbox holds; `false` when it must be tried again later.
-    async fn flush(&self, client: &ControlClient, status: &Status) -> bool {
+    /// Sends what the outbox holds; `false` when it must be tried again later. With
+    /// `shutdown`, stops after the batch in hand once it fires: other workers may keep
+    /// the shared outbox from ever being empty.
+    async fn flush(
+        &self,
+        client: &ControlClient,
+        status: &Status,
+        shutdown: Option<&Shutdown>,
+    ) -> bool {
+        let mut first_read = None;
         loop {
+            if shutdown.is_some_and(|s| s.is_triggered()) {
+                return true;
+            }
             let entries = match self.state.claim_log(&self.owner, LEASE, SEND_BATCH).await {
                 Ok(Claim::Held { pending, .. }) => {
                     self.metrics.decisions_pending.set(pending as i64);
@@ -217,9 +228,20 @@ impl DecisionLog {
                     return false;
                 }
             };
-            let Some(&(upto, _)) = entries.last() else {
+            if entries.is_empty() {
                 return true;
-            };
+            }
+            let numbers: Vec<u64> = entries.iter().map(|(n, _)| *n).collect();
+            // Acknowledged, yet read again: the records' numbers no longer rise (Redis
+            // lost the counter but kept the list). Sending them over and over helps
+            // no one; an operator must look.
+            if first_read.replace(numbers[0]) == Some(numbers[0]) {
+                tracing::error!(
+                    number = numbers[0],
+                    "delivered decisions stay in the outbox; is its counter lost?"
+                );
+                return false;
+            }
             let decisions: Vec<Decision> = entries
                 .iter()
                 .filter_map(|(_, text)| match serde_json::from_str(text) {
@@ -254,7 +276,7 @@ impl DecisionLog {
                     }
                 }
             }
-            match self.state.ack_log(&self.owner, upto, LEASE).await {
+            match self.state.ack_log(&self.owner, &numbers, LEASE).await {
                 Ok((mine, pending)) => {
                     self.metrics.decisions_pending.set(pending as i64);
                     // A lease that ran out meanwhile: the next holder delivers the rest.
@@ -271,8 +293,9 @@ impl DecisionLog {
     }
 
     /// Delivers as records are committed and as other workers' appear, backing off
-    /// while the control plane or the state is away. After shutdown, one last flush
-    /// gets at most `final_flush`, and the lease is given up for the workers that stay.
+    /// while the control plane or the state is away. Once `shutdown` fires (the worker
+    /// triggers it when its last batch is committed), one last flush gets at most
+    /// `final_flush`, and the lease is given up for the workers that stay.
     pub async fn run(
         self: Arc<Self>,
         client: ControlClient,
@@ -288,7 +311,7 @@ impl DecisionLog {
                 _ = self.notify.notified() => {}
                 _ = tokio::time::sleep(POLL) => {}
             }
-            while !self.flush(&client, &status).await {
+            while !self.flush(&client, &status, Some(&shutdown)).await {
                 if shutdown.sleep(backoff).await {
                     break 'deliver;
                 }
@@ -296,7 +319,7 @@ impl DecisionLog {
             }
             backoff = Duration::from_millis(500);
         }
-        if tokio::time::timeout(final_flush, self.flush(&client, &status))
+        if tokio::time::timeout(final_flush, self.flush(&client, &status, None))
             .await
             .is_err()
         {

@@ -241,11 +241,14 @@ pub async fn run(
         config.concurrency,
         shutdown.clone(),
     ));
+    // The outbox is delivered until the last batch is committed, not until shutdown
+    // begins: batches in hand still add to it (the memory state's would be lost).
+    let (slots_done, log_stop) = Shutdown::new();
     if let (Some(client), Some(log)) = (&control, &log) {
         background.spawn(log.clone().run(
             client.clone(),
             status.clone(),
-            shutdown.clone(),
+            log_stop,
             config.shutdown_timeout.min(Duration::from_secs(10)),
         ));
         let beat = Heartbeat {
@@ -284,6 +287,7 @@ pub async fn run(
             }
         }
     }
+    slots_done.trigger();
     while let Some(joined) = background.join_next().await {
         if let Err(e) = joined {
             failure.get_or_insert(WorkerError::Task(e.to_string()));
