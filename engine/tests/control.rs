@@ -53,6 +53,22 @@ fn config(control: &str, ingestion: &str, mitigation: &str) -> Config {
     }
 }
 
+/// The control plane's decision log once it holds `n` decisions (waiting up to `limit`).
+async fn logged_decisions(api: &str, n: usize, limit: Duration) -> DecisionsResponse {
+    eventually(limit, &format!("{n} logged decisions"), || async {
+        let log: DecisionsResponse =
+            control_request(Method::GET, format!("{api}/api/v1/decisions"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+        (log.decisions.len() == n).then_some(log)
+    })
+    .await
+}
+
 /// The office list and [`POLICIES`], through the control plane's API at `api`.
 async fn set_up_policies(api: &str) {
     let resp = control_request(Method::PUT, format!("{api}/api/v1/lists/office"))
@@ -101,19 +117,7 @@ async fn policies_from_the_control_plane_decisions_into_its_log() {
         "ip:127.0.0.2".parse().unwrap()
     );
 
-    let log: DecisionsResponse =
-        eventually(Duration::from_secs(10), "3 logged decisions", || async {
-            let log: DecisionsResponse =
-                control_request(Method::GET, format!("{api}/api/v1/decisions"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-            (log.decisions.len() == 3).then_some(log)
-        })
-        .await;
+    let log = logged_decisions(&api, 3, Duration::from_secs(10)).await;
     let mut seen: Vec<(String, String, DecisionMode, Option<i64>)> = log
         .decisions
         .iter()
@@ -307,19 +311,7 @@ async fn decisions_made_while_the_control_plane_is_away_outlive_their_worker() {
     )
     .await;
     let second = worker(over_redis("worker-next", &api)).await;
-    let log: DecisionsResponse =
-        eventually(Duration::from_secs(15), "2 logged decisions", || async {
-            let log: DecisionsResponse =
-                control_request(Method::GET, format!("{api}/api/v1/decisions"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-            (log.decisions.len() == 2).then_some(log)
-        })
-        .await;
+    let log = logged_decisions(&api, 2, Duration::from_secs(15)).await;
     let mut seen: Vec<(String, String, DecisionMode)> = log
         .decisions
         .iter()

@@ -714,19 +714,23 @@ async fn a_batch_past_its_lease_is_undone_and_cannot_commit(b: &Backend) {
     assert_eq!(again.duplicate, vec![true; 3]);
 }
 
-/// Durable state: a new connection to the same database finds the windows, decisions
-/// and processed ids of the old one.
-async fn restarted_state_keeps_counts(_: &Backend) {
-    let url = pg::shared().fresh_database().await;
-    let config = PostgresStateConfig {
-        url,
+/// Two connections, a test's default lease and capacity, on the database at `url`.
+fn pg_config(url: &str) -> PostgresStateConfig {
+    PostgresStateConfig {
+        url: url.to_string(),
         pool_size: 2,
         ttl: TTL,
         lease: LEASE,
         capacity: 1000,
-    };
+    }
+}
+
+/// Durable state: a new connection to the same database finds the windows, decisions
+/// and processed ids of the old one.
+async fn restarted_state_keeps_counts(_: &Backend) {
+    let url = pg::shared().fresh_database().await;
+    let config = pg_config(&url);
     let now = now();
-    let config_url = config.url.clone();
     let first = PostgresState::connect(config.clone()).await.unwrap();
     apply_commit(&first, &batch(&["a", "b"], "ip:10.0.0.1", now), now).await;
     drop(first);
@@ -747,15 +751,7 @@ async fn restarted_state_keeps_counts(_: &Backend) {
         .await
         .unwrap();
     drop(second);
-    let third = PostgresState::connect(PostgresStateConfig {
-        url: config_url,
-        pool_size: 2,
-        ttl: TTL,
-        lease: LEASE,
-        capacity: 1000,
-    })
-    .await
-    .unwrap();
+    let third = PostgresState::connect(pg_config(&url)).await.unwrap();
     assert_eq!(
         texts(&third.claim_log("w", LEASE, 10).await.unwrap()),
         records
@@ -876,13 +872,7 @@ async fn a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on(b: &Backend
 /// date by the next worker that connects, while it keeps its state.
 async fn a_database_of_the_first_layout_gains_the_outbox(_: &Backend) {
     let url = pg::shared().fresh_database().await;
-    let config = PostgresStateConfig {
-        url: url.clone(),
-        pool_size: 2,
-        ttl: TTL,
-        lease: LEASE,
-        capacity: 1000,
-    };
+    let config = pg_config(&url);
     let now = now();
     let first = PostgresState::connect(config.clone()).await.unwrap();
     apply_commit(&first, &batch(&["a"], "ip:10.0.0.1", now), now).await;
@@ -912,14 +902,7 @@ async fn a_database_of_the_first_layout_gains_the_outbox(_: &Backend) {
         .execute(&db)
         .await
         .unwrap();
-    let refused = PostgresState::connect(PostgresStateConfig {
-        url,
-        pool_size: 2,
-        ttl: TTL,
-        lease: LEASE,
-        capacity: 1000,
-    })
-    .await;
+    let refused = PostgresState::connect(pg_config(&url)).await;
     let Err(e) = refused else {
         panic!("a newer schema is refused")
     };
@@ -931,15 +914,7 @@ async fn a_database_of_the_first_layout_gains_the_outbox(_: &Backend) {
 /// them. The acknowledgement must leave it for the next claim.
 async fn a_record_numbered_lower_but_committed_later_is_not_lost(_: &Backend) {
     let url = pg::shared().fresh_database().await;
-    let s = PostgresState::connect(PostgresStateConfig {
-        url: url.clone(),
-        pool_size: 2,
-        ttl: TTL,
-        lease: LEASE,
-        capacity: 1000,
-    })
-    .await
-    .unwrap();
+    let s = PostgresState::connect(pg_config(&url)).await.unwrap();
     let db = sqlx::PgPool::connect(&url).await.unwrap();
     let mut slow = db.begin().await.unwrap();
     sqlx::query("INSERT INTO esper_state_outbox (entry) VALUES ('{\"n\":\"slow\"}')")
