@@ -63,6 +63,27 @@ fn relay(listener: TcpListener, target: SocketAddr, stall: Arc<AtomicBool>, seen
     });
 }
 
+/// Real brokers in this process, each on its own loopback port, until `shutdown`: the
+/// ingestion broker's URL and the mitigation broker's address.
+async fn brokers(shutdown: &Shutdown) -> (String, SocketAddr) {
+    let ing_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ing_url = format!("http://{}", ing_l.local_addr().unwrap());
+    let ing_cfg = esper_ingestion::Config {
+        listen: ing_l.local_addr().unwrap(),
+        batch_timeout: Duration::ZERO,
+        ..esper_ingestion::Config::default()
+    };
+    tokio::spawn(esper_ingestion::run(ing_cfg, ing_l, shutdown.clone()));
+    let mit_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mit_addr = mit_l.local_addr().unwrap();
+    let mit_cfg = esper_mitigation::Config {
+        listen: mit_addr,
+        ..esper_mitigation::Config::default()
+    };
+    tokio::spawn(esper_mitigation::run(mit_cfg, mit_l, shutdown.clone()));
+    (ing_url, mit_addr)
+}
+
 fn failed_logins(ip: &str, n: usize, tag: &str) -> Vec<RequestEvent> {
     (0..n)
         .map(|i| {
@@ -74,11 +95,13 @@ fn failed_logins(ip: &str, n: usize, tag: &str) -> Vec<RequestEvent> {
         .collect()
 }
 
+/// A worker over the Redis state; `source` is where its policies come from
+/// (`["--policies", FILE, "--control-url", ""]` or `["--control-url", URL]`).
 fn worker_args(
     id: &str,
     ingestion: &str,
     mitigation: &str,
-    policies: &str,
+    source: &[&str],
     redis: &str,
 ) -> Vec<String> {
     [
@@ -97,21 +120,17 @@ fn worker_args(
         "redis",
         "--state-redis-url",
         redis,
-        "--policies",
-        policies,
         "--ingestion-url",
         ingestion,
         "--mitigation-url",
         mitigation,
-        "--control-url",
-        "",
         "--evaluation-timeout",
         "1s",
-        "--listen",
     ]
     .iter()
+    .chain(source)
     .map(|s| s.to_string())
-    .chain([free_addr().to_string()])
+    .chain(["--listen".to_string(), free_addr().to_string()])
     .collect()
 }
 
@@ -121,23 +140,8 @@ async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
     let prefix = redis_server::unique_prefix("kill").replace('-', "_");
     let env = [("ESPER_STATE_KEY_PREFIX", prefix)];
 
-    // Real brokers in this process, each on its own loopback port.
     let (_trigger, shutdown) = Shutdown::new();
-    let ing_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ing_url = format!("http://{}", ing_l.local_addr().unwrap());
-    let ing_cfg = esper_ingestion::Config {
-        listen: ing_l.local_addr().unwrap(),
-        batch_timeout: Duration::ZERO,
-        ..esper_ingestion::Config::default()
-    };
-    tokio::spawn(esper_ingestion::run(ing_cfg, ing_l, shutdown.clone()));
-    let mit_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mit_addr = mit_l.local_addr().unwrap();
-    let mit_cfg = esper_mitigation::Config {
-        listen: mit_addr,
-        ..esper_mitigation::Config::default()
-    };
-    tokio::spawn(esper_mitigation::run(mit_cfg, mit_l, shutdown.clone()));
+    let (ing_url, mit_addr) = brokers(&shutdown).await;
     let relay_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_url = format!("http://{}", relay_l.local_addr().unwrap());
     let (stall, seen) = (
@@ -150,6 +154,7 @@ async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
     let policies = dir.path().join("policies.toml");
     std::fs::write(&policies, POLICY).unwrap();
     let policies = policies.to_string_lossy().to_string();
+    let from_file = ["--policies", &policies, "--control-url", ""];
 
     // 25 failed logins from .2 (over both rungs), 9 from .3 (under the threshold).
     let ingest = IngestionClient::new(&ing_url, None);
@@ -161,7 +166,7 @@ async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
     // the Redis state, its publish hangs, and it is killed right then.
     let mut first = Proc::esper(
         "worker-a",
-        &worker_args("worker-a", &ing_url, &relay_url, &policies, &redis.url()),
+        &worker_args("worker-a", &ing_url, &relay_url, &from_file, &redis.url()),
         &env.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>(),
     );
     eventually(
@@ -197,7 +202,7 @@ async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
         "worker-b",
         &ing_url,
         &format!("http://{mit_addr}"),
-        &policies,
+        &from_file,
         &redis.url(),
     );
     args.pop();
@@ -256,4 +261,169 @@ async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
     assert_eq!(sample("esper_events_evaluated_total"), 34.0, "{metrics}");
     assert_eq!(sample("esper_duplicate_events_total"), 0.0, "{metrics}");
     stall.store(false, Ordering::SeqCst);
+}
+
+const CONTROL_TOKEN: &str = "kill-test-token-0123456789";
+
+/// A control plane in this process on loopback ports, its store the SQLite file in
+/// `dir`: its API's URL, and the trigger and task that stop it.
+async fn control_plane(
+    dir: &TempDir,
+    ingestion: &str,
+    mitigation: &str,
+) -> (
+    String,
+    esper_common::shutdown::ShutdownTrigger,
+    tokio::task::JoinHandle<Result<(), esper_control::Error>>,
+) {
+    let config = esper_control::Config {
+        database_url: format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("esper.db").display()
+        ),
+        ingestion_url: ingestion.to_string(),
+        mitigation_url: mitigation.to_string(),
+        admin_token: Some(CONTROL_TOKEN.to_string()),
+        shutdown_timeout: Duration::from_secs(2),
+        ..esper_control::Config::default()
+    };
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let (metrics, health, api) = (
+        listeners.pop().unwrap(),
+        listeners.pop().unwrap(),
+        listeners.pop().unwrap(),
+    );
+    let (trigger, shutdown) = Shutdown::new();
+    let started = esper_control::start(
+        config,
+        esper_control::Listeners {
+            api,
+            health,
+            metrics,
+        },
+        shutdown,
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}", started.api_addr);
+    (url, trigger, tokio::spawn(started.wait()))
+}
+
+async fn ops_sample(ops: SocketAddr, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+}
+
+/// The binary's worker, over Redis state, with its control plane away: the decision it
+/// makes is committed with its batch into Redis, so a SIGKILL loses its record, and a
+/// worker started later over the same Redis delivers it to the control plane's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_the_control_plane_is_away_loses_no_decision_record() {
+    let redis = redis_server::shared();
+    let prefix = redis_server::unique_prefix("killlog").replace('-', "_");
+    let env = [
+        ("ESPER_STATE_KEY_PREFIX", prefix),
+        ("ESPER_CONTROL_TOKEN", CONTROL_TOKEN.to_string()),
+    ];
+    let (_trigger, shutdown) = Shutdown::new();
+    let (ing_url, mit_addr) = brokers(&shutdown).await;
+    let mit_url = format!("http://{mit_addr}");
+    let dir = TempDir::new("killlog");
+
+    let (ctl, stop_ctl, ctl_task) = control_plane(&dir, &ing_url, &mit_url).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{ctl}/api/v1/policies"))
+        .bearer_auth(CONTROL_TOKEN)
+        .header("content-type", "application/toml")
+        .body(POLICY)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let mut args = worker_args(
+        "worker-a",
+        &ing_url,
+        &mit_url,
+        &["--control-url", &ctl],
+        &redis.url(),
+    );
+    let ops: SocketAddr = args.last().unwrap().parse().unwrap();
+    let mut first = Proc::esper("worker-a", &args, &env);
+    eventually(Duration::from_secs(20), "policies loaded", || async {
+        (ops_sample(ops, "esper_policies_loaded").await? == 1.0).then_some(())
+    })
+    .await;
+    stop_ctl.trigger();
+    ctl_task.await.unwrap().unwrap();
+
+    IngestionClient::new(&ing_url, None)
+        .ingest(failed_logins("10.0.0.2", 10, "c"))
+        .await
+        .unwrap();
+    let mitigations = MitigationClient::new(&mit_url, None);
+    eventually(Duration::from_secs(20), "the block published", || async {
+        (mitigations.active(None).await.ok()?.total == 1).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(20), "its record committed", || async {
+        (ops_sample(ops, "esper_decisions_pending").await? == 1.0).then_some(())
+    })
+    .await;
+    std::process::Command::new("kill")
+        .args(["-KILL", &first.child_id().to_string()])
+        .status()
+        .unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if first.try_exit().is_some() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the first worker is gone after SIGKILL");
+
+    // Back on the same store; a second worker over the same Redis delivers the record
+    // (within the lease, should the dead worker have held it).
+    let (ctl, stop_ctl, ctl_task) = control_plane(&dir, &ing_url, &mit_url).await;
+    args = worker_args(
+        "worker-b",
+        &ing_url,
+        &mit_url,
+        &["--control-url", &ctl],
+        &redis.url(),
+    );
+    let mut second = Proc::esper("worker-b", &args, &env);
+    let http = reqwest::Client::new();
+    let logged: serde_json::Value =
+        eventually(Duration::from_secs(45), "the record in the log", || async {
+            let log: serde_json::Value = http
+                .get(format!("{ctl}/api/v1/decisions"))
+                .bearer_auth(CONTROL_TOKEN)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (log["decisions"].as_array()?.len() == 1).then_some(log)
+        })
+        .await;
+    let decision = &logged["decisions"][0]["decision"];
+    assert_eq!(decision["decided_by"], "worker-a", "{logged}");
+    assert_eq!(decision["mitigation"]["entity"], "ip:10.0.0.2", "{logged}");
+    assert_eq!(decision["policy_id"], "login-brute-force", "{logged}");
+    second.terminate(Duration::from_secs(10));
+    stop_ctl.trigger();
+    ctl_task.await.unwrap().unwrap();
 }
