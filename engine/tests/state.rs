@@ -105,7 +105,8 @@ suite!(postgres: counts_each_event_once_even_within_a_batch,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, restarted_state_keeps_counts,
     a_database_of_the_first_layout_gains_the_outbox,
-    a_record_numbered_lower_but_committed_later_is_not_lost);
+    a_record_numbered_lower_but_committed_later_is_not_lost,
+    an_unreadable_state_row_starts_afresh);
 
 /// "Now" for a test: the current time rounded down to 10s, so that receipts'
 /// leases (which shared backends check against the real clock) are in the future and
@@ -933,4 +934,26 @@ async fn a_record_numbered_lower_but_committed_later_is_not_lost(_: &Backend) {
         texts(&s.claim_log("w", LEASE, 10).await.unwrap()),
         records(&["slow"])
     );
+}
+
+/// A state row that cannot be read (a bad byte on disk, a hand edit) does not fail every
+/// batch that touches its entity: the entity starts afresh.
+async fn an_unreadable_state_row_starts_afresh(_: &Backend) {
+    let url = pg::shared().fresh_database().await;
+    let s = PostgresState::connect(pg_config(&url)).await.unwrap();
+    let now = now();
+    apply_commit(&s, &batch(&["a", "b"], "ip:10.0.0.1", now), now).await;
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    let n = sqlx::query("UPDATE esper_state_entity SET state = '\\x00ff'::bytea")
+        .execute(&db)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(n, 1);
+    // Read, "a" and "b" would make this batch cross the threshold of 3.
+    let out = apply_commit(&s, &batch(&["c", "d"], "ip:10.0.0.1", now), now).await;
+    assert!(out.crossings.is_empty(), "{out:?}");
+    let out = apply_commit(&s, &batch(&["e"], "ip:10.0.0.1", now), now).await;
+    assert_eq!(out.crossings.len(), 1, "c, d and e make 3");
+    assert_eq!(s.refresh_stats().await.unwrap().entities, 1);
 }

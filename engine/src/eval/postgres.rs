@@ -501,8 +501,20 @@ impl PostgresState {
         .fetch_all(&mut **tx)
         .await?;
         for row in rows {
-            if let Some((policy, entity, _)) = load_row(&row, scratch)? {
-                existed.insert((policy, entity));
+            match load_row(&row, scratch) {
+                Ok(Some((policy, entity, _))) => {
+                    existed.insert((policy, entity));
+                }
+                Ok(None) => {}
+                // Its entity starts afresh (the row is overwritten by this step): kept,
+                // the row would fail every batch with a hit on that entity, for good.
+                Err(StepError::State(e)) => {
+                    let policy: String = row.try_get("policy")?;
+                    let entity: String = row.try_get("entity")?;
+                    tracing::error!(%policy, %entity, error = %e, "an unreadable state row starts afresh");
+                    existed.insert((policy, entity));
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(existed)
