@@ -94,7 +94,7 @@ suite!(redis: counts_each_event_once_even_within_a_batch,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
-    a_batch_past_its_lease_is_undone_and_cannot_commit);
+    a_batch_past_its_lease_is_undone_and_cannot_commit, an_unreadable_entity_hash_starts_afresh);
 suite!(postgres: counts_each_event_once_even_within_a_batch,
     commits_fill_the_outbox_one_owner_delivers_it,
     a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
@@ -950,10 +950,53 @@ async fn an_unreadable_state_row_starts_afresh(_: &Backend) {
         .unwrap()
         .rows_affected();
     assert_eq!(n, 1);
-    // Read, "a" and "b" would make this batch cross the threshold of 3.
-    let out = apply_commit(&s, &batch(&["c", "d"], "ip:10.0.0.1", now), now).await;
-    assert!(out.crossings.is_empty(), "{out:?}");
-    let out = apply_commit(&s, &batch(&["e"], "ip:10.0.0.1", now), now).await;
-    assert_eq!(out.crossings.len(), 1, "c, d and e make 3");
+    counts_start_afresh(&s, now).await;
     assert_eq!(s.refresh_stats().await.unwrap().entities, 1);
+}
+
+/// The same for a Redis entity hash whose window and sequence cannot be read.
+async fn an_unreadable_entity_hash_starts_afresh(_: &Backend) {
+    let prefix = redis_server::unique_prefix("garbled");
+    let s = RedisState::connect(RedisStateConfig {
+        url: redis_server::shared().url(),
+        prefix: prefix.clone(),
+        ttl: TTL,
+        lease: LEASE,
+        capacity: 1000,
+    })
+    .await
+    .unwrap();
+    let now = now();
+    apply_commit(&s, &batch(&["a", "b"], "ip:10.0.0.1", now), now).await;
+    let mut redis = ::redis::Client::open(redis_server::shared().url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{prefix}:e:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: () = ::redis::cmd("HSET")
+        .arg(&keys[0])
+        .arg("w")
+        .arg("x=1;2=y;")
+        .arg("ss")
+        .arg("?")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    counts_start_afresh(&s, now).await;
+}
+
+/// After ip:10.0.0.1's counts of "a" and "b" were made unreadable: they are gone, and
+/// counting goes on from nothing.
+async fn counts_start_afresh(s: &dyn StateBackend, now: i64) {
+    // Read, "a" and "b" would make this batch cross the threshold of 3.
+    let out = apply_commit(s, &batch(&["c", "d"], "ip:10.0.0.1", now), now).await;
+    assert!(out.crossings.is_empty(), "{out:?}");
+    let out = apply_commit(s, &batch(&["e"], "ip:10.0.0.1", now), now).await;
+    assert_eq!(out.crossings.len(), 1, "c, d and e make 3");
 }

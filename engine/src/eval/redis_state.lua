@@ -62,12 +62,16 @@ local function load(pk, ent, create, meta)
         cu = tonumber(h.cu) or 0, cb = tonumber(h.cb) or 0, lv = tonumber(h.lv) or 0,
         of = tonumber(h.of) or 0, lo = tonumber(h.lo) or 0, dh = tonumber(h.dh),
         win = meta and meta.win or tonumber(h.win) or 0, fresh = (#raw == 0) }
+  -- What cannot be read (a hand edit, a bad restore) is left out rather than failing
+  -- every batch with a hit on this entity.
   if h.w and h.w ~= '' then
     for b, w in string.gmatch(h.w, '([^=;]+)=([^;]+)') do
-      e.w[#e.w + 1] = { tonumber(b), tonumber(w) }
+      local bn, wn = tonumber(b), tonumber(w)
+      if bn and wn then e.w[#e.w + 1] = { bn, wn } end
     end
   end
-  if h.ss then e.seq = { step = tonumber(h.ss), matched = tonumber(h.sm), started = tonumber(h.st) } end
+  local ss, sm, st = tonumber(h.ss), tonumber(h.sm), tonumber(h.st)
+  if ss and sm and st then e.seq = { step = ss, matched = sm, started = st } end
   cache[id] = e
   return e
 end
