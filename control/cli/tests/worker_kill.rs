@@ -84,6 +84,21 @@ async fn brokers(shutdown: &Shutdown) -> (String, SocketAddr) {
     (ing_url, mit_addr)
 }
 
+/// Kills `worker` with SIGKILL and waits (at most 5 s) until it is gone.
+async fn kill(worker: &mut Proc) {
+    std::process::Command::new("kill")
+        .args(["-KILL", &worker.child_id().to_string()])
+        .status()
+        .unwrap();
+    for _ in 0..100 {
+        if worker.try_exit().is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} is still there after SIGKILL", worker.name);
+}
+
 fn failed_logins(ip: &str, n: usize, tag: &str) -> Vec<RequestEvent> {
     (0..n)
         .map(|i| {
@@ -177,19 +192,7 @@ async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
     .await;
     let status = ingest.status().await.unwrap();
     assert_eq!((status.leased, status.acked_total), (34, 0), "{status:?}");
-    std::process::Command::new("kill")
-        .args(["-KILL", &first.child_id().to_string()])
-        .status()
-        .unwrap();
-    let mut gone = false;
-    for _ in 0..100 {
-        if first.try_exit().is_some() {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(gone, "the first worker is gone after SIGKILL");
+    kill(&mut first).await;
     assert!(
         first.log().contains("engine worker started"),
         "{}",
@@ -379,19 +382,7 @@ async fn a_worker_killed_while_the_control_plane_is_away_loses_no_decision_recor
         (ops_sample(ops, "esper_decisions_pending").await? == 1.0).then_some(())
     })
     .await;
-    std::process::Command::new("kill")
-        .args(["-KILL", &first.child_id().to_string()])
-        .status()
-        .unwrap();
-    let mut gone = false;
-    for _ in 0..100 {
-        if first.try_exit().is_some() {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(gone, "the first worker is gone after SIGKILL");
+    kill(&mut first).await;
 
     // Back on the same store; a second worker over the same Redis delivers the record
     // (within the lease, should the dead worker have held it).
