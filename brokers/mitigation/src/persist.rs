@@ -517,7 +517,7 @@ impl Persistence {
                 self.succeeded();
                 return Flushed::Drained;
             }
-            for (upto, delivery) in deliveries(entries, &self.metrics) {
+            for (numbers, delivery) in deliveries(entries, &self.metrics) {
                 if let Some(d) = &delivery
                     && let Sent::Retry = self.send(d).await
                 {
@@ -528,7 +528,7 @@ impl Persistence {
                     }
                     return Flushed::Failed;
                 }
-                match journal.ack(&self.owner, upto, LEASE).await {
+                match journal.ack(&self.owner, &numbers, LEASE).await {
                     Ok((true, pending)) => self.seen_shared(pending),
                     Ok((false, pending)) => {
                         tracing::warn!(
@@ -651,25 +651,25 @@ fn entries_of(write: Write<'_>) -> Vec<Entry> {
 /// of its last entry: runs of decisions, single revocations. An unreadable entry (none
 /// is ever written) is counted and comes out as a `None` delivery: nothing to send, but
 /// removed all the same.
-fn deliveries(entries: Vec<(u64, String)>, metrics: &Metrics) -> Vec<(u64, Option<Delivery>)> {
-    let mut out: Vec<(u64, Option<Delivery>)> = Vec::new();
+fn deliveries(entries: Vec<(u64, String)>, metrics: &Metrics) -> Vec<(Vec<u64>, Option<Delivery>)> {
+    let mut out: Vec<(Vec<u64>, Option<Delivery>)> = Vec::new();
     for (n, body) in entries {
         match serde_json::from_str::<Entry>(&body) {
             Ok(Entry::Record(d)) => match out.last_mut() {
-                Some((upto, Some(Delivery::Records(run)))) if run.len() < SEND_BATCH => {
+                Some((numbers, Some(Delivery::Records(run)))) if run.len() < SEND_BATCH => {
                     run.push(*d);
-                    *upto = n;
+                    numbers.push(n);
                 }
-                _ => out.push((n, Some(Delivery::Records(vec![*d])))),
+                _ => out.push((vec![n], Some(Delivery::Records(vec![*d])))),
             },
-            Ok(Entry::Revoke(r)) => out.push((n, Some(Delivery::Revoke(r)))),
+            Ok(Entry::Revoke(r)) => out.push((vec![n], Some(Delivery::Revoke(r)))),
             Err(e) => {
                 metrics
                     .persistence_dropped
                     .with_label_values(&["unreadable"])
                     .inc();
                 tracing::error!(error = %e, entry = n, "unreadable entry in the outbox; dropped");
-                out.push((n, None));
+                out.push((vec![n], None));
             }
         }
     }
@@ -933,7 +933,7 @@ mod tests {
         bodies.push("garbage".into());
         let numbered: Vec<(u64, String)> = (1..).zip(bodies).collect();
         let out = deliveries(numbered, &metrics);
-        let shape: Vec<(u64, String)> = out
+        let shape: Vec<(Vec<u64>, String)> = out
             .iter()
             .map(|(n, d)| {
                 let what = match d {
@@ -945,17 +945,17 @@ mod tests {
                     Some(Delivery::Revoke(r)) => format!("revoke {}", r.id.clone().unwrap()),
                     None => "unreadable".into(),
                 };
-                (*n, what)
+                (n.clone(), what)
             })
             .collect();
         assert_eq!(
             shape,
             [
-                (2, format!("{},{}", a.id, b.id)),
-                (3, format!("revoke {}", a.id)),
-                (4, "unreadable".into()),
-                (5, c.id.clone()),
-                (6, "unreadable".into()),
+                (vec![1, 2], format!("{},{}", a.id, b.id)),
+                (vec![3], format!("revoke {}", a.id)),
+                (vec![4], "unreadable".into()),
+                (vec![5], c.id.clone()),
+                (vec![6], "unreadable".into()),
             ]
         );
         let unreadable = metrics

@@ -419,7 +419,7 @@ async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_l
             pending: 2
         }
     );
-    assert_eq!(journal.ack("x", 1, long).await.unwrap(), (true, 1));
+    assert_eq!(journal.ack("x", &[1], long).await.unwrap(), (true, 1));
 
     // `drop_oldest` makes room by dropping the oldest; an ack counts by number, so one
     // for entries dropped meanwhile removes nothing newer.
@@ -439,7 +439,7 @@ async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_l
         ),
         "{done:?}"
     );
-    assert_eq!(journal.ack("x", 2, long).await.unwrap(), (true, 2));
+    assert_eq!(journal.ack("x", &[1, 2], long).await.unwrap(), (true, 2));
     x_reads(&*journal, 2, &[(4, "d"), (5, "e")]).await;
 
     // Only the holder can give the lease up; then another owner takes over at once.
@@ -460,8 +460,8 @@ async fn the_outbox_in_redis_is_written_with_its_write_and_delivered_under_one_l
         claimed(&*journal, "x", long).await,
         Claim::Mine { .. }
     ));
-    assert_eq!(journal.ack("y", 4, long).await.unwrap(), (false, 2));
-    assert_eq!(journal.ack("x", 4, long).await.unwrap(), (true, 1));
+    assert_eq!(journal.ack("y", &[4], long).await.unwrap(), (false, 2));
+    assert_eq!(journal.ack("x", &[4], long).await.unwrap(), (true, 1));
 
     // A clear is journaled like any write.
     let done = journal
@@ -513,8 +513,35 @@ async fn an_ack_after_redis_lost_its_data_removes_nothing_written_since() {
         .await
         .unwrap();
     // The late ack for "a".."e" must not take the new, undelivered entries.
-    assert_eq!(journal.ack("x", 5, long).await.unwrap(), (false, 2));
+    assert_eq!(
+        journal.ack("x", &[1, 2, 3, 4, 5], long).await.unwrap(),
+        (false, 2)
+    );
     x_reads(&*journal, 2, &[(1, "f"), (2, "g")]).await;
+}
+
+#[tokio::test]
+async fn an_ack_after_the_numbering_started_over_removes_only_what_was_read() {
+    let (_store, journal, prefix, mut conn) = own_journal("journal-renumbered").await;
+    let long = Duration::from_secs(60);
+    journal
+        .write(Write::Clear, &log(&["a", "b", "c"], 100, false))
+        .await
+        .unwrap();
+    x_reads(&*journal, 3, &[(1, "a"), (2, "b"), (3, "c")]).await;
+    // The counter is lost (deleted by hand, evicted), the list kept: the next entries
+    // are numbered 1 and 2 again, below what "x" read.
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{{{prefix}}}:mit:outbox_seq"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    journal
+        .write(Write::Clear, &log(&["d", "e"], 100, false))
+        .await
+        .unwrap();
+    assert_eq!(journal.ack("x", &[1, 2, 3], long).await.unwrap(), (true, 2));
+    x_reads(&*journal, 2, &[(1, "d"), (2, "e")]).await;
 }
 
 #[tokio::test]
@@ -533,7 +560,10 @@ async fn outbox_numbers_stay_whole_past_the_float_digits_of_lua() {
     let long = Duration::from_secs(60);
     x_reads(&*journal, 1, &[(100_000_000_000_001, "a")]).await;
     assert_eq!(
-        journal.ack("x", 100_000_000_000_001, long).await.unwrap(),
+        journal
+            .ack("x", &[100_000_000_000_001], long)
+            .await
+            .unwrap(),
         (true, 0)
     );
 }

@@ -39,17 +39,24 @@ local function outbox_claim(out, lease, owner, lease_ms, limit)
   end
   return answer
 end
--- Removes the entries numbered up to `upto`, if `owner` still holds the lease (renewed).
-local function outbox_ack(out, lease, owner, upto, lease_ms)
+-- Removes the entries numbered in `delivered` (a table of number texts), if `owner`
+-- still holds the lease (renewed). They are the head of the list, as read (appends go to
+-- the tail, trims take the head), so it pops while the head is one of them, each number
+-- once: exactly those, even if the numbering started over meanwhile (its counter lost,
+-- the list kept). An entry without a number, unreadable anyway, goes with them.
+local function outbox_ack(out, lease, owner, delivered, lease_ms)
   if redis.call('GET', lease) ~= owner then
     return {'0', tostring(redis.call('LLEN', out))}
   end
   redis.call('PEXPIRE', lease, lease_ms)
+  local set = {}
+  for _, n in ipairs(delivered) do set[n] = true end
   while true do
     local e = redis.call('LINDEX', out, 0)
     if not e then break end
-    local n = tonumber(string.match(e, '^(%d+) '))
-    if n and n > upto then break end
+    local n = string.match(e, '^(%d+) ')
+    if n and not set[n] then break end
+    if n then set[n] = nil end
     redis.call('LPOP', out)
   end
   return {'1', tostring(redis.call('LLEN', out))}

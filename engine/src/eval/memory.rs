@@ -425,8 +425,7 @@ impl StateBackend for MemoryState {
         delivered: &[u64],
         lease: Duration,
     ) -> Result<(bool, usize), StateError> {
-        let upto = delivered.iter().max().copied().unwrap_or(0);
-        Ok(self.inner.lock().outbox.ack(owner, upto, lease))
+        Ok(self.inner.lock().outbox.ack(owner, delivered, lease))
     }
 
     async fn release_log(&self, owner: &str) -> Result<(), StateError> {

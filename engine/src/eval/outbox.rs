@@ -2,7 +2,7 @@
 //! sits beside, with the same numbering and lease as the shared backends' so the worker
 //! delivers every backend's outbox the same way.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::state::{Claim, LogAppend, Logged};
@@ -56,11 +56,17 @@ impl MemoryOutbox {
         }
     }
 
-    pub fn ack(&mut self, owner: &str, upto: u64, lease: Duration) -> (bool, usize) {
+    pub fn ack(&mut self, owner: &str, delivered: &[u64], lease: Duration) -> (bool, usize) {
         let mine = matches!(&self.lease, Some((holder, until)) if holder == owner && *until > Instant::now());
         if mine {
             self.lease = Some((owner.to_string(), Instant::now() + lease));
-            while self.entries.front().is_some_and(|(n, _)| *n <= upto) {
+            // The delivered records are the head, as read (see `outbox_ack`).
+            let mut delivered: HashSet<u64> = delivered.iter().copied().collect();
+            while self
+                .entries
+                .front()
+                .is_some_and(|(n, _)| delivered.remove(n))
+            {
                 self.entries.pop_front();
             }
         }

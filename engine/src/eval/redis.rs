@@ -132,9 +132,9 @@ struct LogArg<'a> {
     lease: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     limit: Option<usize>,
-    /// The last record delivered.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    upto: Option<String>,
+    /// The numbers of the records delivered, as text (the records' own).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    nums: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -284,7 +284,7 @@ impl RedisState {
             owner,
             lease: millis(lease).max(1),
             limit: None,
-            upto: None,
+            nums: Vec::new(),
         }
     }
 
@@ -428,8 +428,7 @@ impl StateBackend for RedisState {
     ) -> Result<(bool, usize), StateError> {
         let answer: (String, String) = self
             .invoke(&LogArg {
-                // Appended in number order by atomic scripts: none below is unread.
-                upto: Some(delivered.iter().max().copied().unwrap_or(0).to_string()),
+                nums: delivered.iter().map(u64::to_string).collect(),
                 ..self.log_arg("log_ack", owner, lease)
             })
             .await?;

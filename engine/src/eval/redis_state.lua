@@ -506,7 +506,7 @@ elseif op == 'stats' then
 elseif op == 'log_claim' then
   return outbox_claim(LOG, LOGLEASE, A.owner, A.lease, A.limit)
 elseif op == 'log_ack' then
-  return outbox_ack(LOG, LOGLEASE, A.owner, tonumber(A.upto), A.lease)
+  return outbox_ack(LOG, LOGLEASE, A.owner, A.nums or {}, A.lease)
 elseif op == 'log_release' then
   return outbox_release(LOGLEASE, A.owner)
 end

@@ -183,13 +183,13 @@ pub trait Journal: Send + Sync + 'static {
     /// oldest entries.
     async fn claim(&self, owner: &str, lease: Duration, limit: usize) -> Result<Claim, StoreError>;
 
-    /// While `owner` holds the lease: removes the entries numbered up to `upto`
-    /// (delivered) and renews it. Returns whether `owner` held it (else nothing is
+    /// While `owner` holds the lease: removes the entries numbered `delivered` (as
+    /// claimed) and renews it. Returns whether `owner` held it (else nothing is
     /// removed), and the entries left.
     async fn ack(
         &self,
         owner: &str,
-        upto: u64,
+        delivered: &[u64],
         lease: Duration,
     ) -> Result<(bool, usize), StoreError>;
 

@@ -203,8 +203,12 @@ return {'ok', tostring(active), state(g), tostring(dropped), tostring(pending)}
 /// ARGV[4] the owner, ARGV[5] the lease in ms, ARGV[6] most entries to read.
 const CLAIM: &str = "return outbox_claim(OUT, LEASE, ARGV[4], ARGV[5], tonumber(ARGV[6]))";
 
-/// ARGV[4] the owner, ARGV[5] the last number delivered, ARGV[6] the lease in ms.
-const ACK: &str = "return outbox_ack(OUT, LEASE, ARGV[4], tonumber(ARGV[5]), ARGV[6])";
+/// ARGV[4] the owner, ARGV[5] the lease in ms, ARGV[6..] the numbers delivered.
+const ACK: &str = r#"
+local delivered = {}
+for i = 6, #ARGV do delivered[#delivered + 1] = ARGV[i] end
+return outbox_ack(OUT, LEASE, ARGV[4], delivered, ARGV[5])
+"#;
 
 /// ARGV[4] the owner.
 const RELEASE: &str = "return outbox_release(LEASE, ARGV[4])";
@@ -708,20 +712,14 @@ impl Journal for RedisMitigations {
     async fn ack(
         &self,
         owner: &str,
-        upto: u64,
+        delivered: &[u64],
         lease: Duration,
     ) -> Result<(bool, usize), StoreError> {
-        let answer: (String, String) = self
-            .shared
-            .run(
-                &self.shared.scripts.ack,
-                &[
-                    owner.into(),
-                    upto.to_string(),
-                    lease.as_millis().max(1).to_string(),
-                ],
-            )
-            .await?;
+        let args: Vec<String> = [owner.to_string(), lease.as_millis().max(1).to_string()]
+            .into_iter()
+            .chain(delivered.iter().map(u64::to_string))
+            .collect();
+        let answer: (String, String) = self.shared.run(&self.shared.scripts.ack, &args).await?;
         outbox::parse_ack(answer).map_err(garbled_outbox)
     }
 
