@@ -232,13 +232,13 @@ impl DecisionLog {
                 return true;
             }
             let numbers: Vec<u64> = entries.iter().map(|(n, _)| *n).collect();
-            // Acknowledged, yet read again: the records' numbers no longer rise (Redis
-            // lost the counter but kept the list). Sending them over and over helps
-            // no one; an operator must look.
+            // Acknowledged as holder, yet read again: the acknowledgement removed
+            // nothing. Sending them over and over in a tight loop helps no one; back off
+            // and let an operator look.
             if first_read.replace(numbers[0]) == Some(numbers[0]) {
                 tracing::error!(
                     number = numbers[0],
-                    "delivered decisions stay in the outbox; is its counter lost?"
+                    "delivered decisions stay in the outbox after their acknowledgement"
                 );
                 return false;
             }
