@@ -81,6 +81,7 @@ macro_rules! suite {
 suite!(memory: counts_each_event_once_even_within_a_batch,
     commits_fill_the_outbox_one_owner_delivers_it,
     a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
+    a_forgiven_repeat_offense_dates_the_history_from_the_one_before,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
@@ -89,15 +90,18 @@ suite!(memory: counts_each_event_once_even_within_a_batch,
 suite!(redis: counts_each_event_once_even_within_a_batch,
     commits_fill_the_outbox_one_owner_delivers_it,
     a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
+    a_forgiven_repeat_offense_dates_the_history_from_the_one_before,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
-    a_batch_past_its_lease_is_undone_and_cannot_commit, an_unreadable_entity_hash_starts_afresh);
+    a_batch_past_its_lease_is_undone_and_cannot_commit, an_unreadable_entity_hash_starts_afresh,
+    an_undo_log_without_prior_offenses_rolls_back);
 suite!(postgres: counts_each_event_once_even_within_a_batch,
     commits_fill_the_outbox_one_owner_delivers_it,
     a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
+    a_forgiven_repeat_offense_dates_the_history_from_the_one_before,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
@@ -349,6 +353,87 @@ async fn a_revoked_decision_rearms_its_policy(b: &Backend) {
         0
     );
     assert_eq!(s.forgive(&[revoked(ip, "p", t)], t + 1).await.unwrap(), 1);
+}
+
+fn revoked(entity: &str, at: i64) -> Revoked {
+    Revoked {
+        policy: key("p"),
+        entity: entity.parse().unwrap(),
+        decided_at_ms: at,
+    }
+}
+
+/// The offense each of `ids` batches at `at` makes (policy threshold 3, one crossing).
+async fn offense(s: &dyn StateBackend, ids: &[&str], entity: &str, at: i64) -> u32 {
+    let out = apply_commit(s, &batch(ids, entity, at), at).await;
+    assert_eq!(out.crossings.len(), 1, "{out:?}");
+    out.crossings[0].offense
+}
+
+async fn a_forgiven_repeat_offense_dates_the_history_from_the_one_before(b: &Backend) {
+    // Offense histories last TTL (an hour); a decision 300 s.
+    let s = b.state().await;
+    let ip = "ip:10.0.0.4";
+    let first = now();
+    assert_eq!(offense(&*s, &["a", "b", "c"], ip, first).await, 1);
+    let second = first + 400_000;
+    assert_eq!(offense(&*s, &["d", "e", "f"], ip, second).await, 2);
+    assert_eq!(
+        s.forgive(&[revoked(ip, second)], second + 1).await.unwrap(),
+        1
+    );
+    // The first offense still counts: the next crossing within its hour repeats it.
+    let third = second + 1000;
+    assert_eq!(offense(&*s, &["g", "h", "i"], ip, third).await, 2);
+    assert_eq!(
+        s.forgive(&[revoked(ip, third)], third + 1).await.unwrap(),
+        1
+    );
+    // More than an hour after the first offense, though within an hour of the forgiven
+    // ones, a crossing is a first offense again.
+    let fourth = first + 3_600_000 + 1000;
+    assert_eq!(offense(&*s, &["j", "k", "l"], ip, fourth).await, 1);
+    // An escalation is the same offense: forgiving it forgives the offense, and the
+    // history runs from the one before.
+    let s = b.state().await;
+    let ladder = BatchPolicy {
+        rules: Arc::new(Rules {
+            scale: 1.0,
+            ladder: vec![Rung {
+                repeat: 1,
+                threshold: 5.0,
+                ttl_ms: 600_000,
+            }],
+            ..Rules::default()
+        }),
+        ..count_policy("p", 3.0)
+    };
+    let run = |ids: &[&str], at: i64| BatchInput {
+        policies: vec![ladder.clone()],
+        events: ids
+            .iter()
+            .map(|id| EventHits {
+                id: id.to_string(),
+                hits: vec![hit(0, ip, at)],
+            })
+            .collect(),
+    };
+    apply_commit(&*s, &run(&["a", "b", "c"], first), first).await;
+    let out = apply_commit(&*s, &run(&["d", "e", "f"], second), second).await;
+    assert_eq!(out.crossings[0].offense, 2);
+    let escalated = second + 1000;
+    let out = apply_commit(&*s, &run(&["g", "h"], escalated), escalated).await;
+    let seen: Vec<_> = out.crossings.iter().map(|c| (c.level, c.offense)).collect();
+    assert_eq!(seen, vec![(1, 2)]);
+    assert_eq!(
+        s.forgive(&[revoked(ip, escalated)], escalated + 1)
+            .await
+            .unwrap(),
+        1
+    );
+    let out = apply_commit(&*s, &run(&["j", "k", "l"], fourth), fourth).await;
+    let seen: Vec<_> = out.crossings.iter().map(|c| (c.level, c.offense)).collect();
+    assert_eq!(seen, vec![(0, 1)]);
 }
 
 async fn a_revocation_empties_distinct_windows_too(b: &Backend) {
@@ -989,6 +1074,56 @@ async fn an_unreadable_entity_hash_starts_afresh(_: &Backend) {
         .await
         .unwrap();
     counts_start_afresh(&s, now).await;
+}
+
+/// A batch applied by a version that kept no prior offense, and rolled back by this one.
+async fn an_undo_log_without_prior_offenses_rolls_back(_: &Backend) {
+    let prefix = redis_server::unique_prefix("older");
+    let s = RedisState::connect(RedisStateConfig {
+        url: redis_server::shared().url(),
+        prefix: prefix.clone(),
+        ttl: TTL,
+        lease: LEASE,
+        capacity: 1000,
+    })
+    .await
+    .unwrap();
+    let ip = "ip:10.0.0.5";
+    let first = now();
+    assert_eq!(offense(&s, &["a", "b", "c"], ip, first).await, 1);
+    let second = first + 400_000;
+    let bt = batch(&["d", "e", "f"], ip, second);
+    let out = s.apply(&bt, second).await.unwrap();
+    assert_eq!(out.crossings[0].offense, 2);
+    let mut redis = ::redis::Client::open(redis_server::shared().url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{prefix}:u:{}", out.receipt.id);
+    let raw: String = ::redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut log: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    for cd in log["cd"].as_array_mut().unwrap() {
+        let cd = cd.as_array_mut().unwrap();
+        assert_eq!(cd.len(), 8, "{cd:?}");
+        cd.truncate(7);
+    }
+    let _: () = ::redis::cmd("SET")
+        .arg(&key)
+        .arg(log.to_string())
+        .arg("KEEPTTL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    s.rollback(&out.receipt).await.unwrap();
+    // The first offense's decision and history are back: the batch decides again alike.
+    let again = apply_commit(&s, &bt, second).await;
+    assert_eq!(again.crossings.len(), 1, "{again:?}");
+    assert_eq!(again.crossings[0].offense, 2);
 }
 
 /// After ip:10.0.0.1's counts of "a" and "b" were made unreadable: they are gone, and

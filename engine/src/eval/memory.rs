@@ -117,6 +117,13 @@ impl EntityState {
         d.cooldown_until = now_ms;
         d.level = 0;
         d.offenses = d.offenses.saturating_sub(1);
+        // A repeat offender's history runs from the offense before the forgiven one. Not
+        // known (state from an older version): the forgiven time stays, which at worst
+        // counts a later offense as a repeat for longer.
+        if d.offenses > 0 && d.prior_offense_ms != 0 {
+            d.last_offense_ms = d.prior_offense_ms;
+        }
+        d.prior_offense_ms = 0;
         self.window = Window::default();
         // Emptied rather than dropped, as Redis keeps a distinct set: a batch in flight
         // that is rolled back afterwards then undoes its values alike in both.
@@ -315,12 +322,20 @@ impl MemoryState {
                 if let Some((level, offense)) = decided {
                     let prev = *d;
                     let ttl_ms = rules.ttl_ms(level, offense, p.cooldown_ms);
+                    // An escalation under a standing decision is the same offense: the
+                    // one before it stays the prior.
+                    let escalation = prev.cooldown_until > now_ms;
                     *d = DecisionState {
                         cooldown_until: now_ms.saturating_add(ttl_ms),
                         cooldown_by: receipt_id,
                         level,
                         offenses: offense,
                         last_offense_ms: now_ms,
+                        prior_offense_ms: if escalation {
+                            prev.prior_offense_ms
+                        } else {
+                            prev.last_offense_ms
+                        },
                     };
                     out.receipt
                         .cooldowns
@@ -707,7 +722,15 @@ pub(crate) mod scratch {
         s: Option<(u8, u32, i64)>,
         /// cooldown until, cooldown by, level, offenses, last offense.
         c: (i64, u64, usize, u32, i64),
+        /// The prior offense, apart from `c` so that rows read the same either way
+        /// between versions that keep it and versions that do not.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        p: i64,
         t: i64,
+    }
+
+    fn is_zero(v: &i64) -> bool {
+        *v == 0
     }
 
     /// One entity's state to write back.
@@ -780,6 +803,7 @@ pub(crate) mod scratch {
                     level,
                     offenses,
                     last_offense_ms,
+                    prior_offense_ms: st.p,
                 },
                 last_touch: st.t,
             };
@@ -897,6 +921,7 @@ pub(crate) mod scratch {
                             d.offenses,
                             d.last_offense_ms,
                         ),
+                        p: d.prior_offense_ms,
                         t: e.last_touch,
                     };
                     let state = serde_json::to_vec(&stored).map_err(|e| {
@@ -1030,6 +1055,34 @@ pub(crate) mod scratch {
                 again.crossings, out.crossings,
                 "the batch counts again alike"
             );
+        }
+
+        #[test]
+        fn rows_read_alike_with_and_without_the_prior_offense() {
+            // The layout of the versions before the prior offense was kept.
+            #[derive(Serialize, Deserialize)]
+            struct Before {
+                w: Window,
+                c: (i64, u64, usize, u32, i64),
+                t: i64,
+            }
+            let now = Stored {
+                w: Window::default(),
+                d: None,
+                s: None,
+                c: (5_000, 1, 0, 2, 4_000),
+                p: 3_000,
+                t: 4_000,
+            };
+            let before: Before =
+                serde_json::from_slice(&serde_json::to_vec(&now).unwrap()).unwrap();
+            assert_eq!((before.c, before.t), (now.c, now.t));
+            let read: Stored =
+                serde_json::from_slice(&serde_json::to_vec(&before).unwrap()).unwrap();
+            assert_eq!((read.c, read.p, read.t), (now.c, 0, now.t));
+            let none = Stored { p: 0, ..read };
+            let text = String::from_utf8(serde_json::to_vec(&none).unwrap()).unwrap();
+            assert!(!text.contains("\"p\""), "{text}");
         }
 
         #[test]

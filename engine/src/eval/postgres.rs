@@ -181,6 +181,10 @@ struct UndoLog {
     inc: Vec<(String, String, UndoRec)>,
     /// (policy, entity, decision state replaced).
     cd: Vec<(String, String, StoredDecision)>,
+    /// The replaced decision states' prior offenses, in the order of `cd`; a separate
+    /// list so that versions without it read the same logs. Empty in their logs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    cp: Vec<i64>,
 }
 
 /// cooldown until, cooldown by, level, offenses, last offense.
@@ -226,6 +230,11 @@ impl UndoLog {
                     (policy_key(p), e.to_string(), c)
                 })
                 .collect(),
+            cp: receipt
+                .cooldowns
+                .iter()
+                .map(|(_, _, d)| d.prior_offense_ms)
+                .collect(),
         }
     }
 
@@ -264,7 +273,7 @@ impl UndoLog {
                 },
             ));
         }
-        for (p, e, c) in &self.cd {
+        for (i, (p, e, c)) in self.cd.iter().enumerate() {
             let (cooldown_until, cooldown_by, level, offenses, last_offense_ms) = *c;
             r.cooldowns.push((
                 parse_policy(p)?,
@@ -275,6 +284,7 @@ impl UndoLog {
                     level,
                     offenses,
                     last_offense_ms,
+                    prior_offense_ms: self.cp.get(i).copied().unwrap_or(0),
                 },
             ));
         }
@@ -1172,5 +1182,48 @@ impl StateBackend for PostgresState {
 
     fn stats(&self) -> StateStats {
         *self.stats.lock()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undo_logs_read_alike_with_and_without_prior_offenses() {
+        let before = r#"{"inc":[],"cd":[["p#0000000000000001","ip:10.0.0.1",[5000,7,0,2,4000]]]}"#;
+        let log: UndoLog = serde_json::from_str(before).unwrap();
+        let (receipt, _) = log.receipt(7).unwrap();
+        let d = receipt.cooldowns[0].2;
+        assert_eq!(
+            (d.offenses, d.last_offense_ms, d.prior_offense_ms),
+            (2, 4000, 0)
+        );
+
+        let receipt = Receipt {
+            cooldowns: vec![(
+                parse_policy("p#0000000000000001").unwrap(),
+                parse_entity("ip:10.0.0.1").unwrap(),
+                DecisionState {
+                    prior_offense_ms: 3000,
+                    ..d
+                },
+            )],
+            ..Receipt::default()
+        };
+        let text = serde_json::to_string(&UndoLog::of(&[], &receipt)).unwrap();
+        let (back, _) = serde_json::from_str::<UndoLog>(&text)
+            .unwrap()
+            .receipt(7)
+            .unwrap();
+        assert_eq!(back.cooldowns[0].2.prior_offense_ms, 3000);
+        // What versions without it read: the same log, the prior offense aside.
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let older = value.as_object_mut().unwrap();
+        assert!(older.remove("cp").is_some());
+        assert_eq!(
+            serde_json::Value::from(older.clone()),
+            serde_json::from_str::<serde_json::Value>(before).unwrap()
+        );
     }
 }

@@ -60,7 +60,8 @@ local function load(pk, ent, create, meta)
   for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
   e = { pk = pk, ent = ent, w = {}, lt = tonumber(h.lt) or now,
         cu = tonumber(h.cu) or 0, cb = tonumber(h.cb) or 0, lv = tonumber(h.lv) or 0,
-        of = tonumber(h.of) or 0, lo = tonumber(h.lo) or 0, dh = tonumber(h.dh),
+        of = tonumber(h.of) or 0, lo = tonumber(h.lo) or 0, po = tonumber(h.po) or 0,
+        dh = tonumber(h.dh),
         win = meta and meta.win or tonumber(h.win) or 0, fresh = (#raw == 0) }
   -- What cannot be read (a hand edit, a bad restore) is left out rather than failing
   -- every batch with a hit on this entity.
@@ -94,6 +95,7 @@ local function save_all(hist)
     local f = { 'w', table.concat(parts, ';'), 'lt', fmt(e.lt), 'cu', fmt(e.cu), 'cb', fmt(e.cb),
                 'lv', fmt(e.lv), 'of', fmt(e.of), 'lo', fmt(e.lo), 'win', fmt(e.win) }
     if e.dh then f[#f + 1] = 'dh'; f[#f + 1] = fmt(e.dh) end
+    if e.po ~= 0 then f[#f + 1] = 'po'; f[#f + 1] = fmt(e.po) end
     if e.seq then
       f[#f + 1] = 'ss'; f[#f + 1] = fmt(e.seq.step)
       f[#f + 1] = 'sm'; f[#f + 1] = fmt(e.seq.matched)
@@ -243,6 +245,8 @@ local function rollback(rid)
     local e = load(x[1], x[2], false)
     if e and tostring(e.cb) == rid then
       e.cu, e.cb, e.lv, e.of, e.lo = tonumber(x[3]), tonumber(x[4]), tonumber(x[5]), tonumber(x[6]), tonumber(x[7])
+      -- Logs written by versions without the prior offense end at x[7].
+      e.po = tonumber(x[8]) or 0
     end
   end
   return true
@@ -379,7 +383,9 @@ if op == 'apply' then
                   local cap = math.max(p.tm, base)
                   if grown == grown and grown < cap then ttl = math.floor(grown) else ttl = cap end
                 end
-                undo.cd[#undo.cd + 1] = { p.k, ent, fmt(e.cu), fmt(e.cb), fmt(e.lv), fmt(e.of), fmt(e.lo) }
+                undo.cd[#undo.cd + 1] = { p.k, ent, fmt(e.cu), fmt(e.cb), fmt(e.lv), fmt(e.of), fmt(e.lo), fmt(e.po) }
+                -- An escalation under a standing decision is the same offense.
+                if e.cu <= now then e.po = e.lo end
                 e.cu, e.cb, e.lv, e.of, e.lo = now + ttl, tonumber(rid), level, offense, now
                 crossings[#crossings + 1] = table.concat({ ei - 1, hi - 1, fmt(measured), level, offense, fmt(ttl) }, ',')
               end
@@ -465,6 +471,9 @@ elseif op == 'forgive' then
     local e = load(r[1], r[2], false)
     if e and e.cu > now and e.lo == r[3] then
       e.cu, e.lv, e.of = now, 0, math.max(e.of - 1, 0)
+      -- As the memory backend: the history runs from the offense before, when known.
+      if e.of > 0 and e.po ~= 0 then e.lo = e.po end
+      e.po = 0
       e.w, e.seq, e.dh = {}, nil, nil
       redis.call('DEL', dkey(e.pk, e.ent))
       n = n + 1

@@ -227,6 +227,10 @@ pub struct DecisionState {
     pub level: usize,
     pub offenses: u32,
     pub last_offense_ms: i64,
+    /// When the offense before the last was made: forgiving the last offense dates the
+    /// entity's history from it again. 0 when there was none, or when the state was
+    /// written by a version that did not keep it.
+    pub prior_offense_ms: i64,
 }
 
 /// What one `apply` changed, to be committed or rolled back.
