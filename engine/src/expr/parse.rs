@@ -116,16 +116,19 @@ impl Parser {
         }
     }
 
-    fn or(&mut self) -> Result<Node, ExprError> {
+    /// One level deeper (the caller restores `depth`), refused past [`MAX_DEPTH`].
+    fn enter(&mut self, at: usize) -> Result<(), ExprError> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return Err(ExprError::new(
-                self.peek().at,
-                "expression nested too deeply",
-            ));
+            return Err(ExprError::new(at, "expression nested too deeply"));
         }
-        let out = self.or_inner();
-        self.depth -= 1;
+        Ok(())
+    }
+
+    fn or(&mut self) -> Result<Node, ExprError> {
+        let base = self.depth;
+        let out = self.enter(self.peek().at).and_then(|()| self.or_inner());
+        self.depth = base;
         out
     }
 
@@ -165,12 +168,9 @@ impl Parser {
         let t = self.peek();
         if t.tok == Tok::Op("!") {
             self.pos += 1;
-            self.depth += 1;
-            if self.depth > MAX_DEPTH {
-                return Err(ExprError::new(t.at, "expression nested too deeply"));
-            }
-            let inner = self.unary();
-            self.depth -= 1;
+            let base = self.depth;
+            let inner = self.enter(t.at).and_then(|()| self.unary());
+            self.depth = base;
             let inner = inner?;
             return Ok(Node {
                 ast: Ast::Not(Box::new(inner)),
@@ -206,10 +206,21 @@ impl Parser {
         })
     }
 
+    /// Each `.f()` or `[i]` nests the tree one level deeper, as a parenthesis does.
     fn postfix(&mut self) -> Result<Node, ExprError> {
+        let base = self.depth;
+        let out = self.postfix_inner();
+        self.depth = base;
+        out
+    }
+
+    fn postfix_inner(&mut self) -> Result<Node, ExprError> {
         let mut node = self.primary()?;
         loop {
             let t = self.peek();
+            if t.tok == Tok::Op(".") || t.tok == Tok::Op("[") {
+                self.enter(t.at)?;
+            }
             if t.tok == Tok::Op(".") {
                 self.pos += 1;
                 let name_tok = self.bump();
@@ -351,5 +362,18 @@ mod tests {
         assert!(e.message.contains("cannot be chained"));
         let deep = format!("{}a{}", "(".repeat(100), ")".repeat(100));
         assert!(parse(&deep).unwrap_err().message.contains("too deeply"));
+        // Postfix chains nest as deep without a parenthesis; a long one must be refused
+        // before the tree is deep enough to overflow the stack of whatever walks it.
+        for deep in [
+            format!("path{} == \"x\"", "[0]".repeat(300_000)),
+            format!("path{} == \"x\"", ".lower()".repeat(300_000)),
+            format!("{}path{}", "!".repeat(40), "[0]".repeat(40)),
+        ] {
+            assert!(parse(&deep).unwrap_err().message.contains("too deeply"));
+        }
+        // Flat chains are not nesting.
+        let wide = vec!["path == \"x\""; 1000].join(" || ");
+        assert!(parse(&wide).is_ok());
+        assert!(parse(&format!("path{}.lower() == \"x\"", "[0]".repeat(40))).is_ok());
     }
 }
