@@ -8,6 +8,9 @@ use parking_lot::Mutex;
 
 /// Retry-After for a throttle whose rate is zero: the bucket never refills.
 const NO_REFILL_RETRY: Duration = Duration::from_secs(60);
+/// The longest Retry-After: a rate too small to refill within it (published as any
+/// positive number) waits this long, rather than a time no client would honour.
+const MAX_RETRY: Duration = Duration::from_secs(86_400);
 
 struct Bucket {
     tokens: f64,
@@ -39,7 +42,8 @@ impl Bucket {
         if rate == 0.0 {
             return Err(NO_REFILL_RETRY);
         }
-        Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        let wait = Duration::try_from_secs_f64((1.0 - self.tokens) / rate).unwrap_or(MAX_RETRY);
+        Err(wait.min(MAX_RETRY))
     }
 }
 
@@ -144,6 +148,17 @@ mod tests {
             .take("m", 0.0, 1, now + Duration::from_secs(3600))
             .unwrap_err();
         assert_eq!(wait, NO_REFILL_RETRY);
+    }
+
+    #[test]
+    fn a_vanishing_rate_waits_at_most_a_day() {
+        let t = Throttles::new(10);
+        let now = Instant::now();
+        for rate in [1e-30, f64::MIN_POSITIVE, 1e-6] {
+            let key = format!("m{rate}");
+            assert!(t.take(&key, rate, 1, now).is_ok());
+            assert_eq!(t.take(&key, rate, 1, now).unwrap_err(), MAX_RETRY);
+        }
     }
 
     #[test]
