@@ -256,8 +256,15 @@ impl EsperProxy {
         let query = session.req_header().uri.query().unwrap_or("").to_string();
         let mut fields: Vec<(String, String)> = challenge::form_pairs(&query).collect();
         if session.req_header().method == http::Method::POST {
-            let body = read_body(session, MAX_CHALLENGE_BODY).await?;
-            fields.extend(challenge::form_pairs(&String::from_utf8_lossy(&body)));
+            match read_body(session, MAX_CHALLENGE_BODY).await? {
+                Some(body) => fields.extend(challenge::form_pairs(&String::from_utf8_lossy(&body))),
+                // No browser posts that much: refused like any bad solution, with a new
+                // puzzle, rather than failing the request.
+                None => {
+                    tracing::debug!(client = %ip, "challenge form too large");
+                    fields.clear();
+                }
+            }
         }
         for (k, v) in fields {
             match k.as_str() {
@@ -626,19 +633,16 @@ fn challenge_markup(
     )
 }
 
-/// Reads a request body of at most `limit` bytes (more is refused).
-async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>> {
+/// Reads a request body of at most `limit` bytes: `None` when there is more.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Vec<u8>>> {
     let mut body = Vec::new();
     while let Some(chunk) = session.read_request_body().await? {
         if body.len() + chunk.len() > limit {
-            return Error::e_explain(
-                pingora::ErrorType::InvalidHTTPHeader,
-                "challenge form too large",
-            );
+            return Ok(None);
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok(Some(body))
 }
 
 /// The connection's peer: the TCP peer, or the client a PROXY header named.

@@ -161,6 +161,30 @@ async fn api_clients_get_json_and_a_solution_earns_a_bound_cookie() {
     assert_eq!(replay.status(), 403);
     let replay: serde_json::Value = replay.json().await.unwrap();
     assert_eq!(replay["error"], "challenge_failed");
+    // A form larger than any browser posts is refused the same way, with a new puzzle.
+    let body = json_challenge(&proxy, "127.0.0.50").await;
+    let token = body["challenge"]["token"].as_str().unwrap();
+    let padding = "x".repeat(8192);
+    let big = client_from("127.0.0.50")
+        .post(format!("{}/.esper/challenge", proxy.url))
+        .header("accept", "application/json")
+        .header("user-agent", UA)
+        .form(&[
+            ("token", token),
+            ("nonce", &solve(token, 8)),
+            ("pad", &padding),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 403);
+    let big: serde_json::Value = big.json().await.unwrap();
+    assert_eq!(big["error"], "challenge_failed");
+    assert!(
+        big["challenge"]["token"]
+            .as_str()
+            .is_some_and(|t| t != token)
+    );
     proxy.stop().await.unwrap();
 }
 
