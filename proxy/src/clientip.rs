@@ -71,16 +71,24 @@ fn walk(peer: IpAddr, trusted: &Networks, hops: impl Iterator<Item = Option<IpAd
     client
 }
 
-/// `X-Forwarded-For` addresses, nearest first, across every header line.
-fn x_forwarded_for_hops(headers: &HeaderMap) -> impl Iterator<Item = Option<IpAddr>> + '_ {
+/// The comma-separated items of every line of `name`, nearest (rightmost) first. Each
+/// item is decoded on its own: a byte that is not text makes its item unreadable (which
+/// ends a walk there) instead of hiding the hops a trusted proxy appended to its line.
+fn items<'a>(headers: &'a HeaderMap, name: &str) -> impl Iterator<Item = Option<&'a str>> + 'a {
     headers
-        .get_all(X_FORWARDED_FOR)
+        .get_all(name)
         .iter()
         .rev()
-        .flat_map(|v| v.to_str().unwrap_or("").rsplit(','))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(parse_node)
+        .flat_map(|v| v.as_bytes().rsplit(|b| *b == b','))
+        .map(|item| std::str::from_utf8(item).ok())
+}
+
+/// `X-Forwarded-For` addresses, nearest first, across every header line.
+fn x_forwarded_for_hops(headers: &HeaderMap) -> impl Iterator<Item = Option<IpAddr>> + '_ {
+    items(headers, X_FORWARDED_FOR)
+        .map(|item| item.map(str::trim))
+        .filter(|item| *item != Some(""))
+        .map(|item| item.and_then(parse_node))
 }
 
 /// `Forwarded: for=...` addresses (RFC 7239), nearest first.
@@ -93,26 +101,24 @@ fn forwarded_hops(headers: &HeaderMap) -> impl Iterator<Item = Option<IpAddr>> +
 fn forwarded_elements(
     headers: &HeaderMap,
 ) -> impl Iterator<Item = (Option<IpAddr>, Option<&str>)> + '_ {
-    headers
-        .get_all(FORWARDED)
-        .iter()
-        .rev()
-        .flat_map(|v| v.to_str().unwrap_or("").rsplit(','))
-        .filter_map(|element| {
-            let (mut hop, mut proto) = (None, None);
-            for pair in element.split(';') {
-                let Some((k, v)) = pair.trim().split_once('=') else {
-                    continue;
-                };
-                let v = v.trim().trim_matches('"');
-                match k.trim() {
-                    k if k.eq_ignore_ascii_case("for") => hop = hop.or(Some(v)),
-                    k if k.eq_ignore_ascii_case("proto") => proto = proto.or(Some(v)),
-                    _ => {}
-                }
+    items(headers, FORWARDED).filter_map(|element| {
+        let Some(element) = element else {
+            return Some((None, None));
+        };
+        let (mut hop, mut proto) = (None, None);
+        for pair in element.split(';') {
+            let Some((k, v)) = pair.trim().split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim() {
+                k if k.eq_ignore_ascii_case("for") => hop = hop.or(Some(v)),
+                k if k.eq_ignore_ascii_case("proto") => proto = proto.or(Some(v)),
+                _ => {}
             }
-            Some((parse_node(hop?), proto))
-        })
+        }
+        Some((parse_node(hop?), proto))
+    })
 }
 
 /// The scheme the client used, as the trusted proxies in front tell it in the header
@@ -294,6 +300,32 @@ mod tests {
             "the walk stops at an unreadable hop"
         );
         assert_eq!(told(&fwd("for=10.0.0.9;proto=https"), FWD), Some("https"));
+    }
+
+    #[test]
+    fn a_byte_that_is_not_text_spoils_only_its_own_hop() {
+        let trusted = nets(&["10.0.0.0/8", "127.0.0.1/32"]);
+        let raw = |name: &'static str, v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.append(name, HeaderValue::from_bytes(v).unwrap());
+            h
+        };
+        // The balancer appended the client it saw to the line the client wrote.
+        let h = raw("x-forwarded-for", b"6.6.6.6\xff, 198.51.100.7");
+        assert_eq!(
+            resolve(ip("127.0.0.1"), &h, &trusted, XFF),
+            ip("198.51.100.7")
+        );
+        let h = raw("forwarded", b"for=6.6.6.6;x=\xff, for=198.51.100.7");
+        assert_eq!(
+            resolve(ip("127.0.0.1"), &h, &trusted, FWD),
+            ip("198.51.100.7")
+        );
+        // Past trusted hops, an unreadable one ends the walk at the last address known.
+        let h = raw("x-forwarded-for", b"198.51.100.7, 6.6.6.6\xff, 10.0.0.5");
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted, XFF), ip("10.0.0.5"));
+        let h = raw("forwarded", b"for=198.51.100.7, for=\xff, for=10.0.0.5");
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted, FWD), ip("10.0.0.5"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The one `ProxyHttp` implementation: each phase delegates to a small filter
 //! (request id, enforcement, reporting) and reads only in-memory state.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -413,10 +414,10 @@ fn add_forwarding(request: &mut impl Headers, ctx: &RequestCtx, hop: Hop) -> Res
         // is kept and the peer appended (as nginx's `$proxy_add_x_forwarded_for`);
         // otherwise whatever the client wrote is dropped and only what this proxy
         // knows remains: the client a trusted `Forwarded` named, then the peer.
-        let earlier = request
-            .value(&X_FORWARDED_FOR_NAME)
-            .and_then(|v| v.to_str().ok())
-            .filter(|_| ctx.keep_xff);
+        let earlier = ctx
+            .keep_xff
+            .then(|| one_list(request.map().get_all(&X_FORWARDED_FOR_NAME)))
+            .flatten();
         let forwarded = match earlier {
             Some(earlier) => {
                 HeaderValue::try_from(format!("{earlier}, {peer}")).unwrap_or_else(|_| peer_value())
@@ -439,7 +440,8 @@ fn add_forwarding(request: &mut impl Headers, ctx: &RequestCtx, hop: Hop) -> Res
     if forward.proto {
         let kept = ctx.keep_xff
             && request
-                .value(&X_FORWARDED_PROTO_NAME)
+                .map()
+                .get(&X_FORWARDED_PROTO_NAME)
                 .is_some_and(|v| v.as_bytes() == hop.scheme.as_bytes());
         if !kept {
             request.set(
@@ -455,6 +457,18 @@ fn add_forwarding(request: &mut impl Headers, ctx: &RequestCtx, hop: Hop) -> Res
     Ok(())
 }
 
+/// Every line of a list header as one list (RFC 9110, 5.3), if all of them are text.
+fn one_list(lines: http::header::GetAll<'_, HeaderValue>) -> Option<Cow<'_, str>> {
+    let mut lines = lines.iter();
+    let mut list = Cow::Borrowed(lines.next()?.to_str().ok()?);
+    for line in lines {
+        let list = list.to_mut();
+        list.push_str(", ");
+        list.push_str(line.to_str().ok()?);
+    }
+    Some(list)
+}
+
 /// Removes a forwarding header a client wrote, unless its peer is a trusted proxy.
 fn drop_untrusted(request: &mut impl Headers, name: &HeaderName, trusted: bool) {
     if !trusted {
@@ -466,15 +480,15 @@ fn drop_untrusted(request: &mut impl Headers, name: &HeaderName, trusted: bool) 
 /// how each name was written in a second map (`preserve_header_case`), or as the header
 /// map alone, which the request or answer is then rebuilt around.
 trait Headers {
-    fn value(&self, name: &HeaderName) -> Option<&HeaderValue>;
+    fn map(&self) -> &http::HeaderMap;
     /// Replaces every value of `name` with `value`.
     fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<()>;
     fn drop_header(&mut self, name: &HeaderName);
 }
 
 impl Headers for RequestHeader {
-    fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        self.headers.get(name)
+    fn map(&self) -> &http::HeaderMap {
+        &self.headers
     }
 
     fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<()> {
@@ -491,8 +505,8 @@ impl Headers for RequestHeader {
 }
 
 impl Headers for http::HeaderMap {
-    fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        self.get(name)
+    fn map(&self) -> &http::HeaderMap {
+        self
     }
 
     fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<()> {

@@ -72,6 +72,28 @@ async fn forwarded_headers_count_only_from_trusted_proxies() {
     assert_eq!(up.last_header("x-forwarded-for"), "127.0.0.11");
     assert_eq!(up.last_header("forwarded"), "");
     assert_eq!(get("127.0.0.19", "203.0.113.5", None).await, 403);
+    // A balancer may add its own line rather than append to the client's: every line
+    // counts. One appending to the client's line may leave a byte there that is not
+    // text: it spoils that hop only, not the one the balancer wrote after it.
+    let lines = |values: &[&[u8]]| {
+        let mut req = client_from("127.0.0.10").get(format!("{}/", proxy.url));
+        for v in values {
+            let v = reqwest::header::HeaderValue::from_bytes(v).unwrap();
+            req = req.header("x-forwarded-for", v);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(lines(&[b"6.6.6.6", b"198.51.100.7"]).await, 403);
+    assert_eq!(lines(&[b"6.6.6.6", b"203.0.113.5"]).await, 200);
+    assert_eq!(up.last_header("x-real-ip"), "203.0.113.5");
+    assert_eq!(
+        up.last_header("x-forwarded-for"),
+        "6.6.6.6, 203.0.113.5, 127.0.0.10"
+    );
+    assert_eq!(lines(&[b"6.6.6.6\xff, 198.51.100.7"]).await, 403);
+    assert_eq!(lines(&[b"6.6.6.6\xff, 203.0.113.5"]).await, 200);
+    assert_eq!(up.last_header("x-real-ip"), "203.0.113.5");
+    assert_eq!(up.last_header("x-forwarded-for"), "203.0.113.5, 127.0.0.10");
     proxy.stop().await.unwrap();
 
     // Balancers that name the client in `Forwarded`: that header is read and passed
