@@ -189,6 +189,49 @@ async fn policies_from_the_control_plane_decisions_into_its_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_more_than_the_log_takes_in_one_request_are_logged_in_parts() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("control-small");
+    // Room for the policies, not for more than a few decisions a request.
+    let ctl = control_with(esper_control::Config {
+        body_limit: 2048,
+        ..control_config(&dir, &ing.url(), &mit.url())
+    })
+    .await;
+    let api = ctl.url();
+    set_up_policies(&api).await;
+    let worker = worker(config(&api, &ing.url(), &mit.url())).await;
+    let ops = worker.url();
+    eventually(Duration::from_secs(10), "policies loaded", || async {
+        (sample(&metrics(&ops).await, "esper_policies_loaded") == 2.0).then_some(())
+    })
+    .await;
+    let (ingest, _) = clients(&ing.url(), &mit.url());
+    let events: Vec<RequestEvent> = (2..22)
+        .flat_map(|i| logins(&format!("127.0.0.{i}"), 10))
+        .collect();
+    ingest.ingest(events).await.unwrap();
+    drained(&ingest, Duration::from_secs(10)).await;
+    // 20 blocked addresses and their /24 in shadow mode, none dropped.
+    let log = logged_decisions(&api, 21, Duration::from_secs(10)).await;
+    let enforced = log
+        .decisions
+        .iter()
+        .filter(|l| l.decision.mode == DecisionMode::Enforce)
+        .count();
+    assert_eq!(enforced, 20);
+    assert_eq!(
+        sample(&metrics(&ops).await, "esper_decisions_dropped_total"),
+        0.0
+    );
+    worker.stop().await.unwrap();
+    ctl.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_follows_a_control_plane_over_tls_with_a_private_ca() {
     let ing = ingestion().await;
     let mit = mitigation().await;

@@ -20,7 +20,7 @@ use esper_common::health::ComponentHealth;
 use esper_common::shutdown::Shutdown;
 use esper_protocol::{
     ClientError, Decision, DecisionLogClient, DecisionMode, DecisionRevoke, EntityKey, Mitigation,
-    Origin, PageMark,
+    Origin, PageMark, Recorded, record_in_halves,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -419,26 +419,41 @@ impl Persistence {
 
     /// Sends one delivery (a batch of decisions counts as its decisions).
     async fn send(&self, delivery: &Delivery) -> Sent {
-        let (result, n) = match delivery {
+        let out = match delivery {
             Delivery::Records(decisions) => {
-                (self.client.record(decisions.clone()).await, decisions.len())
+                record_in_halves(decisions, |part| self.client.record(part)).await
             }
-            Delivery::Revoke(r) => (self.client.revoke(r).await.map(|_| ()), 1),
+            Delivery::Revoke(r) => match self.client.revoke(r).await {
+                Ok(_) => Recorded {
+                    logged: 1,
+                    ..Recorded::default()
+                },
+                Err(e) if e.is_transient() || e.is_setup_refusal() => Recorded {
+                    stopped: Some(e),
+                    ..Recorded::default()
+                },
+                Err(e) => Recorded {
+                    refused: 1,
+                    refusal: Some(e),
+                    ..Recorded::default()
+                },
+            },
         };
-        match result {
-            Ok(()) => {
-                self.metrics.persistence_sent.inc_by(n as u64);
-                self.succeeded();
-                Sent::Done
-            }
+        if let Some(e) = &out.refusal {
+            self.refused(out.refused, e);
+        }
+        match out.stopped {
             // Refused for this broker's own setup (its token, its URL), not for what it
             // sends: kept for when that is fixed, or for an instance set up right.
-            Err(e) if e.is_transient() || e.is_setup_refusal() => {
+            Some(e) => {
                 self.failed("cannot deliver to the decision log", &e);
                 Sent::Retry
             }
-            Err(e) => {
-                self.refused(n, &e);
+            None => {
+                self.metrics.persistence_sent.inc_by(out.logged as u64);
+                if out.logged > 0 {
+                    self.succeeded();
+                }
                 Sent::Done
             }
         }

@@ -222,9 +222,138 @@ impl DecisionLogClient {
     }
 }
 
+/// What became of a run of decisions sent by [`record_in_halves`].
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Decisions the log took.
+    pub logged: usize,
+    /// Decisions it refused, one by one, and why (the last refusal).
+    pub refused: usize,
+    pub refusal: Option<ClientError>,
+    /// The error that stopped the sending: the log is away, or refused the sender
+    /// itself (see [`ClientError::is_setup_refusal`]). The whole run is to be sent again;
+    /// the log takes what it has already as the same decisions.
+    pub stopped: Option<ClientError>,
+}
+
+/// Sends a run of decisions through `record` (one `POST /api/v1/decisions` a call). A
+/// run the log refuses (too large for its body limit, or holding a decision it will
+/// not take) is sent again in halves, down to single decisions, so that one bad
+/// decision, or a limit lower than the run, costs only what the log cannot take.
+pub async fn record_in_halves<F, Fut>(decisions: &[Decision], mut record: F) -> Recorded
+where
+    F: FnMut(Vec<Decision>) -> Fut,
+    Fut: Future<Output = Result<(), ClientError>>,
+{
+    let mut out = Recorded::default();
+    // Halves still to send, the next last, so that they go in order.
+    let mut parts = vec![decisions];
+    while let Some(part) = parts.pop() {
+        if part.is_empty() {
+            continue;
+        }
+        match record(part.to_vec()).await {
+            Ok(()) => out.logged += part.len(),
+            Err(e) if e.is_transient() || e.is_setup_refusal() => {
+                out.stopped = Some(e);
+                return out;
+            }
+            Err(_) if part.len() > 1 => {
+                let (first, second) = part.split_at(part.len() / 2);
+                parts.push(second);
+                parts.push(first);
+            }
+            Err(e) => {
+                out.refused += 1;
+                out.refusal = Some(e);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    fn decision(id: &str) -> Decision {
+        let mitigation = crate::Mitigation::new(
+            "ip:192.0.2.1".parse().unwrap(),
+            crate::Action::Block,
+            Duration::from_secs(60),
+            crate::Origin::Manual,
+            crate::Reason {
+                policy_id: None,
+                summary: "test".into(),
+            },
+        );
+        Decision {
+            id: id.into(),
+            decided_at: mitigation.created_at,
+            mitigation,
+            mode: crate::control::DecisionMode::Enforce,
+            policy_id: None,
+            policy_version: None,
+            counted: None,
+            threshold: None,
+            window_secs: None,
+            decided_by: "test".into(),
+        }
+    }
+
+    fn api(status: u16) -> ClientError {
+        ClientError::Api {
+            status,
+            code: "x".into(),
+            message: "x".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_run_is_sent_in_halves_down_to_what_the_log_refuses() {
+        let run: Vec<Decision> = (0..10).map(|i| decision(&format!("d{i}"))).collect();
+        // At most 3 decisions a request, and never d6.
+        let logged = RefCell::new(Vec::new());
+        let calls = RefCell::new(0);
+        let out = record_in_halves(&run, async |part: Vec<Decision>| {
+            *calls.borrow_mut() += 1;
+            if part.len() > 3 {
+                return Err(api(413));
+            }
+            if part.iter().any(|d| d.id == "d6") {
+                return Err(api(422));
+            }
+            logged
+                .borrow_mut()
+                .extend(part.iter().map(|d| d.id.clone()));
+            Ok(())
+        })
+        .await;
+        let expected: Vec<String> = (0..10)
+            .filter(|i| *i != 6)
+            .map(|i| format!("d{i}"))
+            .collect();
+        assert_eq!(
+            *logged.borrow(),
+            expected,
+            "in order, all but the refused one"
+        );
+        assert_eq!((out.logged, out.refused), (9, 1));
+        assert!(matches!(
+            out.refusal,
+            Some(ClientError::Api { status: 422, .. })
+        ));
+        assert!(out.stopped.is_none());
+        assert!(*calls.borrow() < 20, "{} calls", calls.borrow());
+
+        // The log away, or the sender refused: stop at once, for the whole run again.
+        for status in [503, 401] {
+            let out = record_in_halves(&run, async |_| Err(api(status))).await;
+            assert_eq!((out.logged, out.refused), (0, 0));
+            assert!(out.stopped.is_some());
+        }
+    }
 
     #[test]
     fn page_marks_round_trip_and_ids_may_hold_commas() {

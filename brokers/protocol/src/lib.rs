@@ -20,7 +20,8 @@ pub use control::{
     PutProxyConfig, RotateChallengeKey, RotatedChallengeKey, WorkerHeartbeat,
 };
 pub use decision_log::{
-    DecisionLogClient, DecisionRevoke, PageMark, RevocationMark, RevokedDecision, RevokedDecisions,
+    DecisionLogClient, DecisionRevoke, PageMark, Recorded, RevocationMark, RevokedDecision,
+    RevokedDecisions, record_in_halves,
 };
 pub use entity::{EntityKey, EntityParseError, normalize_path, path_template, write_path_template};
 pub use error::ApiErrorBody;

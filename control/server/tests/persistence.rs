@@ -30,8 +30,15 @@ struct Control {
 
 impl Control {
     async fn start(dir: &TempDir, api: SocketAddr) -> Control {
+        Control::start_with_body_limit(dir, api, esper_control::config::DEFAULT_BODY_LIMIT).await
+    }
+
+    async fn start_with_body_limit(dir: &TempDir, api: SocketAddr, body_limit: usize) -> Control {
         let (i, m) = support::Brokers::down().await;
-        let cfg = support::config(dir, &i, &m);
+        let cfg = esper_control::Config {
+            body_limit,
+            ..support::config(dir, &i, &m)
+        };
         let any = "127.0.0.1:0";
         let listeners = Listeners {
             api: TcpListener::bind(api).await.unwrap(),
@@ -298,6 +305,40 @@ async fn the_durable_copy_survives_a_control_plane_outage_and_restores_a_fresh_b
         logged_in_force(api).await.is_empty()
     })
     .await;
+    b.stop().await;
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_larger_than_the_logs_body_limit_is_logged_in_parts() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start_with_body_limit(&dir, api, 16 * 1024).await;
+    let b = Broker::start(api, 1000).await;
+    let with_summary = |i: usize, len: usize| Mitigation {
+        reason: Reason {
+            policy_id: None,
+            summary: "x".repeat(len),
+        },
+        ..ban(&format!("192.0.2.{i}"))
+    };
+    // About 40 KB in one run, more than the log takes in one request, and one
+    // decision too large for it even alone.
+    let fitting: Vec<Mitigation> = (1..=40).map(|i| with_summary(i, 1000)).collect();
+    let mut run = fitting.clone();
+    run.insert(20, with_summary(100, 20 * 1024));
+    b.client.publish(run).await.unwrap();
+    let expected = sorted(&fitting.iter().collect::<Vec<_>>());
+    eventually("every decision that fits in the log", || async {
+        logged_in_force(api).await == expected
+    })
+    .await;
+    assert_eq!(b.metric("esper_persistence_sent_total").await, 40.0);
+    assert_eq!(
+        b.metric("esper_persistence_dropped_total{reason=\"refused\"}")
+            .await,
+        1.0
+    );
     b.stop().await;
     control.stop().await;
 }

@@ -9,6 +9,7 @@ use esper_common::Shutdown;
 use esper_protocol::client::decode;
 use esper_protocol::{
     ClientError, Decision, DecisionBatch, RevocationMark, RevokedDecisions, WorkerHeartbeat,
+    record_in_halves,
 };
 use serde::de::{DeserializeOwned, IgnoredAny};
 use tokio::sync::Notify;
@@ -254,26 +255,27 @@ impl DecisionLog {
                 })
                 .collect();
             if !decisions.is_empty() {
-                match client.record_decisions(&decisions).await {
-                    Ok(()) => status.control.ok(),
-                    Err(e) if e.is_transient() || e.is_setup_refusal() => {
-                        self.metrics.control_errors.inc();
-                        status.control.failed(&e);
-                        tracing::warn!(error = %e, pending = entries.len(), "cannot send decisions to the control plane; will retry");
-                        // Another worker may reach the control plane: it delivers now.
-                        if let Err(e) = self.state.release_log(&self.owner).await {
-                            tracing::warn!(error = %e, "cannot give up the decision outbox's lease");
-                        }
-                        return false;
+                let out = record_in_halves(&decisions, async |part: Vec<Decision>| {
+                    client.record_decisions(&part).await
+                })
+                .await;
+                if let Some(e) = out.stopped {
+                    self.metrics.control_errors.inc();
+                    status.control.failed(&e);
+                    tracing::warn!(error = %e, pending = entries.len(), "cannot send decisions to the control plane; will retry");
+                    // Another worker may reach the control plane: it delivers now.
+                    if let Err(e) = self.state.release_log(&self.owner).await {
+                        tracing::warn!(error = %e, "cannot give up the decision outbox's lease");
                     }
-                    Err(e) => {
-                        self.metrics.control_errors.inc();
-                        self.metrics
-                            .decisions_dropped
-                            .inc_by(decisions.len() as u64);
-                        status.control.failed(&e);
-                        tracing::error!(error = %e, dropped = decisions.len(), "control plane refused decisions; dropped");
-                    }
+                    return false;
+                }
+                if let Some(e) = out.refusal {
+                    self.metrics.control_errors.inc();
+                    self.metrics.decisions_dropped.inc_by(out.refused as u64);
+                    status.control.failed(&e);
+                    tracing::error!(error = %e, dropped = out.refused, "control plane refused decisions; dropped");
+                } else {
+                    status.control.ok();
                 }
             }
             match self.state.ack_log(&self.owner, &numbers, LEASE).await {
