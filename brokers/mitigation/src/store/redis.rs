@@ -406,6 +406,7 @@ fn action_name(stored: &str) -> Option<&'static str> {
             burst: 0,
         },
         Action::Tarpit { delay_ms: 0 },
+        Action::Challenge { difficulty: 0 },
         Action::Log,
     ]
     .iter()
@@ -855,7 +856,9 @@ mod tests {
 
     #[test]
     fn stored_action_names_map_to_static_ones() {
-        assert_eq!(action_name("throttle"), Some("throttle"));
+        for name in ["block", "throttle", "tarpit", "challenge", "log"] {
+            assert_eq!(action_name(name), Some(name));
+        }
         assert_eq!(action_name("nonsense"), None);
     }
 }
