@@ -86,7 +86,10 @@ fn action_json(
             let d = humantime::parse_duration(delay.trim()).map_err(|e| {
                 CtlError::Input(format!("--delay `{delay}`: {e} (write e.g. 500ms, 2s)"))
             })?;
-            json!({"type": "tarpit", "delay_ms": d.as_millis() as u64})
+            let Ok(delay_ms) = u64::try_from(d.as_millis()) else {
+                return input(&format!("--delay `{delay}` is too long"));
+            };
+            json!({"type": "tarpit", "delay_ms": delay_ms})
         }
     })
 }
@@ -309,4 +312,24 @@ async fn revoke(ctx: &Ctx, id: Option<String>, entity: Option<String>) -> Result
             if r.revoked == 1 { "" } else { "s" }
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tarpit_delay_is_written_in_milliseconds_or_refused() {
+        let tarpit = |d: &str| action_json(ActionArg::Tarpit, None, None, Some(d), None);
+        assert_eq!(
+            tarpit("2s").unwrap(),
+            json!({"type": "tarpit", "delay_ms": 2000})
+        );
+        for bad in ["soon", "600000000years"] {
+            let Err(CtlError::Input(m)) = tarpit(bad) else {
+                panic!("{bad} accepted");
+            };
+            assert!(m.starts_with(&format!("--delay `{bad}`")), "{m}");
+        }
+    }
 }
