@@ -378,6 +378,8 @@ async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
         }
         ServerCommand::Run(args) => {
             let cfg = server_config(&args, file)?;
+            let path = file.map(Path::to_path_buf);
+            report_on_hangup(&cfg, move || server_config(&args, path.as_deref()));
             with_signals(|shutdown| async move {
                 let listeners = esper_control::Listeners::bind(&cfg).await?;
                 let started = esper_control::start(cfg, listeners, shutdown).await?;
@@ -405,6 +407,8 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
         }
         WorkerCommand::Run(WorkerKind::Engine(run)) => {
             let cfg = worker_config(&run.args, file)?;
+            let (args, path) = (run.args.clone(), file.map(Path::to_path_buf));
+            report_on_hangup(&cfg, move || worker_config(&args, path.as_deref()));
             let profile = run
                 .cpuprofile
                 .as_deref()
@@ -455,13 +459,18 @@ async fn broker(cmd: BrokerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
         BrokerCommand::Run(BrokerKind::Ingestion(args)) => {
-            let cfg = load(
-                file,
-                "ingestion",
-                esper_ingestion::Config::apply_env,
-                |c| args.apply(c),
-                esper_ingestion::Config::validate,
-            )?;
+            let read = move |file: Option<&Path>| {
+                load(
+                    file,
+                    "ingestion",
+                    esper_ingestion::Config::apply_env,
+                    |c| args.apply(c),
+                    esper_ingestion::Config::validate,
+                )
+            };
+            let cfg = read(file)?;
+            let path = file.map(Path::to_path_buf);
+            report_on_hangup(&cfg, move || Ok(read(path.as_deref())?));
             with_signals(|shutdown| async move {
                 let l = esper_common::http::bind("ingestion broker", cfg.listen).await?;
                 esper_ingestion::run(cfg, l, shutdown).await?;
@@ -470,13 +479,18 @@ async fn broker(cmd: BrokerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             .await
         }
         BrokerCommand::Run(BrokerKind::Mitigation(args)) => {
-            let cfg = load(
-                file,
-                "mitigation",
-                esper_mitigation::Config::apply_env,
-                |c| args.apply(c),
-                esper_mitigation::Config::validate,
-            )?;
+            let read = move |file: Option<&Path>| {
+                load(
+                    file,
+                    "mitigation",
+                    esper_mitigation::Config::apply_env,
+                    |c| args.apply(c),
+                    esper_mitigation::Config::validate,
+                )
+            };
+            let cfg = read(file)?;
+            let path = file.map(Path::to_path_buf);
+            report_on_hangup(&cfg, move || Ok(read(path.as_deref())?));
             with_signals(|shutdown| async move {
                 let l = esper_common::http::bind("mitigation broker", cfg.listen).await?;
                 esper_mitigation::run(cfg, l, shutdown).await?;
@@ -515,6 +529,65 @@ async fn proxy(cmd: ProxyCommand, file: Option<&Path>) -> anyhow::Result<ExitCod
             .await
         }
     }
+}
+
+/// The server, the brokers and the worker apply their configuration at start. On
+/// SIGHUP (what the systemd units' `reload` sends) they read it again (file,
+/// environment, the flags given at start) and log which settings differ from the
+/// running ones, to take effect on a restart, instead of ending as the signal's default
+/// would have them do. A configuration that no longer loads is logged as such.
+fn report_on_hangup<C>(running: &C, read: impl Fn() -> anyhow::Result<C> + Send + 'static)
+where
+    C: serde::Serialize,
+{
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed before the service starts, so no SIGHUP finds the default action.
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    let running = serde_json::to_value(running).unwrap_or_default();
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match read() {
+                Ok(cfg) => {
+                    let now = serde_json::to_value(&cfg).unwrap_or_default();
+                    let changed = changed_settings(&running, &now);
+                    if changed.is_empty() {
+                        tracing::info!("SIGHUP: the configuration is unchanged");
+                    } else {
+                        tracing::warn!(
+                            changed = %changed.join(", "),
+                            "SIGHUP: changed settings take effect on a restart"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    "SIGHUP: the configuration does not load; a restart would fail"
+                ),
+            }
+        }
+    });
+}
+
+/// The top-level settings whose values differ (names only: some are secrets).
+fn changed_settings(running: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    let (Some(running), Some(now)) = (running.as_object(), now.as_object()) else {
+        return Vec::new();
+    };
+    let mut changed: Vec<String> = running
+        .keys()
+        .chain(now.keys())
+        .filter(|k| running.get(*k) != now.get(*k))
+        .cloned()
+        .collect();
+    changed.sort();
+    changed.dedup();
+    changed
 }
 
 /// Reads the configuration again (file, environment, the flags given at start) on each

@@ -1,6 +1,7 @@
 //! `esper proxy run` reloads its configuration file on SIGHUP: a new upstream takes over
 //! without a restart, a connection opened before keeps being served, and a file that
-//! does not validate is refused with the running configuration kept.
+//! does not validate is refused with the running configuration kept. The other services
+//! keep running on SIGHUP and say which settings a restart would change.
 
 #![allow(clippy::unwrap_used)]
 
@@ -116,5 +117,73 @@ async fn sighup_reloads_the_proxy_configuration_file() {
         Some(0),
         "{}",
         proxy.log()
+    );
+}
+
+/// Waits until `proc`'s output holds `text`.
+async fn logged(proc: &Proc, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proc.log().contains(text) {
+        assert!(Instant::now() < deadline, "`{text}` in: {}", proc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_leaves_a_broker_running_and_names_what_a_restart_would_change() {
+    let dir = TempDir::new("sighup-broker");
+    let file = dir.path().join("esper.toml");
+    let listen = free_addr();
+    let write = |size: &str| {
+        std::fs::write(
+            &file,
+            format!("[ingestion]\nlisten = \"{listen}\"\nmax_queue_size = {size}\n"),
+        )
+        .unwrap()
+    };
+    write("1000");
+    let mut broker = Proc::esper(
+        "ingestion",
+        &[
+            "broker".into(),
+            "run".into(),
+            "ingestion".into(),
+            "--config".into(),
+            file.display().to_string(),
+        ],
+        &[],
+    );
+    let client = reqwest::Client::new();
+    let healthy = format!("http://{listen}/healthz");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !client
+        .get(&healthy)
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the broker starts: {}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hangup(&broker);
+    logged(&broker, "the configuration is unchanged").await;
+    write("2000");
+    hangup(&broker);
+    logged(&broker, "changed settings take effect on a restart").await;
+    assert!(broker.log().contains("max_queue_size"), "{}", broker.log());
+    write("\"many\"");
+    hangup(&broker);
+    logged(&broker, "the configuration does not load").await;
+    let status = client.get(&healthy).send().await.unwrap().status();
+    assert_eq!(status, 200, "still serving: {}", broker.log());
+    assert_eq!(
+        broker.terminate(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        broker.log()
     );
 }
