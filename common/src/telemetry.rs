@@ -186,6 +186,33 @@ fn check_sampler() -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a collector address the exporter would take and then never reach (`notaurl`
+/// reads as a relative reference; `ftp://` is a URL, but not one gRPC speaks).
+fn check_endpoint() -> Result<(), String> {
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        let Ok(value) = std::env::var(name) else {
+            continue;
+        };
+        if value.trim().is_empty() {
+            continue;
+        }
+        let usable = value.parse::<http::Uri>().is_ok_and(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
+        });
+        if !usable {
+            return Err(format!(
+                "{name} `{value}` is not an http:// or https:// URL of the OTLP collector"
+            ));
+        }
+        // The SDK reads the traces' own variable first.
+        return Ok(());
+    }
+    Ok(())
+}
+
 /// The OTLP/gRPC exporter, on a runtime of its own (so spans that end while the
 /// service's runtime shuts down are still exported), and the provider batching spans
 /// into it. The SDK reads the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (default
@@ -193,6 +220,7 @@ fn check_sampler() -> Result<(), String> {
 /// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` (default: every trace), `OTEL_BSP_*`.
 fn tracer_provider(service: &str) -> Result<(SdkTracerProvider, tokio::runtime::Runtime), String> {
     check_sampler()?;
+    check_endpoint()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("esper-otlp")

@@ -483,8 +483,14 @@ async fn bad_tracing_settings_are_one_clear_line() {
     let local = "http://127.0.0.1:4317";
     // (endpoint, variables, what the one line says)
     type Case<'a> = (&'a str, Vec<(&'static str, &'a str)>, &'a str);
-    let cases: [Case<'_>; 5] = [
+    let cases: [Case<'_>; 7] = [
         ("not a url", vec![], "OTLP"),
+        ("notaurl", vec![], "is not an http:// or https:// URL"),
+        (
+            "ftp://127.0.0.1:4317",
+            vec![],
+            "is not an http:// or https:// URL",
+        ),
         (
             "https://127.0.0.1:4317",
             vec![("OTEL_EXPORTER_OTLP_CERTIFICATE", no_file.as_str())],
