@@ -82,13 +82,14 @@ fn random_token() -> String {
     format!("esp_{a}{b}")
 }
 
-/// The dev admin token: `ESPER_ADMIN_TOKEN` when set, else the one kept in
-/// `data_dir/admin-token` (created on first start), so it stays the same across restarts.
-fn dev_admin_token(data_dir: &Path, configured: Option<String>) -> anyhow::Result<String> {
+/// A dev token: the one configured when set (`ESPER_ADMIN_TOKEN`, `ESPER_BROKER_TOKEN`),
+/// else the one kept in `data_dir/name` (created on first start), so it stays the same
+/// across restarts and can be read from there.
+fn dev_token(data_dir: &Path, name: &str, configured: Option<String>) -> anyhow::Result<String> {
     if let Some(t) = configured.filter(|t| !t.is_empty()) {
         return Ok(t);
     }
-    let path = data_dir.join("admin-token");
+    let path = data_dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
         _ => {}
@@ -242,12 +243,12 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
         |_| Ok(()),
     )?;
 
-    let broker_token = ingestion
-        .token
-        .clone()
-        .or_else(|| mitigation.token.clone())
-        .unwrap_or_else(random_token);
-    let admin_token = dev_admin_token(&data_dir, server.admin_token.clone())?;
+    let broker_token = dev_token(
+        &data_dir,
+        "broker-token",
+        ingestion.token.clone().or_else(|| mitigation.token.clone()),
+    )?;
+    let admin_token = dev_token(&data_dir, "admin-token", server.admin_token.clone())?;
 
     // Bind everything up front: a port in use is one clear error before anything starts.
     let ingestion_l = bind("ingestion broker", args.ingestion_listen).await?;
@@ -406,6 +407,7 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
     println!("  engine worker      http://{worker_ops}  (/readyz, /metrics)");
     println!("  control store      {}", server.database_url);
     println!("  admin API token    {admin_token}");
+    println!("  broker API token   {broker_token}  (the brokers' /api/*)");
     println!(
         "  try:               export ESPER_TOKEN={admin_token} ESPER_SERVER={api_url}; esperctl status"
     );
