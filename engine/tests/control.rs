@@ -232,6 +232,61 @@ async fn decisions_more_than_the_log_takes_in_one_request_are_logged_in_parts() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_told_to_drain_finishes_its_work_and_exits() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("control-drain");
+    let ctl = control(&dir, &ing.url(), &mit.url()).await;
+    let api = ctl.url();
+    set_up_policies(&api).await;
+    let worker = worker(config(&api, &ing.url(), &mit.url())).await;
+    let listed = || async {
+        let list: WorkersResponse = control_request(Method::GET, format!("{api}/api/v1/workers"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        list.workers
+            .into_iter()
+            .find(|w| w.beat.worker_id == "worker-ctl")
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the worker's heartbeat",
+        || async { listed().await.filter(|w| w.alive) },
+    )
+    .await;
+    let drain =
+        |id: &str| control_request(Method::POST, format!("{api}/api/v1/workers/{id}/drain"));
+    let resp = drain("nobody").send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "not_found");
+
+    let (ingest, mitigations) = clients(&ing.url(), &mit.url());
+    ingest.ingest(logins("127.0.0.2", 10)).await.unwrap();
+    drained(&ingest, Duration::from_secs(10)).await;
+    let resp = drain("worker-ctl").send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"worker_id": "worker-ctl", "draining": true})
+    );
+    worker.ended(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(mitigations.active(None).await.unwrap().total, 1);
+    // Its decision reached the log before it went.
+    logged_decisions(&api, 2, Duration::from_secs(5)).await;
+    let last = listed().await.unwrap();
+    assert_eq!(last.beat.state, "draining");
+    ctl.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_follows_a_control_plane_over_tls_with_a_private_ca() {
     let ing = ingestion().await;
     let mit = mitigation().await;

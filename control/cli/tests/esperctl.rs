@@ -145,7 +145,10 @@ async fn errors_are_one_line_with_the_right_exit_code() {
     );
 
     let out = s.ctl(&["policies", "show", "nope"]).await;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(
+        out.code, 2,
+        "what the server refuses is bad input too: {out:?}"
+    );
     assert_eq!(out.stderr, "esperctl: 404 not_found: no policy `nope`\n");
 
     let bad = s.file("policies.toml", &POLICIES.replace("\"block\"", "\"blok\""));
@@ -188,6 +191,28 @@ async fn errors_are_one_line_with_the_right_exit_code() {
     );
     let out = s.ctl(&["frobnicate"]).await;
     assert_eq!(out.code, 2, "clap usage errors: {out:?}");
+    let out = s
+        .ctl(&[
+            "mitigations",
+            "add",
+            "ip:1.2.3.4",
+            "--action",
+            "block",
+            "--ttl",
+            "400d",
+        ])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.starts_with("esperctl: 400 invalid_ttl: "),
+        "{out:?}"
+    );
+    let out = s.ctl(&["workers", "drain", "nobody"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert_eq!(
+        out.stderr,
+        "esperctl: 404 not_found: no worker `nobody` has sent a heartbeat\n"
+    );
 }
 
 #[tokio::test]
@@ -307,7 +332,7 @@ async fn mitigations_queue_lists_and_decisions() {
         assert!(out.stdout.contains(&line), "{line}: {out:?}");
     }
     let out = s.ctl(&["mitigations", "show", "no-such-reference"]).await;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 2, "{out:?}");
     assert!(
         out.stderr
             .contains("no decision with reference `no-such-reference`"),

@@ -2,7 +2,7 @@
 //! they arrived. A member not heard from within the timeout is listed as not alive, and
 //! forgotten after an hour.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -18,6 +18,17 @@ const FORGET_AFTER: Duration = Duration::from_secs(3600);
 pub struct Roster<T> {
     timeout: chrono::Duration,
     members: RwLock<HashMap<String, (T, DateTime<Utc>)>>,
+    /// Members asked to drain, told so by the answer to their next heartbeat.
+    drains: RwLock<HashSet<String>>,
+}
+
+/// Why a member cannot be asked to drain.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotDrained {
+    /// Never heard from, or forgotten.
+    Unknown,
+    /// Not heard from within the timeout: no heartbeat would carry the request.
+    Silent,
 }
 
 impl<T: Clone> Roster<T> {
@@ -25,16 +36,31 @@ impl<T: Clone> Roster<T> {
         Roster {
             timeout: chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX),
             members: RwLock::new(HashMap::new()),
+            drains: RwLock::new(HashSet::new()),
         }
     }
 
-    /// Records a heartbeat from `id`.
-    pub fn beat(&self, id: &str, beat: T) {
+    /// Records a heartbeat from `id`; `true` when it is to drain (asked once).
+    pub fn beat(&self, id: &str, beat: T) -> bool {
         let now = Utc::now();
         let forget = chrono::Duration::from_std(FORGET_AFTER).unwrap_or(chrono::Duration::MAX);
         let mut members = self.members.write();
         members.retain(|_, (_, seen)| now - *seen < forget);
         members.insert(id.to_string(), (beat, now));
+        drop(members);
+        self.drains.write().remove(id)
+    }
+
+    /// Asks `id` to drain: the answer to its next heartbeat tells it.
+    pub fn drain(&self, id: &str) -> Result<(), NotDrained> {
+        let now = Utc::now();
+        match self.members.read().get(id) {
+            None => return Err(NotDrained::Unknown),
+            Some((_, seen)) if now - *seen > self.timeout => return Err(NotDrained::Silent),
+            Some(_) => {}
+        }
+        self.drains.write().insert(id.to_string());
+        Ok(())
     }
 
     /// Every member, by id, with whether it is alive.
@@ -90,6 +116,21 @@ impl Heartbeats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_is_told_once_and_only_to_a_member_heard_from() {
+        let r: Roster<u32> = Roster::new(Duration::from_secs(15));
+        assert_eq!(r.drain("a"), Err(NotDrained::Unknown));
+        assert!(!r.beat("a", 1));
+        assert_eq!(r.drain("a"), Ok(()));
+        assert!(!r.beat("b", 1), "only the one asked");
+        assert!(r.beat("a", 2));
+        assert!(!r.beat("a", 3), "told once");
+        let silent: Roster<u32> = Roster::new(Duration::ZERO);
+        silent.beat("a", 1);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(silent.drain("a"), Err(NotDrained::Silent));
+    }
 
     #[test]
     fn members_go_stale_after_the_timeout() {

@@ -222,6 +222,16 @@ pub struct ProxiesResponse {
 pub struct HeartbeatAck {
     pub ok: bool,
     pub policies_revision: i64,
+    /// The member is to stop taking work and exit (`esperctl workers drain`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
+}
+
+/// `POST /api/v1/workers/{id}/drain` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrainResponse {
+    pub worker_id: String,
+    pub draining: bool,
 }
 
 /// `POST /api/v1/analyze` body: one request of an app that is not behind the proxy.

@@ -128,15 +128,21 @@ impl ControlClient {
         .map(|_| ())
     }
 
-    /// `POST /api/v1/workers/heartbeat`.
-    pub async fn heartbeat(&self, beat: &WorkerHeartbeat) -> Result<(), ClientError> {
-        self.send::<IgnoredAny>(
+    /// `POST /api/v1/workers/heartbeat`: `true` when the control plane asks this worker
+    /// to drain (`esperctl workers drain`).
+    pub async fn heartbeat(&self, beat: &WorkerHeartbeat) -> Result<bool, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            #[serde(default)]
+            drain: bool,
+        }
+        self.send::<Answer>(
             self.http
                 .post(format!("{}/api/v1/workers/heartbeat", self.url))
                 .json(beat),
         )
         .await
-        .map(|_| ())
+        .map(|a| a.drain)
     }
 }
 

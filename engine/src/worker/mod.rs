@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use esper_common::Shutdown;
 use esper_common::config::ConfigError;
+use esper_common::{Shutdown, ShutdownTrigger};
 use esper_protocol::{IngestionClient, MitigationClient, WorkerHeartbeat};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -100,6 +100,18 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), WorkerError> {
     config.validate()?;
+    // The caller's shutdown, or a drain asked through the control plane: one signal.
+    let (drain, own) = Shutdown::new();
+    let drain = Arc::new(drain);
+    {
+        let drain = drain.clone();
+        let outer = shutdown;
+        tokio::spawn(async move {
+            outer.wait().await;
+            drain.trigger();
+        });
+    }
+    let shutdown = own;
     let worker_id = config.effective_worker_id();
     let started_at = Utc::now();
     let registry = Registry::new();
@@ -259,6 +271,7 @@ pub async fn run(
             metrics: metrics.clone(),
             policies: handle.clone(),
             started_at,
+            drain: drain.clone(),
         };
         background.spawn(beat.run(config.heartbeat_interval, shutdown.clone()));
     }
@@ -362,6 +375,8 @@ struct Heartbeat {
     metrics: Metrics,
     policies: Arc<PolicyHandle>,
     started_at: chrono::DateTime<Utc>,
+    /// Stops the worker as a signal would, when the control plane asks it to drain.
+    drain: Arc<ShutdownTrigger>,
 }
 
 impl Heartbeat {
@@ -382,7 +397,13 @@ impl Heartbeat {
 
     async fn send(&self, state: &str) {
         match self.client.heartbeat(&self.beat(state)).await {
-            Ok(()) => self.status.control.ok(),
+            Ok(drain) => {
+                self.status.control.ok();
+                if drain {
+                    tracing::info!("the control plane asks this worker to drain; stopping");
+                    self.drain.trigger();
+                }
+            }
             Err(e) => {
                 self.metrics.control_errors.inc();
                 self.status.control.failed(&e);

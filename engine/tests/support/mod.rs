@@ -35,6 +35,15 @@ impl<E: std::fmt::Debug> Running<E> {
             .expect("service stops within 15s")
             .expect("service task does not panic")
     }
+
+    /// Waits (at most `within`) for the service to end by itself.
+    pub async fn ended(self, within: Duration) -> Result<(), E> {
+        let _keep = self.trigger;
+        tokio::time::timeout(within, self.task)
+            .await
+            .expect("service ends by itself")
+            .expect("service task does not panic")
+    }
 }
 
 async fn loopback() -> TcpListener {

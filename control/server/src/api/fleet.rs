@@ -1,12 +1,14 @@
 //! Heartbeats of engine workers and proxies, and their listings.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use esper_common::{ApiError, Json};
 use esper_protocol::{ProxyHeartbeat, WorkerHeartbeat};
 
 use super::store_error;
+use crate::heartbeats::NotDrained;
 use crate::state::AppState;
-use crate::types::{HeartbeatAck, ProxiesResponse, WorkersResponse};
+use crate::types::{DrainResponse, HeartbeatAck, ProxiesResponse, WorkersResponse};
 
 /// Longest worker or proxy id.
 const MAX_ID_LEN: usize = 128;
@@ -21,7 +23,7 @@ fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn ack(state: &AppState) -> Result<Json<HeartbeatAck>, ApiError> {
+async fn ack(state: &AppState, drain: bool) -> Result<Json<HeartbeatAck>, ApiError> {
     let policies_revision = state
         .store
         .revision()
@@ -30,6 +32,7 @@ async fn ack(state: &AppState) -> Result<Json<HeartbeatAck>, ApiError> {
     Ok(Json(HeartbeatAck {
         ok: true,
         policies_revision,
+        drain,
     }))
 }
 
@@ -40,12 +43,38 @@ pub async fn worker_beat(
 ) -> Result<Json<HeartbeatAck>, ApiError> {
     check_id("worker_id", &beat.worker_id)?;
     let id = beat.worker_id.clone();
-    state.heartbeats.workers.beat(&id, beat);
+    let drain = state.heartbeats.workers.beat(&id, beat);
+    if drain {
+        tracing::info!(worker = %id, "worker told to drain");
+    }
     state
         .metrics
         .workers_alive
         .set(state.heartbeats.workers.alive() as i64);
-    ack(&state).await
+    ack(&state, drain).await
+}
+
+/// `POST /api/v1/workers/{id}/drain`: the worker stops claiming, finishes the batches in
+/// hand and exits, once its next heartbeat (every few seconds) carries the request.
+pub async fn drain_worker(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<DrainResponse>), ApiError> {
+    match state.heartbeats.workers.drain(&id) {
+        Ok(()) => Ok((
+            StatusCode::ACCEPTED,
+            Json(DrainResponse {
+                worker_id: id,
+                draining: true,
+            }),
+        )),
+        Err(NotDrained::Unknown) => Err(ApiError::NotFound(format!(
+            "no worker `{id}` has sent a heartbeat"
+        ))),
+        Err(NotDrained::Silent) => Err(ApiError::Conflict(format!(
+            "worker `{id}` has not sent a heartbeat lately; it cannot be told"
+        ))),
+    }
 }
 
 /// `POST /api/v1/proxies/heartbeat`
@@ -55,12 +84,13 @@ pub async fn proxy_beat(
 ) -> Result<Json<HeartbeatAck>, ApiError> {
     check_id("proxy_id", &beat.proxy_id)?;
     let id = beat.proxy_id.clone();
+    // Proxies are not drained from here: their traffic is the load balancer's to move.
     state.heartbeats.proxies.beat(&id, beat);
     state
         .metrics
         .proxies_alive
         .set(state.heartbeats.proxies.alive() as i64);
-    ack(&state).await
+    ack(&state, false).await
 }
 
 /// `GET /api/v1/workers`

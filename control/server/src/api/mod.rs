@@ -64,6 +64,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/v1/queue/resume", post(queue::resume))
         .route("/api/v1/workers", get(fleet::workers))
         .route("/api/v1/workers/heartbeat", post(fleet::worker_beat))
+        .route("/api/v1/workers/{id}/drain", post(fleet::drain_worker))
         .route("/api/v1/proxies", get(fleet::proxies))
         .route("/api/v1/proxies/heartbeat", post(fleet::proxy_beat))
         .route(

@@ -43,6 +43,14 @@ impl CtlError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CtlError::Input(_) => 2,
+            // Refused for what was asked (an unknown name, a bad value, a conflict), as
+            // esperctl refuses what it can check itself; a refused token, a busy or
+            // failing server stay 1.
+            CtlError::Api { status, .. }
+                if (400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429) =>
+            {
+                2
+            }
             _ => 1,
         }
     }

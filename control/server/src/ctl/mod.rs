@@ -68,7 +68,7 @@ pub enum Command {
     Queue(QueueCmd),
     /// Engine workers, as heard through their heartbeats.
     #[command(subcommand, visible_alias = "worker")]
-    Workers(FleetCmd),
+    Workers(WorkerCmd),
     /// Proxies, as heard through their heartbeats; their shared challenge key.
     #[command(subcommand, visible_alias = "proxy")]
     Proxies(ProxyCmd),
@@ -191,11 +191,17 @@ pub enum QueueCmd {
     Resume,
 }
 
-/// `esperctl workers list`, `esperctl proxies list`
+/// `esperctl workers ...`
 #[derive(Subcommand, Debug)]
-pub enum FleetCmd {
-    /// Every member heard from in the last hour.
+pub enum WorkerCmd {
+    /// Every worker heard from in the last hour.
     List,
+    /// Tells a worker, through its next heartbeat, to stop claiming work, finish the
+    /// batches in hand and exit.
+    Drain {
+        /// The worker's id (`esperctl workers list`).
+        id: String,
+    },
 }
 
 /// `esperctl proxies ...`
@@ -320,7 +326,8 @@ async fn dispatch(args: CtlArgs) -> Result<(), CtlError> {
         Command::Policies(c) => policies::run(&ctx, c).await,
         Command::Mitigations(c) => mitigations::run(&ctx, c).await,
         Command::Queue(c) => ops::queue(&ctx, c).await,
-        Command::Workers(FleetCmd::List) => ops::workers(&ctx).await,
+        Command::Workers(WorkerCmd::List) => ops::workers(&ctx).await,
+        Command::Workers(WorkerCmd::Drain { id }) => ops::drain_worker(&ctx, &id).await,
         Command::Proxies(ProxyCmd::List) => ops::proxies(&ctx).await,
         Command::Proxies(ProxyCmd::RotateChallengeKey { drop_previous }) => {
             ops::rotate_challenge_key(&ctx, drop_previous).await

@@ -250,6 +250,16 @@ pub async fn workers(ctx: &Ctx) -> Result<(), CtlError> {
     })
 }
 
+pub async fn drain_worker(ctx: &Ctx, id: &str) -> Result<(), CtlError> {
+    let path = format!("/api/v1/workers/{}/drain", segment(id));
+    let v = ctx.client.post(&path, &serde_json::json!({})).await?;
+    ctx.emit(v, |_| {
+        Ok(format!(
+            "worker {id} is told to drain with its next heartbeat; it finishes the batches in hand and exits\n"
+        ))
+    })
+}
+
 pub async fn proxies(ctx: &Ctx) -> Result<(), CtlError> {
     let v = ctx.client.get("/api/v1/proxies").await?;
     ctx.emit(v, |v| {
