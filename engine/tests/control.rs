@@ -69,6 +69,14 @@ async fn logged_decisions(api: &str, n: usize, limit: Duration) -> DecisionsResp
     .await
 }
 
+/// Waits until the worker whose ops address is `ops` evaluates `n` policies.
+async fn policies_loaded(ops: &str, n: f64) {
+    eventually(Duration::from_secs(10), "policies loaded", || async {
+        (sample(&metrics(ops).await, "esper_policies_loaded") == n).then_some(())
+    })
+    .await;
+}
+
 /// The office list and [`POLICIES`], through the control plane's API at `api`.
 async fn set_up_policies(api: &str) {
     let resp = control_request(Method::PUT, format!("{api}/api/v1/lists/office"))
@@ -98,10 +106,7 @@ async fn policies_from_the_control_plane_decisions_into_its_log() {
 
     let worker = worker(config(&api, &ing.url(), &mit.url())).await;
     let ops = worker.url();
-    eventually(Duration::from_secs(10), "policies loaded", || async {
-        (sample(&metrics(&ops).await, "esper_policies_loaded") == 2.0).then_some(())
-    })
-    .await;
+    policies_loaded(&ops, 2.0).await;
 
     // .2 is blocked; the office address is not, however often it fails; both /24s
     // cross the shadow policy's threshold, which only records its decisions.
@@ -203,10 +208,7 @@ async fn decisions_more_than_the_log_takes_in_one_request_are_logged_in_parts() 
     set_up_policies(&api).await;
     let worker = worker(config(&api, &ing.url(), &mit.url())).await;
     let ops = worker.url();
-    eventually(Duration::from_secs(10), "policies loaded", || async {
-        (sample(&metrics(&ops).await, "esper_policies_loaded") == 2.0).then_some(())
-    })
-    .await;
+    policies_loaded(&ops, 2.0).await;
     let (ingest, _) = clients(&ing.url(), &mit.url());
     let events: Vec<RequestEvent> = (2..22)
         .flat_map(|i| logins(&format!("127.0.0.{i}"), 10))
@@ -372,10 +374,7 @@ async fn decisions_made_while_the_control_plane_is_away_outlive_their_worker() {
     };
     let first = worker(over_redis("worker-gone", &ctl.url())).await;
     let ops = first.url();
-    eventually(Duration::from_secs(10), "policies loaded", || async {
-        (sample(&metrics(&ops).await, "esper_policies_loaded") == 2.0).then_some(())
-    })
-    .await;
+    policies_loaded(&ops, 2.0).await;
     ctl.stop().await.unwrap();
 
     // Enforcement goes on without the control plane; the records wait in Redis.

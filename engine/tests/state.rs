@@ -1039,9 +1039,12 @@ async fn an_unreadable_state_row_starts_afresh(_: &Backend) {
     assert_eq!(s.refresh_stats().await.unwrap().entities, 1);
 }
 
-/// The same for a Redis entity hash whose window and sequence cannot be read.
-async fn an_unreadable_entity_hash_starts_afresh(_: &Backend) {
-    let prefix = redis_server::unique_prefix("garbled");
+/// A Redis state under a prefix of its own, the prefix, and a connection to edit its
+/// keys by hand.
+async fn redis_state_by_hand(
+    name: &str,
+) -> (RedisState, String, ::redis::aio::MultiplexedConnection) {
+    let prefix = redis_server::unique_prefix(name);
     let s = RedisState::connect(RedisStateConfig {
         url: redis_server::shared().url(),
         prefix: prefix.clone(),
@@ -1051,13 +1054,19 @@ async fn an_unreadable_entity_hash_starts_afresh(_: &Backend) {
     })
     .await
     .unwrap();
-    let now = now();
-    apply_commit(&s, &batch(&["a", "b"], "ip:10.0.0.1", now), now).await;
-    let mut redis = ::redis::Client::open(redis_server::shared().url())
+    let redis = ::redis::Client::open(redis_server::shared().url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    (s, prefix, redis)
+}
+
+/// The same for a Redis entity hash whose window and sequence cannot be read.
+async fn an_unreadable_entity_hash_starts_afresh(_: &Backend) {
+    let (s, prefix, mut redis) = redis_state_by_hand("garbled").await;
+    let now = now();
+    apply_commit(&s, &batch(&["a", "b"], "ip:10.0.0.1", now), now).await;
     let keys: Vec<String> = ::redis::cmd("KEYS")
         .arg(format!("{prefix}:e:*"))
         .query_async(&mut redis)
@@ -1078,16 +1087,7 @@ async fn an_unreadable_entity_hash_starts_afresh(_: &Backend) {
 
 /// A batch applied by a version that kept no prior offense, and rolled back by this one.
 async fn an_undo_log_without_prior_offenses_rolls_back(_: &Backend) {
-    let prefix = redis_server::unique_prefix("older");
-    let s = RedisState::connect(RedisStateConfig {
-        url: redis_server::shared().url(),
-        prefix: prefix.clone(),
-        ttl: TTL,
-        lease: LEASE,
-        capacity: 1000,
-    })
-    .await
-    .unwrap();
+    let (s, prefix, mut redis) = redis_state_by_hand("older").await;
     let ip = "ip:10.0.0.5";
     let first = now();
     assert_eq!(offense(&s, &["a", "b", "c"], ip, first).await, 1);
@@ -1095,11 +1095,6 @@ async fn an_undo_log_without_prior_offenses_rolls_back(_: &Backend) {
     let bt = batch(&["d", "e", "f"], ip, second);
     let out = s.apply(&bt, second).await.unwrap();
     assert_eq!(out.crossings[0].offense, 2);
-    let mut redis = ::redis::Client::open(redis_server::shared().url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let key = format!("{prefix}:u:{}", out.receipt.id);
     let raw: String = ::redis::cmd("GET")
         .arg(&key)
