@@ -69,6 +69,17 @@ async fn logged_decisions(api: &str, n: usize, limit: Duration) -> DecisionsResp
     .await
 }
 
+/// Stops a control plane and the two brokers.
+async fn stop_stack(
+    ctl: Running<esper_control::Error>,
+    ing: Running<esper_ingestion::Error>,
+    mit: Running<esper_mitigation::Error>,
+) {
+    ctl.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
 /// Waits until the worker whose ops address is `ops` evaluates `n` policies.
 async fn policies_loaded(ops: &str, n: f64) {
     eventually(Duration::from_secs(10), "policies loaded", || async {
@@ -188,9 +199,7 @@ async fn policies_from_the_control_plane_decisions_into_its_log() {
     .await;
 
     worker.stop().await.unwrap();
-    ctl.stop().await.unwrap();
-    ing.stop().await.unwrap();
-    mit.stop().await.unwrap();
+    stop_stack(ctl, ing, mit).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,9 +237,7 @@ async fn decisions_more_than_the_log_takes_in_one_request_are_logged_in_parts() 
         0.0
     );
     worker.stop().await.unwrap();
-    ctl.stop().await.unwrap();
-    ing.stop().await.unwrap();
-    mit.stop().await.unwrap();
+    stop_stack(ctl, ing, mit).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,9 +290,7 @@ async fn a_worker_told_to_drain_finishes_its_work_and_exits() {
     logged_decisions(&api, 2, Duration::from_secs(5)).await;
     let last = listed().await.unwrap();
     assert_eq!(last.beat.state, "draining");
-    ctl.stop().await.unwrap();
-    ing.stop().await.unwrap();
-    mit.stop().await.unwrap();
+    stop_stack(ctl, ing, mit).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -138,6 +138,23 @@ fn count_policy(id: &str, threshold: f64) -> BatchPolicy {
     }
 }
 
+/// A count policy (threshold 3, decisions of 300 s) that escalates to level 1 at 5
+/// (600 s), with `rules`' growth.
+fn ladder_policy(id: &str, rules: Rules) -> BatchPolicy {
+    BatchPolicy {
+        rules: Arc::new(Rules {
+            scale: 1.0,
+            ladder: vec![Rung {
+                repeat: 1,
+                threshold: 5.0,
+                ttl_ms: 600_000,
+            }],
+            ..rules
+        }),
+        ..count_policy(id, 3.0)
+    }
+}
+
 fn distinct_policy(id: &str, threshold: f64) -> BatchPolicy {
     BatchPolicy {
         rules: Arc::new(Rules {
@@ -396,18 +413,7 @@ async fn a_forgiven_repeat_offense_dates_the_history_from_the_one_before(b: &Bac
     // An escalation is the same offense: forgiving it forgives the offense, and the
     // history runs from the one before.
     let s = b.state().await;
-    let ladder = BatchPolicy {
-        rules: Arc::new(Rules {
-            scale: 1.0,
-            ladder: vec![Rung {
-                repeat: 1,
-                threshold: 5.0,
-                ttl_ms: 600_000,
-            }],
-            ..Rules::default()
-        }),
-        ..count_policy("p", 3.0)
-    };
+    let ladder = ladder_policy("p", Rules::default());
     let run = |ids: &[&str], at: i64| BatchInput {
         policies: vec![ladder.clone()],
         events: ids
@@ -550,20 +556,14 @@ async fn sequences_complete_in_order(b: &Backend) {
 async fn escalation_and_repeat_offenses_grow_the_ttl(b: &Backend) {
     let s = b.state().await;
     let now = now();
-    let policy = BatchPolicy {
-        rules: Arc::new(Rules {
-            scale: 1.0,
-            ladder: vec![Rung {
-                repeat: 1,
-                threshold: 5.0,
-                ttl_ms: 600_000,
-            }],
+    let policy = ladder_policy(
+        "esc",
+        Rules {
             growth: 2.0,
             ttl_max_ms: 1_000_000,
             ..Rules::default()
-        }),
-        ..count_policy("esc", 3.0)
-    };
+        },
+    );
     let run = |ids: Vec<String>, at: i64| BatchInput {
         policies: vec![policy.clone()],
         events: ids
