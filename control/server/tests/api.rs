@@ -284,6 +284,23 @@ async fn policy_errors_are_precise() {
             .contains("window 2days is out of range"),
         "{body}"
     );
+    // An empty document is refused alike by both.
+    for path in ["/api/v1/policies/validate", "/api/v1/policies"] {
+        let (status, body) = call(
+            s.req(Method::POST, path)
+                .header("content-type", "application/toml")
+                .body(""),
+        )
+        .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("nothing to apply"),
+            "{body}"
+        );
+    }
     let (_, list) = s.get("/api/v1/policies").await;
     assert_eq!(
         list["policies"].as_array().unwrap().len(),

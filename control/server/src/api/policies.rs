@@ -249,6 +249,16 @@ pub async fn show(
     }))
 }
 
+/// What apply checks beyond the document itself: it has policies, and the lists they
+/// name exist.
+async fn check_applicable(state: &AppState, specs: &[PolicySpec]) -> Result<(), BodyError> {
+    if specs.is_empty() {
+        return Err(invalid("nothing to apply: the document has no [[policy]] tables").into());
+    }
+    check_references(state, specs).await?;
+    Ok(())
+}
+
 /// `POST /api/v1/policies`: validates, then upserts every policy of the document at once.
 pub async fn apply(
     State(state): State<AppState>,
@@ -257,10 +267,7 @@ pub async fn apply(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ApplyResponse>, BodyError> {
     let specs = read_policies(&headers, body)?;
-    if specs.is_empty() {
-        return Err(invalid("nothing to apply: the document has no [[policy]] tables").into());
-    }
-    check_references(&state, &specs).await?;
+    check_applicable(&state, &specs).await?;
     let writes = specs
         .iter()
         .map(|s| write_of(s, "apply", &caller))
@@ -275,7 +282,7 @@ pub async fn validate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ValidateResponse>, BodyError> {
     let specs = read_policies(&headers, body)?;
-    check_references(&state, &specs).await?;
+    check_applicable(&state, &specs).await?;
     Ok(Json(ValidateResponse {
         valid: true,
         policies: specs.len(),
