@@ -32,3 +32,17 @@ pub fn free_port() -> u16 {
     }
     panic!("no free port between {FIRST} and {}", FIRST + SPAN - 1);
 }
+
+/// A loopback address that refuses connections for the rest of the test run. The port
+/// stays bound without listening: a port merely bound and closed again can be handed
+/// to another test's listener running in parallel, which would then answer.
+#[allow(dead_code)] // not every suite that loads this file needs it
+pub fn refusing_addr() -> std::net::SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    socket.bind(loopback).expect("a loopback port");
+    let addr = socket.local_addr().expect("the bound address");
+    // Held until the test process exits, which is what keeps the port refusing.
+    std::mem::forget(socket);
+    addr
+}

@@ -139,13 +139,8 @@ async fn a_dead_upstream_is_skipped_and_checked_out_of_the_pool() {
 
 #[tokio::test]
 async fn a_request_tries_at_most_four_upstreams() {
-    // Six upstreams that refuse connections: ports bound, then closed.
-    let closed: Vec<std::net::SocketAddr> = (0..6)
-        .map(|_| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        })
-        .collect();
+    // Six upstreams that refuse connections.
+    let closed: Vec<std::net::SocketAddr> = (0..6).map(|_| support::refusing_addr()).collect();
     let mut web = app("web", &[], "/", &closed);
     web.health_check = "none".into();
     let proxy = start_proxy(multi(vec![web], &dead_url(), &dead_url())).await;

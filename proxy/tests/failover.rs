@@ -3,6 +3,8 @@
 //! meanwhile reaches its cache without a snapshot (no full reload).
 
 #![allow(clippy::unwrap_used)]
+// `duplicate_mod`: the Redis helper and `support` both load `ports.rs`.
+#![allow(clippy::duplicate_mod)]
 
 #[path = "../../brokers/testing/redis_server.rs"]
 mod redis_server;

@@ -74,9 +74,7 @@ async fn forwards_status_body_headers_and_request_ids() {
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502() {
-    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = gone.local_addr().unwrap();
-    drop(gone);
+    let addr = support::refusing_addr();
     let proxy = start_proxy(config(addr, &dead_url(), &dead_url())).await;
     let resp = client_from("127.0.0.1")
         .get(format!("{}/", proxy.url))

@@ -9,6 +9,10 @@ use esper_common::{Shutdown, ShutdownTrigger};
 use esper_control::{Config, Listeners};
 use tokio::net::TcpListener;
 
+#[allow(dead_code)] // only `refusing_addr` is used here
+#[path = "../../../brokers/testing/ports.rs"]
+mod ports;
+
 const TOKEN: &str = "cli-test-token-0123456789";
 
 const POLICIES: &str = r#"[[policy]]
@@ -134,9 +138,7 @@ async fn errors_are_one_line_with_the_right_exit_code() {
         "{out:?}"
     );
 
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let url = format!("http://{}", ports::refusing_addr());
     let out = run(&url, Some(TOKEN), &["status"]).await;
     assert_eq!(out.code, 1, "{out:?}");
     assert_eq!(

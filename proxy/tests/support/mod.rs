@@ -16,6 +16,10 @@ use esper_protocol::{Action, Mitigation, Origin, Reason};
 use esper_proxy::{Config, Listeners, ProxyHandle};
 use parking_lot::Mutex;
 
+#[path = "../../../brokers/testing/ports.rs"]
+mod ports;
+pub use ports::refusing_addr;
+
 /// The protected app: `GET /` answers 200, `POST /login` 401, `GET /slow` 200 after
 /// 500 ms. It records the headers of every request it sees.
 pub struct Upstream {
@@ -231,10 +235,7 @@ pub async fn wait_for_status(ip: &str, url: &str, status: u16, within: Duration)
 
 /// A URL on which nothing listens (a broker that is down).
 pub fn dead_url() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    drop(l);
-    format!("http://127.0.0.1:{port}")
+    format!("http://{}", refusing_addr())
 }
 
 /// A config for tests: one traffic thread, fast flushes and polls, short drain.
