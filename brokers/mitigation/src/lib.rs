@@ -27,7 +27,7 @@ pub use metrics::Metrics;
 pub use persist::Persistence;
 pub use store::{
     Claim, Journal, LogAppend, Logged, MemoryMitigations, MitigationStore, RedisMitigations,
-    StoreError, Write,
+    RestorePage, StoreError, Write,
 };
 
 /// Why the mitigation broker could not start or stopped abnormally.

@@ -29,7 +29,8 @@ use tokio::sync::{Notify, OwnedRwLockReadGuard, RwLock};
 use crate::config::{Config, WhenFull};
 use crate::metrics::Metrics;
 use crate::store::{
-    Claim, Cursor, Journal, LogAppend, Logged, MitigationStore, StoreError, Write, apply,
+    Claim, Cursor, Journal, LogAppend, Logged, MitigationStore, RestorePage, StoreError, Write,
+    apply,
 };
 
 /// `decided_by` / `revoked_by` of what this broker logs (the control plane lets a
@@ -595,11 +596,29 @@ impl Persistence {
                     .filter(|m| m.expires_at > now && st.touched.allows(m))
                     .collect()
             };
-            restored += store
-                .publish(mitigations)
-                .await
-                .map_err(|e| e.to_string())?
-                .accepted;
+            // A shared store also holds back what other instances touched.
+            restored += match &self.journal {
+                None => {
+                    store
+                        .publish(mitigations)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .accepted
+                }
+                Some(journal) => match journal
+                    .restore_page(&self.owner, LEASE, &mitigations)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    RestorePage::Published(n) => n,
+                    RestorePage::Cleared => return Ok(restored),
+                    RestorePage::Lapsed => {
+                        return Err("the restore's mark in the store ran out; \
+                                    starting over"
+                            .into());
+                    }
+                },
+            };
             if !full {
                 return Ok(restored);
             }
@@ -707,20 +726,38 @@ pub async fn run(
     let poll = p.journal.as_ref().map(|_| SHARED_POLL);
     let mut backoff = MIN_BACKOFF;
     loop {
+        // Marked before the flush: a write through another instance either is in the
+        // outbox flushed next or is noted for the restore.
+        let pending = p.state.lock().restore == Restore::Pending;
+        let mut marked = true;
+        if let Some(journal) = &p.journal
+            && pending
+            && let Err(e) = journal.begin_restore(&p.owner, LEASE).await
+        {
+            marked = false;
+            p.metrics.persistence_errors.inc();
+            p.state.lock().restore_error = Some(format!("cannot mark the restore: {e}"));
+        }
         // The outbox goes first, so revocations made since start-up are in the log
         // before the log is read back.
         let flushed = p.flush().await;
-        let mut ok = flushed != Flushed::Failed;
+        let mut ok = marked && flushed != Flushed::Failed;
         let drained = matches!(flushed, Flushed::Drained | Flushed::Standby(0));
-        if drained && p.state.lock().restore == Restore::Pending {
+        if drained && marked && pending {
             match p.restore(&*store, cache_ttl).await {
                 Ok(n) => {
                     p.metrics.persistence_restored.inc_by(n as u64);
-                    let mut st = p.state.lock();
-                    st.restore = Restore::Done(n);
-                    st.touched = Touched::default();
-                    st.restore_error = None;
-                    drop(st);
+                    {
+                        let mut st = p.state.lock();
+                        st.restore = Restore::Done(n);
+                        st.touched = Touched::default();
+                        st.restore_error = None;
+                    }
+                    if let Some(journal) = &p.journal
+                        && let Err(e) = journal.end_restore(&p.owner).await
+                    {
+                        tracing::debug!(error = %e, "cannot remove the restore's mark; it runs out by itself");
+                    }
                     tracing::info!(
                         restored = n,
                         "mitigations in force restored from the decision log"
@@ -763,6 +800,10 @@ pub async fn run(
             // Another instance (or this one's successor) goes on at once.
             if let Err(e) = journal.release(&p.owner).await {
                 tracing::warn!(error = %e, "cannot give up the outbox's delivery lease; it runs out by itself");
+            }
+            let pending = p.state.lock().restore == Restore::Pending;
+            if pending && let Err(e) = journal.end_restore(&p.owner).await {
+                tracing::debug!(error = %e, "cannot remove the restore's mark; it runs out by itself");
             }
             let left = p.pending();
             if last != Ok(Flushed::Drained) && left > 0 {

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use esper_mitigation::{
-    Claim, Config, Journal, LogAppend, Logged, MitigationStore, RedisMitigations, Write,
+    Claim, Config, Journal, LogAppend, Logged, MitigationStore, RedisMitigations, RestorePage,
+    Write,
 };
 use esper_protocol::{Change, ClientError, DeltaPage, EntityKey, Mitigation, MitigationClient};
 use support::redis_server::{RedisServer, shared, unique_prefix};
@@ -566,4 +567,121 @@ async fn outbox_numbers_stay_whole_past_the_float_digits_of_lua() {
             .unwrap(),
         (true, 0)
     );
+}
+
+/// Ids of what `store` holds in force, sorted.
+async fn held(store: &dyn MitigationStore) -> Vec<String> {
+    let mut ids: Vec<String> = store
+        .active(None, 100)
+        .await
+        .unwrap()
+        .mitigations
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The keys the restores' marks and notes leave in Redis under `prefix`.
+async fn restore_keys(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}}}:mit:[rt][eo]*"))
+        .query_async(conn)
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn a_restore_page_leaves_out_what_any_instance_touched_since_its_mark() {
+    let (restorer, journal, prefix, mut conn) = own_journal("restore").await;
+    let other = RedisMitigations::open(&shared().url(), &prefix, SUITE_RETENTION)
+        .await
+        .unwrap();
+    let long = Duration::from_secs(60);
+    // Before any mark, writes note nothing.
+    other.revoke_id("gone-before").await.unwrap();
+    assert!(restore_keys(&mut conn, &prefix).await.is_empty());
+
+    journal.begin_restore("a", long).await.unwrap();
+    // Through the other instance: one id revoked, one republished newer, one entity
+    // revoked, all before the restorer's page (read from the log earlier) comes.
+    other.revoke_id("revoked").await.unwrap();
+    let newer = Mitigation {
+        action: esper_protocol::Action::Log,
+        ..block("changed", "ip:192.0.2.2")
+    };
+    other.publish(vec![newer.clone()]).await.unwrap();
+    other
+        .revoke_entity(&"ip:192.0.2.3".parse().unwrap())
+        .await
+        .unwrap();
+    let page = [
+        block("revoked", "ip:192.0.2.1"),
+        block("changed", "ip:192.0.2.2"),
+        block("by-entity", "ip:192.0.2.3"),
+        block("kept", "ip:192.0.2.4"),
+    ];
+    assert_eq!(
+        journal.restore_page("a", long, &page).await.unwrap(),
+        RestorePage::Published(1)
+    );
+    assert_eq!(held(&*restorer).await, ["changed", "kept"]);
+    let stored = other.for_entity(&newer.entity).await.unwrap();
+    assert_eq!(stored, [newer], "the newer write stands");
+
+    // A second restorer's end leaves the first one's notes; the last end takes them.
+    journal.begin_restore("b", long).await.unwrap();
+    journal.end_restore("b").await.unwrap();
+    assert_eq!(
+        journal.restore_page("a", long, &page[..1]).await.unwrap(),
+        RestorePage::Published(0)
+    );
+    journal.end_restore("a").await.unwrap();
+    assert!(restore_keys(&mut conn, &prefix).await.is_empty());
+    other.revoke_id("kept").await.unwrap();
+    assert!(
+        restore_keys(&mut conn, &prefix).await.is_empty(),
+        "no mark, no notes"
+    );
+}
+
+#[tokio::test]
+async fn a_restore_gives_up_after_a_clear_and_begins_again_when_its_mark_ran_out() {
+    let (_restorer, journal, prefix, _conn) = own_journal("restore-clear").await;
+    let other = RedisMitigations::open(&shared().url(), &prefix, SUITE_RETENTION)
+        .await
+        .unwrap();
+    let long = Duration::from_secs(60);
+    let page = [block("m", "ip:192.0.2.1")];
+    journal.begin_restore("a", long).await.unwrap();
+    other.clear().await.unwrap();
+    assert_eq!(
+        journal.restore_page("a", long, &page).await.unwrap(),
+        RestorePage::Cleared
+    );
+    assert!(held(&other).await.is_empty());
+    journal.end_restore("a").await.unwrap();
+
+    // A mark that ran out: a write since may have gone unnoted.
+    journal
+        .begin_restore("a", Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    other.revoke_id("m").await.unwrap();
+    assert_eq!(
+        journal.restore_page("a", long, &page).await.unwrap(),
+        RestorePage::Lapsed
+    );
+    assert!(held(&other).await.is_empty());
+    // Begun again, with the notes of the lapsed mark gone with it.
+    journal.begin_restore("a", long).await.unwrap();
+    assert_eq!(
+        journal.restore_page("a", long, &page).await.unwrap(),
+        RestorePage::Published(1)
+    );
+    assert_eq!(held(&other).await, ["m"]);
 }

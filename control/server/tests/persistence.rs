@@ -374,8 +374,9 @@ async fn a_broker_started_before_the_control_plane_restores_once_it_answers() {
     control.stop().await;
 }
 
-/// An HTTP relay to `upstream` that holds every request for a second page of the
-/// decision log (`before=` in the query) until `release` is notified.
+/// An HTTP relay to `upstream` that holds the answer to every request for a second page
+/// of the decision log (`before=` in the query) until `release` is notified: the page
+/// is read when asked for, and arrives later.
 async fn holding_relay(upstream: SocketAddr, release: Arc<tokio::sync::Notify>) -> SocketAddr {
     use axum::body::Bytes;
     use axum::http::{HeaderMap, Method, Uri};
@@ -383,9 +384,7 @@ async fn holding_relay(upstream: SocketAddr, release: Arc<tokio::sync::Notify>) 
     let relay = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
         let (client, release) = (client.clone(), release.clone());
         async move {
-            if uri.query().is_some_and(|q| q.contains("before=")) {
-                release.notified().await;
-            }
+            let held = uri.query().is_some_and(|q| q.contains("before="));
             let mut req = client.request(method, format!("http://{upstream}{uri}"));
             for (name, value) in &headers {
                 if name != "host" {
@@ -396,6 +395,9 @@ async fn holding_relay(upstream: SocketAddr, release: Arc<tokio::sync::Notify>) 
             let status = resp.status();
             let content_type = resp.headers().get("content-type").cloned();
             let body = resp.bytes().await.unwrap();
+            if held {
+                release.notified().await;
+            }
             let mut answer = axum::response::Response::new(axum::body::Body::from(body));
             *answer.status_mut() = status;
             if let Some(ct) = content_type {
@@ -414,13 +416,10 @@ async fn holding_relay(upstream: SocketAddr, release: Arc<tokio::sync::Notify>) 
     addr
 }
 
-#[tokio::test]
-async fn writes_made_while_a_restore_is_under_way_are_not_undone_by_it() {
-    let dir = TempDir::new();
-    let api = closed_addr().await;
-    let control = Control::start(&dir, api).await;
+/// Logs 1,500 mitigations (more than one restore page of 1,000) through a broker,
+/// stopped once they are in the log.
+async fn logged_1500(api: SocketAddr) -> Vec<Mitigation> {
     let a = Broker::start(api, 5000).await;
-    // More than one restore page (1,000).
     let all: Vec<Mitigation> = (0..1500)
         .map(|i| ban(&format!("10.7.{}.{}", i / 250, i % 250)))
         .collect();
@@ -432,12 +431,26 @@ async fn writes_made_while_a_restore_is_under_way_are_not_undone_by_it() {
     })
     .await;
     a.stop().await;
+    all
+}
 
-    // A fresh broker restores through a relay that holds the second page back.
-    let release = Arc::new(tokio::sync::Notify::new());
-    let relay = holding_relay(api, release.clone()).await;
-    let b = Broker::start(relay, 5000).await;
-    let active = || async { b.client.active(Some(10_000)).await.unwrap().mitigations };
+/// Once `restorer` holds the first restore page, revokes one mitigation of the second
+/// (held back by its relay) through `writer` and changes another; then releases the
+/// page and checks the restore undid neither write. Returns the revoked mitigation.
+async fn writes_during_the_restore_stand(
+    all: &[Mitigation],
+    restorer: &Broker,
+    writer: &Broker,
+    release: &tokio::sync::Notify,
+) -> Mitigation {
+    let active = || async {
+        restorer
+            .client
+            .active(Some(10_000))
+            .await
+            .unwrap()
+            .mitigations
+    };
     eventually("the first restore page", || async {
         active().await.len() == 1000
     })
@@ -445,9 +458,7 @@ async fn writes_made_while_a_restore_is_under_way_are_not_undone_by_it() {
     let first_page: Vec<String> = active().await.into_iter().map(|m| m.id).collect();
     let mut later = all.iter().filter(|m| !first_page.contains(&m.id));
     let (revoked, changed) = (later.next().unwrap(), later.next().unwrap());
-    // Meanwhile an operator revokes one mitigation of the second page and changes
-    // another; the log hears of neither before the page is read.
-    let n = b
+    let n = writer
         .client
         .revoke(&RevokeRequest {
             id: Some(revoked.id.clone()),
@@ -460,7 +471,7 @@ async fn writes_made_while_a_restore_is_under_way_are_not_undone_by_it() {
         action: Action::Log,
         ..changed.clone()
     };
-    b.client.publish(vec![newer.clone()]).await.unwrap();
+    writer.client.publish(vec![newer.clone()]).await.unwrap();
     release.notify_one();
 
     eventually("the rest of the restore", || async {
@@ -478,7 +489,65 @@ async fn writes_made_while_a_restore_is_under_way_are_not_undone_by_it() {
         Action::Log,
         "the restore overwrote a newer write"
     );
+    revoked.clone()
+}
+
+/// How many decisions with `id` the log holds in force.
+async fn in_force_in_the_log(api: SocketAddr, id: &str) -> usize {
+    let (status, body) = call(
+        reqwest::Client::new()
+            .get(format!("http://{api}/api/v1/decisions?active=true&id={id}"))
+            .bearer_auth(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["decisions"].as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn writes_made_while_a_restore_is_under_way_are_not_undone_by_it() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let all = logged_1500(api).await;
+    // A fresh broker restores through a relay that holds the second page back; an
+    // operator's writes through it meanwhile reach the log only after that page.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let relay = holding_relay(api, release.clone()).await;
+    let b = Broker::start(relay, 5000).await;
+    let _ = writes_during_the_restore_stand(&all, &b, &b, &release).await;
     b.stop().await;
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn a_restore_over_shared_redis_does_not_undo_writes_through_another_instance() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let all = logged_1500(api).await;
+    // Two brokers over one empty Redis prefix: the first restores, its second page held
+    // back; the second, started once the store holds the first page, restores nothing
+    // and takes the operator's writes. Their outbox entries wait behind the restorer's
+    // delivery lease, so the held page still lists them as they were.
+    let (url, prefix) = (shared().url(), unique_prefix("restore"));
+    let redis = Some((url.as_str(), prefix.as_str()));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let relay = holding_relay(api, release.clone()).await;
+    let b = Broker::start_on(relay, 5000, redis, TOKEN).await;
+    eventually("the first restore page", || async {
+        b.active_ids().await.len() == 1000
+    })
+    .await;
+    let c = Broker::start_on(api, 5000, redis, TOKEN).await;
+    let revoked = writes_during_the_restore_stand(&all, &b, &c, &release).await;
+    assert_eq!(c.metric("esper_persistence_restored_total").await, 0.0);
+    eventually("the revocation in the log", || async {
+        in_force_in_the_log(api, &revoked.id).await == 0
+    })
+    .await;
+    b.stop().await;
+    c.stop().await;
     control.stop().await;
 }
 

@@ -195,4 +195,33 @@ pub trait Journal: Send + Sync + 'static {
 
     /// Gives up the lease (another instance may deliver at once).
     async fn release(&self, owner: &str) -> Result<(), StoreError>;
+
+    /// Marks `owner` as restoring for `lease` (renewed by each page). From then on every
+    /// write through any instance notes what it touches, so the outbox flushed after
+    /// this holds every write the notes miss.
+    async fn begin_restore(&self, owner: &str, lease: Duration) -> Result<(), StoreError>;
+
+    /// Publishes what of a page read from the log no write noted since the mark, while
+    /// `owner`'s mark stands (renewed).
+    async fn restore_page(
+        &self,
+        owner: &str,
+        lease: Duration,
+        mitigations: &[Mitigation],
+    ) -> Result<RestorePage, StoreError>;
+
+    /// Takes `owner`'s mark away; the notes go with the last mark.
+    async fn end_restore(&self, owner: &str) -> Result<(), StoreError>;
+}
+
+/// What became of a restore page in a shared store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestorePage {
+    /// Published this many (the rest was touched since the mark).
+    Published(usize),
+    /// Everything was cleared since the mark (or more was touched than is noted): the
+    /// rest of the restore is given up.
+    Cleared,
+    /// The mark ran out before the page came (writes since may be unnoted): begin again.
+    Lapsed,
 }

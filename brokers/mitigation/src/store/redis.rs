@@ -14,6 +14,12 @@
 //! With persistence, the decision log's outbox is a list beside them: each write appends
 //! its numbered entries in the same script ([`Journal`]), and the instance holding the
 //! delivery lease (a key with an expiry) reads the oldest and removes what it delivered.
+//!
+//! An instance restoring an empty store from the log marks itself in a sorted set (owner
+//! → deadline). While any mark stands, every write script of every instance notes the
+//! ids and entities it touches (or that it cleared everything), in the same step as the
+//! write, and a restore page publishes only what no such note names: a revocation made
+//! through another instance after the page was read cannot be undone by it.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -29,8 +35,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::watch;
 
 use super::{
-    ActivePage, Claim, Cursor, Journal, LogAppend, Logged, MitigationStore, Published, StoreError,
-    Write,
+    ActivePage, Claim, Cursor, Journal, LogAppend, Logged, MitigationStore, Published, RestorePage,
+    StoreError, Write,
 };
 
 /// How often an instance looks for changes written through other instances, to wake
@@ -38,6 +44,9 @@ use super::{
 const WATCH_INTERVAL: Duration = Duration::from_millis(25);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most ids and entities noted for the restores under way (about 100 bytes each); past
+/// it they give up, as after a clear, and the engine publishes again what still goes on.
+const MAX_NOTES: usize = 100_000;
 
 /// Declarations every script starts with. ARGV[1] is a fresh generation (used only
 /// when none exists yet), ARGV[2] the change retention, ARGV[3] now in milliseconds.
@@ -45,6 +54,7 @@ const PRELUDE: &str = r#"
 local M, EXP, ENT, ACT, CH, GEN, SEQ, EIDX, IDS, OUT, OSEQ, LEASE =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
   KEYS[10], KEYS[11], KEYS[12]
+local RST, TIDS, TENTS, TALL = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 local retention, now = tonumber(ARGV[2]), tonumber(ARGV[3])
 local function origin(g)
   redis.call('SET', GEN, g)
@@ -90,6 +100,50 @@ local function remove(id)
   redis.call('ZREM', EXP, id)
   return exp
 end
+-- Stores (or, when not active, forgets) one mitigation; returns whether it counts as
+-- accepted.
+local function put(id, json, ent, exp, active, act)
+  if active == '0' then
+    if remove(id) then
+      append('r', id)
+      return true
+    end
+    return false
+  end
+  if redis.call('HGET', M, id) ~= json then
+    remove(id)
+    redis.call('HSET', M, id, json)
+    redis.call('HSET', ENT, id, ent)
+    redis.call('HSET', ACT, id, act)
+    redis.call('ZADD', EXP, exp, id)
+    redis.call('SADD', EIDX .. ent, id)
+    redis.call('ZADD', IDS, 0, id)
+    append('u', json)
+  end
+  return true
+end
+-- Notes what a write touches while some instance restores (see the module's doc); past
+-- MAX_NOTES the notes give way to "everything", which ends the restores under way.
+local restoring = redis.call('ZCOUNT', RST, '(' .. now, '+inf') > 0
+local function note(set, member)
+  if not restoring or redis.call('EXISTS', TALL) == 1 then return end
+  redis.call('SADD', set, member)
+  if redis.call('SCARD', TIDS) + redis.call('SCARD', TENTS) > MAX_NOTES then
+    redis.call('SET', TALL, '1')
+    redis.call('DEL', TIDS, TENTS)
+  end
+end
+local function note_all()
+  if restoring then
+    redis.call('SET', TALL, '1')
+    redis.call('DEL', TIDS, TENTS)
+  end
+end
+-- Forgets stale marks; with none left standing, the notes too.
+local function prune_marks()
+  redis.call('ZREMRANGEBYSCORE', RST, '-inf', now)
+  if redis.call('ZCARD', RST) == 0 then redis.call('DEL', TIDS, TENTS, TALL) end
+end
 -- Write scripts: ARGV[4] the outbox mode ('' none, 'reject' or 'drop' when full),
 -- ARGV[5] its capacity, ARGV[6] the count n of entries, ARGV[7 .. 6+n] the entries; the
 -- write's own arguments start at ARGV[7+n] (the second value returned).
@@ -117,24 +171,9 @@ if full(log) then return {'full'} end
 local g = ensure()
 local accepted = 0
 for i = at, #ARGV, 6 do
-  local id, json, ent, exp, active, act = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]
-  if active == '0' then
-    if remove(id) then
-      append('r', id)
-      accepted = accepted + 1
-    end
-  else
+  note(TIDS, ARGV[i])
+  if put(ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]) then
     accepted = accepted + 1
-    if redis.call('HGET', M, id) ~= json then
-      remove(id)
-      redis.call('HSET', M, id, json)
-      redis.call('HSET', ENT, id, ent)
-      redis.call('HSET', ACT, id, act)
-      redis.call('ZADD', EXP, exp, id)
-      redis.call('SADD', EIDX .. ent, id)
-      redis.call('ZADD', IDS, 0, id)
-      append('u', json)
-    end
   end
 end
 local dropped, pending = journal(log)
@@ -172,8 +211,10 @@ if full(log) then return {'full'} end
 local g = ensure()
 local ids
 if ARGV[at] == 'id' then
+  note(TIDS, ARGV[at + 1])
   ids = {ARGV[at + 1]}
 else
+  note(TENTS, ARGV[at + 1])
   ids = redis.call('SMEMBERS', EIDX .. ARGV[at + 1])
 end
 local revoked = 0
@@ -192,6 +233,7 @@ const CLEAR: &str = r#"
 local log = outbox()
 if full(log) then return {'full'} end
 ensure()
+note_all()
 local active = redis.call('ZCOUNT', EXP, '(' .. now, '+inf')
 for _, ent in ipairs(redis.call('HVALS', ENT)) do redis.call('DEL', EIDX .. ent) end
 redis.call('DEL', M, EXP, ENT, ACT, IDS)
@@ -212,6 +254,41 @@ return outbox_ack(OUT, LEASE, ARGV[4], delivered, ARGV[5])
 
 /// ARGV[4] the owner.
 const RELEASE: &str = "return outbox_release(LEASE, ARGV[4])";
+
+/// ARGV[4] the restoring owner, ARGV[5] how long its mark stands in ms.
+const RESTORE_BEGIN: &str = r#"
+prune_marks()
+redis.call('ZADD', RST, now + tonumber(ARGV[5]), ARGV[4])
+return 1
+"#;
+
+/// ARGV[4] the restoring owner, ARGV[5] how long its mark stands in ms, then the page's
+/// mitigations as PUBLISH takes them. Answers `lapsed` when the owner's mark ran out (a
+/// write may have gone unnoted), `cleared` when the notes say everything, else `ok`, how
+/// many were published, and the store's state.
+const RESTORE_PAGE: &str = r#"
+local deadline = tonumber(redis.call('ZSCORE', RST, ARGV[4]) or '0')
+if deadline <= now then return {'lapsed'} end
+redis.call('ZADD', RST, 'XX', now + tonumber(ARGV[5]), ARGV[4])
+if redis.call('EXISTS', TALL) == 1 then return {'cleared'} end
+local g = ensure()
+local published = 0
+for i = 6, #ARGV, 6 do
+  local id, ent = ARGV[i], ARGV[i+2]
+  if redis.call('SISMEMBER', TIDS, id) == 0 and redis.call('SISMEMBER', TENTS, ent) == 0
+    and put(id, ARGV[i+1], ent, ARGV[i+3], ARGV[i+4], ARGV[i+5]) then
+    published = published + 1
+  end
+end
+return {'ok', tostring(published), state(g)}
+"#;
+
+/// ARGV[4] the owner whose restore ended.
+const RESTORE_END: &str = r#"
+redis.call('ZREM', RST, ARGV[4])
+prune_marks()
+return 1
+"#;
 
 /// ARGV[4] the cursor's generation, ARGV[5] its stream id ('' when unusable),
 /// ARGV[6] the page size, ARGV[7] `>` and the id a snapshot page continues after ('' for
@@ -324,11 +401,19 @@ struct Scripts {
     claim: Script,
     ack: Script,
     release: Script,
+    restore_begin: Script,
+    restore_page: Script,
+    restore_end: Script,
 }
 
 impl Scripts {
     fn new() -> Scripts {
-        let s = |body: &str| Script::new(&format!("{}{PRELUDE}{body}", outbox::LUA));
+        let s = |body: &str| {
+            Script::new(&format!(
+                "{}local MAX_NOTES = {MAX_NOTES}\n{PRELUDE}{body}",
+                outbox::LUA
+            ))
+        };
         Scripts {
             publish: s(PUBLISH),
             active: s(ACTIVE),
@@ -341,6 +426,9 @@ impl Scripts {
             claim: s(CLAIM),
             ack: s(ACK),
             release: s(RELEASE),
+            restore_begin: s(RESTORE_BEGIN),
+            restore_page: s(RESTORE_PAGE),
+            restore_end: s(RESTORE_END),
         }
     }
 }
@@ -354,7 +442,7 @@ struct Seen {
 
 struct Shared {
     conn: ConnectionManager,
-    keys: [String; 12],
+    keys: [String; 16],
     retention: usize,
     scripts: Scripts,
     seen: Mutex<Seen>,
@@ -372,6 +460,23 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 
 fn garbled(what: &str) -> StoreError {
     StoreError::Unavailable(format!("unexpected answer from Redis: {what}"))
+}
+
+/// Appends the arguments the scripts' `put` takes for each of `mitigations`.
+fn put_args(args: &mut Vec<String>, mitigations: &[Mitigation]) -> Result<(), StoreError> {
+    let now = Utc::now();
+    args.reserve(mitigations.len() * 6);
+    for m in mitigations {
+        let json = serde_json::to_string(m)
+            .map_err(|e| garbled(&format!("cannot encode a mitigation: {e}")))?;
+        args.push(m.id.clone());
+        args.push(json);
+        args.push(m.entity.to_string());
+        args.push(millis(m.expires_at).to_string());
+        args.push(if m.is_active(now) { "1" } else { "0" }.to_string());
+        args.push(m.action.name().to_string());
+    }
+    Ok(())
 }
 
 fn garbled_outbox(what: String) -> StoreError {
@@ -532,6 +637,10 @@ impl RedisMitigations {
                 key("outbox"),
                 key("outbox_seq"),
                 key("outbox_lease"),
+                key("restoring"),
+                key("touched_ids"),
+                key("touched_entities"),
+                key("touched_all"),
             ],
             retention: retention.max(1),
             scripts: Scripts::new(),
@@ -632,18 +741,7 @@ impl RedisMitigations {
         let scripts = &self.shared.scripts;
         let script = match write {
             Write::Publish(mitigations) => {
-                let now = Utc::now();
-                args.reserve(mitigations.len() * 6);
-                for m in mitigations {
-                    let json = serde_json::to_string(m)
-                        .map_err(|e| garbled(&format!("cannot encode a mitigation: {e}")))?;
-                    args.push(m.id.clone());
-                    args.push(json);
-                    args.push(m.entity.to_string());
-                    args.push(millis(m.expires_at).to_string());
-                    args.push(if m.is_active(now) { "1" } else { "0" }.to_string());
-                    args.push(m.action.name().to_string());
-                }
+                put_args(&mut args, mitigations)?;
                 &scripts.publish
             }
             Write::RevokeId(id) => {
@@ -728,6 +826,49 @@ impl Journal for RedisMitigations {
         let _: i64 = self
             .shared
             .run(&self.shared.scripts.release, &[owner.into()])
+            .await?;
+        Ok(())
+    }
+
+    async fn begin_restore(&self, owner: &str, lease: Duration) -> Result<(), StoreError> {
+        let lease = lease.as_millis().max(1).to_string();
+        let _: i64 = self
+            .shared
+            .run(&self.shared.scripts.restore_begin, &[owner.into(), lease])
+            .await?;
+        Ok(())
+    }
+
+    async fn restore_page(
+        &self,
+        owner: &str,
+        lease: Duration,
+        mitigations: &[Mitigation],
+    ) -> Result<RestorePage, StoreError> {
+        let mut args = vec![owner.to_string(), lease.as_millis().max(1).to_string()];
+        put_args(&mut args, mitigations)?;
+        let raw: Vec<String> = self
+            .shared
+            .run(&self.shared.scripts.restore_page, &args)
+            .await?;
+        let mut parts = raw.into_iter();
+        match parts.next().as_deref() {
+            Some("lapsed") => Ok(RestorePage::Lapsed),
+            Some("cleared") => Ok(RestorePage::Cleared),
+            Some("ok") => {
+                let published = count(parts.next(), "a count")?;
+                let state = parts.next().ok_or_else(|| garbled("the store's state"))?;
+                self.shared.report(state);
+                Ok(RestorePage::Published(published))
+            }
+            _ => Err(garbled("a restore page's outcome")),
+        }
+    }
+
+    async fn end_restore(&self, owner: &str) -> Result<(), StoreError> {
+        let _: i64 = self
+            .shared
+            .run(&self.shared.scripts.restore_end, &[owner.into()])
             .await?;
         Ok(())
     }
