@@ -102,3 +102,35 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// One of this host's own addresses other than loopback (the source address of its
+/// default route), when it has one: a client bound to it reaches a service listening on
+/// all addresses as another host would.
+pub fn host_address() -> Option<std::net::IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // Connecting a UDP socket only picks the route; nothing is sent.
+    probe.connect("198.51.100.1:9").ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// `POST path` on `port` from `from` to `to` (no token): the answer's status and JSON.
+pub async fn post_from(
+    from: std::net::IpAddr,
+    to: std::net::IpAddr,
+    port: u16,
+    path: &str,
+) -> (u16, serde_json::Value) {
+    let client = reqwest::Client::builder()
+        .local_address(from)
+        .build()
+        .unwrap();
+    let resp = client
+        .post(format!("http://{}{path}", SocketAddr::new(to, port)))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}

@@ -30,6 +30,8 @@ pub enum ApiError {
     BadRequest { code: &'static str, message: String },
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -66,6 +68,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -204,6 +207,55 @@ pub fn with_bearer<S: Clone + Send + Sync + 'static>(
 ) -> Router<S> {
     let token: Option<Arc<str>> = token.filter(|t| !t.is_empty()).map(Arc::from);
     router.layer(axum::middleware::from_fn_with_state(token, require_bearer))
+}
+
+/// Wraps destructive admin routes of a service whose token is optional (the brokers'
+/// `cache/clear`, `queue/purge`): with no token configured they answer loopback clients
+/// only, since anyone who could reach an open broker could otherwise wipe it. With a
+/// token, `with_bearer` guards them like every other route. `setting` names the token's
+/// environment variable in the refusal.
+pub fn loopback_unless_token<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    token: Option<&str>,
+    setting: &'static str,
+) -> Router<S> {
+    if token.is_some_and(|t| !t.is_empty()) {
+        return router;
+    }
+    router.layer(axum::middleware::from_fn_with_state(setting, refuse_remote))
+}
+
+async fn refuse_remote(State(setting): State<&'static str>, req: Request, next: Next) -> Response {
+    // A request without a peer comes from inside the process (a router driven in tests).
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    match peer {
+        Some(ip) if !ip.to_canonical().is_loopback() => ApiError::Forbidden {
+            code: "token_required",
+            message: format!(
+                "{} {} answers clients on other hosts only when the service has a token; \
+                 set {setting}",
+                req.method(),
+                req.uri().path()
+            ),
+        }
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+/// Logs a warning when a service whose token is optional starts without one on an
+/// address other hosts can reach.
+pub fn warn_if_open(service: &str, addr: SocketAddr, token: Option<&str>, setting: &str) {
+    if token.is_none_or(str::is_empty) && !addr.ip().to_canonical().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "{service} has no token ({setting}): anyone who reaches it can use its API; \
+             its destructive admin routes answer loopback clients only"
+        );
+    }
 }
 
 /// The layers every service's router gets: request ids (`X-Request-ID`, generated when

@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use esper_common::health::{self, ComponentHealth, HealthCheck, HealthReport};
 use esper_common::http::{
-    ApiError, Json, Path, Query, method_not_allowed, standard_layers, with_bearer,
+    ApiError, Json, Path, Query, loopback_unless_token, method_not_allowed, standard_layers,
+    with_bearer,
 };
 use esper_common::shutdown::Shutdown;
 use esper_protocol::ingestion::{
@@ -89,6 +90,9 @@ impl AppState {
     }
 }
 
+/// The environment variable of the broker token, named in refusals and warnings.
+pub const TOKEN_SETTING: &str = "ESPER_BROKER_TOKEN";
+
 /// The whole service: `/api/*` (behind the bearer token when one is configured), the
 /// health endpoints and `/metrics` (always open), with the standard layers.
 pub fn router(state: AppState) -> Router {
@@ -101,9 +105,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/queue/resume", post(resume))
         .route("/api/queue/items", get(items))
         .route("/api/queue/items/{item_id}", get(item))
+        .with_state(state.clone());
+    let admin = Router::new()
         .route("/api/queue/purge", post(purge))
         .with_state(state.clone());
-    let api = with_bearer(api, state.inner.token.clone());
+    let admin = loopback_unless_token(admin, state.inner.token.as_deref(), TOKEN_SETTING);
+    let api = with_bearer(api.merge(admin), state.inner.token.clone());
     let ops = Router::new()
         .route("/metrics", get(metrics))
         .with_state(state.clone());

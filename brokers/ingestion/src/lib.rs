@@ -103,6 +103,12 @@ pub async fn start_with_store(
 ) -> Result<Broker, Error> {
     config.validate()?;
     let addr = listener.local_addr().map_err(Error::Listener)?;
+    esper_common::http::warn_if_open(
+        "the ingestion broker",
+        addr,
+        config.token.as_deref(),
+        api::TOKEN_SETTING,
+    );
     let metrics = Metrics::new()?;
     let state = AppState::new(&config, store.clone(), metrics, shutdown.clone());
     let app = router(state);

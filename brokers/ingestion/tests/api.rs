@@ -9,7 +9,9 @@ use esper_ingestion::Config;
 use esper_protocol::ClientError;
 use esper_protocol::ingestion::{ItemInfo, ItemList, ItemState, QueueStatus};
 use serde_json::json;
-use support::{TestBroker, config, event, events, expect_error, metric, tag};
+use support::{
+    TestBroker, config, event, events, expect_error, host_address, metric, post_from, tag,
+};
 
 const LONG_LEASE: Duration = Duration::from_secs(60);
 
@@ -468,4 +470,27 @@ async fn start_fails_clearly_when_redis_is_unreachable() {
         "{err}"
     );
     assert!(!err.contains("pw@"), "{err}");
+}
+
+#[tokio::test]
+async fn without_a_token_only_loopback_clients_may_purge_the_queue() {
+    let b = TestBroker::start_on(config(), "0.0.0.0:0").await;
+    b.client.ingest(events("p", 2)).await.unwrap();
+    if let Some(host) = host_address() {
+        let (status, body) = post_from(host, host, b.port(), "/api/queue/purge").await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"], "token_required");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("ESPER_BROKER_TOKEN"), "{message}");
+        assert_eq!(b.client.status().await.unwrap().depth, 2, "nothing purged");
+        // The rest of the API stays open to it, as configured.
+        let (status, _) = post_from(host, host, b.port(), "/api/queue/pause").await;
+        assert_eq!(status, 200);
+    } else {
+        eprintln!("no address besides loopback on this host: the refusal is not exercised");
+    }
+    let loopback = "127.0.0.1".parse().unwrap();
+    let (status, body) = post_from(loopback, loopback, b.port(), "/api/queue/purge").await;
+    assert_eq!((status, body), (200, json!({"purged": 2})));
+    b.stop().await;
 }

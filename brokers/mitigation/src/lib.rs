@@ -101,6 +101,12 @@ pub async fn start_with_store(
 ) -> Result<Broker, Error> {
     config.validate()?;
     let addr = listener.local_addr().map_err(Error::Listener)?;
+    esper_common::http::warn_if_open(
+        "the mitigation broker",
+        addr,
+        config.token.as_deref(),
+        api::TOKEN_SETTING,
+    );
     let metrics = Metrics::new()?;
     let persistence = if config.persistence_enabled {
         let restore = persist::store_is_empty(&*store).await?;

@@ -11,7 +11,9 @@ use esper_mitigation::Config;
 use esper_protocol::mitigation::{MitigationList, RevokeRequest};
 use esper_protocol::{Action, Change, DeltaPage, Origin};
 use serde_json::json;
-use support::{TestBroker, block, config, expect_error, metric, mitigation};
+use support::{
+    TestBroker, block, config, expect_error, host_address, metric, mitigation, post_from,
+};
 
 fn ids(list: &MitigationList) -> Vec<String> {
     let mut v: Vec<String> = list.mitigations.iter().map(|m| m.id.clone()).collect();
@@ -516,4 +518,34 @@ async fn start_refuses_unreachable_redis_and_a_bad_control_url_clearly() {
         assert!(err.starts_with(expected), "{err}");
         assert!(!err.contains("pw@"), "secrets stay out of errors: {err}");
     }
+}
+
+#[tokio::test]
+async fn without_a_token_only_loopback_clients_may_clear_the_cache() {
+    let b = TestBroker::start_on(config(), "0.0.0.0:0").await;
+    b.client
+        .publish(vec![block("a", "ip:192.0.2.1")])
+        .await
+        .unwrap();
+    if let Some(host) = host_address() {
+        let (status, body) = post_from(host, host, b.port(), "/api/cache/clear").await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"], "token_required");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("ESPER_BROKER_TOKEN"), "{message}");
+        assert_eq!(
+            b.client.active(None).await.unwrap().total,
+            1,
+            "nothing cleared"
+        );
+        // The rest of the API stays open to it, as configured.
+        let (status, _) = post_from(host, host, b.port(), "/api/mitigations/revoke").await;
+        assert_eq!(status, 400, "an empty revoke is bad input, not refused");
+    } else {
+        eprintln!("no address besides loopback on this host: the refusal is not exercised");
+    }
+    let loopback = "127.0.0.1".parse().unwrap();
+    let (status, body) = post_from(loopback, loopback, b.port(), "/api/cache/clear").await;
+    assert_eq!((status, body), (200, json!({"revoked": 1})));
+    b.stop().await;
 }

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
-pub use http::{HttpCalls, expect_error, metric};
+pub use http::{HttpCalls, expect_error, host_address, metric, post_from};
 
 /// A config for tests: loopback, a small queue, no linger, short drain.
 pub fn config() -> Config {
@@ -45,7 +45,12 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn start(config: Config) -> TestBroker {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestBroker::start_on(config, "127.0.0.1:0").await
+    }
+
+    /// A broker listening on `addr` (`0.0.0.0:0` to take clients from other hosts).
+    pub async fn start_on(config: Config, addr: &str) -> TestBroker {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let (trigger, shutdown) = Shutdown::new();
         let token = config.token.clone();
         let broker = esper_ingestion::start(config, listener, shutdown)
@@ -58,6 +63,10 @@ impl TestBroker {
             trigger,
             broker,
         }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.broker.local_addr().port()
     }
 
     pub async fn with_defaults() -> TestBroker {
