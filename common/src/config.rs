@@ -56,6 +56,39 @@ impl ConfigError {
     }
 }
 
+/// The instance settings both brokers take from the seed's HA deployment
+/// (`CLUSTER_MODE`, `NODE_ID`): `cluster_mode` says instances are meant to share one
+/// Redis, so one without `redis_url` is a mistake (it would keep a store of its own
+/// behind the balancer); `node_id` names the instance in logs and health details.
+pub fn check_instance(
+    cluster_mode: bool,
+    redis_url: Option<&str>,
+    node_id: Option<&str>,
+) -> Result<(), ConfigError> {
+    if cluster_mode && redis_url.is_none() {
+        return Err(ConfigError::invalid(
+            "cluster_mode",
+            true,
+            "needs redis_url: instances share their store only through Redis",
+        ));
+    }
+    if let Some(id) = node_id {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(ConfigError::invalid(
+                "node_id",
+                id,
+                "must be 1 to 64 characters of letters, digits, `-`, `_` or `.`",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Where environment-style settings come from: the process, a `.env` file, a test map.
 pub trait EnvSource {
     fn get(&self, name: &str) -> Option<String>;

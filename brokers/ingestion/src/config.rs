@@ -72,6 +72,11 @@ pub struct Config {
     /// queue in memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// Instances are meant to share one Redis: starting without `redis_url` is an error.
+    pub cluster_mode: bool,
+    /// This instance's name in logs and health details (default: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
 }
 
 impl Default for Config {
@@ -88,6 +93,8 @@ impl Default for Config {
             token: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
             redis_url: None,
+            cluster_mode: false,
+            node_id: None,
         }
     }
 }
@@ -130,11 +137,21 @@ impl Config {
             &mut self.redis_url,
         );
         vars.string(&["ESPER_REDIS_PREFIX"], &mut self.redis_prefix);
+        vars.bool(
+            &["ESPER_CLUSTER_MODE", "CLUSTER_MODE"],
+            &mut self.cluster_mode,
+        )?;
+        vars.string_opt(&["ESPER_NODE_ID", "NODE_ID"], &mut self.node_id);
         Ok(())
     }
 
     /// Checks every value once, before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        esper_common::config::check_instance(
+            self.cluster_mode,
+            self.redis_url.as_deref(),
+            self.node_id.as_deref(),
+        )?;
         if let Some(url) = &self.redis_url {
             check_redis_url(url)?;
         }
@@ -360,6 +377,32 @@ mod tests {
         let c: Config = load(None, &vars, Config::apply_env).unwrap();
         assert_eq!(c.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(c.batch_timeout, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn cluster_mode_needs_redis_and_node_id_names_the_instance() {
+        let vars = env(&[("CLUSTER_MODE", "true"), ("NODE_ID", "broker-1")]);
+        let c: Config = load(None, &vars, Config::apply_env).unwrap();
+        assert!(c.cluster_mode);
+        assert_eq!(c.node_id.as_deref(), Some("broker-1"));
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("cluster_mode") && err.contains("redis_url"),
+            "{err}"
+        );
+        let with_redis = Config {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            ..c
+        };
+        with_redis.validate().unwrap();
+        for bad in ["", "broker 1", "a/b", &"x".repeat(65)] {
+            let c = Config {
+                node_id: Some(bad.to_string()),
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("node_id"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -117,6 +117,7 @@ pub async fn start_with_store(
         store = store.kind(),
         max_queue_size = config.max_queue_size,
         auth = config.token.is_some(),
+        node = config.node_id.as_deref().unwrap_or("-"),
         "ingestion broker listening"
     );
     let drain = config.shutdown_timeout;

@@ -114,6 +114,11 @@ pub struct Config {
     /// Redis URL for a store shared by every instance; unset keeps mitigations in memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// Instances are meant to share one Redis: starting without `redis_url` is an error.
+    pub cluster_mode: bool,
+    /// This instance's name in logs and health details (default: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
 }
 
 impl Default for Config {
@@ -135,6 +140,8 @@ impl Default for Config {
             token: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
             redis_url: None,
+            cluster_mode: false,
+            node_id: None,
         }
     }
 }
@@ -190,11 +197,21 @@ impl Config {
             &mut self.redis_url,
         );
         vars.string(&["ESPER_REDIS_PREFIX"], &mut self.redis_prefix);
+        vars.bool(
+            &["ESPER_CLUSTER_MODE", "CLUSTER_MODE"],
+            &mut self.cluster_mode,
+        )?;
+        vars.string_opt(&["ESPER_NODE_ID", "NODE_ID"], &mut self.node_id);
         Ok(())
     }
 
     /// Checks every value once, before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        esper_common::config::check_instance(
+            self.cluster_mode,
+            self.redis_url.as_deref(),
+            self.node_id.as_deref(),
+        )?;
         if let Some(url) = &self.redis_url {
             check_redis_url(url)?;
         }

@@ -129,6 +129,7 @@ pub async fn start_with_store(
         store = store.kind(),
         cache_ttl = ?config.cache_ttl,
         auth = config.token.is_some(),
+        node = config.node_id.as_deref().unwrap_or("-"),
         persistence = config.persistence_enabled,
         "mitigation broker listening"
     );

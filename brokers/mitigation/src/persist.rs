@@ -182,7 +182,15 @@ impl Persistence {
                 restore_error: None,
             }),
             journal,
-            owner: format!("{}-{}", std::process::id(), Cursor::new_generation()),
+            // Unique even if two instances were given one NODE_ID by mistake.
+            owner: format!(
+                "{}-{}",
+                config
+                    .node_id
+                    .clone()
+                    .unwrap_or_else(|| std::process::id().to_string()),
+                Cursor::new_generation()
+            ),
             writes: Arc::new(RwLock::new(())),
             capacity: config.persistence_outbox.max(1),
             when_full: config.persistence_when_full,
@@ -854,6 +862,22 @@ mod tests {
             ..Config::default()
         };
         Persistence::new(&config, Metrics::new().unwrap(), None)
+    }
+
+    #[test]
+    fn the_outbox_lease_holder_is_named_by_node_id_and_unique() {
+        let named = |node_id: Option<&str>| {
+            let config = Config {
+                node_id: node_id.map(str::to_string),
+                ..Config::default()
+            };
+            Persistence::new(&config, Metrics::new().unwrap(), None).owner
+        };
+        let (a, b) = (named(Some("broker-1")), named(Some("broker-1")));
+        assert!(a.starts_with("broker-1-"), "{a}");
+        assert_ne!(a, b, "one NODE_ID given twice still names two holders");
+        let pid = std::process::id().to_string();
+        assert!(named(None).starts_with(&format!("{pid}-")));
     }
 
     #[test]

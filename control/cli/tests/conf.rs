@@ -364,6 +364,23 @@ fn what_prod_env_shows_commented_out_is_accepted_or_refused_as_it_says() {
             panic!("{name}: {err}");
         }
     }
+    // Cluster mode needs Redis: refused alone, accepted with it.
+    let cluster = dir.join("cluster.env");
+    std::fs::write(&cluster, format!("{text}\n{}\n", commented("CLUSTER_MODE"))).unwrap();
+    let err = Deployment::load(&cluster).unwrap_err();
+    assert!(
+        err.contains("cluster_mode") && err.contains("redis_url"),
+        "{err}"
+    );
+    let both = format!(
+        "{text}\n{}\n{}\n",
+        commented("CLUSTER_MODE"),
+        commented("REDIS_URL")
+    );
+    std::fs::write(&cluster, both).unwrap();
+    if let Err(err) = Deployment::load(&cluster) {
+        panic!("CLUSTER_MODE with REDIS_URL: {err}");
+    }
     // BROKER_PORT alone in a shared file puts both brokers on one port.
     let shared = dir.join("shared.env");
     let without_listen: String = text
