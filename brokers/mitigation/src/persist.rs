@@ -49,6 +49,9 @@ const FINAL_FLUSH: Duration = Duration::from_secs(2);
 /// call to the control plane (10 s at most) with room to spare, so a holder never sends
 /// after another has taken over.
 const LEASE: Duration = Duration::from_secs(30);
+/// How long a restore's mark in a shared store stands unless renewed (at every attempt
+/// and page): long enough to outlast flushing the outbox before the first page.
+const RESTORE_MARK: Duration = Duration::from_secs(300);
 /// How often an instance looks at a shared outbox that other instances also append to.
 const SHARED_POLL: Duration = Duration::from_secs(1);
 
@@ -614,7 +617,7 @@ impl Persistence {
                         .accepted
                 }
                 Some(journal) => match journal
-                    .restore_page(&self.owner, LEASE, &mitigations)
+                    .restore_page(&self.owner, RESTORE_MARK, &mitigations)
                     .await
                     .map_err(|e| e.to_string())?
                 {
@@ -737,21 +740,37 @@ pub async fn run(
         // Marked before the flush: a write through another instance either is in the
         // outbox flushed next or is noted for the restore.
         let pending = p.state.lock().restore == Restore::Pending;
-        let mut marked = true;
+        let mut marked = Ok(None);
         if let Some(journal) = &p.journal
             && pending
-            && let Err(e) = journal.begin_restore(&p.owner, LEASE).await
         {
-            marked = false;
-            p.metrics.persistence_errors.inc();
-            p.state.lock().restore_error = Some(format!("cannot mark the restore: {e}"));
+            marked = journal
+                .begin_restore(&p.owner, RESTORE_MARK)
+                .await
+                .map(Some);
         }
         // The outbox goes first, so revocations made since start-up are in the log
         // before the log is read back.
         let flushed = p.flush().await;
-        let mut ok = marked && flushed != Flushed::Failed;
-        let drained = matches!(flushed, Flushed::Drained | Flushed::Standby(0));
-        if drained && marked && pending {
+        let mut ok = flushed != Flushed::Failed;
+        let mut drained = matches!(flushed, Flushed::Drained | Flushed::Standby(0));
+        // In a shared outbox, the entries written before the mark are enough: later
+        // ones are noted, and other instances may keep the outbox from ever emptying.
+        if let (Ok(Some(before)), Some(journal), false) = (&marked, &p.journal, drained) {
+            match journal.outbox_head().await {
+                Ok(head) => drained = head.is_none_or(|n| n > *before),
+                Err(e) => {
+                    ok = false;
+                    p.failed("cannot read the outbox in the store", &e);
+                }
+            }
+        }
+        if let Err(e) = &marked {
+            ok = false;
+            p.metrics.persistence_errors.inc();
+            p.state.lock().restore_error = Some(format!("cannot mark the restore: {e}"));
+        }
+        if drained && marked.is_ok() && pending {
             match p.restore(&*store, cache_ttl).await {
                 Ok(n) => {
                     p.metrics.persistence_restored.inc_by(n as u64);

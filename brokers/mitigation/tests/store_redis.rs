@@ -604,8 +604,13 @@ async fn a_restore_page_leaves_out_what_any_instance_touched_since_its_mark() {
     // Before any mark, writes note nothing.
     other.revoke_id("gone-before").await.unwrap();
     assert!(restore_keys(&mut conn, &prefix).await.is_empty());
-
-    journal.begin_restore("a", long).await.unwrap();
+    // The mark tells which outbox entries were written before it.
+    journal
+        .write(Write::RevokeId("x"), &log(&["e1", "e2"], 10, false))
+        .await
+        .unwrap();
+    assert_eq!(journal.begin_restore("a", long).await.unwrap(), 2);
+    assert_eq!(journal.outbox_head().await.unwrap(), Some(1));
     // Through the other instance: one id revoked, one republished newer, one entity
     // revoked, all before the restorer's page (read from the log earlier) comes.
     other.revoke_id("revoked").await.unwrap();
@@ -631,6 +636,15 @@ async fn a_restore_page_leaves_out_what_any_instance_touched_since_its_mark() {
     assert_eq!(held(&*restorer).await, ["changed", "kept"]);
     let stored = other.for_entity(&newer.entity).await.unwrap();
     assert_eq!(stored, [newer], "the newer write stands");
+    // Marks and notes expire with the last mark, should its restorer die.
+    for key in restore_keys(&mut conn, &prefix).await {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 50_000 && ttl <= 60_000, "{key}: {ttl}");
+    }
 
     // A second restorer's end leaves the first one's notes; the last end takes them.
     journal.begin_restore("b", long).await.unwrap();

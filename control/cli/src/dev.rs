@@ -277,10 +277,14 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
 
     ingestion.listen = ingestion_l.local_addr()?;
     ingestion.token = Some(broker_token.clone());
+    // The embedded stack is one instance of each part, in memory, whatever a shared
+    // environment says about Redis and clusters.
     ingestion.redis_url = None;
+    ingestion.cluster_mode = false;
     mitigation.listen = mitigation_l.local_addr()?;
     mitigation.token = Some(broker_token.clone());
     mitigation.redis_url = None;
+    mitigation.cluster_mode = false;
     // With PERSISTENCE_ENABLED the durable copy goes to this stack's own control plane.
     mitigation.control_url = api_url.clone();
     mitigation.control_token = Some(admin_token.clone());

@@ -359,10 +359,14 @@ async fn esper_dev_runs_the_whole_scenario() {
         worker_ops.to_string(),
     ]
     .into();
+    // A shell set up for a production cluster does not stop the embedded stack.
     let mut dev = Proc::esper(
         "esper dev",
         &args,
-        &[("ESPER_ADMIN_TOKEN", TOKEN.to_string())],
+        &[
+            ("ESPER_ADMIN_TOKEN", TOKEN.to_string()),
+            ("CLUSTER_MODE", "true".to_string()),
+        ],
     );
     wait_ready(
         &format!("http://{proxy_ops}/readyz"),

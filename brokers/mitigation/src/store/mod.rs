@@ -197,9 +197,13 @@ pub trait Journal: Send + Sync + 'static {
     async fn release(&self, owner: &str) -> Result<(), StoreError>;
 
     /// Marks `owner` as restoring for `lease` (renewed by each page). From then on every
-    /// write through any instance notes what it touches, so the outbox flushed after
-    /// this holds every write the notes miss.
-    async fn begin_restore(&self, owner: &str, lease: Duration) -> Result<(), StoreError>;
+    /// write through any instance notes what it touches. Returns the number of the
+    /// outbox's last entry: the writes the notes miss are the entries up to it, which
+    /// must reach the log before it is read.
+    async fn begin_restore(&self, owner: &str, lease: Duration) -> Result<u64, StoreError>;
+
+    /// The number of the outbox's first entry (`None` when it is empty).
+    async fn outbox_head(&self) -> Result<Option<u64>, StoreError>;
 
     /// Publishes what of a page read from the log no write noted since the mark, while
     /// `owner`'s mark stands (renewed).

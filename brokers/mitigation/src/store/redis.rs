@@ -122,26 +122,49 @@ local function put(id, json, ent, exp, active, act)
   end
   return true
 end
+-- Restore marks run on Redis's clock, not the instances' (which may disagree), so
+-- every instance sees a mark stand or lapse at the same moment.
+local function rnow()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local restoring = redis.call('EXISTS', RST) == 1
+  and redis.call('ZCOUNT', RST, '(' .. rnow(), '+inf') > 0
+-- Marks and notes expire with the last mark, so a restorer that died leaves nothing
+-- behind for long.
+local function keep_marks()
+  local last = redis.call('ZRANGE', RST, -1, -1, 'WITHSCORES')[2]
+  if not last then return end
+  for _, k in ipairs({RST, TIDS, TENTS, TALL}) do
+    if redis.call('EXISTS', k) == 1 then redis.call('PEXPIREAT', k, last) end
+  end
+end
+local kept = false
 -- Notes what a write touches while some instance restores (see the module's doc); past
 -- MAX_NOTES the notes give way to "everything", which ends the restores under way.
-local restoring = redis.call('ZCOUNT', RST, '(' .. now, '+inf') > 0
 local function note(set, member)
   if not restoring or redis.call('EXISTS', TALL) == 1 then return end
   redis.call('SADD', set, member)
   if redis.call('SCARD', TIDS) + redis.call('SCARD', TENTS) > MAX_NOTES then
     redis.call('SET', TALL, '1')
     redis.call('DEL', TIDS, TENTS)
+    kept = false
+  end
+  if not kept then
+    keep_marks()
+    kept = true
   end
 end
 local function note_all()
   if restoring then
     redis.call('SET', TALL, '1')
     redis.call('DEL', TIDS, TENTS)
+    keep_marks()
   end
 end
--- Forgets stale marks; with none left standing, the notes too.
+-- Forgets lapsed marks; with none left standing, the notes too.
 local function prune_marks()
-  redis.call('ZREMRANGEBYSCORE', RST, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', RST, '-inf', rnow())
   if redis.call('ZCARD', RST) == 0 then redis.call('DEL', TIDS, TENTS, TALL) end
 end
 -- Write scripts: ARGV[4] the outbox mode ('' none, 'reject' or 'drop' when full),
@@ -255,11 +278,21 @@ return outbox_ack(OUT, LEASE, ARGV[4], delivered, ARGV[5])
 /// ARGV[4] the owner.
 const RELEASE: &str = "return outbox_release(LEASE, ARGV[4])";
 
-/// ARGV[4] the restoring owner, ARGV[5] how long its mark stands in ms.
+/// ARGV[4] the restoring owner, ARGV[5] how long its mark stands in ms. Answers the
+/// number of the outbox's last entry: every entry up to it was written before the mark
+/// (and is not noted), every later one after it.
 const RESTORE_BEGIN: &str = r#"
 prune_marks()
-redis.call('ZADD', RST, now + tonumber(ARGV[5]), ARGV[4])
-return 1
+redis.call('ZADD', RST, rnow() + tonumber(ARGV[5]), ARGV[4])
+keep_marks()
+return redis.call('GET', OSEQ) or '0'
+"#;
+
+/// The number of the outbox's first entry ('' when it is empty, '0' when unnumbered).
+const OUTBOX_HEAD: &str = r#"
+local e = redis.call('LINDEX', OUT, 0)
+if not e then return '' end
+return string.match(e, '^(%d+) ') or '0'
 "#;
 
 /// ARGV[4] the restoring owner, ARGV[5] how long its mark stands in ms, then the page's
@@ -267,9 +300,11 @@ return 1
 /// write may have gone unnoted), `cleared` when the notes say everything, else `ok`, how
 /// many were published, and the store's state.
 const RESTORE_PAGE: &str = r#"
+local t = rnow()
 local deadline = tonumber(redis.call('ZSCORE', RST, ARGV[4]) or '0')
-if deadline <= now then return {'lapsed'} end
-redis.call('ZADD', RST, 'XX', now + tonumber(ARGV[5]), ARGV[4])
+if deadline <= t then return {'lapsed'} end
+redis.call('ZADD', RST, 'XX', t + tonumber(ARGV[5]), ARGV[4])
+keep_marks()
 if redis.call('EXISTS', TALL) == 1 then return {'cleared'} end
 local g = ensure()
 local published = 0
@@ -402,6 +437,7 @@ struct Scripts {
     ack: Script,
     release: Script,
     restore_begin: Script,
+    outbox_head: Script,
     restore_page: Script,
     restore_end: Script,
 }
@@ -427,6 +463,7 @@ impl Scripts {
             ack: s(ACK),
             release: s(RELEASE),
             restore_begin: s(RESTORE_BEGIN),
+            outbox_head: s(OUTBOX_HEAD),
             restore_page: s(RESTORE_PAGE),
             restore_end: s(RESTORE_END),
         }
@@ -830,13 +867,27 @@ impl Journal for RedisMitigations {
         Ok(())
     }
 
-    async fn begin_restore(&self, owner: &str, lease: Duration) -> Result<(), StoreError> {
+    async fn begin_restore(&self, owner: &str, lease: Duration) -> Result<u64, StoreError> {
         let lease = lease.as_millis().max(1).to_string();
-        let _: i64 = self
+        let seq: String = self
             .shared
             .run(&self.shared.scripts.restore_begin, &[owner.into(), lease])
             .await?;
-        Ok(())
+        seq.parse()
+            .map_err(|_| garbled("the outbox's entry number"))
+    }
+
+    async fn outbox_head(&self) -> Result<Option<u64>, StoreError> {
+        let head: String = self
+            .shared
+            .run(&self.shared.scripts.outbox_head, &[])
+            .await?;
+        if head.is_empty() {
+            return Ok(None);
+        }
+        head.parse()
+            .map(Some)
+            .map_err(|_| garbled("the outbox's first entry number"))
     }
 
     async fn restore_page(
