@@ -207,8 +207,11 @@ pub trait ControlStore: Send + Sync {
     async fn active_snapshot(&self) -> Result<ActiveSnapshot, StoreError>;
 
     /// Appends decisions, ignoring ids already logged, except that a broker's copy
-    /// ([`BROKER_COPY`]) is replaced by any other record of the same id; returns how many
-    /// were new or replaced.
+    /// ([`BROKER_COPY`]) is replaced by any other record of the same id, and by a later
+    /// broker copy that differs (a mitigation republished under its id with another
+    /// action or expiry: the log keeps what the broker holds); returns how many were new
+    /// or replaced. A worker's record is never replaced: the broker's copy of the same
+    /// publish may differ only by the broker's expiry cap, which a restore applies again.
     async fn record_decisions(&self, decisions: &[Decision]) -> Result<usize, StoreError>;
 
     async fn query_decisions(&self, q: &DecisionQuery) -> Result<Vec<LoggedDecision>, StoreError>;

@@ -549,9 +549,13 @@ where
                 "INSERT INTO decisions (id, entity, policy_id, mode, action, origin, decided_by, \
                  decided_at, expires_at, body, recorded_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-                 ON CONFLICT (id) DO UPDATE SET policy_id = excluded.policy_id, \
-                 decided_by = excluded.decided_by, body = excluded.body \
-                 WHERE decisions.decided_by = $12 AND excluded.decided_by <> $12",
+                 ON CONFLICT (id) DO UPDATE SET entity = excluded.entity, \
+                 policy_id = excluded.policy_id, mode = excluded.mode, \
+                 action = excluded.action, origin = excluded.origin, \
+                 decided_by = excluded.decided_by, decided_at = excluded.decided_at, \
+                 expires_at = excluded.expires_at, body = excluded.body \
+                 WHERE decisions.decided_by = $12 \
+                 AND (excluded.decided_by <> $12 OR decisions.body <> excluded.body)",
             )
             .bind(d.id.as_str())
             .bind(d.mitigation.entity.to_string())

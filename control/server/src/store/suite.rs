@@ -64,6 +64,7 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     proxy_config_revisions_grow_on_change(&*store).await;
     secrets_are_made_once(&*store).await;
     secrets_rotate_keeping_or_dropping_the_one_before(&*store).await;
+    a_republished_broker_copy_replaces_the_one_before(&*store).await;
 }
 
 async fn migrations_are_idempotent(store: &dyn ControlStore) {
@@ -527,4 +528,89 @@ async fn secrets_rotate_keeping_or_dropping_the_one_before(store: &dyn ControlSt
         ("first", None, 1),
         "rotating a secret that does not exist yet makes it"
     );
+}
+
+async fn a_republished_broker_copy_replaces_the_one_before(store: &dyn ControlStore) {
+    let broker_copy = |id: &str, entity: &str| {
+        let mut d = decision(id, entity, DecisionMode::Enforce, 2);
+        d.decided_by = BROKER_COPY.into();
+        d.counted = None;
+        d
+    };
+    let logged = |id: &'static str| async move {
+        let found = store
+            .query_decisions(&DecisionQuery {
+                id: Some(id.into()),
+                limit: 2,
+                ..Default::default()
+            })
+            .await
+            .expect("by id");
+        assert_eq!(found.len(), 1, "{id}: {found:?}");
+        found.into_iter().next().map(|d| d.decision)
+    };
+
+    let first = broker_copy("q1", "ip:192.0.2.41");
+    assert_eq!(
+        store.record_decisions(&[first.clone()]).await.expect("q1"),
+        1
+    );
+    // The same copy delivered again (the outbox delivers at least once) changes nothing.
+    assert_eq!(
+        store
+            .record_decisions(&[first.clone()])
+            .await
+            .expect("again"),
+        0
+    );
+
+    // Republished under its id as a throttle that ends sooner: the log follows, so a
+    // restore from it brings back what the broker held last.
+    let mut second = first.clone();
+    second.mitigation.action = Action::Throttle {
+        rate: 0.5,
+        burst: 10,
+    };
+    second.mitigation.expires_at = first.mitigation.expires_at - chrono::Duration::minutes(30);
+    // An outbox batch holding both versions, delivered twice, ends on the later one.
+    let batch = [first.clone(), second.clone()];
+    assert_eq!(store.record_decisions(&batch).await.expect("batch"), 1);
+    assert_eq!(
+        store.record_decisions(&batch).await.expect("batch again"),
+        2
+    );
+    let now = logged("q1").await.expect("q1 logged");
+    assert_eq!(now.mitigation.action, second.mitigation.action);
+    assert_eq!(
+        now.mitigation.expires_at.trunc_subsecs(3),
+        second.mitigation.expires_at.trunc_subsecs(3)
+    );
+    let in_force = store
+        .query_decisions(&DecisionQuery {
+            entity: Some("ip:192.0.2.41".parse().expect("key")),
+            active: true,
+            limit: 5,
+            ..Default::default()
+        })
+        .await
+        .expect("in force");
+    assert_eq!(in_force.len(), 1);
+    assert_eq!(
+        in_force[0].decision.mitigation.action,
+        second.mitigation.action
+    );
+
+    // A worker's record stands against any broker copy: they differ only by the
+    // broker's expiry cap, which a restore applies again.
+    let worker = decision("q2", "ip:192.0.2.42", DecisionMode::Enforce, 2);
+    assert_eq!(
+        store.record_decisions(&[worker.clone()]).await.expect("q2"),
+        1
+    );
+    let mut capped = broker_copy("q2", "ip:192.0.2.42");
+    capped.mitigation.expires_at = Utc::now() + chrono::Duration::minutes(5);
+    assert_eq!(store.record_decisions(&[capped]).await.expect("cap"), 0);
+    let kept = logged("q2").await.expect("q2 logged");
+    assert_eq!(kept.decided_by, worker.decided_by);
+    assert_eq!(kept.counted, worker.counted);
 }
