@@ -226,24 +226,25 @@ pub fn loopback_unless_token<S: Clone + Send + Sync + 'static>(
 }
 
 async fn refuse_remote(State(setting): State<&'static str>, req: Request, next: Next) -> Response {
-    // A request without a peer comes from inside the process (a router driven in tests).
-    let peer = req
+    // Without a peer address (a router served without connect info) the client is
+    // unknown, so it is refused as a remote one would be.
+    let local = req
         .extensions()
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    match peer {
-        Some(ip) if !ip.to_canonical().is_loopback() => ApiError::Forbidden {
-            code: "token_required",
-            message: format!(
-                "{} {} answers clients on other hosts only when the service has a token; \
-                 set {setting}",
-                req.method(),
-                req.uri().path()
-            ),
-        }
-        .into_response(),
-        _ => next.run(req).await,
+        .is_some_and(|c| c.0.ip().to_canonical().is_loopback());
+    if local {
+        return next.run(req).await;
     }
+    ApiError::Forbidden {
+        code: "token_required",
+        message: format!(
+            "{} {} answers clients on other hosts only when the service has a token; \
+             set {setting}",
+            req.method(),
+            req.uri().path()
+        ),
+    }
+    .into_response()
 }
 
 /// Logs a warning when a service whose token is optional starts without one on an
@@ -483,5 +484,45 @@ mod tests {
             HeaderValue::from_static("Basic secret"),
         );
         assert!(!token_matches(&h, "secret"));
+    }
+
+    /// Serves the guarded route on loopback, with or without the peer's address, and
+    /// answers the status a loopback client gets.
+    async fn loopback_status(with_peer: bool) -> reqwest::StatusCode {
+        let router = loopback_unless_token(
+            Router::new().route("/clear", axum::routing::post(|| async { "cleared" })),
+            None,
+            "TOKEN",
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = if with_peer {
+            tokio::spawn(async move {
+                axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .await
+            })
+        } else {
+            tokio::spawn(async move { axum::serve(listener, router).await })
+        };
+        let status = reqwest::Client::new()
+            .post(format!("http://{addr}/clear"))
+            .send()
+            .await
+            .expect("request")
+            .status();
+        server.abort();
+        status
+    }
+
+    #[tokio::test]
+    async fn an_open_admin_route_answers_a_known_loopback_peer_only() {
+        assert_eq!(loopback_status(true).await, reqwest::StatusCode::OK);
+        // A server that does not record peers cannot tell local from remote.
+        assert_eq!(loopback_status(false).await, reqwest::StatusCode::FORBIDDEN);
     }
 }
