@@ -516,13 +516,8 @@ fn preflight(args: &AutoscaleArgs, config: Option<&Path>) -> anyhow::Result<()> 
     for n in [1, args.max] {
         let argv = std::iter::once(OsString::from("esper")).chain(args.worker_argv(config, n));
         let parsed = <cli::Cli as clap::Parser>::try_parse_from(argv).map_err(|e| {
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("error: ");
-            anyhow!("the worker command line does not parse: {first}")
+            let why = cli::usage_error(&e).unwrap_or_else(|| e.to_string());
+            anyhow!("the worker command line does not parse: {why}")
         })?;
         let cli::Command::Worker(cli::WorkerCommand::Run(cli::WorkerKind::Engine(engine))) =
             parsed.command

@@ -233,9 +233,55 @@ where
     Ok(cfg)
 }
 
+/// Parses the process's command line. A usage error is one line on stderr, what is
+/// wrong and the usage of the command it concerns, with exit code 2; help and version
+/// print as clap prints them.
+pub fn parse_args<P: Parser>() -> P {
+    P::try_parse().unwrap_or_else(|e| match usage_error(&e) {
+        Some(line) => {
+            eprintln!("{}: {line}", P::command().get_name());
+            std::process::exit(2)
+        }
+        None => e.exit(),
+    })
+}
+
+/// `e` as one line, or `None` for help and version, which are not errors.
+pub fn usage_error(e: &clap::Error) -> Option<String> {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return None;
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut line = lines
+        .next()
+        .map(|l| l.trim_start_matches("error: ").to_string())
+        .unwrap_or_else(|| "invalid command line".into());
+    let mut usage = None;
+    for l in lines {
+        if let Some(tip) = l.strip_prefix("tip: ") {
+            line.push_str("; ");
+            line.push_str(tip);
+        } else if let Some(u) = l.strip_prefix("Usage: ") {
+            usage = Some(u);
+        }
+    }
+    match usage {
+        Some(u) => line.push_str(&format!(" (usage: {u})")),
+        None => line.push_str(" (see --help)"),
+    }
+    Some(line)
+}
+
 /// Entry point of the `esper` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = parse_args();
     let log = match log_options(&cli) {
         Ok(l) => l,
         Err(e) => return fail(&e.into()),
@@ -629,6 +675,30 @@ async fn reload_on_sighup(
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn usage_errors_are_one_line_and_help_is_not_an_error() {
+        let line = |argv: &[&str]| {
+            let e = Cli::try_parse_from(argv).expect_err("a usage error");
+            usage_error(&e)
+        };
+        assert_eq!(
+            line(&["esper", "proxy", "run", "--listen"]).as_deref(),
+            Some(
+                "a value is required for '--listen <ADDR>' but none was supplied \
+                 (see --help)"
+            )
+        );
+        let unknown = line(&["esper", "server", "--bogus"]).expect("an error");
+        assert!(!unknown.contains('\n'), "{unknown}");
+        assert!(
+            unknown.starts_with("unexpected argument '--bogus' found")
+                && unknown.contains("(usage: esper server"),
+            "{unknown}"
+        );
+        assert_eq!(line(&["esper", "--help"]), None);
+        assert_eq!(line(&["esper", "--version"]), None);
+    }
 
     #[test]
     fn a_cause_printed_by_its_outer_error_is_not_repeated() {

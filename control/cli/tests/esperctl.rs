@@ -146,6 +146,22 @@ async fn errors_are_one_line_with_the_right_exit_code() {
         format!("esperctl: cannot reach the control plane at {url}: connection refused\n")
     );
 
+    // Usage errors too: what is wrong and the command's usage, on one line.
+    let out = run(&s.api, Some(TOKEN), &["policies", "apply", "--fil", "x"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert_eq!(
+        out.stderr,
+        "esperctl: unexpected argument '--fil' found; a similar argument exists: '--file' \
+         (usage: esperctl policies apply --file <FILE>)\n",
+        "{out:?}"
+    );
+    let out = run(&s.api, Some(TOKEN), &["policies", "show", "--help"]).await;
+    assert_eq!(out.code, 0, "help is not an error: {out:?}");
+    assert!(
+        out.stdout.contains("Usage: esperctl policies show"),
+        "{out:?}"
+    );
+
     let out = s.ctl(&["policies", "show", "nope"]).await;
     assert_eq!(
         out.code, 2,

@@ -2,10 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use esper_control::ctl::{CtlArgs, esperctl_main};
+use esper_control::ctl::esperctl_main;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    esperctl_main(CtlArgs::parse()).await
+    esperctl_main(esper::cli::parse_args()).await
 }
