@@ -552,13 +552,16 @@ async fn a_republished_broker_copy_replaces_the_one_before(store: &dyn ControlSt
 
     let first = broker_copy("q1", "ip:192.0.2.41");
     assert_eq!(
-        store.record_decisions(&[first.clone()]).await.expect("q1"),
+        store
+            .record_decisions(std::slice::from_ref(&first))
+            .await
+            .expect("q1"),
         1
     );
     // The same copy delivered again (the outbox delivers at least once) changes nothing.
     assert_eq!(
         store
-            .record_decisions(&[first.clone()])
+            .record_decisions(std::slice::from_ref(&first))
             .await
             .expect("again"),
         0
@@ -604,7 +607,10 @@ async fn a_republished_broker_copy_replaces_the_one_before(store: &dyn ControlSt
     // broker's expiry cap, which a restore applies again.
     let worker = decision("q2", "ip:192.0.2.42", DecisionMode::Enforce, 2);
     assert_eq!(
-        store.record_decisions(&[worker.clone()]).await.expect("q2"),
+        store
+            .record_decisions(std::slice::from_ref(&worker))
+            .await
+            .expect("q2"),
         1
     );
     let mut capped = broker_copy("q2", "ip:192.0.2.42");
