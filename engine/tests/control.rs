@@ -5,12 +5,13 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use esper_control::{DecisionsResponse, WorkersResponse};
 use esper_engine::worker::{Config, StateBackendKind};
 use esper_protocol::{DecisionMode, RequestEvent};
 use reqwest::Method;
+use support::relay::{Mode, Relay};
 use support::*;
 
 const POLICIES: &str = r#"
@@ -458,6 +459,127 @@ async fn decisions_made_while_the_control_plane_is_away_outlive_their_worker() {
     refused.stop().await.unwrap();
     second.stop().await.unwrap();
     back.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
+/// One worker, one control plane that goes away and comes back: the records wait in the
+/// outbox while deliveries fail and back off, and the same worker delivers them, once
+/// each, when the control plane answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_wait_out_a_control_plane_outage_and_arrive_after_it() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("control-outage");
+    let ctl = control(&dir, &ing.url(), &mit.url()).await;
+    set_up_policies(&ctl.url()).await;
+    let relay = Relay::start(ctl.addr).await;
+    let w = worker(config(&relay.url(), &ing.url(), &mit.url())).await;
+    let ops = w.url();
+    policies_loaded(&ops, 2.0).await;
+
+    relay.set(Mode::Refuse);
+    let (ingest, mitigations) = clients(&ing.url(), &mit.url());
+    ingest.ingest(logins("127.0.0.2", 10)).await.unwrap();
+    drained(&ingest, Duration::from_secs(10)).await;
+    assert_eq!(mitigations.active(None).await.unwrap().total, 1);
+    eventually(
+        Duration::from_secs(10),
+        "deliveries failing with 2 decisions pending",
+        || async {
+            let m = metrics(&ops).await;
+            (sample(&m, "esper_decisions_pending") == 2.0
+                && sample(&m, "esper_control_errors_total") >= 3.0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    relay.set(Mode::Pass);
+    // The back-off doubles from 0.5 s: an outage of a few seconds is retried within a
+    // few more.
+    let log = logged_decisions(&ctl.url(), 2, Duration::from_secs(20)).await;
+    assert_eq!(log.decisions.len(), 2, "{log:?}");
+    assert!(
+        log.decisions
+            .iter()
+            .all(|l| l.decision.decided_by == "worker-ctl"),
+        "{log:?}"
+    );
+    eventually(Duration::from_secs(5), "the outbox emptied", || async {
+        (sample(&metrics(&ops).await, "esper_decisions_pending") == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        sample(&metrics(&ops).await, "esper_decisions_dropped_total"),
+        0.0
+    );
+
+    w.stop().await.unwrap();
+    ctl.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
+/// A control plane that accepts requests and never answers holds up neither
+/// enforcement nor the worker's shutdown: the last flush gets the time it is given
+/// (`shutdown_timeout`, here 1 s), the records stay in the shared outbox, and the next
+/// worker delivers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_that_hangs_holds_up_neither_enforcement_nor_shutdown() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("control-hangs");
+    let ctl = control(&dir, &ing.url(), &mit.url()).await;
+    set_up_policies(&ctl.url()).await;
+    let relay = Relay::start(ctl.addr).await;
+    let prefix = redis_server::unique_prefix("hangs").replace('-', "_");
+    let over_redis = |id: &str| Config {
+        worker_id: id.into(),
+        state_backend: StateBackendKind::Redis,
+        state_redis_url: redis_server::shared().url(),
+        state_key_prefix: prefix.clone(),
+        shutdown_timeout: Duration::from_secs(1),
+        ..config(&relay.url(), &ing.url(), &mit.url())
+    };
+    let hung = worker(over_redis("worker-hung")).await;
+    let ops = hung.url();
+    policies_loaded(&ops, 2.0).await;
+
+    relay.set(Mode::Stall);
+    let (ingest, mitigations) = clients(&ing.url(), &mit.url());
+    ingest.ingest(logins("127.0.0.2", 10)).await.unwrap();
+    drained(&ingest, Duration::from_secs(10)).await;
+    assert_eq!(mitigations.active(None).await.unwrap().total, 1);
+    eventually(
+        Duration::from_secs(10),
+        "a delivery stuck in the relay",
+        || async {
+            (relay.stalled_request_seen()
+                && sample(&metrics(&ops).await, "esper_decisions_pending") == 2.0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let stopping = Instant::now();
+    hung.stop().await.unwrap();
+    // The control client's own timeout is 10 s; a stop bounded by it would take longer.
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(6), "stopped in {took:?}");
+
+    relay.set(Mode::Pass);
+    let next = worker(over_redis("worker-next")).await;
+    let log = logged_decisions(&ctl.url(), 2, Duration::from_secs(15)).await;
+    assert!(
+        log.decisions
+            .iter()
+            .all(|l| l.decision.decided_by == "worker-hung"),
+        "{log:?}"
+    );
+
+    next.stop().await.unwrap();
+    ctl.stop().await.unwrap();
     ing.stop().await.unwrap();
     mit.stop().await.unwrap();
 }

@@ -8,16 +8,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use esper_common::shutdown::Shutdown;
 use esper_protocol::{IngestionClient, MitigationClient, RequestEvent};
 use support::redis_server;
+use support::relay::{Mode, Relay};
 use support::*;
-use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const POLICY: &str = r#"
 [[policy]]
@@ -36,32 +34,6 @@ threshold = 20
 action = "block"
 ttl = "30m"
 "#;
-
-/// A TCP relay in front of `target` that, while `stall` is set, accepts connections and
-/// reads what is sent but forwards nothing and answers nothing. `seen` is set once a
-/// stalled connection has received bytes (a request is stuck in it).
-fn relay(listener: TcpListener, target: SocketAddr, stall: Arc<AtomicBool>, seen: Arc<AtomicBool>) {
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let (stall, seen) = (stall.clone(), seen.clone());
-            tokio::spawn(async move {
-                if stall.load(Ordering::SeqCst) {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = inbound.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        seen.store(true, Ordering::SeqCst);
-                    }
-                    return;
-                }
-                if let Ok(mut outbound) = TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    });
-}
 
 /// Real brokers in this process, each on its own loopback port, until `shutdown`: the
 /// ingestion broker's URL and the mitigation broker's address.
@@ -157,13 +129,9 @@ async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
 
     let (_trigger, shutdown) = Shutdown::new();
     let (ing_url, mit_addr) = brokers(&shutdown).await;
-    let relay_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay_url = format!("http://{}", relay_l.local_addr().unwrap());
-    let (stall, seen) = (
-        Arc::new(AtomicBool::new(true)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    relay(relay_l, mit_addr, stall.clone(), seen.clone());
+    let relay = Relay::start(mit_addr).await;
+    relay.set(Mode::Stall);
+    let relay_url = relay.url();
 
     let dir = TempDir::new("kill");
     let policies = dir.path().join("policies.toml");
@@ -187,7 +155,7 @@ async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
     eventually(
         Duration::from_secs(20),
         "a publish stuck in the relay",
-        || async { seen.load(Ordering::SeqCst).then_some(()) },
+        || async { relay.stalled_request_seen().then_some(()) },
     )
     .await;
     let status = ingest.status().await.unwrap();
@@ -263,7 +231,6 @@ async fn a_worker_killed_mid_batch_loses_no_event_and_counts_none_twice() {
     };
     assert_eq!(sample("esper_events_evaluated_total"), 34.0, "{metrics}");
     assert_eq!(sample("esper_duplicate_events_total"), 0.0, "{metrics}");
-    stall.store(false, Ordering::SeqCst);
 }
 
 const CONTROL_TOKEN: &str = "kill-test-token-0123456789";

@@ -302,8 +302,9 @@ impl DecisionLog {
 
     /// Delivers as records are committed and as other workers' appear, backing off
     /// while the control plane or the state is away. Once `shutdown` fires (the worker
-    /// triggers it when its last batch is committed), one last flush gets at most
-    /// `final_flush`, and the lease is given up for the workers that stay.
+    /// triggers it when its last batch is committed), a delivery in progress is
+    /// dropped, one last flush gets at most `final_flush`, and the lease is given up for
+    /// the workers that stay.
     pub async fn run(
         self: Arc<Self>,
         client: ControlClient,
@@ -319,7 +320,18 @@ impl DecisionLog {
                 _ = self.notify.notified() => {}
                 _ = tokio::time::sleep(POLL) => {}
             }
-            while !self.flush(&client, &status, Some(&shutdown)).await {
+            loop {
+                // A control plane that accepts and never answers would hold a request
+                // for the client's whole timeout; shutdown does not wait for it. A
+                // record sent but not yet removed is sent again, as after a crash.
+                let delivered = tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break 'deliver,
+                    done = self.flush(&client, &status, Some(&shutdown)) => done,
+                };
+                if delivered {
+                    break;
+                }
                 if shutdown.sleep(backoff).await {
                     break 'deliver;
                 }

@@ -414,7 +414,12 @@ impl Heartbeat {
 
     async fn run(self, every: Duration, shutdown: Shutdown) {
         loop {
-            self.send("running").await;
+            // Shutdown does not wait for a control plane that hangs.
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                _ = self.send("running") => {}
+            }
             if shutdown.sleep(every).await {
                 break;
             }

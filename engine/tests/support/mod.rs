@@ -291,6 +291,10 @@ pub fn control_request(method: reqwest::Method, url: String) -> reqwest::Request
         .bearer_auth(CONTROL_TOKEN)
 }
 
+/// A switchable TCP relay, to take a service away and bring it back.
+#[path = "../../../brokers/testing/relay.rs"]
+pub mod relay;
+
 /// The throwaway `redis-server` shared with the broker tests.
 #[path = "../../../brokers/testing/redis_server.rs"]
 pub mod redis_server;

@@ -10,6 +10,8 @@
 pub mod postgres;
 #[path = "../../../../brokers/testing/redis_server.rs"]
 pub mod redis_server;
+#[path = "../../../../brokers/testing/relay.rs"]
+pub mod relay;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
