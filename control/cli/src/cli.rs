@@ -270,6 +270,13 @@ pub fn usage_error(e: &clap::Error) -> Option<String> {
             line.push_str(tip);
         } else if let Some(u) = l.strip_prefix("Usage: ") {
             usage = Some(u);
+        } else if usage.is_none() && !l.starts_with("For more information") {
+            // What the first line announces: the arguments missing, one a line.
+            if !line.ends_with(':') {
+                line.push(',');
+            }
+            line.push(' ');
+            line.push_str(l);
         }
     }
     match usage {
@@ -695,6 +702,15 @@ mod tests {
             unknown.starts_with("unexpected argument '--bogus' found")
                 && unknown.contains("(usage: esper server"),
             "{unknown}"
+        );
+        let missing = esper_control::ctl::CtlArgs::try_parse_from(["esperctl", "policies", "show"])
+            .expect_err("an id is required");
+        assert_eq!(
+            usage_error(&missing).as_deref(),
+            Some(
+                "the following required arguments were not provided: <ID> \
+                 (usage: esperctl policies show <ID>)"
+            )
         );
         assert_eq!(line(&["esper", "--help"]), None);
         assert_eq!(line(&["esper", "--version"]), None);
