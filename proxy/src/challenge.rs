@@ -37,7 +37,7 @@ pub const CHALLENGE_PATH: &str = "/.esper/challenge";
 pub const COOKIE_NAME: &str = "esper_clearance";
 /// Difficulty is capped here whatever the mitigation asks: 2^24 hashes already take a
 /// browser minutes.
-pub const MAX_DIFFICULTY: u8 = 24;
+pub const MAX_DIFFICULTY: u8 = esper_protocol::MAX_CHALLENGE_DIFFICULTY;
 /// How long a puzzle stays solvable.
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 /// Redeemed tokens remembered at most (see the module documentation for what happens

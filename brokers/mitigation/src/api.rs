@@ -20,7 +20,7 @@ use esper_common::shutdown::Shutdown;
 use esper_protocol::mitigation::{
     MitigationList, PublishRequest, PublishResponse, RevokeRequest, RevokeResponse,
 };
-use esper_protocol::{Action, DeltaPage, EntityKey, Mitigation, Origin};
+use esper_protocol::{DeltaPage, EntityKey, Mitigation, Origin};
 use serde::Deserialize;
 use tokio::time::Instant;
 
@@ -32,10 +32,9 @@ use crate::store::{MitigationStore, Published, StoreError, Write, apply};
 const DEFAULT_ACTIVE_LIMIT: usize = 1_000;
 const MAX_ACTIVE_LIMIT: usize = 100_000;
 const MAX_ID_LEN: usize = 256;
-const MAX_TARPIT_MS: u64 = 600_000;
 const RETRY_AFTER_STORE_SECS: u64 = 1;
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
-const KINDS: [&str; 4] = ["ip", "cidr", "header", "cookie"];
+const KINDS: [&str; 7] = ["ip", "cidr", "header", "cookie", "path", "ja4", "tuple"];
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -193,25 +192,7 @@ fn check_id(id: &str) -> Result<(), String> {
 
 fn check_mitigation(m: &Mitigation) -> Result<(), String> {
     check_id(&m.id)?;
-    match m.action {
-        Action::Throttle { rate, burst } => {
-            if !rate.is_finite() || rate <= 0.0 {
-                return Err(format!(
-                    "throttle rate must be a positive number, got {rate}"
-                ));
-            }
-            if burst == 0 {
-                return Err("throttle burst must be at least 1".into());
-            }
-        }
-        Action::Tarpit { delay_ms } if delay_ms > MAX_TARPIT_MS => {
-            return Err(format!(
-                "tarpit delay_ms must be at most {MAX_TARPIT_MS}, got {delay_ms}"
-            ));
-        }
-        _ => {}
-    }
-    Ok(())
+    m.action.check()
 }
 
 /// Brings a policy decision's expiry within `cache_ttl` of now (0: no cap).
@@ -229,10 +210,18 @@ async fn publish(
     State(s): State<AppState>,
     Json(req): Json<PublishRequest>,
 ) -> Result<Json<PublishResponse>, ApiError> {
+    let mut ids = std::collections::HashSet::with_capacity(req.mitigations.len());
     for (i, m) in req.mitigations.iter().enumerate() {
         check_mitigation(m).map_err(|e| {
             ApiError::bad_request("invalid_mitigation", format!("mitigations[{i}]: {e}"))
         })?;
+        // One id twice in a batch: only the last would be stored, the other lost.
+        if !ids.insert(m.id.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_mitigation",
+                format!("mitigations[{i}]: id `{}` appears twice in the batch", m.id),
+            ));
+        }
     }
     let permit = admit(&s, req.mitigations.len()).await?;
     let capped: Vec<Mitigation> = req
@@ -283,7 +272,7 @@ async fn active(
         let shown: String = k.chars().take(32).collect();
         return Err(ApiError::bad_request(
             "invalid_query",
-            format!("kind must be one of ip, cidr, header, cookie; got `{shown}`"),
+            format!("kind must be one of {}; got `{shown}`", KINDS.join(", ")),
         ));
     }
     let page = s.inner.store.active(kind.as_deref(), limit).await?;
@@ -490,7 +479,7 @@ impl HealthCheck for StoreHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use esper_protocol::Reason;
+    use esper_protocol::{Action, Reason};
 
     fn mitigation(origin: Origin, ttl: Duration) -> Mitigation {
         Mitigation::new(

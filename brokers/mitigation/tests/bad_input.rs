@@ -61,6 +61,80 @@ async fn malformed_and_mistyped_bodies_are_400() {
     b.stop().await;
 }
 
+/// The broker refuses what no proxy could enforce, as the control plane and policies do,
+/// and what it would store only in part.
+#[tokio::test]
+async fn unenforceable_or_ambiguous_mitigations_are_400() {
+    let b = TestBroker::with_defaults().await;
+    let publish = |m: serde_json::Value| b.post("/api/mitigations", json!({"mitigations": [m]}));
+    for (action, says) in [
+        (
+            json!({"type": "challenge", "difficulty": 0}),
+            "difficulty 0",
+        ),
+        (
+            json!({"type": "challenge", "difficulty": 255}),
+            "difficulty 255",
+        ),
+        (json!({"type": "tarpit", "delay_ms": 0}), "delay_ms 0"),
+        (
+            json!({"type": "throttle", "rate": 0.0, "burst": 1}),
+            "rate 0",
+        ),
+    ] {
+        let mut m = serde_json::to_value(block("a", "ip:192.0.2.1")).unwrap();
+        m["action"] = action;
+        let err = expect_error(publish(m).await, 400, "invalid_mitigation").await;
+        assert!(err.message.contains(says), "{}", err.message);
+    }
+    let mut m = serde_json::to_value(block("a", "ip:192.0.2.1")).unwrap();
+    m["entity"] = json!("header:x-a=b\nc");
+    let err = expect_error(publish(m).await, 400, "invalid_body").await;
+    assert!(
+        err.message.contains("control characters"),
+        "{}",
+        err.message
+    );
+
+    let twice =
+        json!({"mitigations": [block("same", "ip:192.0.2.1"), block("same", "ip:192.0.2.2")]});
+    let err = expect_error(
+        b.post("/api/mitigations", twice).await,
+        400,
+        "invalid_mitigation",
+    )
+    .await;
+    assert!(err.message.contains("appears twice"), "{}", err.message);
+    let resp = b
+        .http
+        .get(b.url("/api/mitigations/active"))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["total"], 0,
+        "nothing of a refused batch is stored: {body}"
+    );
+
+    // Every kind of key can be listed by kind.
+    let path = block("p", "path:/users/{id}/orders");
+    let resp = b
+        .post("/api/mitigations", json!({"mitigations": [path]}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let resp = b
+        .http
+        .get(b.url("/api/mitigations/active?kind=path"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["total"], 1, "{body}");
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_bodies_are_413() {
     let b = TestBroker::start(Config {

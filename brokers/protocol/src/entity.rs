@@ -41,7 +41,7 @@ pub enum EntityKey {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntityParseError {
     #[error(
-        "entity key `{0}` has no kind: expected `ip:ADDR`, `cidr:NET/LEN`, `header:NAME=VALUE`, `cookie:NAME=VALUE`, `path:/TEMPLATE`, `ja4:FINGERPRINT` or `tuple:KEY+KEY`"
+        "entity key `{0}` has no kind: expected `ip:ADDR`, `cidr:NET/LEN`, `header:NAME=VALUE`, `cookie:NAME=HASH`, `path:/TEMPLATE`, `ja4:FINGERPRINT` or `tuple:KEY+KEY`"
     )]
     MissingKind(String),
     #[error("unknown entity kind `{0}`: expected ip, cidr, header, cookie, path, ja4 or tuple")]
@@ -54,6 +54,8 @@ pub enum EntityParseError {
     BadCidr(String),
     #[error("`{0}` must be NAME=VALUE with a non-empty name")]
     BadNamedValue(String),
+    #[error("`{0}`: header and cookie keys cannot hold control characters")]
+    ControlCharacter(String),
     #[error("`{0}` is not a path template: it must start with `/` and have no query")]
     BadPath(String),
     #[error("`{0}` is not a JA4 fingerprint (letters, digits and `_`)")]
@@ -78,7 +80,7 @@ impl EntityKey {
     pub fn network(addr: IpAddr, prefix_len: u8) -> Option<EntityKey> {
         IpNet::new(addr, prefix_len)
             .ok()
-            .map(|n| EntityKey::Cidr(n.trunc()))
+            .map(|n| EntityKey::Cidr(canonical_net(n)))
     }
 
     /// Does this key cover `ip`? (An `Ip` key covers only itself; a `Cidr` its network.)
@@ -137,10 +139,28 @@ fn tuple(rest: &str) -> Result<EntityKey, EntityParseError> {
 
 fn named_value(rest: &str) -> Result<(String, String), EntityParseError> {
     match rest.split_once('=') {
+        // No request can carry them, so such a key could never match.
+        Some(_) if rest.chars().any(|c| c.is_control() && c != '\t') => Err(
+            EntityParseError::ControlCharacter(rest.escape_debug().to_string()),
+        ),
         Some((name, value)) if !name.trim().is_empty() => {
             Ok((name.trim().to_ascii_lowercase(), value.to_string()))
         }
         _ => Err(EntityParseError::BadNamedValue(rest.to_string())),
+    }
+}
+
+/// An IPv4 client seen through an IPv6 socket (`::ffff:192.0.2.1`) is the IPv4 client:
+/// keys name it one way, so allowlists, lookups and revocations find it.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(|n| IpNet::V4(n.trunc()))
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
     }
 }
 
@@ -154,11 +174,11 @@ impl FromStr for EntityKey {
         match kind.to_ascii_lowercase().as_str() {
             "ip" => rest
                 .parse::<IpAddr>()
-                .map(EntityKey::Ip)
+                .map(|ip| EntityKey::Ip(ip.to_canonical()))
                 .map_err(|_| EntityParseError::BadIp(rest.to_string())),
             "cidr" | "net" => rest
                 .parse::<IpNet>()
-                .map(|n| EntityKey::Cidr(n.trunc()))
+                .map(|n| EntityKey::Cidr(canonical_net(n.trunc())))
                 .map_err(|_| EntityParseError::BadCidr(rest.to_string())),
             "header" => named_value(rest).map(|(name, value)| EntityKey::Header { name, value }),
             "cookie" => named_value(rest).map(|(name, value)| EntityKey::Cookie { name, value }),
@@ -386,6 +406,38 @@ mod tests {
             let json = serde_json::to_string(&key).unwrap();
             assert_eq!(serde_json::from_str::<EntityKey>(&json).unwrap(), key);
         }
+    }
+
+    #[test]
+    fn mapped_ipv4_addresses_are_keyed_as_ipv4() {
+        for (given, canonical) in [
+            ("ip:::ffff:127.0.0.1", "ip:127.0.0.1"),
+            ("cidr:::ffff:192.0.2.0/120", "cidr:192.0.2.0/24"),
+            ("cidr:::ffff:192.0.2.7/128", "cidr:192.0.2.7/32"),
+            // Wider than the mapped range: it covers IPv6 addresses too, so stays IPv6.
+            ("cidr:::ffff:0:0/80", "cidr:::/80"),
+            ("ip:2001:db8::1", "ip:2001:db8::1"),
+        ] {
+            let key: EntityKey = given.parse().unwrap();
+            assert_eq!(key.to_string(), canonical, "{given}");
+        }
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(
+            EntityKey::network(mapped, 120).unwrap().to_string(),
+            "cidr:10.1.2.0/24"
+        );
+    }
+
+    #[test]
+    fn header_and_cookie_keys_refuse_control_characters() {
+        for bad in ["header:x-a=b\nc", "cookie:sid=\0", "header:x\r=1"] {
+            let e = bad.parse::<EntityKey>().unwrap_err();
+            assert!(
+                matches!(e, EntityParseError::ControlCharacter(_)),
+                "{bad}: {e}"
+            );
+        }
+        assert!("header:user-agent=a\tb".parse::<EntityKey>().is_ok());
     }
 
     #[test]

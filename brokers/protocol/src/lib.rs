@@ -31,4 +31,7 @@ pub use event::{
 pub use event_json::{
     EventView, INGEST_BODY_END, INGEST_BODY_START, IpText, format_ip, ingest_body,
 };
-pub use mitigation::{Action, Change, DeltaPage, Mitigation, Origin, Reason, Scope};
+pub use mitigation::{
+    Action, Change, DeltaPage, MAX_CHALLENGE_DIFFICULTY, MAX_TARPIT_MS, Mitigation, Origin, Reason,
+    Scope,
+};

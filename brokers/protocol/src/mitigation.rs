@@ -28,7 +28,36 @@ pub enum Action {
     Log,
 }
 
+/// Highest challenge difficulty (leading zero bits): beyond it a browser needs minutes.
+pub const MAX_CHALLENGE_DIFFICULTY: u8 = 24;
+/// Longest tarpit delay a mitigation may ask for (proxies may cap it lower).
+pub const MAX_TARPIT_MS: u64 = 60_000;
+
 impl Action {
+    /// Why the action cannot be enforced as given: every publisher (the engine, the
+    /// control plane, the broker's API) refuses the same parameters.
+    pub fn check(&self) -> Result<(), String> {
+        match *self {
+            Action::Throttle { rate, burst } if !(rate.is_finite() && rate > 0.0) || burst == 0 => {
+                Err(format!(
+                    "throttle rate {rate} must be above 0 and burst {burst} at least 1"
+                ))
+            }
+            Action::Tarpit { delay_ms } if delay_ms == 0 || delay_ms > MAX_TARPIT_MS => Err(
+                format!("tarpit delay_ms {delay_ms} is out of range (1 to {MAX_TARPIT_MS})"),
+            ),
+            Action::Challenge { difficulty }
+                if difficulty == 0 || difficulty > MAX_CHALLENGE_DIFFICULTY =>
+            {
+                Err(format!(
+                    "challenge difficulty {difficulty} is out of range \
+                     (1 to {MAX_CHALLENGE_DIFFICULTY})"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// How severe the action is, for choosing among several mitigations of one request.
     ///
     /// A challenge ranks above a tarpit and below a block: it stops every request until

@@ -419,6 +419,31 @@ async fn manual_ban_lookup_analyze_and_revoke() {
     assert_eq!(a["action"], "block");
     assert_eq!(a["mitigation"]["id"], id);
     assert_eq!(a["enqueued"], true);
+    // An app on a dual-stack socket reports the same client as `::ffff:...`.
+    let (status, a) = s
+        .post(
+            "/api/v1/analyze",
+            json!({"client_ip": "::ffff:198.51.100.7", "method": "GET", "path": "/"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["action"], "block", "{a}");
+    // So is a key written that way: one client, one key.
+    let (status, e) = s
+        .get("/api/v1/mitigations/entity/ip:::ffff:198.51.100.7")
+        .await;
+    assert_eq!(status, 200, "{e}");
+    assert_eq!(e["entity"], "ip:198.51.100.7");
+    assert_eq!(e["mitigations"][0]["id"], id);
+
+    let (status, body) = s
+        .post(
+            "/api/v1/mitigations/revoke",
+            json!({"id": "00000000-0000-0000-0000-000000000000"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"], "not_found");
 
     let (status, r) = s
         .post(
@@ -469,6 +494,28 @@ async fn manual_ban_lookup_analyze_and_revoke() {
     assert_eq!(body["error"], "invalid_ttl");
     let (status, _) = s.get("/api/v1/mitigations/entity/nonsense").await;
     assert_eq!(status, 400);
+    // Proxies match cookies by hash: a key with the raw value could never match.
+    let (status, body) = s
+        .post(
+            "/api/v1/mitigations",
+            json!({"entity": "cookie:sid=abc", "action": "block"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("cookie:sid=ba7816bf8f01cfea"),
+        "{body}"
+    );
+    let (status, body) = s
+        .post(
+            "/api/v1/mitigations",
+            json!({"entity": "cookie:sid=ba7816bf8f01cfea", "action": "block", "ttl": "1m"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
     s.stop().await;
 }
 

@@ -17,7 +17,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// `ttl` when a policy does not set one.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// Longest accepted tarpit `delay` (a held connection costs the proxy a socket).
-pub const MAX_DELAY: Duration = Duration::from_secs(60);
+pub const MAX_DELAY: Duration = Duration::from_millis(esper_protocol::MAX_TARPIT_MS);
 /// Largest accepted `threshold`, `rate` and `burst`.
 pub const MAX_COUNT: f64 = 1e12;
 pub const MAX_BURST: u32 = 1_000_000;
@@ -387,7 +387,7 @@ impl PolicySpec {
 }
 
 /// Highest challenge difficulty: beyond it a browser needs minutes (the proxy caps it too).
-pub const MAX_DIFFICULTY: u8 = 24;
+pub const MAX_DIFFICULTY: u8 = esper_protocol::MAX_CHALLENGE_DIFFICULTY;
 /// Difficulty of a challenge policy that names none: well under a second in a browser.
 pub const DEFAULT_DIFFICULTY: u8 = 16;
 

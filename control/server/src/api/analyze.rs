@@ -74,9 +74,12 @@ fn entity_keys(ev: &RequestEvent) -> Vec<EntityKey> {
 /// `POST /api/v1/analyze`
 pub async fn analyze(
     State(state): State<AppState>,
-    Json(req): Json<AnalyzeRequest>,
+    Json(mut req): Json<AnalyzeRequest>,
 ) -> Result<Json<AnalyzeResponse>, ApiError> {
     check(&req)?;
+    // An app on a dual-stack socket reports IPv4 clients as `::ffff:a.b.c.d`; keys
+    // name them as IPv4, as the proxy does.
+    req.client_ip = req.client_ip.to_canonical();
     let ip = req.client_ip;
     let app = req.app.clone().unwrap_or_default();
     let ev = event(req);

@@ -10,7 +10,10 @@ use chrono::Utc;
 use esper_common::http::{Path, Query};
 use esper_common::{ApiError, Json};
 use esper_protocol::mitigation::{MitigationList, RevokeRequest, RevokeResponse};
-use esper_protocol::{Action, Decision, DecisionMode, EntityKey, Mitigation, Origin, Reason};
+use esper_protocol::{
+    Action, Decision, DecisionMode, EntityKey, Mitigation, Origin, Reason,
+    event::COOKIE_HASH_HEX_LEN, hash_cookie_value,
+};
 use serde::Deserialize;
 
 use super::{broker_error, store_error};
@@ -27,8 +30,6 @@ const ENTITY_DECISIONS: usize = 50;
 /// `ttl` of a manual mitigation when none is given, and the longest allowed.
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Longest tarpit delay (as in policies).
-const MAX_DELAY_MS: u64 = 60_000;
 const MAX_REASON_LEN: usize = 1000;
 
 fn parse_entity(s: &str) -> Result<EntityKey, ApiError> {
@@ -37,11 +38,38 @@ fn parse_entity(s: &str) -> Result<EntityKey, ApiError> {
     })
 }
 
+/// Proxies report and match cookie values by hash, so a key holding the value itself
+/// would never match: say which key would.
+fn check_cookie_hashes(entity: &EntityKey) -> Result<(), ApiError> {
+    let parts = match entity {
+        EntityKey::Tuple(parts) => parts.as_slice(),
+        one => std::slice::from_ref(one),
+    };
+    for part in parts {
+        if let EntityKey::Cookie { name, value } = part {
+            let hashed = value.len() == COOKIE_HASH_HEX_LEN
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !hashed {
+                return Err(ApiError::bad_request(
+                    "invalid_entity",
+                    format!(
+                        "cookie keys hold the value's hash (the first {COOKIE_HASH_HEX_LEN} hex \
+                         digits of its SHA-256), as proxies report it: for this value, \
+                         cookie:{name}={}",
+                        hash_cookie_value(value)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Proof-of-work bits for `"challenge"` without parameters: well under a second in a
 /// browser, thousands of requests' worth of CPU for a bot at scale.
 const DEFAULT_CHALLENGE_DIFFICULTY: u8 = 16;
-/// The proxy caps difficulty here too.
-const MAX_DIFFICULTY: u8 = 24;
 
 /// `"block"`, `"log"`, `"challenge"`, or a full action object, with its parameters checked.
 fn parse_action(v: &serde_json::Value) -> Result<Action, ApiError> {
@@ -80,22 +108,8 @@ fn parse_action(v: &serde_json::Value) -> Result<Action, ApiError> {
             ));
         }
     };
-    match action {
-        Action::Throttle { rate, burst } if !(rate.is_finite() && rate > 0.0) || burst == 0 => {
-            Err(bad(format!(
-                "throttle rate {rate} must be above 0 and burst {burst} at least 1"
-            )))
-        }
-        Action::Tarpit { delay_ms } if delay_ms == 0 || delay_ms > MAX_DELAY_MS => Err(bad(
-            format!("tarpit delay_ms {delay_ms} is out of range (1 to {MAX_DELAY_MS})"),
-        )),
-        Action::Challenge { difficulty } if difficulty == 0 || difficulty > MAX_DIFFICULTY => {
-            Err(bad(format!(
-                "challenge difficulty {difficulty} is out of range (1 to {MAX_DIFFICULTY})"
-            )))
-        }
-        a => Ok(a),
-    }
+    action.check().map_err(bad)?;
+    Ok(action)
 }
 
 fn parse_ttl(ttl: Option<&str>) -> Result<Duration, ApiError> {
@@ -171,6 +185,7 @@ pub async fn add(
     Json(req): Json<ManualMitigationRequest>,
 ) -> Result<(StatusCode, Json<Mitigation>), ApiError> {
     let entity = parse_entity(&req.entity)?;
+    check_cookie_hashes(&entity)?;
     let action = parse_action(&req.action)?;
     super::allowlist::check_manual(&state, &entity).await?;
     let ttl = parse_ttl(req.ttl.as_deref())?;
@@ -252,13 +267,25 @@ pub async fn revoke(
     state.mirror.revoke(req.id.as_deref(), req.entity.as_ref());
     state.metrics.revocations.inc_by(resp.revoked as u64);
     tracing::info!(?target, revoked = resp.revoked, by = %caller.0, "mitigations revoked");
-    if let Err(e) = state
+    let logged = match state
         .store
         .mark_revoked(&target, &format!("control:{}", caller.0), Utc::now())
         .await
     {
-        state.metrics.store_errors.inc();
-        tracing::error!(error = %e, "revocation done but not recorded in the decision log");
+        Ok(n) => n,
+        Err(e) => {
+            state.metrics.store_errors.inc();
+            tracing::error!(error = %e, "revocation done but not recorded in the decision log");
+            0
+        }
+    };
+    // An id names one mitigation: none in force under it is most likely a typo. (An
+    // entity with none is the state the caller asked for.)
+    if let RevokeTarget::Id(id) = &target
+        && resp.revoked == 0
+        && logged == 0
+    {
+        return Err(ApiError::NotFound(format!("no mitigation `{id}` in force")));
     }
     Ok(Json(resp))
 }

@@ -142,7 +142,8 @@ pub enum MitigationCmd {
     /// An entity's active mitigations and its recent decisions, or one decision in full
     /// by its reference (as printed on block, challenge and rate-limit pages).
     Show {
-        /// `ip:203.0.113.7`, `cidr:203.0.113.0/24`, `header:NAME=VALUE`, ..., or a reference
+        /// `ip:203.0.113.7`, `cidr:203.0.113.0/24`, `header:NAME=VALUE`, `cookie:NAME=HASH`
+        /// (the first 16 hex digits of the value's SHA-256), ..., or a reference
         #[arg(value_name = "ENTITY|REFERENCE")]
         entity: String,
     },
