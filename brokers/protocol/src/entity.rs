@@ -80,7 +80,7 @@ impl EntityKey {
     pub fn network(addr: IpAddr, prefix_len: u8) -> Option<EntityKey> {
         IpNet::new(addr, prefix_len)
             .ok()
-            .map(|n| EntityKey::Cidr(canonical_net(n)))
+            .map(|n| EntityKey::Cidr(canonical_net(n.trunc())))
     }
 
     /// Does this key cover `ip`? (An `Ip` key covers only itself; a `Cidr` its network.)
@@ -421,6 +421,11 @@ mod tests {
             let key: EntityKey = given.parse().unwrap();
             assert_eq!(key.to_string(), canonical, "{given}");
         }
+        let plain: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(
+            EntityKey::network(plain, 24).unwrap().to_string(),
+            "cidr:10.1.2.0/24"
+        );
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
         assert_eq!(
             EntityKey::network(mapped, 120).unwrap().to_string(),
