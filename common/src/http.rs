@@ -17,6 +17,7 @@ use esper_protocol::ApiErrorBody;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -269,9 +270,26 @@ pub fn standard_layers(router: Router, body_limit: usize) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
-                .on_response(record_status),
+                .on_response(record_status)
+                .on_failure(record_failure),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Server errors are logged, except 503: a full or paused queue, a service not ready
+/// yet. Those are answers the caller is told to retry, counted by the services' metrics;
+/// logged as errors they would flood the log exactly when an operator paused a queue.
+fn record_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
+    match class {
+        ServerErrorsFailureClass::StatusCode(code) if code == StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::debug!(
+                status = code.as_u16(),
+                ?latency,
+                "answered 503: retry later"
+            );
+        }
+        class => tracing::error!(%class, ?latency, "request failed"),
+    }
 }
 
 /// The calls the parts make on a timer or as long polls (claims, the mitigation stream,

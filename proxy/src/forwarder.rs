@@ -243,10 +243,10 @@ impl Forwarder {
                 self.failing = false;
             }
             Err(e) => {
-                let reason = if e.is_transient() {
-                    DropReason::SendFailed
-                } else {
-                    DropReason::Rejected
+                let reason = match &e {
+                    ClientError::Backpressure { .. } => DropReason::Backpressure,
+                    e if e.is_transient() => DropReason::SendFailed,
+                    _ => DropReason::Rejected,
                 };
                 self.metrics.drop_events(reason, n);
                 self.status.ingest_result(Err(e.to_string()));

@@ -9,8 +9,10 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 pub enum DropReason {
     /// The queue to the forwarder was full.
     BufferFull,
-    /// The broker could not be reached or kept refusing (backpressure) after retries.
+    /// The broker could not be reached after retries.
     SendFailed,
+    /// The broker kept answering that its queue is full or paused (503), after retries.
+    Backpressure,
     /// The broker refused the batch for good (a 4xx other than backpressure).
     Rejected,
     /// Still queued when the proxy stopped and the final flush failed.
@@ -18,9 +20,10 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    const ALL: [DropReason; 4] = [
+    const ALL: [DropReason; 5] = [
         DropReason::BufferFull,
         DropReason::SendFailed,
+        DropReason::Backpressure,
         DropReason::Rejected,
         DropReason::Shutdown,
     ];
@@ -30,6 +33,7 @@ impl DropReason {
         match self {
             DropReason::BufferFull => "buffer_full",
             DropReason::SendFailed => "send_failed",
+            DropReason::Backpressure => "backpressure",
             DropReason::Rejected => "rejected",
             DropReason::Shutdown => "shutdown",
         }

@@ -118,7 +118,7 @@ async fn backpressure_drops_are_counted_and_delivery_resumes() {
     }
     let dropped = eventually(Duration::from_secs(5), || async {
         proxy
-            .metric("esper_proxy_events_dropped_total{reason=\"send_failed\"}")
+            .metric("esper_proxy_events_dropped_total{reason=\"backpressure\"}")
             .await
             >= 3.0
     })

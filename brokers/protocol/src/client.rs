@@ -21,6 +21,12 @@ use crate::mitigation::{
 };
 
 /// Why a broker call failed.
+/// `; retry after 5s`, as the broker's `Retry-After` asked, or nothing.
+fn retry_hint(after: &Option<Duration>) -> String {
+    // Retry-After counts whole seconds.
+    after.map_or(String::new(), |d| format!("; retry after {}s", d.as_secs()))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The broker could not be reached, or the connection broke.
@@ -31,7 +37,7 @@ pub enum ClientError {
         source: reqwest::Error,
     },
     /// The broker is full or paused; try again after `retry_after`.
-    #[error("broker refused the batch ({code}); retry after {retry_after:?}")]
+    #[error("broker refused the batch ({code}){}", retry_hint(retry_after))]
     Backpressure {
         code: String,
         retry_after: Option<Duration>,

@@ -185,6 +185,28 @@ async fn errors_are_one_line_with_the_right_exit_code() {
         .ctl(&["policies", "apply", "-f", bad.to_str().unwrap()])
         .await;
     assert_eq!(out.code, 2, "apply validates locally first: {out:?}");
+    let empty = s.file("empty.toml", "# no policies yet\n");
+    let out = s
+        .ctl(&["policies", "validate", "-f", empty.to_str().unwrap()])
+        .await;
+    assert_eq!(out.code, 2, "what apply refuses is not valid: {out:?}");
+    assert!(
+        out.stderr
+            .ends_with("no [[policy]] tables: nothing to apply\n"),
+        "{out:?}"
+    );
+    let out = s
+        .ctl(&[
+            "mitigations",
+            "revoke",
+            "00000000-0000-0000-0000-000000000000",
+        ])
+        .await;
+    assert_eq!(
+        out.code, 2,
+        "an unknown id is a typo, not a success: {out:?}"
+    );
+    assert!(out.stderr.contains("404 not_found"), "{out:?}");
     let out = s
         .ctl(&["policies", "apply", "-f", "/nonexistent.toml"])
         .await;

@@ -691,6 +691,20 @@ async fn the_decision_log_is_idempotent_and_filtered() {
     let (status, body) = s.get("/api/v1/decisions?limit=many").await;
     assert_eq!(status, 400);
     assert_eq!(body["error"], "invalid_query");
+    for bad in ["0", "1001"] {
+        let (status, body) = s.get(&format!("/api/v1/decisions?limit={bad}")).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(
+            body["message"],
+            format!("limit must be 1 to 1000, got {bad}")
+        );
+    }
+    let (status, body) = s.get("/api/v1/mitigations?limit=0").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &json!("invalid_query")),
+        "{body}"
+    );
 
     // Workers read the revoked policy decisions, to re-arm those policies.
     let (_, none) = s.get("/api/v1/decisions/revocations").await;

@@ -83,6 +83,14 @@ impl NamedList {
                 self.items.len()
             )));
         }
+        // Every part reads `allowlist` as addresses; another kind would switch it off.
+        if self.name == ALLOWLIST && self.kind != ListKind::Ip {
+            return Err(err(format!(
+                "list \"{ALLOWLIST}\" is the allowlist of addresses and networks: its kind \
+                 must be ip, not {}",
+                self.kind
+            )));
+        }
         match self.kind {
             ListKind::Ip => {
                 for (i, item) in self.items.iter().enumerate() {
@@ -209,6 +217,10 @@ mod tests {
         let mut bad = list(ListKind::String, &[]);
         bad.name = "Office".into();
         assert!(bad.validate().is_err());
+        let mut allow = list(ListKind::String, &["203.0.113.0/24"]);
+        allow.name = ALLOWLIST.into();
+        let err = allow.validate().unwrap_err().to_string();
+        assert!(err.contains("its kind must be ip, not string"), "{err}");
     }
 
     #[test]

@@ -106,7 +106,7 @@ pub async fn list(
         mode,
         active: p.active.unwrap_or(false),
         before,
-        limit: p.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT),
+        limit: super::limit(p.limit, DEFAULT_LIMIT, MAX_LIMIT)?,
     };
     let decisions = state
         .store

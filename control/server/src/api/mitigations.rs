@@ -142,7 +142,7 @@ pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<MitigationList>, ApiError> {
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let limit = super::limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     state
         .mitigation
         .active(Some(limit))

@@ -88,6 +88,18 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
 }
 
 /// A store failure as the client sees it; the detail goes to the log.
+/// A list's `limit` query: `default` when absent, else 1 to `max`.
+pub(crate) fn limit(given: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match given {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be 1 to {max}, got {n}"),
+        )),
+    }
+}
+
 pub(crate) fn store_error(state: &AppState, e: StoreError) -> ApiError {
     state.metrics.store_errors.inc();
     match e {

@@ -121,6 +121,13 @@ async fn apply(ctx: &Ctx, file: &Path) -> Result<(), CtlError> {
 
 fn validate(ctx: &Ctx, file: &Path) -> Result<(), CtlError> {
     let (_, n) = load(file)?;
+    // `apply` refuses such a file; validating it must not promise otherwise.
+    if n == 0 {
+        return Err(CtlError::Input(format!(
+            "{}: no [[policy]] tables: nothing to apply",
+            file.display()
+        )));
+    }
     let v = serde_json::json!({"valid": true, "policies": n}).to_string();
     ctx.emit(v, |_| {
         Ok(format!(
