@@ -195,6 +195,7 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
     // The stack has its own shutdown, fired by the process's signal or by any part that
     // stops on its own (`esper server stop`, a crash), so the others still drain cleanly.
     let (stop_all, shutdown) = Shutdown::new();
+    ignore_hangups();
     let outer_wait = outer.clone();
     let stop_on_signal = tokio::spawn(async move { outer_wait.wait().await });
     std::fs::create_dir_all(&args.data_dir)
@@ -360,10 +361,10 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
     }
     worker.validate()?;
     let worker_ops = worker.listen;
-    let worker_shutdown = shutdown.clone();
-    tasks.spawn(named("engine worker", async move {
-        Ok(esper_engine::run(worker, worker_l, worker_shutdown).await?)
-    }));
+    tasks.spawn(named(
+        "engine worker",
+        supervise_worker(worker, worker_l, shutdown.clone()),
+    ));
 
     proxy.listen = proxy_l.local_addr()?;
     proxy.ops_listen = proxy_ops_l.local_addr()?;
@@ -448,6 +449,52 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
             println!("Esper dev stack stopped.");
             Ok(())
         }
+    }
+}
+
+/// A SIGHUP (a closed terminal, a habit from the services) would end the process by
+/// default; the stack has nothing to read again: it takes its settings from its flags,
+/// and policies, lists and proxy settings change through the control plane.
+fn ignore_hangups() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!(
+                "SIGHUP: esper dev reads its settings only at start; policies and lists \
+                 change through esperctl"
+            );
+        }
+    });
+}
+
+/// Runs the engine worker as a service manager would: one drained by the control plane
+/// (`esperctl workers drain`) finishes its batches and exits, and a fresh one takes its
+/// place on the same address, so the stack goes on deciding. A worker that fails stops
+/// the stack.
+async fn supervise_worker(
+    config: esper_engine::Config,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let mut listener = Some(listener);
+    loop {
+        let ops = match listener.take() {
+            Some(l) => l,
+            None => bind("engine worker ops", addr).await?,
+        };
+        esper_engine::run(config.clone(), ops, shutdown.clone()).await?;
+        if shutdown.is_triggered() {
+            return Ok(());
+        }
+        tracing::info!(worker_id = %config.worker_id, "engine worker drained; starting a fresh one");
     }
 }
 

@@ -388,6 +388,42 @@ async fn esper_dev_runs_the_whole_scenario() {
     manual_ban_and_revoke(&stack).await;
     a_revoked_block_rearms_its_policy(&stack, dir.path()).await;
 
+    // A hangup is logged, not fatal.
+    std::process::Command::new("kill")
+        .args(["-HUP", &dev.child_id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    eventually(Duration::from_secs(5), "the SIGHUP logged", || async {
+        dev.log().contains("SIGHUP: esper dev").then_some(())
+    })
+    .await;
+    assert_eq!(
+        status_from("127.0.0.3", &format!("{}/", stack.proxy)).await,
+        200
+    );
+
+    // A drained worker finishes and a fresh one takes its place: the stack goes on
+    // deciding.
+    let out = esperctl(&stack.api, &["workers", "drain", "dev-worker"]);
+    assert!(out.contains("drain"), "{out}");
+    eventually(Duration::from_secs(15), "a fresh worker", || async {
+        dev.log()
+            .contains("engine worker drained; starting a fresh one")
+            .then_some(())
+    })
+    .await;
+    esperctl(
+        &stack.api,
+        &["mitigations", "revoke", "--entity", "ip:127.0.0.2"],
+    );
+    wait_ready(
+        &format!("{}/readyz", stack.worker_ops),
+        Duration::from_secs(15),
+    )
+    .await;
+    let (elapsed, sent) = attack_until_blocked(&stack.proxy).await;
+    println!("blocked by the fresh worker {elapsed:?} after the drain ({sent} requests)");
+
     assert_eq!(
         dev.terminate(Duration::from_secs(30)),
         Some(0),
