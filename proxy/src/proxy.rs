@@ -14,7 +14,7 @@ use esper_protocol::EnforcedAction;
 use http::{HeaderName, HeaderValue, header};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, OrErr, Result};
 
 use crate::apps::App;
@@ -369,13 +369,33 @@ fn request_host(req: &pingora::http::RequestHeader) -> &str {
 }
 
 /// The error is the downstream connection ending under the request.
-fn client_went_away(error: &Error) -> bool {
-    use pingora::{ErrorSource, ErrorType};
-    matches!(error.esource(), ErrorSource::Downstream)
-        && matches!(
-            error.etype(),
-            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-        )
+/// The status of the answer to a request that could not be proxied, as Pingora's own
+/// `fail_to_proxy` chooses it, except that an upstream timing out is a 504; 0 when the
+/// client is gone and no answer can be sent.
+fn failure_status(e: &Error) -> u16 {
+    use pingora::ErrorSource;
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        etype => match e.esource() {
+            ErrorSource::Upstream => match etype {
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    504
+                }
+                _ => 502,
+            },
+            ErrorSource::Downstream => match etype {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+/// A failure on the client's side of the proxy: the client left, or sent what is not
+/// HTTP.
+fn clients_doing(error: &Error) -> bool {
+    matches!(error.esource(), pingora::ErrorSource::Downstream)
 }
 
 /// What this hop knows of the connection, for the forwarding headers.
@@ -857,15 +877,46 @@ impl ProxyHttp for EsperProxy {
         Ok(Box::new(peer))
     }
 
-    /// A client hanging up before its answer is the client's doing, not a failure of
-    /// the proxy: Pingora would log it as an error, a line per connection whenever a
-    /// load balancer or a load generator closes its idle keep-alives.
+    /// A client hanging up before its answer, or sending what is not HTTP (a broken
+    /// chunked body, a bad header), is the client's doing, not a failure of the proxy:
+    /// Pingora would log it as an error, so any client could fill the log, and a load
+    /// balancer closing its idle keep-alives would write a line per connection. They
+    /// are counted by status in the request metrics all the same.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
-        let quiet = client_went_away(error);
+        let quiet = clients_doing(error);
         if quiet {
-            tracing::debug!(%error, "client closed the connection before its answer");
+            tracing::debug!(%error, "a client's connection or request failed");
         }
         quiet
+    }
+
+    /// Pingora's own error answers are bare: no body, no request id. Ours are the
+    /// page or JSON every other answer of the proxy is, from the app's templates.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = failure_status(e);
+        // A response already under way (the upstream broke off its body) cannot be
+        // replaced; the connection is closed on it.
+        if code > 0 && session.response_written().is_none() {
+            if ctx.request_id.is_empty() {
+                ctx.request_id = new_id_header();
+            }
+            let live = self.live.load_full();
+            let app = ctx.app.clone();
+            let templates = app.as_ref().map_or(&live.templates, |a| &a.templates);
+            let answer = LocalAnswer::failure(code);
+            if let Err(err) = self.answer(session, ctx, templates, answer, None).await {
+                tracing::debug!(error = %err, "cannot send the error answer");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     fn fail_to_connect(
@@ -1006,20 +1057,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_client_leaving_stays_out_of_the_error_log() {
+    fn what_clients_do_stays_out_of_the_error_log() {
         use pingora::ErrorType;
         for t in [
             ErrorType::ConnectionClosed,
             ErrorType::ReadError,
             ErrorType::WriteError,
+            ErrorType::InvalidHTTPHeader,
         ] {
-            assert!(client_went_away(&Error::new_down(t.clone())), "{t:?}");
-            assert!(!client_went_away(&Error::new_up(t.clone())), "{t:?}");
+            assert!(clients_doing(&Error::new_down(t.clone())), "{t:?}");
+            assert!(!clients_doing(&Error::new_up(t.clone())), "{t:?}");
         }
-        assert!(!client_went_away(&Error::new_down(
-            ErrorType::InvalidHTTPHeader
-        )));
-        assert!(!client_went_away(&Error::new_in(ErrorType::ConnectNoRoute)));
+        assert!(!clients_doing(&Error::new_in(ErrorType::ConnectNoRoute)));
+    }
+
+    #[test]
+    fn failures_answer_as_an_edge_proxy_does() {
+        use pingora::ErrorType;
+        let up = |t| failure_status(&Error::new_up(t));
+        assert_eq!(up(ErrorType::ConnectRefused), 502);
+        assert_eq!(up(ErrorType::ConnectTimedout), 504);
+        assert_eq!(up(ErrorType::ReadTimedout), 504);
+        assert_eq!(
+            failure_status(&Error::new_down(ErrorType::InvalidHTTPHeader)),
+            400
+        );
+        assert_eq!(
+            failure_status(&Error::new_down(ErrorType::ConnectionClosed)),
+            0
+        );
+        assert_eq!(
+            failure_status(&Error::new_in(ErrorType::InternalError)),
+            500
+        );
+        assert_eq!(
+            failure_status(&Error::new_up(ErrorType::HTTPStatus(413))),
+            413
+        );
     }
 
     #[test]

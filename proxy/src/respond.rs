@@ -29,15 +29,19 @@ pub enum Kind {
     Busy,
     Challenge,
     UnknownHost,
+    /// The request could not be proxied: the upstream is unreachable or failed (502,
+    /// 504), the request was malformed (400), or the proxy failed (500).
+    Error,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::Block,
         Kind::Throttle,
         Kind::Busy,
         Kind::Challenge,
         Kind::UnknownHost,
+        Kind::Error,
     ];
 
     /// The file stem in a templates directory (`block.html`, `block.json`, ...).
@@ -48,6 +52,7 @@ impl Kind {
             Kind::Busy => "busy",
             Kind::Challenge => "challenge",
             Kind::UnknownHost => "unknown_host",
+            Kind::Error => "error",
         }
     }
 
@@ -121,9 +126,38 @@ impl LocalAnswer {
         }
     }
 
+    /// The answer when a request could not be proxied, for `status` (400, 500, 502 or
+    /// 504).
+    pub fn failure(status: u16) -> LocalAnswer {
+        let (code, message) = match status {
+            400..500 => ("bad_request", "The request could not be understood."),
+            502 => (
+                "bad_gateway",
+                "The site could not be reached; retry in a moment.",
+            ),
+            504 => (
+                "gateway_timeout",
+                "The site took too long to answer; retry in a moment.",
+            ),
+            _ => ("proxy_error", "The request could not be completed."),
+        };
+        LocalAnswer {
+            status,
+            code,
+            message,
+            retry_after: None,
+            kind: Kind::Error,
+        }
+    }
+
     fn title(&self) -> &'static str {
         match (self.status, self.kind) {
             (_, Kind::Challenge) => "Checking your browser",
+            (400, _) => "400 Bad Request",
+            (502, _) => "502 Bad Gateway",
+            (504, _) => "504 Gateway Timeout",
+            (500, Kind::Error) => "500 Internal Server Error",
+            (_, Kind::Error) => "Error",
             (404, _) => "404 Not Found",
             (421, _) => "421 Misdirected Request",
             (403, _) => "403 Forbidden",
@@ -142,7 +176,7 @@ pub enum Var<'a> {
 
 /// Answer templates: built-in, optionally overridden per kind and format by files
 /// `KIND.html` / `KIND.json` in a directory (kinds: `block`, `throttle`, `busy`,
-/// `challenge`, `unknown_host`). Placeholders: `{{status}}`, `{{code}}`,
+/// `challenge`, `unknown_host`, `error`). Placeholders: `{{status}}`, `{{code}}`,
 /// `{{title}}`, `{{message}}`, `{{request_id}}`, `{{retry_after}}`, `{{reference}}` (the
 /// id of the mitigation that answered, which `esperctl mitigations show REFERENCE` turns
 /// into its decision record; empty for other answers) and `{{reference_html}}` (a
@@ -151,8 +185,8 @@ pub enum Var<'a> {
 /// script, HTML only). JSON values are inserted string-escaped, without quotes.
 #[derive(Clone, Debug)]
 pub struct Templates {
-    html: [String; 5],
-    json: [String; 5],
+    html: [String; 6],
+    json: [String; 6],
 }
 
 const BUILTIN_HTML: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{{title}}</title></head>\n\

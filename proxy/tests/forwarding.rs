@@ -72,16 +72,40 @@ async fn forwards_status_body_headers_and_request_ids() {
     proxy.stop().await.unwrap();
 }
 
+/// An upstream that cannot be reached is a 502 in the proxy's own format, with the
+/// request id, as every answer the proxy writes.
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502() {
     let addr = support::refusing_addr();
     let proxy = start_proxy(config(addr, &dead_url(), &dead_url())).await;
-    let resp = client_from("127.0.0.1")
-        .get(format!("{}/", proxy.url))
+    let client = client_from("127.0.0.1");
+    let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = resp.text().await.unwrap();
+    assert!(
+        page.contains("502 Bad Gateway") && page.contains(&id),
+        "{page}"
+    );
+
+    let resp = client
+        .get(format!("{}/api", proxy.url))
+        .header("accept", "application/json")
+        .header("x-request-id", "trace-me-42")
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-request-id"], "trace-me-42");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "bad_gateway", "{body}");
+    assert_eq!(body["request_id"], "trace-me-42", "{body}");
     proxy.stop().await.unwrap();
 }
 
