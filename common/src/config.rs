@@ -286,6 +286,31 @@ where
     load_section(file, None, env, apply_env)
 }
 
+/// The top-level tables of a file that holds several parts' settings.
+pub const SECTIONS: [&str; 6] = [
+    "log",
+    "server",
+    "ingestion",
+    "mitigation",
+    "worker",
+    "proxy",
+];
+
+/// A file with sections holds nothing else at its top level: `[sever]` or a setting
+/// above the first section would otherwise be ignored without a word.
+fn check_sections(table: &toml::Table) -> Result<(), String> {
+    if !table.keys().any(|k| SECTIONS.contains(&k.as_str())) {
+        return Ok(());
+    }
+    match table.keys().find(|k| !SECTIONS.contains(&k.as_str())) {
+        Some(other) => Err(format!(
+            "`{other}` is not a section: a file with sections holds only [{}]",
+            SECTIONS.join("], [")
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Like [`load`], but a TOML file may hold every service's settings in one document
 /// (`conf/esper.toml`): when it has a top-level table named `section` (`server`,
 /// `ingestion`, `mitigation`, `worker`, `proxy`), only that table is read.
@@ -319,9 +344,13 @@ where
         } else {
             let parse_err = |e: toml::de::Error| ConfigError::Parse {
                 path: shown.clone(),
-                message: e.to_string().trim().replace('\n', " "),
+                message: crate::plain::plain_serde(e.to_string().trim()).replace('\n', " "),
             };
             let table: toml::Table = toml::from_str(&text).map_err(parse_err)?;
+            check_sections(&table).map_err(|message| ConfigError::Parse {
+                path: shown.clone(),
+                message,
+            })?;
             let value = match section.and_then(|s| table.get(s)) {
                 Some(toml::Value::Table(t)) => toml::Value::Table(t.clone()),
                 _ => toml::Value::Table(table),
@@ -331,8 +360,11 @@ where
                 .map_err(|e: toml::de::Error| ConfigError::Parse {
                     path: shown.clone(),
                     message: match section {
-                        Some(s) => format!("[{s}]: {}", e.to_string().trim().replace('\n', " ")),
-                        None => e.to_string().trim().replace('\n', " "),
+                        Some(s) => format!(
+                            "[{s}]: {}",
+                            crate::plain::plain_serde(e.to_string().trim()).replace('\n', " ")
+                        ),
+                        None => crate::plain::plain_serde(e.to_string().trim()).replace('\n', " "),
                     },
                 })?;
         }
@@ -419,6 +451,25 @@ mod tests {
         std::fs::write(&path, "[demo]\nport = \"three\"\n").unwrap();
         let err = load_section::<Demo, _>(Some(&path), Some("demo"), &env, apply).unwrap_err();
         assert!(err.to_string().contains("[demo]"), "{err}");
+        assert!(err.to_string().contains("expected a whole number"), "{err}");
+
+        // Beside the parts' sections, a misspelt one or a stray setting is an error.
+        for text in [
+            "[server]\nport = 3\n[sever]\nport = 4\n",
+            "port = 4\n[server]\nport = 3\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = load_section::<Demo, _>(Some(&path), Some("server"), &env, apply)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("is not a section"), "{err}");
+        }
+        std::fs::write(&path, "port = 5\n").unwrap();
+        let flat: Demo = load_section(Some(&path), Some("server"), &env, apply).unwrap();
+        assert_eq!(
+            flat.port, 5,
+            "a file without sections is one part's settings"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -154,12 +154,68 @@ fn json_rejection(rejection: JsonRejection) -> Response {
     }
 }
 
+/// A JSON body that may be left out: an empty body is `T::default()`. A body given is
+/// held to what [`Json`] asks (its content type, the body limit), with the same errors.
+pub struct OptionalJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for OptionalJson<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| {
+                let v = v.trim();
+                v.eq_ignore_ascii_case("application/json")
+                    || (v.starts_with("application/") && v.ends_with("+json"))
+            });
+        let bytes = match bytes::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::PayloadTooLarge.into_response());
+            }
+            Err(e) => {
+                return Err(ApiError::bad_request("invalid_body", e.body_text()).into_response());
+            }
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        if !is_json {
+            let body = ApiErrorBody {
+                error: "unsupported_media_type".into(),
+                message: "expected `Content-Type: application/json`".into(),
+            };
+            return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(body)).into_response());
+        }
+        serde_json::from_slice(&bytes)
+            .map(OptionalJson)
+            .map_err(|e| {
+                let code = if e.is_data() {
+                    "invalid_body"
+                } else {
+                    "invalid_json"
+                };
+                ApiError::bad_request(code, crate::plain::plain_serde(&e.to_string()))
+                    .into_response()
+            })
+    }
+}
+
 fn body_text(s: &str) -> String {
     // axum prefixes serde's message with a generic sentence; keep the useful part.
-    s.strip_prefix("Failed to deserialize the JSON body into the target type: ")
+    let s = s
+        .strip_prefix("Failed to deserialize the JSON body into the target type: ")
         .or_else(|| s.strip_prefix("Failed to parse the request body as JSON: "))
-        .unwrap_or(s)
-        .to_string()
+        .unwrap_or(s);
+    crate::plain::plain_serde(s)
 }
 
 impl<T: Serialize> IntoResponse for Json<T> {
@@ -261,10 +317,12 @@ pub fn warn_if_open(service: &str, addr: SocketAddr, token: Option<&str>, settin
 }
 
 /// The layers every service's router gets: request ids (`X-Request-ID`, generated when
-/// absent, echoed on the answer), a span per request, a body-size limit, and a JSON 404.
+/// absent, echoed on the answer), a span per request, a body-size limit, and a JSON 404
+/// and 405.
 pub fn standard_layers(router: Router, body_limit: usize) -> Router {
     router
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(

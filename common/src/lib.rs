@@ -5,6 +5,7 @@ pub mod config;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod plain;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -210,6 +210,15 @@ async fn without_brokers_it_is_not_ready_and_still_stops_cleanly() {
             .status(),
         200
     );
+    // A wrong method gets the JSON error every API answers with.
+    let wrong = reqwest::Client::new()
+        .post(format!("{ops}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 405);
+    let body: serde_json::Value = wrong.json().await.unwrap();
+    assert_eq!(body["error"], "method_not_allowed");
     worker.stop().await.unwrap();
 }
 

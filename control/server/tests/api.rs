@@ -171,6 +171,47 @@ async fn policies_apply_version_and_toggle() {
     s.stop().await;
 }
 
+/// Errors read in the words of JSON and of HTTP, whatever the route and the mistake.
+#[tokio::test]
+async fn bad_requests_get_json_errors_without_rust_type_names() {
+    let s = Stack::without_brokers().await;
+    let resp = s
+        .req(Method::POST, "/api/v1/mitigations")
+        .header("content-type", "application/json")
+        .body("42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["message"], "invalid type: integer `42`, expected an object at line 1 column 2",
+        "{body}"
+    );
+    let resp = s
+        .req(Method::POST, "/api/v1/workers/%FF/drain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_path", "{body}");
+    let (status, body) = s
+        .apply_toml(
+            "[[policy]]\nid = \"x\"\nwindow = \"1m\"\nthreshold = \"ten\"\naction = \"block\"\n",
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("expected a number"),
+        "{body}"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn policy_errors_are_precise() {
     let s = Stack::without_brokers().await;
@@ -1044,6 +1085,19 @@ async fn a_rotated_challenge_key_reaches_a_waiting_long_poll_and_keeps_the_one_b
         .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "invalid_body");
+    // A body given is JSON, as on every other route: no rotation on a text body.
+    let resp = s
+        .req(Method::POST, "/api/v1/proxies/challenge-key/rotate")
+        .header("content-type", "text/plain")
+        .body("{\"keep_previous\": true}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "unsupported_media_type");
+    let (_, still) = s.get("/api/v1/proxies/challenge-key").await;
+    assert_eq!(still["revision"], 3, "{still}");
     let (status, body) = s.get("/api/v1/proxies/challenge-key?after=x").await;
     assert_eq!(status, 400, "{body}");
     s.stop().await;

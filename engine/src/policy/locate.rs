@@ -137,7 +137,7 @@ fn scan_id(text: &str, start: usize, end: usize) -> Option<String> {
 
 /// A parse or type error, placed by the span toml gives it.
 pub(super) fn syntax_error(text: &str, e: &toml::de::Error) -> PolicyError {
-    let message = e.message().trim().replace('\n', " ");
+    let message = esper_common::plain::plain_serde(e.message().trim()).replace('\n', " ");
     let Some(span) = e.span() else {
         return PolicyError {
             line: None,

@@ -1,7 +1,8 @@
 //! Heartbeats of engine workers and proxies, and their listings.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
+use esper_common::http::Path;
 use esper_common::{ApiError, Json};
 use esper_protocol::{ProxyHeartbeat, WorkerHeartbeat};
 

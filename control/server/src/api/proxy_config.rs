@@ -6,11 +6,10 @@
 use std::time::Duration;
 
 use axum::Extension;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use esper_common::http::Query;
+use esper_common::http::{OptionalJson, Query};
 use esper_common::{ApiError, Json};
 use esper_protocol::{
     ChallengeKey, ProxyConfigDoc, PutProxyConfig, RotateChallengeKey, RotatedChallengeKey,
@@ -150,14 +149,8 @@ pub async fn challenge_key(
 pub async fn rotate_challenge_key(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    OptionalJson(asked): OptionalJson<RotateChallengeKey>,
 ) -> Result<Json<RotatedChallengeKey>, ApiError> {
-    let asked: RotateChallengeKey = if body.iter().all(u8::is_ascii_whitespace) {
-        RotateChallengeKey::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?
-    };
     let secret = state
         .store
         .rotate_secret(CHALLENGE_KEY, &fresh_key(), asked.keep_previous)
