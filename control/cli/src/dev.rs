@@ -286,7 +286,10 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
     mitigation.token = Some(broker_token.clone());
     mitigation.redis_url = None;
     mitigation.cluster_mode = false;
-    // With PERSISTENCE_ENABLED the durable copy goes to this stack's own control plane.
+    // The durable copy goes to this stack's own control plane, whose decision log is
+    // kept in the data directory: a restart brings back what is still in force, as the
+    // policies and lists come back.
+    mitigation.persistence_enabled = true;
     mitigation.control_url = api_url.clone();
     mitigation.control_token = Some(admin_token.clone());
     server.listen = control_l.api.local_addr()?;

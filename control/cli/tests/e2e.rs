@@ -424,6 +424,41 @@ async fn esper_dev_runs_the_whole_scenario() {
     let (elapsed, sent) = attack_until_blocked(&stack.proxy).await;
     println!("blocked by the fresh worker {elapsed:?} after the drain ({sent} requests)");
 
+    // What is in force comes back with a restart; what was revoked does not.
+    esperctl(
+        &stack.api,
+        &["mitigations", "add", "ip:127.0.0.5", "--ttl", "1h"],
+    );
+    eventually(Duration::from_secs(5), "the ban at the proxy", || async {
+        (status_from("127.0.0.5", &format!("{}/", stack.proxy)).await == 403).then_some(())
+    })
+    .await;
+    assert_eq!(
+        dev.terminate(Duration::from_secs(30)),
+        Some(0),
+        "esper dev did not exit cleanly:\n{}",
+        dev.log()
+    );
+    let mut dev = Proc::esper(
+        "esper dev again",
+        &args,
+        &[("ESPER_ADMIN_TOKEN", TOKEN.to_string())],
+    );
+    wait_ready(
+        &format!("http://{proxy_ops}/readyz"),
+        Duration::from_secs(60),
+    )
+    .await;
+    eventually(Duration::from_secs(15), "the ban restored", || async {
+        (status_from("127.0.0.5", &format!("{}/", stack.proxy)).await == 403).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status_from("127.0.0.4", &format!("{}/", stack.proxy)).await,
+        200,
+        "a revoked ban stays revoked"
+    );
+
     assert_eq!(
         dev.terminate(Duration::from_secs(30)),
         Some(0),
