@@ -43,6 +43,8 @@ pub const DEFAULT_CACHE_MAX_ENTRIES: usize = 2_000_000;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 /// Default ops listener (health and metrics).
 pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9095";
+/// Longest app name.
+const MAX_APP_NAME_LEN: usize = 128;
 /// Default app name reported in events and matched against app-scoped mitigations.
 pub const DEFAULT_APP: &str = "default";
 /// Default ingestion broker.
@@ -720,6 +722,14 @@ impl Config {
             let at = |field: &str| format!("apps[{i}].{field}");
             if app.name.trim().is_empty() {
                 return Err(ConfigError::invalid(&at("name"), "", "must not be empty"));
+            }
+            // The control plane's fleet view takes names up to this long.
+            if app.name.len() > MAX_APP_NAME_LEN || app.name.chars().any(char::is_control) {
+                return Err(ConfigError::invalid(
+                    &at("name"),
+                    &app.name,
+                    format!("must be 1 to {MAX_APP_NAME_LEN} printable characters"),
+                ));
             }
             if !names.insert(app.name.as_str()) {
                 return Err(ConfigError::invalid(&at("name"), &app.name, "used twice"));

@@ -12,6 +12,10 @@ use parking_lot::RwLock;
 
 /// Members silent for this long are dropped from listings.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// Most members of one kind kept: a fleet larger than any this control plane serves,
+/// small enough that ids made up by a caller cannot grow its memory without bound. A
+/// new member beyond it takes the place of the one silent longest.
+const MAX_MEMBERS: usize = 10_000;
 
 /// One kind of member (workers or proxies), by id.
 #[derive(Debug)]
@@ -46,6 +50,15 @@ impl<T: Clone> Roster<T> {
         let forget = chrono::Duration::from_std(FORGET_AFTER).unwrap_or(chrono::Duration::MAX);
         let mut members = self.members.write();
         members.retain(|_, (_, seen)| now - *seen < forget);
+        if members.len() >= MAX_MEMBERS && !members.contains_key(id) {
+            let stalest = members
+                .iter()
+                .min_by_key(|(_, (_, seen))| *seen)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = stalest {
+                members.remove(&k);
+            }
+        }
         members.insert(id.to_string(), (beat, now));
         drop(members);
         self.drains.write().remove(id)
@@ -130,6 +143,20 @@ mod tests {
         silent.beat("a", 1);
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(silent.drain("a"), Err(NotDrained::Silent));
+    }
+
+    #[test]
+    fn the_roster_is_bounded_by_forgetting_the_stalest() {
+        let r: Roster<u32> = Roster::new(Duration::from_secs(15));
+        for i in 0..MAX_MEMBERS {
+            r.beat(&format!("m{i}"), 0);
+        }
+        r.beat("m0", 1);
+        r.beat("newcomer", 2);
+        let ids: HashSet<String> = r.members.read().keys().cloned().collect();
+        assert_eq!(ids.len(), MAX_MEMBERS);
+        assert!(ids.contains("newcomer") && ids.contains("m0"));
+        assert!(!ids.contains("m1"), "m1 was silent longest");
     }
 
     #[test]

@@ -813,9 +813,20 @@ async fn heartbeats_status_and_health() {
     let proxy = json!({"proxy_id": "edge-1", "apps": ["shop"], "cache_entries": 0, "requests_total": 5,
                        "events_sent_total": 5, "events_dropped_total": 0, "stream_connected": true,
                        "started_at": Utc::now()});
-    let (status, _) = s.post("/api/v1/proxies/heartbeat", proxy).await;
+    let (status, _) = s.post("/api/v1/proxies/heartbeat", proxy.clone()).await;
     assert_eq!(status, 200);
     let (status, body) = s.post("/api/v1/workers/heartbeat", worker_beat("")).await;
+    assert_eq!(status, 400, "{body}");
+    // A heartbeat is kept for an hour: what one may hold is bounded.
+    let mut crowded = proxy.clone();
+    crowded["proxy_id"] = json!("edge-2");
+    crowded["apps"] = json!(vec!["app"; 1001]);
+    let (status, body) = s.post("/api/v1/proxies/heartbeat", crowded).await;
+    assert_eq!(status, 400, "{body}");
+    let mut long = proxy.clone();
+    long["proxy_id"] = json!("edge-2");
+    long["apps"] = json!(["x".repeat(129)]);
+    let (status, body) = s.post("/api/v1/proxies/heartbeat", long).await;
     assert_eq!(status, 400, "{body}");
 
     let (_, w) = s.get("/api/v1/workers").await;

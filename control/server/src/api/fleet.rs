@@ -11,8 +11,10 @@ use crate::heartbeats::NotDrained;
 use crate::state::AppState;
 use crate::types::{DrainResponse, HeartbeatAck, ProxiesResponse, WorkersResponse};
 
-/// Longest worker or proxy id.
+/// Longest worker or proxy id, and app name.
 const MAX_ID_LEN: usize = 128;
+/// Most apps one proxy reports: its heartbeat is kept for an hour.
+const MAX_APPS: usize = 1_000;
 
 fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
     if id.trim().is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
@@ -84,6 +86,15 @@ pub async fn proxy_beat(
     Json(beat): Json<ProxyHeartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
     check_id("proxy_id", &beat.proxy_id)?;
+    if beat.apps.len() > MAX_APPS {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("a proxy reports at most {MAX_APPS} apps"),
+        ));
+    }
+    for app in &beat.apps {
+        check_id("each app name", app)?;
+    }
     let id = beat.proxy_id.clone();
     // Proxies are not drained from here: their traffic is the load balancer's to move.
     state.heartbeats.proxies.beat(&id, beat);
