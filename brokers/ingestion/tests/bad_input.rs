@@ -31,6 +31,19 @@ async fn malformed_and_mistyped_bodies_are_400() {
     ev["client_ip"] = json!("not-an-ip");
     let resp = b.post("/api/events", json!({ "events": [ev] })).await;
     expect_error(resp, 400, "invalid_body").await;
+    // Workers count an id once: an empty one would make every such event one event.
+    let mut ev = serde_json::to_value(event("x")).unwrap();
+    ev["id"] = json!(" ");
+    let resp = b
+        .post("/api/events", json!({ "events": [event("ok"), ev] }))
+        .await;
+    let err = expect_error(resp, 400, "invalid_body").await;
+    assert!(err.message.starts_with("events[1]: id"), "{}", err.message);
+    assert_eq!(
+        b.client.status().await.unwrap().depth,
+        0,
+        "none of the batch is taken"
+    );
 
     let resp = b
         .http

@@ -118,9 +118,12 @@ impl fmt::Display for EntityKey {
 }
 
 fn tuple(rest: &str) -> Result<EntityKey, EntityParseError> {
-    let bad = || EntityParseError::BadTuple(rest.to_string());
+    let bad = || EntityParseError::BadTuple(clip(rest));
     let mut parts = Vec::new();
     for text in rest.split('+') {
+        if text.is_empty() {
+            return Err(bad());
+        }
         let text = text
             .replace("%2B", "+")
             .replace("%2b", "+")
@@ -137,16 +140,25 @@ fn tuple(rest: &str) -> Result<EntityKey, EntityParseError> {
     Ok(EntityKey::Tuple(parts))
 }
 
+/// Input quoted back in an error, cut short: a key is an entity's name, not a payload.
+fn clip(text: &str) -> String {
+    const SHOWN: usize = 64;
+    match text.char_indices().nth(SHOWN) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 fn named_value(rest: &str) -> Result<(String, String), EntityParseError> {
     match rest.split_once('=') {
         // No request can carry them, so such a key could never match.
         Some(_) if rest.chars().any(|c| c.is_control() && c != '\t') => Err(
-            EntityParseError::ControlCharacter(rest.escape_debug().to_string()),
+            EntityParseError::ControlCharacter(clip(&rest.escape_debug().to_string())),
         ),
         Some((name, value)) if !name.trim().is_empty() => {
             Ok((name.trim().to_ascii_lowercase(), value.to_string()))
         }
-        _ => Err(EntityParseError::BadNamedValue(rest.to_string())),
+        _ => Err(EntityParseError::BadNamedValue(clip(rest))),
     }
 }
 
@@ -170,16 +182,16 @@ impl FromStr for EntityKey {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, rest) = s
             .split_once(':')
-            .ok_or_else(|| EntityParseError::MissingKind(s.to_string()))?;
+            .ok_or_else(|| EntityParseError::MissingKind(clip(s)))?;
         match kind.to_ascii_lowercase().as_str() {
             "ip" => rest
                 .parse::<IpAddr>()
                 .map(|ip| EntityKey::Ip(ip.to_canonical()))
-                .map_err(|_| EntityParseError::BadIp(rest.to_string())),
+                .map_err(|_| EntityParseError::BadIp(clip(rest))),
             "cidr" | "net" => rest
                 .parse::<IpNet>()
                 .map(|n| EntityKey::Cidr(canonical_net(n.trunc())))
-                .map_err(|_| EntityParseError::BadCidr(rest.to_string())),
+                .map_err(|_| EntityParseError::BadCidr(clip(rest))),
             "header" => named_value(rest).map(|(name, value)| EntityKey::Header { name, value }),
             "cookie" => named_value(rest).map(|(name, value)| EntityKey::Cookie { name, value }),
             "tuple" => tuple(rest),
@@ -187,7 +199,7 @@ impl FromStr for EntityKey {
             "path" if rest.starts_with('/') && !rest.contains(['?', '#']) => {
                 Ok(EntityKey::Path(normalize_path(rest).into_owned()))
             }
-            "path" => Err(EntityParseError::BadPath(rest.to_string())),
+            "path" => Err(EntityParseError::BadPath(clip(rest))),
             "ja4"
                 if !rest.is_empty()
                     && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
@@ -195,7 +207,7 @@ impl FromStr for EntityKey {
                 Ok(EntityKey::Ja4(rest.to_string()))
             }
             "ja4" => Err(EntityParseError::BadJa4(rest.to_string())),
-            other => Err(EntityParseError::UnknownKind(other.to_string())),
+            other => Err(EntityParseError::UnknownKind(clip(other))),
         }
     }
 }
@@ -431,6 +443,16 @@ mod tests {
             EntityKey::network(mapped, 120).unwrap().to_string(),
             "cidr:10.1.2.0/24"
         );
+    }
+
+    #[test]
+    fn errors_quote_long_input_cut_short() {
+        let long = format!("header:{}", "x".repeat(7000));
+        let e = long.parse::<EntityKey>().unwrap_err().to_string();
+        assert!(e.len() < 200, "{e}");
+        assert!(e.contains("xxx..."), "{e}");
+        let e = "tuple:".parse::<EntityKey>().unwrap_err();
+        assert!(matches!(e, EntityParseError::BadTuple(_)), "{e}");
     }
 
     #[test]

@@ -709,6 +709,17 @@ async fn the_decision_log_is_idempotent_and_filtered() {
         json!({"received": 3, "recorded": 0}),
         "a retried batch is not logged twice"
     );
+    // Dated in the far future, a decision would head the newest-first log for ever.
+    let ahead = json!({"decisions": [decision("d-future", "ip:192.0.2.9", "enforce", -7200)]});
+    let (status, r) = s.post("/api/v1/decisions", ahead).await;
+    assert_eq!(status, 400, "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("ahead of this server's clock"),
+        "{r}"
+    );
 
     let ids = |v: &Value| -> Vec<String> {
         v["decisions"]

@@ -2,6 +2,8 @@
 //! batches, idempotent on the decision id; operators query it newest first; a broker
 //! marks its revocations and reads back what is still in force to restore itself.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use chrono::Utc;
 use esper_common::http::Query;
@@ -28,6 +30,10 @@ const MAX_BATCH: usize = 5000;
 const MAX_REVOKED_BY: usize = 128;
 
 /// `POST /api/v1/decisions`
+/// How far ahead of the control plane's clock a decision may be dated (a worker's clock
+/// a little ahead is not a reason to lose its decisions).
+const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(3600);
+
 pub async fn record(
     State(state): State<AppState>,
     Json(batch): Json<DecisionBatch>,
@@ -43,6 +49,19 @@ pub async fn record(
         return Err(ApiError::bad_request(
             "invalid_body",
             format!("a decision for {} has an empty id", d.mitigation.entity),
+        ));
+    }
+    // The log lists newest first: one dated in the far future would head it for ever.
+    let latest = Utc::now() + chrono::Duration::from_std(MAX_CLOCK_AHEAD).unwrap_or_default();
+    if let Some(d) = batch.decisions.iter().find(|d| d.decided_at > latest) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "decision `{}` is dated {}, more than {} ahead of this server's clock",
+                d.id,
+                d.decided_at.to_rfc3339(),
+                humantime::format_duration(MAX_CLOCK_AHEAD)
+            ),
         ));
     }
     let recorded = state
