@@ -162,6 +162,12 @@ async fn errors_are_one_line_with_the_right_exit_code() {
         "{out:?}"
     );
 
+    // A plain-HTTP control plane given as https://.
+    let tls_url = s.api.replacen("http://", "https://", 1);
+    let out = run(&tls_url, Some(TOKEN), &["status"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("it does not answer TLS"), "{out:?}");
+
     let out = s.ctl(&["policies", "show", "nope"]).await;
     assert_eq!(
         out.code, 2,

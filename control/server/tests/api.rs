@@ -364,6 +364,21 @@ async fn lists_are_validated_and_guarded_by_their_users() {
     assert_eq!(body["items"], json!(["10.0.0.0/8", "192.0.2.1"]));
     let (_, rev) = s.get("/api/v1/policies/active").await;
     assert_eq!(rev["lists"][0]["name"], "office");
+    let (status, body) = s
+        .put(
+            "/api/v1/lists/agents",
+            json!({"kind": "string", "items": ["foo", "bar", " foo "]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["items"], json!(["foo", "bar"]), "a list is a set");
+    let (status, body) = s
+        .put(
+            "/api/v1/lists/allowlist",
+            json!({"kind": "string", "items": ["203.0.113.0/24"]}),
+        )
+        .await;
+    assert_eq!(status, 400, "the allowlist holds addresses only: {body}");
 
     let (status, body) = s
         .put(

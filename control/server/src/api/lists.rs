@@ -77,7 +77,15 @@ pub async fn put(
     let list = NamedList {
         name: name.clone(),
         kind,
-        items: body.items.iter().map(|s| s.trim().to_string()).collect(),
+        items: {
+            // Kept once, in the order given: a list is a set.
+            let mut seen = std::collections::HashSet::new();
+            body.items
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| seen.insert(s.clone()))
+                .collect()
+        },
     };
     list.validate()
         .map_err(|e| ApiError::bad_request("invalid_list", e.to_string()))?;

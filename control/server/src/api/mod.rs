@@ -165,6 +165,15 @@ pub(crate) fn describe(e: &ClientError) -> String {
 
 /// The most specific reason in a transport error (`connection refused`, `timed out`).
 pub fn transport_reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let reason = root_reason(e);
+    // rustls reading a plain-HTTP answer where a TLS record should be.
+    if reason.contains("InvalidContentType") {
+        return "it does not answer TLS (an http:// address given as https://?)".into();
+    }
+    reason
+}
+
+fn root_reason(e: &(dyn std::error::Error + 'static)) -> String {
     let mut deepest: &(dyn std::error::Error + 'static) = e;
     while let Some(next) = deepest.source() {
         if let Some(io) = next.downcast_ref::<std::io::Error>() {

@@ -75,7 +75,9 @@ fn span(secs: i64) -> String {
 /// `in 4m` for a future time, `12s ago` for a past one (and `0s ago` for a time within
 /// the second, which is how heartbeats just received look).
 pub fn relative(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
-    let secs = (t - now).num_seconds();
+    // To the nearest second: a 1h ban listed a moment after it was made is `in 1h`, not
+    // `in 59m`.
+    let secs = ((t - now).num_milliseconds() as f64 / 1000.0).round() as i64;
     if secs > 0 {
         format!("in {}", span(secs))
     } else {
@@ -108,6 +110,8 @@ mod tests {
         );
         let now = Utc::now();
         assert_eq!(relative(now + chrono::Duration::seconds(245), now), "in 4m");
+        let just_made = now + chrono::Duration::days(7) - chrono::Duration::milliseconds(40);
+        assert_eq!(relative(just_made, now), "in 7d");
         assert_eq!(
             relative(now - chrono::Duration::seconds(12), now),
             "12s ago"
