@@ -262,7 +262,8 @@ impl Challenger {
 
     /// A new puzzle for a client at `ip` with `ua`, at unix time `now`.
     pub fn issue(&self, ip: IpAddr, ua: &str, difficulty: u8, now: u64) -> Puzzle {
-        let difficulty = difficulty.min(MAX_DIFFICULTY);
+        // A zero-bit puzzle is solved by any nonce: a challenge must cost something.
+        let difficulty = difficulty.clamp(1, MAX_DIFFICULTY);
         let exp = now.saturating_add(TOKEN_TTL.as_secs()).to_string();
         let d = difficulty.to_string();
         let salt = format!("{:016x}", rand::random::<u64>());
@@ -728,9 +729,11 @@ mod tests {
         );
         // A cookie signed with another key.
         let other = Challenger::new(b"another key", Duration::from_secs(3600), Duration::ZERO);
+        // Asked for 0 bits, a puzzle still costs one: no nonce solves it for nothing.
         let p2 = other.issue(ip("192.0.2.1"), UA, 0, now);
+        assert_eq!(p2.difficulty, 1);
         let foreign = other
-            .redeem_solution(&p2.token, "0", ip("192.0.2.1"), UA, now)
+            .redeem_solution(&p2.token, &solve(&p2.token, 1), ip("192.0.2.1"), UA, now)
             .unwrap()
             .value;
         assert_eq!(

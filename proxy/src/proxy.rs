@@ -902,6 +902,9 @@ impl ProxyHttp for EsperProxy {
         // A response already under way (the upstream broke off its body) cannot be
         // replaced; the connection is closed on it.
         if code > 0 && session.response_written().is_none() {
+            // The connection is not reused after a failure (the request's body may be
+            // half read): say so, or a client would send its next request into it.
+            session.set_keepalive(None);
             if ctx.request_id.is_empty() {
                 ctx.request_id = new_id_header();
             }

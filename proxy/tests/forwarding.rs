@@ -81,6 +81,8 @@ async fn an_unreachable_upstream_is_a_502() {
     let client = client_from("127.0.0.1");
     let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
     assert_eq!(resp.status(), 502);
+    // Not reused after a failure, and the client is told.
+    assert_eq!(resp.headers()["connection"], "close");
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(
         resp.headers()["content-type"]
