@@ -454,8 +454,20 @@ pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListene
         })
 }
 
+/// How long a client may take to send a request's header, and how long a keep-alive
+/// connection may sit idle between requests. Without it a client sending half a header
+/// holds its connection for ever (slowloris). Longer than the clients' own pool idle
+/// timeout (reqwest's is 90 s), so they drop an idle connection before the server
+/// closes it under a request they are sending.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a request's body may take to arrive once its header has.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Serves `router` until shutdown, then drains in-flight requests for at most `drain`.
-/// `listener` is a TCP listener or a [`crate::tls::TlsListener`].
+/// `listener` is a TCP listener or a [`crate::tls::TlsListener`]. Every request carries
+/// the client's `ConnectInfo<SocketAddr>`. Clients get [`HEADER_READ_TIMEOUT`] to send
+/// each request's header and [`BODY_READ_TIMEOUT`] for its body; a long poll, which
+/// reads nothing while it waits, is not affected.
 pub async fn serve<L>(
     listener: L,
     router: Router,
@@ -465,23 +477,84 @@ pub async fn serve<L>(
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
-    use axum::serve::ListenerExt;
+    serve_with(listener, router, shutdown, drain, ReadTimeouts::default()).await
+}
 
-    let stop = shutdown.clone();
-    // `tap_io` gives every listener type the same `ConnectInfo<SocketAddr>`.
-    let server = axum::serve(
-        listener.tap_io(|_| {}),
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop.wait().await });
-    let mut server = std::pin::pin!(server.into_future());
-    tokio::select! {
-        res = &mut server => res,
-        _ = async { shutdown.wait().await; tokio::time::sleep(drain).await } => {
-            tracing::warn!(?drain, "in-flight requests still running after the drain timeout; closing");
-            Ok(())
+/// How long clients may take to send requests; see [`serve`].
+#[derive(Clone, Copy, Debug)]
+pub struct ReadTimeouts {
+    pub header: Duration,
+    pub body: Duration,
+}
+
+impl Default for ReadTimeouts {
+    fn default() -> Self {
+        ReadTimeouts {
+            header: HEADER_READ_TIMEOUT,
+            body: BODY_READ_TIMEOUT,
         }
     }
+}
+
+/// [`serve`] with other read timeouts.
+pub async fn serve_with<L>(
+    mut listener: L,
+    router: Router,
+    shutdown: Shutdown,
+    drain: Duration,
+    timeouts: ReadTimeouts,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        timeouts.body,
+    ));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (io, peer) = tokio::select! {
+            conn = listener.accept() => conn,
+            _ = shutdown.wait() => break,
+        };
+        let service =
+            router
+                .clone()
+                .map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    req
+                });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    // No new connections; in-flight requests finish, idle connections close.
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain) => {
+            tracing::warn!(?drain, "in-flight requests still running after the drain timeout; closing");
+        }
+    }
+    Ok(())
 }
 
 /// `axum::extract::Query`, but a bad query string answers with our JSON 400
@@ -593,6 +666,78 @@ mod tests {
             .status();
         server.abort();
         status
+    }
+
+    #[tokio::test]
+    async fn slow_clients_are_cut_off_and_long_polls_are_not() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let router = Router::new()
+            .route(
+                "/poll",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    "answered"
+                }),
+            )
+            .route(
+                "/upload",
+                axum::routing::post(|body: bytes::Bytes| async move { body.len().to_string() }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (trigger, shutdown) = crate::shutdown::Shutdown::new();
+        let timeouts = ReadTimeouts {
+            header: Duration::from_millis(300),
+            body: Duration::from_millis(300),
+        };
+        let server = tokio::spawn(serve_with(
+            listener,
+            router,
+            shutdown,
+            Duration::from_secs(1),
+            timeouts,
+        ));
+        let started = std::time::Instant::now();
+
+        // Half a header: the connection is closed once the header timeout passes.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /poll HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a half-sent header held the connection");
+
+        // A body that never arrives: an answer, not a held connection.
+        let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stalled
+            .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+            .await
+            .expect("write");
+        let mut answer = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), stalled.read_exact(&mut answer))
+            .await
+            .expect("an answer to a stalled body")
+            .expect("read");
+        assert!(
+            answer.starts_with(b"HTTP/1.1 4"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        // A long poll reads nothing while it waits, past both timeouts.
+        let body = reqwest::get(format!("http://{addr}/poll"))
+            .await
+            .expect("poll")
+            .text()
+            .await
+            .expect("text");
+        assert_eq!(body, "answered");
+        trigger.trigger();
+        server.await.expect("join").expect("served");
     }
 
     #[tokio::test]
