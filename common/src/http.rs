@@ -140,18 +140,21 @@ fn json_rejection(rejection: JsonRejection) -> Response {
         JsonRejection::JsonSyntaxError(e) => {
             ApiError::bad_request("invalid_json", body_text(&e.body_text())).into_response()
         }
-        JsonRejection::MissingJsonContentType(_) => {
-            let body = ApiErrorBody {
-                error: "unsupported_media_type".into(),
-                message: "expected `Content-Type: application/json`".into(),
-            };
-            (StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(body)).into_response()
-        }
+        JsonRejection::MissingJsonContentType(_) => not_json(),
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::PayloadTooLarge.into_response()
         }
         other => ApiError::bad_request("invalid_body", other.body_text()).into_response(),
     }
+}
+
+/// 415 for a body that is not declared JSON.
+fn not_json() -> Response {
+    let body = ApiErrorBody {
+        error: "unsupported_media_type".into(),
+        message: "expected `Content-Type: application/json`".into(),
+    };
+    (StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(body)).into_response()
 }
 
 /// A JSON body that may be left out: an empty body is `T::default()`. A body given is
@@ -189,11 +192,7 @@ where
             return Ok(OptionalJson(T::default()));
         }
         if !is_json {
-            let body = ApiErrorBody {
-                error: "unsupported_media_type".into(),
-                message: "expected `Content-Type: application/json`".into(),
-            };
-            return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(body)).into_response());
+            return Err(not_json());
         }
         serde_json::from_slice(&bytes)
             .map(OptionalJson)
