@@ -163,9 +163,14 @@ fn refusal(reason: Refusal, batch: usize, held: u64, capacity: u64) -> ApiError 
 
 async fn ingest(
     State(s): State<AppState>,
-    Json(req): Json<IngestRequest>,
+    Json(mut req): Json<IngestRequest>,
 ) -> Result<(StatusCode, Json<IngestResponse>), ApiError> {
     let n = req.events.len();
+    // A reporter on a dual-stack socket sees IPv4 clients as `::ffff:a.b.c.d`; workers
+    // key them (and their networks) as the IPv4 clients they are.
+    for e in &mut req.events {
+        e.client_ip = e.client_ip.to_canonical();
+    }
     // Workers count an id once: events sharing an empty one would all count as one.
     if let Some(i) = req.events.iter().position(|e| {
         e.id.trim().is_empty()

@@ -44,6 +44,20 @@ async fn ingest_claim_ack_round_trip() {
     assert_eq!(s.consumers[0].consumer, "w1");
     // An empty batch is fine.
     assert_eq!(b.client.ingest(Vec::new()).await.unwrap().accepted, 0);
+
+    // A client seen through a dual-stack socket is the IPv4 client it is.
+    let mut mapped = event("mapped");
+    mapped.client_ip = "::ffff:192.0.2.8".parse().unwrap();
+    b.client.ingest(vec![mapped]).await.unwrap();
+    let claimed = b
+        .client
+        .claim("w1", 10, LONG_LEASE, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.items[0].event.client_ip,
+        "192.0.2.8".parse::<std::net::IpAddr>().unwrap()
+    );
     b.stop().await;
 }
 
