@@ -4,12 +4,13 @@
 //! `start`/`run` function its own command uses, so what runs here is what runs in
 //! production, composed.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use esper_common::Shutdown;
 use esper_common::http::bind;
+use esper_common::{Shutdown, ShutdownTrigger};
 use tokio::task::JoinSet;
 
 use crate::cli::load;
@@ -192,9 +193,9 @@ async fn apply_policies(
 
 /// Runs the whole stack until `shutdown`.
 pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow::Result<()> {
-    // The stack has its own shutdown, fired by the process's signal or by any part that
+    // The stack has its own shutdown, begun by the process's signal or by any part that
     // stops on its own (`esper server stop`, a crash), so the others still drain cleanly.
-    let (stop_all, shutdown) = Shutdown::new();
+    let mut parts = Parts::new();
     ignore_hangups();
     let outer_wait = outer.clone();
     let stop_on_signal = tokio::spawn(async move { outer_wait.wait().await });
@@ -301,30 +302,25 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
     server.broker_token = Some(broker_token.clone());
     server.admin_token = Some(admin_token.clone());
 
-    let mut tasks: JoinSet<(&str, anyhow::Result<()>)> = JoinSet::new();
-
-    let ib = esper_ingestion::start(ingestion, ingestion_l, shutdown.clone())
+    let ib = esper_ingestion::start(ingestion, ingestion_l, parts.shutdown(Stage::Brokers))
         .await
         .context("ingestion broker")?;
-    tasks.spawn(named(
-        "ingestion broker",
-        async move { Ok(ib.wait().await?) },
-    ));
-    let mb = esper_mitigation::start(mitigation, mitigation_l, shutdown.clone())
+    parts.spawn("ingestion broker", Stage::Brokers, async move {
+        Ok(ib.wait().await?)
+    });
+    let mb = esper_mitigation::start(mitigation, mitigation_l, parts.shutdown(Stage::Brokers))
         .await
         .context("mitigation broker")?;
-    tasks.spawn(named(
-        "mitigation broker",
-        async move { Ok(mb.wait().await?) },
-    ));
-    let control = esper_control::start(server.clone(), control_l, shutdown.clone())
+    parts.spawn("mitigation broker", Stage::Brokers, async move {
+        Ok(mb.wait().await?)
+    });
+    let control = esper_control::start(server.clone(), control_l, parts.shutdown(Stage::Control))
         .await
         .context("control plane")?;
     let (health_addr, metrics_addr) = (control.health_addr, control.metrics_addr);
-    tasks.spawn(named(
-        "control plane",
-        async move { Ok(control.wait().await?) },
-    ));
+    parts.spawn("control plane", Stage::Control, async move {
+        Ok(control.wait().await?)
+    });
 
     let (explicit, docs) = if args.policies.is_empty() {
         let docs = EXAMPLE_POLICIES
@@ -344,10 +340,10 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
         None => {
             let demo_l = bind("demo app", args.demo_listen).await?;
             let addr = demo_l.local_addr()?;
-            let s = shutdown.clone();
-            tasks.spawn(named("demo app", async move {
+            let s = parts.shutdown(Stage::Edge);
+            parts.spawn("demo app", Stage::Edge, async move {
                 Ok(crate::demo::serve(demo_l, s).await?)
-            }));
+            });
             addr.to_string()
         }
     };
@@ -364,10 +360,12 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
     }
     worker.validate()?;
     let worker_ops = worker.listen;
-    tasks.spawn(named(
+    let s = parts.shutdown(Stage::Edge);
+    parts.spawn(
         "engine worker",
-        supervise_worker(worker, worker_l, shutdown.clone()),
-    ));
+        Stage::Edge,
+        supervise_worker(worker, worker_l, s),
+    );
 
     proxy.listen = proxy_l.local_addr()?;
     proxy.ops_listen = proxy_ops_l.local_addr()?;
@@ -391,13 +389,17 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
             ops: Some(proxy_ops_l),
             tls: None,
         },
-        shutdown.clone(),
+        parts.shutdown(Stage::Edge),
     )
     .await
     .context("proxy")?;
     let proxy_addr = handle.traffic_addr();
     let proxy_ops = handle.ops_addr();
-    tasks.spawn(named("proxy", async move { Ok(handle.wait().await?) }));
+    parts.spawn(
+        "proxy",
+        Stage::Edge,
+        async move { Ok(handle.wait().await?) },
+    );
 
     let target = if args.upstream.is_some() {
         upstream.clone()
@@ -427,23 +429,21 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
     let mut signalled = Some(stop_on_signal);
     loop {
         let joined = tokio::select! {
-            joined = tasks.join_next() => joined,
+            joined = parts.join_next() => joined,
             _ = async { if let Some(s) = signalled.as_mut() { let _ = s.await; } }, if signalled.is_some() => {
                 signalled = None;
-                stop_all.trigger();
+                parts.stop();
                 continue;
             }
         };
-        let Some(joined) = joined else { break };
-        let (name, result) =
-            joined.unwrap_or_else(|e| ("a task", Err(anyhow::anyhow!("crashed: {e}"))));
+        let Some((name, result)) = joined else { break };
         if let Err(e) = result {
             tracing::error!(error = %e, "{name} failed");
             first_error.get_or_insert(e.context(name));
         }
-        if !shutdown.is_triggered() {
+        if !parts.stopping() {
             tracing::warn!("{name} stopped; stopping the rest of the dev stack");
-            stop_all.trigger();
+            parts.stop();
         }
     }
     match first_error {
@@ -501,12 +501,93 @@ async fn supervise_worker(
     }
 }
 
-/// Tags a part's future with its name, for the error that says which part stopped.
-async fn named<F>(name: &'static str, fut: F) -> (&'static str, anyhow::Result<()>)
-where
-    F: std::future::Future<Output = anyhow::Result<()>>,
-{
-    (name, fut.await)
+/// When a part of the stack stops: each stage only once the one before it has finished,
+/// so what a part hands on as it stops (the proxy's last events and heartbeat, the
+/// worker's last decisions, the mitigation broker's durable copy) finds its receiver
+/// still there, as it would in a deployment that stops its services in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The proxy, the demo app and the engine worker.
+    Edge = 0,
+    Brokers = 1,
+    Control = 2,
+}
+
+const STAGES: usize = 3;
+
+/// The stack's running parts, by stage.
+struct Parts {
+    triggers: [ShutdownTrigger; STAGES],
+    handles: [Shutdown; STAGES],
+    running: [usize; STAGES],
+    /// The stage told to stop last, once stopping has begun.
+    stopping: Option<usize>,
+    names: HashMap<tokio::task::Id, (&'static str, Stage)>,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Parts {
+    fn new() -> Self {
+        let [(t0, h0), (t1, h1), (t2, h2)] = [Shutdown::new(), Shutdown::new(), Shutdown::new()];
+        Parts {
+            triggers: [t0, t1, t2],
+            handles: [h0, h1, h2],
+            running: [0; STAGES],
+            stopping: None,
+            names: HashMap::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// The signal the parts of `stage` stop on.
+    fn shutdown(&self, stage: Stage) -> Shutdown {
+        self.handles[stage as usize].clone()
+    }
+
+    fn spawn<F>(&mut self, name: &'static str, stage: Stage, part: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let id = self.tasks.spawn(part).id();
+        self.names.insert(id, (name, stage));
+        self.running[stage as usize] += 1;
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.is_some()
+    }
+
+    /// Begins stopping the stack, from its edge in.
+    fn stop(&mut self) {
+        if self.stopping.is_none() {
+            self.stopping = Some(0);
+            self.triggers[0].trigger();
+            self.advance();
+        }
+    }
+
+    fn advance(&mut self) {
+        while let Some(s) = self.stopping
+            && self.running[s] == 0
+            && s + 1 < STAGES
+        {
+            self.stopping = Some(s + 1);
+            self.triggers[s + 1].trigger();
+        }
+    }
+
+    /// The next part to finish, by name, with its result; `None` when none is left.
+    async fn join_next(&mut self) -> Option<(&'static str, anyhow::Result<()>)> {
+        let joined = self.tasks.join_next_with_id().await?;
+        let (id, result) = match joined {
+            Ok((id, result)) => (id, result),
+            Err(e) => (e.id(), Err(anyhow::anyhow!("crashed: {e}"))),
+        };
+        let (name, stage) = self.names.remove(&id).unwrap_or(("a part", Stage::Edge));
+        self.running[stage as usize] = self.running[stage as usize].saturating_sub(1);
+        self.advance();
+        Some((name, result))
+    }
 }
 
 #[cfg(test)]

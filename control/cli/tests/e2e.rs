@@ -465,6 +465,31 @@ async fn esper_dev_runs_the_whole_scenario() {
         "esper dev did not exit cleanly:\n{}",
         dev.log()
     );
+    // The stack stops from its edge in, so no part's last words (the proxy's events,
+    // the worker's claims and decisions) go to a broker already gone.
+    eventually(Duration::from_secs(5), "the last line", || async {
+        dev.log().contains("Esper dev stack stopped.").then_some(())
+    })
+    .await;
+    let log = dev.log();
+    let stopping = log
+        .split_once("SIGTERM received")
+        .map(|(_, after)| after)
+        .unwrap_or_else(|| panic!("no SIGTERM line:\n{log}"));
+    for line in stopping.lines() {
+        assert!(
+            !line.contains(" WARN ") && !line.contains(" ERROR "),
+            "{line}\nin:\n{stopping}"
+        );
+    }
+    let at = |needle: &str| {
+        stopping
+            .find(needle)
+            .unwrap_or_else(|| panic!("no `{needle}` in:\n{stopping}"))
+    };
+    assert!(at("engine worker stopped") < at("ingestion broker stopped"));
+    assert!(at("traffic listener stopped") < at("mitigation broker stopped"));
+    assert!(at("mitigation broker stopped") < at("control plane stopped"));
 }
 
 /// Runs `esperctl ARGS` against the stack and returns its stdout; panics on failure.
