@@ -37,8 +37,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("request body is larger than the limit")]
-    PayloadTooLarge,
+    #[error("{}", too_large_message(*.limit))]
+    PayloadTooLarge { limit: Option<usize> },
     #[error("{message}")]
     Unavailable {
         code: &'static str,
@@ -72,11 +72,46 @@ impl ApiError {
             ApiError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
             ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
             ApiError::BadGateway { code, .. } => (StatusCode::BAD_GATEWAY, code),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
+    }
+}
+
+fn too_large_message(limit: Option<usize>) -> String {
+    match limit {
+        Some(n) => format!("request body is larger than the limit of {n} bytes"),
+        None => "request body is larger than the limit".to_string(),
+    }
+}
+
+/// The body limit [`standard_layers`] gives a router, for the 413 that names it.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// A request body held to the service's limit: over it, the JSON 413 that names the
+/// limit; a body that cannot be read, a JSON 400.
+pub struct Body(pub bytes::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0);
+        bytes::Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge { limit }
+                } else {
+                    ApiError::bad_request("invalid_body", e.body_text())
+                }
+            })
     }
 }
 
@@ -119,32 +154,113 @@ pub struct Json<T>(pub T);
 
 impl<T, S> FromRequest<S> for Json<T>
 where
-    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        if !declared_json(req.headers()) {
+            return Err(not_json());
         }
+        let Body(bytes) = Body::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        decode(&bytes)
+            .map(Json)
+            .map_err(IntoResponse::into_response)
     }
 }
 
-fn json_rejection(rejection: JsonRejection) -> Response {
+/// Is the body declared JSON (`application/json`, or `application/*+json`)?
+fn declared_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            let v = v.trim();
+            v.eq_ignore_ascii_case("application/json")
+                || (v.starts_with("application/") && v.ends_with("+json"))
+        })
+}
+
+/// A body read as `T`, with axum's messages (which name the field at fault). serde
+/// takes a JSON array for a struct, its fields in order, so `[]` would be a request
+/// with every field defaulted; an object type is given as an object or refused.
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let array = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    if array && wants_object::<T>() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "expected an object, found an array",
+        ));
+    }
+    axum::Json::<T>::from_bytes(bytes)
+        .map(|axum::Json(v)| v)
+        .map_err(json_rejection)
+}
+
+/// Does `T` read itself as a struct? Asked of a deserializer that only notes which
+/// kind of value `T` asks for first.
+fn wants_object<'de, T: serde::Deserialize<'de>>() -> bool {
+    matches!(T::deserialize(KindProbe), Err(Kind::Struct))
+}
+
+struct KindProbe;
+
+#[derive(Debug)]
+enum Kind {
+    Struct,
+    Other,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl std::error::Error for Kind {}
+
+impl serde::de::Error for Kind {
+    fn custom<M: std::fmt::Display>(_: M) -> Self {
+        Kind::Other
+    }
+}
+
+impl<'de> serde::Deserializer<'de> for KindProbe {
+    type Error = Kind;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Kind> {
+        Err(Kind::Other)
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, Kind> {
+        Err(Kind::Struct)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::JsonDataError(e) => {
-            ApiError::bad_request("invalid_body", body_text(&e.body_text())).into_response()
+            ApiError::bad_request("invalid_body", body_text(&e.body_text()))
         }
         JsonRejection::JsonSyntaxError(e) => {
-            ApiError::bad_request("invalid_json", body_text(&e.body_text())).into_response()
+            ApiError::bad_request("invalid_json", body_text(&e.body_text()))
         }
-        JsonRejection::MissingJsonContentType(_) => not_json(),
-        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::PayloadTooLarge.into_response()
-        }
-        other => ApiError::bad_request("invalid_body", other.body_text()).into_response(),
+        other => ApiError::bad_request("invalid_body", other.body_text()),
     }
 }
 
@@ -169,42 +285,19 @@ where
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| {
-                let v = v.trim();
-                v.eq_ignore_ascii_case("application/json")
-                    || (v.starts_with("application/") && v.ends_with("+json"))
-            });
-        let bytes = match bytes::Bytes::from_request(req, state).await {
-            Ok(b) => b,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::PayloadTooLarge.into_response());
-            }
-            Err(e) => {
-                return Err(ApiError::bad_request("invalid_body", e.body_text()).into_response());
-            }
-        };
+        let is_json = declared_json(req.headers());
+        let Body(bytes) = Body::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
         if !is_json {
             return Err(not_json());
         }
-        serde_json::from_slice(&bytes)
+        decode(&bytes)
             .map(OptionalJson)
-            .map_err(|e| {
-                let code = if e.is_data() {
-                    "invalid_body"
-                } else {
-                    "invalid_json"
-                };
-                ApiError::bad_request(code, crate::plain::plain_serde(&e.to_string()))
-                    .into_response()
-            })
+            .map_err(IntoResponse::into_response)
     }
 }
 
@@ -323,6 +416,7 @@ pub fn standard_layers(router: Router, body_limit: usize) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::Extension(BodyLimit(body_limit)))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
@@ -737,6 +831,25 @@ mod tests {
         assert_eq!(body, "answered");
         trigger.trigger();
         server.await.expect("join").expect("served");
+    }
+
+    #[test]
+    fn an_object_is_given_as_an_object() {
+        #[derive(serde::Deserialize, Debug, Default)]
+        struct Req {
+            #[serde(default)]
+            a: u32,
+        }
+        assert!(wants_object::<Req>());
+        assert!(!wants_object::<Vec<Req>>());
+        assert!(!wants_object::<serde_json::Value>());
+        assert_eq!(decode::<Req>(b"{\"a\": 2}").expect("an object").a, 2);
+        // serde alone would take `[]` as `Req { a: 0 }`.
+        for array in [&b"[]"[..], b" \n[2]"] {
+            let refused = decode::<Req>(array).expect_err("an array for an object");
+            assert_eq!(refused.to_string(), "expected an object, found an array");
+        }
+        assert_eq!(decode::<Vec<u32>>(b"[1]").expect("a list").len(), 1);
     }
 
     #[tokio::test]

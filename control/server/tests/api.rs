@@ -936,6 +936,25 @@ async fn bad_input_gets_clear_4xx_json() {
             .contains("unknown field `extra`"),
         "{body}"
     );
+    // An array is not taken for an object, field by field.
+    for path in ["/api/v1/mitigations", "/api/v1/admin/shutdown"] {
+        let (status, body) = call(
+            s.req(Method::POST, path)
+                .header("content-type", "application/json")
+                .body(r#"["ip:192.0.2.1", "block", "1m"]"#),
+        )
+        .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["message"], "expected an object, found an array");
+    }
+    let (status, body) = call(
+        s.req(Method::POST, "/api/v1/admin/shutdown")
+            .header("content-type", "application/json")
+            .body("[]"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(s.get("/api/v1/status").await.0, 200, "still serving");
     let (status, body) = call(s.req(Method::POST, "/api/v1/decisions").body("{}")).await;
     assert_eq!(status, 415, "{body}");
     let big = "x".repeat(2 * 1024 * 1024);
@@ -947,6 +966,13 @@ async fn bad_input_gets_clear_4xx_json() {
     .await;
     assert_eq!(status, 413);
     assert_eq!(body["error"], "payload_too_large");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("request body is larger than the limit of "),
+        "{body}"
+    );
     let (status, body) = call(
         s.req(Method::POST, "/api/v1/analyze")
             .header("content-type", "application/json")

@@ -5,12 +5,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use esper_common::http::Path;
+use esper_common::http::{Body, Path};
 use esper_common::{ApiError, Json};
 use esper_engine::policy::{
     ActivePolicies, ListKind, NamedList, PolicyMode, PolicySpec, parse_policies, policies_to_toml,
@@ -77,15 +75,9 @@ impl IntoResponse for BodyError {
 
 fn read_policies(
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Body, ApiError>,
 ) -> Result<Vec<PolicySpec>, BodyError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge
-        } else {
-            ApiError::bad_request("invalid_body", e.body_text())
-        }
-    })?;
+    let Body(body) = body?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -264,7 +256,7 @@ pub async fn apply(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Body, ApiError>,
 ) -> Result<Json<ApplyResponse>, BodyError> {
     let specs = read_policies(&headers, body)?;
     check_applicable(&state, &specs).await?;
@@ -279,7 +271,7 @@ pub async fn apply(
 pub async fn validate(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Body, ApiError>,
 ) -> Result<Json<ValidateResponse>, BodyError> {
     let specs = read_policies(&headers, body)?;
     check_applicable(&state, &specs).await?;
