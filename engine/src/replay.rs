@@ -79,7 +79,9 @@ pub fn read_events(text: &str) -> Result<Vec<RequestEvent>, ReplayError> {
             obj.entry("id")
                 .or_insert_with(|| serde_json::Value::String(format!("line-{line_no}")));
         }
-        out.push(serde_json::from_value(v).map_err(|e| err(e.to_string()))?);
+        let event: RequestEvent = serde_json::from_value(v).map_err(|e| err(e.to_string()))?;
+        event.check().map_err(err)?;
+        out.push(event);
     }
     Ok(out)
 }
@@ -211,5 +213,11 @@ count_if = 'status == 401'
         assert!(err.to_string().starts_with("events line 2: "), "{err}");
         let err = read_events("{").unwrap_err();
         assert!(err.to_string().starts_with("events line 1: "), "{err}");
+        let weighed = format!("{}\n", line(1, "192.0.2.1", 401)).replace('}', ",\"weight\":-5}");
+        let err = read_events(&weighed).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "events line 1: weight must be above 0 (1 / the sample rate), not -5"
+        );
     }
 }

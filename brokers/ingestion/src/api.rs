@@ -32,8 +32,6 @@ pub const MAX_CLAIM_ITEMS: usize = 10_000;
 pub const MIN_LEASE: Duration = Duration::from_millis(10);
 /// Most item ids one ack may carry.
 pub const MAX_ACK_IDS: usize = 100_000;
-/// Longest event id (a UUID is 36 characters).
-const MAX_EVENT_ID_LEN: usize = 256;
 const MAX_CONSUMER_LEN: usize = 128;
 const DEFAULT_ITEMS_LIMIT: usize = 100;
 const MAX_ITEMS_LIMIT: usize = 10_000;
@@ -171,17 +169,15 @@ async fn ingest(
     for e in &mut req.events {
         e.client_ip = e.client_ip.to_canonical();
     }
-    // Workers count an id once: events sharing an empty one would all count as one.
-    if let Some(i) = req.events.iter().position(|e| {
-        e.id.trim().is_empty()
-            || e.id.len() > MAX_EVENT_ID_LEN
-            || e.id.chars().any(char::is_control)
-    }) {
+    if let Some((i, why)) = req
+        .events
+        .iter()
+        .enumerate()
+        .find_map(|(i, e)| e.check().err().map(|why| (i, why)))
+    {
         return Err(ApiError::bad_request(
             "invalid_body",
-            format!(
-                "events[{i}]: id must be 1 to {MAX_EVENT_ID_LEN} printable characters, unique per event"
-            ),
+            format!("events[{i}]: {why}"),
         ));
     }
     match s.inner.store.enqueue(req.events).await? {

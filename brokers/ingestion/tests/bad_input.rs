@@ -39,6 +39,16 @@ async fn malformed_and_mistyped_bodies_are_400() {
         .await;
     let err = expect_error(resp, 400, "invalid_body").await;
     assert!(err.message.starts_with("events[1]: id"), "{}", err.message);
+    // A weight is a count of requests: a negative one would take counts back.
+    let mut ev = serde_json::to_value(event("y")).unwrap();
+    ev["weight"] = json!(-5);
+    let resp = b.post("/api/events", json!({ "events": [ev] })).await;
+    let err = expect_error(resp, 400, "invalid_body").await;
+    assert!(
+        err.message.starts_with("events[0]: weight must be above 0"),
+        "{}",
+        err.message
+    );
     assert_eq!(
         b.client.status().await.unwrap().depth,
         0,
@@ -72,7 +82,11 @@ async fn oversized_bodies_are_413() {
     .await;
     let events: Vec<_> = (0..50).map(|i| event(&format!("big{i}"))).collect();
     let resp = b.post("/api/events", json!({ "events": events })).await;
-    expect_error(resp, 413, "payload_too_large").await;
+    let err = expect_error(resp, 413, "payload_too_large").await;
+    assert_eq!(
+        err.message,
+        "request body is larger than the limit of 2048 bytes"
+    );
     assert_eq!(b.client.status().await.unwrap().depth, 0);
     b.stop().await;
 }

@@ -118,7 +118,31 @@ impl CookieHash {
     }
 }
 
+/// Longest event id (a UUID is 36 characters).
+pub const MAX_EVENT_ID_LEN: usize = 256;
+
 impl RequestEvent {
+    /// What workers need of a reported event to count it right: an id of its own
+    /// (events sharing one count once), printable and at most [`MAX_EVENT_ID_LEN`]
+    /// bytes, and a weight above 0 (it is 1 / the sample rate; JSON has no NaN).
+    pub fn check(&self) -> Result<(), String> {
+        if self.id.trim().is_empty()
+            || self.id.len() > MAX_EVENT_ID_LEN
+            || self.id.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "id must be 1 to {MAX_EVENT_ID_LEN} printable characters, unique per event"
+            ));
+        }
+        if !(self.weight.is_finite() && self.weight > 0.0) {
+            return Err(format!(
+                "weight must be above 0 (1 / the sample rate), not {}",
+                self.weight
+            ));
+        }
+        Ok(())
+    }
+
     /// A minimal event with a fresh id; tests and the analyze API fill in the rest.
     pub fn new(client_ip: IpAddr, method: &str, path: &str) -> RequestEvent {
         RequestEvent {
@@ -146,6 +170,22 @@ impl RequestEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_need_an_id_and_a_positive_weight() {
+        let ip = "192.0.2.1".parse().unwrap();
+        assert_eq!(RequestEvent::new(ip, "GET", "/").check(), Ok(()));
+        for id in ["", "  ", "a\nb", &"x".repeat(MAX_EVENT_ID_LEN + 1)] {
+            let mut e = RequestEvent::new(ip, "GET", "/");
+            e.id = id.to_string();
+            assert!(e.check().unwrap_err().contains("id must be"), "{id:?}");
+        }
+        for w in [0.0, -5.0, f64::NAN, f64::INFINITY] {
+            let mut e = RequestEvent::new(ip, "GET", "/");
+            e.weight = w;
+            assert!(e.check().unwrap_err().contains("weight must be"), "{w}");
+        }
+    }
 
     #[test]
     fn cookie_values_hash_to_a_stable_hex_prefix() {

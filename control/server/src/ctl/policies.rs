@@ -202,7 +202,10 @@ pub fn replay_table(report: &ReplayReport) -> String {
         out.push_str(&format!("warning: {w}\n"));
     }
     if report.decisions.is_empty() {
-        out.push_str(&format!("{} events, no decisions\n", report.events));
+        out.push_str(&format!(
+            "{}, no decisions\n",
+            counted(report.events, "event")
+        ));
         return out;
     }
     let mut t = Table::new(&[
@@ -237,16 +240,20 @@ pub fn replay_table(report: &ReplayReport) -> String {
     }
     out.push_str(&t.render());
     out.push_str(&format!(
-        "{} events, {} {}\n",
-        report.events,
-        report.decisions.len(),
-        if report.decisions.len() == 1 {
-            "decision"
-        } else {
-            "decisions"
-        }
+        "{}, {}\n",
+        counted(report.events, "event"),
+        counted(report.decisions.len(), "decision")
     ));
     out
+}
+
+/// `1 event`, `2 events`.
+fn counted(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 fn number(v: f64) -> String {
@@ -290,6 +297,6 @@ mod tests {
         }
         assert!(text.ends_with("2 events, 1 decision\n"), "{text}");
         let none = replay_specs(specs, &events[..1]).await.unwrap();
-        assert_eq!(replay_table(&none), "1 events, no decisions\n");
+        assert_eq!(replay_table(&none), "1 event, no decisions\n");
     }
 }
