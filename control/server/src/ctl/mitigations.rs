@@ -1,8 +1,10 @@
 //! `esperctl mitigations ...`
 
+use std::time::Duration;
+
 use chrono::Utc;
 use esper_protocol::mitigation::{MitigationList, RevokeResponse};
-use esper_protocol::{EntityKey, Mitigation};
+use esper_protocol::{EntityKey, MAX_CHALLENGE_DIFFICULTY, MAX_TARPIT_MS, Mitigation};
 use serde_json::json;
 
 use super::client::{decode, segment};
@@ -31,9 +33,6 @@ pub async fn run(ctx: &Ctx, cmd: MitigationCmd) -> Result<(), CtlError> {
         MitigationCmd::Revoke { id, entity } => revoke(ctx, id, entity).await,
     }
 }
-
-/// Above this a browser needs minutes to solve the proof of work.
-const MAX_CHALLENGE_DIFFICULTY: u8 = 24;
 
 fn entity_key(s: &str) -> Result<EntityKey, CtlError> {
     s.parse()
@@ -86,9 +85,13 @@ fn action_json(
             let d = humantime::parse_duration(delay.trim()).map_err(|e| {
                 CtlError::Input(format!("--delay `{delay}`: {e} (write e.g. 500ms, 2s)"))
             })?;
-            let Ok(delay_ms) = u64::try_from(d.as_millis()) else {
-                return input(&format!("--delay `{delay}` is too long"));
-            };
+            let delay_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            if delay_ms == 0 || delay_ms > MAX_TARPIT_MS {
+                return input(&format!(
+                    "--delay `{delay}` is out of range (1ms to {})",
+                    humantime::format_duration(Duration::from_millis(MAX_TARPIT_MS))
+                ));
+            }
             json!({"type": "tarpit", "delay_ms": delay_ms})
         }
     })
@@ -325,11 +328,15 @@ mod tests {
             tarpit("2s").unwrap(),
             json!({"type": "tarpit", "delay_ms": 2000})
         );
-        for bad in ["soon", "600000000years"] {
+        for bad in ["soon", "600000000years", "10h", "0s"] {
             let Err(CtlError::Input(m)) = tarpit(bad) else {
                 panic!("{bad} accepted");
             };
             assert!(m.starts_with(&format!("--delay `{bad}`")), "{m}");
         }
+        let Err(CtlError::Input(m)) = tarpit("10h") else {
+            unreachable!()
+        };
+        assert_eq!(m, "--delay `10h` is out of range (1ms to 1m)");
     }
 }
