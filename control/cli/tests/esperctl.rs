@@ -463,6 +463,24 @@ async fn mitigations_queue_lists_and_decisions() {
         "no configuration from the control plane: {out:?}"
     );
     assert_eq!(row[at("KEY")], "3", "{out:?}");
+    // An app scope is checked against what the proxies report: a misspelt one is taken
+    // (a proxy may yet serve it) with a warning.
+    let out = s
+        .ctl(&["mitigations", "add", "ip:198.51.100.9", "--app", "shop"])
+        .await;
+    assert_eq!((out.code, out.stderr.as_str()), (0, ""), "{out:?}");
+    let out = s
+        .ctl(&["mitigations", "add", "ip:198.51.100.9", "--app", "shpo"])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stderr,
+        "warning: no proxy reports an app `shpo` (apps reported: shop); the mitigation applies only where one does\n"
+    );
+    let out = s
+        .ctl(&["mitigations", "revoke", "--entity", "ip:198.51.100.9"])
+        .await;
+    assert_eq!(out.stdout, "2 mitigations revoked\n", "{out:?}");
 
     let out = s
         .ctl(&[

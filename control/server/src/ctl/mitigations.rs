@@ -10,7 +10,7 @@ use serde_json::json;
 use super::client::{decode, segment};
 use super::table::{Table, relative, rfc3339};
 use super::{ActionArg, CtlError, Ctx, MitigationCmd};
-use crate::types::EntityReport;
+use crate::types::{EntityReport, ProxiesResponse};
 
 pub async fn run(ctx: &Ctx, cmd: MitigationCmd) -> Result<(), CtlError> {
     match cmd {
@@ -286,13 +286,56 @@ async fn add(
     if let Some(r) = reason {
         body["reason"] = json!(r);
     }
-    if let Some(a) = app {
+    if let Some(a) = &app {
         body["scope"] = json!({"app": a});
     }
     let v = ctx.client.post("/api/v1/mitigations", &body).await?;
+    if let Some(a) = &app {
+        warn_unless_reported(ctx, a).await;
+    }
     ctx.emit(v, |v| {
         let m: Mitigation = decode(&ctx.client, v)?;
         Ok(mitigation_table(std::slice::from_ref(&m)))
+    })
+}
+
+/// An app-scoped mitigation only applies where a proxy serves an app of that name; a
+/// misspelt name would stand and do nothing. A proxy may yet come up with the app, so
+/// this warns rather than refuses; a fleet that cannot be read says nothing.
+async fn warn_unless_reported(ctx: &Ctx, app: &str) {
+    let Ok(text) = ctx.client.get("/api/v1/proxies").await else {
+        return;
+    };
+    let Ok(fleet) = serde_json::from_str::<ProxiesResponse>(&text) else {
+        return;
+    };
+    if let Some(w) = unreported_app(&fleet, app) {
+        eprintln!("warning: {w}");
+    }
+}
+
+fn unreported_app(fleet: &ProxiesResponse, app: &str) -> Option<String> {
+    if fleet
+        .proxies
+        .iter()
+        .any(|p| p.beat.apps.iter().any(|a| a == app))
+    {
+        return None;
+    }
+    let mut known: Vec<&str> = fleet
+        .proxies
+        .iter()
+        .flat_map(|p| p.beat.apps.iter().map(String::as_str))
+        .collect();
+    known.sort_unstable();
+    known.dedup();
+    Some(if known.is_empty() {
+        format!("no proxy has reported an app yet, so none is known to serve `{app}`")
+    } else {
+        format!(
+            "no proxy reports an app `{app}` (apps reported: {}); the mitigation applies only where one does",
+            known.join(", ")
+        )
     })
 }
 
@@ -320,6 +363,26 @@ async fn revoke(ctx: &Ctx, id: Option<String>, entity: Option<String>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_app_no_proxy_reports_is_warned_about() {
+        let beat = |apps: &[&str]| {
+            json!({
+                "proxy_id": "p", "apps": apps, "cache_entries": 0, "requests_total": 0,
+                "events_sent_total": 0, "events_dropped_total": 0, "stream_connected": true,
+                "started_at": "2026-01-01T00:00:00Z", "last_seen": "2026-01-01T00:00:00Z",
+                "alive": true,
+            })
+        };
+        let fleet: ProxiesResponse =
+            serde_json::from_value(json!({"proxies": [beat(&["shop", "api"]), beat(&["shop"])]}))
+                .expect("fleet");
+        assert_eq!(unreported_app(&fleet, "shop"), None);
+        let w = unreported_app(&fleet, "shpo").expect("a warning");
+        assert!(w.contains("`shpo` (apps reported: api, shop)"), "{w}");
+        let empty = ProxiesResponse { proxies: vec![] };
+        assert!(unreported_app(&empty, "shop").is_some());
+    }
 
     #[test]
     fn a_tarpit_delay_is_written_in_milliseconds_or_refused() {

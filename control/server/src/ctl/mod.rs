@@ -169,7 +169,8 @@ pub enum MitigationCmd {
         ttl: String,
         #[arg(long)]
         reason: Option<String>,
-        /// Restrict it to one app (default: every app).
+        /// Restrict it to one app, by the name proxies give it (`[[proxy.apps]] name`);
+        /// warns when no proxy reports that app (default: every app).
         #[arg(long)]
         app: Option<String>,
     },
