@@ -514,9 +514,12 @@ impl Autoscaler {
 /// a bad flag or setting is one error now rather than a restart loop later.
 fn preflight(args: &AutoscaleArgs, config: Option<&Path>) -> anyhow::Result<()> {
     for n in [1, args.max] {
-        let argv = std::iter::once(OsString::from("esper")).chain(args.worker_argv(config, n));
-        let parsed = <cli::Cli as clap::Parser>::try_parse_from(argv).map_err(|e| {
-            let why = cli::usage_error(&e).unwrap_or_else(|| e.to_string());
+        let argv: Vec<OsString> = std::iter::once(OsString::from("esper"))
+            .chain(args.worker_argv(config, n))
+            .collect();
+        let parsed = <cli::Cli as clap::Parser>::try_parse_from(&argv).map_err(|e| {
+            let shown: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into()).collect();
+            let why = cli::usage_error(&e, &shown).unwrap_or_else(|| e.to_string());
             anyhow!("the worker command line does not parse: {why}")
         })?;
         let cli::Command::Worker(cli::WorkerCommand::Run(cli::WorkerKind::Engine(engine))) =

@@ -237,17 +237,23 @@ where
 /// wrong and the usage of the command it concerns, with exit code 2; help and version
 /// print as clap prints them.
 pub fn parse_args<P: Parser>() -> P {
-    P::try_parse().unwrap_or_else(|e| match usage_error(&e) {
-        Some(line) => {
-            eprintln!("{}: {line}", P::command().get_name());
-            std::process::exit(2)
+    P::try_parse().unwrap_or_else(|e| {
+        let argv: Vec<String> = std::env::args_os()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        match usage_error(&e, &argv) {
+            Some(line) => {
+                eprintln!("{}: {line}", P::command().get_name());
+                std::process::exit(2)
+            }
+            None => e.exit(),
         }
-        None => e.exit(),
     })
 }
 
-/// `e` as one line, or `None` for help and version, which are not errors.
-pub fn usage_error(e: &clap::Error) -> Option<String> {
+/// `e`, from parsing `argv`, as one line, or `None` for help and version, which are not
+/// errors.
+pub fn usage_error(e: &clap::Error, argv: &[String]) -> Option<String> {
     use clap::error::ErrorKind;
     if matches!(
         e.kind(),
@@ -280,10 +286,31 @@ pub fn usage_error(e: &clap::Error) -> Option<String> {
         }
     }
     match usage {
-        Some(u) => line.push_str(&format!(" (usage: {u})")),
+        Some(u) => line.push_str(&format!(" (usage: {})", typed_only(u, argv))),
         None => line.push_str(" (see --help)"),
     }
     Some(line)
+}
+
+/// `usage` without the options `argv` does not give: clap's usage names every option it
+/// found, and one read from the environment (`ESPER_TOKEN`) would look required.
+fn typed_only(usage: &str, argv: &[String]) -> String {
+    let typed = |flag: &str| {
+        argv.iter()
+            .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+    };
+    let mut out: Vec<&str> = Vec::new();
+    let mut words = usage.split_whitespace().peekable();
+    while let Some(w) = words.next() {
+        if w.starts_with("--") && !typed(w) {
+            if words.peek().is_some_and(|v| v.starts_with('<')) {
+                words.next();
+            }
+            continue;
+        }
+        out.push(w);
+    }
+    out.join(" ")
 }
 
 /// Entry point of the `esper` binary.
@@ -687,7 +714,8 @@ mod tests {
     fn usage_errors_are_one_line_and_help_is_not_an_error() {
         let line = |argv: &[&str]| {
             let e = Cli::try_parse_from(argv).expect_err("a usage error");
-            usage_error(&e)
+            let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+            usage_error(&e, &argv)
         };
         assert_eq!(
             line(&["esper", "proxy", "run", "--listen"]).as_deref(),
@@ -703,14 +731,30 @@ mod tests {
                 && unknown.contains("(usage: esper server"),
             "{unknown}"
         );
-        let missing = esper_control::ctl::CtlArgs::try_parse_from(["esperctl", "policies", "show"])
-            .expect_err("an id is required");
+        let argv = ["esperctl", "policies", "show"].map(String::from);
+        let missing =
+            esper_control::ctl::CtlArgs::try_parse_from(&argv).expect_err("an id is required");
         assert_eq!(
-            usage_error(&missing).as_deref(),
+            usage_error(&missing, &argv).as_deref(),
             Some(
                 "the following required arguments were not provided: <ID> \
                  (usage: esperctl policies show <ID>)"
             )
+        );
+        // An option read from the environment is not shown as if it were required.
+        assert_eq!(
+            typed_only(
+                "esperctl mitigations add --token <TOKEN> <ENTITY>",
+                &["esperctl".into(), "mitigations".into(), "add".into()]
+            ),
+            "esperctl mitigations add <ENTITY>"
+        );
+        assert_eq!(
+            typed_only(
+                "esper proxy run --listen <ADDR> [OPTIONS]",
+                &["esper".into(), "--listen=1.2.3.4:1".into()]
+            ),
+            "esper proxy run --listen <ADDR> [OPTIONS]"
         );
         assert_eq!(line(&["esper", "--help"]), None);
         assert_eq!(line(&["esper", "--version"]), None);
