@@ -314,9 +314,15 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
     parts.spawn("mitigation broker", Stage::Brokers, async move {
         Ok(mb.wait().await?)
     });
-    let control = esper_control::start(server.clone(), control_l, parts.shutdown(Stage::Control))
-        .await
-        .context("control plane")?;
+    // Its mirror follows the mitigation broker, so it stops following with the edge.
+    let control = esper_control::start_staged(
+        server.clone(),
+        control_l,
+        parts.shutdown(Stage::Control),
+        parts.shutdown(Stage::Edge),
+    )
+    .await
+    .context("control plane")?;
     let (health_addr, metrics_addr) = (control.health_addr, control.metrics_addr);
     parts.spawn("control plane", Stage::Control, async move {
         Ok(control.wait().await?)

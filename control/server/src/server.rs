@@ -118,6 +118,18 @@ pub async fn start(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<Started, Error> {
+    start_staged(config, listeners, shutdown.clone(), shutdown).await
+}
+
+/// [`start`], with the mirror of the mitigation broker's stream stopped by `unfollow`
+/// (or with the rest): a process that also runs the broker and stops it first (`esper
+/// dev`) stops following it before, as a proxy would, rather than warn that it went.
+pub async fn start_staged(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    unfollow: Shutdown,
+) -> Result<Started, Error> {
     config.validate()?;
     let store = prepare_store(&config).await?;
     let generated_token = auth::ensure_token(&*store, config.admin_token.as_deref()).await?;
@@ -179,11 +191,15 @@ pub async fn start(
         config.body_limit,
     );
 
-    let follower = tokio::spawn(mirror::follow(
-        state.mirror.clone(),
-        state.mitigation.clone(),
-        stop.clone(),
-    ));
+    let follower = {
+        let follow = mirror::follow(state.mirror.clone(), state.mitigation.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = follow => {}
+                _ = unfollow.wait() => {}
+            }
+        })
+    };
     let gauges = tokio::spawn(refresh_gauges(state.clone(), stop.clone()));
     tracing::info!(%api_addr, %health_addr, %metrics_addr, tls = tls.is_some(), store = store.kind(), "control plane serving");
 
