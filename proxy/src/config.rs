@@ -36,6 +36,45 @@ impl std::str::FromStr for RealIpHeader {
     }
 }
 
+/// Which requests get an access-log line (`access_log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// None (the default): the engine's events, the metrics and the decision log say
+    /// what was done, and a busy proxy writes nothing per request.
+    #[default]
+    Off,
+    /// Requests a mitigation acted on: blocked, challenged, throttled, tarpitted, or
+    /// matched by a log-only mitigation.
+    Mitigated,
+    /// Every request.
+    All,
+}
+
+impl AccessLog {
+    /// Does a request the proxy answered with `action` get a line?
+    pub fn logs(self, action: esper_protocol::EnforcedAction) -> bool {
+        match self {
+            AccessLog::Off => false,
+            AccessLog::Mitigated => action != esper_protocol::EnforcedAction::Allow,
+            AccessLog::All => true,
+        }
+    }
+}
+
+impl std::str::FromStr for AccessLog {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" => Ok(AccessLog::Off),
+            "mitigated" => Ok(AccessLog::Mitigated),
+            "all" => Ok(AccessLog::All),
+            _ => Err("expected off, mitigated or all".to_string()),
+        }
+    }
+}
+
 /// Default most mitigations a proxy's cache holds (about 300 bytes each).
 pub const DEFAULT_CACHE_MAX_ENTRIES: usize = 2_000_000;
 
@@ -298,6 +337,10 @@ pub struct Config {
     /// header insertion
     /// (`ESPER_FORWARD_HEADERS`, comma separated, `none` for none).
     pub forward_headers: Vec<String>,
+    /// An access-log line, at INFO with target `esper_proxy::access` in the service's
+    /// log (so `LOG_FORMAT=json` makes it JSON), for `mitigated` requests (any action
+    /// but allow) or `all`; `off` by default (`ESPER_ACCESS_LOG`, `--access-log`).
+    pub access_log: AccessLog,
     /// Keep the letter case of every header name as the client and the upstream wrote
     /// it. Off by default: the requests and answers the proxy adds headers to are sent
     /// with lowercase names, except a dozen common ones written in their usual case
@@ -393,6 +436,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             real_ip_header: RealIpHeader::default(),
             forward_headers: FORWARD_HEADERS.map(String::from).to_vec(),
+            access_log: AccessLog::Off,
             preserve_header_case: false,
             proxy_protocol: false,
             allow_ips: Vec::new(),
@@ -518,6 +562,7 @@ impl Config {
                 name_list(&v)
             };
         }
+        vars.parse(&["ESPER_ACCESS_LOG"], &mut self.access_log)?;
         vars.bool(
             &["ESPER_PRESERVE_HEADER_CASE"],
             &mut self.preserve_header_case,
@@ -987,6 +1032,9 @@ pub struct Args {
     /// Expect a PROXY protocol header on every client connection
     #[arg(long)]
     pub proxy_protocol: bool,
+    /// Access-log lines for: off, mitigated or all [default: off]
+    #[arg(long, value_name = "WHICH")]
+    pub access_log: Option<AccessLog>,
     /// Address of the TLS listener [default: 0.0.0.0:8443]
     #[arg(long, value_name = "ADDR")]
     pub tls_listen: Option<SocketAddr>,
@@ -1041,6 +1089,7 @@ impl Args {
             cfg.trusted_proxies = self.trusted_proxies.clone();
         }
         set(&mut cfg.real_ip_header, &self.real_ip_header);
+        set(&mut cfg.access_log, &self.access_log);
         if self.proxy_protocol {
             cfg.proxy_protocol = true;
         }
@@ -1188,6 +1237,32 @@ mod tests {
             "{err}"
         );
         assert!(toml::from_str::<Config>("real_ip_header = \"x-real-ip\"").is_err());
+    }
+
+    #[test]
+    fn the_access_log_is_off_unless_asked_for() {
+        use esper_protocol::EnforcedAction;
+        assert_eq!(Config::default().access_log, AccessLog::Off);
+        let vars = env(&[("ESPER_ACCESS_LOG", "Mitigated")]);
+        let cfg = load::<Config, _>(None, &vars, Config::apply_env).unwrap();
+        assert_eq!(cfg.access_log, AccessLog::Mitigated);
+        let toml: Config = toml::from_str("access_log = \"all\"").unwrap();
+        assert_eq!(toml.access_log, AccessLog::All);
+        let typo = env(&[("ESPER_ACCESS_LOG", "on")]);
+        let err = load::<Config, _>(None, &typo, Config::apply_env).unwrap_err();
+        assert!(err.to_string().contains("off, mitigated or all"), "{err}");
+        assert!(!AccessLog::Off.logs(EnforcedAction::Block));
+        assert!(!AccessLog::Mitigated.logs(EnforcedAction::Allow));
+        for a in [
+            EnforcedAction::Block,
+            EnforcedAction::Challenge,
+            EnforcedAction::Throttle,
+            EnforcedAction::Tarpit,
+            EnforcedAction::Log,
+        ] {
+            assert!(AccessLog::Mitigated.logs(a), "{a:?}");
+        }
+        assert!(AccessLog::All.logs(EnforcedAction::Allow));
     }
 
     #[derive(clap::Parser)]

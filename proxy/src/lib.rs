@@ -46,7 +46,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use cache::MitigationCache;
-pub use config::{AppConfig, Args, CertConfig, Config};
+pub use config::{AccessLog, AppConfig, Args, CertConfig, Config};
 pub use metrics::{DropReason, Metrics};
 
 use crate::apps::{App, HealthKeeper};
@@ -363,6 +363,7 @@ const RELOADED: &[&str] = &[
     "real_ip_header",
     "forward_headers",
     "preserve_header_case",
+    "access_log",
     "allow_ips",
     "allow_paths",
     "templates_dir",

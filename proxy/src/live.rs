@@ -26,6 +26,7 @@ pub struct Live {
     pub templates: Templates,
     pub unknown_host_status: u16,
     pub forward: Forward,
+    pub access_log: crate::config::AccessLog,
 }
 
 /// Which headers the proxy adds to what it forwards (`forward_headers`), and how.
@@ -126,6 +127,7 @@ impl Live {
             templates,
             unknown_host_status: config.unknown_host_status,
             forward: Forward::new(&config.forward_headers, config.preserve_header_case),
+            access_log: config.access_log,
         })
     }
 }

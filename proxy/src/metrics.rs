@@ -49,17 +49,6 @@ const ACTIONS: [EnforcedAction; 6] = [
     EnforcedAction::Challenge,
 ];
 
-fn action_label(a: EnforcedAction) -> &'static str {
-    match a {
-        EnforcedAction::Allow => "allow",
-        EnforcedAction::Block => "block",
-        EnforcedAction::Throttle => "throttle",
-        EnforcedAction::Tarpit => "tarpit",
-        EnforcedAction::Log => "log",
-        EnforcedAction::Challenge => "challenge",
-    }
-}
-
 fn action_index(a: EnforcedAction) -> usize {
     match a {
         EnforcedAction::Allow => 0,
@@ -142,7 +131,7 @@ impl Metrics {
         );
         let requests = ACTIONS
             .iter()
-            .map(|a| requests_vec.with_label_values(&[action_label(*a)]))
+            .map(|a| requests_vec.with_label_values(&[a.as_str()]))
             .collect();
         let request_duration = Histogram::with_opts(
             HistogramOpts::new(

@@ -18,10 +18,11 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, OrErr, Result};
 
 use crate::apps::App;
+use crate::cache::MitigationId;
 use crate::cache::RequestKeys;
 use crate::challenge::{self, CHALLENGE_PATH, COOKIE_NAME, Challenger, Clearance};
 use crate::clientip;
-use crate::config::RealIpHeader;
+use crate::config::{AccessLog, RealIpHeader};
 use crate::enforce::{Enforcer, Verdict};
 use crate::live::{Forward, LiveState};
 use crate::metrics::Metrics;
@@ -101,6 +102,10 @@ pub struct RequestCtx {
     /// The headers to add, as configured when the request began.
     forward: Forward,
     action: EnforcedAction,
+    /// The mitigation that answered the request (block, throttle, challenge).
+    reference: Option<MitigationId>,
+    /// Which requests get an access-log line, as configured when the request began.
+    access_log: AccessLog,
     /// The app the request is for (none: no app serves its host).
     app: Option<Arc<App>>,
     /// Upstream connection attempts so far.
@@ -709,6 +714,8 @@ impl ProxyHttp for EsperProxy {
             client_request_id: false,
             forward: Forward::default(),
             action: EnforcedAction::Allow,
+            reference: None,
+            access_log: AccessLog::Off,
             app: None,
             tries: 0,
             failed: None,
@@ -731,6 +738,7 @@ impl ProxyHttp for EsperProxy {
         }
         let live = self.live.load_full();
         ctx.forward = live.forward;
+        ctx.access_log = live.access_log;
         let Some(peer) = peer_ip(session) else {
             return Ok(false);
         };
@@ -801,6 +809,7 @@ impl ProxyHttp for EsperProxy {
                     Some(&m.id.text()),
                 )
                 .await?;
+                ctx.reference = Some(m.id);
                 Ok(true)
             }
             Verdict::Throttled {
@@ -816,6 +825,7 @@ impl ProxyHttp for EsperProxy {
                     Some(&mitigation.id.text()),
                 )
                 .await?;
+                ctx.reference = Some(mitigation.id);
                 Ok(true)
             }
             Verdict::Tarpit { delay, permit } => {
@@ -852,6 +862,7 @@ impl ProxyHttp for EsperProxy {
                     Some(&mitigation.id.text()),
                 )
                 .await?;
+                ctx.reference = Some(mitigation.id);
                 Ok(true)
             }
         }
@@ -1020,6 +1031,9 @@ impl ProxyHttp for EsperProxy {
         let latency = ctx.started.elapsed();
         self.metrics.request(ctx.action);
         self.metrics.request_duration.observe(latency.as_secs_f64());
+        if ctx.access_log.logs(ctx.action) {
+            access_line(session, ctx, latency);
+        }
         let Some(client_ip) = ctx.client_ip else {
             return;
         };
@@ -1053,6 +1067,33 @@ impl ProxyHttp for EsperProxy {
                 .then(|| ctx.request_id_text()),
         });
     }
+}
+
+/// One access-log line: what nginx's would say, and what Esper did and why.
+fn access_line(session: &Session, ctx: &RequestCtx, latency: std::time::Duration) {
+    let req = session.req_header();
+    let client = ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
+    let reference = ctx.reference.as_ref().map(MitigationId::text);
+    tracing::info!(
+        target: "esper_proxy::access",
+        client = %client,
+        method = %req.method,
+        host = request_host(req),
+        uri = %req.uri,
+        status = session.response_written().map_or(0, |r| r.status.as_u16()),
+        ms = (latency.as_secs_f64() * 1e6).round() / 1e3,
+        bytes = session.body_bytes_sent(),
+        app = ctx.app.as_ref().map_or("", |a| a.name.as_str()),
+        action = ctx.action.as_str(),
+        mitigation = reference.as_deref().unwrap_or(""),
+        request_id = ctx.request_id_text(),
+        user_agent = req
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        "request"
+    );
 }
 
 #[cfg(test)]

@@ -22,6 +22,20 @@ pub enum EnforcedAction {
     Log,
 }
 
+impl EnforcedAction {
+    /// The name events, metrics and logs give it (as serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnforcedAction::Allow => "allow",
+            EnforcedAction::Block => "block",
+            EnforcedAction::Throttle => "throttle",
+            EnforcedAction::Tarpit => "tarpit",
+            EnforcedAction::Challenge => "challenge",
+            EnforcedAction::Log => "log",
+        }
+    }
+}
+
 /// TLS facts, present when the proxy terminated TLS.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -290,17 +290,6 @@ fn push_map(out: &mut Vec<u8>, map: &[(&str, Cow<'_, str>)]) {
     out.push(b'}');
 }
 
-fn action_name(action: EnforcedAction) -> &'static str {
-    match action {
-        EnforcedAction::Allow => "allow",
-        EnforcedAction::Block => "block",
-        EnforcedAction::Throttle => "throttle",
-        EnforcedAction::Tarpit => "tarpit",
-        EnforcedAction::Challenge => "challenge",
-        EnforcedAction::Log => "log",
-    }
-}
-
 /// A request event's fields, borrowed from wherever they are kept: a [`RequestEvent`], or
 /// a request still in the proxy's hands, whose event is written into its batch without
 /// an owned copy of any field.
@@ -379,7 +368,7 @@ impl EventView<'_> {
             out.push(b'}');
         }
         out.extend_from_slice(b",\"action\":\"");
-        out.extend_from_slice(action_name(self.action).as_bytes());
+        out.extend_from_slice(self.action.as_str().as_bytes());
         out.extend_from_slice(b"\",\"weight\":");
         push_f64(out, self.weight);
         out.push(b'}');

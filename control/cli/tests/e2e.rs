@@ -366,6 +366,7 @@ async fn esper_dev_runs_the_whole_scenario() {
         &[
             ("ESPER_ADMIN_TOKEN", TOKEN.to_string()),
             ("CLUSTER_MODE", "true".to_string()),
+            ("ESPER_ACCESS_LOG", "mitigated".to_string()),
         ],
     );
     wait_ready(
@@ -433,6 +434,25 @@ async fn esper_dev_runs_the_whole_scenario() {
         (status_from("127.0.0.5", &format!("{}/", stack.proxy)).await == 403).then_some(())
     })
     .await;
+    // The access log (`mitigated`) has a line for each request a mitigation answered,
+    // naming it, and none for the browsing client's.
+    let access: Vec<String> = dev
+        .log()
+        .lines()
+        .filter(|l| l.contains(" esper_proxy::access: "))
+        .map(String::from)
+        .collect();
+    assert!(
+        access.iter().any(|l| l.contains("client=127.0.0.5")
+            && l.contains("status=403")
+            && l.contains("action=\"block\"")
+            && !l.contains("mitigation=\"\"")),
+        "{access:#?}"
+    );
+    assert!(
+        !access.iter().any(|l| l.contains("client=127.0.0.3 ")),
+        "{access:#?}"
+    );
     assert_eq!(
         dev.terminate(Duration::from_secs(30)),
         Some(0),
