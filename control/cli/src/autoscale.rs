@@ -519,7 +519,8 @@ fn preflight(args: &AutoscaleArgs, config: Option<&Path>) -> anyhow::Result<()> 
             .collect();
         let parsed = <cli::Cli as clap::Parser>::try_parse_from(&argv).map_err(|e| {
             let shown: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into()).collect();
-            let why = cli::usage_error(&e, &shown).unwrap_or_else(|| e.to_string());
+            let cmd = <cli::Cli as clap::CommandFactory>::command();
+            let why = cli::usage_error(&e, &cmd, &shown).unwrap_or_else(|| e.to_string());
             anyhow!("the worker command line does not parse: {why}")
         })?;
         let cli::Command::Worker(cli::WorkerCommand::Run(cli::WorkerKind::Engine(engine))) =

@@ -241,7 +241,7 @@ pub fn parse_args<P: Parser>() -> P {
         let argv: Vec<String> = std::env::args_os()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        match usage_error(&e, &argv) {
+        match usage_error(&e, &P::command(), &argv) {
             Some(line) => {
                 eprintln!("{}: {line}", P::command().get_name());
                 std::process::exit(2)
@@ -251,9 +251,9 @@ pub fn parse_args<P: Parser>() -> P {
     })
 }
 
-/// `e`, from parsing `argv`, as one line, or `None` for help and version, which are not
-/// errors.
-pub fn usage_error(e: &clap::Error, argv: &[String]) -> Option<String> {
+/// `e`, from parsing `argv` as `cmd`, as one line, or `None` for help and version, which
+/// are not errors.
+pub fn usage_error(e: &clap::Error, cmd: &clap::Command, argv: &[String]) -> Option<String> {
     use clap::error::ErrorKind;
     if matches!(
         e.kind(),
@@ -286,23 +286,58 @@ pub fn usage_error(e: &clap::Error, argv: &[String]) -> Option<String> {
         }
     }
     match usage {
-        Some(u) => line.push_str(&format!(" (usage: {})", typed_only(u, argv))),
+        Some(u) => line.push_str(&format!(
+            " (usage: {})",
+            without(u, &from_environment(cmd, argv))
+        )),
         None => line.push_str(" (see --help)"),
     }
     Some(line)
 }
 
-/// `usage` without the options `argv` does not give: clap's usage names every option it
-/// found, and one read from the environment (`ESPER_TOKEN`) would look required.
-fn typed_only(usage: &str, argv: &[String]) -> String {
-    let typed = |flag: &str| {
-        argv.iter()
-            .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+/// The options of `cmd` (any subcommand) whose value `argv` left to the environment:
+/// clap's usage names them as if they were required (`--token <TOKEN>` with
+/// `ESPER_TOKEN` set).
+fn from_environment(cmd: &clap::Command, argv: &[String]) -> Vec<String> {
+    let typed = |arg: &clap::Arg| {
+        argv.iter().any(|a| {
+            let long = arg.get_long().is_some_and(|l| {
+                a.strip_prefix("--")
+                    .and_then(|r| r.strip_prefix(l))
+                    .is_some_and(|r| r.is_empty() || r.starts_with('='))
+            });
+            let short = arg.get_short().is_some_and(|c| {
+                a.len() > 1 && a.starts_with('-') && !a.starts_with("--") && a[1..].starts_with(c)
+            });
+            long || short
+        })
     };
+    let mut out = Vec::new();
+    let mut stack = vec![cmd];
+    while let Some(c) = stack.pop() {
+        for arg in c.get_arguments() {
+            let set = arg
+                .get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|v| !v.is_empty());
+            if let Some(long) = arg.get_long()
+                && set
+                && !typed(arg)
+            {
+                out.push(format!("--{long}"));
+            }
+        }
+        stack.extend(c.get_subcommands());
+    }
+    out
+}
+
+/// `usage` without the options named in `drop` (and their value placeholders).
+fn without(usage: &str, drop: &[String]) -> String {
     let mut out: Vec<&str> = Vec::new();
     let mut words = usage.split_whitespace().peekable();
     while let Some(w) = words.next() {
-        if w.starts_with("--") && !typed(w) {
+        if drop.iter().any(|d| d == w) {
             if words.peek().is_some_and(|v| v.starts_with('<')) {
                 words.next();
             }
@@ -715,7 +750,7 @@ mod tests {
         let line = |argv: &[&str]| {
             let e = Cli::try_parse_from(argv).expect_err("a usage error");
             let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
-            usage_error(&e, &argv)
+            usage_error(&e, &Cli::command(), &argv)
         };
         assert_eq!(
             line(&["esper", "proxy", "run", "--listen"]).as_deref(),
@@ -735,26 +770,37 @@ mod tests {
         let missing =
             esper_control::ctl::CtlArgs::try_parse_from(&argv).expect_err("an id is required");
         assert_eq!(
-            usage_error(&missing, &argv).as_deref(),
+            usage_error(&missing, &esper_control::ctl::CtlArgs::command(), &argv).as_deref(),
             Some(
                 "the following required arguments were not provided: <ID> \
                  (usage: esperctl policies show <ID>)"
             )
         );
-        // An option read from the environment is not shown as if it were required.
+        // An option read from the environment is not shown as if it were required; one
+        // typed, or missing, is.
         assert_eq!(
-            typed_only(
+            without(
                 "esperctl mitigations add --token <TOKEN> <ENTITY>",
-                &["esperctl".into(), "mitigations".into(), "add".into()]
+                &["--token".into()]
             ),
             "esperctl mitigations add <ENTITY>"
         );
-        assert_eq!(
-            typed_only(
-                "esper proxy run --listen <ADDR> [OPTIONS]",
-                &["esper".into(), "--listen=1.2.3.4:1".into()]
-            ),
-            "esper proxy run --listen <ADDR> [OPTIONS]"
+        let cmd = clap::Command::new("t")
+            .arg(clap::Arg::new("p").long("path").short('p').env("PATH"))
+            .arg(clap::Arg::new("q").long("quiet"));
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(from_environment(&cmd, &argv(&["t"])), vec!["--path"]);
+        for typed in [&["t", "--path", "x"][..], &["t", "--path=x"], &["t", "-px"]] {
+            assert!(from_environment(&cmd, &argv(typed)).is_empty(), "{typed:?}");
+        }
+        let argv = ["esperctl", "policies", "apply"].map(String::from);
+        let missing =
+            esper_control::ctl::CtlArgs::try_parse_from(&argv).expect_err("a file is required");
+        let apply = usage_error(&missing, &esper_control::ctl::CtlArgs::command(), &argv)
+            .expect("an error");
+        assert!(
+            apply.ends_with("(usage: esperctl policies apply --file <FILE>)"),
+            "{apply}"
         );
         assert_eq!(line(&["esper", "--help"]), None);
         assert_eq!(line(&["esper", "--version"]), None);
