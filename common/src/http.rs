@@ -179,9 +179,9 @@ fn declared_json(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| {
-            let v = v.trim();
-            v.eq_ignore_ascii_case("application/json")
-                || (v.starts_with("application/") && v.ends_with("+json"))
+            // Media types are case-insensitive (RFC 9110 8.3.1).
+            let v = v.trim().to_ascii_lowercase();
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
         })
 }
 

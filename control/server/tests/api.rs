@@ -954,6 +954,26 @@ async fn bad_input_gets_clear_4xx_json() {
     )
     .await;
     assert_eq!(status, 400, "{body}");
+    let (status, body) = call(
+        s.req(Method::POST, "/api/v1/policies")
+            .header("content-type", "application/json")
+            .body("[[]]"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("found an array"),
+        "{body}"
+    );
+    // Media types are case-insensitive.
+    let (status, body) = call(
+        s.req(Method::POST, "/api/v1/mitigations")
+            .header("content-type", "Application/JSON")
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(status, 400, "read as JSON: {body}");
+    assert_eq!(body["error"], "invalid_body");
     assert_eq!(s.get("/api/v1/status").await.0, 200, "still serving");
     let (status, body) = call(s.req(Method::POST, "/api/v1/decisions").body("{}")).await;
     assert_eq!(status, 415, "{body}");

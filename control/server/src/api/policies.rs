@@ -94,11 +94,19 @@ fn read_policies(
             parse_policies(text).map_err(|e| invalid(e.to_string()))?
         }
         "application/json" => {
+            // serde would read `[[...]]` as `{"policies": [...]}`, field by field.
+            if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+                return Err(invalid(
+                    "expected an object (`{\"policies\": [...]}`), found an array",
+                )
+                .into());
+            }
             let doc: PolicyBody = serde_json::from_slice(&body).map_err(|e| {
+                let message = esper_common::plain::plain_serde(&e.to_string());
                 if e.is_syntax() || e.is_eof() {
-                    ApiError::bad_request("invalid_json", e.to_string())
+                    ApiError::bad_request("invalid_json", message)
                 } else {
-                    invalid(e.to_string())
+                    invalid(message)
                 }
             })?;
             let mut seen = HashSet::new();
