@@ -1,5 +1,5 @@
-//! A JA4 fingerprint of a TLS ClientHello, computed from the raw first TLS record the
-//! accept loop reads (and puts back) before the handshake: `t`, TLS version, SNI or
+//! A JA4 fingerprint of a TLS ClientHello, computed from the raw TLS records the accept
+//! loop reads (and puts back) before the handshake: `t`, TLS version, SNI or
 //! not, cipher and extension counts, first ALPN; then truncated SHA-256 of the sorted
 //! cipher suites, and of the sorted extensions with the signature algorithms. GREASE
 //! values are ignored, as the JA4 specification says.
@@ -13,13 +13,57 @@ const EXT_ALPN: u16 = 0x0010;
 const EXT_SIGNATURE_ALGORITHMS: u16 = 0x000d;
 const EXT_SUPPORTED_VERSIONS: u16 = 0x002b;
 
-/// Length of a whole TLS record whose first bytes are `buf` (header included), when
-/// `buf` starts like a handshake record; `None` when it does not.
-pub fn record_len(buf: &[u8]) -> Option<usize> {
-    if buf.len() < 5 {
-        return (buf.is_empty() || buf[0] == HANDSHAKE).then_some(usize::MAX);
+/// Longest ClientHello read for a fingerprint (a browser's, post-quantum key shares
+/// included, is under 2 KiB).
+pub const MAX_HELLO: usize = 32 * 1024;
+
+/// What the first bytes of a connection say of the ClientHello they begin.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hello {
+    /// A handshake so far: more bytes are needed.
+    More,
+    /// Not a ClientHello (or one longer than [`MAX_HELLO`]): no fingerprint.
+    Not,
+    /// The whole ClientHello message (type, length and body).
+    Whole(Vec<u8>),
+}
+
+/// The ClientHello at the start of `buf`, put together from as many handshake records as
+/// it spans: a client may split it over several (RFC 8446 5.1), and one read from the
+/// first record alone would give such a client no fingerprint, and so no `ja4:`
+/// mitigation could reach it.
+pub fn client_hello(buf: &[u8]) -> Hello {
+    let mut message: Vec<u8> = Vec::new();
+    let mut rest = buf;
+    loop {
+        if rest.len() < 5 {
+            return if rest.first().is_none_or(|b| *b == HANDSHAKE) {
+                Hello::More
+            } else {
+                Hello::Not
+            };
+        }
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        // Handshake records are never empty (RFC 8446 5.1).
+        if rest[0] != HANDSHAKE || len == 0 {
+            return Hello::Not;
+        }
+        let Some(fragment) = rest.get(5..5 + len) else {
+            return Hello::More;
+        };
+        message.extend_from_slice(fragment);
+        rest = &rest[5 + len..];
+        if let [kind, a, b, c, ..] = message[..] {
+            let need = 4 + (usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c));
+            if kind != CLIENT_HELLO || need > MAX_HELLO {
+                return Hello::Not;
+            }
+            if message.len() >= need {
+                message.truncate(need);
+                return Hello::Whole(message);
+            }
+        }
     }
-    (buf[0] == HANDSHAKE).then(|| 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]])))
 }
 
 fn is_grease(v: u16) -> bool {
@@ -65,15 +109,19 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The JA4 fingerprint of the ClientHello in `record` (one whole TLS record), or `None`
-/// when it is not a complete ClientHello.
-pub fn fingerprint(record: &[u8]) -> Option<String> {
-    let mut r = Reader(record);
-    if r.u8()? != HANDSHAKE {
-        return None;
+/// The JA4 fingerprint of the ClientHello in `records` (whole TLS records), or `None`
+/// when they do not hold a complete one.
+#[cfg(test)]
+pub fn fingerprint(records: &[u8]) -> Option<String> {
+    match client_hello(records) {
+        Hello::Whole(message) => fingerprint_hello(&message),
+        _ => None,
     }
-    r.take(2)?;
-    let mut r = r.vec16()?;
+}
+
+/// The JA4 fingerprint of a ClientHello message, or `None` when it cannot be read.
+pub fn fingerprint_hello(message: &[u8]) -> Option<String> {
+    let mut r = Reader(message);
     if r.u8()? != CLIENT_HELLO {
         return None;
     }
@@ -236,7 +284,6 @@ mod tests {
             &[0x2a2a, 0x1302, 0x1301],
             &[grease, sni, alpn, versions, sigs, groups],
         );
-        assert_eq!(record_len(&rec), Some(rec.len()));
         let fp = fingerprint(&rec).unwrap();
         let parts: Vec<&str> = fp.split('_').collect();
         // 2 ciphers and 5 extensions once GREASE is dropped; TLS 1.3 from
@@ -248,7 +295,47 @@ mod tests {
         let bare = fingerprint(&hello(&[0x002f], &[])).unwrap();
         assert_eq!(bare, format!("t12i010000_{}_000000000000", hash12("002f")));
         assert_eq!(fingerprint(&rec[..rec.len() - 3]), None);
-        assert_eq!(record_len(b"GET / HTTP/1.1"), None);
+        assert_eq!(client_hello(&rec[..rec.len() - 3]), Hello::More);
+        assert_eq!(client_hello(b"GET / HTTP/1.1"), Hello::Not);
+        assert_eq!(client_hello(b""), Hello::More);
+    }
+
+    /// `record` cut into handshake records of at most `size` bytes of payload.
+    fn split(record: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for part in record[5..].chunks(size) {
+            out.extend([HANDSHAKE, record[1], record[2]]);
+            out.extend(u16::try_from(part.len()).unwrap().to_be_bytes());
+            out.extend(part);
+        }
+        out
+    }
+
+    #[test]
+    fn a_client_hello_split_over_records_has_the_same_fingerprint() {
+        for record in reference_records() {
+            let whole = fingerprint(&record).expect("a fingerprint");
+            for size in [1, 3, 4, 100] {
+                let split = split(&record, size);
+                assert_eq!(
+                    fingerprint(&split).as_deref(),
+                    Some(whole.as_str()),
+                    "{size}"
+                );
+                // Until its last record is in, more is needed.
+                assert_eq!(client_hello(&split[..split.len() - 1]), Hello::More);
+            }
+        }
+        // What follows the hello (the client's next record) is not part of it.
+        let mut rec = reference_records().swap_remove(0);
+        let whole = fingerprint(&rec);
+        rec.extend([0x14, 3, 3, 0, 1, 1]);
+        assert_eq!(fingerprint(&rec), whole);
+        // A hello longer than a fingerprint is read for is not waited for.
+        let huge = [HANDSHAKE, 3, 1, 0, 4, CLIENT_HELLO, 1, 0, 0];
+        assert_eq!(client_hello(&huge), Hello::Not);
+        // An empty handshake record is not a handshake.
+        assert_eq!(client_hello(&[HANDSHAKE, 3, 1, 0, 0]), Hello::Not);
     }
 
     /// The examples of the specification's ALPN section.
@@ -288,7 +375,7 @@ mod tests {
                 panic!("bad vector line: {line}");
             };
             let record = hex::decode(record).unwrap();
-            assert_eq!(record_len(&record), Some(record.len()), "{source}");
+            assert!(matches!(client_hello(&record), Hello::Whole(_)), "{source}");
             assert_eq!(fingerprint(&record).as_deref(), Some(expected), "{source}");
             checked += 1;
         }
@@ -308,7 +395,7 @@ mod tests {
         // The first bytes of every TLS connection come from whoever connects.
         #[test]
         fn any_bytes_are_read_without_panicking(bytes in proptest::collection::vec(0u8.., 0..600)) {
-            let _ = record_len(&bytes);
+            let _ = client_hello(&bytes);
             if let Some(fp) = fingerprint(&bytes) {
                 proptest::prop_assert!(fp.is_ascii());
             }
@@ -327,8 +414,10 @@ mod tests {
                 record[at % n] = byte;
             }
             record.truncate(cut.min(record.len()));
-            let _ = record_len(&record);
             let _ = fingerprint(&record);
+            if record.len() >= 5 {
+                let _ = fingerprint(&split(&record, 7));
+            }
         }
     }
 }

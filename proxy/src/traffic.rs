@@ -47,8 +47,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client gets to complete its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest TLS record (2^14 plus the most a record may grow, plus its header).
-const MAX_TLS_RECORD: usize = 16384 + 2048 + 5;
+/// Most bytes read ahead of the handshake for a ClientHello's fingerprint: twice the
+/// longest hello fingerprinted, room for the headers of the records it is cut into.
+const MAX_HELLO_BYTES: usize = 2 * ja4::MAX_HELLO;
 /// Pause after an accept error (out of file descriptors, say) before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -172,21 +173,22 @@ async fn read_proxy_header(
     Ok((source, buf.split_off(used)))
 }
 
-/// Reads until `buf` holds the whole first TLS record, and fingerprints it. `None`
-/// when it is no ClientHello (the handshake will then fail on its own).
+/// Reads until `buf` holds the whole ClientHello, over as many records as it spans, and
+/// fingerprints it. `None` when it is no ClientHello (the handshake will then fail on
+/// its own) or one too long to read for a fingerprint.
 async fn read_client_hello(
     tcp: &mut tokio::net::TcpStream,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<Option<String>> {
     let mut chunk = [0u8; 4096];
     loop {
-        let Some(need) = ja4::record_len(buf) else {
-            return Ok(None);
-        };
-        if need != usize::MAX && buf.len() >= need {
-            return Ok(ja4::fingerprint(&buf[..need]));
+        match ja4::client_hello(buf) {
+            ja4::Hello::Whole(message) => return Ok(ja4::fingerprint_hello(&message)),
+            ja4::Hello::Not => return Ok(None),
+            ja4::Hello::More => {}
         }
-        if buf.len() >= MAX_TLS_RECORD {
+        // Records of a few bytes each take more room than the hello they carry.
+        if buf.len() >= MAX_HELLO_BYTES {
             return Ok(None);
         }
         let n = tcp.read(&mut chunk).await?;

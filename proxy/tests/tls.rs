@@ -183,6 +183,71 @@ async fn events_carry_the_tls_version_and_fingerprint() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A client trusting `cert` (DER) for `name` at `addr`, whose TLS records carry at most
+/// `fragment` bytes, its ClientHello's included, when given.
+fn fragmenting_client(
+    name: &str,
+    addr: SocketAddr,
+    cert: &[u8],
+    fragment: Option<usize>,
+) -> reqwest::Client {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert.to_vec()))
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.max_fragment_size = fragment;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .resolve(name, addr)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_client_hello_split_over_records_keeps_its_fingerprint() {
+    let up = upstream().await;
+    let events = ingestion().await;
+    let dir = temp_dir();
+    let mut cfg = config(up.addr, &events.url, &dead_url());
+    let cert = cert_for("s.test");
+    cfg.tls_certificates = vec![write_cert(&dir, "s", &cert, &[])];
+    let proxy = start_proxy(cfg).await;
+    let addr = proxy.handle().tls_addr().unwrap();
+    for (path, fragment) in [("/whole", None), ("/split", Some(64))] {
+        let client = fragmenting_client("s.test", addr, &cert.2, fragment);
+        let url = format!("https://s.test:{}{path}", addr.port());
+        // The upstream serves `/` only: its 404 says the handshake went through.
+        assert_eq!(client.get(&url).send().await.unwrap().status(), 404);
+    }
+    let seen = events
+        .claim_until(Duration::from_secs(3), |seen| {
+            ["/whole", "/split"]
+                .iter()
+                .all(|path| seen.iter().any(|e| e.path == *path))
+        })
+        .await;
+    let fingerprint = |path: &str| {
+        seen.iter()
+            .find(|e| e.path == path)
+            .and_then(|e| e.tls.as_ref())
+            .and_then(|t| t.fingerprint.clone())
+    };
+    let whole = fingerprint("/whole").expect("a fingerprint");
+    // A hello cut into 64-byte records would otherwise pass with none, out of reach of
+    // every `ja4:` mitigation.
+    assert_eq!(fingerprint("/split").as_deref(), Some(whole.as_str()));
+    proxy.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Polls until `GET url` with `client` answers `status`.
 async fn answers(client: &reqwest::Client, url: &str, status: u16) -> bool {
     eventually(Duration::from_secs(2), || async {
