@@ -117,7 +117,12 @@ fn forwarded_elements(
                 _ => {}
             }
         }
-        Some((parse_node(hop?), proto))
+        let Some(hop) = hop else {
+            // An element that names no hop (a balancer set to add only `proto=`) cannot
+            // be walked past: what lies beyond it is what the client wrote.
+            return (!element.trim().is_empty()).then_some((None, proto));
+        };
+        Some((parse_node(hop), proto))
     })
 }
 
@@ -398,6 +403,14 @@ mod tests {
         );
         let h = headers(&[("forwarded", "for=unknown, for=10.0.0.3")]);
         assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted, FWD), ip("10.0.0.3"));
+        // A balancer that adds only `proto=` names no hop: the walk stops there, as at
+        // an unreadable hop, and the client's own `for=` beyond it is not taken.
+        let h = headers(&[("forwarded", "for=6.6.6.6, proto=https")]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted, FWD), ip("10.0.0.2"));
+        assert_eq!(told_scheme(ip("10.0.0.2"), &h, &trusted, FWD), None);
+        // Empty elements (`a, , b`) are no hops at all.
+        let h = headers(&[("forwarded", "for=192.0.2.5, , for=10.0.0.3")]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted, FWD), ip("192.0.2.5"));
     }
 
     #[test]
