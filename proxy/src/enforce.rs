@@ -15,8 +15,10 @@ use crate::throttle::{Throttles, retry_after_secs};
 /// What to do with one request.
 #[derive(Debug)]
 pub enum Verdict {
-    /// Send it upstream, recording this action (`Allow` or `Log`).
+    /// Send it upstream, recording this action (`Allow`).
     Forward(EnforcedAction),
+    /// Send it upstream, recording that this log-only mitigation matched.
+    Logged(Hit),
     /// Answer 403.
     Block(Hit),
     /// Answer 429 with `Retry-After` (seconds).
@@ -25,9 +27,10 @@ pub enum Verdict {
     Tarpit {
         delay: Duration,
         permit: OwnedSemaphorePermit,
+        mitigation: Hit,
     },
     /// A tarpit applies but every slot is taken: answer 429.
-    TarpitFull,
+    TarpitFull(Hit),
     /// Let it through only with a valid clearance cookie; otherwise answer the puzzle.
     Challenge { difficulty: u8, mitigation: Hit },
 }
@@ -106,7 +109,7 @@ impl Enforcer {
                 difficulty,
                 mitigation: m,
             },
-            Action::Log => Verdict::Forward(EnforcedAction::Log),
+            Action::Log => Verdict::Logged(m),
             Action::Throttle { rate, burst } => {
                 match self
                     .throttles
@@ -124,8 +127,9 @@ impl Enforcer {
                 Ok(permit) => Verdict::Tarpit {
                     delay: Duration::from_millis(delay_ms).min(self.tarpit_max),
                     permit,
+                    mitigation: m,
                 },
-                Err(_) => Verdict::TarpitFull,
+                Err(_) => Verdict::TarpitFull(m),
             },
         }
     }
@@ -177,7 +181,7 @@ mod tests {
         let e = enforcer(Action::Log, 1);
         assert!(matches!(
             e.decide("default", ip("192.0.2.1"), &h, Utc::now()),
-            Verdict::Forward(EnforcedAction::Log)
+            Verdict::Logged(_)
         ));
         let e = enforcer(
             Action::Throttle {
@@ -209,7 +213,7 @@ mod tests {
         assert_eq!(*delay, Duration::from_secs(2));
         assert!(matches!(
             e.decide("default", ip("192.0.2.1"), &h, Utc::now()),
-            Verdict::TarpitFull
+            Verdict::TarpitFull(_)
         ));
         drop(first);
         assert!(matches!(

@@ -249,7 +249,7 @@ impl EsperProxy {
     async fn challenge_endpoint(
         &self,
         session: &mut Session,
-        ctx: &RequestCtx,
+        ctx: &mut RequestCtx,
         templates: &Templates,
         ip: IpAddr,
     ) -> Result<()> {
@@ -325,6 +325,9 @@ impl EsperProxy {
             }
             Err(refusal) => {
                 tracing::debug!(client = %ip, %refusal, "challenge refused");
+                // The client is answered a puzzle again: challenged, as its metrics,
+                // event and access-log line say.
+                ctx.action = EnforcedAction::Challenge;
                 // A new puzzle, as hard as the refused one when its signature shows what
                 // that was: a difficulty the client wrote itself is never taken.
                 let refused = if fallback.is_empty() {
@@ -755,7 +758,17 @@ impl ProxyHttp for EsperProxy {
         let path = req.uri.path();
         // Routed as the upstream will resolve the path: `/api/../admin` is `/admin`'s.
         let routed = esper_protocol::normalize_path(path);
-        let Some(app) = live.router.route(request_host(req), &routed).cloned() else {
+        let routed = live.router.route(request_host(req), &routed).cloned();
+        if path == CHALLENGE_PATH {
+            // Puzzles are answered here on every host, whatever path prefixes its apps
+            // route: a host served only under `/api` must not turn a challenge into a
+            // block.
+            let templates = routed.as_ref().map_or(&live.templates, |a| &a.templates);
+            ctx.app = routed.clone();
+            self.challenge_endpoint(session, ctx, templates, ip).await?;
+            return Ok(true);
+        }
+        let Some(app) = routed else {
             self.answer(
                 session,
                 ctx,
@@ -768,10 +781,6 @@ impl ProxyHttp for EsperProxy {
         };
         ctx.app = Some(app.clone());
         let templates = &app.templates;
-        if path == CHALLENGE_PATH {
-            self.challenge_endpoint(session, ctx, templates, ip).await?;
-            return Ok(true);
-        }
         if live.allow_ips.contains(ip) || live.allow_paths.contains(path) {
             return Ok(false);
         }
@@ -798,18 +807,24 @@ impl ProxyHttp for EsperProxy {
                 ctx.action = action;
                 Ok(false)
             }
+            Verdict::Logged(m) => {
+                ctx.action = EnforcedAction::Log;
+                ctx.reference = Some(m.id);
+                Ok(false)
+            }
             Verdict::Block(m) => {
                 tracing::debug!(client = %ip, mitigation = %m.id, "blocked");
                 ctx.action = EnforcedAction::Block;
+                let reference = m.id.text();
+                ctx.reference = Some(m.id);
                 self.answer(
                     session,
                     ctx,
                     templates,
                     LocalAnswer::blocked(),
-                    Some(&m.id.text()),
+                    Some(&reference),
                 )
                 .await?;
-                ctx.reference = Some(m.id);
                 Ok(true)
             }
             Verdict::Throttled {
@@ -817,25 +832,32 @@ impl ProxyHttp for EsperProxy {
                 mitigation,
             } => {
                 ctx.action = EnforcedAction::Throttle;
+                let reference = mitigation.id.text();
+                ctx.reference = Some(mitigation.id);
                 self.answer(
                     session,
                     ctx,
                     templates,
                     LocalAnswer::rate_limited(retry_after),
-                    Some(&mitigation.id.text()),
+                    Some(&reference),
                 )
                 .await?;
-                ctx.reference = Some(mitigation.id);
                 Ok(true)
             }
-            Verdict::Tarpit { delay, permit } => {
+            Verdict::Tarpit {
+                delay,
+                permit,
+                mitigation,
+            } => {
                 ctx.action = EnforcedAction::Tarpit;
+                ctx.reference = Some(mitigation.id);
                 tokio::time::sleep(delay).await;
                 drop(permit);
                 Ok(false)
             }
-            Verdict::TarpitFull => {
+            Verdict::TarpitFull(mitigation) => {
                 ctx.action = EnforcedAction::Tarpit;
+                ctx.reference = Some(mitigation.id);
                 self.answer(session, ctx, templates, LocalAnswer::busy(), None)
                     .await?;
                 Ok(true)
@@ -851,6 +873,8 @@ impl ProxyHttp for EsperProxy {
                     .path_and_query()
                     .map_or("/", |p| p.as_str())
                     .to_string();
+                let reference = mitigation.id.text();
+                ctx.reference = Some(mitigation.id);
                 self.challenge(
                     session,
                     ctx,
@@ -859,10 +883,9 @@ impl ProxyHttp for EsperProxy {
                     difficulty,
                     LocalAnswer::challenge(),
                     &return_to,
-                    Some(&mitigation.id.text()),
+                    Some(&reference),
                 )
                 .await?;
-                ctx.reference = Some(mitigation.id);
                 Ok(true)
             }
         }

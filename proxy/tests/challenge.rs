@@ -189,6 +189,63 @@ async fn api_clients_get_json_and_a_solution_earns_a_bound_cookie() {
 }
 
 #[tokio::test]
+async fn a_host_served_only_under_a_path_prefix_takes_its_puzzles_answers() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.upstream = String::new();
+    cfg.apps = vec![esper_proxy::AppConfig {
+        name: "api".into(),
+        path_prefix: "/api".into(),
+        upstreams: vec![up.addr.to_string()],
+        ..esper_proxy::AppConfig::default()
+    }];
+    cfg.challenge_secret = Some(SECRET.into());
+    let proxy = start_proxy(cfg).await;
+    broker
+        .publish("ip:127.0.0.2", Action::Challenge { difficulty: 4 }, TTL)
+        .await;
+    let client = client_from("127.0.0.2");
+    let api = format!("{}/api/items", proxy.url);
+    let challenged = eventually(Duration::from_secs(2), || async {
+        client
+            .get(&api)
+            .header("accept", "application/json")
+            .header("user-agent", UA)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 403)
+    })
+    .await;
+    assert!(challenged, "the challenge mitigation arrived");
+    let body: serde_json::Value = client
+        .get(&api)
+        .header("accept", "application/json")
+        .header("user-agent", UA)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = body["challenge"]["token"].as_str().unwrap();
+    // `/.esper/challenge` is under no app's prefix; it is answered all the same.
+    let solved = post_solution(&proxy, "127.0.0.2", token, &solve(token, 4)).await;
+    assert_eq!(solved.status(), 200);
+    let cookie = cookie_of(&solved);
+    let resp = client
+        .get(&api)
+        .header("cookie", &cookie)
+        .header("user-agent", UA)
+        .send()
+        .await
+        .unwrap();
+    // Past the challenge: the upstream's own answer (it serves no `/api/items`).
+    assert_eq!(resp.status(), 404, "cleared through the prefixed app");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_cookie_from_one_instance_is_honoured_by_another_with_the_key() {
     let (proxy, up, broker) = challenged_proxy("ip:127.0.0.52", 4).await;
     let mut cfg = config(up.addr, &dead_url(), &broker.url);
