@@ -722,6 +722,8 @@ impl Config {
             ));
         }
         nonzero("challenge_ttl", self.challenge_ttl)?;
+        // With no wait the no-JavaScript link would clear any difficulty for no work.
+        nonzero("challenge_fallback_delay", self.challenge_fallback_delay)?;
         if self.threads > 1024 {
             return Err(ConfigError::invalid(
                 "threads",
@@ -1350,6 +1352,13 @@ mod tests {
                     ..base.clone()
                 },
                 "invalid flush_interval = `0s`",
+            ),
+            (
+                Config {
+                    challenge_fallback_delay: Duration::ZERO,
+                    ..base.clone()
+                },
+                "invalid challenge_fallback_delay = `0s`",
             ),
         ];
         for (cfg, expected) in cases {

@@ -30,6 +30,13 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often expired mitigations are freed (lookups ignore them already).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// Least time between the starts of two long polls that bring nothing: a broker that
+/// answers at once with no change must not make the proxy spin.
+const MIN_EMPTY_POLL_SPACING: Duration = Duration::from_millis(250);
+/// Least time between two snapshots taken because the full cache has room again: when
+/// the broker holds more than the cache can, every snapshot fills it again and room
+/// comes back with every expiry.
+const ROOM_RELOAD_SPACING: Duration = Duration::from_secs(60);
 
 /// A snapshot whose pages are arriving.
 struct Pending {
@@ -72,7 +79,9 @@ pub async fn follow(
     let mut pending: Option<Pending> = None;
     // New mitigations are being refused for the cache's limit (warned once per episode).
     let mut full = false;
+    let mut room_reloaded: Option<tokio::time::Instant> = None;
     loop {
+        let asked = tokio::time::Instant::now();
         let client = &clients[current];
         let request = async {
             match &pending {
@@ -145,11 +154,22 @@ pub async fn follow(
                         );
                     }
                     full = true;
-                } else if full && cache.len() < cache.limit() {
+                } else if full
+                    && cache.len() < cache.limit()
+                    && room_reloaded.is_none_or(|t| t.elapsed() >= ROOM_RELOAD_SPACING)
+                {
                     // What was refused went past with the cursor: a snapshot brings it in.
                     tracing::info!("the mitigation cache has room again; reloading the snapshot");
                     full = false;
                     cursor = None;
+                    room_reloaded = Some(tokio::time::Instant::now());
+                }
+                let idle = n == 0 && !page.snapshot && pending.is_none();
+                if idle
+                    && let Some(rest) = MIN_EMPTY_POLL_SPACING.checked_sub(asked.elapsed())
+                    && shutdown.sleep(rest).await
+                {
+                    break;
                 }
                 metrics.deltas_applied.inc_by(n);
                 metrics.cache_entries.set(cache.len() as i64);

@@ -13,7 +13,7 @@ use esper_common::Shutdown;
 use esper_protocol::{ChallengeKey, ProxyConfigDoc};
 use reqwest::StatusCode;
 
-use crate::config::Config;
+use crate::config::{Config, MIN_CHALLENGE_SECRET_LEN};
 use crate::metrics::Metrics;
 use crate::{ProxyError, Reloader};
 
@@ -22,6 +22,29 @@ const REQUEST_SLACK: Duration = Duration::from_secs(10);
 /// First pause after a failed poll; doubles up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Least time between the starts of two polls: a control plane that answers at once,
+/// without waiting and with nothing newer, must not make the proxy spin (each answer
+/// may rebuild its apps).
+const MIN_POLL_SPACING: Duration = Duration::from_millis(250);
+
+/// Keeps polls [`MIN_POLL_SPACING`] apart.
+#[derive(Default)]
+struct Pace(Option<tokio::time::Instant>);
+
+impl Pace {
+    /// Waits until the next poll may start; `true` when shutdown came first.
+    async fn next(&mut self, shutdown: &Shutdown) -> bool {
+        if let Some(last) = self.0 {
+            let due = last + MIN_POLL_SPACING;
+            let now = tokio::time::Instant::now();
+            if now < due && shutdown.sleep(due - now).await {
+                return true;
+            }
+        }
+        self.0 = Some(tokio::time::Instant::now());
+        false
+    }
+}
 
 /// `base` with the top-level keys of the TOML document `overlay` replacing its own.
 pub fn overlay(base: &Config, overlay: &str) -> Result<Config, String> {
@@ -62,7 +85,11 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
     // upstream that does not resolve yet, a templates directory not yet in place): it is
     // tried again after each wait that brings no newer one.
     let mut retry: Option<ProxyConfigDoc> = None;
+    let mut pace = Pace::default();
     loop {
+        if pace.next(&shutdown).await {
+            return;
+        }
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
             r = poll::<ProxyConfigDoc>(f.long_poll(&client, &url, after)) => r,
@@ -145,6 +172,16 @@ impl Backoff {
     }
 }
 
+/// A short key would let anyone compute the signatures of clearance cookies: the
+/// control plane's keys are held to the length a `challenge_secret` must have.
+fn strong_enough(key: &ChallengeKey) -> bool {
+    key.key.len() >= MIN_CHALLENGE_SECRET_LEN
+        && key
+            .previous
+            .as_ref()
+            .is_none_or(|p| p.len() >= MIN_CHALLENGE_SECRET_LEN)
+}
+
 /// One long-poll: something newer, or nothing within the wait.
 async fn poll<T: serde::de::DeserializeOwned>(
     req: reqwest::RequestBuilder,
@@ -189,12 +226,30 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
     );
     let mut after = 0i64;
     let mut backoff = Backoff::default();
+    let mut pace = Pace::default();
     loop {
+        if pace.next(&shutdown).await {
+            return;
+        }
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
             r = poll::<ChallengeKey>(f.long_poll(&client, &url, after)) => r,
         };
         match polled {
+            Ok(Some(key)) if !strong_enough(&key) => {
+                let warn = || {
+                    tracing::warn!(
+                        url,
+                        revision = key.revision,
+                        "the control plane's challenge key is shorter than \
+                         {MIN_CHALLENGE_SECRET_LEN} bytes; not used (the key in use still signs)"
+                    )
+                };
+                if backoff.failed(&shutdown, warn).await {
+                    return;
+                }
+                continue;
+            }
             Ok(Some(key)) => {
                 let first = after == 0;
                 after = key.revision;
@@ -260,5 +315,34 @@ mod tests {
         assert!(overlay(&base, "no_such_option = 1").is_err());
         assert!(overlay(&base, "sample_rate = 7.0").is_err());
         assert!(overlay(&base, "not toml").is_err());
+    }
+
+    #[test]
+    fn short_challenge_keys_are_not_used() {
+        let key = |key: &str, previous: Option<&str>| ChallengeKey {
+            key: key.into(),
+            previous: previous.map(String::from),
+            revision: 2,
+        };
+        let long = "k".repeat(MIN_CHALLENGE_SECRET_LEN);
+        assert!(strong_enough(&key(&long, None)));
+        assert!(strong_enough(&key(&long, Some(&long))));
+        assert!(!strong_enough(&key("", None)));
+        assert!(!strong_enough(&key("short", None)));
+        assert!(!strong_enough(&key(&long, Some("short"))));
+    }
+
+    #[tokio::test]
+    async fn polls_start_at_least_a_spacing_apart() {
+        let (trigger, shutdown) = Shutdown::new();
+        let mut pace = Pace::default();
+        let start = tokio::time::Instant::now();
+        assert!(!pace.next(&shutdown).await);
+        assert!(start.elapsed() < MIN_POLL_SPACING, "the first at once");
+        assert!(!pace.next(&shutdown).await);
+        assert!(!pace.next(&shutdown).await);
+        assert!(start.elapsed() >= 2 * MIN_POLL_SPACING);
+        trigger.trigger();
+        assert!(pace.next(&shutdown).await, "shutdown ends the wait");
     }
 }

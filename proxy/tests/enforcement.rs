@@ -429,5 +429,36 @@ async fn a_full_cache_refuses_new_mitigations_and_says_so() {
     .await;
     assert!(refilled, "three of the four left are enforced");
     assert_eq!(proxy.metric("esper_proxy_cache_entries").await, 3.0);
+
+    // Room again so soon after: no second snapshot yet. A broker that holds more than
+    // the cache can would otherwise have the proxy take a snapshot at every expiry.
+    let snapshots = proxy.metric("esper_proxy_stream_snapshots_total").await;
+    let mut again = None;
+    for i in 1..=5 {
+        if i != held + 1 && status_from(&format!("127.0.1.{i}"), &proxy.url).await == 403 {
+            again = Some(i - 1);
+            break;
+        }
+    }
+    let again = again.expect("a mitigation held");
+    broker
+        .client
+        .revoke(&RevokeRequest {
+            id: Some(published[again].id.clone()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    let revoked = eventually(2 * SECOND, || async {
+        proxy.metric("esper_proxy_cache_entries").await == 2.0
+    })
+    .await;
+    assert!(revoked, "the revocation applied");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        proxy.metric("esper_proxy_stream_snapshots_total").await,
+        snapshots,
+        "a snapshot for room at most once a minute"
+    );
     proxy.stop().await.unwrap();
 }
