@@ -436,19 +436,31 @@ async fn esper_dev_runs_the_whole_scenario() {
     .await;
     // The access log (`mitigated`) has a line for each request a mitigation answered,
     // naming it, and none for the browsing client's.
-    let access: Vec<String> = dev
-        .log()
-        .lines()
-        .filter(|l| l.contains(" esper_proxy::access: "))
-        .map(String::from)
-        .collect();
-    assert!(
-        access.iter().any(|l| l.contains("client=127.0.0.5")
-            && l.contains("status=403")
-            && l.contains("action=\"block\"")
-            && !l.contains("mitigation=\"\"")),
-        "{access:#?}"
-    );
+    // The line is written once the answer is sent, and read from the process's pipe.
+    let access_lines = || -> Vec<String> {
+        dev.log()
+            .lines()
+            .filter(|l| l.contains(" esper_proxy::access: "))
+            .map(String::from)
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the blocked request's line",
+        || async {
+            access_lines()
+                .iter()
+                .any(|l| {
+                    l.contains("client=127.0.0.5")
+                        && l.contains("status=403")
+                        && l.contains("action=\"block\"")
+                        && !l.contains("mitigation=\"\"")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let access = access_lines();
     assert!(
         !access.iter().any(|l| l.contains("client=127.0.0.3 ")),
         "{access:#?}"

@@ -314,6 +314,8 @@ async fn warn_unless_reported(ctx: &Ctx, app: &str) {
     }
 }
 
+/// Proxies silent for now count too: the question is whether the name is known at all
+/// (a typo), and a proxy down for a restart comes back serving its apps.
 fn unreported_app(fleet: &ProxiesResponse, app: &str) -> Option<String> {
     if fleet
         .proxies
