@@ -378,7 +378,8 @@ async fn stream(
                 "snapshot_after needs the snapshot's cursor",
             ));
         };
-        if after.is_empty() || after.len() > MAX_ID_LEN {
+        // Counted as ids are (in characters): a page may end on any id taken.
+        if after.is_empty() || after.chars().count() > MAX_ID_LEN {
             return Err(ApiError::bad_request(
                 "invalid_query",
                 "snapshot_after must be a snapshot page's `more`",

@@ -666,8 +666,9 @@ fn cap_from_creation(mut m: Mitigation, cache_ttl: Duration) -> Mitigation {
     m
 }
 
-/// What `write` logs: the decisions of the mitigations it publishes (expired ones are
-/// left out), or one revocation.
+/// What `write` logs: the decisions of the mitigations it publishes, or one revocation.
+/// A mitigation published already expired ends whatever the store held under its id, so
+/// it is logged as that id's revocation: a restore must not bring back the copy before.
 fn entries_of(write: Write<'_>) -> Vec<Entry> {
     let revoke = |id: Option<&str>, entity: Option<&EntityKey>, all: bool| {
         vec![Entry::Revoke(DecisionRevoke {
@@ -682,8 +683,13 @@ fn entries_of(write: Write<'_>) -> Vec<Entry> {
         Write::Publish(ms) => {
             let now = Utc::now();
             ms.iter()
-                .filter(|m| m.expires_at > now)
-                .map(|m| Entry::Record(Box::new(decision_of(m))))
+                .flat_map(|m| {
+                    if m.expires_at > now {
+                        vec![Entry::Record(Box::new(decision_of(m)))]
+                    } else {
+                        revoke(Some(&m.id), None, false)
+                    }
+                })
                 .collect()
         }
         Write::RevokeId(id) => revoke(Some(id), None, false),
@@ -990,10 +996,14 @@ mod tests {
         );
         let mut expired = mitigation("192.0.2.9");
         expired.expires_at = Utc::now() - chrono::Duration::seconds(1);
-        p.queue(Write::Publish(&[a.clone(), b.clone(), expired]));
+        p.queue(Write::Publish(&[a.clone(), b.clone(), expired.clone()]));
         p.queue(Write::RevokeId(&a.id));
         p.queue(Write::Publish(std::slice::from_ref(&c)));
-        assert_eq!(p.pending(), 4, "expired mitigations are not logged");
+        assert_eq!(
+            p.pending(),
+            5,
+            "an expired mitigation is logged as its id's end"
+        );
 
         let first = p.take().unwrap();
         let Delivery::Records(run) = &first else {
@@ -1004,8 +1014,11 @@ mod tests {
         assert_eq!(run[0].decided_by, LOGGED_BY);
         assert_eq!(run[0].decided_at, a.created_at);
         p.requeue(first);
-        assert_eq!(p.pending(), 4);
+        assert_eq!(p.pending(), 5);
         assert!(matches!(p.take(), Some(Delivery::Records(r)) if r.len() == 2));
+        assert!(
+            matches!(p.take(), Some(Delivery::Revoke(r)) if r.id.as_deref() == Some(expired.id.as_str()) && !r.all)
+        );
         assert!(
             matches!(p.take(), Some(Delivery::Revoke(r)) if r.id.as_deref() == Some(a.id.as_str()))
         );

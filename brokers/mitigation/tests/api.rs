@@ -189,6 +189,39 @@ async fn the_stream_starts_with_a_snapshot_then_sends_changes() {
 }
 
 #[tokio::test]
+async fn a_snapshot_page_may_end_on_an_id_of_many_bytes() {
+    let b = TestBroker::start(Config {
+        stream_page_size: 1,
+        ..config()
+    })
+    .await;
+    // 200 characters, 400 bytes: an id the broker takes must be one a page can end on.
+    let wide = "é".repeat(200);
+    b.client
+        .publish(vec![
+            block(&wide, "ip:192.0.2.1"),
+            block("z", "ip:192.0.2.2"),
+        ])
+        .await
+        .unwrap();
+    let first = b.client.stream(None, Duration::ZERO).await.unwrap();
+    let more = first.more.expect("a second page");
+    let second = b.client.snapshot_next(&first.cursor, &more).await.unwrap();
+    let ids: Vec<String> = first
+        .changes
+        .iter()
+        .chain(&second.changes)
+        .map(|c| match c {
+            Change::Upsert { mitigation } => mitigation.id.clone(),
+            Change::Remove { id } => id.clone(),
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&wide));
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_large_snapshot_arrives_in_pages() {
     let b = TestBroker::start(Config {
         stream_page_size: 500,

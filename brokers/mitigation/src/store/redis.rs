@@ -561,8 +561,10 @@ fn split_cursor(text: &str) -> Option<(&str, &str)> {
     let (generation, id) = text.split_once('-')?;
     Cursor::parse(&format!("{generation}-0"))?;
     let (ms, seq) = id.split_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-    (digits(ms) && digits(seq)).then_some((generation, id))
+    // A stream id's parts are 64-bit: a larger one would fail the script, not be a
+    // cursor too old.
+    let part = |s: &str| s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
+    (part(ms) && part(seq)).then_some((generation, id))
 }
 
 /// Connects to `url` with bounded connect and response timeouts; the connection
@@ -1040,7 +1042,15 @@ mod tests {
             Some(("0123abcd", "1712-3"))
         );
         for bad in [
-            "", "abc", "abc-1", "abc-1-", "abc-1-x", "a b-1-2", "-1-2", "abc-+1-2",
+            "",
+            "abc",
+            "abc-1",
+            "abc-1-",
+            "abc-1-x",
+            "a b-1-2",
+            "-1-2",
+            "abc-+1-2",
+            "0123abcd-99999999999999999999-0",
         ] {
             assert_eq!(split_cursor(bad), None, "{bad}");
         }
