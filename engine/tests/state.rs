@@ -97,7 +97,8 @@ suite!(redis: counts_each_event_once_even_within_a_batch,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, an_unreadable_entity_hash_starts_afresh,
-    an_undo_log_without_prior_offenses_rolls_back);
+    an_undo_log_without_prior_offenses_rolls_back,
+    a_lapsed_batch_undone_at_another_commit_stays_undone);
 suite!(postgres: counts_each_event_once_even_within_a_batch,
     commits_fill_the_outbox_one_owner_delivers_it,
     a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
@@ -108,6 +109,7 @@ suite!(postgres: counts_each_event_once_even_within_a_batch,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, restarted_state_keeps_counts,
+    a_lapsed_batch_undone_at_another_commit_stays_undone,
     a_database_of_the_first_layout_gains_the_outbox,
     a_record_numbered_lower_but_committed_later_is_not_lost,
     an_unreadable_state_row_starts_afresh);
@@ -798,6 +800,26 @@ async fn a_batch_past_its_lease_is_undone_and_cannot_commit(b: &Backend) {
     );
     let again = apply_commit(&*s, &bt, now + 1003).await;
     assert_eq!(again.duplicate, vec![true; 3]);
+}
+
+/// A lapsed batch is undone by whichever call comes next, here another worker's commit:
+/// its counts and its decision's cooldown must not outlive the undo.
+async fn a_lapsed_batch_undone_at_another_commit_stays_undone(b: &Backend) {
+    let s = b.make(1000, Duration::from_secs(1)).await;
+    let now = now();
+    let bt = batch(&["a", "b", "c"], "ip:10.0.0.1", now);
+    let dead = s.apply(&bt, now).await.unwrap();
+    assert_eq!(dead.crossings.len(), 1);
+    let other = s
+        .apply(&batch(&["x"], "ip:10.0.0.2", now), now + 500)
+        .await
+        .unwrap();
+    // The other worker's commit comes after the first batch's lease ran out.
+    s.commit(&other.receipt, now + 1001).await.unwrap();
+    let next = apply_commit(&*s, &bt, now + 1002).await;
+    assert_eq!(next.duplicate, vec![false; 3]);
+    assert_eq!(next.crossings.len(), 1, "the lapsed decision's cooldown is gone");
+    assert_eq!(next.crossings[0].counted, 3.0, "each event counted once");
 }
 
 /// Two connections, a test's default lease and capacity, on the database at `url`.

@@ -428,7 +428,8 @@ if op == 'apply' then
   return cjson.encode({ rid = out_rid, dup = table.concat(dup), busy = table.concat(busy), late = late,
                         x = table.concat(crossings, ';'), st = stats() })
 elseif op == 'commit' then
-  sweep()
+  -- What a sweep undoes lives in the script's cache until saved.
+  if sweep() > 0 then save_all(hist) end
   local rid = A.rid
   -- Receipt 0 marked nothing in flight: only its records are committed.
   if rid ~= '0' and not redis.call('ZSCORE', RC, rid) then
