@@ -818,7 +818,11 @@ async fn a_lapsed_batch_undone_at_another_commit_stays_undone(b: &Backend) {
     s.commit(&other.receipt, now + 1001).await.unwrap();
     let next = apply_commit(&*s, &bt, now + 1002).await;
     assert_eq!(next.duplicate, vec![false; 3]);
-    assert_eq!(next.crossings.len(), 1, "the lapsed decision's cooldown is gone");
+    assert_eq!(
+        next.crossings.len(),
+        1,
+        "the lapsed decision's cooldown is gone"
+    );
     assert_eq!(next.crossings[0].counted, 3.0, "each event counted once");
 }
 

@@ -21,6 +21,7 @@ pub mod redis;
 pub mod state;
 pub mod window;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -398,8 +399,31 @@ impl Evaluator {
     }
 }
 
+/// `ev` with its path in the form servers resolve it to (`//login`, `/./login`,
+/// `/login;jsessionid=1` and `/%6Cogin` are all `/login`), so a policy's paths, prefixes
+/// and `path` conditions see what the app sees and cannot be stepped around by writing
+/// the path another way. Only an event whose path is not already normal is copied.
+fn with_normal_path(ev: &RequestEvent) -> Cow<'_, RequestEvent> {
+    let (path, query) = match ev.path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (ev.path.as_str(), None),
+    };
+    match esper_protocol::normalize_path(path) {
+        Cow::Borrowed(_) => Cow::Borrowed(ev),
+        Cow::Owned(normal) => {
+            let mut copy = ev.clone();
+            copy.path = match query {
+                Some(q) => format!("{normal}?{q}"),
+                None => normal,
+            };
+            Cow::Owned(copy)
+        }
+    }
+}
+
 /// The (policy, entity) hits of one event.
 fn hits_of(policies: &PolicySet, ev: &RequestEvent, now_ms: i64) -> EventHits {
+    let ev = &*with_normal_path(ev);
     // Future timestamps (clock skew) count as now; bad weights as one event.
     let at_ms = ev.timestamp.timestamp_millis().min(now_ms);
     let weight = if ev.weight.is_finite() && ev.weight > 0.0 {

@@ -99,6 +99,44 @@ async fn fires_exactly_at_the_threshold_with_a_full_decision() {
 }
 
 #[tokio::test]
+async fn a_path_written_another_way_is_the_same_path() {
+    // `paths = ["/login"]` and `path == "/login"` see the path the app resolves.
+    const BY_EXPR: &str = r#"
+[[policy]]
+id = "login-expr"
+window = "60s"
+threshold = 5
+action = "block"
+filter = 'method == "POST" && path == "/login" && status == 401'
+"#;
+    for policies in [LOGIN, BY_EXPR] {
+        let (ev, set, _) = setup(policies);
+        let spellings = [
+            "//login",
+            "/./login",
+            "/login;jsessionid=1",
+            "/%6Cogin",
+            "/x/../login",
+        ];
+        let events: Vec<_> = (0..10)
+            .map(|i| {
+                let mut e = event(
+                    "127.0.0.2",
+                    "POST",
+                    spellings[i % spellings.len()],
+                    401,
+                    f64::from(i as u32) / 10.0,
+                );
+                e.id = format!("e{i}");
+                e
+            })
+            .collect();
+        let d = run(&ev, &set, &events, at(2.0)).await;
+        assert_eq!(d.len(), 1, "{policies}");
+    }
+}
+
+#[tokio::test]
 async fn weights_count_as_many_events() {
     let (ev, set, _) = setup(LOGIN);
     let mut heavy = login("127.0.0.2", 0.0);

@@ -22,7 +22,7 @@
 //!
 //! [policy.match]                  # every given condition must hold; none given = any request
 //! methods = ["POST"]              # case-insensitive
-//! paths = ["/login"]              # exact; the query string is ignored
+//! paths = ["/login"]              # exact, in normal form; the query string is ignored
 //! path_prefixes = ["/api/"]
 //! statuses = [401, "5xx"]         # codes or classes
 //! hosts = ["shop.example"]        # case-insensitive; any port
