@@ -259,6 +259,17 @@ impl PolicySpec {
                         ),
                     ));
                 }
+                // A distinct count stops at the cap: a step above it would never apply.
+                if let AggregateSpec::Distinct(_) = self.aggregate
+                    && t > MAX_DISTINCT as f64
+                {
+                    return Err(field(
+                        key("threshold"),
+                        format!(
+                            "a distinct count is exact up to {MAX_DISTINCT} values; threshold {t} is above it"
+                        ),
+                    ));
+                }
                 last_threshold = t;
             }
             check_action(

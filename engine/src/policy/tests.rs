@@ -419,6 +419,13 @@ fn advanced_fields_are_checked() {
     )
     .unwrap_err();
     assert!(err.message.contains("exact up to 4096"), "{err}");
+    // An escalation step above the cap would never apply either.
+    let err = parse_policies(&format!(
+        "{}\n[[policy.escalation]]\nthreshold = 5000\naction = \"block\"\n",
+        base("aggregate = \"distinct(path)\"")
+    ))
+    .unwrap_err();
+    assert!(err.message.contains("threshold 5000 is above it"), "{err}");
     let ok = parse_policies(&base("aggregate = \"rate\"\nentity = \"user_agent\"")).unwrap();
     assert_eq!(ok[0].entity.to_string(), "user_agent");
 }
