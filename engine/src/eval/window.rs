@@ -33,7 +33,9 @@ impl WindowParams {
         let bucket_ms = (window_ms / SUB_BUCKETS as i64).max(1);
         WindowParams {
             bucket_ms,
-            buckets: (window_ms + bucket_ms - 1) / bucket_ms,
+            // Rounded down, so the sub-buckets never span more than the window (a 10s
+            // window is 30 of 333 ms, not 31).
+            buckets: (window_ms / bucket_ms).max(1),
             threshold,
             cooldown_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
         }
@@ -315,8 +317,14 @@ mod tests {
         let p = params();
         assert_eq!((p.bucket_ms, p.buckets, p.window_ms()), (2000, 30, 60_000));
         let odd = WindowParams::new(Duration::from_millis(1001), 1.0, Duration::from_secs(1));
-        assert_eq!((odd.bucket_ms, odd.buckets), (33, 31));
-        assert!(odd.window_ms() >= 1001);
+        // Never late: the sub-buckets span no more than the window.
+        assert_eq!((odd.bucket_ms, odd.buckets), (33, 30));
+        assert!(odd.window_ms() <= 1001 && odd.window_ms() > 1001 - 2 * 33);
+        let ten = WindowParams::new(Duration::from_secs(10), 1.0, Duration::from_secs(1));
+        assert_eq!(
+            (ten.bucket_ms, ten.buckets, ten.window_ms()),
+            (333, 30, 9990)
+        );
     }
 
     #[test]
