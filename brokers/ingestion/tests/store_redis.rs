@@ -33,6 +33,43 @@ async fn redis_queue_passes_the_store_suite() {
     queue_store_suite(Arc::new(open(&shared().url(), &prefix).await)).await;
 }
 
+#[tokio::test]
+async fn no_item_is_handed_out_past_its_attempts_however_many_leases_ran_out() {
+    use esper_ingestion::QueueStore;
+    use esper_ingestion::store::ClaimSpec;
+    let prefix = unique_prefix("attempts");
+    let store = RedisQueue::open(&shared().url(), &prefix, 5_000, 1)
+        .await
+        .unwrap();
+    store.enqueue(events("e", 1_500)).await.unwrap();
+    let claim = |consumer: &str, max: usize, lease: Duration| ClaimSpec {
+        consumer: consumer.to_string(),
+        max,
+        lease,
+        wait: Duration::ZERO,
+        linger: Duration::ZERO,
+    };
+    let first = store
+        .claim(&claim("w1", 1_500, Duration::from_millis(10)))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1_500);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // 1,500 leases ran out, each item claimed once of its one attempt: more than the
+    // first dead-letter pass looks at, and none may go out again.
+    let again = store
+        .claim(&claim("w2", 100, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(
+        again.iter().all(|i| i.attempts <= 1),
+        "{:?}",
+        again.iter().map(|i| i.attempts).collect::<Vec<_>>()
+    );
+    assert!(again.is_empty(), "{} handed out again", again.len());
+    store.purge().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_queue_passes_the_store_suite_split_over_two_connections() {
     // Two stores on one prefix are one queue: the suite holds through either.

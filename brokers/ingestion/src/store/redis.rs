@@ -99,27 +99,35 @@ local threshold, max_attempts, dead_cap = tonumber(ARGV[4]), tonumber(ARGV[5]), 
 local now = now_ms()
 redis.call('HSET', CONS, consumer, now)
 
--- Expired leases that used up their attempts go to the dead-letter stream.
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, 1000)) do
+-- An expired lease that used up its attempts goes to the dead-letter stream: `true`
+-- when it did.
+local function dead_letter(id)
   local attempts = tonumber(redis.call('HGET', ATT, id) or '0')
-  if attempts >= max_attempts then
-    local r = redis.call('XRANGE', S, id, id)
-    if #r > 0 then
-      local did = redis.call('XADD', DEAD, '*', 'id', id, 'e', field(r[1][2], 'e'),
-        'attempts', attempts, 'consumer', redis.call('HGET', OWNER, id) or '', 'at', now)
-      redis.call('HSET', DIDX, id, did)
-      redis.call('HINCRBY', STATS, 'dead_lettered', 1)
-    end
-    redis.call('XACK', S, G, id)
-    redis.call('XDEL', S, id)
-    forget(id)
+  if attempts < max_attempts then return false end
+  local r = redis.call('XRANGE', S, id, id)
+  if #r > 0 then
+    local did = redis.call('XADD', DEAD, '*', 'id', id, 'e', field(r[1][2], 'e'),
+      'attempts', attempts, 'consumer', redis.call('HGET', OWNER, id) or '', 'at', now)
+    redis.call('HSET', DIDX, id, did)
+    redis.call('HINCRBY', STATS, 'dead_lettered', 1)
+  end
+  redis.call('XACK', S, G, id)
+  redis.call('XDEL', S, id)
+  forget(id)
+  return true
+end
+local function trim_dead()
+  while redis.call('XLEN', DEAD) > dead_cap do
+    local oldest = redis.call('XRANGE', DEAD, '-', '+', 'COUNT', 1)[1]
+    redis.call('HDEL', DIDX, field(oldest[2], 'id'))
+    redis.call('XDEL', DEAD, oldest[1])
   end
 end
-while redis.call('XLEN', DEAD) > dead_cap do
-  local oldest = redis.call('XRANGE', DEAD, '-', '+', 'COUNT', 1)[1]
-  redis.call('HDEL', DIDX, field(oldest[2], 'id'))
-  redis.call('XDEL', DEAD, oldest[1])
+
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, 1000)) do
+  dead_letter(id)
 end
+trim_dead()
 
 local waiting = redis.call('XLEN', S) - pending_count()
 local available = waiting + redis.call('ZCOUNT', EXP, '-inf', now)
@@ -136,17 +144,23 @@ local expired = redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, max)
 table.sort(expired, older)
 local reclaimed = 0
 for _, id in ipairs(expired) do
-  local r = redis.call('XCLAIM', S, G, consumer, 0, id)
-  if #r > 0 and r[1] then
-    local attempts = redis.call('HINCRBY', ATT, id, 1)
-    redis.call('HSET', OWNER, id, consumer)
-    redis.call('ZADD', EXP, now + lease, id)
-    out[#out + 1] = {id = id, attempts = attempts, e = field(r[1][2], 'e')}
-    reclaimed = reclaimed + 1
+  -- The pass above looks at the first thousand only: no item is handed out once more
+  -- than its attempts allow, however many leases ran out.
+  if dead_letter(id) then
+    trim_dead()
   else
-    -- The entry is gone (purged by hand): drop what is left of its lease.
-    redis.call('XACK', S, G, id)
-    forget(id)
+    local r = redis.call('XCLAIM', S, G, consumer, 0, id)
+    if #r > 0 and r[1] then
+      local attempts = redis.call('HINCRBY', ATT, id, 1)
+      redis.call('HSET', OWNER, id, consumer)
+      redis.call('ZADD', EXP, now + lease, id)
+      out[#out + 1] = {id = id, attempts = attempts, e = field(r[1][2], 'e')}
+      reclaimed = reclaimed + 1
+    else
+      -- The entry is gone (purged by hand): drop what is left of its lease.
+      redis.call('XACK', S, G, id)
+      forget(id)
+    end
   end
 end
 if reclaimed > 0 then redis.call('HINCRBY', STATS, 'reclaimed', reclaimed) end
