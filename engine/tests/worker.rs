@@ -76,6 +76,40 @@ async fn blocks_the_brute_forcer_once_counts_duplicates_once_and_acks_everything
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_that_do_not_wait_do_not_spin_on_an_empty_queue() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("spin");
+    let policies = dir.write("policies.toml", LOGIN_POLICY);
+    let mut config = worker_config(&ing.url(), &mit.url(), policies);
+    config.claim_wait = Duration::ZERO;
+    let worker = worker(config).await;
+    let claims = || async {
+        sample(
+            &metrics(&ing.url()).await,
+            r#"esper_requests_total{method="POST",route="/api/queue/claim",status="200"}"#,
+        )
+    };
+    // Once the worker is claiming, two slots for one second: about 20 claims at the
+    // 100 ms spacing, where a spinning loop makes thousands.
+    eventually(Duration::from_secs(5), "the first claims", || async {
+        (claims().await > 0.0).then_some(())
+    })
+    .await;
+    let before = claims().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let made = claims().await - before;
+    assert!(made <= 60.0, "{made} claims in a second");
+    // And it still takes work at once when some comes.
+    let (ingest, _) = clients(&ing.url(), &mit.url());
+    ingest.ingest(logins("127.0.0.9", 3)).await.unwrap();
+    drained(&ingest, Duration::from_secs(5)).await;
+    worker.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_publish_is_rolled_back_and_redelivered_events_decide_again() {
     let ing = ingestion().await;
     // The mitigation broker is down at first: its port is known but nothing listens.

@@ -21,6 +21,9 @@ use super::policies::PolicyHandle;
 use super::status::{Metrics, Status};
 use crate::eval::{Evaluator, LogAppend, PolicySet};
 
+/// Least time between the starts of two claims that brought nothing.
+const MIN_EMPTY_CLAIM_SPACING: Duration = Duration::from_millis(100);
+
 /// Everything the loops share.
 pub(crate) struct Shared {
     pub worker_id: String,
@@ -78,6 +81,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
             continue;
         }
         // The claim is not cut short by shutdown: items it leases are processed below.
+        let asked = Instant::now();
         let claimed = shared
             .ingestion
             .claim(
@@ -102,6 +106,13 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
             }
         };
         if items.is_empty() {
+            // A claim that did not wait (`claim_wait` 0, or a broker that caps waits at
+            // 0) must not make the slot spin against the broker.
+            if let Some(rest) = MIN_EMPTY_CLAIM_SPACING.checked_sub(asked.elapsed())
+                && shutdown.sleep(rest).await
+            {
+                break;
+            }
             continue;
         }
         // Read after the claim, which may have waited through a reload: events that
