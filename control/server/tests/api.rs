@@ -429,6 +429,41 @@ async fn lists_are_validated_and_guarded_by_their_users() {
         .await;
     assert_eq!(status, 409, "an IP list in use cannot become a string list");
 
+    // A string list in use may change its items, not its kind.
+    let (status, _) = s
+        .put(
+            "/api/v1/lists/bad-agents",
+            json!({"kind": "string", "items": ["curl"]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let agents = "[[policy]]\nid = \"agents\"\nwindow = \"1m\"\nthreshold = 5\naction = \"block\"\nfilter = 'user_agent in list(\"bad-agents\")'\n";
+    let (status, body) = s.apply_toml(agents).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s
+        .put(
+            "/api/v1/lists/bad-agents",
+            json!({"kind": "string", "items": ["curl", "wget"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s
+        .put(
+            "/api/v1/lists/bad-agents",
+            json!({"kind": "ip", "items": ["192.0.2.1"]}),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("used by policy `agents` as a string list"),
+        "{body}"
+    );
+    s.delete("/api/v1/policies/agents").await;
+    s.delete("/api/v1/lists/bad-agents").await;
+
     let (status, body) = s.get("/api/v1/lists").await;
     assert_eq!(status, 200);
     assert_eq!(body["lists"][0]["items"], 2);

@@ -29,6 +29,28 @@ async fn user_of(state: &AppState, name: &str) -> Result<Option<String>, ApiErro
     }))
 }
 
+/// A policy that reads list `name` as another kind than `kind`, and the kind it reads:
+/// stored as `kind`, the list would be empty to that policy (`!(x in list(...))` would
+/// then hold for everyone).
+async fn reader_of_other_kind(
+    state: &AppState,
+    name: &str,
+    kind: ListKind,
+) -> Result<Option<(String, ListKind)>, ApiError> {
+    let policies = state
+        .store
+        .list_policies()
+        .await
+        .map_err(|e| store_error(state, e))?;
+    Ok(policies.into_iter().find_map(|p| {
+        let spec: PolicySpec = serde_json::from_value(p.spec).ok()?;
+        spec.typed_list_refs()
+            .into_iter()
+            .find(|(l, k)| l == name && *k != kind)
+            .map(|(_, k)| (p.id, k))
+    }))
+}
+
 /// `GET /api/v1/lists`
 pub async fn list(State(state): State<AppState>) -> Result<Json<ListsResponse>, ApiError> {
     let lists = state
@@ -89,11 +111,9 @@ pub async fn put(
     };
     list.validate()
         .map_err(|e| ApiError::bad_request("invalid_list", e.to_string()))?;
-    if kind != ListKind::Ip
-        && let Some(policy) = user_of(&state, &name).await?
-    {
+    if let Some((policy, needed)) = reader_of_other_kind(&state, &name, kind).await? {
         return Err(ApiError::Conflict(format!(
-            "list `{name}` is used by policy `{policy}` as an IP list; it cannot become a {kind} list"
+            "list `{name}` is used by policy `{policy}` as a {needed} list; it cannot become a {kind} list"
         )));
     }
     let record = state
