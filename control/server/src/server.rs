@@ -163,6 +163,7 @@ pub async fn start_staged(
         active_cache: Mutex::new(None),
         proxy_config_changed: tokio::sync::Notify::new(),
         challenge_key_changed: tokio::sync::Notify::new(),
+        stopping: stop.clone(),
     }));
 
     // Certificate problems are start-up errors, before anything is served.

@@ -64,6 +64,9 @@ pub struct Inner {
     pub proxy_config_changed: tokio::sync::Notify,
     /// Wakes proxies' long-polls when the challenge key is rotated.
     pub challenge_key_changed: tokio::sync::Notify,
+    /// Fires when the server begins to stop: long-polls answer at once, so a graceful
+    /// stop does not wait out their waits.
+    pub stopping: esper_common::Shutdown,
 }
 
 /// Cheap to clone; handlers take it as `State<AppState>`.

@@ -1218,5 +1218,27 @@ async fn a_rotated_challenge_key_reaches_a_waiting_long_poll_and_keeps_the_one_b
     assert_eq!(still["revision"], 3, "{still}");
     let (status, body) = s.get("/api/v1/proxies/challenge-key?after=x").await;
     assert_eq!(status, 400, "{body}");
+
+    // A stop does not wait out the long-polls: they answer "nothing new" at once.
+    let polls: Vec<_> = [
+        "/api/v1/proxies/challenge-key?after=3&wait=30",
+        "/api/v1/proxies/config?after=0&wait=30",
+    ]
+    .into_iter()
+    .map(|path| {
+        let poll = s.req(Method::GET, path).send();
+        tokio::spawn(async move { poll.await.map(|r| r.status().as_u16()) })
+    })
+    .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let stopping = std::time::Instant::now();
     s.stop().await;
+    assert!(
+        stopping.elapsed() < std::time::Duration::from_secs(5),
+        "stopped in {:?}",
+        stopping.elapsed()
+    );
+    for poll in polls {
+        assert_eq!(poll.await.unwrap().unwrap(), 204);
+    }
 }

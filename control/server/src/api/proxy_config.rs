@@ -43,20 +43,25 @@ pub async fn get(
     Query(p): Query<ConfigParams>,
 ) -> Result<Response, ApiError> {
     let after = p.after.unwrap_or(i64::MIN);
-    long_poll(&state.proxy_config_changed, p.wait, || async {
-        let doc = state
-            .store
-            .proxy_config()
-            .await
-            .map_err(|e| store_error(&state, e))?;
-        match doc {
-            Some(doc) if doc.revision > after => Ok(Some(doc)),
-            None if p.wait.is_none() => {
-                Err(ApiError::NotFound("no proxy configuration stored".into()))
+    long_poll(
+        &state.proxy_config_changed,
+        &state.stopping,
+        p.wait,
+        || async {
+            let doc = state
+                .store
+                .proxy_config()
+                .await
+                .map_err(|e| store_error(&state, e))?;
+            match doc {
+                Some(doc) if doc.revision > after => Ok(Some(doc)),
+                None if p.wait.is_none() => {
+                    Err(ApiError::NotFound("no proxy configuration stored".into()))
+                }
+                _ => Ok(None),
             }
-            _ => Ok(None),
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -65,6 +70,7 @@ pub async fn get(
 /// it finds something, or 204 once `wait` seconds (at most [`MAX_WAIT`]) have passed.
 async fn long_poll<T, F, Fut>(
     changed: &tokio::sync::Notify,
+    stopping: &esper_common::Shutdown,
     wait: Option<u64>,
     mut read: F,
 ) -> Result<Response, ApiError>
@@ -82,10 +88,14 @@ where
             return Ok(Json(found).into_response());
         }
         let now = tokio::time::Instant::now();
-        if now >= deadline {
+        if now >= deadline || stopping.is_triggered() {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        let _ = tokio::time::timeout((deadline - now).min(RECHECK), notified).await;
+        tokio::select! {
+            _ = tokio::time::timeout((deadline - now).min(RECHECK), notified) => {}
+            // Nothing new: the poller asks again, of an instance still serving.
+            _ = stopping.wait() => return Ok(StatusCode::NO_CONTENT.into_response()),
+        }
     }
 }
 
@@ -128,18 +138,23 @@ pub async fn challenge_key(
     Query(p): Query<ConfigParams>,
 ) -> Result<Response, ApiError> {
     let after = p.after.unwrap_or(i64::MIN);
-    long_poll(&state.challenge_key_changed, p.wait, || async {
-        let secret = state
-            .store
-            .secret(CHALLENGE_KEY, &fresh_key())
-            .await
-            .map_err(|e| store_error(&state, e))?;
-        Ok((secret.revision > after).then_some(ChallengeKey {
-            key: secret.value,
-            previous: secret.previous,
-            revision: secret.revision,
-        }))
-    })
+    long_poll(
+        &state.challenge_key_changed,
+        &state.stopping,
+        p.wait,
+        || async {
+            let secret = state
+                .store
+                .secret(CHALLENGE_KEY, &fresh_key())
+                .await
+                .map_err(|e| store_error(&state, e))?;
+            Ok((secret.revision > after).then_some(ChallengeKey {
+                key: secret.value,
+                previous: secret.previous,
+                revision: secret.revision,
+            }))
+        },
+    )
     .await
 }
 
