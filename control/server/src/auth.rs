@@ -82,9 +82,17 @@ pub async fn ensure_token(
         return Ok(None);
     }
     let token = generate_token();
-    store
+    // Two instances starting on one empty store both count none: one stores its token,
+    // and the other starts with it (whose value that instance printed).
+    if !store
         .add_token(INITIAL_TOKEN_NAME, &hash_token(&token))
-        .await?;
+        .await?
+    {
+        tracing::info!(
+            "another control-plane instance generated the initial API token; it printed it"
+        );
+        return Ok(None);
+    }
     tracing::warn!(
         token = %token,
         "no API token was configured or stored, so one was generated; it is shown this once: \

@@ -236,8 +236,9 @@ pub trait ControlStore: Send + Sync {
 
     async fn token_count(&self) -> Result<u64, StoreError>;
 
-    /// Stores a token's SHA-256 hash (hex) under `name`.
-    async fn add_token(&self, name: &str, hash: &str) -> Result<(), StoreError>;
+    /// Stores a token's SHA-256 hash (hex) under `name`, unless a token of that name is
+    /// stored already; `true` when this one was stored.
+    async fn add_token(&self, name: &str, hash: &str) -> Result<bool, StoreError>;
 
     /// The name of the token with this hash, if any.
     async fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError>;

@@ -747,15 +747,18 @@ where
         Ok(n.max(0) as u64)
     }
 
-    async fn add_token(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+    async fn add_token(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
         let _turn = self.turn().await;
-        sqlx::query("INSERT INTO tokens (name, hash, created_at) VALUES ($1, $2, $3)")
-            .bind(name)
-            .bind(hash)
-            .bind(ts(Utc::now()))
-            .execute(self.pool())
-            .await?;
-        Ok(())
+        let done = sqlx::query(
+            "INSERT INTO tokens (name, hash, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(hash)
+        .bind(ts(Utc::now()))
+        .execute(self.pool())
+        .await?;
+        Ok(B::rows_affected(&done) == 1)
     }
 
     async fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError> {
