@@ -147,6 +147,32 @@ async fn a_write_through_one_instance_moves_the_revision_of_every_instance() {
 }
 
 #[tokio::test]
+async fn a_revision_written_without_an_announcement_is_caught_up_with() {
+    let url = shared().fresh_database().await;
+    let a = migrated(&url).await;
+    let b = PostgresStore::connect(&url, 2).await.unwrap();
+    eventually("b listens for revision changes", || async { b.listening() }).await;
+    assert_eq!(b.revision().await.unwrap(), 0);
+    // As if the announcement were lost on a listening connection that died silently.
+    let raw = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE counters SET value = 7 WHERE name = 'revision'")
+        .execute(&raw)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    while b.revision().await.unwrap() != 7 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "b still at {} without an announcement",
+            b.revision().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    raw.close().await;
+    drop(a);
+}
+
+#[tokio::test]
 async fn two_control_planes_over_one_database_serve_each_others_writes() {
     let url = shared().fresh_database().await;
     let brokers = Brokers::start().await;

@@ -33,6 +33,10 @@ const WRITE_LOCK: i64 = 0x65_7370_6572;
 const MIGRATE_LOCK: i64 = 0x65_7370_6573;
 /// How long to wait before listening again after the listening connection failed.
 const RELISTEN_AFTER: Duration = Duration::from_secs(1);
+/// How often the revision is read from the table besides the announcements: a listening
+/// connection a NAT or firewall forgot says nothing (no TCP keepalive), and an instance
+/// trusting it alone would serve a stale revision for ever.
+const CATCH_UP_EVERY: Duration = Duration::from_secs(10);
 
 /// The revision as last announced, valid while `live` (the listener is connected and
 /// caught up).
@@ -88,11 +92,13 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(opts);
         let revision = Arc::new(RevisionCache::default());
-        let listener = tokio::spawn(follow_revisions(
-            pool.clone(),
-            listen_pool,
-            revision.clone(),
-        ))
+        let (follow, catch_up) = (
+            follow_revisions(pool.clone(), listen_pool, revision.clone()),
+            catch_up_revisions(pool.clone(), revision.clone()),
+        );
+        let listener = tokio::spawn(async move {
+            tokio::join!(follow, catch_up);
+        })
         .abort_handle();
         Ok(PostgresStore {
             pool,
@@ -169,6 +175,18 @@ async fn follow_revisions(pool: PgPool, listen_pool: PgPool, cache: Arc<Revision
             }
         }
         tokio::time::sleep(RELISTEN_AFTER).await;
+    }
+}
+
+/// Raises `cache` to the table's revision every [`CATCH_UP_EVERY`] until the pool closes.
+async fn catch_up_revisions(pool: PgPool, cache: Arc<RevisionCache>) {
+    while !pool.is_closed() {
+        tokio::time::sleep(CATCH_UP_EVERY).await;
+        if let Ok(row) = sqlx::query(READ_REVISION_SQL).fetch_one(&pool).await
+            && let Ok(rev) = row.int("value")
+        {
+            cache.raise(rev);
+        }
     }
 }
 
