@@ -117,6 +117,7 @@ async fn a_write_through_one_instance_moves_the_revision_of_every_instance() {
     eventually("b listens for revision changes", || async { b.listening() }).await;
     for round in 1..=3 {
         a.put_policies(vec![PolicyWrite {
+            expected_version: None,
             id: "p".into(),
             enabled: true,
             mode: "enforce".into(),

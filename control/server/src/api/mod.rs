@@ -101,6 +101,10 @@ pub(crate) fn limit(given: Option<usize>, default: usize, max: usize) -> Result<
 }
 
 pub(crate) fn store_error(state: &AppState, e: StoreError) -> ApiError {
+    if let StoreError::Stale(message) = e {
+        // The store did its part: a read it was given went out of date.
+        return ApiError::Conflict(message);
+    }
     state.metrics.store_errors.inc();
     match e {
         StoreError::Corrupt(_) => ApiError::internal(e),

@@ -169,6 +169,7 @@ fn write_of(spec: &PolicySpec, change: &str, caller: &Caller) -> Result<PolicyWr
         spec: serde_json::to_value(spec).map_err(ApiError::internal)?,
         change: change.to_string(),
         changed_by: caller.0.clone(),
+        expected_version: None,
     })
 }
 
@@ -306,16 +307,30 @@ pub async fn toggle(
             )));
         }
     };
-    let record = state
-        .store
-        .get_policy(&id)
-        .await
-        .map_err(|e| store_error(&state, e))?
-        .ok_or_else(|| not_found(&id))?;
-    let mut spec = spec_of(&record)?;
-    change(&mut spec);
-    write(&state, vec![write_of(&spec, &op, &caller)?]).await
+    // Read, change, and write only over the version read: an apply or a delete in
+    // between would otherwise be undone. Taken again from the newer version.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let record = state
+            .store
+            .get_policy(&id)
+            .await
+            .map_err(|e| store_error(&state, e))?
+            .ok_or_else(|| not_found(&id))?;
+        let mut spec = spec_of(&record)?;
+        change(&mut spec);
+        let mut w = write_of(&spec, &op, &caller)?;
+        w.expected_version = Some(record.version);
+        match write(&state, vec![w]).await {
+            Err(ApiError::Conflict(_)) if tries < TOGGLE_TRIES => continue,
+            done => return done,
+        }
+    }
 }
+
+/// Reads a toggle makes before it gives up on a policy changing under it.
+const TOGGLE_TRIES: usize = 3;
 
 /// `DELETE /api/v1/policies/{id}`: the history stays.
 pub async fn delete(

@@ -36,6 +36,9 @@ pub enum StoreError {
     /// A row could not be read back (bad JSON or timestamp).
     #[error("control store holds an unreadable row: {0}")]
     Corrupt(String),
+    /// A write made from what was read changed since the read (nothing was written).
+    #[error("{0}")]
+    Stale(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -80,6 +83,10 @@ pub struct PolicyWrite {
     pub spec: serde_json::Value,
     pub change: String,
     pub changed_by: String,
+    /// Written only while the stored version is still this one (a write made from a
+    /// read, such as a toggle); otherwise the whole call fails with
+    /// [`StoreError::Stale`].
+    pub expected_version: Option<i64>,
 }
 
 /// The result of writing one policy.

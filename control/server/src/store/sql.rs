@@ -331,6 +331,14 @@ where
                 .as_ref()
                 .map(policy_row)
                 .transpose()?;
+            if let Some(expected) = w.expected_version
+                && current.as_ref().map(|c| c.version) != Some(expected)
+            {
+                return Err(StoreError::Stale(format!(
+                    "policy `{}` changed since version {expected} was read",
+                    w.id
+                )));
+            }
             if let Some(cur) = &current
                 && cur.spec == w.spec
             {

@@ -11,10 +11,11 @@ use esper_protocol::{
 };
 use serde_json::json;
 
-use super::{BROKER_COPY, ControlStore, DecisionQuery, PolicyWrite, RevokeTarget};
+use super::{BROKER_COPY, ControlStore, DecisionQuery, PolicyWrite, RevokeTarget, StoreError};
 
 fn write(id: &str, spec: serde_json::Value, change: &str) -> PolicyWrite {
     PolicyWrite {
+        expected_version: None,
         id: id.to_string(),
         enabled: spec["enabled"].as_bool().unwrap_or(true),
         mode: spec["mode"].as_str().unwrap_or("enforce").to_string(),
@@ -99,7 +100,38 @@ async fn policies_version_only_on_change(store: &dyn ControlStore) {
         .expect("put changed");
     assert_eq!((out[0].version, out[0].changed), (2, true));
     let got = store.get_policy("a").await.expect("get").expect("exists");
-    assert_eq!((got.version, got.spec), (2, a2));
+    assert_eq!((got.version, got.spec), (2, a2.clone()));
+
+    // A write made from a read (a toggle) goes in only over the version it read.
+    let off = json!({"id": "a", "threshold": 20, "enabled": false, "mode": "enforce"});
+    let stale = PolicyWrite {
+        expected_version: Some(1),
+        ..write("a", off.clone(), "disable")
+    };
+    assert!(matches!(
+        store.put_policies(vec![stale]).await,
+        Err(StoreError::Stale(_))
+    ));
+    assert_eq!(
+        store
+            .get_policy("a")
+            .await
+            .expect("get")
+            .expect("exists")
+            .version,
+        2
+    );
+    let current = PolicyWrite {
+        expected_version: Some(2),
+        ..write("a", off, "disable")
+    };
+    let out = store.put_policies(vec![current]).await.expect("over 2");
+    assert_eq!((out[0].version, out[0].changed), (3, true));
+    let out = store
+        .put_policies(vec![write("a", a2, "enable")])
+        .await
+        .expect("enable");
+    assert_eq!(out[0].version, 4);
 
     let snap = store.active_snapshot().await.expect("snapshot");
     let ids: Vec<_> = snap.policies.iter().map(|p| p.id.as_str()).collect();
@@ -118,14 +150,23 @@ async fn policies_version_only_on_change(store: &dyn ControlStore) {
         .iter()
         .map(|v| (v.version, v.change.as_str()))
         .collect();
-    assert_eq!(changes, [(1, "apply"), (2, "apply"), (3, "delete")]);
+    assert_eq!(
+        changes,
+        [
+            (1, "apply"),
+            (2, "apply"),
+            (3, "disable"),
+            (4, "enable"),
+            (5, "delete")
+        ]
+    );
     assert_eq!(history[0].spec, a);
 
     let out = store
         .put_policies(vec![write("a", a, "apply")])
         .await
         .expect("re-apply");
-    assert_eq!(out[0].version, 4, "versions keep counting after a delete");
+    assert_eq!(out[0].version, 6, "versions keep counting after a delete");
     let all: Vec<_> = store
         .list_policies()
         .await
