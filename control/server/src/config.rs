@@ -28,6 +28,8 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A worker or proxy counts as alive when heard from within this long.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default time a decision is kept in the log after it expired.
+pub const DEFAULT_DECISION_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 const fn any_addr(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
@@ -79,6 +81,11 @@ pub struct Config {
     /// (`ESPER_HEARTBEAT_TIMEOUT`).
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
+    /// How long a decision stays in the log after it expired, for `decisions list` and
+    /// an entity's history; pruned hourly. 0 keeps every decision
+    /// (`ESPER_DECISION_RETENTION`).
+    #[serde(with = "humantime_serde")]
+    pub decision_retention: Duration,
 }
 
 impl Default for Config {
@@ -100,6 +107,7 @@ impl Default for Config {
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            decision_retention: DEFAULT_DECISION_RETENTION,
         }
     }
 }
@@ -193,6 +201,11 @@ impl Config {
             &["ESPER_HEARTBEAT_TIMEOUT"],
             Duration::from_secs(1),
             &mut self.heartbeat_timeout,
+        )?;
+        vars.duration(
+            &["ESPER_DECISION_RETENTION"],
+            Duration::from_secs(1),
+            &mut self.decision_retention,
         )?;
         Ok(())
     }
@@ -394,8 +407,10 @@ mod tests {
             ("ESPER_MIGRATE", "false"),
             ("ESPER_ADMIN_TOKEN", "s3cret-token"),
             ("ESPER_SHUTDOWN_TIMEOUT", "5"),
+            ("ESPER_DECISION_RETENTION", "7d"),
         ])
         .unwrap();
+        assert_eq!(c.decision_retention, Duration::from_secs(7 * 86_400));
         assert_eq!(c.listen, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(c.health_listen, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(c.database_url, "sqlite::memory:");

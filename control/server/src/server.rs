@@ -202,6 +202,11 @@ pub async fn start_staged(
         })
     };
     let gauges = tokio::spawn(refresh_gauges(state.clone(), stop.clone()));
+    let pruner = tokio::spawn(prune_decisions(
+        state.clone(),
+        config.decision_retention,
+        stop.clone(),
+    ));
     tracing::info!(%api_addr, %health_addr, %metrics_addr, tls = tls.is_some(), store = store.kind(), "control plane serving");
 
     let task = tokio::spawn(async move {
@@ -218,7 +223,7 @@ pub async fn start_staged(
             serve_until(listeners.health, health_router, &stop, &stopper),
             serve_until(listeners.metrics, metrics_router, &stop, &stopper),
         );
-        let _ = tokio::join!(follower, gauges);
+        let _ = tokio::join!(follower, gauges, pruner);
         drop(state);
         store.close().await;
         tracing::info!("control plane stopped");
@@ -266,6 +271,37 @@ async fn serve_until<L: axum::serve::Listener<Addr = SocketAddr>>(
         }
     }
 }
+
+/// Deletes decisions expired longer ago than `retention`, at start and every
+/// [`PRUNE_INTERVAL`], until `stop` (0: never). Every instance on one store prunes; the
+/// deletes are idempotent.
+async fn prune_decisions(state: AppState, retention: Duration, stop: Shutdown) {
+    let Ok(retention) = chrono::Duration::from_std(retention) else {
+        return;
+    };
+    if retention.is_zero() {
+        return;
+    }
+    loop {
+        if let Some(before) = chrono::Utc::now().checked_sub_signed(retention) {
+            match state.store.prune_decisions(before).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(pruned = n, %before, "decisions expired before the retention pruned")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prune the decision log; trying again later")
+                }
+            }
+        }
+        if stop.sleep(PRUNE_INTERVAL).await {
+            return;
+        }
+    }
+}
+
+/// How often the decision log is pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 async fn refresh_gauges(state: AppState, stop: Shutdown) {
     loop {

@@ -223,6 +223,9 @@ pub trait ControlStore: Send + Sync {
 
     async fn query_decisions(&self, q: &DecisionQuery) -> Result<Vec<LoggedDecision>, StoreError>;
 
+    /// Deletes decisions that expired before `expired_before`; returns how many.
+    async fn prune_decisions(&self, expired_before: DateTime<Utc>) -> Result<u64, StoreError>;
+
     /// Policy decisions revoked while in force and not yet expired at `now`, in the
     /// order revoked, after `after`, at most `limit`, with the mark to read on from.
     async fn revocations(

@@ -539,6 +539,15 @@ where
         })
     }
 
+    async fn prune_decisions(&self, expired_before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let _turn = self.turn().await;
+        let done = sqlx::query("DELETE FROM decisions WHERE expires_at < $1")
+            .bind(ts(expired_before))
+            .execute(self.pool())
+            .await?;
+        Ok(B::rows_affected(&done))
+    }
+
     async fn record_decisions(&self, decisions: &[Decision]) -> Result<usize, StoreError> {
         if decisions.is_empty() {
             return Ok(0);

@@ -66,6 +66,7 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     secrets_are_made_once(&*store).await;
     secrets_rotate_keeping_or_dropping_the_one_before(&*store).await;
     a_republished_broker_copy_replaces_the_one_before(&*store).await;
+    decisions_expired_past_the_retention_are_pruned(&*store).await;
 }
 
 async fn migrations_are_idempotent(store: &dyn ControlStore) {
@@ -658,4 +659,53 @@ async fn a_republished_broker_copy_replaces_the_one_before(store: &dyn ControlSt
     let kept = logged("q2").await.expect("q2 logged");
     assert_eq!(kept.decided_by, worker.decided_by);
     assert_eq!(kept.counted, worker.counted);
+}
+
+async fn decisions_expired_past_the_retention_are_pruned(store: &dyn ControlStore) {
+    let now = Utc::now();
+    let mut old = decision(
+        "pr-old",
+        "ip:198.51.100.77",
+        DecisionMode::Enforce,
+        60 * 86_400,
+    );
+    old.mitigation.expires_at = now - chrono::Duration::days(40);
+    let mut lately = decision(
+        "pr-lately",
+        "ip:198.51.100.77",
+        DecisionMode::Enforce,
+        2 * 86_400,
+    );
+    lately.mitigation.expires_at = now - chrono::Duration::days(1);
+    let live = decision("pr-live", "ip:198.51.100.77", DecisionMode::Enforce, 10);
+    store
+        .record_decisions(&[old, lately, live])
+        .await
+        .expect("record");
+    let pruned = store
+        .prune_decisions(now - chrono::Duration::days(30))
+        .await
+        .expect("prune");
+    assert!(pruned >= 1, "{pruned}");
+    let left = store
+        .query_decisions(&DecisionQuery {
+            entity: Some("ip:198.51.100.77".parse().expect("key")),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("query");
+    let ids: Vec<_> = left.iter().map(|d| d.decision.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["pr-live", "pr-lately"],
+        "newest first, the old one gone"
+    );
+    assert_eq!(
+        store
+            .prune_decisions(now - chrono::Duration::days(30))
+            .await
+            .expect("again"),
+        0
+    );
 }
