@@ -16,17 +16,25 @@ fn not_found(name: &str) -> ApiError {
     ApiError::NotFound(format!("no list `{name}`"))
 }
 
-/// The first stored policy that refers to list `name`, if any.
-async fn user_of(state: &AppState, name: &str) -> Result<Option<String>, ApiError> {
+/// The stored policies, each with its spec (one that does not parse refers to nothing).
+async fn policy_specs(state: &AppState) -> Result<Vec<(String, PolicySpec)>, ApiError> {
     let policies = state
         .store
         .list_policies()
         .await
         .map_err(|e| store_error(state, e))?;
-    Ok(policies.into_iter().find_map(|p| {
-        let spec: PolicySpec = serde_json::from_value(p.spec).ok()?;
-        spec.list_refs().any(|l| l == name).then_some(p.id)
-    }))
+    Ok(policies
+        .into_iter()
+        .filter_map(|p| Some((p.id, serde_json::from_value(p.spec).ok()?)))
+        .collect())
+}
+
+/// The first stored policy that refers to list `name`, if any.
+async fn user_of(state: &AppState, name: &str) -> Result<Option<String>, ApiError> {
+    Ok(policy_specs(state)
+        .await?
+        .into_iter()
+        .find_map(|(id, spec)| spec.list_refs().any(|l| l == name).then_some(id)))
 }
 
 /// A policy that reads list `name` as another kind than `kind`, and the kind it reads:
@@ -37,18 +45,15 @@ async fn reader_of_other_kind(
     name: &str,
     kind: ListKind,
 ) -> Result<Option<(String, ListKind)>, ApiError> {
-    let policies = state
-        .store
-        .list_policies()
-        .await
-        .map_err(|e| store_error(state, e))?;
-    Ok(policies.into_iter().find_map(|p| {
-        let spec: PolicySpec = serde_json::from_value(p.spec).ok()?;
-        spec.typed_list_refs()
-            .into_iter()
-            .find(|(l, k)| l == name && *k != kind)
-            .map(|(_, k)| (p.id, k))
-    }))
+    Ok(policy_specs(state)
+        .await?
+        .into_iter()
+        .find_map(|(id, spec)| {
+            spec.typed_list_refs()
+                .into_iter()
+                .find(|(l, k)| l == name && *k != kind)
+                .map(|(_, k)| (id, k))
+        }))
 }
 
 /// `GET /api/v1/lists`
