@@ -28,7 +28,7 @@ pub enum EntityKey {
     /// The (hashed) value of a named cookie.
     Cookie { name: String, value: String },
     /// A combination: a request matches when it matches every part. Parts are not
-    /// tuples themselves.
+    /// tuples themselves, and are kept in one order ([`EntityKey::tuple`]).
     Tuple(Vec<EntityKey>),
     /// A normalised request path ([`path_template`]): ids and tokens replaced by
     /// placeholders, no query.
@@ -117,6 +117,17 @@ impl fmt::Display for EntityKey {
     }
 }
 
+impl EntityKey {
+    /// The tuple of `parts` in its one form: parts sorted, once each. A request matches a
+    /// tuple whatever the order its parts were named in, so two policies naming the same
+    /// parts in another order decide against one entity, which one revocation ends.
+    pub fn tuple(mut parts: Vec<EntityKey>) -> EntityKey {
+        parts.sort();
+        parts.dedup();
+        EntityKey::Tuple(parts)
+    }
+}
+
 fn tuple(rest: &str) -> Result<EntityKey, EntityParseError> {
     let bad = || EntityParseError::BadTuple(clip(rest));
     let mut parts = Vec::new();
@@ -134,10 +145,10 @@ fn tuple(rest: &str) -> Result<EntityKey, EntityParseError> {
         }
         parts.push(part);
     }
-    if parts.len() < 2 {
-        return Err(bad());
+    match EntityKey::tuple(parts) {
+        EntityKey::Tuple(parts) if parts.len() < 2 => Err(bad()),
+        key => Ok(key),
     }
-    Ok(EntityKey::Tuple(parts))
 }
 
 /// Input quoted back in an error, cut short: a key is an entity's name, not a payload.
@@ -603,6 +614,15 @@ mod tests {
                 }
             ])
         );
+        // One form whatever the order the parts were named in; a part named twice is
+        // one part.
+        let swapped: EntityKey = "tuple:header:ua=a%2Bb+ip:10.0.0.1".parse().unwrap();
+        assert_eq!(swapped, t);
+        assert_eq!(swapped.to_string(), "tuple:ip:10.0.0.1+header:ua=a%2Bb");
+        assert!(matches!(
+            "tuple:ip:10.0.0.1+ip:10.0.0.1".parse::<EntityKey>(),
+            Err(EntityParseError::BadTuple(_))
+        ));
         assert!(matches!(
             "mac:x".parse::<EntityKey>(),
             Err(EntityParseError::UnknownKind(_))

@@ -372,7 +372,7 @@ async fn tuples_and_user_agents_are_entities() {
         r#"
 [[policy]]
 id = "pair"
-entity = ["ip", "user_agent"]
+entity = ["user_agent", "ip"]
 window = "1m"
 threshold = 2
 action = "block"
@@ -385,6 +385,7 @@ threshold = 3
 action = "log"
 "#,
     );
+    // The tuple's key is in its one form (`ip` first), whatever the order named.
     let mk = |ip: &str, ua: Option<&str>| {
         let mut x = ev(ip, "/", 200, 1.0);
         x.user_agent = ua.map(str::to_string);

@@ -223,7 +223,7 @@ fn entity_key(spec: &EntitySpec, ev: &RequestEvent, ip: IpAddr) -> Option<Entity
             .iter()
             .map(|p| entity_key(p, ev, ip))
             .collect::<Option<Vec<_>>>()
-            .map(EntityKey::Tuple),
+            .map(EntityKey::tuple),
     }
 }
 
