@@ -243,11 +243,7 @@ impl Forwarder {
                 self.failing = false;
             }
             Err(e) => {
-                let reason = match &e {
-                    ClientError::Backpressure { .. } => DropReason::Backpressure,
-                    e if e.is_transient() => DropReason::SendFailed,
-                    _ => DropReason::Rejected,
-                };
+                let reason = drop_reason(&e);
                 self.metrics.drop_events(reason, n);
                 self.status.ingest_result(Err(e.to_string()));
                 if !self.failing {
@@ -258,5 +254,49 @@ impl Forwarder {
                 self.failing = e.is_transient();
             }
         }
+    }
+}
+
+/// Why a batch that could not be delivered was dropped: the broker's queue pushing back
+/// (full or paused), the broker or its store failing, or a refusal for good.
+fn drop_reason(e: &ClientError) -> DropReason {
+    match e {
+        ClientError::Backpressure { code, .. }
+            if code == "queue_full" || code == "queue_paused" =>
+        {
+            DropReason::Backpressure
+        }
+        // A broker whose store is down (`store_unavailable`) answers 503 with a wait too:
+        // a failure to send, not a queue saying no.
+        e if e.is_transient() => DropReason::SendFailed,
+        _ => DropReason::Rejected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_are_told_apart_by_the_brokers_answer() {
+        let pushed = |code: &str| ClientError::Backpressure {
+            code: code.into(),
+            retry_after: Some(std::time::Duration::from_secs(1)),
+        };
+        assert_eq!(drop_reason(&pushed("queue_full")), DropReason::Backpressure);
+        assert_eq!(
+            drop_reason(&pushed("queue_paused")),
+            DropReason::Backpressure
+        );
+        assert_eq!(
+            drop_reason(&pushed("store_unavailable")),
+            DropReason::SendFailed
+        );
+        let refused = ClientError::Api {
+            status: 400,
+            code: "invalid_body".into(),
+            message: String::new(),
+        };
+        assert_eq!(drop_reason(&refused), DropReason::Rejected);
     }
 }
