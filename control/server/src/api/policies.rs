@@ -152,6 +152,16 @@ async fn check_references(state: &AppState, specs: &[PolicySpec]) -> Result<(), 
     validate_references(specs, &lists).map_err(|e| invalid(e.to_string()))
 }
 
+/// The stored policy `id`, or the 404 that names it.
+async fn stored(state: &AppState, id: &str) -> Result<PolicyRecord, ApiError> {
+    state
+        .store
+        .get_policy(id)
+        .await
+        .map_err(|e| store_error(state, e))?
+        .ok_or_else(|| not_found(id))
+}
+
 fn spec_of(record: &PolicyRecord) -> Result<PolicySpec, ApiError> {
     serde_json::from_value(record.spec.clone()).map_err(|e| {
         ApiError::internal(format!(
@@ -231,12 +241,7 @@ pub async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<PolicyDetail>, ApiError> {
-    let record = state
-        .store
-        .get_policy(&id)
-        .await
-        .map_err(|e| store_error(&state, e))?
-        .ok_or_else(|| not_found(&id))?;
+    let record = stored(&state, &id).await?;
     let spec = spec_of(&record)?;
     Ok(Json(PolicyDetail {
         toml: policies_to_toml(std::slice::from_ref(&spec)),
@@ -312,12 +317,7 @@ pub async fn toggle(
     let mut tries = 0;
     loop {
         tries += 1;
-        let record = state
-            .store
-            .get_policy(&id)
-            .await
-            .map_err(|e| store_error(&state, e))?
-            .ok_or_else(|| not_found(&id))?;
+        let record = stored(&state, &id).await?;
         let mut spec = spec_of(&record)?;
         change(&mut spec);
         let mut w = write_of(&spec, &op, &caller)?;
