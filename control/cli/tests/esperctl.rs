@@ -550,3 +550,92 @@ async fn mitigations_queue_lists_and_decisions() {
     let out = s.ctl(&["workers", "list"]).await;
     assert_eq!(out.stdout, "no workers have reported\n");
 }
+
+#[tokio::test]
+async fn tokens_are_created_listed_used_and_revoked() {
+    let s = Stack::start().await;
+    let out = s.ctl(&["tokens", "list"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "no stored tokens (only the configured admin token)\n"
+    );
+
+    let out = s.ctl(&["tokens", "create", "dash", "--role", "read"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines[0],
+        "token dash created with the read role; it is shown this once:"
+    );
+    let read = lines[1].to_string();
+    assert!(read.starts_with("esper_"), "{out:?}");
+    let out = s
+        .ctl(&[
+            "tokens", "create", "edge", "--role", "service", "-o", "json",
+        ])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["role"], "service");
+
+    let out = s.ctl(&["tokens", "list"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let rows: Vec<Vec<&str>> = out
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["NAME", "ROLE", "CREATED", "BY"]);
+    assert_eq!(
+        (rows[1][0], rows[1][1], rows[1][3]),
+        ("dash", "read", "admin")
+    );
+    assert_eq!((rows[2][0], rows[2][1]), ("edge", "service"));
+
+    // The read token reads and is refused a change, as a server error (exit 1).
+    let out = run(&s.api, Some(&read), &["policies", "list"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let file = s.file("p.toml", POLICIES);
+    let out = run(
+        &s.api,
+        Some(&read),
+        &["policies", "apply", "-f", file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(
+        out.stderr,
+        "esperctl: 403 forbidden: token `dash` has the read role, which may not call POST \
+         /api/v1/policies\n"
+    );
+
+    // Input errors stay on this side: exit 2, nothing sent.
+    let out = s
+        .ctl(&["tokens", "create", "admin", "--role", "read"])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("reserved"), "{out:?}");
+    let out = s.ctl(&["tokens", "create", "x"]).await;
+    assert_eq!(out.code, 2, "--role is required: {out:?}");
+    let out = s
+        .ctl(&["tokens", "create", "dash", "--role", "admin"])
+        .await;
+    assert_eq!(out.code, 2, "a taken name: {out:?}");
+    assert!(out.stderr.contains("409 conflict"), "{out:?}");
+
+    let out = s.ctl(&["tokens", "revoke", "dash"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "token dash revoked: it is refused from its next request\n"
+    );
+    let out = run(&s.api, Some(&read), &["policies", "list"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.starts_with("esperctl: 401 unauthorized"),
+        "{out:?}"
+    );
+    let out = s.ctl(&["tokens", "revoke", "dash"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert_eq!(out.stderr, "esperctl: 404 not_found: no token `dash`\n");
+}

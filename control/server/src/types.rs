@@ -289,3 +289,26 @@ pub struct ShutdownResponse {
     pub graceful: bool,
     pub timeout_secs: u64,
 }
+
+/// `POST /api/v1/tokens` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    pub name: String,
+    /// `admin`, `read` or `service`.
+    pub role: String,
+}
+
+/// The answer to `POST /api/v1/tokens`: the only time the token itself is shown.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub record: crate::store::TokenRecord,
+    pub token: String,
+}
+
+/// `GET /api/v1/tokens`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokensResponse {
+    pub tokens: Vec<crate::store::TokenRecord>,
+}

@@ -1242,3 +1242,184 @@ async fn a_rotated_challenge_key_reaches_a_waiting_long_poll_and_keeps_the_one_b
         assert_eq!(poll.await.unwrap().unwrap(), 204);
     }
 }
+
+/// Creates a token through the API as the admin; returns the token.
+async fn new_token(s: &support::Stack, name: &str, role: &str) -> String {
+    let (status, body) = s
+        .post("/api/v1/tokens", json!({"name": name, "role": role}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["name"], name);
+    assert_eq!(body["role"], role);
+    assert_eq!(body["created_by"], "admin");
+    body["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn tokens_have_roles_and_are_revoked_at_once() {
+    let s = Stack::without_brokers().await;
+    let read = new_token(&s, "audit", "read").await;
+    let service = new_token(&s, "edge", "service").await;
+    let ops = new_token(&s, "ops", "admin").await;
+    assert!(read.starts_with("esper_") && read != service && service != ops);
+    let as_token = |token: &str, method: Method, path: &str| {
+        s.http
+            .request(method, format!("{}{path}", s.api))
+            .bearer_auth(token)
+    };
+
+    // The read role reads, validates, and changes nothing.
+    let (status, _) = call(as_token(&read, Method::GET, "/api/v1/policies")).await;
+    assert_eq!(status, 200);
+    let (status, body) = call(
+        as_token(&read, Method::POST, "/api/v1/policies/validate")
+            .header("content-type", "application/toml")
+            .body(POLICIES),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(
+        as_token(&read, Method::POST, "/api/v1/policies")
+            .header("content-type", "application/toml")
+            .body(POLICIES),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "forbidden");
+    assert_eq!(
+        body["message"],
+        "token `audit` has the read role, which may not call POST /api/v1/policies"
+    );
+    for path in ["/api/v1/proxies/challenge-key", "/api/v1/tokens"] {
+        let (status, _) = call(as_token(&read, Method::GET, path)).await;
+        assert_eq!(status, 403, "{path} is a secret or who holds access");
+    }
+    let (status, body) = s.get("/api/v1/policies").await;
+    assert_eq!((status, body["policies"].clone()), (200, json!([])));
+
+    // The service role makes the calls the parts make, each routed (no 404 or 405)...
+    let (status, _) = s
+        .put(
+            "/api/v1/proxies/config",
+            json!({"config": "allow_paths = [\"/health\"]"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let beat = json!({"proxy_id": "edge-1", "apps": [], "cache_entries": 0, "requests_total": 0,
+                      "events_sent_total": 0, "events_dropped_total": 0, "stream_connected": true,
+                      "started_at": Utc::now()});
+    let calls = [
+        (Method::GET, "/api/v1/proxies/config", None),
+        (Method::GET, "/api/v1/proxies/challenge-key", None),
+        (Method::POST, "/api/v1/proxies/heartbeat", Some(beat)),
+        (Method::GET, "/api/v1/policies/active", None),
+        (
+            Method::POST,
+            "/api/v1/workers/heartbeat",
+            Some(worker_beat("w-1")),
+        ),
+        (Method::GET, "/api/v1/decisions", None),
+        (
+            Method::POST,
+            "/api/v1/decisions",
+            Some(json!({"decisions": []})),
+        ),
+        (Method::GET, "/api/v1/decisions/revocations", None),
+    ];
+    for (method, path, body) in calls {
+        let mut rb = as_token(&service, method.clone(), path);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let (status, answer) = call(rb).await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {answer}"
+        );
+    }
+    let (status, body) = call(
+        as_token(&service, Method::POST, "/api/v1/analyze")
+            .json(&json!({"client_ip": "192.0.2.7", "method": "GET", "path": "/"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["enqueued"], false, "the brokers are down: {body}");
+    // ...and nothing an operator does.
+    for (method, path) in [
+        (Method::GET, "/api/v1/status"),
+        (Method::PUT, "/api/v1/proxies/config"),
+        (Method::POST, "/api/v1/admin/shutdown"),
+        (Method::DELETE, "/api/v1/lists/x"),
+    ] {
+        let (status, body) = call(as_token(&service, method.clone(), path).json(&json!({}))).await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+    }
+
+    // An admin token's changes are recorded under its name.
+    let (status, _) = call(
+        as_token(&ops, Method::POST, "/api/v1/policies")
+            .header("content-type", "application/toml")
+            .body(POLICIES),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, v) = s.get("/api/v1/policies/login-burst/versions").await;
+    assert_eq!(v["versions"][0]["changed_by"], "ops");
+
+    // Listed without the token or its hash.
+    let (status, list) = s.get("/api/v1/tokens").await;
+    assert_eq!(status, 200);
+    let listed: Vec<(&str, &str)> = list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["role"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        listed,
+        [("audit", "read"), ("edge", "service"), ("ops", "admin")]
+    );
+    assert!(
+        !list.to_string().contains(&read[6..]),
+        "no token in a listing"
+    );
+    assert!(list["tokens"][0].get("hash").is_none());
+
+    // Bad names, roles and duplicates.
+    for (body, status, fragment) in [
+        (json!({"name": "audit", "role": "read"}), 409, "exists"),
+        (json!({"name": "admin", "role": "read"}), 400, "reserved"),
+        (
+            json!({"name": "two words", "role": "read"}),
+            400,
+            "letters, digits",
+        ),
+        (
+            json!({"name": "x", "role": "root"}),
+            400,
+            "unknown role `root`",
+        ),
+        (json!({"name": "x"}), 400, "role"),
+    ] {
+        let (got, answer) = s.post("/api/v1/tokens", body.clone()).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(fragment),
+            "{body}: {answer}"
+        );
+    }
+    let (status, _) = call(as_token(&ops, Method::GET, "/api/v1/tokens")).await;
+    assert_eq!(status, 200, "stored admin tokens manage tokens too");
+
+    // Revoked: refused from the next request.
+    let (status, body) = s.delete("/api/v1/tokens/audit").await;
+    assert_eq!((status, body), (200, json!({"deleted": true})));
+    let (status, _) = call(as_token(&read, Method::GET, "/api/v1/policies")).await;
+    assert_eq!(status, 401);
+    let (status, body) = s.delete("/api/v1/tokens/audit").await;
+    assert_eq!(status, 404, "{body}");
+    // With the admin token configured, the stored admin tokens may all go.
+    let (status, _) = s.delete("/api/v1/tokens/ops").await;
+    assert_eq!(status, 200);
+    s.stop().await;
+}

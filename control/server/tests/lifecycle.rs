@@ -72,6 +72,31 @@ async fn the_first_start_generates_a_token_once() {
         v["versions"][0]["changed_by"], "initial",
         "stored tokens are known by name"
     );
+
+    // With no admin token configured, the last stored admin token cannot be revoked:
+    // nobody could manage the control plane after it.
+    let tokens = format!("http://{}/api/v1/tokens", started.api_addr);
+    let (status, body) = call(http.delete(format!("{tokens}/initial")).bearer_auth(&token)).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("last admin token")
+    );
+    let (status, created) = call(
+        http.post(&tokens)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"name": "ops", "role": "admin"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["created_by"], "initial");
+    let ops = created["token"].as_str().unwrap().to_string();
+    let (status, _) = call(http.delete(format!("{tokens}/initial")).bearer_auth(&ops)).await;
+    assert_eq!(status, 200, "another admin token is left");
+    let (status, _) = call(http.get(&url).bearer_auth(&token)).await;
+    assert_eq!(status, 401, "revoked");
     trigger.trigger();
     started.wait().await.unwrap();
 
@@ -79,10 +104,10 @@ async fn the_first_start_generates_a_token_once() {
     let again = esper_control::start(cfg, Listeners::loopback().await.unwrap(), shutdown)
         .await
         .unwrap();
-    assert_eq!(again.generated_token, None, "a stored token exists now");
+    assert_eq!(again.generated_token, None, "a stored admin token exists");
     let (status, _) = call(
         http.get(format!("http://{}/api/v1/status", again.api_addr))
-            .bearer_auth(&token),
+            .bearer_auth(&ops),
     )
     .await;
     assert_eq!(status, 200);
@@ -110,7 +135,7 @@ async fn no_migrations_refuses_an_unmigrated_store() {
         "{err}"
     );
     let applied = esper_control::migrate(&cfg).await.unwrap();
-    assert_eq!(applied.len(), 6, "{applied:?}");
+    assert_eq!(applied.len(), 7, "{applied:?}");
     let started = esper_control::start(cfg, Listeners::loopback().await.unwrap(), shutdown).await;
     assert!(started.is_ok(), "migrated now");
 }

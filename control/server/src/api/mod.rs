@@ -2,7 +2,7 @@
 
 use axum::Router;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use esper_common::ApiError;
 use esper_common::http::{method_not_allowed, standard_layers};
 use esper_protocol::ClientError;
@@ -22,8 +22,9 @@ mod policies;
 mod proxy_config;
 mod queue;
 mod status;
+mod tokens;
 
-/// Builds the API router: every route needs the bearer token.
+/// Builds the API router: every route needs a bearer token whose role allows the call.
 pub fn router(state: AppState, body_limit: usize) -> Router {
     let api = Router::new()
         .route("/api/v1/status", get(status::status))
@@ -81,6 +82,8 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         )
         .route("/api/v1/analyze", post(analyze::analyze))
         .route("/api/v1/admin/shutdown", post(admin::shutdown))
+        .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/api/v1/tokens/{name}", delete(tokens::revoke))
         .route_layer(from_fn_with_state(state.clone(), auth::require_token))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone());

@@ -1,5 +1,5 @@
 //! `esperctl`, the admin client of the control-plane API: status, policies, mitigations,
-//! the queue, workers, proxies, lists and the decision log. Tables for people,
+//! the queue, workers, proxies, lists, the decision log and API tokens. Tables for people,
 //! `--output json` for scripts (the API's JSON as sent). Errors are one line on stderr;
 //! the exit code is 2 for usage and input errors and 1 for server errors.
 
@@ -14,6 +14,7 @@ mod mitigations;
 pub mod ops;
 mod policies;
 pub mod table;
+mod tokens;
 
 pub use client::{Body, ControlClient, CtlError, DEFAULT_SERVER};
 
@@ -78,6 +79,9 @@ pub enum Command {
     /// The durable decision log.
     #[command(subcommand, visible_alias = "decision")]
     Decisions(DecisionCmd),
+    /// API tokens and their roles: list, create, revoke.
+    #[command(subcommand, visible_alias = "token")]
+    Tokens(TokenCmd),
 }
 
 /// `esperctl policies ...`
@@ -250,6 +254,44 @@ pub enum ListCmd {
     Delete { name: String },
 }
 
+/// A token's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// Every call, tokens included.
+    Admin,
+    /// Every read but secrets, and policy validation.
+    Read,
+    /// What proxies, workers, brokers and apps using analyze call.
+    Service,
+}
+
+impl RoleArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            RoleArg::Admin => "admin",
+            RoleArg::Read => "read",
+            RoleArg::Service => "service",
+        }
+    }
+}
+
+/// `esperctl tokens ...`
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Every stored token's name, role and creator (never the token).
+    List,
+    /// Creates a token and prints it, once.
+    Create {
+        /// Letters, digits, `.`, `_`, `-`; what the token's calls are recorded under.
+        name: String,
+        /// What it may call.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    /// Revokes a token: its next request is refused.
+    Revoke { name: String },
+}
+
 /// `esperctl decisions ...`
 #[derive(Subcommand, Debug)]
 pub enum DecisionCmd {
@@ -336,6 +378,7 @@ async fn dispatch(args: CtlArgs) -> Result<(), CtlError> {
         }
         Command::Lists(c) => lists::run(&ctx, c).await,
         Command::Decisions(c) => ops::decisions(&ctx, c).await,
+        Command::Tokens(c) => tokens::run(&ctx, c).await,
     }
 }
 

@@ -47,6 +47,69 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// What a stored API token may call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRole {
+    /// Every route, token management included.
+    Admin,
+    /// Every read (no secrets: not the proxies' challenge key, not the tokens), and
+    /// policy validation: dashboards, audits, on-call people who should not change
+    /// anything.
+    Read,
+    /// What Esper's own services and integrated apps call: proxy config, heartbeats,
+    /// active policies, the decision log, analyze. A token kept on every edge host.
+    Service,
+}
+
+impl TokenRole {
+    pub const ALL: [TokenRole; 3] = [TokenRole::Admin, TokenRole::Read, TokenRole::Service];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Admin => "admin",
+            TokenRole::Read => "read",
+            TokenRole::Service => "service",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TokenRole {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<TokenRole, String> {
+        TokenRole::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role `{s}`: expected admin, read or service"))
+    }
+}
+
+/// A stored token as listed: never its hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    pub role: TokenRole,
+    pub created_at: DateTime<Utc>,
+    /// The token name of whoever created it (empty for tokens made before this was kept).
+    pub created_by: String,
+}
+
+/// What [`ControlStore::delete_token`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenRemoval {
+    Deleted,
+    NotFound,
+    /// Nothing was deleted: it is the last admin token.
+    LastAdmin,
+}
+
 /// A policy as stored: its current version and spec. The spec is kept as JSON so the
 /// store does not depend on the policy language's types.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -244,14 +307,33 @@ pub trait ControlStore: Send + Sync {
         at: DateTime<Utc>,
     ) -> Result<u64, StoreError>;
 
-    async fn token_count(&self) -> Result<u64, StoreError>;
+    /// How many stored tokens have the admin role.
+    async fn admin_token_count(&self) -> Result<u64, StoreError>;
 
-    /// Stores a token's SHA-256 hash (hex) under `name`, unless a token of that name is
-    /// stored already; `true` when this one was stored.
-    async fn add_token(&self, name: &str, hash: &str) -> Result<bool, StoreError>;
+    /// Stores a token's SHA-256 hash (hex) under `name` with `role`, unless a token of
+    /// that name is stored already; `true` when this one was stored.
+    async fn add_token(
+        &self,
+        name: &str,
+        role: TokenRole,
+        hash: &str,
+        by: &str,
+    ) -> Result<bool, StoreError>;
 
-    /// The name of the token with this hash, if any.
-    async fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError>;
+    /// The name and role of the token with this hash, if any.
+    async fn find_token(&self, hash: &str) -> Result<Option<(String, TokenRole)>, StoreError>;
+
+    /// Every stored token (never its hash), by name.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Deletes token `name`. With `keep_an_admin`, refuses ([`TokenRemoval::LastAdmin`])
+    /// to delete the last admin token, in the same transaction as the delete, so two
+    /// instances deleting the last two at once cannot both succeed.
+    async fn delete_token(
+        &self,
+        name: &str,
+        keep_an_admin: bool,
+    ) -> Result<TokenRemoval, StoreError>;
 
     /// The proxy configuration, if one was stored.
     async fn proxy_config(&self) -> Result<Option<ProxyConfigDoc>, StoreError>;

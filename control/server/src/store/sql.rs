@@ -15,7 +15,7 @@ use tokio::sync::MutexGuard;
 use super::{
     ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, ListRecord, LoggedDecision,
     PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, RevokeTarget, Secret, StoreError,
-    parse_ts, ts,
+    TokenRecord, TokenRemoval, TokenRole, parse_ts, ts,
 };
 
 /// A database's connection: the parts of a control store that are not the same SQL.
@@ -112,6 +112,12 @@ fn policy_row(row: &impl Cols) -> Result<PolicyRecord, StoreError> {
         created_at: ts_col(row, "created_at")?,
         updated_at: ts_col(row, "updated_at")?,
     })
+}
+
+fn role_col(row: &impl Cols) -> Result<TokenRole, StoreError> {
+    row.text("role")?
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("token role: {e}")))
 }
 
 fn list_row(row: &impl Cols) -> Result<ListRecord, StoreError> {
@@ -756,35 +762,89 @@ where
         Ok(B::rows_affected(&result))
     }
 
-    async fn token_count(&self) -> Result<u64, StoreError> {
-        let n = sqlx::query("SELECT COUNT(*) AS n FROM tokens")
+    async fn admin_token_count(&self) -> Result<u64, StoreError> {
+        let n = sqlx::query("SELECT COUNT(*) AS n FROM tokens WHERE role = 'admin'")
             .fetch_one(self.pool())
             .await?
             .int("n")?;
         Ok(n.max(0) as u64)
     }
 
-    async fn add_token(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
+    async fn add_token(
+        &self,
+        name: &str,
+        role: TokenRole,
+        hash: &str,
+        by: &str,
+    ) -> Result<bool, StoreError> {
         let _turn = self.turn().await;
         let done = sqlx::query(
-            "INSERT INTO tokens (name, hash, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO tokens (name, hash, created_at, role, created_by) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
         .bind(name)
         .bind(hash)
         .bind(ts(Utc::now()))
+        .bind(role.as_str())
+        .bind(by)
         .execute(self.pool())
         .await?;
         Ok(B::rows_affected(&done) == 1)
     }
 
-    async fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError> {
-        sqlx::query("SELECT name FROM tokens WHERE hash = $1")
+    async fn find_token(&self, hash: &str) -> Result<Option<(String, TokenRole)>, StoreError> {
+        sqlx::query("SELECT name, role FROM tokens WHERE hash = $1")
             .bind(hash)
             .fetch_optional(self.pool())
             .await?
-            .map(|r| r.text("name"))
+            .map(|r| Ok((r.text("name")?, role_col(&r)?)))
             .transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        sqlx::query("SELECT name, role, created_at, created_by FROM tokens ORDER BY name")
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(TokenRecord {
+                    name: r.text("name")?,
+                    role: role_col(r)?,
+                    created_at: ts_col(r, "created_at")?,
+                    created_by: r.text("created_by")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_token(
+        &self,
+        name: &str,
+        keep_an_admin: bool,
+    ) -> Result<TokenRemoval, StoreError> {
+        let _turn = self.turn().await;
+        // The write lock: two instances each deleting one of the last two admin tokens
+        // would otherwise both see the other's still there.
+        let mut tx = self.begin_write().await?;
+        let result = sqlx::query("DELETE FROM tokens WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if B::rows_affected(&result) == 0 {
+            return Ok(TokenRemoval::NotFound);
+        }
+        if keep_an_admin {
+            let admins = sqlx::query("SELECT COUNT(*) AS n FROM tokens WHERE role = 'admin'")
+                .fetch_one(&mut *tx)
+                .await?
+                .int("n")?;
+            if admins == 0 {
+                tx.rollback().await?;
+                return Ok(TokenRemoval::LastAdmin);
+            }
+        }
+        tx.commit().await?;
+        Ok(TokenRemoval::Deleted)
     }
 
     async fn proxy_config(&self) -> Result<Option<ProxyConfigDoc>, StoreError> {

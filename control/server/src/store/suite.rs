@@ -11,7 +11,10 @@ use esper_protocol::{
 };
 use serde_json::json;
 
-use super::{BROKER_COPY, ControlStore, DecisionQuery, PolicyWrite, RevokeTarget, StoreError};
+use super::{
+    BROKER_COPY, ControlStore, DecisionQuery, PolicyWrite, RevokeTarget, StoreError, TokenRemoval,
+    TokenRole,
+};
 
 fn write(id: &str, spec: serde_json::Value, change: &str) -> PolicyWrite {
     PolicyWrite {
@@ -459,16 +462,74 @@ async fn a_late_revocation_leaves_decisions_made_since_alone(store: &dyn Control
 }
 
 async fn tokens_are_found_by_hash(store: &dyn ControlStore) {
-    assert_eq!(store.token_count().await.expect("count"), 0);
-    assert!(store.add_token("ops", "abc123").await.expect("add"));
-    // Names are unique: a second `ops` (another instance's first start) is not stored.
-    assert!(!store.add_token("ops", "other").await.expect("add"));
-    assert_eq!(store.token_count().await.expect("count"), 1);
-    assert_eq!(
-        store.token_name("abc123").await.expect("find").as_deref(),
-        Some("ops")
+    assert_eq!(store.admin_token_count().await.expect("count"), 0);
+    assert!(
+        store
+            .add_token("ops", TokenRole::Admin, "abc123", "initial")
+            .await
+            .expect("add")
     );
-    assert_eq!(store.token_name("nope").await.expect("find"), None);
+    // Names are unique: a second `ops` (another instance's first start) is not stored.
+    assert!(
+        !store
+            .add_token("ops", TokenRole::Read, "other", "x")
+            .await
+            .expect("add")
+    );
+    assert!(
+        store
+            .add_token("edge", TokenRole::Service, "def456", "ops")
+            .await
+            .expect("add")
+    );
+    assert_eq!(store.admin_token_count().await.expect("count"), 1);
+    assert_eq!(
+        store.find_token("abc123").await.expect("find"),
+        Some(("ops".to_string(), TokenRole::Admin))
+    );
+    assert_eq!(
+        store.find_token("def456").await.expect("find"),
+        Some(("edge".to_string(), TokenRole::Service))
+    );
+    assert_eq!(store.find_token("nope").await.expect("find"), None);
+    let listed = store.list_tokens().await.expect("list");
+    let names: Vec<(&str, TokenRole, &str)> = listed
+        .iter()
+        .map(|t| (t.name.as_str(), t.role, t.created_by.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("edge", TokenRole::Service, "ops"),
+            ("ops", TokenRole::Admin, "initial")
+        ]
+    );
+
+    // The last admin token stays while the caller asks for one to be kept.
+    assert_eq!(
+        store.delete_token("ops", true).await.expect("delete"),
+        TokenRemoval::LastAdmin
+    );
+    assert_eq!(
+        store.find_token("abc123").await.expect("find").map(|t| t.0),
+        Some("ops".to_string()),
+        "a refused delete deletes nothing"
+    );
+    assert_eq!(
+        store.delete_token("ghost", true).await.expect("delete"),
+        TokenRemoval::NotFound
+    );
+    assert_eq!(
+        store.delete_token("edge", true).await.expect("delete"),
+        TokenRemoval::Deleted
+    );
+    assert_eq!(store.find_token("def456").await.expect("find"), None);
+    // With a configured admin token beside the store, the stored ones may all go.
+    assert_eq!(
+        store.delete_token("ops", false).await.expect("delete"),
+        TokenRemoval::Deleted
+    );
+    assert!(store.list_tokens().await.expect("list").is_empty());
 }
 
 async fn proxy_config_revisions_grow_on_change(store: &dyn ControlStore) {
