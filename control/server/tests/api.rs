@@ -1423,3 +1423,45 @@ async fn tokens_have_roles_and_are_revoked_at_once() {
     assert_eq!(status, 200);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_and_the_deletion_of_its_list_are_never_both_written() {
+    let s = Stack::without_brokers().await;
+    let mut both_refused = 0;
+    for round in 0..40 {
+        let list = format!("/api/v1/lists/office{round}");
+        let (status, _) = s
+            .put(&list, json!({"kind": "ip", "items": ["10.0.0.0/8"]}))
+            .await;
+        assert_eq!(status, 200);
+        let policy = format!(
+            "[[policy]]\nid = \"p{round}\"\nwindow = \"1m\"\nthreshold = 5\naction = \"block\"\n\
+             [policy.match]\nip_not_in_list = \"office{round}\"\n"
+        );
+        let ((applied, a), (deleted, d)) = tokio::join!(s.apply_toml(&policy), s.delete(&list));
+        // Whichever is checked second sees the first: a policy naming a missing list
+        // would read it as empty, and `ip_not_in_list` would then hold for everyone.
+        match (applied, deleted) {
+            (200, 409) | (400, 200) => {}
+            (409, 409) => both_refused += 1,
+            other => panic!("round {round}: {other:?}: {a} {d}"),
+        }
+    }
+    let (_, active) = s.get("/api/v1/policies/active").await;
+    let lists: Vec<&str> = active["lists"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    for p in active["policies"].as_array().unwrap() {
+        let named = p["match"]["ip_not_in_list"].as_str().unwrap();
+        assert!(
+            lists.contains(&named),
+            "{} names a missing list {named}",
+            p["id"]
+        );
+    }
+    assert!(both_refused < 40, "the retries settle it");
+    s.stop().await;
+}

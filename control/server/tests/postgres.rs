@@ -118,15 +118,18 @@ async fn a_write_through_one_instance_moves_the_revision_of_every_instance() {
     // only ends if the announcement of a's write reached it.
     eventually("b listens for revision changes", || async { b.listening() }).await;
     for round in 1..=3 {
-        a.put_policies(vec![PolicyWrite {
-            expected_version: None,
-            id: "p".into(),
-            enabled: true,
-            mode: "enforce".into(),
-            spec: json!({ "round": round }),
-            change: "apply".into(),
-            changed_by: "test".into(),
-        }])
+        a.put_policies(
+            vec![PolicyWrite {
+                expected_version: None,
+                id: "p".into(),
+                enabled: true,
+                mode: "enforce".into(),
+                spec: json!({ "round": round }),
+                change: "apply".into(),
+                changed_by: "test".into(),
+            }],
+            None,
+        )
         .await
         .unwrap();
         assert_eq!(a.revision().await.unwrap(), round);
@@ -140,7 +143,7 @@ async fn a_write_through_one_instance_moves_the_revision_of_every_instance() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    b.put_list("office", "ip", vec!["10.0.0.0/8".into()])
+    b.put_list("office", "ip", vec!["10.0.0.0/8".into()], None)
         .await
         .unwrap();
     eventually("a sees b's list change", || async {

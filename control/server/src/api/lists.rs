@@ -6,7 +6,7 @@ use esper_common::http::Path;
 use esper_common::{ApiError, Json};
 use esper_engine::policy::{ALLOWLIST, ListKind, NamedList, PolicySpec, parse_net};
 
-use super::store_error;
+use super::{attempt_error, checked_write, store_error};
 use crate::auth::Caller;
 use crate::state::AppState;
 use crate::store::ListRecord;
@@ -116,16 +116,23 @@ pub async fn put(
     };
     list.validate()
         .map_err(|e| ApiError::bad_request("invalid_list", e.to_string()))?;
-    if let Some((policy, needed)) = reader_of_other_kind(&state, &name, kind).await? {
-        return Err(ApiError::Conflict(format!(
-            "list `{name}` is used by policy `{policy}` as a {needed} list; it cannot become a {kind} list"
-        )));
-    }
-    let record = state
-        .store
-        .put_list(&name, &kind.to_string(), list.items)
-        .await
-        .map_err(|e| store_error(&state, e))?;
+    // The policies that read the list are checked at the revision the write is made over.
+    let (state_ref, name_ref, items) = (&state, &name, &list.items);
+    let record = checked_write(state_ref, |revision| async move {
+        if let Some((policy, needed)) = reader_of_other_kind(state_ref, name_ref, kind).await? {
+            return Err(ApiError::Conflict(format!(
+                "list `{name_ref}` is used by policy `{policy}` as a {needed} list; it cannot \
+                 become a {kind} list"
+            ))
+            .into());
+        }
+        state_ref
+            .store
+            .put_list(name_ref, &kind.to_string(), items.clone(), Some(revision))
+            .await
+            .map_err(|e| attempt_error(state_ref, e))
+    })
+    .await?;
     tracing::info!(list = %name, items = record.items.len(), by = %caller.0, "list stored");
     let revoked = if name == ALLOWLIST && kind == ListKind::Ip {
         let allow: Vec<_> = record.items.iter().filter_map(|i| parse_net(i)).collect();
@@ -143,16 +150,22 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<Deleted>, ApiError> {
-    if let Some(policy) = user_of(&state, &name).await? {
-        return Err(ApiError::Conflict(format!(
-            "list `{name}` is used by policy `{policy}`; change or delete that policy first"
-        )));
-    }
-    let deleted = state
-        .store
-        .delete_list(&name)
-        .await
-        .map_err(|e| store_error(&state, e))?;
+    let (state_ref, name_ref) = (&state, &name);
+    let deleted = checked_write(state_ref, |revision| async move {
+        if let Some(policy) = user_of(state_ref, name_ref).await? {
+            return Err(ApiError::Conflict(format!(
+                "list `{name_ref}` is used by policy `{policy}`; change or delete that policy \
+                 first"
+            ))
+            .into());
+        }
+        state_ref
+            .store
+            .delete_list(name_ref, Some(revision))
+            .await
+            .map_err(|e| attempt_error(state_ref, e))
+    })
+    .await?;
     if !deleted {
         return Err(not_found(&name));
     }

@@ -90,7 +90,61 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
     standard_layers(state.metrics.http.layer(api), body_limit)
 }
 
-/// A store failure as the client sees it; the detail goes to the log.
+/// One try of a write made from what was read ([`checked_write`]).
+pub(crate) enum Attempt {
+    /// What was read changed before the write: read and check again.
+    Stale,
+    Failed(ApiError),
+}
+
+impl From<ApiError> for Attempt {
+    fn from(e: ApiError) -> Attempt {
+        Attempt::Failed(e)
+    }
+}
+
+/// A store failure within an [`Attempt`].
+pub(crate) fn attempt_error(state: &AppState, e: StoreError) -> Attempt {
+    match e {
+        StoreError::Stale(_) => Attempt::Stale,
+        e => Attempt::Failed(store_error(state, e)),
+    }
+}
+
+/// How often a write is tried while what it was checked against keeps changing.
+const WRITE_TRIES: usize = 3;
+
+/// Runs `attempt` with the revision read before it reads or checks anything, and again
+/// (up to three times) when its write finds the revision or a version moved on: a
+/// policy naming a list and that list's deletion, checked at the same moment, cannot
+/// both be written.
+pub(crate) async fn checked_write<T, F, Fut>(
+    state: &AppState,
+    mut attempt: F,
+) -> Result<T, ApiError>
+where
+    F: FnMut(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Attempt>>,
+{
+    for _ in 0..WRITE_TRIES {
+        // From the table: another instance's write may not have been announced here yet.
+        let revision = state
+            .store
+            .stored_revision()
+            .await
+            .map_err(|e| store_error(state, e))?;
+        match attempt(revision).await {
+            Ok(done) => return Ok(done),
+            Err(Attempt::Failed(e)) => return Err(e),
+            Err(Attempt::Stale) => continue,
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "policies or lists kept changing while this change was checked ({WRITE_TRIES} \
+         tries); try again"
+    )))
+}
+
 /// A list's `limit` query: `default` when absent, else 1 to `max`.
 pub(crate) fn limit(given: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
     match given {
@@ -103,6 +157,7 @@ pub(crate) fn limit(given: Option<usize>, default: usize, max: usize) -> Result<
     }
 }
 
+/// A store failure as the client sees it; the detail goes to the log.
 pub(crate) fn store_error(state: &AppState, e: StoreError) -> ApiError {
     if let StoreError::Stale(message) = e {
         // The store did its part: a read it was given went out of date.

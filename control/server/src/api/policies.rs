@@ -16,7 +16,7 @@ use esper_engine::policy::{
 };
 use serde::Deserialize;
 
-use super::store_error;
+use super::{Attempt, attempt_error, checked_write, store_error};
 use crate::auth::Caller;
 use crate::state::AppState;
 use crate::store::{ListRecord, PolicyRecord, PolicyWrite};
@@ -183,15 +183,17 @@ fn write_of(spec: &PolicySpec, change: &str, caller: &Caller) -> Result<PolicyWr
     })
 }
 
+/// Writes policies over `expected_revision` (see [`checked_write`]).
 async fn write(
     state: &AppState,
     writes: Vec<PolicyWrite>,
-) -> Result<Json<ApplyResponse>, ApiError> {
+    expected_revision: Option<i64>,
+) -> Result<Json<ApplyResponse>, Attempt> {
     let applied = state
         .store
-        .put_policies(writes)
+        .put_policies(writes, expected_revision)
         .await
-        .map_err(|e| store_error(state, e))?;
+        .map_err(|e| attempt_error(state, e))?;
     let revision = state
         .store
         .revision()
@@ -257,12 +259,13 @@ pub async fn show(
 
 /// What apply checks beyond the document itself: it has policies, and the lists they
 /// name exist.
-async fn check_applicable(state: &AppState, specs: &[PolicySpec]) -> Result<(), BodyError> {
+async fn check_applicable(state: &AppState, specs: &[PolicySpec]) -> Result<(), ApiError> {
     if specs.is_empty() {
-        return Err(invalid("nothing to apply: the document has no [[policy]] tables").into());
+        return Err(invalid(
+            "nothing to apply: the document has no [[policy]] tables",
+        ));
     }
-    check_references(state, specs).await?;
-    Ok(())
+    check_references(state, specs).await
 }
 
 /// `POST /api/v1/policies`: validates, then upserts every policy of the document at once.
@@ -273,12 +276,18 @@ pub async fn apply(
     body: Result<Body, ApiError>,
 ) -> Result<Json<ApplyResponse>, BodyError> {
     let specs = read_policies(&headers, body)?;
-    check_applicable(&state, &specs).await?;
-    let writes = specs
-        .iter()
-        .map(|s| write_of(s, "apply", &caller))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(write(&state, writes).await?)
+    // The lists the policies name are checked at the revision the write is made over.
+    let state = &state;
+    let (specs, caller) = (&specs, &caller);
+    Ok(checked_write(state, |revision| async move {
+        check_applicable(state, specs).await?;
+        let writes = specs
+            .iter()
+            .map(|s| write_of(s, "apply", caller))
+            .collect::<Result<Vec<_>, _>>()?;
+        write(state, writes, Some(revision)).await
+    })
+    .await?)
 }
 
 /// `POST /api/v1/policies/validate`: the same checks as apply, nothing stored.
@@ -314,23 +323,17 @@ pub async fn toggle(
     };
     // Read, change, and write only over the version read: an apply or a delete in
     // between would otherwise be undone. Taken again from the newer version.
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let record = stored(&state, &id).await?;
+    let (state, id, op, caller) = (&state, &id, &op, &caller);
+    checked_write(state, |_| async move {
+        let record = stored(state, id).await?;
         let mut spec = spec_of(&record)?;
         change(&mut spec);
-        let mut w = write_of(&spec, &op, &caller)?;
+        let mut w = write_of(&spec, op, caller)?;
         w.expected_version = Some(record.version);
-        match write(&state, vec![w]).await {
-            Err(ApiError::Conflict(_)) if tries < TOGGLE_TRIES => continue,
-            done => return done,
-        }
-    }
+        write(state, vec![w], None).await
+    })
+    .await
 }
-
-/// Reads a toggle makes before it gives up on a policy changing under it.
-const TOGGLE_TRIES: usize = 3;
 
 /// `DELETE /api/v1/policies/{id}`: the history stays.
 pub async fn delete(

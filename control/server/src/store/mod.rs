@@ -246,8 +246,14 @@ pub trait ControlStore: Send + Sync {
 
     /// Writes policies all or nothing. A policy whose spec equals the stored one keeps
     /// its version; any change makes a new version, kept in the history, and bumps the
-    /// revision once.
-    async fn put_policies(&self, writes: Vec<PolicyWrite>) -> Result<Vec<PutOutcome>, StoreError>;
+    /// revision once. With `expected_revision`, nothing is written
+    /// ([`StoreError::Stale`]) unless the revision is still that one: what the caller
+    /// checked the writes against (the lists they name) has not changed since.
+    async fn put_policies(
+        &self,
+        writes: Vec<PolicyWrite>,
+        expected_revision: Option<i64>,
+    ) -> Result<Vec<PutOutcome>, StoreError>;
 
     /// Deletes a policy (its history stays); `false` when there was none.
     async fn delete_policy(&self, id: &str, by: &str) -> Result<bool, StoreError>;
@@ -260,18 +266,30 @@ pub trait ControlStore: Send + Sync {
     async fn get_list(&self, name: &str) -> Result<Option<ListRecord>, StoreError>;
 
     /// Creates or replaces a list; bumps the revision when anything changed.
+    /// `expected_revision` as for [`ControlStore::put_policies`] (the policies that read
+    /// the list).
     async fn put_list(
         &self,
         name: &str,
         kind: &str,
         items: Vec<String>,
+        expected_revision: Option<i64>,
     ) -> Result<ListRecord, StoreError>;
 
-    /// `false` when there was no such list.
-    async fn delete_list(&self, name: &str) -> Result<bool, StoreError>;
+    /// `false` when there was no such list. `expected_revision` as for
+    /// [`ControlStore::put_policies`] (no policy names the list).
+    async fn delete_list(
+        &self,
+        name: &str,
+        expected_revision: Option<i64>,
+    ) -> Result<bool, StoreError>;
 
     /// The counter bumped on every policy or list change.
     async fn revision(&self) -> Result<i64, StoreError>;
+
+    /// The counter as stored now, never a copy kept from announcements: what a write
+    /// with an `expected_revision` is compared with.
+    async fn stored_revision(&self) -> Result<i64, StoreError>;
 
     /// Enabled policies, all lists and the revision, consistently.
     async fn active_snapshot(&self) -> Result<ActiveSnapshot, StoreError>;

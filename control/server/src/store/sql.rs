@@ -229,6 +229,32 @@ where
     Ok(revision)
 }
 
+/// Inside a write transaction (writers take turns, so nothing changes the revision until
+/// it ends): `Stale` unless the revision is `expected`, when one is given.
+async fn still_at<DB>(conn: &mut DB::Connection, expected: Option<i64>) -> Result<(), StoreError>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'r> i64: Decode<'r, DB> + Type<DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row>,
+{
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let revision: i64 = sqlx::query(READ_REVISION_SQL)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("value")?;
+    if revision != expected {
+        return Err(StoreError::Stale(format!(
+            "policies or lists changed while this change was checked (revision {expected}, \
+             now {revision})"
+        )));
+    }
+    Ok(())
+}
+
 /// Records the next version of policy `id` in its history (counted from the history,
 /// so a policy deleted and applied again keeps counting up); returns its number.
 async fn add_version<DB>(
@@ -323,9 +349,14 @@ where
             .transpose()
     }
 
-    async fn put_policies(&self, writes: Vec<PolicyWrite>) -> Result<Vec<PutOutcome>, StoreError> {
+    async fn put_policies(
+        &self,
+        writes: Vec<PolicyWrite>,
+        expected_revision: Option<i64>,
+    ) -> Result<Vec<PutOutcome>, StoreError> {
         let _turn = self.turn().await;
         let mut tx = self.begin_write().await?;
+        still_at::<B::Db>(&mut tx, expected_revision).await?;
         let now = ts(Utc::now());
         let mut outcomes = Vec::with_capacity(writes.len());
         let mut changed_any = false;
@@ -451,9 +482,11 @@ where
         name: &str,
         kind: &str,
         items: Vec<String>,
+        expected_revision: Option<i64>,
     ) -> Result<ListRecord, StoreError> {
         let _turn = self.turn().await;
         let mut tx = self.begin_write().await?;
+        still_at::<B::Db>(&mut tx, expected_revision).await?;
         let current = sqlx::query(&format!("SELECT {LIST_COLS} FROM lists WHERE name = $1"))
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -493,9 +526,14 @@ where
         })
     }
 
-    async fn delete_list(&self, name: &str) -> Result<bool, StoreError> {
+    async fn delete_list(
+        &self,
+        name: &str,
+        expected_revision: Option<i64>,
+    ) -> Result<bool, StoreError> {
         let _turn = self.turn().await;
         let mut tx = self.begin_write().await?;
+        still_at::<B::Db>(&mut tx, expected_revision).await?;
         let result = sqlx::query("DELETE FROM lists WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
@@ -515,6 +553,13 @@ where
 
     async fn revision(&self) -> Result<i64, StoreError> {
         Backend::revision(self).await
+    }
+
+    async fn stored_revision(&self) -> Result<i64, StoreError> {
+        sqlx::query(READ_REVISION_SQL)
+            .fetch_one(self.pool())
+            .await?
+            .int("value")
     }
 
     async fn active_snapshot(&self) -> Result<ActiveSnapshot, StoreError> {

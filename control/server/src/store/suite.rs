@@ -60,6 +60,7 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     migrations_are_idempotent(&*store).await;
     policies_version_only_on_change(&*store).await;
     lists_bump_the_revision(&*store).await;
+    writes_over_a_revision_are_refused_once_it_moved(&*store).await;
     decision_log_is_idempotent_and_filtered(&*store).await;
     decisions_in_force_page_and_broker_copies_upgrade(&*store).await;
     policy_revocations_page_in_the_order_revoked(&*store).await;
@@ -83,7 +84,10 @@ async fn policies_version_only_on_change(store: &dyn ControlStore) {
     let a = json!({"id": "a", "threshold": 10, "enabled": true, "mode": "enforce"});
     let b = json!({"id": "b", "threshold": 5, "enabled": false, "mode": "shadow"});
     let out = store
-        .put_policies(vec![write("a", a.clone(), "apply"), write("b", b, "apply")])
+        .put_policies(
+            vec![write("a", a.clone(), "apply"), write("b", b, "apply")],
+            None,
+        )
         .await
         .expect("put");
     assert!(out.iter().all(|o| o.changed && o.version == 1), "{out:?}");
@@ -91,7 +95,7 @@ async fn policies_version_only_on_change(store: &dyn ControlStore) {
     assert_eq!(r1, r0 + 1, "one bump per write");
 
     let out = store
-        .put_policies(vec![write("a", a.clone(), "apply")])
+        .put_policies(vec![write("a", a.clone(), "apply")], None)
         .await
         .expect("put same");
     assert_eq!((out[0].version, out[0].changed), (1, false));
@@ -99,7 +103,7 @@ async fn policies_version_only_on_change(store: &dyn ControlStore) {
 
     let a2 = json!({"id": "a", "threshold": 20, "enabled": true, "mode": "enforce"});
     let out = store
-        .put_policies(vec![write("a", a2.clone(), "apply")])
+        .put_policies(vec![write("a", a2.clone(), "apply")], None)
         .await
         .expect("put changed");
     assert_eq!((out[0].version, out[0].changed), (2, true));
@@ -113,7 +117,7 @@ async fn policies_version_only_on_change(store: &dyn ControlStore) {
         ..write("a", off.clone(), "disable")
     };
     assert!(matches!(
-        store.put_policies(vec![stale]).await,
+        store.put_policies(vec![stale], None).await,
         Err(StoreError::Stale(_))
     ));
     assert_eq!(
@@ -129,10 +133,13 @@ async fn policies_version_only_on_change(store: &dyn ControlStore) {
         expected_version: Some(2),
         ..write("a", off, "disable")
     };
-    let out = store.put_policies(vec![current]).await.expect("over 2");
+    let out = store
+        .put_policies(vec![current], None)
+        .await
+        .expect("over 2");
     assert_eq!((out[0].version, out[0].changed), (3, true));
     let out = store
-        .put_policies(vec![write("a", a2, "enable")])
+        .put_policies(vec![write("a", a2, "enable")], None)
         .await
         .expect("enable");
     assert_eq!(out[0].version, 4);
@@ -167,7 +174,7 @@ async fn policies_version_only_on_change(store: &dyn ControlStore) {
     assert_eq!(history[0].spec, a);
 
     let out = store
-        .put_policies(vec![write("a", a, "apply")])
+        .put_policies(vec![write("a", a, "apply")], None)
         .await
         .expect("re-apply");
     assert_eq!(out[0].version, 6, "versions keep counting after a delete");
@@ -181,17 +188,55 @@ async fn policies_version_only_on_change(store: &dyn ControlStore) {
     assert_eq!(all, ["a", "b"]);
 }
 
+async fn writes_over_a_revision_are_refused_once_it_moved(store: &dyn ControlStore) {
+    let r0 = store.stored_revision().await.expect("revision");
+    assert_eq!(store.revision().await.expect("revision"), r0);
+    store
+        .put_list("guarded", "ip", vec!["10.0.0.1".into()], Some(r0))
+        .await
+        .expect("over the current revision");
+    let r1 = store.stored_revision().await.expect("revision");
+    assert_eq!(r1, r0 + 1);
+    // Each write checked at r0 is refused whole now that the revision is r1.
+    let stale = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Stale(_)));
+    assert!(stale(
+        store
+            .put_list("guarded", "string", vec!["x".into()], Some(r0))
+            .await
+            .map(|_| ())
+    ));
+    assert!(stale(
+        store.delete_list("guarded", Some(r0)).await.map(|_| ())
+    ));
+    assert!(stale(
+        store
+            .put_policies(vec![write("g", json!({"v": 1}), "apply")], Some(r0))
+            .await
+            .map(|_| ())
+    ));
+    let kept = store.get_list("guarded").await.expect("get").expect("kept");
+    assert_eq!((kept.kind.as_str(), kept.items.len()), ("ip", 1));
+    assert_eq!(store.get_policy("g").await.expect("get"), None);
+    assert_eq!(store.stored_revision().await.expect("revision"), r1);
+    assert!(
+        store
+            .delete_list("guarded", Some(r1))
+            .await
+            .expect("delete")
+    );
+}
+
 async fn lists_bump_the_revision(store: &dyn ControlStore) {
     let r0 = store.revision().await.expect("revision");
     let items = vec!["10.0.0.0/8".to_string(), "192.0.2.1".to_string()];
     let l = store
-        .put_list("office", "ip", items.clone())
+        .put_list("office", "ip", items.clone(), None)
         .await
         .expect("put list");
     assert_eq!(l.items, items);
     assert_eq!(store.revision().await.expect("revision"), r0 + 1);
     store
-        .put_list("office", "ip", items.clone())
+        .put_list("office", "ip", items.clone(), None)
         .await
         .expect("same list");
     assert_eq!(store.revision().await.expect("revision"), r0 + 1);
@@ -202,8 +247,13 @@ async fn lists_bump_the_revision(store: &dyn ControlStore) {
         .expect("exists");
     assert_eq!(got, l);
     assert_eq!(store.list_lists().await.expect("lists").len(), 1);
-    assert!(store.delete_list("office").await.expect("delete"));
-    assert!(!store.delete_list("office").await.expect("delete again"));
+    assert!(store.delete_list("office", None).await.expect("delete"));
+    assert!(
+        !store
+            .delete_list("office", None)
+            .await
+            .expect("delete again")
+    );
     assert_eq!(store.revision().await.expect("revision"), r0 + 2);
 }
 
