@@ -85,6 +85,7 @@ suite!(memory: counts_each_event_once_even_within_a_batch,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
+    a_rollback_leaves_progress_another_batch_made_since,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes);
 suite!(redis: counts_each_event_once_even_within_a_batch,
@@ -94,6 +95,7 @@ suite!(redis: counts_each_event_once_even_within_a_batch,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
+    a_rollback_leaves_progress_another_batch_made_since,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, an_unreadable_entity_hash_starts_afresh,
@@ -106,6 +108,7 @@ suite!(postgres: counts_each_event_once_even_within_a_batch,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
+    a_rollback_leaves_progress_another_batch_made_since,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, restarted_state_keeps_counts,
@@ -553,6 +556,31 @@ async fn sequences_complete_in_order(b: &Backend) {
     s.rollback(&out.receipt).await.unwrap();
     let out = apply_commit(&*s, &bt, now + 1000).await;
     assert_eq!(out.crossings.len(), 1);
+}
+
+/// Batch A advances a sequence, batch B (another worker) advances it further and
+/// commits, then A fails. A's rollback must leave B's progress: restoring what A found
+/// would also erase B's match, and the sequence would miss it.
+async fn a_rollback_leaves_progress_another_batch_made_since(b: &Backend) {
+    let s = b.state().await;
+    let now = now();
+    let a = s
+        .apply(&sequence_batch(&[("1", 1)], now), now)
+        .await
+        .unwrap();
+    apply_commit(&*s, &sequence_batch(&[("2", 1)], now + 100), now + 100).await;
+    s.rollback(&a.receipt).await.unwrap();
+    // Two step-1 matches stand (B's, which counted on top of A's): step 2 completes.
+    let out = apply_commit(&*s, &sequence_batch(&[("3", 2)], now + 200), now + 200).await;
+    assert_eq!(out.crossings.len(), 1, "{out:?}");
+    // A batch that is still the last writer takes its progress back in full.
+    let c = s
+        .apply(&sequence_batch(&[("4", 1), ("5", 1)], now + 300), now + 300)
+        .await
+        .unwrap();
+    s.rollback(&c.receipt).await.unwrap();
+    let out = apply_commit(&*s, &sequence_batch(&[("6", 2)], now + 400), now + 400).await;
+    assert!(out.crossings.is_empty(), "no progress left: {out:?}");
 }
 
 async fn escalation_and_repeat_offenses_grow_the_ttl(b: &Backend) {

@@ -31,6 +31,9 @@ pub(crate) struct EntityState {
     distinct: Option<Box<DistinctWindow>>,
     /// Sequences only.
     seq: Option<SeqProgress>,
+    /// The receipt of the batch that last changed `seq` (0: none known), so a rollback
+    /// only undoes its own progress, as with cooldowns.
+    seq_by: u64,
     /// The standing decision (cooldown in wall-clock epoch ms, with the receipt that
     /// started it, so a rollback only undoes its own) and the offense history.
     decision: DecisionState,
@@ -49,7 +52,13 @@ enum Measured {
 
 impl EntityState {
     /// Applies a hit's change to the aggregate; undo records go to `undo`.
-    fn measure(&mut self, policy: &BatchPolicy, hit: &Hit, undo: &mut Vec<Undo>) -> Measured {
+    fn measure(
+        &mut self,
+        policy: &BatchPolicy,
+        hit: &Hit,
+        receipt: u64,
+        undo: &mut Vec<Undo>,
+    ) -> Measured {
         let p = &policy.params;
         let rules = &policy.rules;
         let bucket = p.bucket_of(hit.at_ms);
@@ -63,7 +72,11 @@ impl EntityState {
                 p.window_ms(),
             );
             if self.seq != prev || done {
-                undo.push(Undo::Sequence { prev });
+                undo.push(Undo::Sequence {
+                    prev,
+                    prev_by: Some(self.seq_by),
+                });
+                self.seq_by = receipt;
             }
             if !done {
                 return Measured::Nothing;
@@ -282,7 +295,7 @@ impl MemoryState {
                     }
                 };
                 undo.clear();
-                let measured = match entity.measure(policy, hit, &mut undo) {
+                let measured = match entity.measure(policy, hit, receipt_id, &mut undo) {
                     Measured::Value(v) => Some(v),
                     Measured::Nothing => None,
                     Measured::Late => {
@@ -470,7 +483,14 @@ impl StateBackend for MemoryState {
                             d.undo(*value, *prev);
                         }
                     }
-                    Undo::Sequence { prev } => e.seq = *prev,
+                    Undo::Sequence { prev, prev_by } => match prev_by {
+                        Some(by) if e.seq_by == receipt.id => {
+                            e.seq = *prev;
+                            e.seq_by = *by;
+                        }
+                        Some(_) => {}
+                        None => e.seq = *prev,
+                    },
                 }
             }
             inner.marks.done_with(log);
@@ -720,6 +740,9 @@ pub(crate) mod scratch {
         d: Option<Box<DistinctWindow>>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         s: Option<(u8, u32, i64)>,
+        /// The receipt that last changed `s`; apart from it, as `p` is.
+        #[serde(default, skip_serializing_if = "is_zero_u64")]
+        sb: u64,
         /// cooldown until, cooldown by, level, offenses, last offense.
         c: (i64, u64, usize, u32, i64),
         /// The prior offense, apart from `c` so that rows read the same either way
@@ -730,6 +753,10 @@ pub(crate) mod scratch {
     }
 
     fn is_zero(v: &i64) -> bool {
+        *v == 0
+    }
+
+    fn is_zero_u64(v: &u64) -> bool {
         *v == 0
     }
 
@@ -797,6 +824,7 @@ pub(crate) mod scratch {
                     matched,
                     started_ms,
                 }),
+                seq_by: st.sb,
                 decision: DecisionState {
                     cooldown_until,
                     cooldown_by,
@@ -914,6 +942,7 @@ pub(crate) mod scratch {
                         w: e.window.clone(),
                         d: e.distinct.clone(),
                         s: e.seq.map(|s| (s.step, s.matched, s.started_ms)),
+                        sb: e.seq_by,
                         c: (
                             d.cooldown_until,
                             d.cooldown_by,
@@ -1058,7 +1087,7 @@ pub(crate) mod scratch {
         }
 
         #[test]
-        fn rows_read_alike_with_and_without_the_prior_offense() {
+        fn rows_read_alike_with_and_without_the_prior_offense_and_sequence_writer() {
             // The layout of the versions before the prior offense was kept.
             #[derive(Serialize, Deserialize)]
             struct Before {
@@ -1069,7 +1098,8 @@ pub(crate) mod scratch {
             let now = Stored {
                 w: Window::default(),
                 d: None,
-                s: None,
+                s: Some((1, 2, 3_500)),
+                sb: 9,
                 c: (5_000, 1, 0, 2, 4_000),
                 p: 3_000,
                 t: 4_000,
@@ -1079,10 +1109,15 @@ pub(crate) mod scratch {
             assert_eq!((before.c, before.t), (now.c, now.t));
             let read: Stored =
                 serde_json::from_slice(&serde_json::to_vec(&before).unwrap()).unwrap();
-            assert_eq!((read.c, read.p, read.t), (now.c, 0, now.t));
+            assert_eq!((read.c, read.p, read.sb, read.t), (now.c, 0, 0, now.t));
             let none = Stored { p: 0, ..read };
             let text = String::from_utf8(serde_json::to_vec(&none).unwrap()).unwrap();
-            assert!(!text.contains("\"p\""), "{text}");
+            assert!(
+                !text.contains("\"p\"") && !text.contains("\"sb\""),
+                "{text}"
+            );
+            let kept: Stored = serde_json::from_slice(&serde_json::to_vec(&now).unwrap()).unwrap();
+            assert_eq!((kept.s, kept.sb), (now.s, 9));
         }
 
         #[test]

@@ -196,6 +196,9 @@ enum UndoRec {
     W(i64, u64),
     D(u64, Option<i64>),
     S(Option<(u8, u32, i64)>),
+    /// A sequence's progress and the receipt that wrote it (logs of versions before it
+    /// hold `S`).
+    Sb(Option<(u8, u32, i64)>, u64),
 }
 
 impl UndoLog {
@@ -209,8 +212,12 @@ impl UndoLog {
                     let undo = match undo {
                         Undo::Weight { bucket, weight } => UndoRec::W(*bucket, weight.to_bits()),
                         Undo::Distinct { value, prev } => UndoRec::D(*value, *prev),
-                        Undo::Sequence { prev } => {
-                            UndoRec::S(prev.map(|p| (p.step, p.matched, p.started_ms)))
+                        Undo::Sequence { prev, prev_by } => {
+                            let prev = prev.map(|p| (p.step, p.matched, p.started_ms));
+                            match prev_by {
+                                Some(by) => UndoRec::Sb(prev, *by),
+                                None => UndoRec::S(prev),
+                            }
                         }
                     };
                     (policy_key(policy), entity.to_string(), undo)
@@ -264,11 +271,12 @@ impl UndoLog {
                     },
                     UndoRec::D(value, prev) => Undo::Distinct { value, prev },
                     UndoRec::S(prev) => Undo::Sequence {
-                        prev: prev.map(|(step, matched, started_ms)| SeqProgress {
-                            step,
-                            matched,
-                            started_ms,
-                        }),
+                        prev: prev.map(progress),
+                        prev_by: None,
+                    },
+                    UndoRec::Sb(prev, by) => Undo::Sequence {
+                        prev: prev.map(progress),
+                        prev_by: Some(by),
                     },
                 },
             ));
@@ -289,6 +297,14 @@ impl UndoLog {
             ));
         }
         Ok((r, changes))
+    }
+}
+
+fn progress((step, matched, started_ms): (u8, u32, i64)) -> SeqProgress {
+    SeqProgress {
+        step,
+        matched,
+        started_ms,
     }
 }
 
@@ -1188,6 +1204,50 @@ impl StateBackend for PostgresState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_undos_keep_their_writer_and_older_logs_still_read() {
+        let policy = parse_policy("p#0000000000000001").unwrap();
+        let entity = parse_entity("ip:10.0.0.1").unwrap();
+        let prev = Some(SeqProgress {
+            step: 0,
+            matched: 2,
+            started_ms: 1000,
+        });
+        let change = (
+            policy,
+            entity,
+            Undo::Sequence {
+                prev,
+                prev_by: Some(41),
+            },
+        );
+        let text = serde_json::to_string(&UndoLog::of(&[change], &Receipt::default())).unwrap();
+        let (_, changes) = serde_json::from_str::<UndoLog>(&text)
+            .unwrap()
+            .receipt(42)
+            .unwrap();
+        assert_eq!(
+            changes[0].2,
+            Undo::Sequence {
+                prev,
+                prev_by: Some(41)
+            }
+        );
+        // A log written before the writer was kept: restored unguarded, as then.
+        let older = r#"{"inc":[["p#0000000000000001","ip:10.0.0.1",{"S":[0,2,1000]}]],"cd":[]}"#;
+        let (_, changes) = serde_json::from_str::<UndoLog>(older)
+            .unwrap()
+            .receipt(42)
+            .unwrap();
+        assert_eq!(
+            changes[0].2,
+            Undo::Sequence {
+                prev,
+                prev_by: None
+            }
+        );
+    }
 
     #[test]
     fn undo_logs_read_alike_with_and_without_prior_offenses() {

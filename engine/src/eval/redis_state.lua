@@ -5,7 +5,7 @@
 --
 -- Keys (all with a TTL but the outbox's, which holds records until they are delivered):
 --   P:e:{pk}:{entity}  hash: w (window "bucket=weight;..."), dh (distinct head), lt
---                      (last touch), cu/cb/lv/of/lo (decision), ss/sm/st (sequence)
+--                      (last touch), cu/cb/lv/of/lo (decision), ss/sm/st/sb (sequence, its last writer)
 --   P:d:{pk}:{entity}  zset: distinct value -> newest sub-bucket
 --   P:ix:{pk}          zset: entity -> the time it becomes idle (for cleanup, eviction)
 --   P:pols             set of policy keys with state
@@ -60,6 +60,7 @@ local function load(pk, ent, create, meta)
   for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
   e = { pk = pk, ent = ent, w = {}, lt = tonumber(h.lt) or now,
         cu = tonumber(h.cu) or 0, cb = tonumber(h.cb) or 0, lv = tonumber(h.lv) or 0,
+        sb = tonumber(h.sb) or 0,
         of = tonumber(h.of) or 0, lo = tonumber(h.lo) or 0, po = tonumber(h.po) or 0,
         dh = tonumber(h.dh),
         win = meta and meta.win or tonumber(h.win) or 0, fresh = (#raw == 0) }
@@ -96,6 +97,7 @@ local function save_all(hist)
                 'lv', fmt(e.lv), 'of', fmt(e.of), 'lo', fmt(e.lo), 'win', fmt(e.win) }
     if e.dh then f[#f + 1] = 'dh'; f[#f + 1] = fmt(e.dh) end
     if e.po ~= 0 then f[#f + 1] = 'po'; f[#f + 1] = fmt(e.po) end
+    if e.sb ~= 0 then f[#f + 1] = 'sb'; f[#f + 1] = fmt(e.sb) end
     if e.seq then
       f[#f + 1] = 'ss'; f[#f + 1] = fmt(e.seq.step)
       f[#f + 1] = 'sm'; f[#f + 1] = fmt(e.seq.matched)
@@ -231,11 +233,17 @@ local function rollback(rid)
         if x[5] ~= '' then redis.call('ZADD', d, tonumber(x[5]), x[4])
         else redis.call('ZREM', d, x[4]) end
       else
-        local s = x[4]
-        if s and s ~= cjson.null and type(s) == 'table' then
-          e.seq = { step = tonumber(s[1]), matched = tonumber(s[2]), started = tonumber(s[3]) }
-        else
-          e.seq = nil
+        -- Only the last writer of the progress takes it back (logs written before the
+        -- writer was kept have no x[5], and restore as they did).
+        local by = x[5]
+        if by == nil or tostring(e.sb) == rid then
+          local s = x[4]
+          if s and s ~= cjson.null and type(s) == 'table' then
+            e.seq = { step = tonumber(s[1]), matched = tonumber(s[2]), started = tonumber(s[3]) }
+          else
+            e.seq = nil
+          end
+          if by ~= nil then e.sb = tonumber(by) or 0 end
         end
       end
     end
@@ -320,7 +328,10 @@ if op == 'apply' then
               local before = e.seq and (e.seq.step .. ':' .. e.seq.matched .. ':' .. e.seq.started) or ''
               local done = advance(e, p.seq, steps, at, p.win)
               local after = e.seq and (e.seq.step .. ':' .. e.seq.matched .. ':' .. e.seq.started) or ''
-              if before ~= after or done then undo.inc[#undo.inc + 1] = { p.k, ent, 's', prev } end
+              if before ~= after or done then
+                undo.inc[#undo.inc + 1] = { p.k, ent, 's', prev, fmt(e.sb) }
+                e.sb = tonumber(rid)
+              end
               if done then
                 local c = w_add(e, b, 1.0, nb)
                 if c then

@@ -158,8 +158,13 @@ pub enum Undo {
     Weight { bucket: i64, weight: f64 },
     /// Restore a distinct value's previous sub-bucket (`None`: it was not there).
     Distinct { value: u64, prev: Option<i64> },
-    /// Restore a sequence's progress.
-    Sequence { prev: Option<SeqProgress> },
+    /// Restore a sequence's progress, and the receipt that wrote it (`None` in logs of
+    /// versions that did not keep it: restored whoever wrote since). Only a batch that
+    /// is still the last writer restores it: another batch's progress since then stands.
+    Sequence {
+        prev: Option<SeqProgress>,
+        prev_by: Option<u64>,
+    },
 }
 
 /// How far an entity has come through a sequence.
