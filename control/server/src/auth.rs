@@ -41,9 +41,12 @@ const SERVICE_CALLS: [(Method, &str); 10] = [
     (Method::POST, "/api/v1/analyze"),
 ];
 
-/// Reads the read role may not make: a secret, or who holds access.
-const SECRET_READS: [&str; 3] = [
+/// Reads the read role may not make: a secret, or who holds access. The proxy
+/// configuration may set any of a proxy's options, `challenge_secret` and the broker
+/// token among them.
+const SECRET_READS: [&str; 4] = [
     "/api/v1/proxies/challenge-key",
+    "/api/v1/proxies/config",
     "/api/v1/tokens",
     "/api/v1/tokens/{name}",
 ];
@@ -226,6 +229,7 @@ mod tests {
             (Read, &Method::DELETE, "/api/v1/lists/{name}", false),
             (Read, &get, "/api/v1/proxies/challenge-key", false),
             (Read, &get, "/api/v1/tokens", false),
+            (Read, &get, "/api/v1/proxies/config", false),
             (Read, &post, "/api/v1/analyze", false),
             (Service, &get, "/api/v1/proxies/config", true),
             (Service, &get, "/api/v1/proxies/challenge-key", true),

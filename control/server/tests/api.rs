@@ -1290,7 +1290,11 @@ async fn tokens_have_roles_and_are_revoked_at_once() {
         body["message"],
         "token `audit` has the read role, which may not call POST /api/v1/policies"
     );
-    for path in ["/api/v1/proxies/challenge-key", "/api/v1/tokens"] {
+    for path in [
+        "/api/v1/proxies/challenge-key",
+        "/api/v1/proxies/config",
+        "/api/v1/tokens",
+    ] {
         let (status, _) = call(as_token(&read, Method::GET, path)).await;
         assert_eq!(status, 403, "{path} is a secret or who holds access");
     }

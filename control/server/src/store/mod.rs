@@ -53,9 +53,9 @@ impl From<sqlx::Error> for StoreError {
 pub enum TokenRole {
     /// Every route, token management included.
     Admin,
-    /// Every read (no secrets: not the proxies' challenge key, not the tokens), and
-    /// policy validation: dashboards, audits, on-call people who should not change
-    /// anything.
+    /// Every read (no secrets: not the proxies' challenge key or configuration, not the
+    /// tokens), and policy validation: dashboards, audits, on-call people who should not
+    /// change anything.
     Read,
     /// What Esper's own services and integrated apps call: proxy config, heartbeats,
     /// active policies, the decision log, analyze. A token kept on every edge host.
