@@ -52,6 +52,9 @@ const LEASE: Duration = Duration::from_secs(30);
 /// How long a restore's mark in a shared store stands unless renewed (at every attempt
 /// and page): long enough to outlast flushing the outbox before the first page.
 const RESTORE_MARK: Duration = Duration::from_secs(300);
+/// How often an instance over a shared store looks for a restore another instance left
+/// half-way.
+const ORPHAN_CHECK: Duration = Duration::from_secs(10);
 /// How often an instance looks at a shared outbox that other instances also append to.
 const SHARED_POLL: Duration = Duration::from_secs(1);
 
@@ -742,7 +745,14 @@ pub async fn run(
     // Other instances append to a shared outbox without waking this one.
     let poll = p.journal.as_ref().map(|_| SHARED_POLL);
     let mut backoff = MIN_BACKOFF;
+    let mut orphans_checked: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(journal) = &p.journal
+            && orphans_checked.is_none_or(|t| t.elapsed() >= ORPHAN_CHECK)
+        {
+            orphans_checked = Some(tokio::time::Instant::now());
+            take_over_orphaned(&p, &**journal).await;
+        }
         // Marked before the flush: a write through another instance either is in the
         // outbox flushed next or is noted for the restore.
         let pending = p.state.lock().restore == Restore::Pending;
@@ -777,7 +787,13 @@ pub async fn run(
             p.state.lock().restore_error = Some(format!("cannot mark the restore: {e}"));
         }
         if drained && marked.is_ok() && pending {
-            match p.restore(&*store, cache_ttl).await {
+            // A stop does not wait for the log's next page: a restore left half-way is
+            // taken up again (see `take_over_orphaned`).
+            let restored = tokio::select! {
+                r = p.restore(&*store, cache_ttl) => r,
+                _ = shutdown.wait() => break,
+            };
+            match restored {
                 Ok(n) => {
                     p.metrics.persistence_restored.inc_by(n as u64);
                     {
@@ -787,7 +803,7 @@ pub async fn run(
                         st.restore_error = None;
                     }
                     if let Some(journal) = &p.journal
-                        && let Err(e) = journal.end_restore(&p.owner).await
+                        && let Err(e) = journal.end_restore(&p.owner, true).await
                     {
                         tracing::debug!(error = %e, "cannot remove the restore's mark; it runs out by itself");
                     }
@@ -835,7 +851,8 @@ pub async fn run(
                 tracing::warn!(error = %e, "cannot give up the outbox's delivery lease; it runs out by itself");
             }
             let pending = p.state.lock().restore == Restore::Pending;
-            if pending && let Err(e) = journal.end_restore(&p.owner).await {
+            // Unfinished, it stays due: the next instance to look takes it over.
+            if pending && let Err(e) = journal.end_restore(&p.owner, false).await {
                 tracing::debug!(error = %e, "cannot remove the restore's mark; it runs out by itself");
             }
             let left = p.pending();
@@ -854,6 +871,32 @@ pub async fn run(
                     "decision log unreachable at shutdown; these writes are not in the durable copy"
                 );
             }
+        }
+    }
+}
+
+/// Takes over a restore that an instance over the same store began and left half-way
+/// (killed, or stopped): the store then holds part of what is in force, so it is not
+/// empty, and a start-up alone would not restore it.
+async fn take_over_orphaned(p: &Persistence, journal: &dyn Journal) {
+    if p.state.lock().restore == Restore::Pending {
+        return;
+    }
+    match journal.restore_orphaned().await {
+        Ok(true) => {
+            let mut st = p.state.lock();
+            if st.restore != Restore::Pending {
+                st.restore = Restore::Pending;
+                st.touched = Touched::default();
+                tracing::warn!(
+                    "a restore from the decision log was left half-way by an instance that \
+                     stopped; restoring"
+                );
+            }
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot check for a restore left half-way");
         }
     }
 }

@@ -584,14 +584,53 @@ async fn held(store: &dyn MitigationStore) -> Vec<String> {
 }
 
 /// The keys the restores' marks and notes leave in Redis under `prefix`.
+/// The restore's marks and notes (not whether one is due, which has no expiry).
 async fn restore_keys(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
     let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{{{prefix}}}:mit:[rt][eo]*"))
         .query_async(conn)
         .await
         .unwrap();
+    keys.retain(|k| !k.ends_with(":restore_due"));
     keys.sort();
     keys
+}
+
+#[tokio::test]
+async fn a_restore_left_half_way_is_due_until_finished_or_cleared() {
+    let (_store, journal, prefix, _conn) = own_journal("restore-due").await;
+    let other = RedisMitigations::open(&shared().url(), &prefix, SUITE_RETENTION)
+        .await
+        .unwrap();
+    let other_journal = Arc::new(other).journal().unwrap();
+    let long = Duration::from_secs(60);
+    assert!(!journal.restore_orphaned().await.unwrap(), "none begun");
+    journal.begin_restore("a", long).await.unwrap();
+    assert!(
+        !other_journal.restore_orphaned().await.unwrap(),
+        "its restorer's mark stands"
+    );
+    // Stopped half-way: due, and no one is at it.
+    journal.end_restore("a", false).await.unwrap();
+    assert!(other_journal.restore_orphaned().await.unwrap());
+    // Taken over and finished.
+    other_journal.begin_restore("b", long).await.unwrap();
+    assert!(!journal.restore_orphaned().await.unwrap());
+    other_journal.end_restore("b", true).await.unwrap();
+    assert!(!journal.restore_orphaned().await.unwrap(), "finished");
+    // A restorer that died: due once its mark ran out.
+    journal
+        .begin_restore("a", Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(journal.restore_orphaned().await.unwrap());
+    // A clear takes away what a restore would bring back, and the need for it.
+    let store = RedisMitigations::open(&shared().url(), &prefix, SUITE_RETENTION)
+        .await
+        .unwrap();
+    store.clear().await.unwrap();
+    assert!(!journal.restore_orphaned().await.unwrap(), "cleared");
 }
 
 #[tokio::test]
@@ -648,12 +687,12 @@ async fn a_restore_page_leaves_out_what_any_instance_touched_since_its_mark() {
 
     // A second restorer's end leaves the first one's notes; the last end takes them.
     journal.begin_restore("b", long).await.unwrap();
-    journal.end_restore("b").await.unwrap();
+    journal.end_restore("b", true).await.unwrap();
     assert_eq!(
         journal.restore_page("a", long, &page[..1]).await.unwrap(),
         RestorePage::Published(0)
     );
-    journal.end_restore("a").await.unwrap();
+    journal.end_restore("a", true).await.unwrap();
     assert!(restore_keys(&mut conn, &prefix).await.is_empty());
     other.revoke_id("kept").await.unwrap();
     assert!(
@@ -677,7 +716,7 @@ async fn a_restore_gives_up_after_a_clear_and_begins_again_when_its_mark_ran_out
         RestorePage::Cleared
     );
     assert!(held(&other).await.is_empty());
-    journal.end_restore("a").await.unwrap();
+    journal.end_restore("a", true).await.unwrap();
 
     // A mark that ran out: a write since may have gone unnoted.
     journal

@@ -552,6 +552,53 @@ async fn a_restore_over_shared_redis_does_not_undo_writes_through_another_instan
 }
 
 #[tokio::test]
+async fn a_restore_over_redis_left_half_way_is_finished_by_the_next_broker() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let all = logged_1500(api).await;
+    let (url, prefix) = (shared().url(), unique_prefix("resume"));
+    let redis = Some((url.as_str(), prefix.as_str()));
+    // The first broker restores its first page, then stops while the second is held
+    // back: the store holds 1,000 of the 1,500 in force.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let relay = holding_relay(api, release.clone()).await;
+    let b = Broker::start_on(relay, 5000, redis, TOKEN).await;
+    eventually("the first restore page", || async {
+        b.active_ids().await.len() == 1000
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), b.stop())
+        .await
+        .expect("a stop does not wait for the held page");
+    // Not empty, yet not whole: the next broker over the store restores the rest.
+    let c = Broker::start_on(api, 5000, redis, TOKEN).await;
+    eventually("the restore taken over", || async {
+        c.client
+            .active(Some(10_000))
+            .await
+            .unwrap()
+            .mitigations
+            .len()
+            == all.len()
+    })
+    .await;
+    eventually("the restore counted as done", || async {
+        log_detail(&c).await.contains("mitigations restored")
+    })
+    .await;
+    release.notify_one();
+    c.stop().await;
+    // Finished: a broker started now restores nothing.
+    let d = Broker::start_on(api, 5000, redis, TOKEN).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(d.metric("esper_persistence_restored_total").await, 0.0);
+    assert!(log_detail(&d).await.contains("nothing to restore"));
+    d.stop().await;
+    control.stop().await;
+}
+
+#[tokio::test]
 async fn the_decision_log_endpoints_refuse_bad_input_clearly() {
     let dir = TempDir::new();
     let api = closed_addr().await;

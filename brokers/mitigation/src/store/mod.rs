@@ -214,8 +214,15 @@ pub trait Journal: Send + Sync + 'static {
         mitigations: &[Mitigation],
     ) -> Result<RestorePage, StoreError>;
 
-    /// Takes `owner`'s mark away; the notes go with the last mark.
-    async fn end_restore(&self, owner: &str) -> Result<(), StoreError>;
+    /// Takes `owner`'s mark away; the notes go with the last mark. A restore that did
+    /// not `finish` (its instance stops half-way) stays due: see
+    /// [`Journal::restore_orphaned`].
+    async fn end_restore(&self, owner: &str, finished: bool) -> Result<(), StoreError>;
+
+    /// A restore was begun and neither finished nor superseded by a clear, and no
+    /// instance's mark stands: its restorer stopped half-way (killed, or shut down), so
+    /// the store holds part of what is in force and another instance should restore.
+    async fn restore_orphaned(&self) -> Result<bool, StoreError>;
 }
 
 /// What became of a restore page in a shared store.

@@ -54,7 +54,7 @@ const PRELUDE: &str = r#"
 local M, EXP, ENT, ACT, CH, GEN, SEQ, EIDX, IDS, OUT, OSEQ, LEASE =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
   KEYS[10], KEYS[11], KEYS[12]
-local RST, TIDS, TENTS, TALL = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
+local RST, TIDS, TENTS, TALL, DUE = KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
 local retention, now = tonumber(ARGV[2]), tonumber(ARGV[3])
 local function origin(g)
   redis.call('SET', GEN, g)
@@ -257,6 +257,8 @@ local log = outbox()
 if full(log) then return {'full'} end
 ensure()
 note_all()
+-- What a restore left half-way would bring back was just cleared.
+redis.call('DEL', DUE)
 local active = redis.call('ZCOUNT', EXP, '(' .. now, '+inf')
 for _, ent in ipairs(redis.call('HVALS', ENT)) do redis.call('DEL', EIDX .. ent) end
 redis.call('DEL', M, EXP, ENT, ACT, IDS)
@@ -283,6 +285,7 @@ const RELEASE: &str = "return outbox_release(LEASE, ARGV[4])";
 /// (and is not noted), every later one after it.
 const RESTORE_BEGIN: &str = r#"
 prune_marks()
+redis.call('SET', DUE, '1')
 redis.call('ZADD', RST, rnow() + tonumber(ARGV[5]), ARGV[4])
 keep_marks()
 return redis.call('GET', OSEQ) or '0'
@@ -318,11 +321,21 @@ end
 return {'ok', tostring(published), state(g)}
 "#;
 
-/// ARGV[4] the owner whose restore ended.
+/// ARGV[4] the owner whose restore ended, ARGV[5] '1' when it finished (else it stopped
+/// half-way, and stays due).
 const RESTORE_END: &str = r#"
 redis.call('ZREM', RST, ARGV[4])
 prune_marks()
+if ARGV[5] == '1' then redis.call('DEL', DUE) end
 return 1
+"#;
+
+/// Whether a restore was begun and neither finished nor cleared, with no mark standing:
+/// its restorer stopped half-way.
+const RESTORE_ORPHANED: &str = r#"
+prune_marks()
+if redis.call('EXISTS', DUE) == 1 and redis.call('ZCARD', RST) == 0 then return 1 end
+return 0
 "#;
 
 /// ARGV[4] the cursor's generation, ARGV[5] its stream id ('' when unusable),
@@ -440,6 +453,7 @@ struct Scripts {
     outbox_head: Script,
     restore_page: Script,
     restore_end: Script,
+    restore_orphaned: Script,
 }
 
 impl Scripts {
@@ -466,6 +480,7 @@ impl Scripts {
             outbox_head: s(OUTBOX_HEAD),
             restore_page: s(RESTORE_PAGE),
             restore_end: s(RESTORE_END),
+            restore_orphaned: s(RESTORE_ORPHANED),
         }
     }
 }
@@ -479,7 +494,7 @@ struct Seen {
 
 struct Shared {
     conn: ConnectionManager,
-    keys: [String; 16],
+    keys: [String; 17],
     retention: usize,
     scripts: Scripts,
     seen: Mutex<Seen>,
@@ -680,6 +695,7 @@ impl RedisMitigations {
                 key("touched_ids"),
                 key("touched_entities"),
                 key("touched_all"),
+                key("restore_due"),
             ],
             retention: retention.max(1),
             scripts: Scripts::new(),
@@ -918,12 +934,24 @@ impl Journal for RedisMitigations {
         }
     }
 
-    async fn end_restore(&self, owner: &str) -> Result<(), StoreError> {
+    async fn end_restore(&self, owner: &str, finished: bool) -> Result<(), StoreError> {
+        let finished = if finished { "1" } else { "0" };
         let _: i64 = self
             .shared
-            .run(&self.shared.scripts.restore_end, &[owner.into()])
+            .run(
+                &self.shared.scripts.restore_end,
+                &[owner.into(), finished.into()],
+            )
             .await?;
         Ok(())
+    }
+
+    async fn restore_orphaned(&self) -> Result<bool, StoreError> {
+        let orphaned: i64 = self
+            .shared
+            .run(&self.shared.scripts.restore_orphaned, &[])
+            .await?;
+        Ok(orphaned == 1)
     }
 }
 
