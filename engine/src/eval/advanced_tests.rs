@@ -352,6 +352,34 @@ async fn sequences_fire_on_the_whole_pattern_in_time() {
 }
 
 #[tokio::test]
+async fn sequences_slide_with_their_latest_start() {
+    let (e, set) = setup(TAKEOVER);
+    // The last three failures and the success fit in 10 minutes; the first failure,
+    // at 0 s, does not, and a sequence counted from it would miss them.
+    let events = [0.0, 590.0, 595.0, 598.0]
+        .map(|t| ev("10.0.0.4", "/login", 401, t))
+        .into_iter()
+        .chain([ev("10.0.0.4", "/login", 200, 605.0)])
+        .collect::<Vec<_>>();
+    let d = feed(&e, &set, &events).await;
+    assert_eq!(d.len(), 1, "{d:?}");
+    // Low and slow: a failure a minute for ten minutes, then the success.
+    let mut events: Vec<_> = (0..=10)
+        .map(|i| ev("10.0.0.5", "/login", 401, f64::from(i) * 60.0))
+        .collect();
+    events.push(ev("10.0.0.5", "/login", 200, 610.0));
+    let d = feed(&e, &set, &events).await;
+    assert_eq!(d.len(), 1, "{d:?}");
+    // Failures spread so that no three of them and the success fit in 10 minutes.
+    let events = [0.0, 1.0, 400.0]
+        .map(|t| ev("10.0.0.6", "/login", 401, t))
+        .into_iter()
+        .chain([ev("10.0.0.6", "/login", 200, 700.0)])
+        .collect::<Vec<_>>();
+    assert!(feed(&e, &set, &events).await.is_empty());
+}
+
+#[tokio::test]
 async fn sequence_progress_rolls_back() {
     let (e, set) = setup(TAKEOVER);
     let mut events: Vec<_> = (0..3)

@@ -63,13 +63,14 @@ impl EntityState {
         let rules = &policy.rules;
         let bucket = p.bucket_of(hit.at_ms);
         let count = if !rules.sequence.is_empty() {
-            let prev = self.seq;
+            let prev = self.seq.clone();
             let done = advance(
                 &mut self.seq,
                 &rules.sequence,
                 hit.steps,
-                hit.at_ms,
-                p.window_ms(),
+                bucket,
+                p.buckets,
+                p.bucket_ms,
             );
             if self.seq != prev || done {
                 undo.push(Undo::Sequence {
@@ -485,11 +486,11 @@ impl StateBackend for MemoryState {
                     }
                     Undo::Sequence { prev, prev_by } => match prev_by {
                         Some(by) if e.seq_by == receipt.id => {
-                            e.seq = *prev;
+                            e.seq = prev.clone();
                             e.seq_by = *by;
                         }
                         Some(_) => {}
-                        None => e.seq = *prev,
+                        None => e.seq = prev.clone(),
                     },
                 }
             }
@@ -738,8 +739,12 @@ pub(crate) mod scratch {
         w: Window,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         d: Option<Box<DistinctWindow>>,
+        /// A sequence's progress as versions before sliding sequences kept it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         s: Option<(u8, u32, i64)>,
+        /// A sequence's progress: per step, runs of (start sub-bucket, count).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        r: Option<Vec<Vec<(i64, u32)>>>,
         /// The receipt that last changed `s`; apart from it, as `p` is.
         #[serde(default, skip_serializing_if = "is_zero_u64")]
         sb: u64,
@@ -819,11 +824,15 @@ pub(crate) mod scratch {
             let state = EntityState {
                 window: st.w,
                 distinct: st.d,
-                seq: st.s.map(|(step, matched, started_ms)| SeqProgress {
-                    step,
-                    matched,
-                    started_ms,
-                }),
+                seq: match (st.r, st.s) {
+                    (Some(steps), _) => Some(SeqProgress::Steps(steps)),
+                    (None, Some((step, matched, started_ms))) => Some(SeqProgress::Legacy {
+                        step,
+                        matched,
+                        started_ms,
+                    }),
+                    (None, None) => None,
+                },
                 seq_by: st.sb,
                 decision: DecisionState {
                     cooldown_until,
@@ -941,7 +950,18 @@ pub(crate) mod scratch {
                     let stored = Stored {
                         w: e.window.clone(),
                         d: e.distinct.clone(),
-                        s: e.seq.map(|s| (s.step, s.matched, s.started_ms)),
+                        s: match &e.seq {
+                            Some(SeqProgress::Legacy {
+                                step,
+                                matched,
+                                started_ms,
+                            }) => Some((*step, *matched, *started_ms)),
+                            _ => None,
+                        },
+                        r: match &e.seq {
+                            Some(SeqProgress::Steps(steps)) => Some(steps.clone()),
+                            _ => None,
+                        },
                         sb: e.seq_by,
                         c: (
                             d.cooldown_until,
@@ -1099,6 +1119,7 @@ pub(crate) mod scratch {
                 w: Window::default(),
                 d: None,
                 s: Some((1, 2, 3_500)),
+                r: Some(vec![vec![(10, 2)], vec![(10, 1)]]),
                 sb: 9,
                 c: (5_000, 1, 0, 2, 4_000),
                 p: 3_000,
@@ -1117,7 +1138,7 @@ pub(crate) mod scratch {
                 "{text}"
             );
             let kept: Stored = serde_json::from_slice(&serde_json::to_vec(&now).unwrap()).unwrap();
-            assert_eq!((kept.s, kept.sb), (now.s, 9));
+            assert_eq!((kept.s, kept.r, kept.sb), (now.s, now.r, 9));
         }
 
         #[test]

@@ -199,6 +199,36 @@ enum UndoRec {
     /// A sequence's progress and the receipt that wrote it (logs of versions before it
     /// hold `S`).
     Sb(Option<(u8, u32, i64)>, u64),
+    /// A sequence's progress in either form, and the receipt that wrote it (`None` for
+    /// a change read from a log that did not keep it).
+    Sr(Option<SeqRec>, Option<u64>),
+}
+
+/// A sequence's progress in an undo log.
+#[derive(Serialize, Deserialize)]
+enum SeqRec {
+    Legacy(u8, u32, i64),
+    Steps(Vec<Vec<(i64, u32)>>),
+}
+
+impl SeqRec {
+    fn of(p: &SeqProgress) -> SeqRec {
+        match p {
+            SeqProgress::Legacy {
+                step,
+                matched,
+                started_ms,
+            } => SeqRec::Legacy(*step, *matched, *started_ms),
+            SeqProgress::Steps(steps) => SeqRec::Steps(steps.clone()),
+        }
+    }
+
+    fn progress(&self) -> SeqProgress {
+        match self {
+            SeqRec::Legacy(step, matched, started_ms) => legacy((*step, *matched, *started_ms)),
+            SeqRec::Steps(steps) => SeqProgress::Steps(steps.clone()),
+        }
+    }
 }
 
 impl UndoLog {
@@ -213,11 +243,7 @@ impl UndoLog {
                         Undo::Weight { bucket, weight } => UndoRec::W(*bucket, weight.to_bits()),
                         Undo::Distinct { value, prev } => UndoRec::D(*value, *prev),
                         Undo::Sequence { prev, prev_by } => {
-                            let prev = prev.map(|p| (p.step, p.matched, p.started_ms));
-                            match prev_by {
-                                Some(by) => UndoRec::Sb(prev, *by),
-                                None => UndoRec::S(prev),
-                            }
+                            UndoRec::Sr(prev.as_ref().map(SeqRec::of), *prev_by)
                         }
                     };
                     (policy_key(policy), entity.to_string(), undo)
@@ -271,12 +297,16 @@ impl UndoLog {
                     },
                     UndoRec::D(value, prev) => Undo::Distinct { value, prev },
                     UndoRec::S(prev) => Undo::Sequence {
-                        prev: prev.map(progress),
+                        prev: prev.map(legacy),
                         prev_by: None,
                     },
                     UndoRec::Sb(prev, by) => Undo::Sequence {
-                        prev: prev.map(progress),
+                        prev: prev.map(legacy),
                         prev_by: Some(by),
+                    },
+                    UndoRec::Sr(ref prev, by) => Undo::Sequence {
+                        prev: prev.as_ref().map(SeqRec::progress),
+                        prev_by: by,
                     },
                 },
             ));
@@ -300,8 +330,8 @@ impl UndoLog {
     }
 }
 
-fn progress((step, matched, started_ms): (u8, u32, i64)) -> SeqProgress {
-    SeqProgress {
+fn legacy((step, matched, started_ms): (u8, u32, i64)) -> SeqProgress {
+    SeqProgress::Legacy {
         step,
         matched,
         started_ms,
@@ -1209,44 +1239,57 @@ mod tests {
     fn sequence_undos_keep_their_writer_and_older_logs_still_read() {
         let policy = parse_policy("p#0000000000000001").unwrap();
         let entity = parse_entity("ip:10.0.0.1").unwrap();
-        let prev = Some(SeqProgress {
+        let legacy_prev = Some(SeqProgress::Legacy {
             step: 0,
             matched: 2,
             started_ms: 1000,
         });
-        let change = (
-            policy,
-            entity,
-            Undo::Sequence {
-                prev,
-                prev_by: Some(41),
-            },
-        );
-        let text = serde_json::to_string(&UndoLog::of(&[change], &Receipt::default())).unwrap();
-        let (_, changes) = serde_json::from_str::<UndoLog>(&text)
-            .unwrap()
-            .receipt(42)
-            .unwrap();
-        assert_eq!(
-            changes[0].2,
-            Undo::Sequence {
-                prev,
-                prev_by: Some(41)
-            }
-        );
-        // A log written before the writer was kept: restored unguarded, as then.
-        let older = r#"{"inc":[["p#0000000000000001","ip:10.0.0.1",{"S":[0,2,1000]}]],"cd":[]}"#;
-        let (_, changes) = serde_json::from_str::<UndoLog>(older)
-            .unwrap()
-            .receipt(42)
-            .unwrap();
-        assert_eq!(
-            changes[0].2,
-            Undo::Sequence {
-                prev,
-                prev_by: None
-            }
-        );
+        for prev in [
+            Some(SeqProgress::Steps(vec![vec![(33, 2), (34, 1)], vec![]])),
+            legacy_prev.clone(),
+            None,
+        ] {
+            let change = (
+                policy.clone(),
+                entity.clone(),
+                Undo::Sequence {
+                    prev: prev.clone(),
+                    prev_by: Some(41),
+                },
+            );
+            let text = serde_json::to_string(&UndoLog::of(&[change], &Receipt::default())).unwrap();
+            let (_, changes) = serde_json::from_str::<UndoLog>(&text)
+                .unwrap()
+                .receipt(42)
+                .unwrap();
+            assert_eq!(
+                changes[0].2,
+                Undo::Sequence {
+                    prev,
+                    prev_by: Some(41)
+                }
+            );
+        }
+        // Logs written before: without the writer (restored unguarded, as then), and
+        // with it but in the one-progress form.
+        for (older, by) in [
+            (r#"{"S":[0,2,1000]}"#, None),
+            (r#"{"Sb":[[0,2,1000],41]}"#, Some(41)),
+        ] {
+            let log =
+                format!(r#"{{"inc":[["p#0000000000000001","ip:10.0.0.1",{older}]],"cd":[]}}"#);
+            let (_, changes) = serde_json::from_str::<UndoLog>(&log)
+                .unwrap()
+                .receipt(42)
+                .unwrap();
+            assert_eq!(
+                changes[0].2,
+                Undo::Sequence {
+                    prev: legacy_prev.clone(),
+                    prev_by: by
+                }
+            );
+        }
     }
 
     #[test]

@@ -45,6 +45,30 @@ local function powi(a, b)
   return r
 end
 
+-- A sequence's steps (state.rs's SeqProgress::Steps) as text: per step, runs
+-- "start:count" joined by ',', steps joined by '|'.
+local function seq_encode(steps)
+  local parts = {}
+  for i, runs in ipairs(steps) do
+    local rs = {}
+    for j, r in ipairs(runs) do rs[j] = fmt(r[1]) .. ':' .. fmt(r[2]) end
+    parts[i] = table.concat(rs, ',')
+  end
+  return table.concat(parts, '|')
+end
+local function seq_decode(text)
+  local steps = {}
+  for part in string.gmatch(text .. '|', '([^|]*)|') do
+    local runs = {}
+    for b, n in string.gmatch(part, '([^,:]+):([^,]+)') do
+      local bn, nn = tonumber(b), tonumber(n)
+      if bn and nn then runs[#runs + 1] = { bn, nn } end
+    end
+    steps[#steps + 1] = runs
+  end
+  return steps
+end
+
 -- Entity cache for one script call: loaded once, written back once.
 local cache = {}
 local function ekey(pk, ent) return P .. ':e:' .. pk .. ':' .. ent end
@@ -73,7 +97,11 @@ local function load(pk, ent, create, meta)
     end
   end
   local ss, sm, st = tonumber(h.ss), tonumber(h.sm), tonumber(h.st)
-  if ss and sm and st then e.seq = { step = ss, matched = sm, started = st } end
+  if h.sr then
+    e.seq = { steps = seq_decode(h.sr) }
+  elseif ss and sm and st then
+    e.seq = { step = ss, matched = sm, started = st }
+  end
   cache[id] = e
   return e
 end
@@ -98,7 +126,9 @@ local function save_all(hist)
     if e.dh then f[#f + 1] = 'dh'; f[#f + 1] = fmt(e.dh) end
     if e.po ~= 0 then f[#f + 1] = 'po'; f[#f + 1] = fmt(e.po) end
     if e.sb ~= 0 then f[#f + 1] = 'sb'; f[#f + 1] = fmt(e.sb) end
-    if e.seq then
+    if e.seq and e.seq.steps then
+      f[#f + 1] = 'sr'; f[#f + 1] = seq_encode(e.seq.steps)
+    elseif e.seq then
       f[#f + 1] = 'ss'; f[#f + 1] = fmt(e.seq.step)
       f[#f + 1] = 'sm'; f[#f + 1] = fmt(e.seq.matched)
       f[#f + 1] = 'st'; f[#f + 1] = fmt(e.seq.started)
@@ -177,37 +207,89 @@ local function d_count_at(e, b, nb)
   return redis.call('ZCOUNT', dkey(e.pk, e.ent), '(' .. fmt(head - nb), '+inf')
 end
 
--- Sequences (state.rs's advance). Returns true when the sequence completes.
-local function advance(e, mins, mask, at, within)
-  if e.seq and at - e.seq.started > within then e.seq = nil end
-  local last = #mins - 1
-  if last < 0 then return false end
-  local p = e.seq
-  if not p then
-    if bit.band(mask, 1) ~= 0 then
-      e.seq = { step = 0, matched = 1, started = at }
-    else
-      return false
-    end
+-- Sequences (state.rs's advance): every partial sequence is followed, as runs of
+-- start sub-buckets per step. Returns true when the sequence completes.
+local function seq_completed(runs, min)
+  local total = 0
+  for _, r in ipairs(runs) do total = total + r[2] end
+  if total >= min and #runs > 0 then return runs[1][1] end
+  return nil
+end
+local function seq_add(runs, start, min)
+  local i = 1
+  while i <= #runs and runs[i][1] < start do i = i + 1 end
+  if i <= #runs and runs[i][1] == start then
+    runs[i][2] = runs[i][2] + 1
   else
-    local nxt = p.step + 1
-    if p.matched >= mins[p.step + 1] and nxt <= last and bit.band(mask, bit.lshift(1, nxt)) ~= 0 then
-      p.step = nxt; p.matched = 1
-    elseif bit.band(mask, bit.lshift(1, p.step)) ~= 0 then
-      p.matched = p.matched + 1
+    table.insert(runs, i, { start, 1 })
+  end
+  local total = 0
+  for _, r in ipairs(runs) do total = total + r[2] end
+  local excess = total - math.max(min, 1)
+  while excess > 0 and #runs > 0 do
+    if runs[1][2] <= excess then
+      excess = excess - runs[1][2]
+      table.remove(runs, 1)
     else
-      return false
+      runs[1][2] = runs[1][2] - excess
+      excess = 0
     end
   end
-  if e.seq and e.seq.step == last and e.seq.matched >= mins[last + 1] then
-    e.seq = nil
-    return true
+end
+local function advance(e, mins, mask, b, nb, bms)
+  local n = #mins
+  if n == 0 then return false end
+  local steps = {}
+  if e.seq and e.seq.steps then
+    steps = e.seq.steps
+  elseif e.seq then
+    local st = math.floor(e.seq.started / math.max(bms, 1))
+    for i = 1, n do
+      if i - 1 < e.seq.step then
+        steps[i] = { { st, mins[i] } }
+      elseif i - 1 == e.seq.step then
+        steps[i] = { { st, math.min(e.seq.matched, mins[i]) } }
+      end
+    end
   end
-  return false
+  for i = 1, n do steps[i] = steps[i] or {} end
+  for i = #steps, n + 1, -1 do steps[i] = nil end
+  local head = b
+  for i = 1, n do
+    local r = steps[i]
+    if #r > 0 and r[#r][1] > head then head = r[#r][1] end
+  end
+  local oldest = head - nb + 1
+  for i = 1, n do
+    local r = steps[i]
+    while #r > 0 and r[1][1] < oldest do table.remove(r, 1) end
+  end
+  -- Later steps first: one event counts for one step of a partial sequence.
+  for i = n, 1, -1 do
+    if bit.band(mask, bit.lshift(1, i - 1)) ~= 0 then
+      local start
+      if i == 1 then
+        if b >= oldest then start = b end
+      else
+        start = seq_completed(steps[i - 1], mins[i - 1])
+      end
+      if start then seq_add(steps[i], start, mins[i]) end
+    end
+  end
+  local done = seq_completed(steps[n], mins[n]) ~= nil
+  local empty = true
+  for i = 1, n do
+    if #steps[i] > 0 then empty = false end
+  end
+  if done or empty then e.seq = nil else e.seq = { steps = steps } end
+  return done
 end
 
+-- A sequence's progress for an undo log: its steps as text, the legacy triple as an
+-- array, or false.
 local function seq_copy(s)
   if not s then return false end
+  if s.steps then return seq_encode(s.steps) end
   return { fmt(s.step), fmt(s.matched), fmt(s.started) }
 end
 
@@ -238,7 +320,9 @@ local function rollback(rid)
         local by = x[5]
         if by == nil or tostring(e.sb) == rid then
           local s = x[4]
-          if s and s ~= cjson.null and type(s) == 'table' then
+          if type(s) == 'string' then
+            e.seq = { steps = seq_decode(s) }
+          elseif s and s ~= cjson.null and type(s) == 'table' then
             e.seq = { step = tonumber(s[1]), matched = tonumber(s[2]), started = tonumber(s[3]) }
           else
             e.seq = nil
@@ -325,10 +409,9 @@ if op == 'apply' then
             local is_late = false
             if #p.seq > 0 then
               local prev = seq_copy(e.seq)
-              local before = e.seq and (e.seq.step .. ':' .. e.seq.matched .. ':' .. e.seq.started) or ''
-              local done = advance(e, p.seq, steps, at, p.win)
-              local after = e.seq and (e.seq.step .. ':' .. e.seq.matched .. ':' .. e.seq.started) or ''
-              if before ~= after or done then
+              local done = advance(e, p.seq, steps, b, nb, p.win / nb)
+              local changed = cjson.encode(prev) ~= cjson.encode(seq_copy(e.seq))
+              if changed or done then
                 undo.inc[#undo.inc + 1] = { p.k, ent, 's', prev, fmt(e.sb) }
                 e.sb = tonumber(rid)
               end

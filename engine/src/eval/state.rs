@@ -168,60 +168,128 @@ pub enum Undo {
 }
 
 /// How far an entity has come through a sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SeqProgress {
-    /// The current step.
-    pub step: u8,
-    /// Matches of the current step so far.
-    pub matched: u32,
-    /// Event time of the sequence's first match, epoch ms.
-    pub started_ms: i64,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SeqProgress {
+    /// Per step, the partial sequences that have matched it as far as they count: runs
+    /// of (start sub-bucket, how many), oldest start first, at most the step's `min` in
+    /// all. The oldest start of a step holding its `min` is the latest start of a
+    /// sequence that has completed the step.
+    Steps(Vec<Vec<(i64, u32)>>),
+    /// As versions before sliding sequences kept it (one partial sequence: its step,
+    /// matches of that step, and the event time it started); read as `Steps` at the
+    /// entity's next event.
+    Legacy {
+        step: u8,
+        matched: u32,
+        started_ms: i64,
+    },
 }
 
-/// Advances a sequence with an event meeting the steps in `mask` at `at_ms`. Returns
-/// true when the sequence completes (it then starts over). Events that meet no step
-/// the sequence can use are ignored (other requests may come in between); a sequence
-/// older than `within_ms` starts over.
+/// The latest start of a partial sequence that has `min` matches of a step.
+fn completed(runs: &[(i64, u32)], min: u32) -> Option<i64> {
+    let total: u64 = runs.iter().map(|(_, n)| u64::from(*n)).sum();
+    if total >= u64::from(min) {
+        runs.first().map(|(b, _)| *b)
+    } else {
+        None
+    }
+}
+
+/// Adds a partial sequence started at `start` to a step, keeping the `min` latest.
+fn add_start(runs: &mut Vec<(i64, u32)>, start: i64, min: u32) {
+    match runs.binary_search_by_key(&start, |(b, _)| *b) {
+        Ok(i) => runs[i].1 = runs[i].1.saturating_add(1),
+        Err(i) => runs.insert(i, (start, 1)),
+    }
+    let total: u64 = runs.iter().map(|(_, n)| u64::from(*n)).sum();
+    let mut excess = total.saturating_sub(u64::from(min.max(1)));
+    while excess > 0 {
+        let Some(first) = runs.first_mut() else { break };
+        if u64::from(first.1) <= excess {
+            excess -= u64::from(first.1);
+            runs.remove(0);
+        } else {
+            first.1 -= u32::try_from(excess).unwrap_or(u32::MAX);
+            excess = 0;
+        }
+    }
+}
+
+/// A legacy progress as steps: the steps before its own completed, its own holding
+/// what it matched, all started where it started.
+fn legacy_steps(step: u8, matched: u32, started: i64, mins: &[u32]) -> Vec<Vec<(i64, u32)>> {
+    mins.iter()
+        .enumerate()
+        .map(|(i, min)| match i.cmp(&usize::from(step)) {
+            std::cmp::Ordering::Less => vec![(started, *min)],
+            std::cmp::Ordering::Equal => vec![(started, matched.min(*min))],
+            std::cmp::Ordering::Greater => Vec::new(),
+        })
+        .collect()
+}
+
+/// Advances a sequence with an event meeting the steps in `mask`, in sub-bucket
+/// `bucket` of a window of `buckets` sub-buckets (`within`). Returns true when the
+/// sequence completes (it then starts over).
+///
+/// Every partial sequence is followed, not just the first: a sequence completes when
+/// some events, in the order they came, matched each step its `min` times, the first
+/// of them no more than `within` before the last (counted in sub-buckets, as windows
+/// are: early, never late). Events that meet no step a partial sequence can use are
+/// ignored (other requests may come in between); one event counts for one step of a
+/// partial sequence.
 pub fn advance(
     progress: &mut Option<SeqProgress>,
     mins: &[u32],
     mask: u32,
-    at_ms: i64,
-    within_ms: i64,
+    bucket: i64,
+    buckets: i64,
+    bucket_ms: i64,
 ) -> bool {
-    if progress.is_some_and(|p| at_ms.saturating_sub(p.started_ms) > within_ms) {
-        *progress = None;
-    }
     let Some(last) = mins.len().checked_sub(1) else {
         return false;
     };
-    match progress {
-        None if mask & 1 != 0 => {
-            *progress = Some(SeqProgress {
-                step: 0,
-                matched: 1,
-                started_ms: at_ms,
-            })
+    let mut steps = match progress.take() {
+        None => vec![Vec::new(); mins.len()],
+        Some(SeqProgress::Steps(s)) => s,
+        Some(SeqProgress::Legacy {
+            step,
+            matched,
+            started_ms,
+        }) => legacy_steps(step, matched, started_ms.div_euclid(bucket_ms.max(1)), mins),
+    };
+    // A policy edited to another number of steps has another key; this is defensive.
+    steps.resize(mins.len(), Vec::new());
+    let head = steps
+        .iter()
+        .filter_map(|runs| runs.last().map(|(b, _)| *b))
+        .fold(bucket, i64::max);
+    let oldest = head.saturating_sub(buckets) + 1;
+    for runs in &mut steps {
+        let keep = runs.partition_point(|(b, _)| *b < oldest);
+        runs.drain(..keep);
+    }
+    // Later steps first, so that one event does not count for two steps of one partial
+    // sequence.
+    for i in (0..=last).rev() {
+        if mask & (1 << i) == 0 {
+            continue;
         }
-        None => return false,
-        Some(p) => {
-            let step = usize::from(p.step);
-            let next = step + 1;
-            if p.matched >= mins[step] && next <= last && mask & (1 << next) != 0 {
-                p.step = next as u8;
-                p.matched = 1;
-            } else if mask & (1 << step) != 0 {
-                p.matched = p.matched.saturating_add(1);
-            } else {
-                return false;
-            }
+        let start = match i.checked_sub(1) {
+            None => (bucket >= oldest).then_some(bucket),
+            Some(before) => completed(&steps[before], mins[before]),
+        };
+        if let Some(start) = start {
+            add_start(&mut steps[i], start, mins[i]);
         }
     }
-    if progress.is_some_and(|p| usize::from(p.step) == last && p.matched >= mins[last]) {
-        *progress = None;
-        return true;
-    }
-    false
+    let done = completed(&steps[last], mins[last]).is_some();
+    *progress = if done || steps.iter().all(Vec::is_empty) {
+        None
+    } else {
+        Some(SeqProgress::Steps(steps))
+    };
+    done
 }
 
 /// An entity's decision state before a batch changed it, to restore on rollback.
@@ -387,4 +455,83 @@ pub trait StateBackend: Send + Sync + 'static {
 
     /// Gives up the lease, if `owner` holds it, so another owner delivers at once.
     async fn release_log(&self, owner: &str) -> Result<(), StateError>;
+}
+
+#[cfg(test)]
+mod sequence_tests {
+    use super::*;
+
+    /// Feeds (sub-bucket, mask) events to a sequence of `mins` over a window of 30
+    /// sub-buckets; returns the events that completed it.
+    fn run(mins: &[u32], events: &[(i64, u32)]) -> Vec<usize> {
+        let mut progress = None;
+        events
+            .iter()
+            .enumerate()
+            .filter(|(_, (bucket, mask))| advance(&mut progress, mins, *mask, *bucket, 30, 1000))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    #[test]
+    fn a_sequence_completes_in_order_within_its_window() {
+        assert_eq!(run(&[2, 1], &[(0, 1), (1, 2), (2, 1), (3, 2)]), [3]);
+        assert_eq!(run(&[2, 1], &[(0, 2), (1, 1), (2, 1)]), Vec::<usize>::new());
+        // Requests in between that meet no usable step are ignored.
+        assert_eq!(run(&[1, 1], &[(0, 1), (1, 0), (2, 1), (3, 2)]), [3]);
+        // Out of the window: the start is 30 sub-buckets before the last.
+        assert!(run(&[1, 1], &[(0, 1), (30, 2)]).is_empty());
+        assert_eq!(run(&[1, 1], &[(0, 1), (29, 2)]), [1]);
+    }
+
+    #[test]
+    fn one_event_counts_for_one_step() {
+        assert!(run(&[1, 1], &[(0, 3)]).is_empty());
+        assert_eq!(run(&[1, 1], &[(0, 3), (1, 3)]), [1]);
+    }
+
+    #[test]
+    fn the_latest_start_is_kept_as_older_ones_run_out() {
+        // 3 of step 0 then step 1: failures at 0, 20, 25, 28 and the success at 31
+        // complete with the last three failures.
+        assert_eq!(
+            run(&[3, 1], &[(0, 1), (20, 1), (25, 1), (28, 1), (31, 2)]),
+            [4]
+        );
+        // Completion starts over: what counted for it does not count again.
+        assert_eq!(
+            run(&[1, 1], &[(0, 1), (1, 2), (2, 2), (3, 1), (4, 2)]),
+            [1, 4]
+        );
+    }
+
+    #[test]
+    fn steps_hold_at_most_their_min_in_runs() {
+        let mut progress = None;
+        for b in 0..100 {
+            advance(&mut progress, &[5, 1], 1, b / 10, 30, 1000);
+        }
+        let Some(SeqProgress::Steps(steps)) = progress else {
+            panic!("in progress")
+        };
+        assert_eq!(steps[0], [(9, 5)], "the latest five, by start");
+    }
+
+    #[test]
+    fn a_legacy_progress_reads_as_steps() {
+        let mut progress = Some(SeqProgress::Legacy {
+            step: 1,
+            matched: 1,
+            started_ms: 5_500,
+        });
+        // [2, 2, 1]: step 0 done and one of step 1 at 5.5 s; one more step 1, then 2.
+        assert!(!advance(&mut progress, &[2, 2, 1], 2, 6, 30, 1000));
+        assert!(advance(&mut progress, &[2, 2, 1], 4, 7, 30, 1000));
+        let mut late = Some(SeqProgress::Legacy {
+            step: 1,
+            matched: 2,
+            started_ms: 0,
+        });
+        assert!(!advance(&mut late, &[2, 2, 1], 4, 40, 30, 1000), "ran out");
+    }
 }
