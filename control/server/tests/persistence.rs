@@ -520,18 +520,14 @@ async fn writes_made_while_a_restore_is_under_way_are_not_undone_by_it() {
     control.stop().await;
 }
 
-#[tokio::test]
-async fn a_restore_over_shared_redis_does_not_undo_writes_through_another_instance() {
-    let dir = TempDir::new();
-    let api = closed_addr().await;
-    let control = Control::start(&dir, api).await;
+/// Logs 1,500 mitigations, then starts a broker over `redis` that restores them
+/// through a relay holding back the second page, once it holds the first page. Returns
+/// what was logged, the broker, and what releases the held page.
+async fn restoring_its_first_page(
+    api: SocketAddr,
+    redis: Option<(&str, &str)>,
+) -> (Vec<Mitigation>, Broker, Arc<tokio::sync::Notify>) {
     let all = logged_1500(api).await;
-    // Two brokers over one empty Redis prefix: the first restores, its second page held
-    // back; the second, started once the store holds the first page, restores nothing
-    // and takes the operator's writes. Their outbox entries wait behind the restorer's
-    // delivery lease, so the held page still lists them as they were.
-    let (url, prefix) = (shared().url(), unique_prefix("restore"));
-    let redis = Some((url.as_str(), prefix.as_str()));
     let release = Arc::new(tokio::sync::Notify::new());
     let relay = holding_relay(api, release.clone()).await;
     let b = Broker::start_on(relay, 5000, redis, TOKEN).await;
@@ -539,6 +535,21 @@ async fn a_restore_over_shared_redis_does_not_undo_writes_through_another_instan
         b.active_ids().await.len() == 1000
     })
     .await;
+    (all, b, release)
+}
+
+#[tokio::test]
+async fn a_restore_over_shared_redis_does_not_undo_writes_through_another_instance() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    // Two brokers over one empty Redis prefix: the first restores, its second page held
+    // back; the second, started once the store holds the first page, restores nothing
+    // and takes the operator's writes. Their outbox entries wait behind the restorer's
+    // delivery lease, so the held page still lists them as they were.
+    let (url, prefix) = (shared().url(), unique_prefix("restore"));
+    let redis = Some((url.as_str(), prefix.as_str()));
+    let (all, b, release) = restoring_its_first_page(api, redis).await;
     let c = Broker::start_on(api, 5000, redis, TOKEN).await;
     let revoked = writes_during_the_restore_stand(&all, &b, &c, &release).await;
     assert_eq!(c.metric("esper_persistence_restored_total").await, 0.0);
@@ -556,18 +567,11 @@ async fn a_restore_over_redis_left_half_way_is_finished_by_the_next_broker() {
     let dir = TempDir::new();
     let api = closed_addr().await;
     let control = Control::start(&dir, api).await;
-    let all = logged_1500(api).await;
     let (url, prefix) = (shared().url(), unique_prefix("resume"));
     let redis = Some((url.as_str(), prefix.as_str()));
     // The first broker restores its first page, then stops while the second is held
     // back: the store holds 1,000 of the 1,500 in force.
-    let release = Arc::new(tokio::sync::Notify::new());
-    let relay = holding_relay(api, release.clone()).await;
-    let b = Broker::start_on(relay, 5000, redis, TOKEN).await;
-    eventually("the first restore page", || async {
-        b.active_ids().await.len() == 1000
-    })
-    .await;
+    let (all, b, release) = restoring_its_first_page(api, redis).await;
     tokio::time::timeout(Duration::from_secs(10), b.stop())
         .await
         .expect("a stop does not wait for the held page");
