@@ -266,8 +266,8 @@ pub fn advance(
         .fold(bucket, i64::max);
     let oldest = head.saturating_sub(buckets) + 1;
     for runs in &mut steps {
-        let keep = runs.partition_point(|(b, _)| *b < oldest);
-        runs.drain(..keep);
+        let expired = runs.partition_point(|(b, _)| *b < oldest);
+        runs.drain(..expired);
     }
     // Later steps first, so that one event does not count for two steps of one partial
     // sequence.
