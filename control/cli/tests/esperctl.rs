@@ -585,10 +585,10 @@ async fn tokens_are_created_listed_used_and_revoked() {
         .lines()
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows[0], ["NAME", "ROLE", "CREATED", "BY"]);
+    assert_eq!(rows[0], ["NAME", "ROLE", "CREATED", "BY", "LAST", "USED"]);
     assert_eq!(
-        (rows[1][0], rows[1][1], rows[1][3]),
-        ("dash", "read", "admin")
+        (rows[1][0], rows[1][1], rows[1][3], rows[1][4]),
+        ("dash", "read", "admin", "never")
     );
     assert_eq!((rows[2][0], rows[2][1]), ("edge", "service"));
 

@@ -148,6 +148,9 @@ pub async fn require_token(
     let Some((name, role)) = found else {
         return ApiError::Unauthorized.into_response();
     };
+    if name != ADMIN_CALLER {
+        note_use(&state, &name);
+    }
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -164,6 +167,31 @@ pub async fn require_token(
     }
     req.extensions_mut().insert(Caller(name));
     next.run(req).await
+}
+
+/// How often a stored token's use is written to the store, at most.
+const USE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Records a stored token's use (for `tokens list`), at most once a minute and off the
+/// request's path: a failed write costs the request nothing.
+fn note_use(state: &AppState, name: &str) {
+    let now = std::time::Instant::now();
+    {
+        let mut uses = state.token_uses.lock();
+        if uses
+            .get(name)
+            .is_some_and(|last| now.duration_since(*last) < USE_EVERY)
+        {
+            return;
+        }
+        uses.insert(name.to_string(), now);
+    }
+    let (store, name) = (state.store.clone(), name.to_string());
+    tokio::spawn(async move {
+        if let Err(e) = store.token_used(&name, chrono::Utc::now()).await {
+            tracing::debug!(token = %name, error = %e, "cannot record a token's use");
+        }
+    });
 }
 
 /// Makes sure some admin token can reach the API. Returns the token generated now, if

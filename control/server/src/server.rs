@@ -164,6 +164,7 @@ pub async fn start_staged(
         proxy_config_changed: tokio::sync::Notify::new(),
         challenge_key_changed: tokio::sync::Notify::new(),
         stopping: stop.clone(),
+        token_uses: Mutex::new(std::collections::HashMap::new()),
     }));
 
     // Certificate problems are start-up errors, before anything is served.

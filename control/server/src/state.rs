@@ -67,6 +67,8 @@ pub struct Inner {
     /// Fires when the server begins to stop: long-polls answer at once, so a graceful
     /// stop does not wait out their waits.
     pub stopping: esper_common::Shutdown,
+    /// When each stored token's use was last recorded (see `auth::note_use`).
+    pub token_uses: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 /// Cheap to clone; handlers take it as `State<AppState>`.

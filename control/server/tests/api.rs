@@ -1388,6 +1388,16 @@ async fn tokens_have_roles_and_are_revoked_at_once() {
         "no token in a listing"
     );
     assert!(list["tokens"][0].get("hash").is_none());
+    // Each use is recorded (at most once a minute, off the request's path).
+    eventually("the uses recorded", || async {
+        let (_, list) = s.get("/api/v1/tokens").await;
+        list["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["last_used_at"].is_string())
+    })
+    .await;
 
     // Bad names, roles and duplicates.
     for (body, status, fragment) in [

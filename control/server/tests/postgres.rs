@@ -80,7 +80,8 @@ async fn no_migrations_refuses_a_stale_schema_until_migrate_runs() {
             "20260101000004 secret rotation",
             "20260101000005 revocations",
             "20260101000006 decision retention",
-            "20260101000007 token roles"
+            "20260101000007 token roles",
+            "20260101000008 token last use"
         ]
     );
     assert!(esper_control::migrate(&cfg).await.unwrap().is_empty());

@@ -53,6 +53,7 @@ pub async fn create(
         role,
         created_at: Utc::now(),
         created_by: caller.0,
+        last_used_at: None,
     };
     Ok((StatusCode::CREATED, Json(CreatedToken { record, token })))
 }

@@ -4,7 +4,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use super::client::{Body, decode, segment};
-use super::table::{Table, rfc3339};
+use super::table::{Table, relative, rfc3339};
 use super::{CtlError, Ctx, TokenCmd};
 use crate::auth::check_token_name;
 use crate::types::{CreatedToken, TokensResponse};
@@ -24,13 +24,20 @@ async fn list(ctx: &Ctx) -> Result<(), CtlError> {
         if r.tokens.is_empty() {
             return Ok("no stored tokens (only the configured admin token)\n".into());
         }
-        let mut t = Table::new(&["NAME", "ROLE", "CREATED", "BY"]);
+        let mut t = Table::new(&["NAME", "ROLE", "CREATED", "BY", "LAST USED"]);
+        let now = chrono::Utc::now();
         for k in r.tokens {
             t.row(vec![
                 k.name,
                 k.role.to_string(),
                 rfc3339(k.created_at),
-                k.created_by,
+                if k.created_by.is_empty() {
+                    "-".into()
+                } else {
+                    k.created_by
+                },
+                k.last_used_at
+                    .map_or_else(|| "never".into(), |t| relative(t, now)),
             ]);
         }
         Ok(t.render())

@@ -99,6 +99,10 @@ pub struct TokenRecord {
     pub created_at: DateTime<Utc>,
     /// The token name of whoever created it (empty for tokens made before this was kept).
     pub created_by: String,
+    /// When the token was last accepted (recorded at most once a minute); `None` when
+    /// not since this was kept.
+    #[serde(default)]
+    pub last_used_at: Option<DateTime<Utc>>,
 }
 
 /// What [`ControlStore::delete_token`] did.
@@ -343,6 +347,10 @@ pub trait ControlStore: Send + Sync {
 
     /// Every stored token (never its hash), by name.
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Records that token `name` was accepted at `at` (an earlier time never replaces a
+    /// later one).
+    async fn token_used(&self, name: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
 
     /// Deletes token `name`. With `keep_an_admin`, refuses ([`TokenRemoval::LastAdmin`])
     /// to delete the last admin token, in the same transaction as the delete, so two

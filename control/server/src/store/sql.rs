@@ -847,19 +847,36 @@ where
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        sqlx::query("SELECT name, role, created_at, created_by FROM tokens ORDER BY name")
-            .fetch_all(self.pool())
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(TokenRecord {
-                    name: r.text("name")?,
-                    role: role_col(r)?,
-                    created_at: ts_col(r, "created_at")?,
-                    created_by: r.text("created_by")?,
-                })
+        sqlx::query(
+            "SELECT name, role, created_at, created_by, last_used_at FROM tokens ORDER BY name",
+        )
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(TokenRecord {
+                name: r.text("name")?,
+                role: role_col(r)?,
+                created_at: ts_col(r, "created_at")?,
+                created_by: r.text("created_by")?,
+                last_used_at: opt_ts_col(r, "last_used_at")?,
             })
-            .collect()
+        })
+        .collect()
+    }
+
+    async fn token_used(&self, name: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let _turn = self.turn().await;
+        // Timestamps are fixed-width text, so they compare as they order.
+        sqlx::query(
+            "UPDATE tokens SET last_used_at = $2 WHERE name = $1 \
+             AND (last_used_at IS NULL OR last_used_at < $2)",
+        )
+        .bind(name)
+        .bind(ts(at))
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     async fn delete_token(

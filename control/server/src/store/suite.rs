@@ -555,6 +555,24 @@ async fn tokens_are_found_by_hash(store: &dyn ControlStore) {
         ]
     );
 
+    assert!(listed.iter().all(|t| t.last_used_at.is_none()));
+    let at = Utc::now().trunc_subsecs(6);
+    store.token_used("edge", at).await.expect("used");
+    // An earlier use reported late does not replace a later one.
+    store
+        .token_used("edge", at - chrono::Duration::seconds(30))
+        .await
+        .expect("used");
+    let used = store.list_tokens().await.expect("list");
+    assert_eq!(
+        used.iter().map(|t| t.last_used_at).collect::<Vec<_>>(),
+        [Some(at), None]
+    );
+    store
+        .token_used("ghost", at)
+        .await
+        .expect("an unknown token changes nothing");
+
     // The last admin token stays while the caller asks for one to be kept.
     assert_eq!(
         store.delete_token("ops", true).await.expect("delete"),
