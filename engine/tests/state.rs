@@ -85,7 +85,7 @@ suite!(memory: counts_each_event_once_even_within_a_batch,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
-    a_rollback_leaves_progress_another_batch_made_since,
+    a_rollback_takes_back_only_its_own_sequence_progress,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes);
 suite!(redis: counts_each_event_once_even_within_a_batch,
@@ -95,7 +95,7 @@ suite!(redis: counts_each_event_once_even_within_a_batch,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
-    a_rollback_leaves_progress_another_batch_made_since,
+    a_rollback_takes_back_only_its_own_sequence_progress,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, an_unreadable_entity_hash_starts_afresh,
@@ -108,7 +108,7 @@ suite!(postgres: counts_each_event_once_even_within_a_batch,
     a_revocation_empties_distinct_windows_too, rollback_undoes_counts_cooldowns_and_marks,
     cleanup_forgets_idle_entities_and_old_ids, a_full_cache_evicts_the_oldest_and_counts,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
-    a_rollback_leaves_progress_another_batch_made_since,
+    a_rollback_takes_back_only_its_own_sequence_progress,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, restarted_state_keeps_counts,
@@ -518,6 +518,10 @@ async fn distinct_values_count_once_per_window(b: &Backend) {
 }
 
 fn sequence_batch(events: &[(&str, u32)], at_ms: i64) -> BatchInput {
+    sequence_batch_for("ip:10.0.0.5", events, at_ms)
+}
+
+fn sequence_batch_for(entity: &str, events: &[(&str, u32)], at_ms: i64) -> BatchInput {
     BatchInput {
         policies: vec![BatchPolicy {
             rules: Arc::new(Rules {
@@ -534,7 +538,7 @@ fn sequence_batch(events: &[(&str, u32)], at_ms: i64) -> BatchInput {
                 hits: vec![Hit {
                     weight: 0.0,
                     steps: *steps,
-                    ..hit(0, "ip:10.0.0.5", at_ms)
+                    ..hit(0, entity, at_ms)
                 }],
             })
             .collect(),
@@ -558,29 +562,51 @@ async fn sequences_complete_in_order(b: &Backend) {
     assert_eq!(out.crossings.len(), 1);
 }
 
-/// Batch A advances a sequence, batch B (another worker) advances it further and
-/// commits, then A fails. A's rollback must leave B's progress: restoring what A found
-/// would also erase B's match, and the sequence would miss it.
-async fn a_rollback_leaves_progress_another_batch_made_since(b: &Backend) {
+/// Batches on one entity's sequence that fail while others go on: each takes back only
+/// what its own events did, in whatever order they fail, so nothing is lost and nothing
+/// counts twice once their events come again.
+async fn a_rollback_takes_back_only_its_own_sequence_progress(b: &Backend) {
     let s = b.state().await;
     let now = now();
-    let a = s
-        .apply(&sequence_batch(&[("1", 1)], now), now)
-        .await
-        .unwrap();
-    apply_commit(&*s, &sequence_batch(&[("2", 1)], now + 100), now + 100).await;
+    let seq = |events: &[(&str, u32)]| sequence_batch(events, now);
+    // A adds a match of step 1, B (another worker) one more and commits, A fails.
+    let a = s.apply(&seq(&[("1", 1)]), now).await.unwrap();
+    apply_commit(&*s, &seq(&[("2", 1)]), now).await;
     s.rollback(&a.receipt).await.unwrap();
-    // Two step-1 matches stand (B's, which counted on top of A's): step 2 completes.
-    let out = apply_commit(&*s, &sequence_batch(&[("3", 2)], now + 200), now + 200).await;
+    let out = apply_commit(&*s, &seq(&[("3", 2)]), now).await;
+    assert!(out.crossings.is_empty(), "B's match alone: {out:?}");
+    // A's event comes again: now both count, once each.
+    apply_commit(&*s, &seq(&[("1", 1)]), now).await;
+    let out = apply_commit(&*s, &seq(&[("4", 2)]), now).await;
     assert_eq!(out.crossings.len(), 1, "{out:?}");
-    // A batch that is still the last writer takes its progress back in full.
-    let c = s
-        .apply(&sequence_batch(&[("4", 1), ("5", 1)], now + 300), now + 300)
-        .await
-        .unwrap();
-    s.rollback(&c.receipt).await.unwrap();
-    let out = apply_commit(&*s, &sequence_batch(&[("6", 2)], now + 400), now + 400).await;
-    assert!(out.crossings.is_empty(), "no progress left: {out:?}");
+
+    // Two batches fail, the older first or the newer first: nothing of theirs stays.
+    for (entity, first, second) in [("ip:10.0.0.6", 0, 1), ("ip:10.0.0.7", 1, 0)] {
+        let seq = |events: &[(&str, u32)]| sequence_batch_for(entity, events, now);
+        let (c_id, d_id) = (format!("c{first}"), format!("d{first}"));
+        let c = s.apply(&seq(&[(&c_id, 1)]), now).await.unwrap();
+        let d = s.apply(&seq(&[(&d_id, 1)]), now).await.unwrap();
+        let receipts = [&c.receipt, &d.receipt];
+        s.rollback(receipts[first]).await.unwrap();
+        s.rollback(receipts[second]).await.unwrap();
+        let out = apply_commit(&*s, &seq(&[(&format!("e{first}"), 2)]), now).await;
+        assert!(out.crossings.is_empty(), "{entity}: {out:?}");
+        // Their events come again, and count once each.
+        let out = apply_commit(&*s, &seq(&[(&c_id, 1), (&d_id, 1)]), now).await;
+        assert!(out.crossings.is_empty());
+        let out = apply_commit(&*s, &seq(&[(&format!("f{first}"), 2)]), now).await;
+        assert_eq!(out.crossings.len(), 1, "{entity}: {out:?}");
+    }
+
+    // A completion that fails after another batch went on gives back what it consumed.
+    let seq = |events: &[(&str, u32)]| sequence_batch_for("ip:10.0.0.8", events, now);
+    apply_commit(&*s, &seq(&[("g1", 1), ("g2", 1)]), now).await;
+    let g = s.apply(&seq(&[("g3", 2)]), now).await.unwrap();
+    assert_eq!(g.crossings.len(), 1);
+    apply_commit(&*s, &seq(&[("h", 1)]), now).await;
+    s.rollback(&g.receipt).await.unwrap();
+    let out = apply_commit(&*s, &seq(&[("g3", 2)]), now).await;
+    assert_eq!(out.crossings.len(), 1, "completed again: {out:?}");
 }
 
 async fn escalation_and_repeat_offenses_grow_the_ttl(b: &Backend) {

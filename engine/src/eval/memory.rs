@@ -18,8 +18,8 @@ use super::marks::{Change, Marks, Prehashed, Seen};
 use super::outbox::MemoryOutbox;
 use super::state::{
     BatchInput, BatchOutcome, BatchPolicy, Claim, CleanupReport, Crossing, DecisionState, Hit,
-    LogAppend, Logged, PolicyKey, Receipt, Revoked, SeqProgress, StateBackend, StateError,
-    StateStats, Undo, advance,
+    LogAppend, Logged, PolicyKey, Receipt, Revoked, SeqChange, SeqProgress, StateBackend,
+    StateError, StateStats, Undo, advance, give_back, take_back,
 };
 use super::window::{DistinctWindow, Window};
 
@@ -31,9 +31,6 @@ pub(crate) struct EntityState {
     distinct: Option<Box<DistinctWindow>>,
     /// Sequences only.
     seq: Option<SeqProgress>,
-    /// The receipt of the batch that last changed `seq` (0: none known), so a rollback
-    /// only undoes its own progress, as with cooldowns.
-    seq_by: u64,
     /// The standing decision (cooldown in wall-clock epoch ms, with the receipt that
     /// started it, so a rollback only undoes its own) and the offense history.
     decision: DecisionState,
@@ -52,18 +49,12 @@ enum Measured {
 
 impl EntityState {
     /// Applies a hit's change to the aggregate; undo records go to `undo`.
-    fn measure(
-        &mut self,
-        policy: &BatchPolicy,
-        hit: &Hit,
-        receipt: u64,
-        undo: &mut Vec<Undo>,
-    ) -> Measured {
+    fn measure(&mut self, policy: &BatchPolicy, hit: &Hit, undo: &mut Vec<Undo>) -> Measured {
         let p = &policy.params;
         let rules = &policy.rules;
         let bucket = p.bucket_of(hit.at_ms);
         let count = if !rules.sequence.is_empty() {
-            let prev = self.seq.clone();
+            let mut change = SeqChange::default();
             let done = advance(
                 &mut self.seq,
                 &rules.sequence,
@@ -71,13 +62,13 @@ impl EntityState {
                 bucket,
                 p.buckets,
                 p.bucket_ms,
+                &mut change,
             );
-            if self.seq != prev || done {
-                undo.push(Undo::Sequence {
-                    prev,
-                    prev_by: Some(self.seq_by),
+            if !change.added.is_empty() || change.consumed.is_some() {
+                undo.push(Undo::SequenceSteps {
+                    added: change.added,
+                    consumed: change.consumed,
                 });
-                self.seq_by = receipt;
             }
             if !done {
                 return Measured::Nothing;
@@ -296,7 +287,7 @@ impl MemoryState {
                     }
                 };
                 undo.clear();
-                let measured = match entity.measure(policy, hit, receipt_id, &mut undo) {
+                let measured = match entity.measure(policy, hit, &mut undo) {
                     Measured::Value(v) => Some(v),
                     Measured::Nothing => None,
                     Measured::Late => {
@@ -484,14 +475,13 @@ impl StateBackend for MemoryState {
                             d.undo(*value, *prev);
                         }
                     }
-                    Undo::Sequence { prev, prev_by } => match prev_by {
-                        Some(by) if e.seq_by == receipt.id => {
-                            e.seq = prev.clone();
-                            e.seq_by = *by;
+                    Undo::Sequence { prev } => e.seq = prev.clone(),
+                    Undo::SequenceSteps { added, consumed } => {
+                        take_back(&mut e.seq, added);
+                        if let Some(consumed) = consumed {
+                            give_back(&mut e.seq, consumed);
                         }
-                        Some(_) => {}
-                        None => e.seq = prev.clone(),
-                    },
+                    }
                 }
             }
             inner.marks.done_with(log);
@@ -745,9 +735,6 @@ pub(crate) mod scratch {
         /// A sequence's progress: per step, runs of (start sub-bucket, count).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         r: Option<Vec<Vec<(i64, u32)>>>,
-        /// The receipt that last changed `s`; apart from it, as `p` is.
-        #[serde(default, skip_serializing_if = "is_zero_u64")]
-        sb: u64,
         /// cooldown until, cooldown by, level, offenses, last offense.
         c: (i64, u64, usize, u32, i64),
         /// The prior offense, apart from `c` so that rows read the same either way
@@ -758,10 +745,6 @@ pub(crate) mod scratch {
     }
 
     fn is_zero(v: &i64) -> bool {
-        *v == 0
-    }
-
-    fn is_zero_u64(v: &u64) -> bool {
         *v == 0
     }
 
@@ -833,7 +816,6 @@ pub(crate) mod scratch {
                     }),
                     (None, None) => None,
                 },
-                seq_by: st.sb,
                 decision: DecisionState {
                     cooldown_until,
                     cooldown_by,
@@ -962,7 +944,6 @@ pub(crate) mod scratch {
                             Some(SeqProgress::Steps(steps)) => Some(steps.clone()),
                             _ => None,
                         },
-                        sb: e.seq_by,
                         c: (
                             d.cooldown_until,
                             d.cooldown_by,
@@ -1107,7 +1088,7 @@ pub(crate) mod scratch {
         }
 
         #[test]
-        fn rows_read_alike_with_and_without_the_prior_offense_and_sequence_writer() {
+        fn rows_read_alike_with_and_without_the_prior_offense_and_sequence_steps() {
             // The layout of the versions before the prior offense was kept.
             #[derive(Serialize, Deserialize)]
             struct Before {
@@ -1120,7 +1101,6 @@ pub(crate) mod scratch {
                 d: None,
                 s: Some((1, 2, 3_500)),
                 r: Some(vec![vec![(10, 2)], vec![(10, 1)]]),
-                sb: 9,
                 c: (5_000, 1, 0, 2, 4_000),
                 p: 3_000,
                 t: 4_000,
@@ -1130,15 +1110,12 @@ pub(crate) mod scratch {
             assert_eq!((before.c, before.t), (now.c, now.t));
             let read: Stored =
                 serde_json::from_slice(&serde_json::to_vec(&before).unwrap()).unwrap();
-            assert_eq!((read.c, read.p, read.sb, read.t), (now.c, 0, 0, now.t));
+            assert_eq!((read.c, read.p, read.t), (now.c, 0, now.t));
             let none = Stored { p: 0, ..read };
             let text = String::from_utf8(serde_json::to_vec(&none).unwrap()).unwrap();
-            assert!(
-                !text.contains("\"p\"") && !text.contains("\"sb\""),
-                "{text}"
-            );
+            assert!(!text.contains("\"p\""), "{text}");
             let kept: Stored = serde_json::from_slice(&serde_json::to_vec(&now).unwrap()).unwrap();
-            assert_eq!((kept.s, kept.r, kept.sb), (now.s, now.r, 9));
+            assert_eq!((kept.s, kept.r), (now.s, now.r));
         }
 
         #[test]

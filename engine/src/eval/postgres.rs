@@ -195,40 +195,11 @@ enum UndoRec {
     /// Sub-bucket and the bits of the weight (read back exactly).
     W(i64, u64),
     D(u64, Option<i64>),
+    /// A sequence's progress to restore (logs of versions before `Q`).
     S(Option<(u8, u32, i64)>),
-    /// A sequence's progress and the receipt that wrote it (logs of versions before it
-    /// hold `S`).
-    Sb(Option<(u8, u32, i64)>, u64),
-    /// A sequence's progress in either form, and the receipt that wrote it (`None` for
-    /// a change read from a log that did not keep it).
-    Sr(Option<SeqRec>, Option<u64>),
-}
-
-/// A sequence's progress in an undo log.
-#[derive(Serialize, Deserialize)]
-enum SeqRec {
-    Legacy(u8, u32, i64),
-    Steps(Vec<Vec<(i64, u32)>>),
-}
-
-impl SeqRec {
-    fn of(p: &SeqProgress) -> SeqRec {
-        match p {
-            SeqProgress::Legacy {
-                step,
-                matched,
-                started_ms,
-            } => SeqRec::Legacy(*step, *matched, *started_ms),
-            SeqProgress::Steps(steps) => SeqRec::Steps(steps.clone()),
-        }
-    }
-
-    fn progress(&self) -> SeqProgress {
-        match self {
-            SeqRec::Legacy(step, matched, started_ms) => legacy((*step, *matched, *started_ms)),
-            SeqRec::Steps(steps) => SeqProgress::Steps(steps.clone()),
-        }
-    }
+    /// The partial sequences an event added to a sequence, as (step, start), and what
+    /// its completion consumed ([`Undo::SequenceSteps`]).
+    Q(Vec<(u8, i64)>, Option<Vec<Vec<(i64, u32)>>>),
 }
 
 impl UndoLog {
@@ -242,8 +213,17 @@ impl UndoLog {
                     let undo = match undo {
                         Undo::Weight { bucket, weight } => UndoRec::W(*bucket, weight.to_bits()),
                         Undo::Distinct { value, prev } => UndoRec::D(*value, *prev),
-                        Undo::Sequence { prev, prev_by } => {
-                            UndoRec::Sr(prev.as_ref().map(SeqRec::of), *prev_by)
+                        // Only read from older logs, so only in the older form.
+                        Undo::Sequence { prev } => UndoRec::S(match prev {
+                            Some(SeqProgress::Legacy {
+                                step,
+                                matched,
+                                started_ms,
+                            }) => Some((*step, *matched, *started_ms)),
+                            _ => None,
+                        }),
+                        Undo::SequenceSteps { added, consumed } => {
+                            UndoRec::Q(added.clone(), consumed.clone())
                         }
                     };
                     (policy_key(policy), entity.to_string(), undo)
@@ -298,15 +278,10 @@ impl UndoLog {
                     UndoRec::D(value, prev) => Undo::Distinct { value, prev },
                     UndoRec::S(prev) => Undo::Sequence {
                         prev: prev.map(legacy),
-                        prev_by: None,
                     },
-                    UndoRec::Sb(prev, by) => Undo::Sequence {
-                        prev: prev.map(legacy),
-                        prev_by: Some(by),
-                    },
-                    UndoRec::Sr(ref prev, by) => Undo::Sequence {
-                        prev: prev.as_ref().map(SeqRec::progress),
-                        prev_by: by,
+                    UndoRec::Q(ref added, ref consumed) => Undo::SequenceSteps {
+                        added: added.clone(),
+                        consumed: consumed.clone(),
                     },
                 },
             ));
@@ -506,6 +481,9 @@ impl PostgresState {
             let log: UndoLog = serde_json::from_slice(&undo).map_err(corrupt)?;
             out.push((u64::try_from(id).unwrap_or(0), log));
         }
+        // Newest first, as a batch's own changes are undone: a restore an older batch's
+        // log holds must not outlive a newer batch's undo of what it built on it.
+        out.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
         if !out.is_empty() {
             let ids: Vec<i64> = out.iter().map(|(id, _)| *id as i64).collect();
             d.ids -= self.drop_marks(tx, &ids).await?;
@@ -1236,60 +1214,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sequence_undos_keep_their_writer_and_older_logs_still_read() {
+    fn sequence_undos_round_trip_and_older_logs_still_read() {
         let policy = parse_policy("p#0000000000000001").unwrap();
         let entity = parse_entity("ip:10.0.0.1").unwrap();
-        let legacy_prev = Some(SeqProgress::Legacy {
-            step: 0,
-            matched: 2,
-            started_ms: 1000,
-        });
-        for prev in [
-            Some(SeqProgress::Steps(vec![vec![(33, 2), (34, 1)], vec![]])),
-            legacy_prev.clone(),
-            None,
-        ] {
-            let change = (
-                policy.clone(),
-                entity.clone(),
-                Undo::Sequence {
-                    prev: prev.clone(),
-                    prev_by: Some(41),
-                },
-            );
+        for consumed in [None, Some(vec![vec![(33, 2), (34, 1)], vec![]])] {
+            let undo = Undo::SequenceSteps {
+                added: vec![(0, 35), (1, 33)],
+                consumed,
+            };
+            let change = (policy.clone(), entity.clone(), undo.clone());
             let text = serde_json::to_string(&UndoLog::of(&[change], &Receipt::default())).unwrap();
             let (_, changes) = serde_json::from_str::<UndoLog>(&text)
                 .unwrap()
                 .receipt(42)
                 .unwrap();
-            assert_eq!(
-                changes[0].2,
-                Undo::Sequence {
-                    prev,
-                    prev_by: Some(41)
-                }
-            );
+            assert_eq!(changes[0].2, undo);
         }
-        // Logs written before: without the writer (restored unguarded, as then), and
-        // with it but in the one-progress form.
-        for (older, by) in [
-            (r#"{"S":[0,2,1000]}"#, None),
-            (r#"{"Sb":[[0,2,1000],41]}"#, Some(41)),
-        ] {
-            let log =
-                format!(r#"{{"inc":[["p#0000000000000001","ip:10.0.0.1",{older}]],"cd":[]}}"#);
-            let (_, changes) = serde_json::from_str::<UndoLog>(&log)
-                .unwrap()
-                .receipt(42)
-                .unwrap();
-            assert_eq!(
-                changes[0].2,
-                Undo::Sequence {
-                    prev: legacy_prev.clone(),
-                    prev_by: by
-                }
-            );
-        }
+        // A log written before: the progress to restore, in the one-sequence form.
+        let older = r#"{"inc":[["p#0000000000000001","ip:10.0.0.1",{"S":[0,2,1000]}]],"cd":[]}"#;
+        let (_, changes) = serde_json::from_str::<UndoLog>(older)
+            .unwrap()
+            .receipt(42)
+            .unwrap();
+        assert_eq!(
+            changes[0].2,
+            Undo::Sequence {
+                prev: Some(SeqProgress::Legacy {
+                    step: 0,
+                    matched: 2,
+                    started_ms: 1000,
+                })
+            }
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 --
 -- Keys (all with a TTL but the outbox's, which holds records until they are delivered):
 --   P:e:{pk}:{entity}  hash: w (window "bucket=weight;..."), dh (distinct head), lt
---                      (last touch), cu/cb/lv/of/lo (decision), ss/sm/st/sb (sequence, its last writer)
+--                      (last touch), cu/cb/lv/of/lo (decision), sr (sequence; ss/sm/st in its older form)
 --   P:d:{pk}:{entity}  zset: distinct value -> newest sub-bucket
 --   P:ix:{pk}          zset: entity -> the time it becomes idle (for cleanup, eviction)
 --   P:pols             set of policy keys with state
@@ -84,7 +84,6 @@ local function load(pk, ent, create, meta)
   for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
   e = { pk = pk, ent = ent, w = {}, lt = tonumber(h.lt) or now,
         cu = tonumber(h.cu) or 0, cb = tonumber(h.cb) or 0, lv = tonumber(h.lv) or 0,
-        sb = tonumber(h.sb) or 0,
         of = tonumber(h.of) or 0, lo = tonumber(h.lo) or 0, po = tonumber(h.po) or 0,
         dh = tonumber(h.dh),
         win = meta and meta.win or tonumber(h.win) or 0, fresh = (#raw == 0) }
@@ -125,7 +124,6 @@ local function save_all(hist)
                 'lv', fmt(e.lv), 'of', fmt(e.of), 'lo', fmt(e.lo), 'win', fmt(e.win) }
     if e.dh then f[#f + 1] = 'dh'; f[#f + 1] = fmt(e.dh) end
     if e.po ~= 0 then f[#f + 1] = 'po'; f[#f + 1] = fmt(e.po) end
-    if e.sb ~= 0 then f[#f + 1] = 'sb'; f[#f + 1] = fmt(e.sb) end
     if e.seq and e.seq.steps then
       f[#f + 1] = 'sr'; f[#f + 1] = seq_encode(e.seq.steps)
     elseif e.seq then
@@ -208,11 +206,13 @@ local function d_count_at(e, b, nb)
 end
 
 -- Sequences (state.rs's advance): every partial sequence is followed, as runs of
--- start sub-buckets per step. Returns true when the sequence completes.
+-- start sub-buckets per step.
 local function seq_completed(runs, min)
-  local total = 0
-  for _, r in ipairs(runs) do total = total + r[2] end
-  if total >= min and #runs > 0 then return runs[1][1] end
+  local seen = 0
+  for i = #runs, 1, -1 do
+    seen = seen + runs[i][2]
+    if seen >= math.max(min, 1) then return runs[i][1] end
+  end
   return nil
 end
 local function seq_add(runs, start, min)
@@ -236,9 +236,55 @@ local function seq_add(runs, start, min)
     end
   end
 end
+-- state.rs's take_back: `added` as "step:start,..." (steps from 0).
+local function seq_take_back(e, added)
+  if not (e.seq and e.seq.steps) or type(added) ~= 'string' then return end
+  local steps = e.seq.steps
+  for st, b in string.gmatch(added, '([^,:]+):([^,]+)') do
+    local runs = steps[tonumber(st) + 1]
+    local bn = tonumber(b)
+    if runs and bn then
+      for i, r in ipairs(runs) do
+        if r[1] == bn then
+          r[2] = r[2] - 1
+          if r[2] <= 0 then table.remove(runs, i) end
+          break
+        end
+      end
+    end
+  end
+  for _, runs in ipairs(steps) do
+    if #runs > 0 then return end
+  end
+  e.seq = nil
+end
+-- state.rs's give_back.
+local function seq_give_back(e, consumed)
+  local steps = (e.seq and e.seq.steps) or {}
+  for i = #steps + 1, #consumed do steps[i] = {} end
+  for i, back in ipairs(consumed) do
+    local runs = steps[i]
+    for _, r in ipairs(back) do
+      local j = 1
+      while j <= #runs and runs[j][1] < r[1] do j = j + 1 end
+      if j <= #runs and runs[j][1] == r[1] then
+        runs[j][2] = runs[j][2] + r[2]
+      else
+        table.insert(runs, j, { r[1], r[2] })
+      end
+    end
+  end
+  e.seq = { steps = steps }
+  for _, runs in ipairs(steps) do
+    if #runs > 0 then return end
+  end
+  e.seq = nil
+end
+-- Returns whether the sequence completed, what the event added ("step:start,...", ''
+-- for nothing) and, on completion, the steps it consumed (else nil).
 local function advance(e, mins, mask, b, nb, bms)
   local n = #mins
-  if n == 0 then return false end
+  if n == 0 then return false, '', nil end
   local steps = {}
   if e.seq and e.seq.steps then
     steps = e.seq.steps
@@ -265,6 +311,7 @@ local function advance(e, mins, mask, b, nb, bms)
     while #r > 0 and r[1][1] < oldest do table.remove(r, 1) end
   end
   -- Later steps first: one event counts for one step of a partial sequence.
+  local added = {}
   for i = n, 1, -1 do
     if bit.band(mask, bit.lshift(1, i - 1)) ~= 0 then
       local start
@@ -273,24 +320,27 @@ local function advance(e, mins, mask, b, nb, bms)
       else
         start = seq_completed(steps[i - 1], mins[i - 1])
       end
-      if start then seq_add(steps[i], start, mins[i]) end
+      if start then
+        seq_add(steps[i], start, mins[i])
+        added[#added + 1] = fmt(i - 1) .. ':' .. fmt(start)
+      end
     end
   end
+  local added_text = table.concat(added, ',')
   local done = seq_completed(steps[n], mins[n]) ~= nil
+  e.seq = { steps = steps }
+  if done then
+    seq_take_back(e, added_text)
+    local consumed = (e.seq and e.seq.steps) or {}
+    e.seq = nil
+    return true, added_text, consumed
+  end
   local empty = true
   for i = 1, n do
     if #steps[i] > 0 then empty = false end
   end
-  if done or empty then e.seq = nil else e.seq = { steps = steps } end
-  return done
-end
-
--- A sequence's progress for an undo log: its steps as text, the legacy triple as an
--- array, or false.
-local function seq_copy(s)
-  if not s then return false end
-  if s.steps then return seq_encode(s.steps) end
-  return { fmt(s.step), fmt(s.matched), fmt(s.started) }
+  if empty then e.seq = nil end
+  return false, added_text, nil
 end
 
 -- Takes back everything receipt `rid` did (a failed publish, or a lease that ran out).
@@ -314,20 +364,16 @@ local function rollback(rid)
         local d = dkey(e.pk, e.ent)
         if x[5] ~= '' then redis.call('ZADD', d, tonumber(x[5]), x[4])
         else redis.call('ZREM', d, x[4]) end
+      elseif x[3] == 'q' then
+        seq_take_back(e, x[4])
+        if type(x[5]) == 'string' then seq_give_back(e, seq_decode(x[5])) end
       else
-        -- Only the last writer of the progress takes it back (logs written before the
-        -- writer was kept have no x[5], and restore as they did).
-        local by = x[5]
-        if by == nil or tostring(e.sb) == rid then
-          local s = x[4]
-          if type(s) == 'string' then
-            e.seq = { steps = seq_decode(s) }
-          elseif s and s ~= cjson.null and type(s) == 'table' then
-            e.seq = { step = tonumber(s[1]), matched = tonumber(s[2]), started = tonumber(s[3]) }
-          else
-            e.seq = nil
-          end
-          if by ~= nil then e.sb = tonumber(by) or 0 end
+        -- An undo log of a version before 'q': the progress to restore.
+        local s = x[4]
+        if s and s ~= cjson.null and type(s) == 'table' then
+          e.seq = { step = tonumber(s[1]), matched = tonumber(s[2]), started = tonumber(s[3]) }
+        else
+          e.seq = nil
         end
       end
     end
@@ -348,6 +394,8 @@ end
 -- before anything reads the state.
 local function sweep()
   local expired = redis.call('ZRANGEBYSCORE', RC, '-inf', now, 'LIMIT', 0, 100)
+  -- Newest first, as a batch's own changes are undone (postgres.rs does the same).
+  table.sort(expired, function(a, b) return tonumber(a) > tonumber(b) end)
   for _, rid in ipairs(expired) do rollback(rid) end
   return #expired
 end
@@ -408,12 +456,9 @@ if op == 'apply' then
             local measured -- nil: nothing to check
             local is_late = false
             if #p.seq > 0 then
-              local prev = seq_copy(e.seq)
-              local done = advance(e, p.seq, steps, b, nb, p.win / nb)
-              local changed = cjson.encode(prev) ~= cjson.encode(seq_copy(e.seq))
-              if changed or done then
-                undo.inc[#undo.inc + 1] = { p.k, ent, 's', prev, fmt(e.sb) }
-                e.sb = tonumber(rid)
+              local done, added, consumed = advance(e, p.seq, steps, b, nb, p.win / nb)
+              if added ~= '' or consumed then
+                undo.inc[#undo.inc + 1] = { p.k, ent, 'q', added, consumed and seq_encode(consumed) or false }
               end
               if done then
                 local c = w_add(e, b, 1.0, nb)

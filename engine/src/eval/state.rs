@@ -158,12 +158,16 @@ pub enum Undo {
     Weight { bucket: i64, weight: f64 },
     /// Restore a distinct value's previous sub-bucket (`None`: it was not there).
     Distinct { value: u64, prev: Option<i64> },
-    /// Restore a sequence's progress, and the receipt that wrote it (`None` in logs of
-    /// versions that did not keep it: restored whoever wrote since). Only a batch that
-    /// is still the last writer restores it: another batch's progress since then stands.
-    Sequence {
-        prev: Option<SeqProgress>,
-        prev_by: Option<u64>,
+    /// Restore a sequence's progress (only in undo logs of versions before
+    /// [`Undo::SequenceSteps`]).
+    Sequence { prev: Option<SeqProgress> },
+    /// Take back what an event added to a sequence: one partial sequence per
+    /// (step, start sub-bucket) in `added`; and when it completed the sequence (which
+    /// then started over), give back the progress that completion consumed. Other
+    /// batches' progress made meanwhile, in any order, stands.
+    SequenceSteps {
+        added: Vec<(u8, i64)>,
+        consumed: Option<Vec<Vec<(i64, u32)>>>,
     },
 }
 
@@ -185,14 +189,70 @@ pub enum SeqProgress {
     },
 }
 
-/// The latest start of a partial sequence that has `min` matches of a step.
+/// What one event did to a sequence, to take it back ([`Undo::SequenceSteps`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqChange {
+    /// The partial sequences it added, as (step, start sub-bucket).
+    pub added: Vec<(u8, i64)>,
+    /// When it completed the sequence: the progress that completion consumed.
+    pub consumed: Option<Vec<Vec<(i64, u32)>>>,
+}
+
+/// The latest start of a partial sequence that has `min` matches of a step: the
+/// `min`-th latest start it holds.
 fn completed(runs: &[(i64, u32)], min: u32) -> Option<i64> {
-    let total: u64 = runs.iter().map(|(_, n)| u64::from(*n)).sum();
-    if total >= u64::from(min) {
-        runs.first().map(|(b, _)| *b)
-    } else {
-        None
+    let mut seen = 0u64;
+    for (start, n) in runs.iter().rev() {
+        seen += u64::from(*n);
+        if seen >= u64::from(min.max(1)) {
+            return Some(*start);
+        }
     }
+    None
+}
+
+/// Takes back one partial sequence per (step, start) of `added`, as
+/// [`Undo::SequenceSteps`] does.
+pub fn take_back(progress: &mut Option<SeqProgress>, added: &[(u8, i64)]) {
+    let Some(SeqProgress::Steps(steps)) = progress else {
+        return;
+    };
+    for (step, start) in added {
+        let Some(runs) = steps.get_mut(usize::from(*step)) else {
+            continue;
+        };
+        if let Ok(i) = runs.binary_search_by_key(start, |(b, _)| *b) {
+            runs[i].1 -= 1;
+            if runs[i].1 == 0 {
+                runs.remove(i);
+            }
+        }
+    }
+    if steps.iter().all(Vec::is_empty) {
+        *progress = None;
+    }
+}
+
+/// Gives back progress a completion consumed, beside what is there now (the next event
+/// keeps the latest `min` of each step).
+pub fn give_back(progress: &mut Option<SeqProgress>, consumed: &[Vec<(i64, u32)>]) {
+    let mut steps = match progress.take() {
+        Some(SeqProgress::Steps(s)) => s,
+        // Taken back as it was read: the completion was made from steps.
+        _ => Vec::new(),
+    };
+    if steps.len() < consumed.len() {
+        steps.resize(consumed.len(), Vec::new());
+    }
+    for (runs, back) in steps.iter_mut().zip(consumed) {
+        for (start, n) in back {
+            match runs.binary_search_by_key(start, |(b, _)| *b) {
+                Ok(i) => runs[i].1 = runs[i].1.saturating_add(*n),
+                Err(i) => runs.insert(i, (*start, *n)),
+            }
+        }
+    }
+    *progress = (!steps.iter().all(Vec::is_empty)).then_some(SeqProgress::Steps(steps));
 }
 
 /// Adds a partial sequence started at `start` to a step, keeping the `min` latest.
@@ -230,7 +290,7 @@ fn legacy_steps(step: u8, matched: u32, started: i64, mins: &[u32]) -> Vec<Vec<(
 
 /// Advances a sequence with an event meeting the steps in `mask`, in sub-bucket
 /// `bucket` of a window of `buckets` sub-buckets (`within`). Returns true when the
-/// sequence completes (it then starts over).
+/// sequence completes (it then starts over). What the event did goes to `change`.
 ///
 /// Every partial sequence is followed, not just the first: a sequence completes when
 /// some events, in the order they came, matched each step its `min` times, the first
@@ -245,6 +305,7 @@ pub fn advance(
     bucket: i64,
     buckets: i64,
     bucket_ms: i64,
+    change: &mut SeqChange,
 ) -> bool {
     let Some(last) = mins.len().checked_sub(1) else {
         return false;
@@ -281,14 +342,24 @@ pub fn advance(
         };
         if let Some(start) = start {
             add_start(&mut steps[i], start, mins[i]);
+            change
+                .added
+                .push((u8::try_from(i).unwrap_or(u8::MAX), start));
         }
     }
     let done = completed(&steps[last], mins[last]).is_some();
-    *progress = if done || steps.iter().all(Vec::is_empty) {
-        None
+    if done {
+        // What this event added is taken back by `added`; the rest was there before.
+        let mut before = Some(SeqProgress::Steps(steps));
+        take_back(&mut before, &change.added);
+        change.consumed = match before {
+            Some(SeqProgress::Steps(s)) => Some(s),
+            _ => Some(Vec::new()),
+        };
+        *progress = None;
     } else {
-        Some(SeqProgress::Steps(steps))
-    };
+        *progress = (!steps.iter().all(Vec::is_empty)).then_some(SeqProgress::Steps(steps));
+    }
     done
 }
 
@@ -461,6 +532,19 @@ pub trait StateBackend: Send + Sync + 'static {
 mod sequence_tests {
     use super::*;
 
+    /// One event in a window of 30 sub-buckets of 1 s.
+    fn step(progress: &mut Option<SeqProgress>, mins: &[u32], mask: u32, bucket: i64) -> bool {
+        advance(
+            progress,
+            mins,
+            mask,
+            bucket,
+            30,
+            1000,
+            &mut SeqChange::default(),
+        )
+    }
+
     /// Feeds (sub-bucket, mask) events to a sequence of `mins` over a window of 30
     /// sub-buckets; returns the events that completed it.
     fn run(mins: &[u32], events: &[(i64, u32)]) -> Vec<usize> {
@@ -468,7 +552,7 @@ mod sequence_tests {
         events
             .iter()
             .enumerate()
-            .filter(|(_, (bucket, mask))| advance(&mut progress, mins, *mask, *bucket, 30, 1000))
+            .filter(|(_, (bucket, mask))| step(&mut progress, mins, *mask, *bucket))
             .map(|(i, _)| i)
             .collect()
     }
@@ -509,7 +593,7 @@ mod sequence_tests {
     fn steps_hold_at_most_their_min_in_runs() {
         let mut progress = None;
         for b in 0..100 {
-            advance(&mut progress, &[5, 1], 1, b / 10, 30, 1000);
+            step(&mut progress, &[5, 1], 1, b / 10);
         }
         let Some(SeqProgress::Steps(steps)) = progress else {
             panic!("in progress")
@@ -525,13 +609,13 @@ mod sequence_tests {
             started_ms: 5_500,
         });
         // [2, 2, 1]: step 0 done and one of step 1 at 5.5 s; one more step 1, then 2.
-        assert!(!advance(&mut progress, &[2, 2, 1], 2, 6, 30, 1000));
-        assert!(advance(&mut progress, &[2, 2, 1], 4, 7, 30, 1000));
+        assert!(!step(&mut progress, &[2, 2, 1], 2, 6));
+        assert!(step(&mut progress, &[2, 2, 1], 4, 7));
         let mut late = Some(SeqProgress::Legacy {
             step: 1,
             matched: 2,
             started_ms: 0,
         });
-        assert!(!advance(&mut late, &[2, 2, 1], 4, 40, 30, 1000), "ran out");
+        assert!(!step(&mut late, &[2, 2, 1], 4, 40), "ran out");
     }
 }
