@@ -932,14 +932,7 @@ pub(crate) mod scratch {
                     let stored = Stored {
                         w: e.window.clone(),
                         d: e.distinct.clone(),
-                        s: match &e.seq {
-                            Some(SeqProgress::Legacy {
-                                step,
-                                matched,
-                                started_ms,
-                            }) => Some((*step, *matched, *started_ms)),
-                            _ => None,
-                        },
+                        s: e.seq.as_ref().and_then(SeqProgress::legacy),
                         r: match &e.seq {
                             Some(SeqProgress::Steps(steps)) => Some(steps.clone()),
                             _ => None,

@@ -214,14 +214,9 @@ impl UndoLog {
                         Undo::Weight { bucket, weight } => UndoRec::W(*bucket, weight.to_bits()),
                         Undo::Distinct { value, prev } => UndoRec::D(*value, *prev),
                         // Only read from older logs, so only in the older form.
-                        Undo::Sequence { prev } => UndoRec::S(match prev {
-                            Some(SeqProgress::Legacy {
-                                step,
-                                matched,
-                                started_ms,
-                            }) => Some((*step, *matched, *started_ms)),
-                            _ => None,
-                        }),
+                        Undo::Sequence { prev } => {
+                            UndoRec::S(prev.as_ref().and_then(SeqProgress::legacy))
+                        }
                         Undo::SequenceSteps { added, consumed } => {
                             UndoRec::Q(added.clone(), consumed.clone())
                         }

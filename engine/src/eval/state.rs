@@ -189,6 +189,20 @@ pub enum SeqProgress {
     },
 }
 
+impl SeqProgress {
+    /// The older form's (step, matched, started) when the progress is still in it.
+    pub fn legacy(&self) -> Option<(u8, u32, i64)> {
+        match self {
+            SeqProgress::Legacy {
+                step,
+                matched,
+                started_ms,
+            } => Some((*step, *matched, *started_ms)),
+            SeqProgress::Steps(_) => None,
+        }
+    }
+}
+
 /// What one event did to a sequence, to take it back ([`Undo::SequenceSteps`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SeqChange {
