@@ -10,7 +10,6 @@ use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chrono::Utc;
 use esper_common::health::{self, ComponentHealth, HealthCheck, HealthReport};
 use esper_common::http::{
     ApiError, Json, Path, Query, loopback_unless_token, method_not_allowed, standard_layers,
@@ -20,13 +19,13 @@ use esper_common::shutdown::Shutdown;
 use esper_protocol::mitigation::{
     MitigationList, PublishRequest, PublishResponse, RevokeRequest, RevokeResponse,
 };
-use esper_protocol::{DeltaPage, EntityKey, Mitigation, Origin};
+use esper_protocol::{DeltaPage, EntityKey, Mitigation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::persist::{Full, Persistence, WriteError, WritePermit};
+use crate::persist::{Full, Persistence, WriteError, WritePermit, cap_policy_expiry};
 use crate::store::{MitigationStore, Published, StoreError, Write, apply};
 
 const DEFAULT_ACTIVE_LIMIT: usize = 1_000;
@@ -195,17 +194,6 @@ fn check_mitigation(m: &Mitigation) -> Result<(), String> {
     m.action.check()
 }
 
-/// Brings a policy decision's expiry within `cache_ttl` of now (0: no cap).
-fn cap_expiry(mut m: Mitigation, cache_ttl: Duration) -> Mitigation {
-    if m.origin == Origin::Policy && !cache_ttl.is_zero() {
-        let ttl = chrono::Duration::from_std(cache_ttl).unwrap_or(chrono::Duration::MAX);
-        if let Some(cap) = Utc::now().checked_add_signed(ttl) {
-            m.expires_at = m.expires_at.min(cap);
-        }
-    }
-    m
-}
-
 async fn publish(
     State(s): State<AppState>,
     Json(req): Json<PublishRequest>,
@@ -227,7 +215,7 @@ async fn publish(
     let capped: Vec<Mitigation> = req
         .mitigations
         .into_iter()
-        .map(|m| cap_expiry(m, s.inner.cache_ttl))
+        .map(|m| cap_policy_expiry(m, s.inner.cache_ttl))
         .collect();
     let inner = s.inner.clone();
     let published = whole(async move {
@@ -480,7 +468,7 @@ impl HealthCheck for StoreHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use esper_protocol::{Action, Reason};
+    use esper_protocol::{Action, Origin, Reason};
 
     fn mitigation(origin: Origin, ttl: Duration) -> Mitigation {
         Mitigation::new(
@@ -490,19 +478,6 @@ mod tests {
             origin,
             Reason::default(),
         )
-    }
-
-    #[test]
-    fn only_policy_decisions_are_capped() {
-        let day = Duration::from_secs(86_400);
-        let cap = Duration::from_secs(900);
-        let limit = Utc::now() + chrono::Duration::seconds(901);
-        assert!(cap_expiry(mitigation(Origin::Policy, day), cap).expires_at < limit);
-        assert!(cap_expiry(mitigation(Origin::Manual, day), cap).expires_at > limit);
-        assert!(cap_expiry(mitigation(Origin::List, day), cap).expires_at > limit);
-        assert!(cap_expiry(mitigation(Origin::Policy, day), Duration::ZERO).expires_at > limit);
-        let short = mitigation(Origin::Policy, Duration::from_secs(60));
-        assert_eq!(cap_expiry(short.clone(), cap), short);
     }
 
     #[test]

@@ -606,7 +606,7 @@ impl Persistence {
                 }
                 page.into_iter()
                     .filter(|d| d.mode == DecisionMode::Enforce)
-                    .map(|d| cap_from_creation(d.mitigation, cache_ttl))
+                    .map(|d| cap_policy_expiry(d.mitigation, cache_ttl))
                     .filter(|m| m.expires_at > now && st.touched.allows(m))
                     .collect()
             };
@@ -657,12 +657,16 @@ fn decision_of(m: &Mitigation) -> Decision {
     }
 }
 
-/// A restored policy decision keeps the `cache_ttl` cap it had when first published
-/// (counted from its creation, not from the restart).
-fn cap_from_creation(mut m: Mitigation, cache_ttl: Duration) -> Mitigation {
+/// Brings a policy decision's expiry within `cache_ttl` of its creation (0: no cap).
+///
+/// Counted from `created_at`, not from arrival, so a publish retried after a timeout
+/// stores the same expiry (no new delta) and a restore gives the cap it had when first
+/// published. A creation stamped ahead of this clock counts from now, so a worker's
+/// skewed clock cannot stretch the cap.
+pub fn cap_policy_expiry(mut m: Mitigation, cache_ttl: Duration) -> Mitigation {
     if m.origin == Origin::Policy && !cache_ttl.is_zero() {
         let ttl = chrono::Duration::from_std(cache_ttl).unwrap_or(chrono::Duration::MAX);
-        if let Some(cap) = m.created_at.checked_add_signed(ttl) {
+        if let Some(cap) = m.created_at.min(Utc::now()).checked_add_signed(ttl) {
             m.expires_at = m.expires_at.min(cap);
         }
     }
@@ -1121,16 +1125,32 @@ mod tests {
     }
 
     #[test]
-    fn restored_policy_decisions_keep_their_cap_from_creation() {
+    fn policy_decisions_are_capped_from_their_creation() {
+        let ttl = Duration::from_secs(60);
         let mut m = mitigation("192.0.2.1");
         m.created_at = Utc::now() - chrono::Duration::seconds(100);
         m.expires_at = m.created_at + chrono::Duration::seconds(3600);
-        let capped = cap_from_creation(m.clone(), Duration::from_secs(60));
+        let capped = cap_policy_expiry(m.clone(), ttl);
         assert_eq!(
             capped.expires_at,
             m.created_at + chrono::Duration::seconds(60)
         );
-        m.origin = Origin::Manual;
-        assert_eq!(cap_from_creation(m.clone(), Duration::from_secs(60)), m);
+        // The same decision sent again is capped alike, so a retry stores nothing new.
+        assert_eq!(cap_policy_expiry(m.clone(), ttl), capped);
+        assert_eq!(cap_policy_expiry(m.clone(), Duration::ZERO), m);
+        // A creation stamped ahead of this clock counts from now.
+        m.created_at = Utc::now() + chrono::Duration::seconds(600);
+        m.expires_at = m.created_at + chrono::Duration::seconds(3600);
+        let limit = Utc::now() + chrono::Duration::seconds(61);
+        assert!(cap_policy_expiry(m.clone(), ttl).expires_at <= limit);
+        let short_lived = Mitigation {
+            expires_at: Utc::now() + chrono::Duration::seconds(10),
+            ..m.clone()
+        };
+        assert_eq!(cap_policy_expiry(short_lived.clone(), ttl), short_lived);
+        for origin in [Origin::Manual, Origin::List] {
+            m.origin = origin;
+            assert_eq!(cap_policy_expiry(m.clone(), ttl), m);
+        }
     }
 }

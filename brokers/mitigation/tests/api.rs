@@ -458,8 +458,15 @@ async fn cache_ttl_caps_policy_decisions_only() {
     let day = Duration::from_secs(86_400);
     let mut auto = mitigation("auto", "ip:192.0.2.1", Action::Block, day);
     auto.origin = Origin::Policy;
+    let mut late = mitigation("late", "ip:192.0.2.3", Action::Block, day);
+    late.origin = Origin::Policy;
+    late.created_at = Utc::now() - chrono::Duration::seconds(30);
     let manual = mitigation("manual", "ip:192.0.2.2", Action::Block, day);
-    b.client.publish(vec![auto, manual]).await.unwrap();
+    let first = b
+        .client
+        .publish(vec![auto, late.clone(), manual])
+        .await
+        .unwrap();
     let list = b.client.active(None).await.unwrap();
     let expiry = |id: &str| {
         list.mitigations
@@ -470,6 +477,15 @@ async fn cache_ttl_caps_policy_decisions_only() {
     };
     assert!(expiry("auto") <= Utc::now() + chrono::Duration::seconds(61));
     assert!(expiry("manual") > Utc::now() + chrono::Duration::hours(23));
+    // The cap counts from the decision's creation, not its arrival.
+    assert_eq!(
+        expiry("late"),
+        late.created_at + chrono::Duration::seconds(60)
+    );
+    // So a publish retried (after a timeout, say) stores the same copy: no new delta.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let again = b.client.publish(vec![late]).await.unwrap();
+    assert_eq!((again.accepted, again.cursor), (1, first.cursor));
     b.stop().await;
 }
 
