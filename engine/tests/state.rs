@@ -14,7 +14,7 @@ use esper_engine::eval::state::{
 };
 use esper_engine::eval::window::WindowParams;
 use esper_engine::eval::{
-    MemoryState, PostgresState, PostgresStateConfig, RedisState, RedisStateConfig,
+    MemoryState, PostgresState, PostgresStateConfig, RedisState, RedisStateConfig, StateClock,
 };
 use support::postgres as pg;
 use support::redis_server;
@@ -79,6 +79,7 @@ macro_rules! suite {
 }
 
 suite!(memory: counts_each_event_once_even_within_a_batch,
+    workers_count_time_by_the_shared_states_clock,
     commits_fill_the_outbox_one_owner_delivers_it,
     a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
     a_forgiven_repeat_offense_dates_the_history_from_the_one_before,
@@ -89,6 +90,7 @@ suite!(memory: counts_each_event_once_even_within_a_batch,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
     a_long_mixed_log_gives_the_memory_backends_outcomes);
 suite!(redis: counts_each_event_once_even_within_a_batch,
+    workers_count_time_by_the_shared_states_clock,
     commits_fill_the_outbox_one_owner_delivers_it,
     a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
     a_forgiven_repeat_offense_dates_the_history_from_the_one_before,
@@ -102,6 +104,7 @@ suite!(redis: counts_each_event_once_even_within_a_batch,
     an_undo_log_without_prior_offenses_rolls_back,
     a_lapsed_batch_undone_at_another_commit_stays_undone);
 suite!(postgres: counts_each_event_once_even_within_a_batch,
+    workers_count_time_by_the_shared_states_clock,
     commits_fill_the_outbox_one_owner_delivers_it,
     a_full_outbox_drops_the_oldest_and_a_lapsed_lease_passes_on, a_revoked_decision_rearms_its_policy,
     a_forgiven_repeat_offense_dates_the_history_from_the_one_before,
@@ -666,6 +669,41 @@ async fn late_events_are_ignored_and_counted(b: &Backend) {
     assert_eq!(out.late, 1);
     let out = apply_commit(&*s, &batch(&["c", "d"], "ip:10.0.0.3", now), now).await;
     assert_eq!(out.crossings[0].counted, 3.0, "a, c and d");
+}
+
+fn two_minutes_behind() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() - chrono::Duration::minutes(2)
+}
+
+async fn workers_count_time_by_the_shared_states_clock(b: &Backend) {
+    let s = b.state().await;
+    let clock = StateClock::with_host_clock(two_minutes_behind);
+    let synced = clock.sync(&*s).await.unwrap();
+    let lag = chrono::Utc::now() - clock.now();
+    let shared = !matches!(b, Backend::memory);
+    if shared {
+        // Generous: the reading is taken to the middle of a loopback round trip.
+        let offset = synced.unwrap();
+        assert!((offset - 120_000).abs() < 2_000, "{offset}");
+        assert!(lag.num_milliseconds().abs() < 2_000, "{lag}");
+    } else {
+        assert_eq!(
+            synced, None,
+            "a state of one process has no clock of its own"
+        );
+        assert!(lag > chrono::Duration::seconds(110), "{lag}");
+    }
+    // A worker on time counts an event; then the one whose host is behind evaluates
+    // another event of the same entity, stamped by a proxy on time (events stamped
+    // after a worker's now count as now, so it lands at the worker's now).
+    let entity = "ip:10.0.0.9";
+    let on_time = chrono::Utc::now().timestamp_millis();
+    apply_commit(&*s, &batch(&["a"], entity, on_time), on_time).await;
+    let at = clock.now().timestamp_millis();
+    let out = apply_commit(&*s, &batch(&["b"], entity, on_time.min(at)), at).await;
+    // By its own clock, the event is two minutes older than the first one: outside the
+    // 60 s window, late. Over shared state it counts, by the state's clock.
+    assert_eq!(out.late, usize::from(!shared));
 }
 
 /// A small deterministic generator (xorshift), so the log is the same on every run.

@@ -12,6 +12,7 @@
 //! - Each batch is applied to the state, then committed once its effects are published,
 //!   or rolled back (see [`state`]).
 
+mod clock;
 mod compile;
 mod marks;
 pub mod memory;
@@ -30,6 +31,7 @@ use esper_protocol::{
 };
 use prometheus::{CounterVec, IntCounter, IntCounterVec, Opts, Registry};
 
+pub use clock::StateClock;
 pub use compile::{CompiledPolicy, PolicySet, policy_key};
 
 use crate::policy::AggregateSpec;
@@ -149,6 +151,7 @@ impl Evaluation {
 #[derive(Clone)]
 pub struct Evaluator {
     state: Arc<dyn StateBackend>,
+    clock: Arc<StateClock>,
     decided_by: String,
     metrics: Metrics,
 }
@@ -159,6 +162,7 @@ impl Evaluator {
     pub fn new(state: Arc<dyn StateBackend>, decided_by: &str, registry: &Registry) -> Evaluator {
         Evaluator {
             state,
+            clock: Arc::new(StateClock::default()),
             decided_by: decided_by.to_string(),
             metrics: Metrics::new(registry),
         }
@@ -166,6 +170,11 @@ impl Evaluator {
 
     pub fn state(&self) -> &Arc<dyn StateBackend> {
         &self.state
+    }
+
+    /// The time to evaluate by: the shared state's clock, once synced.
+    pub fn clock(&self) -> &StateClock {
+        &self.clock
     }
 
     /// Evaluates `events` with `policies` at wall-clock time `now`. The state is changed

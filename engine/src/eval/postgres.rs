@@ -1122,6 +1122,16 @@ impl StateBackend for PostgresState {
         "postgres"
     }
 
+    async fn clock_ms(&self) -> Result<Option<i64>, StateError> {
+        // clock_timestamp(), not now(): the latter is the transaction's start.
+        let ms: i64 =
+            sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(Some(ms))
+    }
+
     async fn apply(&self, batch: &BatchInput, now_ms: i64) -> Result<BatchOutcome, StateError> {
         transact!(self, |tx| self.apply_tx(&mut tx, batch, now_ms).await)
     }

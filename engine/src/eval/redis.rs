@@ -303,6 +303,14 @@ impl StateBackend for RedisState {
         "redis"
     }
 
+    async fn clock_ms(&self) -> Result<Option<i64>, StateError> {
+        let (secs, micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(Some(secs * 1000 + micros / 1000))
+    }
+
     async fn apply(&self, batch: &BatchInput, now_ms: i64) -> Result<BatchOutcome, StateError> {
         let arg = ApplyArg {
             op: "apply",

@@ -479,6 +479,13 @@ pub trait StateBackend: Send + Sync + 'static {
     /// `memory`, `redis`, ...
     fn name(&self) -> &'static str;
 
+    /// The store's own clock, epoch milliseconds, when workers on other hosts may share
+    /// this state: they then all count time by it (windows, cooldowns, leases), whatever
+    /// their own clocks say. `None` for a state held by this process alone.
+    async fn clock_ms(&self) -> Result<Option<i64>, StateError> {
+        Ok(None)
+    }
+
     /// Applies a batch at wall-clock time `now_ms` (cooldowns run in wall time).
     async fn apply(&self, batch: &BatchInput, now_ms: i64) -> Result<BatchOutcome, StateError>;
 

@@ -46,6 +46,8 @@ use status::{Metrics, Status, WorkerHealth};
 const OPS_BODY_LIMIT: usize = 64 * 1024;
 /// How often utilization is computed.
 const UTILIZATION_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a worker over shared state reads the state's clock.
+const CLOCK_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Why the worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,7 @@ pub async fn run(
     let status = Arc::new(Status::default());
     let state = open_state(&config).await?;
     let evaluator = Evaluator::new(state.clone(), &worker_id, &registry);
+    sync_clock(&evaluator, &metrics).await;
     let handle = Arc::new(PolicyHandle::default());
     let pool = config.connection_pool_size as usize;
     let control = match (&config.control_url, &config.ca_cert) {
@@ -239,9 +242,14 @@ pub async fn run(
     let mut background = JoinSet::new();
     background.spawn(follower.run(config.policy_refresh, shutdown.clone()));
     background.spawn(cleanup_loop(
-        state.clone(),
+        evaluator.clone(),
         metrics.clone(),
         config.state_cleanup_interval,
+        shutdown.clone(),
+    ));
+    background.spawn(clock_loop(
+        evaluator.clone(),
+        metrics.clone(),
         shutdown.clone(),
     ));
     if let Some(guard) = &memory {
@@ -323,14 +331,11 @@ pub async fn run(
 }
 
 /// Removes idle entities and expired event ids every `every`.
-async fn cleanup_loop(
-    state: Arc<dyn StateBackend>,
-    metrics: Metrics,
-    every: Duration,
-    shutdown: Shutdown,
-) {
+async fn cleanup_loop(evaluator: Evaluator, metrics: Metrics, every: Duration, shutdown: Shutdown) {
+    let state = evaluator.state();
     while !shutdown.sleep(every).await {
-        match state.cleanup(Utc::now().timestamp_millis()).await {
+        let now = evaluator.clock().now().timestamp_millis();
+        match state.cleanup(now).await {
             Ok(r) => {
                 metrics
                     .state_cleaned
@@ -344,6 +349,39 @@ async fn cleanup_loop(
             Err(e) => tracing::warn!(error = %e, "state cleanup failed"),
         }
         metrics.observe_state(state.as_ref());
+    }
+}
+
+/// Reads the shared state's clock again every [`CLOCK_SYNC_INTERVAL`]: a host's clock
+/// drifts, or is stepped, while the worker runs.
+async fn clock_loop(evaluator: Evaluator, metrics: Metrics, shutdown: Shutdown) {
+    while !shutdown.sleep(CLOCK_SYNC_INTERVAL).await {
+        sync_clock(&evaluator, &metrics).await;
+    }
+}
+
+/// Past this, the host's clock is said to be off (the worker keeps working by the
+/// store's clock; the host's should still be fixed, since proxies stamp events by theirs).
+const CLOCK_WARN_MS: i64 = 1_000;
+
+async fn sync_clock(evaluator: &Evaluator, metrics: &Metrics) {
+    let before = evaluator.clock().offset_ms();
+    match evaluator.clock().sync(evaluator.state().as_ref()).await {
+        Ok(Some(offset)) => {
+            metrics.clock_offset.set(offset as f64 / 1000.0);
+            // Said when the offset first passes the bound, and again when it moves by as
+            // much, not at every reading.
+            if offset.abs() >= CLOCK_WARN_MS && (offset - before).abs() >= CLOCK_WARN_MS {
+                tracing::warn!(
+                    offset_ms = offset,
+                    state_backend = evaluator.state().name(),
+                    "this host's clock differs from the shared state's; \
+                     evaluating by the state's clock"
+                );
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the shared state's clock"),
     }
 }
 

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use esper_common::Shutdown;
 use esper_protocol::RevocationMark;
 use parking_lot::RwLock;
@@ -178,7 +177,7 @@ impl Follower {
             if !page.revocations.is_empty() {
                 match self
                     .evaluator
-                    .forgive(&set, &page.revocations, Utc::now())
+                    .forgive(&set, &page.revocations, self.evaluator.clock().now())
                     .await
                 {
                     Ok(0) => {}

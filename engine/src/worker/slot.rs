@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use esper_common::Shutdown;
 use esper_protocol::ingestion::ClaimedItem;
 use esper_protocol::{Decision, IngestionClient, MitigationClient, RequestEvent};
@@ -152,7 +151,7 @@ async fn process(
     let claimed_at = Instant::now();
     let (item_ids, events): (Vec<String>, Vec<RequestEvent>) =
         items.into_iter().map(|i| (i.item_id, i.event)).unzip();
-    let now = Utc::now();
+    let now = shared.evaluator.clock().now();
     let timer = Instant::now();
     let evaluated = tokio::time::timeout(
         shared.evaluation_timeout,

@@ -28,6 +28,7 @@ fn gauge(name: &str, help: &str) -> IntGauge {
 pub(crate) struct Metrics {
     pub evaluation_duration: Histogram,
     pub utilization: Gauge,
+    pub clock_offset: Gauge,
     pub claim_errors: IntCounter,
     pub publish_errors: IntCounter,
     pub ack_errors: IntCounter,
@@ -64,6 +65,11 @@ impl Metrics {
             utilization: Gauge::new(
                 "esper_worker_utilization_ratio",
                 "Share of the last interval the evaluation loops spent working, 0 to 1",
+            )
+            .expect("metric definitions are valid"),
+            clock_offset: Gauge::new(
+                "esper_worker_clock_offset_seconds",
+                "How far the shared state's clock is ahead of this host's; the worker evaluates by the state's (0 over the memory state)",
             )
             .expect("metric definitions are valid"),
             claim_errors: counter("esper_claim_errors_total", "Failed claims"),
@@ -134,6 +140,7 @@ impl Metrics {
         use esper_common::metrics::register;
         register(registry, &m.evaluation_duration);
         register(registry, &m.utilization);
+        register(registry, &m.clock_offset);
         for c in [
             &m.claim_errors,
             &m.publish_errors,
