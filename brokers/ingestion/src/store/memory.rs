@@ -63,6 +63,9 @@ struct State {
     dead: BTreeMap<u64, DeadLetter>,
     /// Lease expiry index, earliest first.
     expiries: BTreeSet<(Instant, u64)>,
+    /// Leases that ran out, by sequence: still their consumers' (in `leased`) until a
+    /// claim hands them out again, oldest first, as the Redis queue does.
+    lapsed: BTreeSet<u64>,
     consumers: HashMap<String, Consumer>,
     paused: bool,
     ingested_total: u64,
@@ -108,34 +111,58 @@ impl State {
         self.pending.len() + self.leased.len()
     }
 
-    /// Puts every expired lease back in its original place in the queue, or in the
-    /// dead-letter list once it has had `max_attempts` claims.
-    fn reclaim_expired(&mut self, now: Instant, max_attempts: u32) {
+    /// Marks every expired lease lapsed, or moves it to the dead-letter list once it
+    /// has had `max_attempts` claims.
+    fn lapse_expired(&mut self, now: Instant, max_attempts: u32) {
         while let Some(&(expires, seq)) = self.expiries.first() {
             if expires > now {
                 break;
             }
             self.expiries.pop_first();
+            let spent = self
+                .leased
+                .get(&seq)
+                .is_some_and(|l| l.entry.attempts >= max_attempts);
+            if !spent {
+                if self.leased.contains_key(&seq) {
+                    self.lapsed.insert(seq);
+                }
+                continue;
+            }
             if let Some(lease) = self.leased.remove(&seq) {
                 self.release(&lease.consumer);
-                if lease.entry.attempts >= max_attempts {
-                    self.dead.insert(
-                        seq,
-                        DeadLetter {
-                            entry: lease.entry,
-                            consumer: lease.consumer,
-                        },
-                    );
-                    self.dead_lettered_total += 1;
-                    while self.dead.len() > DEAD_LETTER_CAP {
-                        self.dead.pop_first();
-                    }
-                } else {
-                    self.pending.insert(seq, lease.entry);
-                    self.reclaimed_total += 1;
+                self.dead.insert(
+                    seq,
+                    DeadLetter {
+                        entry: lease.entry,
+                        consumer: lease.consumer,
+                    },
+                );
+                self.dead_lettered_total += 1;
+                while self.dead.len() > DEAD_LETTER_CAP {
+                    self.dead.pop_first();
                 }
             }
         }
+    }
+
+    /// Items a claim can take: waiting ones and lapsed leases.
+    fn available(&self) -> usize {
+        self.pending.len() + self.lapsed.len()
+    }
+
+    /// The next item to hand out: the oldest lapsed lease (taken from its consumer),
+    /// else the oldest waiting item. Lapsed leases are older than every waiting item,
+    /// since items are handed out in order.
+    fn next_to_hand_out(&mut self) -> Option<(u64, Entry)> {
+        while let Some(seq) = self.lapsed.pop_first() {
+            if let Some(lease) = self.leased.remove(&seq) {
+                self.release(&lease.consumer);
+                self.reclaimed_total += 1;
+                return Some((seq, lease.entry));
+            }
+        }
+        self.pending.pop_first()
     }
 
     fn next_expiry(&self) -> Option<Instant> {
@@ -172,9 +199,9 @@ impl State {
         let expires_at = Utc::now()
             .checked_add_signed(to_chrono(spec.lease))
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
-        let mut out = Vec::with_capacity(spec.max.min(self.pending.len()));
+        let mut out = Vec::with_capacity(spec.max.min(self.available()));
         while out.len() < spec.max {
-            let Some((seq, mut entry)) = self.pending.pop_first() else {
+            let Some((seq, mut entry)) = self.next_to_hand_out() else {
                 break;
             };
             entry.attempts = entry.attempts.saturating_add(1);
@@ -307,9 +334,9 @@ impl QueueStore for MemoryQueue {
             let wake = {
                 let mut st = self.state.lock();
                 let now = Instant::now();
-                st.reclaim_expired(now, self.max_attempts);
+                st.lapse_expired(now, self.max_attempts);
                 st.touch(&spec.consumer, now);
-                let available = st.pending.len();
+                let available = st.available();
                 if available > 0 && linger_until.is_none() {
                     linger_until = Some((now + spec.linger).min(deadline));
                 }
@@ -336,6 +363,7 @@ impl QueueStore for MemoryQueue {
             }
             if let Some(lease) = st.leased.remove(&seq) {
                 st.expiries.remove(&(lease.expires, seq));
+                st.lapsed.remove(&seq);
                 st.release(consumer);
                 acked += 1;
             }

@@ -75,12 +75,14 @@ pub enum Enqueued {
 
 /// A bounded, leased work queue of request events: FIFO, at-least-once.
 ///
-/// Leases: a claimed item belongs to its consumer until acked or until its lease expires;
-/// an expired lease stays the consumer's (so a late ack still counts) until a claim takes
-/// the item back, which puts it in its original place at the head of the queue, counts it
-/// in `reclaimed_total` and hands it out with `attempts + 1`. An item whose lease expires
-/// after its `max_attempts`-th claim goes to the dead-letter list instead (counted in
-/// `dead_lettered_total`), where inspection shows it and purge drops it.
+/// Leases: a claimed item belongs to its consumer until acked or until its lease expires.
+/// An expired lease stays the consumer's (a late ack still counts, status and inspection
+/// show it leased, purge leaves it) until a claim hands the item out again. Claims hand
+/// out lapsed leases before waiting items, oldest first (the item's place in the queue,
+/// not the order the leases ran out in), count them in `reclaimed_total` and give them
+/// `attempts + 1`. An item whose lease expires after its `max_attempts`-th claim goes to
+/// the dead-letter list at the next claim instead (counted in `dead_lettered_total`),
+/// where inspection shows it and purge drops it.
 #[async_trait::async_trait]
 pub trait QueueStore: Send + Sync + 'static {
     /// A short name for health output and logs (`memory`, `redis`).

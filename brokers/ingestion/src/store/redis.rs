@@ -133,17 +133,23 @@ local waiting = redis.call('XLEN', S) - pending_count()
 local available = waiting + redis.call('ZCOUNT', EXP, '-inf', now)
 if available < threshold then return cjson.encode({available = available}) end
 
-local function older(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
-  return tonumber(as) < tonumber(bs)
+-- Lapsed leases are handed out oldest first, by id: leases differ in length, so the
+-- order they ran out in is not the queue's. Among the first thousand to run out, as the
+-- dead-letter pass.
+local lapsed = {}
+for i, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, 1000)) do
+  local ms, sq = string.match(id, '(%d+)-(%d+)')
+  lapsed[i] = {tonumber(ms), tonumber(sq), id}
 end
+table.sort(lapsed, function(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[2] < b[2]
+end)
 local out = {}
-local expired = redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, max)
-table.sort(expired, older)
 local reclaimed = 0
-for _, id in ipairs(expired) do
+for _, l in ipairs(lapsed) do
+  if #out >= max then break end
+  local id = l[3]
   -- The pass above looks at the first thousand only: no item is handed out once more
   -- than its attempts allow, however many leases ran out.
   if dead_letter(id) then

@@ -27,6 +27,7 @@ pub async fn queue_store_suite(store: Arc<dyn QueueStore>) {
     batches_that_do_not_fit_are_refused_whole(&store).await;
     paused_refuses_ingest_but_drains(&store).await;
     expired_leases_are_reclaimed_in_order(&store).await;
+    a_lapsed_lease_is_its_consumers_until_handed_out_oldest_first(&store).await;
     long_poll_wakes_on_enqueue(&store).await;
     long_poll_times_out_when_empty(&store).await;
     linger_fills_the_batch(&store).await;
@@ -229,6 +230,52 @@ async fn expired_leases_are_reclaimed_in_order(store: &Arc<dyn QueueStore>) {
     let late = store.claim(&short).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(store.ack("w1", &ids(&late)).await.unwrap(), 1);
+    assert_empty(store).await;
+}
+
+async fn a_lapsed_lease_is_its_consumers_until_handed_out_oldest_first(
+    store: &Arc<dyn QueueStore>,
+) {
+    let before = status(store).await;
+    accepted(store, &["a", "b", "c"]).await;
+    let leased_for = |ms: u64| ClaimSpec {
+        lease: Duration::from_millis(ms),
+        ..spec("w1", 1)
+    };
+    let a = store.claim(&leased_for(300)).await.unwrap();
+    let b = store.claim(&leased_for(50)).await.unwrap();
+    assert_eq!((tags(&a), tags(&b)), (vec!["a".into()], vec!["b".into()]));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // Both ran out, b's first; a is older, so it is handed out first.
+    let next = store.claim(&spec("w2", 1)).await.unwrap();
+    assert_eq!(tags(&next), ["a"]);
+    assert_eq!(next[0].attempts, 2);
+    // b was not taken back by that claim: it is still w1's, shown leased, and left by
+    // a purge, which drops only c.
+    let s = status(store).await;
+    assert_eq!((s.depth, s.leased), (1, 2));
+    let lapsed = store.item(&b[0].item_id).await.unwrap().unwrap();
+    assert_eq!(
+        (lapsed.state, lapsed.consumer.as_deref()),
+        (ItemState::Leased, Some("w1"))
+    );
+    assert_eq!(store.purge().await.unwrap(), 1);
+    assert_eq!(
+        store.ack("w1", &ids(&a)).await.unwrap(),
+        0,
+        "handed out again"
+    );
+    assert_eq!(
+        store.ack("w1", &ids(&b)).await.unwrap(),
+        1,
+        "a late ack counts"
+    );
+    assert_eq!(store.ack("w2", &ids(&next)).await.unwrap(), 1);
+    assert_eq!(
+        status(store).await.reclaimed_total - before.reclaimed_total,
+        1
+    );
     assert_empty(store).await;
 }
 
