@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use esper_ingestion::{Config, RedisQueue};
 use esper_protocol::ClientError;
 use support::redis_server::{RedisServer, shared, unique_prefix};
-use support::store_suite::{SUITE_CAPACITY, SUITE_MAX_ATTEMPTS, queue_store_suite};
+use support::store_suite::{
+    SUITE_CAPACITY, SUITE_MAX_ATTEMPTS, many_lapsed_leases_go_out_before_new_items,
+    queue_store_suite,
+};
 use support::{TestBroker, config, events, expect_error, tag};
 
 async fn open(url: &str, prefix: &str) -> RedisQueue {
@@ -31,6 +34,15 @@ fn redis_config(url: &str, prefix: &str) -> Config {
 async fn redis_queue_passes_the_store_suite() {
     let prefix = unique_prefix("suite");
     queue_store_suite(Arc::new(open(&shared().url(), &prefix).await)).await;
+}
+
+#[tokio::test]
+async fn many_lapsed_leases_go_out_before_new_items_from_redis() {
+    let prefix = unique_prefix("lapsed");
+    let store = RedisQueue::open(&shared().url(), &prefix, 5_000, 5)
+        .await
+        .unwrap();
+    many_lapsed_leases_go_out_before_new_items(Arc::new(store)).await;
 }
 
 #[tokio::test]

@@ -344,7 +344,14 @@ impl QueueStore for MemoryQueue {
                     || now >= deadline
                     || linger_until.is_some_and(|t| now >= t)
                 {
-                    return Ok(st.lease(spec, now));
+                    let leased = st.lease(spec, now);
+                    drop(st);
+                    if !leased.is_empty() {
+                        // A claim asleep until a later time must learn of these leases:
+                        // it takes them over if they lapse first.
+                        self.arrivals.notify_waiters();
+                    }
+                    return Ok(leased);
                 }
                 let wake = linger_until.unwrap_or(deadline);
                 st.next_expiry().map_or(wake, |t| t.min(wake))

@@ -79,8 +79,8 @@ pub enum Enqueued {
 /// An expired lease stays the consumer's (a late ack still counts, status and inspection
 /// show it leased, purge leaves it) until a claim hands the item out again. Claims hand
 /// out lapsed leases before waiting items, oldest first (the item's place in the queue,
-/// not the order the leases ran out in), count them in `reclaimed_total` and give them
-/// `attempts + 1`. An item whose lease expires after its `max_attempts`-th claim goes to
+/// not the order the leases ran out in; on Redis, among the first `max(max, 1000)` to run
+/// out), count them in `reclaimed_total` and give them `attempts + 1`. An item whose lease expires after its `max_attempts`-th claim goes to
 /// the dead-letter list at the next claim instead (counted in `dead_lettered_total`),
 /// where inspection shows it and purge drops it.
 #[async_trait::async_trait]

@@ -133,11 +133,12 @@ local waiting = redis.call('XLEN', S) - pending_count()
 local available = waiting + redis.call('ZCOUNT', EXP, '-inf', now)
 if available < threshold then return cjson.encode({available = available}) end
 
--- Lapsed leases are handed out oldest first, by id: leases differ in length, so the
--- order they ran out in is not the queue's. Among the first thousand to run out, as the
--- dead-letter pass.
+-- Lapsed leases are handed out before new items, oldest first, by id: leases differ in
+-- length, so the order they ran out in is not the queue's. Sorted among the first
+-- max(max, 1000) to run out: exact unless more than that many lapsed at once.
 local lapsed = {}
-for i, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, 1000)) do
+local look = math.max(max, 1000)
+for i, id in ipairs(redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, look)) do
   local ms, sq = string.match(id, '(%d+)-(%d+)')
   lapsed[i] = {tonumber(ms), tonumber(sq), id}
 end

@@ -242,10 +242,10 @@ async fn a_lapsed_lease_is_its_consumers_until_handed_out_oldest_first(
         lease: Duration::from_millis(ms),
         ..spec("w1", 1)
     };
-    let a = store.claim(&leased_for(300)).await.unwrap();
-    let b = store.claim(&leased_for(50)).await.unwrap();
+    let a = store.claim(&leased_for(200)).await.unwrap();
+    let b = store.claim(&leased_for(20)).await.unwrap();
     assert_eq!((tags(&a), tags(&b)), (vec!["a".into()], vec!["b".into()]));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Both ran out, b's first; a is older, so it is handed out first.
     let next = store.claim(&spec("w2", 1)).await.unwrap();
@@ -473,4 +473,26 @@ async fn items_claimed_too_often_are_dead_lettered(store: &Arc<dyn QueueStore>) 
     assert_eq!(status(store).await.dead_letter, 0);
     assert!(store.item(&last[0].item_id).await.unwrap().is_none());
     assert_empty(store).await;
+}
+
+/// More leases lapse at once than a Redis claim's first look at them (1,000): a claim as
+/// large takes them all back, oldest first, before any new item. Needs a store of
+/// capacity 1,300 or more.
+pub async fn many_lapsed_leases_go_out_before_new_items(store: Arc<dyn QueueStore>) {
+    store.enqueue(events("old-", 1_200)).await.unwrap();
+    let first = store
+        .claim(&ClaimSpec {
+            lease: Duration::from_millis(10),
+            ..spec("w1", 1_200)
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1_200);
+    store.enqueue(events("new-", 100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let again = store.claim(&spec("w2", 1_200)).await.unwrap();
+    assert_eq!(ids(&again), ids(&first));
+    assert!(again.iter().all(|i| i.attempts == 2));
+    assert_eq!(store.ack("w2", &ids(&again)).await.unwrap(), 1_200);
+    store.purge().await.unwrap();
 }
