@@ -212,11 +212,32 @@ async fn publish(
         }
     }
     let permit = admit(&s, req.mitigations.len()).await?;
+    let now = chrono::Utc::now();
+    let mut outlived = 0;
     let capped: Vec<Mitigation> = req
         .mitigations
         .into_iter()
-        .map(|m| cap_policy_expiry(m, s.inner.cache_ttl))
+        .filter_map(|m| {
+            let active = m.is_active(now);
+            let m = cap_policy_expiry(m, s.inner.cache_ttl);
+            // A decision that arrives past its cap (a publish retried for long, a
+            // creation stamped by a clock behind) has simply run its course. Sent on
+            // as expired, it would end the copy under its id and be logged as that
+            // id's revocation, and the engine would forgive the entity.
+            if active && !m.is_active(now) {
+                outlived += 1;
+                return None;
+            }
+            Some(m)
+        })
         .collect();
+    if outlived > 0 {
+        tracing::info!(
+            outlived,
+            cache_ttl = ?s.inner.cache_ttl,
+            "policy decisions arrived past their cache_ttl cap; not stored"
+        );
+    }
     let inner = s.inner.clone();
     let published = whole(async move {
         let _permit = permit;
@@ -229,7 +250,8 @@ async fn publish(
     .await?;
     s.inner.metrics.published.inc_by(published.accepted as u64);
     Ok(Json(PublishResponse {
-        accepted: published.accepted,
+        // Taken, so the publisher does not send them again.
+        accepted: published.accepted + outlived,
         cursor: published.cursor,
     }))
 }

@@ -72,7 +72,7 @@ pub struct Config {
     /// Address the API, `/healthz`, `/readyz`, `/healthz/detailed` and `/metrics` listen on.
     pub listen: SocketAddr,
     /// The longest the broker keeps a mitigation decided by a policy: a later
-    /// `expires_at` is brought forward to publish time + this. Manual and list
+    /// `expires_at` is brought forward to its `created_at` + this. Manual and list
     /// mitigations keep their own expiry. 0 turns the cap off.
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Duration,

@@ -657,16 +657,21 @@ fn decision_of(m: &Mitigation) -> Decision {
     }
 }
 
+/// How far ahead of this clock a decision's creation may be and still count as given:
+/// hosts in sync disagree by milliseconds, and a retry must get the same cap.
+const CLOCK_SLACK: chrono::Duration = chrono::Duration::seconds(5);
+
 /// Brings a policy decision's expiry within `cache_ttl` of its creation (0: no cap).
 ///
 /// Counted from `created_at`, not from arrival, so a publish retried after a timeout
 /// stores the same expiry (no new delta) and a restore gives the cap it had when first
-/// published. A creation stamped ahead of this clock counts from now, so a worker's
-/// skewed clock cannot stretch the cap.
+/// published. A creation stamped more than [`CLOCK_SLACK`] ahead of this clock counts
+/// from there, so a skewed clock cannot stretch the cap by more.
 pub fn cap_policy_expiry(mut m: Mitigation, cache_ttl: Duration) -> Mitigation {
     if m.origin == Origin::Policy && !cache_ttl.is_zero() {
         let ttl = chrono::Duration::from_std(cache_ttl).unwrap_or(chrono::Duration::MAX);
-        if let Some(cap) = m.created_at.min(Utc::now()).checked_add_signed(ttl) {
+        let latest = Utc::now() + CLOCK_SLACK;
+        if let Some(cap) = m.created_at.min(latest).checked_add_signed(ttl) {
             m.expires_at = m.expires_at.min(cap);
         }
     }
@@ -1138,10 +1143,10 @@ mod tests {
         // The same decision sent again is capped alike, so a retry stores nothing new.
         assert_eq!(cap_policy_expiry(m.clone(), ttl), capped);
         assert_eq!(cap_policy_expiry(m.clone(), Duration::ZERO), m);
-        // A creation stamped ahead of this clock counts from now.
+        // A creation stamped far ahead of this clock counts from a few seconds ahead.
         m.created_at = Utc::now() + chrono::Duration::seconds(600);
         m.expires_at = m.created_at + chrono::Duration::seconds(3600);
-        let limit = Utc::now() + chrono::Duration::seconds(61);
+        let limit = Utc::now() + chrono::Duration::seconds(66);
         assert!(cap_policy_expiry(m.clone(), ttl).expires_at <= limit);
         let short_lived = Mitigation {
             expires_at: Utc::now() + chrono::Duration::seconds(10),

@@ -485,7 +485,16 @@ async fn cache_ttl_caps_policy_decisions_only() {
     // So a publish retried (after a timeout, say) stores the same copy: no new delta.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let again = b.client.publish(vec![late]).await.unwrap();
-    assert_eq!((again.accepted, again.cursor), (1, first.cursor));
+    assert_eq!((again.accepted, again.cursor), (1, first.cursor.clone()));
+    // One that arrives past its cap has run its course: taken, not stored, and not
+    // turned into the end (a revocation) of its id either.
+    let mut stale = mitigation("stale", "ip:192.0.2.4", Action::Block, day);
+    stale.origin = Origin::Policy;
+    stale.created_at = Utc::now() - chrono::Duration::seconds(120);
+    let outlived = b.client.publish(vec![stale]).await.unwrap();
+    assert_eq!((outlived.accepted, outlived.cursor), (1, first.cursor));
+    let list = b.client.active(None).await.unwrap();
+    assert!(list.mitigations.iter().all(|m| m.id != "stale"), "{list:?}");
     b.stop().await;
 }
 
