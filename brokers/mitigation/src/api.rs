@@ -191,6 +191,7 @@ fn check_id(id: &str) -> Result<(), String> {
 
 fn check_mitigation(m: &Mitigation) -> Result<(), String> {
     check_id(&m.id)?;
+    m.check_times()?;
     m.action.check()
 }
 

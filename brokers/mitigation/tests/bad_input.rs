@@ -87,6 +87,15 @@ async fn unenforceable_or_ambiguous_mitigations_are_400() {
         let err = expect_error(publish(m).await, 400, "invalid_mitigation").await;
         assert!(err.message.contains(says), "{}", err.message);
     }
+    for (field, time) in [
+        ("created_at", "-0001-01-01T00:00:00Z"),
+        ("expires_at", "+10000-01-01T00:00:00Z"),
+    ] {
+        let mut m = serde_json::to_value(block("a", "ip:192.0.2.1")).unwrap();
+        m[field] = json!(time);
+        let err = expect_error(publish(m).await, 400, "invalid_mitigation").await;
+        assert!(err.message.contains(field), "{}", err.message);
+    }
     let mut m = serde_json::to_value(block("a", "ip:192.0.2.1")).unwrap();
     m["entity"] = json!("header:x-a=b\nc");
     let err = expect_error(publish(m).await, 400, "invalid_body").await;

@@ -28,6 +28,26 @@ pub enum Action {
     Log,
 }
 
+/// The years a time given to a broker or the control plane may fall in. The decision
+/// log keeps times as RFC 3339 text and compares them as text, which holds for years of
+/// four digits only; a time outside them (chrono reads `-0001-...` and `+10000-...`)
+/// would be stored in a form the log cannot read back.
+pub const TIME_YEARS: std::ops::RangeInclusive<i32> = 1970..=9999;
+
+/// Refuses a time outside [`TIME_YEARS`], naming the field.
+pub fn check_time(field: &str, t: &DateTime<Utc>) -> Result<(), String> {
+    use chrono::Datelike;
+    if TIME_YEARS.contains(&t.year()) {
+        return Ok(());
+    }
+    Err(format!(
+        "{field} {} is out of range (years {} to {})",
+        t.to_rfc3339(),
+        TIME_YEARS.start(),
+        TIME_YEARS.end()
+    ))
+}
+
 /// Highest challenge difficulty (leading zero bits): beyond it a browser needs minutes.
 pub const MAX_CHALLENGE_DIFFICULTY: u8 = 24;
 /// Longest tarpit delay a mitigation may ask for (proxies may cap it lower).
@@ -185,6 +205,12 @@ impl Mitigation {
                 .checked_add_signed(ttl)
                 .unwrap_or(DateTime::<Utc>::MAX_UTC),
         }
+    }
+
+    /// Why its times cannot be stored (see [`TIME_YEARS`]).
+    pub fn check_times(&self) -> Result<(), String> {
+        check_time("created_at", &self.created_at)?;
+        check_time("expires_at", &self.expires_at)
     }
 
     /// Is it still in force at `now`?

@@ -689,6 +689,24 @@ async fn analyze_sees_network_mitigations_published_by_others_and_enqueues() {
 }
 
 #[tokio::test]
+async fn a_broker_refusing_this_servers_setup_is_502_not_the_callers_fault() {
+    // The ingestion URL names the mitigation broker: its 404 is the server's setup.
+    let brokers = support::Brokers::start().await;
+    let dir = support::TempDir::new();
+    let cfg = support::config(&dir, &brokers.mitigation_url, &brokers.mitigation_url);
+    let s = Stack::with_config(dir, cfg, Some(brokers)).await;
+    let (status, body) = s.get("/api/v1/queue/status").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (502, &json!("broker_misconfigured")),
+        "{body}"
+    );
+    let msg = body["message"].as_str().unwrap();
+    assert!(msg.contains("check the broker token and URL"), "{msg}");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn broker_failures_are_502_with_a_clear_message() {
     let s = Stack::without_brokers().await;
     let (status, body) = s
@@ -770,6 +788,23 @@ async fn the_decision_log_is_idempotent_and_filtered() {
             .contains("ahead of this server's clock"),
         "{r}"
     );
+
+    // Times the log could not read back (it keeps four-digit years) are refused, so a
+    // bad record cannot break the reads, and the workers' revocation feed, that meet it.
+    let mut old = decision("d-old", "ip:192.0.2.9", "enforce", 0);
+    old["decided_at"] = json!("-0001-01-01T00:00:00Z");
+    let mut far = decision("d-far", "ip:192.0.2.9", "enforce", 0);
+    far["mitigation"]["expires_at"] = json!("+10000-01-01T00:00:00Z");
+    for (bad, says) in [(old, "decided_at"), (far, "expires_at")] {
+        let (status, r) = s
+            .post("/api/v1/decisions", json!({"decisions": [bad]}))
+            .await;
+        assert_eq!((status, &r["error"]), (400, &json!("invalid_body")), "{r}");
+        assert!(r["message"].as_str().unwrap().contains(says), "{r}");
+    }
+    let ancient = json!({"id": "d1", "revoked_at": "-0001-01-01T00:00:00Z", "revoked_by": "ops"});
+    let (status, r) = s.post("/api/v1/decisions/revoke", ancient).await;
+    assert_eq!((status, &r["error"]), (400, &json!("invalid_body")), "{r}");
 
     let ids = |v: &Value| -> Vec<String> {
         v["decisions"]

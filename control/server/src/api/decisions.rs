@@ -9,7 +9,7 @@ use chrono::Utc;
 use esper_common::http::Query;
 use esper_common::{ApiError, Json};
 use esper_protocol::decision_log::MAX_REVOCATION_PAGE;
-use esper_protocol::mitigation::RevokeResponse;
+use esper_protocol::mitigation::{RevokeResponse, check_time};
 use esper_protocol::{
     DecisionBatch, DecisionMode, DecisionRevoke, EntityKey, PageMark, RevocationMark,
     RevokedDecisions,
@@ -50,6 +50,13 @@ pub async fn record(
             "invalid_body",
             format!("a decision for {} has an empty id", d.mitigation.entity),
         ));
+    }
+    for d in &batch.decisions {
+        check_time("decided_at", &d.decided_at)
+            .and_then(|()| d.mitigation.check_times())
+            .map_err(|e| {
+                ApiError::bad_request("invalid_body", format!("decision `{}`: {e}", d.id))
+            })?;
     }
     // The log lists newest first: one dated in the far future would head it for ever.
     let latest = Utc::now() + chrono::Duration::from_std(MAX_CLOCK_AHEAD).unwrap_or_default();
@@ -195,6 +202,8 @@ pub async fn revoke(
             format!("revoked_by must be 1 to {MAX_REVOKED_BY} characters"),
         ));
     }
+    check_time("revoked_at", &req.revoked_at)
+        .map_err(|e| ApiError::bad_request("invalid_body", e))?;
     // A revocation cannot be dated in the future: it would mark decisions made later.
     let at = req.revoked_at.min(Utc::now());
     let marked = state

@@ -177,8 +177,9 @@ pub(crate) fn store_error(state: &AppState, e: StoreError) -> ApiError {
     }
 }
 
-/// A broker failure: 502 `broker_unavailable` when it cannot be reached or fails, 503
-/// when it pushes back, 400 when it refused our request.
+/// A broker failure: 502 `broker_unavailable` when it cannot be reached or fails, 502
+/// `broker_misconfigured` when it refuses this server's token or URL (401, 403, 404), 503
+/// when it pushes back, 400 when it refused the request.
 pub(crate) fn broker_error(state: &AppState, broker: &str, url: &str, e: ClientError) -> ApiError {
     state
         .metrics
@@ -198,6 +199,19 @@ pub(crate) fn broker_error(state: &AppState, broker: &str, url: &str, e: ClientE
             code: "broker_busy",
             message: format!("the {broker} broker refused the request ({code}); retry later"),
             retry_after: retry_after.map(|d| d.as_secs().max(1)),
+        },
+        // The broker refusing this server's token or URL is this server's setup, not
+        // the caller's request.
+        ref refused @ ClientError::Api {
+            ref code,
+            ref message,
+            ..
+        } if refused.is_setup_refusal() => ApiError::BadGateway {
+            code: "broker_misconfigured",
+            message: format!(
+                "the {broker} broker at {url} refused this server ({code}: {message}); \
+                 check the broker token and URL in the server's configuration"
+            ),
         },
         ClientError::Api {
             status,
