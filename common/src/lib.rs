@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod plain;
 pub mod service;
 pub mod shutdown;
+pub mod stdout;
 pub mod telemetry;
 pub mod tls;
 

@@ -477,17 +477,17 @@ fn server_config(
 async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitCode> {
     match cmd {
         ServerCommand::Config => {
-            print!("{}", esper_control::Config::template());
+            esper_common::stdout::write(esper_control::Config::template())?;
             Ok(ExitCode::SUCCESS)
         }
         ServerCommand::Migrate(args) => {
             let cfg = server_config(&args, file)?;
             let applied = esper_control::migrate(&cfg).await?;
             if applied.is_empty() {
-                println!("database is up to date");
+                esper_common::stdout::line("database is up to date")?;
             }
             for m in applied {
-                println!("applied {m}");
+                esper_common::stdout::line(&format!("applied {m}"))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -513,7 +513,7 @@ async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
 async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitCode> {
     match cmd {
         WorkerCommand::Config => {
-            print!("{}", esper_engine::Config::template());
+            esper_common::stdout::write(esper_engine::Config::template())?;
             Ok(ExitCode::SUCCESS)
         }
         WorkerCommand::Status(args) => ops::worker_status(args).await,
@@ -567,9 +567,9 @@ async fn broker(cmd: BrokerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
     match cmd {
         BrokerCommand::Config { kind } => {
             if kind == "ingestion" {
-                print!("{}", esper_ingestion::Config::template());
+                esper_common::stdout::write(esper_ingestion::Config::template())?;
             } else {
-                print!("{}", esper_mitigation::Config::template());
+                esper_common::stdout::write(esper_mitigation::Config::template())?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -619,7 +619,7 @@ async fn broker(cmd: BrokerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
 async fn proxy(cmd: ProxyCommand, file: Option<&Path>) -> anyhow::Result<ExitCode> {
     match cmd {
         ProxyCommand::Config => {
-            print!("{}", esper_proxy::Config::template());
+            esper_common::stdout::write(esper_proxy::Config::template())?;
             Ok(ExitCode::SUCCESS)
         }
         ProxyCommand::Run(args) => {

@@ -491,3 +491,24 @@ fn every_service_template_loads_and_validates() {
     proxy.validate().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A reader that stops reading (`esper proxy config | head -1`) ends the output quietly:
+/// no panic, and the command's own exit status.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::process::{Command, Stdio};
+    for args in [["proxy", "config"], ["server", "config"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_esper"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the child has started, so its first write meets no reader.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

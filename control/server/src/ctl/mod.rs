@@ -323,16 +323,17 @@ impl Ctx {
         text: String,
         human: impl FnOnce(serde_json::Value) -> Result<String, CtlError>,
     ) -> Result<(), CtlError> {
-        if self.json {
-            println!("{}", text.trim_end());
-            return Ok(());
-        }
-        let v = serde_json::from_str(&text).map_err(|e| CtlError::Decode {
-            url: self.client.server().to_string(),
-            message: e.to_string(),
-        })?;
-        print!("{}", human(v)?);
-        Ok(())
+        let shown = if self.json {
+            format!("{}\n", text.trim_end())
+        } else {
+            let v = serde_json::from_str(&text).map_err(|e| CtlError::Decode {
+                url: self.client.server().to_string(),
+                message: e.to_string(),
+            })?;
+            human(v)?
+        };
+        esper_common::stdout::write(&shown)
+            .map_err(|e| CtlError::Input(format!("cannot write the output: {e}")))
     }
 }
 
