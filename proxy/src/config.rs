@@ -664,6 +664,23 @@ impl Config {
                 format!("must not exceed buffer ({})", self.buffer),
             ));
         }
+        // Timers are set as now + the duration; one past any sensible setting could
+        // overflow the clock and stop the proxy mid-run.
+        for (option, d) in [
+            ("flush_interval", self.flush_interval),
+            ("stream_wait", self.stream_wait),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("drain_timeout", self.drain_timeout),
+            ("tarpit_max", self.tarpit_max),
+            ("upstream_connect_timeout", self.upstream_connect_timeout),
+            ("upstream_idle_timeout", self.upstream_idle_timeout),
+            ("upstream_resolve_interval", self.upstream_resolve_interval),
+            ("challenge_ttl", self.challenge_ttl),
+            ("challenge_fallback_delay", self.challenge_fallback_delay),
+            ("tls_reload_interval", self.tls_reload_interval),
+        ] {
+            at_most_a_year(option, d)?;
+        }
         nonzero("flush_interval", self.flush_interval)?;
         nonzero("stream_wait", self.stream_wait)?;
         nonzero("heartbeat_interval", self.heartbeat_interval)?;
@@ -814,6 +831,7 @@ impl Config {
                 ));
             }
             nonzero(&at("health_check_interval"), app.health_check_interval)?;
+            at_most_a_year(&at("health_check_interval"), app.health_check_interval)?;
             if let Some(rate) = app.sample_rate
                 && !(rate > 0.0 && rate <= 1.0)
             {
@@ -931,6 +949,20 @@ fn nonzero(option: &str, d: Duration) -> Result<(), ConfigError> {
             option,
             humantime_serde::re::humantime::format_duration(d),
             "must be longer than 0",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn at_most_a_year(option: &str, d: Duration) -> Result<(), ConfigError> {
+    if d > MAX_DURATION {
+        Err(ConfigError::invalid(
+            option,
+            humantime_serde::re::humantime::format_duration(d),
+            "must be at most 365 days",
         ))
     } else {
         Ok(())
@@ -1359,6 +1391,13 @@ mod tests {
                     ..base.clone()
                 },
                 "invalid challenge_fallback_delay = `0s`",
+            ),
+            (
+                Config {
+                    flush_interval: Duration::from_secs(1000 * 365 * 24 * 3600),
+                    ..base.clone()
+                },
+                "invalid flush_interval = `999years 3months 23days 22h 19m 12s`: must be at most 365 days",
             ),
         ];
         for (cfg, expected) in cases {

@@ -154,7 +154,10 @@ pub async fn stop_server(
         .await?;
     let started = Instant::now();
     accepted(client.server(), answer.timeout_secs);
-    let deadline = started + Duration::from_secs(answer.timeout_secs) + STOP_GRACE;
+    // The server's answer, so no sum is trusted not to overflow.
+    let deadline = started
+        .checked_add(Duration::from_secs(answer.timeout_secs).saturating_add(STOP_GRACE))
+        .unwrap_or(started + Duration::from_secs(365 * 24 * 3600));
     let stopped = wait_until_silent(&args.api, deadline).await;
     Ok(StopOutcome {
         server: client.server().to_string(),
