@@ -14,7 +14,8 @@ use esper_engine::eval::state::{
 };
 use esper_engine::eval::window::WindowParams;
 use esper_engine::eval::{
-    MemoryState, PostgresState, PostgresStateConfig, RedisState, RedisStateConfig, StateClock,
+    MemoryState, PostgresState, PostgresStateConfig, Reading, RedisState, RedisStateConfig,
+    StateClock,
 };
 use support::postgres as pg;
 use support::redis_server;
@@ -678,18 +679,21 @@ fn two_minutes_behind() -> chrono::DateTime<chrono::Utc> {
 async fn workers_count_time_by_the_shared_states_clock(b: &Backend) {
     let s = b.state().await;
     let clock = StateClock::with_host_clock(two_minutes_behind);
-    let synced = clock.sync(&*s).await.unwrap();
+    let reading = clock.sync(&*s).await.unwrap();
     let lag = chrono::Utc::now() - clock.now();
     let shared = !matches!(b, Backend::memory);
     if shared {
         // Generous: the reading is taken to the middle of a loopback round trip.
-        let offset = synced.unwrap();
+        let Reading::Offset(offset) = reading else {
+            panic!("{reading:?}")
+        };
         assert!((offset - 120_000).abs() < 2_000, "{offset}");
         assert!(lag.num_milliseconds().abs() < 2_000, "{lag}");
     } else {
         assert_eq!(
-            synced, None,
-            "a state of one process has no clock of its own"
+            reading,
+            Reading::Local,
+            "a state of one process has no clock"
         );
         assert!(lag > chrono::Duration::seconds(110), "{lag}");
     }

@@ -31,7 +31,7 @@ use esper_protocol::{
 };
 use prometheus::{CounterVec, IntCounter, IntCounterVec, Opts, Registry};
 
-pub use clock::StateClock;
+pub use clock::{Reading, StateClock};
 pub use compile::{CompiledPolicy, PolicySet, policy_key};
 
 use crate::policy::AggregateSpec;
@@ -39,7 +39,7 @@ pub use memory::MemoryState;
 pub use postgres::{PostgresState, PostgresStateConfig};
 pub use redis::{RedisState, RedisStateConfig};
 pub use state::{
-    Claim, LogAppend, Logged, PolicyKey, Receipt, StateBackend, StateError, StateStats,
+    Claim, LogAppend, Logged, PolicyKey, Receipt, StateBackend, StateError, StateStats, StoreTime,
 };
 
 use state::{BatchInput, BatchPolicy, EventHits, Hit, Revoked};

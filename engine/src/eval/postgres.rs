@@ -32,7 +32,7 @@ use super::memory::scratch::{Scratch, UndoRecord};
 use super::redis::policy_key;
 use super::state::{
     BatchInput, BatchOutcome, Claim, CleanupReport, DecisionState, LogAppend, Logged, PolicyKey,
-    Receipt, Revoked, SeqProgress, StateBackend, StateError, StateStats, Undo,
+    Receipt, Revoked, SeqProgress, StateBackend, StateError, StateStats, StoreTime, Undo,
 };
 
 /// The layout version of this backend's tables.
@@ -1122,14 +1122,19 @@ impl StateBackend for PostgresState {
         "postgres"
     }
 
-    async fn clock_ms(&self) -> Result<Option<i64>, StateError> {
+    async fn clock(&self) -> Result<Option<StoreTime>, StateError> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let sent = std::time::Instant::now();
         // clock_timestamp(), not now(): the latter is the transaction's start.
-        let ms: i64 =
-            sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(db)?;
-        Ok(Some(ms))
+        let ms: i64 = sqlx::query_scalar(&format!("SELECT {NOW_MS}"))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
+        Ok(Some(StoreTime {
+            ms,
+            sent,
+            received: std::time::Instant::now(),
+        }))
     }
 
     async fn apply(&self, batch: &BatchInput, now_ms: i64) -> Result<BatchOutcome, StateError> {

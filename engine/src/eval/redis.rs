@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::state::{
     BatchInput, BatchOutcome, Claim, CleanupReport, Crossing, LogAppend, Logged, PolicyKey,
-    Receipt, Revoked, StateBackend, StateError, StateStats,
+    Receipt, Revoked, StateBackend, StateError, StateStats, StoreTime,
 };
 use super::window::DISTINCT_CAP;
 
@@ -303,12 +303,18 @@ impl StateBackend for RedisState {
         "redis"
     }
 
-    async fn clock_ms(&self) -> Result<Option<i64>, StateError> {
+    async fn clock(&self) -> Result<Option<StoreTime>, StateError> {
+        let mut conn = self.conn.clone();
+        let sent = std::time::Instant::now();
         let (secs, micros): (i64, i64) = redis::cmd("TIME")
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(Some(secs * 1000 + micros / 1000))
+        Ok(Some(StoreTime {
+            ms: secs * 1000 + micros / 1000,
+            sent,
+            received: std::time::Instant::now(),
+        }))
     }
 
     async fn apply(&self, batch: &BatchInput, now_ms: i64) -> Result<BatchOutcome, StateError> {

@@ -467,6 +467,15 @@ pub struct Logged {
 }
 
 /// Why the state could not be read or written.
+/// The store's clock, epoch milliseconds, read between `sent` and `received` (timed
+/// around the query alone, not the wait for a connection).
+#[derive(Clone, Copy, Debug)]
+pub struct StoreTime {
+    pub ms: i64,
+    pub sent: std::time::Instant,
+    pub received: std::time::Instant,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state backend unavailable: {0}")]
@@ -479,10 +488,10 @@ pub trait StateBackend: Send + Sync + 'static {
     /// `memory`, `redis`, ...
     fn name(&self) -> &'static str;
 
-    /// The store's own clock, epoch milliseconds, when workers on other hosts may share
-    /// this state: they then all count time by it (windows, cooldowns, leases), whatever
+    /// A reading of the store's own clock, when workers on other hosts may share this
+    /// state: they then all count time by it (windows, cooldowns, leases), whatever
     /// their own clocks say. `None` for a state held by this process alone.
-    async fn clock_ms(&self) -> Result<Option<i64>, StateError> {
+    async fn clock(&self) -> Result<Option<StoreTime>, StateError> {
         Ok(None)
     }
 

@@ -35,8 +35,8 @@ pub use memory::{ByteSize, resident_bytes};
 pub use policies::{PolicyFileError, read_policy_file};
 
 use crate::eval::{
-    Evaluator, MemoryState, PostgresState, PostgresStateConfig, RedisState, RedisStateConfig,
-    StateBackend, StateError,
+    Evaluator, MemoryState, PostgresState, PostgresStateConfig, Reading, RedisState,
+    RedisStateConfig, StateBackend, StateError,
 };
 use control::DecisionLog;
 use policies::{Follower, PolicyHandle, Source};
@@ -121,7 +121,7 @@ pub async fn run(
     let status = Arc::new(Status::default());
     let state = open_state(&config).await?;
     let evaluator = Evaluator::new(state.clone(), &worker_id, &registry);
-    sync_clock(&evaluator, &metrics).await;
+    let warned = sync_clock(&evaluator, &metrics, None).await;
     let handle = Arc::new(PolicyHandle::default());
     let pool = config.connection_pool_size as usize;
     let control = match (&config.control_url, &config.ca_cert) {
@@ -250,6 +250,7 @@ pub async fn run(
     background.spawn(clock_loop(
         evaluator.clone(),
         metrics.clone(),
+        warned,
         shutdown.clone(),
     ));
     if let Some(guard) = &memory {
@@ -352,36 +353,57 @@ async fn cleanup_loop(evaluator: Evaluator, metrics: Metrics, every: Duration, s
     }
 }
 
-/// Reads the shared state's clock again every [`CLOCK_SYNC_INTERVAL`]: a host's clock
-/// drifts, or is stepped, while the worker runs.
-async fn clock_loop(evaluator: Evaluator, metrics: Metrics, shutdown: Shutdown) {
+/// Reads the shared state's clock again every [`CLOCK_SYNC_INTERVAL`]: clocks drift, or
+/// are stepped, while the worker runs.
+async fn clock_loop(
+    evaluator: Evaluator,
+    metrics: Metrics,
+    mut warned: Option<i64>,
+    shutdown: Shutdown,
+) {
     while !shutdown.sleep(CLOCK_SYNC_INTERVAL).await {
-        sync_clock(&evaluator, &metrics).await;
+        warned = sync_clock(&evaluator, &metrics, warned).await;
     }
 }
 
-/// Past this, the host's clock is said to be off (the worker keeps working by the
-/// store's clock; the host's should still be fixed, since proxies stamp events by theirs).
+/// An offset past this is logged: the worker keeps to the store's clock, but one of the
+/// two hosts is off, and both matter (proxies and brokers judge the decisions' times by
+/// their own clocks, which the store's should match).
 const CLOCK_WARN_MS: i64 = 1_000;
 
-async fn sync_clock(evaluator: &Evaluator, metrics: &Metrics) {
-    let before = evaluator.clock().offset_ms();
+/// Reads the store's clock; returns the offset last warned about, so a warning is given
+/// when the offset first passes the bound and again when it has moved by as much since,
+/// not at every reading.
+async fn sync_clock(evaluator: &Evaluator, metrics: &Metrics, warned: Option<i64>) -> Option<i64> {
     match evaluator.clock().sync(evaluator.state().as_ref()).await {
-        Ok(Some(offset)) => {
+        Ok(Reading::Offset(offset)) => {
             metrics.clock_offset.set(offset as f64 / 1000.0);
-            // Said when the offset first passes the bound, and again when it moves by as
-            // much, not at every reading.
-            if offset.abs() >= CLOCK_WARN_MS && (offset - before).abs() >= CLOCK_WARN_MS {
-                tracing::warn!(
-                    offset_ms = offset,
-                    state_backend = evaluator.state().name(),
-                    "this host's clock differs from the shared state's; \
-                     evaluating by the state's clock"
-                );
+            if offset.abs() < CLOCK_WARN_MS {
+                return None;
             }
+            if warned.is_some_and(|w| (offset - w).abs() < CLOCK_WARN_MS) {
+                return warned;
+            }
+            tracing::warn!(
+                offset_ms = offset,
+                state_backend = evaluator.state().name(),
+                "this host's clock and the shared state's disagree; evaluating by the \
+                 state's (check time sync on both hosts)"
+            );
+            Some(offset)
         }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot read the shared state's clock"),
+        Ok(Reading::Local) => None,
+        Ok(Reading::Slow(round_trip)) => {
+            tracing::debug!(
+                ?round_trip,
+                "the shared state's clock answered too slowly to use"
+            );
+            warned
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the shared state's clock");
+            warned
+        }
     }
 }
 
