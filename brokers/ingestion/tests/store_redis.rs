@@ -46,6 +46,53 @@ async fn many_lapsed_leases_go_out_before_new_items_from_redis() {
 }
 
 #[tokio::test]
+async fn an_event_this_broker_cannot_read_is_skipped_not_the_whole_claim() {
+    use esper_ingestion::QueueStore;
+    use esper_ingestion::store::ClaimSpec;
+    let url = shared().url();
+    let prefix = unique_prefix("unreadable");
+    let store = RedisQueue::open(&url, &prefix, 100, 2).await.unwrap();
+    store.enqueue(events("a", 1)).await.unwrap();
+    // An item as another version of the broker might have written it.
+    let mut raw = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{{{prefix}}}:ingest:stream"))
+        .arg("*")
+        .arg("e")
+        .arg(r#"{"a_field_from_elsewhere":1}"#)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    store.enqueue(events("b", 1)).await.unwrap();
+    let claim = ClaimSpec {
+        consumer: "w1".into(),
+        max: 10,
+        lease: Duration::from_millis(50),
+        wait: Duration::ZERO,
+        linger: Duration::ZERO,
+    };
+    let got = store.claim(&claim).await.unwrap();
+    let tags: Vec<String> = got.iter().map(|i| tag(&i.event)).collect();
+    assert_eq!(tags, ["a0", "b0"]);
+    assert_eq!(store.items(None, 10).await.unwrap().len(), 2);
+    let ids: Vec<String> = got.iter().map(|i| i.item_id.clone()).collect();
+    assert_eq!(store.ack("w1", &ids).await.unwrap(), 2);
+    // The unreadable one lapses and is offered again, then goes to the dead letters
+    // after its attempts, where it stays for whoever can read it.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(store.claim(&claim).await.unwrap().is_empty());
+    }
+    let s = store.status().await.unwrap();
+    assert_eq!((s.depth, s.leased, s.dead_letter), (0, 0, 1), "{s:?}");
+    store.purge().await.unwrap();
+}
+
+#[tokio::test]
 async fn no_item_is_handed_out_past_its_attempts_however_many_leases_ran_out() {
     use esper_ingestion::QueueStore;
     use esper_ingestion::store::ClaimSpec;

@@ -472,6 +472,10 @@ fn event(raw: &str) -> Result<RequestEvent, StoreError> {
     decode(raw)
 }
 
+fn unreadable(item_id: &str, e: &StoreError) {
+    tracing::warn!(item_id, error = %e, "a queued event this broker cannot read was skipped");
+}
+
 impl RawItem {
     fn into_info(self) -> Result<ItemInfo, StoreError> {
         let state = match self.state.as_str() {
@@ -570,14 +574,22 @@ impl RedisQueue {
         let items = reply
             .items
             .into_iter()
-            .map(|raw| {
-                Ok(ClaimedItem {
-                    event: event(&raw.e)?,
+            .filter_map(|raw| match event(&raw.e) {
+                Ok(event) => Some(ClaimedItem {
+                    event,
                     attempts: raw.attempts,
                     item_id: raw.id,
-                })
+                }),
+                Err(e) => {
+                    // Written by another version of the broker sharing this Redis, say.
+                    // Failing the claim would cost the readable items of the batch their
+                    // attempts; left leased, this one lapses and goes to another claim
+                    // (an instance that can read it), or to the dead letters.
+                    unreadable(&raw.id, &e);
+                    None
+                }
             })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+            .collect();
         Ok(Ok(items))
     }
 }
@@ -730,11 +742,14 @@ impl QueueStore for RedisQueue {
             .run(&self.scripts.items, &[which.to_string(), limit.to_string()])
             .await?;
         let reply: ItemsReply = decode(&text)?;
-        let mut items = reply
+        let mut items: Vec<ItemInfo> = reply
             .items
             .into_iter()
-            .map(RawItem::into_info)
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|raw| {
+                let id = raw.id.clone();
+                raw.into_info().map_err(|e| unreadable(&id, &e)).ok()
+            })
+            .collect();
         items.sort_by_key(|i| stream_id(&i.item_id));
         items.truncate(limit);
         Ok(items)
