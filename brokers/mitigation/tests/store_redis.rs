@@ -36,6 +36,39 @@ async fn redis_store_passes_the_store_suite() {
 }
 
 #[tokio::test]
+async fn a_stored_mitigation_this_broker_cannot_read_is_skipped() {
+    let prefix = unique_prefix("unreadable");
+    let url = shared().url();
+    let b = TestBroker::start(redis_config(&url, &prefix)).await;
+    b.client
+        .publish(vec![block("a", "ip:192.0.2.1"), block("b", "ip:192.0.2.2")])
+        .await
+        .unwrap();
+    // "b" as another version of the broker might have written it.
+    let mut raw = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("HSET")
+        .arg(format!("{{{prefix}}}:mit:by_id"))
+        .arg("b")
+        .arg(r#"{"id":"b","a_field_from_elsewhere":1}"#)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let active = b.client.active(None).await.unwrap();
+    let ids: Vec<&str> = active.mitigations.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["a"]);
+    let snapshot = b.client.stream(None, Duration::ZERO).await.unwrap();
+    assert!(snapshot.snapshot);
+    assert_eq!(snapshot.changes.len(), 1, "{:?}", snapshot.changes);
+    let key: EntityKey = "ip:192.0.2.2".parse().unwrap();
+    assert!(b.client.entity(&key).await.unwrap().mitigations.is_empty());
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn two_brokers_over_one_redis_see_each_others_writes() {
     let prefix = unique_prefix("two");
     let url = shared().url();

@@ -535,8 +535,28 @@ fn garbled_outbox(what: String) -> StoreError {
     garbled(&what)
 }
 
-fn decode(json: &str) -> Result<Mitigation, StoreError> {
-    serde_json::from_str(json).map_err(|e| garbled(&format!("a stored mitigation: {e}")))
+/// A stored mitigation, or `None` for one this broker cannot read (written by another
+/// version sharing the Redis, say): skipped, so that one record does not fail every
+/// list, lookup and stream page until it expires. Logged at most once a minute.
+fn decode(json: &str) -> Option<Mitigation> {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_WARNED: AtomicI64 = AtomicI64::new(0);
+    match serde_json::from_str(json) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            let now = Utc::now().timestamp();
+            let last = LAST_WARNED.load(Ordering::Relaxed);
+            if now - last >= 60
+                && LAST_WARNED
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let shown: String = json.chars().take(200).collect();
+                tracing::warn!(error = %e, record = %shown, "skipped a stored mitigation this broker cannot read");
+            }
+            None
+        }
+    }
 }
 
 fn count(part: Option<String>, what: &str) -> Result<usize, StoreError> {
@@ -720,7 +740,7 @@ impl RedisMitigations {
         let raw: Vec<String> = self.shared.run(script, extra).await?;
         let mut out = Vec::with_capacity(raw.len());
         for json in raw {
-            let m = decode(&json)?;
+            let Some(m) = decode(&json) else { continue };
             if m.is_active(now) {
                 out.push(m);
             }
@@ -760,7 +780,7 @@ impl RedisMitigations {
         let mut changes = Vec::new();
         for part in parts {
             if let Some(json) = part.strip_prefix('u') {
-                let m = decode(json)?;
+                let Some(m) = decode(json) else { continue };
                 // A snapshot holds what is active now; a delta replays what happened.
                 if !snapshot || m.is_active(now) {
                     changes.push(Change::Upsert { mitigation: m });
