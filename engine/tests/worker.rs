@@ -290,3 +290,62 @@ async fn a_bad_policy_file_is_a_start_up_error() {
         "invalid concurrency = `0`: must be between 1 and 1024"
     );
 }
+
+/// The state component of `/readyz` for the worker at `ops`: (ready, healthy, detail).
+async fn state_readiness(ops: &str) -> (u16, bool, String) {
+    let ready = reqwest::get(format!("{ops}/readyz")).await.unwrap();
+    let status = ready.status().as_u16();
+    let body: serde_json::Value = ready.json().await.unwrap();
+    let state = body["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "state")
+        .unwrap()
+        .clone();
+    (
+        status,
+        state["healthy"] == true,
+        state["detail"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Every batch fails while a shared state is down, so the worker is not ready then; it
+/// is again once the state answers and the batches go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn it_is_not_ready_while_its_shared_state_is_down() {
+    let mut redis = redis_server::RedisServer::start();
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("state-down");
+    let policies = dir.write("policies.toml", LOGIN_POLICY);
+    let worker = worker(esper_engine::worker::Config {
+        state_backend: esper_engine::worker::StateBackendKind::Redis,
+        state_redis_url: redis.url(),
+        state_key_prefix: redis_server::unique_prefix("ready").replace('-', "_"),
+        ..worker_config(&ing.url(), &mit.url(), policies)
+    })
+    .await;
+    let ops = worker.url();
+    let (ingest, _) = clients(&ing.url(), &mit.url());
+    ingest.ingest(logins("127.0.0.2", 2)).await.unwrap();
+    drained(&ingest, Duration::from_secs(10)).await;
+    assert_eq!(state_readiness(&ops).await.0, 200);
+
+    redis.stop();
+    ingest.ingest(logins("127.0.0.3", 2)).await.unwrap();
+    let detail = eventually(Duration::from_secs(10), "an unready state", || async {
+        let (status, healthy, detail) = state_readiness(&ops).await;
+        (status == 503 && !healthy).then_some(detail)
+    })
+    .await;
+    assert!(detail.contains("Redis"), "{detail}");
+
+    redis.restart();
+    drained(&ingest, Duration::from_secs(20)).await;
+    let (status, healthy, _) = state_readiness(&ops).await;
+    assert_eq!((status, healthy), (200, true));
+    worker.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}

@@ -121,7 +121,7 @@ pub async fn run(
     let status = Arc::new(Status::default());
     let state = open_state(&config).await?;
     let evaluator = Evaluator::new(state.clone(), &worker_id, &registry);
-    let warned = sync_clock(&evaluator, &metrics, None).await;
+    let warned = sync_clock(&evaluator, &metrics, &status, None).await;
     let handle = Arc::new(PolicyHandle::default());
     let pool = config.connection_pool_size as usize;
     let control = match (&config.control_url, &config.ca_cert) {
@@ -244,12 +244,14 @@ pub async fn run(
     background.spawn(cleanup_loop(
         evaluator.clone(),
         metrics.clone(),
+        status.clone(),
         config.state_cleanup_interval,
         shutdown.clone(),
     ));
     background.spawn(clock_loop(
         evaluator.clone(),
         metrics.clone(),
+        status.clone(),
         warned,
         shutdown.clone(),
     ));
@@ -332,12 +334,19 @@ pub async fn run(
 }
 
 /// Removes idle entities and expired event ids every `every`.
-async fn cleanup_loop(evaluator: Evaluator, metrics: Metrics, every: Duration, shutdown: Shutdown) {
+async fn cleanup_loop(
+    evaluator: Evaluator,
+    metrics: Metrics,
+    status: Arc<Status>,
+    every: Duration,
+    shutdown: Shutdown,
+) {
     let state = evaluator.state();
     while !shutdown.sleep(every).await {
         let now = evaluator.clock().now().timestamp_millis();
         match state.cleanup(now).await {
             Ok(r) => {
+                status.state.ok();
                 metrics
                     .state_cleaned
                     .inc_by((r.entities + r.event_ids) as u64);
@@ -347,7 +356,10 @@ async fn cleanup_loop(evaluator: Evaluator, metrics: Metrics, every: Duration, s
                     "state cleaned"
                 );
             }
-            Err(e) => tracing::warn!(error = %e, "state cleanup failed"),
+            Err(e) => {
+                status.state.failed(&e);
+                tracing::warn!(error = %e, "state cleanup failed");
+            }
         }
         metrics.observe_state(state.as_ref());
     }
@@ -358,11 +370,12 @@ async fn cleanup_loop(evaluator: Evaluator, metrics: Metrics, every: Duration, s
 async fn clock_loop(
     evaluator: Evaluator,
     metrics: Metrics,
+    status: Arc<Status>,
     mut warned: Option<i64>,
     shutdown: Shutdown,
 ) {
     while !shutdown.sleep(CLOCK_SYNC_INTERVAL).await {
-        warned = sync_clock(&evaluator, &metrics, warned).await;
+        warned = sync_clock(&evaluator, &metrics, &status, warned).await;
     }
 }
 
@@ -374,8 +387,19 @@ const CLOCK_WARN_MS: i64 = 1_000;
 /// Reads the store's clock; returns the offset last warned about, so a warning is given
 /// when the offset first passes the bound and again when it has moved by as much since,
 /// not at every reading.
-async fn sync_clock(evaluator: &Evaluator, metrics: &Metrics, warned: Option<i64>) -> Option<i64> {
-    match evaluator.clock().sync(evaluator.state().as_ref()).await {
+async fn sync_clock(
+    evaluator: &Evaluator,
+    metrics: &Metrics,
+    status: &Status,
+    warned: Option<i64>,
+) -> Option<i64> {
+    let reading = evaluator.clock().sync(evaluator.state().as_ref()).await;
+    // The reading doubles as a check of the shared state while no batches come.
+    match &reading {
+        Ok(_) => status.state.ok(),
+        Err(e) => status.state.failed(e),
+    }
+    match reading {
         Ok(Reading::Offset(offset)) => {
             metrics.clock_offset.set(offset as f64 / 1000.0);
             if offset.abs() < CLOCK_WARN_MS {

@@ -163,8 +163,12 @@ async fn process(
         .evaluation_duration
         .observe(timer.elapsed().as_secs_f64());
     let eval = match evaluated {
-        Ok(Ok(eval)) => eval,
+        Ok(Ok(eval)) => {
+            shared.status.state.ok();
+            eval
+        }
         Ok(Err(e)) => {
+            shared.status.state.failed(&e);
             shared
                 .metrics
                 .evaluation_failures

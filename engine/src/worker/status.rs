@@ -203,6 +203,11 @@ impl Link {
         *self.last_error.lock() = Some(error.to_string());
     }
 
+    /// The last call's error, if it failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().clone()
+    }
+
     /// Healthy when the last call worked and was at most `fresh` ago.
     fn health(&self, name: &str, required: bool, fresh: Option<Duration>) -> ComponentHealth {
         if self.tried.load(Ordering::Relaxed) == 0 {
@@ -232,6 +237,8 @@ pub(crate) struct Status {
     pub ingestion: Link,
     pub mitigation: Link,
     pub control: Link,
+    /// The state backend, as batches, cleanups and clock readings find it.
+    pub state: Link,
     /// Nanoseconds the loops spent working (not waiting on claims).
     pub busy_ns: AtomicU64,
     pub events_total: AtomicU64,
@@ -268,17 +275,21 @@ impl esper_common::health::HealthCheck for WorkerHealth {
                 .ingestion
                 .health("ingestion", true, Some(self.claim_fresh)),
             self.status.mitigation.health("mitigation", true, None),
-            ComponentHealth::new(
-                "state",
-                true,
-                true,
-                format!(
-                    "{}: {} entities, {} event ids",
-                    self.state.name(),
-                    stats.entities,
-                    stats.event_ids
+            match self.status.state.last_error() {
+                // Every batch fails while the state is down: not ready.
+                Some(e) => ComponentHealth::new("state", false, true, e),
+                None => ComponentHealth::new(
+                    "state",
+                    true,
+                    true,
+                    format!(
+                        "{}: {} entities, {} event ids",
+                        self.state.name(),
+                        stats.entities,
+                        stats.event_ids
+                    ),
                 ),
-            ),
+            },
         ];
         if self.has_control {
             components.push(self.status.control.health("control", false, None));
