@@ -388,7 +388,7 @@ pub struct Config {
     /// Address of the TLS listener, opened when `tls_certificates` is not empty
     /// (`ESPER_PROXY_TLS_LISTEN`, `--tls-listen`).
     pub tls_listen: SocketAddr,
-    /// Certificates, chosen by SNI (`ESPER_TLS_CERT` and `ESPER_TLS_KEY` add one default
+    /// Certificates, chosen by SNI (`ESPER_PROXY_TLS_CERT` and `ESPER_PROXY_TLS_KEY` add one default
     /// certificate; `--tls-cert`, `--tls-key`).
     pub tls_certificates: Vec<CertConfig>,
     /// Interval between checks of the certificate files; changed files are loaded, and
@@ -516,7 +516,10 @@ impl Config {
             &["ESPER_PROXY_FOLLOW_CONFIG"],
             &mut self.follow_control_config,
         )?;
-        vars.string_opt(&["ESPER_BROKER_TOKEN"], &mut self.broker_token);
+        vars.string_opt(
+            &["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"],
+            &mut self.broker_token,
+        );
         vars.string_opt(&["ESPER_TOKEN"], &mut self.control_token);
         vars.parse(&["ESPER_PROXY_BATCH_SIZE"], &mut self.batch_size)?;
         vars.duration(
@@ -595,8 +598,8 @@ impl Config {
         )?;
         vars.parse(&["ESPER_PROXY_TLS_LISTEN"], &mut self.tls_listen)?;
         let (mut cert, mut key) = (None, None);
-        vars.string_opt(&["ESPER_TLS_CERT"], &mut cert);
-        vars.string_opt(&["ESPER_TLS_KEY"], &mut key);
+        vars.string_opt(&["ESPER_PROXY_TLS_CERT"], &mut cert);
+        vars.string_opt(&["ESPER_PROXY_TLS_KEY"], &mut key);
         self.add_default_cert(cert, key);
         vars.duration(
             &["ESPER_TLS_RELOAD_INTERVAL"],

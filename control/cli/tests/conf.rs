@@ -424,12 +424,24 @@ fn every_example_policy_parses_and_ids_are_unique() {
 
 /// Loads a template the way an operator uses it: `esper X config > file`, then
 /// `esper X run --config file`.
-fn template<C: DeserializeOwned + Default + PartialEq + std::fmt::Debug>(
+fn template<C: DeserializeOwned + serde::Serialize + Default + PartialEq + std::fmt::Debug>(
     dir: &Path,
     section: &str,
     text: &str,
     apply_env: fn(&mut C, &Vars<'_>) -> Result<(), ConfigError>,
 ) -> C {
+    // Every option with a default is shown (set, or commented out with an example).
+    let defaults = serde_json::to_value(C::default()).unwrap();
+    for (option, value) in defaults.as_object().unwrap() {
+        let shown = text.lines().any(|l| {
+            l.trim_start_matches("# ")
+                .starts_with(&format!("{option} ="))
+        });
+        assert!(
+            shown || value.is_null(),
+            "{section}: the template does not show `{option}`"
+        );
+    }
     let file = dir.join(format!("{section}.toml"));
     std::fs::write(&file, text).unwrap();
     let c: C = load_section(Some(&file), Some(section), &no_env(), apply_env)

@@ -189,7 +189,10 @@ impl Config {
         vars.bool(&["ESPER_MIGRATE"], &mut self.migrate)?;
         vars.string(&["ESPER_INGESTION_URL"], &mut self.ingestion_url);
         vars.string(&["ESPER_MITIGATION_URL"], &mut self.mitigation_url);
-        vars.string_opt(&["ESPER_BROKER_TOKEN"], &mut self.broker_token);
+        vars.string_opt(
+            &["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"],
+            &mut self.broker_token,
+        );
         vars.string_opt(&["ESPER_ADMIN_TOKEN"], &mut self.admin_token);
         vars.parse(&["ESPER_BODY_LIMIT"], &mut self.body_limit)?;
         vars.duration(
