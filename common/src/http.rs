@@ -532,6 +532,15 @@ pub struct BindError {
     pub reason: String,
 }
 
+impl BindError {
+    /// Another socket holds the address.
+    pub fn in_use(&self) -> bool {
+        self.reason == ADDR_IN_USE
+    }
+}
+
+const ADDR_IN_USE: &str = "address already in use";
+
 /// Binds a listener, with an error that names the listener and the address.
 pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
     tokio::net::TcpListener::bind(addr)
@@ -540,7 +549,7 @@ pub async fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListene
             what: what.to_string(),
             addr,
             reason: match e.kind() {
-                std::io::ErrorKind::AddrInUse => "address already in use".to_string(),
+                std::io::ErrorKind::AddrInUse => ADDR_IN_USE.to_string(),
                 std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
                 _ => e.to_string(),
             },

@@ -32,7 +32,7 @@ const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// Most workers one supervisor runs.
 const MAX_WORKERS: usize = 256;
 /// The other parts' default ports (DESIGN.md), which worker ops ports step over.
-const RESERVED_PORTS: [u16; 8] = [8000, 8080, 8081, 8082, 8083, 8443, 9090, 9095];
+pub(crate) const RESERVED_PORTS: [u16; 8] = [8000, 8080, 8081, 8082, 8083, 8443, 9090, 9095];
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Flags of `esper worker autoscale`.

@@ -3,6 +3,7 @@
 //! logging, runs the service until SIGTERM/SIGINT, and maps errors to one line and a
 //! non-zero exit code.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -510,6 +511,50 @@ async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
     }
 }
 
+/// Most ports tried past a taken default worker ops port.
+const WORKER_PORT_TRIES: u16 = 64;
+
+/// Binds a worker's ops listener. Workers started side by side with one configuration
+/// (a shell loop, supervisor's `numprocs`, `esper-worker@N` units) each need a port: at
+/// the default address, a taken port moves on to the next free one, stepping over the
+/// other parts' default ports. A port the operator set is used, or the start fails.
+async fn bind_worker_ops(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let default = listen == esper_engine::Config::default().listen;
+    bind_moving_on(listen, default).await
+}
+
+/// Binds `listen`, or with `move_on`, the first free port after it when it is taken.
+async fn bind_moving_on(
+    listen: SocketAddr,
+    move_on: bool,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    let what = "worker ops listener";
+    let first = esper_common::http::bind(what, listen).await;
+    let taken = matches!(&first, Err(e) if e.in_use());
+    if !taken || !move_on {
+        return Ok(first?);
+    }
+    let next = (listen.port().saturating_add(1)..=u16::MAX)
+        .filter(|p| !crate::autoscale::RESERVED_PORTS.contains(p))
+        .take(usize::from(WORKER_PORT_TRIES));
+    for port in next {
+        let addr = SocketAddr::new(listen.ip(), port);
+        match esper_common::http::bind(what, addr).await {
+            Ok(l) => {
+                tracing::info!(
+                    taken = %listen,
+                    listen = %addr,
+                    "the default ops port is taken (another worker on this host?); using the next free one"
+                );
+                return Ok(l);
+            }
+            Err(e) if e.in_use() => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(first?)
+}
+
 async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitCode> {
     match cmd {
         WorkerCommand::Config => {
@@ -535,7 +580,7 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
                 .map(|path| crate::memprofile::MemProfile::start(path, run.memprofile_rate))
                 .transpose()?;
             let result = with_signals(|shutdown| async move {
-                let ops = esper_common::http::bind("worker ops listener", cfg.listen).await?;
+                let ops = bind_worker_ops(cfg.listen).await?;
                 esper_engine::run(cfg, ops, shutdown).await?;
                 Ok(())
             })
@@ -744,6 +789,18 @@ async fn reload_on_sighup(
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[tokio::test]
+    async fn a_taken_default_ops_port_moves_on_and_a_set_one_does_not() {
+        let held = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let taken = held.local_addr().unwrap();
+        let moved = bind_moving_on(taken, true).await.unwrap();
+        let port = moved.local_addr().unwrap().port();
+        assert!(port > taken.port(), "{port}");
+        assert!(!crate::autoscale::RESERVED_PORTS.contains(&port));
+        let err = bind_moving_on(taken, false).await.unwrap_err().to_string();
+        assert!(err.contains("address already in use"), "{err}");
+    }
 
     #[test]
     fn usage_errors_are_one_line_and_help_is_not_an_error() {
