@@ -607,3 +607,30 @@ async fn without_a_token_only_loopback_clients_may_clear_the_cache() {
     assert_eq!((status, body), (200, json!({"revoked": 1})));
     b.stop().await;
 }
+
+/// A client given several instances of the broker goes on to the next when one does not
+/// answer, and says which URLs it tried when none does.
+#[tokio::test]
+async fn a_client_of_several_instances_goes_on_to_one_that_answers() {
+    let b = TestBroker::with_defaults().await;
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let urls = format!("http://{closed}, http://127.0.0.1:{}/", b.port());
+    let client = esper_protocol::MitigationClient::new(&urls, None);
+    let published = client
+        .publish(vec![block("a", "ip:192.0.2.1")])
+        .await
+        .unwrap();
+    assert_eq!(published.accepted, 1);
+    assert_eq!(client.active(None).await.unwrap().total, 1);
+    assert!(client.ready().await);
+
+    let down =
+        esper_protocol::MitigationClient::new(&format!("http://{closed},http://{closed}"), None);
+    let err = down.active(None).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains(&closed.to_string()), "{err}");
+    b.stop().await;
+}

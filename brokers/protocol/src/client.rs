@@ -1,6 +1,8 @@
 //! HTTP clients of the two brokers, shared by the proxy, the engine, the control plane
 //! and the CLI. One `reqwest::Client` (with its connection pool) per client value.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::{RequestBuilder, Response, StatusCode};
@@ -79,9 +81,17 @@ impl ClientError {
 }
 
 /// The base of every broker client: a base URL, an optional bearer token, a pool.
+///
+/// The URL may list several instances of one broker, comma-separated (as the proxy's
+/// `ESPER_MITIGATION_URL` does, in a file every service reads). Calls go to one; one
+/// that cannot connect (so nothing was sent) goes on to the next at once, and later
+/// calls stay with the one that answered.
 #[derive(Clone, Debug)]
 pub(crate) struct Base {
+    /// As given, for messages.
     pub(crate) url: String,
+    urls: Arc<[String]>,
+    current: Arc<AtomicUsize>,
     token: Option<String>,
     http: reqwest::Client,
 }
@@ -106,17 +116,30 @@ impl Base {
             builder = builder.pool_max_idle_per_host(n);
         }
         let http = builder.build().unwrap_or_else(|_| reqwest::Client::new());
+        let mut urls: Vec<String> = url
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            urls.push(url.trim_end_matches('/').to_string());
+        }
         Base {
             url: url.trim_end_matches('/').to_string(),
+            urls: urls.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             token: token.filter(|t| !t.is_empty()),
             http,
         }
     }
 
+    fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.urls.len()
+    }
+
     pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
-        let rb = crate::trace_context::traced(
-            self.http.request(method, format!("{}{}", self.url, path)),
-        );
+        let base = &self.urls[self.current()];
+        let rb = crate::trace_context::traced(self.http.request(method, format!("{base}{path}")));
         match &self.token {
             Some(t) => rb.bearer_auth(t),
             None => rb,
@@ -127,11 +150,48 @@ impl Base {
         &self,
         rb: RequestBuilder,
     ) -> Result<T, ClientError> {
-        let resp = rb.send().await.map_err(|source| ClientError::Transport {
+        let resp = self.execute(rb).await?;
+        decode(&self.url, resp).await
+    }
+
+    /// Sends `rb`, built by [`Base::req`] for the current instance, and on a failed
+    /// connection the same request to each other instance in turn.
+    async fn execute(&self, rb: RequestBuilder) -> Result<Response, ClientError> {
+        let transport = |source| ClientError::Transport {
             url: self.url.clone(),
             source,
-        })?;
-        decode(&self.url, resp).await
+        };
+        let first = self.current();
+        let spare = (self.urls.len() > 1).then(|| rb.try_clone()).flatten();
+        let err = match rb.send().await {
+            Ok(resp) => return Ok(resp),
+            Err(e) => e,
+        };
+        let Some(spare) = spare.filter(|_| err.is_connect()) else {
+            return Err(transport(err));
+        };
+        let (client, request) = spare.build_split();
+        let request = request.map_err(transport)?;
+        let mut last = err;
+        for step in 1..self.urls.len() {
+            let at = (first + step) % self.urls.len();
+            let Some(mut next) = request.try_clone() else {
+                break;
+            };
+            let Some(url) = moved(request.url(), &self.urls[first], &self.urls[at]) else {
+                continue;
+            };
+            *next.url_mut() = url;
+            match client.execute(next).await {
+                Ok(resp) => {
+                    self.current.store(at, Ordering::Relaxed);
+                    return Ok(resp);
+                }
+                Err(e) if e.is_connect() => last = e,
+                Err(e) => return Err(transport(e)),
+            }
+        }
+        Err(transport(last))
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -146,6 +206,20 @@ impl Base {
         self.send(self.req(reqwest::Method::POST, path).json(body))
             .await
     }
+}
+
+/// `url`, built on base `from`, rebuilt on base `to` (which may have another path).
+fn moved(url: &reqwest::Url, from: &str, to: &str) -> Option<reqwest::Url> {
+    let from = reqwest::Url::parse(from).ok()?;
+    let mut to = reqwest::Url::parse(to).ok()?;
+    let rest = url
+        .path()
+        .strip_prefix(from.path().trim_end_matches('/'))
+        .unwrap_or(url.path());
+    let path = format!("{}{rest}", to.path().trim_end_matches('/'));
+    to.set_path(&path);
+    to.set_query(url.query());
+    Some(to)
 }
 
 /// Turns a response into `T` or the matching [`ClientError`].
@@ -430,9 +504,10 @@ impl MitigationClient {
 
 async fn probe(base: &Base, path: &str) -> bool {
     match base
-        .req(reqwest::Method::GET, path)
-        .timeout(Duration::from_secs(2))
-        .send()
+        .execute(
+            base.req(reqwest::Method::GET, path)
+                .timeout(Duration::from_secs(2)),
+        )
         .await
     {
         Ok(r) => r.status().is_success(),

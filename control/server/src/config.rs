@@ -249,8 +249,15 @@ impl Config {
                 }
             }
         }
-        check_http_url("ingestion_url", &self.ingestion_url)?;
-        check_http_url("mitigation_url", &self.mitigation_url)?;
+        // Either may list several instances of its broker, comma-separated.
+        for (option, urls) in [
+            ("ingestion_url", &self.ingestion_url),
+            ("mitigation_url", &self.mitigation_url),
+        ] {
+            for url in urls.split(',') {
+                check_http_url(option, url.trim())?;
+            }
+        }
         if self.body_limit < 1024 {
             return Err(ConfigError::invalid(
                 "body_limit",

@@ -365,8 +365,15 @@ impl Config {
                 "must be longer than evaluation_timeout",
             ));
         }
-        url("ingestion_url", &self.ingestion_url)?;
-        url("mitigation_url", &self.mitigation_url)?;
+        // Either may list several instances of its broker, comma-separated.
+        for (option, urls) in [
+            ("ingestion_url", &self.ingestion_url),
+            ("mitigation_url", &self.mitigation_url),
+        ] {
+            for one in urls.split(',') {
+                url(option, one.trim())?;
+            }
+        }
         if !self.control_url.is_empty() {
             url("control_url", &self.control_url)?;
         } else if self.policies_file.is_none() {
@@ -715,6 +722,20 @@ mod tests {
         assert_eq!(cfg.policies_file, Some(PathBuf::from("p.toml")));
         cfg.validate().unwrap();
         assert_eq!(cfg.effective_worker_id(), "worker-3");
+    }
+
+    #[test]
+    fn broker_urls_may_list_instances() {
+        let mut cfg = Config {
+            mitigation_url: "http://mb1:8083, http://mb2:8083".into(),
+            ..Config::default()
+        };
+        cfg.validate().unwrap();
+        cfg.mitigation_url = "http://mb1:8083,mb2:8083".into();
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "invalid mitigation_url = `mb2:8083`: must be an http:// or https:// URL"
+        );
     }
 
     #[test]
