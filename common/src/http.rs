@@ -417,6 +417,7 @@ pub fn standard_layers(router: Router, body_limit: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::Extension(BodyLimit(body_limit)))
+        .layer(axum::middleware::from_fn(carry_request_id))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
@@ -425,6 +426,15 @@ pub fn standard_layers(router: Router, body_limit: usize) -> Router {
                 .on_failure(record_failure),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Makes the request's id (set by the layer outside) the one the broker calls made while
+/// handling it carry.
+async fn carry_request_id(req: Request, next: axum::middleware::Next) -> Response {
+    match req.headers().get("x-request-id").cloned() {
+        Some(id) => esper_protocol::trace_context::with_request_id(id, next.run(req)).await,
+        None => next.run(req).await,
+    }
 }
 
 /// Server errors are logged, except 503: a full or paused queue, a service not ready

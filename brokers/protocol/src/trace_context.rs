@@ -55,10 +55,14 @@ pub fn inject(headers: &mut HeaderMap) {
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut Inject(headers)));
 }
 
-/// Adds the current span's trace context to an outgoing request.
+/// Adds the current span's trace context, and the id of the request being handled, to
+/// an outgoing request.
 pub fn traced(rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
     let mut headers = HeaderMap::new();
     inject(&mut headers);
+    if let Some(id) = request_id() {
+        headers.insert(http::header::HeaderName::from_static("x-request-id"), id);
+    }
     if headers.is_empty() {
         rb
     } else {
@@ -77,4 +81,19 @@ pub fn continue_from(span: &tracing::Span, headers: &HeaderMap) {
     let parent = extract(headers);
     // Fails only when no OpenTelemetry layer is installed, that is with tracing off.
     let _ = span.set_parent(parent);
+}
+
+tokio::task_local! {
+    static REQUEST_ID: http::HeaderValue;
+}
+
+/// Runs `fut` as the handling of the request `id` (`X-Request-ID`): the broker calls it
+/// makes carry the same id, so one id follows an operator's call from service to service.
+pub async fn with_request_id<F: std::future::Future>(id: http::HeaderValue, fut: F) -> F::Output {
+    REQUEST_ID.scope(id, fut).await
+}
+
+/// The id of the request being handled, if any.
+pub fn request_id() -> Option<http::HeaderValue> {
+    REQUEST_ID.try_with(Clone::clone).ok()
 }

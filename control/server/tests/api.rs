@@ -1514,3 +1514,45 @@ async fn a_policy_and_the_deletion_of_its_list_are_never_both_written() {
     assert!(both_refused < 40, "the retries settle it");
     s.stop().await;
 }
+
+/// The id of an operator's call goes with the broker calls made for it, so the broker's
+/// log lines of the call carry the same id.
+#[tokio::test]
+async fn a_calls_request_id_goes_on_to_the_brokers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", fake.local_addr().unwrap());
+    let seen = tokio::spawn(async move {
+        let (mut conn, _) = fake.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let body = r#"{"error":"not_found","message":"no such endpoint"}"#;
+        let answer = format!(
+            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(answer.as_bytes()).await.unwrap();
+        String::from_utf8_lossy(&head).to_ascii_lowercase()
+    });
+    let dir = support::TempDir::new();
+    // The fake is the ingestion broker only: the mirror follows the mitigation broker.
+    let nowhere = format!("http://{}", support::closed_addr().await);
+    let cfg = support::config(&dir, &url, &nowhere);
+    let s = Stack::with_config(dir, cfg, None).await;
+    let (status, _) = call(
+        s.req(Method::GET, "/api/v1/queue/status")
+            .header("x-request-id", "call-7f3a"),
+    )
+    .await;
+    assert_eq!(status, 502);
+    let head = seen.await.unwrap();
+    assert!(head.contains("x-request-id: call-7f3a"), "{head}");
+    s.stop().await;
+}
