@@ -58,3 +58,61 @@ async fn an_unopenable_path_is_one_clear_error() {
     );
     assert!(err.contains("cannot create directory"), "{err}");
 }
+
+fn policy_decision(id: &str, entity: &str) -> esper_protocol::Decision {
+    let at = chrono::Utc::now() - chrono::Duration::seconds(5);
+    serde_json::from_value(serde_json::json!({
+        "id": id,
+        "mitigation": {
+            "id": id, "entity": entity, "action": {"type": "block"},
+            "reason": {"policy_id": "login-burst", "summary": "12 >= 10 in 60s"},
+            "origin": "policy", "created_at": at, "expires_at": at + chrono::Duration::minutes(10)
+        },
+        "mode": "enforce", "policy_id": "login-burst", "policy_version": 1,
+        "counted": 12.0, "threshold": 10.0, "window_secs": 60,
+        "decided_by": "worker-1", "decided_at": at
+    }))
+    .unwrap()
+}
+
+/// A row this version cannot read (dated before times were checked, or written by a
+/// newer version over the same database) is skipped: the log and the workers' feed of
+/// revocations go on past it.
+#[tokio::test]
+async fn an_unreadable_logged_decision_is_skipped_not_every_read_failed() {
+    use esper_control::store::{DecisionQuery, RevokeTarget};
+    let dir = support::TempDir::new();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("esper.db").display()
+    );
+    let store = SqliteStore::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let decisions = [
+        policy_decision("bad", "ip:192.0.2.1"),
+        policy_decision("good", "ip:192.0.2.2"),
+    ];
+    assert_eq!(store.record_decisions(&decisions).await.unwrap(), 2);
+    let now = chrono::Utc::now();
+    for id in ["bad", "good"] {
+        let target = RevokeTarget::Id(id.into());
+        assert_eq!(store.mark_revoked(&target, "ops", now).await.unwrap(), 1);
+    }
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE decisions SET revoked_at = '-0001-01-01T00:00:00.000000Z', body = '{' WHERE id = 'bad'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let feed = store.revocations(None, now, 10).await.unwrap();
+    let ids: Vec<&str> = feed.revocations.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["good"]);
+    let logged = store
+        .query_decisions(&DecisionQuery {
+            limit: 10,
+            ..DecisionQuery::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = logged.iter().map(|d| d.decision.id.as_str()).collect();
+    assert_eq!(ids, ["good"]);
+}

@@ -689,12 +689,21 @@ where
         for a in &args {
             query = query.bind(a.as_str());
         }
-        query
+        // A row this version cannot read (written by a newer one over the same database,
+        // or dated before times were checked) is skipped rather than failing the list.
+        Ok(query
             .fetch_all(self.pool())
             .await?
             .iter()
-            .map(decision_row)
-            .collect()
+            .filter_map(|row| match decision_row(row) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    let id = row.text("id").unwrap_or_default();
+                    tracing::warn!(%id, error = %e, "a logged decision cannot be read; skipped");
+                    None
+                }
+            })
+            .collect())
     }
 
     async fn revocations(
@@ -740,13 +749,21 @@ where
                 tracing::warn!(%entity, "a revoked decision's entity does not parse; skipped");
                 continue;
             };
+            // Nor may one unreadable time stop the workers' feed at it for good.
+            let (Ok(decided_at), Ok(revoked_at)) =
+                (ts_col(row, "decided_at"), ts_col(row, "revoked_at"))
+            else {
+                let id = row.text("id").unwrap_or_default();
+                tracing::warn!(%id, "a revoked decision's times cannot be read; skipped");
+                continue;
+            };
             revocations.push(RevokedDecision {
                 seq: row.int("revoked_seq")?,
                 id: row.text("id")?,
                 policy_id: row.text("policy_id")?,
                 entity,
-                decided_at: ts_col(row, "decided_at")?,
-                revoked_at: ts_col(row, "revoked_at")?,
+                decided_at,
+                revoked_at,
             });
         }
         let next = match rows.last() {
