@@ -88,10 +88,10 @@ async fn an_unreadable_logged_decision_is_skipped_not_every_read_failed() {
     );
     let store = SqliteStore::connect(&url, 2).await.unwrap();
     store.migrate().await.unwrap();
-    let decisions = [
-        policy_decision("bad", "ip:192.0.2.1"),
-        policy_decision("good", "ip:192.0.2.2"),
-    ];
+    // "bad" is the newer, so it heads the log's newest-first pages.
+    let good = policy_decision("good", "ip:192.0.2.2");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let decisions = [good, policy_decision("bad", "ip:192.0.2.1")];
     assert_eq!(store.record_decisions(&decisions).await.unwrap(), 2);
     let now = chrono::Utc::now();
     for id in ["bad", "good"] {
@@ -115,4 +115,15 @@ async fn an_unreadable_logged_decision_is_skipped_not_every_read_failed() {
         .unwrap();
     let ids: Vec<&str> = logged.iter().map(|d| d.decision.id.as_str()).collect();
     assert_eq!(ids, ["good"]);
+    // A page of one is filled from past the unreadable row, not returned short (a
+    // reader takes a short page for the last).
+    let page = store
+        .query_decisions(&DecisionQuery {
+            limit: 1,
+            ..DecisionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].decision.id, "good");
 }

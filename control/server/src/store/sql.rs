@@ -647,7 +647,8 @@ where
 
     async fn query_decisions(&self, q: &DecisionQuery) -> Result<Vec<LoggedDecision>, StoreError> {
         let mut sql = String::from(
-            "SELECT body, recorded_at, revoked_at, revoked_by FROM decisions WHERE 1 = 1",
+            "SELECT id, decided_at, body, recorded_at, revoked_at, revoked_by FROM decisions \
+             WHERE 1 = 1",
         );
         let mut args: Vec<String> = Vec::new();
         if let Some(id) = &q.id {
@@ -673,37 +674,47 @@ where
                 args.len()
             ));
         }
-        if let Some(mark) = &q.before {
-            args.push(ts(mark.decided_at));
-            args.push(mark.id.clone());
-            let (at, id) = (args.len() - 1, args.len());
-            sql.push_str(&format!(
-                " AND (decided_at < ${at} OR (decided_at = ${at} AND id < ${id}))"
-            ));
-        }
-        sql.push_str(&format!(
-            " ORDER BY decided_at DESC, id DESC LIMIT {}",
-            q.limit.max(1)
-        ));
-        let mut query = sqlx::query(&sql);
-        for a in &args {
-            query = query.bind(a.as_str());
-        }
-        // A row this version cannot read (written by a newer one over the same database,
-        // or dated before times were checked) is skipped rather than failing the list.
-        Ok(query
-            .fetch_all(self.pool())
-            .await?
-            .iter()
-            .filter_map(|row| match decision_row(row) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    let id = row.text("id").unwrap_or_default();
-                    tracing::warn!(%id, error = %e, "a logged decision cannot be read; skipped");
-                    None
+        // The mark as stored text: a page goes on from the last row read, readable or not.
+        let mut mark = q.before.as_ref().map(|m| (ts(m.decided_at), m.id.clone()));
+        let limit = q.limit.max(1);
+        let mut out = Vec::new();
+        loop {
+            let want = limit - out.len();
+            let mut page_sql = sql.clone();
+            let mut page_args = args.clone();
+            if let Some((at, id)) = &mark {
+                page_args.push(at.clone());
+                page_args.push(id.clone());
+                let (at, id) = (page_args.len() - 1, page_args.len());
+                page_sql.push_str(&format!(
+                    " AND (decided_at < ${at} OR (decided_at = ${at} AND id < ${id}))"
+                ));
+            }
+            page_sql.push_str(&format!(" ORDER BY decided_at DESC, id DESC LIMIT {want}"));
+            let mut query = sqlx::query(&page_sql);
+            for a in &page_args {
+                query = query.bind(a.as_str());
+            }
+            let rows = query.fetch_all(self.pool()).await?;
+            for row in &rows {
+                // A row this version cannot read (written by a newer one over the same
+                // database, or dated before times were checked) is skipped, and the page
+                // filled from the rows after it: readers take a short page for the last.
+                match decision_row(row) {
+                    Ok(d) => out.push(d),
+                    Err(e) => {
+                        let id = row.text("id").unwrap_or_default();
+                        tracing::warn!(%id, error = %e, "a logged decision cannot be read; skipped");
+                    }
                 }
-            })
-            .collect())
+            }
+            match rows.last() {
+                Some(last) if rows.len() >= want && out.len() < limit => {
+                    mark = Some((last.text("decided_at")?, last.text("id")?));
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     async fn revocations(
