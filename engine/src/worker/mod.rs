@@ -346,7 +346,7 @@ async fn cleanup_loop(
         let now = evaluator.clock().now().timestamp_millis();
         match state.cleanup(now).await {
             Ok(r) => {
-                status.state.ok();
+                status.state_check.ok();
                 metrics
                     .state_cleaned
                     .inc_by((r.entities + r.event_ids) as u64);
@@ -357,7 +357,7 @@ async fn cleanup_loop(
                 );
             }
             Err(e) => {
-                status.state.failed(&e);
+                status.state_check.failed(&e);
                 tracing::warn!(error = %e, "state cleanup failed");
             }
         }
@@ -396,8 +396,8 @@ async fn sync_clock(
     let reading = evaluator.clock().sync(evaluator.state().as_ref()).await;
     // The reading doubles as a check of the shared state while no batches come.
     match &reading {
-        Ok(_) => status.state.ok(),
-        Err(e) => status.state.failed(e),
+        Ok(_) => status.state_check.ok(),
+        Err(e) => status.state_check.failed(e),
     }
     match reading {
         Ok(Reading::Offset(offset)) => {

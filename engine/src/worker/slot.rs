@@ -178,6 +178,12 @@ async fn process(
             return false;
         }
         Err(_) => {
+            // A store that stopped answering shows as timeouts, not errors.
+            shared.status.state.failed(format!(
+                "{}: a batch's evaluation timed out after {:?}",
+                shared.evaluator.state().name(),
+                shared.evaluation_timeout
+            ));
             shared
                 .metrics
                 .evaluation_failures

@@ -237,8 +237,12 @@ pub(crate) struct Status {
     pub ingestion: Link,
     pub mitigation: Link,
     pub control: Link,
-    /// The state backend, as batches, cleanups and clock readings find it.
+    /// The state backend, as the last batch found it: only a batch that goes through
+    /// clears a batch's failure (a store out of memory still answers a clock reading).
     pub state: Link,
+    /// The state backend, as cleanups and clock readings find it (with no batches, the
+    /// only calls made).
+    pub state_check: Link,
     /// Nanoseconds the loops spent working (not waiting on claims).
     pub busy_ns: AtomicU64,
     pub events_total: AtomicU64,
@@ -275,7 +279,12 @@ impl esper_common::health::HealthCheck for WorkerHealth {
                 .ingestion
                 .health("ingestion", true, Some(self.claim_fresh)),
             self.status.mitigation.health("mitigation", true, None),
-            match self.status.state.last_error() {
+            match self
+                .status
+                .state
+                .last_error()
+                .or_else(|| self.status.state_check.last_error())
+            {
                 // Every batch fails while the state is down: not ready.
                 Some(e) => ComponentHealth::new("state", false, true, e),
                 None => ComponentHealth::new(
