@@ -642,7 +642,10 @@ impl Config {
                 "must be greater than 0 and at most 1",
             ));
         }
-        check_url("ingestion_url", &self.ingestion_url)?;
+        // May list several instances, comma-separated, as mitigation_url.
+        for url in self.ingestion_url.split(',') {
+            check_url("ingestion_url", url.trim())?;
+        }
         if crate::follower::broker_urls(&self.mitigation_url)
             .next()
             .is_none()

@@ -154,44 +154,53 @@ impl Base {
         decode(&self.url, resp).await
     }
 
-    /// Sends `rb`, built by [`Base::req`] for the current instance, and on a failed
-    /// connection the same request to each other instance in turn.
+    /// Sends `rb`, built by [`Base::req`], and on a failed connection the same request
+    /// to each other instance in turn.
     async fn execute(&self, rb: RequestBuilder) -> Result<Response, ClientError> {
         let transport = |source| ClientError::Transport {
             url: self.url.clone(),
             source,
         };
-        let first = self.current();
-        let spare = (self.urls.len() > 1).then(|| rb.try_clone()).flatten();
-        let err = match rb.send().await {
-            Ok(resp) => return Ok(resp),
-            Err(e) => e,
-        };
-        let Some(spare) = spare.filter(|_| err.is_connect()) else {
-            return Err(transport(err));
-        };
-        let (client, request) = spare.build_split();
+        if self.urls.len() == 1 {
+            return rb.send().await.map_err(transport);
+        }
+        let (client, request) = rb.build_split();
         let request = request.map_err(transport)?;
-        let mut last = err;
-        for step in 1..self.urls.len() {
+        // The instance it was built for (another call may have moved on since).
+        let first = self
+            .urls
+            .iter()
+            .position(|u| moved(request.url(), u, u).as_ref() == Some(request.url()))
+            .unwrap_or_else(|| self.current());
+        let mut last = None;
+        for step in 0..self.urls.len() {
             let at = (first + step) % self.urls.len();
             let Some(mut next) = request.try_clone() else {
                 break;
             };
-            let Some(url) = moved(request.url(), &self.urls[first], &self.urls[at]) else {
-                continue;
-            };
-            *next.url_mut() = url;
+            if step > 0 {
+                let Some(url) = moved(request.url(), &self.urls[first], &self.urls[at]) else {
+                    continue;
+                };
+                *next.url_mut() = url;
+            }
             match client.execute(next).await {
                 Ok(resp) => {
-                    self.current.store(at, Ordering::Relaxed);
+                    if step > 0 {
+                        self.current.store(at, Ordering::Relaxed);
+                    }
                     return Ok(resp);
                 }
-                Err(e) if e.is_connect() => last = e,
+                // Nothing was sent: the next instance may take it.
+                Err(e) if e.is_connect() => last = Some(e),
                 Err(e) => return Err(transport(e)),
             }
         }
-        Err(transport(last))
+        match last {
+            Some(e) => Err(transport(e)),
+            // A body that cannot be cloned (a stream): sent once, as built.
+            None => client.execute(request).await.map_err(transport),
+        }
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
