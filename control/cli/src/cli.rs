@@ -515,12 +515,13 @@ async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
 const WORKER_PORT_TRIES: u16 = 64;
 
 /// Binds a worker's ops listener. Workers started side by side with one configuration
-/// (a shell loop, supervisor's `numprocs`, `esper-worker@N` units) each need a port: at
-/// the default address, a taken port moves on to the next free one, stepping over the
-/// other parts' default ports. A port the operator set is used, or the start fails.
+/// (a shell loop, supervisor's `numprocs`, `esper-worker@N` units) each need a port: on
+/// the default port (9091, whatever the address: the shipped files set 127.0.0.1:9091),
+/// a taken port moves on to the next free one, stepping over the other parts' default
+/// ports. Another port is used as given, or the start fails.
 async fn bind_worker_ops(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    let default = listen == esper_engine::Config::default().listen;
-    bind_moving_on(listen, default).await
+    let default_port = listen.port() == esper_engine::Config::default().listen.port();
+    bind_moving_on(listen, default_port).await
 }
 
 /// Binds `listen`, or with `move_on`, the first free port after it when it is taken.

@@ -36,6 +36,9 @@ pub enum CtlError {
     },
     #[error("unexpected answer from the control plane at {url}: {message}")]
     Decode { url: String, message: String },
+    /// The answer could not be written out (a full disk, say).
+    #[error("cannot write the output: {0}")]
+    Output(String),
 }
 
 impl CtlError {

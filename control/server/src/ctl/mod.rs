@@ -332,8 +332,7 @@ impl Ctx {
             })?;
             human(v)?
         };
-        esper_common::stdout::write(&shown)
-            .map_err(|e| CtlError::Input(format!("cannot write the output: {e}")))
+        esper_common::stdout::write(&shown).map_err(|e| CtlError::Output(e.to_string()))
     }
 }
 
