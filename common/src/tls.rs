@@ -7,11 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
+pub use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -78,9 +79,19 @@ pub struct TlsListener {
 impl TlsListener {
     /// Starts accepting on `listener` with `config`.
     pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<TlsListener> {
+        TlsListener::swappable(listener, Arc::new(ArcSwap::new(config)))
+    }
+
+    /// Starts accepting on `listener`, each handshake with the configuration `config`
+    /// holds then: storing another one (a renewed certificate) takes effect for the next
+    /// connection, without a restart.
+    pub fn swappable(
+        listener: TcpListener,
+        config: Arc<ArcSwap<ServerConfig>>,
+    ) -> std::io::Result<TlsListener> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
-        let acceptor = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), tx));
+        let acceptor = tokio::spawn(accept_loop(listener, config, tx));
         Ok(TlsListener {
             ready,
             local,
@@ -97,7 +108,7 @@ impl Drop for TlsListener {
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: TlsAcceptor,
+    config: Arc<ArcSwap<ServerConfig>>,
     ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
@@ -118,7 +129,7 @@ async fn accept_loop(
                 }
             },
         };
-        let (tls, ready) = (tls.clone(), ready.clone());
+        let (tls, ready) = (TlsAcceptor::from(config.load_full()), ready.clone());
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {

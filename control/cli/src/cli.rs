@@ -495,10 +495,30 @@ async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
         ServerCommand::Run(args) => {
             let cfg = server_config(&args, file)?;
             let path = file.map(Path::to_path_buf);
-            report_on_hangup(&cfg, move || server_config(&args, path.as_deref()));
+            // Filled once the server runs; a SIGHUP before that only reports.
+            let reloader =
+                std::sync::Arc::new(std::sync::OnceLock::<esper_control::Reloader>::new());
+            let slot = reloader.clone();
+            apply_on_hangup(
+                &cfg,
+                move || server_config(&args, path.as_deref()),
+                move |cfg| {
+                    let slot = slot.clone();
+                    Box::pin(async move {
+                        match slot.get() {
+                            Some(r) => {
+                                let done = r.apply(&cfg).await;
+                                (done.applied, done.kept)
+                            }
+                            None => (Vec::new(), Vec::new()),
+                        }
+                    })
+                },
+            );
             with_signals(|shutdown| async move {
                 let listeners = esper_control::Listeners::bind(&cfg).await?;
                 let started = esper_control::start(cfg, listeners, shutdown).await?;
+                let _ = reloader.set(started.reloader.clone());
                 if let Some(token) = &started.generated_token {
                     println!("admin API token (shown once, store it): {token}");
                 }
@@ -699,7 +719,28 @@ async fn proxy(cmd: ProxyCommand, file: Option<&Path>) -> anyhow::Result<ExitCod
 /// would have them do. A configuration that no longer loads is logged as such.
 fn report_on_hangup<C>(running: &C, read: impl Fn() -> anyhow::Result<C> + Send + 'static)
 where
-    C: serde::Serialize,
+    C: serde::Serialize + Send + 'static,
+{
+    apply_on_hangup(running, read, |_| {
+        Box::pin(async { (Vec::new(), Vec::new()) })
+    });
+}
+
+/// What a service applied of a configuration read again, and what it kept, with why.
+type Applied = (Vec<&'static str>, Vec<(&'static str, String)>);
+
+/// On each SIGHUP, reads the configuration again, lets `apply` take what the running
+/// service can change at once, and logs what it applied, what it kept (and why), and
+/// which other settings differ and take effect on a restart.
+fn apply_on_hangup<C, A>(
+    running: &C,
+    read: impl Fn() -> anyhow::Result<C> + Send + 'static,
+    apply: A,
+) where
+    C: serde::Serialize + Send + 'static,
+    A: Fn(C) -> std::pin::Pin<Box<dyn std::future::Future<Output = Applied> + Send>>
+        + Send
+        + 'static,
 {
     use tokio::signal::unix::{SignalKind, signal};
     // Installed before the service starts, so no SIGHUP finds the default action.
@@ -710,26 +751,47 @@ where
             return;
         }
     };
-    let running = serde_json::to_value(running).unwrap_or_default();
+    let mut running = serde_json::to_value(running).unwrap_or_default();
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            match read() {
-                Ok(cfg) => {
-                    let now = serde_json::to_value(&cfg).unwrap_or_default();
-                    let changed = changed_settings(&running, &now);
-                    if changed.is_empty() {
-                        tracing::info!("SIGHUP: the configuration is unchanged");
-                    } else {
-                        tracing::warn!(
-                            changed = %changed.join(", "),
-                            "SIGHUP: changed settings take effect on a restart"
-                        );
-                    }
+            let cfg = match read() {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    tracing::error!(
+                        error = %format!("{e:#}"),
+                        "SIGHUP: the configuration does not load; a restart would fail"
+                    );
+                    continue;
                 }
-                Err(e) => tracing::error!(
-                    error = %format!("{e:#}"),
-                    "SIGHUP: the configuration does not load; a restart would fail"
-                ),
+            };
+            let now = serde_json::to_value(&cfg).unwrap_or_default();
+            let changed = changed_settings(&running, &now);
+            let (applied, kept) = apply(cfg).await;
+            if !applied.is_empty() {
+                tracing::info!(applied = %applied.join(", "), "SIGHUP: settings applied");
+            }
+            for (setting, why) in &kept {
+                tracing::warn!(setting, reason = %why, "SIGHUP: setting kept as it was");
+            }
+            if let (Some(running), Some(now)) = (running.as_object_mut(), now.as_object()) {
+                for setting in &applied {
+                    match now.get(*setting) {
+                        Some(v) => running.insert((*setting).to_string(), v.clone()),
+                        None => running.remove(*setting),
+                    };
+                }
+            }
+            let later: Vec<&String> = changed
+                .iter()
+                .filter(|c| !applied.contains(&c.as_str()) && !kept.iter().any(|(k, _)| k == c))
+                .collect();
+            if !later.is_empty() {
+                tracing::warn!(
+                    changed = %later.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                    "SIGHUP: changed settings take effect on a restart"
+                );
+            } else if applied.is_empty() && kept.is_empty() {
+                tracing::info!("SIGHUP: the configuration is unchanged");
             }
         }
     });

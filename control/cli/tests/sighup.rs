@@ -176,3 +176,82 @@ async fn sighup_leaves_a_broker_running_and_names_what_a_restart_would_change() 
         broker.log()
     );
 }
+
+/// `systemctl reload esper-server`: the admin token and the API's certificate are the
+/// settings operators rotate, and they apply at once; the others are named for a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_servers_admin_token_and_names_the_rest() {
+    let dir = TempDir::new("sighup-server");
+    let file = dir.path().join("esper.toml");
+    let (api, health, metrics) = (free_addr(), free_addr(), free_addr());
+    let db = dir.path().join("esper.db");
+    let nowhere = format!("http://{}", free_addr());
+    let write = |token: &str, drain: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[server]\nlisten = \"{api}\"\nhealth_listen = \"{health}\"\n\
+                 metrics_listen = \"{metrics}\"\ndatabase_url = \"sqlite://{}?mode=rwc\"\n\
+                 ingestion_url = \"{nowhere}\"\nmitigation_url = \"{nowhere}\"\n\
+                 admin_token = \"{token}\"\nshutdown_timeout = \"{drain}\"\n",
+                db.display()
+            ),
+        )
+        .unwrap()
+    };
+    let (first, second) = (
+        "first-admin-token-0123456789",
+        "second-admin-token-987654321",
+    );
+    write(first, "5s");
+    let mut server = Proc::esper(
+        "server",
+        &[
+            "server".into(),
+            "run".into(),
+            "--config".into(),
+            file.display().to_string(),
+        ],
+        &[],
+    );
+    let client = reqwest::Client::new();
+    let status = |token: &'static str| {
+        let (client, url) = (client.clone(), format!("http://{api}/api/v1/status"));
+        async move {
+            client
+                .get(&url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(first).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the server starts: {}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(second).await, 401);
+    write(second, "7s");
+    hangup(&server);
+    logged(&server, "SIGHUP: settings applied").await;
+    logged(&server, "changed settings take effect on a restart").await;
+    assert!(
+        server.log().contains("shutdown_timeout"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(status(second).await, 200, "{}", server.log());
+    assert_eq!(status(first).await, 401, "{}", server.log());
+    assert_eq!(
+        server.terminate(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+}

@@ -124,7 +124,8 @@ pub async fn require_token(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let found = match &state.admin_token {
+    let admin = state.admin_token.load();
+    let found = match admin.as_deref() {
         Some(admin) if token_matches(req.headers(), admin) => {
             Some((ADMIN_CALLER.to_string(), TokenRole::Admin))
         }

@@ -74,7 +74,79 @@ pub struct Started {
     pub api_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// Applies the settings that can change while the server runs (SIGHUP).
+    pub reloader: Reloader,
     task: JoinHandle<Result<(), Error>>,
+}
+
+/// Applies a configuration read again to the running server: the settings operators
+/// rotate, the admin token and the API's certificate, take effect at once; the others
+/// at the next start.
+#[derive(Clone)]
+pub struct Reloader {
+    state: AppState,
+    tls: Option<Arc<arc_swap::ArcSwap<esper_common::tls::ServerConfig>>>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Reloaded {
+    /// The settings now in effect (names only: some are secrets).
+    pub applied: Vec<&'static str>,
+    /// Settings kept as they were, each with the reason.
+    pub kept: Vec<(&'static str, String)>,
+}
+
+impl Reloader {
+    pub async fn apply(&self, config: &Config) -> Reloaded {
+        let mut done = Reloaded::default();
+        let wanted = config.admin_token.clone().filter(|t| !t.is_empty());
+        if self.state.admin_token.load().as_deref() != wanted.as_ref() {
+            // Without it, the stored admin tokens are the only way in: keep it unless
+            // there is one (a start would generate one; a running server cannot show it).
+            let stored = self.state.store.admin_token_count().await;
+            match (wanted.is_some(), stored) {
+                (false, Ok(0)) => done.kept.push((
+                    "admin_token",
+                    "no stored admin token would be left to use the API; create one first".into(),
+                )),
+                (false, Err(e)) => done.kept.push((
+                    "admin_token",
+                    format!("cannot count the stored admin tokens: {e}"),
+                )),
+                _ => {
+                    self.state.admin_token.store(wanted.map(Arc::new));
+                    done.applied.push("admin_token");
+                }
+            }
+        }
+        // Read again whether or not the paths changed: a renewed certificate is
+        // usually written over the old files.
+        match (&self.tls, config.tls, &config.tls_cert, &config.tls_key) {
+            (Some(swap), true, Some(cert), Some(key)) => {
+                match esper_common::tls::server_config(cert, key) {
+                    Ok(c) => {
+                        swap.store(c);
+                        done.applied.push("tls_cert");
+                    }
+                    Err(e) => done.kept.push(("tls_cert", e.to_string())),
+                }
+            }
+            (Some(_), _, _, _) | (None, true, _, _) => done
+                .kept
+                .push(("tls", "turning TLS on or off takes a restart".into())),
+            (None, false, _, _) => {}
+        }
+        done
+    }
 }
 
 impl Started {
@@ -156,7 +228,7 @@ pub async fn start_staged(
         heartbeats: Heartbeats::new(config.heartbeat_timeout),
         mirror: Arc::new(Mirror::new()),
         metrics: metrics.clone(),
-        admin_token: config.admin_token.clone(),
+        admin_token: arc_swap::ArcSwapOption::from(config.admin_token.clone().map(Arc::new)),
         started: Instant::now(),
         shutdown_timeout: config.shutdown_timeout,
         stopper: stopper.clone(),
@@ -169,11 +241,15 @@ pub async fn start_staged(
 
     // Certificate problems are start-up errors, before anything is served.
     let tls = match (&config.tls, &config.tls_cert, &config.tls_key) {
-        (true, Some(cert), Some(key)) => Some(
+        (true, Some(cert), Some(key)) => Some(Arc::new(arc_swap::ArcSwap::new(
             esper_common::tls::server_config(cert, key)
                 .map_err(|e| ConfigError::invalid("tls_cert", cert.display(), e.to_string()))?,
-        ),
+        ))),
         _ => None,
+    };
+    let reloader = Reloader {
+        state: state.clone(),
+        tls: tls.clone(),
     };
     let api_addr = local("API", &listeners.api)?;
     let health_addr = local("health", &listeners.health)?;
@@ -215,7 +291,7 @@ pub async fn start_staged(
             async {
                 match tls {
                     Some(tls) => {
-                        let api = TlsListener::new(listeners.api, tls)?;
+                        let api = TlsListener::swappable(listeners.api, tls)?;
                         serve_until(api, api_router, &stop, &stopper).await
                     }
                     None => serve_until(listeners.api, api_router, &stop, &stopper).await,
@@ -247,6 +323,7 @@ pub async fn start_staged(
         api_addr,
         health_addr,
         metrics_addr,
+        reloader,
         task,
     })
 }

@@ -54,7 +54,8 @@ pub struct Inner {
     pub heartbeats: Heartbeats,
     pub mirror: Arc<Mirror>,
     pub metrics: Metrics,
-    pub admin_token: Option<String>,
+    /// The configured `admin_token`; a reload (SIGHUP) may replace it.
+    pub admin_token: arc_swap::ArcSwapOption<String>,
     pub started: Instant,
     pub shutdown_timeout: Duration,
     pub stopper: Arc<Stopper>,

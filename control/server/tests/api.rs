@@ -1556,3 +1556,32 @@ async fn a_calls_request_id_goes_on_to_the_brokers() {
     assert!(head.contains("x-request-id: call-7f3a"), "{head}");
     s.stop().await;
 }
+
+/// A reload that takes the configured admin token away, with no stored admin token to
+/// use instead, keeps it: the API would be left with no way in.
+#[tokio::test]
+async fn a_reload_keeps_the_admin_token_when_it_is_the_only_way_in() {
+    let s = Stack::without_brokers().await;
+    let reloader = s.started.as_ref().unwrap().reloader.clone();
+    let none = esper_control::Config {
+        admin_token: None,
+        ..support::config(&s.dir, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    };
+    let done = reloader.apply(&none).await;
+    assert!(done.applied.is_empty(), "{done:?}");
+    assert_eq!(done.kept.len(), 1, "{done:?}");
+    assert!(done.kept[0].1.contains("no stored admin token"), "{done:?}");
+    let (status, _) = s.get("/api/v1/status").await;
+    assert_eq!(status, 200);
+
+    // With a stored admin token, it may go.
+    let (status, body) = s
+        .post("/api/v1/tokens", json!({"name": "ops", "role": "admin"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let done = reloader.apply(&none).await;
+    assert_eq!(done.applied, ["admin_token"], "{done:?}");
+    let (status, _) = s.get("/api/v1/status").await;
+    assert_eq!(status, 401, "the configured token is gone");
+    s.stop().await;
+}

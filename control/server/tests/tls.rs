@@ -104,3 +104,49 @@ async fn bad_tls_settings_stop_the_start_with_one_clear_error() {
     let err = start(bad_key).await;
     assert!(err.contains("tls_cert") && err.contains("api.key"), "{err}");
 }
+
+/// A renewed certificate written over the files is served from the next connection on,
+/// once the server reloads (SIGHUP); a broken one is refused and the last kept.
+#[tokio::test]
+async fn a_reload_serves_a_renewed_certificate_and_keeps_the_last_over_a_broken_one() {
+    let brokers = Brokers::start().await;
+    let dir = TempDir::new();
+    let first = certificate(&dir);
+    let (cert, key) = (
+        first.tls_cert.clone().unwrap(),
+        first.tls_key.clone().unwrap(),
+    );
+    let old_ca = dir.path().join("old-ca.pem");
+    std::fs::copy(&cert, &old_ca).unwrap();
+    let cfg = Config {
+        tls: true,
+        tls_cert: Some(cert.clone()),
+        tls_key: Some(key.clone()),
+        ..config(&dir, &brokers.ingestion_url, &brokers.mitigation_url)
+    };
+    let (_trigger, shutdown) = Shutdown::new();
+    let started = esper_control::start(cfg.clone(), Listeners::loopback().await.unwrap(), shutdown)
+        .await
+        .unwrap();
+    let https = format!("https://{}", started.api_addr);
+    let trusting =
+        |ca: &std::path::Path| ctl::client(&https, Some(TOKEN.to_string()), Some(ca)).unwrap();
+    trusting(&old_ca).status().await.unwrap();
+
+    certificate(&dir); // a new key pair over the same files
+    let done = started.reloader.apply(&cfg).await;
+    assert_eq!(done.applied, ["tls_cert"], "{done:?}");
+    trusting(&cert).status().await.unwrap();
+    let err = trusting(&old_ca).status().await.unwrap_err().to_string();
+    assert!(err.starts_with("cannot reach the control plane"), "{err}");
+
+    let renewed = std::fs::read(&cert).unwrap();
+    let current_ca = dir.path().join("current-ca.pem");
+    std::fs::write(&current_ca, &renewed).unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let done = started.reloader.apply(&cfg).await;
+    assert!(done.applied.is_empty(), "{done:?}");
+    assert_eq!(done.kept.len(), 1, "{done:?}");
+    assert!(done.kept[0].1.contains("api.key"), "{done:?}");
+    trusting(&current_ca).status().await.unwrap();
+}

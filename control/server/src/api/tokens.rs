@@ -65,7 +65,7 @@ pub async fn revoke(
     Path(name): Path<String>,
 ) -> Result<Json<Deleted>, ApiError> {
     // Without a configured admin token, the stored admin tokens are the only way in.
-    let keep_an_admin = state.admin_token.is_none();
+    let keep_an_admin = state.admin_token.load().is_none();
     match state
         .store
         .delete_token(&name, keep_an_admin)
