@@ -505,13 +505,30 @@ async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
                 move |cfg| {
                     let slot = slot.clone();
                     Box::pin(async move {
-                        match slot.get() {
+                        let (applied, mut kept) = match slot.get() {
                             Some(r) => {
                                 let done = r.apply(&cfg).await;
                                 (done.applied, done.kept)
                             }
-                            None => (Vec::new(), Vec::new()),
+                            None => (
+                                Vec::new(),
+                                vec![(
+                                    "reload",
+                                    "the server is still starting; send SIGHUP again".into(),
+                                )],
+                            ),
+                        };
+                        // The environment wins over the file and is fixed at start.
+                        if std::env::var("ESPER_ADMIN_TOKEN").is_ok_and(|v| !v.is_empty()) {
+                            kept.push((
+                                "admin_token",
+                                "ESPER_ADMIN_TOKEN in the environment wins over the --config \
+                                 file and is fixed at start; to rotate the token with a \
+                                 reload, set it in the file only"
+                                    .into(),
+                            ));
                         }
+                        (applied, kept)
                     })
                 },
             );
@@ -712,11 +729,12 @@ async fn proxy(cmd: ProxyCommand, file: Option<&Path>) -> anyhow::Result<ExitCod
     }
 }
 
-/// The server, the brokers and the worker apply their configuration at start. On
-/// SIGHUP (what the systemd units' `reload` sends) they read it again (file,
-/// environment, the flags given at start) and log which settings differ from the
-/// running ones, to take effect on a restart, instead of ending as the signal's default
-/// would have them do. A configuration that no longer loads is logged as such.
+/// The brokers and the worker apply their configuration at start (the server most of
+/// it: see [`apply_on_hangup`]). On SIGHUP (what the systemd units' `reload` sends) they
+/// read it again (file, environment, the flags given at start) and log which settings
+/// differ from the running ones, to take effect on a restart, instead of ending as the
+/// signal's default would have them do. A configuration that no longer loads is logged
+/// as such.
 fn report_on_hangup<C>(running: &C, read: impl Fn() -> anyhow::Result<C> + Send + 'static)
 where
     C: serde::Serialize + Send + 'static,

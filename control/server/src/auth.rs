@@ -124,7 +124,7 @@ pub async fn require_token(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let admin = state.admin_token.load();
+    let admin = state.admin_token.load_full();
     let found = match admin.as_deref() {
         Some(admin) if token_matches(req.headers(), admin) => {
             Some((ADMIN_CALLER.to_string(), TokenRole::Admin))

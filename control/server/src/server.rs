@@ -109,25 +109,29 @@ impl Reloader {
     pub async fn apply(&self, config: &Config) -> Reloaded {
         let mut done = Reloaded::default();
         let wanted = config.admin_token.clone().filter(|t| !t.is_empty());
+        let change = self.state.admin_change.lock().await;
         if self.state.admin_token.load().as_deref() != wanted.as_ref() {
             // Without it, the stored admin tokens are the only way in: keep it unless
             // there is one (a start would generate one; a running server cannot show it).
-            let stored = self.state.store.admin_token_count().await;
-            match (wanted.is_some(), stored) {
-                (false, Ok(0)) => done.kept.push((
-                    "admin_token",
-                    "no stored admin token would be left to use the API; create one first".into(),
-                )),
-                (false, Err(e)) => done.kept.push((
-                    "admin_token",
-                    format!("cannot count the stored admin tokens: {e}"),
-                )),
-                _ => {
+            let left = match &wanted {
+                Some(_) => Ok(()),
+                None => match self.state.store.admin_token_count().await {
+                    Ok(0) => Err("no stored admin token would be left to use the API; \
+                                   create one first"
+                        .to_string()),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(format!("cannot count the stored admin tokens: {e}")),
+                },
+            };
+            match left {
+                Ok(()) => {
                     self.state.admin_token.store(wanted.map(Arc::new));
                     done.applied.push("admin_token");
                 }
+                Err(why) => done.kept.push(("admin_token", why)),
             }
         }
+        drop(change);
         // Read again whether or not the paths changed: a renewed certificate is
         // usually written over the old files.
         match (&self.tls, config.tls, &config.tls_cert, &config.tls_key) {
@@ -135,9 +139,12 @@ impl Reloader {
                 match esper_common::tls::server_config(cert, key) {
                     Ok(c) => {
                         swap.store(c);
-                        done.applied.push("tls_cert");
+                        done.applied.extend(["tls_cert", "tls_key"]);
                     }
-                    Err(e) => done.kept.push(("tls_cert", e.to_string())),
+                    Err(e) => {
+                        done.kept.push(("tls_cert", e.to_string()));
+                        done.kept.push(("tls_key", e.to_string()));
+                    }
                 }
             }
             (Some(_), _, _, _) | (None, true, _, _) => done
@@ -229,6 +236,7 @@ pub async fn start_staged(
         mirror: Arc::new(Mirror::new()),
         metrics: metrics.clone(),
         admin_token: arc_swap::ArcSwapOption::from(config.admin_token.clone().map(Arc::new)),
+        admin_change: tokio::sync::Mutex::new(()),
         started: Instant::now(),
         shutdown_timeout: config.shutdown_timeout,
         stopper: stopper.clone(),

@@ -56,6 +56,9 @@ pub struct Inner {
     pub metrics: Metrics,
     /// The configured `admin_token`; a reload (SIGHUP) may replace it.
     pub admin_token: arc_swap::ArcSwapOption<String>,
+    /// Held by a token's revocation and by a reload's change of `admin_token`, each of
+    /// which checks the other's side: together they could remove the last way in.
+    pub admin_change: tokio::sync::Mutex<()>,
     pub started: Instant,
     pub shutdown_timeout: Duration,
     pub stopper: Arc<Stopper>,

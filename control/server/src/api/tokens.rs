@@ -65,6 +65,7 @@ pub async fn revoke(
     Path(name): Path<String>,
 ) -> Result<Json<Deleted>, ApiError> {
     // Without a configured admin token, the stored admin tokens are the only way in.
+    let _change = state.admin_change.lock().await;
     let keep_an_admin = state.admin_token.load().is_none();
     match state
         .store
