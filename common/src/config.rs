@@ -110,6 +110,39 @@ impl EnvSource for HashMap<String, String> {
     }
 }
 
+/// What a reload (SIGHUP) applied of a configuration read again.
+#[derive(Debug, Default, PartialEq)]
+pub struct Reloaded {
+    /// The settings now in effect (names only: some are secrets).
+    pub applied: Vec<&'static str>,
+    /// Settings kept as they were, each with the reason.
+    pub kept: Vec<(&'static str, String)>,
+}
+
+impl Reloaded {
+    /// Notes `setting` as applied when `changed`.
+    pub fn applied_if(&mut self, changed: bool, setting: &'static str) {
+        if changed {
+            self.applied.push(setting);
+        }
+    }
+}
+
+/// A bearer token as configured: it goes into an `Authorization` header as it is, so
+/// it cannot be empty or hold whitespace or control characters.
+pub fn check_token(option: &str, token: Option<&str>) -> Result<(), ConfigError> {
+    match token {
+        Some(t) if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            Err(ConfigError::invalid(
+                option,
+                "(hidden)",
+                "must be non-empty, without spaces or control characters",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Typed reads of environment-style settings. Each read takes the names to try in order
 /// (the `ESPER_*` name first, then the seed's name such as `BROKER_PORT`) and leaves the
 /// target untouched when none is set. Empty values count as unset.
@@ -174,6 +207,30 @@ impl<'a> Vars<'a> {
         if let Some((_, value)) = self.lookup(names) {
             *target = Some(value);
         }
+    }
+
+    /// A secret (a token): the first of `names` set, or else the file named by the
+    /// first `NAME_FILE` set, read whole with surrounding whitespace trimmed (the way
+    /// container secrets and credential files are handed over). A file is read at every
+    /// load, so a reload takes a token rotated in its file although the environment is
+    /// fixed at start.
+    pub fn secret(&self, names: &[&str], target: &mut Option<String>) -> Result<(), ConfigError> {
+        if let Some((_, value)) = self.lookup(names) {
+            *target = Some(value);
+            return Ok(());
+        }
+        let files: Vec<String> = names.iter().map(|n| format!("{n}_FILE")).collect();
+        let files: Vec<&str> = files.iter().map(String::as_str).collect();
+        if let Some((name, path)) = self.lookup(&files) {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::invalid(&name, &path, format!("cannot read it: {e}")))?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(ConfigError::invalid(&name, &path, "the file is empty"));
+            }
+            *target = Some(token.to_string());
+        }
+        Ok(())
     }
 
     /// A boolean: true/false, 1/0, yes/no, on/off.
@@ -436,6 +493,46 @@ mod tests {
                 timeout: Duration::from_millis(100)
             }
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_secret_comes_from_its_variable_or_else_its_file_read_at_each_load() {
+        let dir = std::env::temp_dir().join(format!("esper-cfg-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let path = file.display().to_string();
+        let read = |env: &HashMap<String, String>| {
+            let mut t = None;
+            Vars::new(env)
+                .secret(&["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"], &mut t)
+                .map(|()| t)
+        };
+        let env: HashMap<String, String> = [("ADMIN_TOKEN_FILE".to_string(), path.clone())].into();
+        assert_eq!(read(&env).unwrap().as_deref(), Some("from-file"));
+        std::fs::write(&file, "rotated").unwrap();
+        assert_eq!(read(&env).unwrap().as_deref(), Some("rotated"));
+        let both: HashMap<String, String> = [
+            ("ADMIN_TOKEN_FILE".to_string(), path.clone()),
+            ("ADMIN_TOKEN".to_string(), "plain".to_string()),
+        ]
+        .into();
+        assert_eq!(
+            read(&both).unwrap().as_deref(),
+            Some("plain"),
+            "a value wins over a file"
+        );
+        std::fs::write(&file, " \n").unwrap();
+        let e = read(&env).unwrap_err().to_string();
+        assert!(e.contains("ADMIN_TOKEN_FILE") && e.contains("empty"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        let e = read(&env).unwrap_err().to_string();
+        assert!(
+            e.contains("ADMIN_TOKEN_FILE") && e.contains("cannot read"),
+            "{e}"
+        );
+        assert_eq!(read(&HashMap::new()).unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -334,47 +334,103 @@ pub fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
     presented.len() == expected.len() && bool::from(presented.ct_eq(expected))
 }
 
-/// Middleware: every request must carry `Authorization: Bearer <token>`. With `None`
-/// (no token configured) every request passes.
-pub async fn require_bearer(
-    State(token): State<Option<Arc<str>>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    match token.as_deref() {
-        Some(expected) if !token_matches(req.headers(), expected) => {
-            ApiError::Unauthorized.into_response()
-        }
-        _ => next.run(req).await,
+/// The bearer tokens a service accepts: its token and, while a rotation is under way,
+/// the one it replaces. Shared by the layers that check them; a reload replaces them
+/// and the next request is checked against the new ones. None at all: the service is
+/// open.
+#[derive(Clone, Default)]
+pub struct Accepted(Arc<arc_swap::ArcSwap<Vec<String>>>);
+
+impl Accepted {
+    pub fn new(token: Option<&str>, previous: Option<&str>) -> Accepted {
+        let accepted = Accepted::default();
+        accepted.set(token, previous);
+        accepted
+    }
+
+    /// Replaces the accepted tokens (empty ones count as none); `true` when they changed.
+    pub fn set(&self, token: Option<&str>, previous: Option<&str>) -> bool {
+        let mut next: Vec<String> = [token, previous]
+            .into_iter()
+            .flatten()
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect();
+        next.dedup();
+        let before = self.0.swap(Arc::new(next.clone()));
+        *before != next
+    }
+
+    /// No token: every request passes.
+    pub fn is_open(&self) -> bool {
+        self.0.load().is_empty()
+    }
+
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let tokens = self.0.load();
+        // Every token is compared, so the time taken does not tell which matched.
+        tokens.is_empty()
+            || tokens
+                .iter()
+                .fold(false, |hit, t| token_matches(headers, t) | hit)
     }
 }
 
-/// Wraps `router` with `require_bearer` for `token`.
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Accepted({} tokens)", self.0.load().len())
+    }
+}
+
+/// Middleware: every request must carry `Authorization: Bearer <token>` with one of the
+/// accepted tokens; with none accepted every request passes.
+pub async fn require_bearer(
+    State(accepted): State<Accepted>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if accepted.admits(req.headers()) {
+        next.run(req).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+/// Wraps `router` with `require_bearer` for `accepted`.
 pub fn with_bearer<S: Clone + Send + Sync + 'static>(
     router: Router<S>,
-    token: Option<String>,
+    accepted: Accepted,
 ) -> Router<S> {
-    let token: Option<Arc<str>> = token.filter(|t| !t.is_empty()).map(Arc::from);
-    router.layer(axum::middleware::from_fn_with_state(token, require_bearer))
+    router.layer(axum::middleware::from_fn_with_state(
+        accepted,
+        require_bearer,
+    ))
 }
 
 /// Wraps destructive admin routes of a service whose token is optional (the brokers'
-/// `cache/clear`, `queue/purge`): with no token configured they answer loopback clients
+/// `cache/clear`, `queue/purge`): while it has no token they answer loopback clients
 /// only, since anyone who could reach an open broker could otherwise wipe it. With a
 /// token, `with_bearer` guards them like every other route. `setting` names the token's
 /// environment variable in the refusal.
 pub fn loopback_unless_token<S: Clone + Send + Sync + 'static>(
     router: Router<S>,
-    token: Option<&str>,
+    accepted: Accepted,
     setting: &'static str,
 ) -> Router<S> {
-    if token.is_some_and(|t| !t.is_empty()) {
-        return router;
-    }
-    router.layer(axum::middleware::from_fn_with_state(setting, refuse_remote))
+    router.layer(axum::middleware::from_fn_with_state(
+        (accepted, setting),
+        refuse_remote,
+    ))
 }
 
-async fn refuse_remote(State(setting): State<&'static str>, req: Request, next: Next) -> Response {
+async fn refuse_remote(
+    State((accepted, setting)): State<(Accepted, &'static str)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if !accepted.is_open() {
+        return next.run(req).await;
+    }
     // Without a peer address (a router served without connect info) the client is
     // unknown, so it is refused as a remote one would be.
     let local = req
@@ -747,12 +803,33 @@ mod tests {
         assert!(!token_matches(&h, "secret"));
     }
 
+    #[test]
+    fn a_rotation_accepts_both_tokens_until_the_old_one_is_dropped() {
+        let bearer = |t: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(t));
+            h
+        };
+        let accepted = Accepted::new(Some("old"), None);
+        assert!(accepted.admits(&bearer("Bearer old")));
+        assert!(!accepted.admits(&bearer("Bearer new")));
+        assert!(accepted.set(Some("new"), Some("old")));
+        assert!(accepted.admits(&bearer("Bearer old")));
+        assert!(accepted.admits(&bearer("Bearer new")));
+        assert!(!accepted.admits(&HeaderMap::new()));
+        assert!(!accepted.set(Some("new"), Some("old")), "no change");
+        assert!(accepted.set(Some("new"), Some("")));
+        assert!(!accepted.admits(&bearer("Bearer old")));
+        assert!(accepted.set(None, None));
+        assert!(accepted.is_open() && accepted.admits(&HeaderMap::new()));
+    }
+
     /// Serves the guarded route on loopback, with or without the peer's address, and
     /// answers the status a loopback client gets.
     async fn loopback_status(with_peer: bool) -> reqwest::StatusCode {
         let router = loopback_unless_token(
             Router::new().route("/clear", axum::routing::post(|| async { "cleared" })),
-            None,
+            Accepted::default(),
             "TOKEN",
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use esper_common::config::{ConfigError, Vars, parse_duration_ms, parse_duration_secs};
+use esper_common::config::{
+    ConfigError, Vars, check_token, parse_duration_ms, parse_duration_secs,
+};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -516,11 +518,11 @@ impl Config {
             &["ESPER_PROXY_FOLLOW_CONFIG"],
             &mut self.follow_control_config,
         )?;
-        vars.string_opt(
+        vars.secret(
             &["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"],
             &mut self.broker_token,
-        );
-        vars.string_opt(&["ESPER_TOKEN"], &mut self.control_token);
+        )?;
+        vars.secret(&["ESPER_TOKEN"], &mut self.control_token)?;
         vars.parse(&["ESPER_PROXY_BATCH_SIZE"], &mut self.batch_size)?;
         vars.duration(
             &["ESPER_FLUSH_INTERVAL", "BATCH_TIMEOUT_MS"],
@@ -584,7 +586,7 @@ impl Config {
         if let Some((_, v)) = vars.lookup(&["ESPER_TEMPLATES_DIR"]) {
             self.templates_dir = Some(PathBuf::from(v));
         }
-        vars.string_opt(&["ESPER_CHALLENGE_SECRET"], &mut self.challenge_secret);
+        vars.secret(&["ESPER_CHALLENGE_SECRET"], &mut self.challenge_secret)?;
         vars.duration(&["ESPER_CHALLENGE_TTL"], secs, &mut self.challenge_ttl)?;
         vars.duration(
             &["ESPER_CHALLENGE_FALLBACK_DELAY"],
@@ -612,6 +614,8 @@ impl Config {
 
     /// Checks every option once; the error names the option and the bad value.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_token("broker_token", self.broker_token.as_deref())?;
+        check_token("control_token", self.control_token.as_deref())?;
         if self.apps.is_empty() {
             if self.upstream.trim().is_empty() {
                 return Err(ConfigError::invalid(

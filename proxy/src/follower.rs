@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use esper_common::Shutdown;
-use esper_protocol::{ClientError, MitigationClient};
+use esper_protocol::{ClientError, MitigationClient, Token};
 
 use crate::cache::{MitigationCache, Overflow, SnapshotBuilder};
 use crate::metrics::Metrics;
@@ -47,10 +47,11 @@ struct Pending {
     snapshot: SnapshotBuilder,
 }
 
-/// One client per broker URL in `urls` (comma-separated; blanks ignored).
-pub fn clients(urls: &str, token: Option<String>) -> Vec<MitigationClient> {
+/// One client per broker URL in `urls` (comma-separated; blanks ignored), all sending
+/// `token`.
+pub fn clients(urls: &str, token: &Token) -> Vec<MitigationClient> {
     broker_urls(urls)
-        .map(|u| MitigationClient::new(u, token.clone()))
+        .map(|u| MitigationClient::new(u, None).with_token(token.clone()))
         .collect()
 }
 
@@ -238,7 +239,7 @@ mod tests {
         let urls: Vec<_> = broker_urls("http://a:8083").collect();
         assert_eq!(urls, ["http://a:8083"]);
         let list = " http://a:8083 , http://b:8083/,, ";
-        let urls: Vec<_> = clients(list, None)
+        let urls: Vec<_> = clients(list, &Token::default())
             .iter()
             .map(|c| c.url().to_string())
             .collect();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use esper_common::Shutdown;
-use esper_protocol::ProxyHeartbeat;
+use esper_protocol::{ProxyHeartbeat, Token};
 
 use crate::cache::MitigationCache;
 use crate::metrics::Metrics;
@@ -53,7 +53,7 @@ impl Reporter {
 /// Sends a heartbeat every `interval` until shutdown; failures are logged, never fatal.
 pub async fn run(
     url: String,
-    token: Option<String>,
+    token: Token,
     interval: Duration,
     reporter: Reporter,
     shutdown: Shutdown,
@@ -68,10 +68,7 @@ pub async fn run(
     };
     let mut healthy = true;
     loop {
-        let mut req = http.post(&endpoint).json(&reporter.beat());
-        if let Some(t) = token.as_deref().filter(|t| !t.is_empty()) {
-            req = req.bearer_auth(t);
-        }
+        let req = token.authorize(http.post(&endpoint).json(&reporter.beat()));
         let result = tokio::select! {
             r = req.send() => r,
             _ = shutdown.wait() => break,

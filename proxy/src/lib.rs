@@ -41,7 +41,7 @@ use chrono::Utc;
 use esper_common::Shutdown;
 use esper_common::config::ConfigError;
 use esper_common::http::BindError;
-use esper_protocol::{ChallengeKey, IngestionClient};
+use esper_protocol::{ChallengeKey, IngestionClient, Token};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -202,6 +202,10 @@ pub struct Reloader {
     deployment_key: Arc<parking_lot::Mutex<Option<ChallengeKey>>>,
     /// Shows which key signs (`esper_proxy_challenge_key_revision`).
     metrics: Arc<Metrics>,
+    /// What the forwarder and the stream followers send to the brokers.
+    broker_token: Token,
+    /// What the heartbeats and the control plane followers send.
+    control_token: Token,
 }
 
 /// The local configuration (file, environment and flags, as last read at start or on
@@ -227,7 +231,8 @@ impl Reloader {
     /// neither source undoes the other. It swaps in apps (upstream pools, sampling,
     /// templates), default app, trusted proxies, allowlists and certificates. Requests in
     /// flight finish with the state they started with; no connection is dropped. A new
-    /// `challenge_secret` signs from then on, the one before still honoured. Listeners,
+    /// `challenge_secret` signs from then on, the one before still honoured; new broker and
+    /// control tokens are sent from the next request on. Listeners,
     /// brokers and the other process-wide settings keep
     /// their start-up values (a warning names any that changed). On error nothing
     /// changes.
@@ -336,6 +341,18 @@ impl Reloader {
                 "the challenge key changed: new challenges and cookies are signed with it"
             );
         }
+        // Only the local configuration sets them (a control plane's document cannot).
+        for (changed, what) in [
+            (self.broker_token.set(config.broker_token.clone()), "broker"),
+            (
+                self.control_token.set(config.control_token.clone()),
+                "control plane",
+            ),
+        ] {
+            if changed {
+                tracing::info!("the {what} token changed: sent from the next request on");
+            }
+        }
         tracing::info!(?apps, "configuration reloaded");
         Ok(())
     }
@@ -372,6 +389,8 @@ const RELOADED: &[&str] = &[
     "unknown_host_status",
     "tls_certificates",
     "challenge_secret",
+    "broker_token",
+    "control_token",
 ];
 
 /// The options that differ between `started` and `next` but keep their start-up values
@@ -569,9 +588,12 @@ pub async fn start(
     );
 
     let (finish, finish_rx) = watch::channel(false);
+    // Shared with the clients that send them, so a reload replaces them in every one.
+    let broker_token = Token::new(config.broker_token.clone());
+    let control_token = Token::new(config.control_token.clone());
     let mut forwarder = Forwarder::new(
         queue,
-        IngestionClient::new(&config.ingestion_url, config.broker_token.clone()),
+        IngestionClient::new(&config.ingestion_url, None).with_token(broker_token.clone()),
         config.flush_interval,
         metrics.clone(),
         status.clone(),
@@ -582,7 +604,7 @@ pub async fn start(
     let forwarder = tokio::spawn(forwarder.run(finish_rx));
     let mut tasks = vec![
         tokio::spawn(follower::follow(
-            follower::clients(&config.mitigation_url, config.broker_token.clone()),
+            follower::clients(&config.mitigation_url, &broker_token),
             cache.clone(),
             metrics.clone(),
             status.clone(),
@@ -598,7 +620,7 @@ pub async fn start(
     if let Some(url) = config.control_url.clone() {
         tasks.push(tokio::spawn(heartbeat::run(
             url,
-            config.control_token.clone(),
+            control_token.clone(),
             config.heartbeat_interval,
             heartbeat::Reporter {
                 proxy_id,
@@ -631,13 +653,15 @@ pub async fn start(
         challenger,
         deployment_key: Arc::default(),
         metrics: metrics.clone(),
+        broker_token,
+        control_token: control_token.clone(),
     };
     // Asked even with a secret set: a reload may take the secret away.
     if let Some(url) = config.control_url.clone() {
         tasks.push(tokio::spawn(remote::follow_challenge_key(
             remote::Follow {
                 control_url: url.clone(),
-                token: config.control_token.clone(),
+                token: control_token.clone(),
                 reloader: reloader.clone(),
                 metrics: metrics.clone(),
                 wait: config.stream_wait,
@@ -651,7 +675,7 @@ pub async fn start(
         tasks.push(tokio::spawn(remote::follow(
             remote::Follow {
                 control_url: url,
-                token: config.control_token.clone(),
+                token: control_token.clone(),
                 reloader: reloader.clone(),
                 metrics: metrics.clone(),
                 wait: config.stream_wait,

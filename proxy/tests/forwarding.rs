@@ -429,3 +429,83 @@ async fn header_names_go_out_lowercase_unless_their_case_is_kept() {
     );
     proxy.stop().await.unwrap();
 }
+
+/// A broker token rotated and reloaded is sent from then on, with no restart: the
+/// mitigation broker's stream is followed again and events reach the ingestion broker.
+#[tokio::test]
+async fn a_reload_sends_the_rotated_broker_token() {
+    let (old, new) = ("old-broker-token-1", "new-broker-token-2");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop_ingestion, shutdown) = esper_common::Shutdown::new();
+    let ingestion = esper_ingestion::start(
+        esper_ingestion::Config {
+            token: Some(new.into()),
+            ..esper_ingestion::Config::default()
+        },
+        listener,
+        shutdown,
+    )
+    .await
+    .unwrap();
+    let ingestion_url = format!("http://{}", ingestion.local_addr());
+    let mitigations = support::mitigations_with(
+        "127.0.0.1:0".parse().unwrap(),
+        esper_mitigation::Config {
+            token: Some(new.into()),
+            ..esper_mitigation::Config::default()
+        },
+    )
+    .await;
+    mitigations.client.token().set(Some(new.into()));
+    let up = upstream().await;
+    let mut cfg = config(up.addr, &ingestion_url, &mitigations.url);
+    cfg.broker_token = Some(old.into());
+    let proxy = start_proxy(cfg.clone()).await;
+    mitigations
+        .publish(
+            "ip:127.0.0.5",
+            esper_protocol::Action::Block,
+            Duration::from_secs(600),
+        )
+        .await;
+    // Refused by the broker, the proxy cannot follow its stream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(support::status_from("127.0.0.5", &proxy.url).await, 200);
+
+    cfg.broker_token = Some(new.into());
+    proxy.handle().reload(cfg).await.unwrap();
+    assert!(
+        support::wait_for_status("127.0.0.5", &proxy.url, 403, Duration::from_secs(10)).await,
+        "the block is followed with the new token"
+    );
+    let resp = client_from("127.0.0.6")
+        .get(format!("{}/after-reload", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let claimer = esper_protocol::IngestionClient::new(&ingestion_url, Some(new.into()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut delivered = false;
+    while !delivered && Instant::now() < deadline {
+        let claimed = claimer
+            .claim(
+                "test",
+                100,
+                Duration::from_secs(60),
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap();
+        delivered = claimed
+            .items
+            .iter()
+            .any(|i| i.event.path == "/after-reload");
+    }
+    assert!(delivered, "events are sent with the new token");
+
+    proxy.stop().await.unwrap();
+    mitigations.stop().await;
+    stop_ingestion.trigger();
+    ingestion.wait().await.unwrap();
+}

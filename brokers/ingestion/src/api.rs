@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use esper_common::health::{self, ComponentHealth, HealthCheck, HealthReport};
 use esper_common::http::{
-    ApiError, Json, Path, Query, loopback_unless_token, method_not_allowed, standard_layers,
-    with_bearer,
+    Accepted, ApiError, Json, Path, Query, loopback_unless_token, method_not_allowed,
+    standard_layers, with_bearer,
 };
 use esper_common::shutdown::Shutdown;
 use esper_protocol::ingestion::{
@@ -50,7 +50,7 @@ struct Inner {
     store: Arc<dyn QueueStore>,
     metrics: Metrics,
     shutdown: Shutdown,
-    token: Option<String>,
+    accepted: Accepted,
     body_limit: usize,
     batch_timeout: Duration,
     max_claim_wait: Duration,
@@ -70,7 +70,7 @@ impl AppState {
                 store,
                 metrics,
                 shutdown,
-                token: config.token.clone(),
+                accepted: Accepted::new(config.token.as_deref(), config.previous_token.as_deref()),
                 body_limit: config.max_body_bytes,
                 batch_timeout: config.batch_timeout,
                 max_claim_wait: config.max_claim_wait,
@@ -87,6 +87,11 @@ impl AppState {
     /// The broker's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// The tokens the API accepts; a reload replaces them.
+    pub fn accepted(&self) -> &Accepted {
+        &self.inner.accepted
     }
 }
 
@@ -109,8 +114,8 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/api/queue/purge", post(purge))
         .with_state(state.clone());
-    let admin = loopback_unless_token(admin, state.inner.token.as_deref(), TOKEN_SETTING);
-    let api = with_bearer(api.merge(admin), state.inner.token.clone());
+    let admin = loopback_unless_token(admin, state.inner.accepted.clone(), TOKEN_SETTING);
+    let api = with_bearer(api.merge(admin), state.inner.accepted.clone());
     let ops = Router::new()
         .route("/metrics", get(metrics))
         .with_state(state.clone());

@@ -4,7 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use esper_common::config::{ConfigError, Vars, parse_duration_ms, parse_duration_secs};
+use esper_common::config::{
+    ConfigError, Vars, check_token, parse_duration_ms, parse_duration_secs,
+};
 use serde::{Deserialize, Serialize};
 
 /// Default listener: API, health and metrics on one port.
@@ -65,6 +67,10 @@ pub struct Config {
     /// Bearer token every `/api/*` route requires when set; health and metrics stay open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// A token accepted besides `token` while clients move to it from this one (a
+    /// rotation without refusals); a reload applies both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_token: Option<String>,
     /// Key prefix in Redis (`{prefix}:ingest:*`); instances with the same Redis and
     /// prefix share one queue.
     pub redis_prefix: String,
@@ -91,6 +97,7 @@ impl Default for Config {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             token: None,
+            previous_token: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
             redis_url: None,
             cluster_mode: false,
@@ -131,7 +138,8 @@ impl Config {
             secs,
             &mut self.shutdown_timeout,
         )?;
-        vars.string_opt(&["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"], &mut self.token);
+        vars.secret(&["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"], &mut self.token)?;
+        vars.secret(&["ESPER_BROKER_PREVIOUS_TOKEN"], &mut self.previous_token)?;
         vars.string_opt(
             &["ESPER_INGESTION_REDIS_URL", "REDIS_URL"],
             &mut self.redis_url,
@@ -191,13 +199,13 @@ impl Config {
             self.shutdown_timeout,
             MAX_SHUTDOWN_TIMEOUT,
         )?;
-        if let Some(token) = &self.token
-            && (token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()))
-        {
+        check_token("token", self.token.as_deref())?;
+        check_token("previous_token", self.previous_token.as_deref())?;
+        if self.previous_token.is_some() && self.token.is_none() {
             return Err(ConfigError::invalid(
-                "token",
+                "previous_token",
                 "(hidden)",
-                "must be non-empty, without spaces or control characters",
+                "is accepted beside `token` during a rotation: set `token` (ESPER_BROKER_TOKEN) too",
             ));
         }
         Ok(())

@@ -13,7 +13,8 @@ pub mod store;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use esper_common::config::ConfigError;
+use esper_common::config::{ConfigError, Reloaded};
+use esper_common::http::Accepted;
 use esper_common::service::Served;
 use esper_common::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -65,9 +66,37 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn QueueStore>, Error> {
 pub struct Broker {
     served: Served<Error>,
     store: Arc<dyn QueueStore>,
+    accepted: Accepted,
+}
+
+/// Applies a configuration read again (SIGHUP) to a running broker: the tokens it
+/// accepts change at once; the other settings at the next start.
+#[derive(Clone, Debug)]
+pub struct Reloader {
+    accepted: Accepted,
+}
+
+impl Reloader {
+    pub fn apply(&self, config: &Config) -> Reloaded {
+        let mut done = Reloaded::default();
+        let changed = self
+            .accepted
+            .set(config.token.as_deref(), config.previous_token.as_deref());
+        if changed {
+            done.applied.extend(["token", "previous_token"]);
+        }
+        done
+    }
 }
 
 impl Broker {
+    /// Applies reloaded configurations to this broker.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            accepted: self.accepted.clone(),
+        }
+    }
+
     /// The address the broker answers on.
     pub fn local_addr(&self) -> SocketAddr {
         self.served.local_addr()
@@ -111,6 +140,7 @@ pub async fn start_with_store(
     );
     let metrics = Metrics::new()?;
     let state = AppState::new(&config, store.clone(), metrics, shutdown.clone());
+    let accepted = state.accepted().clone();
     let app = router(state);
     tracing::info!(
         %addr,
@@ -128,7 +158,11 @@ pub async fn start_with_store(
         tracing::info!("ingestion broker stopped");
         Ok(())
     });
-    Ok(Broker { served, store })
+    Ok(Broker {
+        served,
+        store,
+        accepted,
+    })
 }
 
 /// Serves until `shutdown`, then drains in-flight requests and returns.

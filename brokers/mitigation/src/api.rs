@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use esper_common::health::{self, ComponentHealth, HealthCheck, HealthReport};
 use esper_common::http::{
-    ApiError, Json, Path, Query, loopback_unless_token, method_not_allowed, standard_layers,
-    with_bearer,
+    Accepted, ApiError, Json, Path, Query, loopback_unless_token, method_not_allowed,
+    standard_layers, with_bearer,
 };
 use esper_common::shutdown::Shutdown;
 use esper_protocol::mitigation::{
@@ -45,7 +45,7 @@ struct Inner {
     store: Arc<dyn MitigationStore>,
     metrics: Metrics,
     shutdown: Shutdown,
-    token: Option<String>,
+    accepted: Accepted,
     body_limit: usize,
     cache_ttl: Duration,
     page_size: usize,
@@ -68,7 +68,7 @@ impl AppState {
                 store,
                 metrics,
                 shutdown,
-                token: config.token.clone(),
+                accepted: Accepted::new(config.token.as_deref(), config.previous_token.as_deref()),
                 body_limit: config.max_body_bytes,
                 cache_ttl: config.cache_ttl,
                 page_size: config.stream_page_size,
@@ -86,6 +86,11 @@ impl AppState {
     /// The broker's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// The tokens the API accepts; a reload replaces them.
+    pub fn accepted(&self) -> &Accepted {
+        &self.inner.accepted
     }
 }
 
@@ -105,8 +110,8 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/api/cache/clear", post(clear))
         .with_state(state.clone());
-    let admin = loopback_unless_token(admin, state.inner.token.as_deref(), TOKEN_SETTING);
-    let api = with_bearer(api.merge(admin), state.inner.token.clone());
+    let admin = loopback_unless_token(admin, state.inner.accepted.clone(), TOKEN_SETTING);
+    let api = with_bearer(api.merge(admin), state.inner.accepted.clone());
     let ops = Router::new()
         .route("/metrics", get(metrics))
         .with_state(state.clone());

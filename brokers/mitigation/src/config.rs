@@ -4,7 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use esper_common::config::{ConfigError, Vars, parse_duration_ms, parse_duration_secs};
+use esper_common::config::{
+    ConfigError, Vars, check_token, parse_duration_ms, parse_duration_secs,
+};
 use serde::{Deserialize, Serialize};
 
 /// Default listener: API, health and metrics on one port.
@@ -108,6 +110,10 @@ pub struct Config {
     /// Bearer token every `/api/*` route requires when set; health and metrics stay open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// A token accepted besides `token` while clients move to it from this one (a
+    /// rotation without refusals); a reload applies both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_token: Option<String>,
     /// Key prefix in Redis (`{prefix}:mit:*`); instances with the same Redis and prefix
     /// share one store and one delta stream.
     pub redis_prefix: String,
@@ -138,6 +144,7 @@ impl Default for Config {
             persistence_outbox: DEFAULT_PERSISTENCE_OUTBOX,
             persistence_when_full: WhenFull::default(),
             token: None,
+            previous_token: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
             redis_url: None,
             cluster_mode: false,
@@ -182,16 +189,17 @@ impl Config {
             &mut self.persistence_enabled,
         )?;
         vars.string(&["ESPER_CONTROL_URL"], &mut self.control_url);
-        vars.string_opt(
+        vars.secret(
             &["ESPER_CONTROL_TOKEN", "ESPER_TOKEN"],
             &mut self.control_token,
-        );
+        )?;
         vars.parse(&["ESPER_PERSISTENCE_OUTBOX"], &mut self.persistence_outbox)?;
         vars.parse(
             &["ESPER_PERSISTENCE_WHEN_FULL"],
             &mut self.persistence_when_full,
         )?;
-        vars.string_opt(&["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"], &mut self.token);
+        vars.secret(&["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"], &mut self.token)?;
+        vars.secret(&["ESPER_BROKER_PREVIOUS_TOKEN"], &mut self.previous_token)?;
         vars.string_opt(
             &["ESPER_MITIGATION_REDIS_URL", "REDIS_URL"],
             &mut self.redis_url,
@@ -207,6 +215,7 @@ impl Config {
 
     /// Checks every value once, before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_token("control_token", self.control_token.as_deref())?;
         esper_common::config::check_instance(
             self.cluster_mode,
             self.redis_url.as_deref(),
@@ -259,13 +268,13 @@ impl Config {
             Duration::ZERO,
             MAX_SHUTDOWN_TIMEOUT,
         )?;
-        if let Some(token) = &self.token
-            && (token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()))
-        {
+        check_token("token", self.token.as_deref())?;
+        check_token("previous_token", self.previous_token.as_deref())?;
+        if self.previous_token.is_some() && self.token.is_none() {
             return Err(ConfigError::invalid(
-                "token",
+                "previous_token",
                 "(hidden)",
-                "must be non-empty, without spaces or control characters",
+                "is accepted beside `token` during a rotation: set `token` (ESPER_BROKER_TOKEN) too",
             ));
         }
         Ok(())

@@ -16,7 +16,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use esper_common::config::ConfigError;
+use esper_common::config::{ConfigError, Reloaded};
+use esper_common::http::Accepted;
 use esper_common::service::Served;
 use esper_common::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -63,9 +64,43 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn MitigationStore>, Err
 pub struct Broker {
     served: Served<Error>,
     store: Arc<dyn MitigationStore>,
+    reloader: Reloader,
+}
+
+/// Applies a configuration read again (SIGHUP) to a running broker: the tokens it
+/// accepts and the one its durable copy sends to the control plane change at once; the
+/// other settings at the next start.
+#[derive(Clone, Debug)]
+pub struct Reloader {
+    accepted: Accepted,
+    /// The decision log client's with persistence on; else one nothing sends, kept to
+    /// tell a change.
+    control_token: esper_protocol::Token,
+}
+
+impl Reloader {
+    pub fn apply(&self, config: &Config) -> Reloaded {
+        let mut done = Reloaded::default();
+        let changed = self
+            .accepted
+            .set(config.token.as_deref(), config.previous_token.as_deref());
+        if changed {
+            done.applied.extend(["token", "previous_token"]);
+        }
+        done.applied_if(
+            self.control_token.set(config.control_token.clone()),
+            "control_token",
+        );
+        done
+    }
 }
 
 impl Broker {
+    /// Applies reloaded configurations to this broker.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// The address the broker answers on.
     pub fn local_addr(&self) -> SocketAddr {
         self.served.local_addr()
@@ -123,6 +158,13 @@ pub async fn start_with_store(
         shutdown.clone(),
         persistence.as_ref().map(|(p, _)| p.clone()),
     );
+    let reloader = Reloader {
+        accepted: state.accepted().clone(),
+        control_token: match &persistence {
+            Some((p, _)) => p.control_token().clone(),
+            None => esper_protocol::Token::new(config.control_token.clone()),
+        },
+    };
     let app = router(state);
     tracing::info!(
         %addr,
@@ -178,7 +220,11 @@ pub async fn start_with_store(
         tracing::info!("mitigation broker stopped");
         Ok(())
     });
-    Ok(Broker { served, store })
+    Ok(Broker {
+        served,
+        store,
+        reloader,
+    })
 }
 
 /// Serves until `shutdown`, then drains in-flight requests and returns.

@@ -206,6 +206,11 @@ impl Persistence {
         }
     }
 
+    /// The token sent to the control plane; a reload replaces it.
+    pub fn control_token(&self) -> &esper_protocol::Token {
+        self.client.token()
+    }
+
     /// Refuses a write of `n` entries up front when an outbox in memory cannot take them
     /// and the policy is to reject (so the store is not changed for a write the log would
     /// miss; the store's own outbox checks in the write itself). Concurrent writes may

@@ -634,3 +634,58 @@ async fn a_client_of_several_instances_goes_on_to_one_that_answers() {
     assert!(err.to_string().contains(&closed.to_string()), "{err}");
     b.stop().await;
 }
+
+/// A token rotation without a refusal: the broker takes the new token and keeps the old
+/// one beside it (`previous_token`) while clients move over, then drops it.
+#[tokio::test]
+async fn a_reload_rotates_the_token_and_keeps_the_previous_one_until_told() {
+    let old = "old-broker-token-1";
+    let new = "new-broker-token-2";
+    let b = TestBroker::start(Config {
+        token: Some(old.into()),
+        ..config()
+    })
+    .await;
+    let status = |token: &'static str| {
+        let (http, url) = (b.http.clone(), b.url("/api/mitigations/active"));
+        async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!((status(old).await, status(new).await), (200, 401));
+
+    let done = b.reloader().apply(&Config {
+        token: Some(new.into()),
+        previous_token: Some(old.into()),
+        ..config()
+    });
+    assert_eq!(done.applied, ["token", "previous_token"], "{done:?}");
+    assert_eq!((status(old).await, status(new).await), (200, 200));
+    // A client moved over sends the new token from its next call.
+    b.client.token().set(Some(new.into()));
+    b.client
+        .publish(vec![block("a", "ip:192.0.2.1")])
+        .await
+        .unwrap();
+
+    let done = b.reloader().apply(&Config {
+        token: Some(new.into()),
+        ..config()
+    });
+    assert_eq!(done.applied, ["token", "previous_token"], "{done:?}");
+    assert_eq!((status(old).await, status(new).await), (401, 200));
+    // Persistence is off: nothing sends it, but it is taken, not left for a restart.
+    let done = b.reloader().apply(&Config {
+        token: Some(new.into()),
+        control_token: Some("ctl".into()),
+        ..config()
+    });
+    assert_eq!(done.applied, ["control_token"], "{done:?}");
+    b.stop().await;
+}

@@ -21,6 +21,7 @@ use crate::mitigation::{
     DeltaPage, Mitigation, MitigationList, PublishRequest, PublishResponse, RevokeRequest,
     RevokeResponse,
 };
+use crate::token::Token;
 
 /// Why a broker call failed.
 /// `; retry after 5s`, as the broker's `Retry-After` asked, or nothing.
@@ -92,7 +93,7 @@ pub(crate) struct Base {
     pub(crate) url: String,
     urls: Arc<[String]>,
     current: Arc<AtomicUsize>,
-    token: Option<String>,
+    pub(crate) token: Token,
     http: reqwest::Client,
 }
 
@@ -128,7 +129,7 @@ impl Base {
             url: url.trim_end_matches('/').to_string(),
             urls: urls.into(),
             current: Arc::new(AtomicUsize::new(0)),
-            token: token.filter(|t| !t.is_empty()),
+            token: Token::new(token),
             http,
         }
     }
@@ -140,10 +141,7 @@ impl Base {
     pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
         let base = &self.urls[self.current()];
         let rb = crate::trace_context::traced(self.http.request(method, format!("{base}{path}")));
-        match &self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        }
+        self.token.authorize(rb)
     }
 
     pub(crate) async fn send<T: DeserializeOwned>(
@@ -301,6 +299,17 @@ impl IngestionClient {
         &self.base.url
     }
 
+    /// The token this client and its clones send; [`Token::set`] replaces it for all.
+    pub fn token(&self) -> &Token {
+        &self.base.token
+    }
+
+    /// This client, sending `token` (shared with its other holders) instead.
+    pub fn with_token(mut self, token: Token) -> Self {
+        self.base.token = token;
+        self
+    }
+
     /// Enqueues a batch; `Backpressure` when the queue is full or paused.
     pub async fn ingest(&self, events: Vec<RequestEvent>) -> Result<IngestResponse, ClientError> {
         self.ingest_slice(&events).await
@@ -437,6 +446,17 @@ impl MitigationClient {
 
     pub fn url(&self) -> &str {
         &self.base.url
+    }
+
+    /// The token this client and its clones send; [`Token::set`] replaces it for all.
+    pub fn token(&self) -> &Token {
+        &self.base.token
+    }
+
+    /// This client, sending `token` (shared with its other holders) instead.
+    pub fn with_token(mut self, token: Token) -> Self {
+        self.base.token = token;
+        self
     }
 
     pub async fn publish(

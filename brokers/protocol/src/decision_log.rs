@@ -186,6 +186,17 @@ impl DecisionLogClient {
         &self.base.url
     }
 
+    /// The token this client and its clones send; [`crate::Token::set`] replaces it for all.
+    pub fn token(&self) -> &crate::Token {
+        &self.base.token
+    }
+
+    /// This client, sending `token` (shared with its other holders) instead.
+    pub fn with_token(mut self, token: crate::Token) -> Self {
+        self.base.token = token;
+        self
+    }
+
     /// `POST /api/v1/decisions`: appends, ignoring ids already logged.
     pub async fn record(&self, decisions: Vec<Decision>) -> Result<(), ClientError> {
         self.base

@@ -12,6 +12,7 @@ mod event_json;
 pub mod ingestion;
 pub mod mitigation;
 pub mod outbox;
+pub mod token;
 pub mod trace_context;
 
 pub use client::{ClientError, IngestionClient, MitigationClient, trust_ca};
@@ -35,3 +36,4 @@ pub use mitigation::{
     Action, Change, DeltaPage, MAX_CHALLENGE_DIFFICULTY, MAX_TARPIT_MS, Mitigation, Origin, Reason,
     Scope,
 };
+pub use token::Token;

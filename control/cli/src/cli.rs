@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use esper_common::config::{self, ConfigError, ProcessEnv, Vars};
+use esper_common::config::{self, ConfigError, ProcessEnv, Reloaded, Vars};
 use esper_common::telemetry::{self, LogFormat};
 use esper_common::{Shutdown, shutdown};
 use serde::de::DeserializeOwned;
@@ -495,42 +495,11 @@ async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
         ServerCommand::Run(args) => {
             let cfg = server_config(&args, file)?;
             let path = file.map(Path::to_path_buf);
-            // Filled once the server runs; a SIGHUP before that only reports.
-            let reloader =
-                std::sync::Arc::new(std::sync::OnceLock::<esper_control::Reloader>::new());
-            let slot = reloader.clone();
-            apply_on_hangup(
+            let reloader = apply_once_started(
                 &cfg,
                 move || server_config(&args, path.as_deref()),
-                move |cfg| {
-                    let slot = slot.clone();
-                    Box::pin(async move {
-                        let (applied, mut kept) = match slot.get() {
-                            Some(r) => {
-                                let done = r.apply(&cfg).await;
-                                (done.applied, done.kept)
-                            }
-                            None => (
-                                Vec::new(),
-                                vec![(
-                                    "reload",
-                                    "the server is still starting; send SIGHUP again".into(),
-                                )],
-                            ),
-                        };
-                        // The environment wins over the file and is fixed at start.
-                        if std::env::var("ESPER_ADMIN_TOKEN").is_ok_and(|v| !v.is_empty()) {
-                            kept.push((
-                                "admin_token",
-                                "ESPER_ADMIN_TOKEN in the environment wins over the --config \
-                                 file and is fixed at start; to rotate the token with a \
-                                 reload, set it in the file only"
-                                    .into(),
-                            ));
-                        }
-                        (applied, kept)
-                    })
-                },
+                &["ESPER_ADMIN_TOKEN", "ESPER_BROKER_TOKEN", "ADMIN_TOKEN"],
+                |r: esper_control::Reloader, cfg| Box::pin(async move { r.apply(&cfg).await }),
             );
             with_signals(|shutdown| async move {
                 let listeners = esper_control::Listeners::bind(&cfg).await?;
@@ -606,7 +575,17 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
         WorkerCommand::Run(WorkerKind::Engine(run)) => {
             let cfg = worker_config(&run.args, file)?;
             let (args, path) = (run.args.clone(), file.map(Path::to_path_buf));
-            report_on_hangup(&cfg, move || worker_config(&args, path.as_deref()));
+            let tokens = esper_engine::Tokens::new(&cfg);
+            let taken = tokens.clone();
+            apply_on_hangup(
+                &cfg,
+                move || worker_config(&args, path.as_deref()),
+                WORKER_TOKENS,
+                move |cfg| {
+                    let done = taken.apply(&cfg);
+                    Box::pin(async move { done })
+                },
+            );
             let profile = run
                 .cpuprofile
                 .as_deref()
@@ -619,7 +598,7 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
                 .transpose()?;
             let result = with_signals(|shutdown| async move {
                 let ops = bind_worker_ops(cfg.listen).await?;
-                esper_engine::run(cfg, ops, shutdown).await?;
+                esper_engine::run_with(cfg, ops, shutdown, tokens).await?;
                 Ok(())
             })
             .await;
@@ -668,10 +647,17 @@ async fn broker(cmd: BrokerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             };
             let cfg = read(file)?;
             let path = file.map(Path::to_path_buf);
-            report_on_hangup(&cfg, move || Ok(read(path.as_deref())?));
+            let reloader = apply_once_started(
+                &cfg,
+                move || Ok(read(path.as_deref())?),
+                INGESTION_TOKENS,
+                |r: esper_ingestion::Reloader, cfg| Box::pin(async move { r.apply(&cfg) }),
+            );
             with_signals(|shutdown| async move {
                 let l = esper_common::http::bind("ingestion broker", cfg.listen).await?;
-                esper_ingestion::run(cfg, l, shutdown).await?;
+                let broker = esper_ingestion::start(cfg, l, shutdown).await?;
+                let _ = reloader.set(broker.reloader());
+                broker.wait().await?;
                 Ok(())
             })
             .await
@@ -688,10 +674,17 @@ async fn broker(cmd: BrokerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             };
             let cfg = read(file)?;
             let path = file.map(Path::to_path_buf);
-            report_on_hangup(&cfg, move || Ok(read(path.as_deref())?));
+            let reloader = apply_once_started(
+                &cfg,
+                move || Ok(read(path.as_deref())?),
+                MITIGATION_TOKENS,
+                |r: esper_mitigation::Reloader, cfg| Box::pin(async move { r.apply(&cfg) }),
+            );
             with_signals(|shutdown| async move {
                 let l = esper_common::http::bind("mitigation broker", cfg.listen).await?;
-                esper_mitigation::run(cfg, l, shutdown).await?;
+                let broker = esper_mitigation::start(cfg, l, shutdown).await?;
+                let _ = reloader.set(broker.reloader());
+                broker.wait().await?;
                 Ok(())
             })
             .await
@@ -729,36 +722,73 @@ async fn proxy(cmd: ProxyCommand, file: Option<&Path>) -> anyhow::Result<ExitCod
     }
 }
 
-/// The brokers and the worker apply their configuration at start (the server most of
-/// it: see [`apply_on_hangup`]). On SIGHUP (what the systemd units' `reload` sends) they
-/// read it again (file, environment, the flags given at start) and log which settings
-/// differ from the running ones, to take effect on a restart, instead of ending as the
-/// signal's default would have them do. A configuration that no longer loads is logged
-/// as such.
-fn report_on_hangup<C>(running: &C, read: impl Fn() -> anyhow::Result<C> + Send + 'static)
+/// The environment variables of the tokens each service can take on a reload: one set
+/// in the process's environment is fixed at start (it wins over the file read again).
+const INGESTION_TOKENS: &[&str] = &[
+    "ESPER_BROKER_TOKEN",
+    "ADMIN_TOKEN",
+    "ESPER_BROKER_PREVIOUS_TOKEN",
+];
+const MITIGATION_TOKENS: &[&str] = &[
+    "ESPER_BROKER_TOKEN",
+    "ADMIN_TOKEN",
+    "ESPER_BROKER_PREVIOUS_TOKEN",
+    "ESPER_CONTROL_TOKEN",
+    "ESPER_TOKEN",
+];
+const WORKER_TOKENS: &[&str] = &[
+    "ESPER_BROKER_TOKEN",
+    "ADMIN_TOKEN",
+    "ESPER_CONTROL_TOKEN",
+    "ESPER_TOKEN",
+];
+
+type Applying = std::pin::Pin<Box<dyn std::future::Future<Output = Reloaded> + Send>>;
+
+/// [`apply_on_hangup`] through the reloader the returned slot is given once the service
+/// runs; a SIGHUP before that only reports.
+fn apply_once_started<C, R>(
+    running: &C,
+    read: impl Fn() -> anyhow::Result<C> + Send + 'static,
+    fixed_env: &'static [&'static str],
+    apply: impl Fn(R, C) -> Applying + Send + Sync + 'static,
+) -> std::sync::Arc<std::sync::OnceLock<R>>
 where
     C: serde::Serialize + Send + 'static,
+    R: Clone + Send + Sync + 'static,
 {
-    apply_on_hangup(running, read, |_| {
-        Box::pin(async { (Vec::new(), Vec::new()) })
+    let slot = std::sync::Arc::new(std::sync::OnceLock::<R>::new());
+    let held = slot.clone();
+    apply_on_hangup(running, read, fixed_env, move |cfg| match held.get() {
+        Some(r) => apply(r.clone(), cfg),
+        None => Box::pin(async {
+            Reloaded {
+                applied: Vec::new(),
+                kept: vec![(
+                    "reload",
+                    "the service is still starting; send SIGHUP again".into(),
+                )],
+            }
+        }),
     });
+    slot
 }
 
-/// What a service applied of a configuration read again, and what it kept, with why.
-type Applied = (Vec<&'static str>, Vec<(&'static str, String)>);
-
-/// On each SIGHUP, reads the configuration again, lets `apply` take what the running
-/// service can change at once, and logs what it applied, what it kept (and why), and
-/// which other settings differ and take effect on a restart.
+/// On each SIGHUP (what the systemd units' `reload` sends), reads the configuration
+/// again (file, environment, the flags given at start), lets `apply` take what the
+/// running service can change at once, and logs what it applied, what it kept (and
+/// why), and which other settings differ and take effect on a restart, instead of
+/// ending as the signal's default would have the process do. A configuration that no
+/// longer loads is logged as such. `fixed_env`: the variables of settings `apply` takes
+/// which, set in the process's environment, stay as they were at start.
 fn apply_on_hangup<C, A>(
     running: &C,
     read: impl Fn() -> anyhow::Result<C> + Send + 'static,
+    fixed_env: &'static [&'static str],
     apply: A,
 ) where
     C: serde::Serialize + Send + 'static,
-    A: Fn(C) -> std::pin::Pin<Box<dyn std::future::Future<Output = Applied> + Send>>
-        + Send
-        + 'static,
+    A: Fn(C) -> Applying + Send + 'static,
 {
     use tokio::signal::unix::{SignalKind, signal};
     // Installed before the service starts, so no SIGHUP finds the default action.
@@ -784,12 +814,25 @@ fn apply_on_hangup<C, A>(
             };
             let now = serde_json::to_value(&cfg).unwrap_or_default();
             let changed = changed_settings(&running, &now);
-            let (applied, kept) = apply(cfg).await;
+            let Reloaded { applied, kept } = apply(cfg).await;
             if !applied.is_empty() {
                 tracing::info!(applied = %applied.join(", "), "SIGHUP: settings applied");
             }
             for (setting, why) in &kept {
                 tracing::warn!(setting, reason = %why, "SIGHUP: setting kept as it was");
+            }
+            let fixed: Vec<&str> = fixed_env
+                .iter()
+                .copied()
+                .filter(|n| std::env::var(n).is_ok_and(|v| !v.trim().is_empty()))
+                .collect();
+            if !fixed.is_empty() {
+                tracing::info!(
+                    variables = %fixed.join(", "),
+                    "SIGHUP: tokens set in the environment are fixed at start and win over \
+                     the --config file; to rotate one with a reload, set it in the file or \
+                     name a file holding it (NAME_FILE)"
+                );
             }
             if let (Some(running), Some(now)) = (running.as_object_mut(), now.as_object()) {
                 for setting in &applied {

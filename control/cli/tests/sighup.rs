@@ -1,7 +1,8 @@
 //! `esper proxy run` reloads its configuration file on SIGHUP: a new upstream takes over
 //! without a restart, a connection opened before keeps being served, and a file that
 //! does not validate is refused with the running configuration kept. The other services
-//! keep running on SIGHUP and say which settings a restart would change.
+//! keep running on SIGHUP, apply the tokens (and the server its certificate) at once,
+//! and say which settings a restart would change.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +11,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::{Proc, TempDir, free_addr};
+use support::{Proc, TempDir, free_addr, write_login_policy};
 
 /// An app that answers every request with its name.
 async fn named_app(name: &'static str) -> SocketAddr {
@@ -254,4 +255,134 @@ async fn sighup_rotates_the_servers_admin_token_and_names_the_rest() {
         "{}",
         server.log()
     );
+}
+
+/// The broker token rotated with no refusal and no restart, as the README's
+/// "Rotating the broker token" goes: the token sits in a file named by
+/// `ESPER_BROKER_TOKEN_FILE` (the environment itself is fixed at start); the broker
+/// takes the new one and keeps the old beside it while the worker moves over, then
+/// drops it. The worker's batches go through before, during and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_broker_token_between_a_broker_and_a_worker() {
+    use esper_protocol::{IngestionClient, RequestEvent};
+    let dir = TempDir::new("sighup-tokens");
+    let (old, new) = ("old-broker-token-1", "new-broker-token-2");
+    let token_file = dir.path().join("broker.token");
+    std::fs::write(&token_file, format!("{old}\n")).unwrap();
+    let listen = free_addr();
+    let broker_file = dir.path().join("ingestion.env");
+    let write_broker = |previous: Option<&str>| {
+        let mut text = format!("ESPER_INGESTION_LISTEN={listen}\n");
+        if let Some(p) = previous {
+            text.push_str(&format!("ESPER_BROKER_PREVIOUS_TOKEN={p}\n"));
+        }
+        std::fs::write(&broker_file, text).unwrap();
+    };
+    write_broker(None);
+    let env = [("ESPER_BROKER_TOKEN_FILE", token_file.display().to_string())];
+    let mut broker = Proc::esper(
+        "ingestion",
+        &[
+            "broker".into(),
+            "run".into(),
+            "ingestion".into(),
+            "--config".into(),
+            broker_file.display().to_string(),
+        ],
+        &env,
+    );
+    // The worker publishes nothing here (no event matches the policy).
+    let nowhere = format!("http://{}", free_addr());
+    let ingestion = format!("http://{listen}");
+    let policies = write_login_policy(dir.path(), "10m");
+    let mut worker = Proc::esper(
+        "worker",
+        &[
+            "worker".into(),
+            "run".into(),
+            "engine".into(),
+            "--worker-id".into(),
+            "rotating".into(),
+            "--ingestion-url".into(),
+            ingestion.clone(),
+            "--mitigation-url".into(),
+            nowhere,
+            "--policies".into(),
+            policies.display().to_string(),
+            "--control-url".into(),
+            String::new(),
+            "--listen".into(),
+            free_addr().to_string(),
+        ],
+        &env,
+    );
+    let with = |token: &str| IngestionClient::new(&ingestion, Some(token.into()));
+    let events = |tag: &str| {
+        (0..5)
+            .map(|i| {
+                let mut e = RequestEvent::new("192.0.2.7".parse().unwrap(), "GET", "/");
+                e.id = format!("{tag}-{i}");
+                e
+            })
+            .collect::<Vec<_>>()
+    };
+    let acked = |token: &'static str, n: u64| {
+        let client = with(token);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if client.status().await.is_ok_and(|s| s.acked_total >= n) {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while with(old).ingest(events("before")).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the broker starts: {}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(acked(old, 5).await, "the worker works: {}", worker.log());
+
+    // The new token in its file, the old one kept beside it.
+    std::fs::write(&token_file, format!("{new}\n")).unwrap();
+    write_broker(Some(old));
+    hangup(&broker);
+    logged(&broker, "SIGHUP: settings applied").await;
+    assert!(with(new).status().await.is_ok(), "{}", broker.log());
+    assert!(with(old).status().await.is_ok(), "{}", broker.log());
+
+    hangup(&worker);
+    logged(&worker, "SIGHUP: settings applied").await;
+    assert!(worker.log().contains("broker_token"), "{}", worker.log());
+
+    // The old one dropped: refused from then on.
+    write_broker(None);
+    hangup(&broker);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while with(old).status().await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the old token goes: {}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    with(new).ingest(events("after")).await.unwrap();
+    assert!(
+        acked(new, 10).await,
+        "the worker goes on with the new token: {}",
+        worker.log()
+    );
+    for p in [&mut worker, &mut broker] {
+        assert_eq!(p.terminate(Duration::from_secs(15)), Some(0), "{}", p.log());
+    }
 }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use esper_common::config::{ConfigError, Vars, parse_duration_secs};
+use esper_common::config::{ConfigError, Vars, check_token, parse_duration_secs};
 use serde::{Deserialize, Serialize};
 
 /// Default API listener.
@@ -189,11 +189,11 @@ impl Config {
         vars.bool(&["ESPER_MIGRATE"], &mut self.migrate)?;
         vars.string(&["ESPER_INGESTION_URL"], &mut self.ingestion_url);
         vars.string(&["ESPER_MITIGATION_URL"], &mut self.mitigation_url);
-        vars.string_opt(
+        vars.secret(
             &["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"],
             &mut self.broker_token,
-        );
-        vars.string_opt(&["ESPER_ADMIN_TOKEN"], &mut self.admin_token);
+        )?;
+        vars.secret(&["ESPER_ADMIN_TOKEN"], &mut self.admin_token)?;
         vars.parse(&["ESPER_BODY_LIMIT"], &mut self.body_limit)?;
         vars.duration(
             &["ESPER_SHUTDOWN_TIMEOUT"],
@@ -272,20 +272,8 @@ impl Config {
                 "must be more than zero",
             ));
         }
-        for (option, token) in [
-            ("admin_token", &self.admin_token),
-            ("broker_token", &self.broker_token),
-        ] {
-            if let Some(t) = token
-                && (t.is_empty() || t.chars().any(char::is_whitespace))
-            {
-                return Err(ConfigError::invalid(
-                    option,
-                    "(hidden)",
-                    "must be non-empty and without whitespace",
-                ));
-            }
-        }
+        check_token("admin_token", self.admin_token.as_deref())?;
+        check_token("broker_token", self.broker_token.as_deref())?;
         Ok(())
     }
 

@@ -20,7 +20,8 @@ pub mod store;
 pub mod types;
 
 pub use config::{Args, Config};
-pub use server::{Listeners, Reloaded, Reloader, Started, migrate, run, start, start_staged};
+pub use esper_common::config::Reloaded;
+pub use server::{Listeners, Reloader, Started, migrate, run, start, start_staged};
 pub use store::{ControlStore, StoreError};
 pub use types::*;
 

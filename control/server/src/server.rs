@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use esper_common::Shutdown;
-use esper_common::config::ConfigError;
+use esper_common::config::{ConfigError, Reloaded};
 use esper_common::http::{bind, serve, standard_layers};
 use esper_common::tls::TlsListener;
 use esper_protocol::{IngestionClient, MitigationClient};
@@ -80,8 +80,8 @@ pub struct Started {
 }
 
 /// Applies a configuration read again to the running server: the settings operators
-/// rotate, the admin token and the API's certificate, take effect at once; the others
-/// at the next start.
+/// rotate, the admin token, the broker token and the API's certificate, take effect at
+/// once; the others at the next start.
 #[derive(Clone)]
 pub struct Reloader {
     state: AppState,
@@ -94,15 +94,6 @@ impl std::fmt::Debug for Reloader {
             .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
-}
-
-/// What a reload did.
-#[derive(Debug, Default, PartialEq)]
-pub struct Reloaded {
-    /// The settings now in effect (names only: some are secrets).
-    pub applied: Vec<&'static str>,
-    /// Settings kept as they were, each with the reason.
-    pub kept: Vec<(&'static str, String)>,
 }
 
 impl Reloader {
@@ -132,6 +123,12 @@ impl Reloader {
             }
         }
         drop(change);
+        // Both clients (the mirror's included: it holds a clone) send it from their
+        // next request on.
+        let broker = config.broker_token.clone();
+        let ingestion = self.state.ingestion.token().set(broker.clone());
+        let mitigation = self.state.mitigation.token().set(broker);
+        done.applied_if(ingestion | mitigation, "broker_token");
         // Read again whether or not the paths changed: a renewed certificate is
         // usually written over the old files.
         match (&self.tls, config.tls, &config.tls_cert, &config.tls_key) {

@@ -1585,3 +1585,49 @@ async fn a_reload_keeps_the_admin_token_when_it_is_the_only_way_in() {
     assert_eq!(status, 401, "the configured token is gone");
     s.stop().await;
 }
+
+/// `systemctl reload esper-server` after the brokers' token was rotated: the server
+/// sends the new one from its next call, without a restart.
+#[tokio::test]
+async fn a_reload_sends_the_rotated_broker_token() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (trigger, shutdown) = esper_common::Shutdown::new();
+    let broker = esper_ingestion::start(
+        esper_ingestion::Config {
+            token: Some("rotated-broker-token".into()),
+            ..esper_ingestion::Config::default()
+        },
+        listener,
+        shutdown,
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}", broker.local_addr());
+    let dir = support::TempDir::new();
+    let nowhere = format!("http://{}", support::closed_addr().await);
+    let cfg = esper_control::Config {
+        broker_token: Some("first-broker-token".into()),
+        ..support::config(&dir, &url, &nowhere)
+    };
+    let rotated = esper_control::Config {
+        broker_token: Some("rotated-broker-token".into()),
+        ..cfg.clone()
+    };
+    let s = Stack::with_config(dir, cfg, None).await;
+    let (status, body) = s.get("/api/v1/queue/status").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"], "broker_misconfigured", "{body}");
+
+    let reloader = s.started.as_ref().unwrap().reloader.clone();
+    let done = reloader.apply(&rotated).await;
+    assert_eq!(done.applied, ["broker_token"], "{done:?}");
+    let (status, body) = s.get("/api/v1/queue/status").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        reloader.apply(&rotated).await.applied.is_empty(),
+        "no change the second time"
+    );
+    s.stop().await;
+    trigger.trigger();
+    broker.wait().await.unwrap();
+}

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use esper_common::config::{ConfigError, Vars, parse_duration_ms, parse_duration_secs};
+use esper_common::config::{
+    ConfigError, Vars, check_token, parse_duration_ms, parse_duration_secs,
+};
 use serde::{Deserialize, Serialize};
 
 /// Default ops listener (`/healthz`, `/readyz`, `/healthz/detailed`, `/metrics`).
@@ -218,14 +220,14 @@ impl Config {
         vars.string(&["ESPER_INGESTION_URL"], &mut self.ingestion_url);
         vars.string(&["ESPER_MITIGATION_URL"], &mut self.mitigation_url);
         vars.string(&["ESPER_CONTROL_URL"], &mut self.control_url);
-        vars.string_opt(
+        vars.secret(
             &["ESPER_CONTROL_TOKEN", "ESPER_TOKEN"],
             &mut self.control_token,
-        );
-        vars.string_opt(
+        )?;
+        vars.secret(
             &["ESPER_BROKER_TOKEN", "ADMIN_TOKEN"],
             &mut self.broker_token,
-        );
+        )?;
         if let Some((_, path)) = vars.lookup(&["ESPER_CA_CERT"]) {
             self.ca_cert = Some(PathBuf::from(path));
         }
@@ -383,20 +385,8 @@ impl Config {
                 "without a control plane, set policies_file (--policies FILE)",
             ));
         }
-        for (option, token) in [
-            ("control_token", &self.control_token),
-            ("broker_token", &self.broker_token),
-        ] {
-            if let Some(t) = token
-                && (t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()))
-            {
-                return Err(ConfigError::invalid(
-                    option,
-                    "(hidden)",
-                    "must be non-empty, without spaces or control characters",
-                ));
-            }
-        }
+        check_token("control_token", self.control_token.as_deref())?;
+        check_token("broker_token", self.broker_token.as_deref())?;
         duration_range(
             "policy_refresh",
             self.policy_refresh,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use esper_common::Shutdown;
 use esper_protocol::client::decode;
 use esper_protocol::{
-    ClientError, Decision, DecisionBatch, RevocationMark, RevokedDecisions, WorkerHeartbeat,
+    ClientError, Decision, DecisionBatch, RevocationMark, RevokedDecisions, Token, WorkerHeartbeat,
     record_in_halves,
 };
 use serde::de::{DeserializeOwned, IgnoredAny};
@@ -25,28 +25,29 @@ const SEND_BATCH: usize = 1000;
 #[derive(Clone, Debug)]
 pub struct ControlClient {
     url: String,
-    token: Option<String>,
+    token: Token,
     http: reqwest::Client,
 }
 
 impl ControlClient {
     /// `url` like `http://127.0.0.1:8080`; `token` is the control plane's bearer token.
-    pub fn new(url: &str, token: Option<String>) -> ControlClient {
+    pub fn new(url: &str, token: impl Into<Token>) -> ControlClient {
         let http = Self::builder()
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         ControlClient {
             url: url.trim_end_matches('/').to_string(),
-            token: token.filter(|t| !t.is_empty()),
+            token: token.into(),
             http,
         }
     }
 
     /// The worker's client: at most `max_idle` idle connections, trusting the CA
-    /// certificates in PEM file `ca` when given.
+    /// certificates in PEM file `ca` when given; `token` is shared with the caller, who
+    /// may replace it.
     pub fn for_worker(
         url: &str,
-        token: Option<String>,
+        token: Token,
         ca: Option<&std::path::Path>,
         max_idle: usize,
     ) -> Result<ControlClient, String> {
@@ -74,11 +75,9 @@ impl ControlClient {
         &self,
         rb: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
-        let rb = esper_protocol::trace_context::traced(rb);
-        let rb = match &self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        };
+        let rb = self
+            .token
+            .authorize(esper_protocol::trace_context::traced(rb));
         let resp = rb.send().await.map_err(|source| ClientError::Transport {
             url: self.url.clone(),
             source,

@@ -15,9 +15,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use esper_common::config::ConfigError;
+use esper_common::config::{ConfigError, Reloaded};
 use esper_common::{Shutdown, ShutdownTrigger};
-use esper_protocol::{IngestionClient, MitigationClient, WorkerHeartbeat};
+use esper_protocol::{IngestionClient, MitigationClient, Token, WorkerHeartbeat};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -94,12 +94,53 @@ pub async fn open_state(config: &Config) -> Result<Arc<dyn StateBackend>, Worker
     })
 }
 
+/// The tokens a worker sends: a reload (SIGHUP) replaces them while it runs, and every
+/// client sends the new one from its next request on.
+#[derive(Clone, Debug, Default)]
+pub struct Tokens {
+    /// To both brokers.
+    pub broker: Token,
+    /// To the control plane.
+    pub control: Token,
+}
+
+impl Tokens {
+    pub fn new(config: &Config) -> Tokens {
+        Tokens {
+            broker: Token::new(config.broker_token.clone()),
+            control: Token::new(config.control_token.clone()),
+        }
+    }
+
+    /// Takes the tokens of a configuration read again.
+    pub fn apply(&self, config: &Config) -> Reloaded {
+        let mut done = Reloaded::default();
+        done.applied_if(self.broker.set(config.broker_token.clone()), "broker_token");
+        done.applied_if(
+            self.control.set(config.control_token.clone()),
+            "control_token",
+        );
+        done
+    }
+}
+
 /// Runs the worker until `shutdown`: stops claiming, finishes the batches in hand
 /// (publish and ack, within `shutdown_timeout`), flushes decisions, and returns.
 pub async fn run(
     config: Config,
     ops_listener: TcpListener,
     shutdown: Shutdown,
+) -> Result<(), WorkerError> {
+    let tokens = Tokens::new(&config);
+    run_with(config, ops_listener, shutdown, tokens).await
+}
+
+/// [`run`], sending `tokens`, which the caller may replace while the worker runs.
+pub async fn run_with(
+    config: Config,
+    ops_listener: TcpListener,
+    shutdown: Shutdown,
+    tokens: Tokens,
 ) -> Result<(), WorkerError> {
     config.validate()?;
     // The caller's shutdown, or a drain asked through the control plane: one signal.
@@ -127,13 +168,14 @@ pub async fn run(
     let control = match (&config.control_url, &config.ca_cert) {
         (url, _) if url.is_empty() => None,
         (url, ca) => Some(
-            ControlClient::for_worker(url, config.control_token.clone(), ca.as_deref(), pool)
-                .map_err(|e| {
+            ControlClient::for_worker(url, tokens.control.clone(), ca.as_deref(), pool).map_err(
+                |e| {
                     let shown = ca
                         .as_ref()
                         .map_or(String::new(), |c| c.display().to_string());
                     ConfigError::invalid("ca_cert", shown, e)
-                })?,
+                },
+            )?,
         ),
     };
 
@@ -191,16 +233,10 @@ pub async fn run(
         lease: config.lease,
         claim_wait: config.claim_wait,
         evaluation_timeout: config.evaluation_timeout,
-        ingestion: IngestionClient::with_pool_size(
-            &config.ingestion_url,
-            config.broker_token.clone(),
-            Some(pool),
-        ),
-        mitigation: MitigationClient::with_pool_size(
-            &config.mitigation_url,
-            config.broker_token.clone(),
-            Some(pool),
-        ),
+        ingestion: IngestionClient::with_pool_size(&config.ingestion_url, None, Some(pool))
+            .with_token(tokens.broker.clone()),
+        mitigation: MitigationClient::with_pool_size(&config.mitigation_url, None, Some(pool))
+            .with_token(tokens.broker.clone()),
         evaluator: evaluator.clone(),
         policies: handle.clone(),
         log: log.clone(),

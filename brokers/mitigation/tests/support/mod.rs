@@ -80,6 +80,10 @@ impl TestBroker {
         &self.trigger
     }
 
+    pub fn reloader(&self) -> esper_mitigation::Reloader {
+        self.broker.reloader()
+    }
+
     /// Fires the shutdown and waits (bounded) for a clean exit.
     pub async fn stop(self) {
         http::stop(&self.trigger, self.broker.wait()).await;
