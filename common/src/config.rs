@@ -209,26 +209,29 @@ impl<'a> Vars<'a> {
         }
     }
 
-    /// A secret (a token): the first of `names` set, or else the file named by the
-    /// first `NAME_FILE` set, read whole with surrounding whitespace trimmed (the way
-    /// container secrets and credential files are handed over). A file is read at every
-    /// load, so a reload takes a token rotated in its file although the environment is
-    /// fixed at start.
+    /// A secret (a token): for each of `names` in turn, its value or else the file named
+    /// by `NAME_FILE`, read whole with surrounding whitespace trimmed (the way container
+    /// secrets and credential files are handed over). So a specific name's file wins
+    /// over a generic alias's value. A file is read at every load, so a reload takes a
+    /// token rotated in its file although the environment is fixed at start.
     pub fn secret(&self, names: &[&str], target: &mut Option<String>) -> Result<(), ConfigError> {
-        if let Some((_, value)) = self.lookup(names) {
-            *target = Some(value);
-            return Ok(());
-        }
-        let files: Vec<String> = names.iter().map(|n| format!("{n}_FILE")).collect();
-        let files: Vec<&str> = files.iter().map(String::as_str).collect();
-        if let Some((name, path)) = self.lookup(&files) {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| ConfigError::invalid(&name, &path, format!("cannot read it: {e}")))?;
-            let token = text.trim();
-            if token.is_empty() {
-                return Err(ConfigError::invalid(&name, &path, "the file is empty"));
+        for name in names {
+            if let Some((_, value)) = self.lookup(&[name]) {
+                *target = Some(value);
+                return Ok(());
             }
-            *target = Some(token.to_string());
+            let file = format!("{name}_FILE");
+            if let Some((_, path)) = self.lookup(&[&file]) {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError::invalid(&file, &path, format!("cannot read it: {e}"))
+                })?;
+                let token = text.trim();
+                if token.is_empty() {
+                    return Err(ConfigError::invalid(&file, &path, "the file is empty"));
+                }
+                *target = Some(token.to_string());
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -522,6 +525,16 @@ mod tests {
             read(&both).unwrap().as_deref(),
             Some("plain"),
             "a value wins over a file"
+        );
+        let specific: HashMap<String, String> = [
+            ("ESPER_BROKER_TOKEN_FILE".to_string(), path.clone()),
+            ("ADMIN_TOKEN".to_string(), "generic".to_string()),
+        ]
+        .into();
+        assert_eq!(
+            read(&specific).unwrap().as_deref(),
+            Some("rotated"),
+            "the specific name's file wins over the alias"
         );
         std::fs::write(&file, " \n").unwrap();
         let e = read(&env).unwrap_err().to_string();

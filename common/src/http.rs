@@ -361,6 +361,28 @@ impl Accepted {
         *before != next
     }
 
+    /// [`Accepted::set`] from a reloaded configuration (a broker's `token` and
+    /// `previous_token`), noting both settings applied when they changed. Taking the
+    /// token away is refused: a reload would open the API to everyone who reaches it
+    /// without the warning a start gives; a restart does it.
+    pub fn reload(
+        &self,
+        token: Option<&str>,
+        previous: Option<&str>,
+        done: &mut crate::config::Reloaded,
+    ) {
+        if token.is_none_or(str::is_empty) && !self.is_open() {
+            let why = "taking the token away would open the API to every client that \
+                       reaches it; restart to do that";
+            done.kept.push(("token", why.into()));
+            done.kept.push(("previous_token", why.into()));
+            return;
+        }
+        if self.set(token, previous) {
+            done.applied.extend(["token", "previous_token"]);
+        }
+    }
+
     /// No token: every request passes.
     pub fn is_open(&self) -> bool {
         self.0.load().is_empty()
@@ -822,6 +844,15 @@ mod tests {
         assert!(!accepted.admits(&bearer("Bearer old")));
         assert!(accepted.set(None, None));
         assert!(accepted.is_open() && accepted.admits(&HeaderMap::new()));
+
+        // A reload may set a token on an open service, not take it away.
+        let mut done = crate::config::Reloaded::default();
+        accepted.reload(Some("new"), None, &mut done);
+        assert_eq!(done.applied, ["token", "previous_token"]);
+        let mut done = crate::config::Reloaded::default();
+        accepted.reload(None, None, &mut done);
+        assert!(done.applied.is_empty() && done.kept.len() == 2, "{done:?}");
+        assert!(accepted.admits(&bearer("Bearer new")) && !accepted.is_open());
     }
 
     /// Serves the guarded route on loopback, with or without the peer's address, and

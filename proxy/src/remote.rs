@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use esper_common::Shutdown;
+use esper_protocol::control::PROXY_LOCAL_ONLY;
 use esper_protocol::{ChallengeKey, ProxyConfigDoc, Token};
 use reqwest::StatusCode;
 
@@ -46,10 +47,6 @@ impl Pace {
     }
 }
 
-/// Options a control plane's document may not set: the credentials a proxy reaches its
-/// services with (one sent by the control plane could lock the proxy out of it).
-const LOCAL_ONLY: &[&str] = &["broker_token", "control_token"];
-
 /// `base` with the top-level keys of the TOML document `overlay` replacing its own.
 pub fn overlay(base: &Config, overlay: &str) -> Result<Config, String> {
     let mut merged = toml::Table::try_from(base).map_err(|e| e.to_string())?;
@@ -57,7 +54,7 @@ pub fn overlay(base: &Config, overlay: &str) -> Result<Config, String> {
         .parse()
         .map_err(|e: toml::de::Error| e.message().to_string())?;
     for (key, value) in remote {
-        if LOCAL_ONLY.contains(&key.as_str()) {
+        if PROXY_LOCAL_ONLY.contains(&key.as_str()) {
             return Err(format!(
                 "`{key}` is set on each proxy (its configuration or environment), not by the \
                  control plane"
@@ -322,7 +319,7 @@ mod tests {
         assert!(overlay(&base, "no_such_option = 1").is_err());
         assert!(overlay(&base, "sample_rate = 7.0").is_err());
         assert!(overlay(&base, "not toml").is_err());
-        for key in LOCAL_ONLY {
+        for key in PROXY_LOCAL_ONLY {
             let err = overlay(&base, &format!("{key} = \"from-the-control-plane\"")).unwrap_err();
             assert!(err.contains(key) && err.contains("each proxy"), "{err}");
         }

@@ -468,9 +468,19 @@ async fn a_reload_sends_the_rotated_broker_token() {
             Duration::from_secs(600),
         )
         .await;
-    // Refused by the broker, the proxy cannot follow its stream.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Refused by the brokers: its events are dropped as refused, and it cannot follow
+    // the stream.
     assert_eq!(support::status_from("127.0.0.5", &proxy.url).await, 200);
+    let refused = support::eventually(Duration::from_secs(5), || async {
+        proxy
+            .metric("esper_proxy_events_dropped_total{reason=\"rejected\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert!(refused, "the old token is refused");
+    assert_eq!(support::status_from("127.0.0.5", &proxy.url).await, 200);
+    assert_eq!(proxy.metric("esper_proxy_stream_connected").await, 0.0);
 
     cfg.broker_token = Some(new.into());
     proxy.handle().reload(cfg).await.unwrap();

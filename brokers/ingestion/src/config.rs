@@ -201,6 +201,13 @@ impl Config {
         )?;
         check_token("token", self.token.as_deref())?;
         check_token("previous_token", self.previous_token.as_deref())?;
+        if self.previous_token.is_some() && self.previous_token == self.token {
+            return Err(ConfigError::invalid(
+                "previous_token",
+                "(hidden)",
+                "is the same as `token`: set it to the token being replaced, or remove it",
+            ));
+        }
         if self.previous_token.is_some() && self.token.is_none() {
             return Err(ConfigError::invalid(
                 "previous_token",

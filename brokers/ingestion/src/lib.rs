@@ -79,12 +79,11 @@ pub struct Reloader {
 impl Reloader {
     pub fn apply(&self, config: &Config) -> Reloaded {
         let mut done = Reloaded::default();
-        let changed = self
-            .accepted
-            .set(config.token.as_deref(), config.previous_token.as_deref());
-        if changed {
-            done.applied.extend(["token", "previous_token"]);
-        }
+        self.accepted.reload(
+            config.token.as_deref(),
+            config.previous_token.as_deref(),
+            &mut done,
+        );
         done
     }
 }

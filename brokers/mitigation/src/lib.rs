@@ -81,12 +81,11 @@ pub struct Reloader {
 impl Reloader {
     pub fn apply(&self, config: &Config) -> Reloaded {
         let mut done = Reloaded::default();
-        let changed = self
-            .accepted
-            .set(config.token.as_deref(), config.previous_token.as_deref());
-        if changed {
-            done.applied.extend(["token", "previous_token"]);
-        }
+        self.accepted.reload(
+            config.token.as_deref(),
+            config.previous_token.as_deref(),
+            &mut done,
+        );
         done.applied_if(
             self.control_token.set(config.control_token.clone()),
             "control_token",

@@ -153,6 +153,11 @@ pub struct RotatedChallengeKey {
     pub previous_honoured: bool,
 }
 
+/// Proxy options the control plane's document may not set: the credentials a proxy
+/// reaches its services with (one sent by the control plane could lock the proxy out of
+/// it). Each proxy sets them in its own configuration.
+pub const PROXY_LOCAL_ONLY: &[&str] = &["broker_token", "control_token"];
+
 /// `PUT /api/v1/proxies/config` body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

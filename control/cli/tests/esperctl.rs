@@ -113,7 +113,8 @@ async fn run(server: &str, token: Option<&str>, args: &[&str]) -> Out {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_esperctl"));
     cmd.args(args)
         .env("ESPER_SERVER", server)
-        .env_remove("ESPER_TOKEN");
+        .env_remove("ESPER_TOKEN")
+        .env_remove("ESPER_TOKEN_FILE");
     if let Some(t) = token {
         cmd.env("ESPER_TOKEN", t);
     }
@@ -123,6 +124,43 @@ async fn run(server: &str, token: Option<&str>, args: &[&str]) -> Out {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// A token in a file, as the services read one: `ESPER_TOKEN_FILE`.
+#[tokio::test]
+async fn the_token_may_come_from_a_file() {
+    let s = Stack::start().await;
+    let dir = std::env::temp_dir().join(format!("esperctl-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    let with_file = |path: std::path::PathBuf| {
+        let api = s.api.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_esperctl"))
+                .args(["-o", "json", "status"])
+                .env("ESPER_SERVER", api)
+                .env_remove("ESPER_TOKEN")
+                .env("ESPER_TOKEN_FILE", path)
+                .output()
+                .await
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    assert_eq!(with_file(file).await, (Some(0), String::new()));
+    let (code, stderr) = with_file(dir.join("missing")).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("esperctl: ")
+            && stderr.contains("ESPER_TOKEN_FILE")
+            && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]

@@ -258,7 +258,7 @@ async fn sighup_rotates_the_servers_admin_token_and_names_the_rest() {
 }
 
 /// The broker token rotated with no refusal and no restart, as the README's
-/// "Rotating the broker token" goes: the token sits in a file named by
+/// "Rotating tokens" goes: the token sits in a file named by
 /// `ESPER_BROKER_TOKEN_FILE` (the environment itself is fixed at start); the broker
 /// takes the new one and keeps the old beside it while the worker moves over, then
 /// drops it. The worker's batches go through before, during and after.
@@ -359,6 +359,9 @@ async fn sighup_rotates_the_broker_token_between_a_broker_and_a_worker() {
     logged(&broker, "SIGHUP: settings applied").await;
     assert!(with(new).status().await.is_ok(), "{}", broker.log());
     assert!(with(old).status().await.is_ok(), "{}", broker.log());
+    // The worker, still on the old token, goes on meanwhile.
+    with(new).ingest(events("during")).await.unwrap();
+    assert!(acked(new, 10).await, "still working: {}", worker.log());
 
     hangup(&worker);
     logged(&worker, "SIGHUP: settings applied").await;

@@ -1631,3 +1631,31 @@ async fn a_reload_sends_the_rotated_broker_token() {
     trigger.trigger();
     broker.wait().await.unwrap();
 }
+
+/// The proxies' configuration document cannot carry their credentials, and must be a
+/// TOML table.
+#[tokio::test]
+async fn a_proxy_document_with_a_proxys_tokens_is_refused() {
+    let s = Stack::without_brokers().await;
+    for key in ["broker_token", "control_token"] {
+        let (status, body) = s
+            .put(
+                "/api/v1/proxies/config",
+                json!({"config": format!("{key} = \"x\"\nallow_paths = [\"/health\"]")}),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"], "invalid_config", "{body}");
+        assert!(body["message"].as_str().unwrap().contains(key), "{body}");
+    }
+    let (status, body) = s
+        .put("/api/v1/proxies/config", json!({"config": "not toml ="}))
+        .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (400, json!("invalid_config"))
+    );
+    let (status, body) = s.get("/api/v1/proxies/config").await;
+    assert_eq!(status, 404, "nothing stored: {body}");
+    s.stop().await;
+}

@@ -105,10 +105,19 @@ pub async fn put(
     Extension(caller): Extension<Caller>,
     Json(body): Json<PutProxyConfig>,
 ) -> Result<Json<ProxyConfigDoc>, ApiError> {
-    if let Err(e) = body.config.parse::<toml::Table>() {
-        return Err(ApiError::bad_request(
+    let table = body.config.parse::<toml::Table>().map_err(|e| {
+        ApiError::bad_request(
             "invalid_config",
             format!("config is not a TOML table: {}", e.message()),
+        )
+    })?;
+    if let Some(key) = esper_protocol::control::PROXY_LOCAL_ONLY
+        .iter()
+        .find(|k| table.contains_key(**k))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_config",
+            format!("`{key}` is set on each proxy, not by the control plane"),
         ));
     }
     let doc = state

@@ -347,12 +347,19 @@ pub async fn esperctl_main(args: CtlArgs) -> ExitCode {
     }
 }
 
-/// A client of `server`, trusting `ca_cert` besides the usual roots when given.
+/// A client of `server`, trusting `ca_cert` besides the usual roots when given. Without
+/// a token given (`--token`, `ESPER_TOKEN`), the file `ESPER_TOKEN_FILE` names holds it,
+/// as for the services.
 pub fn client(
     server: &str,
-    token: Option<String>,
+    mut token: Option<String>,
     ca_cert: Option<&std::path::Path>,
 ) -> Result<ControlClient, CtlError> {
+    if token.is_none() {
+        esper_common::config::Vars::new(&esper_common::config::ProcessEnv)
+            .secret(&["ESPER_TOKEN"], &mut token)
+            .map_err(|e| CtlError::Input(e.to_string()))?;
+    }
     let client = ControlClient::new(server, token)?;
     match ca_cert {
         Some(path) => client.with_ca_cert(path),
