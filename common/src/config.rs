@@ -143,6 +143,22 @@ pub fn check_token(option: &str, token: Option<&str>) -> Result<(), ConfigError>
     }
 }
 
+/// A broker's `token` and the `previous_token` it accepts beside it during a rotation.
+pub fn check_broker_tokens(token: Option<&str>, previous: Option<&str>) -> Result<(), ConfigError> {
+    check_token("token", token)?;
+    check_token("previous_token", previous)?;
+    let why = match (token, previous) {
+        (Some(t), Some(p)) if t == p => {
+            "is the same as `token`: set it to the token being replaced, or remove it"
+        }
+        (None, Some(_)) => {
+            "is accepted beside `token` during a rotation: set `token` (ESPER_BROKER_TOKEN) too"
+        }
+        _ => return Ok(()),
+    };
+    Err(ConfigError::invalid("previous_token", "(hidden)", why))
+}
+
 /// Typed reads of environment-style settings. Each read takes the names to try in order
 /// (the `ESPER_*` name first, then the seed's name such as `BROKER_PORT`) and leaves the
 /// target untouched when none is set. Empty values count as unset.
@@ -547,6 +563,23 @@ mod tests {
         );
         assert_eq!(read(&HashMap::new()).unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_previous_broker_token_needs_a_different_token_beside_it() {
+        assert!(check_broker_tokens(Some("new"), Some("old")).is_ok());
+        assert!(check_broker_tokens(None, None).is_ok());
+        for (token, previous, why) in [
+            (Some("same"), Some("same"), "the same"),
+            (None, Some("old"), "set `token`"),
+            (Some("new"), Some("two words"), "without spaces"),
+        ] {
+            let e = check_broker_tokens(token, previous)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("previous_token") && e.contains(why), "{e}");
+            assert!(!e.contains("two words"), "never the secret: {e}");
+        }
     }
 
     #[test]

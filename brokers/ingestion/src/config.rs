@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use esper_common::config::{
-    ConfigError, Vars, check_token, parse_duration_ms, parse_duration_secs,
+    ConfigError, Vars, check_broker_tokens, parse_duration_ms, parse_duration_secs,
 };
 use serde::{Deserialize, Serialize};
 
@@ -199,22 +199,7 @@ impl Config {
             self.shutdown_timeout,
             MAX_SHUTDOWN_TIMEOUT,
         )?;
-        check_token("token", self.token.as_deref())?;
-        check_token("previous_token", self.previous_token.as_deref())?;
-        if self.previous_token.is_some() && self.previous_token == self.token {
-            return Err(ConfigError::invalid(
-                "previous_token",
-                "(hidden)",
-                "is the same as `token`: set it to the token being replaced, or remove it",
-            ));
-        }
-        if self.previous_token.is_some() && self.token.is_none() {
-            return Err(ConfigError::invalid(
-                "previous_token",
-                "(hidden)",
-                "is accepted beside `token` during a rotation: set `token` (ESPER_BROKER_TOKEN) too",
-            ));
-        }
+        check_broker_tokens(self.token.as_deref(), self.previous_token.as_deref())?;
         Ok(())
     }
 
