@@ -6,7 +6,7 @@ pub mod policy;
 pub mod replay;
 pub mod worker;
 
-pub use worker::{Args, Config, Tokens, WorkerError, run, run_with};
+pub use worker::{Args, Config, Connections, WorkerError, run, run_with};
 
 pub use policy::{
     ActivePolicies, ListKind, NamedList, PolicyError, PolicySpec, parse_policies, policies_to_toml,

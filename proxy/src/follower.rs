@@ -13,13 +13,17 @@
 //! on each and the proxy resumes without a snapshot. (An instance that does not know the
 //! cursor answers with a snapshot, so a cursor is never trusted where it means nothing.)
 //! Only when every instance has failed in a row does it back off.
+//!
+//! A reload may name other instances: the poll in flight is left, and the proxy follows
+//! the first of the new list with its cursor (a broker that does not know it answers
+//! with a snapshot).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use esper_common::Shutdown;
-use esper_protocol::{ClientError, MitigationClient, Token};
+use esper_protocol::{ClientError, Endpoints, Instances, MitigationClient, Token};
 
 use crate::cache::{MitigationCache, Overflow, SnapshotBuilder};
 use crate::metrics::Metrics;
@@ -47,10 +51,11 @@ struct Pending {
     snapshot: SnapshotBuilder,
 }
 
-/// One client per broker URL in `urls` (comma-separated; blanks ignored), all sending
-/// `token`.
-pub fn clients(urls: &str, token: &Token) -> Vec<MitigationClient> {
-    broker_urls(urls)
+/// One client per broker instance, all sending `token`.
+pub fn clients(instances: &Instances, token: &Token) -> Vec<MitigationClient> {
+    instances
+        .urls()
+        .iter()
         .map(|u| MitigationClient::new(u, None).with_token(token.clone()))
         .collect()
 }
@@ -60,19 +65,19 @@ pub fn broker_urls(urls: &str) -> impl Iterator<Item = &str> {
     urls.split(',').map(str::trim).filter(|u| !u.is_empty())
 }
 
-/// Follows the delta stream of one of `clients` into `cache` until shutdown.
+/// Follows the delta stream of one of the instances of `brokers` into `cache` until
+/// shutdown.
 pub async fn follow(
-    clients: Vec<MitigationClient>,
+    brokers: Endpoints,
+    token: Token,
     cache: Arc<MitigationCache>,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
     wait: Duration,
     shutdown: Shutdown,
 ) {
-    if clients.is_empty() {
-        tracing::error!("no mitigation broker to follow");
-        return;
-    }
+    let mut moved = brokers.subscribe();
+    let mut clients = clients(&moved.borrow_and_update(), &token);
     let mut current = 0;
     let mut cursor: Option<String> = None;
     let mut backoff = MIN_BACKOFF;
@@ -91,8 +96,18 @@ pub async fn follow(
             }
         };
         let polled = tokio::select! {
-            r = request => r,
+            r = request => Some(r),
+            Ok(()) = moved.changed() => None,
             _ = shutdown.wait() => break,
+        };
+        let Some(polled) = polled else {
+            clients = self::clients(&moved.borrow_and_update(), &token);
+            tracing::info!(url = %brokers.given(), "following the mitigation broker at its new address");
+            current = 0;
+            pending = None;
+            failures = 0;
+            backoff = MIN_BACKOFF;
+            continue;
         };
         match polled {
             Ok(page) => {
@@ -239,7 +254,7 @@ mod tests {
         let urls: Vec<_> = broker_urls("http://a:8083").collect();
         assert_eq!(urls, ["http://a:8083"]);
         let list = " http://a:8083 , http://b:8083/,, ";
-        let urls: Vec<_> = clients(list, &Token::default())
+        let urls: Vec<_> = clients(&Endpoints::new(list).load(), &Token::default())
             .iter()
             .map(|c| c.url().to_string())
             .collect();

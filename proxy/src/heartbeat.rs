@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use esper_common::Shutdown;
-use esper_protocol::{ProxyHeartbeat, Token};
+use esper_protocol::{Endpoints, ProxyHeartbeat, Token};
 
 use crate::cache::MitigationCache;
 use crate::metrics::Metrics;
@@ -52,13 +52,12 @@ impl Reporter {
 
 /// Sends a heartbeat every `interval` until shutdown; failures are logged, never fatal.
 pub async fn run(
-    url: String,
+    control: Endpoints,
     token: Token,
     interval: Duration,
     reporter: Reporter,
     shutdown: Shutdown,
 ) {
-    let endpoint = format!("{}/api/v1/proxies/heartbeat", url.trim_end_matches('/'));
     let http = match reqwest::Client::builder().timeout(TIMEOUT).build() {
         Ok(c) => c,
         Err(e) => {
@@ -68,6 +67,8 @@ pub async fn run(
     };
     let mut healthy = true;
     loop {
+        // Built each time: a reload may move the control plane.
+        let endpoint = format!("{}/api/v1/proxies/heartbeat", control.load().current_url());
         let req = token.authorize(http.post(&endpoint).json(&reporter.beat()));
         let result = tokio::select! {
             r = req.send() => r,

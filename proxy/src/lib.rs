@@ -41,7 +41,7 @@ use chrono::Utc;
 use esper_common::Shutdown;
 use esper_common::config::ConfigError;
 use esper_common::http::BindError;
-use esper_protocol::{ChallengeKey, IngestionClient, Token};
+use esper_protocol::{ChallengeKey, Endpoints, IngestionClient, Token};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -206,6 +206,11 @@ pub struct Reloader {
     broker_token: Token,
     /// What the heartbeats and the control plane followers send.
     control_token: Token,
+    /// Where the forwarder, the stream follower, the heartbeats and the control plane
+    /// followers connect (the last `None` without a control plane).
+    ingestion: Endpoints,
+    mitigation: Endpoints,
+    control: Option<Endpoints>,
 }
 
 /// The local configuration (file, environment and flags, as last read at start or on
@@ -232,10 +237,10 @@ impl Reloader {
     /// templates), default app, trusted proxies, allowlists and certificates. Requests in
     /// flight finish with the state they started with; no connection is dropped. A new
     /// `challenge_secret` signs from then on, the one before still honoured; new broker and
-    /// control tokens are sent from the next request on. Listeners,
-    /// brokers and the other process-wide settings keep
-    /// their start-up values (a warning names any that changed). On error nothing
-    /// changes.
+    /// control tokens, and new addresses of the brokers and the control plane, are used
+    /// from the next request on (the long polls in flight move at once). Listeners and
+    /// the other process-wide settings keep their start-up values (a warning names any
+    /// that changed). On error nothing changes.
     pub async fn reload(&self, config: Config) -> Result<(), ProxyError> {
         let mut layers = self.layers.lock().await;
         let merged = layers.over(&config)?;
@@ -353,6 +358,30 @@ impl Reloader {
                 tracing::info!("the {what} token changed: sent from the next request on");
             }
         }
+        let mut moved = vec![
+            (
+                "ingestion broker",
+                &self.ingestion,
+                config.ingestion_url.as_str(),
+            ),
+            (
+                "mitigation broker",
+                &self.mitigation,
+                config.mitigation_url.as_str(),
+            ),
+        ];
+        // Turning the control plane on or off takes a restart (named above).
+        if let (Some(control), Some(url)) = (&self.control, &config.control_url) {
+            moved.push(("control plane", control, url.as_str()));
+        }
+        for (what, endpoints, url) in moved {
+            if endpoints.set(url) {
+                tracing::info!(
+                    url,
+                    "the {what}'s address changed: used from the next request on"
+                );
+            }
+        }
         tracing::info!(?apps, "configuration reloaded");
         Ok(())
     }
@@ -391,6 +420,9 @@ const RELOADED: &[&str] = &[
     "challenge_secret",
     "broker_token",
     "control_token",
+    "ingestion_url",
+    "mitigation_url",
+    "control_url",
 ];
 
 /// The options that differ between `started` and `next` but keep their start-up values
@@ -410,6 +442,10 @@ fn restart_only_changes(started: &Config, next: &Config) -> Vec<String> {
     // Certificates reload, but the TLS listener is opened or not at start.
     if started.tls_certificates.is_empty() != next.tls_certificates.is_empty() {
         changed.push("tls_certificates (TLS listener)".into());
+    }
+    // A control plane's address reloads, but its followers are started or not at start.
+    if started.control_url.is_some() != next.control_url.is_some() {
+        changed.push("control_url (heartbeats and control plane followers)".into());
     }
     changed
 }
@@ -591,9 +627,14 @@ pub async fn start(
     // Shared with the clients that send them, so a reload replaces them in every one.
     let broker_token = Token::new(config.broker_token.clone());
     let control_token = Token::new(config.control_token.clone());
+    let ingestion = Endpoints::new(&config.ingestion_url);
+    let mitigation = Endpoints::new(&config.mitigation_url);
+    let control = config.control_url.as_deref().map(Endpoints::new);
     let mut forwarder = Forwarder::new(
         queue,
-        IngestionClient::new(&config.ingestion_url, None).with_token(broker_token.clone()),
+        IngestionClient::new(&config.ingestion_url, None)
+            .with_token(broker_token.clone())
+            .with_endpoints(ingestion.clone()),
         config.flush_interval,
         metrics.clone(),
         status.clone(),
@@ -604,7 +645,8 @@ pub async fn start(
     let forwarder = tokio::spawn(forwarder.run(finish_rx));
     let mut tasks = vec![
         tokio::spawn(follower::follow(
-            follower::clients(&config.mitigation_url, &broker_token),
+            mitigation.clone(),
+            broker_token.clone(),
             cache.clone(),
             metrics.clone(),
             status.clone(),
@@ -617,9 +659,9 @@ pub async fn start(
             shutdown.clone(),
         )),
     ];
-    if let Some(url) = config.control_url.clone() {
+    if let Some(control) = control.clone() {
         tasks.push(tokio::spawn(heartbeat::run(
-            url,
+            control,
             control_token.clone(),
             config.heartbeat_interval,
             heartbeat::Reporter {
@@ -655,12 +697,15 @@ pub async fn start(
         metrics: metrics.clone(),
         broker_token,
         control_token: control_token.clone(),
+        ingestion: ingestion.clone(),
+        mitigation: mitigation.clone(),
+        control: control.clone(),
     };
     // Asked even with a secret set: a reload may take the secret away.
-    if let Some(url) = config.control_url.clone() {
+    if let Some(control) = control.clone() {
         tasks.push(tokio::spawn(remote::follow_challenge_key(
             remote::Follow {
-                control_url: url.clone(),
+                control,
                 token: control_token.clone(),
                 reloader: reloader.clone(),
                 metrics: metrics.clone(),
@@ -669,12 +714,12 @@ pub async fn start(
             shutdown.clone(),
         )));
     }
-    if let Some(url) = config.control_url.clone()
+    if let Some(control) = control
         && config.follow_control_config
     {
         tasks.push(tokio::spawn(remote::follow(
             remote::Follow {
-                control_url: url,
+                control,
                 token: control_token.clone(),
                 reloader: reloader.clone(),
                 metrics: metrics.clone(),
@@ -686,8 +731,8 @@ pub async fn start(
     let router = ops::router(
         ops::Health {
             traffic_addr,
-            ingestion_url: config.ingestion_url.clone(),
-            mitigation_url: config.mitigation_url.clone(),
+            ingestion,
+            mitigation,
             cache: cache.clone(),
             metrics: metrics.clone(),
             status: status.clone(),
@@ -755,6 +800,7 @@ mod tests {
         let mut next = started.clone();
         next.sample_rate = 0.5;
         next.allow_paths = vec!["/healthz".into()];
+        next.mitigation_url = "http://10.0.0.9:8083".into();
         assert!(restart_only_changes(&started, &next).is_empty());
         next.tarpit_max = Duration::from_secs(1);
         next.challenge_ttl = Duration::from_secs(1);
@@ -764,12 +810,14 @@ mod tests {
             key: "k.pem".into(),
             hosts: Vec::new(),
         }];
+        next.control_url = Some("http://10.0.0.9:8080".into());
         let mut changed = restart_only_changes(&started, &next);
         changed.sort();
         assert_eq!(
             changed,
             [
                 "challenge_ttl",
+                "control_url (heartbeats and control plane followers)",
                 "listen",
                 "tarpit_max",
                 "tls_certificates (TLS listener)"

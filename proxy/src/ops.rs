@@ -9,6 +9,7 @@ use std::time::Instant;
 use axum::Router;
 use esper_common::health::{ComponentHealth, HealthCheck, HealthReport};
 use esper_common::{Shutdown, http::standard_layers};
+use esper_protocol::Endpoints;
 
 use crate::cache::MitigationCache;
 use crate::metrics::Metrics;
@@ -21,8 +22,9 @@ const BODY_LIMIT: usize = 16 * 1024;
 /// Everything the health report looks at.
 pub struct Health {
     pub traffic_addr: SocketAddr,
-    pub ingestion_url: String,
-    pub mitigation_url: String,
+    /// The brokers in force (a reload may move them).
+    pub ingestion: Endpoints,
+    pub mitigation: Endpoints,
     pub cache: Arc<MitigationCache>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<Status>,
@@ -52,15 +54,13 @@ impl HealthCheck for Health {
             },
         );
         let cached = self.cache.len();
+        let (ingestion_url, mitigation_url) = (self.ingestion.given(), self.mitigation.given());
         let stream = if self.status.stream_connected() {
             ComponentHealth::new(
                 "mitigation_stream",
                 true,
                 false,
-                format!(
-                    "following {}; {cached} mitigations cached",
-                    self.mitigation_url
-                ),
+                format!("following {}; {cached} mitigations cached", mitigation_url),
             )
         } else if let Outcome::Failed(at, e) = self.status.stream() {
             ComponentHealth::new(
@@ -69,7 +69,7 @@ impl HealthCheck for Health {
                 false,
                 format!(
                     "disconnected from {} ({}: {e}); enforcing {cached} cached mitigations",
-                    self.mitigation_url,
+                    mitigation_url,
                     ago(at)
                 ),
             )
@@ -78,7 +78,7 @@ impl HealthCheck for Health {
                 "mitigation_stream",
                 false,
                 false,
-                format!("connecting to {}", self.mitigation_url),
+                format!("connecting to {mitigation_url}"),
             )
         };
         let dropped = self.metrics.dropped_total();
@@ -87,7 +87,7 @@ impl HealthCheck for Health {
                 "ingestion",
                 true,
                 false,
-                format!("no events sent to {} yet", self.ingestion_url),
+                format!("no events sent to {ingestion_url} yet"),
             ),
             Outcome::Ok(at) => ComponentHealth::new(
                 "ingestion",
@@ -95,7 +95,7 @@ impl HealthCheck for Health {
                 false,
                 format!(
                     "last batch accepted by {} {}; {dropped} events dropped in total",
-                    self.ingestion_url,
+                    ingestion_url,
                     ago(at)
                 ),
             ),
@@ -105,7 +105,7 @@ impl HealthCheck for Health {
                 false,
                 format!(
                     "last batch to {} failed {}: {e}; {dropped} events dropped in total",
-                    self.ingestion_url,
+                    ingestion_url,
                     ago(at)
                 ),
             ),

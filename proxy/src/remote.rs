@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use esper_common::Shutdown;
 use esper_protocol::control::PROXY_LOCAL_ONLY;
-use esper_protocol::{ChallengeKey, ProxyConfigDoc, Token};
+use esper_protocol::{ChallengeKey, Endpoints, ProxyConfigDoc, Token};
 use reqwest::StatusCode;
 
 use crate::config::{Config, MIN_CHALLENGE_SECRET_LEN};
@@ -71,7 +71,8 @@ pub fn overlay(base: &Config, overlay: &str) -> Result<Config, String> {
 
 /// What the follower needs.
 pub struct Follow {
-    pub control_url: String,
+    /// The control plane in force (a reload may move it).
+    pub control: Endpoints,
     pub token: Token,
     pub reloader: Reloader,
     pub metrics: Arc<Metrics>,
@@ -82,10 +83,7 @@ pub struct Follow {
 /// Follows the control plane's proxy configuration until `shutdown`.
 pub async fn follow(f: Follow, shutdown: Shutdown) {
     let client = reqwest::Client::new();
-    let url = format!(
-        "{}/api/v1/proxies/config",
-        f.control_url.trim_end_matches('/')
-    );
+    let mut moved = f.control.subscribe();
     let mut after = 0i64;
     let mut backoff = Backoff::default();
     // The latest document, while it could not be built for a reason that may pass (an
@@ -97,9 +95,15 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
         if pace.next(&shutdown).await {
             return;
         }
+        let url = f.url("/api/v1/proxies/config");
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
             r = poll::<ProxyConfigDoc>(f.long_poll(&client, &url, after)) => r,
+            Ok(()) = moved.changed() => {
+                // Revisions are the control plane's own: start from its latest document.
+                (after, retry) = (0, None);
+                continue;
+            }
         };
         match polled {
             Ok(Some(doc)) => {
@@ -123,6 +127,11 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
 }
 
 impl Follow {
+    /// `path` on the control plane in force.
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.control.load().current_url())
+    }
+
     /// `GET url?after=AFTER&wait=SECS`, with the token, timed out a little after the wait.
     fn long_poll(
         &self,
@@ -224,10 +233,7 @@ async fn apply(f: &Follow, doc: &ProxyConfigDoc) -> bool {
 /// with its start-up key, whose cookies it keeps honouring after the switch.
 pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
     let client = reqwest::Client::new();
-    let url = format!(
-        "{}/api/v1/proxies/challenge-key",
-        f.control_url.trim_end_matches('/')
-    );
+    let mut moved = f.control.subscribe();
     let mut after = 0i64;
     let mut backoff = Backoff::default();
     let mut pace = Pace::default();
@@ -235,9 +241,14 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
         if pace.next(&shutdown).await {
             return;
         }
+        let url = f.url("/api/v1/proxies/challenge-key");
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
             r = poll::<ChallengeKey>(f.long_poll(&client, &url, after)) => r,
+            Ok(()) = moved.changed() => {
+                after = 0;
+                continue;
+            }
         };
         match polled {
             Ok(Some(key)) if !strong_enough(&key) => {

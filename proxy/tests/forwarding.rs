@@ -2,7 +2,7 @@
 //! request ids; the brokers being down changes nothing for clients; shutdown drains
 //! in-flight requests and frees the port; pooled upstream connections are reused, an
 //! upstream closing them is not an error, and none idle past the idle timeout is reused
-//! (those left behind are closed);
+//! (those left behind are closed); a reload moves the proxy to other brokers;
 //! header names go out lowercase unless their case is kept.
 
 #![allow(clippy::unwrap_used)]
@@ -432,6 +432,89 @@ async fn header_names_go_out_lowercase_unless_their_case_is_kept() {
 
 /// A broker token rotated and reloaded is sent from then on, with no restart: the
 /// mitigation broker's stream is followed again and events reach the ingestion broker.
+/// A reload naming other brokers moves the proxy at once: the stream's long poll in
+/// flight is left (the wait here is far longer than the test allows), the new broker
+/// does not know the cursor and answers with a snapshot, which replaces the cache, and
+/// events go to the new ingestion broker.
+#[tokio::test]
+async fn a_reload_moves_the_proxy_to_other_brokers() {
+    let (ingestion_a, ingestion_b) = (support::ingestion().await, support::ingestion().await);
+    let (mitigations_a, mitigations_b) =
+        (support::mitigations().await, support::mitigations().await);
+    let up = upstream().await;
+    let mut cfg = config(up.addr, &ingestion_a.url, &mitigations_a.url);
+    cfg.stream_wait = Duration::from_secs(60);
+    let proxy = start_proxy(cfg.clone()).await;
+    let ttl = Duration::from_secs(600);
+    mitigations_a
+        .publish("ip:127.0.0.5", esper_protocol::Action::Block, ttl)
+        .await;
+    mitigations_b
+        .publish("ip:127.0.0.7", esper_protocol::Action::Block, ttl)
+        .await;
+    assert!(support::wait_for_status("127.0.0.5", &proxy.url, 403, Duration::from_secs(10)).await);
+    assert_eq!(support::status_from("127.0.0.7", &proxy.url).await, 200);
+    let before = ingestion_a
+        .claim_until(Duration::from_secs(10), |events| {
+            events
+                .iter()
+                .any(|e| e.client_ip.to_string() == "127.0.0.7")
+        })
+        .await;
+    assert!(
+        !before.is_empty(),
+        "events go to the first ingestion broker"
+    );
+
+    cfg.ingestion_url = ingestion_b.url.clone();
+    cfg.mitigation_url = format!("{},{}", dead_url(), mitigations_b.url);
+    proxy.handle().reload(cfg).await.unwrap();
+    assert!(
+        support::wait_for_status("127.0.0.7", &proxy.url, 403, Duration::from_secs(10)).await,
+        "the new broker's block is followed without waiting out the old long poll"
+    );
+    assert_eq!(
+        support::status_from("127.0.0.5", &proxy.url).await,
+        200,
+        "the new broker's snapshot replaced what the old one had published"
+    );
+    let resp = client_from("127.0.0.6")
+        .get(format!("{}/after-move", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let after = ingestion_b
+        .claim_until(Duration::from_secs(10), |events| {
+            events.iter().any(|e| e.path == "/after-move")
+        })
+        .await;
+    assert!(
+        after.iter().any(|e| e.path == "/after-move"),
+        "events go to the new ingestion broker"
+    );
+    let detail: serde_json::Value = reqwest::get(format!("{}/healthz/detailed", proxy.ops_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = detail.to_string();
+    assert!(
+        text.contains(&ingestion_b.url) && text.contains(&mitigations_b.url),
+        "the health report names the brokers in force: {text}"
+    );
+    assert!(!text.contains(&format!("{} ", ingestion_a.url)), "{text}");
+
+    proxy.stop().await.unwrap();
+    for m in [mitigations_a, mitigations_b] {
+        m.stop().await;
+    }
+    for i in [ingestion_a, ingestion_b] {
+        i.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_reload_sends_the_rotated_broker_token() {
     let (old, new) = ("old-broker-token-1", "new-broker-token-2");

@@ -177,6 +177,64 @@ async fn a_local_reload_keeps_the_control_plane_document_and_the_next_document_k
     control.stop().await;
 }
 
+/// A local reload naming another control plane moves the proxy to it at once: its
+/// long poll on the old one is left, the new one's document applies although its
+/// revision is below the last one seen on the old, and heartbeats go to the new one.
+#[tokio::test]
+async fn a_reload_moves_the_proxy_to_another_control_plane() {
+    let (old, new) = (control_plane().await, control_plane().await);
+    let a = named_upstream("a").await;
+    let b = named_upstream("b").await;
+    let mut cfg = config(a.addr, &dead_url(), &dead_url());
+    cfg.control_url = Some(old.url.clone());
+    cfg.control_token = Some(CONTROL_TOKEN.into());
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    cfg.stream_wait = Duration::from_secs(60);
+    let proxy = start_proxy(cfg.clone()).await;
+    let body_now = || async { get_host(&format!("{}/", proxy.url), "test").await.1 };
+    for sample_rate in ["0.5", "0.25"] {
+        put_config(&old.url, &format!("sample_rate = {sample_rate}\n")).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            proxy.metric("esper_proxy_remote_config_revision").await == 2.0
+        })
+        .await
+    );
+    assert_eq!(body_now().await, "a /");
+    let doc = put_config(&new.url, &format!("upstream = \"{}\"\n", b.addr)).await;
+    assert_eq!(doc.revision, 1);
+
+    cfg.control_url = Some(new.url.clone());
+    proxy.handle().reload(cfg).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            body_now().await == "b /"
+        })
+        .await,
+        "the new control plane's document applies"
+    );
+    let listed = eventually(Duration::from_secs(5), || async {
+        let list: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/proxies", new.url))
+            .bearer_auth(CONTROL_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["proxies"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["proxy_id"] == "proxy-test"))
+    })
+    .await;
+    assert!(listed, "heartbeats reach the new control plane");
+    proxy.stop().await.unwrap();
+    old.stop().await;
+    new.stop().await;
+}
+
 #[tokio::test]
 async fn a_document_refused_for_a_passing_reason_is_tried_again() {
     let control = control_plane().await;

@@ -68,14 +68,15 @@ pub struct Broker {
 }
 
 /// Applies a configuration read again (SIGHUP) to a running broker: the tokens it
-/// accepts and the one its durable copy sends to the control plane change at once; the
-/// other settings at the next start.
+/// accepts, and the control plane its durable copy goes to with the token it sends,
+/// change at once; the other settings at the next start.
 #[derive(Clone, Debug)]
 pub struct Reloader {
     accepted: Accepted,
     /// The decision log client's with persistence on; else one nothing sends, kept to
     /// tell a change.
     control_token: esper_protocol::Token,
+    control: esper_protocol::Endpoints,
 }
 
 impl Reloader {
@@ -90,6 +91,7 @@ impl Reloader {
             self.control_token.set(config.control_token.clone()),
             "control_token",
         );
+        done.applied_if(self.control.set(&config.control_url), "control_url");
         done
     }
 }
@@ -162,6 +164,10 @@ pub async fn start_with_store(
         control_token: match &persistence {
             Some((p, _)) => p.control_token().clone(),
             None => esper_protocol::Token::new(config.control_token.clone()),
+        },
+        control: match &persistence {
+            Some((p, _)) => p.control_endpoints().clone(),
+            None => esper_protocol::Endpoints::new(&config.control_url),
         },
     };
     let app = router(state);

@@ -211,6 +211,11 @@ impl Persistence {
         self.client.token()
     }
 
+    /// The control plane the records go to; a reload replaces it.
+    pub fn control_endpoints(&self) -> &esper_protocol::Endpoints {
+        self.client.endpoints()
+    }
+
     /// Refuses a write of `n` entries up front when an outbox in memory cannot take them
     /// and the policy is to reject (so the store is not changed for a write the log would
     /// miss; the store's own outbox checks in the write itself). Concurrent writes may

@@ -1,14 +1,13 @@
 //! HTTP clients of the two brokers, shared by the proxy, the engine, the control plane
 //! and the CLI. One `reqwest::Client` (with its connection pool) per client value.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::endpoints::Endpoints;
 use crate::entity::EntityKey;
 use crate::error::ApiErrorBody;
 use crate::event::RequestEvent;
@@ -89,10 +88,7 @@ impl ClientError {
 /// calls stay with the one that answered.
 #[derive(Clone, Debug)]
 pub(crate) struct Base {
-    /// As given, for messages.
-    pub(crate) url: String,
-    urls: Arc<[String]>,
-    current: Arc<AtomicUsize>,
+    pub(crate) endpoints: Endpoints,
     pub(crate) token: Token,
     http: reqwest::Client,
 }
@@ -117,30 +113,19 @@ impl Base {
             builder = builder.pool_max_idle_per_host(n);
         }
         let http = builder.build().unwrap_or_else(|_| reqwest::Client::new());
-        let mut urls: Vec<String> = url
-            .split(',')
-            .map(|u| u.trim().trim_end_matches('/').to_string())
-            .filter(|u| !u.is_empty())
-            .collect();
-        if urls.is_empty() {
-            urls.push(url.trim_end_matches('/').to_string());
-        }
         Base {
-            url: url.trim_end_matches('/').to_string(),
-            urls: urls.into(),
-            current: Arc::new(AtomicUsize::new(0)),
+            endpoints: Endpoints::new(url),
             token: Token::new(token),
             http,
         }
     }
 
-    fn current(&self) -> usize {
-        self.current.load(Ordering::Relaxed) % self.urls.len()
-    }
-
     pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
-        let base = &self.urls[self.current()];
-        let rb = crate::trace_context::traced(self.http.request(method, format!("{base}{path}")));
+        let base = self.endpoints.load();
+        let rb = crate::trace_context::traced(
+            self.http
+                .request(method, format!("{}{path}", base.current_url())),
+        );
         self.token.authorize(rb)
     }
 
@@ -148,36 +133,40 @@ impl Base {
         &self,
         rb: RequestBuilder,
     ) -> Result<T, ClientError> {
-        let resp = self.execute(rb).await?;
-        decode(&self.url, resp).await
+        let (given, resp) = self.execute(rb).await?;
+        decode(&given, resp).await
     }
 
     /// Sends `rb`, built by [`Base::req`], and on a failed connection the same request
-    /// to each other instance in turn.
-    async fn execute(&self, rb: RequestBuilder) -> Result<Response, ClientError> {
+    /// to each other instance in turn. Also returns the setting it was sent under, for
+    /// messages.
+    async fn execute(&self, rb: RequestBuilder) -> Result<(String, Response), ClientError> {
+        // One snapshot for the whole call: a reload may replace the list meanwhile.
+        let list = self.endpoints.load();
+        let urls = list.urls();
         let transport = |source| ClientError::Transport {
-            url: self.url.clone(),
+            url: list.given().to_string(),
             source,
         };
-        if self.urls.len() == 1 {
-            return rb.send().await.map_err(transport);
+        if urls.len() == 1 {
+            let resp = rb.send().await.map_err(transport)?;
+            return Ok((list.given().to_string(), resp));
         }
         let (client, request) = rb.build_split();
         let request = request.map_err(transport)?;
         // The instance it was built for (another call may have moved on since).
-        let first = self
-            .urls
+        let first = urls
             .iter()
             .position(|u| moved(request.url(), u, u).as_ref() == Some(request.url()))
-            .unwrap_or_else(|| self.current());
+            .unwrap_or_else(|| list.current());
         let mut last = None;
-        for step in 0..self.urls.len() {
-            let at = (first + step) % self.urls.len();
+        for step in 0..urls.len() {
+            let at = (first + step) % urls.len();
             let Some(mut next) = request.try_clone() else {
                 break;
             };
             if step > 0 {
-                let Some(url) = moved(request.url(), &self.urls[first], &self.urls[at]) else {
+                let Some(url) = moved(request.url(), &urls[first], &urls[at]) else {
                     continue;
                 };
                 *next.url_mut() = url;
@@ -185,20 +174,21 @@ impl Base {
             match client.execute(next).await {
                 Ok(resp) => {
                     if step > 0 {
-                        self.current.store(at, Ordering::Relaxed);
+                        list.move_to(at);
                     }
-                    return Ok(resp);
+                    return Ok((list.given().to_string(), resp));
                 }
                 // Nothing was sent: the next instance may take it.
                 Err(e) if e.is_connect() => last = Some(e),
                 Err(e) => return Err(transport(e)),
             }
         }
-        match last {
-            Some(e) => Err(transport(e)),
+        let resp = match last {
+            Some(e) => return Err(transport(e)),
             // A body that cannot be cloned (a stream): sent once, as built.
-            None => client.execute(request).await.map_err(transport),
-        }
+            None => client.execute(request).await.map_err(transport)?,
+        };
+        Ok((list.given().to_string(), resp))
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -295,8 +285,22 @@ impl IngestionClient {
         }
     }
 
-    pub fn url(&self) -> &str {
-        &self.base.url
+    /// The broker's URL in force, as given (a reload may replace it).
+    pub fn url(&self) -> String {
+        self.base.endpoints.given()
+    }
+
+    /// The broker instances this client and its clones call; [`Endpoints::set`]
+    /// replaces them for all.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.base.endpoints
+    }
+
+    /// This client, calling the instances of `endpoints` (shared with its other
+    /// holders) instead.
+    pub fn with_endpoints(mut self, endpoints: Endpoints) -> Self {
+        self.base.endpoints = endpoints;
+        self
     }
 
     /// The token this client and its clones send; [`Token::set`] replaces it for all.
@@ -444,8 +448,22 @@ impl MitigationClient {
         }
     }
 
-    pub fn url(&self) -> &str {
-        &self.base.url
+    /// The broker's URL in force, as given (a reload may replace it).
+    pub fn url(&self) -> String {
+        self.base.endpoints.given()
+    }
+
+    /// The broker instances this client and its clones call; [`Endpoints::set`]
+    /// replaces them for all.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.base.endpoints
+    }
+
+    /// This client, calling the instances of `endpoints` (shared with its other
+    /// holders) instead.
+    pub fn with_endpoints(mut self, endpoints: Endpoints) -> Self {
+        self.base.endpoints = endpoints;
+        self
     }
 
     /// The token this client and its clones send; [`Token::set`] replaces it for all.
@@ -539,7 +557,7 @@ async fn probe(base: &Base, path: &str) -> bool {
         )
         .await
     {
-        Ok(r) => r.status().is_success(),
+        Ok((_, r)) => r.status().is_success(),
         Err(_) => false,
     }
 }

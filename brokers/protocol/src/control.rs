@@ -153,10 +153,16 @@ pub struct RotatedChallengeKey {
     pub previous_honoured: bool,
 }
 
-/// Proxy options the control plane's document may not set: the credentials a proxy
-/// reaches its services with (one sent by the control plane could lock the proxy out of
-/// it). Each proxy sets them in its own configuration.
-pub const PROXY_LOCAL_ONLY: &[&str] = &["broker_token", "control_token"];
+/// Proxy options the control plane's document may not set: where a proxy reaches its
+/// services and the credentials it sends (one sent by the control plane could cut the
+/// proxy off from it). Each proxy sets them in its own configuration.
+pub const PROXY_LOCAL_ONLY: &[&str] = &[
+    "broker_token",
+    "control_token",
+    "ingestion_url",
+    "mitigation_url",
+    "control_url",
+];
 
 /// `PUT /api/v1/proxies/config` body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

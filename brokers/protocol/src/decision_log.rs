@@ -182,8 +182,22 @@ impl DecisionLogClient {
         }
     }
 
-    pub fn url(&self) -> &str {
-        &self.base.url
+    /// The control plane's URL in force, as given (a reload may replace it).
+    pub fn url(&self) -> String {
+        self.base.endpoints.given()
+    }
+
+    /// The control plane instances this client and its clones call; [`crate::Endpoints::set`]
+    /// replaces them for all.
+    pub fn endpoints(&self) -> &crate::Endpoints {
+        &self.base.endpoints
+    }
+
+    /// This client, calling the instances of `endpoints` (shared with its other
+    /// holders) instead.
+    pub fn with_endpoints(mut self, endpoints: crate::Endpoints) -> Self {
+        self.base.endpoints = endpoints;
+        self
     }
 
     /// The token this client and its clones send; [`crate::Token::set`] replaces it for all.

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod control;
 pub mod decision_log;
+pub mod endpoints;
 pub mod entity;
 pub mod error;
 pub mod event;
@@ -24,6 +25,7 @@ pub use decision_log::{
     DecisionLogClient, DecisionRevoke, PageMark, Recorded, RevocationMark, RevokedDecision,
     RevokedDecisions, record_in_halves,
 };
+pub use endpoints::{Endpoints, Instances};
 pub use entity::{EntityKey, EntityParseError, normalize_path, path_template, write_path_template};
 pub use error::ApiErrorBody;
 pub use event::{

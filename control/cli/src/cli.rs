@@ -498,7 +498,13 @@ async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             let reloader = apply_once_started(
                 &cfg,
                 move || server_config(&args, path.as_deref()),
-                &["ESPER_ADMIN_TOKEN", "ESPER_BROKER_TOKEN", "ADMIN_TOKEN"],
+                &[
+                    "ESPER_ADMIN_TOKEN",
+                    "ESPER_BROKER_TOKEN",
+                    "ADMIN_TOKEN",
+                    "ESPER_INGESTION_URL",
+                    "ESPER_MITIGATION_URL",
+                ],
                 |r: esper_control::Reloader, cfg| Box::pin(async move { r.apply(&cfg).await }),
             );
             with_signals(|shutdown| async move {
@@ -575,12 +581,12 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
         WorkerCommand::Run(WorkerKind::Engine(run)) => {
             let cfg = worker_config(&run.args, file)?;
             let (args, path) = (run.args.clone(), file.map(Path::to_path_buf));
-            let tokens = esper_engine::Tokens::new(&cfg);
-            let taken = tokens.clone();
+            let connections = esper_engine::Connections::new(&cfg);
+            let taken = connections.clone();
             apply_on_hangup(
                 &cfg,
                 move || worker_config(&args, path.as_deref()),
-                WORKER_TOKENS,
+                WORKER_FIXED,
                 move |cfg| {
                     let done = taken.apply(&cfg);
                     Box::pin(async move { done })
@@ -598,7 +604,7 @@ async fn worker(cmd: WorkerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
                 .transpose()?;
             let result = with_signals(|shutdown| async move {
                 let ops = bind_worker_ops(cfg.listen).await?;
-                esper_engine::run_with(cfg, ops, shutdown, tokens).await?;
+                esper_engine::run_with(cfg, ops, shutdown, connections).await?;
                 Ok(())
             })
             .await;
@@ -650,7 +656,7 @@ async fn broker(cmd: BrokerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             let reloader = apply_once_started(
                 &cfg,
                 move || Ok(read(path.as_deref())?),
-                INGESTION_TOKENS,
+                INGESTION_FIXED,
                 |r: esper_ingestion::Reloader, cfg| Box::pin(async move { r.apply(&cfg) }),
             );
             with_signals(|shutdown| async move {
@@ -677,7 +683,7 @@ async fn broker(cmd: BrokerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
             let reloader = apply_once_started(
                 &cfg,
                 move || Ok(read(path.as_deref())?),
-                MITIGATION_TOKENS,
+                MITIGATION_FIXED,
                 |r: esper_mitigation::Reloader, cfg| Box::pin(async move { r.apply(&cfg) }),
             );
             with_signals(|shutdown| async move {
@@ -722,25 +728,30 @@ async fn proxy(cmd: ProxyCommand, file: Option<&Path>) -> anyhow::Result<ExitCod
     }
 }
 
-/// The environment variables of the tokens each service can take on a reload: one set
-/// in the process's environment is fixed at start (it wins over the file read again).
-const INGESTION_TOKENS: &[&str] = &[
+/// The environment variables of the settings (tokens, service URLs) each service can
+/// take on a reload: one set in the process's environment is fixed at start (it wins
+/// over the file read again).
+const INGESTION_FIXED: &[&str] = &[
     "ESPER_BROKER_TOKEN",
     "ADMIN_TOKEN",
     "ESPER_BROKER_PREVIOUS_TOKEN",
 ];
-const MITIGATION_TOKENS: &[&str] = &[
+const MITIGATION_FIXED: &[&str] = &[
     "ESPER_BROKER_TOKEN",
     "ADMIN_TOKEN",
     "ESPER_BROKER_PREVIOUS_TOKEN",
     "ESPER_CONTROL_TOKEN",
     "ESPER_TOKEN",
+    "ESPER_CONTROL_URL",
 ];
-const WORKER_TOKENS: &[&str] = &[
+const WORKER_FIXED: &[&str] = &[
     "ESPER_BROKER_TOKEN",
     "ADMIN_TOKEN",
     "ESPER_CONTROL_TOKEN",
     "ESPER_TOKEN",
+    "ESPER_INGESTION_URL",
+    "ESPER_MITIGATION_URL",
+    "ESPER_CONTROL_URL",
 ];
 
 type Applying = std::pin::Pin<Box<dyn std::future::Future<Output = Reloaded> + Send>>;
@@ -829,9 +840,10 @@ fn apply_on_hangup<C, A>(
             if !fixed.is_empty() {
                 tracing::info!(
                     variables = %fixed.join(", "),
-                    "SIGHUP: tokens set in the environment are fixed at start and win over \
-                     the --config file; to rotate one with a reload, set it in the file or \
-                     name a file holding it (NAME_FILE)"
+                    "SIGHUP: these settings are set in the environment, which is fixed at \
+                     start and wins over the --config file; to change one with a reload, set \
+                     it in the file instead (a token may also name a file holding it, \
+                     NAME_FILE)"
                 );
             }
             if let (Some(running), Some(now)) = (running.as_object_mut(), now.as_object()) {

@@ -1,8 +1,9 @@
 //! `esper proxy run` reloads its configuration file on SIGHUP: a new upstream takes over
 //! without a restart, a connection opened before keeps being served, and a file that
 //! does not validate is refused with the running configuration kept. The other services
-//! keep running on SIGHUP, apply the tokens (and the server its certificate) at once,
-//! and say which settings a restart would change.
+//! keep running on SIGHUP, apply the tokens and the addresses of the services they call
+//! (and the server its certificate) at once, and say which settings a restart would
+//! change.
 
 #![allow(clippy::unwrap_used)]
 
@@ -386,6 +387,108 @@ async fn sighup_rotates_the_broker_token_between_a_broker_and_a_worker() {
         worker.log()
     );
     for p in [&mut worker, &mut broker] {
+        assert_eq!(p.terminate(Duration::from_secs(15)), Some(0), "{}", p.log());
+    }
+}
+
+/// A worker moved to another ingestion broker by a SIGHUP: the address is in its
+/// configuration file, which the reload reads again; batches queued on the new broker
+/// are claimed and acknowledged from then on, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_moves_a_worker_to_another_ingestion_broker() {
+    use esper_protocol::{IngestionClient, RequestEvent};
+    let dir = TempDir::new("sighup-move");
+    let start_broker = |name: &str| {
+        let listen = free_addr();
+        let proc = Proc::esper(
+            name,
+            &["broker".into(), "run".into(), "ingestion".into()],
+            &[("ESPER_INGESTION_LISTEN", listen.to_string())],
+        );
+        (proc, format!("http://{listen}"))
+    };
+    let (mut broker_a, url_a) = start_broker("ingestion-a");
+    let (mut broker_b, url_b) = start_broker("ingestion-b");
+    let policies = write_login_policy(dir.path(), "10m");
+    let file = dir.path().join("esper.toml");
+    let listen = free_addr();
+    let write_worker = |ingestion: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[worker]\nworker_id = \"moving\"\nlisten = \"{listen}\"\n\
+                 ingestion_url = \"{ingestion}\"\nmitigation_url = \"http://{}\"\n\
+                 control_url = \"\"\npolicies_file = \"{}\"\n",
+                free_addr(),
+                policies.display()
+            ),
+        )
+        .unwrap();
+    };
+    write_worker(&url_a);
+    let mut worker = Proc::esper(
+        "worker",
+        &[
+            "worker".into(),
+            "run".into(),
+            "engine".into(),
+            "--config".into(),
+            file.display().to_string(),
+        ],
+        &[],
+    );
+    let events = |tag: &str| {
+        (0..5)
+            .map(|i| {
+                let mut e = RequestEvent::new("192.0.2.8".parse().unwrap(), "GET", "/");
+                e.id = format!("{tag}-{i}");
+                e
+            })
+            .collect::<Vec<_>>()
+    };
+    let acked = |url: &str, n: u64, within: Duration| {
+        let client = IngestionClient::new(url, None);
+        async move {
+            let deadline = Instant::now() + within;
+            loop {
+                if client.status().await.is_ok_and(|s| s.acked_total >= n) {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for (url, tag) in [(&url_a, "a"), (&url_b, "b")] {
+        let client = IngestionClient::new(url, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client.ingest(events(tag)).await.is_err() {
+            assert!(Instant::now() < deadline, "the brokers start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        acked(&url_a, 5, Duration::from_secs(20)).await,
+        "the worker works: {}",
+        worker.log()
+    );
+    assert!(
+        !acked(&url_b, 1, Duration::from_millis(500)).await,
+        "the other broker is not claimed from yet"
+    );
+
+    write_worker(&url_b);
+    hangup(&worker);
+    logged(&worker, "SIGHUP: settings applied").await;
+    assert!(worker.log().contains("ingestion_url"), "{}", worker.log());
+    assert!(
+        acked(&url_b, 5, Duration::from_secs(20)).await,
+        "the worker claims from the new broker: {}",
+        worker.log()
+    );
+    for p in [&mut worker, &mut broker_a, &mut broker_b] {
         assert_eq!(p.terminate(Duration::from_secs(15)), Some(0), "{}", p.log());
     }
 }

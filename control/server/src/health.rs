@@ -50,11 +50,11 @@ impl HealthCheck for ControlHealth {
                 store,
                 broker(
                     "ingestion_broker",
-                    s.ingestion.url(),
+                    &s.ingestion.url(),
                     ingestion,
                     String::new(),
                 ),
-                broker("mitigation_broker", s.mitigation.url(), mitigation, mirror),
+                broker("mitigation_broker", &s.mitigation.url(), mitigation, mirror),
                 ComponentHealth::new("workers", workers > 0, false, format!("{workers} alive")),
                 ComponentHealth::new("proxies", true, false, format!("{proxies} alive")),
             ],

@@ -216,9 +216,16 @@ pub async fn follow(mirror: std::sync::Arc<Mirror>, client: MitigationClient, sh
     let mut cursor: Option<String> = None;
     let mut backoff = BACKOFF_MIN;
     let mut warned = false;
+    let mut moved = client.endpoints().subscribe();
     loop {
         let poll = tokio::select! {
             r = poll(&client, cursor.as_deref()) => r,
+            // A reload named other brokers: the long poll in flight is left behind.
+            Ok(()) = moved.changed() => {
+                tracing::info!(url = client.url(), "following the mitigation broker at its new address");
+                backoff = BACKOFF_MIN;
+                continue;
+            }
             _ = shutdown.wait() => return,
         };
         match poll {
@@ -237,8 +244,15 @@ pub async fn follow(mirror: std::sync::Arc<Mirror>, client: MitigationClient, sh
                     tracing::warn!(error = %e, "cannot follow the mitigation broker's stream; retrying");
                     warned = true;
                 }
-                if shutdown.sleep(backoff).await {
-                    return;
+                tokio::select! {
+                    stop = shutdown.sleep(backoff) => if stop {
+                        return;
+                    },
+                    Ok(()) = moved.changed() => {
+                        tracing::info!(url = client.url(), "following the mitigation broker at its new address");
+                        backoff = BACKOFF_MIN;
+                        continue;
+                    }
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }

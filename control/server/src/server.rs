@@ -129,6 +129,19 @@ impl Reloader {
         let ingestion = self.state.ingestion.token().set(broker.clone());
         let mitigation = self.state.mitigation.token().set(broker);
         done.applied_if(ingestion | mitigation, "broker_token");
+        // The mirror follows the new mitigation broker at once; one that does not know
+        // its cursor answers with a snapshot.
+        done.applied_if(
+            self.state.ingestion.endpoints().set(&config.ingestion_url),
+            "ingestion_url",
+        );
+        done.applied_if(
+            self.state
+                .mitigation
+                .endpoints()
+                .set(&config.mitigation_url),
+            "mitigation_url",
+        );
         // Read again whether or not the paths changed: a renewed certificate is
         // usually written over the old files.
         match (&self.tls, config.tls, &config.tls_cert, &config.tls_key) {

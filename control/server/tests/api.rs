@@ -1632,12 +1632,62 @@ async fn a_reload_sends_the_rotated_broker_token() {
     broker.wait().await.unwrap();
 }
 
-/// The proxies' configuration document cannot carry their credentials, and must be a
-/// TOML table.
+/// `systemctl reload esper-server` after the brokers moved: the server calls the new
+/// ones from its next request, and its mirror follows the new mitigation broker at
+/// once (its long poll on the old address is left).
+#[tokio::test]
+async fn a_reload_moves_the_server_to_other_brokers() {
+    let s = Stack::without_brokers().await;
+    let (status, body) = s.get("/api/v1/queue/status").await;
+    assert_eq!(status, 502, "{body}");
+    let brokers = support::Brokers::start().await;
+    let published = esper_protocol::MitigationClient::new(&brokers.mitigation_url, None)
+        .publish(vec![esper_protocol::Mitigation::new(
+            "ip:198.51.100.9".parse().unwrap(),
+            esper_protocol::Action::Block,
+            std::time::Duration::from_secs(600),
+            esper_protocol::Origin::Manual,
+            esper_protocol::Reason::default(),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(published.accepted, 1);
+
+    let moved = esper_control::Config {
+        ingestion_url: brokers.ingestion_url.clone(),
+        mitigation_url: brokers.mitigation_url.clone(),
+        ..support::config(&s.dir, "http://unused", "http://unused")
+    };
+    let reloader = s.started.as_ref().unwrap().reloader.clone();
+    let done = reloader.apply(&moved).await;
+    assert_eq!(
+        done.applied,
+        ["ingestion_url", "mitigation_url"],
+        "{done:?}"
+    );
+    let (status, body) = s.get("/api/v1/queue/status").await;
+    assert_eq!(status, 200, "{body}");
+    // Answered from the mirror, which only the new broker's stream can have filled.
+    eventually("the mirror follows the new broker", || async {
+        let (status, a) = s
+            .post(
+                "/api/v1/analyze",
+                json!({"client_ip": "198.51.100.9", "method": "GET", "path": "/"}),
+            )
+            .await;
+        status == 200 && a["action"] == "block"
+    })
+    .await;
+    assert!(reloader.apply(&moved).await.applied.is_empty());
+    s.stop().await;
+}
+
+/// The proxies' configuration document cannot carry their credentials or the addresses
+/// of their services, and must be a TOML table.
 #[tokio::test]
 async fn a_proxy_document_with_a_proxys_tokens_is_refused() {
     let s = Stack::without_brokers().await;
-    for key in ["broker_token", "control_token"] {
+    for key in esper_protocol::control::PROXY_LOCAL_ONLY {
         let (status, body) = s
             .put(
                 "/api/v1/proxies/config",

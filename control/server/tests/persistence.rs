@@ -309,6 +309,34 @@ async fn the_durable_copy_survives_a_control_plane_outage_and_restores_a_fresh_b
     control.stop().await;
 }
 
+/// `systemctl reload esper-broker-mitigation` after the control plane moved: what the
+/// outbox holds for the old address, which no longer answers, goes to the new one.
+#[tokio::test]
+async fn a_reload_sends_the_durable_copy_to_the_moved_control_plane() {
+    let dir = TempDir::new();
+    let (gone, moved) = (closed_addr().await, closed_addr().await);
+    let b = Broker::start(gone, 100).await;
+    let m1 = ban("192.0.2.31");
+    b.client.publish(vec![m1.clone()]).await.unwrap();
+    let control = Control::start(&dir, moved).await;
+
+    let done = b.broker.reloader().apply(&esper_mitigation::Config {
+        persistence_enabled: true,
+        control_url: format!("http://{moved}"),
+        control_token: Some(TOKEN.into()),
+        persistence_outbox: 100,
+        ..esper_mitigation::Config::default()
+    });
+    assert_eq!(done.applied, ["control_url"], "{done:?}");
+    eventually(
+        "the outbox delivered to the moved control plane",
+        || async { logged_in_force(moved).await == [m1.id.clone()] },
+    )
+    .await;
+    b.stop().await;
+    control.stop().await;
+}
+
 #[tokio::test]
 async fn a_run_larger_than_the_logs_body_limit_is_logged_in_parts() {
     let dir = TempDir::new();

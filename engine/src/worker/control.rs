@@ -8,8 +8,8 @@ use std::time::Duration;
 use esper_common::Shutdown;
 use esper_protocol::client::decode;
 use esper_protocol::{
-    ClientError, Decision, DecisionBatch, RevocationMark, RevokedDecisions, Token, WorkerHeartbeat,
-    record_in_halves,
+    ClientError, Decision, DecisionBatch, Endpoints, RevocationMark, RevokedDecisions, Token,
+    WorkerHeartbeat, record_in_halves,
 };
 use serde::de::{DeserializeOwned, IgnoredAny};
 use tokio::sync::Notify;
@@ -24,7 +24,7 @@ const SEND_BATCH: usize = 1000;
 /// Client of the control plane's worker-facing endpoints.
 #[derive(Clone, Debug)]
 pub struct ControlClient {
-    url: String,
+    endpoints: Endpoints,
     token: Token,
     http: reqwest::Client,
 }
@@ -36,17 +36,17 @@ impl ControlClient {
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         ControlClient {
-            url: url.trim_end_matches('/').to_string(),
+            endpoints: Endpoints::new(url),
             token: token.into(),
             http,
         }
     }
 
     /// The worker's client: at most `max_idle` idle connections, trusting the CA
-    /// certificates in PEM file `ca` when given; `token` is shared with the caller, who
-    /// may replace it.
+    /// certificates in PEM file `ca` when given; `endpoints` and `token` are shared with
+    /// the caller, who may replace them.
     pub fn for_worker(
-        url: &str,
+        endpoints: Endpoints,
         token: Token,
         ca: Option<&std::path::Path>,
         max_idle: usize,
@@ -60,8 +60,9 @@ impl ControlClient {
             .build()
             .map_err(|e| format!("cannot build the control plane client: {e}"))?;
         Ok(ControlClient {
+            endpoints,
+            token,
             http,
-            ..ControlClient::new(url, token)
         })
     }
 
@@ -78,20 +79,23 @@ impl ControlClient {
         let rb = self
             .token
             .authorize(esper_protocol::trace_context::traced(rb));
+        let url = self.endpoints.given();
         let resp = rb.send().await.map_err(|source| ClientError::Transport {
-            url: self.url.clone(),
+            url: url.clone(),
             source,
         })?;
-        decode(&self.url, resp).await
+        decode(&url, resp).await
+    }
+
+    /// `path` on the control plane in force.
+    fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.endpoints.load().current_url())
     }
 
     /// `GET /api/v1/policies/active`.
     pub async fn active_policies(&self) -> Result<ActivePolicies, ClientError> {
-        self.send(
-            self.http
-                .get(format!("{}/api/v1/policies/active", self.url)),
-        )
-        .await
+        self.send(self.http.get(self.at("/api/v1/policies/active")))
+            .await
     }
 
     /// `GET /api/v1/decisions/revocations`: a page of the policy decisions revoked after
@@ -107,7 +111,7 @@ impl ControlClient {
         }
         self.send(
             self.http
-                .get(format!("{}/api/v1/decisions/revocations", self.url))
+                .get(self.at("/api/v1/decisions/revocations"))
                 .query(&query),
         )
         .await
@@ -118,13 +122,9 @@ impl ControlClient {
         let body = DecisionBatch {
             decisions: decisions.to_vec(),
         };
-        self.send::<IgnoredAny>(
-            self.http
-                .post(format!("{}/api/v1/decisions", self.url))
-                .json(&body),
-        )
-        .await
-        .map(|_| ())
+        self.send::<IgnoredAny>(self.http.post(self.at("/api/v1/decisions")).json(&body))
+            .await
+            .map(|_| ())
     }
 
     /// `POST /api/v1/workers/heartbeat`: `true` when the control plane asks this worker
@@ -137,7 +137,7 @@ impl ControlClient {
         }
         self.send::<Answer>(
             self.http
-                .post(format!("{}/api/v1/workers/heartbeat", self.url))
+                .post(self.at("/api/v1/workers/heartbeat"))
                 .json(beat),
         )
         .await

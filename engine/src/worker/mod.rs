@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use esper_common::config::{ConfigError, Reloaded};
 use esper_common::{Shutdown, ShutdownTrigger};
-use esper_protocol::{IngestionClient, MitigationClient, Token, WorkerHeartbeat};
+use esper_protocol::{Endpoints, IngestionClient, MitigationClient, Token, WorkerHeartbeat};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -94,32 +94,64 @@ pub async fn open_state(config: &Config) -> Result<Arc<dyn StateBackend>, Worker
     })
 }
 
-/// The tokens a worker sends: a reload (SIGHUP) replaces them while it runs, and every
-/// client sends the new one from its next request on.
-#[derive(Clone, Debug, Default)]
-pub struct Tokens {
-    /// To both brokers.
-    pub broker: Token,
-    /// To the control plane.
-    pub control: Token,
+/// Where a worker connects and with which tokens: a reload (SIGHUP) replaces them while
+/// it runs, and every client uses the new ones from its next request on.
+#[derive(Clone, Debug)]
+pub struct Connections {
+    /// Sent to both brokers.
+    pub broker_token: Token,
+    /// Sent to the control plane.
+    pub control_token: Token,
+    pub ingestion: Endpoints,
+    pub mitigation: Endpoints,
+    /// Empty when the worker runs without a control plane (policies from a file).
+    pub control: Endpoints,
 }
 
-impl Tokens {
-    pub fn new(config: &Config) -> Tokens {
-        Tokens {
-            broker: Token::new(config.broker_token.clone()),
-            control: Token::new(config.control_token.clone()),
+impl Connections {
+    pub fn new(config: &Config) -> Connections {
+        Connections {
+            broker_token: Token::new(config.broker_token.clone()),
+            control_token: Token::new(config.control_token.clone()),
+            ingestion: Endpoints::new(&config.ingestion_url),
+            mitigation: Endpoints::new(&config.mitigation_url),
+            control: Endpoints::new(&config.control_url),
         }
     }
 
-    /// Takes the tokens of a configuration read again.
+    /// Takes the tokens and service URLs of a configuration read again.
     pub fn apply(&self, config: &Config) -> Reloaded {
         let mut done = Reloaded::default();
-        done.applied_if(self.broker.set(config.broker_token.clone()), "broker_token");
         done.applied_if(
-            self.control.set(config.control_token.clone()),
+            self.broker_token.set(config.broker_token.clone()),
+            "broker_token",
+        );
+        done.applied_if(
+            self.control_token.set(config.control_token.clone()),
             "control_token",
         );
+        done.applied_if(self.ingestion.set(&config.ingestion_url), "ingestion_url");
+        done.applied_if(
+            self.mitigation.set(&config.mitigation_url),
+            "mitigation_url",
+        );
+        let had_control = !self.control.given().is_empty();
+        let wants_control = !config.control_url.is_empty();
+        if had_control != wants_control {
+            done.kept.push((
+                "control_url",
+                if had_control {
+                    "the worker follows the control plane's policies; a restart switches \
+                     it to policies_file"
+                } else {
+                    "the worker started with policies_file and no control plane; a \
+                     restart connects it"
+                }
+                .to_string(),
+            ));
+        } else {
+            done.applied_if(self.control.set(&config.control_url), "control_url");
+        }
         done
     }
 }
@@ -131,16 +163,17 @@ pub async fn run(
     ops_listener: TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), WorkerError> {
-    let tokens = Tokens::new(&config);
-    run_with(config, ops_listener, shutdown, tokens).await
+    let connections = Connections::new(&config);
+    run_with(config, ops_listener, shutdown, connections).await
 }
 
-/// [`run`], sending `tokens`, which the caller may replace while the worker runs.
+/// [`run`], connecting as `connections` say, which the caller may change while the
+/// worker runs.
 pub async fn run_with(
     config: Config,
     ops_listener: TcpListener,
     shutdown: Shutdown,
-    tokens: Tokens,
+    connections: Connections,
 ) -> Result<(), WorkerError> {
     config.validate()?;
     // The caller's shutdown, or a drain asked through the control plane: one signal.
@@ -165,17 +198,21 @@ pub async fn run_with(
     let warned = sync_clock(&evaluator, &metrics, &status, None).await;
     let handle = Arc::new(PolicyHandle::default());
     let pool = config.connection_pool_size as usize;
-    let control = match (&config.control_url, &config.ca_cert) {
-        (url, _) if url.is_empty() => None,
-        (url, ca) => Some(
-            ControlClient::for_worker(url, tokens.control.clone(), ca.as_deref(), pool).map_err(
-                |e| {
-                    let shown = ca
-                        .as_ref()
-                        .map_or(String::new(), |c| c.display().to_string());
-                    ConfigError::invalid("ca_cert", shown, e)
-                },
-            )?,
+    let control = match &config.ca_cert {
+        _ if config.control_url.is_empty() => None,
+        ca => Some(
+            ControlClient::for_worker(
+                connections.control.clone(),
+                connections.control_token.clone(),
+                ca.as_deref(),
+                pool,
+            )
+            .map_err(|e| {
+                let shown = ca
+                    .as_ref()
+                    .map_or(String::new(), |c| c.display().to_string());
+                ConfigError::invalid("ca_cert", shown, e)
+            })?,
         ),
     };
 
@@ -234,9 +271,11 @@ pub async fn run_with(
         claim_wait: config.claim_wait,
         evaluation_timeout: config.evaluation_timeout,
         ingestion: IngestionClient::with_pool_size(&config.ingestion_url, None, Some(pool))
-            .with_token(tokens.broker.clone()),
+            .with_token(connections.broker_token.clone())
+            .with_endpoints(connections.ingestion.clone()),
         mitigation: MitigationClient::with_pool_size(&config.mitigation_url, None, Some(pool))
-            .with_token(tokens.broker.clone()),
+            .with_token(connections.broker_token.clone())
+            .with_endpoints(connections.mitigation.clone()),
         evaluator: evaluator.clone(),
         policies: handle.clone(),
         log: log.clone(),
@@ -546,5 +585,42 @@ impl Heartbeat {
         }
         // Tell the fleet view this worker is going away; short, best effort.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.send("draining")).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_moves_the_connections_but_not_to_or_from_a_control_plane() {
+        let started = Config {
+            control_url: String::new(),
+            ..Config::default()
+        };
+        let connections = Connections::new(&started);
+        let moved = Config {
+            ingestion_url: "http://10.0.0.1:8082,http://10.0.0.2:8082".into(),
+            control_url: "http://10.0.0.3:8080".into(),
+            ..started.clone()
+        };
+        let done = connections.apply(&moved);
+        assert_eq!(done.applied, ["ingestion_url"]);
+        assert_eq!(done.kept.len(), 1);
+        assert_eq!(done.kept[0].0, "control_url");
+        assert_eq!(
+            connections.ingestion.load().urls(),
+            ["http://10.0.0.1:8082", "http://10.0.0.2:8082"]
+        );
+        assert!(connections.control.given().is_empty());
+        assert!(connections.apply(&moved).applied.is_empty());
+
+        let with_control = Connections::new(&Config::default());
+        let done = with_control.apply(&Config {
+            control_url: "http://10.0.0.3:8080".into(),
+            ..Config::default()
+        });
+        assert_eq!(done.applied, ["control_url"]);
+        assert_eq!(with_control.control.given(), "http://10.0.0.3:8080");
     }
 }

@@ -76,7 +76,7 @@ pub async fn revoke_covered(
             .mitigation
             .revoke(&req)
             .await
-            .map_err(|e| broker_error(state, "mitigation", state.mitigation.url(), e))?;
+            .map_err(|e| broker_error(state, "mitigation", &state.mitigation.url(), e))?;
         state.mirror.revoke(Some(&m.id), None);
         state.metrics.revocations.inc();
         if let Err(e) = state

@@ -148,7 +148,7 @@ pub async fn list(
         .active(Some(limit))
         .await
         .map(Json)
-        .map_err(|e| broker_error(&state, "mitigation", state.mitigation.url(), e))
+        .map_err(|e| broker_error(&state, "mitigation", &state.mitigation.url(), e))
 }
 
 /// `GET /api/v1/mitigations/entity/{entity}`
@@ -161,7 +161,7 @@ pub async fn entity(
         .mitigation
         .entity(&key)
         .await
-        .map_err(|e| broker_error(&state, "mitigation", state.mitigation.url(), e))?;
+        .map_err(|e| broker_error(&state, "mitigation", &state.mitigation.url(), e))?;
     let decisions = state
         .store
         .query_decisions(&DecisionQuery {
@@ -216,7 +216,7 @@ pub async fn add(
         .mitigation
         .publish(vec![m.clone()])
         .await
-        .map_err(|e| broker_error(&state, "mitigation", state.mitigation.url(), e))?;
+        .map_err(|e| broker_error(&state, "mitigation", &state.mitigation.url(), e))?;
     state.mirror.upsert(m.clone());
     state.metrics.manual_mitigations.inc();
     tracing::info!(id = %m.id, entity = %m.entity, action = %m.action, by = %caller.0, "manual mitigation published");
@@ -263,7 +263,7 @@ pub async fn revoke(
         .mitigation
         .revoke(&req)
         .await
-        .map_err(|e| broker_error(&state, "mitigation", state.mitigation.url(), e))?;
+        .map_err(|e| broker_error(&state, "mitigation", &state.mitigation.url(), e))?;
     state.mirror.revoke(req.id.as_deref(), req.entity.as_ref());
     state.metrics.revocations.inc_by(resp.revoked as u64);
     tracing::info!(?target, revoked = resp.revoked, by = %caller.0, "mitigations revoked");

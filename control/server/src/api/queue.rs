@@ -9,7 +9,7 @@ use crate::auth::Caller;
 use crate::state::AppState;
 
 fn failed(state: &AppState, e: esper_protocol::ClientError) -> ApiError {
-    broker_error(state, "ingestion", state.ingestion.url(), e)
+    broker_error(state, "ingestion", &state.ingestion.url(), e)
 }
 
 /// `GET /api/v1/queue/status`
