@@ -5,6 +5,7 @@
 
 use std::io::IsTerminal;
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry};
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -85,6 +86,20 @@ pub fn filter(level: Option<&str>, debug: bool, subsystems: &str) -> Result<Stri
     Ok(directives.join(","))
 }
 
+/// The filter of the installed subscriber's log lines, which [`set_level`] replaces.
+static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Replaces the log filter of the subscriber [`init`] installed (a reload of the
+/// configuration); a filter that does not parse is refused and the one in force stays.
+pub fn set_level(level: &str) -> Result<(), String> {
+    let filter = EnvFilter::try_new(level)
+        .map_err(|e| format!("LOG_LEVEL `{level}` is not a valid filter: {e}"))?;
+    match LEVEL.get() {
+        Some(handle) => handle.reload(filter).map_err(|e| e.to_string()),
+        None => Err("logging was set up elsewhere; its level cannot change".into()),
+    }
+}
+
 /// Installs the global subscriber. `level` is an `EnvFilter` directive such as `info` or
 /// `esper_engine=debug,info`; `include_caller` adds the source file and line to every
 /// line. With `tracing`, spans are also exported over OTLP ([`Tracing`]), as the service
@@ -98,6 +113,8 @@ pub fn init(
 ) -> Result<Option<Tracing>, String> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| format!("LOG_LEVEL `{level}` is not a valid filter: {e}"))?;
+    // Swappable, so a reload can change the level without a restart.
+    let (filter, handle) = reload::Layer::new(filter);
     // Colours only on a terminal: a log file or collector would keep the escape codes.
     let colours = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
@@ -111,7 +128,9 @@ pub fn init(
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
     let Some(service) = tracing else {
-        let _ = tracing_subscriber::registry().with(fmt).try_init();
+        if tracing_subscriber::registry().with(fmt).try_init().is_ok() {
+            let _ = LEVEL.set(handle);
+        }
         return Ok(None);
     };
     let (provider, runtime) = tracer_provider(service)?;
@@ -129,6 +148,7 @@ pub fn init(
         runtime.shutdown_background();
         return Ok(None);
     }
+    let _ = LEVEL.set(handle);
     esper_protocol::trace_context::set_exporting();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());

@@ -86,7 +86,18 @@ pub async fn follow(
     // New mitigations are being refused for the cache's limit (warned once per episode).
     let mut full = false;
     let mut room_reloaded: Option<tokio::time::Instant> = None;
+    // A reload named other instances (seen while polling or backing off).
+    let mut relocated = false;
     loop {
+        if relocated {
+            relocated = false;
+            clients = self::clients(&moved.borrow_and_update(), &token);
+            tracing::info!(url = %brokers.given(), "following the mitigation broker at its new address");
+            current = 0;
+            pending = None;
+            failures = 0;
+            backoff = MIN_BACKOFF;
+        }
         let asked = tokio::time::Instant::now();
         let client = &clients[current];
         let request = async {
@@ -101,12 +112,7 @@ pub async fn follow(
             _ = shutdown.wait() => break,
         };
         let Some(polled) = polled else {
-            clients = self::clients(&moved.borrow_and_update(), &token);
-            tracing::info!(url = %brokers.given(), "following the mitigation broker at its new address");
-            current = 0;
-            pending = None;
-            failures = 0;
-            backoff = MIN_BACKOFF;
+            relocated = true;
             continue;
         };
         match polled {
@@ -222,8 +228,15 @@ pub async fn follow(
                 }
                 // Back off only once every instance has failed in a row.
                 if (failures as usize).is_multiple_of(clients.len()) {
-                    if shutdown.sleep(backoff).await {
-                        break;
+                    tokio::select! {
+                        stop = shutdown.sleep(backoff) => if stop {
+                            break;
+                        },
+                        // The usual reason to move: the old address is down.
+                        Ok(()) = moved.changed() => {
+                            relocated = true;
+                            continue;
+                        }
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use esper_common::Shutdown;
-use esper_protocol::control::PROXY_LOCAL_ONLY;
-use esper_protocol::{ChallengeKey, Endpoints, ProxyConfigDoc, Token};
+use esper_protocol::control::{PROXY_LOCAL_ADDRESSES, PROXY_LOCAL_ONLY};
+use esper_protocol::{ChallengeKey, Endpoints, Instances, ProxyConfigDoc, Token};
 use reqwest::StatusCode;
 
 use crate::config::{Config, MIN_CHALLENGE_SECRET_LEN};
@@ -27,6 +27,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// without waiting and with nothing newer, must not make the proxy spin (each answer
 /// may rebuild its apps).
 const MIN_POLL_SPACING: Duration = Duration::from_millis(250);
+
+/// Tells a follower that a reload moved the control plane.
+type Moved = tokio::sync::watch::Receiver<Arc<Instances>>;
 
 /// Keeps polls [`MIN_POLL_SPACING`] apart.
 #[derive(Default)]
@@ -54,6 +57,14 @@ pub fn overlay(base: &Config, overlay: &str) -> Result<Config, String> {
         .parse()
         .map_err(|e: toml::de::Error| e.message().to_string())?;
     for (key, value) in remote {
+        if PROXY_LOCAL_ADDRESSES.contains(&key.as_str()) {
+            tracing::warn!(
+                option = %key,
+                "the control plane's proxy document sets an address each proxy sets itself; \
+                 left out (remove it from the document)"
+            );
+            continue;
+        }
         if PROXY_LOCAL_ONLY.contains(&key.as_str()) {
             return Err(format!(
                 "`{key}` is set on each proxy (its configuration or environment), not by the \
@@ -116,8 +127,11 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
                 }
             }
             Err(e) => {
-                if backoff.failed(&shutdown, || tracing::warn!(url, error = %e, "cannot read the proxy configuration from the control plane; retrying")).await {
-                    return;
+                let warn = || tracing::warn!(url, error = %e, "cannot read the proxy configuration from the control plane; retrying");
+                match backoff.failed(&shutdown, &mut moved, warn).await {
+                    Paused::Shutdown => return,
+                    Paused::Moved => (after, retry) = (0, None),
+                    Paused::Retry => {}
                 }
                 continue;
             }
@@ -163,17 +177,39 @@ impl Default for Backoff {
     }
 }
 
+/// How a pause after a failed poll ended.
+enum Paused {
+    Shutdown,
+    /// A reload named another control plane: poll it at once.
+    Moved,
+    Retry,
+}
+
 impl Backoff {
-    /// After a failed poll: `warn` on the first failure of a run, then the pause. `true`
-    /// when shutdown came first.
-    async fn failed(&mut self, shutdown: &Shutdown, warn: impl FnOnce()) -> bool {
+    /// After a failed poll: `warn` on the first failure of a run, then the pause, which a
+    /// move to another control plane cuts short (the usual reason to move is that the old
+    /// one is down).
+    async fn failed(
+        &mut self,
+        shutdown: &Shutdown,
+        moved: &mut Moved,
+        warn: impl FnOnce(),
+    ) -> Paused {
         if !self.failing {
             warn();
         }
         self.failing = true;
-        let stop = shutdown.sleep(self.next).await;
+        tokio::select! {
+            stop = shutdown.sleep(self.next) => if stop {
+                return Paused::Shutdown;
+            },
+            Ok(()) = moved.changed() => {
+                *self = Backoff::default();
+                return Paused::Moved;
+            }
+        }
         self.next = (self.next * 2).min(MAX_BACKOFF);
-        stop
+        Paused::Retry
     }
 
     /// After an answer.
@@ -260,8 +296,10 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
                          {MIN_CHALLENGE_SECRET_LEN} bytes; not used (the key in use still signs)"
                     )
                 };
-                if backoff.failed(&shutdown, warn).await {
-                    return;
+                match backoff.failed(&shutdown, &mut moved, warn).await {
+                    Paused::Shutdown => return,
+                    Paused::Moved => after = 0,
+                    Paused::Retry => {}
                 }
                 continue;
             }
@@ -298,8 +336,10 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
                         tracing::warn!(url, error = %e, "cannot follow the challenge key on the control plane; retrying (the key in use still signs)");
                     }
                 };
-                if backoff.failed(&shutdown, warn).await {
-                    return;
+                match backoff.failed(&shutdown, &mut moved, warn).await {
+                    Paused::Shutdown => return,
+                    Paused::Moved => after = 0,
+                    Paused::Retry => {}
                 }
                 continue;
             }
@@ -331,9 +371,45 @@ mod tests {
         assert!(overlay(&base, "sample_rate = 7.0").is_err());
         assert!(overlay(&base, "not toml").is_err());
         for key in PROXY_LOCAL_ONLY {
-            let err = overlay(&base, &format!("{key} = \"from-the-control-plane\"")).unwrap_err();
-            assert!(err.contains(key) && err.contains("each proxy"), "{err}");
+            let doc = format!("{key} = \"http://10.9.9.9:1\"\nallow_paths = [\"/up\"]");
+            if PROXY_LOCAL_ADDRESSES.contains(key) {
+                // Left out, the rest applied: documents stored before they were refused.
+                let merged = overlay(&base, &doc).unwrap();
+                assert_eq!(merged.allow_paths, ["/up"]);
+                assert_eq!(
+                    serde_json::to_value(&merged).unwrap()[*key],
+                    serde_json::to_value(&base).unwrap()[*key]
+                );
+            } else {
+                let err = overlay(&base, &doc).unwrap_err();
+                assert!(err.contains(key) && err.contains("each proxy"), "{err}");
+            }
         }
+    }
+
+    #[tokio::test]
+    async fn a_move_cuts_the_pause_after_a_failure_short() {
+        let (_trigger, shutdown) = Shutdown::new();
+        let control = Endpoints::new("http://127.0.0.1:9");
+        let mut moved = control.subscribe();
+        let mut backoff = Backoff {
+            next: Duration::from_secs(600),
+            failing: true,
+        };
+        let ended = {
+            let pause = backoff.failed(&shutdown, &mut moved, || {});
+            tokio::pin!(pause);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), &mut pause)
+                    .await
+                    .is_err(),
+                "it waits"
+            );
+            control.set("http://127.0.0.1:10");
+            tokio::time::timeout(Duration::from_secs(5), pause).await
+        };
+        assert!(matches!(ended, Ok(Paused::Moved)));
+        assert_eq!(backoff.next, FIRST_BACKOFF, "the next failure starts over");
     }
 
     #[test]

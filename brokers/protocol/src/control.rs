@@ -164,6 +164,11 @@ pub const PROXY_LOCAL_ONLY: &[&str] = &[
     "control_url",
 ];
 
+/// Of [`PROXY_LOCAL_ONLY`], the addresses: a document stored before they were refused
+/// may hold them (they applied only at a restart then), so a proxy leaves them out with
+/// a warning rather than refusing the whole document.
+pub const PROXY_LOCAL_ADDRESSES: &[&str] = &["ingestion_url", "mitigation_url", "control_url"];
+
 /// `PUT /api/v1/proxies/config` body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

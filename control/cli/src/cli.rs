@@ -166,9 +166,10 @@ struct LogSettings {
     tracing: Option<bool>,
 }
 
-fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
-    let file: LogSettings = config::load_section(
-        cli.config.as_deref(),
+/// The `[log]` settings of `config` (or of its `.env` lines), the environment winning.
+fn log_settings(config: Option<&Path>) -> Result<LogSettings, ConfigError> {
+    config::load_section(
+        config,
         Some("log"),
         &ProcessEnv,
         |s: &mut LogSettings, vars| {
@@ -179,15 +180,57 @@ fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
             vars.bool_opt(&["ESPER_TRACING"], &mut s.tracing)?;
             vars.parse_opt(&["LOG_FORMAT", "ESPER_LOG_FORMAT"], &mut s.format)
         },
-    )?;
-    let debug = file.debug.unwrap_or(false);
+    )
+}
+
+/// The log filter: `flag` (`--log-level`) or the settings' level, with the debug
+/// switches.
+fn log_level(file: &LogSettings, flag: Option<&str>) -> Result<String, ConfigError> {
     let subsystems = file.debug_subsystem.as_deref().unwrap_or("");
-    let level = telemetry::filter(
-        cli.log_level.as_deref().or(file.level.as_deref()),
-        debug,
+    telemetry::filter(
+        flag.or(file.level.as_deref()),
+        file.debug.unwrap_or(false),
         subsystems,
     )
-    .map_err(|e| ConfigError::invalid("ESPER_DEBUG_SUBSYSTEM", subsystems, e))?;
+    .map_err(|e| ConfigError::invalid("ESPER_DEBUG_SUBSYSTEM", subsystems, e))
+}
+
+/// Where a reload reads the log level again: the `--config` file given at start, under
+/// the `--log-level` flag (the environment stays as it was at start); and the level in
+/// force.
+struct LogSource {
+    config: Option<PathBuf>,
+    flag: Option<String>,
+    level: std::sync::Mutex<String>,
+}
+
+static LOG_SOURCE: std::sync::OnceLock<LogSource> = std::sync::OnceLock::new();
+
+/// Reads the log level again and applies it when it changed; `Ok(true)` when it did.
+/// A level that does not parse is refused and the one in force stays.
+fn reload_log_level() -> Result<bool, String> {
+    let Some(source) = LOG_SOURCE.get() else {
+        return Ok(false);
+    };
+    let level = log_settings(source.config.as_deref())
+        .and_then(|file| log_level(&file, source.flag.as_deref()))
+        .map_err(|e| e.to_string())?;
+    let mut current = source
+        .level
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *current == level {
+        return Ok(false);
+    }
+    telemetry::set_level(&level)?;
+    *current = level;
+    Ok(true)
+}
+
+fn log_options(cli: &Cli) -> Result<LogOptions, ConfigError> {
+    let file = log_settings(cli.config.as_deref())?;
+    let debug = file.debug.unwrap_or(false);
+    let level = log_level(&file, cli.log_level.as_deref())?;
     let include_caller = file.include_caller.unwrap_or(debug);
     let mut format = file.format.unwrap_or_default();
     if let Some(f) = &cli.log_format {
@@ -364,6 +407,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let _ = LOG_SOURCE.set(LogSource {
+        config: cli.config.clone(),
+        flag: cli.log_level.clone(),
+        level: std::sync::Mutex::new(log.level.clone()),
+    });
     // The engine worker's runtime is sized by its `io_threads`; everything else gets
     // one thread per core.
     let threads = match &cli.command {
@@ -504,6 +552,8 @@ async fn server(cmd: ServerCommand, file: Option<&Path>) -> anyhow::Result<ExitC
                     "ADMIN_TOKEN",
                     "ESPER_INGESTION_URL",
                     "ESPER_MITIGATION_URL",
+                    "LOG_LEVEL",
+                    "ESPER_LOG_LEVEL",
                 ],
                 |r: esper_control::Reloader, cfg| Box::pin(async move { r.apply(&cfg).await }),
             );
@@ -728,13 +778,15 @@ async fn proxy(cmd: ProxyCommand, file: Option<&Path>) -> anyhow::Result<ExitCod
     }
 }
 
-/// The environment variables of the settings (tokens, service URLs) each service can
-/// take on a reload: one set in the process's environment is fixed at start (it wins
+/// The environment variables of the settings (tokens, service URLs, the log level) each
+/// service can take on a reload: one set in the process's environment is fixed at start (it wins
 /// over the file read again).
 const INGESTION_FIXED: &[&str] = &[
     "ESPER_BROKER_TOKEN",
     "ADMIN_TOKEN",
     "ESPER_BROKER_PREVIOUS_TOKEN",
+    "LOG_LEVEL",
+    "ESPER_LOG_LEVEL",
 ];
 const MITIGATION_FIXED: &[&str] = &[
     "ESPER_BROKER_TOKEN",
@@ -743,6 +795,8 @@ const MITIGATION_FIXED: &[&str] = &[
     "ESPER_CONTROL_TOKEN",
     "ESPER_TOKEN",
     "ESPER_CONTROL_URL",
+    "LOG_LEVEL",
+    "ESPER_LOG_LEVEL",
 ];
 const WORKER_FIXED: &[&str] = &[
     "ESPER_BROKER_TOKEN",
@@ -752,7 +806,42 @@ const WORKER_FIXED: &[&str] = &[
     "ESPER_INGESTION_URL",
     "ESPER_MITIGATION_URL",
     "ESPER_CONTROL_URL",
+    "LOG_LEVEL",
+    "ESPER_LOG_LEVEL",
 ];
+
+const PROXY_FIXED: &[&str] = &[
+    "ESPER_BROKER_TOKEN",
+    "ADMIN_TOKEN",
+    "ESPER_TOKEN",
+    "ESPER_INGESTION_URL",
+    "ESPER_MITIGATION_URL",
+    "ESPER_CONTROL_URL",
+    "LOG_LEVEL",
+    "ESPER_LOG_LEVEL",
+];
+
+/// Names, on a reload, the variables of `fixed_env` set in the process's environment
+/// (and a `--log-level` flag): a change to those settings in the file does nothing.
+fn report_fixed(fixed_env: &[&str]) {
+    let mut fixed: Vec<&str> = fixed_env
+        .iter()
+        .copied()
+        .filter(|n| std::env::var(n).is_ok_and(|v| !v.trim().is_empty()))
+        .collect();
+    if LOG_SOURCE.get().is_some_and(|s| s.flag.is_some()) {
+        fixed.push("--log-level");
+    }
+    if !fixed.is_empty() {
+        tracing::info!(
+            variables = %fixed.join(", "),
+            "SIGHUP: these settings are set in the environment or on the command line, \
+             which are fixed at start and win over the --config file; to change one with a \
+             reload, set it in the file instead (a token may also name a file holding it, \
+             NAME_FILE)"
+        );
+    }
+}
 
 type Applying = std::pin::Pin<Box<dyn std::future::Future<Output = Reloaded> + Send>>;
 
@@ -825,27 +914,22 @@ fn apply_on_hangup<C, A>(
             };
             let now = serde_json::to_value(&cfg).unwrap_or_default();
             let changed = changed_settings(&running, &now);
-            let Reloaded { applied, kept } = apply(cfg).await;
+            let Reloaded {
+                mut applied,
+                mut kept,
+            } = apply(cfg).await;
+            match reload_log_level() {
+                Ok(true) => applied.push("log_level"),
+                Ok(false) => {}
+                Err(e) => kept.push(("log_level", e)),
+            }
             if !applied.is_empty() {
                 tracing::info!(applied = %applied.join(", "), "SIGHUP: settings applied");
             }
             for (setting, why) in &kept {
                 tracing::warn!(setting, reason = %why, "SIGHUP: setting kept as it was");
             }
-            let fixed: Vec<&str> = fixed_env
-                .iter()
-                .copied()
-                .filter(|n| std::env::var(n).is_ok_and(|v| !v.trim().is_empty()))
-                .collect();
-            if !fixed.is_empty() {
-                tracing::info!(
-                    variables = %fixed.join(", "),
-                    "SIGHUP: these settings are set in the environment, which is fixed at \
-                     start and wins over the --config file; to change one with a reload, set \
-                     it in the file instead (a token may also name a file holding it, \
-                     NAME_FILE)"
-                );
-            }
+            report_fixed(fixed_env);
             if let (Some(running), Some(now)) = (running.as_object_mut(), now.as_object()) {
                 for setting in &applied {
                     match now.get(*setting) {
@@ -917,7 +1001,14 @@ async fn reload_on_sighup(
         };
         if let Err(reason) = result {
             tracing::error!(%reason, "configuration not reloaded; the previous one stays");
+            continue;
         }
+        match reload_log_level() {
+            Ok(true) => tracing::info!("SIGHUP: the log level changed"),
+            Ok(false) => {}
+            Err(reason) => tracing::warn!(%reason, "SIGHUP: the log level stays as it was"),
+        }
+        report_fixed(PROXY_FIXED);
     }
 }
 

@@ -3,7 +3,7 @@
 //! does not validate is refused with the running configuration kept. The other services
 //! keep running on SIGHUP, apply the tokens and the addresses of the services they call
 //! (and the server its certificate) at once, and say which settings a restart would
-//! change.
+//! change. Every service takes a new log level from its file.
 
 #![allow(clippy::unwrap_used)]
 
@@ -94,6 +94,13 @@ async fn sighup_reloads_the_proxy_configuration_file() {
     );
     // Logged once the new configuration is live, so possibly after it served `b`.
     logged(&proxy, "configuration reloaded").await;
+    // The harness sets LOG_LEVEL: a level in the file would not apply, and it says so.
+    logged(&proxy, "set in the environment or on the command line").await;
+    assert!(
+        proxy.log().contains("variables=LOG_LEVEL"),
+        "{}",
+        proxy.log()
+    );
 
     // A file that does not validate: refused, and `b` stays.
     write_config(&file, "", listen, ops);
@@ -103,6 +110,61 @@ async fn sighup_reloads_the_proxy_configuration_file() {
         client.get(&url).send().await.unwrap().text().await.unwrap(),
         "b"
     );
+    assert_eq!(
+        proxy.terminate(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        proxy.log()
+    );
+}
+
+/// The log level in the `--config` file is read again on SIGHUP: a proxy started at
+/// `info` logs its debug lines (a broker that stays unreachable) once the file says
+/// `debug`, and a level that does not parse leaves the one in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_log_level() {
+    let a = named_app("a").await;
+    let dir = TempDir::new("sighup-log");
+    let file = dir.path().join("esper.toml");
+    let (listen, ops) = (free_addr(), free_addr());
+    let write = |level: &str| {
+        write_config(&file, &a.to_string(), listen, ops);
+        let proxy = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, format!("[log]\nlevel = \"{level}\"\n\n{proxy}")).unwrap();
+    };
+    write("info");
+    // An empty value counts as unset: the file's level applies.
+    let mut proxy = Proc::esper(
+        "proxy",
+        &[
+            "proxy".into(),
+            "run".into(),
+            "--config".into(),
+            file.display().to_string(),
+        ],
+        &[("LOG_LEVEL", String::new())],
+    );
+    let client = reqwest::Client::new();
+    let url = format!("http://{listen}/");
+    assert!(
+        answers(&client, &url, "a", Duration::from_secs(20)).await,
+        "{}",
+        proxy.log()
+    );
+    // Its stream fails first at `warn`, then again and again at `debug`.
+    logged(&proxy, "mitigation stream lost").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let quiet = "mitigation stream still unavailable";
+    assert!(!proxy.log().contains(quiet), "{}", proxy.log());
+
+    write("debug");
+    hangup(&proxy);
+    logged(&proxy, "SIGHUP: the log level changed").await;
+    logged(&proxy, quiet).await;
+
+    write("info,esper=loud");
+    hangup(&proxy);
+    logged(&proxy, "SIGHUP: the log level stays as it was").await;
     assert_eq!(
         proxy.terminate(Duration::from_secs(15)),
         Some(0),

@@ -1561,11 +1561,14 @@ async fn a_calls_request_id_goes_on_to_the_brokers() {
 /// use instead, keeps it: the API would be left with no way in.
 #[tokio::test]
 async fn a_reload_keeps_the_admin_token_when_it_is_the_only_way_in() {
-    let s = Stack::without_brokers().await;
+    let (ingestion, mitigation) = support::Brokers::down().await;
+    let dir = support::TempDir::new();
+    let cfg = support::config(&dir, &ingestion, &mitigation);
+    let s = Stack::with_config(dir, cfg.clone(), None).await;
     let reloader = s.started.as_ref().unwrap().reloader.clone();
     let none = esper_control::Config {
         admin_token: None,
-        ..support::config(&s.dir, "http://127.0.0.1:9", "http://127.0.0.1:9")
+        ..cfg
     };
     let done = reloader.apply(&none).await;
     assert!(done.applied.is_empty(), "{done:?}");
