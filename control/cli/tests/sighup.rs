@@ -327,7 +327,7 @@ async fn sighup_rotates_the_servers_admin_token_and_names_the_rest() {
 /// drops it. The worker's batches go through before, during and after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rotates_the_broker_token_between_a_broker_and_a_worker() {
-    use esper_protocol::{IngestionClient, RequestEvent};
+    use esper_protocol::IngestionClient;
     let dir = TempDir::new("sighup-tokens");
     let (old, new) = ("old-broker-token-1", "new-broker-token-2");
     let token_file = dir.path().join("broker.token");
@@ -380,30 +380,8 @@ async fn sighup_rotates_the_broker_token_between_a_broker_and_a_worker() {
         &env,
     );
     let with = |token: &str| IngestionClient::new(&ingestion, Some(token.into()));
-    let events = |tag: &str| {
-        (0..5)
-            .map(|i| {
-                let mut e = RequestEvent::new("192.0.2.7".parse().unwrap(), "GET", "/");
-                e.id = format!("{tag}-{i}");
-                e
-            })
-            .collect::<Vec<_>>()
-    };
-    let acked = |token: &'static str, n: u64| {
-        let client = with(token);
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if client.status().await.is_ok_and(|s| s.acked_total >= n) {
-                    return true;
-                }
-                if Instant::now() > deadline {
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let events = |tag: &str| five_events("192.0.2.7", tag);
+    let acked = |token: &'static str, n: u64| acked(with(token), n, Duration::from_secs(20));
     let deadline = Instant::now() + Duration::from_secs(20);
     while with(old).ingest(events("before")).await.is_err() {
         assert!(
@@ -458,7 +436,7 @@ async fn sighup_rotates_the_broker_token_between_a_broker_and_a_worker() {
 /// are claimed and acknowledged from then on, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_moves_a_worker_to_another_ingestion_broker() {
-    use esper_protocol::{IngestionClient, RequestEvent};
+    use esper_protocol::IngestionClient;
     let dir = TempDir::new("sighup-move");
     let start_broker = |name: &str| {
         let listen = free_addr();
@@ -499,30 +477,9 @@ async fn sighup_moves_a_worker_to_another_ingestion_broker() {
         ],
         &[],
     );
-    let events = |tag: &str| {
-        (0..5)
-            .map(|i| {
-                let mut e = RequestEvent::new("192.0.2.8".parse().unwrap(), "GET", "/");
-                e.id = format!("{tag}-{i}");
-                e
-            })
-            .collect::<Vec<_>>()
-    };
-    let acked = |url: &str, n: u64, within: Duration| {
-        let client = IngestionClient::new(url, None);
-        async move {
-            let deadline = Instant::now() + within;
-            loop {
-                if client.status().await.is_ok_and(|s| s.acked_total >= n) {
-                    return true;
-                }
-                if Instant::now() > deadline {
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let events = |tag: &str| five_events("192.0.2.8", tag);
+    let acked =
+        |url: &str, n: u64, within: Duration| acked(IngestionClient::new(url, None), n, within);
     for (url, tag) in [(&url_a, "a"), (&url_b, "b")] {
         let client = IngestionClient::new(url, None);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -552,5 +509,31 @@ async fn sighup_moves_a_worker_to_another_ingestion_broker() {
     );
     for p in [&mut worker, &mut broker_a, &mut broker_b] {
         assert_eq!(p.terminate(Duration::from_secs(15)), Some(0), "{}", p.log());
+    }
+}
+
+/// Five events from `ip`, with ids `TAG-0` to `TAG-4`.
+fn five_events(ip: &str, tag: &str) -> Vec<esper_protocol::RequestEvent> {
+    (0..5)
+        .map(|i| {
+            let mut e = esper_protocol::RequestEvent::new(ip.parse().unwrap(), "GET", "/");
+            e.id = format!("{tag}-{i}");
+            e
+        })
+        .collect()
+}
+
+/// Polls the broker `client` calls until it has acknowledged `n` events in all; `false`
+/// when `within` passed first.
+async fn acked(client: esper_protocol::IngestionClient, n: u64, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if client.status().await.is_ok_and(|s| s.acked_total >= n) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
