@@ -30,18 +30,6 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// `url` like `http://127.0.0.1:8080`; `token` is the control plane's bearer token.
-    pub fn new(url: &str, token: impl Into<Token>) -> ControlClient {
-        let http = Self::builder()
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        ControlClient {
-            endpoints: Endpoints::new(url),
-            token: token.into(),
-            http,
-        }
-    }
-
     /// The worker's client: at most `max_idle` idle connections, trusting the CA
     /// certificates in PEM file `ca` when given; `endpoints` and `token` are shared with
     /// the caller, who may replace them.
