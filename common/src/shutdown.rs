@@ -39,6 +39,16 @@ impl Shutdown {
         let _ = rx.wait_for(|v| *v).await;
     }
 
+    /// `work`'s output, or `None` when shutdown begins first (`work` is dropped then):
+    /// for a call to a service that may hang for its client's whole timeout.
+    pub async fn unless<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            _ = self.wait() => None,
+            out = work => Some(out),
+        }
+    }
+
     /// Sleeps for `d` unless shutdown begins first; `true` when shutdown interrupted it.
     pub async fn sleep(&self, d: Duration) -> bool {
         tokio::select! {

@@ -244,6 +244,7 @@ pub async fn run_with(
         revocations_failing: false,
         handle: handle.clone(),
         evaluator: evaluator.clone(),
+        shutdown: shutdown.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
     };
@@ -315,7 +316,7 @@ pub async fn run_with(
     );
 
     let mut background = JoinSet::new();
-    background.spawn(follower.run(config.policy_refresh, shutdown.clone()));
+    background.spawn(follower.run(config.policy_refresh));
     background.spawn(cleanup_loop(
         evaluator.clone(),
         metrics.clone(),

@@ -79,6 +79,8 @@ pub(crate) struct Follower {
     pub revocations_failing: bool,
     pub handle: Arc<PolicyHandle>,
     pub evaluator: Evaluator,
+    /// The worker's: calls to the control plane end when it begins.
+    pub shutdown: Shutdown,
     pub metrics: Metrics,
     pub status: Arc<Status>,
 }
@@ -89,12 +91,15 @@ impl Follower {
         let current = self.handle.current().map(|s| s.revision);
         let mut reachable = true;
         let next = match &mut self.source {
-            Source::Control(client) => match client.active_policies().await {
-                Ok(active) => {
+            // A control plane that hangs would hold the call for the client's whole
+            // timeout; shutdown does not wait for it.
+            Source::Control(client) => match self.shutdown.unless(client.active_policies()).await {
+                None => return,
+                Some(Ok(active)) => {
                     self.status.control.ok();
                     (current != Some(active.revision)).then(|| PolicySet::compile(&active))
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     reachable = false;
                     self.metrics.policy_errors.inc();
                     self.metrics.control_errors.inc();
@@ -159,12 +164,14 @@ impl Follower {
             return;
         };
         loop {
-            let page = match client
-                .revocations(self.revoked_after.as_ref(), REVOCATION_PAGE)
+            let page = match self
+                .shutdown
+                .unless(client.revocations(self.revoked_after.as_ref(), REVOCATION_PAGE))
                 .await
             {
-                Ok(page) => page,
-                Err(e) => {
+                None => return,
+                Some(Ok(page)) => page,
+                Some(Err(e)) => {
                     self.metrics.control_errors.inc();
                     self.revocations_failed(
                         "cannot read revoked decisions from the control plane",
@@ -230,10 +237,10 @@ impl Follower {
     }
 
     /// Refreshes every `every` until shutdown.
-    pub async fn run(mut self, every: Duration, shutdown: Shutdown) {
+    pub async fn run(mut self, every: Duration) {
         loop {
             self.refresh().await;
-            if shutdown.sleep(every).await {
+            if self.shutdown.sleep(every).await {
                 break;
             }
         }
