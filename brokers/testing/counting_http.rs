@@ -18,6 +18,13 @@ pub struct Behaviour {
     /// Close a connection this long after its last answer, as app servers close idle
     /// keep-alive connections; `None` keeps it until the client closes it.
     pub close_after: Option<Duration>,
+    /// Close the connection of this many requests, read in full, without an answer: an
+    /// instance that died with the request on the wire, or closed an idle connection as
+    /// the request went out. They follow the first `hang_up_after` requests.
+    pub hang_ups: usize,
+    pub hang_up_after: usize,
+    /// The answer's JSON body; `ok` as plain text when `None`.
+    pub json: Option<&'static str>,
 }
 
 pub struct CountingServer {
@@ -26,6 +33,8 @@ pub struct CountingServer {
     pub opened: Arc<AtomicUsize>,
     /// Connections the client closed (end of stream read by the server).
     pub closed_by_client: Arc<AtomicUsize>,
+    /// Requests read, answered or not.
+    pub requests: Arc<AtomicUsize>,
 }
 
 impl CountingServer {
@@ -35,17 +44,19 @@ impl CountingServer {
         let addr = listener.local_addr().unwrap();
         let opened = Arc::new(AtomicUsize::new(0));
         let closed_by_client = Arc::new(AtomicUsize::new(0));
-        let (o, c) = (opened.clone(), closed_by_client.clone());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (o, c, r) = (opened.clone(), closed_by_client.clone(), requests.clone());
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
                 o.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(conn, behaviour, c.clone()));
+                tokio::spawn(serve(conn, behaviour, c.clone(), r.clone()));
             }
         });
         CountingServer {
             addr,
             opened,
             closed_by_client,
+            requests,
         }
     }
 
@@ -60,9 +71,18 @@ impl CountingServer {
     pub fn closed_by_client(&self) -> usize {
         self.closed_by_client.load(Ordering::SeqCst)
     }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
 }
 
-async fn serve(mut conn: tokio::net::TcpStream, b: Behaviour, closed: Arc<AtomicUsize>) {
+async fn serve(
+    mut conn: tokio::net::TcpStream,
+    b: Behaviour,
+    closed: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -81,14 +101,38 @@ async fn serve(mut conn: tokio::net::TcpStream, b: Behaviour, closed: Arc<Atomic
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.drain(..end + 4);
+            let length = content_length(&buf[..end]);
+            if buf.len() < end + 4 + length {
+                break;
+            }
+            buf.drain(..end + 4 + length);
+            let n = requests.fetch_add(1, Ordering::SeqCst);
+            if n >= b.hang_up_after && n - b.hang_up_after < b.hang_ups {
+                return;
+            }
             if !b.delay.is_zero() {
                 tokio::time::sleep(b.delay).await;
             }
-            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-            if conn.write_all(answer).await.is_err() {
+            let answer = match b.json {
+                Some(json) => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+                    json.len()
+                ),
+                None => "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string(),
+            };
+            if conn.write_all(answer.as_bytes()).await.is_err() {
                 return;
             }
         }
     }
+}
+
+/// The `content-length` of a request head (0 without one).
+fn content_length(head: &[u8]) -> usize {
+    String::from_utf8_lossy(head)
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0)
 }

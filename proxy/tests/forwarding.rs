@@ -234,6 +234,7 @@ async fn counting_upstream(close_after: Option<Duration>) -> CountingServer {
     CountingServer::start(Behaviour {
         delay: Duration::ZERO,
         close_after,
+        ..Behaviour::default()
     })
     .await
 }

@@ -80,22 +80,39 @@ impl ClientError {
     }
 }
 
-/// The base of every broker client: a base URL, an optional bearer token, a pool.
+/// Whether a call whose request went out but got no answer (its connection closed or
+/// was reset first) may be sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resend {
+    /// Send it again: to the next instance, or once more, on a new connection, to the
+    /// only one. For calls that change nothing when repeated: reads, acknowledgements,
+    /// writes keyed by id (events are deduplicated on theirs, mitigations and decisions
+    /// replaced by theirs).
+    Unanswered,
+    /// Never: the answer counts what the call did (a revoke, a purge), and a repeat
+    /// after a first that was done would count nothing.
+    Never,
+}
+
+/// A client of one service, the base of every broker client: its instances, an
+/// optional bearer token, a pool.
 ///
-/// The URL may list several instances of one broker, comma-separated (as the proxy's
+/// The URL may list several instances of one service, comma-separated (as the proxy's
 /// `ESPER_MITIGATION_URL` does, in a file every service reads). Calls go to one; one
 /// that cannot connect (so nothing was sent) goes on to the next at once, and later
-/// calls stay with the one that answered.
+/// calls stay with the one that answered. A call sent on a connection that then closed
+/// without an answer (the instance died, or closed that idle connection as the call
+/// went out) goes on too, when [`Resend`] allows.
 #[derive(Clone, Debug)]
-pub(crate) struct Base {
+pub struct ServiceClient {
     pub(crate) endpoints: Endpoints,
     pub(crate) token: Token,
     http: reqwest::Client,
 }
 
-impl Base {
-    pub(crate) fn new(url: &str, token: Option<String>, timeout: Duration) -> Base {
-        Base::with_pool(url, token, timeout, None)
+impl ServiceClient {
+    pub(crate) fn new(url: &str, token: Option<String>, timeout: Duration) -> ServiceClient {
+        ServiceClient::with_pool(url, token, timeout, None)
     }
 
     /// `max_idle`: idle connections kept to the broker (unbounded when `None`).
@@ -104,7 +121,7 @@ impl Base {
         token: Option<String>,
         timeout: Duration,
         max_idle: Option<usize>,
-    ) -> Base {
+    ) -> ServiceClient {
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
@@ -113,14 +130,26 @@ impl Base {
             builder = builder.pool_max_idle_per_host(n);
         }
         let http = builder.build().unwrap_or_else(|_| reqwest::Client::new());
-        Base {
-            endpoints: Endpoints::new(url),
-            token: Token::new(token),
+        ServiceClient::with_http(http, Endpoints::new(url), Token::new(token))
+    }
+
+    /// A client of `endpoints` sending `token` (both shared with the caller, who may
+    /// replace them) through `http`, built with the caller's timeouts and trust.
+    pub fn with_http(http: reqwest::Client, endpoints: Endpoints, token: Token) -> ServiceClient {
+        ServiceClient {
+            endpoints,
+            token,
             http,
         }
     }
 
-    pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+    /// The instances this client calls.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// A request for `path` on the instance in force, with the token and trace context.
+    pub fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
         let base = self.endpoints.load();
         let rb = crate::trace_context::traced(
             self.http
@@ -129,18 +158,30 @@ impl Base {
         self.token.authorize(rb)
     }
 
-    pub(crate) async fn send<T: DeserializeOwned>(
+    /// Sends `rb`, built by [`ServiceClient::req`], and decodes the answer.
+    pub async fn send<T: DeserializeOwned>(
         &self,
         rb: RequestBuilder,
+        resend: Resend,
     ) -> Result<T, ClientError> {
-        let (given, resp) = self.execute(rb).await?;
+        let (given, resp) = self.execute(rb, resend).await?;
         decode(&given, resp).await
     }
 
-    /// Sends `rb`, built by [`Base::req`], and on a failed connection the same request
-    /// to each other instance in turn. Also returns the setting it was sent under, for
-    /// messages.
-    async fn execute(&self, rb: RequestBuilder) -> Result<(String, Response), ClientError> {
+    /// Sends `rb`, built by [`ServiceClient::req`], and returns the answer as it came,
+    /// for the caller to read (one whose statuses [`decode`] does not know).
+    pub async fn call(&self, rb: RequestBuilder, resend: Resend) -> Result<Response, ClientError> {
+        self.execute(rb, resend).await.map(|(_, resp)| resp)
+    }
+
+    /// Sends `rb`, built by [`ServiceClient::req`], and on a failed connection the same
+    /// request to each other instance in turn. Also returns the setting it was sent
+    /// under, for messages.
+    async fn execute(
+        &self,
+        rb: RequestBuilder,
+        resend: Resend,
+    ) -> Result<(String, Response), ClientError> {
         // One snapshot for the whole call: a reload may replace the list meanwhile.
         let list = self.endpoints.load();
         let urls = list.urls();
@@ -148,24 +189,26 @@ impl Base {
             url: list.given().to_string(),
             source,
         };
-        if urls.len() == 1 {
-            let resp = rb.send().await.map_err(transport)?;
-            return Ok((list.given().to_string(), resp));
-        }
         let (client, request) = rb.build_split();
         let request = request.map_err(transport)?;
         // The instance it was built for (another call may have moved on since).
-        let first = urls
-            .iter()
-            .position(|u| moved(request.url(), u, u).as_ref() == Some(request.url()))
-            .unwrap_or_else(|| list.current());
+        let first = match urls.len() {
+            1 => 0,
+            _ => urls
+                .iter()
+                .position(|u| moved(request.url(), u, u).as_ref() == Some(request.url()))
+                .unwrap_or_else(|| list.current()),
+        };
+        // Each instance once; the only one twice, the second time on a new connection
+        // (the failed one is not pooled again).
+        let tries = urls.len().max(2);
         let mut last = None;
-        for step in 0..urls.len() {
+        for step in 0..tries {
             let at = (first + step) % urls.len();
             let Some(mut next) = request.try_clone() else {
                 break;
             };
-            if step > 0 {
+            if at != first {
                 let Some(url) = moved(request.url(), &urls[first], &urls[at]) else {
                     continue;
                 };
@@ -173,13 +216,14 @@ impl Base {
             }
             match client.execute(next).await {
                 Ok(resp) => {
-                    if step > 0 {
+                    if at != first {
                         list.move_to(at);
                     }
                     return Ok((list.given().to_string(), resp));
                 }
-                // Nothing was sent: the next instance may take it.
-                Err(e) if e.is_connect() => last = Some(e),
+                // Nothing was sent: another instance may take it.
+                Err(e) if e.is_connect() && urls.len() > 1 => last = Some(e),
+                Err(e) if resend == Resend::Unanswered && unanswered(&e) => last = Some(e),
                 Err(e) => return Err(transport(e)),
             }
         }
@@ -191,18 +235,49 @@ impl Base {
         Ok((list.given().to_string(), resp))
     }
 
-    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.send(self.req(reqwest::Method::GET, path)).await
+    /// `GET path`, sent again when unanswered.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.req(reqwest::Method::GET, path), Resend::Unanswered)
+            .await
     }
 
-    pub(crate) async fn post<B: Serialize, T: DeserializeOwned>(
+    /// `POST path` with `body` as JSON.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
+        resend: Resend,
     ) -> Result<T, ClientError> {
-        self.send(self.req(reqwest::Method::POST, path).json(body))
+        self.send(self.req(reqwest::Method::POST, path).json(body), resend)
             .await
     }
+}
+
+/// The request went out on a connection that closed or was reset before any answer,
+/// and not for a timeout: the instance died, or closed the idle connection as the
+/// request was written. Whether it acted on the request is unknown.
+fn unanswered(e: &reqwest::Error) -> bool {
+    if e.is_timeout() || e.is_connect() || !e.is_request() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// `url`, built on base `from`, rebuilt on base `to` (which may have another path).
@@ -264,7 +339,7 @@ pub async fn decode<T: DeserializeOwned>(url: &str, resp: Response) -> Result<T,
 /// Client of the ingestion broker (`BROKER_PORT` 8082 by default).
 #[derive(Clone, Debug)]
 pub struct IngestionClient {
-    base: Base,
+    base: ServiceClient,
 }
 
 impl IngestionClient {
@@ -281,7 +356,7 @@ impl IngestionClient {
         max_idle: Option<usize>,
     ) -> IngestionClient {
         IngestionClient {
-            base: Base::with_pool(url, token, Duration::from_secs(10), max_idle),
+            base: ServiceClient::with_pool(url, token, Duration::from_secs(10), max_idle),
         }
     }
 
@@ -346,7 +421,8 @@ impl IngestionClient {
                 reqwest::header::HeaderValue::from_static("application/json"),
             )
             .body(body);
-        self.base.send(rb).await
+        // Workers drop an event they have seen (by its id).
+        self.base.send(rb, Resend::Unanswered).await
     }
 
     /// Leases up to `max` items for `lease`; waits up to `wait` when the queue is empty.
@@ -369,7 +445,9 @@ impl IngestionClient {
             .req(reqwest::Method::POST, "/api/queue/claim")
             .timeout(wait + Duration::from_secs(10))
             .json(&body);
-        self.base.send(rb).await
+        // A claim answered but lost leaves its items leased until the lease ends; they
+        // come back then, as a crashed worker's do.
+        self.base.send(rb, Resend::Unanswered).await
     }
 
     pub async fn ack(
@@ -381,7 +459,9 @@ impl IngestionClient {
             consumer: consumer.to_string(),
             item_ids,
         };
-        self.base.post("/api/queue/ack", &body).await
+        self.base
+            .post("/api/queue/ack", &body, Resend::Unanswered)
+            .await
     }
 
     pub async fn status(&self) -> Result<QueueStatus, ClientError> {
@@ -390,13 +470,21 @@ impl IngestionClient {
 
     pub async fn pause(&self) -> Result<QueueStatus, ClientError> {
         self.base
-            .post("/api/queue/pause", &serde_json::json!({}))
+            .post(
+                "/api/queue/pause",
+                &serde_json::json!({}),
+                Resend::Unanswered,
+            )
             .await
     }
 
     pub async fn resume(&self) -> Result<QueueStatus, ClientError> {
         self.base
-            .post("/api/queue/resume", &serde_json::json!({}))
+            .post(
+                "/api/queue/resume",
+                &serde_json::json!({}),
+                Resend::Unanswered,
+            )
             .await
     }
 
@@ -415,7 +503,7 @@ impl IngestionClient {
     /// Drops every waiting (not leased) item: housekeeping after an incident.
     pub async fn purge(&self) -> Result<PurgeResponse, ClientError> {
         self.base
-            .post("/api/queue/purge", &serde_json::json!({}))
+            .post("/api/queue/purge", &serde_json::json!({}), Resend::Never)
             .await
     }
 
@@ -428,7 +516,7 @@ impl IngestionClient {
 /// Client of the mitigation broker (8083 by default).
 #[derive(Clone, Debug)]
 pub struct MitigationClient {
-    base: Base,
+    base: ServiceClient,
 }
 
 impl MitigationClient {
@@ -444,7 +532,7 @@ impl MitigationClient {
         max_idle: Option<usize>,
     ) -> MitigationClient {
         MitigationClient {
-            base: Base::with_pool(url, token, Duration::from_secs(10), max_idle),
+            base: ServiceClient::with_pool(url, token, Duration::from_secs(10), max_idle),
         }
     }
 
@@ -482,7 +570,11 @@ impl MitigationClient {
         mitigations: Vec<Mitigation>,
     ) -> Result<PublishResponse, ClientError> {
         self.base
-            .post("/api/mitigations", &PublishRequest { mitigations })
+            .post(
+                "/api/mitigations",
+                &PublishRequest { mitigations },
+                Resend::Unanswered,
+            )
             .await
     }
 
@@ -504,12 +596,14 @@ impl MitigationClient {
     }
 
     pub async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeResponse, ClientError> {
-        self.base.post("/api/mitigations/revoke", req).await
+        self.base
+            .post("/api/mitigations/revoke", req, Resend::Never)
+            .await
     }
 
     pub async fn clear(&self) -> Result<RevokeResponse, ClientError> {
         self.base
-            .post("/api/cache/clear", &serde_json::json!({}))
+            .post("/api/cache/clear", &serde_json::json!({}), Resend::Never)
             .await
     }
 
@@ -530,7 +624,7 @@ impl MitigationClient {
             .base
             .req(reqwest::Method::GET, &path)
             .timeout(wait + Duration::from_secs(10));
-        self.base.send(rb).await
+        self.base.send(rb, Resend::Unanswered).await
     }
 
     /// The next page of the snapshot whose pages carry `cursor`: `more` is the previous
@@ -549,11 +643,12 @@ impl MitigationClient {
     }
 }
 
-async fn probe(base: &Base, path: &str) -> bool {
+async fn probe(base: &ServiceClient, path: &str) -> bool {
     match base
         .execute(
             base.req(reqwest::Method::GET, path)
                 .timeout(Duration::from_secs(2)),
+            Resend::Unanswered,
         )
         .await
     {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::client::{Base, ClientError, encode};
+use crate::client::{ClientError, Resend, ServiceClient, encode};
 use crate::control::{Decision, DecisionBatch};
 use crate::entity::EntityKey;
 use crate::mitigation::RevokeResponse;
@@ -171,14 +171,14 @@ impl PageMark {
 /// Client of the control plane's decision log (API port 8080 by default).
 #[derive(Clone, Debug)]
 pub struct DecisionLogClient {
-    base: Base,
+    base: ServiceClient,
 }
 
 impl DecisionLogClient {
     /// A client of the control plane at `url` with its API token.
     pub fn new(url: &str, token: Option<String>) -> DecisionLogClient {
         DecisionLogClient {
-            base: Base::new(url, token, Duration::from_secs(10)),
+            base: ServiceClient::new(url, token, Duration::from_secs(10)),
         }
     }
 
@@ -214,7 +214,11 @@ impl DecisionLogClient {
     /// `POST /api/v1/decisions`: appends, ignoring ids already logged.
     pub async fn record(&self, decisions: Vec<Decision>) -> Result<(), ClientError> {
         self.base
-            .post::<_, serde::de::IgnoredAny>("/api/v1/decisions", &DecisionBatch { decisions })
+            .post::<_, serde::de::IgnoredAny>(
+                "/api/v1/decisions",
+                &DecisionBatch { decisions },
+                Resend::Unanswered,
+            )
             .await
             .map(|_| ())
     }
@@ -222,7 +226,7 @@ impl DecisionLogClient {
     /// `POST /api/v1/decisions/revoke`: returns how many logged decisions were marked.
     pub async fn revoke(&self, req: &DecisionRevoke) -> Result<usize, ClientError> {
         self.base
-            .post::<_, RevokeResponse>("/api/v1/decisions/revoke", req)
+            .post::<_, RevokeResponse>("/api/v1/decisions/revoke", req, Resend::Never)
             .await
             .map(|r| r.revoked)
     }

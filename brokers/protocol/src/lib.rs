@@ -16,7 +16,7 @@ pub mod outbox;
 pub mod token;
 pub mod trace_context;
 
-pub use client::{ClientError, IngestionClient, MitigationClient, trust_ca};
+pub use client::{ClientError, IngestionClient, MitigationClient, Resend, ServiceClient, trust_ca};
 pub use control::{
     ChallengeKey, Decision, DecisionBatch, DecisionMode, ProxyConfigDoc, ProxyHeartbeat,
     PutProxyConfig, RotateChallengeKey, RotatedChallengeKey, WorkerHeartbeat,

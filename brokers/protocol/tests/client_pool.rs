@@ -17,6 +17,7 @@ async fn a_pool_size_bounds_the_idle_connections_kept() {
     let server = CountingServer::start(Behaviour {
         delay: Duration::from_millis(200),
         close_after: None,
+        ..Behaviour::default()
     })
     .await;
     let client = IngestionClient::with_pool_size(&server.url(), None, Some(2));
