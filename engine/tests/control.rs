@@ -241,6 +241,53 @@ async fn decisions_more_than_the_log_takes_in_one_request_are_logged_in_parts() 
     stop_stack(ctl, ing, mit).await;
 }
 
+/// `control_url` may list several instances of the control plane, as the broker URLs
+/// do: a worker whose first one is down follows the next for policies, decisions and
+/// heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_given_several_control_planes_uses_one_that_answers() {
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("control-instances");
+    let ctl = control(&dir, &ing.url(), &mit.url()).await;
+    let api = ctl.url();
+    set_up_policies(&api).await;
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let worker = worker(config(
+        &format!("http://{closed},{api}"),
+        &ing.url(),
+        &mit.url(),
+    ))
+    .await;
+    policies_loaded(&worker.url(), 2.0).await;
+    let (ingest, _) = clients(&ing.url(), &mit.url());
+    ingest.ingest(logins("127.0.0.2", 10)).await.unwrap();
+    logged_decisions(&api, 2, Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the worker's heartbeat",
+        || async {
+            let list: WorkersResponse =
+                control_request(Method::GET, format!("{api}/api/v1/workers"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+            list.workers
+                .into_iter()
+                .find(|w| w.beat.worker_id == "worker-ctl")
+        },
+    )
+    .await;
+    worker.stop().await.unwrap();
+    stop_stack(ctl, ing, mit).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_told_to_drain_finishes_its_work_and_exits() {
     let ing = ingestion().await;

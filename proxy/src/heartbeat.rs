@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use esper_common::Shutdown;
-use esper_protocol::{Endpoints, ProxyHeartbeat, Token};
+use esper_protocol::{Endpoints, ProxyHeartbeat, Resend, ServiceClient, Token};
 
 use crate::cache::MitigationCache;
 use crate::metrics::Metrics;
@@ -14,6 +14,9 @@ use crate::status::Status;
 
 /// Timeout of one heartbeat request.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// Connecting to one control plane instance, before the next listed is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const PATH: &str = "/api/v1/proxies/heartbeat";
 
 /// What the heartbeat reports about this proxy.
 pub struct Reporter {
@@ -58,22 +61,29 @@ pub async fn run(
     reporter: Reporter,
     shutdown: Shutdown,
 ) {
-    let http = match reqwest::Client::builder().timeout(TIMEOUT).build() {
+    let http = match reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "cannot build the heartbeat client; no heartbeats");
             return;
         }
     };
+    let client = ServiceClient::with_http(http, control, token);
     let mut healthy = true;
     loop {
-        // Built each time: a reload may move the control plane.
-        let endpoint = format!("{}/api/v1/proxies/heartbeat", control.load().current_url());
-        let req = token.authorize(http.post(&endpoint).json(&reporter.beat()));
+        let req = client
+            .req(reqwest::Method::POST, PATH)
+            .json(&reporter.beat());
         let result = tokio::select! {
-            r = req.send() => r,
+            r = client.call(req, Resend::Unanswered) => r,
             _ = shutdown.wait() => break,
         };
+        // Named after the call: a reload or a failover may move the control plane.
+        let endpoint = format!("{}{PATH}", client.endpoints().load().current_url());
         let failure = match result {
             Ok(resp) if resp.status().is_success() => None,
             Ok(resp) => Some(format!("control plane answered {}", resp.status())),

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use esper_common::Shutdown;
 use esper_protocol::control::{PROXY_LOCAL_ADDRESSES, PROXY_LOCAL_ONLY};
-use esper_protocol::{ChallengeKey, Endpoints, Instances, ProxyConfigDoc, Token};
+use esper_protocol::{
+    ChallengeKey, Endpoints, Instances, ProxyConfigDoc, Resend, ServiceClient, Token,
+};
 use reqwest::StatusCode;
 
 use crate::config::{Config, MIN_CHALLENGE_SECRET_LEN};
@@ -23,6 +25,8 @@ const REQUEST_SLACK: Duration = Duration::from_secs(10);
 /// First pause after a failed poll; doubles up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Connecting to one control plane instance, before the next listed is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Least time between the starts of two polls: a control plane that answers at once,
 /// without waiting and with nothing newer, must not make the proxy spin (each answer
 /// may rebuild its apps).
@@ -93,7 +97,7 @@ pub struct Follow {
 
 /// Follows the control plane's proxy configuration until `shutdown`.
 pub async fn follow(f: Follow, shutdown: Shutdown) {
-    let client = reqwest::Client::new();
+    let client = f.client();
     let mut moved = f.control.subscribe();
     let mut after = 0i64;
     let mut backoff = Backoff::default();
@@ -109,7 +113,7 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
         let url = f.url("/api/v1/proxies/config");
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
-            r = poll::<ProxyConfigDoc>(f.long_poll(&client, &url, after)) => r,
+            r = poll::<ProxyConfigDoc>(&client, f.long_poll(&client, "/api/v1/proxies/config", after)) => r,
             Ok(()) = moved.changed() => {
                 // Revisions are the control plane's own: start from its latest document.
                 (after, retry) = (0, None);
@@ -141,23 +145,27 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
 }
 
 impl Follow {
-    /// `path` on the control plane in force.
+    /// `path` on the control plane in force, for messages.
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.control.load().current_url())
     }
 
-    /// `GET url?after=AFTER&wait=SECS`, with the token, timed out a little after the wait.
-    fn long_poll(
-        &self,
-        client: &reqwest::Client,
-        url: &str,
-        after: i64,
-    ) -> reqwest::RequestBuilder {
-        let req = client
-            .get(url)
+    /// A client of the control plane's instances, with the token: each request sets
+    /// its own timeout, after its wait.
+    fn client(&self) -> ServiceClient {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        ServiceClient::with_http(http, self.control.clone(), self.token.clone())
+    }
+
+    /// `GET path?after=AFTER&wait=SECS`, timed out a little after the wait.
+    fn long_poll(&self, client: &ServiceClient, path: &str, after: i64) -> reqwest::RequestBuilder {
+        client
+            .req(reqwest::Method::GET, path)
             .query(&[("after", after), ("wait", self.wait.as_secs() as i64)])
-            .timeout(self.wait + REQUEST_SLACK);
-        self.token.authorize(req)
+            .timeout(self.wait + REQUEST_SLACK)
     }
 }
 
@@ -231,11 +239,16 @@ fn strong_enough(key: &ChallengeKey) -> bool {
             .is_none_or(|p| p.len() >= MIN_CHALLENGE_SECRET_LEN)
 }
 
-/// One long-poll: something newer, or nothing within the wait.
+/// One long-poll: something newer, or nothing within the wait. An instance that cannot
+/// be reached, or drops the poll unanswered, gives way to the next one listed.
 async fn poll<T: serde::de::DeserializeOwned>(
+    client: &ServiceClient,
     req: reqwest::RequestBuilder,
 ) -> Result<Option<T>, String> {
-    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let resp = client
+        .call(req, Resend::Unanswered)
+        .await
+        .map_err(|e| e.to_string())?;
     match resp.status() {
         StatusCode::OK => resp.json().await.map(Some).map_err(|e| e.to_string()),
         StatusCode::NO_CONTENT => Ok(None),
@@ -268,7 +281,7 @@ async fn apply(f: &Follow, doc: &ProxyConfigDoc) -> bool {
 /// configuration sets its own `challenge_secret`. Until the first answer the proxy signs
 /// with its start-up key, whose cookies it keeps honouring after the switch.
 pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
-    let client = reqwest::Client::new();
+    let client = f.client();
     let mut moved = f.control.subscribe();
     let mut after = 0i64;
     let mut backoff = Backoff::default();
@@ -280,7 +293,7 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
         let url = f.url("/api/v1/proxies/challenge-key");
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
-            r = poll::<ChallengeKey>(f.long_poll(&client, &url, after)) => r,
+            r = poll::<ChallengeKey>(&client, f.long_poll(&client, "/api/v1/proxies/challenge-key", after)) => r,
             Ok(()) = moved.changed() => {
                 after = 0;
                 continue;

@@ -58,6 +58,26 @@ async fn put_config(control: &str, toml: &str) -> ProxyConfigDoc {
     resp.json().await.unwrap()
 }
 
+/// Whether the test proxy shows up in the fleet view of the control plane at `control`
+/// within 5 s.
+async fn heartbeats_reach(control: &str) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        let list: serde_json::Value = reqwest::Client::new()
+            .get(format!("{control}/api/v1/proxies"))
+            .bearer_auth(CONTROL_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["proxies"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["proxy_id"] == "proxy-test"))
+    })
+    .await
+}
+
 #[tokio::test]
 async fn control_plane_config_applies_without_dropping_connections() {
     let control = control_plane().await;
@@ -214,25 +234,39 @@ async fn a_reload_moves_the_proxy_to_another_control_plane() {
         .await,
         "the new control plane's document applies"
     );
-    let listed = eventually(Duration::from_secs(5), || async {
-        let list: serde_json::Value = reqwest::Client::new()
-            .get(format!("{}/api/v1/proxies", new.url))
-            .bearer_auth(CONTROL_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list["proxies"]
-            .as_array()
-            .is_some_and(|ps| ps.iter().any(|p| p["proxy_id"] == "proxy-test"))
-    })
-    .await;
-    assert!(listed, "heartbeats reach the new control plane");
+    assert!(
+        heartbeats_reach(&new.url).await,
+        "heartbeats reach the new control plane"
+    );
     proxy.stop().await.unwrap();
     old.stop().await;
     new.stop().await;
+}
+
+/// `control_url` may list several control plane instances (over one store): a proxy
+/// whose first one is down follows the next, for its document and its heartbeats.
+#[tokio::test]
+async fn a_proxy_given_several_control_planes_uses_one_that_answers() {
+    let control = control_plane().await;
+    let b = named_upstream("b").await;
+    let a = named_upstream("a").await;
+    put_config(&control.url, &format!("upstream = \"{}\"\n", b.addr)).await;
+    let mut cfg = config(a.addr, &dead_url(), &dead_url());
+    cfg.control_url = Some(format!("{},{}", dead_url(), control.url));
+    cfg.control_token = Some(CONTROL_TOKEN.into());
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    let proxy = start_proxy(cfg).await;
+    let applied = eventually(Duration::from_secs(5), || async {
+        get_host(&format!("{}/", proxy.url), "test").await.1 == "b /"
+    })
+    .await;
+    assert!(applied, "the document of the instance that answers applies");
+    assert!(
+        heartbeats_reach(&control.url).await,
+        "heartbeats reach the instance that answers"
+    );
+    proxy.stop().await.unwrap();
+    control.stop().await;
 }
 
 #[tokio::test]

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use esper_common::Shutdown;
-use esper_protocol::client::decode;
 use esper_protocol::{
-    ClientError, Decision, DecisionBatch, Endpoints, RevocationMark, RevokedDecisions, Token,
-    WorkerHeartbeat, record_in_halves,
+    ClientError, Decision, DecisionBatch, Endpoints, Resend, RevocationMark, RevokedDecisions,
+    ServiceClient, Token, WorkerHeartbeat, record_in_halves,
 };
-use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::de::IgnoredAny;
 use tokio::sync::Notify;
 
 use super::status::{Metrics, Status};
@@ -24,9 +23,7 @@ const SEND_BATCH: usize = 1000;
 /// Client of the control plane's worker-facing endpoints.
 #[derive(Clone, Debug)]
 pub struct ControlClient {
-    endpoints: Endpoints,
-    token: Token,
-    http: reqwest::Client,
+    service: ServiceClient,
 }
 
 impl ControlClient {
@@ -39,7 +36,10 @@ impl ControlClient {
         ca: Option<&std::path::Path>,
         max_idle: usize,
     ) -> Result<ControlClient, String> {
-        let builder = Self::builder().pool_max_idle_per_host(max_idle);
+        let builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(2))
+            .pool_max_idle_per_host(max_idle);
         let builder = match ca {
             Some(ca) => esper_protocol::trust_ca(builder, ca)?,
             None => builder,
@@ -48,42 +48,13 @@ impl ControlClient {
             .build()
             .map_err(|e| format!("cannot build the control plane client: {e}"))?;
         Ok(ControlClient {
-            endpoints,
-            token,
-            http,
+            service: ServiceClient::with_http(http, endpoints, token),
         })
-    }
-
-    fn builder() -> reqwest::ClientBuilder {
-        reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(2))
-    }
-
-    async fn send<T: DeserializeOwned>(
-        &self,
-        rb: reqwest::RequestBuilder,
-    ) -> Result<T, ClientError> {
-        let rb = self
-            .token
-            .authorize(esper_protocol::trace_context::traced(rb));
-        let url = self.endpoints.given();
-        let resp = rb.send().await.map_err(|source| ClientError::Transport {
-            url: url.clone(),
-            source,
-        })?;
-        decode(&url, resp).await
-    }
-
-    /// `path` on the control plane in force.
-    fn at(&self, path: &str) -> String {
-        format!("{}{path}", self.endpoints.load().current_url())
     }
 
     /// `GET /api/v1/policies/active`.
     pub async fn active_policies(&self) -> Result<ActivePolicies, ClientError> {
-        self.send(self.http.get(self.at("/api/v1/policies/active")))
-            .await
+        self.service.get("/api/v1/policies/active").await
     }
 
     /// `GET /api/v1/decisions/revocations`: a page of the policy decisions revoked after
@@ -97,20 +68,20 @@ impl ControlClient {
         if let Some(mark) = after {
             query.push(("after", mark.to_query()));
         }
-        self.send(
-            self.http
-                .get(self.at("/api/v1/decisions/revocations"))
-                .query(&query),
-        )
-        .await
+        let rb = self
+            .service
+            .req(reqwest::Method::GET, "/api/v1/decisions/revocations")
+            .query(&query);
+        self.service.send(rb, Resend::Unanswered).await
     }
 
-    /// `POST /api/v1/decisions`.
+    /// `POST /api/v1/decisions`: the log takes ids it has as the same decisions.
     pub async fn record_decisions(&self, decisions: &[Decision]) -> Result<(), ClientError> {
         let body = DecisionBatch {
             decisions: decisions.to_vec(),
         };
-        self.send::<IgnoredAny>(self.http.post(self.at("/api/v1/decisions")).json(&body))
+        self.service
+            .post::<_, IgnoredAny>("/api/v1/decisions", &body, Resend::Unanswered)
             .await
             .map(|_| ())
     }
@@ -123,13 +94,10 @@ impl ControlClient {
             #[serde(default)]
             drain: bool,
         }
-        self.send::<Answer>(
-            self.http
-                .post(self.at("/api/v1/workers/heartbeat"))
-                .json(beat),
-        )
-        .await
-        .map(|a| a.drain)
+        self.service
+            .post::<_, Answer>("/api/v1/workers/heartbeat", beat, Resend::Unanswered)
+            .await
+            .map(|a| a.drain)
     }
 }
 
