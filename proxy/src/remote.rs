@@ -27,6 +27,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Connecting to one control plane instance, before the next listed is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONFIG_PATH: &str = "/api/v1/proxies/config";
+const KEY_PATH: &str = "/api/v1/proxies/challenge-key";
 /// Least time between the starts of two polls: a control plane that answers at once,
 /// without waiting and with nothing newer, must not make the proxy spin (each answer
 /// may rebuild its apps).
@@ -110,10 +112,10 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
         if pace.next(&shutdown).await {
             return;
         }
-        let url = f.url("/api/v1/proxies/config");
+        let url = f.url(CONFIG_PATH);
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
-            r = poll::<ProxyConfigDoc>(&client, f.long_poll(&client, "/api/v1/proxies/config", after)) => r,
+            r = poll::<ProxyConfigDoc>(&client, f.long_poll(&client, CONFIG_PATH, after)) => r,
             Ok(()) = moved.changed() => {
                 // Revisions are the control plane's own: start from its latest document.
                 (after, retry) = (0, None);
@@ -290,10 +292,10 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
         if pace.next(&shutdown).await {
             return;
         }
-        let url = f.url("/api/v1/proxies/challenge-key");
+        let url = f.url(KEY_PATH);
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
-            r = poll::<ChallengeKey>(&client, f.long_poll(&client, "/api/v1/proxies/challenge-key", after)) => r,
+            r = poll::<ChallengeKey>(&client, f.long_poll(&client, KEY_PATH, after)) => r,
             Ok(()) = moved.changed() => {
                 after = 0;
                 continue;
