@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use esper_control::{DecisionsResponse, WorkersResponse};
 use esper_engine::worker::{Config, StateBackendKind};
-use esper_protocol::{DecisionMode, RequestEvent};
+use esper_protocol::control::Seen;
+use esper_protocol::{DecisionMode, RequestEvent, WorkerHeartbeat};
 use reqwest::Method;
 use support::relay::{Mode, Relay};
 use support::*;
@@ -68,6 +69,21 @@ async fn logged_decisions(api: &str, n: usize, limit: Duration) -> DecisionsResp
         (log.decisions.len() == n).then_some(log)
     })
     .await
+}
+
+/// The test worker as the fleet view of the control plane at `api` shows it, once it
+/// is there.
+async fn listed(api: &str) -> Option<Seen<WorkerHeartbeat>> {
+    let list: WorkersResponse = control_request(Method::GET, format!("{api}/api/v1/workers"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    list.workers
+        .into_iter()
+        .find(|w| w.beat.worker_id == "worker-ctl")
 }
 
 /// Stops a control plane and the two brokers.
@@ -170,17 +186,8 @@ async fn policies_from_the_control_plane_decisions_into_its_log() {
     );
 
     // The worker shows up in the fleet view.
-    let workers: WorkersResponse = control_request(Method::GET, format!("{api}/api/v1/workers"))
-        .send()
+    let me = listed(&api)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let me = workers
-        .workers
-        .iter()
-        .find(|w| w.beat.worker_id == "worker-ctl")
         .expect("the worker's heartbeat is recorded");
     assert_eq!(me.beat.state_backend, "memory");
     assert!(me.beat.policies_revision >= 2);
@@ -266,23 +273,9 @@ async fn a_worker_given_several_control_planes_uses_one_that_answers() {
     let (ingest, _) = clients(&ing.url(), &mit.url());
     ingest.ingest(logins("127.0.0.2", 10)).await.unwrap();
     logged_decisions(&api, 2, Duration::from_secs(10)).await;
-    eventually(
-        Duration::from_secs(10),
-        "the worker's heartbeat",
-        || async {
-            let list: WorkersResponse =
-                control_request(Method::GET, format!("{api}/api/v1/workers"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-            list.workers
-                .into_iter()
-                .find(|w| w.beat.worker_id == "worker-ctl")
-        },
-    )
+    eventually(Duration::from_secs(10), "the worker's heartbeat", || {
+        listed(&api)
+    })
     .await;
     worker.stop().await.unwrap();
     stop_stack(ctl, ing, mit).await;
@@ -297,22 +290,10 @@ async fn a_worker_told_to_drain_finishes_its_work_and_exits() {
     let api = ctl.url();
     set_up_policies(&api).await;
     let worker = worker(config(&api, &ing.url(), &mit.url())).await;
-    let listed = || async {
-        let list: WorkersResponse = control_request(Method::GET, format!("{api}/api/v1/workers"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        list.workers
-            .into_iter()
-            .find(|w| w.beat.worker_id == "worker-ctl")
-    };
     eventually(
         Duration::from_secs(10),
         "the worker's heartbeat",
-        || async { listed().await.filter(|w| w.alive) },
+        || async { listed(&api).await.filter(|w| w.alive) },
     )
     .await;
     let drain =
@@ -336,7 +317,7 @@ async fn a_worker_told_to_drain_finishes_its_work_and_exits() {
     assert_eq!(mitigations.active(None).await.unwrap().total, 1);
     // Its decision reached the log before it went.
     logged_decisions(&api, 2, Duration::from_secs(5)).await;
-    let last = listed().await.unwrap();
+    let last = listed(&api).await.unwrap();
     assert_eq!(last.beat.state, "draining");
     stop_stack(ctl, ing, mit).await;
 }
