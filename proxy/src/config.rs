@@ -659,8 +659,11 @@ impl Config {
         for url in crate::follower::broker_urls(&self.mitigation_url) {
             check_url("mitigation_url", url)?;
         }
-        if let Some(url) = &self.control_url {
-            check_url("control_url", url)?;
+        // May list several instances over one store, comma-separated.
+        if let Some(urls) = &self.control_url {
+            for url in urls.split(',') {
+                check_url("control_url", url.trim())?;
+            }
         }
         positive("batch_size", self.batch_size)?;
         positive("buffer", self.buffer)?;
@@ -1373,6 +1376,13 @@ mod tests {
                     ..base.clone()
                 },
                 "invalid ingestion_url = `127.0.0.1:8082`",
+            ),
+            (
+                Config {
+                    control_url: Some("http://cp1:8080, cp2:8080".into()),
+                    ..base.clone()
+                },
+                "invalid control_url = `cp2:8080`",
             ),
             (
                 Config {

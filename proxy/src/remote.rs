@@ -112,7 +112,6 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
         if pace.next(&shutdown).await {
             return;
         }
-        let url = f.url(CONFIG_PATH);
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
             r = poll::<ProxyConfigDoc>(&client, f.long_poll(&client, CONFIG_PATH, after)) => r,
@@ -122,6 +121,8 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
                 continue;
             }
         };
+        // Named after the poll, which may have failed over to another instance.
+        let url = f.url(CONFIG_PATH);
         match polled {
             Ok(Some(doc)) => {
                 after = doc.revision;
@@ -292,7 +293,6 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
         if pace.next(&shutdown).await {
             return;
         }
-        let url = f.url(KEY_PATH);
         let polled = tokio::select! {
             _ = shutdown.wait() => return,
             r = poll::<ChallengeKey>(&client, f.long_poll(&client, KEY_PATH, after)) => r,
@@ -301,6 +301,8 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
                 continue;
             }
         };
+        // Named after the poll, which may have failed over to another instance.
+        let url = f.url(KEY_PATH);
         match polled {
             Ok(Some(key)) if !strong_enough(&key) => {
                 let warn = || {

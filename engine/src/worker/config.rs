@@ -367,18 +367,20 @@ impl Config {
                 "must be longer than evaluation_timeout",
             ));
         }
-        // Either may list several instances of its broker, comma-separated.
+        // Each may list several instances, comma-separated.
         for (option, urls) in [
             ("ingestion_url", &self.ingestion_url),
             ("mitigation_url", &self.mitigation_url),
+            ("control_url", &self.control_url),
         ] {
+            if option == "control_url" && urls.is_empty() {
+                continue;
+            }
             for one in urls.split(',') {
                 url(option, one.trim())?;
             }
         }
-        if !self.control_url.is_empty() {
-            url("control_url", &self.control_url)?;
-        } else if self.policies_file.is_none() {
+        if self.control_url.is_empty() && self.policies_file.is_none() {
             return Err(ConfigError::invalid(
                 "control_url",
                 "",
@@ -715,9 +717,10 @@ mod tests {
     }
 
     #[test]
-    fn broker_urls_may_list_instances() {
+    fn service_urls_may_list_instances() {
         let mut cfg = Config {
             mitigation_url: "http://mb1:8083, http://mb2:8083".into(),
+            control_url: "http://cp1:8080, http://cp2:8080".into(),
             ..Config::default()
         };
         cfg.validate().unwrap();
@@ -725,6 +728,12 @@ mod tests {
         assert_eq!(
             cfg.validate().unwrap_err().to_string(),
             "invalid mitigation_url = `mb2:8083`: must be an http:// or https:// URL"
+        );
+        cfg.mitigation_url = DEFAULT_MITIGATION_URL.into();
+        cfg.control_url = "http://cp1:8080,cp2".into();
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "invalid control_url = `cp2`: must be an http:// or https:// URL"
         );
     }
 
