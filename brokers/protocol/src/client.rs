@@ -84,13 +84,14 @@ impl ClientError {
 /// was reset first) may be sent again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resend {
-    /// Send it again: to the next instance, or once more, on a new connection, to the
-    /// only one. For calls that change nothing when repeated: reads, acknowledgements,
-    /// writes keyed by id (events are deduplicated on theirs, mitigations and decisions
-    /// replaced by theirs).
+    /// Send it again: to the next instance, or once more to the only one (not on the
+    /// connection that failed, which is not pooled again). For calls whose repeat
+    /// changes nothing the caller relies on: reads, acknowledgements, writes keyed by id
+    /// (events are deduplicated on theirs, mitigations and decisions replaced by theirs).
     Unanswered,
-    /// Never: the answer counts what the call did (a revoke, a purge), and a repeat
-    /// after a first that was done would count nothing.
+    /// Never: the answer reports what the call did (how many a revoke or a purge
+    /// removed, a drain asked once), and a repeat after a first that was done would
+    /// report nothing.
     Never,
 }
 
@@ -199,8 +200,8 @@ impl ServiceClient {
                 .position(|u| moved(request.url(), u, u).as_ref() == Some(request.url()))
                 .unwrap_or_else(|| list.current()),
         };
-        // Each instance once; the only one twice, the second time on a new connection
-        // (the failed one is not pooled again).
+        // Each instance once; the only one twice (not on the failed connection, which
+        // is not pooled again).
         let tries = urls.len().max(2);
         let mut last = None;
         for step in 0..tries {

@@ -90,3 +90,17 @@ async fn an_unanswered_call_goes_on_to_the_next_instance_and_stays_there() {
     assert!(client.clear().await.is_err());
     assert_eq!((dead.requests(), alive.requests()), (1, 0));
 }
+
+#[tokio::test]
+async fn a_call_that_timed_out_is_not_sent_again() {
+    // The instance may still be working on it: a repeat would double its load.
+    let server = CountingServer::start(Behaviour {
+        delay: std::time::Duration::from_secs(3),
+        ..Behaviour::default()
+    })
+    .await;
+    let client = IngestionClient::new(&server.url(), None);
+    // A readiness probe gives up after 2 s.
+    assert!(!client.ready().await);
+    assert_eq!((server.opened(), server.requests()), (1, 1));
+}

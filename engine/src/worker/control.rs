@@ -94,8 +94,10 @@ impl ControlClient {
             #[serde(default)]
             drain: bool,
         }
+        // The control plane tells a drain once: a repeat after an answer that was lost
+        // would be told nothing.
         self.service
-            .post::<_, Answer>("/api/v1/workers/heartbeat", beat, Resend::Unanswered)
+            .post::<_, Answer>("/api/v1/workers/heartbeat", beat, Resend::Never)
             .await
             .map(|a| a.drain)
     }
