@@ -14,8 +14,6 @@ use crate::status::Status;
 
 /// Timeout of one heartbeat request.
 const TIMEOUT: Duration = Duration::from_secs(5);
-/// Connecting to one control plane instance, before the next listed is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const PATH: &str = "/api/v1/proxies/heartbeat";
 
 /// What the heartbeat reports about this proxy.
@@ -63,7 +61,7 @@ pub async fn run(
 ) {
     let http = match reqwest::Client::builder()
         .timeout(TIMEOUT)
-        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_timeout(crate::remote::CONNECT_TIMEOUT)
         .build()
     {
         Ok(c) => c,

@@ -26,7 +26,7 @@ const REQUEST_SLACK: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Connecting to one control plane instance, before the next listed is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CONFIG_PATH: &str = "/api/v1/proxies/config";
 const KEY_PATH: &str = "/api/v1/proxies/challenge-key";
 /// Least time between the starts of two polls: a control plane that answers at once,
