@@ -25,6 +25,9 @@ pub struct Behaviour {
     pub hang_up_after: usize,
     /// The answer's JSON body; `ok` as plain text when `None`.
     pub json: Option<&'static str>,
+    /// The answer's status and any headers of its own, as written after `HTTP/1.1 `
+    /// (`"503 Service Unavailable\r\nretry-after: 1"`); `200 OK` when `None`.
+    pub status: Option<&'static str>,
 }
 
 pub struct CountingServer {
@@ -113,12 +116,13 @@ async fn serve(
             if !b.delay.is_zero() {
                 tokio::time::sleep(b.delay).await;
             }
+            let status = b.status.unwrap_or("200 OK");
             let answer = match b.json {
                 Some(json) => format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
                     json.len()
                 ),
-                None => "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string(),
+                None => format!("HTTP/1.1 {status}\r\ncontent-length: 2\r\n\r\nok"),
             };
             if conn.write_all(answer.as_bytes()).await.is_err() {
                 return;

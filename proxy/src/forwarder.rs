@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use esper_protocol::error::refusal;
 use esper_protocol::{ClientError, IngestionClient};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
@@ -262,7 +263,7 @@ impl Forwarder {
 fn drop_reason(e: &ClientError) -> DropReason {
     match e {
         ClientError::Backpressure { code, .. }
-            if code == "queue_full" || code == "queue_paused" =>
+            if code == refusal::QUEUE_FULL || code == refusal::QUEUE_PAUSED =>
         {
             DropReason::Backpressure
         }

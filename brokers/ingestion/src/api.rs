@@ -144,12 +144,12 @@ impl From<StoreError> for ApiError {
 fn refusal(reason: Refusal, batch: usize, held: u64, capacity: u64) -> ApiError {
     match reason {
         Refusal::Paused => ApiError::Unavailable {
-            code: "queue_paused",
+            code: esper_protocol::error::refusal::QUEUE_PAUSED,
             message: format!("ingestion is paused; the batch of {batch} events was not queued"),
             retry_after: Some(RETRY_AFTER_PAUSED_SECS),
         },
         Refusal::Full => ApiError::Unavailable {
-            code: "queue_full",
+            code: esper_protocol::error::refusal::QUEUE_FULL,
             message: format!(
                 "ingestion queue is full ({held} of {capacity} items); the batch of {batch} events was not queued"
             ),

@@ -1,5 +1,6 @@
 //! The queue-store suite against Redis, and the Redis-only promises: brokers over one
-//! Redis share one queue (and its pause switch), and a broker rides out a Redis restart.
+//! Redis share one queue (and its pause switch), a client given both leaves one that lost
+//! its Redis for the other, and a broker rides out a Redis restart.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -8,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use esper_ingestion::{Config, RedisQueue};
-use esper_protocol::ClientError;
+use esper_protocol::{ClientError, IngestionClient};
 use support::redis_server::{RedisServer, shared, unique_prefix};
+use support::relay::{Mode, Relay};
 use support::store_suite::{
     SUITE_CAPACITY, SUITE_MAX_ATTEMPTS, many_lapsed_leases_go_out_before_new_items,
     queue_store_suite,
@@ -220,6 +222,51 @@ async fn max_queue_size_holds_across_brokers() {
         other => panic!("expected backpressure, got {other:?}"),
     }
     assert_eq!(a.client.status().await.unwrap().rejected_total, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_leaves_a_broker_that_lost_its_redis_for_one_that_has_it() {
+    let prefix = unique_prefix("lost");
+    let url = shared().url();
+    let redis_addr = url.trim_start_matches("redis://").parse().unwrap();
+    // Broker a reaches Redis through a relay the test can cut; b directly.
+    let cut = Relay::start(redis_addr).await;
+    let a = TestBroker::start(redis_config(&format!("redis://{}", cut.addr), &prefix)).await;
+    let b = TestBroker::start(redis_config(&url, &prefix)).await;
+    let client = IngestionClient::new(&format!("{},{}", a.base, b.base), None);
+    client.ingest(events("a", 2)).await.unwrap();
+    assert_eq!(client.endpoints().load().current(), 0);
+
+    cut.set(Mode::Refuse);
+    wait_until(
+        "broker a unready without its Redis",
+        Duration::from_secs(5),
+        async || !a.client.ready().await,
+    )
+    .await;
+    // a answers 503 `store_unavailable`: the batch goes on to b, and so do later calls.
+    client.ingest(events("b", 2)).await.unwrap();
+    assert_eq!(client.endpoints().load().current(), 1);
+    let claimed = client
+        .claim("w1", 10, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    let tags: Vec<String> = claimed.items.iter().map(|i| tag(&i.event)).collect();
+    assert_eq!(tags, ["a0", "a1", "b0", "b1"]);
+    let ids = claimed.items.iter().map(|i| i.item_id.clone()).collect();
+    assert_eq!(client.ack("w1", ids).await.unwrap().acked, 4);
+    let s = b.client.status().await.unwrap();
+    assert_eq!((s.depth, s.leased, s.acked_total), (0, 0, 4));
+
+    // A refusal b gives for the queue they share is an answer, not a failure of b.
+    b.client.pause().await.unwrap();
+    match client.ingest(events("c", 1)).await {
+        Err(ClientError::Backpressure { code, .. }) => assert_eq!(code, "queue_paused"),
+        other => panic!("expected the pause, got {other:?}"),
+    }
+    assert_eq!(client.endpoints().load().current(), 1);
     a.stop().await;
     b.stop().await;
 }

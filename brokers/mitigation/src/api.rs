@@ -150,7 +150,7 @@ impl From<WriteError> for ApiError {
 impl From<Full> for ApiError {
     fn from(_: Full) -> ApiError {
         ApiError::Unavailable {
-            code: "persistence_backlog",
+            code: esper_protocol::error::refusal::PERSISTENCE_BACKLOG,
             message:
                 "the durable copy's outbox is full while the control plane catches up; retry later"
                     .into(),

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::endpoints::Endpoints;
 use crate::entity::EntityKey;
-use crate::error::ApiErrorBody;
+use crate::error::{ApiErrorBody, refusal};
 use crate::event::RequestEvent;
 use crate::event_json::ingest_body;
 use crate::ingestion::{
@@ -103,7 +103,10 @@ pub enum Resend {
 /// that cannot connect (so nothing was sent) goes on to the next at once, and later
 /// calls stay with the one that answered. A call sent on a connection that then closed
 /// without an answer (the instance died, or closed that idle connection as the call
-/// went out) goes on too, when [`Resend`] allows.
+/// went out), or answered with a 5xx that says the instance cannot serve (its store
+/// unreachable, a gateway's 502 or 504), goes on too, when [`Resend`] allows. A call
+/// that times out is not sent again, but later calls go to the next instance: one that
+/// accepts calls and never answers is left, not waited on by every call.
 #[derive(Clone, Debug)]
 pub struct ServiceClient {
     pub(crate) endpoints: Endpoints,
@@ -178,6 +181,12 @@ impl ServiceClient {
     /// Sends `rb`, built by [`ServiceClient::req`], and on a failed connection the same
     /// request to each other instance in turn. Also returns the setting it was sent
     /// under, for messages.
+    ///
+    /// With several instances, one that fails a call is left for the next, for later
+    /// calls: a connection that cannot be opened or dies unanswered, a timeout, or an
+    /// answer saying the instance cannot serve (see [`cannot_serve`]). The call itself
+    /// goes on to the next instance when nothing was sent, or when [`Resend`] allows;
+    /// never after a timeout, which the instance may still be working on.
     async fn execute(
         &self,
         rb: RequestBuilder,
@@ -186,10 +195,12 @@ impl ServiceClient {
         // One snapshot for the whole call: a reload may replace the list meanwhile.
         let list = self.endpoints.load();
         let urls = list.urls();
+        let several = urls.len() > 1;
         let transport = |source| ClientError::Transport {
             url: list.given().to_string(),
             source,
         };
+        let answered = |resp| Ok((list.given().to_string(), resp));
         let (client, request) = rb.build_split();
         let request = request.map_err(transport)?;
         // The instance it was built for (another call may have moved on since).
@@ -204,6 +215,7 @@ impl ServiceClient {
         // is not pooled again).
         let tries = urls.len().max(2);
         let mut last = None;
+        let mut refused = None;
         for step in 0..tries {
             let at = (first + step) % urls.len();
             let Some(mut next) = request.try_clone() else {
@@ -216,24 +228,47 @@ impl ServiceClient {
                 *next.url_mut() = url;
             }
             match client.execute(next).await {
-                Ok(resp) => {
-                    if at != first {
-                        list.move_to(at);
+                Ok(resp) if several => {
+                    let (failed, resp) = cannot_serve(resp).await;
+                    if !failed {
+                        return answered(resp);
                     }
-                    return Ok((list.given().to_string(), resp));
+                    list.leave(at);
+                    if resend == Resend::Never {
+                        return answered(resp);
+                    }
+                    refused = Some(resp);
                 }
+                Ok(resp) => return answered(resp),
                 // Nothing was sent: another instance may take it.
-                Err(e) if e.is_connect() && urls.len() > 1 => last = Some(e),
-                Err(e) if resend == Resend::Unanswered && unanswered(&e) => last = Some(e),
-                Err(e) => return Err(transport(e)),
+                Err(e) if e.is_connect() && several => {
+                    list.leave(at);
+                    last = Some(e);
+                }
+                Err(e) if resend == Resend::Unanswered && unanswered(&e) => {
+                    if several {
+                        list.leave(at);
+                    }
+                    last = Some(e);
+                }
+                Err(e) => {
+                    if several && e.is_timeout() {
+                        list.leave(at);
+                    }
+                    return Err(transport(e));
+                }
             }
+        }
+        // Every instance failed: an answer says more than a failed connection.
+        if let Some(resp) = refused {
+            return answered(resp);
         }
         let resp = match last {
             Some(e) => return Err(transport(e)),
             // A body that cannot be cloned (a stream): sent once, as built.
             None => client.execute(request).await.map_err(transport)?,
         };
-        Ok((list.given().to_string(), resp))
+        answered(resp)
     }
 
     /// `GET path`, sent again when unanswered.
@@ -279,6 +314,31 @@ fn unanswered(e: &reqwest::Error) -> bool {
         source = cause.source();
     }
     false
+}
+
+/// Whether `resp` says the instance that gave it cannot serve now, where another may:
+/// any 5xx, a proxy's in front of it included, except the 503s a healthy instance gives
+/// for state all instances share ([`refusal::shared`]), and a 501, which every instance
+/// would give alike. A 503's body is read to tell; the answer is handed back whole.
+async fn cannot_serve(resp: Response) -> (bool, Response) {
+    let status = resp.status();
+    if !status.is_server_error() || status == StatusCode::NOT_IMPLEMENTED {
+        return (false, resp);
+    }
+    if status != StatusCode::SERVICE_UNAVAILABLE {
+        return (true, resp);
+    }
+    let version = resp.version();
+    let headers = resp.headers().clone();
+    // A body that breaks off is the instance failing too.
+    let body = resp.bytes().await.unwrap_or_default();
+    let shared =
+        serde_json::from_slice::<ApiErrorBody>(&body).is_ok_and(|b| refusal::shared(&b.error));
+    let mut whole = http::Response::new(body);
+    *whole.status_mut() = status;
+    *whole.version_mut() = version;
+    *whole.headers_mut() = headers;
+    (!shared, Response::from(whole))
 }
 
 /// `url`, built on base `from`, rebuilt on base `to` (which may have another path).

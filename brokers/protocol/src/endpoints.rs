@@ -14,7 +14,8 @@ pub struct Instances {
     /// As given (without a trailing `/`), for messages.
     given: String,
     urls: Vec<String>,
-    /// The instance calls go to; the one that last answered after a failover.
+    /// The instance calls go to: the one after the last that failed (always below
+    /// `urls.len()`).
     current: AtomicUsize,
 }
 
@@ -55,9 +56,21 @@ impl Instances {
         &self.urls[self.current()]
     }
 
-    /// Later calls go to instance `at` (the one that answered).
-    pub fn move_to(&self, at: usize) {
-        self.current.store(at % self.urls.len(), Ordering::Relaxed);
+    /// Later calls go to the instance after `failed`, unless a call has already moved on
+    /// from it: calls that fail on one instance at once move on once, and a call that
+    /// failed on an instance others have left does not undo their move. `true` when this
+    /// call moved.
+    pub fn leave(&self, failed: usize) -> bool {
+        let n = self.urls.len();
+        let failed = failed % n;
+        self.current
+            .compare_exchange(
+                failed,
+                (failed + 1) % n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
     }
 }
 
@@ -114,7 +127,9 @@ mod tests {
         let now = a.load();
         assert_eq!(now.urls(), ["http://a:1", "http://b:2"]);
         assert_eq!(now.given(), "http://a:1/ , ,http://b:2");
-        now.move_to(3);
+        assert!(now.leave(0));
+        assert_eq!(now.current_url(), "http://b:2");
+        assert!(!now.leave(0), "another call has moved on from it already");
         assert_eq!(now.current_url(), "http://b:2");
 
         let b = a.clone();

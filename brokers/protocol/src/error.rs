@@ -10,3 +10,23 @@ pub struct ApiErrorBody {
     /// Human-readable explanation; never contains internals such as SQL or stack traces.
     pub message: String,
 }
+
+/// The codes of the 503s a healthy service answers for state every instance over the
+/// same store shares (the queue full or paused, the durable copy's outbox full, a broker
+/// pushing back): a client given several instances does not move on for them, as it
+/// does for any other 5xx.
+pub mod refusal {
+    /// The ingestion queue holds as many items as it may.
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// Ingestion is paused (`esperctl queue pause`).
+    pub const QUEUE_PAUSED: &str = "queue_paused";
+    /// The mitigation broker's outbox to the control plane is full.
+    pub const PERSISTENCE_BACKLOG: &str = "persistence_backlog";
+    /// The control plane relays a broker's push-back.
+    pub const BROKER_BUSY: &str = "broker_busy";
+
+    /// Whether `code` is one of them.
+    pub fn shared(code: &str) -> bool {
+        [QUEUE_FULL, QUEUE_PAUSED, PERSISTENCE_BACKLOG, BROKER_BUSY].contains(&code)
+    }
+}

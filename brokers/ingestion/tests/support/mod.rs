@@ -7,6 +7,9 @@
 pub mod http;
 #[path = "../../../testing/redis_server.rs"]
 pub mod redis_server;
+#[path = "../../../testing/relay.rs"]
+#[allow(dead_code)]
+pub mod relay;
 pub mod store_suite;
 
 use std::ops::Deref;

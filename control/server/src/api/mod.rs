@@ -196,7 +196,7 @@ pub(crate) fn broker_error(state: &AppState, broker: &str, url: &str, e: ClientE
             ),
         },
         ClientError::Backpressure { code, retry_after } => ApiError::Unavailable {
-            code: "broker_busy",
+            code: esper_protocol::error::refusal::BROKER_BUSY,
             message: format!("the {broker} broker refused the request ({code}); retry later"),
             retry_after: retry_after.map(|d| d.as_secs().max(1)),
         },
