@@ -90,8 +90,7 @@ pub enum Resend {
     /// (events are deduplicated on theirs, mitigations and decisions replaced by theirs).
     Unanswered,
     /// Never: the answer reports what the call did (how many a revoke or a purge
-    /// removed, a drain asked once), and a repeat after a first that was done would
-    /// report nothing.
+    /// removed), and a repeat after a first that was done would report nothing.
     Never,
 }
 

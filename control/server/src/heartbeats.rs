@@ -2,7 +2,7 @@
 //! they arrived. A member not heard from within the timeout is listed as not alive, and
 //! forgotten after an hour.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,13 +17,44 @@ const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// new member beyond it takes the place of the one silent longest.
 const MAX_MEMBERS: usize = 10_000;
 
+/// What the roster reads of a member's heartbeat.
+pub trait Member {
+    /// When this run of the member started: one restarted under the same id is another
+    /// run.
+    fn run(&self) -> DateTime<Utc>;
+    /// Whether it says it is stopping.
+    fn stopping(&self) -> bool;
+}
+
+impl Member for WorkerHeartbeat {
+    fn run(&self) -> DateTime<Utc> {
+        self.started_at
+    }
+
+    fn stopping(&self) -> bool {
+        self.state == "draining"
+    }
+}
+
+impl Member for ProxyHeartbeat {
+    fn run(&self) -> DateTime<Utc> {
+        self.started_at
+    }
+
+    fn stopping(&self) -> bool {
+        false
+    }
+}
+
 /// One kind of member (workers or proxies), by id.
 #[derive(Debug)]
 pub struct Roster<T> {
     timeout: chrono::Duration,
     members: RwLock<HashMap<String, (T, DateTime<Utc>)>>,
-    /// Members asked to drain, told so by the answer to their next heartbeat.
-    drains: RwLock<HashSet<String>>,
+    /// Members asked to drain, with the run that was asked: told so by the answer to
+    /// every heartbeat of that run until one says it is stopping, so an answer lost on
+    /// the way loses nothing.
+    drains: RwLock<HashMap<String, DateTime<Utc>>>,
 }
 
 /// Why a member cannot be asked to drain.
@@ -35,17 +66,19 @@ pub enum NotDrained {
     Silent,
 }
 
-impl<T: Clone> Roster<T> {
+impl<T: Clone + Member> Roster<T> {
     fn new(timeout: Duration) -> Roster<T> {
         Roster {
             timeout: chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX),
             members: RwLock::new(HashMap::new()),
-            drains: RwLock::new(HashSet::new()),
+            drains: RwLock::new(HashMap::new()),
         }
     }
 
-    /// Records a heartbeat from `id`; `true` when it is to drain (asked once).
+    /// Records a heartbeat from `id`; `true` when it is to drain: asked, and not yet
+    /// stopping. A run other than the one asked (the member restarted) is not told.
     pub fn beat(&self, id: &str, beat: T) -> bool {
+        let (run, stopping) = (beat.run(), beat.stopping());
         let now = Utc::now();
         let forget = chrono::Duration::from_std(FORGET_AFTER).unwrap_or(chrono::Duration::MAX);
         let mut members = self.members.write();
@@ -60,19 +93,28 @@ impl<T: Clone> Roster<T> {
             }
         }
         members.insert(id.to_string(), (beat, now));
-        drop(members);
-        self.drains.write().remove(id)
+        let mut drains = self.drains.write();
+        drains.retain(|k, _| members.contains_key(k));
+        match drains.get(id) {
+            Some(asked) if *asked == run && !stopping => true,
+            Some(_) => {
+                drains.remove(id);
+                false
+            }
+            None => false,
+        }
     }
 
-    /// Asks `id` to drain: the answer to its next heartbeat tells it.
+    /// Asks `id`'s run last heard from to drain: the answer to its next heartbeat tells
+    /// it.
     pub fn drain(&self, id: &str) -> Result<(), NotDrained> {
         let now = Utc::now();
-        match self.members.read().get(id) {
+        let run = match self.members.read().get(id) {
             None => return Err(NotDrained::Unknown),
             Some((_, seen)) if now - *seen > self.timeout => return Err(NotDrained::Silent),
-            Some(_) => {}
-        }
-        self.drains.write().insert(id.to_string());
+            Some((beat, _)) => beat.run(),
+        };
+        self.drains.write().insert(id.to_string(), run);
         Ok(())
     }
 
@@ -130,19 +172,67 @@ impl Heartbeats {
 mod tests {
     use super::*;
 
+    impl Member for u32 {
+        fn run(&self) -> DateTime<Utc> {
+            DateTime::UNIX_EPOCH
+        }
+
+        fn stopping(&self) -> bool {
+            false
+        }
+    }
+
+    /// A heartbeat of run `.0` (its start, in seconds), stopping when `.1`.
+    #[derive(Clone, Debug)]
+    struct Beat(i64, bool);
+
+    impl Member for Beat {
+        fn run(&self) -> DateTime<Utc> {
+            DateTime::from_timestamp(self.0, 0).unwrap_or_default()
+        }
+
+        fn stopping(&self) -> bool {
+            self.1
+        }
+    }
+
     #[test]
-    fn a_drain_is_told_once_and_only_to_a_member_heard_from() {
-        let r: Roster<u32> = Roster::new(Duration::from_secs(15));
+    fn a_drain_is_told_until_the_run_asked_says_it_is_stopping() {
+        let r: Roster<Beat> = Roster::new(Duration::from_secs(15));
         assert_eq!(r.drain("a"), Err(NotDrained::Unknown));
-        assert!(!r.beat("a", 1));
+        assert!(!r.beat("a", Beat(1, false)));
         assert_eq!(r.drain("a"), Ok(()));
-        assert!(!r.beat("b", 1), "only the one asked");
-        assert!(r.beat("a", 2));
-        assert!(!r.beat("a", 3), "told once");
+        assert!(!r.beat("b", Beat(1, false)), "only the one asked");
+        assert!(r.beat("a", Beat(1, false)));
+        assert!(
+            r.beat("a", Beat(1, false)),
+            "told again: the answer before may not have arrived"
+        );
+        assert!(!r.beat("a", Beat(1, true)), "it heard");
+        assert!(!r.beat("a", Beat(1, false)), "asked once, heard once");
+
+        // A member restarted under the same id is not the run that was asked.
+        assert_eq!(r.drain("a"), Ok(()));
+        assert!(!r.beat("a", Beat(2, false)));
+        assert!(
+            !r.beat("a", Beat(2, false)),
+            "the request went with its run"
+        );
+
         let silent: Roster<u32> = Roster::new(Duration::ZERO);
         silent.beat("a", 1);
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(silent.drain("a"), Err(NotDrained::Silent));
+    }
+
+    #[test]
+    fn a_drain_asked_of_a_member_that_went_away_is_forgotten_with_it() {
+        let r: Roster<u32> = Roster::new(Duration::from_secs(15));
+        r.beat("a", 1);
+        assert_eq!(r.drain("a"), Ok(()));
+        r.members.write().get_mut("a").unwrap().1 = Utc::now() - chrono::Duration::hours(2);
+        r.beat("b", 1);
+        assert!(r.drains.read().is_empty());
     }
 
     #[test]
@@ -153,7 +243,7 @@ mod tests {
         }
         r.beat("m0", 1);
         r.beat("newcomer", 2);
-        let ids: HashSet<String> = r.members.read().keys().cloned().collect();
+        let ids: std::collections::HashSet<String> = r.members.read().keys().cloned().collect();
         assert_eq!(ids.len(), MAX_MEMBERS);
         assert!(ids.contains("newcomer") && ids.contains("m0"));
         assert!(!ids.contains("m1"), "m1 was silent longest");

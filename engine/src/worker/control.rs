@@ -94,10 +94,10 @@ impl ControlClient {
             #[serde(default)]
             drain: bool,
         }
-        // The control plane tells a drain once: a repeat after an answer that was lost
-        // would be told nothing.
+        // The control plane tells a drain in every answer until a beat says `draining`,
+        // so a repeat after an answer that was lost is told it too.
         self.service
-            .post::<_, Answer>("/api/v1/workers/heartbeat", beat, Resend::Never)
+            .post::<_, Answer>("/api/v1/workers/heartbeat", beat, Resend::Unanswered)
             .await
             .map(|a| a.drain)
     }
