@@ -1,12 +1,14 @@
 //! The control plane's health: the store is required; the brokers, workers and proxies
 //! are reported, and their absence only makes the server degraded, not unready.
 
+use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use esper_common::health::{ComponentHealth, HealthCheck, HealthReport};
 
 use crate::state::AppState;
+use crate::store::StoreError;
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -24,6 +26,7 @@ impl HealthCheck for ControlHealth {
             s.ingestion.ready(),
             s.mitigation.ready(),
         );
+        let store_ok = matches!(store, Ok(Ok(())));
         let store = match store {
             Ok(Ok(())) => ComponentHealth::new("store", true, true, s.store.kind()),
             Ok(Err(e)) => ComponentHealth::new("store", false, true, e.to_string()),
@@ -42,8 +45,15 @@ impl HealthCheck for ControlHealth {
         } else {
             "; mirror not synced".to_string()
         };
-        let workers = s.heartbeats.workers.alive();
-        let proxies = s.heartbeats.proxies.alive();
+        // Counted in the store, so only when it answers (the store's own line says
+        // when it does not).
+        let (workers, proxies) = match store_ok {
+            true => tokio::join!(
+                alive_within(s.heartbeats.workers.alive()),
+                alive_within(s.heartbeats.proxies.alive()),
+            ),
+            false => (0, 0),
+        };
         HealthReport::new(
             "esper-server",
             vec![
@@ -59,5 +69,12 @@ impl HealthCheck for ControlHealth {
                 ComponentHealth::new("proxies", true, false, format!("{proxies} alive")),
             ],
         )
+    }
+}
+
+async fn alive_within(count: impl Future<Output = Result<u64, StoreError>>) -> u64 {
+    match tokio::time::timeout(STORE_TIMEOUT, count).await {
+        Ok(Ok(n)) => n,
+        _ => 0,
     }
 }

@@ -1,24 +1,34 @@
-//! Workers and proxies as last heard from: their heartbeats, kept in memory with the time
-//! they arrived. A member not heard from within the timeout is listed as not alive, and
-//! forgotten after an hour.
+//! Workers and proxies as last heard from: their heartbeats, kept in the control store
+//! with the time they arrived, so every control plane instance over one store lists the
+//! same fleet and carries drain requests made through any of them. A member not heard
+//! from within the timeout is listed as not alive, and forgotten after an hour.
 
-use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use esper_protocol::control::Seen;
 use esper_protocol::{ProxyHeartbeat, WorkerHeartbeat};
-use parking_lot::RwLock;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-/// Members silent for this long are dropped from listings.
+use crate::store::{ControlStore, DrainAsk, MemberBeat, StoreError};
+
+/// Members silent for this long are dropped from listings, and from the store at the
+/// next [`Heartbeats::prune`].
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// Most members of one kind kept: a fleet larger than any this control plane serves,
-/// small enough that ids made up by a caller cannot grow its memory without bound. A
-/// new member beyond it takes the place of the one silent longest.
+/// small enough that ids made up by a caller cannot grow the store without bound. Past
+/// it, [`Heartbeats::prune`] drops those silent longest.
 const MAX_MEMBERS: usize = 10_000;
 
 /// What the roster reads of a member's heartbeat.
-pub trait Member {
+pub trait Member: Serialize + DeserializeOwned {
+    /// The kind's name in the store.
+    const KIND: &'static str;
+    /// Its id.
+    fn id(&self) -> &str;
     /// When this run of the member started: one restarted under the same id is another
     /// run.
     fn run(&self) -> DateTime<Utc>;
@@ -27,6 +37,12 @@ pub trait Member {
 }
 
 impl Member for WorkerHeartbeat {
+    const KIND: &'static str = "worker";
+
+    fn id(&self) -> &str {
+        &self.worker_id
+    }
+
     fn run(&self) -> DateTime<Utc> {
         self.started_at
     }
@@ -37,6 +53,12 @@ impl Member for WorkerHeartbeat {
 }
 
 impl Member for ProxyHeartbeat {
+    const KIND: &'static str = "proxy";
+
+    fn id(&self) -> &str {
+        &self.proxy_id
+    }
+
     fn run(&self) -> DateTime<Utc> {
         self.started_at
     }
@@ -47,14 +69,10 @@ impl Member for ProxyHeartbeat {
 }
 
 /// One kind of member (workers or proxies), by id.
-#[derive(Debug)]
 pub struct Roster<T> {
+    store: Arc<dyn ControlStore>,
     timeout: chrono::Duration,
-    members: RwLock<HashMap<String, (T, DateTime<Utc>)>>,
-    /// Members asked to drain, with the run that was asked: told so by the answer to
-    /// every heartbeat of that run until one says it is stopping, so an answer lost on
-    /// the way loses nothing.
-    drains: RwLock<HashMap<String, DateTime<Utc>>>,
+    kind: PhantomData<fn() -> T>,
 }
 
 /// Why a member cannot be asked to drain.
@@ -66,204 +84,121 @@ pub enum NotDrained {
     Silent,
 }
 
-impl<T: Clone + Member> Roster<T> {
-    fn new(timeout: Duration) -> Roster<T> {
+fn since(now: DateTime<Utc>, ago: chrono::Duration) -> DateTime<Utc> {
+    now.checked_sub_signed(ago)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+fn forget_after() -> chrono::Duration {
+    chrono::Duration::from_std(FORGET_AFTER).unwrap_or(chrono::Duration::MAX)
+}
+
+impl<T: Member> Roster<T> {
+    fn new(store: Arc<dyn ControlStore>, timeout: Duration) -> Roster<T> {
         Roster {
+            store,
             timeout: chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX),
-            members: RwLock::new(HashMap::new()),
-            drains: RwLock::new(HashMap::new()),
+            kind: PhantomData,
         }
     }
 
-    /// Records a heartbeat from `id`; `true` when it is to drain: asked, and not yet
-    /// stopping. A run other than the one asked (the member restarted) is not told.
-    pub fn beat(&self, id: &str, beat: T) -> bool {
-        let (run, stopping) = (beat.run(), beat.stopping());
-        let now = Utc::now();
-        let forget = chrono::Duration::from_std(FORGET_AFTER).unwrap_or(chrono::Duration::MAX);
-        let mut members = self.members.write();
-        members.retain(|_, (_, seen)| now - *seen < forget);
-        if members.len() >= MAX_MEMBERS && !members.contains_key(id) {
-            let stalest = members
-                .iter()
-                .min_by_key(|(_, (_, seen))| *seen)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = stalest {
-                members.remove(&k);
-            }
-        }
-        members.insert(id.to_string(), (beat, now));
-        let mut drains = self.drains.write();
-        drains.retain(|k, _| members.contains_key(k));
-        match drains.get(id) {
-            Some(asked) if *asked == run && !stopping => true,
-            Some(_) => {
-                drains.remove(id);
-                false
-            }
-            None => false,
-        }
+    /// Records `beat`; `true` when its member is to drain: asked, and not yet stopping.
+    /// The answer repeats it at every heartbeat of the run asked, so one lost on the way
+    /// loses nothing; a run other than the one asked (the member restarted) is not told.
+    pub async fn beat(&self, beat: &T) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(beat).map_err(|e| StoreError::Query(e.to_string()))?;
+        self.store
+            .member_beat(&MemberBeat {
+                kind: T::KIND,
+                id: beat.id(),
+                beat: &json,
+                run: beat.run(),
+                stopping: beat.stopping(),
+                at: Utc::now(),
+            })
+            .await
     }
 
     /// Asks `id`'s run last heard from to drain: the answer to its next heartbeat tells
-    /// it.
-    pub fn drain(&self, id: &str) -> Result<(), NotDrained> {
+    /// it, through whichever control plane instance it beats to.
+    pub async fn drain(&self, id: &str) -> Result<Result<(), NotDrained>, StoreError> {
         let now = Utc::now();
-        let run = match self.members.read().get(id) {
-            None => return Err(NotDrained::Unknown),
-            Some((_, seen)) if now - *seen > self.timeout => return Err(NotDrained::Silent),
-            Some((beat, _)) => beat.run(),
-        };
-        self.drains.write().insert(id.to_string(), run);
-        Ok(())
+        let asked = self
+            .store
+            .ask_drain(
+                T::KIND,
+                id,
+                since(now, forget_after()),
+                since(now, self.timeout),
+            )
+            .await?;
+        Ok(match asked {
+            DrainAsk::Asked => Ok(()),
+            DrainAsk::Unknown => Err(NotDrained::Unknown),
+            DrainAsk::Silent => Err(NotDrained::Silent),
+        })
     }
 
-    /// Every member, by id, with whether it is alive.
-    pub fn list(&self) -> Vec<Seen<T>> {
+    /// Every member heard from within the hour, by id, with whether it is alive. A
+    /// heartbeat stored by a version whose fields this one does not read is left out.
+    pub async fn list(&self) -> Result<Vec<Seen<T>>, StoreError> {
         let now = Utc::now();
-        let mut out: Vec<(String, Seen<T>)> = self
-            .members
-            .read()
-            .iter()
-            .map(|(id, (beat, seen))| {
-                (
-                    id.clone(),
-                    Seen {
-                        beat: beat.clone(),
-                        last_seen: *seen,
-                        alive: now - *seen <= self.timeout,
-                    },
-                )
+        let alive_since = since(now, self.timeout);
+        let rows = self
+            .store
+            .members(T::KIND, since(now, forget_after()))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| match serde_json::from_str::<T>(&r.beat) {
+                Ok(beat) => Some(Seen {
+                    beat,
+                    last_seen: r.seen_at,
+                    alive: r.seen_at >= alive_since,
+                }),
+                Err(e) => {
+                    tracing::warn!(kind = T::KIND, error = %e, "a stored heartbeat cannot be read; left out");
+                    None
+                }
             })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out.into_iter().map(|(_, s)| s).collect()
+            .collect())
     }
 
     /// How many are alive.
-    pub fn alive(&self) -> usize {
-        let now = Utc::now();
-        self.members
-            .read()
-            .values()
-            .filter(|(_, seen)| now - *seen <= self.timeout)
-            .count()
+    pub async fn alive(&self) -> Result<u64, StoreError> {
+        self.store
+            .members_seen(T::KIND, since(Utc::now(), self.timeout))
+            .await
     }
 }
 
 /// Workers and proxies.
-#[derive(Debug)]
 pub struct Heartbeats {
     pub workers: Roster<WorkerHeartbeat>,
     pub proxies: Roster<ProxyHeartbeat>,
+    store: Arc<dyn ControlStore>,
 }
 
 impl Heartbeats {
     /// Members are alive when heard from within `timeout`.
-    pub fn new(timeout: Duration) -> Heartbeats {
+    pub fn new(store: Arc<dyn ControlStore>, timeout: Duration) -> Heartbeats {
         Heartbeats {
-            workers: Roster::new(timeout),
-            proxies: Roster::new(timeout),
+            workers: Roster::new(store.clone(), timeout),
+            proxies: Roster::new(store.clone(), timeout),
+            store,
         }
+    }
+
+    /// Forgets the members silent for an hour, and those past [`MAX_MEMBERS`] of a kind.
+    pub async fn prune(&self) -> Result<u64, StoreError> {
+        self.store
+            .prune_members(since(Utc::now(), forget_after()), MAX_MEMBERS)
+            .await
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    impl Member for u32 {
-        fn run(&self) -> DateTime<Utc> {
-            DateTime::UNIX_EPOCH
-        }
-
-        fn stopping(&self) -> bool {
-            false
-        }
-    }
-
-    /// A heartbeat of run `.0` (its start, in seconds), stopping when `.1`.
-    #[derive(Clone, Debug)]
-    struct Beat(i64, bool);
-
-    impl Member for Beat {
-        fn run(&self) -> DateTime<Utc> {
-            DateTime::from_timestamp(self.0, 0).unwrap_or_default()
-        }
-
-        fn stopping(&self) -> bool {
-            self.1
-        }
-    }
-
-    #[test]
-    fn a_drain_is_told_until_the_run_asked_says_it_is_stopping() {
-        let r: Roster<Beat> = Roster::new(Duration::from_secs(15));
-        assert_eq!(r.drain("a"), Err(NotDrained::Unknown));
-        assert!(!r.beat("a", Beat(1, false)));
-        assert_eq!(r.drain("a"), Ok(()));
-        assert!(!r.beat("b", Beat(1, false)), "only the one asked");
-        assert!(r.beat("a", Beat(1, false)));
-        assert!(
-            r.beat("a", Beat(1, false)),
-            "told again: the answer before may not have arrived"
-        );
-        assert!(!r.beat("a", Beat(1, true)), "it heard");
-        assert!(!r.beat("a", Beat(1, false)), "asked once, heard once");
-
-        // A member restarted under the same id is not the run that was asked.
-        assert_eq!(r.drain("a"), Ok(()));
-        assert!(!r.beat("a", Beat(2, false)));
-        assert!(
-            !r.beat("a", Beat(2, false)),
-            "the request went with its run"
-        );
-
-        let silent: Roster<u32> = Roster::new(Duration::ZERO);
-        silent.beat("a", 1);
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(silent.drain("a"), Err(NotDrained::Silent));
-    }
-
-    #[test]
-    fn a_drain_asked_of_a_member_that_went_away_is_forgotten_with_it() {
-        let r: Roster<u32> = Roster::new(Duration::from_secs(15));
-        r.beat("a", 1);
-        assert_eq!(r.drain("a"), Ok(()));
-        r.members.write().get_mut("a").unwrap().1 = Utc::now() - chrono::Duration::hours(2);
-        r.beat("b", 1);
-        assert!(r.drains.read().is_empty());
-    }
-
-    #[test]
-    fn the_roster_is_bounded_by_forgetting_the_stalest() {
-        let r: Roster<u32> = Roster::new(Duration::from_secs(15));
-        for i in 0..MAX_MEMBERS {
-            r.beat(&format!("m{i}"), 0);
-        }
-        r.beat("m0", 1);
-        r.beat("newcomer", 2);
-        let ids: std::collections::HashSet<String> = r.members.read().keys().cloned().collect();
-        assert_eq!(ids.len(), MAX_MEMBERS);
-        assert!(ids.contains("newcomer") && ids.contains("m0"));
-        assert!(!ids.contains("m1"), "m1 was silent longest");
-    }
-
-    #[test]
-    fn members_go_stale_after_the_timeout() {
-        let r: Roster<u32> = Roster::new(Duration::from_secs(15));
-        r.beat("b", 2);
-        r.beat("a", 1);
-        r.beat("a", 3);
-        let list = r.list();
-        assert_eq!(list.iter().map(|s| s.beat).collect::<Vec<_>>(), [3, 2]);
-        assert!(list.iter().all(|s| s.alive));
-        assert_eq!(r.alive(), 2);
-        r.members.write().get_mut("a").unwrap().1 = Utc::now() - chrono::Duration::seconds(16);
-        assert_eq!(r.alive(), 1);
-        assert!(!r.list()[0].alive);
-        r.members.write().get_mut("a").unwrap().1 = Utc::now() - chrono::Duration::hours(2);
-        r.beat("c", 4);
-        assert_eq!(r.list().len(), 2, "long-silent members are forgotten");
+impl std::fmt::Debug for Heartbeats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heartbeats").finish_non_exhaustive()
     }
 }

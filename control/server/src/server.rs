@@ -242,7 +242,7 @@ pub async fn start_staged(
         store: store.clone(),
         ingestion: IngestionClient::new(&config.ingestion_url, broker_token.clone()),
         mitigation: MitigationClient::new(&config.mitigation_url, broker_token),
-        heartbeats: Heartbeats::new(config.heartbeat_timeout),
+        heartbeats: Heartbeats::new(store.clone(), config.heartbeat_timeout),
         mirror: Arc::new(Mirror::new()),
         metrics: metrics.clone(),
         admin_token: arc_swap::ArcSwapOption::from(config.admin_token.clone().map(Arc::new)),
@@ -396,14 +396,28 @@ async fn prune_decisions(state: AppState, retention: Duration, stop: Shutdown) {
     }
 }
 
+/// How often members silent for an hour are forgotten.
+const MEMBER_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
 /// How often the decision log is pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 async fn refresh_gauges(state: AppState, stop: Shutdown) {
+    let mut pruned = Instant::now();
     loop {
         let m = &state.metrics;
-        m.workers_alive.set(state.heartbeats.workers.alive() as i64);
-        m.proxies_alive.set(state.heartbeats.proxies.alive() as i64);
+        if pruned.elapsed() >= MEMBER_PRUNE_INTERVAL {
+            pruned = Instant::now();
+            if let Err(e) = state.heartbeats.prune().await {
+                tracing::warn!(error = %e, "cannot forget silent workers and proxies; trying again later");
+            }
+        }
+        if let Ok(n) = state.heartbeats.workers.alive().await {
+            m.workers_alive.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        if let Ok(n) = state.heartbeats.proxies.alive().await {
+            m.proxies_alive.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         m.mirrored_mitigations.set(state.mirror.len() as i64);
         if let Ok(policies) = state.store.list_policies().await {
             m.policies_total.set(policies.len() as i64);

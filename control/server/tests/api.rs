@@ -9,7 +9,7 @@ mod support;
 use chrono::Utc;
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{POLICIES, Stack, TOKEN, call, eventually};
+use support::{POLICIES, Stack, TOKEN, call, eventually, worker_beat};
 
 #[tokio::test]
 async fn every_api_route_needs_a_valid_token() {
@@ -887,12 +887,6 @@ async fn the_decision_log_is_idempotent_and_filtered() {
         "{text}"
     );
     s.stop().await;
-}
-
-fn worker_beat(id: &str) -> Value {
-    json!({"worker_id": id, "concurrency": 4, "batch_size": 100, "state_backend": "memory",
-           "policies_revision": 0, "events_total": 10, "decisions_total": 1, "utilization": 0.25,
-           "state": "running", "started_at": Utc::now()})
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The control store on PostgreSQL: the conformance suite, migrations under an advisory
 //! lock when instances start together, `--no-migrations` and `migrate`, revision
-//! announcements between instances, and two control planes over one database.
+//! announcements between instances, and two control planes over one database (their
+//! policies and their fleet).
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +14,7 @@ use esper_control::store::{ControlStore, PolicyWrite, PostgresStore, suite};
 use esper_control::{Config, Listeners};
 use serde_json::json;
 use support::postgres::shared;
-use support::{Brokers, POLICIES, Stack, TempDir, eventually};
+use support::{Brokers, POLICIES, Stack, TempDir, eventually, worker_beat};
 
 async fn migrated(url: &str) -> PostgresStore {
     let store = PostgresStore::connect(url, 4).await.unwrap();
@@ -81,7 +82,8 @@ async fn no_migrations_refuses_a_stale_schema_until_migrate_runs() {
             "20260101000005 revocations",
             "20260101000006 decision retention",
             "20260101000007 token roles",
-            "20260101000008 token last use"
+            "20260101000008 token last use",
+            "20260101000009 members"
         ]
     );
     assert!(esper_control::migrate(&cfg).await.unwrap().is_empty());
@@ -222,6 +224,29 @@ async fn two_control_planes_over_one_database_serve_each_others_writes() {
     assert_eq!(active["policies"].as_array().unwrap().len(), 1);
     let (_, hist) = b.get("/api/v1/policies/login-burst/versions").await;
     assert_eq!(hist["versions"].as_array().unwrap().len(), 2);
+
+    // The fleet is the store's: a worker that beats to a is listed by b, and a drain
+    // asked through b reaches it through a, at every beat until it says it stops.
+    let beat = worker_beat("w1");
+    let (status, ack) = a.post("/api/v1/workers/heartbeat", beat.clone()).await;
+    // `drain` is left out when false.
+    let told = |ack: &serde_json::Value| ack["drain"].as_bool().unwrap_or(false);
+    assert_eq!((status, told(&ack)), (200, false), "{ack}");
+    let (_, listed) = b.get("/api/v1/workers").await;
+    assert_eq!(listed["workers"][0]["worker_id"], "w1", "{listed}");
+    assert_eq!(listed["workers"][0]["alive"], true);
+    let (status, body) = b.post("/api/v1/workers/w1/drain", json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    for _ in 0..2 {
+        let (_, ack) = a.post("/api/v1/workers/heartbeat", beat.clone()).await;
+        assert!(told(&ack), "{ack}");
+    }
+    let mut stopping = beat.clone();
+    stopping["state"] = json!("draining");
+    let (_, ack) = b.post("/api/v1/workers/heartbeat", stopping).await;
+    assert!(!told(&ack), "{ack}");
+    let (_, ack) = a.post("/api/v1/workers/heartbeat", beat).await;
+    assert!(!told(&ack), "told and heard: {ack}");
     a.stop().await;
     b.stop().await;
     drop(brokers);

@@ -45,15 +45,15 @@ pub async fn worker_beat(
     Json(beat): Json<WorkerHeartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
     check_id("worker_id", &beat.worker_id)?;
-    let id = beat.worker_id.clone();
-    let drain = state.heartbeats.workers.beat(&id, beat);
+    let drain = state
+        .heartbeats
+        .workers
+        .beat(&beat)
+        .await
+        .map_err(|e| store_error(&state, e))?;
     if drain {
-        tracing::info!(worker = %id, "worker told to drain");
+        tracing::info!(worker = %beat.worker_id, "worker told to drain");
     }
-    state
-        .metrics
-        .workers_alive
-        .set(state.heartbeats.workers.alive() as i64);
     ack(&state, drain).await
 }
 
@@ -63,7 +63,13 @@ pub async fn drain_worker(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<DrainResponse>), ApiError> {
-    match state.heartbeats.workers.drain(&id) {
+    let asked = state
+        .heartbeats
+        .workers
+        .drain(&id)
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    match asked {
         Ok(()) => Ok((
             StatusCode::ACCEPTED,
             Json(DrainResponse {
@@ -95,26 +101,34 @@ pub async fn proxy_beat(
     for app in &beat.apps {
         check_id("each app name", app)?;
     }
-    let id = beat.proxy_id.clone();
     // Proxies are not drained from here: their traffic is the load balancer's to move.
-    state.heartbeats.proxies.beat(&id, beat);
     state
-        .metrics
-        .proxies_alive
-        .set(state.heartbeats.proxies.alive() as i64);
+        .heartbeats
+        .proxies
+        .beat(&beat)
+        .await
+        .map_err(|e| store_error(&state, e))?;
     ack(&state, false).await
 }
 
 /// `GET /api/v1/workers`
-pub async fn workers(State(state): State<AppState>) -> Json<WorkersResponse> {
-    Json(WorkersResponse {
-        workers: state.heartbeats.workers.list(),
-    })
+pub async fn workers(State(state): State<AppState>) -> Result<Json<WorkersResponse>, ApiError> {
+    let workers = state
+        .heartbeats
+        .workers
+        .list()
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    Ok(Json(WorkersResponse { workers }))
 }
 
 /// `GET /api/v1/proxies`
-pub async fn proxies(State(state): State<AppState>) -> Json<ProxiesResponse> {
-    Json(ProxiesResponse {
-        proxies: state.heartbeats.proxies.list(),
-    })
+pub async fn proxies(State(state): State<AppState>) -> Result<Json<ProxiesResponse>, ApiError> {
+    let proxies = state
+        .heartbeats
+        .proxies
+        .list()
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    Ok(Json(ProxiesResponse { proxies }))
 }

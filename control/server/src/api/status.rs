@@ -25,13 +25,16 @@ async fn within<T, E>(
 
 /// Gathers the report; brokers that do not answer are reported unreachable.
 pub(crate) async fn gather_status(state: &AppState) -> StatusReport {
-    let (queue, active, policies, revision) = tokio::join!(
+    let (queue, active, policies, revision, workers, proxies) = tokio::join!(
         within(state.ingestion.status(), describe),
         within(state.mitigation.active(Some(1)), describe),
         within(state.store.list_policies(), ToString::to_string),
         within(state.store.revision(), ToString::to_string),
+        within(state.heartbeats.workers.list(), ToString::to_string),
+        within(state.heartbeats.proxies.list(), ToString::to_string),
     );
-    let store_reachable = policies.is_ok() && revision.is_ok();
+    let store_reachable =
+        policies.is_ok() && revision.is_ok() && workers.is_ok() && proxies.is_ok();
     let policies = policies.unwrap_or_default();
     let counts = PolicyCounts {
         total: policies.len() as u64,
@@ -59,8 +62,8 @@ pub(crate) async fn gather_status(state: &AppState) -> StatusReport {
             active: active.as_ref().map(|l| l.total as u64).unwrap_or(0),
             error: active.err(),
         },
-        workers: state.heartbeats.workers.list(),
-        proxies: state.heartbeats.proxies.list(),
+        workers: workers.unwrap_or_default(),
+        proxies: proxies.unwrap_or_default(),
         policies: counts,
     }
 }

@@ -381,6 +381,71 @@ pub trait ControlStore: Send + Sync {
         fresh: &str,
         keep_previous: bool,
     ) -> Result<Secret, StoreError>;
+
+    /// Records a member's heartbeat; `true` while a drain asked of its run stands: until
+    /// a heartbeat of that run says it is stopping. A heartbeat of another run (the
+    /// member restarted) drops the request.
+    async fn member_beat(&self, beat: &MemberBeat<'_>) -> Result<bool, StoreError>;
+
+    /// The members of `kind` heard from since `since`, by id.
+    async fn members(
+        &self,
+        kind: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<MemberRecord>, StoreError>;
+
+    /// How many members of `kind` were heard from since `since`.
+    async fn members_seen(&self, kind: &str, since: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Asks the run of member `id` last heard from to drain, if it was heard from since
+    /// `alive_since` (a silent one would not be told); `Unknown` when it was not heard
+    /// from since `known_since`.
+    async fn ask_drain(
+        &self,
+        kind: &str,
+        id: &str,
+        known_since: DateTime<Utc>,
+        alive_since: DateTime<Utc>,
+    ) -> Result<DrainAsk, StoreError>;
+
+    /// Forgets the members not heard from since `before`, and of each kind all but the
+    /// `keep` heard from last; returns how many.
+    async fn prune_members(&self, before: DateTime<Utc>, keep: usize) -> Result<u64, StoreError>;
+}
+
+/// A heartbeat, as [`ControlStore::member_beat`] records it.
+#[derive(Clone, Copy, Debug)]
+pub struct MemberBeat<'a> {
+    /// `worker` or `proxy`.
+    pub kind: &'a str,
+    pub id: &'a str,
+    /// The heartbeat as JSON, as listed back.
+    pub beat: &'a str,
+    /// When the member's run started.
+    pub run: DateTime<Utc>,
+    /// The heartbeat says the member is stopping.
+    pub stopping: bool,
+    /// When it arrived.
+    pub at: DateTime<Utc>,
+}
+
+/// A member as last heard from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberRecord {
+    /// Its last heartbeat, as JSON.
+    pub beat: String,
+    pub seen_at: DateTime<Utc>,
+}
+
+/// What came of asking a member to drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainAsk {
+    /// Its next heartbeat is told.
+    Asked,
+    /// Never heard from, or forgotten.
+    Unknown,
+    /// Not heard from lately: no heartbeat would carry the request.
+    Silent,
 }
 
 /// A deployment-wide secret, as stored.

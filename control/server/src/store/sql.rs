@@ -13,9 +13,9 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool,
 use tokio::sync::MutexGuard;
 
 use super::{
-    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, ListRecord, LoggedDecision,
-    PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome, RevokeTarget, Secret, StoreError,
-    TokenRecord, TokenRemoval, TokenRole, parse_ts, ts,
+    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, DrainAsk, ListRecord, LoggedDecision,
+    MemberBeat, MemberRecord, PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome,
+    RevokeTarget, Secret, StoreError, TokenRecord, TokenRemoval, TokenRole, parse_ts, ts,
 };
 
 /// A database's connection: the parts of a control store that are not the same SQL.
@@ -1004,5 +1004,110 @@ where
             .fetch_one(self.pool())
             .await?;
         secret_row(&row)
+    }
+
+    async fn member_beat(&self, beat: &MemberBeat<'_>) -> Result<bool, StoreError> {
+        let _turn = self.turn().await;
+        // A drain stands for the run it was asked of, until that run says it stops.
+        let standing = (!beat.stopping).then(|| ts(beat.run));
+        let drain: Option<String> = sqlx::query(
+            "INSERT INTO members (kind, id, beat, run, seen_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (kind, id) DO UPDATE SET beat = excluded.beat, run = excluded.run, \
+             seen_at = excluded.seen_at, \
+             drain_run = CASE WHEN members.drain_run = $6 THEN members.drain_run END \
+             RETURNING drain_run",
+        )
+        .bind(beat.kind)
+        .bind(beat.id)
+        .bind(beat.beat)
+        .bind(ts(beat.run))
+        .bind(ts(beat.at))
+        .bind(standing)
+        .fetch_one(self.pool())
+        .await?
+        .opt_text("drain_run")?;
+        Ok(drain.is_some())
+    }
+
+    async fn members(
+        &self,
+        kind: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<MemberRecord>, StoreError> {
+        sqlx::query(
+            "SELECT beat, seen_at FROM members WHERE kind = $1 AND seen_at >= $2 ORDER BY id",
+        )
+        .bind(kind)
+        .bind(ts(since))
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(MemberRecord {
+                beat: r.text("beat")?,
+                seen_at: ts_col(r, "seen_at")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn members_seen(&self, kind: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
+        let n = sqlx::query("SELECT COUNT(*) AS n FROM members WHERE kind = $1 AND seen_at >= $2")
+            .bind(kind)
+            .bind(ts(since))
+            .fetch_one(self.pool())
+            .await?
+            .int("n")?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn ask_drain(
+        &self,
+        kind: &str,
+        id: &str,
+        known_since: DateTime<Utc>,
+        alive_since: DateTime<Utc>,
+    ) -> Result<DrainAsk, StoreError> {
+        let _turn = self.turn().await;
+        let asked = sqlx::query(
+            "UPDATE members SET drain_run = run WHERE kind = $1 AND id = $2 AND seen_at >= $3",
+        )
+        .bind(kind)
+        .bind(id)
+        .bind(ts(alive_since))
+        .execute(self.pool())
+        .await?;
+        if B::rows_affected(&asked) > 0 {
+            return Ok(DrainAsk::Asked);
+        }
+        let known =
+            sqlx::query("SELECT id FROM members WHERE kind = $1 AND id = $2 AND seen_at >= $3")
+                .bind(kind)
+                .bind(id)
+                .bind(ts(known_since))
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(match known {
+            Some(_) => DrainAsk::Silent,
+            None => DrainAsk::Unknown,
+        })
+    }
+
+    async fn prune_members(&self, before: DateTime<Utc>, keep: usize) -> Result<u64, StoreError> {
+        let _turn = self.turn().await;
+        let forgotten = sqlx::query("DELETE FROM members WHERE seen_at < $1")
+            .bind(ts(before))
+            .execute(self.pool())
+            .await?;
+        // Of each kind, those heard from before the last of the `keep` heard from last
+        // (ties with it stay).
+        let over = sqlx::query(
+            "DELETE FROM members WHERE seen_at < (SELECT m.seen_at FROM members m \
+             WHERE m.kind = members.kind ORDER BY m.seen_at DESC LIMIT 1 OFFSET $1)",
+        )
+        .bind(i64::try_from(keep.saturating_sub(1)).unwrap_or(i64::MAX))
+        .execute(self.pool())
+        .await?;
+        Ok(B::rows_affected(&forgotten) + B::rows_affected(&over))
     }
 }

@@ -12,8 +12,8 @@ use esper_protocol::{
 use serde_json::json;
 
 use super::{
-    BROKER_COPY, ControlStore, DecisionQuery, PolicyWrite, RevokeTarget, StoreError, TokenRemoval,
-    TokenRole,
+    BROKER_COPY, ControlStore, DecisionQuery, DrainAsk, MemberBeat, PolicyWrite, RevokeTarget,
+    StoreError, TokenRemoval, TokenRole,
 };
 
 fn write(id: &str, spec: serde_json::Value, change: &str) -> PolicyWrite {
@@ -71,6 +71,8 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     secrets_rotate_keeping_or_dropping_the_one_before(&*store).await;
     a_republished_broker_copy_replaces_the_one_before(&*store).await;
     decisions_expired_past_the_retention_are_pruned(&*store).await;
+    a_drain_stands_for_the_run_asked_until_it_says_it_stops(&*store).await;
+    members_are_listed_counted_and_forgotten(&*store).await;
 }
 
 async fn migrations_are_idempotent(store: &dyn ControlStore) {
@@ -837,4 +839,107 @@ async fn decisions_expired_past_the_retention_are_pruned(store: &dyn ControlStor
             .expect("again"),
         0
     );
+}
+
+/// A heartbeat of member `id` of `kind`, of the run started at `run` seconds, heard `at`.
+fn beat<'a>(
+    kind: &'a str,
+    id: &'a str,
+    run: i64,
+    stopping: bool,
+    at: chrono::DateTime<Utc>,
+) -> MemberBeat<'a> {
+    MemberBeat {
+        kind,
+        id,
+        beat: if stopping {
+            r#"{"state":"draining"}"#
+        } else {
+            r#"{"state":"running"}"#
+        },
+        run: chrono::DateTime::from_timestamp(run, 0).expect("suite runs are valid times"),
+        stopping,
+        at,
+    }
+}
+
+async fn a_drain_stands_for_the_run_asked_until_it_says_it_stops(store: &dyn ControlStore) {
+    let now = Utc::now();
+    let (known, alive) = (
+        now - chrono::Duration::hours(1),
+        now - chrono::Duration::seconds(15),
+    );
+    let ask = async |kind, id| store.ask_drain(kind, id, known, alive).await.expect("ask");
+    let worker = async |id, run, stopping| {
+        store
+            .member_beat(&beat("worker", id, run, stopping, Utc::now()))
+            .await
+            .expect("beat")
+    };
+    assert_eq!(ask("worker", "w1").await, DrainAsk::Unknown);
+    assert!(!worker("w1", 1, false).await);
+    assert_eq!(ask("proxy", "w1").await, DrainAsk::Unknown, "kinds apart");
+    assert_eq!(ask("worker", "w1").await, DrainAsk::Asked);
+    assert!(!worker("w2", 1, false).await, "only the one asked");
+    assert!(worker("w1", 1, false).await);
+    assert!(worker("w1", 1, false).await, "told until it says it stops");
+    assert!(!worker("w1", 1, true).await);
+    assert!(!worker("w1", 1, false).await, "asked once, heard once");
+
+    assert_eq!(ask("worker", "w1").await, DrainAsk::Asked);
+    assert!(
+        !worker("w1", 2, false).await,
+        "a restarted member is another run"
+    );
+    assert!(
+        !worker("w1", 2, false).await,
+        "the request went with its run"
+    );
+
+    let heard = now - chrono::Duration::seconds(20);
+    store
+        .member_beat(&beat("worker", "w3", 1, false, heard))
+        .await
+        .expect("beat");
+    assert_eq!(ask("worker", "w3").await, DrainAsk::Silent);
+}
+
+async fn members_are_listed_counted_and_forgotten(store: &dyn ControlStore) {
+    let now = Utc::now().trunc_subsecs(6);
+    let ago = |secs| now - chrono::Duration::seconds(secs);
+    for (id, at) in [("p2", now), ("p1", ago(30)), ("gone", ago(7200))] {
+        store
+            .member_beat(&beat("proxy", id, 1, false, at))
+            .await
+            .expect("beat");
+    }
+    let listed = store.members("proxy", ago(3600)).await.expect("members");
+    let seen: Vec<_> = listed.iter().map(|m| m.seen_at).collect();
+    assert_eq!(seen, [ago(30), now], "by id, the hour's only");
+    assert_eq!(listed[0].beat, r#"{"state":"running"}"#);
+    assert_eq!(
+        store.members_seen("proxy", ago(15)).await.expect("count"),
+        1
+    );
+    assert_eq!(
+        store
+            .members_seen("worker", ago(3600))
+            .await
+            .expect("count"),
+        3
+    );
+
+    // The hour's silent go; past one per kind, those silent longest go.
+    let pruned = store.prune_members(ago(3600), 1).await.expect("prune");
+    assert_eq!(pruned, 1 + 1 + 2);
+    let left = store.members("proxy", ago(86_400)).await.expect("members");
+    assert_eq!(left.iter().map(|m| m.seen_at).collect::<Vec<_>>(), [now]);
+    assert_eq!(
+        store
+            .members_seen("worker", ago(86_400))
+            .await
+            .expect("count"),
+        1
+    );
+    assert_eq!(store.prune_members(ago(3600), 1).await.expect("prune"), 0);
 }

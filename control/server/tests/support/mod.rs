@@ -202,6 +202,14 @@ impl Stack {
 }
 
 /// Sends a request; returns the status and the JSON body (`null` when not JSON).
+/// A running worker's heartbeat, as `esper worker` sends it.
+pub fn worker_beat(id: &str) -> Value {
+    serde_json::json!({"worker_id": id, "concurrency": 4, "batch_size": 100,
+           "state_backend": "memory", "policies_revision": 0, "events_total": 10,
+           "decisions_total": 1, "utilization": 0.25, "state": "running",
+           "started_at": chrono::Utc::now()})
+}
+
 pub async fn call(rb: RequestBuilder) -> (u16, Value) {
     let resp = rb.send().await.unwrap();
     let status = resp.status().as_u16();
