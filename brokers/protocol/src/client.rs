@@ -100,7 +100,7 @@ pub enum Resend {
 /// The URL may list several instances of one service, comma-separated (as the proxy's
 /// `ESPER_MITIGATION_URL` does, in a file every service reads). Calls go to one; one
 /// that cannot connect (so nothing was sent) goes on to the next at once, and later
-/// calls stay with the one that answered. A call sent on a connection that then closed
+/// calls go to the instance after the last that failed. A call sent on a connection that then closed
 /// without an answer (the instance died, or closed that idle connection as the call
 /// went out), or answered with a 5xx that says the instance cannot serve (its store
 /// unreachable, a gateway's 502 or 504), goes on too, when [`Resend`] allows. A call
@@ -227,17 +227,24 @@ impl ServiceClient {
                 *next.url_mut() = url;
             }
             match client.execute(next).await {
-                Ok(resp) if several => {
-                    let (failed, resp) = cannot_serve(resp).await;
-                    if !failed {
-                        return answered(resp);
+                Ok(resp) if several => match cannot_serve(resp).await {
+                    Ok((false, resp)) => return answered(resp),
+                    Ok((true, resp)) => {
+                        list.leave(at);
+                        if resend == Resend::Never {
+                            return answered(resp);
+                        }
+                        refused = Some(resp);
                     }
-                    list.leave(at);
-                    if resend == Resend::Never {
-                        return answered(resp);
+                    // Its answer broke off or timed out: failing, and maybe still working.
+                    Err(e) => {
+                        list.leave(at);
+                        if resend == Resend::Never || e.is_timeout() {
+                            return Err(transport(e));
+                        }
+                        last = Some(e);
                     }
-                    refused = Some(resp);
-                }
+                },
                 Ok(resp) => return answered(resp),
                 // Nothing was sent: another instance may take it.
                 Err(e) if e.is_connect() && several => {
@@ -251,7 +258,7 @@ impl ServiceClient {
                     last = Some(e);
                 }
                 Err(e) => {
-                    if several && e.is_timeout() {
+                    if several && (e.is_timeout() || unanswered(&e)) {
                         list.leave(at);
                     }
                     return Err(transport(e));
@@ -318,26 +325,26 @@ fn unanswered(e: &reqwest::Error) -> bool {
 /// Whether `resp` says the instance that gave it cannot serve now, where another may:
 /// any 5xx, a proxy's in front of it included, except the 503s a healthy instance gives
 /// for state all instances share ([`refusal::shared`]), and a 501, which every instance
-/// would give alike. A 503's body is read to tell; the answer is handed back whole.
-async fn cannot_serve(resp: Response) -> (bool, Response) {
+/// would give alike. A 503's body is read to tell, and the answer handed back whole; the
+/// error is that body's, when it could not be read.
+async fn cannot_serve(resp: Response) -> Result<(bool, Response), reqwest::Error> {
     let status = resp.status();
     if !status.is_server_error() || status == StatusCode::NOT_IMPLEMENTED {
-        return (false, resp);
+        return Ok((false, resp));
     }
     if status != StatusCode::SERVICE_UNAVAILABLE {
-        return (true, resp);
+        return Ok((true, resp));
     }
     let version = resp.version();
     let headers = resp.headers().clone();
-    // A body that breaks off is the instance failing too.
-    let body = resp.bytes().await.unwrap_or_default();
+    let body = resp.bytes().await?;
     let shared =
         serde_json::from_slice::<ApiErrorBody>(&body).is_ok_and(|b| refusal::shared(&b.error));
     let mut whole = http::Response::new(body);
     *whole.status_mut() = status;
     *whole.version_mut() = version;
     *whole.headers_mut() = headers;
-    (!shared, Response::from(whole))
+    Ok((!shared, Response::from(whole)))
 }
 
 /// `url`, built on base `from`, rebuilt on base `to` (which may have another path).

@@ -56,7 +56,8 @@ async fn a_gateways_error_page_moves_on_too() {
     let alive = answering(ACKED).await;
     let client = IngestionClient::new(&both(&gateway, &alive), None);
     client.ack("w1", vec!["a".into()]).await.unwrap();
-    assert_eq!((gateway.requests(), alive.requests()), (1, 1));
+    client.ack("w1", vec!["b".into()]).await.unwrap();
+    assert_eq!((gateway.requests(), alive.requests()), (1, 2));
 }
 
 #[tokio::test]

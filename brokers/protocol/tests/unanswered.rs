@@ -89,6 +89,9 @@ async fn an_unanswered_call_goes_on_to_the_next_instance_and_stays_there() {
     let client = MitigationClient::new(&format!("{},{}", dead.url(), alive.url()), None);
     assert!(client.clear().await.is_err());
     assert_eq!((dead.requests(), alive.requests()), (1, 0));
+    // But the next call leaves the instance that dropped it.
+    assert_eq!(client.clear().await.unwrap().revoked, 0);
+    assert_eq!((dead.requests(), alive.requests()), (1, 1));
 }
 
 #[tokio::test]

@@ -396,18 +396,19 @@ async fn prune_decisions(state: AppState, retention: Duration, stop: Shutdown) {
     }
 }
 
-/// How often members silent for an hour are forgotten.
+/// How often members silent for an hour, or past the most kept, are forgotten (and at
+/// start).
 const MEMBER_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How often the decision log is pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 async fn refresh_gauges(state: AppState, stop: Shutdown) {
-    let mut pruned = Instant::now();
+    let mut pruned: Option<Instant> = None;
     loop {
         let m = &state.metrics;
-        if pruned.elapsed() >= MEMBER_PRUNE_INTERVAL {
-            pruned = Instant::now();
+        if pruned.is_none_or(|at| at.elapsed() >= MEMBER_PRUNE_INTERVAL) {
+            pruned = Some(Instant::now());
             if let Err(e) = state.heartbeats.prune().await {
                 tracing::warn!(error = %e, "cannot forget silent workers and proxies; trying again later");
             }

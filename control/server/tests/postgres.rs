@@ -238,15 +238,15 @@ async fn two_control_planes_over_one_database_serve_each_others_writes() {
     let (status, body) = b.post("/api/v1/workers/w1/drain", json!({})).await;
     assert_eq!(status, 202, "{body}");
     for _ in 0..2 {
-        let (_, ack) = a.post("/api/v1/workers/heartbeat", beat.clone()).await;
-        assert!(told(&ack), "{ack}");
+        let (status, ack) = a.post("/api/v1/workers/heartbeat", beat.clone()).await;
+        assert_eq!((status, told(&ack)), (200, true), "{ack}");
     }
     let mut stopping = beat.clone();
     stopping["state"] = json!("draining");
-    let (_, ack) = b.post("/api/v1/workers/heartbeat", stopping).await;
-    assert!(!told(&ack), "{ack}");
-    let (_, ack) = a.post("/api/v1/workers/heartbeat", beat).await;
-    assert!(!told(&ack), "told and heard: {ack}");
+    let (status, ack) = b.post("/api/v1/workers/heartbeat", stopping).await;
+    assert_eq!((status, told(&ack)), (200, false), "{ack}");
+    let (status, ack) = a.post("/api/v1/workers/heartbeat", beat).await;
+    assert_eq!((status, told(&ack)), (200, false), "told and heard: {ack}");
     a.stop().await;
     b.stop().await;
     drop(brokers);

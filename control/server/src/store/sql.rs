@@ -1095,19 +1095,35 @@ where
 
     async fn prune_members(&self, before: DateTime<Utc>, keep: usize) -> Result<u64, StoreError> {
         let _turn = self.turn().await;
-        let forgotten = sqlx::query("DELETE FROM members WHERE seen_at < $1")
-            .bind(ts(before))
-            .execute(self.pool())
+        let mut pruned = B::rows_affected(
+            &sqlx::query("DELETE FROM members WHERE seen_at < $1")
+                .bind(ts(before))
+                .execute(self.pool())
+                .await?,
+        );
+        let kinds = sqlx::query("SELECT DISTINCT kind FROM members")
+            .fetch_all(self.pool())
             .await?;
-        // Of each kind, those heard from before the last of the `keep` heard from last
-        // (ties with it stay).
-        let over = sqlx::query(
-            "DELETE FROM members WHERE seen_at < (SELECT m.seen_at FROM members m \
-             WHERE m.kind = members.kind ORDER BY m.seen_at DESC LIMIT 1 OFFSET $1)",
-        )
-        .bind(i64::try_from(keep.saturating_sub(1)).unwrap_or(i64::MAX))
-        .execute(self.pool())
-        .await?;
-        Ok(B::rows_affected(&forgotten) + B::rows_affected(&over))
+        for kind in kinds {
+            let kind = kind.text("kind")?;
+            // The last of the `keep` heard from last sets the line (ties with it stay).
+            let line = sqlx::query(
+                "SELECT seen_at FROM members WHERE kind = $1 \
+                 ORDER BY seen_at DESC LIMIT 1 OFFSET $2",
+            )
+            .bind(&kind)
+            .bind(i64::try_from(keep.saturating_sub(1)).unwrap_or(i64::MAX))
+            .fetch_optional(self.pool())
+            .await?;
+            let Some(line) = line else { continue };
+            pruned += B::rows_affected(
+                &sqlx::query("DELETE FROM members WHERE kind = $1 AND seen_at < $2")
+                    .bind(&kind)
+                    .bind(line.text("seen_at")?)
+                    .execute(self.pool())
+                    .await?,
+            );
+        }
+        Ok(pruned)
     }
 }

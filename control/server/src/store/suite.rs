@@ -921,6 +921,7 @@ async fn members_are_listed_counted_and_forgotten(store: &dyn ControlStore) {
         store.members_seen("proxy", ago(15)).await.expect("count"),
         1
     );
+    // The three workers of the drain test before this one.
     assert_eq!(
         store
             .members_seen("worker", ago(3600))

@@ -201,7 +201,6 @@ impl Stack {
     }
 }
 
-/// Sends a request; returns the status and the JSON body (`null` when not JSON).
 /// A running worker's heartbeat, as `esper worker` sends it.
 pub fn worker_beat(id: &str) -> Value {
     serde_json::json!({"worker_id": id, "concurrency": 4, "batch_size": 100,
@@ -210,6 +209,7 @@ pub fn worker_beat(id: &str) -> Value {
            "started_at": chrono::Utc::now()})
 }
 
+/// Sends a request; returns the status and the JSON body (`null` when not JSON).
 pub async fn call(rb: RequestBuilder) -> (u16, Value) {
     let resp = rb.send().await.unwrap();
     let status = resp.status().as_u16();
