@@ -28,6 +28,8 @@ pub struct Behaviour {
     /// The answer's status and any headers of its own, as written after `HTTP/1.1 `
     /// (`"503 Service Unavailable\r\nretry-after: 1"`); `200 OK` when `None`.
     pub status: Option<&'static str>,
+    /// Write the head and the first byte of the body, then nothing more.
+    pub stall_body: bool,
 }
 
 pub struct CountingServer {
@@ -124,6 +126,11 @@ async fn serve(
                 ),
                 None => format!("HTTP/1.1 {status}\r\ncontent-length: 2\r\n\r\nok"),
             };
+            if b.stall_body {
+                let head = answer.find("\r\n\r\n").map_or(answer.len(), |i| i + 5);
+                let _ = conn.write_all(&answer.as_bytes()[..head]).await;
+                std::future::pending::<()>().await;
+            }
             if conn.write_all(answer.as_bytes()).await.is_err() {
                 return;
             }

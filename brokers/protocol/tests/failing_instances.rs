@@ -114,6 +114,24 @@ async fn an_instance_that_hangs_is_waited_on_once_then_left() {
 }
 
 #[tokio::test]
+async fn an_answer_that_stalls_is_a_timeout_not_a_failure_to_send_on() {
+    // A 503 whose body never arrives: the instance may still be working on the call.
+    let stalled = CountingServer::start(Behaviour {
+        status: Some(UNAVAILABLE),
+        json: Some(STORE_DOWN),
+        stall_body: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let alive = answering(ACKED).await;
+    let client = IngestionClient::new(&both(&stalled, &alive), None);
+    assert!(!client.ready().await);
+    assert_eq!((stalled.requests(), alive.requests()), (1, 0));
+    assert!(client.ready().await, "later calls leave it");
+    assert_eq!((stalled.requests(), alive.requests()), (1, 1));
+}
+
+#[tokio::test]
 async fn when_every_instance_fails_the_caller_gets_an_answer() {
     let down = failing(UNAVAILABLE, Some(STORE_DOWN)).await;
     let gateway = failing("504 Gateway Timeout", None).await;

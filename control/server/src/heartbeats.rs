@@ -148,7 +148,7 @@ impl<T: Member> Roster<T> {
             .store
             .members(T::KIND, since(now, forget_after()))
             .await?;
-        Ok(rows
+        let mut listed: Vec<Seen<T>> = rows
             .into_iter()
             .filter_map(|r| match serde_json::from_str::<T>(&r.beat) {
                 Ok(beat) => Some(Seen {
@@ -161,7 +161,10 @@ impl<T: Member> Roster<T> {
                     None
                 }
             })
-            .collect())
+            .collect();
+        // By id, byte by byte: PostgreSQL's `ORDER BY` would follow its locale.
+        listed.sort_by(|a, b| a.beat.id().cmp(b.beat.id()));
+        Ok(listed)
     }
 
     /// How many are alive.
