@@ -185,4 +185,7 @@ pub struct Seen<T> {
     pub last_seen: DateTime<Utc>,
     /// False when nothing was heard for three intervals.
     pub alive: bool,
+    /// A drain was asked of this run, which has not yet said it is stopping (workers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain_asked: bool,
 }

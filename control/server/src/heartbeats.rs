@@ -155,6 +155,7 @@ impl<T: Member> Roster<T> {
                     beat,
                     last_seen: r.seen_at,
                     alive: r.seen_at >= alive_since,
+                    drain_asked: r.drain_asked,
                 }),
                 Err(e) => {
                     tracing::warn!(kind = T::KIND, error = %e, "a stored heartbeat cannot be read; left out");

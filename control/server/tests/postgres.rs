@@ -237,6 +237,8 @@ async fn two_control_planes_over_one_database_serve_each_others_writes() {
     assert_eq!(listed["workers"][0]["alive"], true);
     let (status, body) = b.post("/api/v1/workers/w1/drain", json!({})).await;
     assert_eq!(status, 202, "{body}");
+    let (_, listed) = a.get("/api/v1/workers").await;
+    assert_eq!(listed["workers"][0]["drain_asked"], true, "{listed}");
     for _ in 0..2 {
         let (status, ack) = a.post("/api/v1/workers/heartbeat", beat.clone()).await;
         assert_eq!((status, told(&ack)), (200, true), "{ack}");

@@ -38,7 +38,12 @@ fn workers_table(w: &[esper_protocol::control::Seen<esper_protocol::WorkerHeartb
         let b = &s.beat;
         t.row(vec![
             b.worker_id.clone(),
-            b.state.clone(),
+            // Asked, and not yet heard by the worker (its own state says when it is).
+            if s.drain_asked {
+                "drain asked".to_string()
+            } else {
+                b.state.clone()
+            },
             yes_no(s.alive),
             format!("{:.0}%", b.utilization * 100.0),
             b.concurrency.to_string(),

@@ -435,6 +435,8 @@ pub struct MemberRecord {
     /// Its last heartbeat, as JSON.
     pub beat: String,
     pub seen_at: DateTime<Utc>,
+    /// A drain asked of its run stands.
+    pub drain_asked: bool,
 }
 
 /// What came of asking a member to drain.

@@ -1035,7 +1035,8 @@ where
         since: DateTime<Utc>,
     ) -> Result<Vec<MemberRecord>, StoreError> {
         sqlx::query(
-            "SELECT beat, seen_at FROM members WHERE kind = $1 AND seen_at >= $2 ORDER BY id",
+            "SELECT beat, seen_at, drain_run FROM members WHERE kind = $1 AND seen_at >= $2 \
+             ORDER BY id",
         )
         .bind(kind)
         .bind(ts(since))
@@ -1046,6 +1047,7 @@ where
             Ok(MemberRecord {
                 beat: r.text("beat")?,
                 seen_at: ts_col(r, "seen_at")?,
+                drain_asked: r.opt_text("drain_run")?.is_some(),
             })
         })
         .collect()

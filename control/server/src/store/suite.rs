@@ -880,6 +880,11 @@ async fn a_drain_stands_for_the_run_asked_until_it_says_it_stops(store: &dyn Con
     assert!(!worker("w1", 1, false).await);
     assert_eq!(ask("proxy", "w1").await, DrainAsk::Unknown, "kinds apart");
     assert_eq!(ask("worker", "w1").await, DrainAsk::Asked);
+    let listed = store.members("worker", known).await.expect("members");
+    assert!(
+        listed[0].drain_asked,
+        "listed as asked until told and heard"
+    );
     assert!(!worker("w2", 1, false).await, "only the one asked");
     assert!(worker("w1", 1, false).await);
     assert!(worker("w1", 1, false).await, "told until it says it stops");
@@ -917,6 +922,7 @@ async fn members_are_listed_counted_and_forgotten(store: &dyn ControlStore) {
     let seen: Vec<_> = listed.iter().map(|m| m.seen_at).collect();
     assert_eq!(seen, [ago(30), now], "by id, the hour's only");
     assert_eq!(listed[0].beat, r#"{"state":"running"}"#);
+    assert!(!listed[0].drain_asked);
     assert_eq!(
         store.members_seen("proxy", ago(15)).await.expect("count"),
         1
