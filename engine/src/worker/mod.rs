@@ -527,6 +527,9 @@ async fn utilization_loop(
 }
 
 /// The periodic `POST /api/v1/workers/heartbeat`, best effort.
+/// How long a stop waits for a heartbeat already sent before sending its last.
+const IN_FLIGHT_BEAT: Duration = Duration::from_secs(1);
+
 struct Heartbeat {
     client: ControlClient,
     worker_id: String,
@@ -574,11 +577,18 @@ impl Heartbeat {
 
     async fn run(self, every: Duration, shutdown: Shutdown) {
         loop {
-            // Shutdown does not wait for a control plane that hangs.
+            let beat = self.send("running");
+            tokio::pin!(beat);
             tokio::select! {
                 biased;
-                _ = shutdown.wait() => break,
-                _ = self.send("running") => {}
+                _ = shutdown.wait() => {
+                    // A beat on the wire is let land first, or it could be recorded after
+                    // the `draining` one and list this worker as running again; but only
+                    // briefly, so a control plane that hangs does not hold up the stop.
+                    let _ = tokio::time::timeout(IN_FLIGHT_BEAT, &mut beat).await;
+                    break;
+                }
+                _ = &mut beat => {}
             }
             if shutdown.sleep(every).await {
                 break;
