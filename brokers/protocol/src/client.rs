@@ -202,13 +202,24 @@ impl ServiceClient {
         let answered = |resp| Ok((list.given().to_string(), resp));
         let (client, request) = rb.build_split();
         let request = request.map_err(transport)?;
+        let mut request = request;
+        let built_on = |u: &String| moved(request.url(), u, u).as_ref() == Some(request.url());
         // The instance it was built for (another call may have moved on since).
-        let first = match urls.len() {
-            1 => 0,
-            _ => urls
-                .iter()
-                .position(|u| moved(request.url(), u, u).as_ref() == Some(request.url()))
-                .unwrap_or_else(|| list.current()),
+        let first = match urls.iter().position(built_on) {
+            Some(at) => at,
+            None => {
+                // Built for the setting a reload replaced since: sent to this one's.
+                let at = list.current();
+                if let Some(url) = list
+                    .replaced()
+                    .iter()
+                    .find(|u| built_on(u))
+                    .and_then(|old| moved(request.url(), old, &urls[at]))
+                {
+                    *request.url_mut() = url;
+                }
+                at
+            }
         };
         // Each instance once; the only one twice (not on the failed connection, which
         // is not pooled again).

@@ -14,6 +14,9 @@ pub struct Instances {
     /// As given (without a trailing `/`), for messages.
     given: String,
     urls: Vec<String>,
+    /// The instances of the setting this one replaced: a request built for one of them
+    /// just before the change is sent to this one's instance instead.
+    replaced: Vec<String>,
     /// The instance calls go to: the one after the last that failed (always below
     /// `urls.len()`).
     current: AtomicUsize,
@@ -32,8 +35,14 @@ impl Instances {
         Instances {
             given: url.trim().trim_end_matches('/').to_string(),
             urls,
+            replaced: Vec::new(),
             current: AtomicUsize::new(0),
         }
+    }
+
+    /// The instances of the setting this one replaced (none for the first).
+    pub fn replaced(&self) -> &[String] {
+        &self.replaced
     }
 
     /// The setting as given, for messages.
@@ -101,11 +110,12 @@ impl Endpoints {
     /// Replaces the instances; `true` when the list differs from the one before (calls
     /// then start again with its first instance).
     pub fn set(&self, url: &str) -> bool {
-        let next = Instances::parse(url);
+        let mut next = Instances::parse(url);
         self.0.send_if_modified(|now| {
             if now.urls == next.urls {
                 return false;
             }
+            next.replaced = now.urls.clone();
             *now = Arc::new(next);
             true
         })

@@ -1,7 +1,8 @@
 //! A client given several instances leaves one that fails a call for the next: one whose
 //! answer says it cannot serve (its store unreachable, a gateway in front of it failing),
 //! and one that accepts calls and never answers. The call goes on with it when repeating
-//! it changes nothing; a refusal every instance would give alike does not move it.
+//! it changes nothing; a refusal every instance would give alike does not move it. A
+//! call built just before a reload named other instances goes to those.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +12,10 @@ mod counting_http;
 use std::time::Duration;
 
 use counting_http::{Behaviour, CountingServer};
-use esper_protocol::{ClientError, IngestionClient, MitigationClient, RequestEvent};
+use esper_protocol::{
+    ClientError, Endpoints, IngestionClient, MitigationClient, RequestEvent, Resend, ServiceClient,
+    Token,
+};
 
 const ACKED: &str = r#"{"acked":1}"#;
 const STORE_DOWN: &str =
@@ -158,4 +162,20 @@ async fn one_instance_that_cannot_serve_is_asked_once() {
 
 fn event() -> RequestEvent {
     RequestEvent::new("192.0.2.7".parse().unwrap(), "GET", "/")
+}
+
+#[tokio::test]
+async fn a_call_built_before_a_reload_goes_to_the_instances_named_since() {
+    let old = answering(ACKED).await;
+    let new = answering(ACKED).await;
+    let client = ServiceClient::with_http(
+        reqwest::Client::new(),
+        Endpoints::new(&old.url()),
+        Token::default(),
+    );
+    let built = client.req(reqwest::Method::GET, "/api/queue/status");
+    assert!(client.endpoints().set(&new.url()));
+    let resp = client.call(built, Resend::Unanswered).await.unwrap();
+    assert!(resp.status().is_success());
+    assert_eq!((old.requests(), new.requests()), (0, 1));
 }
