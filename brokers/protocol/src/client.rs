@@ -201,8 +201,7 @@ impl ServiceClient {
         };
         let answered = |resp| Ok((list.given().to_string(), resp));
         let (client, request) = rb.build_split();
-        let request = request.map_err(transport)?;
-        let mut request = request;
+        let mut request = request.map_err(transport)?;
         let built_on = |u: &String| moved(request.url(), u, u).as_ref() == Some(request.url());
         // The instance it was built for (another call may have moved on since).
         let first = match urls.iter().position(built_on) {
