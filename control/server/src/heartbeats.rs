@@ -13,7 +13,7 @@ use esper_protocol::{ProxyHeartbeat, WorkerHeartbeat};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{ControlStore, DrainAsk, MemberBeat, StoreError};
+use crate::store::{ControlStore, DrainAsk, Heard, MemberBeat, StoreError};
 
 /// Members silent for this long are dropped from listings, and from the store at the
 /// next [`Heartbeats::prune`].
@@ -105,18 +105,43 @@ impl<T: Member> Roster<T> {
     /// Records `beat`; `true` when its member is to drain: asked, and not yet stopping.
     /// The answer repeats it at every heartbeat of the run asked, so one lost on the way
     /// loses nothing; a run other than the one asked (the member restarted) is not told.
+    /// A heartbeat older than the one recorded is left out (see [`Heard`]).
     pub async fn beat(&self, beat: &T) -> Result<bool, StoreError> {
         let json = serde_json::to_string(beat).map_err(|e| StoreError::Query(e.to_string()))?;
-        self.store
+        let now = Utc::now();
+        let heard = self
+            .store
             .member_beat(&MemberBeat {
                 kind: T::KIND,
                 id: beat.id(),
                 beat: &json,
                 run: beat.run(),
                 stopping: beat.stopping(),
-                at: Utc::now(),
+                at: now,
+                alive_since: since(now, self.timeout),
             })
-            .await
+            .await?;
+        Ok(match heard {
+            Heard::Recorded { drain } => drain,
+            Heard::EarlierRun => {
+                tracing::warn!(
+                    kind = T::KIND,
+                    id = beat.id(),
+                    started_at = %beat.run(),
+                    "a heartbeat of an earlier run than the one last heard is left out: \
+                     two processes share this id, or it was delayed past a restart"
+                );
+                false
+            }
+            Heard::AfterStopping => {
+                tracing::debug!(
+                    kind = T::KIND,
+                    id = beat.id(),
+                    "a heartbeat that arrived after its run said it stops is left out"
+                );
+                false
+            }
+        })
     }
 
     /// Asks `id`'s run last heard from to drain: the answer to its next heartbeat tells

@@ -135,7 +135,7 @@ async fn no_migrations_refuses_an_unmigrated_store() {
         "{err}"
     );
     let applied = esper_control::migrate(&cfg).await.unwrap();
-    assert_eq!(applied.len(), 9, "{applied:?}");
+    assert_eq!(applied.len(), 10, "{applied:?}");
     let started = esper_control::start(cfg, Listeners::loopback().await.unwrap(), shutdown).await;
     assert!(started.is_ok(), "migrated now");
 }

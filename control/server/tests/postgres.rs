@@ -83,7 +83,8 @@ async fn no_migrations_refuses_a_stale_schema_until_migrate_runs() {
             "20260101000006 decision retention",
             "20260101000007 token roles",
             "20260101000008 token last use",
-            "20260101000009 members"
+            "20260101000009 members",
+            "20260101000010 member stopping"
         ]
     );
     assert!(esper_control::migrate(&cfg).await.unwrap().is_empty());

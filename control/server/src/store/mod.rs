@@ -382,10 +382,10 @@ pub trait ControlStore: Send + Sync {
         keep_previous: bool,
     ) -> Result<Secret, StoreError>;
 
-    /// Records a member's heartbeat; `true` while a drain asked of its run stands: until
-    /// a heartbeat of that run says it is stopping. A heartbeat of another run (the
-    /// member restarted) drops the request.
-    async fn member_beat(&self, beat: &MemberBeat<'_>) -> Result<bool, StoreError>;
+    /// Records a member's heartbeat, unless it is older than the one recorded (see
+    /// [`Heard`]). A drain asked of a run stands until a heartbeat of that run says it
+    /// is stopping; a heartbeat of a later run (the member restarted) drops it.
+    async fn member_beat(&self, beat: &MemberBeat<'_>) -> Result<Heard, StoreError>;
 
     /// The members of `kind` heard from since `since`, by id.
     async fn members(
@@ -427,6 +427,21 @@ pub struct MemberBeat<'a> {
     pub stopping: bool,
     /// When it arrived.
     pub at: DateTime<Utc>,
+    /// A member heard from since then is alive: only its own later heartbeats replace
+    /// the one recorded.
+    pub alive_since: DateTime<Utc>,
+}
+
+/// What became of a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// Recorded; `drain` while a drain asked of its run stands.
+    Recorded { drain: bool },
+    /// Left out: the member's recorded heartbeat is of a later run that is still alive
+    /// (two processes share the id, or this one was delayed past a restart).
+    EarlierRun,
+    /// Left out: a heartbeat of a run already stopping that arrived after it said so.
+    AfterStopping,
 }
 
 /// A member as last heard from.

@@ -13,9 +13,10 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool,
 use tokio::sync::MutexGuard;
 
 use super::{
-    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, DrainAsk, ListRecord, LoggedDecision,
-    MemberBeat, MemberRecord, PolicyRecord, PolicyVersionRecord, PolicyWrite, PutOutcome,
-    RevokeTarget, Secret, StoreError, TokenRecord, TokenRemoval, TokenRole, parse_ts, ts,
+    ActiveSnapshot, BROKER_COPY, ControlStore, DecisionQuery, DrainAsk, Heard, ListRecord,
+    LoggedDecision, MemberBeat, MemberRecord, PolicyRecord, PolicyVersionRecord, PolicyWrite,
+    PutOutcome, RevokeTarget, Secret, StoreError, TokenRecord, TokenRemoval, TokenRole, parse_ts,
+    ts,
 };
 
 /// A database's connection: the parts of a control store that are not the same SQL.
@@ -1006,27 +1007,52 @@ where
         secret_row(&row)
     }
 
-    async fn member_beat(&self, beat: &MemberBeat<'_>) -> Result<bool, StoreError> {
+    async fn member_beat(&self, beat: &MemberBeat<'_>) -> Result<Heard, StoreError> {
         let _turn = self.turn().await;
         // A drain stands for the run it was asked of, until that run says it stops.
         let standing = (!beat.stopping).then(|| ts(beat.run));
-        let drain: Option<String> = sqlx::query(
-            "INSERT INTO members (kind, id, beat, run, seen_at) VALUES ($1, $2, $3, $4, $5) \
+        let run = ts(beat.run);
+        // While the member recorded is alive, a heartbeat replaces it only if it is of
+        // the same run or a later one, and does not take back a stop that run announced:
+        // heartbeats carry no time of sending, and one resent or delayed can arrive
+        // after a newer one. Runs and times are fixed-width RFC 3339 text, so they
+        // compare as text.
+        let row = sqlx::query(
+            "INSERT INTO members (kind, id, beat, run, seen_at, stopping) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (kind, id) DO UPDATE SET beat = excluded.beat, run = excluded.run, \
-             seen_at = excluded.seen_at, \
-             drain_run = CASE WHEN members.drain_run = $6 THEN members.drain_run END \
+             seen_at = excluded.seen_at, stopping = excluded.stopping, \
+             drain_run = CASE WHEN members.drain_run = $7 THEN members.drain_run END \
+             WHERE members.seen_at < $8 OR excluded.run > members.run \
+             OR (excluded.run = members.run AND (excluded.stopping OR NOT members.stopping)) \
              RETURNING drain_run",
         )
         .bind(beat.kind)
         .bind(beat.id)
         .bind(beat.beat)
-        .bind(ts(beat.run))
+        .bind(&run)
         .bind(ts(beat.at))
+        .bind(beat.stopping)
         .bind(standing)
-        .fetch_one(self.pool())
-        .await?
-        .opt_text("drain_run")?;
-        Ok(drain.is_some())
+        .bind(ts(beat.alive_since))
+        .fetch_optional(self.pool())
+        .await?;
+        if let Some(row) = row {
+            return Ok(Heard::Recorded {
+                drain: row.opt_text("drain_run")?.is_some(),
+            });
+        }
+        let recorded = sqlx::query("SELECT run FROM members WHERE kind = $1 AND id = $2")
+            .bind(beat.kind)
+            .bind(beat.id)
+            .fetch_one(self.pool())
+            .await?
+            .text("run")?;
+        Ok(if recorded > run {
+            Heard::EarlierRun
+        } else {
+            Heard::AfterStopping
+        })
     }
 
     async fn members(

@@ -12,8 +12,8 @@ use esper_protocol::{
 use serde_json::json;
 
 use super::{
-    BROKER_COPY, ControlStore, DecisionQuery, DrainAsk, MemberBeat, PolicyWrite, RevokeTarget,
-    StoreError, TokenRemoval, TokenRole,
+    BROKER_COPY, ControlStore, DecisionQuery, DrainAsk, Heard, MemberBeat, PolicyWrite,
+    RevokeTarget, StoreError, TokenRemoval, TokenRole,
 };
 
 fn write(id: &str, spec: serde_json::Value, change: &str) -> PolicyWrite {
@@ -73,6 +73,7 @@ pub async fn run(store: Arc<dyn ControlStore>) {
     decisions_expired_past_the_retention_are_pruned(&*store).await;
     a_drain_stands_for_the_run_asked_until_it_says_it_stops(&*store).await;
     members_are_listed_counted_and_forgotten(&*store).await;
+    a_heartbeat_older_than_the_one_recorded_is_left_out(&*store).await;
 }
 
 async fn migrations_are_idempotent(store: &dyn ControlStore) {
@@ -841,7 +842,8 @@ async fn decisions_expired_past_the_retention_are_pruned(store: &dyn ControlStor
     );
 }
 
-/// A heartbeat of member `id` of `kind`, of the run started at `run` seconds, heard `at`.
+/// A heartbeat of member `id` of `kind`, of the run started at `run` seconds, heard `at`
+/// (members heard from in the 15 s before are alive).
 fn beat<'a>(
     kind: &'a str,
     id: &'a str,
@@ -860,8 +862,12 @@ fn beat<'a>(
         run: chrono::DateTime::from_timestamp(run, 0).expect("suite runs are valid times"),
         stopping,
         at,
+        alive_since: at - chrono::Duration::seconds(15),
     }
 }
+
+const DRAIN: Heard = Heard::Recorded { drain: true };
+const NO_DRAIN: Heard = Heard::Recorded { drain: false };
 
 async fn a_drain_stands_for_the_run_asked_until_it_says_it_stops(store: &dyn ControlStore) {
     let now = Utc::now();
@@ -877,7 +883,7 @@ async fn a_drain_stands_for_the_run_asked_until_it_says_it_stops(store: &dyn Con
             .expect("beat")
     };
     assert_eq!(ask("worker", "w1").await, DrainAsk::Unknown);
-    assert!(!worker("w1", 1, false).await);
+    assert_eq!(worker("w1", 1, false).await, NO_DRAIN);
     assert_eq!(ask("proxy", "w1").await, DrainAsk::Unknown, "kinds apart");
     assert_eq!(ask("worker", "w1").await, DrainAsk::Asked);
     let listed = store.members("worker", known).await.expect("members");
@@ -885,19 +891,26 @@ async fn a_drain_stands_for_the_run_asked_until_it_says_it_stops(store: &dyn Con
         listed[0].drain_asked,
         "listed as asked until told and heard"
     );
-    assert!(!worker("w2", 1, false).await, "only the one asked");
-    assert!(worker("w1", 1, false).await);
-    assert!(worker("w1", 1, false).await, "told until it says it stops");
-    assert!(!worker("w1", 1, true).await);
-    assert!(!worker("w1", 1, false).await, "asked once, heard once");
+    assert_eq!(worker("w2", 1, false).await, NO_DRAIN, "only the one asked");
+    assert_eq!(worker("w1", 1, false).await, DRAIN);
+    assert_eq!(
+        worker("w1", 1, false).await,
+        DRAIN,
+        "told until it says it stops"
+    );
+    assert_eq!(worker("w1", 1, true).await, NO_DRAIN);
+    let listed = store.members("worker", known).await.expect("members");
+    assert!(!listed[0].drain_asked, "asked once, heard once");
 
     assert_eq!(ask("worker", "w1").await, DrainAsk::Asked);
-    assert!(
-        !worker("w1", 2, false).await,
+    assert_eq!(
+        worker("w1", 2, false).await,
+        NO_DRAIN,
         "a restarted member is another run"
     );
-    assert!(
-        !worker("w1", 2, false).await,
+    assert_eq!(
+        worker("w1", 2, false).await,
+        NO_DRAIN,
         "the request went with its run"
     );
 
@@ -907,6 +920,51 @@ async fn a_drain_stands_for_the_run_asked_until_it_says_it_stops(store: &dyn Con
         .await
         .expect("beat");
     assert_eq!(ask("worker", "w3").await, DrainAsk::Silent);
+}
+
+async fn a_heartbeat_older_than_the_one_recorded_is_left_out(store: &dyn ControlStore) {
+    let now = Utc::now().trunc_subsecs(6);
+    let at = |secs| now + chrono::Duration::seconds(secs);
+    // A kind of its own, so that the listing holds this test's member alone.
+    let kind = "ordering";
+    let worker = async |id, run, stopping, heard| {
+        store
+            .member_beat(&beat(kind, id, run, stopping, heard))
+            .await
+            .expect("beat")
+    };
+    let last = async || {
+        let listed = store.members(kind, at(-3600)).await.expect("members");
+        let [m] = <[_; 1]>::try_from(listed).expect("one member");
+        (m.beat, m.seen_at)
+    };
+    assert_eq!(worker("o1", 20, false, at(0)).await, NO_DRAIN);
+    assert_eq!(
+        worker("o1", 10, false, at(1)).await,
+        Heard::EarlierRun,
+        "an earlier run, while the later one is alive"
+    );
+    assert_eq!(last().await.1, at(0));
+    assert_eq!(worker("o1", 20, false, at(2)).await, NO_DRAIN);
+    assert_eq!(worker("o1", 20, true, at(3)).await, NO_DRAIN);
+    assert_eq!(
+        worker("o1", 20, false, at(4)).await,
+        Heard::AfterStopping,
+        "a beat of the run that arrived after it said it stops"
+    );
+    assert_eq!(last().await, (r#"{"state":"draining"}"#.to_string(), at(3)));
+    assert_eq!(
+        worker("o1", 30, false, at(5)).await,
+        NO_DRAIN,
+        "the next run"
+    );
+    assert_eq!(last().await, (r#"{"state":"running"}"#.to_string(), at(5)));
+    assert_eq!(
+        worker("o1", 20, false, at(60)).await,
+        NO_DRAIN,
+        "an earlier run once the one recorded went silent (a clock set back)"
+    );
+    assert_eq!(last().await.1, at(60));
 }
 
 async fn members_are_listed_counted_and_forgotten(store: &dyn ControlStore) {
