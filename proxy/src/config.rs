@@ -468,11 +468,11 @@ fn net_list(name: &str, value: &str) -> Result<Vec<IpNet>, ConfigError> {
         .collect()
 }
 
-/// A network (`10.0.0.0/8`) or one address (`192.0.2.1`).
+/// A network (`10.0.0.0/8`) or one address (`192.0.2.1`), as client addresses are
+/// matched (see [`esper_protocol::parse_net`]).
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| "expected an address or a CIDR network such as 10.0.0.0/8".to_string())
+    esper_protocol::parse_net(s)
+        .ok_or_else(|| "expected an address or a CIDR network such as 10.0.0.0/8".to_string())
 }
 
 /// A comma-separated list, trimmed, empty items dropped, names lower-cased.

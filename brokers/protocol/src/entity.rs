@@ -173,6 +173,19 @@ fn named_value(rest: &str) -> Result<(String, String), EntityParseError> {
     }
 }
 
+/// An address (as a full-length network) or a CIDR network, truncated to its prefix, in
+/// the form client addresses are matched in: an IPv4 network written IPv4-mapped
+/// (`::ffff:192.0.2.0/120`) is the IPv4 one (`192.0.2.0/24`). Lists, allowlists and
+/// trusted proxies read their entries with it.
+pub fn parse_net(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    let net = match s.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => IpNet::from(s.parse::<IpAddr>().ok()?),
+    };
+    Some(canonical_net(net))
+}
+
 /// An IPv4 client seen through an IPv6 socket (`::ffff:192.0.2.1`) is the IPv4 client:
 /// keys name it one way, so allowlists, lookups and revocations find it.
 fn canonical_net(net: IpNet) -> IpNet {
@@ -454,6 +467,20 @@ mod tests {
             EntityKey::network(mapped, 120).unwrap().to_string(),
             "cidr:10.1.2.0/24"
         );
+    }
+
+    #[test]
+    fn list_entries_read_mapped_ipv4_as_ipv4() {
+        for (given, net) in [
+            ("::ffff:127.0.0.1", "127.0.0.1/32"),
+            (" ::ffff:192.0.2.0/120 ", "192.0.2.0/24"),
+            ("10.1.2.3/8", "10.0.0.0/8"),
+            ("2001:db8::1", "2001:db8::1/128"),
+            ("::ffff:0:0/80", "::/80"),
+        ] {
+            assert_eq!(super::parse_net(given).unwrap().to_string(), net, "{given}");
+        }
+        assert_eq!(super::parse_net("not-an-ip"), None);
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub use decision_log::{
     RevokedDecisions, record_in_halves,
 };
 pub use endpoints::{Endpoints, Instances};
-pub use entity::{EntityKey, EntityParseError, normalize_path, path_template, write_path_template};
+pub use entity::{
+    EntityKey, EntityParseError, normalize_path, parse_net, path_template, write_path_template,
+};
 pub use error::ApiErrorBody;
 pub use event::{
     CookieHash, EnforcedAction, RequestEvent, TlsInfo, cookie_hash, hash_cookie_value,

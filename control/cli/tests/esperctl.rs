@@ -574,6 +574,50 @@ async fn mitigations_queue_lists_and_decisions() {
             .starts_with("office  ip    3"),
         "{out:?}"
     );
+    // Nothing to store is refused, not taken as "empty the list"; `--empty` says so.
+    let out = s.ctl(&["lists", "set", "office"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("--empty"), "{out:?}");
+    let blank = s.file("blank.txt", "# nothing yet\n\n");
+    let out = s
+        .ctl(&["lists", "set", "office", "-f", blank.to_str().unwrap()])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    let out = s.ctl(&["lists", "show", "office"]).await;
+    assert!(out.stdout.contains("3 items"), "left as it was: {out:?}");
+    let out = s.ctl(&["lists", "set", "spare", "--empty"]).await;
+    assert_eq!(
+        out.stdout, "list spare stored (ip list, 0 items)\n",
+        "{out:?}"
+    );
+
+    // A string list keeps its kind when its items are replaced, and a `#` inside an item.
+    let agents = s.file("agents.txt", "# bad agents\nC# client\nfoo#bar\n");
+    let out = s
+        .ctl(&[
+            "lists",
+            "set",
+            "agents",
+            "--kind",
+            "string",
+            "-f",
+            agents.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(
+        out.stdout, "list agents stored (string list, 2 items)\n",
+        "{out:?}"
+    );
+    let out = s.ctl(&["lists", "show", "agents"]).await;
+    assert!(out.stdout.ends_with("\nC# client\nfoo#bar\n"), "{out:?}");
+    let out = s.ctl(&["lists", "set", "agents", "1.2.3.4"]).await;
+    assert_eq!(
+        out.stdout, "list agents stored (string list, 1 item)\n",
+        "{out:?}"
+    );
+    for name in ["agents", "spare"] {
+        assert_eq!(s.ctl(&["lists", "delete", name]).await.code, 0);
+    }
     let out = s.ctl(&["lists", "delete", "office"]).await;
     assert_eq!(out.stdout, "list office deleted\n");
 

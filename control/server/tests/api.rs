@@ -1113,10 +1113,11 @@ async fn the_allowlist_wins_over_manual_mitigations() {
     );
 
     // New bans on covered addresses, networks or tuples are refused with a reason.
-    for entity in [
-        "ip:192.0.2.9",
-        "cidr:192.0.0.0/16",
-        "tuple:ip:192.0.2.9+header:user-agent=curl",
+    for (entity, how) in [
+        ("ip:192.0.2.9", "is covered by"),
+        // Wider than the entry, it would still block the entry's addresses.
+        ("cidr:192.0.0.0/16", "would reach"),
+        ("tuple:ip:192.0.2.9+header:user-agent=curl", "is covered by"),
     ] {
         let (status, body) = s.post("/api/v1/mitigations", ban(entity)).await;
         assert_eq!(status, 409, "{entity}: {body}");
@@ -1125,7 +1126,7 @@ async fn the_allowlist_wins_over_manual_mitigations() {
             body["message"]
                 .as_str()
                 .unwrap()
-                .contains("covered by allowlist entry 192.0.2.0/24"),
+                .starts_with(&format!("{entity} {how} allowlist entry 192.0.2.0/24")),
             "{body}"
         );
     }
@@ -1139,6 +1140,17 @@ async fn the_allowlist_wins_over_manual_mitigations() {
         )
         .await;
     assert!(body.get("revoked").is_none(), "{body}");
+    // An entry written IPv4-mapped is the IPv4 address.
+    let (status, body) = s
+        .put(
+            "/api/v1/lists/allowlist",
+            json!({"kind": "ip", "items": ["192.0.2.0/24", "::ffff:198.51.100.7"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revoked"], json!([other["id"]]));
+    let (status, body) = s.post("/api/v1/mitigations", ban("ip:198.51.100.7")).await;
+    assert_eq!(status, 409, "{body}");
     s.stop().await;
 }
 

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnet::IpNet;
@@ -123,14 +122,7 @@ impl NamedList {
     }
 }
 
-/// An address (as a full-length network) or a CIDR network, truncated to its prefix.
-pub fn parse_net(s: &str) -> Option<IpNet> {
-    let s = s.trim();
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Some(net.trunc());
-    }
-    s.parse::<IpAddr>().ok().map(IpNet::from)
-}
+pub use esper_protocol::parse_net;
 
 /// The body of the control plane's `GET /api/v1/policies/active`: the enabled policies,
 /// every list, and the revision that changes whenever any of them does.

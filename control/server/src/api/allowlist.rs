@@ -43,12 +43,29 @@ pub fn covering(entity: &EntityKey, allow: &[IpNet]) -> Option<IpNet> {
     }
 }
 
+/// Whether every address `entity` names (in its IP part) is inside `entry`.
+fn within(entity: &EntityKey, entry: &IpNet) -> bool {
+    match entity {
+        EntityKey::Ip(ip) => entry.contains(ip),
+        EntityKey::Cidr(net) => entry.contains(net),
+        EntityKey::Tuple(parts) => parts.iter().any(|p| within(p, entry)),
+        _ => false,
+    }
+}
+
 /// Refuses a manual mitigation against an allowlisted entity.
 pub async fn check_manual(state: &AppState, entity: &EntityKey) -> Result<(), ApiError> {
     match covering(entity, &networks(state).await?) {
         Some(entry) => Err(ApiError::Conflict(format!(
-            "{entity} is covered by allowlist entry {entry}, and the allowlist wins over every \
-             mitigation; remove the entry first (esperctl lists) if the mitigation is meant"
+            "{entity} {} allowlist entry {entry}, and the allowlist wins over every \
+             mitigation; remove the entry first (esperctl lists) if the mitigation is meant",
+            // A network wider than the entry would block its addresses at the proxies,
+            // which enforce what they are sent and do not read this list.
+            if within(entity, &entry) {
+                "is covered by"
+            } else {
+                "would reach"
+            }
         ))),
         None => Ok(()),
     }
@@ -117,5 +134,23 @@ mod tests {
         assert!(covering(&key("cidr:198.51.100.0/24"), &allow).is_none());
         assert!(covering(&key("tuple:ip:192.0.2.9+header:x-api-key=k"), &allow).is_some());
         assert!(covering(&key("header:x-api-key=k"), &allow).is_none());
+        // Written IPv4-mapped, an entry is the IPv4 one.
+        let mapped = nets(&["::ffff:198.51.100.50", "::ffff:203.0.113.0/120"]);
+        assert!(covering(&key("ip:198.51.100.50"), &mapped).is_some());
+        assert!(covering(&key("ip:203.0.113.9"), &mapped).is_some());
+        assert!(covering(&key("ip:198.51.100.51"), &mapped).is_none());
+    }
+
+    #[test]
+    fn a_network_holding_an_entry_reaches_it_without_being_covered() {
+        let entry = nets(&["127.0.0.1"])[0];
+        assert!(within(&key("ip:127.0.0.1"), &entry));
+        assert!(!within(&key("cidr:127.0.0.0/8"), &entry));
+        let office = nets(&["192.0.2.0/24"])[0];
+        assert!(within(&key("cidr:192.0.2.128/25"), &office));
+        assert!(within(
+            &key("tuple:ip:192.0.2.9+header:x-api-key=k"),
+            &office
+        ));
     }
 }

@@ -188,6 +188,15 @@ impl ControlClient {
         self.send_text(Method::GET, path, None).await
     }
 
+    /// `GET path` as JSON; `None` when the server answers 404.
+    pub async fn get_optional(&self, path: &str) -> Result<Option<serde_json::Value>, CtlError> {
+        match self.send(Method::GET, path, None).await {
+            Ok(v) => Ok(Some(v)),
+            Err(CtlError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST path` with a JSON body, the answer as sent.
     pub async fn post<B: Serialize>(&self, path: &str, body: &B) -> Result<String, CtlError> {
         let v = serde_json::to_value(body).map_err(|e| CtlError::Input(e.to_string()))?;

@@ -23,9 +23,10 @@ pub async fn run(ctx: &Ctx, cmd: ListCmd) -> Result<(), CtlError> {
             listed,
             file,
             mut items,
+            empty,
         } => {
             items.extend(listed);
-            set(ctx, &name, &kind, file.as_deref(), items).await
+            set(ctx, &name, kind.as_deref(), file.as_deref(), items, empty).await
         }
         ListCmd::Delete { name } => delete(ctx, &name).await,
     }
@@ -35,11 +36,17 @@ fn count_items(n: usize) -> String {
     format!("{n} item{}", if n == 1 { "" } else { "s" })
 }
 
-/// Items of a list file: one per line, blank lines and `#` comments skipped.
-fn file_items(text: &str) -> Vec<String> {
+/// Items of a list file: one per line, blank lines and lines starting with `#` skipped.
+/// Addresses hold no `#`, so in an IP list one also starts a comment after an item; a
+/// string (a user agent, a hash) may hold one, so in a string list it is kept.
+fn file_items(text: &str, kind: ListKind) -> Vec<String> {
     text.lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
+        .map(|l| match kind {
+            ListKind::Ip => l.split('#').next().unwrap_or(""),
+            ListKind::String => l,
+        })
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(str::to_string)
         .collect()
 }
@@ -89,17 +96,40 @@ async fn show(ctx: &Ctx, name: &str) -> Result<(), CtlError> {
 async fn set(
     ctx: &Ctx,
     name: &str,
-    kind: &str,
+    kind: Option<&str>,
     file: Option<&Path>,
     items: Vec<String>,
+    empty: bool,
 ) -> Result<(), CtlError> {
-    let kind: ListKind = kind
-        .parse()
-        .map_err(|e: String| CtlError::Input(format!("--kind: {e}")))?;
+    let path = format!("/api/v1/lists/{}", segment(name));
+    let kind: ListKind = match kind {
+        Some(kind) => kind
+            .parse()
+            .map_err(|e: String| CtlError::Input(format!("--kind: {e}")))?,
+        // Replacing the items is not meant to change what the list is.
+        None => match ctx.client.get_optional(&path).await? {
+            Some(v) => {
+                let l: ListRecord = decode(&ctx.client, v)?;
+                l.kind
+                    .parse()
+                    .map_err(|e: String| CtlError::Input(format!("list {name}: {e}")))?
+            }
+            None => ListKind::Ip,
+        },
+    };
     let (items, source) = match file {
-        Some(f) => (file_items(&read_input(f)?), format!("{}: ", f.display())),
+        Some(f) => (
+            file_items(&read_input(f)?, kind),
+            format!("{}: ", f.display()),
+        ),
         None => (items, String::new()),
     };
+    if items.is_empty() && !empty {
+        return Err(CtlError::Input(format!(
+            "{source}no items to store in list {name}: give them, or pass --empty to store it \
+             with none"
+        )));
+    }
     let list = NamedList {
         name: name.to_string(),
         kind,
@@ -111,7 +141,7 @@ async fn set(
         .client
         .send_text(
             Method::PUT,
-            &format!("/api/v1/lists/{}", segment(name)),
+            &path,
             Some(Body::Json(
                 json!({"kind": kind.to_string(), "items": list.items}),
             )),
@@ -149,9 +179,26 @@ async fn delete(ctx: &Ctx, name: &str) -> Result<(), CtlError> {
 
 #[cfg(test)]
 mod tests {
+    use esper_engine::policy::ListKind;
+
     #[test]
     fn list_files_skip_comments_and_blanks() {
-        let items = super::file_items("# office\n10.0.0.0/8\n\n 192.0.2.1  # vpn\n");
+        let items = super::file_items(
+            "# office\n10.0.0.0/8\n\n 192.0.2.1  # vpn\n  # indented\n",
+            ListKind::Ip,
+        );
         assert_eq!(items, ["10.0.0.0/8", "192.0.2.1"]);
+    }
+
+    #[test]
+    fn a_string_list_keeps_a_hash_inside_an_item() {
+        let items = super::file_items(
+            "# agents\nC# client\n Mozilla/5.0 (compatible; #1) \n#gone\nfoo#bar\n",
+            ListKind::String,
+        );
+        assert_eq!(
+            items,
+            ["C# client", "Mozilla/5.0 (compatible; #1)", "foo#bar"]
+        );
     }
 }

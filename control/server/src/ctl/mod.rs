@@ -237,18 +237,25 @@ pub enum ListCmd {
     /// Creates or replaces a list.
     Set {
         name: String,
-        /// `ip` (addresses and CIDR networks) or `string`.
-        #[arg(long, default_value = "ip")]
-        kind: String,
+        /// `ip` (addresses and CIDR networks) or `string`. Without it, a list that exists
+        /// keeps its kind, and a new one is an `ip` list.
+        #[arg(long)]
+        kind: Option<String>,
         /// The items: addresses and networks, or strings.
         #[arg(value_name = "ITEM", conflicts_with = "file")]
         listed: Vec<String>,
-        /// One item per line; blank lines and `#` comments are skipped (`-` for stdin).
+        /// One item per line (`-` for stdin). Blank lines and lines starting with `#`
+        /// are skipped; in an `ip` list, `#` after an item starts a comment too (in a
+        /// `string` list it is part of the item).
         #[arg(short = 'f', long = "file", conflicts_with = "items")]
         file: Option<PathBuf>,
         /// An item (repeat for several; the same as listing it after NAME).
         #[arg(long = "item", value_name = "ITEM")]
         items: Vec<String>,
+        /// Stores the list with no items. Without it, a set that would leave the list
+        /// empty (no items given, or a file with none) is refused.
+        #[arg(long, conflicts_with_all = ["listed", "items", "file"])]
+        empty: bool,
     },
     /// Deletes a list no policy refers to.
     Delete { name: String },
