@@ -52,15 +52,24 @@ pub fn check_time(field: &str, t: &DateTime<Utc>) -> Result<(), String> {
 pub const MAX_CHALLENGE_DIFFICULTY: u8 = 24;
 /// Longest tarpit delay a mitigation may ask for (proxies may cap it lower).
 pub const MAX_TARPIT_MS: u64 = 60_000;
+/// Highest throttle rate, requests per second.
+pub const MAX_THROTTLE_RATE: f64 = 1e12;
+/// Largest throttle burst.
+pub const MAX_THROTTLE_BURST: u32 = 1_000_000;
 
 impl Action {
     /// Why the action cannot be enforced as given: every publisher (the engine, the
     /// control plane, the broker's API) refuses the same parameters.
     pub fn check(&self) -> Result<(), String> {
         match *self {
-            Action::Throttle { rate, burst } if !(rate.is_finite() && rate > 0.0) || burst == 0 => {
+            Action::Throttle { rate, burst }
+                if !(rate > 0.0
+                    && rate <= MAX_THROTTLE_RATE
+                    && (1..=MAX_THROTTLE_BURST).contains(&burst)) =>
+            {
                 Err(format!(
-                    "throttle rate {rate} must be above 0 and burst {burst} at least 1"
+                    "throttle rate {rate} must be above 0 (at most {MAX_THROTTLE_RATE:e}) and \
+                     burst {burst} 1 to {MAX_THROTTLE_BURST}"
                 ))
             }
             Action::Tarpit { delay_ms } if delay_ms == 0 || delay_ms > MAX_TARPIT_MS => Err(

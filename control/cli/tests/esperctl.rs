@@ -297,6 +297,74 @@ async fn errors_are_one_line_with_the_right_exit_code() {
         out.stderr,
         "esperctl: 404 not_found: no worker `nobody` has sent a heartbeat\n"
     );
+
+    // A throttle is held to the bounds every publisher checks.
+    for (rate, burst) in [("5", "2000000"), ("1e300", "10"), ("0", "1")] {
+        let out = s
+            .ctl(&[
+                "mitigations",
+                "add",
+                "ip:1.2.3.4",
+                "--action",
+                "throttle",
+                "--rate",
+                rate,
+                "--burst",
+                burst,
+            ])
+            .await;
+        assert_eq!(out.code, 2, "{rate}/{burst}: {out:?}");
+        assert!(out.stderr.starts_with("esperctl: --rate "), "{out:?}");
+    }
+    // An empty name names nothing: refused before any request.
+    for args in [
+        &["policies", "show", ""][..],
+        &["lists", "delete", " "],
+        &["tokens", "revoke", ""],
+        &["workers", "drain", ""],
+        &["mitigations", "revoke", ""],
+        &["mitigations", "show", ""],
+    ] {
+        let out = s.ctl(args).await;
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("must not be empty"),
+            "{args:?}: {out:?}"
+        );
+    }
+    // A reference not found is an error in JSON output too.
+    let out = s
+        .ctl(&["-o", "json", "mitigations", "show", "a13d4656"])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("404 not_found"), "{out:?}");
+    // Both inputs of a test cannot come from stdin; a file of no policies tests nothing.
+    let out = s
+        .ctl(&["policies", "test", "-f", "-", "--events", "-"])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("cannot both read stdin"), "{out:?}");
+    let events = s.file("events.jsonl", "");
+    let out = s
+        .ctl(&[
+            "policies",
+            "test",
+            "-f",
+            empty.to_str().unwrap(),
+            "--events",
+            events.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.ends_with("nothing to test\n"), "{out:?}");
+    // A token a header cannot carry is the caller's mistake, not an unreachable server.
+    let out = run(&s.api, Some("bad\ntoken"), &["status"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("a line break?"), "{out:?}");
+    let with_user = s.api.replacen("http://", "http://user:pw@", 1);
+    let out = run(&with_user, Some(TOKEN), &["status"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("carries credentials"), "{out:?}");
 }
 
 #[tokio::test]

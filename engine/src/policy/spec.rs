@@ -18,9 +18,10 @@ pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// Longest accepted tarpit `delay` (a held connection costs the proxy a socket).
 pub const MAX_DELAY: Duration = Duration::from_millis(esper_protocol::MAX_TARPIT_MS);
-/// Largest accepted `threshold`, `rate` and `burst`.
+/// Largest accepted `threshold` and `rate`.
 pub const MAX_COUNT: f64 = 1e12;
-pub const MAX_BURST: u32 = 1_000_000;
+/// Largest accepted `burst`: the bound every publisher of a throttle checks.
+pub const MAX_BURST: u32 = esper_protocol::mitigation::MAX_THROTTLE_BURST;
 /// Longest policy and list id.
 pub const MAX_ID_LEN: usize = 64;
 
@@ -429,7 +430,9 @@ pub(super) fn check_action(
             (true, Some(rate)) if !(rate.is_finite() && rate > 0.0 && rate <= MAX_COUNT) => {
                 return Err(field(
                     "rate",
-                    &format!("rate {rate} must be above 0 requests per second"),
+                    &format!(
+                        "rate {rate} must be above 0 requests per second (at most {MAX_COUNT:e})"
+                    ),
                 ));
             }
             (false, Some(_)) => {

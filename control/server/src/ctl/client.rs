@@ -76,16 +76,37 @@ impl ControlClient {
                 "--server `{server}` is not an http:// or https:// URL"
             )));
         }
+        // Paths are appended to the base: credentials, a query or a fragment in it would
+        // be dropped or end up in the middle of every URL.
+        let url = reqwest::Url::parse(&base)
+            .map_err(|e| CtlError::Input(format!("--server `{server}`: {e}")))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(CtlError::Input(format!(
+                "--server `{}` carries credentials; give the token with ESPER_TOKEN or --token",
+                url.host_str().unwrap_or_default()
+            )));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(CtlError::Input(format!(
+                "--server `{server}` has a query or fragment; give the server's base URL"
+            )));
+        }
+        let token = token.filter(|t| !t.trim().is_empty());
+        if let Some(t) = &token
+            && reqwest::header::HeaderValue::from_str(t).is_err()
+        {
+            return Err(CtlError::Input(
+                "the token holds characters a header cannot carry (a line break?); check \
+                 ESPER_TOKEN, --token or the token file"
+                    .into(),
+            ));
+        }
         let http = reqwest::Client::builder()
             .timeout(TIMEOUT)
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| CtlError::Input(format!("cannot set up the HTTP client: {e}")))?;
-        Ok(ControlClient {
-            base,
-            token: token.filter(|t| !t.trim().is_empty()),
-            http,
-        })
+        Ok(ControlClient { base, token, http })
     }
 
     /// Also trusts the CA certificates in PEM file `path` (for a control plane serving a

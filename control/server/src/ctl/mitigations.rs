@@ -3,8 +3,10 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use esper_protocol::mitigation::{MitigationList, RevokeResponse};
-use esper_protocol::{EntityKey, MAX_CHALLENGE_DIFFICULTY, MAX_TARPIT_MS, Mitigation};
+use esper_protocol::mitigation::{
+    MAX_THROTTLE_BURST, MAX_THROTTLE_RATE, MitigationList, RevokeResponse,
+};
+use esper_protocol::{Action, EntityKey, MAX_CHALLENGE_DIFFICULTY, MAX_TARPIT_MS, Mitigation};
 use serde_json::json;
 
 use super::client::{decode, segment};
@@ -72,10 +74,19 @@ fn action_json(
             }
         },
         ActionArg::Throttle => {
-            let Some(rate) = rate.filter(|r| r.is_finite() && *r > 0.0) else {
+            let Some(rate) = rate else {
                 return input("--action throttle needs --rate (requests per second, above 0)");
             };
-            let burst = burst.unwrap_or(rate.ceil().max(1.0) as u32);
+            let burst =
+                burst.unwrap_or(rate.ceil().clamp(1.0, f64::from(MAX_THROTTLE_BURST)) as u32);
+            let action = Action::Throttle { rate, burst };
+            // The server checks it too; refused here, the message names the flags.
+            if action.check().is_err() {
+                return input(&format!(
+                    "--rate {rate} must be above 0 (at most {MAX_THROTTLE_RATE:e}) and --burst \
+                     {burst} 1 to {MAX_THROTTLE_BURST}"
+                ));
+            }
             json!({"type": "throttle", "rate": rate, "burst": burst})
         }
         ActionArg::Tarpit => {
@@ -154,6 +165,11 @@ fn measured(d: &esper_protocol::Decision) -> String {
 
 /// One decision in full: what a block page's reference leads to.
 async fn show_reference(ctx: &Ctx, reference: &str) -> Result<(), CtlError> {
+    if reference.is_empty() {
+        return Err(CtlError::Input(
+            "give an entity (kind:value, e.g. ip:203.0.113.7) or a decision's reference".into(),
+        ));
+    }
     let v = ctx
         .client
         .get(&format!(
@@ -161,17 +177,24 @@ async fn show_reference(ctx: &Ctx, reference: &str) -> Result<(), CtlError> {
             segment(reference)
         ))
         .await?;
-    ctx.emit(v, |v| {
-        let r: crate::types::DecisionsResponse = decode(&ctx.client, v)?;
-        let Some(logged) = r.decisions.into_iter().next() else {
-            return Err(CtlError::Api {
-                status: 404,
-                code: "not_found".into(),
-                message: format!(
-                    "no decision with reference `{reference}` (an entity is written kind:value, e.g. ip:203.0.113.7)"
-                ),
-            });
-        };
+    // Not found is an error in every output format, so a script sees a mistyped reference.
+    let found: crate::types::DecisionsResponse = decode(
+        &ctx.client,
+        serde_json::from_str(&v).map_err(|e| CtlError::Decode {
+            url: ctx.client.server().to_string(),
+            message: e.to_string(),
+        })?,
+    )?;
+    let Some(logged) = found.decisions.into_iter().next() else {
+        return Err(CtlError::Api {
+            status: 404,
+            code: "not_found".into(),
+            message: format!(
+                "no decision with reference `{reference}` (an entity is written kind:value, e.g. ip:203.0.113.7)"
+            ),
+        });
+    };
+    ctx.emit(v, |_| {
         let d = logged.decision;
         let m = &d.mitigation;
         let policy = match (&d.policy_id, d.policy_version) {
@@ -200,7 +223,10 @@ async fn show_reference(ctx: &Ctx, reference: &str) -> Result<(), CtlError> {
             ("policy", policy),
             ("why", m.reason.summary.clone()),
             ("counted", counted),
-            ("decided", format!("{} by {}", rfc3339(d.decided_at), d.decided_by)),
+            (
+                "decided",
+                format!("{} by {}", rfc3339(d.decided_at), d.decided_by),
+            ),
             ("expires", rfc3339(m.expires_at)),
             ("revoked", revoked),
         ] {

@@ -90,7 +90,10 @@ pub enum PolicyCmd {
     /// Every policy with its version and state.
     List,
     /// One policy as TOML (ready to edit and apply).
-    Show { id: String },
+    Show {
+        #[arg(value_parser = non_empty)]
+        id: String,
+    },
     /// Validates a policy file locally, then applies every policy in it.
     Apply {
         /// A TOML file of [[policy]] tables (`-` for stdin).
@@ -112,17 +115,35 @@ pub enum PolicyCmd {
         events: PathBuf,
     },
     /// Starts evaluating a policy.
-    Enable { id: String },
+    Enable {
+        #[arg(value_parser = non_empty)]
+        id: String,
+    },
     /// Stops evaluating a policy (it stays stored).
-    Disable { id: String },
+    Disable {
+        #[arg(value_parser = non_empty)]
+        id: String,
+    },
     /// Records what a policy decides without enforcing it.
-    Shadow { id: String },
+    Shadow {
+        #[arg(value_parser = non_empty)]
+        id: String,
+    },
     /// Enforces what a policy decides.
-    Enforce { id: String },
+    Enforce {
+        #[arg(value_parser = non_empty)]
+        id: String,
+    },
     /// Deletes a policy (its history stays).
-    Delete { id: String },
+    Delete {
+        #[arg(value_parser = non_empty)]
+        id: String,
+    },
     /// Every version of a policy.
-    History { id: String },
+    History {
+        #[arg(value_parser = non_empty)]
+        id: String,
+    },
 }
 
 /// Actions of a manual mitigation.
@@ -148,11 +169,12 @@ pub enum MitigationCmd {
     Show {
         /// `ip:203.0.113.7`, `cidr:203.0.113.0/24`, `header:NAME=VALUE`, `cookie:NAME=HASH`
         /// (the first 16 hex digits of the value's SHA-256), ..., or a reference
-        #[arg(value_name = "ENTITY|REFERENCE")]
+        #[arg(value_name = "ENTITY|REFERENCE", value_parser = non_empty)]
         entity: String,
     },
     /// Publishes a manual mitigation.
     Add {
+        #[arg(value_parser = non_empty)]
         entity: String,
         #[arg(long, value_enum, default_value_t = ActionArg::Block)]
         action: ActionArg,
@@ -180,8 +202,9 @@ pub enum MitigationCmd {
     },
     /// Revokes a mitigation by id, or every mitigation of an entity.
     Revoke {
+        #[arg(value_parser = non_empty)]
         id: Option<String>,
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         entity: Option<String>,
     },
 }
@@ -191,7 +214,8 @@ pub enum MitigationCmd {
 pub enum QueueCmd {
     /// Depth, leases, consumers.
     Status,
-    /// Refuses new events (the proxies drop and count them) until resumed.
+    /// Refuses new events until resumed: a proxy retries a refused batch for a few
+    /// seconds, then drops it and counts it as dropped.
     Pause,
     /// Accepts events again.
     Resume,
@@ -206,6 +230,7 @@ pub enum WorkerCmd {
     /// batches in hand and exit.
     Drain {
         /// The worker's id (`esperctl workers list`).
+        #[arg(value_parser = non_empty)]
         id: String,
     },
 }
@@ -233,9 +258,13 @@ pub enum ListCmd {
     /// Every list with its size.
     List,
     /// One list's items.
-    Show { name: String },
+    Show {
+        #[arg(value_parser = non_empty)]
+        name: String,
+    },
     /// Creates or replaces a list.
     Set {
+        #[arg(value_parser = non_empty)]
         name: String,
         /// `ip` (addresses and CIDR networks) or `string`. Without it, a list that exists
         /// keeps its kind, and a new one is an `ip` list.
@@ -258,7 +287,10 @@ pub enum ListCmd {
         empty: bool,
     },
     /// Deletes a list no policy refers to.
-    Delete { name: String },
+    Delete {
+        #[arg(value_parser = non_empty)]
+        name: String,
+    },
 }
 
 /// A token's role.
@@ -290,13 +322,17 @@ pub enum TokenCmd {
     /// Creates a token and prints it, once.
     Create {
         /// Letters, digits, `.`, `_`, `-`; what the token's calls are recorded under.
+        #[arg(value_parser = non_empty)]
         name: String,
         /// What it may call.
         #[arg(long, value_enum)]
         role: RoleArg,
     },
     /// Revokes a token: its next request is refused.
-    Revoke { name: String },
+    Revoke {
+        #[arg(value_parser = non_empty)]
+        name: String,
+    },
 }
 
 /// `esperctl decisions ...`
@@ -397,6 +433,15 @@ async fn dispatch(args: CtlArgs) -> Result<(), CtlError> {
 }
 
 /// Reads a file named on the command line (`-` is stdin); errors are input errors.
+/// An id, name or key given on the command line: an empty one names nothing, and would
+/// reach the server as another path or no filter at all.
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(s.to_string())
+}
+
 fn read_input(path: &std::path::Path) -> Result<String, CtlError> {
     if path.as_os_str() == "-" {
         let mut s = String::new();

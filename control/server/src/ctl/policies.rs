@@ -183,7 +183,19 @@ async fn history(ctx: &Ctx, id: &str) -> Result<(), CtlError> {
 
 /// `esperctl policies test -f FILE --events EVENTS.jsonl`
 async fn test(ctx: &Ctx, file: &Path, events: &Path) -> Result<(), CtlError> {
+    // The first read would take all of stdin, and the second find nothing.
+    if file.as_os_str() == "-" && events.as_os_str() == "-" {
+        return Err(CtlError::Input(
+            "-f and --events cannot both read stdin; give one of them as a file".into(),
+        ));
+    }
     let (_, specs) = load_specs(file)?;
+    if specs.is_empty() {
+        return Err(CtlError::Input(format!(
+            "{}: no [[policy]] tables: nothing to test",
+            file.display()
+        )));
+    }
     let text = read_input(events)?;
     let events =
         read_events(&text).map_err(|e| CtlError::Input(format!("{}: {e}", events.display())))?;
