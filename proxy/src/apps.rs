@@ -36,7 +36,7 @@ pub struct App {
     pub sample_rate: f64,
     pub templates: Templates,
     tls: bool,
-    connect_timeout: Duration,
+    timeouts: Timeouts,
     windows: ReuseWindows,
     pool: LoadBalancer<RoundRobin>,
     upstreams: usize,
@@ -217,8 +217,17 @@ impl Checked {
 pub struct Shared {
     pub sample_rate: f64,
     pub templates_dir: Option<std::path::PathBuf>,
-    pub connect_timeout: Duration,
+    pub timeouts: Timeouts,
     pub idle_timeout: Duration,
+}
+
+/// How long the proxy waits on an upstream: to connect, and between reads and writes
+/// (zero: no limit).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
 }
 
 impl App {
@@ -249,7 +258,7 @@ impl App {
         }
         let upstreams = backends.len();
         let only = match backends.first() {
-            Some(b) if upstreams == 1 => peer_of(b, cfg.upstream_tls, shared.connect_timeout),
+            Some(b) if upstreams == 1 => peer_of(b, cfg.upstream_tls, shared.timeouts),
             _ => None,
         };
         let checked = (cfg.health_check != "none").then(|| {
@@ -287,7 +296,7 @@ impl App {
             sample_rate: cfg.sample_rate.unwrap_or(shared.sample_rate),
             templates,
             tls: cfg.upstream_tls,
-            connect_timeout: shared.connect_timeout,
+            timeouts: shared.timeouts,
             windows: ReuseWindows::new(shared.idle_timeout),
             pool,
             upstreams,
@@ -355,12 +364,12 @@ impl App {
                 self.pool
                     .select_with(b"", self.upstreams.max(1), |_, _| true)
             })?;
-        peer_of(&b, self.tls, self.connect_timeout)
+        peer_of(&b, self.tls, self.timeouts)
     }
 }
 
 /// The peer Pingora connects to for backend `b`.
-fn peer_of(b: &Backend, tls: bool, connect_timeout: Duration) -> Option<HttpPeer> {
+fn peer_of(b: &Backend, tls: bool, timeouts: Timeouts) -> Option<HttpPeer> {
     let sni = if tls {
         b.ext
             .get::<UpstreamHost>()
@@ -370,7 +379,10 @@ fn peer_of(b: &Backend, tls: bool, connect_timeout: Duration) -> Option<HttpPeer
         String::new()
     };
     let mut peer = HttpPeer::new(*b.addr.as_inet()?, tls, sni);
-    peer.options.connection_timeout = Some(connect_timeout);
+    peer.options.connection_timeout = Some(timeouts.connect);
+    let limit = |d: Duration| (!d.is_zero()).then_some(d);
+    peer.options.read_timeout = limit(timeouts.read);
+    peer.options.write_timeout = limit(timeouts.write);
     Some(peer)
 }
 

@@ -125,6 +125,10 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default timeout for connecting to the upstream.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default longest wait for the upstream between two reads of its answer (nginx's
+/// `proxy_read_timeout`), and for it to take what is written to it (`proxy_send_timeout`).
+pub const DEFAULT_UPSTREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_UPSTREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time an idle upstream connection stays in the keep-alive pool.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default interval between resolutions of upstream host names.
@@ -228,6 +232,17 @@ pub struct Config {
     /// Timeout for connecting to the upstream (`ESPER_UPSTREAM_CONNECT_TIMEOUT`).
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
+    /// Longest wait for the next bytes of the upstream's answer, its header or a chunk of
+    /// its body; past it the client gets a 504 (or, mid-body, the connection is closed)
+    /// and the upstream connection is dropped. 0: no limit, for apps that hold a
+    /// response open without sending (server-sent events without keep-alive comments)
+    /// (`ESPER_UPSTREAM_READ_TIMEOUT`).
+    #[serde(with = "humantime_serde")]
+    pub upstream_read_timeout: Duration,
+    /// Longest wait for the upstream to take the request's next bytes; 0: no limit
+    /// (`ESPER_UPSTREAM_WRITE_TIMEOUT`).
+    #[serde(with = "humantime_serde")]
+    pub upstream_write_timeout: Duration,
     /// Longest time an upstream connection sits idle and is still reused
     /// (`ESPER_UPSTREAM_IDLE_TIMEOUT`). Shorter than the upstream's own keep-alive
     /// timeout, it keeps requests off connections the upstream is closing (a request
@@ -410,6 +425,8 @@ impl Default for Config {
             upstream: String::new(),
             upstream_tls: false,
             upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+            upstream_read_timeout: DEFAULT_UPSTREAM_READ_TIMEOUT,
+            upstream_write_timeout: DEFAULT_UPSTREAM_WRITE_TIMEOUT,
             upstream_idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             upstream_resolve_interval: DEFAULT_UPSTREAM_RESOLVE_INTERVAL,
             app: DEFAULT_APP.to_string(),
@@ -497,6 +514,16 @@ impl Config {
             &["ESPER_UPSTREAM_CONNECT_TIMEOUT"],
             secs,
             &mut self.upstream_connect_timeout,
+        )?;
+        vars.duration(
+            &["ESPER_UPSTREAM_READ_TIMEOUT"],
+            secs,
+            &mut self.upstream_read_timeout,
+        )?;
+        vars.duration(
+            &["ESPER_UPSTREAM_WRITE_TIMEOUT"],
+            secs,
+            &mut self.upstream_write_timeout,
         )?;
         vars.duration(
             &["ESPER_UPSTREAM_RESOLVE_INTERVAL"],
@@ -686,6 +713,8 @@ impl Config {
             ("drain_timeout", self.drain_timeout),
             ("tarpit_max", self.tarpit_max),
             ("upstream_connect_timeout", self.upstream_connect_timeout),
+            ("upstream_read_timeout", self.upstream_read_timeout),
+            ("upstream_write_timeout", self.upstream_write_timeout),
             ("upstream_idle_timeout", self.upstream_idle_timeout),
             ("upstream_resolve_interval", self.upstream_resolve_interval),
             ("challenge_ttl", self.challenge_ttl),

@@ -402,6 +402,8 @@ const RELOADED: &[&str] = &[
     "upstream",
     "upstream_tls",
     "upstream_connect_timeout",
+    "upstream_read_timeout",
+    "upstream_write_timeout",
     "upstream_idle_timeout",
     "app",
     "sample_rate",

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use esper_common::config::ConfigError;
 
-use crate::apps::{App, HealthKeeper, Router, Shared};
+use crate::apps::{App, HealthKeeper, Router, Shared, Timeouts};
 use crate::clientip::{Networks, Paths};
 use crate::config::Config;
 use crate::respond::Templates;
@@ -88,7 +88,11 @@ impl Live {
         let shared = Shared {
             sample_rate: config.sample_rate,
             templates_dir: config.templates_dir.clone(),
-            connect_timeout: config.upstream_connect_timeout,
+            timeouts: Timeouts {
+                connect: config.upstream_connect_timeout,
+                read: config.upstream_read_timeout,
+                write: config.upstream_write_timeout,
+            },
             idle_timeout: config.upstream_idle_timeout,
         };
         let mut apps = Vec::new();

@@ -111,6 +111,72 @@ async fn an_unreachable_upstream_is_a_502() {
     proxy.stop().await.unwrap();
 }
 
+/// An upstream that takes requests and answers the first after `delay`, or never.
+async fn slow_upstream(delay: Option<Duration>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let Some(delay) = delay else {
+                    // Holds the connection open, silent.
+                    let _ = conn.read(&mut buf).await;
+                    return;
+                };
+                tokio::time::sleep(delay).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")
+                    .await;
+                let _ = conn.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstream_that_does_not_answer_is_a_504_after_the_read_timeout() {
+    assert_eq!(
+        esper_proxy::Config::default().upstream_read_timeout,
+        Duration::from_secs(60),
+        "nginx's proxy_read_timeout"
+    );
+    let silent = slow_upstream(None).await;
+    let mut cfg = config(silent, &dead_url(), &dead_url());
+    cfg.upstream_read_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(cfg).await;
+    let client = client_from("127.0.0.1");
+    let started = Instant::now();
+    let resp = client
+        .get(format!("{}/", proxy.url))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "gateway_timeout", "{body}");
+    proxy.stop().await.unwrap();
+
+    // One slower than the default would allow but within its own timeout is answered.
+    let slow = slow_upstream(Some(Duration::from_millis(200))).await;
+    let mut cfg = config(slow, &dead_url(), &dead_url());
+    cfg.upstream_read_timeout = Duration::from_secs(5);
+    let proxy = start_proxy(cfg).await;
+    let resp = client.get(format!("{}/", proxy.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "slow");
+    proxy.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn brokers_down_still_serves_and_counts_drops() {
     let up = upstream().await;
