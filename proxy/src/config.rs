@@ -338,6 +338,7 @@ pub struct Config {
     /// Networks of proxies and load balancers in front whose `real_ip_header` is
     /// believed: the client is the rightmost address in it that is not one of them. Empty: the connection's address is the client
     /// (`ESPER_TRUSTED_PROXIES`, comma separated; `--trusted-proxy`, repeatable).
+    #[serde(with = "nets")]
     pub trusted_proxies: Vec<IpNet>,
     /// Which header the trusted proxies name the client in: `x-forwarded-for` (default)
     /// or `forwarded`; the other is not read (`ESPER_REAL_IP_HEADER`, `--real-ip-header`).
@@ -372,6 +373,7 @@ pub struct Config {
     /// (`ESPER_PROXY_PROTOCOL`, `--proxy-protocol`).
     pub proxy_protocol: bool,
     /// Client networks that bypass every mitigation (`ESPER_ALLOW_IPS`, comma separated).
+    #[serde(with = "nets")]
     pub allow_ips: Vec<IpNet>,
     /// Paths that bypass every mitigation: exact, or a prefix with a trailing `*`, such
     /// as `/healthz` or `/.well-known/*` (`ESPER_ALLOW_PATHS`, comma separated).
@@ -490,6 +492,27 @@ fn net_list(name: &str, value: &str) -> Result<Vec<IpNet>, ConfigError> {
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     esper_protocol::parse_net(s)
         .ok_or_else(|| "expected an address or a CIDR network such as 10.0.0.0/8".to_string())
+}
+
+/// Networks in a file or a control-plane document, read as in the environment: a bare
+/// address is a /32 or /128 (serde's own `IpNet` wants a prefix length).
+mod nets {
+    use ipnet::IpNet;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        nets.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| {
+                super::parse_net(s.trim())
+                    .map_err(|reason| serde::de::Error::custom(format!("`{s}`: {reason}")))
+            })
+            .collect()
+    }
 }
 
 /// A comma-separated list, trimmed, empty items dropped, names lower-cased.
@@ -1313,6 +1336,28 @@ mod tests {
             "{err}"
         );
         assert!(toml::from_str::<Config>("real_ip_header = \"x-real-ip\"").is_err());
+    }
+
+    #[test]
+    fn networks_in_a_file_may_be_bare_addresses() {
+        let cfg: Config = toml::from_str(
+            "allow_ips = [\"127.0.0.10\", \"10.0.0.0/8\", \"::ffff:192.0.2.1\"]\n\
+             trusted_proxies = [\"192.0.2.7\"]",
+        )
+        .unwrap();
+        let shown: Vec<String> = cfg.allow_ips.iter().map(|n| n.to_string()).collect();
+        assert_eq!(shown, ["127.0.0.10/32", "10.0.0.0/8", "192.0.2.1/32"]);
+        assert_eq!(cfg.trusted_proxies[0].to_string(), "192.0.2.7/32");
+        let err = toml::from_str::<Config>("allow_ips = [\"10.0.0.0/8\", \"office\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`office`") && err.contains("allow_ips"),
+            "{err}"
+        );
+        // Written back as networks, read again the same.
+        let again: Config = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(again.allow_ips, cfg.allow_ips);
     }
 
     #[test]

@@ -376,6 +376,58 @@ fn request_host(req: &pingora::http::RequestHeader) -> &str {
         .unwrap_or("")
 }
 
+/// Why a request that Pingora parsed is still no request to forward (RFC 9112 §3.2,
+/// §3.2.1), as nginx refuses it: an HTTP/1.1 request needs a Host, a Host must be a
+/// host and port, and a target must be a path (or `*` for `OPTIONS`).
+fn malformed(req: &pingora::http::RequestHeader, host: &str) -> Option<&'static str> {
+    if host.is_empty() {
+        // HTTP/1.0 clients may send none; the default app takes them.
+        if req.version >= http::Version::HTTP_11 && req.headers.get(header::HOST).is_none() {
+            return Some("The request has no Host header.");
+        }
+    } else if !host.bytes().all(|b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b':'
+                    | b'['
+                    | b']'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            )
+    }) {
+        return Some("The request's Host header is not a host name.");
+    }
+    // Pingora keeps a target that is not a path as it came (for the wire), and roots
+    // `uri` at `/`: the raw target says which it was.
+    let target = req.raw_path();
+    let absolute = |scheme: &[u8]| {
+        target.len() > scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme)
+    };
+    let fits = match target.first() {
+        Some(b'/') => true,
+        Some(b'*') => target == b"*" && req.method == http::Method::OPTIONS,
+        _ => absolute(b"http://") || absolute(b"https://"),
+    };
+    if !fits {
+        return Some("The request's target is not a path.");
+    }
+    None
+}
+
 /// The error is the downstream connection ending under the request.
 /// The status of the answer to a request that could not be proxied, as Pingora's own
 /// `fail_to_proxy` chooses it, except that an upstream timing out is a 504; 0 when the
@@ -756,9 +808,21 @@ impl ProxyHttp for EsperProxy {
                 clientip::told_scheme(peer, &req.headers, &live.trusted, live.real_ip_header);
         }
         let path = req.uri.path();
+        let host = request_host(req);
+        if let Some(why) = malformed(req, host) {
+            self.answer(
+                session,
+                ctx,
+                &live.templates,
+                LocalAnswer::bad_request(why),
+                None,
+            )
+            .await?;
+            return Ok(true);
+        }
         // Routed as the upstream will resolve the path: `/api/../admin` is `/admin`'s.
         let routed = esper_protocol::normalize_path(path);
-        let routed = live.router.route(request_host(req), &routed).cloned();
+        let routed = live.router.route(host, &routed).cloned();
         if path == CHALLENGE_PATH {
             // Puzzles are answered here on every host, whatever path prefixes its apps
             // route: a host served only under `/api` must not turn a challenge into a

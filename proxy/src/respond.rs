@@ -126,6 +126,14 @@ impl LocalAnswer {
         }
     }
 
+    /// A 400 for a request no upstream should be sent, saying why.
+    pub fn bad_request(message: &'static str) -> LocalAnswer {
+        LocalAnswer {
+            message,
+            ..LocalAnswer::failure(400)
+        }
+    }
+
     /// The answer when a request could not be proxied, for `status` (400, 500, 502 or
     /// 504).
     pub fn failure(status: u16) -> LocalAnswer {

@@ -109,6 +109,48 @@ async fn raw_request(proxy: std::net::SocketAddr, path: &str, host: &str) -> Str
 }
 
 #[tokio::test]
+async fn requests_without_a_host_or_a_path_are_refused_with_a_400() {
+    let shop = named_upstream("shop").await;
+    // One app for every host (a sidecar's): nothing would otherwise stop these.
+    let cfg = multi(
+        vec![app("shop", &[], "/", &[shop.addr])],
+        &dead_url(),
+        &dead_url(),
+    );
+    let proxy = start_proxy(cfg).await;
+    let addr = proxy.handle().traffic_addr();
+    for (request, why) in [
+        ("GET / HTTP/1.1\r\n", "no Host header"),
+        ("GET / HTTP/1.1\r\nHost: a b\r\n", "not a host name"),
+        ("GET admin HTTP/1.1\r\nHost: shop.example\r\n", "not a path"),
+        ("GET * HTTP/1.1\r\nHost: shop.example\r\n", "not a path"),
+    ] {
+        let answer = support::exchange(
+            addr,
+            &format!("{request}Accept: application/json\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{request:?}: {answer}");
+        assert!(answer.contains("\"bad_request\""), "{request:?}: {answer}");
+        assert!(answer.contains(why), "{request:?}: {answer}");
+    }
+    assert_eq!(shop.hits(), 0, "none reached the app");
+    for request in [
+        "OPTIONS * HTTP/1.1\r\nHost: shop.example\r\n",
+        // HTTP/1.0 needs no Host; an empty one is allowed too.
+        "GET /old HTTP/1.0\r\n",
+        "GET /empty HTTP/1.1\r\nHost:\r\n",
+        "GET /v6 HTTP/1.1\r\nHost: [2001:db8::1]:8080\r\n",
+        "GET http://shop.example/abs HTTP/1.1\r\nHost: shop.example\r\n",
+    ] {
+        let answer = support::exchange(addr, &format!("{request}Connection: close\r\n\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{request:?}: {answer}");
+    }
+    assert_eq!(shop.hits(), 5);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_dead_upstream_is_skipped_and_checked_out_of_the_pool() {
     let mut a = named_upstream("a").await;
     let b = named_upstream("b").await;
