@@ -504,6 +504,21 @@ pub fn standard_layers(router: Router, body_limit: usize) -> Router {
                 .on_failure(record_failure),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::map_request(drop_unusable_request_id))
+}
+
+/// Removes a caller's `X-Request-ID` that is too long or not plain text, so the layer
+/// inside makes a fresh one: it is echoed and logged.
+async fn drop_unusable_request_id(mut req: Request) -> Request {
+    let unusable = req
+        .headers()
+        .get_all("x-request-id")
+        .iter()
+        .any(|v| esper_protocol::trace_context::acceptable_request_id(v.as_bytes()).is_none());
+    if unusable || req.headers().get_all("x-request-id").iter().count() > 1 {
+        req.headers_mut().remove("x-request-id");
+    }
+    req
 }
 
 /// Makes the request's id (set by the layer outside) the one the broker calls made while

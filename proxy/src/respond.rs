@@ -5,9 +5,6 @@ use bytes::Bytes;
 use http::HeaderValue;
 use rand::RngCore;
 
-/// Longest client-supplied `X-Request-ID` the proxy keeps; longer ones are replaced.
-const MAX_REQUEST_ID_LEN: usize = 128;
-
 /// One answer written by the proxy instead of the upstream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalAnswer {
@@ -369,19 +366,7 @@ pub fn prefers_json(accept: Option<&str>) -> bool {
     json > html
 }
 
-/// Keeps a client-supplied request id when it is short and plain; `None` means make one.
-pub fn acceptable_request_id(value: &[u8]) -> Option<&str> {
-    if value.is_empty() || value.len() > MAX_REQUEST_ID_LEN {
-        return None;
-    }
-    if !value
-        .iter()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.:+=/".contains(b))
-    {
-        return None;
-    }
-    std::str::from_utf8(value).ok()
-}
+pub use esper_protocol::trace_context::acceptable_request_id;
 
 /// The length of an id [`fresh_id`] writes.
 pub const ID_LEN: usize = uuid::fmt::Hyphenated::LENGTH;

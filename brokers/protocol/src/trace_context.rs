@@ -14,6 +14,25 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
+/// Longest caller-supplied `X-Request-ID` kept; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Keeps a caller-supplied request id when it is short and plain; `None` means make one.
+/// An id is echoed on the answer and written into logs: one of any length or bytes
+/// would let a caller fill them, or forge log lines.
+pub fn acceptable_request_id(value: &[u8]) -> Option<&str> {
+    if value.is_empty() || value.len() > MAX_REQUEST_ID_LEN {
+        return None;
+    }
+    if !value
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:+=/".contains(b))
+    {
+        return None;
+    }
+    std::str::from_utf8(value).ok()
+}
+
 /// Records that spans are exported from now on (set once, by the telemetry set-up).
 pub fn set_exporting() {
     EXPORTING.store(true, Ordering::Relaxed);

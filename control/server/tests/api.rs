@@ -1563,6 +1563,35 @@ async fn a_calls_request_id_goes_on_to_the_brokers() {
     s.stop().await;
 }
 
+#[tokio::test]
+async fn a_request_id_too_long_or_not_plain_is_replaced() {
+    let s = Stack::without_brokers().await;
+    let echoed = async |id: &[u8]| {
+        let resp = s
+            .req(Method::GET, "/api/v1/policies")
+            .header(
+                "x-request-id",
+                reqwest::header::HeaderValue::from_bytes(id).unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.headers()["x-request-id"].as_bytes().to_vec()
+    };
+    assert_eq!(echoed(b"call-7f3a").await, b"call-7f3a");
+    for unusable in [&[b'a'; 5000][..], b"bad \xff id", b"<script>"] {
+        let fresh = echoed(unusable).await;
+        assert_eq!(
+            fresh.len(),
+            36,
+            "a fresh UUID: {:?}",
+            String::from_utf8_lossy(&fresh)
+        );
+    }
+    s.stop().await;
+}
+
 /// A reload that takes the configured admin token away, with no stored admin token to
 /// use instead, keeps it: the API would be left with no way in.
 #[tokio::test]
