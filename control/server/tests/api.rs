@@ -556,6 +556,34 @@ async fn manual_ban_lookup_analyze_and_revoke() {
     assert_eq!(a["action"], "allow");
     assert_eq!(a["mitigation"], Value::Null);
 
+    // A path mitigation answers analyze as the proxy enforces it: by the path's template.
+    let (status, p) = s
+        .post(
+            "/api/v1/mitigations",
+            json!({"entity": "path:/users/{id}/orders", "action": "block", "ttl": "1h"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{p}");
+    let analyzed = async |path: &str| {
+        let (status, a) = s
+            .post(
+                "/api/v1/analyze",
+                json!({"client_ip": "203.0.113.44", "method": "GET", "path": path}),
+            )
+            .await;
+        assert_eq!(status, 200, "{a}");
+        a["action"].as_str().unwrap().to_string()
+    };
+    assert_eq!(analyzed("/users/42/orders?page=2").await, "block");
+    assert_eq!(analyzed("/users/42/profile").await, "allow");
+    let (status, _) = s
+        .post(
+            "/api/v1/mitigations/revoke",
+            json!({"entity": "path:/users/{id}/orders"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+
     let (status, body) = s.post("/api/v1/mitigations/revoke", json!({})).await;
     assert_eq!(status, 400);
     assert_eq!(body["message"], "give exactly one of `id` or `entity`");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use esper_common::{ApiError, Json};
-use esper_protocol::{ClientError, EntityKey, RequestEvent, hash_cookie_value};
+use esper_protocol::{ClientError, EntityKey, RequestEvent, hash_cookie_value, path_template};
 
 use crate::state::AppState;
 use crate::types::{AnalyzeRequest, AnalyzeResponse};
@@ -58,8 +58,10 @@ fn event(req: AnalyzeRequest) -> RequestEvent {
     ev
 }
 
-/// The header and cookie entity keys of an event, as mitigations name them.
+/// The path, header and cookie entity keys of an event, as mitigations name them and
+/// the proxy looks them up (a path by its template).
 fn entity_keys(ev: &RequestEvent) -> Vec<EntityKey> {
+    let path = EntityKey::Path(path_template(&ev.path));
     let headers = ev.headers.iter().map(|(name, value)| EntityKey::Header {
         name: name.clone(),
         value: value.clone(),
@@ -68,7 +70,10 @@ fn entity_keys(ev: &RequestEvent) -> Vec<EntityKey> {
         name: name.to_ascii_lowercase(),
         value: value.clone(),
     });
-    headers.chain(cookies).collect()
+    std::iter::once(path)
+        .chain(headers)
+        .chain(cookies)
+        .collect()
 }
 
 /// `POST /api/v1/analyze`
