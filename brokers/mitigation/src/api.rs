@@ -197,6 +197,7 @@ fn check_id(id: &str) -> Result<(), String> {
 fn check_mitigation(m: &Mitigation) -> Result<(), String> {
     check_id(&m.id)?;
     m.check_times()?;
+    m.check_not_ahead(chrono::Utc::now())?;
     m.action.check()
 }
 

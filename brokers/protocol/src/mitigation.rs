@@ -48,6 +48,23 @@ pub fn check_time(field: &str, t: &DateTime<Utc>) -> Result<(), String> {
     ))
 }
 
+/// How far ahead of the receiving clock a decision or mitigation may be dated: a
+/// publisher's clock a little ahead is not a reason to lose what it decided.
+pub const MAX_CLOCK_AHEAD: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Refuses `t` (the `field` of a record) dated more than [`MAX_CLOCK_AHEAD`] after `now`.
+pub fn not_ahead(field: &str, t: &DateTime<Utc>, now: DateTime<Utc>) -> Result<(), String> {
+    let latest = now + chrono::Duration::from_std(MAX_CLOCK_AHEAD).unwrap_or_default();
+    if *t > latest {
+        return Err(format!(
+            "{field} {} is more than {}h ahead of this server's clock",
+            t.to_rfc3339(),
+            MAX_CLOCK_AHEAD.as_secs() / 3600
+        ));
+    }
+    Ok(())
+}
+
 /// Highest challenge difficulty (leading zero bits): beyond it a browser needs minutes.
 pub const MAX_CHALLENGE_DIFFICULTY: u8 = 24;
 /// Longest tarpit delay a mitigation may ask for (proxies may cap it lower).
@@ -220,6 +237,13 @@ impl Mitigation {
     pub fn check_times(&self) -> Result<(), String> {
         check_time("created_at", &self.created_at)?;
         check_time("expires_at", &self.expires_at)
+    }
+
+    /// Refuses a creation dated more than [`MAX_CLOCK_AHEAD`] after `now`: the decision
+    /// log refuses such a decision (it would head its newest-first listing for ever),
+    /// so a broker that took it would enforce what its durable copy lost.
+    pub fn check_not_ahead(&self, now: DateTime<Utc>) -> Result<(), String> {
+        not_ahead("created_at", &self.created_at, now)
     }
 
     /// Is it still in force at `now`?

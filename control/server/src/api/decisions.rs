@@ -2,14 +2,12 @@
 //! batches, idempotent on the decision id; operators query it newest first; a broker
 //! marks its revocations and reads back what is still in force to restore itself.
 
-use std::time::Duration;
-
 use axum::extract::State;
 use chrono::Utc;
 use esper_common::http::Query;
 use esper_common::{ApiError, Json};
 use esper_protocol::decision_log::MAX_REVOCATION_PAGE;
-use esper_protocol::mitigation::{RevokeResponse, check_time};
+use esper_protocol::mitigation::{RevokeResponse, check_time, not_ahead};
 use esper_protocol::{
     DecisionBatch, DecisionMode, DecisionRevoke, EntityKey, PageMark, RevocationMark,
     RevokedDecisions,
@@ -30,10 +28,6 @@ const MAX_BATCH: usize = 5000;
 const MAX_REVOKED_BY: usize = 128;
 
 /// `POST /api/v1/decisions`
-/// How far ahead of the control plane's clock a decision may be dated (a worker's clock
-/// a little ahead is not a reason to lose its decisions).
-const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(3600);
-
 pub async fn record(
     State(state): State<AppState>,
     Json(batch): Json<DecisionBatch>,
@@ -59,17 +53,12 @@ pub async fn record(
             })?;
     }
     // The log lists newest first: one dated in the far future would head it for ever.
-    let latest = Utc::now() + chrono::Duration::from_std(MAX_CLOCK_AHEAD).unwrap_or_default();
-    if let Some(d) = batch.decisions.iter().find(|d| d.decided_at > latest) {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            format!(
-                "decision `{}` is dated {}, more than {} ahead of this server's clock",
-                d.id,
-                d.decided_at.to_rfc3339(),
-                humantime::format_duration(MAX_CLOCK_AHEAD)
-            ),
-        ));
+    // The mitigation broker refuses the same, so what it enforces its copy here keeps.
+    let now = Utc::now();
+    for d in &batch.decisions {
+        not_ahead("decided_at", &d.decided_at, now).map_err(|e| {
+            ApiError::bad_request("invalid_body", format!("decision `{}`: {e}", d.id))
+        })?;
     }
     let recorded = state
         .store
