@@ -376,6 +376,22 @@ fn request_host(req: &pingora::http::RequestHeader) -> &str {
         .unwrap_or("")
 }
 
+/// Holds a tarpitted request for `delay`. A client that leaves meanwhile ends it: the app
+/// is not sent a request its client gave up on (a bot's many abandoned requests would
+/// each still reach it). Only a request without a body is watched, since watching reads
+/// the connection, and a body's bytes are the app's.
+async fn hold(session: &mut Session, delay: std::time::Duration) -> Result<()> {
+    let until = tokio::time::Instant::now() + delay;
+    if session.is_body_empty() {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => return Ok(()),
+            gone = session.read_body_or_idle(true) => gone.map(|_| ())?,
+        }
+    }
+    tokio::time::sleep_until(until).await;
+    Ok(())
+}
+
 /// Why a request that Pingora parsed is still no request to forward (RFC 9112 §3.2,
 /// §3.2.1), as nginx refuses it: an HTTP/1.1 request needs a Host, a Host must be a
 /// host and port, and a target must be a path (or `*` for `OPTIONS`).
@@ -915,15 +931,23 @@ impl ProxyHttp for EsperProxy {
             } => {
                 ctx.action = EnforcedAction::Tarpit;
                 ctx.reference = Some(mitigation.id);
-                tokio::time::sleep(delay).await;
+                let held = hold(session, delay).await;
                 drop(permit);
+                held?;
                 Ok(false)
             }
             Verdict::TarpitFull(mitigation) => {
                 ctx.action = EnforcedAction::Tarpit;
+                let reference = mitigation.id.text();
                 ctx.reference = Some(mitigation.id);
-                self.answer(session, ctx, templates, LocalAnswer::busy(), None)
-                    .await?;
+                self.answer(
+                    session,
+                    ctx,
+                    templates,
+                    LocalAnswer::busy(),
+                    Some(&reference),
+                )
+                .await?;
                 Ok(true)
             }
             Verdict::Challenge {

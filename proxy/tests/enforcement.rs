@@ -220,6 +220,59 @@ async fn a_tarpit_delays_the_answer_within_its_bounds() {
 }
 
 #[tokio::test]
+async fn a_tarpitted_request_whose_client_left_is_dropped_and_frees_its_slot() {
+    use tokio::io::AsyncWriteExt;
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.tarpit_concurrency = 1;
+    let proxy = start_proxy(cfg).await;
+    broker
+        .publish(
+            "ip:127.0.0.8",
+            Action::Tarpit { delay_ms: 1_500 },
+            Duration::from_secs(600),
+        )
+        .await;
+    let timed = || {
+        let url = format!("{}/", proxy.url);
+        async move {
+            let started = std::time::Instant::now();
+            let resp = client_from("127.0.0.8").get(url).send().await.unwrap();
+            (resp.status().as_u16(), started.elapsed())
+        }
+    };
+    let held = eventually(3 * SECOND, || async {
+        timed().await.1 >= Duration::from_millis(1_400)
+    })
+    .await;
+    assert!(held, "the tarpit holds the request");
+    let forwarded = up.seen.lock().len();
+
+    // A client that gives up while held (as bots do by the thousand): its request is
+    // dropped at once, so it neither reaches the app nor keeps the tarpit's one slot.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.8:0".parse().unwrap()).unwrap();
+    let addr = proxy.url.trim_start_matches("http://").parse().unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, took) = timed().await;
+    assert_eq!(status, 200, "the slot was freed when the client left");
+    assert!(took >= Duration::from_millis(1_400), "{took:?}");
+    assert_eq!(
+        up.seen.lock().len(),
+        forwarded + 1,
+        "only the request whose client waited reached the app"
+    );
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn enforced_actions_are_reported() {
     let up = upstream().await;
     let events = ingestion().await;
