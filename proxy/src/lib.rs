@@ -48,6 +48,7 @@ use tokio::task::JoinHandle;
 pub use cache::MitigationCache;
 pub use config::{AccessLog, AppConfig, Args, CertConfig, Config};
 pub use metrics::{DropReason, Metrics};
+pub use remote::check_document;
 
 use crate::apps::{App, HealthKeeper};
 use crate::challenge::Challenger;

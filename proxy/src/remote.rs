@@ -58,12 +58,36 @@ impl Pace {
 
 /// `base` with the top-level keys of the TOML document `overlay` replacing its own.
 pub fn overlay(base: &Config, overlay: &str) -> Result<Config, String> {
-    let mut merged = toml::Table::try_from(base).map_err(|e| e.to_string())?;
     let remote: toml::Table = overlay
         .parse()
         .map_err(|e: toml::de::Error| e.message().to_string())?;
+    overlay_table(base, remote, true)
+}
+
+/// Whether a proxy would apply the control plane's document `doc`: its options parse and
+/// validate over a proxy's defaults (with a stand-in upstream when the document names
+/// none, as each proxy names its own). Checked by the control plane when the document is
+/// stored, so an operator's mistake is refused there rather than by every proxy. What
+/// only a proxy knows (its own settings, the files the document names) is still
+/// checked by each proxy when it applies the document.
+pub fn check_document(doc: &str) -> Result<(), String> {
+    let remote: toml::Table = doc
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_string())?;
+    let mut base = Config::default();
+    if !remote.contains_key("upstream") && !remote.contains_key("apps") {
+        base.upstream = "127.0.0.1:80".into();
+    }
+    overlay_table(&base, remote, false).map(|_| ())
+}
+
+fn overlay_table(base: &Config, remote: toml::Table, warn: bool) -> Result<Config, String> {
+    let mut merged = toml::Table::try_from(base).map_err(|e| e.to_string())?;
     for (key, value) in remote {
         if PROXY_LOCAL_ADDRESSES.contains(&key.as_str()) {
+            if !warn {
+                continue;
+            }
             tracing::warn!(
                 option = %key,
                 "the control plane's proxy document sets an address each proxy sets itself; \
@@ -79,9 +103,10 @@ pub fn overlay(base: &Config, overlay: &str) -> Result<Config, String> {
         }
         merged.insert(key, value);
     }
-    let config: Config = merged
-        .try_into()
-        .map_err(|e: toml::de::Error| e.message().to_string())?;
+    // The whole error: a value's type error names its key only there.
+    let config: Config = merged.try_into().map_err(|e: toml::de::Error| {
+        e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    })?;
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
 }

@@ -394,6 +394,8 @@ fn without(usage: &str, drop: &[String]) -> String {
 
 /// Entry point of the `esper` binary.
 pub fn main() -> ExitCode {
+    // This binary carries the proxy: its control plane refuses what no proxy would apply.
+    esper_control::check_proxy_documents_with(esper_proxy::check_document);
     let cli: Cli = parse_args();
     let log = match log_options(&cli) {
         Ok(l) => l,

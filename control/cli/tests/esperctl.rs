@@ -367,6 +367,49 @@ async fn errors_are_one_line_with_the_right_exit_code() {
     assert!(out.stderr.contains("carries credentials"), "{out:?}");
 }
 
+/// The `esper` binary's control plane refuses a proxy document no proxy would apply,
+/// with the reason a proxy would give.
+#[tokio::test]
+async fn a_proxy_document_no_proxy_would_apply_is_refused() {
+    esper_control::check_proxy_documents_with(esper_proxy::check_document);
+    let s = Stack::start().await;
+    let put = async |doc: &str| {
+        let resp = reqwest::Client::new()
+            .put(format!("{}/api/v1/proxies/config", s.api))
+            .bearer_auth(TOKEN)
+            .json(&serde_json::json!({ "config": doc }))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<serde_json::Value>().await.unwrap())
+    };
+    for (doc, says) in [
+        ("bogus = 1", "bogus"),
+        ("sample_rate = 5.0", "sample_rate"),
+        ("sample_rate = \"lots\"", "sample_rate"),
+        ("allow_ips = [\"office\"]", "`office`"),
+        ("[[apps]]\nname = \"x\"", "upstream"),
+    ] {
+        let (status, body) = put(doc).await;
+        assert_eq!(status, 400, "{doc}: {body}");
+        assert_eq!(body["error"], "invalid_config", "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("a proxy would refuse this configuration:")
+                && message.contains(says),
+            "{doc}: {message}"
+        );
+    }
+    for doc in [
+        "sample_rate = 0.5\nallow_ips = [\"10.0.0.0/8\", \"192.0.2.7\"]",
+        "[[apps]]\nname = \"shop\"\nupstreams = [\"127.0.0.1:3000\"]",
+    ] {
+        let (status, body) = put(doc).await;
+        assert_eq!(status, 200, "{doc}: {body}");
+    }
+}
+
 #[tokio::test]
 async fn policies_from_file_to_history() {
     let s = Stack::start().await;

@@ -19,6 +19,7 @@ pub mod state;
 pub mod store;
 pub mod types;
 
+pub use api::check_proxy_documents_with;
 pub use config::{Args, Config};
 pub use esper_common::config::Reloaded;
 pub use server::{Listeners, Reloader, Started, migrate, run, start, start_staged};

@@ -20,6 +20,7 @@ mod lists;
 mod mitigations;
 mod policies;
 mod proxy_config;
+pub use proxy_config::check_proxy_documents_with;
 mod queue;
 mod status;
 mod tokens;

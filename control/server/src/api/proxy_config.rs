@@ -1,5 +1,6 @@
 //! The proxy configuration proxies follow: `PUT` stores a TOML document (checked to be a
-//! TOML table; each proxy validates the options and refuses what it cannot apply), `GET`
+//! TOML table, and as a proxy would check it when the binary registered the proxy's
+//! check; each proxy still refuses what it cannot apply), `GET`
 //! answers it, long-polling with `after=REVISION&wait=SECS` until a newer one exists.
 //! Also the challenge key the proxies share.
 
@@ -19,6 +20,20 @@ use serde::Deserialize;
 use super::store_error;
 use crate::auth::Caller;
 use crate::state::AppState;
+
+/// Checks a proxy document as a proxy would apply it; the binary that carries the proxy
+/// registers it ([`check_proxy_documents_with`]). Without one, a document is only
+/// checked to be a TOML table, and each proxy refuses what it cannot apply.
+static DOCUMENT_CHECK: std::sync::OnceLock<DocumentCheck> = std::sync::OnceLock::new();
+
+/// A proxy document's check: why a proxy would refuse it.
+pub type DocumentCheck = fn(&str) -> Result<(), String>;
+
+/// Makes `PUT /api/v1/proxies/config` refuse (400) a document `check` refuses. Set once
+/// per process; later calls change nothing.
+pub fn check_proxy_documents_with(check: DocumentCheck) {
+    let _ = DOCUMENT_CHECK.set(check);
+}
 
 /// Longest long-poll a proxy may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -119,6 +134,14 @@ pub async fn put(
             "invalid_config",
             format!("`{key}` is set on each proxy, not by the control plane"),
         ));
+    }
+    if let Some(check) = DOCUMENT_CHECK.get() {
+        check(&body.config).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_config",
+                format!("a proxy would refuse this configuration: {e}"),
+            )
+        })?;
     }
     let doc = state
         .store
