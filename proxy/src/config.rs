@@ -750,6 +750,8 @@ impl Config {
         nonzero("stream_wait", self.stream_wait)?;
         nonzero("heartbeat_interval", self.heartbeat_interval)?;
         nonzero("upstream_connect_timeout", self.upstream_connect_timeout)?;
+        // Zero would hold no tarpitted request at all: revoke the tarpits instead.
+        nonzero("tarpit_max", self.tarpit_max)?;
         for (option, names) in [
             ("report_headers", &self.report_headers),
             ("report_cookies", &self.report_cookies),
@@ -847,6 +849,10 @@ impl Config {
 
     fn validate_apps(&self) -> Result<(), ConfigError> {
         let mut names = std::collections::HashSet::new();
+        // Which app each host and path prefix routes to: a second app with the same pair
+        // would never be reached.
+        let mut routes: std::collections::HashMap<(String, String), &str> =
+            std::collections::HashMap::new();
         for (i, app) in self.apps.iter().enumerate() {
             let at = |field: &str| format!("apps[{i}].{field}");
             if app.name.trim().is_empty() {
@@ -886,6 +892,25 @@ impl Config {
                     &app.path_prefix,
                     "must start with `/`",
                 ));
+            }
+            let prefix = app.path_prefix.trim_end_matches('/').to_string();
+            let hosts: Vec<String> = if app.hosts.is_empty() {
+                vec!["*".into()]
+            } else {
+                app.hosts.iter().map(|h| h.to_ascii_lowercase()).collect()
+            };
+            for host in hosts {
+                if let Some(first) = routes.insert((host.clone(), prefix.clone()), &app.name) {
+                    return Err(ConfigError::invalid(
+                        &at("hosts"),
+                        &host,
+                        format!(
+                            "with path_prefix `{}` it is app `{first}`'s already; this app \
+                             would never be reached",
+                            app.path_prefix
+                        ),
+                    ));
+                }
             }
             let hc = app.health_check.as_str();
             if !(hc == "tcp" || hc == "none" || hc.starts_with('/')) {
@@ -969,6 +994,13 @@ impl Config {
 
 /// Splits `HOST:PORT` (`[v6]:PORT` for IPv6 literals) into its parts.
 pub fn split_host_port(value: &str) -> Result<(&str, u16), String> {
+    if value.contains("://") {
+        return Err(
+            "expected HOST:PORT without a scheme, e.g. 127.0.0.1:3000 (for TLS to the \
+             upstream, set upstream_tls)"
+                .into(),
+        );
+    }
     let (host, port) = value
         .trim()
         .rsplit_once(':')
@@ -1492,6 +1524,42 @@ mod tests {
                     ..base.clone()
                 },
                 "invalid flush_interval = `999years 3months 23days 22h 19m 12s`: must be at most 365 days",
+            ),
+            (
+                Config {
+                    tarpit_max: Duration::ZERO,
+                    ..base.clone()
+                },
+                "invalid tarpit_max = `0s`",
+            ),
+            (
+                Config {
+                    upstream: "http://127.0.0.1:3000".into(),
+                    ..base.clone()
+                },
+                "invalid upstream = `http://127.0.0.1:3000`: expected HOST:PORT without a scheme",
+            ),
+            (
+                Config {
+                    upstream: String::new(),
+                    apps: vec![
+                        AppConfig {
+                            name: "a".into(),
+                            hosts: vec!["shop.example".into()],
+                            upstreams: vec!["127.0.0.1:1".into()],
+                            ..AppConfig::default()
+                        },
+                        AppConfig {
+                            name: "b".into(),
+                            hosts: vec!["SHOP.example".into()],
+                            path_prefix: "/".into(),
+                            upstreams: vec!["127.0.0.1:2".into()],
+                            ..AppConfig::default()
+                        },
+                    ],
+                    ..base.clone()
+                },
+                "invalid apps[1].hosts = `shop.example`: with path_prefix `/` it is app `a`'s already",
             ),
         ];
         for (cfg, expected) in cases {

@@ -90,7 +90,14 @@ pub struct Forwarder {
     status: Arc<Status>,
     /// The last batch was dropped after retries: the broker is presumed down.
     failing: bool,
+    /// When a failure to deliver was last logged as a warning, while batches keep
+    /// failing: a broker refusing every batch (a wrong token) would otherwise warn
+    /// several times a second.
+    warned: Option<Instant>,
 }
+
+/// How often a failure that goes on is warned of again.
+const WARN_AGAIN: Duration = Duration::from_secs(60);
 
 impl Forwarder {
     /// A forwarder draining `queue` into `client`.
@@ -109,6 +116,7 @@ impl Forwarder {
             metrics,
             status,
             failing: false,
+            warned: None,
         }
     }
 
@@ -235,7 +243,7 @@ impl Forwarder {
             Ok(()) => {
                 self.metrics.events_sent.inc_by(n);
                 self.status.ingest_result(Ok(()));
-                if self.failing {
+                if self.warned.take().is_some() {
                     tracing::info!(
                         url = self.client.url(),
                         "ingestion broker accepts events again"
@@ -247,10 +255,11 @@ impl Forwarder {
                 let reason = drop_reason(&e);
                 self.metrics.drop_events(reason, n);
                 self.status.ingest_result(Err(e.to_string()));
-                if !self.failing {
+                if self.warned.is_none_or(|at| at.elapsed() >= WARN_AGAIN) {
                     tracing::warn!(error = %e, dropped = n, "cannot deliver events to the ingestion broker");
+                    self.warned = Some(Instant::now());
                 } else {
-                    tracing::debug!(error = %e, dropped = n, "ingestion broker still unavailable");
+                    tracing::debug!(error = %e, dropped = n, "ingestion broker still failing");
                 }
                 self.failing = e.is_transient();
             }

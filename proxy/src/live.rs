@@ -97,17 +97,18 @@ impl Live {
         };
         let mut apps = Vec::new();
         for (i, cfg) in config.effective_apps().into_iter().enumerate() {
-            let option = if config.apps.is_empty() {
-                "upstream".to_string()
+            // The value the option was given: the upstream itself, or the app's name.
+            let (option, value) = if config.apps.is_empty() {
+                ("upstream".to_string(), config.upstream.clone())
             } else {
-                format!("apps[{i}]")
+                (format!("apps[{i}]"), cfg.name.clone())
             };
             let app = match keep.iter().find(|a| a.name == cfg.name) {
                 Some(kept) => kept.clone(),
                 None => Arc::new(
                     App::build(&cfg, &shared, health)
                         .await
-                        .map_err(|reason| ConfigError::invalid(&option, &cfg.name, reason))?,
+                        .map_err(|reason| ConfigError::invalid(&option, &value, reason))?,
                 ),
             };
             apps.push((cfg, app));

@@ -105,7 +105,10 @@ fn overlay_table(base: &Config, remote: toml::Table, warn: bool) -> Result<Confi
     }
     // The whole error: a value's type error names its key only there.
     let config: Config = merged.try_into().map_err(|e: toml::de::Error| {
-        e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+        e.to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
     })?;
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

@@ -187,7 +187,9 @@ pub enum Var<'a> {
 /// into its decision record; empty for other answers) and `{{reference_html}}` (a
 /// paragraph saying it, or nothing), and for challenges
 /// `{{token}}`, `{{difficulty}}`, `{{submit}}`, `{{challenge}}` (the puzzle's markup and
-/// script, HTML only). JSON values are inserted string-escaped, without quotes.
+/// script, HTML only) and `{{challenge_head}}` (the no-JavaScript fallback's refresh, for
+/// the page's head; added before `</head>` when a page leaves it out). JSON values are
+/// inserted string-escaped, without quotes.
 #[derive(Clone, Debug)]
 pub struct Templates {
     html: [String; 6],
@@ -222,6 +224,18 @@ impl Default for Templates {
     }
 }
 
+/// A challenge page without `{{challenge_head}}` would strand clients without
+/// JavaScript, whom its meta refresh moves on: it goes before `</head>`, or first.
+fn with_challenge_head(page: String) -> String {
+    if page.contains("{{challenge_head}}") {
+        return page;
+    }
+    match page.to_ascii_lowercase().find("</head>") {
+        Some(at) => format!("{}{{{{challenge_head}}}}{}", &page[..at], &page[at..]),
+        None => format!("{{{{challenge_head}}}}{page}"),
+    }
+}
+
 impl Templates {
     /// The built-ins with every `KIND.html` / `KIND.json` found in `dir` in their place.
     pub fn load(dir: Option<&std::path::Path>) -> Result<Templates, String> {
@@ -234,6 +248,9 @@ impl Templates {
             for (ext, slot) in [("html", &mut t.html), ("json", &mut t.json)] {
                 let path = dir.join(format!("{}.{ext}", kind.name()));
                 match std::fs::read_to_string(&path) {
+                    Ok(text) if kind == Kind::Challenge && ext == "html" => {
+                        slot[kind.index()] = with_challenge_head(text);
+                    }
                     Ok(text) => slot[kind.index()] = text,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(format!("cannot read `{}`: {e}", path.display())),
@@ -448,6 +465,21 @@ mod tests {
         assert_eq!(v["error"], "rate_limited");
         assert!(Templates::load(Some(&dir.join("missing"))).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_challenge_page_without_its_head_placeholder_gets_it() {
+        let page = |s: &str| with_challenge_head(s.to_string());
+        assert_eq!(
+            page("<html><HEAD><title>x</title></HEAD><body>{{challenge}}</body></html>"),
+            "<html><HEAD><title>x</title>{{challenge_head}}</HEAD><body>{{challenge}}</body></html>"
+        );
+        assert_eq!(
+            page("<p>{{challenge}}</p>"),
+            "{{challenge_head}}<p>{{challenge}}</p>"
+        );
+        let kept = "<head>{{challenge_head}}</head>{{challenge}}";
+        assert_eq!(page(kept), kept);
     }
 
     #[test]
