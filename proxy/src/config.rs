@@ -85,7 +85,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 /// Default ops listener (health and metrics).
 pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9095";
 /// Longest app name.
-const MAX_APP_NAME_LEN: usize = 128;
+use esper_protocol::mitigation::MAX_APP_NAME_LEN;
 /// Default app name reported in events and matched against app-scoped mitigations.
 pub const DEFAULT_APP: &str = "default";
 /// Default ingestion broker.

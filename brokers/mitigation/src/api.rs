@@ -198,6 +198,8 @@ fn check_mitigation(m: &Mitigation) -> Result<(), String> {
     check_id(&m.id)?;
     m.check_times()?;
     m.check_not_ahead(chrono::Utc::now())?;
+    m.entity.check_cookie_hashes()?;
+    m.scope.check()?;
     m.action.check()
 }
 

@@ -54,6 +54,8 @@ pub enum EntityParseError {
     BadCidr(String),
     #[error("`{0}` must be NAME=VALUE with a non-empty name")]
     BadNamedValue(String),
+    #[error("`{0}` is not a header or cookie name (letters, digits and !#$%&'*+-.^_`|~)")]
+    BadName(String),
     #[error("`{0}`: header and cookie keys cannot hold control characters")]
     ControlCharacter(String),
     #[error("`{0}` is not a path template: it must start with `/` and have no query")]
@@ -167,7 +169,16 @@ fn named_value(rest: &str) -> Result<(String, String), EntityParseError> {
             EntityParseError::ControlCharacter(clip(&rest.escape_debug().to_string())),
         ),
         Some((name, value)) if !name.trim().is_empty() => {
-            Ok((name.trim().to_ascii_lowercase(), value.to_string()))
+            let name = name.trim();
+            // RFC 9110's token: no request carries a name with anything else, so such a
+            // key could never match.
+            let token = name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                return Err(EntityParseError::BadName(clip(name)));
+            }
+            Ok((name.to_ascii_lowercase(), value.to_string()))
         }
         _ => Err(EntityParseError::BadNamedValue(clip(rest))),
     }
@@ -197,6 +208,35 @@ fn canonical_net(net: IpNet) -> IpNet {
             None => net,
         },
         _ => net,
+    }
+}
+
+impl EntityKey {
+    /// Refuses a cookie key (alone or in a tuple) holding a value rather than its hash:
+    /// proxies report and match cookie values by hash, so it would never match. Says
+    /// which key would. Every publisher checks it alike.
+    pub fn check_cookie_hashes(&self) -> Result<(), String> {
+        let parts = match self {
+            EntityKey::Tuple(parts) => parts.as_slice(),
+            one => std::slice::from_ref(one),
+        };
+        for part in parts {
+            if let EntityKey::Cookie { name, value } = part {
+                let hashed = value.len() == crate::event::COOKIE_HASH_HEX_LEN
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                if !hashed {
+                    return Err(format!(
+                        "cookie keys hold the value's hash (the first {} hex digits of its \
+                         SHA-256), as proxies report it: for this value, cookie:{name}={}",
+                        crate::event::COOKIE_HASH_HEX_LEN,
+                        crate::event::hash_cookie_value(value)
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -626,6 +666,15 @@ mod tests {
             "header:=x".parse::<EntityKey>(),
             Err(EntityParseError::BadNamedValue(_))
         ));
+        for unmatchable in ["header:bad header=abc", "cookie:a;b=1", "header:x:y=1"] {
+            assert!(
+                matches!(
+                    unmatchable.parse::<EntityKey>(),
+                    Err(EntityParseError::BadName(_))
+                ),
+                "{unmatchable}"
+            );
+        }
         assert!(matches!(
             "tuple:ip:10.0.0.1".parse::<EntityKey>(),
             Err(EntityParseError::BadTuple(_))

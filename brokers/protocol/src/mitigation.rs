@@ -153,7 +153,28 @@ pub enum Scope {
     App(String),
 }
 
+/// Longest app name, as proxies take them.
+pub const MAX_APP_NAME_LEN: usize = 128;
+
 impl Scope {
+    /// Refuses an app no proxy could name (empty, too long, control characters): a
+    /// mitigation scoped to it would never apply. Every publisher checks it alike.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Scope::App(app)
+                if app.trim().is_empty()
+                    || app.len() > MAX_APP_NAME_LEN
+                    || app.chars().any(char::is_control) =>
+            {
+                Err(format!(
+                    "scope app `{}` must be 1 to {MAX_APP_NAME_LEN} printable characters",
+                    app.escape_debug()
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Does a mitigation with this scope apply to a request for `app`?
     pub fn applies_to(&self, app: &str) -> bool {
         match self {

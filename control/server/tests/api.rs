@@ -635,6 +635,29 @@ async fn manual_ban_lookup_analyze_and_revoke() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
+    // Nor could a header name no request carries, or an app no proxy names.
+    let (status, body) = s
+        .post(
+            "/api/v1/mitigations",
+            json!({"entity": "header:bad header=abc", "action": "block"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_entity")),
+        "{body}"
+    );
+    let (status, body) = s
+        .post(
+            "/api/v1/mitigations",
+            json!({"entity": "ip:198.51.100.8", "action": "block", "scope": {"app": " "}}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "{body}"
+    );
     s.stop().await;
 }
 

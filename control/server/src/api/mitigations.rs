@@ -10,10 +10,7 @@ use chrono::Utc;
 use esper_common::http::{Path, Query};
 use esper_common::{ApiError, Json};
 use esper_protocol::mitigation::{MitigationList, RevokeRequest, RevokeResponse};
-use esper_protocol::{
-    Action, Decision, DecisionMode, EntityKey, Mitigation, Origin, Reason,
-    event::COOKIE_HASH_HEX_LEN, hash_cookie_value,
-};
+use esper_protocol::{Action, Decision, DecisionMode, EntityKey, Mitigation, Origin, Reason};
 use serde::Deserialize;
 
 use super::{broker_error, store_error};
@@ -41,30 +38,9 @@ fn parse_entity(s: &str) -> Result<EntityKey, ApiError> {
 /// Proxies report and match cookie values by hash, so a key holding the value itself
 /// would never match: say which key would.
 fn check_cookie_hashes(entity: &EntityKey) -> Result<(), ApiError> {
-    let parts = match entity {
-        EntityKey::Tuple(parts) => parts.as_slice(),
-        one => std::slice::from_ref(one),
-    };
-    for part in parts {
-        if let EntityKey::Cookie { name, value } = part {
-            let hashed = value.len() == COOKIE_HASH_HEX_LEN
-                && value
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if !hashed {
-                return Err(ApiError::bad_request(
-                    "invalid_entity",
-                    format!(
-                        "cookie keys hold the value's hash (the first {COOKIE_HASH_HEX_LEN} hex \
-                         digits of its SHA-256), as proxies report it: for this value, \
-                         cookie:{name}={}",
-                        hash_cookie_value(value)
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
+    entity
+        .check_cookie_hashes()
+        .map_err(|e| ApiError::bad_request("invalid_entity", e))
 }
 
 /// Proof-of-work bits for `"challenge"` without parameters: well under a second in a
@@ -210,6 +186,9 @@ pub async fn add(
         },
     );
     if let Some(scope) = req.scope {
+        scope
+            .check()
+            .map_err(|e| ApiError::bad_request("invalid_scope", e))?;
         m.scope = scope;
     }
     state
