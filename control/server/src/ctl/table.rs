@@ -17,8 +17,30 @@ impl Table {
         }
     }
 
+    /// Adds a row. A cell's control characters (a reason's line break, a tab) are shown
+    /// escaped (`\n`), so each row stays one line and the columns line up; what was
+    /// stored is unchanged, and `-o json` shows it as it is.
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows.push(
+            cells
+                .into_iter()
+                .map(|c| {
+                    if c.chars().any(char::is_control) {
+                        c.chars()
+                            .map(|ch| {
+                                if ch.is_control() {
+                                    ch.escape_default().to_string()
+                                } else {
+                                    ch.to_string()
+                                }
+                            })
+                            .collect()
+                    } else {
+                        c
+                    }
+                })
+                .collect(),
+        );
     }
 
     pub fn is_empty(&self) -> bool {
@@ -98,6 +120,13 @@ pub fn rfc3339(t: DateTime<Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cell_with_a_line_break_stays_on_its_row() {
+        let mut t = Table::new(&["ID", "REASON"]);
+        t.row(vec!["m1".into(), "two\nlines\tand a tab".into()]);
+        assert_eq!(t.render(), "ID  REASON\nm1  two\\nlines\\tand a tab\n");
+    }
 
     #[test]
     fn columns_align_and_times_read_naturally() {
