@@ -315,11 +315,14 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
         Ok(mb.wait().await?)
     });
     // Its mirror follows the mitigation broker, so it stops following with the edge.
+    // `esper server stop` (the API's shutdown) stops the whole stack, from the edge in.
+    let (asked_trigger, asked) = Shutdown::new();
     let control = esper_control::start_staged(
         server.clone(),
         control_l,
         parts.shutdown(Stage::Control),
         parts.shutdown(Stage::Edge),
+        Some(asked_trigger),
     )
     .await
     .context("control plane")?;
@@ -438,6 +441,11 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
             joined = parts.join_next() => joined,
             _ = async { if let Some(s) = signalled.as_mut() { let _ = s.await; } }, if signalled.is_some() => {
                 signalled = None;
+                parts.stop();
+                continue;
+            }
+            () = asked.wait(), if !parts.stopping() => {
+                tracing::warn!("shutdown asked through the control plane's API; stopping the dev stack");
                 parts.stop();
                 continue;
             }

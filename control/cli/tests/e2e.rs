@@ -465,12 +465,39 @@ async fn esper_dev_runs_the_whole_scenario() {
         !access.iter().any(|l| l.contains("client=127.0.0.3 ")),
         "{access:#?}"
     );
+    // `esper server stop` (the API's shutdown) stops the whole stack, from its edge in,
+    // as a signal does (below).
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/admin/shutdown", stack.api))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"graceful": true, "timeout_secs": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Some(code) = dev.try_exit() {
+            break code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running:\n{}",
+            dev.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(
-        dev.terminate(Duration::from_secs(30)),
+        exited,
         Some(0),
         "esper dev did not exit cleanly:\n{}",
         dev.log()
     );
+    eventually(Duration::from_secs(5), "the last line", || async {
+        dev.log().contains("Esper dev stack stopped.").then_some(())
+    })
+    .await;
+    stopped_from_the_edge_in(&dev.log(), "shutdown asked through the control plane's API");
     let mut dev = Proc::esper(
         "esper dev again",
         &args,
@@ -503,11 +530,16 @@ async fn esper_dev_runs_the_whole_scenario() {
         dev.log().contains("Esper dev stack stopped.").then_some(())
     })
     .await;
-    let log = dev.log();
+    stopped_from_the_edge_in(&dev.log(), "SIGTERM received");
+}
+
+/// The parts of `esper dev` stopped after `began` in `log` stopped from the edge in,
+/// none with a warning or an error.
+fn stopped_from_the_edge_in(log: &str, began: &str) {
     let stopping = log
-        .split_once("SIGTERM received")
+        .split_once(began)
         .map(|(_, after)| after)
-        .unwrap_or_else(|| panic!("no SIGTERM line:\n{log}"));
+        .unwrap_or_else(|| panic!("no `{began}` line:\n{log}"));
     for line in stopping.lines() {
         assert!(
             !line.contains(" WARN ") && !line.contains(" ERROR "),

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use esper_common::Shutdown;
 use esper_common::config::{ConfigError, Reloaded};
 use esper_common::http::{bind, serve, standard_layers};
 use esper_common::tls::TlsListener;
+use esper_common::{Shutdown, ShutdownTrigger};
 use esper_protocol::{IngestionClient, MitigationClient};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
@@ -207,17 +207,21 @@ pub async fn start(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<Started, Error> {
-    start_staged(config, listeners, shutdown.clone(), shutdown).await
+    start_staged(config, listeners, shutdown.clone(), shutdown, None).await
 }
 
 /// [`start`], with the mirror of the mitigation broker's stream stopped by `unfollow`
 /// (or with the rest): a process that also runs the broker and stops it first (`esper
 /// dev`) stops following it before, as a proxy would, rather than warn that it went.
+/// With `host`, a shutdown asked through the API fires it instead of stopping this
+/// server at once: the process stops its parts in its order, this one when `shutdown`
+/// fires, with the drain the API asked for.
 pub async fn start_staged(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
     unfollow: Shutdown,
+    host: Option<ShutdownTrigger>,
 ) -> Result<Started, Error> {
     config.validate()?;
     let store = prepare_store(&config).await?;
@@ -226,7 +230,7 @@ pub async fn start_staged(
 
     // Our own trigger, fired by the caller's signal or by the shutdown endpoint.
     let (trigger, stop) = Shutdown::new();
-    let stopper = Arc::new(Stopper::new(trigger, config.shutdown_timeout));
+    let stopper = Arc::new(Stopper::new(trigger, config.shutdown_timeout, host));
     {
         let (stopper, stop) = (stopper.clone(), stop.clone());
         tokio::spawn(async move {

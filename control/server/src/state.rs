@@ -20,20 +20,32 @@ use crate::store::ControlStore;
 pub struct Stopper {
     trigger: ShutdownTrigger,
     drain: Mutex<Duration>,
+    /// The process this server runs in, when it stops its parts in an order of its own
+    /// (`esper dev`): a shutdown asked through the API is handed to it.
+    host: Option<ShutdownTrigger>,
 }
 
 impl Stopper {
-    pub fn new(trigger: ShutdownTrigger, drain: Duration) -> Stopper {
+    pub fn new(
+        trigger: ShutdownTrigger,
+        drain: Duration,
+        host: Option<ShutdownTrigger>,
+    ) -> Stopper {
         Stopper {
             trigger,
             drain: Mutex::new(drain),
+            host,
         }
     }
 
-    /// Begins shutdown with `drain` as the limit for in-flight requests.
+    /// Begins shutdown with `drain` as the limit for in-flight requests; in a host that
+    /// orders its parts' stop, asks the host, which stops this server in its turn.
     pub fn stop(&self, drain: Duration) {
         *self.drain.lock() = drain;
-        self.trigger.trigger();
+        match &self.host {
+            Some(host) => host.trigger(),
+            None => self.trigger.trigger(),
+        }
     }
 
     /// Begins shutdown with the configured drain.
