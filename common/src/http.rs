@@ -190,7 +190,9 @@ fn declared_json(headers: &HeaderMap) -> bool {
 /// with every field defaulted; an object type is given as an object or refused.
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let array = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-    if array && wants_object::<T>() {
+    // A body that is no JSON at all (`[` cut short) is reported as such, below.
+    let json = || serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+    if array && wants_object::<T>() && json() {
         return Err(ApiError::bad_request(
             "invalid_body",
             "expected an object, found an array",
@@ -992,6 +994,12 @@ mod tests {
             assert_eq!(refused.to_string(), "expected an object, found an array");
         }
         assert_eq!(decode::<Vec<u32>>(b"[1]").expect("a list").len(), 1);
+        // A body that is no JSON at all says so, array or not.
+        let broken = decode::<Req>(b"[").expect_err("not JSON");
+        assert!(
+            matches!(&broken, ApiError::BadRequest { code, .. } if *code == "invalid_json"),
+            "{broken:?}"
+        );
     }
 
     #[tokio::test]
