@@ -795,6 +795,12 @@ impl ProxyHttp for EsperProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Requests a client pipelines are answered in turn (RFC 9112 §9.3.2), as nginx
+        // answers them, rather than the second dropped with the connection. Carried to
+        // the connection's next requests once set.
+        if !session.pipelining_enabled() {
+            session.set_pipelining_enabled(true);
+        }
         let given = session
             .req_header()
             .headers

@@ -151,6 +151,34 @@ async fn requests_without_a_host_or_a_path_are_refused_with_a_400() {
 }
 
 #[tokio::test]
+async fn pipelined_requests_are_answered_in_turn() {
+    let shop = named_upstream("shop").await;
+    let cfg = multi(
+        vec![app("shop", &["shop.example"], "/", &[shop.addr])],
+        &dead_url(),
+        &dead_url(),
+    );
+    let proxy = start_proxy(cfg).await;
+    // Three requests in one write: proxied, for no app (answered here), proxied again.
+    let answer = support::exchange(
+        proxy.handle().traffic_addr(),
+        "GET /one HTTP/1.1\r\nHost: shop.example\r\n\r\n\
+         GET / HTTP/1.1\r\nHost: other.example\r\n\r\n\
+         GET /three HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let statuses: Vec<&str> = answer
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answer[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "421", "200"], "{answer}");
+    let one = answer.find("shop /one").expect("the first answer");
+    let three = answer.find("shop /three").expect("the third answer");
+    assert!(one < three, "{answer}");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_dead_upstream_is_skipped_and_checked_out_of_the_pool() {
     let mut a = named_upstream("a").await;
     let b = named_upstream("b").await;
