@@ -57,16 +57,7 @@ async fn a_broker_refusing_every_batch_is_warned_of_once() {
         ),
     )
     .unwrap();
-    let mut proxy = Proc::esper(
-        "proxy",
-        &[
-            "proxy".into(),
-            "run".into(),
-            "--config".into(),
-            file.display().to_string(),
-        ],
-        &[],
-    );
+    let mut proxy = Proc::esper_config(&["proxy", "run"], &file, &[]);
     let client = reqwest::Client::new();
     let url = format!("http://{listen}/");
     // Traffic for two seconds: dozens of batches, each refused.

@@ -63,16 +63,7 @@ async fn sighup_reloads_the_proxy_configuration_file() {
     let file = dir.path().join("esper.toml");
     let (listen, ops) = (free_addr(), free_addr());
     write_config(&file, &a.to_string(), listen, ops);
-    let mut proxy = Proc::esper(
-        "proxy",
-        &[
-            "proxy".into(),
-            "run".into(),
-            "--config".into(),
-            file.display().to_string(),
-        ],
-        &[],
-    );
+    let mut proxy = Proc::esper_config(&["proxy", "run"], &file, &[]);
     let url = format!("http://{listen}/");
     // One client, so its kept-alive connection outlives the reload.
     let client = reqwest::Client::builder()
@@ -134,16 +125,7 @@ async fn sighup_changes_the_log_level() {
     };
     write("info");
     // An empty value counts as unset: the file's level applies.
-    let mut proxy = Proc::esper(
-        "proxy",
-        &[
-            "proxy".into(),
-            "run".into(),
-            "--config".into(),
-            file.display().to_string(),
-        ],
-        &[("LOG_LEVEL", String::new())],
-    );
+    let mut proxy = Proc::esper_config(&["proxy", "run"], &file, &[("LOG_LEVEL", String::new())]);
     let client = reqwest::Client::new();
     let url = format!("http://{listen}/");
     assert!(
@@ -195,17 +177,7 @@ async fn sighup_leaves_a_broker_running_and_names_what_a_restart_would_change() 
         .unwrap()
     };
     write("1000");
-    let mut broker = Proc::esper(
-        "ingestion",
-        &[
-            "broker".into(),
-            "run".into(),
-            "ingestion".into(),
-            "--config".into(),
-            file.display().to_string(),
-        ],
-        &[],
-    );
+    let mut broker = Proc::esper_config(&["broker", "run", "ingestion"], &file, &[]);
     let client = reqwest::Client::new();
     let healthy = format!("http://{listen}/healthz");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -268,16 +240,7 @@ async fn sighup_rotates_the_servers_admin_token_and_names_the_rest() {
         "second-admin-token-987654321",
     );
     write(first, "5s");
-    let mut server = Proc::esper(
-        "server",
-        &[
-            "server".into(),
-            "run".into(),
-            "--config".into(),
-            file.display().to_string(),
-        ],
-        &[],
-    );
+    let mut server = Proc::esper_config(&["server", "run"], &file, &[]);
     let client = reqwest::Client::new();
     let status = |token: &'static str| {
         let (client, url) = (client.clone(), format!("http://{api}/api/v1/status"));
@@ -343,17 +306,7 @@ async fn sighup_rotates_the_broker_token_between_a_broker_and_a_worker() {
     };
     write_broker(None);
     let env = [("ESPER_BROKER_TOKEN_FILE", token_file.display().to_string())];
-    let mut broker = Proc::esper(
-        "ingestion",
-        &[
-            "broker".into(),
-            "run".into(),
-            "ingestion".into(),
-            "--config".into(),
-            broker_file.display().to_string(),
-        ],
-        &env,
-    );
+    let mut broker = Proc::esper_config(&["broker", "run", "ingestion"], &broker_file, &env);
     // The worker publishes nothing here (no event matches the policy).
     let nowhere = format!("http://{}", free_addr());
     let ingestion = format!("http://{listen}");
@@ -466,17 +419,7 @@ async fn sighup_moves_a_worker_to_another_ingestion_broker() {
         .unwrap();
     };
     write_worker(&url_a);
-    let mut worker = Proc::esper(
-        "worker",
-        &[
-            "worker".into(),
-            "run".into(),
-            "engine".into(),
-            "--config".into(),
-            file.display().to_string(),
-        ],
-        &[],
-    );
+    let mut worker = Proc::esper_config(&["worker", "run", "engine"], &file, &[]);
     let events = |tag: &str| five_events("192.0.2.8", tag);
     let acked =
         |url: &str, n: u64, within: Duration| acked(IngestionClient::new(url, None), n, within);

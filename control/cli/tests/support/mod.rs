@@ -115,6 +115,13 @@ impl Proc {
         }
     }
 
+    /// Starts `esper COMMAND... --config FILE` with `env` added.
+    pub fn esper_config(command: &[&str], file: &Path, env: &[(&str, String)]) -> Proc {
+        let mut args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+        args.extend(["--config".to_string(), file.display().to_string()]);
+        Proc::esper(command[0], &args, env)
+    }
+
     /// Everything the process printed so far.
     pub fn log(&self) -> String {
         self.output.lock().map(|o| o.join("\n")).unwrap_or_default()
