@@ -142,11 +142,22 @@ pub async fn replay_specs(
     specs: Vec<PolicySpec>,
     events: &[RequestEvent],
 ) -> Result<ReplayReport, ReplayError> {
+    let named_lists = specs.iter().any(|s| s.list_refs().next().is_some());
     let active = ActivePolicies {
         policies: specs,
         ..ActivePolicies::default()
     };
-    replay(&active, events).await
+    let mut report = replay(&active, events).await?;
+    if named_lists {
+        // Said first: the warnings after it name each list as missing.
+        report.warnings.insert(
+            0,
+            "named lists are not read by an offline replay: each list these policies name \
+             is empty here"
+                .to_string(),
+        );
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -205,6 +216,25 @@ count_if = 'status == 401'
             .unwrap();
         assert_eq!(again.decisions.len(), 1);
         assert_eq!(again.decisions[0].time, d.time);
+    }
+
+    #[tokio::test]
+    async fn a_replay_says_it_reads_no_lists() {
+        let events = read_events(&line(0, "10.0.0.1", 401)).unwrap();
+        let r = replay_specs(parse_policies(POLICY).unwrap(), &events)
+            .await
+            .unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let listed = format!("{POLICY}[policy.match]\nip_not_in_list = \"office\"\n");
+        let specs = parse_policies(&listed).unwrap();
+        assert_eq!(specs[0].list_refs().collect::<Vec<_>>(), ["office"]);
+        let r = replay_specs(specs, &events).await.unwrap();
+        assert!(
+            r.warnings[0].starts_with("named lists are not read by an offline replay"),
+            "{:?}",
+            r.warnings
+        );
+        assert!(r.warnings[1].contains("\"office\""), "{:?}", r.warnings);
     }
 
     #[test]
