@@ -926,6 +926,17 @@ async fn the_decision_log_is_idempotent_and_filtered() {
     let (status, body) = s.get("/api/v1/decisions/revocations?after=yesterday").await;
     assert_eq!(status, 400);
     assert_eq!(body["error"], "invalid_query");
+    // A limit out of range is refused, as every other `limit` is, not quietly clamped.
+    for bad in [0, 5001] {
+        let (status, body) = s
+            .get(&format!("/api/v1/decisions/revocations?limit={bad}"))
+            .await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(
+            body["message"],
+            format!("limit must be 1 to 5000, got {bad}")
+        );
+    }
 
     let text = s
         .http

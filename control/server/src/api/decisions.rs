@@ -160,10 +160,7 @@ pub async fn revocations(
         })?),
         None => None,
     };
-    let limit = p
-        .limit
-        .unwrap_or(DEFAULT_LIMIT)
-        .clamp(1, MAX_REVOCATION_PAGE);
+    let limit = super::limit(p.limit, DEFAULT_LIMIT, MAX_REVOCATION_PAGE)?;
     let page = state
         .store
         .revocations(after.as_ref(), Utc::now(), limit)
