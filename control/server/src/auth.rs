@@ -216,6 +216,7 @@ pub async fn ensure_token(
             "",
         )
         .await?
+        .is_some()
     {
         tracing::info!(
             "another control-plane instance generated the initial API token; it printed it"

@@ -1361,6 +1361,15 @@ async fn new_token(s: &support::Stack, name: &str, role: &str) -> String {
     assert_eq!(body["name"], name);
     assert_eq!(body["role"], role);
     assert_eq!(body["created_by"], "admin");
+    // The creation time answered is the one listed.
+    let (_, list) = s.get("/api/v1/tokens").await;
+    let listed = list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap();
+    assert_eq!(listed["created_at"], body["created_at"], "{list}");
     body["token"].as_str().unwrap().to_string()
 }
 

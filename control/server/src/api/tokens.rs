@@ -4,7 +4,6 @@
 use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
-use chrono::Utc;
 use esper_common::http::Path;
 use esper_common::{ApiError, Json};
 
@@ -41,17 +40,17 @@ pub async fn create(
         .add_token(&body.name, role, &hash_token(&token), &caller.0)
         .await
         .map_err(|e| store_error(&state, e))?;
-    if !stored {
+    let Some(created_at) = stored else {
         return Err(ApiError::Conflict(format!(
             "a token named `{}` exists; revoke it first, or choose another name",
             body.name
         )));
-    }
+    };
     tracing::info!(token = %body.name, %role, by = %caller.0, "API token created");
     let record = TokenRecord {
         name: body.name,
         role,
-        created_at: Utc::now(),
+        created_at,
         created_by: caller.0,
         last_used_at: None,
     };

@@ -333,14 +333,15 @@ pub trait ControlStore: Send + Sync {
     async fn admin_token_count(&self) -> Result<u64, StoreError>;
 
     /// Stores a token's SHA-256 hash (hex) under `name` with `role`, unless a token of
-    /// that name is stored already; `true` when this one was stored.
+    /// that name is stored already; when this one was stored, the time recorded as its
+    /// creation (as listed later).
     async fn add_token(
         &self,
         name: &str,
         role: TokenRole,
         hash: &str,
         by: &str,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     /// The name and role of the token with this hash, if any.
     async fn find_token(&self, hash: &str) -> Result<Option<(String, TokenRole)>, StoreError>;

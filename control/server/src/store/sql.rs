@@ -850,20 +850,22 @@ where
         role: TokenRole,
         hash: &str,
         by: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let _turn = self.turn().await;
+        // Kept as stored (to the microsecond), so the answer and later listings agree.
+        let at = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let done = sqlx::query(
             "INSERT INTO tokens (name, hash, created_at, role, created_by) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
         .bind(name)
         .bind(hash)
-        .bind(ts(Utc::now()))
+        .bind(ts(at))
         .bind(role.as_str())
         .bind(by)
         .execute(self.pool())
         .await?;
-        Ok(B::rows_affected(&done) == 1)
+        Ok((B::rows_affected(&done) == 1).then_some(at))
     }
 
     async fn find_token(&self, hash: &str) -> Result<Option<(String, TokenRole)>, StoreError> {

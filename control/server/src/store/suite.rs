@@ -521,6 +521,7 @@ async fn tokens_are_found_by_hash(store: &dyn ControlStore) {
             .add_token("ops", TokenRole::Admin, "abc123", "initial")
             .await
             .expect("add")
+            .is_some()
     );
     // Names are unique: a second `ops` (another instance's first start) is not stored.
     assert!(
@@ -528,12 +529,14 @@ async fn tokens_are_found_by_hash(store: &dyn ControlStore) {
             .add_token("ops", TokenRole::Read, "other", "x")
             .await
             .expect("add")
+            .is_some()
     );
     assert!(
         store
             .add_token("edge", TokenRole::Service, "def456", "ops")
             .await
             .expect("add")
+            .is_some()
     );
     assert_eq!(store.admin_token_count().await.expect("count"), 1);
     assert_eq!(
