@@ -897,10 +897,18 @@ impl Config {
             let hosts: Vec<String> = if app.hosts.is_empty() {
                 vec!["*".into()]
             } else {
-                app.hosts.iter().map(|h| h.to_ascii_lowercase()).collect()
+                // As the router reads them: no case, no trailing dot.
+                app.hosts
+                    .iter()
+                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                    .collect()
             };
+            // The default app is reached by hosts no other app claims, whatever its own.
+            let reached_anyway = self.default_app.as_deref() == Some(app.name.as_str());
             for host in hosts {
-                if let Some(first) = routes.insert((host.clone(), prefix.clone()), &app.name) {
+                if let Some(first) = routes.insert((host.clone(), prefix.clone()), &app.name)
+                    && !reached_anyway
+                {
                     return Err(ConfigError::invalid(
                         &at("hosts"),
                         &host,

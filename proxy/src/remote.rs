@@ -65,18 +65,27 @@ pub fn overlay(base: &Config, overlay: &str) -> Result<Config, String> {
 }
 
 /// Whether a proxy would apply the control plane's document `doc`: its options parse and
-/// validate over a proxy's defaults (with a stand-in upstream when the document names
-/// none, as each proxy names its own). Checked by the control plane when the document is
-/// stored, so an operator's mistake is refused there rather than by every proxy. What
-/// only a proxy knows (its own settings, the files the document names) is still
-/// checked by each proxy when it applies the document.
+/// validate over a proxy's defaults. Checked by the control plane when the document is
+/// stored, so an operator's mistake is refused there rather than by every proxy.
+///
+/// Rules that tie an option to one a proxy may set itself are given the benefit of the
+/// doubt: a stand-in upstream when the document names none, room for any `batch_size`
+/// when it sets no `buffer`, and a `default_app` taken as naming one of the proxies' own
+/// apps when it brings none. What only a proxy knows (its own settings, the files the
+/// document names) is checked by each proxy when it applies the document.
 pub fn check_document(doc: &str) -> Result<(), String> {
-    let remote: toml::Table = doc
+    let mut remote: toml::Table = doc
         .parse()
         .map_err(|e: toml::de::Error| e.message().to_string())?;
     let mut base = Config::default();
     if !remote.contains_key("upstream") && !remote.contains_key("apps") {
         base.upstream = "127.0.0.1:80".into();
+    }
+    if !remote.contains_key("buffer") {
+        base.buffer = 1 << 40;
+    }
+    if !remote.contains_key("apps") {
+        remote.remove("default_app");
     }
     overlay_table(&base, remote, false).map(|_| ())
 }

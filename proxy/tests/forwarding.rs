@@ -166,7 +166,7 @@ async fn an_upstream_that_does_not_answer_is_a_504_after_the_read_timeout() {
     assert_eq!(body["error"], "gateway_timeout", "{body}");
     proxy.stop().await.unwrap();
 
-    // One slower than the default would allow but within its own timeout is answered.
+    // One that answers within the timeout is answered.
     let slow = slow_upstream(Some(Duration::from_millis(200))).await;
     let mut cfg = config(slow, &dead_url(), &dead_url());
     cfg.upstream_read_timeout = Duration::from_secs(5);

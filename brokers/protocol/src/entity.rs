@@ -54,8 +54,6 @@ pub enum EntityParseError {
     BadCidr(String),
     #[error("`{0}` must be NAME=VALUE with a non-empty name")]
     BadNamedValue(String),
-    #[error("`{0}` is not a header or cookie name (letters, digits and !#$%&'*+-.^_`|~)")]
-    BadName(String),
     #[error("`{0}`: header and cookie keys cannot hold control characters")]
     ControlCharacter(String),
     #[error("`{0}` is not a path template: it must start with `/` and have no query")]
@@ -169,16 +167,7 @@ fn named_value(rest: &str) -> Result<(String, String), EntityParseError> {
             EntityParseError::ControlCharacter(clip(&rest.escape_debug().to_string())),
         ),
         Some((name, value)) if !name.trim().is_empty() => {
-            let name = name.trim();
-            // RFC 9110's token: no request carries a name with anything else, so such a
-            // key could never match.
-            let token = name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if !token {
-                return Err(EntityParseError::BadName(clip(name)));
-            }
-            Ok((name.to_ascii_lowercase(), value.to_string()))
+            Ok((name.trim().to_ascii_lowercase(), value.to_string()))
         }
         _ => Err(EntityParseError::BadNamedValue(clip(rest))),
     }
@@ -212,15 +201,30 @@ fn canonical_net(net: IpNet) -> IpNet {
 }
 
 impl EntityKey {
-    /// Refuses a cookie key (alone or in a tuple) holding a value rather than its hash:
-    /// proxies report and match cookie values by hash, so it would never match. Says
-    /// which key would. Every publisher checks it alike.
-    pub fn check_cookie_hashes(&self) -> Result<(), String> {
+    /// Refuses a key (alone or in a tuple) no request could match, as a manual
+    /// mitigation names it: a header or cookie name that is not an HTTP token, or a
+    /// cookie key holding a value rather than its hash (proxies report and match cookie
+    /// values by hash; the message says which key would). Checked where mitigations are
+    /// published by hand, not where keys are read: keys stored before stay readable.
+    pub fn check_matchable(&self) -> Result<(), String> {
         let parts = match self {
             EntityKey::Tuple(parts) => parts.as_slice(),
             one => std::slice::from_ref(one),
         };
         for part in parts {
+            if let EntityKey::Header { name, .. } | EntityKey::Cookie { name, .. } = part {
+                // RFC 9110's token: no request carries a name with anything else.
+                let token = name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if !token {
+                    return Err(format!(
+                        "`{}` is not a header or cookie name (letters, digits and \
+                         !#$%&'*+-.^_`|~): no request could match it",
+                        clip(name)
+                    ));
+                }
+            }
             if let EntityKey::Cookie { name, value } = part {
                 let hashed = value.len() == crate::event::COOKIE_HASH_HEX_LEN
                     && value
@@ -666,15 +670,23 @@ mod tests {
             "header:=x".parse::<EntityKey>(),
             Err(EntityParseError::BadNamedValue(_))
         ));
-        for unmatchable in ["header:bad header=abc", "cookie:a;b=1", "header:x:y=1"] {
+        // Read as written (stored keys stay readable); refused where they are published.
+        for unmatchable in [
+            "header:bad header=abc",
+            "cookie:a;b=0123456789abcdef",
+            "tuple:ip:10.0.0.1+header:x:y=1",
+        ] {
+            let key: EntityKey = unmatchable.parse().unwrap();
+            let e = key.check_matchable().unwrap_err();
             assert!(
-                matches!(
-                    unmatchable.parse::<EntityKey>(),
-                    Err(EntityParseError::BadName(_))
-                ),
-                "{unmatchable}"
+                e.contains("not a header or cookie name"),
+                "{unmatchable}: {e}"
             );
         }
+        let ok: EntityKey = "tuple:ip:10.0.0.1+cookie:sid=0123456789abcdef"
+            .parse()
+            .unwrap();
+        assert_eq!(ok.check_matchable(), Ok(()));
         assert!(matches!(
             "tuple:ip:10.0.0.1".parse::<EntityKey>(),
             Err(EntityParseError::BadTuple(_))

@@ -404,6 +404,9 @@ async fn a_proxy_document_no_proxy_would_apply_is_refused() {
     for doc in [
         "sample_rate = 0.5\nallow_ips = [\"10.0.0.0/8\", \"192.0.2.7\"]",
         "[[apps]]\nname = \"shop\"\nupstreams = [\"127.0.0.1:3000\"]",
+        // Valid with what each proxy sets itself (its own apps, a larger buffer).
+        "default_app = \"shop\"",
+        "batch_size = 20000",
     ] {
         let (status, body) = put(doc).await;
         assert_eq!(status, 200, "{doc}: {body}");

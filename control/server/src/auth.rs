@@ -208,7 +208,7 @@ pub async fn ensure_token(
     // Two instances starting on one empty store both count none: one stores its token,
     // and the other starts with it (whose value that instance printed). The name is
     // reserved, so no other kind of token can hold it.
-    if !store
+    if store
         .add_token(
             INITIAL_TOKEN_NAME,
             TokenRole::Admin,
@@ -216,7 +216,7 @@ pub async fn ensure_token(
             "",
         )
         .await?
-        .is_some()
+        .is_none()
     {
         tracing::info!(
             "another control-plane instance generated the initial API token; it printed it"

@@ -68,11 +68,45 @@ impl Member for ProxyHeartbeat {
     }
 }
 
+/// How often the warning about two runs beating under one id is repeated per id.
+const WARN_AGAIN: Duration = Duration::from_secs(600);
+/// Ids whose warning time is kept; past it the record starts afresh (ids come from
+/// callers, so it must not grow without bound).
+const WARNED_IDS: usize = 1_000;
+
 /// One kind of member (workers or proxies), by id.
 pub struct Roster<T> {
     store: Arc<dyn ControlStore>,
     timeout: chrono::Duration,
+    /// The ids warned of as beating from two runs: two processes sharing an id would
+    /// otherwise be warned of at every heartbeat.
+    warned: Warned,
     kind: PhantomData<fn() -> T>,
+}
+
+/// When each id was last warned of.
+#[derive(Default)]
+struct Warned(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+impl Warned {
+    /// Whether `id` is due a warning at `now` (none within [`WARN_AGAIN`]); records it
+    /// if so.
+    fn due(&self, id: &str, now: std::time::Instant) -> bool {
+        let Ok(mut warned) = self.0.lock() else {
+            return true;
+        };
+        if warned
+            .get(id)
+            .is_some_and(|at| now.saturating_duration_since(*at) < WARN_AGAIN)
+        {
+            return false;
+        }
+        if warned.len() >= WARNED_IDS {
+            warned.clear();
+        }
+        warned.insert(id.to_string(), now);
+        true
+    }
 }
 
 /// Why a member cannot be asked to drain.
@@ -98,6 +132,7 @@ impl<T: Member> Roster<T> {
         Roster {
             store,
             timeout: chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX),
+            warned: Warned::default(),
             kind: PhantomData,
         }
     }
@@ -123,13 +158,21 @@ impl<T: Member> Roster<T> {
             .await?;
         Ok(match heard {
             Heard::Recorded { drain } => drain,
-            Heard::EarlierRun => {
+            Heard::EarlierRun if self.warned.due(beat.id(), std::time::Instant::now()) => {
                 tracing::warn!(
                     kind = T::KIND,
                     id = beat.id(),
                     started_at = %beat.run(),
                     "a heartbeat of an earlier run than the one last heard is left out: \
                      two processes share this id, or it was delayed past a restart"
+                );
+                false
+            }
+            Heard::EarlierRun => {
+                tracing::debug!(
+                    kind = T::KIND,
+                    id = beat.id(),
+                    "a heartbeat of an earlier run is left out"
                 );
                 false
             }
@@ -229,5 +272,24 @@ impl Heartbeats {
 impl std::fmt::Debug for Heartbeats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Heartbeats").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_is_warned_of_once_in_a_while() {
+        let warned = Warned::default();
+        let now = std::time::Instant::now();
+        assert!(warned.due("w1", now));
+        assert!(!warned.due("w1", now + Duration::from_secs(5)));
+        assert!(warned.due("w2", now), "each id apart");
+        assert!(warned.due("w1", now + WARN_AGAIN));
+        for i in 0..WARNED_IDS {
+            warned.due(&format!("x{i}"), now);
+        }
+        assert!(warned.0.lock().unwrap().len() <= WARNED_IDS, "bounded");
     }
 }

@@ -846,13 +846,7 @@ async fn the_decision_log_is_idempotent_and_filtered() {
     old["decided_at"] = json!("-0001-01-01T00:00:00Z");
     let mut far = decision("d-far", "ip:192.0.2.9", "enforce", 0);
     far["mitigation"]["expires_at"] = json!("+10000-01-01T00:00:00Z");
-    let mut backwards = decision("d-backwards", "ip:192.0.2.9", "enforce", 0);
-    backwards["mitigation"]["expires_at"] = json!("2001-01-01T00:00:00Z");
-    for (bad, says) in [
-        (old, "decided_at"),
-        (far, "expires_at"),
-        (backwards, "expires_at is before created_at"),
-    ] {
+    for (bad, says) in [(old, "decided_at"), (far, "expires_at")] {
         let (status, r) = s
             .post("/api/v1/decisions", json!({"decisions": [bad]}))
             .await;

@@ -56,12 +56,6 @@ pub async fn record(
     // The mitigation broker refuses the same, so what it enforces its copy here keeps.
     let now = Utc::now();
     for d in &batch.decisions {
-        if d.mitigation.expires_at < d.mitigation.created_at {
-            return Err(ApiError::bad_request(
-                "invalid_body",
-                format!("decision `{}`: expires_at is before created_at", d.id),
-            ));
-        }
         not_ahead("decided_at", &d.decided_at, now).map_err(|e| {
             ApiError::bad_request("invalid_body", format!("decision `{}`: {e}", d.id))
         })?;

@@ -35,11 +35,11 @@ fn parse_entity(s: &str) -> Result<EntityKey, ApiError> {
     })
 }
 
-/// Proxies report and match cookie values by hash, so a key holding the value itself
-/// would never match: say which key would.
-fn check_cookie_hashes(entity: &EntityKey) -> Result<(), ApiError> {
+/// A key no request could match (a name that is no token, a cookie's value where its
+/// hash belongs) is refused, saying which key would.
+fn check_matchable(entity: &EntityKey) -> Result<(), ApiError> {
     entity
-        .check_cookie_hashes()
+        .check_matchable()
         .map_err(|e| ApiError::bad_request("invalid_entity", e))
 }
 
@@ -161,7 +161,7 @@ pub async fn add(
     Json(req): Json<ManualMitigationRequest>,
 ) -> Result<(StatusCode, Json<Mitigation>), ApiError> {
     let entity = parse_entity(&req.entity)?;
-    check_cookie_hashes(&entity)?;
+    check_matchable(&entity)?;
     let action = parse_action(&req.action)?;
     super::allowlist::check_manual(&state, &entity).await?;
     let ttl = parse_ttl(req.ttl.as_deref())?;

@@ -1019,42 +1019,51 @@ where
         // heartbeats carry no time of sending, and one resent or delayed can arrive
         // after a newer one. Runs and times are fixed-width RFC 3339 text, so they
         // compare as text.
-        let row = sqlx::query(
-            "INSERT INTO members (kind, id, beat, run, seen_at, stopping) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (kind, id) DO UPDATE SET beat = excluded.beat, run = excluded.run, \
-             seen_at = excluded.seen_at, stopping = excluded.stopping, \
-             drain_run = CASE WHEN members.drain_run = $7 THEN members.drain_run END \
-             WHERE members.seen_at < $8 OR excluded.run > members.run \
-             OR (excluded.run = members.run AND (excluded.stopping OR NOT members.stopping)) \
-             RETURNING drain_run",
-        )
-        .bind(beat.kind)
-        .bind(beat.id)
-        .bind(beat.beat)
-        .bind(&run)
-        .bind(ts(beat.at))
-        .bind(beat.stopping)
-        .bind(standing)
-        .bind(ts(beat.alive_since))
-        .fetch_optional(self.pool())
-        .await?;
-        if let Some(row) = row {
-            return Ok(Heard::Recorded {
-                drain: row.opt_text("drain_run")?.is_some(),
-            });
-        }
-        let recorded = sqlx::query("SELECT run FROM members WHERE kind = $1 AND id = $2")
+        // Twice at most: a member pruned (or another instance's delete) between the
+        // upsert and the look at why it was left out is inserted by the second.
+        for _ in 0..2 {
+            let row = sqlx::query(
+                "INSERT INTO members (kind, id, beat, run, seen_at, stopping) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (kind, id) DO UPDATE SET beat = excluded.beat, \
+                 run = excluded.run, seen_at = excluded.seen_at, stopping = excluded.stopping, \
+                 drain_run = CASE WHEN members.drain_run = $7 THEN members.drain_run END \
+                 WHERE members.seen_at < $8 OR excluded.run > members.run \
+                 OR (excluded.run = members.run AND (excluded.stopping OR NOT members.stopping)) \
+                 RETURNING drain_run",
+            )
             .bind(beat.kind)
             .bind(beat.id)
-            .fetch_one(self.pool())
-            .await?
-            .text("run")?;
-        Ok(if recorded > run {
-            Heard::EarlierRun
-        } else {
-            Heard::AfterStopping
-        })
+            .bind(beat.beat)
+            .bind(&run)
+            .bind(ts(beat.at))
+            .bind(beat.stopping)
+            .bind(&standing)
+            .bind(ts(beat.alive_since))
+            .fetch_optional(self.pool())
+            .await?;
+            if let Some(row) = row {
+                return Ok(Heard::Recorded {
+                    drain: row.opt_text("drain_run")?.is_some(),
+                });
+            }
+            let recorded = sqlx::query("SELECT run FROM members WHERE kind = $1 AND id = $2")
+                .bind(beat.kind)
+                .bind(beat.id)
+                .fetch_optional(self.pool())
+                .await?;
+            if let Some(recorded) = recorded {
+                return Ok(if recorded.text("run")? > run {
+                    Heard::EarlierRun
+                } else {
+                    Heard::AfterStopping
+                });
+            }
+        }
+        Err(StoreError::Query(format!(
+            "the heartbeat of {} `{}` was neither recorded nor found recorded",
+            beat.kind, beat.id
+        )))
     }
 
     async fn members(

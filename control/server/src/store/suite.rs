@@ -525,11 +525,11 @@ async fn tokens_are_found_by_hash(store: &dyn ControlStore) {
     );
     // Names are unique: a second `ops` (another instance's first start) is not stored.
     assert!(
-        !store
+        store
             .add_token("ops", TokenRole::Read, "other", "x")
             .await
             .expect("add")
-            .is_some()
+            .is_none()
     );
     assert!(
         store
