@@ -168,19 +168,13 @@ impl<T: Member> Roster<T> {
                 );
                 false
             }
-            Heard::EarlierRun => {
+            // Warned of lately, or a beat that arrived after its run said it stops.
+            left_out => {
                 tracing::debug!(
                     kind = T::KIND,
                     id = beat.id(),
-                    "a heartbeat of an earlier run is left out"
-                );
-                false
-            }
-            Heard::AfterStopping => {
-                tracing::debug!(
-                    kind = T::KIND,
-                    id = beat.id(),
-                    "a heartbeat that arrived after its run said it stops is left out"
+                    why = ?left_out,
+                    "a heartbeat older than the one recorded is left out"
                 );
                 false
             }
