@@ -1,9 +1,11 @@
 //! Offline replay: recorded events (JSON lines) through policies with in-memory state,
 //! giving the decisions they would have made, when and why. Nothing is published.
 //!
-//! Each event is evaluated at its own timestamp (never earlier than the events before
-//! it), so windows, cooldowns and ttls run in the recording's time and a replay always
-//! gives the same decisions.
+//! Events are evaluated in the order of their timestamps (a recording's own order for
+//! equal times), each at its own timestamp, so windows, cooldowns and ttls run in the
+//! recording's time and a replay always gives the same decisions. Recordings of several
+//! proxies can be concatenated, and one event stamped far ahead (a client's clock, a
+//! hand edit) moves only itself to the end.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +20,9 @@ use crate::policy::{ActivePolicies, PolicySpec};
 
 /// Entities and event ids the replay state may hold.
 const REPLAY_CAPACITY: usize = 1_000_000;
-/// How long the replay remembers offenses (for repeat offenders) and event ids.
-const REPLAY_STATE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long the replay remembers offenses (for repeat offenders) and event ids: as a
+/// worker does by default, so a replay grows ttls as the live engine would.
+const REPLAY_STATE_TTL: Duration = crate::worker::DEFAULT_STATE_TTL;
 
 /// One decision of a replay.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -75,6 +78,15 @@ pub fn read_events(text: &str) -> Result<Vec<RequestEvent>, ReplayError> {
             message,
         };
         let mut v: serde_json::Value = serde_json::from_str(t).map_err(|e| err(e.to_string()))?;
+        // serde's own message for a time without its zone is "premature end of input".
+        if let Some(at) = v.get("timestamp").and_then(serde_json::Value::as_str)
+            && DateTime::parse_from_rfc3339(at).is_err()
+        {
+            return Err(err(format!(
+                "timestamp {at:?} is not an RFC 3339 time with its zone \
+                 (2026-01-01T12:00:00Z or 2026-01-01T13:00:00+01:00)"
+            )));
+        }
         if let Some(obj) = v.as_object_mut() {
             obj.entry("id")
                 .or_insert_with(|| serde_json::Value::String(format!("line-{line_no}")));
@@ -98,9 +110,18 @@ pub async fn replay(
         warnings: set.warnings().to_vec(),
         ..ReplayReport::default()
     };
-    let mut now = DateTime::<Utc>::MIN_UTC;
-    for event in events {
-        now = now.max(event.timestamp);
+    report
+        .warnings
+        .extend(active.policies.iter().filter(|p| !p.enabled).map(|p| {
+            format!(
+                "policy \"{}\" is disabled (enabled = false): not replayed",
+                p.id
+            )
+        }));
+    let mut ordered: Vec<&RequestEvent> = events.iter().collect();
+    ordered.sort_by_key(|e| e.timestamp);
+    for event in ordered {
+        let now = event.timestamp;
         let out = evaluator
             .evaluate(&set, std::slice::from_ref(event), now)
             .await?;
@@ -237,8 +258,58 @@ count_if = 'status == 401'
         assert!(r.warnings[1].contains("\"office\""), "{:?}", r.warnings);
     }
 
+    #[tokio::test]
+    async fn events_are_replayed_in_time_order_whatever_the_file_order() {
+        let first: Vec<String> = (0..3).map(|s| line(s, "10.0.0.1", 401)).collect();
+        let second: Vec<String> = (10..13).map(|s| line(s, "10.0.0.2", 401)).collect();
+        let expected = [
+            ("2026-01-01T12:00:02+00:00", "ip:10.0.0.1"),
+            ("2026-01-01T12:00:12+00:00", "ip:10.0.0.2"),
+        ];
+        // Two proxies' recordings concatenated, the later one first; and one event
+        // stamped a year ahead among them.
+        let ahead = line(0, "10.0.0.3", 401).replace("2026-", "2027-");
+        let mut text = second.clone();
+        text.push(ahead);
+        text.extend(first);
+        let events = read_events(&text.join("\n")).unwrap();
+        let r = replay_specs(parse_policies(POLICY).unwrap(), &events)
+            .await
+            .unwrap();
+        let got: Vec<(String, String)> = r
+            .decisions
+            .iter()
+            .map(|d| (d.time.to_rfc3339(), d.entity.to_string()))
+            .collect();
+        let want: Vec<(String, String)> = expected
+            .iter()
+            .map(|(t, e)| (t.to_string(), e.to_string()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn a_disabled_policy_is_named_as_not_replayed() {
+        let off = POLICY.replace("ttl = \"2m\"", "ttl = \"2m\"\nenabled = false");
+        let events = read_events(&line(0, "10.0.0.1", 401)).unwrap();
+        let r = replay_specs(parse_policies(&off).unwrap(), &events)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.warnings,
+            ["policy \"login\" is disabled (enabled = false): not replayed"]
+        );
+    }
+
     #[test]
     fn bad_lines_are_named() {
+        let err = read_events(r#"{"timestamp":"2026-01-01T12:00:00"}"#).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "events line 1: timestamp \"2026-01-01T12:00:00\" is not an RFC 3339 time"
+            ),
+            "{err}"
+        );
         let err = read_events("\n{\"nope\": 1}\n").unwrap_err();
         assert!(err.to_string().starts_with("events line 2: "), "{err}");
         let err = read_events("{").unwrap_err();

@@ -89,6 +89,7 @@ suite!(memory: counts_each_event_once_even_within_a_batch,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     a_rollback_takes_back_only_its_own_sequence_progress,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
+    a_ban_longer_than_the_state_ttl_still_grows,
     a_long_mixed_log_gives_the_memory_backends_outcomes);
 suite!(redis: counts_each_event_once_even_within_a_batch,
     workers_count_time_by_the_shared_states_clock,
@@ -100,6 +101,7 @@ suite!(redis: counts_each_event_once_even_within_a_batch,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     a_rollback_takes_back_only_its_own_sequence_progress,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
+    a_ban_longer_than_the_state_ttl_still_grows,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, an_unreadable_entity_hash_starts_afresh,
     an_undo_log_without_prior_offenses_rolls_back,
@@ -114,6 +116,7 @@ suite!(postgres: counts_each_event_once_even_within_a_batch,
     retain_drops_other_policies, distinct_values_count_once_per_window, sequences_complete_in_order,
     a_rollback_takes_back_only_its_own_sequence_progress,
     escalation_and_repeat_offenses_grow_the_ttl, late_events_are_ignored_and_counted,
+    a_ban_longer_than_the_state_ttl_still_grows,
     a_long_mixed_log_gives_the_memory_backends_outcomes,
     a_batch_past_its_lease_is_undone_and_cannot_commit, restarted_state_keeps_counts,
     a_lapsed_batch_undone_at_another_commit_stays_undone,
@@ -273,17 +276,20 @@ async fn cleanup_forgets_idle_entities_and_old_ids(b: &Backend) {
     let out = apply_commit(&*s, &batch(&["a"], "ip:10.0.0.1", now), now + 3_600_000).await;
     assert_eq!(out.duplicate, vec![false]);
     // An entity with a standing decision stays until the decision expires, and its
-    // offense history (for repeat offenders) for the state TTL.
+    // offense history (for repeat offenders) for the state TTL after that.
     let out = apply_commit(&*s, &batch(&["x", "y", "z"], "ip:10.0.0.2", now), now).await;
     assert_eq!(out.crossings.len(), 1);
     assert_eq!(s.cleanup(now + 120_000).await.unwrap().entities, 0);
     assert_eq!(s.cleanup(now + 300_000).await.unwrap().entities, 0);
-    let r = s.cleanup(now + 3_600_000).await.unwrap();
+    assert_eq!(s.cleanup(now + 3_600_000).await.unwrap().entities, 0);
+    let r = s.cleanup(now + 3_660_000).await.unwrap();
+    assert_eq!(r.entities, 1, "ip:10.0.0.1, touched at +1h, is idle now");
+    assert_eq!(s.cleanup(now + 3_899_999).await.unwrap().entities, 0);
+    let r = s.cleanup(now + 3_900_000).await.unwrap();
     assert_eq!(
         r.entities, 1,
-        "ip:10.0.0.1, touched at +1h, is not idle yet"
+        "ip:10.0.0.2's history ends 1h after its decision"
     );
-    assert_eq!(s.cleanup(now + 3_660_000).await.unwrap().entities, 1);
     assert_eq!(s.stats().entities, 0);
 }
 
@@ -415,9 +421,9 @@ async fn a_forgiven_repeat_offense_dates_the_history_from_the_one_before(b: &Bac
         s.forgive(&[revoked(ip, third)], third + 1).await.unwrap(),
         1
     );
-    // More than an hour after the first offense, though within an hour of the forgiven
-    // ones, a crossing is a first offense again.
-    let fourth = first + 3_600_000 + 1000;
+    // More than an hour after the first offense's decision ended, though within an hour
+    // of the forgiven ones, a crossing is a first offense again.
+    let fourth = first + 300_000 + 3_600_000 + 1000;
     assert_eq!(offense(&*s, &["j", "k", "l"], ip, fourth).await, 1);
     // An escalation is the same offense: forgiving it forgives the offense, and the
     // history runs from the one before.
@@ -660,6 +666,50 @@ async fn escalation_and_repeat_offenses_grow_the_ttl(b: &Backend) {
         .map(|c| (c.counted, c.level, c.offense, c.ttl_ms))
         .collect();
     assert_eq!(seen, vec![(3.0, 0, 3, 1_000_000), (5.0, 1, 3, 1_000_000)]);
+}
+
+async fn a_ban_longer_than_the_state_ttl_still_grows(b: &Backend) {
+    // Decisions of 2 h, growing twofold up to 10 h, beside a state TTL of 1 h.
+    let s = b.state().await;
+    let policy = BatchPolicy {
+        params: WindowParams::new(Duration::from_secs(60), 3.0, Duration::from_secs(7200)),
+        rules: Arc::new(Rules {
+            scale: 1.0,
+            growth: 2.0,
+            ttl_max_ms: 36_000_000,
+            ..Rules::default()
+        }),
+        ..count_policy("long", 3.0)
+    };
+    let run = |from: usize, at: i64| BatchInput {
+        policies: vec![policy.clone()],
+        events: (from..from + 3)
+            .map(|i| EventHits {
+                id: format!("e{i}"),
+                hits: vec![hit(0, "ip:10.0.0.9", at)],
+            })
+            .collect(),
+    };
+    let seen = |out: BatchOutcome| -> Vec<(u32, i64)> {
+        out.crossings
+            .iter()
+            .map(|c| (c.offense, c.ttl_ms))
+            .collect()
+    };
+    let first = now();
+    let out = apply_commit(&*s, &run(0, first), first).await;
+    assert_eq!(seen(out), [(1, 7_200_000)]);
+    // Half an hour after the ban ended (2.5 h after the offense): a repeat, and a
+    // cleanup meanwhile keeps the history.
+    let second = first + 9_000_000;
+    s.cleanup(second - 1).await.unwrap();
+    let out = apply_commit(&*s, &run(10, second), second).await;
+    assert_eq!(seen(out), [(2, 14_400_000)]);
+    // More than the state TTL after that ban ended: a first offense again.
+    let third = second + 14_400_000 + 3_600_000 + 1000;
+    s.cleanup(third - 1).await.unwrap();
+    let out = apply_commit(&*s, &run(20, third), third).await;
+    assert_eq!(seen(out), [(1, 7_200_000)]);
 }
 
 async fn late_events_are_ignored_and_counted(b: &Backend) {

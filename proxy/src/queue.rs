@@ -59,6 +59,18 @@ impl Batch {
             .push(u32::try_from(self.body.len()).unwrap_or(u32::MAX));
     }
 
+    /// Appends `other`'s events.
+    fn absorb(&mut self, other: &Batch) {
+        for event in other.events() {
+            if !self.ends.is_empty() {
+                self.body.push(b',');
+            }
+            self.body.extend_from_slice(event);
+            self.ends
+                .push(u32::try_from(self.body.len()).unwrap_or(u32::MAX));
+        }
+    }
+
     /// Events in the batch.
     pub fn len(&self) -> usize {
         self.ends.len()
@@ -178,16 +190,34 @@ impl EventQueue {
         Ok(())
     }
 
-    /// Moves every queued batch into `out`, each buffer's in the order written.
+    /// Moves every queued batch into `out`, each buffer's in the order written. The
+    /// threads' unfinished batches go together into as few batches as the batch size
+    /// allows: one client's requests served by two threads then reach the broker in one
+    /// body, where a worker claims them together and puts them in time order (sequences
+    /// follow that order), rather than in two bodies that two workers may take apart.
     pub fn drain_into(&self, out: &mut Vec<Batch>) {
+        let mut open = Vec::new();
         for shard in self.shards.iter() {
             let mut buf = shard.0.lock();
             out.append(&mut buf.full);
             if !buf.open.is_empty() {
-                out.push(std::mem::take(&mut buf.open));
+                open.push(std::mem::take(&mut buf.open));
             }
             buf.queued = 0;
         }
+        let mut open = open.into_iter();
+        let Some(mut joined) = open.next() else {
+            return;
+        };
+        for batch in open {
+            if joined.len() + batch.len() <= self.handoff {
+                joined.absorb(&batch);
+                self.recycle(batch.body);
+            } else {
+                out.push(std::mem::replace(&mut joined, batch));
+            }
+        }
+        out.push(joined);
     }
 
     /// Takes back a sent batch's buffer for a later batch (beyond a few per thread it is
@@ -432,5 +462,38 @@ mod tests {
         q.drain_into(&mut out);
         assert!(out.iter().all(|b| b.len() <= 10));
         assert_eq!(ids(out).len(), 400);
+    }
+
+    #[test]
+    fn unfinished_batches_of_several_threads_leave_in_one_body() {
+        let q = Arc::new(EventQueue::new(100, 3, 5));
+        let from_thread = |first: u32, n: u32| {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                for i in first..first + n {
+                    push(&q, i).unwrap();
+                }
+            })
+            .join()
+            .unwrap();
+        };
+        from_thread(0, 2);
+        from_thread(10, 2);
+        let mut out = Vec::new();
+        q.drain_into(&mut out);
+        assert_eq!(out.len(), 1, "two threads' unfinished batches, one body");
+        let mut got = ids(std::mem::take(&mut out));
+        got.sort();
+        assert_eq!(got, ["e0", "e1", "e10", "e11"]);
+
+        // Joined only as far as the batch size allows.
+        from_thread(20, 3);
+        from_thread(30, 3);
+        from_thread(40, 1);
+        q.drain_into(&mut out);
+        let mut sizes: Vec<usize> = out.iter().map(Batch::len).collect();
+        sizes.sort();
+        assert_eq!(sizes, [3, 4]);
+        assert_eq!(ids(out).len(), 7);
     }
 }

@@ -146,8 +146,17 @@ impl EntityState {
         let d = &self.decision;
         (empty || self.last_touch.saturating_add(window_ms) <= now_ms)
             && d.cooldown_until <= now_ms
-            && (d.offenses == 0 || d.last_offense_ms.saturating_add(history_ms) <= now_ms)
+            && (d.offenses == 0 || history_end(d, history_ms) <= now_ms)
     }
+}
+
+/// Until when an entity's offenses are remembered: the state TTL past its last
+/// decision's end (at least as late as any offense could still count as a repeat; a
+/// forgiven decision ends when it is revoked, after the offense before it ended).
+fn history_end(d: &DecisionState, history_ms: i64) -> i64 {
+    d.cooldown_until
+        .max(d.last_offense_ms)
+        .saturating_add(history_ms)
 }
 
 /// A policy's entities by a keyed 64-bit fingerprint of their key (foldhash with a
@@ -309,8 +318,14 @@ impl MemoryState {
                 let d = &mut entity.decision;
                 let decided = if d.cooldown_until <= now_ms {
                     p.reached(measured).then(|| {
+                        // A repeat when it comes within the state TTL of the end of
+                        // the last decision (as long as that decision was): counted from
+                        // the offense, a ban longer than the TTL would make every next
+                        // offense a first one, and ttl growth would start over.
+                        let last_ttl = rules.ttl_ms(d.level, d.offenses, p.cooldown_ms);
                         let repeat = d.offenses > 0
-                            && now_ms.saturating_sub(d.last_offense_ms) <= self.ttl_ms;
+                            && now_ms.saturating_sub(d.last_offense_ms)
+                                <= last_ttl.saturating_add(self.ttl_ms);
                         let offense = if repeat {
                             d.offenses.saturating_add(1)
                         } else {
@@ -662,9 +677,11 @@ mod tests {
             .unwrap();
         assert_eq!(out.crossings.len(), 1);
         assert_eq!(s.cleanup(NOW + 120_000).await.unwrap().entities, 0);
-        // Its offense history (for repeat offenders) stays for the state TTL.
+        // Its offense history (for repeat offenders) stays for the state TTL after the
+        // decision ends.
         assert_eq!(s.cleanup(NOW + 300_000).await.unwrap().entities, 0);
-        assert_eq!(s.cleanup(NOW + 3_600_000).await.unwrap().entities, 1);
+        assert_eq!(s.cleanup(NOW + 3_899_999).await.unwrap().entities, 0);
+        assert_eq!(s.cleanup(NOW + 3_900_000).await.unwrap().entities, 1);
     }
 
     #[tokio::test]
@@ -987,7 +1004,7 @@ pub(crate) mod scratch {
             let history = if d.offenses == 0 {
                 i64::MIN
             } else {
-                d.last_offense_ms.saturating_add(history_ms)
+                super::history_end(d, history_ms)
             };
             touch.max(d.cooldown_until).max(history)
         }

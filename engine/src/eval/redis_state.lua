@@ -110,7 +110,8 @@ local function idle_at(e, hist)
   local empty = #e.w == 0 and e.seq == nil and redis.call('ZCARD', dkey(e.pk, e.ent)) == 0
   local t = empty and 0 or e.lt + e.win
   if e.cu > t then t = e.cu end
-  if e.of > 0 and e.lo + hist > t then t = e.lo + hist end
+  -- memory.rs's history_end: offenses are remembered past the last decision's end.
+  if e.of > 0 and math.max(e.cu, e.lo) + hist > t then t = math.max(e.cu, e.lo) + hist end
   return t
 end
 
@@ -504,9 +505,19 @@ if op == 'apply' then
                 end
                 return 0
               end
+              -- memory.rs's Rules::ttl_ms: how long a decision at a level stands.
+              local function ttl_for(lvl, off)
+                local base = lvl > 0 and p.lad[lvl] and p.lad[lvl][3] or p.cd
+                if p.gr <= 1 then return base end
+                local grown = base * powi(p.gr, math.max(off - 1, 0))
+                local cap = math.max(p.tm, base)
+                if grown == grown and grown < cap then return math.floor(grown) end
+                return cap
+              end
               if e.cu <= now then
                 if reached(measured, p.th) then
-                  local repeat_ = e.of > 0 and now - e.lo <= hist
+                  -- A repeat within the state TTL of the last decision's end.
+                  local repeat_ = e.of > 0 and now - e.lo <= ttl_for(e.lv, e.of) + hist
                   offense = repeat_ and e.of + 1 or 1
                   level = level_for(measured, offense)
                 end
@@ -515,13 +526,7 @@ if op == 'apply' then
                 if l > e.lv then level, offense = l, e.of end
               end
               if level then
-                local base = level > 0 and p.lad[level][3] or p.cd
-                local ttl = base
-                if p.gr > 1 then
-                  local grown = base * powi(p.gr, math.max(offense - 1, 0))
-                  local cap = math.max(p.tm, base)
-                  if grown == grown and grown < cap then ttl = math.floor(grown) else ttl = cap end
-                end
+                local ttl = ttl_for(level, offense)
                 undo.cd[#undo.cd + 1] = { p.k, ent, fmt(e.cu), fmt(e.cb), fmt(e.lv), fmt(e.of), fmt(e.lo), fmt(e.po) }
                 -- An escalation under a standing decision is the same offense.
                 if e.cu <= now then e.po = e.lo end

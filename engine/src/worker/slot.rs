@@ -145,10 +145,14 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
 async fn process(
     shared: &Shared,
     policies: &PolicySet,
-    items: Vec<ClaimedItem>,
+    mut items: Vec<ClaimedItem>,
     shutdown: &Shutdown,
 ) -> bool {
     let claimed_at = Instant::now();
+    // In time order: a proxy's threads report one client's requests in separate
+    // batches, so the claim may hold them out of order, and a sequence is matched in
+    // the order its events are evaluated. The sort is stable for equal times.
+    items.sort_by_key(|i| i.event.timestamp);
     let (item_ids, events): (Vec<String>, Vec<RequestEvent>) =
         items.into_iter().map(|i| (i.item_id, i.event)).unzip();
     let now = shared.evaluator.clock().now();
