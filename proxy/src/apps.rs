@@ -35,6 +35,9 @@ pub struct App {
     pub name: String,
     pub sample_rate: f64,
     pub templates: Templates,
+    /// The `Host` a request that named none is sent with: the first upstream's
+    /// address, as configured.
+    pub host: http::HeaderValue,
     tls: bool,
     timeouts: Timeouts,
     windows: ReuseWindows,
@@ -291,8 +294,14 @@ impl App {
         }
         let templates_dir = cfg.templates_dir.as_ref().or(shared.templates_dir.as_ref());
         let templates = Templates::load(templates_dir.map(|p| p.as_path()))?;
+        let host = cfg
+            .upstreams
+            .first()
+            .and_then(|u| http::HeaderValue::from_str(u).ok())
+            .unwrap_or_else(|| http::HeaderValue::from_static("localhost"));
         Ok(App {
             name: cfg.name.clone(),
+            host,
             sample_rate: cfg.sample_rate.unwrap_or(shared.sample_rate),
             templates,
             tls: cfg.upstream_tls,

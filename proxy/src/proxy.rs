@@ -112,6 +112,9 @@ pub struct RequestCtx {
     tries: usize,
     /// The upstream whose connection failed last, avoided on the retry.
     failed: Option<SocketAddr>,
+    /// The request named no host (HTTP/1.0 without `Host`): the upstream request,
+    /// which Pingora sends as HTTP/1.1, gets the app's own.
+    hostless: bool,
     _in_flight: InFlightGuard,
 }
 
@@ -194,6 +197,12 @@ impl EsperProxy {
         }
         if let Some(cookie) = cookie {
             resp.insert_header(header::SET_COOKIE, cookie)?;
+        }
+        // A HEAD is answered the header alone, its length the GET's. Pingora leaves the
+        // body out over HTTP/1.1 itself, but over HTTP/2 a body on a HEAD's answer
+        // breaks the stream.
+        if session.req_header().method == http::Method::HEAD {
+            return session.write_response_header(Box::new(resp), true).await;
         }
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await?;
@@ -367,12 +376,13 @@ impl EsperProxy {
     }
 }
 
-/// The Host header, or the URI's authority (HTTP/2), "" when neither.
+/// The Host header, or the URI's authority (HTTP/2), port included either way, "" when
+/// neither.
 fn request_host(req: &pingora::http::RequestHeader) -> &str {
     req.headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.host())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
         .unwrap_or("")
 }
 
@@ -385,11 +395,53 @@ async fn hold(session: &mut Session, delay: std::time::Duration) -> Result<()> {
     if session.is_body_empty() {
         tokio::select! {
             () = tokio::time::sleep_until(until) => return Ok(()),
-            gone = session.read_body_or_idle(true) => gone.map(|_| ())?,
+            // A client leaving is the client's doing: kept out of the error log.
+            gone = session.read_body_or_idle(true) => gone.map(|_| ()).map_err(|mut e| {
+                e.as_down();
+                e
+            })?,
         }
     }
     tokio::time::sleep_until(until).await;
     Ok(())
+}
+
+/// An answer without a length goes to an HTTP/1.0 client as its body followed by the
+/// connection's close (RFC 9112 §6.1, §6.3): such a client reads no chunked coding,
+/// which Pingora gives every answer without a length so as to keep HTTP/1.1
+/// connections open.
+fn for_http10(session: &mut Session, response: &mut ResponseHeader) {
+    let chunked = response
+        .headers
+        .get(header::TRANSFER_ENCODING)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"chunked"));
+    if chunked && !response.headers.contains_key(header::CONTENT_LENGTH) {
+        response.remove_header(&header::TRANSFER_ENCODING);
+        session.set_keepalive(None);
+    }
+}
+
+/// HTTP/2 clients may send their cookies as several `cookie` fields; an HTTP/1.1
+/// upstream takes one `Cookie` header, the fields joined by "; " (RFC 9113 §8.2.3).
+/// Left as several headers, servers that join repeated headers with "," read one
+/// cookie whose value holds all the others.
+fn join_cookies(request: &mut RequestHeader) -> Result<()> {
+    let mut fields = request.headers.get_all(header::COOKIE).iter();
+    if fields.next().is_none() || fields.next().is_none() {
+        return Ok(());
+    }
+    let mut joined = Vec::new();
+    for field in request.headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(field.as_bytes());
+    }
+    let joined = HeaderValue::from_bytes(&joined).or_err(
+        pingora::ErrorType::InvalidHTTPHeader,
+        "joining the request's cookie fields",
+    )?;
+    request.insert_header(header::COOKIE, joined)
 }
 
 /// Why a request that Pingora parsed is still no request to forward (RFC 9112 §3.2,
@@ -790,6 +842,7 @@ impl ProxyHttp for EsperProxy {
             app: None,
             tries: 0,
             failed: None,
+            hostless: false,
             _in_flight: self.in_flight.enter(),
         }
     }
@@ -842,6 +895,7 @@ impl ProxyHttp for EsperProxy {
             .await?;
             return Ok(true);
         }
+        ctx.hostless = host.is_empty();
         // Routed as the upstream will resolve the path: `/api/../admin` is `/admin`'s.
         let routed = esper_protocol::normalize_path(path);
         let routed = live.router.route(host, &routed).cloned();
@@ -1094,6 +1148,14 @@ impl ProxyHttp for EsperProxy {
                 None => HTTP,
             },
         };
+        if ctx.hostless
+            && let Some(app) = &ctx.app
+        {
+            upstream_request.insert_header(header::HOST, app.host.clone())?;
+        }
+        if session.is_http2() {
+            join_cookies(upstream_request)?;
+        }
         let added = ctx.forward.added();
         if ctx.forward.preserve_case || added == 0 || !origin_form(upstream_request) {
             return add_forwarding(upstream_request, ctx, hop);
@@ -1113,10 +1175,13 @@ impl ProxyHttp for EsperProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if session.req_header().version < http::Version::HTTP_11 {
+            for_http10(session, upstream_response);
+        }
         if !ctx.forward.request_id
             || ctx.request_id.is_empty()
             || upstream_response.headers.contains_key(&X_REQUEST_ID_NAME)
@@ -1196,7 +1261,8 @@ fn access_line(session: &Session, ctx: &RequestCtx, latency: std::time::Duration
         client = %client,
         method = %req.method,
         host = request_host(req),
-        uri = %req.uri,
+        // The target as nginx's `$request_uri` has it, over HTTP/2 as well.
+        uri = req.uri.path_and_query().map_or("/", |p| p.as_str()),
         status = session.response_written().map_or(0, |r| r.status.as_u16()),
         ms = (latency.as_secs_f64() * 1e6).round() / 1e3,
         bytes = session.body_bytes_sent(),

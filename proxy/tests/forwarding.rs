@@ -75,6 +75,26 @@ async fn forwards_status_body_headers_and_request_ids() {
 /// An upstream that cannot be reached is a 502 in the proxy's own format, with the
 /// request id, as every answer the proxy writes.
 #[tokio::test]
+async fn a_request_naming_no_host_reaches_the_app_with_one() {
+    // HTTP/1.0 needs no Host (HAProxy's default health check sends none); the request
+    // goes upstream as HTTP/1.1, which does.
+    let up = upstream().await;
+    let proxy = start_proxy(config(up.addr, &dead_url(), &dead_url())).await;
+    let answer = support::exchange(proxy.handle().traffic_addr(), "GET / HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(up.last_header("host"), up.addr.to_string());
+    // A request with its own Host keeps it.
+    let answer = support::exchange(
+        proxy.handle().traffic_addr(),
+        "GET / HTTP/1.0\r\nHost: shop.example\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(up.last_header("host"), "shop.example");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_unreachable_upstream_is_a_502() {
     let addr = support::refusing_addr();
     let proxy = start_proxy(config(addr, &dead_url(), &dead_url())).await;

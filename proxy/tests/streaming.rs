@@ -104,3 +104,46 @@ async fn streamed_responses_arrive_as_they_are_made() {
     assert_eq!(rest, b"second;");
     proxy.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_http10_client_gets_an_answer_without_a_length_unchunked_then_a_close() {
+    let router = Router::new().route(
+        "/stream",
+        get(|| async {
+            let chunks = futures_util::stream::iter(["one ", "two"])
+                .map(|c| Ok::<_, std::convert::Infallible>(bytes::Bytes::from(c)));
+            Body::from_stream(chunks)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let proxy = start_proxy(config(upstream, &dead_url(), &dead_url())).await;
+    let addr = proxy.handle().traffic_addr();
+    // Asking to keep the connection open: without a length, the close is the body's end.
+    let answer = support::exchange(
+        addr,
+        "GET /stream HTTP/1.0\r\nHost: shop.example\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{answer}"
+    );
+    assert_eq!(body, "one two");
+    // HTTP/1.1 clients keep their chunked coding.
+    let answer = support::exchange(
+        addr,
+        "GET /stream HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{answer}"
+    );
+    proxy.stop().await.unwrap();
+}

@@ -353,3 +353,48 @@ async fn a_bad_certificate_at_start_is_one_clear_error() {
     assert!(err.starts_with("TLS:") && err.contains("x.pem"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn http2_clients_get_head_answers_without_a_body_and_send_one_cookie_header() {
+    let up = upstream().await;
+    let broker = mitigations().await;
+    let dir = temp_dir();
+    let mut cfg = config(up.addr, &dead_url(), &broker.url);
+    cfg.tls_certificates = vec![write_cert(&dir, "h", &cert_for("h.test"), &[])];
+    let proxy = start_proxy(cfg).await;
+    let addr = proxy.handle().tls_addr().unwrap();
+    let tls = client("h.test", addr);
+    let url = format!("https://h.test:{}/", addr.port());
+    // Cookies in separate fields, as browsers send them over HTTP/2.
+    let resp = tls
+        .get(&url)
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let cookies: Vec<String> = up
+        .seen
+        .lock()
+        .last()
+        .unwrap()
+        .get_all("cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2"], "one header for the HTTP/1.1 app");
+
+    broker
+        .publish("ip:127.0.0.1", Action::Block, Duration::from_secs(600))
+        .await;
+    assert!(answers(&tls, &url, 403).await, "the client is blocked");
+    // The proxy's own answer to a HEAD: the status and headers, and the stream ends.
+    let resp = tls.head(&url).send().await.expect("a clean HTTP/2 answer");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 403);
+    assert!(resp.headers().contains_key("x-request-id"));
+    assert_eq!(resp.bytes().await.unwrap().len(), 0);
+    proxy.stop().await.unwrap();
+}
