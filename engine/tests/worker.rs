@@ -166,6 +166,42 @@ async fn a_failed_publish_is_rolled_back_and_redelivered_events_decide_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mitigation_broker_down_for_many_leases_sends_nothing_to_the_dead_letter_list() {
+    // Two attempts per item, leases of 2 s: an outage of 10 s spans five leases.
+    let ing = ingestion_with_attempts(2).await;
+    let mit_addr = free_addr().await;
+    let mit_url = format!("http://{mit_addr}");
+    let dir = TempDir::new("outage");
+    let policies = dir.write("policies.toml", LOGIN_POLICY);
+    let worker = worker(worker_config(&ing.url(), &mit_url, policies)).await;
+    let (ingest, mitigations) = clients(&ing.url(), &mit_url);
+    ingest.ingest(logins("127.0.0.3", 10)).await.unwrap();
+    let ops = worker.url();
+    eventually(Duration::from_secs(10), "a batch given back", || async {
+        let text = metrics(&ops).await;
+        (sample(&text, r#"esper_batches_total{outcome="retried"}"#) >= 1.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let status = ingest.status().await.unwrap();
+    assert_eq!(status.dead_letter, 0, "{status:?}");
+    assert_eq!(status.depth + status.leased, 10, "{status:?}");
+
+    let listener = tokio::net::TcpListener::bind(mit_addr).await.unwrap();
+    let mit = mitigation_on(listener).await;
+    drained(&ingest, Duration::from_secs(15)).await;
+    let active = mitigations.active(None).await.unwrap();
+    assert_eq!(
+        active.total, 1,
+        "the decision is made once the broker is back"
+    );
+    assert_eq!(ingest.status().await.unwrap().dead_lettered_total, 0);
+    worker.stop().await.unwrap();
+    ing.stop().await.unwrap();
+    mit.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_policy_file_is_reloaded() {
     let ing = ingestion().await;
     let mit = mitigation().await;

@@ -79,6 +79,19 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: Shutdown) {
             shutdown.sleep(Duration::from_millis(200)).await;
             continue;
         }
+        // While the mitigation broker fails, a batch's decisions cannot be published: a
+        // claim would only be given back, and every lease that lapses counts as a
+        // delivery attempt, so an outage of a few leases would send the events to the
+        // dead-letter list. Claims wait until the broker is ready again.
+        if shared.status.mitigation.last_error().is_some() {
+            if shared.mitigation.ready().await {
+                shared.status.mitigation.ok();
+                tracing::info!("mitigation broker ready again; claiming");
+            } else {
+                shutdown.sleep(backoff.step()).await;
+                continue;
+            }
+        }
         // The claim is not cut short by shutdown: items it leases are processed below.
         let asked = Instant::now();
         let claimed = shared

@@ -52,12 +52,18 @@ async fn loopback() -> TcpListener {
 
 /// An ingestion broker on `127.0.0.1:0` with the memory queue.
 pub async fn ingestion() -> Running<esper_ingestion::Error> {
+    ingestion_with_attempts(esper_ingestion::Config::default().max_attempts).await
+}
+
+/// An ingestion broker that dead-letters an item after `max_attempts` lapsed leases.
+pub async fn ingestion_with_attempts(max_attempts: u32) -> Running<esper_ingestion::Error> {
     let listener = loopback().await;
     let addr = listener.local_addr().unwrap();
     let config = esper_ingestion::Config {
         listen: addr,
         batch_timeout: Duration::ZERO,
         shutdown_timeout: Duration::from_secs(2),
+        max_attempts,
         ..esper_ingestion::Config::default()
     };
     let (trigger, shutdown) = Shutdown::new();
