@@ -353,6 +353,20 @@ pub struct RedisQueue {
     arrivals: Notify,
 }
 
+/// Readiness: a small write next to `key`, not a `PING`. A Redis out of memory under
+/// `noeviction` (the setting brokers need), or a replica made read-only, still answers
+/// `PING` while it refuses every write a broker makes.
+async fn write_probe(conn: &mut ConnectionManager, key: &str) -> Result<(), StoreError> {
+    redis::cmd("SET")
+        .arg(format!("{key}:readiness"))
+        .arg(1)
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(conn)
+        .await
+        .map_err(unavailable)
+}
+
 /// Connects to `url` with bounded connect and response timeouts; the connection
 /// reconnects on its own after Redis comes back.
 pub async fn connect(url: &str) -> Result<ConnectionManager, StoreError> {
@@ -606,11 +620,7 @@ impl QueueStore for RedisQueue {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        write_probe(&mut conn, &self.keys[4]).await
     }
 
     async fn enqueue(&self, events: Vec<RequestEvent>) -> Result<Enqueued, StoreError> {

@@ -981,12 +981,17 @@ impl MitigationStore for RedisMitigations {
         "redis"
     }
 
+    /// A small write, not a `PING`: a Redis out of memory under `noeviction`, or a
+    /// read-only replica, answers `PING` while refusing every write.
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.shared.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+        redis::cmd("SET")
+            .arg(format!("{}:readiness", self.shared.keys[6]))
+            .arg(1)
+            .arg("PX")
+            .arg(60_000)
+            .query_async::<()>(&mut conn)
             .await
-            .map(|_| ())
             .map_err(unavailable)
     }
 
