@@ -427,8 +427,13 @@ where
                 path: shown.clone(),
                 message,
             })?;
-            let value = match section.and_then(|s| table.get(s)) {
-                Some(toml::Value::Table(t)) => toml::Value::Table(t.clone()),
+            // A file with sections gives each part its own, and a part it has no section
+            // for its defaults: `esper dev --config` with only `[worker]` starts every
+            // other part as it would without a file.
+            let sectioned = table.keys().any(|k| SECTIONS.contains(&k.as_str()));
+            let value = match section.map(|s| table.get(s)) {
+                Some(Some(own)) => own.clone(),
+                Some(None) if sectioned => toml::Value::Table(toml::Table::new()),
                 _ => toml::Value::Table(table),
             };
             config = value
@@ -607,6 +612,10 @@ mod tests {
                 .to_string();
             assert!(err.contains("is not a section"), "{err}");
         }
+        // A part the file has no section for takes its defaults.
+        std::fs::write(&path, "[worker]\nport = 3\n").unwrap();
+        let none: Demo = load_section(Some(&path), Some("server"), &env, apply).unwrap();
+        assert_eq!(none, Demo::default());
         std::fs::write(&path, "port = 5\n").unwrap();
         let flat: Demo = load_section(Some(&path), Some("server"), &env, apply).unwrap();
         assert_eq!(

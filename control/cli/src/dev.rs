@@ -244,6 +244,14 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
         |_| {},
         |_| Ok(()),
     )?;
+    // Apps from the config file name their own upstreams; the demo shop stands in for
+    // the one app of a proxy without them.
+    let with_apps = !proxy.apps.is_empty();
+    if with_apps && args.upstream.is_some() {
+        bail!(
+            "--upstream is not used with [[proxy.apps]] in the config file: each app names its upstreams"
+        );
+    }
 
     let broker_token = dev_token(
         &data_dir,
@@ -345,6 +353,7 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
         .context("applying policies")?;
 
     let upstream = match &args.upstream {
+        _ if with_apps => String::new(),
         Some(u) => u.clone(),
         None => {
             let demo_l = bind("demo app", args.demo_listen).await?;
@@ -378,7 +387,9 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
 
     proxy.listen = proxy_l.local_addr()?;
     proxy.ops_listen = proxy_ops_l.local_addr()?;
-    proxy.upstream = upstream.clone();
+    if !with_apps {
+        proxy.upstream = upstream.clone();
+    }
     proxy.ingestion_url = ingestion_url.clone();
     proxy.mitigation_url = mitigation_url.clone();
     proxy.control_url = Some(api_url.clone());
@@ -410,7 +421,10 @@ pub async fn run(args: DevArgs, file: Option<&Path>, outer: Shutdown) -> anyhow:
         async move { Ok(handle.wait().await?) },
     );
 
-    let target = if args.upstream.is_some() {
+    let target = if with_apps {
+        let names: Vec<&str> = proxy.apps.iter().map(|a| a.name.as_str()).collect();
+        format!("apps {}", names.join(", "))
+    } else if args.upstream.is_some() {
         upstream.clone()
     } else {
         format!("{upstream} (demo shop)")

@@ -524,3 +524,31 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// `esper dev` takes its apps from a config file's `[[proxy.apps]]`, where `--upstream`
+/// (the one app of a sidecar) has no place: refused before anything starts.
+#[test]
+fn esper_dev_refuses_an_upstream_beside_apps_from_the_file() {
+    let dir = std::env::temp_dir().join(format!("esper-dev-apps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("apps.toml");
+    std::fs::write(
+        &file,
+        "[[proxy.apps]]\nname = \"shop\"\nupstreams = [\"127.0.0.1:3000\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esper"))
+        .args(["dev", "--upstream", "127.0.0.1:3001", "--config"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "esper: --upstream is not used with [[proxy.apps]] in the config file: each app names its upstreams"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
