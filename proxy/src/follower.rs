@@ -48,7 +48,9 @@ struct Pending {
     cursor: String,
     /// The last page's continuation.
     more: String,
-    snapshot: SnapshotBuilder,
+    /// `None` for a snapshot taken while the broker restores, whose pages are added to
+    /// the cache as they come (see `DeltaPage::restoring`).
+    snapshot: Option<SnapshotBuilder>,
 }
 
 /// One client per broker instance, all sending `token`.
@@ -120,21 +122,30 @@ pub async fn follow(
                 let n = page.changes.len() as u64;
                 let mut overflow = Overflow::default();
                 if page.snapshot {
+                    // A broker restoring from the decision log (its store empty at
+                    // start, or lost) has not got back all that is in force: what the
+                    // cache holds stays enforced, and the snapshot is added to it.
+                    let whole = !page.restoring;
                     let mut snapshot = match pending.take() {
                         Some(p) if p.cursor == page.cursor => p.snapshot,
                         Some(_) => {
                             tracing::info!(
                                 "the mitigation snapshot could not be continued; starting it over"
                             );
-                            cache.begin_snapshot()
+                            whole.then(|| cache.begin_snapshot())
                         }
-                        None => cache.begin_snapshot(),
+                        None => whole.then(|| cache.begin_snapshot()),
                     };
-                    overflow += snapshot.add(page.changes, Utc::now());
-                    // Sized only when more pages follow: a snapshot that fit one page
-                    // is already whole.
-                    if let (Some(total), Some(_)) = (page.total, &page.more) {
-                        snapshot.expect(total);
+                    match snapshot.as_mut() {
+                        Some(s) => {
+                            overflow += s.add(page.changes, Utc::now());
+                            // Sized only when more pages follow: a snapshot that fit one
+                            // page is already whole.
+                            if let (Some(total), Some(_)) = (page.total, &page.more) {
+                                s.expect(total);
+                            }
+                        }
+                        None => overflow += cache.apply(page.changes, Utc::now()),
                     }
                     match page.more {
                         Some(more) => {
@@ -146,7 +157,15 @@ pub async fn follow(
                         }
                         None => {
                             metrics.stream_snapshots.inc();
-                            cache.install(snapshot);
+                            match snapshot {
+                                Some(s) => cache.install(s),
+                                None => tracing::warn!(
+                                    cached = cache.len(),
+                                    "the mitigation broker is restoring from the decision log: \
+                                     its snapshot was added to the cached mitigations, which \
+                                     stay enforced until they expire or are revoked"
+                                ),
+                            }
                             cursor = Some(page.cursor);
                         }
                     }

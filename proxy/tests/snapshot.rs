@@ -216,3 +216,56 @@ async fn a_failed_page_starts_the_snapshot_over() {
     proxy.stop().await.unwrap();
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_snapshot_from_a_broker_still_restoring_is_added_to_the_cache() {
+    let up = upstream().await;
+    let first = mitigations_with(
+        "127.0.0.1:0".parse().unwrap(),
+        esper_mitigation::Config::default(),
+    )
+    .await;
+    let addr = first.broker.local_addr();
+    let proxy = start_proxy(config(up.addr, &dead_url(), &first.url)).await;
+    let url = proxy.url.clone();
+    first
+        .publish("ip:127.0.0.2", Action::Block, Duration::from_secs(600))
+        .await;
+    assert!(
+        eventually(WITHIN, || async {
+            status_from("127.0.0.2", &url).await == 403
+        })
+        .await,
+        "blocked"
+    );
+    // The broker comes back with an empty store and its decision log unreachable: its
+    // restore is pending, so its snapshot is not the whole set in force.
+    first.stop().await;
+    let restoring = mitigations_with(
+        addr,
+        esper_mitigation::Config {
+            persistence_enabled: true,
+            control_url: dead_url(),
+            ..esper_mitigation::Config::default()
+        },
+    )
+    .await;
+    restoring
+        .publish("ip:127.0.0.3", Action::Block, Duration::from_secs(600))
+        .await;
+    assert!(
+        eventually(WITHIN, || async {
+            status_from("127.0.0.3", &url).await == 403
+        })
+        .await,
+        "what the broker holds now is enforced"
+    );
+    assert_eq!(
+        status_from("127.0.0.2", &url).await,
+        403,
+        "and what the proxy held stays enforced"
+    );
+    assert_eq!(status_from("127.0.0.4", &url).await, 200);
+    proxy.stop().await.unwrap();
+    restoring.stop().await;
+}

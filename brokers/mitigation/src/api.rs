@@ -408,7 +408,7 @@ async fn stream(
                 "snapshot_after must be a snapshot page's `more`",
             ));
         }
-        let page = inner
+        let mut page = inner
             .store
             .snapshot_page(cursor, after, inner.page_size)
             .await?;
@@ -416,13 +416,14 @@ async fn stream(
         if page.cursor != cursor {
             inner.metrics.snapshots.inc();
         }
+        page.restoring = restoring(inner).await;
         return Ok(Json(page));
     }
     let mut changed = inner.store.subscribe();
     changed.borrow_and_update();
     let mut page = inner.store.changes(cursor, inner.page_size).await?;
     if page.snapshot || !page.changes.is_empty() || wait.is_zero() {
-        return Ok(Json(sent(inner, page)));
+        return Ok(Json(sent(inner, page).await));
     }
     let _follower = inner.metrics.follower();
     loop {
@@ -442,13 +443,24 @@ async fn stream(
             break;
         }
     }
-    Ok(Json(sent(inner, page)))
+    Ok(Json(sent(inner, page).await))
+}
+
+/// Whether a snapshot served now is to be taken as incomplete (see
+/// [`DeltaPage::restoring`]): followers then keep what they hold, which is still being
+/// enforced, rather than replace it with a store that has not been restored yet.
+async fn restoring(inner: &Inner) -> bool {
+    match &inner.persistence {
+        Some(p) => p.restoring().await,
+        None => false,
+    }
 }
 
 /// Counts an answer to a request for the changes after a cursor (a snapshot's first
 /// page counts as one snapshot).
-fn sent(inner: &Inner, page: DeltaPage) -> DeltaPage {
+async fn sent(inner: &Inner, mut page: DeltaPage) -> DeltaPage {
     if page.snapshot {
+        page.restoring = restoring(inner).await;
         inner.metrics.snapshots.inc();
     } else {
         inner.metrics.changes_sent.inc_by(page.changes.len() as u64);

@@ -165,6 +165,9 @@ pub struct Persistence {
     capacity: usize,
     when_full: WhenFull,
     notify: Notify,
+    /// A follower found a restore due in the shared store: look for it at once rather
+    /// than at the next periodic check.
+    look_now: std::sync::atomic::AtomicBool,
     metrics: Metrics,
     client: DecisionLogClient,
 }
@@ -201,12 +204,39 @@ impl Persistence {
             capacity: config.persistence_outbox.max(1),
             when_full: config.persistence_when_full,
             notify: Notify::new(),
+            look_now: std::sync::atomic::AtomicBool::new(false),
             metrics,
             client: DecisionLogClient::new(&config.control_url, config.control_token.clone()),
         }
     }
 
     /// The token sent to the control plane; a reload replaces it.
+    /// Whether a snapshot served now may lack mitigations in force: a restore from the
+    /// decision log is pending here, or due in the shared store (its data was lost;
+    /// this instance or another restores it).
+    pub async fn restoring(&self) -> bool {
+        if self.state.lock().restore == Restore::Pending {
+            return true;
+        }
+        let Some(journal) = &self.journal else {
+            return false;
+        };
+        match journal.restore_due().await {
+            Ok(due) => {
+                if due {
+                    self.look_now
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.notify.notify_one();
+                }
+                due
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot tell whether a restore is due");
+                false
+            }
+        }
+    }
+
     pub fn control_token(&self) -> &esper_protocol::Token {
         self.client.token()
     }
@@ -766,8 +796,9 @@ pub async fn run(
     let mut backoff = MIN_BACKOFF;
     let mut orphans_checked: Option<tokio::time::Instant> = None;
     loop {
+        let look_now = p.look_now.swap(false, std::sync::atomic::Ordering::Relaxed);
         if let Some(journal) = &p.journal
-            && orphans_checked.is_none_or(|t| t.elapsed() >= ORPHAN_CHECK)
+            && (look_now || orphans_checked.is_none_or(|t| t.elapsed() >= ORPHAN_CHECK))
         {
             orphans_checked = Some(tokio::time::Instant::now());
             take_over_orphaned(&p, &**journal).await;
@@ -908,8 +939,9 @@ async fn take_over_orphaned(p: &Persistence, journal: &dyn Journal) {
                 st.restore = Restore::Pending;
                 st.touched = Touched::default();
                 tracing::warn!(
-                    "a restore from the decision log was left half-way by an instance that \
-                     stopped; restoring"
+                    "a restore from the decision log is due in the store: its data was lost \
+                     (flushed, or Redis restarted without persistence), or an instance that \
+                     stopped left a restore half-way; restoring"
                 );
             }
         }

@@ -312,6 +312,13 @@ pub struct DeltaPage {
     /// when mitigations change meanwhile). Absent elsewhere, and from older brokers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
+    /// On a snapshot page, the broker is restoring what is in force from the decision
+    /// log (its store was empty at start, or lost its data): the snapshot may lack
+    /// mitigations still in force, which come as changes once restored. A follower adds
+    /// it to what it holds rather than replacing that. Absent when false, and from older
+    /// brokers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restoring: bool,
 }
 
 /// `POST /api/mitigations` body.
@@ -371,6 +378,13 @@ mod tests {
         let text = serde_json::to_string(&paged).unwrap();
         assert!(text.ends_with(r#","more":"id-9","total":25000}"#), "{text}");
         assert_eq!(serde_json::from_str::<DeltaPage>(&text).unwrap(), paged);
+        let restoring = DeltaPage {
+            restoring: true,
+            ..paged
+        };
+        let text = serde_json::to_string(&restoring).unwrap();
+        assert!(text.ends_with(r#","restoring":true}"#), "{text}");
+        assert_eq!(serde_json::from_str::<DeltaPage>(&text).unwrap(), restoring);
     }
 
     #[test]

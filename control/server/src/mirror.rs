@@ -105,7 +105,9 @@ impl Mirror {
     /// Applies one page of the stream.
     pub fn apply(&self, page: DeltaPage) {
         let mut st = self.state.write();
-        if page.snapshot {
+        // A snapshot taken while the broker restores from the decision log may lack
+        // what is still in force: added to what is held, not put in its place.
+        if page.snapshot && !page.restoring {
             let synced = st.synced;
             *st = State::default();
             st.synced = synced;
@@ -319,6 +321,7 @@ mod tests {
             ],
             more: None,
             total: None,
+            restoring: false,
         });
         assert!(mirror.synced());
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
@@ -341,6 +344,7 @@ mod tests {
             changes: vec![Change::Remove { id: "b".into() }],
             more: None,
             total: None,
+            restoring: false,
         });
         assert_eq!(mirror.best_for_ip(ip, "").unwrap().id, "a");
 
@@ -382,6 +386,7 @@ mod tests {
             changes: vec![Change::Remove { id: "t".into() }],
             more: None,
             total: None,
+            restoring: false,
         });
         assert!(mirror.is_empty());
     }
@@ -396,6 +401,7 @@ mod tests {
             changes: vec![],
             more: None,
             total: None,
+            restoring: false,
         });
         assert!(mirror.is_empty());
     }

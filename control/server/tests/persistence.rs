@@ -873,3 +873,66 @@ async fn delivery_of_the_redis_outbox_recovers_after_redis_comes_back() {
     b.stop().await;
     control.stop().await;
 }
+
+#[tokio::test]
+async fn a_redis_that_loses_its_data_is_restored_and_its_snapshot_marked_as_restoring() {
+    let dir = TempDir::new();
+    let api = closed_addr().await;
+    let control = Control::start(&dir, api).await;
+    let (url, prefix) = (shared().url(), unique_prefix("lost"));
+    let b = Broker::start_on(api, 5000, Some((url.as_str(), prefix.as_str())), TOKEN).await;
+    let (m1, m2) = (ban("192.0.2.41"), ban("192.0.2.42"));
+    b.client
+        .publish(vec![m1.clone(), m2.clone()])
+        .await
+        .unwrap();
+    let both = sorted(&[&m1, &m2]);
+    eventually("both in the log", || async {
+        logged_in_force(api).await == both
+    })
+    .await;
+    let first = b.client.stream(None, Duration::ZERO).await.unwrap();
+    assert!(first.snapshot && !first.restoring, "{first:?}");
+
+    // Every key of the broker's store goes, as a FLUSHALL or a Redis restarted without
+    // persistence takes them, while the broker runs.
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}}}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // A follower's cursor is of the lost generation: its snapshot says it is not whole,
+    // and the broker restores what the log holds in force.
+    let page = b
+        .client
+        .stream(Some(&first.cursor), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(page.snapshot && page.restoring, "{page:?}");
+    eventually("the lost mitigations restored", || async {
+        b.active_ids().await == both
+    })
+    .await;
+    eventually("later snapshots whole again", || async {
+        !b.client
+            .stream(None, Duration::ZERO)
+            .await
+            .unwrap()
+            .restoring
+    })
+    .await;
+    b.stop().await;
+    control.stop().await;
+}

@@ -151,6 +151,7 @@ impl State {
             changes,
             more,
             total,
+            restoring: false,
         }
     }
 
@@ -173,6 +174,7 @@ impl State {
                 changes: Vec::new(),
                 more: None,
                 total: None,
+                restoring: false,
             });
         }
         let first = self.log.front().map(|(s, _)| *s)?;
@@ -194,6 +196,7 @@ impl State {
             changes,
             more: None,
             total: None,
+            restoring: false,
         })
     }
 }

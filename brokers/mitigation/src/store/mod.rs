@@ -223,6 +223,10 @@ pub trait Journal: Send + Sync + 'static {
     /// instance's mark stands: its restorer stopped half-way (killed, or shut down), so
     /// the store holds part of what is in force and another instance should restore.
     async fn restore_orphaned(&self) -> Result<bool, StoreError>;
+
+    /// A restore is due: begun and not finished, or asked for by the store itself when
+    /// it found its data gone (a Redis flushed, or restarted without persistence).
+    async fn restore_due(&self) -> Result<bool, StoreError>;
 }
 
 /// What became of a restore page in a shared store.

@@ -65,7 +65,14 @@ local function origin(g)
 end
 local function ensure()
   local g = redis.call('GET', GEN)
-  if not g then return origin(ARGV[1]) end
+  if not g then
+    -- A store without a generation was never used, or lost its data (flushed, or a
+    -- Redis restarted without persistence): what was in force is gone, and a restore
+    -- from the decision log is due (taken up as one left half-way; see
+    -- RESTORE_ORPHANED). Never used, the start-up restore finishes it at once.
+    redis.call('SET', DUE, '1')
+    return origin(ARGV[1])
+  end
   if redis.call('EXISTS', CH) == 0 then
     redis.call('XADD', CH, '*', 'n', redis.call('GET', SEQ) or 0, 'op', 'o')
   end
@@ -795,6 +802,7 @@ impl RedisMitigations {
             changes,
             more: (!more.is_empty()).then_some(more),
             total: total.parse().ok(),
+            restoring: false,
         })
     }
 
@@ -972,6 +980,16 @@ impl Journal for RedisMitigations {
             .run(&self.shared.scripts.restore_orphaned, &[])
             .await?;
         Ok(orphaned == 1)
+    }
+
+    async fn restore_due(&self) -> Result<bool, StoreError> {
+        let mut conn = self.shared.conn.clone();
+        redis::cmd("EXISTS")
+            .arg(&self.shared.keys[16])
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(|n| n == 1)
+            .map_err(unavailable)
     }
 }
 
