@@ -485,6 +485,39 @@ impl MatchSpec {
             if let Some(p) = list.iter().find(|p| !p.starts_with('/')) {
                 return Err(field(key, format!("path \"{p}\" must start with '/'")));
             }
+            // Requests are matched by their path alone, in the form servers resolve it
+            // to: an entry in another form would never match.
+            if let Some(p) = list.iter().find(|p| p.contains(['?', '#'])) {
+                return Err(field(
+                    key,
+                    format!(
+                        "path \"{p}\" has a query or fragment: paths are matched without them \
+                         (use `query` in a filter)"
+                    ),
+                ));
+            }
+            for p in list {
+                let normal = esper_protocol::normalize_path(p);
+                if normal != p.as_str() {
+                    return Err(field(
+                        key,
+                        format!(
+                            "path \"{p}\" is matched as servers resolve it: write \"{normal}\""
+                        ),
+                    ));
+                }
+            }
+        }
+        for h in &self.hosts {
+            let bare = crate::expr::host_only(h.trim());
+            if bare != h.trim() {
+                return Err(field(
+                    "match.hosts",
+                    format!(
+                        "host \"{h}\" is matched without its port (any port): write \"{bare}\""
+                    ),
+                ));
+            }
         }
         for (key, list) in [
             ("match.hosts", &self.hosts),

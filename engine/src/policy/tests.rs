@@ -158,6 +158,21 @@ fn semantic_errors_point_at_the_key() {
             "path \"login\" must start with '/'",
         ),
         (
+            "[policy.match]\npaths = [\"/admin/../login\"]",
+            7,
+            "path \"/admin/../login\" is matched as servers resolve it: write \"/login\"",
+        ),
+        (
+            "[policy.match]\npath_prefixes = [\"/api?v=2\"]",
+            7,
+            "path \"/api?v=2\" has a query or fragment: paths are matched without them (use `query` in a filter)",
+        ),
+        (
+            "[policy.match]\nhosts = [\"shop.example:8000\"]",
+            7,
+            "host \"shop.example:8000\" is matched without its port (any port): write \"shop.example\"",
+        ),
+        (
             "[policy.match]\nmethods = [\"GE T\"]",
             7,
             "\"GE T\" is not an HTTP method",
