@@ -52,7 +52,13 @@ impl HealthCheck for ControlHealth {
                 alive_within(s.heartbeats.workers.alive()),
                 alive_within(s.heartbeats.proxies.alive()),
             ),
-            false => (0, 0),
+            false => (None, None),
+        };
+        // Not counted is not none: "0 alive" would send an operator after workers that
+        // are running.
+        let alive = |n: Option<u64>| match n {
+            Some(n) => format!("{n} alive"),
+            None => "unknown: the control store cannot be read".to_string(),
         };
         HealthReport::new(
             "esper-server",
@@ -65,16 +71,21 @@ impl HealthCheck for ControlHealth {
                     String::new(),
                 ),
                 broker("mitigation_broker", &s.mitigation.url(), mitigation, mirror),
-                ComponentHealth::new("workers", workers > 0, false, format!("{workers} alive")),
-                ComponentHealth::new("proxies", true, false, format!("{proxies} alive")),
+                ComponentHealth::new(
+                    "workers",
+                    workers.is_some_and(|n| n > 0),
+                    false,
+                    alive(workers),
+                ),
+                ComponentHealth::new("proxies", true, false, alive(proxies)),
             ],
         )
     }
 }
 
-async fn alive_within(count: impl Future<Output = Result<u64, StoreError>>) -> u64 {
+async fn alive_within(count: impl Future<Output = Result<u64, StoreError>>) -> Option<u64> {
     match tokio::time::timeout(STORE_TIMEOUT, count).await {
-        Ok(Ok(n)) => n,
-        _ => 0,
+        Ok(Ok(n)) => Some(n),
+        _ => None,
     }
 }

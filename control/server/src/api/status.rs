@@ -35,14 +35,21 @@ pub(crate) async fn gather_status(state: &AppState) -> StatusReport {
     );
     let store_reachable =
         policies.is_ok() && revision.is_ok() && workers.is_ok() && proxies.is_ok();
+    // The gauges keep their last reading while the store cannot be read: zero would
+    // read as every policy gone.
+    if let Ok(policies) = &policies {
+        state.metrics.policies_total.set(policies.len() as i64);
+        state
+            .metrics
+            .policies_enabled
+            .set(policies.iter().filter(|p| p.enabled).count() as i64);
+    }
     let policies = policies.unwrap_or_default();
     let counts = PolicyCounts {
         total: policies.len() as u64,
         enabled: policies.iter().filter(|p| p.enabled).count() as u64,
         revision: revision.unwrap_or(0),
     };
-    state.metrics.policies_total.set(counts.total as i64);
-    state.metrics.policies_enabled.set(counts.enabled as i64);
     StatusReport {
         server: ServerStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),

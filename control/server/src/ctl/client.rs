@@ -183,13 +183,15 @@ impl ControlClient {
             let body: Option<esper_protocol::ApiErrorBody> = serde_json::from_slice(&bytes).ok();
             let (code, message) = match body {
                 Some(b) => (b.error, b.message),
+                // Not an Esper answer (a proxy's error page, another server at this
+                // address): one line, not the page.
                 None => (
                     status
                         .canonical_reason()
                         .unwrap_or("error")
                         .to_ascii_lowercase()
                         .replace(' ', "_"),
-                    String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                    not_esper(&self.base, &bytes),
                 ),
             };
             return Err(CtlError::Api {
@@ -282,4 +284,53 @@ pub fn decode<T: DeserializeOwned>(
 /// Percent-encodes one path segment.
 pub fn segment(s: &str) -> String {
     esper_protocol::client::encode(s)
+}
+
+/// Says what answered instead of an Esper control plane, on one line: the start of the
+/// body with its whitespace and markup folded away.
+fn not_esper(base: &str, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut plain = String::new();
+    let mut in_tag = false;
+    for c in text.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => {
+                in_tag = false;
+                plain.push(' ');
+            }
+            c if !in_tag => plain.push(if c.is_control() { ' ' } else { c }),
+            _ => {}
+        }
+    }
+    let words: Vec<&str> = plain.split_whitespace().collect();
+    let mut start = words.join(" ");
+    if start.chars().count() > 80 {
+        start = start.chars().take(80).collect::<String>() + "...";
+    }
+    if start.is_empty() {
+        format!("the answer from {base} is not the Esper control plane's")
+    } else {
+        format!("the answer from {base} is not the Esper control plane's: \"{start}\"")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_servers_page_is_one_line() {
+        let page = b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+        let line = not_esper("http://127.0.0.1:80", page);
+        assert_eq!(
+            line,
+            "the answer from http://127.0.0.1:80 is not the Esper control plane's: \"404 Not Found 404 Not Found nginx\""
+        );
+        assert!(!not_esper("http://x", &[b'a'; 500]).contains('\n'));
+        assert_eq!(
+            not_esper("http://x", b""),
+            "the answer from http://x is not the Esper control plane's"
+        );
+    }
 }

@@ -115,71 +115,87 @@ pub async fn status(ctx: &Ctx) -> Result<(), CtlError> {
     let v = ctx.client.get("/api/v1/status").await?;
     ctx.emit(v, |v| {
         let s: StatusReport = decode(&ctx.client, v)?;
-        let reach = |ok: bool| if ok { "reachable" } else { "UNREACHABLE" };
-        let mut t = Table::new(&["COMPONENT", "STATE", "DETAIL"]);
-        t.row(vec![
-            "server".into(),
-            if s.server.store_reachable {
-                "ok"
-            } else {
-                "STORE UNREACHABLE"
-            }
-            .into(),
-            format!(
-                "esper {}, up {}, store {}",
-                s.server.version,
-                uptime(s.server.uptime_secs),
-                s.server.store
-            ),
-        ]);
-        t.row(vec![
-            "ingestion".into(),
-            reach(s.ingestion.reachable).into(),
-            match (&s.ingestion.queue, &s.ingestion.error) {
-                (Some(q), _) => format!("{} ({})", s.ingestion.url, queue_line(q)),
-                (None, Some(e)) => format!("{}: {e}", s.ingestion.url),
-                (None, None) => s.ingestion.url.clone(),
-            },
-        ]);
-        t.row(vec![
-            "mitigation".into(),
-            reach(s.mitigation.reachable).into(),
-            match &s.mitigation.error {
-                None => format!("{} ({} active)", s.mitigation.url, s.mitigation.active),
-                Some(e) => format!("{}: {e}", s.mitigation.url),
-            },
-        ]);
-        t.row(vec![
-            "policies".into(),
-            "ok".into(),
-            format!(
-                "{} total, {} enabled, revision {}",
-                s.policies.total, s.policies.enabled, s.policies.revision
-            ),
-        ]);
-        let alive_w = s.workers.iter().filter(|w| w.alive).count();
-        t.row(vec![
-            "workers".into(),
-            if alive_w > 0 { "ok" } else { "NONE ALIVE" }.into(),
-            format!("{alive_w} alive of {}", s.workers.len()),
-        ]);
-        let alive_p = s.proxies.iter().filter(|p| p.alive).count();
-        t.row(vec![
-            "proxies".into(),
-            "ok".into(),
-            format!("{alive_p} alive of {}", s.proxies.len()),
-        ]);
-        let mut out = t.render();
-        if !s.workers.is_empty() {
-            out.push('\n');
-            out.push_str(&workers_table(&s.workers));
-        }
-        if !s.proxies.is_empty() {
-            out.push('\n');
-            out.push_str(&proxies_table(&s.proxies));
-        }
-        Ok(out)
+        Ok(status_text(&s))
     })
+}
+
+/// `esperctl status`'s tables.
+fn status_text(s: &StatusReport) -> String {
+    let reach = |ok: bool| if ok { "reachable" } else { "UNREACHABLE" };
+    let mut t = Table::new(&["COMPONENT", "STATE", "DETAIL"]);
+    t.row(vec![
+        "server".into(),
+        if s.server.store_reachable {
+            "ok"
+        } else {
+            "STORE UNREACHABLE"
+        }
+        .into(),
+        format!(
+            "esper {}, up {}, store {}",
+            s.server.version,
+            uptime(s.server.uptime_secs),
+            s.server.store
+        ),
+    ]);
+    t.row(vec![
+        "ingestion".into(),
+        reach(s.ingestion.reachable).into(),
+        match (&s.ingestion.queue, &s.ingestion.error) {
+            (Some(q), _) => format!("{} ({})", s.ingestion.url, queue_line(q)),
+            (None, Some(e)) => format!("{}: {e}", s.ingestion.url),
+            (None, None) => s.ingestion.url.clone(),
+        },
+    ]);
+    t.row(vec![
+        "mitigation".into(),
+        reach(s.mitigation.reachable).into(),
+        match &s.mitigation.error {
+            None => format!("{} ({} active)", s.mitigation.url, s.mitigation.active),
+            Some(e) => format!("{}: {e}", s.mitigation.url),
+        },
+    ]);
+    if !s.server.store_reachable {
+        // What the store holds is not known: zeros would read as none.
+        for part in ["policies", "workers", "proxies"] {
+            t.row(vec![
+                part.into(),
+                "UNKNOWN".into(),
+                "the control store cannot be read".into(),
+            ]);
+        }
+        return t.render();
+    }
+    t.row(vec![
+        "policies".into(),
+        "ok".into(),
+        format!(
+            "{} total, {} enabled, revision {}",
+            s.policies.total, s.policies.enabled, s.policies.revision
+        ),
+    ]);
+    let alive_w = s.workers.iter().filter(|w| w.alive).count();
+    t.row(vec![
+        "workers".into(),
+        if alive_w > 0 { "ok" } else { "NONE ALIVE" }.into(),
+        format!("{alive_w} alive of {}", s.workers.len()),
+    ]);
+    let alive_p = s.proxies.iter().filter(|p| p.alive).count();
+    t.row(vec![
+        "proxies".into(),
+        "ok".into(),
+        format!("{alive_p} alive of {}", s.proxies.len()),
+    ]);
+    let mut out = t.render();
+    if !s.workers.is_empty() {
+        out.push('\n');
+        out.push_str(&workers_table(&s.workers));
+    }
+    if !s.proxies.is_empty() {
+        out.push('\n');
+        out.push_str(&proxies_table(&s.proxies));
+    }
+    out
 }
 
 pub async fn queue(ctx: &Ctx, cmd: QueueCmd) -> Result<(), CtlError> {
@@ -327,4 +343,35 @@ pub async fn decisions(ctx: &Ctx, cmd: DecisionCmd) -> Result<(), CtlError> {
         }
         Ok(t.render())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(store_reachable: bool) -> StatusReport {
+        serde_json::from_value(serde_json::json!({
+            "server": {"version": "1", "uptime_secs": 5, "store": "postgres",
+                       "store_reachable": store_reachable},
+            "ingestion": {"url": "http://i", "reachable": true},
+            "mitigation": {"url": "http://m", "reachable": true, "active": 3},
+            "workers": [], "proxies": [],
+            "policies": {"total": 0, "enabled": 0, "revision": 0}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_read_shows_unknown_rather_than_zeros() {
+        let text = status_text(&report(false));
+        assert!(text.contains("STORE UNREACHABLE"), "{text}");
+        for part in ["policies", "workers", "proxies"] {
+            let line = text.lines().find(|l| l.starts_with(part)).unwrap();
+            assert!(line.contains("UNKNOWN"), "{text}");
+        }
+        assert!(!text.contains("0 total"), "{text}");
+        assert!(!text.contains("NONE ALIVE"), "{text}");
+        let text = status_text(&report(true));
+        assert!(text.contains("0 total, 0 enabled, revision 0"), "{text}");
+    }
 }
