@@ -291,6 +291,7 @@ mod tests {
     fn drops_are_told_apart_by_the_brokers_answer() {
         let pushed = |code: &str| ClientError::Backpressure {
             code: code.into(),
+            message: "busy".into(),
             retry_after: Some(std::time::Duration::from_secs(1)),
         };
         assert_eq!(drop_reason(&pushed("queue_full")), DropReason::Backpressure);

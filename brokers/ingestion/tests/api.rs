@@ -133,13 +133,22 @@ async fn a_full_queue_refuses_whole_batches_with_retry_after() {
     let body = expect_error(resp, 503, "queue_full").await;
     assert!(body.message.contains("4 of 5"), "{}", body.message);
 
-    match b.client.ingest(events("c", 2)).await {
-        Err(ClientError::Backpressure { code, retry_after }) => {
+    let refused = b.client.ingest(events("c", 2)).await;
+    match &refused {
+        Err(ClientError::Backpressure {
+            code, retry_after, ..
+        }) => {
             assert_eq!(code, "queue_full");
-            assert_eq!(retry_after, Some(Duration::from_secs(1)));
+            assert_eq!(*retry_after, Some(Duration::from_secs(1)));
         }
         other => panic!("expected backpressure, got {other:?}"),
     }
+    // The broker's reason is kept for the caller's logs.
+    let shown = refused.unwrap_err().to_string();
+    assert!(
+        shown.contains("4 of 5") && shown.contains("(queue_full)"),
+        "{shown}"
+    );
     // A batch larger than the whole queue can never fit: a 400, not a retry.
     let resp = b
         .post("/api/events", json!({ "events": events("d", 6) }))

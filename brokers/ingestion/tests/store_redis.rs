@@ -215,7 +215,9 @@ async fn max_queue_size_holds_across_brokers() {
     let b = TestBroker::start(cfg).await;
     a.client.ingest(events("a", 3)).await.unwrap();
     match b.client.ingest(events("b", 2)).await {
-        Err(ClientError::Backpressure { code, retry_after }) => {
+        Err(ClientError::Backpressure {
+            code, retry_after, ..
+        }) => {
             assert_eq!(code, "queue_full");
             assert_eq!(retry_after, Some(Duration::from_secs(1)));
         }

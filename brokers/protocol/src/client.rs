@@ -38,10 +38,15 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
-    /// The broker is full or paused; try again after `retry_after`.
-    #[error("broker refused the batch ({code}){}", retry_hint(retry_after))]
+    /// The broker is full, paused or without its store; try again after `retry_after`.
+    /// Its message says which (a store's own error, such as Redis out of memory).
+    #[error(
+        "the broker cannot take this now: {message} ({code}){}",
+        retry_hint(retry_after)
+    )]
     Backpressure {
         code: String,
+        message: String,
         retry_after: Option<Duration>,
     },
     /// The broker answered with an error.
@@ -404,7 +409,11 @@ pub async fn decode<T: DeserializeOwned>(url: &str, resp: Response) -> Result<T,
     if (status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS)
         && retry_after.is_some()
     {
-        return Err(ClientError::Backpressure { code, retry_after });
+        return Err(ClientError::Backpressure {
+            code,
+            message,
+            retry_after,
+        });
     }
     Err(ClientError::Api {
         status: status.as_u16(),

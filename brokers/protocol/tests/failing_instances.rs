@@ -76,7 +76,10 @@ async fn a_full_queue_is_the_answer_of_every_instance_and_does_not_move_on() {
     let client = IngestionClient::new(&both(&full, &other), None);
     for _ in 0..2 {
         let err = client.ingest(vec![event()]).await.unwrap_err();
-        let ClientError::Backpressure { code, retry_after } = err else {
+        let ClientError::Backpressure {
+            code, retry_after, ..
+        } = err
+        else {
             panic!("{err}");
         };
         assert_eq!(

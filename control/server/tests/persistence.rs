@@ -243,7 +243,9 @@ async fn the_durable_copy_survives_a_control_plane_outage_and_restores_a_fresh_b
     publish_two_revoke_the_first(&a, &m1, &m2).await;
     // Full: the write is refused before it changes anything, and counted.
     match a.client.publish(vec![m3.clone(), m4.clone()]).await {
-        Err(ClientError::Backpressure { code, retry_after }) => {
+        Err(ClientError::Backpressure {
+            code, retry_after, ..
+        }) => {
             assert_eq!(code, "persistence_backlog");
             assert!(retry_after.is_some());
         }

@@ -196,9 +196,15 @@ pub(crate) fn broker_error(state: &AppState, broker: &str, url: &str, e: ClientE
                 transport_reason(&source)
             ),
         },
-        ClientError::Backpressure { code, retry_after } => ApiError::Unavailable {
+        ClientError::Backpressure {
+            code,
+            message,
+            retry_after,
+        } => ApiError::Unavailable {
             code: esper_protocol::error::refusal::BROKER_BUSY,
-            message: format!("the {broker} broker refused the request ({code}); retry later"),
+            message: format!(
+                "the {broker} broker refused the request: {message} ({code}); retry later"
+            ),
             retry_after: retry_after.map(|d| d.as_secs().max(1)),
         },
         // The broker refusing this server's token or URL is this server's setup, not
