@@ -10,6 +10,7 @@ pub mod service;
 pub mod shutdown;
 pub mod stdout;
 pub mod telemetry;
+pub mod throttle;
 pub mod tls;
 
 pub use config::{ConfigError, EnvSource};

@@ -127,12 +127,29 @@ pub fn router(state: AppState) -> Router {
     state.inner.metrics.http.layer(app)
 }
 
+/// Store failures are logged once per period: down under load, the store would
+/// otherwise write an error line per request.
+static STORE_ERRORS: esper_common::throttle::Throttled =
+    esper_common::throttle::Throttled::new(std::time::Duration::from_secs(10));
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
-        tracing::error!(error = %e, "mitigation store call failed");
+        match STORE_ERRORS.admit() {
+            Some(0) => tracing::error!(error = %e, "mitigation store call failed"),
+            Some(more) => {
+                tracing::error!(error = %e, more, "mitigation store call failed (and `more` since the last line)")
+            }
+            None => tracing::debug!(error = %e, "mitigation store call failed"),
+        }
+        // The store's own words (Redis out of memory, or not answering) tell the
+        // caller's operator what to fix.
         ApiError::Unavailable {
             code: "store_unavailable",
-            message: "the mitigation store is unavailable; retry later".into(),
+            message: match &e {
+                StoreError::Unavailable(reason) => {
+                    format!("the mitigation store is unavailable ({reason}); retry later")
+                }
+            },
             retry_after: Some(RETRY_AFTER_STORE_SECS),
         }
     }

@@ -798,6 +798,14 @@ async fn a_redis_out_of_memory_is_not_ready_though_it_answers_ping() {
     let pong: String = redis::cmd("PING").query_async(&mut raw).await.unwrap();
     assert_eq!(pong, "PONG");
     assert!(!b.client.ready().await, "every write fails: not ready");
+    // A refused write says why, in the store's words.
+    let refused = b
+        .client
+        .publish(vec![block("oom", "ip:192.0.2.99")])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("OOM"), "{refused}");
     let _: () = set("maxmemory", "0").query_async(&mut raw).await.unwrap();
     assert!(b.client.ready().await, "ready again once writes succeed");
 }
