@@ -91,6 +91,40 @@ async fn no_migrations_refuses_a_stale_schema_until_migrate_runs() {
 }
 
 #[tokio::test]
+async fn a_database_gone_while_serving_is_reported_with_its_cause() {
+    let url = shared().fresh_database().await;
+    let db_port = url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap();
+    let target = format!("127.0.0.1:{db_port}").parse().unwrap();
+    let relay = support::relay::Relay::start(target).await;
+    let through = url.replace(&format!("127.0.0.1:{db_port}"), &relay.addr.to_string());
+    let store = migrated(&through).await;
+    store.ping().await.unwrap();
+    // The pool only knows it waited for a connection in vain; the reason is the one a
+    // connection of its own meets.
+    // The database's port closes, as a server that stopped: the pooled connections'
+    // own ends come first, one a call, then new ones are refused.
+    relay.set(support::relay::Mode::Refuse);
+    drop(relay);
+    let (mut err, mut started) = (String::new(), std::time::Instant::now());
+    for _ in 0..10 {
+        started = std::time::Instant::now();
+        err = store.ping().await.unwrap_err().to_string();
+        if !err.contains("Connection reset") {
+            break;
+        }
+    }
+    assert!(err.contains("cannot connect to the database: "), "{err}");
+    assert!(err.contains("refused"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "within readiness's bound"
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_database_is_one_clear_error_without_the_password() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

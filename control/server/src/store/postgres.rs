@@ -55,6 +55,8 @@ impl RevisionCache {
 /// The PostgreSQL implementation of [`ControlStore`].
 pub struct PostgresStore {
     pool: PgPool,
+    /// For a connection of its own when the pool cannot say why it has none.
+    opts: PgConnectOptions,
     revision: Arc<RevisionCache>,
     listener: AbortHandle,
 }
@@ -90,7 +92,7 @@ impl PostgresStore {
             .max_lifetime(None)
             .idle_timeout(None)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(opts);
+            .connect_lazy_with(opts.clone());
         let revision = Arc::new(RevisionCache::default());
         let (follow, catch_up) = (
             follow_revisions(pool.clone(), listen_pool, revision.clone()),
@@ -102,6 +104,7 @@ impl PostgresStore {
         .abort_handle();
         Ok(PostgresStore {
             pool,
+            opts,
             revision,
             listener,
         })
@@ -198,6 +201,22 @@ impl Backend for PostgresStore {
 
     fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    async fn unreachable_because(&self) -> Option<String> {
+        match tokio::time::timeout(
+            Duration::from_millis(800),
+            PgConnection::connect_with(&self.opts),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("no answer to a new connection within 0.8s".into()),
+        }
     }
 
     async fn migrate(&self) -> Result<Vec<String>, StoreError> {

@@ -35,6 +35,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     async fn close(&self);
 
+    /// Why the database cannot be reached, when the pool only says it waited for a
+    /// connection in vain (the reason it could not open one stays inside the pool).
+    async fn unreachable_because(&self) -> Option<String> {
+        None
+    }
+
     /// Held around every write: SQLite's writers take turns in this process (a read
     /// transaction that has to upgrade to a write would otherwise fail with
     /// `database is locked`); PostgreSQL needs none for a single statement.
@@ -322,9 +328,20 @@ where
         Backend::pending_migrations(self).await
     }
 
+    /// Answers within 3 s (readiness's bound): a pool with no connection to give waits
+    /// out its acquire timeout, so after 2 s a connection of its own says why.
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(self.pool()).await?;
-        Ok(())
+        let query = sqlx::query("SELECT 1").execute(self.pool());
+        match tokio::time::timeout(std::time::Duration::from_secs(2), query).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if !matches!(e, sqlx::Error::PoolTimedOut) => Err(e.into()),
+            _ => Err(StoreError::Query(
+                match Backend::unreachable_because(self).await {
+                    Some(reason) => format!("cannot connect to the database: {reason}"),
+                    None => "the database did not answer within 2s".to_string(),
+                },
+            )),
+        }
     }
 
     async fn close(&self) {

@@ -10,6 +10,8 @@ mod ports;
 pub mod postgres;
 #[path = "../../../../brokers/testing/redis_server.rs"]
 pub mod redis_server;
+#[path = "../../../../brokers/testing/relay.rs"]
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
