@@ -611,3 +611,49 @@ async fn a_control_plane_that_hangs_holds_up_neither_enforcement_nor_shutdown() 
     ing.stop().await.unwrap();
     mit.stop().await.unwrap();
 }
+
+/// With no batches coming, the decision outbox's reads (every second) are what find the
+/// shared state down: cleanups and clock readings come minutes and half a minute apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_state_down_shows_in_readiness_without_batches() {
+    let mut redis = redis_server::RedisServer::start();
+    let ing = ingestion().await;
+    let mit = mitigation().await;
+    let dir = TempDir::new("control-state-down");
+    let ctl = control(&dir, &ing.url(), &mit.url()).await;
+    set_up_policies(&ctl.url()).await;
+    let w = worker(Config {
+        state_backend: StateBackendKind::Redis,
+        state_redis_url: redis.url(),
+        state_key_prefix: redis_server::unique_prefix("down").replace('-', "_"),
+        ..config(&ctl.url(), &ing.url(), &mit.url())
+    })
+    .await;
+    let ops = w.url();
+    policies_loaded(&ops, 2.0).await;
+    let state_healthy = || async {
+        let body: serde_json::Value = reqwest::get(format!("{ops}/healthz/detailed"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "state")
+            .map(|c| c["healthy"] == true)
+            .unwrap()
+    };
+    assert!(state_healthy().await);
+    redis.stop();
+    eventually(
+        Duration::from_secs(5),
+        "the state reported down",
+        || async { (!state_healthy().await).then_some(()) },
+    )
+    .await;
+    w.stop().await.unwrap();
+    stop_stack(ctl, ing, mit).await;
+}

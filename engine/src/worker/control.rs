@@ -178,7 +178,14 @@ impl DecisionLog {
             if shutdown.is_some_and(|s| s.is_triggered()) {
                 return true;
             }
-            let entries = match self.state.claim_log(&self.owner, LEASE, SEND_BATCH).await {
+            // The outbox is in the state: its reads tell the state's health too, more
+            // often than cleanups and clock readings do while no batch comes.
+            let claimed = self.state.claim_log(&self.owner, LEASE, SEND_BATCH).await;
+            match &claimed {
+                Ok(_) => status.state_check.ok(),
+                Err(e) => status.state_check.failed(e),
+            }
+            let entries = match claimed {
                 Ok(Claim::Held { pending, .. }) => {
                     self.metrics.decisions_pending.set(pending as i64);
                     return true;
