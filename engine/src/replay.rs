@@ -79,19 +79,21 @@ pub fn read_events(text: &str) -> Result<Vec<RequestEvent>, ReplayError> {
         };
         let mut v: serde_json::Value = serde_json::from_str(t).map_err(|e| err(e.to_string()))?;
         // serde's own message for a time without its zone is "premature end of input".
-        if let Some(at) = v.get("timestamp").and_then(serde_json::Value::as_str)
-            && DateTime::parse_from_rfc3339(at).is_err()
-        {
-            return Err(err(format!(
-                "timestamp {at:?} is not an RFC 3339 time with its zone \
-                 (2026-01-01T12:00:00Z or 2026-01-01T13:00:00+01:00)"
-            )));
-        }
+        let timestamp = v
+            .get("timestamp")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string);
         if let Some(obj) = v.as_object_mut() {
             obj.entry("id")
                 .or_insert_with(|| serde_json::Value::String(format!("line-{line_no}")));
         }
-        let event: RequestEvent = serde_json::from_value(v).map_err(|e| err(e.to_string()))?;
+        let event: RequestEvent = serde_json::from_value(v).map_err(|e| match &timestamp {
+            Some(at) if DateTime::parse_from_rfc3339(at).is_err() => err(format!(
+                "timestamp {at:?} is not an RFC 3339 time with its zone \
+                 (2026-01-01T12:00:00Z or 2026-01-01T13:00:00+01:00)"
+            )),
+            _ => err(e.to_string()),
+        })?;
         event.check().map_err(err)?;
         out.push(event);
     }

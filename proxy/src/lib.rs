@@ -704,6 +704,7 @@ pub async fn start(
         mitigation: mitigation.clone(),
         control: control.clone(),
     };
+    let control_for_health = control.clone();
     // Asked even with a secret set: a reload may take the secret away.
     if let Some(control) = control.clone() {
         tasks.push(tokio::spawn(remote::follow_challenge_key(
@@ -712,6 +713,7 @@ pub async fn start(
                 token: control_token.clone(),
                 reloader: reloader.clone(),
                 metrics: metrics.clone(),
+                status: status.clone(),
                 wait: config.stream_wait,
             },
             shutdown.clone(),
@@ -726,6 +728,7 @@ pub async fn start(
                 token: control_token.clone(),
                 reloader: reloader.clone(),
                 metrics: metrics.clone(),
+                status: status.clone(),
                 wait: config.stream_wait,
             },
             shutdown.clone(),
@@ -740,6 +743,7 @@ pub async fn start(
             metrics: metrics.clone(),
             status: status.clone(),
             in_flight,
+            control: control_for_health,
         },
         shutdown.clone(),
     );

@@ -29,6 +29,8 @@ pub struct Health {
     pub metrics: Arc<Metrics>,
     pub status: Arc<Status>,
     pub in_flight: InFlight,
+    /// The control plane followed, if any.
+    pub control: Option<Endpoints>,
 }
 
 fn ago(t: Instant) -> String {
@@ -110,7 +112,32 @@ impl HealthCheck for Health {
                 ),
             ),
         };
-        HealthReport::new("esper-proxy", vec![traffic, stream, ingestion])
+        let mut components = vec![traffic, stream, ingestion];
+        // Not required: without it the proxy keeps its configuration and key in force.
+        if let Some(control) = &self.control {
+            let url = control.given();
+            components.push(match self.status.control() {
+                Outcome::Idle => {
+                    ComponentHealth::new("control_plane", true, false, format!("asking {url}"))
+                }
+                Outcome::Ok(at) => ComponentHealth::new(
+                    "control_plane",
+                    true,
+                    false,
+                    format!("{url} answered {}", ago(at)),
+                ),
+                Outcome::Failed(at, e) => ComponentHealth::new(
+                    "control_plane",
+                    false,
+                    false,
+                    format!(
+                        "failed {}: {e}; the configuration and challenge key in force stay",
+                        ago(at)
+                    ),
+                ),
+            });
+        }
+        HealthReport::new("esper-proxy", components)
     }
 }
 

@@ -130,6 +130,8 @@ pub struct Follow {
     pub token: Token,
     pub reloader: Reloader,
     pub metrics: Arc<Metrics>,
+    /// Where the outcome of each call is told, for health.
+    pub status: Arc<crate::status::Status>,
     /// Long-poll wait per request.
     pub wait: Duration,
 }
@@ -160,6 +162,12 @@ pub async fn follow(f: Follow, shutdown: Shutdown) {
         };
         // Named after the poll, which may have failed over to another instance.
         let url = f.url(CONFIG_PATH);
+        f.status.control_result(
+            polled
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| format!("{url}: {e}")),
+        );
         match polled {
             Ok(Some(doc)) => {
                 after = doc.revision;
@@ -340,6 +348,12 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
         };
         // Named after the poll, which may have failed over to another instance.
         let url = f.url(KEY_PATH);
+        f.status.control_result(
+            polled
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| format!("{url}: {e}")),
+        );
         match polled {
             Ok(Some(key)) if !strong_enough(&key) => {
                 let warn = || {

@@ -26,6 +26,7 @@ pub struct Status {
     stream_connected: AtomicBool,
     stream: Mutex<Outcome>,
     ingest: Mutex<Outcome>,
+    control: Mutex<Outcome>,
 }
 
 impl Status {
@@ -64,6 +65,17 @@ impl Status {
     /// The latest outcome of sending events.
     pub fn ingest(&self) -> Outcome {
         self.ingest.lock().clone()
+    }
+
+    /// Records the outcome of a call to the control plane (the proxy configuration or
+    /// the challenge key).
+    pub fn control_result(&self, result: Result<(), String>) {
+        *self.control.lock() = outcome(result);
+    }
+
+    /// The latest outcome of a call to the control plane.
+    pub fn control(&self) -> Outcome {
+        self.control.lock().clone()
     }
 }
 

@@ -308,3 +308,58 @@ async fn a_document_refused_for_a_passing_reason_is_tried_again() {
     control.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `/healthz/detailed` names the control plane: answering, or the last failure (not
+/// required for readiness: the configuration and key in force stay).
+#[tokio::test]
+async fn health_tells_whether_the_control_plane_answers() {
+    let up = upstream().await;
+    let component = |ops: String| async move {
+        let body: serde_json::Value = reqwest::get(format!("{ops}/healthz/detailed"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "control_plane")
+            .cloned()
+    };
+    let mut cfg = config(up.addr, &dead_url(), &dead_url());
+    cfg.control_url = Some(dead_url());
+    let proxy = start_proxy(cfg).await;
+    let ops = proxy.ops_url.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            component(ops.clone())
+                .await
+                .is_some_and(|c| c["healthy"] == false && c["required"] == false)
+        })
+        .await,
+        "{:?}",
+        component(ops.clone()).await
+    );
+    proxy.stop().await.unwrap();
+
+    let control = control_plane().await;
+    let mut cfg = config(up.addr, &dead_url(), &dead_url());
+    cfg.control_url = Some(control.url.clone());
+    cfg.control_token = Some(CONTROL_TOKEN.into());
+    let proxy = start_proxy(cfg).await;
+    let ops = proxy.ops_url.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            component(ops.clone())
+                .await
+                .is_some_and(|c| c["healthy"] == true)
+        })
+        .await
+    );
+    let without = start_proxy(config(up.addr, &dead_url(), &dead_url())).await;
+    assert!(component(without.ops_url.clone()).await.is_none());
+    without.stop().await.unwrap();
+    proxy.stop().await.unwrap();
+}

@@ -228,7 +228,7 @@ async fn a_snapshot_from_a_broker_still_restoring_is_added_to_the_cache() {
     let addr = first.broker.local_addr();
     let proxy = start_proxy(config(up.addr, &dead_url(), &first.url)).await;
     let url = proxy.url.clone();
-    first
+    let held = first
         .publish("ip:127.0.0.2", Action::Block, Duration::from_secs(600))
         .await;
     assert!(
@@ -266,6 +266,22 @@ async fn a_snapshot_from_a_broker_still_restoring_is_added_to_the_cache() {
         "and what the proxy held stays enforced"
     );
     assert_eq!(status_from("127.0.0.4", &url).await, 200);
+    // A revocation of what only the proxy holds still reaches it.
+    restoring
+        .client
+        .revoke(&esper_protocol::mitigation::RevokeRequest {
+            id: Some(held.id.clone()),
+            entity: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        eventually(WITHIN, || async {
+            status_from("127.0.0.2", &url).await == 200
+        })
+        .await,
+        "revoked"
+    );
     proxy.stop().await.unwrap();
     restoring.stop().await;
 }

@@ -144,6 +144,10 @@ pub async fn start_with_store(
         api::TOKEN_SETTING,
     );
     let metrics = Metrics::new()?;
+    // A first look at the stream gives a store that never had one its generation now,
+    // so that one going missing later means the store lost its data (a restore is then
+    // due), not that it was never used.
+    store.changes(None, 1).await?;
     let persistence = if config.persistence_enabled {
         let restore = persist::store_is_empty(&*store).await?;
         let journal = store.clone().journal();

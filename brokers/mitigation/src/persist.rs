@@ -215,8 +215,16 @@ impl Persistence {
     /// decision log is pending here, or due in the shared store (its data was lost;
     /// this instance or another restores it).
     pub async fn restoring(&self) -> bool {
-        if self.state.lock().restore == Restore::Pending {
-            return true;
+        {
+            let st = self.state.lock();
+            // Cleared meanwhile: what is left to restore was cleared too, and the
+            // snapshot after a clear is whole.
+            if st.touched.cleared {
+                return false;
+            }
+            if st.restore == Restore::Pending {
+                return true;
+            }
         }
         let Some(journal) = &self.journal else {
             return false;
@@ -861,6 +869,12 @@ pub async fn run(
                         restored = n,
                         "mitigations in force restored from the decision log"
                     );
+                    // Followers that added a snapshot taken while restoring to what they
+                    // held take a whole one now: what was revoked meanwhile, unknown to
+                    // the store, left them with no change to tell.
+                    if let Err(e) = store.rebase().await {
+                        tracing::warn!(error = %e, "cannot start a new generation after the restore; followers keep what they added until it expires");
+                    }
                 }
                 Err(e) => {
                     ok = false;

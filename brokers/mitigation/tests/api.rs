@@ -689,3 +689,21 @@ async fn a_reload_rotates_the_token_and_keeps_the_previous_one_until_told() {
     assert_eq!(done.applied, ["control_token"], "{done:?}");
     b.stop().await;
 }
+
+/// A broker that starts on an empty store with its decision log unreachable marks its
+/// snapshots as restoring (followers keep what they hold); once cleared, they are whole
+/// again, since a clear is meant to reach every follower.
+#[tokio::test]
+async fn snapshots_say_restoring_until_a_clear() {
+    let b = TestBroker::start(Config {
+        persistence_enabled: true,
+        control_url: "http://127.0.0.1:1".into(),
+        ..config()
+    })
+    .await;
+    let page = b.client.stream(None, Duration::ZERO).await.unwrap();
+    assert!(page.snapshot && page.restoring, "{page:?}");
+    b.client.clear().await.unwrap();
+    let page = b.client.stream(None, Duration::ZERO).await.unwrap();
+    assert!(page.snapshot && !page.restoring, "{page:?}");
+}

@@ -893,6 +893,15 @@ async fn a_redis_that_loses_its_data_is_restored_and_its_snapshot_marked_as_rest
         logged_in_force(api).await == both
     })
     .await;
+    // The start-up restore (the store was empty) ends first.
+    eventually("the start-up restore done", || async {
+        !b.client
+            .stream(None, Duration::ZERO)
+            .await
+            .unwrap()
+            .restoring
+    })
+    .await;
     let first = b.client.stream(None, Duration::ZERO).await.unwrap();
     assert!(first.snapshot && !first.restoring, "{first:?}");
 
@@ -934,6 +943,20 @@ async fn a_redis_that_loses_its_data_is_restored_and_its_snapshot_marked_as_rest
             .unwrap()
             .restoring
     })
+    .await;
+    // A follower that added the restoring snapshot to what it held takes a whole one
+    // after the restore: the stream starts a new generation.
+    eventually(
+        "a whole snapshot for the restoring one's follower",
+        || async {
+            let after = b
+                .client
+                .stream(Some(&page.cursor), Duration::ZERO)
+                .await
+                .unwrap();
+            after.snapshot && !after.restoring && after.changes.len() == 2
+        },
+    )
     .await;
     b.stop().await;
     control.stop().await;

@@ -281,6 +281,11 @@ impl MitigationStore for MemoryMitigations {
         let now = Utc::now();
         let mut st = self.state.write();
         let Some(m) = st.remove(id) else {
+            // Passed on all the same: a follower may hold it from before this store was
+            // emptied (a restart, a restore under way) and learns of it no other way.
+            st.append(Change::Remove { id: id.to_string() }, self.retention);
+            drop(st);
+            self.notify();
             return Ok(0);
         };
         if !m.is_active(now) {
@@ -324,6 +329,16 @@ impl MitigationStore for MemoryMitigations {
         drop(st);
         self.notify();
         Ok(active)
+    }
+
+    async fn rebase(&self) -> Result<(), StoreError> {
+        let mut st = self.state.write();
+        st.generation = Cursor::new_generation();
+        st.head = 0;
+        st.log.clear();
+        drop(st);
+        self.notify();
+        Ok(())
     }
 
     async fn changes(&self, cursor: Option<&str>, limit: usize) -> Result<DeltaPage, StoreError> {

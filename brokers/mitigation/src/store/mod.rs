@@ -78,6 +78,12 @@ pub trait MitigationStore: Send + Sync + 'static {
     /// Drops everything and starts a new generation; returns how many were active.
     async fn clear(&self) -> Result<usize, StoreError>;
 
+    /// Starts a new generation of the change stream over the same mitigations, so every
+    /// follower takes one whole snapshot: after a restore, followers that added a
+    /// partial snapshot to what they held drop what the store no longer holds (revoked
+    /// meanwhile), which no change could tell them.
+    async fn rebase(&self) -> Result<(), StoreError>;
+
     /// Up to `limit` changes after `cursor`, with the cursor of the last one. A missing,
     /// malformed, foreign or too old cursor gets the first page of a snapshot instead:
     /// up to `limit` active mitigations as upserts, by id, with the current cursor and,

@@ -253,6 +253,10 @@ for _, id in ipairs(ids) do
   if exp and exp > now then
     append('r', id)
     revoked = revoked + 1
+  elseif not exp and ARGV[at] == 'id' then
+    -- Passed on all the same: a follower may hold it from before the store lost its
+    -- data (a restore under way) and learns of it no other way.
+    append('r', id)
   end
 end
 local dropped, pending = journal(log)
@@ -272,6 +276,12 @@ redis.call('DEL', M, EXP, ENT, ACT, IDS)
 local g = origin(ARGV[1])
 local dropped, pending = journal(log)
 return {'ok', tostring(active), state(g), tostring(dropped), tostring(pending)}
+"#;
+
+/// A new generation over the same mitigations (see `MitigationStore::rebase`).
+const REBASE: &str = r#"
+ensure()
+return state(origin(ARGV[1]))
 "#;
 
 /// ARGV[4] the owner, ARGV[5] the lease in ms, ARGV[6] most entries to read.
@@ -450,6 +460,7 @@ struct Scripts {
     for_entity: Script,
     revoke: Script,
     clear: Script,
+    rebase: Script,
     changes: Script,
     sweep: Script,
     counts: Script,
@@ -477,6 +488,7 @@ impl Scripts {
             for_entity: s(FOR_ENTITY),
             revoke: s(REVOKE),
             clear: s(CLEAR),
+            rebase: s(REBASE),
             changes: s(CHANGES),
             sweep: s(SWEEP),
             counts: s(COUNTS),
@@ -1059,6 +1071,12 @@ impl MitigationStore for RedisMitigations {
 
     async fn clear(&self) -> Result<usize, StoreError> {
         Ok(self.unlogged(Write::Clear).await?.0)
+    }
+
+    async fn rebase(&self) -> Result<(), StoreError> {
+        let state: String = self.shared.run(&self.shared.scripts.rebase, &[]).await?;
+        self.shared.report(state);
+        Ok(())
     }
 
     async fn changes(&self, cursor: Option<&str>, limit: usize) -> Result<DeltaPage, StoreError> {
