@@ -136,6 +136,27 @@ impl RedisServer {
         }
     }
 
+    /// `CONFIG SET name value` (through `redis-cli`, installed with the server).
+    pub fn config_set(&self, name: &str, value: &str) {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "CONFIG", "SET", name, value])
+            .output()
+            .expect("run redis-cli");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).trim() == "OK",
+            "CONFIG SET {name} {value}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    /// Below what is in use, with writes refused rather than keys evicted (`on`), or
+    /// without a limit again: a Redis out of memory that still answers `PING`.
+    pub fn out_of_memory(&self, on: bool) {
+        self.config_set("maxmemory-policy", "noeviction");
+        self.config_set("maxmemory", if on { "1" } else { "0" });
+        assert!(self.answers(), "a Redis out of memory still answers PING");
+    }
+
     /// Starts the server again on the same port, empty (no persistence).
     pub fn restart(&mut self) {
         self.stop();

@@ -358,26 +358,7 @@ async fn a_redis_out_of_memory_is_not_ready_though_it_answers_ping() {
     let server = RedisServer::start();
     let b = TestBroker::start(redis_config(&server.url(), "oom")).await;
     assert!(b.client.ready().await);
-    let mut raw = redis::Client::open(server.url().as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let set = |name: &'static str, value: &'static str| {
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(name)
-            .arg(value)
-            .to_owned()
-    };
-    // Below what is in use, with writes refused rather than keys evicted.
-    let _: () = set("maxmemory-policy", "noeviction")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    let _: () = set("maxmemory", "1").query_async(&mut raw).await.unwrap();
-    let pong: String = redis::cmd("PING").query_async(&mut raw).await.unwrap();
-    assert_eq!(pong, "PONG");
+    server.out_of_memory(true);
     assert!(!b.client.ready().await, "every write fails: not ready");
     // A refused write says why, in the store's words.
     let refused = b
@@ -387,6 +368,6 @@ async fn a_redis_out_of_memory_is_not_ready_though_it_answers_ping() {
         .unwrap_err()
         .to_string();
     assert!(refused.contains("OOM"), "{refused}");
-    let _: () = set("maxmemory", "0").query_async(&mut raw).await.unwrap();
+    server.out_of_memory(false);
     assert!(b.client.ready().await, "ready again once writes succeed");
 }
