@@ -893,15 +893,16 @@ async fn a_redis_that_loses_its_data_is_restored_and_its_snapshot_marked_as_rest
         logged_in_force(api).await == both
     })
     .await;
-    // The start-up restore (the store was empty) ends first.
-    eventually("the start-up restore done", || async {
+    // A snapshot asked for now is whole (no restore pending or due).
+    let whole_now = || async {
         !b.client
             .stream(None, Duration::ZERO)
             .await
             .unwrap()
             .restoring
-    })
-    .await;
+    };
+    // The start-up restore (the store was empty) ends first.
+    eventually("the start-up restore done", whole_now).await;
     let first = b.client.stream(None, Duration::ZERO).await.unwrap();
     assert!(first.snapshot && !first.restoring, "{first:?}");
 
@@ -936,14 +937,7 @@ async fn a_redis_that_loses_its_data_is_restored_and_its_snapshot_marked_as_rest
         b.active_ids().await == both
     })
     .await;
-    eventually("later snapshots whole again", || async {
-        !b.client
-            .stream(None, Duration::ZERO)
-            .await
-            .unwrap()
-            .restoring
-    })
-    .await;
+    eventually("later snapshots whole again", whole_now).await;
     // A follower that added the restoring snapshot to what it held takes a whole one
     // after the restore: the stream starts a new generation.
     eventually(
