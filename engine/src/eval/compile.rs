@@ -11,7 +11,9 @@ use ipnet::IpNet;
 
 use super::state::{PolicyKey, Rules, Rung};
 use super::window::WindowParams;
-use crate::expr::{Cond, IpSet, Lists, ValueField, compile_filter, contains_fold, host_only};
+use crate::expr::{
+    Cond, IpSet, Lists, Reads, ValueField, compile_filter, contains_fold, host_only,
+};
 use crate::policy::{
     ActionKind, ActivePolicies, AggregateSpec, EntitySpec, ListKind, NamedList, PolicyMode,
     PolicyScope, PolicySpec, StatusMatch,
@@ -184,6 +186,34 @@ impl CompiledPolicy {
     /// cookie the policy counts by.
     pub fn entity_of(&self, ev: &RequestEvent) -> Option<EntityKey> {
         entity_key(&self.spec.entity, ev, ev.client_ip.to_canonical())
+    }
+
+    /// Adds the headers and cookies this policy reads (its entity, filter, `count_if`,
+    /// aggregated value and steps) to `out`.
+    pub fn reads(&self, out: &mut Reads) {
+        fn entity(spec: &EntitySpec, out: &mut Reads) {
+            match spec {
+                EntitySpec::Header(name) => {
+                    out.headers.insert(name.to_ascii_lowercase());
+                }
+                EntitySpec::Cookie(name) => {
+                    out.cookies.insert(name.to_ascii_lowercase());
+                }
+                EntitySpec::Tuple(parts) => parts.iter().for_each(|p| entity(p, out)),
+                EntitySpec::Ip
+                | EntitySpec::Network { .. }
+                | EntitySpec::UserAgent
+                | EntitySpec::PathTemplate
+                | EntitySpec::Ja4 => {}
+            }
+        }
+        entity(&self.spec.entity, out);
+        for cond in self.filter.iter().chain(&self.count_if).chain(&self.steps) {
+            out.cond(cond);
+        }
+        if let Some(value) = &self.value {
+            out.value(value);
+        }
     }
 
     /// The window length in whole seconds (for decisions).
@@ -535,6 +565,15 @@ impl PolicySet {
         self.policies.iter().map(|p| p.key.clone()).collect()
     }
 
+    /// The headers and cookies these policies read, which proxies must report.
+    pub fn reads(&self) -> Reads {
+        let mut out = Reads::default();
+        for p in &self.policies {
+            p.reads(&mut out);
+        }
+        out
+    }
+
     /// Problems found while compiling (skipped policies, missing lists).
     pub fn warnings(&self) -> &[String] {
         &self.warnings
@@ -552,6 +591,66 @@ impl PolicySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_set_names_every_header_and_cookie_its_enabled_policies_read() {
+        let specs = crate::policy::parse_policies(
+            r#"
+[[policy]]
+id = "by-key"
+entity = "header:X-Api-Key"
+window = "1m"
+threshold = 10
+filter = 'has(headers["x-api-key"]) && !(cookies["Session"] == "" || size(headers["x-big"]) > 9)'
+action = "block"
+
+[[policy]]
+id = "pairs"
+entity = ["ip", "cookie:cart"]
+window = "1m"
+threshold = 5
+aggregate = 'distinct(headers["x-login-user"])'
+count_if = 'headers["x-counted"] != ""'
+action = "log"
+
+[[policy]]
+id = "steps"
+window = "1m"
+threshold = 1
+action = "log"
+sequence = [
+  { when = 'path == "/a" && headers["x-step"] == "1"' },
+  { when = 'cookies["flow"] in ["x", "y"]' },
+]
+
+[[policy]]
+id = "off"
+enabled = false
+entity = "header:x-disabled"
+window = "1m"
+threshold = 1
+action = "block"
+
+[[policy]]
+id = "plain"
+window = "1m"
+threshold = 1
+filter = 'user_agent.contains("curl")'
+action = "block"
+"#,
+        )
+        .unwrap();
+        let set = PolicySet::from_specs(1, specs);
+        assert!(set.warnings().is_empty(), "{:?}", set.warnings());
+        let reads = set.reads();
+        let names = |s: &std::collections::BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            names(&reads.headers),
+            ["x-api-key", "x-big", "x-counted", "x-login-user", "x-step"]
+        );
+        assert_eq!(names(&reads.cookies), ["cart", "flow", "session"]);
+        assert_eq!(PolicySet::default().reads(), Reads::default());
+    }
 
     #[test]
     fn hosts_lose_their_port() {

@@ -346,6 +346,54 @@ impl Cond {
     }
 }
 
+/// The request headers and cookies something reads by name (lower-case), which a proxy
+/// must report for it to see them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reads {
+    pub headers: std::collections::BTreeSet<String>,
+    pub cookies: std::collections::BTreeSet<String>,
+}
+
+impl Reads {
+    fn field(&mut self, field: &StrField) {
+        match field {
+            StrField::Header(name) => {
+                self.headers.insert(name.to_ascii_lowercase());
+            }
+            StrField::Cookie(name) => {
+                self.cookies.insert(name.to_ascii_lowercase());
+            }
+            _ => {}
+        }
+    }
+
+    fn num(&mut self, field: &NumField) {
+        if let NumField::Size(f) = field {
+            self.field(f);
+        }
+    }
+
+    /// Adds what `value` reads.
+    pub fn value(&mut self, value: &ValueField) {
+        match value {
+            ValueField::Str(f) => self.field(f),
+            ValueField::Num(f) => self.num(f),
+            ValueField::ClientIp => {}
+        }
+    }
+
+    /// Adds what `cond` reads.
+    pub fn cond(&mut self, cond: &Cond) {
+        match cond {
+            Cond::And(items) | Cond::Or(items) => items.iter().for_each(|c| self.cond(c)),
+            Cond::Not(c) => self.cond(c),
+            Cond::Str { field, .. } => self.field(field),
+            Cond::Num(field, ..) | Cond::NumIn(field, _) => self.num(field),
+            Cond::Const(_) | Cond::Ip(_) => {}
+        }
+    }
+}
+
 /// A compiled filter and its source, ready to evaluate.
 #[derive(Clone, Debug)]
 pub struct Filter {
