@@ -19,7 +19,7 @@ pub mod trace_context;
 pub use client::{ClientError, IngestionClient, MitigationClient, Resend, ServiceClient, trust_ca};
 pub use control::{
     ChallengeKey, Decision, DecisionBatch, DecisionMode, ProxyConfigDoc, ProxyHeartbeat,
-    PutProxyConfig, RotateChallengeKey, RotatedChallengeKey, WorkerHeartbeat,
+    PutProxyConfig, ReportedFields, RotateChallengeKey, RotatedChallengeKey, WorkerHeartbeat,
 };
 pub use decision_log::{
     DecisionLogClient, DecisionRevoke, PageMark, Recorded, RevocationMark, RevokedDecision,

@@ -28,8 +28,9 @@ pub const ADMIN_CALLER: &str = "admin";
 
 /// What the service role may call: the routes proxies, workers, the mitigation broker's
 /// decision log and apps using analyze call, and nothing an operator does.
-const SERVICE_CALLS: [(Method, &str); 10] = [
+const SERVICE_CALLS: [(Method, &str); 11] = [
     (Method::GET, "/api/v1/proxies/config"),
+    (Method::GET, "/api/v1/proxies/reported"),
     (Method::GET, "/api/v1/proxies/challenge-key"),
     (Method::POST, "/api/v1/proxies/heartbeat"),
     (Method::GET, "/api/v1/policies/active"),
@@ -263,6 +264,8 @@ mod tests {
             (Read, &post, "/api/v1/analyze", false),
             (Service, &get, "/api/v1/proxies/config", true),
             (Service, &get, "/api/v1/proxies/challenge-key", true),
+            (Service, &get, "/api/v1/proxies/reported", true),
+            (Read, &get, "/api/v1/proxies/reported", true),
             (Service, &post, "/api/v1/decisions", true),
             (Service, &post, "/api/v1/analyze", true),
             (Service, &Method::PUT, "/api/v1/proxies/config", false),

@@ -255,6 +255,8 @@ pub async fn start_staged(
         shutdown_timeout: config.shutdown_timeout,
         stopper: stopper.clone(),
         active_cache: Mutex::new(None),
+        reported_cache: Mutex::new(None),
+        policies_changed: tokio::sync::Notify::new(),
         proxy_config_changed: tokio::sync::Notify::new(),
         challenge_key_changed: tokio::sync::Notify::new(),
         stopping: stop.clone(),

@@ -76,6 +76,12 @@ pub struct Inner {
     pub stopper: Arc<Stopper>,
     /// The last `ActivePolicies` built, reused while the revision stays the same.
     pub active_cache: Mutex<Option<Arc<ActivePolicies>>>,
+    /// The headers and cookies the active policies of a revision read, kept while the
+    /// revision stays the same.
+    pub reported_cache: Mutex<Option<esper_protocol::ReportedFields>>,
+    /// Wakes proxies' long-polls when a policy is written or deleted through this
+    /// instance.
+    pub policies_changed: tokio::sync::Notify,
     /// Wakes proxies' long-polls when the proxy configuration is replaced.
     pub proxy_config_changed: tokio::sync::Notify,
     /// Wakes proxies' long-polls when the challenge key is rotated.

@@ -1427,6 +1427,7 @@ async fn tokens_have_roles_and_are_revoked_at_once() {
     let calls = [
         (Method::GET, "/api/v1/proxies/config", None),
         (Method::GET, "/api/v1/proxies/challenge-key", None),
+        (Method::GET, "/api/v1/proxies/reported", None),
         (Method::POST, "/api/v1/proxies/heartbeat", Some(beat)),
         (Method::GET, "/api/v1/policies/active", None),
         (
@@ -1816,5 +1817,78 @@ async fn a_proxy_document_with_a_proxys_tokens_is_refused() {
     );
     let (status, body) = s.get("/api/v1/proxies/config").await;
     assert_eq!(status, 404, "nothing stored: {body}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn proxies_learn_which_headers_and_cookies_the_policies_read() {
+    let s = Stack::without_brokers().await;
+    // No policy yet: nothing to report, at the store's first revision.
+    let (status, first) = s.get("/api/v1/proxies/reported").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["headers"], json!([]));
+    assert_eq!(first["cookies"], json!([]));
+    let rev0 = first["revision"].as_i64().unwrap();
+    let (status, _) = s
+        .get(&format!("/api/v1/proxies/reported?after={rev0}&wait=1"))
+        .await;
+    assert_eq!(status, 204, "nothing newer within the wait");
+
+    // A long-poll waiting when policies are applied answers at once.
+    let poll = s
+        .req(
+            Method::GET,
+            &format!("/api/v1/proxies/reported?after={rev0}&wait=30"),
+        )
+        .send();
+    let waiting = tokio::spawn(async move {
+        let resp = poll.await.unwrap();
+        let status = resp.status().as_u16();
+        (
+            status,
+            resp.json::<Value>().await.unwrap(),
+            std::time::Instant::now(),
+        )
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, body) = s
+        .apply_toml(&format!(
+            "{POLICIES}
+[[policy]]
+id = \"sessions\"
+entity = \"cookie:Session\"
+window = \"1m\"
+threshold = 50
+filter = 'headers[\"referer\"] == \"\" && cookies[\"cart\"] != \"\"'
+action = \"log\"
+"
+        ))
+        .await;
+    let applied_at = std::time::Instant::now();
+    assert_eq!(status, 200, "{body}");
+    let (status, reported, answered) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{reported}");
+    assert!(
+        answered.duration_since(applied_at) < std::time::Duration::from_secs(1),
+        "the waiting poll answered when the policies changed"
+    );
+    assert_eq!(reported["revision"], body["revision"]);
+    assert_eq!(reported["headers"], json!(["referer", "x-api-key"]));
+    assert_eq!(reported["cookies"], json!(["cart", "session"]));
+
+    // Disabled policies are not evaluated, so their names are not asked for.
+    let (status, _) = s
+        .post("/api/v1/policies/api-scrapers/disable", json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = s.delete("/api/v1/policies/sessions").await;
+    assert_eq!(status, 200);
+    let (_, now) = s.get("/api/v1/proxies/reported").await;
+    assert_eq!(now["headers"], json!([]));
+    assert_eq!(now["cookies"], json!([]));
+    assert!(now["revision"].as_i64().unwrap() > reported["revision"].as_i64().unwrap());
+
+    let (status, body) = s.get("/api/v1/proxies/reported?after=x").await;
+    assert_eq!(status, 400, "{body}");
     s.stop().await;
 }

@@ -77,6 +77,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/api/v1/proxies/challenge-key",
             get(proxy_config::challenge_key),
         )
+        .route("/api/v1/proxies/reported", get(proxy_config::reported))
         .route(
             "/api/v1/proxies/challenge-key/rotate",
             post(proxy_config::rotate_challenge_key),

@@ -200,6 +200,7 @@ async fn write(
         .await
         .map_err(|e| store_error(state, e))?;
     state.metrics.policy_revision.set(revision);
+    state.policies_changed.notify_waiters();
     for a in applied.iter().filter(|a| a.changed) {
         tracing::info!(policy = %a.id, version = a.version, revision, "policy changed");
     }
@@ -349,6 +350,7 @@ pub async fn delete(
     if !deleted {
         return Err(not_found(&id));
     }
+    state.policies_changed.notify_waiters();
     tracing::info!(policy = %id, by = %caller.0, "policy deleted");
     Ok(Json(Deleted { deleted }))
 }
@@ -372,21 +374,26 @@ pub async fn versions(
 /// `GET /api/v1/policies/active`: what workers evaluate. Rebuilt only when the revision
 /// moved, so polling every few seconds costs one small query.
 pub async fn active(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let active = current(&state).await?;
+    Ok(axum::Json(&*active).into_response())
+}
+
+/// The active policies of the store's revision, built again only when it moved.
+pub(crate) async fn current(state: &AppState) -> Result<Arc<ActivePolicies>, ApiError> {
     let revision = state
         .store
         .revision()
         .await
-        .map_err(|e| store_error(&state, e))?;
+        .map_err(|e| store_error(state, e))?;
     let cached = state.active_cache.lock().clone();
-    let active = match cached {
+    Ok(match cached {
         Some(a) if a.revision == revision => a,
         _ => {
-            let fresh = Arc::new(build_active(&state).await?);
+            let fresh = Arc::new(build_active(state).await?);
             *state.active_cache.lock() = Some(fresh.clone());
             fresh
         }
-    };
-    Ok(axum::Json(&*active).into_response())
+    })
 }
 
 async fn build_active(state: &AppState) -> Result<ActivePolicies, ApiError> {

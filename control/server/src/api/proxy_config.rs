@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use esper_common::http::{OptionalJson, Query};
 use esper_common::{ApiError, Json};
 use esper_protocol::{
-    ChallengeKey, ProxyConfigDoc, PutProxyConfig, RotateChallengeKey, RotatedChallengeKey,
+    ChallengeKey, ProxyConfigDoc, PutProxyConfig, ReportedFields, RotateChallengeKey,
+    RotatedChallengeKey,
 };
 use serde::Deserialize;
 
@@ -151,6 +152,35 @@ pub async fn put(
     state.proxy_config_changed.notify_waiters();
     tracing::info!(revision = doc.revision, by = %caller.0, "proxy configuration stored");
     Ok(Json(doc))
+}
+
+/// `GET /api/v1/proxies/reported[?after=N&wait=SECS]`: the headers and cookies the
+/// enabled policies read, which proxies report besides their own lists; with `after`,
+/// only for a policy revision newer than it (204 when none came within `wait`).
+pub async fn reported(
+    State(state): State<AppState>,
+    Query(p): Query<ConfigParams>,
+) -> Result<Response, ApiError> {
+    let after = p.after.unwrap_or(i64::MIN);
+    long_poll(&state.policies_changed, &state.stopping, p.wait, || async {
+        let active = super::policies::current(&state).await?;
+        if active.revision <= after {
+            return Ok(None);
+        }
+        let cached = state.reported_cache.lock().clone();
+        if let Some(fields) = cached.filter(|f| f.revision == active.revision) {
+            return Ok(Some(fields));
+        }
+        let reads = esper_engine::eval::PolicySet::compile(&active).reads();
+        let fields = ReportedFields {
+            revision: active.revision,
+            headers: reads.headers.into_iter().collect(),
+            cookies: reads.cookies.into_iter().collect(),
+        };
+        *state.reported_cache.lock() = Some(fields.clone());
+        Ok(Some(fields))
+    })
+    .await
 }
 
 /// The name of the proxies' shared challenge key among the stored secrets.
