@@ -280,7 +280,8 @@ pub struct Config {
     pub control_url: Option<String>,
     /// With a control URL, follow the proxy configuration the control plane holds
     /// (`PUT /api/v1/proxies/config`), laid over this one and applied without dropping
-    /// connections (`ESPER_PROXY_FOLLOW_CONFIG`).
+    /// connections, and report the headers and cookies its enabled policies read besides
+    /// `report_headers` and `report_cookies` (`ESPER_PROXY_FOLLOW_CONFIG`).
     pub follow_control_config: bool,
     /// Bearer token for both brokers, when they require one (`ESPER_BROKER_TOKEN`).
     pub broker_token: Option<String>,
@@ -300,7 +301,8 @@ pub struct Config {
     /// (`ESPER_PROXY_RECORD_EVENTS`, `--record-events`).
     pub record_events: Option<std::path::PathBuf>,
     /// Request headers copied into events, by name (`ESPER_REPORT_HEADERS`, comma
-    /// separated; `--report-header`, repeatable).
+    /// separated; `--report-header`, repeatable). Those the control plane's policies
+    /// read are reported as well (see `follow_control_config`).
     pub report_headers: Vec<String>,
     /// Cookies copied into events, by name; values leave the proxy only as a SHA-256 hex
     /// prefix (`ESPER_REPORT_COOKIES`, comma separated; `--report-cookie`, repeatable).

@@ -56,7 +56,7 @@ use crate::enforce::Enforcer;
 use crate::forwarder::Forwarder;
 use crate::live::{Live, LiveState};
 use crate::proxy::{EsperProxy, InFlight};
-use crate::report::Reporter;
+use crate::report::{ReportNames, Reporter};
 use crate::status::Status;
 use crate::tls::Certs;
 
@@ -212,6 +212,8 @@ pub struct Reloader {
     ingestion: Endpoints,
     mitigation: Endpoints,
     control: Option<Endpoints>,
+    /// The headers and cookies events carry: the configuration's and the policies'.
+    report_names: Arc<ReportNames>,
 }
 
 /// The local configuration (file, environment and flags, as last read at start or on
@@ -329,6 +331,16 @@ impl Reloader {
         }
         let apps: Vec<String> = live.router.apps().iter().map(|a| a.name.clone()).collect();
         self.live.store(Arc::new(live));
+        if self
+            .report_names
+            .set_local(&config.report_headers, &config.report_cookies)
+        {
+            tracing::info!(
+                headers = ?config.report_headers,
+                cookies = ?config.report_cookies,
+                "the reported headers and cookies changed: events carry them from the next request on"
+            );
+        }
         // A secret set (again) signs; one taken away leaves the control plane's key, if
         // it answered, else the key in use.
         let deployment = self.deployment_key.lock().clone();
@@ -408,6 +420,8 @@ const RELOADED: &[&str] = &[
     "upstream_idle_timeout",
     "app",
     "sample_rate",
+    "report_headers",
+    "report_cookies",
     "trusted_proxies",
     "real_ip_header",
     "forward_headers",
@@ -578,6 +592,10 @@ pub async fn start(
         config.challenge_ttl,
         config.challenge_fallback_delay,
     ));
+    let report_names = Arc::new(ReportNames::new(
+        &config.report_headers,
+        &config.report_cookies,
+    ));
     let app = EsperProxy::new(
         live.clone(),
         challenger.clone(),
@@ -592,8 +610,7 @@ pub async fn start(
             queue.clone(),
             metrics.clone(),
             proxy_id.clone(),
-            &config.report_headers,
-            &config.report_cookies,
+            report_names.clone(),
         ),
         metrics.clone(),
         in_flight.clone(),
@@ -703,6 +720,7 @@ pub async fn start(
         ingestion: ingestion.clone(),
         mitigation: mitigation.clone(),
         control: control.clone(),
+        report_names: report_names.clone(),
     };
     let control_for_health = control.clone();
     // Asked even with a secret set: a reload may take the secret away.
@@ -722,15 +740,18 @@ pub async fn start(
     if let Some(control) = control
         && config.follow_control_config
     {
-        tasks.push(tokio::spawn(remote::follow(
-            remote::Follow {
-                control,
-                token: control_token.clone(),
-                reloader: reloader.clone(),
-                metrics: metrics.clone(),
-                status: status.clone(),
-                wait: config.stream_wait,
-            },
+        let follow = || remote::Follow {
+            control: control.clone(),
+            token: control_token.clone(),
+            reloader: reloader.clone(),
+            metrics: metrics.clone(),
+            status: status.clone(),
+            wait: config.stream_wait,
+        };
+        tasks.push(tokio::spawn(remote::follow(follow(), shutdown.clone())));
+        tasks.push(tokio::spawn(remote::follow_reported(
+            follow(),
+            report_names.clone(),
             shutdown.clone(),
         )));
     }
@@ -744,6 +765,7 @@ pub async fn start(
             status: status.clone(),
             in_flight,
             control: control_for_health,
+            report_names,
         },
         shutdown.clone(),
     );

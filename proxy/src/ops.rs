@@ -14,6 +14,7 @@ use esper_protocol::Endpoints;
 use crate::cache::MitigationCache;
 use crate::metrics::Metrics;
 use crate::proxy::InFlight;
+use crate::report::ReportNames;
 use crate::status::{Outcome, Status};
 
 /// Body limit of the ops server (it takes no bodies).
@@ -31,6 +32,8 @@ pub struct Health {
     pub in_flight: InFlight,
     /// The control plane followed, if any.
     pub control: Option<Endpoints>,
+    /// What events carry, the names the policies read among it.
+    pub report_names: Arc<ReportNames>,
 }
 
 fn ago(t: Instant) -> String {
@@ -120,12 +123,23 @@ impl HealthCheck for Health {
                 Outcome::Idle => {
                     ComponentHealth::new("control_plane", true, false, format!("asking {url}"))
                 }
-                Outcome::Ok(at) => ComponentHealth::new(
-                    "control_plane",
-                    true,
-                    false,
-                    format!("{url} answered {}", ago(at)),
-                ),
+                Outcome::Ok(at) => {
+                    let read = self.report_names.policies_read();
+                    let reporting = if read.headers.is_empty() && read.cookies.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; reporting what its policies read: headers {:?}, cookies {:?}",
+                            read.headers, read.cookies
+                        )
+                    };
+                    ComponentHealth::new(
+                        "control_plane",
+                        true,
+                        false,
+                        format!("{url} answered {}{reporting}", ago(at)),
+                    )
+                }
                 Outcome::Failed(at, e) => ComponentHealth::new(
                     "control_plane",
                     false,

@@ -12,12 +12,14 @@ use std::time::Duration;
 use esper_common::Shutdown;
 use esper_protocol::control::{PROXY_LOCAL_ADDRESSES, PROXY_LOCAL_ONLY};
 use esper_protocol::{
-    ChallengeKey, Endpoints, Instances, ProxyConfigDoc, Resend, ServiceClient, Token,
+    ChallengeKey, Endpoints, Instances, ProxyConfigDoc, ReportedFields, Resend, ServiceClient,
+    Token,
 };
 use reqwest::StatusCode;
 
 use crate::config::{Config, MIN_CHALLENGE_SECRET_LEN};
 use crate::metrics::Metrics;
+use crate::report::ReportNames;
 use crate::{ProxyError, Reloader};
 
 /// Slack over the long-poll wait before the request itself times out.
@@ -29,6 +31,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CONFIG_PATH: &str = "/api/v1/proxies/config";
 const KEY_PATH: &str = "/api/v1/proxies/challenge-key";
+const REPORTED_PATH: &str = "/api/v1/proxies/reported";
 /// Least time between the starts of two polls: a control plane that answers at once,
 /// without waiting and with nothing newer, must not make the proxy spin (each answer
 /// may rebuild its apps).
@@ -292,15 +295,37 @@ fn strong_enough(key: &ChallengeKey) -> bool {
 async fn poll<T: serde::de::DeserializeOwned>(
     client: &ServiceClient,
     req: reqwest::RequestBuilder,
-) -> Result<Option<T>, String> {
+) -> Result<Option<T>, PollError> {
     let resp = client
         .call(req, Resend::Unanswered)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| PollError::Failed(e.to_string()))?;
     match resp.status() {
-        StatusCode::OK => resp.json().await.map(Some).map_err(|e| e.to_string()),
+        StatusCode::OK => resp
+            .json()
+            .await
+            .map(Some)
+            .map_err(|e| PollError::Failed(e.to_string())),
         StatusCode::NO_CONTENT => Ok(None),
-        s => Err(format!("answered {s}")),
+        StatusCode::NOT_FOUND => Err(PollError::NotOffered),
+        s => Err(PollError::Failed(format!("answered {s}"))),
+    }
+}
+
+/// Why a poll brought nothing.
+#[derive(Debug)]
+enum PollError {
+    /// 404: for a route a control plane of an older version does not have.
+    NotOffered,
+    Failed(String),
+}
+
+impl std::fmt::Display for PollError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PollError::NotOffered => f.write_str("answered 404 Not Found"),
+            PollError::Failed(e) => f.write_str(e),
+        }
     }
 }
 
@@ -407,6 +432,87 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
                 match backoff.failed(&shutdown, &mut moved, warn).await {
                     Paused::Shutdown => return,
                     Paused::Moved => after = 0,
+                    Paused::Retry => {}
+                }
+                continue;
+            }
+        }
+        backoff.reached(&url);
+    }
+}
+
+/// Follows the headers and cookies the control plane's enabled policies read, so this
+/// proxy reports them besides its own lists, until `shutdown`: the first answer, then
+/// each change of the policies. A control plane without the route (an older version) is
+/// asked again only after a move to another.
+pub async fn follow_reported(f: Follow, names: Arc<ReportNames>, shutdown: Shutdown) {
+    let client = f.client();
+    let mut moved = f.control.subscribe();
+    // Below any revision, so the first answer comes even with no policy ever written.
+    const FIRST: i64 = -1;
+    let mut after = FIRST;
+    let mut backoff = Backoff::default();
+    let mut pace = Pace::default();
+    loop {
+        if pace.next(&shutdown).await {
+            return;
+        }
+        let polled = tokio::select! {
+            _ = shutdown.wait() => return,
+            r = poll::<ReportedFields>(&client, f.long_poll(&client, REPORTED_PATH, after)) => r,
+            Ok(()) = moved.changed() => {
+                after = FIRST;
+                continue;
+            }
+        };
+        // Named after the poll, which may have failed over to another instance.
+        let url = f.url(REPORTED_PATH);
+        f.status.control_result(match &polled {
+            Err(PollError::Failed(e)) => Err(format!("{url}: {e}")),
+            _ => Ok(()),
+        });
+        match polled {
+            Ok(Some(fields)) => {
+                after = fields.revision;
+                let (headers, refused): (Vec<String>, Vec<String>) = fields
+                    .headers
+                    .into_iter()
+                    .partition(|h| http::HeaderName::from_bytes(h.as_bytes()).is_ok());
+                if !refused.is_empty() {
+                    tracing::warn!(
+                        url,
+                        ?refused,
+                        "the control plane's policies read headers whose names are not valid HTTP names; not reported"
+                    );
+                }
+                if names.set_from_policies(&headers, &fields.cookies) {
+                    tracing::info!(
+                        url,
+                        revision = fields.revision,
+                        ?headers,
+                        cookies = ?fields.cookies,
+                        "reporting the headers and cookies the control plane's policies read"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(PollError::NotOffered) => {
+                tracing::info!(
+                    url,
+                    "the control plane does not say which headers its policies read (an older \
+                     version); reporting the configured ones (report_headers, report_cookies)"
+                );
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    Ok(()) = moved.changed() => after = FIRST,
+                }
+                continue;
+            }
+            Err(PollError::Failed(e)) => {
+                let warn = || tracing::warn!(url, error = %e, "cannot follow the headers and cookies the control plane's policies read; retrying (those known are still reported)");
+                match backoff.failed(&shutdown, &mut moved, warn).await {
+                    Paused::Shutdown => return,
+                    Paused::Moved => after = FIRST,
                     Paused::Retry => {}
                 }
                 continue;

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use esper_protocol::{EnforcedAction, EventView, TlsInfo, hash_cookie_value};
 use http::{HeaderMap, HeaderName};
@@ -47,8 +48,104 @@ pub struct Reporter {
     queue: Arc<EventQueue>,
     metrics: Arc<Metrics>,
     proxy_id: String,
+    names: Arc<ReportNames>,
+}
+
+/// Header and cookie names, lower-case, each once.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NameLists {
+    pub headers: Vec<String>,
+    pub cookies: Vec<String>,
+}
+
+impl NameLists {
+    pub fn new(headers: &[String], cookies: &[String]) -> NameLists {
+        let tidy = |names: &[String]| {
+            let mut v: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        NameLists {
+            headers: tidy(headers),
+            cookies: tidy(cookies),
+        }
+    }
+}
+
+/// What events carry, ready for the request path.
+struct Names {
     headers: Vec<HeaderName>,
     cookies: Vec<String>,
+}
+
+/// The headers and cookies a proxy reports: those its configuration names (replaced by
+/// a reload) and those the control plane's policies read (followed), together.
+pub struct ReportNames {
+    merged: ArcSwap<Names>,
+    /// (the configuration's, the policies'); held while `merged` is rebuilt, so two
+    /// changes at once cannot lose one.
+    parts: parking_lot::Mutex<(NameLists, NameLists)>,
+}
+
+impl ReportNames {
+    /// The configuration's names; none from policies yet.
+    pub fn new(headers: &[String], cookies: &[String]) -> ReportNames {
+        let local = NameLists::new(headers, cookies);
+        let merged = ArcSwap::from_pointee(Self::merge(&local, &NameLists::default()));
+        ReportNames {
+            merged,
+            parts: parking_lot::Mutex::new((local, NameLists::default())),
+        }
+    }
+
+    /// The configuration's names changed (a reload); `true` when they differ.
+    pub fn set_local(&self, headers: &[String], cookies: &[String]) -> bool {
+        self.set(|parts| &mut parts.0, NameLists::new(headers, cookies))
+    }
+
+    /// The names the policies read changed; `true` when they differ.
+    pub fn set_from_policies(&self, headers: &[String], cookies: &[String]) -> bool {
+        self.set(|parts| &mut parts.1, NameLists::new(headers, cookies))
+    }
+
+    /// The names the policies read, as last set.
+    pub fn policies_read(&self) -> NameLists {
+        self.parts.lock().1.clone()
+    }
+
+    fn set(
+        &self,
+        part: impl FnOnce(&mut (NameLists, NameLists)) -> &mut NameLists,
+        lists: NameLists,
+    ) -> bool {
+        let mut parts = self.parts.lock();
+        let slot = part(&mut parts);
+        if *slot == lists {
+            return false;
+        }
+        *slot = lists;
+        self.merged.store(Arc::new(Self::merge(&parts.0, &parts.1)));
+        true
+    }
+
+    /// Header names that are not valid HTTP names were refused by config validation
+    /// (and are dropped from the control plane's); any left are skipped.
+    fn merge(a: &NameLists, b: &NameLists) -> Names {
+        let mut headers: Vec<HeaderName> = a
+            .headers
+            .iter()
+            .chain(&b.headers)
+            .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+            .collect();
+        // Each name once: an event's headers are one JSON object.
+        headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        headers.dedup();
+        let mut cookies: Vec<String> = a.cookies.iter().chain(&b.cookies).cloned().collect();
+        cookies.sort();
+        cookies.dedup();
+        Names { headers, cookies }
+    }
 }
 
 /// The first `MAX_FIELD_LEN` bytes of `s`, cut at a character boundary.
@@ -72,30 +169,18 @@ fn header_text(bytes: &[u8]) -> Cow<'_, str> {
 }
 
 impl Reporter {
-    /// A reporter feeding `queue`. Header names that are not valid HTTP names were refused
-    /// by config validation; any left are skipped.
+    /// A reporter feeding `queue` with the headers and cookies `names` holds.
     pub fn new(
         queue: Arc<EventQueue>,
         metrics: Arc<Metrics>,
         proxy_id: String,
-        headers: &[String],
-        cookies: &[String],
+        names: Arc<ReportNames>,
     ) -> Reporter {
         Reporter {
             queue,
             metrics,
             proxy_id,
-            headers: {
-                let mut names: Vec<HeaderName> = headers
-                    .iter()
-                    .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
-                    .collect();
-                // Each name once: an event's headers are one JSON object.
-                names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-                names.dedup();
-                names
-            },
-            cookies: cookies.iter().map(|c| c.to_ascii_lowercase()).collect(),
+            names,
         }
     }
 
@@ -107,8 +192,9 @@ impl Reporter {
 
     /// Queues the event of a sampled request; never waits.
     pub fn report(&self, seen: Observed<'_>) {
+        let names = self.names.merged.load();
         let mut headers: Vec<(&str, Cow<'_, str>)> = Vec::new();
-        for name in &self.headers {
+        for name in &names.headers {
             let mut values = seen.headers.get_all(name).iter();
             let Some(first) = values.next() else { continue };
             let mut value = header_text(first.as_bytes());
@@ -124,11 +210,12 @@ impl Reporter {
             headers.push((name.as_str(), value));
         }
         let mut cookies: Vec<(&str, Cow<'_, str>)> = Vec::new();
-        if !self.cookies.is_empty() {
+        if !names.cookies.is_empty() {
             for header in seen.headers.get_all(http::header::COOKIE) {
                 let Ok(text) = header.to_str() else { continue };
                 for (name, value) in cookie_pairs(text) {
-                    if let Some(wanted) = self.cookies.iter().find(|c| c.eq_ignore_ascii_case(name))
+                    if let Some(wanted) =
+                        names.cookies.iter().find(|c| c.eq_ignore_ascii_case(name))
                     {
                         // The last of a repeated cookie wins, as it would in a map.
                         cookies.retain(|(n, _)| n != wanted);
@@ -214,18 +301,62 @@ mod tests {
     }
 
     #[test]
+    fn the_policies_names_are_reported_with_the_configurations() {
+        let queue = Arc::new(EventQueue::new(100, 1, 10));
+        let names = Arc::new(ReportNames::new(&["Accept".into()], &[]));
+        let r = Reporter::new(
+            queue.clone(),
+            Arc::new(Metrics::new()),
+            "p".into(),
+            names.clone(),
+        );
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h.insert("x-api-key", HeaderValue::from_static("k1"));
+        h.insert("cookie", HeaderValue::from_static("cart=9; flow=a"));
+        let reported = |names_of: fn(&RequestEvent) -> Vec<String>| {
+            r.report(observed(&h));
+            let [ev] = <[RequestEvent; 1]>::try_from(drained(&queue)).unwrap();
+            names_of(&ev)
+        };
+        let headers = |ev: &RequestEvent| ev.headers.keys().cloned().collect::<Vec<_>>();
+        let cookies = |ev: &RequestEvent| ev.cookies.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(reported(headers), ["accept"]);
+
+        assert!(names.set_from_policies(&["X-Api-Key".into(), "accept".into()], &["Cart".into()]));
+        assert!(!names.set_from_policies(&["x-api-key".into(), "accept".into()], &["cart".into()]));
+        assert_eq!(reported(headers), ["accept", "x-api-key"]);
+        assert_eq!(reported(cookies), ["cart"]);
+        assert_eq!(
+            names.policies_read(),
+            NameLists::new(&["accept".into(), "x-api-key".into()], &["cart".into()])
+        );
+
+        // A reload replaces the configuration's names and keeps the policies'.
+        assert!(names.set_local(&[], &["flow".into()]));
+        assert_eq!(reported(headers), ["accept", "x-api-key"]);
+        assert_eq!(reported(cookies), ["cart", "flow"]);
+        // Policies that read nothing any more leave the configuration's names.
+        assert!(names.set_from_policies(&[], &[]));
+        assert!(reported(headers).is_empty());
+        assert_eq!(reported(cookies), ["flow"]);
+    }
+
+    #[test]
     fn events_carry_the_request_facts() {
         let queue = Arc::new(EventQueue::new(100, 1, 10));
         let r = Reporter::new(
             queue.clone(),
             Arc::new(Metrics::new()),
             "p1".into(),
-            &[
-                "accept-language".into(),
-                "x-missing".into(),
-                "accept".into(),
-            ],
-            &["session".into()],
+            Arc::new(ReportNames::new(
+                &[
+                    "accept-language".into(),
+                    "x-missing".into(),
+                    "accept".into(),
+                ],
+                &["session".into()],
+            )),
         );
         let mut h = HeaderMap::new();
         h.insert("user-agent", HeaderValue::from_static("curl/8"));
@@ -278,8 +409,7 @@ mod tests {
             queue.clone(),
             Arc::new(Metrics::new()),
             "p".into(),
-            &["referer".into()],
-            &[],
+            Arc::new(ReportNames::new(&["referer".into()], &[])),
         );
         let mut h = HeaderMap::new();
         let long = "é".repeat(600);
@@ -304,7 +434,12 @@ mod tests {
     fn a_full_queue_drops_and_counts() {
         let queue = Arc::new(EventQueue::new(1, 1, 1));
         let metrics = Arc::new(Metrics::new());
-        let r = Reporter::new(queue.clone(), metrics.clone(), "p".into(), &[], &[]);
+        let r = Reporter::new(
+            queue.clone(),
+            metrics.clone(),
+            "p".into(),
+            Arc::new(ReportNames::new(&[], &[])),
+        );
         let h = HeaderMap::new();
         r.report(observed(&h));
         r.report(observed(&h));

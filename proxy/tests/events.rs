@@ -1,6 +1,8 @@
 //! Sampled request events reach the real ingestion broker with the request's facts and
 //! the right weight; backpressure drops are counted and delivery resumes afterwards.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::net::IpAddr;
@@ -267,4 +269,140 @@ async fn recorded_events_replay_to_the_expected_decision() {
     assert_eq!(d.action, esper_protocol::Action::Block);
     // The tenth failure crosses the threshold of 10.
     assert_eq!(d.event_id, events[9].id);
+}
+
+/// Writes a policy document (TOML) to the control plane at `control`.
+async fn apply_policies(control: &str, toml: &str) {
+    let resp = reqwest::Client::new()
+        .post(format!("{control}/api/v1/policies"))
+        .bearer_auth(support::CONTROL_TOKEN)
+        .header("content-type", "application/toml")
+        .body(toml.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn events_carry_what_the_control_planes_policies_read() {
+    let up = upstream().await;
+    let broker = ingestion().await;
+    let control = support::control_plane().await;
+    let mut cfg = config(up.addr, &broker.url, &dead_url());
+    cfg.control_url = Some(control.url.clone());
+    cfg.control_token = Some(support::CONTROL_TOKEN.into());
+    cfg.report_headers = vec!["accept-language".into()];
+    let proxy = start_proxy(cfg.clone()).await;
+    let client = client_from("127.0.0.1");
+    // Sends one request and claims its event.
+    let event = || async {
+        let resp = client
+            .get(format!("{}/", proxy.url))
+            .header("accept-language", "fr")
+            .header("x-api-key", "key-1")
+            .header("x-login-user", "ann")
+            .header("cookie", "cart=c1; theme=dark")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut events = broker.claim_events(1, Duration::from_secs(5)).await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        events.remove(0)
+    };
+    let names = |ev: &esper_protocol::RequestEvent| {
+        let mut h: Vec<String> = ev.headers.keys().cloned().collect();
+        h.sort();
+        let mut c: Vec<String> = ev.cookies.keys().cloned().collect();
+        c.sort();
+        (h, c)
+    };
+    let ev = event().await;
+    assert_eq!(names(&ev), (vec!["accept-language".into()], vec![]));
+
+    // Policies that read a header, another as their distinct value, and a cookie.
+    apply_policies(
+        &control.url,
+        r#"
+[[policy]]
+id = "api-key-abuse"
+entity = "header:x-api-key"
+window = "1m"
+threshold = 100
+action = "throttle"
+rate = 5
+
+[[policy]]
+id = "stuffing"
+window = "10m"
+aggregate = 'distinct(headers["X-Login-User"])'
+threshold = 20
+filter = 'cookies["cart"] != ""'
+action = "block"
+"#,
+    )
+    .await;
+    let reported = eventually(Duration::from_secs(5), || async {
+        let ev = event().await;
+        names(&ev).0.len() == 3
+    })
+    .await;
+    assert!(reported, "the policies' headers reach the events");
+    let ev = event().await;
+    assert_eq!(
+        names(&ev),
+        (
+            vec![
+                "accept-language".into(),
+                "x-api-key".into(),
+                "x-login-user".into()
+            ],
+            vec!["cart".into()]
+        )
+    );
+    assert_eq!(ev.headers["x-api-key"], "key-1");
+    assert_eq!(ev.cookies["cart"], hash_cookie_value("c1"));
+    let health: serde_json::Value = reqwest::get(format!(
+        "http://{}/healthz/detailed",
+        proxy.handle().ops_addr()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert!(
+        health.to_string().contains("x-login-user"),
+        "health names what the policies read: {health}"
+    );
+
+    // A reload replaces the proxy's own list and keeps what the policies read.
+    let mut next = cfg.clone();
+    next.report_headers = vec!["referer".into()];
+    proxy.handle().reload(next).await.unwrap();
+    let ev = event().await;
+    assert_eq!(
+        names(&ev).0,
+        ["x-api-key".to_string(), "x-login-user".into()]
+    );
+
+    // Disabled, a policy no longer has its header reported.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/policies/stuffing/disable", control.url))
+        .bearer_auth(support::CONTROL_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let dropped = eventually(Duration::from_secs(5), || async {
+        names(&event().await) == (vec!["x-api-key".into()], vec![])
+    })
+    .await;
+    assert!(
+        dropped,
+        "a disabled policy's header and cookie are no longer reported"
+    );
+    proxy.stop().await.unwrap();
+    control.stop().await;
 }
