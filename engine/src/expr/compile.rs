@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::parse::{Ast, Node, parse};
-use super::{CmpOp, Cond, ExprError, IpSet, NumField, StrField, StrSet, StrTest, ValueField};
+use super::{
+    CmpOp, Cond, ExprError, IpSet, NumField, StrField, StrSet, StrTest, ValueField, host_only,
+};
 use crate::policy::{ListKind, NamedList, parse_net};
 
 /// The named lists an expression may use, and the ones it used.
@@ -242,6 +244,39 @@ fn cond(node: &Node, lists: &mut Lists<'_>) -> Result<Cond, ExprError> {
     }
 }
 
+/// `s`, when a value of `field` can equal it. Events carry the path in the form servers
+/// resolve it to, without its query, and the host is compared without its port: a
+/// literal in another form would never match, so it is refused, naming the form to write.
+fn matchable<'s>(field: &StrField, s: &'s str, at: usize) -> Result<&'s str, ExprError> {
+    match field {
+        StrField::Path if s.contains(['?', '#']) => Err(ExprError::new(
+            at,
+            format!(
+                "path \"{s}\" has a query or fragment: paths are compared without them (use `query`)"
+            ),
+        )),
+        StrField::Path if s.starts_with('/') => {
+            let normal = esper_protocol::normalize_path(s);
+            if normal == s {
+                Ok(s)
+            } else {
+                Err(ExprError::new(
+                    at,
+                    format!("path \"{s}\" is compared as servers resolve it: write \"{normal}\""),
+                ))
+            }
+        }
+        StrField::Host if host_only(s) != s => Err(ExprError::new(
+            at,
+            format!(
+                "host \"{s}\" is compared without its port: write \"{}\"",
+                host_only(s)
+            ),
+        )),
+        _ => Ok(s),
+    }
+}
+
 fn lower_if(s: &str, fold: bool) -> Box<str> {
     if fold {
         s.to_ascii_lowercase().into_boxed_str()
@@ -339,9 +374,9 @@ fn comparison(op: &str, l: &Node, r: &Node) -> Result<Cond, ExprError> {
     match (field, constant) {
         (Operand::Str(field, fold), Operand::StrLit(s)) => match cmp {
             CmpOp::Eq | CmpOp::Ne => Ok(negate(Cond::Str {
+                test: StrTest::Eq(lower_if(matchable(&field, s, const_at)?, fold)),
                 field,
                 fold,
-                test: StrTest::Eq(lower_if(s, fold)),
             })),
             _ => Err(ExprError::new(l.at, "strings compare only with == and !=")),
         },
@@ -407,11 +442,14 @@ fn membership(l: &Node, r: &Node, lists: &mut Lists<'_>) -> Result<Cond, ExprErr
             let mut values = Vec::with_capacity(items.len());
             for item in items {
                 match &item.ast {
-                    Ast::Str(s) => values.push(if fold {
-                        s.to_ascii_lowercase()
-                    } else {
-                        s.clone()
-                    }),
+                    Ast::Str(s) => {
+                        let s = matchable(&field, s, item.at)?;
+                        values.push(if fold {
+                            s.to_ascii_lowercase()
+                        } else {
+                            s.to_string()
+                        })
+                    }
                     _ => return Err(ExprError::new(item.at, "this list must hold strings")),
                 }
             }

@@ -281,3 +281,29 @@ fn values_for_aggregates() {
     assert!(compile_value("status == 1").is_err());
     assert!(compile_value("list('x')").is_err());
 }
+
+#[test]
+fn literals_a_path_or_host_can_never_equal_are_refused() {
+    for (src, says) in [
+        (r#"path == "/admin/../login""#, r#"write "/login""#),
+        (r#"path != "/a//b""#, r#"write "/a/b""#),
+        (r#"path in ["/ok", "/%6Cogin"]"#, r#"write "/login""#),
+        (r#"path.lowerAscii() == "/A/./B""#, r#"write "/A/B""#),
+        (r#"path == "/login?next=/""#, "use `query`"),
+        (r#"host == "shop.example:8443""#, r#"write "shop.example""#),
+        (r#"host in ["[::1]"]"#, r#"write "::1""#),
+    ] {
+        let e = error(src);
+        assert!(e.message.contains(says), "{src}: {}", e.message);
+    }
+    // Forms events carry, and tests other than equality, are taken as written.
+    for (src, want) in [
+        (r#"path in ["/login", "/x"]"#, true),
+        (r#"path.startsWith("/log")"#, true),
+        (r#"path.contains("//")"#, false),
+        (r#"host == "shop.example""#, false),
+        (r#"query == "next=/a""#, true),
+    ] {
+        assert_eq!(check(src), want, "{src}");
+    }
+}
