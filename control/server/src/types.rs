@@ -30,7 +30,11 @@ pub struct ServerStatus {
     pub uptime_secs: u64,
     /// The store's kind, e.g. `sqlite`.
     pub store: String,
+    /// While `false`, the policy counts, workers and proxies of the report are not known
+    /// (zeros and empty lists), and `store_error` says why.
     pub store_reachable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 /// The ingestion broker as the control plane sees it.

@@ -125,6 +125,50 @@ async fn a_database_gone_while_serving_is_reported_with_its_cause() {
 }
 
 #[tokio::test]
+async fn status_says_why_the_database_cannot_be_read() {
+    let url = shared().fresh_database().await;
+    let db_port = url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap();
+    let target = format!("127.0.0.1:{db_port}").parse().unwrap();
+    let relay = support::relay::Relay::start(target).await;
+    let through = url.replace(&format!("127.0.0.1:{db_port}"), &relay.addr.to_string());
+    let (i, m) = Brokers::down().await;
+    let dir = TempDir::new();
+    let cfg = Config {
+        database_url: through,
+        ..support::config(&dir, &i, &m)
+    };
+    let s = Stack::with_config(dir, cfg, None).await;
+    let (status, body) = s.apply_toml(POLICIES).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, st) = s.get("/api/v1/status").await;
+    assert_eq!(st["server"]["store_reachable"], true, "{st}");
+    assert!(st["server"].get("store_error").is_none(), "{st}");
+    assert_eq!(st["policies"]["total"], 2);
+
+    relay.set(support::relay::Mode::Refuse);
+    drop(relay);
+    // The pool's own connections end first, one a call.
+    let mut st = serde_json::Value::Null;
+    for _ in 0..50 {
+        (_, st) = s.get("/api/v1/status").await;
+        if st["server"]["store_reachable"] == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st["server"]["store_reachable"], false, "{st}");
+    let why = st["server"]["store_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("cannot connect to the database") && why.contains("refused"),
+        "{st}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn an_unreachable_database_is_one_clear_error_without_the_password() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -25,16 +25,28 @@ async fn within<T, E>(
 
 /// Gathers the report; brokers that do not answer are reported unreachable.
 pub(crate) async fn gather_status(state: &AppState) -> StatusReport {
-    let (queue, active, policies, revision, workers, proxies) = tokio::join!(
+    let (queue, active, policies, revision, workers, proxies, ping) = tokio::join!(
         within(state.ingestion.status(), describe),
         within(state.mitigation.active(Some(1)), describe),
         within(state.store.list_policies(), ToString::to_string),
         within(state.store.revision(), ToString::to_string),
         within(state.heartbeats.workers.list(), ToString::to_string),
         within(state.heartbeats.proxies.list(), ToString::to_string),
+        // Readiness's check, which names the cause (connection refused) where a read
+        // through the pool only knows it waited in vain.
+        within(state.store.ping(), ToString::to_string),
     );
-    let store_reachable =
-        policies.is_ok() && revision.is_ok() && workers.is_ok() && proxies.is_ok();
+    let store_error = [
+        ping.as_ref().err(),
+        policies.as_ref().err(),
+        revision.as_ref().err(),
+        workers.as_ref().err(),
+        proxies.as_ref().err(),
+    ]
+    .into_iter()
+    .flatten()
+    .next()
+    .cloned();
     // The gauges keep their last reading while the store cannot be read: zero would
     // read as every policy gone.
     if let Ok(policies) = &policies {
@@ -55,7 +67,8 @@ pub(crate) async fn gather_status(state: &AppState) -> StatusReport {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: state.started.elapsed().as_secs(),
             store: state.store.kind().to_string(),
-            store_reachable,
+            store_reachable: store_error.is_none(),
+            store_error,
         },
         ingestion: IngestionStatus {
             url: state.ingestion.url().to_string(),

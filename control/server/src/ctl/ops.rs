@@ -131,12 +131,20 @@ fn status_text(s: &StatusReport) -> String {
             "STORE UNREACHABLE"
         }
         .into(),
-        format!(
-            "esper {}, up {}, store {}",
-            s.server.version,
-            uptime(s.server.uptime_secs),
-            s.server.store
-        ),
+        match &s.server.store_error {
+            None => format!(
+                "esper {}, up {}, store {}",
+                s.server.version,
+                uptime(s.server.uptime_secs),
+                s.server.store
+            ),
+            Some(e) => format!(
+                "esper {}, up {}, store {}: {e}",
+                s.server.version,
+                uptime(s.server.uptime_secs),
+                s.server.store
+            ),
+        },
     ]);
     t.row(vec![
         "ingestion".into(),
@@ -352,7 +360,8 @@ mod tests {
     fn report(store_reachable: bool) -> StatusReport {
         serde_json::from_value(serde_json::json!({
             "server": {"version": "1", "uptime_secs": 5, "store": "postgres",
-                       "store_reachable": store_reachable},
+                       "store_reachable": store_reachable,
+                       "store_error": (!store_reachable).then_some("connection refused")},
             "ingestion": {"url": "http://i", "reachable": true},
             "mitigation": {"url": "http://m", "reachable": true, "active": 3},
             "workers": [], "proxies": [],
@@ -365,6 +374,10 @@ mod tests {
     fn a_store_that_cannot_be_read_shows_unknown_rather_than_zeros() {
         let text = status_text(&report(false));
         assert!(text.contains("STORE UNREACHABLE"), "{text}");
+        assert!(
+            text.contains("store postgres: connection refused"),
+            "{text}"
+        );
         for part in ["policies", "workers", "proxies"] {
             let line = text.lines().find(|l| l.starts_with(part)).unwrap();
             assert!(line.contains("UNKNOWN"), "{text}");
