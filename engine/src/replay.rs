@@ -242,6 +242,43 @@ count_if = 'status == 401'
     }
 
     #[tokio::test]
+    async fn a_policy_can_leave_out_what_the_proxies_answered_themselves() {
+        // Two requests reached the app, then the client was blocked and kept trying.
+        let text: Vec<String> = (0..6)
+            .map(|s| {
+                let l = line(s, "10.0.0.1", if s < 2 { 401 } else { 403 });
+                if s < 2 {
+                    l
+                } else {
+                    l.replace("}", r#","action":"block"}"#)
+                }
+            })
+            .collect();
+        let events = read_events(&text.join("\n")).unwrap();
+        let every = POLICY.replace("count_if = 'status == 401'", "");
+        let reached = POLICY.replace(
+            "count_if = 'status == 401'",
+            r#"count_if = 'action in ["allow", "log"]'"#,
+        );
+        let decided = |policy: String| {
+            let events = &events;
+            async move {
+                replay_specs(parse_policies(&policy).unwrap(), events)
+                    .await
+                    .unwrap()
+                    .decisions
+                    .len()
+            }
+        };
+        assert_eq!(decided(every).await, 1, "the blocked retries count");
+        assert_eq!(
+            decided(reached).await,
+            0,
+            "only what reached the app counts"
+        );
+    }
+
+    #[tokio::test]
     async fn a_replay_says_it_reads_no_lists() {
         let events = read_events(&line(0, "10.0.0.1", 401)).unwrap();
         let r = replay_specs(parse_policies(POLICY).unwrap(), &events)

@@ -87,7 +87,11 @@ fn kind_name(o: &Operand<'_>) -> &'static str {
 }
 
 const FIELDS: &str = "method, path, query, host, app, user_agent, proxy_id, tls_version, \
-tls_fingerprint, headers[\"name\"], cookies[\"name\"], status, latency_us, bytes, weight, client_ip";
+tls_fingerprint, action, headers[\"name\"], cookies[\"name\"], status, latency_us, bytes, weight, \
+client_ip";
+
+/// What `action` can be.
+const ACTIONS: [&str; 6] = ["allow", "block", "throttle", "tarpit", "challenge", "log"];
 
 fn str_field(name: &str) -> Option<StrField> {
     Some(match name {
@@ -100,6 +104,7 @@ fn str_field(name: &str) -> Option<StrField> {
         "proxy_id" => StrField::ProxyId,
         "tls_version" => StrField::TlsVersion,
         "tls_fingerprint" => StrField::TlsFingerprint,
+        "action" => StrField::Action,
         _ => return None,
     })
 }
@@ -245,8 +250,9 @@ fn cond(node: &Node, lists: &mut Lists<'_>) -> Result<Cond, ExprError> {
 }
 
 /// `s`, when a value of `field` can equal it. Events carry the path in the form servers
-/// resolve it to, without its query, and the host is compared without its port: a
-/// literal in another form would never match, so it is refused, naming the form to write.
+/// resolve it to, without its query, the host is compared without its port, and an
+/// action is one of a few names: a literal in another form would never match, so it is
+/// refused, naming what to write.
 fn matchable<'s>(field: &StrField, s: &'s str, at: usize) -> Result<&'s str, ExprError> {
     match field {
         StrField::Path if s.contains(['?', '#']) => Err(ExprError::new(
@@ -266,6 +272,13 @@ fn matchable<'s>(field: &StrField, s: &'s str, at: usize) -> Result<&'s str, Exp
                 ))
             }
         }
+        StrField::Action if !ACTIONS.contains(&s) => Err(ExprError::new(
+            at,
+            format!(
+                "action \"{s}\" is none of {}",
+                ACTIONS.map(|a| format!("\"{a}\"")).join(", ")
+            ),
+        )),
         StrField::Host if host_only(s) != s => Err(ExprError::new(
             at,
             format!(

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Fields: strings `method`, `path` (without the query), `query`, `host` (without the
-//! port), `app`, `user_agent`, `proxy_id`, `tls_version`, `tls_fingerprint`,
+//! port), `app`, `user_agent`, `proxy_id`, `tls_version`, `tls_fingerprint`, `action`
+//! (what the proxy did: `allow`, `block`, `throttle`, `tarpit`, `challenge`, `log`),
 //! `headers["name"]`, `cookies["name"]` (an absent one is `""`); numbers `status`,
 //! `latency_us`, `bytes`, `weight`, `size(s)` / `s.size()`; the address `client_ip`.
 //!
@@ -74,6 +75,9 @@ pub enum StrField {
     ProxyId,
     TlsVersion,
     TlsFingerprint,
+    /// What the proxy did with the request: `allow`, `block`, `throttle`, `tarpit`,
+    /// `challenge` or `log`.
+    Action,
     Header(Box<str>),
     Cookie(Box<str>),
 }
@@ -92,6 +96,7 @@ impl StrField {
             StrField::ProxyId => Some(&ev.proxy_id),
             StrField::TlsVersion => ev.tls.as_ref().map(|t| t.version.as_str()),
             StrField::TlsFingerprint => ev.tls.as_ref().and_then(|t| t.fingerprint.as_deref()),
+            StrField::Action => Some(ev.action.as_str()),
             StrField::Header(name) => ev.headers.get(&**name).map(String::as_str),
             StrField::Cookie(name) => ev.cookies.get(&**name).map(String::as_str),
         }

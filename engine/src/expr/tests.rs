@@ -75,6 +75,8 @@ fn string_fields_and_equality() {
         (r#"headers["X-Api-Key"] == "k1""#, true),
         (r#"headers["missing"] == """#, true),
         (r#"cookies["sid"] == "abcd""#, true),
+        (r#"action == "allow""#, true),
+        (r#"action in ["block", "challenge"]"#, false),
         ("true", true),
         ("false", false),
     ] {
@@ -292,6 +294,7 @@ fn literals_a_path_or_host_can_never_equal_are_refused() {
         (r#"path == "/login?next=/""#, "use `query`"),
         (r#"host == "shop.example:8443""#, r#"write "shop.example""#),
         (r#"host in ["[::1]"]"#, r#"write "::1""#),
+        (r#"action == "blocked""#, r#"none of "allow", "block""#),
     ] {
         let e = error(src);
         assert!(e.message.contains(says), "{src}: {}", e.message);
