@@ -32,6 +32,8 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CONFIG_PATH: &str = "/api/v1/proxies/config";
 const KEY_PATH: &str = "/api/v1/proxies/challenge-key";
 const REPORTED_PATH: &str = "/api/v1/proxies/reported";
+/// Pause before asking again a control plane that does not have a route yet.
+const NOT_OFFERED_RETRY: Duration = Duration::from_secs(300);
 /// Least time between the starts of two polls: a control plane that answers at once,
 /// without waiting and with nothing newer, must not make the proxy spin (each answer
 /// may rebuild its apps).
@@ -452,6 +454,7 @@ pub async fn follow_reported(f: Follow, names: Arc<ReportNames>, shutdown: Shutd
     const FIRST: i64 = -1;
     let mut after = FIRST;
     let mut backoff = Backoff::default();
+    let mut told_not_offered = false;
     let mut pace = Pace::default();
     loop {
         if pace.next(&shutdown).await {
@@ -497,13 +500,21 @@ pub async fn follow_reported(f: Follow, names: Arc<ReportNames>, shutdown: Shutd
             }
             Ok(None) => {}
             Err(PollError::NotOffered) => {
-                tracing::info!(
-                    url,
-                    "the control plane does not say which headers its policies read (an older \
-                     version); reporting the configured ones (report_headers, report_cookies)"
-                );
+                if !told_not_offered {
+                    tracing::info!(
+                        url,
+                        "the control plane does not say which headers its policies read (an \
+                         older version); reporting the configured ones (report_headers, \
+                         report_cookies) until it does"
+                    );
+                }
+                told_not_offered = true;
+                names.set_from_policies(&[], &[]);
+                // Asked again now and then: the control plane may be upgraded in place.
                 tokio::select! {
-                    _ = shutdown.wait() => return,
+                    stop = shutdown.sleep(NOT_OFFERED_RETRY) => if stop {
+                        return;
+                    },
                     Ok(()) = moved.changed() => after = FIRST,
                 }
                 continue;

@@ -363,3 +363,74 @@ async fn health_tells_whether_the_control_plane_answers() {
     without.stop().await.unwrap();
     proxy.stop().await.unwrap();
 }
+
+/// A control plane of an older version, without `/api/v1/proxies/reported`: the proxy
+/// asks for the route once rather than in a loop (again only minutes later), and does
+/// not count the missing route as the control plane failing.
+#[tokio::test]
+async fn a_control_plane_that_does_not_name_the_policies_headers_is_not_asked_in_a_loop() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    // Answers long-polls with "nothing newer" after a short wait, and 404 to the rest.
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/proxies/config",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                axum::http::StatusCode::NO_CONTENT
+            }),
+        )
+        .route(
+            "/api/v1/proxies/challenge-key",
+            axum::routing::get(|| async {
+                axum::Json(serde_json::json!({"key": "k".repeat(64), "revision": 0}))
+            }),
+        )
+        .route(
+            "/api/v1/proxies/heartbeat",
+            axum::routing::post(|| async { axum::http::StatusCode::OK }),
+        )
+        .fallback(move |req: axum::extract::Request| {
+            let counter = counter.clone();
+            async move {
+                if req.uri().path() == "/api/v1/proxies/reported" {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                axum::http::StatusCode::NOT_FOUND
+            }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let up = upstream().await;
+    let mut cfg = config(up.addr, &dead_url(), &dead_url());
+    cfg.control_url = Some(old);
+    let proxy = start_proxy(cfg).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            asked.load(Ordering::SeqCst) == 1
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "asked once, not in a loop");
+    let body: serde_json::Value = reqwest::get(format!("{}/healthz/detailed", proxy.ops_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let control = body["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "control_plane")
+        .cloned()
+        .unwrap();
+    assert_eq!(control["healthy"], true, "{body}");
+    proxy.stop().await.unwrap();
+}
