@@ -94,6 +94,7 @@ static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 pub fn set_level(level: &str) -> Result<(), String> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| format!("LOG_LEVEL `{level}` is not a valid filter: {e}"))?;
+    note_level(&filter);
     match LEVEL.get() {
         Some(handle) => handle.reload(filter).map_err(|e| e.to_string()),
         None => Err("logging was set up elsewhere; its level cannot change".into()),
@@ -113,6 +114,7 @@ pub fn init(
 ) -> Result<Option<Tracing>, String> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| format!("LOG_LEVEL `{level}` is not a valid filter: {e}"))?;
+    note_level(&filter);
     // Swappable, so a reload can change the level without a restart.
     let (filter, handle) = reload::Layer::new(filter);
     // Colours only on a terminal: a log file or collector would keep the escape codes.
@@ -128,7 +130,12 @@ pub fn init(
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
     let Some(service) = tracing else {
-        if tracing_subscriber::registry().with(fmt).try_init().is_ok() {
+        if tracing_subscriber::registry()
+            .with(fmt)
+            .with(ClientFaults)
+            .try_init()
+            .is_ok()
+        {
             let _ = LEVEL.set(handle);
         }
         return Ok(None);
@@ -140,6 +147,7 @@ pub fn init(
     if tracing_subscriber::registry()
         .with(fmt)
         .with(spans)
+        .with(ClientFaults)
         .try_init()
         .is_err()
     {
@@ -153,6 +161,72 @@ pub fn init(
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
     Ok(Some(Tracing { provider, runtime }))
+}
+
+/// Leaves out Pingora's error lines for what a client did before any request hook runs
+/// (a request head cut off by the client, a read of it that timed out) unless logging is
+/// at `debug`: an edge proxy meets them all day, and any client could fill the log with
+/// them by opening connections, as nginx logs a client's closed connection at `info`.
+struct ClientFaults;
+
+/// Whether the log filter in force lets `debug` lines through (for some target).
+static SHOW_CLIENT_FAULTS: AtomicBool = AtomicBool::new(false);
+
+fn note_level(filter: &EnvFilter) {
+    let debug = filter
+        .max_level_hint()
+        .is_some_and(|l| l >= LevelFilter::DEBUG);
+    SHOW_CLIENT_FAULTS.store(debug, Ordering::Relaxed);
+}
+
+impl ClientFaults {
+    /// Pingora's line for a client's failure to send a request (`Downstream` errors).
+    fn is_client_fault(event: &tracing::Event<'_>) -> bool {
+        let meta = event.metadata();
+        if *meta.level() != tracing::Level::ERROR {
+            return false;
+        }
+        // Pingora logs through the `log` crate: its events carry the real target in a
+        // `log.target` field, under the target `log`.
+        #[derive(Default)]
+        struct Seen {
+            pingora: bool,
+            client: bool,
+        }
+        impl tracing::field::Visit for Seen {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "log.target" {
+                    self.pingora = value.starts_with("pingora");
+                }
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.client = format!("{value:?}").starts_with("Fail to proxy: Downstream ");
+                }
+            }
+        }
+        let mut seen = Seen {
+            pingora: meta.target().starts_with("pingora"),
+            client: false,
+        };
+        if meta.target() != "log" && !seen.pingora {
+            return false;
+        }
+        event.record(&mut seen);
+        seen.pingora && seen.client
+    }
+}
+
+// A layer of its own rather than a per-layer filter: its `event_enabled` keeps the line
+// from every layer.
+impl<S: tracing::Subscriber> Layer<S> for ClientFaults {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        SHOW_CLIENT_FAULTS.load(Ordering::Relaxed) || !Self::is_client_fault(event)
+    }
 }
 
 /// Which spans become OpenTelemetry spans: Esper's own at `info` and above, whatever
