@@ -258,7 +258,7 @@ count_if = 'status == 401'
         let every = POLICY.replace("count_if = 'status == 401'", "");
         let reached = POLICY.replace(
             "count_if = 'status == 401'",
-            r#"count_if = 'action in ["allow", "log"]'"#,
+            r#"count_if = 'action in ["allow", "log", "tarpit"]'"#,
         );
         let decided = |policy: String| {
             let events = &events;

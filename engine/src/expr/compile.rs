@@ -253,7 +253,20 @@ fn cond(node: &Node, lists: &mut Lists<'_>) -> Result<Cond, ExprError> {
 /// resolve it to, without its query, the host is compared without its port, and an
 /// action is one of a few names: a literal in another form would never match, so it is
 /// refused, naming what to write.
-fn matchable<'s>(field: &StrField, s: &'s str, at: usize) -> Result<&'s str, ExprError> {
+/// With `fold` (`lowerAscii()`), case does not matter.
+fn matchable<'s>(
+    field: &StrField,
+    s: &'s str,
+    fold: bool,
+    at: usize,
+) -> Result<&'s str, ExprError> {
+    let same = |a: &str, b: &str| {
+        if fold {
+            a.eq_ignore_ascii_case(b)
+        } else {
+            a == b
+        }
+    };
     match field {
         StrField::Path if s.contains(['?', '#']) => Err(ExprError::new(
             at,
@@ -261,9 +274,14 @@ fn matchable<'s>(field: &StrField, s: &'s str, at: usize) -> Result<&'s str, Exp
                 "path \"{s}\" has a query or fragment: paths are compared without them (use `query`)"
             ),
         )),
+        // `*`: the target of `OPTIONS *`.
+        StrField::Path if !s.starts_with('/') && s != "*" => Err(ExprError::new(
+            at,
+            format!("path \"{s}\" never matches: a request's path starts with '/'"),
+        )),
         StrField::Path if s.starts_with('/') => {
             let normal = esper_protocol::normalize_path(s);
-            if normal == s {
+            if same(&normal, s) {
                 Ok(s)
             } else {
                 Err(ExprError::new(
@@ -272,14 +290,14 @@ fn matchable<'s>(field: &StrField, s: &'s str, at: usize) -> Result<&'s str, Exp
                 ))
             }
         }
-        StrField::Action if !ACTIONS.contains(&s) => Err(ExprError::new(
+        StrField::Action if !ACTIONS.iter().any(|a| same(a, s)) => Err(ExprError::new(
             at,
             format!(
                 "action \"{s}\" is none of {}",
                 ACTIONS.map(|a| format!("\"{a}\"")).join(", ")
             ),
         )),
-        StrField::Host if host_only(s) != s => Err(ExprError::new(
+        StrField::Host if !same(host_only(s), s) => Err(ExprError::new(
             at,
             format!(
                 "host \"{s}\" is compared without its port: write \"{}\"",
@@ -387,7 +405,7 @@ fn comparison(op: &str, l: &Node, r: &Node) -> Result<Cond, ExprError> {
     match (field, constant) {
         (Operand::Str(field, fold), Operand::StrLit(s)) => match cmp {
             CmpOp::Eq | CmpOp::Ne => Ok(negate(Cond::Str {
-                test: StrTest::Eq(lower_if(matchable(&field, s, const_at)?, fold)),
+                test: StrTest::Eq(lower_if(matchable(&field, s, fold, const_at)?, fold)),
                 field,
                 fold,
             })),
@@ -456,7 +474,7 @@ fn membership(l: &Node, r: &Node, lists: &mut Lists<'_>) -> Result<Cond, ExprErr
             for item in items {
                 match &item.ast {
                     Ast::Str(s) => {
-                        let s = matchable(&field, s, item.at)?;
+                        let s = matchable(&field, s, fold, item.at)?;
                         values.push(if fold {
                             s.to_ascii_lowercase()
                         } else {

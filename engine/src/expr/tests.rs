@@ -295,6 +295,8 @@ fn literals_a_path_or_host_can_never_equal_are_refused() {
         (r#"host == "shop.example:8443""#, r#"write "shop.example""#),
         (r#"host in ["[::1]"]"#, r#"write "::1""#),
         (r#"action == "blocked""#, r#"none of "allow", "block""#),
+        (r#"path == "login""#, "starts with '/'"),
+        (r#"path != """#, "starts with '/'"),
     ] {
         let e = error(src);
         assert!(e.message.contains(says), "{src}: {}", e.message);
@@ -306,6 +308,12 @@ fn literals_a_path_or_host_can_never_equal_are_refused() {
         (r#"path.contains("//")"#, false),
         (r#"host == "shop.example""#, false),
         (r#"query == "next=/a""#, true),
+        // Folded, case does not matter: escapes written in either case, names in any.
+        (r#"path.lowerAscii() == "/a%2fb""#, false),
+        (r#"path.lowerAscii() == "/LOGIN""#, true),
+        (r#"action.lowerAscii() == "ALLOW""#, true),
+        (r#"host.lowerAscii() in ["SHOP.example"]"#, true),
+        (r#"path == "*""#, false),
     ] {
         assert_eq!(check(src), want, "{src}");
     }

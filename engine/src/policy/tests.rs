@@ -382,7 +382,7 @@ fn expression_errors_point_into_the_file() {
     let err = parse_policies(&base("filter = 'path == \"/a\" && stauts == 401'")).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "line 6, column 27: policy \"p\": unknown field `stauts` (fields: method, path, query, host, app, user_agent, proxy_id, tls_version, tls_fingerprint, headers[\"name\"], cookies[\"name\"], status, latency_us, bytes, weight, client_ip)"
+        "line 6, column 27: policy \"p\": unknown field `stauts` (fields: method, path, query, host, app, user_agent, proxy_id, tls_version, tls_fingerprint, action, headers[\"name\"], cookies[\"name\"], status, latency_us, bytes, weight, client_ip)"
     );
     let err =
         parse_policies(&base("count_if = '''\nstatus == 401 &&\n  path ==\n'''")).unwrap_err();
