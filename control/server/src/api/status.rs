@@ -36,8 +36,9 @@ pub(crate) async fn gather_status(state: &AppState) -> StatusReport {
         // through the pool only knows it waited in vain.
         within(state.store.ping(), ToString::to_string),
     );
+    // The reads decide; the ping only names the cause when one failed (a ping alone
+    // failing, a busy single-connection store, is not an unreadable store).
     let store_error = [
-        ping.as_ref().err(),
         policies.as_ref().err(),
         revision.as_ref().err(),
         workers.as_ref().err(),
@@ -46,7 +47,7 @@ pub(crate) async fn gather_status(state: &AppState) -> StatusReport {
     .into_iter()
     .flatten()
     .next()
-    .cloned();
+    .map(|read| ping.as_ref().err().unwrap_or(read).clone());
     // The gauges keep their last reading while the store cannot be read: zero would
     // read as every policy gone.
     if let Ok(policies) = &policies {
