@@ -32,8 +32,12 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CONFIG_PATH: &str = "/api/v1/proxies/config";
 const KEY_PATH: &str = "/api/v1/proxies/challenge-key";
 const REPORTED_PATH: &str = "/api/v1/proxies/reported";
-/// Pause before asking again a control plane that does not have a route yet.
-const NOT_OFFERED_RETRY: Duration = Duration::from_secs(300);
+/// Pause before asking again a control plane that does not have a route (yet).
+const NOT_OFFERED_RETRY: Duration = Duration::from_secs(60);
+/// Headers a policy cannot have reported: credentials, sent on unhashed. Cookies are
+/// reported by name through `cookies["name"]`, hashed. A proxy's own `report_headers`
+/// may still name them.
+const NEVER_REPORTED_FOR_POLICIES: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
 /// Least time between the starts of two polls: a control plane that answers at once,
 /// without waiting and with nothing newer, must not make the proxy spin (each answer
 /// may rebuild its apps).
@@ -445,8 +449,9 @@ pub async fn follow_challenge_key(f: Follow, shutdown: Shutdown) {
 
 /// Follows the headers and cookies the control plane's enabled policies read, so this
 /// proxy reports them besides its own lists, until `shutdown`: the first answer, then
-/// each change of the policies. A control plane without the route (an older version) is
-/// asked again only after a move to another.
+/// each change of the policies. A control plane that answers 404 (an older version, or
+/// something in front of it during a deploy) is asked again a minute later, or at once
+/// after a move; the names known meanwhile stay.
 pub async fn follow_reported(f: Follow, names: Arc<ReportNames>, shutdown: Shutdown) {
     let client = f.client();
     let mut moved = f.control.subscribe();
@@ -455,6 +460,7 @@ pub async fn follow_reported(f: Follow, names: Arc<ReportNames>, shutdown: Shutd
     let mut after = FIRST;
     let mut backoff = Backoff::default();
     let mut told_not_offered = false;
+    let mut last_refused: Vec<String> = Vec::new();
     let mut pace = Pace::default();
     loop {
         if pace.next(&shutdown).await {
@@ -470,24 +476,32 @@ pub async fn follow_reported(f: Follow, names: Arc<ReportNames>, shutdown: Shutd
         };
         // Named after the poll, which may have failed over to another instance.
         let url = f.url(REPORTED_PATH);
-        f.status.control_result(match &polled {
-            Err(PollError::Failed(e)) => Err(format!("{url}: {e}")),
-            _ => Ok(()),
-        });
+        // A 404 says nothing of the control plane's health either way.
+        match &polled {
+            Err(PollError::Failed(e)) => f.status.control_result(Err(format!("{url}: {e}"))),
+            Err(PollError::NotOffered) => {}
+            Ok(_) => f.status.control_result(Ok(())),
+        }
         match polled {
             Ok(Some(fields)) => {
                 after = fields.revision;
-                let (headers, refused): (Vec<String>, Vec<String>) = fields
-                    .headers
-                    .into_iter()
-                    .partition(|h| http::HeaderName::from_bytes(h.as_bytes()).is_ok());
-                if !refused.is_empty() {
+                let (headers, refused): (Vec<String>, Vec<String>) =
+                    fields.headers.into_iter().partition(|h| {
+                        http::HeaderName::from_bytes(h.as_bytes()).is_ok()
+                            && !NEVER_REPORTED_FOR_POLICIES.contains(&h.as_str())
+                    });
+                // Said once per change, not at every policy revision.
+                if !refused.is_empty() && refused != last_refused {
                     tracing::warn!(
                         url,
                         ?refused,
-                        "the control plane's policies read headers whose names are not valid HTTP names; not reported"
+                        "the control plane's policies read headers that are not reported for \
+                         them (credentials, or not valid HTTP names); name them in this proxy's \
+                         report_headers to report them"
                     );
                 }
+                last_refused = refused;
+                told_not_offered = false;
                 if names.set_from_policies(&headers, &fields.cookies) {
                     tracing::info!(
                         url,
@@ -498,18 +512,17 @@ pub async fn follow_reported(f: Follow, names: Arc<ReportNames>, shutdown: Shutd
                     );
                 }
             }
-            Ok(None) => {}
+            Ok(None) => told_not_offered = false,
             Err(PollError::NotOffered) => {
                 if !told_not_offered {
                     tracing::info!(
                         url,
-                        "the control plane does not say which headers its policies read (an \
-                         older version); reporting the configured ones (report_headers, \
-                         report_cookies) until it does"
+                        "the control plane answers 404 for the headers its policies read (an \
+                         older version?); asking again every minute, with the names known \
+                         meanwhile"
                     );
                 }
                 told_not_offered = true;
-                names.set_from_policies(&[], &[]);
                 // Asked again now and then: the control plane may be upgraded in place.
                 tokio::select! {
                     stop = shutdown.sleep(NOT_OFFERED_RETRY) => if stop {

@@ -365,8 +365,7 @@ async fn health_tells_whether_the_control_plane_answers() {
 }
 
 /// A control plane of an older version, without `/api/v1/proxies/reported`: the proxy
-/// asks for the route once rather than in a loop (again only minutes later), and does
-/// not count the missing route as the control plane failing.
+/// asks for the route once rather than in a loop (again a minute later).
 #[tokio::test]
 async fn a_control_plane_that_does_not_name_the_policies_headers_is_not_asked_in_a_loop() {
     use std::sync::Arc;
@@ -418,19 +417,5 @@ async fn a_control_plane_that_does_not_name_the_policies_headers_is_not_asked_in
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(asked.load(Ordering::SeqCst), 1, "asked once, not in a loop");
-    let body: serde_json::Value = reqwest::get(format!("{}/healthz/detailed", proxy.ops_url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let control = body["components"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "control_plane")
-        .cloned()
-        .unwrap();
-    assert_eq!(control["healthy"], true, "{body}");
     proxy.stop().await.unwrap();
 }
