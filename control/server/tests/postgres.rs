@@ -90,8 +90,9 @@ async fn no_migrations_refuses_a_stale_schema_until_migrate_runs() {
     assert!(esper_control::migrate(&cfg).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn a_database_gone_while_serving_is_reported_with_its_cause() {
+/// A fresh database, reached through a relay the test can make refuse: the relay and
+/// the URL through it.
+async fn relayed_database() -> (support::relay::Relay, String) {
     let url = shared().fresh_database().await;
     let db_port = url
         .rsplit_once(':')
@@ -100,6 +101,12 @@ async fn a_database_gone_while_serving_is_reported_with_its_cause() {
     let target = format!("127.0.0.1:{db_port}").parse().unwrap();
     let relay = support::relay::Relay::start(target).await;
     let through = url.replace(&format!("127.0.0.1:{db_port}"), &relay.addr.to_string());
+    (relay, through)
+}
+
+#[tokio::test]
+async fn a_database_gone_while_serving_is_reported_with_its_cause() {
+    let (relay, through) = relayed_database().await;
     let store = migrated(&through).await;
     store.ping().await.unwrap();
     // The pool only knows it waited for a connection in vain; the reason is the one a
@@ -126,14 +133,7 @@ async fn a_database_gone_while_serving_is_reported_with_its_cause() {
 
 #[tokio::test]
 async fn status_says_why_the_database_cannot_be_read() {
-    let url = shared().fresh_database().await;
-    let db_port = url
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split('/').next())
-        .unwrap();
-    let target = format!("127.0.0.1:{db_port}").parse().unwrap();
-    let relay = support::relay::Relay::start(target).await;
-    let through = url.replace(&format!("127.0.0.1:{db_port}"), &relay.addr.to_string());
+    let (relay, through) = relayed_database().await;
     let (i, m) = Brokers::down().await;
     let dir = TempDir::new();
     let cfg = Config {
